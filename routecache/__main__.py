@@ -1,0 +1,3 @@
+from routecache.router.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""The embedded entry store: everything in this process, bounded, least recently used out."""
+
+from __future__ import annotations
+
+from collections import OrderedDict, defaultdict
+from collections.abc import Sequence
+from typing import TypeVar
+
+from routecache.cache.ports import CacheEntry
+
+K = TypeVar("K")
+
+
+class InMemoryEntryStore:
+    """An LRU-bounded dict of entries with secondary maps for exact keys, tags and tenants."""
+
+    def __init__(self, max_entries: int) -> None:
+        if max_entries <= 0:
+            raise ValueError("max_entries must be positive")
+        self._max_entries = max_entries
+        # Order = recency of use: a hit moves an entry to the end, eviction takes the front.
+        self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
+        self._by_exact_key: dict[str, str] = {}
+        self._by_tag: defaultdict[tuple[str, str], set[str]] = defaultdict(set)
+        self._by_tenant: defaultdict[str, set[str]] = defaultdict(set)
+
+    async def put(self, entry: CacheEntry) -> list[CacheEntry]:
+        # A new answer for the same exact key replaces the old one.
+        replaced = [entry.entry_id, self._by_exact_key.get(entry.exact_key)]
+        evicted = [e for e in (self._unlink(i) for i in replaced if i) if e is not None]
+        self._entries[entry.entry_id] = entry
+        self._by_exact_key[entry.exact_key] = entry.entry_id
+        self._by_tenant[entry.tenant].add(entry.entry_id)
+        for tag in entry.tags:
+            self._by_tag[(entry.tenant, tag)].add(entry.entry_id)
+        while len(self._entries) > self._max_entries:
+            oldest = self._unlink(next(iter(self._entries)))
+            if oldest is not None:
+                evicted.append(oldest)
+        return evicted
+
+    async def get(self, entry_id: str) -> CacheEntry | None:
+        return self._entries.get(entry_id)
+
+    async def get_exact(self, exact_key: str) -> CacheEntry | None:
+        entry_id = self._by_exact_key.get(exact_key)
+        return None if entry_id is None else self._entries.get(entry_id)
+
+    async def record_hit(self, entry_id: str, now: float) -> None:
+        entry = self._entries.get(entry_id)
+        if entry is not None:
+            entry.hit_count += 1
+            entry.last_hit_at = now
+            self._entries.move_to_end(entry_id)
+
+    async def delete(self, entry_ids: Sequence[str]) -> list[CacheEntry]:
+        return [e for e in (self._unlink(i) for i in entry_ids) if e is not None]
+
+    async def ids_with_tag(self, tenant: str, tag: str) -> list[str]:
+        return sorted(self._by_tag.get((tenant, tag), ()))
+
+    async def ids_of_tenant(self, tenant: str) -> list[str]:
+        return sorted(self._by_tenant.get(tenant, ()))
+
+    async def count(self, tenant: str) -> int:
+        return len(self._by_tenant.get(tenant, ()))
+
+    def _unlink(self, entry_id: str) -> CacheEntry | None:
+        entry = self._entries.pop(entry_id, None)
+        if entry is None:
+            return None
+        if self._by_exact_key.get(entry.exact_key) == entry_id:
+            del self._by_exact_key[entry.exact_key]
+        _discard(self._by_tenant, entry.tenant, entry_id)
+        for tag in entry.tags:
+            _discard(self._by_tag, (entry.tenant, tag), entry_id)
+        return entry
+
+
+def _discard(index: defaultdict[K, set[str]], key: K, entry_id: str) -> None:
+    """Drop an id from a secondary map, and the key with its last id, so nothing leaks."""
+    members = index.get(key)
+    if members is not None:
+        members.discard(entry_id)
+        if not members:
+            del index[key]

@@ -1,0 +1,48 @@
+"""Cache scope and exact keys: what must match before two requests may share an answer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+
+from routecache.domain import ChatRequest
+
+_SPACE = re.compile(r"\s+")
+_TRAILING_PUNCT = re.compile(r"[\s?.!]+$")
+
+
+def scope_key(tenant: str, request: ChatRequest) -> str:
+    """A digest of everything besides the prompt that changes the answer.
+
+    The tenant comes first so no two tenants can ever share a scope; the earlier turns make a
+    follow-up ("and in Paris?") match only under the same conversation.
+    """
+    params = request.params
+    parts = {
+        "tenant": tenant,
+        "system": request.system_prompt,
+        "context": [[m.role.value, m.content] for m in request.context],
+        "temperature": params.temperature,
+        "max_tokens": params.max_tokens,
+        "format": params.response_format.type.value,
+        "schema": params.response_format.json_schema,
+    }
+    encoded = json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()
+    return f"{tenant}:{hashlib.sha256(encoded).hexdigest()[:32]}"
+
+
+def normalise_prompt(text: str) -> str:
+    """Fold differences that never change meaning: Unicode form, case, spacing, end punctuation."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    return _TRAILING_PUNCT.sub("", _SPACE.sub(" ", folded).strip())
+
+
+def exact_key(scope: str, prompt: str) -> str:
+    digest = hashlib.sha256(normalise_prompt(prompt).encode()).hexdigest()
+    return f"{scope}:{digest}"
+
+
+def tenant_of_scope(scope: str) -> str:
+    return scope.split(":", 1)[0]

@@ -1,0 +1,131 @@
+"""The cache policy: exact tier, scoped vector search, expiry and invalidation over the ports."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from routecache.cache.ports import CacheEntry, EntryStore, Vector, VectorIndex
+from routecache.cache.scope import exact_key
+from routecache.domain import CacheOutcome, Tier
+
+
+@dataclass(frozen=True)
+class CacheHit:
+    entry: CacheEntry
+    outcome: CacheOutcome
+    similarity: float
+    age_seconds: float
+
+
+@dataclass(frozen=True)
+class NewEntry:
+    """An answer that passed validation, ready to be cached."""
+
+    tenant: str
+    scope: str
+    prompt: str
+    answer: str
+    model: str
+    tier: Tier
+    embedding: Vector
+    cost_usd: float
+    prompt_tokens: int
+    completion_tokens: int
+    ttl_seconds: int
+    tags: tuple[str, ...] = ()
+
+
+class SemanticCache:
+    def __init__(
+        self,
+        store: EntryStore,
+        index: VectorIndex,
+        clock: Callable[[], float],
+        candidates: int = 4,
+    ) -> None:
+        self._store = store
+        self._index = index
+        self._clock = clock
+        self._candidates = candidates
+
+    async def lookup_exact(self, scope: str, prompt: str) -> CacheHit | None:
+        entry = await self._store.get_exact(exact_key(scope, prompt))
+        if entry is None or entry.scope != scope or not await self._is_live(entry):
+            return None
+        return await self._hit(entry, CacheOutcome.EXACT, 1.0)
+
+    async def lookup_semantic(self, scope: str, vector: Vector, threshold: float) -> CacheHit | None:
+        """The most similar live entry of this scope at or above the threshold, if any."""
+        for neighbour in self._index.search(scope, vector, self._candidates):
+            if neighbour.similarity < threshold:
+                return None  # neighbours come best first
+            entry = await self._store.get(neighbour.entry_id)
+            if entry is None:
+                self._index.remove(scope, neighbour.entry_id)
+                continue
+            if entry.scope == scope and await self._is_live(entry):
+                return await self._hit(entry, CacheOutcome.SEMANTIC, neighbour.similarity)
+        return None
+
+    async def store(self, new: NewEntry) -> CacheEntry:
+        now = self._clock()
+        entry = CacheEntry(
+            entry_id=uuid.uuid4().hex,
+            tenant=new.tenant,
+            scope=new.scope,
+            exact_key=exact_key(new.scope, new.prompt),
+            prompt=new.prompt,
+            answer=new.answer,
+            model=new.model,
+            tier=new.tier,
+            embedding=new.embedding,
+            created_at=now,
+            expires_at=now + new.ttl_seconds,
+            cost_usd=new.cost_usd,
+            prompt_tokens=new.prompt_tokens,
+            completion_tokens=new.completion_tokens,
+            tags=new.tags,
+        )
+        evicted = await self._store.put(entry)
+        self._forget(evicted)
+        self._index.add(entry.scope, entry.entry_id, entry.embedding)
+        return entry
+
+    async def get(self, tenant: str, entry_id: str) -> CacheEntry | None:
+        entry = await self._store.get(entry_id)
+        return entry if entry is not None and entry.tenant == tenant else None
+
+    async def invalidate_ids(self, tenant: str, entry_ids: Sequence[str]) -> int:
+        """Remove entries of this tenant; ids of other tenants are ignored, never removed."""
+        owned = [e.entry_id for e in [await self.get(tenant, i) for i in entry_ids] if e]
+        removed = await self._store.delete(owned)
+        for entry in removed:
+            self._index.remove(entry.scope, entry.entry_id)
+        return len(removed)
+
+    async def invalidate_tag(self, tenant: str, tag: str) -> int:
+        return await self.invalidate_ids(tenant, await self._store.ids_with_tag(tenant, tag))
+
+    async def invalidate_tenant(self, tenant: str) -> int:
+        return await self.invalidate_ids(tenant, await self._store.ids_of_tenant(tenant))
+
+    async def entry_count(self, tenant: str) -> int:
+        return await self._store.count(tenant)
+
+    async def _is_live(self, entry: CacheEntry) -> bool:
+        if entry.expires_at > self._clock():
+            return True
+        await self.invalidate_ids(entry.tenant, [entry.entry_id])
+        return False
+
+    async def _hit(self, entry: CacheEntry, outcome: CacheOutcome, similarity: float) -> CacheHit:
+        now = self._clock()
+        await self._store.record_hit(entry.entry_id, now)
+        return CacheHit(entry, outcome, similarity, max(0.0, now - entry.created_at))
+
+    def _forget(self, entries: Sequence[CacheEntry]) -> None:
+        """Drop evicted or replaced entries from the index (the store already dropped them)."""
+        for entry in entries:
+            self._index.remove(entry.scope, entry.entry_id)

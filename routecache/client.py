@@ -1,0 +1,126 @@
+"""A small typed asyncio client for backend services calling routecache over gRPC."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from routecache.v1 import routecache_pb2 as pb
+from routecache.v1 import routecache_pb2_grpc as pb_grpc
+
+_ROLES = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
+_TIERS = {None: pb.TIER_UNSPECIFIED, "cheap": pb.TIER_CHEAP, "strong": pb.TIER_STRONG}
+
+
+def chat_request(
+    prompt: str,
+    *,
+    system: str | None = None,
+    history: Sequence[tuple[str, str]] = (),
+    temperature: float | None = None,
+    max_tokens: int | None = None,
+    json_object: bool = False,
+    json_schema: str | None = None,
+    no_cache: bool = False,
+    no_store: bool = False,
+    ttl_seconds: int = 0,
+    tags: Sequence[str] = (),
+    force_tier: str | None = None,
+    end_user_id: str = "",
+) -> pb.CompleteRequest:
+    """Builds a request: optional system prompt, earlier (role, text) turns, then the prompt."""
+    messages = [pb.ChatMessage(role=pb.ROLE_SYSTEM, content=system)] if system else []
+    messages += [pb.ChatMessage(role=_ROLES[role], content=text) for role, text in history]
+    messages.append(pb.ChatMessage(role=pb.ROLE_USER, content=prompt))
+    params = pb.GenerationParams()
+    if temperature is not None:
+        params.temperature = temperature
+    if max_tokens is not None:
+        params.max_tokens = max_tokens
+    if json_schema is not None:
+        params.response_format.type = pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA
+        params.response_format.json_schema = json_schema
+    elif json_object:
+        params.response_format.type = pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT
+    return pb.CompleteRequest(
+        messages=messages,
+        params=params,
+        cache=pb.CacheControl(
+            no_cache=no_cache, no_store=no_store, ttl_seconds=ttl_seconds, tags=list(tags)
+        ),
+        routing=pb.RoutingControl(force_tier=_TIERS[force_tier]),
+        end_user_id=end_user_id,
+    )
+
+
+class RouteCacheClient:
+    """One channel, one API key. Use `async with RouteCacheClient(target, key) as client`."""
+
+    def __init__(self, target: str, api_key: str, *, timeout_seconds: float = 60.0) -> None:
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = pb_grpc.RouteCacheStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {api_key}"),)
+        self._timeout = timeout_seconds
+
+    async def complete(self, request: pb.CompleteRequest) -> pb.CompleteResponse:
+        response: pb.CompleteResponse = await self._stub.Complete(
+            request, metadata=self._metadata, timeout=self._timeout
+        )
+        return response
+
+    async def complete_stream(
+        self, request: pb.CompleteRequest
+    ) -> AsyncIterator[pb.CompleteStreamResponse]:
+        call = self._stub.CompleteStream(request, metadata=self._metadata, timeout=self._timeout)
+        async for message in call:
+            yield message
+
+    async def feedback(
+        self, response_id: str, *, thumbs_up: bool, correction: str = ""
+    ) -> pb.FeedbackResponse:
+        rating = pb.RATING_UP if thumbs_up else pb.RATING_DOWN
+        request = pb.FeedbackRequest(response_id=response_id, rating=rating, correction=correction)
+        response: pb.FeedbackResponse = await self._stub.Feedback(
+            request, metadata=self._metadata, timeout=self._timeout
+        )
+        return response
+
+    async def invalidate(
+        self, *, entry_id: str = "", tag: str = "", all_entries: bool = False
+    ) -> int:
+        if entry_id:
+            request = pb.InvalidateRequest(entry_id=entry_id)
+        elif tag:
+            request = pb.InvalidateRequest(tag=tag)
+        else:
+            request = pb.InvalidateRequest(all=all_entries)
+        response: pb.InvalidateResponse = await self._stub.Invalidate(
+            request, metadata=self._metadata, timeout=self._timeout
+        )
+        return response.removed
+
+    async def stats(self) -> pb.GetStatsResponse:
+        response: pb.GetStatsResponse = await self._stub.GetStats(
+            pb.GetStatsRequest(), metadata=self._metadata, timeout=self._timeout
+        )
+        return response
+
+    async def health(self, service: str = "") -> str:
+        """The health service's status name for `service` ("" = the whole server)."""
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> RouteCacheClient:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

@@ -1,0 +1,178 @@
+"""The vocabulary every part shares: requests, answers and their metadata, free of gRPC."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Role(StrEnum):
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+class Tier(StrEnum):
+    CHEAP = "cheap"
+    STRONG = "strong"
+
+
+class CacheOutcome(StrEnum):
+    MISS = "miss"
+    EXACT = "exact"
+    SEMANTIC = "semantic"
+
+
+class ResponseFormatType(StrEnum):
+    TEXT = "text"
+    JSON_OBJECT = "json_object"
+    JSON_SCHEMA = "json_schema"
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    type: ResponseFormatType = ResponseFormatType.TEXT
+    json_schema: str = ""  # JSON text; only with JSON_SCHEMA
+
+    @property
+    def wants_json(self) -> bool:
+        return self.type in (ResponseFormatType.JSON_OBJECT, ResponseFormatType.JSON_SCHEMA)
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    temperature: float | None = None
+    max_tokens: int | None = None
+    response_format: ResponseFormat = field(default_factory=ResponseFormat)
+
+
+@dataclass(frozen=True)
+class CacheControl:
+    no_cache: bool = False
+    no_store: bool = False
+    ttl_seconds: int | None = None  # None: the tenant's default
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: tuple[Message, ...]
+    params: GenerationParams = field(default_factory=GenerationParams)
+    cache: CacheControl = field(default_factory=CacheControl)
+    force_tier: Tier | None = None
+    end_user_id: str = ""
+
+    @property
+    def system_prompt(self) -> str:
+        return "\n".join(m.content for m in self.messages if m.role is Role.SYSTEM)
+
+    @property
+    def prompt(self) -> str:
+        """The last user message: the text the cache and the classifier look at."""
+        return self.messages[-1].content
+
+    @property
+    def context(self) -> tuple[Message, ...]:
+        """The earlier non-system turns: a follow-up only means the same under the same ones."""
+        return tuple(m for m in self.messages[:-1] if m.role is not Role.SYSTEM)
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    routing_threshold: float | None  # None: the threshold stored with the classifier
+    similarity_threshold: float
+    default_ttl_seconds: int
+    requests_per_second: float | None = None
+    daily_budget_usd: float | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    saved_usd: float = 0.0
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    outcome: CacheOutcome = CacheOutcome.MISS
+    similarity: float = 0.0
+    entry_id: str = ""
+    entry_age_seconds: float = 0.0
+    stale: bool = False
+
+
+@dataclass(frozen=True)
+class ValidatorResult:
+    name: str
+    passed: bool
+    message: str = ""
+    model: str = ""
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """Every check made, on every model tried; `passed` says whether the answer served passed."""
+
+    results: tuple[ValidatorResult, ...] = ()
+    escalated: bool = False
+    passed: bool = True
+
+
+@dataclass
+class LatencyBreakdown:
+    total_ms: float = 0.0
+    exact_ms: float = 0.0
+    embed_ms: float = 0.0
+    search_ms: float = 0.0
+    classify_ms: float = 0.0
+    upstream_ms: float = 0.0
+    validate_ms: float = 0.0
+    store_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Completion:
+    response_id: str
+    text: str
+    model: str
+    tier: Tier
+    cache: CacheInfo
+    usage: Usage
+    validation: ValidationReport
+    latency: LatencyBreakdown
+    classifier_version: str = ""
+    difficulty: float | None = None
+
+
+@dataclass(frozen=True)
+class Feedback:
+    response_id: str
+    thumbs_up: bool
+    correction: str = ""
+    comment: str = ""
+
+
+@dataclass(frozen=True)
+class TenantStats:
+    tenant: str
+    requests: int = 0
+    exact_hits: int = 0
+    semantic_hits: int = 0
+    misses: int = 0
+    cheap_calls: int = 0
+    strong_calls: int = 0
+    escalations: int = 0
+    validation_failures: int = 0
+    cost_usd: float = 0.0
+    saved_usd: float = 0.0
+    entries: int = 0
+    classifier_version: str = ""

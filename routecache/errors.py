@@ -1,0 +1,49 @@
+"""One exception tree for the whole service; router/error_mapping.py turns it into gRPC codes."""
+
+from __future__ import annotations
+
+from routecache.domain import ValidationReport
+
+
+class RouteCacheError(Exception):
+    """Base of every error the service reports to a caller."""
+
+
+class InvalidArgument(RouteCacheError):
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class Unauthenticated(RouteCacheError):
+    pass
+
+
+class NotFound(RouteCacheError):
+    pass
+
+
+class ResourceExhausted(RouteCacheError):
+    def __init__(self, message: str, retry_after_seconds: float) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class FailedValidation(RouteCacheError):
+    """Every model's answer failed a validator; the report says which and why."""
+
+    def __init__(self, message: str, report: ValidationReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class UpstreamError(RouteCacheError):
+    """A provider call failed; `retryable` says whether trying again may help."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class Unavailable(RouteCacheError):
+    pass

@@ -1,0 +1,78 @@
+"""`routecache ask`: one request to a running server, the whole response printed as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from routecache.client import RouteCacheClient, chat_request
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="the user message")
+    parser.add_argument("--target", default="127.0.0.1:50051", help="host:port of the service")
+    parser.add_argument("--api-key", required=True, help="sent as 'authorization: Bearer KEY'")
+    parser.add_argument("--system", help="system prompt")
+    parser.add_argument(
+        "--turn", nargs=2, action="append", default=[], metavar=("ROLE", "TEXT"),
+        help="an earlier turn (user|assistant TEXT), repeatable, oldest first",
+    )  # fmt: skip
+    parser.add_argument("--json-object", action="store_true", help="ask for a JSON object")
+    parser.add_argument("--json-schema", help="JSON Schema text, or @FILE to read it from a file")
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--max-tokens", type=int)
+    parser.add_argument("--no-cache", action="store_true", help="do not read the cache")
+    parser.add_argument("--no-store", action="store_true", help="do not store the answer")
+    parser.add_argument("--ttl", type=int, default=0, help="entry lifetime in seconds")
+    parser.add_argument("--tag", action="append", default=[], help="tag the entry (repeatable)")
+    parser.add_argument("--tier", choices=["cheap", "strong"], help="force a tier")
+    parser.add_argument("--user", default="", help="end-user id")
+    parser.add_argument("--stream", action="store_true", help="use CompleteStream")
+    parser.add_argument("--timeout", type=float, default=60.0)
+
+
+def _schema(value: str | None) -> str | None:
+    if value is not None and value.startswith("@"):
+        return Path(value[1:]).read_text(encoding="utf-8")
+    return value
+
+
+async def ask(args: argparse.Namespace) -> int:
+    request = chat_request(
+        args.prompt,
+        system=args.system,
+        history=[(role, text) for role, text in args.turn],
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        json_object=args.json_object,
+        json_schema=_schema(args.json_schema),
+        no_cache=args.no_cache,
+        no_store=args.no_store,
+        ttl_seconds=args.ttl,
+        tags=args.tag,
+        force_tier=args.tier,
+        end_user_id=args.user,
+    )
+    async with RouteCacheClient(args.target, args.api_key, timeout_seconds=args.timeout) as client:
+        try:
+            if args.stream:
+                async for event in client.complete_stream(request):
+                    if event.HasField("final"):
+                        response = event.final
+                    else:
+                        print(event.delta, end="", file=sys.stderr, flush=True)
+                print(file=sys.stderr)
+            else:
+                response = await client.complete(request)
+        except grpc.aio.AioRpcError as error:
+            trailers = dict(error.trailing_metadata() or ())
+            failure = {"code": error.code().name, "details": error.details(), "trailers": trailers}
+            print(json.dumps({"error": failure}, indent=2))
+            return 1
+    print(json.dumps(MessageToDict(response, always_print_fields_with_no_presence=True), indent=2))
+    return 0

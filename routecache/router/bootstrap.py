@@ -1,0 +1,141 @@
+"""The one place where parts are chosen and wired: real ones from settings, or test doubles."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from routecache.cache.embedder import HashEmbedder, MiniLMEmbedder
+from routecache.cache.embedding_worker import EmbeddingWorker
+from routecache.cache.faiss_index import ScopedFaissIndex
+from routecache.cache.memory_store import InMemoryEntryStore
+from routecache.cache.ports import Embedder
+from routecache.cache.semantic_cache import SemanticCache
+from routecache.classifier.model import load_artifact, packaged_artifact_path
+from routecache.classifier.ports import DifficultyClassifier
+from routecache.domain import Tenant, Tier
+from routecache.router.auth import ApiKeyAuthenticator
+from routecache.router.events import InMemoryEventLog
+from routecache.router.generation import Generator, Provider
+from routecache.router.limits import InMemoryRateLimiter, InMemorySpendLedger
+from routecache.router.pipeline import Pipeline, PipelineParts
+from routecache.router.ports import ChatUpstream, EventSink, Pricing
+from routecache.router.server import RunningServer, start_server
+from routecache.router.servicer import RouteCacheServicer
+from routecache.router.settings import ProviderSettings, Settings
+from routecache.router.upstream.openai_client import OpenAIChatClient
+from routecache.router.validators import JsonSchemaValidator, MaxLengthValidator
+
+
+@dataclass
+class Overrides:
+    """Parts a test supplies instead of the real ones (never monkeypatching)."""
+
+    embedder: Embedder | None = None
+    classifier: DifficultyClassifier | None = None
+    upstreams: Mapping[Tier, ChatUpstream] | None = None
+    events: EventSink | None = None
+    clock: Callable[[], float] = field(default=time.time)
+
+
+@dataclass
+class Service:
+    settings: Settings
+    pipeline: Pipeline
+    embeddings: EmbeddingWorker
+    generator: Generator
+    events: EventSink
+    server: RunningServer | None = None
+
+    async def aclose(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+        await self.generator.aclose()
+        self.embeddings.close()
+
+
+def build_embedder(settings: Settings) -> Embedder:
+    if settings.cache.embedder == "hash":
+        return HashEmbedder()
+    return MiniLMEmbedder()
+
+
+def build_classifier(settings: Settings) -> DifficultyClassifier:
+    return load_artifact(settings.classifier.artifact or packaged_artifact_path())
+
+
+def build_upstream(provider: ProviderSettings) -> ChatUpstream:
+    return OpenAIChatClient(
+        base_url=provider.base_url,
+        model=provider.model,
+        api_key=provider.api_key.get_secret_value() if provider.api_key else None,
+        timeout_seconds=provider.timeout_seconds,
+    )
+
+
+def build_tenants(settings: Settings) -> ApiKeyAuthenticator:
+    routing_default = settings.classifier.routing_threshold
+    return ApiKeyAuthenticator(
+        (
+            Tenant(
+                name=t.name,
+                routing_threshold=t.routing_threshold if t.routing_threshold is not None
+                else routing_default,
+                similarity_threshold=t.similarity_threshold or settings.cache.similarity_threshold,
+                default_ttl_seconds=t.default_ttl_seconds or settings.cache.default_ttl_seconds,
+                requests_per_second=t.requests_per_second,
+                daily_budget_usd=t.daily_budget_usd,
+            ),
+            t.api_key_sha256,
+        )
+        for t in settings.tenants
+    )  # fmt: skip
+
+
+def build_service(settings: Settings, overrides: Overrides | None = None) -> Service:
+    parts = overrides or Overrides()
+    providers = {
+        Tier.CHEAP: settings.upstream.cheap,
+        Tier.STRONG: settings.upstream.strong,
+    }
+    upstreams = parts.upstreams or {tier: build_upstream(p) for tier, p in providers.items()}
+    generator = Generator(
+        {
+            tier: Provider(
+                upstreams[tier], Pricing(p.input_usd_per_mtok, p.output_usd_per_mtok)
+            )
+            for tier, p in providers.items()
+        },
+        [MaxLengthValidator(settings.limits.max_answer_chars), JsonSchemaValidator()],
+    )
+    embedder = parts.embedder or build_embedder(settings)
+    embeddings = EmbeddingWorker(embedder)
+    events = parts.events or InMemoryEventLog()
+    clock = parts.clock
+    pipeline = Pipeline(
+        PipelineParts(
+            authenticator=build_tenants(settings),
+            limits=settings.limits,
+            rate_limiter=InMemoryRateLimiter(clock),
+            spend=InMemorySpendLedger(clock),
+            cache=SemanticCache(
+                InMemoryEntryStore(settings.cache.max_entries),
+                ScopedFaissIndex(embedder.dimension),
+                clock,
+            ),
+            embeddings=embeddings,
+            classifier=parts.classifier or build_classifier(settings),
+            generator=generator,
+            events=events,
+            clock=clock,
+        )
+    )
+    return Service(settings, pipeline, embeddings, generator, events)
+
+
+async def start_service(settings: Settings, overrides: Overrides | None = None) -> Service:
+    """Build the service and start its gRPC server; `service.server.port` is the bound port."""
+    service = build_service(settings, overrides)
+    service.server = await start_server(RouteCacheServicer(service.pipeline), settings.server)
+    return service

@@ -1,0 +1,125 @@
+"""`routecache demo`: the replay upstream and the service on the embedded default, driven over
+real gRPC by mixed traffic, then a summary of hits, routing, cost and latency."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import grpc
+
+from routecache.client import RouteCacheClient, chat_request
+from routecache.replay.recordings import load_recordings
+from routecache.replay.server import ReplayConfig, start_replay_server
+from routecache.router.auth import hash_api_key
+from routecache.router.bootstrap import start_service
+from routecache.router.demo_report import DemoResult, summarise
+from routecache.router.settings import Settings, load_settings
+from routecache.v1 import routecache_pb2 as pb
+
+ANSWER_SCHEMA = json.dumps(
+    {"type": "object", "required": ["answer"], "properties": {"answer": {"type": "string"}}}
+)
+
+
+@dataclass(frozen=True)
+class Call:
+    tenant: str
+    kind: str  # what the call is meant to show; the summary checks the outcome against it
+    request: pb.CompleteRequest
+
+
+def _questions() -> list[dict[str, Any]]:
+    text = resources.files("routecache.router").joinpath("demo_data/questions.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _reformat(prompt: str) -> str:
+    """The same words with other case and spacing: the exact tier normalises these away."""
+    return "  " + prompt.upper().replace(" ", "  ") + "  "
+
+
+def build_traffic(recorded: Sequence[str], questions: Sequence[dict[str, Any]], seed: int,
+                  n_recorded: int) -> list[list[Call]]:  # fmt: skip
+    """Three phases: first asks, then repeats and paraphrases, then the second tenant's repeats."""
+    rng = random.Random(seed)
+    prompts = rng.sample(list(recorded), min(n_recorded, len(recorded)))
+    first = [Call("acme", "first-ask", chat_request(p)) for p in prompts]
+    first += [Call("acme", "first-ask", chat_request(q["question"])) for q in questions]
+    first += [
+        Call("acme", "json", chat_request(q["question"], json_schema=ANSWER_SCHEMA))
+        for q in questions[:8]
+    ]
+    shared = prompts[: len(prompts) // 3]
+    second = [Call("acme", "exact-repeat", chat_request(_reformat(p))) for p in prompts[::2]]
+    second += [
+        Call("acme", "paraphrase" if q["same_meaning"] else "different-question",
+             chat_request(q["paraphrase"]))
+        for q in questions
+    ]  # fmt: skip
+    second += [Call("globex", "other-tenant", chat_request(p)) for p in shared]
+    third = [Call("globex", "exact-repeat", chat_request(p)) for p in shared]
+    for phase in (first, second, third):
+        rng.shuffle(phase)
+    return [first, second, third]
+
+
+async def _send(clients: dict[str, RouteCacheClient], call: Call,
+                gate: asyncio.Semaphore) -> DemoResult:  # fmt: skip
+    async with gate:
+        started = time.perf_counter()
+        try:
+            response = await clients[call.tenant].complete(call.request)
+            code = "OK"
+        except grpc.aio.AioRpcError as error:
+            response, code = None, error.code().name
+        elapsed_ms = (time.perf_counter() - started) * 1000
+    return DemoResult(call.tenant, call.kind, code, elapsed_ms, response)
+
+
+def demo_settings(base_url: str, keys: dict[str, str]) -> Settings:
+    return load_settings(
+        server={"host": "127.0.0.1", "port": 0},
+        upstream={
+            "cheap": {"base_url": base_url, "model": "mixtral-8x7b-instruct",
+                      "input_usd_per_mtok": 0.6, "output_usd_per_mtok": 0.6},
+            "strong": {"base_url": base_url, "model": "gpt-4-1106-preview",
+                       "input_usd_per_mtok": 10.0, "output_usd_per_mtok": 30.0},
+        },
+        tenants=[{"name": name, "api_key_sha256": [hash_api_key(key)]}
+                 for name, key in keys.items()],
+    )  # fmt: skip
+
+
+async def run_demo(n_recorded: int = 45, concurrency: int = 4, seed: int = 7,
+                   upstream_latency_ms: int = 0) -> str:  # fmt: skip
+    """Runs the whole demo and returns the printed summary."""
+    replay = await start_replay_server(ReplayConfig(latency_ms=upstream_latency_ms))
+    keys = {"acme": secrets.token_urlsafe(16), "globex": secrets.token_urlsafe(16)}
+    service = await start_service(demo_settings(replay.base_url, keys))
+    assert service.server is not None
+    target = f"127.0.0.1:{service.server.port}"
+    clients = {name: RouteCacheClient(target, key) for name, key in keys.items()}
+    try:
+        recorded = list(load_recordings().prompts())
+        phases = build_traffic(recorded, _questions(), seed, n_recorded)
+        gate = asyncio.Semaphore(concurrency)
+        results: list[DemoResult] = []
+        started = time.perf_counter()
+        for phase in phases:
+            results += await asyncio.gather(*(_send(clients, c, gate) for c in phase))
+        wall_s = time.perf_counter() - started
+        strong = service.settings.upstream.strong
+        return summarise(results, wall_s, strong.input_usd_per_mtok, strong.output_usd_per_mtok)
+    finally:
+        for client in clients.values():
+            await client.close()
+        await service.aclose()
+        await replay.close()

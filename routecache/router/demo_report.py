@@ -1,0 +1,99 @@
+"""The demo's summary: hit rates, routing split, cost against all-strong, latency by path."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from routecache.v1 import routecache_pb2 as pb
+
+_OUTCOME = {
+    pb.CACHE_OUTCOME_EXACT: "exact hit",
+    pb.CACHE_OUTCOME_SEMANTIC: "semantic hit",
+    pb.CACHE_OUTCOME_MISS: "miss",
+}
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    tenant: str
+    kind: str
+    code: str
+    latency_ms: float
+    response: pb.CompleteResponse | None
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile; q in [0, 100]."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def _path(result: DemoResult) -> str:
+    if result.response is None:
+        return f"error {result.code}"
+    outcome = _OUTCOME[result.response.cache.outcome]
+    if outcome != "miss":
+        return outcome
+    return "miss → strong" if result.response.tier == pb.TIER_STRONG else "miss → cheap"
+
+
+def _all_strong_cost(result: DemoResult, in_price: float, out_price: float) -> float:
+    """What the request would have cost sent to the strong model (tokens ≈ characters / 4)."""
+    assert result.response is not None
+    usage = result.response.usage
+    prompt_tokens = usage.prompt_tokens or math.ceil(len(result.response.text) / 4)
+    completion_tokens = usage.completion_tokens or math.ceil(len(result.response.text) / 4)
+    return (prompt_tokens * in_price + completion_tokens * out_price) / 1e6
+
+
+def _hits_of_kind(results: Sequence[DemoResult], kind: str) -> int:
+    return sum(
+        1
+        for r in results
+        if r.kind == kind and r.response and r.response.cache.outcome != pb.CACHE_OUTCOME_MISS
+    )
+
+
+def summarise(results: Sequence[DemoResult], wall_s: float, strong_in: float,
+              strong_out: float) -> str:  # fmt: skip
+    answered = [r for r in results if r.response is not None]
+    paths = Counter(_path(r) for r in results)
+    n = len(results)
+    cost = sum(r.response.usage.cost_usd for r in answered if r.response)
+    saved = sum(r.response.usage.saved_usd for r in answered if r.response)
+    baseline = sum(_all_strong_cost(r, strong_in, strong_out) for r in answered)
+    escalated = sum(1 for r in answered if r.response and r.response.validation.escalated)
+    cross_tenant_hits = _hits_of_kind(answered, "other-tenant")
+    false_hits = _hits_of_kind(answered, "different-question")
+    lines = [
+        f"routecache demo: {n} requests over real gRPC in {wall_s:.1f} s "
+        f"({n / wall_s:.0f} req/s)",
+        f"  exact hit rate     {paths['exact hit'] / n:6.1%}   ({paths['exact hit']})",
+        f"  semantic hit rate  {paths['semantic hit'] / n:6.1%}   ({paths['semantic hit']})",
+        f"  misses → cheap     {paths['miss → cheap']:5d}",
+        f"  misses → strong    {paths['miss → strong']:5d}   ({escalated} escalated by validators)",
+        f"  errors             {n - len(answered):5d}",
+        f"  cross-tenant hits  {cross_tenant_hits:5d}   (must be 0)",
+        f"  hits on reworded questions that ask something else: {false_hits}",
+        f"  cost               {cost:.4f} USD vs {baseline:.4f} USD all-strong "
+        f"({cost / baseline:.1%}); hits saved {saved:.4f} USD" if baseline else "  cost  n/a",
+        "  latency (ms)        count     p50     p95     p99",
+    ]
+    for path in sorted(paths):
+        values = [r.latency_ms for r in results if _path(r) == path]
+        lines.append(
+            f"    {path:16s} {len(values):6d} {percentile(values, 50):7.1f} "
+            f"{percentile(values, 95):7.1f} {percentile(values, 99):7.1f}"
+        )
+    everything = [r.latency_ms for r in results]
+    lines.append(
+        f"    {'all':16s} {n:6d} {percentile(everything, 50):7.1f} "
+        f"{percentile(everything, 95):7.1f} {percentile(everything, 99):7.1f}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""The one place where errors become gRPC status codes."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from routecache.errors import (
+    FailedValidation,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    RouteCacheError,
+    Unauthenticated,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+_CODES: list[tuple[type[RouteCacheError], grpc.StatusCode]] = [
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (FailedValidation, grpc.StatusCode.FAILED_PRECONDITION),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+]
+
+RETRY_AFTER_KEY = "retry-after-ms"
+FIELD_KEY = "field"
+
+T = TypeVar("T")
+
+
+def status_of(error: RouteCacheError) -> grpc.StatusCode:
+    for error_type, code in _CODES:
+        if isinstance(error, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def trailing_metadata_of(error: RouteCacheError) -> tuple[tuple[str, str], ...]:
+    if isinstance(error, ResourceExhausted):
+        return ((RETRY_AFTER_KEY, str(math.ceil(error.retry_after_seconds * 1000))),)
+    if isinstance(error, InvalidArgument):
+        return ((FIELD_KEY, error.field),)
+    return ()
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> None:
+    if isinstance(error, RouteCacheError):
+        context.set_trailing_metadata(trailing_metadata_of(error))
+        await context.abort(status_of(error), str(error))
+    log.exception("unexpected error while serving a call")
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+
+async def unary(
+    context: grpc.aio.ServicerContext[Any, Any], call: Callable[[], Awaitable[T]]
+) -> T:
+    """Runs one unary handler, turning any error into the status code of the table above."""
+    try:
+        return await call()
+    except Exception as error:  # noqa: BLE001 - every error must reach the caller as a status
+        await _abort(context, error)
+        raise  # abort raises; this keeps type checkers sure the function never falls through
+
+
+async def streaming(
+    context: grpc.aio.ServicerContext[Any, Any], stream: AsyncIterator[T]
+) -> AsyncIterator[T]:
+    """The same mapping for a server-streaming handler."""
+    try:
+        async for item in stream:
+            yield item
+    except Exception as error:  # noqa: BLE001
+        await _abort(context, error)
+        raise

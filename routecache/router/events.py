@@ -1,0 +1,36 @@
+"""Event sinks: what happened to each request, for feedback, analysis and retraining."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+class InMemoryEventLog:
+    """The newest events, bounded so a long-running process cannot grow without limit."""
+
+    def __init__(self, max_events: int = 100_000) -> None:
+        self.events: deque[dict[str, Any]] = deque(maxlen=max_events)
+
+    def emit(self, kind: str, payload: Mapping[str, Any]) -> None:
+        self.events.append({"kind": kind, "ts": time.time(), **payload})
+
+
+class JsonlEventLog:
+    """Appends one JSON object a line; the file survives restarts and feeds offline jobs."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("a", encoding="utf-8")
+
+    def emit(self, kind: str, payload: Mapping[str, Any]) -> None:
+        record = {"kind": kind, "ts": time.time(), **payload}
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,134 @@
+"""Translation between the protobuf messages and the domain types; no logic beyond mapping."""
+
+from __future__ import annotations
+
+from routecache.domain import (
+    CacheControl,
+    CacheOutcome,
+    ChatRequest,
+    Completion,
+    Feedback,
+    GenerationParams,
+    Message,
+    ResponseFormat,
+    ResponseFormatType,
+    Role,
+    TenantStats,
+    Tier,
+    ValidationReport,
+)
+from routecache.errors import InvalidArgument
+from routecache.router.pipeline import InvalidateTarget
+from routecache.v1 import routecache_pb2 as pb
+
+_ROLES = {pb.ROLE_SYSTEM: Role.SYSTEM, pb.ROLE_USER: Role.USER, pb.ROLE_ASSISTANT: Role.ASSISTANT}
+_TIERS = {pb.TIER_CHEAP: Tier.CHEAP, pb.TIER_STRONG: Tier.STRONG}
+_TIERS_PB = {tier: number for number, tier in _TIERS.items()}
+_FORMATS = {
+    pb.RESPONSE_FORMAT_TYPE_UNSPECIFIED: ResponseFormatType.TEXT,
+    pb.RESPONSE_FORMAT_TYPE_TEXT: ResponseFormatType.TEXT,
+    pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT: ResponseFormatType.JSON_OBJECT,
+    pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA: ResponseFormatType.JSON_SCHEMA,
+}
+_OUTCOMES = {
+    CacheOutcome.MISS: pb.CACHE_OUTCOME_MISS,
+    CacheOutcome.EXACT: pb.CACHE_OUTCOME_EXACT,
+    CacheOutcome.SEMANTIC: pb.CACHE_OUTCOME_SEMANTIC,
+}
+
+
+def request_from_pb(message: pb.CompleteRequest) -> ChatRequest:
+    messages = []
+    for position, item in enumerate(message.messages):
+        role = _ROLES.get(item.role)
+        if role is None:
+            raise InvalidArgument(f"messages[{position}].role", "must be SYSTEM, USER or ASSISTANT")
+        messages.append(Message(role, item.content))
+    params = message.params
+    response_format = _FORMATS.get(params.response_format.type)
+    if response_format is None:
+        raise InvalidArgument("params.response_format.type", "unknown response format")
+    force_tier = message.routing.force_tier
+    if force_tier != pb.TIER_UNSPECIFIED and force_tier not in _TIERS:
+        raise InvalidArgument("routing.force_tier", "must be CHEAP, STRONG or unspecified")
+    return ChatRequest(
+        messages=tuple(messages),
+        params=GenerationParams(
+            temperature=params.temperature if params.HasField("temperature") else None,
+            max_tokens=params.max_tokens if params.HasField("max_tokens") else None,
+            response_format=ResponseFormat(response_format, params.response_format.json_schema),
+        ),
+        cache=CacheControl(
+            no_cache=message.cache.no_cache,
+            no_store=message.cache.no_store,
+            ttl_seconds=message.cache.ttl_seconds or None,
+            tags=tuple(message.cache.tags),
+        ),
+        force_tier=_TIERS.get(force_tier),
+        end_user_id=message.end_user_id,
+    )
+
+
+def completion_to_pb(done: Completion) -> pb.CompleteResponse:
+    response = pb.CompleteResponse(
+        response_id=done.response_id,
+        text=done.text,
+        model=done.model,
+        tier=_TIERS_PB[done.tier],
+        cache=pb.CacheInfo(
+            outcome=_OUTCOMES[done.cache.outcome],
+            similarity=done.cache.similarity,
+            entry_id=done.cache.entry_id,
+            entry_age_seconds=done.cache.entry_age_seconds,
+            stale=done.cache.stale,
+        ),
+        usage=pb.Usage(
+            prompt_tokens=done.usage.prompt_tokens,
+            completion_tokens=done.usage.completion_tokens,
+            cost_usd=done.usage.cost_usd,
+            saved_usd=done.usage.saved_usd,
+        ),
+        validation=report_to_pb(done.validation),
+        latency=pb.LatencyBreakdown(**vars(done.latency)),
+        classifier_version=done.classifier_version,
+    )
+    if done.difficulty is not None:
+        response.difficulty = done.difficulty
+    return response
+
+
+def report_to_pb(report: ValidationReport) -> pb.ValidationReport:
+    return pb.ValidationReport(
+        passed=report.passed,
+        escalated=report.escalated,
+        results=[
+            pb.ValidatorResult(name=r.name, passed=r.passed, message=r.message, model=r.model)
+            for r in report.results
+        ],
+    )
+
+
+def feedback_from_pb(message: pb.FeedbackRequest) -> Feedback:
+    if message.rating not in (pb.RATING_UP, pb.RATING_DOWN):
+        raise InvalidArgument("rating", "must be RATING_UP or RATING_DOWN")
+    return Feedback(
+        response_id=message.response_id,
+        thumbs_up=message.rating == pb.RATING_UP,
+        correction=message.correction,
+        comment=message.comment,
+    )
+
+
+def invalidate_target_from_pb(message: pb.InvalidateRequest) -> InvalidateTarget:
+    which = message.WhichOneof("target")
+    if which == "entry_id":
+        return InvalidateTarget(entry_id=message.entry_id)
+    if which == "tag":
+        return InvalidateTarget(tag=message.tag)
+    if which == "all" and message.all:
+        return InvalidateTarget(all_entries=True)
+    raise InvalidArgument("target", "set one of entry_id, tag or all=true")
+
+
+def stats_to_pb(stats: TenantStats) -> pb.GetStatsResponse:
+    return pb.GetStatsResponse(**vars(stats))

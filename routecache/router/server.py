@@ -1,0 +1,68 @@
+"""The gRPC server: RouteCache plus the standard health and reflection services."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from routecache.router.servicer import RouteCacheServicer
+from routecache.router.settings import ServerSettings
+from routecache.v1 import routecache_pb2 as pb
+from routecache.v1 import routecache_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RouteCache"].full_name
+
+
+class RunningServer:
+    def __init__(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer,
+                 port: int, grace_seconds: float) -> None:  # fmt: skip
+        self.server = server
+        self.health = health_servicer
+        self.port = port
+        self._grace_seconds = grace_seconds
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def stop(self) -> None:
+        """Stop taking calls, let in-flight ones finish within the grace period."""
+        await self.set_serving(False)
+        await self.server.stop(self._grace_seconds)
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def start_server(servicer: RouteCacheServicer, settings: ServerSettings) -> RunningServer:
+    """Binds, starts and marks SERVING; returns the bound port (pass port 0 for a free one)."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+        ]
+    )
+    pb_grpc.add_RouteCacheServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"could not bind {settings.host}:{settings.port}")
+    await server.start()
+    running = RunningServer(server, health_servicer, port, settings.grace_seconds)
+    await running.set_serving(True)
+    log.info("routecache listening on %s:%d", settings.host, port)
+    return running

@@ -1,0 +1,75 @@
+"""The gRPC servicer: translates messages and hands every call to the pipeline."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from routecache.domain import Completion
+from routecache.router import error_mapping, messages
+from routecache.router.pipeline import Pipeline
+from routecache.v1 import routecache_pb2 as pb
+from routecache.v1 import routecache_pb2_grpc as pb_grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def api_key_of(context: Context) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else None
+    return None
+
+
+class RouteCacheServicer(pb_grpc.RouteCacheServicer):
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+
+    async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
+        async def call() -> pb.CompleteResponse:
+            chat = messages.request_from_pb(request)
+            return messages.completion_to_pb(await self._pipeline.complete(chat, api_key_of(context)))
+
+        return await error_mapping.unary(context, call)
+
+    async def CompleteStream(
+        self, request: pb.CompleteRequest, context: Context
+    ) -> AsyncIterator[pb.CompleteStreamResponse]:
+        async def events() -> AsyncIterator[pb.CompleteStreamResponse]:
+            chat = messages.request_from_pb(request)
+            async for event in self._pipeline.complete_stream(chat, api_key_of(context)):
+                if isinstance(event, Completion):
+                    yield pb.CompleteStreamResponse(final=messages.completion_to_pb(event))
+                else:
+                    yield pb.CompleteStreamResponse(delta=event)
+
+        async for message in error_mapping.streaming(context, events()):
+            yield message
+
+    async def Feedback(self, request: pb.FeedbackRequest, context: Context) -> pb.FeedbackResponse:
+        async def call() -> pb.FeedbackResponse:
+            removed = await self._pipeline.feedback(
+                messages.feedback_from_pb(request), api_key_of(context)
+            )
+            return pb.FeedbackResponse(recorded=True, invalidated_entry_id=removed)
+
+        return await error_mapping.unary(context, call)
+
+    async def Invalidate(
+        self, request: pb.InvalidateRequest, context: Context
+    ) -> pb.InvalidateResponse:
+        async def call() -> pb.InvalidateResponse:
+            target = messages.invalidate_target_from_pb(request)
+            removed = await self._pipeline.invalidate(target, api_key_of(context))
+            return pb.InvalidateResponse(removed=removed)
+
+        return await error_mapping.unary(context, call)
+
+    async def GetStats(self, request: pb.GetStatsRequest, context: Context) -> pb.GetStatsResponse:
+        async def call() -> pb.GetStatsResponse:
+            return messages.stats_to_pb(await self._pipeline.stats(api_key_of(context)))
+
+        return await error_mapping.unary(context, call)

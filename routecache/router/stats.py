@@ -1,0 +1,82 @@
+"""Per-tenant counters behind GetStats, and the response-id registry behind Feedback."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+from routecache.domain import CacheOutcome, Completion, Tier
+
+
+@dataclass
+class _Counters:
+    requests: int = 0
+    exact_hits: int = 0
+    semantic_hits: int = 0
+    misses: int = 0
+    cheap_calls: int = 0
+    strong_calls: int = 0
+    escalations: int = 0
+    validation_failures: int = 0
+    cost_usd: float = 0.0
+    saved_usd: float = 0.0
+
+
+class TenantStatsBook:
+    def __init__(self) -> None:
+        self._by_tenant: dict[str, _Counters] = {}
+
+    def _counters(self, tenant: str) -> _Counters:
+        return self._by_tenant.setdefault(tenant, _Counters())
+
+    def record_completion(self, tenant: str, completion: Completion, upstream_calls: int) -> None:
+        counters = self._counters(tenant)
+        counters.requests += 1
+        outcome = completion.cache.outcome
+        if outcome is CacheOutcome.EXACT:
+            counters.exact_hits += 1
+        elif outcome is CacheOutcome.SEMANTIC:
+            counters.semantic_hits += 1
+        else:
+            counters.misses += 1
+        if upstream_calls:
+            counters.escalations += int(completion.validation.escalated)
+            counters.cheap_calls += int(completion.validation.escalated)
+            if completion.tier is Tier.CHEAP:
+                counters.cheap_calls += 1
+            else:
+                counters.strong_calls += 1
+        counters.cost_usd += completion.usage.cost_usd
+        counters.saved_usd += completion.usage.saved_usd
+
+    def record_failure(self, tenant: str, *, validation: bool) -> None:
+        counters = self._counters(tenant)
+        counters.requests += 1
+        counters.validation_failures += int(validation)
+
+    def snapshot(self, tenant: str) -> _Counters:
+        return replace(self._counters(tenant))
+
+
+@dataclass(frozen=True)
+class ServedResponse:
+    tenant: str
+    entry_id: str  # the cache entry that served or was written by this response; "" if none
+    cache_outcome: CacheOutcome
+
+
+class ResponseRegistry:
+    """Remembers the newest responses so feedback can find the cache entry behind one."""
+
+    def __init__(self, max_responses: int = 100_000) -> None:
+        self._max = max_responses
+        self._responses: OrderedDict[str, ServedResponse] = OrderedDict()
+
+    def remember(self, response_id: str, served: ServedResponse) -> None:
+        self._responses[response_id] = served
+        if len(self._responses) > self._max:
+            self._responses.popitem(last=False)
+
+    def find(self, tenant: str, response_id: str) -> ServedResponse | None:
+        served = self._responses.get(response_id)
+        return served if served is not None and served.tenant == tenant else None

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from routecache.cache.embedder import HashEmbedder
+from routecache.classifier.model import FixedScoreClassifier
+from routecache.domain import Tier
+from routecache.router.auth import hash_api_key
+from routecache.router.bootstrap import Overrides, Service, build_service
+from routecache.router.events import InMemoryEventLog
+from routecache.router.settings import Settings, load_settings
+from tests.fakes import FakeUpstream, ManualClock, json_answer, prose_answer
+
+KEYS = {"acme": "key-acme", "globex": "key-globex"}
+
+
+def unit_settings(**tenant_options: object) -> Settings:
+    return load_settings(
+        cache={"embedder": "hash", "similarity_threshold": 0.8, "max_entries": 100},
+        tenants=[
+            {"name": name, "api_key_sha256": [hash_api_key(key)], **tenant_options}
+            for name, key in KEYS.items()
+        ],
+    )
+
+
+@dataclass
+class Harness:
+    service: Service
+    cheap: FakeUpstream
+    strong: FakeUpstream
+    events: InMemoryEventLog
+    clock: ManualClock
+    classifier: FixedScoreClassifier
+
+
+def make_harness(score: float = 0.2, **tenant_options: object) -> Harness:
+    cheap = FakeUpstream("cheap-model", prose_answer)
+    strong = FakeUpstream("strong-model", json_answer)
+    events = InMemoryEventLog()
+    clock = ManualClock()
+    classifier = FixedScoreClassifier(score, version="fixed-v1", default_threshold=0.5)
+    service = build_service(
+        unit_settings(**tenant_options),
+        Overrides(
+            embedder=HashEmbedder(),
+            classifier=classifier,
+            upstreams={Tier.CHEAP: cheap, Tier.STRONG: strong},
+            events=events,
+            clock=clock,
+        ),
+    )
+    return Harness(service, cheap, strong, events, clock, classifier)
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    built = make_harness()
+    yield built
+    await built.service.aclose()

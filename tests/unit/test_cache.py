@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+
+from routecache.cache.embedder import HashEmbedder
+from routecache.cache.faiss_index import ScopedFaissIndex
+from routecache.cache.memory_store import InMemoryEntryStore
+from routecache.cache.semantic_cache import NewEntry, SemanticCache
+from routecache.domain import CacheOutcome, Tier
+from tests.fakes import ManualClock
+
+EMBED = HashEmbedder()
+
+
+def vec(text: str) -> np.ndarray:
+    return EMBED.encode([text])[0]
+
+
+def new_entry(prompt: str, scope: str = "acme:s1", ttl: int = 100, tags: tuple[str, ...] = ()) -> NewEntry:
+    return NewEntry(
+        tenant=scope.split(":")[0], scope=scope, prompt=prompt, answer=f"A:{prompt}", model="m",
+        tier=Tier.CHEAP, embedding=vec(prompt), cost_usd=0.01, prompt_tokens=3,
+        completion_tokens=4, ttl_seconds=ttl, tags=tags,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def cache(clock: ManualClock) -> SemanticCache:
+    return SemanticCache(InMemoryEntryStore(max_entries=3), ScopedFaissIndex(EMBED.dimension), clock)
+
+
+async def test_exact_hit_after_store_and_miss_in_other_scope(cache: SemanticCache) -> None:
+    await cache.store(new_entry("What is the capital of France?"))
+    hit = await cache.lookup_exact("acme:s1", "what is the capital of france")
+    assert hit is not None and hit.outcome is CacheOutcome.EXACT and hit.similarity == 1.0
+    assert await cache.lookup_exact("acme:s2", "What is the capital of France?") is None
+    assert await cache.lookup_exact("globex:s1", "What is the capital of France?") is None
+
+
+async def test_semantic_hit_respects_threshold_and_scope(cache: SemanticCache) -> None:
+    await cache.store(new_entry("how do I reset my password today"))
+    near = vec("how do I reset my password")
+    hit = await cache.lookup_semantic("acme:s1", near, threshold=0.5)
+    assert hit is not None and hit.outcome is CacheOutcome.SEMANTIC
+    assert 0.5 <= hit.similarity < 1.0
+    assert await cache.lookup_semantic("acme:s1", near, threshold=0.999) is None
+    assert await cache.lookup_semantic("acme:other", near, threshold=0.1) is None
+
+
+async def test_expired_entries_are_never_served(cache: SemanticCache, clock: ManualClock) -> None:
+    await cache.store(new_entry("short lived", ttl=10))
+    clock.advance(11)
+    assert await cache.lookup_exact("acme:s1", "short lived") is None
+    assert await cache.lookup_semantic("acme:s1", vec("short lived"), 0.1) is None
+    assert await cache.entry_count("acme") == 0
+
+
+async def test_bound_evicts_least_recently_used(cache: SemanticCache) -> None:
+    first = await cache.store(new_entry("one"))
+    await cache.store(new_entry("two"))
+    await cache.store(new_entry("three"))
+    assert await cache.lookup_exact("acme:s1", "one") is not None  # "one" is now most recent
+    await cache.store(new_entry("four"))
+    assert await cache.entry_count("acme") == 3
+    assert await cache.lookup_exact("acme:s1", "two") is None
+    assert (await cache.lookup_exact("acme:s1", "one")).entry.entry_id == first.entry_id  # type: ignore[union-attr]
+    assert await cache.lookup_semantic("acme:s1", vec("two"), 0.99) is None
+
+
+async def test_invalidation_by_id_tag_and_tenant_never_crosses_tenants(cache: SemanticCache) -> None:
+    a = await cache.store(new_entry("alpha", tags=("docs",)))
+    await cache.store(new_entry("beta", tags=("docs",)))
+    b = await cache.store(new_entry("gamma", scope="globex:s1", tags=("docs",)))
+    assert await cache.invalidate_ids("globex", [a.entry_id]) == 0
+    assert await cache.invalidate_tag("acme", "docs") == 2
+    assert await cache.lookup_exact("acme:s1", "alpha") is None
+    assert await cache.lookup_semantic("acme:s1", vec("alpha"), 0.5) is None
+    assert await cache.get("globex", b.entry_id) is not None
+    assert await cache.invalidate_tenant("globex") == 1
+
+
+async def test_restoring_the_same_prompt_replaces_the_old_entry(cache: SemanticCache) -> None:
+    old = await cache.store(new_entry("same"))
+    new = await cache.store(new_entry("same"))
+    assert await cache.entry_count("acme") == 1
+    hit = await cache.lookup_semantic("acme:s1", vec("same"), 0.9)
+    assert hit is not None and hit.entry.entry_id == new.entry_id != old.entry_id
+
+
+def test_faiss_index_search_add_remove() -> None:
+    index = ScopedFaissIndex(EMBED.dimension)
+    index.add("s", "a", vec("red apple"))
+    index.add("s", "b", vec("green pear"))
+    assert index.search("s", vec("red apple"), 2)[0].entry_id == "a"
+    index.remove("s", "a")
+    assert [n.entry_id for n in index.search("s", vec("red apple"), 2)] == ["b"]
+    assert len(index) == 1
+    assert index.search("missing", vec("x"), 3) == []

@@ -1,0 +1,247 @@
+import asyncio
+import json
+
+import pytest
+
+from routecache.domain import (
+    CacheControl,
+    CacheOutcome,
+    ChatRequest,
+    Completion,
+    Feedback,
+    GenerationParams,
+    Message,
+    ResponseFormat,
+    ResponseFormatType,
+    Role,
+    Tier,
+)
+from routecache.errors import (
+    FailedValidation,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    UpstreamError,
+)
+from routecache.router.pipeline import InvalidateTarget
+from tests.unit.conftest import KEYS, Harness, make_harness
+
+ACME, GLOBEX = KEYS["acme"], KEYS["globex"]
+
+
+def ask(prompt: str, *earlier: Message, **options: object) -> ChatRequest:
+    return ChatRequest(messages=(*earlier, Message(Role.USER, prompt)), **options)  # type: ignore[arg-type]
+
+
+def json_request(prompt: str) -> ChatRequest:
+    fmt = ResponseFormat(ResponseFormatType.JSON_OBJECT)
+    return ask(prompt, params=GenerationParams(response_format=fmt))
+
+
+async def test_miss_then_exact_then_semantic_hit(harness: Harness) -> None:
+    pipeline = harness.service.pipeline
+    first = await pipeline.complete(ask("how do I reset my password today"), ACME)
+    assert first.cache.outcome is CacheOutcome.MISS
+    assert first.tier is Tier.CHEAP and first.model == "cheap-model"
+    assert first.usage.cost_usd > 0 and first.difficulty == pytest.approx(0.2)
+    again = await pipeline.complete(ask("How do I reset my password today?"), ACME)
+    assert again.cache.outcome is CacheOutcome.EXACT and again.text == first.text
+    assert again.usage.cost_usd == 0 and again.usage.saved_usd == pytest.approx(first.usage.cost_usd)
+    similar = await pipeline.complete(ask("how do I reset my password"), ACME)
+    assert similar.cache.outcome is CacheOutcome.SEMANTIC
+    assert 0.8 <= similar.cache.similarity < 1
+    assert similar.cache.entry_id == first.cache.entry_id
+    assert harness.cheap.calls == ["how do I reset my password today"]
+
+
+async def test_other_tenant_never_hits(harness: Harness) -> None:
+    pipeline = harness.service.pipeline
+    await pipeline.complete(ask("what is the capital of France"), ACME)
+    other = await pipeline.complete(ask("what is the capital of France"), GLOBEX)
+    assert other.cache.outcome is CacheOutcome.MISS
+    assert len(harness.cheap.calls) == 2
+
+
+async def test_different_earlier_turns_do_not_share_answers(harness: Harness) -> None:
+    pipeline = harness.service.pipeline
+    rome = (Message(Role.USER, "tell me about Rome"), Message(Role.ASSISTANT, "Rome is..."))
+    paris = (Message(Role.USER, "tell me about Paris"), Message(Role.ASSISTANT, "Paris is..."))
+    await pipeline.complete(ask("and the weather there?", *rome), ACME)
+    other = await pipeline.complete(ask("and the weather there?", *paris), ACME)
+    same = await pipeline.complete(ask("and the weather there?", *rome), ACME)
+    assert other.cache.outcome is CacheOutcome.MISS
+    assert same.cache.outcome is CacheOutcome.EXACT
+
+
+async def test_classifier_score_routes_to_strong() -> None:
+    harness = make_harness(score=0.9)
+    done = await harness.service.pipeline.complete(ask("prove the Riemann hypothesis"), ACME)
+    assert done.tier is Tier.STRONG and harness.cheap.calls == []
+    await harness.service.aclose()
+
+
+async def test_tenant_threshold_and_forced_tier() -> None:
+    harness = make_harness(score=0.3, routing_threshold=0.25)
+    pipeline = harness.service.pipeline
+    assert (await pipeline.complete(ask("q1"), ACME)).tier is Tier.STRONG
+    forced = await pipeline.complete(ask("q2", force_tier=Tier.CHEAP), ACME)
+    assert forced.tier is Tier.CHEAP
+    await harness.service.aclose()
+
+
+async def test_failing_cheap_answer_escalates_and_only_the_valid_answer_is_stored(
+    harness: Harness,
+) -> None:
+    pipeline = harness.service.pipeline
+    done = await pipeline.complete(json_request("list three colours"), ACME)
+    assert done.tier is Tier.STRONG and done.validation.escalated and done.validation.passed
+    assert json.loads(done.text) == {"answer": "list three colours"}
+    failed = [r for r in done.validation.results if not r.passed]
+    assert [(r.name, r.model) for r in failed] == [("json_schema", "cheap-model")]
+    again = await pipeline.complete(json_request("list three colours"), ACME)
+    assert again.cache.outcome is CacheOutcome.EXACT and again.text == done.text
+    stats = await pipeline.stats(ACME)
+    assert (stats.cheap_calls, stats.strong_calls, stats.escalations) == (1, 1, 1)
+
+
+async def test_no_valid_answer_is_failed_validation_and_nothing_is_stored(harness: Harness) -> None:
+    harness.strong.answer = harness.cheap.answer
+    pipeline = harness.service.pipeline
+    with pytest.raises(FailedValidation) as failure:
+        await pipeline.complete(json_request("give JSON"), ACME)
+    assert not failure.value.report.passed and failure.value.report.escalated
+    assert await pipeline.stats(ACME) is not None
+    assert (await pipeline.stats(ACME)).entries == 0
+
+
+async def test_no_cache_and_no_store(harness: Harness) -> None:
+    pipeline = harness.service.pipeline
+    await pipeline.complete(ask("cached question"), ACME)
+    bypass = await pipeline.complete(ask("cached question", cache=CacheControl(no_cache=True)), ACME)
+    assert bypass.cache.outcome is CacheOutcome.MISS
+    await pipeline.complete(ask("secret question", cache=CacheControl(no_store=True)), ACME)
+    again = await pipeline.complete(ask("secret question"), ACME)
+    assert again.cache.outcome is CacheOutcome.MISS
+
+
+async def test_per_request_ttl(harness: Harness) -> None:
+    pipeline = harness.service.pipeline
+    await pipeline.complete(ask("fleeting", cache=CacheControl(ttl_seconds=5)), ACME)
+    harness.clock.advance(6)
+    assert (await pipeline.complete(ask("fleeting"), ACME)).cache.outcome is CacheOutcome.MISS
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (ChatRequest(messages=()), "messages"),
+        (ask("   "), "messages[0].content"),
+        (ChatRequest(messages=(Message(Role.USER, "q"), Message(Role.ASSISTANT, "a"))), "messages[1].role"),
+        (ask("q", params=GenerationParams(temperature=3.0)), "params.temperature"),
+        (ask("q", params=GenerationParams(max_tokens=0)), "params.max_tokens"),
+        (
+            ask("q", params=GenerationParams(response_format=ResponseFormat(ResponseFormatType.JSON_SCHEMA, "{nope"))),
+            "params.response_format.json_schema",
+        ),
+        (ask("q", cache=CacheControl(tags=("",))), "cache.tags[0]"),
+    ],
+)
+async def test_bad_input_names_the_field_and_costs_nothing(
+    harness: Harness, request_: ChatRequest, field: str
+) -> None:
+    with pytest.raises(InvalidArgument) as error:
+        await harness.service.pipeline.complete(request_, ACME)
+    assert error.value.field == field
+    assert harness.cheap.calls == [] and harness.strong.calls == []
+
+
+async def test_unknown_or_missing_key(harness: Harness) -> None:
+    with pytest.raises(Unauthenticated):
+        await harness.service.pipeline.complete(ask("q"), "wrong")
+    with pytest.raises(Unauthenticated):
+        await harness.service.pipeline.complete(ask("q"), None)
+
+
+async def test_rate_limit_gives_retry_delay() -> None:
+    harness = make_harness(requests_per_second=1.0)
+    pipeline = harness.service.pipeline
+    await pipeline.complete(ask("one"), ACME)
+    with pytest.raises(ResourceExhausted) as limited:
+        await pipeline.complete(ask("two"), ACME)
+    assert 0 < limited.value.retry_after_seconds <= 1.0
+    await pipeline.complete(ask("two"), GLOBEX)  # the other tenant has its own bucket
+    harness.clock.advance(1.0)
+    await pipeline.complete(ask("two"), ACME)
+    await harness.service.aclose()
+
+
+async def test_daily_budget_cap_refuses_once_spent() -> None:
+    harness = make_harness(daily_budget_usd=0.0000001)
+    pipeline = harness.service.pipeline
+    await pipeline.complete(ask("first"), ACME)
+    with pytest.raises(ResourceExhausted):
+        await pipeline.complete(ask("second"), ACME)
+    await harness.service.aclose()
+
+
+async def test_upstream_failure_is_unavailable_with_model_named(harness: Harness) -> None:
+    harness.cheap.fail_with = UpstreamError("HTTP 503", retryable=True)
+    with pytest.raises(Unavailable, match="cheap-model"):
+        await harness.service.pipeline.complete(ask("q"), ACME)
+
+
+async def test_identical_concurrent_requests_share_one_upstream_call(harness: Harness) -> None:
+    harness.cheap.gate = asyncio.Event()
+    pipeline = harness.service.pipeline
+    tasks = [asyncio.create_task(pipeline.complete(ask("same question"), ACME)) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    harness.cheap.gate.set()
+    results = await asyncio.gather(*tasks)
+    assert harness.cheap.calls == ["same question"]
+    assert {r.text for r in results} == {"answer to same question"}
+    assert sum(r.usage.cost_usd > 0 for r in results) == 1
+
+
+async def test_thumbs_down_on_a_hit_removes_the_entry(harness: Harness) -> None:
+    pipeline = harness.service.pipeline
+    await pipeline.complete(ask("stale fact"), ACME)
+    hit = await pipeline.complete(ask("stale fact"), ACME)
+    with pytest.raises(NotFound):
+        await pipeline.feedback(Feedback(hit.response_id, thumbs_up=False), GLOBEX)
+    removed = await pipeline.feedback(Feedback(hit.response_id, thumbs_up=False), ACME)
+    assert removed == hit.cache.entry_id
+    assert (await pipeline.complete(ask("stale fact"), ACME)).cache.outcome is CacheOutcome.MISS
+    kinds = [e["kind"] for e in harness.events.events]
+    assert kinds.count("feedback") == 1 and kinds.count("completion") == 3
+
+
+async def test_invalidate_by_tag_and_all_is_tenant_scoped(harness: Harness) -> None:
+    pipeline = harness.service.pipeline
+    await pipeline.complete(ask("tagged", cache=CacheControl(tags=("v1",))), ACME)
+    await pipeline.complete(ask("tagged", cache=CacheControl(tags=("v1",))), GLOBEX)
+    assert await pipeline.invalidate(InvalidateTarget(tag="v1"), ACME) == 1
+    assert (await pipeline.stats(GLOBEX)).entries == 1
+    assert await pipeline.invalidate(InvalidateTarget(all_entries=True), GLOBEX) == 1
+    with pytest.raises(InvalidArgument):
+        await pipeline.invalidate(InvalidateTarget(), ACME)
+
+
+async def test_stream_yields_chunks_then_the_final_completion(harness: Harness) -> None:
+    events = [e async for e in harness.service.pipeline.complete_stream(ask("stream me " * 20), ACME)]
+    final = events[-1]
+    assert isinstance(final, Completion)
+    assert "".join(e for e in events[:-1] if isinstance(e, str)) == final.text
+    assert len(events) > 2
+
+
+async def test_stats_count_paths(harness: Harness) -> None:
+    pipeline = harness.service.pipeline
+    await pipeline.complete(ask("a question here"), ACME)
+    await pipeline.complete(ask("a question here"), ACME)
+    stats = await pipeline.stats(ACME)
+    assert (stats.requests, stats.misses, stats.exact_hits, stats.cheap_calls) == (2, 1, 1, 1)
+    assert stats.saved_usd == pytest.approx(stats.cost_usd)
+    assert stats.classifier_version == "fixed-v1"
+    assert (await pipeline.stats(GLOBEX)).requests == 0
