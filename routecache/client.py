@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -110,7 +111,8 @@ class RouteCacheClient:
 
     async def health(self, service: str = "") -> str:
         """The health service's status name for `service` ("" = the whole server)."""
-        stub = health_pb2_grpc.HealthStub(self._channel)
+        # The health stubs are typed for sync channels; this one is asyncio.
+        stub: Any = health_pb2_grpc.HealthStub(self._channel)
         reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
@@ -121,6 +123,9 @@ class RouteCacheClient:
         return self
 
     async def __aexit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.close()

@@ -37,7 +37,9 @@ class FakeUpstream:
     def model(self) -> str:
         return self.model_id
 
-    async def complete(self, messages: Sequence[Message], params: GenerationParams) -> UpstreamReply:
+    async def complete(
+        self, messages: Sequence[Message], params: GenerationParams
+    ) -> UpstreamReply:
         prompt = messages[-1].content
         self.calls.append(prompt)
         if self.gate is not None:

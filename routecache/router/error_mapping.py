@@ -59,13 +59,11 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) 
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
 
 
-async def unary(
-    context: grpc.aio.ServicerContext[Any, Any], call: Callable[[], Awaitable[T]]
-) -> T:
+async def unary(context: grpc.aio.ServicerContext[Any, Any], call: Callable[[], Awaitable[T]]) -> T:
     """Runs one unary handler, turning any error into the status code of the table above."""
     try:
         return await call()
-    except Exception as error:  # noqa: BLE001 - every error must reach the caller as a status
+    except Exception as error:
         await _abort(context, error)
         raise  # abort raises; this keeps type checkers sure the function never falls through
 
@@ -77,6 +75,6 @@ async def streaming(
     try:
         async for item in stream:
             yield item
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         await _abort(context, error)
         raise

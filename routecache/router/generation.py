@@ -45,14 +45,13 @@ class Generator:
         """Raises FailedValidation when no model's answer passes, Unavailable when none answers."""
         results: list[ValidatorResult] = []
         cost = upstream_ms = validate_ms = 0.0
-        prompt_tokens = completion_tokens = calls = 0
+        prompt_tokens = completion_tokens = 0
         tiers = [tier, Tier.STRONG] if tier is Tier.CHEAP else [tier]
-        for attempt_tier in tiers:
+        for calls, attempt_tier in enumerate(tiers, start=1):
             provider = self._providers[attempt_tier]
             started = time.perf_counter()
             reply = await self._call(provider, request)
             upstream_ms += (time.perf_counter() - started) * 1000
-            calls += 1
             cost += provider.pricing.cost(reply.prompt_tokens, reply.completion_tokens)
             prompt_tokens += reply.prompt_tokens
             completion_tokens += reply.completion_tokens

@@ -33,7 +33,9 @@ def _check_messages(request: ChatRequest, limits: LimitSettings) -> None:
     if total > limits.max_total_chars:
         raise InvalidArgument("messages", f"more than {limits.max_total_chars} characters in all")
     if messages[-1].role is not Role.USER:
-        raise InvalidArgument(f"messages[{len(messages) - 1}].role", "the last message must be USER")
+        raise InvalidArgument(
+            f"messages[{len(messages) - 1}].role", "the last message must be USER"
+        )
 
 
 def _check_params(request: ChatRequest, limits: LimitSettings) -> None:
@@ -49,7 +51,8 @@ def _check_params(request: ChatRequest, limits: LimitSettings) -> None:
         _check_schema(response_format.json_schema)
     elif response_format.json_schema:
         raise InvalidArgument(
-            "params.response_format.json_schema", "only allowed with RESPONSE_FORMAT_TYPE_JSON_SCHEMA"
+            "params.response_format.json_schema",
+            "only allowed with RESPONSE_FORMAT_TYPE_JSON_SCHEMA",
         )
 
 

@@ -48,4 +48,3 @@ class InMemorySpendLedger:
 
     async def record(self, tenant: str, cost_usd: float) -> None:
         self._spent[(tenant, self._today())] += cost_usd
-

@@ -203,7 +203,9 @@ class Pipeline:
         return response_id
 
     async def _check_limits(self, tenant: Tenant, request: ChatRequest) -> None:
-        wait = await self._p.rate_limiter.acquire(f"tenant:{tenant.name}", tenant.requests_per_second)
+        wait = await self._p.rate_limiter.acquire(
+            f"tenant:{tenant.name}", tenant.requests_per_second
+        )
         if wait > 0:
             raise ResourceExhausted(f"rate limit of tenant {tenant.name} reached", wait)
         budget = tenant.daily_budget_usd
@@ -249,9 +251,11 @@ class Pipeline:
         if served is None:
             raise NotFound(f"no recent response with id {feedback.response_id}")
         removed = ""
-        if not feedback.thumbs_up and served.entry_id:
-            if await self._p.cache.invalidate_ids(tenant.name, [served.entry_id]):
-                removed = served.entry_id
+        thumbs_down_on_entry = not feedback.thumbs_up and served.entry_id
+        if thumbs_down_on_entry and await self._p.cache.invalidate_ids(
+            tenant.name, [served.entry_id]
+        ):
+            removed = served.entry_id
         self._p.events.emit(
             "feedback",
             {
@@ -296,7 +300,7 @@ class Pipeline:
         )
 
 
-class _stage:  # noqa: N801 - used like a function: `with _stage(latency, "embed_ms")`
+class _stage:
     """Adds the time spent in a block to one field of the latency breakdown."""
 
     def __init__(self, latency: LatencyBreakdown, field: str) -> None:

@@ -24,14 +24,16 @@ def api_key_of(context: Context) -> str | None:
     return None
 
 
-class RouteCacheServicer(pb_grpc.RouteCacheServicer):
+class RouteCacheServicer(pb_grpc.RouteCacheServicer):  # type: ignore[misc]  # untyped stub base
     def __init__(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
 
     async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
         async def call() -> pb.CompleteResponse:
             chat = messages.request_from_pb(request)
-            return messages.completion_to_pb(await self._pipeline.complete(chat, api_key_of(context)))
+            return messages.completion_to_pb(
+                await self._pipeline.complete(chat, api_key_of(context))
+            )
 
         return await error_mapping.unary(context, call)
 

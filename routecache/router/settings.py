@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -21,14 +21,19 @@ from pydantic_settings import (
 CONFIG_ENV_VAR = "ROUTECACHE_CONFIG"
 
 
-class ServerSettings(BaseModel):
+class _Section(BaseModel):
+    # A misspelt key must fail at start, not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
     max_message_bytes: int = Field(1 << 20, gt=0, description="larger gRPC messages are refused")
     grace_seconds: float = Field(5.0, ge=0, description="drain time for in-flight calls on stop")
 
 
-class ProviderSettings(BaseModel):
+class ProviderSettings(_Section):
     """An OpenAI-compatible chat-completions endpoint serving one model."""
 
     base_url: str = "http://127.0.0.1:8089/v1"
@@ -51,12 +56,12 @@ def _default_strong() -> ProviderSettings:
     )
 
 
-class UpstreamSettings(BaseModel):
+class UpstreamSettings(_Section):
     cheap: ProviderSettings = Field(default_factory=_default_cheap)
     strong: ProviderSettings = Field(default_factory=_default_strong)
 
 
-class CacheSettings(BaseModel):
+class CacheSettings(_Section):
     embedder: Literal["minilm", "hash"] = Field(
         "minilm", description="minilm: the packaged all-MiniLM-L6-v2; hash: tests only"
     )
@@ -65,15 +70,18 @@ class CacheSettings(BaseModel):
     max_entries: int = Field(100_000, gt=0)
 
 
-class ClassifierSettings(BaseModel):
+class ClassifierSettings(_Section):
     artifact: Path | None = Field(None, description="a .skops file; default: the packaged model")
     routing_threshold: float | None = Field(
-        None, ge=0, le=1, description="P(cheap fails) at or above which STRONG is used; "
-        "default: the threshold stored with the model"
+        None,
+        ge=0,
+        le=1,
+        description="P(cheap fails) at or above which STRONG is used; "
+        "default: the threshold stored with the model",
     )
 
 
-class LimitSettings(BaseModel):
+class LimitSettings(_Section):
     max_messages: int = Field(64, gt=0)
     max_message_chars: int = Field(32_000, gt=0)
     max_total_chars: int = Field(128_000, gt=0)
@@ -82,7 +90,7 @@ class LimitSettings(BaseModel):
     max_answer_chars: int = Field(20_000, gt=0, description="the length validator's bound")
 
 
-class TenantSettings(BaseModel):
+class TenantSettings(_Section):
     name: str = Field(min_length=1)
     api_key_sha256: list[str] = Field(min_length=1, description="hex SHA-256 of each API key")
     routing_threshold: float | None = Field(None, ge=0, le=1)

@@ -56,7 +56,9 @@ class JsonSchemaValidator:
         error = next(iter(self._validator(response_format.json_schema).iter_errors(value)), None)
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-            return ValidatorResult(self.name, False, f"schema violation at {where}: {error.message}")
+            return ValidatorResult(
+                self.name, False, f"schema violation at {where}: {error.message}"
+            )
         return ValidatorResult(self.name, True)
 
     def _validator(self, schema_text: str) -> Draft202012Validator:

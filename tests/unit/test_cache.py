@@ -15,7 +15,9 @@ def vec(text: str) -> np.ndarray:
     return EMBED.encode([text])[0]
 
 
-def new_entry(prompt: str, scope: str = "acme:s1", ttl: int = 100, tags: tuple[str, ...] = ()) -> NewEntry:
+def new_entry(
+    prompt: str, scope: str = "acme:s1", ttl: int = 100, tags: tuple[str, ...] = ()
+) -> NewEntry:
     return NewEntry(
         tenant=scope.split(":")[0], scope=scope, prompt=prompt, answer=f"A:{prompt}", model="m",
         tier=Tier.CHEAP, embedding=vec(prompt), cost_usd=0.01, prompt_tokens=3,
@@ -30,7 +32,9 @@ def clock() -> ManualClock:
 
 @pytest.fixture
 def cache(clock: ManualClock) -> SemanticCache:
-    return SemanticCache(InMemoryEntryStore(max_entries=3), ScopedFaissIndex(EMBED.dimension), clock)
+    return SemanticCache(
+        InMemoryEntryStore(max_entries=3), ScopedFaissIndex(EMBED.dimension), clock
+    )
 
 
 async def test_exact_hit_after_store_and_miss_in_other_scope(cache: SemanticCache) -> None:
@@ -71,7 +75,9 @@ async def test_bound_evicts_least_recently_used(cache: SemanticCache) -> None:
     assert await cache.lookup_semantic("acme:s1", vec("two"), 0.99) is None
 
 
-async def test_invalidation_by_id_tag_and_tenant_never_crosses_tenants(cache: SemanticCache) -> None:
+async def test_invalidation_by_id_tag_and_tenant_never_crosses_tenants(
+    cache: SemanticCache,
+) -> None:
     a = await cache.store(new_entry("alpha", tags=("docs",)))
     await cache.store(new_entry("beta", tags=("docs",)))
     b = await cache.store(new_entry("gamma", scope="globex:s1", tags=("docs",)))

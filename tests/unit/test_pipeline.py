@@ -48,7 +48,9 @@ async def test_miss_then_exact_then_semantic_hit(harness: Harness) -> None:
     assert first.usage.cost_usd > 0 and first.difficulty == pytest.approx(0.2)
     again = await pipeline.complete(ask("How do I reset my password today?"), ACME)
     assert again.cache.outcome is CacheOutcome.EXACT and again.text == first.text
-    assert again.usage.cost_usd == 0 and again.usage.saved_usd == pytest.approx(first.usage.cost_usd)
+    assert again.usage.cost_usd == 0 and again.usage.saved_usd == pytest.approx(
+        first.usage.cost_usd
+    )
     similar = await pipeline.complete(ask("how do I reset my password"), ACME)
     assert similar.cache.outcome is CacheOutcome.SEMANTIC
     assert 0.8 <= similar.cache.similarity < 1
@@ -119,7 +121,9 @@ async def test_no_valid_answer_is_failed_validation_and_nothing_is_stored(harnes
 async def test_no_cache_and_no_store(harness: Harness) -> None:
     pipeline = harness.service.pipeline
     await pipeline.complete(ask("cached question"), ACME)
-    bypass = await pipeline.complete(ask("cached question", cache=CacheControl(no_cache=True)), ACME)
+    bypass = await pipeline.complete(
+        ask("cached question", cache=CacheControl(no_cache=True)), ACME
+    )
     assert bypass.cache.outcome is CacheOutcome.MISS
     await pipeline.complete(ask("secret question", cache=CacheControl(no_store=True)), ACME)
     again = await pipeline.complete(ask("secret question"), ACME)
@@ -138,11 +142,19 @@ async def test_per_request_ttl(harness: Harness) -> None:
     [
         (ChatRequest(messages=()), "messages"),
         (ask("   "), "messages[0].content"),
-        (ChatRequest(messages=(Message(Role.USER, "q"), Message(Role.ASSISTANT, "a"))), "messages[1].role"),
+        (
+            ChatRequest(messages=(Message(Role.USER, "q"), Message(Role.ASSISTANT, "a"))),
+            "messages[1].role",
+        ),
         (ask("q", params=GenerationParams(temperature=3.0)), "params.temperature"),
         (ask("q", params=GenerationParams(max_tokens=0)), "params.max_tokens"),
         (
-            ask("q", params=GenerationParams(response_format=ResponseFormat(ResponseFormatType.JSON_SCHEMA, "{nope"))),
+            ask(
+                "q",
+                params=GenerationParams(
+                    response_format=ResponseFormat(ResponseFormatType.JSON_SCHEMA, "{nope")
+                ),
+            ),
             "params.response_format.json_schema",
         ),
         (ask("q", cache=CacheControl(tags=("",))), "cache.tags[0]"),
@@ -229,7 +241,9 @@ async def test_invalidate_by_tag_and_all_is_tenant_scoped(harness: Harness) -> N
 
 
 async def test_stream_yields_chunks_then_the_final_completion(harness: Harness) -> None:
-    events = [e async for e in harness.service.pipeline.complete_stream(ask("stream me " * 20), ACME)]
+    events = [
+        e async for e in harness.service.pipeline.complete_stream(ask("stream me " * 20), ACME)
+    ]
     final = events[-1]
     assert isinstance(final, Completion)
     assert "".join(e for e in events[:-1] if isinstance(e, str)) == final.text

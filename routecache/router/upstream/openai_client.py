@@ -1,0 +1,303 @@
+"""A ChatUpstream over any OpenAI-compatible chat-completions endpoint, on one pooled httpx client.
+
+Every failure leaves as routecache.errors.UpstreamError; `retryable` is what the retry policy
+here and the fallback chain above it decide on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random
+
+from routecache.domain import GenerationParams, Message, ResponseFormat, ResponseFormatType
+from routecache.errors import UpstreamError
+from routecache.router.ports import UpstreamReply
+from routecache.router.settings import ProviderSettings
+
+CHAT_PATH = "chat/completions"
+USER_AGENT = "routecache/0.1"
+
+
+def estimate_tokens(text: str) -> int:
+    return math.ceil(len(text) / 4)
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    return isinstance(exc, UpstreamError) and exc.retryable
+
+
+def response_format_body(response_format: ResponseFormat) -> dict[str, Any] | None:
+    """The OpenAI `response_format` for ours; None for plain text (the provider's default)."""
+    if response_format.type is ResponseFormatType.JSON_OBJECT:
+        return {"type": "json_object"}
+    if response_format.type is ResponseFormatType.JSON_SCHEMA:
+        try:
+            schema = json.loads(response_format.json_schema or '{"type": "object"}')
+        except json.JSONDecodeError as exc:
+            raise UpstreamError(
+                f"response_format.json_schema is not valid JSON: {exc.msg}", retryable=False
+            ) from exc
+        return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    return None
+
+
+def request_body(
+    model: str, messages: Sequence[Message], params: GenerationParams, *, stream: bool
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": m.role.value, "content": m.content} for m in messages],
+    }
+    if params.temperature is not None:
+        body["temperature"] = params.temperature
+    if params.max_tokens is not None:
+        body["max_tokens"] = params.max_tokens
+    if (response_format := response_format_body(params.response_format)) is not None:
+        body["response_format"] = response_format
+    if stream:
+        body["stream"] = True
+    return body
+
+
+@dataclass
+class _OpenStream:
+    """A stream whose status was checked and whose first delta (if any) was already read."""
+
+    response: httpx.Response
+    first: str | None
+    rest: AsyncIterator[str]
+
+
+class OpenAIChatClient:
+    """One model behind an OpenAI-compatible endpoint (OpenAI, vLLM, Ollama, the replay server).
+
+    Retryable failures get `max_attempts` tries in all, with a short jittered pause between;
+    a stream is only retried before its first text delta, since text already handed on
+    cannot be taken back.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout_seconds: float = 30.0,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        headers: Mapping[str, str] | None = None,
+        max_attempts: int = 2,
+        backoff_seconds: tuple[float, float] = (0.05, 0.2),
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        all_headers = {"user-agent": USER_AGENT, **(headers or {})}
+        if api_key:
+            all_headers["authorization"] = f"Bearer {api_key}"
+        self._model = model
+        self._where = f"upstream model {model!r} at {base_url}"
+        self._timeout = timeout_seconds
+        self._max_attempts = max_attempts
+        self._backoff = backoff_seconds
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/") + "/",
+            headers=all_headers,
+            timeout=httpx.Timeout(timeout_seconds),
+            transport=transport,
+        )
+
+    @classmethod
+    def from_settings(
+        cls, settings: ProviderSettings, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> OpenAIChatClient:
+        api_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+        return cls(
+            settings.base_url,
+            settings.model,
+            api_key,
+            settings.timeout_seconds,
+            transport=transport,
+        )
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def _retrying(self) -> AsyncRetrying:
+        return AsyncRetrying(
+            stop=stop_after_attempt(self._max_attempts),
+            wait=wait_random(*self._backoff),
+            retry=retry_if_exception(_is_retryable),
+            reraise=True,
+        )
+
+    def _error(self, what: str, *, retryable: bool) -> UpstreamError:
+        return UpstreamError(f"{self._where}: {what}", retryable=retryable)
+
+    async def complete(
+        self, messages: Sequence[Message], params: GenerationParams
+    ) -> UpstreamReply:
+        body = request_body(self._model, messages, params, stream=False)
+        reply: UpstreamReply = await self._retrying()(self._complete_once, body, messages)
+        return reply
+
+    async def _complete_once(
+        self, body: dict[str, Any], messages: Sequence[Message]
+    ) -> UpstreamReply:
+        try:
+            # httpx times each read; this bounds the whole call, so a trickling body
+            # cannot hold it past the timeout either.
+            async with asyncio.timeout(self._timeout):
+                response = await self._send(body, stream=False)
+        except TimeoutError:
+            raise self._error(f"no answer within {self._timeout:g}s", retryable=True) from None
+        await self._check_status(response)
+        return self._parse_completion(response, messages)
+
+    async def _send(self, body: dict[str, Any], *, stream: bool) -> httpx.Response:
+        request = self._http.build_request("POST", CHAT_PATH, json=body)
+        try:
+            return await self._http.send(request, stream=stream)
+        except httpx.TimeoutException as exc:
+            raise self._error(
+                f"timed out after {self._timeout:g}s ({type(exc).__name__})", retryable=True
+            ) from exc
+        except httpx.TransportError as exc:
+            raise self._error(
+                f"connection failed ({type(exc).__name__}: {exc})", retryable=True
+            ) from exc
+
+    async def _check_status(self, response: httpx.Response) -> None:
+        if response.is_success:
+            return
+        await response.aread()
+        status = response.status_code
+        retryable = status == 429 or status >= 500
+        detail = _provider_message(response)
+        what = f"HTTP {status} {response.reason_phrase}".rstrip()
+        if status == 429 and (retry_after := response.headers.get("retry-after")):
+            what += f" (retry after {retry_after}s)"
+        raise self._error(f"{what}: {detail}" if detail else what, retryable=retryable)
+
+    def _parse_completion(
+        self, response: httpx.Response, messages: Sequence[Message]
+    ) -> UpstreamReply:
+        try:
+            payload = response.json()
+            choice = payload["choices"][0]
+            content = choice["message"].get("content")
+        except (ValueError, LookupError, TypeError, AttributeError) as exc:
+            raise self._error(
+                f"malformed response body ({type(exc).__name__}: {exc})", retryable=True
+            ) from exc
+        if content is None:  # a refusal or tool call carries no text
+            content = ""
+        if not isinstance(content, str):
+            raise self._error("malformed response body (content is not a string)", retryable=True)
+        usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
+        model = payload.get("model")
+        return UpstreamReply(
+            text=content,
+            model=model if isinstance(model, str) and model else self._model,
+            prompt_tokens=_count(usage, "prompt_tokens", _prompt_text(messages)),
+            completion_tokens=_count(usage, "completion_tokens", content),
+        )
+
+    async def stream(
+        self, messages: Sequence[Message], params: GenerationParams
+    ) -> AsyncIterator[str]:
+        body = request_body(self._model, messages, params, stream=True)
+        opened: _OpenStream = await self._retrying()(self._open_stream, body)
+        try:
+            if opened.first is not None:
+                yield opened.first
+            async for delta in opened.rest:
+                yield delta
+        finally:
+            await opened.response.aclose()
+
+    async def _open_stream(self, body: dict[str, Any]) -> _OpenStream:
+        response = await self._send(body, stream=True)
+        try:
+            await self._check_status(response)
+            deltas = self._deltas(response)
+            first = await anext(deltas, None)
+        except BaseException:
+            await response.aclose()
+            raise
+        return _OpenStream(response, first, deltas)
+
+    async def _deltas(self, response: httpx.Response) -> AsyncIterator[str]:
+        """Parse server-sent events into non-empty text deltas."""
+        finished = False
+        try:
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue  # blank separators, comments, `event:` lines
+                data = line[len("data:") :].strip()
+                if data == "[DONE]":
+                    return
+                delta, finish_reason = self._parse_chunk(data)
+                finished = finished or finish_reason is not None
+                if delta:
+                    yield delta
+        except httpx.TimeoutException as exc:
+            raise self._error(f"stream stalled for {self._timeout:g}s", retryable=True) from exc
+        except httpx.TransportError as exc:
+            raise self._error(
+                f"stream broke ({type(exc).__name__}: {exc})", retryable=True
+            ) from exc
+        if not finished:
+            raise self._error("stream ended without finish_reason or [DONE]", retryable=True)
+
+    def _parse_chunk(self, data: str) -> tuple[str, str | None]:
+        try:
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise self._error(f"error in stream: {_error_text(chunk)}", retryable=True)
+            choices = chunk["choices"]
+            if not choices:  # the usage-only chunk of stream_options.include_usage
+                return "", None
+            content = choices[0].get("delta", {}).get("content") or ""
+            finish_reason = choices[0].get("finish_reason")
+        except (ValueError, LookupError, TypeError, AttributeError) as exc:
+            raise self._error(
+                f"malformed stream chunk ({type(exc).__name__}: {exc})", retryable=True
+            ) from exc
+        if not isinstance(content, str):
+            raise self._error("malformed stream chunk (content is not a string)", retryable=True)
+        return content, finish_reason if isinstance(finish_reason, str) else None
+
+
+def _prompt_text(messages: Sequence[Message]) -> str:
+    return "\n".join(m.content for m in messages)
+
+
+def _count(usage: Mapping[str, Any], name: str, text: str) -> int:
+    value = usage.get(name)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return estimate_tokens(text)
+
+
+def _error_text(payload: Any) -> str:
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return str(error["message"])
+    return "" if error is None else str(error)[:200]
+
+
+def _provider_message(response: httpx.Response) -> str:
+    try:
+        return _error_text(response.json())
+    except ValueError:
+        return response.text.strip()[:200]

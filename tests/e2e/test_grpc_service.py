@@ -1,0 +1,89 @@
+import json
+
+import grpc
+import pytest
+
+from routecache.client import chat_request
+from routecache.v1 import routecache_pb2 as pb
+from tests.e2e.conftest import Stack
+
+PROMPT = "What is the boiling point of water at sea level?"
+PARAPHRASE = "At sea level, what temperature does water boil at?"
+
+
+async def test_answer_then_exact_then_semantic_hit_then_other_tenant_miss(stack: Stack) -> None:
+    async with stack.client() as acme, stack.client("globex") as globex:
+        first = await acme.complete(chat_request(PROMPT))
+        assert first.text and first.cache.outcome == pb.CACHE_OUTCOME_MISS
+        assert first.tier in (pb.TIER_CHEAP, pb.TIER_STRONG) and first.usage.cost_usd > 0
+        assert first.HasField("difficulty") and first.classifier_version
+
+        again = await acme.complete(chat_request(PROMPT))
+        assert again.cache.outcome == pb.CACHE_OUTCOME_EXACT and again.text == first.text
+        assert again.usage.saved_usd == pytest.approx(first.usage.cost_usd)
+
+        reworded = await acme.complete(chat_request(PARAPHRASE))
+        assert reworded.cache.outcome == pb.CACHE_OUTCOME_SEMANTIC
+        assert 0.9 <= reworded.cache.similarity < 1.0
+        assert reworded.cache.entry_id == first.cache.entry_id
+
+        other = await globex.complete(chat_request(PROMPT))
+        assert other.cache.outcome == pb.CACHE_OUTCOME_MISS
+
+
+async def test_recorded_gsm8k_answer_comes_back(stack: Stack) -> None:
+    prompt = next(iter(stack.replay.recordings.prompts()))
+    async with stack.client("globex") as client:
+        done = await client.complete(chat_request(prompt, force_tier="strong", no_cache=True))
+    assert done.text == stack.replay.recordings.answer("strong", prompt)
+    assert done.model == "gpt-4-1106-preview" and done.tier == pb.TIER_STRONG
+
+
+async def test_json_schema_request_is_validated(stack: Stack) -> None:
+    schema = json.dumps({"type": "object", "required": ["answer"]})
+    async with stack.client() as client:
+        done = await client.complete(chat_request("Name a primary colour.", json_schema=schema))
+    assert "answer" in json.loads(done.text)
+    assert done.validation.passed
+    assert any(r.name == "json_schema" for r in done.validation.results)
+
+
+async def test_stream_sends_deltas_then_final_metadata(stack: Stack) -> None:
+    async with stack.client() as client:
+        events = [
+            e async for e in client.complete_stream(chat_request("Explain rainbows briefly."))
+        ]
+    assert events[-1].HasField("final")
+    text = "".join(e.delta for e in events[:-1])
+    assert text == events[-1].final.text and len(events) >= 2
+
+
+async def test_empty_messages_is_invalid_argument_naming_the_field(stack: Stack) -> None:
+    async with stack.client() as client:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await client.complete(pb.CompleteRequest())
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "messages" in (error.value.details() or "")
+    assert ("field", "messages") in tuple(error.value.trailing_metadata() or ())
+
+
+async def test_wrong_key_is_unauthenticated(stack: Stack) -> None:
+    async with stack.client(api_key="not-a-key") as client:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await client.complete(chat_request("hello"))
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_health_feedback_invalidate_and_stats(stack: Stack) -> None:
+    async with stack.client("globex") as client:
+        assert await client.health() == "SERVING"
+        assert await client.health("routecache.v1.RouteCache") == "SERVING"
+        await client.complete(chat_request("Is a tomato a fruit?", tags=["produce"]))
+        hit = await client.complete(chat_request("Is a tomato a fruit?"))
+        assert hit.cache.outcome == pb.CACHE_OUTCOME_EXACT
+        feedback = await client.feedback(hit.response_id, thumbs_up=False)
+        assert feedback.recorded and feedback.invalidated_entry_id == hit.cache.entry_id
+        await client.complete(chat_request("Is a cucumber a fruit?", tags=["produce"]))
+        assert await client.invalidate(tag="produce") == 1
+        stats = await client.stats()
+    assert stats.tenant == "globex" and stats.exact_hits >= 1 and stats.requests >= 3

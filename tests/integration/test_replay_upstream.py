@@ -1,0 +1,439 @@
+"""The replay upstream over real HTTP, driven by the service's own OpenAIChatClient."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from routecache.domain import (
+    GenerationParams,
+    Message,
+    ResponseFormat,
+    ResponseFormatType,
+    Role,
+)
+from routecache.errors import UpstreamError
+from routecache.replay import FaultKind, Recordings, ReplayConfig, start_replay_server
+from routecache.replay.build_fixture import main as build_fixture
+from routecache.replay.server import RunningReplayServer
+from routecache.router.upstream import OpenAIChatClient
+
+pytestmark = pytest.mark.integration
+
+WEAK = "mixtral-8x7b-instruct"
+STRONG = "gpt-4-1106-preview"
+UNKNOWN_PROMPT = "Which is heavier, a kilogram of feathers or a kilogram of lead?"
+JSON_MODE = GenerationParams(response_format=ResponseFormat(ResponseFormatType.JSON_OBJECT))
+FAULT = "x-replay-fault"
+ClientFactory = Callable[..., OpenAIChatClient]
+
+
+def packaged_rows() -> list[dict[str, str]]:
+    """The fixture read independently of Recordings, so a lookup bug cannot hide itself."""
+    text = resources.files("routecache.replay").joinpath("data", "gsm8k_recorded.jsonl")
+    return [json.loads(line) for line in text.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict[str, str]]:
+    return packaged_rows()
+
+
+@pytest.fixture(scope="module")
+def recordings() -> Recordings:
+    return Recordings.load()
+
+
+@pytest.fixture
+def config() -> ReplayConfig:
+    return ReplayConfig(hang_seconds=5.0)
+
+
+@pytest.fixture
+async def replay(
+    config: ReplayConfig, recordings: Recordings
+) -> AsyncIterator[RunningReplayServer]:
+    async with await start_replay_server(config, recordings=recordings) as server:
+        yield server
+
+
+@pytest.fixture
+async def client_for(replay: RunningReplayServer) -> AsyncIterator[ClientFactory]:
+    clients: list[OpenAIChatClient] = []
+
+    def make(model: str = STRONG, **kwargs: Any) -> OpenAIChatClient:
+        client = OpenAIChatClient(
+            replay.base_url,
+            model,
+            kwargs.pop("api_key", None),
+            kwargs.pop("timeout_seconds", 2.0),
+            **kwargs,
+        )
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.aclose()
+
+
+def ask(prompt: str) -> list[Message]:
+    return [Message(Role.USER, prompt)]
+
+
+async def streamed(client: OpenAIChatClient, messages: list[Message], into: list[str]) -> str:
+    async for delta in client.stream(messages, GenerationParams()):
+        into.append(delta)
+    return "".join(into)
+
+
+# --- answers -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("model", "field"), [(WEAK, "weak_response"), (STRONG, "strong_response")])
+async def test_known_prompt_gets_the_recorded_answer(
+    client_for: ClientFactory, rows: list[dict[str, str]], model: str, field: str
+) -> None:
+    row = rows[0]
+    reply = await client_for(model).complete(ask(row["prompt"]), GenerationParams())
+    assert reply.text == row[field]
+    assert reply.model == model
+    assert reply.prompt_tokens == -(-len(row["prompt"]) // 4)
+    assert reply.completion_tokens == -(-len(row[field]) // 4)
+
+
+async def test_lookup_uses_the_stripped_last_user_message(
+    client_for: ClientFactory, rows: list[dict[str, str]]
+) -> None:
+    row = rows[5]
+    messages = [
+        Message(Role.SYSTEM, "You are a maths tutor."),
+        Message(Role.USER, "an earlier question"),
+        Message(Role.ASSISTANT, "an earlier answer"),
+        Message(Role.USER, f"  \n{row['prompt']}\n "),
+    ]
+    reply = await client_for(WEAK).complete(messages, GenerationParams())
+    assert reply.text == row["weak_response"]
+
+
+async def test_an_unlisted_model_gets_the_strong_answers(
+    client_for: ClientFactory, rows: list[dict[str, str]]
+) -> None:
+    reply = await client_for("some-other-model").complete(
+        ask(rows[1]["prompt"]), GenerationParams()
+    )
+    assert reply.text == rows[1]["strong_response"]
+
+
+async def test_unknown_prompt_gets_a_stable_answer_per_model(client_for: ClientFactory) -> None:
+    weak, strong = client_for(WEAK), client_for(STRONG)
+    first = await weak.complete(ask(UNKNOWN_PROMPT), GenerationParams())
+    second = await weak.complete(ask(UNKNOWN_PROMPT), GenerationParams())
+    other = await strong.complete(ask(UNKNOWN_PROMPT), GenerationParams())
+    assert first.text == second.text
+    assert first.text and other.text and first.text != other.text
+    different = await weak.complete(ask(UNKNOWN_PROMPT + " Explain."), GenerationParams())
+    assert different.text != first.text
+
+
+def test_unknown_prompt_answer_is_the_same_in_another_process(recordings: Recordings) -> None:
+    code = (
+        "import sys; from routecache.replay.recordings import synthetic_answer; "
+        "sys.stdout.write(synthetic_answer('weak', sys.argv[1]))"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONIOENCODING": "utf-8"}
+    other = subprocess.run(
+        [sys.executable, "-c", code, UNKNOWN_PROMPT],
+        env=env,
+        capture_output=True,
+        check=True,
+        encoding="utf-8",
+    )
+    assert other.stdout == recordings.answer("weak", UNKNOWN_PROMPT)
+
+
+@pytest.mark.parametrize("model", [WEAK, STRONG])
+@pytest.mark.parametrize("prompt_index", [0, None])
+async def test_streaming_reassembles_the_non_streaming_answer(
+    client_for: ClientFactory, rows: list[dict[str, str]], model: str, prompt_index: int | None
+) -> None:
+    prompt = UNKNOWN_PROMPT if prompt_index is None else rows[prompt_index]["prompt"]
+    client = client_for(model)
+    whole = await client.complete(ask(prompt), GenerationParams())
+    deltas: list[str] = []
+    assert await streamed(client, ask(prompt), deltas) == whole.text
+    assert len(deltas) > 1
+
+
+async def test_max_tokens_truncates_with_finish_reason_length(
+    replay: RunningReplayServer, client_for: ClientFactory, rows: list[dict[str, str]]
+) -> None:
+    row = rows[0]
+    reply = await client_for(STRONG).complete(ask(row["prompt"]), GenerationParams(max_tokens=5))
+    assert reply.text == row["strong_response"][:20]
+    body = {"model": STRONG, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    async with httpx.AsyncClient() as http:
+        raw = (await http.post(f"{replay.base_url}/chat/completions", json=body)).json()
+    assert raw["choices"][0]["finish_reason"] == "length"
+    assert len(raw["choices"][0]["message"]["content"]) == 8
+
+
+# --- JSON mode -----------------------------------------------------------------------------
+
+
+def parses_as_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+async def test_json_mode_strong_always_answers_valid_json(
+    client_for: ClientFactory, rows: list[dict[str, str]]
+) -> None:
+    client = client_for(STRONG)
+    for row in rows[:20]:
+        reply = await client.complete(ask(row["prompt"]), JSON_MODE)
+        assert json.loads(reply.text) == {"answer": row["strong_response"]}
+    schema = ResponseFormat(ResponseFormatType.JSON_SCHEMA, '{"type": "object"}')
+    reply = await client.complete(ask(UNKNOWN_PROMPT), GenerationParams(response_format=schema))
+    assert parses_as_json(reply.text)
+
+
+async def test_json_mode_weak_breaks_json_for_some_prompts_stably(
+    client_for: ClientFactory, rows: list[dict[str, str]]
+) -> None:
+    client = client_for(WEAK)
+    valid = {}
+    for row in rows[:20]:
+        reply = await client.complete(ask(row["prompt"]), JSON_MODE)
+        valid[row["prompt"]] = parses_as_json(reply.text)
+        if not valid[row["prompt"]]:
+            assert reply.text == row["weak_response"]
+    assert 3 <= sum(valid.values()) <= 17, valid
+    for prompt, was_valid in list(valid.items())[:6]:
+        again = await client.complete(ask(prompt), JSON_MODE)
+        assert parses_as_json(again.text) is was_valid
+
+
+# --- faults --------------------------------------------------------------------------------
+
+
+def faulty(client_for: ClientFactory, fault: FaultKind | str, **kwargs: Any) -> OpenAIChatClient:
+    return client_for(STRONG, headers={"x-replay-fault": str(fault)}, **kwargs)
+
+
+@pytest.mark.parametrize("fault", [FaultKind.HTTP_429, FaultKind.HTTP_500, FaultKind.HTTP_503])
+async def test_http_faults_are_retried_then_raised(
+    replay: RunningReplayServer, client_for: ClientFactory, fault: FaultKind
+) -> None:
+    with pytest.raises(UpstreamError, match=f"HTTP {fault.value[-3:]}") as caught:
+        await faulty(client_for, fault).complete(ask(UNKNOWN_PROMPT), GenerationParams())
+    assert caught.value.retryable is True
+    assert replay.chat_requests == 2
+    assert replay.injected_faults[fault] == 2
+
+
+async def test_429_carries_retry_after(replay: RunningReplayServer) -> None:
+    body = {"model": STRONG, "messages": [{"role": "user", "content": "hi"}]}
+    async with httpx.AsyncClient() as http:
+        response = await http.post(
+            f"{replay.base_url}/chat/completions", json=body, headers={"x-replay-fault": "http_429"}
+        )
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["error"]["type"] == "rate_limit_exceeded"
+
+
+@pytest.mark.parametrize("mode", ["complete", "stream"])
+async def test_a_hang_becomes_an_error_within_the_client_timeout(
+    replay: RunningReplayServer, client_for: ClientFactory, mode: str
+) -> None:
+    client = faulty(client_for, FaultKind.TIMEOUT, timeout_seconds=0.3)
+    started = time.monotonic()
+    with pytest.raises(UpstreamError) as caught:
+        if mode == "complete":
+            await client.complete(ask(UNKNOWN_PROMPT), GenerationParams())
+        else:
+            await streamed(client, ask(UNKNOWN_PROMPT), [])
+    elapsed = time.monotonic() - started
+    assert caught.value.retryable is True
+    assert replay.chat_requests == 2
+    assert elapsed < 2 * 0.3 + 0.2 + 0.5  # two timed-out attempts and one pause, far below 5 s
+
+
+@pytest.mark.parametrize("mode", ["complete", "stream"])
+async def test_malformed_json_is_a_retryable_error(
+    replay: RunningReplayServer, client_for: ClientFactory, mode: str
+) -> None:
+    client = faulty(client_for, FaultKind.MALFORMED_JSON)
+    with pytest.raises(UpstreamError, match="malformed") as caught:
+        if mode == "complete":
+            await client.complete(ask(UNKNOWN_PROMPT), GenerationParams())
+        else:
+            await streamed(client, ask(UNKNOWN_PROMPT), [])
+    assert caught.value.retryable is True
+    assert replay.chat_requests == 2
+
+
+async def test_truncated_stream_raises_after_a_prefix(
+    client_for: ClientFactory, rows: list[dict[str, str]]
+) -> None:
+    prompt = rows[0]["prompt"]
+    received: list[str] = []
+    with pytest.raises(UpstreamError, match="without finish_reason") as caught:
+        await streamed(faulty(client_for, FaultKind.TRUNCATED_STREAM), ask(prompt), received)
+    assert caught.value.retryable is True
+    text = "".join(received)
+    assert text and rows[0]["strong_response"].startswith(text)
+    assert len(text) < len(rows[0]["strong_response"])
+
+
+async def test_empty_answer_is_an_empty_string(client_for: ClientFactory) -> None:
+    client = faulty(client_for, FaultKind.EMPTY_ANSWER)
+    reply = await client.complete(ask(UNKNOWN_PROMPT), GenerationParams())
+    assert (reply.text, reply.completion_tokens) == ("", 0)
+    assert await streamed(client, ask(UNKNOWN_PROMPT), []) == ""
+    assert (await client.complete(ask(UNKNOWN_PROMPT), JSON_MODE)).text == ""
+
+
+@pytest.mark.parametrize(
+    "config", [ReplayConfig(fault_rate=1.0, fault_kinds=(FaultKind.HTTP_500,))]
+)
+async def test_fault_header_none_overrides_the_fault_rate(
+    client_for: ClientFactory, config: ReplayConfig
+) -> None:
+    with pytest.raises(UpstreamError):
+        await client_for(STRONG).complete(ask(UNKNOWN_PROMPT), GenerationParams())
+    reply = await faulty(client_for, "none").complete(ask(UNKNOWN_PROMPT), GenerationParams())
+    assert reply.text
+
+
+async def run_outcomes(config: ReplayConfig, recordings: Recordings, count: int) -> list[str]:
+    outcomes = []
+    async with await start_replay_server(config, recordings=recordings) as server:
+        client = OpenAIChatClient(server.base_url, STRONG, None, 0.3, max_attempts=1)
+        try:
+            for index in range(count):
+                try:
+                    await client.complete(ask(f"question {index}"), GenerationParams())
+                    outcomes.append("ok")
+                except UpstreamError as exc:
+                    outcomes.append(str(exc).split(": ", 1)[1][:20])
+        finally:
+            await client.aclose()
+    return outcomes
+
+
+async def test_fault_rate_is_deterministic_for_a_seed(recordings: Recordings) -> None:
+    kinds = (FaultKind.HTTP_500, FaultKind.HTTP_503, FaultKind.MALFORMED_JSON)
+    config = ReplayConfig(fault_rate=0.5, fault_kinds=kinds, fault_seed=7)
+    first = await run_outcomes(config, recordings, 30)
+    second = await run_outcomes(config, recordings, 30)
+    assert first == second
+    assert 5 <= first.count("ok") <= 25
+    assert len(set(first)) == 4  # ok and each of the three faults
+    reseeded = await run_outcomes(ReplayConfig(fault_rate=0.5, fault_kinds=kinds), recordings, 30)
+    assert reseeded != first
+
+
+@pytest.mark.parametrize("config", [ReplayConfig(latency_ms=150)])
+async def test_latency_is_added_to_every_answer(
+    client_for: ClientFactory, config: ReplayConfig
+) -> None:
+    started = time.monotonic()
+    await client_for(STRONG).complete(ask(UNKNOWN_PROMPT), GenerationParams())
+    assert time.monotonic() - started >= 0.15
+
+
+# --- auth, bad requests, other endpoints ---------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [ReplayConfig(api_key="sk-replay")])
+async def test_wrong_key_is_refused_and_not_retried(
+    replay: RunningReplayServer, client_for: ClientFactory, config: ReplayConfig
+) -> None:
+    with pytest.raises(UpstreamError, match="HTTP 401") as caught:
+        await client_for(STRONG, api_key="sk-wrong").complete(ask("hi"), GenerationParams())
+    assert caught.value.retryable is False
+    assert replay.chat_requests == 1
+    reply = await client_for(STRONG, api_key="sk-replay").complete(ask("hi"), GenerationParams())
+    assert reply.text
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "param"),
+    [
+        (b"{not json", {}, None),
+        (b'{"model": "m", "messages": []}', {}, "messages"),
+        (b'{"model": "m"}', {}, "messages"),
+        (b'{"model": "m", "messages": [{"content": "no role"}]}', {}, "messages[0]"),
+        (b'{"messages": [{"role": "user", "content": "x"}]}', {}, "model"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": ""}]}', {FAULT: "?"}, None),
+    ],
+    ids=["bad-json", "empty-messages", "no-messages", "no-role", "no-model", "unknown-fault"],
+)
+async def test_malformed_request_is_a_400_with_an_openai_error(
+    replay: RunningReplayServer, content: bytes, headers: dict[str, str], param: str | None
+) -> None:
+    async with httpx.AsyncClient() as http:
+        response = await http.post(
+            f"{replay.base_url}/chat/completions",
+            content=content,
+            headers={"content-type": "application/json", **headers},
+        )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert error["param"] == param
+
+
+async def test_models_and_health(replay: RunningReplayServer, recordings: Recordings) -> None:
+    async with httpx.AsyncClient() as http:
+        models = (await http.get(f"{replay.base_url}/models")).json()
+        health = (await http.get(f"http://127.0.0.1:{replay.port}/health")).json()
+    assert {m["id"] for m in models["data"]} == {WEAK, STRONG}
+    assert health == {"status": "ok", "recordings": len(recordings)} and len(recordings) == 1074
+
+
+# --- the command line and the fixture ------------------------------------------------------
+
+
+def test_cli_serves_until_sigterm() -> None:
+    command = [sys.executable, "-m", "routecache.replay", "--port", "0", "--model", "tiny=weak"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
+        try:
+            assert process.stdout is not None
+            banner = process.stdout.readline()
+            base_url = banner.split(" at ")[1].split()[0]
+            models = httpx.get(f"{base_url}/models", timeout=5).json()
+            assert "tiny" in {m["id"] for m in models["data"]}
+        finally:
+            process.terminate()
+        assert process.wait(timeout=5) == 0  # SIGTERM is a graceful stop, not a crash
+
+
+def shared_routing_dir() -> Path:
+    root = os.environ.get("ROUTECACHE_SHARED_DATA")
+    base = Path(root) if root else Path(__file__).resolve().parents[3] / "shared" / "data"
+    return base / "routing"
+
+
+@pytest.mark.shared_data
+@pytest.mark.skipif(not shared_routing_dir().is_dir(), reason="needs ../shared/data/routing")
+def test_fixture_is_rebuilt_byte_for_byte(tmp_path: Path) -> None:
+    out = tmp_path / "recorded.jsonl"
+    assert build_fixture(["--routing-dir", str(shared_routing_dir()), "--out", str(out)]) == 0
+    packaged = resources.files("routecache.replay").joinpath("data", "gsm8k_recorded.jsonl")
+    assert out.read_bytes() == packaged.read_bytes()

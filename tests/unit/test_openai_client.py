@@ -1,0 +1,415 @@
+"""OpenAIChatClient against httpx.MockTransport: what it sends, parses, and how it fails."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from routecache.domain import (
+    GenerationParams,
+    Message,
+    ResponseFormat,
+    ResponseFormatType,
+    Role,
+)
+from routecache.errors import UpstreamError
+from routecache.router.settings import ProviderSettings
+from routecache.router.upstream import OpenAIChatClient
+
+BASE_URL = "https://provider.test/v1"
+MODEL = "cheap-model"
+MESSAGES = (
+    Message(Role.SYSTEM, "Answer briefly."),
+    Message(Role.USER, "What is 2 + 2?"),
+)
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+class Recorder:
+    """A transport handler that answers from a script and keeps every request it saw."""
+
+    def __init__(self, *responses: httpx.Response | Exception) -> None:
+        self._responses = list(responses)
+        self.requests: list[httpx.Request] = []
+        self.times: list[float] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        self.times.append(time.monotonic())
+        # Repeat the last scripted answer, so "always fails" needs one entry.
+        response = self._responses[min(len(self.requests), len(self._responses)) - 1]
+        if isinstance(response, Exception):
+            raise response
+        return response
+
+    @property
+    def calls(self) -> int:
+        return len(self.requests)
+
+    def body(self, index: int = 0) -> Any:
+        return json.loads(self.requests[index].content)
+
+
+def completion(content: object = "4", **extra: Any) -> httpx.Response:
+    payload = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "cheap-model-2024",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+            }
+        ],
+        **extra,
+    }
+    return httpx.Response(200, json=payload)
+
+
+def sse(*events: object) -> httpx.Response:
+    lines = [f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n" for e in events]
+    return httpx.Response(
+        200, headers={"content-type": "text/event-stream"}, content="".join(lines).encode()
+    )
+
+
+def chunk(content: str | None = None, finish_reason: str | None = None) -> dict[str, Any]:
+    delta = {} if content is None else {"content": content}
+    return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+
+
+@pytest.fixture
+async def make_client() -> AsyncIterator[Callable[..., OpenAIChatClient]]:
+    clients: list[OpenAIChatClient] = []
+
+    def make(handler: Handler, **kwargs: Any) -> OpenAIChatClient:
+        kwargs.setdefault("backoff_seconds", (0.0, 0.0))
+        client = OpenAIChatClient(
+            BASE_URL,
+            MODEL,
+            kwargs.pop("api_key", "sk-test"),
+            kwargs.pop("timeout_seconds", 5.0),
+            transport=httpx.MockTransport(handler),
+            **kwargs,
+        )
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.aclose()
+
+
+async def collect(deltas: AsyncIterator[str], into: list[str] | None = None) -> list[str]:
+    received = [] if into is None else into
+    async for delta in deltas:
+        received.append(delta)
+    return received
+
+
+# --- what goes out -------------------------------------------------------------------------
+
+
+async def test_plain_request_has_only_model_and_messages(make_client: Any) -> None:
+    recorder = Recorder(completion())
+    await make_client(recorder).complete(MESSAGES, GenerationParams())
+
+    request = recorder.requests[0]
+    assert request.method == "POST"
+    assert str(request.url) == f"{BASE_URL}/chat/completions"
+    assert request.headers["authorization"] == "Bearer sk-test"
+    assert recorder.body() == {
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "What is 2 + 2?"},
+        ],
+    }
+
+
+async def test_set_params_are_sent(make_client: Any) -> None:
+    recorder = Recorder(completion())
+    params = GenerationParams(temperature=0.0, max_tokens=64)
+    await make_client(recorder).complete(MESSAGES, params)
+
+    body = recorder.body()
+    assert body["temperature"] == 0.0
+    assert body["max_tokens"] == 64
+    assert "response_format" not in body
+    assert "stream" not in body
+
+
+@pytest.mark.parametrize(
+    ("response_format", "expected"),
+    [
+        (ResponseFormat(ResponseFormatType.JSON_OBJECT), {"type": "json_object"}),
+        (
+            ResponseFormat(ResponseFormatType.JSON_SCHEMA, '{"type": "object", "required": ["a"]}'),
+            {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "answer",
+                    "schema": {"type": "object", "required": ["a"]},
+                },
+            },
+        ),
+    ],
+)
+async def test_response_format_is_mapped_to_openai_shape(
+    make_client: Any, response_format: ResponseFormat, expected: dict[str, Any]
+) -> None:
+    recorder = Recorder(completion("{}"))
+    await make_client(recorder).complete(
+        MESSAGES, GenerationParams(response_format=response_format)
+    )
+    assert recorder.body()["response_format"] == expected
+
+
+async def test_invalid_json_schema_fails_before_any_call(make_client: Any) -> None:
+    recorder = Recorder(completion())
+    params = GenerationParams(
+        response_format=ResponseFormat(ResponseFormatType.JSON_SCHEMA, "{not json")
+    )
+    with pytest.raises(UpstreamError, match="json_schema") as caught:
+        await make_client(recorder).complete(MESSAGES, params)
+    assert caught.value.retryable is False
+    assert recorder.calls == 0
+
+
+async def test_no_authorization_without_key_and_extra_headers_sent(make_client: Any) -> None:
+    recorder = Recorder(completion())
+    client = make_client(recorder, api_key=None, headers={"x-replay-fault": "none"})
+    await client.complete(MESSAGES, GenerationParams())
+    assert "authorization" not in recorder.requests[0].headers
+    assert recorder.requests[0].headers["x-replay-fault"] == "none"
+
+
+# --- what comes back -----------------------------------------------------------------------
+
+
+async def test_provider_usage_and_model_are_taken(make_client: Any) -> None:
+    usage = {"prompt_tokens": 17, "completion_tokens": 3, "total_tokens": 20}
+    reply = await make_client(Recorder(completion("four", usage=usage))).complete(
+        MESSAGES, GenerationParams()
+    )
+    assert (reply.text, reply.model) == ("four", "cheap-model-2024")
+    assert (reply.prompt_tokens, reply.completion_tokens) == (17, 3)
+
+
+async def test_missing_usage_is_estimated_at_four_chars_a_token(make_client: Any) -> None:
+    answer = "The answer is four."  # 19 characters
+    reply = await make_client(Recorder(completion(answer))).complete(MESSAGES, GenerationParams())
+    prompt_chars = len("Answer briefly.\nWhat is 2 + 2?")
+    assert reply.prompt_tokens == math.ceil(prompt_chars / 4)
+    assert reply.completion_tokens == math.ceil(len(answer) / 4) == 5
+
+
+async def test_partial_usage_estimates_only_the_missing_count(make_client: Any) -> None:
+    recorder = Recorder(completion("abcdefghi", usage={"prompt_tokens": 11}))
+    reply = await make_client(recorder).complete(MESSAGES, GenerationParams())
+    assert (reply.prompt_tokens, reply.completion_tokens) == (11, 3)
+
+
+async def test_null_content_is_an_empty_answer(make_client: Any) -> None:
+    reply = await make_client(Recorder(completion(None))).complete(MESSAGES, GenerationParams())
+    assert reply.text == ""
+
+
+# --- failures and retries ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
+async def test_retryable_status_is_tried_twice_then_raised(make_client: Any, status: int) -> None:
+    recorder = Recorder(httpx.Response(status, json={"error": {"message": "provider says no"}}))
+    with pytest.raises(UpstreamError) as caught:
+        await make_client(recorder).complete(MESSAGES, GenerationParams())
+    assert caught.value.retryable is True
+    assert recorder.calls == 2
+    message = str(caught.value)
+    assert MODEL in message and f"HTTP {status}" in message and "provider says no" in message
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
+async def test_client_error_status_is_raised_at_once(make_client: Any, status: int) -> None:
+    recorder = Recorder(httpx.Response(status, text="plain text detail"))
+    with pytest.raises(UpstreamError, match=f"HTTP {status}.*plain text detail") as caught:
+        await make_client(recorder).complete(MESSAGES, GenerationParams())
+    assert caught.value.retryable is False
+    assert recorder.calls == 1
+
+
+async def test_429_names_retry_after(make_client: Any) -> None:
+    recorder = Recorder(httpx.Response(429, headers={"retry-after": "7"}))
+    with pytest.raises(UpstreamError, match="retry after 7s"):
+        await make_client(recorder).complete(MESSAGES, GenerationParams())
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [httpx.ReadTimeout("slow"), httpx.ConnectTimeout("slow"), httpx.ConnectError("refused")],
+    ids=["read-timeout", "connect-timeout", "connect-error"],
+)
+async def test_transport_failures_are_retryable(make_client: Any, failure: Exception) -> None:
+    recorder = Recorder(failure)
+    with pytest.raises(UpstreamError) as caught:
+        await make_client(recorder).complete(MESSAGES, GenerationParams())
+    assert caught.value.retryable is True
+    assert recorder.calls == 2
+    assert MODEL in str(caught.value)
+
+
+async def test_whole_call_is_bounded_by_the_timeout(make_client: Any) -> None:
+    calls = 0
+
+    async def stalls(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(5)
+        return completion()
+
+    started = time.monotonic()
+    with pytest.raises(UpstreamError, match=r"within 0\.05s") as caught:
+        await make_client(stalls, timeout_seconds=0.05).complete(MESSAGES, GenerationParams())
+    assert caught.value.retryable is True
+    assert calls == 2
+    assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        httpx.Response(200, text="<html>gateway</html>"),
+        httpx.Response(200, json={"id": "x", "choices": []}),
+        httpx.Response(200, json={"choices": [{"message": {"content": 42}}]}),
+    ],
+    ids=["not-json", "no-choices", "content-not-text"],
+)
+async def test_malformed_body_is_retryable(make_client: Any, response: httpx.Response) -> None:
+    recorder = Recorder(response)
+    with pytest.raises(UpstreamError, match="malformed") as caught:
+        await make_client(recorder).complete(MESSAGES, GenerationParams())
+    assert caught.value.retryable is True
+    assert recorder.calls == 2
+
+
+async def test_retry_recovers_from_one_failure(make_client: Any) -> None:
+    recorder = Recorder(httpx.Response(503), completion("recovered"))
+    reply = await make_client(recorder).complete(MESSAGES, GenerationParams())
+    assert reply.text == "recovered"
+    assert recorder.calls == 2
+
+
+async def test_default_backoff_pauses_between_attempts(make_client: Any) -> None:
+    recorder = Recorder(httpx.Response(500))
+    client = make_client(recorder, backoff_seconds=(0.05, 0.2))
+    with pytest.raises(UpstreamError):
+        await client.complete(MESSAGES, GenerationParams())
+    pause = recorder.times[1] - recorder.times[0]
+    assert 0.045 <= pause < 0.5
+
+
+async def test_max_attempts_one_means_no_retry(make_client: Any) -> None:
+    recorder = Recorder(httpx.Response(500))
+    with pytest.raises(UpstreamError):
+        await make_client(recorder, max_attempts=1).complete(MESSAGES, GenerationParams())
+    assert recorder.calls == 1
+
+
+# --- streaming -----------------------------------------------------------------------------
+
+
+async def test_stream_yields_text_deltas(make_client: Any) -> None:
+    role_chunk = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+    usage_chunk = {"choices": [], "usage": {"prompt_tokens": 1}}
+    body = (
+        ": keep-alive comment\n\n"
+        + "".join(
+            f"data: {json.dumps(e)}\n\n"
+            for e in (role_chunk, chunk("Two plus"), chunk(" two is"), chunk(" four."))
+        )
+        + f"data: {json.dumps(chunk(finish_reason='stop'))}\n\n"
+        + f"data:{json.dumps(usage_chunk)}\n\n"
+        + "data: [DONE]\n\n"
+    )
+    recorder = Recorder(httpx.Response(200, content=body.encode()))
+    deltas = await collect(make_client(recorder).stream(MESSAGES, GenerationParams()))
+
+    assert deltas == ["Two plus", " two is", " four."]
+    assert recorder.body()["stream"] is True
+
+
+async def test_stream_with_finish_reason_but_no_done_is_complete(make_client: Any) -> None:
+    recorder = Recorder(sse(chunk("ok"), chunk(finish_reason="stop")))
+    assert await collect(make_client(recorder).stream(MESSAGES, GenerationParams())) == ["ok"]
+
+
+async def test_truncated_stream_after_text_raises_without_retry(make_client: Any) -> None:
+    recorder = Recorder(sse(chunk("The answer"), chunk(" is")))
+    received: list[str] = []
+    with pytest.raises(UpstreamError, match="without finish_reason") as caught:
+        await collect(make_client(recorder).stream(MESSAGES, GenerationParams()), received)
+    assert caught.value.retryable is True
+    assert received == ["The answer", " is"]
+    assert recorder.calls == 1  # text already handed on cannot be retried
+
+
+async def test_stream_failing_before_any_text_is_retried(make_client: Any) -> None:
+    # The first stream ends before any text and without [DONE]: nothing was handed on yet.
+    recorder = Recorder(sse(chunk("")), sse(chunk("second"), "[DONE]"))
+    deltas = await collect(make_client(recorder).stream(MESSAGES, GenerationParams()))
+    assert deltas == ["second"]
+    assert recorder.calls == 2
+
+
+@pytest.mark.parametrize(
+    ("response", "retryable", "calls"),
+    [
+        (httpx.Response(429), True, 2),
+        (httpx.Response(400, json={"error": {"message": "bad"}}), False, 1),
+        (sse('{"choices": [{"delta": {"content": "unterminated'), True, 2),
+        (sse({"error": {"message": "overloaded"}}), True, 2),
+    ],
+    ids=["429", "400", "malformed-chunk", "error-event"],
+)
+async def test_stream_failures_map_like_complete(
+    make_client: Any, response: httpx.Response, retryable: bool, calls: int
+) -> None:
+    recorder = Recorder(response)
+    with pytest.raises(UpstreamError) as caught:
+        await collect(make_client(recorder).stream(MESSAGES, GenerationParams()))
+    assert caught.value.retryable is retryable
+    assert recorder.calls == calls
+
+
+async def test_empty_stream_yields_nothing(make_client: Any) -> None:
+    recorder = Recorder(sse(chunk(""), chunk(finish_reason="stop"), "[DONE]"))
+    assert await collect(make_client(recorder).stream(MESSAGES, GenerationParams())) == []
+
+
+async def test_from_settings_uses_the_secret_key_and_model() -> None:
+    settings = ProviderSettings(
+        base_url=BASE_URL,
+        model="strong-model",
+        api_key=SecretStr("sk-secret"),
+        input_usd_per_mtok=1.0,
+        output_usd_per_mtok=2.0,
+        timeout_seconds=3.0,
+    )
+    recorder = Recorder(completion())
+    client = OpenAIChatClient.from_settings(settings, transport=httpx.MockTransport(recorder))
+    try:
+        await client.complete(MESSAGES, GenerationParams())
+    finally:
+        await client.aclose()
+    assert client.model == "strong-model"
+    assert recorder.body()["model"] == "strong-model"
+    assert recorder.requests[0].headers["authorization"] == "Bearer sk-secret"

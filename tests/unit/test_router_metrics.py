@@ -1,0 +1,96 @@
+"""Router measures on hand-computed examples.
+
+Four prompts, the cheap model right on the last two, the strong model right on all:
+acc_weak = 0.5, acc_strong = 1.0, so PGR = (acc - 0.5) / 0.5.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from routecache.classifier import metrics
+
+WEAK = np.array([False, False, True, True])
+STRONG = np.array([True, True, True, True])
+PERFECT = np.array([4.0, 3.0, 2.0, 1.0])  # the two prompts the strong model fixes come first
+
+
+def test_perfect_router_recovers_the_gap_by_half_the_traffic() -> None:
+    fractions, pgr = metrics.pgr_curve(PERFECT, WEAK, STRONG)
+    np.testing.assert_allclose(fractions, [0, 0.25, 0.5, 0.75, 1])
+    np.testing.assert_allclose(pgr, [0, 0.5, 1, 1, 1])
+    assert metrics.apgr(PERFECT, WEAK, STRONG) == pytest.approx(0.75)
+    assert metrics.cpt(PERFECT, WEAK, STRONG, 0.5) == pytest.approx(0.25)
+    assert metrics.cpt(PERFECT, WEAK, STRONG, 0.8) == pytest.approx(0.5)
+    assert metrics.accuracy_at_fraction(PERFECT, WEAK, STRONG, 0.5) == pytest.approx(1.0)
+    assert metrics.accuracy_at_fraction(PERFECT, WEAK, STRONG, 0.25) == pytest.approx(0.75)
+
+
+def test_reversed_router_wastes_the_strong_model_first() -> None:
+    reversed_score = -PERFECT
+    _, pgr = metrics.pgr_curve(reversed_score, WEAK, STRONG)
+    np.testing.assert_allclose(pgr, [0, 0, 0, 0.5, 1])
+    assert metrics.apgr(reversed_score, WEAK, STRONG) == pytest.approx(0.25)
+    assert metrics.cpt(reversed_score, WEAK, STRONG, 0.5) == pytest.approx(0.75)
+    assert metrics.cpt(reversed_score, WEAK, STRONG, 0.8) == pytest.approx(1.0)
+    assert metrics.accuracy_at_fraction(reversed_score, WEAK, STRONG, 0.5) == pytest.approx(0.5)
+
+
+def test_ties_keep_input_order() -> None:
+    tied = np.zeros(4)
+    np.testing.assert_allclose(
+        metrics.pgr_curve(tied, WEAK, STRONG)[1], metrics.pgr_curve(PERFECT, WEAK, STRONG)[1]
+    )
+    flipped = metrics.pgr_curve(tied, WEAK[::-1], STRONG[::-1])[1]
+    np.testing.assert_allclose(flipped, [0, 0, 0, 0.5, 1])
+    # Long enough for numpy's default (unstable) sort to reorder ties.
+    many_weak = np.arange(200) >= 100
+    _, pgr = metrics.pgr_curve(np.zeros(200), many_weak, np.ones(200, dtype=bool))
+    np.testing.assert_allclose(pgr[:101], np.linspace(0, 1, 101))
+
+
+def test_pgr_exceeds_one_when_the_strong_model_loses_some_prompts() -> None:
+    # Prompt 3: cheap right, strong wrong. acc_weak 0.5, acc_strong 0.75.
+    strong = np.array([True, True, True, False])
+    _, pgr = metrics.pgr_curve(PERFECT, WEAK, strong)
+    np.testing.assert_allclose(pgr, [0, 1, 2, 2, 1])
+    assert metrics.apgr(PERFECT, WEAK, strong) == pytest.approx(1.375)
+
+
+def test_random_router_scores_about_one_half() -> None:
+    rng = np.random.default_rng(7)
+    n = 200_000
+    weak = rng.random(n) < 0.65
+    strong = rng.random(n) < 0.8
+    score = rng.random(n)
+    assert metrics.apgr(score, weak, strong) == pytest.approx(0.5, abs=0.02)
+    assert metrics.cpt(score, weak, strong, 0.5) == pytest.approx(0.5, abs=0.03)
+    assert metrics.cpt(score, weak, strong, 0.8) == pytest.approx(0.8, abs=0.03)
+
+
+def test_threshold_report_routes_scores_at_or_above_the_threshold() -> None:
+    report = metrics.threshold_report(PERFECT, WEAK, STRONG, threshold=3.0)
+    assert report["n"] == 4
+    assert report["strong_fraction"] == pytest.approx(0.5)
+    assert report["accuracy"] == pytest.approx(1.0)
+    assert report["apgr"] == pytest.approx(0.75)
+    assert report["cpt80"] == pytest.approx(0.5)
+
+
+def test_threshold_report_marks_pgr_undefined_as_none() -> None:
+    report = metrics.threshold_report(PERFECT, STRONG, STRONG, threshold=3.0)
+    assert report["apgr"] is None and report["cpt50"] is None
+    assert report["accuracy"] == pytest.approx(1.0)
+
+
+def test_bad_inputs_are_refused() -> None:
+    with pytest.raises(ValueError, match="equally accurate"):
+        metrics.apgr(PERFECT, STRONG, STRONG)
+    with pytest.raises(ValueError, match="lengths"):
+        metrics.apgr(PERFECT[:3], WEAK, STRONG)
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.apgr([np.nan, 1, 2, 3], WEAK, STRONG)
+    with pytest.raises(ValueError, match="fraction"):
+        metrics.accuracy_at_fraction(PERFECT, WEAK, STRONG, 1.5)
+    assert np.isnan(metrics.cpt(PERFECT, WEAK, STRONG, 1.5))

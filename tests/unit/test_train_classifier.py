@@ -1,0 +1,118 @@
+"""The training and evaluation CLIs on a tiny synthetic routing file, with the hash embedder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from routecache.cache.embedder import HashEmbedder
+from routecache.classifier.model import load_artifact
+from routecache.training import eval_router, train_classifier
+from routecache.training.train_classifier import (
+    RoutingRow,
+    choose_threshold,
+    holdout_mask,
+    read_routing_rows,
+)
+
+
+def _write_routing_file(path: Path, n: int = 120) -> Path:
+    """Hard prompts (cheap model fails, strong succeeds) share words; easy ones others."""
+    with path.open("w") as out:
+        for i in range(n):
+            hard = i % 3 == 0
+            row = {
+                "prompt": f"{'prove the theorem about integrals' if hard else 'count apples'} {i}",
+                "source": "gsm8k" if i % 2 else "mmlu",
+                "subject": "synthetic",
+                "weak_correct": not hard,
+                "strong_correct": True,
+            }
+            if i % 2:
+                row.update(weak_response="w" * 40, strong_response="s" * 80)
+            out.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture()
+def trained_artifact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    data = _write_routing_file(tmp_path / "routing.jsonl")
+    out = tmp_path / "artifacts"
+    argv = ["--data", str(data), "--out", str(out), "--name", "tiny", "--embedder", "hash"]
+    assert train_classifier.main([*argv, "--holdout-fraction", "0.3", "--c", "1.0"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["holdout"]["apgr"] > 0.8  # the words give the difficulty away
+    return out / "tiny.skops"
+
+
+def test_training_writes_a_loadable_artifact(trained_artifact: Path) -> None:
+    classifier = load_artifact(trained_artifact)
+    metadata = classifier.metadata
+    data = trained_artifact.parent.parent / "routing.jsonl"
+    assert metadata["training_data_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    assert metadata["n_train"] + metadata["n_holdout"] == 120
+    assert metadata["embedder"] == "hash-64"
+    assert metadata["holdout"]["strong_fraction"] == pytest.approx(0.4, abs=0.1)
+    embedder = HashEmbedder(64)
+    hard, easy = "prove the theorem about integrals 999", "count apples 998"
+    p_hard = classifier.failure_probability(embedder.encode([hard])[0], hard)
+    p_easy = classifier.failure_probability(embedder.encode([easy])[0], easy)
+    assert p_easy < classifier.default_threshold < p_hard
+
+
+def test_eval_router_reports_routing_and_cost(
+    trained_artifact: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = trained_artifact.parent.parent / "routing.jsonl"
+    argv = ["--data", str(data), "--artifact", str(trained_artifact), "--json"]
+    assert eval_router.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 120
+    assert report["apgr"] > 0.8 and report["cpt80"] < 0.5
+    assert report["accuracy"] == pytest.approx(1.0)  # every hard prompt goes strong
+    assert 0.0 < report["cost_vs_all_strong"] < 1.0
+    assert set(report["by_source"]) == {"gsm8k", "mmlu"}
+    assert report["scoring_p50_us"] > 0
+    assert eval_router.main([*argv, "--threshold", "1.01"]) == 0
+    all_cheap = json.loads(capsys.readouterr().out)
+    assert all_cheap["strong_fraction"] == 0.0
+    assert 0.0 < all_cheap["cost_vs_all_strong"] < 0.06  # list prices: 0.6/10 in, 0.6/30 out
+
+
+def test_request_cost_uses_list_prices_and_recorded_responses() -> None:
+    mmlu = RoutingRow(prompt="x" * 400, source="mmlu", weak_correct=True, strong_correct=True)
+    assert eval_router.request_cost(mmlu, strong=True) == pytest.approx((100 * 10 + 30) / 1e6)
+    assert eval_router.request_cost(mmlu, strong=False) == pytest.approx((100 * 0.6 + 0.6) / 1e6)
+    gsm = RoutingRow("x" * 40, "gsm8k", True, True, weak_response="w" * 8, strong_response="s" * 80)
+    assert eval_router.request_cost(gsm, strong=True) == pytest.approx((10 * 10 + 20 * 30) / 1e6)
+    assert eval_router.request_cost(gsm, strong=False) == pytest.approx((10 + 2) * 0.6 / 1e6)
+
+
+def test_holdout_is_a_deterministic_hash_of_the_prompt() -> None:
+    prompts = [f"prompt {i}" for i in range(2000)] + ["prompt 7"]
+    mask = holdout_mask(prompts, 0.2, seed=0)
+    assert mask.mean() == pytest.approx(0.2, abs=0.03)
+    assert (mask == holdout_mask(prompts, 0.2, seed=0)).all()
+    assert mask[7] == mask[-1]
+    assert (mask != holdout_mask(prompts, 0.2, seed=1)).any()
+
+
+def test_threshold_sends_the_target_fraction_strong() -> None:
+    scores = np.linspace(0.0, 1.0, 10)
+    threshold = choose_threshold(scores, 0.4)
+    assert (scores >= threshold).sum() == 4
+
+
+def test_bad_rows_and_arguments_are_reported(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "weak_correct": true}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1"):
+        read_routing_rows([bad])
+    data = _write_routing_file(tmp_path / "ok.jsonl", n=10)
+    argv = ["--data", str(data), "--out", str(tmp_path), "--embedder", "hash"]
+    assert train_classifier.main([*argv, "--holdout-fraction", "1.0"]) == 2
+    assert not (tmp_path / "difficulty.skops").exists()
