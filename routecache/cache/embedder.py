@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from itertools import pairwise
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np

@@ -123,6 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # One line per HTTP call drowns the service's own messages; -v brings them back.
+        for chatty in ("httpx", "httpcore", "aiohttp.access", "faiss.loader"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         code: int = args.run(args)
     except ConfigError as error:

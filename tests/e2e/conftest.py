@@ -48,4 +48,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if HERE not in item.path.parents:
             continue
         item.add_marker(pytest.mark.e2e)
-        item.add_marker(pytest.mark.asyncio(loop_scope="package"))

@@ -7,6 +7,9 @@ from routecache.client import chat_request
 from routecache.v1 import routecache_pb2 as pb
 from tests.e2e.conftest import Stack
 
+# The stack fixture lives on the package loop; tests must run on that same loop.
+pytestmark = pytest.mark.asyncio(loop_scope="package")
+
 PROMPT = "What is the boiling point of water at sea level?"
 PARAPHRASE = "At sea level, what temperature does water boil at?"
 
