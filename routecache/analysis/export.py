@@ -50,11 +50,11 @@ def read_events(path: Path, since: float | None = None) -> Iterator[dict[str, An
 def events_frame(events: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per event; nested fields flattened (latency.embed_ms → latency_embed_ms)."""
     frame = pd.json_normalize(events, sep="_") if events else pd.DataFrame({"kind": [], "ts": []})
-    frame["time"] = pd.to_datetime(frame["ts"], unit="s", utc=True)
     # Lists (failed validators) do not fit a flat table; parquet keeps them as JSON text.
     for column in frame.columns:
         if frame[column].map(lambda v: isinstance(v, list)).any():
             frame[column] = frame[column].map(lambda v: json.dumps(v) if isinstance(v, list) else v)
+    frame["time"] = pd.to_datetime(frame["ts"], unit="s", utc=True)
     return frame.sort_values("ts", kind="stable").reset_index(drop=True)
 
 
