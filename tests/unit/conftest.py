@@ -21,6 +21,7 @@ KEYS = {"acme": "key-acme", "globex": "key-globex"}
 def unit_settings(**tenant_options: object) -> Settings:
     return load_settings(
         cache={"embedder": "hash", "similarity_threshold": 0.8, "max_entries": 100},
+        metrics={"port": 0},
         tenants=[
             {"name": name, "api_key_sha256": [hash_api_key(key)], **tenant_options}
             for name, key in KEYS.items()
