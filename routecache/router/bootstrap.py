@@ -173,6 +173,7 @@ async def start_service(settings: Settings, overrides: Overrides | None = None) 
     """
     servicer = RouteCacheServicer(None)
     server = await start_server(servicer, settings.server, DEPENDENCIES)
+    service: Service | None = None
     try:
         # Loading the models takes seconds: off the loop, so health checks answer meanwhile.
         service = await asyncio.to_thread(build_service, settings, overrides)
@@ -183,7 +184,7 @@ async def start_service(settings: Settings, overrides: Overrides | None = None) 
             registry = service.telemetry.registry
             service.metrics = MetricsServer(registry, settings.metrics.host, settings.metrics.port)
     except BaseException:
-        await server.stop()
+        await (service.aclose() if service is not None else server.stop())
         raise
     servicer.attach(service.pipeline)
     for dependency in DEPENDENCIES:

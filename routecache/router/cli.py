@@ -33,7 +33,13 @@ def _serve(args: argparse.Namespace) -> int:
         # Installed before loading: a SIGTERM during start-up still shuts down cleanly.
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        service = await start_service(settings)
+        try:
+            service = await start_service(settings)
+        except OSError as error:
+            raise ConfigError(
+                f"cannot listen (server.port {settings.server.port}, "
+                f"metrics.port {settings.metrics.port}): {error}"
+            ) from error
         assert service.server is not None
         metrics = f", metrics on :{service.metrics_port}" if service.metrics_port else ""
         print(f"routecache serving on {settings.server.host}:{service.server.port}{metrics}",

@@ -64,6 +64,9 @@ async def start_server(
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            # gRPC shares a port between processes by default: a second instance started by
+            # mistake would take half the traffic silently instead of failing to start.
+            ("grpc.so_reuseport", 0),
         ]
     )
     pb_grpc.add_RouteCacheServicer_to_server(servicer, server)
@@ -72,7 +75,10 @@ async def start_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    try:
+        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    except RuntimeError as error:  # what grpcio raises when the bind fails
+        raise OSError(f"could not bind {settings.host}:{settings.port}: {error}") from error
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")
     await server.start()

@@ -18,7 +18,8 @@ from routecache.classifier.model import FixedScoreClassifier
 from routecache.client import RouteCacheClient, chat_request
 from routecache.domain import Tier
 from routecache.router.bootstrap import Overrides, start_service
-from routecache.router.server import DEPENDENCIES, SERVICE_NAME
+from routecache.router.server import DEPENDENCIES, SERVICE_NAME, start_server
+from routecache.router.servicer import RouteCacheServicer
 from tests.fakes import FakeUpstream
 from tests.unit.conftest import KEYS, unit_settings
 
@@ -81,3 +82,35 @@ async def test_not_serving_until_models_are_loaded() -> None:
             assert answer.text == "answer to now it works"
         finally:
             await service.aclose()
+
+
+async def test_a_taken_metrics_port_stops_the_start_and_frees_the_grpc_port() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        base = unit_settings()
+        grpc_port = free_port()
+        settings = base.model_copy(update={
+            "server": base.server.model_copy(update={"port": grpc_port}),
+            "metrics": base.metrics.model_copy(update={"port": taken.getsockname()[1]}),
+        })  # fmt: skip
+        overrides = Overrides(
+            embedder=HashEmbedder(),
+            classifier=FixedScoreClassifier(0.2),
+            upstreams={Tier.CHEAP: FakeUpstream("cheap"), Tier.STRONG: FakeUpstream("strong")},
+        )
+        with pytest.raises(OSError):
+            await start_service(settings, overrides)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", grpc_port))  # the failed start released it
+
+
+async def test_a_second_server_on_the_same_port_fails_to_start() -> None:
+    first = await start_server(RouteCacheServicer(None), unit_settings().server.model_copy(
+        update={"port": 0}))  # fmt: skip
+    try:
+        taken = unit_settings().server.model_copy(update={"port": first.port})
+        with pytest.raises(OSError, match="could not bind"):
+            await start_server(RouteCacheServicer(None), taken)
+    finally:
+        await first.stop()
