@@ -114,16 +114,19 @@ class DemoReport:
 
 async def _send_feedback(clients: dict[str, RouteCacheClient],
                          results: Sequence[DemoResult]) -> tuple[int, int]:  # fmt: skip
-    """What a user would say about the cached answers: an exact hit, or a hit on a repeat or a
-    paraphrase, is right (thumbs up); a semantic hit on any other call answered a different
-    question (thumbs down, which also removes the entry)."""
+    """What a user would say about the cached answers: an exact hit, a hit at similarity ~1
+    (the same words; two identical first asks in flight together meet in the semantic tier) or a
+    hit on a repeat or a paraphrase is right (thumbs up); any other semantic hit answered a
+    different question (thumbs down, which also removes the entry)."""
     up = down = 0
     for result in results:
         response = result.response
         if response is None or response.cache.outcome == pb.CACHE_OUTCOME_MISS:
             continue
-        exact = response.cache.outcome == pb.CACHE_OUTCOME_EXACT
-        good = exact or result.kind in ("exact-repeat", "paraphrase")
+        same_words = response.cache.outcome == pb.CACHE_OUTCOME_EXACT or (
+            response.cache.similarity >= 0.9999
+        )
+        good = same_words or result.kind in ("exact-repeat", "paraphrase")
         await clients[result.tenant].feedback(response.response_id, thumbs_up=good)
         up, down = up + int(good), down + int(not good)
     return up, down
