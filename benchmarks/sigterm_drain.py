@@ -170,11 +170,14 @@ def main() -> None:
     log = (workdir / "serve.log").open("w")
     serve = subprocess.Popen([*python, "serve", "--config", str(config)], stdout=subprocess.PIPE,
                              stderr=log, text=True, env=env)  # fmt: skip
+    started = time.monotonic()
     try:
-        deadline = time.monotonic() + 180
+        deadline = started + 180
         wait_for_port(upstream_port, deadline)
         grpc_port, metrics_port = read_ports(serve, deadline)
+        ready_s = time.monotonic() - started
         result = asyncio.run(drive(grpc_port, metrics_port, serve, args))
+        result["start_to_serving_s"] = round(ready_s, 2)
     finally:
         for process in (serve, replay):
             if process.poll() is None:

@@ -18,9 +18,8 @@ def _serve(args: argparse.Namespace) -> int:
     from routecache.router.logs import configure_logging
 
     settings = load_settings(args.config)
-    configure_logging(
-        settings.logging.format, settings.logging.level, quiet_libraries=not args.verbose
-    )
+    level = "debug" if args.verbose else settings.logging.level
+    configure_logging(settings.logging.format, level, quiet_libraries=not args.verbose)
     if not settings.tenants:
         raise ConfigError(
             "no tenants configured: add [[tenants]] to a TOML file (see examples/dev.toml) "

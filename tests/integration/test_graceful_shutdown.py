@@ -34,3 +34,8 @@ def test_sigterm_drains_accepted_requests_and_exits_zero() -> None:
     assert result["exit_code"] == 0
     # Requests sent after SIGTERM are refused (or, if they beat the signal, answered): never cut.
     assert set(result["late_outcomes"]) <= {"UNAVAILABLE", "OK"}
+    # The server ran with logging.format = "json": its own lines are JSON with a request id.
+    lines = Path(result["serve_log"]).read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert all("request_id" in r and "level" in r for r in records)
+    assert any(r["message"].startswith("draining in-flight calls") for r in records)
