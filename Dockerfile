@@ -35,7 +35,8 @@ VOLUME /var/lib/routecache
 EXPOSE 50051 9464
 # SIGTERM (docker stop, Kubernetes) drains in-flight calls for server.grace_seconds, then exits 0.
 STOPSIGNAL SIGTERM
-# SERVING only once the models and index are loaded (start-period covers the load).
+# SERVING only once the models and index are loaded (start-period covers the load). It checks
+# port 50051: change it with server.port.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import grpc,sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; c=grpc.insecure_channel('127.0.0.1:50051'); r=g.HealthStub(c).Check(h.HealthCheckRequest(), timeout=3); sys.exit(r.status != h.HealthCheckResponse.SERVING)"]
 ENTRYPOINT ["routecache"]
