@@ -103,9 +103,9 @@ class RouteCacheClient:
         )
         return response.removed
 
-    async def stats(self) -> pb.GetStatsResponse:
+    async def stats(self, top_n: int = 10) -> pb.GetStatsResponse:
         response: pb.GetStatsResponse = await self._stub.GetStats(
-            pb.GetStatsRequest(), metadata=self._metadata, timeout=self._timeout
+            pb.GetStatsRequest(top_n=top_n), metadata=self._metadata, timeout=self._timeout
         )
         return response
 

@@ -162,6 +162,15 @@ class Feedback:
 
 
 @dataclass(frozen=True)
+class TopEntry:
+    entry_id: str
+    prompt: str
+    model: str
+    hits: int
+    saved_usd: float  # hits times the cost of the call that produced the answer
+
+
+@dataclass(frozen=True)
 class TenantStats:
     tenant: str
     requests: int = 0
@@ -176,3 +185,6 @@ class TenantStats:
     saved_usd: float = 0.0
     entries: int = 0
     classifier_version: str = ""
+    thumbs_up: int = 0
+    thumbs_down: int = 0
+    top_entries: tuple[TopEntry, ...] = ()

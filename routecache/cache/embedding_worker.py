@@ -13,6 +13,12 @@ class EmbeddingWorker:
         self._embedder = embedder
         # One thread: torch already spreads one forward pass over the cores.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self._pending = 0
+
+    @property
+    def pending(self) -> int:
+        """Texts waiting for or in the model: the queue depth operators watch."""
+        return self._pending
 
     @property
     def embedder(self) -> Embedder:
@@ -20,7 +26,11 @@ class EmbeddingWorker:
 
     async def embed(self, text: str) -> Vector:
         loop = asyncio.get_running_loop()
-        rows = await loop.run_in_executor(self._executor, self._embedder.encode, [text])
+        self._pending += 1
+        try:
+            rows = await loop.run_in_executor(self._executor, self._embedder.encode, [text])
+        finally:
+            self._pending -= 1
         vector: Vector = rows[0]
         return vector
 

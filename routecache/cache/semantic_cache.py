@@ -37,6 +37,21 @@ class NewEntry:
     tags: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Distrust:
+    """What a thumbs-down does to the neighbours of the answer it removes.
+
+    Entries at least `radius` similar to the removed one need `penalty` more similarity to be
+    served (penalties add up, to at most `max_penalty`): a wrong answer suggests its close
+    neighbours may answer a different question too.
+    """
+
+    radius: float = 0.8
+    penalty: float = 0.05
+    max_penalty: float = 0.2
+    neighbours: int = 16
+
+
 class SemanticCache:
     def __init__(
         self,
@@ -44,11 +59,15 @@ class SemanticCache:
         index: VectorIndex,
         clock: Callable[[], float],
         candidates: int = 4,
+        distrust: Distrust | None = None,
     ) -> None:
         self._store = store
         self._index = index
         self._clock = clock
         self._candidates = candidates
+        self._distrust = distrust or Distrust()
+        # entry id → how much higher than the threshold a query's similarity must be to serve it.
+        self._penalties: dict[str, float] = {}
 
     async def lookup_exact(self, scope: str, prompt: str) -> CacheHit | None:
         entry = await self._store.get_exact(exact_key(scope, prompt))
@@ -63,6 +82,8 @@ class SemanticCache:
         for neighbour in self._index.search(scope, vector, self._candidates):
             if neighbour.similarity < threshold:
                 return None  # neighbours come best first
+            if neighbour.similarity < threshold + self.penalty_of(neighbour.entry_id):
+                continue
             entry = await self._store.get(neighbour.entry_id)
             if entry is None:
                 self._index.remove(scope, neighbour.entry_id)
@@ -103,9 +124,30 @@ class SemanticCache:
         """Remove entries of this tenant; ids of other tenants are ignored, never removed."""
         owned = [e.entry_id for e in [await self.get(tenant, i) for i in entry_ids] if e]
         removed = await self._store.delete(owned)
-        for entry in removed:
-            self._index.remove(entry.scope, entry.entry_id)
+        self._forget(removed)
         return len(removed)
+
+    async def distrust(self, tenant: str, entry_id: str) -> int:
+        """A thumbs-down: remove the entry, raise the similarity its neighbours need (returns
+        the number of entries removed, 0 or 1)."""
+        entry = await self.get(tenant, entry_id)
+        if entry is None:
+            return 0
+        rule = self._distrust
+        for neighbour in self._index.search(entry.scope, entry.embedding, rule.neighbours):
+            if neighbour.entry_id != entry_id and neighbour.similarity >= rule.radius:
+                raised = self.penalty_of(neighbour.entry_id) + rule.penalty
+                self._penalties[neighbour.entry_id] = min(rule.max_penalty, raised)
+        return await self.invalidate_ids(tenant, [entry_id])
+
+    def penalty_of(self, entry_id: str) -> float:
+        return self._penalties.get(entry_id, 0.0)
+
+    async def top_entries(self, tenant: str, n: int) -> list[CacheEntry]:
+        """The tenant's most served entries, most hits first."""
+        entries = [await self._store.get(i) for i in await self._store.ids_of_tenant(tenant)]
+        live = [e for e in entries if e is not None]
+        return sorted(live, key=lambda e: (-e.hit_count, -e.cost_usd))[:n]
 
     async def invalidate_tag(self, tenant: str, tag: str) -> int:
         return await self.invalidate_ids(tenant, await self._store.ids_with_tag(tenant, tag))
@@ -131,3 +173,4 @@ class SemanticCache:
         """Drop evicted or replaced entries from the index (the store already dropped them)."""
         for entry in entries:
             self._index.remove(entry.scope, entry.entry_id)
+            self._penalties.pop(entry.entry_id, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -11,19 +12,22 @@ from routecache.cache.embedding_worker import EmbeddingWorker
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.memory_store import InMemoryEntryStore
 from routecache.cache.ports import Embedder
-from routecache.cache.semantic_cache import SemanticCache
+from routecache.cache.semantic_cache import Distrust, SemanticCache
 from routecache.classifier.model import load_artifact, packaged_artifact_path
 from routecache.classifier.ports import DifficultyClassifier
 from routecache.domain import Tenant, Tier
 from routecache.router.auth import ApiKeyAuthenticator
-from routecache.router.events import InMemoryEventLog
+from routecache.router.events import InMemoryEventLog, JsonlEventLog
 from routecache.router.generation import Generator, Provider
 from routecache.router.limits import InMemoryRateLimiter, InMemorySpendLedger
+from routecache.router.metrics import MetricsServer, PrometheusTelemetry
 from routecache.router.pipeline import Pipeline, PipelineParts
 from routecache.router.ports import ChatUpstream, EventSink, Pricing
-from routecache.router.server import RunningServer, start_server
+from routecache.router.server import DEPENDENCIES, RunningServer, start_server
 from routecache.router.servicer import RouteCacheServicer
 from routecache.router.settings import ProviderSettings, Settings
+from routecache.router.telemetry import NullTelemetry, Telemetry
+from routecache.router.upstream.metered import MeteredUpstream
 from routecache.router.upstream.openai_client import OpenAIChatClient
 from routecache.router.validators import JsonSchemaValidator, MaxLengthValidator
 
@@ -37,6 +41,7 @@ class Overrides:
     upstreams: Mapping[Tier, ChatUpstream] | None = None
     events: EventSink | None = None
     clock: Callable[[], float] = field(default=time.time)
+    telemetry: Telemetry | None = None
 
 
 @dataclass
@@ -46,13 +51,24 @@ class Service:
     embeddings: EmbeddingWorker
     generator: Generator
     events: EventSink
+    telemetry: Telemetry
     server: RunningServer | None = None
+    metrics: MetricsServer | None = None
 
     async def aclose(self) -> None:
+        """Drain in-flight calls (within server.grace_seconds), then release everything."""
         if self.server is not None:
             await self.server.stop()
         await self.generator.aclose()
         self.embeddings.close()
+        if isinstance(self.events, JsonlEventLog):
+            self.events.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self.metrics is None else self.metrics.port
 
 
 def build_embedder(settings: Settings) -> Embedder:
@@ -72,6 +88,15 @@ def build_upstream(provider: ProviderSettings) -> ChatUpstream:
         api_key=provider.api_key.get_secret_value() if provider.api_key else None,
         timeout_seconds=provider.timeout_seconds,
     )
+
+
+def build_telemetry(settings: Settings) -> Telemetry:
+    return PrometheusTelemetry() if settings.metrics.enabled else NullTelemetry()
+
+
+def build_events(settings: Settings) -> EventSink:
+    path = settings.events.path
+    return JsonlEventLog(path) if path is not None else InMemoryEventLog()
 
 
 def build_tenants(settings: Settings) -> ApiKeyAuthenticator:
@@ -95,11 +120,17 @@ def build_tenants(settings: Settings) -> ApiKeyAuthenticator:
 
 def build_service(settings: Settings, overrides: Overrides | None = None) -> Service:
     parts = overrides or Overrides()
+    telemetry = parts.telemetry or build_telemetry(settings)
     providers = {
         Tier.CHEAP: settings.upstream.cheap,
         Tier.STRONG: settings.upstream.strong,
     }
-    upstreams = parts.upstreams or {tier: build_upstream(p) for tier, p in providers.items()}
+    upstreams = {
+        tier: MeteredUpstream(upstream, telemetry)
+        for tier, upstream in (
+            parts.upstreams or {tier: build_upstream(p) for tier, p in providers.items()}
+        ).items()
+    }
     generator = Generator(
         {
             tier: Provider(upstreams[tier], Pricing(p.input_usd_per_mtok, p.output_usd_per_mtok))
@@ -109,7 +140,8 @@ def build_service(settings: Settings, overrides: Overrides | None = None) -> Ser
     )
     embedder = parts.embedder or build_embedder(settings)
     embeddings = EmbeddingWorker(embedder)
-    events = parts.events or InMemoryEventLog()
+    telemetry.watch_queue("embedding", lambda: embeddings.pending)
+    events = parts.events or build_events(settings)
     clock = parts.clock
     pipeline = Pipeline(
         PipelineParts(
@@ -121,21 +153,41 @@ def build_service(settings: Settings, overrides: Overrides | None = None) -> Ser
                 InMemoryEntryStore(settings.cache.max_entries),
                 ScopedFaissIndex(embedder.dimension),
                 clock,
+                distrust=Distrust(settings.cache.feedback_radius, settings.cache.feedback_penalty),
             ),
             embeddings=embeddings,
             classifier=parts.classifier or build_classifier(settings),
             generator=generator,
             events=events,
             clock=clock,
+            telemetry=telemetry,
         )
     )
-    return Service(settings, pipeline, embeddings, generator, events)
+    return Service(settings, pipeline, embeddings, generator, events, telemetry)
 
 
 async def start_service(settings: Settings, overrides: Overrides | None = None) -> Service:
-    """Build the service and start its gRPC server; `service.server.port` is the bound port."""
-    service = build_service(settings, overrides)
-    # The first forward pass is several times slower than the rest; pay it before SERVING.
-    await service.embeddings.embed("warm up")
-    service.server = await start_server(RouteCacheServicer(service.pipeline), settings.server)
+    """Start listening at once (health NOT_SERVING), load models and index, then serve.
+
+    `service.server.port` is the bound gRPC port, `service.metrics_port` the metrics port.
+    """
+    servicer = RouteCacheServicer(None)
+    server = await start_server(servicer, settings.server, DEPENDENCIES)
+    service: Service | None = None
+    try:
+        # Loading the models takes seconds: off the loop, so health checks answer meanwhile.
+        service = await asyncio.to_thread(build_service, settings, overrides)
+        service.server = server
+        # The first forward pass is several times slower than the rest; pay it before SERVING.
+        await service.embeddings.embed("warm up")
+        if settings.metrics.enabled and isinstance(service.telemetry, PrometheusTelemetry):
+            registry = service.telemetry.registry
+            service.metrics = MetricsServer(registry, settings.metrics.host, settings.metrics.port)
+    except BaseException:
+        await (service.aclose() if service is not None else server.stop())
+        raise
+    servicer.attach(service.pipeline)
+    for dependency in DEPENDENCIES:
+        await server.set_dependency(dependency, serving=True)
+    await server.set_serving(True)
     return service

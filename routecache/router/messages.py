@@ -131,4 +131,6 @@ def invalidate_target_from_pb(message: pb.InvalidateRequest) -> InvalidateTarget
 
 
 def stats_to_pb(stats: TenantStats) -> pb.GetStatsResponse:
-    return pb.GetStatsResponse(**vars(stats))
+    fields = {k: v for k, v in vars(stats).items() if k != "top_entries"}
+    top = [pb.TopEntry(**vars(entry)) for entry in stats.top_entries]
+    return pb.GetStatsResponse(**fields, top_entries=top)

@@ -3,10 +3,11 @@ single-flight → classifier → models and validators → store → event → a
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from routecache.cache.embedding_worker import EmbeddingWorker
 from routecache.cache.ports import Vector
@@ -22,19 +23,31 @@ from routecache.domain import (
     Tenant,
     TenantStats,
     Tier,
+    TopEntry,
     Usage,
     ValidationReport,
 )
-from routecache.errors import FailedValidation, InvalidArgument, NotFound, ResourceExhausted
+from routecache.errors import (
+    FailedValidation,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    RouteCacheError,
+)
 from routecache.router.auth import ApiKeyAuthenticator
 from routecache.router.generation import Generated, Generator
 from routecache.router.input_validation import validate_request
+from routecache.router.logs import REQUEST_ID
 from routecache.router.ports import EventSink, RateLimiter, SpendLedger
 from routecache.router.settings import LimitSettings
 from routecache.router.single_flight import SingleFlight
 from routecache.router.stats import ResponseRegistry, ServedResponse, TenantStatsBook
+from routecache.router.telemetry import NullTelemetry, Telemetry, error_reason, path_of
+
+log = logging.getLogger(__name__)
 
 _STREAM_CHUNK_CHARS = 48
+_SERVER_SIDE = frozenset({"unavailable", "failed_validation"})
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,7 @@ class PipelineParts:
     generator: Generator
     events: EventSink
     clock: Callable[[], float]
+    telemetry: Telemetry = field(default_factory=NullTelemetry)
 
 
 class Pipeline:
@@ -67,7 +81,22 @@ class Pipeline:
 
     async def complete(self, request: ChatRequest, api_key: str | None) -> Completion:
         started = time.perf_counter()
-        tenant = self._p.authenticator.authenticate(api_key)
+        telemetry = self._p.telemetry
+        telemetry.request_started()
+        tenant_name = ""
+        try:
+            tenant = self._p.authenticator.authenticate(api_key)
+            tenant_name = tenant.name
+            completion = await self._complete(tenant, request, started)
+        except RouteCacheError as error:
+            self._record_failure(tenant_name, request, error, started)
+            raise
+        finally:
+            telemetry.request_ended()
+        telemetry.request_completed(tenant.name, completion, completion.latency.total_ms / 1000)
+        return completion
+
+    async def _complete(self, tenant: Tenant, request: ChatRequest, started: float) -> Completion:
         validate_request(request, self._p.limits)
         await self._check_limits(tenant, request)
         latency = LatencyBreakdown()
@@ -80,6 +109,25 @@ class Pipeline:
         self._stats.record_completion(tenant.name, completion, calls)
         self._emit_completion(tenant, request, completion)
         return completion
+
+    def _record_failure(
+        self, tenant: str, request: ChatRequest, error: RouteCacheError, started: float
+    ) -> None:
+        seconds = time.perf_counter() - started
+        reason = error_reason(error)
+        failed: tuple[str, ...] = ()
+        if isinstance(error, FailedValidation):
+            failed = tuple(r.name for r in error.report.results if not r.passed)
+        self._p.telemetry.request_failed(tenant, reason, seconds, failed)
+        # The service's own trouble is a warning; a caller's mistake or limit is routine.
+        level = logging.WARNING if reason in _SERVER_SIDE else logging.INFO
+        log.log(level, "request failed: %s: %s", reason, error, extra={"tenant": tenant})
+        self._p.events.emit(
+            "error",
+            {"request_id": REQUEST_ID.get(), "tenant": tenant, "reason": reason,
+             "prompt": request.prompt if request.messages else "", "path": "error",
+             "latency_ms": seconds * 1000, "failed_validators": list(failed)},
+        )  # fmt: skip
 
     async def complete_stream(
         self, request: ChatRequest, api_key: str | None
@@ -199,7 +247,9 @@ class Pipeline:
     def _new_response_id(self, tenant: Tenant, entry_id: str, hit: CacheHit | None) -> str:
         response_id = uuid.uuid4().hex
         outcome = CacheInfo().outcome if hit is None else hit.outcome
-        self._responses.remember(response_id, ServedResponse(tenant.name, entry_id, outcome))
+        similarity = 0.0 if hit is None else hit.similarity
+        served = ServedResponse(tenant.name, entry_id, outcome, similarity)
+        self._responses.remember(response_id, served)
         return response_id
 
     async def _check_limits(self, tenant: Tenant, request: ChatRequest) -> None:
@@ -223,22 +273,27 @@ class Pipeline:
         self._p.events.emit(
             "completion",
             {
+                "request_id": REQUEST_ID.get(),
                 "tenant": tenant.name,
                 "end_user_id": request.end_user_id,
                 "response_id": done.response_id,
                 "prompt": request.prompt,
                 "cache_outcome": done.cache.outcome.value,
+                "path": path_of(done).value,
                 "similarity": done.cache.similarity,
                 "entry_id": done.cache.entry_id,
                 "model": done.model,
                 "tier": done.tier.value,
                 "difficulty": done.difficulty,
                 "classifier_version": done.classifier_version,
+                "prompt_tokens": done.usage.prompt_tokens,
+                "completion_tokens": done.usage.completion_tokens,
                 "cost_usd": done.usage.cost_usd,
                 "saved_usd": done.usage.saved_usd,
                 "validation_passed": done.validation.passed,
                 "escalated": done.validation.escalated,
                 "latency_ms": done.latency.total_ms,
+                "latency": vars(done.latency),
             },
         )
 
@@ -251,14 +306,15 @@ class Pipeline:
         if served is None:
             raise NotFound(f"no recent response with id {feedback.response_id}")
         removed = ""
-        thumbs_down_on_entry = not feedback.thumbs_up and served.entry_id
-        if thumbs_down_on_entry and await self._p.cache.invalidate_ids(
-            tenant.name, [served.entry_id]
-        ):
-            removed = served.entry_id
+        if not feedback.thumbs_up and served.entry_id:
+            removed = served.entry_id if await self._p.cache.distrust(
+                tenant.name, served.entry_id) else ""  # fmt: skip
+        self._stats.record_feedback(tenant.name, feedback.thumbs_up)
+        self._p.telemetry.feedback(tenant.name, feedback.thumbs_up, bool(removed))
         self._p.events.emit(
             "feedback",
             {
+                "request_id": REQUEST_ID.get(),
                 "tenant": tenant.name,
                 "response_id": feedback.response_id,
                 "thumbs_up": feedback.thumbs_up,
@@ -266,6 +322,7 @@ class Pipeline:
                 "comment": feedback.comment,
                 "entry_id": served.entry_id,
                 "cache_outcome": served.cache_outcome.value,
+                "similarity": served.similarity,
                 "invalidated": bool(removed),
             },
         )
@@ -289,13 +346,18 @@ class Pipeline:
         )  # fmt: skip
         return removed
 
-    async def stats(self, api_key: str | None) -> TenantStats:
+    async def stats(self, api_key: str | None, top_n: int = 10) -> TenantStats:
         tenant = self._p.authenticator.authenticate(api_key)
         counters = self._stats.snapshot(tenant.name)
+        top = await self._p.cache.top_entries(tenant.name, top_n)
         return TenantStats(
             tenant=tenant.name,
             entries=await self._p.cache.entry_count(tenant.name),
             classifier_version=self._p.classifier.version,
+            top_entries=tuple(
+                TopEntry(e.entry_id, e.prompt, e.model, e.hit_count, e.hit_count * e.cost_usd)
+                for e in top
+            ),
             **vars(counters),
         )
 

@@ -68,6 +68,12 @@ class CacheSettings(_Section):
     similarity_threshold: float = Field(0.9, gt=0, le=1)
     default_ttl_seconds: int = Field(7 * 24 * 3600, gt=0)
     max_entries: int = Field(100_000, gt=0)
+    feedback_radius: float = Field(
+        0.8, gt=0, le=1, description="entries this similar to a thumbs-downed one lose trust"
+    )
+    feedback_penalty: float = Field(
+        0.05, ge=0, le=1, description="similarity each such thumbs-down adds to their threshold"
+    )
 
 
 class ClassifierSettings(_Section):
@@ -88,6 +94,23 @@ class LimitSettings(_Section):
     max_tags: int = Field(16, ge=0)
     max_output_tokens: int = Field(4096, gt=0)
     max_answer_chars: int = Field(20_000, gt=0, description="the length validator's bound")
+
+
+class MetricsSettings(_Section):
+    enabled: bool = Field(True, description="serve Prometheus metrics over HTTP")
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535, description="0: any free port")
+
+
+class LoggingSettings(_Section):
+    format: Literal["text", "json"] = Field("text", description="json: one object a line")
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class EventSettings(_Section):
+    path: Path | None = Field(
+        None, description="append events to this JSONL file; default: in memory only"
+    )
 
 
 class TenantSettings(_Section):
@@ -118,6 +141,9 @@ class Settings(BaseSettings):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    events: EventSettings = Field(default_factory=EventSettings)
     tenants: list[TenantSettings] = Field(default_factory=list)
 
     @classmethod

@@ -253,11 +253,27 @@ class InvalidateResponse(_message.Message):
     def __init__(self, removed: _Optional[int] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("top_n",)
+    TOP_N_FIELD_NUMBER: _ClassVar[int]
+    top_n: int
+    def __init__(self, top_n: _Optional[int] = ...) -> None: ...
+
+class TopEntry(_message.Message):
+    __slots__ = ("entry_id", "prompt", "model", "hits", "saved_usd")
+    ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    SAVED_USD_FIELD_NUMBER: _ClassVar[int]
+    entry_id: str
+    prompt: str
+    model: str
+    hits: int
+    saved_usd: float
+    def __init__(self, entry_id: _Optional[str] = ..., prompt: _Optional[str] = ..., model: _Optional[str] = ..., hits: _Optional[int] = ..., saved_usd: _Optional[float] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("tenant", "requests", "exact_hits", "semantic_hits", "misses", "cheap_calls", "strong_calls", "escalations", "validation_failures", "cost_usd", "saved_usd", "entries", "classifier_version")
+    __slots__ = ("tenant", "requests", "exact_hits", "semantic_hits", "misses", "cheap_calls", "strong_calls", "escalations", "validation_failures", "cost_usd", "saved_usd", "entries", "classifier_version", "thumbs_up", "thumbs_down", "top_entries")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     EXACT_HITS_FIELD_NUMBER: _ClassVar[int]
@@ -271,6 +287,9 @@ class GetStatsResponse(_message.Message):
     SAVED_USD_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     CLASSIFIER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    THUMBS_UP_FIELD_NUMBER: _ClassVar[int]
+    THUMBS_DOWN_FIELD_NUMBER: _ClassVar[int]
+    TOP_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     requests: int
     exact_hits: int
@@ -284,4 +303,7 @@ class GetStatsResponse(_message.Message):
     saved_usd: float
     entries: int
     classifier_version: str
-    def __init__(self, tenant: _Optional[str] = ..., requests: _Optional[int] = ..., exact_hits: _Optional[int] = ..., semantic_hits: _Optional[int] = ..., misses: _Optional[int] = ..., cheap_calls: _Optional[int] = ..., strong_calls: _Optional[int] = ..., escalations: _Optional[int] = ..., validation_failures: _Optional[int] = ..., cost_usd: _Optional[float] = ..., saved_usd: _Optional[float] = ..., entries: _Optional[int] = ..., classifier_version: _Optional[str] = ...) -> None: ...
+    thumbs_up: int
+    thumbs_down: int
+    top_entries: _containers.RepeatedCompositeFieldContainer[TopEntry]
+    def __init__(self, tenant: _Optional[str] = ..., requests: _Optional[int] = ..., exact_hits: _Optional[int] = ..., semantic_hits: _Optional[int] = ..., misses: _Optional[int] = ..., cheap_calls: _Optional[int] = ..., strong_calls: _Optional[int] = ..., escalations: _Optional[int] = ..., validation_failures: _Optional[int] = ..., cost_usd: _Optional[float] = ..., saved_usd: _Optional[float] = ..., entries: _Optional[int] = ..., classifier_version: _Optional[str] = ..., thumbs_up: _Optional[int] = ..., thumbs_down: _Optional[int] = ..., top_entries: _Optional[_Iterable[_Union[TopEntry, _Mapping]]] = ...) -> None: ...

@@ -12,7 +12,8 @@ from routecache.router.auth import hash_api_key
 from routecache.router.bootstrap import Overrides, Service, build_service
 from routecache.router.events import InMemoryEventLog
 from routecache.router.settings import Settings, load_settings
-from tests.fakes import FakeUpstream, ManualClock, json_answer, prose_answer
+from routecache.router.telemetry import Telemetry
+from tests.fakes import FakeUpstream, ManualClock, RecordingTelemetry, json_answer, prose_answer
 
 KEYS = {"acme": "key-acme", "globex": "key-globex"}
 
@@ -20,6 +21,7 @@ KEYS = {"acme": "key-acme", "globex": "key-globex"}
 def unit_settings(**tenant_options: object) -> Settings:
     return load_settings(
         cache={"embedder": "hash", "similarity_threshold": 0.8, "max_entries": 100},
+        metrics={"port": 0},
         tenants=[
             {"name": name, "api_key_sha256": [hash_api_key(key)], **tenant_options}
             for name, key in KEYS.items()
@@ -35,14 +37,17 @@ class Harness:
     events: InMemoryEventLog
     clock: ManualClock
     classifier: FixedScoreClassifier
+    telemetry: RecordingTelemetry
 
 
-def make_harness(score: float = 0.2, **tenant_options: object) -> Harness:
+def make_harness(score: float = 0.2, telemetry: Telemetry | None = None,
+                 **tenant_options: object) -> Harness:  # fmt: skip
     cheap = FakeUpstream("cheap-model", prose_answer)
     strong = FakeUpstream("strong-model", json_answer)
     events = InMemoryEventLog()
     clock = ManualClock()
     classifier = FixedScoreClassifier(score, version="fixed-v1", default_threshold=0.5)
+    recording = RecordingTelemetry()
     service = build_service(
         unit_settings(**tenant_options),
         Overrides(
@@ -51,9 +56,10 @@ def make_harness(score: float = 0.2, **tenant_options: object) -> Harness:
             upstreams={Tier.CHEAP: cheap, Tier.STRONG: strong},
             events=events,
             clock=clock,
+            telemetry=telemetry or recording,
         ),
     )
-    return Harness(service, cheap, strong, events, clock, classifier)
+    return Harness(service, cheap, strong, events, clock, classifier, recording)
 
 
 @pytest.fixture
