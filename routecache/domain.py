@@ -116,6 +116,7 @@ class ValidatorResult:
     passed: bool
     message: str = ""
     model: str = ""
+    action: str = ""  # what a failure led to: escalated, retried, redacted, flagged, blocked
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,8 @@ class Completion:
     latency: LatencyBreakdown
     classifier_version: str = ""
     difficulty: float | None = None
+    provider: str = ""  # the configured provider that answered; empty for a cache hit
+    upstream_failures: tuple[str, ...] = ()  # what failed on the way (fallbacks, stale)
 
 
 @dataclass(frozen=True)

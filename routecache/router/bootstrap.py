@@ -23,9 +23,11 @@ from routecache.router.pipeline import Pipeline, PipelineParts
 from routecache.router.ports import ChatUpstream, EventSink, Pricing
 from routecache.router.server import RunningServer, start_server
 from routecache.router.servicer import RouteCacheServicer
-from routecache.router.settings import ProviderSettings, Settings
+from routecache.router.settings import ProviderSettings, RetrySettings, Settings
+from routecache.router.upstream.breaker import CircuitBreaker
+from routecache.router.upstream.failover import Failover
 from routecache.router.upstream.openai_client import OpenAIChatClient
-from routecache.router.validators import JsonSchemaValidator, MaxLengthValidator
+from routecache.router.validation import build_validators
 
 
 @dataclass
@@ -34,7 +36,9 @@ class Overrides:
 
     embedder: Embedder | None = None
     classifier: DifficultyClassifier | None = None
-    upstreams: Mapping[Tier, ChatUpstream] | None = None
+    upstreams: Mapping[Tier, ChatUpstream] | None = None  # the first provider of each tier
+    providers: Mapping[str, ChatUpstream] | None = None  # any provider, by name
+    monotonic: Callable[[], float] = field(default=time.monotonic)  # deadlines and breakers
     events: EventSink | None = None
     clock: Callable[[], float] = field(default=time.time)
 
@@ -65,12 +69,45 @@ def build_classifier(settings: Settings) -> DifficultyClassifier:
     return load_artifact(settings.classifier.artifact or packaged_artifact_path())
 
 
-def build_upstream(provider: ProviderSettings) -> ChatUpstream:
-    return OpenAIChatClient(
-        base_url=provider.base_url,
-        model=provider.model,
-        api_key=provider.api_key.get_secret_value() if provider.api_key else None,
-        timeout_seconds=provider.timeout_seconds,
+def build_upstream(provider: ProviderSettings, retry: RetrySettings | None = None) -> ChatUpstream:
+    return OpenAIChatClient.from_settings(provider, retry=retry)
+
+
+def build_failover(settings: Settings, parts: Overrides) -> Failover:
+    """Each tier's chain of providers, one client and one breaker per provider name."""
+    upstream = settings.upstream
+    given: dict[str, ChatUpstream] = dict(parts.providers or {})
+    for tier, client in (parts.upstreams or {}).items():
+        given.setdefault(tier.value, client)
+    built: dict[str, Provider] = {}
+    chains: dict[Tier, list[Provider]] = {}
+    for tier in Tier:
+        chains[tier] = []
+        for name, config in upstream.chain(tier.value):
+            if name not in built:
+                client = given.get(name) or build_upstream(config, upstream.retry)
+                built[name] = Provider(
+                    name,
+                    client,
+                    Pricing(config.input_usd_per_mtok, config.output_usd_per_mtok),
+                    CircuitBreaker(**upstream.breaker.model_dump(), clock=parts.monotonic),
+                )
+            chains[tier].append(built[name])
+    return Failover(chains, parts.monotonic)
+
+
+def build_generator(settings: Settings, parts: Overrides) -> Generator:
+    limits = settings.limits
+    return Generator(
+        build_failover(settings, parts),
+        build_validators(settings.validators, limits),
+        tenant_validators={
+            t.name: build_validators(t.validators, limits)
+            for t in settings.tenants
+            if t.validators is not None
+        },
+        default_timeout_seconds=settings.upstream.request_timeout_seconds,
+        clock=parts.monotonic,
     )
 
 
@@ -95,18 +132,7 @@ def build_tenants(settings: Settings) -> ApiKeyAuthenticator:
 
 def build_service(settings: Settings, overrides: Overrides | None = None) -> Service:
     parts = overrides or Overrides()
-    providers = {
-        Tier.CHEAP: settings.upstream.cheap,
-        Tier.STRONG: settings.upstream.strong,
-    }
-    upstreams = parts.upstreams or {tier: build_upstream(p) for tier, p in providers.items()}
-    generator = Generator(
-        {
-            tier: Provider(upstreams[tier], Pricing(p.input_usd_per_mtok, p.output_usd_per_mtok))
-            for tier, p in providers.items()
-        },
-        [MaxLengthValidator(settings.limits.max_answer_chars), JsonSchemaValidator()],
-    )
+    generator = build_generator(settings, parts)
     embedder = parts.embedder or build_embedder(settings)
     embeddings = EmbeddingWorker(embedder)
     events = parts.events or InMemoryEventLog()
@@ -121,6 +147,7 @@ def build_service(settings: Settings, overrides: Overrides | None = None) -> Ser
                 InMemoryEntryStore(settings.cache.max_entries),
                 ScopedFaissIndex(embedder.dimension),
                 clock,
+                stale_grace_seconds=settings.upstream.stale_grace_seconds,
             ),
             embeddings=embeddings,
             classifier=parts.classifier or build_classifier(settings),

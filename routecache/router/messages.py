@@ -102,7 +102,9 @@ def report_to_pb(report: ValidationReport) -> pb.ValidationReport:
         passed=report.passed,
         escalated=report.escalated,
         results=[
-            pb.ValidatorResult(name=r.name, passed=r.passed, message=r.message, model=r.model)
+            pb.ValidatorResult(
+                name=r.name, passed=r.passed, message=r.message, model=r.model, action=r.action
+            )
             for r in report.results
         ],
     )

@@ -6,7 +6,8 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from routecache.cache.embedding_worker import EmbeddingWorker
 from routecache.cache.ports import Vector
@@ -25,7 +26,13 @@ from routecache.domain import (
     Usage,
     ValidationReport,
 )
-from routecache.errors import FailedValidation, InvalidArgument, NotFound, ResourceExhausted
+from routecache.errors import (
+    FailedValidation,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from routecache.router.auth import ApiKeyAuthenticator
 from routecache.router.generation import Generated, Generator
 from routecache.router.input_validation import validate_request
@@ -33,6 +40,7 @@ from routecache.router.ports import EventSink, RateLimiter, SpendLedger
 from routecache.router.settings import LimitSettings
 from routecache.router.single_flight import SingleFlight
 from routecache.router.stats import ResponseRegistry, ServedResponse, TenantStatsBook
+from routecache.router.upstream.failover import AllProvidersFailed
 
 _STREAM_CHUNK_CHARS = 48
 
@@ -65,16 +73,17 @@ class Pipeline:
         self._responses = ResponseRegistry()
         self._single_flight: SingleFlight[Generated] = SingleFlight()
 
-    async def complete(self, request: ChatRequest, api_key: str | None) -> Completion:
+    async def complete(
+        self, request: ChatRequest, api_key: str | None, seconds_left: float | None = None
+    ) -> Completion:
+        """`seconds_left`: the caller's deadline (None: upstream.request_timeout_seconds)."""
         started = time.perf_counter()
-        tenant = self._p.authenticator.authenticate(api_key)
-        validate_request(request, self._p.limits)
-        await self._check_limits(tenant, request)
+        tenant = await self._admit(request, api_key)
         latency = LatencyBreakdown()
         try:
-            completion, calls = await self._answer(tenant, request, latency)
-        except FailedValidation:
-            self._stats.record_failure(tenant.name, validation=True)
+            completion, calls = await self._answer(tenant, request, latency, seconds_left)
+        except (FailedValidation, Unavailable) as error:
+            self._fail(tenant, request, error)
             raise
         latency.total_ms = (time.perf_counter() - started) * 1000
         self._stats.record_completion(tenant.name, completion, calls)
@@ -82,25 +91,92 @@ class Pipeline:
         return completion
 
     async def complete_stream(
-        self, request: ChatRequest, api_key: str | None
+        self, request: ChatRequest, api_key: str | None, seconds_left: float | None = None
     ) -> AsyncIterator[str | Completion]:
-        """First version: the answer is produced and validated whole, then sent in chunks."""
-        completion = await self.complete(request, api_key)
-        text = completion.text
-        for start in range(0, len(text), _STREAM_CHUNK_CHARS):
-            yield text[start : start + _STREAM_CHUNK_CHARS]
-        yield completion
+        """Text deltas as the model sends them, then the Completion; a cached (or stale) answer
+        is sent in chunks. Whole-text validators run at the end (see Generator.stream)."""
+        started = time.perf_counter()
+        tenant = await self._admit(request, api_key)
+        latency = LatencyBreakdown()
+        try:
+            scope, hit, vector = await self._lookup(tenant, request, latency)
+            if hit is None:
+                assert vector is not None  # a miss always embeds
+                async for event in self._stream_models(
+                    tenant, request, (scope, vector), latency, seconds_left
+                ):
+                    yield event
+                return
+        except (FailedValidation, Unavailable) as error:
+            self._fail(tenant, request, error)
+            raise
+        for chunk in _chunks(hit.text):
+            yield chunk
+        latency.total_ms = (time.perf_counter() - started) * 1000
+        self._stats.record_completion(tenant.name, hit, 0)
+        self._emit_completion(tenant, request, hit)
+        yield hit
 
-    async def _answer(
+    async def _stream_models(
+        self,
+        tenant: Tenant,
+        request: ChatRequest,
+        where: tuple[str, Vector],
+        latency: LatencyBreakdown,
+        seconds_left: float | None,
+    ) -> AsyncIterator[str | Completion]:
+        started = time.perf_counter()
+        (scope, vector), generator = where, self._p.generator
+        with _stage(latency, "classify_ms"):
+            tier, difficulty = self._route(tenant, request, vector)
+        events = generator.stream(
+            request, tier, tenant=tenant.name, deadline=generator.deadline(seconds_left)
+        )
+        generated: Generated | None = None
+        try:
+            async for event in events:
+                if isinstance(event, Generated):
+                    generated = event
+                else:
+                    yield event
+        except AllProvidersFailed as error:  # nothing was sent yet: a stale answer may do
+            stale = await self._stale(tenant, request, scope, vector, latency, error)
+            for chunk in _chunks(stale.text):
+                yield chunk
+            self._stats.record_completion(tenant.name, stale, 0)
+            self._emit_completion(tenant, request, stale)
+            yield stale
+            return
+        assert generated is not None
+        latency.upstream_ms, latency.validate_ms = generated.upstream_ms, generated.validate_ms
+        await self._p.spend.record(tenant.name, generated.cost_usd)
+        entry_id = ""
+        if not request.cache.no_store and generated.report.passed:
+            with _stage(latency, "store_ms"):
+                entry_id = await self._store(tenant, scope, request, vector, generated)
+        done = self._from_models(tenant, generated, False, entry_id, difficulty, latency)
+        latency.total_ms += (time.perf_counter() - started) * 1000
+        self._stats.record_completion(tenant.name, done, generated.calls)
+        self._emit_completion(tenant, request, done)
+        yield done
+
+    async def _admit(self, request: ChatRequest, api_key: str | None) -> Tenant:
+        tenant = self._p.authenticator.authenticate(api_key)
+        validate_request(request, self._p.limits)
+        await self._check_limits(tenant, request)
+        return tenant
+
+    async def _lookup(
         self, tenant: Tenant, request: ChatRequest, latency: LatencyBreakdown
-    ) -> tuple[Completion, int]:
+    ) -> tuple[str, Completion | None, Vector | None]:
+        """The scope, and a cached answer or (on a miss) the prompt's embedding."""
         scope = scope_key(tenant.name, request)
         read_cache = not request.cache.no_cache
         if read_cache:
             with _stage(latency, "exact_ms"):
                 hit = await self._p.cache.lookup_exact(scope, request.prompt)
             if hit is not None:
-                return self._from_cache(tenant, hit, latency), 0
+                return scope, self._from_cache(tenant, hit, latency), None
         with _stage(latency, "embed_ms"):
             vector = await self._p.embeddings.embed(request.prompt)
         if read_cache:
@@ -108,13 +184,32 @@ class Pipeline:
             with _stage(latency, "search_ms"):
                 hit = await self._p.cache.lookup_semantic(scope, vector, threshold)
             if hit is not None:
-                return self._from_cache(tenant, hit, latency), 0
+                return scope, self._from_cache(tenant, hit, latency), None
+        return scope, None, vector
+
+    async def _answer(
+        self,
+        tenant: Tenant,
+        request: ChatRequest,
+        latency: LatencyBreakdown,
+        seconds_left: float | None = None,
+    ) -> tuple[Completion, int]:
+        scope, hit, vector = await self._lookup(tenant, request, latency)
+        if hit is not None:
+            return hit, 0
+        assert vector is not None  # a miss always embeds
         with _stage(latency, "classify_ms"):
             tier, difficulty = self._route(tenant, request, vector)
         flight_key = f"{exact_key(scope, request.prompt)}:{tier.value}"
-        generated, shared = await self._single_flight.run(
-            flight_key, lambda: self._p.generator.generate(request, tier)
-        )
+        generator = self._p.generator
+        deadline = generator.deadline(seconds_left)
+        try:
+            generated, shared = await self._single_flight.run(
+                flight_key,
+                lambda: generator.generate(request, tier, tenant=tenant.name, deadline=deadline),
+            )
+        except Unavailable as error:
+            return await self._stale(tenant, request, scope, vector, latency, error), 0
         latency.upstream_ms, latency.validate_ms = generated.upstream_ms, generated.validate_ms
         entry_id = ""
         if not shared:
@@ -122,9 +217,30 @@ class Pipeline:
             if not request.cache.no_store and generated.report.passed:
                 with _stage(latency, "store_ms"):
                     entry_id = await self._store(tenant, scope, request, vector, generated)
-        return self._from_models(tenant, generated, shared, entry_id, difficulty, latency), (
-            0 if shared else generated.calls
-        )
+        done = self._from_models(tenant, generated, shared, entry_id, difficulty, latency)
+        return done, (0 if shared else generated.calls)
+
+    async def _stale(
+        self,
+        tenant: Tenant,
+        request: ChatRequest,
+        scope: str,
+        vector: Vector,
+        latency: LatencyBreakdown,
+        error: Unavailable,
+    ) -> Completion:
+        """A cached answer of this scope, expired or not, flagged stale; else Unavailable."""
+        if request.cache.no_cache:
+            raise Unavailable(f"{error}; no_cache is set, so no cached answer was tried") from error
+        with _stage(latency, "search_ms"):
+            hit = await self._p.cache.lookup_stale(
+                scope, request.prompt, vector, tenant.similarity_threshold
+            )
+        if hit is None:
+            raise Unavailable(f"{error}; no cached answer to fall back on") from error
+        served = self._from_cache(tenant, hit, latency)
+        stale = replace(served.cache, stale=True)
+        return replace(served, cache=stale, upstream_failures=(str(error),))
 
     def _route(self, tenant: Tenant, request: ChatRequest, vector: Vector) -> tuple[Tier, float]:
         classifier = self._p.classifier
@@ -194,6 +310,8 @@ class Pipeline:
             latency=latency,
             classifier_version=self._p.classifier.version,
             difficulty=difficulty,
+            provider=generated.provider,
+            upstream_failures=generated.upstream_failures,
         )
 
     def _new_response_id(self, tenant: Tenant, entry_id: str, hit: CacheHit | None) -> str:
@@ -238,7 +356,26 @@ class Pipeline:
                 "saved_usd": done.usage.saved_usd,
                 "validation_passed": done.validation.passed,
                 "escalated": done.validation.escalated,
+                "validation": _report_payload(done.validation),
+                "stale": done.cache.stale,
+                "provider": done.provider,
+                "upstream_failures": list(done.upstream_failures),
                 "latency_ms": done.latency.total_ms,
+            },
+        )
+
+    def _fail(self, tenant: Tenant, request: ChatRequest, error: Exception) -> None:
+        report = error.report if isinstance(error, FailedValidation) else None
+        self._stats.record_failure(tenant.name, validation=report is not None)
+        self._p.events.emit(
+            "failure",
+            {
+                "tenant": tenant.name,
+                "end_user_id": request.end_user_id,
+                "prompt": request.prompt,
+                "error": type(error).__name__,
+                "message": str(error),
+                "validation": None if report is None else _report_payload(report),
             },
         )
 
@@ -298,6 +435,18 @@ class Pipeline:
             classifier_version=self._p.classifier.version,
             **vars(counters),
         )
+
+
+def _report_payload(report: ValidationReport) -> dict[str, Any]:
+    return {
+        "passed": report.passed,
+        "escalated": report.escalated,
+        "results": [vars(r) for r in report.results],
+    }
+
+
+def _chunks(text: str) -> list[str]:
+    return [text[i : i + _STREAM_CHUNK_CHARS] for i in range(0, len(text), _STREAM_CHUNK_CHARS)]
 
 
 class _stage:

@@ -143,16 +143,18 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cost_usd: _Optional[float] = ..., saved_usd: _Optional[float] = ...) -> None: ...
 
 class ValidatorResult(_message.Message):
-    __slots__ = ("name", "passed", "message", "model")
+    __slots__ = ("name", "passed", "message", "model", "action")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PASSED_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
     name: str
     passed: bool
     message: str
     model: str
-    def __init__(self, name: _Optional[str] = ..., passed: _Optional[bool] = ..., message: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    action: str
+    def __init__(self, name: _Optional[str] = ..., passed: _Optional[bool] = ..., message: _Optional[str] = ..., model: _Optional[str] = ..., action: _Optional[str] = ...) -> None: ...
 
 class ValidationReport(_message.Message):
     __slots__ = ("passed", "results", "escalated")
