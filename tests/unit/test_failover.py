@@ -137,7 +137,7 @@ async def test_all_down_serves_a_stale_answer_of_the_same_scope_only() -> None:
     with pytest.raises(Unavailable, match="no_cache"):
         await r.ask("what is the capital of France", cache=CacheControl(no_cache=True))
     r.clock.advance(3600)  # past the grace period: gone
-    with pytest.raises(Unavailable, match="cheap-model.*backup-model.*strong-model"):
+    with pytest.raises(Unavailable, match=r"cheap-model.*backup-model.*strong-model"):
         await r.ask("what is the capital of France")
     assert r.events.events[-1]["kind"] == "failure"
 
@@ -155,7 +155,7 @@ async def test_deadline_stops_the_chain() -> None:
     for up in r.ups.values():
         up.gate = asyncio.Event()  # hangs
     request = ChatRequest(messages=(Message(Role.USER, "slow"),))
-    with pytest.raises(Unavailable, match="cheap-model.*within.*backup: not tried, the deadline"):
+    with pytest.raises(Unavailable, match=r"cheap-model.*within.*backup: not tried, the deadline"):
         await asyncio.wait_for(r.service.pipeline.complete(request, ACME, 0.3), 5)
     assert r.ups["backup"].calls == [] and r.ups["strong"].calls == []
 

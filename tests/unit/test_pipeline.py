@@ -208,7 +208,7 @@ async def test_failing_cheap_tier_falls_back_to_the_strong_model(harness: Harnes
 async def test_upstream_failure_is_unavailable_with_models_named(harness: Harness) -> None:
     harness.cheap.fail_with = UpstreamError("HTTP 503", retryable=True)
     harness.strong.fail_with = UpstreamError("HTTP 500", retryable=True)
-    with pytest.raises(Unavailable, match="cheap-model.*strong-model.*no cached answer"):
+    with pytest.raises(Unavailable, match=r"cheap-model.*strong-model.*no cached answer"):
         await harness.service.pipeline.complete(ask("q"), ACME)
 
 
