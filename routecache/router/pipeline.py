@@ -78,10 +78,11 @@ class Pipeline:
     ) -> Completion:
         """`seconds_left`: the caller's deadline (None: upstream.request_timeout_seconds)."""
         started = time.perf_counter()
+        deadline = self._p.generator.deadline(seconds_left)  # from now, not after the cache
         tenant = await self._admit(request, api_key)
         latency = LatencyBreakdown()
         try:
-            completion, calls = await self._answer(tenant, request, latency, seconds_left)
+            completion, calls = await self._answer(tenant, request, latency, deadline)
         except (FailedValidation, Unavailable) as error:
             self._fail(tenant, request, error)
             raise
@@ -96,6 +97,7 @@ class Pipeline:
         """Text deltas as the model sends them, then the Completion; a cached (or stale) answer
         is sent in chunks. Whole-text validators run at the end (see Generator.stream)."""
         started = time.perf_counter()
+        deadline = self._p.generator.deadline(seconds_left)
         tenant = await self._admit(request, api_key)
         latency = LatencyBreakdown()
         try:
@@ -103,7 +105,7 @@ class Pipeline:
             if hit is None:
                 assert vector is not None  # a miss always embeds
                 async for event in self._stream_models(
-                    tenant, request, (scope, vector), latency, seconds_left
+                    tenant, request, (scope, vector), latency, deadline
                 ):
                     yield event
                 return
@@ -123,15 +125,13 @@ class Pipeline:
         request: ChatRequest,
         where: tuple[str, Vector],
         latency: LatencyBreakdown,
-        seconds_left: float | None,
+        deadline: float,
     ) -> AsyncIterator[str | Completion]:
         started = time.perf_counter()
         (scope, vector), generator = where, self._p.generator
         with _stage(latency, "classify_ms"):
             tier, difficulty = self._route(tenant, request, vector)
-        events = generator.stream(
-            request, tier, tenant=tenant.name, deadline=generator.deadline(seconds_left)
-        )
+        events = generator.stream(request, tier, tenant=tenant.name, deadline=deadline)
         generated: Generated | None = None
         try:
             async for event in events:
@@ -192,7 +192,7 @@ class Pipeline:
         tenant: Tenant,
         request: ChatRequest,
         latency: LatencyBreakdown,
-        seconds_left: float | None = None,
+        deadline: float,
     ) -> tuple[Completion, int]:
         scope, hit, vector = await self._lookup(tenant, request, latency)
         if hit is not None:
@@ -202,7 +202,6 @@ class Pipeline:
             tier, difficulty = self._route(tenant, request, vector)
         flight_key = f"{exact_key(scope, request.prompt)}:{tier.value}"
         generator = self._p.generator
-        deadline = generator.deadline(seconds_left)
         try:
             generated, shared = await self._single_flight.run(
                 flight_key,

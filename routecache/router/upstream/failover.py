@@ -18,7 +18,7 @@ from routecache.router.ports import ChatUpstream, Pricing, UpstreamReply
 from routecache.router.upstream.breaker import CircuitBreaker
 
 # Time kept back from the deadline for what follows a failed chain (stale lookup, reply).
-DEFAULT_RESERVE_SECONDS = 0.05
+DEFAULT_RESERVE_SECONDS = 0.1
 
 
 @dataclass(frozen=True)

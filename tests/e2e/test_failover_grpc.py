@@ -1,0 +1,36 @@
+"""Upstream faults seen through real gRPC: the caller's deadline reaches the provider calls."""
+
+import grpc
+import pytest
+
+from routecache.client import RouteCacheClient, chat_request
+from routecache.replay import FaultKind
+from tests.e2e.conftest import KEYS, Stack
+
+pytestmark = pytest.mark.asyncio(loop_scope="package")
+
+
+async def test_grpc_deadline_bounds_a_hanging_provider(stack: Stack) -> None:
+    # The replay hangs for 30 s and the provider's own timeout is 30 s: only the caller's
+    # 1.5 s deadline, passed down to the provider calls, can end this call early.
+    stack.replay.script_faults(FaultKind.TIMEOUT)
+    async with RouteCacheClient(stack.target, KEYS["acme"], timeout_seconds=1.5) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.complete(chat_request("Why is the sky blue at noon?", no_cache=True))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    details = caught.value.details() or ""
+    assert "deadline" in details and "no_cache" in details
+
+
+async def test_stream_retries_a_failed_open_and_streams_the_answer(stack: Stack) -> None:
+    stack.replay.script_faults(FaultKind.HTTP_503)
+    async with stack.client() as client:
+        events = [
+            e
+            async for e in client.complete_stream(
+                chat_request("Describe a rainbow in one line.", force_tier="strong")
+            )
+        ]
+    final = events[-1].final
+    assert len(events) > 2 and final.validation.passed
+    assert "".join(e.delta for e in events[:-1]) == final.text
