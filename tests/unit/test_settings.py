@@ -94,5 +94,5 @@ def test_provider_keys_come_from_env_or_secret_file(
 
 
 def test_fallback_to_an_undefined_provider_is_refused() -> None:
-    with pytest.raises(ConfigError, match="unknown provider.*nowhere"):
+    with pytest.raises(ConfigError, match=r"unknown provider.*nowhere"):
         load_settings(upstream={"cheap_fallbacks": ["nowhere"]})
