@@ -61,12 +61,27 @@ class CacheControl:
 
 
 @dataclass(frozen=True)
+class RequestValidator:
+    """A validator the caller asks for on one request (built-in kinds only, no custom code)."""
+
+    kind: str
+    name: str = ""
+    on_fail: str = ""
+    must_match: tuple[str, ...] = ()
+    must_not_match: tuple[str, ...] = ()
+    min_chars: int = 0  # 0: the kind's default
+    max_chars: int = 0  # 0: the service's limit
+    pii: tuple[str, ...] = ()  # empty: every kind
+
+
+@dataclass(frozen=True)
 class ChatRequest:
     messages: tuple[Message, ...]
     params: GenerationParams = field(default_factory=GenerationParams)
     cache: CacheControl = field(default_factory=CacheControl)
     force_tier: Tier | None = None
     end_user_id: str = ""
+    validators: tuple[RequestValidator, ...] = ()
 
     @property
     def system_prompt(self) -> str:

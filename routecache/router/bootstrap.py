@@ -27,7 +27,7 @@ from routecache.router.settings import ProviderSettings, RetrySettings, Settings
 from routecache.router.upstream.breaker import CircuitBreaker
 from routecache.router.upstream.failover import Failover
 from routecache.router.upstream.openai_client import OpenAIChatClient
-from routecache.router.validation import build_validators
+from routecache.router.validation import RequestValidators, build_validators
 
 
 @dataclass
@@ -108,6 +108,7 @@ def build_generator(settings: Settings, parts: Overrides) -> Generator:
         },
         default_timeout_seconds=settings.upstream.request_timeout_seconds,
         clock=parts.monotonic,
+        request_validators=RequestValidators(limits),
     )
 
 

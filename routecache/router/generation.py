@@ -9,9 +9,16 @@ from dataclasses import dataclass, field, replace
 
 from routecache.domain import ChatRequest, Tier, ValidationReport, ValidatorResult
 from routecache.errors import FailedValidation
+from routecache.router.settings import LimitSettings
 from routecache.router.upstream.failover import Answered, Failover, Provider
 from routecache.router.upstream.openai_client import estimate_tokens
-from routecache.router.validation import ACTION_DONE, Configured, OnFail, Redactor
+from routecache.router.validation import (
+    ACTION_DONE,
+    Configured,
+    OnFail,
+    Redactor,
+    RequestValidators,
+)
 
 __all__ = ["Generated", "Generator", "Provider"]
 
@@ -64,9 +71,11 @@ class Generator:
         tenant_validators: Mapping[str, Sequence[Configured]] | None = None,
         default_timeout_seconds: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        request_validators: RequestValidators | None = None,
     ) -> None:
         self._failover = failover
         self._validators = validators
+        self._request_validators = request_validators or RequestValidators(LimitSettings())
         self._tenant_validators = tenant_validators or {}
         self._default_timeout = default_timeout_seconds
         self._clock = clock
@@ -79,15 +88,23 @@ class Generator:
         """The absolute deadline (on the generator's clock) of a call with this much time."""
         return self._clock() + (self._default_timeout if seconds_left is None else seconds_left)
 
-    def validators_for(self, tenant: str) -> Sequence[Configured]:
-        return self._tenant_validators.get(tenant, self._validators)
+    def validators_for(self, tenant: str, request: ChatRequest | None = None) -> list[Configured]:
+        """The tenant's validators plus the request's own; raises InvalidArgument for a bad one."""
+        configured = list(self._tenant_validators.get(tenant, self._validators))
+        if request is not None and request.validators:
+            names = [c.name for c in configured]
+            configured += self._request_validators.build(request, names)
+        return configured
+
+    def _applicable(self, tenant: str, request: ChatRequest) -> list[Configured]:
+        return [v for v in self.validators_for(tenant, request) if v.validator.applies_to(request)]
 
     async def generate(
         self, request: ChatRequest, tier: Tier, *, tenant: str = "", deadline: float | None = None
     ) -> Generated:
         """Raises FailedValidation when no answer may be served, Unavailable when none came."""
         deadline = self.deadline(None) if deadline is None else deadline
-        validators = [v for v in self.validators_for(tenant) if v.validator.applies_to(request)]
+        validators = self._applicable(tenant, request)
         tally, current, retried, escalated = _Tally(), tier, False, False
         while True:
             started = time.perf_counter()
@@ -124,7 +141,7 @@ class Generator:
         AllProvidersFailed before the first delta) when no provider streams.
         """
         deadline = self.deadline(None) if deadline is None else deadline
-        validators = [v for v in self.validators_for(tenant) if v.validator.applies_to(request)]
+        validators = self._applicable(tenant, request)
         started = time.perf_counter()
         opened = await self._failover.open_stream(request, tier, deadline)
         pieces: list[str] = []

@@ -163,6 +163,7 @@ class Pipeline:
     async def _admit(self, request: ChatRequest, api_key: str | None) -> Tenant:
         tenant = self._p.authenticator.authenticate(api_key)
         validate_request(request, self._p.limits)
+        self._p.generator.validators_for(tenant.name, request)  # a bad one: INVALID_ARGUMENT now
         await self._check_limits(tenant, request)
         return tenant
 

@@ -8,11 +8,16 @@ by import path ("package.module:Factory", called with the spec's options).
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
+from pydantic import ValidationError
+
+from routecache.domain import ChatRequest, RequestValidator
+from routecache.errors import InvalidArgument
 from routecache.router.pii import PiiValidator
 from routecache.router.ports import Validator
 from routecache.router.settings import ConfigError, LimitSettings, ValidatorSpec
@@ -104,3 +109,65 @@ def build_validators(specs: Sequence[ValidatorSpec], limits: LimitSettings) -> l
     if duplicates := sorted({n for n in names if names.count(n) > 1}):
         raise ConfigError(f"validator names must be unique; repeated: {', '.join(duplicates)}")
     return built
+
+
+MAX_REQUEST_PATTERN_CHARS = 200  # a caller's regex runs on our CPU: keep it small
+
+
+def spec_of(requested: RequestValidator) -> ValidatorSpec:
+    """The settings form of a per-request validator; raises ValueError for a bad one."""
+    if requested.kind == "custom":
+        raise ValueError("custom validators are configured per tenant, not per request")
+    patterns = (*requested.must_match, *requested.must_not_match)
+    if any(len(p) > MAX_REQUEST_PATTERN_CHARS for p in patterns):
+        raise ValueError(f"patterns are limited to {MAX_REQUEST_PATTERN_CHARS} characters")
+    fields: dict[str, object] = {"kind": requested.kind}
+    optional = {
+        "name": requested.name,
+        "on_fail": requested.on_fail,
+        "must_match": list(requested.must_match),
+        "must_not_match": list(requested.must_not_match),
+        "min_chars": requested.min_chars,
+        "max_chars": requested.max_chars,
+        "pii": list(requested.pii),
+    }
+    fields.update({key: value for key, value in optional.items() if value})
+    return ValidatorSpec.model_validate(fields)
+
+
+class RequestValidators:
+    """Builds the validators a request asks for, each distinct one compiled once."""
+
+    def __init__(self, limits: LimitSettings, max_cached: int = 512) -> None:
+        self._limits = limits
+        self._built: dict[RequestValidator, Configured] = {}
+        self._max_cached = max_cached
+
+    def build(self, request: ChatRequest, reserved: Sequence[str]) -> list[Configured]:
+        """Raises InvalidArgument naming the bad validator; `reserved`: the tenant's names."""
+        built: list[Configured] = []
+        for index, requested in enumerate(request.validators):
+            field = f"validators[{index}]"
+            try:
+                configured = self._built.get(requested) or self._compile(requested)
+            except (ValueError, ConfigError, re.error) as exc:
+                raise InvalidArgument(field, _short(exc)) from exc
+            if configured.name in reserved or configured.name in [c.name for c in built]:
+                raise InvalidArgument(field, f"the name {configured.name!r} is already in use")
+            built.append(configured)
+        return built
+
+    def _compile(self, requested: RequestValidator) -> Configured:
+        configured = build_validator(spec_of(requested), self._limits)
+        if len(self._built) >= self._max_cached:
+            self._built.clear()
+        self._built[requested] = configured
+        return configured
+
+
+def _short(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in exc.errors()
+        )
+    return str(exc)

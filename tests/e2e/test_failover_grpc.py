@@ -5,6 +5,7 @@ import pytest
 
 from routecache.client import RouteCacheClient, chat_request
 from routecache.replay import FaultKind
+from routecache.v1 import routecache_pb2 as pb
 from tests.e2e.conftest import KEYS, Stack
 
 pytestmark = pytest.mark.asyncio(loop_scope="package")
@@ -34,3 +35,17 @@ async def test_stream_retries_a_failed_open_and_streams_the_answer(stack: Stack)
     final = events[-1].final
     assert len(events) > 2 and final.validation.passed
     assert "".join(e.delta for e in events[:-1]) == final.text
+
+
+async def test_request_validators_travel_over_grpc(stack: Stack) -> None:
+    block_all = pb.RequestValidator(kind="regex", must_not_match=["."], on_fail="block")
+    custom = pb.RequestValidator(kind="custom")
+    async with stack.client() as client:
+        with pytest.raises(grpc.aio.AioRpcError) as blocked:
+            await client.complete(chat_request("Name a colour.", validators=[block_all]))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.complete(chat_request("Name a colour.", validators=[custom]))
+    assert blocked.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "regex: matches '.'" in (blocked.value.details() or "")
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ("field", "validators[0]") in tuple(refused.value.trailing_metadata() or ())

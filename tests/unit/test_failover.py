@@ -1,6 +1,7 @@
 """Fallback chains, breakers, deadlines, stale answers and validator actions, on fakes."""
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -15,10 +16,11 @@ from routecache.domain import (
     ChatRequest,
     GenerationParams,
     Message,
+    RequestValidator,
     Role,
     Tier,
 )
-from routecache.errors import FailedValidation, Unavailable, UpstreamError
+from routecache.errors import FailedValidation, InvalidArgument, Unavailable, UpstreamError
 from routecache.router.bootstrap import Overrides, Service, build_service
 from routecache.router.events import InMemoryEventLog
 from routecache.router.upstream.breaker import BreakerState
@@ -252,3 +254,38 @@ async def test_stream_validation_failure_ends_failed_precondition() -> None:
     with pytest.raises(FailedValidation, match="streamed answer failed"):
         await collect(r, "q")
     assert (await r.service.pipeline.stats(ACME)).entries == 0
+
+
+async def test_request_validators_add_to_the_tenants() -> None:
+    r = rig({"cheap": "mail me at a@b.io"})
+    pii = (RequestValidator("pii"),)
+    done = await r.ask("contact?", validators=pii)
+    assert done.text == "mail me at [REDACTED EMAIL]"  # type: ignore[attr-defined]
+    names = {x.name for x in done.validation.results}  # type: ignore[attr-defined]
+    assert names == {"length", "pii"}
+    # Cached per set of request validators: a plain request does not get the redacted answer.
+    plain = await r.ask("contact?")
+    assert plain.cache.outcome is CacheOutcome.MISS and plain.text == "mail me at a@b.io"  # type: ignore[attr-defined]
+    again = await r.ask("contact?", validators=pii)
+    assert again.cache.outcome is CacheOutcome.EXACT  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("validator", "problem"),
+    [
+        (RequestValidator("custom"), "per tenant"),
+        (RequestValidator("regex"), "must_match"),
+        (RequestValidator("regex", must_match=("(unclosed",)), "missing ), unterminated"),
+        (RequestValidator("regex", must_match=("a" * 201,)), "200 characters"),
+        (RequestValidator("length", on_fail="explode"), "on_fail"),
+        (RequestValidator("length"), "already in use"),  # the tenant's own length validator
+    ],
+)
+async def test_bad_request_validators_are_invalid_arguments(
+    validator: RequestValidator, problem: str
+) -> None:
+    r = rig()
+    with pytest.raises(InvalidArgument, match=re.escape(problem)) as caught:
+        await r.ask("q", validators=(validator,))
+    assert caught.value.field == "validators[0]"
+    assert r.ups["cheap"].calls == []
