@@ -91,6 +91,9 @@ class FaultSchedule:
         """Queue faults for the next requests (after any still queued)."""
         self._script.extend(faults)
 
+    def clear_script(self) -> None:
+        self._script.clear()
+
     def next_fault(self, requested: str | None) -> FaultKind | None:
         """The fault for this request; a header naming one (or "none") overrides the draw.
 

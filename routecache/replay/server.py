@@ -227,6 +227,10 @@ class RunningReplayServer:
         """The next requests meet these faults (None: a good answer), in order."""
         self._state.faults.script(faults)
 
+    def clear_scripted_faults(self) -> None:
+        """Drop queued faults that no request met (so they cannot leak into later calls)."""
+        self._state.faults.clear_script()
+
     async def close(self) -> None:
         self._state.closing.set()
         await self._runner.cleanup()

@@ -170,14 +170,6 @@ class Generator:
             opened.provider.name, opened.failures,
         )  # fmt: skip
 
-    def check(self, text: str, model: str, request: ChatRequest) -> list[ValidatorResult]:
-        """Every applicable validator of the default set on one text (no actions taken)."""
-        return [
-            replace(c.validator.check(text, request), model=model)
-            for c in self._validators
-            if c.validator.applies_to(request)
-        ]
-
     @staticmethod
     def _judge(
         answered: Answered, request: ChatRequest, validators: Sequence[Configured]

@@ -13,11 +13,14 @@ pytestmark = pytest.mark.asyncio(loop_scope="package")
 
 async def test_grpc_deadline_bounds_a_hanging_provider(stack: Stack) -> None:
     # The replay hangs for 30 s and the provider's own timeout is 30 s: only the caller's
-    # 1.5 s deadline, passed down to the provider calls, can end this call early.
+    # 3 s deadline, passed down to the provider calls, can end this call early.
     stack.replay.script_faults(FaultKind.TIMEOUT)
-    async with RouteCacheClient(stack.target, KEYS["acme"], timeout_seconds=1.5) as client:
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await client.complete(chat_request("Why is the sky blue at noon?", no_cache=True))
+    try:
+        async with RouteCacheClient(stack.target, KEYS["acme"], timeout_seconds=3) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.complete(chat_request("Why is the sky blue at noon?", no_cache=True))
+    finally:
+        stack.replay.clear_scripted_faults()
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     details = caught.value.details() or ""
     assert "deadline" in details and "no_cache" in details
@@ -25,13 +28,12 @@ async def test_grpc_deadline_bounds_a_hanging_provider(stack: Stack) -> None:
 
 async def test_stream_retries_a_failed_open_and_streams_the_answer(stack: Stack) -> None:
     stack.replay.script_faults(FaultKind.HTTP_503)
-    async with stack.client() as client:
-        events = [
-            e
-            async for e in client.complete_stream(
-                chat_request("Describe a rainbow in one line.", force_tier="strong")
-            )
-        ]
+    try:
+        async with stack.client() as client:
+            request = chat_request("Describe a rainbow in one line.", force_tier="strong")
+            events = [e async for e in client.complete_stream(request)]
+    finally:
+        stack.replay.clear_scripted_faults()
     final = events[-1].final
     assert len(events) > 2 and final.validation.passed
     assert "".join(e.delta for e in events[:-1]) == final.text
