@@ -135,3 +135,12 @@ def test_inconsistent_specs_are_refused() -> None:
         ValidatorSpec(kind="regex")
     with pytest.raises(ConfigError, match="unique"):
         build_validators([ValidatorSpec(kind="pii"), ValidatorSpec(kind="pii")], LIMITS)
+
+
+def test_ask_cli_parses_request_validators() -> None:
+    from routecache.router.ask import _validators
+
+    parsed = _validators(['{"kind": "regex", "must_not_match": ["x"], "on_fail": "flag"}'])
+    assert parsed[0].kind == "regex" and list(parsed[0].must_not_match) == ["x"]
+    with pytest.raises(ConfigError, match="--validator"):
+        _validators(['{"kind": "pii", "colour": "red"}'])
