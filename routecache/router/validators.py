@@ -12,27 +12,6 @@ from jsonschema import Draft202012Validator
 from routecache.domain import ChatRequest, ResponseFormatType, ValidatorResult
 
 
-class MaxLengthValidator:
-    """Rejects answers longer than the operator allows (runaway or padded generations)."""
-
-    name = "max_length"
-
-    def __init__(self, max_chars: int) -> None:
-        self._max_chars = max_chars
-
-    def applies_to(self, request: ChatRequest) -> bool:
-        return True
-
-    def check(self, text: str, request: ChatRequest) -> ValidatorResult:
-        if len(text) > self._max_chars:
-            return ValidatorResult(
-                self.name, False, f"{len(text)} characters, more than {self._max_chars}"
-            )
-        if not text.strip():
-            return ValidatorResult(self.name, False, "empty answer")
-        return ValidatorResult(self.name, True)
-
-
 class JsonSchemaValidator:
     """When the request asks for JSON: the answer must parse, and match the schema if given."""
 
