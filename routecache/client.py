@@ -31,6 +31,7 @@ def chat_request(
     tags: Sequence[str] = (),
     force_tier: str | None = None,
     end_user_id: str = "",
+    validators: Sequence[pb.RequestValidator] = (),
 ) -> pb.CompleteRequest:
     """Builds a request: optional system prompt, earlier (role, text) turns, then the prompt."""
     messages = [pb.ChatMessage(role=pb.ROLE_SYSTEM, content=system)] if system else []
@@ -54,6 +55,7 @@ def chat_request(
         ),
         routing=pb.RoutingControl(force_tier=_TIERS[force_tier]),
         end_user_id=end_user_id,
+        validators=list(validators),
     )
 
 

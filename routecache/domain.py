@@ -61,12 +61,27 @@ class CacheControl:
 
 
 @dataclass(frozen=True)
+class RequestValidator:
+    """A validator the caller asks for on one request (built-in kinds only, no custom code)."""
+
+    kind: str
+    name: str = ""
+    on_fail: str = ""
+    must_match: tuple[str, ...] = ()
+    must_not_match: tuple[str, ...] = ()
+    min_chars: int = 0  # 0: the kind's default
+    max_chars: int = 0  # 0: the service's limit
+    pii: tuple[str, ...] = ()  # empty: every kind
+
+
+@dataclass(frozen=True)
 class ChatRequest:
     messages: tuple[Message, ...]
     params: GenerationParams = field(default_factory=GenerationParams)
     cache: CacheControl = field(default_factory=CacheControl)
     force_tier: Tier | None = None
     end_user_id: str = ""
+    validators: tuple[RequestValidator, ...] = ()
 
     @property
     def system_prompt(self) -> str:
@@ -116,6 +131,7 @@ class ValidatorResult:
     passed: bool
     message: str = ""
     model: str = ""
+    action: str = ""  # what a failure led to: escalated, retried, redacted, flagged, blocked
 
 
 @dataclass(frozen=True)
@@ -151,6 +167,8 @@ class Completion:
     latency: LatencyBreakdown
     classifier_version: str = ""
     difficulty: float | None = None
+    provider: str = ""  # the configured provider that answered; empty for a cache hit
+    upstream_failures: tuple[str, ...] = ()  # what failed on the way (fallbacks, stale)
 
 
 @dataclass(frozen=True)

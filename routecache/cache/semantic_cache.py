@@ -60,6 +60,7 @@ class SemanticCache:
         clock: Callable[[], float],
         candidates: int = 4,
         distrust: Distrust | None = None,
+        stale_grace_seconds: float = 0.0,
     ) -> None:
         self._store = store
         self._index = index
@@ -68,6 +69,9 @@ class SemanticCache:
         self._distrust = distrust or Distrust()
         # entry id → how much higher than the threshold a query's similarity must be to serve it.
         self._penalties: dict[str, float] = {}
+        # Expired entries are kept this long: an answer to serve, flagged stale, when no
+        # provider can answer.
+        self._grace = stale_grace_seconds
 
     async def lookup_exact(self, scope: str, prompt: str) -> CacheHit | None:
         entry = await self._store.get_exact(exact_key(scope, prompt))
@@ -89,6 +93,23 @@ class SemanticCache:
                 self._index.remove(scope, neighbour.entry_id)
                 continue
             if entry.scope == scope and await self._is_live(entry):
+                return await self._hit(entry, CacheOutcome.SEMANTIC, neighbour.similarity)
+        return None
+
+    async def lookup_stale(
+        self, scope: str, prompt: str, vector: Vector | None, threshold: float
+    ) -> CacheHit | None:
+        """An entry of this scope, live or expired within the grace period, for the prompt or
+        one meaning the same; for when no provider answers. Never crosses scopes."""
+        entry = await self._store.get_exact(exact_key(scope, prompt))
+        if entry is not None and entry.scope == scope and await self._is_servable(entry):
+            return await self._hit(entry, CacheOutcome.EXACT, 1.0)
+        neighbours = [] if vector is None else self._index.search(scope, vector, self._candidates)
+        for neighbour in neighbours:
+            if neighbour.similarity < threshold:
+                return None
+            entry = await self._store.get(neighbour.entry_id)
+            if entry is not None and entry.scope == scope and await self._is_servable(entry):
                 return await self._hit(entry, CacheOutcome.SEMANTIC, neighbour.similarity)
         return None
 
@@ -160,6 +181,12 @@ class SemanticCache:
 
     async def _is_live(self, entry: CacheEntry) -> bool:
         if entry.expires_at > self._clock():
+            return True
+        await self._is_servable(entry)  # drops it once past the grace period
+        return False
+
+    async def _is_servable(self, entry: CacheEntry) -> bool:
+        if entry.expires_at + self._grace > self._clock():
             return True
         await self.invalidate_ids(entry.tenant, [entry.entry_id])
         return False

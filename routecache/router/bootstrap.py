@@ -25,11 +25,19 @@ from routecache.router.pipeline import Pipeline, PipelineParts
 from routecache.router.ports import ChatUpstream, EventSink, Pricing
 from routecache.router.server import DEPENDENCIES, RunningServer, start_server
 from routecache.router.servicer import RouteCacheServicer
-from routecache.router.settings import ProviderSettings, Settings
-from routecache.router.telemetry import NullTelemetry, Telemetry
+from routecache.router.settings import ProviderSettings, RetrySettings, Settings
+from routecache.router.telemetry import (
+    BREAKER_CLOSED,
+    BREAKER_HALF_OPEN,
+    BREAKER_OPEN,
+    NullTelemetry,
+    Telemetry,
+)
+from routecache.router.upstream.breaker import BreakerState, CircuitBreaker
+from routecache.router.upstream.failover import Failover
 from routecache.router.upstream.metered import MeteredUpstream
 from routecache.router.upstream.openai_client import OpenAIChatClient
-from routecache.router.validators import JsonSchemaValidator, MaxLengthValidator
+from routecache.router.validation import RequestValidators, build_validators
 
 
 @dataclass
@@ -38,7 +46,9 @@ class Overrides:
 
     embedder: Embedder | None = None
     classifier: DifficultyClassifier | None = None
-    upstreams: Mapping[Tier, ChatUpstream] | None = None
+    upstreams: Mapping[Tier, ChatUpstream] | None = None  # the first provider of each tier
+    providers: Mapping[str, ChatUpstream] | None = None  # any provider, by name
+    monotonic: Callable[[], float] = field(default=time.monotonic)  # deadlines and breakers
     events: EventSink | None = None
     clock: Callable[[], float] = field(default=time.time)
     telemetry: Telemetry | None = None
@@ -81,12 +91,57 @@ def build_classifier(settings: Settings) -> DifficultyClassifier:
     return load_artifact(settings.classifier.artifact or packaged_artifact_path())
 
 
-def build_upstream(provider: ProviderSettings) -> ChatUpstream:
-    return OpenAIChatClient(
-        base_url=provider.base_url,
-        model=provider.model,
-        api_key=provider.api_key.get_secret_value() if provider.api_key else None,
-        timeout_seconds=provider.timeout_seconds,
+def build_upstream(provider: ProviderSettings, retry: RetrySettings | None = None) -> ChatUpstream:
+    return OpenAIChatClient.from_settings(provider, retry=retry)
+
+
+def breaker_gauge(breaker: CircuitBreaker) -> Callable[[], float]:
+    values = {
+        BreakerState.CLOSED: BREAKER_CLOSED,
+        BreakerState.HALF_OPEN: BREAKER_HALF_OPEN,
+        BreakerState.OPEN: BREAKER_OPEN,
+    }
+    return lambda: values[breaker.state]
+
+
+def build_failover(settings: Settings, parts: Overrides, telemetry: Telemetry) -> Failover:
+    """Each tier's chain of providers, one client and one breaker per provider name."""
+    upstream = settings.upstream
+    given: dict[str, ChatUpstream] = dict(parts.providers or {})
+    for tier, client in (parts.upstreams or {}).items():
+        given.setdefault(tier.value, client)
+    built: dict[str, Provider] = {}
+    chains: dict[Tier, list[Provider]] = {}
+    for tier in Tier:
+        chains[tier] = []
+        for name, config in upstream.chain(tier.value):
+            if name not in built:
+                client = given.get(name) or build_upstream(config, upstream.retry)
+                breaker = CircuitBreaker(**upstream.breaker.model_dump(), clock=parts.monotonic)
+                telemetry.watch_breaker(name, breaker_gauge(breaker))
+                built[name] = Provider(
+                    name,
+                    MeteredUpstream(client, telemetry),
+                    Pricing(config.input_usd_per_mtok, config.output_usd_per_mtok),
+                    breaker,
+                )
+            chains[tier].append(built[name])
+    return Failover(chains, parts.monotonic)
+
+
+def build_generator(settings: Settings, parts: Overrides, telemetry: Telemetry) -> Generator:
+    limits = settings.limits
+    return Generator(
+        build_failover(settings, parts, telemetry),
+        build_validators(settings.validators, limits),
+        tenant_validators={
+            t.name: build_validators(t.validators, limits)
+            for t in settings.tenants
+            if t.validators is not None
+        },
+        default_timeout_seconds=settings.upstream.request_timeout_seconds,
+        clock=parts.monotonic,
+        request_validators=RequestValidators(limits),
     )
 
 
@@ -121,23 +176,7 @@ def build_tenants(settings: Settings) -> ApiKeyAuthenticator:
 def build_service(settings: Settings, overrides: Overrides | None = None) -> Service:
     parts = overrides or Overrides()
     telemetry = parts.telemetry or build_telemetry(settings)
-    providers = {
-        Tier.CHEAP: settings.upstream.cheap,
-        Tier.STRONG: settings.upstream.strong,
-    }
-    upstreams = {
-        tier: MeteredUpstream(upstream, telemetry)
-        for tier, upstream in (
-            parts.upstreams or {tier: build_upstream(p) for tier, p in providers.items()}
-        ).items()
-    }
-    generator = Generator(
-        {
-            tier: Provider(upstreams[tier], Pricing(p.input_usd_per_mtok, p.output_usd_per_mtok))
-            for tier, p in providers.items()
-        },
-        [MaxLengthValidator(settings.limits.max_answer_chars), JsonSchemaValidator()],
-    )
+    generator = build_generator(settings, parts, telemetry)
     embedder = parts.embedder or build_embedder(settings)
     embeddings = EmbeddingWorker(embedder)
     telemetry.watch_queue("embedding", lambda: embeddings.pending)
@@ -154,6 +193,7 @@ def build_service(settings: Settings, overrides: Overrides | None = None) -> Ser
                 ScopedFaissIndex(embedder.dimension),
                 clock,
                 distrust=Distrust(settings.cache.feedback_radius, settings.cache.feedback_penalty),
+                stale_grace_seconds=settings.upstream.stale_grace_seconds,
             ),
             embeddings=embeddings,
             classifier=parts.classifier or build_classifier(settings),

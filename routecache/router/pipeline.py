@@ -7,7 +7,8 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from routecache.cache.embedding_worker import EmbeddingWorker
 from routecache.cache.ports import Vector
@@ -33,6 +34,7 @@ from routecache.errors import (
     NotFound,
     ResourceExhausted,
     RouteCacheError,
+    Unavailable,
 )
 from routecache.router.auth import ApiKeyAuthenticator
 from routecache.router.generation import Generated, Generator
@@ -43,6 +45,7 @@ from routecache.router.settings import LimitSettings
 from routecache.router.single_flight import SingleFlight
 from routecache.router.stats import ResponseRegistry, ServedResponse, TenantStatsBook
 from routecache.router.telemetry import NullTelemetry, Telemetry, error_reason, path_of
+from routecache.router.upstream.failover import AllProvidersFailed
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +82,19 @@ class Pipeline:
         self._responses = ResponseRegistry()
         self._single_flight: SingleFlight[Generated] = SingleFlight()
 
-    async def complete(self, request: ChatRequest, api_key: str | None) -> Completion:
+    async def complete(
+        self, request: ChatRequest, api_key: str | None, seconds_left: float | None = None
+    ) -> Completion:
+        """`seconds_left`: the caller's deadline (None: upstream.request_timeout_seconds)."""
         started = time.perf_counter()
+        deadline = self._p.generator.deadline(seconds_left)  # from now, not after the cache
         telemetry = self._p.telemetry
         telemetry.request_started()
         tenant_name = ""
         try:
             tenant = self._p.authenticator.authenticate(api_key)
             tenant_name = tenant.name
-            completion = await self._complete(tenant, request, started)
+            completion = await self._complete(tenant, request, started, deadline)
         except RouteCacheError as error:
             self._record_failure(tenant_name, request, error, started)
             raise
@@ -96,14 +103,15 @@ class Pipeline:
         telemetry.request_completed(tenant.name, completion, completion.latency.total_ms / 1000)
         return completion
 
-    async def _complete(self, tenant: Tenant, request: ChatRequest, started: float) -> Completion:
-        validate_request(request, self._p.limits)
-        await self._check_limits(tenant, request)
+    async def _complete(
+        self, tenant: Tenant, request: ChatRequest, started: float, deadline: float
+    ) -> Completion:
+        await self._admit(tenant, request)
         latency = LatencyBreakdown()
         try:
-            completion, calls = await self._answer(tenant, request, latency)
-        except FailedValidation:
-            self._stats.record_failure(tenant.name, validation=True)
+            completion, calls = await self._answer(tenant, request, latency, deadline)
+        except (FailedValidation, Unavailable) as error:
+            self._fail(tenant, error)
             raise
         latency.total_ms = (time.perf_counter() - started) * 1000
         self._stats.record_completion(tenant.name, completion, calls)
@@ -122,33 +130,122 @@ class Pipeline:
         # The service's own trouble is a warning; a caller's mistake or limit is routine.
         level = logging.WARNING if reason in _SERVER_SIDE else logging.INFO
         log.log(level, "request failed: %s: %s", reason, error, extra={"tenant": tenant})
+        report = error.report if isinstance(error, FailedValidation) else None
         self._p.events.emit(
             "error",
             {"request_id": REQUEST_ID.get(), "tenant": tenant, "reason": reason,
+             "end_user_id": request.end_user_id,
              "prompt": request.prompt if request.messages else "", "path": "error",
-             "latency_ms": seconds * 1000, "failed_validators": list(failed)},
+             "error": type(error).__name__, "message": str(error),
+             "latency_ms": seconds * 1000, "failed_validators": list(failed),
+             "validation": None if report is None else _report_payload(report)},
         )  # fmt: skip
 
     async def complete_stream(
-        self, request: ChatRequest, api_key: str | None
+        self, request: ChatRequest, api_key: str | None, seconds_left: float | None = None
     ) -> AsyncIterator[str | Completion]:
-        """First version: the answer is produced and validated whole, then sent in chunks."""
-        completion = await self.complete(request, api_key)
-        text = completion.text
-        for start in range(0, len(text), _STREAM_CHUNK_CHARS):
-            yield text[start : start + _STREAM_CHUNK_CHARS]
-        yield completion
+        """Text deltas as the model sends them, then the Completion; a cached (or stale) answer
+        is sent in chunks. Whole-text validators run at the end (see Generator.stream)."""
+        started = time.perf_counter()
+        deadline = self._p.generator.deadline(seconds_left)
+        telemetry = self._p.telemetry
+        telemetry.request_started()
+        tenant_name = ""
+        try:
+            tenant = self._p.authenticator.authenticate(api_key)
+            tenant_name = tenant.name
+            async for event in self._complete_stream(tenant, request, started, deadline):
+                if isinstance(event, Completion):
+                    seconds = event.latency.total_ms / 1000
+                    telemetry.request_completed(tenant.name, event, seconds)
+                yield event
+        except RouteCacheError as error:
+            self._record_failure(tenant_name, request, error, started)
+            raise
+        finally:
+            telemetry.request_ended()
 
-    async def _answer(
+    async def _complete_stream(
+        self, tenant: Tenant, request: ChatRequest, started: float, deadline: float
+    ) -> AsyncIterator[str | Completion]:
+        await self._admit(tenant, request)
+        latency = LatencyBreakdown()
+        try:
+            scope, hit, vector = await self._lookup(tenant, request, latency)
+            if hit is None:
+                assert vector is not None  # a miss always embeds
+                async for event in self._stream_models(
+                    tenant, request, (scope, vector), latency, deadline
+                ):
+                    yield event
+                return
+        except (FailedValidation, Unavailable) as error:
+            self._fail(tenant, error)
+            raise
+        for chunk in _chunks(hit.text):
+            yield chunk
+        latency.total_ms = (time.perf_counter() - started) * 1000
+        self._stats.record_completion(tenant.name, hit, 0)
+        self._emit_completion(tenant, request, hit)
+        yield hit
+
+    async def _stream_models(
+        self,
+        tenant: Tenant,
+        request: ChatRequest,
+        where: tuple[str, Vector],
+        latency: LatencyBreakdown,
+        deadline: float,
+    ) -> AsyncIterator[str | Completion]:
+        started = time.perf_counter()
+        (scope, vector), generator = where, self._p.generator
+        with _stage(latency, "classify_ms"):
+            tier, difficulty = self._route(tenant, request, vector)
+        events = generator.stream(request, tier, tenant=tenant.name, deadline=deadline)
+        generated: Generated | None = None
+        try:
+            async for event in events:
+                if isinstance(event, Generated):
+                    generated = event
+                else:
+                    yield event
+        except AllProvidersFailed as error:  # nothing was sent yet: a stale answer may do
+            stale = await self._stale(tenant, request, scope, vector, latency, error)
+            for chunk in _chunks(stale.text):
+                yield chunk
+            self._stats.record_completion(tenant.name, stale, 0)
+            self._emit_completion(tenant, request, stale)
+            yield stale
+            return
+        assert generated is not None
+        latency.upstream_ms, latency.validate_ms = generated.upstream_ms, generated.validate_ms
+        await self._p.spend.record(tenant.name, generated.cost_usd)
+        entry_id = ""
+        if not request.cache.no_store and generated.report.passed:
+            with _stage(latency, "store_ms"):
+                entry_id = await self._store(tenant, scope, request, vector, generated)
+        done = self._from_models(tenant, generated, False, entry_id, difficulty, latency)
+        latency.total_ms += (time.perf_counter() - started) * 1000
+        self._stats.record_completion(tenant.name, done, generated.calls)
+        self._emit_completion(tenant, request, done)
+        yield done
+
+    async def _admit(self, tenant: Tenant, request: ChatRequest) -> None:
+        validate_request(request, self._p.limits)
+        self._p.generator.validators_for(tenant.name, request)  # a bad one: INVALID_ARGUMENT now
+        await self._check_limits(tenant, request)
+
+    async def _lookup(
         self, tenant: Tenant, request: ChatRequest, latency: LatencyBreakdown
-    ) -> tuple[Completion, int]:
+    ) -> tuple[str, Completion | None, Vector | None]:
+        """The scope, and a cached answer or (on a miss) the prompt's embedding."""
         scope = scope_key(tenant.name, request)
         read_cache = not request.cache.no_cache
         if read_cache:
             with _stage(latency, "exact_ms"):
                 hit = await self._p.cache.lookup_exact(scope, request.prompt)
             if hit is not None:
-                return self._from_cache(tenant, hit, latency), 0
+                return scope, self._from_cache(tenant, hit, latency), None
         with _stage(latency, "embed_ms"):
             vector = await self._p.embeddings.embed(request.prompt)
         if read_cache:
@@ -156,13 +253,31 @@ class Pipeline:
             with _stage(latency, "search_ms"):
                 hit = await self._p.cache.lookup_semantic(scope, vector, threshold)
             if hit is not None:
-                return self._from_cache(tenant, hit, latency), 0
+                return scope, self._from_cache(tenant, hit, latency), None
+        return scope, None, vector
+
+    async def _answer(
+        self,
+        tenant: Tenant,
+        request: ChatRequest,
+        latency: LatencyBreakdown,
+        deadline: float,
+    ) -> tuple[Completion, int]:
+        scope, hit, vector = await self._lookup(tenant, request, latency)
+        if hit is not None:
+            return hit, 0
+        assert vector is not None  # a miss always embeds
         with _stage(latency, "classify_ms"):
             tier, difficulty = self._route(tenant, request, vector)
         flight_key = f"{exact_key(scope, request.prompt)}:{tier.value}"
-        generated, shared = await self._single_flight.run(
-            flight_key, lambda: self._p.generator.generate(request, tier)
-        )
+        generator = self._p.generator
+        try:
+            generated, shared = await self._single_flight.run(
+                flight_key,
+                lambda: generator.generate(request, tier, tenant=tenant.name, deadline=deadline),
+            )
+        except Unavailable as error:
+            return await self._stale(tenant, request, scope, vector, latency, error), 0
         latency.upstream_ms, latency.validate_ms = generated.upstream_ms, generated.validate_ms
         entry_id = ""
         if not shared:
@@ -170,9 +285,30 @@ class Pipeline:
             if not request.cache.no_store and generated.report.passed:
                 with _stage(latency, "store_ms"):
                     entry_id = await self._store(tenant, scope, request, vector, generated)
-        return self._from_models(tenant, generated, shared, entry_id, difficulty, latency), (
-            0 if shared else generated.calls
-        )
+        done = self._from_models(tenant, generated, shared, entry_id, difficulty, latency)
+        return done, (0 if shared else generated.calls)
+
+    async def _stale(
+        self,
+        tenant: Tenant,
+        request: ChatRequest,
+        scope: str,
+        vector: Vector,
+        latency: LatencyBreakdown,
+        error: Unavailable,
+    ) -> Completion:
+        """A cached answer of this scope, expired or not, flagged stale; else Unavailable."""
+        if request.cache.no_cache:
+            raise Unavailable(f"{error}; no_cache is set, so no cached answer was tried") from error
+        with _stage(latency, "search_ms"):
+            hit = await self._p.cache.lookup_stale(
+                scope, request.prompt, vector, tenant.similarity_threshold
+            )
+        if hit is None:
+            raise Unavailable(f"{error}; no cached answer to fall back on") from error
+        served = self._from_cache(tenant, hit, latency)
+        stale = replace(served.cache, stale=True)
+        return replace(served, cache=stale, upstream_failures=(str(error),))
 
     def _route(self, tenant: Tenant, request: ChatRequest, vector: Vector) -> tuple[Tier, float]:
         classifier = self._p.classifier
@@ -242,6 +378,8 @@ class Pipeline:
             latency=latency,
             classifier_version=self._p.classifier.version,
             difficulty=difficulty,
+            provider=generated.provider,
+            upstream_failures=generated.upstream_failures,
         )
 
     def _new_response_id(self, tenant: Tenant, entry_id: str, hit: CacheHit | None) -> str:
@@ -292,10 +430,18 @@ class Pipeline:
                 "saved_usd": done.usage.saved_usd,
                 "validation_passed": done.validation.passed,
                 "escalated": done.validation.escalated,
+                "validation": _report_payload(done.validation),
+                "stale": done.cache.stale,
+                "provider": done.provider,
+                "upstream_failures": list(done.upstream_failures),
                 "latency_ms": done.latency.total_ms,
                 "latency": vars(done.latency),
             },
         )
+
+    def _fail(self, tenant: Tenant, error: Exception) -> None:
+        # The error event itself is emitted once, by _record_failure, for every failure.
+        self._stats.record_failure(tenant.name, validation=isinstance(error, FailedValidation))
 
     async def feedback(self, feedback: Feedback, api_key: str | None) -> str:
         """Records feedback; a thumbs-down on a cached answer removes the entry (returned)."""
@@ -360,6 +506,18 @@ class Pipeline:
             ),
             **vars(counters),
         )
+
+
+def _report_payload(report: ValidationReport) -> dict[str, Any]:
+    return {
+        "passed": report.passed,
+        "escalated": report.escalated,
+        "results": [vars(r) for r in report.results],
+    }
+
+
+def _chunks(text: str) -> list[str]:
+    return [text[i : i + _STREAM_CHUNK_CHARS] for i in range(0, len(text), _STREAM_CHUNK_CHARS)]
 
 
 class _stage:

@@ -53,7 +53,7 @@ class RouteCacheServicer(pb_grpc.RouteCacheServicer):  # type: ignore[misc]  # u
             request_id_of(context)
             chat = messages.request_from_pb(request)
             return messages.completion_to_pb(
-                await self._pipeline.complete(chat, api_key_of(context))
+                await self._pipeline.complete(chat, api_key_of(context), context.time_remaining())
             )
 
         return await error_mapping.unary(context, call)
@@ -64,7 +64,10 @@ class RouteCacheServicer(pb_grpc.RouteCacheServicer):  # type: ignore[misc]  # u
         async def events() -> AsyncIterator[pb.CompleteStreamResponse]:
             request_id_of(context)
             chat = messages.request_from_pb(request)
-            async for event in self._pipeline.complete_stream(chat, api_key_of(context)):
+            stream = self._pipeline.complete_stream(
+                chat, api_key_of(context), context.time_remaining()
+            )
+            async for event in stream:
                 if isinstance(event, Completion):
                     yield pb.CompleteStreamResponse(final=messages.completion_to_pb(event))
                 else:

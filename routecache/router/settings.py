@@ -10,7 +10,15 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -39,9 +47,34 @@ class ProviderSettings(_Section):
     base_url: str = "http://127.0.0.1:8089/v1"
     model: str
     api_key: SecretStr | None = None
+    api_key_env: str | None = Field(None, description="read the key from this variable")
+    api_key_file: Path | None = Field(None, description="read the key from this secret file")
     input_usd_per_mtok: float = Field(ge=0)
     output_usd_per_mtok: float = Field(ge=0)
-    timeout_seconds: float = Field(30.0, gt=0)
+    timeout_seconds: float = Field(30.0, gt=0, description="total time of one attempt")
+    connect_timeout_seconds: float = Field(2.0, gt=0)
+    read_timeout_seconds: float = Field(
+        20.0, gt=0, description="longest wait for the next bytes (a stalled stream)"
+    )
+
+    def resolve_api_key(self) -> str | None:
+        """The key from api_key, then api_key_env, then api_key_file; raises ConfigError."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.api_key_env:
+            value = os.environ.get(self.api_key_env)
+            if not value:
+                raise ConfigError(f"provider {self.model}: ${self.api_key_env} is not set")
+            return value
+        if self.api_key_file is not None:
+            try:
+                return self.api_key_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"provider {self.model}: cannot read api_key_file {self.api_key_file}: "
+                    f"{exc.strerror}"
+                ) from exc
+        return None
 
 
 def _default_cheap() -> ProviderSettings:
@@ -56,9 +89,53 @@ def _default_strong() -> ProviderSettings:
     )
 
 
+class RetrySettings(_Section):
+    max_attempts: int = Field(2, ge=1, description="tries per provider, first one included")
+    backoff_initial_seconds: float = Field(0.05, ge=0)
+    backoff_max_seconds: float = Field(0.5, ge=0)
+
+
+class BreakerSettings(_Section):
+    failure_threshold: int = Field(5, ge=1, description="consecutive failures that open it")
+    open_seconds: float = Field(10.0, gt=0, description="how long it sheds before a probe")
+    half_open_probes: int = Field(1, ge=1, description="calls let through while half-open")
+
+
 class UpstreamSettings(_Section):
+    """Each tier calls its provider (`cheap`, `strong`), then its fallbacks in order."""
+
     cheap: ProviderSettings = Field(default_factory=_default_cheap)
     strong: ProviderSettings = Field(default_factory=_default_strong)
+    providers: dict[str, ProviderSettings] = Field(
+        default_factory=dict, description="named providers that fallback lists refer to"
+    )
+    cheap_fallbacks: list[str] = Field(default_factory=list)
+    strong_fallbacks: list[str] = Field(default_factory=list)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    request_timeout_seconds: float = Field(
+        60.0, gt=0, description="deadline of a call whose gRPC caller set none"
+    )
+    stale_grace_seconds: int = Field(
+        24 * 3600, ge=0, description="how long an expired entry may still be served as stale"
+    )
+
+    @model_validator(mode="after")
+    def _known_fallbacks(self) -> UpstreamSettings:
+        for tier in ("cheap", "strong"):
+            unknown = [n for n in getattr(self, f"{tier}_fallbacks") if n not in self.providers]
+            if unknown:
+                raise ValueError(
+                    f"{tier}_fallbacks names unknown provider(s) {', '.join(unknown)}; "
+                    "define them under upstream.providers"
+                )
+        return self
+
+    def chain(self, tier: str) -> list[tuple[str, ProviderSettings]]:
+        """The providers of a tier, in the order they are tried."""
+        first: ProviderSettings = getattr(self, tier)
+        names: list[str] = getattr(self, f"{tier}_fallbacks")
+        return [(tier, first), *((name, self.providers[name]) for name in names)]
 
 
 class CacheSettings(_Section):
@@ -113,6 +190,44 @@ class EventSettings(_Section):
     )
 
 
+ValidatorKind = Literal["json_schema", "regex", "length", "pii", "refusal", "custom"]
+OnFailAction = Literal["escalate", "retry", "redact", "flag", "block"]
+PiiKind = Literal["email", "phone", "card", "iban", "ssn"]
+
+
+def _all_pii_kinds() -> list[PiiKind]:
+    return ["email", "phone", "card", "iban", "ssn"]
+
+
+class ValidatorSpec(_Section):
+    """One output validator and what to do when an answer fails it (see docs/validators.md)."""
+
+    kind: ValidatorKind
+    name: str | None = Field(None, description="default: the kind")
+    on_fail: OnFailAction | None = Field(None, description="default: redact for pii, else escalate")
+    must_match: list[str] = Field(default_factory=list, description="regex: each must match")
+    must_not_match: list[str] = Field(default_factory=list, description="regex: none may match")
+    min_chars: int = Field(1, ge=0, description="length: fewer non-blank characters fail")
+    max_chars: int | None = Field(None, gt=0, description="length: default limits.max_answer_chars")
+    pii: list[PiiKind] = Field(default_factory=_all_pii_kinds)
+    import_path: str | None = Field(None, description="custom: 'package.module:Factory'")
+    options: dict[str, object] = Field(default_factory=dict, description="custom: factory kwargs")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ValidatorSpec:
+        if self.kind == "custom" and not self.import_path:
+            raise ValueError("a custom validator needs import_path ('package.module:Factory')")
+        if self.kind == "regex" and not (self.must_match or self.must_not_match):
+            raise ValueError("a regex validator needs must_match or must_not_match")
+        if self.on_fail == "redact" and self.kind not in ("pii", "custom"):
+            raise ValueError(f"on_fail=redact needs a validator that can redact, not {self.kind}")
+        return self
+
+
+def _default_validators() -> list[ValidatorSpec]:
+    return [ValidatorSpec(kind="length"), ValidatorSpec(kind="json_schema")]
+
+
 class TenantSettings(_Section):
     name: str = Field(min_length=1)
     api_key_sha256: list[str] = Field(min_length=1, description="hex SHA-256 of each API key")
@@ -121,6 +236,9 @@ class TenantSettings(_Section):
     default_ttl_seconds: int | None = Field(None, gt=0)
     requests_per_second: float | None = Field(None, gt=0)
     daily_budget_usd: float | None = Field(None, ge=0)
+    validators: list[ValidatorSpec] | None = Field(
+        None, description="replaces the service-wide validators for this tenant"
+    )
 
     @field_validator("api_key_sha256")
     @classmethod
@@ -145,6 +263,7 @@ class Settings(BaseSettings):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     events: EventSettings = Field(default_factory=EventSettings)
     tenants: list[TenantSettings] = Field(default_factory=list)
+    validators: list[ValidatorSpec] = Field(default_factory=_default_validators)
 
     @classmethod
     def settings_customise_sources(

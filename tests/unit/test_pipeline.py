@@ -198,9 +198,17 @@ async def test_daily_budget_cap_refuses_once_spent() -> None:
     await harness.service.aclose()
 
 
-async def test_upstream_failure_is_unavailable_with_model_named(harness: Harness) -> None:
+async def test_failing_cheap_tier_falls_back_to_the_strong_model(harness: Harness) -> None:
     harness.cheap.fail_with = UpstreamError("HTTP 503", retryable=True)
-    with pytest.raises(Unavailable, match="cheap-model"):
+    done = await harness.service.pipeline.complete(ask("q"), ACME)
+    assert done.model == "strong-model" and done.tier is Tier.STRONG
+    assert any("cheap-model" in f and "HTTP 503" in f for f in done.upstream_failures)
+
+
+async def test_upstream_failure_is_unavailable_with_models_named(harness: Harness) -> None:
+    harness.cheap.fail_with = UpstreamError("HTTP 503", retryable=True)
+    harness.strong.fail_with = UpstreamError("HTTP 500", retryable=True)
+    with pytest.raises(Unavailable, match=r"cheap-model.*strong-model.*no cached answer"):
         await harness.service.pipeline.complete(ask("q"), ACME)
 
 

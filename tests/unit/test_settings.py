@@ -58,3 +58,41 @@ def test_a_key_for_two_tenants_is_refused() -> None:
     )
     with pytest.raises(ValueError, match="two tenants"):
         build_tenants(settings)
+
+
+FAILOVER_EXAMPLE = EXAMPLE.parent / "failover.toml"
+
+
+def test_failover_example_builds_chains_and_tenant_validators(tmp_path: Path) -> None:
+    settings = load_settings(FAILOVER_EXAMPLE)
+    assert [n for n, _ in settings.upstream.chain("cheap")] == ["cheap", "cheap-backup"]
+    assert [n for n, _ in settings.upstream.chain("strong")] == ["strong", "strong-backup"]
+    assert [v.kind for v in settings.validators] == ["length", "json_schema", "pii"]
+    acme = settings.tenants[0]
+    assert acme.validators is not None
+    assert [(v.kind, v.on_fail) for v in acme.validators] == [
+        ("refusal", "retry"),
+        ("regex", "block"),
+    ]
+
+
+def test_provider_keys_come_from_env_or_secret_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = load_settings(FAILOVER_EXAMPLE)
+    strong = settings.upstream.strong
+    with pytest.raises(ConfigError, match="ROUTECACHE_EXAMPLE_STRONG_KEY is not set"):
+        strong.resolve_api_key()
+    monkeypatch.setenv("ROUTECACHE_EXAMPLE_STRONG_KEY", "sk-env")
+    assert strong.resolve_api_key() == "sk-env"
+    backup = settings.upstream.providers["strong-backup"]
+    with pytest.raises(ConfigError, match="cannot read api_key_file"):
+        backup.resolve_api_key()
+    secret = tmp_path / "key"
+    secret.write_text("sk-file\n")
+    assert backup.model_copy(update={"api_key_file": secret}).resolve_api_key() == "sk-file"
+
+
+def test_fallback_to_an_undefined_provider_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"unknown provider.*nowhere"):
+        load_settings(upstream={"cheap_fallbacks": ["nowhere"]})
