@@ -120,6 +120,9 @@ class OnnxMiniLMEmbedder:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
             options.intra_op_num_threads = threads
+        # Spinning worker threads keep a core busy between passes, stealing it from the event
+        # loop that serves gRPC in the same process.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self._tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         self._name = f"all-MiniLM-L6-v2@{directory.name}"
