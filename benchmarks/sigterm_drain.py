@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import grpc
@@ -99,7 +99,7 @@ def read_ports(serve: subprocess.Popen[str], deadline: float) -> tuple[int, int]
 def scrape(metrics_port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
         text = reply.read().decode()
-    totals: Counter[str] = Counter()
+    totals: defaultdict[str, float] = defaultdict(float)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             totals[sample.name] += sample.value

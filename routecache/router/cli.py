@@ -91,6 +91,13 @@ def _export_events(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_onnx(args: argparse.Namespace) -> int:
+    from routecache.cache.onnx_embedder import ensure_onnx_export
+
+    print(ensure_onnx_export(onnx_dir=args.onnx_dir))
+    return 0
+
+
 def _ask(args: argparse.Namespace) -> int:
     from routecache.router.ask import ask
 
@@ -162,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = verbs.add_parser("eval-router", help="APGR/CPT of the classifier on labelled data")
     eval_router.add_cli_arguments(evaluate)
     evaluate.set_defaults(run=eval_router.run)
+
+    onnx = verbs.add_parser("export-onnx", help="export the packaged MiniLM to ONNX (once)")
+    onnx.add_argument("--onnx-dir", type=Path, help="default: ~/.cache/routecache/onnx")
+    onnx.set_defaults(run=_export_onnx)
 
     hash_key = verbs.add_parser("hash-key", help="print the SHA-256 digest to configure a key")
     hash_key.add_argument("key")

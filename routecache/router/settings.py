@@ -139,9 +139,23 @@ class UpstreamSettings(_Section):
 
 
 class CacheSettings(_Section):
-    embedder: Literal["minilm", "hash"] = Field(
-        "minilm", description="minilm: the packaged all-MiniLM-L6-v2; hash: tests only"
+    embedder: Literal["minilm-onnx", "minilm", "hash"] = Field(
+        "minilm-onnx",
+        description="the packaged all-MiniLM-L6-v2 in ONNX Runtime (minilm-onnx) or torch "
+        "(minilm); hash: tests only",
     )
+    onnx_dir: Path | None = Field(
+        None, description="where the ONNX export is kept; default ~/.cache/routecache/onnx"
+    )
+    embed_max_batch: int = Field(32, gt=0, description="texts per encoder pass at most")
+    embed_max_wait_ms: float = Field(
+        0.0, ge=0, le=50, description="extra wait for a fuller batch once the encoder is free"
+    )
+    ivf_threshold: int = Field(
+        20_000, gt=0, description="entries in one scope before its flat index becomes IVF"
+    )
+    ivf_nprobe: int = Field(16, gt=0, description="IVF cells searched per lookup")
+    faiss_threads: int = Field(1, gt=0, description="OpenMP threads for FAISS")
     similarity_threshold: float = Field(0.9, gt=0, le=1)
     default_ttl_seconds: int = Field(7 * 24 * 3600, gt=0)
     max_entries: int = Field(100_000, gt=0)

@@ -30,7 +30,9 @@ def test_sigterm_drains_accepted_requests_and_exits_zero() -> None:
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["in_flight_at_sigterm"] >= 1  # SIGTERM really landed mid-run
     assert result["accepted_outcomes"] == {"OK": 8}
-    assert result["completion_events"] == 8
+    # A late request that beat the signal is answered, and logged, like any other.
+    late_answered = result["late_outcomes"].get("OK", 0)
+    assert result["completion_events"] == 8 + late_answered
     assert result["exit_code"] == 0
     # Requests sent after SIGTERM are refused (or, if they beat the signal, answered): never cut.
     assert set(result["late_outcomes"]) <= {"UNAVAILABLE", "OK"}
