@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from routecache.cache.ports import Embedder
 from routecache.cache.semantic_cache import SemanticCache
 from routecache.classifier.model import load_artifact, packaged_artifact_path
 from routecache.classifier.ports import DifficultyClassifier
+from routecache.classifier.registry import ModelRegistry
+from routecache.classifier.reloading import ReloadingClassifier
 from routecache.domain import Tenant, Tier
 from routecache.router.auth import ApiKeyAuthenticator
 from routecache.router.events import InMemoryEventLog
@@ -47,8 +50,13 @@ class Service:
     generator: Generator
     events: EventSink
     server: RunningServer | None = None
+    classifier: DifficultyClassifier | None = None
+    background: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def aclose(self) -> None:
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
         if self.server is not None:
             await self.server.stop()
         await self.generator.aclose()
@@ -62,7 +70,11 @@ def build_embedder(settings: Settings) -> Embedder:
 
 
 def build_classifier(settings: Settings) -> DifficultyClassifier:
-    return load_artifact(settings.classifier.artifact or packaged_artifact_path())
+    fallback = settings.classifier.artifact or packaged_artifact_path()
+    if settings.classifier.registry_dir is not None:
+        registry = ModelRegistry(settings.classifier.registry_dir)
+        return ReloadingClassifier.from_registry(registry, load_artifact, fallback)
+    return load_artifact(fallback)
 
 
 def build_upstream(provider: ProviderSettings) -> ChatUpstream:
@@ -86,6 +98,7 @@ def build_tenants(settings: Settings) -> ApiKeyAuthenticator:
                 default_ttl_seconds=t.default_ttl_seconds or settings.cache.default_ttl_seconds,
                 requests_per_second=t.requests_per_second,
                 daily_budget_usd=t.daily_budget_usd,
+                operating_point=t.operating_point() or settings.classifier.operating_point(),
             ),
             t.api_key_sha256,
         )
@@ -111,6 +124,7 @@ def build_service(settings: Settings, overrides: Overrides | None = None) -> Ser
     embeddings = EmbeddingWorker(embedder)
     events = parts.events or InMemoryEventLog()
     clock = parts.clock
+    classifier = parts.classifier or build_classifier(settings)
     pipeline = Pipeline(
         PipelineParts(
             authenticator=build_tenants(settings),
@@ -123,13 +137,13 @@ def build_service(settings: Settings, overrides: Overrides | None = None) -> Ser
                 clock,
             ),
             embeddings=embeddings,
-            classifier=parts.classifier or build_classifier(settings),
+            classifier=classifier,
             generator=generator,
             events=events,
             clock=clock,
         )
     )
-    return Service(settings, pipeline, embeddings, generator, events)
+    return Service(settings, pipeline, embeddings, generator, events, classifier=classifier)
 
 
 async def start_service(settings: Settings, overrides: Overrides | None = None) -> Service:
@@ -138,4 +152,7 @@ async def start_service(settings: Settings, overrides: Overrides | None = None) 
     # The first forward pass is several times slower than the rest; pay it before SERVING.
     await service.embeddings.embed("warm up")
     service.server = await start_server(RouteCacheServicer(service.pipeline), settings.server)
+    if isinstance(service.classifier, ReloadingClassifier):
+        interval = settings.classifier.reload_interval_seconds
+        service.background.append(asyncio.create_task(service.classifier.watch(interval)))
     return service
