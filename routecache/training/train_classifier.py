@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -294,7 +295,8 @@ def describe(
     """The artifact's metadata: the candidate's holdout figures plus provenance."""
     created = datetime.now(UTC).replace(microsecond=0)
     return {
-        "version": f"{name}-{created:%Y%m%dT%H%M%SZ}",
+        # The suffix keeps two runs within one second apart in a registry.
+        "version": f"{name}-{created:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}",
         "created_utc": created.isoformat(),
         "training_files": [p.name for p in paths],
         "training_data_sha256": files_sha256(paths),

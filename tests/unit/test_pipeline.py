@@ -1,8 +1,13 @@
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
+from routecache.classifier.model import FixedScoreClassifier
+from routecache.classifier.operating_point import CurvePoint, OperatingCurve
+from routecache.classifier.registry import ModelRegistry
+from routecache.classifier.reloading import ReloadingClassifier
 from routecache.domain import (
     CacheControl,
     CacheOutcome,
@@ -90,6 +95,42 @@ async def test_tenant_threshold_and_forced_tier() -> None:
     assert (await pipeline.complete(ask("q1"), ACME)).tier is Tier.STRONG
     forced = await pipeline.complete(ask("q2", force_tier=Tier.CHEAP), ACME)
     assert forced.tier is Tier.CHEAP
+    await harness.service.aclose()
+
+
+async def test_a_tenant_operating_point_is_resolved_by_the_model_in_service(
+    tmp_path: Path,
+) -> None:
+    # The fake's curve maps "30% strong" to threshold 0.5; a score of 0.6 goes strong.
+    curve = OperatingCurve(
+        [CurvePoint(0.9, 0.0, 0.0, 0.6, 0.02), CurvePoint(0.5, 0.3, 0.7, 0.7, 0.3),
+         CurvePoint(0.1, 1.0, 1.0, 0.8, 1.0)]
+    )  # fmt: skip
+    harness = make_harness(score=0.6, target_strong_fraction=0.3)
+    registry = ModelRegistry(tmp_path)
+    classifier = ReloadingClassifier(
+        registry, lambda path: FixedScoreClassifier(0.6), FixedScoreClassifier(0.6, curve=curve)
+    )
+    harness.service.pipeline._p.classifier = classifier
+    done = await harness.service.pipeline.complete(ask("needs the strong model"), ACME)
+    assert done.tier is Tier.STRONG
+    await harness.service.aclose()
+
+
+async def test_a_model_swap_mid_request_reports_the_version_that_routed_it() -> None:
+    harness = make_harness(score=0.2)
+    pipeline = harness.service.pipeline
+    swapped = FixedScoreClassifier(0.9, version="fixed-v2")
+
+    async def swap_during_generation(*args: object) -> object:
+        pipeline._p.classifier = swapped  # what a hot reload does, mid-request
+        return await original(*args)
+
+    original = pipeline._p.generator.generate
+    pipeline._p.generator.generate = swap_during_generation  # type: ignore[method-assign]
+    done = await pipeline.complete(ask("routed before the swap"), ACME)
+    assert (done.tier, done.classifier_version) == (Tier.CHEAP, "fixed-v1")
+    assert (await pipeline.stats(ACME)).classifier_version == "fixed-v2"
     await harness.service.aclose()
 
 
