@@ -29,11 +29,17 @@ Loader = Callable[[Path], DifficultyClassifier]
 
 class ReloadingClassifier:
     def __init__(
-        self, registry: ModelRegistry, load: Loader, initial: DifficultyClassifier
+        self,
+        registry: ModelRegistry,
+        load: Loader,
+        initial: DifficultyClassifier,
+        initial_entry: str | None = None,
     ) -> None:
         self._registry = registry
         self._load = load
         self._active = initial
+        # The registry entry in service: a registry name need not equal the model's own version.
+        self._entry = initial_entry
         self._failed_version: str | None = None
         self.swaps = 0
 
@@ -42,8 +48,10 @@ class ReloadingClassifier:
         cls, registry: ModelRegistry, load: Loader, fallback: Path
     ) -> ReloadingClassifier:
         """Start on the registry's current version, or on `fallback` if none is promoted yet."""
-        path = registry.current_artifact() or fallback
-        return cls(registry, load, load(path))
+        entry = registry.current_version()
+        if entry is None:
+            return cls(registry, load, load(fallback))
+        return cls(registry, load, load(registry.artifact_path(entry)), entry)
 
     @property
     def active(self) -> DifficultyClassifier:
@@ -69,7 +77,7 @@ class ReloadingClassifier:
     async def refresh(self) -> bool:
         """Swap in the registry's current version if it changed; True if a swap happened."""
         wanted = self._registry.current_version()
-        if wanted is None or wanted == self._active.version or wanted == self._failed_version:
+        if wanted is None or wanted == self._entry or wanted == self._failed_version:
             return False
         path = self._registry.artifact_path(wanted)
         try:
@@ -78,7 +86,7 @@ class ReloadingClassifier:
             log.exception("classifier %s could not be loaded; keeping %s", wanted, self.version)
             self._failed_version = wanted
             return False
-        previous, self._active = self._active.version, loaded
+        previous, self._active, self._entry = self._active.version, loaded, wanted
         self._failed_version = None
         self.swaps += 1
         log.info("classifier swapped: %s -> %s", previous, loaded.version)
