@@ -197,9 +197,9 @@ class SklearnDifficultyClassifier:
         return self._model
 
     def threshold_for(self, point: OperatingPoint) -> float:
-        if self._curve is None:
-            raise ClassifierArtifactError(f"classifier {self._version} has no operating curve")
-        return self._curve.threshold_for(point)
+        # Without a curve (a hand-built model) the stored threshold is the best answer we have;
+        # refusing would fail every request of the tenant.
+        return self._threshold if self._curve is None else self._curve.threshold_for(point)
 
     def assess(self, embedding: npt.NDArray[np.float32], text: str) -> Assessment:
         vector = np.asarray(embedding).reshape(-1)

@@ -17,7 +17,7 @@ from routecache.classifier.model import load_artifact, packaged_artifact_path
 from routecache.classifier.ports import DifficultyClassifier
 from routecache.classifier.registry import ModelRegistry
 from routecache.classifier.reloading import ReloadingClassifier
-from routecache.domain import Tenant, Tier
+from routecache.domain import OperatingPoint, Tenant, Tier
 from routecache.router.auth import ApiKeyAuthenticator
 from routecache.router.events import InMemoryEventLog
 from routecache.router.generation import Generator, Provider
@@ -26,7 +26,7 @@ from routecache.router.pipeline import Pipeline, PipelineParts
 from routecache.router.ports import ChatUpstream, EventSink, Pricing
 from routecache.router.server import RunningServer, start_server
 from routecache.router.servicer import RouteCacheServicer
-from routecache.router.settings import ProviderSettings, Settings
+from routecache.router.settings import ProviderSettings, Settings, TenantSettings
 from routecache.router.upstream.openai_client import OpenAIChatClient
 from routecache.router.validators import JsonSchemaValidator, MaxLengthValidator
 
@@ -86,19 +86,26 @@ def build_upstream(provider: ProviderSettings) -> ChatUpstream:
     )
 
 
+def _routing_target(
+    tenant: TenantSettings, settings: Settings
+) -> tuple[float | None, OperatingPoint | None]:
+    """The most specific of: tenant threshold, tenant target, default threshold, default target."""
+    if tenant.routing_threshold is not None or tenant.operating_point() is not None:
+        return tenant.routing_threshold, tenant.operating_point()
+    return settings.classifier.routing_threshold, settings.classifier.operating_point()
+
+
 def build_tenants(settings: Settings) -> ApiKeyAuthenticator:
-    routing_default = settings.classifier.routing_threshold
     return ApiKeyAuthenticator(
         (
             Tenant(
                 name=t.name,
-                routing_threshold=t.routing_threshold if t.routing_threshold is not None
-                else routing_default,
+                routing_threshold=_routing_target(t, settings)[0],
                 similarity_threshold=t.similarity_threshold or settings.cache.similarity_threshold,
                 default_ttl_seconds=t.default_ttl_seconds or settings.cache.default_ttl_seconds,
                 requests_per_second=t.requests_per_second,
                 daily_budget_usd=t.daily_budget_usd,
-                operating_point=t.operating_point() or settings.classifier.operating_point(),
+                operating_point=_routing_target(t, settings)[1],
             ),
             t.api_key_sha256,
         )

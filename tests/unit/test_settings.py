@@ -33,6 +33,20 @@ def test_operating_targets_are_one_at_most_and_tenants_inherit_the_default() -> 
     auth = build_tenants(settings)
     assert auth.authenticate("ka").operating_point == OperatingPoint(strong_fraction=0.3)
     assert auth.authenticate("kb").operating_point == OperatingPoint(cost_ratio=0.4)
+    # A tenant's own target beats a service-wide threshold; a tenant threshold beats both.
+    settings = load_settings(
+        classifier={"routing_threshold": 0.2},
+        tenants=[
+            {"name": "a", "api_key_sha256": [hash_api_key("ka")], "target_quality": 0.9},
+            {"name": "b", "api_key_sha256": [hash_api_key("kb")], "routing_threshold": 0.3},
+            {"name": "c", "api_key_sha256": [hash_api_key("kc")]},
+        ],
+    )
+    auth = build_tenants(settings)
+    a, b, c = (auth.authenticate(key) for key in ("ka", "kb", "kc"))
+    assert (a.routing_threshold, a.operating_point) == (None, OperatingPoint(quality=0.9))
+    assert (b.routing_threshold, b.operating_point) == (0.3, None)
+    assert (c.routing_threshold, c.operating_point) == (0.2, None)
 
 
 def test_environment_overrides_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
