@@ -99,6 +99,27 @@ class ChatRequest:
 
 
 @dataclass(frozen=True)
+class OperatingPoint:
+    """What an operator asks of the router; exactly one target is set.
+
+    strong_fraction: share of requests sent to the strong model; quality: fraction of the
+    strong model's accuracy gap recovered (PGR); cost_ratio: spend ceiling relative to sending
+    every request strong. The classifier maps it to a threshold with its held-out curve.
+    """
+
+    strong_fraction: float | None = None
+    quality: float | None = None
+    cost_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        targets = [
+            t for t in (self.strong_fraction, self.quality, self.cost_ratio) if t is not None
+        ]
+        if len(targets) != 1:
+            raise ValueError("set exactly one of strong_fraction, quality, cost_ratio")
+
+
+@dataclass(frozen=True)
 class Tenant:
     name: str
     routing_threshold: float | None  # None: the threshold stored with the classifier
@@ -106,6 +127,8 @@ class Tenant:
     default_ttl_seconds: int
     requests_per_second: float | None = None
     daily_budget_usd: float | None = None
+    # Used when routing_threshold is None; None too: the classifier's default threshold.
+    operating_point: OperatingPoint | None = None
 
 
 @dataclass(frozen=True)

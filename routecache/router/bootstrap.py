@@ -16,7 +16,9 @@ from routecache.cache.ports import Embedder
 from routecache.cache.semantic_cache import Distrust, SemanticCache
 from routecache.classifier.model import load_artifact, packaged_artifact_path
 from routecache.classifier.ports import DifficultyClassifier
-from routecache.domain import Tenant, Tier
+from routecache.classifier.registry import ModelRegistry
+from routecache.classifier.reloading import ReloadingClassifier
+from routecache.domain import OperatingPoint, Tenant, Tier
 from routecache.router.auth import ApiKeyAuthenticator
 from routecache.router.events import InMemoryEventLog, JsonlEventLog
 from routecache.router.generation import Generator, Provider
@@ -26,7 +28,7 @@ from routecache.router.pipeline import Pipeline, PipelineParts
 from routecache.router.ports import ChatUpstream, EventSink, Pricing
 from routecache.router.server import DEPENDENCIES, RunningServer, start_server
 from routecache.router.servicer import RouteCacheServicer
-from routecache.router.settings import ProviderSettings, RetrySettings, Settings
+from routecache.router.settings import ProviderSettings, RetrySettings, Settings, TenantSettings
 from routecache.router.telemetry import (
     BREAKER_CLOSED,
     BREAKER_HALF_OPEN,
@@ -65,9 +67,14 @@ class Service:
     telemetry: Telemetry
     server: RunningServer | None = None
     metrics: MetricsServer | None = None
+    classifier: DifficultyClassifier | None = None
+    background: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def aclose(self) -> None:
         """Drain in-flight calls (within server.grace_seconds), then release everything."""
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
         if self.server is not None:
             await self.server.stop()
         await self.generator.aclose()
@@ -111,7 +118,11 @@ def build_embedding_worker(settings: Settings, embedder: Embedder) -> EmbeddingW
 
 
 def build_classifier(settings: Settings) -> DifficultyClassifier:
-    return load_artifact(settings.classifier.artifact or packaged_artifact_path())
+    fallback = settings.classifier.artifact or packaged_artifact_path()
+    if settings.classifier.registry_dir is not None:
+        registry = ModelRegistry(settings.classifier.registry_dir)
+        return ReloadingClassifier.from_registry(registry, load_artifact, fallback)
+    return load_artifact(fallback)
 
 
 def build_upstream(provider: ProviderSettings, retry: RetrySettings | None = None) -> ChatUpstream:
@@ -177,18 +188,26 @@ def build_events(settings: Settings) -> EventSink:
     return JsonlEventLog(path) if path is not None else InMemoryEventLog()
 
 
+def _routing_target(
+    tenant: TenantSettings, settings: Settings
+) -> tuple[float | None, OperatingPoint | None]:
+    """The most specific of: tenant threshold, tenant target, default threshold, default target."""
+    if tenant.routing_threshold is not None or tenant.operating_point() is not None:
+        return tenant.routing_threshold, tenant.operating_point()
+    return settings.classifier.routing_threshold, settings.classifier.operating_point()
+
+
 def build_tenants(settings: Settings) -> ApiKeyAuthenticator:
-    routing_default = settings.classifier.routing_threshold
     return ApiKeyAuthenticator(
         (
             Tenant(
                 name=t.name,
-                routing_threshold=t.routing_threshold if t.routing_threshold is not None
-                else routing_default,
+                routing_threshold=_routing_target(t, settings)[0],
                 similarity_threshold=t.similarity_threshold or settings.cache.similarity_threshold,
                 default_ttl_seconds=t.default_ttl_seconds or settings.cache.default_ttl_seconds,
                 requests_per_second=t.requests_per_second,
                 daily_budget_usd=t.daily_budget_usd,
+                operating_point=_routing_target(t, settings)[1],
             ),
             t.api_key_sha256,
         )
@@ -205,6 +224,7 @@ def build_service(settings: Settings, overrides: Overrides | None = None) -> Ser
     telemetry.watch_queue("embedding", lambda: embeddings.pending)
     events = parts.events or build_events(settings)
     clock = parts.clock
+    classifier = parts.classifier or build_classifier(settings)
     pipeline = Pipeline(
         PipelineParts(
             authenticator=build_tenants(settings),
@@ -219,14 +239,16 @@ def build_service(settings: Settings, overrides: Overrides | None = None) -> Ser
                 stale_grace_seconds=settings.upstream.stale_grace_seconds,
             ),
             embeddings=embeddings,
-            classifier=parts.classifier or build_classifier(settings),
+            classifier=classifier,
             generator=generator,
             events=events,
             clock=clock,
             telemetry=telemetry,
         )
     )
-    return Service(settings, pipeline, embeddings, generator, events, telemetry)
+    return Service(
+        settings, pipeline, embeddings, generator, events, telemetry, classifier=classifier
+    )
 
 
 async def start_service(settings: Settings, overrides: Overrides | None = None) -> Service:
@@ -253,4 +275,7 @@ async def start_service(settings: Settings, overrides: Overrides | None = None) 
     for dependency in DEPENDENCIES:
         await server.set_dependency(dependency, serving=True)
     await server.set_serving(True)
+    if isinstance(service.classifier, ReloadingClassifier):
+        interval = settings.classifier.reload_interval_seconds
+        service.background.append(asyncio.create_task(service.classifier.watch(interval)))
     return service

@@ -123,10 +123,26 @@ def _hash_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rollback_classifier(args: argparse.Namespace) -> int:
+    from routecache.classifier.registry import ModelRegistry, RegistryError
+
+    registry = ModelRegistry(args.registry)
+    try:
+        previous = registry.current_version()
+        version = registry.rollback(args.to)
+    except RegistryError as error:
+        print(f"routecache: {error}", file=sys.stderr)
+        return 1
+    print(
+        f"classifier rolled back: {previous} -> {version}; services pick it up at their next check"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from routecache.replay.config import add_cli_arguments as replay_arguments
     from routecache.router.ask import add_cli_arguments as ask_arguments
-    from routecache.training import eval_router, train_classifier
+    from routecache.training import eval_router, retrain, train_classifier
 
     parser = argparse.ArgumentParser(prog="routecache", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -173,6 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     onnx = verbs.add_parser("export-onnx", help="export the packaged MiniLM to ONNX (once)")
     onnx.add_argument("--onnx-dir", type=Path, help="default: ~/.cache/routecache/onnx")
     onnx.set_defaults(run=_export_onnx)
+
+    retrain_verb = verbs.add_parser(
+        "retrain", help="train on labelled data + logged events; promote if not worse"
+    )
+    retrain.add_cli_arguments(retrain_verb)
+    retrain_verb.set_defaults(run=retrain.run)
+
+    rollback = verbs.add_parser(
+        "rollback-classifier", help="point the registry back to the previously promoted model"
+    )
+    rollback.add_argument("--registry", type=Path, required=True, help="model registry folder")
+    rollback.add_argument("--to", default=None, help="a version (default: the previous one)")
+    rollback.set_defaults(run=_rollback_classifier)
 
     hash_key = verbs.add_parser("hash-key", help="print the SHA-256 digest to configure a key")
     hash_key.add_argument("key")

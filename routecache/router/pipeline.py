@@ -200,7 +200,7 @@ class Pipeline:
         started = time.perf_counter()
         (scope, vector), generator = where, self._p.generator
         with _stage(latency, "classify_ms"):
-            tier, difficulty = self._route(tenant, request, vector)
+            tier, difficulty, version = self._route(tenant, request, vector)
         events = generator.stream(request, tier, tenant=tenant.name, deadline=deadline)
         generated: Generated | None = None
         try:
@@ -224,7 +224,7 @@ class Pipeline:
         if not request.cache.no_store and generated.report.passed:
             with _stage(latency, "store_ms"):
                 entry_id = await self._store(tenant, scope, request, vector, generated)
-        done = self._from_models(tenant, generated, False, entry_id, difficulty, latency)
+        done = self._from_models(tenant, generated, False, entry_id, (difficulty, version), latency)
         latency.total_ms += (time.perf_counter() - started) * 1000
         self._stats.record_completion(tenant.name, done, generated.calls)
         self._emit_completion(tenant, request, done)
@@ -268,7 +268,7 @@ class Pipeline:
             return hit, 0
         assert vector is not None  # a miss always embeds
         with _stage(latency, "classify_ms"):
-            tier, difficulty = self._route(tenant, request, vector)
+            tier, difficulty, version = self._route(tenant, request, vector)
         flight_key = f"{exact_key(scope, request.prompt)}:{tier.value}"
         generator = self._p.generator
         try:
@@ -285,7 +285,8 @@ class Pipeline:
             if not request.cache.no_store and generated.report.passed:
                 with _stage(latency, "store_ms"):
                     entry_id = await self._store(tenant, scope, request, vector, generated)
-        done = self._from_models(tenant, generated, shared, entry_id, difficulty, latency)
+        scored = (difficulty, version)
+        done = self._from_models(tenant, generated, shared, entry_id, scored, latency)
         return done, (0 if shared else generated.calls)
 
     async def _stale(
@@ -310,15 +311,28 @@ class Pipeline:
         stale = replace(served.cache, stale=True)
         return replace(served, cache=stale, upstream_failures=(str(error),))
 
-    def _route(self, tenant: Tenant, request: ChatRequest, vector: Vector) -> tuple[Tier, float]:
+    def _route(
+        self, tenant: Tenant, request: ChatRequest, vector: Vector
+    ) -> tuple[Tier, float, str]:
+        """Tier, P(cheap fails) and the classifier version that scored it.
+
+        The tier follows the routing score (the accuracy the strong model is expected to add).
+        Synchronous on purpose: a hot-reloaded model swaps on the event loop, so the score,
+        threshold and version used here all come from one model.
+        """
         classifier = self._p.classifier
-        difficulty = classifier.failure_probability(vector, request.prompt)
+        assessment = classifier.assess(vector, request.prompt)
+        difficulty = assessment.failure_probability
+        version = classifier.version
         if request.force_tier is not None:
-            return request.force_tier, difficulty
+            return request.force_tier, difficulty, version
         threshold = tenant.routing_threshold
+        if threshold is None and tenant.operating_point is not None:
+            threshold = classifier.threshold_for(tenant.operating_point)
         if threshold is None:
             threshold = classifier.default_threshold
-        return (Tier.STRONG if difficulty >= threshold else Tier.CHEAP), difficulty
+        tier = Tier.STRONG if assessment.routing_score >= threshold else Tier.CHEAP
+        return tier, difficulty, version
 
     async def _store(
         self, tenant: Tenant, scope: str, request: ChatRequest, vector: Vector, generated: Generated
@@ -362,9 +376,10 @@ class Pipeline:
         generated: Generated,
         shared: bool,
         entry_id: str,
-        difficulty: float,
+        scored: tuple[float, str],
         latency: LatencyBreakdown,
     ) -> Completion:
+        difficulty, version = scored
         # A caller that shared another's in-flight call paid nothing and saved its cost.
         cost, saved = (0.0, generated.cost_usd) if shared else (generated.cost_usd, 0.0)
         return Completion(
@@ -376,7 +391,7 @@ class Pipeline:
             usage=Usage(generated.prompt_tokens, generated.completion_tokens, cost, saved),
             validation=generated.report,
             latency=latency,
-            classifier_version=self._p.classifier.version,
+            classifier_version=version,
             difficulty=difficulty,
             provider=generated.provider,
             upstream_failures=generated.upstream_failures,

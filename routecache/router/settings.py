@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -25,6 +25,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from routecache.domain import OperatingPoint
 
 CONFIG_ENV_VAR = "ROUTECACHE_CONFIG"
 
@@ -167,14 +169,49 @@ class CacheSettings(_Section):
     )
 
 
-class ClassifierSettings(_Section):
+class _OperatingTargets(_Section):
+    """At most one routing target; each maps to a threshold via the model's held-out curve."""
+
+    target_strong_fraction: float | None = Field(
+        None, ge=0, le=1, description="share of requests sent to the strong model"
+    )
+    target_quality: float | None = Field(
+        None, ge=0, le=1.5, description="fraction of the strong model's accuracy gap recovered"
+    )
+    max_cost_ratio: float | None = Field(
+        None, ge=0, le=1, description="spend ceiling relative to sending every request strong"
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Self:
+        targets = [self.target_strong_fraction, self.target_quality, self.max_cost_ratio]
+        if sum(t is not None for t in targets) > 1:
+            raise ValueError(
+                "set at most one of target_strong_fraction, target_quality, max_cost_ratio"
+            )
+        return self
+
+    def operating_point(self) -> OperatingPoint | None:
+        targets = (self.target_strong_fraction, self.target_quality, self.max_cost_ratio)
+        return None if all(t is None for t in targets) else OperatingPoint(*targets)
+
+
+class ClassifierSettings(_OperatingTargets):
     artifact: Path | None = Field(None, description="a .skops file; default: the packaged model")
     routing_threshold: float | None = Field(
         None,
-        ge=0,
+        ge=-1,
         le=1,
-        description="P(cheap fails) at or above which STRONG is used; "
-        "default: the threshold stored with the model",
+        description="routing score (P(cheap fails) - P(strong fails)) at or above which "
+        "STRONG is used; default: the operating point below, else the model's stored threshold",
+    )
+    registry_dir: Path | None = Field(
+        None,
+        description="model registry (see classifier/registry.py); when set, the service "
+        "serves its CURRENT version and hot-reloads promotions and rollbacks",
+    )
+    reload_interval_seconds: float = Field(
+        5.0, gt=0, description="how often the registry's CURRENT pointer is checked"
     )
 
 
@@ -242,10 +279,10 @@ def _default_validators() -> list[ValidatorSpec]:
     return [ValidatorSpec(kind="length"), ValidatorSpec(kind="json_schema")]
 
 
-class TenantSettings(_Section):
+class TenantSettings(_OperatingTargets):
     name: str = Field(min_length=1)
     api_key_sha256: list[str] = Field(min_length=1, description="hex SHA-256 of each API key")
-    routing_threshold: float | None = Field(None, ge=0, le=1)
+    routing_threshold: float | None = Field(None, ge=-1, le=1)
     similarity_threshold: float | None = Field(None, gt=0, le=1)
     default_ttl_seconds: int | None = Field(None, gt=0)
     requests_per_second: float | None = Field(None, gt=0)

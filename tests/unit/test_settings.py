@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from routecache.domain import OperatingPoint
 from routecache.router.auth import ApiKeyAuthenticator, hash_api_key
 from routecache.router.bootstrap import build_tenants
 from routecache.router.settings import ConfigError, load_settings
@@ -14,7 +15,38 @@ def test_example_config_loads_and_its_keys_authenticate() -> None:
     auth: ApiKeyAuthenticator = build_tenants(settings)
     assert auth.authenticate("dev-key-acme").name == "acme"
     globex = auth.authenticate("dev-key-globex")
-    assert globex.name == "globex" and globex.routing_threshold == 0.6
+    assert globex.name == "globex" and globex.routing_threshold is None
+    assert globex.operating_point == OperatingPoint(quality=0.9)
+    assert auth.authenticate("dev-key-acme").operating_point is None
+
+
+def test_operating_targets_are_one_at_most_and_tenants_inherit_the_default() -> None:
+    with pytest.raises(ConfigError, match="at most one"):
+        load_settings(classifier={"target_quality": 0.8, "max_cost_ratio": 0.5})
+    settings = load_settings(
+        classifier={"target_strong_fraction": 0.3},
+        tenants=[
+            {"name": "a", "api_key_sha256": [hash_api_key("ka")]},
+            {"name": "b", "api_key_sha256": [hash_api_key("kb")], "max_cost_ratio": 0.4},
+        ],
+    )
+    auth = build_tenants(settings)
+    assert auth.authenticate("ka").operating_point == OperatingPoint(strong_fraction=0.3)
+    assert auth.authenticate("kb").operating_point == OperatingPoint(cost_ratio=0.4)
+    # A tenant's own target beats a service-wide threshold; a tenant threshold beats both.
+    settings = load_settings(
+        classifier={"routing_threshold": 0.2},
+        tenants=[
+            {"name": "a", "api_key_sha256": [hash_api_key("ka")], "target_quality": 0.9},
+            {"name": "b", "api_key_sha256": [hash_api_key("kb")], "routing_threshold": 0.3},
+            {"name": "c", "api_key_sha256": [hash_api_key("kc")]},
+        ],
+    )
+    auth = build_tenants(settings)
+    a, b, c = (auth.authenticate(key) for key in ("ka", "kb", "kc"))
+    assert (a.routing_threshold, a.operating_point) == (None, OperatingPoint(quality=0.9))
+    assert (b.routing_threshold, b.operating_point) == (0.3, None)
+    assert (c.routing_threshold, c.operating_point) == (0.2, None)
 
 
 def test_environment_overrides_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
