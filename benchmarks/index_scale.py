@@ -16,6 +16,7 @@ import statistics
 import time
 from typing import Any
 
+import faiss
 import numpy as np
 
 from routecache.cache.faiss_index import IndexPolicy, ScopedFaissIndex
@@ -76,7 +77,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--nprobe", type=int, default=IndexPolicy().nprobe)
     parser.add_argument("--flat-only", action="store_true", help="never switch to IVF")
+    parser.add_argument("--threads", type=int, default=1, help="FAISS OpenMP threads (as served)")
     args = parser.parse_args()
+    faiss.omp_set_num_threads(args.threads)
     threshold = 10**12 if args.flat_only else IndexPolicy().ivf_threshold
     policy = IndexPolicy(ivf_threshold=threshold, nprobe=args.nprobe)
     print("entries   index  build_s  bytes/entry  p50_ms  p99_ms  recall@1")

@@ -1,11 +1,11 @@
 """FAISS inner-product search, one index per scope so a lookup never sees another scope.
 
 A scope starts as an exact flat index. Past `ivf_threshold` entries a flat search costs more
-than a lookup may (about 1 ms per 25k vectors here, see docs/benchmarks.md), so the scope is
-rebuilt as an IVF index: k-means cells over the scope's own vectors, searched `nprobe` cells
-deep. IVF rather than HNSW because it removes entries in place (HNSW in FAISS cannot), which an
-evicting, invalidating cache does all the time. Near-duplicate queries sit very close to their
-match, where IVF's recall is at its best (measured in benchmarks/index_scale.py).
+than a lookup should (about 0.2 ms per 1k vectors on one core here; docs/benchmarks.md), so
+the scope is rebuilt as an IVF index: k-means cells over the scope's own vectors, searched
+`nprobe` cells deep. IVF rather than HNSW because it removes entries in place (HNSW in FAISS
+cannot), which an evicting, invalidating cache does all the time. Near-duplicate queries sit
+very close to their match, where IVF's recall is at its best (benchmarks/index_scale.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from routecache.cache.ports import Neighbour, Vector
 
 @dataclass(frozen=True)
 class IndexPolicy:
-    ivf_threshold: int = 20_000  # entries in one scope before it becomes an IVF index
+    ivf_threshold: int = 5_000  # entries in one scope before it becomes an IVF index
     nprobe: int = 16
     cells_per_sqrt: float = 4.0  # IVF cells = cells_per_sqrt * sqrt(entries at build time)
 
@@ -38,10 +38,8 @@ class _ScopeIndex:
 
     def vectors_and_labels(self, dimension: int) -> tuple[np.ndarray, np.ndarray]:
         labels = np.fromiter(self.id_of_label, dtype=np.int64, count=len(self.id_of_label))
-        vectors = np.empty((len(labels), dimension), dtype=np.float32)
-        for row, label in enumerate(labels):
-            vectors[row] = self.index.reconstruct(int(label))
-        return vectors, labels
+        vectors: np.ndarray = self.index.reconstruct_batch(labels)  # one call, not one per row
+        return vectors.reshape(len(labels), dimension), labels
 
 
 def build_ivf(vectors: np.ndarray, labels: np.ndarray, policy: IndexPolicy) -> faiss.IndexIVFFlat:

@@ -154,7 +154,7 @@ class CacheSettings(_Section):
         0.0, ge=0, le=50, description="extra wait for a fuller batch once the encoder is free"
     )
     ivf_threshold: int = Field(
-        20_000, gt=0, description="entries in one scope before its flat index becomes IVF"
+        5_000, gt=0, description="entries in one scope before its flat index becomes IVF"
     )
     ivf_nprobe: int = Field(16, gt=0, description="IVF cells searched per lookup")
     faiss_threads: int = Field(1, gt=0, description="OpenMP threads for FAISS")
