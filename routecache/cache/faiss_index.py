@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 import faiss
 import numpy as np
@@ -46,6 +47,23 @@ class ScopedFaissIndex:
             index.index.add_with_ids(row, np.array([label], dtype=np.int64))
             index.id_of_label[label] = entry_id
             index.label_of_id[entry_id] = label
+
+    def add_many(self, scope: str, entry_ids: Sequence[str], vectors: Vector) -> None:
+        """Bulk add (rebuilds): one FAISS call per batch instead of one per entry."""
+        with self._lock:
+            index = self._scopes.get(scope)
+            if index is None:
+                index = self._scopes[scope] = _ScopeIndex(self._dimension)
+            fresh = [i for i, e in enumerate(entry_ids) if e not in index.label_of_id]
+            if not fresh:
+                return
+            labels = np.arange(self._next_label, self._next_label + len(fresh), dtype=np.int64)
+            self._next_label += len(fresh)
+            rows = np.ascontiguousarray(vectors[fresh], dtype=np.float32)
+            index.index.add_with_ids(rows, labels)
+            for position, label in zip(fresh, labels.tolist(), strict=True):
+                index.id_of_label[label] = entry_ids[position]
+                index.label_of_id[entry_ids[position]] = label
 
     def remove(self, scope: str, entry_id: str) -> None:
         with self._lock:

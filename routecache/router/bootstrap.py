@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from routecache.backends.keys import KeySpace
+from routecache.backends.link import RedisLink
+from routecache.backends.redis_events import RedisStreamEventSink
+from routecache.backends.redis_limits import RedisRateLimiter, RedisSpendLedger
+from routecache.backends.redis_store import RedisEntryStore, RedisStoreOptions
+from routecache.backends.replica_sync import ReplicaSync
+from routecache.backends.storage import CacheHealth, EmbeddedStorage, RedisStorage, Storage
 from routecache.cache.embedder import HashEmbedder, MiniLMEmbedder
 from routecache.cache.embedding_worker import EmbeddingWorker
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.memory_store import InMemoryEntryStore
-from routecache.cache.ports import Embedder
+from routecache.cache.ports import Embedder, EntryStore, VectorIndex
 from routecache.cache.semantic_cache import SemanticCache
 from routecache.classifier.model import load_artifact, packaged_artifact_path
 from routecache.classifier.ports import DifficultyClassifier
@@ -20,7 +28,7 @@ from routecache.router.events import InMemoryEventLog
 from routecache.router.generation import Generator, Provider
 from routecache.router.limits import InMemoryRateLimiter, InMemorySpendLedger
 from routecache.router.pipeline import Pipeline, PipelineParts
-from routecache.router.ports import ChatUpstream, EventSink, Pricing
+from routecache.router.ports import ChatUpstream, EventSink, Pricing, RateLimiter, SpendLedger
 from routecache.router.server import RunningServer, start_server
 from routecache.router.servicer import RouteCacheServicer
 from routecache.router.settings import ProviderSettings, Settings
@@ -46,11 +54,20 @@ class Service:
     embeddings: EmbeddingWorker
     generator: Generator
     events: EventSink
+    storage: Storage
     server: RunningServer | None = None
+
+    async def start_storage(self, cache_health: CacheHealth | None = None) -> None:
+        """Loads the cache index from the store (rebuild from Redis, or the snapshot)."""
+        if cache_health is None:
+            await self.storage.start()
+        else:
+            await self.storage.start(cache_health)
 
     async def aclose(self) -> None:
         if self.server is not None:
             await self.server.stop()
+        await self.storage.aclose()
         await self.generator.aclose()
         self.embeddings.close()
 
@@ -93,6 +110,56 @@ def build_tenants(settings: Settings) -> ApiKeyAuthenticator:
     )  # fmt: skip
 
 
+@dataclass
+class StorageParts:
+    store: EntryStore
+    rate_limiter: RateLimiter
+    spend: SpendLedger
+    events: EventSink
+    storage: Storage
+
+
+def build_storage(
+    settings: Settings, index: VectorIndex, clock: Callable[[], float], events: EventSink | None
+) -> StorageParts:
+    store_settings = settings.store
+    if store_settings.backend == "memory":
+        store = InMemoryEntryStore(settings.cache.max_entries)
+        return StorageParts(
+            store, InMemoryRateLimiter(clock), InMemorySpendLedger(clock),
+            events or InMemoryEventLog(),
+            EmbeddedStorage(store, index, clock, store_settings.snapshot_path,
+                            store_settings.snapshot_interval_seconds),
+        )  # fmt: skip
+    link = RedisLink(
+        store_settings.redis_url.get_secret_value(),
+        store_settings.timeout_seconds,
+        store_settings.max_connections,
+        store_settings.probe_interval_seconds,
+    )
+    keyspace = KeySpace(store_settings.key_prefix)
+    origin = uuid.uuid4().hex  # this replica, so it can skip its own sync messages
+    redis_store = RedisEntryStore(
+        link, keyspace,
+        RedisStoreOptions(settings.cache.max_entries, store_settings.sync_stream_max_len),
+        clock, origin,
+    )  # fmt: skip
+    sync = ReplicaSync(
+        link, keyspace, [t.name for t in settings.tenants], index, redis_store, origin, clock,
+        store_settings.purge_interval_seconds,
+    )  # fmt: skip
+    stream_events = None
+    if events is None:
+        stream_events = RedisStreamEventSink(
+            link, keyspace, store_settings.event_buffer_max, store_settings.event_stream_max_len
+        )
+    spend = RedisSpendLedger(link, keyspace, clock)
+    return StorageParts(
+        redis_store, RedisRateLimiter(link, keyspace, clock), spend, events or stream_events,  # type: ignore[arg-type]
+        RedisStorage(link, sync, stream_events, spend),
+    )  # fmt: skip
+
+
 def build_service(settings: Settings, overrides: Overrides | None = None) -> Service:
     parts = overrides or Overrides()
     providers = {
@@ -109,19 +176,17 @@ def build_service(settings: Settings, overrides: Overrides | None = None) -> Ser
     )
     embedder = parts.embedder or build_embedder(settings)
     embeddings = EmbeddingWorker(embedder)
-    events = parts.events or InMemoryEventLog()
     clock = parts.clock
+    index = ScopedFaissIndex(embedder.dimension)
+    storage = build_storage(settings, index, clock, parts.events)
+    events = storage.events
     pipeline = Pipeline(
         PipelineParts(
             authenticator=build_tenants(settings),
             limits=settings.limits,
-            rate_limiter=InMemoryRateLimiter(clock),
-            spend=InMemorySpendLedger(clock),
-            cache=SemanticCache(
-                InMemoryEntryStore(settings.cache.max_entries),
-                ScopedFaissIndex(embedder.dimension),
-                clock,
-            ),
+            rate_limiter=storage.rate_limiter,
+            spend=storage.spend,
+            cache=SemanticCache(storage.store, index, clock),
             embeddings=embeddings,
             classifier=parts.classifier or build_classifier(settings),
             generator=generator,
@@ -129,7 +194,7 @@ def build_service(settings: Settings, overrides: Overrides | None = None) -> Ser
             clock=clock,
         )
     )
-    return Service(settings, pipeline, embeddings, generator, events)
+    return Service(settings, pipeline, embeddings, generator, events, storage.storage)
 
 
 async def start_service(settings: Settings, overrides: Overrides | None = None) -> Service:
@@ -137,5 +202,11 @@ async def start_service(settings: Settings, overrides: Overrides | None = None) 
     service = build_service(settings, overrides)
     # The first forward pass is several times slower than the rest; pay it before SERVING.
     await service.embeddings.embed("warm up")
-    service.server = await start_server(RouteCacheServicer(service.pipeline), settings.server)
+    server = await start_server(
+        RouteCacheServicer(service.pipeline), settings.server, serving=False
+    )
+    service.server = server
+    # NOT_SERVING until the index holds what the store holds (a Redis rebuild can take a while).
+    await service.start_storage(server.set_cache_serving)
+    await server.set_serving(True)
     return service

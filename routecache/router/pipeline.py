@@ -65,6 +65,10 @@ class Pipeline:
         self._responses = ResponseRegistry()
         self._single_flight: SingleFlight[Generated] = SingleFlight()
 
+    @property
+    def cache(self) -> SemanticCache:
+        return self._p.cache
+
     async def complete(self, request: ChatRequest, api_key: str | None) -> Completion:
         started = time.perf_counter()
         tenant = self._p.authenticator.authenticate(api_key)
@@ -155,7 +159,7 @@ class Pipeline:
                 tags=request.cache.tags,
             )
         )
-        return entry.entry_id
+        return "" if entry is None else entry.entry_id
 
     def _from_cache(self, tenant: Tenant, hit: CacheHit, latency: LatencyBreakdown) -> Completion:
         entry = hit.entry

@@ -16,6 +16,9 @@ from routecache.v1 import routecache_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RouteCache"].full_name
+# The cache's store as its own health entry: Redis down marks only this NOT_SERVING, since
+# the service keeps answering without its cache.
+CACHE_HEALTH_NAME = "routecache.v1.RouteCache.cache"
 
 
 class RunningServer:
@@ -35,6 +38,14 @@ class RunningServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
+    async def set_cache_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set(CACHE_HEALTH_NAME, status)
+
     async def stop(self) -> None:
         """Stop taking calls, let in-flight ones finish within the grace period."""
         await self.set_serving(False)
@@ -44,8 +55,11 @@ class RunningServer:
         await self.server.wait_for_termination()
 
 
-async def start_server(servicer: RouteCacheServicer, settings: ServerSettings) -> RunningServer:
-    """Binds, starts and marks SERVING; returns the bound port (pass port 0 for a free one)."""
+async def start_server(
+    servicer: RouteCacheServicer, settings: ServerSettings, serving: bool = True
+) -> RunningServer:
+    """Binds, starts and marks SERVING (or NOT_SERVING until the caller says it is ready);
+    returns the bound port (pass port 0 for a free one)."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -63,6 +77,6 @@ async def start_server(servicer: RouteCacheServicer, settings: ServerSettings) -
         raise OSError(f"could not bind {settings.host}:{settings.port}")
     await server.start()
     running = RunningServer(server, health_servicer, port, settings.grace_seconds)
-    await running.set_serving(True)
+    await running.set_serving(serving)
     log.info("routecache listening on %s:%d", settings.host, port)
     return running
