@@ -40,6 +40,7 @@ class RedisStreamEventSink:
         self._stream_max_len = stream_max_len
         self._batch = batch
         self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()
         self.dropped = 0
         self.written = 0
 
@@ -66,12 +67,23 @@ class RedisStreamEventSink:
                 self._wake.set()
 
     async def flush(self) -> None:
-        while self._queue:
-            batch = [self._queue[i] for i in range(min(self._batch, len(self._queue)))]
-            await guarded(self._link, lambda b=batch: self._write(b))  # type: ignore[misc]
-            for _ in batch:
-                self._queue.popleft()
-            self.written += len(batch)
+        """Writes everything buffered; raises RedisDown (keeping the rest) if Redis fails."""
+        async with self._flushing:  # the background loop and a final flush never interleave
+            while self._queue:
+                batch = [self._queue.popleft() for _ in range(min(self._batch, len(self._queue)))]
+                try:
+                    await guarded(self._link, lambda b=batch: self._write(b))  # type: ignore[misc]
+                except RedisDown:
+                    self._requeue(batch)
+                    raise
+                self.written += len(batch)
+
+    def _requeue(self, batch: list[dict[str, Any]]) -> None:
+        """Puts an unwritten batch back in front; the oldest go if the bound is exceeded."""
+        self._queue.extendleft(reversed(batch))
+        while len(self._queue) > self._max_buffered:
+            self._queue.popleft()
+            self.dropped += 1
 
     async def _write(self, batch: Sequence[dict[str, Any]]) -> None:
         pipe = self._link.client.pipeline(transaction=False)

@@ -17,9 +17,10 @@ from tests.fakes import FakeUpstream, ManualClock, json_answer, prose_answer
 KEYS = {"acme": "key-acme", "globex": "key-globex"}
 
 
-def unit_settings(**tenant_options: object) -> Settings:
+def unit_settings(store: dict[str, object] | None = None, **tenant_options: object) -> Settings:
     return load_settings(
         cache={"embedder": "hash", "similarity_threshold": 0.8, "max_entries": 100},
+        store=store or {},
         tenants=[
             {"name": name, "api_key_sha256": [hash_api_key(key)], **tenant_options}
             for name, key in KEYS.items()
@@ -37,14 +38,16 @@ class Harness:
     classifier: FixedScoreClassifier
 
 
-def make_harness(score: float = 0.2, **tenant_options: object) -> Harness:
+def make_harness(
+    score: float = 0.2, store: dict[str, object] | None = None, **tenant_options: object
+) -> Harness:
     cheap = FakeUpstream("cheap-model", prose_answer)
     strong = FakeUpstream("strong-model", json_answer)
     events = InMemoryEventLog()
     clock = ManualClock()
     classifier = FixedScoreClassifier(score, version="fixed-v1", default_threshold=0.5)
     service = build_service(
-        unit_settings(**tenant_options),
+        unit_settings(store, **tenant_options),
         Overrides(
             embedder=HashEmbedder(),
             classifier=classifier,
