@@ -28,10 +28,13 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, executable: str, data_dir: Path, appendonly: bool = True) -> None:
+    def __init__(
+        self, executable: str, data_dir: Path, appendonly: bool = True, appendfsync: str = "always"
+    ) -> None:
         self.executable = executable
         self.data_dir = data_dir
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -43,7 +46,7 @@ class RedisServer:
         args = [
             self.executable, "--bind", "127.0.0.1", "--port", str(self.port),
             "--dir", str(self.data_dir), "--save", "", "--daemonize", "no",
-            "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
+            "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", self.appendfsync,
             "--protected-mode", "yes", "--loglevel", "warning", "--enable-debug-command", "local",
         ]  # fmt: skip
         self.process = subprocess.Popen(

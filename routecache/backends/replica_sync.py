@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from redis.exceptions import RedisError, ResponseError
 
+from routecache.backends import scripts
 from routecache.backends.keys import KeySpace, tenant_of_id
 from routecache.backends.link import RedisDown, RedisLink
 from routecache.backends.redis_store import RedisEntryStore
@@ -29,6 +30,7 @@ from routecache.cache.ports import VectorIndex
 log = logging.getLogger(__name__)
 
 StreamId = tuple[int, int]
+_PROGRESS_EVERY_SECONDS = 2.0
 
 
 def parse_id(raw: str) -> StreamId:
@@ -58,6 +60,7 @@ class ReplicaSync:
         self._clock = clock
         self._purge_interval = purge_interval_seconds
         self._batch = batch
+        self._rows = link.client.register_script(scripts.INDEX_ROWS)
         self._last: dict[str, str] = {}  # sync stream key → last applied id
         # Until a rebuild finished (e.g. Redis was down at start) the run loop owes one.
         self._resync = True
@@ -87,38 +90,40 @@ class ReplicaSync:
         self._last.pop(keys.sync, None)
         resume_from = newest[0][0].decode() if newest else "0-0"
         size = await client.zcard(keys.lru)
-        loaded, seen, cursor = 0, 0, 0
+        loaded, seen, cursor, logged = 0, 0, 0, 0.0
         while True:
             cursor, members = await client.zscan(keys.lru, cursor, count=self._batch)
             ids = [m.decode() for m, _ in members]
             loaded += await self._load(ids)
             seen += len(ids)
-            log.info("rebuilding index: tenant %s %d/%d entries (%.1f s)", tenant, seen, size,
-                     time.perf_counter() - started)  # fmt: skip
+            elapsed = time.perf_counter() - started
+            if cursor == 0 or elapsed - logged >= _PROGRESS_EVERY_SECONDS:
+                logged = elapsed
+                log.info("rebuilding index: tenant %s %d/%d entries (%.1f s)", tenant, seen,
+                         size, elapsed)  # fmt: skip
             if cursor == 0:
                 self._last[keys.sync] = resume_from
                 return loaded
 
     async def _load(self, ids: Sequence[str]) -> int:
         """Adds the live ones of these entries; returns how many were added."""
-        if not ids:
-            return 0
-        pipe = self._link.client.pipeline(transaction=False)
+        by_tenant: defaultdict[str, list[str]] = defaultdict(list)
         for entry_id in ids:
-            pipe.hmget(self._keys.of(tenant_of_id(entry_id)).entry(entry_id),
-                       "scope", "emb", "expires")  # fmt: skip
-        rows = await pipe.execute()
+            by_tenant[tenant_of_id(entry_id)].append(entry_id)
         now = self._clock()
         by_scope: defaultdict[str, tuple[list[str], list[bytes]]] = defaultdict(lambda: ([], []))
-        for entry_id, (scope, emb, expires) in zip(ids, rows, strict=True):
-            if scope is None or float(expires) <= now:
-                continue
-            members, vectors = by_scope[scope.decode()]
-            members.append(entry_id)
-            vectors.append(emb)
-        for scope, (members, vectors) in by_scope.items():
-            matrix = np.frombuffer(b"".join(vectors), dtype=np.float32).reshape(len(members), -1)
-            self._index.add_many(scope, members, matrix)
+        for tenant, members in by_tenant.items():
+            flat = await self._rows(args=[self._keys.of(tenant).base, *members])
+            for n, entry_id in enumerate(members):
+                scope, emb, expires = flat[3 * n : 3 * n + 3]
+                if scope is None or float(expires) <= now:
+                    continue
+                scope_ids, vectors = by_scope[scope.decode()]
+                scope_ids.append(entry_id)
+                vectors.append(emb)
+        for scope, (scope_ids, vectors) in by_scope.items():
+            matrix = np.frombuffer(b"".join(vectors), dtype=np.float32)
+            self._index.add_many(scope, scope_ids, matrix.reshape(len(scope_ids), -1))
         return sum(len(m) for m, _ in by_scope.values())
 
     async def run(self) -> None:

@@ -128,3 +128,16 @@ redis.call('HSET', KEYS[1], 't', tostring(tokens), 'u', tostring(now))
 redis.call('PEXPIRE', KEYS[1], math.ceil(cap / rate * 1000) + 1000)
 return tostring(wait)
 """
+
+# ARGV: base, ids... → scope, embedding, expires_at for each id (false where it is gone).
+# One call per batch instead of one HMGET each: a rebuild is bound by per-command overhead.
+INDEX_ROWS = """
+local rows = {}
+for i = 2, #ARGV do
+  local row = redis.call('HMGET', ARGV[1] .. 'e:' .. ARGV[i], 'scope', 'emb', 'expires')
+  rows[#rows + 1] = row[1] or false
+  rows[#rows + 1] = row[2] or false
+  rows[#rows + 1] = row[3] or false
+end
+return rows
+"""

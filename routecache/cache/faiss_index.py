@@ -27,7 +27,12 @@ class ScopedFaissIndex:
     costs microseconds; size-based index choice is for large scopes.
     """
 
-    def __init__(self, dimension: int) -> None:
+    def __init__(self, dimension: int, search_threads: int | None = None) -> None:
+        if search_threads is not None:
+            # One query at a time gains little from OpenMP, and on a busy machine waking its
+            # thread team costs milliseconds (docs/benchmarks.md). The setting is process-wide
+            # and shared with torch's OpenMP runtime, so the caller decides.
+            faiss.omp_set_num_threads(search_threads)
         self._dimension = dimension
         self._scopes: dict[str, _ScopeIndex] = {}
         self._next_label = 0
