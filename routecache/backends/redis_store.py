@@ -19,6 +19,8 @@ from routecache.backends.link import RedisLink, guarded
 from routecache.cache.ports import CacheEntry
 from routecache.domain import Tier
 
+SWEEP_ORIGIN = "sweep"
+
 
 @dataclass(frozen=True)
 class RedisStoreOptions:
@@ -133,7 +135,9 @@ class RedisEntryStore:
 
     async def purge_expired(self, tenant: str) -> int:
         """Unlinks this tenant's expired entries (and tells the replicas); returns how many."""
-        args = [*self._common(self._keys.of(tenant)), repr(self._clock()),
+        keys = self._keys.of(tenant)
+        # Not this replica's origin: every replica, the sweeper too, applies a sweep's deletes.
+        args = [keys.base, self._options.sync_stream_max_len, SWEEP_ORIGIN, repr(self._clock()),
                 self._options.purge_batch]  # fmt: skip
         purged: int = await guarded(self._link, lambda: self._purge(args=args))
         return purged

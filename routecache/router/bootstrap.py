@@ -131,6 +131,13 @@ def build_storage(
             EmbeddedStorage(store, index, clock, store_settings.snapshot_path,
                             store_settings.snapshot_interval_seconds),
         )  # fmt: skip
+    return build_redis_storage(settings, index, clock, events)
+
+
+def build_redis_storage(
+    settings: Settings, index: VectorIndex, clock: Callable[[], float], events: EventSink | None
+) -> StorageParts:
+    store_settings = settings.store
     link = RedisLink(
         store_settings.redis_url.get_secret_value(),
         store_settings.timeout_seconds,
@@ -148,15 +155,14 @@ def build_storage(
         link, keyspace, [t.name for t in settings.tenants], index, redis_store, origin, clock,
         store_settings.purge_interval_seconds,
     )  # fmt: skip
-    stream_events = None
-    if events is None:
-        stream_events = RedisStreamEventSink(
-            link, keyspace, store_settings.event_buffer_max, store_settings.event_stream_max_len
-        )
+    stream_events = RedisStreamEventSink(
+        link, keyspace, store_settings.event_buffer_max, store_settings.event_stream_max_len
+    )
+    sink: EventSink = events if events is not None else stream_events
     spend = RedisSpendLedger(link, keyspace, clock)
     return StorageParts(
-        redis_store, RedisRateLimiter(link, keyspace, clock), spend, events or stream_events,  # type: ignore[arg-type]
-        RedisStorage(link, sync, stream_events, spend),
+        redis_store, RedisRateLimiter(link, keyspace, clock), spend, sink,
+        RedisStorage(link, sync, stream_events if events is None else None, spend),
     )  # fmt: skip
 
 

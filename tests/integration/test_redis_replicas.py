@@ -110,14 +110,14 @@ async def test_ttl_expiry_on_both_replicas(pair: tuple[Replica, Replica], clock:
     stored = await a.service.pipeline.complete(ask(prompt, ttl=60), ACME)
     await eventually(lambda: len(b.index) == 1, "the entry in B's index")
     clock.advance(61)
+    # The sweep unlinks it in Redis and tells every replica's index, the sweeper's own too.
+    for replica in (a, b):
+        await eventually(lambda r=replica: stored.cache.entry_id not in ids_near(r, "acme", prompt),
+                         "expired entry left the index")  # fmt: skip
     for replica in (b, a):
         for text in (prompt, near):
             answer = await replica.service.pipeline.complete(ask(text, no_store=True), ACME)
             assert answer.cache.outcome is CacheOutcome.MISS
-    # The sweep unlinks it in Redis and tells every replica's index.
-    for replica in (a, b):
-        await eventually(lambda r=replica: stored.cache.entry_id not in ids_near(r, "acme", prompt),
-                         "expired entry left the index")  # fmt: skip
     assert redis_server_keys(redis_server, "*:e:*") == []
 
 
