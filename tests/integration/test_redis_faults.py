@@ -25,7 +25,7 @@ from tests.integration.replicas import (
     replica_settings,
     start_grpc_replica,
 )
-from tests.redis_fixture import RedisServer
+from tests.redis_fixture import RedisServer, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -130,14 +130,7 @@ async def test_slow_redis_is_bypassed_then_used_again(
     pipeline = replica.service.pipeline
     first = await pipeline.complete(ask("a question before the stall"), ACME)
 
-    def stall() -> None:
-        client = redis.Redis(host="127.0.0.1", port=own_redis_server.port, socket_timeout=5)
-        try:
-            client.execute_command("DEBUG", "SLEEP", "1.0")
-        finally:
-            client.close()
-
-    stalling = asyncio.create_task(asyncio.to_thread(stall))
+    stalling = asyncio.create_task(asyncio.to_thread(debug_sleep, own_redis_server, 1.0))
     await asyncio.sleep(0.1)
     during = await pipeline.complete(ask("a question during the stall"), ACME)
     assert during.text and pipeline.cache.bypassed > 0
@@ -170,3 +163,41 @@ async def test_a_replica_started_while_redis_is_down_serves_and_catches_up(
         assert await health_of(late, CACHE_HEALTH_NAME) == SERVING
     finally:
         await late.service.aclose()
+
+
+async def test_health_is_not_serving_until_the_index_is_rebuilt(
+    own_redis_server: RedisServer, clock: ManualClock
+) -> None:
+    port = free_port()
+    settings = replica_settings(own_redis_server.url, timeout_seconds=10.0)
+    settings.server.port = port
+    # Redis stalls for 3 s (within the timeout): the rebuild waits, the server is already up.
+    stall = asyncio.create_task(asyncio.to_thread(debug_sleep, own_redis_server, 3.0))
+    await asyncio.sleep(0.2)
+    starting = asyncio.create_task(start_grpc_replica(settings, clock))
+    seen: list[int] = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while not starting.done():
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                seen.append(reply.status)
+            except grpc.aio.AioRpcError:
+                pass  # not listening yet, or no status set yet
+            await asyncio.sleep(0.05)
+        replica = await starting
+        try:
+            assert NOT_SERVING in seen
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""))
+            assert reply.status == SERVING
+        finally:
+            await replica.service.aclose()
+    await stall
+
+
+def debug_sleep(server: RedisServer, seconds: float) -> None:
+    client = redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=seconds + 5)
+    try:
+        client.execute_command("DEBUG", "SLEEP", str(seconds))
+    finally:
+        client.close()
