@@ -4,8 +4,10 @@ import pytest
 from routecache.cache.embedder import HashEmbedder
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.memory_store import InMemoryEntryStore
+from routecache.cache.ports import StoreUnavailable
 from routecache.cache.semantic_cache import NewEntry, SemanticCache
 from routecache.domain import CacheOutcome, Tier
+from routecache.errors import Unavailable
 from tests.fakes import ManualClock
 
 EMBED = HashEmbedder()
@@ -106,3 +108,46 @@ def test_faiss_index_search_add_remove() -> None:
     assert [n.entry_id for n in index.search("s", vec("red apple"), 2)] == ["b"]
     assert len(index) == 1
     assert index.search("missing", vec("x"), 3) == []
+
+
+class _DownStore(InMemoryEntryStore):
+    """A store that is unreachable (Redis down), for the cache's degraded paths."""
+
+    def __init__(self) -> None:
+        super().__init__(max_entries=10)
+        self.down = False
+
+    async def put(self, entry):  # type: ignore[no-untyped-def]
+        self._fail()
+        return await super().put(entry)
+
+    async def get(self, entry_id):  # type: ignore[no-untyped-def]
+        self._fail()
+        return await super().get(entry_id)
+
+    async def get_exact(self, exact_key):  # type: ignore[no-untyped-def]
+        self._fail()
+        return await super().get_exact(exact_key)
+
+    def _fail(self) -> None:
+        if self.down:
+            raise StoreUnavailable("down")
+
+
+async def test_an_unavailable_store_is_bypassed_but_invalidation_fails_loudly(
+    clock: ManualClock,
+) -> None:
+    store = _DownStore()
+    cache = SemanticCache(store, ScopedFaissIndex(EMBED.dimension), clock)
+    kept = await cache.store(new_entry("how do I reset my password today"))
+    assert kept is not None
+    store.down = True
+    assert await cache.lookup_exact("acme:s1", "how do I reset my password today") is None
+    assert await cache.lookup_semantic("acme:s1", vec("how do I reset my password"), 0.5) is None
+    assert await cache.store(new_entry("asked while down")) is None
+    assert cache.bypassed == 3
+    with pytest.raises(Unavailable):
+        await cache.invalidate_ids("acme", [kept.entry_id])
+    store.down = False
+    hit = await cache.lookup_exact("acme:s1", "how do I reset my password today")
+    assert hit is not None and hit.entry.entry_id == kept.entry_id
