@@ -2,6 +2,9 @@
 and the Redis round trip that fetches (and verifies) the candidate entry.
 
     python -m benchmarks.lookup_cost [--search-threads 1]
+
+The FAISS part keeps every scope flat (the exact search whose cost sets main's IVF threshold);
+benchmarks/index_scale.py measures the IVF side.
 """
 
 from __future__ import annotations
@@ -10,14 +13,16 @@ import argparse
 import asyncio
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from routecache.backends.keys import KeySpace
 from routecache.backends.link import RedisLink
 from routecache.backends.redis_store import RedisEntryStore, RedisStoreOptions
-from routecache.cache.faiss_index import ScopedFaissIndex
+from routecache.cache.faiss_index import IndexPolicy, ScopedFaissIndex
 from routecache.cache.ports import CacheEntry
 from routecache.domain import Tier
 from tests.redis_fixture import RedisServer, find_redis_server
@@ -27,13 +32,15 @@ DIMENSION = 384
 
 def unit_rows(rng: np.random.Generator, count: int) -> np.ndarray:
     rows = rng.standard_normal((count, DIMENSION)).astype(np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    unit: np.ndarray = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    return unit
 
 
-def faiss_cost(sizes: list[int], threads: int | None, queries: int = 300) -> None:
+def faiss_cost(sizes: list[int], queries: int = 300) -> None:
     rng = np.random.default_rng(3)
+    flat_only = IndexPolicy(ivf_threshold=10**12)
     for size in sizes:
-        index = ScopedFaissIndex(DIMENSION, search_threads=threads)
+        index = ScopedFaissIndex(DIMENSION, flat_only)
         index.add_many("acme:s", [f"acme:{n}" for n in range(size)], unit_rows(rng, size))
         probes = unit_rows(rng, queries)
         started = time.perf_counter()
@@ -55,11 +62,12 @@ async def redis_cost(url: str, lookups: int = 2000) -> None:
         expires_at=now + 3600, cost_usd=0.001,
     )  # fmt: skip
     await store.put(entry)
-    for name, call in (
+    calls: list[tuple[str, Callable[[], Awaitable[object]]]] = [
         ("get (HGETALL)", lambda: store.get(entry.entry_id)),
         ("get_exact (Lua)", lambda: store.get_exact(entry.exact_key)),
         ("record_hit (Lua)", lambda: store.record_hit(entry.entry_id, time.time())),
-    ):
+    ]
+    for name, call in calls:
         started = time.perf_counter()
         for _ in range(lookups):
             await call()
@@ -69,8 +77,10 @@ async def redis_cost(url: str, lookups: int = 2000) -> None:
 
 
 async def main(threads: int | None) -> None:
+    if threads is not None:
+        faiss.omp_set_num_threads(threads)
     print(f"FAISS OpenMP threads: {threads or 'default'}")
-    faiss_cost([100, 1_000, 10_000, 100_000, 1_000_000], threads)
+    faiss_cost([100, 1_000, 10_000, 100_000, 1_000_000])
     executable = find_redis_server()
     if executable is None:
         raise SystemExit("redis-server not found (apt-get install redis-server)")

@@ -90,7 +90,7 @@ async def qps(url: str, requests: int) -> None:
         settings.cache.similarity_threshold = 0.999
         for tenant in settings.tenants:  # the limiter stays in the path, but never refuses
             tenant.requests_per_second = 1e6
-        settings.store.backend = backend  # type: ignore[assignment]
+        settings.store.backend = backend
         replica = await start_replica(settings, clock)
         rate = await throughput(replica.service.pipeline, requests, 16, 200)
         print(f"exact-hit requests/s, one replica, {backend:<6} store: {rate:,.0f}")

@@ -31,6 +31,7 @@ def chat_request(
     tags: Sequence[str] = (),
     force_tier: str | None = None,
     end_user_id: str = "",
+    validators: Sequence[pb.RequestValidator] = (),
 ) -> pb.CompleteRequest:
     """Builds a request: optional system prompt, earlier (role, text) turns, then the prompt."""
     messages = [pb.ChatMessage(role=pb.ROLE_SYSTEM, content=system)] if system else []
@@ -54,6 +55,7 @@ def chat_request(
         ),
         routing=pb.RoutingControl(force_tier=_TIERS[force_tier]),
         end_user_id=end_user_id,
+        validators=list(validators),
     )
 
 
@@ -103,9 +105,9 @@ class RouteCacheClient:
         )
         return response.removed
 
-    async def stats(self) -> pb.GetStatsResponse:
+    async def stats(self, top_n: int = 10) -> pb.GetStatsResponse:
         response: pb.GetStatsResponse = await self._stub.GetStats(
-            pb.GetStatsRequest(), metadata=self._metadata, timeout=self._timeout
+            pb.GetStatsRequest(top_n=top_n), metadata=self._metadata, timeout=self._timeout
         )
         return response
 

@@ -61,12 +61,27 @@ class CacheControl:
 
 
 @dataclass(frozen=True)
+class RequestValidator:
+    """A validator the caller asks for on one request (built-in kinds only, no custom code)."""
+
+    kind: str
+    name: str = ""
+    on_fail: str = ""
+    must_match: tuple[str, ...] = ()
+    must_not_match: tuple[str, ...] = ()
+    min_chars: int = 0  # 0: the kind's default
+    max_chars: int = 0  # 0: the service's limit
+    pii: tuple[str, ...] = ()  # empty: every kind
+
+
+@dataclass(frozen=True)
 class ChatRequest:
     messages: tuple[Message, ...]
     params: GenerationParams = field(default_factory=GenerationParams)
     cache: CacheControl = field(default_factory=CacheControl)
     force_tier: Tier | None = None
     end_user_id: str = ""
+    validators: tuple[RequestValidator, ...] = ()
 
     @property
     def system_prompt(self) -> str:
@@ -84,6 +99,27 @@ class ChatRequest:
 
 
 @dataclass(frozen=True)
+class OperatingPoint:
+    """What an operator asks of the router; exactly one target is set.
+
+    strong_fraction: share of requests sent to the strong model; quality: fraction of the
+    strong model's accuracy gap recovered (PGR); cost_ratio: spend ceiling relative to sending
+    every request strong. The classifier maps it to a threshold with its held-out curve.
+    """
+
+    strong_fraction: float | None = None
+    quality: float | None = None
+    cost_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        targets = [
+            t for t in (self.strong_fraction, self.quality, self.cost_ratio) if t is not None
+        ]
+        if len(targets) != 1:
+            raise ValueError("set exactly one of strong_fraction, quality, cost_ratio")
+
+
+@dataclass(frozen=True)
 class Tenant:
     name: str
     routing_threshold: float | None  # None: the threshold stored with the classifier
@@ -91,6 +127,8 @@ class Tenant:
     default_ttl_seconds: int
     requests_per_second: float | None = None
     daily_budget_usd: float | None = None
+    # Used when routing_threshold is None; None too: the classifier's default threshold.
+    operating_point: OperatingPoint | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +154,7 @@ class ValidatorResult:
     passed: bool
     message: str = ""
     model: str = ""
+    action: str = ""  # what a failure led to: escalated, retried, redacted, flagged, blocked
 
 
 @dataclass(frozen=True)
@@ -151,6 +190,8 @@ class Completion:
     latency: LatencyBreakdown
     classifier_version: str = ""
     difficulty: float | None = None
+    provider: str = ""  # the configured provider that answered; empty for a cache hit
+    upstream_failures: tuple[str, ...] = ()  # what failed on the way (fallbacks, stale)
 
 
 @dataclass(frozen=True)
@@ -159,6 +200,15 @@ class Feedback:
     thumbs_up: bool
     correction: str = ""
     comment: str = ""
+
+
+@dataclass(frozen=True)
+class TopEntry:
+    entry_id: str
+    prompt: str
+    model: str
+    hits: int
+    saved_usd: float  # hits times the cost of the call that produced the answer
 
 
 @dataclass(frozen=True)
@@ -176,3 +226,6 @@ class TenantStats:
     saved_usd: float = 0.0
     entries: int = 0
     classifier_version: str = ""
+    thumbs_up: int = 0
+    thumbs_down: int = 0
+    top_entries: tuple[TopEntry, ...] = ()

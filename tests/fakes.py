@@ -7,9 +7,10 @@ import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
-from routecache.domain import GenerationParams, Message
+from routecache.domain import Completion, GenerationParams, Message
 from routecache.errors import UpstreamError
 from routecache.router.ports import UpstreamReply
+from routecache.router.telemetry import path_of
 
 
 class ManualClock:
@@ -70,3 +71,44 @@ def json_answer(prompt: str, params: GenerationParams) -> str:
 def prose_answer(prompt: str, params: GenerationParams) -> str:
     """A model that ignores JSON mode: its JSON-mode answers fail validation."""
     return f"answer to {prompt}"
+
+
+@dataclass
+class RecordingTelemetry:
+    """The telemetry port's fake: keeps every report, reads watched gauges on demand."""
+
+    started: int = 0
+    ended: int = 0
+    completed: list[tuple[str, str]] = field(default_factory=list)  # (tenant, path)
+    failed: list[tuple[str, str, tuple[str, ...]]] = field(default_factory=list)
+    upstream: list[tuple[str, str | None]] = field(default_factory=list)
+    feedback_seen: list[tuple[str, bool, bool]] = field(default_factory=list)
+    gauges: dict[str, Callable[[], float]] = field(default_factory=dict)
+
+    def request_started(self) -> None:
+        self.started += 1
+
+    def request_ended(self) -> None:
+        self.ended += 1
+
+    def request_completed(self, tenant: str, completion: Completion, seconds: float) -> None:
+        self.completed.append((tenant, path_of(completion).value))
+
+    def request_failed(self, tenant: str, reason: str, seconds: float,
+                       failed_validators: tuple[str, ...] = ()) -> None:  # fmt: skip
+        self.failed.append((tenant, reason, failed_validators))
+
+    def upstream_call(self, model: str, seconds: float, error: str | None) -> None:
+        self.upstream.append((model, error))
+
+    def feedback(self, tenant: str, thumbs_up: bool, invalidated: bool) -> None:
+        self.feedback_seen.append((tenant, thumbs_up, invalidated))
+
+    def watch_queue(self, name: str, depth: Callable[[], float]) -> None:
+        self.gauges[f"queue:{name}"] = depth
+
+    def watch_breaker(self, provider: str, state: Callable[[], float]) -> None:
+        self.gauges[f"breaker:{provider}"] = state
+
+    def watch_dependency(self, name: str, up: Callable[[], bool]) -> None:
+        self.gauges[f"dependency:{name}"] = lambda: float(up())

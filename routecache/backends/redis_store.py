@@ -29,6 +29,9 @@ class RedisStoreOptions:
     # Redis drops an entry's keys this long after it expired, in case no purge ran.
     expiry_grace_seconds: int = 3600
     purge_batch: int = 1000
+    # Expired entries stay this long (upstream.stale_grace_seconds): served, flagged stale,
+    # when no provider answers. SemanticCache keeps them out of normal lookups.
+    stale_grace_seconds: float = 0.0
 
 
 def encode_entry(entry: CacheEntry, keys: TenantKeys) -> list[str | bytes]:
@@ -97,7 +100,8 @@ class RedisEntryStore:
         args = [
             *self._common(keys), repr(self._clock()), self._options.max_entries_per_tenant,
             self._options.expiry_grace_seconds * 1000, entry.entry_id,
-            keys.exact(entry.exact_key), repr(entry.expires_at), entry.scope, len(entry.tags),
+            keys.exact(entry.exact_key), repr(entry.expires_at + self._options.stale_grace_seconds),
+            entry.scope, len(entry.tags),
             *entry.tags, *encode_entry(entry, keys),
         ]  # fmt: skip
         removed = await guarded(self._link, lambda: self._put(args=args))
@@ -134,7 +138,8 @@ class RedisEntryStore:
         return [decode_entry(raw) for raw in raws]
 
     async def purge_expired(self, tenant: str) -> int:
-        """Unlinks this tenant's expired entries (and tells the replicas); returns how many."""
+        """Unlinks this tenant's entries past expiry and stale grace (and tells the replicas);
+        returns how many."""
         keys = self._keys.of(tenant)
         # Not this replica's origin: every replica, the sweeper too, applies a sweep's deletes.
         args = [keys.base, self._options.sync_stream_max_len, SWEEP_ORIGIN, repr(self._clock()),

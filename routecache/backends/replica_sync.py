@@ -50,6 +50,7 @@ class ReplicaSync:
         clock: Callable[[], float],
         purge_interval_seconds: float = 5.0,
         batch: int = 2000,
+        stale_grace_seconds: float = 0.0,
     ) -> None:
         self._link = link
         self._keys = keyspace
@@ -60,6 +61,9 @@ class ReplicaSync:
         self._clock = clock
         self._purge_interval = purge_interval_seconds
         self._batch = batch
+        # Expired entries within the grace stay searchable for stale answers (SemanticCache
+        # keeps them out of normal lookups).
+        self._grace = stale_grace_seconds
         self._rows = link.client.register_script(scripts.INDEX_ROWS)
         self._last: dict[str, str] = {}  # sync stream key → last applied id
         # Until a rebuild finished (e.g. Redis was down at start) the run loop owes one.
@@ -72,7 +76,8 @@ class ReplicaSync:
             self._resync = True
 
     async def rebuild(self) -> int:
-        """Loads every live entry of the configured tenants into the index; returns the count."""
+        """Loads every servable entry (live, or expired within the stale grace) of the
+        configured tenants into the index; returns the count."""
         started = time.perf_counter()
         total = 0
         for tenant in self._tenants:
@@ -116,7 +121,7 @@ class ReplicaSync:
             flat = await self._rows(args=[self._keys.of(tenant).base, *members])
             for n, entry_id in enumerate(members):
                 scope, emb, expires = flat[3 * n : 3 * n + 3]
-                if scope is None or float(expires) <= now:
+                if scope is None or float(expires) + self._grace <= now:
                     continue
                 scope_ids, vectors = by_scope[scope.decode()]
                 scope_ids.append(entry_id)

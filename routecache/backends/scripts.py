@@ -34,7 +34,8 @@ local function purge_expired(now, limit, removed)
 end
 """
 
-# ARGV[4..]: now, max_entries, grace_ms, id, exact redis key, expires_at, scope, ntags,
+# ARGV[4..]: now, max_entries, grace_ms, id, exact redis key, purge_at (expires_at plus the
+# stale grace: until then the entry may still be served stale), scope, ntags,
 # tags..., then the entry's hash fields as name/value pairs.
 PUT = (
     _UNLINK
@@ -44,7 +45,7 @@ local max_entries = tonumber(ARGV[5])
 local grace_ms = tonumber(ARGV[6])
 local eid = ARGV[7]
 local xr = ARGV[8]
-local expires = ARGV[9]
+local purge_at = ARGV[9]
 local scope = ARGV[10]
 local ntags = tonumber(ARGV[11])
 local removed = {}
@@ -53,7 +54,7 @@ local old = redis.call('GET', xr)
 if old then unlink(old, removed) end
 local ekey = base .. 'e:' .. eid
 -- Redis expiry is only a backstop: purge_expired unlinks on time and tells the replicas.
-local expire_ms = math.floor(tonumber(expires) * 1000) + grace_ms
+local expire_ms = math.floor(tonumber(purge_at) * 1000) + grace_ms
 redis.call('HSET', ekey, unpack(ARGV, 12 + ntags))
 redis.call('PEXPIREAT', ekey, expire_ms)
 redis.call('SET', xr, eid, 'PXAT', expire_ms)
@@ -65,7 +66,7 @@ for i = 1, ntags do
   if ttl < 0 or now_ms + ttl < expire_ms then redis.call('PEXPIREAT', tk, expire_ms) end
 end
 redis.call('ZADD', base .. 'lru', now, eid)
-redis.call('ZADD', base .. 'exp', expires, eid)
+redis.call('ZADD', base .. 'exp', purge_at, eid)
 redis.call('XADD', base .. 'sync', 'MAXLEN', '~', sync_maxlen, '*',
            'op', 'add', 'id', eid, 'scope', scope, 'o', origin)
 purge_expired(now, 64, removed)

@@ -46,17 +46,19 @@ class EmbeddedStorage:
         clock: Callable[[], float],
         snapshot_path: Path | None,
         snapshot_interval_seconds: float,
+        stale_grace_seconds: float = 0.0,
     ) -> None:
         self.store = store
         self._index = index
         self._clock = clock
         self._path = snapshot_path
         self._interval = snapshot_interval_seconds
+        self._grace = stale_grace_seconds
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, cache_health: CacheHealth = _ignore_health) -> None:
         if self._path is not None:
-            await restore_snapshot(self.store, self._index, self._path, self._clock)
+            await restore_snapshot(self.store, self._index, self._path, self._clock, self._grace)
             self._task = asyncio.create_task(self._save_periodically(self._path))
         await cache_health(True)
 

@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 MINILM_DIMENSION = 384
-_MAX_TOKENS = 256  # all-MiniLM-L6-v2 was trained on sequences up to 256 word pieces
+MAX_TOKENS = 256  # all-MiniLM-L6-v2 was trained on sequences up to 256 word pieces
 
 
 def packaged_minilm_path() -> Path:
@@ -59,7 +59,7 @@ class MiniLMEmbedder:
             return np.zeros((0, MINILM_DIMENSION), dtype=np.float32)
         torch = self._torch
         batch = self._tokenizer(
-            list(texts), padding=True, truncation=True, max_length=_MAX_TOKENS, return_tensors="pt"
+            list(texts), padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
         )
         with torch.inference_mode():
             hidden = self._model(**batch).last_hidden_state

@@ -1,9 +1,18 @@
-"""FAISS inner-product search, one index per scope so a lookup never sees another scope."""
+"""FAISS inner-product search, one index per scope so a lookup never sees another scope.
+
+A scope starts as an exact flat index. Past `ivf_threshold` entries a flat search costs more
+than a lookup may (about 1 ms per 25k vectors here, see docs/benchmarks.md), so the scope is
+rebuilt as an IVF index: k-means cells over the scope's own vectors, searched `nprobe` cells
+deep. IVF rather than HNSW because it removes entries in place (HNSW in FAISS cannot), which an
+evicting, invalidating cache does all the time. Near-duplicate queries sit very close to their
+match, where IVF's recall is at its best (measured in benchmarks/index_scale.py).
+"""
 
 from __future__ import annotations
 
+import math
 import threading
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -11,64 +20,83 @@ import numpy as np
 from routecache.cache.ports import Neighbour, Vector
 
 
+@dataclass(frozen=True)
+class IndexPolicy:
+    ivf_threshold: int = 20_000  # entries in one scope before it becomes an IVF index
+    nprobe: int = 16
+    cells_per_sqrt: float = 4.0  # IVF cells = cells_per_sqrt * sqrt(entries at build time)
+
+
 class _ScopeIndex:
-    """Exact inner-product search over one scope, with stable int64 ids for removal."""
+    """One scope's vectors with stable int64 labels for removal."""
 
     def __init__(self, dimension: int) -> None:
-        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
+        self.index: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
         self.id_of_label: dict[int, str] = {}
         self.label_of_id: dict[str, int] = {}
+        self.built_size = 0  # entries when the IVF index was built; 0 while flat
+
+    def vectors_and_labels(self, dimension: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.fromiter(self.id_of_label, dtype=np.int64, count=len(self.id_of_label))
+        vectors = np.empty((len(labels), dimension), dtype=np.float32)
+        for row, label in enumerate(labels):
+            vectors[row] = self.index.reconstruct(int(label))
+        return vectors, labels
+
+
+def build_ivf(vectors: np.ndarray, labels: np.ndarray, policy: IndexPolicy) -> faiss.IndexIVFFlat:
+    dimension = vectors.shape[1]
+    cells = max(1, min(len(vectors) // 39, int(policy.cells_per_sqrt * math.sqrt(len(vectors)))))
+    quantizer = faiss.IndexFlatIP(dimension)
+    index = faiss.IndexIVFFlat(quantizer, dimension, cells, faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    index.add_with_ids(vectors, labels)
+    index.nprobe = policy.nprobe
+    # A hash-table id map keeps reconstruct() (for the next rebuild) and remove_ids() working.
+    index.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
+    return index
 
 
 class ScopedFaissIndex:
-    """Flat FAISS indexes keyed by scope.
+    """FAISS indexes keyed by scope: flat while small, IVF once large."""
 
-    Scopes are small (one tenant, one system prompt, one context), where an exact flat search
-    costs microseconds; size-based index choice is for large scopes.
-    """
-
-    def __init__(self, dimension: int, search_threads: int | None = None) -> None:
-        if search_threads is not None:
-            # One query at a time gains little from OpenMP, and on a busy machine waking its
-            # thread team costs milliseconds (docs/benchmarks.md). The setting is process-wide
-            # and shared with torch's OpenMP runtime, so the caller decides.
-            faiss.omp_set_num_threads(search_threads)
+    def __init__(self, dimension: int, policy: IndexPolicy | None = None) -> None:
         self._dimension = dimension
+        self._policy = policy or IndexPolicy()
         self._scopes: dict[str, _ScopeIndex] = {}
         self._next_label = 0
         # FAISS indexes are not safe for concurrent add and search.
         self._lock = threading.Lock()
 
     def add(self, scope: str, entry_id: str, vector: Vector) -> None:
-        with self._lock:
-            index = self._scopes.get(scope)
-            if index is None:
-                index = self._scopes[scope] = _ScopeIndex(self._dimension)
-            if entry_id in index.label_of_id:
-                return
-            label = self._next_label
-            self._next_label += 1
-            row = np.ascontiguousarray(vector.reshape(1, -1), dtype=np.float32)
-            index.index.add_with_ids(row, np.array([label], dtype=np.int64))
-            index.id_of_label[label] = entry_id
-            index.label_of_id[entry_id] = label
+        self.add_many(scope, [entry_id], vector.reshape(1, -1))
 
-    def add_many(self, scope: str, entry_ids: Sequence[str], vectors: Vector) -> None:
-        """Bulk add (rebuilds): one FAISS call per batch instead of one per entry."""
+    def add_many(self, scope: str, entry_ids: list[str], vectors: np.ndarray) -> None:
+        """Bulk insert (index rebuilds at start): one FAISS call instead of one per entry."""
         with self._lock:
             index = self._scopes.get(scope)
             if index is None:
                 index = self._scopes[scope] = _ScopeIndex(self._dimension)
-            fresh = [i for i, e in enumerate(entry_ids) if e not in index.label_of_id]
+            fresh = [(i, e) for i, e in enumerate(entry_ids) if e not in index.label_of_id]
             if not fresh:
                 return
             labels = np.arange(self._next_label, self._next_label + len(fresh), dtype=np.int64)
             self._next_label += len(fresh)
-            rows = np.ascontiguousarray(vectors[fresh], dtype=np.float32)
+            rows = np.ascontiguousarray(vectors[[i for i, _ in fresh]], dtype=np.float32)
             index.index.add_with_ids(rows, labels)
-            for position, label in zip(fresh, labels.tolist(), strict=True):
-                index.id_of_label[label] = entry_ids[position]
-                index.label_of_id[entry_ids[position]] = label
+            for label, (_, entry_id) in zip(labels.tolist(), fresh, strict=True):
+                index.id_of_label[label] = entry_id
+                index.label_of_id[entry_id] = label
+            self._maybe_rebuild(index)
+
+    def _maybe_rebuild(self, index: _ScopeIndex) -> None:
+        size = len(index.label_of_id)
+        flat_too_big = index.built_size == 0 and size >= self._policy.ivf_threshold
+        # The cells were fitted to the vectors of the build; refit when the scope has doubled.
+        if flat_too_big or (index.built_size and size >= 2 * index.built_size):
+            vectors, labels = index.vectors_and_labels(self._dimension)
+            index.index = build_ivf(vectors, labels, self._policy)
+            index.built_size = size
 
     def remove(self, scope: str, entry_id: str) -> None:
         with self._lock:
@@ -94,6 +122,14 @@ class ScopedFaissIndex:
                 for score, label in zip(scores[0], labels[0], strict=True)
                 if label >= 0
             ]
+
+    def kind(self, scope: str) -> str:
+        """ "flat", "ivf" or "none": which index serves a scope (for stats and tests)."""
+        with self._lock:
+            index = self._scopes.get(scope)
+            if index is None:
+                return "none"
+            return "ivf" if index.built_size else "flat"
 
     def __len__(self) -> int:
         with self._lock:

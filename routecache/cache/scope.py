@@ -20,7 +20,7 @@ def scope_key(tenant: str, request: ChatRequest) -> str:
     follow-up ("and in Paris?") match only under the same conversation.
     """
     params = request.params
-    parts = {
+    parts: dict[str, object] = {
         "tenant": tenant,
         "system": request.system_prompt,
         "context": [[m.role.value, m.content] for m in request.context],
@@ -29,6 +29,8 @@ def scope_key(tenant: str, request: ChatRequest) -> str:
         "format": params.response_format.type.value,
         "schema": params.response_format.json_schema,
     }
+    if request.validators:  # an answer cached under other checks must not pass for these
+        parts["validators"] = [vars(v) for v in request.validators]
     encoded = json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()
     return f"{tenant}:{hashlib.sha256(encoded).hexdigest()[:32]}"
 

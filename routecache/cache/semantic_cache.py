@@ -39,6 +39,21 @@ class NewEntry:
     tags: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Distrust:
+    """What a thumbs-down does to the neighbours of the answer it removes.
+
+    Entries at least `radius` similar to the removed one need `penalty` more similarity to be
+    served (penalties add up, to at most `max_penalty`): a wrong answer suggests its close
+    neighbours may answer a different question too.
+    """
+
+    radius: float = 0.8
+    penalty: float = 0.05
+    max_penalty: float = 0.2
+    neighbours: int = 16
+
+
 def new_entry_id(tenant: str) -> str:
     """`<tenant>:<uuid hex>`: a store can find an entry's tenant (and its keys) from the id."""
     return f"{tenant}:{uuid.uuid4().hex}"
@@ -46,8 +61,8 @@ def new_entry_id(tenant: str) -> str:
 
 class SemanticCache:
     """Lookups and stores bypass the cache when the store is unavailable (counted in
-    `bypassed`); invalidations raise instead, so a caller never believes a removal that did
-    not happen."""
+    `bypassed`); invalidations, feedback and stats raise instead, so a caller never believes a
+    removal that did not happen."""
 
     def __init__(
         self,
@@ -55,11 +70,19 @@ class SemanticCache:
         index: VectorIndex,
         clock: Callable[[], float],
         candidates: int = 4,
+        distrust: Distrust | None = None,
+        stale_grace_seconds: float = 0.0,
     ) -> None:
         self._store = store
         self._index = index
         self._clock = clock
         self._candidates = candidates
+        self._distrust = distrust or Distrust()
+        # entry id → how much higher than the threshold a query's similarity must be to serve it.
+        self._penalties: dict[str, float] = {}
+        # Expired entries are kept this long: an answer to serve, flagged stale, when no
+        # provider can answer.
+        self._grace = stale_grace_seconds
         self.bypassed = 0
 
     @property
@@ -92,11 +115,39 @@ class SemanticCache:
         for neighbour in self._index.search(scope, vector, self._candidates):
             if neighbour.similarity < threshold:
                 return None  # neighbours come best first
+            if neighbour.similarity < threshold + self.penalty_of(neighbour.entry_id):
+                continue
             entry = await self._store.get(neighbour.entry_id)
             if entry is None:
                 self._index.remove(scope, neighbour.entry_id)
                 continue
             if entry.scope == scope and await self._is_live(entry):
+                return await self._hit(entry, CacheOutcome.SEMANTIC, neighbour.similarity)
+        return None
+
+    async def lookup_stale(
+        self, scope: str, prompt: str, vector: Vector | None, threshold: float
+    ) -> CacheHit | None:
+        """An entry of this scope, live or expired within the grace period, for the prompt or
+        one meaning the same; for when no provider answers. Never crosses scopes."""
+        try:
+            return await self._search_stale(scope, prompt, vector, threshold)
+        except StoreUnavailable:
+            self.bypassed += 1
+            return None
+
+    async def _search_stale(
+        self, scope: str, prompt: str, vector: Vector | None, threshold: float
+    ) -> CacheHit | None:
+        entry = await self._store.get_exact(exact_key(scope, prompt))
+        if entry is not None and entry.scope == scope and await self._is_servable(entry):
+            return await self._hit(entry, CacheOutcome.EXACT, 1.0)
+        neighbours = [] if vector is None else self._index.search(scope, vector, self._candidates)
+        for neighbour in neighbours:
+            if neighbour.similarity < threshold:
+                return None
+            entry = await self._store.get(neighbour.entry_id)
+            if entry is not None and entry.scope == scope and await self._is_servable(entry):
                 return await self._hit(entry, CacheOutcome.SEMANTIC, neighbour.similarity)
         return None
 
@@ -138,6 +189,34 @@ class SemanticCache:
         async with _store_required("invalidate"):
             return await self._invalidate(tenant, entry_ids)
 
+    async def distrust(self, tenant: str, entry_id: str) -> int:
+        """A thumbs-down: remove the entry, raise the similarity its neighbours need (returns
+        the number of entries removed, 0 or 1)."""
+        async with _store_required("record feedback"):
+            return await self._distrust_entry(tenant, entry_id)
+
+    async def _distrust_entry(self, tenant: str, entry_id: str) -> int:
+        entry = await self.get(tenant, entry_id)
+        if entry is None:
+            return 0
+        rule = self._distrust
+        for neighbour in self._index.search(entry.scope, entry.embedding, rule.neighbours):
+            if neighbour.entry_id != entry_id and neighbour.similarity >= rule.radius:
+                raised = self.penalty_of(neighbour.entry_id) + rule.penalty
+                self._penalties[neighbour.entry_id] = min(rule.max_penalty, raised)
+        return await self._invalidate(tenant, [entry_id])
+
+    def penalty_of(self, entry_id: str) -> float:
+        return self._penalties.get(entry_id, 0.0)
+
+    async def top_entries(self, tenant: str, n: int) -> list[CacheEntry]:
+        """The tenant's most served entries, most hits first."""
+        async with _store_required("read stats"):
+            ids = await self._store.ids_of_tenant(tenant)
+            entries = [await self._store.get(i) for i in ids]
+        live = [e for e in entries if e is not None]
+        return sorted(live, key=lambda e: (-e.hit_count, -e.cost_usd))[:n]
+
     async def invalidate_tag(self, tenant: str, tag: str) -> int:
         async with _store_required("invalidate"):
             return await self._invalidate(tenant, await self._store.ids_with_tag(tenant, tag))
@@ -153,12 +232,17 @@ class SemanticCache:
     async def _invalidate(self, tenant: str, entry_ids: Sequence[str]) -> int:
         owned = [e.entry_id for e in [await self.get(tenant, i) for i in entry_ids] if e]
         removed = await self._store.delete(owned)
-        for entry in removed:
-            self._index.remove(entry.scope, entry.entry_id)
+        self._forget(removed)
         return len(removed)
 
     async def _is_live(self, entry: CacheEntry) -> bool:
         if entry.expires_at > self._clock():
+            return True
+        await self._is_servable(entry)  # drops it once past the grace period
+        return False
+
+    async def _is_servable(self, entry: CacheEntry) -> bool:
+        if entry.expires_at + self._grace > self._clock():
             return True
         await self._invalidate(entry.tenant, [entry.entry_id])
         return False
@@ -172,6 +256,7 @@ class SemanticCache:
         """Drop evicted or replaced entries from the index (the store already dropped them)."""
         for entry in entries:
             self._index.remove(entry.scope, entry.entry_id)
+            self._penalties.pop(entry.entry_id, None)
 
 
 @contextlib.asynccontextmanager

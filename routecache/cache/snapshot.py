@@ -69,19 +69,24 @@ def read_snapshot(path: Path) -> Iterator[CacheEntry]:
             yield _decode(line)
 
 
-def read_live_entries(path: Path, now: float) -> list[CacheEntry]:
-    """The snapshot's entries that have not expired; none when there is no snapshot."""
+def read_live_entries(path: Path, now: float, grace: float = 0.0) -> list[CacheEntry]:
+    """The snapshot's entries that have not expired, or expired less than `grace` seconds ago
+    (still servable stale); none when there is no snapshot."""
     if not path.is_file():
         log.info("no cache snapshot at %s: starting empty", path)
         return []
-    return [entry for entry in read_snapshot(path) if entry.expires_at > now]
+    return [entry for entry in read_snapshot(path) if entry.expires_at + grace > now]
 
 
 async def restore_snapshot(
-    store: InMemoryEntryStore, index: VectorIndex, path: Path, clock: Callable[[], float]
+    store: InMemoryEntryStore,
+    index: VectorIndex,
+    path: Path,
+    clock: Callable[[], float],
+    stale_grace_seconds: float = 0.0,
 ) -> int:
     """Loads the live entries of a snapshot, if there is one; returns how many."""
-    entries = await asyncio.to_thread(read_live_entries, path, clock())
+    entries = await asyncio.to_thread(read_live_entries, path, clock(), stale_grace_seconds)
     loaded = 0
     for entry in entries:
         for gone in await store.put(entry):

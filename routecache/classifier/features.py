@@ -1,7 +1,7 @@
-"""The classifier's input: the request embedding plus a few cheap features of the prompt text.
+"""Cheap features of the prompt text, beside the neighbour features of its embedding.
 
-The embedding is computed once by the service (the cache needs it too), so only the text
-features are computed here; they cost microseconds. Only the request itself may be used: the
+The embedding is computed once by the service (the cache needs it too); these cost
+microseconds. Only the request itself may be used: the
 routing data's `subject` and `source` labels are not known to a router in service.
 """
 
@@ -31,11 +31,6 @@ _OPTION = re.compile(r"^([A-D])[.)]\s", re.MULTILINE)
 _MATH_SYMBOLS = frozenset("=+-*/^<>%$")
 
 
-def feature_names(embedding_dimension: int) -> list[str]:
-    """Column names of `feature_matrix`, recorded with a trained model to detect drift."""
-    return [f"emb_{i}" for i in range(embedding_dimension)] + list(TEXT_FEATURE_NAMES)
-
-
 def text_features(text: str) -> npt.NDArray[np.float64]:
     """The cheap text features of one prompt, in the order of TEXT_FEATURE_NAMES."""
     chars = len(text)
@@ -57,13 +52,9 @@ def text_features(text: str) -> npt.NDArray[np.float64]:
     )
 
 
-def feature_matrix(
-    embeddings: npt.NDArray[np.floating], texts: Sequence[str]
-) -> npt.NDArray[np.float64]:
-    """Rows of [embedding, text features] for a batch of prompts (training and evaluation)."""
-    if embeddings.ndim != 2 or embeddings.shape[0] != len(texts):
-        raise ValueError(f"embeddings of shape {embeddings.shape} do not match {len(texts)} texts")
-    extra = np.zeros((len(texts), len(TEXT_FEATURE_NAMES)), dtype=np.float64)
+def text_feature_matrix(texts: Sequence[str]) -> npt.NDArray[np.float64]:
+    """text_features of many prompts, one row each (training and evaluation)."""
+    out = np.zeros((len(texts), len(TEXT_FEATURE_NAMES)), dtype=np.float64)
     for row, text in enumerate(texts):
-        extra[row] = text_features(text)
-    return np.hstack([embeddings.astype(np.float64, copy=False), extra])
+        out[row] = text_features(text)
+    return out

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import random
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -50,6 +51,9 @@ class ReplayConfig:
     fault_rate: float = 0.0
     fault_kinds: tuple[FaultKind, ...] = tuple(FaultKind)
     fault_seed: int = 0
+    # Faults (None: a good answer) for the first requests, in arrival order, before any
+    # drawn by fault_rate: "fail twice, then answer" without randomness.
+    fault_script: tuple[FaultKind | None, ...] = ()
     hang_seconds: float = 30.0
     retry_after_seconds: int = 1
     stream_chunk_chars: int = 24
@@ -81,6 +85,14 @@ class FaultSchedule:
         self._rate = config.fault_rate
         self._kinds = config.fault_kinds
         self._rng = random.Random(config.fault_seed)
+        self._script: deque[FaultKind | None] = deque(config.fault_script)
+
+    def script(self, faults: Iterable[FaultKind | None]) -> None:
+        """Queue faults for the next requests (after any still queued)."""
+        self._script.extend(faults)
+
+    def clear_script(self) -> None:
+        self._script.clear()
 
     def next_fault(self, requested: str | None) -> FaultKind | None:
         """The fault for this request; a header naming one (or "none") overrides the draw.
@@ -90,6 +102,8 @@ class FaultSchedule:
         if requested is not None:
             requested = requested.strip().lower()
             return None if requested == NO_FAULT else FaultKind(requested)
+        if self._script:
+            return self._script.popleft()
         # Draw both numbers every time so one request's outcome never shifts the next one's.
         roll, pick = self._rng.random(), self._rng.randrange(max(len(self._kinds), 1))
         return self._kinds[pick] if roll < self._rate else None
@@ -121,6 +135,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated, from: {', '.join(FaultKind)}",
     )
     parser.add_argument("--fault-seed", type=int, default=0)
+    parser.add_argument(
+        "--fault-script",
+        default="",
+        help="comma-separated faults (or 'none') for the first requests, before --fault-rate",
+    )
     parser.add_argument("--hang-seconds", type=float, default=30.0, help="how long 'timeout' hangs")
 
 
@@ -136,7 +155,16 @@ def config_from_args(args: argparse.Namespace) -> ReplayConfig:
         kinds = tuple(FaultKind(k.strip()) for k in args.fault_kinds.split(",") if k.strip())
     except ValueError as exc:
         raise ValueError(f"--fault-kinds: {exc}") from exc
+    try:
+        script = tuple(
+            None if k.strip() == NO_FAULT else FaultKind(k.strip())
+            for k in args.fault_script.split(",")
+            if k.strip()
+        )
+    except ValueError as exc:
+        raise ValueError(f"--fault-script: {exc}") from exc
     return ReplayConfig(
+        fault_script=script,
         models=MappingProxyType(models),
         recordings_path=args.recordings,
         api_key=args.api_key or os.environ.get(API_KEY_ENV_VAR) or None,

@@ -223,6 +223,14 @@ class RunningReplayServer:
     def injected_faults(self) -> Counter[FaultKind]:
         return Counter(self._state.injected)
 
+    def script_faults(self, *faults: FaultKind | None) -> None:
+        """The next requests meet these faults (None: a good answer), in order."""
+        self._state.faults.script(faults)
+
+    def clear_scripted_faults(self) -> None:
+        """Drop queued faults that no request met (so they cannot leak into later calls)."""
+        self._state.faults.clear_script()
+
     async def close(self) -> None:
         self._state.closing.set()
         await self._runner.cleanup()

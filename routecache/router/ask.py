@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import grpc
-from google.protobuf.json_format import MessageToDict
+from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 
 from routecache.client import RouteCacheClient, chat_request
+from routecache.router.settings import ConfigError
+from routecache.v1 import routecache_pb2 as pb
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,12 +36,28 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--user", default="", help="end-user id")
     parser.add_argument("--stream", action="store_true", help="use CompleteStream")
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--validator",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help='a validator for this request, e.g. \'{"kind": "pii", "on_fail": "flag"}\' '
+        "(repeatable; see docs/validators.md)",
+    )
 
 
 def _schema(value: str | None) -> str | None:
     if value is not None and value.startswith("@"):
         return Path(value[1:]).read_text(encoding="utf-8")
     return value
+
+
+def _validators(values: list[str]) -> list[pb.RequestValidator]:
+    """Raises ConfigError for a flag that is not a RequestValidator in JSON."""
+    try:
+        return [ParseDict(json.loads(value), pb.RequestValidator()) for value in values]
+    except (ValueError, ParseError) as error:
+        raise ConfigError(f"--validator: {error}") from error
 
 
 async def ask(args: argparse.Namespace) -> int:
@@ -57,6 +75,7 @@ async def ask(args: argparse.Namespace) -> int:
         tags=args.tag,
         force_tier=args.tier,
         end_user_id=args.user,
+        validators=_validators(args.validator),
     )
     async with RouteCacheClient(args.target, args.api_key, timeout_seconds=args.timeout) as client:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -15,25 +16,39 @@ from routecache.backends.redis_store import RedisEntryStore, RedisStoreOptions
 from routecache.backends.replica_sync import ReplicaSync
 from routecache.backends.storage import CacheHealth, EmbeddedStorage, RedisStorage, Storage
 from routecache.cache.embedder import HashEmbedder, MiniLMEmbedder
-from routecache.cache.embedding_worker import EmbeddingWorker
-from routecache.cache.faiss_index import ScopedFaissIndex
+from routecache.cache.embedding_worker import BatchPolicy, EmbeddingWorker
+from routecache.cache.faiss_index import IndexPolicy, ScopedFaissIndex
 from routecache.cache.memory_store import InMemoryEntryStore
+from routecache.cache.onnx_embedder import OnnxMiniLMEmbedder
 from routecache.cache.ports import Embedder, EntryStore, VectorIndex
-from routecache.cache.semantic_cache import SemanticCache
+from routecache.cache.semantic_cache import Distrust, SemanticCache
 from routecache.classifier.model import load_artifact, packaged_artifact_path
 from routecache.classifier.ports import DifficultyClassifier
-from routecache.domain import Tenant, Tier
+from routecache.classifier.registry import ModelRegistry
+from routecache.classifier.reloading import ReloadingClassifier
+from routecache.domain import OperatingPoint, Tenant, Tier
 from routecache.router.auth import ApiKeyAuthenticator
-from routecache.router.events import InMemoryEventLog
+from routecache.router.events import InMemoryEventLog, JsonlEventLog
 from routecache.router.generation import Generator, Provider
 from routecache.router.limits import InMemoryRateLimiter, InMemorySpendLedger
+from routecache.router.metrics import MetricsServer, PrometheusTelemetry
 from routecache.router.pipeline import Pipeline, PipelineParts
 from routecache.router.ports import ChatUpstream, EventSink, Pricing, RateLimiter, SpendLedger
-from routecache.router.server import RunningServer, start_server
+from routecache.router.server import DEPENDENCIES, RunningServer, start_server
 from routecache.router.servicer import RouteCacheServicer
-from routecache.router.settings import ProviderSettings, Settings
+from routecache.router.settings import ProviderSettings, RetrySettings, Settings, TenantSettings
+from routecache.router.telemetry import (
+    BREAKER_CLOSED,
+    BREAKER_HALF_OPEN,
+    BREAKER_OPEN,
+    NullTelemetry,
+    Telemetry,
+)
+from routecache.router.upstream.breaker import BreakerState, CircuitBreaker
+from routecache.router.upstream.failover import Failover
+from routecache.router.upstream.metered import MeteredUpstream
 from routecache.router.upstream.openai_client import OpenAIChatClient
-from routecache.router.validators import JsonSchemaValidator, MaxLengthValidator
+from routecache.router.validation import RequestValidators, build_validators
 
 
 @dataclass
@@ -42,9 +57,12 @@ class Overrides:
 
     embedder: Embedder | None = None
     classifier: DifficultyClassifier | None = None
-    upstreams: Mapping[Tier, ChatUpstream] | None = None
+    upstreams: Mapping[Tier, ChatUpstream] | None = None  # the first provider of each tier
+    providers: Mapping[str, ChatUpstream] | None = None  # any provider, by name
+    monotonic: Callable[[], float] = field(default=time.monotonic)  # deadlines and breakers
     events: EventSink | None = None
     clock: Callable[[], float] = field(default=time.time)
+    telemetry: Telemetry | None = None
 
 
 @dataclass
@@ -54,8 +72,12 @@ class Service:
     embeddings: EmbeddingWorker
     generator: Generator
     events: EventSink
+    telemetry: Telemetry
     storage: Storage
     server: RunningServer | None = None
+    metrics: MetricsServer | None = None
+    classifier: DifficultyClassifier | None = None
+    background: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start_storage(self, cache_health: CacheHealth | None = None) -> None:
         """Loads the cache index from the store (rebuild from Redis, or the snapshot)."""
@@ -65,44 +87,144 @@ class Service:
             await self.storage.start(cache_health)
 
     async def aclose(self) -> None:
+        """Drain in-flight calls (within server.grace_seconds), then release everything."""
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
         if self.server is not None:
             await self.server.stop()
         await self.storage.aclose()
         await self.generator.aclose()
         self.embeddings.close()
+        if isinstance(self.events, JsonlEventLog):
+            self.events.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self.metrics is None else self.metrics.port
 
 
 def build_embedder(settings: Settings) -> Embedder:
     if settings.cache.embedder == "hash":
         return HashEmbedder()
-    return MiniLMEmbedder()
+    if settings.cache.embedder == "minilm":
+        return MiniLMEmbedder()
+    return OnnxMiniLMEmbedder(onnx_dir=settings.cache.onnx_dir)
+
+
+def build_vector_index(settings: Settings, dimension: int) -> ScopedFaissIndex:
+    import faiss
+
+    # One lookup is one query vector: FAISS's OpenMP threads only add wake-up and contention
+    # with the encoder (a 50k flat search took 4x longer with 2 threads than with 1 here).
+    faiss.omp_set_num_threads(settings.cache.faiss_threads)
+    policy = IndexPolicy(
+        ivf_threshold=settings.cache.ivf_threshold, nprobe=settings.cache.ivf_nprobe
+    )
+    return ScopedFaissIndex(dimension, policy)
+
+
+def build_embedding_worker(settings: Settings, embedder: Embedder) -> EmbeddingWorker:
+    policy = BatchPolicy(
+        max_batch=settings.cache.embed_max_batch,
+        max_wait_seconds=settings.cache.embed_max_wait_ms / 1000,
+    )
+    return EmbeddingWorker(embedder, policy)
 
 
 def build_classifier(settings: Settings) -> DifficultyClassifier:
-    return load_artifact(settings.classifier.artifact or packaged_artifact_path())
+    fallback = settings.classifier.artifact or packaged_artifact_path()
+    if settings.classifier.registry_dir is not None:
+        registry = ModelRegistry(settings.classifier.registry_dir)
+        return ReloadingClassifier.from_registry(registry, load_artifact, fallback)
+    return load_artifact(fallback)
 
 
-def build_upstream(provider: ProviderSettings) -> ChatUpstream:
-    return OpenAIChatClient(
-        base_url=provider.base_url,
-        model=provider.model,
-        api_key=provider.api_key.get_secret_value() if provider.api_key else None,
-        timeout_seconds=provider.timeout_seconds,
+def build_upstream(provider: ProviderSettings, retry: RetrySettings | None = None) -> ChatUpstream:
+    return OpenAIChatClient.from_settings(provider, retry=retry)
+
+
+def breaker_gauge(breaker: CircuitBreaker) -> Callable[[], float]:
+    values = {
+        BreakerState.CLOSED: BREAKER_CLOSED,
+        BreakerState.HALF_OPEN: BREAKER_HALF_OPEN,
+        BreakerState.OPEN: BREAKER_OPEN,
+    }
+    return lambda: values[breaker.state]
+
+
+def build_failover(settings: Settings, parts: Overrides, telemetry: Telemetry) -> Failover:
+    """Each tier's chain of providers, one client and one breaker per provider name."""
+    upstream = settings.upstream
+    given: dict[str, ChatUpstream] = dict(parts.providers or {})
+    for tier, client in (parts.upstreams or {}).items():
+        given.setdefault(tier.value, client)
+    built: dict[str, Provider] = {}
+    chains: dict[Tier, list[Provider]] = {}
+    for tier in Tier:
+        chains[tier] = []
+        for name, config in upstream.chain(tier.value):
+            if name not in built:
+                client = given.get(name) or build_upstream(config, upstream.retry)
+                breaker = CircuitBreaker(**upstream.breaker.model_dump(), clock=parts.monotonic)
+                telemetry.watch_breaker(name, breaker_gauge(breaker))
+                built[name] = Provider(
+                    name,
+                    MeteredUpstream(client, telemetry),
+                    Pricing(config.input_usd_per_mtok, config.output_usd_per_mtok),
+                    breaker,
+                )
+            chains[tier].append(built[name])
+    return Failover(chains, parts.monotonic)
+
+
+def build_generator(settings: Settings, parts: Overrides, telemetry: Telemetry) -> Generator:
+    limits = settings.limits
+    return Generator(
+        build_failover(settings, parts, telemetry),
+        build_validators(settings.validators, limits),
+        tenant_validators={
+            t.name: build_validators(t.validators, limits)
+            for t in settings.tenants
+            if t.validators is not None
+        },
+        default_timeout_seconds=settings.upstream.request_timeout_seconds,
+        clock=parts.monotonic,
+        request_validators=RequestValidators(limits),
     )
 
 
+def build_telemetry(settings: Settings) -> Telemetry:
+    return PrometheusTelemetry() if settings.metrics.enabled else NullTelemetry()
+
+
+def build_events(settings: Settings) -> EventSink:
+    path = settings.events.path
+    return JsonlEventLog(path) if path is not None else InMemoryEventLog()
+
+
+def _routing_target(
+    tenant: TenantSettings, settings: Settings
+) -> tuple[float | None, OperatingPoint | None]:
+    """The most specific of: tenant threshold, tenant target, default threshold, default target."""
+    if tenant.routing_threshold is not None or tenant.operating_point() is not None:
+        return tenant.routing_threshold, tenant.operating_point()
+    return settings.classifier.routing_threshold, settings.classifier.operating_point()
+
+
 def build_tenants(settings: Settings) -> ApiKeyAuthenticator:
-    routing_default = settings.classifier.routing_threshold
     return ApiKeyAuthenticator(
         (
             Tenant(
                 name=t.name,
-                routing_threshold=t.routing_threshold if t.routing_threshold is not None
-                else routing_default,
+                routing_threshold=_routing_target(t, settings)[0],
                 similarity_threshold=t.similarity_threshold or settings.cache.similarity_threshold,
                 default_ttl_seconds=t.default_ttl_seconds or settings.cache.default_ttl_seconds,
                 requests_per_second=t.requests_per_second,
                 daily_budget_usd=t.daily_budget_usd,
+                operating_point=_routing_target(t, settings)[1],
             ),
             t.api_key_sha256,
         )
@@ -120,40 +242,56 @@ class StorageParts:
 
 
 def build_storage(
-    settings: Settings, index: VectorIndex, clock: Callable[[], float], events: EventSink | None
+    settings: Settings,
+    index: VectorIndex,
+    clock: Callable[[], float],
+    events: EventSink | None,
+    telemetry: Telemetry | None = None,
 ) -> StorageParts:
+    """`events`: a sink that wins over the configured ones (tests). Otherwise events.path's
+    JSONL file when set, else the Redis stream on the Redis backend, else memory."""
     store_settings = settings.store
+    grace = settings.upstream.stale_grace_seconds
+    if events is None and settings.events.path is not None:
+        events = build_events(settings)
     if store_settings.backend == "memory":
         store = InMemoryEntryStore(settings.cache.max_entries)
         return StorageParts(
             store, InMemoryRateLimiter(clock), InMemorySpendLedger(clock),
             events or InMemoryEventLog(),
             EmbeddedStorage(store, index, clock, store_settings.snapshot_path,
-                            store_settings.snapshot_interval_seconds),
+                            store_settings.snapshot_interval_seconds, grace),
         )  # fmt: skip
-    return build_redis_storage(settings, index, clock, events)
+    return build_redis_storage(settings, index, clock, events, telemetry or NullTelemetry())
 
 
 def build_redis_storage(
-    settings: Settings, index: VectorIndex, clock: Callable[[], float], events: EventSink | None
+    settings: Settings,
+    index: VectorIndex,
+    clock: Callable[[], float],
+    events: EventSink | None,
+    telemetry: Telemetry,
 ) -> StorageParts:
     store_settings = settings.store
+    grace = settings.upstream.stale_grace_seconds
     link = RedisLink(
         store_settings.redis_url.get_secret_value(),
         store_settings.timeout_seconds,
         store_settings.max_connections,
         store_settings.probe_interval_seconds,
     )
+    telemetry.watch_dependency("redis", lambda: link.up)
     keyspace = KeySpace(store_settings.key_prefix)
     origin = uuid.uuid4().hex  # this replica, so it can skip its own sync messages
     redis_store = RedisEntryStore(
         link, keyspace,
-        RedisStoreOptions(settings.cache.max_entries, store_settings.sync_stream_max_len),
+        RedisStoreOptions(settings.cache.max_entries, store_settings.sync_stream_max_len,
+                          stale_grace_seconds=grace),
         clock, origin,
     )  # fmt: skip
     sync = ReplicaSync(
         link, keyspace, [t.name for t in settings.tenants], index, redis_store, origin, clock,
-        store_settings.purge_interval_seconds,
+        store_settings.purge_interval_seconds, stale_grace_seconds=grace,
     )  # fmt: skip
     stream_events = RedisStreamEventSink(
         link, keyspace, store_settings.event_buffer_max, store_settings.event_stream_max_len
@@ -168,23 +306,15 @@ def build_redis_storage(
 
 def build_service(settings: Settings, overrides: Overrides | None = None) -> Service:
     parts = overrides or Overrides()
-    providers = {
-        Tier.CHEAP: settings.upstream.cheap,
-        Tier.STRONG: settings.upstream.strong,
-    }
-    upstreams = parts.upstreams or {tier: build_upstream(p) for tier, p in providers.items()}
-    generator = Generator(
-        {
-            tier: Provider(upstreams[tier], Pricing(p.input_usd_per_mtok, p.output_usd_per_mtok))
-            for tier, p in providers.items()
-        },
-        [MaxLengthValidator(settings.limits.max_answer_chars), JsonSchemaValidator()],
-    )
+    telemetry = parts.telemetry or build_telemetry(settings)
+    generator = build_generator(settings, parts, telemetry)
     embedder = parts.embedder or build_embedder(settings)
-    embeddings = EmbeddingWorker(embedder)
+    embeddings = build_embedding_worker(settings, embedder)
+    telemetry.watch_queue("embedding", lambda: embeddings.pending)
     clock = parts.clock
-    index = ScopedFaissIndex(embedder.dimension)
-    storage = build_storage(settings, index, clock, parts.events)
+    classifier = parts.classifier or build_classifier(settings)
+    index = build_vector_index(settings, embedder.dimension)
+    storage = build_storage(settings, index, clock, parts.events, telemetry)
     events = storage.events
     pipeline = Pipeline(
         PipelineParts(
@@ -192,27 +322,54 @@ def build_service(settings: Settings, overrides: Overrides | None = None) -> Ser
             limits=settings.limits,
             rate_limiter=storage.rate_limiter,
             spend=storage.spend,
-            cache=SemanticCache(storage.store, index, clock),
+            cache=SemanticCache(
+                storage.store,
+                index,
+                clock,
+                distrust=Distrust(settings.cache.feedback_radius, settings.cache.feedback_penalty),
+                stale_grace_seconds=settings.upstream.stale_grace_seconds,
+            ),
             embeddings=embeddings,
-            classifier=parts.classifier or build_classifier(settings),
+            classifier=classifier,
             generator=generator,
             events=events,
             clock=clock,
+            telemetry=telemetry,
         )
     )
-    return Service(settings, pipeline, embeddings, generator, events, storage.storage)
+    return Service(
+        settings, pipeline, embeddings, generator, events, telemetry, storage.storage,
+        classifier=classifier,
+    )  # fmt: skip
 
 
 async def start_service(settings: Settings, overrides: Overrides | None = None) -> Service:
-    """Build the service and start its gRPC server; `service.server.port` is the bound port."""
-    service = build_service(settings, overrides)
-    # The first forward pass is several times slower than the rest; pay it before SERVING.
-    await service.embeddings.embed("warm up")
-    server = await start_server(
-        RouteCacheServicer(service.pipeline), settings.server, serving=False
-    )
-    service.server = server
-    # NOT_SERVING until the index holds what the store holds (a Redis rebuild can take a while).
-    await service.start_storage(server.set_cache_serving)
+    """Start listening at once (health NOT_SERVING), load models, index and store, then serve.
+
+    `service.server.port` is the bound gRPC port, `service.metrics_port` the metrics port.
+    """
+    servicer = RouteCacheServicer(None)
+    server = await start_server(servicer, settings.server, DEPENDENCIES)
+    service: Service | None = None
+    try:
+        # Loading the models takes seconds: off the loop, so health checks answer meanwhile.
+        service = await asyncio.to_thread(build_service, settings, overrides)
+        service.server = server
+        # The first forward pass is several times slower than the rest; pay it before SERVING.
+        await service.embeddings.embed("warm up")
+        if settings.metrics.enabled and isinstance(service.telemetry, PrometheusTelemetry):
+            registry = service.telemetry.registry
+            service.metrics = MetricsServer(registry, settings.metrics.host, settings.metrics.port)
+        # NOT_SERVING until the index holds what the store holds (a Redis rebuild takes a while).
+        await service.start_storage(server.set_cache_serving)
+    except BaseException:
+        await (service.aclose() if service is not None else server.stop())
+        raise
+    servicer.attach(service.pipeline)
+    for dependency in DEPENDENCIES:
+        await server.set_dependency(dependency, serving=True)
     await server.set_serving(True)
+    if isinstance(service.classifier, ReloadingClassifier):
+        interval = settings.classifier.reload_interval_seconds
+        service.background.append(asyncio.create_task(service.classifier.watch(interval)))
     return service

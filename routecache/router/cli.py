@@ -15,8 +15,11 @@ from routecache.router.settings import ConfigError, load_settings
 
 def _serve(args: argparse.Namespace) -> int:
     from routecache.router.bootstrap import start_service
+    from routecache.router.logs import configure_logging
 
     settings = load_settings(args.config)
+    level = "debug" if args.verbose else settings.logging.level
+    configure_logging(settings.logging.format, level, quiet_libraries=not args.verbose)
     if not settings.tenants:
         raise ConfigError(
             "no tenants configured: add [[tenants]] to a TOML file (see examples/dev.toml) "
@@ -24,14 +27,24 @@ def _serve(args: argparse.Namespace) -> int:
         )
 
     async def run() -> None:
-        service = await start_service(settings)
-        assert service.server is not None
-        print(f"routecache serving on {settings.server.host}:{service.server.port}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        # Installed before loading: a SIGTERM during start-up still shuts down cleanly.
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        try:
+            service = await start_service(settings)
+        except OSError as error:
+            raise ConfigError(
+                f"cannot listen (server.port {settings.server.port}, "
+                f"metrics.port {settings.metrics.port}): {error}"
+            ) from error
+        assert service.server is not None
+        metrics = f", metrics on :{service.metrics_port}" if service.metrics_port else ""
+        print(f"routecache serving on {settings.server.host}:{service.server.port}{metrics}",
+              flush=True)  # fmt: skip
         await stop.wait()
+        logging.getLogger(__name__).info("SIGTERM/SIGINT: draining and stopping")
         await service.aclose()
 
     asyncio.run(run())
@@ -42,11 +55,46 @@ def _demo(args: argparse.Namespace) -> int:
     from routecache.router.demo import run_demo
 
     print("starting the replay upstream and routecache (loading the embedding model)...")
-    summary = asyncio.run(
+    report = asyncio.run(
         run_demo(n_recorded=args.recorded, concurrency=args.concurrency, seed=args.seed,
-                 upstream_latency_ms=args.upstream_latency_ms)
+                 upstream_latency_ms=args.upstream_latency_ms, events_out=args.events_out,
+                 similarity_threshold=args.similarity_threshold)
     )  # fmt: skip
-    print(summary)
+    print(report.text)
+    if args.events_out:
+        print(f"events written to {args.events_out}")
+    if args.metrics_out:
+        args.metrics_out.write_text(report.metrics_text, encoding="utf-8")
+        print(f"/metrics at the end of the run written to {args.metrics_out}")
+    return 0
+
+
+def _export_events(args: argparse.Namespace) -> int:
+    try:
+        from routecache.analysis.export import export_events, parse_since
+    except ImportError as error:
+        raise ConfigError(
+            f"export-events needs the analysis extra ({error.name} is missing): "
+            "pip install 'routecache[analysis]'"
+        ) from error
+    source = args.events or load_settings(args.config).events.path
+    if source is None:
+        raise ConfigError("no event log: pass --events FILE or set events.path in the config")
+    if not source.is_file():
+        raise ConfigError(f"event log not found: {source}")
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    count = export_events(source, args.out, since)
+    print(f"{count} events written to {args.out}")
+    return 0
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    from routecache.cache.onnx_embedder import ensure_onnx_export
+
+    print(ensure_onnx_export(onnx_dir=args.onnx_dir))
     return 0
 
 
@@ -75,10 +123,26 @@ def _hash_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rollback_classifier(args: argparse.Namespace) -> int:
+    from routecache.classifier.registry import ModelRegistry, RegistryError
+
+    registry = ModelRegistry(args.registry)
+    try:
+        previous = registry.current_version()
+        version = registry.rollback(args.to)
+    except RegistryError as error:
+        print(f"routecache: {error}", file=sys.stderr)
+        return 1
+    print(
+        f"classifier rolled back: {previous} -> {version}; services pick it up at their next check"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from routecache.replay.config import add_cli_arguments as replay_arguments
     from routecache.router.ask import add_cli_arguments as ask_arguments
-    from routecache.training import eval_router, train_classifier
+    from routecache.training import eval_router, retrain, train_classifier
 
     parser = argparse.ArgumentParser(prog="routecache", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -93,7 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--concurrency", type=int, default=4)
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--upstream-latency-ms", type=int, default=0)
+    demo.add_argument("--similarity-threshold", type=float, default=0.9,
+                      help="the demo cache threshold (lower: more false hits)")  # fmt: skip
+    demo.add_argument("--events-out", type=Path, help="also append the run's events to this JSONL")
+    demo.add_argument("--metrics-out", type=Path, help="write /metrics as scraped at the end")
     demo.set_defaults(run=_demo)
+
+    export = verbs.add_parser("export-events", help="event log (JSONL) → parquet for analysis")
+    export.add_argument("--config", type=Path, help="TOML settings file: its events.path is read")
+    export.add_argument("--events", type=Path, help="the JSONL event log (default: events.path)")
+    export.add_argument("--since", help="only events since: 90m, 24h, 7d, an ISO date or epoch")
+    export.add_argument("--out", type=Path, required=True, help="the parquet file to write")
+    export.set_defaults(run=_export_events)
 
     ask = verbs.add_parser("ask", help="send one request to a running server, print JSON")
     ask_arguments(ask)
@@ -110,6 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = verbs.add_parser("eval-router", help="APGR/CPT of the classifier on labelled data")
     eval_router.add_cli_arguments(evaluate)
     evaluate.set_defaults(run=eval_router.run)
+
+    onnx = verbs.add_parser("export-onnx", help="export the packaged MiniLM to ONNX (once)")
+    onnx.add_argument("--onnx-dir", type=Path, help="default: ~/.cache/routecache/onnx")
+    onnx.set_defaults(run=_export_onnx)
+
+    retrain_verb = verbs.add_parser(
+        "retrain", help="train on labelled data + logged events; promote if not worse"
+    )
+    retrain.add_cli_arguments(retrain_verb)
+    retrain_verb.set_defaults(run=retrain.run)
+
+    rollback = verbs.add_parser(
+        "rollback-classifier", help="point the registry back to the previously promoted model"
+    )
+    rollback.add_argument("--registry", type=Path, required=True, help="model registry folder")
+    rollback.add_argument("--to", default=None, help="a version (default: the previous one)")
+    rollback.set_defaults(run=_rollback_classifier)
 
     hash_key = verbs.add_parser("hash-key", help="print the SHA-256 digest to configure a key")
     hash_key.add_argument("key")

@@ -8,9 +8,11 @@ import json
 import random
 import secrets
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,7 +22,7 @@ from routecache.replay.config import ReplayConfig
 from routecache.replay.server import start_replay_server
 from routecache.router.auth import hash_api_key
 from routecache.router.bootstrap import start_service
-from routecache.router.demo_report import DemoResult, summarise
+from routecache.router.demo_report import DemoResult, DemoTally, summarise, tally
 from routecache.router.settings import Settings, load_settings
 from routecache.v1 import routecache_pb2 as pb
 
@@ -84,9 +86,13 @@ async def _send(clients: dict[str, RouteCacheClient], call: Call,
     return DemoResult(call.tenant, call.kind, code, elapsed_ms, response)
 
 
-def demo_settings(base_url: str, keys: dict[str, str]) -> Settings:
+def demo_settings(base_url: str, keys: dict[str, str], events_path: Path | None = None,
+                  similarity_threshold: float = 0.9) -> Settings:  # fmt: skip
     return load_settings(
         server={"host": "127.0.0.1", "port": 0},
+        cache={"similarity_threshold": similarity_threshold},
+        metrics={"host": "127.0.0.1", "port": 0},
+        events={"path": events_path},
         upstream={
             "cheap": {"base_url": base_url, "model": "mixtral-8x7b-instruct",
                       "input_usd_per_mtok": 0.6, "output_usd_per_mtok": 0.6},
@@ -98,13 +104,52 @@ def demo_settings(base_url: str, keys: dict[str, str]) -> Settings:
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class DemoReport:
+    text: str  # the printed summary
+    tally: DemoTally
+    metrics_text: str  # /metrics as scraped at the end of the run
+    feedback: tuple[int, int]  # thumbs up, thumbs down sent
+
+
+async def _send_feedback(clients: dict[str, RouteCacheClient],
+                         results: Sequence[DemoResult]) -> tuple[int, int]:  # fmt: skip
+    """What a user would say about the cached answers: an exact hit, a hit at similarity ~1
+    (the same words; two identical first asks in flight together meet in the semantic tier) or a
+    hit on a repeat or a paraphrase is right (thumbs up); any other semantic hit answered a
+    different question (thumbs down, which also removes the entry)."""
+    up = down = 0
+    for result in results:
+        response = result.response
+        if response is None or response.cache.outcome == pb.CACHE_OUTCOME_MISS:
+            continue
+        same_words = response.cache.outcome == pb.CACHE_OUTCOME_EXACT or (
+            response.cache.similarity >= 0.9999
+        )
+        good = same_words or result.kind in ("exact-repeat", "paraphrase")
+        await clients[result.tenant].feedback(response.response_id, thumbs_up=good)
+        up, down = up + int(good), down + int(not good)
+    return up, down
+
+
+async def scrape_metrics(port: int) -> str:
+    def get() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            return str(reply.read().decode("utf-8"))
+
+    return await asyncio.to_thread(get)
+
+
 async def run_demo(n_recorded: int = 45, concurrency: int = 4, seed: int = 7,
-                   upstream_latency_ms: int = 0) -> str:  # fmt: skip
-    """Runs the whole demo and returns the printed summary."""
+                   upstream_latency_ms: int = 0,
+                   events_out: Path | None = None,
+                   similarity_threshold: float = 0.9) -> DemoReport:  # fmt: skip
+    """Runs the whole demo: traffic, then feedback on the hits; returns the summary."""
     replay = await start_replay_server(ReplayConfig(latency_ms=upstream_latency_ms))
     keys = {"acme": secrets.token_urlsafe(16), "globex": secrets.token_urlsafe(16)}
-    service = await start_service(demo_settings(replay.base_url, keys))
-    assert service.server is not None
+    settings = demo_settings(replay.base_url, keys, events_out, similarity_threshold)
+    service = await start_service(settings)
+    assert service.server is not None and service.metrics_port is not None
     target = f"127.0.0.1:{service.server.port}"
     clients = {name: RouteCacheClient(target, key) for name, key in keys.items()}
     try:
@@ -116,8 +161,12 @@ async def run_demo(n_recorded: int = 45, concurrency: int = 4, seed: int = 7,
         for phase in phases:
             results += await asyncio.gather(*(_send(clients, c, gate) for c in phase))
         wall_s = time.perf_counter() - started
+        feedback = await _send_feedback(clients, results)
         strong = service.settings.upstream.strong
-        return summarise(results, wall_s, strong.input_usd_per_mtok, strong.output_usd_per_mtok)
+        text = summarise(results, wall_s, strong.input_usd_per_mtok, strong.output_usd_per_mtok)
+        text += f"\n  feedback sent      {feedback[0]} up, {feedback[1]} down (on the hits)"
+        metrics_text = await scrape_metrics(service.metrics_port)
+        return DemoReport(text, tally(results), metrics_text, feedback)
     finally:
         for client in clients.values():
             await client.close()

@@ -60,15 +60,49 @@ def _hits_of_kind(results: Sequence[DemoResult], kind: str) -> int:
     )
 
 
+@dataclass(frozen=True)
+class DemoTally:
+    """The summary's counts: what a scrape of /metrics after the run must agree with."""
+
+    requests: int
+    exact_hits: int
+    semantic_hits: int
+    cheap: int
+    strong: int
+    errors: int
+    escalated: int
+    cost_usd: float
+    saved_usd: float
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def tally(results: Sequence[DemoResult]) -> DemoTally:
+    answered = [r.response for r in results if r.response is not None]
+    paths = Counter(_path(r) for r in results)
+    return DemoTally(
+        requests=len(results),
+        exact_hits=paths["exact hit"],
+        semantic_hits=paths["semantic hit"],
+        cheap=paths["miss → cheap"],
+        strong=paths["miss → strong"],
+        errors=len(results) - len(answered),
+        escalated=sum(1 for r in answered if r.validation.escalated),
+        cost_usd=sum(r.usage.cost_usd for r in answered),
+        saved_usd=sum(r.usage.saved_usd for r in answered),
+        prompt_tokens=sum(r.usage.prompt_tokens for r in answered),
+        completion_tokens=sum(r.usage.completion_tokens for r in answered),
+    )
+
+
 def summarise(results: Sequence[DemoResult], wall_s: float, strong_in: float,
               strong_out: float) -> str:  # fmt: skip
     answered = [r for r in results if r.response is not None]
     paths = Counter(_path(r) for r in results)
     n = len(results)
-    cost = sum(r.response.usage.cost_usd for r in answered if r.response)
-    saved = sum(r.response.usage.saved_usd for r in answered if r.response)
+    counts = tally(results)
+    cost, saved, escalated = counts.cost_usd, counts.saved_usd, counts.escalated
     baseline = sum(_all_strong_cost(r, strong_in, strong_out) for r in answered)
-    escalated = sum(1 for r in answered if r.response and r.response.validation.escalated)
     cross_tenant_hits = _hits_of_kind(answered, "other-tenant")
     false_hits = _hits_of_kind(answered, "different-question")
     lines = [

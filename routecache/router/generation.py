@@ -1,25 +1,31 @@
-"""Getting a validated answer from the models: call the tier, check, escalate cheap → strong."""
+"""Getting a validated answer from the models: call a tier through its failover chain, run the
+tenant's validators, and act on failures (escalate cheap → strong, retry, redact, flag, block)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from routecache.domain import ChatRequest, Tier, ValidationReport, ValidatorResult
-from routecache.errors import FailedValidation, Unavailable, UpstreamError
-from routecache.router.ports import ChatUpstream, Pricing, UpstreamReply, Validator
+from routecache.errors import FailedValidation
+from routecache.router.settings import LimitSettings
+from routecache.router.upstream.failover import Answered, Failover, Provider
+from routecache.router.upstream.openai_client import estimate_tokens
+from routecache.router.validation import (
+    ACTION_DONE,
+    Configured,
+    OnFail,
+    Redactor,
+    RequestValidators,
+)
 
-
-@dataclass(frozen=True)
-class Provider:
-    upstream: ChatUpstream
-    pricing: Pricing
+__all__ = ["Generated", "Generator", "Provider"]
 
 
 @dataclass(frozen=True)
 class Generated:
-    """A validated answer and what producing it cost (every call, escalations included)."""
+    """The answer served and what producing it cost (every call, escalations included)."""
 
     text: str
     model: str
@@ -31,57 +37,189 @@ class Generated:
     upstream_ms: float
     validate_ms: float
     calls: int
+    provider: str = ""
+    upstream_failures: tuple[str, ...] = ()  # providers that failed before one answered
+
+
+@dataclass
+class _Tally:
+    cost: float = 0.0
+    upstream_ms: float = 0.0
+    validate_ms: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    calls: int = 0
+    results: list[ValidatorResult] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def add(self, answered: Answered, elapsed_ms: float) -> None:
+        reply = answered.reply
+        self.cost += answered.provider.pricing.cost(reply.prompt_tokens, reply.completion_tokens)
+        self.prompt_tokens += reply.prompt_tokens
+        self.completion_tokens += reply.completion_tokens
+        self.upstream_ms += elapsed_ms
+        self.calls += 1
+        self.failures += answered.failures
 
 
 class Generator:
-    def __init__(self, providers: Mapping[Tier, Provider], validators: Sequence[Validator]) -> None:
-        missing = [tier.value for tier in Tier if tier not in providers]
-        if missing:
-            raise ValueError(f"no provider for tier(s): {', '.join(missing)}")
-        self._providers = providers
+    def __init__(
+        self,
+        failover: Failover,
+        validators: Sequence[Configured],
+        *,
+        tenant_validators: Mapping[str, Sequence[Configured]] | None = None,
+        default_timeout_seconds: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        request_validators: RequestValidators | None = None,
+    ) -> None:
+        self._failover = failover
         self._validators = validators
+        self._request_validators = request_validators or RequestValidators(LimitSettings())
+        self._tenant_validators = tenant_validators or {}
+        self._default_timeout = default_timeout_seconds
+        self._clock = clock
 
-    async def generate(self, request: ChatRequest, tier: Tier) -> Generated:
-        """Raises FailedValidation when no model's answer passes, Unavailable when none answers."""
-        results: list[ValidatorResult] = []
-        cost = upstream_ms = validate_ms = 0.0
-        prompt_tokens = completion_tokens = 0
-        tiers = [tier, Tier.STRONG] if tier is Tier.CHEAP else [tier]
-        for calls, attempt_tier in enumerate(tiers, start=1):
-            provider = self._providers[attempt_tier]
-            started = time.perf_counter()
-            reply = await self._call(provider, request)
-            upstream_ms += (time.perf_counter() - started) * 1000
-            cost += provider.pricing.cost(reply.prompt_tokens, reply.completion_tokens)
-            prompt_tokens += reply.prompt_tokens
-            completion_tokens += reply.completion_tokens
-            started = time.perf_counter()
-            checks = self.check(reply.text, reply.model, request)
-            validate_ms += (time.perf_counter() - started) * 1000
-            results.extend(checks)
-            if all(r.passed for r in checks):
-                report = ValidationReport(tuple(results), escalated=attempt_tier is not tier)
-                return Generated(
-                    reply.text, reply.model, attempt_tier, prompt_tokens, completion_tokens,
-                    cost, report, upstream_ms, validate_ms, calls,
-                )  # fmt: skip
-        report = ValidationReport(tuple(results), escalated=len(tiers) > 1, passed=False)
-        failed = "; ".join(f"{r.model}: {r.name}: {r.message}" for r in results if not r.passed)
-        raise FailedValidation(f"no answer passed validation ({failed})", report)
+    @property
+    def failover(self) -> Failover:
+        return self._failover
 
-    def check(self, text: str, model: str, request: ChatRequest) -> list[ValidatorResult]:
-        return [
-            ValidatorResult(r.name, r.passed, r.message, model)
-            for r in (v.check(text, request) for v in self._validators if v.applies_to(request))
-        ]
+    def deadline(self, seconds_left: float | None) -> float:
+        """The absolute deadline (on the generator's clock) of a call with this much time."""
+        return self._clock() + (self._default_timeout if seconds_left is None else seconds_left)
+
+    def validators_for(self, tenant: str, request: ChatRequest | None = None) -> list[Configured]:
+        """The tenant's validators plus the request's own; raises InvalidArgument for a bad one."""
+        configured = list(self._tenant_validators.get(tenant, self._validators))
+        if request is not None and request.validators:
+            names = [c.name for c in configured]
+            configured += self._request_validators.build(request, names)
+        return configured
+
+    def _applicable(self, tenant: str, request: ChatRequest) -> list[Configured]:
+        return [v for v in self.validators_for(tenant, request) if v.validator.applies_to(request)]
+
+    async def generate(
+        self, request: ChatRequest, tier: Tier, *, tenant: str = "", deadline: float | None = None
+    ) -> Generated:
+        """Raises FailedValidation when no answer may be served, Unavailable when none came."""
+        deadline = self.deadline(None) if deadline is None else deadline
+        validators = self._applicable(tenant, request)
+        tally, current, retried, escalated = _Tally(), tier, False, False
+        while True:
+            started = time.perf_counter()
+            answered = await self._failover.complete(request, current, deadline)
+            tally.add(answered, (time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
+            failing, results = self._judge(answered, request, validators)
+            tally.validate_ms += (time.perf_counter() - started) * 1000
+            decision = _decide(failing, retried, answered.tier)
+            if decision is None:  # passed, or only redact / flag failures: serve it
+                tally.results += _label_own(results, failing)
+                return self._served(answered, failing, tally, escalated)
+            tally.results += _label(results, decision)
+            if decision is OnFail.BLOCK:
+                report = ValidationReport(tuple(tally.results), escalated, passed=False)
+                failed = "; ".join(
+                    f"{r.model}: {r.name}: {r.message}" for r in tally.results if not r.passed
+                )
+                raise FailedValidation(f"no answer passed validation ({failed})", report)
+            retried = retried or decision is OnFail.RETRY
+            if decision is OnFail.ESCALATE:
+                current, escalated = Tier.STRONG, True
+            else:
+                current = answered.tier
+
+    async def stream(
+        self, request: ChatRequest, tier: Tier, *, tenant: str = "", deadline: float | None = None
+    ) -> AsyncIterator[str | Generated]:
+        """Deltas as the provider sends them, then the Generated of the whole text.
+
+        Sent text cannot be taken back, so the whole-text validators run at the end and any
+        failure either flags the answer (flag, redact) or ends the stream with
+        FailedValidation (escalate, retry, block); neither is cached. Raises Unavailable (an
+        AllProvidersFailed before the first delta) when no provider streams.
+        """
+        deadline = self.deadline(None) if deadline is None else deadline
+        validators = self._applicable(tenant, request)
+        started = time.perf_counter()
+        opened = await self._failover.open_stream(request, tier, deadline)
+        pieces: list[str] = []
+        async for delta in self._failover.deltas(opened, deadline):
+            pieces.append(delta)
+            yield delta
+        upstream_ms = (time.perf_counter() - started) * 1000
+        text, model = "".join(pieces), opened.provider.model
+        started = time.perf_counter()
+        results = [replace(v.validator.check(text, request), model=model) for v in validators]
+        validate_ms = (time.perf_counter() - started) * 1000
+        failing = {v.name: v.on_fail for v, r in zip(validators, results, strict=True)
+                   if not r.passed}  # fmt: skip
+        if _decide([v for v in validators if v.name in failing], True, Tier.STRONG):
+            labelled = _label(results, OnFail.BLOCK)
+            report = ValidationReport(tuple(labelled), passed=False)
+            failed = "; ".join(f"{r.name}: {r.message}" for r in labelled if not r.passed)
+            raise FailedValidation(f"the streamed answer failed validation ({failed})", report)
+        labelled = [r if r.passed else replace(r, action="flagged") for r in results]
+        prompt_tokens = estimate_tokens("\n".join(m.content for m in request.messages))
+        completion_tokens = estimate_tokens(text)
+        yield Generated(
+            text, model, opened.tier, prompt_tokens, completion_tokens,
+            opened.provider.pricing.cost(prompt_tokens, completion_tokens),
+            ValidationReport(tuple(labelled), passed=not failing), upstream_ms, validate_ms, 1,
+            opened.provider.name, opened.failures,
+        )  # fmt: skip
 
     @staticmethod
-    async def _call(provider: Provider, request: ChatRequest) -> UpstreamReply:
-        try:
-            return await provider.upstream.complete(request.messages, request.params)
-        except UpstreamError as exc:
-            raise Unavailable(f"model {provider.upstream.model} failed: {exc}") from exc
+    def _judge(
+        answered: Answered, request: ChatRequest, validators: Sequence[Configured]
+    ) -> tuple[list[Configured], list[ValidatorResult]]:
+        model = answered.reply.model
+        results = [replace(v.validator.check(answered.reply.text, request), model=model)
+                   for v in validators]  # fmt: skip
+        failing = [v for v, r in zip(validators, results, strict=True) if not r.passed]
+        return failing, results
+
+    @staticmethod
+    def _served(
+        answered: Answered, failing: Sequence[Configured], tally: _Tally, escalated: bool
+    ) -> Generated:
+        text = answered.reply.text
+        for configured in failing:
+            if configured.on_fail is OnFail.REDACT and isinstance(configured.validator, Redactor):
+                text = configured.validator.redact(text)
+        flagged = any(c.on_fail is OnFail.FLAG for c in failing)
+        report = ValidationReport(tuple(tally.results), escalated, passed=not flagged)
+        return Generated(
+            text, answered.reply.model, answered.tier, tally.prompt_tokens,
+            tally.completion_tokens, tally.cost, report, tally.upstream_ms, tally.validate_ms,
+            tally.calls, answered.provider.name, tuple(tally.failures),
+        )  # fmt: skip
 
     async def aclose(self) -> None:
-        for provider in self._providers.values():
+        for provider in self._failover.providers():
             await provider.upstream.aclose()
+
+
+def _decide(failing: Sequence[Configured], retried: bool, tier: Tier) -> OnFail | None:
+    """What to do about an answer's failures: None serves it (redacted and/or flagged)."""
+    actions = {c.on_fail for c in failing}
+    if OnFail.BLOCK in actions:
+        return OnFail.BLOCK
+    if OnFail.RETRY in actions and not retried:
+        return OnFail.RETRY
+    if actions & {OnFail.RETRY, OnFail.ESCALATE}:
+        return OnFail.ESCALATE if tier is Tier.CHEAP else OnFail.BLOCK
+    return None
+
+
+def _label(results: Sequence[ValidatorResult], decision: OnFail) -> list[ValidatorResult]:
+    done = ACTION_DONE[decision]
+    return [r if r.passed else replace(r, action=done) for r in results]
+
+
+def _label_own(
+    results: Sequence[ValidatorResult], failing: Sequence[Configured]
+) -> list[ValidatorResult]:
+    actions = {c.name: ACTION_DONE[c.on_fail] for c in failing}
+    return [r if r.passed else replace(r, action=actions.get(r.name, "")) for r in results]

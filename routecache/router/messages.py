@@ -10,6 +10,7 @@ from routecache.domain import (
     Feedback,
     GenerationParams,
     Message,
+    RequestValidator,
     ResponseFormat,
     ResponseFormatType,
     Role,
@@ -66,6 +67,19 @@ def request_from_pb(message: pb.CompleteRequest) -> ChatRequest:
         ),
         force_tier=_TIERS.get(force_tier),
         end_user_id=message.end_user_id,
+        validators=tuple(
+            RequestValidator(
+                kind=v.kind,
+                name=v.name,
+                on_fail=v.on_fail,
+                must_match=tuple(v.must_match),
+                must_not_match=tuple(v.must_not_match),
+                min_chars=v.min_chars,
+                max_chars=v.max_chars,
+                pii=tuple(v.pii),
+            )
+            for v in message.validators
+        ),
     )
 
 
@@ -102,7 +116,9 @@ def report_to_pb(report: ValidationReport) -> pb.ValidationReport:
         passed=report.passed,
         escalated=report.escalated,
         results=[
-            pb.ValidatorResult(name=r.name, passed=r.passed, message=r.message, model=r.model)
+            pb.ValidatorResult(
+                name=r.name, passed=r.passed, message=r.message, model=r.model, action=r.action
+            )
             for r in report.results
         ],
     )
@@ -131,4 +147,6 @@ def invalidate_target_from_pb(message: pb.InvalidateRequest) -> InvalidateTarget
 
 
 def stats_to_pb(stats: TenantStats) -> pb.GetStatsResponse:
-    return pb.GetStatsResponse(**vars(stats))
+    fields = {k: v for k, v in vars(stats).items() if k != "top_entries"}
+    top = [pb.TopEntry(**vars(entry)) for entry in stats.top_entries]
+    return pb.GetStatsResponse(**fields, top_entries=top)

@@ -3,10 +3,12 @@ single-flight → classifier → models and validators → store → event → a
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from routecache.cache.embedding_worker import EmbeddingWorker
 from routecache.cache.ports import Vector
@@ -22,19 +24,33 @@ from routecache.domain import (
     Tenant,
     TenantStats,
     Tier,
+    TopEntry,
     Usage,
     ValidationReport,
 )
-from routecache.errors import FailedValidation, InvalidArgument, NotFound, ResourceExhausted
+from routecache.errors import (
+    FailedValidation,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    RouteCacheError,
+    Unavailable,
+)
 from routecache.router.auth import ApiKeyAuthenticator
 from routecache.router.generation import Generated, Generator
 from routecache.router.input_validation import validate_request
+from routecache.router.logs import REQUEST_ID
 from routecache.router.ports import EventSink, RateLimiter, SpendLedger
 from routecache.router.settings import LimitSettings
 from routecache.router.single_flight import SingleFlight
 from routecache.router.stats import ResponseRegistry, ServedResponse, TenantStatsBook
+from routecache.router.telemetry import NullTelemetry, Telemetry, error_reason, path_of
+from routecache.router.upstream.failover import AllProvidersFailed
+
+log = logging.getLogger(__name__)
 
 _STREAM_CHUNK_CHARS = 48
+_SERVER_SIDE = frozenset({"unavailable", "failed_validation"})
 
 
 @dataclass(frozen=True)
@@ -56,6 +72,7 @@ class PipelineParts:
     generator: Generator
     events: EventSink
     clock: Callable[[], float]
+    telemetry: Telemetry = field(default_factory=NullTelemetry)
 
 
 class Pipeline:
@@ -69,42 +86,170 @@ class Pipeline:
     def cache(self) -> SemanticCache:
         return self._p.cache
 
-    async def complete(self, request: ChatRequest, api_key: str | None) -> Completion:
+    async def complete(
+        self, request: ChatRequest, api_key: str | None, seconds_left: float | None = None
+    ) -> Completion:
+        """`seconds_left`: the caller's deadline (None: upstream.request_timeout_seconds)."""
         started = time.perf_counter()
-        tenant = self._p.authenticator.authenticate(api_key)
-        validate_request(request, self._p.limits)
-        await self._check_limits(tenant, request)
+        deadline = self._p.generator.deadline(seconds_left)  # from now, not after the cache
+        telemetry = self._p.telemetry
+        telemetry.request_started()
+        tenant_name = ""
+        try:
+            tenant = self._p.authenticator.authenticate(api_key)
+            tenant_name = tenant.name
+            completion = await self._complete(tenant, request, started, deadline)
+        except RouteCacheError as error:
+            self._record_failure(tenant_name, request, error, started)
+            raise
+        finally:
+            telemetry.request_ended()
+        telemetry.request_completed(tenant.name, completion, completion.latency.total_ms / 1000)
+        return completion
+
+    async def _complete(
+        self, tenant: Tenant, request: ChatRequest, started: float, deadline: float
+    ) -> Completion:
+        await self._admit(tenant, request)
         latency = LatencyBreakdown()
         try:
-            completion, calls = await self._answer(tenant, request, latency)
-        except FailedValidation:
-            self._stats.record_failure(tenant.name, validation=True)
+            completion, calls = await self._answer(tenant, request, latency, deadline)
+        except (FailedValidation, Unavailable) as error:
+            self._fail(tenant, error)
             raise
         latency.total_ms = (time.perf_counter() - started) * 1000
         self._stats.record_completion(tenant.name, completion, calls)
         self._emit_completion(tenant, request, completion)
         return completion
 
-    async def complete_stream(
-        self, request: ChatRequest, api_key: str | None
-    ) -> AsyncIterator[str | Completion]:
-        """First version: the answer is produced and validated whole, then sent in chunks."""
-        completion = await self.complete(request, api_key)
-        text = completion.text
-        for start in range(0, len(text), _STREAM_CHUNK_CHARS):
-            yield text[start : start + _STREAM_CHUNK_CHARS]
-        yield completion
+    def _record_failure(
+        self, tenant: str, request: ChatRequest, error: RouteCacheError, started: float
+    ) -> None:
+        seconds = time.perf_counter() - started
+        reason = error_reason(error)
+        failed: tuple[str, ...] = ()
+        if isinstance(error, FailedValidation):
+            failed = tuple(r.name for r in error.report.results if not r.passed)
+        self._p.telemetry.request_failed(tenant, reason, seconds, failed)
+        # The service's own trouble is a warning; a caller's mistake or limit is routine.
+        level = logging.WARNING if reason in _SERVER_SIDE else logging.INFO
+        log.log(level, "request failed: %s: %s", reason, error, extra={"tenant": tenant})
+        report = error.report if isinstance(error, FailedValidation) else None
+        self._p.events.emit(
+            "error",
+            {"request_id": REQUEST_ID.get(), "tenant": tenant, "reason": reason,
+             "end_user_id": request.end_user_id,
+             "prompt": request.prompt if request.messages else "", "path": "error",
+             "error": type(error).__name__, "message": str(error),
+             "latency_ms": seconds * 1000, "failed_validators": list(failed),
+             "validation": None if report is None else _report_payload(report)},
+        )  # fmt: skip
 
-    async def _answer(
+    async def complete_stream(
+        self, request: ChatRequest, api_key: str | None, seconds_left: float | None = None
+    ) -> AsyncIterator[str | Completion]:
+        """Text deltas as the model sends them, then the Completion; a cached (or stale) answer
+        is sent in chunks. Whole-text validators run at the end (see Generator.stream)."""
+        started = time.perf_counter()
+        deadline = self._p.generator.deadline(seconds_left)
+        telemetry = self._p.telemetry
+        telemetry.request_started()
+        tenant_name = ""
+        try:
+            tenant = self._p.authenticator.authenticate(api_key)
+            tenant_name = tenant.name
+            async for event in self._complete_stream(tenant, request, started, deadline):
+                if isinstance(event, Completion):
+                    seconds = event.latency.total_ms / 1000
+                    telemetry.request_completed(tenant.name, event, seconds)
+                yield event
+        except RouteCacheError as error:
+            self._record_failure(tenant_name, request, error, started)
+            raise
+        finally:
+            telemetry.request_ended()
+
+    async def _complete_stream(
+        self, tenant: Tenant, request: ChatRequest, started: float, deadline: float
+    ) -> AsyncIterator[str | Completion]:
+        await self._admit(tenant, request)
+        latency = LatencyBreakdown()
+        try:
+            scope, hit, vector = await self._lookup(tenant, request, latency)
+            if hit is None:
+                assert vector is not None  # a miss always embeds
+                async for event in self._stream_models(
+                    tenant, request, (scope, vector), latency, deadline
+                ):
+                    yield event
+                return
+        except (FailedValidation, Unavailable) as error:
+            self._fail(tenant, error)
+            raise
+        for chunk in _chunks(hit.text):
+            yield chunk
+        latency.total_ms = (time.perf_counter() - started) * 1000
+        self._stats.record_completion(tenant.name, hit, 0)
+        self._emit_completion(tenant, request, hit)
+        yield hit
+
+    async def _stream_models(
+        self,
+        tenant: Tenant,
+        request: ChatRequest,
+        where: tuple[str, Vector],
+        latency: LatencyBreakdown,
+        deadline: float,
+    ) -> AsyncIterator[str | Completion]:
+        started = time.perf_counter()
+        (scope, vector), generator = where, self._p.generator
+        with _stage(latency, "classify_ms"):
+            tier, difficulty, version = self._route(tenant, request, vector)
+        events = generator.stream(request, tier, tenant=tenant.name, deadline=deadline)
+        generated: Generated | None = None
+        try:
+            async for event in events:
+                if isinstance(event, Generated):
+                    generated = event
+                else:
+                    yield event
+        except AllProvidersFailed as error:  # nothing was sent yet: a stale answer may do
+            stale = await self._stale(tenant, request, scope, vector, latency, error)
+            for chunk in _chunks(stale.text):
+                yield chunk
+            self._stats.record_completion(tenant.name, stale, 0)
+            self._emit_completion(tenant, request, stale)
+            yield stale
+            return
+        assert generated is not None
+        latency.upstream_ms, latency.validate_ms = generated.upstream_ms, generated.validate_ms
+        await self._p.spend.record(tenant.name, generated.cost_usd)
+        entry_id = ""
+        if not request.cache.no_store and generated.report.passed:
+            with _stage(latency, "store_ms"):
+                entry_id = await self._store(tenant, scope, request, vector, generated)
+        done = self._from_models(tenant, generated, False, entry_id, (difficulty, version), latency)
+        latency.total_ms += (time.perf_counter() - started) * 1000
+        self._stats.record_completion(tenant.name, done, generated.calls)
+        self._emit_completion(tenant, request, done)
+        yield done
+
+    async def _admit(self, tenant: Tenant, request: ChatRequest) -> None:
+        validate_request(request, self._p.limits)
+        self._p.generator.validators_for(tenant.name, request)  # a bad one: INVALID_ARGUMENT now
+        await self._check_limits(tenant, request)
+
+    async def _lookup(
         self, tenant: Tenant, request: ChatRequest, latency: LatencyBreakdown
-    ) -> tuple[Completion, int]:
+    ) -> tuple[str, Completion | None, Vector | None]:
+        """The scope, and a cached answer or (on a miss) the prompt's embedding."""
         scope = scope_key(tenant.name, request)
         read_cache = not request.cache.no_cache
         if read_cache:
             with _stage(latency, "exact_ms"):
                 hit = await self._p.cache.lookup_exact(scope, request.prompt)
             if hit is not None:
-                return self._from_cache(tenant, hit, latency), 0
+                return scope, self._from_cache(tenant, hit, latency), None
         with _stage(latency, "embed_ms"):
             vector = await self._p.embeddings.embed(request.prompt)
         if read_cache:
@@ -112,13 +257,31 @@ class Pipeline:
             with _stage(latency, "search_ms"):
                 hit = await self._p.cache.lookup_semantic(scope, vector, threshold)
             if hit is not None:
-                return self._from_cache(tenant, hit, latency), 0
+                return scope, self._from_cache(tenant, hit, latency), None
+        return scope, None, vector
+
+    async def _answer(
+        self,
+        tenant: Tenant,
+        request: ChatRequest,
+        latency: LatencyBreakdown,
+        deadline: float,
+    ) -> tuple[Completion, int]:
+        scope, hit, vector = await self._lookup(tenant, request, latency)
+        if hit is not None:
+            return hit, 0
+        assert vector is not None  # a miss always embeds
         with _stage(latency, "classify_ms"):
-            tier, difficulty = self._route(tenant, request, vector)
+            tier, difficulty, version = self._route(tenant, request, vector)
         flight_key = f"{exact_key(scope, request.prompt)}:{tier.value}"
-        generated, shared = await self._single_flight.run(
-            flight_key, lambda: self._p.generator.generate(request, tier)
-        )
+        generator = self._p.generator
+        try:
+            generated, shared = await self._single_flight.run(
+                flight_key,
+                lambda: generator.generate(request, tier, tenant=tenant.name, deadline=deadline),
+            )
+        except Unavailable as error:
+            return await self._stale(tenant, request, scope, vector, latency, error), 0
         latency.upstream_ms, latency.validate_ms = generated.upstream_ms, generated.validate_ms
         entry_id = ""
         if not shared:
@@ -126,19 +289,54 @@ class Pipeline:
             if not request.cache.no_store and generated.report.passed:
                 with _stage(latency, "store_ms"):
                     entry_id = await self._store(tenant, scope, request, vector, generated)
-        return self._from_models(tenant, generated, shared, entry_id, difficulty, latency), (
-            0 if shared else generated.calls
-        )
+        scored = (difficulty, version)
+        done = self._from_models(tenant, generated, shared, entry_id, scored, latency)
+        return done, (0 if shared else generated.calls)
 
-    def _route(self, tenant: Tenant, request: ChatRequest, vector: Vector) -> tuple[Tier, float]:
+    async def _stale(
+        self,
+        tenant: Tenant,
+        request: ChatRequest,
+        scope: str,
+        vector: Vector,
+        latency: LatencyBreakdown,
+        error: Unavailable,
+    ) -> Completion:
+        """A cached answer of this scope, expired or not, flagged stale; else Unavailable."""
+        if request.cache.no_cache:
+            raise Unavailable(f"{error}; no_cache is set, so no cached answer was tried") from error
+        with _stage(latency, "search_ms"):
+            hit = await self._p.cache.lookup_stale(
+                scope, request.prompt, vector, tenant.similarity_threshold
+            )
+        if hit is None:
+            raise Unavailable(f"{error}; no cached answer to fall back on") from error
+        served = self._from_cache(tenant, hit, latency)
+        stale = replace(served.cache, stale=True)
+        return replace(served, cache=stale, upstream_failures=(str(error),))
+
+    def _route(
+        self, tenant: Tenant, request: ChatRequest, vector: Vector
+    ) -> tuple[Tier, float, str]:
+        """Tier, P(cheap fails) and the classifier version that scored it.
+
+        The tier follows the routing score (the accuracy the strong model is expected to add).
+        Synchronous on purpose: a hot-reloaded model swaps on the event loop, so the score,
+        threshold and version used here all come from one model.
+        """
         classifier = self._p.classifier
-        difficulty = classifier.failure_probability(vector, request.prompt)
+        assessment = classifier.assess(vector, request.prompt)
+        difficulty = assessment.failure_probability
+        version = classifier.version
         if request.force_tier is not None:
-            return request.force_tier, difficulty
+            return request.force_tier, difficulty, version
         threshold = tenant.routing_threshold
+        if threshold is None and tenant.operating_point is not None:
+            threshold = classifier.threshold_for(tenant.operating_point)
         if threshold is None:
             threshold = classifier.default_threshold
-        return (Tier.STRONG if difficulty >= threshold else Tier.CHEAP), difficulty
+        tier = Tier.STRONG if assessment.routing_score >= threshold else Tier.CHEAP
+        return tier, difficulty, version
 
     async def _store(
         self, tenant: Tenant, scope: str, request: ChatRequest, vector: Vector, generated: Generated
@@ -182,9 +380,10 @@ class Pipeline:
         generated: Generated,
         shared: bool,
         entry_id: str,
-        difficulty: float,
+        scored: tuple[float, str],
         latency: LatencyBreakdown,
     ) -> Completion:
+        difficulty, version = scored
         # A caller that shared another's in-flight call paid nothing and saved its cost.
         cost, saved = (0.0, generated.cost_usd) if shared else (generated.cost_usd, 0.0)
         return Completion(
@@ -196,14 +395,18 @@ class Pipeline:
             usage=Usage(generated.prompt_tokens, generated.completion_tokens, cost, saved),
             validation=generated.report,
             latency=latency,
-            classifier_version=self._p.classifier.version,
+            classifier_version=version,
             difficulty=difficulty,
+            provider=generated.provider,
+            upstream_failures=generated.upstream_failures,
         )
 
     def _new_response_id(self, tenant: Tenant, entry_id: str, hit: CacheHit | None) -> str:
         response_id = uuid.uuid4().hex
         outcome = CacheInfo().outcome if hit is None else hit.outcome
-        self._responses.remember(response_id, ServedResponse(tenant.name, entry_id, outcome))
+        similarity = 0.0 if hit is None else hit.similarity
+        served = ServedResponse(tenant.name, entry_id, outcome, similarity)
+        self._responses.remember(response_id, served)
         return response_id
 
     async def _check_limits(self, tenant: Tenant, request: ChatRequest) -> None:
@@ -227,24 +430,37 @@ class Pipeline:
         self._p.events.emit(
             "completion",
             {
+                "request_id": REQUEST_ID.get(),
                 "tenant": tenant.name,
                 "end_user_id": request.end_user_id,
                 "response_id": done.response_id,
                 "prompt": request.prompt,
                 "cache_outcome": done.cache.outcome.value,
+                "path": path_of(done).value,
                 "similarity": done.cache.similarity,
                 "entry_id": done.cache.entry_id,
                 "model": done.model,
                 "tier": done.tier.value,
                 "difficulty": done.difficulty,
                 "classifier_version": done.classifier_version,
+                "prompt_tokens": done.usage.prompt_tokens,
+                "completion_tokens": done.usage.completion_tokens,
                 "cost_usd": done.usage.cost_usd,
                 "saved_usd": done.usage.saved_usd,
                 "validation_passed": done.validation.passed,
                 "escalated": done.validation.escalated,
+                "validation": _report_payload(done.validation),
+                "stale": done.cache.stale,
+                "provider": done.provider,
+                "upstream_failures": list(done.upstream_failures),
                 "latency_ms": done.latency.total_ms,
+                "latency": vars(done.latency),
             },
         )
+
+    def _fail(self, tenant: Tenant, error: Exception) -> None:
+        # The error event itself is emitted once, by _record_failure, for every failure.
+        self._stats.record_failure(tenant.name, validation=isinstance(error, FailedValidation))
 
     async def feedback(self, feedback: Feedback, api_key: str | None) -> str:
         """Records feedback; a thumbs-down on a cached answer removes the entry (returned)."""
@@ -255,14 +471,15 @@ class Pipeline:
         if served is None:
             raise NotFound(f"no recent response with id {feedback.response_id}")
         removed = ""
-        thumbs_down_on_entry = not feedback.thumbs_up and served.entry_id
-        if thumbs_down_on_entry and await self._p.cache.invalidate_ids(
-            tenant.name, [served.entry_id]
-        ):
-            removed = served.entry_id
+        if not feedback.thumbs_up and served.entry_id:
+            removed = served.entry_id if await self._p.cache.distrust(
+                tenant.name, served.entry_id) else ""  # fmt: skip
+        self._stats.record_feedback(tenant.name, feedback.thumbs_up)
+        self._p.telemetry.feedback(tenant.name, feedback.thumbs_up, bool(removed))
         self._p.events.emit(
             "feedback",
             {
+                "request_id": REQUEST_ID.get(),
                 "tenant": tenant.name,
                 "response_id": feedback.response_id,
                 "thumbs_up": feedback.thumbs_up,
@@ -270,6 +487,7 @@ class Pipeline:
                 "comment": feedback.comment,
                 "entry_id": served.entry_id,
                 "cache_outcome": served.cache_outcome.value,
+                "similarity": served.similarity,
                 "invalidated": bool(removed),
             },
         )
@@ -293,15 +511,32 @@ class Pipeline:
         )  # fmt: skip
         return removed
 
-    async def stats(self, api_key: str | None) -> TenantStats:
+    async def stats(self, api_key: str | None, top_n: int = 10) -> TenantStats:
         tenant = self._p.authenticator.authenticate(api_key)
         counters = self._stats.snapshot(tenant.name)
+        top = await self._p.cache.top_entries(tenant.name, top_n)
         return TenantStats(
             tenant=tenant.name,
             entries=await self._p.cache.entry_count(tenant.name),
             classifier_version=self._p.classifier.version,
+            top_entries=tuple(
+                TopEntry(e.entry_id, e.prompt, e.model, e.hit_count, e.hit_count * e.cost_usd)
+                for e in top
+            ),
             **vars(counters),
         )
+
+
+def _report_payload(report: ValidationReport) -> dict[str, Any]:
+    return {
+        "passed": report.passed,
+        "escalated": report.escalated,
+        "results": [vars(r) for r in report.results],
+    }
+
+
+def _chunks(text: str) -> list[str]:
+    return [text[i : i + _STREAM_CHUNK_CHARS] for i in range(0, len(text), _STREAM_CHUNK_CHARS)]
 
 
 class _stage:

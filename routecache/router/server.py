@@ -16,6 +16,9 @@ from routecache.v1 import routecache_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RouteCache"].full_name
+# Health names of the parts that must be loaded before calls are served, one each so an
+# operator sees which one holds readiness back ("" and SERVICE_NAME: the whole service).
+DEPENDENCIES = ("routecache.embedder", "routecache.classifier", "routecache.index")
 # The cache's store as its own health entry: Redis down marks only this NOT_SERVING, since
 # the service keeps answering without its cache.
 CACHE_HEALTH_NAME = "routecache.v1.RouteCache.cache"
@@ -30,40 +33,46 @@ class RunningServer:
         self._grace_seconds = grace_seconds
 
     async def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        status = _status(serving)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
+    async def set_dependency(self, name: str, *, serving: bool) -> None:
+        """A dependency's own health entry (e.g. routecache.embedder, or the cache store)."""
+        await self.health.set(name, _status(serving))
+
     async def set_cache_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        await self.health.set(CACHE_HEALTH_NAME, status)
+        await self.set_dependency(CACHE_HEALTH_NAME, serving=serving)
 
     async def stop(self) -> None:
         """Stop taking calls, let in-flight ones finish within the grace period."""
         await self.set_serving(False)
+        log.info("draining in-flight calls (up to %.1f s)", self._grace_seconds)
         await self.server.stop(self._grace_seconds)
+        log.info("routecache stopped")
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
 
 
+def _status(serving: bool) -> int:
+    if serving:
+        return health_pb2.HealthCheckResponse.SERVING
+    return health_pb2.HealthCheckResponse.NOT_SERVING
+
+
 async def start_server(
-    servicer: RouteCacheServicer, settings: ServerSettings, serving: bool = True
+    servicer: RouteCacheServicer, settings: ServerSettings, dependencies: tuple[str, ...] = ()
 ) -> RunningServer:
-    """Binds, starts and marks SERVING (or NOT_SERVING until the caller says it is ready);
-    returns the bound port (pass port 0 for a free one)."""
+    """Binds and starts NOT_SERVING (the caller marks it SERVING once loaded); the bound port
+    is `.port` (pass port 0 for a free one)."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            # gRPC shares a port between processes by default: a second instance started by
+            # mistake would take half the traffic silently instead of failing to start.
+            ("grpc.so_reuseport", 0),
         ]
     )
     pb_grpc.add_RouteCacheServicer_to_server(servicer, server)
@@ -72,11 +81,16 @@ async def start_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    try:
+        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    except RuntimeError as error:  # what grpcio raises when the bind fails
+        raise OSError(f"could not bind {settings.host}:{settings.port}: {error}") from error
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")
     await server.start()
     running = RunningServer(server, health_servicer, port, settings.grace_seconds)
-    await running.set_serving(serving)
+    await running.set_serving(False)
+    for dependency in dependencies:
+        await running.set_dependency(dependency, serving=False)
     log.info("routecache listening on %s:%d", settings.host, port)
     return running

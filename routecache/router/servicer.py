@@ -8,7 +8,9 @@ from typing import Any
 import grpc
 
 from routecache.domain import Completion
+from routecache.errors import Unavailable
 from routecache.router import error_mapping, messages
+from routecache.router.logs import new_request_id
 from routecache.router.pipeline import Pipeline
 from routecache.v1 import routecache_pb2 as pb
 from routecache.v1 import routecache_pb2_grpc as pb_grpc
@@ -24,15 +26,34 @@ def api_key_of(context: Context) -> str | None:
     return None
 
 
+def request_id_of(context: Context) -> str:
+    """Adopt the caller's x-request-id or make one; log lines and events carry it."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str):
+            return new_request_id(value)
+    return new_request_id()
+
+
 class RouteCacheServicer(pb_grpc.RouteCacheServicer):  # type: ignore[misc]  # untyped stub base
-    def __init__(self, pipeline: Pipeline) -> None:
-        self._pipeline = pipeline
+    def __init__(self, pipeline: Pipeline | None) -> None:
+        self._ready: Pipeline | None = pipeline
+
+    def attach(self, pipeline: Pipeline) -> None:
+        """The server listens (health NOT_SERVING) while models load; calls wait for this."""
+        self._ready = pipeline
+
+    @property
+    def _pipeline(self) -> Pipeline:
+        if self._ready is None:
+            raise Unavailable("routecache is starting: models and index are loading")
+        return self._ready
 
     async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
         async def call() -> pb.CompleteResponse:
+            request_id_of(context)
             chat = messages.request_from_pb(request)
             return messages.completion_to_pb(
-                await self._pipeline.complete(chat, api_key_of(context))
+                await self._pipeline.complete(chat, api_key_of(context), context.time_remaining())
             )
 
         return await error_mapping.unary(context, call)
@@ -41,8 +62,12 @@ class RouteCacheServicer(pb_grpc.RouteCacheServicer):  # type: ignore[misc]  # u
         self, request: pb.CompleteRequest, context: Context
     ) -> AsyncIterator[pb.CompleteStreamResponse]:
         async def events() -> AsyncIterator[pb.CompleteStreamResponse]:
+            request_id_of(context)
             chat = messages.request_from_pb(request)
-            async for event in self._pipeline.complete_stream(chat, api_key_of(context)):
+            stream = self._pipeline.complete_stream(
+                chat, api_key_of(context), context.time_remaining()
+            )
+            async for event in stream:
                 if isinstance(event, Completion):
                     yield pb.CompleteStreamResponse(final=messages.completion_to_pb(event))
                 else:
@@ -53,6 +78,7 @@ class RouteCacheServicer(pb_grpc.RouteCacheServicer):  # type: ignore[misc]  # u
 
     async def Feedback(self, request: pb.FeedbackRequest, context: Context) -> pb.FeedbackResponse:
         async def call() -> pb.FeedbackResponse:
+            request_id_of(context)
             removed = await self._pipeline.feedback(
                 messages.feedback_from_pb(request), api_key_of(context)
             )
@@ -72,6 +98,7 @@ class RouteCacheServicer(pb_grpc.RouteCacheServicer):  # type: ignore[misc]  # u
 
     async def GetStats(self, request: pb.GetStatsRequest, context: Context) -> pb.GetStatsResponse:
         async def call() -> pb.GetStatsResponse:
-            return messages.stats_to_pb(await self._pipeline.stats(api_key_of(context)))
+            stats = await self._pipeline.stats(api_key_of(context), request.top_n or 10)
+            return messages.stats_to_pb(stats)
 
         return await error_mapping.unary(context, call)

@@ -8,15 +8,25 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from routecache.domain import OperatingPoint
 
 CONFIG_ENV_VAR = "ROUTECACHE_CONFIG"
 
@@ -39,9 +49,34 @@ class ProviderSettings(_Section):
     base_url: str = "http://127.0.0.1:8089/v1"
     model: str
     api_key: SecretStr | None = None
+    api_key_env: str | None = Field(None, description="read the key from this variable")
+    api_key_file: Path | None = Field(None, description="read the key from this secret file")
     input_usd_per_mtok: float = Field(ge=0)
     output_usd_per_mtok: float = Field(ge=0)
-    timeout_seconds: float = Field(30.0, gt=0)
+    timeout_seconds: float = Field(30.0, gt=0, description="total time of one attempt")
+    connect_timeout_seconds: float = Field(2.0, gt=0)
+    read_timeout_seconds: float = Field(
+        20.0, gt=0, description="longest wait for the next bytes (a stalled stream)"
+    )
+
+    def resolve_api_key(self) -> str | None:
+        """The key from api_key, then api_key_env, then api_key_file; raises ConfigError."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.api_key_env:
+            value = os.environ.get(self.api_key_env)
+            if not value:
+                raise ConfigError(f"provider {self.model}: ${self.api_key_env} is not set")
+            return value
+        if self.api_key_file is not None:
+            try:
+                return self.api_key_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"provider {self.model}: cannot read api_key_file {self.api_key_file}: "
+                    f"{exc.strerror}"
+                ) from exc
+        return None
 
 
 def _default_cheap() -> ProviderSettings:
@@ -56,18 +91,82 @@ def _default_strong() -> ProviderSettings:
     )
 
 
+class RetrySettings(_Section):
+    max_attempts: int = Field(2, ge=1, description="tries per provider, first one included")
+    backoff_initial_seconds: float = Field(0.05, ge=0)
+    backoff_max_seconds: float = Field(0.5, ge=0)
+
+
+class BreakerSettings(_Section):
+    failure_threshold: int = Field(5, ge=1, description="consecutive failures that open it")
+    open_seconds: float = Field(10.0, gt=0, description="how long it sheds before a probe")
+    half_open_probes: int = Field(1, ge=1, description="calls let through while half-open")
+
+
 class UpstreamSettings(_Section):
+    """Each tier calls its provider (`cheap`, `strong`), then its fallbacks in order."""
+
     cheap: ProviderSettings = Field(default_factory=_default_cheap)
     strong: ProviderSettings = Field(default_factory=_default_strong)
+    providers: dict[str, ProviderSettings] = Field(
+        default_factory=dict, description="named providers that fallback lists refer to"
+    )
+    cheap_fallbacks: list[str] = Field(default_factory=list)
+    strong_fallbacks: list[str] = Field(default_factory=list)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    request_timeout_seconds: float = Field(
+        60.0, gt=0, description="deadline of a call whose gRPC caller set none"
+    )
+    stale_grace_seconds: int = Field(
+        24 * 3600, ge=0, description="how long an expired entry may still be served as stale"
+    )
+
+    @model_validator(mode="after")
+    def _known_fallbacks(self) -> UpstreamSettings:
+        for tier in ("cheap", "strong"):
+            unknown = [n for n in getattr(self, f"{tier}_fallbacks") if n not in self.providers]
+            if unknown:
+                raise ValueError(
+                    f"{tier}_fallbacks names unknown provider(s) {', '.join(unknown)}; "
+                    "define them under upstream.providers"
+                )
+        return self
+
+    def chain(self, tier: str) -> list[tuple[str, ProviderSettings]]:
+        """The providers of a tier, in the order they are tried."""
+        first: ProviderSettings = getattr(self, tier)
+        names: list[str] = getattr(self, f"{tier}_fallbacks")
+        return [(tier, first), *((name, self.providers[name]) for name in names)]
 
 
 class CacheSettings(_Section):
-    embedder: Literal["minilm", "hash"] = Field(
-        "minilm", description="minilm: the packaged all-MiniLM-L6-v2; hash: tests only"
+    embedder: Literal["minilm-onnx", "minilm", "hash"] = Field(
+        "minilm-onnx",
+        description="the packaged all-MiniLM-L6-v2 in ONNX Runtime (minilm-onnx) or torch "
+        "(minilm); hash: tests only",
     )
+    onnx_dir: Path | None = Field(
+        None, description="where the ONNX export is kept; default ~/.cache/routecache/onnx"
+    )
+    embed_max_batch: int = Field(32, gt=0, description="texts per encoder pass at most")
+    embed_max_wait_ms: float = Field(
+        0.0, ge=0, le=50, description="extra wait for a fuller batch once the encoder is free"
+    )
+    ivf_threshold: int = Field(
+        20_000, gt=0, description="entries in one scope before its flat index becomes IVF"
+    )
+    ivf_nprobe: int = Field(16, gt=0, description="IVF cells searched per lookup")
+    faiss_threads: int = Field(1, gt=0, description="OpenMP threads for FAISS")
     similarity_threshold: float = Field(0.9, gt=0, le=1)
     default_ttl_seconds: int = Field(7 * 24 * 3600, gt=0)
     max_entries: int = Field(100_000, gt=0)
+    feedback_radius: float = Field(
+        0.8, gt=0, le=1, description="entries this similar to a thumbs-downed one lose trust"
+    )
+    feedback_penalty: float = Field(
+        0.05, ge=0, le=1, description="similarity each such thumbs-down adds to their threshold"
+    )
 
 
 class StoreSettings(_Section):
@@ -95,14 +194,49 @@ class StoreSettings(_Section):
     )
 
 
-class ClassifierSettings(_Section):
+class _OperatingTargets(_Section):
+    """At most one routing target; each maps to a threshold via the model's held-out curve."""
+
+    target_strong_fraction: float | None = Field(
+        None, ge=0, le=1, description="share of requests sent to the strong model"
+    )
+    target_quality: float | None = Field(
+        None, ge=0, le=1.5, description="fraction of the strong model's accuracy gap recovered"
+    )
+    max_cost_ratio: float | None = Field(
+        None, ge=0, le=1, description="spend ceiling relative to sending every request strong"
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Self:
+        targets = [self.target_strong_fraction, self.target_quality, self.max_cost_ratio]
+        if sum(t is not None for t in targets) > 1:
+            raise ValueError(
+                "set at most one of target_strong_fraction, target_quality, max_cost_ratio"
+            )
+        return self
+
+    def operating_point(self) -> OperatingPoint | None:
+        targets = (self.target_strong_fraction, self.target_quality, self.max_cost_ratio)
+        return None if all(t is None for t in targets) else OperatingPoint(*targets)
+
+
+class ClassifierSettings(_OperatingTargets):
     artifact: Path | None = Field(None, description="a .skops file; default: the packaged model")
     routing_threshold: float | None = Field(
         None,
-        ge=0,
+        ge=-1,
         le=1,
-        description="P(cheap fails) at or above which STRONG is used; "
-        "default: the threshold stored with the model",
+        description="routing score (P(cheap fails) - P(strong fails)) at or above which "
+        "STRONG is used; default: the operating point below, else the model's stored threshold",
+    )
+    registry_dir: Path | None = Field(
+        None,
+        description="model registry (see classifier/registry.py); when set, the service "
+        "serves its CURRENT version and hot-reloads promotions and rollbacks",
+    )
+    reload_interval_seconds: float = Field(
+        5.0, gt=0, description="how often the registry's CURRENT pointer is checked"
     )
 
 
@@ -115,14 +249,72 @@ class LimitSettings(_Section):
     max_answer_chars: int = Field(20_000, gt=0, description="the length validator's bound")
 
 
-class TenantSettings(_Section):
+class MetricsSettings(_Section):
+    enabled: bool = Field(True, description="serve Prometheus metrics over HTTP")
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535, description="0: any free port")
+
+
+class LoggingSettings(_Section):
+    format: Literal["text", "json"] = Field("text", description="json: one object a line")
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class EventSettings(_Section):
+    path: Path | None = Field(
+        None, description="append events to this JSONL file; default: in memory only"
+    )
+
+
+ValidatorKind = Literal["json_schema", "regex", "length", "pii", "refusal", "custom"]
+OnFailAction = Literal["escalate", "retry", "redact", "flag", "block"]
+PiiKind = Literal["email", "phone", "card", "iban", "ssn"]
+
+
+def _all_pii_kinds() -> list[PiiKind]:
+    return ["email", "phone", "card", "iban", "ssn"]
+
+
+class ValidatorSpec(_Section):
+    """One output validator and what to do when an answer fails it (see docs/validators.md)."""
+
+    kind: ValidatorKind
+    name: str | None = Field(None, description="default: the kind")
+    on_fail: OnFailAction | None = Field(None, description="default: redact for pii, else escalate")
+    must_match: list[str] = Field(default_factory=list, description="regex: each must match")
+    must_not_match: list[str] = Field(default_factory=list, description="regex: none may match")
+    min_chars: int = Field(1, ge=0, description="length: fewer non-blank characters fail")
+    max_chars: int | None = Field(None, gt=0, description="length: default limits.max_answer_chars")
+    pii: list[PiiKind] = Field(default_factory=_all_pii_kinds)
+    import_path: str | None = Field(None, description="custom: 'package.module:Factory'")
+    options: dict[str, object] = Field(default_factory=dict, description="custom: factory kwargs")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ValidatorSpec:
+        if self.kind == "custom" and not self.import_path:
+            raise ValueError("a custom validator needs import_path ('package.module:Factory')")
+        if self.kind == "regex" and not (self.must_match or self.must_not_match):
+            raise ValueError("a regex validator needs must_match or must_not_match")
+        if self.on_fail == "redact" and self.kind not in ("pii", "custom"):
+            raise ValueError(f"on_fail=redact needs a validator that can redact, not {self.kind}")
+        return self
+
+
+def _default_validators() -> list[ValidatorSpec]:
+    return [ValidatorSpec(kind="length"), ValidatorSpec(kind="json_schema")]
+
+
+class TenantSettings(_OperatingTargets):
     name: str = Field(min_length=1)
     api_key_sha256: list[str] = Field(min_length=1, description="hex SHA-256 of each API key")
-    routing_threshold: float | None = Field(None, ge=0, le=1)
+    routing_threshold: float | None = Field(None, ge=-1, le=1)
     similarity_threshold: float | None = Field(None, gt=0, le=1)
     default_ttl_seconds: int | None = Field(None, gt=0)
     requests_per_second: float | None = Field(None, gt=0)
     daily_budget_usd: float | None = Field(None, ge=0)
+    validators: list[ValidatorSpec] | None = Field(
+        None, description="replaces the service-wide validators for this tenant"
+    )
 
     @field_validator("api_key_sha256")
     @classmethod
@@ -144,7 +336,11 @@ class Settings(BaseSettings):
     store: StoreSettings = Field(default_factory=StoreSettings)
     classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    events: EventSettings = Field(default_factory=EventSettings)
     tenants: list[TenantSettings] = Field(default_factory=list)
+    validators: list[ValidatorSpec] = Field(default_factory=_default_validators)
 
     @classmethod
     def settings_customise_sources(

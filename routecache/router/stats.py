@@ -20,6 +20,8 @@ class _Counters:
     validation_failures: int = 0
     cost_usd: float = 0.0
     saved_usd: float = 0.0
+    thumbs_up: int = 0
+    thumbs_down: int = 0
 
 
 class TenantStatsBook:
@@ -54,6 +56,11 @@ class TenantStatsBook:
         counters.requests += 1
         counters.validation_failures += int(validation)
 
+    def record_feedback(self, tenant: str, thumbs_up: bool) -> None:
+        counters = self._counters(tenant)
+        counters.thumbs_up += int(thumbs_up)
+        counters.thumbs_down += int(not thumbs_up)
+
     def snapshot(self, tenant: str) -> _Counters:
         return replace(self._counters(tenant))
 
@@ -63,6 +70,7 @@ class ServedResponse:
     tenant: str
     entry_id: str  # the cache entry that served or was written by this response; "" if none
     cache_outcome: CacheOutcome
+    similarity: float = 0.0
 
 
 class ResponseRegistry:

@@ -3,32 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from typing import Any
 
 from jsonschema import Draft202012Validator
 
 from routecache.domain import ChatRequest, ResponseFormatType, ValidatorResult
-
-
-class MaxLengthValidator:
-    """Rejects answers longer than the operator allows (runaway or padded generations)."""
-
-    name = "max_length"
-
-    def __init__(self, max_chars: int) -> None:
-        self._max_chars = max_chars
-
-    def applies_to(self, request: ChatRequest) -> bool:
-        return True
-
-    def check(self, text: str, request: ChatRequest) -> ValidatorResult:
-        if len(text) > self._max_chars:
-            return ValidatorResult(
-                self.name, False, f"{len(text)} characters, more than {self._max_chars}"
-            )
-        if not text.strip():
-            return ValidatorResult(self.name, False, "empty answer")
-        return ValidatorResult(self.name, True)
 
 
 class JsonSchemaValidator:
@@ -69,3 +50,76 @@ class JsonSchemaValidator:
             schema: Any = json.loads(schema_text)
             compiled = self._compiled[schema_text] = Draft202012Validator(schema)
         return compiled
+
+
+class LengthValidator:
+    """Bounds on the answer's length; a blank answer has length 0 (an empty answer fails)."""
+
+    def __init__(self, min_chars: int, max_chars: int, name: str = "length") -> None:
+        self.name = name
+        self._min = min_chars
+        self._max = max_chars
+
+    def applies_to(self, request: ChatRequest) -> bool:
+        return True
+
+    def check(self, text: str, request: ChatRequest) -> ValidatorResult:
+        size = len(text) if text.strip() else 0
+        if size < self._min:
+            what = "empty answer" if size == 0 else f"{size} characters, fewer than {self._min}"
+            return ValidatorResult(self.name, False, what)
+        if size > self._max:
+            return ValidatorResult(self.name, False, f"{size} characters, more than {self._max}")
+        return ValidatorResult(self.name, True)
+
+
+class RegexValidator:
+    """Every `must_match` pattern must occur in the answer and no `must_not_match` one may."""
+
+    def __init__(
+        self, must_match: Sequence[str], must_not_match: Sequence[str], name: str = "regex"
+    ) -> None:
+        self.name = name
+        self._must = [re.compile(p) for p in must_match]
+        self._must_not = [re.compile(p) for p in must_not_match]
+
+    def applies_to(self, request: ChatRequest) -> bool:
+        return True
+
+    def check(self, text: str, request: ChatRequest) -> ValidatorResult:
+        for pattern in self._must:
+            if pattern.search(text) is None:
+                return ValidatorResult(self.name, False, f"does not match {pattern.pattern!r}")
+        for pattern in self._must_not:
+            if (found := pattern.search(text)) is not None:
+                return ValidatorResult(
+                    self.name, False, f"matches {pattern.pattern!r} at {found.start()}"
+                )
+        return ValidatorResult(self.name, True)
+
+
+# How models decline; matched at the start of the answer only, so an answer that quotes such
+# a phrase further on is not taken for a refusal.
+_REFUSAL = re.compile(
+    r"^\W*(?:i'?m sorry,? but i (?:can(?:'|no)?t|am unable)|i (?:can(?:'|no)?t|cannot|am unable"
+    r" to|won'?t) (?:help|assist|provide|comply|do that|answer)|as an ai(?: language model)?,? i"
+    r"|i'?m (?:not able|unable) to (?:help|assist|provide|answer))",
+    re.IGNORECASE,
+)
+
+
+class RefusalValidator:
+    """Empty answers and refusals: a model declining is not an answer worth serving or caching."""
+
+    def __init__(self, name: str = "refusal") -> None:
+        self.name = name
+
+    def applies_to(self, request: ChatRequest) -> bool:
+        return True
+
+    def check(self, text: str, request: ChatRequest) -> ValidatorResult:
+        if not text.strip():
+            return ValidatorResult(self.name, False, "empty answer")
+        if _REFUSAL.search(text[:300].replace("\u2019", "'")):
+            return ValidatorResult(self.name, False, "the model refused to answer")
+        return ValidatorResult(self.name, True)

@@ -1,15 +1,13 @@
 """Evaluate a difficulty-classifier artifact as a router on routing data.
 
-    routecache eval-router --data routing_dev.jsonl --json
+    routecache eval-router --data routing_dev.jsonl --json [--quality 0.8 | --strong-fraction F
+                           | --max-cost-ratio C | --threshold T] [--embedding-cache FILE.npz]
 
-Scores every prompt through `load_artifact(...).failure_probability` (the service's own code),
-then reports APGR / CPT over all cut points and accuracy, strong fraction and cost at the
-model's default threshold (score >= threshold goes strong), overall and per `source` slice.
-
-Cost uses list prices (USD per million tokens, input/output): Mixtral-8x7B-Instruct 0.60/0.60,
-GPT-4-1106-preview 10/30, with tokens = len(text) / 4. Output tokens: the recorded response of
-the model the row is routed to where the row has one (GSM8K); otherwise (MMLU) 1 token, the
-answer letter, assuming the prompt's "Answer:" suffix makes both models reply with a letter.
+Scores every prompt through `load_artifact(...).assess` (the service's own code), then reports
+APGR / CPT over all cut points, and accuracy, strong fraction and cost at the configured
+operating point, overall and per `source` slice. The operating point is, in this order: the
+command line, the service's settings (ROUTECACHE_CLASSIFIER__TARGET_QUALITY etc. or
+--config FILE), the model's default. List prices and token estimates: routing_data.py.
 """
 
 from __future__ import annotations
@@ -25,30 +23,10 @@ import numpy as np
 import numpy.typing as npt
 
 from routecache.classifier.model import SklearnDifficultyClassifier, load_classifier
-from routecache.training.train_classifier import (
-    RoutingRow,
-    embed_texts,
-    make_embedder,
-    read_routing_rows,
-    routing_report,
-)
-
-# (input, output) USD per million tokens.
-CHEAP_PRICE = (0.60, 0.60)
-STRONG_PRICE = (10.0, 30.0)
-CHARS_PER_TOKEN = 4.0
-ANSWER_ONLY_OUTPUT_TOKENS = 1.0
-
-
-def request_cost(row: RoutingRow, strong: bool) -> float:
-    """Estimated USD of answering one row with the strong or the cheap model."""
-    response = row.strong_response if strong else row.weak_response
-    input_tokens = len(row.prompt) / CHARS_PER_TOKEN
-    output_tokens = (
-        len(response) / CHARS_PER_TOKEN if response is not None else ANSWER_ONLY_OUTPUT_TOKENS
-    )
-    price_in, price_out = STRONG_PRICE if strong else CHEAP_PRICE
-    return (input_tokens * price_in + output_tokens * price_out) / 1e6
+from routecache.domain import OperatingPoint
+from routecache.router.settings import load_settings
+from routecache.training.routing_data import RoutingRow, read_routing_rows, request_cost
+from routecache.training.train_classifier import embed_prompts, make_embedder, routing_report
 
 
 def router_report(
@@ -69,12 +47,12 @@ def timed_scores(
     embeddings: npt.NDArray[np.float32],
     rows: Sequence[RoutingRow],
 ) -> tuple[npt.NDArray[np.float64], float]:
-    """Scores of every row and the median latency of one call, in microseconds."""
+    """Routing scores of every row and the median latency of one call, in microseconds."""
     scores = np.zeros(len(rows))
     latencies = np.zeros(len(rows))
     for i, (embedding, row) in enumerate(zip(embeddings, rows, strict=True)):
         started = time.perf_counter_ns()
-        scores[i] = classifier.failure_probability(embedding, row.prompt)
+        scores[i] = classifier.assess(embedding, row.prompt).routing_score
         latencies[i] = time.perf_counter_ns() - started
     return scores, float(np.median(latencies)) / 1e3
 
@@ -82,6 +60,18 @@ def timed_scores(
 def _embedder_for(classifier: SklearnDifficultyClassifier) -> tuple[str, int]:
     name = str(classifier.metadata.get("embedder", ""))
     return ("hash", classifier.embedding_dimension) if name.startswith("hash-") else ("minilm", 0)
+
+
+def operating_point(args: argparse.Namespace) -> tuple[OperatingPoint | None, str]:
+    """The operating point to report at, and where it came from."""
+    if args.quality is not None:
+        return OperatingPoint(quality=args.quality), "command line"
+    if args.strong_fraction is not None:
+        return OperatingPoint(strong_fraction=args.strong_fraction), "command line"
+    if args.max_cost_ratio is not None:
+        return OperatingPoint(cost_ratio=args.max_cost_ratio), "command line"
+    configured = load_settings(args.config).classifier.operating_point()
+    return configured, "settings" if configured is not None else "model default"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,10 +84,24 @@ def run(args: argparse.Namespace) -> int:
             f"the artifact was trained with embedder {classifier.metadata.get('embedder')!r}, "
             f"this environment provides {embedder.name!r}"
         )
-    embeddings = embed_texts(embedder, [r.prompt for r in rows])
+    cache = Path(args.embedding_cache) if args.embedding_cache else None
+    embeddings = embed_prompts(embedder, [r.prompt for r in rows], cache)
     scores, p50_us = timed_scores(classifier, embeddings, rows)
-    threshold = classifier.default_threshold if args.threshold is None else args.threshold
-    report: dict[str, Any] = {"version": classifier.version, "threshold": threshold}
+    point, source = operating_point(args)
+    if args.threshold is not None:
+        threshold, source = args.threshold, "command line threshold"
+    elif point is not None:
+        threshold = classifier.threshold_for(point)
+    else:
+        threshold = classifier.default_threshold
+        stored = classifier.metadata.get("default_operating_point")
+        point = OperatingPoint(**stored) if isinstance(stored, dict) else None
+    report: dict[str, Any] = {
+        "version": classifier.version,
+        "operating_point": None if point is None else vars(point),
+        "operating_point_from": source,
+        "threshold": threshold,
+    }
     report.update(router_report(scores, rows, threshold))
     report["scoring_p50_us"] = round(p50_us, 1)
     sources = sorted({r.source for r in rows})
@@ -132,7 +136,17 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--threshold",
         type=float,
         default=None,
-        help="routing threshold (default: the one stored with the model)",
+        help="routing-score threshold (overrides any operating point)",
+    )
+    targets = parser.add_mutually_exclusive_group()
+    targets.add_argument("--quality", type=float, help="target fraction of the gap recovered")
+    targets.add_argument("--strong-fraction", type=float, help="target share of strong calls")
+    targets.add_argument("--max-cost-ratio", type=float, help="cost ceiling relative to all-strong")
+    parser.add_argument(
+        "--config", type=Path, default=None, help="service settings TOML (operating point)"
+    )
+    parser.add_argument(
+        "--embedding-cache", default=None, metavar="FILE.npz", help="reuse prompt embeddings"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 

@@ -2,19 +2,21 @@
 
     routecache train-classifier --data routing_train.jsonl [--out DIR] [--name difficulty]
 
-The label is "the cheap model failed" (not weak_correct). A deterministic slice of the data,
-chosen by a hash of the prompt, is held out to measure the router and to pick the default
-threshold (the score above which ~40% of requests go to the strong model). The shipped model
-is the one fitted without the holdout, so the metrics stored with it describe it exactly.
+Labels per prompt: did the cheap model fail, did the strong model fail. A deterministic slice
+of the data, chosen by a hash of the prompt, is held out: the model is fitted on the rest, then
+scored on it through the service's own code to measure the router and to fit the operating
+curve (operating_point.py) that maps an operator's target to a threshold. The default threshold
+is the curve's answer to DEFAULT_OPERATING_POINT. The shipped model is the one fitted without
+the holdout, so the metrics stored with it describe it exactly.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,84 +24,39 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from routecache.cache.embedder import HashEmbedder, MiniLMEmbedder
 from routecache.cache.ports import Embedder
 from routecache.classifier import metrics
-from routecache.classifier.features import feature_matrix, feature_names
+from routecache.classifier.features import text_feature_matrix
 from routecache.classifier.model import (
     DEFAULT_ARTIFACT_NAME,
+    DifficultyModel,
     SklearnDifficultyClassifier,
+    feature_names,
     packaged_artifact_path,
     save_artifact,
 )
+from routecache.classifier.neighbours import NeighbourBank, label_matrix
+from routecache.classifier.operating_point import OperatingCurve, fit_curve
+from routecache.domain import OperatingPoint
+from routecache.training.embedding_cache import EmbeddingCache
+from routecache.training.routing_data import (
+    RoutingRow,
+    files_sha256,
+    holdout_mask,
+    read_routing_rows,
+    request_cost,
+)
 
-TARGET_STRONG_FRACTION = 0.4
-# 5-fold CV on routing_train: APGR rises as C falls from 1 (0.58) and flattens below 1e-4
-# (0.60); 1e-4 sits on that plateau with the best-calibrated holdout probabilities.
-DEFAULT_C = 1e-4
+# The cheapest point that recovers 80% of the strong model's accuracy gap on held-out data.
+DEFAULT_OPERATING_POINT = OperatingPoint(quality=0.8)
+# 5-fold CV on routing_train (docs/classifier.md): C = 0.01 ranked best of 0.001..0.1.
+DEFAULT_C = 0.01
 EMBED_BATCH = 64
-
-
-@dataclass(frozen=True)
-class RoutingRow:
-    prompt: str
-    source: str
-    weak_correct: bool
-    strong_correct: bool
-    weak_response: str | None = None
-    strong_response: str | None = None
-
-
-def read_routing_rows(paths: Sequence[Path]) -> list[RoutingRow]:
-    """Rows of the routing JSONL format (shared/data/README.md); `subject` is not kept."""
-    rows: list[RoutingRow] = []
-    for path in paths:
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    rows.append(
-                        RoutingRow(
-                            prompt=str(record["prompt"]),
-                            source=str(record.get("source", "")),
-                            weak_correct=bool(record["weak_correct"]),
-                            strong_correct=bool(record["strong_correct"]),
-                            weak_response=record.get("weak_response"),
-                            strong_response=record.get("strong_response"),
-                        )
-                    )
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise ValueError(f"{path}:{number}: not a routing row ({exc})") from exc
-    if not rows:
-        raise ValueError(f"no routing rows in {[str(p) for p in paths]}")
-    return rows
-
-
-def files_sha256(paths: Sequence[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def holdout_mask(prompts: Sequence[str], fraction: float, seed: int) -> npt.NDArray[np.bool_]:
-    """True for held-out prompts: a hash of seed and prompt, so duplicates stay together."""
-    limit = fraction * 2**64
-    return np.array(
-        [
-            int.from_bytes(hashlib.sha256(f"{seed}:{p}".encode()).digest()[:8], "big") < limit
-            for p in prompts
-        ],
-        dtype=bool,
-    )
 
 
 def make_embedder(kind: str, hash_dimension: int = 64) -> Embedder:
@@ -116,53 +73,86 @@ def embed_texts(embedder: Embedder, texts: Sequence[str]) -> npt.NDArray[np.floa
     return out
 
 
-def fit_pipeline(
-    features: npt.NDArray[np.float64], failed: npt.NDArray[np.bool_], c: float, seed: int
-) -> Pipeline:
-    """Scaler + logistic regression, its output recalibrated to P(cheap fails)."""
-    labels = failed.astype(np.int64)
-    pipeline = Pipeline(
-        [
-            ("scale", StandardScaler()),
-            ("model", LogisticRegression(C=c, max_iter=2000, random_state=seed)),
-        ]
+def embed_prompts(
+    embedder: Embedder, texts: Sequence[str], cache_path: Path | None
+) -> npt.NDArray[np.float32]:
+    """Embeddings of `texts`, through an EmbeddingCache file where one is given."""
+    if cache_path is None:
+        return embed_texts(embedder, texts)
+    cache = EmbeddingCache(cache_path)
+    return cache.embed(texts, lambda batch: embed_texts(embedder, batch), embedder.dimension)
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    """Prompts with their labels; strong_fails is NaN where the strong outcome is unknown."""
+
+    texts: list[str]
+    embeddings: npt.NDArray[np.float32]
+    cheap_fails: npt.NDArray[np.float64]
+    strong_fails: npt.NDArray[np.float64]
+
+    @classmethod
+    def from_rows(
+        cls, rows: Sequence[RoutingRow], embeddings: npt.NDArray[np.float32]
+    ) -> LabelledSet:
+        return cls(
+            [r.prompt for r in rows],
+            embeddings,
+            np.array([not r.weak_correct for r in rows], dtype=np.float64),
+            np.array([not r.strong_correct for r in rows], dtype=np.float64),
+        )
+
+    def __add__(self, other: LabelledSet) -> LabelledSet:
+        return LabelledSet(
+            self.texts + other.texts,
+            np.vstack([self.embeddings, other.embeddings]),
+            np.concatenate([self.cheap_fails, other.cheap_fails]),
+            np.concatenate([self.strong_fails, other.strong_fails]),
+        )
+
+
+def _head(features: npt.NDArray[np.float64], labels: npt.NDArray[np.float64], c: float) -> Pipeline:
+    classes = np.unique(labels)
+    if len(classes) != 2:
+        raise ValueError("each label needs both outcomes (0 and 1) among the training rows")
+    head = Pipeline(
+        [("scale", StandardScaler()), ("model", LogisticRegression(C=c, max_iter=3000))]
     )
-    pipeline.fit(features, labels)
-    _recalibrate(pipeline, features, labels, seed)
-    return pipeline
+    return head.fit(features, labels.astype(np.int64))
 
 
-def _recalibrate(
-    pipeline: Pipeline, features: npt.NDArray[np.float64], labels: npt.NDArray[np.int64], seed: int
-) -> None:
-    """Platt-scale the logits in place: p = sigmoid(a * logit + b), a > 0.
+def fit_model(data: LabelledSet, c: float = DEFAULT_C, seed: int = 0) -> DifficultyModel:
+    """The neighbour bank of every row, and two heads fitted on leave-one-out features.
 
-    Strong regularisation ranks prompts best but squeezes every probability toward the base
-    rate, which would make a threshold meaningless as a probability. A 1-d logistic fit on
-    cross-validated logits restores calibration; folded into coef_ and intercept_, the model
-    stays one linear layer and its ranking is unchanged.
+    Leave-one-out makes a training row's neighbour features look like a new request's (whose
+    own label is not in the bank). Rows without a strong outcome train only the cheap head.
     """
-    folds = min(5, int(np.bincount(labels, minlength=2).min()))
-    if folds < 2:
-        return  # too few rows of one class to cross-validate; keep the raw model
-    splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    logits = cross_val_predict(
-        clone(pipeline), features, labels, cv=splitter, method="decision_function"
+    bank = NeighbourBank.fit(
+        data.embeddings, label_matrix(data.cheap_fails, data.strong_fails), seed
     )
-    platt = LogisticRegression(C=1e6).fit(logits[:, np.newaxis], labels)
-    slope, offset = float(platt.coef_[0, 0]), float(platt.intercept_[0])
-    if slope <= 0:
-        return  # no held-out signal to scale by; flipping the ranking would be wrong
-    model = pipeline.named_steps["model"]
-    model.coef_ = model.coef_ * slope
-    model.intercept_ = model.intercept_ * slope + offset
+    features = np.hstack(
+        [bank.batch_features(data.embeddings, leave_one_out=True), text_feature_matrix(data.texts)]
+    )
+    known = ~np.isnan(data.strong_fails)
+    heads = {
+        "cheap_fails": _head(features, data.cheap_fails, c),
+        "strong_fails": _head(features[known], data.strong_fails[known], c),
+    }
+    return DifficultyModel(bank, heads)
 
 
-def choose_threshold(scores: npt.NDArray[np.float64], strong_fraction: float) -> float:
-    """Midway between the scores ranked k and k+1, so ~k of n go strong (score >= threshold)."""
-    ranked = np.sort(scores)[::-1]
-    k = min(max(round(strong_fraction * len(ranked)), 1), len(ranked) - 1)
-    return float((ranked[k - 1] + ranked[k]) / 2)
+def score_rows(
+    classifier: SklearnDifficultyClassifier,
+    embeddings: npt.NDArray[np.float32],
+    rows: Sequence[RoutingRow],
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """(routing scores, P(cheap fails)) through the service's own per-request code path."""
+    pairs = [classifier.assess(e, r.prompt) for e, r in zip(embeddings, rows, strict=True)]
+    return (
+        np.array([a.routing_score for a in pairs]),
+        np.array([a.failure_probability for a in pairs]),
+    )
 
 
 def routing_report(
@@ -173,15 +163,79 @@ def routing_report(
     return metrics.threshold_report(scores, weak, strong, threshold)
 
 
-def score_rows(
-    classifier: SklearnDifficultyClassifier,
-    embeddings: npt.NDArray[np.float32],
-    rows: Sequence[RoutingRow],
-) -> npt.NDArray[np.float64]:
-    """Scores through the service's own per-request code path."""
-    return np.array(
-        [classifier.failure_probability(e, r.prompt) for e, r in zip(embeddings, rows, strict=True)]
-    )
+def operating_curve(scores: npt.NDArray[np.float64], rows: Sequence[RoutingRow]) -> OperatingCurve:
+    def cost(to_strong: npt.NDArray[np.bool_]) -> float:
+        return sum(request_cost(r, bool(s)) for r, s in zip(rows, to_strong, strict=True))
+
+    weak = np.array([r.weak_correct for r in rows])
+    strong = np.array([r.strong_correct for r in rows])
+    return fit_curve(scores, weak, strong, cost)
+
+
+def calibration_table(
+    probabilities: npt.NDArray[np.float64], failed: npt.NDArray[np.bool_], bins: int = 10
+) -> list[dict[str, float]]:
+    """Mean predicted P(cheap fails) against the observed failure rate, per probability decile."""
+    order = np.argsort(probabilities, kind="stable")
+    table = []
+    for chunk in np.array_split(order, bins):
+        if len(chunk):
+            table.append(
+                {
+                    "n": float(len(chunk)),
+                    "predicted": float(probabilities[chunk].mean()),
+                    "observed": float(failed[chunk].mean()),
+                }
+            )
+    return table
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A model fitted without the holdout, with what the holdout says about it."""
+
+    model: DifficultyModel
+    metadata: dict[str, object]
+    holdout_scores: npt.NDArray[np.float64]
+
+
+def train_candidate(
+    train: LabelledSet,
+    held_rows: Sequence[RoutingRow],
+    held_embeddings: npt.NDArray[np.float32],
+    c: float,
+    seed: int,
+) -> Candidate:
+    model = fit_model(train, c, seed)
+    provisional = SklearnDifficultyClassifier(model, version="provisional", default_threshold=0.0)
+    scores, failure = score_rows(provisional, held_embeddings, held_rows)
+    curve = operating_curve(scores, held_rows)
+    threshold = curve.threshold_for(DEFAULT_OPERATING_POINT)
+    failed = np.array([not r.weak_correct for r in held_rows])
+    metadata: dict[str, object] = {
+        "n_train": len(train.texts),
+        "n_holdout": len(held_rows),
+        "label": "cheap_fails = not weak_correct; strong_fails = not strong_correct",
+        "model": f"kNN features (PCA-128, k in 10/25/50/100) + text features -> two "
+        f"StandardScaler + LogisticRegression(C={c}) heads; score = P(cheap fails) - "
+        "P(strong fails)",
+        "feature_names": feature_names(),
+        "default_threshold": threshold,
+        "default_operating_point": {"quality": DEFAULT_OPERATING_POINT.quality},
+        "holdout": routing_report(scores, held_rows, threshold),
+        "holdout_by_source": {
+            source: routing_report(
+                scores[[r.source == source for r in held_rows]],
+                [r for r in held_rows if r.source == source],
+                threshold,
+            )
+            for source in sorted({r.source for r in held_rows})
+        },
+        "operating_curve": curve.to_json(),
+        "calibration": calibration_table(failure, failed),
+        "brier_cheap_fails": float(np.mean((failure - failed) ** 2)),
+    }
+    return Candidate(model, metadata, scores)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -199,54 +253,59 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     embedder = make_embedder(args.embedder, args.hash_dimension)
-    embeddings = embed_texts(embedder, [r.prompt for r in rows])
+    cache = Path(args.embedding_cache) if args.embedding_cache else None
+    embeddings = embed_prompts(embedder, [r.prompt for r in rows], cache)
     embed_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    failed = np.array([not r.weak_correct for r in train_rows])
-    if failed.all() or not failed.any():
-        print("the training rows need both cheap-model successes and failures", file=sys.stderr)
+    try:
+        candidate = train_candidate(
+            LabelledSet.from_rows(train_rows, embeddings[~held]),
+            test_rows,
+            embeddings[held],
+            args.c,
+            args.seed,
+        )
+    except ValueError as error:
+        print(f"cannot train: {error}", file=sys.stderr)
         return 2
-    x_train = feature_matrix(embeddings[~held], [r.prompt for r in train_rows])
-    pipeline = fit_pipeline(x_train, failed, args.c, args.seed)
     fit_seconds = time.perf_counter() - started
-
-    created = datetime.now(UTC).replace(microsecond=0)
-    version = f"{args.name}-{created:%Y%m%dT%H%M%SZ}"
-    provisional = SklearnDifficultyClassifier(pipeline, version=version, default_threshold=0.5)
-    scores = score_rows(provisional, embeddings[held], test_rows)
-    threshold = choose_threshold(scores, TARGET_STRONG_FRACTION)
-    holdout = routing_report(scores, test_rows, threshold)
-    metadata = {
-        "version": version,
-        "created_utc": created.isoformat(),
-        "training_files": [p.name for p in paths],
-        "training_data_sha256": files_sha256(paths),
-        "n_train": len(train_rows),
-        "n_holdout": len(test_rows),
-        "holdout_fraction": args.holdout_fraction,
-        "seed": args.seed,
-        "label": "not weak_correct",
-        "model": f"StandardScaler + LogisticRegression(C={args.c}), Platt-recalibrated",
-        "embedder": embedder.name,
-        "embedding_dimension": embedder.dimension,
-        "feature_names": feature_names(embedder.dimension),
-        "default_threshold": threshold,
-        "target_strong_fraction": TARGET_STRONG_FRACTION,
-        "holdout": holdout,
-    }
-    model_path, _ = save_artifact(pipeline, metadata, Path(args.out), args.name)
+    metadata = describe(candidate, args.name, paths, embedder, args)
+    model_path, _ = save_artifact(candidate.model, metadata, Path(args.out), args.name)
     summary = {
         "artifact": str(model_path),
-        "version": version,
+        "version": metadata["version"],
         "n_train": len(train_rows),
-        "default_threshold": threshold,
+        "default_threshold": metadata["default_threshold"],
         "embed_seconds": round(embed_seconds, 2),
         "fit_seconds": round(fit_seconds, 2),
-        "holdout": holdout,
+        "holdout": metadata["holdout"],
     }
     print(json.dumps(summary))
     return 0
+
+
+def describe(
+    candidate: Candidate,
+    name: str,
+    paths: Sequence[Path],
+    embedder: Embedder,
+    args: argparse.Namespace,
+) -> dict[str, object]:
+    """The artifact's metadata: the candidate's holdout figures plus provenance."""
+    created = datetime.now(UTC).replace(microsecond=0)
+    return {
+        # The suffix keeps two runs within one second apart in a registry.
+        "version": f"{name}-{created:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}",
+        "created_utc": created.isoformat(),
+        "training_files": [p.name for p in paths],
+        "training_data_sha256": files_sha256(paths),
+        "holdout_fraction": args.holdout_fraction,
+        "seed": args.seed,
+        "embedder": embedder.name,
+        "embedding_dimension": embedder.dimension,
+        **candidate.metadata,
+    }
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
@@ -274,7 +333,13 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--c",
         type=float,
         default=DEFAULT_C,
-        help="inverse L2 regularisation strength of the logistic regression",
+        help="inverse L2 regularisation strength of the two logistic heads",
+    )
+    parser.add_argument(
+        "--embedding-cache",
+        default=None,
+        metavar="FILE.npz",
+        help="keep prompt embeddings here between runs (embedding is the slow part)",
     )
     parser.add_argument(
         "--embedder",

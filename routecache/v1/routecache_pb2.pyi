@@ -96,6 +96,26 @@ class CacheControl(_message.Message):
     tags: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, no_cache: _Optional[bool] = ..., no_store: _Optional[bool] = ..., ttl_seconds: _Optional[int] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class RequestValidator(_message.Message):
+    __slots__ = ("kind", "name", "on_fail", "must_match", "must_not_match", "min_chars", "max_chars", "pii")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ON_FAIL_FIELD_NUMBER: _ClassVar[int]
+    MUST_MATCH_FIELD_NUMBER: _ClassVar[int]
+    MUST_NOT_MATCH_FIELD_NUMBER: _ClassVar[int]
+    MIN_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHARS_FIELD_NUMBER: _ClassVar[int]
+    PII_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    name: str
+    on_fail: str
+    must_match: _containers.RepeatedScalarFieldContainer[str]
+    must_not_match: _containers.RepeatedScalarFieldContainer[str]
+    min_chars: int
+    max_chars: int
+    pii: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., on_fail: _Optional[str] = ..., must_match: _Optional[_Iterable[str]] = ..., must_not_match: _Optional[_Iterable[str]] = ..., min_chars: _Optional[int] = ..., max_chars: _Optional[int] = ..., pii: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class RoutingControl(_message.Message):
     __slots__ = ("force_tier",)
     FORCE_TIER_FIELD_NUMBER: _ClassVar[int]
@@ -103,18 +123,20 @@ class RoutingControl(_message.Message):
     def __init__(self, force_tier: _Optional[_Union[Tier, str]] = ...) -> None: ...
 
 class CompleteRequest(_message.Message):
-    __slots__ = ("messages", "params", "cache", "routing", "end_user_id")
+    __slots__ = ("messages", "params", "cache", "routing", "end_user_id", "validators")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
     ROUTING_FIELD_NUMBER: _ClassVar[int]
     END_USER_ID_FIELD_NUMBER: _ClassVar[int]
+    VALIDATORS_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     params: GenerationParams
     cache: CacheControl
     routing: RoutingControl
     end_user_id: str
-    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ..., cache: _Optional[_Union[CacheControl, _Mapping]] = ..., routing: _Optional[_Union[RoutingControl, _Mapping]] = ..., end_user_id: _Optional[str] = ...) -> None: ...
+    validators: _containers.RepeatedCompositeFieldContainer[RequestValidator]
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ..., cache: _Optional[_Union[CacheControl, _Mapping]] = ..., routing: _Optional[_Union[RoutingControl, _Mapping]] = ..., end_user_id: _Optional[str] = ..., validators: _Optional[_Iterable[_Union[RequestValidator, _Mapping]]] = ...) -> None: ...
 
 class CacheInfo(_message.Message):
     __slots__ = ("outcome", "similarity", "entry_id", "entry_age_seconds", "stale")
@@ -143,16 +165,18 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cost_usd: _Optional[float] = ..., saved_usd: _Optional[float] = ...) -> None: ...
 
 class ValidatorResult(_message.Message):
-    __slots__ = ("name", "passed", "message", "model")
+    __slots__ = ("name", "passed", "message", "model", "action")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PASSED_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
     name: str
     passed: bool
     message: str
     model: str
-    def __init__(self, name: _Optional[str] = ..., passed: _Optional[bool] = ..., message: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    action: str
+    def __init__(self, name: _Optional[str] = ..., passed: _Optional[bool] = ..., message: _Optional[str] = ..., model: _Optional[str] = ..., action: _Optional[str] = ...) -> None: ...
 
 class ValidationReport(_message.Message):
     __slots__ = ("passed", "results", "escalated")
@@ -253,11 +277,27 @@ class InvalidateResponse(_message.Message):
     def __init__(self, removed: _Optional[int] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("top_n",)
+    TOP_N_FIELD_NUMBER: _ClassVar[int]
+    top_n: int
+    def __init__(self, top_n: _Optional[int] = ...) -> None: ...
+
+class TopEntry(_message.Message):
+    __slots__ = ("entry_id", "prompt", "model", "hits", "saved_usd")
+    ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    SAVED_USD_FIELD_NUMBER: _ClassVar[int]
+    entry_id: str
+    prompt: str
+    model: str
+    hits: int
+    saved_usd: float
+    def __init__(self, entry_id: _Optional[str] = ..., prompt: _Optional[str] = ..., model: _Optional[str] = ..., hits: _Optional[int] = ..., saved_usd: _Optional[float] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("tenant", "requests", "exact_hits", "semantic_hits", "misses", "cheap_calls", "strong_calls", "escalations", "validation_failures", "cost_usd", "saved_usd", "entries", "classifier_version")
+    __slots__ = ("tenant", "requests", "exact_hits", "semantic_hits", "misses", "cheap_calls", "strong_calls", "escalations", "validation_failures", "cost_usd", "saved_usd", "entries", "classifier_version", "thumbs_up", "thumbs_down", "top_entries")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     EXACT_HITS_FIELD_NUMBER: _ClassVar[int]
@@ -271,6 +311,9 @@ class GetStatsResponse(_message.Message):
     SAVED_USD_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     CLASSIFIER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    THUMBS_UP_FIELD_NUMBER: _ClassVar[int]
+    THUMBS_DOWN_FIELD_NUMBER: _ClassVar[int]
+    TOP_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     requests: int
     exact_hits: int
@@ -284,4 +327,7 @@ class GetStatsResponse(_message.Message):
     saved_usd: float
     entries: int
     classifier_version: str
-    def __init__(self, tenant: _Optional[str] = ..., requests: _Optional[int] = ..., exact_hits: _Optional[int] = ..., semantic_hits: _Optional[int] = ..., misses: _Optional[int] = ..., cheap_calls: _Optional[int] = ..., strong_calls: _Optional[int] = ..., escalations: _Optional[int] = ..., validation_failures: _Optional[int] = ..., cost_usd: _Optional[float] = ..., saved_usd: _Optional[float] = ..., entries: _Optional[int] = ..., classifier_version: _Optional[str] = ...) -> None: ...
+    thumbs_up: int
+    thumbs_down: int
+    top_entries: _containers.RepeatedCompositeFieldContainer[TopEntry]
+    def __init__(self, tenant: _Optional[str] = ..., requests: _Optional[int] = ..., exact_hits: _Optional[int] = ..., semantic_hits: _Optional[int] = ..., misses: _Optional[int] = ..., cheap_calls: _Optional[int] = ..., strong_calls: _Optional[int] = ..., escalations: _Optional[int] = ..., validation_failures: _Optional[int] = ..., cost_usd: _Optional[float] = ..., saved_usd: _Optional[float] = ..., entries: _Optional[int] = ..., classifier_version: _Optional[str] = ..., thumbs_up: _Optional[int] = ..., thumbs_down: _Optional[int] = ..., top_entries: _Optional[_Iterable[_Union[TopEntry, _Mapping]]] = ...) -> None: ...

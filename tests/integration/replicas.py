@@ -24,6 +24,7 @@ ACME, GLOBEX = KEYS["acme"], KEYS["globex"]
 def replica_settings(redis_url: str, max_entries: int = 1000, **store: object) -> Settings:
     return load_settings(
         server={"port": 0, "grace_seconds": 0},
+        metrics={"port": 0},
         cache={"embedder": "hash", "similarity_threshold": 0.6, "max_entries": max_entries},
         store={"backend": "redis", "redis_url": redis_url, "probe_interval_seconds": 0.05,
                "purge_interval_seconds": 0.2, **store},
@@ -38,6 +39,7 @@ def replica_settings(redis_url: str, max_entries: int = 1000, **store: object) -
 class Replica:
     service: Service
     cheap: FakeUpstream
+    strong: FakeUpstream
 
     @property
     def index(self) -> ScopedFaissIndex:
@@ -46,28 +48,32 @@ class Replica:
         return index
 
 
-def _overrides(clock: ManualClock) -> tuple[Overrides, FakeUpstream]:
+def _overrides(clock: ManualClock) -> tuple[Overrides, FakeUpstream, FakeUpstream]:
     cheap = FakeUpstream("cheap-model", prose_answer)
     strong = FakeUpstream("strong-model", json_answer)
-    return Overrides(
-        embedder=HashEmbedder(),
-        classifier=FixedScoreClassifier(0.2, version="fixed-v1", default_threshold=0.5),
-        upstreams={Tier.CHEAP: cheap, Tier.STRONG: strong},
-        clock=clock,
-    ), cheap
+    return (
+        Overrides(
+            embedder=HashEmbedder(),
+            classifier=FixedScoreClassifier(0.2, version="fixed-v1", default_threshold=0.5),
+            upstreams={Tier.CHEAP: cheap, Tier.STRONG: strong},
+            clock=clock,
+        ),
+        cheap,
+        strong,
+    )
 
 
 async def start_replica(settings: Settings, clock: ManualClock) -> Replica:
     """A replica without a gRPC server: storage started (index rebuilt) and ready."""
-    overrides, cheap = _overrides(clock)
+    overrides, cheap, strong = _overrides(clock)
     service = build_service(settings, overrides)
     await service.start_storage()
-    return Replica(service, cheap)
+    return Replica(service, cheap, strong)
 
 
 async def start_grpc_replica(settings: Settings, clock: ManualClock) -> Replica:
-    overrides, cheap = _overrides(clock)
-    return Replica(await start_service(settings, overrides), cheap)
+    overrides, cheap, strong = _overrides(clock)
+    return Replica(await start_service(settings, overrides), cheap, strong)
 
 
 def ask(

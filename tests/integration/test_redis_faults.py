@@ -14,6 +14,7 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from routecache.domain import CacheOutcome, Completion
+from routecache.router.metrics import PrometheusTelemetry
 from routecache.router.server import CACHE_HEALTH_NAME, SERVICE_NAME
 from tests.fakes import ManualClock
 from tests.integration.replicas import (
@@ -54,6 +55,12 @@ async def health_of(replica: Replica, name: str) -> int:
         return status
 
 
+def redis_up_metric(replica: Replica) -> float | None:
+    telemetry = replica.service.telemetry
+    assert isinstance(telemetry, PrometheusTelemetry)
+    return telemetry.registry.get_sample_value("routecache_dependency_up", {"dependency": "redis"})
+
+
 def stream_events(server: RedisServer) -> list[dict[str, object]]:
     client = redis.Redis(host="127.0.0.1", port=server.port)
     try:
@@ -87,6 +94,7 @@ async def test_killing_redis_under_load_fails_no_request_and_loses_nothing(
     assert await health_of(replica, "") == SERVING
     assert await health_of(replica, SERVICE_NAME) == SERVING
     assert pipeline.cache.bypassed > 0
+    assert redis_up_metric(replica) == 0.0
 
     await asyncio.gather(batch(160), asyncio.to_thread(own_redis_server.start))
     await eventually(lambda: replica.service.storage.link.up, "redis seen up again")  # type: ignore[attr-defined]
@@ -100,6 +108,7 @@ async def test_killing_redis_under_load_fails_no_request_and_loses_nothing(
     again = await pipeline.complete(ask(PROMPTS[0]), ACME)
     assert again.cache.outcome is CacheOutcome.EXACT
     assert await health_of(replica, CACHE_HEALTH_NAME) == SERVING
+    assert redis_up_metric(replica) == 1.0
 
     # Events buffered during the outage were flushed: one per answered request, none lost.
     responses = {c.response_id for c in [*answered, again]}

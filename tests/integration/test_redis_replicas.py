@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from routecache.domain import CacheOutcome
+from routecache.errors import Unavailable, UpstreamError
 from routecache.router.pipeline import InvalidateTarget
 from tests.fakes import ManualClock
 from tests.integration.replicas import (
@@ -25,6 +26,7 @@ from tests.redis_fixture import RedisServer
 
 pytestmark = pytest.mark.integration
 
+DOWN = UpstreamError("HTTP 503 Service Unavailable", retryable=True)
 NEAR = {
     "how do I reset my password today": "how do I reset my password",
     "what is the capital city of france": "what is the capital city of france please",
@@ -110,15 +112,40 @@ async def test_ttl_expiry_on_both_replicas(pair: tuple[Replica, Replica], clock:
     stored = await a.service.pipeline.complete(ask(prompt, ttl=60), ACME)
     await eventually(lambda: len(b.index) == 1, "the entry in B's index")
     clock.advance(61)
-    # The sweep unlinks it in Redis and tells every replica's index, the sweeper's own too.
-    for replica in (a, b):
-        await eventually(lambda r=replica: stored.cache.entry_id not in ids_near(r, "acme", prompt),
-                         "expired entry left the index")  # fmt: skip
+    # Expired: never a hit, though it stays (for stale answers) until the grace has passed.
     for replica in (b, a):
         for text in (prompt, near):
             answer = await replica.service.pipeline.complete(ask(text, no_store=True), ACME)
             assert answer.cache.outcome is CacheOutcome.MISS
+    clock.advance(a.service.settings.upstream.stale_grace_seconds)
+    # The sweep unlinks it in Redis and tells every replica's index, the sweeper's own too.
+    for replica in (a, b):
+        await eventually(lambda r=replica: stored.cache.entry_id not in ids_near(r, "acme", prompt),
+                         "expired entry left the index")  # fmt: skip
     assert redis_server_keys(redis_server, "*:e:*") == []
+
+
+async def test_an_expired_entry_is_served_stale_by_another_replica_when_providers_fail(
+    pair: tuple[Replica, Replica], clock: ManualClock
+) -> None:
+    a, b = pair
+    prompt, near = next(iter(NEAR.items()))
+    stored = await a.service.pipeline.complete(ask(prompt, ttl=60), ACME)
+    await eventually(lambda: len(b.index) == 1, "the entry in B's index")
+    clock.advance(61)
+    b.cheap.fail_with = b.strong.fail_with = DOWN
+    # Counting purges first: an expired entry within the grace survives the purge.
+    assert await b.service.pipeline.cache.entry_count("acme") == 1
+    for text, outcome in ((prompt, CacheOutcome.EXACT), (near, CacheOutcome.SEMANTIC)):
+        stale = await b.service.pipeline.complete(ask(text, no_store=True), ACME)
+        assert stale.cache.stale and stale.cache.outcome is outcome
+        assert stale.cache.entry_id == stored.cache.entry_id and stale.text == stored.text
+    clock.advance(b.service.settings.upstream.stale_grace_seconds)
+    assert await b.service.pipeline.cache.entry_count("acme") == 0
+    await eventually(lambda: stored.cache.entry_id not in ids_near(b, "acme", prompt),
+                     "the entry left B's index past the grace")  # fmt: skip
+    with pytest.raises(Unavailable, match="no cached answer"):
+        await b.service.pipeline.complete(ask(prompt, no_store=True), ACME)
 
 
 async def test_tenant_default_ttl_applies(redis_server: RedisServer, clock: ManualClock) -> None:

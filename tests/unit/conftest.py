@@ -12,7 +12,8 @@ from routecache.router.auth import hash_api_key
 from routecache.router.bootstrap import Overrides, Service, build_service
 from routecache.router.events import InMemoryEventLog
 from routecache.router.settings import Settings, load_settings
-from tests.fakes import FakeUpstream, ManualClock, json_answer, prose_answer
+from routecache.router.telemetry import Telemetry
+from tests.fakes import FakeUpstream, ManualClock, RecordingTelemetry, json_answer, prose_answer
 
 KEYS = {"acme": "key-acme", "globex": "key-globex"}
 
@@ -21,6 +22,7 @@ def unit_settings(store: dict[str, object] | None = None, **tenant_options: obje
     return load_settings(
         cache={"embedder": "hash", "similarity_threshold": 0.8, "max_entries": 100},
         store=store or {},
+        metrics={"port": 0},
         tenants=[
             {"name": name, "api_key_sha256": [hash_api_key(key)], **tenant_options}
             for name, key in KEYS.items()
@@ -36,16 +38,21 @@ class Harness:
     events: InMemoryEventLog
     clock: ManualClock
     classifier: FixedScoreClassifier
+    telemetry: RecordingTelemetry
 
 
 def make_harness(
-    score: float = 0.2, store: dict[str, object] | None = None, **tenant_options: object
+    score: float = 0.2,
+    telemetry: Telemetry | None = None,
+    store: dict[str, object] | None = None,
+    **tenant_options: object,
 ) -> Harness:
     cheap = FakeUpstream("cheap-model", prose_answer)
     strong = FakeUpstream("strong-model", json_answer)
     events = InMemoryEventLog()
     clock = ManualClock()
     classifier = FixedScoreClassifier(score, version="fixed-v1", default_threshold=0.5)
+    recording = RecordingTelemetry()
     service = build_service(
         unit_settings(store, **tenant_options),
         Overrides(
@@ -54,9 +61,10 @@ def make_harness(
             upstreams={Tier.CHEAP: cheap, Tier.STRONG: strong},
             events=events,
             clock=clock,
+            telemetry=telemetry or recording,
         ),
     )
-    return Harness(service, cheap, strong, events, clock, classifier)
+    return Harness(service, cheap, strong, events, clock, classifier, recording)
 
 
 @pytest.fixture

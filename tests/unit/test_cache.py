@@ -129,6 +129,10 @@ class _DownStore(InMemoryEntryStore):
         self._fail()
         return await super().get_exact(exact_key)
 
+    async def ids_of_tenant(self, tenant):  # type: ignore[no-untyped-def]
+        self._fail()
+        return await super().ids_of_tenant(tenant)
+
     def _fail(self) -> None:
         if self.down:
             raise StoreUnavailable("down")
@@ -151,3 +155,24 @@ async def test_an_unavailable_store_is_bypassed_but_invalidation_fails_loudly(
     store.down = False
     hit = await cache.lookup_exact("acme:s1", "how do I reset my password today")
     assert hit is not None and hit.entry.entry_id == kept.entry_id
+
+
+async def test_stale_lookups_bypass_an_unavailable_store_and_feedback_and_stats_fail_loudly(
+    clock: ManualClock,
+) -> None:
+    store = _DownStore()
+    cache = SemanticCache(store, ScopedFaissIndex(EMBED.dimension), clock, stale_grace_seconds=60)
+    kept = await cache.store(new_entry("how do I reset my password today", ttl=10))
+    assert kept is not None
+    clock.now += 20  # expired, within the grace
+    store.down = True
+    prompt = "how do I reset my password today"
+    assert await cache.lookup_stale("acme:s1", prompt, vec(prompt), 0.5) is None
+    assert cache.bypassed == 1
+    with pytest.raises(Unavailable, match="record feedback"):
+        await cache.distrust("acme", kept.entry_id)
+    with pytest.raises(Unavailable, match="read stats"):
+        await cache.top_entries("acme", 3)
+    store.down = False
+    stale = await cache.lookup_stale("acme:s1", prompt, vec(prompt), 0.5)
+    assert stale is not None and stale.entry.entry_id == kept.entry_id

@@ -1,8 +1,14 @@
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
+from routecache.cache.embedder import HashEmbedder
+from routecache.classifier.model import FixedScoreClassifier
+from routecache.classifier.operating_point import CurvePoint, OperatingCurve
+from routecache.classifier.ports import DifficultyClassifier
+from routecache.classifier.reloading import ReloadingClassifier
 from routecache.domain import (
     CacheControl,
     CacheOutcome,
@@ -25,8 +31,11 @@ from routecache.errors import (
     Unavailable,
     UpstreamError,
 )
+from routecache.router.bootstrap import Overrides, Service, build_service
 from routecache.router.pipeline import InvalidateTarget
-from tests.unit.conftest import KEYS, Harness, make_harness
+from tests.fakes import FakeUpstream, json_answer, prose_answer
+from tests.unit.conftest import KEYS, Harness, make_harness, unit_settings
+from tests.unit.test_registry_reload import _registry_with, fake_load
 
 ACME, GLOBEX = KEYS["acme"], KEYS["globex"]
 
@@ -91,6 +100,56 @@ async def test_tenant_threshold_and_forced_tier() -> None:
     forced = await pipeline.complete(ask("q2", force_tier=Tier.CHEAP), ACME)
     assert forced.tier is Tier.CHEAP
     await harness.service.aclose()
+
+
+def _service_with(
+    classifier: DifficultyClassifier, cheap: FakeUpstream, **tenant: object
+) -> Service:
+    return build_service(
+        unit_settings(**tenant),
+        Overrides(
+            embedder=HashEmbedder(),
+            classifier=classifier,
+            upstreams={Tier.CHEAP: cheap, Tier.STRONG: FakeUpstream("strong-model", json_answer)},
+        ),
+    )
+
+
+async def test_a_tenant_operating_point_is_resolved_by_the_model_in_service() -> None:
+    # The fake's curve maps "30% strong" to threshold 0.5; a score of 0.6 goes strong.
+    curve = OperatingCurve(
+        [CurvePoint(0.9, 0.0, 0.0, 0.6, 0.02), CurvePoint(0.5, 0.3, 0.7, 0.7, 0.3),
+         CurvePoint(0.1, 1.0, 1.0, 0.8, 1.0)]
+    )  # fmt: skip
+    classifier = FixedScoreClassifier(0.6, default_threshold=0.9, curve=curve)
+    cheap = FakeUpstream("cheap-model", prose_answer)
+    service = _service_with(classifier, cheap, target_strong_fraction=0.3)
+    done = await service.pipeline.complete(ask("needs the strong model"), ACME)
+    assert done.tier is Tier.STRONG and cheap.calls == []
+    await service.aclose()
+
+
+async def test_a_model_swap_mid_request_reports_the_version_that_routed_it(
+    tmp_path: Path,
+) -> None:
+    registry = _registry_with(tmp_path, "v1", "v2")
+    registry.promote("v1")
+    classifier = ReloadingClassifier.from_registry(registry, fake_load, tmp_path / "none")
+    cheap = FakeUpstream("cheap-model", prose_answer, gate=asyncio.Event())
+    service = _service_with(classifier, cheap)
+    in_flight = asyncio.create_task(service.pipeline.complete(ask("routed before the swap"), ACME))
+    for _ in range(1000):  # until it is routed and waiting on the cheap model
+        if cheap.calls:
+            break
+        await asyncio.sleep(0)
+    registry.promote("v2")
+    assert await classifier.refresh() is True
+    assert cheap.gate is not None
+    cheap.gate.set()
+    done = await in_flight
+    assert (done.tier, done.classifier_version) == (Tier.CHEAP, "v1")
+    assert (await service.pipeline.stats(ACME)).classifier_version == "v2"
+    await service.aclose()
 
 
 async def test_failing_cheap_answer_escalates_and_only_the_valid_answer_is_stored(
@@ -198,9 +257,17 @@ async def test_daily_budget_cap_refuses_once_spent() -> None:
     await harness.service.aclose()
 
 
-async def test_upstream_failure_is_unavailable_with_model_named(harness: Harness) -> None:
+async def test_failing_cheap_tier_falls_back_to_the_strong_model(harness: Harness) -> None:
     harness.cheap.fail_with = UpstreamError("HTTP 503", retryable=True)
-    with pytest.raises(Unavailable, match="cheap-model"):
+    done = await harness.service.pipeline.complete(ask("q"), ACME)
+    assert done.model == "strong-model" and done.tier is Tier.STRONG
+    assert any("cheap-model" in f and "HTTP 503" in f for f in done.upstream_failures)
+
+
+async def test_upstream_failure_is_unavailable_with_models_named(harness: Harness) -> None:
+    harness.cheap.fail_with = UpstreamError("HTTP 503", retryable=True)
+    harness.strong.fail_with = UpstreamError("HTTP 500", retryable=True)
+    with pytest.raises(Unavailable, match=r"cheap-model.*strong-model.*no cached answer"):
         await harness.service.pipeline.complete(ask("q"), ACME)
 
 

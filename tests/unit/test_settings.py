@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from routecache.domain import OperatingPoint
 from routecache.router.auth import ApiKeyAuthenticator, hash_api_key
 from routecache.router.bootstrap import build_tenants
 from routecache.router.settings import ConfigError, load_settings
@@ -14,7 +15,38 @@ def test_example_config_loads_and_its_keys_authenticate() -> None:
     auth: ApiKeyAuthenticator = build_tenants(settings)
     assert auth.authenticate("dev-key-acme").name == "acme"
     globex = auth.authenticate("dev-key-globex")
-    assert globex.name == "globex" and globex.routing_threshold == 0.6
+    assert globex.name == "globex" and globex.routing_threshold is None
+    assert globex.operating_point == OperatingPoint(quality=0.9)
+    assert auth.authenticate("dev-key-acme").operating_point is None
+
+
+def test_operating_targets_are_one_at_most_and_tenants_inherit_the_default() -> None:
+    with pytest.raises(ConfigError, match="at most one"):
+        load_settings(classifier={"target_quality": 0.8, "max_cost_ratio": 0.5})
+    settings = load_settings(
+        classifier={"target_strong_fraction": 0.3},
+        tenants=[
+            {"name": "a", "api_key_sha256": [hash_api_key("ka")]},
+            {"name": "b", "api_key_sha256": [hash_api_key("kb")], "max_cost_ratio": 0.4},
+        ],
+    )
+    auth = build_tenants(settings)
+    assert auth.authenticate("ka").operating_point == OperatingPoint(strong_fraction=0.3)
+    assert auth.authenticate("kb").operating_point == OperatingPoint(cost_ratio=0.4)
+    # A tenant's own target beats a service-wide threshold; a tenant threshold beats both.
+    settings = load_settings(
+        classifier={"routing_threshold": 0.2},
+        tenants=[
+            {"name": "a", "api_key_sha256": [hash_api_key("ka")], "target_quality": 0.9},
+            {"name": "b", "api_key_sha256": [hash_api_key("kb")], "routing_threshold": 0.3},
+            {"name": "c", "api_key_sha256": [hash_api_key("kc")]},
+        ],
+    )
+    auth = build_tenants(settings)
+    a, b, c = (auth.authenticate(key) for key in ("ka", "kb", "kc"))
+    assert (a.routing_threshold, a.operating_point) == (None, OperatingPoint(quality=0.9))
+    assert (b.routing_threshold, b.operating_point) == (0.3, None)
+    assert (c.routing_threshold, c.operating_point) == (0.2, None)
 
 
 def test_environment_overrides_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -82,3 +114,41 @@ def test_the_store_defaults_to_the_embedded_one_and_redis_is_chosen_by_settings(
     assert isinstance(parts.store, RedisEntryStore) and isinstance(parts.storage, RedisStorage)
     with pytest.raises(ConfigError, match=r"store\.backend"):
         load_settings(store={"backend": "memcached"})
+
+
+FAILOVER_EXAMPLE = EXAMPLE.parent / "failover.toml"
+
+
+def test_failover_example_builds_chains_and_tenant_validators(tmp_path: Path) -> None:
+    settings = load_settings(FAILOVER_EXAMPLE)
+    assert [n for n, _ in settings.upstream.chain("cheap")] == ["cheap", "cheap-backup"]
+    assert [n for n, _ in settings.upstream.chain("strong")] == ["strong", "strong-backup"]
+    assert [v.kind for v in settings.validators] == ["length", "json_schema", "pii"]
+    acme = settings.tenants[0]
+    assert acme.validators is not None
+    assert [(v.kind, v.on_fail) for v in acme.validators] == [
+        ("refusal", "retry"),
+        ("regex", "block"),
+    ]
+
+
+def test_provider_keys_come_from_env_or_secret_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = load_settings(FAILOVER_EXAMPLE)
+    strong = settings.upstream.strong
+    with pytest.raises(ConfigError, match="ROUTECACHE_EXAMPLE_STRONG_KEY is not set"):
+        strong.resolve_api_key()
+    monkeypatch.setenv("ROUTECACHE_EXAMPLE_STRONG_KEY", "sk-env")
+    assert strong.resolve_api_key() == "sk-env"
+    backup = settings.upstream.providers["strong-backup"]
+    with pytest.raises(ConfigError, match="cannot read api_key_file"):
+        backup.resolve_api_key()
+    secret = tmp_path / "key"
+    secret.write_text("sk-file\n")
+    assert backup.model_copy(update={"api_key_file": secret}).resolve_api_key() == "sk-file"
+
+
+def test_fallback_to_an_undefined_provider_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"unknown provider.*nowhere"):
+        load_settings(upstream={"cheap_fallbacks": ["nowhere"]})

@@ -24,7 +24,9 @@ async def test_a_restarted_process_keeps_its_cache(tmp_path: Path) -> None:
     assert path.is_file() and not path.with_name(path.name + ".tmp").exists()
 
     second = make_harness(store={"snapshot_path": path})
-    second.clock.now = first.clock.now + 10  # the short-lived entry has expired meanwhile
+    grace = second.service.settings.upstream.stale_grace_seconds
+    # The short-lived entry has expired meanwhile, and its stale grace has passed too.
+    second.clock.now = first.clock.now + 10 + grace
     await second.service.start_storage()
     try:
         near = await second.service.pipeline.complete(ask("how do I reset my password"), ACME)
@@ -42,3 +44,26 @@ async def test_no_snapshot_file_means_an_empty_start(tmp_path: Path) -> None:
     assert await harness.service.pipeline.cache.entry_count("acme") == 0
     await harness.service.aclose()
     assert (tmp_path / "absent.jsonl").is_file()
+
+
+async def test_an_expired_entry_within_the_stale_grace_is_restored_for_stale_answers_only(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "snapshot.jsonl"
+    first = make_harness(store={"snapshot_path": path})
+    await first.service.start_storage()
+    short = await first.service.pipeline.complete(ask("a short lived answer", ttl=5), ACME)
+    await first.service.aclose()
+
+    second = make_harness(store={"snapshot_path": path})
+    second.clock.now = first.clock.now + 10  # expired, but well within the stale grace
+    await second.service.start_storage()
+    try:
+        cache = second.service.pipeline.cache
+        restored = await cache.get("acme", short.cache.entry_id)
+        assert restored is not None
+        assert await cache.lookup_exact(restored.scope, restored.prompt) is None
+        stale = await cache.lookup_stale(restored.scope, restored.prompt, None, 0.9)
+        assert stale is not None and stale.entry.entry_id == short.cache.entry_id
+    finally:
+        await second.service.aclose()

@@ -8,7 +8,7 @@ from routecache.domain import (
     ResponseFormatType,
     Role,
 )
-from routecache.router.validators import JsonSchemaValidator, MaxLengthValidator
+from routecache.router.validators import JsonSchemaValidator, LengthValidator
 
 SCHEMA = json.dumps(
     {"type": "object", "required": ["answer"], "properties": {"answer": {"type": "string"}}}
@@ -21,7 +21,7 @@ def request(kind: ResponseFormatType = ResponseFormatType.TEXT, schema: str = ""
 
 
 def test_max_length() -> None:
-    validator = MaxLengthValidator(10)
+    validator = LengthValidator(1, 10)
     assert validator.check("short", request()).passed
     result = validator.check("x" * 11, request())
     assert not result.passed and "11 characters" in result.message

@@ -14,12 +14,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
 
 from routecache.domain import GenerationParams, Message, ResponseFormat, ResponseFormatType
 from routecache.errors import UpstreamError
 from routecache.router.ports import UpstreamReply
-from routecache.router.settings import ProviderSettings
+from routecache.router.settings import ProviderSettings, RetrySettings
 
 CHAT_PATH = "chat/completions"
 USER_AGENT = "routecache/0.1"
@@ -94,6 +99,8 @@ class OpenAIChatClient:
         headers: Mapping[str, str] | None = None,
         max_attempts: int = 2,
         backoff_seconds: tuple[float, float] = (0.05, 0.2),
+        connect_timeout_seconds: float | None = None,
+        read_timeout_seconds: float | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -108,21 +115,34 @@ class OpenAIChatClient:
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/") + "/",
             headers=all_headers,
-            timeout=httpx.Timeout(timeout_seconds),
+            timeout=httpx.Timeout(
+                timeout_seconds,
+                connect=min(connect_timeout_seconds or timeout_seconds, timeout_seconds),
+                read=min(read_timeout_seconds or timeout_seconds, timeout_seconds),
+            ),
             transport=transport,
         )
 
     @classmethod
     def from_settings(
-        cls, settings: ProviderSettings, *, transport: httpx.AsyncBaseTransport | None = None
+        cls,
+        settings: ProviderSettings,
+        *,
+        retry: RetrySettings | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> OpenAIChatClient:
-        api_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+        """Raises ConfigError when the provider's key cannot be read."""
+        retry = retry or RetrySettings()
         return cls(
             settings.base_url,
             settings.model,
-            api_key,
+            settings.resolve_api_key(),
             settings.timeout_seconds,
             transport=transport,
+            max_attempts=retry.max_attempts,
+            backoff_seconds=(retry.backoff_initial_seconds, retry.backoff_max_seconds),
+            connect_timeout_seconds=settings.connect_timeout_seconds,
+            read_timeout_seconds=settings.read_timeout_seconds,
         )
 
     @property
@@ -135,7 +155,10 @@ class OpenAIChatClient:
     def _retrying(self) -> AsyncRetrying:
         return AsyncRetrying(
             stop=stop_after_attempt(self._max_attempts),
-            wait=wait_random(*self._backoff),
+            # Jitter on an exponential base: retries of many callers do not line up.
+            wait=wait_exponential_jitter(
+                multiplier=self._backoff[0], max=self._backoff[1], jitter=self._backoff[0]
+            ),
             retry=retry_if_exception(_is_retryable),
             reraise=True,
         )

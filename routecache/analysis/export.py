@@ -1,0 +1,66 @@
+"""`routecache export-events`: the JSONL event log → one flat parquet table for analysis."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """`--since`: a duration back from now (90m, 24h, 7d), an ISO date or time, or epoch seconds."""
+    text = text.strip()
+    if match := _RELATIVE.match(text):
+        amount, unit = match.groups()
+        return (time.time() if now is None else now) - float(amount) * _UNIT_SECONDS[unit]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as error:
+        raise ValueError(
+            f"--since {text!r}: use a duration (90m, 24h, 7d), an ISO date/time or epoch seconds"
+        ) from error
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def read_events(path: Path, since: float | None = None) -> Iterator[dict[str, Any]]:
+    """The events of a JSONL log at or after `since`; a torn last line (a crash) is skipped."""
+    with path.open(encoding="utf-8") as lines:
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(event, dict) and (since is None or event.get("ts", 0) >= since):
+                yield event
+
+
+def events_frame(events: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per event; nested fields flattened (latency.embed_ms → latency_embed_ms)."""
+    frame = pd.json_normalize(events, sep="_") if events else pd.DataFrame({"kind": [], "ts": []})
+    # Lists (failed validators) do not fit a flat table; parquet keeps them as JSON text.
+    for column in frame.columns:
+        if frame[column].map(lambda v: isinstance(v, list)).any():
+            frame[column] = frame[column].map(lambda v: json.dumps(v) if isinstance(v, list) else v)
+    frame["time"] = pd.to_datetime(frame["ts"], unit="s", utc=True)
+    return frame.sort_values("ts", kind="stable").reset_index(drop=True)
+
+
+def export_events(source: Path, out: Path, since: float | None = None) -> int:
+    """Write the events of `source` (at or after `since`) to `out` as parquet; returns the count."""
+    frame = events_frame(list(read_events(source, since)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(out, index=False)
+    return len(frame)

@@ -1,0 +1,101 @@
+"""From what an operator asks for (a strong-call share, a quality, a cost ceiling) to a threshold.
+
+Training scores a held-out slice of labelled prompts and records, for strong fractions
+0, 1, ..., 100 %, the threshold that sends that share strong and what it bought there: PGR
+(fraction of the strong model's accuracy gap recovered), accuracy and cost relative to sending
+everything strong. That curve travels in the artifact's metadata, so each model version maps an
+operating point to its own threshold, and what the operator sets is what held-out data got.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from routecache.classifier import metrics
+from routecache.domain import OperatingPoint
+
+GRID_STEPS = 100
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    threshold: float  # score >= threshold goes strong
+    strong_fraction: float
+    pgr: float
+    accuracy: float
+    cost_vs_all_strong: float
+
+
+class OperatingCurve:
+    def __init__(self, points: Sequence[CurvePoint]) -> None:
+        if not points:
+            raise ValueError("an operating curve needs at least one point")
+        self.points = sorted(points, key=lambda p: p.strong_fraction)
+
+    def threshold_for(self, point: OperatingPoint) -> float:
+        """The threshold meeting the operating point on the held-out data it was fitted on."""
+        if point.strong_fraction is not None:
+            target = point.strong_fraction
+            return min(self.points, key=lambda p: abs(p.strong_fraction - target)).threshold
+        if point.quality is not None:
+            quality = point.quality
+            enough = [p for p in self.points if p.pgr >= quality]
+            return (enough[0] if enough else self.points[-1]).threshold
+        if point.cost_ratio is not None:
+            ceiling = point.cost_ratio
+            affordable = [p for p in self.points if p.cost_vs_all_strong <= ceiling]
+            return (affordable[-1] if affordable else self.points[0]).threshold
+        raise ValueError("the operating point sets no target")
+
+    def to_json(self) -> list[dict[str, float]]:
+        return [asdict(p) for p in self.points]
+
+    @classmethod
+    def from_json(cls, records: Sequence[Mapping[str, Any]]) -> OperatingCurve:
+        return cls([CurvePoint(**{k: float(v) for k, v in r.items()}) for r in records])
+
+
+def fit_curve(
+    scores: npt.ArrayLike,
+    weak_correct: npt.ArrayLike,
+    strong_correct: npt.ArrayLike,
+    cost: Callable[[npt.NDArray[np.bool_]], float],
+) -> OperatingCurve:
+    """The curve of held-out `scores`; `cost(to_strong)` is the spend of one routing decision."""
+    s = np.asarray(scores, dtype=np.float64)
+    w = np.asarray(weak_correct, dtype=np.float64)
+    g = np.asarray(strong_correct, dtype=np.float64)
+    fractions, pgr = metrics.pgr_curve(s, w, g)
+    _, accuracy = metrics.accuracy_curve(s, w, g)
+    ranked = np.sort(s)[::-1]
+    n = len(s)
+    all_strong = cost(np.ones(n, dtype=bool))
+    points = []
+    for k in sorted({round(i * n / GRID_STEPS) for i in range(GRID_STEPS + 1)}):
+        threshold = _threshold_sending(ranked, k)
+        to_strong = s >= threshold
+        points.append(
+            CurvePoint(
+                threshold=threshold,
+                strong_fraction=float(fractions[k]),
+                pgr=float(pgr[k]),
+                accuracy=float(accuracy[k]),
+                cost_vs_all_strong=cost(to_strong) / all_strong if all_strong else 1.0,
+            )
+        )
+    return OperatingCurve(points)
+
+
+def _threshold_sending(ranked: npt.NDArray[np.float64], k: int) -> float:
+    """A threshold above which exactly the k highest of `ranked` (descending) lie, ties aside."""
+    # Routing scores lie in [-1, 1]: above 1 nothing goes strong, at -1 everything does.
+    if k == 0:
+        return float(np.nextafter(max(float(ranked[0]), 1.0), np.inf))
+    if k == len(ranked):
+        return -1.0
+    return float((ranked[k - 1] + ranked[k]) / 2)

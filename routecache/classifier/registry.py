@@ -1,0 +1,132 @@
+"""A folder of classifier versions with a CURRENT pointer: add, promote, roll back, resolve.
+
+Layout of the registry folder (settings: classifier.registry_dir):
+
+    versions/VERSION/difficulty.skops + difficulty.json   every version ever added, kept
+    CURRENT                                               one line: the version in service
+    history.jsonl                                         one JSON object per pointer change
+
+CURRENT is replaced atomically (write + rename), so a service watching it reads either the old
+or the new version, never half a name. Rolling back moves CURRENT to the version promoted before
+the current one; it copies nothing, so it takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from routecache.classifier.model import DEFAULT_ARTIFACT_NAME
+
+POINTER = "CURRENT"
+HISTORY = "history.jsonl"
+VERSIONS = "versions"
+
+
+class RegistryError(Exception):
+    """The registry has no such version, nothing to roll back to, or a damaged pointer."""
+
+
+@dataclass(frozen=True)
+class PointerChange:
+    action: str  # "promote" or "rollback"
+    version: str
+    previous: str | None
+    ts: float
+
+
+class ModelRegistry:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def artifact_path(self, version: str) -> Path:
+        return self.root / VERSIONS / version / f"{DEFAULT_ARTIFACT_NAME}.skops"
+
+    def versions(self) -> list[str]:
+        folder = self.root / VERSIONS
+        if not folder.is_dir():
+            return []
+        return sorted(
+            p.name for p in folder.iterdir() if (p / f"{DEFAULT_ARTIFACT_NAME}.skops").is_file()
+        )
+
+    def current_version(self) -> str | None:
+        try:
+            name = (self.root / POINTER).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        return name or None
+
+    def current_artifact(self) -> Path | None:
+        version = self.current_version()
+        return None if version is None else self.artifact_path(version)
+
+    def add(self, artifact: Path, version: str) -> Path:
+        """Copy an artifact pair (NAME.skops + NAME.json) in as `version`; returns its .skops."""
+        if not version or "/" in version or version.startswith("."):
+            raise RegistryError(f"not a usable version name: {version!r}")
+        source = Path(artifact)
+        base = source.with_suffix("") if source.suffix in (".skops", ".json") else source
+        target = self.artifact_path(version)
+        if target.exists():
+            raise RegistryError(f"version {version} is already in {self.root}")
+        staging = target.parent.with_name(target.parent.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for suffix in (".skops", ".json"):
+            shutil.copyfile(
+                base.with_name(base.name + suffix), staging / f"{DEFAULT_ARTIFACT_NAME}{suffix}"
+            )
+        # A version folder appears whole or not at all.
+        os.replace(staging, target.parent)
+        return target
+
+    def promote(self, version: str) -> None:
+        self._point_to(version, "promote")
+
+    def rollback(self, to: str | None = None) -> str:
+        """Point CURRENT at `to`, or at the version promoted before the current one."""
+        target = to if to is not None else self._previous_promotion()
+        self._point_to(target, "rollback")
+        return target
+
+    def history(self) -> list[PointerChange]:
+        path = self.root / HISTORY
+        if not path.is_file():
+            return []
+        changes = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                record: dict[str, Any] = json.loads(line)
+                changes.append(PointerChange(**record))
+        return changes
+
+    def _previous_promotion(self) -> str:
+        current = self.current_version()
+        promoted = [c.version for c in self.history() if c.action == "promote"]
+        if current not in promoted:
+            raise RegistryError(f"version in service {current!r} was never promoted here")
+        index = len(promoted) - 1 - promoted[::-1].index(current)
+        earlier = [v for v in promoted[:index] if v != current]
+        if not earlier:
+            raise RegistryError(
+                f"nothing was promoted before {current}: no version to roll back to"
+            )
+        return earlier[-1]
+
+    def _point_to(self, version: str, action: str) -> None:
+        if not self.artifact_path(version).is_file():
+            raise RegistryError(f"no version {version!r} in {self.root}")
+        previous = self.current_version()
+        self.root.mkdir(parents=True, exist_ok=True)
+        partial = self.root / (POINTER + ".partial")
+        partial.write_text(version + "\n", encoding="utf-8")
+        os.replace(partial, self.root / POINTER)
+        change = PointerChange(action, version, previous, time.time())
+        with (self.root / HISTORY).open("a", encoding="utf-8") as log:
+            log.write(json.dumps(vars(change)) + "\n")

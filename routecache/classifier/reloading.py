@@ -1,0 +1,100 @@
+"""Hot reload: the classifier in service follows the registry's CURRENT pointer.
+
+`refresh()` reads the pointer (a few bytes); when it names another version, the artifact is
+loaded in a worker thread, off the event loop, and then swapped in by one reference
+assignment on the loop. A request scores with whichever model was active when its (synchronous)
+routing step ran, so no request sees half a swap. A version that fails to load is logged and
+skipped; the model in service stays, and a later pointer change is tried again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from routecache.classifier.ports import Assessment, DifficultyClassifier
+from routecache.classifier.registry import ModelRegistry
+from routecache.domain import OperatingPoint
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[Path], DifficultyClassifier]
+
+
+class ReloadingClassifier:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        load: Loader,
+        initial: DifficultyClassifier,
+        initial_entry: str | None = None,
+    ) -> None:
+        self._registry = registry
+        self._load = load
+        self._active = initial
+        # The registry entry in service: a registry name need not equal the model's own version.
+        self._entry = initial_entry
+        self._failed_version: str | None = None
+        self.swaps = 0
+
+    @classmethod
+    def from_registry(
+        cls, registry: ModelRegistry, load: Loader, fallback: Path
+    ) -> ReloadingClassifier:
+        """Start on the registry's current version, or on `fallback` if none is promoted yet."""
+        entry = registry.current_version()
+        if entry is None:
+            return cls(registry, load, load(fallback))
+        return cls(registry, load, load(registry.artifact_path(entry)), entry)
+
+    @property
+    def active(self) -> DifficultyClassifier:
+        return self._active
+
+    @property
+    def version(self) -> str:
+        return self._active.version
+
+    @property
+    def default_threshold(self) -> float:
+        return self._active.default_threshold
+
+    def threshold_for(self, point: OperatingPoint) -> float:
+        return self._active.threshold_for(point)
+
+    def failure_probability(self, embedding: npt.NDArray[np.float32], text: str) -> float:
+        return self._active.failure_probability(embedding, text)
+
+    def assess(self, embedding: npt.NDArray[np.float32], text: str) -> Assessment:
+        return self._active.assess(embedding, text)
+
+    async def refresh(self) -> bool:
+        """Swap in the registry's current version if it changed; True if a swap happened."""
+        wanted = self._registry.current_version()
+        if wanted is None or wanted == self._entry or wanted == self._failed_version:
+            return False
+        path = self._registry.artifact_path(wanted)
+        try:
+            loaded = await asyncio.to_thread(self._load, path)
+        except Exception:  # any broken artifact: keep serving with the model we have
+            log.exception("classifier %s could not be loaded; keeping %s", wanted, self.version)
+            self._failed_version = wanted
+            return False
+        previous, self._active, self._entry = self._active.version, loaded, wanted
+        self._failed_version = None
+        self.swaps += 1
+        log.info("classifier swapped: %s -> %s", previous, loaded.version)
+        return True
+
+    async def watch(self, interval_seconds: float) -> None:
+        """Poll the pointer until cancelled."""
+        while True:
+            await asyncio.sleep(interval_seconds)
+            with contextlib.suppress(OSError):  # a registry on a flaky mount: try next tick
+                await self.refresh()

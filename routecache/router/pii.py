@@ -1,0 +1,134 @@
+"""PII in answers: emails, phone numbers, card numbers (Luhn-checked), IBANs (mod-97), US SSNs.
+
+Detection is pattern-based with checksums where the format has one, so long arithmetic results
+do not pass for card numbers; redaction replaces each finding by a typed placeholder.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from routecache.domain import ChatRequest, ValidatorResult
+
+
+def luhn_valid(digits: str) -> bool:
+    total = 0
+    for position, char in enumerate(reversed(digits)):
+        value = int(char)
+        if position % 2 == 1:
+            value = value * 2 - 9 if value > 4 else value * 2
+        total += value
+    return total % 10 == 0
+
+
+def iban_valid(text: str) -> bool:
+    compact = text.replace(" ", "").upper()
+    rearranged = compact[4:] + compact[:4]
+    number = "".join(str(int(c, 36)) for c in rearranged)
+    return int(number) % 97 == 1
+
+
+def _digits(text: str) -> str:
+    return "".join(c for c in text if c.isdigit())
+
+
+@dataclass(frozen=True)
+class _Detector:
+    kind: str
+    pattern: re.Pattern[str]
+    confirm: Callable[[str], bool]
+
+
+_DETECTORS = {
+    "card": _Detector(
+        "card",
+        re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])"),
+        lambda s: luhn_valid(_digits(s)),
+    ),
+    "iban": _Detector(
+        "iban",
+        re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b"),
+        iban_valid,
+    ),
+    "ssn": _Detector(
+        "ssn",
+        re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])"),
+        lambda s: True,
+    ),
+    "email": _Detector(
+        "email",
+        re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"),
+        lambda s: True,
+    ),
+    "phone": _Detector(
+        "phone",
+        # Needs a separator or a + so that a bare run of digits (a sum, an id) is not a phone.
+        re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}[ .-]\d{2,4}"
+                   r"(?:[ .-]\d{2,4}){0,2}(?![\w-])"),
+        lambda s: 9 <= len(_digits(s)) <= 15 and ("+" in s or "(" in s or len(_digits(s)) >= 10),
+    ),
+}  # fmt: skip
+
+# Checked in this order: a card number must not be half-redacted as a phone number first.
+PII_KINDS = ("card", "iban", "ssn", "email", "phone")
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str
+    start: int
+    end: int
+
+
+def find_pii(text: str, kinds: Iterable[str] = PII_KINDS) -> list[Finding]:
+    wanted = set(kinds)
+    findings: list[Finding] = []
+    taken: list[tuple[int, int]] = []
+    for kind in PII_KINDS:
+        if kind not in wanted:
+            continue
+        detector = _DETECTORS[kind]
+        for match in detector.pattern.finditer(text):
+            span = match.span()
+            overlaps = any(span[0] < end and start < span[1] for start, end in taken)
+            if not overlaps and detector.confirm(match.group()):
+                findings.append(Finding(kind, *span))
+                taken.append(span)
+    return sorted(findings, key=lambda f: f.start)
+
+
+def redact(text: str, findings: Iterable[Finding]) -> str:
+    parts, last = [], 0
+    for finding in sorted(findings, key=lambda f: f.start):
+        parts += [text[last : finding.start], f"[REDACTED {finding.kind.upper()}]"]
+        last = finding.end
+    parts.append(text[last:])
+    return "".join(parts)
+
+
+class PiiValidator:
+    """Fails an answer carrying personal data; `redact` makes a clean copy of it."""
+
+    def __init__(self, kinds: Iterable[str] = PII_KINDS, name: str = "pii") -> None:
+        self.name = name
+        self._kinds = tuple(kinds)
+        if unknown := set(self._kinds) - set(PII_KINDS):
+            raise ValueError(f"unknown PII kind(s): {', '.join(sorted(unknown))}")
+
+    def applies_to(self, request: ChatRequest) -> bool:
+        return True
+
+    def check(self, text: str, request: ChatRequest) -> ValidatorResult:
+        findings = find_pii(text, self._kinds)
+        if not findings:
+            return ValidatorResult(self.name, True)
+        counts: dict[str, int] = {}
+        for finding in findings:
+            counts[finding.kind] = counts.get(finding.kind, 0) + 1
+        what = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+        return ValidatorResult(self.name, False, f"personal data found: {what}")
+
+    def redact(self, text: str) -> str:
+        return redact(text, find_pii(text, self._kinds))

@@ -1,0 +1,106 @@
+"""The telemetry port: what the pipeline reports about each request, and gauges read on scrape.
+
+The Prometheus implementation is in router/metrics.py; bootstrap chooses it, or NullTelemetry
+when metrics are off. Tests use the recording fake in tests/fakes.py.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Protocol
+
+from routecache.domain import CacheOutcome, Completion, Tier
+
+
+class RequestPath(StrEnum):
+    """Where an answer came from; the latency histograms and request counters use it."""
+
+    EXACT_HIT = "exact_hit"
+    SEMANTIC_HIT = "semantic_hit"
+    CHEAP = "cheap"
+    STRONG = "strong"
+    ERROR = "error"
+
+
+def path_of(completion: Completion) -> RequestPath:
+    if completion.cache.outcome is CacheOutcome.EXACT:
+        return RequestPath.EXACT_HIT
+    if completion.cache.outcome is CacheOutcome.SEMANTIC:
+        return RequestPath.SEMANTIC_HIT
+    return RequestPath.STRONG if completion.tier is Tier.STRONG else RequestPath.CHEAP
+
+
+# Breaker states as gauge values, so a panel can show them as a step line.
+BREAKER_CLOSED, BREAKER_HALF_OPEN, BREAKER_OPEN = 0.0, 1.0, 2.0
+
+
+class Telemetry(Protocol):
+    def request_started(self) -> None: ...
+
+    def request_ended(self) -> None:
+        """Called once for every request_started, however the request ended."""
+        ...
+
+    def request_completed(self, tenant: str, completion: Completion, seconds: float) -> None:
+        """An answer was served; its path, tokens, cost, savings and failed checks count."""
+        ...
+
+    def request_failed(self, tenant: str, reason: str, seconds: float,
+                       failed_validators: tuple[str, ...] = ()) -> None:  # fmt: skip
+        """`reason`: the error's kind (snake case of the exception class)."""
+        ...
+
+    def upstream_call(self, model: str, seconds: float, error: str | None) -> None: ...
+
+    def feedback(self, tenant: str, thumbs_up: bool, invalidated: bool) -> None: ...
+
+    def watch_queue(self, name: str, depth: Callable[[], float]) -> None:
+        """Report a queue's depth (read on every scrape)."""
+        ...
+
+    def watch_breaker(self, provider: str, state: Callable[[], float]) -> None:
+        """Report a circuit breaker's state: BREAKER_CLOSED, BREAKER_HALF_OPEN or BREAKER_OPEN."""
+        ...
+
+    def watch_dependency(self, name: str, up: Callable[[], bool]) -> None:
+        """Report whether a dependency (Redis, a model provider) is reachable."""
+        ...
+
+
+class NullTelemetry:
+    """Records nothing: metrics are off."""
+
+    def request_started(self) -> None:
+        pass
+
+    def request_ended(self) -> None:
+        pass
+
+    def request_completed(self, tenant: str, completion: Completion, seconds: float) -> None:
+        pass
+
+    def request_failed(self, tenant: str, reason: str, seconds: float,
+                       failed_validators: tuple[str, ...] = ()) -> None:  # fmt: skip
+        pass
+
+    def upstream_call(self, model: str, seconds: float, error: str | None) -> None:
+        pass
+
+    def feedback(self, tenant: str, thumbs_up: bool, invalidated: bool) -> None:
+        pass
+
+    def watch_queue(self, name: str, depth: Callable[[], float]) -> None:
+        pass
+
+    def watch_breaker(self, provider: str, state: Callable[[], float]) -> None:
+        pass
+
+    def watch_dependency(self, name: str, up: Callable[[], bool]) -> None:
+        pass
+
+
+def error_reason(error: BaseException) -> str:
+    """An error's label: FailedValidation → failed_validation."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(error).__name__).lower()

@@ -1,0 +1,173 @@
+"""The providers of a tier, tried in order under the caller's deadline, each behind a breaker.
+
+A CHEAP request whose providers all fail goes on to the STRONG tier's providers (a fallback
+model costs more but answers); only when every provider failed, was shed by its open breaker,
+or the deadline ran out does the caller get Unavailable, naming what failed where.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from routecache.domain import ChatRequest, Tier
+from routecache.errors import Unavailable, UpstreamError
+from routecache.router.ports import ChatUpstream, Pricing, UpstreamReply
+from routecache.router.upstream.breaker import CircuitBreaker
+
+# Time kept back from the deadline for what follows a failed chain (stale lookup, reply).
+DEFAULT_RESERVE_SECONDS = 0.1
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    upstream: ChatUpstream
+    pricing: Pricing
+    breaker: CircuitBreaker
+
+    @property
+    def model(self) -> str:
+        return self.upstream.model
+
+
+@dataclass(frozen=True)
+class Answered:
+    reply: UpstreamReply
+    provider: Provider
+    tier: Tier
+    failures: tuple[str, ...]  # what failed before this provider answered
+
+
+@dataclass
+class OpenedStream:
+    provider: Provider
+    tier: Tier
+    first: str | None
+    rest: AsyncIterator[str]
+    failures: tuple[str, ...]
+
+
+class AllProvidersFailed(Unavailable):
+    def __init__(self, tier: Tier, failures: Sequence[str]) -> None:
+        super().__init__(f"no provider answered the {tier.value} tier: " + "; ".join(failures))
+        self.failures = tuple(failures)
+
+
+class Failover:
+    def __init__(
+        self,
+        chains: Mapping[Tier, Sequence[Provider]],
+        clock: Callable[[], float] = time.monotonic,
+        reserve_seconds: float = DEFAULT_RESERVE_SECONDS,
+    ) -> None:
+        if missing := [t.value for t in Tier if not chains.get(t)]:
+            raise ValueError(f"no provider for tier(s): {', '.join(missing)}")
+        self._chains = chains
+        self._clock = clock
+        self._reserve = reserve_seconds
+
+    def chain(self, tier: Tier) -> list[tuple[Tier, Provider]]:
+        order = [tier, Tier.STRONG] if tier is Tier.CHEAP else [tier]
+        return [(t, p) for t in order for p in self._chains[t]]
+
+    def providers(self) -> list[Provider]:
+        unique = {p.name: p for chain in self._chains.values() for p in chain}
+        return list(unique.values())
+
+    async def complete(self, request: ChatRequest, tier: Tier, deadline: float) -> Answered:
+        failures: list[str] = []
+        for provider_tier, provider in self.chain(tier):
+            budget = self._budget(provider, deadline, failures)
+            if budget is None:
+                continue
+            try:
+                async with asyncio.timeout(budget):
+                    reply = await provider.upstream.complete(request.messages, request.params)
+            except BaseException as exc:
+                failures.append(_failed(provider, exc, budget))
+                continue
+            provider.breaker.record_success()
+            return Answered(reply, provider, provider_tier, tuple(failures))
+        raise AllProvidersFailed(tier, failures)
+
+    async def open_stream(self, request: ChatRequest, tier: Tier, deadline: float) -> OpenedStream:
+        """The first provider whose stream opens and yields its first delta (or ends cleanly)."""
+        failures: list[str] = []
+        for provider_tier, provider in self.chain(tier):
+            budget = self._budget(provider, deadline, failures)
+            if budget is None:
+                continue
+            deltas = provider.upstream.stream(request.messages, request.params)
+            try:
+                async with asyncio.timeout(budget):
+                    first = await anext(deltas, None)
+            except BaseException as exc:
+                await _close(deltas)
+                failures.append(_failed(provider, exc, budget))
+                continue
+            return OpenedStream(provider, provider_tier, first, deltas, tuple(failures))
+        raise AllProvidersFailed(tier, failures)
+
+    async def deltas(self, opened: OpenedStream, deadline: float) -> AsyncIterator[str]:
+        """The opened stream's deltas; a break ends it with Unavailable (sent text stands)."""
+        provider, sent, settled = opened.provider, 0, False
+        try:
+            if opened.first is not None:
+                sent += len(opened.first)
+                yield opened.first
+            while True:
+                budget = deadline - self._clock()
+                try:
+                    async with asyncio.timeout(max(budget, 0.0)):
+                        delta = await anext(opened.rest, None)
+                except BaseException as exc:
+                    settled = True
+                    what = _failed(provider, exc, budget)
+                    raise Unavailable(f"the stream broke after {sent} characters: {what}") from exc
+                if delta is None:
+                    break
+                sent += len(delta)
+                yield delta
+            settled = True
+            provider.breaker.record_success()
+        finally:
+            if not settled:  # the caller stopped reading: no verdict on the provider
+                provider.breaker.release()
+            await _close(opened.rest)
+
+    def _budget(self, provider: Provider, deadline: float, failures: list[str]) -> float | None:
+        """Seconds this provider may take, or None (the reason appended to failures)."""
+        budget = deadline - self._clock() - self._reserve
+        if budget <= 0:
+            failures.append(f"{provider.name}: not tried, the deadline was reached")
+            return None
+        if not provider.breaker.allow():
+            wait = provider.breaker.seconds_until_probe()
+            failures.append(f"{provider.name}: circuit open, shed (next probe in {wait:.1f}s)")
+            return None
+        return budget
+
+
+def _failed(provider: Provider, exc: BaseException, budget: float) -> str:
+    """Records the failure on the provider's breaker and says what happened."""
+    if isinstance(exc, TimeoutError):
+        provider.breaker.record_failure()
+        return f"{provider.name} ({provider.model}): no answer within {budget:.2f}s (deadline)"
+    if isinstance(exc, UpstreamError):
+        # A request the provider refuses (4xx) says nothing about the provider's health.
+        if exc.retryable:
+            provider.breaker.record_failure()
+        else:
+            provider.breaker.release()
+        return f"{provider.name} ({provider.model}): {exc}"
+    provider.breaker.release()
+    raise exc
+
+
+async def _close(stream: AsyncIterator[str]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()

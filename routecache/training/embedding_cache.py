@@ -1,0 +1,60 @@
+"""Embeddings of training prompts kept between retraining runs.
+
+Embedding ~10k prompts with MiniLM on two shared cores takes minutes; fitting the classifier on
+them takes seconds. Retraining mostly sees the same prompts again plus a few new ones, so their
+vectors are kept in one .npz per embedder, keyed by the SHA-256 of the prompt, and only unseen
+prompts are embedded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+Embed = Callable[[Sequence[str]], npt.NDArray[np.float32]]
+
+
+def prompt_key(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode()).hexdigest()
+
+
+class EmbeddingCache:
+    def __init__(self, path: Path) -> None:
+        self._path = Path(path)
+
+    def embed(
+        self, prompts: Sequence[str], embed: Embed, dimension: int
+    ) -> npt.NDArray[np.float32]:
+        """Vectors of `prompts`, computing with `embed` only those not stored yet."""
+        known = self._load(dimension)
+        keys = [prompt_key(p) for p in prompts]
+        missing = sorted({k: i for i, k in enumerate(keys) if k not in known}.values())
+        if missing:
+            fresh = embed([prompts[i] for i in missing])
+            for i, vector in zip(missing, fresh, strict=True):
+                known[keys[i]] = np.asarray(vector, dtype=np.float32)
+            self._save(known)
+        out = np.zeros((len(prompts), dimension), dtype=np.float32)
+        for row, key in enumerate(keys):
+            out[row] = known[key]
+        return out
+
+    def _load(self, dimension: int) -> dict[str, npt.NDArray[np.float32]]:
+        if not self._path.is_file():
+            return {}
+        with np.load(self._path) as stored:
+            keys, vectors = stored["keys"], stored["vectors"]
+        if vectors.ndim != 2 or vectors.shape[1] != dimension:
+            return {}  # another embedder's vectors: start over rather than mix them
+        return {str(k): v for k, v in zip(keys, vectors, strict=True)}
+
+    def _save(self, known: dict[str, npt.NDArray[np.float32]]) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self._path.with_name(self._path.name + ".partial.npz")
+        np.savez(partial, keys=np.array(list(known)), vectors=np.stack(list(known.values())))
+        os.replace(partial, self._path)

@@ -1,0 +1,99 @@
+"""Labels from what the service logged (router/events.py, JsonlEventLog: one JSON object a line).
+
+The classifier learns "did the cheap model fail on this prompt". An event log yields that label
+in three ways, and only these (silence is not a label):
+
+1. `outcome` events, written by whoever grades answers offline:
+   {"kind": "outcome", "prompt": str, "weak_correct": bool, "strong_correct": bool?}
+   or {"kind": "outcome", "response_id": str, "correct": bool} for a logged response.
+2. A `completion` the cheap model produced (cache_outcome "miss", tier "cheap") that a
+   `feedback` event on its response_id rates: thumbs up = the cheap model was right, thumbs down
+   = it failed.
+3. A `completion` with escalated = true: the cheap answer failed a validator, so the cheap model
+   failed on that prompt whatever the strong model then answered.
+
+A response_id graded as correct (1) or by feedback (2) that the strong model answered says
+nothing about the cheap one and is skipped, as are cache hits. Where several events label the
+same response, the last one wins (a user may change their rating). strong_correct is None
+unless an outcome event states it: such rows train the failure model but are never used to
+measure a router, which needs both labels.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class EventLabel:
+    prompt: str
+    weak_correct: bool
+    strong_correct: bool | None = None
+
+
+def read_events(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    for path in paths:
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{number}: not a JSON event ({exc})") from exc
+                if isinstance(record, dict):
+                    events.append(record)
+    return events
+
+
+def labels_from_events(events: Iterable[dict[str, Any]]) -> list[EventLabel]:
+    """Cheap-model labels by the rules of this module's docstring, in first-seen order."""
+    completions: dict[str, dict[str, Any]] = {}
+    by_response: dict[str, EventLabel] = {}
+    direct: list[EventLabel] = []
+    for event in events:
+        kind = event.get("kind")
+        response_id = str(event.get("response_id", ""))
+        if kind == "completion" and response_id:
+            completions[response_id] = event
+            if event.get("escalated") and event.get("cache_outcome") == "miss":
+                by_response[response_id] = EventLabel(str(event["prompt"]), weak_correct=False)
+        elif kind == "feedback" and response_id in completions:
+            label = _cheap_label(completions[response_id], bool(event.get("thumbs_up")))
+            if label is not None:
+                by_response[response_id] = label
+        elif kind == "outcome":
+            label = _outcome_label(event, completions)
+            if label is not None and "prompt" in event:
+                direct.append(label)
+            elif label is not None:
+                by_response[response_id] = label
+    return direct + list(by_response.values())
+
+
+def _cheap_label(completion: dict[str, Any], correct: bool) -> EventLabel | None:
+    answered_by_cheap = completion.get("tier") == "cheap" and not completion.get("escalated")
+    if completion.get("cache_outcome") != "miss" or not answered_by_cheap:
+        return None
+    return EventLabel(str(completion["prompt"]), weak_correct=correct)
+
+
+def _outcome_label(
+    event: dict[str, Any], completions: dict[str, dict[str, Any]]
+) -> EventLabel | None:
+    if "prompt" in event and "weak_correct" in event:
+        strong = event.get("strong_correct")
+        return EventLabel(
+            str(event["prompt"]),
+            bool(event["weak_correct"]),
+            None if strong is None else bool(strong),
+        )
+    completion = completions.get(str(event.get("response_id", "")))
+    if completion is None or "correct" not in event:
+        return None
+    return _cheap_label(completion, bool(event["correct"]))

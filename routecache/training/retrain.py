@@ -1,0 +1,179 @@
+"""Offline retraining: labelled files + logged events -> candidate -> promote only if not worse.
+
+    routecache retrain --data routing_train.jsonl [--events events.jsonl ...] --registry DIR
+
+1. Reads the labelled routing files and the service's event logs (labels from events:
+   training/outcomes.py). A hash of the prompt holds out a slice of the labelled rows; event
+   labels never enter it, and an event whose prompt is held out is dropped, so the holdout stays
+   clean and is the same for every run with the same data and seed.
+2. Embeds every prompt, reusing DIR/embeddings/EMBEDDER.npz for prompts seen before.
+3. Fits a candidate on the rest and scores the holdout with it and with the model in service
+   (the registry's CURRENT version, else the packaged model), both through the service's code.
+4. Adds the candidate to the registry, and points CURRENT at it only if its holdout APGR is
+   not below the incumbent's (minus --tolerance). Earlier versions stay for rollback
+   (`routecache rollback-classifier --registry DIR`). Services hot-reload CURRENT.
+
+An incumbent trained with this holdout in its training data looks better than it is here, which
+only makes promotion more conservative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from routecache.classifier import metrics
+from routecache.classifier.model import (
+    ClassifierArtifactError,
+    SklearnDifficultyClassifier,
+    load_artifact,
+    packaged_artifact_path,
+    save_artifact,
+)
+from routecache.classifier.registry import ModelRegistry
+from routecache.training.outcomes import EventLabel, labels_from_events, read_events
+from routecache.training.routing_data import RoutingRow, holdout_mask, read_routing_rows
+from routecache.training.train_classifier import (
+    DEFAULT_C,
+    LabelledSet,
+    describe,
+    embed_prompts,
+    make_embedder,
+    score_rows,
+    train_candidate,
+)
+
+
+def event_set(labels: Sequence[EventLabel], embeddings: np.ndarray[Any, Any]) -> LabelledSet:
+    return LabelledSet(
+        [label.prompt for label in labels],
+        embeddings,
+        np.array([not label.weak_correct for label in labels], dtype=np.float64),
+        np.array(
+            [np.nan if label.strong_correct is None else float(not label.strong_correct)
+             for label in labels],
+            dtype=np.float64,
+        ),
+    )  # fmt: skip
+
+
+def incumbent_apgr(
+    registry: ModelRegistry,
+    rows: Sequence[RoutingRow],
+    embeddings: np.ndarray[Any, Any],
+    embedder_name: str,
+) -> tuple[str | None, float | None]:
+    """(version, holdout APGR) of the model in service; None where none is comparable."""
+    path = registry.current_artifact() or packaged_artifact_path()
+    try:
+        incumbent: SklearnDifficultyClassifier = load_artifact(path)
+    except ClassifierArtifactError as error:
+        print(
+            f"the model in service cannot be loaded ({error}); comparing with none", file=sys.stderr
+        )
+        return None, None
+    if incumbent.metadata.get("embedder") != embedder_name:
+        return incumbent.version, None  # another embedder: its scores mean nothing here
+    scores, _ = score_rows(incumbent, embeddings, rows)
+    weak = np.array([r.weak_correct for r in rows])
+    strong = np.array([r.strong_correct for r in rows])
+    return incumbent.version, metrics.apgr(scores, weak, strong)
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    registry = ModelRegistry(Path(args.registry))
+    data_paths = [Path(p) for p in args.data]
+    event_paths = [Path(p) for p in args.events or []]
+    rows = read_routing_rows(data_paths)
+    held = holdout_mask([r.prompt for r in rows], args.holdout_fraction, args.seed)
+    held_rows = [r for r, h in zip(rows, held, strict=True) if h]
+    train_rows = [r for r, h in zip(rows, held, strict=True) if not h]
+    held_prompts = {r.prompt for r in held_rows}
+    labels = [
+        e for e in labels_from_events(read_events(event_paths)) if e.prompt not in held_prompts
+    ]
+
+    embedder = make_embedder(args.embedder, args.hash_dimension)
+    cache = registry.root / "embeddings" / f"{embedder.name.replace('/', '_')}.npz"
+    texts = [r.prompt for r in rows] + [e.prompt for e in labels]
+    embeddings = embed_prompts(embedder, texts, cache)
+    embed_seconds = time.perf_counter() - started
+    labelled, from_events = embeddings[: len(rows)], embeddings[len(rows) :]
+
+    train = LabelledSet.from_rows(train_rows, labelled[~held])
+    if labels:
+        train = train + event_set(labels, from_events)
+    try:
+        candidate = train_candidate(train, held_rows, labelled[held], args.c, args.seed)
+    except ValueError as error:
+        print(f"cannot train: {error}", file=sys.stderr)
+        return 2
+    metadata = describe(candidate, "difficulty", [*data_paths, *event_paths], embedder, args)
+    metadata["n_event_labels"] = len(labels)
+    version = str(metadata["version"])
+    with tempfile.TemporaryDirectory() as staging:
+        model_path, _ = save_artifact(candidate.model, metadata, Path(staging), "candidate")
+        registry.add(model_path, version)
+
+    current_version, current_apgr = incumbent_apgr(
+        registry, held_rows, labelled[held], embedder.name
+    )
+    candidate_apgr = float(candidate.metadata["holdout"]["apgr"])  # type: ignore[index]
+    promote = current_apgr is None or candidate_apgr >= current_apgr - args.tolerance
+    if promote:
+        registry.promote(version)
+    summary = {
+        "candidate": version,
+        "candidate_apgr": candidate_apgr,
+        "incumbent": current_version,
+        "incumbent_apgr": current_apgr,
+        "promoted": promote,
+        "current": registry.current_version(),
+        "n_train": len(train.texts),
+        "n_event_labels": len(labels),
+        "n_holdout": len(held_rows),
+        "embed_seconds": round(embed_seconds, 2),
+        "total_seconds": round(time.perf_counter() - started, 2),
+    }
+    print(json.dumps(summary))
+    return 0 if promote else 3
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", action="append", required=True, metavar="FILE.jsonl", help="labelled routing data"
+    )
+    parser.add_argument(
+        "--events", action="append", metavar="EVENTS.jsonl", help="the service's event log(s)"
+    )
+    parser.add_argument("--registry", required=True, help="model registry folder")
+    parser.add_argument("--holdout-fraction", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=0, help="salts the holdout hash")
+    parser.add_argument("--c", type=float, default=DEFAULT_C)
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.0,
+        help="promote if candidate APGR >= incumbent APGR - tolerance",
+    )
+    parser.add_argument("--embedder", choices=["minilm", "hash"], default="minilm")
+    parser.add_argument("--hash-dimension", type=int, default=64)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="routecache retrain", description=__doc__)
+    add_cli_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""The routing data format (shared/data/README.md), its holdout split and list-price costs.
+
+Cost uses list prices (USD per million tokens, input/output): Mixtral-8x7B-Instruct 0.60/0.60,
+GPT-4-1106-preview 10/30, with tokens = len(text) / 4. Output tokens: the recorded response of
+the model the row is routed to where the row has one (GSM8K); otherwise (MMLU) 1 token, the
+answer letter, assuming the prompt's "Answer:" suffix makes both models reply with a letter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+
+@dataclass(frozen=True)
+class RoutingRow:
+    prompt: str
+    source: str
+    weak_correct: bool
+    strong_correct: bool
+    weak_response: str | None = None
+    strong_response: str | None = None
+
+
+def read_routing_rows(paths: Sequence[Path]) -> list[RoutingRow]:
+    """Rows of the routing JSONL format (shared/data/README.md); `subject` is not kept."""
+    rows: list[RoutingRow] = []
+    for path in paths:
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    rows.append(
+                        RoutingRow(
+                            prompt=str(record["prompt"]),
+                            source=str(record.get("source", "")),
+                            weak_correct=bool(record["weak_correct"]),
+                            strong_correct=bool(record["strong_correct"]),
+                            weak_response=record.get("weak_response"),
+                            strong_response=record.get("strong_response"),
+                        )
+                    )
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise ValueError(f"{path}:{number}: not a routing row ({exc})") from exc
+    if not rows:
+        raise ValueError(f"no routing rows in {[str(p) for p in paths]}")
+    return rows
+
+
+def files_sha256(paths: Sequence[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def holdout_mask(prompts: Sequence[str], fraction: float, seed: int) -> npt.NDArray[np.bool_]:
+    """True for held-out prompts: a hash of seed and prompt, so duplicates stay together."""
+    limit = fraction * 2**64
+    return np.array(
+        [
+            int.from_bytes(hashlib.sha256(f"{seed}:{p}".encode()).digest()[:8], "big") < limit
+            for p in prompts
+        ],
+        dtype=bool,
+    )
+
+
+# (input, output) USD per million tokens.
+CHEAP_PRICE = (0.60, 0.60)
+STRONG_PRICE = (10.0, 30.0)
+CHARS_PER_TOKEN = 4.0
+ANSWER_ONLY_OUTPUT_TOKENS = 1.0
+
+
+def request_cost(row: RoutingRow, strong: bool) -> float:
+    """Estimated USD of answering one row with the strong or the cheap model."""
+    response = row.strong_response if strong else row.weak_response
+    input_tokens = len(row.prompt) / CHARS_PER_TOKEN
+    output_tokens = (
+        len(response) / CHARS_PER_TOKEN if response is not None else ANSWER_ONLY_OUTPUT_TOKENS
+    )
+    price_in, price_out = STRONG_PRICE if strong else CHEAP_PRICE
+    return (input_tokens * price_in + output_tokens * price_out) / 1e6

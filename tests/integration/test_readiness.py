@@ -1,0 +1,116 @@
+"""Readiness over real gRPC: the server answers health checks NOT_SERVING (and calls with
+UNAVAILABLE) while the models load, then SERVING for the service and each dependency."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Sequence
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from routecache.cache.embedder import HashEmbedder
+from routecache.classifier.model import FixedScoreClassifier
+from routecache.client import RouteCacheClient, chat_request
+from routecache.domain import Tier
+from routecache.router.bootstrap import Overrides, start_service
+from routecache.router.server import DEPENDENCIES, SERVICE_NAME, start_server
+from routecache.router.servicer import RouteCacheServicer
+from tests.fakes import FakeUpstream
+from tests.unit.conftest import KEYS, unit_settings
+
+pytestmark = pytest.mark.integration
+
+
+class GatedEmbedder(HashEmbedder):
+    """Holds every encode until the gate opens: a model that is still loading."""
+
+    def __init__(self, gate: threading.Event) -> None:
+        super().__init__()
+        self._gate = gate
+
+    def encode(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        self._gate.wait(timeout=30)
+        return super().encode(texts)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def health_when_listening(client: RouteCacheClient, service: str = "") -> str:
+    for _ in range(200):
+        try:
+            return await client.health(service)
+        except grpc.aio.AioRpcError:
+            await asyncio.sleep(0.05)
+    raise TimeoutError("the server never answered health checks")
+
+
+async def test_not_serving_until_models_are_loaded() -> None:
+    gate = threading.Event()
+    port = free_port()
+    base = unit_settings()
+    settings = base.model_copy(update={"server": base.server.model_copy(update={"port": port})})
+    overrides = Overrides(
+        embedder=GatedEmbedder(gate),
+        classifier=FixedScoreClassifier(0.2),
+        upstreams={Tier.CHEAP: FakeUpstream("cheap"), Tier.STRONG: FakeUpstream("strong")},
+    )
+    starting = asyncio.create_task(start_service(settings, overrides))
+    async with RouteCacheClient(f"127.0.0.1:{port}", KEYS["acme"]) as client:
+        assert await health_when_listening(client) == "NOT_SERVING"
+        assert await client.health(SERVICE_NAME) == "NOT_SERVING"
+        assert await client.health("routecache.embedder") == "NOT_SERVING"
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.complete(chat_request("too early"))
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "starting" in (refused.value.details() or "")
+        gate.set()
+        service = await starting
+        try:
+            assert await client.health() == "SERVING"
+            for dependency in DEPENDENCIES:
+                assert await client.health(dependency) == "SERVING"
+            answer = await client.complete(chat_request("now it works"))
+            assert answer.text == "answer to now it works"
+        finally:
+            await service.aclose()
+
+
+async def test_a_taken_metrics_port_stops_the_start_and_frees_the_grpc_port() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        base = unit_settings()
+        grpc_port = free_port()
+        settings = base.model_copy(update={
+            "server": base.server.model_copy(update={"port": grpc_port}),
+            "metrics": base.metrics.model_copy(update={"port": taken.getsockname()[1]}),
+        })  # fmt: skip
+        overrides = Overrides(
+            embedder=HashEmbedder(),
+            classifier=FixedScoreClassifier(0.2),
+            upstreams={Tier.CHEAP: FakeUpstream("cheap"), Tier.STRONG: FakeUpstream("strong")},
+        )
+        with pytest.raises(OSError):
+            await start_service(settings, overrides)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", grpc_port))  # the failed start released it
+
+
+async def test_a_second_server_on_the_same_port_fails_to_start() -> None:
+    first = await start_server(RouteCacheServicer(None), unit_settings().server.model_copy(
+        update={"port": 0}))  # fmt: skip
+    try:
+        taken = unit_settings().server.model_copy(update={"port": first.port})
+        with pytest.raises(OSError, match="could not bind"):
+            await start_server(RouteCacheServicer(None), taken)
+    finally:
+        await first.stop()

@@ -1,0 +1,81 @@
+"""The event export (JSONL → parquet) and the structured logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from routecache.analysis.export import export_events, parse_since, read_events
+from routecache.router.events import JsonlEventLog
+from routecache.router.logs import REQUEST_ID, JsonFormatter, RequestIdFilter, new_request_id
+from routecache.router.settings import ConfigError, load_settings
+
+NOW = 1_700_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("90m", NOW - 5400),
+        ("24h", NOW - 86400),
+        ("7d", NOW - 7 * 86400),
+        ("1699999000", 1_699_999_000.0),
+        ("2023-11-14T22:13:20", NOW),
+        ("2023-11-14T22:13:20+00:00", NOW),
+    ],
+)
+def test_since_accepts_durations_dates_and_epochs(text: str, expected: float) -> None:
+    assert parse_since(text, now=NOW) == pytest.approx(expected)
+
+
+def test_since_rejects_nonsense_with_the_accepted_forms() -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_since("last tuesday", now=NOW)
+
+
+def write_log(path: Path) -> None:
+    log = JsonlEventLog(path)
+    log.emit("completion", {"response_id": "r1", "path": "cheap", "latency": {"embed_ms": 3.0},
+                            "failed_validators": []})  # fmt: skip
+    log.emit("feedback", {"response_id": "r1", "thumbs_up": False})
+    log.close()
+
+
+def test_export_writes_one_flat_row_per_event_and_filters_by_time(tmp_path: Path) -> None:
+    source, out = tmp_path / "events.jsonl", tmp_path / "out" / "events.parquet"
+    write_log(source)
+    with source.open("a") as torn:
+        torn.write('{"kind": "completion", "ts": ')  # a crash mid-line
+    assert export_events(source, out) == 2
+    frame = pd.read_parquet(out)
+    assert list(frame["kind"]) == ["completion", "feedback"]
+    assert frame.loc[0, "latency_embed_ms"] == 3.0
+    assert frame.loc[0, "failed_validators"] == "[]"
+    assert str(frame["time"].dtype).startswith("datetime64")
+    future = max(e["ts"] for e in read_events(source)) + 1
+    assert export_events(source, out, since=future) == 0
+
+
+def test_json_log_lines_carry_the_request_id_and_extra_fields() -> None:
+    new_request_id("req-42")
+    record = logging.LogRecord("routecache.x", logging.WARNING, __file__, 1, "failed %s", ("x",),
+                               None)  # fmt: skip
+    record.tenant = "acme"
+    RequestIdFilter().filter(record)
+    line = json.loads(JsonFormatter().format(record))
+    assert line["request_id"] == "req-42" and line["tenant"] == "acme"
+    assert line["message"] == "failed x" and line["level"] == "warning"
+    assert new_request_id("  ") != "req-42" and len(REQUEST_ID.get()) == 32
+
+
+def test_operations_settings_fail_with_the_key_named() -> None:
+    with pytest.raises(ConfigError, match=r"logging\.format"):
+        load_settings(logging={"format": "yaml"})
+    with pytest.raises(ConfigError, match=r"metrics\.port"):
+        load_settings(metrics={"port": 70000})
+    with pytest.raises(ConfigError, match=r"cache\.feedback_penalty"):
+        load_settings(cache={"feedback_penalty": 2})

@@ -1,0 +1,291 @@
+"""Fallback chains, breakers, deadlines, stale answers and validator actions, on fakes."""
+
+import asyncio
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+import pytest
+
+from routecache.cache.embedder import HashEmbedder
+from routecache.classifier.model import FixedScoreClassifier
+from routecache.domain import (
+    CacheControl,
+    CacheOutcome,
+    ChatRequest,
+    GenerationParams,
+    Message,
+    RequestValidator,
+    Role,
+    Tier,
+)
+from routecache.errors import FailedValidation, InvalidArgument, Unavailable, UpstreamError
+from routecache.router.bootstrap import Overrides, Service, build_service
+from routecache.router.events import InMemoryEventLog
+from routecache.router.upstream.breaker import BreakerState
+from tests.fakes import FakeUpstream, ManualClock
+from tests.unit.conftest import KEYS, unit_settings
+
+ACME, GLOBEX = KEYS["acme"], KEYS["globex"]
+PRICES = {"input_usd_per_mtok": 1.0, "output_usd_per_mtok": 1.0}
+EXPIRED_IN_GRACE = 7 * 24 * 3600 + 600  # past the 7-day TTL, within the grace hour
+DOWN = UpstreamError("HTTP 503 Service Unavailable", retryable=True)
+
+
+class BreakingUpstream(FakeUpstream):
+    async def stream(
+        self, messages: Sequence[Message], params: GenerationParams
+    ) -> AsyncIterator[str]:
+        yield "partial "
+        raise UpstreamError("stream ended without finish_reason or [DONE]", retryable=True)
+
+
+@dataclass
+class Rig:
+    service: Service
+    ups: dict[str, FakeUpstream]
+    events: InMemoryEventLog
+    clock: ManualClock
+
+    async def ask(self, prompt: str, key: str = ACME, **options: object) -> object:
+        request = ChatRequest(messages=(Message(Role.USER, prompt),), **options)  # type: ignore[arg-type]
+        return await self.service.pipeline.complete(request, key)
+
+
+def rig(answers: dict[str, str] | None = None, validators: list[dict[str, object]] | None = None,
+        monotonic: Callable[[], float] | None = None, breaking: bool = False) -> Rig:  # fmt: skip
+    answers = answers or {}
+    ups = {
+        name: (BreakingUpstream if breaking and name == "cheap" else FakeUpstream)(
+            f"{name}-model", lambda p, _, n=name: answers.get(n, f"{n} says {p}")
+        )
+        for name in ("cheap", "backup", "strong")
+    }
+    settings = unit_settings(**({"validators": validators} if validators else {}))
+    settings = settings.model_copy(
+        update={
+            "upstream": settings.upstream.model_validate(
+                {
+                    "providers": {"backup": {"model": "backup-model", **PRICES}},
+                    "cheap_fallbacks": ["backup"],
+                    "breaker": {"failure_threshold": 2, "open_seconds": 30},
+                    "stale_grace_seconds": 3600,
+                }
+            )
+        }
+    )
+    clock, events = ManualClock(), InMemoryEventLog()
+    service = build_service(
+        settings,
+        Overrides(
+            embedder=HashEmbedder(),
+            classifier=FixedScoreClassifier(0.1, version="v", default_threshold=0.5),
+            providers=ups,
+            events=events,
+            clock=clock,
+            monotonic=monotonic or clock,
+        ),
+    )
+    return Rig(service, ups, events, clock)
+
+
+async def test_fallback_provider_answers_when_the_first_fails() -> None:
+    r = rig()
+    r.ups["cheap"].fail_with = DOWN
+    done = await r.ask("q")
+    assert done.model == "backup-model" and done.tier is Tier.CHEAP  # type: ignore[attr-defined]
+    assert done.provider == "backup"  # type: ignore[attr-defined]
+    assert r.ups["strong"].calls == []
+    event = r.events.events[-1]
+    assert event["provider"] == "backup" and "HTTP 503" in event["upstream_failures"][0]
+
+
+async def test_open_breaker_sheds_without_calling_the_provider() -> None:
+    r = rig()
+    r.ups["cheap"].fail_with = DOWN
+    await r.ask("one", cache=CacheControl(no_store=True))
+    await r.ask("two", cache=CacheControl(no_store=True))
+    breaker = r.service.generator.failover.chain(Tier.CHEAP)[0][1].breaker
+    assert breaker.state is BreakerState.OPEN
+    done = await r.ask("three")
+    assert r.ups["cheap"].calls == ["one", "two"]  # "three" was shed
+    assert any("circuit open" in f for f in done.upstream_failures)  # type: ignore[attr-defined]
+    r.clock.advance(30)  # half-open: one probe goes out, succeeds, closes the breaker
+    r.ups["cheap"].fail_with = None
+    assert (await r.ask("four")).provider == "cheap"  # type: ignore[attr-defined]
+    assert breaker.state is BreakerState.CLOSED
+
+
+async def test_refused_request_does_not_trip_the_breaker() -> None:
+    r = rig()
+    r.ups["cheap"].fail_with = UpstreamError("HTTP 400 Bad Request", retryable=False)
+    for prompt in ("a", "b", "c"):
+        await r.ask(prompt)
+    assert r.ups["cheap"].calls == ["a", "b", "c"]
+
+
+async def test_all_down_serves_a_stale_answer_of_the_same_scope_only() -> None:
+    r = rig()
+    first = await r.ask("what is the capital of France")
+    r.clock.advance(EXPIRED_IN_GRACE)
+    for up in r.ups.values():
+        up.fail_with = DOWN
+    stale = await r.ask("what is the capital of France")
+    assert stale.cache.stale and stale.text == first.text  # type: ignore[attr-defined]
+    assert stale.cache.outcome is CacheOutcome.EXACT  # type: ignore[attr-defined]
+    with pytest.raises(Unavailable, match="no cached answer"):
+        await r.ask("what is the capital of France", key=GLOBEX)
+    with pytest.raises(Unavailable, match="no_cache"):
+        await r.ask("what is the capital of France", cache=CacheControl(no_cache=True))
+    r.clock.advance(3600)  # past the grace period: gone
+    with pytest.raises(Unavailable, match=r"cheap-model.*backup-model.*strong-model"):
+        await r.ask("what is the capital of France")
+    assert r.events.events[-1]["kind"] == "error"
+
+
+async def test_expired_entries_are_not_served_while_providers_answer() -> None:
+    r = rig()
+    await r.ask("q")
+    r.clock.advance(EXPIRED_IN_GRACE)
+    again = await r.ask("q")
+    assert again.cache.outcome is CacheOutcome.MISS and not again.cache.stale  # type: ignore[attr-defined]
+
+
+async def test_deadline_stops_the_chain() -> None:
+    r = rig(monotonic=time.monotonic)
+    for up in r.ups.values():
+        up.gate = asyncio.Event()  # hangs
+    request = ChatRequest(messages=(Message(Role.USER, "slow"),))
+    with pytest.raises(Unavailable, match=r"cheap-model.*within.*backup: not tried, the deadline"):
+        await asyncio.wait_for(r.service.pipeline.complete(request, ACME, 0.3), 5)
+    assert r.ups["backup"].calls == [] and r.ups["strong"].calls == []
+
+
+PII_AND_REFUSAL = [
+    {"kind": "pii"},
+    {"kind": "refusal", "on_fail": "retry"},
+    {"kind": "regex", "must_not_match": ["(?i)forbidden"], "on_fail": "block"},
+    {"kind": "regex", "name": "hedge", "must_not_match": ["(?i)maybe"], "on_fail": "flag"},
+]
+
+
+async def test_redacted_answer_is_served_and_cached_redacted() -> None:
+    r = rig({"cheap": "mail me at a@b.io"}, PII_AND_REFUSAL)
+    done = await r.ask("contact?")
+    assert done.text == "mail me at [REDACTED EMAIL]" and done.validation.passed  # type: ignore[attr-defined]
+    assert [x.action for x in done.validation.results if not x.passed] == ["redacted"]  # type: ignore[attr-defined]
+    assert (await r.ask("contact?")).cache.outcome is CacheOutcome.EXACT  # type: ignore[attr-defined]
+
+
+async def test_flagged_answer_is_served_but_never_cached() -> None:
+    r = rig({"cheap": "maybe 4"}, PII_AND_REFUSAL)
+    done = await r.ask("2+2?")
+    assert done.text == "maybe 4" and not done.validation.passed  # type: ignore[attr-defined]
+    assert done.cache.entry_id == ""  # type: ignore[attr-defined]
+    assert (await r.ask("2+2?")).cache.outcome is CacheOutcome.MISS  # type: ignore[attr-defined]
+    assert r.events.events[-1]["validation"]["results"][-1]["action"] == "flagged"
+
+
+async def test_refusal_retries_once_then_escalates() -> None:
+    r = rig({"cheap": "I'm sorry, but I can't help with that."}, PII_AND_REFUSAL)
+    done = await r.ask("q")
+    assert r.ups["cheap"].calls == ["q", "q"] and r.ups["strong"].calls == ["q"]
+    assert done.model == "strong-model" and done.validation.escalated  # type: ignore[attr-defined]
+    actions = [x.action for x in done.validation.results if not x.passed]  # type: ignore[attr-defined]
+    assert actions == ["retried", "escalated"]
+
+
+async def test_block_fails_at_once_and_nothing_is_stored() -> None:
+    r = rig({"cheap": "the forbidden answer"}, PII_AND_REFUSAL)
+    with pytest.raises(FailedValidation) as caught:
+        await r.ask("q")
+    assert r.ups["strong"].calls == []
+    assert [x.action for x in caught.value.report.results if not x.passed] == ["blocked"]
+    assert await r.service.pipeline.stats(ACME) is not None
+    assert (await r.service.pipeline.stats(ACME)).entries == 0
+
+
+async def test_tenant_validators_replace_the_default_set() -> None:
+    r = rig({"cheap": "mail me at a@b.io"})  # default set: length + json_schema
+    assert (await r.ask("contact?")).text == "mail me at a@b.io"  # type: ignore[attr-defined]
+
+
+async def collect(r: Rig, prompt: str) -> list[object]:
+    request = ChatRequest(messages=(Message(Role.USER, prompt),))
+    return [e async for e in r.service.pipeline.complete_stream(request, ACME)]
+
+
+async def test_stream_falls_back_before_the_first_delta_and_caches_the_answer() -> None:
+    r = rig()
+    r.ups["cheap"].fail_with = DOWN
+    events = await collect(r, "tell me")
+    *deltas, final = events
+    assert "".join(deltas) == "backup says tell me " and final.provider == "backup"  # type: ignore[attr-defined]
+    assert final.cache.entry_id  # type: ignore[attr-defined]
+    cached = await collect(r, "tell me")
+    assert cached[-1].cache.outcome is CacheOutcome.EXACT  # type: ignore[attr-defined]
+
+
+async def test_stream_broken_midway_ends_unavailable_and_stores_nothing() -> None:
+    r = rig(breaking=True)
+    received: list[object] = []
+    with pytest.raises(Unavailable, match="broke after 8 characters"):
+        async for event in r.service.pipeline.complete_stream(
+            ChatRequest(messages=(Message(Role.USER, "q"),)), ACME
+        ):
+            received.append(event)
+    assert received == ["partial "] and r.ups["backup"].calls == []
+    assert (await r.service.pipeline.stats(ACME)).entries == 0
+
+
+async def test_stream_with_all_providers_down_serves_stale() -> None:
+    r = rig()
+    await r.ask("q")
+    for up in r.ups.values():
+        up.fail_with = DOWN
+    r.clock.advance(EXPIRED_IN_GRACE)
+    *deltas, final = await collect(r, "q")
+    assert "".join(deltas) == final.text and final.cache.stale  # type: ignore[attr-defined]
+
+
+async def test_stream_validation_failure_ends_failed_precondition() -> None:
+    r = rig({"cheap": "the forbidden answer"}, PII_AND_REFUSAL)
+    with pytest.raises(FailedValidation, match="streamed answer failed"):
+        await collect(r, "q")
+    assert (await r.service.pipeline.stats(ACME)).entries == 0
+
+
+async def test_request_validators_add_to_the_tenants() -> None:
+    r = rig({"cheap": "mail me at a@b.io"})
+    pii = (RequestValidator("pii"),)
+    done = await r.ask("contact?", validators=pii)
+    assert done.text == "mail me at [REDACTED EMAIL]"  # type: ignore[attr-defined]
+    names = {x.name for x in done.validation.results}  # type: ignore[attr-defined]
+    assert names == {"length", "pii"}
+    # Cached per set of request validators: a plain request does not get the redacted answer.
+    plain = await r.ask("contact?")
+    assert plain.cache.outcome is CacheOutcome.MISS and plain.text == "mail me at a@b.io"  # type: ignore[attr-defined]
+    again = await r.ask("contact?", validators=pii)
+    assert again.cache.outcome is CacheOutcome.EXACT  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("validator", "problem"),
+    [
+        (RequestValidator("custom"), "per tenant"),
+        (RequestValidator("regex"), "must_match"),
+        (RequestValidator("regex", must_match=("(unclosed",)), "missing ), unterminated"),
+        (RequestValidator("regex", must_match=("a" * 201,)), "200 characters"),
+        (RequestValidator("length", on_fail="explode"), "on_fail"),
+        (RequestValidator("length"), "already in use"),  # the tenant's own length validator
+    ],
+)
+async def test_bad_request_validators_are_invalid_arguments(
+    validator: RequestValidator, problem: str
+) -> None:
+    r = rig()
+    with pytest.raises(InvalidArgument, match=re.escape(problem)) as caught:
+        await r.ask("q", validators=(validator,))
+    assert caught.value.field == "validators[0]"
+    assert r.ups["cheap"].calls == []

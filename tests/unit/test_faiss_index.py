@@ -1,0 +1,45 @@
+"""The scoped index: flat while small, IVF past the threshold, removals and scopes respected."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from routecache.cache.faiss_index import IndexPolicy, ScopedFaissIndex
+
+
+def unit_rows(count: int, dimension: int = 32, seed: int = 0) -> np.ndarray:
+    rows = np.random.default_rng(seed).normal(size=(count, dimension)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def test_a_scope_turns_ivf_past_the_threshold_and_still_finds_each_entry() -> None:
+    index = ScopedFaissIndex(32, IndexPolicy(ivf_threshold=400, nprobe=8))
+    rows = unit_rows(1000)
+    index.add_many("a", [f"e{i}" for i in range(399)], rows[:399])
+    assert index.kind("a") == "flat"
+    index.add_many("a", [f"e{i}" for i in range(399, 1000)], rows[399:])
+    assert index.kind("a") == "ivf" and len(index) == 1000
+    for i in range(0, 1000, 37):
+        assert index.search("a", rows[i], 1)[0].entry_id == f"e{i}"
+
+
+def test_removal_works_in_an_ivf_scope_and_survives_a_rebuild() -> None:
+    index = ScopedFaissIndex(32, IndexPolicy(ivf_threshold=200, nprobe=8))
+    rows = unit_rows(900, seed=1)
+    index.add_many("a", [f"e{i}" for i in range(300)], rows[:300])
+    index.remove("a", "e5")
+    assert all(n.entry_id != "e5" for n in index.search("a", rows[5], 5))
+    index.add_many("a", [f"e{i}" for i in range(300, 900)], rows[300:])  # doubles: a rebuild
+    assert all(n.entry_id != "e5" for n in index.search("a", rows[5], 5))
+    assert index.search("a", rows[6], 1)[0].entry_id == "e6"
+    assert len(index) == 899
+
+
+def test_scopes_never_see_each_other() -> None:
+    index = ScopedFaissIndex(32)
+    rows = unit_rows(2, seed=2)
+    index.add("a", "in-a", rows[0])
+    index.add("b", "in-b", rows[1])
+    assert [n.entry_id for n in index.search("a", rows[1], 5)] == ["in-a"]
+    index.remove("a", "in-a")
+    assert index.search("a", rows[0], 5) == [] and index.kind("a") == "none"

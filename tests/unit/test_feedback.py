@@ -1,0 +1,121 @@
+"""Feedback: a thumbs-down removes the answer and makes its close neighbours harder to serve."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from routecache.cache.faiss_index import ScopedFaissIndex
+from routecache.cache.memory_store import InMemoryEntryStore
+from routecache.cache.ports import Vector
+from routecache.cache.semantic_cache import Distrust, NewEntry, SemanticCache
+from routecache.domain import CacheOutcome, ChatRequest, Feedback, Message, Role, Tier
+from routecache.errors import InvalidArgument
+from tests.fakes import ManualClock
+from tests.unit.conftest import KEYS, Harness
+
+ACME = KEYS["acme"]
+SCOPE = "scope-1"
+
+
+def at_angle(theta: float, axis: int = 1) -> Vector:
+    """A unit vector: cos(angle between two of these) is their cosine similarity."""
+    vector = np.zeros(4, dtype=np.float32)
+    vector[0], vector[axis] = math.cos(theta), math.sin(theta)
+    return vector
+
+
+async def put(cache: SemanticCache, prompt: str, vector: Vector) -> str:
+    entry = await cache.store(
+        NewEntry("acme", SCOPE, prompt, f"answer to {prompt}", "m", Tier.CHEAP, vector,
+                 0.01, 10, 10, 3600)
+    )  # fmt: skip
+    return entry.entry_id
+
+
+@pytest.fixture
+def cache() -> SemanticCache:
+    return SemanticCache(
+        InMemoryEntryStore(100), ScopedFaissIndex(4), ManualClock(),
+        distrust=Distrust(radius=0.8, penalty=0.05, max_penalty=0.2),
+    )  # fmt: skip
+
+
+async def test_thumbs_down_raises_the_similarity_a_neighbour_needs(cache: SemanticCache) -> None:
+    bad = await put(cache, "capital of France", at_angle(0.0))
+    neighbour_angle = math.acos(0.95)  # 0.95 similar to the bad entry: inside the radius
+    neighbour = await put(cache, "capital of Spain", at_angle(neighbour_angle))
+    far = await put(cache, "boiling point", at_angle(1.2, axis=3))
+    query = at_angle(neighbour_angle + math.acos(0.92))  # 0.92 similar to the neighbour
+    hit = await cache.lookup_semantic(SCOPE, query, threshold=0.9)
+    assert hit is not None and hit.entry.entry_id == neighbour
+
+    assert await cache.distrust("acme", bad) == 1
+    assert await cache.get("acme", bad) is None
+    assert cache.penalty_of(neighbour) == pytest.approx(0.05)
+    assert cache.penalty_of(far) == 0.0
+    # 0.92 no longer clears 0.9 + 0.05; a query as close as 0.96 still does.
+    assert await cache.lookup_semantic(SCOPE, query, threshold=0.9) is None
+    closer = at_angle(neighbour_angle + math.acos(0.96))
+    hit = await cache.lookup_semantic(SCOPE, closer, threshold=0.9)
+    assert hit is not None and hit.entry.entry_id == neighbour
+
+
+async def test_penalties_add_up_to_the_cap_and_leave_with_the_entry(cache: SemanticCache) -> None:
+    neighbour = await put(cache, "keep", at_angle(0.0))
+    for i in range(6):
+        bad = await put(cache, f"bad {i}", at_angle(0.1 + i * 0.01))
+        await cache.distrust("acme", bad)
+    assert cache.penalty_of(neighbour) == pytest.approx(0.2)
+    await cache.invalidate_ids("acme", [neighbour])
+    assert cache.penalty_of(neighbour) == 0.0
+
+
+async def test_distrust_of_another_tenants_entry_does_nothing(cache: SemanticCache) -> None:
+    entry = await put(cache, "mine", at_angle(0.0))
+    neighbour = await put(cache, "near", at_angle(0.1))
+    assert await cache.distrust("globex", entry) == 0
+    assert cache.penalty_of(neighbour) == 0.0
+    assert await cache.get("acme", entry) is not None
+
+
+def ask(prompt: str) -> ChatRequest:
+    return ChatRequest(messages=(Message(Role.USER, prompt),))
+
+
+async def test_feedback_lands_in_events_stats_and_telemetry(harness: Harness) -> None:
+    pipeline = harness.service.pipeline
+    await pipeline.complete(ask("how tall is the eiffel tower"), ACME)
+    hit = await pipeline.complete(ask("how tall is the eiffel tower today"), ACME)
+    assert hit.cache.outcome is CacheOutcome.SEMANTIC
+    assert await pipeline.feedback(Feedback(hit.response_id, thumbs_up=True), ACME) == ""
+    removed = await pipeline.feedback(
+        Feedback(hit.response_id, thumbs_up=False, correction="330 m"), ACME
+    )
+    assert removed == hit.cache.entry_id
+    feedback = [e for e in harness.events.events if e["kind"] == "feedback"]
+    assert [(e["thumbs_up"], e["invalidated"]) for e in feedback] == [(True, False), (False, True)]
+    assert feedback[1]["correction"] == "330 m"
+    assert feedback[1]["similarity"] == pytest.approx(hit.cache.similarity)
+    assert harness.telemetry.feedback_seen == [("acme", True, False), ("acme", False, True)]
+    stats = await pipeline.stats(ACME)
+    assert (stats.thumbs_up, stats.thumbs_down) == (1, 1)
+    with pytest.raises(InvalidArgument):
+        await pipeline.feedback(Feedback("", thumbs_up=True), ACME)
+
+
+async def test_stats_list_the_most_served_entries_first(harness: Harness) -> None:
+    pipeline = harness.service.pipeline
+    cost = {}
+    for prompt, repeats in (("alpha question", 1), ("beta question", 3), ("gamma question", 0)):
+        cost[prompt] = (await pipeline.complete(ask(prompt), ACME)).usage.cost_usd
+        for _ in range(repeats):
+            await pipeline.complete(ask(prompt), ACME)
+    stats = await pipeline.stats(ACME, top_n=2)
+    assert [(e.prompt, e.hits) for e in stats.top_entries] == [
+        ("beta question", 3), ("alpha question", 1),
+    ]  # fmt: skip
+    assert stats.top_entries[0].saved_usd == pytest.approx(3 * cost["beta question"])
+    assert (await pipeline.stats(KEYS["globex"])).top_entries == ()

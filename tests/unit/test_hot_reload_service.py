@@ -1,0 +1,82 @@
+"""The service wired with a registry (bootstrap): it serves CURRENT and follows promotions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from routecache.cache.embedder import HashEmbedder
+from routecache.classifier.registry import ModelRegistry
+from routecache.classifier.reloading import ReloadingClassifier
+from routecache.domain import ChatRequest, Message, Role, Tier
+from routecache.router.bootstrap import Overrides, start_service
+from routecache.training import train_classifier
+from tests.fakes import FakeUpstream, json_answer, prose_answer
+from tests.unit.conftest import KEYS, unit_settings
+from tests.unit.test_train_classifier import _write_routing_file
+
+
+def _train(tmp_path: Path, name: str, seed: int, capsys: pytest.CaptureFixture[str]) -> Path:
+    """A tiny hash-embedder artifact; its own version is difficulty-TIMESTAMP-SUFFIX."""
+    data = _write_routing_file(tmp_path / "routing.jsonl")
+    out = tmp_path / name
+    argv = ["--data", str(data), "--out", str(out), "--embedder", "hash", "--c", "1.0"]
+    assert train_classifier.main([*argv, "--seed", str(seed)]) == 0
+    capsys.readouterr()
+    return out / "difficulty.skops"
+
+
+async def test_the_service_follows_the_registry_without_failing_requests(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry = ModelRegistry(tmp_path / "registry")
+    models = {}
+    for entry, seed in (("v1", 0), ("v2", 1)):
+        artifact = _train(tmp_path, entry, seed, capsys)
+        models[entry] = json.loads(artifact.with_suffix(".json").read_text())["version"]
+        registry.add(artifact, entry)  # registry names differ from the models' own versions
+    registry.promote("v1")
+    settings = unit_settings()
+    settings.server.port = 0
+    settings.classifier.registry_dir = registry.root
+    settings.classifier.reload_interval_seconds = 0.01
+    service = await start_service(
+        settings,
+        Overrides(
+            embedder=HashEmbedder(),  # 64-d, as the artifacts were trained
+            upstreams={
+                Tier.CHEAP: FakeUpstream("cheap-model", prose_answer),
+                Tier.STRONG: FakeUpstream("strong-model", json_answer),
+            },
+        ),
+    )
+    assert isinstance(service.classifier, ReloadingClassifier)
+    pipeline = service.pipeline
+    key = KEYS["acme"]
+    try:
+        versions = []
+        for i, promote in enumerate(["v2", None, "v1", None, None]):
+            if promote:
+                registry.promote(promote)
+                for _ in range(500):  # the watcher checks every 10 ms
+                    if service.classifier.version == models[promote]:
+                        break
+                    await asyncio.sleep(0.01)
+            request = ChatRequest(messages=(Message(Role.USER, f"count apples {i}"),))
+            versions.append((await pipeline.complete(request, key)).classifier_version)
+        v1, v2 = models["v1"], models["v2"]
+        assert versions == [v2, v2, v1, v1, v1]
+        assert service.classifier.swaps == 2  # no reload loop while the pointer stays put
+        assert (await pipeline.stats(key)).classifier_version == v1
+        assert (
+            json.loads(registry.root.joinpath("history.jsonl").read_text().splitlines()[-1])[
+                "version"
+            ]
+            == "v1"
+        )
+    finally:
+        await service.aclose()
+    assert all(task.done() for task in service.background)  # the watcher stops with the service

@@ -1,0 +1,100 @@
+"""Labels from logged events, and operating points mapped to thresholds by the held-out curve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from routecache.classifier.operating_point import OperatingCurve, fit_curve
+from routecache.domain import OperatingPoint
+from routecache.router.events import JsonlEventLog
+from routecache.training.outcomes import EventLabel, labels_from_events, read_events
+
+
+def _completion(response_id: str, prompt: str, **fields: object) -> dict[str, object]:
+    base = {"response_id": response_id, "prompt": prompt, "cache_outcome": "miss",
+            "tier": "cheap", "escalated": False}  # fmt: skip
+    return {**base, **fields}
+
+
+def test_events_yield_cheap_model_labels(tmp_path: Path) -> None:
+    log = JsonlEventLog(tmp_path / "events.jsonl")
+    log.emit("completion", _completion("r1", "cheap then thumbs up"))
+    log.emit("completion", _completion("r2", "cheap then thumbs down"))
+    log.emit("completion", _completion("r3", "escalated", escalated=True, tier="strong"))
+    log.emit("completion", _completion("r4", "strong answer", tier="strong"))
+    log.emit("completion", _completion("r5", "cache hit", cache_outcome="semantic"))
+    log.emit("completion", _completion("r6", "no feedback"))
+    log.emit("completion", _completion("r7", "graded later"))
+    log.emit("feedback", {"response_id": "r1", "thumbs_up": True})
+    log.emit("feedback", {"response_id": "r2", "thumbs_up": True})
+    log.emit("feedback", {"response_id": "r2", "thumbs_up": False})  # the last rating wins
+    log.emit("feedback", {"response_id": "r4", "thumbs_up": False})
+    log.emit("feedback", {"response_id": "r5", "thumbs_up": False})
+    log.emit("feedback", {"response_id": "unknown", "thumbs_up": False})
+    log.emit("outcome", {"response_id": "r7", "correct": True})
+    log.emit("outcome", {"prompt": "graded offline", "weak_correct": False, "strong_correct": True})
+    log.close()
+    labels = labels_from_events(read_events([tmp_path / "events.jsonl"]))
+    assert sorted(labels, key=lambda label: label.prompt) == [
+        EventLabel("cheap then thumbs down", weak_correct=False),
+        EventLabel("cheap then thumbs up", weak_correct=True),
+        EventLabel("escalated", weak_correct=False),
+        EventLabel("graded later", weak_correct=True),
+        EventLabel("graded offline", weak_correct=False, strong_correct=True),
+    ]
+
+
+def test_a_broken_event_line_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_text(json.dumps({"kind": "feedback"}) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"events\.jsonl:2"):
+        read_events([path])
+
+
+@pytest.fixture()
+def curve() -> OperatingCurve:
+    rng = np.random.default_rng(0)
+    n = 1000
+    scores = rng.random(n)
+    # The cheap model fails more often on high scores; the strong model is right 90% of the time.
+    weak = rng.random(n) > scores
+    strong = rng.random(n) < 0.9
+    lengths = rng.integers(10, 100, n)
+    return fit_curve(scores, weak, strong, lambda to_strong: float(lengths[to_strong].sum() + 1))
+
+
+def test_a_target_strong_share_is_met_on_the_held_out_data(curve: OperatingCurve) -> None:
+    for share in (0.0, 0.25, 0.5, 1.0):
+        threshold = curve.threshold_for(OperatingPoint(strong_fraction=share))
+        point = next(p for p in curve.points if p.threshold == threshold)
+        assert point.strong_fraction == pytest.approx(share, abs=0.005)
+
+
+def test_quality_and_cost_targets_pick_the_cheapest_and_best_points(
+    curve: OperatingCurve,
+) -> None:
+    by_threshold = {p.threshold: p for p in curve.points}
+    quality = by_threshold[curve.threshold_for(OperatingPoint(quality=0.8))]
+    assert quality.pgr >= 0.8
+    assert all(p.pgr < 0.8 for p in curve.points if p.strong_fraction < quality.strong_fraction)
+    cost = by_threshold[curve.threshold_for(OperatingPoint(cost_ratio=0.3))]
+    assert cost.cost_vs_all_strong <= 0.3
+    assert all(p.cost_vs_all_strong > 0.3 for p in curve.points if p.pgr > cost.pgr)
+    assert curve.threshold_for(OperatingPoint(quality=9.0)) == curve.points[-1].threshold
+    assert curve.threshold_for(OperatingPoint(cost_ratio=0.0)) == curve.points[0].threshold
+
+
+def test_the_curve_survives_json_and_operating_points_need_one_target(
+    curve: OperatingCurve,
+) -> None:
+    again = OperatingCurve.from_json(json.loads(json.dumps(curve.to_json())))
+    point = OperatingPoint(quality=0.5)
+    assert again.threshold_for(point) == curve.threshold_for(point)
+    with pytest.raises(ValueError, match="exactly one"):
+        OperatingPoint()
+    with pytest.raises(ValueError, match="exactly one"):
+        OperatingPoint(strong_fraction=0.3, quality=0.5)

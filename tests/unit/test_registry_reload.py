@@ -1,0 +1,120 @@
+"""The model registry (promote, rollback) and the hot-reloading classifier, on fake loaders."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from routecache.classifier.model import FixedScoreClassifier
+from routecache.classifier.ports import DifficultyClassifier
+from routecache.classifier.registry import ModelRegistry, RegistryError
+from routecache.classifier.reloading import ReloadingClassifier
+
+VECTOR = np.zeros(4, dtype=np.float32)
+
+
+def _artifact(folder: Path, score: float) -> Path:
+    """A stand-in artifact pair: the fake loader reads the score from the .skops bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.skops").write_text(json.dumps({"score": score}))
+    (folder / "model.json").write_text("{}")
+    return folder / "model.skops"
+
+
+def fake_load(path: Path) -> DifficultyClassifier:
+    if "broken" in path.parent.name:
+        raise ValueError("damaged artifact")
+    score = json.loads(path.read_text())["score"]
+    return FixedScoreClassifier(score, version=path.parent.name)
+
+
+def _registry_with(tmp_path: Path, *versions: str) -> ModelRegistry:
+    registry = ModelRegistry(tmp_path / "registry")
+    for i, version in enumerate(versions):
+        registry.add(_artifact(tmp_path / f"src-{version}", i / 10), version)
+    return registry
+
+
+def test_promote_and_roll_back_walk_the_promotion_history(tmp_path: Path) -> None:
+    registry = _registry_with(tmp_path, "v1", "v2", "v3")
+    assert registry.versions() == ["v1", "v2", "v3"]
+    assert registry.current_version() is None
+    for version in ("v1", "v2", "v3"):
+        registry.promote(version)
+    assert registry.current_version() == "v3"
+    assert registry.rollback() == "v2"
+    assert registry.rollback() == "v1"
+    with pytest.raises(RegistryError, match="nothing was promoted before"):
+        registry.rollback()
+    assert registry.rollback(to="v3") == "v3"
+    assert [c.action for c in registry.history()] == ["promote"] * 3 + ["rollback"] * 3
+    assert registry.artifact_path("v1").is_file()  # rollback keeps every version
+
+
+def test_registry_refuses_unknown_and_duplicate_versions(tmp_path: Path) -> None:
+    registry = _registry_with(tmp_path, "v1")
+    with pytest.raises(RegistryError, match="no version"):
+        registry.promote("v9")
+    with pytest.raises(RegistryError, match="already"):
+        registry.add(_artifact(tmp_path / "again", 0.5), "v1")
+    with pytest.raises(RegistryError, match="not a usable"):
+        registry.add(_artifact(tmp_path / "bad", 0.5), "../escape")
+
+
+async def test_reload_swaps_to_the_promoted_version(tmp_path: Path) -> None:
+    registry = _registry_with(tmp_path, "v1", "v2")
+    registry.promote("v1")
+    classifier = ReloadingClassifier.from_registry(registry, fake_load, tmp_path / "none")
+    assert (classifier.version, classifier.failure_probability(VECTOR, "x")) == ("v1", 0.0)
+    assert await classifier.refresh() is False  # nothing changed
+    registry.promote("v2")
+    assert await classifier.refresh() is True
+    assert (classifier.version, classifier.failure_probability(VECTOR, "x")) == ("v2", 0.1)
+    registry.rollback()
+    assert await classifier.refresh() is True
+    assert classifier.version == "v1"
+
+
+async def test_a_broken_version_is_skipped_and_the_old_model_keeps_serving(
+    tmp_path: Path,
+) -> None:
+    registry = _registry_with(tmp_path, "v1", "broken-v2", "v3")
+    registry.promote("v1")
+    classifier = ReloadingClassifier.from_registry(registry, fake_load, tmp_path / "none")
+    registry.promote("broken-v2")
+    assert await classifier.refresh() is False
+    assert classifier.version == "v1"
+    registry.promote("v3")
+    assert await classifier.refresh() is True
+    assert classifier.version == "v3"
+
+
+def test_without_a_promoted_version_the_fallback_serves(tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path / "empty")
+    fallback = _artifact(tmp_path / "packaged", 0.7)
+    classifier = ReloadingClassifier.from_registry(registry, fake_load, fallback)
+    assert classifier.version == "packaged"
+
+
+async def test_watch_picks_up_a_promotion_while_scoring_never_fails(tmp_path: Path) -> None:
+    registry = _registry_with(tmp_path, "v1", "v2")
+    registry.promote("v1")
+    classifier = ReloadingClassifier.from_registry(registry, fake_load, tmp_path / "none")
+    watcher = asyncio.create_task(classifier.watch(0.001))
+    seen: set[str] = set()
+    try:
+        registry.promote("v2")
+        for _ in range(2000):
+            seen.add(classifier.version)
+            classifier.failure_probability(VECTOR, "x")
+            if classifier.version == "v2":
+                break
+            await asyncio.sleep(0.001)
+    finally:
+        watcher.cancel()
+    assert seen == {"v1", "v2"} or seen == {"v2"}
+    assert classifier.version == "v2" and classifier.swaps == 1

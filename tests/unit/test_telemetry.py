@@ -1,0 +1,126 @@
+"""What the pipeline reports to telemetry, and the Prometheus series it becomes."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from routecache.domain import (
+    ChatRequest,
+    GenerationParams,
+    Message,
+    ResponseFormat,
+    ResponseFormatType,
+    Role,
+    Tier,
+)
+from routecache.errors import FailedValidation, Unavailable, UpstreamError
+from routecache.router.metrics import PrometheusTelemetry
+from routecache.router.telemetry import BREAKER_OPEN, error_reason
+from tests.unit.conftest import KEYS, make_harness
+
+ACME = KEYS["acme"]
+
+
+def ask(prompt: str, *, json_mode: bool = False) -> ChatRequest:
+    params = GenerationParams(
+        response_format=ResponseFormat(ResponseFormatType.JSON_OBJECT if json_mode else
+                                       ResponseFormatType.TEXT)
+    )  # fmt: skip
+    return ChatRequest(messages=(Message(Role.USER, prompt),), params=params)
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    value = registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+async def test_each_path_is_reported_once_and_in_flight_returns_to_zero() -> None:
+    harness = make_harness(score=0.2)
+    pipeline, telemetry = harness.service.pipeline, harness.telemetry
+    await pipeline.complete(ask("what is a cache"), ACME)  # cheap
+    await pipeline.complete(ask("what is a cache"), ACME)  # exact hit
+    await pipeline.complete(ask("what is a cache please"), ACME)  # semantic hit (hash embedder)
+    strong = ChatRequest(
+        (Message(Role.USER, "prove the riemann hypothesis"),), force_tier=Tier.STRONG
+    )
+    await pipeline.complete(strong, ACME)
+    assert telemetry.completed == [
+        ("acme", "cheap"), ("acme", "exact_hit"), ("acme", "semantic_hit"), ("acme", "strong"),
+    ]  # fmt: skip
+    assert telemetry.started == telemetry.ended == 4
+    await harness.service.aclose()
+
+
+async def test_failures_report_reason_and_failed_validators() -> None:
+    harness = make_harness(score=0.9)  # strong first: no escalation possible
+    pipeline, telemetry = harness.service.pipeline, harness.telemetry
+    harness.strong.answer = lambda prompt, params: "not json"
+    with pytest.raises(FailedValidation):
+        await pipeline.complete(ask("give me json", json_mode=True), ACME)
+    harness.strong.fail_with = UpstreamError("boom", retryable=False)
+    with pytest.raises(Unavailable):
+        await pipeline.complete(ask("anything else"), ACME)
+    with pytest.raises(Exception, match="API key"):
+        await pipeline.complete(ask("who am i"), "wrong-key")
+    reasons = [(tenant, reason) for tenant, reason, _ in telemetry.failed]
+    assert reasons == [
+        ("acme", "failed_validation"), ("acme", "unavailable"), ("", "unauthenticated"),
+    ]  # fmt: skip
+    assert telemetry.failed[0][2] == ("json_schema",)
+    assert telemetry.upstream[-1] == ("strong-model", "fatal")
+    assert telemetry.started == telemetry.ended == 3
+    kinds = [e["kind"] for e in harness.events.events]
+    assert kinds.count("error") == 3
+    await harness.service.aclose()
+
+
+async def test_prometheus_series_follow_the_requests() -> None:
+    prometheus = PrometheusTelemetry()
+    harness = make_harness(score=0.2, telemetry=prometheus)
+    pipeline, registry = harness.service.pipeline, prometheus.registry
+    first = await pipeline.complete(ask("what is a cache"), ACME)
+    await pipeline.complete(ask("what is a cache"), ACME)
+    await pipeline.complete(ask("give me json", json_mode=True), ACME)  # cheap fails → strong
+    assert sample(registry, "routecache_requests_total", tenant="acme", path="cheap") == 1
+    assert sample(registry, "routecache_requests_total", tenant="acme", path="exact_hit") == 1
+    assert sample(registry, "routecache_requests_total", tenant="acme", path="strong") == 1
+    assert sample(registry, "routecache_request_latency_seconds_count", path="exact_hit") == 1
+    assert sample(registry, "routecache_escalations_total", tenant="acme") == 1
+    assert sample(registry, "routecache_validator_failures_total", validator="json_schema") == 1
+    assert sample(registry, "routecache_saved_usd_total", tenant="acme") == pytest.approx(
+        first.usage.cost_usd
+    )
+    assert sample(registry, "routecache_upstream_latency_seconds_count", model="cheap-model") == 2
+    assert sample(registry, "routecache_in_flight_requests") == 0
+    assert sample(registry, "routecache_queue_depth", queue="embedding") == 0
+    cost = sum(
+        sample(registry, "routecache_cost_usd_total", tenant="acme", tier=tier)
+        for tier in ("cheap", "strong")
+    )
+    assert cost == pytest.approx((await pipeline.stats(ACME)).cost_usd)
+    await harness.service.aclose()
+
+
+def test_watched_gauges_are_read_at_scrape_time() -> None:
+    prometheus = PrometheusTelemetry()
+    state = {"breaker": 0.0, "redis": True}
+    prometheus.watch_breaker("gpt-4", lambda: state["breaker"])
+    prometheus.watch_dependency("redis", lambda: state["redis"])
+    registry = prometheus.registry
+    assert sample(registry, "routecache_breaker_state", provider="gpt-4") == 0
+    state.update(breaker=BREAKER_OPEN, redis=False)
+    assert sample(registry, "routecache_breaker_state", provider="gpt-4") == BREAKER_OPEN
+    assert registry.get_sample_value("routecache_dependency_up", {"dependency": "redis"}) == 0
+
+
+def test_each_service_has_its_own_registry() -> None:
+    one, two = PrometheusTelemetry(), PrometheusTelemetry()
+    one.feedback("acme", thumbs_up=False, invalidated=True)
+    assert sample(one.registry, "routecache_feedback_total", tenant="acme", rating="down") == 1
+    assert sample(two.registry, "routecache_feedback_total", tenant="acme", rating="down") == 0
+
+
+def test_error_reason_is_the_snake_case_class_name() -> None:
+    assert error_reason(FailedValidation("x", report=None)) == "failed_validation"  # type: ignore[arg-type]
+    assert error_reason(Unavailable("x")) == "unavailable"

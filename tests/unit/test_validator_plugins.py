@@ -1,0 +1,146 @@
+import pytest
+
+from routecache.domain import ChatRequest, Message, Role
+from routecache.router.pii import PiiValidator, find_pii, iban_valid, luhn_valid
+from routecache.router.settings import ConfigError, LimitSettings, ValidatorSpec
+from routecache.router.validation import OnFail, build_validator, build_validators
+from routecache.router.validators import LengthValidator, RefusalValidator, RegexValidator
+
+REQUEST = ChatRequest(messages=(Message(Role.USER, "q"),))
+LIMITS = LimitSettings()
+
+
+def test_luhn_and_iban_checksums() -> None:
+    assert luhn_valid("4111111111111111") and not luhn_valid("4111111111111112")
+    assert iban_valid("GB82 WEST 1234 5698 7654 32") and not iban_valid(
+        "GB82 WEST 1234 5698 7654 33"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("write to jane.doe+work@mail.example.org today", "email"),
+        ("call +44 20 7946 0958 now", "phone"),
+        ("call (415) 555-0132 now", "phone"),
+        ("card 4111-1111-1111-1111 expires", "card"),
+        ("card 5500 0000 0000 0004 expires", "card"),
+        ("SSN 123-45-6789", "ssn"),
+        ("pay to DE89 3704 0044 0532 0130 00", "iban"),
+    ],
+)
+def test_pii_is_found(text: str, kind: str) -> None:
+    assert [f.kind for f in find_pii(text)] == [kind]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "4111 1111 1111 1112 fails the Luhn check",
+        "The total is 12345678 apples and 3.5 - 1.25 = 2.25",
+        "On 2023-10-05 she sold 48 + 24 = 72 clips",
+        "1,234,567 people",
+    ],
+)
+def test_no_false_pii(text: str) -> None:
+    assert find_pii(text) == []
+
+
+def test_pii_redaction_replaces_each_finding() -> None:
+    validator = PiiValidator()
+    text = "Mail a@b.io, card 4111 1111 1111 1111."
+    assert not validator.check(text, REQUEST).passed
+    assert validator.check(text, REQUEST).message == "personal data found: 1 email, 1 card"
+    assert validator.redact(text) == "Mail [REDACTED EMAIL], card [REDACTED CARD]."
+    assert validator.check(validator.redact(text), REQUEST).passed
+
+
+def test_pii_kinds_can_be_narrowed() -> None:
+    assert PiiValidator(["email"]).check("call +1 415 555 0132", REQUEST).passed
+    with pytest.raises(ValueError):
+        PiiValidator(["passport"])
+
+
+def test_regex_must_and_must_not() -> None:
+    validator = RegexValidator([r"\d+"], [r"(?i)lorem"])
+    assert validator.check("the answer is 42", REQUEST).passed
+    assert "does not match" in validator.check("no digits", REQUEST).message
+    assert "matches" in validator.check("42 lorem", REQUEST).message
+
+
+@pytest.mark.parametrize(
+    ("text", "passed"),
+    [
+        ("", False),
+        ("   ", False),
+        ("I'm sorry, but I can't help with that.", False),
+        ("As an AI language model, I do not have opinions.", False),
+        ("I cannot assist with this request.", False),
+        ("The answer is 4. Some would say 'I cannot help with that', but here it is.", True),
+    ],
+)
+def test_refusal_and_empty_answers(text: str, passed: bool) -> None:
+    assert RefusalValidator().check(text, REQUEST).passed is passed
+
+
+def test_length_bounds() -> None:
+    validator = LengthValidator(3, 5)
+    assert validator.check("abcd", REQUEST).passed
+    assert "fewer than 3" in validator.check("ab", REQUEST).message
+    assert "more than 5" in validator.check("abcdef", REQUEST).message
+    assert validator.check("  ", REQUEST).message == "empty answer"
+
+
+def test_specs_build_with_default_actions() -> None:
+    built = build_validators(
+        [ValidatorSpec(kind="pii"), ValidatorSpec(kind="refusal"), ValidatorSpec(kind="length")],
+        LIMITS,
+    )
+    assert [(c.name, c.on_fail) for c in built] == [
+        ("pii", OnFail.REDACT),
+        ("refusal", OnFail.ESCALATE),
+        ("length", OnFail.ESCALATE),
+    ]
+
+
+def test_custom_validator_by_import_path() -> None:
+    spec = ValidatorSpec(
+        kind="custom",
+        import_path="tests.unit.custom_validator:Banned",
+        options={"word": "lorem"},
+        on_fail="redact",
+    )
+    configured = build_validator(spec, LIMITS)
+    assert configured.name == "banned_word" and configured.on_fail is OnFail.REDACT
+    assert not configured.validator.check("lorem ipsum", REQUEST).passed
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ({"kind": "custom", "import_path": "tests.unit.nowhere:X"}, "No module"),
+        ({"kind": "custom", "import_path": "tests.unit.custom_validator:Nope"}, "Nope"),
+        ({"kind": "custom", "import_path": "tests.unit.custom_validator:Banned"}, "word"),
+    ],
+)
+def test_bad_custom_validators_fail_at_start(spec: dict[str, str], problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        build_validator(ValidatorSpec.model_validate(spec), LIMITS)
+
+
+def test_inconsistent_specs_are_refused() -> None:
+    with pytest.raises(ValueError, match="redact"):
+        ValidatorSpec(kind="length", on_fail="redact")
+    with pytest.raises(ValueError, match="must_match"):
+        ValidatorSpec(kind="regex")
+    with pytest.raises(ConfigError, match="unique"):
+        build_validators([ValidatorSpec(kind="pii"), ValidatorSpec(kind="pii")], LIMITS)
+
+
+def test_ask_cli_parses_request_validators() -> None:
+    from routecache.router.ask import _validators
+
+    parsed = _validators(['{"kind": "regex", "must_not_match": ["x"], "on_fail": "flag"}'])
+    assert parsed[0].kind == "regex" and list(parsed[0].must_not_match) == ["x"]
+    with pytest.raises(ConfigError, match="--validator"):
+        _validators(['{"kind": "pii", "colour": "red"}'])
