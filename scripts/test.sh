@@ -4,6 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The Redis integration tests start a real redis-server; on a fresh machine where we are root,
+# install it (quietly). Elsewhere those tests skip, saying why.
+if ! command -v redis-server >/dev/null && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    echo "installing redis-server for the integration tests" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server; } \
+        >/dev/null 2>&1 || echo "could not install redis-server: its tests will skip" >&2
+fi
+
 python=${PYTHON:-python3.11}
 command -v "$python" >/dev/null || python=python3
 [ -x .venv/bin/python ] || "$python" -m venv .venv

@@ -65,6 +65,10 @@ class InMemoryEntryStore:
     async def count(self, tenant: str) -> int:
         return len(self._by_tenant.get(tenant, ()))
 
+    def entries(self) -> list[CacheEntry]:
+        """All entries, least recently used first (the order a snapshot restores)."""
+        return list(self._entries.values())
+
     def _unlink(self, entry_id: str) -> CacheEntry | None:
         entry = self._entries.pop(entry_id, None)
         if entry is None:

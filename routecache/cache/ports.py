@@ -49,6 +49,10 @@ class CacheEntry:
     last_hit_at: float = 0.0
 
 
+class StoreUnavailable(Exception):
+    """The entry store cannot answer now (e.g. Redis down): the cache is bypassed, not failed."""
+
+
 class EntryStore(Protocol):
     """Where cache entries live: in-process (embedded default) or Redis (production)."""
 
@@ -83,6 +87,8 @@ class VectorIndex(Protocol):
     """Nearest-neighbour search that never looks outside one scope."""
 
     def add(self, scope: str, entry_id: str, vector: Vector) -> None: ...
+
+    def add_many(self, scope: str, entry_ids: list[str], vectors: Vector) -> None: ...
 
     def remove(self, scope: str, entry_id: str) -> None: ...
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
-from routecache.cache.ports import CacheEntry, EntryStore, Vector, VectorIndex
+from routecache.cache.ports import CacheEntry, EntryStore, StoreUnavailable, Vector, VectorIndex
 from routecache.cache.scope import exact_key
 from routecache.domain import CacheOutcome, Tier
+from routecache.errors import Unavailable
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,16 @@ class Distrust:
     neighbours: int = 16
 
 
+def new_entry_id(tenant: str) -> str:
+    """`<tenant>:<uuid hex>`: a store can find an entry's tenant (and its keys) from the id."""
+    return f"{tenant}:{uuid.uuid4().hex}"
+
+
 class SemanticCache:
+    """Lookups and stores bypass the cache when the store is unavailable (counted in
+    `bypassed`); invalidations, feedback and stats raise instead, so a caller never believes a
+    removal that did not happen."""
+
     def __init__(
         self,
         store: EntryStore,
@@ -72,17 +83,35 @@ class SemanticCache:
         # Expired entries are kept this long: an answer to serve, flagged stale, when no
         # provider can answer.
         self._grace = stale_grace_seconds
+        self.bypassed = 0
+
+    @property
+    def index(self) -> VectorIndex:
+        return self._index
 
     async def lookup_exact(self, scope: str, prompt: str) -> CacheHit | None:
-        entry = await self._store.get_exact(exact_key(scope, prompt))
-        if entry is None or entry.scope != scope or not await self._is_live(entry):
+        try:
+            entry = await self._store.get_exact(exact_key(scope, prompt))
+            if entry is None or entry.scope != scope or not await self._is_live(entry):
+                return None
+            return await self._hit(entry, CacheOutcome.EXACT, 1.0)
+        except StoreUnavailable:
+            self.bypassed += 1
             return None
-        return await self._hit(entry, CacheOutcome.EXACT, 1.0)
 
     async def lookup_semantic(
         self, scope: str, vector: Vector, threshold: float
     ) -> CacheHit | None:
         """The most similar live entry of this scope at or above the threshold, if any."""
+        try:
+            return await self._search(scope, vector, threshold)
+        except StoreUnavailable:
+            self.bypassed += 1
+            return None
+
+    async def _search(self, scope: str, vector: Vector, threshold: float) -> CacheHit | None:
+        # The store is the truth: an entry the index still holds but the store no longer
+        # has (deleted on another replica, expired) is dropped here, never served.
         for neighbour in self._index.search(scope, vector, self._candidates):
             if neighbour.similarity < threshold:
                 return None  # neighbours come best first
@@ -101,6 +130,15 @@ class SemanticCache:
     ) -> CacheHit | None:
         """An entry of this scope, live or expired within the grace period, for the prompt or
         one meaning the same; for when no provider answers. Never crosses scopes."""
+        try:
+            return await self._search_stale(scope, prompt, vector, threshold)
+        except StoreUnavailable:
+            self.bypassed += 1
+            return None
+
+    async def _search_stale(
+        self, scope: str, prompt: str, vector: Vector | None, threshold: float
+    ) -> CacheHit | None:
         entry = await self._store.get_exact(exact_key(scope, prompt))
         if entry is not None and entry.scope == scope and await self._is_servable(entry):
             return await self._hit(entry, CacheOutcome.EXACT, 1.0)
@@ -113,10 +151,11 @@ class SemanticCache:
                 return await self._hit(entry, CacheOutcome.SEMANTIC, neighbour.similarity)
         return None
 
-    async def store(self, new: NewEntry) -> CacheEntry:
+    async def store(self, new: NewEntry) -> CacheEntry | None:
+        """Stores the entry; None when the store is unavailable (the answer is still served)."""
         now = self._clock()
         entry = CacheEntry(
-            entry_id=uuid.uuid4().hex,
+            entry_id=new_entry_id(new.tenant),
             tenant=new.tenant,
             scope=new.scope,
             exact_key=exact_key(new.scope, new.prompt),
@@ -132,7 +171,11 @@ class SemanticCache:
             completion_tokens=new.completion_tokens,
             tags=new.tags,
         )
-        evicted = await self._store.put(entry)
+        try:
+            evicted = await self._store.put(entry)
+        except StoreUnavailable:
+            self.bypassed += 1
+            return None
         self._forget(evicted)
         self._index.add(entry.scope, entry.entry_id, entry.embedding)
         return entry
@@ -143,14 +186,16 @@ class SemanticCache:
 
     async def invalidate_ids(self, tenant: str, entry_ids: Sequence[str]) -> int:
         """Remove entries of this tenant; ids of other tenants are ignored, never removed."""
-        owned = [e.entry_id for e in [await self.get(tenant, i) for i in entry_ids] if e]
-        removed = await self._store.delete(owned)
-        self._forget(removed)
-        return len(removed)
+        async with _store_required("invalidate"):
+            return await self._invalidate(tenant, entry_ids)
 
     async def distrust(self, tenant: str, entry_id: str) -> int:
         """A thumbs-down: remove the entry, raise the similarity its neighbours need (returns
         the number of entries removed, 0 or 1)."""
+        async with _store_required("record feedback"):
+            return await self._distrust_entry(tenant, entry_id)
+
+    async def _distrust_entry(self, tenant: str, entry_id: str) -> int:
         entry = await self.get(tenant, entry_id)
         if entry is None:
             return 0
@@ -159,25 +204,36 @@ class SemanticCache:
             if neighbour.entry_id != entry_id and neighbour.similarity >= rule.radius:
                 raised = self.penalty_of(neighbour.entry_id) + rule.penalty
                 self._penalties[neighbour.entry_id] = min(rule.max_penalty, raised)
-        return await self.invalidate_ids(tenant, [entry_id])
+        return await self._invalidate(tenant, [entry_id])
 
     def penalty_of(self, entry_id: str) -> float:
         return self._penalties.get(entry_id, 0.0)
 
     async def top_entries(self, tenant: str, n: int) -> list[CacheEntry]:
         """The tenant's most served entries, most hits first."""
-        entries = [await self._store.get(i) for i in await self._store.ids_of_tenant(tenant)]
+        async with _store_required("read stats"):
+            ids = await self._store.ids_of_tenant(tenant)
+            entries = [await self._store.get(i) for i in ids]
         live = [e for e in entries if e is not None]
         return sorted(live, key=lambda e: (-e.hit_count, -e.cost_usd))[:n]
 
     async def invalidate_tag(self, tenant: str, tag: str) -> int:
-        return await self.invalidate_ids(tenant, await self._store.ids_with_tag(tenant, tag))
+        async with _store_required("invalidate"):
+            return await self._invalidate(tenant, await self._store.ids_with_tag(tenant, tag))
 
     async def invalidate_tenant(self, tenant: str) -> int:
-        return await self.invalidate_ids(tenant, await self._store.ids_of_tenant(tenant))
+        async with _store_required("invalidate"):
+            return await self._invalidate(tenant, await self._store.ids_of_tenant(tenant))
 
     async def entry_count(self, tenant: str) -> int:
-        return await self._store.count(tenant)
+        async with _store_required("count entries"):
+            return await self._store.count(tenant)
+
+    async def _invalidate(self, tenant: str, entry_ids: Sequence[str]) -> int:
+        owned = [e.entry_id for e in [await self.get(tenant, i) for i in entry_ids] if e]
+        removed = await self._store.delete(owned)
+        self._forget(removed)
+        return len(removed)
 
     async def _is_live(self, entry: CacheEntry) -> bool:
         if entry.expires_at > self._clock():
@@ -188,7 +244,7 @@ class SemanticCache:
     async def _is_servable(self, entry: CacheEntry) -> bool:
         if entry.expires_at + self._grace > self._clock():
             return True
-        await self.invalidate_ids(entry.tenant, [entry.entry_id])
+        await self._invalidate(entry.tenant, [entry.entry_id])
         return False
 
     async def _hit(self, entry: CacheEntry, outcome: CacheOutcome, similarity: float) -> CacheHit:
@@ -201,3 +257,12 @@ class SemanticCache:
         for entry in entries:
             self._index.remove(entry.scope, entry.entry_id)
             self._penalties.pop(entry.entry_id, None)
+
+
+@contextlib.asynccontextmanager
+async def _store_required(action: str) -> AsyncIterator[None]:
+    """A change the caller must be able to trust fails loudly (UNAVAILABLE) instead."""
+    try:
+        yield
+    except StoreUnavailable as exc:
+        raise Unavailable(f"cache store unavailable, could not {action}; retry later") from exc

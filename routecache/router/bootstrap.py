@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from routecache.backends.keys import KeySpace
+from routecache.backends.link import RedisLink
+from routecache.backends.redis_events import RedisStreamEventSink
+from routecache.backends.redis_limits import RedisRateLimiter, RedisSpendLedger
+from routecache.backends.redis_store import RedisEntryStore, RedisStoreOptions
+from routecache.backends.replica_sync import ReplicaSync
+from routecache.backends.storage import CacheHealth, EmbeddedStorage, RedisStorage, Storage
 from routecache.cache.embedder import HashEmbedder, MiniLMEmbedder
 from routecache.cache.embedding_worker import BatchPolicy, EmbeddingWorker
 from routecache.cache.faiss_index import IndexPolicy, ScopedFaissIndex
 from routecache.cache.memory_store import InMemoryEntryStore
 from routecache.cache.onnx_embedder import OnnxMiniLMEmbedder
-from routecache.cache.ports import Embedder
+from routecache.cache.ports import Embedder, EntryStore, VectorIndex
 from routecache.cache.semantic_cache import Distrust, SemanticCache
 from routecache.classifier.model import load_artifact, packaged_artifact_path
 from routecache.classifier.ports import DifficultyClassifier
@@ -25,7 +33,7 @@ from routecache.router.generation import Generator, Provider
 from routecache.router.limits import InMemoryRateLimiter, InMemorySpendLedger
 from routecache.router.metrics import MetricsServer, PrometheusTelemetry
 from routecache.router.pipeline import Pipeline, PipelineParts
-from routecache.router.ports import ChatUpstream, EventSink, Pricing
+from routecache.router.ports import ChatUpstream, EventSink, Pricing, RateLimiter, SpendLedger
 from routecache.router.server import DEPENDENCIES, RunningServer, start_server
 from routecache.router.servicer import RouteCacheServicer
 from routecache.router.settings import ProviderSettings, RetrySettings, Settings, TenantSettings
@@ -65,10 +73,18 @@ class Service:
     generator: Generator
     events: EventSink
     telemetry: Telemetry
+    storage: Storage
     server: RunningServer | None = None
     metrics: MetricsServer | None = None
     classifier: DifficultyClassifier | None = None
     background: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def start_storage(self, cache_health: CacheHealth | None = None) -> None:
+        """Loads the cache index from the store (rebuild from Redis, or the snapshot)."""
+        if cache_health is None:
+            await self.storage.start()
+        else:
+            await self.storage.start(cache_health)
 
     async def aclose(self) -> None:
         """Drain in-flight calls (within server.grace_seconds), then release everything."""
@@ -77,6 +93,7 @@ class Service:
         await asyncio.gather(*self.background, return_exceptions=True)
         if self.server is not None:
             await self.server.stop()
+        await self.storage.aclose()
         await self.generator.aclose()
         self.embeddings.close()
         if isinstance(self.events, JsonlEventLog):
@@ -215,6 +232,78 @@ def build_tenants(settings: Settings) -> ApiKeyAuthenticator:
     )  # fmt: skip
 
 
+@dataclass
+class StorageParts:
+    store: EntryStore
+    rate_limiter: RateLimiter
+    spend: SpendLedger
+    events: EventSink
+    storage: Storage
+
+
+def build_storage(
+    settings: Settings,
+    index: VectorIndex,
+    clock: Callable[[], float],
+    events: EventSink | None,
+    telemetry: Telemetry | None = None,
+) -> StorageParts:
+    """`events`: a sink that wins over the configured ones (tests). Otherwise events.path's
+    JSONL file when set, else the Redis stream on the Redis backend, else memory."""
+    store_settings = settings.store
+    grace = settings.upstream.stale_grace_seconds
+    if events is None and settings.events.path is not None:
+        events = build_events(settings)
+    if store_settings.backend == "memory":
+        store = InMemoryEntryStore(settings.cache.max_entries)
+        return StorageParts(
+            store, InMemoryRateLimiter(clock), InMemorySpendLedger(clock),
+            events or InMemoryEventLog(),
+            EmbeddedStorage(store, index, clock, store_settings.snapshot_path,
+                            store_settings.snapshot_interval_seconds, grace),
+        )  # fmt: skip
+    return build_redis_storage(settings, index, clock, events, telemetry or NullTelemetry())
+
+
+def build_redis_storage(
+    settings: Settings,
+    index: VectorIndex,
+    clock: Callable[[], float],
+    events: EventSink | None,
+    telemetry: Telemetry,
+) -> StorageParts:
+    store_settings = settings.store
+    grace = settings.upstream.stale_grace_seconds
+    link = RedisLink(
+        store_settings.redis_url.get_secret_value(),
+        store_settings.timeout_seconds,
+        store_settings.max_connections,
+        store_settings.probe_interval_seconds,
+    )
+    telemetry.watch_dependency("redis", lambda: link.up)
+    keyspace = KeySpace(store_settings.key_prefix)
+    origin = uuid.uuid4().hex  # this replica, so it can skip its own sync messages
+    redis_store = RedisEntryStore(
+        link, keyspace,
+        RedisStoreOptions(settings.cache.max_entries, store_settings.sync_stream_max_len,
+                          stale_grace_seconds=grace),
+        clock, origin,
+    )  # fmt: skip
+    sync = ReplicaSync(
+        link, keyspace, [t.name for t in settings.tenants], index, redis_store, origin, clock,
+        store_settings.purge_interval_seconds, stale_grace_seconds=grace,
+    )  # fmt: skip
+    stream_events = RedisStreamEventSink(
+        link, keyspace, store_settings.event_buffer_max, store_settings.event_stream_max_len
+    )
+    sink: EventSink = events if events is not None else stream_events
+    spend = RedisSpendLedger(link, keyspace, clock)
+    return StorageParts(
+        redis_store, RedisRateLimiter(link, keyspace, clock), spend, sink,
+        RedisStorage(link, sync, stream_events if events is None else None, spend),
+    )  # fmt: skip
+
+
 def build_service(settings: Settings, overrides: Overrides | None = None) -> Service:
     parts = overrides or Overrides()
     telemetry = parts.telemetry or build_telemetry(settings)
@@ -222,18 +311,20 @@ def build_service(settings: Settings, overrides: Overrides | None = None) -> Ser
     embedder = parts.embedder or build_embedder(settings)
     embeddings = build_embedding_worker(settings, embedder)
     telemetry.watch_queue("embedding", lambda: embeddings.pending)
-    events = parts.events or build_events(settings)
     clock = parts.clock
     classifier = parts.classifier or build_classifier(settings)
+    index = build_vector_index(settings, embedder.dimension)
+    storage = build_storage(settings, index, clock, parts.events, telemetry)
+    events = storage.events
     pipeline = Pipeline(
         PipelineParts(
             authenticator=build_tenants(settings),
             limits=settings.limits,
-            rate_limiter=InMemoryRateLimiter(clock),
-            spend=InMemorySpendLedger(clock),
+            rate_limiter=storage.rate_limiter,
+            spend=storage.spend,
             cache=SemanticCache(
-                InMemoryEntryStore(settings.cache.max_entries),
-                build_vector_index(settings, embedder.dimension),
+                storage.store,
+                index,
                 clock,
                 distrust=Distrust(settings.cache.feedback_radius, settings.cache.feedback_penalty),
                 stale_grace_seconds=settings.upstream.stale_grace_seconds,
@@ -247,12 +338,13 @@ def build_service(settings: Settings, overrides: Overrides | None = None) -> Ser
         )
     )
     return Service(
-        settings, pipeline, embeddings, generator, events, telemetry, classifier=classifier
-    )
+        settings, pipeline, embeddings, generator, events, telemetry, storage.storage,
+        classifier=classifier,
+    )  # fmt: skip
 
 
 async def start_service(settings: Settings, overrides: Overrides | None = None) -> Service:
-    """Start listening at once (health NOT_SERVING), load models and index, then serve.
+    """Start listening at once (health NOT_SERVING), load models, index and store, then serve.
 
     `service.server.port` is the bound gRPC port, `service.metrics_port` the metrics port.
     """
@@ -268,6 +360,8 @@ async def start_service(settings: Settings, overrides: Overrides | None = None) 
         if settings.metrics.enabled and isinstance(service.telemetry, PrometheusTelemetry):
             registry = service.telemetry.registry
             service.metrics = MetricsServer(registry, settings.metrics.host, settings.metrics.port)
+        # NOT_SERVING until the index holds what the store holds (a Redis rebuild takes a while).
+        await service.start_storage(server.set_cache_serving)
     except BaseException:
         await (service.aclose() if service is not None else server.stop())
         raise

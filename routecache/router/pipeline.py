@@ -82,6 +82,10 @@ class Pipeline:
         self._responses = ResponseRegistry()
         self._single_flight: SingleFlight[Generated] = SingleFlight()
 
+    @property
+    def cache(self) -> SemanticCache:
+        return self._p.cache
+
     async def complete(
         self, request: ChatRequest, api_key: str | None, seconds_left: float | None = None
     ) -> Completion:
@@ -353,7 +357,7 @@ class Pipeline:
                 tags=request.cache.tags,
             )
         )
-        return entry.entry_id
+        return "" if entry is None else entry.entry_id
 
     def _from_cache(self, tenant: Tenant, hit: CacheHit, latency: LatencyBreakdown) -> Completion:
         entry = hit.entry

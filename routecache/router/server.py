@@ -19,6 +19,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RouteCache"].full_name
 # Health names of the parts that must be loaded before calls are served, one each so an
 # operator sees which one holds readiness back ("" and SERVICE_NAME: the whole service).
 DEPENDENCIES = ("routecache.embedder", "routecache.classifier", "routecache.index")
+# The cache's store as its own health entry: Redis down marks only this NOT_SERVING, since
+# the service keeps answering without its cache.
+CACHE_HEALTH_NAME = "routecache.v1.RouteCache.cache"
 
 
 class RunningServer:
@@ -35,8 +38,11 @@ class RunningServer:
             await self.health.set(name, status)
 
     async def set_dependency(self, name: str, *, serving: bool) -> None:
-        """A dependency's own health entry (e.g. routecache.embedder, later routecache.redis)."""
+        """A dependency's own health entry (e.g. routecache.embedder, or the cache store)."""
         await self.health.set(name, _status(serving))
+
+    async def set_cache_serving(self, serving: bool) -> None:
+        await self.set_dependency(CACHE_HEALTH_NAME, serving=serving)
 
     async def stop(self) -> None:
         """Stop taking calls, let in-flight ones finish within the grace period."""

@@ -169,6 +169,31 @@ class CacheSettings(_Section):
     )
 
 
+class StoreSettings(_Section):
+    """Where cache entries, limits and events live: this process, or Redis shared by replicas."""
+
+    backend: Literal["memory", "redis"] = Field(
+        "memory", description="memory: embedded, one process; redis: shared by replicas"
+    )
+    snapshot_path: Path | None = Field(
+        None, description="memory backend: restore from and save to this file; None: off"
+    )
+    snapshot_interval_seconds: float = Field(300.0, gt=0)
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    key_prefix: str = Field("rc", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    timeout_seconds: float = Field(
+        0.25, gt=0, description="a Redis call slower than this counts as Redis down"
+    )
+    max_connections: int = Field(64, gt=0)
+    probe_interval_seconds: float = Field(0.5, gt=0, description="ping period while down")
+    purge_interval_seconds: float = Field(5.0, gt=0, description="expired-entry sweep period")
+    sync_stream_max_len: int = Field(100_000, gt=0)
+    event_stream_max_len: int = Field(1_000_000, gt=0)
+    event_buffer_max: int = Field(
+        10_000, gt=0, description="events held in memory while Redis is down"
+    )
+
+
 class _OperatingTargets(_Section):
     """At most one routing target; each maps to a threshold via the model's held-out curve."""
 
@@ -308,6 +333,7 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
     classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)

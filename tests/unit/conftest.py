@@ -18,9 +18,10 @@ from tests.fakes import FakeUpstream, ManualClock, RecordingTelemetry, json_answ
 KEYS = {"acme": "key-acme", "globex": "key-globex"}
 
 
-def unit_settings(**tenant_options: object) -> Settings:
+def unit_settings(store: dict[str, object] | None = None, **tenant_options: object) -> Settings:
     return load_settings(
         cache={"embedder": "hash", "similarity_threshold": 0.8, "max_entries": 100},
+        store=store or {},
         metrics={"port": 0},
         tenants=[
             {"name": name, "api_key_sha256": [hash_api_key(key)], **tenant_options}
@@ -40,8 +41,12 @@ class Harness:
     telemetry: RecordingTelemetry
 
 
-def make_harness(score: float = 0.2, telemetry: Telemetry | None = None,
-                 **tenant_options: object) -> Harness:  # fmt: skip
+def make_harness(
+    score: float = 0.2,
+    telemetry: Telemetry | None = None,
+    store: dict[str, object] | None = None,
+    **tenant_options: object,
+) -> Harness:
     cheap = FakeUpstream("cheap-model", prose_answer)
     strong = FakeUpstream("strong-model", json_answer)
     events = InMemoryEventLog()
@@ -49,7 +54,7 @@ def make_harness(score: float = 0.2, telemetry: Telemetry | None = None,
     classifier = FixedScoreClassifier(score, version="fixed-v1", default_threshold=0.5)
     recording = RecordingTelemetry()
     service = build_service(
-        unit_settings(**tenant_options),
+        unit_settings(store, **tenant_options),
         Overrides(
             embedder=HashEmbedder(),
             classifier=classifier,

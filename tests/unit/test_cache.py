@@ -4,8 +4,10 @@ import pytest
 from routecache.cache.embedder import HashEmbedder
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.memory_store import InMemoryEntryStore
+from routecache.cache.ports import StoreUnavailable
 from routecache.cache.semantic_cache import NewEntry, SemanticCache
 from routecache.domain import CacheOutcome, Tier
+from routecache.errors import Unavailable
 from tests.fakes import ManualClock
 
 EMBED = HashEmbedder()
@@ -106,3 +108,71 @@ def test_faiss_index_search_add_remove() -> None:
     assert [n.entry_id for n in index.search("s", vec("red apple"), 2)] == ["b"]
     assert len(index) == 1
     assert index.search("missing", vec("x"), 3) == []
+
+
+class _DownStore(InMemoryEntryStore):
+    """A store that is unreachable (Redis down), for the cache's degraded paths."""
+
+    def __init__(self) -> None:
+        super().__init__(max_entries=10)
+        self.down = False
+
+    async def put(self, entry):  # type: ignore[no-untyped-def]
+        self._fail()
+        return await super().put(entry)
+
+    async def get(self, entry_id):  # type: ignore[no-untyped-def]
+        self._fail()
+        return await super().get(entry_id)
+
+    async def get_exact(self, exact_key):  # type: ignore[no-untyped-def]
+        self._fail()
+        return await super().get_exact(exact_key)
+
+    async def ids_of_tenant(self, tenant):  # type: ignore[no-untyped-def]
+        self._fail()
+        return await super().ids_of_tenant(tenant)
+
+    def _fail(self) -> None:
+        if self.down:
+            raise StoreUnavailable("down")
+
+
+async def test_an_unavailable_store_is_bypassed_but_invalidation_fails_loudly(
+    clock: ManualClock,
+) -> None:
+    store = _DownStore()
+    cache = SemanticCache(store, ScopedFaissIndex(EMBED.dimension), clock)
+    kept = await cache.store(new_entry("how do I reset my password today"))
+    assert kept is not None
+    store.down = True
+    assert await cache.lookup_exact("acme:s1", "how do I reset my password today") is None
+    assert await cache.lookup_semantic("acme:s1", vec("how do I reset my password"), 0.5) is None
+    assert await cache.store(new_entry("asked while down")) is None
+    assert cache.bypassed == 3
+    with pytest.raises(Unavailable):
+        await cache.invalidate_ids("acme", [kept.entry_id])
+    store.down = False
+    hit = await cache.lookup_exact("acme:s1", "how do I reset my password today")
+    assert hit is not None and hit.entry.entry_id == kept.entry_id
+
+
+async def test_stale_lookups_bypass_an_unavailable_store_and_feedback_and_stats_fail_loudly(
+    clock: ManualClock,
+) -> None:
+    store = _DownStore()
+    cache = SemanticCache(store, ScopedFaissIndex(EMBED.dimension), clock, stale_grace_seconds=60)
+    kept = await cache.store(new_entry("how do I reset my password today", ttl=10))
+    assert kept is not None
+    clock.now += 20  # expired, within the grace
+    store.down = True
+    prompt = "how do I reset my password today"
+    assert await cache.lookup_stale("acme:s1", prompt, vec(prompt), 0.5) is None
+    assert cache.bypassed == 1
+    with pytest.raises(Unavailable, match="record feedback"):
+        await cache.distrust("acme", kept.entry_id)
+    with pytest.raises(Unavailable, match="read stats"):
+        await cache.top_entries("acme", 3)
+    store.down = False
+    stale = await cache.lookup_stale("acme:s1", prompt, vec(prompt), 0.5)
+    assert stale is not None and stale.entry.entry_id == kept.entry_id

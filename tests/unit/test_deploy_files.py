@@ -59,3 +59,15 @@ def test_kubernetes_config_is_a_valid_settings_file(tmp_path: Path) -> None:
     settings = load_settings(config)
     assert settings.server.host == "0.0.0.0" and settings.metrics.port == 9464
     assert settings.logging.format == "json" and settings.tenants
+
+
+def test_compose_replicas_share_the_redis_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    compose = yaml.safe_load((ROOT / "deploy/compose.yaml").read_text())
+    environment = compose["x-routecache"]["environment"]
+    for name, value in environment.items():
+        if name != "ROUTECACHE_CONFIG":  # mounted from examples/dev.toml
+            monkeypatch.setenv(name, str(value))
+    settings = load_settings(ROOT / "examples/dev.toml")
+    assert settings.store.backend == "redis"
+    assert settings.store.redis_url.get_secret_value() == "redis://redis:6379/0"
+    assert "redis" in compose["services"]

@@ -92,6 +92,30 @@ def test_a_key_for_two_tenants_is_refused() -> None:
         build_tenants(settings)
 
 
+def test_the_store_defaults_to_the_embedded_one_and_redis_is_chosen_by_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from routecache.backends.redis_store import RedisEntryStore
+    from routecache.backends.storage import EmbeddedStorage, RedisStorage
+    from routecache.cache.faiss_index import ScopedFaissIndex
+    from routecache.router.bootstrap import build_storage
+
+    default = load_settings()
+    assert default.store.backend == "memory" and default.store.snapshot_path is None
+    embedded = build_storage(default, ScopedFaissIndex(8), lambda: 0.0, None)
+    assert isinstance(embedded.storage, EmbeddedStorage)
+
+    monkeypatch.setenv("ROUTECACHE_STORE__BACKEND", "redis")
+    monkeypatch.setenv("ROUTECACHE_STORE__REDIS_URL", "redis://127.0.0.1:1/0")
+    chosen = load_settings()
+    assert chosen.store.redis_url.get_secret_value() == "redis://127.0.0.1:1/0"
+    assert "127.0.0.1:1" not in repr(chosen.store)  # the URL may carry a password
+    parts = build_storage(chosen, ScopedFaissIndex(8), lambda: 0.0, None)
+    assert isinstance(parts.store, RedisEntryStore) and isinstance(parts.storage, RedisStorage)
+    with pytest.raises(ConfigError, match=r"store\.backend"):
+        load_settings(store={"backend": "memcached"})
+
+
 FAILOVER_EXAMPLE = EXAMPLE.parent / "failover.toml"
 
 

@@ -1,0 +1,131 @@
+"""The shared Redis connection and its health: up, or down and probed until it answers again.
+
+Every Redis-backed part goes through one link, so the first failure anywhere switches all of
+them to their degraded paths at once (no part waits out its own timeout), and one probe brings
+them all back without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from routecache.cache.ports import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+HealthListener = Callable[[bool], Awaitable[None]]
+
+
+class RedisDown(StoreUnavailable):
+    """Redis is unreachable or too slow; callers take their degraded path."""
+
+
+class RedisLink:
+    def __init__(
+        self,
+        url: str,
+        timeout_seconds: float,
+        max_connections: int,
+        probe_interval_seconds: float,
+        block_ms: int = 1000,
+    ) -> None:
+        # No retries inside redis-py: a slow or dead Redis must cost one timeout, not several.
+        self.client = aioredis.Redis.from_url(
+            url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds,
+            max_connections=max_connections, retry=Retry(NoBackoff(), 0),
+        )  # fmt: skip
+        # Blocking stream reads wait up to block_ms by design, so they get their own pool.
+        self.blocking = aioredis.Redis.from_url(
+            url, socket_timeout=timeout_seconds + block_ms / 1000,
+            socket_connect_timeout=timeout_seconds, max_connections=4,
+            retry=Retry(NoBackoff(), 0),
+        )  # fmt: skip
+        self.block_ms = block_ms
+        self._probe_interval = probe_interval_seconds
+        self._up = asyncio.Event()
+        self._listeners: list[HealthListener] = []
+        self._probe: asyncio.Task[None] | None = None
+        self._reported: bool | None = None
+        self.failures = 0
+
+    @property
+    def up(self) -> bool:
+        return self._up.is_set()
+
+    def subscribe(self, listener: HealthListener) -> None:
+        self._listeners.append(listener)
+
+    async def connect(self) -> bool:
+        """One ping at start; a Redis that is down now starts the probe instead of failing."""
+        try:
+            await self.client.ping()
+        except (RedisError, OSError) as exc:
+            await self.mark_down(exc)
+            return False
+        await self._set(True)
+        return True
+
+    def check(self) -> None:
+        if not self._up.is_set():
+            raise RedisDown("redis is down")
+
+    async def wait_up(self) -> None:
+        await self._up.wait()
+
+    async def mark_down(self, exc: BaseException) -> None:
+        self.failures += 1
+        if self._reported is not False:
+            log.warning("redis unavailable (%s): cache bypassed until it answers", exc)
+        await self._set(False)
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.create_task(self._probe_until_up(), name="redis-probe")
+
+    async def _probe_until_up(self) -> None:
+        while True:
+            await asyncio.sleep(self._probe_interval)
+            try:
+                await self.client.ping()
+            except (RedisError, OSError):
+                continue
+            log.info("redis answers again: cache back in use")
+            await self._set(True)
+            return
+
+    async def _set(self, up: bool) -> None:
+        if up == self._reported:
+            return
+        self._reported = up
+        if up:
+            self._up.set()
+        else:
+            self._up.clear()
+        for listener in self._listeners:
+            await listener(up)
+
+    async def aclose(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+        await self.client.aclose()
+        await self.blocking.aclose()
+
+
+async def guarded(link: RedisLink, call: Callable[[], Awaitable[T]]) -> T:
+    """Run one Redis call; any Redis or socket failure marks the link down and raises RedisDown."""
+    link.check()
+    try:
+        return await call()
+    except (RedisError, OSError) as exc:
+        await link.mark_down(exc)
+        raise RedisDown(str(exc)) from exc

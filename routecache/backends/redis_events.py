@@ -1,0 +1,102 @@
+"""The event log on Redis Streams (one stream per tenant, `XADD ... MAXLEN ~`).
+
+`emit` never waits on Redis: events go into a bounded local queue that a background task
+flushes in batches. While Redis is down the queue holds them (the oldest are dropped, and
+counted, only when it is full) and they are flushed once Redis answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from routecache.backends.keys import KeySpace
+from routecache.backends.link import RedisDown, RedisLink, guarded
+
+log = logging.getLogger(__name__)
+
+_NO_TENANT = "_"
+
+
+class RedisStreamEventSink:
+    def __init__(
+        self,
+        link: RedisLink,
+        keyspace: KeySpace,
+        max_buffered: int = 10_000,
+        stream_max_len: int = 1_000_000,
+        batch: int = 500,
+    ) -> None:
+        self._link = link
+        self._keys = keyspace
+        self._queue: deque[dict[str, Any]] = deque()
+        self._max_buffered = max_buffered
+        self._stream_max_len = stream_max_len
+        self._batch = batch
+        self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()
+        self.dropped = 0
+        self.written = 0
+
+    @property
+    def buffered(self) -> int:
+        return len(self._queue)
+
+    def emit(self, kind: str, payload: Mapping[str, Any]) -> None:
+        if len(self._queue) >= self._max_buffered:
+            self._queue.popleft()
+            self.dropped += 1
+        self._queue.append({"kind": kind, "ts": time.time(), **payload})
+        self._wake.set()
+
+    async def run(self) -> None:
+        """The flush loop; runs until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._link.wait_up()
+            with contextlib.suppress(RedisDown):
+                await self.flush()
+            if self._queue:
+                self._wake.set()
+
+    async def flush(self) -> None:
+        """Writes everything buffered; raises RedisDown (keeping the rest) if Redis fails."""
+        async with self._flushing:  # the background loop and a final flush never interleave
+            while self._queue:
+                batch = [self._queue.popleft() for _ in range(min(self._batch, len(self._queue)))]
+                try:
+                    await guarded(self._link, lambda b=batch: self._write(b))  # type: ignore[misc]
+                except RedisDown:
+                    self._requeue(batch)
+                    raise
+                self.written += len(batch)
+
+    def _requeue(self, batch: list[dict[str, Any]]) -> None:
+        """Puts an unwritten batch back in front; the oldest go if the bound is exceeded."""
+        self._queue.extendleft(reversed(batch))
+        while len(self._queue) > self._max_buffered:
+            self._queue.popleft()
+            self.dropped += 1
+
+    async def _write(self, batch: Sequence[dict[str, Any]]) -> None:
+        pipe = self._link.client.pipeline(transaction=False)
+        for event in batch:
+            stream = self._keys.of(str(event.get("tenant") or _NO_TENANT)).events
+            fields = {"kind": event["kind"], "data": json.dumps(event, ensure_ascii=False)}
+            pipe.xadd(stream, fields, maxlen=self._stream_max_len, approximate=True)
+        await pipe.execute()
+
+
+async def read_events(
+    link: RedisLink, keyspace: KeySpace, tenant: str, count: int = 1000
+) -> list[dict[str, Any]]:
+    """The tenant's oldest `count` events (what feedback, analysis and retraining read)."""
+    rows = await link.client.xrange(keyspace.of(tenant).events, count=count)
+    return [json.loads(fields[b"data"]) for _, fields in rows]

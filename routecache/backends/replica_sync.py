@@ -1,0 +1,205 @@
+"""Keeps this replica's FAISS index equal to what Redis holds.
+
+At start: a full rebuild from the tenants' entry hashes (ZSCAN + pipelined HMGET, bulk FAISS
+adds), with progress logged. Then: tail the tenants' sync streams (XREAD BLOCK) from the ids
+noted before the rebuild began, so nothing written meanwhile is missed, and apply the other
+replicas' adds and deletes. After an outage the tail resumes where it stopped; if the stream
+was trimmed past that point or Redis lost its data, the tenant is rebuilt instead.
+
+Entries the index still holds but Redis no longer has cost only memory: SemanticCache checks
+every candidate against the store and drops the missing ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from redis.exceptions import RedisError, ResponseError
+
+from routecache.backends import scripts
+from routecache.backends.keys import KeySpace, tenant_of_id
+from routecache.backends.link import RedisDown, RedisLink
+from routecache.backends.redis_store import RedisEntryStore
+from routecache.cache.ports import VectorIndex
+
+log = logging.getLogger(__name__)
+
+StreamId = tuple[int, int]
+_PROGRESS_EVERY_SECONDS = 2.0
+
+
+def parse_id(raw: str) -> StreamId:
+    ms, _, seq = raw.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class ReplicaSync:
+    def __init__(
+        self,
+        link: RedisLink,
+        keyspace: KeySpace,
+        tenants: Sequence[str],
+        index: VectorIndex,
+        store: RedisEntryStore,
+        origin: str,
+        clock: Callable[[], float],
+        purge_interval_seconds: float = 5.0,
+        batch: int = 2000,
+        stale_grace_seconds: float = 0.0,
+    ) -> None:
+        self._link = link
+        self._keys = keyspace
+        self._tenants = list(tenants)
+        self._index = index
+        self._store = store
+        self._origin = origin
+        self._clock = clock
+        self._purge_interval = purge_interval_seconds
+        self._batch = batch
+        # Expired entries within the grace stay searchable for stale answers (SemanticCache
+        # keeps them out of normal lookups).
+        self._grace = stale_grace_seconds
+        self._rows = link.client.register_script(scripts.INDEX_ROWS)
+        self._last: dict[str, str] = {}  # sync stream key → last applied id
+        # Until a rebuild finished (e.g. Redis was down at start) the run loop owes one.
+        self._resync = True
+        self.applied = 0
+        link.subscribe(self._on_health)
+
+    async def _on_health(self, up: bool) -> None:
+        if not up:
+            self._resync = True
+
+    async def rebuild(self) -> int:
+        """Loads every servable entry (live, or expired within the stale grace) of the
+        configured tenants into the index; returns the count."""
+        started = time.perf_counter()
+        total = 0
+        for tenant in self._tenants:
+            total += await self._rebuild_tenant(tenant, started)
+        log.info("index rebuilt from redis: %d entries in %.1f s", total,
+                 time.perf_counter() - started)  # fmt: skip
+        self._resync = False
+        return total
+
+    async def _rebuild_tenant(self, tenant: str, started: float) -> int:
+        keys = self._keys.of(tenant)
+        client = self._link.client
+        newest = await client.xrevrange(keys.sync, count=1)
+        # Noted before the scan, kept only once it finished: a torn rebuild is redone.
+        self._last.pop(keys.sync, None)
+        resume_from = newest[0][0].decode() if newest else "0-0"
+        size = await client.zcard(keys.lru)
+        loaded, seen, cursor, logged = 0, 0, 0, 0.0
+        while True:
+            cursor, members = await client.zscan(keys.lru, cursor, count=self._batch)
+            ids = [m.decode() for m, _ in members]
+            loaded += await self._load(ids)
+            seen += len(ids)
+            elapsed = time.perf_counter() - started
+            if cursor == 0 or elapsed - logged >= _PROGRESS_EVERY_SECONDS:
+                logged = elapsed
+                log.info("rebuilding index: tenant %s %d/%d entries (%.1f s)", tenant, seen,
+                         size, elapsed)  # fmt: skip
+            if cursor == 0:
+                self._last[keys.sync] = resume_from
+                return loaded
+
+    async def _load(self, ids: Sequence[str]) -> int:
+        """Adds the live ones of these entries; returns how many were added."""
+        by_tenant: defaultdict[str, list[str]] = defaultdict(list)
+        for entry_id in ids:
+            by_tenant[tenant_of_id(entry_id)].append(entry_id)
+        now = self._clock()
+        by_scope: defaultdict[str, tuple[list[str], list[bytes]]] = defaultdict(lambda: ([], []))
+        for tenant, members in by_tenant.items():
+            flat = await self._rows(args=[self._keys.of(tenant).base, *members])
+            for n, entry_id in enumerate(members):
+                scope, emb, expires = flat[3 * n : 3 * n + 3]
+                if scope is None or float(expires) + self._grace <= now:
+                    continue
+                scope_ids, vectors = by_scope[scope.decode()]
+                scope_ids.append(entry_id)
+                vectors.append(emb)
+        for scope, (scope_ids, vectors) in by_scope.items():
+            matrix = np.frombuffer(b"".join(vectors), dtype=np.float32)
+            self._index.add_many(scope, scope_ids, matrix.reshape(len(scope_ids), -1))
+        return sum(len(m) for m, _ in by_scope.values())
+
+    async def run(self) -> None:
+        """The tail loop; runs until cancelled, waits out Redis outages."""
+        if not self._tenants:
+            return
+        next_purge = time.monotonic() + self._purge_interval
+        while True:
+            await self._link.wait_up()
+            try:
+                if self._resync:
+                    await self._check_gaps()
+                await self.poll()
+                if time.monotonic() >= next_purge:
+                    for tenant in self._tenants:
+                        await self._store.purge_expired(tenant)
+                    next_purge = time.monotonic() + self._purge_interval
+            except RedisDown:
+                continue
+            except (RedisError, OSError) as exc:
+                await self._link.mark_down(exc)
+
+    async def poll(self) -> int:
+        """Reads and applies one batch of sync operations; returns how many were applied."""
+        if not self._last:
+            return 0
+        answer = await self._link.blocking.xread(self._last, count=1000, block=self._link.block_ms)
+        count = 0
+        for stream, messages in answer:
+            count += await self._apply(messages)
+            self._last[stream.decode()] = messages[-1][0].decode()
+        self.applied += count
+        return count
+
+    async def _apply(self, messages: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
+        ops = [
+            {k.decode(): v.decode() for k, v in fields.items()}
+            for _, fields in messages
+        ]  # fmt: skip
+        theirs = [op for op in ops if op.get("o") != self._origin]
+        await self._load([op["id"] for op in theirs if op["op"] == "add"])
+        for op in theirs:
+            if op["op"] == "del":
+                self._index.remove(op["scope"], op["id"])
+        return len(theirs)
+
+    async def _check_gaps(self) -> None:
+        """After an outage: rebuild a tenant whose stream no longer reaches back to our id."""
+        started = time.perf_counter()
+        for tenant in self._tenants:
+            stream = self._keys.of(tenant).sync
+            if stream not in self._last:
+                await self._rebuild_tenant(tenant, started)
+                continue
+            last = parse_id(self._last.get(stream, "0-0"))
+            info = await self._stream_info(stream)
+            first = info.get("first-entry")
+            newest = parse_id(_text(info.get("last-generated-id", "0-0")))
+            trimmed = first is not None and parse_id(_text(first[0])) > last
+            if trimmed or newest < last:
+                log.warning("sync stream of %s has a gap: rebuilding its entries", tenant)
+                await self._rebuild_tenant(tenant, started)
+        self._resync = False
+
+    async def _stream_info(self, stream: str) -> dict[str, Any]:
+        try:
+            info: dict[str, Any] = await self._link.client.xinfo_stream(stream)
+        except ResponseError:  # no such key: Redis holds nothing of this tenant
+            return {}
+        return info
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,144 @@
+"""Lua scripts: each keeps one tenant's entry, exact key, tag sets, recency and expiry sets
+and the replica sync stream consistent in one atomic step. All keys they touch share the
+tenant's hash tag (one Redis Cluster slot); they are derived from the `base` argument."""
+
+from __future__ import annotations
+
+# ARGV[1] = tenant key base, ARGV[2] = sync stream max length, ARGV[3] = origin replica id.
+_UNLINK = """
+local base = ARGV[1]
+local sync_maxlen = ARGV[2]
+local origin = ARGV[3]
+
+local function unlink(eid, removed)
+  local ekey = base .. 'e:' .. eid
+  local data = redis.call('HGETALL', ekey)
+  redis.call('ZREM', base .. 'lru', eid)
+  redis.call('ZREM', base .. 'exp', eid)
+  if #data == 0 then return end
+  local f = {}
+  for i = 1, #data, 2 do f[data[i]] = data[i + 1] end
+  redis.call('DEL', ekey)
+  if redis.call('GET', f['xr']) == eid then redis.call('DEL', f['xr']) end
+  for _, tag in ipairs(cjson.decode(f['tags'])) do
+    redis.call('SREM', base .. 'tag:' .. tag, eid)
+  end
+  redis.call('XADD', base .. 'sync', 'MAXLEN', '~', sync_maxlen, '*',
+             'op', 'del', 'id', eid, 'scope', f['scope'], 'o', origin)
+  table.insert(removed, data)
+end
+
+local function purge_expired(now, limit, removed)
+  local ids = redis.call('ZRANGEBYSCORE', base .. 'exp', '-inf', now, 'LIMIT', 0, limit)
+  for _, eid in ipairs(ids) do unlink(eid, removed) end
+end
+"""
+
+# ARGV[4..]: now, max_entries, grace_ms, id, exact redis key, purge_at (expires_at plus the
+# stale grace: until then the entry may still be served stale), scope, ntags,
+# tags..., then the entry's hash fields as name/value pairs.
+PUT = (
+    _UNLINK
+    + """
+local now = ARGV[4]
+local max_entries = tonumber(ARGV[5])
+local grace_ms = tonumber(ARGV[6])
+local eid = ARGV[7]
+local xr = ARGV[8]
+local purge_at = ARGV[9]
+local scope = ARGV[10]
+local ntags = tonumber(ARGV[11])
+local removed = {}
+unlink(eid, removed)
+local old = redis.call('GET', xr)
+if old then unlink(old, removed) end
+local ekey = base .. 'e:' .. eid
+-- Redis expiry is only a backstop: purge_expired unlinks on time and tells the replicas.
+local expire_ms = math.floor(tonumber(purge_at) * 1000) + grace_ms
+redis.call('HSET', ekey, unpack(ARGV, 12 + ntags))
+redis.call('PEXPIREAT', ekey, expire_ms)
+redis.call('SET', xr, eid, 'PXAT', expire_ms)
+local now_ms = math.floor(tonumber(now) * 1000)
+for i = 1, ntags do
+  local tk = base .. 'tag:' .. ARGV[11 + i]
+  redis.call('SADD', tk, eid)
+  local ttl = redis.call('PTTL', tk)
+  if ttl < 0 or now_ms + ttl < expire_ms then redis.call('PEXPIREAT', tk, expire_ms) end
+end
+redis.call('ZADD', base .. 'lru', now, eid)
+redis.call('ZADD', base .. 'exp', purge_at, eid)
+redis.call('XADD', base .. 'sync', 'MAXLEN', '~', sync_maxlen, '*',
+           'op', 'add', 'id', eid, 'scope', scope, 'o', origin)
+purge_expired(now, 64, removed)
+while redis.call('ZCARD', base .. 'lru') > max_entries do
+  unlink(redis.call('ZRANGE', base .. 'lru', 0, 0)[1], removed)
+end
+return removed
+"""
+)
+
+# ARGV[4..]: entry ids.
+DELETE = (
+    _UNLINK
+    + """
+local removed = {}
+for i = 4, #ARGV do unlink(ARGV[i], removed) end
+return removed
+"""
+)
+
+# ARGV[4], ARGV[5]: now, the most entries to unlink in this call.
+PURGE = (
+    _UNLINK
+    + """
+local removed = {}
+purge_expired(ARGV[4], tonumber(ARGV[5]), removed)
+return #removed
+"""
+)
+
+# ARGV: base, exact redis key.
+GET_EXACT = """
+local eid = redis.call('GET', ARGV[2])
+if not eid then return false end
+return redis.call('HGETALL', ARGV[1] .. 'e:' .. eid)
+"""
+
+# ARGV: base, id, now. Recency feeds eviction; hit counts feed the policy's statistics.
+RECORD_HIT = """
+local ekey = ARGV[1] .. 'e:' .. ARGV[2]
+if redis.call('EXISTS', ekey) == 0 then return 0 end
+redis.call('HINCRBY', ekey, 'hits', 1)
+redis.call('HSET', ekey, 'last_hit', ARGV[3])
+redis.call('ZADD', ARGV[1] .. 'lru', 'XX', ARGV[3], ARGV[2])
+return 1
+"""
+
+# KEYS[1]: the bucket. ARGV: now, refill per second, capacity. Returns the wait in seconds.
+TOKEN_BUCKET = """
+local now = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local cap = tonumber(ARGV[3])
+local b = redis.call('HMGET', KEYS[1], 't', 'u')
+local tokens = tonumber(b[1]) or cap
+local updated = tonumber(b[2]) or now
+tokens = math.min(cap, tokens + math.max(0, now - updated) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+redis.call('HSET', KEYS[1], 't', tostring(tokens), 'u', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(cap / rate * 1000) + 1000)
+return tostring(wait)
+"""
+
+# ARGV: base, ids... → scope, embedding, expires_at for each id (false where it is gone).
+# One call per batch instead of one HMGET each: a rebuild is bound by per-command overhead.
+INDEX_ROWS = """
+local rows = {}
+for i = 2, #ARGV do
+  local row = redis.call('HMGET', ARGV[1] .. 'e:' .. ARGV[i], 'scope', 'emb', 'expires')
+  rows[#rows + 1] = row[1] or false
+  rows[#rows + 1] = row[2] or false
+  rows[#rows + 1] = row[3] or false
+end
+return rows
+"""

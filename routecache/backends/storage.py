@@ -1,0 +1,140 @@
+"""The storage a service runs on, with its start and stop: the embedded store (optionally
+snapshotted to disk) or Redis (shared by replicas). Chosen in router/bootstrap.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Protocol
+
+from routecache.backends.link import RedisLink
+from routecache.backends.redis_events import RedisStreamEventSink
+from routecache.backends.redis_limits import RedisSpendLedger
+from routecache.backends.replica_sync import ReplicaSync
+from routecache.cache.memory_store import InMemoryEntryStore
+from routecache.cache.ports import StoreUnavailable, VectorIndex
+from routecache.cache.snapshot import restore_snapshot, save_snapshot
+
+log = logging.getLogger(__name__)
+
+CacheHealth = Callable[[bool], Awaitable[None]]
+
+
+async def _ignore_health(up: bool) -> None:
+    return None
+
+
+class Storage(Protocol):
+    async def start(self, cache_health: CacheHealth = _ignore_health) -> None:
+        """Loads what the store holds into the index; returns when this replica may serve."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class EmbeddedStorage:
+    """The in-process store; with a snapshot path it is restored at start and saved
+    periodically and at stop."""
+
+    def __init__(
+        self,
+        store: InMemoryEntryStore,
+        index: VectorIndex,
+        clock: Callable[[], float],
+        snapshot_path: Path | None,
+        snapshot_interval_seconds: float,
+        stale_grace_seconds: float = 0.0,
+    ) -> None:
+        self.store = store
+        self._index = index
+        self._clock = clock
+        self._path = snapshot_path
+        self._interval = snapshot_interval_seconds
+        self._grace = stale_grace_seconds
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, cache_health: CacheHealth = _ignore_health) -> None:
+        if self._path is not None:
+            await restore_snapshot(self.store, self._index, self._path, self._clock, self._grace)
+            self._task = asyncio.create_task(self._save_periodically(self._path))
+        await cache_health(True)
+
+    async def _save_periodically(self, path: Path) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.save(path)
+
+    async def save(self, path: Path) -> None:
+        # The list is taken here, on the loop; encoding and writing run on a thread.
+        entries = self.store.entries()
+        try:
+            count = await asyncio.to_thread(save_snapshot, entries, path)
+        except OSError as exc:  # a full disk must not take the service down
+            log.error("cache snapshot to %s failed: %s", path, exc)
+            return
+        log.info("saved %d cache entries to %s", count, path)
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._path is not None:
+            await self.save(self._path)
+
+
+class RedisStorage:
+    """Redis: connect, rebuild the index, then tail the sync stream and flush events in the
+    background. A Redis that is down at start leaves the service serving without a cache."""
+
+    def __init__(
+        self,
+        link: RedisLink,
+        sync: ReplicaSync,
+        events: RedisStreamEventSink | None,
+        spend: RedisSpendLedger,
+        close_timeout_seconds: float = 2.0,
+    ) -> None:
+        self.link = link
+        self.sync = sync
+        self.events = events
+        self._spend = spend
+        self._close_timeout = close_timeout_seconds
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self, cache_health: CacheHealth = _ignore_health) -> None:
+        self.link.subscribe(cache_health)
+        if await self.link.connect():
+            try:
+                await self.sync.rebuild()
+            except StoreUnavailable:
+                log.warning("redis went away during the index rebuild: finishing it later")
+            except Exception as exc:  # a failed rebuild degrades the cache, not the service
+                await self.link.mark_down(exc)
+        self._tasks.append(asyncio.create_task(self.sync.run(), name="replica-sync"))
+        if self.events is not None:
+            self._tasks.append(asyncio.create_task(self.events.run(), name="event-flush"))
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            await _cancel(task)
+        # Last chance for buffered events and pending spend; a dead Redis must not hang stop.
+        with contextlib.suppress(StoreUnavailable, TimeoutError):
+            async with asyncio.timeout(self._close_timeout):
+                if self.events is not None and self.link.up:
+                    await self.events.flush()
+                await self._spend.flush()
+        await self.link.aclose()
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    """Cancels until it is done: on Python 3.11 a cancel that lands as a socket timeout
+    expires can come out as a TimeoutError, which the loops treat as Redis being down."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=0.5)
+    with contextlib.suppress(asyncio.CancelledError):
+        task.result()

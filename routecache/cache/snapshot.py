@@ -1,0 +1,97 @@
+"""Snapshots of the embedded store: a single-process deployment keeps its cache over restarts.
+
+One JSON object per entry (embedding in base64 float32), least recently used first, written
+to a temporary file and renamed over the old snapshot, so a crash mid-write never leaves a
+torn file. No pickle: loading a snapshot cannot run code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from routecache.cache.memory_store import InMemoryEntryStore
+from routecache.cache.ports import CacheEntry, VectorIndex
+from routecache.domain import Tier
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+def _encode(entry: CacheEntry) -> str:
+    record: dict[str, Any] = dataclasses.asdict(entry)
+    record["tier"] = entry.tier.value
+    record["tags"] = list(entry.tags)
+    record["embedding"] = base64.b64encode(
+        np.ascontiguousarray(entry.embedding, dtype=np.float32).tobytes()
+    ).decode()
+    return json.dumps(record, ensure_ascii=False)
+
+
+def _decode(line: str) -> CacheEntry:
+    record = json.loads(line)
+    record["tier"] = Tier(record["tier"])
+    record["tags"] = tuple(record["tags"])
+    record["embedding"] = np.frombuffer(base64.b64decode(record["embedding"]), dtype=np.float32)
+    return CacheEntry(**record)
+
+
+def save_snapshot(entries: Sequence[CacheEntry], path: Path) -> int:
+    """Writes the entries (take them with store.entries() on the loop); returns how many."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as out:
+        out.write(json.dumps({"routecache_snapshot": FORMAT_VERSION}) + "\n")
+        for entry in entries:
+            out.write(_encode(entry) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    return len(entries)
+
+
+def read_snapshot(path: Path) -> Iterator[CacheEntry]:
+    with path.open(encoding="utf-8") as lines:
+        header = json.loads(next(lines, "{}"))
+        if header.get("routecache_snapshot") != FORMAT_VERSION:
+            raise ValueError(f"{path} is not a routecache snapshot (version {FORMAT_VERSION})")
+        for line in lines:
+            yield _decode(line)
+
+
+def read_live_entries(path: Path, now: float, grace: float = 0.0) -> list[CacheEntry]:
+    """The snapshot's entries that have not expired, or expired less than `grace` seconds ago
+    (still servable stale); none when there is no snapshot."""
+    if not path.is_file():
+        log.info("no cache snapshot at %s: starting empty", path)
+        return []
+    return [entry for entry in read_snapshot(path) if entry.expires_at + grace > now]
+
+
+async def restore_snapshot(
+    store: InMemoryEntryStore,
+    index: VectorIndex,
+    path: Path,
+    clock: Callable[[], float],
+    stale_grace_seconds: float = 0.0,
+) -> int:
+    """Loads the live entries of a snapshot, if there is one; returns how many."""
+    entries = await asyncio.to_thread(read_live_entries, path, clock(), stale_grace_seconds)
+    loaded = 0
+    for entry in entries:
+        for gone in await store.put(entry):
+            index.remove(gone.scope, gone.entry_id)
+        index.add(entry.scope, entry.entry_id, entry.embedding)
+        loaded += 1
+    log.info("restored %d cache entries from %s", loaded, path)
+    return loaded

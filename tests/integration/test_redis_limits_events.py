@@ -1,0 +1,115 @@
+"""Rate limits, spend and the event stream shared by replicas through a real redis-server."""
+
+from __future__ import annotations
+
+import pytest
+
+from routecache.backends.keys import KeySpace
+from routecache.backends.link import RedisLink
+from routecache.backends.redis_events import RedisStreamEventSink, read_events
+from routecache.backends.redis_limits import RedisRateLimiter, RedisSpendLedger
+from routecache.errors import ResourceExhausted
+from tests.fakes import ManualClock
+from tests.integration.replicas import ACME, ask, real_clock, replica_settings, start_replica
+from tests.redis_fixture import RedisServer
+
+pytestmark = pytest.mark.integration
+
+
+def link_to(server: RedisServer) -> RedisLink:
+    return RedisLink(server.url, timeout_seconds=0.5, max_connections=4,
+                     probe_interval_seconds=0.05)  # fmt: skip
+
+
+async def test_the_rate_limit_is_shared_by_replicas(redis_server: RedisServer) -> None:
+    clock = ManualClock()
+    links = [link_to(redis_server), link_to(redis_server)]
+    a, b = (RedisRateLimiter(link, KeySpace(), clock) for link in links)
+    for link in links:
+        assert await link.connect()
+    try:
+        assert await a.acquire("tenant:acme", 2.0) == 0.0
+        assert await b.acquire("tenant:acme", 2.0) == 0.0
+        assert await a.acquire("tenant:acme", 2.0) == pytest.approx(0.5)  # bucket of 2 is empty
+        assert await b.acquire("tenant:globex", 2.0) == 0.0  # another tenant's bucket
+        clock.advance(0.5)
+        assert await b.acquire("tenant:acme", 2.0) == 0.0
+        assert a.fallbacks == b.fallbacks == 0
+    finally:
+        for link in links:
+            await link.aclose()
+
+
+async def test_limits_fall_back_to_the_replica_when_redis_is_down(
+    own_redis_server: RedisServer,
+) -> None:
+    clock = ManualClock()
+    link = link_to(own_redis_server)
+    limiter = RedisRateLimiter(link, KeySpace(), clock)
+    spend = RedisSpendLedger(link, KeySpace(), clock)
+    assert await link.connect()
+    try:
+        await spend.record("acme", 0.25)
+        own_redis_server.kill()
+        assert await limiter.acquire("tenant:acme", 1.0) == 0.0  # the replica's own bucket
+        assert await limiter.acquire("tenant:acme", 1.0) > 0.0
+        assert limiter.fallbacks == 2
+        await spend.record("acme", 0.5)  # kept pending, counted against the cap meanwhile
+        assert await spend.spent_today("acme") == pytest.approx(0.75)
+        own_redis_server.start()
+        await link.wait_up()
+        other = RedisSpendLedger(link, KeySpace(), clock)  # as another replica sees it
+        assert await other.spent_today("acme") == pytest.approx(0.75)
+    finally:
+        await link.aclose()
+
+
+async def test_the_daily_cap_counts_spend_of_every_replica(redis_server: RedisServer) -> None:
+    clock = real_clock()
+    settings = replica_settings(redis_server.url)
+    settings.tenants[0].daily_budget_usd = 1e-9
+    a = await start_replica(settings, clock)
+    b = await start_replica(settings, clock)
+    try:
+        await a.service.pipeline.complete(ask("spend some money"), ACME)
+        with pytest.raises(ResourceExhausted):
+            await b.service.pipeline.complete(ask("anything else"), ACME)
+    finally:
+        await a.service.aclose()
+        await b.service.aclose()
+
+
+async def test_events_land_on_the_tenant_stream(redis_server: RedisServer) -> None:
+    clock = real_clock()
+    replica = await start_replica(replica_settings(redis_server.url), clock)
+    try:
+        done = await replica.service.pipeline.complete(ask("log me"), ACME)
+        sink = replica.service.events
+        assert isinstance(sink, RedisStreamEventSink)
+        await sink.flush()
+        link = replica.service.storage.link  # type: ignore[attr-defined]
+        events = await read_events(link, KeySpace(), "acme")
+        assert [e["response_id"] for e in events] == [done.response_id]
+        assert events[0]["kind"] == "completion" and events[0]["prompt"] == "log me"
+        assert await read_events(link, KeySpace(), "globex") == []
+    finally:
+        await replica.service.aclose()
+
+
+async def test_the_event_buffer_is_bounded_while_redis_is_down(
+    own_redis_server: RedisServer,
+) -> None:
+    link = link_to(own_redis_server)
+    sink = RedisStreamEventSink(link, KeySpace(), max_buffered=3)
+    own_redis_server.kill()
+    assert not await link.connect()
+    try:
+        for n in range(5):
+            sink.emit("completion", {"tenant": "acme", "n": n})
+        assert sink.buffered == 3 and sink.dropped == 2
+        own_redis_server.start()
+        await link.wait_up()
+        await sink.flush()
+        assert [e["n"] for e in await read_events(link, KeySpace(), "acme")] == [2, 3, 4]
+    finally:
+        await link.aclose()

@@ -1,0 +1,225 @@
+"""Two service replicas sharing one real redis-server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+
+from routecache.domain import CacheOutcome
+from routecache.errors import Unavailable, UpstreamError
+from routecache.router.pipeline import InvalidateTarget
+from tests.fakes import ManualClock
+from tests.integration.replicas import (
+    ACME,
+    GLOBEX,
+    Replica,
+    ask,
+    eventually,
+    ids_near,
+    real_clock,
+    replica_settings,
+    start_replica,
+)
+from tests.redis_fixture import RedisServer
+
+pytestmark = pytest.mark.integration
+
+DOWN = UpstreamError("HTTP 503 Service Unavailable", retryable=True)
+NEAR = {
+    "how do I reset my password today": "how do I reset my password",
+    "what is the capital city of france": "what is the capital city of france please",
+}
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return real_clock()
+
+
+@pytest.fixture
+async def pair(
+    redis_server: RedisServer, clock: ManualClock
+) -> AsyncIterator[tuple[Replica, Replica]]:
+    settings = replica_settings(redis_server.url)
+    a = await start_replica(settings, clock)
+    b = await start_replica(settings, clock)
+    yield a, b
+    await a.service.aclose()
+    await b.service.aclose()
+
+
+async def test_replicas_share_hits_both_ways(pair: tuple[Replica, Replica]) -> None:
+    a, b = pair
+    (p1, n1), (p2, n2) = NEAR.items()
+    stored_on_a = await a.service.pipeline.complete(ask(p1), ACME)
+    assert stored_on_a.cache.outcome is CacheOutcome.MISS and stored_on_a.cache.entry_id
+    exact_on_b = await b.service.pipeline.complete(ask(p1), ACME)
+    assert exact_on_b.cache.outcome is CacheOutcome.EXACT
+    assert exact_on_b.cache.entry_id == stored_on_a.cache.entry_id
+    await eventually(lambda: len(b.index) == 1, "A's entry in B's index")
+    semantic_on_b = await b.service.pipeline.complete(ask(n1), ACME)
+    assert semantic_on_b.cache.outcome is CacheOutcome.SEMANTIC
+    assert semantic_on_b.cache.entry_id == stored_on_a.cache.entry_id
+
+    stored_on_b = await b.service.pipeline.complete(ask(p2), ACME)
+    await eventually(lambda: len(a.index) == 2, "B's entry in A's index")
+    semantic_on_a = await a.service.pipeline.complete(ask(n2), ACME)
+    assert semantic_on_a.cache.outcome is CacheOutcome.SEMANTIC
+    assert semantic_on_a.cache.entry_id == stored_on_b.cache.entry_id
+    assert len(a.cheap.calls) == 1 and len(b.cheap.calls) == 1
+    # Never across tenants, on either replica.
+    other = await b.service.pipeline.complete(ask(p1), GLOBEX)
+    assert other.cache.outcome is CacheOutcome.MISS
+
+
+@pytest.mark.parametrize("how", ["id", "tag", "tenant"])
+async def test_invalidation_on_one_replica_is_seen_by_the_other(
+    pair: tuple[Replica, Replica], how: str
+) -> None:
+    a, b = pair
+    prompt, near = next(iter(NEAR.items()))
+    stored = await a.service.pipeline.complete(ask(prompt, tags=("faq",)), ACME)
+    kept = await a.service.pipeline.complete(ask("an unrelated question entirely"), GLOBEX)
+    await eventually(lambda: len(b.index) == 2, "both entries in B's index")
+    assert (
+        await b.service.pipeline.complete(ask(near), ACME)
+    ).cache.outcome is CacheOutcome.SEMANTIC
+    target = {
+        "id": InvalidateTarget(entry_id=stored.cache.entry_id),
+        "tag": InvalidateTarget(tag="faq"),
+        "tenant": InvalidateTarget(all_entries=True),
+    }[how]
+    assert await a.service.pipeline.invalidate(target, ACME) == 1
+    # Served nowhere from the moment the invalidation returned ...
+    for replica in (a, b):
+        answer = await replica.service.pipeline.complete(ask(near, no_store=True), ACME)
+        assert answer.cache.outcome is CacheOutcome.MISS
+    # ... and dropped from the other replica's index by the sync stream.
+    await eventually(
+        lambda: stored.cache.entry_id not in ids_near(b, "acme", prompt),
+        "B's index forgot the invalidated entry",
+    )
+    again = await b.service.pipeline.complete(ask("an unrelated question entirely"), GLOBEX)
+    assert again.cache.entry_id == kept.cache.entry_id  # the other tenant's entry stays
+
+
+async def test_ttl_expiry_on_both_replicas(pair: tuple[Replica, Replica], clock: ManualClock,
+                                           redis_server: RedisServer) -> None:  # fmt: skip
+    a, b = pair
+    prompt, near = next(iter(NEAR.items()))
+    stored = await a.service.pipeline.complete(ask(prompt, ttl=60), ACME)
+    await eventually(lambda: len(b.index) == 1, "the entry in B's index")
+    clock.advance(61)
+    # Expired: never a hit, though it stays (for stale answers) until the grace has passed.
+    for replica in (b, a):
+        for text in (prompt, near):
+            answer = await replica.service.pipeline.complete(ask(text, no_store=True), ACME)
+            assert answer.cache.outcome is CacheOutcome.MISS
+    clock.advance(a.service.settings.upstream.stale_grace_seconds)
+    # The sweep unlinks it in Redis and tells every replica's index, the sweeper's own too.
+    for replica in (a, b):
+        await eventually(lambda r=replica: stored.cache.entry_id not in ids_near(r, "acme", prompt),
+                         "expired entry left the index")  # fmt: skip
+    assert redis_server_keys(redis_server, "*:e:*") == []
+
+
+async def test_an_expired_entry_is_served_stale_by_another_replica_when_providers_fail(
+    pair: tuple[Replica, Replica], clock: ManualClock
+) -> None:
+    a, b = pair
+    prompt, near = next(iter(NEAR.items()))
+    stored = await a.service.pipeline.complete(ask(prompt, ttl=60), ACME)
+    await eventually(lambda: len(b.index) == 1, "the entry in B's index")
+    clock.advance(61)
+    b.cheap.fail_with = b.strong.fail_with = DOWN
+    # Counting purges first: an expired entry within the grace survives the purge.
+    assert await b.service.pipeline.cache.entry_count("acme") == 1
+    for text, outcome in ((prompt, CacheOutcome.EXACT), (near, CacheOutcome.SEMANTIC)):
+        stale = await b.service.pipeline.complete(ask(text, no_store=True), ACME)
+        assert stale.cache.stale and stale.cache.outcome is outcome
+        assert stale.cache.entry_id == stored.cache.entry_id and stale.text == stored.text
+    clock.advance(b.service.settings.upstream.stale_grace_seconds)
+    assert await b.service.pipeline.cache.entry_count("acme") == 0
+    await eventually(lambda: stored.cache.entry_id not in ids_near(b, "acme", prompt),
+                     "the entry left B's index past the grace")  # fmt: skip
+    with pytest.raises(Unavailable, match="no cached answer"):
+        await b.service.pipeline.complete(ask(prompt, no_store=True), ACME)
+
+
+async def test_tenant_default_ttl_applies(redis_server: RedisServer, clock: ManualClock) -> None:
+    settings = replica_settings(redis_server.url)
+    settings.tenants[0].default_ttl_seconds = 30
+    a = await start_replica(settings, clock)
+    try:
+        stored = await a.service.pipeline.complete(ask("short lived by default"), ACME)
+        entry = await a.service.pipeline.cache.get("acme", stored.cache.entry_id)
+        assert entry is not None and entry.expires_at == pytest.approx(clock() + 30)
+        clock.advance(31)
+        again = await a.service.pipeline.complete(ask("short lived by default"), ACME)
+        assert again.cache.outcome is CacheOutcome.MISS
+    finally:
+        await a.service.aclose()
+
+
+async def test_eviction_at_the_bound_drops_the_least_recently_used(
+    redis_server: RedisServer, clock: ManualClock
+) -> None:
+    settings = replica_settings(redis_server.url, max_entries=3)
+    a = await start_replica(settings, clock)
+    b = await start_replica(settings, clock)
+    try:
+        prompts = ["apples grow on trees", "rivers flow to the sea", "stars shine at night"]
+        ids = []
+        for prompt in prompts:
+            clock.advance(1)
+            ids.append((await a.service.pipeline.complete(ask(prompt), ACME)).cache.entry_id)
+        clock.advance(1)
+        used = await b.service.pipeline.complete(ask(prompts[0]), ACME)  # now the most recent
+        assert used.cache.outcome is CacheOutcome.EXACT
+        clock.advance(1)
+        fourth = await b.service.pipeline.complete(ask("cats chase small mice"), ACME)
+        assert await a.service.pipeline.cache.entry_count("acme") == 3
+        assert await a.service.pipeline.cache.get("acme", ids[1]) is None  # least recently used
+        for kept in (ids[0], ids[2], fourth.cache.entry_id):
+            assert await a.service.pipeline.cache.get("acme", kept) is not None
+        await eventually(lambda: ids[1] not in ids_near(a, "acme", prompts[1]),
+                         "evicted entry left A's index")  # fmt: skip
+        # The other tenant's bound is its own.
+        await a.service.pipeline.complete(ask("globex question"), GLOBEX)
+        assert await a.service.pipeline.cache.entry_count("acme") == 3
+    finally:
+        await a.service.aclose()
+        await b.service.aclose()
+
+
+async def test_a_restarted_replica_rebuilds_its_index(
+    pair: tuple[Replica, Replica], redis_server: RedisServer, clock: ManualClock
+) -> None:
+    a, b = pair
+    stored = [
+        (await a.service.pipeline.complete(ask(prompt), ACME)).cache.entry_id for prompt in NEAR
+    ]
+    invalidated = await a.service.pipeline.complete(ask("soon gone"), ACME)
+    await a.service.pipeline.invalidate(InvalidateTarget(entry_id=invalidated.cache.entry_id), ACME)
+    await b.service.aclose()
+    restarted = await start_replica(replica_settings(redis_server.url), clock)
+    try:
+        # Ready means rebuilt: no waiting on the sync stream here.
+        assert len(restarted.index) == len(stored)
+        for near, entry_id in zip(NEAR.values(), stored, strict=True):
+            answer = await restarted.service.pipeline.complete(ask(near), ACME)
+            assert answer.cache.outcome is CacheOutcome.SEMANTIC
+            assert answer.cache.entry_id == entry_id
+        assert restarted.cheap.calls == []
+    finally:
+        await restarted.service.aclose()
+
+
+def redis_server_keys(server: RedisServer, pattern: str) -> list[bytes]:
+    client = redis.Redis(host="127.0.0.1", port=server.port)
+    try:
+        return sorted(client.keys(pattern))
+    finally:
+        client.close()
