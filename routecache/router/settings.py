@@ -156,7 +156,7 @@ class CacheSettings(_Section):
     ivf_threshold: int = Field(
         5_000, gt=0, description="entries in one scope before its flat index becomes IVF"
     )
-    ivf_nprobe: int = Field(16, gt=0, description="IVF cells searched per lookup")
+    ivf_nprobe: int = Field(32, gt=0, description="IVF cells searched per lookup")
     faiss_threads: int = Field(1, gt=0, description="OpenMP threads for FAISS")
     similarity_threshold: float = Field(0.9, gt=0, le=1)
     default_ttl_seconds: int = Field(7 * 24 * 3600, gt=0)
