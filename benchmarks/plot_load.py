@@ -12,7 +12,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 PATHS = {"exact": "exact", "semantic": "semantic", "miss_strong": "miss"}
 
@@ -28,7 +28,8 @@ def series(report: dict[str, Any], name: str, metric: str) -> tuple[list[int], l
 
 
 def main() -> None:
-    report = json.loads(open(sys.argv[1]).read())
+    with open(sys.argv[1]) as results:
+        report = json.load(results)
     figure, (latency, throughput) = plt.subplots(1, 2, figsize=(11, 4))
     for name in PATHS:
         for metric, style in (("p50_ms", "-o"), ("p99_ms", "--")):

@@ -28,6 +28,7 @@ from pathlib import Path
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.stack import upstream_toml
 from routecache.client import RouteCacheClient, chat_request
 from routecache.router.auth import hash_api_key
 
@@ -57,18 +58,7 @@ format = "json"
 [events]
 path = "{events}"
 
-[upstream.cheap]
-base_url = "{base}"
-model = "mixtral-8x7b-instruct"
-input_usd_per_mtok = 0.6
-output_usd_per_mtok = 0.6
-
-[upstream.strong]
-base_url = "{base}"
-model = "gpt-4-1106-preview"
-input_usd_per_mtok = 10.0
-output_usd_per_mtok = 30.0
-
+{upstream_toml(base)}
 [[tenants]]
 name = "load"
 api_key_sha256 = ["{hash_api_key(API_KEY)}"]

@@ -43,21 +43,28 @@ def _wait_for(process: subprocess.Popen[str], pattern: re.Pattern[str], timeout:
     raise TimeoutError(f"{process.args!r} did not start within {timeout} s")
 
 
-def _config(replay_port: str, extra_toml: str) -> str:
-    base = f"http://127.0.0.1:{replay_port}/v1"
+def upstream_toml(base_url: str) -> str:
+    """Both tiers on one replay upstream, at the list prices of the recorded models."""
     return f"""
-[server]
-port = 0
 [upstream.cheap]
-base_url = "{base}"
+base_url = "{base_url}"
 model = "mixtral-8x7b-instruct"
 input_usd_per_mtok = 0.6
 output_usd_per_mtok = 0.6
+
 [upstream.strong]
-base_url = "{base}"
+base_url = "{base_url}"
 model = "gpt-4-1106-preview"
 input_usd_per_mtok = 10.0
 output_usd_per_mtok = 30.0
+"""
+
+
+def _config(replay_port: str, extra_toml: str) -> str:
+    return f"""
+[server]
+port = 0
+{upstream_toml(f"http://127.0.0.1:{replay_port}/v1")}
 {extra_toml}
 [[tenants]]
 name = "bench"
