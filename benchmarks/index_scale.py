@@ -50,6 +50,7 @@ def measure(size: int, queries: int, policy: IndexPolicy, seed: int = 0) -> dict
         index.add_many("scope", [f"e{chunk + i}" for i in range(len(rows))], rows)
         if chunk == 0:
             sample = rows[: min(queries, len(rows))].copy()
+    index.wait_for_rebuilds()
     build_s = time.perf_counter() - start
     grown = rss_bytes() - before
     probes = near_duplicates(sample, rng, 0.9)

@@ -10,6 +10,7 @@ very close to their match, where IVF's recall is at its best (benchmarks/index_s
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import numpy as np
 
 from routecache.cache.ports import Neighbour, Vector
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class IndexPolicy:
@@ -26,6 +29,7 @@ class IndexPolicy:
     nprobe: int = 32
     cells_per_sqrt: float = 2.0  # IVF cells = cells_per_sqrt * sqrt(entries at build time)
     train_points_per_cell: int = 40  # k-means sample; all points made a 640k rebuild take minutes
+    background: bool = True  # rebuild on a thread while the old index serves (False: inline)
 
 
 class _ScopeIndex:
@@ -36,6 +40,7 @@ class _ScopeIndex:
         self.id_of_label: dict[int, str] = {}
         self.label_of_id: dict[str, int] = {}
         self.built_size = 0  # entries when the IVF index was built; 0 while flat
+        self.rebuilding: threading.Thread | None = None
 
     def vectors_and_labels(self, dimension: int) -> tuple[np.ndarray, np.ndarray]:
         labels = np.fromiter(self.id_of_label, dtype=np.int64, count=len(self.id_of_label))
@@ -91,13 +96,52 @@ class ScopedFaissIndex:
             self._maybe_rebuild(index)
 
     def _maybe_rebuild(self, index: _ScopeIndex) -> None:
+        """Called with the lock held. Starts a rebuild when one is due and none is running."""
         size = len(index.label_of_id)
         flat_too_big = index.built_size == 0 and size >= self._policy.ivf_threshold
         # The cells were fitted to the vectors of the build; refit when the scope has doubled.
-        if flat_too_big or (index.built_size and size >= 2 * index.built_size):
-            vectors, labels = index.vectors_and_labels(self._dimension)
+        due = flat_too_big or (index.built_size and size >= 2 * index.built_size)
+        if not due or index.rebuilding is not None:
+            return
+        vectors, labels = index.vectors_and_labels(self._dimension)
+        index.built_size = size  # no second rebuild is due until the scope doubles again
+        if not self._policy.background:
             index.index = build_ivf(vectors, labels, self._policy)
-            index.built_size = size
+            return
+        # Training takes seconds to minutes at large sizes: off the caller's thread (the event
+        # loop), while the old index keeps serving; the changes made meanwhile are replayed.
+        index.rebuilding = threading.Thread(
+            target=self._rebuild, args=(index, vectors, labels), name="ivf-rebuild", daemon=True
+        )
+        index.rebuilding.start()
+
+    def _rebuild(self, index: _ScopeIndex, vectors: np.ndarray, labels: np.ndarray) -> None:
+        try:
+            fresh = build_ivf(vectors, labels, self._policy)
+        except Exception:
+            log.exception("IVF rebuild failed; the scope keeps its previous index")
+            with self._lock:
+                index.rebuilding = None
+            return
+        with self._lock:
+            index.rebuilding = None
+            built = set(labels.tolist())
+            now = set(index.id_of_label)
+            added = np.array(sorted(now - built), dtype=np.int64)
+            removed = np.array(sorted(built - now), dtype=np.int64)
+            if len(added):
+                fresh.add_with_ids(index.index.reconstruct_batch(added), added)
+            if len(removed):
+                fresh.remove_ids(removed)  # type: ignore[arg-type]
+            index.index = fresh
+            self._maybe_rebuild(index)  # the scope may have doubled again meanwhile
+
+    def wait_for_rebuilds(self, timeout: float | None = None) -> None:
+        """Block until running rebuilds are done (tests, benchmarks, snapshots)."""
+        with self._lock:
+            threads = [s.rebuilding for s in self._scopes.values() if s.rebuilding is not None]
+        for thread in threads:
+            thread.join(timeout)
 
     def remove(self, scope: str, entry_id: str) -> None:
         with self._lock:
@@ -130,7 +174,7 @@ class ScopedFaissIndex:
             index = self._scopes.get(scope)
             if index is None:
                 return "none"
-            return "ivf" if index.built_size else "flat"
+            return "ivf" if isinstance(index.index, faiss.IndexIVF) else "flat"
 
     def __len__(self) -> int:
         with self._lock:
