@@ -95,6 +95,7 @@ def _export(torch: Any, module: Any, args: tuple[Any, ...], path: Path, dynamic:
         opset_version=18,
         dynamo=True,
         external_data=False,
+        verbose=False,  # the exporter's step-by-step progress lines say nothing to an operator
     )
 
 
