@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import faiss
 import numpy as np
@@ -25,7 +23,7 @@ from routecache.backends.redis_store import RedisEntryStore, RedisStoreOptions
 from routecache.cache.faiss_index import IndexPolicy, ScopedFaissIndex
 from routecache.cache.ports import CacheEntry
 from routecache.domain import Tier
-from tests.redis_fixture import RedisServer, find_redis_server
+from tests.redis_fixture import temporary_redis_server
 
 DIMENSION = 384
 
@@ -81,16 +79,8 @@ async def main(threads: int | None) -> None:
         faiss.omp_set_num_threads(threads)
     print(f"FAISS OpenMP threads: {threads or 'default'}")
     faiss_cost([100, 1_000, 10_000, 100_000, 1_000_000])
-    executable = find_redis_server()
-    if executable is None:
-        raise SystemExit("redis-server not found (apt-get install redis-server)")
-    with tempfile.TemporaryDirectory() as data_dir:
-        server = RedisServer(executable, Path(data_dir), appendfsync="everysec")
-        server.start()
-        try:
-            await redis_cost(server.url)
-        finally:
-            server.stop()
+    with temporary_redis_server(appendfsync="everysec") as url:
+        await redis_cost(url)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from routecache.backends.replica_sync import ReplicaSync
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.ports import CacheEntry
 from routecache.domain import Tier
-from tests.redis_fixture import RedisServer, find_redis_server
+from tests.redis_fixture import temporary_redis_server
 
 DIMENSION = 384
 PROMPT = "How should I configure the retry policy of my payment service when the bank times out? "
@@ -102,16 +101,8 @@ async def bulk_load(client: aioredis.Redis, entries: int, tenants: int, scopes: 
 
 
 async def main(entries: int, tenants: int, scopes: int) -> None:
-    executable = find_redis_server()
-    if executable is None:
-        raise SystemExit("redis-server not found (apt-get install redis-server)")
-    with tempfile.TemporaryDirectory() as data_dir:
-        server = RedisServer(executable, Path(data_dir), appendonly=False)
-        server.start()
-        try:
-            await measure(server.url, entries, tenants, scopes)
-        finally:
-            server.stop()
+    with temporary_redis_server(appendonly=False) as url:
+        await measure(url, entries, tenants, scopes)
 
 
 async def measure(url: str, entries: int, tenants: int, scopes: int) -> None:

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
 from routecache.cache.embedder import MiniLMEmbedder
 from routecache.domain import CacheOutcome
@@ -26,7 +24,7 @@ from tests.integration.replicas import (
     replica_settings,
     start_replica,
 )
-from tests.redis_fixture import RedisServer, find_redis_server
+from tests.redis_fixture import temporary_redis_server
 
 
 def unique_prompt() -> str:
@@ -109,18 +107,10 @@ def minilm_cost(queries: int) -> None:
 
 
 async def main(writes: int, requests: int, minilm: bool) -> None:
-    executable = find_redis_server()
-    if executable is None:
-        raise SystemExit("redis-server not found (apt-get install redis-server)")
-    with tempfile.TemporaryDirectory() as data_dir:
-        # As a production Redis would run: append-only, fsync once a second.
-        server = RedisServer(executable, Path(data_dir), appendfsync="everysec")
-        server.start()
-        try:
-            await sync_delay(server.url, writes)
-            await qps(server.url, requests)
-        finally:
-            server.stop()
+    # As a production Redis would run: append-only, fsync once a second.
+    with temporary_redis_server(appendfsync="everysec") as url:
+        await sync_delay(url, writes)
+        await qps(url, requests)
     if minilm:
         minilm_cost(200)
 

@@ -4,10 +4,13 @@ acknowledged."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import redis
@@ -99,3 +102,18 @@ class RedisServer:
             client.flushall()
         finally:
             client.close()
+
+
+@contextlib.contextmanager
+def temporary_redis_server(appendonly: bool = True, appendfsync: str = "always") -> Iterator[str]:
+    """A redis-server in a scratch directory for the length of a benchmark; yields its URL."""
+    executable = find_redis_server()
+    if executable is None:
+        raise SystemExit("redis-server not found (apt-get install redis-server)")
+    with tempfile.TemporaryDirectory() as data_dir:
+        server = RedisServer(executable, Path(data_dir), appendonly, appendfsync)
+        server.start()
+        try:
+            yield server.url
+        finally:
+            server.stop()
