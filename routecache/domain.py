@@ -120,15 +120,53 @@ class OperatingPoint:
 
 
 @dataclass(frozen=True)
+class RateLimits:
+    """Token buckets per window: each refills at limit / window and holds at most `limit`."""
+
+    window_seconds: float = 60.0
+    requests: float | None = None  # the tenant's, all users together
+    tokens: float | None = None  # model tokens: the prompt on admission, the answer after
+    user_requests: float | None = None  # each end user's (the request's end_user_id)
+    user_tokens: float | None = None
+
+
+class OverCapPolicy(StrEnum):
+    REFUSE = "refuse"  # RESOURCE_EXHAUSTED until the period ends
+    DOWNGRADE = "downgrade"  # the cheap tier only (no escalation) while it still fits
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Spend limits in USD per UTC day and month; None: no limit."""
+
+    daily_usd: float | None = None  # hard caps: never overrun by more than one request's worth
+    monthly_usd: float | None = None
+    soft_daily_usd: float | None = None  # soft: an alert when crossed
+    soft_monthly_usd: float | None = None
+    user_daily_usd: float | None = None  # hard caps of each end user
+    user_monthly_usd: float | None = None
+    policy: OverCapPolicy = OverCapPolicy.REFUSE
+
+    @property
+    def has_hard_cap(self) -> bool:
+        caps = (self.daily_usd, self.monthly_usd, self.user_daily_usd, self.user_monthly_usd)
+        return any(c is not None for c in caps)
+
+
+@dataclass(frozen=True)
 class Tenant:
     name: str
     routing_threshold: float | None  # None: the threshold stored with the classifier
     similarity_threshold: float
     default_ttl_seconds: int
     requests_per_second: float | None = None
-    daily_budget_usd: float | None = None
+    daily_budget_usd: float | None = None  # kept for old configs; budget.daily_usd wins
     # Used when routing_threshold is None; None too: the classifier's default threshold.
     operating_point: OperatingPoint | None = None
+    rate: RateLimits = field(default_factory=RateLimits)
+    budget: Budget = field(default_factory=Budget)
+    allowed_tiers: frozenset[Tier] = frozenset(Tier)  # from the tenant's models_allowed
+    max_false_hit_rate: float = 0.01  # the cache's error budget for this tenant
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,17 @@ class ResourceExhausted(RouteCacheError):
 class FailedValidation(RouteCacheError):
     """Every model's answer failed a validator; the report says which and why."""
 
-    def __init__(self, message: str, report: ValidationReport) -> None:
+    def __init__(
+        self, message: str, report: ValidationReport, *, cost_usd: float = 0.0,
+        prompt_tokens: int = 0, completion_tokens: int = 0, calls: int = 0,
+    ) -> None:  # fmt: skip
         super().__init__(message)
         self.report = report
+        # What the refused answers cost: paid for even though nothing is served.
+        self.cost_usd = cost_usd
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
+        self.calls = calls
 
 
 class UpstreamError(RouteCacheError):

@@ -84,6 +84,8 @@ class RecordingTelemetry:
     upstream: list[tuple[str, str | None]] = field(default_factory=list)
     feedback_seen: list[tuple[str, bool, bool]] = field(default_factory=list)
     gauges: dict[str, Callable[[], float]] = field(default_factory=dict)
+    budget_alerts: list[tuple[str, str]] = field(default_factory=list)  # (tenant, period)
+    cost_controls: list[tuple[str, str]] = field(default_factory=list)  # (tenant, outcome)
 
     def request_started(self) -> None:
         self.started += 1
@@ -112,3 +114,9 @@ class RecordingTelemetry:
 
     def watch_dependency(self, name: str, up: Callable[[], bool]) -> None:
         self.gauges[f"dependency:{name}"] = lambda: float(up())
+
+    def budget_alert(self, tenant: str, period: str) -> None:
+        self.budget_alerts.append((tenant, period))
+
+    def cost_control(self, tenant: str, outcome: str) -> None:
+        self.cost_controls.append((tenant, outcome))

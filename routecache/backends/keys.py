@@ -66,3 +66,9 @@ class KeySpace:
 
     def of(self, tenant: str) -> TenantKeys:
         return TenantKeys(self.prefix, tenant)
+
+    @property
+    def api_keys(self) -> str:
+        """The API key registry: one hash, digest → record (JSON). Not tenant-scoped: a lookup
+        starts from a key, before its tenant is known."""
+        return f"{self.prefix}:apikeys"

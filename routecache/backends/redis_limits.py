@@ -1,25 +1,23 @@
-"""Rate-limit buckets and spend counters shared by all replicas through Redis, falling back
-to this replica's own in-process ones while Redis is down.
-
-Spend recorded during an outage is kept as pending and added to Redis when it is back, so
-no recorded cost is lost; until then the cap is checked against Redis' last answer plus this
-replica's pending spend.
-"""
+"""Rate-limit buckets shared by all replicas through Redis, falling back to this replica's
+own in-process ones while Redis is down. The spend ledger is in backends/redis_spend.py."""
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
-from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from routecache.backends import scripts
 from routecache.backends.keys import KeySpace
 from routecache.backends.link import RedisDown, RedisLink, guarded
+from routecache.backends.redis_spend import RedisSpendLedger
 from routecache.router.limits import InMemoryRateLimiter
 from routecache.router.ports import RateLimiter
+from routecache.router.quotas import Charge, InMemoryQuotaLimiter, QuotaLimiter, Verdict
 
 log = logging.getLogger(__name__)
+
+__all__ = ["RedisQuotaLimiter", "RedisRateLimiter", "RedisSpendLedger"]
 
 _SPEND_KEY_DAYS = 3  # a day's counter outlives the day for reports, then Redis drops it
 
@@ -58,53 +56,47 @@ class RedisRateLimiter:
         return float(wait)
 
 
-class RedisSpendLedger:
-    """Spend per tenant per UTC day: INCRBYFLOAT and EXPIRE in one MULTI transaction."""
+class RedisQuotaLimiter:
+    """Every bucket of a request taken in one Lua script: exact however many replicas and
+    concurrent callers share them (all of a tenant's buckets are in its Cluster slot)."""
 
-    def __init__(self, link: RedisLink, keyspace: KeySpace, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, link: RedisLink, keyspace: KeySpace, clock: Callable[[], float],
+        fallback: QuotaLimiter | None = None,
+    ) -> None:  # fmt: skip
         self._link = link
         self._keys = keyspace
         self._clock = clock
-        self._pending: defaultdict[tuple[str, str], float] = defaultdict(float)
-        self._last_known: dict[tuple[str, str], float] = {}
-        link.subscribe(self._on_health)
+        self._fallback = fallback or InMemoryQuotaLimiter(clock)
+        self._script = link.client.register_script(scripts.TAKE_BUCKETS)
+        self.fallbacks = 0
 
-    def _day(self) -> str:
-        return dt.datetime.fromtimestamp(self._clock(), tz=dt.UTC).date().isoformat()
-
-    async def spent_today(self, tenant: str) -> float:
-        slot = (tenant, self._day())
-        key = self._keys.of(tenant).spend(slot[1])
+    async def take(self, tenant: str, charges: Sequence[Charge]) -> Verdict:
+        if not charges:
+            return Verdict()
         try:
-            raw = await guarded(self._link, lambda: self._link.client.get(key))
+            wait, worst = await self._run(tenant, charges, "take")
         except RedisDown:
-            return self._last_known.get(slot, 0.0) + self._pending.get(slot, 0.0)
-        self._last_known[slot] = float(raw or 0.0)
-        return self._last_known[slot] + self._pending.get(slot, 0.0)
+            self.fallbacks += 1
+            return await self._fallback.take(tenant, charges)
+        wait_seconds = float(wait)
+        if wait_seconds <= 0:
+            return Verdict()
+        return Verdict(wait_seconds, charges[int(worst) - 1].bucket)
 
-    async def record(self, tenant: str, cost_usd: float) -> None:
-        slot = (tenant, self._day())
-        self._pending[slot] += cost_usd
-        await self.flush()
+    async def debit(self, tenant: str, charges: Sequence[Charge]) -> None:
+        if not charges:
+            return
+        try:
+            await self._run(tenant, charges, "debit")
+        except RedisDown:
+            await self._fallback.debit(tenant, charges)
 
-    async def flush(self) -> None:
-        """Moves pending spend into Redis; what fails stays pending for the next try."""
-        for slot in list(self._pending):
-            amount = self._pending.pop(slot)
-            try:
-                await guarded(self._link, lambda s=slot, a=amount: self._add(s, a))  # type: ignore[misc]
-            except RedisDown:
-                self._pending[slot] += amount
-                return
-
-    async def _add(self, slot: tuple[str, str], amount: float) -> None:
-        key = self._keys.of(slot[0]).spend(slot[1])
-        async with self._link.client.pipeline(transaction=True) as pipe:
-            pipe.incrbyfloat(key, amount)
-            pipe.expire(key, _SPEND_KEY_DAYS * 86400)
-            total, _ = await pipe.execute()
-        self._last_known[slot] = float(total)
-
-    async def _on_health(self, up: bool) -> None:
-        if up and self._pending:
-            await self.flush()
+    async def _run(self, tenant: str, charges: Sequence[Charge], mode: str) -> list[Any]:
+        base = self._keys.of(tenant).rate
+        keys = [f"{base}:q:{c.bucket}" for c in charges]
+        args: list[str] = [repr(self._clock()), mode]
+        for c in charges:
+            args += [repr(c.per_second), repr(c.capacity), repr(float(c.amount))]
+        result: list[Any] = await guarded(self._link, lambda: self._script(keys=keys, args=args))
+        return result

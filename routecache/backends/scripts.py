@@ -142,3 +142,96 @@ for i = 2, #ARGV do
 end
 return rows
 """
+
+# KEYS: one tenant's buckets. ARGV: now, mode ('take' or 'debit'), then per bucket its refill
+# per second, capacity and amount. 'take' takes every amount or none: it returns {wait, index}
+# of the bucket that must refill longest ({'0', 0} when taken). A bucket needs its amount, or
+# to be full for an amount over its capacity. 'debit' takes without asking (may go below 0).
+TAKE_BUCKETS = """
+local now = tonumber(ARGV[1])
+local debit = ARGV[2] == 'debit'
+local tokens, rates, caps, amounts = {}, {}, {}, {}
+local wait, worst = 0, 0
+for i = 1, #KEYS do
+  local rate = tonumber(ARGV[3 * i])
+  local cap = tonumber(ARGV[3 * i + 1])
+  local amount = tonumber(ARGV[3 * i + 2])
+  local b = redis.call('HMGET', KEYS[i], 't', 'u')
+  local t = tonumber(b[1]) or cap
+  local updated = tonumber(b[2]) or now
+  t = math.min(cap, t + math.max(0, now - updated) * rate)
+  tokens[i], rates[i], caps[i], amounts[i] = t, rate, cap, amount
+  local needed = math.min(amount, cap)
+  if not debit and t < needed and (needed - t) / rate > wait then
+    wait, worst = (needed - t) / rate, i
+  end
+end
+for i = 1, #KEYS do
+  if wait == 0 then tokens[i] = tokens[i] - amounts[i] end
+  redis.call('HSET', KEYS[i], 't', string.format('%.17g', tokens[i]),
+             'u', string.format('%.17g', now))
+  local refill_ms = math.ceil((caps[i] - tokens[i]) / rates[i] * 1000)
+  redis.call('PEXPIRE', KEYS[i], refill_ms + 1000)
+end
+return {string.format('%.17g', wait), worst}
+"""
+
+# ARGV: tenant key base, now, reservation id, amount, expires at, end user, then per cap: its
+# spend key suffix, '1' for a per-user cap, the limit. Drops expired reservations, then holds
+# this one only if spent + reserved + amount fits every cap. Returns {1, 0, committed...} or
+# {0, the refusing cap's number, its committed amount}.
+RESERVE = """
+local base, now, rid = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local amount, expires, user = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local resv = base .. 'resv'
+local held = redis.call('HGETALL', resv)
+local tenant_held, user_held = 0, 0
+for i = 1, #held, 2 do
+  local r = cjson.decode(held[i + 1])
+  if r.e <= now then
+    redis.call('HDEL', resv, held[i])
+  else
+    tenant_held = tenant_held + r.a
+    if r.u == user then user_held = user_held + r.a end
+  end
+end
+local committed = {}
+for i = 7, #ARGV, 3 do
+  local spent = tonumber(redis.call('HGET', base .. ARGV[i], 'cost')) or 0
+  local reserved = tenant_held
+  if ARGV[i + 1] == '1' then reserved = user_held end
+  if spent + reserved + amount > tonumber(ARGV[i + 2]) + 1e-12 then
+    return {0, (i - 7) / 3 + 1, string.format('%.17g', spent + reserved)}
+  end
+  committed[#committed + 1] = string.format('%.17g', spent + reserved)
+end
+redis.call('HSET', resv, rid, cjson.encode({a = amount, u = user, e = expires}))
+redis.call('PEXPIREAT', resv, math.ceil(expires * 1000))
+return {1, 0, unpack(committed)}
+"""
+
+# ARGV: tenant key base, reservation id ('' for none), cost, prompt tokens, completion tokens,
+# saved, calls, routing saved, then per spend key: its suffix, its lifetime in seconds, '1'
+# for a tenant-wide key. Adds the usage to every key and returns each tenant-wide key's cost
+# before and after.
+SETTLE = """
+local base = ARGV[1]
+if ARGV[2] ~= '' then redis.call('HDEL', base .. 'resv', ARGV[2]) end
+local out = {}
+for i = 9, #ARGV, 3 do
+  local key = base .. ARGV[i]
+  local before = redis.call('HGET', key, 'cost') or '0'
+  local after = redis.call('HINCRBYFLOAT', key, 'cost', ARGV[3])
+  redis.call('HINCRBY', key, 'prompt_tokens', ARGV[4])
+  redis.call('HINCRBY', key, 'completion_tokens', ARGV[5])
+  redis.call('HINCRBYFLOAT', key, 'saved', ARGV[6])
+  redis.call('HINCRBY', key, 'calls', ARGV[7])
+  redis.call('HINCRBYFLOAT', key, 'routing_saved', ARGV[8])
+  redis.call('EXPIRE', key, ARGV[i + 1])
+  if ARGV[i + 2] == '1' then
+    out[#out + 1] = before
+    out[#out + 1] = after
+  end
+end
+return out
+"""

@@ -1,12 +1,26 @@
-"""API key → tenant. Keys are compared by SHA-256 digest; the plain key is never stored."""
+"""API key → tenant. Keys are compared by SHA-256 digest; the plain key is never stored.
+
+Two sources: the static digests of the settings (`tenants[].api_key_sha256`, changed by a
+restart) and a key registry (routecache/router/keyring.py, changed at run time by the
+`routecache keys` command). The registry is consulted on every call, so a revoked key fails
+from the very next one.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from routecache.domain import Tenant
 from routecache.errors import Unauthenticated
+
+if TYPE_CHECKING:
+    from routecache.router.keyring import KeyRegistry
+
+log = logging.getLogger(__name__)
 
 
 def hash_api_key(api_key: str) -> str:
@@ -14,19 +28,52 @@ def hash_api_key(api_key: str) -> str:
 
 
 class ApiKeyAuthenticator:
-    def __init__(self, tenants: Iterable[tuple[Tenant, Iterable[str]]]) -> None:
-        """`tenants` pairs each tenant with the hex SHA-256 digests of its keys."""
+    def __init__(
+        self,
+        tenants: Iterable[tuple[Tenant, Iterable[str]]],
+        registry: KeyRegistry | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`tenants` pairs each tenant with the hex SHA-256 digests of its static keys."""
         self._by_digest: dict[str, Tenant] = {}
+        self._tenants: dict[str, Tenant] = {}
         for tenant, digests in tenants:
+            self._tenants[tenant.name] = tenant
             for digest in digests:
                 if digest in self._by_digest:
                     raise ValueError(f"an API key digest is configured for two tenants: {digest}")
                 self._by_digest[digest] = tenant
+        self._registry = registry
+        self._clock = clock
+
+    def tenant(self, name: str) -> Tenant | None:
+        return self._tenants.get(name)
 
     def authenticate(self, api_key: str | None) -> Tenant:
-        if not api_key:
-            raise Unauthenticated("missing API key: send metadata 'authorization: Bearer <key>'")
-        tenant = self._by_digest.get(hash_api_key(api_key))
+        """The static keys only (no registry); see resolve."""
+        tenant = self._by_digest.get(hash_api_key(_present(api_key)))
         if tenant is None:
             raise Unauthenticated("unknown API key")
         return tenant
+
+    async def resolve(self, api_key: str | None) -> Tenant:
+        """The tenant of a static or registered key; Unauthenticated for any other."""
+        digest = hash_api_key(_present(api_key))
+        tenant = self._by_digest.get(digest)
+        if tenant is not None:
+            return tenant
+        record = None if self._registry is None else await self._registry.find(digest)
+        if record is None or not record.valid_at(self._clock()):
+            raise Unauthenticated("unknown, revoked or expired API key")
+        tenant = self._tenants.get(record.tenant)
+        if tenant is None:
+            log.warning("API key %s names tenant %r, which is not configured",
+                        record.key_id, record.tenant)  # fmt: skip
+            raise Unauthenticated("the API key's tenant is not configured")
+        return tenant
+
+
+def _present(api_key: str | None) -> str:
+    if not api_key:
+        raise Unauthenticated("missing API key: send metadata 'authorization: Bearer <key>'")
+    return api_key

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from routecache.backends.keys import KeySpace
 from routecache.backends.link import RedisLink
 from routecache.backends.redis_events import RedisStreamEventSink
-from routecache.backends.redis_limits import RedisRateLimiter, RedisSpendLedger
+from routecache.backends.redis_keys import RedisKeyRegistry
+from routecache.backends.redis_limits import RedisQuotaLimiter, RedisRateLimiter
+from routecache.backends.redis_spend import RedisSpendLedger, Retention
 from routecache.backends.redis_store import RedisEntryStore, RedisStoreOptions
 from routecache.backends.replica_sync import ReplicaSync
 from routecache.backends.storage import CacheHealth, EmbeddedStorage, RedisStorage, Storage
@@ -26,17 +28,22 @@ from routecache.classifier.model import load_artifact, packaged_artifact_path
 from routecache.classifier.ports import DifficultyClassifier
 from routecache.classifier.registry import ModelRegistry
 from routecache.classifier.reloading import ReloadingClassifier
-from routecache.domain import OperatingPoint, Tenant, Tier
+from routecache.domain import Tier
+from routecache.router.alerts import BudgetAlerts
 from routecache.router.auth import ApiKeyAuthenticator
+from routecache.router.budget import InMemorySpendLedger
+from routecache.router.costs import CostControl
 from routecache.router.events import InMemoryEventLog, JsonlEventLog
 from routecache.router.generation import Generator, Provider
-from routecache.router.limits import InMemoryRateLimiter, InMemorySpendLedger
+from routecache.router.keyring import FileKeyRegistry, KeyRegistry
+from routecache.router.limits import InMemoryRateLimiter
 from routecache.router.metrics import MetricsServer, PrometheusTelemetry
 from routecache.router.pipeline import Pipeline, PipelineParts
 from routecache.router.ports import ChatUpstream, EventSink, Pricing, RateLimiter, SpendLedger
+from routecache.router.quotas import InMemoryQuotaLimiter, QuotaLimiter
 from routecache.router.server import DEPENDENCIES, RunningServer, start_server
 from routecache.router.servicer import RouteCacheServicer
-from routecache.router.settings import ProviderSettings, RetrySettings, Settings, TenantSettings
+from routecache.router.settings import ConfigError, ProviderSettings, RetrySettings, Settings
 from routecache.router.telemetry import (
     BREAKER_CLOSED,
     BREAKER_HALF_OPEN,
@@ -44,6 +51,7 @@ from routecache.router.telemetry import (
     NullTelemetry,
     Telemetry,
 )
+from routecache.router.tenants import tenant_from_settings
 from routecache.router.upstream.breaker import BreakerState, CircuitBreaker
 from routecache.router.upstream.failover import Failover
 from routecache.router.upstream.metered import MeteredUpstream
@@ -78,6 +86,7 @@ class Service:
     metrics: MetricsServer | None = None
     classifier: DifficultyClassifier | None = None
     background: list[asyncio.Task[None]] = field(default_factory=list)
+    costs: CostControl | None = None
 
     async def start_storage(self, cache_health: CacheHealth | None = None) -> None:
         """Loads the cache index from the store (rebuild from Redis, or the snapshot)."""
@@ -93,6 +102,8 @@ class Service:
         await asyncio.gather(*self.background, return_exceptions=True)
         if self.server is not None:
             await self.server.stop()
+        if self.costs is not None:
+            await self.costs.aclose()  # webhook deliveries under way
         await self.storage.aclose()
         await self.generator.aclose()
         self.embeddings.close()
@@ -205,31 +216,30 @@ def build_events(settings: Settings) -> EventSink:
     return JsonlEventLog(path) if path is not None else InMemoryEventLog()
 
 
-def _routing_target(
-    tenant: TenantSettings, settings: Settings
-) -> tuple[float | None, OperatingPoint | None]:
-    """The most specific of: tenant threshold, tenant target, default threshold, default target."""
-    if tenant.routing_threshold is not None or tenant.operating_point() is not None:
-        return tenant.routing_threshold, tenant.operating_point()
-    return settings.classifier.routing_threshold, settings.classifier.operating_point()
+def build_key_registry(settings: Settings, link: RedisLink | None) -> KeyRegistry | None:
+    """keys.source: redis (the Redis backend's link), file (keys.registry_path) or none."""
+    source, path = settings.keys.source, settings.keys.registry_path
+    if source == "auto":
+        source = "redis" if link is not None else ("file" if path is not None else "none")
+    if source == "redis":
+        if link is None:
+            raise ConfigError("keys.source = 'redis' needs store.backend = 'redis'")
+        return RedisKeyRegistry(link, KeySpace(settings.store.key_prefix))
+    if source == "file":
+        if path is None:
+            raise ConfigError("keys.source = 'file' needs keys.registry_path")
+        return FileKeyRegistry(path)
+    return None
 
 
-def build_tenants(settings: Settings) -> ApiKeyAuthenticator:
+def build_tenants(
+    settings: Settings, registry: KeyRegistry | None = None, clock: Callable[[], float] = time.time
+) -> ApiKeyAuthenticator:
     return ApiKeyAuthenticator(
-        (
-            Tenant(
-                name=t.name,
-                routing_threshold=_routing_target(t, settings)[0],
-                similarity_threshold=t.similarity_threshold or settings.cache.similarity_threshold,
-                default_ttl_seconds=t.default_ttl_seconds or settings.cache.default_ttl_seconds,
-                requests_per_second=t.requests_per_second,
-                daily_budget_usd=t.daily_budget_usd,
-                operating_point=_routing_target(t, settings)[1],
-            ),
-            t.api_key_sha256,
-        )
-        for t in settings.tenants
-    )  # fmt: skip
+        ((tenant_from_settings(t, settings), t.api_key_sha256) for t in settings.tenants),
+        registry,
+        clock,
+    )
 
 
 @dataclass
@@ -239,6 +249,8 @@ class StorageParts:
     spend: SpendLedger
     events: EventSink
     storage: Storage
+    quotas: QuotaLimiter
+    link: RedisLink | None = None
 
 
 def build_storage(
@@ -257,10 +269,12 @@ def build_storage(
     if store_settings.backend == "memory":
         store = InMemoryEntryStore(settings.cache.max_entries)
         return StorageParts(
-            store, InMemoryRateLimiter(clock), InMemorySpendLedger(clock),
+            store, InMemoryRateLimiter(clock),
+            InMemorySpendLedger(clock, settings.budgets.reservation_ttl_seconds),
             events or InMemoryEventLog(),
             EmbeddedStorage(store, index, clock, store_settings.snapshot_path,
                             store_settings.snapshot_interval_seconds, grace),
+            InMemoryQuotaLimiter(clock),
         )  # fmt: skip
     return build_redis_storage(settings, index, clock, events, telemetry or NullTelemetry())
 
@@ -297,10 +311,13 @@ def build_redis_storage(
         link, keyspace, store_settings.event_buffer_max, store_settings.event_stream_max_len
     )
     sink: EventSink = events if events is not None else stream_events
-    spend = RedisSpendLedger(link, keyspace, clock)
+    budgets = settings.budgets
+    retention = Retention(budgets.day_retention_days * 86400, budgets.month_retention_days * 86400)
+    spend = RedisSpendLedger(link, keyspace, clock, budgets.reservation_ttl_seconds, retention)
     return StorageParts(
         redis_store, RedisRateLimiter(link, keyspace, clock), spend, sink,
         RedisStorage(link, sync, stream_events if events is None else None, spend),
+        RedisQuotaLimiter(link, keyspace, clock), link,
     )  # fmt: skip
 
 
@@ -316,9 +333,10 @@ def build_service(settings: Settings, overrides: Overrides | None = None) -> Ser
     index = build_vector_index(settings, embedder.dimension)
     storage = build_storage(settings, index, clock, parts.events, telemetry)
     events = storage.events
+    costs = build_cost_control(settings, storage, generator, clock, telemetry)
     pipeline = Pipeline(
         PipelineParts(
-            authenticator=build_tenants(settings),
+            authenticator=build_tenants(settings, build_key_registry(settings, storage.link)),
             limits=settings.limits,
             rate_limiter=storage.rate_limiter,
             spend=storage.spend,
@@ -335,11 +353,29 @@ def build_service(settings: Settings, overrides: Overrides | None = None) -> Ser
             events=events,
             clock=clock,
             telemetry=telemetry,
+            costs=costs,
         )
     )
     return Service(
         settings, pipeline, embeddings, generator, events, telemetry, storage.storage,
-        classifier=classifier,
+        classifier=classifier, costs=costs,
+    )  # fmt: skip
+
+
+def build_cost_control(
+    settings: Settings,
+    storage: StorageParts,
+    generator: Generator,
+    clock: Callable[[], float],
+    telemetry: Telemetry,
+) -> CostControl:
+    budgets = settings.budgets
+    alerts = BudgetAlerts(
+        storage.events, telemetry, budgets.alert_webhook_url, budgets.webhook_timeout_seconds
+    )
+    return CostControl(
+        storage.quotas, storage.spend, alerts, generator, settings.limits.max_output_tokens,
+        clock, telemetry,
     )  # fmt: skip
 
 

@@ -99,21 +99,51 @@ class Generator:
     def _applicable(self, tenant: str, request: ChatRequest) -> list[Configured]:
         return [v for v in self.validators_for(tenant, request) if v.validator.applies_to(request)]
 
+    def worst_case_calls(
+        self, request: ChatRequest, tier: Tier, *, tenant: str = "", cheap_only: bool = False,
+        streaming: bool = False,
+    ) -> list[list[Provider]]:  # fmt: skip
+        """The providers each call of this request may reach, for the longest sequence of
+        calls its validators can cause (retry once, escalate cheap → strong): what a spend
+        reservation must cover."""
+        chain = self._failover.chain
+        first = [p for _, p in chain(tier, strong_fallback=not cheap_only)]
+        if streaming:  # one call: whole-text checks at the end cannot retry or escalate
+            return [first]
+        actions = {c.on_fail for c in self._applicable(tenant, request)}
+        retry = OnFail.RETRY in actions
+        calls = [first, first] if retry else [first]
+        if tier is Tier.CHEAP and not cheap_only and actions & {OnFail.RETRY, OnFail.ESCALATE}:
+            strong = [p for _, p in chain(Tier.STRONG)]
+            # cheap, cheap (retry), strong or cheap, strong, strong (retry): the first
+            # chain reaches the strong providers too, so this covers both.
+            calls = [first, first, strong] if retry else [first, strong]
+        return calls
+
     async def generate(
-        self, request: ChatRequest, tier: Tier, *, tenant: str = "", deadline: float | None = None
-    ) -> Generated:
-        """Raises FailedValidation when no answer may be served, Unavailable when none came."""
+        self, request: ChatRequest, tier: Tier, *, tenant: str = "", deadline: float | None = None,
+        cheap_only: bool = False,
+    ) -> Generated:  # fmt: skip
+        """Raises FailedValidation when no answer may be served, Unavailable when none came.
+
+        `cheap_only`: the cheap providers only, and an answer that would be escalated is
+        refused instead (a tenant downgraded at its spend cap).
+        """
         deadline = self.deadline(None) if deadline is None else deadline
         validators = self._applicable(tenant, request)
         tally, current, retried, escalated = _Tally(), tier, False, False
         while True:
             started = time.perf_counter()
-            answered = await self._failover.complete(request, current, deadline)
+            answered = await self._failover.complete(
+                request, current, deadline, strong_fallback=not cheap_only
+            )
             tally.add(answered, (time.perf_counter() - started) * 1000)
             started = time.perf_counter()
             failing, results = self._judge(answered, request, validators)
             tally.validate_ms += (time.perf_counter() - started) * 1000
             decision = _decide(failing, retried, answered.tier)
+            if decision is OnFail.ESCALATE and cheap_only:
+                decision = OnFail.BLOCK
             if decision is None:  # passed, or only redact / flag failures: serve it
                 tally.results += _label_own(results, failing)
                 return self._served(answered, failing, tally, escalated)
@@ -123,7 +153,11 @@ class Generator:
                 failed = "; ".join(
                     f"{r.model}: {r.name}: {r.message}" for r in tally.results if not r.passed
                 )
-                raise FailedValidation(f"no answer passed validation ({failed})", report)
+                raise FailedValidation(
+                    f"no answer passed validation ({failed})", report, cost_usd=tally.cost,
+                    prompt_tokens=tally.prompt_tokens, calls=tally.calls,
+                    completion_tokens=tally.completion_tokens,
+                )  # fmt: skip
             retried = retried or decision is OnFail.RETRY
             if decision is OnFail.ESCALATE:
                 current, escalated = Tier.STRONG, True
@@ -131,8 +165,9 @@ class Generator:
                 current = answered.tier
 
     async def stream(
-        self, request: ChatRequest, tier: Tier, *, tenant: str = "", deadline: float | None = None
-    ) -> AsyncIterator[str | Generated]:
+        self, request: ChatRequest, tier: Tier, *, tenant: str = "", deadline: float | None = None,
+        cheap_only: bool = False,
+    ) -> AsyncIterator[str | Generated]:  # fmt: skip
         """Deltas as the provider sends them, then the Generated of the whole text.
 
         Sent text cannot be taken back, so the whole-text validators run at the end and any
@@ -143,7 +178,9 @@ class Generator:
         deadline = self.deadline(None) if deadline is None else deadline
         validators = self._applicable(tenant, request)
         started = time.perf_counter()
-        opened = await self._failover.open_stream(request, tier, deadline)
+        opened = await self._failover.open_stream(
+            request, tier, deadline, strong_fallback=not cheap_only
+        )
         pieces: list[str] = []
         async for delta in self._failover.deltas(opened, deadline):
             pieces.append(delta)
@@ -155,17 +192,20 @@ class Generator:
         validate_ms = (time.perf_counter() - started) * 1000
         failing = {v.name: v.on_fail for v, r in zip(validators, results, strict=True)
                    if not r.passed}  # fmt: skip
+        prompt_tokens = estimate_tokens("\n".join(m.content for m in request.messages))
+        completion_tokens = estimate_tokens(text)
+        cost = opened.provider.pricing.cost(prompt_tokens, completion_tokens)
         if _decide([v for v in validators if v.name in failing], True, Tier.STRONG):
             labelled = _label(results, OnFail.BLOCK)
             report = ValidationReport(tuple(labelled), passed=False)
             failed = "; ".join(f"{r.name}: {r.message}" for r in labelled if not r.passed)
-            raise FailedValidation(f"the streamed answer failed validation ({failed})", report)
+            raise FailedValidation(
+                f"the streamed answer failed validation ({failed})", report, cost_usd=cost,
+                prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, calls=1,
+            )  # fmt: skip
         labelled = [r if r.passed else replace(r, action="flagged") for r in results]
-        prompt_tokens = estimate_tokens("\n".join(m.content for m in request.messages))
-        completion_tokens = estimate_tokens(text)
         yield Generated(
-            text, model, opened.tier, prompt_tokens, completion_tokens,
-            opened.provider.pricing.cost(prompt_tokens, completion_tokens),
+            text, model, opened.tier, prompt_tokens, completion_tokens, cost,
             ValidationReport(tuple(labelled), passed=not failing), upstream_ms, validate_ms, 1,
             opened.provider.name, opened.failures,
         )  # fmt: skip

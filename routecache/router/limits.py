@@ -1,11 +1,13 @@
-"""In-process rate limits (token bucket) and spend ledger (per tenant, per UTC day)."""
+"""In-process rate limits (token bucket) and spend ledger (router/budget.py)."""
 
 from __future__ import annotations
 
-import datetime as dt
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from routecache.router.budget import InMemorySpendLedger
+
+__all__ = ["InMemoryRateLimiter", "InMemorySpendLedger"]
 
 
 @dataclass
@@ -33,18 +35,3 @@ class InMemoryRateLimiter:
             bucket.tokens -= 1.0
             return 0.0
         return (1.0 - bucket.tokens) / per_second
-
-
-class InMemorySpendLedger:
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self._spent: defaultdict[tuple[str, dt.date], float] = defaultdict(float)
-
-    def _today(self) -> dt.date:
-        return dt.datetime.fromtimestamp(self._clock(), tz=dt.UTC).date()
-
-    async def spent_today(self, tenant: str) -> float:
-        return self._spent.get((tenant, self._today()), 0.0)
-
-    async def record(self, tenant: str, cost_usd: float) -> None:
-        self._spent[(tenant, self._today())] += cost_usd

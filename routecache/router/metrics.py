@@ -67,6 +67,13 @@ class PrometheusTelemetry:
         self._breaker = Gauge(
             "routecache_breaker_state", "0 closed, 1 half-open, 2 open", ["provider"], registry=r
         )
+        self._budget_alerts = Counter(
+            "routecache_budget_alerts", "Soft budgets crossed", ["tenant", "period"], registry=r
+        )
+        self._cost_control = Counter(
+            "routecache_cost_control", "Requests rate limited, refused at a cap or downgraded",
+            ["tenant", "outcome"], registry=r,
+        )  # fmt: skip
         self._dependency = Gauge(
             "routecache_dependency_up", "1 if the dependency is reachable", ["dependency"],
             registry=r,
@@ -122,6 +129,12 @@ class PrometheusTelemetry:
 
     def watch_dependency(self, name: str, up: Callable[[], bool]) -> None:
         self._dependency.labels(name).set_function(lambda: float(up()))
+
+    def budget_alert(self, tenant: str, period: str) -> None:
+        self._budget_alerts.labels(tenant, period).inc()
+
+    def cost_control(self, tenant: str, outcome: str) -> None:
+        self._cost_control.labels(tenant, outcome).inc()
 
 
 class MetricsServer:

@@ -32,15 +32,17 @@ from routecache.errors import (
     FailedValidation,
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
     RouteCacheError,
     Unavailable,
 )
+from routecache.router.alerts import BudgetAlerts
 from routecache.router.auth import ApiKeyAuthenticator
+from routecache.router.costs import Booking, CostControl
 from routecache.router.generation import Generated, Generator
 from routecache.router.input_validation import validate_request
 from routecache.router.logs import REQUEST_ID
 from routecache.router.ports import EventSink, RateLimiter, SpendLedger
+from routecache.router.quotas import InMemoryQuotaLimiter
 from routecache.router.settings import LimitSettings
 from routecache.router.single_flight import SingleFlight
 from routecache.router.stats import ResponseRegistry, ServedResponse, TenantStatsBook
@@ -73,11 +75,17 @@ class PipelineParts:
     events: EventSink
     clock: Callable[[], float]
     telemetry: Telemetry = field(default_factory=NullTelemetry)
+    costs: CostControl | None = None  # default: in-process buckets on `spend`, no webhook
 
 
 class Pipeline:
     def __init__(self, parts: PipelineParts) -> None:
         self._p = parts
+        self._costs = parts.costs or CostControl(
+            InMemoryQuotaLimiter(parts.clock), parts.spend,
+            BudgetAlerts(parts.events, parts.telemetry), parts.generator,
+            parts.limits.max_output_tokens, parts.clock, parts.telemetry,
+        )  # fmt: skip
         self._stats = TenantStatsBook()
         self._responses = ResponseRegistry()
         self._single_flight: SingleFlight[Generated] = SingleFlight()
@@ -85,6 +93,10 @@ class Pipeline:
     @property
     def cache(self) -> SemanticCache:
         return self._p.cache
+
+    @property
+    def costs(self) -> CostControl:
+        return self._costs
 
     async def complete(
         self, request: ChatRequest, api_key: str | None, seconds_left: float | None = None
@@ -96,7 +108,7 @@ class Pipeline:
         telemetry.request_started()
         tenant_name = ""
         try:
-            tenant = self._p.authenticator.authenticate(api_key)
+            tenant = await self._p.authenticator.resolve(api_key)
             tenant_name = tenant.name
             completion = await self._complete(tenant, request, started, deadline)
         except RouteCacheError as error:
@@ -156,7 +168,7 @@ class Pipeline:
         telemetry.request_started()
         tenant_name = ""
         try:
-            tenant = self._p.authenticator.authenticate(api_key)
+            tenant = await self._p.authenticator.resolve(api_key)
             tenant_name = tenant.name
             async for event in self._complete_stream(tenant, request, started, deadline):
                 if isinstance(event, Completion):
@@ -186,6 +198,7 @@ class Pipeline:
         except (FailedValidation, Unavailable) as error:
             self._fail(tenant, error)
             raise
+        await self._costs.record_saving(tenant, request, hit.usage.saved_usd)
         for chunk in _chunks(hit.text):
             yield chunk
         latency.total_ms = (time.perf_counter() - started) * 1000
@@ -205,7 +218,9 @@ class Pipeline:
         (scope, vector), generator = where, self._p.generator
         with _stage(latency, "classify_ms"):
             tier, difficulty, version = self._route(tenant, request, vector)
-        events = generator.stream(request, tier, tenant=tenant.name, deadline=deadline)
+        booking = await self._costs.book(tenant, request, tier, streaming=True)
+        events = generator.stream(booking.request, booking.tier, tenant=tenant.name,
+                                  deadline=deadline, cheap_only=booking.cheap_only)  # fmt: skip
         generated: Generated | None = None
         try:
             async for event in events:
@@ -213,7 +228,11 @@ class Pipeline:
                     generated = event
                 else:
                     yield event
+        except FailedValidation as error:
+            await self._costs.settle_refused(tenant, request, booking, error)
+            raise
         except AllProvidersFailed as error:  # nothing was sent yet: a stale answer may do
+            await self._costs.release(booking)
             stale = await self._stale(tenant, request, scope, vector, latency, error)
             for chunk in _chunks(stale.text):
                 yield chunk
@@ -221,9 +240,12 @@ class Pipeline:
             self._emit_completion(tenant, request, stale)
             yield stale
             return
+        except BaseException:
+            await self._costs.release(booking)
+            raise
         assert generated is not None
         latency.upstream_ms, latency.validate_ms = generated.upstream_ms, generated.validate_ms
-        await self._p.spend.record(tenant.name, generated.cost_usd)
+        await self._costs.settle(tenant, request, booking, generated, shared=False)
         entry_id = ""
         if not request.cache.no_store and generated.report.passed:
             with _stage(latency, "store_ms"):
@@ -237,7 +259,8 @@ class Pipeline:
     async def _admit(self, tenant: Tenant, request: ChatRequest) -> None:
         validate_request(request, self._p.limits)
         self._p.generator.validators_for(tenant.name, request)  # a bad one: INVALID_ARGUMENT now
-        await self._check_limits(tenant, request)
+        # Spend caps are checked later, by the reservation of a call: cache hits cost nothing.
+        await self._costs.admit(tenant, request)
 
     async def _lookup(
         self, tenant: Tenant, request: ChatRequest, latency: LatencyBreakdown
@@ -269,29 +292,45 @@ class Pipeline:
     ) -> tuple[Completion, int]:
         scope, hit, vector = await self._lookup(tenant, request, latency)
         if hit is not None:
+            await self._costs.record_saving(tenant, request, hit.usage.saved_usd)
             return hit, 0
         assert vector is not None  # a miss always embeds
         with _stage(latency, "classify_ms"):
             tier, difficulty, version = self._route(tenant, request, vector)
-        flight_key = f"{exact_key(scope, request.prompt)}:{tier.value}"
-        generator = self._p.generator
+        booking = await self._costs.book(tenant, request, tier)
+        flight_key = f"{exact_key(scope, request.prompt)}:{booking.tier.value}"
         try:
             generated, shared = await self._single_flight.run(
-                flight_key,
-                lambda: generator.generate(request, tier, tenant=tenant.name, deadline=deadline),
+                flight_key, lambda: self._generate(tenant, request, booking, deadline)
             )
         except Unavailable as error:
+            await self._costs.release(booking)
             return await self._stale(tenant, request, scope, vector, latency, error), 0
+        except BaseException:
+            await self._costs.release(booking)  # the caller that paid has settled already
+            raise
         latency.upstream_ms, latency.validate_ms = generated.upstream_ms, generated.validate_ms
+        await self._costs.settle(tenant, request, booking, generated, shared)
         entry_id = ""
-        if not shared:
-            await self._p.spend.record(tenant.name, generated.cost_usd)
-            if not request.cache.no_store and generated.report.passed:
-                with _stage(latency, "store_ms"):
-                    entry_id = await self._store(tenant, scope, request, vector, generated)
+        if not shared and not request.cache.no_store and generated.report.passed:
+            with _stage(latency, "store_ms"):
+                entry_id = await self._store(tenant, scope, request, vector, generated)
         scored = (difficulty, version)
         done = self._from_models(tenant, generated, shared, entry_id, scored, latency)
         return done, (0 if shared else generated.calls)
+
+    async def _generate(
+        self, tenant: Tenant, request: ChatRequest, booking: Booking, deadline: float
+    ) -> Generated:
+        """The call one of the identical requests in flight makes for all of them."""
+        try:
+            return await self._p.generator.generate(
+                booking.request, booking.tier, tenant=tenant.name, deadline=deadline,
+                cheap_only=booking.cheap_only,
+            )  # fmt: skip
+        except FailedValidation as error:  # paid for, though nothing is served
+            await self._costs.settle_refused(tenant, request, booking, error)
+            raise
 
     async def _stale(
         self,
@@ -329,6 +368,11 @@ class Pipeline:
         difficulty = assessment.failure_probability
         version = classifier.version
         if request.force_tier is not None:
+            if request.force_tier not in tenant.allowed_tiers:
+                raise InvalidArgument(
+                    "routing.force_tier", f"{request.force_tier.value} is not allowed for "
+                    f"tenant {tenant.name} (models_allowed)",
+                )  # fmt: skip
             return request.force_tier, difficulty, version
         threshold = tenant.routing_threshold
         if threshold is None and tenant.operating_point is not None:
@@ -336,6 +380,8 @@ class Pipeline:
         if threshold is None:
             threshold = classifier.default_threshold
         tier = Tier.STRONG if assessment.routing_score >= threshold else Tier.CHEAP
+        if tier not in tenant.allowed_tiers:  # models_allowed leaves one tier
+            tier = Tier.CHEAP if tier is Tier.STRONG else Tier.STRONG
         return tier, difficulty, version
 
     async def _store(
@@ -409,23 +455,6 @@ class Pipeline:
         self._responses.remember(response_id, served)
         return response_id
 
-    async def _check_limits(self, tenant: Tenant, request: ChatRequest) -> None:
-        wait = await self._p.rate_limiter.acquire(
-            f"tenant:{tenant.name}", tenant.requests_per_second
-        )
-        if wait > 0:
-            raise ResourceExhausted(f"rate limit of tenant {tenant.name} reached", wait)
-        budget = tenant.daily_budget_usd
-        if budget is not None and await self._p.spend.spent_today(tenant.name) >= budget:
-            raise ResourceExhausted(
-                f"daily spend cap of {budget:.2f} USD reached for tenant {tenant.name}",
-                self._seconds_to_next_day(),
-            )
-
-    def _seconds_to_next_day(self) -> float:
-        now = self._p.clock()
-        return 86400.0 - now % 86400.0
-
     def _emit_completion(self, tenant: Tenant, request: ChatRequest, done: Completion) -> None:
         self._p.events.emit(
             "completion",
@@ -464,7 +493,7 @@ class Pipeline:
 
     async def feedback(self, feedback: Feedback, api_key: str | None) -> str:
         """Records feedback; a thumbs-down on a cached answer removes the entry (returned)."""
-        tenant = self._p.authenticator.authenticate(api_key)
+        tenant = await self._p.authenticator.resolve(api_key)
         if not feedback.response_id:
             raise InvalidArgument("response_id", "required")
         served = self._responses.find(tenant.name, feedback.response_id)
@@ -494,7 +523,7 @@ class Pipeline:
         return removed
 
     async def invalidate(self, target: InvalidateTarget, api_key: str | None) -> int:
-        tenant = self._p.authenticator.authenticate(api_key)
+        tenant = await self._p.authenticator.resolve(api_key)
         cache = self._p.cache
         if target.entry_id:
             removed = await cache.invalidate_ids(tenant.name, [target.entry_id])
@@ -512,7 +541,7 @@ class Pipeline:
         return removed
 
     async def stats(self, api_key: str | None, top_n: int = 10) -> TenantStats:
-        tenant = self._p.authenticator.authenticate(api_key)
+        tenant = await self._p.authenticator.resolve(api_key)
         counters = self._stats.snapshot(tenant.name)
         top = await self._p.cache.top_entries(tenant.name, top_n)
         return TenantStats(

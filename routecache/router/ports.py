@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from routecache.domain import ChatRequest, GenerationParams, Message, ValidatorResult
+from routecache.router.budget import SpendLedger
+
+__all__ = ["SpendLedger"]  # its home is router/budget.py; re-exported for older imports
 
 
 @dataclass(frozen=True)
@@ -62,12 +65,6 @@ class RateLimiter(Protocol):
     async def acquire(self, key: str, per_second: float | None) -> float:
         """Take one request's worth; returns 0 if allowed, else the seconds to wait."""
         ...
-
-
-class SpendLedger(Protocol):
-    async def spent_today(self, tenant: str) -> float: ...
-
-    async def record(self, tenant: str, cost_usd: float) -> None: ...
 
 
 class EventSink(Protocol):

@@ -304,9 +304,68 @@ def _default_validators() -> list[ValidatorSpec]:
     return [ValidatorSpec(kind="length"), ValidatorSpec(kind="json_schema")]
 
 
+class TenantRateSettings(_Section):
+    """Token buckets: each refills at limit / window_seconds and holds at most one window."""
+
+    window_seconds: float = Field(60.0, gt=0)
+    requests: float | None = Field(None, gt=0, description="requests per window, all users")
+    tokens: float | None = Field(None, gt=0, description="model tokens per window, all users")
+    user_requests: float | None = Field(None, gt=0, description="per end_user_id")
+    user_tokens: float | None = Field(None, gt=0, description="per end_user_id")
+
+
+class TenantBudgetSettings(_Section):
+    """USD per UTC day / month. Hard caps reserve each request's worst case before the call."""
+
+    daily_usd: float | None = Field(None, ge=0, description="hard cap per UTC day")
+    monthly_usd: float | None = Field(None, ge=0, description="hard cap per UTC month")
+    soft_daily_usd: float | None = Field(None, ge=0, description="alert when crossed")
+    soft_monthly_usd: float | None = Field(None, ge=0, description="alert when crossed")
+    user_daily_usd: float | None = Field(None, ge=0, description="hard cap per end user")
+    user_monthly_usd: float | None = Field(None, ge=0, description="hard cap per end user")
+    policy: Literal["refuse", "downgrade"] = Field(
+        "refuse", description="at a hard cap: refuse, or serve the cheap tier while it fits"
+    )
+
+
+class KeySettings(_Section):
+    """The API key registry: keys added, rotated and revoked at run time (routecache keys)."""
+
+    source: Literal["auto", "file", "redis", "none"] = Field(
+        "auto", description="auto: redis on the redis backend, else file when registry_path is set"
+    )
+    registry_path: Path | None = Field(None, description="the JSON key registry file")
+    rotation_overlap_seconds: int = Field(
+        86400, ge=0, description="how long a rotated-out key stays valid (CLI default)"
+    )
+
+
+class BudgetSettings(_Section):
+    alert_webhook_url: str | None = Field(
+        None, pattern=r"^https?://", description="POSTed a JSON body when a soft budget is crossed"
+    )
+    webhook_timeout_seconds: float = Field(2.0, gt=0)
+    reservation_ttl_seconds: float = Field(
+        600.0, gt=0, description="a reservation a crashed replica left behind expires after this"
+    )
+    day_retention_days: int = Field(40, gt=0, description="how long daily spend keys are kept")
+    month_retention_days: int = Field(400, gt=0, description="how long monthly ones are kept")
+
+
 class TenantSettings(_OperatingTargets):
     name: str = Field(min_length=1)
-    api_key_sha256: list[str] = Field(min_length=1, description="hex SHA-256 of each API key")
+    api_key_sha256: list[str] = Field(
+        default_factory=list,
+        description="hex SHA-256 of each static API key (the key registry holds the others)",
+    )
+    models_allowed: list[str] | None = Field(
+        None, description="models this tenant may use; a tier whose model is not listed is off"
+    )
+    max_false_hit_rate: float = Field(
+        0.01, gt=0, lt=1, description="the false-hit budget of this tenant's cache"
+    )
+    rate: TenantRateSettings = Field(default_factory=TenantRateSettings)
+    budget: TenantBudgetSettings = Field(default_factory=TenantBudgetSettings)
     routing_threshold: float | None = Field(None, ge=-1, le=1)
     similarity_threshold: float | None = Field(None, gt=0, le=1)
     default_ttl_seconds: int | None = Field(None, gt=0)
@@ -341,6 +400,8 @@ class Settings(BaseSettings):
     events: EventSettings = Field(default_factory=EventSettings)
     tenants: list[TenantSettings] = Field(default_factory=list)
     validators: list[ValidatorSpec] = Field(default_factory=_default_validators)
+    keys: KeySettings = Field(default_factory=KeySettings)
+    budgets: BudgetSettings = Field(default_factory=BudgetSettings)
 
     @classmethod
     def settings_customise_sources(

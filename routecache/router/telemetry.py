@@ -68,6 +68,14 @@ class Telemetry(Protocol):
         """Report whether a dependency (Redis, a model provider) is reachable."""
         ...
 
+    def budget_alert(self, tenant: str, period: str) -> None:
+        """A tenant's spend crossed its soft budget for the period ('day' or 'month')."""
+        ...
+
+    def cost_control(self, tenant: str, outcome: str) -> None:
+        """A request was rate_limited, cap_refused or downgraded by the cost controls."""
+        ...
+
 
 class NullTelemetry:
     """Records nothing: metrics are off."""
@@ -98,6 +106,12 @@ class NullTelemetry:
         pass
 
     def watch_dependency(self, name: str, up: Callable[[], bool]) -> None:
+        pass
+
+    def budget_alert(self, tenant: str, period: str) -> None:
+        pass
+
+    def cost_control(self, tenant: str, outcome: str) -> None:
         pass
 
 

@@ -249,7 +249,15 @@ async def test_rate_limit_gives_retry_delay() -> None:
 
 
 async def test_daily_budget_cap_refuses_once_spent() -> None:
-    harness = make_harness(daily_budget_usd=0.0000001)
+    # A call first reserves its worst case (4096 answer tokens, cheap then escalated to
+    # strong): a cap of exactly that admits the first call and, once it spent anything, no more.
+    probe = make_harness()
+    tenant = probe.service.pipeline._p.authenticator.authenticate(ACME)
+    request = ask("first", params=GenerationParams(max_tokens=4096))
+    worst = probe.service.pipeline.costs.worst_case_usd(tenant, request, Tier.CHEAP,
+                                                       cheap_only=False)  # fmt: skip
+    await probe.service.aclose()
+    harness = make_harness(daily_budget_usd=worst)
     pipeline = harness.service.pipeline
     await pipeline.complete(ask("first"), ACME)
     with pytest.raises(ResourceExhausted):

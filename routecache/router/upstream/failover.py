@@ -69,17 +69,21 @@ class Failover:
         self._clock = clock
         self._reserve = reserve_seconds
 
-    def chain(self, tier: Tier) -> list[tuple[Tier, Provider]]:
-        order = [tier, Tier.STRONG] if tier is Tier.CHEAP else [tier]
+    def chain(self, tier: Tier, strong_fallback: bool = True) -> list[tuple[Tier, Provider]]:
+        """`strong_fallback=False`: a CHEAP request stays on the cheap providers (a tenant
+        downgraded at its spend cap)."""
+        order = [tier, Tier.STRONG] if tier is Tier.CHEAP and strong_fallback else [tier]
         return [(t, p) for t in order for p in self._chains[t]]
 
     def providers(self) -> list[Provider]:
         unique = {p.name: p for chain in self._chains.values() for p in chain}
         return list(unique.values())
 
-    async def complete(self, request: ChatRequest, tier: Tier, deadline: float) -> Answered:
+    async def complete(
+        self, request: ChatRequest, tier: Tier, deadline: float, strong_fallback: bool = True
+    ) -> Answered:
         failures: list[str] = []
-        for provider_tier, provider in self.chain(tier):
+        for provider_tier, provider in self.chain(tier, strong_fallback):
             budget = self._budget(provider, deadline, failures)
             if budget is None:
                 continue
@@ -93,10 +97,12 @@ class Failover:
             return Answered(reply, provider, provider_tier, tuple(failures))
         raise AllProvidersFailed(tier, failures)
 
-    async def open_stream(self, request: ChatRequest, tier: Tier, deadline: float) -> OpenedStream:
+    async def open_stream(
+        self, request: ChatRequest, tier: Tier, deadline: float, strong_fallback: bool = True
+    ) -> OpenedStream:
         """The first provider whose stream opens and yields its first delta (or ends cleanly)."""
         failures: list[str] = []
-        for provider_tier, provider in self.chain(tier):
+        for provider_tier, provider in self.chain(tier, strong_fallback):
             budget = self._budget(provider, deadline, failures)
             if budget is None:
                 continue

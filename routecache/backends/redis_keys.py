@@ -1,0 +1,42 @@
+"""The API key registry in Redis: one hash, digest → record, read on every lookup so that a
+key revoked by any admin is refused by every replica from its next call.
+
+While Redis is down a replica answers from the records it last read (a key seen valid stays
+valid, within its own expiry); a revocation made meanwhile applies once Redis is back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from routecache.backends.keys import KeySpace
+from routecache.backends.link import RedisDown, RedisLink, guarded
+from routecache.router.keyring import KeyRecord
+
+
+class RedisKeyRegistry:
+    def __init__(self, link: RedisLink, keyspace: KeySpace) -> None:
+        self._link = link
+        self._key = keyspace.api_keys
+        self._last_known: dict[str, KeyRecord] = {}  # found ones only: no growth by guessing
+
+    async def find(self, sha256: str) -> KeyRecord | None:
+        try:
+            raw = await guarded(self._link, lambda: self._link.client.hget(self._key, sha256))
+        except RedisDown:
+            return self._last_known.get(sha256)
+        if raw is None:
+            self._last_known.pop(sha256, None)
+            return None
+        record = KeyRecord(**json.loads(raw))
+        self._last_known[sha256] = record
+        return record
+
+    async def put(self, record: KeyRecord) -> None:
+        body = json.dumps(asdict(record), sort_keys=True)
+        await self._link.client.hset(self._key, record.sha256, body)
+
+    async def records(self) -> list[KeyRecord]:
+        raw = await self._link.client.hgetall(self._key)
+        return [KeyRecord(**json.loads(v)) for v in raw.values()]

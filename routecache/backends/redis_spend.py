@@ -1,0 +1,208 @@
+"""Spend, savings and tokens per tenant and end user per UTC day and month in Redis, and the
+reservations that hold hard caps across every replica (routecache/router/budget.py).
+
+Keys (all in the tenant's Cluster slot): `<base>spend:d:<day>` and `<base>spend:m:<month>`
+hashes (cost, prompt_tokens, completion_tokens, saved, calls), the same with `:u:<user>` for
+each end user, and `<base>resv` (reservation id → amount, user, expiry).
+
+While Redis is down a replica reserves against Redis' last answer plus its own reservations
+and spend, and keeps what it spent as pending: it is added to Redis when Redis is back, so no
+recorded cost is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from routecache.backends import scripts
+from routecache.backends.keys import KeySpace
+from routecache.backends.link import RedisDown, RedisLink, guarded
+from routecache.router.budget import (
+    Cap,
+    CapReached,
+    InMemorySpendLedger,
+    Movement,
+    Period,
+    Reservation,
+    SpendRecord,
+    Totals,
+    new_reservation_id,
+    period_ids,
+)
+
+log = logging.getLogger(__name__)
+
+_PREFIX = {Period.DAY: "d", Period.MONTH: "m"}
+
+
+def spend_suffix(period: Period, period_id: str, user: str = "") -> str:
+    suffix = f"spend:{_PREFIX[period]}:{period_id}"
+    return f"{suffix}:u:{user}" if user else suffix
+
+
+@dataclass(frozen=True)
+class Retention:
+    day_seconds: int = 40 * 86400
+    month_seconds: int = 400 * 86400
+
+    def of(self, period: Period) -> int:
+        return self.day_seconds if period is Period.DAY else self.month_seconds
+
+
+class RedisSpendLedger:
+    def __init__(
+        self,
+        link: RedisLink,
+        keyspace: KeySpace,
+        clock: Callable[[], float],
+        reservation_ttl_seconds: float = 600.0,
+        retention: Retention | None = None,
+    ) -> None:
+        self._link = link
+        self._keys = keyspace
+        self._clock = clock
+        self._ttl = reservation_ttl_seconds
+        self._retention = retention or Retention()
+        self._reserve = link.client.register_script(scripts.RESERVE)
+        self._settle = link.client.register_script(scripts.SETTLE)
+        # While Redis is down: this replica's own reservations and spend, on top of what
+        # Redis last said was committed against each cap.
+        self._local = InMemorySpendLedger(clock, reservation_ttl_seconds)
+        self._last_committed: dict[tuple[str, str, Cap], float] = {}
+        self._pending: list[tuple[SpendRecord, dict[Period, str]]] = []
+        self._last_cost: dict[tuple[str, str, str], float] = {}  # what Redis last said
+        link.subscribe(self._on_health)
+
+    def _base(self, tenant: str) -> str:
+        return self._keys.of(tenant).base
+
+    async def reserve(
+        self, tenant: str, user: str, amount_usd: float, caps: Sequence[Cap]
+    ) -> Reservation | CapReached:
+        now = self._clock()
+        ids = period_ids(now)
+        rid = new_reservation_id()
+        args: list[str] = [self._base(tenant), repr(now), rid, repr(amount_usd),
+                           repr(now + self._ttl), user]  # fmt: skip
+        for cap in caps:
+            suffix = spend_suffix(cap.period, ids[cap.period], user if cap.per_user else "")
+            args += [suffix, "1" if cap.per_user else "0", repr(cap.limit_usd)]
+        try:
+            result = await guarded(self._link, lambda: self._reserve(keys=[], args=args))
+        except RedisDown:
+            return await self._reserve_locally(tenant, user, amount_usd, caps)
+        ok, refused, *committed = result
+        if not int(ok):
+            cap = caps[int(refused) - 1]
+            return CapReached(cap, float(committed[0]))
+        for cap, value in zip(caps, committed, strict=True):
+            self._last_committed[(tenant, user if cap.per_user else "", cap)] = float(value)
+        return Reservation(rid, tenant, user, amount_usd)
+
+    async def _reserve_locally(
+        self, tenant: str, user: str, amount_usd: float, caps: Sequence[Cap]
+    ) -> Reservation | CapReached:
+        # The local ledger only knows this replica's share: lower each cap by what Redis
+        # last said was committed, so the replica does not spend the others' share again.
+        lowered = [
+            Cap(c.period, c.limit_usd - self._last_committed.get(
+                (tenant, user if c.per_user else "", c), 0.0), c.per_user)
+            for c in caps
+        ]  # fmt: skip
+        outcome = await self._local.reserve(tenant, user, amount_usd, lowered)
+        if isinstance(outcome, CapReached):
+            index = lowered.index(outcome.cap)
+            committed = outcome.committed_usd + caps[index].limit_usd - lowered[index].limit_usd
+            return CapReached(caps[index], committed)
+        return outcome
+
+    async def settle(self, reservation: Reservation | None, record: SpendRecord) -> Movement:
+        ids = period_ids(self._clock())
+        if reservation is not None and reservation.local:
+            await self._local.release(reservation)
+            reservation = None
+        try:
+            return await guarded(self._link, lambda: self._apply(reservation, record, ids))
+        except RedisDown:
+            # A reservation held in Redis expires there after reservation_ttl_seconds.
+            self._pending.append((record, ids))
+            return await self._local.settle(None, record)
+
+    async def _apply(
+        self, reservation: Reservation | None, record: SpendRecord, ids: dict[Period, str]
+    ) -> Movement:
+        args: list[str] = [
+            self._base(record.tenant), "" if reservation is None else reservation.reservation_id,
+            repr(record.cost_usd), str(record.prompt_tokens), str(record.completion_tokens),
+            repr(record.saved_usd), str(record.calls), repr(record.routing_saved_usd),
+        ]  # fmt: skip
+        for period, pid in ids.items():
+            keep = str(self._retention.of(period))
+            args += [spend_suffix(period, pid), keep, "1"]
+            if record.user:
+                args += [spend_suffix(period, pid, record.user), keep, "0"]
+        out = await self._settle(keys=[], args=args)
+        moved: Movement = {}
+        for i, (period, pid) in enumerate(ids.items()):
+            moved[period] = (float(out[2 * i]), float(out[2 * i + 1]))
+            self._last_cost[(record.tenant, "", pid)] = moved[period][1]
+        return moved
+
+    async def release(self, reservation: Reservation) -> None:
+        if reservation.local:
+            await self._local.release(reservation)
+            return
+        key, rid = self._base(reservation.tenant) + "resv", reservation.reservation_id
+        # While Redis is down it expires there after reservation_ttl_seconds.
+        with contextlib.suppress(RedisDown):
+            await guarded(self._link, lambda: self._link.client.hdel(key, rid))
+
+    async def totals(self, tenant: str, user: str = "") -> dict[Period, Totals]:
+        ids = period_ids(self._clock())
+        local = await self._local.totals(tenant, user)
+        out: dict[Period, Totals] = {}
+        for period, pid in ids.items():
+            key = self._base(tenant) + spend_suffix(period, pid, user)
+            try:
+                raw = await guarded(self._link, lambda k=key: self._link.client.hgetall(k))  # type: ignore[misc]
+                out[period] = _totals(raw)
+                self._last_cost[(tenant, user, pid)] = out[period].cost_usd
+            except RedisDown:
+                out[period] = Totals(self._last_cost.get((tenant, user, pid), 0.0))
+            if self._pending:  # spent while Redis was down, not in Redis yet
+                out[period].merge(local[period])
+        return out
+
+    async def spent_today(self, tenant: str) -> float:
+        return (await self.totals(tenant))[Period.DAY].cost_usd
+
+    async def record(self, tenant: str, cost_usd: float) -> None:
+        await self.settle(None, SpendRecord(tenant, cost_usd=cost_usd))
+
+    async def flush(self) -> None:
+        """Moves spend recorded while Redis was down into Redis; what fails stays pending."""
+        while self._pending:
+            record, ids = self._pending[0]
+            try:
+                await guarded(self._link, lambda r=record, i=ids: self._apply(None, r, i))  # type: ignore[misc]
+            except RedisDown:
+                return
+            self._pending.pop(0)
+        self._local = InMemorySpendLedger(self._clock, self._ttl)
+
+    async def _on_health(self, up: bool) -> None:
+        if up and self._pending:
+            await self.flush()
+
+
+def _totals(raw: dict[bytes, bytes]) -> Totals:
+    def number(name: str) -> float:
+        return float(raw.get(name.encode(), b"0"))
+
+    return Totals(
+        number("cost"), int(number("prompt_tokens")), int(number("completion_tokens")),
+        number("saved"), int(number("calls")), number("routing_saved"),
+    )  # fmt: skip

@@ -1,0 +1,88 @@
+"""Soft budget alerts: when a tenant's spend in a day or month crosses its soft budget, one
+structured log line, one event, one metric increment and (when configured) one webhook POST.
+
+The ledger reports each settle's spend before and after, atomically, so exactly one request
+(on one replica) sees a given crossing and the alert is raised once per period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import httpx
+
+from routecache.domain import Budget
+from routecache.router.budget import Movement, Period
+from routecache.router.ports import EventSink
+from routecache.router.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+
+def soft_budget(budget: Budget, period: Period) -> float | None:
+    return budget.soft_daily_usd if period is Period.DAY else budget.soft_monthly_usd
+
+
+class BudgetAlerts:
+    def __init__(
+        self,
+        events: EventSink,
+        telemetry: Telemetry,
+        webhook_url: str | None = None,
+        webhook_timeout_seconds: float = 2.0,
+    ) -> None:
+        self._events = events
+        self._telemetry = telemetry
+        self._url = webhook_url
+        self._timeout = webhook_timeout_seconds
+        self._client: httpx.AsyncClient | None = None
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self.delivered = 0
+        self.failed_deliveries = 0
+
+    def check(self, tenant: str, budget: Budget, moved: Movement) -> None:
+        for period, (before, after) in moved.items():
+            soft = soft_budget(budget, period)
+            if soft is not None and before < soft <= after:
+                self._raise(tenant, period, soft, after)
+
+    def _raise(self, tenant: str, period: Period, soft: float, spent: float) -> None:
+        alert = {"alert": "soft_budget_crossed", "tenant": tenant, "period": period.value,
+                 "soft_budget_usd": soft, "spent_usd": spent, "at": time.time()}  # fmt: skip
+        log.warning(
+            "tenant %s crossed its %sly soft budget of %.4f USD (spent %.4f USD)",
+            tenant, period.value, soft, spent, extra={"event": "budget_alert", **alert},
+        )  # fmt: skip
+        self._events.emit("budget_alert", alert)
+        self._telemetry.budget_alert(tenant, period.value)
+        if self._url is not None:
+            # The request that crossed the budget does not wait for the webhook.
+            task = asyncio.create_task(self._post(alert))
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
+
+    async def _post(self, alert: dict[str, Any]) -> None:
+        assert self._url is not None
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self._timeout)
+        try:
+            response = await self._client.post(self._url, json=alert)
+            response.raise_for_status()
+        except httpx.HTTPError as error:
+            self.failed_deliveries += 1
+            log.error("budget alert webhook failed: %s", error, extra={"tenant": alert["tenant"]})
+            return
+        self.delivered += 1
+
+    async def drain(self) -> None:
+        """Waits for the webhook deliveries under way."""
+        if self._deliveries:
+            await asyncio.gather(*self._deliveries, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        await self.drain()
+        if self._client is not None:
+            await self._client.aclose()

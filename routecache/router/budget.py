@@ -1,0 +1,217 @@
+"""Spend per tenant and per end user per UTC day and month, and the reservations that keep
+hard caps from being overrun.
+
+Before an upstream call the pipeline reserves the request's worst-case cost; the reservation
+succeeds only if spent + reserved + this amount stays within every cap, checked and taken in
+one atomic step (one Lua script on Redis). After the call it is settled to the actual cost, or
+released when the call failed. Concurrent requests therefore cannot together pass a cap; what
+can pass it is only an actual cost above its reservation (a provider counting more prompt
+tokens than the len/4 estimate).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+_EPSILON = 1e-12  # float sums of many small costs must not refuse an exact fit
+
+
+class Period(StrEnum):
+    DAY = "day"
+    MONTH = "month"
+
+
+def period_ids(now: float) -> dict[Period, str]:
+    day = dt.datetime.fromtimestamp(now, tz=dt.UTC).date()
+    return {Period.DAY: day.isoformat(), Period.MONTH: day.strftime("%Y-%m")}
+
+
+def seconds_to_period_end(now: float, period: Period) -> float:
+    moment = dt.datetime.fromtimestamp(now, tz=dt.UTC)
+    if period is Period.DAY:
+        end = dt.datetime.combine(moment.date() + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
+    else:
+        year, month = divmod(moment.month, 12)
+        end = dt.datetime(moment.year + year, month + 1, 1, tzinfo=dt.UTC)
+    return max((end - moment).total_seconds(), 1.0)
+
+
+@dataclass(frozen=True)
+class Cap:
+    period: Period
+    limit_usd: float
+    per_user: bool = False
+
+    def describe(self) -> str:
+        period = "daily" if self.period is Period.DAY else "monthly"
+        return f"{'per-user ' if self.per_user else ''}{period} spend cap of {self.limit_usd:.4f} USD"
+
+
+@dataclass(frozen=True)
+class Reservation:
+    reservation_id: str
+    tenant: str
+    user: str
+    amount_usd: float
+    local: bool = False  # held by this process (Redis was down when it was made)
+
+
+@dataclass(frozen=True)
+class CapReached:
+    cap: Cap
+    committed_usd: float  # spent plus reserved when the reservation was refused
+
+
+@dataclass(frozen=True)
+class SpendRecord:
+    """What one request cost and saved; `user` is the request's end user ('' if none)."""
+
+    tenant: str
+    user: str = ""
+    cost_usd: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    saved_usd: float = 0.0  # cache hits and shared in-flight calls: the cost not paid again
+    calls: int = 0
+    routing_saved_usd: float = 0.0  # a cheap answer: the strong model's price minus its own
+
+
+@dataclass
+class Totals:
+    cost_usd: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    saved_usd: float = 0.0
+    calls: int = 0
+    routing_saved_usd: float = 0.0
+
+    def merge(self, other: Totals) -> None:
+        self.cost_usd += other.cost_usd
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.saved_usd += other.saved_usd
+        self.calls += other.calls
+        self.routing_saved_usd += other.routing_saved_usd
+
+    def add(self, record: SpendRecord) -> None:
+        self.cost_usd += record.cost_usd
+        self.prompt_tokens += record.prompt_tokens
+        self.completion_tokens += record.completion_tokens
+        self.saved_usd += record.saved_usd
+        self.calls += record.calls
+        self.routing_saved_usd += record.routing_saved_usd
+
+
+# The tenant's spend in each period before and after a settle: soft budgets compare them.
+Movement = dict[Period, tuple[float, float]]
+
+
+class SpendLedger(Protocol):
+    async def reserve(
+        self, tenant: str, user: str, amount_usd: float, caps: Sequence[Cap]
+    ) -> Reservation | CapReached:
+        """Atomically: reserve `amount_usd` if it fits under every cap, else say which not."""
+        ...
+
+    async def settle(self, reservation: Reservation | None, record: SpendRecord) -> Movement:
+        """Record what a request cost and saved, dropping its reservation (if any)."""
+        ...
+
+    async def release(self, reservation: Reservation) -> None:
+        """Drop a reservation whose call never happened or failed."""
+        ...
+
+    async def totals(self, tenant: str, user: str = "") -> dict[Period, Totals]:
+        """Now's day and month; user '' for the whole tenant."""
+        ...
+
+    async def spent_today(self, tenant: str) -> float: ...
+
+    async def record(self, tenant: str, cost_usd: float) -> None:
+        """Spend without a reservation or usage details."""
+        ...
+
+
+def new_reservation_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class _Held:
+    reservation: Reservation
+    expires_at: float
+
+
+@dataclass
+class InMemorySpendLedger:
+    """This process's ledger: the embedded store's, and the Redis one's fallback."""
+
+    clock: Callable[[], float]
+    reservation_ttl_seconds: float = 600.0
+    _totals: defaultdict[tuple[str, str, str], Totals] = field(
+        default_factory=lambda: defaultdict(Totals)
+    )
+    _held: dict[str, _Held] = field(default_factory=dict)
+
+    def committed(self, tenant: str, user: str, period_id: str, per_user: bool) -> float:
+        """Spent plus held reservations (of the user, for a per-user cap)."""
+        found = self._totals.get((tenant, user if per_user else "", period_id))
+        held = sum(
+            h.reservation.amount_usd
+            for h in self._held.values()
+            if h.reservation.tenant == tenant and (not per_user or h.reservation.user == user)
+        )
+        return (0.0 if found is None else found.cost_usd) + held
+
+    async def reserve(
+        self, tenant: str, user: str, amount_usd: float, caps: Sequence[Cap]
+    ) -> Reservation | CapReached:
+        now = self.clock()
+        self._expire(now)
+        ids = period_ids(now)
+        for cap in caps:
+            committed = self.committed(tenant, user, ids[cap.period], cap.per_user)
+            if committed + amount_usd > cap.limit_usd + _EPSILON:
+                return CapReached(cap, committed)
+        reservation = Reservation(new_reservation_id(), tenant, user, amount_usd, local=True)
+        self._held[reservation.reservation_id] = _Held(
+            reservation, now + self.reservation_ttl_seconds
+        )
+        return reservation
+
+    async def settle(self, reservation: Reservation | None, record: SpendRecord) -> Movement:
+        if reservation is not None:
+            self._held.pop(reservation.reservation_id, None)
+        moved: Movement = {}
+        for period, pid in period_ids(self.clock()).items():
+            tenant_totals = self._totals[(record.tenant, "", pid)]
+            before = tenant_totals.cost_usd
+            tenant_totals.add(record)
+            moved[period] = (before, tenant_totals.cost_usd)
+            if record.user:
+                self._totals[(record.tenant, record.user, pid)].add(record)
+        return moved
+
+    async def release(self, reservation: Reservation) -> None:
+        self._held.pop(reservation.reservation_id, None)
+
+    async def totals(self, tenant: str, user: str = "") -> dict[Period, Totals]:
+        ids = period_ids(self.clock())
+        return {p: Totals(**vars(self._totals.get((tenant, user, pid), Totals())))
+                for p, pid in ids.items()}  # fmt: skip
+
+    async def spent_today(self, tenant: str) -> float:
+        return (await self.totals(tenant))[Period.DAY].cost_usd
+
+    async def record(self, tenant: str, cost_usd: float) -> None:
+        await self.settle(None, SpendRecord(tenant, cost_usd=cost_usd))
+
+    def _expire(self, now: float) -> None:
+        for key in [k for k, h in self._held.items() if h.expires_at <= now]:
+            del self._held[key]

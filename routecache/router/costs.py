@@ -1,0 +1,207 @@
+"""Cost controls on the request path: rate limits on admission, a spend reservation before
+the upstream call, the settlement after it, and the savings of answers that cost nothing.
+
+Over a hard cap a tenant is refused with RESOURCE_EXHAUSTED (retry-after-ms: until the UTC
+day or month ends), or under the `downgrade` policy served by the cheap tier alone (no strong
+fallback, no escalation) while the cheap worst case still fits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from routecache.domain import Budget, ChatRequest, OverCapPolicy, Tenant, Tier
+from routecache.errors import FailedValidation, ResourceExhausted
+from routecache.router.alerts import BudgetAlerts
+from routecache.router.budget import (
+    Cap,
+    CapReached,
+    Period,
+    Reservation,
+    SpendLedger,
+    SpendRecord,
+    seconds_to_period_end,
+)
+from routecache.router.generation import Generated, Generator
+from routecache.router.quotas import (
+    QuotaLimiter,
+    admission_charges,
+    completion_charges,
+    user_slot,
+)
+from routecache.router.telemetry import Telemetry
+from routecache.router.upstream.openai_client import estimate_tokens
+
+log = logging.getLogger(__name__)
+
+_BUCKET_NAMES = {
+    "rps": "requests per second",
+    "req": "requests",
+    "tok": "tokens",
+    "ureq": "requests of this end user",
+    "utok": "tokens of this end user",
+}
+
+
+def prompt_tokens_estimate(request: ChatRequest) -> int:
+    return estimate_tokens("\n".join(m.content for m in request.messages))
+
+
+def caps_of(budget: Budget, legacy_daily: float | None = None) -> list[Cap]:
+    limits = [
+        (Period.DAY, budget.daily_usd if budget.daily_usd is not None else legacy_daily, False),
+        (Period.MONTH, budget.monthly_usd, False),
+        (Period.DAY, budget.user_daily_usd, True),
+        (Period.MONTH, budget.user_monthly_usd, True),
+    ]
+    return [Cap(period, limit, per_user) for period, limit, per_user in limits if limit is not None]
+
+
+@dataclass(frozen=True)
+class Booking:
+    """What a request may spend on its upstream calls, and how it is to be called."""
+
+    tier: Tier
+    request: ChatRequest  # max_tokens bounded when a cap needs a worst case
+    reservation: Reservation | None = None
+    cheap_only: bool = False
+
+
+class CostControl:
+    def __init__(
+        self,
+        quotas: QuotaLimiter,
+        ledger: SpendLedger,
+        alerts: BudgetAlerts,
+        generator: Generator,
+        max_output_tokens: int,
+        clock: Callable[[], float],
+        telemetry: Telemetry,
+    ) -> None:
+        self.quotas = quotas
+        self.ledger = ledger
+        self.alerts = alerts
+        self._generator = generator
+        self._max_output_tokens = max_output_tokens
+        self._clock = clock
+        self._telemetry = telemetry
+
+    async def admit(self, tenant: Tenant, request: ChatRequest) -> None:
+        """Take the request and its prompt's tokens from the tenant's and the user's buckets."""
+        charges = admission_charges(tenant, request.end_user_id, prompt_tokens_estimate(request))
+        verdict = await self.quotas.take(tenant.name, charges)
+        if not verdict.allowed:
+            self._telemetry.cost_control(tenant.name, "rate_limited")
+            what = _BUCKET_NAMES.get(verdict.bucket.split(":", 1)[0], verdict.bucket)
+            raise ResourceExhausted(
+                f"rate limit of tenant {tenant.name} reached ({what})", verdict.wait_seconds
+            )
+
+    async def book(
+        self, tenant: Tenant, request: ChatRequest, tier: Tier, streaming: bool = False
+    ) -> Booking:
+        """Reserve the worst-case cost of the request's calls under the tenant's hard caps."""
+        # A tenant whose models_allowed leaves out the strong model never reaches it.
+        cheap_only = Tier.STRONG not in tenant.allowed_tiers
+        caps = caps_of(tenant.budget, tenant.daily_budget_usd)
+        if not caps:
+            return Booking(tier, request, cheap_only=cheap_only)
+        bounded = self._bounded(request)
+        user = user_slot(request.end_user_id)
+        amount = self.worst_case_usd(
+            tenant, bounded, tier, cheap_only=cheap_only, streaming=streaming
+        )
+        outcome = await self.ledger.reserve(tenant.name, user, amount, caps)
+        if isinstance(outcome, Reservation):
+            return Booking(tier, bounded, outcome, cheap_only)
+        if tenant.budget.policy is OverCapPolicy.DOWNGRADE and Tier.CHEAP in tenant.allowed_tiers:
+            cheap = self.worst_case_usd(
+                tenant, bounded, Tier.CHEAP, cheap_only=True, streaming=streaming
+            )
+            downgraded = await self.ledger.reserve(tenant.name, user, cheap, caps)
+            if isinstance(downgraded, Reservation):
+                self._telemetry.cost_control(tenant.name, "downgraded")
+                return Booking(Tier.CHEAP, bounded, downgraded, cheap_only=True)
+            outcome = downgraded
+        raise self._refusal(tenant, outcome)
+
+    def _refusal(self, tenant: Tenant, reached: CapReached) -> ResourceExhausted:
+        self._telemetry.cost_control(tenant.name, "cap_refused")
+        wait = seconds_to_period_end(self._clock(), reached.cap.period)
+        return ResourceExhausted(f"{reached.cap.describe()} reached for tenant {tenant.name}", wait)
+
+    def _bounded(self, request: ChatRequest) -> ChatRequest:
+        """A worst case needs a bound on the answer: the service's, when the caller set none."""
+        if request.params.max_tokens is not None:
+            return request
+        params = replace(request.params, max_tokens=self._max_output_tokens)
+        return replace(request, params=params)
+
+    def worst_case_usd(
+        self, tenant: Tenant, request: ChatRequest, tier: Tier, *, cheap_only: bool,
+        streaming: bool = False,
+    ) -> float:  # fmt: skip
+        prompt = prompt_tokens_estimate(request)
+        output = request.params.max_tokens or self._max_output_tokens
+        calls = self._generator.worst_case_calls(
+            request, tier, tenant=tenant.name, cheap_only=cheap_only, streaming=streaming
+        )
+        return sum(max(p.pricing.cost(prompt, output) for p in call) for call in calls)
+
+    async def settle(
+        self, tenant: Tenant, request: ChatRequest, booking: Booking, generated: Generated,
+        shared: bool,
+    ) -> None:  # fmt: skip
+        """Record what the answer cost (nothing for a caller that shared another's call)."""
+        user = user_slot(request.end_user_id)
+        if shared:
+            record = SpendRecord(tenant.name, user, saved_usd=generated.cost_usd)
+        else:
+            record = SpendRecord(
+                tenant.name, user, generated.cost_usd, generated.prompt_tokens,
+                generated.completion_tokens, calls=generated.calls,
+                routing_saved_usd=self._routing_saving(generated),
+            )  # fmt: skip
+        await self._settle(tenant, request, booking.reservation, record)
+
+    async def settle_refused(
+        self, tenant: Tenant, request: ChatRequest, booking: Booking, error: FailedValidation
+    ) -> None:
+        """Answers that failed validation were paid for all the same."""
+        record = SpendRecord(
+            tenant.name, user_slot(request.end_user_id), error.cost_usd, error.prompt_tokens,
+            error.completion_tokens, calls=error.calls,
+        )  # fmt: skip
+        await self._settle(tenant, request, booking.reservation, record)
+
+    async def _settle(
+        self, tenant: Tenant, request: ChatRequest, reservation: Reservation | None,
+        record: SpendRecord,
+    ) -> None:  # fmt: skip
+        moved = await self.ledger.settle(reservation, record)
+        self.alerts.check(tenant.name, tenant.budget, moved)
+        tokens = record.completion_tokens
+        if tokens:
+            charges = completion_charges(tenant, request.end_user_id, tokens)
+            await self.quotas.debit(tenant.name, charges)
+
+    async def release(self, booking: Booking) -> None:
+        if booking.reservation is not None:
+            await self.ledger.release(booking.reservation)
+
+    async def record_saving(self, tenant: Tenant, request: ChatRequest, saved_usd: float) -> None:
+        """A cache hit: what the cached answer cost once and did not cost again."""
+        user = user_slot(request.end_user_id)
+        await self.ledger.settle(None, SpendRecord(tenant.name, user, saved_usd=saved_usd))
+
+    def _routing_saving(self, generated: Generated) -> float:
+        if generated.tier is not Tier.CHEAP:
+            return 0.0
+        _, strong = self._generator.failover.chain(Tier.STRONG)[0]
+        full = strong.pricing.cost(generated.prompt_tokens, generated.completion_tokens)
+        return max(0.0, full - generated.cost_usd)
+
+    async def aclose(self) -> None:
+        await self.alerts.aclose()

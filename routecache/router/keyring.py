@@ -1,0 +1,185 @@
+"""The API key registry: which key digest belongs to which tenant, and until when.
+
+Only SHA-256 digests are stored; a new key is shown once, by the `routecache keys` command, and
+never logged. Keys are added, rotated (the old one stays valid for an overlap, or not at all)
+and revoked at run time: the file registry is re-read whenever the file changes (checked on
+every lookup, so a revocation holds from the very next call) and the Redis one is read on
+every lookup (see routecache/backends/redis_keys.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Protocol
+
+from routecache.router.auth import hash_api_key
+
+KEY_PREFIX = "rck_"
+_RACY_NS = 2_000_000_000
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    key_id: str  # public handle for the CLI and the logs; not derived from the key
+    sha256: str
+    tenant: str
+    created_at: float
+    expires_at: float | None = None  # set by a rotation with overlap
+    revoked_at: float | None = None
+
+    def valid_at(self, now: float) -> bool:
+        if self.revoked_at is not None and self.revoked_at <= now:
+            return False
+        return self.expires_at is None or now < self.expires_at
+
+    def status(self, now: float) -> str:
+        if self.revoked_at is not None and self.revoked_at <= now:
+            return "revoked"
+        if self.expires_at is not None:
+            return "expired" if now >= self.expires_at else "rotating"
+        return "active"
+
+
+class KeyRegistry(Protocol):
+    """What authentication reads: the record of a digest, or None."""
+
+    async def find(self, sha256: str) -> KeyRecord | None: ...
+
+
+class KeyAdmin(Protocol):
+    """What the admin CLI writes; each change is visible to the next lookup."""
+
+    async def put(self, record: KeyRecord) -> None: ...
+
+    async def records(self) -> list[KeyRecord]: ...
+
+
+class KeyNotFound(LookupError):
+    pass
+
+
+def new_api_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+async def add_key(
+    admin: KeyAdmin, tenant: str, now: float, api_key: str | None = None
+) -> tuple[str, KeyRecord]:
+    """A new key for `tenant`: (the plain key, shown once; its record)."""
+    plain = api_key or new_api_key()
+    record = KeyRecord(secrets.token_hex(6), hash_api_key(plain), tenant, now)
+    await admin.put(record)
+    return plain, record
+
+
+async def _find_id(admin: KeyAdmin, key_id: str) -> KeyRecord:
+    for record in await admin.records():
+        if record.key_id == key_id:
+            return record
+    raise KeyNotFound(f"no key with id {key_id}")
+
+
+async def rotate_key(
+    admin: KeyAdmin, key_id: str, now: float, overlap_seconds: float
+) -> tuple[str, KeyRecord, KeyRecord]:
+    """A new key for the same tenant; the old one expires after the overlap (0: at once)."""
+    old = await _find_id(admin, key_id)
+    plain, new = await add_key(admin, old.tenant, now)
+    expires = now + overlap_seconds
+    if old.expires_at is not None:
+        expires = min(expires, old.expires_at)
+    retired = replace(old, expires_at=expires)
+    await admin.put(retired)
+    return plain, new, retired
+
+
+async def revoke_key(admin: KeyAdmin, key_id: str, now: float) -> KeyRecord:
+    record = replace(await _find_id(admin, key_id), revoked_at=now)
+    await admin.put(record)
+    return record
+
+
+class FileKeyRegistry:
+    """A JSON file of key records. Writers take an exclusive lock and replace the file
+    atomically; readers notice a new file by its (inode, mtime, size) and re-read it."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._seen: tuple[int, int, int] | None = None
+        self._by_digest: dict[str, KeyRecord] = {}
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    async def find(self, sha256: str) -> KeyRecord | None:
+        self._refresh()
+        return self._by_digest.get(sha256)
+
+    async def records(self) -> list[KeyRecord]:
+        return _read(self._path)
+
+    async def put(self, record: KeyRecord) -> None:
+        with _locked(self._path):
+            records = {r.key_id: r for r in _read(self._path)}
+            records[record.key_id] = record
+            _write(self._path, list(records.values()))
+
+    def _refresh(self) -> None:
+        try:
+            st = self._path.stat()
+        except FileNotFoundError:
+            self._seen, self._by_digest = None, {}
+            return
+        signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if signature != self._seen:
+            self._by_digest = {r.sha256: r for r in _read(self._path)}
+            # As git does with its index: a file changed within the timestamp granularity of
+            # this read may change again with the same signature, so it is read again next time.
+            racy = st.st_mtime_ns >= time.time_ns() - _RACY_NS
+            self._seen = None if racy else signature
+
+
+def _read(path: Path) -> list[KeyRecord]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    return [KeyRecord(**item) for item in raw.get("keys", [])]
+
+
+def _write(path: Path, records: list[KeyRecord]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = json.dumps({"keys": [asdict(r) for r in records]}, indent=1, sort_keys=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(body)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o600)  # digests only, but nobody else needs to read them
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -1,0 +1,56 @@
+"""Settings → the Tenant objects the pipeline works with (limits, budgets, allowed tiers)."""
+
+from __future__ import annotations
+
+from routecache.domain import Budget, OperatingPoint, OverCapPolicy, RateLimits, Tenant, Tier
+from routecache.router.settings import ConfigError, Settings, TenantSettings
+
+
+def routing_target(
+    tenant: TenantSettings, settings: Settings
+) -> tuple[float | None, OperatingPoint | None]:
+    """The most specific of: tenant threshold, tenant target, default threshold, default target."""
+    if tenant.routing_threshold is not None or tenant.operating_point() is not None:
+        return tenant.routing_threshold, tenant.operating_point()
+    return settings.classifier.routing_threshold, settings.classifier.operating_point()
+
+
+def allowed_tiers(tenant: TenantSettings, settings: Settings) -> frozenset[Tier]:
+    """The tiers whose first provider's model the tenant may use (all without models_allowed)."""
+    if tenant.models_allowed is None:
+        return frozenset(Tier)
+    models = {
+        Tier.CHEAP: settings.upstream.cheap.model,
+        Tier.STRONG: settings.upstream.strong.model,
+    }
+    tiers = frozenset(t for t, model in models.items() if model in tenant.models_allowed)
+    if not tiers:
+        raise ConfigError(
+            f"tenant {tenant.name}: models_allowed {tenant.models_allowed} names neither the "
+            f"cheap ({models[Tier.CHEAP]}) nor the strong ({models[Tier.STRONG]}) model"
+        )
+    return tiers
+
+
+def tenant_from_settings(t: TenantSettings, settings: Settings) -> Tenant:
+    threshold, point = routing_target(t, settings)
+    rate, budget = t.rate, t.budget
+    return Tenant(
+        name=t.name,
+        routing_threshold=threshold,
+        similarity_threshold=t.similarity_threshold or settings.cache.similarity_threshold,
+        default_ttl_seconds=t.default_ttl_seconds or settings.cache.default_ttl_seconds,
+        requests_per_second=t.requests_per_second,
+        daily_budget_usd=t.daily_budget_usd,
+        operating_point=point,
+        rate=RateLimits(rate.window_seconds, rate.requests, rate.tokens,
+                        rate.user_requests, rate.user_tokens),
+        budget=Budget(
+            daily_usd=budget.daily_usd if budget.daily_usd is not None else t.daily_budget_usd,
+            monthly_usd=budget.monthly_usd, soft_daily_usd=budget.soft_daily_usd,
+            soft_monthly_usd=budget.soft_monthly_usd, user_daily_usd=budget.user_daily_usd,
+            user_monthly_usd=budget.user_monthly_usd, policy=OverCapPolicy(budget.policy),
+        ),
+        allowed_tiers=allowed_tiers(t, settings),
+        max_false_hit_rate=t.max_false_hit_rate,
+    )  # fmt: skip
