@@ -50,7 +50,9 @@ class Cap:
 
     def describe(self) -> str:
         period = "daily" if self.period is Period.DAY else "monthly"
-        return f"{'per-user ' if self.per_user else ''}{period} spend cap of {self.limit_usd:.4f} USD"
+        return (
+            f"{'per-user ' if self.per_user else ''}{period} spend cap of {self.limit_usd:.4f} USD"
+        )
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,12 @@ def _hash_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from routecache.router.keys_cli import run_keys
+
+    return asyncio.run(run_keys(args))
+
+
 def _rollback_classifier(args: argparse.Namespace) -> int:
     from routecache.classifier.registry import ModelRegistry, RegistryError
 
@@ -141,6 +147,7 @@ def _rollback_classifier(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from routecache.replay.config import add_cli_arguments as replay_arguments
+    from routecache.router import keys_cli
     from routecache.router.ask import add_cli_arguments as ask_arguments
     from routecache.training import eval_router, retrain, train_classifier
 
@@ -202,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--registry", type=Path, required=True, help="model registry folder")
     rollback.add_argument("--to", default=None, help="a version (default: the previous one)")
     rollback.set_defaults(run=_rollback_classifier)
+
+    keys = verbs.add_parser("keys", help="add, rotate, revoke and list API keys (no restart)")
+    keys_cli.add_cli_arguments(keys)
+    keys.set_defaults(run=_keys)
 
     hash_key = verbs.add_parser("hash-key", help="print the SHA-256 digest to configure a key")
     hash_key.add_argument("key")

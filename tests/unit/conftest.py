@@ -18,7 +18,12 @@ from tests.fakes import FakeUpstream, ManualClock, RecordingTelemetry, json_answ
 KEYS = {"acme": "key-acme", "globex": "key-globex"}
 
 
-def unit_settings(store: dict[str, object] | None = None, **tenant_options: object) -> Settings:
+def unit_settings(
+    store: dict[str, object] | None = None,
+    service: dict[str, object] | None = None,
+    **tenant_options: object,
+) -> Settings:
+    """`service`: more top-level sections (keys, budgets, ...); the rest: each tenant's."""
     return load_settings(
         cache={"embedder": "hash", "similarity_threshold": 0.8, "max_entries": 100},
         store=store or {},
@@ -27,6 +32,7 @@ def unit_settings(store: dict[str, object] | None = None, **tenant_options: obje
             {"name": name, "api_key_sha256": [hash_api_key(key)], **tenant_options}
             for name, key in KEYS.items()
         ],
+        **(service or {}),
     )
 
 
@@ -45,6 +51,7 @@ def make_harness(
     score: float = 0.2,
     telemetry: Telemetry | None = None,
     store: dict[str, object] | None = None,
+    service: dict[str, object] | None = None,
     **tenant_options: object,
 ) -> Harness:
     cheap = FakeUpstream("cheap-model", prose_answer)
@@ -54,7 +61,7 @@ def make_harness(
     classifier = FixedScoreClassifier(score, version="fixed-v1", default_threshold=0.5)
     recording = RecordingTelemetry()
     service = build_service(
-        unit_settings(store, **tenant_options),
+        unit_settings(store, service, **tenant_options),
         Overrides(
             embedder=HashEmbedder(),
             classifier=classifier,

@@ -1,0 +1,143 @@
+"""`routecache keys add|rotate|revoke|list`: API key administration without a restart.
+
+The registry is the one the service reads (see routecache/router/keyring.py): the file of
+keys.registry_path, or Redis on the Redis backend, as the --config settings say; --registry
+FILE or --redis-url URL name one directly. A new key is printed once and never stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+from routecache.router.keyring import (
+    FileKeyRegistry,
+    KeyAdmin,
+    KeyNotFound,
+    KeyRecord,
+    add_key,
+    revoke_key,
+    rotate_key,
+)
+from routecache.router.settings import ConfigError, Settings, load_settings
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--config", type=Path, help="the service's TOML settings (its registry)")
+    where.add_argument("--registry", type=Path, help="a key registry file")
+    where.add_argument("--redis-url", help="a Redis key registry (with --key-prefix)")
+    parser.add_argument("--key-prefix", default="rc", help="with --redis-url: store.key_prefix")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    actions = parser.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="a new key for a tenant (printed once)")
+    add.add_argument("--tenant", required=True)
+    rotate = actions.add_parser("rotate", help="a new key; the old one expires after an overlap")
+    rotate.add_argument("key_id")
+    rotate.add_argument("--overlap-seconds", type=float, default=None,
+                        help="how long the old key stays valid (0: revoked at once; default: "
+                        "keys.rotation_overlap_seconds)")  # fmt: skip
+    revoke = actions.add_parser("revoke", help="the key fails from the next call on")
+    revoke.add_argument("key_id")
+    listing = actions.add_parser("list", help="key ids, tenants and states (never the keys)")
+    listing.add_argument("--tenant", default=None)
+
+
+@asynccontextmanager
+async def open_admin(args: argparse.Namespace, settings: Settings) -> AsyncIterator[KeyAdmin]:
+    redis_url, prefix, path = args.redis_url, args.key_prefix, args.registry
+    if args.config is not None:
+        source = settings.keys.source
+        if source == "redis" or (source == "auto" and settings.store.backend == "redis"):
+            redis_url = settings.store.redis_url.get_secret_value()
+            prefix = settings.store.key_prefix
+        elif source != "none" and settings.keys.registry_path is not None:
+            path = settings.keys.registry_path
+        else:
+            raise ConfigError("the config names no key registry: set keys.registry_path "
+                              "or use the redis store backend")  # fmt: skip
+    if redis_url is not None:
+        from routecache.backends.keys import KeySpace
+        from routecache.backends.link import RedisLink
+        from routecache.backends.redis_keys import RedisKeyRegistry
+
+        link = RedisLink(redis_url, 5.0, 2, 1.0)
+        try:
+            if not await link.connect():
+                raise ConfigError(f"cannot reach Redis at {redis_url.rsplit('@', 1)[-1]}")
+            yield RedisKeyRegistry(link, KeySpace(prefix))
+        finally:
+            await link.aclose()
+        return
+    if path is None:
+        raise ConfigError("name the registry: --config FILE, --registry FILE or --redis-url URL")
+    yield FileKeyRegistry(path)
+
+
+def _check_tenant(settings: Settings, args: argparse.Namespace, tenant: str) -> None:
+    if args.config is not None and tenant not in {t.name for t in settings.tenants}:
+        raise ConfigError(f"tenant {tenant!r} is not configured in {args.config}")
+
+
+def _show(record: KeyRecord, now: float) -> dict[str, object]:
+    shown = {k: v for k, v in asdict(record).items() if k != "sha256"}
+    return {**shown, "status": record.status(now)}
+
+
+async def run_keys(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config) if args.config is not None else Settings()
+    now = time.time()
+    out: dict[str, object]
+    async with open_admin(args, settings) as admin:
+        try:
+            if args.action == "add":
+                _check_tenant(settings, args, args.tenant)
+                plain, record = await add_key(admin, args.tenant, now)
+                out = {"api_key": plain, **_show(record, now)}
+            elif args.action == "rotate":
+                overlap = args.overlap_seconds
+                if overlap is None:
+                    overlap = settings.keys.rotation_overlap_seconds
+                plain, record, old = await rotate_key(admin, args.key_id, now, overlap)
+                out = {"api_key": plain, **_show(record, now), "old": _show(old, now)}
+            elif args.action == "revoke":
+                out = _show(await revoke_key(admin, args.key_id, now), now)
+            else:
+                records = [r for r in await admin.records()
+                           if args.tenant is None or r.tenant == args.tenant]  # fmt: skip
+                out = {"keys": [_show(r, now) for r in sorted(records, key=lambda r: r.created_at)]}
+        except KeyNotFound as error:
+            print(f"routecache: {error.args[0]}", file=sys.stderr)
+            return 1
+    _print(args, out)
+    return 0
+
+
+def _print(args: argparse.Namespace, out: dict[str, object]) -> None:
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return
+    if "keys" in out:
+        for row in out["keys"]:  # type: ignore[attr-defined]
+            created, expires = _when(row["created_at"]), _when(row["expires_at"])
+            print(f"{row['key_id']}  {row['tenant']:<20} {row['status']:<9} "
+                  f"created {created}  expires {expires}")  # fmt: skip
+        return
+    if "api_key" in out:
+        print(f"api key (shown once; only its SHA-256 is kept): {out['api_key']}")
+    print(f"key id {out['key_id']} of tenant {out['tenant']}: {out['status']}")
+    old = out.get("old")
+    if isinstance(old, dict):
+        print(f"old key {old['key_id']}: {old['status']} until {_when(old['expires_at'])}")
+
+
+def _when(ts: object) -> str:
+    if not isinstance(ts, float | int):
+        return "-"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

@@ -1,0 +1,129 @@
+"""API keys at run time: the registry file, the admin CLI, rotation and revocation."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from routecache.errors import Unauthenticated
+from routecache.router.auth import ApiKeyAuthenticator, hash_api_key
+from routecache.router.bootstrap import build_tenants
+from routecache.router.cli import build_parser, main
+from routecache.router.keyring import FileKeyRegistry, add_key, revoke_key, rotate_key
+from routecache.router.keys_cli import run_keys
+from routecache.router.settings import ConfigError, load_settings
+from tests.fakes import ManualClock
+from tests.unit.conftest import make_harness
+from tests.unit.test_pipeline import ask
+
+
+async def keys_cli(*args: str) -> int:
+    """`routecache keys ...` on the test's own event loop (main() runs one of its own)."""
+    return await run_keys(build_parser().parse_args(["keys", *args]))
+
+
+def authenticator(path: Path, clock: ManualClock) -> ApiKeyAuthenticator:
+    settings = load_settings(tenants=[{"name": "acme"}, {"name": "globex"}])
+    return build_tenants(settings, FileKeyRegistry(path), clock)
+
+
+async def test_a_revoked_key_fails_on_the_very_next_call(tmp_path: Path) -> None:
+    path, clock = tmp_path / "keys.json", ManualClock()
+    auth = authenticator(path, clock)
+    admin = FileKeyRegistry(path)  # another process's view, as the CLI's
+    plain, record = await add_key(admin, "acme", clock())
+    assert (await auth.resolve(plain)).name == "acme"
+    await revoke_key(admin, record.key_id, clock())
+    with pytest.raises(Unauthenticated):
+        await auth.resolve(plain)
+
+
+async def test_rotation_keeps_the_old_key_for_the_overlap_only(tmp_path: Path) -> None:
+    path, clock = tmp_path / "keys.json", ManualClock()
+    auth, admin = authenticator(path, clock), FileKeyRegistry(path)
+    old_plain, old = await add_key(admin, "globex", clock())
+    new_plain, new, retired = await rotate_key(admin, old.key_id, clock(), overlap_seconds=60)
+    assert new.tenant == "globex" and retired.expires_at == clock() + 60
+    assert (await auth.resolve(old_plain)).name == "globex"
+    clock.advance(60)
+    with pytest.raises(Unauthenticated):
+        await auth.resolve(old_plain)
+    assert (await auth.resolve(new_plain)).name == "globex"
+    # Overlap 0: the old key is gone at once.
+    newer_plain, _, _ = await rotate_key(admin, new.key_id, clock(), overlap_seconds=0)
+    with pytest.raises(Unauthenticated):
+        await auth.resolve(new_plain)
+    assert (await auth.resolve(newer_plain)).name == "globex"
+
+
+async def test_a_key_of_an_unconfigured_tenant_is_refused(tmp_path: Path) -> None:
+    path, clock = tmp_path / "keys.json", ManualClock()
+    plain, _ = await add_key(FileKeyRegistry(path), "initech", clock())
+    with pytest.raises(Unauthenticated, match="not configured"):
+        await authenticator(path, clock).resolve(plain)
+
+
+async def test_keys_are_stored_hashed_and_never_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "keys.json"
+    caplog.set_level(logging.DEBUG)
+    assert await keys_cli("--registry", str(path), "--json", "add", "--tenant", "acme") == 0
+    plain = json.loads(capsys.readouterr().out)["api_key"]
+    stored = path.read_text()
+    assert plain not in stored and hash_api_key(plain) in stored
+    assert path.stat().st_mode & 0o077 == 0
+    with pytest.raises(Unauthenticated):
+        await authenticator(path, ManualClock()).resolve(plain + "x")
+    assert plain not in caplog.text
+
+
+async def test_the_cli_revokes_a_key_the_running_service_then_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "keys.json"
+    harness = make_harness(service={"keys": {"registry_path": path}})
+    pipeline = harness.service.pipeline
+    registry = ["--registry", str(path), "--json"]
+    try:
+        assert await keys_cli(*registry, "add", "--tenant", "acme") == 0
+        added = json.loads(capsys.readouterr().out)
+        assert (await pipeline.complete(ask("q1"), added["api_key"])).text
+        assert await keys_cli(*registry, "rotate", added["key_id"], "--overlap-seconds", "0") == 0
+        rotated = json.loads(capsys.readouterr().out)
+        assert rotated["old"]["status"] == "expired"
+        with pytest.raises(Unauthenticated):
+            await pipeline.complete(ask("q2"), added["api_key"])
+        assert (await pipeline.complete(ask("q3"), rotated["api_key"])).text
+        assert await keys_cli(*registry, "revoke", rotated["key_id"]) == 0
+        capsys.readouterr()
+        with pytest.raises(Unauthenticated):
+            await pipeline.complete(ask("q4"), rotated["api_key"])
+        assert await keys_cli(*registry, "list") == 0
+        listed = json.loads(capsys.readouterr().out)["keys"]
+        assert [k["status"] for k in listed[-2:]] == ["expired", "revoked"]
+        assert all("sha256" not in k and "api_key" not in k for k in listed)
+        assert await keys_cli(*registry, "revoke", "no-such-id") == 1
+    finally:
+        await harness.service.aclose()
+
+
+def test_the_cli_checks_the_tenant_against_the_config(tmp_path: Path) -> None:
+    config = tmp_path / "rc.toml"
+    config.write_text(f'[keys]\nregistry_path = "{tmp_path / "k.json"}"\n'
+                      '[[tenants]]\nname = "acme"\n')  # fmt: skip
+    assert main(["keys", "--config", str(config), "add", "--tenant", "globex"]) == 2
+    assert main(["keys", "--config", str(config), "add", "--tenant", "acme"]) == 0
+    assert "acme" in (tmp_path / "k.json").read_text()
+
+
+def test_a_registry_source_without_its_store_fails_fast() -> None:
+    from routecache.router.bootstrap import build_key_registry
+
+    with pytest.raises(ConfigError, match="store.backend"):
+        build_key_registry(load_settings(keys={"source": "redis"}), None)
+    with pytest.raises(ConfigError, match="registry_path"):
+        build_key_registry(load_settings(keys={"source": "file"}), None)

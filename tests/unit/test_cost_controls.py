@@ -1,0 +1,284 @@
+"""Rate limits per tenant and end user, spend caps with reservations, savings, budget alerts."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import math
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from routecache.domain import (
+    CacheControl,
+    ChatRequest,
+    GenerationParams,
+    ResponseFormat,
+    ResponseFormatType,
+    Tier,
+)
+from routecache.errors import (
+    FailedValidation,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+    UpstreamError,
+)
+from routecache.router.budget import Period, period_ids, seconds_to_period_end
+from routecache.router.error_mapping import RETRY_AFTER_KEY, status_of, trailing_metadata_of
+from routecache.router.quotas import Charge, InMemoryQuotaLimiter
+from tests.fakes import ManualClock
+from tests.unit.conftest import KEYS, Harness, make_harness
+from tests.unit.test_pipeline import ask
+
+ACME = KEYS["acme"]
+MAX_TOKENS = 100
+
+
+def sized_answer(prompt: str, params: GenerationParams) -> str:
+    """An answer of exactly max_tokens tokens as the fake upstream counts them."""
+    return "x" * (4 * ((params.max_tokens or MAX_TOKENS) - 1))
+
+
+def costly(prompt: str, user: str = "", tier: Tier | None = Tier.STRONG) -> ChatRequest:
+    return ask(prompt, params=GenerationParams(max_tokens=MAX_TOKENS), force_tier=tier,
+               cache=CacheControl(no_cache=True), end_user_id=user)  # fmt: skip
+
+
+def budget_harness(**budget: object) -> Harness:
+    harness = make_harness(validators=[], budget=budget)
+    harness.strong.answer = sized_answer
+    harness.cheap.answer = sized_answer
+    return harness
+
+
+async def test_user_and_tenant_request_buckets() -> None:
+    harness = make_harness(rate={"requests": 3, "user_requests": 2, "window_seconds": 60})
+    complete = harness.service.pipeline.complete
+    await complete(ask("a", end_user_id="u1"), ACME)
+    await complete(ask("b", end_user_id="u1"), ACME)
+    with pytest.raises(ResourceExhausted, match="end user") as user_limited:
+        await complete(ask("c", end_user_id="u1"), ACME)
+    assert user_limited.value.retry_after_seconds == pytest.approx(30.0)
+    # The user's refusal took nothing from the tenant's bucket: one request is left in it.
+    await complete(ask("d", end_user_id="u2"), ACME)
+    with pytest.raises(ResourceExhausted, match=r"\(requests\)") as tenant_limited:
+        await complete(ask("e", end_user_id="u3"), ACME)
+    assert tenant_limited.value.retry_after_seconds == pytest.approx(20.0)
+    await complete(ask("e", end_user_id="u3"), KEYS["globex"])  # another tenant's buckets
+    harness.clock.advance(30.0)
+    await complete(ask("f", end_user_id="u1"), ACME)
+    assert harness.telemetry.cost_controls.count(("acme", "rate_limited")) == 2
+    await harness.service.aclose()
+
+
+async def test_token_buckets_take_the_prompt_then_debit_the_answer() -> None:
+    harness = make_harness(rate={"tokens": 100, "window_seconds": 10})  # 10 tokens a second
+    complete = harness.service.pipeline.complete
+    prompt = "p" * 200  # 50 tokens by the len/4 estimate
+    done = await complete(ask(prompt), ACME)
+    # 100 - 50 (prompt) - the answer's tokens: below 50, so the next prompt waits.
+    left = 100 - 50 - done.usage.completion_tokens
+    with pytest.raises(ResourceExhausted, match="tokens") as limited:
+        await complete(ask(prompt + "?"), ACME)
+    assert limited.value.retry_after_seconds == pytest.approx((51 - left) / 10)
+    harness.clock.advance(limited.value.retry_after_seconds)
+    await complete(ask(prompt + "?"), ACME)
+    await harness.service.aclose()
+
+
+async def test_a_request_takes_all_its_buckets_or_none() -> None:
+    clock = ManualClock()
+    limiter = InMemoryQuotaLimiter(clock)
+    tenant = Charge("req", 1.0, 10.0, 1.0)
+    user = Charge("ureq:u", 0.1, 1.0, 1.0)
+    assert (await limiter.take("t", [tenant, user])).allowed
+    refused = await limiter.take("t", [tenant, user])
+    assert (refused.bucket, refused.wait_seconds) == ("ureq:u", pytest.approx(10.0))
+    for _ in range(9):  # the tenant bucket still holds the 9 left
+        assert (await limiter.take("t", [tenant])).allowed
+    assert not (await limiter.take("t", [tenant])).allowed
+    # An amount above the capacity passes on a full bucket and leaves it in debt.
+    big = Charge("tok", 1.0, 5.0, 8.0)
+    assert (await limiter.take("t", [big])).allowed
+    assert (await limiter.take("t", [big])).wait_seconds == pytest.approx(8.0)
+
+
+def test_resource_exhausted_carries_the_retry_delay_in_trailing_metadata() -> None:
+    error = ResourceExhausted("rate limit", 1.2345)
+    assert status_of(error).name == "RESOURCE_EXHAUSTED"
+    assert trailing_metadata_of(error) == ((RETRY_AFTER_KEY, "1235"),)
+
+
+async def spend_of(harness: Harness, tenant: str = "acme", user: str = "") -> float:
+    totals = await harness.service.pipeline.costs.ledger.totals(tenant, user)
+    return totals[Period.DAY].cost_usd
+
+
+def one_request_usd(harness: Harness, prompt: str) -> float:
+    pipeline = harness.service.pipeline
+    tenant = pipeline._p.authenticator.authenticate(ACME)
+    return pipeline.costs.worst_case_usd(tenant, costly(prompt), Tier.STRONG, cheap_only=False)
+
+
+async def concurrent_wave(harness: Harness, wave: int, n: int = 50) -> tuple[int, int]:
+    """n requests in flight together: all reserve before any upstream call returns."""
+    harness.strong.gate = gate = asyncio.Event()
+    harness.cheap.gate = gate
+    tasks = [asyncio.create_task(harness.service.pipeline.complete(costly(f"w{wave} q{i:02d}"),
+                                                                   ACME)) for i in range(n)]  # fmt: skip
+    await asyncio.sleep(0.05)
+    gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    refused = sum(isinstance(r, ResourceExhausted) for r in results)
+    assert all(not isinstance(r, BaseException) or isinstance(r, ResourceExhausted)
+               for r in results)  # fmt: skip
+    return n - refused, refused
+
+
+async def test_fifty_concurrent_requests_overrun_a_hard_cap_by_one_request_at_most() -> None:
+    probe = budget_harness()
+    one = one_request_usd(probe, "w0 q00")
+    await probe.service.aclose()
+    cap = 10.5 * one
+    harness = budget_harness(daily_usd=cap)
+    served, refused = await concurrent_wave(harness, 0)
+    assert (served, refused) == (10, 40)
+    served_later, _ = await concurrent_wave(harness, 1)
+    assert served_later == 0
+    spent = await spend_of(harness)
+    assert cap - one <= spent <= cap + one
+    assert harness.telemetry.cost_controls.count(("acme", "cap_refused")) == 90
+    await harness.service.aclose()
+
+
+async def test_the_downgrade_policy_serves_the_cheap_tier_at_the_cap() -> None:
+    probe = budget_harness()
+    one = one_request_usd(probe, "q0")
+    await probe.service.aclose()
+    # Under the cap, a cheap request still reserves for its strong fallback (one strong
+    # request's worth): that no longer fits, the cheap tier alone does.
+    harness = budget_harness(daily_usd=0.5 * one, policy="downgrade")
+    complete = harness.service.pipeline.complete
+    done = [await complete(costly(f"q{i}", tier=t), ACME)
+            for i, t in enumerate((None, Tier.STRONG, None))]  # fmt: skip
+    assert [d.tier for d in done] == [Tier.CHEAP] * 3 and harness.strong.calls == []
+    assert harness.telemetry.cost_controls.count(("acme", "downgraded")) == 3
+    assert 0 < await spend_of(harness) <= 0.5 * one
+    refusing = budget_harness(daily_usd=0.5 * one)  # the default policy refuses instead
+    with pytest.raises(ResourceExhausted):
+        await refusing.service.pipeline.complete(costly("q0", tier=None), ACME)
+    await refusing.service.aclose()
+    await harness.service.aclose()
+
+
+async def test_refusal_waits_until_the_day_ends_and_a_failed_call_releases() -> None:
+    probe = budget_harness()
+    one = one_request_usd(probe, "q0")
+    await probe.service.aclose()
+    harness = budget_harness(daily_usd=1.5 * one)
+    complete = harness.service.pipeline.complete
+    harness.strong.fail_with = UpstreamError("HTTP 400", retryable=False)
+    with pytest.raises(Unavailable):
+        await complete(costly("q0"), ACME)
+    harness.strong.fail_with = None
+    await complete(costly("q1"), ACME)  # the failed call's reservation was released
+    with pytest.raises(ResourceExhausted, match="daily spend cap") as refused:
+        await complete(costly("q2"), ACME)
+    now = dt.datetime.fromtimestamp(harness.clock(), tz=dt.UTC)
+    midnight = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
+    assert refused.value.retry_after_seconds == pytest.approx((midnight - now).total_seconds())
+    await harness.service.aclose()
+
+
+async def test_answers_refused_by_validation_are_paid_for() -> None:
+    validators = [{"kind": "regex", "must_match": ["^never$"], "on_fail": "block"}]
+    harness = make_harness(validators=validators, budget={"daily_usd": 10.0})
+    with pytest.raises(FailedValidation):
+        await harness.service.pipeline.complete(ask("q", end_user_id="u1"), ACME)
+    assert await spend_of(harness) > 0
+    assert await spend_of(harness, user="u1") == await spend_of(harness)
+    await harness.service.aclose()
+
+
+async def test_spend_and_savings_per_tenant_and_user_per_day_and_month(harness: Harness) -> None:
+    complete, ledger = harness.service.pipeline.complete, harness.service.pipeline.costs.ledger
+    miss = await complete(ask("what is the boiling point of water", end_user_id="u1"), ACME)
+    hit = await complete(ask("what is the boiling point of water", end_user_id="u2"), ACME)
+    assert miss.tier is Tier.CHEAP and hit.usage.saved_usd == miss.usage.cost_usd > 0
+    tenant, u1, u2 = [await ledger.totals("acme", u) for u in ("", "u1", "u2")]
+    for period in (Period.DAY, Period.MONTH):
+        assert tenant[period].cost_usd == u1[period].cost_usd == miss.usage.cost_usd
+        assert tenant[period].prompt_tokens == miss.usage.prompt_tokens
+        assert tenant[period].completion_tokens == miss.usage.completion_tokens
+        assert tenant[period].saved_usd == u2[period].saved_usd == miss.usage.cost_usd
+        assert tenant[period].calls == 1 and u2[period].calls == 0
+        # The cheap answer at the strong model's prices (10 and 30 USD per million tokens).
+        strong = (miss.usage.prompt_tokens * 10 + miss.usage.completion_tokens * 30) / 1e6
+        assert u1[period].routing_saved_usd == pytest.approx(strong - miss.usage.cost_usd)
+    assert (await ledger.totals("globex"))[Period.DAY].cost_usd == 0
+
+
+async def test_models_allowed_keeps_a_tenant_off_a_tier() -> None:
+    harness = make_harness(score=0.9, models_allowed=["mixtral-8x7b-instruct"])
+    complete = harness.service.pipeline.complete
+    done = await complete(ask("hard question"), ACME)  # the classifier says strong
+    assert done.tier is Tier.CHEAP and harness.strong.calls == []
+    with pytest.raises(InvalidArgument, match="force_tier"):
+        await complete(ask("q", force_tier=Tier.STRONG), ACME)
+    json_mode = GenerationParams(response_format=ResponseFormat(ResponseFormatType.JSON_OBJECT))
+    with pytest.raises(FailedValidation):  # no escalation to a model it may not use
+        await complete(ask("json please", params=json_mode), ACME)
+    assert harness.strong.calls == []
+    await harness.service.aclose()
+
+
+class Hook:
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, object]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.bodies.append(await request.json())
+        return web.Response(status=204)
+
+
+@pytest.fixture
+async def webhook() -> AsyncIterator[tuple[str, Hook]]:
+    hook = Hook()
+    app = web.Application()
+    app.router.add_post("/hook", hook.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield f"http://127.0.0.1:{port}/hook", hook
+    await runner.cleanup()
+
+
+async def test_crossing_a_soft_budget_alerts_once(webhook: tuple[str, Hook]) -> None:
+    url, hook = webhook
+    harness = make_harness(service={"budgets": {"alert_webhook_url": url}},
+                           budget={"soft_daily_usd": 2e-5, "soft_monthly_usd": 1.0})  # fmt: skip
+    for i in range(8):
+        await harness.service.pipeline.complete(ask(f"question number {i}"), ACME)
+    await harness.service.pipeline.costs.alerts.drain()
+    assert await spend_of(harness) >= 2e-5
+    assert harness.telemetry.budget_alerts == [("acme", "day")]
+    alerts = [e for e in harness.events.events if e["kind"] == "budget_alert"]
+    assert len(alerts) == 1 and alerts[0]["soft_budget_usd"] == 2e-5
+    assert len(hook.bodies) == 1
+    body = hook.bodies[0]
+    assert (body["tenant"], body["period"], body["alert"]) == ("acme", "day", "soft_budget_crossed")
+    assert float(str(body["spent_usd"])) >= 2e-5
+    await harness.service.aclose()
+
+
+def test_periods_roll_over_at_utc_midnight_and_month_end() -> None:
+    new_year_eve = dt.datetime(2026, 12, 31, 23, 0, tzinfo=dt.UTC).timestamp()
+    assert period_ids(new_year_eve) == {Period.DAY: "2026-12-31", Period.MONTH: "2026-12"}
+    assert seconds_to_period_end(new_year_eve, Period.DAY) == 3600
+    assert seconds_to_period_end(new_year_eve, Period.MONTH) == 3600
+    mid_month = dt.datetime(2026, 2, 10, tzinfo=dt.UTC).timestamp()
+    assert math.isclose(seconds_to_period_end(mid_month, Period.MONTH), 19 * 86400)
