@@ -123,7 +123,7 @@ def test_the_cli_checks_the_tenant_against_the_config(tmp_path: Path) -> None:
 def test_a_registry_source_without_its_store_fails_fast() -> None:
     from routecache.router.bootstrap import build_key_registry
 
-    with pytest.raises(ConfigError, match="store.backend"):
+    with pytest.raises(ConfigError, match=r"store\.backend"):
         build_key_registry(load_settings(keys={"source": "redis"}), None)
     with pytest.raises(ConfigError, match="registry_path"):
         build_key_registry(load_settings(keys={"source": "file"}), None)

@@ -126,9 +126,18 @@ async def concurrent_wave(harness: Harness, wave: int, n: int = 50) -> tuple[int
     """n requests in flight together: all reserve before any upstream call returns."""
     harness.strong.gate = gate = asyncio.Event()
     harness.cheap.gate = gate
-    tasks = [asyncio.create_task(harness.service.pipeline.complete(costly(f"w{wave} q{i:02d}"),
-                                                                   ACME)) for i in range(n)]  # fmt: skip
-    await asyncio.sleep(0.05)
+    complete = harness.service.pipeline.complete
+    calls_before = len(harness.strong.calls) + len(harness.cheap.calls)
+    tasks = [asyncio.create_task(complete(costly(f"w{wave} q{i:02d}"), ACME)) for i in range(n)]
+    # Until every request is refused or waiting in its upstream call.
+    while (
+        len(harness.strong.calls)
+        + len(harness.cheap.calls)
+        - calls_before
+        + sum(t.done() for t in tasks)
+        < n
+    ):
+        await asyncio.sleep(0.001)
     gate.set()
     results = await asyncio.gather(*tasks, return_exceptions=True)
     refused = sum(isinstance(r, ResourceExhausted) for r in results)
