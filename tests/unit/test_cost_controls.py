@@ -129,14 +129,14 @@ async def concurrent_wave(harness: Harness, wave: int, n: int = 50) -> tuple[int
     complete = harness.service.pipeline.complete
     calls_before = len(harness.strong.calls) + len(harness.cheap.calls)
     tasks = [asyncio.create_task(complete(costly(f"w{wave} q{i:02d}"), ACME)) for i in range(n)]
-    # Until every request is refused or waiting in its upstream call.
-    while (
-        len(harness.strong.calls)
-        + len(harness.cheap.calls)
-        - calls_before
-        + sum(t.done() for t in tasks)
-        < n
-    ):
+
+    # Until every request is refused or waiting in its upstream call (the fakes record a
+    # call as it starts; nothing signals it).
+    def waiting() -> int:
+        calls = len(harness.strong.calls) + len(harness.cheap.calls) - calls_before
+        return calls + sum(t.done() for t in tasks)
+
+    while waiting() < n:  # noqa: ASYNC110
         await asyncio.sleep(0.001)
     gate.set()
     results = await asyncio.gather(*tasks, return_exceptions=True)
