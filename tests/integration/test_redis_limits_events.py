@@ -8,9 +8,17 @@ from routecache.backends.keys import KeySpace
 from routecache.backends.link import RedisLink
 from routecache.backends.redis_events import RedisStreamEventSink, read_events
 from routecache.backends.redis_limits import RedisRateLimiter, RedisSpendLedger
+from routecache.domain import Tier
 from routecache.errors import ResourceExhausted
 from tests.fakes import ManualClock
-from tests.integration.replicas import ACME, ask, real_clock, replica_settings, start_replica
+from tests.integration.replicas import (
+    ACME,
+    ask,
+    eventually,
+    real_clock,
+    replica_settings,
+    start_replica,
+)
 from tests.redis_fixture import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -59,7 +67,11 @@ async def test_limits_fall_back_to_the_replica_when_redis_is_down(
         own_redis_server.start()
         await link.wait_up()
         other = RedisSpendLedger(link, KeySpace(), clock)  # as another replica sees it
-        assert await other.spent_today("acme") == pytest.approx(0.75)
+
+        async def flushed() -> bool:  # the pending spend is moved by the link's health listener
+            return await other.spent_today("acme") == pytest.approx(0.75)
+
+        await eventually(flushed, "the spend recorded while Redis was down reaches Redis")
     finally:
         await link.aclose()
 
@@ -67,7 +79,15 @@ async def test_limits_fall_back_to_the_replica_when_redis_is_down(
 async def test_the_daily_cap_counts_spend_of_every_replica(redis_server: RedisServer) -> None:
     clock = real_clock()
     settings = replica_settings(redis_server.url)
-    settings.tenants[0].daily_budget_usd = 1e-9
+    # A call reserves its worst case before it is made: a cap of exactly one call's worst case
+    # lets the first call through and, once that spent anything, no other on any replica.
+    probe = await start_replica(settings, clock)
+    tenant = probe.service.pipeline._p.authenticator.authenticate(ACME)
+    worst = probe.service.pipeline.costs.worst_case_usd(
+        tenant, ask("spend some money"), Tier.CHEAP, cheap_only=False
+    )
+    await probe.service.aclose()
+    settings.tenants[0].daily_budget_usd = worst
     a = await start_replica(settings, clock)
     b = await start_replica(settings, clock)
     try:

@@ -1,0 +1,175 @@
+"""Cost controls on a real redis-server shared by replicas: rate limits under 50 concurrent
+callers, a hard spend cap under 50 concurrent requests, and key revocation across replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+
+import pytest
+
+from routecache.backends.keys import KeySpace
+from routecache.backends.link import RedisLink
+from routecache.backends.redis_limits import RedisQuotaLimiter
+from routecache.domain import CacheControl, ChatRequest, GenerationParams, Message, Role, Tier
+from routecache.errors import ResourceExhausted, Unauthenticated
+from routecache.router.budget import Period
+from routecache.router.cli import build_parser
+from routecache.router.keys_cli import run_keys
+from routecache.router.quotas import Charge
+from tests.fakes import ManualClock
+from tests.integration.replicas import ACME, Replica, real_clock, replica_settings, start_replica
+from tests.redis_fixture import RedisServer
+
+pytestmark = pytest.mark.integration
+
+CALLERS = 50
+ROUNDS = 10
+TRIES_PER_ROUND = 3
+
+
+def link_to(server: RedisServer) -> RedisLink:
+    return RedisLink(server.url, timeout_seconds=2.0, max_connections=32,
+                     probe_interval_seconds=0.05)  # fmt: skip
+
+
+async def hammer(limiters: Sequence[RedisQuotaLimiter], clock: ManualClock,
+                 charges_of: list[list[Charge]]) -> list[int]:  # fmt: skip
+    """CALLERS concurrent callers (spread over the replicas' limiters), each trying
+    TRIES_PER_ROUND times a round; one second passes between rounds. Admitted per caller."""
+    admitted = [0] * len(charges_of)
+
+    async def caller(i: int) -> None:
+        limiter = limiters[i % len(limiters)]
+        for _ in range(TRIES_PER_ROUND):
+            if (await limiter.take("acme", charges_of[i])).allowed:
+                admitted[i] += 1
+
+    for round_number in range(ROUNDS):
+        if round_number:
+            clock.advance(1.0)
+        await asyncio.gather(*(caller(i) for i in range(len(charges_of))))
+    return admitted
+
+
+def within_five_percent(admitted: int, limit: float) -> bool:
+    return limit * 0.95 <= admitted <= limit * 1.05
+
+
+async def test_rate_limits_hold_within_5_percent_under_50_concurrent_callers(
+    redis_server: RedisServer,
+) -> None:
+    clock = ManualClock()
+    links = [link_to(redis_server), link_to(redis_server)]  # two replicas
+    for link in links:
+        assert await link.connect()
+    limiters = [RedisQuotaLimiter(link, KeySpace(), clock) for link in links]
+    elapsed = ROUNDS - 1.0
+    try:
+        # The tenant's request bucket: 100 per 10 s window, all 50 users together.
+        tenant = Charge("req", 10.0, 100.0, 1.0)
+        admitted = sum(await hammer(limiters, clock, [[tenant]] * CALLERS))
+        assert within_five_percent(admitted, 100 + 10.0 * elapsed), admitted
+        # Each end user's bucket: 6 per 10 s window, each of the 50 users on its own.
+        users = [[Charge(f"ureq:u{i}", 0.6, 6.0, 1.0)] for i in range(CALLERS)]
+        per_user = await hammer(limiters, clock, users)
+        assert within_five_percent(sum(per_user), CALLERS * (6 + 0.6 * elapsed)), per_user
+        assert max(per_user) <= 6 + 0.6 * elapsed
+        # The tenant's token bucket: 2,000 tokens per 10 s, 30-token prompts.
+        tokens = Charge("tok", 200.0, 2000.0, 30.0)
+        admitted = sum(await hammer(limiters, clock, [[tokens]] * CALLERS))
+        assert within_five_percent(admitted * 30, 2000 + 200.0 * elapsed), admitted
+        assert sum(limiter.fallbacks for limiter in limiters) == 0
+    finally:
+        for link in links:
+            await link.aclose()
+
+
+def sized_answer(prompt: str, params: GenerationParams) -> str:
+    """An answer of exactly max_tokens tokens as the fake upstream counts them."""
+    return "x" * (4 * ((params.max_tokens or 100) - 1))
+
+
+def costly(prompt: str) -> ChatRequest:
+    return ChatRequest(messages=(Message(Role.USER, prompt),), force_tier=Tier.STRONG,
+                       params=GenerationParams(max_tokens=100),
+                       cache=CacheControl(no_cache=True))  # fmt: skip
+
+
+async def start_capped(
+    redis_server: RedisServer, clock: ManualClock, cap: float | None, count: int = 2
+) -> list[Replica]:
+    settings = replica_settings(redis_server.url)
+    tenant = settings.tenants[0]
+    tenant.validators = []
+    tenant.budget.daily_usd = cap
+    replicas = [await start_replica(settings, clock) for _ in range(count)]
+    for replica in replicas:
+        replica.strong.answer = sized_answer
+    return replicas
+
+
+async def one_request_usd(redis_server: RedisServer, clock: ManualClock) -> float:
+    (probe,) = await start_capped(redis_server, clock, None, count=1)
+    pipeline = probe.service.pipeline
+    tenant = pipeline._p.authenticator.authenticate(ACME)
+    one = pipeline.costs.worst_case_usd(tenant, costly("q 00"), Tier.STRONG, cheap_only=False)
+    await probe.service.aclose()
+    return one
+
+
+async def test_fifty_concurrent_requests_on_two_replicas_overrun_the_cap_by_one_at_most(
+    redis_server: RedisServer,
+) -> None:
+    clock = real_clock()
+    one = await one_request_usd(redis_server, clock)
+    replicas = await start_capped(redis_server, clock, cap=10.5 * one)
+    try:
+        gate = asyncio.Event()
+        for replica in replicas:
+            replica.strong.gate = gate
+        tasks = [asyncio.create_task(replicas[i % 2].service.pipeline.complete(
+            costly(f"q {i:02d}"), ACME)) for i in range(CALLERS)]  # fmt: skip
+
+        def waiting() -> int:
+            return sum(len(r.strong.calls) for r in replicas) + sum(t.done() for t in tasks)
+
+        while waiting() < CALLERS:  # noqa: ASYNC110 (the fakes signal no call start)
+            await asyncio.sleep(0.005)
+        gate.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        refused = [r for r in results if isinstance(r, ResourceExhausted)]
+        assert len(refused) == CALLERS - 10
+        assert all(not isinstance(r, BaseException) for r in results if r not in refused)
+        for replica in replicas:  # both replicas read the one ledger
+            totals = await replica.service.pipeline.costs.ledger.totals("acme")
+            spent = totals[Period.DAY].cost_usd
+            assert 10.5 * one - one <= spent <= 10.5 * one + one
+            assert totals[Period.MONTH].calls == 10
+    finally:
+        await asyncio.gather(*(r.service.aclose() for r in replicas))
+
+
+async def test_a_key_revoked_in_redis_fails_on_every_replica_at_the_next_call(
+    redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clock = real_clock()
+    settings = replica_settings(redis_server.url)
+    a, b = [await start_replica(settings, clock) for _ in range(2)]
+    registry = ["keys", "--redis-url", redis_server.url, "--json"]
+    try:
+        assert (
+            await run_keys(build_parser().parse_args([*registry, "add", "--tenant", "acme"])) == 0
+        )
+        added = json.loads(capsys.readouterr().out)
+        assert (await a.service.pipeline.complete(costly("first"), added["api_key"])).text
+        assert (await b.service.pipeline.complete(costly("second"), added["api_key"])).text
+        revoke = build_parser().parse_args([*registry, "revoke", added["key_id"]])
+        assert await run_keys(revoke) == 0
+        for replica in (b, a):
+            with pytest.raises(Unauthenticated):
+                await replica.service.pipeline.complete(costly("third"), added["api_key"])
+    finally:
+        await a.service.aclose()
+        await b.service.aclose()
