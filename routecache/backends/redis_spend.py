@@ -105,19 +105,23 @@ class RedisSpendLedger:
     async def _reserve_locally(
         self, tenant: str, user: str, amount_usd: float, caps: Sequence[Cap]
     ) -> Reservation | CapReached:
-        # The local ledger only knows this replica's share: lower each cap by what Redis
-        # last said was committed, so the replica does not spend the others' share again.
-        lowered = [
-            Cap(c.period, c.limit_usd - self._last_committed.get(
-                (tenant, user if c.per_user else "", c), 0.0), c.per_user)
-            for c in caps
-        ]  # fmt: skip
+        # The local ledger only knows this replica's share: lower each cap by what Redis last
+        # said was committed, so the replica does not spend the others' share again.
+        ids = period_ids(self._clock())
+        lowered = [Cap(c.period, c.limit_usd - self._known(tenant, user, c, ids), c.per_user)
+                   for c in caps]  # fmt: skip
         outcome = await self._local.reserve(tenant, user, amount_usd, lowered)
         if isinstance(outcome, CapReached):
             index = lowered.index(outcome.cap)
             committed = outcome.committed_usd + caps[index].limit_usd - lowered[index].limit_usd
             return CapReached(caps[index], committed)
         return outcome
+
+    def _known(self, tenant: str, user: str, cap: Cap, ids: dict[Period, str]) -> float:
+        """The latest committed spend Redis reported for a cap: at a reservation, or after."""
+        who = user if cap.per_user else ""
+        reserved = self._last_committed.get((tenant, who, cap), 0.0)
+        return max(reserved, self._last_cost.get((tenant, who, ids[cap.period]), 0.0))
 
     async def settle(self, reservation: Reservation | None, record: SpendRecord) -> Movement:
         ids = period_ids(self._clock())

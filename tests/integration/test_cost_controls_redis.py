@@ -12,14 +12,22 @@ import pytest
 from routecache.backends.keys import KeySpace
 from routecache.backends.link import RedisLink
 from routecache.backends.redis_limits import RedisQuotaLimiter
+from routecache.backends.redis_spend import RedisSpendLedger
 from routecache.domain import CacheControl, ChatRequest, GenerationParams, Message, Role, Tier
 from routecache.errors import ResourceExhausted, Unauthenticated
-from routecache.router.budget import Period
+from routecache.router.budget import Cap, CapReached, Period, Reservation, SpendRecord
 from routecache.router.cli import build_parser
 from routecache.router.keys_cli import run_keys
 from routecache.router.quotas import Charge
 from tests.fakes import ManualClock
-from tests.integration.replicas import ACME, Replica, real_clock, replica_settings, start_replica
+from tests.integration.replicas import (
+    ACME,
+    Replica,
+    eventually,
+    real_clock,
+    replica_settings,
+    start_replica,
+)
 from tests.redis_fixture import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -173,3 +181,59 @@ async def test_a_key_revoked_in_redis_fails_on_every_replica_at_the_next_call(
     finally:
         await a.service.aclose()
         await b.service.aclose()
+
+
+async def test_two_replicas_settling_together_see_a_soft_budget_crossing_once(
+    redis_server: RedisServer,
+) -> None:
+    clock = ManualClock()
+    links = [link_to(redis_server), link_to(redis_server)]
+    for link in links:
+        assert await link.connect()
+    ledgers = [RedisSpendLedger(link, KeySpace(), clock) for link in links]
+    try:
+        moves = await asyncio.gather(*(
+            ledgers[i % 2].settle(None, SpendRecord("acme", f"u{i % 5}", cost_usd=0.01, calls=1))
+            for i in range(CALLERS)
+        ))  # fmt: skip
+        crossings = [m for m in moves if m[Period.DAY][0] < 0.25 <= m[Period.DAY][1]]
+        assert len(crossings) == 1
+        totals = await ledgers[0].totals("acme")
+        assert totals[Period.DAY].cost_usd == pytest.approx(0.5)
+        assert totals[Period.MONTH].calls == CALLERS
+        assert (await ledgers[1].totals("acme", "u3"))[Period.DAY].calls == CALLERS // 5
+    finally:
+        for link in links:
+            await link.aclose()
+
+
+async def test_while_redis_is_down_a_replica_spends_only_what_was_left(
+    own_redis_server: RedisServer,
+) -> None:
+    clock = ManualClock()
+    link = link_to(own_redis_server)
+    assert await link.connect()
+    ledger = RedisSpendLedger(link, KeySpace(), clock)
+    caps = [Cap(Period.DAY, 1.0)]
+    try:
+        await ledger.settle(None, SpendRecord("acme", cost_usd=0.6))
+        held = await ledger.reserve("acme", "", 0.1, caps)
+        assert isinstance(held, Reservation)
+        await ledger.settle(held, SpendRecord("acme", cost_usd=0.1))  # Redis says: 0.7 spent
+        own_redis_server.kill()
+        # 0.3 is left to this replica (not the 0.4 left when it last reserved).
+        assert isinstance(await ledger.reserve("acme", "", 0.35, caps), CapReached)
+        local = await ledger.reserve("acme", "", 0.25, caps)
+        assert isinstance(local, Reservation) and local.local
+        assert isinstance(await ledger.reserve("acme", "", 0.25, caps), CapReached)
+        await ledger.settle(local, SpendRecord("acme", cost_usd=0.2))  # pending until Redis is back
+        own_redis_server.start()
+        await link.wait_up()
+
+        async def flushed() -> bool:
+            other = RedisSpendLedger(link, KeySpace(), clock)
+            return (await other.totals("acme"))[Period.DAY].cost_usd == pytest.approx(0.9)
+
+        await eventually(flushed, "the spend made while Redis was down reaches Redis")
+    finally:
+        await link.aclose()
