@@ -176,6 +176,21 @@ class CostControl:
         )  # fmt: skip
         await self._settle(tenant, request, booking.reservation, record)
 
+    async def settle_partial(
+        self, tenant: Tenant, request: ChatRequest, booking: Booking, sent: str
+    ) -> None:
+        """A stream cut short: what it sent, at the dearest price of the providers it may have
+        reached (the pipeline does not know which one it was); nothing sent, nothing paid."""
+        if not sent:
+            await self.release(booking)
+            return
+        prompt, completion = prompt_tokens_estimate(request), estimate_tokens(sent)
+        chain = self._generator.failover.chain(booking.tier, not booking.cheap_only)
+        cost = max(p.pricing.cost(prompt, completion) for _, p in chain)
+        record = SpendRecord(tenant.name, user_slot(request.end_user_id), cost, prompt,
+                             completion, calls=1)  # fmt: skip
+        await self._settle(tenant, request, booking.reservation, record)
+
     async def _settle(
         self, tenant: Tenant, request: ChatRequest, reservation: Reservation | None,
         record: SpendRecord,

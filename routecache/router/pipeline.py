@@ -222,11 +222,13 @@ class Pipeline:
         events = generator.stream(booking.request, booking.tier, tenant=tenant.name,
                                   deadline=deadline, cheap_only=booking.cheap_only)  # fmt: skip
         generated: Generated | None = None
+        sent: list[str] = []
         try:
             async for event in events:
                 if isinstance(event, Generated):
                     generated = event
                 else:
+                    sent.append(event)
                     yield event
         except FailedValidation as error:
             await self._costs.settle_refused(tenant, request, booking, error)
@@ -241,7 +243,8 @@ class Pipeline:
             yield stale
             return
         except BaseException:
-            await self._costs.release(booking)
+            # A stream that broke or was dropped still paid for what it sent.
+            await self._costs.settle_partial(tenant, request, booking, "".join(sent))
             raise
         assert generated is not None
         latency.upstream_ms, latency.validate_ms = generated.upstream_ms, generated.validate_ms

@@ -13,6 +13,7 @@ from aiohttp import web
 from routecache.domain import (
     CacheControl,
     ChatRequest,
+    Completion,
     GenerationParams,
     ResponseFormat,
     ResponseFormatType,
@@ -291,3 +292,22 @@ def test_periods_roll_over_at_utc_midnight_and_month_end() -> None:
     assert seconds_to_period_end(new_year_eve, Period.MONTH) == 3600
     mid_month = dt.datetime(2026, 2, 10, tzinfo=dt.UTC).timestamp()
     assert math.isclose(seconds_to_period_end(mid_month, Period.MONTH), 19 * 86400)
+
+
+async def test_streams_are_paid_for_whole_or_cut_short() -> None:
+    harness = budget_harness(daily_usd=10.0)
+    harness.strong.answer = lambda prompt, params: " ".join(["word"] * 40)
+    pipeline = harness.service.pipeline
+    events = [e async for e in pipeline.complete_stream(costly("whole", user="u1"), ACME)]
+    whole = events[-1]
+    assert isinstance(whole, Completion) and whole.usage.cost_usd > 0
+    assert await spend_of(harness, user="u1") == pytest.approx(whole.usage.cost_usd)
+    stream = pipeline.complete_stream(costly("cut short", user="u2"), ACME)
+    assert isinstance(await anext(stream), str)
+    await stream.aclose()
+    for _ in range(200):  # the inner generators are closed by the loop's finaliser
+        if await spend_of(harness, user="u2") > 0:
+            break
+        await asyncio.sleep(0.005)
+    assert 0 < await spend_of(harness, user="u2") < whole.usage.cost_usd
+    await harness.service.aclose()
