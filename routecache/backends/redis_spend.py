@@ -12,6 +12,7 @@ recorded cost is lost.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
@@ -74,6 +75,7 @@ class RedisSpendLedger:
         self._last_committed: dict[tuple[str, str, Cap], float] = {}
         self._pending: list[tuple[SpendRecord, dict[Period, str]]] = []
         self._last_cost: dict[tuple[str, str, str], float] = {}  # what Redis last said
+        self._flushing = asyncio.Lock()
         link.subscribe(self._on_health)
 
     def _base(self, tenant: str) -> str:
@@ -187,15 +189,18 @@ class RedisSpendLedger:
         await self.settle(None, SpendRecord(tenant, cost_usd=cost_usd))
 
     async def flush(self) -> None:
-        """Moves spend recorded while Redis was down into Redis; what fails stays pending."""
-        while self._pending:
-            record, ids = self._pending[0]
-            try:
-                await guarded(self._link, lambda r=record, i=ids: self._apply(None, r, i))  # type: ignore[misc]
-            except RedisDown:
-                return
-            self._pending.pop(0)
-        self._local = InMemorySpendLedger(self._clock, self._ttl)
+        """Moves spend recorded while Redis was down into Redis; what fails stays pending.
+
+        The health listener and the service's stop may flush at once: one at a time."""
+        async with self._flushing:
+            while self._pending:
+                record, ids = self._pending.pop(0)
+                try:
+                    await guarded(self._link, lambda r=record, i=ids: self._apply(None, r, i))  # type: ignore[misc]
+                except RedisDown:
+                    self._pending.insert(0, (record, ids))
+                    return
+            self._local = InMemorySpendLedger(self._clock, self._ttl)
 
     async def _on_health(self, up: bool) -> None:
         if up and self._pending:

@@ -237,3 +237,24 @@ async def test_while_redis_is_down_a_replica_spends_only_what_was_left(
         await eventually(flushed, "the spend made while Redis was down reaches Redis")
     finally:
         await link.aclose()
+
+
+async def test_spend_pending_over_an_outage_is_flushed_once_however_many_flush(
+    own_redis_server: RedisServer,
+) -> None:
+    clock = ManualClock()
+    link = link_to(own_redis_server)
+    assert await link.connect()
+    ledger = RedisSpendLedger(link, KeySpace(), clock)
+    try:
+        own_redis_server.kill()
+        for _ in range(3):
+            await ledger.settle(None, SpendRecord("acme", "u1", cost_usd=0.25, calls=1))
+        own_redis_server.start()
+        await link.wait_up()
+        # The link's health listener flushes too; the service's stop may flush meanwhile.
+        await asyncio.gather(ledger.flush(), ledger.flush())
+        totals = await RedisSpendLedger(link, KeySpace(), clock).totals("acme", "u1")
+        assert (totals[Period.DAY].cost_usd, totals[Period.DAY].calls) == (0.75, 3)
+    finally:
+        await link.aclose()
