@@ -73,7 +73,9 @@ class RedisSpendLedger:
         # Redis last said was committed against each cap.
         self._local = InMemorySpendLedger(clock, reservation_ttl_seconds)
         self._last_committed: dict[tuple[str, str, Cap], float] = {}
-        self._pending: list[tuple[SpendRecord, dict[Period, str]]] = []
+        # Spend made while Redis was down, summed per tenant, user, day and month.
+        self._pending: dict[tuple[str, str, str, str], SpendRecord] = {}
+        self._flush_task: asyncio.Task[None] | None = None
         self._last_cost: dict[tuple[str, str, str], float] = {}  # what Redis last said
         self._flushing = asyncio.Lock()
         link.subscribe(self._on_health)
@@ -134,7 +136,7 @@ class RedisSpendLedger:
             return await guarded(self._link, lambda: self._apply(reservation, record, ids))
         except RedisDown:
             # A reservation held in Redis expires there after reservation_ttl_seconds.
-            self._pending.append((record, ids))
+            self._add_pending(record, ids)
             return await self._local.settle(None, record)
 
     async def _apply(
@@ -188,23 +190,41 @@ class RedisSpendLedger:
     async def record(self, tenant: str, cost_usd: float) -> None:
         await self.settle(None, SpendRecord(tenant, cost_usd=cost_usd))
 
+    def _add_pending(self, record: SpendRecord, ids: dict[Period, str]) -> None:
+        slot = (record.tenant, record.user, ids[Period.DAY], ids[Period.MONTH])
+        self._pending[slot] = _sum(self._pending.get(slot), record)
+
     async def flush(self) -> None:
         """Moves spend recorded while Redis was down into Redis; what fails stays pending.
 
         The health listener and the service's stop may flush at once: one at a time."""
         async with self._flushing:
             while self._pending:
-                record, ids = self._pending.pop(0)
+                slot = next(iter(self._pending))
+                record = self._pending.pop(slot)
+                ids = {Period.DAY: slot[2], Period.MONTH: slot[3]}
                 try:
                     await guarded(self._link, lambda r=record, i=ids: self._apply(None, r, i))  # type: ignore[misc]
                 except RedisDown:
-                    self._pending.insert(0, (record, ids))
+                    self._add_pending(record, ids)
                     return
             self._local = InMemorySpendLedger(self._clock, self._ttl)
 
     async def _on_health(self, up: bool) -> None:
-        if up and self._pending:
-            await self.flush()
+        # In the background: the link's other listeners (cache health) must not wait on it.
+        if up and self._pending and (self._flush_task is None or self._flush_task.done()):
+            self._flush_task = asyncio.create_task(self.flush(), name="spend-flush")
+
+
+def _sum(total: SpendRecord | None, record: SpendRecord) -> SpendRecord:
+    if total is None:
+        return record
+    return SpendRecord(
+        record.tenant, record.user, total.cost_usd + record.cost_usd,
+        total.prompt_tokens + record.prompt_tokens,
+        total.completion_tokens + record.completion_tokens, total.saved_usd + record.saved_usd,
+        total.calls + record.calls, total.routing_saved_usd + record.routing_saved_usd,
+    )  # fmt: skip
 
 
 def _totals(raw: dict[bytes, bytes]) -> Totals:

@@ -120,15 +120,16 @@ async def test_killing_redis_under_load_fails_no_request_and_loses_nothing(
     spent = sum(c.usage.cost_usd for c in answered)
     day = dt.datetime.fromtimestamp(clock(), tz=dt.UTC).date().isoformat()
     await eventually(
-        lambda: _redis_float(own_redis_server, f"rc:{{acme}}:spend:{day}") == pytest.approx(spent),
+        lambda: _redis_cost(own_redis_server, f"rc:{{acme}}:spend:d:{day}") == pytest.approx(spent),
         "all spend in Redis",
     )
 
 
-def _redis_float(server: RedisServer, key: str) -> float:
+def _redis_cost(server: RedisServer, key: str) -> float:
+    """The `cost` field of a spend hash (docs/redis-keys.md)."""
     client = redis.Redis(host="127.0.0.1", port=server.port)
     try:
-        return float(client.get(key) or 0.0)
+        return float(client.hget(key, "cost") or 0.0)
     finally:
         client.close()
 
