@@ -90,7 +90,7 @@ class RedisSpendLedger:
         ids = period_ids(now)
         rid = new_reservation_id()
         args: list[str] = [self._base(tenant), repr(now), rid, repr(amount_usd),
-                           repr(now + self._ttl), user]  # fmt: skip
+                           repr(self._ttl), user]  # fmt: skip
         for cap in caps:
             suffix = spend_suffix(cap.period, ids[cap.period], user if cap.per_user else "")
             args += [suffix, "1" if cap.per_user else "0", repr(cap.limit_usd)]

@@ -176,13 +176,15 @@ end
 return {string.format('%.17g', wait), worst}
 """
 
-# ARGV: tenant key base, now, reservation id, amount, expires at, end user, then per cap: its
-# spend key suffix, '1' for a per-user cap, the limit. Drops expired reservations, then holds
-# this one only if spent + reserved + amount fits every cap. Returns {1, 0, committed...} or
-# {0, the refusing cap's number, its committed amount}.
+# ARGV: tenant key base, now, reservation id, amount, its lifetime in seconds, end user, then
+# per cap: its spend key suffix, '1' for a per-user cap, the limit. Drops expired reservations,
+# then holds this one only if spent + reserved + amount fits every cap. Returns
+# {1, 0, committed...} or {0, the refusing cap's number, its committed amount}. Expiry is
+# relative (PEXPIRE), so a replica clock apart from Redis' cannot drop the hash at once.
 RESERVE = """
 local base, now, rid = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local amount, expires, user = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local amount, ttl, user = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local expires = now + ttl
 local resv = base .. 'resv'
 local held = redis.call('HGETALL', resv)
 local tenant_held, user_held = 0, 0
@@ -206,7 +208,7 @@ for i = 7, #ARGV, 3 do
   committed[#committed + 1] = string.format('%.17g', spent + reserved)
 end
 redis.call('HSET', resv, rid, cjson.encode({a = amount, u = user, e = expires}))
-redis.call('PEXPIREAT', resv, math.ceil(expires * 1000))
+redis.call('PEXPIRE', resv, math.ceil(ttl * 1000))
 return {1, 0, unpack(committed)}
 """
 

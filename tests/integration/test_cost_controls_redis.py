@@ -258,3 +258,23 @@ async def test_spend_pending_over_an_outage_is_flushed_once_however_many_flush(
         assert (totals[Period.DAY].cost_usd, totals[Period.DAY].calls) == (0.75, 3)
     finally:
         await link.aclose()
+
+
+async def test_reservations_hold_whatever_time_the_replica_clock_says(
+    redis_server: RedisServer,
+) -> None:
+    link = link_to(redis_server)
+    assert await link.connect()
+    caps = [Cap(Period.DAY, 1.0)]
+    try:
+        for clock in (ManualClock(1_600_000_000.0), ManualClock(2_100_000_000.0)):
+            ledger = RedisSpendLedger(link, KeySpace(), clock)
+            held = await ledger.reserve("acme", "", 0.6, caps)
+            assert isinstance(held, Reservation)
+            assert isinstance(await ledger.reserve("acme", "", 0.6, caps), CapReached)
+            await ledger.release(held)
+            again = await ledger.reserve("acme", "", 0.6, caps)
+            assert isinstance(again, Reservation)
+            await ledger.release(again)
+    finally:
+        await link.aclose()
