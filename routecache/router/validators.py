@@ -8,8 +8,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from jsonschema import Draft202012Validator
+from referencing import Registry
+from referencing.exceptions import Unresolvable
 
 from routecache.domain import ChatRequest, ResponseFormatType, ValidatorResult
+
+# jsonschema's default registry fetches unknown $ref URLs: a caller's schema could make the
+# service call any address (SSRF). An empty referencing Registry resolves nothing outside the
+# schema itself.
+_NO_RETRIEVAL: Registry[Any] = Registry()
 
 
 class JsonSchemaValidator:
@@ -34,7 +41,11 @@ class JsonSchemaValidator:
         if response_format.type is ResponseFormatType.JSON_OBJECT:
             ok = isinstance(value, dict)
             return ValidatorResult(self.name, ok, "" if ok else "JSON, but not an object")
-        error = next(iter(self._validator(response_format.json_schema).iter_errors(value)), None)
+        validator = self._validator(response_format.json_schema)
+        try:
+            error = next(iter(validator.iter_errors(value)), None)
+        except Unresolvable as exc:  # a local $ref to nowhere; remote ones are never fetched
+            return ValidatorResult(self.name, False, f"schema reference unresolvable: {exc}")
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "(root)"
             return ValidatorResult(
@@ -48,7 +59,9 @@ class JsonSchemaValidator:
             if len(self._compiled) >= self._max_compiled:
                 self._compiled.clear()
             schema: Any = json.loads(schema_text)
-            compiled = self._compiled[schema_text] = Draft202012Validator(schema)
+            compiled = self._compiled[schema_text] = Draft202012Validator(
+                schema, registry=_NO_RETRIEVAL
+            )
         return compiled
 
 
