@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
+import regex
 from pydantic import ValidationError
 
 from routecache.domain import ChatRequest, RequestValidator
@@ -150,7 +151,7 @@ class RequestValidators:
             field = f"validators[{index}]"
             try:
                 configured = self._built.get(requested) or self._compile(requested)
-            except (ValueError, ConfigError, re.error) as exc:
+            except (ValueError, ConfigError, re.error, regex.error) as exc:
                 raise InvalidArgument(field, _short(exc)) from exc
             if configured.name in reserved or configured.name in [c.name for c in built]:
                 raise InvalidArgument(field, f"the name {configured.name!r} is already in use")

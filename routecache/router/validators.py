@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Sequence
 from typing import Any
 
+import regex
 from jsonschema import Draft202012Validator
 from referencing import Registry
 from referencing.exceptions import Unresolvable
@@ -87,28 +89,48 @@ class LengthValidator:
 
 
 class RegexValidator:
-    """Every `must_match` pattern must occur in the answer and no `must_not_match` one may."""
+    """Every `must_match` pattern must occur in the answer and no `must_not_match` one may.
+
+    Patterns may come from a caller's request and run on the event loop that serves every
+    tenant: they are compiled by the `regex` module and one check gets `budget_seconds` in
+    all, so a pattern that backtracks catastrophically fails its own request instead of
+    stalling everyone else's."""
 
     def __init__(
-        self, must_match: Sequence[str], must_not_match: Sequence[str], name: str = "regex"
+        self,
+        must_match: Sequence[str],
+        must_not_match: Sequence[str],
+        name: str = "regex",
+        budget_seconds: float = 0.1,
     ) -> None:
         self.name = name
-        self._must = [re.compile(p) for p in must_match]
-        self._must_not = [re.compile(p) for p in must_not_match]
+        self._must = [regex.compile(p) for p in must_match]
+        self._must_not = [regex.compile(p) for p in must_not_match]
+        self._budget = budget_seconds
 
     def applies_to(self, request: ChatRequest) -> bool:
         return True
 
     def check(self, text: str, request: ChatRequest) -> ValidatorResult:
-        for pattern in self._must:
-            if pattern.search(text) is None:
-                return ValidatorResult(self.name, False, f"does not match {pattern.pattern!r}")
-        for pattern in self._must_not:
-            if (found := pattern.search(text)) is not None:
-                return ValidatorResult(
-                    self.name, False, f"matches {pattern.pattern!r} at {found.start()}"
-                )
+        deadline = time.monotonic() + self._budget
+        try:
+            for pattern in self._must:
+                if _search(pattern, text, deadline) is None:
+                    return ValidatorResult(self.name, False, f"does not match {pattern.pattern!r}")
+            for pattern in self._must_not:
+                if (found := _search(pattern, text, deadline)) is not None:
+                    return ValidatorResult(
+                        self.name, False, f"matches {pattern.pattern!r} at {found.start()}"
+                    )
+        except TimeoutError:
+            return ValidatorResult(
+                self.name, False, f"patterns took longer than {self._budget:g} s on this answer"
+            )
         return ValidatorResult(self.name, True)
+
+
+def _search(pattern: regex.Pattern[str], text: str, deadline: float) -> regex.Match[str] | None:
+    return pattern.search(text, timeout=max(0.001, deadline - time.monotonic()))
 
 
 # How models decline; matched at the start of the answer only, so an answer that quotes such

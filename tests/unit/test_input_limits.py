@@ -23,7 +23,7 @@ from routecache.errors import InvalidArgument
 from routecache.router.input_validation import validate_request
 from routecache.router.pipeline import InvalidateTarget
 from routecache.router.settings import LimitSettings, load_settings
-from routecache.router.validators import JsonSchemaValidator
+from routecache.router.validators import JsonSchemaValidator, RegexValidator
 from tests.unit.conftest import KEYS, Harness
 
 LIMITS = LimitSettings(
@@ -188,3 +188,11 @@ def test_the_schema_validator_never_fetches_and_never_raises(ref: str) -> None:
         server.server_close()
     assert not result.passed and "unresolvable" in result.message
     assert _CountingHandler.fetched == []
+
+
+def test_a_catastrophic_request_pattern_fails_its_own_request_within_its_budget() -> None:
+    # Before: `re` backtracked on the event loop for minutes, stalling every tenant's calls.
+    validator = RegexValidator([r"(a|aa)+$"], [], budget_seconds=0.05)
+    result = validator.check("a" * 60 + "b", ChatRequest((user(),)))
+    assert not result.passed and "longer than 0.05 s" in result.message
+    assert RegexValidator([r"colou?r"], []).check("a colour", ChatRequest((user(),))).passed
