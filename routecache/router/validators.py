@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import regex
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, ValidationError, validators
 from referencing import Registry
 from referencing.exceptions import Unresolvable
 
@@ -19,6 +19,43 @@ from routecache.domain import ChatRequest, ResponseFormatType, ValidatorResult
 # service call any address (SSRF). An empty referencing Registry resolves nothing outside the
 # schema itself.
 _NO_RETRIEVAL: Registry[Any] = Registry()
+_PATTERN_TIMEOUT_SECONDS = 0.05
+
+
+def _bounded_pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[Any]:
+    """JSON Schema `pattern` with the `regex` module and a timeout: a caller's schema runs on
+    the loop that serves every tenant (jsonschema's own uses `re`, unbounded)."""
+    if not validator.is_type(instance, "string"):
+        return
+    try:
+        found = regex.search(pattern, instance, timeout=_PATTERN_TIMEOUT_SECONDS)
+    except TimeoutError:
+        yield ValidationError(f"pattern {pattern!r} took too long on this value")
+        return
+    if found is None:
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+def _bounded_pattern_properties(
+    validator: Any, patterns: dict[str, Any], instance: Any, schema: Any
+) -> Iterator[Any]:
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in patterns.items():
+        for key, value in instance.items():
+            try:
+                found = regex.search(pattern, key, timeout=_PATTERN_TIMEOUT_SECONDS)
+            except TimeoutError:
+                yield ValidationError(f"pattern {pattern!r} took too long on key {key!r}")
+                continue
+            if found:
+                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
+
+
+_BoundedValidator = validators.extend(  # type: ignore[no-untyped-call]
+    Draft202012Validator,
+    {"pattern": _bounded_pattern, "patternProperties": _bounded_pattern_properties},
+)
 
 
 class JsonSchemaValidator:
@@ -61,7 +98,7 @@ class JsonSchemaValidator:
             if len(self._compiled) >= self._max_compiled:
                 self._compiled.clear()
             schema: Any = json.loads(schema_text)
-            compiled = self._compiled[schema_text] = Draft202012Validator(
+            compiled = self._compiled[schema_text] = _BoundedValidator(
                 schema, registry=_NO_RETRIEVAL
             )
         return compiled

@@ -196,3 +196,29 @@ def test_a_catastrophic_request_pattern_fails_its_own_request_within_its_budget(
     result = validator.check("a" * 60 + "b", ChatRequest((user(),)))
     assert not result.passed and "longer than 0.05 s" in result.message
     assert RegexValidator([r"colou?r"], []).check("a colour", ChatRequest((user(),))).passed
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "string", "pattern": "(a|aa)+$"},
+        {"type": "object", "patternProperties": {"(a|aa)+$": {"type": "number"}}},
+    ],
+)
+def test_a_catastrophic_schema_pattern_fails_the_answer_instead_of_hanging(
+    schema: dict[str, object],
+) -> None:
+    # Before: jsonschema's `re` search on the answer ran for minutes on the event loop.
+    nasty = "a" * 60 + "b"
+    answer = json.dumps(nasty if schema["type"] == "string" else {nasty: 1})
+    result = JsonSchemaValidator().check(answer, schema_request(schema))
+    assert not result.passed and "took too long" in result.message
+
+
+def test_schema_patterns_still_work() -> None:
+    schema = {"type": "object", "patternProperties": {"^n": {"type": "number"}},
+              "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}$"}}}  # fmt: skip
+    validator = JsonSchemaValidator()
+    assert validator.check('{"code": "ABC", "n1": 2}', schema_request(schema)).passed
+    assert not validator.check('{"code": "abc"}', schema_request(schema)).passed
+    assert not validator.check('{"n1": "two"}', schema_request(schema)).passed
