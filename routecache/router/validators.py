@@ -141,6 +141,8 @@ class RegexValidator:
         budget_seconds: float = 0.1,
     ) -> None:
         self.name = name
+        for pattern in (*must_match, *must_not_match):
+            re.compile(pattern)  # Python's syntax and error messages, as documented
         self._must = [regex.compile(p) for p in must_match]
         self._must_not = [regex.compile(p) for p in must_not_match]
         self._budget = budget_seconds
