@@ -27,6 +27,7 @@ from routecache.domain import (
     Completion,
     Feedback,
     Message,
+    RequestValidator,
     Role,
     Tier,
 )
@@ -35,8 +36,9 @@ from routecache.router.auth import hash_api_key
 from routecache.router.bootstrap import Overrides, Service, build_service
 from routecache.router.events import InMemoryEventLog
 from routecache.router.pipeline import InvalidateTarget
-from routecache.router.settings import ConfigError, load_settings
+from routecache.router.settings import ConfigError, LimitSettings, load_settings
 from routecache.router.stats import ResponseRegistry, ServedResponse
+from routecache.router.validation import RequestValidators
 from tests.fakes import FakeUpstream, ManualClock, json_answer, prose_answer
 
 KEYS = {"A": "key-tenant-a", "B": "key-tenant-b"}
@@ -324,3 +326,18 @@ async def test_feedback_and_invalidation_with_another_tenants_ids_do_nothing() -
 def test_tenant_names_that_could_cross_key_spaces_are_refused(name: str) -> None:
     with pytest.raises(ConfigError, match=r"tenants\.0\.name"):
         load_settings(tenants=[{"name": name, "api_key_sha256": [hash_api_key("k")]}])
+
+
+def test_request_validators_are_compiled_and_cached_per_tenant() -> None:
+    # Before: one cache for all tenants; a tenant could tell from how fast its validators were
+    # ready whether another had just used the same ones, and could flush the other's.
+    validators = RequestValidators(LimitSettings(), max_cached=2)
+    asked = ChatRequest((Message(Role.USER, "x"),), validators=(RequestValidator("pii"),))
+    for_b = validators.build(asked, [], "B")[0]
+    assert validators.build(asked, [], "B")[0] is for_b  # B's own cache
+    for_a = validators.build(asked, [], "A")[0]
+    assert for_a is not for_b  # compiled afresh for A: no sign B used it
+    for kind in ("refusal", "length", "pii"):
+        other = ChatRequest((Message(Role.USER, "x"),), validators=(RequestValidator(kind),))
+        validators.build(other, [], "A")  # A fills and flushes its own cache
+    assert validators.build(asked, [], "B")[0] is for_b
