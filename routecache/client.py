@@ -25,6 +25,7 @@ def chat_request(
     history: Sequence[tuple[str, str]] = (),
     temperature: float | None = None,
     max_tokens: int | None = None,
+    top_p: float | None = None,
     json_object: bool = False,
     json_schema: str | None = None,
     no_cache: bool = False,
@@ -44,6 +45,8 @@ def chat_request(
         params.temperature = temperature
     if max_tokens is not None:
         params.max_tokens = max_tokens
+    if top_p is not None:
+        params.top_p = top_p
     if json_schema is not None:
         params.response_format.type = pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA
         params.response_format.json_schema = json_schema

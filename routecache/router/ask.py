@@ -27,6 +27,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json-object", action="store_true", help="ask for a JSON object")
     parser.add_argument("--json-schema", help="JSON Schema text, or @FILE to read it from a file")
     parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-p", type=float, help="nucleus sampling, (0, 1]")
     parser.add_argument("--max-tokens", type=int)
     parser.add_argument("--no-cache", action="store_true", help="do not read the cache")
     parser.add_argument("--no-store", action="store_true", help="do not store the answer")
@@ -82,6 +83,7 @@ async def ask(args: argparse.Namespace) -> int:
         history=[(role, text) for role, text in args.turn],
         temperature=args.temperature,
         max_tokens=args.max_tokens,
+        top_p=args.top_p,
         json_object=args.json_object,
         json_schema=_schema(args.json_schema),
         no_cache=args.no_cache,

@@ -71,6 +71,8 @@ def _check_params(request: ChatRequest, limits: LimitSettings) -> None:
         math.isfinite(params.temperature) and 0.0 <= params.temperature <= hottest
     ):
         raise InvalidArgument("params.temperature", f"must be between 0 and {hottest:g}")
+    if params.top_p is not None and not (math.isfinite(params.top_p) and 0.0 < params.top_p <= 1):
+        raise InvalidArgument("params.top_p", "must be above 0 and at most 1")
     if params.max_tokens is not None and not 1 <= params.max_tokens <= limits.max_output_tokens:
         raise InvalidArgument("params.max_tokens", f"must be 1 to {limits.max_output_tokens}")
     response_format = params.response_format

@@ -41,6 +41,7 @@ async def test_a_message_just_under_the_size_limit_gets_the_services_own_checks(
     ("request_", "field"),
     [
         (chat_request("hi", temperature=float("nan")), "params.temperature"),
+        (chat_request("hi", top_p=-1.0), "params.top_p"),
         (chat_request("hi", max_tokens=10**6), "params.max_tokens"),
         (chat_request("hi", ttl_seconds=10**9), "cache.ttl_seconds"),
         (chat_request("hi", end_user_id="u" * 10_000), "end_user_id"),

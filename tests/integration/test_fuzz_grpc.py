@@ -70,7 +70,7 @@ def maybe(values: st.SearchStrategy[Any], plausible: st.SearchStrategy[Any]) -> 
     return st.one_of(plausible, plausible, values)
 
 
-FIELDS = ("messages", "role", "content", "end_user_id", "validators", "temperature",
+FIELDS = ("messages", "role", "content", "end_user_id", "validators", "temperature", "top_p",
           "max_tokens", "format", "schema", "ttl", "tags", "force_tier")  # fmt: skip
 
 
@@ -102,6 +102,8 @@ def complete_requests(draw: st.DrawFn) -> pb.CompleteRequest:
     params = request.params
     if draw(st.booleans()):
         params.temperature = pick("temperature", doubles, st.floats(0, 2))
+    if draw(st.booleans()):
+        params.top_p = pick("top_p", doubles, st.floats(0.01, 1))
     if draw(st.booleans()):
         params.max_tokens = pick("max_tokens", uint32, st.integers(1, 4096))
     params.response_format.type = pick("format", enums, st.sampled_from([0, 1, 2, 3, 3]))
