@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -23,6 +25,7 @@ def chat_request(
     history: Sequence[tuple[str, str]] = (),
     temperature: float | None = None,
     max_tokens: int | None = None,
+    top_p: float | None = None,
     json_object: bool = False,
     json_schema: str | None = None,
     no_cache: bool = False,
@@ -42,6 +45,8 @@ def chat_request(
         params.temperature = temperature
     if max_tokens is not None:
         params.max_tokens = max_tokens
+    if top_p is not None:
+        params.top_p = top_p
     if json_schema is not None:
         params.response_format.type = pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA
         params.response_format.json_schema = json_schema
@@ -59,11 +64,48 @@ def chat_request(
     )
 
 
-class RouteCacheClient:
-    """One channel, one API key. Use `async with RouteCacheClient(target, key) as client`."""
+@dataclass(frozen=True)
+class ClientTls:
+    """TLS for the channel (PEM bytes): the CA that signed the server's certificate (None: the
+    system's roots) and, for a server that requires mTLS, this client's certificate and key."""
 
-    def __init__(self, target: str, api_key: str, *, timeout_seconds: float = 60.0) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+
+    @classmethod
+    def from_files(
+        cls,
+        ca_file: Path | None = None,
+        cert_file: Path | None = None,
+        key_file: Path | None = None,
+    ) -> ClientTls:
+        if (cert_file is None) != (key_file is None):
+            raise ValueError("a client certificate needs its key, and a key its certificate")
+        return cls(*(None if f is None else f.read_bytes() for f in (ca_file, cert_file, key_file)))
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            self.root_certificates, self.private_key, self.certificate_chain
+        )
+
+
+class RouteCacheClient:
+    """One channel, one API key. Use `async with RouteCacheClient(target, key) as client`;
+    pass `tls` for a server with TLS (and mTLS)."""
+
+    def __init__(
+        self,
+        target: str,
+        api_key: str,
+        *,
+        timeout_seconds: float = 60.0,
+        tls: ClientTls | None = None,
+    ) -> None:
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(target)
+        else:
+            self._channel = grpc.aio.secure_channel(target, tls.credentials())
         self._stub = pb_grpc.RouteCacheStub(self._channel)
         self._metadata = (("authorization", f"Bearer {api_key}"),)
         self._timeout = timeout_seconds

@@ -50,6 +50,7 @@ class GenerationParams:
     temperature: float | None = None
     max_tokens: int | None = None
     response_format: ResponseFormat = field(default_factory=ResponseFormat)
+    top_p: float | None = None
 
 
 @dataclass(frozen=True)

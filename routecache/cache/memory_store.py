@@ -12,17 +12,23 @@ K = TypeVar("K")
 
 
 class InMemoryEntryStore:
-    """An LRU-bounded dict of entries with secondary maps for exact keys, tags and tenants."""
+    """A dict of entries, at most `max_entries` per tenant (least recently used out), with
+    secondary maps for exact keys and tags.
+
+    The bound is per tenant, as on Redis: with one shared bound a tenant's writes would evict
+    another tenant's entries, and so change what the other tenant is served.
+    """
 
     def __init__(self, max_entries: int) -> None:
         if max_entries <= 0:
             raise ValueError("max_entries must be positive")
         self._max_entries = max_entries
-        # Order = recency of use: a hit moves an entry to the end, eviction takes the front.
-        self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
+        self._entries: dict[str, CacheEntry] = {}
         self._by_exact_key: dict[str, str] = {}
         self._by_tag: defaultdict[tuple[str, str], set[str]] = defaultdict(set)
-        self._by_tenant: defaultdict[str, set[str]] = defaultdict(set)
+        # Per tenant, order = recency of use: a hit moves an id to the end, eviction takes
+        # the front.
+        self._by_tenant: defaultdict[str, OrderedDict[str, None]] = defaultdict(OrderedDict)
 
     async def put(self, entry: CacheEntry) -> list[CacheEntry]:
         # A new answer for the same exact key replaces the old one.
@@ -30,11 +36,12 @@ class InMemoryEntryStore:
         evicted = [e for e in (self._unlink(i) for i in replaced if i) if e is not None]
         self._entries[entry.entry_id] = entry
         self._by_exact_key[entry.exact_key] = entry.entry_id
-        self._by_tenant[entry.tenant].add(entry.entry_id)
+        recency = self._by_tenant[entry.tenant]
+        recency[entry.entry_id] = None
         for tag in entry.tags:
             self._by_tag[(entry.tenant, tag)].add(entry.entry_id)
-        while len(self._entries) > self._max_entries:
-            oldest = self._unlink(next(iter(self._entries)))
+        while len(recency) > self._max_entries:
+            oldest = self._unlink(next(iter(recency)))
             if oldest is not None:
                 evicted.append(oldest)
         return evicted
@@ -51,7 +58,7 @@ class InMemoryEntryStore:
         if entry is not None:
             entry.hit_count += 1
             entry.last_hit_at = now
-            self._entries.move_to_end(entry_id)
+            self._by_tenant[entry.tenant].move_to_end(entry_id)
 
     async def delete(self, entry_ids: Sequence[str]) -> list[CacheEntry]:
         return [e for e in (self._unlink(i) for i in entry_ids) if e is not None]
@@ -66,8 +73,9 @@ class InMemoryEntryStore:
         return len(self._by_tenant.get(tenant, ()))
 
     def entries(self) -> list[CacheEntry]:
-        """All entries, least recently used first (the order a snapshot restores)."""
-        return list(self._entries.values())
+        """All entries, each tenant's least recently used first (the order a snapshot
+        restores)."""
+        return [self._entries[i] for ids in self._by_tenant.values() for i in ids]
 
     def _unlink(self, entry_id: str) -> CacheEntry | None:
         entry = self._entries.pop(entry_id, None)
@@ -75,7 +83,11 @@ class InMemoryEntryStore:
             return None
         if self._by_exact_key.get(entry.exact_key) == entry_id:
             del self._by_exact_key[entry.exact_key]
-        _discard(self._by_tenant, entry.tenant, entry_id)
+        recency = self._by_tenant.get(entry.tenant)
+        if recency is not None:
+            recency.pop(entry_id, None)
+            if not recency:
+                del self._by_tenant[entry.tenant]
         for tag in entry.tags:
             _discard(self._by_tag, (entry.tenant, tag), entry_id)
         return entry

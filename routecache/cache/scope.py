@@ -29,6 +29,8 @@ def scope_key(tenant: str, request: ChatRequest) -> str:
         "format": params.response_format.type.value,
         "schema": params.response_format.json_schema,
     }
+    if params.top_p is not None:  # only when set, so existing scopes keep their digests
+        parts["top_p"] = params.top_p
     if request.validators:  # an answer cached under other checks must not pass for these
         parts["validators"] = [vars(v) for v in request.validators]
     encoded = json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()

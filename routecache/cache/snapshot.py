@@ -50,7 +50,10 @@ def save_snapshot(entries: Sequence[CacheEntry], path: Path) -> int:
     """Writes the entries (take them with store.entries() on the loop); returns how many."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as out:
+    # Prompts and answers at rest: readable by the service's user only.
+    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # a .tmp left by a crash keeps its old mode otherwise
+    with os.fdopen(descriptor, "w", encoding="utf-8") as out:
         out.write(json.dumps({"routecache_snapshot": FORMAT_VERSION}) + "\n")
         for entry in entries:
             out.write(_encode(entry) + "\n")

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 
-from routecache.client import RouteCacheClient, chat_request
+from routecache.client import ClientTls, RouteCacheClient, chat_request
 from routecache.router.settings import ConfigError
 from routecache.v1 import routecache_pb2 as pb
 
@@ -27,6 +27,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json-object", action="store_true", help="ask for a JSON object")
     parser.add_argument("--json-schema", help="JSON Schema text, or @FILE to read it from a file")
     parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-p", type=float, help="nucleus sampling, (0, 1]")
     parser.add_argument("--max-tokens", type=int)
     parser.add_argument("--no-cache", action="store_true", help="do not read the cache")
     parser.add_argument("--no-store", action="store_true", help="do not store the answer")
@@ -36,6 +37,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--user", default="", help="end-user id")
     parser.add_argument("--stream", action="store_true", help="use CompleteStream")
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--tls", action="store_true", help="TLS with the system's CA roots")
+    parser.add_argument("--ca-file", type=Path, help="TLS: PEM CA that signed the server cert")
+    parser.add_argument("--client-cert", type=Path, help="mTLS: this client's PEM certificate")
+    parser.add_argument("--client-key", type=Path, help="mTLS: this client's PEM private key")
     parser.add_argument(
         "--validator",
         action="append",
@@ -60,6 +65,17 @@ def _validators(values: list[str]) -> list[pb.RequestValidator]:
         raise ConfigError(f"--validator: {error}") from error
 
 
+def _tls(args: argparse.Namespace) -> ClientTls | None:
+    """None (plaintext) unless --tls or a certificate flag is given; ConfigError if unreadable."""
+    files = (args.ca_file, args.client_cert, args.client_key)
+    if not args.tls and all(f is None for f in files):
+        return None
+    try:
+        return ClientTls.from_files(*files)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"TLS: {error}") from error
+
+
 async def ask(args: argparse.Namespace) -> int:
     request = chat_request(
         args.prompt,
@@ -67,6 +83,7 @@ async def ask(args: argparse.Namespace) -> int:
         history=[(role, text) for role, text in args.turn],
         temperature=args.temperature,
         max_tokens=args.max_tokens,
+        top_p=args.top_p,
         json_object=args.json_object,
         json_schema=_schema(args.json_schema),
         no_cache=args.no_cache,
@@ -77,7 +94,10 @@ async def ask(args: argparse.Namespace) -> int:
         end_user_id=args.user,
         validators=_validators(args.validator),
     )
-    async with RouteCacheClient(args.target, args.api_key, timeout_seconds=args.timeout) as client:
+    tls = _tls(args)
+    async with RouteCacheClient(
+        args.target, args.api_key, timeout_seconds=args.timeout, tls=tls
+    ) as client:
         try:
             if args.stream:
                 async for event in client.complete_stream(request):

@@ -385,7 +385,9 @@ async def start_service(settings: Settings, overrides: Overrides | None = None) 
     `service.server.port` is the bound gRPC port, `service.metrics_port` the metrics port.
     """
     servicer = RouteCacheServicer(None)
-    server = await start_server(servicer, settings.server, DEPENDENCIES)
+    server = await start_server(
+        servicer, settings.server, DEPENDENCIES, max_request_bytes=settings.limits.max_request_bytes
+    )
     service: Service | None = None
     try:
         # Loading the models takes seconds: off the loop, so health checks answer meanwhile.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -25,7 +26,10 @@ class JsonlEventLog:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("a", encoding="utf-8")
+        # Events hold prompts: a new log is readable by the service's user only (an existing
+        # one keeps the mode its operator gave it).
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._file = os.fdopen(descriptor, "a", encoding="utf-8")
 
     def emit(self, kind: str, payload: Mapping[str, Any]) -> None:
         record = {"kind": kind, "ts": time.time(), **payload}

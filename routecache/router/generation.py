@@ -93,7 +93,7 @@ class Generator:
         configured = list(self._tenant_validators.get(tenant, self._validators))
         if request is not None and request.validators:
             names = [c.name for c in configured]
-            configured += self._request_validators.build(request, names)
+            configured += self._request_validators.build(request, names, tenant)
         return configured
 
     def _applicable(self, tenant: str, request: ChatRequest) -> list[Configured]:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 
-from routecache.domain import ChatRequest, ResponseFormatType, Role
+from routecache.domain import ChatRequest, Feedback, ResponseFormatType, Role
 from routecache.errors import InvalidArgument
 from routecache.router.settings import LimitSettings
 
@@ -14,6 +15,31 @@ def validate_request(request: ChatRequest, limits: LimitSettings) -> None:
     _check_messages(request, limits)
     _check_params(request, limits)
     _check_cache_control(request, limits)
+    _check_text("end_user_id", request.end_user_id, limits.max_end_user_id_chars)
+    _check_validators(request, limits)
+
+
+def validate_feedback(feedback: Feedback, limits: LimitSettings) -> None:
+    if not feedback.response_id:
+        raise InvalidArgument("response_id", "required")
+    _check_text("response_id", feedback.response_id, limits.max_id_chars)
+    _check_text("correction", feedback.correction, limits.max_feedback_chars)
+    _check_text("comment", feedback.comment, limits.max_feedback_chars)
+
+
+def validate_invalidation(entry_id: str, tag: str, limits: LimitSettings) -> None:
+    _check_text("entry_id", entry_id, limits.max_id_chars)
+    _check_text("tag", tag, limits.max_id_chars)
+
+
+def validate_top_n(top_n: int, limits: LimitSettings) -> None:
+    if not 0 <= top_n <= limits.max_top_n:
+        raise InvalidArgument("top_n", f"must be 0 to {limits.max_top_n}")
+
+
+def _check_text(field: str, text: str, max_chars: int) -> None:
+    if len(text) > max_chars:
+        raise InvalidArgument(field, f"longer than {max_chars} characters")
 
 
 def _check_messages(request: ChatRequest, limits: LimitSettings) -> None:
@@ -40,14 +66,21 @@ def _check_messages(request: ChatRequest, limits: LimitSettings) -> None:
 
 def _check_params(request: ChatRequest, limits: LimitSettings) -> None:
     params = request.params
+    hottest = limits.max_temperature
     if params.temperature is not None and not (
-        math.isfinite(params.temperature) and 0.0 <= params.temperature <= 2.0
+        math.isfinite(params.temperature) and 0.0 <= params.temperature <= hottest
     ):
-        raise InvalidArgument("params.temperature", "must be between 0 and 2")
+        raise InvalidArgument("params.temperature", f"must be between 0 and {hottest:g}")
+    if params.top_p is not None and not (math.isfinite(params.top_p) and 0.0 < params.top_p <= 1):
+        raise InvalidArgument("params.top_p", "must be above 0 and at most 1")
     if params.max_tokens is not None and not 1 <= params.max_tokens <= limits.max_output_tokens:
         raise InvalidArgument("params.max_tokens", f"must be 1 to {limits.max_output_tokens}")
     response_format = params.response_format
     if response_format.type is ResponseFormatType.JSON_SCHEMA:
+        _check_text(
+            "params.response_format.json_schema", response_format.json_schema,
+            limits.max_schema_chars,
+        )  # fmt: skip
         _check_schema(response_format.json_schema)
     elif response_format.json_schema:
         raise InvalidArgument(
@@ -64,11 +97,17 @@ def _check_schema(schema_text: str) -> None:
     if not schema_text.strip():
         raise InvalidArgument(field, "required with RESPONSE_FORMAT_TYPE_JSON_SCHEMA")
     try:
-        Draft202012Validator.check_schema(json.loads(schema_text))
+        schema = json.loads(schema_text)
+        Draft202012Validator.check_schema(schema)
     except json.JSONDecodeError as exc:
         raise InvalidArgument(field, f"not valid JSON: {exc.msg} at position {exc.pos}") from exc
     except SchemaError as exc:
         raise InvalidArgument(field, f"not a valid JSON Schema: {exc.message}") from exc
+    except RecursionError as exc:
+        raise InvalidArgument(field, "nested too deeply") from exc
+    if remote := next(non_local_refs(schema), None):
+        # A caller's schema must never make the service fetch a URL (SSRF).
+        raise InvalidArgument(field, f"only local references ('#...') allowed, not {remote!r}")
 
 
 def _check_cache_control(request: ChatRequest, limits: LimitSettings) -> None:
@@ -76,5 +115,43 @@ def _check_cache_control(request: ChatRequest, limits: LimitSettings) -> None:
     if len(tags) > limits.max_tags:
         raise InvalidArgument("cache.tags", f"at most {limits.max_tags} tags allowed")
     for position, tag in enumerate(tags):
-        if not tag or len(tag) > 128:
-            raise InvalidArgument(f"cache.tags[{position}]", "must be 1 to 128 characters")
+        if not tag or len(tag) > limits.max_tag_chars:
+            raise InvalidArgument(
+                f"cache.tags[{position}]", f"must be 1 to {limits.max_tag_chars} characters"
+            )
+    ttl = request.cache.ttl_seconds
+    if ttl is not None and ttl > limits.max_ttl_seconds:
+        raise InvalidArgument("cache.ttl_seconds", f"at most {limits.max_ttl_seconds} seconds")
+
+
+def _check_validators(request: ChatRequest, limits: LimitSettings) -> None:
+    """Sizes only; RequestValidators checks what each one means."""
+    if len(request.validators) > limits.max_request_validators:
+        raise InvalidArgument("validators", f"at most {limits.max_request_validators} per request")
+    for position, validator in enumerate(request.validators):
+        field = f"validators[{position}]"
+        for name in ("kind", "name", "on_fail"):
+            _check_text(f"{field}.{name}", getattr(validator, name), 64)
+        for name in ("must_match", "must_not_match", "pii"):
+            if len(getattr(validator, name)) > limits.max_validator_patterns:
+                raise InvalidArgument(
+                    f"{field}.{name}", f"at most {limits.max_validator_patterns} entries"
+                )
+        if validator.max_chars and validator.min_chars > validator.max_chars:
+            raise InvalidArgument(f"{field}.min_chars", "must not exceed max_chars")
+
+
+def non_local_refs(schema: object) -> Iterator[str]:
+    """Every $ref / $dynamicRef in a JSON Schema that does not point inside the document."""
+    pending = [schema]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("$ref", "$dynamicRef") and isinstance(value, str):
+                    if not value.startswith("#"):
+                        yield value
+                else:
+                    pending.append(value)
+        elif isinstance(node, list):
+            pending.extend(node)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -25,7 +26,7 @@ from routecache.router.keyring import (
     revoke_key,
     rotate_key,
 )
-from routecache.router.settings import ConfigError, Settings, load_settings
+from routecache.router.settings import TENANT_NAME_PATTERN, ConfigError, Settings, load_settings
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +82,8 @@ async def open_admin(args: argparse.Namespace, settings: Settings) -> AsyncItera
 
 
 def _check_tenant(settings: Settings, args: argparse.Namespace, tenant: str) -> None:
+    if not re.fullmatch(TENANT_NAME_PATTERN, tenant):
+        raise ConfigError(f"tenant {tenant!r}: names are 1-64 of A-Z a-z 0-9 _ . -")
     if args.config is not None and tenant not in {t.name for t in settings.tenants}:
         raise ConfigError(f"tenant {tenant!r} is not configured in {args.config}")
 

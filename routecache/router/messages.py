@@ -58,6 +58,7 @@ def request_from_pb(message: pb.CompleteRequest) -> ChatRequest:
             temperature=params.temperature if params.HasField("temperature") else None,
             max_tokens=params.max_tokens if params.HasField("max_tokens") else None,
             response_format=ResponseFormat(response_format, params.response_format.json_schema),
+            top_p=params.top_p if params.HasField("top_p") else None,
         ),
         cache=CacheControl(
             no_cache=message.cache.no_cache,

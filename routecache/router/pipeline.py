@@ -39,7 +39,12 @@ from routecache.router.alerts import BudgetAlerts
 from routecache.router.auth import ApiKeyAuthenticator
 from routecache.router.costs import Booking, CostControl
 from routecache.router.generation import Generated, Generator
-from routecache.router.input_validation import validate_request
+from routecache.router.input_validation import (
+    validate_feedback,
+    validate_invalidation,
+    validate_request,
+    validate_top_n,
+)
 from routecache.router.logs import REQUEST_ID
 from routecache.router.ports import EventSink, RateLimiter, SpendLedger
 from routecache.router.quotas import InMemoryQuotaLimiter
@@ -497,8 +502,7 @@ class Pipeline:
     async def feedback(self, feedback: Feedback, api_key: str | None) -> str:
         """Records feedback; a thumbs-down on a cached answer removes the entry (returned)."""
         tenant = await self._p.authenticator.resolve(api_key)
-        if not feedback.response_id:
-            raise InvalidArgument("response_id", "required")
+        validate_feedback(feedback, self._p.limits)
         served = self._responses.find(tenant.name, feedback.response_id)
         if served is None:
             raise NotFound(f"no recent response with id {feedback.response_id}")
@@ -527,6 +531,7 @@ class Pipeline:
 
     async def invalidate(self, target: InvalidateTarget, api_key: str | None) -> int:
         tenant = await self._p.authenticator.resolve(api_key)
+        validate_invalidation(target.entry_id, target.tag, self._p.limits)
         cache = self._p.cache
         if target.entry_id:
             removed = await cache.invalidate_ids(tenant.name, [target.entry_id])
@@ -545,6 +550,7 @@ class Pipeline:
 
     async def stats(self, api_key: str | None, top_n: int = 10) -> TenantStats:
         tenant = await self._p.authenticator.resolve(api_key)
+        validate_top_n(top_n, self._p.limits)
         counters = self._stats.snapshot(tenant.name)
         top = await self._p.cache.top_entries(tenant.name, top_n)
         return TenantStats(

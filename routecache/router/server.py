@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from routecache.router.servicer import RouteCacheServicer
-from routecache.router.settings import ServerSettings
+from routecache.router.settings import ConfigError, ServerSettings
 from routecache.v1 import routecache_pb2 as pb
 from routecache.v1 import routecache_pb2_grpc as pb_grpc
 
@@ -61,14 +62,45 @@ def _status(serving: bool) -> int:
     return health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    """TLS from the configured PEM files (None: plaintext); with a client CA, mTLS.
+
+    Raises ConfigError naming a file that cannot be read."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    chain = _read_pem(settings.tls_cert_file, "server.tls_cert_file")
+    key = _read_pem(settings.tls_key_file, "server.tls_key_file")
+    client_ca = settings.tls_client_ca_file
+    roots = None if client_ca is None else _read_pem(client_ca, "server.tls_client_ca_file")
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=roots, require_client_auth=roots is not None
+    )
+
+
+def _read_pem(path: Path, key: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from exc
+
+
 async def start_server(
-    servicer: RouteCacheServicer, settings: ServerSettings, dependencies: tuple[str, ...] = ()
+    servicer: RouteCacheServicer,
+    settings: ServerSettings,
+    dependencies: tuple[str, ...] = (),
+    *,
+    max_request_bytes: int | None = None,
 ) -> RunningServer:
     """Binds and starts NOT_SERVING (the caller marks it SERVING once loaded); the bound port
-    is `.port` (pass port 0 for a free one)."""
+    is `.port` (pass port 0 for a free one).
+
+    `max_request_bytes` (limits.max_request_bytes): gRPC refuses a larger request from its
+    length prefix with RESOURCE_EXHAUSTED, so an oversized message is never parsed."""
+    credentials = server_credentials(settings)
+    receive_limit = max_request_bytes or settings.max_message_bytes
     server = grpc.aio.server(
         options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_receive_message_length", receive_limit),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             # gRPC shares a port between processes by default: a second instance started by
             # mistake would take half the traffic silently instead of failing to start.
@@ -81,8 +113,12 @@ async def start_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
+    address = f"{settings.host}:{settings.port}"
     try:
-        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:  # health and reflection share the port, so they are behind TLS too
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as error:  # what grpcio raises when the bind fails
         raise OSError(f"could not bind {settings.host}:{settings.port}: {error}") from error
     if port == 0:
@@ -92,5 +128,8 @@ async def start_server(
     await running.set_serving(False)
     for dependency in dependencies:
         await running.set_dependency(dependency, serving=False)
-    log.info("routecache listening on %s:%d", settings.host, port)
+    scheme = "plaintext" if credentials is None else "TLS"
+    if settings.tls_client_ca_file is not None:
+        scheme = "mTLS"
+    log.info("routecache listening on %s:%d (%s)", settings.host, port, scheme)
     return running

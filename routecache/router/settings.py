@@ -39,8 +39,23 @@ class _Section(BaseModel):
 class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
-    max_message_bytes: int = Field(1 << 20, gt=0, description="larger gRPC messages are refused")
+    max_message_bytes: int = Field(
+        1 << 20, gt=0, description="largest message the server sends (requests: limits)"
+    )
     grace_seconds: float = Field(5.0, ge=0, description="drain time for in-flight calls on stop")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain: serve TLS")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle: clients must present a certificate it signed (mTLS)"
+    )
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> Self:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set tls_cert_file and tls_key_file together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
+        return self
 
 
 class ProviderSettings(_Section):
@@ -247,6 +262,21 @@ class LimitSettings(_Section):
     max_tags: int = Field(16, ge=0)
     max_output_tokens: int = Field(4096, gt=0)
     max_answer_chars: int = Field(20_000, gt=0, description="the length validator's bound")
+    max_request_bytes: int = Field(
+        1 << 20,
+        ge=4096,
+        description="the gRPC server refuses a larger request message before parsing it",
+    )
+    max_temperature: float = Field(2.0, ge=0, description="temperature must be 0 to this")
+    max_ttl_seconds: int = Field(30 * 24 * 3600, gt=0, description="cache.ttl_seconds bound")
+    max_tag_chars: int = Field(128, gt=0)
+    max_end_user_id_chars: int = Field(256, gt=0)
+    max_request_validators: int = Field(8, ge=0, description="validators on one request")
+    max_validator_patterns: int = Field(16, gt=0, description="regexes in one request validator")
+    max_schema_chars: int = Field(32_000, gt=0, description="a request's JSON Schema text")
+    max_id_chars: int = Field(256, gt=0, description="response ids, entry ids, tags to invalidate")
+    max_feedback_chars: int = Field(8_000, gt=0, description="a feedback correction or comment")
+    max_top_n: int = Field(100, gt=0, description="GetStats top_n")
 
 
 class MetricsSettings(_Section):
@@ -304,6 +334,11 @@ def _default_validators() -> list[ValidatorSpec]:
     return [ValidatorSpec(kind="length"), ValidatorSpec(kind="json_schema")]
 
 
+# A tenant name starts every scope, exact key and entry id, split at ':', and is the Redis
+# hash tag in braces: those characters in a name could put one tenant's keys in another's.
+TENANT_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
 class TenantRateSettings(_Section):
     """Token buckets: each refills at limit / window_seconds and holds at most one window."""
 
@@ -353,7 +388,7 @@ class BudgetSettings(_Section):
 
 
 class TenantSettings(_OperatingTargets):
-    name: str = Field(min_length=1)
+    name: str = Field(pattern=TENANT_NAME_PATTERN)
     api_key_sha256: list[str] = Field(
         default_factory=list,
         description="hex SHA-256 of each static API key (the key registry holds the others)",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, replace
 
 from routecache.domain import CacheOutcome, Completion, Tier
@@ -74,17 +74,24 @@ class ServedResponse:
 
 
 class ResponseRegistry:
-    """Remembers the newest responses so feedback can find the cache entry behind one."""
+    """Remembers each tenant's newest responses so feedback can find the cache entry behind one.
+
+    Bounded per tenant: with one shared bound a busy tenant would push another tenant's
+    responses out, and so make that tenant's feedback fail.
+    """
 
     def __init__(self, max_responses: int = 100_000) -> None:
         self._max = max_responses
-        self._responses: OrderedDict[str, ServedResponse] = OrderedDict()
+        self._by_tenant: defaultdict[str, OrderedDict[str, ServedResponse]] = defaultdict(
+            OrderedDict
+        )
 
     def remember(self, response_id: str, served: ServedResponse) -> None:
-        self._responses[response_id] = served
-        if len(self._responses) > self._max:
-            self._responses.popitem(last=False)
+        responses = self._by_tenant[served.tenant]
+        responses[response_id] = served
+        if len(responses) > self._max:
+            responses.popitem(last=False)
 
     def find(self, tenant: str, response_id: str) -> ServedResponse | None:
-        served = self._responses.get(response_id)
-        return served if served is not None and served.tenant == tenant else None
+        responses = self._by_tenant.get(tenant)
+        return None if responses is None else responses.get(response_id)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
+import regex
 from pydantic import ValidationError
 
 from routecache.domain import ChatRequest, RequestValidator
@@ -136,32 +138,41 @@ def spec_of(requested: RequestValidator) -> ValidatorSpec:
 
 
 class RequestValidators:
-    """Builds the validators a request asks for, each distinct one compiled once."""
+    """Builds the validators a request asks for, each distinct one compiled once per tenant.
+
+    Per tenant: with one shared cache, how fast a request's validators were ready would tell a
+    tenant whether another had just used the same ones, and one tenant could flush another's.
+    """
 
     def __init__(self, limits: LimitSettings, max_cached: int = 512) -> None:
         self._limits = limits
-        self._built: dict[RequestValidator, Configured] = {}
+        self._built: defaultdict[str, dict[RequestValidator, Configured]] = defaultdict(dict)
         self._max_cached = max_cached
 
-    def build(self, request: ChatRequest, reserved: Sequence[str]) -> list[Configured]:
+    def build(
+        self, request: ChatRequest, reserved: Sequence[str], tenant: str = ""
+    ) -> list[Configured]:
         """Raises InvalidArgument naming the bad validator; `reserved`: the tenant's names."""
         built: list[Configured] = []
+        cache = self._built[tenant]
         for index, requested in enumerate(request.validators):
             field = f"validators[{index}]"
             try:
-                configured = self._built.get(requested) or self._compile(requested)
-            except (ValueError, ConfigError, re.error) as exc:
+                configured = cache.get(requested) or self._compile(cache, requested)
+            except (ValueError, ConfigError, re.error, regex.error) as exc:
                 raise InvalidArgument(field, _short(exc)) from exc
             if configured.name in reserved or configured.name in [c.name for c in built]:
                 raise InvalidArgument(field, f"the name {configured.name!r} is already in use")
             built.append(configured)
         return built
 
-    def _compile(self, requested: RequestValidator) -> Configured:
+    def _compile(
+        self, cache: dict[RequestValidator, Configured], requested: RequestValidator
+    ) -> Configured:
         configured = build_validator(spec_of(requested), self._limits)
-        if len(self._built) >= self._max_cached:
-            self._built.clear()
-        self._built[requested] = configured
+        if len(cache) >= self._max_cached:
+            cache.clear()
+        cache[requested] = configured
         return configured
 
 

@@ -4,12 +4,58 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from jsonschema import Draft202012Validator
+import regex
+from jsonschema import Draft202012Validator, ValidationError, validators
+from referencing import Registry
+from referencing.exceptions import Unresolvable
 
 from routecache.domain import ChatRequest, ResponseFormatType, ValidatorResult
+
+# jsonschema's default registry fetches unknown $ref URLs: a caller's schema could make the
+# service call any address (SSRF). An empty referencing Registry resolves nothing outside the
+# schema itself.
+_NO_RETRIEVAL: Registry[Any] = Registry()
+_PATTERN_TIMEOUT_SECONDS = 0.05
+
+
+def _bounded_pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[Any]:
+    """JSON Schema `pattern` with the `regex` module and a timeout: a caller's schema runs on
+    the loop that serves every tenant (jsonschema's own uses `re`, unbounded)."""
+    if not validator.is_type(instance, "string"):
+        return
+    try:
+        found = regex.search(pattern, instance, timeout=_PATTERN_TIMEOUT_SECONDS)
+    except TimeoutError:
+        yield ValidationError(f"pattern {pattern!r} took too long on this value")
+        return
+    if found is None:
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+def _bounded_pattern_properties(
+    validator: Any, patterns: dict[str, Any], instance: Any, schema: Any
+) -> Iterator[Any]:
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in patterns.items():
+        for key, value in instance.items():
+            try:
+                found = regex.search(pattern, key, timeout=_PATTERN_TIMEOUT_SECONDS)
+            except TimeoutError:
+                yield ValidationError(f"pattern {pattern!r} took too long on key {key!r}")
+                continue
+            if found:
+                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
+
+
+_BoundedValidator = validators.extend(  # type: ignore[no-untyped-call]
+    Draft202012Validator,
+    {"pattern": _bounded_pattern, "patternProperties": _bounded_pattern_properties},
+)
 
 
 class JsonSchemaValidator:
@@ -34,7 +80,11 @@ class JsonSchemaValidator:
         if response_format.type is ResponseFormatType.JSON_OBJECT:
             ok = isinstance(value, dict)
             return ValidatorResult(self.name, ok, "" if ok else "JSON, but not an object")
-        error = next(iter(self._validator(response_format.json_schema).iter_errors(value)), None)
+        validator = self._validator(response_format.json_schema)
+        try:
+            error = next(iter(validator.iter_errors(value)), None)
+        except Unresolvable as exc:  # a local $ref to nowhere; remote ones are never fetched
+            return ValidatorResult(self.name, False, f"schema reference unresolvable: {exc}")
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "(root)"
             return ValidatorResult(
@@ -48,7 +98,9 @@ class JsonSchemaValidator:
             if len(self._compiled) >= self._max_compiled:
                 self._compiled.clear()
             schema: Any = json.loads(schema_text)
-            compiled = self._compiled[schema_text] = Draft202012Validator(schema)
+            compiled = self._compiled[schema_text] = _BoundedValidator(
+                schema, registry=_NO_RETRIEVAL
+            )
         return compiled
 
 
@@ -74,28 +126,50 @@ class LengthValidator:
 
 
 class RegexValidator:
-    """Every `must_match` pattern must occur in the answer and no `must_not_match` one may."""
+    """Every `must_match` pattern must occur in the answer and no `must_not_match` one may.
+
+    Patterns may come from a caller's request and run on the event loop that serves every
+    tenant: they are compiled by the `regex` module and one check gets `budget_seconds` in
+    all, so a pattern that backtracks catastrophically fails its own request instead of
+    stalling everyone else's."""
 
     def __init__(
-        self, must_match: Sequence[str], must_not_match: Sequence[str], name: str = "regex"
+        self,
+        must_match: Sequence[str],
+        must_not_match: Sequence[str],
+        name: str = "regex",
+        budget_seconds: float = 0.1,
     ) -> None:
         self.name = name
-        self._must = [re.compile(p) for p in must_match]
-        self._must_not = [re.compile(p) for p in must_not_match]
+        for pattern in (*must_match, *must_not_match):
+            re.compile(pattern)  # Python's syntax and error messages, as documented
+        self._must = [regex.compile(p) for p in must_match]
+        self._must_not = [regex.compile(p) for p in must_not_match]
+        self._budget = budget_seconds
 
     def applies_to(self, request: ChatRequest) -> bool:
         return True
 
     def check(self, text: str, request: ChatRequest) -> ValidatorResult:
-        for pattern in self._must:
-            if pattern.search(text) is None:
-                return ValidatorResult(self.name, False, f"does not match {pattern.pattern!r}")
-        for pattern in self._must_not:
-            if (found := pattern.search(text)) is not None:
-                return ValidatorResult(
-                    self.name, False, f"matches {pattern.pattern!r} at {found.start()}"
-                )
+        deadline = time.monotonic() + self._budget
+        try:
+            for pattern in self._must:
+                if _search(pattern, text, deadline) is None:
+                    return ValidatorResult(self.name, False, f"does not match {pattern.pattern!r}")
+            for pattern in self._must_not:
+                if (found := _search(pattern, text, deadline)) is not None:
+                    return ValidatorResult(
+                        self.name, False, f"matches {pattern.pattern!r} at {found.start()}"
+                    )
+        except TimeoutError:
+            return ValidatorResult(
+                self.name, False, f"patterns took longer than {self._budget:g} s on this answer"
+            )
         return ValidatorResult(self.name, True)
+
+
+def _search(pattern: regex.Pattern[str], text: str, deadline: float) -> regex.Match[str] | None:
+    return pattern.search(text, timeout=max(0.001, deadline - time.monotonic()))
 
 
 # How models decline; matched at the start of the answer only, so an answer that quotes such

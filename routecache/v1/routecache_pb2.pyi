@@ -75,14 +75,16 @@ class ResponseFormat(_message.Message):
     def __init__(self, type: _Optional[_Union[ResponseFormatType, str]] = ..., json_schema: _Optional[str] = ...) -> None: ...
 
 class GenerationParams(_message.Message):
-    __slots__ = ("temperature", "max_tokens", "response_format")
+    __slots__ = ("temperature", "max_tokens", "response_format", "top_p")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     max_tokens: int
     response_format: ResponseFormat
-    def __init__(self, temperature: _Optional[float] = ..., max_tokens: _Optional[int] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ...) -> None: ...
+    top_p: float
+    def __init__(self, temperature: _Optional[float] = ..., max_tokens: _Optional[int] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ..., top_p: _Optional[float] = ...) -> None: ...
 
 class CacheControl(_message.Message):
     __slots__ = ("no_cache", "no_store", "ttl_seconds", "tags")

@@ -64,6 +64,8 @@ def request_body(
         body["temperature"] = params.temperature
     if params.max_tokens is not None:
         body["max_tokens"] = params.max_tokens
+    if params.top_p is not None:
+        body["top_p"] = params.top_p
     if (response_format := response_format_body(params.response_format)) is not None:
         body["response_format"] = response_format
     if stream:

@@ -1,0 +1,59 @@
+"""Input limits over real gRPC: an oversized message is refused by gRPC itself from its length
+prefix (the service never parses it); a field over its limit is INVALID_ARGUMENT naming it."""
+
+import grpc
+import pytest
+
+from routecache.client import chat_request
+from routecache.v1 import routecache_pb2 as pb
+from tests.e2e.conftest import Stack
+
+pytestmark = pytest.mark.asyncio(loop_scope="package")
+
+
+async def test_a_message_over_the_size_limit_is_refused_by_grpc(stack: Stack) -> None:
+    limit = stack.service.settings.limits.max_request_bytes
+    request = chat_request("x" * (limit + 1))
+    assert request.ByteSize() > limit
+    async with stack.client() as client:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await client.complete(request)
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # gRPC's own message, not the service's: the request never reached the servicer.
+    assert "larger than max" in (error.value.details() or "")
+    assert ("field", "messages") not in tuple(error.value.trailing_metadata() or ())
+
+
+async def test_a_message_just_under_the_size_limit_gets_the_services_own_checks(
+    stack: Stack,
+) -> None:
+    limits = stack.service.settings.limits
+    request = chat_request("y" * (limits.max_message_chars + 1))
+    assert request.ByteSize() < limits.max_request_bytes
+    async with stack.client() as client:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await client.complete(request)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ("field", "messages[0].content") in tuple(error.value.trailing_metadata() or ())
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (chat_request("hi", temperature=float("nan")), "params.temperature"),
+        (chat_request("hi", top_p=-1.0), "params.top_p"),
+        (chat_request("hi", max_tokens=10**6), "params.max_tokens"),
+        (chat_request("hi", ttl_seconds=10**9), "cache.ttl_seconds"),
+        (chat_request("hi", end_user_id="u" * 10_000), "end_user_id"),
+        (pb.CompleteRequest(messages=[pb.ChatMessage(role=7, content="hi")]), "messages[0].role"),
+    ],
+)
+async def test_each_field_over_its_limit_is_named(
+    stack: Stack, request_: pb.CompleteRequest, field: str
+) -> None:
+    async with stack.client() as client:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await client.complete(request_)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ("field", field) in tuple(error.value.trailing_metadata() or ())
+    assert field in (error.value.details() or "")

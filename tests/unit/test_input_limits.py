@@ -1,0 +1,224 @@
+"""Every input limit: a violation is INVALID_ARGUMENT naming the field, before any cost."""
+
+import http.server
+import json
+import threading
+from collections.abc import Awaitable, Callable
+from typing import ClassVar
+
+import pytest
+
+from routecache.domain import (
+    CacheControl,
+    ChatRequest,
+    Feedback,
+    GenerationParams,
+    Message,
+    RequestValidator,
+    ResponseFormat,
+    ResponseFormatType,
+    Role,
+)
+from routecache.errors import InvalidArgument
+from routecache.router.input_validation import validate_request
+from routecache.router.pipeline import InvalidateTarget
+from routecache.router.settings import LimitSettings, load_settings
+from routecache.router.validators import JsonSchemaValidator, RegexValidator
+from tests.unit.conftest import KEYS, Harness
+
+LIMITS = LimitSettings(
+    max_messages=3,
+    max_message_chars=50,
+    max_total_chars=80,
+    max_tags=2,
+    max_output_tokens=100,
+    max_temperature=1.5,
+    max_ttl_seconds=3600,
+    max_tag_chars=10,
+    max_end_user_id_chars=20,
+    max_request_validators=2,
+    max_validator_patterns=2,
+    max_schema_chars=200,
+)
+
+
+def user(text: str = "hello") -> Message:
+    return Message(Role.USER, text)
+
+
+def schema_request(schema: object) -> ChatRequest:
+    text = schema if isinstance(schema, str) else json.dumps(schema)
+    fmt = ResponseFormat(ResponseFormatType.JSON_SCHEMA, text)
+    return ChatRequest((user(),), GenerationParams(response_format=fmt))
+
+
+VIOLATIONS = [
+    (ChatRequest(()), "messages"),
+    (ChatRequest((user(),) * 4), "messages"),
+    (ChatRequest((user("x" * 51),)), "messages[0].content"),
+    (ChatRequest((user(" \n\t"),)), "messages[0].content"),
+    (ChatRequest((user("x" * 45), user("y" * 45))), "messages"),
+    (ChatRequest((user(), Message(Role.ASSISTANT, "hi"))), "messages[1].role"),
+    (ChatRequest((user(),), GenerationParams(temperature=1.6)), "params.temperature"),
+    (ChatRequest((user(),), GenerationParams(temperature=-0.1)), "params.temperature"),
+    (ChatRequest((user(),), GenerationParams(temperature=float("nan"))), "params.temperature"),
+    (ChatRequest((user(),), GenerationParams(temperature=float("inf"))), "params.temperature"),
+    (ChatRequest((user(),), GenerationParams(max_tokens=0)), "params.max_tokens"),
+    (ChatRequest((user(),), GenerationParams(max_tokens=101)), "params.max_tokens"),
+    (schema_request("{not json"), "params.response_format.json_schema"),
+    (schema_request({"type": "nope"}), "params.response_format.json_schema"),
+    (schema_request({"description": "x" * 200}), "params.response_format.json_schema"),
+    (schema_request("[" * 5000 + "]" * 5000), "params.response_format.json_schema"),
+    (ChatRequest((user(),), cache=CacheControl(tags=("a", "b", "c"))), "cache.tags"),
+    (ChatRequest((user(),), cache=CacheControl(tags=("",))), "cache.tags[0]"),
+    (ChatRequest((user(),), cache=CacheControl(tags=("a", "x" * 11))), "cache.tags[1]"),
+    (ChatRequest((user(),), cache=CacheControl(ttl_seconds=3601)), "cache.ttl_seconds"),
+    (ChatRequest((user(),), end_user_id="u" * 21), "end_user_id"),
+    (ChatRequest((user(),), validators=(RequestValidator("pii"),) * 3), "validators"),
+    (
+        ChatRequest((user(),), validators=(RequestValidator("regex", must_match=("a",) * 3),)),
+        "validators[0].must_match",
+    ),
+    (
+        ChatRequest((user(),), validators=(RequestValidator("length", min_chars=9, max_chars=3),)),
+        "validators[0].min_chars",
+    ),
+    (ChatRequest((user(),), validators=(RequestValidator("k" * 65),)), "validators[0].kind"),
+]
+
+
+@pytest.mark.parametrize(("request_", "field"), VIOLATIONS)
+def test_each_violation_names_its_field(request_: ChatRequest, field: str) -> None:
+    with pytest.raises(InvalidArgument) as error:
+        validate_request(request_, LIMITS)
+    assert error.value.field == field
+    assert field in str(error.value)
+
+
+def test_a_request_at_every_limit_passes() -> None:
+    validate_request(
+        ChatRequest(
+            (Message(Role.SYSTEM, "s" * 30), user("x" * 50)),
+            GenerationParams(temperature=1.5, max_tokens=100),
+            CacheControl(ttl_seconds=3600, tags=("a" * 10, "b")),
+            end_user_id="u" * 20,
+            validators=(RequestValidator("regex", must_match=("a", "b")),) * 2,
+        ),
+        LIMITS,
+    )
+
+
+@pytest.mark.parametrize(
+    "ref", ["http://127.0.0.1:1/schema.json", "file:///etc/passwd", "other.json#/a"]
+)
+def test_a_schema_may_not_reference_anything_outside_itself(ref: str) -> None:
+    schema = {"type": "object", "properties": {"a": {"$ref": ref}}}
+    with pytest.raises(InvalidArgument) as error:
+        validate_request(schema_request(schema), LIMITS)
+    assert error.value.field == "params.response_format.json_schema"
+    assert "local references" in str(error.value)
+
+
+def test_local_references_are_allowed() -> None:
+    schema = {"$defs": {"n": {"type": "number"}}, "properties": {"a": {"$ref": "#/$defs/n"}}}
+    validate_request(schema_request(schema), LIMITS)
+
+
+def test_request_size_limit_defaults_to_one_mebibyte_and_has_a_floor() -> None:
+    assert load_settings().limits.max_request_bytes == 1 << 20
+    with pytest.raises(Exception, match="max_request_bytes"):
+        load_settings(limits={"max_request_bytes": 100})
+
+
+async def test_feedback_invalidate_and_stats_fields_are_bounded(harness: Harness) -> None:
+    pipeline, key = harness.service.pipeline, KEYS["acme"]
+    limits = harness.service.settings.limits
+    long_id = "r" * (limits.max_id_chars + 1)
+    long_text = "c" * (limits.max_feedback_chars + 1)
+    cases: list[tuple[Callable[[], Awaitable[object]], str]] = [
+        (lambda: pipeline.feedback(Feedback("", False), key), "response_id"),
+        (lambda: pipeline.feedback(Feedback(long_id, False), key), "response_id"),
+        (lambda: pipeline.feedback(Feedback("r", True, correction=long_text), key), "correction"),
+        (lambda: pipeline.feedback(Feedback("r", True, comment=long_text), key), "comment"),
+        (lambda: pipeline.invalidate(InvalidateTarget(entry_id=long_id), key), "entry_id"),
+        (lambda: pipeline.invalidate(InvalidateTarget(tag=long_id), key), "tag"),
+        (lambda: pipeline.stats(key, limits.max_top_n + 1), "top_n"),
+    ]
+    for call, field in cases:
+        with pytest.raises(InvalidArgument) as error:
+            await call()
+        assert error.value.field == field
+
+
+@pytest.mark.parametrize(
+    "schema_text", ["[" * 5000 + "]" * 5000, '{"items":' * 3000 + "{}" + "}" * 3000]
+)
+def test_a_deeply_nested_schema_is_invalid_not_a_crash(schema_text: str) -> None:
+    # Before: RecursionError escaped the checks and the call ended INTERNAL.
+    with pytest.raises(InvalidArgument) as error:
+        validate_request(schema_request(schema_text), LimitSettings(max_schema_chars=100_000))
+    assert error.value.field == "params.response_format.json_schema"
+
+
+class _CountingHandler(http.server.BaseHTTPRequestHandler):
+    fetched: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        self.fetched.append(self.path)
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b'{"type": "string"}')
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("ref", ["REMOTE", "#/$defs/missing"])
+def test_the_schema_validator_never_fetches_and_never_raises(ref: str) -> None:
+    # Before: jsonschema fetched the URL (SSRF), and a dangling local ref raised (INTERNAL).
+    server = http.server.HTTPServer(("127.0.0.1", 0), _CountingHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/s.json"
+        request = schema_request({"$ref": url if ref == "REMOTE" else ref})
+        result = JsonSchemaValidator().check("5", request)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not result.passed and "unresolvable" in result.message
+    assert _CountingHandler.fetched == []
+
+
+def test_a_catastrophic_request_pattern_fails_its_own_request_within_its_budget() -> None:
+    # Before: `re` backtracked on the event loop for minutes, stalling every tenant's calls.
+    validator = RegexValidator([r"(a|aa)+$"], [], budget_seconds=0.05)
+    result = validator.check("a" * 60 + "b", ChatRequest((user(),)))
+    assert not result.passed and "longer than 0.05 s" in result.message
+    assert RegexValidator([r"colou?r"], []).check("a colour", ChatRequest((user(),))).passed
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "string", "pattern": "(a|aa)+$"},
+        {"type": "object", "patternProperties": {"(a|aa)+$": {"type": "number"}}},
+    ],
+)
+def test_a_catastrophic_schema_pattern_fails_the_answer_instead_of_hanging(
+    schema: dict[str, object],
+) -> None:
+    # Before: jsonschema's `re` search on the answer ran for minutes on the event loop.
+    nasty = "a" * 60 + "b"
+    answer = json.dumps(nasty if schema["type"] == "string" else {nasty: 1})
+    result = JsonSchemaValidator().check(answer, schema_request(schema))
+    assert not result.passed and "took too long" in result.message
+
+
+def test_schema_patterns_still_work() -> None:
+    schema = {"type": "object", "patternProperties": {"^n": {"type": "number"}},
+              "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}$"}}}  # fmt: skip
+    validator = JsonSchemaValidator()
+    assert validator.check('{"code": "ABC", "n1": 2}', schema_request(schema)).passed
+    assert not validator.check('{"code": "abc"}', schema_request(schema)).passed
+    assert not validator.check('{"n1": "two"}', schema_request(schema)).passed
