@@ -125,6 +125,7 @@ class Tenant:
     routing_threshold: float | None  # None: the threshold stored with the classifier
     similarity_threshold: float
     default_ttl_seconds: int
+    max_false_hit_rate: float = 0.01  # with the verifier on: wrong cached answers per lookup
     requests_per_second: float | None = None
     daily_budget_usd: float | None = None
     # Used when routing_threshold is None; None too: the classifier's default threshold.
@@ -146,6 +147,7 @@ class CacheInfo:
     entry_id: str = ""
     entry_age_seconds: float = 0.0
     stale: bool = False
+    verifier_score: float | None = None  # the hit verifier's probability; None: not verified
 
 
 @dataclass(frozen=True)
