@@ -99,6 +99,19 @@ def cache_candidates(
     return Candidates(texts, sims, np.array(correct))
 
 
+def candidates_for(
+    pairs: Sequence[LabelledPair],
+    vectors: dict[str, np.ndarray],
+    mode: Mode,
+    index: VectorIndex | None = None,
+) -> Candidates:
+    if mode == "pairwise":
+        return pairwise_candidates(pairs, vectors)
+    if index is None:
+        raise ValueError("cache mode needs a vector index")
+    return cache_candidates(pairs, vectors, index)
+
+
 def score_candidates(
     policy: HitPolicy, candidates: Candidates, batch: int = 64
 ) -> npt.NDArray[np.float64]:
@@ -147,15 +160,12 @@ def evaluate(
     requirements: Sequence[HitRequirement],
     mode: Mode,
     index: VectorIndex | None = None,
+    vectors: dict[str, np.ndarray] | None = None,
 ) -> list[CacheEvaluation]:
     """One evaluation per requirement; embeddings and verifier scores are computed once."""
-    vectors = embed_texts(embedder, [t for p in pairs for t in (p.query, p.cached)])
-    if mode == "cache":
-        if index is None:
-            raise ValueError("cache mode needs a vector index")
-        candidates = cache_candidates(pairs, vectors, index)
-    else:
-        candidates = pairwise_candidates(pairs, vectors)
+    if vectors is None:
+        vectors = embed_texts(embedder, [t for p in pairs for t in (p.query, p.cached)])
+    candidates = candidates_for(pairs, vectors, mode, index)
     scores = score_candidates(policy, candidates)
     duplicates = sum(p.duplicate for p in pairs)
     verified = policy_name != "cosine"
@@ -195,19 +205,30 @@ def verifier_latency_ms(
     }
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas: {text}") from error
+    if not values or any(not 0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"each value must be between 0 and 1: {text}")
+    return values
+
+
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", type=Path, required=True, help="labelled pairs (qqp format)")
-    parser.add_argument("--max-false-hit-rate", type=float, default=None,
-                        help="the budget (default: cache.max_false_hit_rate)")  # fmt: skip
+    parser.add_argument("--max-false-hit-rate", type=_floats, default=None,
+                        help="the budget, or several separated by commas (one JSON line each; "
+                        "default: cache.max_false_hit_rate)")  # fmt: skip
     parser.add_argument("--mode", choices=["pairwise", "cache"], default="pairwise")
     parser.add_argument("--policy", choices=["verified", "cosine"], default=None,
                         help="default: as configured (cache.verifier)")  # fmt: skip
-    parser.add_argument("--cosine-threshold", type=float, default=None,
-                        help="cosine policy: default cache.similarity_threshold")  # fmt: skip
+    parser.add_argument("--cosine-threshold", type=_floats, default=None,
+                        help="cosine threshold(s): default cache.similarity_threshold")  # fmt: skip
     parser.add_argument("--limit", type=int, default=None, help="only the first N pairs")
     parser.add_argument("--latency", action="store_true", help="also time the verifier per pair")
     parser.add_argument("--config", type=Path, help="TOML settings (embedder, verifier)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per budget")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -222,27 +243,28 @@ def run(args: argparse.Namespace) -> int:
         )
     policy = build_hit_policy(settings)
     name = "cosine" if isinstance(policy, CosinePolicy) else "verified"
-    requirement = HitRequirement(
-        cosine_threshold=args.cosine_threshold or settings.cache.similarity_threshold,
-        max_false_hit_rate=args.max_false_hit_rate or settings.cache.max_false_hit_rate,
-    )
+    requirements = [
+        HitRequirement(threshold, budget)
+        for threshold in args.cosine_threshold or [settings.cache.similarity_threshold]
+        for budget in args.max_false_hit_rate or [settings.cache.max_false_hit_rate]
+    ]
     pairs = load_pairs(args.pairs, limit=args.limit)
     embedder = build_embedder(settings)
     index = build_vector_index(settings, embedder.dimension) if args.mode == "cache" else None
     started = time.perf_counter()
-    (result,) = evaluate(pairs, embedder, policy, name, [requirement], args.mode, index)
-    report: dict[str, object] = {
-        **result.as_dict(),
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    results = evaluate(pairs, embedder, policy, name, requirements, args.mode, index)
+    seconds = round(time.perf_counter() - started, 1)
+    latency = None
     if args.latency:
         vectors = embed_texts(embedder, [t for p in pairs[:2000] for t in (p.query, p.cached)])
-        report["verifier_latency"] = verifier_latency_ms(
-            policy, pairwise_candidates(pairs[:2000], vectors), requirement
-        )
-    if args.json:
-        print(json.dumps(report))
-    else:
-        for key, value in report.items():
-            print(f"{key:>20}: {value}")
+        candidates = pairwise_candidates(pairs[:2000], vectors)
+        latency = verifier_latency_ms(policy, candidates, requirements[0])
+    for result in results:
+        report: dict[str, object] = {**result.as_dict(), "seconds": seconds}
+        if latency is not None:
+            report["verifier_latency"] = latency
+        if args.json:
+            print(json.dumps(report))
+        else:
+            print("\n".join(f"{key:>20}: {value}" for key, value in report.items()) + "\n")
     return 0

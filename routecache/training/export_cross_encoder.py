@@ -7,6 +7,7 @@ int8 graph itself so its thresholds describe exactly what ships.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import warnings
 from pathlib import Path
@@ -38,7 +39,12 @@ def export_cross_encoder(weights: Path, model_dir: Path, out_path: Path, int8: b
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
             quantised = Path(scratch) / "cross_encoder.int8.onnx"
-            quantize_dynamic(str(fp32), str(quantised), weight_type=QuantType.QInt8)
+            # The quantiser logs a line per tensor it leaves in float on the root logger.
+            logging.disable(logging.INFO)
+            try:
+                quantize_dynamic(str(fp32), str(quantised), weight_type=QuantType.QInt8)
+            finally:
+                logging.disable(logging.NOTSET)
             quantised.replace(out_path)
         else:
             fp32.replace(out_path)
