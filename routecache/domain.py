@@ -160,6 +160,7 @@ class Tenant:
     routing_threshold: float | None  # None: the threshold stored with the classifier
     similarity_threshold: float
     default_ttl_seconds: int
+    max_false_hit_rate: float = 0.01  # with the verifier on: wrong cached answers per lookup
     requests_per_second: float | None = None
     daily_budget_usd: float | None = None  # kept for old configs; budget.daily_usd wins
     # Used when routing_threshold is None; None too: the classifier's default threshold.
@@ -167,7 +168,6 @@ class Tenant:
     rate: RateLimits = field(default_factory=RateLimits)
     budget: Budget = field(default_factory=Budget)
     allowed_tiers: frozenset[Tier] = frozenset(Tier)  # from the tenant's models_allowed
-    max_false_hit_rate: float = 0.01  # the cache's error budget for this tenant
 
 
 @dataclass(frozen=True)
@@ -185,6 +185,7 @@ class CacheInfo:
     entry_id: str = ""
     entry_age_seconds: float = 0.0
     stale: bool = False
+    verifier_score: float | None = None  # the hit verifier's probability; None: not verified
 
 
 @dataclass(frozen=True)

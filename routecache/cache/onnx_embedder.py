@@ -70,7 +70,6 @@ def export_minilm_onnx(model_dir: Path, out_path: Path) -> Path:
 
     sample = tokenizer(["a short one", "and a somewhat longer sample"], padding=True)
     args = tuple(torch.tensor(sample[name]) for name in _INPUTS)
-    dynamic = {name: {0: "batch", 1: "tokens"} for name in _INPUTS}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # Export to a temporary name and rename: a crash mid-export never leaves a broken graph
     # that the next start would load.
@@ -79,19 +78,23 @@ def export_minilm_onnx(model_dir: Path, out_path: Path) -> Path:
         with warnings.catch_warnings():
             # The exporter's deprecation and axis-renaming notes say nothing about the result.
             warnings.simplefilter("ignore")
-            _export(torch, PooledMiniLM(), args, partial, dynamic)
+            export_transformer(PooledMiniLM(), args, partial, _OUTPUT)
         partial.replace(out_path)
     return out_path
 
 
-def _export(torch: Any, module: Any, args: tuple[Any, ...], path: Path, dynamic: Any) -> None:
+def export_transformer(module: Any, args: tuple[Any, ...], path: Path, output: str) -> None:
+    """Export a module taking BERT's three inputs (batch by tokens, both dynamic) to ONNX."""
+    import torch
+
+    dynamic = {name: {0: "batch", 1: "tokens"} for name in _INPUTS}
     torch.onnx.export(
         module,
         args,
         str(path),
         input_names=list(_INPUTS),
-        output_names=[_OUTPUT],
-        dynamic_axes={**dynamic, _OUTPUT: {0: "batch"}},
+        output_names=[output],
+        dynamic_axes={**dynamic, output: {0: "batch"}},
         opset_version=18,
         dynamo=True,
         external_data=False,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 
+from routecache.cache.hit_policy import CosinePolicy, HitPolicy, HitRequirement
 from routecache.cache.ports import CacheEntry, EntryStore, StoreUnavailable, Vector, VectorIndex
 from routecache.cache.scope import exact_key
 from routecache.domain import CacheOutcome, Tier
@@ -19,6 +20,7 @@ class CacheHit:
     outcome: CacheOutcome
     similarity: float
     age_seconds: float
+    verifier_score: float | None = None  # the verifier's probability; None: not verified
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,10 @@ class SemanticCache:
         candidates: int = 4,
         distrust: Distrust | None = None,
         stale_grace_seconds: float = 0.0,
+        policy: HitPolicy | None = None,
     ) -> None:
         self._store = store
+        self._policy: HitPolicy = policy or CosinePolicy()
         self._index = index
         self._clock = clock
         self._candidates = candidates
@@ -100,55 +104,61 @@ class SemanticCache:
             return None
 
     async def lookup_semantic(
-        self, scope: str, vector: Vector, threshold: float
+        self, scope: str, prompt: str, vector: Vector, requirement: HitRequirement
     ) -> CacheHit | None:
-        """The most similar live entry of this scope at or above the threshold, if any."""
+        """The nearest live entry of this scope, if the hit policy accepts it for the prompt."""
         try:
-            return await self._search(scope, vector, threshold)
+            return await self._nearest(scope, prompt, vector, requirement, self._is_live, True)
         except StoreUnavailable:
             self.bypassed += 1
             return None
 
-    async def _search(self, scope: str, vector: Vector, threshold: float) -> CacheHit | None:
+    async def lookup_stale(
+        self, scope: str, prompt: str, vector: Vector | None, requirement: HitRequirement
+    ) -> CacheHit | None:
+        """An entry of this scope, live or expired within the grace period, for the prompt or
+        one meaning the same; for when no provider answers. Never crosses scopes."""
+        try:
+            entry = await self._store.get_exact(exact_key(scope, prompt))
+            if entry is not None and entry.scope == scope and await self._is_servable(entry):
+                return await self._hit(entry, CacheOutcome.EXACT, 1.0)
+            if vector is None:
+                return None
+            return await self._nearest(scope, prompt, vector, requirement, self._is_servable, False)
+        except StoreUnavailable:
+            self.bypassed += 1
+            return None
+
+    async def _nearest(
+        self,
+        scope: str,
+        prompt: str,
+        vector: Vector,
+        requirement: HitRequirement,
+        usable: Callable[[CacheEntry], Awaitable[bool]],
+        penalised: bool,
+    ) -> CacheHit | None:
+        floor = self._policy.floor(requirement)
         # The store is the truth: an entry the index still holds but the store no longer
         # has (deleted on another replica, expired) is dropped here, never served.
         for neighbour in self._index.search(scope, vector, self._candidates):
-            if neighbour.similarity < threshold:
+            if neighbour.similarity < floor:
                 return None  # neighbours come best first
-            if neighbour.similarity < threshold + self.penalty_of(neighbour.entry_id):
+            if penalised and neighbour.similarity < floor + self.penalty_of(neighbour.entry_id):
                 continue
             entry = await self._store.get(neighbour.entry_id)
             if entry is None:
                 self._index.remove(scope, neighbour.entry_id)
                 continue
-            if entry.scope == scope and await self._is_live(entry):
-                return await self._hit(entry, CacheOutcome.SEMANTIC, neighbour.similarity)
-        return None
-
-    async def lookup_stale(
-        self, scope: str, prompt: str, vector: Vector | None, threshold: float
-    ) -> CacheHit | None:
-        """An entry of this scope, live or expired within the grace period, for the prompt or
-        one meaning the same; for when no provider answers. Never crosses scopes."""
-        try:
-            return await self._search_stale(scope, prompt, vector, threshold)
-        except StoreUnavailable:
-            self.bypassed += 1
-            return None
-
-    async def _search_stale(
-        self, scope: str, prompt: str, vector: Vector | None, threshold: float
-    ) -> CacheHit | None:
-        entry = await self._store.get_exact(exact_key(scope, prompt))
-        if entry is not None and entry.scope == scope and await self._is_servable(entry):
-            return await self._hit(entry, CacheOutcome.EXACT, 1.0)
-        neighbours = [] if vector is None else self._index.search(scope, vector, self._candidates)
-        for neighbour in neighbours:
-            if neighbour.similarity < threshold:
-                return None
-            entry = await self._store.get(neighbour.entry_id)
-            if entry is not None and entry.scope == scope and await self._is_servable(entry):
-                return await self._hit(entry, CacheOutcome.SEMANTIC, neighbour.similarity)
+            if entry.scope != scope or not await usable(entry):
+                continue
+            verdict = await self._policy.judge(
+                prompt, entry.prompt, neighbour.similarity, requirement
+            )
+            if not verdict.accept:
+                return None  # only the nearest usable candidate is verified: one pass a lookup
+            hit = await self._hit(entry, CacheOutcome.SEMANTIC, neighbour.similarity)
+            return replace(hit, verifier_score=verdict.verifier_score)
         return None
 
     async def store(self, new: NewEntry) -> CacheEntry | None:

@@ -17,9 +17,16 @@ from routecache.backends.redis_spend import RedisSpendLedger, Retention
 from routecache.backends.redis_store import RedisEntryStore, RedisStoreOptions
 from routecache.backends.replica_sync import ReplicaSync
 from routecache.backends.storage import CacheHealth, EmbeddedStorage, RedisStorage, Storage
+from routecache.cache.cross_encoder import (
+    GRAPH_FILE,
+    POLICY_FILE,
+    OnnxCrossEncoder,
+    packaged_verifier_dir,
+)
 from routecache.cache.embedder import HashEmbedder, MiniLMEmbedder
 from routecache.cache.embedding_worker import BatchPolicy, EmbeddingWorker
 from routecache.cache.faiss_index import IndexPolicy, ScopedFaissIndex
+from routecache.cache.hit_policy import CosinePolicy, HitPolicy, PolicyCalibration, VerifiedPolicy
 from routecache.cache.memory_store import InMemoryEntryStore
 from routecache.cache.onnx_embedder import OnnxMiniLMEmbedder
 from routecache.cache.ports import Embedder, EntryStore, VectorIndex
@@ -71,6 +78,7 @@ class Overrides:
     events: EventSink | None = None
     clock: Callable[[], float] = field(default=time.time)
     telemetry: Telemetry | None = None
+    hit_policy: HitPolicy | None = None
 
 
 @dataclass
@@ -123,6 +131,22 @@ def build_embedder(settings: Settings) -> Embedder:
     if settings.cache.embedder == "minilm":
         return MiniLMEmbedder()
     return OnnxMiniLMEmbedder(onnx_dir=settings.cache.onnx_dir)
+
+
+def build_hit_policy(settings: Settings, embedder_name: str | None = None) -> HitPolicy:
+    """The verifier where it applies, else the cosine threshold.
+
+    The verifier's cosine floor and features were calibrated on all-MiniLM-L6-v2's similarities,
+    so `auto` turns it on only when that is the embedder in use.
+    """
+    mode = settings.cache.verifier
+    name = embedder_name if embedder_name is not None else settings.cache.embedder
+    if mode == "off" or (mode == "auto" and not name.lower().startswith(("all-minilm", "minilm"))):
+        return CosinePolicy()
+    directory = settings.cache.verifier_dir or packaged_verifier_dir()
+    calibration = PolicyCalibration.load(directory / POLICY_FILE)
+    scorer = OnnxCrossEncoder(directory / GRAPH_FILE, symmetric=calibration.symmetric)
+    return VerifiedPolicy(calibration, scorer)
 
 
 def build_vector_index(settings: Settings, dimension: int) -> ScopedFaissIndex:
@@ -346,6 +370,7 @@ def build_service(settings: Settings, overrides: Overrides | None = None) -> Ser
                 clock,
                 distrust=Distrust(settings.cache.feedback_radius, settings.cache.feedback_penalty),
                 stale_grace_seconds=settings.upstream.stale_grace_seconds,
+                policy=parts.hit_policy or build_hit_policy(settings, embedder.name),
             ),
             embeddings=embeddings,
             classifier=classifier,

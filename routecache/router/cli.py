@@ -149,7 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     from routecache.replay.config import add_cli_arguments as replay_arguments
     from routecache.router import keys_cli
     from routecache.router.ask import add_cli_arguments as ask_arguments
-    from routecache.training import eval_router, retrain, train_classifier
+    from routecache.training import (
+        eval_cache,
+        eval_router,
+        retrain,
+        train_classifier,
+        train_verifier,
+    )
 
     parser = argparse.ArgumentParser(prog="routecache", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -192,6 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = verbs.add_parser("eval-router", help="APGR/CPT of the classifier on labelled data")
     eval_router.add_cli_arguments(evaluate)
     evaluate.set_defaults(run=eval_router.run)
+
+    evaluate_cache = verbs.add_parser(
+        "eval-cache", help="precision/recall/false-hit rate of the cache on labelled pairs"
+    )
+    eval_cache.add_cli_arguments(evaluate_cache)
+    evaluate_cache.set_defaults(run=eval_cache.run)
+
+    verifier = verbs.add_parser(
+        "train-verifier", help="train + export + calibrate the cache hit verifier (about 1 h)"
+    )
+    train_verifier.add_cli_arguments(verifier)
+    verifier.set_defaults(run=train_verifier.run)
 
     onnx = verbs.add_parser("export-onnx", help="export the packaged MiniLM to ONNX (once)")
     onnx.add_argument("--onnx-dir", type=Path, help="default: ~/.cache/routecache/onnx")

@@ -96,6 +96,7 @@ def completion_to_pb(done: Completion) -> pb.CompleteResponse:
             entry_id=done.cache.entry_id,
             entry_age_seconds=done.cache.entry_age_seconds,
             stale=done.cache.stale,
+            verifier_score=done.cache.verifier_score,
         ),
         usage=pb.Usage(
             prompt_tokens=done.usage.prompt_tokens,

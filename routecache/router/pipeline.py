@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from routecache.cache.embedding_worker import EmbeddingWorker
+from routecache.cache.hit_policy import HitRequirement
 from routecache.cache.ports import Vector
 from routecache.cache.scope import exact_key, scope_key
 from routecache.cache.semantic_cache import CacheHit, NewEntry, SemanticCache
@@ -284,9 +285,10 @@ class Pipeline:
         with _stage(latency, "embed_ms"):
             vector = await self._p.embeddings.embed(request.prompt)
         if read_cache:
-            threshold = tenant.similarity_threshold
             with _stage(latency, "search_ms"):
-                hit = await self._p.cache.lookup_semantic(scope, vector, threshold)
+                hit = await self._p.cache.lookup_semantic(
+                    scope, request.prompt, vector, _hit_requirement(tenant)
+                )
             if hit is not None:
                 return scope, self._from_cache(tenant, hit, latency), None
         return scope, None, vector
@@ -354,7 +356,7 @@ class Pipeline:
             raise Unavailable(f"{error}; no_cache is set, so no cached answer was tried") from error
         with _stage(latency, "search_ms"):
             hit = await self._p.cache.lookup_stale(
-                scope, request.prompt, vector, tenant.similarity_threshold
+                scope, request.prompt, vector, _hit_requirement(tenant)
             )
         if hit is None:
             raise Unavailable(f"{error}; no cached answer to fall back on") from error
@@ -421,7 +423,13 @@ class Pipeline:
             text=entry.answer,
             model=entry.model,
             tier=entry.tier,
-            cache=CacheInfo(hit.outcome, hit.similarity, entry.entry_id, hit.age_seconds),
+            cache=CacheInfo(
+                hit.outcome,
+                hit.similarity,
+                entry.entry_id,
+                hit.age_seconds,
+                verifier_score=hit.verifier_score,
+            ),
             usage=Usage(saved_usd=entry.cost_usd),
             validation=ValidationReport(),
             latency=latency,
@@ -475,6 +483,7 @@ class Pipeline:
                 "cache_outcome": done.cache.outcome.value,
                 "path": path_of(done).value,
                 "similarity": done.cache.similarity,
+                "verifier_score": done.cache.verifier_score,
                 "entry_id": done.cache.entry_id,
                 "model": done.model,
                 "tier": done.tier.value,
@@ -590,3 +599,7 @@ class _stage:
     def __exit__(self, *exc: object) -> None:
         elapsed = (time.perf_counter() - self._started) * 1000
         setattr(self._latency, self._field, getattr(self._latency, self._field) + elapsed)
+
+
+def _hit_requirement(tenant: Tenant) -> HitRequirement:
+    return HitRequirement(tenant.similarity_threshold, tenant.max_false_hit_rate)

@@ -173,7 +173,20 @@ class CacheSettings(_Section):
     )
     ivf_nprobe: int = Field(32, gt=0, description="IVF cells searched per lookup")
     faiss_threads: int = Field(1, gt=0, description="OpenMP threads for FAISS")
-    similarity_threshold: float = Field(0.9, gt=0, le=1)
+    similarity_threshold: float = Field(
+        0.9, gt=0, le=1, description="cosine threshold when no verifier runs (verifier=off)"
+    )
+    verifier: Literal["auto", "cross-encoder", "off"] = Field(
+        "auto",
+        description="re-check the nearest candidate with the cross-encoder; auto: on unless "
+        "the embedder is hash (its cosines mean nothing to the calibrated floor)",
+    )
+    verifier_dir: Path | None = Field(
+        None, description="graph + hit_policy.json to use; default: the ones in the package"
+    )
+    max_false_hit_rate: float = Field(
+        0.01, gt=0, lt=1, description="wrong cached answers accepted per lookup (verifier on)"
+    )
     default_ttl_seconds: int = Field(7 * 24 * 3600, gt=0)
     max_entries: int = Field(100_000, gt=0)
     feedback_radius: float = Field(
@@ -396,13 +409,13 @@ class TenantSettings(_OperatingTargets):
     models_allowed: list[str] | None = Field(
         None, description="models this tenant may use; a tier whose model is not listed is off"
     )
-    max_false_hit_rate: float = Field(
-        0.01, gt=0, lt=1, description="the false-hit budget of this tenant's cache"
-    )
     rate: TenantRateSettings = Field(default_factory=TenantRateSettings)
     budget: TenantBudgetSettings = Field(default_factory=TenantBudgetSettings)
     routing_threshold: float | None = Field(None, ge=-1, le=1)
     similarity_threshold: float | None = Field(None, gt=0, le=1)
+    max_false_hit_rate: float | None = Field(
+        None, gt=0, lt=1, description="the tenant's false-hit budget; default cache's"
+    )
     default_ttl_seconds: int | None = Field(None, gt=0)
     requests_per_second: float | None = Field(None, gt=0)
     daily_budget_usd: float | None = Field(None, ge=0)

@@ -52,5 +52,5 @@ def tenant_from_settings(t: TenantSettings, settings: Settings) -> Tenant:
             user_monthly_usd=budget.user_monthly_usd, policy=OverCapPolicy(budget.policy),
         ),
         allowed_tiers=allowed_tiers(t, settings),
-        max_false_hit_rate=t.max_false_hit_rate,
+        max_false_hit_rate=t.max_false_hit_rate or settings.cache.max_false_hit_rate,
     )  # fmt: skip

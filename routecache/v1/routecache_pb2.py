@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eroutecache/v1/routecache.proto\x12\rroutecache.v1\"A\n\x0b\x43hatMessage\x12!\n\x04role\x18\x01 \x01(\x0e\x32\x13.routecache.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"V\n\x0eResponseFormat\x12/\n\x04type\x18\x01 \x01(\x0e\x32!.routecache.v1.ResponseFormatType\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\"\xba\x01\n\x10GenerationParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x36\n\x0fresponse_format\x18\x03 \x01(\x0b\x32\x1d.routecache.v1.ResponseFormat\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x02\x88\x01\x01\x42\x0e\n\x0c_temperatureB\r\n\x0b_max_tokensB\x08\n\x06_top_p\"U\n\x0c\x43\x61\x63heControl\x12\x10\n\x08no_cache\x18\x01 \x01(\x08\x12\x10\n\x08no_store\x18\x02 \x01(\x08\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\x12\x0c\n\x04tags\x18\x04 \x03(\t\"\x9e\x01\n\x10RequestValidator\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07on_fail\x18\x03 \x01(\t\x12\x12\n\nmust_match\x18\x04 \x03(\t\x12\x16\n\x0emust_not_match\x18\x05 \x03(\t\x12\x11\n\tmin_chars\x18\x06 \x01(\r\x12\x11\n\tmax_chars\x18\x07 \x01(\r\x12\x0b\n\x03pii\x18\x08 \x03(\t\"9\n\x0eRoutingControl\x12\'\n\nforce_tier\x18\x01 \x01(\x0e\x32\x13.routecache.v1.Tier\"\x96\x02\n\x0f\x43ompleteRequest\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.routecache.v1.ChatMessage\x12/\n\x06params\x18\x02 \x01(\x0b\x32\x1f.routecache.v1.GenerationParams\x12*\n\x05\x63\x61\x63he\x18\x03 \x01(\x0b\x32\x1b.routecache.v1.CacheControl\x12.\n\x07routing\x18\x04 \x01(\x0b\x32\x1d.routecache.v1.RoutingControl\x12\x13\n\x0b\x65nd_user_id\x18\x05 \x01(\t\x12\x33\n\nvalidators\x18\x06 \x03(\x0b\x32\x1f.routecache.v1.RequestValidator\"\x89\x01\n\tCacheInfo\x12,\n\x07outcome\x18\x01 \x01(\x0e\x32\x1b.routecache.v1.CacheOutcome\x12\x12\n\nsimilarity\x18\x02 \x01(\x02\x12\x10\n\x08\x65ntry_id\x18\x03 \x01(\t\x12\x19\n\x11\x65ntry_age_seconds\x18\x04 \x01(\x01\x12\r\n\x05stale\x18\x05 \x01(\x08\"^\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x10\n\x08\x63ost_usd\x18\x03 \x01(\x01\x12\x11\n\tsaved_usd\x18\x04 \x01(\x01\"_\n\x0fValidatorResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06passed\x18\x02 \x01(\x08\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x05 \x01(\t\"f\n\x10ValidationReport\x12\x0e\n\x06passed\x18\x01 \x01(\x08\x12/\n\x07results\x18\x02 \x03(\x0b\x32\x1e.routecache.v1.ValidatorResult\x12\x11\n\tescalated\x18\x03 \x01(\x08\"\xac\x01\n\x10LatencyBreakdown\x12\x10\n\x08total_ms\x18\x01 \x01(\x01\x12\x10\n\x08\x65xact_ms\x18\x02 \x01(\x01\x12\x10\n\x08\x65mbed_ms\x18\x03 \x01(\x01\x12\x11\n\tsearch_ms\x18\x04 \x01(\x01\x12\x13\n\x0b\x63lassify_ms\x18\x05 \x01(\x01\x12\x13\n\x0bupstream_ms\x18\x06 \x01(\x01\x12\x13\n\x0bvalidate_ms\x18\x07 \x01(\x01\x12\x10\n\x08store_ms\x18\x08 \x01(\x01\"\xe0\x02\n\x10\x43ompleteResponse\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12!\n\x04tier\x18\x04 \x01(\x0e\x32\x13.routecache.v1.Tier\x12\'\n\x05\x63\x61\x63he\x18\x05 \x01(\x0b\x32\x18.routecache.v1.CacheInfo\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.routecache.v1.Usage\x12\x33\n\nvalidation\x18\x07 \x01(\x0b\x32\x1f.routecache.v1.ValidationReport\x12\x30\n\x07latency\x18\x08 \x01(\x0b\x32\x1f.routecache.v1.LatencyBreakdown\x12\x1a\n\x12\x63lassifier_version\x18\t \x01(\t\x12\x17\n\ndifficulty\x18\n \x01(\x02H\x00\x88\x01\x01\x42\r\n\x0b_difficulty\"d\n\x16\x43ompleteStreamResponse\x12\x0f\n\x05\x64\x65lta\x18\x01 \x01(\tH\x00\x12\x30\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1f.routecache.v1.CompleteResponseH\x00\x42\x07\n\x05\x65vent\"r\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12%\n\x06rating\x18\x02 \x01(\x0e\x32\x15.routecache.v1.Rating\x12\x12\n\ncorrection\x18\x03 \x01(\t\x12\x0f\n\x07\x63omment\x18\x04 \x01(\t\"B\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x08\x12\x1c\n\x14invalidated_entry_id\x18\x02 \x01(\t\"O\n\x11InvalidateRequest\x12\x12\n\x08\x65ntry_id\x18\x01 \x01(\tH\x00\x12\r\n\x03tag\x18\x02 \x01(\tH\x00\x12\r\n\x03\x61ll\x18\x03 \x01(\x08H\x00\x42\x08\n\x06target\"%\n\x12InvalidateResponse\x12\x0f\n\x07removed\x18\x01 \x01(\r\" \n\x0fGetStatsRequest\x12\r\n\x05top_n\x18\x01 \x01(\r\"\\\n\x08TopEntry\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04hits\x18\x04 \x01(\x04\x12\x11\n\tsaved_usd\x18\x05 \x01(\x01\"\xf4\x02\n\x10GetStatsResponse\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12\x12\n\nexact_hits\x18\x03 \x01(\x04\x12\x15\n\rsemantic_hits\x18\x04 \x01(\x04\x12\x0e\n\x06misses\x18\x05 \x01(\x04\x12\x13\n\x0b\x63heap_calls\x18\x06 \x01(\x04\x12\x14\n\x0cstrong_calls\x18\x07 \x01(\x04\x12\x13\n\x0b\x65scalations\x18\x08 \x01(\x04\x12\x1b\n\x13validation_failures\x18\t \x01(\x04\x12\x10\n\x08\x63ost_usd\x18\n \x01(\x01\x12\x11\n\tsaved_usd\x18\x0b \x01(\x01\x12\x0f\n\x07\x65ntries\x18\x0c \x01(\x04\x12\x1a\n\x12\x63lassifier_version\x18\r \x01(\t\x12\x11\n\tthumbs_up\x18\x0e \x01(\x04\x12\x13\n\x0bthumbs_down\x18\x0f \x01(\x04\x12,\n\x0btop_entries\x18\x10 \x03(\x0b\x32\x17.routecache.v1.TopEntry*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*=\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0e\n\nTIER_CHEAP\x10\x01\x12\x0f\n\x0bTIER_STRONG\x10\x02*z\n\x0c\x43\x61\x63heOutcome\x12\x1d\n\x19\x43\x41\x43HE_OUTCOME_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41\x43HE_OUTCOME_MISS\x10\x01\x12\x17\n\x13\x43\x41\x43HE_OUTCOME_EXACT\x10\x02\x12\x1a\n\x16\x43\x41\x43HE_OUTCOME_SEMANTIC\x10\x03*\xa5\x01\n\x12ResponseFormatType\x12$\n RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x01\x12$\n RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x02\x12$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03*@\n\x06Rating\x12\x16\n\x12RATING_UNSPECIFIED\x10\x00\x12\r\n\tRATING_UP\x10\x01\x12\x0f\n\x0bRATING_DOWN\x10\x02\x32\xa1\x03\n\nRouteCache\x12K\n\x08\x43omplete\x12\x1e.routecache.v1.CompleteRequest\x1a\x1f.routecache.v1.CompleteResponse\x12Y\n\x0e\x43ompleteStream\x12\x1e.routecache.v1.CompleteRequest\x1a%.routecache.v1.CompleteStreamResponse0\x01\x12K\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1e.routecache.v1.FeedbackRequest\x1a\x1f.routecache.v1.FeedbackResponse\x12Q\n\nInvalidate\x12 .routecache.v1.InvalidateRequest\x1a!.routecache.v1.InvalidateResponse\x12K\n\x08GetStats\x12\x1e.routecache.v1.GetStatsRequest\x1a\x1f.routecache.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eroutecache/v1/routecache.proto\x12\rroutecache.v1\"A\n\x0b\x43hatMessage\x12!\n\x04role\x18\x01 \x01(\x0e\x32\x13.routecache.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"V\n\x0eResponseFormat\x12/\n\x04type\x18\x01 \x01(\x0e\x32!.routecache.v1.ResponseFormatType\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\"\xba\x01\n\x10GenerationParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x36\n\x0fresponse_format\x18\x03 \x01(\x0b\x32\x1d.routecache.v1.ResponseFormat\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x02\x88\x01\x01\x42\x0e\n\x0c_temperatureB\r\n\x0b_max_tokensB\x08\n\x06_top_p\"U\n\x0c\x43\x61\x63heControl\x12\x10\n\x08no_cache\x18\x01 \x01(\x08\x12\x10\n\x08no_store\x18\x02 \x01(\x08\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\x12\x0c\n\x04tags\x18\x04 \x03(\t\"\x9e\x01\n\x10RequestValidator\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07on_fail\x18\x03 \x01(\t\x12\x12\n\nmust_match\x18\x04 \x03(\t\x12\x16\n\x0emust_not_match\x18\x05 \x03(\t\x12\x11\n\tmin_chars\x18\x06 \x01(\r\x12\x11\n\tmax_chars\x18\x07 \x01(\r\x12\x0b\n\x03pii\x18\x08 \x03(\t\"9\n\x0eRoutingControl\x12\'\n\nforce_tier\x18\x01 \x01(\x0e\x32\x13.routecache.v1.Tier\"\x96\x02\n\x0f\x43ompleteRequest\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.routecache.v1.ChatMessage\x12/\n\x06params\x18\x02 \x01(\x0b\x32\x1f.routecache.v1.GenerationParams\x12*\n\x05\x63\x61\x63he\x18\x03 \x01(\x0b\x32\x1b.routecache.v1.CacheControl\x12.\n\x07routing\x18\x04 \x01(\x0b\x32\x1d.routecache.v1.RoutingControl\x12\x13\n\x0b\x65nd_user_id\x18\x05 \x01(\t\x12\x33\n\nvalidators\x18\x06 \x03(\x0b\x32\x1f.routecache.v1.RequestValidator\"\xb9\x01\n\tCacheInfo\x12,\n\x07outcome\x18\x01 \x01(\x0e\x32\x1b.routecache.v1.CacheOutcome\x12\x12\n\nsimilarity\x18\x02 \x01(\x02\x12\x10\n\x08\x65ntry_id\x18\x03 \x01(\t\x12\x19\n\x11\x65ntry_age_seconds\x18\x04 \x01(\x01\x12\r\n\x05stale\x18\x05 \x01(\x08\x12\x1b\n\x0everifier_score\x18\x06 \x01(\x02H\x00\x88\x01\x01\x42\x11\n\x0f_verifier_score\"^\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x10\n\x08\x63ost_usd\x18\x03 \x01(\x01\x12\x11\n\tsaved_usd\x18\x04 \x01(\x01\"_\n\x0fValidatorResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06passed\x18\x02 \x01(\x08\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x05 \x01(\t\"f\n\x10ValidationReport\x12\x0e\n\x06passed\x18\x01 \x01(\x08\x12/\n\x07results\x18\x02 \x03(\x0b\x32\x1e.routecache.v1.ValidatorResult\x12\x11\n\tescalated\x18\x03 \x01(\x08\"\xac\x01\n\x10LatencyBreakdown\x12\x10\n\x08total_ms\x18\x01 \x01(\x01\x12\x10\n\x08\x65xact_ms\x18\x02 \x01(\x01\x12\x10\n\x08\x65mbed_ms\x18\x03 \x01(\x01\x12\x11\n\tsearch_ms\x18\x04 \x01(\x01\x12\x13\n\x0b\x63lassify_ms\x18\x05 \x01(\x01\x12\x13\n\x0bupstream_ms\x18\x06 \x01(\x01\x12\x13\n\x0bvalidate_ms\x18\x07 \x01(\x01\x12\x10\n\x08store_ms\x18\x08 \x01(\x01\"\xe0\x02\n\x10\x43ompleteResponse\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12!\n\x04tier\x18\x04 \x01(\x0e\x32\x13.routecache.v1.Tier\x12\'\n\x05\x63\x61\x63he\x18\x05 \x01(\x0b\x32\x18.routecache.v1.CacheInfo\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.routecache.v1.Usage\x12\x33\n\nvalidation\x18\x07 \x01(\x0b\x32\x1f.routecache.v1.ValidationReport\x12\x30\n\x07latency\x18\x08 \x01(\x0b\x32\x1f.routecache.v1.LatencyBreakdown\x12\x1a\n\x12\x63lassifier_version\x18\t \x01(\t\x12\x17\n\ndifficulty\x18\n \x01(\x02H\x00\x88\x01\x01\x42\r\n\x0b_difficulty\"d\n\x16\x43ompleteStreamResponse\x12\x0f\n\x05\x64\x65lta\x18\x01 \x01(\tH\x00\x12\x30\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1f.routecache.v1.CompleteResponseH\x00\x42\x07\n\x05\x65vent\"r\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12%\n\x06rating\x18\x02 \x01(\x0e\x32\x15.routecache.v1.Rating\x12\x12\n\ncorrection\x18\x03 \x01(\t\x12\x0f\n\x07\x63omment\x18\x04 \x01(\t\"B\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x08\x12\x1c\n\x14invalidated_entry_id\x18\x02 \x01(\t\"O\n\x11InvalidateRequest\x12\x12\n\x08\x65ntry_id\x18\x01 \x01(\tH\x00\x12\r\n\x03tag\x18\x02 \x01(\tH\x00\x12\r\n\x03\x61ll\x18\x03 \x01(\x08H\x00\x42\x08\n\x06target\"%\n\x12InvalidateResponse\x12\x0f\n\x07removed\x18\x01 \x01(\r\" \n\x0fGetStatsRequest\x12\r\n\x05top_n\x18\x01 \x01(\r\"\\\n\x08TopEntry\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04hits\x18\x04 \x01(\x04\x12\x11\n\tsaved_usd\x18\x05 \x01(\x01\"\xf4\x02\n\x10GetStatsResponse\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12\x12\n\nexact_hits\x18\x03 \x01(\x04\x12\x15\n\rsemantic_hits\x18\x04 \x01(\x04\x12\x0e\n\x06misses\x18\x05 \x01(\x04\x12\x13\n\x0b\x63heap_calls\x18\x06 \x01(\x04\x12\x14\n\x0cstrong_calls\x18\x07 \x01(\x04\x12\x13\n\x0b\x65scalations\x18\x08 \x01(\x04\x12\x1b\n\x13validation_failures\x18\t \x01(\x04\x12\x10\n\x08\x63ost_usd\x18\n \x01(\x01\x12\x11\n\tsaved_usd\x18\x0b \x01(\x01\x12\x0f\n\x07\x65ntries\x18\x0c \x01(\x04\x12\x1a\n\x12\x63lassifier_version\x18\r \x01(\t\x12\x11\n\tthumbs_up\x18\x0e \x01(\x04\x12\x13\n\x0bthumbs_down\x18\x0f \x01(\x04\x12,\n\x0btop_entries\x18\x10 \x03(\x0b\x32\x17.routecache.v1.TopEntry*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*=\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0e\n\nTIER_CHEAP\x10\x01\x12\x0f\n\x0bTIER_STRONG\x10\x02*z\n\x0c\x43\x61\x63heOutcome\x12\x1d\n\x19\x43\x41\x43HE_OUTCOME_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41\x43HE_OUTCOME_MISS\x10\x01\x12\x17\n\x13\x43\x41\x43HE_OUTCOME_EXACT\x10\x02\x12\x1a\n\x16\x43\x41\x43HE_OUTCOME_SEMANTIC\x10\x03*\xa5\x01\n\x12ResponseFormatType\x12$\n RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x01\x12$\n RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x02\x12$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03*@\n\x06Rating\x12\x16\n\x12RATING_UNSPECIFIED\x10\x00\x12\r\n\tRATING_UP\x10\x01\x12\x0f\n\x0bRATING_DOWN\x10\x02\x32\xa1\x03\n\nRouteCache\x12K\n\x08\x43omplete\x12\x1e.routecache.v1.CompleteRequest\x1a\x1f.routecache.v1.CompleteResponse\x12Y\n\x0e\x43ompleteStream\x12\x1e.routecache.v1.CompleteRequest\x1a%.routecache.v1.CompleteStreamResponse0\x01\x12K\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1e.routecache.v1.FeedbackRequest\x1a\x1f.routecache.v1.FeedbackResponse\x12Q\n\nInvalidate\x12 .routecache.v1.InvalidateRequest\x1a!.routecache.v1.InvalidateResponse\x12K\n\x08GetStats\x12\x1e.routecache.v1.GetStatsRequest\x1a\x1f.routecache.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'routecache.v1.routecache_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=2857
-  _globals['_ROLE']._serialized_end=2937
-  _globals['_TIER']._serialized_start=2939
-  _globals['_TIER']._serialized_end=3000
-  _globals['_CACHEOUTCOME']._serialized_start=3002
-  _globals['_CACHEOUTCOME']._serialized_end=3124
-  _globals['_RESPONSEFORMATTYPE']._serialized_start=3127
-  _globals['_RESPONSEFORMATTYPE']._serialized_end=3292
-  _globals['_RATING']._serialized_start=3294
-  _globals['_RATING']._serialized_end=3358
+  _globals['_ROLE']._serialized_start=2905
+  _globals['_ROLE']._serialized_end=2985
+  _globals['_TIER']._serialized_start=2987
+  _globals['_TIER']._serialized_end=3048
+  _globals['_CACHEOUTCOME']._serialized_start=3050
+  _globals['_CACHEOUTCOME']._serialized_end=3172
+  _globals['_RESPONSEFORMATTYPE']._serialized_start=3175
+  _globals['_RESPONSEFORMATTYPE']._serialized_end=3340
+  _globals['_RATING']._serialized_start=3342
+  _globals['_RATING']._serialized_end=3406
   _globals['_CHATMESSAGE']._serialized_start=49
   _globals['_CHATMESSAGE']._serialized_end=114
   _globals['_RESPONSEFORMAT']._serialized_start=116
@@ -56,33 +56,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPLETEREQUEST']._serialized_start=701
   _globals['_COMPLETEREQUEST']._serialized_end=979
   _globals['_CACHEINFO']._serialized_start=982
-  _globals['_CACHEINFO']._serialized_end=1119
-  _globals['_USAGE']._serialized_start=1121
-  _globals['_USAGE']._serialized_end=1215
-  _globals['_VALIDATORRESULT']._serialized_start=1217
-  _globals['_VALIDATORRESULT']._serialized_end=1312
-  _globals['_VALIDATIONREPORT']._serialized_start=1314
-  _globals['_VALIDATIONREPORT']._serialized_end=1416
-  _globals['_LATENCYBREAKDOWN']._serialized_start=1419
-  _globals['_LATENCYBREAKDOWN']._serialized_end=1591
-  _globals['_COMPLETERESPONSE']._serialized_start=1594
-  _globals['_COMPLETERESPONSE']._serialized_end=1946
-  _globals['_COMPLETESTREAMRESPONSE']._serialized_start=1948
-  _globals['_COMPLETESTREAMRESPONSE']._serialized_end=2048
-  _globals['_FEEDBACKREQUEST']._serialized_start=2050
-  _globals['_FEEDBACKREQUEST']._serialized_end=2164
-  _globals['_FEEDBACKRESPONSE']._serialized_start=2166
-  _globals['_FEEDBACKRESPONSE']._serialized_end=2232
-  _globals['_INVALIDATEREQUEST']._serialized_start=2234
-  _globals['_INVALIDATEREQUEST']._serialized_end=2313
-  _globals['_INVALIDATERESPONSE']._serialized_start=2315
-  _globals['_INVALIDATERESPONSE']._serialized_end=2352
-  _globals['_GETSTATSREQUEST']._serialized_start=2354
-  _globals['_GETSTATSREQUEST']._serialized_end=2386
-  _globals['_TOPENTRY']._serialized_start=2388
-  _globals['_TOPENTRY']._serialized_end=2480
-  _globals['_GETSTATSRESPONSE']._serialized_start=2483
-  _globals['_GETSTATSRESPONSE']._serialized_end=2855
-  _globals['_ROUTECACHE']._serialized_start=3361
-  _globals['_ROUTECACHE']._serialized_end=3778
+  _globals['_CACHEINFO']._serialized_end=1167
+  _globals['_USAGE']._serialized_start=1169
+  _globals['_USAGE']._serialized_end=1263
+  _globals['_VALIDATORRESULT']._serialized_start=1265
+  _globals['_VALIDATORRESULT']._serialized_end=1360
+  _globals['_VALIDATIONREPORT']._serialized_start=1362
+  _globals['_VALIDATIONREPORT']._serialized_end=1464
+  _globals['_LATENCYBREAKDOWN']._serialized_start=1467
+  _globals['_LATENCYBREAKDOWN']._serialized_end=1639
+  _globals['_COMPLETERESPONSE']._serialized_start=1642
+  _globals['_COMPLETERESPONSE']._serialized_end=1994
+  _globals['_COMPLETESTREAMRESPONSE']._serialized_start=1996
+  _globals['_COMPLETESTREAMRESPONSE']._serialized_end=2096
+  _globals['_FEEDBACKREQUEST']._serialized_start=2098
+  _globals['_FEEDBACKREQUEST']._serialized_end=2212
+  _globals['_FEEDBACKRESPONSE']._serialized_start=2214
+  _globals['_FEEDBACKRESPONSE']._serialized_end=2280
+  _globals['_INVALIDATEREQUEST']._serialized_start=2282
+  _globals['_INVALIDATEREQUEST']._serialized_end=2361
+  _globals['_INVALIDATERESPONSE']._serialized_start=2363
+  _globals['_INVALIDATERESPONSE']._serialized_end=2400
+  _globals['_GETSTATSREQUEST']._serialized_start=2402
+  _globals['_GETSTATSREQUEST']._serialized_end=2434
+  _globals['_TOPENTRY']._serialized_start=2436
+  _globals['_TOPENTRY']._serialized_end=2528
+  _globals['_GETSTATSRESPONSE']._serialized_start=2531
+  _globals['_GETSTATSRESPONSE']._serialized_end=2903
+  _globals['_ROUTECACHE']._serialized_start=3409
+  _globals['_ROUTECACHE']._serialized_end=3826
 # @@protoc_insertion_point(module_scope)

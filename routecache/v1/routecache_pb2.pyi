@@ -141,18 +141,20 @@ class CompleteRequest(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ..., cache: _Optional[_Union[CacheControl, _Mapping]] = ..., routing: _Optional[_Union[RoutingControl, _Mapping]] = ..., end_user_id: _Optional[str] = ..., validators: _Optional[_Iterable[_Union[RequestValidator, _Mapping]]] = ...) -> None: ...
 
 class CacheInfo(_message.Message):
-    __slots__ = ("outcome", "similarity", "entry_id", "entry_age_seconds", "stale")
+    __slots__ = ("outcome", "similarity", "entry_id", "entry_age_seconds", "stale", "verifier_score")
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
     ENTRY_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STALE_FIELD_NUMBER: _ClassVar[int]
+    VERIFIER_SCORE_FIELD_NUMBER: _ClassVar[int]
     outcome: CacheOutcome
     similarity: float
     entry_id: str
     entry_age_seconds: float
     stale: bool
-    def __init__(self, outcome: _Optional[_Union[CacheOutcome, str]] = ..., similarity: _Optional[float] = ..., entry_id: _Optional[str] = ..., entry_age_seconds: _Optional[float] = ..., stale: _Optional[bool] = ...) -> None: ...
+    verifier_score: float
+    def __init__(self, outcome: _Optional[_Union[CacheOutcome, str]] = ..., similarity: _Optional[float] = ..., entry_id: _Optional[str] = ..., entry_age_seconds: _Optional[float] = ..., stale: _Optional[bool] = ..., verifier_score: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "cost_usd", "saved_usd")

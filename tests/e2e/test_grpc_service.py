@@ -29,6 +29,8 @@ async def test_answer_then_exact_then_semantic_hit_then_other_tenant_miss(stack:
         assert reworded.cache.outcome == pb.CACHE_OUTCOME_SEMANTIC
         assert 0.9 <= reworded.cache.similarity < 1.0
         assert reworded.cache.entry_id == first.cache.entry_id
+        assert reworded.cache.HasField("verifier_score") and reworded.cache.verifier_score > 0.5
+        assert not again.cache.HasField("verifier_score")  # exact hits need no verifier
 
         other = await globex.complete(chat_request(PROMPT))
         assert other.cache.outcome == pb.CACHE_OUTCOME_MISS
@@ -90,3 +92,25 @@ async def test_health_feedback_invalidate_and_stats(stack: Stack) -> None:
         assert await client.invalidate(tag="produce") == 1
         stats = await client.stats()
     assert stats.tenant == "globex" and stats.exact_hits >= 1 and stats.requests >= 3
+
+
+async def test_the_verifier_refuses_a_close_question_that_asks_something_else(stack: Stack) -> None:
+    stored = "What is the boiling point of water at sea level in Celsius?"
+    other = "What is the boiling point of water at sea level in Fahrenheit?"
+    async with stack.client() as client:
+        await client.complete(chat_request(stored))
+        near_miss = await client.complete(chat_request(other))
+    assert near_miss.cache.outcome == pb.CACHE_OUTCOME_MISS
+
+
+async def test_repeats_under_different_earlier_turns_do_not_hit_each_other(stack: Stack) -> None:
+    follow_up = "And what is its population?"
+    france = [("user", "What is the capital of France?"), ("assistant", "Paris.")]
+    japan = [("user", "What is the capital of Japan?"), ("assistant", "Tokyo.")]
+    async with stack.client() as client:
+        first = await client.complete(chat_request(follow_up, history=france))
+        other_conversation = await client.complete(chat_request(follow_up, history=japan))
+        same_conversation = await client.complete(chat_request(follow_up, history=france))
+    assert first.cache.outcome == pb.CACHE_OUTCOME_MISS
+    assert other_conversation.cache.outcome == pb.CACHE_OUTCOME_MISS
+    assert same_conversation.cache.outcome == pb.CACHE_OUTCOME_EXACT

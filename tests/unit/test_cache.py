@@ -3,6 +3,7 @@ import pytest
 
 from routecache.cache.embedder import HashEmbedder
 from routecache.cache.faiss_index import ScopedFaissIndex
+from routecache.cache.hit_policy import HitRequirement
 from routecache.cache.memory_store import InMemoryEntryStore
 from routecache.cache.ports import StoreUnavailable
 from routecache.cache.semantic_cache import NewEntry, SemanticCache
@@ -50,18 +51,20 @@ async def test_exact_hit_after_store_and_miss_in_other_scope(cache: SemanticCach
 async def test_semantic_hit_respects_threshold_and_scope(cache: SemanticCache) -> None:
     await cache.store(new_entry("how do I reset my password today"))
     near = vec("how do I reset my password")
-    hit = await cache.lookup_semantic("acme:s1", near, threshold=0.5)
+    hit = await cache.lookup_semantic("acme:s1", "", near, HitRequirement(0.5))
     assert hit is not None and hit.outcome is CacheOutcome.SEMANTIC
     assert 0.5 <= hit.similarity < 1.0
-    assert await cache.lookup_semantic("acme:s1", near, threshold=0.999) is None
-    assert await cache.lookup_semantic("acme:other", near, threshold=0.1) is None
+    assert await cache.lookup_semantic("acme:s1", "", near, HitRequirement(0.999)) is None
+    assert await cache.lookup_semantic("acme:other", "", near, HitRequirement(0.1)) is None
 
 
 async def test_expired_entries_are_never_served(cache: SemanticCache, clock: ManualClock) -> None:
     await cache.store(new_entry("short lived", ttl=10))
     clock.advance(11)
     assert await cache.lookup_exact("acme:s1", "short lived") is None
-    assert await cache.lookup_semantic("acme:s1", vec("short lived"), 0.1) is None
+    assert (
+        await cache.lookup_semantic("acme:s1", "", vec("short lived"), HitRequirement(0.1)) is None
+    )
     assert await cache.entry_count("acme") == 0
 
 
@@ -74,7 +77,7 @@ async def test_bound_evicts_least_recently_used(cache: SemanticCache) -> None:
     assert await cache.entry_count("acme") == 3
     assert await cache.lookup_exact("acme:s1", "two") is None
     assert (await cache.lookup_exact("acme:s1", "one")).entry.entry_id == first.entry_id  # type: ignore[union-attr]
-    assert await cache.lookup_semantic("acme:s1", vec("two"), 0.99) is None
+    assert await cache.lookup_semantic("acme:s1", "", vec("two"), HitRequirement(0.99)) is None
 
 
 async def test_invalidation_by_id_tag_and_tenant_never_crosses_tenants(
@@ -86,7 +89,7 @@ async def test_invalidation_by_id_tag_and_tenant_never_crosses_tenants(
     assert await cache.invalidate_ids("globex", [a.entry_id]) == 0
     assert await cache.invalidate_tag("acme", "docs") == 2
     assert await cache.lookup_exact("acme:s1", "alpha") is None
-    assert await cache.lookup_semantic("acme:s1", vec("alpha"), 0.5) is None
+    assert await cache.lookup_semantic("acme:s1", "", vec("alpha"), HitRequirement(0.5)) is None
     assert await cache.get("globex", b.entry_id) is not None
     assert await cache.invalidate_tenant("globex") == 1
 
@@ -95,7 +98,7 @@ async def test_restoring_the_same_prompt_replaces_the_old_entry(cache: SemanticC
     old = await cache.store(new_entry("same"))
     new = await cache.store(new_entry("same"))
     assert await cache.entry_count("acme") == 1
-    hit = await cache.lookup_semantic("acme:s1", vec("same"), 0.9)
+    hit = await cache.lookup_semantic("acme:s1", "", vec("same"), HitRequirement(0.9))
     assert hit is not None and hit.entry.entry_id == new.entry_id != old.entry_id
 
 
@@ -147,7 +150,12 @@ async def test_an_unavailable_store_is_bypassed_but_invalidation_fails_loudly(
     assert kept is not None
     store.down = True
     assert await cache.lookup_exact("acme:s1", "how do I reset my password today") is None
-    assert await cache.lookup_semantic("acme:s1", vec("how do I reset my password"), 0.5) is None
+    assert (
+        await cache.lookup_semantic(
+            "acme:s1", "", vec("how do I reset my password"), HitRequirement(0.5)
+        )
+        is None
+    )
     assert await cache.store(new_entry("asked while down")) is None
     assert cache.bypassed == 3
     with pytest.raises(Unavailable):
@@ -167,12 +175,12 @@ async def test_stale_lookups_bypass_an_unavailable_store_and_feedback_and_stats_
     clock.now += 20  # expired, within the grace
     store.down = True
     prompt = "how do I reset my password today"
-    assert await cache.lookup_stale("acme:s1", prompt, vec(prompt), 0.5) is None
+    assert await cache.lookup_stale("acme:s1", prompt, vec(prompt), HitRequirement(0.5)) is None
     assert cache.bypassed == 1
     with pytest.raises(Unavailable, match="record feedback"):
         await cache.distrust("acme", kept.entry_id)
     with pytest.raises(Unavailable, match="read stats"):
         await cache.top_entries("acme", 3)
     store.down = False
-    stale = await cache.lookup_stale("acme:s1", prompt, vec(prompt), 0.5)
+    stale = await cache.lookup_stale("acme:s1", prompt, vec(prompt), HitRequirement(0.5))
     assert stale is not None and stale.entry.entry_id == kept.entry_id

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from routecache.cache.faiss_index import ScopedFaissIndex
+from routecache.cache.hit_policy import HitRequirement
 from routecache.cache.memory_store import InMemoryEntryStore
 from routecache.cache.ports import Vector
 from routecache.cache.semantic_cache import Distrust, NewEntry, SemanticCache
@@ -49,7 +50,7 @@ async def test_thumbs_down_raises_the_similarity_a_neighbour_needs(cache: Semant
     neighbour = await put(cache, "capital of Spain", at_angle(neighbour_angle))
     far = await put(cache, "boiling point", at_angle(1.2, axis=3))
     query = at_angle(neighbour_angle + math.acos(0.92))  # 0.92 similar to the neighbour
-    hit = await cache.lookup_semantic(SCOPE, query, threshold=0.9)
+    hit = await cache.lookup_semantic(SCOPE, "", query, HitRequirement(0.9))
     assert hit is not None and hit.entry.entry_id == neighbour
 
     assert await cache.distrust("acme", bad) == 1
@@ -57,9 +58,9 @@ async def test_thumbs_down_raises_the_similarity_a_neighbour_needs(cache: Semant
     assert cache.penalty_of(neighbour) == pytest.approx(0.05)
     assert cache.penalty_of(far) == 0.0
     # 0.92 no longer clears 0.9 + 0.05; a query as close as 0.96 still does.
-    assert await cache.lookup_semantic(SCOPE, query, threshold=0.9) is None
+    assert await cache.lookup_semantic(SCOPE, "", query, HitRequirement(0.9)) is None
     closer = at_angle(neighbour_angle + math.acos(0.96))
-    hit = await cache.lookup_semantic(SCOPE, closer, threshold=0.9)
+    hit = await cache.lookup_semantic(SCOPE, "", closer, HitRequirement(0.9))
     assert hit is not None and hit.entry.entry_id == neighbour
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from routecache.cache.hit_policy import HitRequirement
 from routecache.domain import CacheControl, CacheOutcome, ChatRequest, Message, Role
 from tests.unit.conftest import KEYS, make_harness
 
@@ -63,7 +64,7 @@ async def test_an_expired_entry_within_the_stale_grace_is_restored_for_stale_ans
         restored = await cache.get("acme", short.cache.entry_id)
         assert restored is not None
         assert await cache.lookup_exact(restored.scope, restored.prompt) is None
-        stale = await cache.lookup_stale(restored.scope, restored.prompt, None, 0.9)
+        stale = await cache.lookup_stale(restored.scope, restored.prompt, None, HitRequirement(0.9))
         assert stale is not None and stale.entry.entry_id == short.cache.entry_id
     finally:
         await second.service.aclose()

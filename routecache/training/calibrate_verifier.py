@@ -1,0 +1,163 @@
+"""Fit the hit rule on held-out labelled pairs so the operator's false-hit budget holds.
+
+1. Score each held-out pair: cosine of the embeddings, the shipped cross-encoder's logit, the
+   lexical features.
+2. A logistic model over those features gives a probability of "same question". Its scores for
+   choosing thresholds are out-of-fold (each pair scored by a model that never saw it, folds
+   grouped by cached question), so the thresholds are not fitted on the scores they are judged
+   on; the model that ships is then fitted on all held-out pairs.
+3. The cosine floor is the lowest similarity that still mattered: below it, the loosest budget
+   loses at most `floor_loss` of its correct hits, and lookups there skip the verifier.
+4. For each budget, the lowest threshold whose false-hit rate, at an upper confidence bound
+   (Clopper-Pearson, one-sided), stays within the budget. The bound is the margin: an observed
+   rate just under the budget on a few thousand pairs is too likely to be over it on the next.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from routecache.cache.hit_policy import BudgetThreshold, PairScorer, PolicyCalibration
+from routecache.cache.pair_features import FEATURE_NAMES, pair_features
+from routecache.training.pair_data import LabelledPair
+
+BUDGETS = (0.0025, 0.005, 0.01, 0.02, 0.05, 0.1)
+
+Floats = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class ScoredPairs:
+    """Held-out pairs with everything the rule is fitted on."""
+
+    rows: Floats  # one feature row per pair, FEATURE_NAMES order
+    labels: npt.NDArray[np.bool_]
+    groups: npt.NDArray[np.int64]  # cached question id: folds never split one question
+
+    @property
+    def cosine(self) -> Floats:
+        return self.rows[:, FEATURE_NAMES.index("cosine")]
+
+
+def score_pairs(
+    pairs: Sequence[LabelledPair], cosines: Sequence[float], scorer: PairScorer, batch: int = 64
+) -> ScoredPairs:
+    texts = [(p.query, p.cached) for p in pairs]
+    logits = np.concatenate(
+        [scorer.logits(texts[i : i + batch]) for i in range(0, len(texts), batch)]
+    )
+    rows = np.array(
+        [
+            pair_features(q, c, float(logit), float(cos))
+            for (q, c), logit, cos in zip(texts, logits, cosines, strict=True)
+        ],
+        dtype=np.float64,
+    )
+    ids: dict[str, int] = {}
+    groups = np.array([ids.setdefault(p.cached, len(ids)) for p in pairs], dtype=np.int64)
+    return ScoredPairs(rows, np.array([p.duplicate for p in pairs]), groups)
+
+
+def _fit_logistic(rows: Floats, labels: npt.NDArray[np.bool_]) -> tuple[Floats, float]:
+    """Weights and bias on the raw features (standardisation folded in)."""
+    from sklearn.linear_model import LogisticRegression
+
+    mean, scale = rows.mean(axis=0), rows.std(axis=0) + 1e-9
+    model = LogisticRegression(C=1.0, max_iter=1000).fit((rows - mean) / scale, labels)
+    weights = model.coef_[0] / scale
+    bias = float(model.intercept_[0] - (weights * mean).sum())
+    return weights, bias
+
+
+def out_of_fold(scored: ScoredPairs, folds: int = 5) -> Floats:
+    from sklearn.model_selection import GroupKFold
+
+    out = np.zeros(len(scored.labels))
+    for fit, held in GroupKFold(n_splits=folds).split(scored.rows, groups=scored.groups):
+        weights, bias = _fit_logistic(scored.rows[fit], scored.labels[fit])
+        out[held] = 1.0 / (1.0 + np.exp(-(scored.rows[held] @ weights + bias)))
+    return out
+
+
+def false_hit_upper_bound(false_hits: int, lookups: int, confidence: float) -> float:
+    from scipy.stats import beta
+
+    if false_hits >= lookups:
+        return 1.0
+    return float(beta.ppf(confidence, false_hits + 1, lookups - false_hits))
+
+
+def threshold_for_budget(
+    scores: Floats, labels: npt.NDArray[np.bool_], budget: float, confidence: float
+) -> BudgetThreshold:
+    """The lowest threshold whose false-hit rate's upper bound is within the budget."""
+    order = np.argsort(-scores, kind="stable")
+    ranked, truth = scores[order], labels[order]
+    false_hits = np.cumsum(~truth)
+    n = len(scores)
+    threshold, recall = np.inf, 0.0  # no hits at all unless some threshold fits
+    for k in range(len(ranked)):
+        if k + 1 < len(ranked) and ranked[k + 1] == ranked[k]:
+            continue  # a threshold takes all pairs with equal scores or none of them
+        if np.isnan(ranked[k]):
+            break
+        if false_hit_upper_bound(int(false_hits[k]), n, confidence) > budget:
+            break
+        threshold = float(ranked[k])
+        recall = float(truth[: k + 1].sum() / max(1, labels.sum()))
+    return BudgetThreshold(budget, threshold, recall)
+
+
+def cosine_floor(
+    cosine: Floats, labels: npt.NDArray[np.bool_], accepted: npt.NDArray[np.bool_], loss: float
+) -> float:
+    """The highest floor that drops at most `loss` of the correct hits `accepted` made."""
+    kept = np.sort(cosine[accepted & labels])
+    if len(kept) == 0:
+        return 1.0
+    return float(kept[int(np.floor(loss * len(kept)))])
+
+
+def calibrate(
+    scored: ScoredPairs,
+    budgets: Sequence[float] = BUDGETS,
+    confidence: float = 0.9,
+    floor_loss: float = 0.005,
+    metadata: dict[str, object] | None = None,
+) -> PolicyCalibration:
+    oof = out_of_fold(scored)
+    loosest = threshold_for_budget(oof, scored.labels, max(budgets), confidence)
+    floor = cosine_floor(scored.cosine, scored.labels, oof >= loosest.threshold, floor_loss)
+    gated = np.where(scored.cosine >= floor, oof, np.nan)
+    thresholds = tuple(
+        threshold_for_budget(gated, scored.labels, b, confidence) for b in sorted(budgets)
+    )
+    weights, bias = _fit_logistic(scored.rows, scored.labels)
+    return PolicyCalibration(
+        cosine_floor=floor,
+        weights=tuple(float(w) for w in weights),
+        bias=bias,
+        thresholds=thresholds,
+        metadata={
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "calibration_pairs": len(scored.labels),
+            "confidence": confidence,
+            "floor_loss": floor_loss,
+            **(metadata or {}),
+        },
+    )
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as data:
+        for block in iter(lambda: data.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,51 @@
+"""Trained cross-encoder weights → the ONNX graph the service runs (fp32, then dynamic int8).
+
+Dynamic int8 quantisation stores the weights as bytes and quantises activations on the fly: a
+quarter of the file size and a faster pass on a CPU, with the decision rule calibrated on the
+int8 graph itself so its thresholds describe exactly what ships.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+from routecache.cache.cross_encoder import INPUTS, OUTPUT
+from routecache.cache.onnx_embedder import export_transformer
+from routecache.training.cross_encoder import build_module
+
+
+def export_cross_encoder(weights: Path, model_dir: Path, out_path: Path, int8: bool = True) -> Path:
+    import torch
+    from transformers import AutoTokenizer
+
+    module = build_module(model_dir)
+    module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    module.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    sample = tokenizer(
+        ["how do I learn python", "what is 2+2"], ["learning python?", "2 + 2 ="], padding=True
+    )
+    args = tuple(torch.tensor(sample[name]) for name in INPUTS)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as scratch:
+        fp32 = Path(scratch) / "cross_encoder.fp32.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_transformer(module, args, fp32, OUTPUT)
+        if int8:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantised = Path(scratch) / "cross_encoder.int8.onnx"
+            # The quantiser logs a line per tensor it leaves in float on the root logger.
+            logging.disable(logging.INFO)
+            try:
+                quantize_dynamic(str(fp32), str(quantised), weight_type=QuantType.QInt8)
+            finally:
+                logging.disable(logging.NOTSET)
+            quantised.replace(out_path)
+        else:
+            fp32.replace(out_path)
+    return out_path

@@ -1,0 +1,71 @@
+"""Labelled question pairs (the shared qqp_*.jsonl format) and the split the verifier trains on.
+
+The cross-encoder and the decision rule on top of it must not see the same pairs: the rule's
+threshold is what keeps the false-hit budget, and a threshold fitted on pairs the encoder was
+trained on would trust it far too much. Pairs are split by a hash of the cached question, as the
+shared data itself is, so one question never sits on both sides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class LabelledPair:
+    query: str
+    cached: str
+    duplicate: bool
+
+
+class PairDataError(ValueError):
+    """A pairs file that does not follow the documented format."""
+
+
+def load_pairs(path: Path, limit: int | None = None) -> list[LabelledPair]:
+    pairs: list[LabelledPair] = []
+    with Path(path).open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            pairs.append(_parse(line, path, number))
+            if limit is not None and len(pairs) >= limit:
+                break
+    if not pairs:
+        raise PairDataError(f"{path}: no pairs")
+    return pairs
+
+
+def _parse(line: str, path: Path, number: int) -> LabelledPair:
+    try:
+        row = json.loads(line)
+        query, cached, duplicate = row["query"], row["cached"], row["duplicate"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise PairDataError(f"{path}:{number}: expected query, cached, duplicate ({exc})") from exc
+    if not isinstance(query, str) or not isinstance(cached, str) or not isinstance(duplicate, bool):
+        raise PairDataError(f"{path}:{number}: query/cached must be strings, duplicate a bool")
+    return LabelledPair(query, cached, duplicate)
+
+
+def in_holdout(pair: LabelledPair, holdout_fraction: float) -> bool:
+    digest = hashlib.sha256(pair.cached.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < holdout_fraction
+
+
+def split_pairs(
+    pairs: Iterable[LabelledPair], holdout_fraction: float
+) -> tuple[list[LabelledPair], list[LabelledPair]]:
+    """(fit, holdout): the encoder learns on `fit`; the decision rule is calibrated on `holdout`."""
+    fit: list[LabelledPair] = []
+    holdout: list[LabelledPair] = []
+    for pair in pairs:
+        (holdout if in_holdout(pair, holdout_fraction) else fit).append(pair)
+    return fit, holdout
+
+
+def duplicate_share(pairs: Sequence[LabelledPair]) -> float:
+    return sum(p.duplicate for p in pairs) / len(pairs) if pairs else 0.0

@@ -1,0 +1,139 @@
+"""The semantic tier's decision rule: cosine floor, verifier, calibrated thresholds per budget."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from routecache.cache.embedder import HashEmbedder
+from routecache.cache.faiss_index import ScopedFaissIndex
+from routecache.cache.hit_policy import (
+    BudgetThreshold,
+    CosinePolicy,
+    HitRequirement,
+    PolicyCalibration,
+    VerifiedPolicy,
+)
+from routecache.cache.memory_store import InMemoryEntryStore
+from routecache.cache.pair_features import FEATURE_NAMES, lexical_features
+from routecache.cache.semantic_cache import NewEntry, SemanticCache
+from routecache.domain import CacheOutcome, Tier
+from tests.fakes import ManualClock
+
+
+class KeywordScorer:
+    """A fake cross-encoder: a high logit unless the pair differs in the word 'paris'."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def logits(self, pairs: Sequence[tuple[str, str]]) -> npt.NDArray[np.float32]:
+        self.calls.extend(pairs)
+        return np.array(
+            [-6.0 if ("paris" in q) != ("paris" in c) else 6.0 for q, c in pairs], dtype=np.float32
+        )
+
+
+def calibration(floor: float = 0.5) -> PolicyCalibration:
+    # The probability is the sigmoid of the cross-encoder logit alone.
+    weights = tuple(1.0 if name == "cross_encoder" else 0.0 for name in FEATURE_NAMES)
+    return PolicyCalibration(
+        cosine_floor=floor,
+        weights=weights,
+        bias=0.0,
+        thresholds=(BudgetThreshold(0.01, 0.9, 0.4), BudgetThreshold(0.05, 0.6, 0.7)),
+    )
+
+
+def test_threshold_is_that_of_the_largest_calibrated_budget_not_above_the_one_asked() -> None:
+    rule = calibration()
+    assert rule.threshold_for(0.01) == 0.9
+    assert rule.threshold_for(0.03) == 0.9
+    assert rule.threshold_for(0.05) == 0.6
+    assert rule.threshold_for(0.5) == 0.6
+    assert math.isinf(rule.threshold_for(0.005))  # nothing measured keeps it: no hits
+
+
+def test_calibration_round_trips_through_json_and_rejects_other_features() -> None:
+    rule = calibration()
+    again = PolicyCalibration.from_json(rule.to_json())
+    assert again == rule
+    broken = rule.to_json().replace('"cosine"', '"cosine_v2"')
+    with pytest.raises(ValueError, match="features"):
+        PolicyCalibration.from_json(broken)
+
+
+def test_pairs_under_the_floor_are_not_scored_and_never_hit() -> None:
+    scorer = KeywordScorer()
+    policy = VerifiedPolicy(calibration(floor=0.5), scorer)
+    pairs = [("weather in paris", "weather in paris today"), ("a", "b")]
+    scores = policy.scores(pairs, [0.9, 0.3])
+    assert scorer.calls == [pairs[0]]
+    assert scores[0] > 0.99 and math.isnan(scores[1])
+    verdicts = policy.decide(scores, [0.9, 0.3], HitRequirement(0.9, 0.01))
+    assert [v.accept for v in verdicts] == [True, False]
+    assert verdicts[1].verifier_score is None
+
+
+def test_the_verifier_refuses_a_close_neighbour_that_asks_something_else() -> None:
+    policy = VerifiedPolicy(calibration(), KeywordScorer())
+    scores = policy.scores([("weather in paris", "weather in london")], [0.95])
+    (verdict,) = policy.decide(scores, [0.95], HitRequirement(0.9, 0.05))
+    assert not verdict.accept and verdict.verifier_score is not None
+    assert verdict.verifier_score < 0.01
+
+
+async def test_cosine_policy_is_the_plain_threshold() -> None:
+    policy = CosinePolicy()
+    assert policy.floor(HitRequirement(0.85)) == 0.85
+    assert (await policy.judge("a", "b", 0.86, HitRequirement(0.85))).accept
+    assert not (await policy.judge("a", "b", 0.84, HitRequirement(0.85))).accept
+
+
+def test_lexical_features_see_numbers_negation_and_question_words() -> None:
+    jaccard, numbers, negation, question, _ = lexical_features(
+        "Why is 2016 a leap year?", "How is 2017 not a leap year?"
+    )
+    assert (numbers, negation, question) == (1.0, 1.0, 1.0)
+    assert 0 < jaccard < 1
+    same = lexical_features("How do I learn Python?", "how do i learn python")
+    assert same[:4] == (1.0, 0.0, 0.0, 0.0)
+
+
+def _entry(text: str, vector: npt.NDArray[np.float32]) -> NewEntry:
+    return NewEntry(
+        tenant="acme", scope="acme:s", prompt=text, answer=f"answer to {text}", model="m",
+        tier=Tier.CHEAP, embedding=vector, cost_usd=0.01, prompt_tokens=3,
+        completion_tokens=3, ttl_seconds=60,
+    )  # fmt: skip
+
+
+async def test_semantic_cache_serves_only_what_the_verifier_accepts() -> None:
+    embedder = HashEmbedder()
+    scorer = KeywordScorer()
+    cache = SemanticCache(
+        InMemoryEntryStore(100),
+        ScopedFaissIndex(embedder.dimension),
+        ManualClock(),
+        policy=VerifiedPolicy(calibration(floor=0.3), scorer),
+    )
+    stored = "what is the weather in london this week"
+    await cache.store(_entry(stored, embedder.encode([stored])[0]))
+    requirement = HitRequirement(0.9, 0.01)
+
+    other_city = "what is the weather in paris this week"
+    assert (
+        await cache.lookup_semantic(
+            "acme:s", other_city, embedder.encode([other_city])[0], requirement
+        )
+        is None
+    )
+    same = "what is the weather in london this week please"
+    hit = await cache.lookup_semantic("acme:s", same, embedder.encode([same])[0], requirement)
+    assert hit is not None and hit.outcome is CacheOutcome.SEMANTIC
+    assert hit.verifier_score is not None and hit.verifier_score > 0.9
+    assert scorer.calls == [(other_city, stored), (same, stored)]  # one pass per lookup
