@@ -46,13 +46,21 @@ class ScoredPairs:
         return self.rows[:, FEATURE_NAMES.index("cosine")]
 
 
-def score_pairs(
-    pairs: Sequence[LabelledPair], cosines: Sequence[float], scorer: PairScorer, batch: int = 64
-) -> ScoredPairs:
-    texts = [(p.query, p.cached) for p in pairs]
-    logits = np.concatenate(
-        [scorer.logits(texts[i : i + batch]) for i in range(0, len(texts), batch)]
+def pair_logits(
+    scorer: PairScorer, pairs: Sequence[tuple[str, str]], batch: int = 64
+) -> npt.NDArray[np.float32]:
+    if not pairs:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate(
+        [scorer.logits(pairs[i : i + batch]) for i in range(0, len(pairs), batch)]
     )
+
+
+def score_pairs(
+    pairs: Sequence[LabelledPair], cosines: Sequence[float], logits: Sequence[float]
+) -> ScoredPairs:
+    """Feature rows of labelled pairs, given each pair's cosine and cross-encoder logit."""
+    texts = [(p.query, p.cached) for p in pairs]
     rows = np.array(
         [
             pair_features(q, c, float(logit), float(cos))
@@ -128,9 +136,10 @@ def cosine_floor(
 def calibrate(
     scored: ScoredPairs,
     budgets: Sequence[float] = BUDGETS,
-    confidence: float = 0.9,
+    confidence: float = 0.99,
     floor_loss: float = 0.005,
     metadata: dict[str, object] | None = None,
+    symmetric: bool = True,
 ) -> PolicyCalibration:
     oof = out_of_fold(scored)
     loosest = threshold_for_budget(oof, scored.labels, max(budgets), confidence)
@@ -145,6 +154,7 @@ def calibrate(
         weights=tuple(float(w) for w in weights),
         bias=bias,
         thresholds=thresholds,
+        symmetric=symmetric,
         metadata={
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "calibration_pairs": len(scored.labels),

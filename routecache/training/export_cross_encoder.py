@@ -7,14 +7,25 @@ int8 graph itself so its thresholds describe exactly what ships.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from routecache.cache.cross_encoder import INPUTS, OUTPUT
 from routecache.cache.onnx_embedder import export_transformer
 from routecache.training.cross_encoder import build_module
+
+
+@contextlib.contextmanager
+def _quiet_logging() -> Iterator[None]:
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def export_cross_encoder(weights: Path, model_dir: Path, out_path: Path, int8: bool = True) -> Path:
@@ -32,19 +43,16 @@ def export_cross_encoder(weights: Path, model_dir: Path, out_path: Path, int8: b
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_path.parent) as scratch:
         fp32 = Path(scratch) / "cross_encoder.fp32.onnx"
-        with warnings.catch_warnings():
+        # The exporter and quantiser log a line per graph pass and per tensor left in float.
+        with warnings.catch_warnings(), _quiet_logging():
             warnings.simplefilter("ignore")
             export_transformer(module, args, fp32, OUTPUT)
         if int8:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
             quantised = Path(scratch) / "cross_encoder.int8.onnx"
-            # The quantiser logs a line per tensor it leaves in float on the root logger.
-            logging.disable(logging.INFO)
-            try:
+            with _quiet_logging():
                 quantize_dynamic(str(fp32), str(quantised), weight_type=QuantType.QInt8)
-            finally:
-                logging.disable(logging.NOTSET)
             quantised.replace(out_path)
         else:
             fp32.replace(out_path)
