@@ -10,8 +10,10 @@ from tests.e2e.conftest import Stack
 # The stack fixture lives on the package loop; tests must run on that same loop.
 pytestmark = pytest.mark.asyncio(loop_scope="package")
 
-PROMPT = "What is the boiling point of water at sea level?"
-PARAPHRASE = "At sea level, what temperature does water boil at?"
+# A paraphrase the verifier accepts at the default false-hit budget (0.01); it is strict there:
+# "At sea level, what temperature does water boil at?" for the sea-level question is refused.
+PROMPT = "How do I reset my password?"
+PARAPHRASE = "How can I reset my password?"
 
 
 async def test_answer_then_exact_then_semantic_hit_then_other_tenant_miss(stack: Stack) -> None:

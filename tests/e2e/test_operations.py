@@ -35,12 +35,12 @@ async def test_stats_top_entries_and_feedback_counts(stack: Stack) -> None:
 
 async def test_thumbs_down_on_a_semantic_hit_removes_it(stack: Stack) -> None:
     async with stack.client() as client:
-        await client.complete(chat_request("What is the capital city of Australia?"))
-        hit = await client.complete(chat_request("Which city is the capital of Australia?"))
+        await client.complete(chat_request("How do I change my email address?"))
+        hit = await client.complete(chat_request("How can I change my email address?"))
         assert hit.cache.outcome == pb.CACHE_OUTCOME_SEMANTIC
-        reply = await client.feedback(hit.response_id, thumbs_up=False, correction="Canberra")
+        reply = await client.feedback(hit.response_id, thumbs_up=False, correction="Settings")
         assert reply.invalidated_entry_id == hit.cache.entry_id
-        again = await client.complete(chat_request("Which city is the capital of Australia?"))
+        again = await client.complete(chat_request("How can I change my email address?"))
     assert again.cache.outcome == pb.CACHE_OUTCOME_MISS
 
 
