@@ -170,8 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--concurrency", type=int, default=4)
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--upstream-latency-ms", type=int, default=0)
-    demo.add_argument("--similarity-threshold", type=float, default=0.9,
-                      help="the demo cache threshold (lower: more false hits)")  # fmt: skip
+    demo.add_argument("--similarity-threshold", type=float, default=None,
+                      help="serve by this cosine threshold instead of the hit verifier "
+                      "(lower: more false hits)")  # fmt: skip
     demo.add_argument("--events-out", type=Path, help="also append the run's events to this JSONL")
     demo.add_argument("--metrics-out", type=Path, help="write /metrics as scraped at the end")
     demo.set_defaults(run=_demo)

@@ -87,10 +87,12 @@ async def _send(clients: dict[str, RouteCacheClient], call: Call,
 
 
 def demo_settings(base_url: str, keys: dict[str, str], events_path: Path | None = None,
-                  similarity_threshold: float = 0.9) -> Settings:  # fmt: skip
+                  similarity_threshold: float | None = None) -> Settings:  # fmt: skip
+    # A threshold given means the plain cosine cache, to compare against the hit verifier.
+    cosine_only = {"similarity_threshold": similarity_threshold, "verifier": "off"}
     return load_settings(
         server={"host": "127.0.0.1", "port": 0},
-        cache={"similarity_threshold": similarity_threshold},
+        cache=cosine_only if similarity_threshold is not None else {},
         metrics={"host": "127.0.0.1", "port": 0},
         events={"path": events_path},
         upstream={
@@ -143,7 +145,7 @@ async def scrape_metrics(port: int) -> str:
 async def run_demo(n_recorded: int = 45, concurrency: int = 4, seed: int = 7,
                    upstream_latency_ms: int = 0,
                    events_out: Path | None = None,
-                   similarity_threshold: float = 0.9) -> DemoReport:  # fmt: skip
+                   similarity_threshold: float | None = None) -> DemoReport:  # fmt: skip
     """Runs the whole demo: traffic, then feedback on the hits; returns the summary."""
     replay = await start_replay_server(ReplayConfig(latency_ms=upstream_latency_ms))
     keys = {"acme": secrets.token_urlsafe(16), "globex": secrets.token_urlsafe(16)}
