@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from routecache.cache.embedder import packaged_minilm_path
+from routecache.cache.onnx_embedder import cpu_session
 
 GRAPH_FILE = "cross_encoder.int8.onnx"
 POLICY_FILE = "hit_policy.json"
@@ -36,19 +37,11 @@ class OnnxCrossEncoder:
 
     def __init__(self, graph: Path, symmetric: bool = True, threads: int | None = 1) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import onnxruntime as ort
         from transformers import AutoTokenizer
 
         if not graph.is_file():
             raise FileNotFoundError(f"cross-encoder graph not found: {graph}")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._session = ort.InferenceSession(
-            str(graph), options, providers=["CPUExecutionProvider"]
-        )
+        self._session = cpu_session(graph, threads)
         self._tokenizer = AutoTokenizer.from_pretrained(
             str(packaged_minilm_path()), local_files_only=True
         )

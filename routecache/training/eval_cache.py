@@ -252,11 +252,11 @@ def run(args: argparse.Namespace) -> int:
     embedder = build_embedder(settings)
     index = build_vector_index(settings, embedder.dimension) if args.mode == "cache" else None
     started = time.perf_counter()
-    results = evaluate(pairs, embedder, policy, name, requirements, args.mode, index)
+    vectors = embed_texts(embedder, [t for p in pairs for t in (p.query, p.cached)])
+    results = evaluate(pairs, embedder, policy, name, requirements, args.mode, index, vectors)
     seconds = round(time.perf_counter() - started, 1)
     latency = None
     if args.latency:
-        vectors = embed_texts(embedder, [t for p in pairs[:2000] for t in (p.query, p.cached)])
         candidates = pairwise_candidates(pairs[:2000], vectors)
         latency = verifier_latency_ms(policy, candidates, requirements[0])
     for result in results:
