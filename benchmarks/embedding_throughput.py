@@ -3,8 +3,9 @@ all-MiniLM-L6-v2 in torch and ONNX Runtime, outside the server.
 
     python -m benchmarks.embedding_throughput [--texts N] [--json]
 
-The texts are the prompts of the packaged GSM8K recordings (the same the demo and load runs
-send), so the figures compare directly with benchmarks.grpc_load.
+The texts are the prompts of the packaged GSM8K recordings (the same the demo sends), or the
+load run's own semantic queries when benchmarks.grpc_load measures its baseline, so the figures
+compare directly with the load run.
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ def throughput(embedder: Embedder, texts: Sequence[str], batch: int) -> float:
     return len(ordered) / (time.perf_counter() - start)
 
 
-def measure(count: int) -> dict[str, Any]:
-    texts = sample_texts(count)
+def measure(count: int, stream: Sequence[str] = ()) -> dict[str, Any]:
+    """Both encoders on `count` texts: the stream's texts (repeated) or the GSM8K prompts."""
+    texts = list(stream) * (count // max(1, len(stream)) + 1) if stream else sample_texts(count)
+    texts = texts[:count]
     short = ["What is the capital of France?"] * 200
     results: dict[str, Any] = {"texts": len(texts)}
     for name, embedder in (("torch", MiniLMEmbedder()), ("onnx", OnnxMiniLMEmbedder())):

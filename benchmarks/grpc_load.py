@@ -1,14 +1,16 @@
 """Drive a real `routecache serve` over gRPC and print latency and throughput per path.
 
-    python -m benchmarks.grpc_load [--levels 1,8,32,64,100,256] [--requests 400]
-        [--seconds 15] [--soak-seconds 60 --soak-clients 100] [--out results.json]
+    python -m benchmarks.grpc_load [--pairs ../shared/data/cache/qqp_dev.jsonl]
+        [--levels 1,8,32,64,100,256] [--requests 400] [--seconds 15]
+        [--soak-seconds 60 --soak-clients 100] [--out results.json]
 
 It starts the replay upstream and the server as child processes (benchmarks/stack.py), seeds
-the cache with recorded GSM8K prompts, then for each concurrency runs a closed loop per path:
+the cache, then for each concurrency runs a closed loop per path:
 
 - exact hit: a seeded prompt again, word for word;
-- semantic hit: a seeded prompt behind a short preamble ("Quick question: ..."), so the exact
-  tier misses and the vector search finds the seeded entry;
+- semantic hit: with `--pairs`, the partner of a seeded Quora question in a duplicate pair that
+  the hit verifier accepts (benchmarks/paraphrase_stream.py); without it, a seeded GSM8K prompt
+  behind a short preamble ("Quick question: ..."), which the verifier mostly refuses;
 - miss: an unseeded recorded prompt with no_store, so it stays a miss on every repeat and goes
   through classifier, upstream and validators.
 
@@ -28,6 +30,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -74,18 +77,35 @@ def path_of(response: pb.CompleteResponse) -> str:
 @dataclass(frozen=True)
 class Workload:
     seeded: list[str]
+    semantic: list[str]  # semantic[i] should hit seeded[i]
     unseeded: list[str]
 
     @classmethod
     def from_recordings(cls, seeded: int) -> Workload:
         prompts = sorted(set(Recordings.load().prompts()))
-        return cls(prompts[:seeded], prompts[seeded:])
+        chosen = prompts[:seeded]
+        return cls(chosen, [PREAMBLE + p for p in chosen], prompts[seeded:])
+
+    @classmethod
+    def from_pairs(cls, pairs_path: Path, seeded: int) -> Workload:
+        """Quora duplicates the verifier accepts; misses are still recorded GSM8K prompts."""
+        from benchmarks.paraphrase_stream import accepted_duplicates
+
+        pairs = accepted_duplicates(pairs_path, seeded)
+        unseeded = sorted(set(Recordings.load().prompts()))
+        return cls([p.cached for p in pairs], [p.query for p in pairs], unseeded)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Workload:
+        if args.pairs is not None:
+            return cls.from_pairs(args.pairs, args.seeded)
+        return cls.from_recordings(args.seeded)
 
     def request(self, path: str, i: int) -> pb.CompleteRequest:
         if path == "exact":
             return chat_request(self.seeded[i % len(self.seeded)])
         if path == "semantic":
-            return chat_request(PREAMBLE + self.seeded[i % len(self.seeded)])
+            return chat_request(self.semantic[i % len(self.semantic)])
         return chat_request(self.unseeded[i % len(self.unseeded)], no_store=True)
 
 
@@ -144,16 +164,23 @@ async def _one(
 
 
 async def seed(client: RouteCacheClient, workload: Workload) -> None:
+    """Store every seeded prompt. no_cache: a seed that would hit an earlier seed is still
+    stored under its own text, so the exact path finds each one."""
     results, _ = await closed_loop(
-        client, lambda i: chat_request(workload.seeded[i]), 8, len(workload.seeded), 300
+        client,
+        lambda i: chat_request(workload.seeded[i], no_cache=True),
+        8,
+        len(workload.seeded),
+        300,
     )
     failed = sum(r.errors.get(k, 0) for r in results.values() for k in r.errors)
     if failed:
         raise RuntimeError(f"seeding failed on {failed} requests")
 
 
-async def run_levels(stack: RunningStack, args: argparse.Namespace) -> dict[str, Any]:
-    workload = Workload.from_recordings(args.seeded)
+async def run_levels(
+    stack: RunningStack, workload: Workload, args: argparse.Namespace
+) -> dict[str, Any]:
     report: dict[str, Any] = {"levels": {}, "open_loop": {}}
     async with RouteCacheClient(stack.target, stack.api_key, timeout_seconds=60) as client:
         await seed(client, workload)
@@ -214,6 +241,13 @@ def _print_line(level: object, path: str, summary: dict[str, dict[str, float]]) 
     print(f"c={level!s:>6} {path:8}  " + "; ".join(parts), flush=True)
 
 
+def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seeded", type=int, default=300, help="prompts put in the cache first")
+    parser.add_argument("--pairs", type=Path, default=None,
+                        help="labelled pairs (qqp format): semantic hits are duplicates the "
+                        "verifier accepts (default: GSM8K prompts behind a preamble)")  # fmt: skip
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
@@ -221,7 +255,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--levels", type=ints, default=[1, 8, 32, 64, 100, 256])
     parser.add_argument("--requests", type=int, default=400, help="per level and path, at most")
     parser.add_argument("--seconds", type=float, default=15.0, help="per level and path, at most")
-    parser.add_argument("--seeded", type=int, default=300, help="prompts put in the cache first")
+    add_stream_arguments(parser)
     parser.add_argument("--open-rates", type=floats, default=[], help="semantic, requests/s")
     parser.add_argument("--open-seconds", type=float, default=10.0)
     parser.add_argument("--soak-seconds", type=float, default=0.0)
@@ -235,18 +269,19 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    report: dict[str, Any] = {}
+    workload = Workload.from_args(args)
+    report: dict[str, Any] = {"stream": "qqp duplicates" if args.pairs else "gsm8k + preamble"}
     if args.embedding_baseline:
         from benchmarks.embedding_throughput import measure
 
-        report["embedding"] = measure(1024)
+        report["embedding"] = measure(1024, workload.semantic)
         print(
             f"embedding outside the server: best {report['embedding']['best_throughput_per_s']:.0f}"
             f" texts/s ({report['embedding']['best_setting']})",
             flush=True,
         )
     with running_stack(args.server_toml) as stack:
-        report.update(asyncio.run(run_levels(stack, args)))
+        report.update(asyncio.run(run_levels(stack, workload, args)))
     if args.out:
         with open(args.out, "w") as out:
             json.dump(report, out, indent=2)

@@ -1,6 +1,7 @@
 """routecache against GPTCache on the same query stream, in one run on one machine.
 
-    python -m benchmarks.vs_gptcache [--seeded 300] [--queries 300] [--concurrency 1,64]
+    python -m benchmarks.vs_gptcache [--pairs ../shared/data/cache/qqp_dev.jsonl] [--seeded 300]
+        [--queries 300] [--concurrency 1,64]
 
 Both sides use the same all-MiniLM-L6-v2 (GPTCache gets routecache's ONNX encoder as its
 embedding function, since its own ONNX model would come from a hub), FAISS, and the same replay
@@ -10,8 +11,10 @@ thread pool; a miss is get() → upstream call → put(), the code a GPTCache us
 routecache runs as `routecache serve` in a child process and is called over gRPC, so its figures
 include a network hop that GPTCache's do not.
 
-The stream: seed prompts are stored first; hit queries are the seeds behind a short preamble;
-miss queries are prompts that were never stored (routecache: no_store, so they stay misses).
+The stream (benchmarks.grpc_load's Workload): seed prompts are stored first; hit queries are
+Quora duplicates of the seeds that routecache's verifier accepts (`--pairs`), or the seeds behind
+a short preamble; miss queries are GSM8K prompts that were never stored (routecache: no_store, so
+they stay misses).
 """
 
 from __future__ import annotations
@@ -29,10 +32,10 @@ from typing import Any
 import httpx
 import numpy as np
 
-from benchmarks.grpc_load import PREAMBLE, PathResults, Workload, closed_loop
+from benchmarks.grpc_load import PathResults, Workload, add_stream_arguments, closed_loop, seed
 from benchmarks.stack import running_stack
 from routecache.cache.onnx_embedder import OnnxMiniLMEmbedder
-from routecache.client import RouteCacheClient, chat_request
+from routecache.client import RouteCacheClient
 from routecache.replay.config import ReplayConfig
 from routecache.replay.server import start_replay_server
 
@@ -79,6 +82,15 @@ class GptCacheSide:
         hit = self._api.get(prompt, cache_obj=self._cache)
         if hit is not None:
             return "hit"
+        self._call(prompt, store)
+        return "miss"
+
+    def seed(self, prompt: str) -> str:
+        """Store a seed without looking it up first, as routecache's seeding does (no_cache)."""
+        self._call(prompt, store=True)
+        return "miss"
+
+    def _call(self, prompt: str, store: bool) -> None:
         reply = self._http.post(
             "/chat/completions",
             json={"model": "gpt-4-1106-preview", "messages": [{"role": "user", "content": prompt}]},
@@ -87,7 +99,6 @@ class GptCacheSide:
         if store:
             answer = reply.json()["choices"][0]["message"]["content"]
             self._api.put(prompt, answer, cache_obj=self._cache)
-        return "miss"
 
 
 def run_threads(
@@ -97,7 +108,11 @@ def run_threads(
 
     def one(prompt: str) -> None:
         start = time.perf_counter()
-        outcome = call(prompt)
+        try:
+            outcome = call(prompt)
+        except Exception as error:  # GPTCache's SQLite store can fail under concurrent callers
+            results.setdefault("error", PathResults()).errors[type(error).__name__] += 1
+            return
         results[outcome].latencies_ms.append((time.perf_counter() - start) * 1000)
 
     start = time.perf_counter()
@@ -115,9 +130,9 @@ async def gptcache_side(workload: Workload, args: argparse.Namespace) -> dict[st
                 gptcache_instance(Path(scratch), OnnxMiniLMEmbedder()), replay.base_url
             )
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, run_threads, side.ask, workload.seeded, 8)
+            await loop.run_in_executor(None, run_threads, side.seed, workload.seeded, 8)
             for c in args.concurrency:
-                hits = [PREAMBLE + p for p in workload.seeded[: args.queries]]
+                hits = workload.semantic[: args.queries]
                 misses = workload.unseeded[: args.queries]
                 for name, prompts, call in (
                     ("hit", hits, side.ask),
@@ -138,8 +153,7 @@ async def routecache_side(
 ) -> dict[str, Any]:
     report: dict[str, Any] = {}
     async with RouteCacheClient(target, key, timeout_seconds=60) as client:
-        await closed_loop(client, lambda i: chat_request(workload.seeded[i]), 8,
-                          len(workload.seeded), 600)  # fmt: skip
+        await seed(client, workload)
         for c in args.concurrency:
             for name, path in (("hit", "semantic"), ("miss", "miss")):
                 make = functools.partial(workload.request, path)
@@ -151,6 +165,8 @@ async def routecache_side(
 def print_table(name: str, report: dict[str, Any]) -> None:
     for key, paths in report.items():
         for path, s in sorted(paths.items()):
+            if s.get("errors"):
+                print(f"{name:10} {key:9} {path:12} errors={s['errors']}", flush=True)
             if s.get("count"):
                 print(
                     f"{name:10} {key:9} {path:12} n={s['count']:4.0f} p50={s['p50_ms']:7.2f} "
@@ -161,13 +177,13 @@ def print_table(name: str, report: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeded", type=int, default=300)
+    add_stream_arguments(parser)
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument(
         "--concurrency", type=lambda t: [int(x) for x in t.split(",")], default=[1, 64]
     )
     args = parser.parse_args()
-    workload = Workload.from_recordings(args.seeded)
+    workload = Workload.from_args(args)
     print_table("gptcache", asyncio.run(gptcache_side(workload, args)))
     with running_stack() as stack:
         ours = asyncio.run(routecache_side(stack.target, stack.api_key, workload, args))

@@ -11,6 +11,10 @@
 4. For each budget, the lowest threshold whose false-hit rate, at an upper confidence bound
    (Clopper-Pearson, one-sided), stays within the budget. The bound is the margin: an observed
    rate just under the budget on a few thousand pairs is too likely to be over it on the next.
+5. Optionally, cache-mode lookups too: each held-out query against a full cache (its nearest
+   entry among many cached questions, a hit right when the entry asks the query's question).
+   A full cache offers near misses that a labelled pair never does, so each budget keeps the
+   higher of the two thresholds and holds in both settings.
 """
 
 from __future__ import annotations
@@ -140,6 +144,7 @@ def calibrate(
     floor_loss: float = 0.005,
     metadata: dict[str, object] | None = None,
     symmetric: bool = True,
+    cache_lookups: ScoredPairs | None = None,
 ) -> PolicyCalibration:
     oof = out_of_fold(scored)
     loosest = threshold_for_budget(oof, scored.labels, max(budgets), confidence)
@@ -149,6 +154,11 @@ def calibrate(
         threshold_for_budget(gated, scored.labels, b, confidence) for b in sorted(budgets)
     )
     weights, bias = _fit_logistic(scored.rows, scored.labels)
+    extra: dict[str, object] = {}
+    if cache_lookups is not None:
+        thresholds, extra = _hold_in_cache_mode(
+            thresholds, cache_lookups, weights, bias, floor, confidence, (gated, scored.labels)
+        )
     return PolicyCalibration(
         cosine_floor=floor,
         weights=tuple(float(w) for w in weights),
@@ -160,9 +170,46 @@ def calibrate(
             "calibration_pairs": len(scored.labels),
             "confidence": confidence,
             "floor_loss": floor_loss,
+            **extra,
             **(metadata or {}),
         },
     )
+
+
+def _hold_in_cache_mode(
+    pairwise: tuple[BudgetThreshold, ...],
+    lookups: ScoredPairs,
+    weights: Floats,
+    bias: float,
+    floor: float,
+    confidence: float,
+    pairwise_scores: tuple[Floats, npt.NDArray[np.bool_]],
+) -> tuple[tuple[BudgetThreshold, ...], dict[str, object]]:
+    """Raise each budget's threshold where the cache-mode lookups need it higher.
+
+    The lookups are scored by the final weights: they were fitted on the pairs, not on these
+    lookups' candidates (only a query's own partner, when it is the nearest, appears in both).
+    """
+    probabilities = 1.0 / (1.0 + np.exp(-(lookups.rows @ weights + bias)))
+    gated = np.where(lookups.cosine >= floor, probabilities, np.nan)
+    scores, labels = pairwise_scores
+    merged: list[BudgetThreshold] = []
+    cache_recall: dict[str, float] = {}
+    for chosen in pairwise:
+        cache = threshold_for_budget(gated, lookups.labels, chosen.max_false_hit_rate, confidence)
+        threshold = max(chosen.threshold, cache.threshold)
+        kept = np.nan_to_num(scores, nan=-np.inf) >= threshold
+        recall = float((kept & labels).sum() / max(1, labels.sum()))
+        merged.append(BudgetThreshold(chosen.max_false_hit_rate, threshold, recall))
+        cached_hits = np.nan_to_num(gated, nan=-np.inf) >= threshold
+        right = lookups.labels
+        cache_recall[str(chosen.max_false_hit_rate)] = float(
+            (cached_hits & right).sum() / max(1, right.sum())
+        )
+    return tuple(merged), {
+        "cache_mode_lookups": len(lookups.labels),
+        "cache_mode_recall": cache_recall,
+    }
 
 
 def file_sha256(path: Path) -> str:

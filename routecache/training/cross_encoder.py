@@ -35,6 +35,7 @@ class TrainingPlan:
     weight_decay: float = 0.01
     seed: int = 13
     threads: int = 2
+    init_weights: Path | None = None  # continue from earlier weights instead of the packaged ones
 
 
 def build_module(model_dir: Path) -> Any:
@@ -81,7 +82,10 @@ def train_cross_encoder(
     torch.set_num_threads(plan.threads)
     rng = random.Random(plan.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    module = build_module(model_dir).train()
+    module = build_module(model_dir)
+    if plan.init_weights is not None:
+        module.load_state_dict(torch.load(plan.init_weights, map_location="cpu", weights_only=True))
+    module.train()
     optimiser = torch.optim.AdamW(
         module.parameters(), lr=plan.learning_rate, weight_decay=plan.weight_decay
     )

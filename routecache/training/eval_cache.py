@@ -5,7 +5,10 @@ Two modes, both through the service's own parts (its embedder, FAISS index and h
 - pairwise: each pair's cached question is the only entry; its query looks it up.
 - cache: every cached question of the file is stored in one scope; each query looks up its
   nearest neighbour among all of them. A hit is correct only when it returns the query's own
-  partner of a duplicate pair: any other entry answers another question.
+  partner of a duplicate pair: any other entry answers another question. That strict count also
+  calls false a hit on the query's very text stored for another pair, or on a question the
+  file's own labels join to it; those are counted apart (`false_hits_same_question`) so the
+  rate of hits that answer another question shows too.
 
 False-hit rate = wrong answers served / all lookups (as in the vCache paper); recall = duplicate
 pairs answered by their partner / all duplicate pairs.
@@ -26,7 +29,12 @@ import numpy.typing as npt
 
 from routecache.cache.hit_policy import CosinePolicy, HitPolicy, HitRequirement, HitVerdict
 from routecache.cache.ports import Embedder, VectorIndex
-from routecache.training.pair_data import LabelledPair, load_pairs
+from routecache.training.pair_data import (
+    LabelledPair,
+    duplicate_clusters,
+    load_pairs,
+    normalised,
+)
 
 Mode = Literal["pairwise", "cache"]
 _SCOPE = "eval:cache"
@@ -48,6 +56,9 @@ class CacheEvaluation:
     max_false_hit_rate: float | None
     cosine_threshold: float | None
     verified_share: float  # lookups whose candidate reached the verifier
+    # Strict false hits whose entry is the query's text or a labelled duplicate of it (cache mode)
+    false_hits_same_question: int = 0
+    false_hit_rate_other_questions: float = 0.0
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -60,6 +71,8 @@ class Candidates:
     texts: list[tuple[str, str]]
     similarities: list[float]
     correct: npt.NDArray[np.bool_]  # serving this candidate would answer the query rightly
+    # the candidate is the query's text or joined to it by labelled duplicates (cache mode)
+    same_question: npt.NDArray[np.bool_] | None = None
 
 
 def embed_texts(embedder: Embedder, texts: Sequence[str], batch: int = 64) -> dict[str, np.ndarray]:
@@ -82,21 +95,29 @@ def pairwise_candidates(
 
 
 def cache_candidates(
-    pairs: Sequence[LabelledPair], vectors: dict[str, np.ndarray], index: VectorIndex
+    pairs: Sequence[LabelledPair],
+    vectors: dict[str, np.ndarray],
+    index: VectorIndex,
+    distractors: Sequence[LabelledPair] = (),
 ) -> Candidates:
-    cached = sorted({p.cached for p in pairs})
+    """Each query's nearest entry among all cached questions (also the distractors')."""
+    cached = sorted({p.cached for p in pairs} | {p.cached for p in distractors})
     ids = [str(i) for i in range(len(cached))]
     index.add_many(_SCOPE, ids, np.stack([vectors[t] for t in cached]))
+    clusters = duplicate_clusters([*pairs, *distractors])
     texts: list[tuple[str, str]] = []
     sims: list[float] = []
     correct: list[bool] = []
+    same: list[bool] = []
     for pair in pairs:
         neighbours = index.search(_SCOPE, vectors[pair.query], 1)
         found = cached[int(neighbours[0].entry_id)] if neighbours else ""
         texts.append((pair.query, found))
         sims.append(neighbours[0].similarity if neighbours else -1.0)
         correct.append(pair.duplicate and found == pair.cached)
-    return Candidates(texts, sims, np.array(correct))
+        same.append(bool(found) and clusters[normalised(found)] == clusters[normalised(pair.query)])
+    right = np.array(correct)
+    return Candidates(texts, sims, right, right | np.array(same))
 
 
 def candidates_for(
@@ -134,6 +155,8 @@ def summarise(
     hits = np.array([v.accept for v in verdicts])
     correct = int((hits & candidates.correct).sum())
     n, served = len(verdicts), int(hits.sum())
+    same = candidates.same_question
+    same_question = 0 if same is None else int((hits & same & ~candidates.correct).sum())
     return CacheEvaluation(
         mode=mode,
         policy=policy_name,
@@ -149,6 +172,8 @@ def summarise(
         max_false_hit_rate=requirement.max_false_hit_rate if verified else None,
         cosine_threshold=None if verified else requirement.cosine_threshold,
         verified_share=sum(v.verifier_score is not None for v in verdicts) / n if n else 0.0,
+        false_hits_same_question=same_question,
+        false_hit_rate_other_questions=(served - correct - same_question) / n if n else 0.0,
     )
 
 

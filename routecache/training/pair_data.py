@@ -67,5 +67,33 @@ def split_pairs(
     return fit, holdout
 
 
+def normalised(text: str) -> str:
+    """Case and spacing folded: Quora repeats many questions with only these differences."""
+    return " ".join(text.casefold().split())
+
+
+def duplicate_clusters(pairs: Iterable[LabelledPair]) -> dict[str, int]:
+    """Cluster id of each (normalised) text, joining texts that labelled duplicates connect.
+
+    Quora's labels are transitive in practice (A = B and B = C: C asks what A asks), so a cache
+    hit on any member of the query's cluster answers the query's own question.
+    """
+    parent: dict[str, str] = {}
+
+    def root(text: str) -> str:
+        parent.setdefault(text, text)
+        while parent[text] != text:
+            parent[text] = parent[parent[text]]
+            text = parent[text]
+        return text
+
+    for pair in pairs:
+        a, b = root(normalised(pair.query)), root(normalised(pair.cached))
+        if pair.duplicate and a != b:
+            parent[a] = b
+    ids: dict[str, int] = {}
+    return {text: ids.setdefault(root(text), len(ids)) for text in list(parent)}
+
+
 def duplicate_share(pairs: Sequence[LabelledPair]) -> float:
     return sum(p.duplicate for p in pairs) / len(pairs) if pairs else 0.0

@@ -5,7 +5,9 @@
 
 trains the cross-encoder on 85% of the pairs (split by cached question), exports it to ONNX
 (int8), and calibrates the hit policy on the other 15% with the int8 graph, so the thresholds
-describe exactly what ships. About an hour on two cores; `--weights` reuses trained weights.
+describe exactly what ships (with `--cache-mode`, also on cache-mode lookups of the same queries
+among all the data's cached questions). About an hour on two cores; `--weights` reuses trained
+weights, `--scores` a run's saved scores, `--init-weights` continues training earlier weights.
 """
 
 from __future__ import annotations
@@ -19,17 +21,19 @@ from pathlib import Path
 import numpy as np
 
 from routecache.cache.cross_encoder import GRAPH_FILE, POLICY_FILE, OnnxCrossEncoder
-from routecache.cache.embedder import packaged_minilm_path
+from routecache.cache.embedder import MINILM_DIMENSION, packaged_minilm_path
+from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.onnx_embedder import OnnxMiniLMEmbedder
 from routecache.training.calibrate_verifier import (
     BUDGETS,
+    ScoredPairs,
     calibrate,
     file_sha256,
     pair_logits,
     score_pairs,
 )
 from routecache.training.cross_encoder import TrainingPlan, train_cross_encoder
-from routecache.training.eval_cache import embed_texts
+from routecache.training.eval_cache import cache_candidates, embed_texts
 from routecache.training.export_cross_encoder import export_cross_encoder
 from routecache.training.pair_data import LabelledPair, load_pairs, split_pairs
 
@@ -44,40 +48,90 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scores", type=Path,
                         help="an earlier calibration_scores.npz (and --out's graph)")  # fmt: skip
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--learning-rate", type=float, default=TrainingPlan.learning_rate)
+    parser.add_argument("--init-weights", type=Path,
+                        help="continue training from these weights")  # fmt: skip
     parser.add_argument("--holdout", type=float, default=0.15, help="share kept for calibration")
     parser.add_argument("--confidence", type=float, default=0.99,
                         help="one-sided confidence that a budget holds")  # fmt: skip
     parser.add_argument("--one-order", action="store_true",
                         help="score (query, cached) only: half the verifier's cost")  # fmt: skip
     parser.add_argument("--budgets", default=",".join(str(b) for b in BUDGETS))
+    parser.add_argument("--cache-mode", action="store_true",
+                        help="also hold each budget on cache-mode lookups (far stricter "
+                        "thresholds: see docs/cache-verifier.md)")  # fmt: skip
+
+
+_PAIR_SCORES = ("cosines", "forward", "backward")
+_CACHE_SCORES = ("cache_cosines", "cache_forward", "cache_backward", "cache_found", "cache_right")
 
 
 def _holdout_scores(
     args: argparse.Namespace, fit: list[LabelledPair], holdout: list[LabelledPair]
 ) -> dict[str, np.ndarray]:
-    """Cosine and both orders' logits of the calibration pairs, from the graph that ships."""
+    """Cosine and both orders' logits of the calibration pairs, from the graph that ships, and
+    the cache-mode lookups of the held-out queries (the holdout's and the training pairs'
+    cached questions all in one cache)."""
+    work = args.work_dir or args.out
+    scores: dict[str, np.ndarray] = {}
     if args.scores is not None:
         with np.load(args.scores) as saved:
-            return {name: saved[name] for name in ("cosines", "forward", "backward")}
-    model_dir = packaged_minilm_path()
-    work = args.work_dir or args.out
-    weights = args.weights or train_cross_encoder(
-        fit, model_dir, work, TrainingPlan(epochs=args.epochs)
-    )
-    graph = export_cross_encoder(weights, model_dir, args.out / GRAPH_FILE)
-    vectors = embed_texts(OnnxMiniLMEmbedder(), [t for p in holdout for t in (p.query, p.cached)])
+            scores = {
+                name: saved[name] for name in (*_PAIR_SCORES, *_CACHE_SCORES) if name in saved
+            }
+        graph = args.out / GRAPH_FILE
+    else:
+        model_dir = packaged_minilm_path()
+        weights = args.weights or train_cross_encoder(
+            fit,
+            model_dir,
+            work,
+            TrainingPlan(
+                epochs=args.epochs,
+                learning_rate=args.learning_rate,
+                init_weights=args.init_weights,
+            ),
+        )
+        graph = export_cross_encoder(weights, model_dir, args.out / GRAPH_FILE)
+    if all(name in scores for name in (*_PAIR_SCORES, *_CACHE_SCORES)):
+        return scores
+    texts = [t for p in (*holdout, *fit) for t in (p.query, p.cached)]
+    vectors = embed_texts(OnnxMiniLMEmbedder(), texts)
     scorer = OnnxCrossEncoder(graph, symmetric=False, threads=None)
-    scores = {
-        "cosines": np.array([float(np.dot(vectors[p.query], vectors[p.cached])) for p in holdout]),
-        "forward": pair_logits(scorer, [(p.query, p.cached) for p in holdout]),
-        "backward": pair_logits(scorer, [(p.cached, p.query) for p in holdout]),
-    }
+    if not all(name in scores for name in _PAIR_SCORES):
+        scores["cosines"] = np.array(
+            [float(np.dot(vectors[p.query], vectors[p.cached])) for p in holdout]
+        )
+        scores["forward"] = pair_logits(scorer, [(p.query, p.cached) for p in holdout])
+        scores["backward"] = pair_logits(scorer, [(p.cached, p.query) for p in holdout])
+    lookups = cache_candidates(holdout, vectors, ScopedFaissIndex(MINILM_DIMENSION), fit)
+    assert lookups.same_question is not None  # cache mode always sets it
+    scores["cache_cosines"] = np.array(lookups.similarities)
+    scores["cache_forward"] = pair_logits(scorer, lookups.texts)
+    scores["cache_backward"] = pair_logits(scorer, [(c, q) for q, c in lookups.texts])
+    scores["cache_found"] = np.array([found for _, found in lookups.texts])
+    scores["cache_right"] = lookups.same_question
     work.mkdir(parents=True, exist_ok=True)
-    np.savez(
-        work / "calibration_scores.npz",
-        cosines=scores["cosines"], forward=scores["forward"], backward=scores["backward"],
-    )  # fmt: skip
+    np.savez(work / "calibration_scores.npz", **scores)  # type: ignore[arg-type]
     return scores
+
+
+def _logits(scores: dict[str, np.ndarray], prefix: str, symmetric: bool) -> np.ndarray:
+    forward, backward = scores[f"{prefix}forward"], scores[f"{prefix}backward"]
+    return (forward + backward) / 2 if symmetric else forward
+
+
+def _cache_lookups(
+    holdout: list[LabelledPair], scores: dict[str, np.ndarray], symmetric: bool
+) -> ScoredPairs:
+    """The held-out queries' cache-mode candidates as labelled pairs: right = same question."""
+    found = [str(text) for text in scores["cache_found"]]
+    pairs = [
+        LabelledPair(p.query, text, bool(right))
+        for p, text, right in zip(holdout, found, scores["cache_right"], strict=True)
+    ]
+    logits = _logits(scores, "cache_", symmetric)
+    return score_pairs(pairs, scores["cache_cosines"].tolist(), logits.tolist())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,17 +142,20 @@ def run(args: argparse.Namespace) -> int:
              len(holdout))  # fmt: skip
     scores = _holdout_scores(args, fit, holdout)
     symmetric = not args.one_order
-    logits = scores["forward"] if not symmetric else (scores["forward"] + scores["backward"]) / 2
+    logits = _logits(scores, "", symmetric)
     calibration = calibrate(
         score_pairs(holdout, scores["cosines"].tolist(), logits.tolist()),
         budgets=[float(b) for b in args.budgets.split(",")],
         confidence=args.confidence,
         symmetric=symmetric,
+        cache_lookups=_cache_lookups(holdout, scores, symmetric) if args.cache_mode else None,
         metadata={
             "training_data": str(args.data),
             "training_data_sha256": file_sha256(args.data),
             "holdout_fraction": args.holdout,
             "epochs": args.epochs,
+            "init_weights": str(args.init_weights) if args.init_weights else None,
+            "learning_rate": args.learning_rate,
             "graph_sha256": file_sha256(args.out / GRAPH_FILE),
         },
     )
@@ -108,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         "symmetric": symmetric,
         "confidence": args.confidence,
         "holdout_recall": {t.max_false_hit_rate: t.holdout_recall for t in calibration.thresholds},
+        "cache_mode_recall": calibration.metadata.get("cache_mode_recall"),
         "seconds": round(time.perf_counter() - started, 1),
     }
     print(json.dumps(summary))

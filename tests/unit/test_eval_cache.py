@@ -13,8 +13,8 @@ from routecache.cache.embedder import HashEmbedder
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.hit_policy import CosinePolicy, HitRequirement
 from routecache.router.cli import main
-from routecache.training.eval_cache import evaluate
-from routecache.training.pair_data import LabelledPair
+from routecache.training.eval_cache import cache_candidates, embed_texts, evaluate
+from routecache.training.pair_data import LabelledPair, duplicate_clusters
 
 PAIRS = [
     LabelledPair("how do i learn python fast", "how do i learn python quickly", True),
@@ -59,6 +59,62 @@ def test_cache_mode_counts_a_hit_on_another_questions_entry_as_false() -> None:
     )  # fmt: skip
     assert (result.hits, result.correct_hits, result.false_hits) == (2, 1, 1)
     assert result.recall == 0.5
+
+
+def test_cache_mode_counts_apart_false_hits_on_the_same_question() -> None:
+    # Query 0's own text (another case and spacing) is stored for pair 2; query 1's nearest
+    # entry is pair 3's cached question, which pair 3's label makes a duplicate of query 1's
+    # text; pair 4's query finds only another question.
+    pairs = [
+        LabelledPair("how do i  learn python fast", "tips for growing tomatoes", False),
+        LabelledPair("what is the capital city of france", "best way to cook rice", False),
+        LabelledPair("a question nobody else asks", "How do I learn Python fast", False),
+        LabelledPair(
+            "what is the capital city of france", "what is the capital city of france now", True
+        ),
+        LabelledPair("best way to cook rice fast", "some other text", False),
+    ]
+    embedder = HashEmbedder()
+    index = ScopedFaissIndex(embedder.dimension)
+    vectors = embed_texts(embedder, [t for p in pairs for t in (p.query, p.cached)])
+    candidates = cache_candidates(pairs, vectors, index)
+    assert [found for _, found in candidates.texts[:2]] == [
+        "How do I learn Python fast",
+        "what is the capital city of france now",
+    ]
+    assert candidates.texts[4][1] == "best way to cook rice"
+    assert candidates.same_question is not None
+    assert candidates.same_question.tolist() == [True, True, False, True, False]
+    assert candidates.correct.tolist() == [False, False, False, True, False]
+    (result,) = evaluate(
+        pairs, embedder, CosinePolicy(), "cosine", [HitRequirement(-1.0)], "cache",
+        ScopedFaissIndex(embedder.dimension), vectors,
+    )  # fmt: skip
+    assert (result.hits, result.correct_hits, result.false_hits) == (5, 1, 4)
+    assert result.false_hits_same_question == 2
+    assert result.false_hit_rate == pytest.approx(4 / 5)
+    assert result.false_hit_rate_other_questions == pytest.approx(2 / 5)
+
+
+def test_duplicate_clusters_join_labelled_duplicates_transitively() -> None:
+    clusters = duplicate_clusters(
+        [
+            LabelledPair("A question", "b question", True),
+            LabelledPair("b  question", "c question", True),
+            LabelledPair("c question", "d question", False),
+        ]
+    )
+    assert clusters["a question"] == clusters["b question"] == clusters["c question"]
+    assert clusters["d question"] != clusters["a question"]
+
+
+def test_pairwise_mode_has_no_same_question_count() -> None:
+    embedder = HashEmbedder()
+    (result,) = evaluate(
+        PAIRS, embedder, CosinePolicy(), "cosine", [HitRequirement(0.5)], "pairwise"
+    )
+    assert result.false_hits_same_question == 0
+    assert result.false_hit_rate_other_questions == result.false_hit_rate
 
 
 def test_cli_prints_one_json_object(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -74,6 +74,34 @@ def test_calibrated_budgets_hold_on_fresh_pairs() -> None:
     assert rule.metadata["calibration_pairs"] == 6000
 
 
+def near_misses(n: int, seed: int) -> ScoredPairs:
+    """Cache-mode lookups: more wrong candidates that look right than labelled pairs have."""
+    scored = synthetic(n, seed)
+    rng = np.random.default_rng(seed + 100)
+    wrong = ~scored.labels
+    scored.rows[wrong, 0] += rng.normal(2.5, 1.0, n)[wrong]
+    return scored
+
+
+def test_cache_mode_lookups_raise_the_thresholds_until_the_budgets_hold_there_too() -> None:
+    pairwise_only = calibrate(synthetic(6000, seed=5), budgets=(0.01, 0.05))
+    both = calibrate(
+        synthetic(6000, seed=5), budgets=(0.01, 0.05), cache_lookups=near_misses(6000, seed=6)
+    )
+    fresh = near_misses(20000, seed=7)
+    probabilities = both.probabilities(fresh.rows)
+    for budget in (0.01, 0.05):
+        assert both.threshold_for(budget) > pairwise_only.threshold_for(budget)
+        rate = false_hit_rate(fresh, probabilities, both.cosine_floor, both.threshold_for(budget))
+        assert rate <= budget, (budget, rate)
+    loose = false_hit_rate(
+        fresh, probabilities, both.cosine_floor, pairwise_only.threshold_for(0.01)
+    )
+    assert loose > 0.01  # the pairwise threshold alone would break the budget in a full cache
+    assert both.metadata["cache_mode_lookups"] == 6000
+    assert set(both.metadata["cache_mode_recall"]) == {"0.01", "0.05"}
+
+
 class ConstantScorer:
     def logits(self, pairs: object) -> np.ndarray:
         return np.zeros(len(pairs), dtype=np.float32)  # type: ignore[arg-type]

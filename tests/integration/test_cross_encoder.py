@@ -1,0 +1,47 @@
+"""The shipped cross-encoder graph: loads offline, and scores a pair the same in any company."""
+
+from __future__ import annotations
+
+import pytest
+
+from routecache.cache.cross_encoder import GRAPH_FILE, OnnxCrossEncoder, packaged_verifier_dir
+
+PARAPHRASE = ("How are hydrogen bombs made?", "How do they make a hydrogen bomb?")
+OTHER = ("What is the capital of France?", "What is the capital of Germany?")
+LONG = (
+    "Why do so many people ask things on Quora that they could just as easily look up on Google "
+    "or any other search engine in a few seconds, and what does it say about them?",
+    "Why do people ask questions on Quora that can easily be answered by Google?",
+)
+
+
+@pytest.fixture(scope="module")
+def one_order() -> OnnxCrossEncoder:
+    return OnnxCrossEncoder(packaged_verifier_dir() / GRAPH_FILE, symmetric=False)
+
+
+def test_a_pair_scores_the_same_alone_and_among_others(one_order: OnnxCrossEncoder) -> None:
+    # Scored in one batch, dynamic int8 quantisation shared an activation scale across the
+    # batch and moved each pair's logit (by up to 2 on qqp pairs): the service, scoring one
+    # pair per lookup, refused hits that the batch-scored calibration had accepted.
+    alone = one_order.logits([PARAPHRASE])[0]
+    among = one_order.logits([LONG, PARAPHRASE, OTHER])
+    assert among[1] == alone
+    assert among[0] == one_order.logits([LONG])[0]
+
+
+def test_duplicates_score_above_near_misses(one_order: OnnxCrossEncoder) -> None:
+    paraphrase, other = one_order.logits([PARAPHRASE, OTHER])
+    assert paraphrase > 0 > other
+
+
+def test_symmetric_scoring_averages_both_orders(one_order: OnnxCrossEncoder) -> None:
+    both = OnnxCrossEncoder(packaged_verifier_dir() / GRAPH_FILE, symmetric=True)
+    forward = one_order.logits([PARAPHRASE])[0]
+    backward = one_order.logits([(PARAPHRASE[1], PARAPHRASE[0])])[0]
+    assert both.logits([PARAPHRASE])[0] == pytest.approx((forward + backward) / 2, abs=1e-6)
+
+
+def test_a_missing_graph_is_a_clear_error() -> None:
+    with pytest.raises(FileNotFoundError, match="cross-encoder graph not found"):
+        OnnxCrossEncoder(packaged_verifier_dir() / "missing.onnx")
