@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from routecache.cache.hit_policy import BudgetThreshold, PairScorer, PolicyCalibration
+from routecache.cache.hit_policy import BudgetThreshold, PolicyCalibration
 from routecache.cache.pair_features import FEATURE_NAMES, pair_features
 from routecache.training.pair_data import LabelledPair
 
@@ -48,16 +48,6 @@ class ScoredPairs:
     @property
     def cosine(self) -> Floats:
         return self.rows[:, FEATURE_NAMES.index("cosine")]
-
-
-def pair_logits(
-    scorer: PairScorer, pairs: Sequence[tuple[str, str]], batch: int = 64
-) -> npt.NDArray[np.float32]:
-    if not pairs:
-        return np.zeros(0, dtype=np.float32)
-    return np.concatenate(
-        [scorer.logits(pairs[i : i + batch]) for i in range(0, len(pairs), batch)]
-    )
 
 
 def score_pairs(

@@ -29,7 +29,6 @@ from routecache.training.calibrate_verifier import (
     ScoredPairs,
     calibrate,
     file_sha256,
-    pair_logits,
     score_pairs,
 )
 from routecache.training.cross_encoder import TrainingPlan, train_cross_encoder
@@ -70,9 +69,10 @@ def _holdout_scores(
     args: argparse.Namespace, fit: list[LabelledPair], holdout: list[LabelledPair]
 ) -> dict[str, np.ndarray]:
     """Cosine and both orders' logits of the calibration pairs, from the graph that ships, and
-    the cache-mode lookups of the held-out queries (the holdout's and the training pairs'
-    cached questions all in one cache)."""
+    with `--cache-mode` the cache-mode lookups of the held-out queries (the holdout's and the
+    training pairs' cached questions all in one cache). Scores already saved are reused."""
     work = args.work_dir or args.out
+    wanted = (*_PAIR_SCORES, *(_CACHE_SCORES if args.cache_mode else ()))
     scores: dict[str, np.ndarray] = {}
     if args.scores is not None:
         with np.load(args.scores) as saved:
@@ -81,39 +81,56 @@ def _holdout_scores(
             }
         graph = args.out / GRAPH_FILE
     else:
-        model_dir = packaged_minilm_path()
-        weights = args.weights or train_cross_encoder(
-            fit,
-            model_dir,
-            work,
-            TrainingPlan(
-                epochs=args.epochs,
-                learning_rate=args.learning_rate,
-                init_weights=args.init_weights,
-            ),
-        )
-        graph = export_cross_encoder(weights, model_dir, args.out / GRAPH_FILE)
-    if all(name in scores for name in (*_PAIR_SCORES, *_CACHE_SCORES)):
+        graph = _trained_graph(args, fit, work)
+    missing = [name for name in wanted if name not in scores]
+    if not missing:
         return scores
-    texts = [t for p in (*holdout, *fit) for t in (p.query, p.cached)]
-    vectors = embed_texts(OnnxMiniLMEmbedder(), texts)
+    embedded = holdout + (fit if args.cache_mode else [])
+    vectors = embed_texts(OnnxMiniLMEmbedder(), [t for p in embedded for t in (p.query, p.cached)])
     scorer = OnnxCrossEncoder(graph, symmetric=False, threads=None)
-    if not all(name in scores for name in _PAIR_SCORES):
-        scores["cosines"] = np.array(
-            [float(np.dot(vectors[p.query], vectors[p.cached])) for p in holdout]
-        )
-        scores["forward"] = pair_logits(scorer, [(p.query, p.cached) for p in holdout])
-        scores["backward"] = pair_logits(scorer, [(p.cached, p.query) for p in holdout])
-    lookups = cache_candidates(holdout, vectors, ScopedFaissIndex(MINILM_DIMENSION), fit)
-    assert lookups.same_question is not None  # cache mode always sets it
-    scores["cache_cosines"] = np.array(lookups.similarities)
-    scores["cache_forward"] = pair_logits(scorer, lookups.texts)
-    scores["cache_backward"] = pair_logits(scorer, [(c, q) for q, c in lookups.texts])
-    scores["cache_found"] = np.array([found for _, found in lookups.texts])
-    scores["cache_right"] = lookups.same_question
+    if any(name in _PAIR_SCORES for name in missing):
+        scores.update(_pair_scores(scorer, vectors, holdout))
+    if any(name in _CACHE_SCORES for name in missing):
+        scores.update(_cache_scores(scorer, vectors, holdout, fit))
     work.mkdir(parents=True, exist_ok=True)
     np.savez(work / "calibration_scores.npz", **scores)  # type: ignore[arg-type]
     return scores
+
+
+def _trained_graph(args: argparse.Namespace, fit: list[LabelledPair], work: Path) -> Path:
+    model_dir = packaged_minilm_path()
+    plan = TrainingPlan(
+        epochs=args.epochs, learning_rate=args.learning_rate, init_weights=args.init_weights
+    )
+    weights = args.weights or train_cross_encoder(fit, model_dir, work, plan)
+    return export_cross_encoder(weights, model_dir, args.out / GRAPH_FILE)
+
+
+def _pair_scores(
+    scorer: OnnxCrossEncoder, vectors: dict[str, np.ndarray], holdout: list[LabelledPair]
+) -> dict[str, np.ndarray]:
+    return {
+        "cosines": np.array([float(np.dot(vectors[p.query], vectors[p.cached])) for p in holdout]),
+        "forward": scorer.logits([(p.query, p.cached) for p in holdout]),
+        "backward": scorer.logits([(p.cached, p.query) for p in holdout]),
+    }
+
+
+def _cache_scores(
+    scorer: OnnxCrossEncoder,
+    vectors: dict[str, np.ndarray],
+    holdout: list[LabelledPair],
+    fit: list[LabelledPair],
+) -> dict[str, np.ndarray]:
+    lookups = cache_candidates(holdout, vectors, ScopedFaissIndex(MINILM_DIMENSION), fit)
+    assert lookups.same_question is not None  # cache mode always sets it
+    return {
+        "cache_cosines": np.array(lookups.similarities),
+        "cache_forward": scorer.logits(lookups.texts),
+        "cache_backward": scorer.logits([(c, q) for q, c in lookups.texts]),
+        "cache_found": np.array([found for _, found in lookups.texts]),
+        "cache_right": lookups.same_question,
+    }
 
 
 def _logits(scores: dict[str, np.ndarray], prefix: str, symmetric: bool) -> np.ndarray:
