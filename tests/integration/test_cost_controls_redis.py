@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 import pytest
 
@@ -207,57 +208,72 @@ async def test_two_replicas_settling_together_see_a_soft_budget_crossing_once(
             await link.aclose()
 
 
-async def test_while_redis_is_down_a_replica_spends_only_what_was_left(
-    own_redis_server: RedisServer,
-) -> None:
+@dataclass(frozen=True)
+class LedgerOnOwnRedis:
+    """One replica's spend ledger on a redis-server the test may kill and restart."""
+
+    server: RedisServer
+    link: RedisLink
+    ledger: RedisSpendLedger
+    clock: ManualClock
+
+    def another_ledger(self) -> RedisSpendLedger:
+        """A fresh ledger on the same link: it sees only what reached Redis."""
+        return RedisSpendLedger(self.link, KeySpace(), self.clock)
+
+
+@pytest.fixture
+async def ledger_on_own_redis(own_redis_server: RedisServer) -> AsyncIterator[LedgerOnOwnRedis]:
     clock = ManualClock()
     link = link_to(own_redis_server)
     assert await link.connect()
-    ledger = RedisSpendLedger(link, KeySpace(), clock)
-    caps = [Cap(Period.DAY, 1.0)]
     try:
-        await ledger.settle(None, SpendRecord("acme", cost_usd=0.6))
-        held = await ledger.reserve("acme", "", 0.1, caps)
-        assert isinstance(held, Reservation)
-        await ledger.settle(held, SpendRecord("acme", cost_usd=0.1))  # Redis says: 0.7 spent
-        own_redis_server.kill()
-        # 0.3 is left to this replica (not the 0.4 left when it last reserved).
-        assert isinstance(await ledger.reserve("acme", "", 0.35, caps), CapReached)
-        local = await ledger.reserve("acme", "", 0.25, caps)
-        assert isinstance(local, Reservation) and local.local
-        assert isinstance(await ledger.reserve("acme", "", 0.25, caps), CapReached)
-        await ledger.settle(local, SpendRecord("acme", cost_usd=0.2))  # pending until Redis is back
-        own_redis_server.start()
-        await link.wait_up()
-
-        async def flushed() -> bool:
-            other = RedisSpendLedger(link, KeySpace(), clock)
-            return (await other.totals("acme"))[Period.DAY].cost_usd == pytest.approx(0.9)
-
-        await eventually(flushed, "the spend made while Redis was down reaches Redis")
+        yield LedgerOnOwnRedis(
+            own_redis_server, link, RedisSpendLedger(link, KeySpace(), clock), clock
+        )
     finally:
         await link.aclose()
+
+
+async def test_while_redis_is_down_a_replica_spends_only_what_was_left(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    caps = [Cap(Period.DAY, 1.0)]
+    await ledger.settle(None, SpendRecord("acme", cost_usd=0.6))
+    held = await ledger.reserve("acme", "", 0.1, caps)
+    assert isinstance(held, Reservation)
+    await ledger.settle(held, SpendRecord("acme", cost_usd=0.1))  # Redis says: 0.7 spent
+    redis.server.kill()
+    # 0.3 is left to this replica (not the 0.4 left when it last reserved).
+    assert isinstance(await ledger.reserve("acme", "", 0.35, caps), CapReached)
+    local = await ledger.reserve("acme", "", 0.25, caps)
+    assert isinstance(local, Reservation) and local.local
+    assert isinstance(await ledger.reserve("acme", "", 0.25, caps), CapReached)
+    await ledger.settle(local, SpendRecord("acme", cost_usd=0.2))  # pending until Redis is back
+    redis.server.start()
+    await redis.link.wait_up()
+
+    async def flushed() -> bool:
+        totals = await redis.another_ledger().totals("acme")
+        return totals[Period.DAY].cost_usd == pytest.approx(0.9)
+
+    await eventually(flushed, "the spend made while Redis was down reaches Redis")
 
 
 async def test_spend_pending_over_an_outage_is_flushed_once_however_many_flush(
-    own_redis_server: RedisServer,
+    ledger_on_own_redis: LedgerOnOwnRedis,
 ) -> None:
-    clock = ManualClock()
-    link = link_to(own_redis_server)
-    assert await link.connect()
-    ledger = RedisSpendLedger(link, KeySpace(), clock)
-    try:
-        own_redis_server.kill()
-        for _ in range(3):
-            await ledger.settle(None, SpendRecord("acme", "u1", cost_usd=0.25, calls=1))
-        own_redis_server.start()
-        await link.wait_up()
-        # The link's health listener flushes too; the service's stop may flush meanwhile.
-        await asyncio.gather(ledger.flush(), ledger.flush())
-        totals = await RedisSpendLedger(link, KeySpace(), clock).totals("acme", "u1")
-        assert (totals[Period.DAY].cost_usd, totals[Period.DAY].calls) == (0.75, 3)
-    finally:
-        await link.aclose()
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    redis.server.kill()
+    for _ in range(3):
+        await ledger.settle(None, SpendRecord("acme", "u1", cost_usd=0.25, calls=1))
+    redis.server.start()
+    await redis.link.wait_up()
+    # The link's health listener flushes too; the service's stop may flush meanwhile.
+    await asyncio.gather(ledger.flush(), ledger.flush())
+    totals = await redis.another_ledger().totals("acme", "u1")
+    assert (totals[Period.DAY].cost_usd, totals[Period.DAY].calls) == (0.75, 3)
 
 
 async def test_reservations_hold_whatever_time_the_replica_clock_says(
