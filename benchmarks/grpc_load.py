@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import functools
 import json
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -41,12 +42,22 @@ from routecache.replay.recordings import Recordings
 from routecache.v1 import routecache_pb2 as pb
 
 PREAMBLE = "Quick question: "
+# The server's own timing of each answer (CompleteResponse.latency): with the client-side
+# latency they show how much of a request is model work, how much queueing and transport.
+SERVER_STAGES = ("total_ms", "embed_ms", "search_ms")
 
 
 @dataclass
 class PathResults:
     latencies_ms: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    server_ms: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+    def record(self, client_ms: float, latency: pb.LatencyBreakdown | None = None) -> None:
+        self.latencies_ms.append(client_ms)
+        if latency is not None:
+            for stage in SERVER_STAGES:
+                self.server_ms[stage].append(getattr(latency, stage))
 
     def summary(self, seconds: float) -> dict[str, float]:
         ordered = sorted(self.latencies_ms)
@@ -63,7 +74,9 @@ class PathResults:
             "p95_ms": pct(0.95),
             "p99_ms": pct(0.99),
             "throughput_per_s": round(len(ordered) / seconds, 1),
-        }
+            **{f"server_{stage}_p50": round(statistics.median(values), 2)
+               for stage, values in self.server_ms.items() if values},
+        }  # fmt: skip
 
 
 def path_of(response: pb.CompleteResponse) -> str:
@@ -160,7 +173,7 @@ async def _one(
     except grpc.aio.AioRpcError as error:
         results["error"].errors[error.code().name] += 1
         return
-    results[path_of(response)].latencies_ms.append((time.perf_counter() - start) * 1000)
+    results[path_of(response)].record((time.perf_counter() - start) * 1000, response.latency)
 
 
 async def seed(client: RouteCacheClient, workload: Workload) -> None:
@@ -234,11 +247,22 @@ def _print_line(level: object, path: str, summary: dict[str, dict[str, float]]) 
         if s.get("count"):
             parts.append(
                 f"{name} n={s['count']:.0f} p50={s['p50_ms']:.1f} p95={s['p95_ms']:.1f} "
-                f"p99={s['p99_ms']:.1f} ms {s['throughput_per_s']:.0f}/s"
+                f"p99={s['p99_ms']:.1f} ms {s['throughput_per_s']:.0f}/s" + _server_part(s)
             )
         if s.get("errors"):
             parts.append(f"{name} errors={s['errors']:.0f}")
     print(f"c={level!s:>6} {path:8}  " + "; ".join(parts), flush=True)
+
+
+def _server_part(summary: dict[str, float]) -> str:
+    """The server's own p50s, e.g. " [server p50: total 16.7, embed 6.5, search 9.1 ms]"."""
+    if "server_total_ms_p50" not in summary:
+        return ""
+    stages = ", ".join(
+        f"{stage.removesuffix('_ms')} {summary[f'server_{stage}_p50']:.1f}"
+        for stage in SERVER_STAGES
+    )
+    return f" [server p50: {stages} ms]"
 
 
 def add_stream_arguments(parser: argparse.ArgumentParser) -> None:

@@ -113,7 +113,7 @@ def run_threads(
         except Exception as error:  # GPTCache's SQLite store can fail under concurrent callers
             results.setdefault("error", PathResults()).errors[type(error).__name__] += 1
             return
-        results[outcome].latencies_ms.append((time.perf_counter() - start) * 1000)
+        results[outcome].record((time.perf_counter() - start) * 1000)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
