@@ -109,7 +109,10 @@ def costly(prompt: str) -> ChatRequest:
 async def start_capped(
     redis_server: RedisServer, clock: ManualClock, cap: float | None, count: int = 2
 ) -> list[Replica]:
-    settings = replica_settings(redis_server.url)
+    # These tests are about the cap, not about outages: a burst of fifty new connections on a
+    # busy 2-core CI box once took longer than the default 0.25 s to connect, the link called
+    # Redis down, and each replica fell back to its own in-process ledger (30 refusals, not 40).
+    settings = replica_settings(redis_server.url, timeout_seconds=2.0)
     tenant = settings.tenants[0]
     tenant.validators = []
     tenant.budget.daily_usd = cap
