@@ -15,9 +15,11 @@ the cache, then for each concurrency runs a closed loop per path:
   through classifier, upstream and validators.
 
 Each response is counted under the path the server reports (cache outcome and tier), not the
-path it was meant for. Every level is bounded by a request count and a time limit. The best
-embedding throughput outside the server is measured in the same run first, so the semantic
-lookups at each concurrency can be compared with it.
+path it was meant for, and beside the client-side latency each line shows the server's own p50
+per stage (total, embed, search: from the response's latency breakdown), so queueing in the
+server and time in transport can be told apart. Every level is bounded by a request count and
+a time limit. The best embedding throughput outside the server is measured in the same run
+first, so the semantic lookups at each concurrency can be compared with it.
 """
 
 from __future__ import annotations
