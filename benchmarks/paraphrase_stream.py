@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from routecache.cache.hit_policy import HitRequirement
-from routecache.training.eval_cache import embed_texts
+from routecache.training.eval_cache import embed_texts, pairwise_candidates
 from routecache.training.pair_data import LabelledPair, load_pairs
 
 
@@ -41,9 +41,9 @@ def accepted_duplicates(pairs_path: Path, count: int) -> list[LabelledPair]:
     for start in range(0, len(duplicates), 4 * count):
         batch = [p for p in duplicates[start : start + 4 * count] if p.cached not in chosen]
         vectors.update(embed_texts(embedder, [t for p in batch for t in (p.query, p.cached)]))
-        sims = [float(np.dot(vectors[p.query], vectors[p.cached])) for p in batch]
-        texts = [(p.query, p.cached) for p in batch]
-        verdicts = policy.decide(policy.scores(texts, sims), sims, requirement)
+        candidates = pairwise_candidates(batch, vectors)
+        sims = candidates.similarities
+        verdicts = policy.decide(policy.scores(candidates.texts, sims), sims, requirement)
         for pair, verdict in zip(batch, verdicts, strict=True):
             if verdict.accept and pair.cached not in chosen and len(chosen) < wanted:
                 chosen[pair.cached] = pair

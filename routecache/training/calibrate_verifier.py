@@ -84,8 +84,19 @@ def out_of_fold(scored: ScoredPairs, folds: int = 5) -> Floats:
     out = np.zeros(len(scored.labels))
     for fit, held in GroupKFold(n_splits=folds).split(scored.rows, groups=scored.groups):
         weights, bias = _fit_logistic(scored.rows[fit], scored.labels[fit])
-        out[held] = 1.0 / (1.0 + np.exp(-(scored.rows[held] @ weights + bias)))
+        out[held] = _probabilities(scored.rows[held], weights, bias)
     return out
+
+
+def _probabilities(rows: Floats, weights: Floats, bias: float) -> Floats:
+    result: Floats = 1.0 / (1.0 + np.exp(-(rows @ weights + bias)))
+    return result
+
+
+def _recall_at(scores: Floats, labels: npt.NDArray[np.bool_], threshold: float) -> float:
+    """Share of the positives whose score clears the threshold (NaN: never scored, never kept)."""
+    kept = np.nan_to_num(scores, nan=-np.inf) >= threshold
+    return float((kept & labels).sum() / max(1, labels.sum()))
 
 
 def false_hit_upper_bound(false_hits: int, lookups: int, confidence: float) -> float:
@@ -180,7 +191,7 @@ def _hold_in_cache_mode(
     The lookups are scored by the final weights: they were fitted on the pairs, not on these
     lookups' candidates (only a query's own partner, when it is the nearest, appears in both).
     """
-    probabilities = 1.0 / (1.0 + np.exp(-(lookups.rows @ weights + bias)))
+    probabilities = _probabilities(lookups.rows, weights, bias)
     gated = np.where(lookups.cosine >= floor, probabilities, np.nan)
     scores, labels = pairwise_scores
     merged: list[BudgetThreshold] = []
@@ -188,14 +199,12 @@ def _hold_in_cache_mode(
     for chosen in pairwise:
         cache = threshold_for_budget(gated, lookups.labels, chosen.max_false_hit_rate, confidence)
         threshold = max(chosen.threshold, cache.threshold)
-        kept = np.nan_to_num(scores, nan=-np.inf) >= threshold
-        recall = float((kept & labels).sum() / max(1, labels.sum()))
-        merged.append(BudgetThreshold(chosen.max_false_hit_rate, threshold, recall))
-        cached_hits = np.nan_to_num(gated, nan=-np.inf) >= threshold
-        right = lookups.labels
-        cache_recall[str(chosen.max_false_hit_rate)] = float(
-            (cached_hits & right).sum() / max(1, right.sum())
+        merged.append(
+            BudgetThreshold(
+                chosen.max_false_hit_rate, threshold, _recall_at(scores, labels, threshold)
+            )
         )
+        cache_recall[str(chosen.max_false_hit_rate)] = _recall_at(gated, lookups.labels, threshold)
     return tuple(merged), {
         "cache_mode_lookups": len(lookups.labels),
         "cache_mode_recall": cache_recall,
