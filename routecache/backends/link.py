@@ -38,16 +38,17 @@ class RedisLink:
         max_connections: int,
         probe_interval_seconds: float,
         block_ms: int = 1000,
+        connect_timeout_seconds: float = 1.0,
     ) -> None:
         # No retries inside redis-py: a slow or dead Redis must cost one timeout, not several.
         self.client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds,
+            url, socket_timeout=timeout_seconds, socket_connect_timeout=connect_timeout_seconds,
             max_connections=max_connections, retry=Retry(NoBackoff(), 0),
         )  # fmt: skip
         # Blocking stream reads wait up to block_ms by design, so they get their own pool.
         self.blocking = aioredis.Redis.from_url(
             url, socket_timeout=timeout_seconds + block_ms / 1000,
-            socket_connect_timeout=timeout_seconds, max_connections=4,
+            socket_connect_timeout=connect_timeout_seconds, max_connections=4,
             retry=Retry(NoBackoff(), 0),
         )  # fmt: skip
         self.block_ms = block_ms

@@ -50,7 +50,13 @@ from routecache.router.ports import ChatUpstream, EventSink, Pricing, RateLimite
 from routecache.router.quotas import InMemoryQuotaLimiter, QuotaLimiter
 from routecache.router.server import DEPENDENCIES, RunningServer, start_server
 from routecache.router.servicer import RouteCacheServicer
-from routecache.router.settings import ConfigError, ProviderSettings, RetrySettings, Settings
+from routecache.router.settings import (
+    ConfigError,
+    ProviderSettings,
+    RetrySettings,
+    Settings,
+    StoreSettings,
+)
 from routecache.router.telemetry import (
     BREAKER_CLOSED,
     BREAKER_HALF_OPEN,
@@ -303,6 +309,16 @@ def build_storage(
     return build_redis_storage(settings, index, clock, events, telemetry or NullTelemetry())
 
 
+def build_redis_link(store_settings: StoreSettings) -> RedisLink:
+    return RedisLink(
+        store_settings.redis_url.get_secret_value(),
+        store_settings.timeout_seconds,
+        store_settings.max_connections,
+        store_settings.probe_interval_seconds,
+        connect_timeout_seconds=store_settings.connect_timeout_seconds,
+    )
+
+
 def build_redis_storage(
     settings: Settings,
     index: VectorIndex,
@@ -312,12 +328,7 @@ def build_redis_storage(
 ) -> StorageParts:
     store_settings = settings.store
     grace = settings.upstream.stale_grace_seconds
-    link = RedisLink(
-        store_settings.redis_url.get_secret_value(),
-        store_settings.timeout_seconds,
-        store_settings.max_connections,
-        store_settings.probe_interval_seconds,
-    )
+    link = build_redis_link(store_settings)
     telemetry.watch_dependency("redis", lambda: link.up)
     keyspace = KeySpace(store_settings.key_prefix)
     origin = uuid.uuid4().hex  # this replica, so it can skip its own sync messages

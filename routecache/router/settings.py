@@ -212,6 +212,11 @@ class StoreSettings(_Section):
     timeout_seconds: float = Field(
         0.25, gt=0, description="a Redis call slower than this counts as Redis down"
     )
+    # A new connection is a TCP handshake and redis-py's HELLO: several turns of the event loop,
+    # so a burst of them on a busy loop needs more than one call's allowance.
+    connect_timeout_seconds: float = Field(
+        1.0, gt=0, description="opening a connection slower than this counts as Redis down"
+    )
     max_connections: int = Field(64, gt=0)
     probe_interval_seconds: float = Field(0.5, gt=0, description="ping period while down")
     purge_interval_seconds: float = Field(5.0, gt=0, description="expired-entry sweep period")
