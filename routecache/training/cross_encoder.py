@@ -38,8 +38,11 @@ class TrainingPlan:
     init_weights: Path | None = None  # continue from earlier weights instead of the packaged ones
 
 
-def build_module(model_dir: Path) -> Any:
-    """The torch module: MiniLM + linear head on the mean-pooled tokens, one logit per pair."""
+def build_module(model_dir: Path, outputs: int = 1) -> Any:
+    """The torch module: MiniLM + linear head on the mean-pooled tokens.
+
+    One output (the cross-encoder) gives one logit per input, else a row of `outputs` logits.
+    """
     import torch
     from transformers import AutoModel
 
@@ -47,18 +50,19 @@ def build_module(model_dir: Path) -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.encoder = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
-            self.head = torch.nn.Linear(self.encoder.config.hidden_size, 1)
+            self.head = torch.nn.Linear(self.encoder.config.hidden_size, outputs)
 
         def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
             hidden = self.encoder(
                 input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
             ).last_hidden_state
-            return self.head(mean_pool(hidden, attention_mask)).squeeze(-1)
+            logits = self.head(mean_pool(hidden, attention_mask))
+            return logits.squeeze(-1) if outputs == 1 else logits
 
     return CrossEncoder()
 
 
-def _length_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+def length_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
     """Batches of similar length in random order: shuffle, sort within windows, cut, shuffle."""
     order = list(range(len(lengths)))
     rng.shuffle(order)
@@ -103,7 +107,7 @@ def train_cross_encoder(
     started, step = time.perf_counter(), 0
     for epoch in range(plan.epochs):
         running = 0.0
-        for batch in _length_batches(lengths, plan.batch_size, rng):
+        for batch in length_batches(lengths, plan.batch_size, rng):
             chosen = [pairs[i] for i in batch]
             flipped = [rng.random() < 0.5 for _ in chosen]
             first = [p.cached if f else p.query for p, f in zip(chosen, flipped, strict=True)]
