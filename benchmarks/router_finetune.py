@@ -82,7 +82,7 @@ def fine_tune(
     labels = torch.tensor([[float(not r.weak_correct), float(not r.strong_correct)] for r in train])
     optimiser = torch.optim.AdamW(module.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
     total = math.ceil(len(texts) / BATCH_SIZE) * epochs
-    warmup = int(total * 0.1)
+    warmup = max(1, int(total * 0.1))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / (total - warmup)))
     )
@@ -126,6 +126,14 @@ def summary(score: Floats, rows: Sequence[RoutingRow]) -> dict[str, float]:
     }
 
 
+def bootstrap_sd(score: Floats, rows: Sequence[RoutingRow], resamples: int = 300) -> float:
+    """How much APGR moves between resamples of the same rows: what dev can tell apart."""
+    weak = np.array([r.weak_correct for r in rows])
+    strong = np.array([r.strong_correct for r in rows])
+    draws = np.random.default_rng(0).integers(0, len(rows), size=(resamples, len(rows)))
+    return float(np.std([metrics.apgr(score[i], weak[i], strong[i]) for i in draws]))
+
+
 def print_line(name: str, score: Floats, rows: Sequence[RoutingRow]) -> float:
     result = summary(score, rows)
     print(f"{name:44s} APGR {result['apgr']:.3f}  CPT(80%) {result['cpt80']:.3f}  "
@@ -163,6 +171,8 @@ def compare(
     print(f"weight chosen on the holdout: {chosen:.1f}")
     knn_dev = knn_scores([*train, *hold], dev, cache)
     print_line("dev: kNN + text heads (all of train)", knn_dev, dev)
+    spread = bootstrap_sd(knn_dev, dev)
+    print(f"  bootstrap of dev (300 resamples): APGR standard deviation {spread:.3f}")
     print_line("dev: fine-tuned (80% of train)", tuned_dev, dev)
     blend = (1 - chosen) * ranks(knn_dev) + chosen * ranks(tuned_dev)
     print_line(f"dev: rank blend, weight {chosen:.1f}", blend, dev)

@@ -11,9 +11,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
+from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -30,6 +30,40 @@ class RedisDown(StoreUnavailable):
     """Redis is unreachable or too slow; callers take their degraded path."""
 
 
+class _PatientSetup:
+    """A new connection's set-up replies (CLIENT SETINFO, AUTH, SELECT) get the connect allowance.
+
+    redis-py bounds only the TCP connect by socket_connect_timeout and reads the set-up replies
+    under the call timeout, so a burst of new connections on a busy event loop could miss it.
+    """
+
+    socket_timeout: float | None
+    socket_connect_timeout: float | None
+
+    async def on_connect_check_health(self, check_health: bool = True) -> None:
+        call_timeout = self.socket_timeout
+        self.socket_timeout = self.socket_connect_timeout
+        try:
+            await super().on_connect_check_health(check_health=check_health)  # type: ignore[misc]
+        finally:
+            self.socket_timeout = call_timeout
+
+
+# Any: redis-py types its commands as "sync or awaitable" for both clients; callers await them.
+def _redis_client(url: str, call_timeout: float, connect_timeout: float, size: int) -> Any:
+    # No retries inside redis-py: a slow or dead Redis must cost one timeout, not several.
+    client = Redis.from_url(
+        url, socket_timeout=call_timeout, socket_connect_timeout=connect_timeout,
+        max_connections=size, retry=Retry(NoBackoff(), 0),
+    )  # fmt: skip
+    pool = client.connection_pool
+    # Subclass whatever the URL chose (TCP, TLS or a Unix socket).
+    pool.connection_class = type(
+        f"Patient{pool.connection_class.__name__}", (_PatientSetup, pool.connection_class), {}
+    )
+    return client
+
+
 class RedisLink:
     def __init__(
         self,
@@ -40,17 +74,11 @@ class RedisLink:
         block_ms: int = 1000,
         connect_timeout_seconds: float = 1.0,
     ) -> None:
-        # No retries inside redis-py: a slow or dead Redis must cost one timeout, not several.
-        self.client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_seconds, socket_connect_timeout=connect_timeout_seconds,
-            max_connections=max_connections, retry=Retry(NoBackoff(), 0),
-        )  # fmt: skip
+        # Opening a connection takes more round trips than a call: never allow it less.
+        connect_timeout = max(connect_timeout_seconds, timeout_seconds)
+        self.client = _redis_client(url, timeout_seconds, connect_timeout, max_connections)
         # Blocking stream reads wait up to block_ms by design, so they get their own pool.
-        self.blocking = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_seconds + block_ms / 1000,
-            socket_connect_timeout=connect_timeout_seconds, max_connections=4,
-            retry=Retry(NoBackoff(), 0),
-        )  # fmt: skip
+        self.blocking = _redis_client(url, timeout_seconds + block_ms / 1000, connect_timeout, 4)
         self.block_ms = block_ms
         self._probe_interval = probe_interval_seconds
         self._up = asyncio.Event()

@@ -212,8 +212,9 @@ class StoreSettings(_Section):
     timeout_seconds: float = Field(
         0.25, gt=0, description="a Redis call slower than this counts as Redis down"
     )
-    # A new connection is a TCP handshake and redis-py's HELLO: several turns of the event loop,
-    # so a burst of them on a busy loop needs more than one call's allowance.
+    # Opening a connection is the TCP connect plus redis-py's set-up commands (CLIENT SETINFO,
+    # AUTH, SELECT): several round trips, so a burst of them on a busy event loop needs more than
+    # one call's allowance. Never less than timeout_seconds.
     connect_timeout_seconds: float = Field(
         1.0, gt=0, description="opening a connection slower than this counts as Redis down"
     )

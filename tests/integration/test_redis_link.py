@@ -1,14 +1,23 @@
-"""The shared Redis link, as the service wires it, against a real redis-server."""
+"""The shared Redis link, as the service wires it, against a real redis-server.
+
+Found in CI: fifty new connections on a busy box missed the 0.25 s call timeout while opening,
+Redis was marked down, and spend caps fell back to each replica's own ledger. Opening a
+connection (the TCP connect, then redis-py's set-up commands) now gets
+`store.connect_timeout_seconds`; calls on an open connection keep the call timeout.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
+import redis
 from pydantic import SecretStr
 
-from routecache.backends.link import RedisDown, guarded
+from routecache.backends.link import RedisDown, RedisLink, guarded
 from routecache.router.bootstrap import build_redis_link
 from routecache.router.settings import StoreSettings
 from tests.redis_fixture import RedisServer
@@ -16,21 +25,43 @@ from tests.redis_fixture import RedisServer
 pytestmark = pytest.mark.integration
 
 # Longer than a call's allowance (0.25 s), shorter than a connection's (1 s).
-LOOP_STALL_SECONDS = 0.4
+STALL_SECONDS = 0.4
+
+Stall = Callable[[RedisServer], Awaitable[None]]
+
+
+async def stall_the_event_loop(server: RedisServer) -> None:
+    """A busy loop (a burst of requests on a starved 2-core box) holds up the TCP connect."""
+    asyncio.get_running_loop().call_soon(time.sleep, STALL_SECONDS)
+
+
+async def stall_redis(server: RedisServer) -> None:
+    """Redis busy for a moment: the new connection's set-up replies (CLIENT SETINFO) wait."""
+    started = threading.Event()
+
+    def sleep_in_redis() -> None:
+        client = redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=10)
+        try:
+            started.set()
+            client.execute_command("DEBUG", "SLEEP", str(STALL_SECONDS))
+        finally:
+            client.close()
+
+    threading.Thread(target=sleep_in_redis, daemon=True).start()
+    started.wait()
+    await asyncio.sleep(0.05)  # let DEBUG SLEEP reach the server before we connect
 
 
 def settings_for(server: RedisServer, **overrides: float) -> StoreSettings:
     return StoreSettings(backend="redis", redis_url=SecretStr(server.url), **overrides)
 
 
-async def ping_on_a_new_connection_during_a_stall(settings: StoreSettings) -> bool:
-    """Open a connection while the event loop is busy; True if Redis stayed up."""
-    link = build_redis_link(settings)
+async def ping_on_a_new_connection(link: RedisLink, server: RedisServer, stall: Stall) -> bool:
+    """Open a new connection through a stall; True if Redis stayed up."""
     try:
         assert await link.connect()
         await link.client.connection_pool.disconnect()  # the next call must connect again
-        # A busy loop (a burst of requests on a starved 2-core box) stalls every coroutine.
-        asyncio.get_running_loop().call_soon(time.sleep, LOOP_STALL_SECONDS)
+        await stall(server)
         try:
             await guarded(link, link.client.ping)
         except RedisDown:
@@ -40,18 +71,41 @@ async def ping_on_a_new_connection_during_a_stall(settings: StoreSettings) -> bo
         await link.aclose()
 
 
-async def test_a_stalled_loop_while_connecting_does_not_mark_redis_down(
-    redis_server: RedisServer,
+@pytest.mark.parametrize("stall", [stall_the_event_loop, stall_redis])
+async def test_a_slow_new_connection_does_not_mark_redis_down(
+    redis_server: RedisServer, stall: Stall
 ) -> None:
-    # Found in CI: fifty cold connections on a busy box missed a connect timeout equal to the
-    # 0.25 s call timeout, Redis was marked down, and spend caps fell back to each replica.
-    assert await ping_on_a_new_connection_during_a_stall(settings_for(redis_server))
+    link = build_redis_link(settings_for(redis_server))
+    assert await ping_on_a_new_connection(link, redis_server, stall)
 
 
+@pytest.mark.parametrize("stall", [stall_the_event_loop, stall_redis])
 async def test_the_connect_timeout_is_what_bounds_a_new_connection(
+    redis_server: RedisServer, stall: Stall
+) -> None:
+    # The same stalls against a connect allowance shorter than them: the link goes down, so the
+    # test above passes because of the setting, not because the stall missed the connection.
+    link = build_redis_link(settings_for(redis_server, connect_timeout_seconds=0.25))
+    assert not await ping_on_a_new_connection(link, redis_server, stall)
+
+
+async def test_a_call_on_an_open_connection_keeps_the_call_timeout(
     redis_server: RedisServer,
 ) -> None:
-    # The same stall against a connect allowance shorter than it: the link goes down, so the
-    # test above passes because of the setting, not because the stall missed the connect.
-    tight = settings_for(redis_server, connect_timeout_seconds=0.25)
-    assert not await ping_on_a_new_connection_during_a_stall(tight)
+    link = build_redis_link(settings_for(redis_server))
+    try:
+        assert await link.connect()  # the connection is open: the ping is an ordinary call
+        await stall_redis(redis_server)
+        with pytest.raises(RedisDown):
+            await guarded(link, link.client.ping)
+        assert not link.up
+    finally:
+        await link.aclose()
+
+
+def test_a_connection_is_never_allowed_less_than_a_call() -> None:
+    link = RedisLink("redis://127.0.0.1:1/0", timeout_seconds=2.0, max_connections=1,
+                     probe_interval_seconds=1.0, connect_timeout_seconds=0.5)  # fmt: skip
+    kwargs = link.client.connection_pool.connection_kwargs
+    assert kwargs["socket_connect_timeout"] == 2.0
+    assert kwargs["socket_timeout"] == 2.0

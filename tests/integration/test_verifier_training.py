@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 
 from routecache.cache.cross_encoder import OnnxCrossEncoder
 from routecache.cache.embedder import packaged_minilm_path
@@ -40,14 +41,30 @@ def test_the_module_gives_one_logit_per_input_or_a_row_per_input() -> None:
 
 
 def test_trained_weights_export_to_the_graph_the_service_scores_with(tmp_path: Path) -> None:
-    plan = TrainingPlan(epochs=1, batch_size=2, learning_rate=1e-5)
-    weights = train_cross_encoder(PAIRS, packaged_minilm_path(), tmp_path / "work", plan)
-    assert weights.is_file()
-    assert (tmp_path / "work" / "cross_encoder_epoch1.pt").is_file()
+    import torch
 
-    graph = export_cross_encoder(weights, packaged_minilm_path(), tmp_path / "out" / "ce.onnx")
+    plan = TrainingPlan(epochs=1, batch_size=2, learning_rate=1e-4)
+    weights = train_cross_encoder(PAIRS, packaged_minilm_path(), tmp_path / "work", plan)
+    assert (tmp_path / "work" / "cross_encoder_epoch1.pt").is_file()
+    trained = build_module(packaged_minilm_path())
+    trained.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    trained.eval()
+    untouched = build_module(packaged_minilm_path()).encoder.state_dict()
+    moved = [name for name, value in trained.encoder.state_dict().items()
+             if not torch.equal(value, untouched[name])]  # fmt: skip
+    assert moved, "training left the encoder's weights as loaded"
+
+    graph = export_cross_encoder(weights, packaged_minilm_path(), tmp_path / "ce.onnx", int8=False)
     scorer = OnnxCrossEncoder(graph, symmetric=False)
-    logits = scorer.logits([(p.query, p.cached) for p in PAIRS])
-    assert logits.shape == (len(PAIRS),)
-    assert np.all(np.isfinite(logits))
-    assert len(set(np.round(logits, 4).tolist())) == len(PAIRS)  # the pairs are told apart
+    exported = scorer.logits([(p.query, p.cached) for p in PAIRS])
+    tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm_path()), local_files_only=True)
+    with torch.no_grad():
+        expected = [
+            float(trained(**tokenizer(p.query, p.cached, return_tensors="pt"))) for p in PAIRS
+        ]
+    np.testing.assert_allclose(exported, expected, atol=1e-3)
+
+    quantised = export_cross_encoder(weights, packaged_minilm_path(), tmp_path / "ce8.onnx")
+    int8 = OnnxCrossEncoder(quantised, symmetric=False).logits([(p.query, p.cached) for p in PAIRS])
+    assert np.all(np.isfinite(int8))
+    assert quantised.stat().st_size < graph.stat().st_size / 2  # int8 weights: a quarter or so
