@@ -19,7 +19,7 @@ from routecache.domain import (
     ValidationReport,
 )
 from routecache.errors import InvalidArgument
-from routecache.router.pipeline import InvalidateTarget
+from routecache.router.tenant_admin import InvalidateTarget
 from routecache.v1 import routecache_pb2 as pb
 
 _ROLES = {pb.ROLE_SYSTEM: Role.SYSTEM, pb.ROLE_USER: Role.USER, pb.ROLE_ASSISTANT: Role.ASSISTANT}

@@ -20,19 +20,15 @@ from routecache.domain import (
     CacheInfo,
     ChatRequest,
     Completion,
-    Feedback,
     LatencyBreakdown,
     Tenant,
-    TenantStats,
     Tier,
-    TopEntry,
     Usage,
     ValidationReport,
 )
 from routecache.errors import (
     FailedValidation,
     InvalidArgument,
-    NotFound,
     RouteCacheError,
     Unavailable,
 )
@@ -40,12 +36,7 @@ from routecache.router.alerts import BudgetAlerts
 from routecache.router.auth import ApiKeyAuthenticator
 from routecache.router.costs import Booking, CostControl
 from routecache.router.generation import Generated, Generator
-from routecache.router.input_validation import (
-    validate_feedback,
-    validate_invalidation,
-    validate_request,
-    validate_top_n,
-)
+from routecache.router.input_validation import validate_request
 from routecache.router.logs import REQUEST_ID
 from routecache.router.ports import EventSink, RateLimiter, SpendLedger
 from routecache.router.quotas import InMemoryQuotaLimiter
@@ -53,19 +44,13 @@ from routecache.router.settings import LimitSettings
 from routecache.router.single_flight import SingleFlight
 from routecache.router.stats import ResponseRegistry, ServedResponse, TenantStatsBook
 from routecache.router.telemetry import NullTelemetry, Telemetry, error_reason, path_of
+from routecache.router.tenant_admin import TenantAdmin
 from routecache.router.upstream.failover import AllProvidersFailed
 
 log = logging.getLogger(__name__)
 
 _STREAM_CHUNK_CHARS = 48
 _SERVER_SIDE = frozenset({"unavailable", "failed_validation"})
-
-
-@dataclass(frozen=True)
-class InvalidateTarget:
-    entry_id: str = ""
-    tag: str = ""
-    all_entries: bool = False
 
 
 @dataclass
@@ -95,6 +80,8 @@ class Pipeline:
         self._stats = TenantStatsBook()
         self._responses = ResponseRegistry()
         self._single_flight: SingleFlight[Generated] = SingleFlight()
+        # Feedback, invalidation and stats: what a tenant does with the answers it was given.
+        self.admin = TenantAdmin(parts, self._stats, self._responses)
 
     @property
     def cache(self) -> SemanticCache:
@@ -507,71 +494,6 @@ class Pipeline:
     def _fail(self, tenant: Tenant, error: Exception) -> None:
         # The error event itself is emitted once, by _record_failure, for every failure.
         self._stats.record_failure(tenant.name, validation=isinstance(error, FailedValidation))
-
-    async def feedback(self, feedback: Feedback, api_key: str | None) -> str:
-        """Records feedback; a thumbs-down on a cached answer removes the entry (returned)."""
-        tenant = await self._p.authenticator.resolve(api_key)
-        validate_feedback(feedback, self._p.limits)
-        served = self._responses.find(tenant.name, feedback.response_id)
-        if served is None:
-            raise NotFound(f"no recent response with id {feedback.response_id}")
-        removed = ""
-        if not feedback.thumbs_up and served.entry_id:
-            removed = served.entry_id if await self._p.cache.distrust(
-                tenant.name, served.entry_id) else ""  # fmt: skip
-        self._stats.record_feedback(tenant.name, feedback.thumbs_up)
-        self._p.telemetry.feedback(tenant.name, feedback.thumbs_up, bool(removed))
-        self._p.events.emit(
-            "feedback",
-            {
-                "request_id": REQUEST_ID.get(),
-                "tenant": tenant.name,
-                "response_id": feedback.response_id,
-                "thumbs_up": feedback.thumbs_up,
-                "correction": feedback.correction,
-                "comment": feedback.comment,
-                "entry_id": served.entry_id,
-                "cache_outcome": served.cache_outcome.value,
-                "similarity": served.similarity,
-                "invalidated": bool(removed),
-            },
-        )
-        return removed
-
-    async def invalidate(self, target: InvalidateTarget, api_key: str | None) -> int:
-        tenant = await self._p.authenticator.resolve(api_key)
-        validate_invalidation(target.entry_id, target.tag, self._p.limits)
-        cache = self._p.cache
-        if target.entry_id:
-            removed = await cache.invalidate_ids(tenant.name, [target.entry_id])
-        elif target.tag:
-            removed = await cache.invalidate_tag(tenant.name, target.tag)
-        elif target.all_entries:
-            removed = await cache.invalidate_tenant(tenant.name)
-        else:
-            raise InvalidArgument("target", "set one of entry_id, tag or all")
-        self._p.events.emit(
-            "invalidate",
-            {"tenant": tenant.name, "entry_id": target.entry_id, "tag": target.tag,
-             "all": target.all_entries, "removed": removed},
-        )  # fmt: skip
-        return removed
-
-    async def stats(self, api_key: str | None, top_n: int = 10) -> TenantStats:
-        tenant = await self._p.authenticator.resolve(api_key)
-        validate_top_n(top_n, self._p.limits)
-        counters = self._stats.snapshot(tenant.name)
-        top = await self._p.cache.top_entries(tenant.name, top_n)
-        return TenantStats(
-            tenant=tenant.name,
-            entries=await self._p.cache.entry_count(tenant.name),
-            classifier_version=self._p.classifier.version,
-            top_entries=tuple(
-                TopEntry(e.entry_id, e.prompt, e.model, e.hit_count, e.hit_count * e.cost_usd)
-                for e in top
-            ),
-            **vars(counters),
-        )
 
 
 def _report_payload(report: ValidationReport) -> dict[str, Any]:

@@ -79,7 +79,7 @@ class RouteCacheServicer(pb_grpc.RouteCacheServicer):  # type: ignore[misc]  # u
     async def Feedback(self, request: pb.FeedbackRequest, context: Context) -> pb.FeedbackResponse:
         async def call() -> pb.FeedbackResponse:
             request_id_of(context)
-            removed = await self._pipeline.feedback(
+            removed = await self._pipeline.admin.feedback(
                 messages.feedback_from_pb(request), api_key_of(context)
             )
             return pb.FeedbackResponse(recorded=True, invalidated_entry_id=removed)
@@ -91,14 +91,14 @@ class RouteCacheServicer(pb_grpc.RouteCacheServicer):  # type: ignore[misc]  # u
     ) -> pb.InvalidateResponse:
         async def call() -> pb.InvalidateResponse:
             target = messages.invalidate_target_from_pb(request)
-            removed = await self._pipeline.invalidate(target, api_key_of(context))
+            removed = await self._pipeline.admin.invalidate(target, api_key_of(context))
             return pb.InvalidateResponse(removed=removed)
 
         return await error_mapping.unary(context, call)
 
     async def GetStats(self, request: pb.GetStatsRequest, context: Context) -> pb.GetStatsResponse:
         async def call() -> pb.GetStatsResponse:
-            stats = await self._pipeline.stats(api_key_of(context), request.top_n or 10)
+            stats = await self._pipeline.admin.stats(api_key_of(context), request.top_n or 10)
             return messages.stats_to_pb(stats)
 
         return await error_mapping.unary(context, call)

@@ -60,7 +60,7 @@ class Rig:
         raise AssertionError("the stream ended without a final message")
 
     async def entries(self) -> int:
-        return (await self.service.pipeline.stats(KEY)).entries
+        return (await self.service.pipeline.admin.stats(KEY)).entries
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import redis
 
 from routecache.domain import CacheOutcome
 from routecache.errors import Unavailable, UpstreamError
-from routecache.router.pipeline import InvalidateTarget
+from routecache.router.tenant_admin import InvalidateTarget
 from tests.fakes import ManualClock
 from tests.integration.replicas import (
     ACME,
@@ -91,7 +91,7 @@ async def test_invalidation_on_one_replica_is_seen_by_the_other(
         "tag": InvalidateTarget(tag="faq"),
         "tenant": InvalidateTarget(all_entries=True),
     }[how]
-    assert await a.service.pipeline.invalidate(target, ACME) == 1
+    assert await a.service.pipeline.admin.invalidate(target, ACME) == 1
     # Served nowhere from the moment the invalidation returned ...
     for replica in (a, b):
         answer = await replica.service.pipeline.complete(ask(near, no_store=True), ACME)
@@ -202,7 +202,9 @@ async def test_a_restarted_replica_rebuilds_its_index(
         (await a.service.pipeline.complete(ask(prompt), ACME)).cache.entry_id for prompt in NEAR
     ]
     invalidated = await a.service.pipeline.complete(ask("soon gone"), ACME)
-    await a.service.pipeline.invalidate(InvalidateTarget(entry_id=invalidated.cache.entry_id), ACME)
+    await a.service.pipeline.admin.invalidate(
+        InvalidateTarget(entry_id=invalidated.cache.entry_id), ACME
+    )
     await b.service.aclose()
     restarted = await start_replica(replica_settings(redis_server.url), clock)
     try:

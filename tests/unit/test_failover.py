@@ -202,8 +202,8 @@ async def test_block_fails_at_once_and_nothing_is_stored() -> None:
         await r.ask("q")
     assert r.ups["strong"].calls == []
     assert [x.action for x in caught.value.report.results if not x.passed] == ["blocked"]
-    assert await r.service.pipeline.stats(ACME) is not None
-    assert (await r.service.pipeline.stats(ACME)).entries == 0
+    assert await r.service.pipeline.admin.stats(ACME) is not None
+    assert (await r.service.pipeline.admin.stats(ACME)).entries == 0
 
 
 async def test_tenant_validators_replace_the_default_set() -> None:
@@ -236,7 +236,7 @@ async def test_stream_broken_midway_ends_unavailable_and_stores_nothing() -> Non
         ):
             received.append(event)
     assert received == ["partial "] and r.ups["backup"].calls == []
-    assert (await r.service.pipeline.stats(ACME)).entries == 0
+    assert (await r.service.pipeline.admin.stats(ACME)).entries == 0
 
 
 async def test_stream_with_all_providers_down_serves_stale() -> None:
@@ -253,7 +253,7 @@ async def test_stream_validation_failure_ends_failed_precondition() -> None:
     r = rig({"cheap": "the forbidden answer"}, PII_AND_REFUSAL)
     with pytest.raises(FailedValidation, match="streamed answer failed"):
         await collect(r, "q")
-    assert (await r.service.pipeline.stats(ACME)).entries == 0
+    assert (await r.service.pipeline.admin.stats(ACME)).entries == 0
 
 
 async def test_request_validators_add_to_the_tenants() -> None:

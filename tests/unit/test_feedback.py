@@ -91,8 +91,8 @@ async def test_feedback_lands_in_events_stats_and_telemetry(harness: Harness) ->
     await pipeline.complete(ask("how tall is the eiffel tower"), ACME)
     hit = await pipeline.complete(ask("how tall is the eiffel tower today"), ACME)
     assert hit.cache.outcome is CacheOutcome.SEMANTIC
-    assert await pipeline.feedback(Feedback(hit.response_id, thumbs_up=True), ACME) == ""
-    removed = await pipeline.feedback(
+    assert await pipeline.admin.feedback(Feedback(hit.response_id, thumbs_up=True), ACME) == ""
+    removed = await pipeline.admin.feedback(
         Feedback(hit.response_id, thumbs_up=False, correction="330 m"), ACME
     )
     assert removed == hit.cache.entry_id
@@ -101,10 +101,10 @@ async def test_feedback_lands_in_events_stats_and_telemetry(harness: Harness) ->
     assert feedback[1]["correction"] == "330 m"
     assert feedback[1]["similarity"] == pytest.approx(hit.cache.similarity)
     assert harness.telemetry.feedback_seen == [("acme", True, False), ("acme", False, True)]
-    stats = await pipeline.stats(ACME)
+    stats = await pipeline.admin.stats(ACME)
     assert (stats.thumbs_up, stats.thumbs_down) == (1, 1)
     with pytest.raises(InvalidArgument):
-        await pipeline.feedback(Feedback("", thumbs_up=True), ACME)
+        await pipeline.admin.feedback(Feedback("", thumbs_up=True), ACME)
 
 
 async def test_stats_list_the_most_served_entries_first(harness: Harness) -> None:
@@ -114,9 +114,9 @@ async def test_stats_list_the_most_served_entries_first(harness: Harness) -> Non
         cost[prompt] = (await pipeline.complete(ask(prompt), ACME)).usage.cost_usd
         for _ in range(repeats):
             await pipeline.complete(ask(prompt), ACME)
-    stats = await pipeline.stats(ACME, top_n=2)
+    stats = await pipeline.admin.stats(ACME, top_n=2)
     assert [(e.prompt, e.hits) for e in stats.top_entries] == [
         ("beta question", 3), ("alpha question", 1),
     ]  # fmt: skip
     assert stats.top_entries[0].saved_usd == pytest.approx(3 * cost["beta question"])
-    assert (await pipeline.stats(KEYS["globex"])).top_entries == ()
+    assert (await pipeline.admin.stats(KEYS["globex"])).top_entries == ()

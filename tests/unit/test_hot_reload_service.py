@@ -70,7 +70,7 @@ async def test_the_service_follows_the_registry_without_failing_requests(
         v1, v2 = models["v1"], models["v2"]
         assert versions == [v2, v2, v1, v1, v1]
         assert service.classifier.swaps == 2  # no reload loop while the pointer stays put
-        assert (await pipeline.stats(key)).classifier_version == v1
+        assert (await pipeline.admin.stats(key)).classifier_version == v1
         assert (
             json.loads(registry.root.joinpath("history.jsonl").read_text().splitlines()[-1])[
                 "version"

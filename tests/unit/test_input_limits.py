@@ -21,8 +21,8 @@ from routecache.domain import (
 )
 from routecache.errors import InvalidArgument
 from routecache.router.input_validation import validate_request
-from routecache.router.pipeline import InvalidateTarget
 from routecache.router.settings import LimitSettings, load_settings
+from routecache.router.tenant_admin import InvalidateTarget
 from routecache.router.validators import JsonSchemaValidator, RegexValidator
 from tests.unit.conftest import KEYS, Harness
 
@@ -136,13 +136,16 @@ async def test_feedback_invalidate_and_stats_fields_are_bounded(harness: Harness
     long_id = "r" * (limits.max_id_chars + 1)
     long_text = "c" * (limits.max_feedback_chars + 1)
     cases: list[tuple[Callable[[], Awaitable[object]], str]] = [
-        (lambda: pipeline.feedback(Feedback("", False), key), "response_id"),
-        (lambda: pipeline.feedback(Feedback(long_id, False), key), "response_id"),
-        (lambda: pipeline.feedback(Feedback("r", True, correction=long_text), key), "correction"),
-        (lambda: pipeline.feedback(Feedback("r", True, comment=long_text), key), "comment"),
-        (lambda: pipeline.invalidate(InvalidateTarget(entry_id=long_id), key), "entry_id"),
-        (lambda: pipeline.invalidate(InvalidateTarget(tag=long_id), key), "tag"),
-        (lambda: pipeline.stats(key, limits.max_top_n + 1), "top_n"),
+        (lambda: pipeline.admin.feedback(Feedback("", False), key), "response_id"),
+        (lambda: pipeline.admin.feedback(Feedback(long_id, False), key), "response_id"),
+        (
+            lambda: pipeline.admin.feedback(Feedback("r", True, correction=long_text), key),
+            "correction",
+        ),
+        (lambda: pipeline.admin.feedback(Feedback("r", True, comment=long_text), key), "comment"),
+        (lambda: pipeline.admin.invalidate(InvalidateTarget(entry_id=long_id), key), "entry_id"),
+        (lambda: pipeline.admin.invalidate(InvalidateTarget(tag=long_id), key), "tag"),
+        (lambda: pipeline.admin.stats(key, limits.max_top_n + 1), "top_n"),
     ]
     for call, field in cases:
         with pytest.raises(InvalidArgument) as error:

@@ -32,7 +32,7 @@ from routecache.errors import (
     UpstreamError,
 )
 from routecache.router.bootstrap import Overrides, Service, build_service
-from routecache.router.pipeline import InvalidateTarget
+from routecache.router.tenant_admin import InvalidateTarget
 from tests.fakes import FakeUpstream, json_answer, prose_answer
 from tests.unit.conftest import KEYS, Harness, make_harness, unit_settings
 from tests.unit.test_registry_reload import _registry_with, fake_load
@@ -148,7 +148,7 @@ async def test_a_model_swap_mid_request_reports_the_version_that_routed_it(
     cheap.gate.set()
     done = await in_flight
     assert (done.tier, done.classifier_version) == (Tier.CHEAP, "v1")
-    assert (await service.pipeline.stats(ACME)).classifier_version == "v2"
+    assert (await service.pipeline.admin.stats(ACME)).classifier_version == "v2"
     await service.aclose()
 
 
@@ -163,7 +163,7 @@ async def test_failing_cheap_answer_escalates_and_only_the_valid_answer_is_store
     assert [(r.name, r.model) for r in failed] == [("json_schema", "cheap-model")]
     again = await pipeline.complete(json_request("list three colours"), ACME)
     assert again.cache.outcome is CacheOutcome.EXACT and again.text == done.text
-    stats = await pipeline.stats(ACME)
+    stats = await pipeline.admin.stats(ACME)
     assert (stats.cheap_calls, stats.strong_calls, stats.escalations) == (1, 1, 1)
 
 
@@ -173,8 +173,8 @@ async def test_no_valid_answer_is_failed_validation_and_nothing_is_stored(harnes
     with pytest.raises(FailedValidation) as failure:
         await pipeline.complete(json_request("give JSON"), ACME)
     assert not failure.value.report.passed and failure.value.report.escalated
-    assert await pipeline.stats(ACME) is not None
-    assert (await pipeline.stats(ACME)).entries == 0
+    assert await pipeline.admin.stats(ACME) is not None
+    assert (await pipeline.admin.stats(ACME)).entries == 0
 
 
 async def test_no_cache_and_no_store(harness: Harness) -> None:
@@ -296,8 +296,8 @@ async def test_thumbs_down_on_a_hit_removes_the_entry(harness: Harness) -> None:
     await pipeline.complete(ask("stale fact"), ACME)
     hit = await pipeline.complete(ask("stale fact"), ACME)
     with pytest.raises(NotFound):
-        await pipeline.feedback(Feedback(hit.response_id, thumbs_up=False), GLOBEX)
-    removed = await pipeline.feedback(Feedback(hit.response_id, thumbs_up=False), ACME)
+        await pipeline.admin.feedback(Feedback(hit.response_id, thumbs_up=False), GLOBEX)
+    removed = await pipeline.admin.feedback(Feedback(hit.response_id, thumbs_up=False), ACME)
     assert removed == hit.cache.entry_id
     assert (await pipeline.complete(ask("stale fact"), ACME)).cache.outcome is CacheOutcome.MISS
     kinds = [e["kind"] for e in harness.events.events]
@@ -308,11 +308,11 @@ async def test_invalidate_by_tag_and_all_is_tenant_scoped(harness: Harness) -> N
     pipeline = harness.service.pipeline
     await pipeline.complete(ask("tagged", cache=CacheControl(tags=("v1",))), ACME)
     await pipeline.complete(ask("tagged", cache=CacheControl(tags=("v1",))), GLOBEX)
-    assert await pipeline.invalidate(InvalidateTarget(tag="v1"), ACME) == 1
-    assert (await pipeline.stats(GLOBEX)).entries == 1
-    assert await pipeline.invalidate(InvalidateTarget(all_entries=True), GLOBEX) == 1
+    assert await pipeline.admin.invalidate(InvalidateTarget(tag="v1"), ACME) == 1
+    assert (await pipeline.admin.stats(GLOBEX)).entries == 1
+    assert await pipeline.admin.invalidate(InvalidateTarget(all_entries=True), GLOBEX) == 1
     with pytest.raises(InvalidArgument):
-        await pipeline.invalidate(InvalidateTarget(), ACME)
+        await pipeline.admin.invalidate(InvalidateTarget(), ACME)
 
 
 async def test_stream_yields_chunks_then_the_final_completion(harness: Harness) -> None:
@@ -329,8 +329,8 @@ async def test_stats_count_paths(harness: Harness) -> None:
     pipeline = harness.service.pipeline
     await pipeline.complete(ask("a question here"), ACME)
     await pipeline.complete(ask("a question here"), ACME)
-    stats = await pipeline.stats(ACME)
+    stats = await pipeline.admin.stats(ACME)
     assert (stats.requests, stats.misses, stats.exact_hits, stats.cheap_calls) == (2, 1, 1, 1)
     assert stats.saved_usd == pytest.approx(stats.cost_usd)
     assert stats.classifier_version == "fixed-v1"
-    assert (await pipeline.stats(GLOBEX)).requests == 0
+    assert (await pipeline.admin.stats(GLOBEX)).requests == 0

@@ -98,7 +98,7 @@ async def test_prometheus_series_follow_the_requests() -> None:
         sample(registry, "routecache_cost_usd_total", tenant="acme", tier=tier)
         for tier in ("cheap", "strong")
     )
-    assert cost == pytest.approx((await pipeline.stats(ACME)).cost_usd)
+    assert cost == pytest.approx((await pipeline.admin.stats(ACME)).cost_usd)
     await harness.service.aclose()
 
 

@@ -35,9 +35,9 @@ from routecache.errors import NotFound, RouteCacheError, Unavailable, UpstreamEr
 from routecache.router.auth import hash_api_key
 from routecache.router.bootstrap import Overrides, Service, build_service
 from routecache.router.events import InMemoryEventLog
-from routecache.router.pipeline import InvalidateTarget
 from routecache.router.settings import ConfigError, LimitSettings, load_settings
 from routecache.router.stats import ResponseRegistry, ServedResponse
+from routecache.router.tenant_admin import InvalidateTarget
 from routecache.router.validation import RequestValidators
 from tests.fakes import FakeUpstream, ManualClock, json_answer, prose_answer
 
@@ -169,16 +169,19 @@ async def _call(run: Run, op: tuple[Any, ...], tenant: str, pool: str) -> object
         return _answer(run, done) if tenant == "B" else None
     if kind == "feedback":
         response_id = run.pick(run.responses[pool], op[2])
-        removed = await pipeline.feedback(Feedback(response_id, op[3]), key)
+        removed = await pipeline.admin.feedback(Feedback(response_id, op[3]), key)
         return ("feedback", run.label(removed) if tenant == "B" else removed)
     if kind == "invalidate_entry":
         entry_id = run.pick(run.entries[pool], op[2])
-        return ("removed", await pipeline.invalidate(InvalidateTarget(entry_id=entry_id), key))
+        return (
+            "removed",
+            await pipeline.admin.invalidate(InvalidateTarget(entry_id=entry_id), key),
+        )
     if kind == "invalidate_tag":
-        return ("removed", await pipeline.invalidate(InvalidateTarget(tag=op[2]), key))
+        return ("removed", await pipeline.admin.invalidate(InvalidateTarget(tag=op[2]), key))
     if kind == "invalidate_all":
-        return ("removed", await pipeline.invalidate(InvalidateTarget(all_entries=True), key))
-    stats = await pipeline.stats(key, 100)
+        return ("removed", await pipeline.admin.invalidate(InvalidateTarget(all_entries=True), key))
+    stats = await pipeline.admin.stats(key, 100)
     if tenant == "A":  # only B's observations are labelled (labels follow B's order)
         return None
     counters = {k: v for k, v in vars(stats).items() if k != "top_entries"}
@@ -242,8 +245,8 @@ async def test_a_tenants_writes_never_evict_another_tenants_entries() -> None:
             await pipeline.complete(ask(prompt), KEYS["A"])
         again = await pipeline.complete(ask("what is the boiling point of water"), KEYS["B"])
         assert again.cache.outcome is CacheOutcome.EXACT
-        assert (await pipeline.stats(KEYS["B"])).entries == 1
-        assert (await pipeline.stats(KEYS["A"])).entries == 2  # A's own bound still holds
+        assert (await pipeline.admin.stats(KEYS["B"])).entries == 1
+        assert (await pipeline.admin.stats(KEYS["A"])).entries == 2  # A's own bound still holds
     finally:
         await service.aclose()
 
@@ -307,15 +310,15 @@ async def test_feedback_and_invalidation_with_another_tenants_ids_do_nothing() -
     try:
         theirs = await pipeline.complete(ask("what is the capital of france"), KEYS["B"])
         with pytest.raises(NotFound) as unknown:
-            await pipeline.feedback(Feedback(theirs.response_id, False), KEYS["A"])
+            await pipeline.admin.feedback(Feedback(theirs.response_id, False), KEYS["A"])
         with pytest.raises(NotFound) as never_seen:
-            await pipeline.feedback(Feedback("0" * 32, False), KEYS["A"])
+            await pipeline.admin.feedback(Feedback("0" * 32, False), KEYS["A"])
         # The same answer as for an id that never existed: no existence signal either.
         assert str(unknown.value).replace(theirs.response_id, "ID") == str(
             never_seen.value
         ).replace("0" * 32, "ID")
         entry = InvalidateTarget(entry_id=theirs.cache.entry_id)
-        assert await pipeline.invalidate(entry, KEYS["A"]) == 0
+        assert await pipeline.admin.invalidate(entry, KEYS["A"]) == 0
         again = await pipeline.complete(ask("what is the capital of france"), KEYS["B"])
         assert again.cache.outcome is CacheOutcome.EXACT
     finally:

@@ -1,0 +1,103 @@
+"""What a tenant does with answers it was given: feedback on one, invalidating entries, stats.
+
+These share the pipeline's parts and its per-tenant books, but not the request flow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from routecache.domain import Feedback, TenantStats, TopEntry
+from routecache.errors import InvalidArgument, NotFound
+from routecache.router.input_validation import (
+    validate_feedback,
+    validate_invalidation,
+    validate_top_n,
+)
+from routecache.router.logs import REQUEST_ID
+from routecache.router.stats import ResponseRegistry, TenantStatsBook
+
+if TYPE_CHECKING:
+    from routecache.router.pipeline import PipelineParts
+
+
+@dataclass(frozen=True)
+class InvalidateTarget:
+    entry_id: str = ""
+    tag: str = ""
+    all_entries: bool = False
+
+
+class TenantAdmin:
+    def __init__(
+        self, parts: PipelineParts, stats: TenantStatsBook, responses: ResponseRegistry
+    ) -> None:
+        self._parts = parts
+        self._stats = stats
+        self._responses = responses
+
+    async def feedback(self, feedback: Feedback, api_key: str | None) -> str:
+        """Records feedback; a thumbs-down on a cached answer removes the entry (returned)."""
+        tenant = await self._parts.authenticator.resolve(api_key)
+        validate_feedback(feedback, self._parts.limits)
+        served = self._responses.find(tenant.name, feedback.response_id)
+        if served is None:
+            raise NotFound(f"no recent response with id {feedback.response_id}")
+        removed = ""
+        if not feedback.thumbs_up and served.entry_id:
+            removed = served.entry_id if await self._parts.cache.distrust(
+                tenant.name, served.entry_id) else ""  # fmt: skip
+        self._stats.record_feedback(tenant.name, feedback.thumbs_up)
+        self._parts.telemetry.feedback(tenant.name, feedback.thumbs_up, bool(removed))
+        self._parts.events.emit(
+            "feedback",
+            {
+                "request_id": REQUEST_ID.get(),
+                "tenant": tenant.name,
+                "response_id": feedback.response_id,
+                "thumbs_up": feedback.thumbs_up,
+                "correction": feedback.correction,
+                "comment": feedback.comment,
+                "entry_id": served.entry_id,
+                "cache_outcome": served.cache_outcome.value,
+                "similarity": served.similarity,
+                "invalidated": bool(removed),
+            },
+        )
+        return removed
+
+    async def invalidate(self, target: InvalidateTarget, api_key: str | None) -> int:
+        tenant = await self._parts.authenticator.resolve(api_key)
+        validate_invalidation(target.entry_id, target.tag, self._parts.limits)
+        cache = self._parts.cache
+        if target.entry_id:
+            removed = await cache.invalidate_ids(tenant.name, [target.entry_id])
+        elif target.tag:
+            removed = await cache.invalidate_tag(tenant.name, target.tag)
+        elif target.all_entries:
+            removed = await cache.invalidate_tenant(tenant.name)
+        else:
+            raise InvalidArgument("target", "set one of entry_id, tag or all")
+        self._parts.events.emit(
+            "invalidate",
+            {"tenant": tenant.name, "entry_id": target.entry_id, "tag": target.tag,
+             "all": target.all_entries, "removed": removed},
+        )  # fmt: skip
+        return removed
+
+    async def stats(self, api_key: str | None, top_n: int = 10) -> TenantStats:
+        tenant = await self._parts.authenticator.resolve(api_key)
+        validate_top_n(top_n, self._parts.limits)
+        counters = self._stats.snapshot(tenant.name)
+        top = await self._parts.cache.top_entries(tenant.name, top_n)
+        return TenantStats(
+            tenant=tenant.name,
+            entries=await self._parts.cache.entry_count(tenant.name),
+            classifier_version=self._parts.classifier.version,
+            top_entries=tuple(
+                TopEntry(e.entry_id, e.prompt, e.model, e.hit_count, e.hit_count * e.cost_usd)
+                for e in top
+            ),
+            **vars(counters),
+        )
