@@ -68,8 +68,7 @@ async def open_admin(args: argparse.Namespace, settings: Settings) -> AsyncItera
         from routecache.backends.link import RedisLink
         from routecache.backends.redis_keys import RedisKeyRegistry
 
-        # An admin command, not a request path: give a slow Redis time rather than fail.
-        link = RedisLink(redis_url, 5.0, 2, 1.0, connect_timeout_seconds=5.0)
+        link = RedisLink(redis_url, 5.0, 2, 1.0)
         try:
             if not await link.connect():
                 raise ConfigError(f"cannot reach Redis at {redis_url.rsplit('@', 1)[-1]}")
