@@ -33,7 +33,12 @@ from routecache.cache.embedder import packaged_minilm_path
 from routecache.classifier import metrics
 from routecache.classifier.model import SklearnDifficultyClassifier
 from routecache.training.cross_encoder import build_module, length_batches
-from routecache.training.routing_data import RoutingRow, holdout_mask, read_routing_rows
+from routecache.training.routing_data import (
+    RoutingRow,
+    holdout_mask,
+    outcomes,
+    read_routing_rows,
+)
 from routecache.training.train_classifier import (
     LabelledSet,
     embed_prompts,
@@ -116,8 +121,7 @@ def ranks(score: Floats) -> Floats:
 
 
 def summary(score: Floats, rows: Sequence[RoutingRow]) -> dict[str, float]:
-    weak = np.array([r.weak_correct for r in rows])
-    strong = np.array([r.strong_correct for r in rows])
+    weak, strong = outcomes(rows)
     gsm = np.array([r.source == "gsm8k" for r in rows])
     return {
         "apgr": metrics.apgr(score, weak, strong),
@@ -128,8 +132,7 @@ def summary(score: Floats, rows: Sequence[RoutingRow]) -> dict[str, float]:
 
 def bootstrap_sd(score: Floats, rows: Sequence[RoutingRow], resamples: int = 300) -> float:
     """How much APGR moves between resamples of the same rows: what dev can tell apart."""
-    weak = np.array([r.weak_correct for r in rows])
-    strong = np.array([r.strong_correct for r in rows])
+    weak, strong = outcomes(rows)
     draws = np.random.default_rng(0).integers(0, len(rows), size=(resamples, len(rows)))
     return float(np.std([metrics.apgr(score[i], weak[i], strong[i]) for i in draws]))
 

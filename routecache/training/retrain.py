@@ -40,7 +40,12 @@ from routecache.classifier.model import (
 )
 from routecache.classifier.registry import ModelRegistry
 from routecache.training.outcomes import EventLabel, labels_from_events, read_events
-from routecache.training.routing_data import RoutingRow, holdout_mask, read_routing_rows
+from routecache.training.routing_data import (
+    RoutingRow,
+    holdout_mask,
+    outcomes,
+    read_routing_rows,
+)
 from routecache.training.train_classifier import (
     DEFAULT_C,
     LabelledSet,
@@ -83,8 +88,7 @@ def incumbent_apgr(
     if incumbent.metadata.get("embedder") != embedder_name:
         return incumbent.version, None  # another embedder: its scores mean nothing here
     scores, _ = score_rows(incumbent, embeddings, rows)
-    weak = np.array([r.weak_correct for r in rows])
-    strong = np.array([r.strong_correct for r in rows])
+    weak, strong = outcomes(rows)
     return incumbent.version, metrics.apgr(scores, weak, strong)
 
 

@@ -62,6 +62,13 @@ def files_sha256(paths: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
+def outcomes(rows: Sequence[RoutingRow]) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """(cheap model right, strong model right) per row, as the router metrics take them."""
+    weak = np.array([r.weak_correct for r in rows], dtype=bool)
+    strong = np.array([r.strong_correct for r in rows], dtype=bool)
+    return weak, strong
+
+
 def holdout_mask(prompts: Sequence[str], fraction: float, seed: int) -> npt.NDArray[np.bool_]:
     """True for held-out prompts: a hash of seed and prompt, so duplicates stay together."""
     limit = fraction * 2**64

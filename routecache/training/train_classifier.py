@@ -48,6 +48,7 @@ from routecache.training.routing_data import (
     RoutingRow,
     files_sha256,
     holdout_mask,
+    outcomes,
     read_routing_rows,
     request_cost,
 )
@@ -158,8 +159,7 @@ def score_rows(
 def routing_report(
     scores: npt.NDArray[np.float64], rows: Sequence[RoutingRow], threshold: float
 ) -> dict[str, float | None]:
-    weak = np.array([r.weak_correct for r in rows])
-    strong = np.array([r.strong_correct for r in rows])
+    weak, strong = outcomes(rows)
     return metrics.threshold_report(scores, weak, strong, threshold)
 
 
@@ -167,8 +167,7 @@ def operating_curve(scores: npt.NDArray[np.float64], rows: Sequence[RoutingRow])
     def cost(to_strong: npt.NDArray[np.bool_]) -> float:
         return sum(request_cost(r, bool(s)) for r, s in zip(rows, to_strong, strict=True))
 
-    weak = np.array([r.weak_correct for r in rows])
-    strong = np.array([r.strong_correct for r in rows])
+    weak, strong = outcomes(rows)
     return fit_curve(scores, weak, strong, cost)
 
 
