@@ -103,6 +103,15 @@ class RedisServer:
         finally:
             client.close()
 
+    def debug_sleep(self, seconds: float) -> None:
+        """Keep the server busy (it answers nobody) for `seconds`; blocks the caller as long."""
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=seconds + 5)
+        try:
+            # redis-py has no typed wrapper for DEBUG SLEEP.
+            client.execute_command("DEBUG", "SLEEP", str(seconds))  # type: ignore[no-untyped-call]
+        finally:
+            client.close()
+
 
 @contextlib.contextmanager
 def temporary_redis_server(appendonly: bool = True, appendfsync: str = "always") -> Iterator[str]:

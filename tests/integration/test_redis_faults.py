@@ -140,7 +140,7 @@ async def test_slow_redis_is_bypassed_then_used_again(
     pipeline = replica.service.pipeline
     first = await pipeline.complete(ask("a question before the stall"), ACME)
 
-    stalling = asyncio.create_task(asyncio.to_thread(debug_sleep, own_redis_server, 1.0))
+    stalling = asyncio.create_task(asyncio.to_thread(own_redis_server.debug_sleep, 1.0))
     await asyncio.sleep(0.1)
     during = await pipeline.complete(ask("a question during the stall"), ACME)
     assert during.text and pipeline.cache.bypassed > 0
@@ -182,7 +182,7 @@ async def test_health_is_not_serving_until_the_index_is_rebuilt(
     settings = replica_settings(own_redis_server.url, timeout_seconds=10.0)
     settings.server.port = port
     # Redis stalls for 3 s (within the timeout): the rebuild waits, the server is already up.
-    stall = asyncio.create_task(asyncio.to_thread(debug_sleep, own_redis_server, 3.0))
+    stall = asyncio.create_task(asyncio.to_thread(own_redis_server.debug_sleep, 3.0))
     await asyncio.sleep(0.2)
     starting = asyncio.create_task(start_grpc_replica(settings, clock))
     seen: list[int] = []
@@ -203,11 +203,3 @@ async def test_health_is_not_serving_until_the_index_is_rebuilt(
         finally:
             await replica.service.aclose()
     await stall
-
-
-def debug_sleep(server: RedisServer, seconds: float) -> None:
-    client = redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=seconds + 5)
-    try:
-        client.execute_command("DEBUG", "SLEEP", str(seconds))
-    finally:
-        client.close()

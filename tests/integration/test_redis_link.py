@@ -14,7 +14,6 @@ import time
 from collections.abc import Awaitable, Callable
 
 import pytest
-import redis
 from pydantic import SecretStr
 
 from routecache.backends.link import RedisDown, RedisLink, guarded
@@ -40,12 +39,8 @@ async def stall_redis(server: RedisServer) -> None:
     started = threading.Event()
 
     def sleep_in_redis() -> None:
-        client = redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=10)
-        try:
-            started.set()
-            client.execute_command("DEBUG", "SLEEP", str(STALL_SECONDS))
-        finally:
-            client.close()
+        started.set()
+        server.debug_sleep(STALL_SECONDS)
 
     threading.Thread(target=sleep_in_redis, daemon=True).start()
     started.wait()
