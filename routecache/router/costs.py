@@ -49,14 +49,17 @@ def prompt_tokens_estimate(request: ChatRequest) -> int:
     return estimate_tokens("\n".join(m.content for m in request.messages))
 
 
-def caps_of(budget: Budget, legacy_daily: float | None = None) -> list[Cap]:
+def caps_of(budget: Budget, legacy_daily: float | None = None, user: str = "") -> list[Cap]:
+    """The caps a request of `user` reserves under. Per-user caps only bind a named end user:
+    the ledgers keep no per-user spend for '' and would measure it against the tenant's."""
     limits = [
         (Period.DAY, budget.daily_usd if budget.daily_usd is not None else legacy_daily, False),
         (Period.MONTH, budget.monthly_usd, False),
         (Period.DAY, budget.user_daily_usd, True),
         (Period.MONTH, budget.user_monthly_usd, True),
     ]
-    return [Cap(period, limit, per_user) for period, limit, per_user in limits if limit is not None]
+    return [Cap(period, limit, per_user) for period, limit, per_user in limits
+            if limit is not None and (user or not per_user)]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -105,11 +108,11 @@ class CostControl:
         """Reserve the worst-case cost of the request's calls under the tenant's hard caps."""
         # A tenant whose models_allowed leaves out the strong model never reaches it.
         cheap_only = Tier.STRONG not in tenant.allowed_tiers
-        caps = caps_of(tenant.budget, tenant.daily_budget_usd)
+        user = user_slot(request.end_user_id)
+        caps = caps_of(tenant.budget, tenant.daily_budget_usd, user)
         if not caps:
             return Booking(tier, request, cheap_only=cheap_only)
         bounded = self._bounded(request)
-        user = user_slot(request.end_user_id)
         amount = self.worst_case_usd(
             tenant, bounded, tier, cheap_only=cheap_only, streaming=streaming
         )

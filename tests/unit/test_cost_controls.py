@@ -202,6 +202,23 @@ async def test_refusal_waits_until_the_day_ends_and_a_failed_call_releases() -> 
     await harness.service.aclose()
 
 
+async def test_per_user_caps_hold_each_user_and_leave_requests_without_one_alone() -> None:
+    probe = budget_harness()
+    one = one_request_usd(probe, "q0")
+    await probe.service.aclose()
+    harness = budget_harness(user_daily_usd=1.5 * one)
+    complete = harness.service.pipeline.complete
+    await complete(costly("q0", user="u1"), ACME)
+    await complete(costly("q1", user="u2"), ACME)
+    with pytest.raises(ResourceExhausted, match="per-user daily spend cap"):
+        await complete(costly("q2", user="u1"), ACME)
+    # The tenant has spent more than one user's cap, but a request naming no end user is no
+    # user's: it must not be held to a per-user cap measured against the whole tenant.
+    assert await spend_of(harness) > 1.5 * one
+    await complete(costly("q3"), ACME)
+    await harness.service.aclose()
+
+
 async def test_answers_refused_by_validation_are_paid_for() -> None:
     validators = [{"kind": "regex", "must_match": ["^never$"], "on_fail": "block"}]
     harness = make_harness(validators=validators, budget={"daily_usd": 10.0})
