@@ -15,13 +15,21 @@ class SingleFlight(Generic[T]):
 
     async def run(self, key: str, work: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
         """Returns the result and whether this caller shared another caller's call."""
-        pending = self._in_flight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending), True
+        while (pending := self._in_flight.get(key)) is not None:
+            # asyncio.wait never cancels what it waits on and raises CancelledError only when
+            # this caller itself is cancelled, so a leader's cancellation can be told apart.
+            await asyncio.wait((pending,))
+            if not pending.cancelled():
+                return pending.result(), True
+            # The caller that made the call went away and its call with it: this request is
+            # still wanted, so it makes the call itself (or joins whoever did so first).
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
         try:
             result = await work()
+        except asyncio.CancelledError:
+            future.cancel()  # followers try again rather than inherit this caller's cancellation
+            raise
         except BaseException as exc:
             future.set_exception(exc)
             # Followers re-raise it; mark it retrieved so asyncio does not warn when none wait.

@@ -291,6 +291,26 @@ async def test_identical_concurrent_requests_share_one_upstream_call(harness: Ha
     assert sum(r.usage.cost_usd > 0 for r in results) == 1
 
 
+async def test_a_cancelled_caller_does_not_cancel_those_sharing_its_call(
+    harness: Harness,
+) -> None:
+    # The first caller's client goes away while its upstream call is in flight: the identical
+    # request that joined it must still get an answer, not the first caller's cancellation.
+    harness.cheap.gate = asyncio.Event()
+    pipeline = harness.service.pipeline
+    first = asyncio.create_task(pipeline.complete(ask("shared question"), ACME))
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(pipeline.complete(ask("shared question"), ACME))
+    await asyncio.sleep(0.01)
+    first.cancel()
+    await asyncio.sleep(0.01)
+    harness.cheap.gate.set()
+    done = await second
+    assert first.cancelled()
+    assert done.text == "answer to shared question" and done.usage.cost_usd > 0
+    assert done.cache.entry_id  # it made the call itself, so it stored the answer
+
+
 async def test_thumbs_down_on_a_hit_removes_the_entry(harness: Harness) -> None:
     pipeline = harness.service.pipeline
     await pipeline.complete(ask("stale fact"), ACME)
