@@ -125,7 +125,8 @@ local updated = tonumber(b[2]) or now
 tokens = math.min(cap, tokens + math.max(0, now - updated) * rate)
 local wait = 0
 if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
-redis.call('HSET', KEYS[1], 't', tostring(tokens), 'u', tostring(now))
+-- Never back in time: a replica whose clock is behind would refill the others' next call.
+redis.call('HSET', KEYS[1], 't', tostring(tokens), 'u', tostring(math.max(updated, now)))
 redis.call('PEXPIRE', KEYS[1], math.ceil(cap / rate * 1000) + 1000)
 return tostring(wait)
 """
@@ -150,7 +151,7 @@ return rows
 TAKE_BUCKETS = """
 local now = tonumber(ARGV[1])
 local debit = ARGV[2] == 'debit'
-local tokens, rates, caps, amounts = {}, {}, {}, {}
+local tokens, rates, caps, amounts, stamps = {}, {}, {}, {}, {}
 local wait, worst = 0, 0
 for i = 1, #KEYS do
   local rate = tonumber(ARGV[3 * i])
@@ -161,6 +162,9 @@ for i = 1, #KEYS do
   local updated = tonumber(b[2]) or now
   t = math.min(cap, t + math.max(0, now - updated) * rate)
   tokens[i], rates[i], caps[i], amounts[i] = t, rate, cap, amount
+  -- The refill is counted up to the later of the two times. Stamping `now` when it is
+  -- earlier (a replica whose clock is behind) would let the next caller refill again.
+  stamps[i] = math.max(updated, now)
   local needed = math.min(amount, cap)
   if not debit and t < needed and (needed - t) / rate > wait then
     wait, worst = (needed - t) / rate, i
@@ -169,7 +173,7 @@ end
 for i = 1, #KEYS do
   if wait == 0 then tokens[i] = tokens[i] - amounts[i] end
   redis.call('HSET', KEYS[i], 't', string.format('%.17g', tokens[i]),
-             'u', string.format('%.17g', now))
+             'u', string.format('%.17g', stamps[i]))
   local refill_ms = math.ceil((caps[i] - tokens[i]) / rates[i] * 1000)
   redis.call('PEXPIRE', KEYS[i], refill_ms + 1000)
 end

@@ -95,6 +95,27 @@ async def test_rate_limits_hold_within_5_percent_under_50_concurrent_callers(
             await link.aclose()
 
 
+async def test_a_replica_whose_clock_is_behind_does_not_refill_the_others_buckets(
+    redis_server: RedisServer,
+) -> None:
+    ahead, behind = ManualClock(1_700_000_005.0), ManualClock(1_700_000_000.0)
+    links = [link_to(redis_server), link_to(redis_server)]
+    for link in links:
+        assert await link.connect()
+    fast, slow = (RedisQuotaLimiter(link, KeySpace(), clock)
+                  for link, clock in zip(links, (ahead, behind), strict=True))  # fmt: skip
+    bucket = [Charge("req", 1.0, 1.0, 1.0)]  # one request a second, a burst of one
+    try:
+        admitted = 0
+        for _ in range(10):  # no time passes on either clock: one request in all
+            admitted += (await fast.take("acme", bucket)).allowed
+            admitted += (await slow.take("acme", bucket)).allowed
+        assert admitted == 1
+    finally:
+        for link in links:
+            await link.aclose()
+
+
 def sized_answer(prompt: str, params: GenerationParams) -> str:
     """An answer of exactly max_tokens tokens as the fake upstream counts them."""
     return "x" * (4 * ((params.max_tokens or 100) - 1))
