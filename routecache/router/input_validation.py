@@ -103,6 +103,8 @@ def _check_schema(schema_text: str) -> None:
         raise InvalidArgument(field, f"not valid JSON: {exc.msg} at position {exc.pos}") from exc
     except SchemaError as exc:
         raise InvalidArgument(field, f"not a valid JSON Schema: {exc.message}") from exc
+    except OverflowError as exc:  # `re`, checking a pattern's repeat count (a{4294967296})
+        raise InvalidArgument(field, f"not a valid JSON Schema: a pattern: {exc}") from exc
     except RecursionError as exc:
         raise InvalidArgument(field, "nested too deeply") from exc
     if remote := next(non_local_refs(schema), None):

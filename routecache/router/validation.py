@@ -159,7 +159,8 @@ class RequestValidators:
             field = f"validators[{index}]"
             try:
                 configured = cache.get(requested) or self._compile(cache, requested)
-            except (ValueError, ConfigError, re.error, regex.error) as exc:
+            # OverflowError: what `re` raises for a repeat count past its limit (a{4294967296}).
+            except (ValueError, ConfigError, re.error, regex.error, OverflowError) as exc:
                 raise InvalidArgument(field, _short(exc)) from exc
             if configured.name in reserved or configured.name in [c.name for c in built]:
                 raise InvalidArgument(field, f"the name {configured.name!r} is already in use")

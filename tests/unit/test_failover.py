@@ -277,6 +277,8 @@ async def test_request_validators_add_to_the_tenants() -> None:
         (RequestValidator("regex"), "must_match"),
         (RequestValidator("regex", must_match=("(unclosed",)), "missing ), unterminated"),
         (RequestValidator("regex", must_match=("a" * 201,)), "200 characters"),
+        # `re` raises OverflowError, not re.error, for a repeat count past its limit.
+        (RequestValidator("regex", must_match=("a{4294967296}",)), "repetition number"),
         (RequestValidator("length", on_fail="explode"), "on_fail"),
         (RequestValidator("length"), "already in use"),  # the tenant's own length validator
     ],

@@ -69,6 +69,7 @@ VIOLATIONS = [
     (schema_request({"type": "nope"}), "params.response_format.json_schema"),
     (schema_request({"description": "x" * 200}), "params.response_format.json_schema"),
     (schema_request("[" * 5000 + "]" * 5000), "params.response_format.json_schema"),
+    (schema_request({"pattern": "a{4294967296}"}), "params.response_format.json_schema"),
     (ChatRequest((user(),), cache=CacheControl(tags=("a", "b", "c"))), "cache.tags"),
     (ChatRequest((user(),), cache=CacheControl(tags=("",))), "cache.tags[0]"),
     (ChatRequest((user(),), cache=CacheControl(tags=("a", "x" * 11))), "cache.tags[1]"),
