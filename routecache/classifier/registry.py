@@ -90,7 +90,7 @@ class ModelRegistry:
         self._point_to(version, "promote")
 
     def rollback(self, to: str | None = None) -> str:
-        """Point CURRENT at `to`, or at the version promoted before the current one."""
+        """Point CURRENT at `to`, or at the version in service before the current one."""
         target = to if to is not None else self._previous_promotion()
         self._point_to(target, "rollback")
         return target
@@ -108,16 +108,31 @@ class ModelRegistry:
 
     def _previous_promotion(self) -> str:
         current = self.current_version()
-        promoted = [c.version for c in self.history() if c.action == "promote"]
-        if current not in promoted:
+        stack = self._service_stack()
+        if current not in stack:
             raise RegistryError(f"version in service {current!r} was never promoted here")
-        index = len(promoted) - 1 - promoted[::-1].index(current)
-        earlier = [v for v in promoted[:index] if v != current]
+        index = len(stack) - 1 - stack[::-1].index(current)
+        earlier = [v for v in stack[:index] if v != current]
         if not earlier:
             raise RegistryError(
                 f"nothing was promoted before {current}: no version to roll back to"
             )
         return earlier[-1]
+
+    def _service_stack(self) -> list[str]:
+        """The versions in service, oldest first, with rolled-back ones popped off.
+
+        A rollback withdraws every version promoted after its target: a later rollback must
+        never put a version back that was pulled from service (promote v1, v2, roll back,
+        promote v3, roll back: v1, not v2).
+        """
+        stack: list[str] = []
+        for change in self.history():
+            if change.action == "rollback" and change.version in stack:
+                del stack[len(stack) - stack[::-1].index(change.version) :]
+            else:
+                stack.append(change.version)
+        return stack
 
     def _point_to(self, version: str, action: str) -> None:
         if not self.artifact_path(version).is_file():

@@ -118,3 +118,15 @@ async def test_watch_picks_up_a_promotion_while_scoring_never_fails(tmp_path: Pa
         watcher.cancel()
     assert seen == {"v1", "v2"} or seen == {"v2"}
     assert classifier.version == "v2" and classifier.swaps == 1
+
+
+def test_rollback_never_returns_to_a_version_that_was_rolled_back(tmp_path: Path) -> None:
+    # v2 went bad and was rolled back; v3 replaced v1. Rolling v3 back must restore v1, the
+    # version in service before it, not the withdrawn v2 (promoted before v3, but pulled).
+    registry = _registry_with(tmp_path, "v1", "v2", "v3")
+    registry.promote("v1")
+    registry.promote("v2")
+    assert registry.rollback() == "v1"
+    registry.promote("v3")
+    assert registry.rollback() == "v1"
+    assert registry.current_version() == "v1"
