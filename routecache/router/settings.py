@@ -403,7 +403,9 @@ class BudgetSettings(_Section):
         600.0, gt=0, description="a reservation a crashed replica left behind expires after this"
     )
     day_retention_days: int = Field(40, gt=0, description="how long daily spend keys are kept")
-    month_retention_days: int = Field(400, gt=0, description="how long monthly ones are kept")
+    # Each settle renews a key's expiry: a monthly key kept for less than the longest month
+    # would vanish in a quiet spell mid-month, and with it the spend its hard cap counts.
+    month_retention_days: int = Field(400, ge=31, description="how long monthly ones are kept")
 
 
 class TenantSettings(_OperatingTargets):

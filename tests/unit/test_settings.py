@@ -80,6 +80,14 @@ def test_unknown_keys_are_refused(tmp_path: Path) -> None:
         load_settings(typo)
 
 
+def test_spend_retention_shorter_than_its_period_is_refused() -> None:
+    # The monthly spend hash's expiry is renewed on each settle: kept for less than a month,
+    # it would vanish in a quiet spell mid-month and the monthly hard cap would start over.
+    with pytest.raises(ConfigError, match=r"budgets\.month_retention_days"):
+        load_settings(budgets={"month_retention_days": 7})
+    assert load_settings(budgets={"month_retention_days": 31}).budgets.month_retention_days == 31
+
+
 def test_a_key_for_two_tenants_is_refused() -> None:
     digest = hash_api_key("shared")
     settings = load_settings(
