@@ -459,6 +459,18 @@ class Settings(BaseSettings):
     keys: KeySettings = Field(default_factory=KeySettings)
     budgets: BudgetSettings = Field(default_factory=BudgetSettings)
 
+    @field_validator("tenants")
+    @classmethod
+    def _one_entry_per_tenant(cls, tenants: list[TenantSettings]) -> list[TenantSettings]:
+        # A name keys the spend, buckets and cache: two entries would share them while each
+        # entry's API keys carried its own caps and limits.
+        seen: set[str] = set()
+        for tenant in tenants:
+            if tenant.name in seen:
+                raise ValueError(f"tenant {tenant.name} is configured twice")
+            seen.add(tenant.name)
+        return tenants
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -88,6 +88,14 @@ def test_spend_retention_shorter_than_its_period_is_refused() -> None:
     assert load_settings(budgets={"month_retention_days": 31}).budgets.month_retention_days == 31
 
 
+def test_a_tenant_named_twice_is_refused() -> None:
+    # Two entries of one name share its spend, buckets and cache, yet each of their keys would
+    # carry its own caps; a registry key would get whichever came last.
+    with pytest.raises(ConfigError, match="tenant acme is configured twice"):
+        load_settings(tenants=[{"name": "acme", "budget": {"daily_usd": 1.0}},
+                               {"name": "acme", "budget": {"daily_usd": 100.0}}])  # fmt: skip
+
+
 def test_a_key_for_two_tenants_is_refused() -> None:
     digest = hash_api_key("shared")
     settings = load_settings(
