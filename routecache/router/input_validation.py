@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator
 
 from routecache.domain import ChatRequest, Feedback, ResponseFormatType, Role
 from routecache.errors import InvalidArgument
 from routecache.router.settings import LimitSettings
+from routecache.router.validators import check_pattern_size
 
 
 def validate_request(request: ChatRequest, limits: LimitSettings) -> None:
@@ -110,6 +112,13 @@ def _check_schema(schema_text: str) -> None:
     if remote := next(non_local_refs(schema), None):
         # A caller's schema must never make the service fetch a URL (SSRF).
         raise InvalidArgument(field, f"only local references ('#...') allowed, not {remote!r}")
+    for pattern in schema_patterns(schema):
+        try:
+            check_pattern_size(pattern)
+        except (re.error, OverflowError):
+            continue  # a "pattern" in data (const, default): jsonschema never compiles it
+        except ValueError as exc:
+            raise InvalidArgument(field, str(exc)) from exc
 
 
 def _check_cache_control(request: ChatRequest, limits: LimitSettings) -> None:
@@ -141,6 +150,21 @@ def _check_validators(request: ChatRequest, limits: LimitSettings) -> None:
                 )
         if validator.max_chars and validator.min_chars > validator.max_chars:
             raise InvalidArgument(f"{field}.min_chars", "must not exceed max_chars")
+
+
+def schema_patterns(schema: object) -> Iterator[str]:
+    """Every regex a JSON Schema holds: `pattern` values and `patternProperties` keys."""
+    pending = [schema]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            if isinstance(pattern := node.get("pattern"), str):
+                yield pattern
+            if isinstance(properties := node.get("patternProperties"), dict):
+                yield from properties
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
 
 
 def non_local_refs(schema: object) -> Iterator[str]:

@@ -28,6 +28,7 @@ from routecache.router.validators import (
     LengthValidator,
     RefusalValidator,
     RegexValidator,
+    check_pattern_size,
 )
 
 
@@ -123,6 +124,8 @@ def spec_of(requested: RequestValidator) -> ValidatorSpec:
     patterns = (*requested.must_match, *requested.must_not_match)
     if any(len(p) > MAX_REQUEST_PATTERN_CHARS for p in patterns):
         raise ValueError(f"patterns are limited to {MAX_REQUEST_PATTERN_CHARS} characters")
+    for pattern in patterns:
+        check_pattern_size(pattern)
     fields: dict[str, object] = {"kind": requested.kind}
     optional = {
         "name": requested.name,

@@ -70,6 +70,14 @@ VIOLATIONS = [
     (schema_request({"description": "x" * 200}), "params.response_format.json_schema"),
     (schema_request("[" * 5000 + "]" * 5000), "params.response_format.json_schema"),
     (schema_request({"pattern": "a{4294967296}"}), "params.response_format.json_schema"),
+    (
+        schema_request({"patternProperties": {"(a{1000}){1000}": {}}}),
+        "params.response_format.json_schema",
+    ),
+    (
+        schema_request({"properties": {"p": {"pattern": "(a{1000}){1000}"}}}),
+        "params.response_format.json_schema",
+    ),
     (ChatRequest((user(),), cache=CacheControl(tags=("a", "b", "c"))), "cache.tags"),
     (ChatRequest((user(),), cache=CacheControl(tags=("",))), "cache.tags[0]"),
     (ChatRequest((user(),), cache=CacheControl(tags=("a", "x" * 11))), "cache.tags[1]"),
@@ -226,3 +234,9 @@ def test_schema_patterns_still_work() -> None:
     assert validator.check('{"code": "ABC", "n1": 2}', schema_request(schema)).passed
     assert not validator.check('{"code": "abc"}', schema_request(schema)).passed
     assert not validator.check('{"n1": "two"}', schema_request(schema)).passed
+
+
+def test_a_pattern_in_schema_data_is_not_checked_as_a_regex() -> None:
+    # Only `pattern` values and `patternProperties` keys are compiled; this is a value.
+    schema = {"const": {"pattern": "("}, "properties": {"n": {"pattern": "^[0-9]{1,9}$"}}}
+    validate_request(schema_request(schema), LimitSettings())
