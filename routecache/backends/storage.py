@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
@@ -15,7 +16,7 @@ from routecache.backends.redis_events import RedisStreamEventSink
 from routecache.backends.redis_limits import RedisSpendLedger
 from routecache.backends.replica_sync import ReplicaSync
 from routecache.cache.memory_store import InMemoryEntryStore
-from routecache.cache.ports import StoreUnavailable, VectorIndex
+from routecache.cache.ports import CacheEntry, StoreUnavailable, VectorIndex
 from routecache.cache.snapshot import restore_snapshot, save_snapshot
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,10 @@ class EmbeddedStorage:
         self._interval = snapshot_interval_seconds
         self._grace = stale_grace_seconds
         self._task: asyncio.Task[None] | None = None
+        # One writer at a time: a save cancelled on the loop (stop cancels the periodic one)
+        # goes on in its thread, and two writers share the .tmp file, so the older snapshot
+        # could land last and bring back entries removed since.
+        self._writing = threading.Lock()
 
     async def start(self, cache_health: CacheHealth = _ignore_health) -> None:
         if self._path is not None:
@@ -71,11 +76,15 @@ class EmbeddedStorage:
         # The list is taken here, on the loop; encoding and writing run on a thread.
         entries = self.store.entries()
         try:
-            count = await asyncio.to_thread(save_snapshot, entries, path)
+            count = await asyncio.to_thread(self._write, entries, path)
         except OSError as exc:  # a full disk must not take the service down
             log.error("cache snapshot to %s failed: %s", path, exc)
             return
         log.info("saved %d cache entries to %s", count, path)
+
+    def _write(self, entries: list[CacheEntry], path: Path) -> int:
+        with self._writing:
+            return save_snapshot(entries, path)
 
     async def aclose(self) -> None:
         if self._task is not None:

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
 from pathlib import Path
+from threading import Event
 
+import numpy as np
+
+from routecache.backends.storage import EmbeddedStorage
+from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.hit_policy import HitRequirement
-from routecache.domain import CacheControl, CacheOutcome, ChatRequest, Message, Role
+from routecache.cache.memory_store import InMemoryEntryStore
+from routecache.cache.ports import CacheEntry
+from routecache.cache.snapshot import read_live_entries
+from routecache.domain import CacheControl, CacheOutcome, ChatRequest, Message, Role, Tier
 from tests.unit.conftest import KEYS, make_harness
 
 ACME = KEYS["acme"]
@@ -68,3 +78,61 @@ async def test_an_expired_entry_within_the_stale_grace_is_restored_for_stale_ans
         assert stale is not None and stale.entry.entry_id == short.cache.entry_id
     finally:
         await second.service.aclose()
+
+
+class _GatedList(list[CacheEntry]):
+    """Entries whose writer stalls until released: a snapshot still being written."""
+
+    def __init__(self, entries: list[CacheEntry], entered: Event, release: Event) -> None:
+        super().__init__(entries)
+        self._entered, self._release = entered, release
+
+    def __iter__(self) -> Iterator[CacheEntry]:
+        self._entered.set()
+        self._release.wait(5)
+        return super().__iter__()
+
+
+class _SlowFirstSnapshotStore(InMemoryEntryStore):
+    """The first snapshot taken of it is slow to write; later ones are not."""
+
+    def __init__(self) -> None:
+        super().__init__(max_entries=10)
+        self.entered, self.release = Event(), Event()
+        self._gated = True
+
+    def entries(self) -> list[CacheEntry]:
+        entries = super().entries()
+        if not self._gated:
+            return entries
+        self._gated = False
+        return _GatedList(entries, self.entered, self.release)
+
+
+def _entry(name: str) -> CacheEntry:
+    return CacheEntry(
+        entry_id=f"acme:{name}", tenant="acme", scope="acme:s", exact_key=f"acme:s:{name}",
+        prompt=name, answer=name, model="m", tier=Tier.CHEAP,
+        embedding=np.ones(4, dtype=np.float32) / 2, created_at=0.0, expires_at=1e12,
+        cost_usd=0.0,
+    )  # fmt: skip
+
+
+async def test_a_save_under_way_at_shutdown_cannot_overwrite_the_final_snapshot(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "snapshot.jsonl"
+    store = _SlowFirstSnapshotStore()
+    keep, drop = _entry("keep"), _entry("drop")
+    await store.put(keep)
+    await store.put(drop)
+    storage = EmbeddedStorage(store, ScopedFaissIndex(4), lambda: 0.0, path, 0.01)
+    await storage.start()
+    await asyncio.to_thread(store.entered.wait, 5)  # a periodic save is writing [keep, drop]
+    await store.delete([drop.entry_id])  # invalidated meanwhile
+    closing = asyncio.create_task(storage.aclose())  # cancels the periodic save, saves again
+    await asyncio.sleep(0.2)
+    store.release.set()
+    await closing
+    await asyncio.sleep(0.3)  # what is left of the cancelled save's thread runs out
+    assert [e.entry_id for e in read_live_entries(path, now=0.0)] == [keep.entry_id]
