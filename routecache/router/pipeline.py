@@ -184,7 +184,7 @@ class Pipeline:
             if hit is None:
                 assert vector is not None  # a miss always embeds
                 async for event in self._stream_models(
-                    tenant, request, (scope, vector), latency, deadline
+                    tenant, request, (scope, vector), latency, (started, deadline)
                 ):
                     yield event
                 return
@@ -205,10 +205,10 @@ class Pipeline:
         request: ChatRequest,
         where: tuple[str, Vector],
         latency: LatencyBreakdown,
-        deadline: float,
+        times: tuple[float, float],
     ) -> AsyncIterator[str | Completion]:
-        started = time.perf_counter()
-        (scope, vector), generator = where, self._p.generator
+        """`times`: when the request started (perf_counter), for its total; its deadline."""
+        (scope, vector), (started, deadline), generator = where, times, self._p.generator
         with _stage(latency, "classify_ms"):
             tier, difficulty, version = self._route(tenant, request, vector)
         booking = await self._costs.book(tenant, request, tier, streaming=True)
@@ -231,6 +231,7 @@ class Pipeline:
             stale = await self._stale(tenant, request, scope, vector, latency, error)
             for chunk in _chunks(stale.text):
                 yield chunk
+            latency.total_ms = (time.perf_counter() - started) * 1000
             self._stats.record_completion(tenant.name, stale, 0)
             self._emit_completion(tenant, request, stale)
             yield stale
@@ -247,7 +248,7 @@ class Pipeline:
             with _stage(latency, "store_ms"):
                 entry_id = await self._store(tenant, scope, request, vector, generated)
         done = self._from_models(tenant, generated, False, entry_id, (difficulty, version), latency)
-        latency.total_ms += (time.perf_counter() - started) * 1000
+        latency.total_ms = (time.perf_counter() - started) * 1000
         self._stats.record_completion(tenant.name, done, generated.calls)
         self._emit_completion(tenant, request, done)
         yield done

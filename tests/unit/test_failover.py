@@ -249,6 +249,25 @@ async def test_stream_with_all_providers_down_serves_stale() -> None:
     assert "".join(deltas) == final.text and final.cache.stale  # type: ignore[attr-defined]
 
 
+def _stages_ms(latency: object) -> float:
+    return sum(v for k, v in vars(latency).items() if k != "total_ms")
+
+
+async def test_a_streamed_answer_counts_the_whole_request_in_its_total_latency() -> None:
+    # Before: a stale streamed answer said total_ms 0, and a model's streamed answer left the
+    # exact lookup, the embedding and the search out of its total (less than its own stages).
+    r = rig()
+    *_, missed = await collect(r, "q")
+    assert missed.latency.embed_ms > 0  # type: ignore[attr-defined]
+    assert missed.latency.total_ms >= _stages_ms(missed.latency)  # type: ignore[attr-defined]
+    for up in r.ups.values():
+        up.fail_with = DOWN
+    r.clock.advance(EXPIRED_IN_GRACE)
+    *_, stale = await collect(r, "q")
+    assert stale.cache.stale  # type: ignore[attr-defined]
+    assert stale.latency.total_ms >= _stages_ms(stale.latency) > 0  # type: ignore[attr-defined]
+
+
 async def test_stream_validation_failure_ends_failed_precondition() -> None:
     r = rig({"cheap": "the forbidden answer"}, PII_AND_REFUSAL)
     with pytest.raises(FailedValidation, match="streamed answer failed"):
