@@ -256,6 +256,12 @@ class Pipeline:
     async def _admit(self, tenant: Tenant, request: ChatRequest) -> None:
         validate_request(request, self._p.limits)
         self._p.generator.validators_for(tenant.name, request)  # a bad one: INVALID_ARGUMENT now
+        # Before any lookup: a tier the tenant may not use is refused whether or not cached.
+        if request.force_tier is not None and request.force_tier not in tenant.allowed_tiers:
+            raise InvalidArgument(
+                "routing.force_tier", f"{request.force_tier.value} is not allowed for "
+                f"tenant {tenant.name} (models_allowed)",
+            )  # fmt: skip
         # Spend caps are checked later, by the reservation of a call: cache hits cost nothing.
         await self._costs.admit(tenant, request)
 
@@ -365,12 +371,7 @@ class Pipeline:
         assessment = classifier.assess(vector, request.prompt)
         difficulty = assessment.failure_probability
         version = classifier.version
-        if request.force_tier is not None:
-            if request.force_tier not in tenant.allowed_tiers:
-                raise InvalidArgument(
-                    "routing.force_tier", f"{request.force_tier.value} is not allowed for "
-                    f"tenant {tenant.name} (models_allowed)",
-                )  # fmt: skip
+        if request.force_tier is not None:  # one the tenant may use: checked on admission
             return request.force_tier, difficulty, version
         threshold = tenant.routing_threshold
         if threshold is None and tenant.operating_point is not None:

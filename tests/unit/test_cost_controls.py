@@ -12,6 +12,7 @@ from aiohttp import web
 
 from routecache.domain import (
     CacheControl,
+    CacheOutcome,
     ChatRequest,
     Completion,
     GenerationParams,
@@ -258,6 +259,20 @@ async def test_models_allowed_keeps_a_tenant_off_a_tier() -> None:
     with pytest.raises(FailedValidation):  # no escalation to a model it may not use
         await complete(ask("json please", params=json_mode), ACME)
     assert harness.strong.calls == []
+    await harness.service.aclose()
+
+
+async def test_a_forced_tier_the_tenant_may_not_use_is_refused_even_when_cached() -> None:
+    # Before: the tier was checked only on a miss, so the same request was INVALID_ARGUMENT
+    # or a cached answer depending on the cache, and took from the rate limit either way.
+    harness = make_harness(models_allowed=["mixtral-8x7b-instruct"], requests_per_second=1)
+    complete = harness.service.pipeline.complete
+    await complete(ask("cached question"), ACME)
+    harness.clock.advance(1.0)
+    with pytest.raises(InvalidArgument, match="force_tier"):
+        await complete(ask("cached question", force_tier=Tier.STRONG), ACME)
+    again = await complete(ask("cached question"), ACME)  # the refusal took no request
+    assert again.cache.outcome is CacheOutcome.EXACT
     await harness.service.aclose()
 
 
