@@ -72,11 +72,13 @@ class RedisSpendLedger:
         # While Redis is down: this replica's own reservations and spend, on top of what
         # Redis last said was committed against each cap.
         self._local = InMemorySpendLedger(clock, reservation_ttl_seconds)
-        self._last_committed: dict[tuple[str, str, Cap], float] = {}
+        # Per (tenant, user or '', period id): what Redis last said was committed / spent.
+        self._last_committed: dict[tuple[str, str, str], float] = {}
         # Spend made while Redis was down, summed per tenant, user, day and month.
         self._pending: dict[tuple[str, str, str, str], SpendRecord] = {}
         self._flush_task: asyncio.Task[None] | None = None
-        self._last_cost: dict[tuple[str, str, str], float] = {}  # what Redis last said
+        self._last_cost: dict[tuple[str, str, str], float] = {}
+        self._periods: dict[Period, str] = {}  # the period ids those two are kept for
         self._flushing = asyncio.Lock()
         link.subscribe(self._on_health)
 
@@ -102,9 +104,22 @@ class RedisSpendLedger:
         if not int(ok):
             cap = caps[int(refused) - 1]
             return CapReached(cap, float(committed[0]))
+        self._forget_past(ids)
         for cap, value in zip(caps, committed, strict=True):
-            self._last_committed[(tenant, user if cap.per_user else "", cap)] = float(value)
+            who = user if cap.per_user else ""
+            self._last_committed[(tenant, who, ids[cap.period])] = float(value)
         return Reservation(rid, tenant, user, amount_usd)
+
+    def _forget_past(self, ids: dict[Period, str]) -> None:
+        """Drops what Redis said of ended days and months: not to be counted against the
+        new ones while Redis is down, nor kept forever."""
+        if ids == self._periods:
+            return
+        self._periods = dict(ids)
+        current = set(ids.values())
+        for known in (self._last_committed, self._last_cost):
+            for key in [k for k in known if k[2] not in current]:
+                del known[key]
 
     async def _reserve_locally(
         self, tenant: str, user: str, amount_usd: float, caps: Sequence[Cap]
@@ -123,9 +138,8 @@ class RedisSpendLedger:
 
     def _known(self, tenant: str, user: str, cap: Cap, ids: dict[Period, str]) -> float:
         """The latest committed spend Redis reported for a cap: at a reservation, or after."""
-        who = user if cap.per_user else ""
-        reserved = self._last_committed.get((tenant, who, cap), 0.0)
-        return max(reserved, self._last_cost.get((tenant, who, ids[cap.period]), 0.0))
+        slot = (tenant, user if cap.per_user else "", ids[cap.period])
+        return max(self._last_committed.get(slot, 0.0), self._last_cost.get(slot, 0.0))
 
     async def settle(self, reservation: Reservation | None, record: SpendRecord) -> Movement:
         ids = period_ids(self._clock())
@@ -153,6 +167,7 @@ class RedisSpendLedger:
             if record.user:
                 args += [spend_suffix(period, pid, record.user), keep, "0"]
         out = await self._settle(keys=[], args=args)
+        self._forget_past(period_ids(self._clock()))  # not `ids`: a flush may be of a past day
         moved: Movement = {}
         for i, (period, pid) in enumerate(ids.items()):
             moved[period] = (float(out[2 * i]), float(out[2 * i + 1]))

@@ -285,6 +285,21 @@ async def test_while_redis_is_down_a_replica_spends_only_what_was_left(
     await eventually(flushed, "the spend made while Redis was down reaches Redis")
 
 
+async def test_while_redis_is_down_a_new_day_starts_from_nothing_spent(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    caps = [Cap(Period.DAY, 1.0)]
+    for amount in (0.9, 0.05):  # the second reservation hears from Redis: 0.9 committed
+        held = await ledger.reserve("acme", "", amount, caps)
+        assert isinstance(held, Reservation)
+        await ledger.settle(held, SpendRecord("acme", cost_usd=amount))
+    redis.clock.advance(86400.0)  # the next UTC day
+    redis.server.kill()
+    # Yesterday's spend is not today's: the day's cap has all of its 1.0 left.
+    assert isinstance(await ledger.reserve("acme", "", 0.5, caps), Reservation)
+
+
 async def test_spend_pending_over_an_outage_is_flushed_once_however_many_flush(
     ledger_on_own_redis: LedgerOnOwnRedis,
 ) -> None:
