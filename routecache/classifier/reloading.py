@@ -4,7 +4,9 @@
 loaded in a worker thread, off the event loop, and then swapped in by one reference
 assignment on the loop. A request scores with whichever model was active when its (synchronous)
 routing step ran, so no request sees half a swap. A version that fails to load is logged and
-skipped; the model in service stays, and a later pointer change is tried again.
+skipped; the model in service stays, and a later pointer change is tried again. So is a version
+that cannot score this service's embeddings (trained on another embedder): swapped in, it would
+fail every routed request.
 """
 
 from __future__ import annotations
@@ -34,9 +36,12 @@ class ReloadingClassifier:
         load: Loader,
         initial: DifficultyClassifier,
         initial_entry: str | None = None,
+        embedding_dimension: int | None = None,
     ) -> None:
         self._registry = registry
         self._load = load
+        # The service's embedding size: a new version must score one before it serves.
+        self._dimension = embedding_dimension
         self._active = initial
         # The registry entry in service: a registry name need not equal the model's own version.
         self._entry = initial_entry
@@ -45,13 +50,16 @@ class ReloadingClassifier:
 
     @classmethod
     def from_registry(
-        cls, registry: ModelRegistry, load: Loader, fallback: Path
+        cls,
+        registry: ModelRegistry,
+        load: Loader,
+        fallback: Path,
+        embedding_dimension: int | None = None,
     ) -> ReloadingClassifier:
         """Start on the registry's current version, or on `fallback` if none is promoted yet."""
         entry = registry.current_version()
-        if entry is None:
-            return cls(registry, load, load(fallback))
-        return cls(registry, load, load(registry.artifact_path(entry)), entry)
+        path = fallback if entry is None else registry.artifact_path(entry)
+        return cls(registry, load, load(path), entry, embedding_dimension)
 
     @property
     def active(self) -> DifficultyClassifier:
@@ -81,7 +89,7 @@ class ReloadingClassifier:
             return False
         path = self._registry.artifact_path(wanted)
         try:
-            loaded = await asyncio.to_thread(self._load, path)
+            loaded = await asyncio.to_thread(self._load_checked, path)
         except Exception:  # any broken artifact: keep serving with the model we have
             log.exception("classifier %s could not be loaded; keeping %s", wanted, self.version)
             self._failed_version = wanted
@@ -91,6 +99,14 @@ class ReloadingClassifier:
         self.swaps += 1
         log.info("classifier swapped: %s -> %s", previous, loaded.version)
         return True
+
+    def _load_checked(self, path: Path) -> DifficultyClassifier:
+        """Loads a version and has it score one embedding of the service's size (raises if it
+        cannot)."""
+        loaded = self._load(path)
+        if self._dimension is not None:
+            loaded.assess(np.zeros(self._dimension, dtype=np.float32), "")
+        return loaded
 
     async def watch(self, interval_seconds: float) -> None:
         """Poll the pointer until cancelled."""

@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from routecache.classifier.model import FixedScoreClassifier
-from routecache.classifier.ports import DifficultyClassifier
+from routecache.classifier.ports import Assessment, DifficultyClassifier
 from routecache.classifier.registry import ModelRegistry, RegistryError
 from routecache.classifier.reloading import ReloadingClassifier
 
@@ -130,3 +131,35 @@ def test_rollback_never_returns_to_a_version_that_was_rolled_back(tmp_path: Path
     registry.promote("v3")
     assert registry.rollback() == "v1"
     assert registry.current_version() == "v1"
+
+
+class _DimensionBound(FixedScoreClassifier):
+    """Scores only embeddings of its own dimension, as a trained model does."""
+
+    def __init__(self, dimension: int, version: str) -> None:
+        super().__init__(0.5, version=version)
+        self._dimension = dimension
+
+    def assess(self, embedding: npt.NDArray[np.float32], text: str) -> Assessment:
+        if np.asarray(embedding).reshape(-1).shape[0] != self._dimension:
+            raise ValueError(f"expects {self._dimension}-d embeddings")
+        return super().assess(embedding, text)
+
+
+async def test_a_version_for_another_embedder_is_not_swapped_in(tmp_path: Path) -> None:
+    # A candidate retrained on another embedder (64-d) is promoted over a 4-d one: swapping it
+    # in would fail every routed request of the service; it is skipped like a broken one.
+    registry = _registry_with(tmp_path, "v1", "v2-64d")
+
+    def load(path: Path) -> DifficultyClassifier:
+        version = path.parent.name
+        return _DimensionBound(64 if "64d" in version else VECTOR.shape[0], version)
+
+    registry.promote("v1")
+    classifier = ReloadingClassifier.from_registry(
+        registry, load, tmp_path / "none", embedding_dimension=VECTOR.shape[0]
+    )
+    registry.promote("v2-64d")
+    assert await classifier.refresh() is False
+    assert classifier.version == "v1"
+    assert classifier.assess(VECTOR, "x").failure_probability == 0.5
