@@ -161,17 +161,19 @@ class RedisSpendLedger:
             repr(record.cost_usd), str(record.prompt_tokens), str(record.completion_tokens),
             repr(record.saved_usd), str(record.calls), repr(record.routing_saved_usd),
         ]  # fmt: skip
-        for period, pid in ids.items():
-            keep = str(self._retention.of(period))
-            args += [spend_suffix(period, pid), keep, "1"]
-            if record.user:
-                args += [spend_suffix(period, pid, record.user), keep, "0"]
+        slots = [(period, pid, who) for period, pid in ids.items()
+                 for who in dict.fromkeys(("", record.user))]  # fmt: skip
+        for period, pid, who in slots:
+            args += [spend_suffix(period, pid, who), str(self._retention.of(period))]
         out = await self._settle(keys=[], args=args)
         self._forget_past(period_ids(self._clock()))  # not `ids`: a flush may be of a past day
         moved: Movement = {}
-        for i, (period, pid) in enumerate(ids.items()):
-            moved[period] = (float(out[2 * i]), float(out[2 * i + 1]))
-            self._last_cost[(record.tenant, "", pid)] = moved[period][1]
+        for i, (period, pid, who) in enumerate(slots):
+            before, after = float(out[2 * i]), float(out[2 * i + 1])
+            # The user's too: while Redis is down, per-user caps start from these.
+            self._last_cost[(record.tenant, who, pid)] = after
+            if not who:
+                moved[period] = (before, after)
         return moved
 
     async def release(self, reservation: Reservation) -> None:

@@ -217,14 +217,13 @@ return {1, 0, unpack(committed)}
 """
 
 # ARGV: tenant key base, reservation id ('' for none), cost, prompt tokens, completion tokens,
-# saved, calls, routing saved, then per spend key: its suffix, its lifetime in seconds, '1'
-# for a tenant-wide key. Adds the usage to every key and returns each tenant-wide key's cost
-# before and after.
+# saved, calls, routing saved, then per spend key: its suffix, its lifetime in seconds. Adds
+# the usage to every key and returns each key's cost before and after, in the keys' order.
 SETTLE = """
 local base = ARGV[1]
 if ARGV[2] ~= '' then redis.call('HDEL', base .. 'resv', ARGV[2]) end
 local out = {}
-for i = 9, #ARGV, 3 do
+for i = 9, #ARGV, 2 do
   local key = base .. ARGV[i]
   local before = redis.call('HGET', key, 'cost') or '0'
   local after = redis.call('HINCRBYFLOAT', key, 'cost', ARGV[3])
@@ -234,10 +233,8 @@ for i = 9, #ARGV, 3 do
   redis.call('HINCRBY', key, 'calls', ARGV[7])
   redis.call('HINCRBYFLOAT', key, 'routing_saved', ARGV[8])
   redis.call('EXPIRE', key, ARGV[i + 1])
-  if ARGV[i + 2] == '1' then
-    out[#out + 1] = before
-    out[#out + 1] = after
-  end
+  out[#out + 1] = before
+  out[#out + 1] = after
 end
 return out
 """

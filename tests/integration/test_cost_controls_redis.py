@@ -300,6 +300,21 @@ async def test_while_redis_is_down_a_new_day_starts_from_nothing_spent(
     assert isinstance(await ledger.reserve("acme", "", 0.5, caps), Reservation)
 
 
+async def test_while_redis_is_down_an_end_user_spends_only_what_was_left_to_them(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    caps = [Cap(Period.DAY, 1.0, per_user=True)]
+    held = await ledger.reserve("acme", "u1", 0.9, caps)
+    assert isinstance(held, Reservation)
+    await ledger.settle(held, SpendRecord("acme", "u1", cost_usd=0.9))  # Redis: u1 spent 0.9
+    redis.server.kill()
+    # 0.1 is left to u1 (not the whole cap Redis reported committed when u1 last reserved).
+    assert isinstance(await ledger.reserve("acme", "u1", 0.5, caps), CapReached)
+    other = await ledger.reserve("acme", "u2", 0.5, caps)
+    assert isinstance(other, Reservation) and other.local
+
+
 async def test_spend_pending_over_an_outage_is_flushed_once_however_many_flush(
     ledger_on_own_redis: LedgerOnOwnRedis,
 ) -> None:
