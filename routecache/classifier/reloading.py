@@ -6,7 +6,7 @@ assignment on the loop. A request scores with whichever model was active when it
 routing step ran, so no request sees half a swap. A version that fails to load is logged and
 skipped; the model in service stays, and a later pointer change is tried again. So is a version
 that cannot score this service's embeddings (trained on another embedder): swapped in, it would
-fail every routed request.
+fail every routed request. A read that fails with an I/O error is retried on the next poll.
 """
 
 from __future__ import annotations
@@ -90,6 +90,11 @@ class ReloadingClassifier:
         path = self._registry.artifact_path(wanted)
         try:
             loaded = await asyncio.to_thread(self._load_checked, path)
+        except OSError as error:
+            # A read that failed (a flaky registry mount) says nothing about the artifact:
+            # tried again next tick, or this replica would stay on the old model for good.
+            log.warning("classifier %s could not be read (%s); retrying", wanted, error)
+            return False
         except Exception:  # any broken artifact: keep serving with the model we have
             log.exception("classifier %s could not be loaded; keeping %s", wanted, self.version)
             self._failed_version = wanted

@@ -163,3 +163,25 @@ async def test_a_version_for_another_embedder_is_not_swapped_in(tmp_path: Path) 
     assert await classifier.refresh() is False
     assert classifier.version == "v1"
     assert classifier.assess(VECTOR, "x").failure_probability == 0.5
+
+
+async def test_a_version_unreadable_for_a_moment_is_loaded_on_a_later_tick(
+    tmp_path: Path,
+) -> None:
+    # A registry on a network mount can fail one read (EIO, stale handle). That says nothing
+    # about the artifact: this replica must not stay on the old model while the others move on.
+    registry = _registry_with(tmp_path, "v1", "v2")
+    failures = [OSError(5, "Input/output error")]
+
+    def flaky_load(path: Path) -> DifficultyClassifier:
+        if path.parent.name == "v2" and failures:
+            raise failures.pop()
+        return fake_load(path)
+
+    registry.promote("v1")
+    classifier = ReloadingClassifier.from_registry(registry, flaky_load, tmp_path / "none")
+    registry.promote("v2")
+    assert await classifier.refresh() is False
+    assert classifier.version == "v1"
+    assert await classifier.refresh() is True
+    assert classifier.version == "v2"
