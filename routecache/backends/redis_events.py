@@ -21,7 +21,9 @@ from routecache.backends.link import RedisDown, RedisLink, guarded
 
 log = logging.getLogger(__name__)
 
-_NO_TENANT = "_"
+# Events before a tenant is known (a refused API key's request): a name no tenant can have
+# (settings.TENANT_NAME_PATTERN), so no tenant's stream receives them.
+_NO_TENANT = "!none"
 
 
 class RedisStreamEventSink:

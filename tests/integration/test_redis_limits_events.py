@@ -116,6 +116,21 @@ async def test_events_land_on_the_tenant_stream(redis_server: RedisServer) -> No
         await replica.service.aclose()
 
 
+async def test_events_of_no_tenant_stay_out_of_every_tenants_stream(
+    redis_server: RedisServer,
+) -> None:
+    link = link_to(redis_server)
+    assert await link.connect()
+    sink = RedisStreamEventSink(link, KeySpace())
+    try:
+        # A refused key's request: its prompt must not reach a tenant that happens to be "_".
+        sink.emit("error", {"tenant": "", "prompt": "not yours", "reason": "unauthenticated"})
+        await sink.flush()
+        assert await read_events(link, KeySpace(), "_") == []
+    finally:
+        await link.aclose()
+
+
 async def test_the_event_buffer_is_bounded_while_redis_is_down(
     own_redis_server: RedisServer,
 ) -> None:
