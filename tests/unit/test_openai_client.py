@@ -116,6 +116,13 @@ async def collect(deltas: AsyncIterator[str], into: list[str] | None = None) -> 
     return received
 
 
+# A body whose content-encoding does not decode: httpx raises DecodingError, not a
+# TransportError, while reading it.
+def corrupt_gzip(request: httpx.Request | None = None) -> httpx.Response:
+    headers = {"content-encoding": "gzip", "content-type": "application/json"}
+    return httpx.Response(200, headers=headers, stream=httpx.ByteStream(b"not gzip at all"))
+
+
 # --- what goes out -------------------------------------------------------------------------
 
 
@@ -299,6 +306,25 @@ async def test_malformed_body_is_retryable(make_client: Any, response: httpx.Res
         await make_client(recorder).complete(MESSAGES, GenerationParams())
     assert caught.value.retryable is True
     assert recorder.calls == 2
+
+
+async def test_a_body_that_does_not_decode_is_an_upstream_error(make_client: Any) -> None:
+    # Before: httpx.DecodingError left the client raw; the failover chain re-raised what
+    # was not an UpstreamError, so the call ended INTERNAL without trying the next provider.
+    calls: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return corrupt_gzip()
+
+    client = make_client(answer)
+    with pytest.raises(UpstreamError, match="DecodingError") as caught:
+        await client.complete(MESSAGES, GenerationParams())
+    assert caught.value.retryable is True
+    with pytest.raises(UpstreamError, match="DecodingError") as caught:
+        await collect(client.stream(MESSAGES, GenerationParams()))
+    assert caught.value.retryable is True
+    assert len(calls) == 4  # each retried once
 
 
 async def test_retry_recovers_from_one_failure(make_client: Any) -> None:

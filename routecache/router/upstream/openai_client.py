@@ -196,7 +196,7 @@ class OpenAIChatClient:
             raise self._error(
                 f"timed out after {self._timeout:g}s ({type(exc).__name__})", retryable=True
             ) from exc
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:  # transport errors, and a body that does not decode
             raise self._error(
                 f"connection failed ({type(exc).__name__}: {exc})", retryable=True
             ) from exc
@@ -277,7 +277,7 @@ class OpenAIChatClient:
                     yield delta
         except httpx.TimeoutException as exc:
             raise self._error(f"stream stalled for {self._timeout:g}s", retryable=True) from exc
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:  # transport errors, and a body that does not decode
             raise self._error(
                 f"stream broke ({type(exc).__name__}: {exc})", retryable=True
             ) from exc
