@@ -158,7 +158,7 @@ def knn_scores(
 
 def compare(
     scores: Path, train: Sequence[RoutingRow], hold: Sequence[RoutingRow],
-    dev: Sequence[RoutingRow], cache: Path | None,
+    dev: Sequence[RoutingRow], cache: Path | None, name: str = "fine-tuned",
 ) -> None:  # fmt: skip
     with np.load(scores) as saved:
         tuned_hold, tuned_dev = routing_score(saved["hold"]), routing_score(saved["dev"])
@@ -167,7 +167,7 @@ def compare(
     weights = np.linspace(0.0, 1.0, 11)
     blends = [(1 - w) * ranks(knn_hold) + w * ranks(tuned_hold) for w in weights]
     apgrs = [
-        print_line(f"holdout: rank blend, fine-tuned weight {w:.1f}", blend, hold)
+        print_line(f"holdout: rank blend, {name} weight {w:.1f}", blend, hold)
         for w, blend in zip(weights, blends, strict=True)
     ]
     chosen = float(weights[int(np.argmax(apgrs))])
@@ -176,7 +176,7 @@ def compare(
     print_line("dev: kNN + text heads (all of train)", knn_dev, dev)
     spread = bootstrap_sd(knn_dev, dev)
     print(f"  bootstrap of dev (300 resamples): APGR standard deviation {spread:.3f}")
-    print_line("dev: fine-tuned (80% of train)", tuned_dev, dev)
+    print_line(f"dev: {name} (80% of train)", tuned_dev, dev)
     blend = (1 - chosen) * ranks(knn_dev) + chosen * ranks(tuned_dev)
     print_line(f"dev: rank blend, weight {chosen:.1f}", blend, dev)
 
