@@ -118,10 +118,14 @@ async def spend_of(harness: Harness, tenant: str = "acme", user: str = "") -> fl
     return totals[Period.DAY].cost_usd
 
 
-def one_request_usd(harness: Harness, prompt: str) -> float:
-    pipeline = harness.service.pipeline
+async def one_request_usd(prompt: str) -> float:
+    """What one strong request of `prompt` reserves, measured on a harness of its own."""
+    probe = budget_harness()
+    pipeline = probe.service.pipeline
     tenant = pipeline._p.authenticator.authenticate(ACME)
-    return pipeline.costs.worst_case_usd(tenant, costly(prompt), Tier.STRONG, cheap_only=False)
+    usd = pipeline.costs.worst_case_usd(tenant, costly(prompt), Tier.STRONG, cheap_only=False)
+    await probe.service.aclose()
+    return usd
 
 
 async def concurrent_wave(harness: Harness, wave: int, n: int = 50) -> tuple[int, int]:
@@ -149,9 +153,7 @@ async def concurrent_wave(harness: Harness, wave: int, n: int = 50) -> tuple[int
 
 
 async def test_fifty_concurrent_requests_overrun_a_hard_cap_by_one_request_at_most() -> None:
-    probe = budget_harness()
-    one = one_request_usd(probe, "w0 q00")
-    await probe.service.aclose()
+    one = await one_request_usd("w0 q00")
     cap = 10.5 * one
     harness = budget_harness(daily_usd=cap)
     served, refused = await concurrent_wave(harness, 0)
@@ -165,9 +167,7 @@ async def test_fifty_concurrent_requests_overrun_a_hard_cap_by_one_request_at_mo
 
 
 async def test_the_downgrade_policy_serves_the_cheap_tier_at_the_cap() -> None:
-    probe = budget_harness()
-    one = one_request_usd(probe, "q0")
-    await probe.service.aclose()
+    one = await one_request_usd("q0")
     # Under the cap, a cheap request still reserves for its strong fallback (one strong
     # request's worth): that no longer fits, the cheap tier alone does.
     harness = budget_harness(daily_usd=0.5 * one, policy="downgrade")
@@ -185,9 +185,7 @@ async def test_the_downgrade_policy_serves_the_cheap_tier_at_the_cap() -> None:
 
 
 async def test_refusal_waits_until_the_day_ends_and_a_failed_call_releases() -> None:
-    probe = budget_harness()
-    one = one_request_usd(probe, "q0")
-    await probe.service.aclose()
+    one = await one_request_usd("q0")
     harness = budget_harness(daily_usd=1.5 * one)
     complete = harness.service.pipeline.complete
     harness.strong.fail_with = UpstreamError("HTTP 400", retryable=False)
@@ -204,9 +202,7 @@ async def test_refusal_waits_until_the_day_ends_and_a_failed_call_releases() -> 
 
 
 async def test_per_user_caps_hold_each_user_and_leave_requests_without_one_alone() -> None:
-    probe = budget_harness()
-    one = one_request_usd(probe, "q0")
-    await probe.service.aclose()
+    one = await one_request_usd("q0")
     harness = budget_harness(user_daily_usd=1.5 * one)
     complete = harness.service.pipeline.complete
     await complete(costly("q0", user="u1"), ACME)
