@@ -52,8 +52,10 @@ class QuotaLimiter(Protocol):
 
 
 def user_slot(end_user_id: str) -> str:
-    """A bounded name for an end user in keys and buckets."""
-    if len(end_user_id) <= 64:
+    """A bounded name for an end user in keys and buckets, one per id."""
+    # An id that already looks like a hashed one is hashed too: kept as it is, it could name
+    # another user's slot on purpose and share their buckets and caps.
+    if len(end_user_id) <= 64 and not end_user_id.startswith("h:"):
         return end_user_id
     return "h:" + hashlib.sha256(end_user_id.encode()).hexdigest()[:32]
 

@@ -29,7 +29,7 @@ from routecache.errors import (
 )
 from routecache.router.budget import Period, period_ids, seconds_to_period_end
 from routecache.router.error_mapping import RETRY_AFTER_KEY, status_of, trailing_metadata_of
-from routecache.router.quotas import Charge, InMemoryQuotaLimiter
+from routecache.router.quotas import Charge, InMemoryQuotaLimiter, user_slot
 from tests.fakes import ManualClock
 from tests.unit.conftest import KEYS, Harness, make_harness
 from tests.unit.test_pipeline import ask
@@ -339,3 +339,12 @@ async def test_streams_are_paid_for_whole_or_cut_short() -> None:
         await asyncio.sleep(0.005)
     assert 0 < await spend_of(harness, user="u2") < whole.usage.cost_usd
     await harness.service.aclose()
+
+
+def test_an_end_user_id_that_looks_like_a_hashed_one_gets_a_slot_of_its_own() -> None:
+    long_id = "u" * 100
+    hashed = user_slot(long_id)
+    assert len(hashed) <= 64 and user_slot("alice") == "alice"
+    # A user of the same tenant naming themselves after another's slot must not share its
+    # buckets and per-user caps.
+    assert user_slot(hashed) != hashed
