@@ -29,8 +29,9 @@ class InMemoryRateLimiter:
         now = self._clock()
         capacity = max(1.0, per_second)
         bucket = self._buckets.setdefault(key, _Bucket(capacity, now))
-        bucket.tokens = min(capacity, bucket.tokens + (now - bucket.updated_at) * per_second)
-        bucket.updated_at = now
+        elapsed = max(0.0, now - bucket.updated_at)
+        bucket.tokens = min(capacity, bucket.tokens + elapsed * per_second)
+        bucket.updated_at = max(bucket.updated_at, now)  # a clock step back refills nothing twice
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0
             return 0.0

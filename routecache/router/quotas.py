@@ -113,7 +113,9 @@ class InMemoryQuotaLimiter:
         state = _State(charge.capacity, now) if found is None else found[0]
         elapsed = max(0.0, now - state.updated)
         state.tokens = min(charge.capacity, state.tokens + elapsed * charge.per_second)
-        state.updated = now
+        # Never back in time: after a wall-clock step back, the refill up to `updated` has
+        # already been given and must not be given again.
+        state.updated = max(state.updated, now)
         self._buckets[(tenant, charge.bucket)] = (state, charge)
         return state
 

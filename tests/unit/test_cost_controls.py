@@ -29,6 +29,7 @@ from routecache.errors import (
 )
 from routecache.router.budget import Period, period_ids, seconds_to_period_end
 from routecache.router.error_mapping import RETRY_AFTER_KEY, status_of, trailing_metadata_of
+from routecache.router.limits import InMemoryRateLimiter
 from routecache.router.quotas import Charge, InMemoryQuotaLimiter, user_slot
 from tests.fakes import ManualClock
 from tests.unit.conftest import KEYS, Harness, make_harness
@@ -105,6 +106,20 @@ async def test_a_request_takes_all_its_buckets_or_none() -> None:
     big = Charge("tok", 1.0, 5.0, 8.0)
     assert (await limiter.take("t", [big])).allowed
     assert (await limiter.take("t", [big])).wait_seconds == pytest.approx(8.0)
+
+
+async def test_a_wall_clock_stepping_back_refills_no_bucket_twice() -> None:
+    clock = ManualClock()
+    quotas, per_second = InMemoryQuotaLimiter(clock), InMemoryRateLimiter(clock)
+    request = Charge("req", 1.0, 1.0, 1.0)
+    assert (await quotas.take("t", [request])).allowed
+    assert await per_second.acquire("t", 1.0) == 0.0
+    clock.advance(-10)  # an NTP step back
+    assert not (await quotas.take("t", [request])).allowed
+    assert await per_second.acquire("t", 1.0) > 0
+    clock.advance(10)  # back where the buckets were emptied: no time has passed for them
+    assert not (await quotas.take("t", [request])).allowed
+    assert await per_second.acquire("t", 1.0) > 0
 
 
 def test_resource_exhausted_carries_the_retry_delay_in_trailing_metadata() -> None:
