@@ -83,7 +83,10 @@ class ScopedFaissIndex:
             index = self._scopes.get(scope)
             if index is None:
                 index = self._scopes[scope] = _ScopeIndex(self._dimension)
-            fresh = [(i, e) for i, e in enumerate(entry_ids) if e not in index.label_of_id]
+            # One row per new id, the last of a repeated one: a second row of the same id would
+            # stay in FAISS, unremovable, after the id's label moved on to the other.
+            last_row = {e: i for i, e in enumerate(entry_ids) if e not in index.label_of_id}
+            fresh = [(i, e) for e, i in last_row.items()]
             if not fresh:
                 return
             labels = np.arange(self._next_label, self._next_label + len(fresh), dtype=np.int64)

@@ -73,3 +73,14 @@ def test_changes_made_during_a_background_rebuild_are_in_the_new_index() -> None
     assert index.kind("a") == "ivf" and len(index) == 499
     assert index.search("a", rows[450], 1)[0].entry_id == "e450"
     assert all(n.entry_id != "e7" for n in index.search("a", rows[7], 5))
+
+
+def test_an_id_twice_in_one_batch_is_indexed_once_and_removed_for_good() -> None:
+    index = ScopedFaissIndex(32)
+    rows = unit_rows(2)
+    index.add_many("a", ["e", "e"], rows)
+    assert len(index) == 1
+    assert index.search("a", rows[1], 1)[0].entry_id == "e"  # the later vector is kept
+    index.add("a", "f", rows[0])
+    index.remove("a", "e")
+    assert [n.entry_id for n in index.search("a", rows[0], 5)] == ["f"]
