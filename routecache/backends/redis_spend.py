@@ -225,6 +225,9 @@ class RedisSpendLedger:
                 except RedisDown:
                     self._add_pending(record, ids)
                     return
+                # In Redis now, so in what Redis reports: no longer this replica's own spend.
+                # One record at a time, as a flush cut short leaves the rest to count here.
+                self._local.take_back(record, ids)
             self._local = InMemorySpendLedger(self._clock, self._ttl)
 
     async def _on_health(self, up: bool) -> None:

@@ -20,6 +20,7 @@ from enum import StrEnum
 from typing import Protocol
 
 _EPSILON = 1e-12  # float sums of many small costs must not refuse an exact fit
+_RESIDUE_USD = 1e-9  # below this, spend taken back out of a total is nothing left
 
 
 class Period(StrEnum):
@@ -108,6 +109,20 @@ class Totals:
         self.saved_usd += record.saved_usd
         self.calls += record.calls
         self.routing_saved_usd += record.routing_saved_usd
+
+    def subtract(self, record: SpendRecord) -> None:
+        self.cost_usd -= record.cost_usd
+        self.prompt_tokens -= record.prompt_tokens
+        self.completion_tokens -= record.completion_tokens
+        self.saved_usd -= record.saved_usd
+        self.calls -= record.calls
+        self.routing_saved_usd -= record.routing_saved_usd
+
+    def is_empty(self) -> bool:
+        # Floats added up and taken apart again in another order leave ~1e-16 behind.
+        amounts = (self.cost_usd, self.saved_usd, self.routing_saved_usd)
+        counts = (self.prompt_tokens, self.completion_tokens, self.calls)
+        return all(abs(a) < _RESIDUE_USD for a in amounts) and not any(counts)
 
 
 # The tenant's spend in each period before and after a settle: soft budgets compare them.
@@ -202,6 +217,19 @@ class InMemorySpendLedger:
 
     async def release(self, reservation: Reservation) -> None:
         self._held.pop(reservation.reservation_id, None)
+
+    def take_back(self, record: SpendRecord, ids: dict[Period, str]) -> None:
+        """Removes a settled record's spend from the periods `ids` (the Redis ledger's
+        fallback: once the record has reached Redis, it must not be counted here too)."""
+        for pid in ids.values():
+            for who in dict.fromkeys(("", record.user)):
+                key = (record.tenant, who, pid)
+                found = self._totals.get(key)
+                if found is None:
+                    continue
+                found.subtract(record)
+                if found.is_empty():
+                    del self._totals[key]
 
     async def totals(self, tenant: str, user: str = "") -> dict[Period, Totals]:
         ids = period_ids(self.clock())

@@ -7,6 +7,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,14 @@ from routecache.backends.redis_limits import RedisQuotaLimiter
 from routecache.backends.redis_spend import RedisSpendLedger
 from routecache.domain import CacheControl, ChatRequest, GenerationParams, Message, Role, Tier
 from routecache.errors import ResourceExhausted, Unauthenticated
-from routecache.router.budget import Cap, CapReached, Period, Reservation, SpendRecord
+from routecache.router.budget import (
+    Cap,
+    CapReached,
+    Movement,
+    Period,
+    Reservation,
+    SpendRecord,
+)
 from routecache.router.cli import build_parser
 from routecache.router.keys_cli import run_keys
 from routecache.router.quotas import Charge
@@ -328,6 +336,31 @@ async def test_spend_pending_over_an_outage_is_flushed_once_however_many_flush(
     await asyncio.gather(ledger.flush(), ledger.flush())
     totals = await redis.another_ledger().totals("acme", "u1")
     assert (totals[Period.DAY].cost_usd, totals[Period.DAY].calls) == (0.75, 3)
+
+
+async def test_a_flush_cut_short_by_redis_counts_the_flushed_spend_once(
+    ledger_on_own_redis: LedgerOnOwnRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    caps = [Cap(Period.DAY, 1.0)]
+    redis.server.kill()
+    for user in ("u1", "u2"):  # two pending records: flushed one at a time
+        await ledger.settle(None, SpendRecord("acme", user, cost_usd=0.3, calls=1))
+    apply = ledger._apply
+
+    async def apply_then_redis_dies(*args: Any) -> Movement:
+        moved = await apply(*args)
+        redis.server.kill()  # Redis fails again after the first record reached it
+        return moved
+
+    monkeypatch.setattr(ledger, "_apply", apply_then_redis_dies)
+    redis.server.start()
+    await redis.link.wait_up()
+    await ledger.flush()
+    # 0.3 in Redis and 0.3 pending: 0.6 spent, not the flushed 0.3 again.
+    assert (await ledger.totals("acme"))[Period.DAY].cost_usd == pytest.approx(0.6)
+    assert (await ledger.totals("acme", "u1"))[Period.DAY].cost_usd == pytest.approx(0.3)
+    assert isinstance(await ledger.reserve("acme", "", 0.35, caps), Reservation)
 
 
 async def test_reservations_hold_whatever_time_the_replica_clock_says(
