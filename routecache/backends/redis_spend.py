@@ -7,7 +7,8 @@ each end user, and `<base>resv` (reservation id → amount, user, expiry).
 
 While Redis is down a replica reserves against Redis' last answer plus its own reservations
 and spend, and keeps what it spent as pending: it is added to Redis when Redis is back, so no
-recorded cost is lost.
+recorded cost is lost. Its own reservations, never in Redis, lower the caps Redis checks until
+their calls end.
 """
 
 from __future__ import annotations
@@ -91,19 +92,22 @@ class RedisSpendLedger:
         now = self._clock()
         ids = period_ids(now)
         rid = new_reservation_id()
+        # Reservations made here while Redis was down are not in Redis, and their calls may
+        # still run after it is back: they lower each cap Redis checks until they end.
+        held = [self._local.held_usd(tenant, user, cap.per_user) for cap in caps]
         args: list[str] = [self._base(tenant), repr(now), rid, repr(amount_usd),
                            repr(self._ttl), user]  # fmt: skip
-        for cap in caps:
+        for cap, own in zip(caps, held, strict=True):
             suffix = spend_suffix(cap.period, ids[cap.period], user if cap.per_user else "")
-            args += [suffix, "1" if cap.per_user else "0", repr(cap.limit_usd)]
+            args += [suffix, "1" if cap.per_user else "0", repr(cap.limit_usd - own)]
         try:
             result = await guarded(self._link, lambda: self._reserve(keys=[], args=args))
         except RedisDown:
             return await self._reserve_locally(tenant, user, amount_usd, caps)
         ok, refused, *committed = result
         if not int(ok):
-            cap = caps[int(refused) - 1]
-            return CapReached(cap, float(committed[0]))
+            index = int(refused) - 1
+            return CapReached(caps[index], float(committed[0]) + held[index])
         self._forget_past(ids)
         for cap, value in zip(caps, committed, strict=True):
             who = user if cap.per_user else ""
@@ -228,7 +232,8 @@ class RedisSpendLedger:
                 # In Redis now, so in what Redis reports: no longer this replica's own spend.
                 # One record at a time, as a flush cut short leaves the rest to count here.
                 self._local.take_back(record, ids)
-            self._local = InMemorySpendLedger(self._clock, self._ttl)
+            # The local ledger is kept, not replaced: the reservations it holds are of calls
+            # that may still be running, and count against the caps until they end.
 
     async def _on_health(self, up: bool) -> None:
         # In the background: the link's other listeners (cache health) must not wait on it.

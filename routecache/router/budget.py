@@ -179,12 +179,16 @@ class InMemorySpendLedger:
     def committed(self, tenant: str, user: str, period_id: str, per_user: bool) -> float:
         """Spent plus held reservations (of the user, for a per-user cap)."""
         found = self._totals.get((tenant, user if per_user else "", period_id))
-        held = sum(
+        return (0.0 if found is None else found.cost_usd) + self.held_usd(tenant, user, per_user)
+
+    def held_usd(self, tenant: str, user: str, per_user: bool) -> float:
+        """Reservations not yet settled, released or expired (of the user, for a per-user cap)."""
+        self._expire(self.clock())
+        return sum(
             h.reservation.amount_usd
             for h in self._held.values()
             if h.reservation.tenant == tenant and (not per_user or h.reservation.user == user)
         )
-        return (0.0 if found is None else found.cost_usd) + held
 
     async def reserve(
         self, tenant: str, user: str, amount_usd: float, caps: Sequence[Cap]

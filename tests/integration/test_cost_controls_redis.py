@@ -363,6 +363,25 @@ async def test_a_flush_cut_short_by_redis_counts_the_flushed_spend_once(
     assert isinstance(await ledger.reserve("acme", "", 0.35, caps), Reservation)
 
 
+async def test_a_reservation_made_while_redis_was_down_still_counts_after_the_flush(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    caps = [Cap(Period.DAY, 1.0)]
+    redis.server.kill()
+    in_flight = await ledger.reserve("acme", "", 0.5, caps)  # a long call, still running
+    assert isinstance(in_flight, Reservation) and in_flight.local
+    await ledger.settle(None, SpendRecord("acme", cost_usd=0.1))
+    redis.server.start()
+    await redis.link.wait_up()
+    await ledger.flush()
+    # 0.1 spent and 0.5 still reserved: 0.4 is left, whether Redis stays up or fails again.
+    assert isinstance(await ledger.reserve("acme", "", 0.5, caps), CapReached)
+    redis.server.kill()
+    assert isinstance(await ledger.reserve("acme", "", 0.5, caps), CapReached)
+    assert isinstance(await ledger.reserve("acme", "", 0.4, caps), Reservation)
+
+
 async def test_reservations_hold_whatever_time_the_replica_clock_says(
     redis_server: RedisServer,
 ) -> None:
