@@ -8,11 +8,14 @@ valid, within its own expiry); a revocation made meanwhile applies once Redis is
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
+
+from redis.exceptions import WatchError
 
 from routecache.backends.keys import KeySpace
 from routecache.backends.link import RedisDown, RedisLink, guarded
-from routecache.router.keyring import KeyRecord
+from routecache.router.keyring import KeyRecord, no_key
 
 
 class RedisKeyRegistry:
@@ -34,9 +37,36 @@ class RedisKeyRegistry:
         return record
 
     async def put(self, record: KeyRecord) -> None:
-        body = json.dumps(asdict(record), sort_keys=True)
-        await self._link.client.hset(self._key, record.sha256, body)
+        await self._link.client.hset(self._key, record.sha256, _encode(record))
+
+    async def update(self, key_id: str, change: Callable[[KeyRecord], KeyRecord]) -> KeyRecord:
+        # WATCH: if another admin writes the registry between this read and this write, the
+        # write is dropped and made again on top of theirs.
+        async with self._link.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(self._key)
+                    current = _of_id(await pipe.hgetall(self._key), key_id)
+                    changed = change(current)
+                    pipe.multi()
+                    pipe.hset(self._key, changed.sha256, _encode(changed))
+                    await pipe.execute()
+                    return changed
+                except WatchError:
+                    continue
 
     async def records(self) -> list[KeyRecord]:
         raw = await self._link.client.hgetall(self._key)
         return [KeyRecord(**json.loads(v)) for v in raw.values()]
+
+
+def _encode(record: KeyRecord) -> str:
+    return json.dumps(asdict(record), sort_keys=True)
+
+
+def _of_id(raw: dict[bytes, bytes], key_id: str) -> KeyRecord:
+    for body in raw.values():
+        record = KeyRecord(**json.loads(body))
+        if record.key_id == key_id:
+            return record
+    raise no_key(key_id)

@@ -16,7 +16,7 @@ import os
 import secrets
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -60,11 +60,21 @@ class KeyAdmin(Protocol):
 
     async def put(self, record: KeyRecord) -> None: ...
 
+    async def update(self, key_id: str, change: Callable[[KeyRecord], KeyRecord]) -> KeyRecord:
+        """Writes `change` of the record of `key_id` as it is now, with no other admin's write
+        in between (two admins rotating and revoking a key at once must not undo each other);
+        returns what was written. KeyNotFound if there is no such key."""
+        ...
+
     async def records(self) -> list[KeyRecord]: ...
 
 
 class KeyNotFound(LookupError):
     pass
+
+
+def no_key(key_id: str) -> KeyNotFound:
+    return KeyNotFound(f"no key with id {key_id}")
 
 
 def new_api_key() -> str:
@@ -85,7 +95,7 @@ async def _find_id(admin: KeyAdmin, key_id: str) -> KeyRecord:
     for record in await admin.records():
         if record.key_id == key_id:
             return record
-    raise KeyNotFound(f"no key with id {key_id}")
+    raise no_key(key_id)
 
 
 async def rotate_key(
@@ -94,18 +104,20 @@ async def rotate_key(
     """A new key for the same tenant; the old one expires after the overlap (0: at once)."""
     old = await _find_id(admin, key_id)
     plain, new = await add_key(admin, old.tenant, now)
-    expires = now + overlap_seconds
-    if old.expires_at is not None:
-        expires = min(expires, old.expires_at)
-    retired = replace(old, expires_at=expires)
-    await admin.put(retired)
+
+    def retire(current: KeyRecord) -> KeyRecord:
+        expires = now + overlap_seconds
+        if current.expires_at is not None:
+            expires = min(expires, current.expires_at)
+        return replace(current, expires_at=expires)
+
+    # Of the record as it is when written, not as read above: a revocation made meanwhile stays.
+    retired = await admin.update(key_id, retire)
     return plain, new, retired
 
 
 async def revoke_key(admin: KeyAdmin, key_id: str, now: float) -> KeyRecord:
-    record = replace(await _find_id(admin, key_id), revoked_at=now)
-    await admin.put(record)
-    return record
+    return await admin.update(key_id, lambda current: replace(current, revoked_at=now))
 
 
 class FileKeyRegistry:
@@ -133,6 +145,16 @@ class FileKeyRegistry:
             records = {r.key_id: r for r in _read(self._path)}
             records[record.key_id] = record
             _write(self._path, list(records.values()))
+
+    async def update(self, key_id: str, change: Callable[[KeyRecord], KeyRecord]) -> KeyRecord:
+        # Read and written under the writers' lock: no other admin writes in between.
+        with _locked(self._path):
+            records = {r.key_id: r for r in _read(self._path)}
+            if key_id not in records:
+                raise no_key(key_id)
+            records[key_id] = changed = change(records[key_id])
+            _write(self._path, list(records.values()))
+        return changed
 
     def _refresh(self) -> None:
         try:

@@ -6,13 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import pytest
+import redis
 
 from routecache.backends.keys import KeySpace
 from routecache.backends.link import RedisLink
+from routecache.backends.redis_keys import RedisKeyRegistry
 from routecache.backends.redis_limits import RedisQuotaLimiter
 from routecache.backends.redis_spend import RedisSpendLedger
 from routecache.domain import CacheControl, ChatRequest, GenerationParams, Message, Role, Tier
@@ -26,6 +28,7 @@ from routecache.router.budget import (
     SpendRecord,
 )
 from routecache.router.cli import build_parser
+from routecache.router.keyring import KeyRecord, add_key, revoke_key, rotate_key
 from routecache.router.keys_cli import run_keys
 from routecache.router.quotas import Charge
 from tests.fakes import ManualClock
@@ -214,6 +217,69 @@ async def test_a_key_revoked_in_redis_fails_on_every_replica_at_the_next_call(
     finally:
         await a.service.aclose()
         await b.service.aclose()
+
+
+class RevokedOnceRead(RedisKeyRegistry):
+    """An admin that another admin races: right after this one has read the records, the
+    other revokes `key_id`."""
+
+    def __init__(self, link: RedisLink, key_id: str, now: float) -> None:
+        super().__init__(link, KeySpace())
+        self._other = RedisKeyRegistry(link, KeySpace())
+        self._revocation: tuple[str, float] | None = (key_id, now)
+
+    async def records(self) -> list[KeyRecord]:
+        found = await super().records()
+        if self._revocation is not None:
+            key_id, now = self._revocation
+            self._revocation = None
+            await revoke_key(self._other, key_id, now)
+        return found
+
+
+async def test_a_key_revoked_in_redis_while_it_is_rotated_stays_revoked(
+    redis_server: RedisServer,
+) -> None:
+    link, clock = link_to(redis_server), ManualClock()
+    assert await link.connect()
+    try:
+        registry = RedisKeyRegistry(link, KeySpace())
+        _, old = await add_key(registry, "acme", clock())
+        rotating = RevokedOnceRead(link, old.key_id, clock())
+        _, _, retired = await rotate_key(rotating, old.key_id, clock(), overlap_seconds=60)
+        assert retired.revoked_at == clock()
+        found = await registry.find(old.sha256)
+        assert found is not None and not found.valid_at(clock())
+    finally:
+        await link.aclose()
+
+
+async def test_a_key_change_made_over_another_admins_write_is_made_again_on_top_of_it(
+    redis_server: RedisServer,
+) -> None:
+    link, clock = link_to(redis_server), ManualClock()
+    assert await link.connect()
+    other_admin = redis.Redis.from_url(redis_server.url)
+    try:
+        registry = RedisKeyRegistry(link, KeySpace())
+        _, record = await add_key(registry, "acme", clock())
+        seen: list[KeyRecord] = []
+
+        def retire(current: KeyRecord) -> KeyRecord:
+            if not seen:  # the other admin revokes between this admin's read and its write
+                revoked = replace(current, revoked_at=clock())
+                body = json.dumps(asdict(revoked), sort_keys=True)
+                other_admin.hset(KeySpace().api_keys, current.sha256, body)
+            seen.append(current)
+            return replace(current, expires_at=clock() + 60)
+
+        retired = await registry.update(record.key_id, retire)
+        assert [r.revoked_at for r in seen] == [None, clock()]
+        assert retired == await registry.find(record.sha256)
+        assert retired.revoked_at == clock() and retired.expires_at == clock() + 60
+    finally:
+        other_admin.close()
+        await link.aclose()
 
 
 async def test_two_replicas_settling_together_see_a_soft_budget_crossing_once(
