@@ -7,7 +7,9 @@ replicas' adds and deletes. After an outage the tail resumes where it stopped; i
 was trimmed past that point or Redis lost its data, the tenant is rebuilt instead.
 
 Entries the index still holds but Redis no longer has cost only memory: SemanticCache checks
-every candidate against the store and drops the missing ones.
+every candidate against the store and drops the missing ones. A delete read from the stream
+goes to the removal listener (SemanticCache.forget_removed, wired in router/bootstrap.py), so
+the entry's feedback penalty leaves this replica's memory with its index row.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from routecache.cache.ports import VectorIndex
 log = logging.getLogger(__name__)
 
 StreamId = tuple[int, int]
+# (scope, entry id) of an entry another replica or the sweep removed.
+RemovalListener = Callable[[str, str], None]
 _PROGRESS_EVERY_SECONDS = 2.0
 
 
@@ -69,7 +73,13 @@ class ReplicaSync:
         # Until a rebuild finished (e.g. Redis was down at start) the run loop owes one.
         self._resync = True
         self.applied = 0
+        self._on_removed: RemovalListener = index.remove
         link.subscribe(self._on_health)
+
+    def on_removed(self, listener: RemovalListener) -> None:
+        """What drops a removed entry from this replica (default: the index row alone). The
+        listener must drop the index row too."""
+        self._on_removed = listener
 
     async def _on_health(self, up: bool) -> None:
         if not up:
@@ -172,7 +182,7 @@ class ReplicaSync:
         await self._load([op["id"] for op in theirs if op["op"] == "add"])
         for op in theirs:
             if op["op"] == "del":
-                self._index.remove(op["scope"], op["id"])
+                self._on_removed(op["scope"], op["id"])
         return len(theirs)
 
     async def _check_gaps(self) -> None:

@@ -148,7 +148,7 @@ class SemanticCache:
                 continue
             entry = await self._store.get(neighbour.entry_id)
             if entry is None:
-                self._index.remove(scope, neighbour.entry_id)
+                self.forget_removed(scope, neighbour.entry_id)
                 continue
             if entry.scope != scope or not await usable(entry):
                 continue
@@ -219,6 +219,13 @@ class SemanticCache:
     def penalty_of(self, entry_id: str) -> float:
         return self._penalties.get(entry_id, 0.0)
 
+    def forget_removed(self, scope: str, entry_id: str) -> None:
+        """An entry the store lost behind this cache's back (another replica's delete, the
+        expiry sweep, Redis' own expiry): out of the index, and its penalty with it, or
+        penalties would pile up for as long as the process runs."""
+        self._index.remove(scope, entry_id)
+        self._penalties.pop(entry_id, None)
+
     async def top_entries(self, tenant: str, n: int) -> list[CacheEntry]:
         """The tenant's most served entries, most hits first."""
         async with _store_required("read stats"):
@@ -265,8 +272,7 @@ class SemanticCache:
     def _forget(self, entries: Sequence[CacheEntry]) -> None:
         """Drop evicted or replaced entries from the index (the store already dropped them)."""
         for entry in entries:
-            self._index.remove(entry.scope, entry.entry_id)
-            self._penalties.pop(entry.entry_id, None)
+            self.forget_removed(entry.scope, entry.entry_id)
 
 
 @contextlib.asynccontextmanager

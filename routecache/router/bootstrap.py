@@ -373,20 +373,24 @@ def build_service(settings: Settings, overrides: Overrides | None = None) -> Ser
     storage = build_storage(settings, index, clock, parts.events, telemetry)
     events = storage.events
     costs = build_cost_control(settings, storage, generator, clock, telemetry)
+    cache = SemanticCache(
+        storage.store,
+        index,
+        clock,
+        distrust=Distrust(settings.cache.feedback_radius, settings.cache.feedback_penalty),
+        stale_grace_seconds=settings.upstream.stale_grace_seconds,
+        policy=parts.hit_policy or build_hit_policy(settings, embedder.name),
+    )
+    if isinstance(storage.storage, RedisStorage):
+        # Entries other replicas (or the sweep) remove take their penalties along.
+        storage.storage.sync.on_removed(cache.forget_removed)
     pipeline = Pipeline(
         PipelineParts(
             authenticator=build_tenants(settings, build_key_registry(settings, storage.link)),
             limits=settings.limits,
             rate_limiter=storage.rate_limiter,
             spend=storage.spend,
-            cache=SemanticCache(
-                storage.store,
-                index,
-                clock,
-                distrust=Distrust(settings.cache.feedback_radius, settings.cache.feedback_penalty),
-                stale_grace_seconds=settings.upstream.stale_grace_seconds,
-                policy=parts.hit_policy or build_hit_policy(settings, embedder.name),
-            ),
+            cache=cache,
             embeddings=embeddings,
             classifier=classifier,
             generator=generator,

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 
+import numpy as np
 import pytest
 import redis
 
-from routecache.domain import CacheOutcome
+from routecache.cache.embedder import HashEmbedder
+from routecache.cache.ports import Vector
+from routecache.cache.semantic_cache import NewEntry
+from routecache.domain import CacheOutcome, Tier
 from routecache.errors import Unavailable, UpstreamError
 from routecache.router.tenant_admin import InvalidateTarget
 from tests.fakes import ManualClock
@@ -217,6 +222,34 @@ async def test_a_restarted_replica_rebuilds_its_index(
         assert restarted.cheap.calls == []
     finally:
         await restarted.service.aclose()
+
+
+async def test_a_penalty_leaves_with_an_entry_another_replica_removed(
+    pair: tuple[Replica, Replica],
+) -> None:
+    # B records a thumbs-down's penalty on a neighbour; A then invalidates the neighbour. B
+    # learns of it only from the sync stream, and must drop the penalty with the index row.
+    a, b = pair
+    cache = b.service.pipeline.cache
+    neighbour = await cache.store(new_entry("keep", unit_vector(0.0)))
+    bad = await cache.store(new_entry("bad", unit_vector(0.1)))
+    assert neighbour is not None and bad is not None
+    await cache.distrust("acme", bad.entry_id)
+    assert cache.penalty_of(neighbour.entry_id) > 0.0
+    assert await a.service.pipeline.cache.invalidate_ids("acme", [neighbour.entry_id]) == 1
+    await eventually(lambda: len(b.index) == 0, "B's index forgot the invalidated entry")
+    assert cache.penalty_of(neighbour.entry_id) == 0.0
+
+
+def unit_vector(angle: float) -> Vector:
+    vector = np.zeros(HashEmbedder().dimension, dtype=np.float32)
+    vector[0], vector[1] = math.cos(angle), math.sin(angle)
+    return vector
+
+
+def new_entry(prompt: str, vector: Vector) -> NewEntry:
+    return NewEntry("acme", "acme:scope-1", prompt, f"answer to {prompt}", "m", Tier.CHEAP, vector,
+                    0.01, 10, 10, 3600)  # fmt: skip
 
 
 def redis_server_keys(server: RedisServer, pattern: str) -> list[bytes]:

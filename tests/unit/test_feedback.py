@@ -74,6 +74,20 @@ async def test_penalties_add_up_to_the_cap_and_leave_with_the_entry(cache: Seman
     assert cache.penalty_of(neighbour) == 0.0
 
 
+async def test_a_penalty_leaves_with_an_entry_the_store_lost() -> None:
+    # Another replica, the expiry sweep or Redis' own expiry removed the entry behind this
+    # cache's back: the lookup that finds it missing drops it from the index, and its penalty
+    # must go too, or penalties pile up for the life of the process.
+    store = InMemoryEntryStore(100)
+    cache = SemanticCache(store, ScopedFaissIndex(4), ManualClock())
+    neighbour = await put(cache, "keep", at_angle(0.0))
+    await cache.distrust("acme", await put(cache, "bad", at_angle(0.1)))
+    assert cache.penalty_of(neighbour) > 0.0
+    await store.delete([neighbour])
+    assert await cache.lookup_semantic(SCOPE, "", at_angle(0.0), HitRequirement(0.5)) is None
+    assert cache.penalty_of(neighbour) == 0.0
+
+
 async def test_distrust_of_another_tenants_entry_does_nothing(cache: SemanticCache) -> None:
     entry = await put(cache, "mine", at_angle(0.0))
     neighbour = await put(cache, "near", at_angle(0.1))
