@@ -6,6 +6,7 @@ FAISS index current (routecache.backends.replica_sync).
 
 from __future__ import annotations
 
+import heapq
 import json
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ import numpy as np
 from routecache.backends import scripts
 from routecache.backends.keys import KeySpace, TenantKeys, tenant_of_exact_key, tenant_of_id
 from routecache.backends.link import RedisLink, guarded
-from routecache.cache.ports import CacheEntry
+from routecache.cache.ports import CacheEntry, EntrySummary, most_served_first
 from routecache.domain import Tier
 
 SWEEP_ORIGIN = "sweep"
@@ -32,6 +33,11 @@ class RedisStoreOptions:
     # Expired entries stay this long (upstream.stale_grace_seconds): served, flagged stale,
     # when no provider answers. SemanticCache keeps them out of normal lookups.
     stale_grace_seconds: float = 0.0
+    # Tenant-wide reads (stats) go this many entries a round trip.
+    read_batch: int = 1000
+    # Ids a DELETE script call unlinks: a script blocks Redis while it runs, so a tenant's
+    # invalidation goes in calls of this size.
+    unlink_batch: int = 500
 
 
 def encode_entry(entry: CacheEntry, keys: TenantKeys) -> list[str | bytes]:
@@ -133,7 +139,15 @@ class RedisEntryStore:
         return removed
 
     async def _delete_of_tenant(self, tenant: str, ids: Sequence[str]) -> list[CacheEntry]:
-        args = [*self._common(self._keys.of(tenant)), *ids]
+        keys = self._keys.of(tenant)
+        removed: list[CacheEntry] = []
+        step = self._options.unlink_batch
+        for start in range(0, len(ids), step):
+            removed.extend(await self._delete_batch(keys, ids[start : start + step]))
+        return removed
+
+    async def _delete_batch(self, keys: TenantKeys, ids: Sequence[str]) -> list[CacheEntry]:
+        args = [*self._common(keys), *ids]
         raws = await guarded(self._link, lambda: self._delete(args=args))
         return [decode_entry(raw) for raw in raws]
 
@@ -156,6 +170,49 @@ class RedisEntryStore:
         key = self._keys.of(tenant).lru
         members = await guarded(self._link, lambda: self._link.client.zrange(key, 0, -1))
         return [m.decode() for m in members]
+
+    async def most_served(self, tenant: str, n: int) -> list[EntrySummary]:
+        """Scans the tenant's entry list a batch a round trip, reading only hit counts and
+        costs and keeping the best `n`; then the prompts and models of those `n`."""
+        keys = self._keys.of(tenant)
+        best: dict[str, tuple[int, float]] = {}
+        cursor = 0
+        while True:
+            cursor, ids = await self._scan_ids(keys, cursor)
+            rows = await self._fields(keys, ids, ("hits", "cost"))
+            for entry_id, (hits, cost) in zip(ids, rows, strict=True):
+                if hits is not None and cost is not None:  # gone since the scan
+                    best[entry_id] = (int(hits), float(cost))
+            best = dict(heapq.nlargest(n, best.items(), key=lambda item: item[1]))
+            if cursor == 0:
+                break
+        rows = await self._fields(keys, list(best), ("prompt", "model"))
+        summaries = [
+            EntrySummary(entry_id, prompt.decode(), model.decode(), *best[entry_id])
+            for entry_id, (prompt, model) in zip(best, rows, strict=True)
+            if prompt is not None and model is not None
+        ]
+        return sorted(summaries, key=most_served_first)
+
+    async def _scan_ids(self, keys: TenantKeys, cursor: int) -> tuple[int, list[str]]:
+        """One ZSCAN step over the entry list (ids present throughout come at least once)."""
+        batch = self._options.read_batch
+        following, members = await guarded(
+            self._link, lambda: self._link.client.zscan(keys.lru, cursor, count=batch)
+        )
+        return following, [m.decode() for m, _ in members]
+
+    async def _fields(
+        self, keys: TenantKeys, ids: Sequence[str], names: Sequence[str]
+    ) -> list[list[bytes | None]]:
+        """These fields of these entries in one round trip (None where an entry is gone)."""
+        if not ids:
+            return []
+        pipe = self._link.client.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.hmget(keys.entry(entry_id), names)
+        rows: list[list[bytes | None]] = await guarded(self._link, pipe.execute)
+        return rows
 
     async def count(self, tenant: str) -> int:
         await self.purge_expired(tenant)

@@ -6,7 +6,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from typing import TypeVar
 
-from routecache.cache.ports import CacheEntry
+from routecache.cache.ports import CacheEntry, EntrySummary, most_served_first
 
 K = TypeVar("K")
 
@@ -72,6 +72,10 @@ class InMemoryEntryStore:
     async def count(self, tenant: str) -> int:
         return len(self._by_tenant.get(tenant, ()))
 
+    async def most_served(self, tenant: str, n: int) -> list[EntrySummary]:
+        summaries = [summarise(self._entries[i]) for i in self._by_tenant.get(tenant, ())]
+        return sorted(summaries, key=most_served_first)[:n]
+
     def entries(self) -> list[CacheEntry]:
         """All entries, each tenant's least recently used first (the order a snapshot
         restores)."""
@@ -91,6 +95,10 @@ class InMemoryEntryStore:
         for tag in entry.tags:
             _discard(self._by_tag, (entry.tenant, tag), entry_id)
         return entry
+
+
+def summarise(entry: CacheEntry) -> EntrySummary:
+    return EntrySummary(entry.entry_id, entry.prompt, entry.model, entry.hit_count, entry.cost_usd)
 
 
 def _discard(index: defaultdict[K, set[str]], key: K, entry_id: str) -> None:

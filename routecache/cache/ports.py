@@ -49,6 +49,23 @@ class CacheEntry:
     last_hit_at: float = 0.0
 
 
+@dataclass(frozen=True)
+class EntrySummary:
+    """What stats show of an entry: read without its vector or answer, so listing a large
+    tenant stays cheap."""
+
+    entry_id: str
+    prompt: str
+    model: str
+    hit_count: int
+    cost_usd: float
+
+
+def most_served_first(summary: EntrySummary) -> tuple[int, float]:
+    """The stats order, as a sort key: most hits first, then the costliest (most saved)."""
+    return (-summary.hit_count, -summary.cost_usd)
+
+
 class StoreUnavailable(Exception):
     """The entry store cannot answer now (e.g. Redis down): the cache is bypassed, not failed."""
 
@@ -75,6 +92,10 @@ class EntryStore(Protocol):
     async def ids_of_tenant(self, tenant: str) -> list[str]: ...
 
     async def count(self, tenant: str) -> int: ...
+
+    async def most_served(self, tenant: str, n: int) -> list[EntrySummary]:
+        """The tenant's `n` most served entries, in `most_served_first` order."""
+        ...
 
 
 @dataclass(frozen=True)

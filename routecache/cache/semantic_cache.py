@@ -8,7 +8,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from routecache.cache.hit_policy import CosinePolicy, HitPolicy, HitRequirement
-from routecache.cache.ports import CacheEntry, EntryStore, StoreUnavailable, Vector, VectorIndex
+from routecache.cache.ports import (
+    CacheEntry,
+    EntryStore,
+    EntrySummary,
+    StoreUnavailable,
+    Vector,
+    VectorIndex,
+)
 from routecache.cache.scope import exact_key
 from routecache.domain import CacheOutcome, Tier
 from routecache.errors import Unavailable
@@ -226,21 +233,20 @@ class SemanticCache:
         self._index.remove(scope, entry_id)
         self._penalties.pop(entry_id, None)
 
-    async def top_entries(self, tenant: str, n: int) -> list[CacheEntry]:
+    async def top_entries(self, tenant: str, n: int) -> list[EntrySummary]:
         """The tenant's most served entries, most hits first."""
         async with _store_required("read stats"):
-            ids = await self._store.ids_of_tenant(tenant)
-            entries = [await self._store.get(i) for i in ids]
-        live = [e for e in entries if e is not None]
-        return sorted(live, key=lambda e: (-e.hit_count, -e.cost_usd))[:n]
+            return await self._store.most_served(tenant, n)
 
+    # The tenant's own tag set and entry list hold only its ids: no ownership check (one store
+    # read an entry) is needed before removing them.
     async def invalidate_tag(self, tenant: str, tag: str) -> int:
         async with _store_required("invalidate"):
-            return await self._invalidate(tenant, await self._store.ids_with_tag(tenant, tag))
+            return await self._remove(await self._store.ids_with_tag(tenant, tag))
 
     async def invalidate_tenant(self, tenant: str) -> int:
         async with _store_required("invalidate"):
-            return await self._invalidate(tenant, await self._store.ids_of_tenant(tenant))
+            return await self._remove(await self._store.ids_of_tenant(tenant))
 
     async def entry_count(self, tenant: str) -> int:
         async with _store_required("count entries"):
@@ -248,7 +254,10 @@ class SemanticCache:
 
     async def _invalidate(self, tenant: str, entry_ids: Sequence[str]) -> int:
         owned = [e.entry_id for e in [await self.get(tenant, i) for i in entry_ids] if e]
-        removed = await self._store.delete(owned)
+        return await self._remove(owned)
+
+    async def _remove(self, entry_ids: Sequence[str]) -> int:
+        removed = await self._store.delete(entry_ids)
         self._forget(removed)
         return len(removed)
 

@@ -136,6 +136,10 @@ class _DownStore(InMemoryEntryStore):
         self._fail()
         return await super().ids_of_tenant(tenant)
 
+    async def most_served(self, tenant, n):  # type: ignore[no-untyped-def]
+        self._fail()
+        return await super().most_served(tenant, n)
+
     def _fail(self) -> None:
         if self.down:
             raise StoreUnavailable("down")

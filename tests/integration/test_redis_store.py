@@ -1,0 +1,114 @@
+"""The Redis entry store on a real redis-server: what tenant-wide reads and removals cost."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import redis
+
+from routecache.backends.keys import KeySpace
+from routecache.backends.link import RedisLink
+from routecache.backends.redis_store import RedisEntryStore, RedisStoreOptions
+from routecache.cache.faiss_index import ScopedFaissIndex
+from routecache.cache.semantic_cache import NewEntry, SemanticCache
+from routecache.domain import Tier
+from tests.fakes import ManualClock
+from tests.integration.replicas import real_clock
+from tests.redis_fixture import RedisServer
+
+pytestmark = pytest.mark.integration
+
+ENTRIES = 450
+BATCH = 100
+SCOPE = "acme:scope-1"
+
+
+@dataclass
+class Setup:
+    cache: SemanticCache
+    store: RedisEntryStore
+    server: RedisServer
+    clock: ManualClock
+
+
+@pytest.fixture
+async def setup(redis_server: RedisServer) -> AsyncIterator[Setup]:
+    link = RedisLink(redis_server.url, timeout_seconds=2.0, max_connections=4,
+                     probe_interval_seconds=0.05)  # fmt: skip
+    assert await link.connect()
+    clock = real_clock()
+    options = RedisStoreOptions(10_000, read_batch=BATCH, unlink_batch=BATCH)
+    store = RedisEntryStore(link, KeySpace(), options, clock, "test")
+    yield Setup(SemanticCache(store, ScopedFaissIndex(4), clock), store, redis_server, clock)
+    await link.aclose()
+
+
+def vector(i: int) -> np.ndarray:
+    angle = i * 0.001
+    return np.array([math.cos(angle), math.sin(angle), 0.0, 0.0], dtype=np.float32)
+
+
+async def fill(setup: Setup, count: int, ttl: int = 3600) -> list[str]:
+    ids = []
+    for i in range(count):
+        new = NewEntry("acme", SCOPE, f"question {i}", f"answer {i}", "m", Tier.CHEAP, vector(i),
+                       0.01 * (i % 7), 10, 10, ttl)  # fmt: skip
+        entry = await setup.cache.store(new)
+        assert entry is not None
+        ids.append(entry.entry_id)
+    return ids
+
+
+class ServerStats:
+    """Counts from INFO: command calls (pipelined ones each) and reads (about one a round trip)."""
+
+    def __init__(self, server: RedisServer) -> None:
+        self._client = redis.Redis(host="127.0.0.1", port=server.port)
+        self._client.config_resetstat()
+
+    def calls(self, command: str) -> int:
+        stats = self._client.info("commandstats").get(f"cmdstat_{command}")
+        return int(stats["calls"]) if stats else 0
+
+    def reads(self) -> int:
+        return int(self._client.info("stats")["total_reads_processed"])
+
+    def close(self) -> None:
+        self._client.close()
+
+
+async def test_stats_read_a_large_tenant_in_batches_without_its_vectors(setup: Setup) -> None:
+    ids = await fill(setup, ENTRIES)
+    for _ in range(3):
+        await setup.store.record_hit(ids[10], setup.clock())
+    await setup.store.record_hit(ids[20], setup.clock())
+    stats = ServerStats(setup.server)
+    try:
+        top = await setup.cache.top_entries("acme", 2)
+        assert [(e.entry_id, e.prompt, e.hit_count) for e in top] == [
+            (ids[10], "question 10", 3), (ids[20], "question 20", 1),
+        ]  # fmt: skip
+        assert stats.calls("hgetall") == 0  # no entry read whole: no vectors, no answers
+        # A few round trips a batch, not one an entry.
+        assert stats.reads() < 4 * math.ceil(ENTRIES / BATCH) + 6
+    finally:
+        stats.close()
+
+
+async def test_invalidating_a_large_tenant_reads_nothing_per_entry(setup: Setup) -> None:
+    await fill(setup, ENTRIES)
+    await setup.store.delete(["acme:warm-up"])  # loads the script: no NOSCRIPT retry below
+    stats = ServerStats(setup.server)
+    try:
+        assert await setup.cache.invalidate_tenant("acme") == ENTRIES
+        # One script call a batch: none blocks Redis for the whole tenant.
+        assert stats.calls("evalsha") == math.ceil(ENTRIES / BATCH)
+        assert stats.reads() < 2 * math.ceil(ENTRIES / BATCH) + 6
+    finally:
+        stats.close()
+    assert await setup.cache.entry_count("acme") == 0
+    assert len(setup.cache.index) == 0
