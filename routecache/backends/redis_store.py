@@ -173,7 +173,9 @@ class RedisEntryStore:
 
     async def most_served(self, tenant: str, n: int) -> list[EntrySummary]:
         """Scans the tenant's entry list a batch a round trip, reading only hit counts and
-        costs and keeping the best `n`; then the prompts and models of those `n`."""
+        costs and keeping the best `n`; then the prompts and models of those `n`. Purges
+        first, as `count` does, so neither names an entry past expiry and grace."""
+        await self.purge_expired(tenant)
         keys = self._keys.of(tenant)
         best: dict[str, tuple[int, float]] = {}
         cursor = 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from routecache.cache.ports import CacheEntry, EntrySummary, most_served_first
@@ -19,10 +19,16 @@ class InMemoryEntryStore:
     another tenant's entries, and so change what the other tenant is served.
     """
 
-    def __init__(self, max_entries: int) -> None:
+    def __init__(
+        self, max_entries: int, clock: Callable[[], float], stale_grace_seconds: float = 0.0
+    ) -> None:
         if max_entries <= 0:
             raise ValueError("max_entries must be positive")
         self._max_entries = max_entries
+        self._clock = clock
+        # Expired entries are held this long for stale answers (upstream.stale_grace_seconds),
+        # and counted meanwhile, as on Redis.
+        self._grace = stale_grace_seconds
         self._entries: dict[str, CacheEntry] = {}
         self._by_exact_key: dict[str, str] = {}
         self._by_tag: defaultdict[tuple[str, str], set[str]] = defaultdict(set)
@@ -70,11 +76,19 @@ class InMemoryEntryStore:
         return sorted(self._by_tenant.get(tenant, ()))
 
     async def count(self, tenant: str) -> int:
-        return len(self._by_tenant.get(tenant, ()))
+        return len(self._held(tenant))
 
     async def most_served(self, tenant: str, n: int) -> list[EntrySummary]:
-        summaries = [summarise(self._entries[i]) for i in self._by_tenant.get(tenant, ())]
+        summaries = [summarise(entry) for entry in self._held(tenant)]
         return sorted(summaries, key=most_served_first)[:n]
+
+    def _held(self, tenant: str) -> list[CacheEntry]:
+        """The tenant's entries Redis would still hold: its purge drops them once past expiry
+        and the stale grace. Left out, not unlinked: the cache still has them in its index,
+        and drops them with their index rows when a lookup meets them or the bound evicts."""
+        now = self._clock()
+        entries = (self._entries[i] for i in self._by_tenant.get(tenant, ()))
+        return [e for e in entries if e.expires_at + self._grace > now]
 
     def entries(self) -> list[CacheEntry]:
         """All entries, each tenant's least recently used first (the order a snapshot

@@ -301,7 +301,7 @@ def build_storage(
     if events is None and settings.events.path is not None:
         events = build_events(settings)
     if store_settings.backend == "memory":
-        store = InMemoryEntryStore(settings.cache.max_entries)
+        store = InMemoryEntryStore(settings.cache.max_entries, clock, grace)
         return StorageParts(
             store, InMemoryRateLimiter(clock),
             InMemorySpendLedger(clock, settings.budgets.reservation_ttl_seconds),

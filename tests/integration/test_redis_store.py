@@ -52,9 +52,9 @@ def vector(i: int) -> np.ndarray:
     return np.array([math.cos(angle), math.sin(angle), 0.0, 0.0], dtype=np.float32)
 
 
-async def fill(setup: Setup, count: int, ttl: int = 3600) -> list[str]:
+async def fill(setup: Setup, count: int, ttl: int = 3600, first: int = 0) -> list[str]:
     ids = []
-    for i in range(count):
+    for i in range(first, first + count):
         new = NewEntry("acme", SCOPE, f"question {i}", f"answer {i}", "m", Tier.CHEAP, vector(i),
                        0.01 * (i % 7), 10, 10, ttl)  # fmt: skip
         entry = await setup.cache.store(new)
@@ -112,3 +112,13 @@ async def test_invalidating_a_large_tenant_reads_nothing_per_entry(setup: Setup)
         stats.close()
     assert await setup.cache.entry_count("acme") == 0
     assert len(setup.cache.index) == 0
+
+
+async def test_top_entries_leave_out_entries_past_expiry_and_grace(setup: Setup) -> None:
+    # The entry count purges first; the list of top entries did not, so it named entries the
+    # count had already dropped (and the embedded store did not).
+    gone, kept = await fill(setup, 1, ttl=10), await fill(setup, 1, first=1)
+    await setup.store.record_hit(gone[0], setup.clock())
+    setup.clock.advance(20)  # past expiry; the store's stale grace is 0
+    assert [e.entry_id for e in await setup.cache.top_entries("acme", 10)] == kept
+    assert await setup.cache.entry_count("acme") == 1

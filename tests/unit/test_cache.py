@@ -36,7 +36,7 @@ def clock() -> ManualClock:
 @pytest.fixture
 def cache(clock: ManualClock) -> SemanticCache:
     return SemanticCache(
-        InMemoryEntryStore(max_entries=3), ScopedFaissIndex(EMBED.dimension), clock
+        InMemoryEntryStore(max_entries=3, clock=clock), ScopedFaissIndex(EMBED.dimension), clock
     )
 
 
@@ -116,8 +116,8 @@ def test_faiss_index_search_add_remove() -> None:
 class _DownStore(InMemoryEntryStore):
     """A store that is unreachable (Redis down), for the cache's degraded paths."""
 
-    def __init__(self) -> None:
-        super().__init__(max_entries=10)
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__(max_entries=10, clock=clock)
         self.down = False
 
     async def put(self, entry):  # type: ignore[no-untyped-def]
@@ -148,7 +148,7 @@ class _DownStore(InMemoryEntryStore):
 async def test_an_unavailable_store_is_bypassed_but_invalidation_fails_loudly(
     clock: ManualClock,
 ) -> None:
-    store = _DownStore()
+    store = _DownStore(clock)
     cache = SemanticCache(store, ScopedFaissIndex(EMBED.dimension), clock)
     kept = await cache.store(new_entry("how do I reset my password today"))
     assert kept is not None
@@ -172,7 +172,7 @@ async def test_an_unavailable_store_is_bypassed_but_invalidation_fails_loudly(
 async def test_stale_lookups_bypass_an_unavailable_store_and_feedback_and_stats_fail_loudly(
     clock: ManualClock,
 ) -> None:
-    store = _DownStore()
+    store = _DownStore(clock)
     cache = SemanticCache(store, ScopedFaissIndex(EMBED.dimension), clock, stale_grace_seconds=60)
     kept = await cache.store(new_entry("how do I reset my password today", ttl=10))
     assert kept is not None
@@ -188,3 +188,20 @@ async def test_stale_lookups_bypass_an_unavailable_store_and_feedback_and_stats_
     store.down = False
     stale = await cache.lookup_stale("acme:s1", prompt, vec(prompt), HitRequirement(0.5))
     assert stale is not None and stale.entry.entry_id == kept.entry_id
+
+
+async def test_stats_leave_out_entries_past_expiry_and_grace_as_redis_does(
+    clock: ManualClock,
+) -> None:
+    # Redis purges a tenant's expired entries before it counts them; the embedded store kept
+    # counting and listing them until a lookup met them or the bound evicted them.
+    store = InMemoryEntryStore(max_entries=10, clock=clock, stale_grace_seconds=60)
+    cache = SemanticCache(store, ScopedFaissIndex(EMBED.dimension), clock, stale_grace_seconds=60)
+    await cache.store(new_entry("soon expired", ttl=10))
+    kept = await cache.store(new_entry("kept", ttl=1000))
+    assert kept is not None
+    clock.now += 20  # expired, within the grace: still held for stale answers, as on Redis
+    assert await cache.entry_count("acme") == 2
+    clock.now += 60  # past the grace
+    assert await cache.entry_count("acme") == 1
+    assert [e.entry_id for e in await cache.top_entries("acme", 10)] == [kept.entry_id]

@@ -38,8 +38,9 @@ async def put(cache: SemanticCache, prompt: str, vector: Vector) -> str:
 
 @pytest.fixture
 def cache() -> SemanticCache:
+    clock = ManualClock()
     return SemanticCache(
-        InMemoryEntryStore(100), ScopedFaissIndex(4), ManualClock(),
+        InMemoryEntryStore(100, clock), ScopedFaissIndex(4), clock,
         distrust=Distrust(radius=0.8, penalty=0.05, max_penalty=0.2),
     )  # fmt: skip
 
@@ -78,8 +79,9 @@ async def test_a_penalty_leaves_with_an_entry_the_store_lost() -> None:
     # Another replica, the expiry sweep or Redis' own expiry removed the entry behind this
     # cache's back: the lookup that finds it missing drops it from the index, and its penalty
     # must go too, or penalties pile up for the life of the process.
-    store = InMemoryEntryStore(100)
-    cache = SemanticCache(store, ScopedFaissIndex(4), ManualClock())
+    clock = ManualClock()
+    store = InMemoryEntryStore(100, clock)
+    cache = SemanticCache(store, ScopedFaissIndex(4), clock)
     neighbour = await put(cache, "keep", at_angle(0.0))
     await cache.distrust("acme", await put(cache, "bad", at_angle(0.1)))
     assert cache.penalty_of(neighbour) > 0.0

@@ -115,10 +115,11 @@ def _entry(text: str, vector: npt.NDArray[np.float32]) -> NewEntry:
 async def test_semantic_cache_serves_only_what_the_verifier_accepts() -> None:
     embedder = HashEmbedder()
     scorer = KeywordScorer()
+    clock = ManualClock()
     cache = SemanticCache(
-        InMemoryEntryStore(100),
+        InMemoryEntryStore(100, clock),
         ScopedFaissIndex(embedder.dimension),
-        ManualClock(),
+        clock,
         policy=VerifiedPolicy(calibration(floor=0.3), scorer),
     )
     stored = "what is the weather in london this week"

@@ -97,7 +97,7 @@ class _SlowFirstSnapshotStore(InMemoryEntryStore):
     """The first snapshot taken of it is slow to write; later ones are not."""
 
     def __init__(self) -> None:
-        super().__init__(max_entries=10)
+        super().__init__(max_entries=10, clock=lambda: 0.0)
         self.entered, self.release = Event(), Event()
         self._gated = True
 
