@@ -305,7 +305,9 @@ class Pipeline:
         flight_key = f"{exact_key(scope, request.prompt)}:{booking.tier.value}"
         try:
             generated, shared = await self._single_flight.run(
-                flight_key, lambda: self._generate(tenant, request, booking, deadline)
+                flight_key,
+                lambda: self._generate(tenant, request, booking, deadline),
+                lambda error: _out_of_time_before(error, deadline),
             )
         except Unavailable as error:
             await self._costs.release(booking)
@@ -523,6 +525,16 @@ class _stage:
     def __exit__(self, *exc: object) -> None:
         elapsed = (time.perf_counter() - self._started) * 1000
         setattr(self._latency, self._field, getattr(self._latency, self._field) + elapsed)
+
+
+def _out_of_time_before(error: BaseException, deadline: float) -> bool:
+    """A shared call that ran out of its maker's time earlier than `deadline`: a caller with
+    this deadline still has time to get an answer, so it makes the call itself."""
+    return (
+        isinstance(error, AllProvidersFailed)
+        and error.out_of_time is not None
+        and error.out_of_time < deadline
+    )
 
 
 def _hit_requirement(tenant: Tenant) -> HitRequirement:

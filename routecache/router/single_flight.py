@@ -9,20 +9,36 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
+def _never(error: BaseException) -> bool:
+    return False
+
+
 class SingleFlight(Generic[T]):
     def __init__(self) -> None:
         self._in_flight: dict[str, asyncio.Future[T]] = {}
 
-    async def run(self, key: str, work: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
-        """Returns the result and whether this caller shared another caller's call."""
+    async def run(
+        self,
+        key: str,
+        work: Callable[[], Awaitable[T]],
+        not_mine: Callable[[BaseException], bool] = _never,
+    ) -> tuple[T, bool]:
+        """Returns the result and whether this caller shared another caller's call.
+
+        `not_mine(error)`: the shared call failed for a reason of the caller that made it
+        alone (its deadline, say), so this caller makes the call itself instead of failing.
+        """
         while (pending := self._in_flight.get(key)) is not None:
             # asyncio.wait never cancels what it waits on and raises CancelledError only when
             # this caller itself is cancelled, so a leader's cancellation can be told apart.
             await asyncio.wait((pending,))
-            if not pending.cancelled():
+            if pending.cancelled():
+                # The caller that made the call went away and its call with it: this request
+                # is still wanted, so it makes the call itself (or joins whoever did so first).
+                continue
+            error = pending.exception()
+            if error is None or not not_mine(error):
                 return pending.result(), True
-            # The caller that made the call went away and its call with it: this request is
-            # still wanted, so it makes the call itself (or joins whoever did so first).
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
         try:

@@ -162,6 +162,43 @@ async def test_deadline_stops_the_chain() -> None:
     assert r.ups["backup"].calls == [] and r.ups["strong"].calls == []
 
 
+async def test_a_shared_call_cut_short_by_its_callers_deadline_is_retried_by_a_later_one() -> None:
+    # The first caller allows 0.3 s, the identical one that joins it 5 s: when the first
+    # caller's deadline ends the shared call, the second still has time and makes the call.
+    r = rig(monotonic=time.monotonic)
+    gate = asyncio.Event()
+    for up in r.ups.values():
+        up.gate = gate  # hangs until set
+    request = ChatRequest(messages=(Message(Role.USER, "slow"),))
+    complete = r.service.pipeline.complete
+    hurried = asyncio.create_task(complete(request, ACME, 0.3))
+    await asyncio.sleep(0.05)
+    patient = asyncio.create_task(complete(request, ACME, 5.0))
+    with pytest.raises(Unavailable, match="deadline"):
+        await asyncio.wait_for(hurried, 5)
+    gate.set()
+    done = await asyncio.wait_for(patient, 5)
+    assert done.text == "cheap says slow" and done.usage.cost_usd > 0
+    assert r.ups["cheap"].calls == ["slow", "slow"]
+
+
+async def test_a_shared_call_that_failed_in_time_fails_for_all_who_shared_it() -> None:
+    r = rig(monotonic=time.monotonic)
+    gate = asyncio.Event()
+    for up in r.ups.values():
+        up.gate, up.fail_with = gate, DOWN
+    request = ChatRequest(messages=(Message(Role.USER, "down"),))
+    complete = r.service.pipeline.complete
+    first = asyncio.create_task(complete(request, ACME, 1.0))
+    await asyncio.sleep(0.05)
+    second = asyncio.create_task(complete(request, ACME, 5.0))
+    await asyncio.sleep(0.05)
+    gate.set()
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    assert all(isinstance(e, Unavailable) for e in results)
+    assert r.ups["cheap"].calls == ["down"]  # one call, its error shared
+
+
 PII_AND_REFUSAL = [
     {"kind": "pii"},
     {"kind": "refusal", "on_fail": "retry"},

@@ -51,9 +51,14 @@ class OpenedStream:
 
 
 class AllProvidersFailed(Unavailable):
-    def __init__(self, tier: Tier, failures: Sequence[str]) -> None:
+    def __init__(
+        self, tier: Tier, failures: Sequence[str], out_of_time: float | None = None
+    ) -> None:
         super().__init__(f"no provider answered the {tier.value} tier: " + "; ".join(failures))
         self.failures = tuple(failures)
+        # The deadline that left no time for another provider; None when every provider
+        # failed with time to spare. A caller with a later deadline may still get an answer.
+        self.out_of_time = out_of_time
 
 
 class Failover:
@@ -95,7 +100,7 @@ class Failover:
                 continue
             provider.breaker.record_success()
             return Answered(reply, provider, provider_tier, tuple(failures))
-        raise AllProvidersFailed(tier, failures)
+        raise AllProvidersFailed(tier, failures, self._ran_out(deadline))
 
     async def open_stream(
         self, request: ChatRequest, tier: Tier, deadline: float, strong_fallback: bool = True
@@ -143,6 +148,10 @@ class Failover:
             if not settled:  # the caller stopped reading: no verdict on the provider
                 provider.breaker.release()
             await _close(opened.rest)
+
+    def _ran_out(self, deadline: float) -> float | None:
+        """The deadline when it leaves no time for another attempt, else None."""
+        return deadline if deadline - self._clock() - self._reserve <= 0 else None
 
     def _budget(self, provider: Provider, deadline: float, failures: list[str]) -> float | None:
         """Seconds this provider may take, or None (the reason appended to failures)."""
