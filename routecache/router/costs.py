@@ -154,19 +154,20 @@ class CostControl:
         return sum(max(p.pricing.cost(prompt, output) for p in call) for call in calls)
 
     async def settle(
-        self, tenant: Tenant, request: ChatRequest, booking: Booking, generated: Generated,
-        shared: bool,
-    ) -> None:  # fmt: skip
-        """Record what the answer cost (nothing for a caller that shared another's call)."""
+        self, tenant: Tenant, request: ChatRequest, booking: Booking | None, generated: Generated
+    ) -> None:
+        """Record what the answer cost. `booking` None: the caller shared another's call; it
+        booked nothing, paid nothing and saved the call's cost."""
         user = user_slot(request.end_user_id)
-        if shared:
+        if booking is None:
             record = SpendRecord(tenant.name, user, saved_usd=generated.cost_usd)
-        else:
-            record = SpendRecord(
-                tenant.name, user, generated.cost_usd, generated.prompt_tokens,
-                generated.completion_tokens, calls=generated.calls,
-                routing_saved_usd=self._routing_saving(generated),
-            )  # fmt: skip
+            await self._settle(tenant, request, None, record)
+            return
+        record = SpendRecord(
+            tenant.name, user, generated.cost_usd, generated.prompt_tokens,
+            generated.completion_tokens, calls=generated.calls,
+            routing_saved_usd=self._routing_saving(generated),
+        )  # fmt: skip
         await self._settle(tenant, request, booking.reservation, record)
 
     async def settle_refused(

@@ -29,6 +29,7 @@ from routecache.domain import (
 from routecache.errors import (
     FailedValidation,
     InvalidArgument,
+    ResourceExhausted,
     RouteCacheError,
     Unavailable,
 )
@@ -79,7 +80,7 @@ class Pipeline:
         )  # fmt: skip
         self._stats = TenantStatsBook()
         self._responses = ResponseRegistry()
-        self._single_flight: SingleFlight[Generated] = SingleFlight()
+        self._single_flight: SingleFlight[tuple[Generated, Booking]] = SingleFlight()
         # Feedback, invalidation and stats: what a tenant does with the answers it was given.
         self.admin = TenantAdmin(parts, self._stats, self._responses)
 
@@ -242,7 +243,7 @@ class Pipeline:
             raise
         assert generated is not None
         latency.upstream_ms, latency.validate_ms = generated.upstream_ms, generated.validate_ms
-        await self._costs.settle(tenant, request, booking, generated, shared=False)
+        await self._costs.settle(tenant, request, booking, generated)
         entry_id = ""
         if not request.cache.no_store and generated.report.passed:
             with _stage(latency, "store_ms"):
@@ -301,22 +302,19 @@ class Pipeline:
         assert vector is not None  # a miss always embeds
         with _stage(latency, "classify_ms"):
             tier, difficulty, version = self._route(tenant, request, vector)
-        booking = await self._costs.book(tenant, request, tier)
-        flight_key = f"{exact_key(scope, request.prompt)}:{booking.tier.value}"
+        # Keyed by the routed tier, not the booked one: only the caller that makes the call
+        # books it (a downgrade at the cap included), those sharing it pay nothing.
+        flight_key = f"{exact_key(scope, request.prompt)}:{tier.value}"
         try:
-            generated, shared = await self._single_flight.run(
+            (generated, booking), shared = await self._single_flight.run(
                 flight_key,
-                lambda: self._generate(tenant, request, booking, deadline),
-                lambda error: _out_of_time_before(error, deadline),
+                lambda: self._book_and_generate(tenant, request, tier, deadline),
+                lambda error: _not_mine(error, deadline),
             )
-        except Unavailable as error:
-            await self._costs.release(booking)
+        except Unavailable as error:  # the caller that booked the call released it
             return await self._stale(tenant, request, scope, vector, latency, error), 0
-        except BaseException:
-            await self._costs.release(booking)  # the caller that paid has settled already
-            raise
         latency.upstream_ms, latency.validate_ms = generated.upstream_ms, generated.validate_ms
-        await self._costs.settle(tenant, request, booking, generated, shared)
+        await self._costs.settle(tenant, request, None if shared else booking, generated)
         entry_id = ""
         if not shared and not request.cache.no_store and generated.report.passed:
             with _stage(latency, "store_ms"):
@@ -325,18 +323,24 @@ class Pipeline:
         done = self._from_models(tenant, generated, shared, entry_id, scored, latency)
         return done, (0 if shared else generated.calls)
 
-    async def _generate(
-        self, tenant: Tenant, request: ChatRequest, booking: Booking, deadline: float
-    ) -> Generated:
-        """The call one of the identical requests in flight makes for all of them."""
+    async def _book_and_generate(
+        self, tenant: Tenant, request: ChatRequest, tier: Tier, deadline: float
+    ) -> tuple[Generated, Booking]:
+        """The call one of the identical requests in flight makes for all of them, booked
+        under its caller's caps; its reservation is settled or released here on failure."""
+        booking = await self._costs.book(tenant, request, tier)
         try:
-            return await self._p.generator.generate(
+            generated = await self._p.generator.generate(
                 booking.request, booking.tier, tenant=tenant.name, deadline=deadline,
                 cheap_only=booking.cheap_only,
             )  # fmt: skip
         except FailedValidation as error:  # paid for, though nothing is served
             await self._costs.settle_refused(tenant, request, booking, error)
             raise
+        except BaseException:
+            await self._costs.release(booking)
+            raise
+        return generated, booking
 
     async def _stale(
         self,
@@ -527,9 +531,13 @@ class _stage:
         setattr(self._latency, self._field, getattr(self._latency, self._field) + elapsed)
 
 
-def _out_of_time_before(error: BaseException, deadline: float) -> bool:
-    """A shared call that ran out of its maker's time earlier than `deadline`: a caller with
-    this deadline still has time to get an answer, so it makes the call itself."""
+def _not_mine(error: BaseException, deadline: float) -> bool:
+    """Whether a shared call failed for its maker's reasons alone, so that a caller with this
+    deadline makes the call itself: the maker's caps refused its booking (another caller has
+    caps of its own, its end user's perhaps), or the call ran out of the maker's time earlier
+    than `deadline` (this caller still has time to get an answer)."""
+    if isinstance(error, ResourceExhausted):  # in the call, only its booking refuses
+        return True
     return (
         isinstance(error, AllProvidersFailed)
         and error.out_of_time is not None

@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import math
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -27,7 +28,14 @@ from routecache.errors import (
     Unavailable,
     UpstreamError,
 )
-from routecache.router.budget import Period, period_ids, seconds_to_period_end
+from routecache.router.budget import (
+    CapReached,
+    Period,
+    Reservation,
+    SpendLedger,
+    period_ids,
+    seconds_to_period_end,
+)
 from routecache.router.error_mapping import RETRY_AFTER_KEY, status_of, trailing_metadata_of
 from routecache.router.limits import InMemoryRateLimiter
 from routecache.router.quotas import Charge, InMemoryQuotaLimiter, user_slot
@@ -228,6 +236,84 @@ async def test_per_user_caps_hold_each_user_and_leave_requests_without_one_alone
     # user's: it must not be held to a per-user cap measured against the whole tenant.
     assert await spend_of(harness) > 1.5 * one
     await complete(costly("q3"), ACME)
+    await harness.service.aclose()
+
+
+async def test_a_request_sharing_a_call_in_flight_reserves_nothing() -> None:
+    # Room under the cap for one worst case: the call made for both takes it, and the
+    # identical request that shares the call's answer costs nothing, so it is not refused.
+    probe = budget_harness()
+    one = one_request_usd(probe, "same")
+    await probe.service.aclose()
+    harness = budget_harness(daily_usd=1.5 * one)
+    harness.strong.gate = gate = asyncio.Event()
+    complete = harness.service.pipeline.complete
+    first = asyncio.create_task(complete(costly("same"), ACME))
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(complete(costly("same"), ACME))
+    await asyncio.sleep(0.01)
+    gate.set()
+    made, shared = await asyncio.gather(first, second)
+    assert harness.strong.calls == ["same"]
+    assert made.usage.cost_usd > 0 and shared.usage.cost_usd == 0
+    assert shared.usage.saved_usd == made.usage.cost_usd
+    await harness.service.aclose()
+
+
+async def test_a_request_that_takes_over_a_cancelled_call_reserves_for_it() -> None:
+    probe = budget_harness()
+    one = one_request_usd(probe, "same")
+    await probe.service.aclose()
+    harness = budget_harness(daily_usd=1.5 * one)
+    harness.strong.gate = gate = asyncio.Event()
+    complete = harness.service.pipeline.complete
+    first = asyncio.create_task(complete(costly("same"), ACME))
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(complete(costly("same"), ACME))
+    await asyncio.sleep(0.01)
+    first.cancel()  # its reservation goes; the second request makes the call and reserves
+    await asyncio.sleep(0.01)
+    with pytest.raises(ResourceExhausted):  # no room left beside the second's reservation
+        await complete(costly("other"), ACME)
+    gate.set()
+    done = await second
+    assert done.usage.cost_usd > 0 and await spend_of(harness) <= 1.5 * one
+    await harness.service.aclose()
+
+
+class SlowLedger:
+    """A spend ledger whose reservations wait for `gate`: holds a booking in progress."""
+
+    def __init__(self, ledger: SpendLedger, gate: asyncio.Event) -> None:
+        self._ledger, self._gate = ledger, gate
+
+    async def reserve(self, *args: Any) -> Reservation | CapReached:
+        await self._gate.wait()
+        return await self._ledger.reserve(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ledger, name)
+
+
+async def test_a_request_sharing_a_call_refused_by_another_users_cap_makes_the_call() -> None:
+    # u1 is at its per-user cap; u2 asks the same while u1's reservation is being decided:
+    # u1's refusal is u1's alone, so u2 makes the call under its own caps.
+    probe = budget_harness()
+    one = one_request_usd(probe, "same")
+    await probe.service.aclose()
+    harness = budget_harness(user_daily_usd=1.5 * one)
+    complete, costs = harness.service.pipeline.complete, harness.service.pipeline.costs
+    await complete(costly("before", user="u1"), ACME)
+    costs.ledger = SlowLedger(costs.ledger, gate := asyncio.Event())  # type: ignore[assignment]
+    u1 = asyncio.create_task(complete(costly("same", user="u1"), ACME))
+    await asyncio.sleep(0.01)
+    u2 = asyncio.create_task(complete(costly("same", user="u2"), ACME))
+    await asyncio.sleep(0.01)
+    gate.set()
+    with pytest.raises(ResourceExhausted, match="per-user"):
+        await u1
+    done = await u2
+    assert done.usage.cost_usd > 0 and harness.strong.calls == ["before", "same"]
     await harness.service.aclose()
 
 
