@@ -226,6 +226,18 @@ async def test_partial_usage_estimates_only_the_missing_count(make_client: Any) 
     assert (reply.prompt_tokens, reply.completion_tokens) == (11, 3)
 
 
+@pytest.mark.parametrize("reported", [2**32, 2**40, -5])
+async def test_token_counts_no_model_could_report_are_estimated(
+    make_client: Any, reported: int
+) -> None:
+    # Taken as reported, 2**32 would be charged and then fail the reply's uint32 field.
+    usage = {"prompt_tokens": reported, "completion_tokens": reported}
+    recorder = Recorder(completion("abcdefghi", usage=usage))
+    reply = await make_client(recorder).complete(MESSAGES, GenerationParams())
+    prompt_chars = len("Answer briefly.\nWhat is 2 + 2?")
+    assert (reply.prompt_tokens, reply.completion_tokens) == (math.ceil(prompt_chars / 4), 3)
+
+
 async def test_null_content_is_an_empty_answer(make_client: Any) -> None:
     reply = await make_client(Recorder(completion(None))).complete(MESSAGES, GenerationParams())
     assert reply.text == ""

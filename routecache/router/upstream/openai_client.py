@@ -28,6 +28,10 @@ from routecache.router.settings import ProviderSettings, RetrySettings
 
 CHAT_PATH = "chat/completions"
 USER_AGENT = "routecache/0.1"
+# A reported token count above this is no model's (far beyond any context window) and is
+# estimated instead; the bound also keeps the tokens of every call one request makes within
+# the uint32 fields of its reply.
+MAX_REPORTED_TOKENS = 2**28
 
 
 def estimate_tokens(text: str) -> int:
@@ -308,8 +312,9 @@ def _prompt_text(messages: Sequence[Message]) -> str:
 
 
 def _count(usage: Mapping[str, Any], name: str, text: str) -> int:
+    """The provider's count, or the estimate when it reports none or one that cannot be."""
     value = usage.get(name)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_REPORTED_TOKENS:
         return value
     return estimate_tokens(text)
 
