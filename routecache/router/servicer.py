@@ -90,6 +90,7 @@ class RouteCacheServicer(pb_grpc.RouteCacheServicer):  # type: ignore[misc]  # u
         self, request: pb.InvalidateRequest, context: Context
     ) -> pb.InvalidateResponse:
         async def call() -> pb.InvalidateResponse:
+            request_id_of(context)
             target = messages.invalidate_target_from_pb(request)
             removed = await self._pipeline.admin.invalidate(target, api_key_of(context))
             return pb.InvalidateResponse(removed=removed)
@@ -98,6 +99,7 @@ class RouteCacheServicer(pb_grpc.RouteCacheServicer):  # type: ignore[misc]  # u
 
     async def GetStats(self, request: pb.GetStatsRequest, context: Context) -> pb.GetStatsResponse:
         async def call() -> pb.GetStatsResponse:
+            request_id_of(context)
             stats = await self._pipeline.admin.stats(api_key_of(context), request.top_n or 10)
             return messages.stats_to_pb(stats)
 

@@ -81,7 +81,8 @@ class TenantAdmin:
             raise InvalidArgument("target", "set one of entry_id, tag or all")
         self._parts.events.emit(
             "invalidate",
-            {"tenant": tenant.name, "entry_id": target.entry_id, "tag": target.tag,
+            {"request_id": REQUEST_ID.get(), "tenant": tenant.name,
+             "entry_id": target.entry_id, "tag": target.tag,
              "all": target.all_entries, "removed": removed},
         )  # fmt: skip
         return removed

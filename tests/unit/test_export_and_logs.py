@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -12,7 +13,10 @@ import pytest
 from routecache.analysis.export import export_events, parse_since, read_events
 from routecache.router.events import JsonlEventLog
 from routecache.router.logs import REQUEST_ID, JsonFormatter, RequestIdFilter, new_request_id
+from routecache.router.servicer import RouteCacheServicer
 from routecache.router.settings import ConfigError, load_settings
+from routecache.v1 import routecache_pb2 as pb
+from tests.unit.conftest import KEYS, make_harness
 
 NOW = 1_700_000_000.0
 
@@ -70,6 +74,51 @@ def test_json_log_lines_carry_the_request_id_and_extra_fields() -> None:
     assert line["request_id"] == "req-42" and line["tenant"] == "acme"
     assert line["message"] == "failed x" and line["level"] == "warning"
     assert new_request_id("  ") != "req-42" and len(REQUEST_ID.get()) == 32
+
+
+class Aborted(Exception):
+    pass
+
+
+class FakeContext:
+    """The servicer context as the RPC handlers use it: metadata, deadline, abort."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def time_remaining(self) -> float:
+        return 30.0
+
+    def set_trailing_metadata(self, metadata: object) -> None:
+        pass
+
+    async def abort(self, code: object, details: str) -> None:
+        raise Aborted(details)
+
+
+RPCS = {
+    "Complete": pb.CompleteRequest(messages=[pb.ChatMessage(role=pb.ROLE_USER, content="q")]),
+    "Feedback": pb.FeedbackRequest(response_id="unknown"),
+    "Invalidate": pb.InvalidateRequest(all=True),
+    "GetStats": pb.GetStatsRequest(top_n=3),
+}
+
+
+@pytest.mark.parametrize("rpc", list(RPCS))
+async def test_every_rpc_adopts_the_callers_request_id(rpc: str) -> None:
+    harness = make_harness()
+    servicer = RouteCacheServicer(harness.service.pipeline)
+    REQUEST_ID.set("-")
+    context = FakeContext((("authorization", f"Bearer {KEYS['acme']}"),
+                           ("x-request-id", f"req-{rpc}")))  # fmt: skip
+    with contextlib.suppress(Aborted):  # a refused call logs under the request id too
+        await getattr(servicer, rpc)(RPCS[rpc], context)
+    assert REQUEST_ID.get() == f"req-{rpc}"  # what its log lines carry
+    assert all(e["request_id"] == f"req-{rpc}" for e in harness.events.events)
+    await harness.service.aclose()
 
 
 def test_operations_settings_fail_with_the_key_named() -> None:
