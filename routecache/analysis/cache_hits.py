@@ -14,6 +14,11 @@ from routecache.analysis.export import events_frame, read_events
 
 HIT_PATHS = ("exact_hit", "semantic_hit")
 PATH_ORDER = ("exact_hit", "semantic_hit", "cheap", "strong", "error")
+# The event fields the tables read. A log with no request in it (empty, cut by --since, or
+# feedback alone) has none of them as columns; they are added empty so each table is empty too.
+EVENT_COLUMNS = ("kind", "ts", "time", "response_id", "tenant", "prompt", "path", "similarity",
+                 "entry_id", "cost_usd", "saved_usd", "escalated", "latency_ms", "thumbs_up",
+                 "correction")  # fmt: skip
 
 
 def load_events(path: Path) -> pd.DataFrame:
@@ -23,8 +28,19 @@ def load_events(path: Path) -> pd.DataFrame:
     return events_frame(list(read_events(path)))
 
 
+def with_event_columns(events: pd.DataFrame) -> pd.DataFrame:
+    missing = [column for column in EVENT_COLUMNS if column not in events.columns]
+    return events.assign(**dict.fromkeys(missing, float("nan"))) if missing else events
+
+
+def feedback_events(events: pd.DataFrame) -> pd.DataFrame:
+    events = with_event_columns(events)
+    return events[events["kind"] == "feedback"]
+
+
 def requests(events: pd.DataFrame) -> pd.DataFrame:
     """Answered and failed requests (completion and error events), each with its path."""
+    events = with_event_columns(events)
     rows = events[events["kind"].isin(["completion", "error"])].copy()
     rows["path"] = rows["path"].fillna("error")
     rows["hit"] = rows["path"].isin(HIT_PATHS)
@@ -34,6 +50,8 @@ def requests(events: pd.DataFrame) -> pd.DataFrame:
 def hit_rate_over_time(events: pd.DataFrame, buckets: int = 12) -> pd.DataFrame:
     """Exact and semantic hit rate per time bucket (the run's span cut into `buckets`)."""
     rows = requests(events)
+    if rows.empty:  # no time span to cut into buckets
+        return pd.DataFrame(columns=["requests", "exact_hit_rate", "semantic_hit_rate"])
     span = (rows["time"].max() - rows["time"].min()) / buckets
     freq = max(span, pd.Timedelta(seconds=1)).ceil("s")
     grouped = rows.set_index("time").groupby(pd.Grouper(freq=freq))
@@ -52,7 +70,7 @@ def hits_with_feedback(events: pd.DataFrame) -> pd.DataFrame:
     hits = requests(events)
     hits = hits[hits["hit"]][["response_id", "time", "tenant", "prompt", "path", "similarity",
                               "entry_id"]]  # fmt: skip
-    feedback = events[events["kind"] == "feedback"][["response_id", "thumbs_up", "correction"]]
+    feedback = feedback_events(events)[["response_id", "thumbs_up", "correction"]]
     merged = hits.merge(feedback, on="response_id", how="left")
     merged["feedback"] = merged["thumbs_up"].map({True: "up", False: "down"}).fillna("none")
     return merged.drop(columns=["thumbs_up"])
@@ -85,7 +103,7 @@ def savings(events: pd.DataFrame) -> pd.DataFrame:
 def routing_vs_quality(events: pd.DataFrame) -> pd.DataFrame:
     """Per path: requests, escalations, validation failures and the feedback received."""
     rows = requests(events).drop(columns=["thumbs_up"], errors="ignore")
-    feedback = events[events["kind"] == "feedback"][["response_id", "thumbs_up"]]
+    feedback = feedback_events(events)[["response_id", "thumbs_up"]]
     rows = rows.merge(feedback, on="response_id", how="left")
     rows["up"] = rows["thumbs_up"].eq(True)
     rows["down"] = rows["thumbs_up"].eq(False)

@@ -93,3 +93,21 @@ def test_savings_and_hit_rate_over_time() -> None:
     assert rates["requests"].sum() == 5
     hits = (rates["exact_hit_rate"] + rates["semantic_hit_rate"]) * rates["requests"]
     assert hits.sum() == pytest.approx(2)
+
+
+@pytest.mark.parametrize(
+    "events",
+    [[], [EVENTS[-1]]],  # an empty log (or a --since past every event); feedback alone
+    ids=["no events", "feedback only"],
+)
+def test_every_table_is_empty_not_an_error_when_no_request_was_logged(
+    events: list[dict[str, Any]],
+) -> None:
+    frame = events_frame(events)
+    assert len(ch.requests(frame)) == 0
+    assert len(ch.hit_rate_over_time(frame)) == 0
+    assert len(ch.hits_with_feedback(frame)) == 0
+    assert len(ch.false_hit_review(frame)) == 0
+    assert len(ch.savings(frame)) == 0
+    assert len(ch.routing_vs_quality(frame)) == 0
+    assert len(ch.latency_by_path(frame)) == 0
