@@ -35,6 +35,7 @@ from routecache.training.pair_data import (
     load_pairs,
     normalised,
 )
+from routecache.training.routing_data import exits_2_on_data_error
 
 Mode = Literal["pairwise", "cache"]
 _SCOPE = "eval:cache"
@@ -256,6 +257,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object per budget")
 
 
+@exits_2_on_data_error
 def run(args: argparse.Namespace) -> int:
     from routecache.router.bootstrap import build_embedder, build_hit_policy, build_vector_index
     from routecache.router.settings import load_settings

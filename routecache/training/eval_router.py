@@ -25,7 +25,12 @@ import numpy.typing as npt
 from routecache.classifier.model import SklearnDifficultyClassifier, load_classifier
 from routecache.domain import OperatingPoint
 from routecache.router.settings import load_settings
-from routecache.training.routing_data import RoutingRow, read_routing_rows, request_cost
+from routecache.training.routing_data import (
+    RoutingRow,
+    exits_2_on_data_error,
+    read_routing_rows,
+    request_cost,
+)
 from routecache.training.train_classifier import embed_prompts, make_embedder, routing_report
 
 
@@ -74,9 +79,10 @@ def operating_point(args: argparse.Namespace) -> tuple[OperatingPoint | None, st
     return configured, "settings" if configured is not None else "model default"
 
 
+@exits_2_on_data_error
 def run(args: argparse.Namespace) -> int:
-    classifier = load_classifier(Path(args.artifact) if args.artifact else None)
     rows = read_routing_rows([Path(p) for p in args.data])
+    classifier = load_classifier(Path(args.artifact) if args.artifact else None)
     kind, dimension = _embedder_for(classifier)
     embedder = make_embedder(kind, dimension)
     if embedder.name != classifier.metadata.get("embedder"):

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from routecache.training.routing_data import DataFileError, numbered_lines
+
 
 @dataclass(frozen=True)
 class EventLabel:
@@ -38,16 +40,13 @@ class EventLabel:
 def read_events(paths: Sequence[Path]) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
     for path in paths:
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{number}: not a JSON event ({exc})") from exc
-                if isinstance(record, dict):
-                    events.append(record)
+        for number, line in numbered_lines(path):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataFileError(f"{path}:{number}: not a JSON event ({exc})") from exc
+            if isinstance(record, dict):
+                events.append(record)
     return events
 
 

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from routecache.training.routing_data import DataFileError, numbered_lines
+
 
 @dataclass(frozen=True, slots=True)
 class LabelledPair:
@@ -22,19 +24,16 @@ class LabelledPair:
     duplicate: bool
 
 
-class PairDataError(ValueError):
+class PairDataError(DataFileError):
     """A pairs file that does not follow the documented format."""
 
 
 def load_pairs(path: Path, limit: int | None = None) -> list[LabelledPair]:
     pairs: list[LabelledPair] = []
-    with Path(path).open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            pairs.append(_parse(line, path, number))
-            if limit is not None and len(pairs) >= limit:
-                break
+    for number, line in numbered_lines(Path(path)):
+        pairs.append(_parse(line, path, number))
+        if limit is not None and len(pairs) >= limit:
+            break
     if not pairs:
         raise PairDataError(f"{path}: no pairs")
     return pairs

@@ -42,6 +42,7 @@ from routecache.classifier.registry import ModelRegistry
 from routecache.training.outcomes import EventLabel, labels_from_events, read_events
 from routecache.training.routing_data import (
     RoutingRow,
+    exits_2_on_data_error,
     holdout_mask,
     outcomes,
     read_routing_rows,
@@ -92,6 +93,7 @@ def incumbent_apgr(
     return incumbent.version, metrics.apgr(scores, weak, strong)
 
 
+@exits_2_on_data_error
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     registry = ModelRegistry(Path(args.registry))

@@ -8,14 +8,49 @@ answer letter, assuming the prompt's "Answer:" suffix makes both models reply wi
 
 from __future__ import annotations
 
+import argparse
+import functools
 import hashlib
 import json
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+
+
+class DataFileError(ValueError):
+    """An input file of an offline job is missing, unreadable or not in its format; the jobs
+    print the message and exit 2 (a traceback would bury which file and line is wrong)."""
+
+
+def exits_2_on_data_error(
+    job: Callable[[argparse.Namespace], int],
+) -> Callable[[argparse.Namespace], int]:
+    """A job's `run`, with a bad input file reported in one line and exit code 2."""
+
+    @functools.wraps(job)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return job(args)
+        except DataFileError as error:
+            print(f"routecache: {error}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The non-blank lines of a UTF-8 text file, numbered from 1."""
+    try:
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                if line.strip():
+                    yield number, line
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataFileError(f"{path}: cannot read it ({exc})") from exc
 
 
 @dataclass(frozen=True)
@@ -29,29 +64,28 @@ class RoutingRow:
 
 
 def read_routing_rows(paths: Sequence[Path]) -> list[RoutingRow]:
-    """Rows of the routing JSONL format (shared/data/README.md); `subject` is not kept."""
+    """Rows of the routing JSONL format (shared/data/README.md); `subject` is not kept.
+
+    Raises DataFileError naming the file (and line) that cannot be read or is not a row."""
     rows: list[RoutingRow] = []
     for path in paths:
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    rows.append(
-                        RoutingRow(
-                            prompt=str(record["prompt"]),
-                            source=str(record.get("source", "")),
-                            weak_correct=bool(record["weak_correct"]),
-                            strong_correct=bool(record["strong_correct"]),
-                            weak_response=record.get("weak_response"),
-                            strong_response=record.get("strong_response"),
-                        )
+        for number, line in numbered_lines(path):
+            try:
+                record = json.loads(line)
+                rows.append(
+                    RoutingRow(
+                        prompt=str(record["prompt"]),
+                        source=str(record.get("source", "")),
+                        weak_correct=bool(record["weak_correct"]),
+                        strong_correct=bool(record["strong_correct"]),
+                        weak_response=record.get("weak_response"),
+                        strong_response=record.get("strong_response"),
                     )
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise ValueError(f"{path}:{number}: not a routing row ({exc})") from exc
+                )
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise DataFileError(f"{path}:{number}: not a routing row ({exc})") from exc
     if not rows:
-        raise ValueError(f"no routing rows in {[str(p) for p in paths]}")
+        raise DataFileError(f"no routing rows in {[str(p) for p in paths]}")
     return rows
 
 

@@ -46,6 +46,7 @@ from routecache.domain import OperatingPoint
 from routecache.training.embedding_cache import EmbeddingCache
 from routecache.training.routing_data import (
     RoutingRow,
+    exits_2_on_data_error,
     files_sha256,
     holdout_mask,
     outcomes,
@@ -237,6 +238,7 @@ def train_candidate(
     return Candidate(model, metadata, scores)
 
 
+@exits_2_on_data_error
 def run(args: argparse.Namespace) -> int:
     if not 0.0 < args.holdout_fraction < 1.0:
         print("--holdout-fraction must lie strictly between 0 and 1", file=sys.stderr)

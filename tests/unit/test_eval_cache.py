@@ -128,3 +128,16 @@ def test_cli_prints_one_json_object(tmp_path: Path, capsys: pytest.CaptureFixtur
     for key in ("pairs", "precision", "recall", "hit_rate", "false_hit_rate", "max_false_hit_rate"):
         assert key in report
     assert report["policy"] == "cosine" and report["pairs"] == 3
+
+
+@pytest.mark.parametrize("content", [None, "not json\n"], ids=["missing file", "not JSON"])
+def test_cli_reports_a_bad_pairs_file_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None
+) -> None:
+    pairs = tmp_path / "pairs.jsonl"
+    if content is not None:
+        pairs.write_text(content)
+    config = tmp_path / "hash.toml"
+    config.write_text('[cache]\nembedder = "hash"\nsimilarity_threshold = 0.5\n')
+    assert main(["eval-cache", "--pairs", str(pairs), "--config", str(config)]) == 2
+    assert "pairs.jsonl" in capsys.readouterr().err

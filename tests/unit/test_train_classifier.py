@@ -10,7 +10,7 @@ import pytest
 
 from routecache.cache.embedder import HashEmbedder
 from routecache.classifier.model import load_artifact
-from routecache.training import eval_router, train_classifier
+from routecache.training import eval_router, retrain, train_classifier
 from routecache.training.routing_data import (
     RoutingRow,
     holdout_mask,
@@ -120,3 +120,38 @@ def test_bad_rows_and_arguments_are_reported(tmp_path: Path) -> None:
     argv = ["--data", str(data), "--out", str(tmp_path), "--embedder", "hash"]
     assert train_classifier.main([*argv, "--holdout-fraction", "1.0"]) == 2
     assert not (tmp_path / "difficulty.skops").exists()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [None, "not json\n", '{"prompt": "p", "weak_correct": true}\n', b"\xff\xfe\n", ""],
+    ids=["missing file", "not JSON", "missing field", "not UTF-8", "empty"],
+)
+def test_a_bad_data_file_is_a_message_and_exit_2_not_a_traceback(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    content: str | bytes | None,
+) -> None:
+    data = tmp_path / "bad.jsonl"
+    if isinstance(content, bytes):
+        data.write_bytes(content)
+    elif content is not None:
+        data.write_text(content)
+    argv = ["--data", str(data), "--embedder", "hash"]
+    assert train_classifier.main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert "bad.jsonl" in capsys.readouterr().err
+    assert eval_router.main(["--data", str(data)]) == 2
+    assert "bad.jsonl" in capsys.readouterr().err
+    assert retrain.main([*argv, "--registry", str(tmp_path / "registry")]) == 2
+    assert "bad.jsonl" in capsys.readouterr().err
+
+
+def test_a_bad_event_log_given_to_retrain_is_a_message_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _write_routing_file(tmp_path / "ok.jsonl", n=10)
+    events = tmp_path / "events.jsonl"
+    events.write_text("{torn\n")
+    argv = ["--data", str(data), "--events", str(events), "--embedder", "hash"]
+    assert retrain.main([*argv, "--registry", str(tmp_path / "registry")]) == 2
+    assert "events.jsonl:1" in capsys.readouterr().err
