@@ -93,7 +93,8 @@ class RecordingTelemetry:
     def request_ended(self) -> None:
         self.ended += 1
 
-    def request_completed(self, tenant: str, completion: Completion, seconds: float) -> None:
+    def request_completed(self, tenant: str, completion: Completion, seconds: float,
+                          failed_validators: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.completed.append((tenant, path_of(completion).value))
 
     def request_failed(self, tenant: str, reason: str, seconds: float,

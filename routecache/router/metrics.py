@@ -85,7 +85,8 @@ class PrometheusTelemetry:
     def request_ended(self) -> None:
         self._in_flight.dec()
 
-    def request_completed(self, tenant: str, completion: Completion, seconds: float) -> None:
+    def request_completed(self, tenant: str, completion: Completion, seconds: float,
+                          failed_validators: tuple[str, ...] = ()) -> None:  # fmt: skip
         path = path_of(completion)
         self._latency.labels(path.value).observe(seconds)
         self._requests.labels(tenant, path.value).inc()
@@ -99,9 +100,8 @@ class PrometheusTelemetry:
             self._saved.labels(tenant).inc(usage.saved_usd)
         if completion.validation.escalated:
             self._escalations.labels(tenant).inc()
-        for result in completion.validation.results:
-            if not result.passed:
-                self._validator_failures.labels(result.name).inc()
+        for name in failed_validators:
+            self._validator_failures.labels(name).inc()
 
     def request_failed(self, tenant: str, reason: str, seconds: float,
                        failed_validators: tuple[str, ...] = ()) -> None:  # fmt: skip

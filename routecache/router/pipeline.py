@@ -44,7 +44,13 @@ from routecache.router.quotas import InMemoryQuotaLimiter
 from routecache.router.settings import LimitSettings
 from routecache.router.single_flight import SingleFlight
 from routecache.router.stats import ResponseRegistry, ServedResponse, TenantStatsBook
-from routecache.router.telemetry import NullTelemetry, Telemetry, error_reason, path_of
+from routecache.router.telemetry import (
+    NullTelemetry,
+    Telemetry,
+    error_reason,
+    failed_validator_labels,
+    path_of,
+)
 from routecache.router.tenant_admin import TenantAdmin
 from routecache.router.upstream.failover import AllProvidersFailed
 
@@ -110,7 +116,10 @@ class Pipeline:
             raise
         finally:
             telemetry.request_ended()
-        telemetry.request_completed(tenant.name, completion, completion.latency.total_ms / 1000)
+        failed = failed_validator_labels(completion.validation, request)
+        telemetry.request_completed(
+            tenant.name, completion, completion.latency.total_ms / 1000, failed
+        )
         return completion
 
     async def _complete(
@@ -134,9 +143,11 @@ class Pipeline:
         seconds = time.perf_counter() - started
         reason = error_reason(error)
         failed: tuple[str, ...] = ()
+        labels: tuple[str, ...] = ()
         if isinstance(error, FailedValidation):
             failed = tuple(r.name for r in error.report.results if not r.passed)
-        self._p.telemetry.request_failed(tenant, reason, seconds, failed)
+            labels = failed_validator_labels(error.report, request)
+        self._p.telemetry.request_failed(tenant, reason, seconds, labels)
         # The service's own trouble is a warning; a caller's mistake or limit is routine.
         level = logging.WARNING if reason in _SERVER_SIDE else logging.INFO
         log.log(level, "request failed: %s: %s", reason, error, extra={"tenant": tenant})
@@ -167,7 +178,8 @@ class Pipeline:
             async for event in self._complete_stream(tenant, request, started, deadline):
                 if isinstance(event, Completion):
                     seconds = event.latency.total_ms / 1000
-                    telemetry.request_completed(tenant.name, event, seconds)
+                    failed = failed_validator_labels(event.validation, request)
+                    telemetry.request_completed(tenant.name, event, seconds, failed)
                 yield event
         except RouteCacheError as error:
             self._record_failure(tenant_name, request, error, started)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Protocol
 
-from routecache.domain import CacheOutcome, Completion, Tier
+from routecache.domain import CacheOutcome, ChatRequest, Completion, Tier, ValidationReport
 
 
 class RequestPath(StrEnum):
@@ -32,6 +32,18 @@ def path_of(completion: Completion) -> RequestPath:
     return RequestPath.STRONG if completion.tier is Tier.STRONG else RequestPath.CHEAP
 
 
+def failed_validator_labels(report: ValidationReport, request: ChatRequest) -> tuple[str, ...]:
+    """The metric labels of the checks that failed. The caller names a request's own
+    validators, so those are labelled by kind ("request:regex"): a label per name would let
+    callers create time series without bound."""
+    kinds = {requested.name or requested.kind: requested.kind for requested in request.validators}
+    return tuple(
+        f"request:{kinds[r.name]}" if r.name in kinds else r.name
+        for r in report.results
+        if not r.passed
+    )
+
+
 # Breaker states as gauge values, so a panel can show them as a step line.
 BREAKER_CLOSED, BREAKER_HALF_OPEN, BREAKER_OPEN = 0.0, 1.0, 2.0
 
@@ -43,8 +55,10 @@ class Telemetry(Protocol):
         """Called once for every request_started, however the request ended."""
         ...
 
-    def request_completed(self, tenant: str, completion: Completion, seconds: float) -> None:
-        """An answer was served; its path, tokens, cost, savings and failed checks count."""
+    def request_completed(self, tenant: str, completion: Completion, seconds: float,
+                          failed_validators: tuple[str, ...] = ()) -> None:  # fmt: skip
+        """An answer was served; its path, tokens, cost and savings count, and
+        `failed_validators` (labels from failed_validator_labels) the checks it failed."""
         ...
 
     def request_failed(self, tenant: str, reason: str, seconds: float,
@@ -86,7 +100,8 @@ class NullTelemetry:
     def request_ended(self) -> None:
         pass
 
-    def request_completed(self, tenant: str, completion: Completion, seconds: float) -> None:
+    def request_completed(self, tenant: str, completion: Completion, seconds: float,
+                          failed_validators: tuple[str, ...] = ()) -> None:  # fmt: skip
         pass
 
     def request_failed(self, tenant: str, reason: str, seconds: float,

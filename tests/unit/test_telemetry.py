@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -9,6 +11,7 @@ from routecache.domain import (
     ChatRequest,
     GenerationParams,
     Message,
+    RequestValidator,
     ResponseFormat,
     ResponseFormatType,
     Role,
@@ -124,3 +127,25 @@ def test_each_service_has_its_own_registry() -> None:
 def test_error_reason_is_the_snake_case_class_name() -> None:
     assert error_reason(FailedValidation("x", report=None)) == "failed_validation"  # type: ignore[arg-type]
     assert error_reason(Unavailable("x")) == "unavailable"
+
+
+async def test_validators_named_by_the_caller_do_not_mint_metric_series() -> None:
+    prometheus = PrometheusTelemetry()
+    harness = make_harness(score=0.2, telemetry=prometheus)
+    pipeline, registry = harness.service.pipeline, prometheus.registry
+    for i in range(3):
+        flagged = RequestValidator("regex", name=f"flag-{i}", on_fail="flag", must_match=("zzz",))
+        await pipeline.complete(replace(ask(f"question {i}"), validators=(flagged,)), ACME)
+        blocking = RequestValidator("regex", name=f"block-{i}", on_fail="block",
+                                    must_match=("zzz",))  # fmt: skip
+        with pytest.raises(FailedValidation):
+            await pipeline.complete(replace(ask(f"other {i}"), validators=(blocking,)), ACME)
+    labels = {
+        sample.labels["validator"]
+        for metric in registry.collect()
+        if metric.name == "routecache_validator_failures"
+        for sample in metric.samples
+    }
+    assert labels == {"request:regex"}
+    assert sample(registry, "routecache_validator_failures_total", validator="request:regex") == 6
+    await harness.service.aclose()
