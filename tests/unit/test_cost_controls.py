@@ -242,9 +242,7 @@ async def test_per_user_caps_hold_each_user_and_leave_requests_without_one_alone
 async def test_a_request_sharing_a_call_in_flight_reserves_nothing() -> None:
     # Room under the cap for one worst case: the call made for both takes it, and the
     # identical request that shares the call's answer costs nothing, so it is not refused.
-    probe = budget_harness()
-    one = one_request_usd(probe, "same")
-    await probe.service.aclose()
+    one = await one_request_usd("same")
     harness = budget_harness(daily_usd=1.5 * one)
     harness.strong.gate = gate = asyncio.Event()
     complete = harness.service.pipeline.complete
@@ -261,9 +259,7 @@ async def test_a_request_sharing_a_call_in_flight_reserves_nothing() -> None:
 
 
 async def test_a_request_that_takes_over_a_cancelled_call_reserves_for_it() -> None:
-    probe = budget_harness()
-    one = one_request_usd(probe, "same")
-    await probe.service.aclose()
+    one = await one_request_usd("same")
     harness = budget_harness(daily_usd=1.5 * one)
     harness.strong.gate = gate = asyncio.Event()
     complete = harness.service.pipeline.complete
@@ -298,9 +294,7 @@ class SlowLedger:
 async def test_a_request_sharing_a_call_refused_by_another_users_cap_makes_the_call() -> None:
     # u1 is at its per-user cap; u2 asks the same while u1's reservation is being decided:
     # u1's refusal is u1's alone, so u2 makes the call under its own caps.
-    probe = budget_harness()
-    one = one_request_usd(probe, "same")
-    await probe.service.aclose()
+    one = await one_request_usd("same")
     harness = budget_harness(user_daily_usd=1.5 * one)
     complete, costs = harness.service.pipeline.complete, harness.service.pipeline.costs
     await complete(costly("before", user="u1"), ACME)
