@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from routecache.domain import Completion, GenerationParams, Message
 from routecache.errors import UpstreamError
+from routecache.router.keyring import KeyAdmin, KeyRecord, revoke_key
 from routecache.router.ports import UpstreamReply
 from routecache.router.telemetry import path_of
 
@@ -121,3 +122,23 @@ class RecordingTelemetry:
 
     def cost_control(self, tenant: str, outcome: str) -> None:
         self.cost_controls.append((tenant, outcome))
+
+
+class RevokedAfterFirstRead:
+    """A key admin that another admin races: right after this one first reads the records,
+    the other revokes `key_id`. Everything else goes to `admin`."""
+
+    def __init__(self, admin: KeyAdmin, other: KeyAdmin, key_id: str, now: float) -> None:
+        self._admin, self._other = admin, other
+        self._revocation: tuple[str, float] | None = (key_id, now)
+
+    async def records(self) -> list[KeyRecord]:
+        found = await self._admin.records()
+        if self._revocation is not None:
+            key_id, now = self._revocation
+            self._revocation = None
+            await revoke_key(self._other, key_id, now)
+        return found
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._admin, name)

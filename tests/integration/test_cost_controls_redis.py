@@ -28,10 +28,10 @@ from routecache.router.budget import (
     SpendRecord,
 )
 from routecache.router.cli import build_parser
-from routecache.router.keyring import KeyRecord, add_key, revoke_key, rotate_key
+from routecache.router.keyring import KeyRecord, add_key, rotate_key
 from routecache.router.keys_cli import run_keys
 from routecache.router.quotas import Charge
-from tests.fakes import ManualClock
+from tests.fakes import ManualClock, RevokedAfterFirstRead
 from tests.integration.replicas import (
     ACME,
     Replica,
@@ -219,24 +219,6 @@ async def test_a_key_revoked_in_redis_fails_on_every_replica_at_the_next_call(
         await b.service.aclose()
 
 
-class RevokedOnceRead(RedisKeyRegistry):
-    """An admin that another admin races: right after this one has read the records, the
-    other revokes `key_id`."""
-
-    def __init__(self, link: RedisLink, key_id: str, now: float) -> None:
-        super().__init__(link, KeySpace())
-        self._other = RedisKeyRegistry(link, KeySpace())
-        self._revocation: tuple[str, float] | None = (key_id, now)
-
-    async def records(self) -> list[KeyRecord]:
-        found = await super().records()
-        if self._revocation is not None:
-            key_id, now = self._revocation
-            self._revocation = None
-            await revoke_key(self._other, key_id, now)
-        return found
-
-
 async def test_a_key_revoked_in_redis_while_it_is_rotated_stays_revoked(
     redis_server: RedisServer,
 ) -> None:
@@ -245,7 +227,9 @@ async def test_a_key_revoked_in_redis_while_it_is_rotated_stays_revoked(
     try:
         registry = RedisKeyRegistry(link, KeySpace())
         _, old = await add_key(registry, "acme", clock())
-        rotating = RevokedOnceRead(link, old.key_id, clock())
+        rotating = RevokedAfterFirstRead(
+            registry, RedisKeyRegistry(link, KeySpace()), old.key_id, clock()
+        )
         _, _, retired = await rotate_key(rotating, old.key_id, clock(), overlap_seconds=60)
         assert retired.revoked_at == clock()
         found = await registry.find(old.sha256)

@@ -14,14 +14,13 @@ from routecache.router.bootstrap import build_tenants
 from routecache.router.cli import build_parser, main
 from routecache.router.keyring import (
     FileKeyRegistry,
-    KeyRecord,
     add_key,
     revoke_key,
     rotate_key,
 )
 from routecache.router.keys_cli import run_keys
 from routecache.router.settings import ConfigError, load_settings
-from tests.fakes import ManualClock
+from tests.fakes import ManualClock, RevokedAfterFirstRead
 from tests.unit.conftest import make_harness
 from tests.unit.test_pipeline import ask
 
@@ -65,28 +64,13 @@ async def test_rotation_keeps_the_old_key_for_the_overlap_only(tmp_path: Path) -
     assert (await auth.resolve(newer_plain)).name == "globex"
 
 
-class RevokedOnceRead(FileKeyRegistry):
-    """An admin that another admin (another process) races: right after this one has read the
-    records, the other revokes `key_id`."""
-
-    def __init__(self, path: Path, key_id: str, now: float) -> None:
-        super().__init__(path)
-        self._revocation: tuple[str, float] | None = (key_id, now)
-
-    async def records(self) -> list[KeyRecord]:
-        found = await super().records()
-        if self._revocation is not None:
-            key_id, now = self._revocation
-            self._revocation = None
-            await revoke_key(FileKeyRegistry(self.path), key_id, now)
-        return found
-
-
 async def test_a_key_revoked_while_it_is_rotated_stays_revoked(tmp_path: Path) -> None:
     path, clock = tmp_path / "keys.json", ManualClock()
     auth = authenticator(path, clock)
     old_plain, old = await add_key(FileKeyRegistry(path), "acme", clock())
-    rotating = RevokedOnceRead(path, old.key_id, clock())
+    rotating = RevokedAfterFirstRead(
+        FileKeyRegistry(path), FileKeyRegistry(path), old.key_id, clock()
+    )
     new_plain, _, retired = await rotate_key(rotating, old.key_id, clock(), overlap_seconds=60)
     assert retired.revoked_at == clock()
     with pytest.raises(Unauthenticated):

@@ -239,17 +239,25 @@ async def test_per_user_caps_hold_each_user_and_leave_requests_without_one_alone
     await harness.service.aclose()
 
 
-async def test_a_request_sharing_a_call_in_flight_reserves_nothing() -> None:
-    # Room under the cap for one worst case: the call made for both takes it, and the
-    # identical request that shares the call's answer costs nothing, so it is not refused.
-    one = await one_request_usd("same")
-    harness = budget_harness(daily_usd=1.5 * one)
+async def two_identical_in_flight(
+    harness: Harness,
+) -> tuple[asyncio.Task[Completion], asyncio.Task[Completion], asyncio.Event]:
+    """Two identical requests, the second sharing the first's call, held until `gate` opens."""
     harness.strong.gate = gate = asyncio.Event()
     complete = harness.service.pipeline.complete
     first = asyncio.create_task(complete(costly("same"), ACME))
     await asyncio.sleep(0.01)
     second = asyncio.create_task(complete(costly("same"), ACME))
     await asyncio.sleep(0.01)
+    return first, second, gate
+
+
+async def test_a_request_sharing_a_call_in_flight_reserves_nothing() -> None:
+    # Room under the cap for one worst case: the call made for both takes it, and the
+    # identical request that shares the call's answer costs nothing, so it is not refused.
+    one = await one_request_usd("same")
+    harness = budget_harness(daily_usd=1.5 * one)
+    first, second, gate = await two_identical_in_flight(harness)
     gate.set()
     made, shared = await asyncio.gather(first, second)
     assert harness.strong.calls == ["same"]
@@ -261,12 +269,8 @@ async def test_a_request_sharing_a_call_in_flight_reserves_nothing() -> None:
 async def test_a_request_that_takes_over_a_cancelled_call_reserves_for_it() -> None:
     one = await one_request_usd("same")
     harness = budget_harness(daily_usd=1.5 * one)
-    harness.strong.gate = gate = asyncio.Event()
+    first, second, gate = await two_identical_in_flight(harness)
     complete = harness.service.pipeline.complete
-    first = asyncio.create_task(complete(costly("same"), ACME))
-    await asyncio.sleep(0.01)
-    second = asyncio.create_task(complete(costly("same"), ACME))
-    await asyncio.sleep(0.01)
     first.cancel()  # its reservation goes; the second request makes the call and reserves
     await asyncio.sleep(0.01)
     with pytest.raises(ResourceExhausted):  # no room left beside the second's reservation
