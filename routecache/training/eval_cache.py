@@ -29,13 +29,13 @@ import numpy.typing as npt
 
 from routecache.cache.hit_policy import CosinePolicy, HitPolicy, HitRequirement, HitVerdict
 from routecache.cache.ports import Embedder, VectorIndex
+from routecache.training.data_files import exits_2_on_data_error
 from routecache.training.pair_data import (
     LabelledPair,
     duplicate_clusters,
     load_pairs,
     normalised,
 )
-from routecache.training.routing_data import exits_2_on_data_error
 
 Mode = Literal["pairwise", "cache"]
 _SCOPE = "eval:cache"

@@ -25,9 +25,9 @@ import numpy.typing as npt
 from routecache.classifier.model import SklearnDifficultyClassifier, load_classifier
 from routecache.domain import OperatingPoint
 from routecache.router.settings import load_settings
+from routecache.training.data_files import exits_2_on_data_error
 from routecache.training.routing_data import (
     RoutingRow,
-    exits_2_on_data_error,
     read_routing_rows,
     request_cost,
 )

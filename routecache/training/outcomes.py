@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from routecache.training.routing_data import DataFileError, numbered_lines
+from routecache.training.data_files import DataFileError, numbered_lines
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from routecache.training.routing_data import DataFileError, numbered_lines
+from routecache.training.data_files import DataFileError, numbered_lines
 
 
 @dataclass(frozen=True, slots=True)

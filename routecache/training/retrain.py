@@ -39,10 +39,10 @@ from routecache.classifier.model import (
     save_artifact,
 )
 from routecache.classifier.registry import ModelRegistry
+from routecache.training.data_files import exits_2_on_data_error
 from routecache.training.outcomes import EventLabel, labels_from_events, read_events
 from routecache.training.routing_data import (
     RoutingRow,
-    exits_2_on_data_error,
     holdout_mask,
     outcomes,
     read_routing_rows,

@@ -43,10 +43,10 @@ from routecache.classifier.model import (
 from routecache.classifier.neighbours import NeighbourBank, label_matrix
 from routecache.classifier.operating_point import OperatingCurve, fit_curve
 from routecache.domain import OperatingPoint
+from routecache.training.data_files import exits_2_on_data_error
 from routecache.training.embedding_cache import EmbeddingCache
 from routecache.training.routing_data import (
     RoutingRow,
-    exits_2_on_data_error,
     files_sha256,
     holdout_mask,
     outcomes,
