@@ -6,6 +6,7 @@ import json
 import math
 import re
 from collections.abc import Iterator
+from typing import Any
 
 from routecache.domain import ChatRequest, Feedback, ResponseFormatType, Role
 from routecache.errors import InvalidArgument
@@ -154,30 +155,28 @@ def _check_validators(request: ChatRequest, limits: LimitSettings) -> None:
 
 def schema_patterns(schema: object) -> Iterator[str]:
     """Every regex a JSON Schema holds: `pattern` values and `patternProperties` keys."""
-    pending = [schema]
-    while pending:
-        node = pending.pop()
-        if isinstance(node, dict):
-            if isinstance(pattern := node.get("pattern"), str):
-                yield pattern
-            if isinstance(properties := node.get("patternProperties"), dict):
-                yield from properties
-            pending.extend(node.values())
-        elif isinstance(node, list):
-            pending.extend(node)
+    for node in _objects(schema):
+        if isinstance(pattern := node.get("pattern"), str):
+            yield pattern
+        if isinstance(properties := node.get("patternProperties"), dict):
+            yield from properties
 
 
 def non_local_refs(schema: object) -> Iterator[str]:
     """Every $ref / $dynamicRef in a JSON Schema that does not point inside the document."""
-    pending = [schema]
+    for node in _objects(schema):
+        for key in ("$ref", "$dynamicRef"):
+            if isinstance(ref := node.get(key), str) and not ref.startswith("#"):
+                yield ref
+
+
+def _objects(document: object) -> Iterator[dict[str, Any]]:
+    """Every JSON object in a parsed document, nested ones included."""
+    pending = [document]
     while pending:
         node = pending.pop()
         if isinstance(node, dict):
-            for key, value in node.items():
-                if key in ("$ref", "$dynamicRef") and isinstance(value, str):
-                    if not value.startswith("#"):
-                        yield value
-                else:
-                    pending.append(value)
+            yield node
+            pending.extend(node.values())
         elif isinstance(node, list):
             pending.extend(node)
