@@ -142,16 +142,13 @@ class Pipeline:
     ) -> None:
         seconds = time.perf_counter() - started
         reason = error_reason(error)
-        failed: tuple[str, ...] = ()
-        labels: tuple[str, ...] = ()
-        if isinstance(error, FailedValidation):
-            failed = tuple(r.name for r in error.report.results if not r.passed)
-            labels = failed_validator_labels(error.report, request)
+        report = error.report if isinstance(error, FailedValidation) else None
+        failed = () if report is None else tuple(r.name for r in report.results if not r.passed)
+        labels = () if report is None else failed_validator_labels(report, request)
         self._p.telemetry.request_failed(tenant, reason, seconds, labels)
         # The service's own trouble is a warning; a caller's mistake or limit is routine.
         level = logging.WARNING if reason in _SERVER_SIDE else logging.INFO
         log.log(level, "request failed: %s: %s", reason, error, extra={"tenant": tenant})
-        report = error.report if isinstance(error, FailedValidation) else None
         self._p.events.emit(
             "error",
             {"request_id": REQUEST_ID.get(), "tenant": tenant, "reason": reason,
