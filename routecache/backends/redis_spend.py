@@ -7,8 +7,9 @@ each end user, and `<base>resv` (reservation id → amount, user, expiry).
 
 While Redis is down a replica reserves against Redis' last answer plus its own reservations
 and spend, and keeps what it spent as pending: it is added to Redis when Redis is back, so no
-recorded cost is lost. Its own reservations, never in Redis, lower the caps Redis checks until
-their calls end.
+recorded cost is lost. Each pending record goes to Redis under an id of its own, kept until
+Redis confirms it, so a try whose answer was lost is not added twice. Its own reservations,
+never in Redis, lower the caps Redis checks until their calls end.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from routecache.router.budget import (
 log = logging.getLogger(__name__)
 
 _PREFIX = {Period.DAY: "d", Period.MONTH: "m"}
+
+_Slot = tuple[str, str, str, str]  # tenant, user, day id, month id
 
 
 def spend_suffix(period: Period, period_id: str, user: str = "") -> str:
@@ -76,7 +79,9 @@ class RedisSpendLedger:
         # Per (tenant, user or '', period id): what Redis last said was committed / spent.
         self._last_committed: dict[tuple[str, str, str], float] = {}
         # Spend made while Redis was down, summed per tenant, user, day and month.
-        self._pending: dict[tuple[str, str, str, str], SpendRecord] = {}
+        self._pending: dict[_Slot, SpendRecord] = {}
+        # Pending records a flush sent without hearing back, by settle id: perhaps in Redis.
+        self._in_doubt: dict[str, tuple[_Slot, SpendRecord]] = {}
         self._flush_task: asyncio.Task[None] | None = None
         self._last_cost: dict[tuple[str, str, str], float] = {}
         self._periods: dict[Period, str] = {}  # the period ids those two are kept for
@@ -158,12 +163,17 @@ class RedisSpendLedger:
             return await self._local.settle(None, record)
 
     async def _apply(
-        self, reservation: Reservation | None, record: SpendRecord, ids: dict[Period, str]
+        self,
+        reservation: Reservation | None,
+        record: SpendRecord,
+        ids: dict[Period, str],
+        settle_id: str = "",
     ) -> Movement:
         args: list[str] = [
             self._base(record.tenant), "" if reservation is None else reservation.reservation_id,
             repr(record.cost_usd), str(record.prompt_tokens), str(record.completion_tokens),
             repr(record.saved_usd), str(record.calls), repr(record.routing_saved_usd),
+            settle_id, str(self._retention.of(Period.DAY)),
         ]  # fmt: skip
         slots = [(period, pid, who) for period, pid in ids.items()
                  for who in dict.fromkeys(("", record.user))]  # fmt: skip
@@ -201,7 +211,7 @@ class RedisSpendLedger:
                 self._last_cost[(tenant, user, pid)] = out[period].cost_usd
             except RedisDown:
                 out[period] = Totals(self._last_cost.get((tenant, user, pid), 0.0))
-            if self._pending:  # spent while Redis was down, not in Redis yet
+            if self._pending or self._in_doubt:  # spent while Redis was down, not in Redis yet
                 out[period].merge(local[period])
         return out
 
@@ -220,24 +230,38 @@ class RedisSpendLedger:
 
         The health listener and the service's stop may flush at once: one at a time."""
         async with self._flushing:
+            # Sent before without an answer: again under the same id, which Redis adds once.
+            for settle_id in list(self._in_doubt):
+                if not await self._flush_one(settle_id):
+                    return
             while self._pending:
                 slot = next(iter(self._pending))
-                record = self._pending.pop(slot)
-                ids = {Period.DAY: slot[2], Period.MONTH: slot[3]}
-                try:
-                    await guarded(self._link, lambda r=record, i=ids: self._apply(None, r, i))  # type: ignore[misc]
-                except RedisDown:
-                    self._add_pending(record, ids)
+                settle_id = new_reservation_id()
+                self._in_doubt[settle_id] = (slot, self._pending.pop(slot))
+                if not await self._flush_one(settle_id):
                     return
-                # In Redis now, so in what Redis reports: no longer this replica's own spend.
-                # One record at a time, as a flush cut short leaves the rest to count here.
-                self._local.take_back(record, ids)
             # The local ledger is kept, not replaced: the reservations it holds are of calls
             # that may still be running, and count against the caps until they end.
 
+    async def _flush_one(self, settle_id: str) -> bool:
+        """Sends one pending record; it stays in doubt until Redis confirms it, whether the
+        call fails, times out after Redis ran it, or is cancelled."""
+        (_, _, day, month), record = self._in_doubt[settle_id]
+        ids = {Period.DAY: day, Period.MONTH: month}
+        try:
+            await guarded(self._link, lambda: self._apply(None, record, ids, settle_id))
+        except RedisDown:
+            return False
+        del self._in_doubt[settle_id]
+        # In Redis now, so in what Redis reports: no longer this replica's own spend.
+        # One record at a time, as a flush cut short leaves the rest to count here.
+        self._local.take_back(record, ids)
+        return True
+
     async def _on_health(self, up: bool) -> None:
         # In the background: the link's other listeners (cache health) must not wait on it.
-        if up and self._pending and (self._flush_task is None or self._flush_task.done()):
+        waiting = self._pending or self._in_doubt
+        if up and waiting and (self._flush_task is None or self._flush_task.done()):
             self._flush_task = asyncio.create_task(self.flush(), name="spend-flush")
 
 

@@ -217,13 +217,24 @@ return {1, 0, unpack(committed)}
 """
 
 # ARGV: tenant key base, reservation id ('' for none), cost, prompt tokens, completion tokens,
-# saved, calls, routing saved, then per spend key: its suffix, its lifetime in seconds. Adds
-# the usage to every key and returns each key's cost before and after, in the keys' order.
+# saved, calls, routing saved, settle id ('' for none), that id's lifetime in seconds, then per
+# spend key: its suffix, its lifetime in seconds. Adds the usage to every key and returns each
+# key's cost before and after, in the keys' order. A settle id already seen adds nothing: the
+# try whose answer was lost had added it.
 SETTLE = """
 local base = ARGV[1]
-if ARGV[2] ~= '' then redis.call('HDEL', base .. 'resv', ARGV[2]) end
 local out = {}
-for i = 9, #ARGV, 2 do
+local settled = base .. 'settled:' .. ARGV[9]
+if ARGV[9] ~= '' and not redis.call('SET', settled, '1', 'NX', 'EX', ARGV[10]) then
+  for i = 11, #ARGV, 2 do
+    local cost = redis.call('HGET', base .. ARGV[i], 'cost') or '0'
+    out[#out + 1] = cost
+    out[#out + 1] = cost
+  end
+  return out
+end
+if ARGV[2] ~= '' then redis.call('HDEL', base .. 'resv', ARGV[2]) end
+for i = 11, #ARGV, 2 do
   local key = base .. ARGV[i]
   local before = redis.call('HGET', key, 'cost') or '0'
   local after = redis.call('HINCRBYFLOAT', key, 'cost', ARGV[3])

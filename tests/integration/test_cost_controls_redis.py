@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import redis
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from routecache.backends.keys import KeySpace
 from routecache.backends.link import RedisLink
@@ -411,6 +412,61 @@ async def test_a_flush_cut_short_by_redis_counts_the_flushed_spend_once(
     assert (await ledger.totals("acme"))[Period.DAY].cost_usd == pytest.approx(0.6)
     assert (await ledger.totals("acme", "u1"))[Period.DAY].cost_usd == pytest.approx(0.3)
     assert isinstance(await ledger.reserve("acme", "", 0.35, caps), Reservation)
+
+
+async def test_a_flush_whose_answer_is_lost_after_redis_applied_it_counts_once(
+    ledger_on_own_redis: LedgerOnOwnRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    redis.server.kill()
+    await ledger.settle(None, SpendRecord("acme", "u1", cost_usd=0.3, calls=1))
+    settle = ledger._settle
+    answers_lost = [True]
+
+    async def applied_then_timed_out(**kwargs: Any) -> Any:
+        answer = await settle(**kwargs)
+        if answers_lost.pop():  # Redis ran the script; its answer never came back
+            raise RedisTimeoutError("Timeout reading from socket")
+        return answer
+
+    monkeypatch.setattr(ledger, "_settle", applied_then_timed_out)
+    redis.server.start()
+    await redis.link.wait_up()
+    await ledger.flush()  # in doubt: kept, and tried again with the same id
+    answers_lost.append(False)
+    await redis.link.wait_up()
+    await ledger.flush()
+    totals = await redis.another_ledger().totals("acme", "u1")
+    assert (totals[Period.DAY].cost_usd, totals[Period.DAY].calls) == (0.3, 1)
+    assert (await ledger.totals("acme"))[Period.DAY].cost_usd == pytest.approx(0.3)
+
+
+async def test_a_cancelled_flush_keeps_the_spend_it_was_moving(
+    ledger_on_own_redis: LedgerOnOwnRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    redis.server.kill()
+    await ledger.settle(None, SpendRecord("acme", cost_usd=0.3, calls=1))
+    settle = ledger._settle
+    started = asyncio.Event()
+
+    async def never_answers(**kwargs: Any) -> Any:
+        started.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(ledger, "_settle", never_answers)
+    redis.server.start()
+    await redis.link.wait_up()
+    await started.wait()  # the link's health listener started a flush
+    flushing = ledger._flush_task
+    assert flushing is not None
+    flushing.cancel()  # e.g. the service's stop gave up on it
+    with pytest.raises(asyncio.CancelledError):
+        await flushing
+    monkeypatch.setattr(ledger, "_settle", settle)
+    await ledger.flush()
+    totals = await redis.another_ledger().totals("acme")
+    assert totals[Period.DAY].cost_usd == pytest.approx(0.3)
 
 
 async def test_a_reservation_made_while_redis_was_down_still_counts_after_the_flush(
