@@ -104,8 +104,9 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         return denied
     try:
         call = parse_chat_call(json.loads(await request.text()))
-        fault = state.faults.next_fault(request.headers.get(FAULT_HEADER))
         latency_ms = float(request.headers.get(LATENCY_HEADER, state.config.latency_ms))
+        # Last, once all else is valid: a refused request must not use up a scripted fault.
+        fault = state.faults.next_fault(request.headers.get(FAULT_HEADER))
     except json.JSONDecodeError as exc:
         return _error(
             400, f"the request body is not valid JSON: {exc.msg}", "invalid_request_error"

@@ -35,6 +35,7 @@ STRONG = "gpt-4-1106-preview"
 UNKNOWN_PROMPT = "Which is heavier, a kilogram of feathers or a kilogram of lead?"
 JSON_MODE = GenerationParams(response_format=ResponseFormat(ResponseFormatType.JSON_OBJECT))
 FAULT = "x-replay-fault"
+LATENCY = "x-replay-latency-ms"
 ClientFactory = Callable[..., OpenAIChatClient]
 
 
@@ -397,6 +398,32 @@ async def test_malformed_request_is_a_400_with_an_openai_error(
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"]
     assert error["param"] == param
+
+
+async def post_chat(
+    replay: RunningReplayServer, body: object, headers: dict[str, str] | None = None
+) -> httpx.Response:
+    async with httpx.AsyncClient() as http:
+        return await http.post(
+            f"{replay.base_url}/chat/completions", json=body, headers=headers or {}
+        )
+
+
+HI = {"model": STRONG, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [(HI, {LATENCY: "soon"}), ({"model": STRONG}, {}), (HI, {FAULT: "http_418"})],
+    ids=["bad-latency-header", "bad-body", "bad-fault-header"],
+)
+async def test_a_refused_request_leaves_the_scripted_faults_queued(
+    replay: RunningReplayServer, body: object, headers: dict[str, str]
+) -> None:
+    replay.script_faults(FaultKind.HTTP_503)
+    assert (await post_chat(replay, body, headers)).status_code == 400
+    assert (await post_chat(replay, HI)).status_code == 503
+    assert replay.injected_faults == {FaultKind.HTTP_503: 1}
 
 
 async def test_models_and_health(replay: RunningReplayServer, recordings: Recordings) -> None:
