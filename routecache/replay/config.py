@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 from collections import deque
@@ -19,6 +20,7 @@ API_KEY_ENV_VAR = "ROUTECACHE_REPLAY_API_KEY"
 FAULT_HEADER = "x-replay-fault"
 LATENCY_HEADER = "x-replay-latency-ms"
 NO_FAULT = "none"
+MAX_LATENCY_MS = 60_000.0  # a minute: past any client timeout, short of a hung test run
 
 
 class FaultKind(StrEnum):
@@ -64,8 +66,11 @@ class ReplayConfig:
             problems.append(f"fault_rate must lie in [0, 1], got {self.fault_rate}")
         if self.fault_rate > 0 and not self.fault_kinds:
             problems.append("fault_rate > 0 needs at least one fault kind")
-        if self.latency_ms < 0 or self.hang_seconds < 0 or self.retry_after_seconds < 0:
-            problems.append("latency_ms, hang_seconds and retry_after_seconds must be >= 0")
+        timings = (self.latency_ms, self.hang_seconds, self.retry_after_seconds)
+        if not all(math.isfinite(t) and t >= 0 for t in timings):
+            problems.append(
+                "latency_ms, hang_seconds and retry_after_seconds must be finite and >= 0"
+            )
         if self.stream_chunk_chars < 1:
             problems.append("stream_chunk_chars must be >= 1")
         roles = {self.default_role, *self.models.values()}
@@ -76,6 +81,23 @@ class ReplayConfig:
 
     def role_of(self, model: str) -> ModelRole:
         return self.models.get(model, self.default_role)
+
+
+def header_latency_ms(value: str) -> float:
+    """The x-replay-latency-ms header as milliseconds.
+
+    Raises ValueError unless it is a number from 0 to MAX_LATENCY_MS (so not inf or nan).
+    """
+    try:
+        latency_ms = float(value)
+    except ValueError:
+        latency_ms = math.nan
+    if not 0 <= latency_ms <= MAX_LATENCY_MS:  # False for nan too
+        raise ValueError(
+            f"{LATENCY_HEADER} must be a number of milliseconds from 0 to "
+            f"{MAX_LATENCY_MS:.0f}, got {value!r}"
+        )
+    return latency_ms
 
 
 class FaultSchedule:

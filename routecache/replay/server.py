@@ -30,6 +30,7 @@ from routecache.replay.config import (
     ReplayConfig,
     add_cli_arguments,
     config_from_args,
+    header_latency_ms,
 )
 from routecache.replay.recordings import Recordings
 from routecache.replay.wire import (
@@ -90,6 +91,12 @@ def _unauthorised(request: web.Request, state: ReplayState) -> web.Response | No
     )
 
 
+def _latency_ms(request: web.Request, state: ReplayState) -> float:
+    """The header's latency, else the configured one; raises ValueError for a bad header."""
+    header = request.headers.get(LATENCY_HEADER)
+    return state.config.latency_ms if header is None else header_latency_ms(header)
+
+
 async def _pause(state: ReplayState, seconds: float) -> None:
     """Sleep, but wake at once when the server closes so shutdown never waits on a hang."""
     if seconds > 0:
@@ -104,7 +111,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         return denied
     try:
         call = parse_chat_call(json.loads(await request.text()))
-        latency_ms = float(request.headers.get(LATENCY_HEADER, state.config.latency_ms))
+        latency_ms = _latency_ms(request, state)
         # Last, once all else is valid: a refused request must not use up a scripted fault.
         fault = state.faults.next_fault(request.headers.get(FAULT_HEADER))
     except json.JSONDecodeError as exc:

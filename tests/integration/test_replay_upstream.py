@@ -426,6 +426,25 @@ async def test_a_refused_request_leaves_the_scripted_faults_queued(
     assert replay.injected_faults == {FaultKind.HTTP_503: 1}
 
 
+@pytest.mark.parametrize("latency", ["inf", "-inf", "nan", "1e400", "86400000", "-5", "soon"])
+async def test_a_latency_header_out_of_range_is_a_400_not_a_hang(
+    replay: RunningReplayServer, latency: str
+) -> None:
+    async with httpx.AsyncClient(timeout=3.0) as http:
+        response = await http.post(
+            f"{replay.base_url}/chat/completions", json=HI, headers={LATENCY: latency}
+        )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and LATENCY in error["message"]
+
+
+async def test_a_latency_header_in_range_delays_the_answer(replay: RunningReplayServer) -> None:
+    started = time.monotonic()
+    assert (await post_chat(replay, HI, {LATENCY: "120.5"})).status_code == 200
+    assert time.monotonic() - started >= 0.12
+
+
 async def test_models_and_health(replay: RunningReplayServer, recordings: Recordings) -> None:
     async with httpx.AsyncClient() as http:
         models = (await http.get(f"{replay.base_url}/models")).json()

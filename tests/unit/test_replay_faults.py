@@ -38,3 +38,10 @@ def test_scripted_faults_can_be_queued_and_cleared() -> None:
 def test_bad_fault_script_is_refused() -> None:
     with pytest.raises(ValueError, match="--fault-script"):
         parse("--fault-script", "http_418")
+
+
+@pytest.mark.parametrize("flag", ["--latency-ms", "--hang-seconds"])
+@pytest.mark.parametrize("value", ["inf", "nan", "-1"])
+def test_timings_must_be_finite_and_not_negative(flag: str, value: str) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        parse(flag, value)
