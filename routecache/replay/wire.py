@@ -51,11 +51,7 @@ def parse_chat_call(body: object) -> ChatCall:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError("'stream' must be a boolean", "stream")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None and (
-        not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
-    ):
-        raise RequestError("'max_tokens' must be a positive integer", "max_tokens")
+    max_tokens = _max_tokens(body)
     options = body.get("stream_options") or {}
     return ChatCall(
         model=model,
@@ -66,6 +62,18 @@ def parse_chat_call(body: object) -> ChatCall:
         wants_json=_format_type(body.get("response_format")) in JSON_FORMATS,
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
     )
+
+
+def _max_tokens(body: Mapping[str, Any]) -> int | None:
+    """max_completion_tokens, else the deprecated max_tokens; null means not given."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise RequestError(f"'{name}' must be a positive integer", name)
+        return value
+    return None
 
 
 def _message_contents(messages: object) -> list[tuple[str, str]]:
