@@ -119,7 +119,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
             400, f"the request body is not valid JSON: {exc.msg}", "invalid_request_error"
         )
     except RequestError as exc:
-        return _error(400, str(exc), "invalid_request_error", param=exc.param)
+        return _error(400, str(exc), "invalid_request_error", param=exc.param, code=exc.code)
     except ValueError as exc:  # a bad x-replay-* header
         return _error(400, f"bad replay header: {exc}", "invalid_request_error")
     await _pause(state, latency_ms / 1000)

@@ -18,9 +18,10 @@ DONE_EVENT = b"data: [DONE]\n\n"
 class RequestError(ValueError):
     """The request body is malformed; the message is what a 400 tells the caller."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,18 @@ def parse_chat_call(body: object) -> ChatCall:
 
 
 def _max_tokens(body: Mapping[str, Any]) -> int | None:
-    """max_completion_tokens, else the deprecated max_tokens; null means not given."""
-    for name in ("max_completion_tokens", "max_tokens"):
-        value = body.get(name)
-        if value is None:
-            continue
+    """max_completion_tokens or the deprecated max_tokens; null means not given.
+
+    Like OpenAI, refuses both at once rather than letting one silently win.
+    """
+    given = {n: body[n] for n in ("max_completion_tokens", "max_tokens") if body.get(n) is not None}
+    if len(given) > 1:
+        raise RequestError(
+            "Setting 'max_tokens' and 'max_completion_tokens' at the same time is not supported.",
+            "max_tokens",
+            code="invalid_parameter_combination",
+        )
+    for name, value in given.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise RequestError(f"'{name}' must be a positive integer", name)
         return value

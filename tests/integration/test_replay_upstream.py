@@ -445,6 +445,13 @@ async def test_a_latency_header_in_range_delays_the_answer(replay: RunningReplay
     assert time.monotonic() - started >= 0.12
 
 
+async def test_both_token_limits_are_a_400_with_openai_code(replay: RunningReplayServer) -> None:
+    response = await post_chat(replay, HI | {"max_tokens": 2, "max_completion_tokens": 3})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("max_tokens", "invalid_parameter_combination")
+
+
 async def test_models_and_health(replay: RunningReplayServer, recordings: Recordings) -> None:
     async with httpx.AsyncClient() as http:
         models = (await http.get(f"{replay.base_url}/models")).json()

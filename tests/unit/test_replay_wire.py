@@ -17,8 +17,8 @@ def body(**fields: Any) -> dict[str, Any]:
         ({}, None),
         ({"max_tokens": 7}, 7),
         ({"max_completion_tokens": 9}, 9),
-        ({"max_completion_tokens": None, "max_tokens": 7}, 7),
         ({"max_completion_tokens": 9, "max_tokens": None}, 9),
+        ({"max_completion_tokens": None, "max_tokens": 7}, 7),
         ({"max_completion_tokens": None, "max_tokens": None}, None),
     ],
 )
@@ -34,3 +34,12 @@ def test_a_bad_token_limit_is_refused_naming_its_field(field: str, value: object
     with pytest.raises(RequestError, match="positive integer") as caught:
         parse_chat_call(body(**{field: value}))
     assert caught.value.param == field
+
+
+def test_both_token_limits_at_once_are_refused_as_openai_does() -> None:
+    with pytest.raises(RequestError, match="at the same time") as caught:
+        parse_chat_call(body(max_tokens=7, max_completion_tokens=9))
+    assert (caught.value.param, caught.value.code) == (
+        "max_tokens",
+        "invalid_parameter_combination",
+    )
