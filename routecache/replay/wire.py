@@ -12,6 +12,8 @@ from routecache.replay.recordings import ModelRole, weak_breaks_json
 
 JSON_FORMATS = frozenset({"json_object", "json_schema"})
 _FORMATS = JSON_FORMATS | {"text"}
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+_NEEDED_FIELD = {"tool": "tool_call_id", "function": "name"}  # a string each must carry
 DONE_EVENT = b"data: [DONE]\n\n"
 
 
@@ -87,17 +89,35 @@ def _max_tokens(body: Mapping[str, Any]) -> int | None:
 def _message_contents(messages: object) -> list[tuple[str, str]]:
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty array", "messages")
-    contents = []
-    for index, message in enumerate(messages):
-        param = f"messages[{index}]"
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise RequestError(f"'{param}' must be an object with a string 'role'", param)
-        contents.append((message["role"], _text(message.get("content"), param)))
-    return contents
+    return [_role_and_text(message, f"messages[{index}]") for index, message in enumerate(messages)]
+
+
+def _role_and_text(message: object, param: str) -> tuple[str, str]:
+    """One message's role and text, refusing what the OpenAI chat API refuses."""
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise RequestError(f"'{param}' must be an object with a string 'role'", param)
+    role = message["role"]
+    if role not in CHAT_ROLES:
+        roles = ", ".join(CHAT_ROLES)
+        raise RequestError(f"'{param}.role' must be one of {roles}, got {role!r}", param)
+    needed = _NEEDED_FIELD.get(role)
+    if needed is not None and not isinstance(message.get(needed), str):
+        raise RequestError(f"'{param}.{needed}' must be a string in a {role} message", param)
+    if message.get("content") is None and not _may_lack_content(message):
+        raise RequestError(f"'{param}.content' is required in a {role} message", param)
+    return role, _text(message.get("content"), param)
+
+
+def _may_lack_content(message: Mapping[str, Any]) -> bool:
+    """A function result, or an assistant turn that only calls tools, may have null content."""
+    if message["role"] == "function":
+        return True
+    calls = message.get("tool_calls") is not None or message.get("function_call") is not None
+    return message["role"] == "assistant" and calls
 
 
 def _text(content: object, param: str) -> str:
-    if content is None:  # assistant turns that only called tools carry no text
+    if content is None:  # checked by the caller: only where the role allows it
         return ""
     if isinstance(content, str):
         return content

@@ -380,10 +380,21 @@ async def test_wrong_key_is_refused_and_not_retried(
         (b'{"model": "m", "messages": []}', {}, "messages"),
         (b'{"model": "m"}', {}, "messages"),
         (b'{"model": "m", "messages": [{"content": "no role"}]}', {}, "messages[0]"),
+        (b'{"model": "m", "messages": [{"role": "bot", "content": "x"}]}', {}, "messages[0]"),
+        (b'{"model": "m", "messages": [{"role": "user"}]}', {}, "messages[0]"),
         (b'{"messages": [{"role": "user", "content": "x"}]}', {}, "model"),
         (b'{"model": "m", "messages": [{"role": "user", "content": ""}]}', {FAULT: "?"}, None),
     ],
-    ids=["bad-json", "empty-messages", "no-messages", "no-role", "no-model", "unknown-fault"],
+    ids=[
+        "bad-json",
+        "empty-messages",
+        "no-messages",
+        "no-role",
+        "unknown-role",
+        "no-content",
+        "no-model",
+        "unknown-fault",
+    ],
 )
 async def test_malformed_request_is_a_400_with_an_openai_error(
     replay: RunningReplayServer, content: bytes, headers: dict[str, str], param: str | None

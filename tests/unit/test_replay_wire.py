@@ -1,5 +1,6 @@
 """The replay upstream's reading of chat-completions request bodies."""
 
+import re
 from typing import Any
 
 import pytest
@@ -43,3 +44,70 @@ def test_both_token_limits_at_once_are_refused_as_openai_does() -> None:
         "max_tokens",
         "invalid_parameter_combination",
     )
+
+
+def chat(*messages: object) -> dict[str, Any]:
+    return {"model": "m", "messages": list(messages)}
+
+
+USER = {"role": "user", "content": "hi"}
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "assistant", "content": "Sure."},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
+        {"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+        {"role": "function", "name": "f", "content": None},
+    ],
+    ids=[
+        "system",
+        "developer",
+        "assistant",
+        "assistant-tool-calls",
+        "assistant-function-call",
+        "tool",
+        "function",
+    ],
+)
+def test_every_openai_role_is_accepted(message: dict[str, Any]) -> None:
+    assert parse_chat_call(chat(message, USER)).prompt == "hi"
+
+
+@pytest.mark.parametrize(
+    ("message", "names"),
+    [
+        ({"role": "bot", "content": "hi"}, "'messages[1].role' must be one of"),
+        ({"role": "User", "content": "hi"}, "'messages[1].role' must be one of"),
+        ({"role": "", "content": "hi"}, "'messages[1].role' must be one of"),
+        ({"role": ["user"], "content": "hi"}, "string 'role'"),
+        ("hi", "must be an object"),
+        ({"role": "user"}, "'messages[1].content' is required"),
+        ({"role": "system", "content": None}, "'messages[1].content' is required"),
+        ({"role": "assistant", "content": None}, "'messages[1].content' is required"),
+        ({"role": "tool", "content": "42"}, "'messages[1].tool_call_id' must be a string"),
+        ({"role": "function", "content": "42"}, "'messages[1].name' must be a string"),
+        ({"role": "user", "content": 42}, "'messages[1].content' must be a string"),
+    ],
+    ids=[
+        "unknown",
+        "wrong-case",
+        "empty",
+        "not-a-string",
+        "not-an-object",
+        "user-no-content",
+        "system-null-content",
+        "assistant-nothing",
+        "tool-no-id",
+        "function-no-name",
+        "number-content",
+    ],
+)
+def test_an_unknown_role_or_malformed_message_is_refused(message: object, names: str) -> None:
+    with pytest.raises(RequestError, match=re.escape(names)) as caught:
+        parse_chat_call(chat(USER, message))
+    assert caught.value.param == "messages[1]"
