@@ -36,15 +36,30 @@ def parse_since(text: str, now: float | None = None) -> float:
 
 
 def read_events(path: Path, since: float | None = None) -> Iterator[dict[str, Any]]:
-    """The events of a JSONL log at or after `since`; a torn last line (a crash) is skipped."""
+    """The events of a JSONL log at or after `since`.
+
+    Skipped: a torn last line (a crash) and a hand-edited line whose `ts` is not a number.
+    """
     with path.open(encoding="utf-8") as lines:
         for line in lines:
             try:
                 event = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(event, dict) and (since is None or event.get("ts", 0) >= since):
+            if not isinstance(event, dict) or (ts := _timestamp(event)) is None:
+                continue
+            if since is None or ts >= since:
                 yield event
+
+
+def _timestamp(event: dict[str, Any]) -> float | None:
+    """The event's `ts` (0 when absent or null), or None when it is not a number."""
+    ts = event.get("ts")
+    if ts is None:
+        return 0.0
+    if isinstance(ts, bool) or not isinstance(ts, int | float):
+        return None
+    return float(ts)
 
 
 def events_frame(events: list[dict[str, Any]]) -> pd.DataFrame:

@@ -64,6 +64,19 @@ def test_export_writes_one_flat_row_per_event_and_filters_by_time(tmp_path: Path
     assert export_events(source, out, since=future) == 0
 
 
+@pytest.mark.parametrize("since", [None, 0.0])
+@pytest.mark.parametrize("ts", ['"yesterday"', '"1700000000"', "true", "[1]", "{}"])
+def test_a_hand_edited_line_whose_ts_is_no_number_is_skipped(
+    tmp_path: Path, ts: str, since: float | None
+) -> None:
+    source, out = tmp_path / "events.jsonl", tmp_path / "events.parquet"
+    write_log(source)
+    with source.open("a") as edited:
+        edited.write(f'{{"kind": "feedback", "response_id": "r1", "ts": {ts}}}\n')
+    assert [e["kind"] for e in read_events(source, since)] == ["completion", "feedback"]
+    assert export_events(source, out, since) == 2
+
+
 def test_json_log_lines_carry_the_request_id_and_extra_fields() -> None:
     new_request_id("req-42")
     record = logging.LogRecord("routecache.x", logging.WARNING, __file__, 1, "failed %s", ("x",),
