@@ -10,50 +10,11 @@ from typing import Any
 from routecache.backends import scripts
 from routecache.backends.keys import KeySpace
 from routecache.backends.link import RedisDown, RedisLink, guarded
-from routecache.backends.redis_spend import RedisSpendLedger
-from routecache.router.limits import InMemoryRateLimiter
-from routecache.router.ports import RateLimiter
 from routecache.router.quotas import Charge, InMemoryQuotaLimiter, QuotaLimiter, Verdict
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RedisQuotaLimiter", "RedisRateLimiter", "RedisSpendLedger"]
-
-_SPEND_KEY_DAYS = 3  # a day's counter outlives the day for reports, then Redis drops it
-
-
-def _tenant_and_name(key: str) -> tuple[str, str]:
-    """Limiter keys are `tenant:<name>` (the pipeline's); anything else is its own tenant."""
-    kind, _, tenant = key.partition(":")
-    return (tenant, kind) if tenant else (key, "key")
-
-
-class RedisRateLimiter:
-    """A token bucket per key in one Redis hash, updated by one Lua script (atomic)."""
-
-    def __init__(
-        self, link: RedisLink, keyspace: KeySpace, clock: Callable[[], float],
-        fallback: RateLimiter | None = None,
-    ) -> None:  # fmt: skip
-        self._link = link
-        self._keys = keyspace
-        self._clock = clock
-        self._fallback = fallback or InMemoryRateLimiter(clock)
-        self._bucket = link.client.register_script(scripts.TOKEN_BUCKET)
-        self.fallbacks = 0
-
-    async def acquire(self, key: str, per_second: float | None) -> float:
-        if per_second is None:
-            return 0.0
-        tenant, name = _tenant_and_name(key)
-        bucket = f"{self._keys.of(tenant).rate}:{name}"
-        args = [repr(self._clock()), repr(per_second), repr(max(1.0, per_second))]
-        try:
-            wait = await guarded(self._link, lambda: self._bucket(keys=[bucket], args=args))
-        except RedisDown:
-            self.fallbacks += 1
-            return await self._fallback.acquire(key, per_second)
-        return float(wait)
+__all__ = ["RedisQuotaLimiter"]
 
 
 class RedisQuotaLimiter:

@@ -114,23 +114,6 @@ redis.call('ZADD', ARGV[1] .. 'lru', 'XX', ARGV[3], ARGV[2])
 return 1
 """
 
-# KEYS[1]: the bucket. ARGV: now, refill per second, capacity. Returns the wait in seconds.
-TOKEN_BUCKET = """
-local now = tonumber(ARGV[1])
-local rate = tonumber(ARGV[2])
-local cap = tonumber(ARGV[3])
-local b = redis.call('HMGET', KEYS[1], 't', 'u')
-local tokens = tonumber(b[1]) or cap
-local updated = tonumber(b[2]) or now
-tokens = math.min(cap, tokens + math.max(0, now - updated) * rate)
-local wait = 0
-if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
--- Never back in time: a replica whose clock is behind would refill the others' next call.
-redis.call('HSET', KEYS[1], 't', tostring(tokens), 'u', tostring(math.max(updated, now)))
-redis.call('PEXPIRE', KEYS[1], math.ceil(cap / rate * 1000) + 1000)
-return tostring(wait)
-"""
-
 # ARGV: base, ids... → scope, embedding, expires_at for each id (false where it is gone).
 # One call per batch instead of one HMGET each: a rebuild is bound by per-command overhead.
 INDEX_ROWS = """

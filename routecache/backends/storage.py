@@ -13,7 +13,7 @@ from typing import Protocol
 
 from routecache.backends.link import RedisLink
 from routecache.backends.redis_events import RedisStreamEventSink
-from routecache.backends.redis_limits import RedisSpendLedger
+from routecache.backends.redis_spend import RedisSpendLedger
 from routecache.backends.replica_sync import ReplicaSync
 from routecache.cache.memory_store import InMemoryEntryStore
 from routecache.cache.ports import CacheEntry, StoreUnavailable, VectorIndex

@@ -21,6 +21,8 @@ from routecache.router.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
+_ADJECTIVE = {Period.DAY: "daily", Period.MONTH: "monthly"}
+
 
 def soft_budget(budget: Budget, period: Period) -> float | None:
     return budget.soft_daily_usd if period is Period.DAY else budget.soft_monthly_usd
@@ -53,8 +55,8 @@ class BudgetAlerts:
         alert = {"alert": "soft_budget_crossed", "tenant": tenant, "period": period.value,
                  "soft_budget_usd": soft, "spent_usd": spent, "at": time.time()}  # fmt: skip
         log.warning(
-            "tenant %s crossed its %sly soft budget of %.4f USD (spent %.4f USD)",
-            tenant, period.value, soft, spent, extra={"event": "budget_alert", **alert},
+            "tenant %s crossed its %s soft budget of %.6g USD (spent %.6g USD)",
+            tenant, _ADJECTIVE[period], soft, spent, extra={"event": "budget_alert", **alert},
         )  # fmt: skip
         self._events.emit("budget_alert", alert)
         self._telemetry.budget_alert(tenant, period.value)

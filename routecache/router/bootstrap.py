@@ -12,7 +12,7 @@ from routecache.backends.keys import KeySpace
 from routecache.backends.link import RedisLink
 from routecache.backends.redis_events import RedisStreamEventSink
 from routecache.backends.redis_keys import RedisKeyRegistry
-from routecache.backends.redis_limits import RedisQuotaLimiter, RedisRateLimiter
+from routecache.backends.redis_limits import RedisQuotaLimiter
 from routecache.backends.redis_spend import RedisSpendLedger, Retention
 from routecache.backends.redis_store import RedisEntryStore, RedisStoreOptions
 from routecache.backends.replica_sync import ReplicaSync
@@ -43,10 +43,9 @@ from routecache.router.costs import CostControl
 from routecache.router.events import InMemoryEventLog, JsonlEventLog
 from routecache.router.generation import Generator, Provider
 from routecache.router.keyring import FileKeyRegistry, KeyRegistry
-from routecache.router.limits import InMemoryRateLimiter
 from routecache.router.metrics import MetricsServer, PrometheusTelemetry
 from routecache.router.pipeline import Pipeline, PipelineParts
-from routecache.router.ports import ChatUpstream, EventSink, Pricing, RateLimiter, SpendLedger
+from routecache.router.ports import ChatUpstream, EventSink, Pricing, SpendLedger
 from routecache.router.quotas import InMemoryQuotaLimiter, QuotaLimiter
 from routecache.router.server import DEPENDENCIES, RunningServer, start_server
 from routecache.router.servicer import RouteCacheServicer
@@ -279,7 +278,6 @@ def build_tenants(
 @dataclass
 class StorageParts:
     store: EntryStore
-    rate_limiter: RateLimiter
     spend: SpendLedger
     events: EventSink
     storage: Storage
@@ -303,7 +301,7 @@ def build_storage(
     if store_settings.backend == "memory":
         store = InMemoryEntryStore(settings.cache.max_entries, clock, grace)
         return StorageParts(
-            store, InMemoryRateLimiter(clock),
+            store,
             InMemorySpendLedger(clock, settings.budgets.reservation_ttl_seconds),
             events or InMemoryEventLog(),
             EmbeddedStorage(store, index, clock, store_settings.snapshot_path,
@@ -354,7 +352,7 @@ def build_redis_storage(
     retention = Retention(budgets.day_retention_days * 86400, budgets.month_retention_days * 86400)
     spend = RedisSpendLedger(link, keyspace, clock, budgets.reservation_ttl_seconds, retention)
     return StorageParts(
-        redis_store, RedisRateLimiter(link, keyspace, clock), spend, sink,
+        redis_store, spend, sink,
         RedisStorage(link, sync, stream_events if events is None else None, spend),
         RedisQuotaLimiter(link, keyspace, clock), link,
     )  # fmt: skip
@@ -388,7 +386,6 @@ def build_service(settings: Settings, overrides: Overrides | None = None) -> Ser
         PipelineParts(
             authenticator=build_tenants(settings, build_key_registry(settings, storage.link)),
             limits=settings.limits,
-            rate_limiter=storage.rate_limiter,
             spend=storage.spend,
             cache=cache,
             embeddings=embeddings,

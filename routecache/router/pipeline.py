@@ -39,7 +39,7 @@ from routecache.router.costs import Booking, CostControl
 from routecache.router.generation import Generated, Generator
 from routecache.router.input_validation import validate_request
 from routecache.router.logs import REQUEST_ID
-from routecache.router.ports import EventSink, RateLimiter, SpendLedger
+from routecache.router.ports import EventSink, SpendLedger
 from routecache.router.quotas import InMemoryQuotaLimiter
 from routecache.router.settings import LimitSettings
 from routecache.router.single_flight import SingleFlight
@@ -64,7 +64,6 @@ _SERVER_SIDE = frozenset({"unavailable", "failed_validation"})
 class PipelineParts:
     authenticator: ApiKeyAuthenticator
     limits: LimitSettings
-    rate_limiter: RateLimiter
     spend: SpendLedger
     cache: SemanticCache
     embeddings: EmbeddingWorker

@@ -61,12 +61,6 @@ class Validator(Protocol):
     def check(self, text: str, request: ChatRequest) -> ValidatorResult: ...
 
 
-class RateLimiter(Protocol):
-    async def acquire(self, key: str, per_second: float | None) -> float:
-        """Take one request's worth; returns 0 if allowed, else the seconds to wait."""
-        ...
-
-
 class EventSink(Protocol):
     """The event log that analysis, feedback and retraining read."""
 

@@ -7,7 +7,7 @@ import pytest
 from routecache.backends.keys import KeySpace
 from routecache.backends.link import RedisLink
 from routecache.backends.redis_events import RedisStreamEventSink, read_events
-from routecache.backends.redis_limits import RedisRateLimiter, RedisSpendLedger
+from routecache.backends.redis_spend import RedisSpendLedger
 from routecache.domain import Tier
 from routecache.errors import ResourceExhausted
 from tests.fakes import ManualClock
@@ -29,39 +29,16 @@ def link_to(server: RedisServer) -> RedisLink:
                      probe_interval_seconds=0.05)  # fmt: skip
 
 
-async def test_the_rate_limit_is_shared_by_replicas(redis_server: RedisServer) -> None:
-    clock = ManualClock()
-    links = [link_to(redis_server), link_to(redis_server)]
-    a, b = (RedisRateLimiter(link, KeySpace(), clock) for link in links)
-    for link in links:
-        assert await link.connect()
-    try:
-        assert await a.acquire("tenant:acme", 2.0) == 0.0
-        assert await b.acquire("tenant:acme", 2.0) == 0.0
-        assert await a.acquire("tenant:acme", 2.0) == pytest.approx(0.5)  # bucket of 2 is empty
-        assert await b.acquire("tenant:globex", 2.0) == 0.0  # another tenant's bucket
-        clock.advance(0.5)
-        assert await b.acquire("tenant:acme", 2.0) == 0.0
-        assert a.fallbacks == b.fallbacks == 0
-    finally:
-        for link in links:
-            await link.aclose()
-
-
-async def test_limits_fall_back_to_the_replica_when_redis_is_down(
+async def test_spend_falls_back_to_the_replica_when_redis_is_down(
     own_redis_server: RedisServer,
 ) -> None:
     clock = ManualClock()
     link = link_to(own_redis_server)
-    limiter = RedisRateLimiter(link, KeySpace(), clock)
     spend = RedisSpendLedger(link, KeySpace(), clock)
     assert await link.connect()
     try:
         await spend.record("acme", 0.25)
         own_redis_server.kill()
-        assert await limiter.acquire("tenant:acme", 1.0) == 0.0  # the replica's own bucket
-        assert await limiter.acquire("tenant:acme", 1.0) > 0.0
-        assert limiter.fallbacks == 2
         await spend.record("acme", 0.5)  # kept pending, counted against the cap meanwhile
         assert await spend.spent_today("acme") == pytest.approx(0.75)
         own_redis_server.start()
