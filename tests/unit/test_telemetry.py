@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
 import pytest
@@ -20,6 +21,8 @@ from routecache.domain import (
 from routecache.errors import FailedValidation, Unavailable, UpstreamError
 from routecache.router.metrics import PrometheusTelemetry
 from routecache.router.telemetry import BREAKER_OPEN, error_reason
+from routecache.router.upstream.metered import MeteredUpstream
+from tests.fakes import FakeUpstream, RecordingTelemetry
 from tests.unit.conftest import KEYS, make_harness
 
 ACME = KEYS["acme"]
@@ -149,3 +152,22 @@ async def test_validators_named_by_the_caller_do_not_mint_metric_series() -> Non
     assert labels == {"request:regex"}
     assert sample(registry, "routecache_validator_failures_total", validator="request:regex") == 6
     await harness.service.aclose()
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_call_cut_short_by_its_deadline_is_reported_as_cancelled(streamed: bool) -> None:
+    telemetry = RecordingTelemetry()
+    hanging = FakeUpstream("hanging-model", gate=asyncio.Event())  # a provider that never answers
+    metered = MeteredUpstream(hanging, telemetry)
+    messages, params = [Message(Role.USER, "hello")], GenerationParams()
+
+    async def call() -> None:
+        if streamed:
+            async for _ in metered.stream(messages, params):
+                pass
+        else:
+            await metered.complete(messages, params)
+
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(call(), timeout=0.05)
+    assert telemetry.upstream == [("hanging-model", "cancelled")]

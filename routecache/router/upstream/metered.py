@@ -1,14 +1,20 @@
-"""A ChatUpstream decorator that reports every call's latency and failure to telemetry."""
+"""A ChatUpstream decorator that reports every call's latency and failure to telemetry.
+
+A call cut short by its deadline or by the caller leaving is reported as `cancelled`: a provider
+that hangs shows in the metrics, not only in the breaker."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 
 from routecache.domain import GenerationParams, Message
 from routecache.errors import UpstreamError
 from routecache.router.ports import ChatUpstream, UpstreamReply
-from routecache.router.telemetry import Telemetry, error_reason
+from routecache.router.telemetry import Telemetry
+
+CANCELLED = "cancelled"
 
 
 class MeteredUpstream:
@@ -29,6 +35,9 @@ class MeteredUpstream:
         except UpstreamError as error:
             self._report(started, _reason(error))
             raise
+        except asyncio.CancelledError:
+            self._report(started, CANCELLED)
+            raise
         self._report(started, None)
         return reply
 
@@ -42,6 +51,9 @@ class MeteredUpstream:
         except UpstreamError as error:
             self._report(started, _reason(error))
             raise
+        except asyncio.CancelledError:
+            self._report(started, CANCELLED)
+            raise
         self._report(started, None)
 
     async def aclose(self) -> None:
@@ -52,7 +64,4 @@ class MeteredUpstream:
 
 
 def _reason(error: UpstreamError) -> str:
-    # Subclasses (timeouts, rate limits) name themselves; the base says whether a retry may help.
-    if type(error) is not UpstreamError:
-        return error_reason(error)
     return "retryable" if error.retryable else "fatal"
