@@ -258,6 +258,19 @@ class RedisSpendLedger:
         self._local.take_back(record, ids)
         return True
 
+    def report_unflushed(self) -> float:
+        """At stop: logs the spend that never reached Redis (it ends with this process), so an
+        operator can add it by hand; returns it in USD."""
+        records = [*self._pending.values(), *(record for _, record in self._in_doubt.values())]
+        left = sum(record.cost_usd for record in records)
+        for record in records:
+            log.warning(
+                "spend recorded while redis was down never reached it: tenant %s user %r "
+                "%.6g USD, %d calls",
+                record.tenant, record.user, record.cost_usd, record.calls,
+            )  # fmt: skip
+        return left
+
     async def _on_health(self, up: bool) -> None:
         # In the background: the link's other listeners (cache health) must not wait on it.
         waiting = self._pending or self._in_doubt

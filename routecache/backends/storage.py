@@ -136,6 +136,7 @@ class RedisStorage:
                 if self.events is not None and self.link.up:
                     await self.events.flush()
                 await self._spend.flush()
+        self._spend.report_unflushed()
         await self.link.aclose()
 
 

@@ -506,3 +506,18 @@ async def test_reservations_hold_whatever_time_the_replica_clock_says(
             await ledger.release(again)
     finally:
         await link.aclose()
+
+
+async def test_spend_that_never_reached_redis_is_reported_at_stop(
+    ledger_on_own_redis: LedgerOnOwnRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    redis.server.kill()
+    for user in ("u1", "u1", "u2"):
+        await ledger.settle(None, SpendRecord("acme", user, cost_usd=0.25, calls=1))
+    assert ledger.report_unflushed() == pytest.approx(0.75)
+    assert "tenant acme user 'u1' 0.5 USD, 2 calls" in caplog.text
+    redis.server.start()
+    await redis.link.wait_up()
+    await ledger.flush()
+    assert ledger.report_unflushed() == 0.0
