@@ -189,6 +189,11 @@ class SklearnDifficultyClassifier:
         return self._model.bank.input_dimension
 
     @property
+    def embedder(self) -> str | None:
+        name = self._metadata.get("embedder")
+        return None if name is None else str(name)
+
+    @property
     def metadata(self) -> dict[str, Any]:
         return dict(self._metadata)
 
@@ -245,6 +250,10 @@ class FixedScoreClassifier:
     @property
     def default_threshold(self) -> float:
         return self._threshold
+
+    @property
+    def embedder(self) -> str | None:
+        return None
 
     def failure_probability(self, embedding: npt.NDArray[np.float32], text: str) -> float:
         return self._by_text.get(text, self._score)

@@ -30,6 +30,11 @@ class DifficultyClassifier(Protocol):
         """The routing threshold stored with the model, used when a tenant sets none."""
         ...
 
+    @property
+    def embedder(self) -> str | None:
+        """The embedder whose vectors the model was trained on; None: any (test doubles)."""
+        ...
+
     def threshold_for(self, point: OperatingPoint) -> float:
         """The threshold that meets an operator's target on this model's held-out curve."""
         ...

@@ -5,8 +5,9 @@ loaded in a worker thread, off the event loop, and then swapped in by one refere
 assignment on the loop. A request scores with whichever model was active when its (synchronous)
 routing step ran, so no request sees half a swap. A version that fails to load is logged and
 skipped; the model in service stays, and a later pointer change is tried again. So is a version
-that cannot score this service's embeddings (trained on another embedder): swapped in, it would
-fail every routed request. A read that fails with an I/O error is retried on the next poll.
+trained on another embedder than the service's: swapped in, it would fail every routed request
+(another size) or route on vectors it never learned from (the same size). A read that fails with
+an I/O error is retried on the next poll.
 """
 
 from __future__ import annotations
@@ -37,11 +38,13 @@ class ReloadingClassifier:
         initial: DifficultyClassifier,
         initial_entry: str | None = None,
         embedding_dimension: int | None = None,
+        embedder: str | None = None,
     ) -> None:
         self._registry = registry
         self._load = load
-        # The service's embedding size: a new version must score one before it serves.
+        # The service's embedding size and embedder: a new version must fit both to serve.
         self._dimension = embedding_dimension
+        self._embedder = embedder
         self._active = initial
         # The registry entry in service: a registry name need not equal the model's own version.
         self._entry = initial_entry
@@ -55,11 +58,12 @@ class ReloadingClassifier:
         load: Loader,
         fallback: Path,
         embedding_dimension: int | None = None,
+        embedder: str | None = None,
     ) -> ReloadingClassifier:
         """Start on the registry's current version, or on `fallback` if none is promoted yet."""
         entry = registry.current_version()
         path = fallback if entry is None else registry.artifact_path(entry)
-        return cls(registry, load, load(path), entry, embedding_dimension)
+        return cls(registry, load, load(path), entry, embedding_dimension, embedder)
 
     @property
     def active(self) -> DifficultyClassifier:
@@ -72,6 +76,10 @@ class ReloadingClassifier:
     @property
     def default_threshold(self) -> float:
         return self._active.default_threshold
+
+    @property
+    def embedder(self) -> str | None:
+        return self._active.embedder
 
     def threshold_for(self, point: OperatingPoint) -> float:
         return self._active.threshold_for(point)
@@ -107,8 +115,13 @@ class ReloadingClassifier:
 
     def _load_checked(self, path: Path) -> DifficultyClassifier:
         """Loads a version and has it score one embedding of the service's size (raises if it
-        cannot)."""
+        cannot, or was trained on another embedder)."""
         loaded = self._load(path)
+        if None not in (self._embedder, loaded.embedder) and loaded.embedder != self._embedder:
+            raise ValueError(
+                f"trained on embedder {loaded.embedder!r}; this service embeds with "
+                f"{self._embedder!r}"
+            )
         if self._dimension is not None:
             loaded.assess(np.zeros(self._dimension, dtype=np.float32), "")
         return loaded

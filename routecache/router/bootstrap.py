@@ -174,15 +174,15 @@ def build_embedding_worker(settings: Settings, embedder: Embedder) -> EmbeddingW
     return EmbeddingWorker(embedder, policy)
 
 
-def build_classifier(
-    settings: Settings, embedding_dimension: int | None = None
-) -> DifficultyClassifier:
+def build_classifier(settings: Settings, embedder: Embedder | None = None) -> DifficultyClassifier:
     fallback = settings.classifier.artifact or packaged_artifact_path()
     if settings.classifier.registry_dir is not None:
         registry = ModelRegistry(settings.classifier.registry_dir)
         return ReloadingClassifier.from_registry(
-            registry, load_artifact, fallback, embedding_dimension
-        )
+            registry, load_artifact, fallback,
+            None if embedder is None else embedder.dimension,
+            None if embedder is None else embedder.name,
+        )  # fmt: skip
     return load_artifact(fallback)
 
 
@@ -366,7 +366,7 @@ def build_service(settings: Settings, overrides: Overrides | None = None) -> Ser
     embeddings = build_embedding_worker(settings, embedder)
     telemetry.watch_queue("embedding", lambda: embeddings.pending)
     clock = parts.clock
-    classifier = parts.classifier or build_classifier(settings, embedder.dimension)
+    classifier = parts.classifier or build_classifier(settings, embedder)
     index = build_vector_index(settings, embedder.dimension)
     storage = build_storage(settings, index, clock, parts.events, telemetry)
     events = storage.events

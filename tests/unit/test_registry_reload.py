@@ -165,6 +165,41 @@ async def test_a_version_for_another_embedder_is_not_swapped_in(tmp_path: Path) 
     assert classifier.assess(VECTOR, "x").failure_probability == 0.5
 
 
+class _TrainedOn(FixedScoreClassifier):
+    """A model that names the embedder it was trained on, as a trained artifact does."""
+
+    def __init__(self, embedder: str, version: str) -> None:
+        super().__init__(0.5, version=version)
+        self._trained_on = embedder
+
+    @property
+    def embedder(self) -> str | None:
+        return self._trained_on
+
+
+async def test_a_version_for_another_embedder_of_the_same_size_is_not_swapped_in(
+    tmp_path: Path,
+) -> None:
+    # Both score 4-d vectors, but v2 learned from another embedder's: it would route on
+    # vectors it never saw, without an error to show it.
+    registry = _registry_with(tmp_path, "v1", "v2-other", "v3")
+
+    def load(path: Path) -> DifficultyClassifier:
+        version = path.parent.name
+        return _TrainedOn("other-4d" if "other" in version else "service-4d", version)
+
+    registry.promote("v1")
+    classifier = ReloadingClassifier.from_registry(
+        registry, load, tmp_path / "none", VECTOR.shape[0], "service-4d"
+    )
+    registry.promote("v2-other")
+    assert await classifier.refresh() is False
+    assert classifier.version == "v1"
+    registry.promote("v3")
+    assert await classifier.refresh() is True
+    assert (classifier.version, classifier.embedder) == ("v3", "service-4d")
+
+
 async def test_a_version_unreadable_for_a_moment_is_loaded_on_a_later_tick(
     tmp_path: Path,
 ) -> None:
