@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from routecache.backends import scripts
 from routecache.backends.keys import KeySpace
@@ -83,7 +83,9 @@ class RedisSpendLedger:
         # Pending records a flush sent without hearing back, by settle id: perhaps in Redis.
         self._in_doubt: dict[str, tuple[_Slot, SpendRecord]] = {}
         self._flush_task: asyncio.Task[None] | None = None
-        self._last_cost: dict[tuple[str, str, str], float] = {}
+        # Per (tenant, user or '', period id): the totals Redis last reported (a read, or a
+        # settle's cost with this replica's usage added since), shown while Redis is down.
+        self._last_totals: dict[tuple[str, str, str], Totals] = {}
         self._periods: dict[Period, str] = {}  # the period ids those two are kept for
         self._flushing = asyncio.Lock()
         link.subscribe(self._on_health)
@@ -126,7 +128,7 @@ class RedisSpendLedger:
             return
         self._periods = dict(ids)
         current = set(ids.values())
-        for known in (self._last_committed, self._last_cost):
+        for known in (self._last_committed, self._last_totals):
             for key in [k for k in known if k[2] not in current]:
                 del known[key]
 
@@ -148,7 +150,8 @@ class RedisSpendLedger:
     def _known(self, tenant: str, user: str, cap: Cap, ids: dict[Period, str]) -> float:
         """The latest committed spend Redis reported for a cap: at a reservation, or after."""
         slot = (tenant, user if cap.per_user else "", ids[cap.period])
-        return max(self._last_committed.get(slot, 0.0), self._last_cost.get(slot, 0.0))
+        spent = self._last_totals.get(slot, Totals()).cost_usd
+        return max(self._last_committed.get(slot, 0.0), spent)
 
     async def settle(self, reservation: Reservation | None, record: SpendRecord) -> Movement:
         ids = period_ids(self._clock())
@@ -185,7 +188,9 @@ class RedisSpendLedger:
         for i, (period, pid, who) in enumerate(slots):
             before, after = float(out[2 * i]), float(out[2 * i + 1])
             # The user's too: while Redis is down, per-user caps start from these.
-            self._last_cost[(record.tenant, who, pid)] = after
+            known = self._last_totals.setdefault((record.tenant, who, pid), Totals())
+            known.add(record)
+            known.cost_usd = after
             if not who:
                 moved[period] = (before, after)
         return moved
@@ -208,9 +213,9 @@ class RedisSpendLedger:
             try:
                 raw = await guarded(self._link, lambda k=key: self._link.client.hgetall(k))  # type: ignore[misc]
                 out[period] = _totals(raw)
-                self._last_cost[(tenant, user, pid)] = out[period].cost_usd
+                self._last_totals[(tenant, user, pid)] = replace(out[period])
             except RedisDown:
-                out[period] = Totals(self._last_cost.get((tenant, user, pid), 0.0))
+                out[period] = replace(self._last_totals.get((tenant, user, pid), Totals()))
             if self._pending or self._in_doubt:  # spent while Redis was down, not in Redis yet
                 out[period].merge(local[period])
         return out

@@ -521,3 +521,20 @@ async def test_spend_that_never_reached_redis_is_reported_at_stop(
     await redis.link.wait_up()
     await ledger.flush()
     assert ledger.report_unflushed() == 0.0
+
+
+async def test_while_redis_is_down_totals_keep_the_calls_and_tokens_redis_last_reported(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    record = SpendRecord("acme", "u1", cost_usd=0.25, prompt_tokens=100, completion_tokens=20,
+                         calls=1)  # fmt: skip
+    await ledger.settle(None, record)
+    await ledger.totals("acme", "u1")  # a read, then one more settle this replica knows of
+    await ledger.settle(None, record)
+    redis.server.kill()
+    for user in ("u1", ""):
+        day = (await ledger.totals("acme", user))[Period.DAY]
+        assert (day.cost_usd, day.calls, day.prompt_tokens, day.completion_tokens) == (
+            0.5, 2, 200, 40,
+        )  # fmt: skip
