@@ -93,6 +93,15 @@ async def test_classifier_score_routes_to_strong() -> None:
     await harness.service.aclose()
 
 
+async def test_a_score_at_the_threshold_goes_strong() -> None:
+    # "at or above which STRONG is used" (classifier.routing_threshold): the harness's
+    # classifier has threshold 0.5.
+    harness = make_harness(score=0.5)
+    done = await harness.service.pipeline.complete(ask("borderline question"), ACME)
+    assert done.tier is Tier.STRONG and harness.cheap.calls == []
+    await harness.service.aclose()
+
+
 async def test_tenant_threshold_and_forced_tier() -> None:
     harness = make_harness(score=0.3, routing_threshold=0.25)
     pipeline = harness.service.pipeline
@@ -126,6 +135,21 @@ async def test_a_tenant_operating_point_is_resolved_by_the_model_in_service() ->
     service = _service_with(classifier, cheap, target_strong_fraction=0.3)
     done = await service.pipeline.complete(ask("needs the strong model"), ACME)
     assert done.tier is Tier.STRONG and cheap.calls == []
+    await service.aclose()
+
+
+async def test_a_tenant_routing_threshold_wins_over_its_operating_point() -> None:
+    # The operating point maps to threshold 0.5 (score 0.6 would go strong); the tenant's own
+    # routing_threshold of 0.7 is the one used.
+    curve = OperatingCurve(
+        [CurvePoint(0.9, 0.0, 0.0, 0.6, 0.02), CurvePoint(0.5, 0.3, 0.7, 0.7, 0.3),
+         CurvePoint(0.1, 1.0, 1.0, 0.8, 1.0)]
+    )  # fmt: skip
+    classifier = FixedScoreClassifier(0.6, default_threshold=0.9, curve=curve)
+    cheap = FakeUpstream("cheap-model", prose_answer)
+    service = _service_with(classifier, cheap, routing_threshold=0.7, target_strong_fraction=0.3)
+    done = await service.pipeline.complete(ask("stays on the cheap model"), ACME)
+    assert done.tier is Tier.CHEAP and cheap.calls == ["stays on the cheap model"]
     await service.aclose()
 
 
@@ -173,7 +197,6 @@ async def test_no_valid_answer_is_failed_validation_and_nothing_is_stored(harnes
     with pytest.raises(FailedValidation) as failure:
         await pipeline.complete(json_request("give JSON"), ACME)
     assert not failure.value.report.passed and failure.value.report.escalated
-    assert await pipeline.admin.stats(ACME) is not None
     assert (await pipeline.admin.stats(ACME)).entries == 0
 
 
@@ -289,6 +312,32 @@ async def test_identical_concurrent_requests_share_one_upstream_call(harness: Ha
     assert harness.cheap.calls == ["same question"]
     assert {r.text for r in results} == {"answer to same question"}
     assert sum(r.usage.cost_usd > 0 for r in results) == 1
+    # Only the caller that made the call stores its answer (and counts the call): a caller
+    # sharing it that stored again would replace the entry the maker's response names.
+    stored = [r.cache.entry_id for r in results if r.cache.entry_id]
+    assert len(stored) == 1
+    assert await pipeline.cache.get("acme", stored[0]) is not None
+    stats = await pipeline.admin.stats(ACME)
+    assert (stats.requests, stats.cheap_calls, stats.entries) == (3, 1, 1)
+
+
+async def test_a_forced_tier_does_not_share_a_call_routed_to_another_tier(
+    harness: Harness,
+) -> None:
+    # The same prompt in the same scope, routed cheap and forced strong: one call per tier.
+    gate = harness.cheap.gate = harness.strong.gate = asyncio.Event()
+    pipeline = harness.service.pipeline
+    routed = asyncio.create_task(pipeline.complete(ask("same question"), ACME))
+    await asyncio.sleep(0.01)
+    forced = asyncio.create_task(
+        pipeline.complete(ask("same question", force_tier=Tier.STRONG), ACME)
+    )
+    await asyncio.sleep(0.01)
+    gate.set()
+    cheap, strong = await asyncio.gather(routed, forced)
+    assert (cheap.tier, strong.tier) == (Tier.CHEAP, Tier.STRONG)
+    assert strong.model == "strong-model" and strong.usage.cost_usd > 0
+    assert harness.cheap.calls == harness.strong.calls == ["same question"]
 
 
 async def test_a_cancelled_caller_does_not_cancel_those_sharing_its_call(
