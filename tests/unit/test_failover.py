@@ -23,7 +23,9 @@ from routecache.domain import (
 from routecache.errors import FailedValidation, InvalidArgument, Unavailable, UpstreamError
 from routecache.router.bootstrap import Overrides, Service, build_service
 from routecache.router.events import InMemoryEventLog
-from routecache.router.upstream.breaker import BreakerState
+from routecache.router.ports import Pricing
+from routecache.router.upstream.breaker import BreakerState, CircuitBreaker
+from routecache.router.upstream.failover import AllProvidersFailed, Failover, Provider
 from tests.fakes import FakeUpstream, ManualClock
 from tests.unit.conftest import KEYS, unit_settings
 
@@ -239,8 +241,17 @@ async def test_block_fails_at_once_and_nothing_is_stored() -> None:
         await r.ask("q")
     assert r.ups["strong"].calls == []
     assert [x.action for x in caught.value.report.results if not x.passed] == ["blocked"]
-    assert await r.service.pipeline.admin.stats(ACME) is not None
     assert (await r.service.pipeline.admin.stats(ACME)).entries == 0
+
+
+async def test_a_flagged_streamed_answer_is_served_but_never_cached() -> None:
+    r = rig({"cheap": "maybe 4"}, PII_AND_REFUSAL)
+    *deltas, final = await collect(r, "2+2?")
+    assert "".join(deltas) == "maybe 4 " and not final.validation.passed  # type: ignore[attr-defined]
+    assert final.cache.entry_id == ""  # type: ignore[attr-defined]
+    again = await collect(r, "2+2?")
+    assert again[-1].cache.outcome is CacheOutcome.MISS  # type: ignore[attr-defined]
+    assert r.ups["cheap"].calls == ["2+2?", "2+2?"]
 
 
 async def test_tenant_validators_replace_the_default_set() -> None:
@@ -350,3 +361,46 @@ async def test_bad_request_validators_are_invalid_arguments(
         await r.ask("q", validators=(validator,))
     assert caught.value.field == "validators[0]"
     assert r.ups["cheap"].calls == []
+
+
+def chains(clock: ManualClock) -> tuple[Failover, FakeUpstream, FakeUpstream, CircuitBreaker]:
+    """A failover of one cheap and one strong provider; the cheap one's breaker opens at the
+    first failure and probes once after 30 s."""
+    cheap, strong = FakeUpstream("cheap-model"), FakeUpstream("strong-model")
+    breaker = CircuitBreaker(failure_threshold=1, open_seconds=30, clock=clock)
+    price = Pricing(1.0, 1.0)
+    failover = Failover(
+        {
+            Tier.CHEAP: [Provider("cheap", cheap, price, breaker)],
+            Tier.STRONG: [Provider("strong", strong, price, CircuitBreaker(clock=clock))],
+        },
+        clock=clock,
+        reserve_seconds=0.5,
+    )
+    return failover, cheap, strong, breaker
+
+
+async def test_a_probe_stream_the_caller_stops_reading_frees_its_probe_slot() -> None:
+    clock = ManualClock()
+    failover, _, _, breaker = chains(clock)
+    breaker.record_failure()
+    clock.advance(30)  # half-open: one probe may go out
+    request = ChatRequest(messages=(Message(Role.USER, "two words"),))
+    opened = await failover.open_stream(request, Tier.CHEAP, clock() + 10)
+    assert opened.provider.name == "cheap" and not breaker.allow()  # the probe is out
+    deltas = failover.deltas(opened, clock() + 10)
+    assert await anext(deltas) == "answer "
+    await deltas.aclose()  # the client went away: no verdict on the provider
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert breaker.allow()  # else the provider would be shed until the process restarts
+
+
+async def test_no_provider_is_tried_without_the_reserve_left_before_the_deadline() -> None:
+    clock = ManualClock()
+    failover, cheap, strong, _ = chains(clock)
+    request = ChatRequest(messages=(Message(Role.USER, "late"),))
+    deadline = clock() + 0.4  # less than the 0.5 s kept back for the stale lookup and reply
+    with pytest.raises(AllProvidersFailed, match="not tried, the deadline") as failed:
+        await failover.complete(request, Tier.CHEAP, deadline)
+    assert cheap.calls == [] and strong.calls == []
+    assert failed.value.out_of_time == deadline
