@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -6,6 +8,7 @@ from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.hit_policy import HitRequirement
 from routecache.cache.memory_store import InMemoryEntryStore
 from routecache.cache.ports import StoreUnavailable
+from routecache.cache.scope import exact_key
 from routecache.cache.semantic_cache import NewEntry, SemanticCache
 from routecache.domain import CacheOutcome, Tier
 from routecache.errors import Unavailable
@@ -66,6 +69,41 @@ async def test_expired_entries_are_never_served(cache: SemanticCache, clock: Man
         await cache.lookup_semantic("acme:s1", "", vec("short lived"), HitRequirement(0.1)) is None
     )
     assert await cache.entry_count("acme") == 0
+
+
+async def test_an_entry_expires_at_its_ttl_and_its_stale_use_at_the_grace_end(
+    clock: ManualClock,
+) -> None:
+    store = InMemoryEntryStore(max_entries=10, clock=clock, stale_grace_seconds=60)
+    cache = SemanticCache(store, ScopedFaissIndex(EMBED.dimension), clock, stale_grace_seconds=60)
+    prompt = "short lived"
+    await cache.store(new_entry(prompt, ttl=10))
+    clock.advance(10)  # a TTL of 10 s: live for 10 s, not 10 s and a moment
+    assert await cache.lookup_exact("acme:s1", prompt) is None
+    assert await cache.lookup_semantic("acme:s1", "", vec(prompt), HitRequirement(0.1)) is None
+    assert await cache.lookup_stale("acme:s1", prompt, vec(prompt), HitRequirement(0.1))
+    clock.advance(60)  # the end of the grace period: not even a stale answer
+    assert await cache.lookup_stale("acme:s1", prompt, None, HitRequirement(0.1)) is None
+
+
+async def test_an_entry_is_served_to_its_own_scope_only_whatever_index_and_key_say(
+    clock: ManualClock,
+) -> None:
+    # An entry of acme:s1 that the index files under acme:s2 (a restored snapshot, another
+    # replica's index) and whose exact key is acme:s2's: the entry's own scope decides.
+    store = InMemoryEntryStore(max_entries=10, clock=clock)
+    cache = SemanticCache(store, ScopedFaissIndex(EMBED.dimension), clock, stale_grace_seconds=60)
+    kept = await cache.store(new_entry("alpha"))
+    assert kept is not None
+    misfiled = replace(kept, entry_id="acme:misfiled", exact_key=exact_key("acme:s2", "alpha"))
+    await store.put(misfiled)
+    cache.index.add("acme:s2", misfiled.entry_id, misfiled.embedding)
+    assert await cache.lookup_exact("acme:s2", "alpha") is None
+    assert await cache.lookup_semantic("acme:s2", "", vec("alpha"), HitRequirement(0.1)) is None
+    assert await cache.lookup_stale("acme:s2", "alpha", vec("alpha"), HitRequirement(0.1)) is None
+    assert await cache.lookup_stale("acme:s2", "alpha", None, HitRequirement(0.1)) is None
+    hit = await cache.lookup_exact("acme:s1", "alpha")
+    assert hit is not None and hit.entry.entry_id == kept.entry_id
 
 
 async def test_bound_evicts_least_recently_used(cache: SemanticCache) -> None:

@@ -94,6 +94,17 @@ async def test_cosine_policy_is_the_plain_threshold() -> None:
     assert not (await policy.judge("a", "b", 0.84, HitRequirement(0.85))).accept
 
 
+async def test_each_rule_serves_at_its_threshold_exactly() -> None:
+    at = HitRequirement(0.85, 0.01)
+    assert (await CosinePolicy().judge("a", "b", 0.85, at)).accept
+    scorer = KeywordScorer()
+    policy = VerifiedPolicy(calibration(floor=0.5), scorer)
+    assert not math.isnan(policy.scores([("a", "a")], [0.5])[0])  # at the floor: verified
+    assert scorer.calls == [("a", "a")]
+    (verdict,) = policy.decide(np.array([0.9]), [0.95], at)  # 0.9: the 1 % budget's threshold
+    assert verdict.accept and verdict.verifier_score == 0.9
+
+
 def test_lexical_features_see_numbers_negation_and_question_words() -> None:
     jaccard, numbers, negation, question, _ = lexical_features(
         "Why is 2016 a leap year?", "How is 2017 not a leap year?"
@@ -138,3 +149,25 @@ async def test_semantic_cache_serves_only_what_the_verifier_accepts() -> None:
     assert hit is not None and hit.outcome is CacheOutcome.SEMANTIC
     assert hit.verifier_score is not None and hit.verifier_score > 0.9
     assert scorer.calls == [(other_city, stored), (same, stored)]  # one pass per lookup
+
+
+async def test_a_lookup_verifies_only_its_nearest_candidate() -> None:
+    # Two stored neighbours above the floor, both asking about another city: the verifier
+    # refuses the nearest and the lookup is a miss, without paying for a second pass.
+    embedder = HashEmbedder()
+    scorer = KeywordScorer()
+    clock = ManualClock()
+    cache = SemanticCache(
+        InMemoryEntryStore(100, clock),
+        ScopedFaissIndex(embedder.dimension),
+        clock,
+        policy=VerifiedPolicy(calibration(floor=0.1), scorer),
+    )
+    for stored in ("what is the weather in london this week", "the weather in london"):
+        await cache.store(_entry(stored, embedder.encode([stored])[0]))
+    query = "what is the weather in paris this week"
+    vector = embedder.encode([query])[0]
+    neighbours = cache.index.search("acme:s", vector, 4)
+    assert len(neighbours) == 2 and all(n.similarity >= 0.1 for n in neighbours)
+    assert await cache.lookup_semantic("acme:s", query, vector, HitRequirement(0.9)) is None
+    assert len(scorer.calls) == 1
