@@ -8,6 +8,7 @@ import math
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import pytest
 from aiohttp import web
 
@@ -20,16 +21,22 @@ from routecache.domain import (
     ResponseFormat,
     ResponseFormatType,
     Tier,
+    ValidationReport,
 )
 from routecache.errors import (
     FailedValidation,
     InvalidArgument,
+    NotFound,
     ResourceExhausted,
+    RouteCacheError,
+    Unauthenticated,
     Unavailable,
     UpstreamError,
 )
 from routecache.router.budget import (
+    Cap,
     CapReached,
+    InMemorySpendLedger,
     Period,
     Reservation,
     SpendLedger,
@@ -38,6 +45,7 @@ from routecache.router.budget import (
 )
 from routecache.router.error_mapping import RETRY_AFTER_KEY, status_of, trailing_metadata_of
 from routecache.router.quotas import Charge, InMemoryQuotaLimiter, user_slot
+from routecache.router.upstream.failover import AllProvidersFailed
 from tests.fakes import ManualClock
 from tests.unit.conftest import KEYS, Harness, make_harness
 from tests.unit.test_pipeline import ask
@@ -115,6 +123,15 @@ async def test_a_request_takes_all_its_buckets_or_none() -> None:
     assert (await limiter.take("t", [big])).wait_seconds == pytest.approx(8.0)
 
 
+async def test_a_refusal_waits_for_the_slowest_bucket_it_needs() -> None:
+    limiter = InMemoryQuotaLimiter(ManualClock())
+    slow = Charge("req", 0.1, 1.0, 1.0)  # refills in 10 s
+    fast = Charge("ureq:u", 1.0, 1.0, 1.0)  # in 1 s
+    assert (await limiter.take("t", [slow, fast])).allowed
+    refused = await limiter.take("t", [slow, fast])
+    assert (refused.bucket, refused.wait_seconds) == ("req", pytest.approx(10.0))
+
+
 async def test_a_wall_clock_stepping_back_refills_no_bucket_twice() -> None:
     clock = ManualClock()
     quotas = InMemoryQuotaLimiter(clock)
@@ -130,6 +147,51 @@ def test_resource_exhausted_carries_the_retry_delay_in_trailing_metadata() -> No
     error = ResourceExhausted("rate limit", 1.2345)
     assert status_of(error).name == "RESOURCE_EXHAUSTED"
     assert trailing_metadata_of(error) == ((RETRY_AFTER_KEY, "1235"),)
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (InvalidArgument("messages", "empty"), grpc.StatusCode.INVALID_ARGUMENT),
+        (Unauthenticated("no key"), grpc.StatusCode.UNAUTHENTICATED),
+        (NotFound("no such response"), grpc.StatusCode.NOT_FOUND),
+        (ResourceExhausted("cap", 1.0), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (FailedValidation("blocked", ValidationReport()), grpc.StatusCode.FAILED_PRECONDITION),
+        (Unavailable("down"), grpc.StatusCode.UNAVAILABLE),
+        (AllProvidersFailed(Tier.CHEAP, ["cheap: HTTP 503"]), grpc.StatusCode.UNAVAILABLE),
+        (RouteCacheError("unforeseen"), grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_each_error_has_its_status_code(error: RouteCacheError, code: grpc.StatusCode) -> None:
+    assert status_of(error) is code
+
+
+async def test_reservations_adding_up_to_a_cap_exactly_fit_despite_float_sums() -> None:
+    ledger = InMemorySpendLedger(ManualClock())
+    caps = [Cap(Period.DAY, 0.3)]
+    for _ in range(3):  # 0.1 + 0.1 + 0.1 is 0.30000000000000004 in floats
+        assert isinstance(await ledger.reserve("t", "", 0.1, caps), Reservation)
+    assert isinstance(await ledger.reserve("t", "", 1e-6, caps), CapReached)
+
+
+async def test_a_per_user_cap_counts_that_users_reservations_only() -> None:
+    ledger = InMemorySpendLedger(ManualClock())
+    caps = [Cap(Period.DAY, 0.3, per_user=True)]
+    assert isinstance(await ledger.reserve("t", "u1", 0.3, caps), Reservation)
+    assert isinstance(await ledger.reserve("t", "u2", 0.3, caps), Reservation)
+    refused = await ledger.reserve("t", "u1", 0.1, caps)
+    assert isinstance(refused, CapReached) and refused.committed_usd == pytest.approx(0.3)
+
+
+async def test_a_reservation_never_settled_stops_holding_the_cap_at_its_ttl() -> None:
+    clock = ManualClock()
+    ledger = InMemorySpendLedger(clock, reservation_ttl_seconds=600)
+    caps = [Cap(Period.DAY, 1.0)]
+    assert isinstance(await ledger.reserve("t", "", 1.0, caps), Reservation)  # then lost
+    clock.advance(599)
+    assert isinstance(await ledger.reserve("t", "", 0.5, caps), CapReached)
+    clock.advance(1)
+    assert isinstance(await ledger.reserve("t", "", 0.5, caps), Reservation)
 
 
 async def spend_of(harness: Harness, tenant: str = "acme", user: str = "") -> float:
@@ -200,6 +262,17 @@ async def test_the_downgrade_policy_serves_the_cheap_tier_at_the_cap() -> None:
     with pytest.raises(ResourceExhausted):
         await refusing.service.pipeline.complete(costly("q0", tier=None), ACME)
     await refusing.service.aclose()
+    await harness.service.aclose()
+
+
+async def test_the_downgrade_policy_refuses_a_tenant_without_the_cheap_tier() -> None:
+    one = await one_request_usd("q0")
+    harness = make_harness(validators=[], budget={"daily_usd": 0.5 * one, "policy": "downgrade"},
+                           models_allowed=["gpt-4-1106-preview"])  # fmt: skip
+    with pytest.raises(ResourceExhausted, match="daily spend cap"):
+        await harness.service.pipeline.complete(costly("q0", tier=None), ACME)
+    assert harness.cheap.calls == [] and harness.strong.calls == []
+    assert harness.telemetry.cost_controls == [("acme", "cap_refused")]
     await harness.service.aclose()
 
 

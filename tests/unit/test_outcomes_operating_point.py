@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from routecache.classifier.operating_point import OperatingCurve, fit_curve
+from routecache.classifier.operating_point import CurvePoint, OperatingCurve, fit_curve
 from routecache.domain import OperatingPoint
 from routecache.router.events import JsonlEventLog
 from routecache.training.outcomes import EventLabel, labels_from_events, read_events
@@ -86,6 +86,16 @@ def test_quality_and_cost_targets_pick_the_cheapest_and_best_points(
     assert all(p.cost_vs_all_strong > 0.3 for p in curve.points if p.pgr > cost.pgr)
     assert curve.threshold_for(OperatingPoint(quality=9.0)) == curve.points[-1].threshold
     assert curve.threshold_for(OperatingPoint(cost_ratio=0.0)) == curve.points[0].threshold
+
+
+def test_a_target_met_exactly_picks_that_point() -> None:
+    # (threshold, strong fraction, PGR, accuracy, cost vs all strong)
+    curve = OperatingCurve(
+        [CurvePoint(0.9, 0.0, 0.0, 0.6, 0.1), CurvePoint(0.5, 0.3, 0.7, 0.7, 0.4),
+         CurvePoint(0.1, 1.0, 1.0, 0.8, 1.0)]
+    )  # fmt: skip
+    assert curve.threshold_for(OperatingPoint(quality=0.7)) == 0.5  # not the dearer 0.1
+    assert curve.threshold_for(OperatingPoint(cost_ratio=0.4)) == 0.5  # not the worse 0.9
 
 
 def test_the_curve_survives_json_and_operating_points_need_one_target(
