@@ -62,6 +62,10 @@ def test_released_probe_frees_its_slot() -> None:
     assert b.allow()
 
 
-def test_bad_parameters_are_refused() -> None:
-    with pytest.raises(ValueError):
-        CircuitBreaker(0)
+@pytest.mark.parametrize(
+    "parameters",
+    [{"failure_threshold": 0}, {"half_open_probes": 0}, {"open_seconds": 0.0}],
+)
+def test_bad_parameters_are_refused(parameters: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="failure_threshold"):
+        CircuitBreaker(**parameters)  # type: ignore[arg-type]

@@ -21,7 +21,7 @@ from routecache.domain import (
 )
 from routecache.errors import InvalidArgument
 from routecache.router.input_validation import validate_request
-from routecache.router.settings import LimitSettings, load_settings
+from routecache.router.settings import ConfigError, LimitSettings, load_settings
 from routecache.router.tenant_admin import InvalidateTarget
 from routecache.router.validators import JsonSchemaValidator, RegexValidator
 from tests.unit.conftest import KEYS, Harness
@@ -135,7 +135,7 @@ def test_local_references_are_allowed() -> None:
 
 def test_request_size_limit_defaults_to_one_mebibyte_and_has_a_floor() -> None:
     assert load_settings().limits.max_request_bytes == 1 << 20
-    with pytest.raises(Exception, match="max_request_bytes"):
+    with pytest.raises(ConfigError, match="max_request_bytes"):
         load_settings(limits={"max_request_bytes": 100})
 
 

@@ -18,7 +18,7 @@ from routecache.domain import (
     Role,
     Tier,
 )
-from routecache.errors import FailedValidation, Unavailable, UpstreamError
+from routecache.errors import FailedValidation, Unauthenticated, Unavailable, UpstreamError
 from routecache.router.metrics import PrometheusTelemetry
 from routecache.router.telemetry import BREAKER_OPEN, error_reason
 from routecache.router.upstream.metered import MeteredUpstream
@@ -67,7 +67,7 @@ async def test_failures_report_reason_and_failed_validators() -> None:
     harness.strong.fail_with = UpstreamError("boom", retryable=False)
     with pytest.raises(Unavailable):
         await pipeline.complete(ask("anything else"), ACME)
-    with pytest.raises(Exception, match="API key"):
+    with pytest.raises(Unauthenticated, match="API key"):
         await pipeline.complete(ask("who am i"), "wrong-key")
     reasons = [(tenant, reason) for tenant, reason, _ in telemetry.failed]
     assert reasons == [
