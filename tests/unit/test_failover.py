@@ -22,6 +22,7 @@ from routecache.domain import (
 )
 from routecache.errors import FailedValidation, InvalidArgument, Unavailable, UpstreamError
 from routecache.router.bootstrap import Overrides, Service, build_service
+from routecache.router.budget import Period
 from routecache.router.events import InMemoryEventLog
 from routecache.router.ports import Pricing
 from routecache.router.upstream.breaker import BreakerState, CircuitBreaker
@@ -285,6 +286,10 @@ async def test_stream_broken_midway_ends_unavailable_and_stores_nothing() -> Non
             received.append(event)
     assert received == ["partial "] and r.ups["backup"].calls == []
     assert (await r.service.pipeline.admin.stats(ACME)).entries == 0
+    # Paid for what it sent (1 prompt token, 2 answer tokens by the len/4 estimate), at the
+    # dearest price of the chain it may have reached: the strong model's 10 and 30 USD/Mtok.
+    spent = await r.service.pipeline.costs.ledger.totals("acme")
+    assert spent[Period.DAY].cost_usd == pytest.approx((1 * 10 + 2 * 30) / 1e6)
 
 
 async def test_stream_with_all_providers_down_serves_stale() -> None:
