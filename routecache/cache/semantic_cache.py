@@ -63,6 +63,12 @@ class Distrust:
     neighbours: int = 16
 
 
+def _answers(entry: CacheEntry, scope: str, forced: Tier | None) -> bool:
+    """The entry is of this scope, and made by the tier the caller forced or a stronger one:
+    a caller who forces the strong model is not served the cheap model's answer."""
+    return entry.scope == scope and (forced is not Tier.STRONG or entry.tier is Tier.STRONG)
+
+
 def new_entry_id(tenant: str) -> str:
     """`<tenant>:<uuid hex>`: a store can find an entry's tenant (and its keys) from the id."""
     return f"{tenant}:{uuid.uuid4().hex}"
@@ -100,10 +106,15 @@ class SemanticCache:
     def index(self) -> VectorIndex:
         return self._index
 
-    async def lookup_exact(self, scope: str, prompt: str) -> CacheHit | None:
+    async def lookup_exact(
+        self, scope: str, prompt: str, forced: Tier | None = None
+    ) -> CacheHit | None:
+        """`forced`: the tier the caller forced; only its own or a stronger tier's answers do."""
         try:
             entry = await self._store.get_exact(exact_key(scope, prompt))
-            if entry is None or entry.scope != scope or not await self._is_live(entry):
+            if entry is None or not _answers(entry, scope, forced):
+                return None
+            if not await self._is_live(entry):
                 return None
             return await self._hit(entry, CacheOutcome.EXACT, 1.0)
         except StoreUnavailable:
@@ -111,27 +122,34 @@ class SemanticCache:
             return None
 
     async def lookup_semantic(
-        self, scope: str, prompt: str, vector: Vector, requirement: HitRequirement
-    ) -> CacheHit | None:
+        self, scope: str, prompt: str, vector: Vector, requirement: HitRequirement,
+        forced: Tier | None = None,
+    ) -> CacheHit | None:  # fmt: skip
         """The nearest live entry of this scope, if the hit policy accepts it for the prompt."""
         try:
-            return await self._nearest(scope, prompt, vector, requirement, self._is_live, True)
+            return await self._nearest(
+                scope, prompt, vector, requirement, forced, self._is_live, True
+            )
         except StoreUnavailable:
             self.bypassed += 1
             return None
 
     async def lookup_stale(
-        self, scope: str, prompt: str, vector: Vector | None, requirement: HitRequirement
-    ) -> CacheHit | None:
+        self, scope: str, prompt: str, vector: Vector | None, requirement: HitRequirement,
+        forced: Tier | None = None,
+    ) -> CacheHit | None:  # fmt: skip
         """An entry of this scope, live or expired within the grace period, for the prompt or
         one meaning the same; for when no provider answers. Never crosses scopes."""
         try:
             entry = await self._store.get_exact(exact_key(scope, prompt))
-            if entry is not None and entry.scope == scope and await self._is_servable(entry):
+            if (entry is not None and _answers(entry, scope, forced)
+                    and await self._is_servable(entry)):  # fmt: skip
                 return await self._hit(entry, CacheOutcome.EXACT, 1.0)
             if vector is None:
                 return None
-            return await self._nearest(scope, prompt, vector, requirement, self._is_servable, False)
+            return await self._nearest(
+                scope, prompt, vector, requirement, forced, self._is_servable, False
+            )
         except StoreUnavailable:
             self.bypassed += 1
             return None
@@ -142,6 +160,7 @@ class SemanticCache:
         prompt: str,
         vector: Vector,
         requirement: HitRequirement,
+        forced: Tier | None,
         usable: Callable[[CacheEntry], Awaitable[bool]],
         penalised: bool,
     ) -> CacheHit | None:
@@ -157,7 +176,7 @@ class SemanticCache:
             if entry is None:
                 self.forget_removed(scope, neighbour.entry_id)
                 continue
-            if entry.scope != scope or not await usable(entry):
+            if not _answers(entry, scope, forced) or not await usable(entry):
                 continue
             verdict = await self._policy.judge(
                 prompt, entry.prompt, neighbour.similarity, requirement

@@ -282,7 +282,7 @@ class Pipeline:
         read_cache = not request.cache.no_cache
         if read_cache:
             with _stage(latency, "exact_ms"):
-                hit = await self._p.cache.lookup_exact(scope, request.prompt)
+                hit = await self._p.cache.lookup_exact(scope, request.prompt, request.force_tier)
             if hit is not None:
                 return scope, self._from_cache(tenant, hit, latency), None
         with _stage(latency, "embed_ms"):
@@ -290,7 +290,7 @@ class Pipeline:
         if read_cache:
             with _stage(latency, "search_ms"):
                 hit = await self._p.cache.lookup_semantic(
-                    scope, request.prompt, vector, _hit_requirement(tenant)
+                    scope, request.prompt, vector, _hit_requirement(tenant), request.force_tier
                 )
             if hit is not None:
                 return scope, self._from_cache(tenant, hit, latency), None
@@ -364,7 +364,7 @@ class Pipeline:
             raise Unavailable(f"{error}; no_cache is set, so no cached answer was tried") from error
         with _stage(latency, "search_ms"):
             hit = await self._p.cache.lookup_stale(
-                scope, request.prompt, vector, _hit_requirement(tenant)
+                scope, request.prompt, vector, _hit_requirement(tenant), request.force_tier
             )
         if hit is None:
             raise Unavailable(f"{error}; no cached answer to fall back on") from error

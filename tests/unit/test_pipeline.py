@@ -111,6 +111,21 @@ async def test_tenant_threshold_and_forced_tier() -> None:
     await harness.service.aclose()
 
 
+async def test_a_forced_strong_request_is_never_answered_by_a_cheap_models_cached_answer() -> None:
+    harness = make_harness(score=0.1)  # routed cheap
+    pipeline = harness.service.pipeline
+    for prompt in ("what is a monad", "how do I reset my password today"):
+        assert (await pipeline.complete(ask(prompt), ACME)).tier is Tier.CHEAP
+    # Each would hit the cheap answer above unforced: the first exactly, the second nearly.
+    for prompt in ("What is a monad?", "how do I reset my password"):
+        forced = await pipeline.complete(ask(prompt, force_tier=Tier.STRONG), ACME)
+        assert (forced.cache.outcome, forced.tier) == (CacheOutcome.MISS, Tier.STRONG), prompt
+    # A strong model's answer is good enough for a request forced to the cheap tier.
+    cheap = await pipeline.complete(ask("what is a monad", force_tier=Tier.CHEAP), ACME)
+    assert (cheap.cache.outcome, cheap.tier) == (CacheOutcome.EXACT, Tier.STRONG)
+    await harness.service.aclose()
+
+
 def _service_with(
     classifier: DifficultyClassifier, cheap: FakeUpstream, **tenant: object
 ) -> Service:
