@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from os import PathLike
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -76,13 +77,14 @@ class ClientTls:
     @classmethod
     def from_files(
         cls,
-        ca_file: Path | None = None,
-        cert_file: Path | None = None,
-        key_file: Path | None = None,
+        ca_file: str | PathLike[str] | None = None,
+        cert_file: str | PathLike[str] | None = None,
+        key_file: str | PathLike[str] | None = None,
     ) -> ClientTls:
         if (cert_file is None) != (key_file is None):
             raise ValueError("a client certificate needs its key, and a key its certificate")
-        return cls(*(None if f is None else f.read_bytes() for f in (ca_file, cert_file, key_file)))
+        files = (ca_file, cert_file, key_file)
+        return cls(*(None if f is None else Path(f).read_bytes() for f in files))
 
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(
