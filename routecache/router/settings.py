@@ -488,8 +488,25 @@ class ConfigError(Exception):
     """The configuration cannot start a service; the message says what to fix."""
 
 
+def _refuse_unknown_env_sections() -> None:
+    """A ROUTECACHE_SECTION__KEY variable whose SECTION is no setting is a typo: pydantic-settings
+    would ignore it without a word. Single-level names (ROUTECACHE_CONFIG, a provider's
+    api_key_env) are not settings and are left alone."""
+    prefix = "routecache_"
+    for name in os.environ:
+        lowered = name.lower()
+        if lowered.startswith(prefix) and "__" in lowered:
+            section = lowered[len(prefix) :].split("__", 1)[0]
+            if section not in Settings.model_fields:
+                raise ConfigError(
+                    f"invalid configuration: environment variable {name}: "
+                    f"no settings section {section!r}"
+                )
+
+
 def load_settings(config_file: Path | None = None, **overrides: object) -> Settings:
     """Read settings, failing fast with one readable message per problem."""
+    _refuse_unknown_env_sections()
     if config_file is None and (named := os.environ.get(CONFIG_ENV_VAR)):
         config_file = Path(named)
     settings_cls: type[Settings] = Settings

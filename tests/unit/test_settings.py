@@ -168,3 +168,19 @@ def test_provider_keys_come_from_env_or_secret_file(
 def test_fallback_to_an_undefined_provider_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"unknown provider.*nowhere"):
         load_settings(upstream={"cheap_fallbacks": ["nowhere"]})
+
+
+def test_an_environment_variable_naming_no_section_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # ROUTECACHE_SERVER__PROT was refused, but a typo in the section itself was ignored silently.
+    monkeypatch.setenv("ROUTECACHE_LOGING__FORMAT", "json")
+    with pytest.raises(ConfigError, match="ROUTECACHE_LOGING__FORMAT"):
+        load_settings(EXAMPLE)
+
+
+def test_other_routecache_variables_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Single-level names are not settings (ROUTECACHE_CONFIG, a provider's api_key_env).
+    monkeypatch.setenv("ROUTECACHE_EXAMPLE_STRONG_KEY", "k")
+    monkeypatch.setenv("routecache_logging__format", "json")
+    assert load_settings(EXAMPLE).logging.format == "json"
