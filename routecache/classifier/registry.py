@@ -108,6 +108,11 @@ class ModelRegistry:
 
     def _previous_promotion(self) -> str:
         current = self.current_version()
+        if current is None:
+            raise RegistryError(
+                f"no version in service (no {self.root / POINTER}): nothing to roll back;"
+                " is this the registry folder?"
+            )
         stack = self._service_stack()
         if current not in stack:
             raise RegistryError(f"version in service {current!r} was never promoted here")

@@ -56,6 +56,14 @@ def test_promote_and_roll_back_walk_the_promotion_history(tmp_path: Path) -> Non
     assert registry.artifact_path("v1").is_file()  # rollback keeps every version
 
 
+def test_rollback_without_a_version_in_service_says_so(tmp_path: Path) -> None:
+    # It said "version in service None was never promoted here", for a typo in the folder too.
+    with pytest.raises(RegistryError, match=r"no version in service \(no .*CURRENT\)"):
+        ModelRegistry(tmp_path / "absent").rollback()
+    with pytest.raises(RegistryError, match="no version in service"):
+        ModelRegistry(tmp_path).rollback()
+
+
 def test_registry_refuses_unknown_and_duplicate_versions(tmp_path: Path) -> None:
     registry = _registry_with(tmp_path, "v1")
     with pytest.raises(RegistryError, match="no version"):
