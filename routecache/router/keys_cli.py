@@ -137,7 +137,12 @@ def _print(args: argparse.Namespace, out: dict[str, object]) -> None:
     print(f"key id {out['key_id']} of tenant {out['tenant']}: {out['status']}")
     old = out.get("old")
     if isinstance(old, dict):
-        print(f"old key {old['key_id']}: {old['status']} until {_when(old['expires_at'])}")
+        state, ends = old["status"], _when(old["expires_at"])
+        if state == "rotating":
+            state = f"rotating, valid until {ends}"
+        elif state == "expired":
+            state = f"expired at {ends}"
+        print(f"old key {old['key_id']}: {state}")
 
 
 def _when(ts: object) -> str:

@@ -85,6 +85,22 @@ async def test_a_key_of_an_unconfigured_tenant_is_refused(tmp_path: Path) -> Non
         await authenticator(path, clock).resolve(plain)
 
 
+async def test_rotate_says_until_when_the_old_key_stays_valid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # With --overlap-seconds 0 it printed "old key ID: expired until T".
+    registry = ("--registry", str(tmp_path / "keys.json"))
+    assert await keys_cli(*registry, "--json", "add", "--tenant", "acme") == 0
+    first = json.loads(capsys.readouterr().out)["key_id"]
+    assert await keys_cli(*registry, "rotate", first) == 0
+    out = capsys.readouterr().out
+    assert f"old key {first}: rotating, valid until 20" in out
+    second = out.split("key id ", 1)[1].split()[0]
+    assert await keys_cli(*registry, "rotate", second, "--overlap-seconds", "0") == 0
+    out = capsys.readouterr().out
+    assert f"old key {second}: expired at 20" in out and "until" not in out
+
+
 async def test_keys_are_stored_hashed_and_never_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
