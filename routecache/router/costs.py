@@ -127,13 +127,20 @@ class CostControl:
             if isinstance(downgraded, Reservation):
                 self._telemetry.cost_control(tenant.name, "downgraded")
                 return Booking(Tier.CHEAP, bounded, downgraded, cheap_only=True)
-            outcome = downgraded
-        raise self._refusal(tenant, outcome)
+            outcome, amount = downgraded, cheap
+        raise self._refusal(tenant, outcome, amount)
 
-    def _refusal(self, tenant: Tenant, reached: CapReached) -> ResourceExhausted:
+    def _refusal(self, tenant: Tenant, reached: CapReached, amount_usd: float) -> ResourceExhausted:
         self._telemetry.cost_control(tenant.name, "cap_refused")
         wait = seconds_to_period_end(self._clock(), reached.cap.period)
-        return ResourceExhausted(f"{reached.cap.describe()} reached for tenant {tenant.name}", wait)
+        # The worst case is refused, not the spend so far: say both, or a cap refusing a
+        # request with little spent reads as a bug.
+        return ResourceExhausted(
+            f"{reached.cap.describe()} reached for tenant {tenant.name}: "
+            f"{reached.committed_usd:.4f} USD spent or reserved, and this request may cost up "
+            f"to {amount_usd:.4f} USD (its max_tokens at the dearest provider it may reach)",
+            wait,
+        )
 
     def _bounded(self, request: ChatRequest) -> ChatRequest:
         """A worst case needs a bound on the answer: the service's, when the caller set none."""

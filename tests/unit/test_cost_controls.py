@@ -287,6 +287,10 @@ async def test_refusal_waits_until_the_day_ends_and_a_failed_call_releases() -> 
     await complete(costly("q1"), ACME)  # the failed call's reservation was released
     with pytest.raises(ResourceExhausted, match="daily spend cap") as refused:
         await complete(costly("q2"), ACME)
+    # What was refused is the request's worst case on top of the spend so far: both are said.
+    assert f"USD spent or reserved, and this request may cost up to {one:.4f} USD" in str(
+        refused.value
+    )
     now = dt.datetime.fromtimestamp(harness.clock(), tz=dt.UTC)
     midnight = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
     assert refused.value.retry_after_seconds == pytest.approx((midnight - now).total_seconds())
