@@ -425,6 +425,7 @@ async def start_service(settings: Settings, overrides: Overrides | None = None) 
 
     `service.server.port` is the bound gRPC port, `service.metrics_port` the metrics port.
     """
+    settings.upstream.check_keys()  # a missing secret stops the start before a port opens
     servicer = RouteCacheServicer(None)
     server = await start_server(
         servicer, settings.server, DEPENDENCIES, max_request_bytes=settings.limits.max_request_bytes

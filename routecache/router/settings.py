@@ -148,6 +148,11 @@ class UpstreamSettings(_Section):
                 )
         return self
 
+    def check_keys(self) -> None:
+        """Reads every provider's API key; raises ConfigError for the first that is missing."""
+        for provider in (self.cheap, self.strong, *self.providers.values()):
+            provider.resolve_api_key()
+
     def chain(self, tier: str) -> list[tuple[str, ProviderSettings]]:
         """The providers of a tier, in the order they are tried."""
         first: ProviderSettings = getattr(self, tier)

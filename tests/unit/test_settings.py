@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from routecache.domain import OperatingPoint
+from routecache.router import bootstrap
 from routecache.router.auth import ApiKeyAuthenticator, hash_api_key
 from routecache.router.bootstrap import build_tenants
 from routecache.router.settings import ConfigError, load_settings
@@ -184,3 +185,19 @@ def test_other_routecache_variables_are_left_alone(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("ROUTECACHE_EXAMPLE_STRONG_KEY", "k")
     monkeypatch.setenv("routecache_logging__format", "json")
     assert load_settings(EXAMPLE).logging.format == "json"
+
+
+async def test_a_missing_provider_key_stops_the_start_before_a_port_opens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("ROUTECACHE_EXAMPLE_STRONG_KEY", raising=False)
+    opened: list[object] = []
+
+    async def start_server(*args: object, **kwargs: object) -> None:
+        opened.append(args)
+        raise AssertionError("the port opened before the configuration was checked")
+
+    monkeypatch.setattr(bootstrap, "start_server", start_server)
+    with pytest.raises(ConfigError, match="ROUTECACHE_EXAMPLE_STRONG_KEY is not set"):
+        await bootstrap.start_service(load_settings(FAILOVER_EXAMPLE))
+    assert opened == []
