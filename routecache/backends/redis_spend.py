@@ -264,15 +264,24 @@ class RedisSpendLedger:
         return True
 
     def report_unflushed(self) -> float:
-        """At stop: logs the spend that never reached Redis (it ends with this process), so an
-        operator can add it by hand; returns it in USD."""
-        records = [*self._pending.values(), *(record for _, record in self._in_doubt.values())]
-        left = sum(record.cost_usd for record in records)
-        for record in records:
+        """At stop: logs the spend Redis has not confirmed (it ends with this process), so an
+        operator can add it by hand; returns it in USD. A record sent without an answer may be
+        in Redis already: its line names the settle key whose presence says it is."""
+        left = 0.0
+        for record in self._pending.values():
+            left += record.cost_usd
             log.warning(
                 "spend recorded while redis was down never reached it: tenant %s user %r "
                 "%.6g USD, %d calls",
                 record.tenant, record.user, record.cost_usd, record.calls,
+            )  # fmt: skip
+        for settle_id, (_, record) in self._in_doubt.items():
+            left += record.cost_usd
+            log.warning(
+                "spend recorded while redis was down was sent without an answer: tenant %s "
+                "user %r %.6g USD, %d calls; in redis already if key %s exists",
+                record.tenant, record.user, record.cost_usd, record.calls,
+                f"{self._base(record.tenant)}settled:{settle_id}",
             )  # fmt: skip
         return left
 

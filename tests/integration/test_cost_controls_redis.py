@@ -538,3 +538,31 @@ async def test_while_redis_is_down_totals_keep_the_calls_and_tokens_redis_last_r
         assert (day.cost_usd, day.calls, day.prompt_tokens, day.completion_tokens) == (
             0.5, 2, 200, 40,
         )  # fmt: skip
+
+
+async def test_spend_sent_without_an_answer_is_reported_at_stop_with_its_settle_key(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Redis ran the flush but its answer was lost: the stop must not tell the operator that
+    # this spend never reached Redis (adding it by hand would count it twice).
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    redis.server.kill()
+    await ledger.settle(None, SpendRecord("acme", "u1", cost_usd=0.3, calls=1))
+    settle = ledger._settle
+
+    async def applied_then_timed_out(**kwargs: Any) -> Any:
+        await settle(**kwargs)
+        raise RedisTimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(ledger, "_settle", applied_then_timed_out)
+    redis.server.start()
+    await redis.link.wait_up()
+    await ledger.flush()
+    caplog.clear()
+    assert ledger.report_unflushed() == pytest.approx(0.3)
+    assert "never reached it" not in caplog.text
+    assert "tenant acme user 'u1' 0.3 USD, 1 calls; in redis already if key" in caplog.text
+    (settled,) = await redis.link.client.keys("rc:{acme}:settled:*")
+    assert settled.decode() in caplog.text
