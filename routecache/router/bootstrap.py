@@ -199,12 +199,18 @@ def breaker_gauge(breaker: CircuitBreaker) -> Callable[[], float]:
     return lambda: values[breaker.state]
 
 
-def build_failover(settings: Settings, parts: Overrides, telemetry: Telemetry) -> Failover:
-    """Each tier's chain of providers, one client and one breaker per provider name."""
-    upstream = settings.upstream
+def given_upstreams(parts: Overrides) -> dict[str, ChatUpstream]:
+    """The clients supplied in code, by provider name (a tier's first provider is its tier)."""
     given: dict[str, ChatUpstream] = dict(parts.providers or {})
     for tier, client in (parts.upstreams or {}).items():
         given.setdefault(tier.value, client)
+    return given
+
+
+def build_failover(settings: Settings, parts: Overrides, telemetry: Telemetry) -> Failover:
+    """Each tier's chain of providers, one client and one breaker per provider name."""
+    upstream = settings.upstream
+    given = given_upstreams(parts)
     built: dict[str, Provider] = {}
     chains: dict[Tier, list[Provider]] = {}
     for tier in Tier:
@@ -425,7 +431,8 @@ async def start_service(settings: Settings, overrides: Overrides | None = None) 
 
     `service.server.port` is the bound gRPC port, `service.metrics_port` the metrics port.
     """
-    settings.upstream.check_keys()  # a missing secret stops the start before a port opens
+    # A missing secret stops the start before a port opens (a client given in code needs none).
+    settings.upstream.check_keys(given_upstreams(overrides or Overrides()))
     servicer = RouteCacheServicer(None)
     server = await start_server(
         servicer, settings.server, DEPENDENCIES, max_request_bytes=settings.limits.max_request_bytes

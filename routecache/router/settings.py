@@ -7,6 +7,7 @@ variables override the TOML file, which overrides the defaults.
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Literal, Self
 
@@ -148,10 +149,13 @@ class UpstreamSettings(_Section):
                 )
         return self
 
-    def check_keys(self) -> None:
-        """Reads every provider's API key; raises ConfigError for the first that is missing."""
-        for provider in (self.cheap, self.strong, *self.providers.values()):
-            provider.resolve_api_key()
+    def check_keys(self, given: Collection[str] = ()) -> None:
+        """Reads the API key of every provider a chain calls, but those `given` (by name: a
+        client supplied in code needs none); raises ConfigError for the first that is missing."""
+        for tier in ("cheap", "strong"):
+            for name, provider in self.chain(tier):
+                if name not in given:
+                    provider.resolve_api_key()
 
     def chain(self, tier: str) -> list[tuple[str, ProviderSettings]]:
         """The providers of a tier, in the order they are tried."""

@@ -7,6 +7,7 @@ from routecache.router import bootstrap
 from routecache.router.auth import ApiKeyAuthenticator, hash_api_key
 from routecache.router.bootstrap import build_tenants
 from routecache.router.settings import ConfigError, load_settings
+from tests.fakes import FakeUpstream
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples/dev.toml"
 
@@ -201,3 +202,29 @@ async def test_a_missing_provider_key_stops_the_start_before_a_port_opens(
     with pytest.raises(ConfigError, match="ROUTECACHE_EXAMPLE_STRONG_KEY is not set"):
         await bootstrap.start_service(load_settings(FAILOVER_EXAMPLE))
     assert opened == []
+
+
+async def test_a_provider_given_in_code_needs_no_key_at_the_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Its client is not built from the settings, so its key is never read (as before the
+    # early check); only the keys of providers the service builds must be there.
+    monkeypatch.delenv("ROUTECACHE_EXAMPLE_STRONG_KEY", raising=False)
+
+    class PortOpened(Exception):
+        pass
+
+    async def start_server(*args: object, **kwargs: object) -> None:
+        raise PortOpened
+
+    monkeypatch.setattr(bootstrap, "start_server", start_server)
+    settings = load_settings(FAILOVER_EXAMPLE)
+    given = {name: FakeUpstream(name) for name in ("strong", "strong-backup")}
+    with pytest.raises(PortOpened):
+        await bootstrap.start_service(settings, bootstrap.Overrides(providers=given))
+    unused = settings.model_copy(deep=True)
+    unused.upstream.strong_fallbacks = []  # strong-backup is defined, but no chain calls it
+    with pytest.raises(PortOpened):
+        await bootstrap.start_service(
+            unused, bootstrap.Overrides(providers={"strong": given["strong"]})
+        )
