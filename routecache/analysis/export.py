@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Iterator
@@ -12,6 +13,8 @@ from typing import Any
 
 import pandas as pd
 
+# The epoch seconds a time column can hold (pandas' nanosecond range, years 1677 to 2262).
+_TS_RANGE = (math.ceil(pd.Timestamp.min.timestamp()), math.floor(pd.Timestamp.max.timestamp()))
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -53,11 +56,14 @@ def read_events(path: Path, since: float | None = None) -> Iterator[dict[str, An
 
 
 def _timestamp(event: dict[str, Any]) -> float | None:
-    """The event's `ts` (0 when absent or null), or None when it is not a number."""
+    """The event's `ts` (0 when absent or null), or None when it is not a number, or no
+    instant a time column holds (NaN, Infinity, 1e20)."""
     ts = event.get("ts")
     if ts is None:
         return 0.0
     if isinstance(ts, bool) or not isinstance(ts, int | float):
+        return None
+    if not _TS_RANGE[0] <= ts <= _TS_RANGE[1]:  # False for NaN too
         return None
     return float(ts)
 

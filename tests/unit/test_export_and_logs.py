@@ -65,7 +65,9 @@ def test_export_writes_one_flat_row_per_event_and_filters_by_time(tmp_path: Path
 
 
 @pytest.mark.parametrize("since", [None, 0.0])
-@pytest.mark.parametrize("ts", ['"yesterday"', '"1700000000"', "true", "[1]", "{}"])
+@pytest.mark.parametrize(
+    "ts", ['"yesterday"', '"1700000000"', "true", "[1]", "{}", "NaN", "Infinity", "1e20", "-1e20"]
+)
 def test_a_hand_edited_line_whose_ts_is_no_number_is_skipped(
     tmp_path: Path, ts: str, since: float | None
 ) -> None:
