@@ -83,6 +83,7 @@ class RedisSpendLedger:
         # Pending records a flush sent without hearing back, by settle id: perhaps in Redis.
         self._in_doubt: dict[str, tuple[_Slot, SpendRecord]] = {}
         self._flush_task: asyncio.Task[None] | None = None
+        self._stopping = False  # at stop: no background flush starts any more
         # Per (tenant, user or '', period id): the totals Redis last reported (a read, or a
         # settle's cost with this replica's usage added since), shown while Redis is down.
         self._last_totals: dict[tuple[str, str, str], Totals] = {}
@@ -285,10 +286,21 @@ class RedisSpendLedger:
             )  # fmt: skip
         return left
 
+    def stop_flushing(self) -> asyncio.Task[None] | None:
+        """At stop, before the last flush and report_unflushed: no background flush starts
+        from now on; returns the one running, for the caller to cancel (what it was sending
+        stays in doubt, under its settle id). Left running, it would go on adding spend the
+        report had called lost."""
+        self._stopping = True
+        task, self._flush_task = self._flush_task, None
+        return None if task is None or task.done() else task
+
     async def _on_health(self, up: bool) -> None:
         # In the background: the link's other listeners (cache health) must not wait on it.
         waiting = self._pending or self._in_doubt
-        if up and waiting and (self._flush_task is None or self._flush_task.done()):
+        if self._stopping or not (up and waiting):
+            return
+        if self._flush_task is None or self._flush_task.done():
             self._flush_task = asyncio.create_task(self.flush(), name="spend-flush")
 
 

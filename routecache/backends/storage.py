@@ -130,6 +130,8 @@ class RedisStorage:
     async def aclose(self) -> None:
         for task in self._tasks:
             await _cancel(task)
+        if (flushing := self._spend.stop_flushing()) is not None:
+            await _cancel(flushing)  # else it may add spend the report below calls lost
         # Last chance for buffered events and pending spend; a dead Redis must not hang stop.
         with contextlib.suppress(StoreUnavailable, TimeoutError):
             async with asyncio.timeout(self._close_timeout):

@@ -18,6 +18,10 @@ from routecache.backends.link import RedisLink
 from routecache.backends.redis_keys import RedisKeyRegistry
 from routecache.backends.redis_limits import RedisQuotaLimiter
 from routecache.backends.redis_spend import RedisSpendLedger
+from routecache.backends.redis_store import RedisEntryStore, RedisStoreOptions
+from routecache.backends.replica_sync import ReplicaSync
+from routecache.backends.storage import RedisStorage
+from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.domain import CacheControl, ChatRequest, GenerationParams, Message, Role, Tier
 from routecache.errors import ResourceExhausted, Unauthenticated
 from routecache.router.budget import (
@@ -27,6 +31,7 @@ from routecache.router.budget import (
     Period,
     Reservation,
     SpendRecord,
+    period_ids,
 )
 from routecache.router.cli import build_parser
 from routecache.router.keyring import KeyRecord, add_key, rotate_key
@@ -566,3 +571,39 @@ async def test_spend_sent_without_an_answer_is_reported_at_stop_with_its_settle_
     assert "tenant acme user 'u1' 0.3 USD, 1 calls; in redis already if key" in caplog.text
     (settled,) = await redis.link.client.keys("rc:{acme}:settled:*")
     assert settled.decode() in caplog.text
+
+
+async def test_the_stop_ends_the_background_flush_before_it_reports_unflushed_spend(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The health listener's flush, left running past the stop, went on adding spend the stop
+    # had just logged as never reaching Redis (to be added by hand: twice, then).
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    redis.server.kill()
+    for user, cost in (("u1", 0.3), ("u2", 0.4)):
+        await ledger.settle(None, SpendRecord("acme", user, cost_usd=cost, calls=1))
+    settle, sending = ledger._settle, asyncio.Event()
+
+    async def slow(**kwargs: Any) -> Any:
+        sending.set()
+        await asyncio.sleep(0.6)
+        return await settle(**kwargs)
+
+    monkeypatch.setattr(ledger, "_settle", slow)
+    redis.server.start()
+    await redis.link.wait_up()
+    await sending.wait()  # the health listener's flush is sending u1's spend
+    store = RedisEntryStore(redis.link, KeySpace(), RedisStoreOptions(100), redis.clock, "r1")
+    sync = ReplicaSync(
+        redis.link, KeySpace(), ["acme"], ScopedFaissIndex(8), store, "r1", redis.clock
+    )
+    caplog.clear()
+    await RedisStorage(redis.link, sync, None, ledger, close_timeout_seconds=0.3).aclose()
+    await asyncio.sleep(2.0)  # a flush still running would add u1's and u2's spend by now
+    day = period_ids(redis.clock())[Period.DAY]
+    for user in ("u1", "u2"):  # what the stop reported is all still out of Redis
+        assert await redis.link.client.hget(f"rc:{{acme}}:spend:d:{day}:u:{user}", "cost") is None
+    assert "was sent without an answer: tenant acme user 'u1' 0.3 USD" in caplog.text
+    assert "never reached it: tenant acme user 'u2' 0.4 USD" in caplog.text
