@@ -187,13 +187,11 @@ class RedisSpendLedger:
         self._forget_past(period_ids(self._clock()))  # not `ids`: a flush may be of a past day
         moved: Movement = {}
         for i, (period, pid, who) in enumerate(slots):
-            before, after = float(out[2 * i]), float(out[2 * i + 1])
-            # The user's too: while Redis is down, per-user caps start from these.
-            known = self._last_totals.setdefault((record.tenant, who, pid), Totals())
-            known.add(record)
-            known.cost_usd = after
+            before, after = float(out[_SETTLED * i]), _settled_totals(out, i)
+            # The user's too: while Redis is down, per-user caps and totals start from these.
+            self._last_totals[(record.tenant, who, pid)] = after
             if not who:
-                moved[period] = (before, after)
+                moved[period] = (before, after.cost_usd)
         return moved
 
     async def release(self, reservation: Reservation) -> None:
@@ -313,6 +311,15 @@ def _sum(total: SpendRecord | None, record: SpendRecord) -> SpendRecord:
         total.completion_tokens + record.completion_tokens, total.saved_usd + record.saved_usd,
         total.calls + record.calls, total.routing_saved_usd + record.routing_saved_usd,
     )  # fmt: skip
+
+
+_SETTLED = 7  # SETTLE's answer per key: cost before, then the six totals after
+
+
+def _settled_totals(out: Sequence[bytes], index: int) -> Totals:
+    fields = ("cost", "prompt_tokens", "completion_tokens", "saved", "calls", "routing_saved")
+    start = _SETTLED * index + 1
+    return _totals(dict(zip((f.encode() for f in fields), out[start : start + 6], strict=True)))
 
 
 def _totals(raw: dict[bytes, bytes]) -> Totals:

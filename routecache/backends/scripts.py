@@ -201,18 +201,24 @@ return {1, 0, unpack(committed)}
 
 # ARGV: tenant key base, reservation id ('' for none), cost, prompt tokens, completion tokens,
 # saved, calls, routing saved, settle id ('' for none), that id's lifetime in seconds, then per
-# spend key: its suffix, its lifetime in seconds. Adds the usage to every key and returns each
-# key's cost before and after, in the keys' order. A settle id already seen adds nothing: the
-# try whose answer was lost had added it.
+# spend key: its suffix, its lifetime in seconds. Adds the usage to every key and returns, per
+# key in the keys' order, its cost before, then its cost, prompt tokens, completion tokens,
+# saved, calls and routing saved after. A settle id already seen adds nothing: the try whose
+# answer was lost had added it.
 SETTLE = """
 local base = ARGV[1]
 local out = {}
+local FIELDS = {'cost', 'prompt_tokens', 'completion_tokens', 'saved', 'calls', 'routing_saved'}
+local function report(key, before)
+  out[#out + 1] = before
+  local now = redis.call('HMGET', key, unpack(FIELDS))
+  for j = 1, #FIELDS do out[#out + 1] = now[j] or '0' end
+end
 local settled = base .. 'settled:' .. ARGV[9]
 if ARGV[9] ~= '' and not redis.call('SET', settled, '1', 'NX', 'EX', ARGV[10]) then
   for i = 11, #ARGV, 2 do
-    local cost = redis.call('HGET', base .. ARGV[i], 'cost') or '0'
-    out[#out + 1] = cost
-    out[#out + 1] = cost
+    local key = base .. ARGV[i]
+    report(key, redis.call('HGET', key, 'cost') or '0')
   end
   return out
 end
@@ -220,15 +226,14 @@ if ARGV[2] ~= '' then redis.call('HDEL', base .. 'resv', ARGV[2]) end
 for i = 11, #ARGV, 2 do
   local key = base .. ARGV[i]
   local before = redis.call('HGET', key, 'cost') or '0'
-  local after = redis.call('HINCRBYFLOAT', key, 'cost', ARGV[3])
+  redis.call('HINCRBYFLOAT', key, 'cost', ARGV[3])
   redis.call('HINCRBY', key, 'prompt_tokens', ARGV[4])
   redis.call('HINCRBY', key, 'completion_tokens', ARGV[5])
   redis.call('HINCRBYFLOAT', key, 'saved', ARGV[6])
   redis.call('HINCRBY', key, 'calls', ARGV[7])
   redis.call('HINCRBYFLOAT', key, 'routing_saved', ARGV[8])
   redis.call('EXPIRE', key, ARGV[i + 1])
-  out[#out + 1] = before
-  out[#out + 1] = after
+  report(key, before)
 end
 return out
 """

@@ -534,14 +534,14 @@ async def test_while_redis_is_down_totals_keep_the_calls_and_tokens_redis_last_r
     redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
     record = SpendRecord("acme", "u1", cost_usd=0.25, prompt_tokens=100, completion_tokens=20,
                          calls=1)  # fmt: skip
-    await ledger.settle(None, record)
-    await ledger.totals("acme", "u1")  # a read, then one more settle this replica knows of
-    await ledger.settle(None, record)
+    for _ in range(3):  # another replica's spend, which this one never read
+        await redis.another_ledger().settle(None, record)
+    await ledger.settle(None, record)  # Redis answers with the totals after it
     redis.server.kill()
     for user in ("u1", ""):
         day = (await ledger.totals("acme", user))[Period.DAY]
         assert (day.cost_usd, day.calls, day.prompt_tokens, day.completion_tokens) == (
-            0.5, 2, 200, 40,
+            1.0, 4, 400, 80,
         )  # fmt: skip
 
 
