@@ -52,7 +52,7 @@ class Cap:
     def describe(self) -> str:
         period = "daily" if self.period is Period.DAY else "monthly"
         return (
-            f"{'per-user ' if self.per_user else ''}{period} spend cap of {self.limit_usd:.4f} USD"
+            f"{'per-user ' if self.per_user else ''}{period} spend cap of {self.limit_usd:.6g} USD"
         )
 
 

@@ -137,8 +137,8 @@ class CostControl:
         # request with little spent reads as a bug.
         return ResourceExhausted(
             f"{reached.cap.describe()} reached for tenant {tenant.name}: "
-            f"{reached.committed_usd:.4f} USD spent or reserved, and this request may cost up "
-            f"to {amount_usd:.4f} USD (its max_tokens at the dearest provider it may reach)",
+            f"{reached.committed_usd:.6g} USD spent or reserved, and this request may cost up "
+            f"to {amount_usd:.6g} USD (its max_tokens at the dearest provider it may reach)",
             wait,
         )
 

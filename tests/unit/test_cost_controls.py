@@ -288,7 +288,7 @@ async def test_refusal_waits_until_the_day_ends_and_a_failed_call_releases() -> 
     with pytest.raises(ResourceExhausted, match="daily spend cap") as refused:
         await complete(costly("q2"), ACME)
     # What was refused is the request's worst case on top of the spend so far: both are said.
-    assert f"USD spent or reserved, and this request may cost up to {one:.4f} USD" in str(
+    assert f"USD spent or reserved, and this request may cost up to {one:.6g} USD" in str(
         refused.value
     )
     now = dt.datetime.fromtimestamp(harness.clock(), tz=dt.UTC)
