@@ -123,16 +123,20 @@ def _entry(text: str, vector: npt.NDArray[np.float32]) -> NewEntry:
     )  # fmt: skip
 
 
-async def test_semantic_cache_serves_only_what_the_verifier_accepts() -> None:
-    embedder = HashEmbedder()
-    scorer = KeywordScorer()
-    clock = ManualClock()
+def _verified_cache(floor: float) -> tuple[SemanticCache, HashEmbedder, KeywordScorer]:
+    """A cache whose hits the keyword scorer verifies above a cosine floor."""
+    embedder, scorer, clock = HashEmbedder(), KeywordScorer(), ManualClock()
     cache = SemanticCache(
         InMemoryEntryStore(100, clock),
         ScopedFaissIndex(embedder.dimension),
         clock,
-        policy=VerifiedPolicy(calibration(floor=0.3), scorer),
+        policy=VerifiedPolicy(calibration(floor=floor), scorer),
     )
+    return cache, embedder, scorer
+
+
+async def test_semantic_cache_serves_only_what_the_verifier_accepts() -> None:
+    cache, embedder, scorer = _verified_cache(floor=0.3)
     stored = "what is the weather in london this week"
     await cache.store(_entry(stored, embedder.encode([stored])[0]))
     requirement = HitRequirement(0.9, 0.01)
@@ -154,15 +158,7 @@ async def test_semantic_cache_serves_only_what_the_verifier_accepts() -> None:
 async def test_a_lookup_verifies_only_its_nearest_candidate() -> None:
     # Two stored neighbours above the floor, both asking about another city: the verifier
     # refuses the nearest and the lookup is a miss, without paying for a second pass.
-    embedder = HashEmbedder()
-    scorer = KeywordScorer()
-    clock = ManualClock()
-    cache = SemanticCache(
-        InMemoryEntryStore(100, clock),
-        ScopedFaissIndex(embedder.dimension),
-        clock,
-        policy=VerifiedPolicy(calibration(floor=0.1), scorer),
-    )
+    cache, embedder, scorer = _verified_cache(floor=0.1)
     for stored in ("what is the weather in london this week", "the weather in london"):
         await cache.store(_entry(stored, embedder.encode([stored])[0]))
     query = "what is the weather in paris this week"

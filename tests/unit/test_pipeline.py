@@ -139,13 +139,18 @@ def _service_with(
     )
 
 
-async def test_a_tenant_operating_point_is_resolved_by_the_model_in_service() -> None:
-    # The fake's curve maps "30% strong" to threshold 0.5; a score of 0.6 goes strong.
+def _scoring_0_6_with_30_percent_strong_at_0_5() -> FixedScoreClassifier:
+    """A fake scoring 0.6 whose curve maps "30% strong" to threshold 0.5."""
     curve = OperatingCurve(
         [CurvePoint(0.9, 0.0, 0.0, 0.6, 0.02), CurvePoint(0.5, 0.3, 0.7, 0.7, 0.3),
          CurvePoint(0.1, 1.0, 1.0, 0.8, 1.0)]
     )  # fmt: skip
-    classifier = FixedScoreClassifier(0.6, default_threshold=0.9, curve=curve)
+    return FixedScoreClassifier(0.6, default_threshold=0.9, curve=curve)
+
+
+async def test_a_tenant_operating_point_is_resolved_by_the_model_in_service() -> None:
+    # The fake's curve maps "30% strong" to threshold 0.5; a score of 0.6 goes strong.
+    classifier = _scoring_0_6_with_30_percent_strong_at_0_5()
     cheap = FakeUpstream("cheap-model", prose_answer)
     service = _service_with(classifier, cheap, target_strong_fraction=0.3)
     done = await service.pipeline.complete(ask("needs the strong model"), ACME)
@@ -156,11 +161,7 @@ async def test_a_tenant_operating_point_is_resolved_by_the_model_in_service() ->
 async def test_a_tenant_routing_threshold_wins_over_its_operating_point() -> None:
     # The operating point maps to threshold 0.5 (score 0.6 would go strong); the tenant's own
     # routing_threshold of 0.7 is the one used.
-    curve = OperatingCurve(
-        [CurvePoint(0.9, 0.0, 0.0, 0.6, 0.02), CurvePoint(0.5, 0.3, 0.7, 0.7, 0.3),
-         CurvePoint(0.1, 1.0, 1.0, 0.8, 1.0)]
-    )  # fmt: skip
-    classifier = FixedScoreClassifier(0.6, default_threshold=0.9, curve=curve)
+    classifier = _scoring_0_6_with_30_percent_strong_at_0_5()
     cheap = FakeUpstream("cheap-model", prose_answer)
     service = _service_with(classifier, cheap, routing_threshold=0.7, target_strong_fraction=0.3)
     done = await service.pipeline.complete(ask("stays on the cheap model"), ACME)
