@@ -66,6 +66,10 @@ VIOLATIONS = [
     (ChatRequest((user(),), GenerationParams(max_tokens=0)), "params.max_tokens"),
     (ChatRequest((user(),), GenerationParams(max_tokens=101)), "params.max_tokens"),
     (schema_request("{not json"), "params.response_format.json_schema"),
+    (
+        ChatRequest((user(),), GenerationParams(response_format=ResponseFormat(json_schema="{}"))),
+        "params.response_format.json_schema",
+    ),
     (schema_request({"type": "nope"}), "params.response_format.json_schema"),
     (schema_request({"description": "x" * 200}), "params.response_format.json_schema"),
     (schema_request("[" * 5000 + "]" * 5000), "params.response_format.json_schema"),
@@ -107,7 +111,7 @@ def test_each_violation_names_its_field(request_: ChatRequest, field: str) -> No
 def test_a_request_at_every_limit_passes() -> None:
     validate_request(
         ChatRequest(
-            (Message(Role.SYSTEM, "s" * 30), user("x" * 50)),
+            (Message(Role.SYSTEM, "s" * 15), user("q" * 15), user("x" * 50)),
             GenerationParams(temperature=1.5, max_tokens=100),
             CacheControl(ttl_seconds=3600, tags=("a" * 10, "b")),
             end_user_id="u" * 20,
@@ -120,12 +124,33 @@ def test_a_request_at_every_limit_passes() -> None:
 @pytest.mark.parametrize(
     "ref", ["http://127.0.0.1:1/schema.json", "file:///etc/passwd", "other.json#/a"]
 )
-def test_a_schema_may_not_reference_anything_outside_itself(ref: str) -> None:
-    schema = {"type": "object", "properties": {"a": {"$ref": ref}}}
+@pytest.mark.parametrize(
+    "where",
+    [
+        lambda ref: {"type": "object", "properties": {"a": {"$ref": ref}}},
+        lambda ref: {"anyOf": [{"type": "null"}, {"$ref": ref}]},  # inside a list
+        lambda ref: {"$dynamicRef": ref},
+    ],
+)
+def test_a_schema_may_not_reference_anything_outside_itself(
+    ref: str, where: Callable[[str], object]
+) -> None:
+    schema = where(ref)
     with pytest.raises(InvalidArgument) as error:
         validate_request(schema_request(schema), LIMITS)
     assert error.value.field == "params.response_format.json_schema"
     assert "local references" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "validator",
+    [
+        RequestValidator("length", min_chars=5, max_chars=5),
+        RequestValidator("length", min_chars=5),  # no max_chars: the tenant's limit applies
+    ],
+)
+def test_length_bounds_that_can_be_met_pass(validator: RequestValidator) -> None:
+    validate_request(ChatRequest((user(),), validators=(validator,)), LIMITS)
 
 
 def test_local_references_are_allowed() -> None:

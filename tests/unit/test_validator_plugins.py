@@ -1,9 +1,15 @@
 import pytest
 
-from routecache.domain import ChatRequest, Message, Role
+from routecache.domain import ChatRequest, Message, RequestValidator, Role
+from routecache.errors import InvalidArgument
 from routecache.router.pii import PiiValidator, find_pii, iban_valid, luhn_valid
 from routecache.router.settings import ConfigError, LimitSettings, ValidatorSpec
-from routecache.router.validation import OnFail, build_validator, build_validators
+from routecache.router.validation import (
+    OnFail,
+    RequestValidators,
+    build_validator,
+    build_validators,
+)
 from routecache.router.validators import LengthValidator, RefusalValidator, RegexValidator
 
 REQUEST = ChatRequest(messages=(Message(Role.USER, "q"),))
@@ -27,6 +33,10 @@ def test_luhn_and_iban_checksums() -> None:
         ("card 5500 0000 0000 0004 expires", "card"),
         ("SSN 123-45-6789", "ssn"),
         ("pay to DE89 3704 0044 0532 0130 00", "iban"),
+        ("call 415 555 0132 now", "phone"),  # ten digits need no prefix
+        ("call (08) 1234 567 now", "phone"),  # nine digits with an area code
+        # Also shaped like a phone number: found first as the card it is, and only once.
+        ("amex 3782 8224 6310 005 expires", "card"),
     ],
 )
 def test_pii_is_found(text: str, kind: str) -> None:
@@ -40,6 +50,8 @@ def test_pii_is_found(text: str, kind: str) -> None:
         "The total is 12345678 apples and 3.5 - 1.25 = 2.25",
         "On 2023-10-05 she sold 48 + 24 = 72 clips",
         "1,234,567 people",
+        "order 415 555 013 shipped",  # nine digits, no prefix: not a phone number
+        "code 666-45-6789",  # no SSN starts with 666
     ],
 )
 def test_no_false_pii(text: str) -> None:
@@ -55,8 +67,15 @@ def test_pii_redaction_replaces_each_finding() -> None:
     assert validator.check(validator.redact(text), REQUEST).passed
 
 
+def test_pii_findings_are_counted_by_kind() -> None:
+    result = PiiValidator().check("a@b.io or c@d.io", REQUEST)
+    assert result.message == "personal data found: 2 email"
+
+
 def test_pii_kinds_can_be_narrowed() -> None:
     assert PiiValidator(["email"]).check("call +1 415 555 0132", REQUEST).passed
+    narrowed = PiiValidator(["email"]).redact("a@b.io or +1 415 555 0132")
+    assert narrowed == "[REDACTED EMAIL] or +1 415 555 0132"
     with pytest.raises(ValueError):
         PiiValidator(["passport"])
 
@@ -121,6 +140,15 @@ def test_custom_validator_by_import_path() -> None:
         ({"kind": "custom", "import_path": "tests.unit.nowhere:X"}, "No module"),
         ({"kind": "custom", "import_path": "tests.unit.custom_validator:Nope"}, "Nope"),
         ({"kind": "custom", "import_path": "tests.unit.custom_validator:Banned"}, "word"),
+        ({"kind": "custom", "import_path": "builtins:object"}, "lacks name, applies_to, check"),
+        (
+            {
+                "kind": "custom",
+                "import_path": "routecache.router.validators:RefusalValidator",
+                "on_fail": "redact",
+            },
+            "no redact",
+        ),
     ],
 )
 def test_bad_custom_validators_fail_at_start(spec: dict[str, str], problem: str) -> None:
@@ -144,3 +172,35 @@ def test_ask_cli_parses_request_validators() -> None:
     assert parsed[0].kind == "regex" and list(parsed[0].must_not_match) == ["x"]
     with pytest.raises(ConfigError, match="--validator"):
         _validators(['{"kind": "pii", "colour": "red"}'])
+
+
+def test_request_validators_are_each_named_once() -> None:
+    validators = RequestValidators(LIMITS)
+    twice = ChatRequest((Message(Role.USER, "q"),), validators=(RequestValidator("pii"),) * 2)
+    with pytest.raises(InvalidArgument, match="already in use") as error:
+        validators.build(twice, [])
+    assert error.value.field == "validators[1]"
+
+
+@pytest.mark.parametrize("field", ["must_match", "must_not_match"])
+def test_request_patterns_are_limited_to_200_characters(field: str) -> None:
+    validators = RequestValidators(LIMITS)
+    at_limit = RequestValidator("regex", **{field: ("a" * 200,)})  # type: ignore[arg-type]
+    validators.build(ChatRequest((Message(Role.USER, "q"),), validators=(at_limit,)), [])
+    too_long = RequestValidator("regex", **{field: ("a" * 201,)})  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="200 characters"):
+        validators.build(ChatRequest((Message(Role.USER, "q"),), validators=(too_long,)), [])
+
+
+def test_request_validator_cache_is_bounded() -> None:
+    validators = RequestValidators(LIMITS, max_cached=2)
+
+    def build(kind: str) -> object:
+        asked = ChatRequest((Message(Role.USER, "q"),), validators=(RequestValidator(kind),))
+        return validators.build(asked, [], "A")[0]
+
+    first = build("pii")
+    assert build("pii") is first
+    build("refusal")
+    build("length")  # the cache was full: flushed
+    assert build("pii") is not first

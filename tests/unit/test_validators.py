@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from routecache.domain import (
     ChatRequest,
     GenerationParams,
@@ -8,7 +10,7 @@ from routecache.domain import (
     ResponseFormatType,
     Role,
 )
-from routecache.router.validators import JsonSchemaValidator, LengthValidator
+from routecache.router.validators import JsonSchemaValidator, LengthValidator, check_pattern_size
 
 SCHEMA = json.dumps(
     {"type": "object", "required": ["answer"], "properties": {"answer": {"type": "string"}}}
@@ -50,3 +52,40 @@ def test_json_schema_reports_where_it_fails() -> None:
     assert not wrong.passed and "answer" in wrong.message
     missing = validator.check("{}", req)
     assert not missing.passed and "(root)" in missing.message
+
+
+def test_length_bounds_are_inclusive() -> None:
+    validator = LengthValidator(3, 5)
+    assert validator.check("abc", request()).passed
+    assert validator.check("abcde", request()).passed
+
+
+def test_compiled_schemas_are_bounded() -> None:
+    # Each tenant may send any schema: the compiled ones must not pile up without end.
+    validator = JsonSchemaValidator(max_compiled=2)
+    for field in ("a", "b", "c"):
+        schema = json.dumps({"type": "object", "required": [field]})
+        assert validator.check(
+            json.dumps({field: 1}), request(ResponseFormatType.JSON_SCHEMA, schema)
+        ).passed
+    assert len(validator._compiled) <= 2
+
+
+@pytest.mark.parametrize(
+    ("pattern", "allowed"),
+    [
+        ("a{10000}", True),  # exactly the limit
+        ("a{10001}", False),
+        ("(?:ab){5001}", False),  # the group's items, times the count
+        # An optional item still unrolls once per counted repeat when `regex` compiles.
+        ("(?:a?){10001}", False),
+        ("(?:a*){20000}", False),
+        ("x{0,200000}", True),  # no minimum: nothing to unroll
+    ],
+)
+def test_pattern_size_counts_what_compiling_unrolls(pattern: str, allowed: bool) -> None:
+    if allowed:
+        check_pattern_size(pattern)
+    else:
+        with pytest.raises(ValueError, match="repeats too large"):
+            check_pattern_size(pattern)
