@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from routecache.router.bootstrap import build_tenants
 from routecache.router.cli import build_parser, main
 from routecache.router.keyring import (
     FileKeyRegistry,
+    KeyRecord,
     add_key,
     revoke_key,
     rotate_key,
@@ -162,3 +164,59 @@ def test_a_registry_source_without_its_store_fails_fast() -> None:
         build_key_registry(load_settings(keys={"source": "redis"}), None)
     with pytest.raises(ConfigError, match="registry_path"):
         build_key_registry(load_settings(keys={"source": "file"}), None)
+
+
+async def test_rotating_a_rotating_key_never_extends_its_overlap(tmp_path: Path) -> None:
+    path, clock = tmp_path / "keys.json", ManualClock()
+    admin = FileKeyRegistry(path)
+    _, old = await add_key(admin, "acme", clock())
+    await rotate_key(admin, old.key_id, clock(), overlap_seconds=60)
+    _, _, retired = await rotate_key(admin, old.key_id, clock(), overlap_seconds=3600)
+    assert retired.expires_at == clock() + 60
+
+
+def test_a_revocation_dated_later_takes_effect_then_for_both_validity_and_status() -> None:
+    record = KeyRecord("k", hash_api_key("x"), "acme", created_at=0.0, revoked_at=100.0)
+    assert record.valid_at(99.0) and record.status(99.0) == "active"
+    assert not record.valid_at(100.0) and record.status(100.0) == "revoked"
+
+
+async def test_a_deleted_registry_file_drops_every_key(tmp_path: Path) -> None:
+    path, clock = tmp_path / "keys.json", ManualClock()
+    auth = authenticator(path, clock)
+    plain, _ = await add_key(FileKeyRegistry(path), "acme", clock())
+    assert (await auth.resolve(plain)).name == "acme"
+    path.unlink()
+    with pytest.raises(Unauthenticated):
+        await auth.resolve(plain)
+
+
+def _rewrite_in_place(path: Path, old: str, new: str) -> None:
+    with open(path, "r+", encoding="utf-8") as file:  # the inode stays
+        text = file.read().replace(old, new)
+        file.seek(0)
+        file.write(text)
+
+
+async def test_a_registry_file_rewritten_within_its_timestamp_is_read_again(
+    tmp_path: Path,
+) -> None:
+    # Same inode, size and mtime: only "changed too recently to trust" makes it re-read.
+    path = tmp_path / "keys.json"
+    registry = FileKeyRegistry(path)
+    _, record = await add_key(registry, "acme", 0.0, api_key="first")
+    assert await registry.find(record.sha256) == record
+    before = path.stat()
+    replacement = hash_api_key("other")
+    _rewrite_in_place(path, record.sha256, replacement)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_ino == before.st_ino and path.stat().st_size == before.st_size
+    assert await registry.find(record.sha256) is None
+    assert await registry.find(replacement) is not None
+
+
+async def test_an_empty_api_key_is_reported_missing(tmp_path: Path) -> None:
+    auth = authenticator(tmp_path / "keys.json", ManualClock())
+    for absent in ("", None):
+        with pytest.raises(Unauthenticated, match="missing API key"):
+            await auth.resolve(absent)

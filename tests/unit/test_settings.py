@@ -228,3 +228,27 @@ async def test_a_provider_given_in_code_needs_no_key_at_the_start(
         await bootstrap.start_service(
             unused, bootstrap.Overrides(providers={"strong": given["strong"]})
         )
+
+
+def test_a_tenants_own_cache_thresholds_beat_the_defaults() -> None:
+    settings = load_settings(
+        cache={"similarity_threshold": 0.8, "max_false_hit_rate": 0.05},
+        tenants=[
+            {"name": "a", "api_key_sha256": [hash_api_key("ka")]},
+            {"name": "b", "api_key_sha256": [hash_api_key("kb")],
+             "similarity_threshold": 0.95, "max_false_hit_rate": 0.01},
+        ],
+    )  # fmt: skip
+    auth = build_tenants(settings)
+    a, b = auth.authenticate("ka"), auth.authenticate("kb")
+    assert (a.similarity_threshold, a.max_false_hit_rate) == (0.8, 0.05)
+    assert (b.similarity_threshold, b.max_false_hit_rate) == (0.95, 0.01)
+
+
+def test_models_allowed_must_name_a_configured_model() -> None:
+    settings = load_settings(
+        tenants=[{"name": "a", "api_key_sha256": [hash_api_key("ka")],
+                  "models_allowed": ["no-such-model"]}]
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="names neither"):
+        build_tenants(settings)
