@@ -17,7 +17,7 @@ from routecache.backends.keys import KeySpace
 from routecache.backends.link import RedisLink
 from routecache.backends.redis_keys import RedisKeyRegistry
 from routecache.backends.redis_limits import RedisQuotaLimiter
-from routecache.backends.redis_spend import RedisSpendLedger
+from routecache.backends.redis_spend import RedisSpendLedger, Retention
 from routecache.backends.redis_store import RedisEntryStore, RedisStoreOptions
 from routecache.backends.replica_sync import ReplicaSync
 from routecache.backends.storage import RedisStorage
@@ -607,3 +607,53 @@ async def test_the_stop_ends_the_background_flush_before_it_reports_unflushed_sp
         assert await redis.link.client.hget(f"rc:{{acme}}:spend:d:{day}:u:{user}", "cost") is None
     assert "was sent without an answer: tenant acme user 'u1' 0.3 USD" in caplog.text
     assert "never reached it: tenant acme user 'u2' 0.4 USD" in caplog.text
+
+
+async def test_an_amount_over_a_buckets_capacity_passes_once_it_is_full(
+    redis_server: RedisServer,
+) -> None:
+    # As in process (Charge.needed): a request larger than the bucket waits for a full one.
+    link, clock = link_to(redis_server), ManualClock(1_700_000_000.0)
+    assert await link.connect()
+    try:
+        limiter = RedisQuotaLimiter(link, KeySpace(), clock)
+        big = [Charge("tokens", per_second=10.0, capacity=100.0, amount=150.0)]
+        assert (await limiter.take("acme", big)).allowed
+        refused = await limiter.take("acme", big)
+        assert not refused.allowed and refused.wait_seconds == pytest.approx(15.0)
+    finally:
+        await link.aclose()
+
+
+async def test_redis_reservations_end_exactly_at_their_ttl_and_per_user_caps_count_only_that_user(
+    redis_server: RedisServer,
+) -> None:
+    link, clock = link_to(redis_server), ManualClock(1_700_000_000.0)
+    assert await link.connect()
+    try:
+        ledger = RedisSpendLedger(link, KeySpace(), clock, reservation_ttl_seconds=60)
+        per_user = [Cap(Period.DAY, 1.0, per_user=True)]
+        assert isinstance(await ledger.reserve("acme", "u1", 0.8, per_user), Reservation)
+        assert isinstance(await ledger.reserve("acme", "u2", 0.8, per_user), Reservation)
+        assert isinstance(await ledger.reserve("acme", "u1", 0.8, per_user), CapReached)
+        clock.advance(60)  # u1's reservation, never settled, no longer holds
+        assert isinstance(await ledger.reserve("acme", "u1", 0.8, per_user), Reservation)
+    finally:
+        await link.aclose()
+
+
+async def test_spend_keys_expire_after_their_retention(redis_server: RedisServer) -> None:
+    link, clock = link_to(redis_server), ManualClock(1_700_000_000.0)
+    assert await link.connect()
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port)
+    try:
+        retention = Retention(day_seconds=1000, month_seconds=5000)
+        ledger = RedisSpendLedger(link, KeySpace(), clock, retention=retention)
+        await ledger.settle(None, SpendRecord("acme", "u1", cost_usd=0.25, calls=1))
+        ttls = {k.decode(): client.ttl(k) for k in client.keys("*spend:*")}
+        assert len(ttls) == 4  # day and month, tenant and user
+        for key, ttl in ttls.items():
+            assert 0 < ttl <= (1000 if ":d:" in key else 5000), key
+    finally:
+        client.close()
+        await link.aclose()

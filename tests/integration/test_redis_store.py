@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ class Setup:
     store: RedisEntryStore
     server: RedisServer
     clock: ManualClock
+    link: RedisLink
 
 
 @pytest.fixture
@@ -43,7 +45,7 @@ async def setup(redis_server: RedisServer) -> AsyncIterator[Setup]:
     clock = real_clock()
     options = RedisStoreOptions(10_000, read_batch=BATCH, unlink_batch=BATCH)
     store = RedisEntryStore(link, KeySpace(), options, clock, "test")
-    yield Setup(SemanticCache(store, ScopedFaissIndex(4), clock), store, redis_server, clock)
+    yield Setup(SemanticCache(store, ScopedFaissIndex(4), clock), store, redis_server, clock, link)
     await link.aclose()
 
 
@@ -52,11 +54,13 @@ def vector(i: int) -> np.ndarray:
     return np.array([math.cos(angle), math.sin(angle), 0.0, 0.0], dtype=np.float32)
 
 
-async def fill(setup: Setup, count: int, ttl: int = 3600, first: int = 0) -> list[str]:
+async def fill(
+    setup: Setup, count: int, ttl: int = 3600, first: int = 0, tags: tuple[str, ...] = ()
+) -> list[str]:
     ids = []
     for i in range(first, first + count):
         new = NewEntry("acme", SCOPE, f"question {i}", f"answer {i}", "m", Tier.CHEAP, vector(i),
-                       0.01 * (i % 7), 10, 10, ttl)  # fmt: skip
+                       0.01 * (i % 7), 10, 10, ttl, tags)  # fmt: skip
         entry = await setup.cache.store(new)
         assert entry is not None
         ids.append(entry.entry_id)
@@ -122,3 +126,43 @@ async def test_top_entries_leave_out_entries_past_expiry_and_grace(setup: Setup)
     setup.clock.advance(20)  # past expiry; the store's stale grace is 0
     assert [e.entry_id for e in await setup.cache.top_entries("acme", 10)] == kept
     assert await setup.cache.entry_count("acme") == 1
+
+
+async def test_an_entry_is_purged_exactly_at_its_expiry(setup: Setup) -> None:
+    # As the embedded store: held while expires_at + grace > now, and no longer.
+    await fill(setup, 1, ttl=10)
+    setup.clock.advance(10)
+    assert await setup.cache.entry_count("acme") == 0
+
+
+async def test_a_new_answer_to_the_same_prompt_replaces_the_old_entry(setup: Setup) -> None:
+    first = await fill(setup, 1)
+    second = await fill(setup, 1)  # the same prompt and scope: the same exact key
+    assert first != second
+    assert await setup.store.get(first[0]) is None
+    assert await setup.cache.entry_count("acme") == 1
+
+
+async def test_removed_entries_leave_no_keys_behind(setup: Setup) -> None:
+    await fill(setup, 3, tags=("news", "sport"))
+    assert await setup.cache.invalidate_tenant("acme") == 3
+    client = redis.Redis(host="127.0.0.1", port=setup.server.port)
+    try:
+        left = sorted(k.decode() for k in client.keys("*"))
+    finally:
+        client.close()
+    # Only the replicas' sync stream, which says what was removed.
+    assert [k for k in left if not k.endswith("sync")] == []
+
+
+async def test_a_tag_outlives_a_shorter_lived_entry_that_carries_it(setup: Setup) -> None:
+    # Redis drops a tag's set when its expiry passes: a short-lived entry storing the same tag
+    # must not bring that expiry forward, or invalidating the tag misses the longer-lived ones.
+    options = RedisStoreOptions(10_000, expiry_grace_seconds=0)
+    store = RedisEntryStore(setup.link, KeySpace(), options, setup.clock, "test")
+    cache = SemanticCache(store, ScopedFaissIndex(4), setup.clock)
+    graceless = Setup(cache, store, setup.server, setup.clock, setup.link)
+    lasting = await fill(graceless, 1, tags=("news",))
+    await fill(graceless, 1, ttl=1, first=1, tags=("news",))
+    await asyncio.sleep(1.3)  # past the short entry's expiry, on Redis' own clock
+    assert lasting[0] in await store.ids_with_tag("acme", "news")
