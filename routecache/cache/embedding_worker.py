@@ -109,6 +109,8 @@ class EmbeddingWorker:
         self._in_pass = len(live)
         try:
             rows = await loop.run_in_executor(self._executor, self._embedder.encode, texts)
+            if len(rows) != len(live):  # a plug-in embedder's bug must not kill the dispatcher
+                raise RuntimeError(f"embedder returned {len(rows)} rows for {len(live)} texts")
         except Exception as error:  # the callers get the error; the dispatcher carries on
             for p in live:
                 if not p.future.done():

@@ -92,3 +92,24 @@ async def test_a_caller_that_gave_up_is_not_encoded() -> None:
     await asyncio.sleep(0.05)
     worker.close()
     assert embedder.batches == [["keeps the encoder busy"]]
+
+
+class ShortEmbedder(RecordingEmbedder):
+    """An embedder that returns one row too few, as a broken plug-in might."""
+
+    short = False
+
+    def encode(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        rows = super().encode(texts)
+        return rows[:-1] if self.short else rows
+
+
+async def test_an_encoder_returning_the_wrong_number_of_rows_fails_its_callers_not_the_worker() -> None:
+    embedder = ShortEmbedder()
+    worker = EmbeddingWorker(embedder)
+    embedder.short = True
+    with pytest.raises(RuntimeError, match="returned 0 rows for 1 texts"):
+        await asyncio.wait_for(worker.embed("one question"), timeout=5)
+    embedder.short = False
+    assert (await asyncio.wait_for(worker.embed("fine"), timeout=5)).shape == (16,)
+    worker.close()
