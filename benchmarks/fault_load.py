@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import grpc
 
 from routecache.cache.embedder import HashEmbedder
+from routecache.classifier.model import load_artifact, packaged_artifact_path
 from routecache.client import RouteCacheClient, chat_request
 from routecache.replay import FaultKind, ReplayConfig, start_replay_server
 from routecache.router.auth import hash_api_key
@@ -110,7 +111,11 @@ async def run(args: argparse.Namespace) -> int:
     # The run measures upstream fault handling; MiniLM costs ~0.3-1 s a prompt on a busy
     # 2-core machine and would dominate it. --minilm uses it anyway.
     embedder = None if args.minilm else HashEmbedder(384)  # the classifier's input size
-    service = await start_service(settings, Overrides(embedder=embedder, events=events))
+    # Given in code, the packaged model scores the hash vectors unchecked (a service would
+    # refuse it): routing on them is meaningless, but any spread of tiers does for a fault run.
+    classifier = None if args.minilm else load_artifact(packaged_artifact_path())
+    overrides = Overrides(embedder=embedder, classifier=classifier, events=events)
+    service = await start_service(settings, overrides)
     assert service.server is not None
     rng = random.Random(args.seed)
     recorded = list(replay.recordings.prompts())

@@ -30,6 +30,32 @@ log = logging.getLogger(__name__)
 Loader = Callable[[Path], DifficultyClassifier]
 
 
+class ClassifierMismatch(ValueError):
+    """The model cannot score this service's embeddings, or learned from another embedder's."""
+
+
+def check_fits(model: DifficultyClassifier, dimension: int | None, embedder: str | None) -> None:
+    """Raises ClassifierMismatch unless `model` can route on the service's embeddings.
+
+    Another size of vector would fail every routed request; another embedder's vectors of the
+    same size would be scored without an error, on geometry the model never learned from.
+    """
+    if None not in (embedder, model.embedder) and model.embedder != embedder:
+        raise ClassifierMismatch(
+            f"classifier {model.version} was trained on embedder {model.embedder!r}; "
+            f"this service embeds with {embedder!r}"
+        )
+    if dimension is None:
+        return
+    try:
+        model.assess(np.zeros(dimension, dtype=np.float32), "")
+    except Exception as error:
+        raise ClassifierMismatch(
+            f"classifier {model.version} cannot score this service's {dimension}-d "
+            f"embeddings ({error})"
+        ) from error
+
+
 class ReloadingClassifier:
     def __init__(
         self,
@@ -60,10 +86,16 @@ class ReloadingClassifier:
         embedding_dimension: int | None = None,
         embedder: str | None = None,
     ) -> ReloadingClassifier:
-        """Start on the registry's current version, or on `fallback` if none is promoted yet."""
+        """Start on the registry's current version, or on `fallback` if none is promoted yet.
+
+        Raises ClassifierMismatch if that model does not fit the service's embeddings: at
+        start there is no older model to keep serving with.
+        """
         entry = registry.current_version()
         path = fallback if entry is None else registry.artifact_path(entry)
-        return cls(registry, load, load(path), entry, embedding_dimension, embedder)
+        initial = load(path)
+        check_fits(initial, embedding_dimension, embedder)
+        return cls(registry, load, initial, entry, embedding_dimension, embedder)
 
     @property
     def active(self) -> DifficultyClassifier:
@@ -117,13 +149,7 @@ class ReloadingClassifier:
         """Loads a version and has it score one embedding of the service's size (raises if it
         cannot, or was trained on another embedder)."""
         loaded = self._load(path)
-        if None not in (self._embedder, loaded.embedder) and loaded.embedder != self._embedder:
-            raise ValueError(
-                f"trained on embedder {loaded.embedder!r}; this service embeds with "
-                f"{self._embedder!r}"
-            )
-        if self._dimension is not None:
-            loaded.assess(np.zeros(self._dimension, dtype=np.float32), "")
+        check_fits(loaded, self._dimension, self._embedder)
         return loaded
 
     async def watch(self, interval_seconds: float) -> None:

@@ -34,7 +34,7 @@ from routecache.cache.semantic_cache import Distrust, SemanticCache
 from routecache.classifier.model import load_artifact, packaged_artifact_path
 from routecache.classifier.ports import DifficultyClassifier
 from routecache.classifier.registry import ModelRegistry
-from routecache.classifier.reloading import ReloadingClassifier
+from routecache.classifier.reloading import ClassifierMismatch, ReloadingClassifier, check_fits
 from routecache.domain import Tier
 from routecache.router.alerts import BudgetAlerts
 from routecache.router.auth import ApiKeyAuthenticator
@@ -175,15 +175,24 @@ def build_embedding_worker(settings: Settings, embedder: Embedder) -> EmbeddingW
 
 
 def build_classifier(settings: Settings, embedder: Embedder | None = None) -> DifficultyClassifier:
+    """The configured model; ConfigError if it cannot route on `embedder`'s vectors."""
     fallback = settings.classifier.artifact or packaged_artifact_path()
-    if settings.classifier.registry_dir is not None:
-        registry = ModelRegistry(settings.classifier.registry_dir)
-        return ReloadingClassifier.from_registry(
-            registry, load_artifact, fallback,
-            None if embedder is None else embedder.dimension,
-            None if embedder is None else embedder.name,
-        )  # fmt: skip
-    return load_artifact(fallback)
+    dimension = None if embedder is None else embedder.dimension
+    name = None if embedder is None else embedder.name
+    try:
+        if settings.classifier.registry_dir is not None:
+            registry = ModelRegistry(settings.classifier.registry_dir)
+            return ReloadingClassifier.from_registry(
+                registry, load_artifact, fallback, dimension, name
+            )
+        classifier = load_artifact(fallback)
+        check_fits(classifier, dimension, name)
+    except ClassifierMismatch as error:
+        raise ConfigError(
+            f"{error}: point classifier.artifact or classifier.registry_dir at a model "
+            f"trained on this embedder (routecache train-classifier --embedder ...)"
+        ) from error
+    return classifier
 
 
 def build_upstream(provider: ProviderSettings, retry: RetrySettings | None = None) -> ChatUpstream:

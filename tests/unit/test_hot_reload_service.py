@@ -12,7 +12,8 @@ from routecache.cache.embedder import HashEmbedder
 from routecache.classifier.registry import ModelRegistry
 from routecache.classifier.reloading import ReloadingClassifier
 from routecache.domain import ChatRequest, Message, Role, Tier
-from routecache.router.bootstrap import Overrides, start_service
+from routecache.router.bootstrap import Overrides, build_classifier, start_service
+from routecache.router.settings import ConfigError
 from routecache.training import train_classifier
 from tests.fakes import FakeUpstream, json_answer, prose_answer
 from tests.unit.conftest import KEYS, unit_settings
@@ -80,3 +81,24 @@ async def test_the_service_follows_the_registry_without_failing_requests(
     finally:
         await service.aclose()
     assert all(task.done() for task in service.background)  # the watcher stops with the service
+
+
+def test_a_service_whose_classifier_learned_from_another_embedder_does_not_start() -> None:
+    # The packaged model learned from MiniLM's 384-d vectors; a service embedding with the
+    # 64-d hash embedder would have failed every routed request (it did, before this check).
+    settings = unit_settings()
+    with pytest.raises(ConfigError, match=r"all-MiniLM-L6-v2@model.*'hash-64'.*train-classifier"):
+        build_classifier(settings, HashEmbedder())
+
+
+def test_a_registry_whose_current_version_learned_from_another_embedder_does_not_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry = ModelRegistry(tmp_path / "registry")
+    registry.add(_train(tmp_path, "v1", 0, capsys), "v1")  # trained on hash-64 vectors
+    registry.promote("v1")
+    settings = unit_settings()
+    settings.classifier.registry_dir = registry.root
+    with pytest.raises(ConfigError, match=r"'hash-64'; this service embeds with 'hash-32'"):
+        build_classifier(settings, HashEmbedder(32))
+    assert isinstance(build_classifier(settings, HashEmbedder()), ReloadingClassifier)
