@@ -513,6 +513,30 @@ def _refuse_unknown_env_sections() -> None:
                 )
 
 
+def _refuse_single_underscore_sections(settings: Settings) -> None:
+    """ROUTECACHE_SERVER_PORT (one underscore) is ROUTECACHE_SERVER__PORT mistyped, and would
+    be ignored without a word. A provider's api_key_env may be named so on purpose."""
+    prefix = "routecache_"
+    key_variables = {
+        provider.api_key_env
+        for tier in ("cheap", "strong")
+        for _, provider in settings.upstream.chain(tier)
+        if provider.api_key_env
+    } | {p.api_key_env for p in settings.upstream.providers.values() if p.api_key_env}
+    for name in os.environ:
+        lowered = name.lower()
+        if not lowered.startswith(prefix) or name in key_variables:
+            continue
+        rest = lowered[len(prefix) :]
+        for section in Settings.model_fields:
+            if rest.startswith(section + "_") and not rest.startswith(section + "__"):
+                raise ConfigError(
+                    f"invalid configuration: environment variable {name}: nested settings "
+                    f"take two underscores (ROUTECACHE_{section.upper()}__"
+                    f"{name[len(prefix) + len(section) + 1 :]})"
+                )
+
+
 def load_settings(config_file: Path | None = None, **overrides: object) -> Settings:
     """Read settings, failing fast with one readable message per problem."""
     _refuse_unknown_env_sections()
@@ -525,9 +549,11 @@ def load_settings(config_file: Path | None = None, **overrides: object) -> Setti
         config = SettingsConfigDict(**{**Settings.model_config, "toml_file": config_file})
         settings_cls = type("FileSettings", (Settings,), {"model_config": config})
     try:
-        return settings_cls(**overrides)  # type: ignore[arg-type]
+        settings = settings_cls(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(f"invalid configuration: {problems}") from exc
+    _refuse_single_underscore_sections(settings)
+    return settings

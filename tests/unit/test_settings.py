@@ -181,6 +181,25 @@ def test_an_environment_variable_naming_no_section_is_refused(
         load_settings(EXAMPLE)
 
 
+def test_a_nested_setting_with_one_underscore_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # ROUTECACHE_SERVER_PORT was ignored without a word: the service came up on the default port.
+    monkeypatch.setenv("ROUTECACHE_SERVER_PORT", "6000")
+    with pytest.raises(ConfigError, match=r"ROUTECACHE_SERVER_PORT.*ROUTECACHE_SERVER__PORT"):
+        load_settings(EXAMPLE)
+
+
+def test_a_key_variable_named_like_a_section_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ROUTECACHE_UPSTREAM_STRONG_KEY", "k")
+    strong = {
+        "model": "gpt-4",
+        "input_usd_per_mtok": 10.0,
+        "output_usd_per_mtok": 30.0,
+        "api_key_env": "ROUTECACHE_UPSTREAM_STRONG_KEY",
+    }
+    settings = load_settings(upstream={"strong": strong})
+    assert settings.upstream.strong.resolve_api_key() == "k"
+
+
 def test_other_routecache_variables_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     # Single-level names are not settings (ROUTECACHE_CONFIG, a provider's api_key_env).
     monkeypatch.setenv("ROUTECACHE_EXAMPLE_STRONG_KEY", "k")
