@@ -7,6 +7,7 @@ variables override the TOML file, which overrides the defaults.
 from __future__ import annotations
 
 import os
+import tomllib
 from collections.abc import Collection
 from pathlib import Path
 from typing import Literal, Self
@@ -24,6 +25,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -555,5 +557,10 @@ def load_settings(config_file: Path | None = None, **overrides: object) -> Setti
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(f"invalid configuration: {problems}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from exc
+    except SettingsError as exc:  # a section's variable that is not JSON (ROUTECACHE_SERVER=x)
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        raise ConfigError(f"invalid configuration: {exc}{cause}") from exc
     _refuse_single_underscore_sections(settings)
     return settings

@@ -43,7 +43,7 @@ def test_notebook_executes_on_exported_demo_events(
 ) -> None:
     parquet = tmp_path / "events.parquet"
     assert main(["export-events", "--events", str(EVENTS), "--out", str(parquet)]) == 0
-    monkeypatch.setenv("ROUTECACHE_EVENTS", str(parquet))
+    monkeypatch.setenv("ROUTECACHE_NOTEBOOK_EVENTS", str(parquet))
     # The kernel is a child process: it must import this checkout's routecache.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")

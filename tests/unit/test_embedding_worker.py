@@ -104,7 +104,9 @@ class ShortEmbedder(RecordingEmbedder):
         return rows[:-1] if self.short else rows
 
 
-async def test_an_encoder_returning_the_wrong_number_of_rows_fails_its_callers_not_the_worker() -> None:
+async def test_an_encoder_giving_the_wrong_number_of_rows_fails_the_callers_not_the_worker() -> (
+    None
+):
     embedder = ShortEmbedder()
     worker = EmbeddingWorker(embedder)
     embedder.short = True

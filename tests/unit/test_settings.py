@@ -200,6 +200,22 @@ def test_a_key_variable_named_like_a_section_is_left_alone(monkeypatch: pytest.M
     assert settings.upstream.strong.resolve_api_key() == "k"
 
 
+def test_a_section_variable_that_is_not_json_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before, pydantic-settings' own error escaped as a traceback.
+    monkeypatch.setenv("ROUTECACHE_EVENTS", "/tmp/events.parquet")
+    with pytest.raises(ConfigError, match=r'invalid configuration: .*"events"'):
+        load_settings(EXAMPLE)
+
+
+def test_a_config_file_that_is_not_toml_is_a_config_error(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("server = [\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml is not valid TOML: Invalid value"):
+        load_settings(config)
+
+
 def test_other_routecache_variables_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     # Single-level names are not settings (ROUTECACHE_CONFIG, a provider's api_key_env).
     monkeypatch.setenv("ROUTECACHE_EXAMPLE_STRONG_KEY", "k")
