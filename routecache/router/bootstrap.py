@@ -47,7 +47,7 @@ from routecache.router.metrics import MetricsServer, PrometheusTelemetry
 from routecache.router.pipeline import Pipeline, PipelineParts
 from routecache.router.ports import ChatUpstream, EventSink, Pricing, SpendLedger
 from routecache.router.quotas import InMemoryQuotaLimiter, QuotaLimiter
-from routecache.router.server import DEPENDENCIES, RunningServer, start_server
+from routecache.router.server import DEPENDENCIES, ListenError, RunningServer, start_server
 from routecache.router.servicer import RouteCacheServicer
 from routecache.router.settings import (
     ConfigError,
@@ -455,11 +455,19 @@ async def start_service(settings: Settings, overrides: Overrides | None = None) 
         await service.embeddings.embed("warm up")
         if settings.metrics.enabled and isinstance(service.telemetry, PrometheusTelemetry):
             registry = service.telemetry.registry
-            service.metrics = MetricsServer(registry, settings.metrics.host, settings.metrics.port)
+            host, port = settings.metrics.host, settings.metrics.port
+            try:
+                service.metrics = MetricsServer(registry, host, port)
+            except OSError as error:
+                raise ListenError(f"metrics on {host}:{port}: {error}") from error
         # NOT_SERVING until the index holds what the store holds (a Redis rebuild takes a while).
         await service.start_storage(server.set_cache_serving)
-    except BaseException:
+    except BaseException as error:
         await (service.aclose() if service is not None else server.stop())
+        if isinstance(error, OSError) and not isinstance(error, ListenError):
+            # A file the settings name (event log, verifier, snapshot) is missing or unusable:
+            # not a port problem, and worth one line rather than a traceback.
+            raise ConfigError(f"cannot start: {error}") from error
         raise
     servicer.attach(service.pipeline)
     for dependency in DEPENDENCIES:

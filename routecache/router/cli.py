@@ -16,6 +16,7 @@ from routecache.router.settings import ConfigError, load_settings
 def _serve(args: argparse.Namespace) -> int:
     from routecache.router.bootstrap import start_service
     from routecache.router.logs import configure_logging
+    from routecache.router.server import ListenError
 
     settings = load_settings(args.config)
     level = "debug" if args.verbose else settings.logging.level
@@ -34,7 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(signum, stop.set)
         try:
             service = await start_service(settings)
-        except OSError as error:
+        except ListenError as error:
             raise ConfigError(
                 f"cannot listen (server.port {settings.server.port}, "
                 f"metrics.port {settings.metrics.port}): {error}"

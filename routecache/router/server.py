@@ -25,6 +25,10 @@ DEPENDENCIES = ("routecache.embedder", "routecache.classifier", "routecache.inde
 CACHE_HEALTH_NAME = "routecache.v1.RouteCache.cache"
 
 
+class ListenError(OSError):
+    """A port could not be bound (taken, or an address this host does not have)."""
+
+
 class RunningServer:
     def __init__(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer,
                  port: int, grace_seconds: float) -> None:  # fmt: skip
@@ -120,9 +124,9 @@ async def start_server(
         else:  # health and reflection share the port, so they are behind TLS too
             port = server.add_secure_port(address, credentials)
     except RuntimeError as error:  # what grpcio raises when the bind fails
-        raise OSError(f"could not bind {settings.host}:{settings.port}: {error}") from error
+        raise ListenError(f"could not bind {settings.host}:{settings.port}: {error}") from error
     if port == 0:
-        raise OSError(f"could not bind {settings.host}:{settings.port}")
+        raise ListenError(f"could not bind {settings.host}:{settings.port}")
     await server.start()
     running = RunningServer(server, health_servicer, port, settings.grace_seconds)
     await running.set_serving(False)

@@ -287,3 +287,46 @@ def test_models_allowed_must_name_a_configured_model() -> None:
     )  # fmt: skip
     with pytest.raises(ConfigError, match="names neither"):
         build_tenants(settings)
+
+
+def _fake_parts() -> bootstrap.Overrides:
+    from routecache.cache.embedder import HashEmbedder
+    from routecache.classifier.model import FixedScoreClassifier
+    from routecache.domain import Tier
+
+    return bootstrap.Overrides(
+        embedder=HashEmbedder(),
+        classifier=FixedScoreClassifier(0.2),
+        upstreams={Tier.CHEAP: FakeUpstream("cheap"), Tier.STRONG: FakeUpstream("strong")},
+    )
+
+
+async def test_an_unusable_file_at_start_is_a_config_error_not_a_taken_port(
+    tmp_path: Path,
+) -> None:
+    from routecache.router.server import ListenError
+    from tests.unit.conftest import unit_settings
+
+    # events.path is a folder: the start used to fail with an OSError that `serve` reported
+    # as "cannot listen (server.port ..., metrics.port ...)".
+    settings = unit_settings(service={"events": {"path": str(tmp_path)}, "server": {"port": 0}})
+    with pytest.raises(ConfigError, match=rf"cannot start: .*{tmp_path}") as error:
+        await bootstrap.start_service(settings, _fake_parts())
+    assert not isinstance(error.value, ListenError)
+
+
+async def test_a_taken_metrics_port_is_a_listen_error_naming_it() -> None:
+    import socket
+
+    from routecache.router.server import ListenError
+    from tests.unit.conftest import unit_settings
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        base = unit_settings(service={"server": {"port": 0}})
+        metrics = base.metrics.model_copy(update={"port": port})
+        settings = base.model_copy(update={"metrics": metrics})
+        with pytest.raises(ListenError, match=rf"metrics on 127\.0\.0\.1:{port}"):
+            await bootstrap.start_service(settings, _fake_parts())
