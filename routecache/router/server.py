@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from pathlib import Path
 
 import grpc
@@ -76,9 +77,32 @@ def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | Non
     key = _read_pem(settings.tls_key_file, "server.tls_key_file")
     client_ca = settings.tls_client_ca_file
     roots = None if client_ca is None else _read_pem(client_ca, "server.tls_client_ca_file")
+    _check_pems(settings)
     return grpc.ssl_server_credentials(
         [(key, chain)], root_certificates=roots, require_client_auth=roots is not None
     )
+
+
+def _check_pems(settings: ServerSettings) -> None:
+    """gRPC takes any bytes here and only fails at the bind, as 'could not bind host:port':
+    check with OpenSSL that they are PEM, and that the key is the certificate's."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(str(settings.tls_cert_file), str(settings.tls_key_file))
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"server.tls_cert_file {settings.tls_cert_file} and server.tls_key_file "
+            f"{settings.tls_key_file} are not a PEM certificate chain and its private key "
+            f"({exc.reason or exc})"
+        ) from exc
+    if settings.tls_client_ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=str(settings.tls_client_ca_file))
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                f"server.tls_client_ca_file {settings.tls_client_ca_file} is not a PEM CA "
+                f"bundle ({exc.reason or exc})"
+            ) from exc
 
 
 def _read_pem(path: Path, key: str) -> bytes:

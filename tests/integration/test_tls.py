@@ -168,3 +168,28 @@ def test_tls_settings_must_come_together(tmp_path: Path) -> None:
 async def test_an_unreadable_certificate_stops_the_start_naming_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"server\.tls_cert_file"):
         await serve({"tls_cert_file": tmp_path / "missing.pem", "tls_key_file": tmp_path / "k"})
+
+
+async def test_a_certificate_file_that_is_not_pem_stops_the_start_naming_it(
+    tmp_path: Path, pki: Pki
+) -> None:
+    # gRPC accepted the bytes and failed at the bind: "cannot listen ... could not bind".
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=r"server\.tls_cert_file .*garbage\.pem"):
+        await serve({"tls_cert_file": garbage, "tls_key_file": pki.server_key})
+
+
+async def test_a_key_of_another_certificate_stops_the_start(pki: Pki) -> None:
+    with pytest.raises(ConfigError, match=r"server\.tls_key_file .*not a PEM certificate chain"):
+        await serve({"tls_cert_file": pki.server_cert, "tls_key_file": pki.client_key})
+
+
+async def test_a_client_ca_file_that_is_not_pem_stops_the_start(tmp_path: Path, pki: Pki) -> None:
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("not a CA\n")
+    with pytest.raises(ConfigError, match=r"server\.tls_client_ca_file .*ca\.pem"):
+        await serve(
+            {"tls_cert_file": pki.server_cert, "tls_key_file": pki.server_key,
+             "tls_client_ca_file": garbage}
+        )  # fmt: skip
