@@ -26,14 +26,22 @@ from routecache.router.keyring import (
     revoke_key,
     rotate_key,
 )
-from routecache.router.settings import TENANT_NAME_PATTERN, ConfigError, Settings, load_settings
+from routecache.router.settings import (
+    TENANT_NAME_PATTERN,
+    ConfigError,
+    Settings,
+    check_redis_url,
+    load_settings,
+)
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--config", type=Path, help="the service's TOML settings (its registry)")
     where.add_argument("--registry", type=Path, help="a key registry file")
-    where.add_argument("--redis-url", help="a Redis key registry (with --key-prefix)")
+    where.add_argument(
+        "--redis-url", type=_redis_url, help="a Redis key registry (with --key-prefix)"
+    )
     parser.add_argument("--key-prefix", default="rc", help="with --redis-url: store.key_prefix")
     parser.add_argument("--json", action="store_true", help="print JSON")
     actions = parser.add_subparsers(dest="action", required=True)
@@ -48,6 +56,13 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     revoke.add_argument("key_id")
     listing = actions.add_parser("list", help="key ids, tenants and states (never the keys)")
     listing.add_argument("--tenant", default=None)
+
+
+def _redis_url(text: str) -> str:
+    try:
+        return check_redis_url(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 @asynccontextmanager

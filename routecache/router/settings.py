@@ -208,6 +208,16 @@ class CacheSettings(_Section):
     )
 
 
+REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def check_redis_url(url: str) -> str:
+    """redis-py refuses any other URL only when the first connection is made (a traceback)."""
+    if not url.startswith(REDIS_URL_SCHEMES):
+        raise ValueError(f"a Redis URL starts with {', '.join(REDIS_URL_SCHEMES)}")
+    return url
+
+
 class StoreSettings(_Section):
     """Where cache entries, limits and events live: this process, or Redis shared by replicas."""
 
@@ -237,6 +247,12 @@ class StoreSettings(_Section):
     event_buffer_max: int = Field(
         10_000, gt=0, description="events held in memory while Redis is down"
     )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: SecretStr) -> SecretStr:
+        check_redis_url(url.get_secret_value())
+        return url
 
 
 class _OperatingTargets(_Section):

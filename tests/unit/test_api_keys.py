@@ -220,3 +220,12 @@ async def test_an_empty_api_key_is_reported_missing(tmp_path: Path) -> None:
     for absent in ("", None):
         with pytest.raises(Unauthenticated, match="missing API key"):
             await auth.resolve(absent)
+
+
+def test_a_redis_url_without_a_scheme_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["keys", "--redis-url", "localhost:6379", "list"])
+    assert exit_.value.code == 2
+    assert "--redis-url: a Redis URL starts with redis://" in capsys.readouterr().err

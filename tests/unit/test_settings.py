@@ -330,3 +330,10 @@ async def test_a_taken_metrics_port_is_a_listen_error_naming_it() -> None:
         settings = base.model_copy(update={"metrics": metrics})
         with pytest.raises(ListenError, match=rf"metrics on 127\.0\.0\.1:{port}"):
             await bootstrap.start_service(settings, _fake_parts())
+
+
+def test_a_redis_url_without_a_redis_scheme_is_refused_at_load() -> None:
+    # redis-py refused it only when the store first connected: a traceback from `serve`.
+    with pytest.raises(ConfigError, match=r"store\.redis_url: .*redis://, rediss://, unix://"):
+        load_settings(store={"backend": "redis", "redis_url": "localhost:6379"})
+    assert load_settings(store={"redis_url": "unix:///run/redis.sock"}).store.redis_url
