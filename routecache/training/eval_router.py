@@ -14,18 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from routecache.classifier.model import SklearnDifficultyClassifier, load_classifier
+from routecache.classifier.model import (
+    ClassifierArtifactError,
+    SklearnDifficultyClassifier,
+    load_classifier,
+)
 from routecache.domain import OperatingPoint
 from routecache.router.settings import load_settings
-from routecache.training.data_files import exits_2_on_data_error
+from routecache.training.data_files import DataFileError, exits_2_on_data_error
 from routecache.training.routing_data import (
     RoutingRow,
     read_routing_rows,
@@ -82,11 +87,14 @@ def operating_point(args: argparse.Namespace) -> tuple[OperatingPoint | None, st
 @exits_2_on_data_error
 def run(args: argparse.Namespace) -> int:
     rows = read_routing_rows([Path(p) for p in args.data])
-    classifier = load_classifier(Path(args.artifact) if args.artifact else None)
+    try:
+        classifier = load_classifier(Path(args.artifact) if args.artifact else None)
+    except ClassifierArtifactError as error:
+        raise DataFileError(f"--artifact: {error}") from error
     kind, dimension = _embedder_for(classifier)
     embedder = make_embedder(kind, dimension)
     if embedder.name != classifier.metadata.get("embedder"):
-        raise SystemExit(
+        raise DataFileError(
             f"the artifact was trained with embedder {classifier.metadata.get('embedder')!r}, "
             f"this environment provides {embedder.name!r}"
         )
@@ -127,6 +135,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a finite number from low to high."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"not a number: {text}") from error
+        if not math.isfinite(value) or not low <= value <= high:
+            bounds = "finite" if math.isinf(low) else f"from {low:g} to {high:g}"
+            raise argparse.ArgumentTypeError(f"{text}: must be {bounds}")
+        return value
+
+    return parse
+
+
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
@@ -140,14 +164,22 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--threshold",
-        type=float,
+        type=_number(-math.inf, math.inf),
         default=None,
         help="routing-score threshold (overrides any operating point)",
     )
     targets = parser.add_mutually_exclusive_group()
-    targets.add_argument("--quality", type=float, help="target fraction of the gap recovered")
-    targets.add_argument("--strong-fraction", type=float, help="target share of strong calls")
-    targets.add_argument("--max-cost-ratio", type=float, help="cost ceiling relative to all-strong")
+    # The ranges of the settings' classifier.target_quality / target_strong_fraction /
+    # max_cost_ratio: outside them every threshold is a silent "all strong" or "all cheap".
+    targets.add_argument(
+        "--quality", type=_number(0, 1.5), help="target fraction of the gap recovered (0-1.5)"
+    )
+    targets.add_argument(
+        "--strong-fraction", type=_number(0, 1), help="target share of strong calls (0-1)"
+    )
+    targets.add_argument(
+        "--max-cost-ratio", type=_number(0, 1), help="cost ceiling relative to all-strong (0-1)"
+    )
     parser.add_argument(
         "--config", type=Path, default=None, help="service settings TOML (operating point)"
     )

@@ -155,3 +155,31 @@ def test_a_bad_event_log_given_to_retrain_is_a_message_and_exit_2(
     argv = ["--data", str(data), "--events", str(events), "--embedder", "hash"]
     assert retrain.main([*argv, "--registry", str(tmp_path / "registry")]) == 2
     assert "events.jsonl:1" in capsys.readouterr().err
+
+
+def test_eval_router_reports_a_missing_artifact_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _write_routing_file(tmp_path / "ok.jsonl", n=10)
+    missing = tmp_path / "missing.skops"
+    assert eval_router.main(["--data", str(data), "--artifact", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("routecache: --artifact: ") and "missing.skops" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--quality", "5"], ["--strong-fraction", "-1"], ["--max-cost-ratio", "2"],
+     ["--threshold", "nan"]],
+    ids=["quality", "strong fraction", "cost ratio", "threshold"],
+)  # fmt: skip
+def test_eval_router_refuses_targets_outside_the_settings_ranges(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str]
+) -> None:
+    # They were reported on as if valid: a threshold of -1 (all strong) or 1 (all cheap).
+    data = _write_routing_file(tmp_path / "ok.jsonl", n=10)
+    with pytest.raises(SystemExit) as exit_:
+        eval_router.main(["--data", str(data), *flags])
+    assert exit_.value.code == 2
+    assert f"argument {flags[0]}" in capsys.readouterr().err
