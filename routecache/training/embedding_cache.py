@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+
+from routecache.training.data_files import DataFileError
 
 Embed = Callable[[Sequence[str]], npt.NDArray[np.float32]]
 
@@ -45,16 +48,28 @@ class EmbeddingCache:
         return out
 
     def _load(self, dimension: int) -> dict[str, npt.NDArray[np.float32]]:
-        if not self._path.is_file():
+        if not self._path.exists():
             return {}
-        with np.load(self._path) as stored:
-            keys, vectors = stored["keys"], stored["vectors"]
+        if not self._path.is_file():
+            raise DataFileError(f"{self._path}: the embedding cache is not a file")
+        try:
+            with np.load(self._path) as stored:
+                keys, vectors = stored["keys"], stored["vectors"]
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+            # Another file given by mistake: say so, and never write over it.
+            raise DataFileError(
+                f"{self._path}: not an embedding cache (.npz of keys and vectors): {exc}"
+            ) from exc
         if vectors.ndim != 2 or vectors.shape[1] != dimension:
             return {}  # another embedder's vectors: start over rather than mix them
         return {str(k): v for k, v in zip(keys, vectors, strict=True)}
 
     def _save(self, known: dict[str, npt.NDArray[np.float32]]) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
         partial = self._path.with_name(self._path.name + ".partial.npz")
-        np.savez(partial, keys=np.array(list(known)), vectors=np.stack(list(known.values())))
-        os.replace(partial, self._path)
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(partial, keys=np.array(list(known)), vectors=np.stack(list(known.values())))
+            os.replace(partial, self._path)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            raise DataFileError(f"{self._path}: cannot write the embedding cache ({exc})") from exc

@@ -183,3 +183,43 @@ def test_eval_router_refuses_targets_outside_the_settings_ranges(
         eval_router.main(["--data", str(data), *flags])
     assert exit_.value.code == 2
     assert f"argument {flags[0]}" in capsys.readouterr().err
+
+
+def test_an_embedding_cache_that_is_another_file_is_reported_and_left_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _write_routing_file(tmp_path / "ok.jsonl", n=10)
+    before = data.read_bytes()
+    argv = ["--data", str(data), "--out", str(tmp_path / "out"), "--embedder", "hash"]
+    # The data file itself given as the cache: np.load's ValueError was a traceback.
+    assert train_classifier.main([*argv, "--embedding-cache", str(data)]) == 2
+    assert "ok.jsonl: not an embedding cache" in capsys.readouterr().err
+    assert data.read_bytes() == before
+
+
+def test_an_embedding_cache_path_that_is_a_folder_leaves_no_partial_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _write_routing_file(tmp_path / "ok.jsonl", n=10)
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    argv = ["--data", str(data), "--out", str(tmp_path / "out"), "--embedder", "hash"]
+    assert train_classifier.main([*argv, "--embedding-cache", str(folder)]) == 2
+    assert "cache: the embedding cache is not a file" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_an_unwritable_embedding_cache_removes_its_partial_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from routecache.training.embedding_cache import EmbeddingCache
+
+    # A folder where the cache's own name should be renamed over: the save fails after the
+    # partial file was written.
+    target = tmp_path / "cache.npz"
+    target.mkdir()
+    (target / "x").write_text("")
+    cache = EmbeddingCache(target)
+    with pytest.raises(ValueError, match=r"cache\.npz"):
+        cache._save({"k": HashEmbedder().encode(["a"])[0]})
+    assert not list(tmp_path.glob("*.partial*"))
