@@ -58,7 +58,7 @@ class ModelRegistry:
     def current_version(self) -> str | None:
         try:
             name = (self.root / POINTER).read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no registry (or a file) at root
             return None
         return name or None
 

@@ -53,8 +53,10 @@ from routecache.training.train_classifier import (
     describe,
     embed_prompts,
     make_embedder,
+    positive_int,
     score_rows,
     train_candidate,
+    writable_folder,
 )
 
 
@@ -100,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     data_paths = [Path(p) for p in args.data]
     event_paths = [Path(p) for p in args.events or []]
     rows = read_routing_rows(data_paths)
+    writable_folder(registry.root, "--registry")
     held = holdout_mask([r.prompt for r in rows], args.holdout_fraction, args.seed)
     held_rows = [r for r, h in zip(rows, held, strict=True) if h]
     train_rows = [r for r, h in zip(rows, held, strict=True) if not h]
@@ -172,7 +175,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="promote if candidate APGR >= incumbent APGR - tolerance",
     )
     parser.add_argument("--embedder", choices=["minilm", "hash"], default="minilm")
-    parser.add_argument("--hash-dimension", type=int, default=64)
+    parser.add_argument("--hash-dimension", type=positive_int, default=64)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import uuid
@@ -43,7 +44,7 @@ from routecache.classifier.model import (
 from routecache.classifier.neighbours import NeighbourBank, label_matrix
 from routecache.classifier.operating_point import OperatingCurve, fit_curve
 from routecache.domain import OperatingPoint
-from routecache.training.data_files import exits_2_on_data_error
+from routecache.training.data_files import DataFileError, exits_2_on_data_error
 from routecache.training.embedding_cache import EmbeddingCache
 from routecache.training.routing_data import (
     RoutingRow,
@@ -245,6 +246,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     paths = [Path(p) for p in args.data]
     rows = read_routing_rows(paths)
+    # Checked before the minutes of embedding and fitting, not when the artifact is saved.
+    writable_folder(Path(args.out), "--out")
     held = holdout_mask([r.prompt for r in rows], args.holdout_fraction, args.seed)
     train_rows = [r for r, h in zip(rows, held, strict=True) if not h]
     test_rows = [r for r, h in zip(rows, held, strict=True) if h]
@@ -286,6 +289,36 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def writable_folder(folder: Path, flag: str) -> None:
+    """DataFileError unless `folder` is (or can be made) a folder this process may write in."""
+    if folder.exists() and not folder.is_dir():
+        raise DataFileError(f"{flag} {folder}: not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataFileError(f"{flag} {folder}: cannot make the folder ({exc.strerror})") from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DataFileError(f"{flag} {folder}: the folder is not writable")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not an integer: {text}") from error
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be 1 or more")
+    return value
+
+
+def artifact_name(text: str) -> str:
+    """An argparse type: a file name, not a path (it went outside --out)."""
+    if not text or "/" in text or "\\" in text or text.startswith("."):
+        raise argparse.ArgumentTypeError(f"{text!r}: a file name without '/' or a leading '.'")
+    return text
+
+
 def describe(
     candidate: Candidate,
     name: str,
@@ -322,7 +355,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         default=str(packaged_artifact_path().parent),
         help="artifact folder (default: the packaged artifacts folder)",
     )
-    parser.add_argument("--name", default=DEFAULT_ARTIFACT_NAME, help="artifact base name")
+    parser.add_argument(
+        "--name", type=artifact_name, default=DEFAULT_ARTIFACT_NAME, help="artifact base name"
+    )
     parser.add_argument(
         "--holdout-fraction",
         type=float,
@@ -349,7 +384,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="minilm: the packaged all-MiniLM-L6-v2 (as in service); hash: tests",
     )
     parser.add_argument(
-        "--hash-dimension", type=int, default=64, help="dimension of the hash embedder"
+        "--hash-dimension", type=positive_int, default=64, help="dimension of the hash embedder"
     )
 
 

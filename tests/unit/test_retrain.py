@@ -75,3 +75,13 @@ def test_equal_candidate_is_promoted_and_rollback_restores_the_previous(
     assert registry.current_version() == first["candidate"]
     assert load_artifact(registry.current_artifact()).version == first["candidate"]  # type: ignore[arg-type]
     assert cli_main(["rollback-classifier", "--registry", str(registry_dir)]) == 1
+
+
+def test_rollback_of_a_registry_that_is_a_file_is_a_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Reading FILE/CURRENT raised NotADirectoryError: a traceback.
+    a_file = tmp_path / "registry"
+    a_file.write_text("")
+    assert cli_main(["rollback-classifier", "--registry", str(a_file)]) == 1
+    assert "is this the registry folder?" in capsys.readouterr().err

@@ -223,3 +223,50 @@ def test_an_unwritable_embedding_cache_removes_its_partial_file(
     with pytest.raises(ValueError, match=r"cache\.npz"):
         cache._save({"k": HashEmbedder().encode(["a"])[0]})
     assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_an_unusable_out_folder_is_reported_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It was found only when the artifact was saved, after the embedding and the fit.
+    data = _write_routing_file(tmp_path / "ok.jsonl", n=10)
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    argv = ["--data", str(data), "--embedder", "hash", "--out", str(a_file)]
+    assert train_classifier.main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"routecache: --out {a_file}: not a folder")
+
+
+def test_retrain_reports_a_registry_that_is_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _write_routing_file(tmp_path / "ok.jsonl", n=10)
+    a_file = tmp_path / "registry"
+    a_file.write_text("")
+    assert retrain.main(["--data", str(data), "--embedder", "hash", "--registry", str(a_file)]) == 2
+    assert "--registry" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--hash-dimension", "0"], ["--name", "../elsewhere"]],
+    ids=["hash dimension 0", "name with a path"],
+)
+def test_train_classifier_refuses_a_zero_dimension_and_a_name_with_a_path(
+    tmp_path: Path, flags: list[str]
+) -> None:
+    # A zero dimension was a ZeroDivisionError; a name with '/' wrote outside --out.
+    data = _write_routing_file(tmp_path / "ok.jsonl", n=10)
+    argv = ["--data", str(data), "--embedder", "hash", "--out", str(tmp_path / "out"), *flags]
+    with pytest.raises(SystemExit) as exit_:
+        train_classifier.main(argv)
+    assert exit_.value.code == 2
+    assert not list(tmp_path.glob("*.skops"))
+
+
+def test_retrain_refuses_a_zero_hash_dimension(tmp_path: Path) -> None:
+    data = _write_routing_file(tmp_path / "ok.jsonl", n=10)
+    argv = ["--data", str(data), "--embedder", "hash", "--registry", str(tmp_path / "r")]
+    with pytest.raises(SystemExit) as exit_:
+        retrain.main([*argv, "--hash-dimension", "0"])
+    assert exit_.value.code == 2
