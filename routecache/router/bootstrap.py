@@ -42,7 +42,7 @@ from routecache.router.budget import InMemorySpendLedger
 from routecache.router.costs import CostControl
 from routecache.router.events import InMemoryEventLog, JsonlEventLog
 from routecache.router.generation import Generator, Provider
-from routecache.router.keyring import FileKeyRegistry, KeyRegistry
+from routecache.router.keyring import FileKeyRegistry, KeyRegistry, KeyRegistryError
 from routecache.router.metrics import MetricsServer, PrometheusTelemetry
 from routecache.router.pipeline import Pipeline, PipelineParts
 from routecache.router.ports import ChatUpstream, EventSink, Pricing, SpendLedger
@@ -276,7 +276,12 @@ def build_key_registry(settings: Settings, link: RedisLink | None) -> KeyRegistr
     if source == "file":
         if path is None:
             raise ConfigError("keys.source = 'file' needs keys.registry_path")
-        return FileKeyRegistry(path)
+        registry = FileKeyRegistry(path)
+        try:
+            registry.check()  # a damaged file would fail every call of a registered key
+        except KeyRegistryError as error:
+            raise ConfigError(f"keys.registry_path: {error}") from error
+        return registry
     return None
 
 

@@ -133,6 +133,10 @@ class FileKeyRegistry:
     def path(self) -> Path:
         return self._path
 
+    def check(self) -> None:
+        """KeyRegistryError if the file is there but is no registry (a missing one is empty)."""
+        self._refresh()
+
     async def find(self, sha256: str) -> KeyRecord | None:
         self._refresh()
         return self._by_digest.get(sha256)
@@ -171,12 +175,23 @@ class FileKeyRegistry:
             self._seen = None if racy else signature
 
 
+class KeyRegistryError(ValueError):
+    """The registry file cannot be read, or is not a registry (JSON {"keys": [records]})."""
+
+
 def _read(path: Path) -> list[KeyRecord]:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return []
-    return [KeyRecord(**item) for item in raw.get("keys", [])]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise KeyRegistryError(f"key registry {path}: cannot read it ({exc})") from exc
+    try:
+        return [KeyRecord(**item) for item in raw.get("keys", [])]
+    except (AttributeError, TypeError) as exc:
+        raise KeyRegistryError(
+            f'key registry {path}: not a registry (a JSON object {{"keys": [...]}})'
+        ) from exc
 
 
 def _write(path: Path, records: list[KeyRecord]) -> None:

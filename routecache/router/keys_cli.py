@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
@@ -22,6 +23,7 @@ from routecache.router.keyring import (
     KeyAdmin,
     KeyNotFound,
     KeyRecord,
+    KeyRegistryError,
     add_key,
     revoke_key,
     rotate_key,
@@ -49,13 +51,23 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     add.add_argument("--tenant", required=True)
     rotate = actions.add_parser("rotate", help="a new key; the old one expires after an overlap")
     rotate.add_argument("key_id")
-    rotate.add_argument("--overlap-seconds", type=float, default=None,
+    rotate.add_argument("--overlap-seconds", type=_overlap, default=None,
                         help="how long the old key stays valid (0: revoked at once; default: "
                         "keys.rotation_overlap_seconds)")  # fmt: skip
     revoke = actions.add_parser("revoke", help="the key fails from the next call on")
     revoke.add_argument("key_id")
     listing = actions.add_parser("list", help="key ids, tenants and states (never the keys)")
     listing.add_argument("--tenant", default=None)
+
+
+def _overlap(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not a number: {text}") from error
+    if not 0 <= value < math.inf:  # False for NaN too
+        raise argparse.ArgumentTypeError(f"{text}: must be 0 or more seconds (finite)")
+    return value
 
 
 def _redis_url(text: str) -> str:
@@ -133,6 +145,10 @@ async def run_keys(args: argparse.Namespace) -> int:
         except KeyNotFound as error:
             print(f"routecache: {error.args[0]}", file=sys.stderr)
             return 1
+        except KeyRegistryError as error:
+            raise ConfigError(str(error)) from error
+        except OSError as error:  # the file's folder, or its lock, cannot be written
+            raise ConfigError(f"key registry: {error}") from error
     _print(args, out)
     return 0
 

@@ -229,3 +229,42 @@ def test_a_redis_url_without_a_scheme_is_a_usage_error(
         main(["keys", "--redis-url", "localhost:6379", "list"])
     assert exit_.value.code == 2
     assert "--redis-url: a Redis URL starts with redis://" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "content", ["not json", "[1, 2]", ""], ids=["not JSON", "not an object", "empty"]
+)
+def test_a_damaged_registry_file_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str
+) -> None:
+    registry = tmp_path / "keys.json"
+    registry.write_text(content)
+    for action in (["list"], ["add", "--tenant", "acme"]):
+        assert main(["keys", "--registry", str(registry), *action]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"routecache: key registry {registry}: ")
+    assert registry.read_text() == content
+
+
+def test_a_registry_in_an_unwritable_place_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    assert main(["keys", "--registry", str(blocker / "keys.json"), "add", "--tenant", "a"]) == 2
+    assert capsys.readouterr().err.startswith("routecache: key registry: ")
+
+
+def test_a_negative_rotation_overlap_is_a_usage_error(tmp_path: Path) -> None:
+    # It was taken: the old key "expired" before the rotation that retired it.
+    with pytest.raises(SystemExit) as exit_:
+        main(["keys", "--registry", str(tmp_path / "k.json"), "rotate", "id", "--overlap-seconds",
+              "-100"])  # fmt: skip
+    assert exit_.value.code == 2
+
+
+def test_the_service_refuses_to_start_on_a_damaged_registry_file(tmp_path: Path) -> None:
+    registry = tmp_path / "keys.json"
+    registry.write_text("not json")
+    with pytest.raises(ConfigError, match=r"keys\.registry_path: key registry .*keys\.json"):
+        make_harness(service={"keys": {"registry_path": str(registry)}})
