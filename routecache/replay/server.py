@@ -281,10 +281,13 @@ async def start_replay_server(
 
 
 async def serve_forever(
-    config: ReplayConfig, host: str = "127.0.0.1", port: int = DEFAULT_PORT
+    config: ReplayConfig,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    recordings: Recordings | None = None,
 ) -> None:
     """Serve until cancelled (Ctrl-C) or sent SIGTERM, then close gracefully."""
-    server = await start_replay_server(config, host, port)
+    server = await start_replay_server(config, host, port, recordings=recordings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows loops

@@ -107,13 +107,25 @@ def _ask(args: argparse.Namespace) -> int:
 
 def _replay_upstream(args: argparse.Namespace) -> int:
     from routecache.replay.config import config_from_args
+    from routecache.replay.recordings import Recordings
     from routecache.replay.server import serve_forever
 
     try:
         config = config_from_args(args)
     except ValueError as error:
         raise ConfigError(str(error)) from error
-    asyncio.run(serve_forever(config, args.host, args.port))
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port}: must be 0 to 65535")
+    try:
+        recordings = Recordings.load(config.recordings_path)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ConfigError(f"--recordings {config.recordings_path}: {error}") from error
+    if not len(recordings):
+        raise ConfigError(f"--recordings {config.recordings_path}: no recordings in it")
+    try:
+        asyncio.run(serve_forever(config, args.host, args.port, recordings))
+    except OSError as error:  # the bind: nothing else in the server raises one
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {error}") from error
     return 0
 
 
