@@ -7,7 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from routecache.router.settings import ConfigError, load_settings
@@ -158,6 +158,21 @@ def _rollback_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer of `low` or more."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"not an integer: {text}") from error
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text}: must be {low} or more")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     from routecache.replay.config import add_cli_arguments as replay_arguments
     from routecache.router import keys_cli
@@ -179,10 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
 
     demo = verbs.add_parser("demo", help="replay upstream + service + mixed traffic, summarised")
-    demo.add_argument("--recorded", type=int, default=45, help="recorded prompts to ask")
-    demo.add_argument("--concurrency", type=int, default=4)
+    demo.add_argument("--recorded", type=_at_least(1), default=45, help="recorded prompts to ask")
+    demo.add_argument("--concurrency", type=_at_least(1), default=4)
     demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument("--upstream-latency-ms", type=int, default=0)
+    demo.add_argument("--upstream-latency-ms", type=_at_least(0), default=0)
     demo.add_argument("--similarity-threshold", type=float, default=None,
                       help="serve by this cosine threshold instead of the hit verifier "
                       "(lower: more false hits)")  # fmt: skip
