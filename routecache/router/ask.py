@@ -53,7 +53,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _schema(value: str | None) -> str | None:
     if value is not None and value.startswith("@"):
-        return Path(value[1:]).read_text(encoding="utf-8")
+        try:
+            return Path(value[1:]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"--json-schema {value}: cannot read it ({error})") from error
     return value
 
 

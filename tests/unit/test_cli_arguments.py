@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from routecache.router.cli import main
@@ -21,3 +23,12 @@ def test_demo_refuses_counts_that_cannot_run(
         main(["demo", *flags])
     assert exit_.value.code == 2
     assert f"argument {flags[0]}" in capsys.readouterr().err
+
+
+def test_ask_reports_an_unreadable_schema_file_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It was a FileNotFoundError traceback, before any connection was tried.
+    missing = tmp_path / "schema.json"
+    assert main(["ask", "--api-key", "k", "--json-schema", f"@{missing}", "hi"]) == 2
+    assert capsys.readouterr().err.startswith(f"routecache: --json-schema @{missing}: ")
