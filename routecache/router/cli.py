@@ -87,7 +87,12 @@ def _export_events(args: argparse.Namespace) -> int:
         since = parse_since(args.since) if args.since else None
     except ValueError as error:
         raise ConfigError(str(error)) from error
-    count = export_events(source, args.out, since)
+    try:
+        count = export_events(source, args.out, since)
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"event log {source} is not UTF-8 text ({error})") from error
+    except OSError as error:  # --out cannot be written (a folder, no such place)
+        raise ConfigError(f"export-events: {error}") from error
     print(f"{count} events written to {args.out}")
     return 0
 

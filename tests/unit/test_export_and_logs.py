@@ -143,3 +143,37 @@ def test_operations_settings_fail_with_the_key_named() -> None:
         load_settings(metrics={"port": 70000})
     with pytest.raises(ConfigError, match=r"cache\.feedback_penalty"):
         load_settings(cache={"feedback_penalty": 2})
+
+
+def test_export_to_an_unwritable_place_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from routecache.router.cli import main
+
+    log = tmp_path / "events.jsonl"
+    log.write_text('{"kind": "completion", "ts": 1.0}\n')
+    folder = tmp_path / "out"
+    folder.mkdir()
+    # pyarrow's IsADirectoryError was a traceback.
+    assert main(["export-events", "--events", str(log), "--out", str(folder)]) == 2
+    assert capsys.readouterr().err.startswith("routecache: export-events: ")
+
+
+def test_export_of_a_log_that_is_not_utf8_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from routecache.router.cli import main
+
+    log = tmp_path / "events.jsonl"
+    log.write_bytes(b"\xff\xfe\n")
+    assert main(["export-events", "--events", str(log), "--out", str(tmp_path / "e.pq")]) == 2
+    assert capsys.readouterr().err.startswith(f"routecache: event log {log} is not UTF-8")
+
+
+def test_events_without_a_ts_are_exported_at_time_zero(tmp_path: Path) -> None:
+    # A log none of whose events had `ts` raised KeyError('ts'); read_events counts them as 0.
+    log = tmp_path / "events.jsonl"
+    log.write_text('{"kind": "feedback"}\n')
+    out = tmp_path / "e.parquet"
+    assert export_events(log, out) == 1
+    assert pd.read_parquet(out)["ts"].tolist() == [0.0]
