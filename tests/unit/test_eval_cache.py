@@ -141,3 +141,18 @@ def test_cli_reports_a_bad_pairs_file_and_exits_2(
     config.write_text('[cache]\nembedder = "hash"\nsimilarity_threshold = 0.5\n')
     assert main(["eval-cache", "--pairs", str(pairs), "--config", str(config)]) == 2
     assert "pairs.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("limit", ["0", "-5"])
+def test_cli_refuses_a_limit_below_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], limit: str
+) -> None:
+    # It evaluated one pair and reported on it as if asked to.
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(asdict(p)) + "\n" for p in PAIRS))
+    config = tmp_path / "hash.toml"
+    config.write_text('[cache]\nembedder = "hash"\n')
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval-cache", "--pairs", str(pairs), "--config", str(config), "--limit", limit])
+    assert exit_.value.code == 2
+    assert "argument --limit" in capsys.readouterr().err
