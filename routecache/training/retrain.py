@@ -52,6 +52,7 @@ from routecache.training.train_classifier import (
     LabelledSet,
     describe,
     embed_prompts,
+    holdout_fraction,
     make_embedder,
     positive_int,
     score_rows,
@@ -165,7 +166,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--events", action="append", metavar="EVENTS.jsonl", help="the service's event log(s)"
     )
     parser.add_argument("--registry", required=True, help="model registry folder")
-    parser.add_argument("--holdout-fraction", type=float, default=0.2)
+    parser.add_argument("--holdout-fraction", type=holdout_fraction, default=0.2)
     parser.add_argument("--seed", type=int, default=0, help="salts the holdout hash")
     parser.add_argument("--c", type=float, default=DEFAULT_C)
     parser.add_argument(

@@ -241,9 +241,6 @@ def train_candidate(
 
 @exits_2_on_data_error
 def run(args: argparse.Namespace) -> int:
-    if not 0.0 < args.holdout_fraction < 1.0:
-        print("--holdout-fraction must lie strictly between 0 and 1", file=sys.stderr)
-        return 2
     paths = [Path(p) for p in args.data]
     rows = read_routing_rows(paths)
     # Checked before the minutes of embedding and fitting, not when the artifact is saved.
@@ -312,6 +309,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def holdout_fraction(text: str) -> float:
+    """An argparse type: a share strictly between 0 and 1 (both sides need rows)."""
+    try:
+        value = float(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not a number: {text}") from error
+    if not 0.0 < value < 1.0:  # False for NaN too
+        raise argparse.ArgumentTypeError(f"{text}: must lie strictly between 0 and 1")
+    return value
+
+
 def artifact_name(text: str) -> str:
     """An argparse type: a file name, not a path (it went outside --out)."""
     if not text or "/" in text or "\\" in text or text.startswith("."):
@@ -360,7 +368,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--holdout-fraction",
-        type=float,
+        type=holdout_fraction,
         default=0.2,
         help="share of prompts held out for metrics and the threshold",
     )

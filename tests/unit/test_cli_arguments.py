@@ -32,3 +32,15 @@ def test_ask_reports_an_unreadable_schema_file_in_one_line(
     missing = tmp_path / "schema.json"
     assert main(["ask", "--api-key", "k", "--json-schema", f"@{missing}", "hi"]) == 2
     assert capsys.readouterr().err.startswith(f"routecache: --json-schema @{missing}: ")
+
+
+@pytest.mark.parametrize("verb", ["train-classifier", "retrain"])
+@pytest.mark.parametrize("fraction", ["0", "1.5", "nan"])
+def test_training_verbs_refuse_a_holdout_fraction_outside_0_to_1(
+    capsys: pytest.CaptureFixture[str], verb: str, fraction: str
+) -> None:
+    # retrain took 0 and 1.5 and failed inside sklearn with a message about test_size.
+    with pytest.raises(SystemExit) as exit_:
+        main([verb, "--data", "x.jsonl", "--registry", "r", "--holdout-fraction", fraction])
+    assert exit_.value.code == 2
+    assert "strictly between 0 and 1" in capsys.readouterr().err

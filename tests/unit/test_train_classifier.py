@@ -118,7 +118,9 @@ def test_bad_rows_and_arguments_are_reported(tmp_path: Path) -> None:
         read_routing_rows([bad])
     data = _write_routing_file(tmp_path / "ok.jsonl", n=10)
     argv = ["--data", str(data), "--out", str(tmp_path), "--embedder", "hash"]
-    assert train_classifier.main([*argv, "--holdout-fraction", "1.0"]) == 2
+    with pytest.raises(SystemExit) as exit_:  # a usage error, before any work
+        train_classifier.main([*argv, "--holdout-fraction", "1.0"])
+    assert exit_.value.code == 2
     assert not (tmp_path / "difficulty.skops").exists()
 
 
