@@ -501,3 +501,79 @@ def test_fixture_is_rebuilt_byte_for_byte(tmp_path: Path) -> None:
     assert build_fixture(["--routing-dir", str(shared_routing_dir()), "--out", str(out)]) == 0
     packaged = resources.files("routecache.replay").joinpath("data", "gsm8k_recorded.jsonl")
     assert out.read_bytes() == packaged.read_bytes()
+
+
+# --- the wire format, read raw -------------------------------------------------------------
+
+
+def sse_data(text: str) -> list[str]:
+    return [line.removeprefix("data: ") for line in text.split("\n\n") if line]
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+async def test_a_stream_speaks_openai_events_from_role_to_done(
+    replay: RunningReplayServer, rows: list[dict[str, str]], include_usage: bool
+) -> None:
+    row = rows[0]
+    body = {"model": WEAK, "messages": [{"role": "user", "content": row["prompt"]}],
+            "stream": True, "max_tokens": 10} | (
+        {"stream_options": {"include_usage": True}} if include_usage else {}
+    )  # fmt: skip
+    response = await post_chat(replay, body)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    *events, done = sse_data(response.text)
+    assert done == "[DONE]"
+    chunks = [json.loads(event) for event in events]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert len({c["id"] for c in chunks}) == 1
+    usage = chunks.pop()["usage"] if include_usage else None
+    choices = [c["choices"][0] for c in chunks]
+    assert choices[0]["delta"] == {"role": "assistant", "content": ""}
+    assert [c["finish_reason"] for c in choices] == [None] * (len(choices) - 1) + ["length"]
+    text = "".join(c["delta"].get("content", "") for c in choices)
+    assert text == row["weak_response"][:40]
+    if include_usage:
+        assert usage == {"prompt_tokens": -(-len(row["prompt"]) // 4), "completion_tokens": 10,
+                         "total_tokens": -(-len(row["prompt"]) // 4) + 10}  # fmt: skip
+
+
+async def test_a_whole_answer_is_one_chat_completion_object(replay: RunningReplayServer) -> None:
+    raw = (await post_chat(replay, HI)).json()
+    assert raw["object"] == "chat.completion" and raw["id"].startswith("chatcmpl-")
+    assert raw["choices"][0]["message"]["role"] == "assistant"
+    assert raw["choices"][0]["finish_reason"] == "stop"
+    empty = (await post_chat(replay, HI, {FAULT: "empty_answer"})).json()
+    assert (empty["choices"][0]["message"]["content"], empty["choices"][0]["finish_reason"]) == (
+        "",
+        "stop",
+    )
+
+
+@pytest.mark.parametrize("config", [ReplayConfig(retry_after_seconds=7)])
+async def test_429_carries_the_configured_retry_after(
+    replay: RunningReplayServer, config: ReplayConfig
+) -> None:
+    response = await post_chat(replay, HI, {FAULT: "http_429"})
+    assert (response.status_code, response.headers["retry-after"]) == (429, "7")
+
+
+@pytest.mark.parametrize("config", [ReplayConfig(api_key="sk-replay")])
+async def test_the_model_list_needs_the_key_too(
+    replay: RunningReplayServer, config: ReplayConfig
+) -> None:
+    async with httpx.AsyncClient() as http:
+        refused = await http.get(f"{replay.base_url}/models")
+        listed = await http.get(
+            f"{replay.base_url}/models", headers={"Authorization": "Bearer sk-replay"}
+        )
+    assert refused.status_code == 401
+    assert refused.json()["error"]["code"] == "invalid_api_key"
+    assert listed.status_code == 200 and {m["id"] for m in listed.json()["data"]} == {WEAK, STRONG}
+
+
+async def test_an_ipv6_server_gives_a_usable_base_url(recordings: Recordings) -> None:
+    async with await start_replay_server(ReplayConfig(), "::1", recordings=recordings) as server:
+        assert server.base_url == f"http://[::1]:{server.port}/v1"
+        async with httpx.AsyncClient() as http:
+            models = (await http.get(f"{server.base_url}/models")).json()
+    assert {m["id"] for m in models["data"]} == {WEAK, STRONG}

@@ -1,11 +1,13 @@
 """The replay upstream's reading of chat-completions request bodies."""
 
+from __future__ import annotations
+
 import re
 from typing import Any
 
 import pytest
 
-from routecache.replay.wire import RequestError, parse_chat_call
+from routecache.replay.wire import RequestError, parse_chat_call, shape_answer, usage
 
 
 def body(**fields: Any) -> dict[str, Any]:
@@ -111,3 +113,67 @@ def test_an_unknown_role_or_malformed_message_is_refused(message: object, names:
     with pytest.raises(RequestError, match=re.escape(names)) as caught:
         parse_chat_call(chat(USER, message))
     assert caught.value.param == "messages[1]"
+
+
+def test_the_prompt_is_the_last_user_message_else_the_last_message() -> None:
+    later = {"role": "assistant", "content": "an answer"}
+    assert parse_chat_call(chat(USER, later)).prompt == "hi"
+    system = {"role": "system", "content": "Be brief."}
+    assert parse_chat_call(chat(system, later)).prompt == "an answer"
+
+
+def test_text_parts_are_joined_into_one_prompt() -> None:
+    parts = [{"type": "text", "text": "How many "}, {"type": "text", "text": "apples?"}]
+    assert parse_chat_call(chat({"role": "user", "content": parts})).prompt == "How many apples?"
+
+
+def test_usage_counts_the_text_of_every_message() -> None:
+    call = parse_chat_call(chat({"role": "system", "content": "x" * 40}, USER))
+    assert call.prompt_chars == 40 + 1 + len("hi")
+    counted = usage(call, "y" * 9)
+    assert counted == {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"model": ""}, "model"),
+        ({"stream": "yes"}, "stream"),
+        ({"stream": 1}, "stream"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"response_format": "json_object"}, "response_format"),
+    ],
+    ids=["empty-model", "string-stream", "number-stream", "unknown-format", "format-not-object"],
+)
+def test_a_malformed_field_is_refused_naming_it(fields: dict[str, Any], param: str) -> None:
+    with pytest.raises(RequestError) as caught:
+        parse_chat_call(body(**fields))
+    assert caught.value.param == param
+
+
+@pytest.mark.parametrize("role", ["user", "system", "tool"])
+def test_only_an_assistant_turn_that_calls_tools_may_lack_content(role: str) -> None:
+    message = {"role": role, "content": None, "tool_calls": [{"id": "c1"}], "tool_call_id": "c1"}
+    with pytest.raises(RequestError, match=re.escape("'messages[1].content' is required")):
+        parse_chat_call(chat(USER, message))
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [(None, False), ({}, False), ({"include_usage": False}, False),
+     ({"include_usage": True}, True), ({"include_usage": "yes"}, False)],
+)  # fmt: skip
+def test_include_usage_is_read_from_stream_options(options: object, expected: bool) -> None:
+    call = parse_chat_call(body(stream=True, stream_options=options))
+    assert call.include_usage is expected
+
+
+@pytest.mark.parametrize(
+    ("max_tokens", "expected"),
+    [(3, ("abcdefghijkl", "stop")), (2, ("abcdefgh", "length")), (None, ("abcdefghijkl", "stop"))],
+)
+def test_an_answer_is_cut_only_when_it_is_longer_than_max_tokens(
+    max_tokens: int | None, expected: tuple[str, str]
+) -> None:
+    call = parse_chat_call(body(max_tokens=max_tokens))
+    assert shape_answer("abcdefghijkl", "strong", call) == expected  # 4 characters a token

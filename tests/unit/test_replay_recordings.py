@@ -1,0 +1,64 @@
+"""The replay upstream's recorded answers: reading them, looking them up, and stand-ins."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from routecache.replay.recordings import Recordings, synthetic_answer
+
+
+def row(prompt: str, weak: str = "weak says", strong: str = "strong says") -> str:
+    return json.dumps({"prompt": prompt, "weak_response": weak, "strong_response": strong},
+                      ensure_ascii=False)  # fmt: skip
+
+
+def write(tmp_path: Path, *lines: str) -> Path:
+    path = tmp_path / "recorded.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_a_file_is_read_as_utf8_and_blank_lines_are_skipped(tmp_path: Path) -> None:
+    path = write(tmp_path, row("Wie viel kostet es?", strong="Es kostet 5 €."), "", "   ",
+                 row("second"))  # fmt: skip
+    recordings = Recordings.load(path)
+    assert len(recordings) == 2
+    assert recordings.answer("strong", "Wie viel kostet es?") == "Es kostet 5 €."
+
+
+@pytest.mark.parametrize(
+    ("second", "message"),
+    [
+        ("[1, 2]", "recorded.jsonl:2: expected a JSON object"),
+        ("{not json", "recorded.jsonl:2: not JSON"),
+        ('{"prompt": "p", "weak_response": "w"}', "recording 2: needs string prompt"),
+        ('{"prompt": "p", "weak_response": 1, "strong_response": "s"}', "recording 2: needs"),
+    ],
+    ids=["array", "not-json", "no-strong", "number-weak"],
+)
+def test_a_bad_line_is_refused_naming_its_number(tmp_path: Path, second: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Recordings.load(write(tmp_path, row("first"), second))
+
+
+def test_prompts_are_matched_without_their_surrounding_whitespace() -> None:
+    recordings = Recordings({"  What is 2 + 2?\n": {"weak": "4", "strong": "four"}})
+    for asked in ("What is 2 + 2?", " What is 2 + 2? "):
+        assert asked in recordings
+        assert recordings.recorded("strong", asked) == "four"
+    assert list(recordings.prompts()) == ["What is 2 + 2?"]
+    assert 42 not in recordings and "What is 2 + 3?" not in recordings
+
+
+def test_a_stand_in_answer_names_the_prompts_opening_words() -> None:
+    answer = synthetic_answer("weak", "  How far is the moon from the earth today?  ")
+    assert "“How far is the moon from”" in answer
+
+
+def test_different_unknown_prompts_get_different_stand_ins() -> None:
+    prompts = [f"Same opening words for each one, question {n}" for n in range(50)]
+    answers = {synthetic_answer("strong", prompt) for prompt in prompts}
+    assert len(answers) >= 45  # a few of the 3 x 3 x 1000 stand-ins may coincide
