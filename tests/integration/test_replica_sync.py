@@ -1,0 +1,230 @@
+"""One replica's index kept equal to Redis by ReplicaSync, while another replica writes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from routecache.backends.keys import KeySpace
+from routecache.backends.link import RedisDown, RedisLink
+from routecache.backends.redis_store import RedisEntryStore, RedisStoreOptions
+from routecache.backends.replica_sync import ReplicaSync
+from routecache.cache.faiss_index import ScopedFaissIndex
+from routecache.cache.ports import CacheEntry
+from routecache.cache.semantic_cache import NewEntry, SemanticCache
+from routecache.domain import Tier
+from tests.fakes import ManualClock
+from tests.integration.replicas import eventually, real_clock
+from tests.redis_fixture import RedisServer
+
+pytestmark = pytest.mark.integration
+
+SCOPE = "acme:scope-1"
+GRACE = 300.0
+OUTAGE = OSError("connection reset by peer")
+
+
+def vector(i: int) -> np.ndarray:
+    angle = i * 0.01
+    return np.array([math.cos(angle), math.sin(angle), 0.0, 0.0], dtype=np.float32)
+
+
+@dataclass
+class Rig:
+    """Replica A (a ReplicaSync and its index, nothing else) and replica B (a cache), each on
+    its own link to one Redis."""
+
+    server: RedisServer
+    link: RedisLink  # replica A's
+    clock: ManualClock
+    writer: SemanticCache
+    written: int = 0
+
+    def replica_a(self, batch: int = 2000, purge_interval_seconds: float = 5.0) -> ReplicaA:
+        store = RedisEntryStore(self.link, KeySpace(), RedisStoreOptions(10_000), self.clock, "a")
+        index = ScopedFaissIndex(4)
+        sync = ReplicaSync(self.link, KeySpace(), ["acme"], index, store, "a", self.clock,
+                           purge_interval_seconds, batch, GRACE)  # fmt: skip
+        return ReplicaA(sync, index, store)
+
+    async def write(self, count: int = 1, ttl: int = 3600) -> list[CacheEntry]:
+        """Replica B stores `count` new entries."""
+        stored = []
+        for _ in range(count):
+            i, self.written = self.written, self.written + 1
+            new = NewEntry("acme", SCOPE, f"question {i}", f"answer {i}", "m", Tier.CHEAP,
+                           vector(i), 0.01, 10, 10, ttl)  # fmt: skip
+            entry = await self.writer.store(new)
+            assert entry is not None
+            stored.append(entry)
+        return stored
+
+    def raw(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.server.port)
+
+
+@dataclass
+class ReplicaA:
+    sync: ReplicaSync
+    index: ScopedFaissIndex
+    store: RedisEntryStore
+
+    def ids(self) -> set[str]:
+        """What this replica can find by similarity."""
+        return {n.entry_id for n in self.index.search(SCOPE, vector(0), 1000)}
+
+
+def link_to(server: RedisServer) -> RedisLink:
+    return RedisLink(server.url, timeout_seconds=2.0, max_connections=8,
+                     probe_interval_seconds=0.05, block_ms=100)  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def rig_on(server: RedisServer) -> AsyncIterator[Rig]:
+    link, writer_link, clock = link_to(server), link_to(server), real_clock()
+    store = RedisEntryStore(writer_link, KeySpace(), RedisStoreOptions(10_000), clock, "b")
+    writer = SemanticCache(store, ScopedFaissIndex(4), clock)
+    try:
+        assert await link.connect() and await writer_link.connect()
+        yield Rig(server, link, clock, writer)
+    finally:
+        await link.aclose()
+        await writer_link.aclose()
+
+
+@pytest.fixture
+async def rig(redis_server: RedisServer) -> AsyncIterator[Rig]:
+    async with rig_on(redis_server) as made:
+        yield made
+
+
+@pytest.fixture
+async def own_rig(own_redis_server: RedisServer) -> AsyncIterator[Rig]:
+    async with rig_on(own_redis_server) as made:
+        yield made
+
+
+@contextlib.contextmanager
+def running(sync: ReplicaSync) -> Iterator[None]:
+    task = asyncio.create_task(sync.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+@pytest.mark.parametrize(
+    ("later", "loaded"),
+    [(59.0, 1), (60.0 + GRACE - 1, 1), (60.0 + GRACE, 0)],
+    ids=["live", "stale-within-grace", "grace-over"],
+)
+async def test_a_rebuild_loads_live_entries_and_stale_ones_within_the_grace(
+    rig: Rig, later: float, loaded: int
+) -> None:
+    await rig.write(ttl=60)
+    rig.clock.advance(later)
+    a = rig.replica_a()
+    assert await a.sync.rebuild() == loaded
+    assert len(a.ids()) == loaded
+
+
+async def test_a_rebuild_reads_every_batch_of_a_large_tenant(rig: Rig) -> None:
+    await rig.write(300)
+    a = rig.replica_a(batch=50)
+    assert await a.sync.rebuild() == 300
+    assert len(a.index) == 300
+
+
+async def test_each_operation_of_another_replica_is_applied_once_and_its_own_never(
+    rig: Rig,
+) -> None:
+    a = rig.replica_a()
+    await a.sync.rebuild()
+    added = await rig.write(3)
+    assert await a.sync.poll() == 3
+    assert a.ids() == {e.entry_id for e in added}
+    assert await rig.writer.invalidate_ids("acme", [added[0].entry_id]) == 1
+    assert await a.sync.poll() == 1
+    assert a.ids() == {e.entry_id for e in added[1:]}
+    assert await a.sync.poll() == 0  # nothing new: nothing applied again
+    await a.store.delete([added[1].entry_id])  # this replica's own removal: its cache did the rest
+    assert await a.sync.poll() == 0
+    assert a.sync.applied == 4
+
+
+async def test_an_entry_removed_before_the_replica_read_it_is_skipped(rig: Rig) -> None:
+    a = rig.replica_a()
+    await a.sync.rebuild()
+    (gone,) = await rig.write()
+    await rig.writer.invalidate_ids("acme", [gone.entry_id])
+    (kept,) = await rig.write()
+    assert await a.sync.poll() == 3
+    assert a.ids() == {kept.entry_id}
+
+
+async def test_after_an_outage_a_stream_trimmed_past_the_replica_rebuilds_the_tenant(
+    rig: Rig,
+) -> None:
+    first = await rig.write()
+    a = rig.replica_a()
+    await a.sync.rebuild()
+    await rig.link.mark_down(OUTAGE)  # replica A is cut off while B writes on
+    written = first + await rig.write(3)
+    with rig.raw() as raw:
+        raw.xtrim(
+            "rc:{acme}:sync", maxlen=1, approximate=False
+        )  # the stream keeps only the newest operation
+    with running(a.sync):
+        await eventually(lambda: len(a.ids()) == 4, "every entry in A's index", within=3)
+    assert a.ids() == {e.entry_id for e in written}
+
+
+async def test_after_an_outage_redis_restored_from_an_older_backup_rebuilds_the_tenant(
+    own_rig: Rig, tmp_path: Path
+) -> None:
+    rig = own_rig
+    (restored,) = await rig.write()
+    a = rig.replica_a()
+    await a.sync.rebuild()
+    backup = tmp_path / "backup"
+    aof = rig.server.data_dir / "appendonlydir"
+    shutil.copytree(aof, backup)  # every write is fsynced: a consistent copy
+    with running(a.sync):
+        await rig.writer.invalidate_ids("acme", [restored.entry_id])
+        (newer,) = await rig.write()
+        await eventually(lambda: a.ids() == {newer.entry_id}, "A applied B's changes")
+        rig.server.kill()
+        shutil.rmtree(aof)
+        shutil.copytree(backup, aof)
+        await asyncio.to_thread(rig.server.start)  # back with the older data: `restored` only
+        await eventually(lambda: restored.entry_id in a.ids(), "A's index rebuilt", within=3)
+
+
+async def test_a_purge_that_finds_redis_down_does_not_end_the_tail(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = rig.replica_a(purge_interval_seconds=0.0)
+    await a.sync.rebuild()
+    purges = 0
+
+    async def down_once(tenant: str) -> int:
+        nonlocal purges
+        purges += 1
+        if purges == 1:
+            raise RedisDown("redis is down")
+        return 0
+
+    monkeypatch.setattr(a.store, "purge_expired", down_once)
+    with running(a.sync):
+        await eventually(lambda: purges >= 1, "the first purge")
+        (later,) = await rig.write()
+        await eventually(lambda: later.entry_id in a.ids(), "B's later entry", within=3)
