@@ -119,7 +119,8 @@ class RedisSpendLedger:
         self._forget_past(ids)
         for cap, value in zip(caps, committed, strict=True):
             who = user if cap.per_user else ""
-            self._last_committed[(tenant, who, ids[cap.period])] = float(value)
+            # This call's own amount too: if Redis goes away while it runs, it still holds.
+            self._last_committed[(tenant, who, ids[cap.period])] = float(value) + amount_usd
         return Reservation(rid, tenant, user, amount_usd)
 
     def _forget_past(self, ids: dict[Period, str]) -> None:

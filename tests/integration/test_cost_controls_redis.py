@@ -657,3 +657,19 @@ async def test_spend_keys_expire_after_their_retention(redis_server: RedisServer
     finally:
         client.close()
         await link.aclose()
+
+
+async def test_while_redis_is_down_a_call_reserved_in_redis_before_still_counts(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+) -> None:
+    # A call that reserved in Redis is still running when Redis goes away: until it settles,
+    # its reservation holds its share of the cap here too, or a new call may take it again.
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    caps = [Cap(Period.DAY, 1.0), Cap(Period.DAY, 1.0, per_user=True)]
+    await ledger.settle(None, SpendRecord("acme", "u1", cost_usd=0.2))
+    running = await ledger.reserve("acme", "u1", 0.5, caps)
+    assert isinstance(running, Reservation) and not running.local
+    redis.server.kill()
+    refused = await ledger.reserve("acme", "u1", 0.5, caps)
+    assert isinstance(refused, CapReached) and refused.committed_usd == pytest.approx(0.7)
+    assert isinstance(await ledger.reserve("acme", "u1", 0.3, caps), Reservation)
