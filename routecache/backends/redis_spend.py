@@ -165,7 +165,13 @@ class RedisSpendLedger:
         except RedisDown:
             # A reservation held in Redis expires there after reservation_ttl_seconds.
             self._add_pending(record, ids)
-            return await self._local.settle(None, record)
+            moved = await self._local.settle(None, record)
+            # The local ledger holds only what this replica spent since Redis went away: soft
+            # budgets compare that on top of the spend Redis last reported.
+            last = {period: self._last_totals.get((record.tenant, "", pid), Totals()).cost_usd
+                    for period, pid in ids.items()}  # fmt: skip
+            return {period: (before + last[period], after + last[period])
+                    for period, (before, after) in moved.items()}  # fmt: skip
 
     async def _apply(
         self,

@@ -673,3 +673,19 @@ async def test_while_redis_is_down_a_call_reserved_in_redis_before_still_counts(
     refused = await ledger.reserve("acme", "u1", 0.5, caps)
     assert isinstance(refused, CapReached) and refused.committed_usd == pytest.approx(0.7)
     assert isinstance(await ledger.reserve("acme", "u1", 0.3, caps), Reservation)
+
+
+async def test_while_redis_is_down_a_settle_moves_the_spend_redis_last_reported(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+) -> None:
+    # Soft budgets compare a settle's before and after: while Redis is down they are what
+    # Redis last reported plus this replica's spend since, not this replica's spend alone
+    # (which would miss a crossing, or raise one again that was long crossed).
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    await ledger.settle(None, SpendRecord("acme", cost_usd=0.24))
+    redis.server.kill()
+    moved = await ledger.settle(None, SpendRecord("acme", "u1", cost_usd=0.02))
+    assert moved[Period.DAY] == pytest.approx((0.24, 0.26))
+    assert moved[Period.MONTH] == pytest.approx((0.24, 0.26))
+    again = await ledger.settle(None, SpendRecord("acme", cost_usd=0.3))
+    assert again[Period.DAY] == pytest.approx((0.26, 0.56))
