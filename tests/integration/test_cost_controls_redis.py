@@ -659,6 +659,166 @@ async def test_spend_keys_expire_after_their_retention(redis_server: RedisServer
         await link.aclose()
 
 
+async def test_while_redis_is_down_a_refusal_names_the_configured_cap_and_all_spend_known(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    caps = [Cap(Period.DAY, 1.0)]
+    await ledger.settle(None, SpendRecord("acme", cost_usd=0.6))
+    redis.server.kill()
+    local = await ledger.reserve("acme", "", 0.1, caps)
+    assert isinstance(local, Reservation) and local.local
+    refused = await ledger.reserve("acme", "", 0.35, caps)
+    assert isinstance(refused, CapReached)
+    assert refused.cap == caps[0]  # as configured, not as lowered for the outage
+    assert refused.committed_usd == pytest.approx(0.7)  # Redis' 0.6 and the local 0.1
+
+
+async def test_while_redis_is_down_a_tenant_cap_counts_every_users_spend(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    await ledger.settle(None, SpendRecord("acme", "u1", cost_usd=0.9))
+    redis.server.kill()
+    refused = await ledger.reserve("acme", "u2", 0.5, [Cap(Period.DAY, 1.0)])
+    assert isinstance(refused, CapReached) and refused.committed_usd == pytest.approx(0.9)
+
+
+async def test_while_redis_is_down_totals_read_before_the_outage_still_count(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    await redis.another_ledger().settle(None, SpendRecord("acme", cost_usd=0.4, calls=2))
+    assert (await ledger.totals("acme"))[Period.DAY].cost_usd == pytest.approx(0.4)
+    redis.server.kill()
+    day = (await ledger.totals("acme"))[Period.DAY]
+    assert (day.cost_usd, day.calls) == (pytest.approx(0.4), 2)
+    assert isinstance(await ledger.reserve("acme", "", 0.7, [Cap(Period.DAY, 1.0)]), CapReached)
+
+
+@pytest.mark.parametrize("end", ["settle", "release"])
+async def test_while_redis_is_down_a_local_reservation_ends_with_its_call(
+    ledger_on_own_redis: LedgerOnOwnRedis, end: str
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    caps = [Cap(Period.DAY, 1.0)]
+    redis.server.kill()
+    held = await ledger.reserve("acme", "", 0.5, caps)
+    assert isinstance(held, Reservation) and held.local
+    if end == "settle":
+        await ledger.settle(held, SpendRecord("acme", cost_usd=0.1))
+    else:
+        await ledger.release(held)
+    left = 0.9 if end == "settle" else 1.0
+    assert isinstance(await ledger.reserve("acme", "", left - 0.05, caps), Reservation)
+
+
+async def test_releasing_a_redis_reservation_while_redis_is_down_does_not_fail(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    held = await ledger.reserve("acme", "", 0.5, [Cap(Period.DAY, 1.0)])
+    assert isinstance(held, Reservation) and not held.local
+    redis.server.kill()
+    await ledger.release(held)  # it expires in Redis after reservation_ttl_seconds
+
+
+async def test_spend_pending_over_midnight_is_flushed_to_the_day_it_was_made(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    redis.clock.advance(86400 - redis.clock() % 86400 - 1)  # 23:59:59 UTC
+    made_on = period_ids(redis.clock())
+    redis.server.kill()
+    await ledger.settle(None, SpendRecord("acme", "u1", cost_usd=0.3, calls=1))
+    redis.clock.advance(2)  # the next day, and here the next month too if it ends today
+    today = period_ids(redis.clock())
+    redis.server.start()
+    await redis.link.wait_up()
+    await ledger.flush()
+    client = redis.link.client
+    assert float(await client.hget(f"rc:{{acme}}:spend:d:{made_on[Period.DAY]}", "cost")) == 0.3
+    assert (
+        float(await client.hget(f"rc:{{acme}}:spend:m:{made_on[Period.MONTH]}:u:u1", "cost")) == 0.3
+    )
+    assert await client.hget(f"rc:{{acme}}:spend:d:{today[Period.DAY]}", "cost") is None
+
+
+async def test_flushing_yesterdays_spend_keeps_what_redis_said_of_today(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    caps = [Cap(Period.DAY, 1.0)]
+    redis.clock.advance(86400 - redis.clock() % 86400 - 1)  # 23:59:59 UTC
+    redis.server.kill()
+    await ledger.settle(None, SpendRecord("acme", cost_usd=0.3))
+    redis.clock.advance(2)
+    ledger.stop_flushing()  # no background flush: this test flushes after the reservation
+    redis.server.start()
+    await redis.link.wait_up()
+    assert isinstance(await ledger.reserve("acme", "", 0.6, caps), Reservation)  # today's
+    await ledger.flush()  # yesterday's 0.3
+    redis.server.kill()
+    assert isinstance(await ledger.reserve("acme", "", 0.6, caps), CapReached)
+
+
+async def test_pending_spend_keeps_every_total_of_the_calls_it_sums(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    redis.server.kill()
+    record = SpendRecord("acme", "u1", cost_usd=0.25, prompt_tokens=100, completion_tokens=20,
+                         saved_usd=0.1, calls=1, routing_saved_usd=0.05)  # fmt: skip
+    for _ in range(2):
+        await ledger.settle(None, record)
+    redis.server.start()
+    await redis.link.wait_up()
+    await ledger.flush()
+    for user in ("u1", ""):
+        day = (await redis.another_ledger().totals("acme", user))[Period.DAY]
+        assert (day.cost_usd, day.prompt_tokens, day.completion_tokens, day.calls) == (
+            0.5, 200, 40, 2,
+        )  # fmt: skip
+        assert (day.saved_usd, day.routing_saved_usd) == (pytest.approx(0.2), pytest.approx(0.1))
+
+
+async def test_after_the_stop_redis_coming_back_starts_no_flush(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+) -> None:
+    # What the stop reported as never reaching Redis is to be added by hand: a flush after
+    # it would count it twice.
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    redis.server.kill()
+    await ledger.settle(None, SpendRecord("acme", cost_usd=0.3, calls=1))
+    assert ledger.stop_flushing() is None
+    assert ledger.report_unflushed() == pytest.approx(0.3)
+    redis.server.start()
+    await redis.link.wait_up()
+    assert ledger.stop_flushing() is None  # Redis' return started none
+    await asyncio.sleep(0.2)
+    day = period_ids(redis.clock())[Period.DAY]
+    assert await redis.link.client.hget(f"rc:{{acme}}:spend:d:{day}", "cost") is None
+    assert ledger.report_unflushed() == pytest.approx(0.3)
+
+
+async def test_a_record_a_cut_short_flush_never_sent_is_reported_as_never_reaching_redis(
+    ledger_on_own_redis: LedgerOnOwnRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    redis.server.kill()
+    for user in ("u1", "u2"):
+        await ledger.settle(None, SpendRecord("acme", user, cost_usd=0.3, calls=1))
+    ledger.stop_flushing()
+    redis.server.start()
+    await redis.link.wait_up()
+    redis.server.kill()  # before the flush sent anything
+    await ledger.flush()
+    caplog.clear()
+    assert ledger.report_unflushed() == pytest.approx(0.6)
+    assert "sent without an answer" in caplog.text  # the one it tried
+    assert "never reached it" in caplog.text  # the one it never sent
+
+
 async def test_while_redis_is_down_a_call_reserved_in_redis_before_still_counts(
     ledger_on_own_redis: LedgerOnOwnRedis,
 ) -> None:
