@@ -94,3 +94,67 @@ def test_bad_inputs_are_refused() -> None:
     with pytest.raises(ValueError, match="fraction"):
         metrics.accuracy_at_fraction(PERFECT, WEAK, STRONG, 1.5)
     assert np.isnan(metrics.cpt(PERFECT, WEAK, STRONG, 1.5))
+
+
+def test_ties_among_several_score_levels_keep_input_order() -> None:
+    # Two score levels, interleaved: numpy's default sort reorders such ties, a stable one not.
+    score = np.tile([1.0, 0.0], 10)
+    rng = np.random.default_rng(3)
+    weak = rng.random(20) < 0.4
+    strong = rng.random(20) < 0.9
+    # The same ranking spelled out: higher score first, then earlier position.
+    ranked = sorted(range(20), key=lambda i: (-score[i], i))
+    distinct = np.empty(20)
+    distinct[ranked] = -np.arange(20.0)
+    np.testing.assert_allclose(
+        metrics.pgr_curve(score, weak, strong)[1], metrics.pgr_curve(distinct, weak, strong)[1]
+    )
+
+
+def test_cpt_counts_a_cut_point_whose_pgr_equals_p_despite_rounding() -> None:
+    # acc_weak 1/3, acc_strong 1: PGR at 1/3 strong is (2/3 - 1/3) / (2/3) = 0.5 exactly, which
+    # the floating-point division gives as 0.49999999999999994.
+    weak, strong = np.array([False, False, True]), np.ones(3, dtype=bool)
+    assert metrics.cpt([3.0, 2.0, 1.0], weak, strong, 0.5) == pytest.approx(1 / 3)
+
+
+def test_summary_cpt50_and_cpt80_are_the_fractions_reaching_half_and_most_of_the_gap() -> None:
+    # The cheap model fails all ten, the strong one gets all: PGR = k/10 at strong fraction k/10.
+    weak, strong = np.zeros(10, dtype=bool), np.ones(10, dtype=bool)
+    summary = metrics.router_summary(-np.arange(10.0), weak, strong)
+    assert summary["cpt50"] == pytest.approx(0.5)
+    assert summary["cpt80"] == pytest.approx(0.8)
+    report = metrics.threshold_report(-np.arange(10.0), weak, strong, threshold=-3.0)
+    assert (report["cpt50"], report["cpt80"]) == (pytest.approx(0.5), pytest.approx(0.8))
+
+
+def test_threshold_report_gives_each_models_own_accuracy() -> None:
+    weak = np.array([False, True, True, True])  # 0.75
+    strong = np.array([True, True, False, False])  # 0.5
+    report = metrics.threshold_report(PERFECT, weak, strong, threshold=3.5)
+    assert report["weak_accuracy"] == pytest.approx(0.75)
+    assert report["strong_accuracy"] == pytest.approx(0.5)
+    assert report["accuracy"] == pytest.approx(1.0)  # prompt 0 strong, the rest cheap
+
+
+def test_pgr_is_defined_when_the_strong_model_is_the_less_accurate() -> None:
+    # acc_weak 1.0, acc_strong 0.5: the gap is negative, not zero, so PGR is still defined.
+    weak, strong = np.ones(4, dtype=bool), np.array([True, True, False, False])
+    _, pgr = metrics.pgr_curve(PERFECT, weak, strong)
+    np.testing.assert_allclose(pgr, [0, 0, 0, 0.5, 1])
+    assert metrics.apgr(PERFECT, weak, strong) == pytest.approx(0.25)
+
+
+def test_accuracy_at_fraction_rounds_to_the_nearest_cut_point() -> None:
+    # 0.4 of 4 prompts is 1.6: the nearest cut point sends two prompts strong.
+    assert metrics.accuracy_at_fraction(PERFECT, WEAK, STRONG, 0.4) == pytest.approx(1.0)
+    assert metrics.accuracy_at_fraction(PERFECT, WEAK, STRONG, 0.1) == pytest.approx(0.5)
+
+
+def test_fractions_outside_zero_to_one_and_empty_inputs_are_refused() -> None:
+    with pytest.raises(ValueError, match="fraction"):
+        metrics.accuracy_at_fraction(PERFECT, WEAK, STRONG, -0.25)
+    with pytest.raises(ValueError, match="non-empty"):
+        metrics.apgr([], [], [])
+    with pytest.raises(ValueError, match="non-empty"):
+        metrics.routed_accuracy([], [], [])
