@@ -70,8 +70,44 @@ def test_registry_refuses_unknown_and_duplicate_versions(tmp_path: Path) -> None
         registry.promote("v9")
     with pytest.raises(RegistryError, match="already"):
         registry.add(_artifact(tmp_path / "again", 0.5), "v1")
-    with pytest.raises(RegistryError, match="not a usable"):
-        registry.add(_artifact(tmp_path / "bad", 0.5), "../escape")
+    for name in ("../escape", "team/v2", ".hidden", ""):
+        with pytest.raises(RegistryError, match="not a usable"):
+            registry.add(_artifact(tmp_path / "bad", 0.5), name)
+    assert registry.versions() == ["v1"]
+
+
+def test_a_version_folder_without_its_artifact_is_neither_listed_nor_promoted(
+    tmp_path: Path,
+) -> None:
+    registry = _registry_with(tmp_path, "v1")
+    registry.artifact_path("v2").parent.mkdir()
+    (registry.artifact_path("v2").parent / "difficulty.json").write_text("{}")
+    assert registry.versions() == ["v1"]
+    with pytest.raises(RegistryError, match="no version 'v2'"):
+        registry.promote("v2")
+    assert registry.current_version() is None
+
+
+def test_add_takes_the_pair_by_either_file_or_its_stem(tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path / "registry")
+    source = _artifact(tmp_path / "src", 0.3)
+    registry.add(source.with_suffix(".json"), "by-json")
+    registry.add(source.with_suffix(""), "by-stem")
+    for version in ("by-json", "by-stem"):
+        folder = registry.artifact_path(version).parent
+        assert (folder / "difficulty.skops").read_text() == source.read_text()
+        assert (folder / "difficulty.json").read_text() == "{}"
+
+
+def test_an_add_interrupted_earlier_does_not_block_adding_the_version(tmp_path: Path) -> None:
+    registry = _registry_with(tmp_path, "v1")
+    # What a crash during the copy leaves: the staging folder with part of the pair.
+    staging = registry.root / "versions" / "v2.partial"
+    staging.mkdir()
+    (staging / "difficulty.skops").write_text("half")
+    registry.add(_artifact(tmp_path / "src-v2", 0.2), "v2")
+    assert json.loads(registry.artifact_path("v2").read_text()) == {"score": 0.2}
+    assert (registry.artifact_path("v2").parent / "difficulty.json").is_file()
 
 
 async def test_reload_swaps_to_the_promoted_version(tmp_path: Path) -> None:
@@ -228,3 +264,44 @@ async def test_a_version_unreadable_for_a_moment_is_loaded_on_a_later_tick(
     assert classifier.version == "v1"
     assert await classifier.refresh() is True
     assert classifier.version == "v2"
+
+
+def test_rollback_walks_back_through_a_version_promoted_twice(tmp_path: Path) -> None:
+    # v1 went back into service after v2 (a promotion, not a rollback, so v2 was not withdrawn).
+    registry = _registry_with(tmp_path, "v1", "v2", "v3")
+    for version in ("v1", "v2", "v1", "v3"):
+        registry.promote(version)
+    assert registry.rollback() == "v1"
+    assert registry.rollback() == "v2"  # in service before v1's second promotion
+    assert registry.rollback() == "v1"
+    with pytest.raises(RegistryError, match="nothing was promoted before"):
+        registry.rollback()
+
+
+def test_promoting_the_version_in_service_again_does_not_make_it_its_own_rollback(
+    tmp_path: Path,
+) -> None:
+    registry = _registry_with(tmp_path, "v1", "v2")
+    for version in ("v1", "v2", "v2"):
+        registry.promote(version)
+    assert registry.rollback() == "v1"
+
+
+def test_a_pointer_set_outside_the_registry_cannot_be_rolled_back(tmp_path: Path) -> None:
+    # CURRENT written by hand (or history.jsonl lost): there is no promotion to go back to.
+    registry = _registry_with(tmp_path, "v1", "v2")
+    registry.promote("v1")
+    (registry.root / "CURRENT").write_text("v2\n")
+    assert registry.current_version() == "v2"
+    with pytest.raises(RegistryError, match="'v2' was never promoted here"):
+        registry.rollback()
+
+
+def test_an_empty_pointer_means_no_version_in_service(tmp_path: Path) -> None:
+    registry = _registry_with(tmp_path, "v1")
+    registry.root.mkdir(exist_ok=True)
+    (registry.root / "CURRENT").write_text("\n")
+    assert registry.current_version() is None
+    assert registry.current_artifact() is None
+    fallback = _artifact(tmp_path / "packaged", 0.7)
+    assert ReloadingClassifier.from_registry(registry, fake_load, fallback).version == "packaged"
