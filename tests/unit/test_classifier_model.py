@@ -17,7 +17,11 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer
 
 from routecache.cache.embedder import HashEmbedder, MiniLMEmbedder
-from routecache.classifier.features import TEXT_FEATURE_NAMES, text_features
+from routecache.classifier.features import (
+    TEXT_FEATURE_NAMES,
+    text_feature_matrix,
+    text_features,
+)
 from routecache.classifier.model import (
     ClassifierArtifactError,
     DifficultyModel,
@@ -28,7 +32,12 @@ from routecache.classifier.model import (
     load_classifier,
     save_artifact,
 )
-from routecache.classifier.neighbours import NeighbourBank, label_matrix
+from routecache.classifier.neighbours import (
+    KS,
+    NeighbourBank,
+    label_matrix,
+    neighbour_feature_names,
+)
 from routecache.classifier.ports import DifficultyClassifier
 from routecache.domain import OperatingPoint
 from routecache.training.train_classifier import LabelledSet, fit_model
@@ -77,6 +86,97 @@ def test_text_features_see_the_shape_of_the_prompt() -> None:
     assert gsm[names.index("log_numbers")] == pytest.approx(np.log1p(3))
     assert mmlu[names.index("log_lines")] == pytest.approx(np.log1p(6))
     assert np.isfinite(text_features("")).all()
+
+
+def test_text_features_count_each_named_quantity() -> None:
+    # 58 characters, 18 words, 5 lines; digits 1200 3 5 2 1 2 3 4 2 (12); the numbers
+    # 1,200 3.5 2 1 2 3 42 (7); the math symbols $ % = (3); options A) to D).
+    text = "Pay $1,200 at 3.5% for 2 years: x = ?\nA) 1\nB) 2\nC) 3\nD) 42"
+    expected = {
+        "log_chars": np.log1p(58),
+        "log_words": np.log1p(18),
+        "log_lines": np.log1p(5),
+        "digit_ratio": 12 / 58,
+        "log_numbers": np.log1p(7),
+        "math_symbol_ratio": 3 / 58,
+        "multiple_choice": 1.0,
+    }
+    assert list(expected) == list(TEXT_FEATURE_NAMES)
+    np.testing.assert_allclose(text_features(text), list(expected.values()))
+
+
+def test_text_features_of_an_empty_prompt_are_zero_and_two_options_are_no_quiz() -> None:
+    np.testing.assert_array_equal(text_features(""), np.zeros(len(TEXT_FEATURE_NAMES)))
+    two_options = text_features("Is it true?\nA. yes\nB. no")
+    assert two_options[TEXT_FEATURE_NAMES.index("multiple_choice")] == 0.0
+
+
+def test_text_feature_matrix_holds_each_prompts_features_as_given() -> None:
+    texts = ["", "  padded prompt \n\n", MMLU_PROMPT]
+    matrix = text_feature_matrix(texts)
+    assert matrix.shape == (3, len(TEXT_FEATURE_NAMES))
+    for row, text in zip(matrix, texts, strict=True):
+        np.testing.assert_array_equal(row, text_features(text))
+
+
+def _expected_neighbour_features(
+    bank: NeighbourBank, embedding: np.ndarray, skip: int | None = None
+) -> np.ndarray:
+    """The documented features by brute force: label rates and similarities of the nearest."""
+    payload = bank.to_payload()
+    z = (embedding - payload["pca_mean"]) @ payload["pca_components"].T
+    similarities = payload["vectors"] @ (z / np.linalg.norm(z))
+    ranked = [i for i in np.argsort(-similarities, kind="stable") if i != skip]
+    labels = payload["labels"]
+    rates = [labels[ranked[:k]].mean(axis=0) for k in KS]
+    top = similarities[ranked]
+    return np.concatenate([*rates, [top[0], top[:10].mean()]])
+
+
+def _random_bank(n: int, dimension: int, seed: int) -> tuple[NeighbourBank, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    embeddings = rng.normal(size=(n, dimension)).astype(np.float32) + 0.5  # off-centre
+    labels = label_matrix(rng.random(n) < 0.4, rng.random(n) < 0.2)
+    return NeighbourBank.fit(embeddings, labels), embeddings
+
+
+def test_neighbour_features_rank_a_large_bank_by_cosine_similarity() -> None:
+    # A bank larger than every k, so each k and both similarity columns differ.
+    bank, _ = _random_bank(300, 16, seed=0)
+    queries = np.random.default_rng(1).normal(size=(4, 16)).astype(np.float32) * 3.0
+    batch = bank.batch_features(queries)
+    assert batch.shape == (4, len(neighbour_feature_names()))
+    for query, row in zip(queries, batch, strict=True):
+        expected = _expected_neighbour_features(bank, query)
+        np.testing.assert_allclose(bank.features(query), expected, atol=1e-5)
+        np.testing.assert_allclose(row, expected, atol=1e-5)
+    assert np.all(batch[:, -2] <= 1.0 + 1e-6)  # cosine similarities
+    assert np.all(batch[:, -2] >= batch[:, -1])  # the nearest is at least the top-10 mean
+
+
+def test_leave_one_out_leaves_out_each_prompt_itself_beyond_the_first_chunk() -> None:
+    bank, embeddings = _random_bank(600, 16, seed=2)  # more rows than one 512-row chunk
+    loo = bank.batch_features(embeddings, leave_one_out=True)
+    for row in (0, 511, 512, 599):
+        expected = _expected_neighbour_features(bank, embeddings[row], skip=row)
+        np.testing.assert_allclose(loo[row], expected, atol=1e-5)
+
+
+def test_bank_fits_fewer_prompts_than_dimensions_and_refuses_mismatched_labels() -> None:
+    bank, embeddings = _random_bank(10, 32, seed=3)
+    assert (bank.size, bank.input_dimension) == (10, 32)
+    assert bank.features(embeddings[0])[-2] == pytest.approx(1.0, abs=1e-5)  # itself
+    vectors = np.eye(4, dtype=np.float32)
+    with pytest.raises(ValueError, match="does not match"):
+        NeighbourBank(np.zeros(4, np.float32), vectors, vectors, label_matrix([1, 0, 1], [0] * 3))
+
+
+def test_label_matrix_gain_is_cheap_failures_the_strong_model_fixes() -> None:
+    labels = label_matrix([1, 1, 0, 0], [0, 1, 0, 1])
+    np.testing.assert_array_equal(labels[:, 2], [1, 0, 0, -1])
+    # No strong outcome known at all: an even chance, not a success.
+    unknown = label_matrix([1, 0], [np.nan, np.nan])
+    np.testing.assert_array_equal(unknown[:, 1], [0.5, 0.5])
 
 
 def test_neighbour_rates_are_the_labels_of_the_nearest_prompts() -> None:
