@@ -11,9 +11,26 @@ import pytest
 
 from routecache.cache.embedder import HashEmbedder
 from routecache.cache.faiss_index import ScopedFaissIndex
-from routecache.cache.hit_policy import CosinePolicy, HitRequirement
+from routecache.cache.hit_policy import (
+    BudgetThreshold,
+    CosinePolicy,
+    HitPolicy,
+    HitRequirement,
+    PolicyCalibration,
+    VerifiedPolicy,
+)
+from routecache.cache.pair_features import FEATURE_NAMES
 from routecache.router.cli import main
-from routecache.training.eval_cache import cache_candidates, embed_texts, evaluate
+from routecache.router.settings import Settings
+from routecache.training.eval_cache import (
+    Candidates,
+    cache_candidates,
+    candidates_for,
+    embed_texts,
+    evaluate,
+    score_candidates,
+    verifier_latency_ms,
+)
 from routecache.training.pair_data import LabelledPair, duplicate_clusters
 
 PAIRS = [
@@ -23,6 +40,25 @@ PAIRS = [
     ),
     LabelledPair("best way to cook rice", "how to fix a car engine", False),
 ]
+
+
+class _NoScorer:
+    """A cross-encoder stand-in whose logit is always 0: the probability follows the cosine."""
+
+    def logits(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        return np.zeros(len(pairs), dtype=np.float32)
+
+
+def _cosine_verified(floor: float, threshold: float = 0.5) -> VerifiedPolicy:
+    """A verified policy whose probability is sigmoid(cosine), above a cosine floor."""
+    weights = tuple(1.0 if name == "cosine" else 0.0 for name in FEATURE_NAMES)
+    calibration = PolicyCalibration(floor, weights, 0.0, (BudgetThreshold(0.01, threshold, 0.5),))
+    return VerifiedPolicy(calibration, _NoScorer())
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    result: np.ndarray = 1 / (1 + np.exp(-x))
+    return result
 
 
 def test_preconditions_of_the_hand_counts() -> None:
@@ -96,6 +132,75 @@ def test_cache_mode_counts_apart_false_hits_on_the_same_question() -> None:
     assert result.false_hit_rate_other_questions == pytest.approx(2 / 5)
 
 
+def test_cache_mode_offers_the_distractors_questions_and_joins_their_labels() -> None:
+    # The query's nearest entry is a distractor's cached question, which the distractor's label
+    # makes a duplicate of the query's text: the same question, but not the query's own partner.
+    pairs = [LabelledPair("how do i learn python fast", "tips for growing tomatoes", False)]
+    distractors = [
+        LabelledPair("how do i learn python fast", "how do i learn python quickly", True)
+    ]
+    embedder = HashEmbedder()
+    texts = [t for p in [*pairs, *distractors] for t in (p.query, p.cached)]
+    vectors = embed_texts(embedder, texts)
+    candidates = cache_candidates(pairs, vectors, ScopedFaissIndex(embedder.dimension), distractors)
+    assert candidates.texts == [("how do i learn python fast", "how do i learn python quickly")]
+    assert candidates.correct.tolist() == [False]
+    assert candidates.same_question is not None and candidates.same_question.tolist() == [True]
+
+
+def test_cache_mode_without_an_index_is_refused() -> None:
+    vectors = embed_texts(HashEmbedder(), [t for p in PAIRS for t in (p.query, p.cached)])
+    with pytest.raises(ValueError, match="vector index"):
+        candidates_for(PAIRS, vectors, "cache")
+
+
+def test_embedding_in_batches_gives_each_text_its_own_vector() -> None:
+    embedder = HashEmbedder()
+    texts = ["a", "bb cc", "ddd eee fff", "bb cc", "g h i j k l", "mm"]
+    vectors = embed_texts(embedder, texts, batch=2)
+    assert set(vectors) == set(texts)
+    for text in texts:
+        np.testing.assert_allclose(vectors[text], embedder.encode([text])[0])
+
+
+def test_scoring_in_batches_keeps_each_candidates_similarity() -> None:
+    similarities = [0.95, 0.2, 0.7, 0.85, 0.6]
+    candidates = Candidates(
+        [(f"q{i}", f"c{i}") for i in range(5)], similarities, np.zeros(5, dtype=bool)
+    )
+    scores = score_candidates(_cosine_verified(floor=0.5), candidates, batch=2)
+    expected = _sigmoid(np.array(similarities))
+    expected[1] = np.nan  # under the floor: never verified
+    np.testing.assert_allclose(scores, expected)
+
+
+def test_a_verified_policy_reports_its_budget_and_the_share_it_verified() -> None:
+    embedder = HashEmbedder()
+    # Floor 0.5: the first two pairs reach the verifier, the third (cosine < 0.5) does not.
+    # Each verified probability is sigmoid(cosine) < 0.75, so a 0.75 threshold serves none.
+    for threshold, hits in ((0.0, (2, 1)), (0.75, (0, 0))):
+        (result,) = evaluate(
+            PAIRS, embedder, _cosine_verified(floor=0.5, threshold=threshold), "verified",
+            [HitRequirement(0.99, 0.01)], "pairwise",
+        )  # fmt: skip
+        assert (result.policy, result.max_false_hit_rate, result.cosine_threshold) == (
+            "verified",
+            0.01,
+            None,
+        )
+        assert result.verified_share == pytest.approx(2 / 3)  # served or not
+        assert (result.hits, result.correct_hits) == hits
+
+
+def test_latency_times_each_lookup_that_reaches_the_verifier_up_to_the_sample_count() -> None:
+    candidates = Candidates(
+        [(f"q{i}", f"c{i}") for i in range(4)], [0.4, 0.6, 0.75, 0.9], np.zeros(4, dtype=bool)
+    )
+    policy = _cosine_verified(floor=0.6)  # a similarity equal to the floor is verified
+    assert verifier_latency_ms(policy, candidates, HitRequirement(0.9))["samples"] == 3
+    assert verifier_latency_ms(policy, candidates, HitRequirement(0.9), samples=2)["samples"] == 2
+
+
 def test_duplicate_clusters_join_labelled_duplicates_transitively() -> None:
     clusters = duplicate_clusters(
         [
@@ -128,6 +233,71 @@ def test_cli_prints_one_json_object(tmp_path: Path, capsys: pytest.CaptureFixtur
     for key in ("pairs", "precision", "recall", "hit_rate", "false_hit_rate", "max_false_hit_rate"):
         assert key in report
     assert report["policy"] == "cosine" and report["pairs"] == 3
+
+
+def _hash_config(tmp_path: Path) -> Path:
+    config = tmp_path / "hash.toml"
+    config.write_text('[cache]\nembedder = "hash"\nsimilarity_threshold = 0.5\n')
+    return config
+
+
+def _pairs_file(tmp_path: Path) -> Path:
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(asdict(p)) + "\n" for p in PAIRS))
+    return pairs
+
+
+def test_cli_reports_each_threshold_and_budget_on_the_first_pairs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["eval-cache", "--pairs", str(_pairs_file(tmp_path))]
+    argv += ["--config", str(_hash_config(tmp_path)), "--json", "--mode", "cache"]
+    argv += ["--cosine-threshold", "0.5,0.99", "--max-false-hit-rate", "0.01,0.05"]
+    assert main([*argv, "--limit", "2"]) == 0
+    reports = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["cosine_threshold"] for r in reports] == [0.5, 0.5, 0.99, 0.99]
+    assert {(r["pairs"], r["mode"]) for r in reports} == {(2, "cache")}
+    assert [r["hits"] for r in reports] == [2, 2, 0, 0]
+
+
+@pytest.mark.parametrize(
+    ("flag", "verifier", "policy"),
+    [("verified", "cross-encoder", "verified"), ("cosine", "off", "cosine")],
+)
+def test_cli_policy_flag_sets_the_verifier_it_builds(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    flag: str,
+    verifier: str,
+    policy: str,
+) -> None:
+    from routecache.router import bootstrap
+
+    asked: list[str] = []
+
+    def build(settings: Settings) -> HitPolicy:
+        asked.append(settings.cache.verifier)
+        return CosinePolicy() if settings.cache.verifier == "off" else _cosine_verified(0.5)
+
+    monkeypatch.setattr(bootstrap, "build_hit_policy", build)
+    config = tmp_path / "verified.toml"
+    config.write_text('[cache]\nembedder = "hash"\nverifier = "auto"\n')
+    argv = ["eval-cache", "--pairs", str(_pairs_file(tmp_path)), "--config", str(config)]
+    assert main([*argv, "--json", "--policy", flag]) == 0
+    assert asked == [verifier]
+    assert json.loads(capsys.readouterr().out)["policy"] == policy
+
+
+@pytest.mark.parametrize("budget", ["0", "1", "0.01,1.5", "few"])
+def test_cli_refuses_a_budget_outside_zero_to_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], budget: str
+) -> None:
+    argv = ["eval-cache", "--pairs", str(_pairs_file(tmp_path))]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--config", str(_hash_config(tmp_path)), "--max-false-hit-rate", budget])
+    assert exit_info.value.code == 2
+    assert "--max-false-hit-rate" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content", [None, "not json\n"], ids=["missing file", "not JSON"])
