@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from routecache.cache.hit_policy import VerifiedPolicy
+from routecache.cache.hit_policy import PolicyCalibration, VerifiedPolicy
 from routecache.cache.pair_features import FEATURE_NAMES
 from routecache.training.calibrate_verifier import (
     ScoredPairs,
     calibrate,
     cosine_floor,
     false_hit_upper_bound,
+    file_sha256,
+    out_of_fold,
+    score_pairs,
     threshold_for_budget,
 )
 from routecache.training.pair_data import LabelledPair, PairDataError, load_pairs, split_pairs
@@ -44,6 +48,38 @@ def test_upper_bound_is_above_the_observed_rate_and_tightens_with_more_lookups()
     assert false_hit_upper_bound(5, 5, 0.9) == 1.0
 
 
+def test_upper_bound_is_the_one_sided_clopper_pearson_bound() -> None:
+    # Closed forms of the exact bound: none of n false, 1 - (1 - c)^(1/n); all but one, c^(1/n).
+    assert false_hit_upper_bound(0, 100, 0.9) == pytest.approx(1 - 0.1 ** (1 / 100))
+    assert false_hit_upper_bound(9, 10, 0.9) == pytest.approx(0.9 ** (1 / 10))
+
+
+def test_threshold_takes_a_tie_whole_and_reports_the_share_of_duplicates_kept() -> None:
+    # 1000 lookups at confidence 0.5: no false hit fits a 0.001 budget, one does not. Ten
+    # duplicates score 0.9; a duplicate and a non-duplicate tie at 0.8; the rest score 0.1.
+    scores = np.array([0.9] * 10 + [0.8, 0.8] + [0.1] * 988)
+    labels = np.array([True] * 11 + [False] * 989)
+    chosen = threshold_for_budget(scores, labels, 0.001, 0.5)
+    assert chosen.threshold == 0.9  # 0.8 would serve the tied non-duplicate too
+    assert chosen.holdout_recall == pytest.approx(10 / 11)
+    assert chosen.max_false_hit_rate == 0.001
+
+
+def test_a_budget_no_threshold_fits_serves_nothing() -> None:
+    scores = np.array([0.9] * 10 + [0.1] * 990)
+    labels = np.arange(1000) < 10
+    # Even no false hit at all has an upper bound of 0.0007 on 1000 lookups.
+    chosen = threshold_for_budget(scores, labels, 0.0001, 0.5)
+    assert (chosen.threshold, chosen.holdout_recall) == (np.inf, 0.0)
+
+
+def test_unscored_pairs_never_set_the_threshold() -> None:
+    # NaN: under the cosine floor, never verified, so never a hit whatever the threshold.
+    chosen = threshold_for_budget(np.array([0.9, np.nan, np.nan]), np.ones(3, bool), 0.5, 0.5)
+    assert chosen.threshold == 0.9
+    assert chosen.holdout_recall == pytest.approx(1 / 3)
+
+
 def test_threshold_keeps_the_upper_bound_within_the_budget() -> None:
     scored = synthetic(4000, seed=1)
     scores = 1 / (1 + np.exp(-scored.rows[:, 0]))
@@ -62,6 +98,115 @@ def test_floor_drops_at_most_the_allowed_share_of_correct_hits() -> None:
     labels = np.ones(1000, dtype=bool)
     floor = cosine_floor(cosine, labels, np.ones(1000, dtype=bool), loss=0.01)
     assert (cosine < floor).sum() <= 10
+
+
+def test_floor_is_the_highest_that_keeps_within_the_loss() -> None:
+    cosine = np.linspace(0.5, 1.0, 1000)
+    labels = np.ones(1000, dtype=bool)
+    floor = cosine_floor(cosine, labels, np.ones(1000, dtype=bool), loss=0.0105)
+    assert (cosine < floor).sum() == 10  # 10.5 may go; an 11th would be too many
+    # No correct hit to lose: nothing needs a lookup under any floor.
+    assert cosine_floor(cosine, labels, np.zeros(1000, dtype=bool), loss=0.01) == 1.0
+
+
+def test_score_pairs_rows_hold_each_pairs_own_scores_and_group_by_cached_question() -> None:
+    pairs = [
+        LabelledPair("how old is the moon", "age of the moon", True),
+        LabelledPair("how far is the moon", "age of the moon", False),
+        LabelledPair("best pizza in rome", "where to eat pizza in rome", True),
+    ]
+    scored = score_pairs(pairs, cosines=[0.9, 0.7, 0.8], logits=[3.0, -1.0, 2.0])
+    np.testing.assert_allclose(scored.cosine, [0.9, 0.7, 0.8])
+    np.testing.assert_allclose(scored.rows[:, FEATURE_NAMES.index("cross_encoder")], [3, -1, 2])
+    assert scored.labels.tolist() == [True, False, True]
+    assert scored.groups[0] == scored.groups[1] != scored.groups[2]
+
+
+def test_out_of_fold_scores_never_see_their_own_cached_question() -> None:
+    # Three pairs per cached question. Relabelling one question's pairs changes every model
+    # except the one that scores that question: its scores stay as they were.
+    scored = synthetic(600, seed=8)
+    grouped = ScoredPairs(scored.rows, scored.labels, np.arange(600, dtype=np.int64) // 3)
+    before = out_of_fold(grouped)
+    flipped = grouped.labels.copy()
+    flipped[:3] = ~flipped[:3]
+    after = out_of_fold(ScoredPairs(grouped.rows, flipped, grouped.groups))
+    np.testing.assert_allclose(after[:3], before[:3], rtol=1e-12)
+    assert not np.allclose(after[3:], before[3:])
+
+
+def test_the_shipped_weights_are_the_standardised_logistic_model_on_all_pairs() -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    scored = synthetic(2000, seed=9)
+    rule = calibrate(scored, budgets=(0.05,))
+    reference = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000))
+    reference.fit(scored.rows, scored.labels)
+    fresh = synthetic(200, seed=10).rows
+    np.testing.assert_allclose(
+        rule.probabilities(fresh), reference.predict_proba(fresh)[:, 1], atol=1e-6
+    )
+
+
+@pytest.fixture(scope="module")
+def cache_calibrated() -> tuple[ScoredPairs, ScoredPairs, PolicyCalibration]:
+    pairs, lookups = synthetic(3000, seed=11), near_misses(3000, seed=12)
+    rule = calibrate(
+        pairs,
+        budgets=(0.05, 0.01),
+        confidence=0.95,
+        floor_loss=0.05,
+        metadata={"source": "qqp-holdout"},
+        symmetric=False,
+        cache_lookups=lookups,
+    )
+    return pairs, lookups, rule
+
+
+def test_the_floor_drops_at_most_the_loss_of_the_loosest_budgets_correct_hits(
+    cache_calibrated: tuple[ScoredPairs, ScoredPairs, PolicyCalibration],
+) -> None:
+    pairs, _, rule = cache_calibrated
+    oof = out_of_fold(pairs)
+    loosest = threshold_for_budget(oof, pairs.labels, 0.05, 0.95)
+    correct = (oof >= loosest.threshold) & pairs.labels
+    dropped = (correct & (pairs.cosine < rule.cosine_floor)).sum()
+    # The highest such floor: one more dropped hit would exceed the loss.
+    assert dropped == int(np.floor(0.05 * correct.sum())) > 0
+
+
+def test_reported_recalls_are_what_each_threshold_keeps_above_the_floor(
+    cache_calibrated: tuple[ScoredPairs, ScoredPairs, PolicyCalibration],
+) -> None:
+    pairs, lookups, rule = cache_calibrated
+    oof = out_of_fold(pairs)
+    probabilities = rule.probabilities(lookups.rows)
+    for chosen in rule.thresholds:
+        kept = (pairs.cosine >= rule.cosine_floor) & (oof >= chosen.threshold)
+        assert chosen.holdout_recall == pytest.approx(kept[pairs.labels].mean())
+        in_cache = (lookups.cosine >= rule.cosine_floor) & (probabilities >= chosen.threshold)
+        recall = rule.metadata["cache_mode_recall"][str(chosen.max_false_hit_rate)]
+        assert recall == pytest.approx(in_cache[lookups.labels].mean())
+
+
+def test_calibration_records_its_settings(
+    cache_calibrated: tuple[ScoredPairs, ScoredPairs, PolicyCalibration],
+) -> None:
+    _, _, rule = cache_calibrated
+    assert rule.symmetric is False
+    assert [t.max_false_hit_rate for t in rule.thresholds] == [0.01, 0.05]
+    assert rule.metadata["source"] == "qqp-holdout"
+    assert (rule.metadata["confidence"], rule.metadata["floor_loss"]) == (0.95, 0.05)
+    assert rule.metadata["calibration_pairs"] == rule.metadata["cache_mode_lookups"] == 3000
+
+
+def test_file_digest_covers_the_whole_file(tmp_path: Path) -> None:
+    data = np.random.default_rng(0).bytes(5 * (1 << 19) + 7)  # two and a half 1 MiB blocks
+    path = tmp_path / "model.onnx"
+    path.write_bytes(data)
+    assert file_sha256(path) == hashlib.sha256(data).hexdigest()
 
 
 def test_calibrated_budgets_hold_on_fresh_pairs() -> None:
