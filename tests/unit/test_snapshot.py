@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from threading import Event
 
 import numpy as np
+import pytest
 
 from routecache.backends.storage import EmbeddedStorage
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.hit_policy import HitRequirement
 from routecache.cache.memory_store import InMemoryEntryStore
 from routecache.cache.ports import CacheEntry
-from routecache.cache.snapshot import read_live_entries
+from routecache.cache.snapshot import (
+    read_live_entries,
+    read_snapshot,
+    restore_snapshot,
+    save_snapshot,
+)
 from routecache.domain import CacheControl, CacheOutcome, ChatRequest, Message, Role, Tier
 from tests.unit.conftest import KEYS, make_harness
 
@@ -109,12 +116,12 @@ class _SlowFirstSnapshotStore(InMemoryEntryStore):
         return _GatedList(entries, self.entered, self.release)
 
 
-def _entry(name: str) -> CacheEntry:
+def _entry(name: str, embedding: np.ndarray | None = None, expires_at: float = 1e12) -> CacheEntry:
     return CacheEntry(
         entry_id=f"acme:{name}", tenant="acme", scope="acme:s", exact_key=f"acme:s:{name}",
         prompt=name, answer=name, model="m", tier=Tier.CHEAP,
-        embedding=np.ones(4, dtype=np.float32) / 2, created_at=0.0, expires_at=1e12,
-        cost_usd=0.0,
+        embedding=np.ones(4, dtype=np.float32) / 2 if embedding is None else embedding,
+        created_at=0.0, expires_at=expires_at, cost_usd=0.0,
     )  # fmt: skip
 
 
@@ -136,3 +143,106 @@ async def test_a_save_under_way_at_shutdown_cannot_overwrite_the_final_snapshot(
     await closing
     await asyncio.sleep(0.3)  # what is left of the cancelled save's thread runs out
     assert [e.entry_id for e in read_live_entries(path, now=0.0)] == [keep.entry_id]
+
+
+def _fields_but_the_vector(entry: CacheEntry) -> dict[str, object]:
+    return {k: v for k, v in dataclasses.asdict(entry).items() if k != "embedding"}
+
+
+def test_a_saved_entry_reads_back_with_every_field(tmp_path: Path) -> None:
+    path = tmp_path / "snapshot.jsonl"
+    entry = dataclasses.replace(
+        _entry("émoji ✓", embedding=np.array([0.1, -0.2, 0.3, 1e-7], dtype=np.float32)),
+        tier=Tier.STRONG, tags=("billing", "faq"), hit_count=3, last_hit_at=42.5,
+        prompt_tokens=7, completion_tokens=11, cost_usd=0.0125, created_at=1.5,
+    )  # fmt: skip
+    assert save_snapshot([entry], path) == 1
+    [restored] = list(read_snapshot(path))
+    assert _fields_but_the_vector(restored) == _fields_but_the_vector(entry)
+    assert restored.tags == ("billing", "faq")
+    assert restored.embedding.dtype == np.float32
+    assert np.array_equal(restored.embedding, entry.embedding)
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["", '{"routecache_snapshot": 2}\n', '{"entries": []}\n'],
+    ids=["empty", "v2", "other"],
+)
+def test_a_file_that_is_not_a_version_1_snapshot_is_refused(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "snapshot.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="not a routecache snapshot"):
+        read_live_entries(path, now=0.0)
+
+
+def test_an_entry_is_restored_only_while_its_expiry_plus_grace_is_ahead(tmp_path: Path) -> None:
+    path = tmp_path / "snapshot.jsonl"
+    save_snapshot([_entry("e", expires_at=100.0)], path)
+    assert len(read_live_entries(path, now=99.5)) == 1
+    assert read_live_entries(path, now=100.0) == []  # the store drops it at expiry too
+    assert len(read_live_entries(path, now=109.5, grace=10.0)) == 1
+    assert read_live_entries(path, now=110.0, grace=10.0) == []
+
+
+def _distinct_entries(*names: str) -> list[CacheEntry]:
+    return [_entry(n, embedding=np.eye(4, dtype=np.float32)[i]) for i, n in enumerate(names)]
+
+
+async def _saved_after_a_hit_on_a(path: Path) -> list[CacheEntry]:
+    """a, b and c stored in that order, then a served: least recently used first is b, c, a."""
+    store = InMemoryEntryStore(max_entries=10, clock=lambda: 0.0)
+    entries = _distinct_entries("a", "b", "c")
+    for entry in entries:
+        await store.put(entry)
+    await store.record_hit(entries[0].entry_id, now=1.0)
+    save_snapshot(store.entries(), path)
+    return entries
+
+
+async def test_a_restore_keeps_the_least_recently_used_order(tmp_path: Path) -> None:
+    path = tmp_path / "snapshot.jsonl"
+    await _saved_after_a_hit_on_a(path)
+    store = InMemoryEntryStore(max_entries=10, clock=lambda: 0.0)
+    assert await restore_snapshot(store, ScopedFaissIndex(4), path, lambda: 0.0) == 3
+    assert [e.entry_id for e in store.entries()] == ["acme:b", "acme:c", "acme:a"]
+
+
+async def test_a_restore_into_a_smaller_store_drops_the_least_recently_used_from_the_index(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "snapshot.jsonl"
+    a, b, _ = await _saved_after_a_hit_on_a(path)
+    store = InMemoryEntryStore(max_entries=2, clock=lambda: 0.0)
+    index = ScopedFaissIndex(4)
+    await restore_snapshot(store, index, path, lambda: 0.0)
+    assert [e.entry_id for e in store.entries()] == ["acme:c", "acme:a"]
+    assert len(index) == 2
+    assert "acme:b" not in [n.entry_id for n in index.search("acme:s", b.embedding, 3)]
+    assert index.search("acme:s", a.embedding, 1)[0].entry_id == "acme:a"
+
+
+class _DiskFullAfterOne(list[CacheEntry]):
+    """Entries whose writing fails after the first, as a full disk would make it."""
+
+    def __iter__(self) -> Iterator[CacheEntry]:
+        yield self[0]
+        raise OSError(28, "No space left on device")
+
+
+def test_a_save_that_fails_midway_leaves_the_previous_snapshot_whole(tmp_path: Path) -> None:
+    path = tmp_path / "snapshot.jsonl"
+    save_snapshot(_distinct_entries("a", "b"), path)
+    with pytest.raises(OSError):
+        save_snapshot(_DiskFullAfterOne(_distinct_entries("c", "d")), path)
+    assert [e.entry_id for e in read_live_entries(path, now=0.0)] == ["acme:a", "acme:b"]
+
+
+def test_a_longer_temp_file_left_by_a_crash_adds_nothing_to_the_next_snapshot(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "snapshot.jsonl"
+    save_snapshot(_distinct_entries("a", "b", "c"), path)
+    path.rename(path.with_name(path.name + ".tmp"))
+    save_snapshot(_distinct_entries("d"), path)
+    assert [e.entry_id for e in read_live_entries(path, now=0.0)] == ["acme:d"]
