@@ -22,12 +22,15 @@ class RecordingEmbedder(HashEmbedder):
         self.batches: list[list[str]] = []
         self.gate = threading.Event()
         self.gate.set()
-        self.fail = False
+        self.error: Exception | None = None  # raised by every pass while set
+        self.fail_on = "\0"  # a pass with a text containing this fails with RuntimeError
 
     def encode(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         self.gate.wait(5)
         self.batches.append(list(texts))
-        if self.fail:
+        if self.error is not None:
+            raise self.error
+        if any(self.fail_on in t for t in texts):
             raise RuntimeError("encoder broke")
         return super().encode(texts)
 
@@ -57,23 +60,43 @@ async def test_each_caller_gets_its_own_row() -> None:
         assert np.allclose(vector, HashEmbedder(16).encode([text])[0])
 
 
-def test_length_buckets_split_on_size_and_on_spread() -> None:
+def bucket_lengths(lengths: Sequence[int], policy: BatchPolicy) -> list[list[int]]:
+    """The text lengths of each bucket length_buckets cuts from texts of these lengths."""
     loop = asyncio.new_event_loop()
     try:
-        items = [_Pending("x" * n, loop.create_future()) for n in (20, 400, 22, 25, 390, 21)]
-        buckets = length_buckets(items, BatchPolicy(max_batch=2, max_length_ratio=1.5))
+        items = [_Pending("x" * n, loop.create_future()) for n in lengths]
+        return [[len(p.text) for p in b] for b in length_buckets(items, policy)]
     finally:
         loop.close()
-    assert [[len(p.text) for p in b] for b in buckets] == [[20, 21], [22, 25], [390, 400]]
 
 
-async def test_an_encoder_error_reaches_the_callers_and_the_worker_recovers() -> None:
+def test_length_buckets_split_on_size_and_on_spread() -> None:
+    lengths = (20, 400, 22, 25, 390, 21)
+    buckets = bucket_lengths(lengths, BatchPolicy(max_batch=2, max_length_ratio=1.5))
+    assert buckets == [[20, 21], [22, 25], [390, 400]]
+
+
+def test_a_bucket_spans_at_most_the_ratio_from_its_shortest_text_inclusive() -> None:
+    lengths = (60, 28, 20, 40, 30)
+    buckets = bucket_lengths(lengths, BatchPolicy(max_batch=32, max_length_ratio=1.5))
+    assert buckets == [[20, 28, 30], [40, 60]]
+
+
+def test_texts_shorter_than_sixteen_characters_share_a_bucket() -> None:
+    buckets = bucket_lengths((1, 4, 10, 24), BatchPolicy(max_batch=32, max_length_ratio=1.5))
+    assert buckets == [[1, 4, 10, 24]]
+
+
+@pytest.mark.parametrize("error", [RuntimeError, ValueError, OSError])
+async def test_an_encoder_error_reaches_the_callers_and_the_worker_recovers(
+    error: type[Exception],
+) -> None:
     embedder = RecordingEmbedder()
     worker = EmbeddingWorker(embedder)
-    embedder.fail = True
-    with pytest.raises(RuntimeError, match="encoder broke"):
-        await worker.embed("boom")
-    embedder.fail = False
+    embedder.error = error("encoder broke")
+    with pytest.raises(error, match="encoder broke"):
+        await asyncio.wait_for(worker.embed("boom"), timeout=5)
+    embedder.error = None
     assert (await worker.embed("fine")).shape == (16,)
     worker.close()
 
@@ -104,9 +127,7 @@ class ShortEmbedder(RecordingEmbedder):
         return rows[:-1] if self.short else rows
 
 
-async def test_an_encoder_giving_the_wrong_number_of_rows_fails_the_callers_not_the_worker() -> (
-    None
-):
+async def test_an_encoder_returning_too_few_rows_fails_its_callers_not_the_worker() -> None:
     embedder = ShortEmbedder()
     worker = EmbeddingWorker(embedder)
     embedder.short = True
@@ -115,3 +136,113 @@ async def test_an_encoder_giving_the_wrong_number_of_rows_fails_the_callers_not_
     embedder.short = False
     assert (await asyncio.wait_for(worker.embed("fine"), timeout=5)).shape == (16,)
     worker.close()
+
+
+async def test_a_request_arriving_within_the_max_wait_joins_the_same_pass() -> None:
+    embedder = RecordingEmbedder()
+    worker = EmbeddingWorker(embedder, BatchPolicy(max_wait_seconds=0.5))
+    first = asyncio.ensure_future(worker.embed("the first question"))
+    await asyncio.sleep(0.01)  # the encoder is free, but the worker waits for company
+    second = asyncio.ensure_future(worker.embed("the second question"))
+    await asyncio.wait_for(asyncio.gather(first, second), timeout=5)
+    worker.close()
+    assert embedder.batches == [["the first question", "the second question"]]
+
+
+async def test_pending_counts_the_texts_in_the_encoder_and_those_queued_behind_it() -> None:
+    embedder = RecordingEmbedder()
+    worker = EmbeddingWorker(embedder)
+    embedder.gate.clear()
+    busy = asyncio.ensure_future(worker.embed("keeps the encoder busy"))
+    await asyncio.sleep(0.05)
+    queued = [asyncio.ensure_future(worker.embed(f"queued question {i}")) for i in range(2)]
+    await asyncio.sleep(0.01)
+    assert worker.pending == 3
+    embedder.gate.set()
+    await asyncio.wait_for(asyncio.gather(busy, *queued), timeout=5)
+    assert worker.pending == 0
+    worker.close()
+
+
+async def test_closing_cancels_the_callers_still_queued() -> None:
+    embedder = RecordingEmbedder()
+    worker = EmbeddingWorker(embedder)
+    embedder.gate.clear()
+    busy = asyncio.ensure_future(worker.embed("keeps the encoder busy"))
+    await asyncio.sleep(0.05)
+    queued = asyncio.ensure_future(worker.embed("still waiting"))
+    await asyncio.sleep(0.01)
+    worker.close()
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(queued, timeout=5)
+    finally:
+        embedder.gate.set()
+        busy.cancel()
+
+
+async def test_an_error_in_one_bucket_leaves_the_other_buckets_of_that_drain_answered() -> None:
+    embedder = RecordingEmbedder()
+    worker = EmbeddingWorker(embedder)
+    embedder.fail_on = "boom"
+    embedder.gate.clear()
+    busy = asyncio.ensure_future(worker.embed("keeps the encoder busy"))
+    await asyncio.sleep(0.05)
+    failing = asyncio.ensure_future(worker.embed("boom"))
+    long = asyncio.ensure_future(worker.embed("a much longer question " * 10))
+    await asyncio.sleep(0.01)
+    embedder.gate.set()
+    with pytest.raises(RuntimeError, match="encoder broke"):
+        await asyncio.wait_for(failing, timeout=5)
+    assert (await asyncio.wait_for(long, timeout=5)).shape == (16,)
+    await busy
+    worker.close()
+
+
+async def test_a_caller_that_gives_up_during_its_pass_leaves_the_others_their_rows() -> None:
+    embedder = RecordingEmbedder()
+    worker = EmbeddingWorker(embedder)
+    embedder.gate.clear()
+    leaving = asyncio.ensure_future(worker.embed("question one"))
+    staying = asyncio.ensure_future(worker.embed("question two"))
+    await asyncio.sleep(0.05)  # both are in the encoder's pass
+    leaving.cancel()
+    embedder.gate.set()
+    expected = HashEmbedder(16).encode(["question two"])[0]
+    assert np.allclose(await asyncio.wait_for(staying, timeout=5), expected)
+    assert (await asyncio.wait_for(worker.embed("afterwards"), timeout=5)).shape == (16,)
+    worker.close()
+
+
+class SteppedEmbedder(RecordingEmbedder):
+    """Each pass signals that it started and waits for its own step from the test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = threading.Semaphore(0)
+        self.steps = threading.Semaphore(0)
+
+    def encode(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        self.started.release()
+        self.steps.acquire(timeout=5)
+        return super().encode(texts)
+
+
+async def test_a_caller_that_gives_up_while_an_earlier_bucket_runs_is_not_encoded() -> None:
+    embedder = SteppedEmbedder()
+    worker = EmbeddingWorker(embedder)
+    busy = asyncio.ensure_future(worker.embed("keeps the encoder busy"))
+    await asyncio.to_thread(embedder.started.acquire, timeout=5)
+    short = asyncio.ensure_future(worker.embed("short one"))
+    abandoned = asyncio.ensure_future(worker.embed("a much longer question " * 10))
+    await asyncio.sleep(0.01)
+    embedder.steps.release()  # the busy pass ends; the short bucket goes in, the long one waits
+    await asyncio.to_thread(embedder.started.acquire, timeout=5)
+    abandoned.cancel()
+    embedder.steps.release()
+    await asyncio.wait_for(asyncio.gather(busy, short), timeout=5)
+    await asyncio.sleep(0.05)
+    embedder.steps.release()  # would let a pass of the abandoned text through
+    await asyncio.sleep(0.05)
+    worker.close()
+    assert embedder.batches == [["keeps the encoder busy"], ["short one"]]
