@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import numpy as np
+import pytest
 
+from routecache.cache import faiss_index
 from routecache.cache.faiss_index import IndexPolicy, ScopedFaissIndex
 
 
@@ -84,3 +87,112 @@ def test_an_id_twice_in_one_batch_is_indexed_once_and_removed_for_good() -> None
     index.add("a", "f", rows[0])
     index.remove("a", "e")
     assert [n.entry_id for n in index.search("a", rows[0], 5)] == ["f"]
+
+
+def exact_top(rows: np.ndarray, query: np.ndarray, k: int) -> list[str]:
+    """The k best entry ids by inner product, by brute force over every row."""
+    return [f"e{i}" for i in np.argsort(-(rows @ query), kind="stable")[:k]]
+
+
+def test_an_ivf_scope_probing_every_cell_answers_as_an_exact_search() -> None:
+    index = ScopedFaissIndex(32, IndexPolicy(ivf_threshold=400, nprobe=1000, background=False))
+    rows = unit_rows(1000, seed=4)
+    index.add_many("a", [f"e{i}" for i in range(1000)], rows)
+    assert index.kind("a") == "ivf"
+    for query in unit_rows(20, seed=5):
+        assert [n.entry_id for n in index.search("a", query, 5)] == exact_top(rows, query, 5)
+
+
+class CountedRebuilds(ScopedFaissIndex):
+    """Records the size of each background rebuild; holds them while `go` is clear."""
+
+    def __init__(self, dimension: int, policy: IndexPolicy) -> None:
+        super().__init__(dimension, policy)
+        self.rebuilt_sizes: list[int] = []
+        self.go = threading.Event()
+        self.go.set()
+
+    def _rebuild(self, index, vectors, labels):  # type: ignore[no-untyped-def]
+        self.go.wait(5)
+        self.rebuilt_sizes.append(len(labels))
+        super()._rebuild(index, vectors, labels)
+
+
+def add_range(index: ScopedFaissIndex, rows: np.ndarray, start: int, stop: int) -> None:
+    index.add_many("a", [f"e{i}" for i in range(start, stop)], rows[start:stop])
+
+
+def test_a_scope_of_exactly_the_threshold_is_ivf_at_once_without_background() -> None:
+    index = CountedRebuilds(32, IndexPolicy(ivf_threshold=400, nprobe=8, background=False))
+    rows = unit_rows(400, seed=6)
+    index.add_many("a", [f"e{i}" for i in range(400)], rows)
+    assert index.kind("a") == "ivf"  # no wait: built inline
+    assert index.rebuilt_sizes == []  # and no background rebuild besides
+    assert index.search("a", rows[123], 1)[0].entry_id == "e123"
+
+
+def test_an_ivf_scope_is_refit_each_time_it_doubles_and_not_before() -> None:
+    index = CountedRebuilds(32, IndexPolicy(ivf_threshold=100, nprobe=8))
+    rows = unit_rows(400, seed=7)
+    add_range(index, rows, 0, 100)
+    index.wait_for_rebuilds()
+    add_range(index, rows, 100, 199)
+    index.wait_for_rebuilds()
+    assert index.rebuilt_sizes == [100]
+    add_range(index, rows, 199, 200)
+    index.wait_for_rebuilds()
+    add_range(index, rows, 200, 400)
+    index.wait_for_rebuilds()
+    assert index.rebuilt_sizes == [100, 200, 400]
+    assert index.kind("a") == "ivf" and len(index) == 400
+    assert index.search("a", rows[321], 1)[0].entry_id == "e321"
+
+
+def test_a_scope_that_doubled_during_a_rebuild_is_refit_right_after_it() -> None:
+    index = CountedRebuilds(32, IndexPolicy(ivf_threshold=100, nprobe=8))
+    rows = unit_rows(250, seed=8)
+    index.go.clear()
+    add_range(index, rows, 0, 100)  # the rebuild starts and is held
+    add_range(index, rows, 100, 250)  # doubled meanwhile
+    index.go.set()
+    index.wait_for_rebuilds()  # the first rebuild, which starts the second before it ends
+    index.wait_for_rebuilds()
+    assert index.rebuilt_sizes == [100, 250]
+    assert index.search("a", rows[240], 1)[0].entry_id == "e240"
+
+
+def test_a_failed_rebuild_keeps_the_flat_index_and_the_next_doubling_tries_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_build = faiss_index.build_ivf
+    attempts: list[int] = []
+
+    def fails_first(vectors: np.ndarray, labels: np.ndarray, policy: IndexPolicy) -> Any:
+        attempts.append(len(labels))
+        if len(attempts) == 1:
+            raise MemoryError("no room to train")
+        return real_build(vectors, labels, policy)
+
+    monkeypatch.setattr(faiss_index, "build_ivf", fails_first)
+    index = ScopedFaissIndex(32, IndexPolicy(ivf_threshold=100, nprobe=8))
+    rows = unit_rows(200, seed=9)
+    add_range(index, rows, 0, 100)
+    index.wait_for_rebuilds()
+    assert index.kind("a") == "flat" and index.search("a", rows[42], 1)[0].entry_id == "e42"
+    add_range(index, rows, 100, 200)
+    index.wait_for_rebuilds()
+    assert attempts == [100, 200]
+    assert index.kind("a") == "ivf" and index.search("a", rows[142], 1)[0].entry_id == "e142"
+
+
+def test_adding_an_id_the_scope_already_holds_changes_nothing() -> None:
+    index = ScopedFaissIndex(32)
+    rows = unit_rows(3, seed=10)
+    index.add("a", "e", rows[0])
+    index.add("a", "f", rows[1])
+    index.add("a", "e", rows[2])  # a replica seeing its own write again
+    assert len(index) == 2
+    assert index.search("a", rows[0], 1)[0].entry_id == "e"
+    index.remove("a", "e")
+    assert [n.entry_id for n in index.search("a", rows[0], 5)] == ["f"]
+    assert [n.entry_id for n in index.search("a", rows[2], 5)] == ["f"]
