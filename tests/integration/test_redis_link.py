@@ -19,7 +19,7 @@ from pydantic import SecretStr
 from routecache.backends.link import RedisDown, RedisLink, guarded
 from routecache.router.bootstrap import build_redis_link
 from routecache.router.settings import StoreSettings
-from tests.redis_fixture import RedisServer
+from tests.redis_fixture import RedisServer, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -104,3 +104,78 @@ def test_a_connection_is_never_allowed_less_than_a_call() -> None:
     kwargs = link.client.connection_pool.connection_kwargs
     assert kwargs["socket_connect_timeout"] == 2.0
     assert kwargs["socket_timeout"] == 2.0
+
+
+def probes_running() -> int:
+    return sum(1 for t in asyncio.all_tasks() if t.get_name() == "redis-probe" and not t.done())
+
+
+def link_to(url: str, block_ms: int = 1000) -> RedisLink:
+    return RedisLink(url, timeout_seconds=0.25, max_connections=2,
+                     probe_interval_seconds=0.05, block_ms=block_ms)  # fmt: skip
+
+
+async def test_a_redis_down_at_start_is_reported_and_its_calls_are_refused_untried() -> None:
+    link = link_to(f"redis://127.0.0.1:{free_port()}/0")
+    heard: list[bool] = []
+
+    async def listener(up: bool) -> None:
+        heard.append(up)
+
+    link.subscribe(listener)
+    tried: list[str] = []
+
+    async def call() -> str:
+        tried.append("call")
+        return "answer"
+
+    try:
+        assert not await link.connect()
+        assert not link.up and heard == [False]
+        with pytest.raises(RedisDown):
+            await guarded(link, call)
+        assert tried == []
+        await link.mark_down(OSError("still down"))
+        assert heard == [False] and probes_running() == 1
+    finally:
+        # Closing stops the probe rather than waiting for a Redis that may never answer.
+        closed, _ = await asyncio.wait([asyncio.ensure_future(link.aclose())], timeout=5)
+    assert closed and probes_running() == 0
+
+
+async def test_listeners_hear_each_change_once_and_the_probe_brings_the_link_back(
+    own_redis_server: RedisServer,
+) -> None:
+    link = link_to(own_redis_server.url)
+    heard: list[bool] = []
+
+    async def listener(up: bool) -> None:
+        heard.append(up)
+
+    link.subscribe(listener)
+    try:
+        assert await link.connect()
+        own_redis_server.kill()
+        with pytest.raises(RedisDown):
+            await guarded(link, link.client.ping)
+        await link.mark_down(OSError("another part failed too"))
+        await asyncio.sleep(0.3)  # several probes fail meanwhile
+        assert heard == [True, False] and not link.up
+        own_redis_server.start()
+        await asyncio.wait_for(link.wait_up(), timeout=3)
+        assert heard == [True, False, True]
+        assert await guarded(link, link.client.ping)
+    finally:
+        await link.aclose()
+
+
+async def test_a_blocking_read_may_wait_its_whole_block_time(redis_server: RedisServer) -> None:
+    link = link_to(redis_server.url, block_ms=600)
+    try:
+        assert await link.connect()
+        read = await guarded(
+            link, lambda: link.blocking.xread({"nothing-here": "$"}, block=link.block_ms)
+        )
+        assert not read and link.up
+    finally:
+        await link.aclose()
