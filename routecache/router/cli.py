@@ -7,9 +7,10 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
+from routecache.cli_args import at_least
 from routecache.router.settings import ConfigError, load_settings
 
 
@@ -163,21 +164,6 @@ def _rollback_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
-def _at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer of `low` or more."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(f"not an integer: {text}") from error
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{text}: must be {low} or more")
-        return value
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     from routecache.replay.config import add_cli_arguments as replay_arguments
     from routecache.router import keys_cli
@@ -199,10 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
 
     demo = verbs.add_parser("demo", help="replay upstream + service + mixed traffic, summarised")
-    demo.add_argument("--recorded", type=_at_least(1), default=45, help="recorded prompts to ask")
-    demo.add_argument("--concurrency", type=_at_least(1), default=4)
+    demo.add_argument("--recorded", type=at_least(1), default=45, help="recorded prompts to ask")
+    demo.add_argument("--concurrency", type=at_least(1), default=4)
     demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument("--upstream-latency-ms", type=_at_least(0), default=0)
+    demo.add_argument("--upstream-latency-ms", type=at_least(0), default=0)
     demo.add_argument("--similarity-threshold", type=float, default=None,
                       help="serve by this cosine threshold instead of the hit verifier "
                       "(lower: more false hits)")  # fmt: skip

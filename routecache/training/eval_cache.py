@@ -29,6 +29,7 @@ import numpy.typing as npt
 
 from routecache.cache.hit_policy import CosinePolicy, HitPolicy, HitRequirement, HitVerdict
 from routecache.cache.ports import Embedder, VectorIndex
+from routecache.cli_args import positive_int
 from routecache.training.data_files import exits_2_on_data_error
 from routecache.training.pair_data import (
     LabelledPair,
@@ -241,17 +242,6 @@ def _floats(text: str) -> list[float]:
     return values
 
 
-def _positive(text: str) -> int:
-    # --limit 0 (or -5) evaluated one pair: load_pairs stops once it holds `limit` or more.
-    try:
-        value = int(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"not an integer: {text}") from error
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be 1 or more")
-    return value
-
-
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", type=Path, required=True, help="labelled pairs (qqp format)")
     parser.add_argument("--max-false-hit-rate", type=_floats, default=None,
@@ -262,7 +252,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: as configured (cache.verifier)")  # fmt: skip
     parser.add_argument("--cosine-threshold", type=_floats, default=None,
                         help="cosine threshold(s): default cache.similarity_threshold")  # fmt: skip
-    parser.add_argument("--limit", type=_positive, default=None, help="only the first N pairs")
+    parser.add_argument("--limit", type=positive_int, default=None, help="only the first N pairs")
     parser.add_argument("--latency", action="store_true", help="also time the verifier per pair")
     parser.add_argument("--config", type=Path, help="TOML settings (embedder, verifier)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per budget")

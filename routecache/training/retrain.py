@@ -39,6 +39,7 @@ from routecache.classifier.model import (
     save_artifact,
 )
 from routecache.classifier.registry import ModelRegistry
+from routecache.cli_args import holdout_fraction, positive_int
 from routecache.training.data_files import exits_2_on_data_error
 from routecache.training.outcomes import EventLabel, labels_from_events, read_events
 from routecache.training.routing_data import (
@@ -52,9 +53,7 @@ from routecache.training.train_classifier import (
     LabelledSet,
     describe,
     embed_prompts,
-    holdout_fraction,
     make_embedder,
-    positive_int,
     score_rows,
     train_candidate,
     writable_folder,

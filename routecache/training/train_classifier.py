@@ -43,6 +43,7 @@ from routecache.classifier.model import (
 )
 from routecache.classifier.neighbours import NeighbourBank, label_matrix
 from routecache.classifier.operating_point import OperatingCurve, fit_curve
+from routecache.cli_args import holdout_fraction, positive_int
 from routecache.domain import OperatingPoint
 from routecache.training.data_files import DataFileError, exits_2_on_data_error
 from routecache.training.embedding_cache import EmbeddingCache
@@ -296,28 +297,6 @@ def writable_folder(folder: Path, flag: str) -> None:
         raise DataFileError(f"{flag} {folder}: cannot make the folder ({exc.strerror})") from exc
     if not os.access(folder, os.W_OK | os.X_OK):
         raise DataFileError(f"{flag} {folder}: the folder is not writable")
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of 1 or more."""
-    try:
-        value = int(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"not an integer: {text}") from error
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be 1 or more")
-    return value
-
-
-def holdout_fraction(text: str) -> float:
-    """An argparse type: a share strictly between 0 and 1 (both sides need rows)."""
-    try:
-        value = float(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"not a number: {text}") from error
-    if not 0.0 < value < 1.0:  # False for NaN too
-        raise argparse.ArgumentTypeError(f"{text}: must lie strictly between 0 and 1")
-    return value
 
 
 def artifact_name(text: str) -> str:

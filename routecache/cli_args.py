@@ -1,0 +1,35 @@
+"""argparse types shared by the command-line verbs: a bad number is a usage error, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer of `low` or more."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"not an integer: {text}") from error
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text}: must be {low} or more")
+        return value
+
+    return parse
+
+
+positive_int = at_least(1)
+
+
+def holdout_fraction(text: str) -> float:
+    """An argparse type: a share strictly between 0 and 1 (both sides need rows)."""
+    try:
+        value = float(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not a number: {text}") from error
+    if not 0.0 < value < 1.0:  # False for NaN too
+        raise argparse.ArgumentTypeError(f"{text}: must lie strictly between 0 and 1")
+    return value
