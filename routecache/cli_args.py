@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
 
@@ -33,3 +34,24 @@ def holdout_fraction(text: str) -> float:
     if not 0.0 < value < 1.0:  # False for NaN too
         raise argparse.ArgumentTypeError(f"{text}: must lie strictly between 0 and 1")
     return value
+
+
+def number_between(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a finite number from low to high (NaN and infinities refused)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"not a number: {text}") from error
+        if not math.isfinite(value) or not low <= value <= high:
+            if math.isinf(low) and math.isinf(high):
+                bounds = "finite"
+            elif math.isinf(high):
+                bounds = f"{low:g} or more (finite)"
+            else:
+                bounds = f"from {low:g} to {high:g}"
+            raise argparse.ArgumentTypeError(f"{text}: must be {bounds}")
+        return value
+
+    return parse

@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+from routecache.cli_args import number_between
 from routecache.router.keyring import (
     FileKeyRegistry,
     KeyAdmin,
@@ -51,23 +52,13 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     add.add_argument("--tenant", required=True)
     rotate = actions.add_parser("rotate", help="a new key; the old one expires after an overlap")
     rotate.add_argument("key_id")
-    rotate.add_argument("--overlap-seconds", type=_overlap, default=None,
+    rotate.add_argument("--overlap-seconds", type=number_between(0, math.inf), default=None,
                         help="how long the old key stays valid (0: revoked at once; default: "
                         "keys.rotation_overlap_seconds)")  # fmt: skip
     revoke = actions.add_parser("revoke", help="the key fails from the next call on")
     revoke.add_argument("key_id")
     listing = actions.add_parser("list", help="key ids, tenants and states (never the keys)")
     listing.add_argument("--tenant", default=None)
-
-
-def _overlap(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"not a number: {text}") from error
-    if not 0 <= value < math.inf:  # False for NaN too
-        raise argparse.ArgumentTypeError(f"{text}: must be 0 or more seconds (finite)")
-    return value
 
 
 def _redis_url(text: str) -> str:

@@ -535,12 +535,9 @@ def _refuse_single_underscore_sections(settings: Settings) -> None:
     """ROUTECACHE_SERVER_PORT (one underscore) is ROUTECACHE_SERVER__PORT mistyped, and would
     be ignored without a word. A provider's api_key_env may be named so on purpose."""
     prefix = "routecache_"
-    key_variables = {
-        provider.api_key_env
-        for tier in ("cheap", "strong")
-        for _, provider in settings.upstream.chain(tier)
-        if provider.api_key_env
-    } | {p.api_key_env for p in settings.upstream.providers.values() if p.api_key_env}
+    upstream = settings.upstream
+    providers = [upstream.cheap, upstream.strong, *upstream.providers.values()]
+    key_variables = {p.api_key_env for p in providers if p.api_key_env}
     for name in os.environ:
         lowered = name.lower()
         if not lowered.startswith(prefix) or name in key_variables:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,3 +40,15 @@ def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
                     yield number, line
     except (OSError, UnicodeDecodeError) as exc:
         raise DataFileError(f"{path}: cannot read it ({exc})") from exc
+
+
+def writable_folder(folder: Path, flag: str) -> None:
+    """DataFileError unless `folder` is (or can be made) a folder this process may write in."""
+    if folder.exists() and not folder.is_dir():
+        raise DataFileError(f"{flag} {folder}: not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataFileError(f"{flag} {folder}: cannot make the folder ({exc.strerror})") from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DataFileError(f"{flag} {folder}: the folder is not writable")

@@ -16,7 +16,7 @@ import argparse
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from routecache.classifier.model import (
     SklearnDifficultyClassifier,
     load_classifier,
 )
+from routecache.cli_args import number_between
 from routecache.domain import OperatingPoint
 from routecache.router.settings import load_settings
 from routecache.training.data_files import DataFileError, exits_2_on_data_error
@@ -135,22 +136,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _number(low: float, high: float) -> Callable[[str], float]:
-    """An argparse type: a finite number from low to high."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(f"not a number: {text}") from error
-        if not math.isfinite(value) or not low <= value <= high:
-            bounds = "finite" if math.isinf(low) else f"from {low:g} to {high:g}"
-            raise argparse.ArgumentTypeError(f"{text}: must be {bounds}")
-        return value
-
-    return parse
-
-
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
@@ -164,7 +149,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--threshold",
-        type=_number(-math.inf, math.inf),
+        type=number_between(-math.inf, math.inf),
         default=None,
         help="routing-score threshold (overrides any operating point)",
     )
@@ -172,13 +157,17 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     # The ranges of the settings' classifier.target_quality / target_strong_fraction /
     # max_cost_ratio: outside them every threshold is a silent "all strong" or "all cheap".
     targets.add_argument(
-        "--quality", type=_number(0, 1.5), help="target fraction of the gap recovered (0-1.5)"
+        "--quality",
+        type=number_between(0, 1.5),
+        help="target fraction of the gap recovered (0-1.5)",
     )
     targets.add_argument(
-        "--strong-fraction", type=_number(0, 1), help="target share of strong calls (0-1)"
+        "--strong-fraction", type=number_between(0, 1), help="target share of strong calls (0-1)"
     )
     targets.add_argument(
-        "--max-cost-ratio", type=_number(0, 1), help="cost ceiling relative to all-strong (0-1)"
+        "--max-cost-ratio",
+        type=number_between(0, 1),
+        help="cost ceiling relative to all-strong (0-1)",
     )
     parser.add_argument(
         "--config", type=Path, default=None, help="service settings TOML (operating point)"

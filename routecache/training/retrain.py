@@ -40,7 +40,7 @@ from routecache.classifier.model import (
 )
 from routecache.classifier.registry import ModelRegistry
 from routecache.cli_args import holdout_fraction, positive_int
-from routecache.training.data_files import exits_2_on_data_error
+from routecache.training.data_files import exits_2_on_data_error, writable_folder
 from routecache.training.outcomes import EventLabel, labels_from_events, read_events
 from routecache.training.routing_data import (
     RoutingRow,
@@ -56,7 +56,6 @@ from routecache.training.train_classifier import (
     make_embedder,
     score_rows,
     train_candidate,
-    writable_folder,
 )
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import uuid
@@ -45,7 +44,7 @@ from routecache.classifier.neighbours import NeighbourBank, label_matrix
 from routecache.classifier.operating_point import OperatingCurve, fit_curve
 from routecache.cli_args import holdout_fraction, positive_int
 from routecache.domain import OperatingPoint
-from routecache.training.data_files import DataFileError, exits_2_on_data_error
+from routecache.training.data_files import exits_2_on_data_error, writable_folder
 from routecache.training.embedding_cache import EmbeddingCache
 from routecache.training.routing_data import (
     RoutingRow,
@@ -285,18 +284,6 @@ def run(args: argparse.Namespace) -> int:
     }
     print(json.dumps(summary))
     return 0
-
-
-def writable_folder(folder: Path, flag: str) -> None:
-    """DataFileError unless `folder` is (or can be made) a folder this process may write in."""
-    if folder.exists() and not folder.is_dir():
-        raise DataFileError(f"{flag} {folder}: not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataFileError(f"{flag} {folder}: cannot make the folder ({exc.strerror})") from exc
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise DataFileError(f"{flag} {folder}: the folder is not writable")
 
 
 def artifact_name(text: str) -> str:
