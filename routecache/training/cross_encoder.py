@@ -36,6 +36,20 @@ class TrainingPlan:
     seed: int = 13
     threads: int = 2
     init_weights: Path | None = None  # continue from earlier weights instead of the packaged ones
+    device: str = "auto"  # "cpu", "cuda" or "auto": a GPU when torch sees one
+
+
+def training_device(requested: str) -> str:
+    """The torch device to train on; asking for "cuda" without one is an error, not a slow run."""
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda: torch sees no CUDA device")
+    if requested not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, not {requested!r}")
+    return requested
 
 
 def build_module(model_dir: Path, outputs: int = 1) -> Any:
@@ -85,11 +99,13 @@ def train_cross_encoder(
     torch.manual_seed(plan.seed)
     torch.set_num_threads(plan.threads)
     rng = random.Random(plan.seed)
+    device = training_device(plan.device)
+    log.info("training on %s", device)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     module = build_module(model_dir)
     if plan.init_weights is not None:
         module.load_state_dict(torch.load(plan.init_weights, map_location="cpu", weights_only=True))
-    module.train()
+    module.to(device).train()
     optimiser = torch.optim.AdamW(
         module.parameters(), lr=plan.learning_rate, weight_decay=plan.weight_decay
     )
@@ -120,8 +136,8 @@ def train_cross_encoder(
                 max_length=MAX_PAIR_TOKENS,
                 return_tensors="pt",
             )
-            labels = torch.tensor([float(p.duplicate) for p in chosen])
-            loss = loss_fn(module(**encoded), labels)
+            labels = torch.tensor([float(p.duplicate) for p in chosen], device=device)
+            loss = loss_fn(module(**encoded.to(device)), labels)
             optimiser.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
@@ -140,7 +156,12 @@ def train_cross_encoder(
                 )
                 running = 0.0
         out_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(module.state_dict(), out_dir / f"cross_encoder_epoch{epoch + 1}.pt")
+        torch.save(_cpu_state(module), out_dir / f"cross_encoder_epoch{epoch + 1}.pt")
     final = out_dir / "cross_encoder.pt"
-    torch.save(module.state_dict(), final)
+    torch.save(_cpu_state(module), final)
     return final
+
+
+def _cpu_state(module: Any) -> dict[str, Any]:
+    """Weights on the CPU, so what a GPU run saves loads anywhere (export, scoring)."""
+    return {name: tensor.detach().cpu() for name, tensor in module.state_dict().items()}

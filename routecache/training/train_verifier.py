@@ -31,7 +31,8 @@ from routecache.training.calibrate_verifier import (
     file_sha256,
     score_pairs,
 )
-from routecache.training.cross_encoder import TrainingPlan, train_cross_encoder
+from routecache.training.cross_encoder import TrainingPlan, train_cross_encoder, training_device
+from routecache.training.data_files import DataFileError, exits_2_on_data_error
 from routecache.training.eval_cache import cache_candidates, embed_texts
 from routecache.training.export_cross_encoder import export_cross_encoder
 from routecache.training.pair_data import LabelledPair, load_pairs, split_pairs
@@ -47,6 +48,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scores", type=Path,
                         help="an earlier calibration_scores.npz (and --out's graph)")  # fmt: skip
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where to train (auto: a GPU when torch sees one)")  # fmt: skip
     parser.add_argument("--learning-rate", type=float, default=TrainingPlan.learning_rate)
     parser.add_argument("--init-weights", type=Path,
                         help="continue training from these weights")  # fmt: skip
@@ -100,7 +103,10 @@ def _holdout_scores(
 def _trained_graph(args: argparse.Namespace, fit: list[LabelledPair], work: Path) -> Path:
     model_dir = packaged_minilm_path()
     plan = TrainingPlan(
-        epochs=args.epochs, learning_rate=args.learning_rate, init_weights=args.init_weights
+        epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        init_weights=args.init_weights,
+        device=args.device,
     )
     weights = args.weights or train_cross_encoder(fit, model_dir, work, plan)
     return export_cross_encoder(weights, model_dir, args.out / GRAPH_FILE)
@@ -151,8 +157,14 @@ def _cache_lookups(
     return score_pairs(pairs, scores["cache_cosines"].tolist(), logits.tolist())
 
 
+@exits_2_on_data_error
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    if args.weights is None and args.scores is None:
+        try:
+            training_device(args.device)
+        except ValueError as exc:
+            raise DataFileError(f"--{exc}") from exc
     pairs = load_pairs(args.data)
     fit, holdout = split_pairs(pairs, args.holdout)
     log.info("%d pairs: %d to train the cross-encoder, %d to calibrate", len(pairs), len(fit),
@@ -173,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
             "epochs": args.epochs,
             "init_weights": str(args.init_weights) if args.init_weights else None,
             "learning_rate": args.learning_rate,
+            "weights": str(args.weights) if args.weights else None,
             "graph_sha256": file_sha256(args.out / GRAPH_FILE),
         },
     )

@@ -44,3 +44,24 @@ def test_training_verbs_refuse_a_holdout_fraction_outside_0_to_1(
         main([verb, "--data", "x.jsonl", "--registry", "r", "--holdout-fraction", fraction])
     assert exit_.value.code == 2
     assert "strictly between 0 and 1" in capsys.readouterr().err
+
+
+def test_train_verifier_reports_a_missing_pairs_file_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It was a DataFileError traceback: the one job whose run lacked the one-line wrapper.
+    missing = tmp_path / "pairs.jsonl"
+    assert main(["train-verifier", "--data", str(missing), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith(f"routecache: {missing}: cannot read it")
+
+
+def test_train_verifier_refuses_cuda_where_torch_sees_none(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"query": "a?", "cached": "b?", "duplicate": true}\n', encoding="utf-8")
+    args = ["train-verifier", "--data", str(pairs), "--out", str(tmp_path / "o")]
+    assert main([*args, "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == "routecache: --device cuda: torch sees no CUDA device\n"
