@@ -43,7 +43,13 @@ from routecache.training.cross_encoder import (
     length_batches,
     training_device,
 )
-from routecache.training.pair_data import LabelledPair, load_pairs, normalised, split_pairs
+from routecache.training.pair_data import (
+    LabelledPair,
+    duplicate_clusters,
+    load_pairs,
+    normalised,
+    split_pairs,
+)
 
 BUDGETS = (0.005, 0.01, 0.02, 0.05)
 RECIPES: dict[str, dict[str, Any]] = {
@@ -61,25 +67,14 @@ def implied_pairs(
     """Pairs the labels imply but do not state: within a duplicate cluster, and a non-duplicate
     carried to its ends' other cluster members."""
     rng = random.Random(seed)
-    parent: dict[str, str] = {}
+    cluster = duplicate_clusters(pairs)
     text_of: dict[str, str] = {}
-
-    def root(text: str) -> str:
-        parent.setdefault(text, text)
-        while parent[text] != text:
-            parent[text] = parent[parent[text]]
-            text = parent[text]
-        return text
-
     for p in pairs:
         text_of.setdefault(normalised(p.query), p.query)
         text_of.setdefault(normalised(p.cached), p.cached)
-        a, b = root(normalised(p.query)), root(normalised(p.cached))
-        if p.duplicate and a != b:
-            parent[a] = b
-    members: dict[str, list[str]] = defaultdict(list)
-    for text in list(parent):
-        members[root(text)].append(text)
+    members: dict[int, list[str]] = defaultdict(list)
+    for text, number in cluster.items():
+        members[number].append(text)
     seen = {frozenset((normalised(p.query), normalised(p.cached))) for p in pairs}
     extra: list[LabelledPair] = []
 
@@ -89,16 +84,21 @@ def implied_pairs(
             extra.append(LabelledPair(text_of[a], text_of[b], duplicate))
 
     for group in members.values():
-        within = [(a, b) for i, a in enumerate(group) for b in group[i + 1 :]]
+        within = [
+            (a, b)
+            for i, a in enumerate(group)
+            for b in group[i + 1 :]
+            if frozenset((a, b)) not in seen
+        ]
         rng.shuffle(within)
         for a, b in within[:per_cluster]:
             add(a, b, True)
     for p in pairs:
         q, c = normalised(p.query), normalised(p.cached)
-        if p.duplicate or root(q) == root(c):
+        if p.duplicate or cluster[q] == cluster[c]:
             continue
-        carried = [(x, c) for x in members[root(q)] if x != q]
-        carried += [(q, y) for y in members[root(c)] if y != c]
+        carried = [(x, c) for x in members[cluster[q]] if x != q]
+        carried += [(q, y) for y in members[cluster[c]] if y != c]
         rng.shuffle(carried)
         for a, b in carried[:per_pair]:
             add(a, b, False)

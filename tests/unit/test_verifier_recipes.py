@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 
 from benchmarks.verifier_recipes import hindsight_recall, implied_pairs
@@ -38,3 +40,17 @@ def test_hindsight_recall_counts_false_hits_over_all_lookups() -> None:
 
     # 1 false hit in 10 lookups is a rate of 0.1, over every budget here: only the top pair.
     assert recall[0.05] == 0.25
+
+
+def test_the_cap_per_cluster_counts_only_pairs_not_already_labelled() -> None:
+    # A chain A = B = C = D states 3 of its 6 pairs; a cap of 3 must bring the other 3.
+    chain = ["A?", "B?", "C?", "D?"]
+    pairs = [LabelledPair(a, b, True) for a, b in pairwise(chain)]
+
+    implied = implied_pairs(pairs, per_cluster=3)
+
+    assert {frozenset((p.query, p.cached)) for p in implied} == {
+        frozenset(("A?", "C?")),
+        frozenset(("A?", "D?")),
+        frozenset(("B?", "D?")),
+    }
