@@ -78,8 +78,9 @@ _DETECTORS = {
     ),
 }  # fmt: skip
 
-# Checked in this order: a card number must not be half-redacted as a phone number first.
-PII_KINDS = ("card", "iban", "ssn", "email", "phone")
+# Checked in this order: an IBAN's digits must not be taken for a card number first (the
+# IBAN's letters make it the stricter match), nor a card number's for a phone number.
+PII_KINDS = ("iban", "card", "ssn", "email", "phone")
 
 
 @dataclass(frozen=True)
