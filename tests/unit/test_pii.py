@@ -2,7 +2,7 @@
 
 import pytest
 
-from routecache.router.pii import PiiValidator, find_pii
+from routecache.router.pii import PiiValidator, find_pii, redact
 
 
 def found(text: str, kinds: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
@@ -47,3 +47,56 @@ def test_an_iban_whose_digits_pass_the_luhn_check_is_one_iban() -> None:
     text = "pay to DE35 3704 0044 0532 0130 02 today"
     assert found(text) == [("iban", "DE35 3704 0044 0532 0130 02")]
     assert PiiValidator().redact(text) == "pay to [REDACTED IBAN] today"
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "value"),
+    [
+        ("card 4222222222222 expires", "card", "4222222222222"),  # 13 digits, the shortest
+        ("card 6222 0200 0000 0000 000 expires", "card", "6222 0200 0000 0000 000"),  # 19
+        ("IBAN NO93 8601 1117 947 now", "iban", "NO93 8601 1117 947"),  # 15, the shortest
+        (
+            "IBAN RU84 0445 2522 5407 0281 0412 3456 7890 1 now",  # 33, the longest in use
+            "iban",
+            "RU84 0445 2522 5407 0281 0412 3456 7890 1",
+        ),
+        ("call +999 1234 5678 9012 now", "phone", "+999 1234 5678 9012"),  # 15, E.164's most
+    ],
+)
+def test_the_shortest_and_longest_of_each_format_are_found(
+    text: str, kind: str, value: str
+) -> None:
+    assert found(text) == [(kind, value)]
+
+
+def test_a_phone_number_longer_than_e164_allows_is_not_one() -> None:
+    assert found("call +99 1234 5678 9012 34 now", ("phone",)) == []
+
+
+def test_an_iban_with_a_wrong_check_digit_is_not_an_iban() -> None:
+    assert found("GB82 WEST 1234 5698 7654 32", ("iban",)) != []
+    assert found("GB82 WEST 1234 5698 7654 33", ("iban",)) == []
+
+
+@pytest.mark.parametrize("ssn", ["000-12-3456", "900-12-3456", "123-00-4567", "123-45-0000"])
+def test_numbers_never_issued_as_ssns_are_not_ssns(ssn: str) -> None:
+    # Area 000, 666 or 9xx, group 00 and serial 0000 are never issued: such a number is some
+    # other code, and redacting it would only damage the answer.
+    assert found(f"ref {ssn}", ("ssn",)) == []
+
+
+def test_redaction_covers_the_whole_email_address() -> None:
+    text = "mail jane.doe+work@mail.example.co.uk."
+    assert PiiValidator().redact(text) == "mail [REDACTED EMAIL]."
+
+
+def test_redact_takes_findings_in_any_order() -> None:
+    text = "a@b.io, then 4111 1111 1111 1111, then c@d.io"
+    findings = find_pii(text)
+    assert redact(text, reversed(findings)) == redact(text, findings)
+    assert redact(text, findings).count("[REDACTED") == 3
+
+
+def test_a_number_cut_shorter_must_still_be_card_length() -> None:
+    # "4000 0000 0002" passes the Luhn check but has 12 digits: no card is that short.
+    assert found("ref 4000 0000 0002 1234 567 ok", ("card",)) == []
