@@ -39,6 +39,9 @@ class _Detector:
     kind: str
     pattern: re.Pattern[str]
     confirm: Callable[[str], bool]
+    # A greedy match can swallow what follows the number ("... 0130 00 BIC ...", "... 1111 12/25")
+    # and so fail its checksum: `retry_shorter` says which prefixes, cut at a space, to try.
+    retry_shorter: Callable[[str], bool] | None = None
 
 
 _DETECTORS = {
@@ -46,11 +49,15 @@ _DETECTORS = {
         "card",
         re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])"),
         lambda s: luhn_valid(_digits(s)),
+        # Only in groups of 3+ digits, as cards are written: a list of small numbers
+        # ("1 2 3 ... 14") would otherwise get several chances to pass the Luhn check.
+        lambda s: all(len(group) >= 3 for group in re.split(r"[ -]", s)),
     ),
     "iban": _Detector(
         "iban",
         re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b"),
         iban_valid,
+        lambda s: True,
     ),
     "ssn": _Detector(
         "ssn",
@@ -71,8 +78,9 @@ _DETECTORS = {
     ),
 }  # fmt: skip
 
-# Checked in this order: a card number must not be half-redacted as a phone number first.
-PII_KINDS = ("card", "iban", "ssn", "email", "phone")
+# Checked in this order: an IBAN's digits must not be taken for a card number first (the
+# IBAN's letters make it the stricter match), nor a card number's for a phone number.
+PII_KINDS = ("iban", "card", "ssn", "email", "phone")
 
 
 @dataclass(frozen=True)
@@ -91,12 +99,30 @@ def find_pii(text: str, kinds: Iterable[str] = PII_KINDS) -> list[Finding]:
             continue
         detector = _DETECTORS[kind]
         for match in detector.pattern.finditer(text):
-            span = match.span()
-            overlaps = any(span[0] < end and start < span[1] for start, end in taken)
-            if not overlaps and detector.confirm(match.group()):
+            span = _confirmed_span(detector, text, match)
+            if span and not any(span[0] < end and start < span[1] for start, end in taken):
                 findings.append(Finding(kind, *span))
                 taken.append(span)
     return sorted(findings, key=lambda f: f.start)
+
+
+def _confirmed_span(detector: _Detector, text: str, match: re.Match[str]) -> tuple[int, int] | None:
+    """The match's span if it passes its check, else its longest passing prefix cut at a space."""
+    start, end = match.span()
+    if detector.confirm(match.group()):
+        return start, end
+    if detector.retry_shorter is None:
+        return None
+    cut = end
+    while (cut := text.rfind(" ", start, cut)) > start:
+        candidate = text[start:cut]
+        if (
+            detector.pattern.fullmatch(text, start, cut)
+            and detector.retry_shorter(candidate)
+            and detector.confirm(candidate)
+        ):
+            return start, cut
+    return None
 
 
 def redact(text: str, findings: Iterable[Finding]) -> str:

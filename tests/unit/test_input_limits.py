@@ -20,7 +20,12 @@ from routecache.domain import (
     Role,
 )
 from routecache.errors import InvalidArgument
-from routecache.router.input_validation import validate_request
+from routecache.router.input_validation import (
+    validate_feedback,
+    validate_invalidation,
+    validate_request,
+    validate_top_n,
+)
 from routecache.router.settings import ConfigError, LimitSettings, load_settings
 from routecache.router.tenant_admin import InvalidateTarget
 from routecache.router.validators import JsonSchemaValidator, RegexValidator
@@ -59,6 +64,7 @@ VIOLATIONS = [
     (ChatRequest((user(" \n\t"),)), "messages[0].content"),
     (ChatRequest((user("x" * 45), user("y" * 45))), "messages"),
     (ChatRequest((user(), Message(Role.ASSISTANT, "hi"))), "messages[1].role"),
+    (ChatRequest((user(), Message(Role.SYSTEM, "be brief"))), "messages[1].role"),
     (ChatRequest((user(),), GenerationParams(temperature=1.6)), "params.temperature"),
     (ChatRequest((user(),), GenerationParams(temperature=-0.1)), "params.temperature"),
     (ChatRequest((user(),), GenerationParams(temperature=float("nan"))), "params.temperature"),
@@ -97,6 +103,22 @@ VIOLATIONS = [
         "validators[0].min_chars",
     ),
     (ChatRequest((user(),), validators=(RequestValidator("k" * 65),)), "validators[0].kind"),
+    (
+        ChatRequest((user(),), validators=(RequestValidator("pii", name="n" * 65),)),
+        "validators[0].name",
+    ),
+    (
+        ChatRequest((user(),), validators=(RequestValidator("pii", on_fail="f" * 65),)),
+        "validators[0].on_fail",
+    ),
+    (
+        ChatRequest((user(),), validators=(RequestValidator("regex", must_not_match=("a",) * 3),)),
+        "validators[0].must_not_match",
+    ),
+    (
+        ChatRequest((user(),), validators=(RequestValidator("pii", pii=("email",) * 3),)),
+        "validators[0].pii",
+    ),
 ]
 
 
@@ -153,9 +175,44 @@ def test_length_bounds_that_can_be_met_pass(validator: RequestValidator) -> None
     validate_request(ChatRequest((user(),), validators=(validator,)), LIMITS)
 
 
-def test_local_references_are_allowed() -> None:
-    schema = {"$defs": {"n": {"type": "number"}}, "properties": {"a": {"$ref": "#/$defs/n"}}}
+@pytest.mark.parametrize("ref", ["#/$defs/n", "#n"])  # a JSON pointer or an $anchor
+def test_local_references_are_allowed(ref: str) -> None:
+    schema = {
+        "$defs": {"n": {"$anchor": "n", "type": "number"}},
+        "properties": {"a": {"$ref": ref}},
+    }
     validate_request(schema_request(schema), LIMITS)
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        ChatRequest((user(),), GenerationParams(temperature=0.0)),  # greedy decoding
+        ChatRequest(
+            (user(),),
+            GenerationParams(response_format=ResponseFormat(ResponseFormatType.JSON_OBJECT)),
+        ),
+        ChatRequest(
+            (user(),),
+            validators=(RequestValidator("pii", name="n" * 64, on_fail="f" * 64),),
+        ),
+    ],
+)
+def test_requests_at_the_other_edges_pass(request_: ChatRequest) -> None:
+    validate_request(request_, LIMITS)
+
+
+def test_an_empty_json_schema_is_reported_as_missing() -> None:
+    with pytest.raises(InvalidArgument, match="required with RESPONSE_FORMAT_TYPE_JSON_SCHEMA"):
+        validate_request(schema_request("  "), LIMITS)
+
+
+def test_admin_fields_pass_at_their_own_limits() -> None:
+    # A comment may be as long as feedback allows, not only as long as an id; a tag to
+    # invalidate is bounded like an id, so one stored before max_tag_chars was lowered can go.
+    validate_feedback(Feedback("r", True, comment="c" * LIMITS.max_feedback_chars), LIMITS)
+    validate_invalidation("", "t" * LIMITS.max_id_chars, LIMITS)
+    validate_top_n(LIMITS.max_top_n, LIMITS)
 
 
 def test_request_size_limit_defaults_to_one_mebibyte_and_has_a_floor() -> None:
@@ -263,5 +320,9 @@ def test_schema_patterns_still_work() -> None:
 
 def test_a_pattern_in_schema_data_is_not_checked_as_a_regex() -> None:
     # Only `pattern` values and `patternProperties` keys are compiled; this is a value.
-    schema = {"const": {"pattern": "("}, "properties": {"n": {"pattern": "^[0-9]{1,9}$"}}}
+    schema = {
+        "const": {"pattern": "("},
+        "default": {"pattern": "a{4294967296}"},
+        "properties": {"n": {"pattern": "^[0-9]{1,9}$"}},
+    }
     validate_request(schema_request(schema), LimitSettings())

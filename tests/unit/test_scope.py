@@ -1,8 +1,11 @@
+import pytest
+
 from routecache.cache.scope import exact_key, normalise_prompt, scope_key
 from routecache.domain import (
     ChatRequest,
     GenerationParams,
     Message,
+    RequestValidator,
     ResponseFormat,
     ResponseFormatType,
     Role,
@@ -58,3 +61,50 @@ def test_exact_key_differs_by_meaningful_text() -> None:
     assert exact_key("s", "What is 2+2?") == exact_key("s", "what is 2+2")
     assert exact_key("s", "What is 2+2?") != exact_key("s", "What is 2+3?")
     assert exact_key("s", "x") != exact_key("t", "x")
+
+
+def test_the_roles_of_earlier_turns_change_the_scope() -> None:
+    # Same words, other speaker: "no" said by the user is not "no" said by the assistant.
+    asked = ask("and then?", Message(Role.USER, "ok"), Message(Role.ASSISTANT, "no"))
+    swapped = ask("and then?", Message(Role.ASSISTANT, "ok"), Message(Role.USER, "no"))
+    assert scope_key("acme", asked) != scope_key("acme", swapped)
+
+
+def test_each_json_schema_has_its_own_scope() -> None:
+    def with_schema(schema: str) -> ChatRequest:
+        fmt = ResponseFormat(ResponseFormatType.JSON_SCHEMA, schema)
+        return ask("q", params=GenerationParams(response_format=fmt))
+
+    assert scope_key("acme", with_schema('{"type": "object"}')) != scope_key(
+        "acme", with_schema('{"type": "array"}')
+    )
+
+
+def test_request_validators_and_their_options_change_the_scope() -> None:
+    # An answer cached under one pattern must not be served to a request asking for another.
+    def checked(*validators: RequestValidator) -> str:
+        return scope_key("acme", ChatRequest((Message(Role.USER, "q"),), validators=validators))
+
+    unchecked = checked()
+    digit = checked(RequestValidator("regex", must_match=("[0-9]",)))
+    letter = checked(RequestValidator("regex", must_match=("[a-z]",)))
+    assert len({unchecked, digit, letter}) == 3
+
+
+def test_a_scope_with_non_ascii_text_keeps_its_digest() -> None:
+    # Digests are stored in Redis and snapshots: a change would orphan every cached answer.
+    asked = ask("q", Message(Role.SYSTEM, "réponds en français"))
+    assert scope_key("acme", asked) == "acme:3c49d214878a2077f809ac50288c356e"
+
+
+@pytest.mark.parametrize(
+    ("variant", "plain"),
+    [
+        ("STRASSE", "Straße"),  # full case folding, not lower()
+        ("what is it ?", "what is it"),  # space before the end punctuation
+        ("hello world!!", "hello world"),
+        ("Hello world.  ", "hello world"),
+    ],
+)
+def test_prompts_that_differ_only_in_form_share_an_exact_key(variant: str, plain: str) -> None:
+    assert exact_key("s", variant) == exact_key("s", plain)

@@ -1,0 +1,102 @@
+"""PII detection edges: every length a format allows, checksums, whole-span redaction."""
+
+import pytest
+
+from routecache.router.pii import PiiValidator, find_pii, redact
+
+
+def found(text: str, kinds: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
+    findings = find_pii(text) if kinds is None else find_pii(text, kinds)
+    return [(f.kind, text[f.start : f.end]) for f in findings]
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "value"),
+    [
+        ("IBAN DE89 3704 0044 0532 0130 00 BIC COBADEFFXXX", "iban", "DE89 3704 0044 0532 0130 00"),
+        ("IBAN DE89370400440532013000 BIC COBADEFFXXX", "iban", "DE89370400440532013000"),
+        ("pay to DE89 3704 0044 0532 0130 00 EUR 120 today", "iban", "DE89 3704 0044 0532 0130 00"),
+        ("card 4111 1111 1111 1111 12/25", "card", "4111 1111 1111 1111"),
+        ("card 4111111111111111 123 is the CVV", "card", "4111111111111111"),
+        ("amex 3782 8224 6310 005 12/25", "card", "3782 8224 6310 005"),
+    ],
+)
+def test_a_number_followed_by_more_words_or_digits_is_still_found(
+    text: str, kind: str, value: str
+) -> None:
+    # Before: the greedy match took in the BIC, the currency or the expiry date, failed its
+    # checksum, and the IBAN or card number went out unredacted.
+    assert found(text) == [(kind, value)]
+
+
+def test_a_list_of_small_numbers_is_not_cut_down_to_a_card() -> None:
+    # Only groups of 3+ digits are retried shorter: a list gets one Luhn check, not one per cut.
+    assert found("pick 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18", ("card",)) == []
+
+
+def test_redaction_keeps_what_follows_the_number() -> None:
+    redacted = PiiValidator().redact(
+        "IBAN DE89 3704 0044 0532 0130 00 BIC COBADEFFXXX, card 4111 1111 1111 1111 12/25"
+    )
+    assert redacted == "IBAN [REDACTED IBAN] BIC COBADEFFXXX, card [REDACTED CARD] 12/25"
+
+
+def test_an_iban_whose_digits_pass_the_luhn_check_is_one_iban() -> None:
+    # Before: cards were checked first, so about one spaced IBAN in ten was taken for a card
+    # from its third character on, leaving "DE" and the last digits in clear.
+    text = "pay to DE35 3704 0044 0532 0130 02 today"
+    assert found(text) == [("iban", "DE35 3704 0044 0532 0130 02")]
+    assert PiiValidator().redact(text) == "pay to [REDACTED IBAN] today"
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "value"),
+    [
+        ("card 4222222222222 expires", "card", "4222222222222"),  # 13 digits, the shortest
+        ("card 6222 0200 0000 0000 000 expires", "card", "6222 0200 0000 0000 000"),  # 19
+        ("IBAN NO93 8601 1117 947 now", "iban", "NO93 8601 1117 947"),  # 15, the shortest
+        (
+            "IBAN RU84 0445 2522 5407 0281 0412 3456 7890 1 now",  # 33, the longest in use
+            "iban",
+            "RU84 0445 2522 5407 0281 0412 3456 7890 1",
+        ),
+        ("call +999 1234 5678 9012 now", "phone", "+999 1234 5678 9012"),  # 15, E.164's most
+    ],
+)
+def test_the_shortest_and_longest_of_each_format_are_found(
+    text: str, kind: str, value: str
+) -> None:
+    assert found(text) == [(kind, value)]
+
+
+def test_a_phone_number_longer_than_e164_allows_is_not_one() -> None:
+    assert found("call +99 1234 5678 9012 34 now", ("phone",)) == []
+
+
+def test_an_iban_with_a_wrong_check_digit_is_not_an_iban() -> None:
+    assert found("GB82 WEST 1234 5698 7654 32", ("iban",)) != []
+    assert found("GB82 WEST 1234 5698 7654 33", ("iban",)) == []
+
+
+@pytest.mark.parametrize("ssn", ["000-12-3456", "900-12-3456", "123-00-4567", "123-45-0000"])
+def test_numbers_never_issued_as_ssns_are_not_ssns(ssn: str) -> None:
+    # Area 000, 666 or 9xx, group 00 and serial 0000 are never issued: such a number is some
+    # other code, and redacting it would only damage the answer.
+    assert found(f"ref {ssn}", ("ssn",)) == []
+
+
+def test_redaction_covers_the_whole_email_address() -> None:
+    text = "mail jane.doe+work@mail.example.co.uk."
+    assert PiiValidator().redact(text) == "mail [REDACTED EMAIL]."
+
+
+def test_redact_takes_findings_in_any_order() -> None:
+    text = "a@b.io, then 4111 1111 1111 1111, then c@d.io"
+    findings = find_pii(text)
+    assert redact(text, reversed(findings)) == redact(text, findings)
+    assert redact(text, findings).count("[REDACTED") == 3
+
+
+def test_a_number_cut_shorter_must_still_be_card_length() -> None:
+    # "4000 0000 0002" passes the Luhn check but has 12 digits: no card is that short.
+    assert found("ref 4000 0000 0002 1234 567 ok", ("card",)) == []
