@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from routecache.classifier import metrics
 from routecache.classifier.operating_point import CurvePoint, OperatingCurve, fit_curve
 from routecache.domain import OperatingPoint
 from routecache.router.events import JsonlEventLog
@@ -108,3 +109,15 @@ def test_the_curve_survives_json_and_operating_points_need_one_target(
         OperatingPoint()
     with pytest.raises(ValueError, match="exactly one"):
         OperatingPoint(strong_fraction=0.3, quality=0.5)
+
+
+def test_a_quality_reached_up_to_rounding_picks_the_cheapest_point_like_cpt() -> None:
+    # Five cheap failures among ten prompts, each fixed by the strong model: in exact arithmetic
+    # PGR at 2 strong calls is 2/5 = 0.4, in floating point 0.3999999999999999. The threshold
+    # for quality 0.4 sent a third prompt strong, one more than metrics.cpt reports needing.
+    scores = np.linspace(1.0, 0.0, 10)
+    weak = np.arange(10) >= 5
+    strong = np.ones(10, dtype=bool)
+    curve = fit_curve(scores, weak, strong, lambda to_strong: float(to_strong.sum() + 1))
+    threshold = curve.threshold_for(OperatingPoint(quality=0.4))
+    assert (scores >= threshold).mean() == metrics.cpt(scores, weak, strong, 0.4) == 0.2
