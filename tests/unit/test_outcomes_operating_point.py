@@ -49,6 +49,18 @@ def test_events_yield_cheap_model_labels(tmp_path: Path) -> None:
     ]
 
 
+def test_a_graded_response_that_also_names_its_prompt_is_still_rated_once_last_wins() -> None:
+    # A grader's export may carry the prompt beside response_id + correct; that label came from
+    # the logged completion but was kept apart, so the response got both a thumbs-up label and
+    # the grader's "wrong".
+    events = [
+        {"kind": "completion", **_completion("r1", "what is 2 + 2")},
+        {"kind": "feedback", "response_id": "r1", "thumbs_up": True},
+        {"kind": "outcome", "response_id": "r1", "prompt": "what is 2 + 2", "correct": False},
+    ]
+    assert labels_from_events(events) == [EventLabel("what is 2 + 2", weak_correct=False)]
+
+
 def test_a_broken_event_line_is_reported(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     path.write_text(json.dumps({"kind": "feedback"}) + "\n{not json\n")
