@@ -61,6 +61,32 @@ def test_a_graded_response_that_also_names_its_prompt_is_still_rated_once_last_w
     assert labels_from_events(events) == [EventLabel("what is 2 + 2", weak_correct=False)]
 
 
+def test_an_unstated_strong_grade_is_unknown_and_an_ungraded_outcome_no_label() -> None:
+    events = [
+        {"kind": "completion", **_completion("r1", "cheap answer")},
+        {"kind": "outcome", "prompt": "graded cheap only", "weak_correct": True},
+        {"kind": "outcome", "response_id": "r1", "comment": "no grade given"},
+        {"kind": "outcome", "response_id": "never logged", "correct": False},
+    ]
+    # None, not False: a row without a strong outcome must not count as a strong failure.
+    assert labels_from_events(events) == [
+        EventLabel("graded cheap only", weak_correct=True, strong_correct=None)
+    ]
+
+
+def test_event_logs_are_read_in_order_across_files_and_non_object_lines_are_skipped(
+    tmp_path: Path,
+) -> None:
+    # A rotated log: the completion in the older file, its rating in the newer one.
+    older, newer = tmp_path / "events.1.jsonl", tmp_path / "events.jsonl"
+    completion = {"kind": "completion", **_completion("r1", "split across logs")}
+    older.write_text(json.dumps(completion) + '\n[1, 2]\n"a string"\n')
+    newer.write_text(json.dumps({"kind": "feedback", "response_id": "r1", "thumbs_up": False}))
+    events = read_events([older, newer])
+    assert [e["kind"] for e in events] == ["completion", "feedback"]
+    assert labels_from_events(events) == [EventLabel("split across logs", weak_correct=False)]
+
+
 def test_a_broken_event_line_is_reported(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     path.write_text(json.dumps({"kind": "feedback"}) + "\n{not json\n")
@@ -133,3 +159,41 @@ def test_a_quality_reached_up_to_rounding_picks_the_cheapest_point_like_cpt() ->
     curve = fit_curve(scores, weak, strong, lambda to_strong: float(to_strong.sum() + 1))
     threshold = curve.threshold_for(OperatingPoint(quality=0.4))
     assert (scores >= threshold).mean() == metrics.cpt(scores, weak, strong, 0.4) == 0.2
+
+
+def test_each_curve_point_records_what_routing_by_its_threshold_does() -> None:
+    rng = np.random.default_rng(1)
+    n = 200
+    # Routing scores span [-1, 1]; the bounds themselves are included.
+    scores = np.concatenate([[-1.0, 1.0], rng.uniform(-1.0, 1.0, n - 2)])
+    weak = rng.random(n) > (scores + 1) / 2
+    strong = rng.random(n) < 0.9
+    lengths = rng.integers(10, 100, n)
+
+    def cost(to_strong: np.ndarray) -> float:
+        return float(10 * lengths[to_strong].sum() + lengths[~to_strong].sum())
+
+    curve = fit_curve(scores, weak, strong, cost)
+    gap = strong.mean() - weak.mean()
+    for p in curve.points:
+        to_strong = scores >= p.threshold  # the service's rule
+        assert to_strong.mean() == pytest.approx(p.strong_fraction)
+        accuracy = metrics.routed_accuracy(to_strong, weak, strong)
+        assert p.accuracy == pytest.approx(accuracy)
+        assert p.pgr == pytest.approx((accuracy - weak.mean()) / gap)
+        assert p.cost_vs_all_strong == pytest.approx(cost(to_strong) / cost(np.ones(n, bool)))
+    # Share 0 and share 1 hold for any routing score, not only the held-out ones.
+    assert curve.points[0].threshold > 1.0
+    assert curve.points[-1].threshold == -1.0
+    assert curve.points[-1].cost_vs_all_strong == 1.0
+
+
+def test_a_small_holdout_meets_each_whole_percent_share_to_within_half_a_prompt() -> None:
+    n = 199  # not a multiple of 100: the share nearest each percent must still be on the curve
+    scores = np.linspace(1.0, -1.0, n)
+    weak = np.arange(n) % 2 == 0
+    curve = fit_curve(scores, weak, np.ones(n, dtype=bool), lambda to_strong: 1.0)
+    for percent in range(101):
+        threshold = curve.threshold_for(OperatingPoint(strong_fraction=percent / 100))
+        sent = (scores >= threshold).mean()
+        assert abs(sent - percent / 100) <= 1 / (2 * n) + 1e-12, percent
