@@ -143,6 +143,8 @@ def test_the_curve_survives_json_and_operating_points_need_one_target(
     again = OperatingCurve.from_json(json.loads(json.dumps(curve.to_json())))
     point = OperatingPoint(quality=0.5)
     assert again.threshold_for(point) == curve.threshold_for(point)
+    with pytest.raises(ValueError, match="at least one point"):
+        OperatingCurve.from_json([])
     with pytest.raises(ValueError, match="exactly one"):
         OperatingPoint()
     with pytest.raises(ValueError, match="exactly one"):

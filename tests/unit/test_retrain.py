@@ -99,7 +99,7 @@ def test_event_labels_mark_cheap_failures_and_keep_unknown_strong_outcomes_unkno
     np.testing.assert_array_equal(events.strong_fails, [np.nan, 0.0, 1.0])
 
 
-def test_events_on_held_out_prompts_are_dropped(
+def test_held_out_prompts_train_nothing_whether_in_the_data_or_in_events(
     data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     prompts = [row.prompt for row in read_routing_rows([data])]
@@ -114,7 +114,12 @@ def test_events_on_held_out_prompts_are_dropped(
     summary = _summary(capsys)
     assert summary["n_event_labels"] == 10
     artifact = ModelRegistry(registry_dir).current_artifact()
-    assert artifact is not None and load_artifact(artifact).metadata["n_event_labels"] == 10
+    assert artifact is not None
+    candidate = load_artifact(artifact)
+    assert candidate.metadata["n_event_labels"] == 10
+    # Nor do the held-out rows themselves train it: its neighbour bank holds only the rest.
+    n_train = len(prompts) - len(held) + 10
+    assert summary["n_train"] == candidate.model.bank.size == n_train
 
 
 def test_a_candidate_worse_by_less_than_the_tolerance_is_promoted(
