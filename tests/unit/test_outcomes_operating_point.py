@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -53,7 +54,7 @@ def test_a_graded_response_that_also_names_its_prompt_is_still_rated_once_last_w
     # A grader's export may carry the prompt beside response_id + correct; that label came from
     # the logged completion but was kept apart, so the response got both a thumbs-up label and
     # the grader's "wrong".
-    events = [
+    events: list[dict[str, Any]] = [
         {"kind": "completion", **_completion("r1", "what is 2 + 2")},
         {"kind": "feedback", "response_id": "r1", "thumbs_up": True},
         {"kind": "outcome", "response_id": "r1", "prompt": "what is 2 + 2", "correct": False},
@@ -62,7 +63,7 @@ def test_a_graded_response_that_also_names_its_prompt_is_still_rated_once_last_w
 
 
 def test_an_unstated_strong_grade_is_unknown_and_an_ungraded_outcome_no_label() -> None:
-    events = [
+    events: list[dict[str, Any]] = [
         {"kind": "completion", **_completion("r1", "cheap answer")},
         {"kind": "outcome", "prompt": "graded cheap only", "weak_correct": True},
         {"kind": "outcome", "response_id": "r1", "comment": "no grade given"},
