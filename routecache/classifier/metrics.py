@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 # PGR values are ratios of sums of 0/1 values; this absorbs their rounding error only.
-_TOLERANCE = 1e-12
+PGR_TOLERANCE = 1e-12
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -52,7 +52,7 @@ def pgr_curve(
     fractions, accuracy = accuracy_curve(score, weak_correct, strong_correct)
     acc_weak, acc_strong = accuracy[0], accuracy[-1]
     gap = acc_strong - acc_weak
-    if abs(gap) < _TOLERANCE:
+    if abs(gap) < PGR_TOLERANCE:
         raise ValueError("the strong and weak models are equally accurate: PGR is undefined")
     return fractions, (accuracy - acc_weak) / gap
 
@@ -71,7 +71,7 @@ def cpt(
 ) -> float:
     """Smallest strong fraction whose PGR reaches p (NaN if no cut point does)."""
     fractions, pgr = pgr_curve(score, weak_correct, strong_correct)
-    reached = np.nonzero(pgr >= p - _TOLERANCE)[0]
+    reached = np.nonzero(pgr >= p - PGR_TOLERANCE)[0]
     return float(fractions[reached[0]]) if len(reached) else math.nan
 
 

@@ -43,7 +43,9 @@ class OperatingCurve:
             target = point.strong_fraction
             return min(self.points, key=lambda p: abs(p.strong_fraction - target)).threshold
         if point.quality is not None:
-            quality = point.quality
+            # PGR is a ratio of sums rounded in floating point; reaching the target up to that
+            # rounding counts, as in metrics.cpt, or the next (dearer) point would be picked.
+            quality = point.quality - metrics.PGR_TOLERANCE
             enough = [p for p in self.points if p.pgr >= quality]
             return (enough[0] if enough else self.points[-1]).threshold
         if point.cost_ratio is not None:

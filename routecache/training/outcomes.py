@@ -68,7 +68,9 @@ def labels_from_events(events: Iterable[dict[str, Any]]) -> list[EventLabel]:
                 by_response[response_id] = label
         elif kind == "outcome":
             label = _outcome_label(event, completions)
-            if label is not None and "prompt" in event:
+            # A graded prompt stands alone; a graded response (even one that also names its
+            # prompt) is one more rating of that response, so the last rating still wins.
+            if label is not None and _grades_a_prompt(event):
                 direct.append(label)
             elif label is not None:
                 by_response[response_id] = label
@@ -82,10 +84,14 @@ def _cheap_label(completion: dict[str, Any], correct: bool) -> EventLabel | None
     return EventLabel(str(completion["prompt"]), weak_correct=correct)
 
 
+def _grades_a_prompt(event: dict[str, Any]) -> bool:
+    return "prompt" in event and "weak_correct" in event
+
+
 def _outcome_label(
     event: dict[str, Any], completions: dict[str, dict[str, Any]]
 ) -> EventLabel | None:
-    if "prompt" in event and "weak_correct" in event:
+    if _grades_a_prompt(event):
         strong = event.get("strong_correct")
         return EventLabel(
             str(event["prompt"]),

@@ -14,7 +14,7 @@ import skops.io
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import FunctionTransformer
+from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
 from routecache.cache.embedder import HashEmbedder, MiniLMEmbedder
 from routecache.classifier.features import (
@@ -300,6 +300,74 @@ def test_incomplete_or_stale_metadata_is_reported(trained: DifficultyModel, tmp_
     metadata_path.write_text(json.dumps(record))
     with pytest.raises(ClassifierArtifactError, match=r"lacks.*default_threshold"):
         load_artifact(metadata_path)
+
+
+def _head_on(width: int, classes: int = 2) -> Pipeline:
+    rng = np.random.default_rng(0)
+    head = Pipeline([("scale", StandardScaler()), ("model", LogisticRegression())])
+    return head.fit(rng.normal(size=(30, width)), np.arange(30) % classes)
+
+
+def test_a_model_needs_both_binary_heads_on_the_features_this_code_computes(
+    trained: DifficultyModel,
+) -> None:
+    # Refused when built (at load, so at start), not on the first request it scores.
+    heads, width = trained.heads, len(feature_names())
+    with pytest.raises(ClassifierArtifactError, match="expected heads"):
+        DifficultyModel(trained.bank, {"cheap_fails": heads["cheap_fails"]})
+    with pytest.raises(ClassifierArtifactError, match=f"takes {width + 1} features"):
+        DifficultyModel(trained.bank, {**heads, "strong_fails": _head_on(width + 1)})
+    with pytest.raises(ClassifierArtifactError, match="binary"):
+        DifficultyModel(trained.bank, {**heads, "strong_fails": _head_on(width, classes=3)})
+    scaler_only = Pipeline([("scale", StandardScaler().fit(np.zeros((2, width))))])
+    with pytest.raises(ClassifierArtifactError, match="StandardScaler"):
+        DifficultyModel(trained.bank, {**heads, "cheap_fails": scaler_only})
+
+
+def test_a_routing_threshold_may_be_negative_but_not_outside_the_score_range(
+    trained: DifficultyModel,
+) -> None:
+    # Routing scores are P(cheap fails) - P(strong fails), so they lie in [-1, 1].
+    assert SklearnDifficultyClassifier(trained, "v", -0.2).default_threshold == -0.2
+    for outside in (-1.01, 1.01):
+        with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+            SklearnDifficultyClassifier(trained, "v", outside)
+
+
+def test_an_artifact_of_another_format_dimension_or_without_its_checksum_is_refused(
+    trained: DifficultyModel, tmp_path: Path
+) -> None:
+    model_path, metadata_path = save_artifact(trained, _metadata(), tmp_path, "m")
+    record = json.loads(metadata_path.read_text())
+    for changed, message in (
+        ({"format": 1}, "format 1, expected 2"),
+        ({"embedding_dimension": 64}, "other features"),
+    ):
+        metadata_path.write_text(json.dumps({**record, **changed}))
+        with pytest.raises(ClassifierArtifactError, match=message):
+            load_artifact(model_path)
+    del record["artifact_sha256"]
+    metadata_path.write_text(json.dumps(record))
+    with pytest.raises(ClassifierArtifactError, match=r"lacks.*artifact_sha256"):
+        load_artifact(model_path)
+
+
+def test_an_unusable_neighbour_bank_is_an_artifact_error(
+    trained: DifficultyModel, tmp_path: Path
+) -> None:
+    # Callers (retrain, hot reload) treat ClassifierArtifactError as "this version is broken".
+    payload = trained.to_payload()
+    payload["bank"] = {k: v for k, v in payload["bank"].items() if k != "labels"}
+    with pytest.raises(ClassifierArtifactError, match="neighbour bank is unusable"):
+        load_artifact(_save_payload(payload, tmp_path, "no_labels"))
+
+
+def test_an_artifact_name_with_a_dot_keeps_its_whole_name(
+    trained: DifficultyModel, tmp_path: Path
+) -> None:
+    model_path, metadata_path = save_artifact(trained, _metadata(), tmp_path, "difficulty.v2")
+    assert (model_path.name, metadata_path.name) == ("difficulty.v2.skops", "difficulty.v2.json")
+    assert load_artifact(tmp_path / "difficulty.v2").version == "difficulty-test"
 
 
 def test_fixed_score_classifier() -> None:

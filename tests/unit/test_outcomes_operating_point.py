@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from routecache.classifier import metrics
 from routecache.classifier.operating_point import CurvePoint, OperatingCurve, fit_curve
 from routecache.domain import OperatingPoint
 from routecache.router.events import JsonlEventLog
@@ -46,6 +48,44 @@ def test_events_yield_cheap_model_labels(tmp_path: Path) -> None:
         EventLabel("graded later", weak_correct=True),
         EventLabel("graded offline", weak_correct=False, strong_correct=True),
     ]
+
+
+def test_a_graded_response_that_also_names_its_prompt_is_still_rated_once_last_wins() -> None:
+    # A grader's export may carry the prompt beside response_id + correct; that label came from
+    # the logged completion but was kept apart, so the response got both a thumbs-up label and
+    # the grader's "wrong".
+    events: list[dict[str, Any]] = [
+        {"kind": "completion", **_completion("r1", "what is 2 + 2")},
+        {"kind": "feedback", "response_id": "r1", "thumbs_up": True},
+        {"kind": "outcome", "response_id": "r1", "prompt": "what is 2 + 2", "correct": False},
+    ]
+    assert labels_from_events(events) == [EventLabel("what is 2 + 2", weak_correct=False)]
+
+
+def test_an_unstated_strong_grade_is_unknown_and_an_ungraded_outcome_no_label() -> None:
+    events: list[dict[str, Any]] = [
+        {"kind": "completion", **_completion("r1", "cheap answer")},
+        {"kind": "outcome", "prompt": "graded cheap only", "weak_correct": True},
+        {"kind": "outcome", "response_id": "r1", "comment": "no grade given"},
+        {"kind": "outcome", "response_id": "never logged", "correct": False},
+    ]
+    # None, not False: a row without a strong outcome must not count as a strong failure.
+    assert labels_from_events(events) == [
+        EventLabel("graded cheap only", weak_correct=True, strong_correct=None)
+    ]
+
+
+def test_event_logs_are_read_in_order_across_files_and_non_object_lines_are_skipped(
+    tmp_path: Path,
+) -> None:
+    # A rotated log: the completion in the older file, its rating in the newer one.
+    older, newer = tmp_path / "events.1.jsonl", tmp_path / "events.jsonl"
+    completion = {"kind": "completion", **_completion("r1", "split across logs")}
+    older.write_text(json.dumps(completion) + '\n[1, 2]\n"a string"\n')
+    newer.write_text(json.dumps({"kind": "feedback", "response_id": "r1", "thumbs_up": False}))
+    events = read_events([older, newer])
+    assert [e["kind"] for e in events] == ["completion", "feedback"]
+    assert labels_from_events(events) == [EventLabel("split across logs", weak_correct=False)]
 
 
 def test_a_broken_event_line_is_reported(tmp_path: Path) -> None:
@@ -104,7 +144,59 @@ def test_the_curve_survives_json_and_operating_points_need_one_target(
     again = OperatingCurve.from_json(json.loads(json.dumps(curve.to_json())))
     point = OperatingPoint(quality=0.5)
     assert again.threshold_for(point) == curve.threshold_for(point)
+    with pytest.raises(ValueError, match="at least one point"):
+        OperatingCurve.from_json([])
     with pytest.raises(ValueError, match="exactly one"):
         OperatingPoint()
     with pytest.raises(ValueError, match="exactly one"):
         OperatingPoint(strong_fraction=0.3, quality=0.5)
+
+
+def test_a_quality_reached_up_to_rounding_picks_the_cheapest_point_like_cpt() -> None:
+    # Five cheap failures among ten prompts, each fixed by the strong model: in exact arithmetic
+    # PGR at 2 strong calls is 2/5 = 0.4, in floating point 0.3999999999999999. The threshold
+    # for quality 0.4 sent a third prompt strong, one more than metrics.cpt reports needing.
+    scores = np.linspace(1.0, 0.0, 10)
+    weak = np.arange(10) >= 5
+    strong = np.ones(10, dtype=bool)
+    curve = fit_curve(scores, weak, strong, lambda to_strong: float(to_strong.sum() + 1))
+    threshold = curve.threshold_for(OperatingPoint(quality=0.4))
+    assert (scores >= threshold).mean() == metrics.cpt(scores, weak, strong, 0.4) == 0.2
+
+
+def test_each_curve_point_records_what_routing_by_its_threshold_does() -> None:
+    rng = np.random.default_rng(1)
+    n = 200
+    # Routing scores span [-1, 1]; the bounds themselves are included.
+    scores = np.concatenate([[-1.0, 1.0], rng.uniform(-1.0, 1.0, n - 2)])
+    weak = rng.random(n) > (scores + 1) / 2
+    strong = rng.random(n) < 0.9
+    lengths = rng.integers(10, 100, n)
+
+    def cost(to_strong: np.ndarray) -> float:
+        return float(10 * lengths[to_strong].sum() + lengths[~to_strong].sum())
+
+    curve = fit_curve(scores, weak, strong, cost)
+    gap = strong.mean() - weak.mean()
+    for p in curve.points:
+        to_strong = scores >= p.threshold  # the service's rule
+        assert to_strong.mean() == pytest.approx(p.strong_fraction)
+        accuracy = metrics.routed_accuracy(to_strong, weak, strong)
+        assert p.accuracy == pytest.approx(accuracy)
+        assert p.pgr == pytest.approx((accuracy - weak.mean()) / gap)
+        assert p.cost_vs_all_strong == pytest.approx(cost(to_strong) / cost(np.ones(n, bool)))
+    # Share 0 and share 1 hold for any routing score, not only the held-out ones.
+    assert curve.points[0].threshold > 1.0
+    assert curve.points[-1].threshold == -1.0
+    assert curve.points[-1].cost_vs_all_strong == 1.0
+
+
+def test_a_small_holdout_meets_each_whole_percent_share_to_within_half_a_prompt() -> None:
+    n = 199  # not a multiple of 100: the share nearest each percent must still be on the curve
+    scores = np.linspace(1.0, -1.0, n)
+    weak = np.arange(n) % 2 == 0
+    curve = fit_curve(scores, weak, np.ones(n, dtype=bool), lambda to_strong: 1.0)
+    for percent in range(101):
+        threshold = curve.threshold_for(OperatingPoint(strong_fraction=percent / 100))
+        sent = (scores >= threshold).mean()
+        assert abs(sent - percent / 100) <= 1 / (2 * n) + 1e-12, percent
