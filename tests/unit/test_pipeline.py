@@ -178,10 +178,11 @@ async def test_a_model_swap_mid_request_reports_the_version_that_routed_it(
     cheap = FakeUpstream("cheap-model", prose_answer, gate=asyncio.Event())
     service = _service_with(classifier, cheap)
     in_flight = asyncio.create_task(service.pipeline.complete(ask("routed before the swap"), ACME))
-    for _ in range(1000):  # until it is routed and waiting on the cheap model
-        if cheap.calls:
-            break
-        await asyncio.sleep(0)
+    # Until it is routed and waiting on the cheap model. The embedding runs on a worker thread,
+    # so a fixed count of event-loop turns was too few on a busy machine (the swap came first).
+    async with asyncio.timeout(10):
+        while not cheap.calls:
+            await asyncio.sleep(0.001)
     registry.promote("v2")
     assert await classifier.refresh() is True
     assert cheap.gate is not None
