@@ -149,8 +149,12 @@ def _check_validators(request: ChatRequest, limits: LimitSettings) -> None:
                 raise InvalidArgument(
                     f"{field}.{name}", f"at most {limits.max_validator_patterns} entries"
                 )
-        if validator.max_chars and validator.min_chars > validator.max_chars:
-            raise InvalidArgument(f"{field}.min_chars", "must not exceed max_chars")
+        # Unset, max_chars is the service's answer limit: a minimum above it fails every answer,
+        # after paying for the cheap and the strong model.
+        ceiling = validator.max_chars or limits.max_answer_chars
+        if validator.min_chars > ceiling:
+            bound = "max_chars" if validator.max_chars else f"the answer limit ({ceiling})"
+            raise InvalidArgument(f"{field}.min_chars", f"must not exceed {bound}")
 
 
 def schema_patterns(schema: object) -> Iterator[str]:

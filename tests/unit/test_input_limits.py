@@ -102,6 +102,10 @@ VIOLATIONS = [
         ChatRequest((user(),), validators=(RequestValidator("length", min_chars=9, max_chars=3),)),
         "validators[0].min_chars",
     ),
+    (  # no max_chars: limits.max_answer_chars (20,000) is the bound no answer may pass
+        ChatRequest((user(),), validators=(RequestValidator("length", min_chars=20_001),)),
+        "validators[0].min_chars",
+    ),
     (ChatRequest((user(),), validators=(RequestValidator("k" * 65),)), "validators[0].kind"),
     (
         ChatRequest((user(),), validators=(RequestValidator("pii", name="n" * 65),)),
