@@ -373,6 +373,8 @@ class ValidatorSpec(_Section):
             raise ValueError("a regex validator needs must_match or must_not_match")
         if self.on_fail == "redact" and self.kind not in ("pii", "custom"):
             raise ValueError(f"on_fail=redact needs a validator that can redact, not {self.kind}")
+        if self.max_chars is not None and self.min_chars > self.max_chars:
+            raise ValueError("min_chars must not exceed max_chars: no answer could pass")
         return self
 
 
@@ -497,6 +499,20 @@ class Settings(BaseSettings):
                 raise ValueError(f"tenant {tenant.name} is configured twice")
             seen.add(tenant.name)
         return tenants
+
+    @model_validator(mode="after")
+    def _length_bounds_reachable(self) -> Self:
+        # Without max_chars a length validator's bound is limits.max_answer_chars, another
+        # section: a minimum above it would fail every answer, after both models were paid.
+        answer_limit = self.limits.max_answer_chars
+        specs = [*self.validators, *(v for t in self.tenants for v in t.validators or ())]
+        for spec in specs:
+            if spec.max_chars is None and spec.min_chars > answer_limit:
+                raise ValueError(
+                    f"validator {spec.name or spec.kind}: min_chars {spec.min_chars} exceeds "
+                    f"limits.max_answer_chars ({answer_limit}); no answer could pass"
+                )
+        return self
 
     @classmethod
     def settings_customise_sources(

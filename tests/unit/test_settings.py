@@ -90,6 +90,18 @@ def test_spend_retention_shorter_than_its_period_is_refused() -> None:
     assert load_settings(budgets={"month_retention_days": 31}).budgets.month_retention_days == 31
 
 
+def test_a_length_validator_no_answer_can_pass_is_refused() -> None:
+    # Every answer failed it, after the cheap and the strong model were both paid for.
+    with pytest.raises(ConfigError, match="min_chars must not exceed max_chars"):
+        load_settings(validators=[{"kind": "length", "min_chars": 50, "max_chars": 10}])
+    with pytest.raises(ConfigError, match=r"min_chars 30000 exceeds limits\.max_answer_chars"):
+        too_long = {"kind": "length", "min_chars": 30_000}
+        load_settings(tenants=[{"name": "acme", "validators": [too_long]}])
+    fits = load_settings(limits={"max_answer_chars": 40_000},
+                         validators=[{"kind": "length", "min_chars": 30_000}])  # fmt: skip
+    assert fits.validators[0].min_chars == 30_000
+
+
 def test_a_tenant_named_twice_is_refused() -> None:
     # Two entries of one name share its spend, buckets and cache, yet each of their keys would
     # carry its own caps; a registry key would get whichever came last.
