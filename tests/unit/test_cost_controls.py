@@ -143,6 +143,84 @@ async def test_a_wall_clock_stepping_back_refills_no_bucket_twice() -> None:
     assert not (await quotas.take("t", [request])).allowed
 
 
+async def test_each_end_users_token_bucket_takes_their_prompt_then_their_answer() -> None:
+    harness = make_harness(rate={"user_tokens": 100, "window_seconds": 10})  # 10 a second
+    complete = harness.service.pipeline.complete
+    # Ids over 64 characters are hashed to a slot: the answer must be debited from the
+    # same bucket the prompt was taken from, not from one named by the raw id.
+    alice, bob = "a" * 100, "b" * 100
+    prompt = "p" * 200  # 50 tokens by the len/4 estimate
+    done = await complete(ask(prompt, end_user_id=alice), ACME)
+    assert done.usage.completion_tokens > 0
+    left = 100 - 50 - done.usage.completion_tokens
+    with pytest.raises(ResourceExhausted, match="tokens of this end user") as limited:
+        await complete(ask(prompt + "?", end_user_id=alice), ACME)
+    assert limited.value.retry_after_seconds == pytest.approx((51 - left) / 10)
+    await complete(ask(prompt + "?", end_user_id=bob), ACME)  # bob's bucket is his own
+    harness.clock.advance(limited.value.retry_after_seconds)
+    await complete(ask(prompt + "?", end_user_id=alice), ACME)
+    await harness.service.aclose()
+
+
+async def test_requests_per_second_allows_a_burst_of_that_many_then_refills_at_that_rate() -> None:
+    harness = make_harness(requests_per_second=2.0)
+    complete = harness.service.pipeline.complete
+    await complete(ask("one"), ACME)
+    await complete(ask("two"), ACME)
+    with pytest.raises(ResourceExhausted, match="requests per second") as limited:
+        await complete(ask("three"), ACME)
+    assert limited.value.retry_after_seconds == pytest.approx(0.5)
+    harness.clock.advance(0.5)
+    await complete(ask("three"), ACME)
+    await harness.service.aclose()
+
+
+async def test_an_idle_bucket_refills_to_its_capacity_and_no_further() -> None:
+    clock = ManualClock()
+    limiter = InMemoryQuotaLimiter(clock)
+    request = Charge("req", 1.0, 2.0, 1.0)  # a burst of 2, one more a second
+    assert (await limiter.take("t", [request])).allowed
+    clock.advance(100)  # idle for 100 seconds' worth of refill
+    assert (await limiter.take("t", [request])).allowed
+    assert (await limiter.take("t", [request])).allowed
+    assert (await limiter.take("t", [request])).wait_seconds == pytest.approx(1.0)
+
+
+async def test_a_wall_clock_stepping_back_takes_nothing_from_a_bucket() -> None:
+    clock = ManualClock()
+    limiter = InMemoryQuotaLimiter(clock)
+    request = Charge("req", 1.0, 1.0, 1.0)
+    assert (await limiter.take("t", [request])).allowed
+    clock.advance(-10)  # an NTP step back: the bucket waits as long as it did, no longer
+    assert (await limiter.take("t", [request])).wait_seconds == pytest.approx(1.0)
+    clock.advance(11)  # one second on from where the bucket was emptied
+    assert (await limiter.take("t", [request])).allowed
+
+
+async def test_only_idle_full_buckets_are_forgotten_past_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("routecache.router.quotas._MAX_BUCKETS", 2)
+    clock = ManualClock()
+    limiter = InMemoryQuotaLimiter(clock)
+    slow = Charge("ureq:slow", 0.01, 1.0, 1.0)  # 100 s to refill
+    assert (await limiter.take("t", [slow])).allowed
+    for user in ("u0", "u1", "u2"):
+        assert (await limiter.take("t", [Charge(f"ureq:{user}", 1.0, 1.0, 1.0)])).allowed
+    clock.advance(1.0)  # u0..u2 have refilled (not yet written back); slow has not
+    assert (await limiter.take("t", [Charge("ureq:new", 1.0, 1.0, 1.0)])).allowed
+    # A full bucket forgotten starts full again, as it was; forgetting one still refilling
+    # would hand its user a fresh quota.
+    assert len(limiter._buckets) == 2
+    assert (await limiter.take("t", [slow])).wait_seconds == pytest.approx(99.0)
+
+
+def test_end_user_ids_up_to_64_characters_name_their_slot_as_they_are() -> None:
+    # docs/redis-keys.md: the ureq:/utok: buckets carry the id itself up to 64 characters.
+    assert user_slot("u" * 64) == "u" * 64
+    assert user_slot("u" * 65).startswith("h:")
+
+
 def test_resource_exhausted_carries_the_retry_delay_in_trailing_metadata() -> None:
     error = ResourceExhausted("rate limit", 1.2345)
     assert status_of(error).name == "RESOURCE_EXHAUSTED"
