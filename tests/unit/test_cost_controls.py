@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -40,6 +41,8 @@ from routecache.router.budget import (
     Period,
     Reservation,
     SpendLedger,
+    SpendRecord,
+    Totals,
     period_ids,
     seconds_to_period_end,
 )
@@ -270,6 +273,114 @@ async def test_a_reservation_never_settled_stops_holding_the_cap_at_its_ttl() ->
     assert isinstance(await ledger.reserve("t", "", 0.5, caps), CapReached)
     clock.advance(1)
     assert isinstance(await ledger.reserve("t", "", 0.5, caps), Reservation)
+
+
+async def test_a_tenant_wide_cap_counts_every_users_spend_and_reservations() -> None:
+    ledger = InMemorySpendLedger(ManualClock())
+    caps = [Cap(Period.DAY, 1.0)]
+    await ledger.settle(None, SpendRecord("t", "u1", cost_usd=0.4))
+    assert isinstance(await ledger.reserve("t", "u2", 0.4, caps), Reservation)
+    # u3 has spent and reserved nothing, but the tenant's cap holds all its users together.
+    refused = await ledger.reserve("t", "u3", 0.4, caps)
+    assert isinstance(refused, CapReached) and refused.committed_usd == pytest.approx(0.8)
+
+
+async def test_one_tenants_reservations_leave_another_tenants_cap_alone() -> None:
+    ledger = InMemorySpendLedger(ManualClock())
+    caps = [Cap(Period.DAY, 1.0)]
+    assert isinstance(await ledger.reserve("acme", "", 1.0, caps), Reservation)
+    assert isinstance(await ledger.reserve("globex", "", 1.0, caps), Reservation)
+
+
+async def test_a_reservation_must_fit_under_each_of_the_caps() -> None:
+    clock = ManualClock(dt.datetime(2026, 3, 10, 12, tzinfo=dt.UTC).timestamp())
+    ledger = InMemorySpendLedger(clock)
+    day, month = Cap(Period.DAY, 1.0), Cap(Period.MONTH, 1.5)
+    refused = await ledger.reserve("t", "", 1.2, [day, month])  # over the day's cap alone
+    assert isinstance(refused, CapReached) and refused.cap == day
+    await ledger.settle(None, SpendRecord("t", cost_usd=0.9))
+    clock.advance(86400)  # a new day, the same month: yesterday's spend still counts in it
+    refused = await ledger.reserve("t", "", 0.9, [day, month])
+    assert isinstance(refused, CapReached) and refused.cap == month
+    assert refused.committed_usd == pytest.approx(0.9)
+
+
+def test_periods_are_utc_days_whatever_the_servers_time_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    new_year_eve = dt.datetime(2026, 12, 31, 23, 0, tzinfo=dt.UTC).timestamp()
+    monkeypatch.setenv("TZ", "UTC-14")  # POSIX for 14 hours ahead of UTC: 2027 there
+    time.tzset()
+    try:
+        assert period_ids(new_year_eve) == {Period.DAY: "2026-12-31", Period.MONTH: "2026-12"}
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_a_refusal_a_moment_before_the_period_ends_still_waits_a_second() -> None:
+    # A retry-after of a few milliseconds reads as "retry now" to most clients.
+    midnight = dt.datetime(2026, 3, 11, tzinfo=dt.UTC).timestamp()
+    assert seconds_to_period_end(midnight - 0.25, Period.DAY) == 1.0
+
+
+async def test_a_settled_reservation_stops_holding_the_cap_and_its_cost_counts() -> None:
+    ledger = InMemorySpendLedger(ManualClock())
+    caps = [Cap(Period.DAY, 1.0)]
+    held = await ledger.reserve("t", "", 1.0, caps)  # the worst case
+    assert isinstance(held, Reservation)
+    await ledger.settle(held, SpendRecord("t", cost_usd=0.25))  # what the call cost
+    assert isinstance(await ledger.reserve("t", "", 0.75, caps), Reservation)
+    assert isinstance(await ledger.reserve("t", "", 1e-6, caps), CapReached)
+
+
+@pytest.mark.parametrize(
+    "rest",
+    [
+        SpendRecord("t", saved_usd=0.3),  # a cache hit's saving, no spend
+        SpendRecord("t", cost_usd=0.001),  # a spend of a tenth of a cent
+        SpendRecord("t", prompt_tokens=5, completion_tokens=3, calls=1),  # a free model
+    ],
+)
+async def test_taking_back_a_flushed_record_leaves_the_rest_of_the_periods_books(
+    rest: SpendRecord,
+) -> None:
+    # The Redis ledger's fallback takes back what reached Redis; a record without an end user
+    # is the tenant's only, and must come out of the tenant's totals once.
+    ledger = InMemorySpendLedger(ManualClock())
+    flushed = SpendRecord("t", "", 0.25, 10, 20, saved_usd=0.05, calls=1, routing_saved_usd=0.1)
+    await ledger.settle(None, flushed)
+    await ledger.settle(None, rest)
+    ledger.take_back(flushed, period_ids(ledger.clock()))
+    expected = Totals()
+    expected.add(rest)
+    for totals in (await ledger.totals("t")).values():
+        assert vars(totals) == pytest.approx(vars(expected))
+
+
+def test_merged_totals_add_up_every_field() -> None:
+    # The Redis ledger reports Redis' totals merged with those held here while it was down.
+    totals = Totals(1.0, 2, 3, 4.0, 5, 6.0)
+    totals.merge(Totals(10.0, 20, 30, 40.0, 50, 60.0))
+    assert vars(totals) == pytest.approx(vars(Totals(11.0, 22, 33, 44.0, 55, 66.0)))
+
+
+async def test_spent_today_is_what_record_spent_since_utc_midnight() -> None:
+    clock = ManualClock(dt.datetime(2026, 3, 10, 12, tzinfo=dt.UTC).timestamp())
+    ledger = InMemorySpendLedger(clock)
+    await ledger.record("t", 0.5)
+    clock.advance(86400)
+    await ledger.record("t", 0.25)
+    assert await ledger.spent_today("t") == pytest.approx(0.25)
+    assert (await ledger.totals("t"))[Period.MONTH].cost_usd == pytest.approx(0.75)
+
+
+async def test_totals_read_are_not_changed_by_later_spend() -> None:
+    ledger = InMemorySpendLedger(ManualClock())
+    await ledger.record("t", 0.5)
+    read = await ledger.totals("t")
+    await ledger.record("t", 0.25)
+    assert read[Period.DAY].cost_usd == pytest.approx(0.5)
 
 
 async def spend_of(harness: Harness, tenant: str = "acme", user: str = "") -> float:
