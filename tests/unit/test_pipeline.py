@@ -32,6 +32,7 @@ from routecache.errors import (
     UpstreamError,
 )
 from routecache.router.bootstrap import Overrides, Service, build_service
+from routecache.router.logs import REQUEST_ID
 from routecache.router.tenant_admin import InvalidateTarget
 from tests.fakes import FakeUpstream, json_answer, prose_answer
 from tests.unit.conftest import KEYS, Harness, make_harness, unit_settings
@@ -419,3 +420,21 @@ async def test_stats_count_paths(harness: Harness) -> None:
     assert stats.saved_usd == pytest.approx(stats.cost_usd)
     assert stats.classifier_version == "fixed-v1"
     assert (await pipeline.admin.stats(GLOBEX)).requests == 0
+
+
+async def test_invalidate_events_say_what_was_asked_and_how_many_went(harness: Harness) -> None:
+    pipeline = harness.service.pipeline
+    for prompt in ("tagged one", "tagged two", "untagged"):
+        tags = ("v1",) if prompt.startswith("tagged") else ()
+        await pipeline.complete(ask(prompt, cache=CacheControl(tags=tags)), ACME)
+    # entries counts the tenant's whole cache, not the top entries listed.
+    assert (await pipeline.admin.stats(ACME, top_n=1)).entries == 3
+    token = REQUEST_ID.set("req-invalidate")
+    try:
+        assert await pipeline.admin.invalidate(InvalidateTarget(tag="v1"), ACME) == 2
+        assert await pipeline.admin.invalidate(InvalidateTarget(all_entries=True), ACME) == 1
+    finally:
+        REQUEST_ID.reset(token)
+    events = [e for e in harness.events.events if e["kind"] == "invalidate"]
+    assert [(e["tag"], e["all"], e["removed"]) for e in events] == [("v1", False, 2), ("", True, 1)]
+    assert {e["request_id"] for e in events} == {"req-invalidate"}
