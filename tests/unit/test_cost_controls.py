@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -40,6 +41,8 @@ from routecache.router.budget import (
     Period,
     Reservation,
     SpendLedger,
+    SpendRecord,
+    Totals,
     period_ids,
     seconds_to_period_end,
 )
@@ -143,6 +146,84 @@ async def test_a_wall_clock_stepping_back_refills_no_bucket_twice() -> None:
     assert not (await quotas.take("t", [request])).allowed
 
 
+async def test_each_end_users_token_bucket_takes_their_prompt_then_their_answer() -> None:
+    harness = make_harness(rate={"user_tokens": 100, "window_seconds": 10})  # 10 a second
+    complete = harness.service.pipeline.complete
+    # Ids over 64 characters are hashed to a slot: the answer must be debited from the
+    # same bucket the prompt was taken from, not from one named by the raw id.
+    alice, bob = "a" * 100, "b" * 100
+    prompt = "p" * 200  # 50 tokens by the len/4 estimate
+    done = await complete(ask(prompt, end_user_id=alice), ACME)
+    assert done.usage.completion_tokens > 0
+    left = 100 - 50 - done.usage.completion_tokens
+    with pytest.raises(ResourceExhausted, match="tokens of this end user") as limited:
+        await complete(ask(prompt + "?", end_user_id=alice), ACME)
+    assert limited.value.retry_after_seconds == pytest.approx((51 - left) / 10)
+    await complete(ask(prompt + "?", end_user_id=bob), ACME)  # bob's bucket is his own
+    harness.clock.advance(limited.value.retry_after_seconds)
+    await complete(ask(prompt + "?", end_user_id=alice), ACME)
+    await harness.service.aclose()
+
+
+async def test_requests_per_second_allows_a_burst_of_that_many_then_refills_at_that_rate() -> None:
+    harness = make_harness(requests_per_second=2.0)
+    complete = harness.service.pipeline.complete
+    await complete(ask("one"), ACME)
+    await complete(ask("two"), ACME)
+    with pytest.raises(ResourceExhausted, match="requests per second") as limited:
+        await complete(ask("three"), ACME)
+    assert limited.value.retry_after_seconds == pytest.approx(0.5)
+    harness.clock.advance(0.5)
+    await complete(ask("three"), ACME)
+    await harness.service.aclose()
+
+
+async def test_an_idle_bucket_refills_to_its_capacity_and_no_further() -> None:
+    clock = ManualClock()
+    limiter = InMemoryQuotaLimiter(clock)
+    request = Charge("req", 1.0, 2.0, 1.0)  # a burst of 2, one more a second
+    assert (await limiter.take("t", [request])).allowed
+    clock.advance(100)  # idle for 100 seconds' worth of refill
+    assert (await limiter.take("t", [request])).allowed
+    assert (await limiter.take("t", [request])).allowed
+    assert (await limiter.take("t", [request])).wait_seconds == pytest.approx(1.0)
+
+
+async def test_a_wall_clock_stepping_back_takes_nothing_from_a_bucket() -> None:
+    clock = ManualClock()
+    limiter = InMemoryQuotaLimiter(clock)
+    request = Charge("req", 1.0, 1.0, 1.0)
+    assert (await limiter.take("t", [request])).allowed
+    clock.advance(-10)  # an NTP step back: the bucket waits as long as it did, no longer
+    assert (await limiter.take("t", [request])).wait_seconds == pytest.approx(1.0)
+    clock.advance(11)  # one second on from where the bucket was emptied
+    assert (await limiter.take("t", [request])).allowed
+
+
+async def test_only_idle_full_buckets_are_forgotten_past_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("routecache.router.quotas._MAX_BUCKETS", 2)
+    clock = ManualClock()
+    limiter = InMemoryQuotaLimiter(clock)
+    slow = Charge("ureq:slow", 0.01, 1.0, 1.0)  # 100 s to refill
+    assert (await limiter.take("t", [slow])).allowed
+    for user in ("u0", "u1", "u2"):
+        assert (await limiter.take("t", [Charge(f"ureq:{user}", 1.0, 1.0, 1.0)])).allowed
+    clock.advance(1.0)  # u0..u2 have refilled (not yet written back); slow has not
+    assert (await limiter.take("t", [Charge("ureq:new", 1.0, 1.0, 1.0)])).allowed
+    # A full bucket forgotten starts full again, as it was; forgetting one still refilling
+    # would hand its user a fresh quota.
+    assert len(limiter._buckets) == 2
+    assert (await limiter.take("t", [slow])).wait_seconds == pytest.approx(99.0)
+
+
+def test_end_user_ids_up_to_64_characters_name_their_slot_as_they_are() -> None:
+    # docs/redis-keys.md: the ureq:/utok: buckets carry the id itself up to 64 characters.
+    assert user_slot("u" * 64) == "u" * 64
+    assert user_slot("u" * 65).startswith("h:")
+
+
 def test_resource_exhausted_carries_the_retry_delay_in_trailing_metadata() -> None:
     error = ResourceExhausted("rate limit", 1.2345)
     assert status_of(error).name == "RESOURCE_EXHAUSTED"
@@ -192,6 +273,114 @@ async def test_a_reservation_never_settled_stops_holding_the_cap_at_its_ttl() ->
     assert isinstance(await ledger.reserve("t", "", 0.5, caps), CapReached)
     clock.advance(1)
     assert isinstance(await ledger.reserve("t", "", 0.5, caps), Reservation)
+
+
+async def test_a_tenant_wide_cap_counts_every_users_spend_and_reservations() -> None:
+    ledger = InMemorySpendLedger(ManualClock())
+    caps = [Cap(Period.DAY, 1.0)]
+    await ledger.settle(None, SpendRecord("t", "u1", cost_usd=0.4))
+    assert isinstance(await ledger.reserve("t", "u2", 0.4, caps), Reservation)
+    # u3 has spent and reserved nothing, but the tenant's cap holds all its users together.
+    refused = await ledger.reserve("t", "u3", 0.4, caps)
+    assert isinstance(refused, CapReached) and refused.committed_usd == pytest.approx(0.8)
+
+
+async def test_one_tenants_reservations_leave_another_tenants_cap_alone() -> None:
+    ledger = InMemorySpendLedger(ManualClock())
+    caps = [Cap(Period.DAY, 1.0)]
+    assert isinstance(await ledger.reserve("acme", "", 1.0, caps), Reservation)
+    assert isinstance(await ledger.reserve("globex", "", 1.0, caps), Reservation)
+
+
+async def test_a_reservation_must_fit_under_each_of_the_caps() -> None:
+    clock = ManualClock(dt.datetime(2026, 3, 10, 12, tzinfo=dt.UTC).timestamp())
+    ledger = InMemorySpendLedger(clock)
+    day, month = Cap(Period.DAY, 1.0), Cap(Period.MONTH, 1.5)
+    refused = await ledger.reserve("t", "", 1.2, [day, month])  # over the day's cap alone
+    assert isinstance(refused, CapReached) and refused.cap == day
+    await ledger.settle(None, SpendRecord("t", cost_usd=0.9))
+    clock.advance(86400)  # a new day, the same month: yesterday's spend still counts in it
+    refused = await ledger.reserve("t", "", 0.9, [day, month])
+    assert isinstance(refused, CapReached) and refused.cap == month
+    assert refused.committed_usd == pytest.approx(0.9)
+
+
+def test_periods_are_utc_days_whatever_the_servers_time_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    new_year_eve = dt.datetime(2026, 12, 31, 23, 0, tzinfo=dt.UTC).timestamp()
+    monkeypatch.setenv("TZ", "UTC-14")  # POSIX for 14 hours ahead of UTC: 2027 there
+    time.tzset()
+    try:
+        assert period_ids(new_year_eve) == {Period.DAY: "2026-12-31", Period.MONTH: "2026-12"}
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_a_refusal_a_moment_before_the_period_ends_still_waits_a_second() -> None:
+    # A retry-after of a few milliseconds reads as "retry now" to most clients.
+    midnight = dt.datetime(2026, 3, 11, tzinfo=dt.UTC).timestamp()
+    assert seconds_to_period_end(midnight - 0.25, Period.DAY) == 1.0
+
+
+async def test_a_settled_reservation_stops_holding_the_cap_and_its_cost_counts() -> None:
+    ledger = InMemorySpendLedger(ManualClock())
+    caps = [Cap(Period.DAY, 1.0)]
+    held = await ledger.reserve("t", "", 1.0, caps)  # the worst case
+    assert isinstance(held, Reservation)
+    await ledger.settle(held, SpendRecord("t", cost_usd=0.25))  # what the call cost
+    assert isinstance(await ledger.reserve("t", "", 0.75, caps), Reservation)
+    assert isinstance(await ledger.reserve("t", "", 1e-6, caps), CapReached)
+
+
+@pytest.mark.parametrize(
+    "rest",
+    [
+        SpendRecord("t", saved_usd=0.3),  # a cache hit's saving, no spend
+        SpendRecord("t", cost_usd=0.001),  # a spend of a tenth of a cent
+        SpendRecord("t", prompt_tokens=5, completion_tokens=3, calls=1),  # a free model
+    ],
+)
+async def test_taking_back_a_flushed_record_leaves_the_rest_of_the_periods_books(
+    rest: SpendRecord,
+) -> None:
+    # The Redis ledger's fallback takes back what reached Redis; a record without an end user
+    # is the tenant's only, and must come out of the tenant's totals once.
+    ledger = InMemorySpendLedger(ManualClock())
+    flushed = SpendRecord("t", "", 0.25, 10, 20, saved_usd=0.05, calls=1, routing_saved_usd=0.1)
+    await ledger.settle(None, flushed)
+    await ledger.settle(None, rest)
+    ledger.take_back(flushed, period_ids(ledger.clock()))
+    expected = Totals()
+    expected.add(rest)
+    for totals in (await ledger.totals("t")).values():
+        assert vars(totals) == pytest.approx(vars(expected))
+
+
+def test_merged_totals_add_up_every_field() -> None:
+    # The Redis ledger reports Redis' totals merged with those held here while it was down.
+    totals = Totals(1.0, 2, 3, 4.0, 5, 6.0)
+    totals.merge(Totals(10.0, 20, 30, 40.0, 50, 60.0))
+    assert vars(totals) == pytest.approx(vars(Totals(11.0, 22, 33, 44.0, 55, 66.0)))
+
+
+async def test_spent_today_is_what_record_spent_since_utc_midnight() -> None:
+    clock = ManualClock(dt.datetime(2026, 3, 10, 12, tzinfo=dt.UTC).timestamp())
+    ledger = InMemorySpendLedger(clock)
+    await ledger.record("t", 0.5)
+    clock.advance(86400)
+    await ledger.record("t", 0.25)
+    assert await ledger.spent_today("t") == pytest.approx(0.25)
+    assert (await ledger.totals("t"))[Period.MONTH].cost_usd == pytest.approx(0.75)
+
+
+async def test_totals_read_are_not_changed_by_later_spend() -> None:
+    ledger = InMemorySpendLedger(ManualClock())
+    await ledger.record("t", 0.5)
+    read = await ledger.totals("t")
+    await ledger.record("t", 0.25)
+    assert read[Period.DAY].cost_usd == pytest.approx(0.5)
 
 
 async def spend_of(harness: Harness, tenant: str = "acme", user: str = "") -> float:

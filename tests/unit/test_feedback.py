@@ -14,6 +14,7 @@ from routecache.cache.ports import Vector
 from routecache.cache.semantic_cache import Distrust, NewEntry, SemanticCache
 from routecache.domain import CacheOutcome, ChatRequest, Feedback, Message, Role, Tier
 from routecache.errors import InvalidArgument
+from routecache.router.logs import REQUEST_ID
 from tests.fakes import ManualClock
 from tests.unit.conftest import KEYS, Harness
 
@@ -136,3 +137,33 @@ async def test_stats_list_the_most_served_entries_first(harness: Harness) -> Non
     ]  # fmt: skip
     assert stats.top_entries[0].saved_usd == pytest.approx(3 * cost["beta question"])
     assert (await pipeline.admin.stats(KEYS["globex"])).top_entries == ()
+
+
+async def test_feedback_events_carry_request_and_entry_and_a_repeat_removes_nothing(
+    harness: Harness,
+) -> None:
+    pipeline = harness.service.pipeline
+    await pipeline.complete(ask("how tall is the eiffel tower"), ACME)
+    hit = await pipeline.complete(ask("how tall is the eiffel tower today"), ACME)
+    token = REQUEST_ID.set("req-feedback")
+    try:
+        up = Feedback(hit.response_id, thumbs_up=True, comment="spot on")
+        assert await pipeline.admin.feedback(up, ACME) == ""
+        down = Feedback(hit.response_id, thumbs_up=False)
+        assert await pipeline.admin.feedback(down, ACME) == hit.cache.entry_id
+        # The entry is gone already: nothing is removed, and neither the reply nor the event
+        # nor the telemetry may say otherwise.
+        assert await pipeline.admin.feedback(down, ACME) == ""
+    finally:
+        REQUEST_ID.reset(token)
+    feedback = [e for e in harness.events.events if e["kind"] == "feedback"]
+    assert [e["invalidated"] for e in feedback] == [False, True, False]
+    assert harness.telemetry.feedback_seen[-1] == ("acme", False, False)
+    # The analysis joins feedback to the served answer by these; the request id follows the
+    # request across services (docs/operations.md).
+    for event in feedback:
+        assert (event["request_id"], event["entry_id"]) == ("req-feedback", hit.cache.entry_id)
+        assert event["cache_outcome"] == CacheOutcome.SEMANTIC.value
+    assert feedback[0]["comment"] == "spot on"
+    stats = await pipeline.admin.stats(ACME)
+    assert (stats.thumbs_up, stats.thumbs_down) == (1, 2)

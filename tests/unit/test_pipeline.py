@@ -32,6 +32,7 @@ from routecache.errors import (
     UpstreamError,
 )
 from routecache.router.bootstrap import Overrides, Service, build_service
+from routecache.router.logs import REQUEST_ID
 from routecache.router.tenant_admin import InvalidateTarget
 from tests.fakes import FakeUpstream, json_answer, prose_answer
 from tests.unit.conftest import KEYS, Harness, make_harness, unit_settings
@@ -178,10 +179,11 @@ async def test_a_model_swap_mid_request_reports_the_version_that_routed_it(
     cheap = FakeUpstream("cheap-model", prose_answer, gate=asyncio.Event())
     service = _service_with(classifier, cheap)
     in_flight = asyncio.create_task(service.pipeline.complete(ask("routed before the swap"), ACME))
-    # Until it is routed and waiting on the cheap model. The embedding runs on a worker thread,
-    # so a fixed count of event-loop turns was too few on a busy machine (the swap came first).
-    async with asyncio.timeout(10):
-        while not cheap.calls:
+    # Until it is routed and waiting on the cheap model. The prompt is embedded on a worker
+    # thread first: a bounded number of loop turns can run out before it is done on a busy
+    # machine, and the swap then lands before routing (the request reports v2).
+    async with asyncio.timeout(30):
+        while not cheap.calls:  # noqa: ASYNC110
             await asyncio.sleep(0.001)
     registry.promote("v2")
     assert await classifier.refresh() is True
@@ -420,3 +422,21 @@ async def test_stats_count_paths(harness: Harness) -> None:
     assert stats.saved_usd == pytest.approx(stats.cost_usd)
     assert stats.classifier_version == "fixed-v1"
     assert (await pipeline.admin.stats(GLOBEX)).requests == 0
+
+
+async def test_invalidate_events_say_what_was_asked_and_how_many_went(harness: Harness) -> None:
+    pipeline = harness.service.pipeline
+    for prompt in ("tagged one", "tagged two", "untagged"):
+        tags = ("v1",) if prompt.startswith("tagged") else ()
+        await pipeline.complete(ask(prompt, cache=CacheControl(tags=tags)), ACME)
+    # entries counts the tenant's whole cache, not the top entries listed.
+    assert (await pipeline.admin.stats(ACME, top_n=1)).entries == 3
+    token = REQUEST_ID.set("req-invalidate")
+    try:
+        assert await pipeline.admin.invalidate(InvalidateTarget(tag="v1"), ACME) == 2
+        assert await pipeline.admin.invalidate(InvalidateTarget(all_entries=True), ACME) == 1
+    finally:
+        REQUEST_ID.reset(token)
+    events = [e for e in harness.events.events if e["kind"] == "invalidate"]
+    assert [(e["tag"], e["all"], e["removed"]) for e in events] == [("v1", False, 2), ("", True, 1)]
+    assert {e["request_id"] for e in events} == {"req-invalidate"}
