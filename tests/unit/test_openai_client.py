@@ -603,6 +603,25 @@ async def test_a_stream_failing_before_its_first_delta_releases_the_connection(
     assert body.closed
 
 
+async def test_a_stream_whose_error_body_breaks_is_still_an_upstream_error(
+    make_client: Any,
+) -> None:
+    # Before: a stream's error body is read after the send, outside its error mapping; a
+    # connection reset there left the client as httpx.ReadError, which the failover chain
+    # re-raises, so the request ended INTERNAL without trying the next provider.
+    bodies: list[TrackedStream] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        bodies.append(TrackedStream(b'{"error": ', httpx.ReadError("connection reset")))
+        return httpx.Response(503, stream=bodies[-1])
+
+    with pytest.raises(UpstreamError, match="HTTP 503") as caught:
+        await collect(make_client(answer).stream(MESSAGES, GenerationParams()))
+    assert caught.value.retryable is True
+    assert len(bodies) == 2  # retried like any other 503
+    assert all(body.closed for body in bodies)
+
+
 async def test_empty_stream_yields_nothing(make_client: Any) -> None:
     recorder = Recorder(sse(chunk(""), chunk(finish_reason="stop"), "[DONE]"))
     assert await collect(make_client(recorder).stream(MESSAGES, GenerationParams())) == []
