@@ -3,6 +3,7 @@ escalation goes, what a spend reservation must cover, and how a streamed answer 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -290,6 +291,16 @@ async def test_a_stream_the_strong_provider_took_over_reports_the_strong_tier() 
     gen = generator([down("cheap-down")], says("strong answer"))
     done = await streamed(gen, [])
     assert (done.text, done.model, done.tier) == ("strong answer ", "strong-answer", Tier.STRONG)
+
+
+async def test_a_stream_keeps_to_the_callers_deadline() -> None:
+    # A deadline already reached: no provider is tried (the default 60 s would try them).
+    cheap = says("an answer")
+    gen = generator([cheap], says("strong"))
+    with pytest.raises(Unavailable, match="deadline"):
+        async for _ in gen.stream(REQUEST, Tier.CHEAP, deadline=time.monotonic()):
+            pass
+    assert cheap.calls == []
 
 
 async def test_aclose_closes_every_provider_once() -> None:

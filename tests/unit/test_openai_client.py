@@ -622,6 +622,14 @@ async def test_a_stream_whose_error_body_breaks_is_still_an_upstream_error(
     assert all(body.closed for body in bodies)
 
 
+async def test_an_error_event_in_a_stream_carries_the_providers_message(
+    make_client: Any,
+) -> None:
+    recorder = Recorder(sse(chunk("The answer"), {"error": {"message": "model overloaded"}}))
+    with pytest.raises(UpstreamError, match="error in stream: model overloaded"):
+        await collect(make_client(recorder).stream(MESSAGES, GenerationParams()))
+
+
 async def test_empty_stream_yields_nothing(make_client: Any) -> None:
     recorder = Recorder(sse(chunk(""), chunk(finish_reason="stop"), "[DONE]"))
     assert await collect(make_client(recorder).stream(MESSAGES, GenerationParams())) == []
