@@ -21,7 +21,7 @@ from routecache.domain import (
     Role,
 )
 from routecache.errors import UpstreamError
-from routecache.router.settings import ProviderSettings
+from routecache.router.settings import ProviderSettings, RetrySettings
 from routecache.router.upstream import OpenAIChatClient
 
 BASE_URL = "https://provider.test/v1"
@@ -123,6 +123,27 @@ def corrupt_gzip(request: httpx.Request | None = None) -> httpx.Response:
     return httpx.Response(200, headers=headers, stream=httpx.ByteStream(b"not gzip at all"))
 
 
+class TrackedStream(httpx.AsyncByteStream):
+    """A response body sent in parts (an exception part is raised there) that notes its close."""
+
+    def __init__(self, *parts: bytes | Exception) -> None:
+        self._parts = parts
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for part in self._parts:
+            if isinstance(part, Exception):
+                raise part
+            yield part
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def sse_line(event: object) -> bytes:
+    return f"data: {json.dumps(event)}\n\n".encode()
+
+
 # --- what goes out -------------------------------------------------------------------------
 
 
@@ -200,6 +221,29 @@ async def test_no_authorization_without_key_and_extra_headers_sent(make_client: 
     assert recorder.requests[0].headers["x-replay-fault"] == "none"
 
 
+async def test_an_empty_api_key_sends_no_authorization(make_client: Any) -> None:
+    # An empty key file reads as "": "Bearer " would be refused where no key is accepted.
+    recorder = Recorder(completion())
+    await make_client(recorder, api_key="").complete(MESSAGES, GenerationParams())
+    assert "authorization" not in recorder.requests[0].headers
+
+
+async def test_user_agent_is_sent_and_a_configured_header_replaces_it(make_client: Any) -> None:
+    recorder = Recorder(completion())
+    await make_client(recorder).complete(MESSAGES, GenerationParams())
+    assert recorder.requests[0].headers["user-agent"] == "routecache/0.1"
+
+    recorder = Recorder(completion())
+    client = make_client(recorder, headers={"user-agent": "gateway-probe/2"})
+    await client.complete(MESSAGES, GenerationParams())
+    assert recorder.requests[0].headers["user-agent"] == "gateway-probe/2"
+
+
+def test_max_attempts_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_attempts"):
+        OpenAIChatClient(BASE_URL, MODEL, max_attempts=0)
+
+
 # --- what comes back -----------------------------------------------------------------------
 
 
@@ -243,6 +287,44 @@ async def test_null_content_is_an_empty_answer(make_client: Any) -> None:
     assert reply.text == ""
 
 
+async def test_an_empty_reported_model_names_the_configured_one(make_client: Any) -> None:
+    reply = await make_client(Recorder(completion(model=""))).complete(MESSAGES, GenerationParams())
+    assert reply.model == MODEL
+
+
+@pytest.mark.parametrize("usage", ["lots", [17, 3], None], ids=["text", "list", "null"])
+async def test_usage_that_is_not_an_object_is_estimated(make_client: Any, usage: object) -> None:
+    reply = await make_client(Recorder(completion("abcdefghi", usage=usage))).complete(
+        MESSAGES, GenerationParams()
+    )
+    prompt_chars = len("Answer briefly.\nWhat is 2 + 2?")
+    assert (reply.prompt_tokens, reply.completion_tokens) == (math.ceil(prompt_chars / 4), 3)
+
+
+async def test_true_as_a_token_count_is_estimated(make_client: Any) -> None:
+    # JSON true is a Python int; taken as reported it would be charged as one token.
+    usage = {"prompt_tokens": True, "completion_tokens": True}
+    reply = await make_client(Recorder(completion("abcdefghi", usage=usage))).complete(
+        MESSAGES, GenerationParams()
+    )
+    assert reply.completion_tokens == 3
+
+
+async def test_reported_counts_at_the_bounds_are_taken(make_client: Any) -> None:
+    # A cached prompt may be reported as 0 tokens; 2**28 is the largest count believed.
+    usage = {"prompt_tokens": 0, "completion_tokens": 2**28}
+    reply = await make_client(Recorder(completion("abcdefghi", usage=usage))).complete(
+        MESSAGES, GenerationParams()
+    )
+    assert (reply.prompt_tokens, reply.completion_tokens) == (0, 2**28)
+
+
+async def test_prompt_estimate_counts_the_line_between_messages(make_client: Any) -> None:
+    messages = (Message(Role.SYSTEM, "abcd"), Message(Role.USER, "abcd"))
+    reply = await make_client(Recorder(completion())).complete(messages, GenerationParams())
+    assert reply.prompt_tokens == 3  # "abcd\nabcd": 9 characters
+
+
 # --- failures and retries ------------------------------------------------------------------
 
 
@@ -270,6 +352,34 @@ async def test_429_names_retry_after(make_client: Any) -> None:
     recorder = Recorder(httpx.Response(429, headers={"retry-after": "7"}))
     with pytest.raises(UpstreamError, match="retry after 7s"):
         await make_client(recorder).complete(MESSAGES, GenerationParams())
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        ({"error": {"code": "quota_exceeded"}}, "quota_exceeded"),
+        ({"error": "overloaded"}, "overloaded"),
+    ],
+    ids=["error-without-message", "error-as-text"],
+)
+async def test_provider_error_of_another_shape_is_still_named(
+    make_client: Any, body: dict[str, Any], detail: str
+) -> None:
+    recorder = Recorder(httpx.Response(503, json=body))
+    with pytest.raises(UpstreamError, match="HTTP 503") as caught:
+        await make_client(recorder).complete(MESSAGES, GenerationParams())
+    assert detail in str(caught.value)
+    assert caught.value.retryable is True
+
+
+async def test_a_redirect_is_not_followed_but_raised_with_its_status(make_client: Any) -> None:
+    # An http:// base_url answered with a redirect to https:// is a configuration error,
+    # not a malformed answer worth retrying.
+    recorder = Recorder(httpx.Response(301, headers={"location": "https://provider.test/v1"}))
+    with pytest.raises(UpstreamError, match="HTTP 301") as caught:
+        await make_client(recorder).complete(MESSAGES, GenerationParams())
+    assert caught.value.retryable is False
+    assert recorder.calls == 1
 
 
 @pytest.mark.parametrize(
@@ -428,6 +538,98 @@ async def test_stream_failures_map_like_complete(
     assert recorder.calls == calls
 
 
+async def test_data_lines_without_a_space_after_the_colon_are_read(make_client: Any) -> None:
+    body = 'data:{"choices": [{"delta": {"content": "ok"}, "finish_reason": "stop"}]}\n\n'
+    recorder = Recorder(httpx.Response(200, content=body.encode()))
+    assert await collect(make_client(recorder).stream(MESSAGES, GenerationParams())) == ["ok"]
+
+
+async def test_a_usage_chunk_after_finish_reason_without_done_is_complete(
+    make_client: Any,
+) -> None:
+    usage_chunk = {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+    recorder = Recorder(sse(chunk("ok"), chunk(finish_reason="stop"), usage_chunk))
+    assert await collect(make_client(recorder).stream(MESSAGES, GenerationParams())) == ["ok"]
+
+
+async def test_a_finish_reason_that_is_not_text_does_not_end_the_stream(make_client: Any) -> None:
+    odd = {"choices": [{"index": 0, "delta": {}, "finish_reason": 1}]}
+    recorder = Recorder(sse(chunk("ok"), odd))
+    with pytest.raises(UpstreamError, match="without finish_reason"):
+        await collect(make_client(recorder).stream(MESSAGES, GenerationParams()))
+
+
+async def test_a_stream_stalling_before_any_text_is_retried(make_client: Any) -> None:
+    bodies = [
+        TrackedStream(httpx.ReadTimeout("stalled")),
+        TrackedStream(sse_line(chunk("second")), b"data: [DONE]\n\n"),
+    ]
+    recorder = Recorder(*(httpx.Response(200, stream=body) for body in bodies))
+    deltas = await collect(make_client(recorder).stream(MESSAGES, GenerationParams()))
+    assert deltas == ["second"]
+    assert recorder.calls == 2
+
+
+async def test_a_stream_stalling_after_text_is_a_retryable_error_without_retry(
+    make_client: Any,
+) -> None:
+    # Retryable: the fallback chain may still try another provider for the next request.
+    body = TrackedStream(sse_line(chunk("The answer")), httpx.ReadTimeout("stalled"))
+    recorder = Recorder(httpx.Response(200, stream=body))
+    received: list[str] = []
+    with pytest.raises(UpstreamError, match="stalled") as caught:
+        await collect(make_client(recorder).stream(MESSAGES, GenerationParams()), received)
+    assert caught.value.retryable is True
+    assert received == ["The answer"]
+    assert recorder.calls == 1
+    assert body.closed
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (503, TrackedStream(b'{"error": {"message": "busy"}}')),
+        (200, TrackedStream(b"data: {oops\n\n")),
+    ],
+    ids=["http-503", "malformed-first-chunk"],
+)
+async def test_a_stream_failing_before_its_first_delta_releases_the_connection(
+    make_client: Any, status: int, body: TrackedStream
+) -> None:
+    # Left open, each failed attempt would hold one of the pool's connections.
+    recorder = Recorder(httpx.Response(status, stream=body))
+    with pytest.raises(UpstreamError):
+        await collect(make_client(recorder, max_attempts=1).stream(MESSAGES, GenerationParams()))
+    assert body.closed
+
+
+async def test_a_stream_whose_error_body_breaks_is_still_an_upstream_error(
+    make_client: Any,
+) -> None:
+    # Before: a stream's error body is read after the send, outside its error mapping; a
+    # connection reset there left the client as httpx.ReadError, which the failover chain
+    # re-raises, so the request ended INTERNAL without trying the next provider.
+    bodies: list[TrackedStream] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        bodies.append(TrackedStream(b'{"error": ', httpx.ReadError("connection reset")))
+        return httpx.Response(503, stream=bodies[-1])
+
+    with pytest.raises(UpstreamError, match="HTTP 503") as caught:
+        await collect(make_client(answer).stream(MESSAGES, GenerationParams()))
+    assert caught.value.retryable is True
+    assert len(bodies) == 2  # retried like any other 503
+    assert all(body.closed for body in bodies)
+
+
+async def test_an_error_event_in_a_stream_carries_the_providers_message(
+    make_client: Any,
+) -> None:
+    recorder = Recorder(sse(chunk("The answer"), {"error": {"message": "model overloaded"}}))
+    with pytest.raises(UpstreamError, match="error in stream: model overloaded"):
+        await collect(make_client(recorder).stream(MESSAGES, GenerationParams()))
+
+
 async def test_empty_stream_yields_nothing(make_client: Any) -> None:
     recorder = Recorder(sse(chunk(""), chunk(finish_reason="stop"), "[DONE]"))
     assert await collect(make_client(recorder).stream(MESSAGES, GenerationParams())) == []
@@ -451,3 +653,63 @@ async def test_from_settings_uses_the_secret_key_and_model() -> None:
     assert client.model == "strong-model"
     assert recorder.body()["model"] == "strong-model"
     assert recorder.requests[0].headers["authorization"] == "Bearer sk-secret"
+
+
+@pytest.mark.parametrize(
+    ("connect", "read", "expected"),
+    [(1.5, 2.5, (1.5, 2.5)), (10.0, 20.0, (3.0, 3.0))],
+    ids=["within", "capped"],
+)
+async def test_from_settings_connect_and_read_timeouts_are_bounded_by_the_whole_one(
+    connect: float, read: float, expected: tuple[float, float]
+) -> None:
+    settings = ProviderSettings(
+        base_url=BASE_URL,
+        model=MODEL,
+        input_usd_per_mtok=1.0,
+        output_usd_per_mtok=2.0,
+        timeout_seconds=3.0,
+        connect_timeout_seconds=connect,
+        read_timeout_seconds=read,
+    )
+    recorder = Recorder(completion())
+    client = OpenAIChatClient.from_settings(settings, transport=httpx.MockTransport(recorder))
+    try:
+        await client.complete(MESSAGES, GenerationParams())
+    finally:
+        await client.aclose()
+    timeout = recorder.requests[0].extensions["timeout"]
+    assert (timeout["connect"], timeout["read"]) == expected
+    assert timeout["write"] == 3.0
+
+
+async def test_from_settings_takes_attempts_and_backoff_from_the_retry_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The pauses tenacity asks for are recorded instead of slept.
+    pauses: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def record(seconds: float, *args: Any) -> None:
+        pauses.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", record)
+    settings = ProviderSettings(
+        base_url=BASE_URL, model=MODEL, input_usd_per_mtok=1.0, output_usd_per_mtok=2.0
+    )
+    retry = RetrySettings(max_attempts=3, backoff_initial_seconds=0.1, backoff_max_seconds=0.25)
+    recorder = Recorder(httpx.Response(503))
+    client = OpenAIChatClient.from_settings(
+        settings, retry=retry, transport=httpx.MockTransport(recorder)
+    )
+    try:
+        with pytest.raises(UpstreamError):
+            await client.complete(MESSAGES, GenerationParams())
+    finally:
+        await client.aclose()
+    assert recorder.calls == 3
+    # Exponential from the initial pause (plus up to as much jitter), capped at the max.
+    assert len(pauses) == 2
+    assert 0.1 <= pauses[0] <= 0.2
+    assert 0.2 <= pauses[1] <= 0.25

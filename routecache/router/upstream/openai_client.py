@@ -208,10 +208,15 @@ class OpenAIChatClient:
     async def _check_status(self, response: httpx.Response) -> None:
         if response.is_success:
             return
-        await response.aread()
         status = response.status_code
         retryable = status == 429 or status >= 500
-        detail = _provider_message(response)
+        try:
+            # A stream's body is read here, after _send and outside its error mapping.
+            await response.aread()
+        except httpx.RequestError:  # a broken error body: the status still says what failed
+            detail = ""
+        else:
+            detail = _provider_message(response)
         what = f"HTTP {status} {response.reason_phrase}".rstrip()
         if status == 429 and (retry_after := response.headers.get("retry-after")):
             what += f" (retry after {retry_after}s)"

@@ -1,0 +1,310 @@
+"""Generator on a failover of fake providers: what a request's calls add up to, where a retry or
+escalation goes, what a spend reservation must cover, and how a streamed answer is judged."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import pytest
+
+from routecache.domain import ChatRequest, GenerationParams, Message, Role, Tier, ValidatorResult
+from routecache.errors import FailedValidation, Unavailable, UpstreamError
+from routecache.router.generation import Generated, Generator
+from routecache.router.ports import Pricing, UpstreamReply
+from routecache.router.upstream.breaker import CircuitBreaker
+from routecache.router.upstream.failover import Failover, Provider
+from routecache.router.upstream.openai_client import estimate_tokens
+from routecache.router.validation import Configured, OnFail
+from tests.fakes import FakeUpstream
+
+CHEAP_PRICE, STRONG_PRICE = Pricing(1.0, 2.0), Pricing(10.0, 30.0)
+REQUEST = ChatRequest(messages=(Message(Role.SYSTEM, "Be brief."), Message(Role.USER, "q")))
+
+
+@dataclass(frozen=True)
+class Forbids:
+    """Fails an answer containing `word`."""
+
+    name: str
+    word: str
+
+    def applies_to(self, request: ChatRequest) -> bool:
+        return True
+
+    def check(self, text: str, request: ChatRequest) -> ValidatorResult:
+        if self.word in text:
+            return ValidatorResult(self.name, False, f"contains {self.word!r}")
+        return ValidatorResult(self.name, True)
+
+
+@dataclass(frozen=True)
+class Masks(Forbids):
+    """A Forbids that can also redact what it forbids."""
+
+    def redact(self, text: str) -> str:
+        return text.replace(self.word, "***")
+
+
+@dataclass
+class Dated(FakeUpstream):
+    """A provider whose replies name a dated version of its model, as OpenAI's do."""
+
+    closed: int = 0
+
+    async def complete(
+        self, messages: Sequence[Message], params: GenerationParams
+    ) -> UpstreamReply:
+        reply = await super().complete(messages, params)
+        return replace(reply, model=f"{reply.model}-2024")
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+
+def says(text: str) -> Dated:
+    return Dated(text.replace(" ", "-"), lambda prompt, params: text)
+
+
+def down(name: str) -> FakeUpstream:
+    return FakeUpstream(name, fail_with=UpstreamError("HTTP 503", retryable=True))
+
+
+def generator(
+    cheap: Sequence[FakeUpstream], strong: FakeUpstream, *validators: Configured
+) -> Generator:
+    def provider(upstream: FakeUpstream, price: Pricing) -> Provider:
+        # Named apart from its model: what is reported as the model must be the model.
+        return Provider(f"{upstream.model_id}@host", upstream, price, CircuitBreaker())
+
+    chains = {
+        Tier.CHEAP: [provider(u, CHEAP_PRICE) for u in cheap],
+        Tier.STRONG: [provider(strong, STRONG_PRICE)],
+    }
+    return Generator(Failover(chains), validators)
+
+
+def reply_tokens(prompt: str, text: str) -> tuple[int, int]:
+    """What FakeUpstream reports for one call."""
+    return len(prompt) // 4 + 1, len(text) // 4 + 1
+
+
+# --- what a request's calls add up to ------------------------------------------------------
+
+
+async def test_an_escalated_answer_counts_the_tokens_calls_and_cost_of_both_calls() -> None:
+    cheap, strong = says("a bad answer"), says("a good answer")
+    gen = generator([cheap], strong, Configured(Forbids("no-bad", "bad"), OnFail.ESCALATE))
+    done = await gen.generate(REQUEST, Tier.CHEAP)
+
+    first, second = reply_tokens("q", "a bad answer"), reply_tokens("q", "a good answer")
+    assert (done.text, done.tier, done.calls) == ("a good answer", Tier.STRONG, 2)
+    assert (done.model, done.provider) == ("a-good-answer-2024", "a-good-answer@host")
+    assert done.prompt_tokens == first[0] + second[0]
+    assert done.completion_tokens == first[1] + second[1]
+    assert done.cost_usd == pytest.approx(CHEAP_PRICE.cost(*first) + STRONG_PRICE.cost(*second))
+    assert done.report.escalated and done.report.passed
+    assert [(r.model, r.passed, r.action) for r in done.report.results] == [
+        ("a-bad-answer-2024", False, "escalated"),
+        ("a-good-answer-2024", True, ""),
+    ]
+
+
+async def test_providers_that_failed_before_an_escalation_stay_named() -> None:
+    gen = generator(
+        [down("cheap-down"), says("a bad answer")],
+        says("a good answer"),
+        Configured(Forbids("no-bad", "bad"), OnFail.ESCALATE),
+    )
+    done = await gen.generate(REQUEST, Tier.CHEAP)
+    assert done.tier is Tier.STRONG
+    assert len(done.upstream_failures) == 1 and "cheap-down" in done.upstream_failures[0]
+
+
+async def test_a_refusal_after_escalation_reports_every_call_and_only_the_failed_checks() -> None:
+    cheap, strong = says("a bad answer"), says("still bad")
+    gen = generator(
+        [cheap],
+        strong,
+        Configured(Forbids("no-bad", "bad"), OnFail.ESCALATE),
+        Configured(Forbids("no-zzz", "zzz"), OnFail.ESCALATE),
+    )
+    with pytest.raises(FailedValidation) as caught:
+        await gen.generate(REQUEST, Tier.CHEAP)
+
+    refused = caught.value
+    first, second = reply_tokens("q", "a bad answer"), reply_tokens("q", "still bad")
+    assert refused.calls == 2
+    assert (refused.prompt_tokens, refused.completion_tokens) == (
+        first[0] + second[0],
+        first[1] + second[1],
+    )
+    assert refused.cost_usd == pytest.approx(CHEAP_PRICE.cost(*first) + STRONG_PRICE.cost(*second))
+    assert refused.report.escalated and not refused.report.passed
+    assert "no-bad" in str(refused) and "no-zzz" not in str(refused)
+
+
+# --- where the next call goes --------------------------------------------------------------
+
+
+async def test_a_retry_asks_the_tier_that_answered_not_the_one_asked() -> None:
+    # The cheap provider is down, so the strong one answered: asking the cheap chain again
+    # would only fail over to the strong provider once more.
+    answers = iter(["a bad answer", "a good answer"])
+    cheap = down("cheap-down")
+    strong = FakeUpstream("strong", lambda prompt, params: next(answers))
+    gen = generator([cheap], strong, Configured(Forbids("no-bad", "bad"), OnFail.RETRY))
+    done = await gen.generate(REQUEST, Tier.CHEAP)
+    assert (done.text, done.tier, done.calls) == ("a good answer", Tier.STRONG, 2)
+    assert len(cheap.calls) == 1 and len(strong.calls) == 2
+
+
+async def test_a_retry_is_made_once_per_request_not_once_per_tier() -> None:
+    # cheap, cheap again, then strong: the calls a spend reservation covers (a second retry
+    # on the strong tier would overrun it).
+    cheap, strong = says("a bad answer"), says("still bad")
+    gen = generator([cheap], strong, Configured(Forbids("no-bad", "bad"), OnFail.RETRY))
+    with pytest.raises(FailedValidation) as caught:
+        await gen.generate(REQUEST, Tier.CHEAP)
+    assert caught.value.calls == 3
+    assert (len(cheap.calls), len(strong.calls)) == (2, 1)
+    assert [r.action for r in caught.value.report.results] == ["retried", "escalated", "blocked"]
+
+
+async def test_cheap_only_does_not_fall_back_to_the_strong_provider() -> None:
+    strong = says("a good answer")
+    gen = generator([down("cheap-down")], strong)
+    with pytest.raises(Unavailable):
+        await gen.generate(REQUEST, Tier.CHEAP, cheap_only=True)
+    assert strong.calls == []
+
+
+# --- what a spend reservation must cover ---------------------------------------------------
+
+
+def names(calls: list[list[Provider]]) -> list[list[str]]:
+    return [[p.model for p in call] for call in calls]
+
+
+@pytest.mark.parametrize(
+    ("on_fail", "tier", "cheap_only", "expected"),
+    [
+        (OnFail.FLAG, Tier.CHEAP, False, [["cheap", "strong"]]),
+        (OnFail.ESCALATE, Tier.CHEAP, False, [["cheap", "strong"], ["strong"]]),
+        (OnFail.RETRY, Tier.CHEAP, False, [["cheap", "strong"], ["cheap", "strong"], ["strong"]]),
+        (OnFail.RETRY, Tier.STRONG, False, [["strong"], ["strong"]]),
+        (OnFail.RETRY, Tier.CHEAP, True, [["cheap"], ["cheap"]]),
+        (OnFail.ESCALATE, Tier.CHEAP, True, [["cheap"]]),
+    ],
+    ids=["flag", "escalate", "retry", "retry-strong", "retry-cheap-only", "escalate-cheap-only"],
+)
+def test_worst_case_calls_follow_what_the_validators_can_cause(
+    on_fail: OnFail, tier: Tier, cheap_only: bool, expected: list[list[str]]
+) -> None:
+    gen = generator([says("cheap")], says("strong"), Configured(Forbids("no-bad", "bad"), on_fail))
+    calls = gen.worst_case_calls(REQUEST, tier, cheap_only=cheap_only)
+    assert names(calls) == expected
+
+
+def test_a_stream_is_one_call_whatever_its_validators() -> None:
+    gen = generator(
+        [says("cheap")], says("strong"), Configured(Forbids("no-bad", "bad"), OnFail.RETRY)
+    )
+    assert names(gen.worst_case_calls(REQUEST, Tier.CHEAP, streaming=True)) == [["cheap", "strong"]]
+
+
+# --- served text ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("on_fail", "text", "passed"),
+    [(OnFail.REDACT, "a *** answer", True), (OnFail.FLAG, "a bad answer", False)],
+)
+async def test_only_a_redact_check_rewrites_the_answer(
+    on_fail: OnFail, text: str, passed: bool
+) -> None:
+    gen = generator(
+        [says("a bad answer")], says("strong"), Configured(Masks("pii", "bad"), on_fail)
+    )
+    done = await gen.generate(REQUEST, Tier.CHEAP)
+    assert (done.text, done.report.passed, done.calls) == (text, passed, 1)
+
+
+# --- streaming -----------------------------------------------------------------------------
+
+
+async def streamed(gen: Generator, sent: list[str]) -> Generated:
+    async for event in gen.stream(REQUEST, Tier.CHEAP):
+        if isinstance(event, Generated):
+            return event
+        sent.append(event)
+    raise AssertionError("the stream ended without its Generated")
+
+
+@pytest.mark.parametrize("on_fail", [OnFail.ESCALATE, OnFail.RETRY, OnFail.BLOCK])
+async def test_a_streamed_answer_failing_a_check_that_cannot_be_met_later_is_refused(
+    on_fail: OnFail,
+) -> None:
+    # The text is already sent: neither a retry nor an escalation can replace it.
+    gen = generator(
+        [says("a bad answer")], says("strong"), Configured(Forbids("no-bad", "bad"), on_fail)
+    )
+    sent: list[str] = []
+    with pytest.raises(FailedValidation) as caught:
+        await streamed(gen, sent)
+    assert "".join(sent) == "a bad answer "
+    refused = caught.value
+    assert refused.calls == 1 and refused.cost_usd > 0
+    assert [(r.name, r.action) for r in refused.report.results] == [("no-bad", "blocked")]
+
+
+async def test_a_streamed_answer_failing_a_flag_check_is_served_flagged() -> None:
+    gen = generator(
+        [says("a bad answer")], says("strong"), Configured(Forbids("no-bad", "bad"), OnFail.FLAG)
+    )
+    done = await streamed(gen, [])
+    assert (done.model, done.report.passed) == ("a-bad-answer", False)
+    assert [(r.name, r.model, r.action) for r in done.report.results] == [
+        ("no-bad", "a-bad-answer", "flagged")
+    ]
+
+
+async def test_a_streamed_answer_is_costed_on_the_whole_prompt_and_text() -> None:
+    gen = generator([says("four words of text")], says("strong"))
+    done = await streamed(gen, [])
+    prompt_tokens = estimate_tokens("Be brief.\nq")
+    completion_tokens = estimate_tokens(done.text)
+    assert (done.prompt_tokens, done.completion_tokens) == (prompt_tokens, completion_tokens)
+    assert done.cost_usd == pytest.approx(CHEAP_PRICE.cost(prompt_tokens, completion_tokens))
+    assert done.calls == 1
+
+
+async def test_a_stream_names_the_providers_that_failed_before_it_opened() -> None:
+    gen = generator([down("cheap-down"), says("an answer")], says("strong"))
+    done = await streamed(gen, [])
+    assert (done.provider, done.tier) == ("an-answer@host", Tier.CHEAP)
+    assert len(done.upstream_failures) == 1 and "cheap-down" in done.upstream_failures[0]
+
+
+async def test_a_stream_the_strong_provider_took_over_reports_the_strong_tier() -> None:
+    gen = generator([down("cheap-down")], says("strong answer"))
+    done = await streamed(gen, [])
+    assert (done.text, done.model, done.tier) == ("strong answer ", "strong-answer", Tier.STRONG)
+
+
+async def test_a_stream_keeps_to_the_callers_deadline() -> None:
+    # A deadline already reached: no provider is tried (the default 60 s would try them).
+    cheap = says("an answer")
+    gen = generator([cheap], says("strong"))
+    with pytest.raises(Unavailable, match="deadline"):
+        async for _ in gen.stream(REQUEST, Tier.CHEAP, deadline=time.monotonic()):
+            pass
+    assert cheap.calls == []
+
+
+async def test_aclose_closes_every_provider_once() -> None:
+    cheap, strong = says("cheap"), says("strong")
+    gen = generator([cheap], strong)
+    await gen.aclose()
+    assert (cheap.closed, strong.closed) == (1, 1)
