@@ -15,6 +15,9 @@ import unicodedata
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
 _NEGATIONS = frozenset({"not", "no", "never", "without", "nobody", "nothing", "none"})
+# Phones and word processors type a typographic quotation mark for the apostrophe, which NFKC
+# leaves as it is: read as a word break, "don(U+2019)t" lost its "n't" and so its negation.
+_APOSTROPHES = str.maketrans(dict.fromkeys("\u2018\u2019\u02bc", "'"))
 _QUESTION_WORDS = ("what", "how", "why", "when", "where", "which", "who", "whom", "whose")
 
 FEATURE_NAMES = (
@@ -29,7 +32,7 @@ FEATURE_NAMES = (
 
 
 def _words(text: str) -> list[str]:
-    return _WORD.findall(unicodedata.normalize("NFKC", text).casefold())
+    return _WORD.findall(unicodedata.normalize("NFKC", text).casefold().translate(_APOSTROPHES))
 
 
 def _negated(words: list[str]) -> bool:

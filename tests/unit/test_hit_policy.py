@@ -115,6 +115,15 @@ def test_lexical_features_see_numbers_negation_and_question_words() -> None:
     assert same[:4] == (1.0, 0.0, 0.0, 0.0)
 
 
+def test_a_negation_typed_with_a_typographic_apostrophe_still_differs() -> None:
+    # Phones type "don(U+2019)t": the negation must count as in "don't", or the verifier loses
+    # its signal against serving the answer to "why do cats purr" for "why don't cats purr".
+    for mark in ("\u2019", "\u2018", "\u02bc"):
+        typed = f"Why don{mark}t cats purr?"
+        assert lexical_features(typed, "Why do cats purr?")[2] == 1.0
+        assert lexical_features(typed, "Why don't cats purr?") == (1.0, 0.0, 0.0, 0.0, 0.0)
+
+
 def _entry(text: str, vector: npt.NDArray[np.float32]) -> NewEntry:
     return NewEntry(
         tenant="acme", scope="acme:s", prompt=text, answer=f"answer to {text}", model="m",
