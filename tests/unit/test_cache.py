@@ -138,6 +138,8 @@ async def test_restoring_the_same_prompt_replaces_the_old_entry(cache: SemanticC
     assert await cache.entry_count("acme") == 1
     hit = await cache.lookup_semantic("acme:s1", "", vec("same"), HitRequirement(0.9))
     assert hit is not None and hit.entry.entry_id == new.entry_id != old.entry_id
+    # The old answer leaves the index at once, not when some lookup meets it missing.
+    assert [n.entry_id for n in cache.index.search("acme:s1", vec("same"), 4)] == [new.entry_id]
 
 
 def test_faiss_index_search_add_remove() -> None:
@@ -243,3 +245,134 @@ async def test_stats_leave_out_entries_past_expiry_and_grace_as_redis_does(
     clock.now += 60  # past the grace
     assert await cache.entry_count("acme") == 1
     assert [e.entry_id for e in await cache.top_entries("acme", 10)] == [kept.entry_id]
+
+
+def test_a_store_bound_below_one_entry_is_refused(clock: ManualClock) -> None:
+    # A bound of 0 would evict every answer as it is stored: a cache that silently caches
+    # nothing. The misconfiguration is refused at start instead.
+    with pytest.raises(ValueError, match="max_entries"):
+        InMemoryEntryStore(max_entries=0, clock=clock)
+    assert InMemoryEntryStore(max_entries=1, clock=clock) is not None
+
+
+async def test_a_hit_records_how_often_and_when_the_entry_was_last_served(
+    cache: SemanticCache, clock: ManualClock
+) -> None:
+    # Both are saved with the entry (snapshot, Redis) and feed the most-served stats.
+    kept = await cache.store(new_entry("counted"))
+    assert kept is not None
+    clock.advance(5)
+    assert await cache.lookup_exact("acme:s1", "counted") is not None
+    clock.advance(7)
+    assert await cache.lookup_semantic("acme:s1", "", vec("counted"), HitRequirement(0.9))
+    entry = await cache.get("acme", kept.entry_id)
+    assert entry is not None and entry.hit_count == 2 and entry.last_hit_at == clock.now
+
+
+async def test_an_expired_entry_stops_counting_at_the_end_of_its_grace_exactly(
+    clock: ManualClock,
+) -> None:
+    # The same instant at which it stops being served stale: counted while servable, no longer.
+    store = InMemoryEntryStore(max_entries=10, clock=clock, stale_grace_seconds=60)
+    cache = SemanticCache(store, ScopedFaissIndex(EMBED.dimension), clock, stale_grace_seconds=60)
+    await cache.store(new_entry("brief", ttl=10))
+    clock.advance(10 + 60 - 0.5)
+    assert await store.count("acme") == 1
+    clock.advance(0.5)
+    assert await store.count("acme") == 0
+    assert await store.most_served("acme", 10) == []
+
+
+@pytest.mark.parametrize("lookup", ["exact", "semantic"])
+async def test_a_lookup_that_meets_an_entry_past_its_grace_drops_it_from_store_and_index(
+    clock: ManualClock, lookup: str
+) -> None:
+    # Nothing else sweeps the embedded store: left in place, dead entries would hold their
+    # index rows and their slots under the bound until evicted.
+    store = InMemoryEntryStore(max_entries=10, clock=clock, stale_grace_seconds=60)
+    cache = SemanticCache(store, ScopedFaissIndex(EMBED.dimension), clock, stale_grace_seconds=60)
+    gone = await cache.store(new_entry("past its grace", ttl=10))
+    assert gone is not None
+    clock.advance(71)
+    if lookup == "exact":
+        assert await cache.lookup_exact("acme:s1", "past its grace") is None
+    else:
+        query = vec("past its grace")
+        assert await cache.lookup_semantic("acme:s1", "", query, HitRequirement(0.5)) is None
+    assert await store.get(gone.entry_id) is None
+    assert cache.index.search("acme:s1", vec("past its grace"), 4) == []
+
+
+async def test_a_removed_entry_leaves_its_tags() -> None:
+    # Tags name documents; an entry evicted, replaced or removed must not stay listed under one
+    # (a later invalidation of the tag would count it, and the tag map would grow for ever).
+    clock = ManualClock()
+    store = InMemoryEntryStore(max_entries=2, clock=clock)
+    cache = SemanticCache(store, ScopedFaissIndex(EMBED.dimension), clock)
+    removed = await cache.store(new_entry("removed", tags=("doc-1",)))
+    replaced = await cache.store(new_entry("replaced", tags=("doc-1",)))
+    assert removed is not None and replaced is not None
+    await cache.invalidate_ids("acme", [removed.entry_id])
+    again = await cache.store(new_entry("replaced", tags=("doc-1",)))
+    evicting = [await cache.store(new_entry(p)) for p in ("other", "another")]
+    assert again is not None and all(evicting)
+    assert await store.ids_with_tag("acme", "doc-1") == []
+    assert await cache.invalidate_tag("acme", "doc-1") == 0
+
+
+async def test_a_neighbour_exactly_at_the_threshold_is_served(cache: SemanticCache) -> None:
+    # The threshold is the least similarity served ("at least"), through the cache as in the
+    # policy: the floor check must not turn it into "more than".
+    kept = await cache.store(new_entry("how do I reset my password today"))
+    query = vec("how do I reset my password")
+    (nearest,) = cache.index.search("acme:s1", query, 1)
+    hit = await cache.lookup_semantic("acme:s1", "", query, HitRequirement(nearest.similarity))
+    assert kept is not None and hit is not None and hit.entry.entry_id == kept.entry_id
+
+
+async def test_a_caller_forcing_the_strong_tier_is_served_only_strong_answers(
+    cache: SemanticCache,
+) -> None:
+    # The nearest neighbour is the cheap model's answer: it is passed over, not the end of the
+    # search, and the strong model's answer behind it serves. Forcing cheap takes either.
+    cheap = await cache.store(new_entry("how do I reset my password today"))
+    strong = await cache.store(
+        replace(new_entry("how do I reset my password now"), tier=Tier.STRONG)
+    )
+    assert cheap is not None and strong is not None
+    query = vec("how do I reset my password today")
+    ask = HitRequirement(0.3)
+    assert await cache.lookup_exact("acme:s1", cheap.prompt, Tier.STRONG) is None
+    hit = await cache.lookup_semantic("acme:s1", "", query, ask, Tier.STRONG)
+    assert hit is not None and hit.entry.entry_id == strong.entry_id
+    stale = await cache.lookup_stale("acme:s1", cheap.prompt, query, ask, Tier.STRONG)
+    assert stale is not None and stale.entry.entry_id == strong.entry_id
+    exact = await cache.lookup_exact("acme:s1", strong.prompt, Tier.CHEAP)
+    assert exact is not None and exact.entry.entry_id == strong.entry_id
+    hit = await cache.lookup_semantic("acme:s1", "", query, ask, Tier.CHEAP)
+    assert hit is not None and hit.entry.entry_id == cheap.entry_id
+
+
+async def test_a_hit_on_an_entry_from_a_clock_ahead_reports_age_zero_not_negative(
+    cache: SemanticCache, clock: ManualClock
+) -> None:
+    # An entry written by a replica whose clock runs ahead looks created in the future here.
+    await cache.store(new_entry("from the future"))
+    clock.advance(-5)
+    hit = await cache.lookup_exact("acme:s1", "from the future")
+    assert hit is not None and hit.age_seconds == 0.0
+
+
+async def test_a_stale_lookup_serves_an_expired_paraphrase_within_the_grace(
+    clock: ManualClock,
+) -> None:
+    # No exact match: the stale answer comes from the nearest entry of the scope, expired or not.
+    store = InMemoryEntryStore(max_entries=10, clock=clock, stale_grace_seconds=60)
+    cache = SemanticCache(store, ScopedFaissIndex(EMBED.dimension), clock, stale_grace_seconds=60)
+    kept = await cache.store(new_entry("how do I reset my password today", ttl=10))
+    assert kept is not None
+    clock.advance(30)
+    prompt = "how do I reset my password"
+    stale = await cache.lookup_stale("acme:s1", prompt, vec(prompt), HitRequirement(0.5))
+    assert stale is not None and stale.entry.entry_id == kept.entry_id
+    assert stale.outcome is CacheOutcome.SEMANTIC

@@ -167,3 +167,58 @@ async def test_feedback_events_carry_request_and_entry_and_a_repeat_removes_noth
     assert feedback[0]["comment"] == "spot on"
     stats = await pipeline.admin.stats(ACME)
     assert (stats.thumbs_up, stats.thumbs_down) == (1, 2)
+
+
+async def test_a_penalised_neighbour_is_served_at_threshold_plus_penalty_exactly() -> None:
+    # A penalty of 1/8 is exact in floating point, so "threshold + penalty" is the neighbour's
+    # own similarity to the bit: at least that much similarity is served, as without penalty.
+    clock = ManualClock()
+    rule = Distrust(radius=0.8, penalty=0.125, max_penalty=0.5)
+    cache = SemanticCache(InMemoryEntryStore(100, clock), ScopedFaissIndex(4), clock, distrust=rule)
+    neighbour = await put(cache, "capital of Spain", at_angle(0.0))
+    await cache.distrust("acme", await put(cache, "capital of France", at_angle(0.1)))
+    assert cache.penalty_of(neighbour) == 0.125
+    query = at_angle(0.3)
+    (nearest,) = cache.index.search(SCOPE, query, 1)
+    at_edge = HitRequirement(nearest.similarity - 0.125)
+    hit = await cache.lookup_semantic(SCOPE, "", query, at_edge)
+    assert hit is not None and hit.entry.entry_id == neighbour
+
+
+async def test_a_stale_answer_for_an_outage_ignores_distrust_penalties(
+    cache: SemanticCache,
+) -> None:
+    # With no provider answering, a neighbour of a thumbed-down answer that still clears the
+    # plain threshold is better than an error: the penalty gates fresh hits only.
+    bad = await put(cache, "capital of France", at_angle(0.0))
+    neighbour_angle = math.acos(0.95)
+    neighbour = await put(cache, "capital of Spain", at_angle(neighbour_angle))
+    await cache.distrust("acme", bad)
+    query = at_angle(neighbour_angle + math.acos(0.92))
+    assert await cache.lookup_semantic(SCOPE, "", query, HitRequirement(0.9)) is None
+    stale = await cache.lookup_stale(SCOPE, "", query, HitRequirement(0.9))
+    assert stale is not None and stale.entry.entry_id == neighbour
+
+
+async def test_a_neighbour_exactly_at_the_radius_is_penalised() -> None:
+    # The radius is the least similarity that counts as a neighbour ("at least radius").
+    probe = ScopedFaissIndex(4)
+    probe.add(SCOPE, "neighbour", at_angle(0.0))
+    (edge,) = probe.search(SCOPE, at_angle(0.5), 1)
+    clock = ManualClock()
+    rule = Distrust(radius=edge.similarity, penalty=0.05, max_penalty=0.2)
+    cache = SemanticCache(InMemoryEntryStore(100, clock), ScopedFaissIndex(4), clock, distrust=rule)
+    neighbour = await put(cache, "capital of Spain", at_angle(0.0))
+    await cache.distrust("acme", await put(cache, "capital of France", at_angle(0.5)))
+    assert cache.penalty_of(neighbour) == pytest.approx(0.05)
+
+
+async def test_penalties_cap_at_the_documented_0_2_by_default() -> None:
+    # The service sets the radius and the penalty from its settings but not the cap: the
+    # default is the documented one (README, docs/operations.md).
+    clock = ManualClock()
+    cache = SemanticCache(InMemoryEntryStore(100, clock), ScopedFaissIndex(4), clock)
+    neighbour = await put(cache, "keep", at_angle(0.0))
+    for i in range(8):
+        await cache.distrust("acme", await put(cache, f"bad {i}", at_angle(0.1 + i * 0.01)))
+    assert cache.penalty_of(neighbour) == pytest.approx(0.2)
