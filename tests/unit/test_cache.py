@@ -376,3 +376,36 @@ async def test_a_stale_lookup_serves_an_expired_paraphrase_within_the_grace(
     stale = await cache.lookup_stale("acme:s1", prompt, vec(prompt), HitRequirement(0.5))
     assert stale is not None and stale.entry.entry_id == kept.entry_id
     assert stale.outcome is CacheOutcome.SEMANTIC
+
+
+class _ListsVanishedIds(InMemoryEntryStore):
+    """A store whose tag listing still names an entry another replica removed meanwhile."""
+
+    async def ids_with_tag(self, tenant: str, tag: str) -> list[str]:
+        return [*await super().ids_with_tag(tenant, tag), f"{tenant}:removed-meanwhile"]
+
+
+async def test_an_invalidation_counts_only_the_entries_it_removed(clock: ManualClock) -> None:
+    # The count goes back to the caller: an id listed but already gone was not removed here.
+    cache = SemanticCache(
+        _ListsVanishedIds(max_entries=10, clock=clock), ScopedFaissIndex(EMBED.dimension), clock
+    )
+    await cache.store(new_entry("alpha", tags=("docs",)))
+    assert await cache.invalidate_tag("acme", "docs") == 1
+
+
+async def test_a_hit_reports_its_age_since_stored_and_a_stale_exact_hit_is_exact(
+    clock: ManualClock,
+) -> None:
+    # The age tells the caller how old the answer is (stale answers included); the outcome
+    # tells it whether the prompt matched or only meant the same.
+    store = InMemoryEntryStore(max_entries=10, clock=clock, stale_grace_seconds=60)
+    cache = SemanticCache(store, ScopedFaissIndex(EMBED.dimension), clock, stale_grace_seconds=60)
+    await cache.store(new_entry("how old is this", ttl=10))
+    clock.advance(4)
+    fresh = await cache.lookup_exact("acme:s1", "how old is this")
+    assert fresh is not None and fresh.age_seconds == 4.0
+    clock.advance(26)
+    stale = await cache.lookup_stale("acme:s1", "how old is this", None, HitRequirement(0.5))
+    assert stale is not None and stale.outcome is CacheOutcome.EXACT and stale.similarity == 1.0
+    assert stale.age_seconds == 30.0
