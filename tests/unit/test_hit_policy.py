@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import numpy.typing as npt
@@ -67,6 +68,31 @@ def test_calibration_round_trips_through_json_and_rejects_other_features() -> No
         PolicyCalibration.from_json(broken)
 
 
+def test_a_budget_equal_to_a_calibrated_one_up_to_rounding_gets_its_threshold() -> None:
+    # 0.7 * 0.1 is 0.06999999999999999: the same budget as a calibrated 0.07, not a smaller one
+    # that nothing measured keeps (which would turn the tenant's semantic hits off).
+    rule = replace(calibration(), thresholds=(BudgetThreshold(0.07, 0.8, 0.5),))
+    assert 0.7 * 0.1 < 0.07
+    assert rule.threshold_for(0.7 * 0.1) == 0.8
+
+
+def test_a_one_order_calibration_round_trips_with_its_metadata() -> None:
+    # The service scores pairs in one order or both as the calibration says: a calibration
+    # fitted on one order and read back as symmetric would score pairs it was not fitted on.
+    rule = replace(calibration(), symmetric=False, metadata={"pairs": "quora", "seed": 7})
+    again = PolicyCalibration.from_json(rule.to_json())
+    assert again.symmetric is False and again.metadata == {"pairs": "quora", "seed": 7}
+    assert again == rule
+
+
+def test_a_calibration_needs_a_weight_per_feature_and_a_budget() -> None:
+    rule = calibration()
+    with pytest.raises(ValueError, match="weights"):
+        replace(rule, weights=rule.weights[:-1])
+    with pytest.raises(ValueError, match="budget threshold"):
+        replace(rule, thresholds=())
+
+
 def test_pairs_under_the_floor_are_not_scored_and_never_hit() -> None:
     scorer = KeywordScorer()
     policy = VerifiedPolicy(calibration(floor=0.5), scorer)
@@ -113,6 +139,46 @@ def test_lexical_features_see_numbers_negation_and_question_words() -> None:
     assert 0 < jaccard < 1
     same = lexical_features("How do I learn Python?", "how do i learn python")
     assert same[:4] == (1.0, 0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("negated", ["never", "no", "without", "nobody", "nothing"])
+def test_a_negation_word_on_one_side_only_differs(negated: str) -> None:
+    assert lexical_features(f"do cats {negated} purr", "do cats purr")[2] == 1.0
+    assert lexical_features(f"do cats {negated} purr", f"do dogs {negated} purr")[2] == 0.0
+
+
+def test_a_decimal_number_is_one_number_not_two() -> None:
+    # 2.5 % over 5 years is not 5.2 % over 2 years, though the digits are the same.
+    loan = "a loan at 2.5 % over 5 years", "a loan at 5.2 % over 2 years"
+    assert lexical_features(*loan)[1] == 1.0
+
+
+def test_the_question_word_is_the_first_one_asked() -> None:
+    # "How do I find what my IP is" asks how, not what: it must differ from "What is my IP".
+    assert lexical_features("How do I find what my IP is", "What is my IP")[3] == 1.0
+    assert lexical_features("How do I find what my IP is", "How to see which IP I have")[3] == 0.0
+
+
+def test_the_lexical_signals_read_either_side_as_the_query() -> None:
+    # Symmetric calibrations score both orders: the same pair must give the same signals.
+    a, b = "How long does it take to boil one egg?", "boil an egg"
+    assert lexical_features(a, b) == pytest.approx(lexical_features(b, a))
+    # The length signal is |log((words + 1) / (words + 1))|, as the shipped weights were fitted.
+    assert lexical_features("one two three", "one")[4] == pytest.approx(math.log(2))
+
+
+def test_lexical_signals_read_full_width_text_as_its_plain_form() -> None:
+    assert lexical_features("\uff37\uff48\uff59 is the sky blue", "why is the sky blue") == (
+        1.0, 0.0, 0.0, 0.0, 0.0,
+    )  # fmt: skip
+
+
+def test_a_pair_with_no_words_to_compare_is_no_evidence_either_way() -> None:
+    # Text outside the Latin alphabet has no words here: the overlap reads as full, as in the
+    # pairs the weights were fitted on, so only the cross-encoder and the cosine decide.
+    assert lexical_features("\u5929\u6c14\u600e\u4e48\u6837", "\u4eca\u5929\u5929\u6c14") == (
+        1.0, 0.0, 0.0, 0.0, 0.0,
+    )  # fmt: skip
 
 
 def test_a_negation_typed_with_a_typographic_apostrophe_still_differs() -> None:
