@@ -111,3 +111,18 @@ def test_every_table_is_empty_not_an_error_when_no_request_was_logged(
     assert len(ch.savings(frame)) == 0
     assert len(ch.routing_vs_quality(frame)) == 0
     assert len(ch.latency_by_path(frame)) == 0
+
+
+def test_a_response_rated_twice_counts_once_with_its_latest_rating() -> None:
+    # Feedback may be sent again for the same response (a changed mind); each feedback event
+    # was joined to the request, so the request was counted, and costed, once per rating.
+    changed_mind = {"kind": "feedback", "ts": T0 + 7, "response_id": "r2", "thumbs_up": True,
+                    "correction": ""}  # fmt: skip
+    frame = events_frame([*EVENTS, changed_mind])
+    quality = ch.routing_vs_quality(frame)
+    assert quality["requests"].sum() == 5
+    semantic = quality.loc["semantic_hit"]
+    assert [semantic["requests"], semantic["thumbs_up"], semantic["thumbs_down"]] == [1, 1, 0]
+    hits = ch.hits_with_feedback(frame)
+    assert hits[["response_id", "feedback"]].values.tolist() == [["r2", "up"], ["r3", "up"]]
+    assert len(ch.false_hit_review(frame)) == 0
