@@ -217,3 +217,17 @@ def test_export_orders_events_by_time(tmp_path: Path) -> None:
     )
     export_events(source, out)
     assert pd.read_parquet(out)["kind"].tolist() == ["a", "b", "c"]
+
+
+def test_the_first_event_after_a_crash_is_not_lost_in_the_torn_line(tmp_path: Path) -> None:
+    # A crash mid-write leaves a line with no newline; the restarted service appended its first
+    # event to that line, which was then unreadable and skipped with it.
+    source = tmp_path / "events.jsonl"
+    write_log(source)
+    with source.open("a") as torn:
+        torn.write('{"kind": "completion", "ts": ')
+    restarted = JsonlEventLog(source)
+    restarted.emit("completion", {"response_id": "after-restart"})
+    restarted.close()
+    events = list(read_events(source))
+    assert [e.get("response_id") for e in events] == ["r1", "r1", "after-restart"]
