@@ -34,8 +34,11 @@ def with_event_columns(events: pd.DataFrame) -> pd.DataFrame:
 
 
 def feedback_events(events: pd.DataFrame) -> pd.DataFrame:
+    """The latest feedback on each response. A response can be rated again; joining every
+    rating to its request would count (and cost) the request once per rating."""
     events = with_event_columns(events)
-    return events[events["kind"] == "feedback"]
+    feedback = events[events["kind"] == "feedback"]
+    return feedback.sort_values("ts", kind="stable").drop_duplicates("response_id", keep="last")
 
 
 def requests(events: pd.DataFrame) -> pd.DataFrame:

@@ -30,6 +30,9 @@ class JsonlEventLog:
         # one keeps the mode its operator gave it).
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._file = os.fdopen(descriptor, "a", encoding="utf-8")
+        if _ends_mid_line(path):  # a crash tore the last line: the next event starts its own
+            self._file.write("\n")
+            self._file.flush()
 
     def emit(self, kind: str, payload: Mapping[str, Any]) -> None:
         record = {"kind": kind, "ts": time.time(), **payload}
@@ -38,3 +41,17 @@ class JsonlEventLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _ends_mid_line(path: Path) -> bool:
+    """Whether a regular file's last byte is not a newline (a pipe or a device is not read)."""
+    try:
+        if not path.is_file():
+            return False
+        with path.open("rb") as log:
+            if log.seek(0, os.SEEK_END) == 0:
+                return False
+            log.seek(-1, os.SEEK_END)
+            return log.read(1) != b"\n"
+    except OSError:  # a log the service may append to but not read: nothing to repair
+        return False

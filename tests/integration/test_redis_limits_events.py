@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+
 import pytest
 
 from routecache.backends.keys import KeySpace
-from routecache.backends.link import RedisLink
+from routecache.backends.link import RedisDown, RedisLink
 from routecache.backends.redis_events import RedisStreamEventSink, read_events
 from routecache.backends.redis_spend import RedisSpendLedger
 from routecache.domain import Tier
@@ -123,5 +127,85 @@ async def test_the_event_buffer_is_bounded_while_redis_is_down(
         await link.wait_up()
         await sink.flush()
         assert [e["n"] for e in await read_events(link, KeySpace(), "acme")] == [2, 3, 4]
+    finally:
+        await link.aclose()
+
+
+async def test_the_flush_loop_writes_events_and_keeps_them_in_order_through_an_outage(
+    own_redis_server: RedisServer,
+) -> None:
+    link = link_to(own_redis_server)
+    assert await link.connect()
+    # Batches of 2: the failed write is a part of what is buffered, and must go back in front.
+    sink = RedisStreamEventSink(link, KeySpace(), max_buffered=3, batch=2)
+    loop = asyncio.create_task(sink.run())
+    try:
+
+        async def written(count: int) -> bool:
+            return len(await read_events(link, KeySpace(), "acme")) == count
+
+        before = time.time()
+        sink.emit("completion", {"tenant": "acme", "n": 0})
+        await eventually(lambda: written(1), "an emitted event is written without a flush call")
+        # Redis dies unnoticed: the loop's next write fails, and the link is marked down.
+        own_redis_server.kill()
+        for n in (1, 2, 3):
+            sink.emit("completion", {"tenant": "acme", "n": n})
+        await eventually(lambda: not link.up, "the failed write marks the link down")
+        own_redis_server.start()
+        await eventually(lambda: written(4), "the events kept while Redis was down are written")
+        events = await read_events(link, KeySpace(), "acme")
+        assert [e["n"] for e in events] == [0, 1, 2, 3] and sink.dropped == 0
+        assert all(e["kind"] == "completion" and before <= e["ts"] <= time.time() for e in events)
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+        await link.aclose()
+
+
+async def test_a_tenant_stream_is_trimmed_to_about_its_max_length(
+    redis_server: RedisServer,
+) -> None:
+    link = link_to(redis_server)
+    assert await link.connect()
+    sink = RedisStreamEventSink(link, KeySpace(), stream_max_len=10)
+    try:
+        for n in range(500):
+            sink.emit("completion", {"tenant": "trimmed", "n": n})
+        await sink.flush()
+        # `MAXLEN ~` trims whole stream nodes (100 entries each by default), never below 10.
+        length = await link.client.xlen(KeySpace().of("trimmed").events)
+        assert 10 <= length <= 110
+        newest = await read_events(link, KeySpace(), "trimmed", count=1000)
+        assert newest[-1]["n"] == 499
+    finally:
+        await link.aclose()
+
+
+async def test_events_emitted_during_a_failed_write_keep_the_buffer_bounded(
+    own_redis_server: RedisServer,
+) -> None:
+    link = link_to(own_redis_server)  # calls time out after 0.5 s
+    assert await link.connect()
+    sink = RedisStreamEventSink(link, KeySpace(), max_buffered=3)
+    try:
+        for n in range(3):
+            sink.emit("completion", {"tenant": "acme", "n": n})
+        stalling = asyncio.create_task(asyncio.to_thread(own_redis_server.debug_sleep, 1.0))
+        await asyncio.sleep(0.1)  # the stall has begun
+        flushing = asyncio.create_task(sink.flush())
+        await eventually(lambda: sink.buffered == 0, "the write of the batch has started")
+        for n in range(3, 6):  # the service goes on while the write waits
+            sink.emit("completion", {"tenant": "acme", "n": n})
+        with pytest.raises(RedisDown):
+            await flushing
+        # The unwritten batch went back in front of the newer events; the oldest were dropped.
+        assert sink.buffered == 3 and sink.dropped == 3
+        await stalling
+        await eventually(lambda: link.up, "redis answers again")
+        await sink.flush()
+        # (The stalled write itself lands once Redis wakes: a timeout does not undo a command.)
+        assert [e["n"] for e in await read_events(link, KeySpace(), "acme")][-3:] == [3, 4, 5]
     finally:
         await link.aclose()

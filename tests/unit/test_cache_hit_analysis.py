@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from routecache.analysis import cache_hits as ch
-from routecache.analysis.export import events_frame
+from routecache.analysis.export import events_frame, export_events
 
 T0 = 1_700_000_000.0
 
@@ -111,3 +113,77 @@ def test_every_table_is_empty_not_an_error_when_no_request_was_logged(
     assert len(ch.savings(frame)) == 0
     assert len(ch.routing_vs_quality(frame)) == 0
     assert len(ch.latency_by_path(frame)) == 0
+
+
+def test_a_response_rated_twice_counts_once_with_its_latest_rating() -> None:
+    # Feedback may be sent again for the same response (a changed mind); each feedback event
+    # was joined to the request, so the request was counted, and costed, once per rating.
+    changed_mind = {"kind": "feedback", "ts": T0 + 7, "response_id": "r2", "thumbs_up": True,
+                    "correction": ""}  # fmt: skip
+    frame = events_frame([*EVENTS, changed_mind])
+    quality = ch.routing_vs_quality(frame)
+    assert quality["requests"].sum() == 5
+    semantic = quality.loc["semantic_hit"]
+    assert [semantic["requests"], semantic["thumbs_up"], semantic["thumbs_down"]] == [1, 1, 0]
+    hits = ch.hits_with_feedback(frame)
+    assert hits[["response_id", "feedback"]].values.tolist() == [["r2", "up"], ["r3", "up"]]
+    assert len(ch.false_hit_review(frame)) == 0
+
+
+def test_each_path_counts_its_requests_once_and_a_pathless_error_counts_as_error() -> None:
+    pathless = {"kind": "error", "ts": T0 + 8, "tenant": "acme", "prompt": "y"}  # no path field
+    quality = ch.routing_vs_quality(events_frame([*EVENTS, pathless]))
+    assert quality["requests"].to_dict() == {
+        "exact_hit": 1, "semantic_hit": 1, "cheap": 1, "strong": 1, "error": 2,
+    }  # fmt: skip
+
+
+def test_hit_rates_are_per_kind_of_hit_and_empty_buckets_are_left_out() -> None:
+    events = [
+        completion(T0, "a", "exact_hit", "q", "e1"),
+        completion(T0 + 1, "b", "semantic_hit", "q", "e1"),
+        completion(T0 + 2, "c", "semantic_hit", "q", "e1"),
+        completion(T0 + 3, "d", "cheap", "q", "e2"),
+        completion(T0 + 400, "e", "exact_hit", "q", "e1"),  # a quiet spell, then one hit
+    ]
+    rates = ch.hit_rate_over_time(events_frame(events), buckets=4)  # 100 s buckets
+    assert rates["requests"].tolist() == [4, 1]
+    assert rates["exact_hit_rate"].tolist() == [0.25, 1.0]
+    assert rates["semantic_hit_rate"].tolist() == [0.5, 0.0]
+
+
+def test_hits_without_feedback_are_listed_as_none_and_kept_out_of_the_false_hit_review() -> None:
+    unrated = completion(T0 + 7, "r5", "semantic_hit", "France's capital?", "e1", similarity=0.95)
+    frame = events_frame([*EVENTS, unrated])
+    hits = ch.hits_with_feedback(frame)
+    assert hits[["response_id", "feedback"]].values.tolist() == [
+        ["r2", "down"], ["r3", "up"], ["r5", "none"],
+    ]  # fmt: skip
+    assert ch.false_hit_review(frame)["prompt"].tolist() == ["capital of Spain?"]
+
+
+def test_the_false_hit_review_lists_the_most_similar_first() -> None:
+    closer = completion(T0 + 7, "r5", "semantic_hit", "France's capital?", "e1", similarity=0.95)
+    thumbs_down = {"kind": "feedback", "ts": T0 + 8, "response_id": "r5", "thumbs_up": False,
+                   "correction": ""}  # fmt: skip
+    review = ch.false_hit_review(events_frame([*EVENTS, closer, thumbs_down]))
+    assert review["similarity"].tolist() == [0.95, 0.91]
+
+
+def test_latency_percentiles_per_path() -> None:
+    events = [completion(T0 + n, f"r{n}", "cheap", "q", "e", latency=float(n)) for n in range(101)]
+    latency = ch.latency_by_path(events_frame(events))
+    row = latency.loc["cheap"]
+    assert [row["count"], row["p50_ms"], row["p95_ms"], row["p99_ms"]] == [101, 50.0, 95.0, 99.0]
+
+
+@pytest.mark.parametrize("exported", [False, True], ids=["jsonl", "parquet"])
+def test_load_events_reads_the_log_or_its_parquet_export(tmp_path: Path, exported: bool) -> None:
+    log = tmp_path / "events.jsonl"
+    log.write_text("".join(json.dumps(event) + "\n" for event in EVENTS))
+    path = tmp_path / "events.parquet" if exported else log
+    if exported:
+        export_events(log, path)
+    frame = ch.load_events(path)
+    assert frame["kind"].tolist() == [event["kind"] for event in EVENTS]
+    assert ch.routing_vs_quality(frame).loc["strong", "cost_usd"] == pytest.approx(0.2)

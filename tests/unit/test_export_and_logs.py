@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -177,3 +178,56 @@ def test_events_without_a_ts_are_exported_at_time_zero(tmp_path: Path) -> None:
     out = tmp_path / "e.parquet"
     assert export_events(log, out) == 1
     assert pd.read_parquet(out)["ts"].tolist() == [0.0]
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("45s", 45), ("2w", 14 * 86400), ("1.5h", 5400)])
+def test_since_durations_in_every_unit(text: str, seconds: float) -> None:
+    assert parse_since(text, now=NOW) == pytest.approx(NOW - seconds)
+
+
+def test_since_a_date_without_a_zone_is_utc_whatever_the_machines_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert parse_since("2023-11-14T22:13:20", now=NOW) == pytest.approx(NOW)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_since_keeps_an_event_logged_at_that_very_second(tmp_path: Path) -> None:
+    log = tmp_path / "events.jsonl"
+    log.write_text(f'{{"kind": "a", "ts": {NOW - 1}}}\n{{"kind": "b", "ts": {NOW}}}\n')
+    assert [e["kind"] for e in read_events(log, since=NOW)] == ["b"]
+
+
+def test_events_after_a_torn_line_are_still_read(tmp_path: Path) -> None:
+    log = tmp_path / "events.jsonl"
+    log.write_text('{"kind": "a", "ts": 1.0}\n{"kind": "b", "ts": \n{"kind": "c", "ts": 3.0}\n')
+    assert [e["kind"] for e in read_events(log)] == ["a", "c"]
+
+
+def test_export_orders_events_by_time(tmp_path: Path) -> None:
+    # Logs of several replicas appended into one file interleave out of order.
+    source, out = tmp_path / "events.jsonl", tmp_path / "events.parquet"
+    source.write_text(
+        '{"kind": "b", "ts": 2.0}\n{"kind": "a", "ts": 1.0}\n{"kind": "c", "ts": 3.0}\n'
+    )
+    export_events(source, out)
+    assert pd.read_parquet(out)["kind"].tolist() == ["a", "b", "c"]
+
+
+def test_the_first_event_after_a_crash_is_not_lost_in_the_torn_line(tmp_path: Path) -> None:
+    # A crash mid-write leaves a line with no newline; the restarted service appended its first
+    # event to that line, which was then unreadable and skipped with it.
+    source = tmp_path / "events.jsonl"
+    write_log(source)
+    with source.open("a") as torn:
+        torn.write('{"kind": "completion", "ts": ')
+    restarted = JsonlEventLog(source)
+    restarted.emit("completion", {"response_id": "after-restart"})
+    restarted.close()
+    events = list(read_events(source))
+    assert [e.get("response_id") for e in events] == ["r1", "r1", "after-restart"]

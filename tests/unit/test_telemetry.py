@@ -20,7 +20,12 @@ from routecache.domain import (
 )
 from routecache.errors import FailedValidation, Unauthenticated, Unavailable, UpstreamError
 from routecache.router.metrics import PrometheusTelemetry
-from routecache.router.telemetry import BREAKER_OPEN, error_reason
+from routecache.router.telemetry import (
+    BREAKER_CLOSED,
+    BREAKER_HALF_OPEN,
+    BREAKER_OPEN,
+    error_reason,
+)
 from routecache.router.upstream.metered import MeteredUpstream
 from tests.fakes import FakeUpstream, RecordingTelemetry
 from tests.unit.conftest import KEYS, make_harness
@@ -87,7 +92,7 @@ async def test_prometheus_series_follow_the_requests() -> None:
     pipeline, registry = harness.service.pipeline, prometheus.registry
     first = await pipeline.complete(ask("what is a cache"), ACME)
     await pipeline.complete(ask("what is a cache"), ACME)
-    await pipeline.complete(ask("give me json", json_mode=True), ACME)  # cheap fails → strong
+    escalated = await pipeline.complete(ask("give me json", json_mode=True), ACME)  # to strong
     assert sample(registry, "routecache_requests_total", tenant="acme", path="cheap") == 1
     assert sample(registry, "routecache_requests_total", tenant="acme", path="exact_hit") == 1
     assert sample(registry, "routecache_requests_total", tenant="acme", path="strong") == 1
@@ -105,6 +110,13 @@ async def test_prometheus_series_follow_the_requests() -> None:
         for tier in ("cheap", "strong")
     )
     assert cost == pytest.approx((await pipeline.admin.stats(ACME)).cost_usd)
+    for kind in ("prompt", "completion"):  # the hit paid for no tokens
+        tokens = sum(
+            sample(registry, "routecache_tokens_total", tenant="acme", tier=tier, kind=kind)
+            for tier in ("cheap", "strong")
+        )
+        paid = sum(getattr(done.usage, f"{kind}_tokens") for done in (first, escalated))
+        assert tokens == paid > 0
     await harness.service.aclose()
 
 
@@ -171,3 +183,44 @@ async def test_a_call_cut_short_by_its_deadline_is_reported_as_cancelled(streame
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(call(), timeout=0.05)
     assert telemetry.upstream == [("hanging-model", "cancelled")]
+
+
+async def test_a_callers_unnamed_validator_is_labelled_by_its_kind_too() -> None:
+    harness = make_harness(score=0.2)
+    pipeline, telemetry = harness.service.pipeline, harness.telemetry
+    unnamed = RequestValidator("regex", on_fail="block", must_match=("zzz",))
+    with pytest.raises(FailedValidation):
+        await pipeline.complete(replace(ask("any question"), validators=(unnamed,)), ACME)
+    assert telemetry.failed[-1][2] == ("request:regex",)
+    await harness.service.aclose()
+
+
+def test_breaker_gauge_values_are_the_documented_ones() -> None:
+    # docs/operations.md: 0 closed, 1 half-open, 2 open; the RouteCacheBreakerOpen alert fires
+    # on breaker_state >= 2.
+    assert (BREAKER_CLOSED, BREAKER_HALF_OPEN, BREAKER_OPEN) == (0.0, 1.0, 2.0)
+
+
+def test_prometheus_counts_failures_feedback_and_cost_controls_under_their_labels() -> None:
+    prometheus = PrometheusTelemetry()
+    registry = prometheus.registry
+    prometheus.request_failed("acme", "unavailable", 0.5, ("json_schema",))
+    prometheus.upstream_call("gpt-4", 0.2, None)
+    prometheus.upstream_call("gpt-4", 0.3, "timeout")
+    prometheus.feedback("acme", thumbs_up=False, invalidated=True)
+    prometheus.feedback("acme", thumbs_up=False, invalidated=False)
+    prometheus.budget_alert("acme", "day")
+    prometheus.cost_control("acme", "downgraded")
+    assert sample(registry, "routecache_errors_total", tenant="acme", reason="unavailable") == 1
+    assert sample(registry, "routecache_requests_total", tenant="acme", path="error") == 1
+    assert sample(registry, "routecache_request_latency_seconds_count", path="error") == 1
+    assert sample(registry, "routecache_validator_failures_total", validator="json_schema") == 1
+    assert (
+        sample(registry, "routecache_upstream_errors_total", model="gpt-4", reason="timeout") == 1
+    )
+    assert sample(registry, "routecache_upstream_latency_seconds_count", model="gpt-4") == 2
+    assert sample(registry, "routecache_feedback_total", tenant="acme", rating="down") == 2
+    assert sample(registry, "routecache_feedback_invalidations_total", tenant="acme") == 1
+    assert sample(registry, "routecache_budget_alerts_total", tenant="acme", period="day") == 1
+    assert sample(registry, "routecache_cost_control_total", tenant="acme",
+                  outcome="downgraded") == 1  # fmt: skip
