@@ -14,6 +14,7 @@ from routecache.cache.embedder import HashEmbedder
 from routecache.classifier.model import FixedScoreClassifier, load_artifact
 from routecache.classifier.operating_point import OperatingCurve
 from routecache.training import eval_router, retrain, train_classifier
+from routecache.training.data_files import DataFileError
 from routecache.training.routing_data import (
     RoutingRow,
     files_sha256,
@@ -486,3 +487,40 @@ def test_adding_labelled_sets_keeps_each_prompts_labels_with_it() -> None:
     np.testing.assert_array_equal(both.embeddings[:, 0], [0.0, 1.0, 1.0])
     np.testing.assert_array_equal(both.cheap_fails, [1.0, 0.0, 1.0])
     np.testing.assert_array_equal(both.strong_fails, [0.0, np.nan, 1.0])
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ('{"prompt": "p", "strong_correct": true}', "weak_correct"),
+        ('["p", true, true]', "list indices"),
+        ('{"prompt": "p", "weak_correct": "false", "strong_correct": true}', "true or false"),
+        ('{"prompt": "p", "weak_correct": null, "strong_correct": true}', "true or false"),
+        ('{"prompt": "p", "weak_correct": true, "strong_correct": 2}', "true or false"),
+        ('{"prompt": null, "weak_correct": true, "strong_correct": true}', "prompt must be"),
+        (
+            '{"prompt": "p", "weak_correct": true, "strong_correct": true, "weak_response": 7}',
+            "weak_response must be text",
+        ),
+    ],
+    ids=[
+        "missing weak_correct",
+        "not an object",
+        "outcome as text",
+        "null outcome",
+        "outcome not 0 or 1",
+        "null prompt",
+        "response not text",
+    ],
+)
+def test_a_row_with_a_missing_or_mistyped_field_is_refused_with_its_file_and_line(
+    tmp_path: Path, line: str, problem: str
+) -> None:
+    # bool("false") is True: such a row was read as the cheap model being right, silently.
+    data = tmp_path / "rows.jsonl"
+    good = '{"prompt": "q", "weak_correct": 1, "strong_correct": 0}'
+    data.write_text(f"{good}\n{line}\n")
+    with pytest.raises(DataFileError, match=rf"rows\.jsonl:2: not a routing row .*{problem}"):
+        read_routing_rows([data])
+    data.write_text(f"{good}\n")
+    assert read_routing_rows([data]) == [RoutingRow("q", "", True, False)]
