@@ -12,9 +12,11 @@ import numpy.typing as npt
 import pytest
 
 from routecache.classifier.model import FixedScoreClassifier
+from routecache.classifier.operating_point import CurvePoint, OperatingCurve
 from routecache.classifier.ports import Assessment, DifficultyClassifier
 from routecache.classifier.registry import ModelRegistry, RegistryError
 from routecache.classifier.reloading import ReloadingClassifier
+from routecache.domain import OperatingPoint
 
 VECTOR = np.zeros(4, dtype=np.float32)
 
@@ -387,3 +389,62 @@ async def test_watch_keeps_polling_after_the_pointer_cannot_be_read(
         watcher.cancel()
         swap.cancel()
     assert not failures and classifier.version == "v2"
+
+
+async def test_a_version_that_names_no_embedder_is_checked_by_its_size_alone(
+    tmp_path: Path,
+) -> None:
+    # Models saved before artifacts named their embedder cannot be refused for the name.
+    registry = _registry_with(tmp_path, "v1", "v2")
+
+    def load(path: Path) -> DifficultyClassifier:
+        return _DimensionBound(VECTOR.shape[0], path.parent.name)  # names no embedder
+
+    registry.promote("v1")
+    classifier = ReloadingClassifier.from_registry(
+        registry, load, tmp_path / "none", VECTOR.shape[0], "service-4d"
+    )
+    registry.promote("v2")
+    assert await classifier.refresh() is True
+    assert classifier.version == "v2"
+
+
+async def test_a_version_that_failed_is_tried_again_when_promoted_again_later(
+    tmp_path: Path,
+) -> None:
+    # v2 failed once (not a read error); after v3 served, promoting v2 again is a new change.
+    registry = _registry_with(tmp_path, "v1", "v2", "v3")
+    failures = [ValueError("truncated artifact")]
+
+    def load_failing_once(path: Path) -> DifficultyClassifier:
+        if path.parent.name == "v2" and failures:
+            raise failures.pop()
+        return fake_load(path)
+
+    registry.promote("v1")
+    classifier = ReloadingClassifier.from_registry(registry, load_failing_once, tmp_path / "none")
+    for version, swapped in (("v2", False), ("v3", True), ("v2", True)):
+        registry.promote(version)
+        assert await classifier.refresh() is swapped
+    assert classifier.version == "v2"
+
+
+async def test_the_routing_thresholds_follow_the_model_in_service(tmp_path: Path) -> None:
+    # A threshold belongs to the scores of the model that set it: after a swap, the old
+    # model's threshold would route the new model's scores.
+    registry = _registry_with(tmp_path, "v1", "v2")
+
+    def load(path: Path) -> DifficultyClassifier:
+        version = path.parent.name
+        default, at_target = {"v1": (0.3, 0.4), "v2": (0.7, 0.8)}[version]
+        point = CurvePoint(at_target, strong_fraction=0.5, pgr=0.8, accuracy=0.9,
+                           cost_vs_all_strong=0.5)  # fmt: skip
+        return FixedScoreClassifier(0.5, version, default, curve=OperatingCurve([point]))
+
+    registry.promote("v1")
+    classifier = ReloadingClassifier.from_registry(registry, load, tmp_path / "none")
+    target = OperatingPoint(strong_fraction=0.5)
+    assert (classifier.default_threshold, classifier.threshold_for(target)) == (0.3, 0.4)
+    registry.promote("v2")
+    assert await classifier.refresh() is True
+    assert (classifier.default_threshold, classifier.threshold_for(target)) == (0.7, 0.8)
