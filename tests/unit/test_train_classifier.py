@@ -380,10 +380,12 @@ def test_eval_router_embeds_with_the_artifacts_own_hash_dimension(
     data = _write_routing_file(tmp_path / "routing.jsonl", n=60)
     out = tmp_path / "artifacts"
     argv = ["--data", str(data), "--out", str(out), "--embedder", "hash", "--c", "1.0"]
-    assert train_classifier.main([*argv, "--hash-dimension", "32"]) == 0
+    assert train_classifier.main([*argv, "--hash-dimension", "32", "--seed", "3"]) == 0
     summary = json.loads(capsys.readouterr().out)
     artifact = out / "difficulty.skops"
-    assert summary["n_train"] == load_artifact(artifact).metadata["n_train"] < 60
+    metadata = load_artifact(artifact).metadata
+    assert summary["n_train"] == metadata["n_train"] < 60
+    assert (metadata["seed"], metadata["embedding_dimension"]) == (3, 32)
     report = _eval(["--data", str(data), "--artifact", str(artifact)], capsys)
     assert report["n"] == 60
 
