@@ -41,12 +41,12 @@ def read_routing_rows(paths: Sequence[Path]) -> list[RoutingRow]:
                 record = json.loads(line)
                 rows.append(
                     RoutingRow(
-                        prompt=str(record["prompt"]),
+                        prompt=_prompt(record),
                         source=str(record.get("source", "")),
-                        weak_correct=bool(record["weak_correct"]),
-                        strong_correct=bool(record["strong_correct"]),
-                        weak_response=record.get("weak_response"),
-                        strong_response=record.get("strong_response"),
+                        weak_correct=_outcome(record, "weak_correct"),
+                        strong_correct=_outcome(record, "strong_correct"),
+                        weak_response=_text(record, "weak_response"),
+                        strong_response=_text(record, "strong_response"),
                     )
                 )
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
@@ -54,6 +54,31 @@ def read_routing_rows(paths: Sequence[Path]) -> list[RoutingRow]:
     if not rows:
         raise DataFileError(f"no routing rows in {[str(p) for p in paths]}")
     return rows
+
+
+def _outcome(record: dict[str, object], key: str) -> bool:
+    """A recorded outcome: true or false (1 or 0). bool() read "false" or "no" as correct."""
+    value = record[key]
+    if isinstance(value, int) and value in (0, 1):  # a bool is an int
+        return bool(value)
+    raise TypeError(f"{key} must be true or false, not {value!r}")
+
+
+def _prompt(record: dict[str, object]) -> str:
+    """The prompt, as text: str() made a null prompt the prompt "None"."""
+    value = record["prompt"]
+    if isinstance(value, str):
+        return value
+    raise TypeError(f"prompt must be text, not {value!r}")
+
+
+def _text(record: dict[str, object], key: str) -> str | None:
+    """A recorded response, or None: one that is not text failed the cost estimate later,
+    with a traceback instead of the file and line."""
+    value = record.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError(f"{key} must be text, not {value!r}")
 
 
 def files_sha256(paths: Sequence[Path]) -> str:

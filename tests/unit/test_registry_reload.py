@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,11 @@ import numpy.typing as npt
 import pytest
 
 from routecache.classifier.model import FixedScoreClassifier
+from routecache.classifier.operating_point import CurvePoint, OperatingCurve
 from routecache.classifier.ports import Assessment, DifficultyClassifier
 from routecache.classifier.registry import ModelRegistry, RegistryError
 from routecache.classifier.reloading import ReloadingClassifier
+from routecache.domain import OperatingPoint
 
 VECTOR = np.zeros(4, dtype=np.float32)
 
@@ -305,3 +308,143 @@ def test_an_empty_pointer_means_no_version_in_service(tmp_path: Path) -> None:
     assert registry.current_artifact() is None
     fallback = _artifact(tmp_path / "packaged", 0.7)
     assert ReloadingClassifier.from_registry(registry, fake_load, fallback).version == "packaged"
+
+
+async def test_a_broken_version_is_loaded_once_not_at_every_poll(tmp_path: Path) -> None:
+    # Loading an artifact is the expensive part of a poll; one that failed stays failed.
+    registry = _registry_with(tmp_path, "v1", "broken-v2")
+    loads: list[str] = []
+
+    def counting_load(path: Path) -> DifficultyClassifier:
+        loads.append(path.parent.name)
+        return fake_load(path)
+
+    registry.promote("v1")
+    classifier = ReloadingClassifier.from_registry(registry, counting_load, tmp_path / "none")
+    registry.promote("broken-v2")
+    for _ in range(3):
+        assert await classifier.refresh() is False
+    assert loads == ["v1", "broken-v2"] and classifier.version == "v1"
+
+
+async def test_an_emptied_pointer_keeps_the_model_in_service(tmp_path: Path) -> None:
+    registry = _registry_with(tmp_path, "v1", "broken-v2")
+    registry.promote("v1")
+    classifier = ReloadingClassifier.from_registry(registry, fake_load, tmp_path / "none")
+    registry.promote("broken-v2")
+    assert await classifier.refresh() is False  # a failed version on record, then no pointer
+    (registry.root / "CURRENT").write_text("\n")
+    assert await classifier.refresh() is False
+    assert classifier.version == "v1"
+
+
+async def test_a_new_version_is_loaded_off_the_event_loop(tmp_path: Path) -> None:
+    # Loading a real artifact takes long enough to stall every request on the loop.
+    registry = _registry_with(tmp_path, "v1", "v2")
+    loaded_on: dict[str, int] = {}
+
+    def load(path: Path) -> DifficultyClassifier:
+        loaded_on[path.parent.name] = threading.get_ident()
+        return fake_load(path)
+
+    registry.promote("v1")
+    classifier = ReloadingClassifier.from_registry(registry, load, tmp_path / "none")
+    registry.promote("v2")
+    assert await classifier.refresh() is True
+    assert loaded_on["v2"] != threading.get_ident()
+
+
+async def test_watch_keeps_polling_after_the_pointer_cannot_be_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stale handle on a network mount fails one read of CURRENT; the watcher must go on.
+    registry = _registry_with(tmp_path, "v1", "v2")
+    registry.promote("v1")
+    classifier = ReloadingClassifier.from_registry(registry, fake_load, tmp_path / "none")
+    registry.promote("v2")
+    read_pointer = registry.current_version
+    failures = [OSError(116, "Stale file handle")]
+
+    def flaky_pointer() -> str | None:
+        if failures:
+            raise failures.pop()
+        return read_pointer()
+
+    monkeypatch.setattr(registry, "current_version", flaky_pointer)
+    swapped = asyncio.Event()
+    refresh = classifier.refresh
+
+    async def refresh_and_tell() -> bool:
+        if result := await refresh():
+            swapped.set()
+        return result
+
+    monkeypatch.setattr(classifier, "refresh", refresh_and_tell)
+    watcher = asyncio.create_task(classifier.watch(0))
+    swap = asyncio.create_task(swapped.wait())
+    try:
+        # The swap, or the watcher's end: it died of the failed read.
+        await asyncio.wait({watcher, swap}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        swap.cancel()
+    assert not failures and classifier.version == "v2"
+
+
+async def test_a_version_that_names_no_embedder_is_checked_by_its_size_alone(
+    tmp_path: Path,
+) -> None:
+    # Models saved before artifacts named their embedder cannot be refused for the name.
+    registry = _registry_with(tmp_path, "v1", "v2")
+
+    def load(path: Path) -> DifficultyClassifier:
+        return _DimensionBound(VECTOR.shape[0], path.parent.name)  # names no embedder
+
+    registry.promote("v1")
+    classifier = ReloadingClassifier.from_registry(
+        registry, load, tmp_path / "none", VECTOR.shape[0], "service-4d"
+    )
+    registry.promote("v2")
+    assert await classifier.refresh() is True
+    assert classifier.version == "v2"
+
+
+async def test_a_version_that_failed_is_tried_again_when_promoted_again_later(
+    tmp_path: Path,
+) -> None:
+    # v2 failed once (not a read error); after v3 served, promoting v2 again is a new change.
+    registry = _registry_with(tmp_path, "v1", "v2", "v3")
+    failures = [ValueError("truncated artifact")]
+
+    def load_failing_once(path: Path) -> DifficultyClassifier:
+        if path.parent.name == "v2" and failures:
+            raise failures.pop()
+        return fake_load(path)
+
+    registry.promote("v1")
+    classifier = ReloadingClassifier.from_registry(registry, load_failing_once, tmp_path / "none")
+    for version, swapped in (("v2", False), ("v3", True), ("v2", True)):
+        registry.promote(version)
+        assert await classifier.refresh() is swapped
+    assert classifier.version == "v2"
+
+
+async def test_the_routing_thresholds_follow_the_model_in_service(tmp_path: Path) -> None:
+    # A threshold belongs to the scores of the model that set it: after a swap, the old
+    # model's threshold would route the new model's scores.
+    registry = _registry_with(tmp_path, "v1", "v2")
+
+    def load(path: Path) -> DifficultyClassifier:
+        version = path.parent.name
+        default, at_target = {"v1": (0.3, 0.4), "v2": (0.7, 0.8)}[version]
+        point = CurvePoint(at_target, strong_fraction=0.5, pgr=0.8, accuracy=0.9,
+                           cost_vs_all_strong=0.5)  # fmt: skip
+        return FixedScoreClassifier(0.5, version, default, curve=OperatingCurve([point]))
+
+    registry.promote("v1")
+    classifier = ReloadingClassifier.from_registry(registry, load, tmp_path / "none")
+    target = OperatingPoint(strong_fraction=0.5)
+    assert (classifier.default_threshold, classifier.threshold_for(target)) == (0.3, 0.4)
+    registry.promote("v2")
+    assert await classifier.refresh() is True
+    assert (classifier.default_threshold, classifier.threshold_for(target)) == (0.7, 0.8)

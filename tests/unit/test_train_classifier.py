@@ -5,18 +5,24 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from routecache.cache.embedder import HashEmbedder
-from routecache.classifier.model import load_artifact
+from routecache.classifier.model import FixedScoreClassifier, load_artifact
+from routecache.classifier.operating_point import OperatingCurve
 from routecache.training import eval_router, retrain, train_classifier
+from routecache.training.data_files import DataFileError
 from routecache.training.routing_data import (
     RoutingRow,
+    files_sha256,
     holdout_mask,
     read_routing_rows,
     request_cost,
 )
+from routecache.training.train_classifier import LabelledSet
 
 
 def _write_routing_file(path: Path, n: int = 120) -> Path:
@@ -251,8 +257,8 @@ def test_retrain_reports_a_registry_that_is_a_file(
 
 @pytest.mark.parametrize(
     "flags",
-    [["--hash-dimension", "0"], ["--name", "../elsewhere"]],
-    ids=["hash dimension 0", "name with a path"],
+    [["--hash-dimension", "0"], ["--name", "../elsewhere"], ["--name", ".hidden"]],
+    ids=["hash dimension 0", "name with a path", "hidden name"],
 )
 def test_train_classifier_refuses_a_zero_dimension_and_a_name_with_a_path(
     tmp_path: Path, flags: list[str]
@@ -272,3 +278,251 @@ def test_retrain_refuses_a_zero_hash_dimension(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_:
         retrain.main([*argv, "--hash-dimension", "0"])
     assert exit_.value.code == 2
+
+
+def test_rows_keep_each_models_recorded_response_and_outcomes(tmp_path: Path) -> None:
+    data = tmp_path / "rows.jsonl"
+    gsm = {"prompt": "p", "source": "gsm8k", "weak_correct": False, "strong_correct": True,
+           "weak_response": "w" * 8, "strong_response": "s" * 80}  # fmt: skip
+    mmlu = {"prompt": "q", "weak_correct": True, "strong_correct": False}
+    data.write_text(f"{json.dumps(gsm)}\n\n{json.dumps(mmlu)}\n")
+    first, second = read_routing_rows([data])
+    assert first == RoutingRow("p", "gsm8k", False, True, "w" * 8, "s" * 80)
+    # No recorded response (MMLU): costed as a one-token answer letter, not as an empty one.
+    assert second == RoutingRow("q", "", True, False, None, None)
+
+
+def test_the_training_data_digest_covers_every_file_in_order(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("one\n")
+    second.write_text("two\n")
+    both = hashlib.sha256(b"one\ntwo\n").hexdigest()
+    assert files_sha256([first, second]) == both != files_sha256([first])
+
+
+def test_router_report_costs_what_it_routes_with_a_tie_going_strong() -> None:
+    # The cost must follow the same rule as strong_fraction: score >= threshold is strong.
+    hard = RoutingRow("x" * 400, "mmlu", weak_correct=False, strong_correct=True)
+    easy = RoutingRow("y" * 400, "mmlu", weak_correct=True, strong_correct=True)
+    report = eval_router.router_report(np.array([0.5, 0.1]), [hard, easy], threshold=0.5)
+    routed = request_cost(hard, strong=True) + request_cost(easy, strong=False)
+    all_strong = 2 * request_cost(hard, strong=True)
+    assert report["strong_fraction"] == 0.5 and report["accuracy"] == 1.0
+    assert report["cost_usd"] == pytest.approx(routed)
+    assert report["cost_all_strong_usd"] == pytest.approx(all_strong)
+    assert report["cost_vs_all_strong"] == pytest.approx(routed / all_strong)
+
+
+def test_scoring_latency_is_the_median_call_in_microseconds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rows = [RoutingRow(f"p{i}", "mmlu", True, True) for i in range(3)]
+    # Three calls of 1, 3 and 100 microseconds: the median is 3, the mean would be 34.7.
+    stamps = iter([0, 1_000, 10_000, 13_000, 20_000, 120_000])
+    monkeypatch.setattr(eval_router.time, "perf_counter_ns", lambda: next(stamps))
+    classifier = FixedScoreClassifier(0.3, by_text={"p1": 0.9})
+    scores, p50_us = eval_router.timed_scores(
+        classifier,  # type: ignore[arg-type]
+        np.zeros((3, 4), dtype=np.float32),
+        rows,
+    )
+    assert p50_us == 3.0
+    np.testing.assert_array_equal(scores, [0.3, 0.9, 0.3])
+
+
+def _eval(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    assert eval_router.main([*argv, "--json"]) == 0
+    report: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return report
+
+
+def test_eval_router_reports_at_the_operating_point_asked_for_and_says_where_it_came_from(
+    trained_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = trained_artifact.parent.parent / "routing.jsonl"
+    argv = ["--data", str(data), "--artifact", str(trained_artifact)]
+    default = _eval(argv, capsys)
+    assert default["operating_point_from"] == "model default"
+    assert default["threshold"] == load_artifact(trained_artifact).default_threshold
+    # Zero is a target (all cheap), not "unset": it must not fall back to the model default.
+    for flag, field in (("--quality", "quality"), ("--strong-fraction", "strong_fraction")):
+        report = _eval([*argv, flag, "0"], capsys)
+        assert report["operating_point_from"] == "command line"
+        assert report["operating_point"][field] == 0.0
+    assert _eval([*argv, "--strong-fraction", "0"], capsys)["strong_fraction"] == 0.0
+    at_zero = _eval([*argv, "--threshold", "0"], capsys)
+    assert at_zero["threshold"] == 0.0
+    assert at_zero["operating_point_from"] == "command line threshold"
+    config = tmp_path / "settings.toml"
+    config.write_text("[classifier]\ntarget_strong_fraction = 1.0\n")
+    configured = _eval([*argv, "--config", str(config)], capsys)
+    assert configured["operating_point_from"] == "settings"
+    assert configured["operating_point"]["strong_fraction"] == 1.0
+    assert configured["strong_fraction"] == 1.0
+
+
+def test_eval_router_source_slices_split_the_rows_at_the_reported_threshold(
+    trained_artifact: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = trained_artifact.parent.parent / "routing.jsonl"
+    argv = ["--data", str(data), "--artifact", str(trained_artifact)]
+    for threshold in ("1.01", "-1.01"):  # all cheap, all strong: unlike the model's default
+        report = _eval([*argv, "--threshold", threshold], capsys)
+        slices = list(report["by_source"].values())
+        assert sum(s["n"] for s in slices) == report["n"]
+        assert sum(s["cost_usd"] for s in slices) == pytest.approx(report["cost_usd"])
+        assert {s["strong_fraction"] for s in slices} == {report["strong_fraction"]}
+
+
+def test_eval_router_embeds_with_the_artifacts_own_hash_dimension(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _write_routing_file(tmp_path / "routing.jsonl", n=60)
+    out = tmp_path / "artifacts"
+    argv = ["--data", str(data), "--out", str(out), "--embedder", "hash", "--c", "1.0"]
+    assert train_classifier.main([*argv, "--hash-dimension", "32", "--seed", "3"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    artifact = out / "difficulty.skops"
+    metadata = load_artifact(artifact).metadata
+    assert summary["n_train"] == metadata["n_train"] < 60
+    assert (metadata["seed"], metadata["embedding_dimension"]) == (3, 32)
+    report = _eval(["--data", str(data), "--artifact", str(artifact)], capsys)
+    assert report["n"] == 60
+
+
+def test_eval_router_refuses_an_artifact_trained_on_another_embedder(
+    trained_artifact: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Scores of vectors from an embedder the model never learned from would look valid.
+    metadata_file = trained_artifact.with_suffix(".json")
+    metadata = json.loads(metadata_file.read_text())
+    metadata_file.write_text(json.dumps({**metadata, "embedder": "hash-64-v0"}))
+    data = trained_artifact.parent.parent / "routing.jsonl"
+    assert eval_router.main(["--data", str(data), "--artifact", str(trained_artifact)]) == 2
+    err = capsys.readouterr().err
+    assert "trained with embedder 'hash-64-v0'" in err and "'hash-64'" in err
+
+
+@pytest.mark.parametrize("fraction", ["0.16", "0.95"], ids=["one held out", "one to train on"])
+def test_training_needs_two_rows_on_each_side_of_the_holdout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fraction: str
+) -> None:
+    # Ten rows: 0.16 holds exactly one out, 0.95 all but one (the hash of these prompts).
+    data = _write_routing_file(tmp_path / "ok.jsonl", n=10)
+    argv = ["--data", str(data), "--embedder", "hash", "--out", str(tmp_path / "out")]
+    assert train_classifier.main([*argv, "--holdout-fraction", fraction]) == 2
+    assert "need at least 2 training and 2 held-out rows" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "difficulty.skops").exists()
+
+
+def test_the_artifacts_figures_describe_the_shipped_model_on_the_held_out_rows(
+    trained_artifact: Path,
+) -> None:
+    # Recomputed from scratch: the held-out rows (fraction 0.3, seed 0, as trained_artifact)
+    # scored by the artifact itself, since the model shipped is the one that was measured.
+    classifier = load_artifact(trained_artifact)
+    metadata = classifier.metadata
+    rows = read_routing_rows([trained_artifact.parent.parent / "routing.jsonl"])
+    held = holdout_mask([r.prompt for r in rows], 0.3, seed=0)
+    held_rows = [r for r, h in zip(rows, held, strict=True) if h]
+    assert metadata["n_holdout"] == metadata["holdout"]["n"] == len(held_rows)
+    assert metadata["n_train"] == len(rows) - len(held_rows) == classifier.model.bank.size
+    embeddings = HashEmbedder(64).encode([r.prompt for r in held_rows])
+    scores, failure = train_classifier.score_rows(classifier, embeddings, held_rows)
+    threshold = classifier.default_threshold
+    curve = OperatingCurve.from_json(metadata["operating_curve"])
+    assert threshold == curve.threshold_for(train_classifier.DEFAULT_OPERATING_POINT)
+    assert metadata["holdout"] == pytest.approx(
+        train_classifier.routing_report(scores, held_rows, threshold)
+    )
+    for source, report in metadata["holdout_by_source"].items():
+        mask = [r.source == source for r in held_rows]
+        on_source = [r for r in held_rows if r.source == source]
+        assert report == pytest.approx(
+            train_classifier.routing_report(scores[mask], on_source, threshold)
+        )
+    assert set(metadata["holdout_by_source"]) == {"gsm8k", "mmlu"}
+    failed = np.array([not r.weak_correct for r in held_rows])
+    assert metadata["brier_cheap_fails"] == pytest.approx(np.mean((failure - failed) ** 2))
+    assert metadata["calibration"] == [
+        pytest.approx(row) for row in train_classifier.calibration_table(failure, failed)
+    ]
+    # The curve's costs are relative to sending every held-out row to the strong model.
+    assert curve.points[-1].cost_vs_all_strong == pytest.approx(1.0)
+    assert 0.0 < curve.points[0].cost_vs_all_strong < 0.06
+    assert (metadata["holdout_fraction"], metadata["seed"]) == (0.3, 0)
+    assert metadata["training_files"] == ["routing.jsonl"]
+
+
+def test_calibration_bins_predictions_in_increasing_order_against_what_happened() -> None:
+    probabilities = np.array([0.9, 0.1, 0.8, 0.2])
+    failed = np.array([True, False, False, False])
+    table = train_classifier.calibration_table(probabilities, failed, bins=2)
+    assert table == [
+        {"n": 2.0, "predicted": pytest.approx(0.15), "observed": 0.0},
+        {"n": 2.0, "predicted": pytest.approx(0.85), "observed": 0.5},
+    ]
+    # Fewer rows than bins: no empty (NaN) bins.
+    assert train_classifier.calibration_table(np.array([0.3]), np.array([True])) == [
+        {"n": 1.0, "predicted": 0.3, "observed": 1.0}
+    ]
+
+
+def test_embedding_in_length_batches_keeps_each_texts_vector_in_its_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(train_classifier, "EMBED_BATCH", 2)  # several batches, sorted by length
+    texts = ["a much longer text", "b", "a medium text", "cc", "x"]
+    embedder = HashEmbedder(16)
+    np.testing.assert_array_equal(
+        train_classifier.embed_texts(embedder, texts), embedder.encode(texts)
+    )
+
+
+def test_adding_labelled_sets_keeps_each_prompts_labels_with_it() -> None:
+    first = LabelledSet(["a"], np.zeros((1, 2), np.float32), np.array([1.0]), np.array([0.0]))
+    second = LabelledSet(
+        ["b", "c"], np.ones((2, 2), np.float32), np.array([0.0, 1.0]), np.array([np.nan, 1.0])
+    )
+    both = first + second
+    assert both.texts == ["a", "b", "c"]
+    np.testing.assert_array_equal(both.embeddings[:, 0], [0.0, 1.0, 1.0])
+    np.testing.assert_array_equal(both.cheap_fails, [1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(both.strong_fails, [0.0, np.nan, 1.0])
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ('{"prompt": "p", "strong_correct": true}', "weak_correct"),
+        ('["p", true, true]', "list indices"),
+        ('{"prompt": "p", "weak_correct": "false", "strong_correct": true}', "true or false"),
+        ('{"prompt": "p", "weak_correct": null, "strong_correct": true}', "true or false"),
+        ('{"prompt": "p", "weak_correct": true, "strong_correct": 2}', "true or false"),
+        ('{"prompt": null, "weak_correct": true, "strong_correct": true}', "prompt must be"),
+        (
+            '{"prompt": "p", "weak_correct": true, "strong_correct": true, "weak_response": 7}',
+            "weak_response must be text",
+        ),
+    ],
+    ids=[
+        "missing weak_correct",
+        "not an object",
+        "outcome as text",
+        "null outcome",
+        "outcome not 0 or 1",
+        "null prompt",
+        "response not text",
+    ],
+)
+def test_a_row_with_a_missing_or_mistyped_field_is_refused_with_its_file_and_line(
+    tmp_path: Path, line: str, problem: str
+) -> None:
+    # bool("false") is True: such a row was read as the cheap model being right, silently.
+    data = tmp_path / "rows.jsonl"
+    good = '{"prompt": "q", "weak_correct": 1, "strong_correct": 0}'
+    data.write_text(f"{good}\n{line}\n")
+    with pytest.raises(DataFileError, match=rf"rows\.jsonl:2: not a routing row .*{problem}"):
+        read_routing_rows([data])
+    data.write_text(f"{good}\n")
+    assert read_routing_rows([data]) == [RoutingRow("q", "", True, False)]
