@@ -13,7 +13,6 @@ an I/O error is retried on the next poll.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -156,5 +155,10 @@ class ReloadingClassifier:
         """Poll the pointer until cancelled."""
         while True:
             await asyncio.sleep(interval_seconds)
-            with contextlib.suppress(OSError):  # a registry on a flaky mount: try next tick
+            try:
                 await self.refresh()
+            except OSError:  # a registry on a flaky mount: try next tick
+                pass
+            except Exception:  # e.g. a CURRENT edited by hand into another encoding
+                # A watcher that died here would leave this replica on its model for good.
+                log.exception("classifier registry could not be read; trying again next tick")

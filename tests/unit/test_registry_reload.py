@@ -354,16 +354,22 @@ async def test_a_new_version_is_loaded_off_the_event_loop(tmp_path: Path) -> Non
     assert loaded_on["v2"] != threading.get_ident()
 
 
+@pytest.mark.parametrize(
+    "failure",
+    [OSError(116, "Stale file handle"), UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad byte")],
+    ids=["stale handle", "not UTF-8"],
+)
 async def test_watch_keeps_polling_after_the_pointer_cannot_be_read(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: Exception
 ) -> None:
-    # A stale handle on a network mount fails one read of CURRENT; the watcher must go on.
+    # A stale handle on a network mount, or a CURRENT saved by hand in another encoding, fails
+    # one read of the pointer; the watcher must go on (it died of the second).
     registry = _registry_with(tmp_path, "v1", "v2")
     registry.promote("v1")
     classifier = ReloadingClassifier.from_registry(registry, fake_load, tmp_path / "none")
     registry.promote("v2")
     read_pointer = registry.current_version
-    failures = [OSError(116, "Stale file handle")]
+    failures = [failure]
 
     def flaky_pointer() -> str | None:
         if failures:
