@@ -137,6 +137,20 @@ async def test_every_rpc_adopts_the_callers_request_id(rpc: str) -> None:
     await harness.service.aclose()
 
 
+async def test_a_stream_adopts_the_callers_request_id() -> None:
+    harness = make_harness()
+    servicer = RouteCacheServicer(harness.service.pipeline)
+    REQUEST_ID.set("-")
+    context = FakeContext((("authorization", f"Bearer {KEYS['acme']}"),
+                           ("x-request-id", "req-stream")))  # fmt: skip
+    replies = [reply async for reply in servicer.CompleteStream(RPCS["Complete"], context)]
+    assert replies[-1].HasField("final")
+    assert REQUEST_ID.get() == "req-stream"
+    assert harness.events.events  # the completion event, logged under the caller's id
+    assert all(e["request_id"] == "req-stream" for e in harness.events.events)
+    await harness.service.aclose()
+
+
 def test_operations_settings_fail_with_the_key_named() -> None:
     with pytest.raises(ConfigError, match=r"logging\.format"):
         load_settings(logging={"format": "yaml"})

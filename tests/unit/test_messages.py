@@ -9,8 +9,11 @@ from routecache.domain import (
     CacheInfo,
     CacheOutcome,
     Completion,
+    Feedback,
     LatencyBreakdown,
     RequestValidator,
+    ResponseFormat,
+    ResponseFormatType,
     Tier,
     Usage,
     ValidationReport,
@@ -106,3 +109,67 @@ def test_completion_carries_staleness_actions_and_a_zero_difficulty() -> None:
     assert message.cache.stale and message.validation.escalated
     assert message.validation.results[0].action == "redacted"
     assert message.HasField("difficulty") and message.difficulty == 0.0
+
+
+def test_completion_carries_every_field_to_the_wire() -> None:
+    done = Completion(
+        response_id="resp-1",
+        text="Paris.",
+        model="gpt-4-1106-preview",
+        tier=Tier.STRONG,
+        cache=CacheInfo(CacheOutcome.SEMANTIC, 0.93, "entry-1", 42.5, verifier_score=0.8),
+        usage=Usage(prompt_tokens=11, completion_tokens=3, cost_usd=0.002, saved_usd=0.001),
+        validation=ValidationReport(
+            (ValidatorResult("json_schema", False, "not JSON", "mixtral", "escalated"),),
+            escalated=True,
+            passed=False,
+        ),
+        latency=LatencyBreakdown(1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0),
+        classifier_version="clf-7",
+        difficulty=0.25,
+    )
+    assert completion_to_pb(done) == pb.CompleteResponse(
+        response_id="resp-1",
+        text="Paris.",
+        model="gpt-4-1106-preview",
+        tier=pb.TIER_STRONG,
+        cache=pb.CacheInfo(outcome=pb.CACHE_OUTCOME_SEMANTIC, similarity=0.93,
+                           entry_id="entry-1", entry_age_seconds=42.5, verifier_score=0.8),
+        usage=pb.Usage(prompt_tokens=11, completion_tokens=3, cost_usd=0.002, saved_usd=0.001),
+        validation=pb.ValidationReport(
+            passed=False,
+            escalated=True,
+            results=[pb.ValidatorResult(name="json_schema", passed=False, message="not JSON",
+                                        model="mixtral", action="escalated")],
+        ),
+        latency=pb.LatencyBreakdown(total_ms=1.0, exact_ms=2.0, embed_ms=3.0, search_ms=4.0,
+                                    classify_ms=5.0, upstream_ms=6.0, validate_ms=7.0,
+                                    store_ms=8.0),
+        classifier_version="clf-7",
+        difficulty=0.25,
+    )  # fmt: skip
+
+
+def test_feedback_carries_its_correction_and_comment() -> None:
+    feedback = feedback_from_pb(pb.FeedbackRequest(
+        response_id="r", rating=pb.RATING_UP, correction="Lyon", comment="wrong city"))  # fmt: skip
+    assert feedback == Feedback("r", thumbs_up=True, correction="Lyon", comment="wrong city")
+
+
+def test_invalidate_by_entry_id_or_tag_keeps_which_one_was_asked() -> None:
+    by_id = invalidate_target_from_pb(pb.InvalidateRequest(entry_id="e1"))
+    by_tag = invalidate_target_from_pb(pb.InvalidateRequest(tag="faq"))
+    assert (by_id, by_tag) == (InvalidateTarget(entry_id="e1"), InvalidateTarget(tag="faq"))
+
+
+def test_a_json_schema_request_carries_its_schema() -> None:
+    schema = '{"type": "object", "required": ["answer"]}'
+    params = request_from_pb(chat_request("q", json_schema=schema)).params
+    assert params.response_format == ResponseFormat(ResponseFormatType.JSON_SCHEMA, schema)
+
+
+def test_no_cache_tags_and_the_end_user_are_carried() -> None:
+    message = chat_request("q", no_cache=True, tags=["faq", "billing"], end_user_id="user-9")
+    request = request_from_pb(message)
+    assert request.cache.no_cache and not request.cache.no_store
+    assert request.cache.tags == ("faq", "billing") and request.end_user_id == "user-9"

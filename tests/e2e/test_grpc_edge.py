@@ -1,0 +1,77 @@
+"""The gRPC edge as a caller without the typed client sees it: the authorization header as
+sent by hand, defaults of unset request fields, and the caller's deadline on a stream."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from routecache.client import RouteCacheClient, chat_request
+from routecache.replay import FaultKind
+from routecache.v1 import routecache_pb2 as pb
+from routecache.v1 import routecache_pb2_grpc as pb_grpc
+from tests.e2e.conftest import KEYS, Stack
+
+pytestmark = pytest.mark.asyncio(loop_scope="package")
+
+
+@pytest_asyncio.fixture(loop_scope="package")
+async def stub(stack: Stack) -> AsyncIterator[pb_grpc.RouteCacheStub]:
+    async with grpc.aio.insecure_channel(stack.target) as channel:
+        yield pb_grpc.RouteCacheStub(channel)
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [f"Bearer {KEYS['globex']}", f"bearer {KEYS['globex']}", f"BEARER   {KEYS['globex']}  "],
+)
+async def test_the_bearer_scheme_is_case_insensitive_and_spaces_around_the_key_are_ignored(
+    stub: pb_grpc.RouteCacheStub, authorization: str
+) -> None:
+    stats = await stub.GetStats(
+        pb.GetStatsRequest(), metadata=[("authorization", authorization)], timeout=30
+    )
+    assert stats.tenant == "globex"
+
+
+@pytest.mark.parametrize(
+    "authorization", [KEYS["globex"], f"Basic {KEYS['globex']}", f"Token {KEYS['globex']}"]
+)
+async def test_a_valid_key_under_another_scheme_is_unauthenticated(
+    stub: pb_grpc.RouteCacheStub, authorization: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.GetStats(
+            pb.GetStatsRequest(), metadata=[("authorization", authorization)], timeout=30
+        )
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_get_stats_without_top_n_lists_up_to_ten_entries(
+    stack: Stack, stub: pb_grpc.RouteCacheStub
+) -> None:
+    # The proto: "0 means 10". Enough entries of the tenant's own that a smaller default shows.
+    async with stack.client("globex") as client:
+        for number in range(11):
+            await client.complete(chat_request(f"Spell the number {number}.", no_cache=True))
+    metadata = [("authorization", f"Bearer {KEYS['globex']}")]
+    stats = await stub.GetStats(pb.GetStatsRequest(), metadata=metadata, timeout=30)
+    assert stats.entries >= 11 and len(stats.top_entries) == 10
+
+
+async def test_a_streams_deadline_bounds_a_hanging_provider(stack: Stack) -> None:
+    # As for Complete: the replay hangs for 30 s, as long as the provider's own timeout, so
+    # only the caller's 3 s deadline passed down to the provider calls ends the stream early.
+    stack.replay.script_faults(FaultKind.TIMEOUT)
+    try:
+        async with RouteCacheClient(stack.target, KEYS["acme"], timeout_seconds=3) as client:
+            request = chat_request("Why is the sea salty at the shore?", no_cache=True)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                _ = [event async for event in client.complete_stream(request)]
+    finally:
+        stack.replay.clear_scripted_faults()
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "deadline" in (caught.value.details() or "")

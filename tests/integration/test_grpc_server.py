@@ -1,0 +1,65 @@
+"""The gRPC server itself, with no pipeline attached: what its options and its stop do for a
+caller, seen over a real channel."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from routecache.client import chat_request
+from routecache.router.server import SERVICE_NAME, RunningServer, start_server
+from routecache.router.servicer import RouteCacheServicer
+from routecache.v1 import routecache_pb2_grpc as pb_grpc
+from tests.unit.conftest import unit_settings
+
+pytestmark = pytest.mark.integration
+
+REQUEST_LIMIT = 8192  # limits.max_request_bytes, well under server.max_message_bytes (1 MiB)
+
+
+@pytest_asyncio.fixture
+async def running() -> AsyncIterator[RunningServer]:
+    settings = unit_settings().server.model_copy(update={"port": 0, "grace_seconds": 30.0})
+    server = await start_server(RouteCacheServicer(None), settings,
+                                max_request_bytes=REQUEST_LIMIT)  # fmt: skip
+    yield server
+    await server.server.stop(None)
+
+
+async def test_requests_are_bounded_by_limits_max_request_bytes_not_the_send_limit(
+    running: RunningServer,
+) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.RouteCacheStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as oversized:
+            await stub.Complete(chat_request("x" * REQUEST_LIMIT), timeout=10)
+        # Under the limit, the request reaches the servicer (still starting: UNAVAILABLE).
+        with pytest.raises(grpc.aio.AioRpcError) as parsed:
+            await stub.Complete(chat_request("x" * (REQUEST_LIMIT - 100)), timeout=10)
+    assert oversized.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert parsed.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_stop_tells_health_watchers_not_serving_before_draining(
+    running: RunningServer,
+) -> None:
+    # Client-side health checking (and load balancers) Watch the health service: a server being
+    # stopped says NOT_SERVING while it drains, so no new calls are sent its way.
+    await running.set_serving(True)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        )
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        stopping = asyncio.create_task(running.stop())
+        try:
+            update = await asyncio.wait_for(watch.read(), 10)
+        finally:
+            watch.cancel()  # the watch is an in-flight call the drain would wait for
+            await stopping
+    assert update.status == health_pb2.HealthCheckResponse.NOT_SERVING
