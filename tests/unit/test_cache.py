@@ -43,6 +43,13 @@ def cache(clock: ManualClock) -> SemanticCache:
     )
 
 
+def with_grace(clock: ManualClock) -> tuple[InMemoryEntryStore, SemanticCache]:
+    """A store and cache that keep expired entries for a 60 s stale grace."""
+    store = InMemoryEntryStore(max_entries=10, clock=clock, stale_grace_seconds=60)
+    index = ScopedFaissIndex(EMBED.dimension)
+    return store, SemanticCache(store, index, clock, stale_grace_seconds=60)
+
+
 async def test_exact_hit_after_store_and_miss_in_other_scope(cache: SemanticCache) -> None:
     await cache.store(new_entry("What is the capital of France?"))
     hit = await cache.lookup_exact("acme:s1", "what is the capital of france")
@@ -74,8 +81,7 @@ async def test_expired_entries_are_never_served(cache: SemanticCache, clock: Man
 async def test_an_entry_expires_at_its_ttl_and_its_stale_use_at_the_grace_end(
     clock: ManualClock,
 ) -> None:
-    store = InMemoryEntryStore(max_entries=10, clock=clock, stale_grace_seconds=60)
-    cache = SemanticCache(store, ScopedFaissIndex(EMBED.dimension), clock, stale_grace_seconds=60)
+    _store, cache = with_grace(clock)
     prompt = "short lived"
     await cache.store(new_entry(prompt, ttl=10))
     clock.advance(10)  # a TTL of 10 s: live for 10 s, not 10 s and a moment
@@ -235,8 +241,7 @@ async def test_stats_leave_out_entries_past_expiry_and_grace_as_redis_does(
 ) -> None:
     # Redis purges a tenant's expired entries before it counts them; the embedded store kept
     # counting and listing them until a lookup met them or the bound evicted them.
-    store = InMemoryEntryStore(max_entries=10, clock=clock, stale_grace_seconds=60)
-    cache = SemanticCache(store, ScopedFaissIndex(EMBED.dimension), clock, stale_grace_seconds=60)
+    _store, cache = with_grace(clock)
     await cache.store(new_entry("soon expired", ttl=10))
     kept = await cache.store(new_entry("kept", ttl=1000))
     assert kept is not None
@@ -273,8 +278,7 @@ async def test_an_expired_entry_stops_counting_at_the_end_of_its_grace_exactly(
     clock: ManualClock,
 ) -> None:
     # The same instant at which it stops being served stale: counted while servable, no longer.
-    store = InMemoryEntryStore(max_entries=10, clock=clock, stale_grace_seconds=60)
-    cache = SemanticCache(store, ScopedFaissIndex(EMBED.dimension), clock, stale_grace_seconds=60)
+    store, cache = with_grace(clock)
     await cache.store(new_entry("brief", ttl=10))
     clock.advance(10 + 60 - 0.5)
     assert await store.count("acme") == 1
@@ -289,8 +293,7 @@ async def test_a_lookup_that_meets_an_entry_past_its_grace_drops_it_from_store_a
 ) -> None:
     # Nothing else sweeps the embedded store: left in place, dead entries would hold their
     # index rows and their slots under the bound until evicted.
-    store = InMemoryEntryStore(max_entries=10, clock=clock, stale_grace_seconds=60)
-    cache = SemanticCache(store, ScopedFaissIndex(EMBED.dimension), clock, stale_grace_seconds=60)
+    store, cache = with_grace(clock)
     gone = await cache.store(new_entry("past its grace", ttl=10))
     assert gone is not None
     clock.advance(71)
@@ -367,8 +370,7 @@ async def test_a_stale_lookup_serves_an_expired_paraphrase_within_the_grace(
     clock: ManualClock,
 ) -> None:
     # No exact match: the stale answer comes from the nearest entry of the scope, expired or not.
-    store = InMemoryEntryStore(max_entries=10, clock=clock, stale_grace_seconds=60)
-    cache = SemanticCache(store, ScopedFaissIndex(EMBED.dimension), clock, stale_grace_seconds=60)
+    _store, cache = with_grace(clock)
     kept = await cache.store(new_entry("how do I reset my password today", ttl=10))
     assert kept is not None
     clock.advance(30)
@@ -399,8 +401,7 @@ async def test_a_hit_reports_its_age_since_stored_and_a_stale_exact_hit_is_exact
 ) -> None:
     # The age tells the caller how old the answer is (stale answers included); the outcome
     # tells it whether the prompt matched or only meant the same.
-    store = InMemoryEntryStore(max_entries=10, clock=clock, stale_grace_seconds=60)
-    cache = SemanticCache(store, ScopedFaissIndex(EMBED.dimension), clock, stale_grace_seconds=60)
+    _store, cache = with_grace(clock)
     await cache.store(new_entry("how old is this", ttl=10))
     clock.advance(4)
     fresh = await cache.lookup_exact("acme:s1", "how old is this")

@@ -75,6 +75,19 @@ def completion(content: object = "4", **extra: Any) -> httpx.Response:
     return httpx.Response(200, json=payload)
 
 
+async def one_call_from_settings(
+    settings: ProviderSettings,
+) -> tuple[Recorder, OpenAIChatClient]:
+    """A client built from settings, after one completion: what it sent, and the closed client."""
+    recorder = Recorder(completion())
+    client = OpenAIChatClient.from_settings(settings, transport=httpx.MockTransport(recorder))
+    try:
+        await client.complete(MESSAGES, GenerationParams())
+    finally:
+        await client.aclose()
+    return recorder, client
+
+
 def sse(*events: object) -> httpx.Response:
     lines = [f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n" for e in events]
     return httpx.Response(
@@ -644,12 +657,7 @@ async def test_from_settings_uses_the_secret_key_and_model() -> None:
         output_usd_per_mtok=2.0,
         timeout_seconds=3.0,
     )
-    recorder = Recorder(completion())
-    client = OpenAIChatClient.from_settings(settings, transport=httpx.MockTransport(recorder))
-    try:
-        await client.complete(MESSAGES, GenerationParams())
-    finally:
-        await client.aclose()
+    recorder, client = await one_call_from_settings(settings)
     assert client.model == "strong-model"
     assert recorder.body()["model"] == "strong-model"
     assert recorder.requests[0].headers["authorization"] == "Bearer sk-secret"
@@ -672,12 +680,7 @@ async def test_from_settings_connect_and_read_timeouts_are_bounded_by_the_whole_
         connect_timeout_seconds=connect,
         read_timeout_seconds=read,
     )
-    recorder = Recorder(completion())
-    client = OpenAIChatClient.from_settings(settings, transport=httpx.MockTransport(recorder))
-    try:
-        await client.complete(MESSAGES, GenerationParams())
-    finally:
-        await client.aclose()
+    recorder, _client = await one_call_from_settings(settings)
     timeout = recorder.requests[0].extensions["timeout"]
     assert (timeout["connect"], timeout["read"]) == expected
     assert timeout["write"] == 3.0
