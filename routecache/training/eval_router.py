@@ -30,7 +30,7 @@ from routecache.classifier.model import (
 )
 from routecache.cli_args import number_between
 from routecache.domain import OperatingPoint
-from routecache.router.settings import load_settings
+from routecache.router.settings import ConfigError, load_settings
 from routecache.training.data_files import DataFileError, exits_2_on_data_error
 from routecache.training.routing_data import (
     RoutingRow,
@@ -75,19 +75,25 @@ def _embedder_for(classifier: SklearnDifficultyClassifier) -> tuple[str, int]:
 
 def operating_point(args: argparse.Namespace) -> tuple[OperatingPoint | None, str]:
     """The operating point to report at, and where it came from."""
+    if args.threshold is not None:  # the threshold itself is given: no target chose it
+        return None, "command line threshold"
     if args.quality is not None:
         return OperatingPoint(quality=args.quality), "command line"
     if args.strong_fraction is not None:
         return OperatingPoint(strong_fraction=args.strong_fraction), "command line"
     if args.max_cost_ratio is not None:
         return OperatingPoint(cost_ratio=args.max_cost_ratio), "command line"
-    configured = load_settings(args.config).classifier.operating_point()
+    try:
+        configured = load_settings(args.config).classifier.operating_point()
+    except ConfigError as error:
+        raise DataFileError(f"--config: {error}") from error
     return configured, "settings" if configured is not None else "model default"
 
 
 @exits_2_on_data_error
 def run(args: argparse.Namespace) -> int:
     rows = read_routing_rows([Path(p) for p in args.data])
+    point, source = operating_point(args)  # a bad --config is reported before minutes of scoring
     try:
         classifier = load_classifier(Path(args.artifact) if args.artifact else None)
     except ClassifierArtifactError as error:
@@ -102,9 +108,8 @@ def run(args: argparse.Namespace) -> int:
     cache = Path(args.embedding_cache) if args.embedding_cache else None
     embeddings = embed_prompts(embedder, [r.prompt for r in rows], cache)
     scores, p50_us = timed_scores(classifier, embeddings, rows)
-    point, source = operating_point(args)
     if args.threshold is not None:
-        threshold, source = args.threshold, "command line threshold"
+        threshold = args.threshold
     elif point is not None:
         threshold = classifier.threshold_for(point)
     else:

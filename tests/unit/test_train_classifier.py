@@ -361,6 +361,31 @@ def test_eval_router_reports_at_the_operating_point_asked_for_and_says_where_it_
     assert configured["strong_fraction"] == 1.0
 
 
+def test_eval_router_reports_a_bad_config_before_scoring_and_a_given_threshold_as_no_target(
+    trained_artifact: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = trained_artifact.parent.parent / "routing.jsonl"
+    argv = ["--data", str(data), "--artifact", str(trained_artifact)]
+    # --threshold sets the cut itself: reporting --quality's target beside it was wrong.
+    given = _eval([*argv, "--threshold", "0.1", "--quality", "0.9"], capsys)
+    assert (given["operating_point"], given["threshold"]) == (None, 0.1)
+    assert given["operating_point_from"] == "command line threshold"
+    # The config was read only after every prompt was embedded and scored (minutes on real
+    # data), and then as a traceback through `python -m routecache.training.eval_router`.
+    config = tmp_path / "settings.toml"
+    config.write_text("[classifier]\ntarget_strong_fraction = 2.0\n")
+
+    def must_not_embed(*_: object) -> None:
+        raise AssertionError("embedded before the config was read")
+
+    monkeypatch.setattr(eval_router, "embed_prompts", must_not_embed)
+    assert eval_router.main([*argv, "--config", str(config)]) == 2
+    assert capsys.readouterr().err.startswith("routecache: --config: ")
+
+
 def test_eval_router_source_slices_split_the_rows_at_the_reported_threshold(
     trained_artifact: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
