@@ -17,16 +17,16 @@ For each it reports the AUC and the best recall a threshold chosen with hindsigh
 false-hit rate (wrong hits / lookups), on the calibration 15% and on dev, for the logit alone and
 for the logit + bi-encoder cosine joined by a logistic model fitted on the calibration slice.
 Hindsight recall is an upper bound on what a calibrated threshold keeps (docs/cache-verifier.md).
-For speed on a GPU the pairs are tokenised once and the forward pass runs under bf16 autocast;
-on the 2-core CPU one recipe takes one to three hours, on an H200 one to three minutes.
+Training is training/cross_encoder.py's own (on a GPU when torch sees one): on the 2-core CPU one
+recipe takes one to three hours, on an H200 one to three minutes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -39,8 +39,9 @@ import numpy.typing as npt
 from routecache.cache.embedder import packaged_minilm_path
 from routecache.training.cross_encoder import (
     MAX_PAIR_TOKENS,
+    TrainingPlan,
     build_module,
-    length_batches,
+    train_cross_encoder,
     training_device,
 )
 from routecache.training.pair_data import (
@@ -58,7 +59,6 @@ RECIPES: dict[str, dict[str, Any]] = {
     "longer": {"epochs": 4, "augmented": False},
     "augmented-longer": {"epochs": 4, "augmented": True},
 }
-Encoded = list[tuple[list[int], list[int]]]
 
 
 def implied_pairs(
@@ -105,68 +105,29 @@ def implied_pairs(
     return extra
 
 
-def encode(tokenizer: Any, first: Sequence[str], second: Sequence[str]) -> Encoded:
-    e = tokenizer(list(first), list(second), truncation=True, max_length=MAX_PAIR_TOKENS)
-    return list(zip(e["input_ids"], e["token_type_ids"], strict=True))
-
-
-def collate(items: Encoded, device: str) -> dict[str, Any]:
+def train(pairs: Sequence[LabelledPair], epochs: int, device: str, work: Path) -> Any:
+    """The cross-encoder `train-verifier` would train on these pairs, ready to score."""
     import torch
 
-    width = max(len(ids) for ids, _ in items)
-    ids = torch.zeros((len(items), width), dtype=torch.long)
-    types, mask = torch.zeros_like(ids), torch.zeros_like(ids)
-    for row, (tokens, token_types) in enumerate(items):
-        ids[row, : len(tokens)] = torch.tensor(tokens)
-        types[row, : len(tokens)] = torch.tensor(token_types)
-        mask[row, : len(tokens)] = 1
-    return {"input_ids": ids.to(device), "token_type_ids": types.to(device),
-            "attention_mask": mask.to(device)}  # fmt: skip
-
-
-def train(pairs: Sequence[LabelledPair], epochs: int, tokenizer: Any, device: str) -> Any:
-    """training/cross_encoder.py's loop (same optimiser, schedule, clipping, random order),
-    with the pairs tokenised once and bf16 autocast on a GPU."""
-    import torch
-
-    torch.manual_seed(13)
-    rng = random.Random(13)
-    forward = encode(tokenizer, [p.query for p in pairs], [p.cached for p in pairs])
-    backward = encode(tokenizer, [p.cached for p in pairs], [p.query for p in pairs])
-    labels = torch.tensor([float(p.duplicate) for p in pairs])
-    module = build_module(packaged_minilm_path()).to(device).train()
-    optimiser = torch.optim.AdamW(module.parameters(), lr=4e-5, weight_decay=0.01)
-    total = math.ceil(len(pairs) / 32) * epochs
-    warmup = max(1, int(total * 0.1))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / (total - warmup)))
-    )
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    lengths = [len(ids) for ids, _ in forward]
-    for _ in range(epochs):
-        for batch in length_batches(lengths, 32, rng):
-            items = [backward[i] if rng.random() < 0.5 else forward[i] for i in batch]
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-                logits = module(**collate(items, device))
-            loss = loss_fn(logits.float(), labels[batch].to(device))
-            optimiser.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-            optimiser.step()
-            schedule.step()
-    return module.eval()
+    plan = TrainingPlan(epochs=epochs, device=device)
+    weights = train_cross_encoder(pairs, packaged_minilm_path(), work, plan)
+    module = build_module(packaged_minilm_path())
+    module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return module.to(device).eval()
 
 
 def logits(module: Any, tokenizer: Any, pairs: Sequence[LabelledPair], device: str) -> Any:
+    """The (query, cached) logit of every pair, in batches of similar length."""
     import torch
 
-    encoded = encode(tokenizer, [p.query for p in pairs], [p.cached for p in pairs])
     out = np.zeros(len(pairs), dtype=np.float64)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].query) + len(pairs[i].cached))
     with torch.no_grad():
         for start in range(0, len(order), 256):
             rows = order[start : start + 256]
-            batch = collate([encoded[i] for i in rows], device)
+            batch = tokenizer([pairs[i].query for i in rows], [pairs[i].cached for i in rows],
+                              padding=True, truncation=True, max_length=MAX_PAIR_TOKENS,
+                              return_tensors="pt").to(device)  # fmt: skip
             out[rows] = module(**batch).float().cpu().numpy()
     return out
 
@@ -235,8 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     scored: list[tuple[npt.NDArray[Any], npt.NDArray[Any]]] = []
     for name in args.recipes.split(","):
         recipe, started = RECIPES[name], time.perf_counter()
-        module = train([*fit, *extra] if recipe["augmented"] else fit, recipe["epochs"],
-                       tokenizer, device)  # fmt: skip
+        with tempfile.TemporaryDirectory() as work:
+            module = train([*fit, *extra] if recipe["augmented"] else fit, recipe["epochs"],
+                           device, Path(work))  # fmt: skip
         cal, dv = (logits(module, tokenizer, s, device) for s in (calibration, dev))
         scored.append((cal, dv))
         print(report.line(name, cal, dv, time.perf_counter() - started), flush=True)
