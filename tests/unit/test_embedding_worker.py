@@ -35,6 +35,17 @@ class RecordingEmbedder(HashEmbedder):
         return super().encode(texts)
 
 
+async def held_in_a_pass(
+    embedder: RecordingEmbedder,
+) -> tuple[EmbeddingWorker, asyncio.Future[npt.NDArray[np.float32]]]:
+    """A worker whose encoder is inside a pass on one text, held there until the gate is set."""
+    worker = EmbeddingWorker(embedder)
+    embedder.gate.clear()
+    busy = asyncio.ensure_future(worker.embed("keeps the encoder busy"))
+    await asyncio.sleep(0.05)
+    return worker, busy
+
+
 async def test_requests_waiting_behind_a_pass_go_into_the_next_pass_together() -> None:
     embedder = RecordingEmbedder()
     worker = EmbeddingWorker(embedder, BatchPolicy(max_batch=32))
@@ -103,10 +114,7 @@ async def test_an_encoder_error_reaches_the_callers_and_the_worker_recovers(
 
 async def test_a_caller_that_gave_up_is_not_encoded() -> None:
     embedder = RecordingEmbedder()
-    worker = EmbeddingWorker(embedder)
-    embedder.gate.clear()
-    busy = asyncio.ensure_future(worker.embed("keeps the encoder busy"))
-    await asyncio.sleep(0.05)
+    worker, busy = await held_in_a_pass(embedder)
     abandoned = asyncio.ensure_future(worker.embed("nobody waits for me"))
     await asyncio.sleep(0.01)
     abandoned.cancel()
@@ -151,10 +159,7 @@ async def test_a_request_arriving_within_the_max_wait_joins_the_same_pass() -> N
 
 async def test_pending_counts_the_texts_in_the_encoder_and_those_queued_behind_it() -> None:
     embedder = RecordingEmbedder()
-    worker = EmbeddingWorker(embedder)
-    embedder.gate.clear()
-    busy = asyncio.ensure_future(worker.embed("keeps the encoder busy"))
-    await asyncio.sleep(0.05)
+    worker, busy = await held_in_a_pass(embedder)
     queued = [asyncio.ensure_future(worker.embed(f"queued question {i}")) for i in range(2)]
     await asyncio.sleep(0.01)
     assert worker.pending == 3
@@ -166,10 +171,7 @@ async def test_pending_counts_the_texts_in_the_encoder_and_those_queued_behind_i
 
 async def test_closing_cancels_the_callers_still_queued() -> None:
     embedder = RecordingEmbedder()
-    worker = EmbeddingWorker(embedder)
-    embedder.gate.clear()
-    busy = asyncio.ensure_future(worker.embed("keeps the encoder busy"))
-    await asyncio.sleep(0.05)
+    worker, busy = await held_in_a_pass(embedder)
     queued = asyncio.ensure_future(worker.embed("still waiting"))
     await asyncio.sleep(0.01)
     worker.close()
@@ -183,11 +185,8 @@ async def test_closing_cancels_the_callers_still_queued() -> None:
 
 async def test_an_error_in_one_bucket_leaves_the_other_buckets_of_that_drain_answered() -> None:
     embedder = RecordingEmbedder()
-    worker = EmbeddingWorker(embedder)
     embedder.fail_on = "boom"
-    embedder.gate.clear()
-    busy = asyncio.ensure_future(worker.embed("keeps the encoder busy"))
-    await asyncio.sleep(0.05)
+    worker, busy = await held_in_a_pass(embedder)
     failing = asyncio.ensure_future(worker.embed("boom"))
     long = asyncio.ensure_future(worker.embed("a much longer question " * 10))
     await asyncio.sleep(0.01)
