@@ -185,6 +185,17 @@ async def test_a_call_cut_short_by_its_deadline_is_reported_as_cancelled(streame
     assert telemetry.upstream == [("hanging-model", "cancelled")]
 
 
+async def test_a_stream_the_caller_stops_reading_is_reported_as_cancelled() -> None:
+    # The caller leaving between deltas closes the stream (GeneratorExit, not CancelledError):
+    # the call went unreported, in neither the latency nor the error series.
+    telemetry = RecordingTelemetry()
+    metered = MeteredUpstream(FakeUpstream("chatty-model"), telemetry)
+    deltas = metered.stream([Message(Role.USER, "tell me more")], GenerationParams())
+    assert await anext(deltas) == "answer "
+    await deltas.aclose()
+    assert telemetry.upstream == [("chatty-model", "cancelled")]
+
+
 async def test_a_callers_unnamed_validator_is_labelled_by_its_kind_too() -> None:
     harness = make_harness(score=0.2)
     pipeline, telemetry = harness.service.pipeline, harness.telemetry
