@@ -109,6 +109,22 @@ async def test_rotate_says_until_when_the_old_key_stays_valid(
     assert f"old key {second}: expired at 20" in out and "until" not in out
 
 
+async def test_a_rotation_overlap_past_the_platforms_dates_still_shows_the_new_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # time.gmtime overflowed after the rotation was written: a traceback instead of the new
+    # key, which was then registered but never shown, and every later `keys list` failed too.
+    registry = ("--registry", str(tmp_path / "keys.json"))
+    assert await keys_cli(*registry, "--json", "add", "--tenant", "acme") == 0
+    first = json.loads(capsys.readouterr().out)["key_id"]
+    assert await keys_cli(*registry, "rotate", first, "--overlap-seconds", "1e300") == 0
+    out = capsys.readouterr().out
+    assert "api key (shown once; only its SHA-256 is kept): rck_" in out
+    assert f"old key {first}: rotating, valid until 1e+300 (unix time)" in out
+    assert await keys_cli(*registry, "list") == 0
+    assert "expires 1e+300 (unix time)" in capsys.readouterr().out
+
+
 async def test_keys_are_stored_hashed_and_never_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
