@@ -48,3 +48,19 @@ async def test_callers_left_by_a_cancelled_maker_share_one_new_call() -> None:
     assert calls == [0, 1]  # the maker's, then one more for the three it left
     assert sorted(shared for _, shared in results) == [False, True, True]
     assert {answer for answer, _ in results} == {"answer 2"}
+
+
+async def test_by_default_a_shared_calls_failure_is_every_sharers_failure() -> None:
+    flight: SingleFlight[str] = SingleFlight()
+    gate, calls = asyncio.Event(), []
+
+    async def fails() -> str:
+        calls.append(1)
+        await gate.wait()
+        raise RuntimeError("upstream down")
+
+    callers = [asyncio.create_task(flight.run("k", fails)) for _ in range(3)]
+    await asyncio.sleep(0)
+    gate.set()
+    results = await asyncio.gather(*callers, return_exceptions=True)
+    assert calls == [1] and all(isinstance(r, RuntimeError) for r in results)
