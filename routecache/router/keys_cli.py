@@ -170,4 +170,7 @@ def _print(args: argparse.Namespace, out: dict[str, object]) -> None:
 def _when(ts: object) -> str:
     if not isinstance(ts, float | int):
         return "-"
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    except (OverflowError, OSError, ValueError):  # a huge overlap, past the platform's time_t
+        return f"{ts:g} (unix time)"

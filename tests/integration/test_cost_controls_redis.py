@@ -7,6 +7,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -269,6 +270,49 @@ async def test_a_key_change_made_over_another_admins_write_is_made_again_on_top_
         assert retired.revoked_at == clock() and retired.expires_at == clock() + 60
     finally:
         other_admin.close()
+        await link.aclose()
+
+
+async def test_while_redis_is_down_a_key_last_seen_valid_stays_valid_and_no_other_does(
+    own_redis_server: RedisServer,
+) -> None:
+    link, clock = link_to(own_redis_server), ManualClock()
+    assert await link.connect()
+    try:
+        registry = RedisKeyRegistry(link, KeySpace())
+        _, kept = await add_key(registry, "acme", clock())
+        _, dropped = await add_key(registry, "acme", clock())
+        assert await registry.find(kept.sha256) == kept
+        assert await registry.find(dropped.sha256) == dropped
+        await link.client.hdel(KeySpace().api_keys, dropped.sha256)  # gone from the registry
+        assert await registry.find(dropped.sha256) is None
+        own_redis_server.kill()
+        assert await registry.find(kept.sha256) == kept
+        assert await registry.find(dropped.sha256) is None  # its absence was seen last
+        assert await registry.find("0" * 64) is None
+    finally:
+        await link.aclose()
+
+
+async def test_keys_with_a_redis_config_go_where_its_replicas_read_them(
+    redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # keys.source = auto on the Redis backend: the store's URL and key prefix, not the
+    # --redis-url / --key-prefix defaults.
+    config = tmp_path / "rc.toml"
+    config.write_text(f'[store]\nbackend = "redis"\nredis_url = "{redis_server.url}"\n'
+                      'key_prefix = "other"\n[[tenants]]\nname = "acme"\n')  # fmt: skip
+    args = build_parser().parse_args(["keys", "--config", str(config), "--json", "add",
+                                      "--tenant", "acme"])  # fmt: skip
+    assert await run_keys(args) == 0
+    added = json.loads(capsys.readouterr().out)
+    link = link_to(redis_server)
+    assert await link.connect()
+    try:
+        found = await RedisKeyRegistry(link, KeySpace("other")).records()
+        assert [r.key_id for r in found] == [added["key_id"]]
+        assert await RedisKeyRegistry(link, KeySpace()).records() == []
+    finally:
         await link.aclose()
 
 

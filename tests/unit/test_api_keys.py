@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from routecache.domain import Tenant
 from routecache.errors import Unauthenticated
 from routecache.router.auth import ApiKeyAuthenticator, hash_api_key
 from routecache.router.bootstrap import build_tenants
@@ -17,12 +21,14 @@ from routecache.router.keyring import (
     FileKeyRegistry,
     KeyRecord,
     add_key,
+    new_api_key,
     revoke_key,
     rotate_key,
 )
 from routecache.router.keys_cli import run_keys
 from routecache.router.settings import ConfigError, load_settings
 from tests.fakes import ManualClock, RevokedAfterFirstRead
+from tests.redis_fixture import free_port
 from tests.unit.conftest import make_harness
 from tests.unit.test_pipeline import ask
 
@@ -101,6 +107,22 @@ async def test_rotate_says_until_when_the_old_key_stays_valid(
     assert await keys_cli(*registry, "rotate", second, "--overlap-seconds", "0") == 0
     out = capsys.readouterr().out
     assert f"old key {second}: expired at 20" in out and "until" not in out
+
+
+async def test_a_rotation_overlap_past_the_platforms_dates_still_shows_the_new_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # time.gmtime overflowed after the rotation was written: a traceback instead of the new
+    # key, which was then registered but never shown, and every later `keys list` failed too.
+    registry = ("--registry", str(tmp_path / "keys.json"))
+    assert await keys_cli(*registry, "--json", "add", "--tenant", "acme") == 0
+    first = json.loads(capsys.readouterr().out)["key_id"]
+    assert await keys_cli(*registry, "rotate", first, "--overlap-seconds", "1e300") == 0
+    out = capsys.readouterr().out
+    assert "api key (shown once; only its SHA-256 is kept): rck_" in out
+    assert f"old key {first}: rotating, valid until 1e+300 (unix time)" in out
+    assert await keys_cli(*registry, "list") == 0
+    assert "expires 1e+300 (unix time)" in capsys.readouterr().out
 
 
 async def test_keys_are_stored_hashed_and_never_logged(
@@ -232,18 +254,20 @@ def test_a_redis_url_without_a_scheme_is_a_usage_error(
 
 
 @pytest.mark.parametrize(
-    "content", ["not json", "[1, 2]", ""], ids=["not JSON", "not an object", "empty"]
+    "content",
+    [b"not json", b"[1, 2]", b"", b"\xff\xfe{}"],
+    ids=["not JSON", "not an object", "empty", "not UTF-8"],
 )
 def test_a_damaged_registry_file_is_one_line_and_exit_2(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes
 ) -> None:
     registry = tmp_path / "keys.json"
-    registry.write_text(content)
+    registry.write_bytes(content)
     for action in (["list"], ["add", "--tenant", "acme"]):
         assert main(["keys", "--registry", str(registry), *action]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"routecache: key registry {registry}: ")
-    assert registry.read_text() == content
+    assert registry.read_bytes() == content
 
 
 def test_a_registry_in_an_unwritable_place_is_one_line_and_exit_2(
@@ -268,3 +292,167 @@ def test_the_service_refuses_to_start_on_a_damaged_registry_file(tmp_path: Path)
     registry.write_text("not json")
     with pytest.raises(ConfigError, match=r"keys\.registry_path: key registry .*keys\.json"):
         make_harness(service={"keys": {"registry_path": str(registry)}})
+
+
+async def test_a_key_given_to_add_is_the_one_registered(tmp_path: Path) -> None:
+    plain, record = await add_key(FileKeyRegistry(tmp_path / "k.json"), "acme", 0.0, "given")
+    assert plain == "given" and record.sha256 == hash_api_key("given")
+
+
+def test_a_new_key_carries_256_random_bits() -> None:
+    keys = {new_api_key() for _ in range(100)}
+    assert len(keys) == 100
+    assert all(k.startswith("rck_") and len(k) == len("rck_") + 43 for k in keys)
+
+
+def _age(path: Path, seconds: float = 10.0) -> int:
+    """Sets the file's mtime `seconds` back, past the racy window; returns it."""
+    mtime = path.stat().st_mtime_ns - int(seconds * 1e9)
+    os.utime(path, ns=(mtime, mtime))
+    return mtime
+
+
+async def test_a_registry_file_changed_after_a_quiet_while_is_read_again(tmp_path: Path) -> None:
+    path, clock = tmp_path / "keys.json", ManualClock()
+    auth, admin = authenticator(path, clock), FileKeyRegistry(path)
+    plain, record = await add_key(admin, "acme", clock())
+    _age(path)
+    assert (await auth.resolve(plain)).name == "acme"  # read, and trusted from now on
+    await revoke_key(admin, record.key_id, clock())
+    with pytest.raises(Unauthenticated):
+        await auth.resolve(plain)
+
+
+@pytest.mark.parametrize("how", ["in place, another size", "replaced, the same size"])
+async def test_a_registry_file_changed_under_its_old_mtime_is_read_again(
+    tmp_path: Path, how: str
+) -> None:
+    # Same mtime (a restored backup, a copy keeping times): the size or the inode tells.
+    path = tmp_path / "keys.json"
+    registry = FileKeyRegistry(path)
+    _, record = await add_key(registry, "acme", 0.0, api_key="k")
+    mtime = _age(path)
+    assert await registry.find(record.sha256) == record
+    if how == "in place, another size":
+        _rewrite_in_place(path, '"acme"', '"globex"')
+        tenant = "globex"
+    else:
+        copy = tmp_path / "copy.json"
+        copy.write_text(path.read_text().replace('"acme"', '"abcd"'))
+        os.replace(copy, path)
+        tenant = "abcd"
+    os.utime(path, ns=(mtime, mtime))
+    found = await registry.find(record.sha256)
+    assert found is not None and found.tenant == tenant
+
+
+async def test_an_empty_registry_object_holds_no_keys(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text("{}")
+    registry = FileKeyRegistry(path)
+    assert await registry.records() == [] and await registry.find("0" * 64) is None
+
+
+async def test_a_registry_in_a_folder_not_made_yet_is_made(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "keys.json"
+    _, record = await add_key(FileKeyRegistry(path), "acme", 0.0)
+    assert await FileKeyRegistry(path).records() == [record]
+
+
+async def test_a_failed_write_leaves_the_registry_and_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "keys.json"
+    registry = FileKeyRegistry(path)
+    _, kept = await add_key(registry, "acme", 0.0)
+
+    def full_disk(src: str, dst: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        await add_key(registry, "acme", 1.0)
+    assert await registry.records() == [kept]
+    assert sorted(os.listdir(tmp_path)) == ["keys.json", "keys.json.lock"]
+
+
+def test_an_admin_write_waits_for_another_admins_change_and_keeps_it(tmp_path: Path) -> None:
+    # Two `routecache keys` runs at once: the second one's write must not be made over a
+    # read the first one is about to replace, or one of the two changes is lost.
+    path = tmp_path / "keys.json"
+    _, record = asyncio.run(add_key(FileKeyRegistry(path), "acme", 0.0))
+    inside, leave = threading.Event(), threading.Event()
+
+    def revoke_slowly(current: KeyRecord) -> KeyRecord:
+        inside.set()
+        leave.wait(5)
+        return replace(current, revoked_at=1.0)
+
+    first = threading.Thread(
+        target=lambda: asyncio.run(FileKeyRegistry(path).update(record.key_id, revoke_slowly))
+    )
+    second = threading.Thread(
+        target=lambda: asyncio.run(add_key(FileKeyRegistry(path), "globex", 2.0))
+    )
+    first.start()
+    assert inside.wait(5)
+    second.start()
+    second.join(0.2)
+    assert second.is_alive()  # held by the first admin's lock
+    leave.set()
+    first.join(5)
+    second.join(5)
+    records = {r.tenant: r for r in asyncio.run(FileKeyRegistry(path).records())}
+    assert set(records) == {"acme", "globex"} and records["acme"].revoked_at == 1.0
+
+
+def test_one_api_key_digest_for_two_tenants_is_refused() -> None:
+    acme, globex = Tenant("acme", None, 0.9, 3600), Tenant("globex", None, 0.9, 3600)
+    with pytest.raises(ValueError, match="two tenants"):
+        ApiKeyAuthenticator([(acme, [hash_api_key("k")]), (globex, [hash_api_key("k")])])
+
+
+def test_a_static_key_check_refuses_an_unknown_key() -> None:
+    auth = ApiKeyAuthenticator([(Tenant("acme", None, 0.9, 3600), [hash_api_key("right")])])
+    assert auth.authenticate("right").name == "acme"
+    with pytest.raises(Unauthenticated, match="unknown API key"):
+        auth.authenticate("wrong")
+
+
+def test_the_cli_refuses_a_tenant_name_no_config_could_hold(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry = tmp_path / "keys.json"
+    assert main(["keys", "--registry", str(registry), "add", "--tenant", "a b"]) == 2
+    assert "names are 1-64 of" in capsys.readouterr().err and not registry.exists()
+
+
+def test_a_config_whose_registry_source_is_none_names_no_registry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "rc.toml"
+    config.write_text(f'[keys]\nsource = "none"\nregistry_path = "{tmp_path / "k.json"}"\n'
+                      '[[tenants]]\nname = "acme"\n')  # fmt: skip
+    assert main(["keys", "--config", str(config), "add", "--tenant", "acme"]) == 2
+    assert "names no key registry" in capsys.readouterr().err
+    assert not (tmp_path / "k.json").exists()
+
+
+async def test_list_shows_the_keys_of_the_tenant_asked_for_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry = ("--registry", str(tmp_path / "keys.json"), "--json")
+    for tenant in ("acme", "globex", "acme"):
+        assert await keys_cli(*registry, "add", "--tenant", tenant) == 0
+    capsys.readouterr()
+    assert await keys_cli(*registry, "list", "--tenant", "acme") == 0
+    assert [k["tenant"] for k in json.loads(capsys.readouterr().out)["keys"]] == ["acme", "acme"]
+
+
+def test_an_unreachable_redis_registry_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    port = free_port()  # nothing listens there
+    assert main(["keys", "--redis-url", f"redis://:s3cret@127.0.0.1:{port}/0", "list"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"routecache: cannot reach Redis at 127.0.0.1:{port}/0\n"  # no password

@@ -69,3 +69,42 @@ def test_released_probe_frees_its_slot() -> None:
 def test_bad_parameters_are_refused(parameters: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="failure_threshold"):
         CircuitBreaker(**parameters)  # type: ignore[arg-type]
+
+
+def test_a_breaker_a_probe_closed_lets_a_probe_through_when_it_opens_again() -> None:
+    # The probe's slot must be given back when it closes the breaker: held over, it would
+    # count against the next half-open period, which would then shed every call for good.
+    clock = ManualClock()
+    b = breaker(clock, threshold=1)
+    b.record_failure()
+    clock.advance(10.0)
+    assert b.allow()
+    b.record_success()
+    b.record_failure()
+    clock.advance(10.0)
+    assert b.state is BreakerState.HALF_OPEN and b.allow()
+
+
+def test_releases_while_closed_bank_no_extra_probes() -> None:
+    # A refused (4xx) or cancelled call releases whatever the state; when closed there is
+    # no slot to give back, and the later half-open period still lets one probe through.
+    clock = ManualClock()
+    b = breaker(clock, threshold=1)
+    b.release()
+    b.release()
+    b.record_failure()
+    clock.advance(10.0)
+    assert b.allow()
+    assert not b.allow()
+
+
+def test_the_wait_for_a_probe_is_never_negative() -> None:
+    clock = ManualClock()
+    b = breaker(clock, threshold=1)
+    assert b.seconds_until_probe() == 0.0
+    b.record_failure()
+    clock.advance(4.0)
+    assert b.seconds_until_probe() == pytest.approx(6.0)
+    clock.advance(20.0)  # half-open, its probe out: the failover's message says 0.0s
+    assert b.allow() and not b.allow()
+    assert b.seconds_until_probe() == 0.0

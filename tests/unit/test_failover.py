@@ -26,7 +26,7 @@ from routecache.router.budget import Period
 from routecache.router.events import InMemoryEventLog
 from routecache.router.ports import Pricing
 from routecache.router.upstream.breaker import BreakerState, CircuitBreaker
-from routecache.router.upstream.failover import AllProvidersFailed, Failover, Provider
+from routecache.router.upstream.failover import AllProvidersFailed, Failover, OpenedStream, Provider
 from tests.fakes import FakeUpstream, ManualClock
 from tests.unit.conftest import KEYS, unit_settings
 
@@ -409,3 +409,154 @@ async def test_no_provider_is_tried_without_the_reserve_left_before_the_deadline
         await failover.complete(request, Tier.CHEAP, deadline)
     assert cheap.calls == [] and strong.calls == []
     assert failed.value.out_of_time == deadline
+
+
+class Stalling(FakeUpstream):
+    """Streams `deltas`, then hangs until cancelled; records whether its stream was closed."""
+
+    def __init__(self, model_id: str, deltas: Sequence[str]) -> None:
+        super().__init__(model_id)
+        self.deltas, self.closed = list(deltas), False
+
+    async def stream(
+        self, messages: Sequence[Message], params: GenerationParams
+    ) -> AsyncIterator[str]:
+        try:
+            for delta in self.deltas:
+                yield delta
+            await asyncio.Event().wait()
+        finally:
+            self.closed = True
+
+
+def stalling_failover(clock: ManualClock, upstream: FakeUpstream, probes: int = 1) -> Failover:
+    """`upstream` as the only cheap provider, its breaker half-open (`probes` slots)."""
+    breaker = CircuitBreaker(failure_threshold=1, open_seconds=30, half_open_probes=probes,
+                             clock=clock)  # fmt: skip
+    breaker.record_failure()
+    clock.advance(30)
+    strong = Provider("strong", FakeUpstream("strong-model"), Pricing(1.0, 1.0), CircuitBreaker())
+    cheap = Provider("cheap", upstream, Pricing(1.0, 1.0), breaker)
+    return Failover({Tier.CHEAP: [cheap], Tier.STRONG: [strong]}, clock=clock, reserve_seconds=0.5)
+
+
+REQUEST = ChatRequest(messages=(Message(Role.USER, "two words"),))
+
+
+async def test_a_provider_that_hangs_past_its_budget_counts_against_its_breaker() -> None:
+    clock = ManualClock()
+    failover, cheap, _, breaker = chains(clock)
+    cheap.gate = asyncio.Event()  # never answers
+    done = await asyncio.wait_for(failover.complete(REQUEST, Tier.CHEAP, clock() + 0.6), 5)
+    assert done.provider.name == "strong"
+    assert "no answer within 0.10s" in done.failures[0]
+    assert breaker.state is BreakerState.OPEN  # a hang is a failure, like a 503
+
+
+async def test_a_probe_refused_as_a_bad_request_frees_its_slot() -> None:
+    clock = ManualClock()
+    failover, cheap, _, breaker = chains(clock)
+    breaker.record_failure()
+    clock.advance(30)
+    cheap.fail_with = UpstreamError("HTTP 400 Bad Request", retryable=False)
+    done = await failover.complete(REQUEST, Tier.CHEAP, clock() + 10)
+    assert cheap.calls == ["two words"] and done.provider.name == "strong"
+    assert breaker.allow()  # no verdict on the provider, and its probe slot is free again
+
+
+async def test_a_probe_whose_caller_is_cancelled_frees_its_slot() -> None:
+    clock = ManualClock()
+    failover, cheap, _, breaker = chains(clock)
+    breaker.record_failure()
+    clock.advance(30)
+    cheap.gate = asyncio.Event()
+    call = asyncio.create_task(failover.complete(REQUEST, Tier.CHEAP, clock() + 10))
+    await asyncio.sleep(0.01)
+    assert cheap.calls and not breaker.allow()  # the probe is out
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert breaker.allow()
+
+
+async def test_a_probe_stream_read_to_its_end_closes_the_breaker() -> None:
+    clock = ManualClock()
+    failover, _, _, breaker = chains(clock)
+    breaker.record_failure()
+    clock.advance(30)
+    opened = await failover.open_stream(REQUEST, Tier.CHEAP, clock() + 10)
+    assert [d async for d in failover.deltas(opened, clock() + 10)] == ["answer ", "to ", "two ",
+                                                                         "words "]  # fmt: skip
+    assert breaker.state is BreakerState.CLOSED
+
+
+async def test_a_stream_that_stalls_midway_ends_unavailable_at_the_deadline() -> None:
+    clock = ManualClock()
+    stalling = Stalling("stalling-model", ["first ", "second "])
+    failover = stalling_failover(clock, stalling)
+    breaker = failover.chain(Tier.CHEAP)[0][1].breaker
+    deadline = clock() + 0.7
+    opened = await failover.open_stream(REQUEST, Tier.CHEAP, deadline)
+    received: list[str] = []
+    with pytest.raises(Unavailable, match=r"broke after 13 characters: .*within 0\.70s"):
+        async with asyncio.timeout(5):
+            async for delta in failover.deltas(opened, deadline):
+                received.append(delta)
+    assert received == ["first ", "second "] and stalling.closed
+    assert breaker.state is BreakerState.OPEN  # the stalled probe failed
+
+
+async def test_a_stream_the_caller_stops_reading_is_closed_upstream() -> None:
+    clock = ManualClock()
+    stalling = Stalling("stalling-model", ["first ", "second "])
+    failover = stalling_failover(clock, stalling)
+    opened = await failover.open_stream(REQUEST, Tier.CHEAP, clock() + 10)
+    deltas = failover.deltas(opened, clock() + 10)
+    assert await anext(deltas) == "first "
+    await deltas.aclose()
+    assert stalling.closed  # its connection goes back now, not when collected
+
+
+async def test_a_probe_stream_cancelled_midway_frees_its_own_slot_only() -> None:
+    clock = ManualClock()
+    stalling = Stalling("stalling-model", ["first "])
+    failover = stalling_failover(clock, stalling, probes=2)
+    breaker = failover.chain(Tier.CHEAP)[0][1].breaker
+    first = await failover.open_stream(REQUEST, Tier.CHEAP, clock() + 10)
+    await failover.open_stream(REQUEST, Tier.CHEAP, clock() + 10)  # the other probe, still out
+
+    async def read(opened: OpenedStream) -> None:
+        async for _ in failover.deltas(opened, clock() + 10):
+            pass
+
+    reading = asyncio.create_task(read(first))
+    await asyncio.sleep(0.01)  # waiting on the stalled stream
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    assert breaker.allow()
+    assert not breaker.allow()  # the second probe still holds its slot
+
+
+async def test_the_deadline_exactly_at_the_reserve_tries_no_provider() -> None:
+    clock = ManualClock()
+    failover, cheap, strong, breaker = chains(clock)
+    deadline = clock() + 0.5  # exactly the reserve: no time left for any provider
+    with pytest.raises(AllProvidersFailed, match="not tried, the deadline") as failed:
+        await failover.complete(REQUEST, Tier.CHEAP, deadline)
+    assert cheap.calls == [] and strong.calls == [] and breaker.state is BreakerState.CLOSED
+    assert failed.value.out_of_time == deadline
+
+
+def test_a_failover_needs_a_provider_for_every_tier() -> None:
+    cheap = Provider("cheap", FakeUpstream("cheap-model"), Pricing(1.0, 1.0), CircuitBreaker())
+    with pytest.raises(ValueError, match=r"no provider for tier.*strong"):
+        Failover({Tier.CHEAP: [cheap], Tier.STRONG: []})
+
+
+def test_a_provider_in_both_chains_is_listed_once() -> None:
+    # providers() is what is closed at stop and what the breaker gauges watch.
+    shared = Provider("shared", FakeUpstream("m"), Pricing(1.0, 1.0), CircuitBreaker())
+    cheap = Provider("cheap", FakeUpstream("c"), Pricing(1.0, 1.0), CircuitBreaker())
+    failover = Failover({Tier.CHEAP: [cheap, shared], Tier.STRONG: [shared]})
+    assert [p.name for p in failover.providers()] == ["cheap", "shared"]

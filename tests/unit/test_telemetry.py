@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -183,6 +183,67 @@ async def test_a_call_cut_short_by_its_deadline_is_reported_as_cancelled(streame
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(call(), timeout=0.05)
     assert telemetry.upstream == [("hanging-model", "cancelled")]
+
+
+async def test_a_stream_the_caller_stops_reading_is_reported_as_cancelled() -> None:
+    # The caller leaving between deltas closes the stream (GeneratorExit, not CancelledError):
+    # the call went unreported, in neither the latency nor the error series.
+    telemetry = RecordingTelemetry()
+    metered = MeteredUpstream(FakeUpstream("chatty-model"), telemetry)
+    deltas = metered.stream([Message(Role.USER, "tell me more")], GenerationParams())
+    assert await anext(deltas) == "answer "
+    await deltas.aclose()
+    assert telemetry.upstream == [("chatty-model", "cancelled")]
+
+
+@dataclass
+class TimedTelemetry(RecordingTelemetry):
+    """Also keeps the seconds of each upstream call."""
+
+    seconds: list[float] = field(default_factory=list)
+
+    def upstream_call(self, model: str, seconds: float, error: str | None) -> None:
+        super().upstream_call(model, seconds, error)
+        self.seconds.append(seconds)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_each_upstream_call_is_reported_with_its_outcome_and_duration(
+    streamed: bool,
+) -> None:
+    telemetry = TimedTelemetry()
+    upstream = FakeUpstream("model", gate=asyncio.Event())
+    metered = MeteredUpstream(upstream, telemetry)
+    messages, params = [Message(Role.USER, "hello")], GenerationParams()
+
+    async def call() -> None:
+        if streamed:
+            assert [d async for d in metered.stream(messages, params)] == ["answer ", "to ",
+                                                                           "hello "]  # fmt: skip
+        else:
+            await metered.complete(messages, params)
+
+    asyncio.get_running_loop().call_later(0.05, upstream.gate.set)  # type: ignore[union-attr]
+    await call()
+    upstream.fail_with = UpstreamError("HTTP 503", retryable=True)
+    with pytest.raises(UpstreamError):
+        await call()
+    upstream.fail_with = UpstreamError("HTTP 400", retryable=False)
+    with pytest.raises(UpstreamError):
+        await call()
+    assert telemetry.upstream == [("model", None), ("model", "retryable"), ("model", "fatal")]
+    assert telemetry.seconds[0] >= 0.04  # the call's own time, waited out at the gate
+
+
+async def test_closing_a_metered_upstream_closes_the_one_it_wraps() -> None:
+    closed: list[str] = []
+
+    class Closing(FakeUpstream):
+        async def aclose(self) -> None:
+            closed.append(self.model_id)
+
+    await MeteredUpstream(Closing("model"), RecordingTelemetry()).aclose()
+    assert closed == ["model"]
 
 
 async def test_a_callers_unnamed_validator_is_labelled_by_its_kind_too() -> None:

@@ -51,7 +51,7 @@ class MeteredUpstream:
         except UpstreamError as error:
             self._report(started, _reason(error))
             raise
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: closed between deltas
             self._report(started, CANCELLED)
             raise
         self._report(started, None)

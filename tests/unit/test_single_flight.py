@@ -1,0 +1,66 @@
+"""SingleFlight on its own: who makes the call, who shares it, and what a failure leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+
+import pytest
+
+from routecache.router.single_flight import SingleFlight
+
+
+async def test_a_failed_call_nobody_shared_leaves_no_unretrieved_exception(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Else asyncio logs "Future exception was never retrieved" for every lone failure.
+    flight: SingleFlight[str] = SingleFlight()
+
+    async def fails() -> str:
+        raise RuntimeError("upstream down")
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        with pytest.raises(RuntimeError):
+            await flight.run("k", fails)
+        gc.collect()
+        await asyncio.sleep(0)
+    assert "never retrieved" not in caplog.text
+
+
+async def test_callers_left_by_a_cancelled_maker_share_one_new_call() -> None:
+    flight: SingleFlight[str] = SingleFlight()
+    gate, calls = asyncio.Event(), []
+
+    async def work() -> str:
+        calls.append(len(calls))
+        await gate.wait()
+        return f"answer {len(calls)}"
+
+    maker = asyncio.create_task(flight.run("k", work))
+    await asyncio.sleep(0)
+    waiting = [asyncio.create_task(flight.run("k", work)) for _ in range(3)]
+    await asyncio.sleep(0)
+    maker.cancel()
+    await asyncio.sleep(0.01)
+    gate.set()
+    results = await asyncio.gather(*waiting)
+    assert calls == [0, 1]  # the maker's, then one more for the three it left
+    assert sorted(shared for _, shared in results) == [False, True, True]
+    assert {answer for answer, _ in results} == {"answer 2"}
+
+
+async def test_by_default_a_shared_calls_failure_is_every_sharers_failure() -> None:
+    flight: SingleFlight[str] = SingleFlight()
+    gate, calls = asyncio.Event(), []
+
+    async def fails() -> str:
+        calls.append(1)
+        await gate.wait()
+        raise RuntimeError("upstream down")
+
+    callers = [asyncio.create_task(flight.run("k", fails)) for _ in range(3)]
+    await asyncio.sleep(0)
+    gate.set()
+    results = await asyncio.gather(*callers, return_exceptions=True)
+    assert calls == [1] and all(isinstance(r, RuntimeError) for r in results)
