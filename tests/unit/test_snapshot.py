@@ -246,3 +246,30 @@ def test_a_longer_temp_file_left_by_a_crash_adds_nothing_to_the_next_snapshot(
     path.rename(path.with_name(path.name + ".tmp"))
     save_snapshot(_distinct_entries("d"), path)
     assert [e.entry_id for e in read_live_entries(path, now=0.0)] == ["acme:d"]
+
+
+async def test_a_storage_closed_before_its_restore_leaves_the_snapshot_alone(
+    tmp_path: Path,
+) -> None:
+    # A start that failed before the restore (a taken metrics port, say) closed the storage,
+    # and the close saved the still empty store over the snapshot: the cache was gone.
+    path = tmp_path / "snapshot.jsonl"
+    save_snapshot(_distinct_entries("a", "b"), path)
+    store = InMemoryEntryStore(max_entries=10, clock=lambda: 0.0)
+    await EmbeddedStorage(store, ScopedFaissIndex(4), lambda: 0.0, path, 300.0).aclose()
+    assert [e.entry_id for e in read_live_entries(path, now=0.0)] == ["acme:a", "acme:b"]
+
+
+async def test_a_snapshot_that_cannot_be_restored_is_not_overwritten(tmp_path: Path) -> None:
+    # The failed restore stopped the start; the close that followed saved the empty store over
+    # the file it could not read (a snapshot with one bad line, or a file named by mistake).
+    path = tmp_path / "snapshot.jsonl"
+    save_snapshot(_distinct_entries("a"), path)
+    content = path.read_text() + "not json\n"
+    path.write_text(content)
+    store = InMemoryEntryStore(max_entries=10, clock=lambda: 0.0)
+    storage = EmbeddedStorage(store, ScopedFaissIndex(4), lambda: 0.0, path, 300.0)
+    with pytest.raises(ValueError):
+        await storage.start()
+    await storage.aclose()
+    assert path.read_text() == content
