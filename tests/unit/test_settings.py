@@ -327,6 +327,25 @@ async def test_an_unusable_file_at_start_is_a_config_error_not_a_taken_port(
     assert not isinstance(error.value, ListenError)
 
 
+@pytest.mark.parametrize("kind", ["a folder", "not a snapshot"])
+async def test_a_snapshot_path_that_cannot_be_restored_stops_the_start_in_one_line(
+    tmp_path: Path, kind: str
+) -> None:
+    from tests.unit.conftest import unit_settings
+
+    # A folder started an empty cache that no save could ever write (an error in the log each
+    # interval); a file that is no snapshot was a JSONDecodeError traceback from `serve`.
+    path = tmp_path / "notes.txt"
+    if kind == "a folder":
+        path.mkdir()
+    else:
+        path.write_text("my notes\n")
+    settings = unit_settings({"snapshot_path": str(path)}, {"server": {"port": 0}})
+    with pytest.raises(ConfigError, match=f"cannot start: .*{path}"):
+        await bootstrap.start_service(settings, _fake_parts())
+    assert path.is_dir() if kind == "a folder" else path.read_text() == "my notes\n"
+
+
 async def test_a_taken_metrics_port_is_a_listen_error_naming_it() -> None:
     import socket
 

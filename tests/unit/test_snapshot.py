@@ -17,6 +17,7 @@ from routecache.cache.hit_policy import HitRequirement
 from routecache.cache.memory_store import InMemoryEntryStore
 from routecache.cache.ports import CacheEntry
 from routecache.cache.snapshot import (
+    SnapshotError,
     read_live_entries,
     read_snapshot,
     restore_snapshot,
@@ -166,13 +167,29 @@ def test_a_saved_entry_reads_back_with_every_field(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "content",
-    ["", '{"routecache_snapshot": 2}\n', '{"entries": []}\n'],
-    ids=["empty", "v2", "other"],
-)
-def test_a_file_that_is_not_a_version_1_snapshot_is_refused(tmp_path: Path, content: str) -> None:
+    [b"", b'{"routecache_snapshot": 2}\n', b'{"entries": []}\n', b"hello world\n", b"[1]\n",
+     b"caf\xe9\n"],
+    ids=["empty", "v2", "other", "text", "a list", "latin-1"],
+)  # fmt: skip
+def test_a_file_that_is_not_a_version_1_snapshot_is_refused(tmp_path: Path, content: bytes) -> None:
+    # Text, a list or another encoding raised JSONDecodeError, AttributeError or
+    # UnicodeDecodeError, naming neither the file nor what was wrong with it.
     path = tmp_path / "snapshot.jsonl"
-    path.write_text(content)
-    with pytest.raises(ValueError, match="not a routecache snapshot"):
+    path.write_bytes(content)
+    with pytest.raises(SnapshotError, match=f"{path} is not a routecache snapshot"):
+        read_live_entries(path, now=0.0)
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["not json", '{"entry_id": "acme:x"}', "[]"],
+    ids=["not json", "fields missing", "not an object"],
+)
+def test_a_damaged_entry_is_refused_with_its_file_and_line(tmp_path: Path, line: str) -> None:
+    path = tmp_path / "snapshot.jsonl"
+    save_snapshot(_distinct_entries("a", "b"), path)
+    path.write_text(path.read_text() + line + "\n")
+    with pytest.raises(SnapshotError, match=f"{path} line 4: not a snapshot entry"):
         read_live_entries(path, now=0.0)
 
 
