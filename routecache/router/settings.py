@@ -588,6 +588,8 @@ def load_settings(config_file: Path | None = None, **overrides: object) -> Setti
         raise ConfigError(f"invalid configuration: {problems}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:  # tomllib reads UTF-8 only (environment values are text)
+        raise ConfigError(f"config file {config_file} is not UTF-8 text ({exc})") from exc
     except SettingsError as exc:  # a section's variable that is not JSON (ROUTECACHE_SERVER=x)
         cause = f" ({exc.__cause__})" if exc.__cause__ else ""
         raise ConfigError(f"invalid configuration: {exc}{cause}") from exc

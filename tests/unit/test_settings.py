@@ -368,3 +368,12 @@ def test_a_redis_url_without_a_redis_scheme_is_refused_at_load() -> None:
     with pytest.raises(ConfigError, match=r"store\.redis_url: .*redis://, rediss://, unix://"):
         load_settings(store={"backend": "redis", "redis_url": "localhost:6379"})
     assert load_settings(store={"redis_url": "unix:///run/redis.sock"}).store.redis_url
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    # tomllib decodes the file as UTF-8: a file saved as Latin-1 was a UnicodeDecodeError
+    # traceback from `serve`.
+    config = tmp_path / "latin1.toml"
+    config.write_bytes(b'[server]\nhost = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match=r"latin1\.toml is not UTF-8 text"):
+        load_settings(config)
