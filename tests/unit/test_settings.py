@@ -377,3 +377,11 @@ def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> Non
     config.write_bytes(b'[server]\nhost = "caf\xe9"\n')
     with pytest.raises(ConfigError, match=r"latin1\.toml is not UTF-8 text"):
         load_settings(config)
+
+
+def test_a_problem_of_the_whole_configuration_has_no_empty_field_name() -> None:
+    # Checks across sections have no location: the line read "invalid configuration: : Value
+    # error, ...".
+    with pytest.raises(ConfigError) as error:
+        load_settings(validators=[{"kind": "length", "min_chars": 30_000}])
+    assert str(error.value).startswith("invalid configuration: Value error, validator length:")
