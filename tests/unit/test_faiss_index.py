@@ -196,3 +196,12 @@ def test_adding_an_id_the_scope_already_holds_changes_nothing() -> None:
     index.remove("a", "e")
     assert [n.entry_id for n in index.search("a", rows[0], 5)] == ["f"]
     assert [n.entry_id for n in index.search("a", rows[2], 5)] == ["f"]
+
+
+def test_an_empty_bulk_add_leaves_no_empty_scope_behind() -> None:
+    # It made the scope with nothing in it; every search of that scope then asked FAISS for
+    # its 0 best and failed an assertion inside FAISS.
+    index = ScopedFaissIndex(32)
+    index.add_many("a", [], np.zeros((0, 32), dtype=np.float32))
+    assert index.kind("a") == "none" and len(index) == 0
+    assert index.search("a", unit_rows(1)[0], 5) == []
