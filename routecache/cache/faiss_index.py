@@ -80,15 +80,14 @@ class ScopedFaissIndex:
     def add_many(self, scope: str, entry_ids: list[str], vectors: np.ndarray) -> None:
         """Bulk insert (index rebuilds at start): one FAISS call instead of one per entry."""
         with self._lock:
-            index = self._scopes.get(scope)
-            if index is None:
-                index = self._scopes[scope] = _ScopeIndex(self._dimension)
+            index = self._scopes.get(scope) or _ScopeIndex(self._dimension)
             # One row per new id, the last of a repeated one: a second row of the same id would
             # stay in FAISS, unremovable, after the id's label moved on to the other.
             last_row = {e: i for i, e in enumerate(entry_ids) if e not in index.label_of_id}
             fresh = [(i, e) for e, i in last_row.items()]
             if not fresh:
-                return
+                return  # no scope is made empty: FAISS cannot search one for its 0 best
+            self._scopes[scope] = index
             labels = np.arange(self._next_label, self._next_label + len(fresh), dtype=np.int64)
             self._next_label += len(fresh)
             rows = np.ascontiguousarray(vectors[[i for i, _ in fresh]], dtype=np.float32)

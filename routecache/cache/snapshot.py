@@ -38,7 +38,11 @@ def _encode(entry: CacheEntry) -> str:
     return json.dumps(record, ensure_ascii=False)
 
 
-def _decode(line: str) -> CacheEntry:
+class SnapshotError(ValueError):
+    """The file is no snapshot, or one of its entries is damaged: refused, never overwritten."""
+
+
+def _decode(line: bytes) -> CacheEntry:
     record = json.loads(line)
     record["tier"] = Tier(record["tier"])
     record["tags"] = tuple(record["tags"])
@@ -64,18 +68,27 @@ def save_snapshot(entries: Sequence[CacheEntry], path: Path) -> int:
 
 
 def read_snapshot(path: Path) -> Iterator[CacheEntry]:
-    with path.open(encoding="utf-8") as lines:
-        header = json.loads(next(lines, "{}"))
-        if header.get("routecache_snapshot") != FORMAT_VERSION:
-            raise ValueError(f"{path} is not a routecache snapshot (version {FORMAT_VERSION})")
-        for line in lines:
-            yield _decode(line)
+    # Bytes, decoded a line at a time: a byte that is not UTF-8 is reported with its line.
+    with path.open("rb") as lines:
+        try:
+            header = json.loads(next(lines, b"{}"))
+        except ValueError:  # not JSON, or not UTF-8
+            header = None
+        if not isinstance(header, dict) or header.get("routecache_snapshot") != FORMAT_VERSION:
+            raise SnapshotError(f"{path} is not a routecache snapshot (version {FORMAT_VERSION})")
+        for number, line in enumerate(lines, start=2):
+            try:
+                entry = _decode(line)
+            except (ValueError, KeyError, TypeError) as exc:
+                problem = f"{path} line {number}: not a snapshot entry ({exc!r})"
+                raise SnapshotError(problem) from exc
+            yield entry
 
 
 def read_live_entries(path: Path, now: float, grace: float = 0.0) -> list[CacheEntry]:
     """The snapshot's entries that have not expired, or expired less than `grace` seconds ago
     (still servable stale); none when there is no snapshot."""
-    if not path.is_file():
+    if not path.exists():  # a folder is refused when read, not taken for no snapshot
         log.info("no cache snapshot at %s: starting empty", path)
         return []
     return [entry for entry in read_snapshot(path) if entry.expires_at + grace > now]

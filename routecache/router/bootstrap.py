@@ -31,6 +31,7 @@ from routecache.cache.memory_store import InMemoryEntryStore
 from routecache.cache.onnx_embedder import OnnxMiniLMEmbedder
 from routecache.cache.ports import Embedder, EntryStore, VectorIndex
 from routecache.cache.semantic_cache import Distrust, SemanticCache
+from routecache.cache.snapshot import SnapshotError
 from routecache.classifier.model import load_artifact, packaged_artifact_path
 from routecache.classifier.ports import DifficultyClassifier
 from routecache.classifier.registry import ModelRegistry
@@ -469,7 +470,7 @@ async def start_service(settings: Settings, overrides: Overrides | None = None) 
         await service.start_storage(server.set_cache_serving)
     except BaseException as error:
         await (service.aclose() if service is not None else server.stop())
-        if isinstance(error, OSError) and not isinstance(error, ListenError):
+        if isinstance(error, OSError | SnapshotError) and not isinstance(error, ListenError):
             # A file the settings name (event log, verifier, snapshot) is missing or unusable:
             # not a port problem, and worth one line rather than a traceback.
             raise ConfigError(f"cannot start: {error}") from error

@@ -21,6 +21,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -568,6 +569,12 @@ def _refuse_single_underscore_sections(settings: Settings) -> None:
                 )
 
 
+def _problem(error: ErrorDetails) -> str:
+    """'section.field: message'; a check across sections (of Settings itself) names no field."""
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {error['msg']}" if where else error["msg"]
+
+
 def load_settings(config_file: Path | None = None, **overrides: object) -> Settings:
     """Read settings, failing fast with one readable message per problem."""
     _refuse_unknown_env_sections()
@@ -582,12 +589,12 @@ def load_settings(config_file: Path | None = None, **overrides: object) -> Setti
     try:
         settings = settings_cls(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(_problem(err) for err in exc.errors())
         raise ConfigError(f"invalid configuration: {problems}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:  # tomllib reads UTF-8 only (environment values are text)
+        raise ConfigError(f"config file {config_file} is not UTF-8 text ({exc})") from exc
     except SettingsError as exc:  # a section's variable that is not JSON (ROUTECACHE_SERVER=x)
         cause = f" ({exc.__cause__})" if exc.__cause__ else ""
         raise ConfigError(f"invalid configuration: {exc}{cause}") from exc

@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import pytest
+import redis
 from pydantic import SecretStr
 
 from routecache.backends.link import RedisDown, RedisLink, guarded
@@ -179,3 +180,53 @@ async def test_a_blocking_read_may_wait_its_whole_block_time(redis_server: Redis
         assert not read and link.up
     finally:
         await link.aclose()
+
+
+class ResetPings:
+    """A client whose next `fails` pings end in a bare socket error (an OSError, no RedisError)."""
+
+    def __init__(self, fails: int) -> None:
+        self.fails = fails
+
+    async def ping(self) -> bool:
+        if self.fails:
+            self.fails -= 1
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return True
+
+
+async def test_a_bare_socket_error_marks_the_link_down_and_the_probe_rides_it_out() -> None:
+    link = link_to(f"redis://127.0.0.1:{free_port()}/0")
+    real, pings = link.client, ResetPings(fails=1)
+    link.client = pings
+
+    async def reset() -> None:
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    try:
+        assert not await link.connect()  # the ping at start
+        await asyncio.wait_for(link.wait_up(), timeout=3)
+        pings.fails = 2  # the probe's first two pings fail the same way
+        with pytest.raises(RedisDown):
+            await guarded(link, reset)  # a call
+        assert not link.up
+        await asyncio.wait_for(link.wait_up(), timeout=3)
+        assert pings.fails == 0
+    finally:
+        link.client = real
+        await link.aclose()
+
+
+async def test_closing_the_link_closes_the_connections_of_both_pools(
+    redis_server: RedisServer,
+) -> None:
+    link = link_to(redis_server.url, block_ms=50)
+    assert await link.connect()
+    await guarded(link, lambda: link.blocking.xread({"nothing-here": "$"}, block=link.block_ms))
+    await link.aclose()
+    with redis.Redis(host="127.0.0.1", port=redis_server.port) as raw:
+        for _ in range(40):  # the server notices a closed socket a moment later
+            if len(raw.client_list()) == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert len(raw.client_list()) == 1  # only this one is left

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from routecache.backends.keys import KeySpace
 from routecache.backends.link import RedisLink
 from routecache.backends.redis_store import RedisEntryStore, RedisStoreOptions
 from routecache.cache.faiss_index import ScopedFaissIndex
+from routecache.cache.ports import CacheEntry
 from routecache.cache.semantic_cache import NewEntry, SemanticCache
 from routecache.domain import Tier
 from tests.fakes import ManualClock
@@ -166,3 +168,52 @@ async def test_a_tag_outlives_a_shorter_lived_entry_that_carries_it(setup: Setup
     await fill(graceless, 1, ttl=1, first=1, tags=("news",))
     await asyncio.sleep(1.3)  # past the short entry's expiry, on Redis' own clock
     assert lasting[0] in await store.ids_with_tag("acme", "news")
+
+
+def full_entry(now: float, name: str = "x", tags: tuple[str, ...] = ("billing",)) -> CacheEntry:
+    """An entry whose every field differs from its neighbours and from the defaults."""
+    return CacheEntry(
+        entry_id=f"acme:{name}", tenant="acme", scope=SCOPE, exact_key=f"acme:s:{name}",
+        prompt=f"prompt {name} ✓", answer=f"answer {name}", model="m", tier=Tier.STRONG,
+        embedding=vector(3), created_at=now - 5, expires_at=now + 100, cost_usd=0.0125,
+        prompt_tokens=7, completion_tokens=11, tags=tags, hit_count=3, last_hit_at=now - 1,
+    )  # fmt: skip
+
+
+async def test_an_entry_reads_back_with_every_field_and_counts_its_hits(setup: Setup) -> None:
+    now = setup.clock()
+    entry = full_entry(now, tags=("billing", "faq"))
+    assert await setup.store.put(entry) == []
+    got = await setup.store.get(entry.entry_id)
+    assert got is not None
+    assert dataclasses.replace(got, embedding=entry.embedding) == entry
+    assert np.array_equal(got.embedding, entry.embedding) and got.embedding.flags.writeable
+    await setup.store.record_hit(entry.entry_id, now + 2)
+    hit = await setup.store.get(entry.entry_id)
+    assert hit is not None and (hit.hit_count, hit.last_hit_at) == (4, now + 2)
+    assert await setup.store.get("acme:never-stored") is None
+
+
+async def test_redis_drops_an_entry_a_grace_after_its_stale_grace_ended(setup: Setup) -> None:
+    # The backstop for a purge that never runs: expiry, then stale grace, then expiry grace.
+    options = RedisStoreOptions(10_000, expiry_grace_seconds=60, stale_grace_seconds=300.0)
+    store = RedisEntryStore(setup.link, KeySpace(), options, setup.clock, "test")
+    entry = full_entry(setup.clock())
+    await store.put(entry)
+    with redis.Redis(host="127.0.0.1", port=setup.server.port) as raw:
+        expires_ms = raw.pexpiretime(KeySpace().of("acme").entry(entry.entry_id))
+    assert expires_ms == math.floor((entry.expires_at + 300.0) * 1000) + 60_000
+
+
+async def test_ids_with_a_tag_come_sorted(setup: Setup) -> None:
+    for name in ("c", "a", "b"):
+        await setup.store.put(full_entry(setup.clock(), name))
+    assert await setup.store.ids_with_tag("acme", "billing") == ["acme:a", "acme:b", "acme:c"]
+
+
+async def test_top_entries_skip_an_entry_redis_dropped_before_any_purge(setup: Setup) -> None:
+    # Redis' own expiry removes the entry's hash but leaves its id in the entry list.
+    kept, dropped = await fill(setup, 2)
+    with redis.Redis(host="127.0.0.1", port=setup.server.port) as raw:
+        raw.delete(KeySpace().of("acme").entry(dropped))
+    assert [s.entry_id for s in await setup.store.most_served("acme", 10)] == [kept]

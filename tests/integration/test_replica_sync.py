@@ -17,7 +17,7 @@ import redis
 from routecache.backends.keys import KeySpace
 from routecache.backends.link import RedisDown, RedisLink
 from routecache.backends.redis_store import RedisEntryStore, RedisStoreOptions
-from routecache.backends.replica_sync import ReplicaSync
+from routecache.backends.replica_sync import ReplicaSync, parse_id
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.ports import CacheEntry
 from routecache.cache.semantic_cache import NewEntry, SemanticCache
@@ -209,8 +209,11 @@ async def test_after_an_outage_redis_restored_from_an_older_backup_rebuilds_the_
         await eventually(lambda: restored.entry_id in a.ids(), "A's index rebuilt", within=3)
 
 
+@pytest.mark.parametrize(
+    "failure", [RedisDown("redis is down"), OUTAGE], ids=["redis down", "socket error"]
+)
 async def test_a_purge_that_finds_redis_down_does_not_end_the_tail(
-    rig: Rig, monkeypatch: pytest.MonkeyPatch
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, failure: Exception
 ) -> None:
     a = rig.replica_a(purge_interval_seconds=0.0)
     await a.sync.rebuild()
@@ -220,7 +223,7 @@ async def test_a_purge_that_finds_redis_down_does_not_end_the_tail(
         nonlocal purges
         purges += 1
         if purges == 1:
-            raise RedisDown("redis is down")
+            raise failure
         return 0
 
     monkeypatch.setattr(a.store, "purge_expired", down_once)
@@ -228,3 +231,25 @@ async def test_a_purge_that_finds_redis_down_does_not_end_the_tail(
         await eventually(lambda: purges >= 1, "the first purge")
         (later,) = await rig.write()
         await eventually(lambda: later.entry_id in a.ids(), "B's later entry", within=3)
+
+
+def test_stream_ids_compare_by_time_then_sequence() -> None:
+    # Two operations in one millisecond differ in their sequence only.
+    assert parse_id("1700000000000-7") == (1700000000000, 7)
+    assert parse_id("1700000000000-7") > parse_id("1700000000000-3")
+    assert parse_id("5") == (5, 0)
+
+
+@pytest.mark.timeout(20)  # a tail loop with nothing to await never yields: only a signal ends it
+async def test_a_replica_with_no_tenants_has_nothing_to_tail(rig: Rig) -> None:
+    index = ScopedFaissIndex(4)
+    store = RedisEntryStore(rig.link, KeySpace(), RedisStoreOptions(10_000), rig.clock, "a")
+    sync = ReplicaSync(rig.link, KeySpace(), [], index, store, "a", rig.clock)
+    await asyncio.wait_for(sync.run(), timeout=2)  # returns at once
+
+
+async def test_a_poll_before_any_rebuild_applies_nothing(rig: Rig) -> None:
+    await rig.write()
+    a = rig.replica_a()
+    assert await a.sync.poll() == 0
+    assert a.ids() == set()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 from pathlib import Path
 
 import pytest
 
+from routecache.cli_args import at_least, holdout_fraction, number_between
 from routecache.router.cli import main
 
 
@@ -65,3 +68,41 @@ def test_train_verifier_refuses_cuda_where_torch_sees_none(
     args = ["train-verifier", "--data", str(pairs), "--out", str(tmp_path / "o")]
     assert main([*args, "--device", "cuda"]) == 2
     assert capsys.readouterr().err == "routecache: --device cuda: torch sees no CUDA device\n"
+
+
+def test_at_least_takes_its_bound_and_refuses_below_it_or_a_non_integer() -> None:
+    parse = at_least(1)
+    assert parse("1") == 1
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^0: must be 1 or more$"):
+        parse("0")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^not an integer: 1\.5$"):
+        parse("1.5")
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "text", "message"),
+    [(0, math.inf, "inf", "inf: must be 0 or more (finite)"),
+     (0, math.inf, "-1", "-1: must be 0 or more (finite)"),
+     (-math.inf, math.inf, "-inf", "-inf: must be finite"),
+     (-math.inf, math.inf, "nan", "nan: must be finite"),
+     (0, 1.5, "1.6", "1.6: must be from 0 to 1.5"),
+     (0, 1, "x", "not a number: x")],
+)  # fmt: skip
+def test_number_between_refuses_what_is_outside_or_not_finite(
+    low: float, high: float, text: str, message: str
+) -> None:
+    # An open upper bound is no licence for an infinity: "0 or more" means a finite number.
+    with pytest.raises(argparse.ArgumentTypeError) as error:
+        number_between(low, high)(text)
+    assert str(error.value) == message
+
+
+def test_number_between_takes_both_bounds() -> None:
+    assert number_between(0, 1.5)("0") == 0.0
+    assert number_between(0, 1.5)("1.5") == 1.5
+    assert number_between(-math.inf, math.inf)("-1e300") == -1e300
+
+
+def test_a_holdout_fraction_that_is_not_a_number_is_named() -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^not a number: half$"):
+        holdout_fraction("half")

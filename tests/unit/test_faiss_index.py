@@ -196,3 +196,46 @@ def test_adding_an_id_the_scope_already_holds_changes_nothing() -> None:
     index.remove("a", "e")
     assert [n.entry_id for n in index.search("a", rows[0], 5)] == ["f"]
     assert [n.entry_id for n in index.search("a", rows[2], 5)] == ["f"]
+
+
+def test_an_empty_bulk_add_leaves_no_empty_scope_behind() -> None:
+    # It made the scope with nothing in it; every search of that scope then asked FAISS for
+    # its 0 best and failed an assertion inside FAISS.
+    index = ScopedFaissIndex(32)
+    index.add_many("a", [], np.zeros((0, 32), dtype=np.float32))
+    assert index.kind("a") == "none" and len(index) == 0
+    assert index.search("a", unit_rows(1)[0], 5) == []
+
+
+def test_removing_an_id_the_scope_does_not_hold_changes_nothing() -> None:
+    # Another replica's delete of an entry this one never indexed (expired before the rebuild).
+    index = ScopedFaissIndex(32)
+    rows = unit_rows(1)
+    index.add("a", "e", rows[0])
+    index.remove("a", "never-added")
+    assert [n.entry_id for n in index.search("a", rows[0], 5)] == ["e"]
+
+
+def test_an_ivf_search_probing_few_cells_returns_only_real_entries() -> None:
+    # One cell probed holds fewer than k vectors: FAISS pads its answer with label -1.
+    index = ScopedFaissIndex(32, IndexPolicy(ivf_threshold=400, nprobe=1, background=False))
+    rows = unit_rows(400, seed=11)
+    index.add_many("a", [f"e{i}" for i in range(400)], rows)
+    found = index.search("a", rows[0], 400)
+    assert 0 < len(found) < 400 and found[0].entry_id == "e0"
+    assert len({n.entry_id for n in found}) == len(found)
+
+
+def test_a_scope_that_doubles_twice_during_a_rebuild_gets_one_more_rebuild_not_two() -> None:
+    # One rebuild at a time per scope: the one that ends starts the next if still due.
+    index = CountedRebuilds(32, IndexPolicy(ivf_threshold=100, nprobe=8))
+    rows = unit_rows(400, seed=12)
+    index.go.clear()
+    add_range(index, rows, 0, 100)  # the rebuild starts and is held
+    add_range(index, rows, 100, 200)  # doubled: due, but one is running
+    add_range(index, rows, 200, 400)  # doubled again
+    index.go.set()
+    index.wait_for_rebuilds()
+    index.wait_for_rebuilds()
+    assert index.rebuilt_sizes == [100, 400]
+    assert index.search("a", rows[350], 1)[0].entry_id == "e350"

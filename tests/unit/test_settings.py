@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -327,6 +328,25 @@ async def test_an_unusable_file_at_start_is_a_config_error_not_a_taken_port(
     assert not isinstance(error.value, ListenError)
 
 
+@pytest.mark.parametrize("kind", ["a folder", "not a snapshot"])
+async def test_a_snapshot_path_that_cannot_be_restored_stops_the_start_in_one_line(
+    tmp_path: Path, kind: str
+) -> None:
+    from tests.unit.conftest import unit_settings
+
+    # A folder started an empty cache that no save could ever write (an error in the log each
+    # interval); a file that is no snapshot was a JSONDecodeError traceback from `serve`.
+    path = tmp_path / "notes.txt"
+    if kind == "a folder":
+        path.mkdir()
+    else:
+        path.write_text("my notes\n")
+    settings = unit_settings({"snapshot_path": str(path)}, {"server": {"port": 0}})
+    with pytest.raises(ConfigError, match=f"cannot start: .*{path}"):
+        await bootstrap.start_service(settings, _fake_parts())
+    assert path.is_dir() if kind == "a folder" else path.read_text() == "my notes\n"
+
+
 async def test_a_taken_metrics_port_is_a_listen_error_naming_it() -> None:
     import socket
 
@@ -349,3 +369,143 @@ def test_a_redis_url_without_a_redis_scheme_is_refused_at_load() -> None:
     with pytest.raises(ConfigError, match=r"store\.redis_url: .*redis://, rediss://, unix://"):
         load_settings(store={"backend": "redis", "redis_url": "localhost:6379"})
     assert load_settings(store={"redis_url": "unix:///run/redis.sock"}).store.redis_url
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    # tomllib decodes the file as UTF-8: a file saved as Latin-1 was a UnicodeDecodeError
+    # traceback from `serve`.
+    config = tmp_path / "latin1.toml"
+    config.write_bytes(b'[server]\nhost = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match=r"latin1\.toml is not UTF-8 text"):
+        load_settings(config)
+
+
+def test_a_problem_of_the_whole_configuration_has_no_empty_field_name() -> None:
+    # Checks across sections have no location: the line read "invalid configuration: : Value
+    # error, ...".
+    with pytest.raises(ConfigError) as error:
+        load_settings(validators=[{"kind": "length", "min_chars": 30_000}])
+    assert str(error.value).startswith("invalid configuration: Value error, validator length:")
+
+
+def test_a_provider_key_variable_that_is_set_but_empty_counts_as_not_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An empty key would be sent as "Bearer " and fail every call at the provider instead.
+    monkeypatch.setenv("ROUTECACHE_EXAMPLE_STRONG_KEY", "")
+    strong = load_settings(FAILOVER_EXAMPLE).upstream.strong
+    with pytest.raises(ConfigError, match="ROUTECACHE_EXAMPLE_STRONG_KEY is not set"):
+        strong.resolve_api_key()
+
+
+def test_a_strong_fallback_to_an_undefined_provider_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"strong_fallbacks names unknown provider\(s\) gone"):
+        load_settings(upstream={"strong_fallbacks": ["gone"]})
+
+
+def test_a_fallback_providers_key_variable_named_like_a_section_is_left_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ROUTECACHE_UPSTREAM_BACKUP_KEY", "k")
+    backup = {"model": "m", "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 1.0,
+              "api_key_env": "ROUTECACHE_UPSTREAM_BACKUP_KEY"}  # fmt: skip
+    settings = load_settings(
+        upstream={"providers": {"backup": backup}, "cheap_fallbacks": ["backup"]}
+    )
+    assert settings.upstream.providers["backup"].resolve_api_key() == "k"
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [({"kind": "custom"}, "a custom validator needs import_path"),
+     ({"kind": "regex"}, "a regex validator needs must_match or must_not_match")],
+)  # fmt: skip
+def test_a_validator_missing_what_it_checks_with_is_refused(
+    spec: dict[str, object], problem: str
+) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        load_settings(validators=[spec])
+
+
+def test_length_bounds_that_meet_are_accepted() -> None:
+    # Only a minimum above the maximum fails every answer; equal bounds pass answers of that length.
+    settings = load_settings(
+        limits={"max_answer_chars": 100},
+        validators=[{"kind": "length", "min_chars": 5, "max_chars": 5},
+                    {"kind": "length", "name": "at-the-limit", "min_chars": 100}],
+    )  # fmt: skip
+    assert [(v.min_chars, v.max_chars) for v in settings.validators] == [(5, 5), (100, None)]
+
+
+@pytest.mark.parametrize(
+    "digest",
+    [hash_api_key("k").upper(), hash_api_key("k")[:63], hash_api_key("k") + "0",
+     "g" * 64],
+    ids=["upper case", "63 characters", "65 characters", "not hex"],
+)  # fmt: skip
+def test_a_key_digest_must_be_64_lowercase_hex_characters(digest: str) -> None:
+    # Keys are compared by their lowercase hex digest: any other form could never match.
+    with pytest.raises(ConfigError, match=r"tenants\.0\.api_key_sha256: .*lowercase hex SHA-256"):
+        load_settings(tenants=[{"name": "a", "api_key_sha256": [digest]}])
+
+
+def test_a_lower_case_variable_naming_no_section_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("routecache_loging__format", "json")
+    with pytest.raises(ConfigError, match="routecache_loging__format"):
+        load_settings()
+
+
+def test_a_file_given_in_code_beats_routecache_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ROUTECACHE_CONFIG", str(tmp_path / "elsewhere.toml"))
+    assert load_settings(EXAMPLE).server.port == 50051
+
+
+def test_env_toml_and_code_merge_field_by_field(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each source overrides the fields it names, not the whole section below it.
+    config = tmp_path / "service.toml"
+    config.write_text('[server]\nhost = "0.0.0.0"\nport = 7000\ngrace_seconds = 9.0\n')
+    monkeypatch.setenv("ROUTECACHE_SERVER__PORT", "6000")
+    monkeypatch.setenv("ROUTECACHE_SERVER__GRACE_SECONDS", "8.0")
+    server = load_settings(config, server={"grace_seconds": 1.0}).server
+    assert (server.host, server.port, server.grace_seconds) == ("0.0.0.0", 6000, 1.0)
+
+
+def test_a_config_path_that_is_a_folder_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"config file not found: {tmp_path}"):
+        load_settings(tmp_path)
+
+
+def test_a_section_variable_that_is_not_json_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ROUTECACHE_SERVER", "{port: 1}")
+    with pytest.raises(ConfigError, match=r'"server".*\(Expecting property name'):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [({"server": {"port": 65536}}, "server.port"),
+     ({"metrics": {"port": -1}}, "metrics.port"),
+     ({"cache": {"embed_max_wait_ms": 51}}, "cache.embed_max_wait_ms"),
+     ({"store": {"key_prefix": "rc:{x}"}}, "store.key_prefix"),
+     ({"budgets": {"alert_webhook_url": "ftp://hooks.example/b"}}, "budgets.alert_webhook_url"),
+     ({"limits": {"max_request_bytes": 4095}}, "limits.max_request_bytes")],
+)  # fmt: skip
+def test_values_past_their_bounds_are_refused_naming_the_field(
+    overrides: dict[str, object], field: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"{field}: ")):
+        load_settings(**overrides)
+
+
+def test_values_at_their_bounds_are_accepted() -> None:
+    settings = load_settings(server={"port": 65535}, metrics={"port": 0},
+                             cache={"embed_max_wait_ms": 50}, store={"key_prefix": "a.b-c_1"},
+                             budgets={"alert_webhook_url": "https://hooks.example/b"},
+                             limits={"max_request_bytes": 4096})  # fmt: skip
+    assert (settings.server.port, settings.cache.embed_max_wait_ms) == (65535, 50)

@@ -17,6 +17,7 @@ from routecache.cache.hit_policy import HitRequirement
 from routecache.cache.memory_store import InMemoryEntryStore
 from routecache.cache.ports import CacheEntry
 from routecache.cache.snapshot import (
+    SnapshotError,
     read_live_entries,
     read_snapshot,
     restore_snapshot,
@@ -166,13 +167,29 @@ def test_a_saved_entry_reads_back_with_every_field(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "content",
-    ["", '{"routecache_snapshot": 2}\n', '{"entries": []}\n'],
-    ids=["empty", "v2", "other"],
-)
-def test_a_file_that_is_not_a_version_1_snapshot_is_refused(tmp_path: Path, content: str) -> None:
+    [b"", b'{"routecache_snapshot": 2}\n', b'{"entries": []}\n', b"hello world\n", b"[1]\n",
+     b"caf\xe9\n"],
+    ids=["empty", "v2", "other", "text", "a list", "latin-1"],
+)  # fmt: skip
+def test_a_file_that_is_not_a_version_1_snapshot_is_refused(tmp_path: Path, content: bytes) -> None:
+    # Text, a list or another encoding raised JSONDecodeError, AttributeError or
+    # UnicodeDecodeError, naming neither the file nor what was wrong with it.
     path = tmp_path / "snapshot.jsonl"
-    path.write_text(content)
-    with pytest.raises(ValueError, match="not a routecache snapshot"):
+    path.write_bytes(content)
+    with pytest.raises(SnapshotError, match=f"{path} is not a routecache snapshot"):
+        read_live_entries(path, now=0.0)
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["not json", '{"entry_id": "acme:x"}', "[]"],
+    ids=["not json", "fields missing", "not an object"],
+)
+def test_a_damaged_entry_is_refused_with_its_file_and_line(tmp_path: Path, line: str) -> None:
+    path = tmp_path / "snapshot.jsonl"
+    save_snapshot(_distinct_entries("a", "b"), path)
+    path.write_text(path.read_text() + line + "\n")
+    with pytest.raises(SnapshotError, match=f"{path} line 4: not a snapshot entry"):
         read_live_entries(path, now=0.0)
 
 
@@ -246,3 +263,30 @@ def test_a_longer_temp_file_left_by_a_crash_adds_nothing_to_the_next_snapshot(
     path.rename(path.with_name(path.name + ".tmp"))
     save_snapshot(_distinct_entries("d"), path)
     assert [e.entry_id for e in read_live_entries(path, now=0.0)] == ["acme:d"]
+
+
+async def test_a_storage_closed_before_its_restore_leaves_the_snapshot_alone(
+    tmp_path: Path,
+) -> None:
+    # A start that failed before the restore (a taken metrics port, say) closed the storage,
+    # and the close saved the still empty store over the snapshot: the cache was gone.
+    path = tmp_path / "snapshot.jsonl"
+    save_snapshot(_distinct_entries("a", "b"), path)
+    store = InMemoryEntryStore(max_entries=10, clock=lambda: 0.0)
+    await EmbeddedStorage(store, ScopedFaissIndex(4), lambda: 0.0, path, 300.0).aclose()
+    assert [e.entry_id for e in read_live_entries(path, now=0.0)] == ["acme:a", "acme:b"]
+
+
+async def test_a_snapshot_that_cannot_be_restored_is_not_overwritten(tmp_path: Path) -> None:
+    # The failed restore stopped the start; the close that followed saved the empty store over
+    # the file it could not read (a snapshot with one bad line, or a file named by mistake).
+    path = tmp_path / "snapshot.jsonl"
+    save_snapshot(_distinct_entries("a"), path)
+    content = path.read_text() + "not json\n"
+    path.write_text(content)
+    store = InMemoryEntryStore(max_entries=10, clock=lambda: 0.0)
+    storage = EmbeddedStorage(store, ScopedFaissIndex(4), lambda: 0.0, path, 300.0)
+    with pytest.raises(ValueError):
+        await storage.start()
+    await storage.aclose()
+    assert path.read_text() == content
