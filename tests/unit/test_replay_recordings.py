@@ -29,6 +29,16 @@ def test_a_file_is_read_as_utf8_and_blank_lines_are_skipped(tmp_path: Path) -> N
     assert recordings.answer("strong", "Wie viel kostet es?") == "Es kostet 5 €."
 
 
+def test_an_answer_holding_a_unicode_line_separator_is_one_recording(tmp_path: Path) -> None:
+    # JSON written with ensure_ascii=False (as build_fixture writes) keeps U+2028, U+2029 and
+    # NEL raw inside strings: only "\n" ends a JSONL line.
+    answer = "First line\u2028second\u2029third\x85fourth\x1cend"
+    recordings = Recordings.load(write(tmp_path, row("p", strong=answer), row("q")))
+    assert recordings.answer("strong", "p") == answer
+    with pytest.raises(ValueError, match="recorded.jsonl:3: not JSON"):
+        Recordings.load(write(tmp_path, row("p", strong=answer), "", "{not json"))
+
+
 @pytest.mark.parametrize(
     ("second", "message"),
     [
