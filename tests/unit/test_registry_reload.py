@@ -454,3 +454,12 @@ async def test_the_routing_thresholds_follow_the_model_in_service(tmp_path: Path
     registry.promote("v2")
     assert await classifier.refresh() is True
     assert (classifier.default_threshold, classifier.threshold_for(target)) == (0.7, 0.8)
+
+
+@pytest.mark.parametrize("version", [" v1", "v1 ", "v1\n"])
+def test_a_version_name_with_surrounding_whitespace_is_refused(
+    tmp_path: Path, version: str
+) -> None:
+    # CURRENT is read back stripped: " v1" would be promoted as "v1", a version not there.
+    with pytest.raises(RegistryError, match="not a usable version name"):
+        _registry_with(tmp_path, version)
