@@ -577,3 +577,27 @@ async def test_an_ipv6_server_gives_a_usable_base_url(recordings: Recordings) ->
         async with httpx.AsyncClient() as http:
             models = (await http.get(f"{server.base_url}/models")).json()
     assert {m["id"] for m in models["data"]} == {WEAK, STRONG}
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json", "application/json; charset=no-such-charset"]
+)
+async def test_a_body_that_is_not_utf8_is_a_400_naming_the_body(
+    replay: RunningReplayServer, content_type: str
+) -> None:
+    # The body is read as UTF-8 whatever the charset says, as OpenAI reads it. Bytes that are
+    # not UTF-8 were reported as a 'bad replay header'; an unknown charset was a 500.
+    async def post(content: bytes) -> httpx.Response:
+        async with httpx.AsyncClient() as http:
+            return await http.post(
+                f"{replay.base_url}/chat/completions",
+                content=content,
+                headers={"content-type": content_type},
+            )
+
+    refused = await post(b'{"model": "m\xff", "messages": []}')
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["message"].startswith("the request body is not UTF-8")
+    assert (await post(json.dumps(HI).encode())).status_code == 200
