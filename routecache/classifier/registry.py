@@ -68,7 +68,8 @@ class ModelRegistry:
 
     def add(self, artifact: Path, version: str) -> Path:
         """Copy an artifact pair (NAME.skops + NAME.json) in as `version`; returns its .skops."""
-        if not version or "/" in version or version.startswith("."):
+        # CURRENT is read back stripped, so a name with whitespace around it could never serve.
+        if not version or "/" in version or version.startswith(".") or version != version.strip():
             raise RegistryError(f"not a usable version name: {version!r}")
         source = Path(artifact)
         base = source.with_suffix("") if source.suffix in (".skops", ".json") else source

@@ -115,7 +115,9 @@ class Recordings:
 
 
 def _parse_jsonl(text: str, *, source: str) -> Iterator[Mapping[str, object]]:
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Only "\n" ends a line: splitlines() also splits at U+2028, NEL and the like, which
+    # JSON written with ensure_ascii=False keeps raw inside an answer's string.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

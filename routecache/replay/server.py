@@ -110,10 +110,14 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     if (denied := _unauthorised(request, state)) is not None:
         return denied
     try:
-        call = parse_chat_call(json.loads(await request.text()))
+        # UTF-8 whatever the charset says (as OpenAI reads it): request.text() would take a
+        # bad body for a bad header (UnicodeDecodeError is a ValueError) or fail on a charset.
+        call = parse_chat_call(json.loads((await request.read()).decode("utf-8")))
         latency_ms = _latency_ms(request, state)
         # Last, once all else is valid: a refused request must not use up a scripted fault.
         fault = state.faults.next_fault(request.headers.get(FAULT_HEADER))
+    except UnicodeDecodeError as exc:
+        return _error(400, f"the request body is not UTF-8: {exc}", "invalid_request_error")
     except json.JSONDecodeError as exc:
         return _error(
             400, f"the request body is not valid JSON: {exc.msg}", "invalid_request_error"

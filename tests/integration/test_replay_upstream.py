@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -577,3 +578,57 @@ async def test_an_ipv6_server_gives_a_usable_base_url(recordings: Recordings) ->
         async with httpx.AsyncClient() as http:
             models = (await http.get(f"{server.base_url}/models")).json()
     assert {m["id"] for m in models["data"]} == {WEAK, STRONG}
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json", "application/json; charset=no-such-charset"]
+)
+async def test_a_body_that_is_not_utf8_is_a_400_naming_the_body(
+    replay: RunningReplayServer, content_type: str
+) -> None:
+    # The body is read as UTF-8 whatever the charset says, as OpenAI reads it. Bytes that are
+    # not UTF-8 were reported as a 'bad replay header'; an unknown charset was a 500.
+    async def post(content: bytes) -> httpx.Response:
+        async with httpx.AsyncClient() as http:
+            return await http.post(
+                f"{replay.base_url}/chat/completions",
+                content=content,
+                headers={"content-type": content_type},
+            )
+
+    refused = await post(b'{"model": "m\xff", "messages": []}')
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["message"].startswith("the request body is not UTF-8")
+    assert (await post(json.dumps(HI).encode())).status_code == 200
+
+
+@pytest.mark.parametrize("fault", ["http_500", "http_503"])
+async def test_only_a_429_carries_retry_after(replay: RunningReplayServer, fault: str) -> None:
+    response = await post_chat(replay, HI, {FAULT: fault})
+    assert response.status_code == int(fault[-3:])
+    assert "retry-after" not in response.headers
+    assert response.json()["error"]["type"] == "server_error"
+
+
+async def test_a_truncated_fault_on_a_whole_answer_cuts_the_body_short(
+    replay: RunningReplayServer,
+) -> None:
+    response = await post_chat(replay, HI, {FAULT: "truncated_stream"})
+    assert response.status_code == 200
+    assert response.text.startswith('{"id": "chatcmpl-replay-')
+    assert len(response.text) < len((await post_chat(replay, HI)).text) // 2 + 2
+    with pytest.raises(ValueError):
+        json.loads(response.text)
+
+
+async def test_closing_the_server_wakes_a_hung_request_at_once(recordings: Recordings) -> None:
+    server = await start_replay_server(ReplayConfig(hang_seconds=30.0), recordings=recordings)
+    hung = asyncio.ensure_future(post_chat(server, HI, {FAULT: "timeout"}))
+    await asyncio.sleep(0.3)
+    assert server.chat_requests == 1  # hanging now
+    started = time.monotonic()
+    await server.close()
+    assert time.monotonic() - started < 0.8  # not the runner's 1 s shutdown timeout
+    assert (await hung).status_code == 200  # the woken request still gets its answer

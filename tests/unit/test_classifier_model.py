@@ -111,6 +111,20 @@ def test_text_features_of_an_empty_prompt_are_zero_and_two_options_are_no_quiz()
     assert two_options[TEXT_FEATURE_NAMES.index("multiple_choice")] == 0.0
 
 
+def test_a_quiz_needs_all_four_options_each_opening_a_line_before_a_space() -> None:
+    def quiz(text: str) -> float:
+        return float(text_features(text)[TEXT_FEATURE_NAMES.index("multiple_choice")])
+
+    assert quiz("Pick one:\nA. x\nB. y\nC. z") == 0.0  # three options
+    assert quiz("Pick one:\nA.x\nB.y\nC.z\nD.w") == 0.0  # no space: abbreviations, not options
+    assert quiz("Pick one:\nA. x\nB) y\nC. z\nD) w") == 1.0
+
+
+def test_a_word_is_any_run_of_non_space_characters() -> None:
+    log_words = text_features("x=y+2, (so) 3.5%!")[TEXT_FEATURE_NAMES.index("log_words")]
+    assert log_words == pytest.approx(np.log1p(3))
+
+
 def test_text_feature_matrix_holds_each_prompts_features_as_given() -> None:
     texts = ["", "  padded prompt \n\n", MMLU_PROMPT]
     matrix = text_feature_matrix(texts)
@@ -169,6 +183,18 @@ def test_bank_fits_fewer_prompts_than_dimensions_and_refuses_mismatched_labels()
     vectors = np.eye(4, dtype=np.float32)
     with pytest.raises(ValueError, match="does not match"):
         NeighbourBank(np.zeros(4, np.float32), vectors, vectors, label_matrix([1, 0, 1], [0] * 3))
+
+
+def test_a_bank_refuses_labels_without_the_three_named_columns() -> None:
+    vectors = np.eye(4, dtype=np.float32)
+    with pytest.raises(ValueError, match="does not match"):
+        NeighbourBank(np.zeros(4, np.float32), vectors, vectors, np.zeros((4, 2)))
+
+
+def test_batch_features_of_no_prompts_is_an_empty_table_of_the_named_columns() -> None:
+    bank, _ = _random_bank(20, 8, seed=4)
+    empty = bank.batch_features(np.zeros((0, 8), dtype=np.float32))
+    assert empty.shape == (0, len(neighbour_feature_names()))
 
 
 def test_label_matrix_gain_is_cheap_failures_the_strong_model_fixes() -> None:

@@ -454,3 +454,47 @@ async def test_the_routing_thresholds_follow_the_model_in_service(tmp_path: Path
     registry.promote("v2")
     assert await classifier.refresh() is True
     assert (classifier.default_threshold, classifier.threshold_for(target)) == (0.7, 0.8)
+
+
+@pytest.mark.parametrize("version", [" v1", "v1 ", "v1\n"])
+def test_a_version_name_with_surrounding_whitespace_is_refused(
+    tmp_path: Path, version: str
+) -> None:
+    # CURRENT is read back stripped: " v1" would be promoted as "v1", a version not there.
+    with pytest.raises(RegistryError, match="not a usable version name"):
+        _registry_with(tmp_path, version)
+
+
+def test_versions_are_listed_in_name_order(tmp_path: Path) -> None:
+    registry = _registry_with(tmp_path, "v3", "v1", "z", "v2", "a", "m")
+    assert registry.versions() == ["a", "m", "v1", "v2", "v3", "z"]
+
+
+def test_a_file_where_the_registry_folder_should_be_means_no_version_in_service(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "not-a-folder").write_text("x")
+    registry = ModelRegistry(tmp_path / "not-a-folder")
+    assert registry.current_version() is None
+    assert registry.versions() == []
+
+
+def test_rolling_back_to_a_version_never_promoted_puts_it_in_service(tmp_path: Path) -> None:
+    # An explicit --to target goes on the service stack, so the next rollback undoes it.
+    registry = _registry_with(tmp_path, "v1", "v2", "v3")
+    registry.promote("v1")
+    registry.promote("v2")
+    assert registry.rollback(to="v3") == "v3"
+    assert registry.rollback() == "v2"
+    assert registry.rollback() == "v1"
+
+
+def test_history_records_each_change_with_the_version_it_replaced(tmp_path: Path) -> None:
+    registry = _registry_with(tmp_path, "v1", "v2")
+    registry.promote("v1")
+    registry.promote("v2")
+    registry.rollback()
+    with (registry.root / "history.jsonl").open("a") as log:
+        log.write("\n  \n")  # blank lines (a hand edit) are skipped
+    changes = [(c.action, c.version, c.previous) for c in registry.history()]
+    assert changes == [("promote", "v1", None), ("promote", "v2", "v1"), ("rollback", "v1", "v2")]

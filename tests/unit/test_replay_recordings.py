@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from routecache.replay.recordings import Recordings, synthetic_answer
+from routecache.replay.recordings import Recordings, synthetic_answer, weak_breaks_json
 
 
 def row(prompt: str, weak: str = "weak says", strong: str = "strong says") -> str:
@@ -27,6 +27,16 @@ def test_a_file_is_read_as_utf8_and_blank_lines_are_skipped(tmp_path: Path) -> N
     recordings = Recordings.load(path)
     assert len(recordings) == 2
     assert recordings.answer("strong", "Wie viel kostet es?") == "Es kostet 5 €."
+
+
+def test_an_answer_holding_a_unicode_line_separator_is_one_recording(tmp_path: Path) -> None:
+    # JSON written with ensure_ascii=False (as build_fixture writes) keeps U+2028, U+2029 and
+    # NEL raw inside strings: only "\n" ends a JSONL line.
+    answer = "First line\u2028second\u2029third\x85fourth\x1cend"
+    recordings = Recordings.load(write(tmp_path, row("p", strong=answer), row("q")))
+    assert recordings.answer("strong", "p") == answer
+    with pytest.raises(ValueError, match=r"recorded\.jsonl:3: not JSON"):
+        Recordings.load(write(tmp_path, row("p", strong=answer), "", "{not json"))
 
 
 @pytest.mark.parametrize(
@@ -62,3 +72,14 @@ def test_different_unknown_prompts_get_different_stand_ins() -> None:
     prompts = [f"Same opening words for each one, question {n}" for n in range(50)]
     answers = {synthetic_answer("strong", prompt) for prompt in prompts}
     assert len(answers) >= 45  # a few of the 3 x 3 x 1000 stand-ins may coincide
+
+
+def test_a_prompt_with_no_words_gets_a_stand_in_about_this() -> None:
+    assert "“this”" in synthetic_answer("strong", "  ?!  ")
+
+
+def test_whether_the_weak_model_breaks_json_ignores_surrounding_whitespace() -> None:
+    prompts = [f"question {n}" for n in range(40)]
+    assert {weak_breaks_json(p) for p in prompts} == {True, False}  # about half each
+    for prompt in prompts:
+        assert weak_breaks_json(f"  {prompt}\n") == weak_breaks_json(prompt)

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 import pytest
 
-from routecache.replay.wire import RequestError, parse_chat_call, shape_answer, usage
+from routecache.replay.wire import (
+    RequestError,
+    StreamEvents,
+    parse_chat_call,
+    shape_answer,
+    usage,
+)
 
 
 def body(**fields: Any) -> dict[str, Any]:
@@ -94,6 +101,10 @@ def test_every_openai_role_is_accepted(message: dict[str, Any]) -> None:
         ({"role": "tool", "content": "42"}, "'messages[1].tool_call_id' must be a string"),
         ({"role": "function", "content": "42"}, "'messages[1].name' must be a string"),
         ({"role": "user", "content": 42}, "'messages[1].content' must be a string"),
+        (
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+            "'messages[1].content' must be a string or an array of text parts",
+        ),
     ],
     ids=[
         "unknown",
@@ -107,6 +118,7 @@ def test_every_openai_role_is_accepted(message: dict[str, Any]) -> None:
         "tool-no-id",
         "function-no-name",
         "number-content",
+        "image-part",
     ],
 )
 def test_an_unknown_role_or_malformed_message_is_refused(message: object, names: str) -> None:
@@ -177,3 +189,21 @@ def test_an_answer_is_cut_only_when_it_is_longer_than_max_tokens(
 ) -> None:
     call = parse_chat_call(body(max_tokens=max_tokens))
     assert shape_answer("abcdefghijkl", "strong", call) == expected  # 4 characters a token
+
+
+def test_stream_events_carry_one_id_and_the_usage_chunk_has_no_choices() -> None:
+    call = parse_chat_call(body(stream=True, stream_options={"include_usage": True}))
+    events = StreamEvents(call, "chatcmpl-1", created=1700000000)
+
+    def decoded(event: bytes) -> dict[str, Any]:
+        text = event.decode()
+        assert text.startswith("data: ") and text.endswith("\n\n")
+        chunk: dict[str, Any] = json.loads(text[len("data: ") :])
+        return chunk
+
+    first = decoded(events.delta({"content": "x"}))
+    assert (first["id"], first["created"], first["model"]) == ("chatcmpl-1", 1700000000, "m")
+    assert first["choices"] == [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}]
+    assert decoded(events.delta({}, "stop"))["choices"][0]["finish_reason"] == "stop"
+    last = decoded(events.usage("y" * 9))
+    assert last["choices"] == [] and last["usage"] == usage(call, "y" * 9)

@@ -151,6 +151,15 @@ def test_accuracy_at_fraction_rounds_to_the_nearest_cut_point() -> None:
     assert metrics.accuracy_at_fraction(PERFECT, WEAK, STRONG, 0.1) == pytest.approx(0.5)
 
 
+def test_accuracy_at_fraction_rounds_a_half_up_and_takes_both_ends() -> None:
+    # 0.5 of 5 prompts is 2.5 cut points: half up sends three strong (round() would say two).
+    perfect, weak, strong = [5.0, 4.0, 3.0, 2.0, 1.0], [0, 0, 0, 1, 1], [1, 1, 1, 1, 1]
+    assert metrics.accuracy_at_fraction(perfect, weak, strong, 0.5) == pytest.approx(1.0)
+    assert metrics.accuracy_at_fraction(perfect, weak, strong, 0.3) == pytest.approx(0.8)
+    assert metrics.accuracy_at_fraction(PERFECT, WEAK, STRONG, 0.0) == pytest.approx(0.5)
+    assert metrics.accuracy_at_fraction(PERFECT, WEAK, STRONG, 1.0) == pytest.approx(1.0)
+
+
 def test_fractions_outside_zero_to_one_and_empty_inputs_are_refused() -> None:
     with pytest.raises(ValueError, match="fraction"):
         metrics.accuracy_at_fraction(PERFECT, WEAK, STRONG, -0.25)
