@@ -628,7 +628,6 @@ async def test_closing_the_server_wakes_a_hung_request_at_once(recordings: Recor
     hung = asyncio.ensure_future(post_chat(server, HI, {FAULT: "timeout"}))
     await asyncio.sleep(0.3)
     assert server.chat_requests == 1  # hanging now
-    started = time.monotonic()
     await server.close()
-    assert time.monotonic() - started < 0.8  # not the runner's 1 s shutdown timeout
-    assert (await hung).status_code == 200  # the woken request still gets its answer
+    # Left hanging, the runner's 1 s shutdown timeout would cut it off with no answer at all.
+    assert (await hung).status_code == 200
