@@ -24,6 +24,7 @@ from routecache.cache.cross_encoder import GRAPH_FILE, POLICY_FILE, OnnxCrossEnc
 from routecache.cache.embedder import MINILM_DIMENSION, packaged_minilm_path
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.onnx_embedder import OnnxMiniLMEmbedder
+from routecache.cli_args import holdout_fraction
 from routecache.training.calibrate_verifier import (
     BUDGETS,
     ScoredPairs,
@@ -54,8 +55,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-weights", type=Path,
                         help="continue training from these weights")  # fmt: skip
     parser.add_argument("--holdout", type=float, default=0.15, help="share kept for calibration")
-    parser.add_argument("--confidence", type=float, default=0.99,
-                        help="one-sided confidence that a budget holds")  # fmt: skip
+    # A confidence of 1 or more (99 meant as a percentage) made every bound NaN, and a NaN
+    # bound breaks no budget: each threshold fell to the lowest score, serving every candidate.
+    parser.add_argument("--confidence", type=holdout_fraction, default=0.99,
+                        help="one-sided confidence that a budget holds (0 to 1)")  # fmt: skip
     parser.add_argument("--one-order", action="store_true",
                         help="score (query, cached) only: half the verifier's cost")  # fmt: skip
     parser.add_argument("--budgets", default=",".join(str(b) for b in BUDGETS))

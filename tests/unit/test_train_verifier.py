@@ -93,3 +93,16 @@ def test_cache_mode_calibrates_on_the_saved_cache_lookups_too(
     assert rule.metadata["cache_mode_lookups"] == held
     assert set(rule.metadata["cache_mode_recall"]) == {"0.1"}  # type: ignore[arg-type]
     assert json.loads(capsys.readouterr().out)["cache_mode_recall"]["0.1"] > 0.9
+
+
+@pytest.mark.parametrize("confidence", ["1.5", "99", "0", "nan"])
+def test_a_confidence_outside_zero_to_one_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], confidence: str
+) -> None:
+    # 1.5 or 99 (a percentage) made every upper bound NaN, which no budget test broke: each
+    # budget's threshold was the lowest score, a policy that serves every candidate.
+    with pytest.raises(SystemExit) as exit_:
+        main([*_saved_run(tmp_path), "--confidence", confidence])
+    assert exit_.value.code == 2
+    assert "argument --confidence" in capsys.readouterr().err
+    assert not (tmp_path / "out" / POLICY_FILE).exists()
