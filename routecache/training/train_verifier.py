@@ -34,7 +34,7 @@ from routecache.training.calibrate_verifier import (
 )
 from routecache.training.cross_encoder import TrainingPlan, train_cross_encoder, training_device
 from routecache.training.data_files import DataFileError, exits_2_on_data_error
-from routecache.training.eval_cache import cache_candidates, embed_texts
+from routecache.training.eval_cache import cache_candidates, embed_texts, fractions
 from routecache.training.export_cross_encoder import export_cross_encoder
 from routecache.training.pair_data import LabelledPair, load_pairs, split_pairs
 
@@ -54,14 +54,16 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learning-rate", type=float, default=TrainingPlan.learning_rate)
     parser.add_argument("--init-weights", type=Path,
                         help="continue training from these weights")  # fmt: skip
-    parser.add_argument("--holdout", type=float, default=0.15, help="share kept for calibration")
+    # Checked up front: --holdout 0 failed only at calibration, after the hour of training.
+    parser.add_argument("--holdout", type=holdout_fraction, default=0.15,
+                        help="share kept for calibration")  # fmt: skip
     # A confidence of 1 or more (99 meant as a percentage) made every bound NaN, and a NaN
     # bound breaks no budget: each threshold fell to the lowest score, serving every candidate.
     parser.add_argument("--confidence", type=holdout_fraction, default=0.99,
                         help="one-sided confidence that a budget holds (0 to 1)")  # fmt: skip
     parser.add_argument("--one-order", action="store_true",
                         help="score (query, cached) only: half the verifier's cost")  # fmt: skip
-    parser.add_argument("--budgets", default=",".join(str(b) for b in BUDGETS))
+    parser.add_argument("--budgets", type=fractions, default=",".join(str(b) for b in BUDGETS))
     parser.add_argument("--cache-mode", action="store_true",
                         help="also hold each budget on cache-mode lookups (far stricter "
                         "thresholds: see docs/cache-verifier.md)")  # fmt: skip
@@ -177,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     logits = _logits(scores, "", symmetric)
     calibration = calibrate(
         score_pairs(holdout, scores["cosines"].tolist(), logits.tolist()),
-        budgets=[float(b) for b in args.budgets.split(",")],
+        budgets=args.budgets,
         confidence=args.confidence,
         symmetric=symmetric,
         cache_lookups=_cache_lookups(holdout, scores, symmetric) if args.cache_mode else None,

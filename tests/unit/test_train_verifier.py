@@ -106,3 +106,18 @@ def test_a_confidence_outside_zero_to_one_is_refused(
     assert exit_.value.code == 2
     assert "argument --confidence" in capsys.readouterr().err
     assert not (tmp_path / "out" / POLICY_FILE).exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--holdout", "0"), ("--holdout", "1"), ("--budgets", "0.01,1.5"), ("--budgets", "0.01,x")],
+)
+def test_a_holdout_or_budget_outside_zero_to_one_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str
+) -> None:
+    # --holdout 0 left nothing to calibrate on: a ValueError traceback after the hour of
+    # training; --budgets 1.5 shipped a serve-everything threshold, "x" was a traceback.
+    with pytest.raises(SystemExit) as exit_:
+        main([*_saved_run(tmp_path), flag, value])
+    assert exit_.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err
