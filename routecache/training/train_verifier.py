@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -83,10 +84,7 @@ def _holdout_scores(
     wanted = (*_PAIR_SCORES, *(_CACHE_SCORES if args.cache_mode else ()))
     scores: dict[str, np.ndarray] = {}
     if args.scores is not None:
-        with np.load(args.scores) as saved:
-            scores = {
-                name: saved[name] for name in (*_PAIR_SCORES, *_CACHE_SCORES) if name in saved
-            }
+        scores = _saved_scores(args.scores, len(holdout))
         graph = args.out / GRAPH_FILE
     else:
         graph = _trained_graph(args, fit, work)
@@ -102,6 +100,25 @@ def _holdout_scores(
         scores.update(_cache_scores(scorer, vectors, holdout, fit))
     work.mkdir(parents=True, exist_ok=True)
     np.savez(work / "calibration_scores.npz", **scores)  # type: ignore[arg-type]
+    return scores
+
+
+def _saved_scores(path: Path, holdout: int) -> dict[str, np.ndarray]:
+    """An earlier run's scores, refused unless there is one per held-out pair (scores of
+    another split failed deep in calibration, a zip() traceback)."""
+    try:
+        with np.load(path) as saved:
+            scores = {
+                name: saved[name] for name in (*_PAIR_SCORES, *_CACHE_SCORES) if name in saved
+            }
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        raise DataFileError(f"--scores {path}: cannot read it ({exc})") from exc
+    lengths = sorted({len(values) for values in scores.values()} - {holdout})
+    if lengths:
+        raise DataFileError(
+            f"--scores {path}: scores of {lengths[0]} pairs, the holdout has {holdout} "
+            "(another --data or --holdout?)"
+        )
     return scores
 
 

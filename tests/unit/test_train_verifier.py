@@ -121,3 +121,25 @@ def test_a_holdout_or_budget_outside_zero_to_one_is_refused(
         main([*_saved_run(tmp_path), flag, value])
     assert exit_.value.code == 2
     assert f"argument {flag}" in capsys.readouterr().err
+
+
+def test_saved_scores_that_cannot_be_read_are_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A missing file was a FileNotFoundError traceback.
+    argv = _saved_run(tmp_path)
+    (tmp_path / "scores.npz").unlink()
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"routecache: --scores {tmp_path / 'scores.npz'}")
+
+
+def test_saved_scores_of_another_holdout_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Scores saved for --holdout 0.5, reused with 0.3: a zip() ValueError traceback.
+    argv = _saved_run(tmp_path, holdout=0.5)
+    assert main([*argv, "--holdout", "0.3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"routecache: --scores {tmp_path / 'scores.npz'}: ")
+    assert "another --data or --holdout" in err
+    assert not (tmp_path / "out" / POLICY_FILE).exists()
