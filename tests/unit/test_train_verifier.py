@@ -143,3 +143,13 @@ def test_saved_scores_of_another_holdout_are_refused(
     assert err.startswith(f"routecache: --scores {tmp_path / 'scores.npz'}: ")
     assert "another --data or --holdout" in err
     assert not (tmp_path / "out" / POLICY_FILE).exists()
+
+
+def test_without_cache_mode_saved_pair_scores_are_enough(tmp_path: Path) -> None:
+    # Nothing to compute: no embedder, no graph run (the graph here is not one).
+    argv = _saved_run(tmp_path)
+    with np.load(tmp_path / "scores.npz") as saved:
+        pair_only = {name: saved[name] for name in ("cosines", "forward", "backward")}
+    np.savez(tmp_path / "scores.npz", **pair_only)
+    assert main([*argv, "--budgets", "0.1"]) == 0
+    assert _policy(tmp_path).thresholds[0].holdout_recall > 0.9
