@@ -232,7 +232,8 @@ def verifier_latency_ms(
     }
 
 
-def _floats(text: str) -> list[float]:
+def fractions(text: str) -> list[float]:
+    """An argparse type: numbers strictly between 0 and 1, separated by commas."""
     try:
         values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError as error:
@@ -244,13 +245,13 @@ def _floats(text: str) -> list[float]:
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", type=Path, required=True, help="labelled pairs (qqp format)")
-    parser.add_argument("--max-false-hit-rate", type=_floats, default=None,
+    parser.add_argument("--max-false-hit-rate", type=fractions, default=None,
                         help="the budget, or several separated by commas (one JSON line each; "
                         "default: cache.max_false_hit_rate)")  # fmt: skip
     parser.add_argument("--mode", choices=["pairwise", "cache"], default="pairwise")
     parser.add_argument("--policy", choices=["verified", "cosine"], default=None,
                         help="default: as configured (cache.verifier)")  # fmt: skip
-    parser.add_argument("--cosine-threshold", type=_floats, default=None,
+    parser.add_argument("--cosine-threshold", type=fractions, default=None,
                         help="cosine threshold(s): default cache.similarity_threshold")  # fmt: skip
     parser.add_argument("--limit", type=positive_int, default=None, help="only the first N pairs")
     parser.add_argument("--latency", action="store_true", help="also time the verifier per pair")

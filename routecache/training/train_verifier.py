@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from routecache.cache.cross_encoder import GRAPH_FILE, POLICY_FILE, OnnxCrossEnc
 from routecache.cache.embedder import MINILM_DIMENSION, packaged_minilm_path
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.onnx_embedder import OnnxMiniLMEmbedder
+from routecache.cli_args import holdout_fraction
 from routecache.training.calibrate_verifier import (
     BUDGETS,
     ScoredPairs,
@@ -33,7 +35,7 @@ from routecache.training.calibrate_verifier import (
 )
 from routecache.training.cross_encoder import TrainingPlan, train_cross_encoder, training_device
 from routecache.training.data_files import DataFileError, exits_2_on_data_error
-from routecache.training.eval_cache import cache_candidates, embed_texts
+from routecache.training.eval_cache import cache_candidates, embed_texts, fractions
 from routecache.training.export_cross_encoder import export_cross_encoder
 from routecache.training.pair_data import LabelledPair, load_pairs, split_pairs
 
@@ -53,12 +55,16 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learning-rate", type=float, default=TrainingPlan.learning_rate)
     parser.add_argument("--init-weights", type=Path,
                         help="continue training from these weights")  # fmt: skip
-    parser.add_argument("--holdout", type=float, default=0.15, help="share kept for calibration")
-    parser.add_argument("--confidence", type=float, default=0.99,
-                        help="one-sided confidence that a budget holds")  # fmt: skip
+    # Checked up front: --holdout 0 failed only at calibration, after the hour of training.
+    parser.add_argument("--holdout", type=holdout_fraction, default=0.15,
+                        help="share kept for calibration")  # fmt: skip
+    # A confidence of 1 or more (99 meant as a percentage) made every bound NaN, and a NaN
+    # bound breaks no budget: each threshold fell to the lowest score, serving every candidate.
+    parser.add_argument("--confidence", type=holdout_fraction, default=0.99,
+                        help="one-sided confidence that a budget holds (0 to 1)")  # fmt: skip
     parser.add_argument("--one-order", action="store_true",
                         help="score (query, cached) only: half the verifier's cost")  # fmt: skip
-    parser.add_argument("--budgets", default=",".join(str(b) for b in BUDGETS))
+    parser.add_argument("--budgets", type=fractions, default=",".join(str(b) for b in BUDGETS))
     parser.add_argument("--cache-mode", action="store_true",
                         help="also hold each budget on cache-mode lookups (far stricter "
                         "thresholds: see docs/cache-verifier.md)")  # fmt: skip
@@ -78,10 +84,7 @@ def _holdout_scores(
     wanted = (*_PAIR_SCORES, *(_CACHE_SCORES if args.cache_mode else ()))
     scores: dict[str, np.ndarray] = {}
     if args.scores is not None:
-        with np.load(args.scores) as saved:
-            scores = {
-                name: saved[name] for name in (*_PAIR_SCORES, *_CACHE_SCORES) if name in saved
-            }
+        scores = _saved_scores(args.scores, len(holdout))
         graph = args.out / GRAPH_FILE
     else:
         graph = _trained_graph(args, fit, work)
@@ -97,6 +100,25 @@ def _holdout_scores(
         scores.update(_cache_scores(scorer, vectors, holdout, fit))
     work.mkdir(parents=True, exist_ok=True)
     np.savez(work / "calibration_scores.npz", **scores)  # type: ignore[arg-type]
+    return scores
+
+
+def _saved_scores(path: Path, holdout: int) -> dict[str, np.ndarray]:
+    """An earlier run's scores, refused unless there is one per held-out pair (scores of
+    another split failed deep in calibration, a zip() traceback)."""
+    try:
+        with np.load(path) as saved:
+            scores = {
+                name: saved[name] for name in (*_PAIR_SCORES, *_CACHE_SCORES) if name in saved
+            }
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        raise DataFileError(f"--scores {path}: cannot read it ({exc})") from exc
+    lengths = sorted({len(values) for values in scores.values()} - {holdout})
+    if lengths:
+        raise DataFileError(
+            f"--scores {path}: scores of {lengths[0]} pairs, the holdout has {holdout} "
+            "(another --data or --holdout?)"
+        )
     return scores
 
 
@@ -174,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     logits = _logits(scores, "", symmetric)
     calibration = calibrate(
         score_pairs(holdout, scores["cosines"].tolist(), logits.tolist()),
-        budgets=[float(b) for b in args.budgets.split(",")],
+        budgets=args.budgets,
         confidence=args.confidence,
         symmetric=symmetric,
         cache_lookups=_cache_lookups(holdout, scores, symmetric) if args.cache_mode else None,

@@ -16,6 +16,7 @@ from routecache.cache.hit_policy import (
     CosinePolicy,
     HitPolicy,
     HitRequirement,
+    HitVerdict,
     PolicyCalibration,
     VerifiedPolicy,
 )
@@ -28,7 +29,9 @@ from routecache.training.eval_cache import (
     candidates_for,
     embed_texts,
     evaluate,
+    pairwise_candidates,
     score_candidates,
+    summarise,
     verifier_latency_ms,
 )
 from routecache.training.pair_data import LabelledPair, duplicate_clusters
@@ -289,7 +292,7 @@ def test_cli_policy_flag_sets_the_verifier_it_builds(
     assert json.loads(capsys.readouterr().out)["policy"] == policy
 
 
-@pytest.mark.parametrize("budget", ["0", "1", "0.01,1.5", "few"])
+@pytest.mark.parametrize("budget", ["0", "1", "0.01,1.5", "few", "", ","])
 def test_cli_refuses_a_budget_outside_zero_to_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], budget: str
 ) -> None:
@@ -326,3 +329,32 @@ def test_cli_refuses_a_limit_below_one(
         main(["eval-cache", "--pairs", str(pairs), "--config", str(config), "--limit", limit])
     assert exit_.value.code == 2
     assert "argument --limit" in capsys.readouterr().err
+
+
+def test_pairwise_candidates_put_the_query_first_as_the_verifier_scores_them() -> None:
+    # A one-order verifier scores (query, cached): the order the service looks up in.
+    vectors = embed_texts(HashEmbedder(), [t for p in PAIRS for t in (p.query, p.cached)])
+    candidates = pairwise_candidates(PAIRS, vectors)
+    assert candidates.texts == [(p.query, p.cached) for p in PAIRS]
+    assert candidates.correct.tolist() == [True, False, False]
+
+
+def test_same_question_false_hits_count_only_the_candidates_served() -> None:
+    # Four lookups: a right hit, a served same-question entry, an unserved one, a served
+    # entry of another question.
+    candidates = Candidates(
+        [(f"q{i}", f"c{i}") for i in range(4)],
+        [0.9, 0.9, 0.9, 0.9],
+        np.array([True, False, False, False]),
+        np.array([True, True, True, False]),
+    )
+    verdicts = [HitVerdict(accept, 0.9) for accept in (True, True, False, True)]
+    result = summarise("cache", "cosine", candidates, 1, verdicts, HitRequirement(0.5), False)
+    assert (result.hits, result.correct_hits, result.false_hits) == (3, 1, 2)
+    assert result.false_hits_same_question == 1
+    assert result.false_hit_rate_other_questions == pytest.approx(1 / 4)
+    assert result.verified_share == 0.0 and result.precision == pytest.approx(1 / 3)
+    # nothing served: nothing served wrongly, so the precision is 1, not 0
+    none = [HitVerdict(False, 0.9)] * 4
+    result = summarise("cache", "cosine", candidates, 1, none, HitRequirement(0.5), False)
+    assert (result.precision, result.recall, result.false_hits_same_question) == (1.0, 0.0, 0)

@@ -280,3 +280,89 @@ def test_load_pairs_names_the_bad_line(tmp_path: Path) -> None:
         load_pairs(path)
     path.write_text(json.dumps(good) + "\n\n" + json.dumps(good) + "\n")
     assert len(load_pairs(path)) == 2 and len(load_pairs(path, limit=1)) == 1
+
+
+def test_out_of_fold_scores_come_from_five_models_each_fitted_without_a_fifth() -> None:
+    # Relabelling one cached question changes the four models fitted on it: only the pairs its
+    # own fold holds, a fifth of them, keep their scores.
+    scored = synthetic(600, seed=8)
+    grouped = ScoredPairs(scored.rows, scored.labels, np.arange(600, dtype=np.int64) // 3)
+    before = out_of_fold(grouped)
+    flipped = grouped.labels.copy()
+    flipped[:3] = ~flipped[:3]
+    after = out_of_fold(ScoredPairs(grouped.rows, flipped, grouped.groups))
+    assert int(np.isclose(after, before, rtol=1e-12, atol=0).sum()) == 600 // 5
+
+
+def test_the_floor_counts_the_correct_hit_that_scores_exactly_the_loosest_threshold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from routecache.training import calibrate_verifier
+
+    # 100 duplicates, 900 others. The loosest budget's threshold is 0.8, the score of one
+    # duplicate whose cosine is the lowest: a floor that keeps every correct hit keeps it too.
+    labels = np.arange(1000) < 100
+    oof = np.where(labels, 0.9, 0.1)
+    oof[0] = 0.8
+    rows = np.zeros((1000, len(FEATURE_NAMES)))
+    rows[:, FEATURE_NAMES.index("cosine")] = np.where(labels, 0.9, 0.95)
+    rows[0, FEATURE_NAMES.index("cosine")] = 0.5
+    rows[:, FEATURE_NAMES.index("cross_encoder")] = np.where(labels, 3.0, -3.0)
+    scored = ScoredPairs(rows, labels, np.arange(1000, dtype=np.int64))
+    monkeypatch.setattr(calibrate_verifier, "out_of_fold", lambda scored: oof)
+    rule = calibrate(scored, budgets=(0.05, 0.1), confidence=0.5, floor_loss=0.0)
+    assert rule.cosine_floor == 0.5
+    assert [t.threshold for t in rule.thresholds] == [0.8, 0.8]
+    assert [t.holdout_recall for t in rule.thresholds] == [1.0, 1.0]
+
+
+def test_cache_mode_recall_is_at_the_threshold_kept_when_the_pairs_need_it_higher() -> None:
+    # Cache lookups whose wrong candidates all score far down: their own threshold is lower
+    # than the pairs' one, which is the one kept, so their recall is what that one keeps.
+    pairs = synthetic(3000, seed=11)
+    lookups = synthetic(3000, seed=13)
+    lookups.rows[~lookups.labels, 0] = -12.0
+    rule = calibrate(pairs, budgets=(0.01,), confidence=0.95, cache_lookups=lookups)
+    alone = calibrate(pairs, budgets=(0.01,), confidence=0.95)
+    threshold = rule.threshold_for(0.01)
+    assert threshold == alone.threshold_for(0.01)
+    in_cache = (lookups.cosine >= rule.cosine_floor) & (
+        rule.probabilities(lookups.rows) >= threshold
+    )
+    recall = rule.metadata["cache_mode_recall"]["0.01"]  # type: ignore[index]
+    assert recall == pytest.approx(in_cache[lookups.labels].mean()) and recall < 0.95
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("\n  \n", "no pairs"),
+        ('["a", "b", true]\n', r":1: expected query, cached, duplicate"),
+        ('\n"just a string"\n', r":2: expected query, cached, duplicate"),
+        ('{"query": "a", "cached": 3, "duplicate": true}\n', "must be strings"),
+        ('{"query": null, "cached": "b", "duplicate": false}\n', "must be strings"),
+        ('{"query": "a", "cached": "b", "duplicate": 1}\n', "duplicate a bool"),
+    ],
+    ids=["no pairs", "a list", "a string", "cached a number", "query null", "duplicate 1"],
+)
+def test_load_pairs_refuses_what_is_not_a_pair(tmp_path: Path, content: str, problem: str) -> None:
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(PairDataError, match=rf"pairs\.jsonl.*{problem}"):
+        load_pairs(path)
+
+
+def test_load_pairs_keeps_each_field_in_its_place(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"query": "q1", "cached": "c1", "duplicate": True},
+            {"query": "q2", "cached": "c2", "duplicate": False}]  # fmt: skip
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    assert load_pairs(path) == [LabelledPair("q1", "c1", True), LabelledPair("q2", "c2", False)]
+    assert load_pairs(path, limit=1) == [LabelledPair("q1", "c1", True)]
+
+
+def test_split_holds_out_about_the_fraction_asked_for() -> None:
+    pairs = [LabelledPair(f"q{i}", f"c{i}", False) for i in range(2000)]
+    _, holdout = split_pairs(pairs, 0.15)
+    assert 0.12 < len(holdout) / 2000 < 0.18
+    assert split_pairs(pairs, 0.15)[1] == holdout

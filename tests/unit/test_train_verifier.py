@@ -1,0 +1,155 @@
+"""train-verifier from saved scores: the calibration step on synthetic pairs, with no training."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from routecache.cache.cross_encoder import GRAPH_FILE, POLICY_FILE
+from routecache.cache.hit_policy import PolicyCalibration
+from routecache.router.cli import main
+from routecache.training.pair_data import LabelledPair, split_pairs
+
+PAIRS = [
+    LabelledPair(f"how do i solve puzzle number {i}", f"what is puzzle {i} about", i % 3 == 0)
+    for i in range(600)
+]
+
+
+def _saved_run(tmp_path: Path, holdout: float = 0.5) -> list[str]:
+    """A pairs file, a stand-in graph and saved scores of its holdout: only the backward order
+    tells duplicates apart (the forward logit is noise), the cosine barely does."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(asdict(p)) + "\n" for p in PAIRS), encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / GRAPH_FILE).write_bytes(b"not really a graph")
+    held = split_pairs(PAIRS, holdout)[1]
+    rng = np.random.default_rng(0)
+    labels = np.array([p.duplicate for p in held])
+    n = len(held)
+    scores = {
+        "cosines": np.clip(0.8 + 0.05 * labels + rng.normal(0, 0.05, n), -1, 1),
+        "forward": rng.normal(0, 0.01, n),
+        "backward": np.where(labels, 4.0, -4.0) + rng.normal(0, 1.0, n),
+        # cache mode: each query's nearest entry is its own pair's question
+        "cache_cosines": np.full(n, 0.85),
+        "cache_forward": rng.normal(0, 0.01, n),
+        "cache_backward": np.where(labels, 4.0, -4.0) + rng.normal(0, 1.0, n),
+        "cache_found": np.array([p.cached for p in held]),
+        "cache_right": labels,
+    }
+    np.savez(tmp_path / "scores.npz", **scores)
+    return ["train-verifier", "--data", str(data), "--out", str(out), "--holdout", str(holdout),
+            "--scores", str(tmp_path / "scores.npz")]  # fmt: skip
+
+
+def _policy(tmp_path: Path) -> PolicyCalibration:
+    return PolicyCalibration.from_json((tmp_path / "out" / POLICY_FILE).read_text("utf-8"))
+
+
+def test_saved_scores_calibrate_both_orders_without_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = _saved_run(tmp_path)
+    assert main([*argv, "--budgets", "0.1,0.05", "--confidence", "0.9"]) == 0
+    rule = _policy(tmp_path)
+    assert rule.symmetric is True
+    assert [t.max_false_hit_rate for t in rule.thresholds] == [0.05, 0.1]
+    # both orders averaged: the backward logit's signal tells the duplicates apart
+    assert all(np.isfinite(t.threshold) and t.holdout_recall > 0.9 for t in rule.thresholds)
+    data, graph = Path(argv[2]), tmp_path / "out" / GRAPH_FILE
+    assert rule.metadata["training_data_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    assert rule.metadata["graph_sha256"] == hashlib.sha256(graph.read_bytes()).hexdigest()
+    assert rule.metadata["holdout_fraction"] == 0.5
+    assert rule.metadata["confidence"] == 0.9
+    assert rule.metadata["calibration_pairs"] == len(split_pairs(PAIRS, 0.5)[1])
+    assert "cache_mode_lookups" not in rule.metadata
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["symmetric"] is True and summary["confidence"] == 0.9
+    assert set(summary["holdout_recall"]) == {"0.05", "0.1"}
+    assert summary["cache_mode_recall"] is None
+
+
+def test_one_order_scores_the_forward_logit_only(tmp_path: Path) -> None:
+    assert main([*_saved_run(tmp_path), "--budgets", "0.1", "--one-order"]) == 0
+    rule = _policy(tmp_path)
+    assert rule.symmetric is False
+    # the forward logit is noise: without the backward order little is told apart
+    assert rule.thresholds[0].holdout_recall < 0.6
+
+
+def test_cache_mode_calibrates_on_the_saved_cache_lookups_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*_saved_run(tmp_path), "--budgets", "0.1", "--cache-mode"]) == 0
+    rule = _policy(tmp_path)
+    held = len(split_pairs(PAIRS, 0.5)[1])
+    assert rule.metadata["cache_mode_lookups"] == held
+    assert set(rule.metadata["cache_mode_recall"]) == {"0.1"}  # type: ignore[arg-type]
+    assert json.loads(capsys.readouterr().out)["cache_mode_recall"]["0.1"] > 0.9
+
+
+@pytest.mark.parametrize("confidence", ["1.5", "99", "0", "nan"])
+def test_a_confidence_outside_zero_to_one_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], confidence: str
+) -> None:
+    # 1.5 or 99 (a percentage) made every upper bound NaN, which no budget test broke: each
+    # budget's threshold was the lowest score, a policy that serves every candidate.
+    with pytest.raises(SystemExit) as exit_:
+        main([*_saved_run(tmp_path), "--confidence", confidence])
+    assert exit_.value.code == 2
+    assert "argument --confidence" in capsys.readouterr().err
+    assert not (tmp_path / "out" / POLICY_FILE).exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--holdout", "0"), ("--holdout", "1"), ("--budgets", "0.01,1.5"), ("--budgets", "0.01,x")],
+)
+def test_a_holdout_or_budget_outside_zero_to_one_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str
+) -> None:
+    # --holdout 0 left nothing to calibrate on: a ValueError traceback after the hour of
+    # training; --budgets 1.5 shipped a serve-everything threshold, "x" was a traceback.
+    with pytest.raises(SystemExit) as exit_:
+        main([*_saved_run(tmp_path), flag, value])
+    assert exit_.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err
+
+
+def test_saved_scores_that_cannot_be_read_are_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A missing file was a FileNotFoundError traceback.
+    argv = _saved_run(tmp_path)
+    (tmp_path / "scores.npz").unlink()
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"routecache: --scores {tmp_path / 'scores.npz'}")
+
+
+def test_saved_scores_of_another_holdout_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Scores saved for --holdout 0.5, reused with 0.3: a zip() ValueError traceback.
+    argv = _saved_run(tmp_path, holdout=0.5)
+    assert main([*argv, "--holdout", "0.3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"routecache: --scores {tmp_path / 'scores.npz'}: ")
+    assert "another --data or --holdout" in err
+    assert not (tmp_path / "out" / POLICY_FILE).exists()
+
+
+def test_without_cache_mode_saved_pair_scores_are_enough(tmp_path: Path) -> None:
+    # Nothing to compute: no embedder, no graph run (the graph here is not one).
+    argv = _saved_run(tmp_path)
+    with np.load(tmp_path / "scores.npz") as saved:
+        pair_only = {name: saved[name] for name in ("cosines", "forward", "backward")}
+    np.savez(tmp_path / "scores.npz", **pair_only)
+    assert main([*argv, "--budgets", "0.1"]) == 0
+    assert _policy(tmp_path).thresholds[0].holdout_recall > 0.9
