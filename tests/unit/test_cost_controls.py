@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from routecache.domain import (
+    Budget,
     CacheControl,
     CacheOutcome,
     ChatRequest,
@@ -34,6 +35,7 @@ from routecache.errors import (
     Unavailable,
     UpstreamError,
 )
+from routecache.router.alerts import BudgetAlerts
 from routecache.router.budget import (
     Cap,
     CapReached,
@@ -46,12 +48,13 @@ from routecache.router.budget import (
     period_ids,
     seconds_to_period_end,
 )
-from routecache.router.error_mapping import RETRY_AFTER_KEY, status_of, trailing_metadata_of
 from routecache.router.costs import prompt_tokens_estimate
+from routecache.router.error_mapping import RETRY_AFTER_KEY, status_of, trailing_metadata_of
+from routecache.router.events import InMemoryEventLog
 from routecache.router.quotas import Charge, InMemoryQuotaLimiter, user_slot
 from routecache.router.upstream.failover import AllProvidersFailed
 from routecache.router.upstream.openai_client import estimate_tokens
-from tests.fakes import ManualClock
+from tests.fakes import ManualClock, RecordingTelemetry
 from tests.unit.conftest import KEYS, Harness, make_harness
 from tests.unit.test_pipeline import ask
 
@@ -638,10 +641,13 @@ async def test_a_forced_tier_the_tenant_may_not_use_is_refused_even_when_cached(
 class Hook:
     def __init__(self) -> None:
         self.bodies: list[dict[str, object]] = []
+        self.status = 204
+        self.delay = 0.0  # seconds before it answers
 
     async def handle(self, request: web.Request) -> web.Response:
         self.bodies.append(await request.json())
-        return web.Response(status=204)
+        await asyncio.sleep(self.delay)
+        return web.Response(status=self.status)
 
 
 @pytest.fixture
@@ -861,3 +867,43 @@ async def test_the_service_stop_delivers_the_budget_alert_webhooks_under_way(
     await harness.service.pipeline.complete(ask("over at once"), ACME)
     await harness.service.aclose()
     assert len(hook.bodies) == 1
+
+
+def alerts_to(
+    url: str | None = None, timeout: float = 2.0
+) -> tuple[BudgetAlerts, InMemoryEventLog]:
+    events = InMemoryEventLog()
+    return BudgetAlerts(events, RecordingTelemetry(), url, timeout), events
+
+
+async def test_a_soft_budget_is_crossed_by_the_settle_that_reaches_it_not_the_next() -> None:
+    alerts, events = alerts_to()
+    budget = Budget(soft_daily_usd=1.0)
+    alerts.check("t", budget, {Period.DAY: (0.5, 1.0)})  # reaches it exactly: crossed
+    alerts.check("t", budget, {Period.DAY: (1.0, 1.5)})  # was there already
+    alerts.check("t", budget, {Period.MONTH: (0.5, 1.5)})  # no monthly soft budget
+    assert [(e["period"], e["spent_usd"]) for e in events.events] == [("day", 1.0)]
+    alerts.check("u", budget, {Period.DAY: (0.25, 2.5)})
+    assert events.events[-1]["spent_usd"] == 2.5  # what was spent, not the budget
+
+
+async def test_a_webhook_that_fails_or_hangs_is_counted_and_logged_as_failed(
+    webhook: tuple[str, Hook], caplog: pytest.LogCaptureFixture
+) -> None:
+    url, hook = webhook
+    alerts, _ = alerts_to(url, timeout=0.2)
+    budget = Budget(soft_daily_usd=1.0)
+    alerts.check("t", budget, {Period.DAY: (0.0, 1.0)})
+    await alerts.drain()
+    assert (alerts.delivered, alerts.failed_deliveries) == (1, 0)
+    hook.status = 500
+    alerts.check("t", budget, {Period.DAY: (0.0, 1.0)})
+    await alerts.drain()
+    assert (alerts.delivered, alerts.failed_deliveries) == (1, 1)
+    assert "budget alert webhook failed" in caplog.text
+    hook.status, hook.delay = 204, 1.0
+    alerts.check("t", budget, {Period.DAY: (0.0, 1.0)})
+    async with asyncio.timeout(0.8):  # the configured timeout, not httpx's default 5 s
+        await alerts.aclose()
+    assert (alerts.delivered, alerts.failed_deliveries) == (1, 2)
+    assert alerts._client is not None and alerts._client.is_closed
