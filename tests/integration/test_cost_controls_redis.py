@@ -615,6 +615,8 @@ async def test_spend_sent_without_an_answer_is_reported_at_stop_with_its_settle_
     assert "tenant acme user 'u1' 0.3 USD, 1 calls; in redis already if key" in caplog.text
     (settled,) = await redis.link.client.keys("rc:{acme}:settled:*")
     assert settled.decode() in caplog.text
+    # Kept as long as a day's spend: a retry long after still finds it and adds nothing.
+    assert await redis.link.client.ttl(settled) > 86400
 
 
 async def test_the_stop_ends_the_background_flush_before_it_reports_unflushed_spend(
@@ -893,3 +895,212 @@ async def test_while_redis_is_down_a_settle_moves_the_spend_redis_last_reported(
     assert moved[Period.MONTH] == pytest.approx((0.24, 0.26))
     again = await ledger.settle(None, SpendRecord("acme", cost_usd=0.3))
     assert again[Period.DAY] == pytest.approx((0.26, 0.56))
+
+
+async def test_redis_caps_count_every_users_spend_and_name_the_cap_that_refused(
+    redis_server: RedisServer,
+) -> None:
+    link, clock = link_to(redis_server), ManualClock(1_700_000_000.0)
+    assert await link.connect()
+    try:
+        ledger = RedisSpendLedger(link, KeySpace(), clock)
+        caps = [Cap(Period.DAY, 1.0), Cap(Period.DAY, 0.5, per_user=True)]
+        await ledger.settle(None, SpendRecord("acme", "u1", cost_usd=0.6))
+        assert isinstance(await ledger.reserve("acme", "u2", 0.3, caps), Reservation)
+        # The tenant's cap holds u1's spend and u2's reservation: 0.9 of 1.0.
+        tenant_full = await ledger.reserve("acme", "u2", 0.2, caps)
+        assert isinstance(tenant_full, CapReached) and tenant_full.cap == caps[0]
+        assert tenant_full.committed_usd == pytest.approx(0.9)
+        user_full = await ledger.reserve("acme", "u1", 0.05, caps)  # u1 is past its own
+        assert isinstance(user_full, CapReached) and user_full.cap == caps[1]
+        assert user_full.committed_usd == pytest.approx(0.6)
+    finally:
+        await link.aclose()
+
+
+async def test_redis_reservations_add_up_to_a_cap_exactly_and_their_hash_expires(
+    redis_server: RedisServer,
+) -> None:
+    link, clock = link_to(redis_server), ManualClock(1_700_000_000.0)
+    assert await link.connect()
+    try:
+        ledger = RedisSpendLedger(link, KeySpace(), clock, reservation_ttl_seconds=60)
+        caps = [Cap(Period.DAY, 0.3)]
+        for _ in range(3):  # 0.1 + 0.1 + 0.1 is a hair over 0.3 in floats
+            assert isinstance(await ledger.reserve("acme", "", 0.1, caps), Reservation)
+        assert isinstance(await ledger.reserve("acme", "", 0.1, caps), CapReached)
+        # Reservations never settled must not keep the hash for ever.
+        assert 0 < await link.client.pttl(KeySpace().of("acme").base + "resv") <= 60_000
+    finally:
+        await link.aclose()
+
+
+async def test_a_redis_refusal_counts_the_reservations_made_here_while_redis_was_down(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    caps = [Cap(Period.DAY, 1.0)]
+    redis.server.kill()
+    local = await ledger.reserve("acme", "", 0.5, caps)  # its call still runs
+    assert isinstance(local, Reservation) and local.local
+    redis.server.start()
+    await redis.link.wait_up()
+    refused = await ledger.reserve("acme", "", 0.6, caps)
+    assert isinstance(refused, CapReached) and refused.committed_usd == pytest.approx(0.5)
+
+
+async def test_while_redis_is_down_another_replicas_reservation_still_counts(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+) -> None:
+    # Redis reported it at this replica's last reservation: its call may still be running.
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    caps = [Cap(Period.DAY, 1.0)]
+    assert isinstance(await redis.another_ledger().reserve("acme", "", 0.5, caps), Reservation)
+    assert isinstance(await ledger.reserve("acme", "", 0.2, caps), Reservation)
+    redis.server.kill()
+    assert isinstance(await ledger.reserve("acme", "", 0.4, caps), CapReached)
+    assert isinstance(await ledger.reserve("acme", "", 0.25, caps), Reservation)
+
+
+async def test_the_ledger_forgets_what_redis_said_of_ended_periods(
+    redis_server: RedisServer,
+) -> None:
+    link, clock = link_to(redis_server), ManualClock(1_700_000_000.0)
+    assert await link.connect()
+    try:
+        ledger = RedisSpendLedger(link, KeySpace(), clock)
+        caps = [Cap(Period.DAY, 1.0), Cap(Period.DAY, 1.0, per_user=True)]
+        held = await ledger.reserve("acme", "u1", 0.1, caps)
+        assert isinstance(held, Reservation)
+        await ledger.settle(held, SpendRecord("acme", "u1", cost_usd=0.1))
+        clock.advance(40 * 86400)  # another day and month
+        assert isinstance(await ledger.reserve("acme", "u1", 0.1, caps), Reservation)
+        current = set(period_ids(clock()).values())
+        kept = [*ledger._last_committed, *ledger._last_totals]
+        assert kept and all(pid in current for _, _, pid in kept)
+    finally:
+        await link.aclose()
+
+
+async def test_a_flush_failing_again_leaves_the_records_it_never_sent_as_never_sent(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    ledger.stop_flushing()  # this test flushes by hand
+    redis.server.kill()
+    await ledger.settle(None, SpendRecord("acme", "u1", cost_usd=0.3, calls=1))
+    settle = ledger._settle
+
+    async def applied_then_timed_out(**kwargs: Any) -> Any:
+        await settle(**kwargs)
+        raise RedisTimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(ledger, "_settle", applied_then_timed_out)
+    redis.server.start()
+    await redis.link.wait_up()
+    await ledger.flush()  # u1's record: in doubt
+    redis.server.kill()
+    await ledger.settle(None, SpendRecord("acme", "u2", cost_usd=0.4, calls=1))
+    await ledger.flush()  # u1's fails again: u2's is not even tried
+    caplog.clear()
+    assert ledger.report_unflushed() == pytest.approx(0.7)
+    assert "never reached it: tenant acme user 'u2' 0.4 USD" in caplog.text
+
+
+async def test_a_second_up_notice_during_a_flush_starts_no_second_flush(
+    ledger_on_own_redis: LedgerOnOwnRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stop cancels the one flush it is handed: another, left running, would go on adding
+    # spend the stop reports as lost.
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    redis.server.kill()
+    await ledger.settle(None, SpendRecord("acme", cost_usd=0.3, calls=1))
+    settle, sending = ledger._settle, asyncio.Event()
+
+    async def slow(**kwargs: Any) -> Any:
+        sending.set()
+        await asyncio.sleep(0.3)
+        return await settle(**kwargs)
+
+    monkeypatch.setattr(ledger, "_settle", slow)
+    redis.server.start()
+    await redis.link.wait_up()
+    await sending.wait()
+    first = ledger._flush_task
+    await ledger._on_health(True)  # a link that flaps notices again
+    assert ledger.stop_flushing() is first
+
+
+async def test_redis_buckets_name_the_one_that_refused_and_keep_their_state(
+    redis_server: RedisServer,
+) -> None:
+    link, clock = link_to(redis_server), ManualClock(1_700_000_000.0)
+    assert await link.connect()
+    try:
+        limiter = RedisQuotaLimiter(link, KeySpace(), clock)
+        tenant, user = Charge("req", 1.0, 10.0, 1.0), Charge("ureq:u", 0.1, 1.0, 1.0)
+        assert (await limiter.take("acme", [tenant, user])).allowed
+        refused = await limiter.take("acme", [tenant, user])
+        assert (refused.bucket, refused.wait_seconds) == ("ureq:u", pytest.approx(10.0))
+        # Kept until the bucket would be full again (10 s), not a fixed second.
+        assert await link.client.pttl(f"{KeySpace().of('acme').rate}:q:ureq:u") > 5000
+        clock.advance(1000.0)  # idle: full again, and no fuller
+        for _ in range(10):
+            assert (await limiter.take("acme", [tenant])).allowed
+        assert not (await limiter.take("acme", [tenant])).allowed
+    finally:
+        await link.aclose()
+
+
+async def test_a_redis_debit_takes_the_answers_tokens_even_past_empty(
+    redis_server: RedisServer,
+) -> None:
+    link, clock = link_to(redis_server), ManualClock(1_700_000_000.0)
+    assert await link.connect()
+    try:
+        limiter = RedisQuotaLimiter(link, KeySpace(), clock)
+        assert (await limiter.take("acme", [Charge("tok", 1.0, 10.0, 8.0)])).allowed
+        await limiter.debit("acme", [Charge("tok", 1.0, 10.0, 5.0)])  # 2 left: -3 now
+        refused = await limiter.take("acme", [Charge("tok", 1.0, 10.0, 1.0)])
+        assert refused.wait_seconds == pytest.approx(4.0)
+    finally:
+        await link.aclose()
+
+
+async def test_a_replica_whose_clock_is_behind_takes_nothing_more_from_a_bucket(
+    redis_server: RedisServer,
+) -> None:
+    links = [link_to(redis_server), link_to(redis_server)]
+    for link in links:
+        assert await link.connect()
+    ahead, behind = ManualClock(1_700_000_005.0), ManualClock(1_700_000_000.0)
+    fast, slow = (RedisQuotaLimiter(link, KeySpace(), clock)
+                  for link, clock in zip(links, (ahead, behind), strict=True))  # fmt: skip
+    try:
+        assert (await fast.take("acme", [Charge("req", 1.0, 10.0, 1.0)])).allowed
+        # 9 left: the 5 s the slow clock is behind are no negative refill.
+        assert (await slow.take("acme", [Charge("req", 1.0, 10.0, 5.0)])).allowed
+    finally:
+        for link in links:
+            await link.aclose()
+
+
+async def test_while_redis_is_down_the_replicas_own_buckets_take_and_debit(
+    own_redis_server: RedisServer,
+) -> None:
+    link, clock = link_to(own_redis_server), ManualClock(1_700_000_000.0)
+    assert await link.connect()
+    try:
+        limiter = RedisQuotaLimiter(link, KeySpace(), clock)
+        own_redis_server.kill()
+        one = [Charge("req", 0.1, 1.0, 1.0)]
+        assert (await limiter.take("acme", one)).allowed
+        assert not (await limiter.take("acme", one)).allowed
+        assert (await limiter.take("acme", [Charge("tok", 1.0, 10.0, 8.0)])).allowed
+        await limiter.debit("acme", [Charge("tok", 1.0, 10.0, 5.0)])
+        assert not (await limiter.take("acme", [Charge("tok", 1.0, 10.0, 1.0)])).allowed
+        assert limiter.fallbacks == 4  # every take; a debit is no admission
+    finally:
+        await link.aclose()

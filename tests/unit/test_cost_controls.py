@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from routecache.domain import (
+    Budget,
     CacheControl,
     CacheOutcome,
     ChatRequest,
@@ -34,6 +35,7 @@ from routecache.errors import (
     Unavailable,
     UpstreamError,
 )
+from routecache.router.alerts import BudgetAlerts
 from routecache.router.budget import (
     Cap,
     CapReached,
@@ -46,10 +48,13 @@ from routecache.router.budget import (
     period_ids,
     seconds_to_period_end,
 )
+from routecache.router.costs import prompt_tokens_estimate
 from routecache.router.error_mapping import RETRY_AFTER_KEY, status_of, trailing_metadata_of
+from routecache.router.events import InMemoryEventLog
 from routecache.router.quotas import Charge, InMemoryQuotaLimiter, user_slot
 from routecache.router.upstream.failover import AllProvidersFailed
-from tests.fakes import ManualClock
+from routecache.router.upstream.openai_client import estimate_tokens
+from tests.fakes import ManualClock, RecordingTelemetry
 from tests.unit.conftest import KEYS, Harness, make_harness
 from tests.unit.test_pipeline import ask
 
@@ -636,10 +641,13 @@ async def test_a_forced_tier_the_tenant_may_not_use_is_refused_even_when_cached(
 class Hook:
     def __init__(self) -> None:
         self.bodies: list[dict[str, object]] = []
+        self.status = 204
+        self.delay = 0.0  # seconds before it answers
 
     async def handle(self, request: web.Request) -> web.Response:
         self.bodies.append(await request.json())
-        return web.Response(status=204)
+        await asyncio.sleep(self.delay)
+        return web.Response(status=self.status)
 
 
 @pytest.fixture
@@ -712,3 +720,190 @@ def test_an_end_user_id_that_looks_like_a_hashed_one_gets_a_slot_of_its_own() ->
     # A user of the same tenant naming themselves after another's slot must not share its
     # buckets and per-user caps.
     assert user_slot(hashed) != hashed
+
+
+async def test_a_capped_request_without_max_tokens_is_called_with_the_services_bound() -> None:
+    # Its worst case was reserved for limits.max_output_tokens: the call must be held to it.
+    harness = budget_harness(daily_usd=10.0)
+    asked: list[int | None] = []
+    harness.cheap.answer = lambda prompt, params: asked.append(params.max_tokens) or "fine"
+    await harness.service.pipeline.complete(ask("no bound given"), ACME)
+    assert asked == [4096]
+    await harness.service.aclose()
+
+
+async def test_a_tenant_downgraded_at_its_cap_never_falls_back_to_the_strong_tier() -> None:
+    one = await one_request_usd("q0")
+    harness = budget_harness(daily_usd=0.5 * one, policy="downgrade")
+    harness.cheap.fail_with = UpstreamError("HTTP 400", retryable=False)
+    with pytest.raises(Unavailable):
+        await harness.service.pipeline.complete(costly("q0", tier=None), ACME)
+    assert harness.strong.calls == []  # its reservation covered the cheap tier only
+    assert await spend_of(harness) == 0
+    await harness.service.aclose()
+
+
+async def test_a_downgrade_refused_by_the_monthly_cap_waits_until_the_month_ends() -> None:
+    # The strong worst case is over the daily cap; the cheap one fits it but not the monthly
+    # cap: the refusal is the monthly cap's, with the cheap worst case and the month's wait.
+    one = await one_request_usd("q0")
+    harness = budget_harness(daily_usd=0.5 * one, monthly_usd=1e-9, policy="downgrade")
+    pipeline = harness.service.pipeline
+    tenant = pipeline._p.authenticator.authenticate(ACME)
+    cheap = pipeline.costs.worst_case_usd(tenant, costly("q0"), Tier.CHEAP, cheap_only=True)
+    with pytest.raises(ResourceExhausted, match="monthly spend cap") as refused:
+        await pipeline.complete(costly("q0", tier=None), ACME)
+    assert f"this request may cost up to {cheap:.6g} USD" in str(refused.value)
+    wait = seconds_to_period_end(harness.clock(), Period.MONTH)
+    assert wait > seconds_to_period_end(harness.clock(), Period.DAY)
+    assert refused.value.retry_after_seconds == pytest.approx(wait)
+    await harness.service.aclose()
+
+
+async def test_the_worst_case_adds_up_every_call_and_the_prompt() -> None:
+    # An escalating validator: a cheap call (which may fall back to the strong model), then a
+    # strong one. Each call is priced at the dearest provider it may reach, prompt included.
+    harness = make_harness(validators=[{"kind": "refusal"}])
+    costs = harness.service.pipeline.costs
+    tenant = harness.service.pipeline._p.authenticator.authenticate(ACME)
+    request = costly("q", tier=None)
+    strong = costs.worst_case_usd(tenant, request, Tier.STRONG, cheap_only=False)
+    assert costs.worst_case_usd(tenant, request, Tier.CHEAP, cheap_only=False) == (
+        pytest.approx(2 * strong)
+    )
+    streamed = costs.worst_case_usd(tenant, request, Tier.CHEAP, cheap_only=False, streaming=True)
+    assert streamed == pytest.approx(strong)  # a stream makes one call
+    long = costly("q" * 400)
+    more = prompt_tokens_estimate(long) - prompt_tokens_estimate(request)
+    longer = costs.worst_case_usd(tenant, long, Tier.STRONG, cheap_only=False)
+    assert more > 0 and longer == pytest.approx(strong + more * 10.0 / 1e6)  # 10 USD/Mtok
+    await harness.service.aclose()
+
+
+async def test_a_stream_reserves_one_calls_worst_case() -> None:
+    # Not the retry and escalation a whole answer may need: a stream cannot take them.
+    one = await one_request_usd("s")
+    harness = make_harness(validators=[{"kind": "refusal"}], budget={"daily_usd": 1.5 * one})
+    pipeline = harness.service.pipeline
+    events = [e async for e in pipeline.complete_stream(costly("s", tier=None), ACME)]
+    assert isinstance(events[-1], Completion) and events[-1].tier is Tier.CHEAP
+    with pytest.raises(ResourceExhausted):  # the same whole answer reserves two calls
+        await pipeline.complete(costly("t", tier=None), ACME)
+    await harness.service.aclose()
+
+
+async def test_a_settled_request_stops_holding_its_reservation() -> None:
+    one = await one_request_usd("q0")
+    harness = budget_harness(daily_usd=1.5 * one)
+    harness.strong.answer = lambda prompt, params: "short"  # costs far less than reserved
+    complete = harness.service.pipeline.complete
+    await complete(costly("q0"), ACME)
+    await complete(costly("q1"), ACME)  # fits beside the first's spend, not its reservation
+    assert harness.service.pipeline.costs.ledger.held_usd("acme", "", False) == 0
+    await harness.service.aclose()
+
+
+async def test_a_request_sharing_a_call_is_booked_as_saved_in_its_users_slot() -> None:
+    harness = budget_harness(daily_usd=10.0)
+    harness.strong.gate = gate = asyncio.Event()
+    complete = harness.service.pipeline.complete
+    long_id = "v" * 100  # hashed into its slot
+    first = asyncio.create_task(complete(costly("same", user="u1"), ACME))
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(complete(costly("same", user=long_id), ACME))
+    await asyncio.sleep(0.01)
+    gate.set()
+    made, _ = await asyncio.gather(first, second)
+    ledger = harness.service.pipeline.costs.ledger
+    tenant, sharer = [(await ledger.totals("acme", u))[Period.DAY]
+                      for u in ("", user_slot(long_id))]  # fmt: skip
+    assert harness.strong.calls == ["same"]
+    assert tenant.cost_usd == made.usage.cost_usd and tenant.calls == 1
+    assert sharer.saved_usd == tenant.saved_usd == made.usage.cost_usd and sharer.cost_usd == 0
+    await harness.service.aclose()
+
+
+async def test_a_stream_cut_short_pays_one_call_at_the_tiers_price() -> None:
+    # A tenant kept to the cheap tier: the strong providers were out of its reach.
+    harness = make_harness(validators=[], budget={"daily_usd": 10.0},
+                           models_allowed=["mixtral-8x7b-instruct"])  # fmt: skip
+    harness.cheap.answer = lambda prompt, params: " ".join(["word"] * 40)
+    request = costly("cut short", user="u1", tier=None)
+    stream = harness.service.pipeline.complete_stream(request, ACME)
+    first = await anext(stream)
+    assert isinstance(first, str)
+    await stream.aclose()
+    for _ in range(200):  # the inner generators are closed by the loop's finaliser
+        if await spend_of(harness) > 0:
+            break
+        await asyncio.sleep(0.005)
+    tokens = prompt_tokens_estimate(request) + estimate_tokens(first)
+    day = (await harness.service.pipeline.costs.ledger.totals("acme", "u1"))[Period.DAY]
+    assert day.cost_usd == pytest.approx(tokens * 0.6 / 1e6) and day.calls == 1
+    await harness.service.aclose()
+
+
+async def test_a_stream_cancelled_before_its_first_word_pays_nothing() -> None:
+    harness = budget_harness(daily_usd=10.0)
+    harness.strong.gate = asyncio.Event()  # the call never answers
+    stream = harness.service.pipeline.complete_stream(costly("q"), ACME)
+    waiting = asyncio.create_task(anext(stream))  # type: ignore[arg-type]
+    while not harness.strong.calls:  # noqa: ASYNC110
+        await asyncio.sleep(0.001)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert await spend_of(harness) == 0
+    assert harness.service.pipeline.costs.ledger.held_usd("acme", "", False) == 0
+    await harness.service.aclose()
+
+
+async def test_the_service_stop_delivers_the_budget_alert_webhooks_under_way(
+    webhook: tuple[str, Hook],
+) -> None:
+    url, hook = webhook
+    harness = make_harness(service={"budgets": {"alert_webhook_url": url}},
+                           budget={"soft_daily_usd": 1e-9})  # fmt: skip
+    await harness.service.pipeline.complete(ask("over at once"), ACME)
+    await harness.service.aclose()
+    assert len(hook.bodies) == 1
+
+
+def alerts_to(
+    url: str | None = None, timeout: float = 2.0
+) -> tuple[BudgetAlerts, InMemoryEventLog]:
+    events = InMemoryEventLog()
+    return BudgetAlerts(events, RecordingTelemetry(), url, timeout), events
+
+
+async def test_a_soft_budget_is_crossed_by_the_settle_that_reaches_it_not_the_next() -> None:
+    alerts, events = alerts_to()
+    budget = Budget(soft_daily_usd=1.0)
+    alerts.check("t", budget, {Period.DAY: (0.5, 1.0)})  # reaches it exactly: crossed
+    alerts.check("t", budget, {Period.DAY: (1.0, 1.5)})  # was there already
+    alerts.check("t", budget, {Period.MONTH: (0.5, 1.5)})  # no monthly soft budget
+    assert [(e["period"], e["spent_usd"]) for e in events.events] == [("day", 1.0)]
+    alerts.check("u", budget, {Period.DAY: (0.25, 2.5)})
+    assert events.events[-1]["spent_usd"] == 2.5  # what was spent, not the budget
+
+
+async def test_a_webhook_that_fails_or_hangs_is_counted_and_logged_as_failed(
+    webhook: tuple[str, Hook], caplog: pytest.LogCaptureFixture
+) -> None:
+    url, hook = webhook
+    alerts, _ = alerts_to(url, timeout=0.2)
+    budget = Budget(soft_daily_usd=1.0)
+    alerts.check("t", budget, {Period.DAY: (0.0, 1.0)})
+    await alerts.drain()
+    assert (alerts.delivered, alerts.failed_deliveries) == (1, 0)
+    hook.status = 500
+    alerts.check("t", budget, {Period.DAY: (0.0, 1.0)})
+    await alerts.drain()
+    assert (alerts.delivered, alerts.failed_deliveries) == (1, 1)
+    assert "budget alert webhook failed" in caplog.text
+    hook.status, hook.delay = 204, 1.0
+    alerts.check("t", budget, {Period.DAY: (0.0, 1.0)})
+    async with asyncio.timeout(0.8):  # the configured timeout, not httpx's default 5 s
+        await alerts.aclose()
+    assert (alerts.delivered, alerts.failed_deliveries) == (1, 2)
+    assert alerts._client is not None and alerts._client.is_closed

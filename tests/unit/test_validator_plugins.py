@@ -5,6 +5,7 @@ from routecache.errors import InvalidArgument
 from routecache.router.pii import PiiValidator, find_pii, iban_valid, luhn_valid
 from routecache.router.settings import ConfigError, LimitSettings, ValidatorSpec
 from routecache.router.validation import (
+    Configured,
     OnFail,
     RequestValidators,
     build_validator,
@@ -96,6 +97,8 @@ def test_regex_must_and_must_not() -> None:
         ("As an AI language model, I do not have opinions.", False),
         ("I cannot assist with this request.", False),
         ("The answer is 4. Some would say 'I cannot help with that', but here it is.", True),
+        ("I\u2019m sorry, but I can\u2019t help with that.", False),  # typographic apostrophes
+        ('\n\n"I cannot assist with this request."', False),  # after blank lines and a quote
     ],
 )
 def test_refusal_and_empty_answers(text: str, passed: bool) -> None:
@@ -204,3 +207,55 @@ def test_request_validator_cache_is_bounded() -> None:
     build("refusal")
     build("length")  # the cache was full: flushed
     assert build("pii") is not first
+
+
+def build_one(*asked: RequestValidator, reserved: tuple[str, ...] = ()) -> list[Configured]:
+    return RequestValidators(LIMITS).build(
+        ChatRequest((Message(Role.USER, "q"),), validators=asked), reserved
+    )
+
+
+def test_request_validators_keep_their_names_bounds_patterns_and_kinds() -> None:
+    length, regex, pii = build_one(
+        RequestValidator("length", name="short", min_chars=3, max_chars=5),
+        RequestValidator("regex", must_match=(r"\d",), must_not_match=("lorem",)),
+        RequestValidator("pii", pii=("email",)),
+    )
+    assert (length.name, regex.name, pii.name) == ("short", "regex", "pii")
+    assert "fewer than 3" in length.validator.check("ab", REQUEST).message
+    assert "more than 5" in length.validator.check("abcdef", REQUEST).message
+    assert regex.validator.check("42", REQUEST).passed
+    assert not regex.validator.check("no digits", REQUEST).passed
+    assert not regex.validator.check("42 lorem", REQUEST).passed
+    assert not pii.validator.check("mail jane@example.org", REQUEST).passed
+    assert pii.validator.check("call +44 20 7946 0958 now", REQUEST).passed  # not asked for
+
+
+def test_a_tenant_length_validator_keeps_its_own_maximum() -> None:
+    configured = build_validator(ValidatorSpec(kind="length", max_chars=5), LIMITS)
+    assert "more than 5" in configured.validator.check("abcdef", REQUEST).message
+
+
+def test_a_request_validator_may_not_take_the_name_of_one_of_the_tenants() -> None:
+    with pytest.raises(InvalidArgument, match="already in use") as error:
+        build_one(RequestValidator("pii"), reserved=("pii",))
+    assert error.value.field == "validators[0]"
+
+
+@pytest.mark.parametrize(
+    ("asked", "problem"),
+    [
+        (RequestValidator("pii", pii=("bogus",)), "pii.0: Input should be"),
+        (RequestValidator("length", min_chars=9, max_chars=3), "spec: Value error, min_chars"),
+        (RequestValidator("custom"), "configured per tenant"),
+        (RequestValidator("regex", must_match=("(?:a{1000}){1000}",)), "repeats too large"),
+        (RequestValidator("regex", must_match=("a{4294967296}",)), "too large"),
+    ],
+)
+def test_a_bad_request_validator_is_named_by_its_place_and_its_field(
+    asked: RequestValidator, problem: str
+) -> None:
+    with pytest.raises(InvalidArgument) as error:
+        build_one(RequestValidator("refusal"), asked)
+    assert error.value.field == "validators[1]"
+    assert str(error.value).startswith("validators[1]: ") and problem in str(error.value)

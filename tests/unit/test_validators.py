@@ -1,4 +1,6 @@
 import json
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -9,8 +11,14 @@ from routecache.domain import (
     ResponseFormat,
     ResponseFormatType,
     Role,
+    ValidatorResult,
 )
-from routecache.router.validators import JsonSchemaValidator, LengthValidator, check_pattern_size
+from routecache.router.validators import (
+    JsonSchemaValidator,
+    LengthValidator,
+    RegexValidator,
+    check_pattern_size,
+)
 
 SCHEMA = json.dumps(
     {"type": "object", "required": ["answer"], "properties": {"answer": {"type": "string"}}}
@@ -89,3 +97,34 @@ def test_pattern_size_counts_what_compiling_unrolls(pattern: str, allowed: bool)
     else:
         with pytest.raises(ValueError, match="repeats too large"):
             check_pattern_size(pattern)
+
+
+def test_schema_patterns_apply_to_strings_only() -> None:
+    schema = json.dumps({"properties": {"n": {"pattern": "^a"}}, "patternProperties": {"^x": {}}})
+    validator = JsonSchemaValidator()
+    assert validator.check('{"n": 5}', request(ResponseFormatType.JSON_SCHEMA, schema)).passed
+    assert not validator.check('{"n": "b"}', request(ResponseFormatType.JSON_SCHEMA, schema)).passed
+
+
+CATASTROPHIC = r"(a|aa)+$"  # backtracks for minutes on the text below
+NASTY = "a" * 34 + "b"
+
+
+def elapsed(check: Callable[[], ValidatorResult]) -> tuple[ValidatorResult, float]:
+    started = time.monotonic()
+    result = check()
+    return result, time.monotonic() - started
+
+
+def test_the_pattern_budgets_bound_how_long_a_check_takes() -> None:
+    result, took = elapsed(lambda: RegexValidator([CATASTROPHIC], []).check(NASTY, request()))
+    assert "longer than 0.1 s" in result.message and took < 1.0  # the default budget
+    # A budget spent by the patterns before still bounds the next one: a search given no
+    # time at all (or less) would run unbounded in `regex`.
+    spent = RegexValidator(["a", CATASTROPHIC], [], budget_seconds=1e-6)
+    result, took = elapsed(lambda: spent.check(NASTY, request()))
+    assert "longer than" in result.message and took < 1.0
+    schema = json.dumps({"type": "string", "pattern": CATASTROPHIC})
+    asked = request(ResponseFormatType.JSON_SCHEMA, schema)
+    result, took = elapsed(lambda: JsonSchemaValidator().check(json.dumps(NASTY), asked))
+    assert "took too long" in result.message and took < 1.0
