@@ -463,22 +463,30 @@ async def test_a_flush_cut_short_by_redis_counts_the_flushed_spend_once(
     assert isinstance(await ledger.reserve("acme", "", 0.35, caps), Reservation)
 
 
+def lose_settle_answers(
+    ledger: RedisSpendLedger, monkeypatch: pytest.MonkeyPatch, lost: list[bool] | None = None
+) -> None:
+    """Redis runs each flush's script but its answer never comes back (a client timeout); with
+    `lost`, only the calls whose popped flag is True lose it."""
+    settle = ledger._settle
+
+    async def applied_then_timed_out(**kwargs: Any) -> Any:
+        answer = await settle(**kwargs)
+        if lost is None or lost.pop():
+            raise RedisTimeoutError("Timeout reading from socket")
+        return answer
+
+    monkeypatch.setattr(ledger, "_settle", applied_then_timed_out)
+
+
 async def test_a_flush_whose_answer_is_lost_after_redis_applied_it_counts_once(
     ledger_on_own_redis: LedgerOnOwnRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
     redis.server.kill()
     await ledger.settle(None, SpendRecord("acme", "u1", cost_usd=0.3, calls=1))
-    settle = ledger._settle
     answers_lost = [True]
-
-    async def applied_then_timed_out(**kwargs: Any) -> Any:
-        answer = await settle(**kwargs)
-        if answers_lost.pop():  # Redis ran the script; its answer never came back
-            raise RedisTimeoutError("Timeout reading from socket")
-        return answer
-
-    monkeypatch.setattr(ledger, "_settle", applied_then_timed_out)
+    lose_settle_answers(ledger, monkeypatch, answers_lost)
     redis.server.start()
     await redis.link.wait_up()
     await ledger.flush()  # in doubt: kept, and tried again with the same id
@@ -599,13 +607,7 @@ async def test_spend_sent_without_an_answer_is_reported_at_stop_with_its_settle_
     redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
     redis.server.kill()
     await ledger.settle(None, SpendRecord("acme", "u1", cost_usd=0.3, calls=1))
-    settle = ledger._settle
-
-    async def applied_then_timed_out(**kwargs: Any) -> Any:
-        await settle(**kwargs)
-        raise RedisTimeoutError("Timeout reading from socket")
-
-    monkeypatch.setattr(ledger, "_settle", applied_then_timed_out)
+    lose_settle_answers(ledger, monkeypatch)
     redis.server.start()
     await redis.link.wait_up()
     await ledger.flush()
@@ -991,13 +993,7 @@ async def test_a_flush_failing_again_leaves_the_records_it_never_sent_as_never_s
     ledger.stop_flushing()  # this test flushes by hand
     redis.server.kill()
     await ledger.settle(None, SpendRecord("acme", "u1", cost_usd=0.3, calls=1))
-    settle = ledger._settle
-
-    async def applied_then_timed_out(**kwargs: Any) -> Any:
-        await settle(**kwargs)
-        raise RedisTimeoutError("Timeout reading from socket")
-
-    monkeypatch.setattr(ledger, "_settle", applied_then_timed_out)
+    lose_settle_answers(ledger, monkeypatch)
     redis.server.start()
     await redis.link.wait_up()
     await ledger.flush()  # u1's record: in doubt
