@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,17 @@ TRIES_PER_ROUND = 3
 def link_to(server: RedisServer) -> RedisLink:
     return RedisLink(server.url, timeout_seconds=2.0, max_connections=32,
                      probe_interval_seconds=0.05)  # fmt: skip
+
+
+@asynccontextmanager
+async def connected_link(server: RedisServer) -> AsyncIterator[tuple[RedisLink, ManualClock]]:
+    """A link up to `server` and a manual clock, the link closed after the test."""
+    link = link_to(server)
+    assert await link.connect()
+    try:
+        yield link, ManualClock(1_700_000_000.0)
+    finally:
+        await link.aclose()
 
 
 async def hammer(limiters: Sequence[RedisQuotaLimiter], clock: ManualClock,
@@ -661,24 +673,18 @@ async def test_an_amount_over_a_buckets_capacity_passes_once_it_is_full(
     redis_server: RedisServer,
 ) -> None:
     # As in process (Charge.needed): a request larger than the bucket waits for a full one.
-    link, clock = link_to(redis_server), ManualClock(1_700_000_000.0)
-    assert await link.connect()
-    try:
+    async with connected_link(redis_server) as (link, clock):
         limiter = RedisQuotaLimiter(link, KeySpace(), clock)
         big = [Charge("tokens", per_second=10.0, capacity=100.0, amount=150.0)]
         assert (await limiter.take("acme", big)).allowed
         refused = await limiter.take("acme", big)
         assert not refused.allowed and refused.wait_seconds == pytest.approx(15.0)
-    finally:
-        await link.aclose()
 
 
 async def test_redis_reservations_end_exactly_at_their_ttl_and_per_user_caps_count_only_that_user(
     redis_server: RedisServer,
 ) -> None:
-    link, clock = link_to(redis_server), ManualClock(1_700_000_000.0)
-    assert await link.connect()
-    try:
+    async with connected_link(redis_server) as (link, clock):
         ledger = RedisSpendLedger(link, KeySpace(), clock, reservation_ttl_seconds=60)
         per_user = [Cap(Period.DAY, 1.0, per_user=True)]
         assert isinstance(await ledger.reserve("acme", "u1", 0.8, per_user), Reservation)
@@ -686,8 +692,6 @@ async def test_redis_reservations_end_exactly_at_their_ttl_and_per_user_caps_cou
         assert isinstance(await ledger.reserve("acme", "u1", 0.8, per_user), CapReached)
         clock.advance(60)  # u1's reservation, never settled, no longer holds
         assert isinstance(await ledger.reserve("acme", "u1", 0.8, per_user), Reservation)
-    finally:
-        await link.aclose()
 
 
 async def test_spend_keys_expire_after_their_retention(redis_server: RedisServer) -> None:
@@ -902,9 +906,7 @@ async def test_while_redis_is_down_a_settle_moves_the_spend_redis_last_reported(
 async def test_redis_caps_count_every_users_spend_and_name_the_cap_that_refused(
     redis_server: RedisServer,
 ) -> None:
-    link, clock = link_to(redis_server), ManualClock(1_700_000_000.0)
-    assert await link.connect()
-    try:
+    async with connected_link(redis_server) as (link, clock):
         ledger = RedisSpendLedger(link, KeySpace(), clock)
         caps = [Cap(Period.DAY, 1.0), Cap(Period.DAY, 0.5, per_user=True)]
         await ledger.settle(None, SpendRecord("acme", "u1", cost_usd=0.6))
@@ -916,16 +918,12 @@ async def test_redis_caps_count_every_users_spend_and_name_the_cap_that_refused(
         user_full = await ledger.reserve("acme", "u1", 0.05, caps)  # u1 is past its own
         assert isinstance(user_full, CapReached) and user_full.cap == caps[1]
         assert user_full.committed_usd == pytest.approx(0.6)
-    finally:
-        await link.aclose()
 
 
 async def test_redis_reservations_add_up_to_a_cap_exactly_and_their_hash_expires(
     redis_server: RedisServer,
 ) -> None:
-    link, clock = link_to(redis_server), ManualClock(1_700_000_000.0)
-    assert await link.connect()
-    try:
+    async with connected_link(redis_server) as (link, clock):
         ledger = RedisSpendLedger(link, KeySpace(), clock, reservation_ttl_seconds=60)
         caps = [Cap(Period.DAY, 0.3)]
         for _ in range(3):  # 0.1 + 0.1 + 0.1 is a hair over 0.3 in floats
@@ -933,8 +931,6 @@ async def test_redis_reservations_add_up_to_a_cap_exactly_and_their_hash_expires
         assert isinstance(await ledger.reserve("acme", "", 0.1, caps), CapReached)
         # Reservations never settled must not keep the hash for ever.
         assert 0 < await link.client.pttl(KeySpace().of("acme").base + "resv") <= 60_000
-    finally:
-        await link.aclose()
 
 
 async def test_a_redis_refusal_counts_the_reservations_made_here_while_redis_was_down(
@@ -967,9 +963,7 @@ async def test_while_redis_is_down_another_replicas_reservation_still_counts(
 async def test_the_ledger_forgets_what_redis_said_of_ended_periods(
     redis_server: RedisServer,
 ) -> None:
-    link, clock = link_to(redis_server), ManualClock(1_700_000_000.0)
-    assert await link.connect()
-    try:
+    async with connected_link(redis_server) as (link, clock):
         ledger = RedisSpendLedger(link, KeySpace(), clock)
         caps = [Cap(Period.DAY, 1.0), Cap(Period.DAY, 1.0, per_user=True)]
         held = await ledger.reserve("acme", "u1", 0.1, caps)
@@ -980,8 +974,6 @@ async def test_the_ledger_forgets_what_redis_said_of_ended_periods(
         current = set(period_ids(clock()).values())
         kept = [*ledger._last_committed, *ledger._last_totals]
         assert kept and all(pid in current for _, _, pid in kept)
-    finally:
-        await link.aclose()
 
 
 async def test_a_flush_failing_again_leaves_the_records_it_never_sent_as_never_sent(
@@ -1032,9 +1024,7 @@ async def test_a_second_up_notice_during_a_flush_starts_no_second_flush(
 async def test_redis_buckets_name_the_one_that_refused_and_keep_their_state(
     redis_server: RedisServer,
 ) -> None:
-    link, clock = link_to(redis_server), ManualClock(1_700_000_000.0)
-    assert await link.connect()
-    try:
+    async with connected_link(redis_server) as (link, clock):
         limiter = RedisQuotaLimiter(link, KeySpace(), clock)
         tenant, user = Charge("req", 1.0, 10.0, 1.0), Charge("ureq:u", 0.1, 1.0, 1.0)
         assert (await limiter.take("acme", [tenant, user])).allowed
@@ -1046,23 +1036,17 @@ async def test_redis_buckets_name_the_one_that_refused_and_keep_their_state(
         for _ in range(10):
             assert (await limiter.take("acme", [tenant])).allowed
         assert not (await limiter.take("acme", [tenant])).allowed
-    finally:
-        await link.aclose()
 
 
 async def test_a_redis_debit_takes_the_answers_tokens_even_past_empty(
     redis_server: RedisServer,
 ) -> None:
-    link, clock = link_to(redis_server), ManualClock(1_700_000_000.0)
-    assert await link.connect()
-    try:
+    async with connected_link(redis_server) as (link, clock):
         limiter = RedisQuotaLimiter(link, KeySpace(), clock)
         assert (await limiter.take("acme", [Charge("tok", 1.0, 10.0, 8.0)])).allowed
         await limiter.debit("acme", [Charge("tok", 1.0, 10.0, 5.0)])  # 2 left: -3 now
         refused = await limiter.take("acme", [Charge("tok", 1.0, 10.0, 1.0)])
         assert refused.wait_seconds == pytest.approx(4.0)
-    finally:
-        await link.aclose()
 
 
 async def test_a_replica_whose_clock_is_behind_takes_nothing_more_from_a_bucket(
