@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -122,15 +123,20 @@ def test_score_pairs_rows_hold_each_pairs_own_scores_and_group_by_cached_questio
     assert scored.groups[0] == scored.groups[1] != scored.groups[2]
 
 
+def out_of_fold_before_and_after_relabelling_one_question() -> tuple[Any, Any]:
+    """Out-of-fold scores of 600 pairs, three per cached question, before and after the first
+    question's three labels are flipped."""
+    scored = synthetic(600, seed=8)
+    grouped = ScoredPairs(scored.rows, scored.labels, np.arange(600, dtype=np.int64) // 3)
+    flipped = grouped.labels.copy()
+    flipped[:3] = ~flipped[:3]
+    return out_of_fold(grouped), out_of_fold(ScoredPairs(grouped.rows, flipped, grouped.groups))
+
+
 def test_out_of_fold_scores_never_see_their_own_cached_question() -> None:
     # Three pairs per cached question. Relabelling one question's pairs changes every model
     # except the one that scores that question: its scores stay as they were.
-    scored = synthetic(600, seed=8)
-    grouped = ScoredPairs(scored.rows, scored.labels, np.arange(600, dtype=np.int64) // 3)
-    before = out_of_fold(grouped)
-    flipped = grouped.labels.copy()
-    flipped[:3] = ~flipped[:3]
-    after = out_of_fold(ScoredPairs(grouped.rows, flipped, grouped.groups))
+    before, after = out_of_fold_before_and_after_relabelling_one_question()
     np.testing.assert_allclose(after[:3], before[:3], rtol=1e-12)
     assert not np.allclose(after[3:], before[3:])
 
@@ -285,12 +291,7 @@ def test_load_pairs_names_the_bad_line(tmp_path: Path) -> None:
 def test_out_of_fold_scores_come_from_five_models_each_fitted_without_a_fifth() -> None:
     # Relabelling one cached question changes the four models fitted on it: only the pairs its
     # own fold holds, a fifth of them, keep their scores.
-    scored = synthetic(600, seed=8)
-    grouped = ScoredPairs(scored.rows, scored.labels, np.arange(600, dtype=np.int64) // 3)
-    before = out_of_fold(grouped)
-    flipped = grouped.labels.copy()
-    flipped[:3] = ~flipped[:3]
-    after = out_of_fold(ScoredPairs(grouped.rows, flipped, grouped.groups))
+    before, after = out_of_fold_before_and_after_relabelling_one_question()
     assert int(np.isclose(after, before, rtol=1e-12, atol=0).sum()) == 600 // 5
 
 
