@@ -246,3 +246,40 @@ def test_a_longer_temp_file_left_by_a_crash_adds_nothing_to_the_next_snapshot(
     path.rename(path.with_name(path.name + ".tmp"))
     save_snapshot(_distinct_entries("d"), path)
     assert [e.entry_id for e in read_live_entries(path, now=0.0)] == ["acme:d"]
+
+
+async def test_a_snapshot_is_saved_periodically_and_the_store_reports_itself_up(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "snapshot.jsonl"
+    store = InMemoryEntryStore(max_entries=10, clock=lambda: 0.0)
+    storage = EmbeddedStorage(store, ScopedFaissIndex(4), lambda: 0.0, path, 0.02)
+    health: list[bool] = []
+
+    async def cache_health(up: bool) -> None:
+        health.append(up)
+
+    await storage.start(cache_health)
+    assert health == [True]
+    await store.put(_entry("kept"))
+    try:
+        for _ in range(200):  # not only at the stop: a crash keeps what the last save had
+            if path.is_file() and read_live_entries(path, now=0.0):
+                break
+            await asyncio.sleep(0.01)
+        assert [e.entry_id for e in read_live_entries(path, now=0.0)] == ["acme:kept"]
+    finally:
+        await storage.aclose()
+
+
+async def test_a_snapshot_that_cannot_be_written_is_logged_not_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    path = tmp_path / "a-file" / "snapshot.jsonl"  # its folder cannot be made
+    store = InMemoryEntryStore(max_entries=10, clock=lambda: 0.0)
+    await store.put(_entry("kept"))
+    storage = EmbeddedStorage(store, ScopedFaissIndex(4), lambda: 0.0, path, 3600)
+    await storage.save(path)  # a full disk must not take the service down
+    assert "cache snapshot to" in caplog.text and "failed" in caplog.text
+
