@@ -60,10 +60,14 @@ class EmbeddedStorage:
         # goes on in its thread, and two writers share the .tmp file, so the older snapshot
         # could land last and bring back entries removed since.
         self._writing = threading.Lock()
+        # Until the snapshot is restored the store is not the cache: a stop before then (a
+        # start that failed) must not save it over the snapshot.
+        self._restored = False
 
     async def start(self, cache_health: CacheHealth = _ignore_health) -> None:
         if self._path is not None:
             await restore_snapshot(self.store, self._index, self._path, self._clock, self._grace)
+            self._restored = True
             self._task = asyncio.create_task(self._save_periodically(self._path))
         await cache_health(True)
 
@@ -91,7 +95,7 @@ class EmbeddedStorage:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._path is not None:
+        if self._path is not None and self._restored:
             await self.save(self._path)
 
 

@@ -283,3 +283,15 @@ async def test_a_snapshot_that_cannot_be_written_is_logged_not_raised(
     await storage.save(path)  # a full disk must not take the service down
     assert "cache snapshot to" in caplog.text and "failed" in caplog.text
 
+
+async def test_a_service_stopped_before_its_store_was_restored_keeps_the_snapshot(
+    tmp_path: Path,
+) -> None:
+    # A start that fails before the restore (a metrics port still held by the process being
+    # replaced, say) stops the service: its store is empty, not the cache. Saving it would
+    # overwrite the snapshot and lose every entry.
+    path = tmp_path / "snapshot.jsonl"
+    save_snapshot([_entry("kept")], path)
+    harness = make_harness(store={"snapshot_path": path})
+    await harness.service.aclose()  # start_service's clean-up when the start fails
+    assert [e.entry_id for e in read_live_entries(path, now=0.0)] == ["acme:kept"]
