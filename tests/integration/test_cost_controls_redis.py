@@ -4,6 +4,7 @@ callers, a hard spend cap under 50 concurrent requests, and key revocation acros
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -1084,3 +1085,76 @@ async def test_while_redis_is_down_the_replicas_own_buckets_take_and_debit(
         assert limiter.fallbacks == 4  # every take; a debit is no admission
     finally:
         await link.aclose()
+
+
+async def test_the_stop_flushes_the_spend_still_pending_when_redis_answers(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # As above, but with time enough to close: what the cancelled background flush was
+    # sending, and what it never reached, both go to Redis at the stop, once.
+    own, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    own.server.kill()
+    for user, cost in (("u1", 0.3), ("u2", 0.4)):
+        await ledger.settle(None, SpendRecord("acme", user, cost_usd=cost, calls=1))
+    settle, sending = ledger._settle, asyncio.Event()
+
+    async def slow(**kwargs: Any) -> Any:
+        sending.set()
+        await asyncio.sleep(0.3)
+        return await settle(**kwargs)
+
+    monkeypatch.setattr(ledger, "_settle", slow)
+    own.server.start()
+    await own.link.wait_up()
+    await sending.wait()
+    store = RedisEntryStore(own.link, KeySpace(), RedisStoreOptions(100), own.clock, "r1")
+    sync = ReplicaSync(own.link, KeySpace(), ["acme"], ScopedFaissIndex(8), store, "r1", own.clock)
+    caplog.clear()
+    await RedisStorage(own.link, sync, None, ledger, close_timeout_seconds=5.0).aclose()
+    assert ledger.report_unflushed() == 0.0 and "redis was down" not in caplog.text
+    checker = redis.Redis(host="127.0.0.1", port=own.server.port)
+    try:
+        day = period_ids(own.clock())[Period.DAY]
+        for user, cost in (("u1", b"0.3"), ("u2", b"0.4")):
+            assert checker.hget(f"rc:{{acme}}:spend:d:{day}:u:{user}", "cost") == cost
+    finally:
+        checker.close()
+
+
+class BrokenSync:
+    """A replica sync whose index rebuild fails, and whose loop swallows the first cancel
+    (as a cancel that lands as a socket timeout does on Python 3.11)."""
+
+    async def rebuild(self) -> None:
+        raise RuntimeError("a corrupt row")
+
+    async def run(self) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+        await asyncio.Event().wait()
+
+
+async def test_a_failed_rebuild_marks_redis_down_and_the_stop_ends_every_task_and_connection(
+    redis_server: RedisServer,
+) -> None:
+    link, clock = link_to(redis_server), ManualClock()
+    ledger = RedisSpendLedger(link, KeySpace(), clock)
+    storage = RedisStorage(link, BrokenSync(), None, ledger)  # type: ignore[arg-type]
+    health: list[bool] = []
+
+    async def cache_health(up: bool) -> None:
+        health.append(up)
+
+    await storage.start(cache_health)
+    assert health[:2] == [True, False]  # the cache is bypassed, not served half rebuilt
+    await asyncio.sleep(0.1)  # the sync loop is under way
+    async with asyncio.timeout(5):
+        await storage.aclose()
+    assert all(task.done() for task in storage._tasks)
+    checker = redis.Redis(host="127.0.0.1", port=redis_server.port)
+    try:
+        await eventually(lambda: len(checker.client_list()) == 1, "the link's connections close")
+    finally:
+        checker.close()

@@ -7,6 +7,7 @@ import asyncio
 import socket
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -14,6 +15,8 @@ import numpy.typing as npt
 import pytest
 
 from routecache.cache.embedder import HashEmbedder
+from routecache.cache.ports import CacheEntry
+from routecache.cache.snapshot import read_live_entries, save_snapshot
 from routecache.classifier.model import FixedScoreClassifier
 from routecache.client import RouteCacheClient, chat_request
 from routecache.domain import Tier
@@ -36,6 +39,13 @@ class GatedEmbedder(HashEmbedder):
     def encode(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         self._gate.wait(timeout=30)
         return super().encode(texts)
+
+
+SNAPSHOT_ENTRY = CacheEntry(
+    entry_id="acme:kept", tenant="acme", scope="acme:s", exact_key="acme:s:kept", prompt="q",
+    answer="a", model="m", tier=Tier.CHEAP, embedding=np.ones(4, dtype=np.float32) / 2,
+    created_at=0.0, expires_at=1e12, cost_usd=0.0,
+)  # fmt: skip
 
 
 def free_port() -> int:
@@ -103,6 +113,31 @@ async def test_a_taken_metrics_port_stops_the_start_and_frees_the_grpc_port() ->
             await start_service(settings, overrides)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", grpc_port))  # the failed start released it
+
+
+async def test_a_start_that_fails_before_the_restore_keeps_the_cache_snapshot(
+    tmp_path: Path,
+) -> None:
+    # Before: the failed start's clean-up saved the empty store over the snapshot, and the
+    # next start found no cache (a metrics port still held by the process being replaced).
+    path = tmp_path / "snapshot.jsonl"
+    save_snapshot([SNAPSHOT_ENTRY], path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        base = unit_settings(store={"snapshot_path": path})
+        settings = base.model_copy(update={
+            "server": base.server.model_copy(update={"port": 0}),
+            "metrics": base.metrics.model_copy(update={"port": taken.getsockname()[1]}),
+        })  # fmt: skip
+        overrides = Overrides(
+            embedder=HashEmbedder(),
+            classifier=FixedScoreClassifier(0.2),
+            upstreams={Tier.CHEAP: FakeUpstream("cheap"), Tier.STRONG: FakeUpstream("strong")},
+        )
+        with pytest.raises(OSError):
+            await start_service(settings, overrides)
+    assert [e.entry_id for e in read_live_entries(path, now=0.0)] == [SNAPSHOT_ENTRY.entry_id]
 
 
 async def test_a_second_server_on_the_same_port_fails_to_start() -> None:

@@ -217,3 +217,59 @@ async def test_top_entries_skip_an_entry_redis_dropped_before_any_purge(setup: S
     with redis.Redis(host="127.0.0.1", port=setup.server.port) as raw:
         raw.delete(KeySpace().of("acme").entry(dropped))
     assert [s.entry_id for s in await setup.store.most_served("acme", 10)] == [kept]
+
+
+def small_store(setup: Setup, **options: int) -> Setup:
+    store = RedisEntryStore(setup.link, KeySpace(), RedisStoreOptions(**options), setup.clock,
+                            "test")  # fmt: skip
+    return Setup(SemanticCache(store, ScopedFaissIndex(4), setup.clock), store, setup.server,
+                 setup.clock, setup.link)  # fmt: skip
+
+
+async def test_an_entrys_keys_outlive_its_expiry_by_the_grace_and_its_tags_the_longest(
+    setup: Setup,
+) -> None:
+    # Redis' own expiry is a backstop after the purge, which tells the replicas.
+    (entry_id,) = await fill(setup, 1, ttl=10, tags=("news",))
+    await fill(setup, 1, ttl=600, first=1, tags=("news",))  # a longer-lived one, tagged alike
+    keys = KeySpace().of("acme")
+    entry = await setup.store.get(entry_id)
+    assert entry is not None
+    client = setup.link.client
+    for key in (keys.entry(entry_id), keys.exact(entry.exact_key)):
+        assert (10 + 3600 - 5) * 1000 < await client.pttl(key) <= (10 + 3600) * 1000, key
+    assert await client.pttl(keys.tag("news")) > (600 + 3600 - 5) * 1000
+
+
+async def test_a_store_at_its_bound_drops_expired_entries_before_live_ones(setup: Setup) -> None:
+    small = small_store(setup, max_entries_per_tenant=2)
+    live = await fill(small, 1)  # the least recently used, but not expired
+    setup.clock.advance(1)
+    await fill(small, 1, ttl=10, first=1)
+    setup.clock.advance(20)
+    newest = await fill(small, 1, first=2)
+    assert sorted(await small.store.ids_of_tenant("acme")) == sorted(live + newest)
+
+
+async def test_a_purge_says_how_many_it_removed(setup: Setup) -> None:
+    await fill(setup, 2, ttl=10)
+    await fill(setup, 1, first=2)
+    setup.clock.advance(10)
+    assert await setup.store.purge_expired("acme") == 2
+
+
+async def test_a_hit_is_recorded_on_its_entry_and_on_no_removed_one(setup: Setup) -> None:
+    kept, gone = await fill(setup, 2)
+    await setup.store.record_hit(kept, 1234.5)
+    entry = await setup.store.get(kept)
+    assert entry is not None and (entry.hit_count, entry.last_hit_at) == (1, 1234.5)
+    await setup.store.delete([gone])
+    await setup.store.record_hit(gone, 1234.5)  # removed meanwhile: no key comes back
+    assert await setup.link.client.exists(KeySpace().of("acme").entry(gone)) == 0
+
+
+async def test_the_sync_stream_is_trimmed_as_entries_are_stored(setup: Setup) -> None:
+    small = small_store(setup, max_entries_per_tenant=10_000, sync_stream_max_len=10)
+    await fill(small, 300)
+    # Trimmed about (whole stream nodes of up to 100 items), not exactly.
+    assert await setup.link.client.xlen(KeySpace().of("acme").sync) < 250

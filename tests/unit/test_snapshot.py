@@ -290,3 +290,52 @@ async def test_a_snapshot_that_cannot_be_restored_is_not_overwritten(tmp_path: P
         await storage.start()
     await storage.aclose()
     assert path.read_text() == content
+
+
+async def test_a_snapshot_is_saved_periodically_and_the_store_reports_itself_up(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "snapshot.jsonl"
+    store = InMemoryEntryStore(max_entries=10, clock=lambda: 0.0)
+    storage = EmbeddedStorage(store, ScopedFaissIndex(4), lambda: 0.0, path, 0.02)
+    health: list[bool] = []
+
+    async def cache_health(up: bool) -> None:
+        health.append(up)
+
+    await storage.start(cache_health)
+    assert health == [True]
+    await store.put(_entry("kept"))
+    try:
+        for _ in range(200):  # not only at the stop: a crash keeps what the last save had
+            if path.is_file() and read_live_entries(path, now=0.0):
+                break
+            await asyncio.sleep(0.01)
+        assert [e.entry_id for e in read_live_entries(path, now=0.0)] == ["acme:kept"]
+    finally:
+        await storage.aclose()
+
+
+async def test_a_snapshot_that_cannot_be_written_is_logged_not_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    path = tmp_path / "a-file" / "snapshot.jsonl"  # its folder cannot be made
+    store = InMemoryEntryStore(max_entries=10, clock=lambda: 0.0)
+    await store.put(_entry("kept"))
+    storage = EmbeddedStorage(store, ScopedFaissIndex(4), lambda: 0.0, path, 3600)
+    await storage.save(path)  # a full disk must not take the service down
+    assert "cache snapshot to" in caplog.text and "failed" in caplog.text
+
+
+async def test_a_service_stopped_before_its_store_was_restored_keeps_the_snapshot(
+    tmp_path: Path,
+) -> None:
+    # A start that fails before the restore (a metrics port still held by the process being
+    # replaced, say) stops the service: its store is empty, not the cache. Saving it would
+    # overwrite the snapshot and lose every entry.
+    path = tmp_path / "snapshot.jsonl"
+    save_snapshot([_entry("kept")], path)
+    harness = make_harness(store={"snapshot_path": path})
+    await harness.service.aclose()  # start_service's clean-up when the start fails
+    assert [e.entry_id for e in read_live_entries(path, now=0.0)] == ["acme:kept"]
