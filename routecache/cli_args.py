@@ -25,8 +25,9 @@ def at_least(low: int) -> Callable[[str], int]:
 positive_int = at_least(1)
 
 
-def holdout_fraction(text: str) -> float:
-    """An argparse type: a share strictly between 0 and 1 (both sides need rows)."""
+def fraction(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1 (a hold-out share, where both sides
+    need rows; a confidence; a rate)."""
     try:
         value = float(text)
     except ValueError as error:
@@ -34,6 +35,17 @@ def holdout_fraction(text: str) -> float:
     if not 0.0 < value < 1.0:  # False for NaN too
         raise argparse.ArgumentTypeError(f"{text}: must lie strictly between 0 and 1")
     return value
+
+
+def fractions(text: str) -> list[float]:
+    """An argparse type: numbers strictly between 0 and 1, separated by commas."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas: {text}") from error
+    if not values or any(not 0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"each value must be between 0 and 1: {text}")
+    return values
 
 
 def number_between(low: float, high: float) -> Callable[[str], float]:

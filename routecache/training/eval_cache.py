@@ -29,7 +29,7 @@ import numpy.typing as npt
 
 from routecache.cache.hit_policy import CosinePolicy, HitPolicy, HitRequirement, HitVerdict
 from routecache.cache.ports import Embedder, VectorIndex
-from routecache.cli_args import positive_int
+from routecache.cli_args import fractions, positive_int
 from routecache.training.data_files import exits_2_on_data_error
 from routecache.training.pair_data import (
     LabelledPair,
@@ -230,17 +230,6 @@ def verifier_latency_ms(
         "p99_ms": float(np.percentile(timings, 99)),
         "samples": len(timings),
     }
-
-
-def fractions(text: str) -> list[float]:
-    """An argparse type: numbers strictly between 0 and 1, separated by commas."""
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas: {text}") from error
-    if not values or any(not 0 < v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"each value must be between 0 and 1: {text}")
-    return values
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:

@@ -39,7 +39,7 @@ from routecache.classifier.model import (
     save_artifact,
 )
 from routecache.classifier.registry import ModelRegistry
-from routecache.cli_args import holdout_fraction, positive_int
+from routecache.cli_args import fraction, positive_int
 from routecache.training.data_files import exits_2_on_data_error, writable_folder
 from routecache.training.outcomes import EventLabel, labels_from_events, read_events
 from routecache.training.routing_data import (
@@ -164,7 +164,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--events", action="append", metavar="EVENTS.jsonl", help="the service's event log(s)"
     )
     parser.add_argument("--registry", required=True, help="model registry folder")
-    parser.add_argument("--holdout-fraction", type=holdout_fraction, default=0.2)
+    parser.add_argument("--holdout-fraction", type=fraction, default=0.2)
     parser.add_argument("--seed", type=int, default=0, help="salts the holdout hash")
     parser.add_argument("--c", type=float, default=DEFAULT_C)
     parser.add_argument(

@@ -42,7 +42,7 @@ from routecache.classifier.model import (
 )
 from routecache.classifier.neighbours import NeighbourBank, label_matrix
 from routecache.classifier.operating_point import OperatingCurve, fit_curve
-from routecache.cli_args import holdout_fraction, positive_int
+from routecache.cli_args import fraction, positive_int
 from routecache.domain import OperatingPoint
 from routecache.training.data_files import exits_2_on_data_error, writable_folder
 from routecache.training.embedding_cache import EmbeddingCache
@@ -334,7 +334,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--holdout-fraction",
-        type=holdout_fraction,
+        type=fraction,
         default=0.2,
         help="share of prompts held out for metrics and the threshold",
     )

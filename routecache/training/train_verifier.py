@@ -25,7 +25,7 @@ from routecache.cache.cross_encoder import GRAPH_FILE, POLICY_FILE, OnnxCrossEnc
 from routecache.cache.embedder import MINILM_DIMENSION, packaged_minilm_path
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.onnx_embedder import OnnxMiniLMEmbedder
-from routecache.cli_args import holdout_fraction
+from routecache.cli_args import fraction, fractions
 from routecache.training.calibrate_verifier import (
     BUDGETS,
     ScoredPairs,
@@ -35,7 +35,7 @@ from routecache.training.calibrate_verifier import (
 )
 from routecache.training.cross_encoder import TrainingPlan, train_cross_encoder, training_device
 from routecache.training.data_files import DataFileError, exits_2_on_data_error
-from routecache.training.eval_cache import cache_candidates, embed_texts, fractions
+from routecache.training.eval_cache import cache_candidates, embed_texts
 from routecache.training.export_cross_encoder import export_cross_encoder
 from routecache.training.pair_data import LabelledPair, load_pairs, split_pairs
 
@@ -56,11 +56,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-weights", type=Path,
                         help="continue training from these weights")  # fmt: skip
     # Checked up front: --holdout 0 failed only at calibration, after the hour of training.
-    parser.add_argument("--holdout", type=holdout_fraction, default=0.15,
+    parser.add_argument("--holdout", type=fraction, default=0.15,
                         help="share kept for calibration")  # fmt: skip
     # A confidence of 1 or more (99 meant as a percentage) made every bound NaN, and a NaN
     # bound breaks no budget: each threshold fell to the lowest score, serving every candidate.
-    parser.add_argument("--confidence", type=holdout_fraction, default=0.99,
+    parser.add_argument("--confidence", type=fraction, default=0.99,
                         help="one-sided confidence that a budget holds (0 to 1)")  # fmt: skip
     parser.add_argument("--one-order", action="store_true",
                         help="score (query, cached) only: half the verifier's cost")  # fmt: skip

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from routecache.cli_args import at_least, holdout_fraction, number_between
+from routecache.cli_args import at_least, fraction, number_between
 from routecache.router.cli import main
 
 
@@ -39,7 +39,7 @@ def test_ask_reports_an_unreadable_schema_file_in_one_line(
 
 @pytest.mark.parametrize("verb", ["train-classifier", "retrain"])
 @pytest.mark.parametrize("fraction", ["0", "1.5", "nan"])
-def test_training_verbs_refuse_a_holdout_fraction_outside_0_to_1(
+def test_training_verbs_refuse_a_fraction_outside_0_to_1(
     capsys: pytest.CaptureFixture[str], verb: str, fraction: str
 ) -> None:
     # retrain took 0 and 1.5 and failed inside sklearn with a message about test_size.
@@ -103,6 +103,6 @@ def test_number_between_takes_both_bounds() -> None:
     assert number_between(-math.inf, math.inf)("-1e300") == -1e300
 
 
-def test_a_holdout_fraction_that_is_not_a_number_is_named() -> None:
+def test_a_fraction_that_is_not_a_number_is_named() -> None:
     with pytest.raises(argparse.ArgumentTypeError, match=r"^not a number: half$"):
-        holdout_fraction("half")
+        fraction("half")
