@@ -492,6 +492,30 @@ def lose_settle_answers(
     monkeypatch.setattr(ledger, "_settle", applied_then_timed_out)
 
 
+def slow_settles(
+    ledger: RedisSpendLedger, monkeypatch: pytest.MonkeyPatch, seconds: float
+) -> asyncio.Event:
+    """Each flush's script waits `seconds` before it is sent; the event is set once one is."""
+    settle, sending = ledger._settle, asyncio.Event()
+
+    async def slow(**kwargs: Any) -> Any:
+        sending.set()
+        await asyncio.sleep(seconds)
+        return await settle(**kwargs)
+
+    monkeypatch.setattr(ledger, "_settle", slow)
+    return sending
+
+
+def storage_over(own: LedgerOnOwnRedis, close_timeout_seconds: float) -> RedisStorage:
+    """The Redis storage of one replica around the test's own ledger, for its stop."""
+    store = RedisEntryStore(own.link, KeySpace(), RedisStoreOptions(100), own.clock, "r1")
+    sync = ReplicaSync(own.link, KeySpace(), ["acme"], ScopedFaissIndex(8), store, "r1", own.clock)
+    return RedisStorage(
+        own.link, sync, None, own.ledger, close_timeout_seconds=close_timeout_seconds
+    )
+
+
 async def test_a_flush_whose_answer_is_lost_after_redis_applied_it_counts_once(
     ledger_on_own_redis: LedgerOnOwnRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -645,23 +669,12 @@ async def test_the_stop_ends_the_background_flush_before_it_reports_unflushed_sp
     redis.server.kill()
     for user, cost in (("u1", 0.3), ("u2", 0.4)):
         await ledger.settle(None, SpendRecord("acme", user, cost_usd=cost, calls=1))
-    settle, sending = ledger._settle, asyncio.Event()
-
-    async def slow(**kwargs: Any) -> Any:
-        sending.set()
-        await asyncio.sleep(0.6)
-        return await settle(**kwargs)
-
-    monkeypatch.setattr(ledger, "_settle", slow)
+    sending = slow_settles(ledger, monkeypatch, seconds=0.6)
     redis.server.start()
     await redis.link.wait_up()
     await sending.wait()  # the health listener's flush is sending u1's spend
-    store = RedisEntryStore(redis.link, KeySpace(), RedisStoreOptions(100), redis.clock, "r1")
-    sync = ReplicaSync(
-        redis.link, KeySpace(), ["acme"], ScopedFaissIndex(8), store, "r1", redis.clock
-    )
     caplog.clear()
-    await RedisStorage(redis.link, sync, None, ledger, close_timeout_seconds=0.3).aclose()
+    await storage_over(redis, close_timeout_seconds=0.3).aclose()
     await asyncio.sleep(2.0)  # a flush still running would add u1's and u2's spend by now
     day = period_ids(redis.clock())[Period.DAY]
     for user in ("u1", "u2"):  # what the stop reported is all still out of Redis
@@ -1006,14 +1019,7 @@ async def test_a_second_up_notice_during_a_flush_starts_no_second_flush(
     redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
     redis.server.kill()
     await ledger.settle(None, SpendRecord("acme", cost_usd=0.3, calls=1))
-    settle, sending = ledger._settle, asyncio.Event()
-
-    async def slow(**kwargs: Any) -> Any:
-        sending.set()
-        await asyncio.sleep(0.3)
-        return await settle(**kwargs)
-
-    monkeypatch.setattr(ledger, "_settle", slow)
+    sending = slow_settles(ledger, monkeypatch, seconds=0.3)
     redis.server.start()
     await redis.link.wait_up()
     await sending.wait()
@@ -1098,21 +1104,12 @@ async def test_the_stop_flushes_the_spend_still_pending_when_redis_answers(
     own.server.kill()
     for user, cost in (("u1", 0.3), ("u2", 0.4)):
         await ledger.settle(None, SpendRecord("acme", user, cost_usd=cost, calls=1))
-    settle, sending = ledger._settle, asyncio.Event()
-
-    async def slow(**kwargs: Any) -> Any:
-        sending.set()
-        await asyncio.sleep(0.3)
-        return await settle(**kwargs)
-
-    monkeypatch.setattr(ledger, "_settle", slow)
+    sending = slow_settles(ledger, monkeypatch, seconds=0.3)
     own.server.start()
     await own.link.wait_up()
     await sending.wait()
-    store = RedisEntryStore(own.link, KeySpace(), RedisStoreOptions(100), own.clock, "r1")
-    sync = ReplicaSync(own.link, KeySpace(), ["acme"], ScopedFaissIndex(8), store, "r1", own.clock)
     caplog.clear()
-    await RedisStorage(own.link, sync, None, ledger, close_timeout_seconds=5.0).aclose()
+    await storage_over(own, close_timeout_seconds=5.0).aclose()
     assert ledger.report_unflushed() == 0.0 and "redis was down" not in caplog.text
     checker = redis.Redis(host="127.0.0.1", port=own.server.port)
     try:
