@@ -23,6 +23,7 @@ from routecache.domain import Tier
 from routecache.router.bootstrap import Overrides, start_service
 from routecache.router.server import DEPENDENCIES, SERVICE_NAME, start_server
 from routecache.router.servicer import RouteCacheServicer
+from routecache.router.settings import Settings
 from tests.fakes import FakeUpstream
 from tests.unit.conftest import KEYS, unit_settings
 
@@ -94,12 +95,11 @@ async def test_not_serving_until_models_are_loaded() -> None:
             await service.aclose()
 
 
-async def test_a_taken_metrics_port_stops_the_start_and_frees_the_grpc_port() -> None:
+async def start_with_the_metrics_port_taken(base: Settings, grpc_port: int) -> None:
+    """Start the service with fakes while another socket holds its metrics port: it must fail."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        base = unit_settings()
-        grpc_port = free_port()
         settings = base.model_copy(update={
             "server": base.server.model_copy(update={"port": grpc_port}),
             "metrics": base.metrics.model_copy(update={"port": taken.getsockname()[1]}),
@@ -111,6 +111,11 @@ async def test_a_taken_metrics_port_stops_the_start_and_frees_the_grpc_port() ->
         )
         with pytest.raises(OSError):
             await start_service(settings, overrides)
+
+
+async def test_a_taken_metrics_port_stops_the_start_and_frees_the_grpc_port() -> None:
+    grpc_port = free_port()
+    await start_with_the_metrics_port_taken(unit_settings(), grpc_port)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", grpc_port))  # the failed start released it
 
@@ -122,21 +127,7 @@ async def test_a_start_that_fails_before_the_restore_keeps_the_cache_snapshot(
     # next start found no cache (a metrics port still held by the process being replaced).
     path = tmp_path / "snapshot.jsonl"
     save_snapshot([SNAPSHOT_ENTRY], path)
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        base = unit_settings(store={"snapshot_path": path})
-        settings = base.model_copy(update={
-            "server": base.server.model_copy(update={"port": 0}),
-            "metrics": base.metrics.model_copy(update={"port": taken.getsockname()[1]}),
-        })  # fmt: skip
-        overrides = Overrides(
-            embedder=HashEmbedder(),
-            classifier=FixedScoreClassifier(0.2),
-            upstreams={Tier.CHEAP: FakeUpstream("cheap"), Tier.STRONG: FakeUpstream("strong")},
-        )
-        with pytest.raises(OSError):
-            await start_service(settings, overrides)
+    await start_with_the_metrics_port_taken(unit_settings(store={"snapshot_path": path}), 0)
     assert [e.entry_id for e in read_live_entries(path, now=0.0)] == [SNAPSHOT_ENTRY.entry_id]
 
 
