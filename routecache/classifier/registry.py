@@ -9,14 +9,21 @@ Layout of the registry folder (settings: classifier.registry_dir):
 CURRENT is replaced atomically (write + rename), so a service watching it reads either the old
 or the new version, never half a name. Rolling back moves CURRENT to the version promoted before
 the current one; it copies nothing, so it takes milliseconds.
+
+A pointer change is logged to the history before CURRENT moves, under a lock file, so
+concurrent promotions apply in the order they are logged, and a crash between the two steps
+leaves a version in service that the history knows, which can still be rolled back.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +32,7 @@ from routecache.classifier.model import DEFAULT_ARTIFACT_NAME
 
 POINTER = "CURRENT"
 HISTORY = "history.jsonl"
+LOCK = ".lock"
 VERSIONS = "versions"
 
 
@@ -100,11 +108,20 @@ class ModelRegistry:
         path = self.root / HISTORY
         if not path.is_file():
             return []
+        text = path.read_text(encoding="utf-8")
+        lines = text.splitlines()
         changes = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                record: dict[str, Any] = json.loads(line)
-                changes.append(PointerChange(**record))
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                changes.append(_change_from(line))
+            except (ValueError, TypeError) as error:
+                # A crash in the middle of an append leaves a last line without its newline; that
+                # change never took effect (CURRENT moves after the record is written).
+                if number == len(lines) and not text.endswith("\n"):
+                    break
+                raise RegistryError(f"{path}:{number}: damaged history line ({error})") from None
         return changes
 
     def _previous_promotion(self) -> str:
@@ -143,11 +160,44 @@ class ModelRegistry:
     def _point_to(self, version: str, action: str) -> None:
         if not self.artifact_path(version).is_file():
             raise RegistryError(f"no version {version!r} in {self.root}")
-        previous = self.current_version()
-        self.root.mkdir(parents=True, exist_ok=True)
-        partial = self.root / (POINTER + ".partial")
-        partial.write_text(version + "\n", encoding="utf-8")
-        os.replace(partial, self.root / POINTER)
-        change = PointerChange(action, version, previous, time.time())
-        with (self.root / HISTORY).open("a", encoding="utf-8") as log:
+        with self._locked():
+            change = PointerChange(action, version, self.current_version(), time.time())
+            self._append_history(change)
+            partial = self.root / f"{POINTER}.partial"  # one writer at a time: under the lock
+            with partial.open("w", encoding="utf-8") as pointer:
+                pointer.write(version + "\n")
+                pointer.flush()
+                os.fsync(pointer.fileno())  # the rename must never publish an empty pointer
+            os.replace(partial, self.root / POINTER)
+
+    def _append_history(self, change: PointerChange) -> None:
+        path = self.root / HISTORY
+        data = path.read_bytes() if path.is_file() else b""
+        if data and not data.endswith(b"\n"):
+            # The torn tail of an append that crashed: that change never took effect (CURRENT
+            # moves after its record), and leaving it would glue it to the record below.
+            with path.open("r+b") as log:
+                log.truncate(data.rfind(b"\n") + 1)
+        with path.open("a", encoding="utf-8") as log:
             log.write(json.dumps(vars(change)) + "\n")
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise pointer changes across processes (and threads: each open is its own lock)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / LOCK).open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _change_from(line: str) -> PointerChange:
+    record: dict[str, Any] = json.loads(line)
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    change = PointerChange(**record)
+    if change.action not in ("promote", "rollback") or not isinstance(change.version, str):
+        raise ValueError(f"not a pointer change: {line.strip()[:80]}")
+    return change

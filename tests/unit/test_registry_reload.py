@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import threading
 from pathlib import Path
@@ -498,3 +499,81 @@ def test_history_records_each_change_with_the_version_it_replaced(tmp_path: Path
         log.write("\n  \n")  # blank lines (a hand edit) are skipped
     changes = [(c.action, c.version, c.previous) for c in registry.history()]
     assert changes == [("promote", "v1", None), ("promote", "v2", "v1"), ("rollback", "v1", "v2")]
+
+
+def test_a_damaged_history_line_is_a_registry_error_naming_the_line(tmp_path: Path) -> None:
+    registry = _registry_with(tmp_path, "v1", "v2")
+    registry.promote("v1")
+    registry.promote("v2")
+    history = registry.root / "history.jsonl"
+    lines = history.read_text().splitlines()
+    for damage in (
+        "{not json",
+        '["a list"]',
+        '{"action": "promote"}',
+        '{"action": "x", "version": "v1", "previous": null, "ts": 0}',
+    ):
+        history.write_text("\n".join([damage, *lines]) + "\n")
+        with pytest.raises(RegistryError, match=r"history.jsonl:1: damaged history line"):
+            registry.rollback()
+    assert registry.current_version() == "v2"
+
+
+def test_a_torn_last_history_line_is_dropped_and_the_next_change_logs_cleanly(
+    tmp_path: Path,
+) -> None:
+    # A crash in the middle of an append leaves a last line without its newline; CURRENT moves
+    # only after the record is written, so that change never happened.
+    registry = _registry_with(tmp_path, "v1", "v2", "v3")
+    registry.promote("v1")
+    registry.promote("v2")
+    with (registry.root / "history.jsonl").open("a") as log:
+        log.write('{"action": "promote", "vers')
+    assert [c.version for c in registry.history()] == ["v1", "v2"]
+    registry.promote("v3")
+    assert [c.version for c in registry.history()] == ["v1", "v2", "v3"]
+    assert registry.rollback() == "v2"
+
+
+def test_a_promotion_whose_history_cannot_be_written_leaves_the_pointer_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Logged first, moved second: a version can never be in service without a record, which
+    # would make it impossible to roll back.
+    registry = _registry_with(tmp_path, "v1", "v2", "v3")
+    registry.promote("v1")
+    registry.promote("v2")
+
+    def disk_full(*_: object, **__: object) -> str:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(json, "dumps", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            registry.promote("v3")
+    assert registry.current_version() == "v2"
+    assert registry.rollback() == "v1"
+
+
+def test_concurrent_promotions_all_land_in_the_history_in_pointer_order(tmp_path: Path) -> None:
+    registry = _registry_with(tmp_path, "v1", "v2")
+    errors: list[BaseException] = []
+
+    def promote_many(version: str) -> None:
+        try:
+            for _ in range(150):
+                ModelRegistry(registry.root).promote(version)
+        except BaseException as error:  # reported by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=promote_many, args=(v,)) for v in ("v1", "v2")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    changes = registry.history()
+    assert len(changes) == 300
+    # Each record names the version it replaced: the log is one consistent sequence.
+    assert all(a.version == b.previous for a, b in itertools.pairwise(changes))
+    assert registry.current_version() == changes[-1].version
