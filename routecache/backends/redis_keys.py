@@ -15,7 +15,7 @@ from redis.exceptions import WatchError
 
 from routecache.backends.keys import KeySpace
 from routecache.backends.link import RedisDown, RedisLink, guarded
-from routecache.router.keyring import KeyRecord, no_key
+from routecache.router.keyring import KeyRecord, KeyRegistryError, no_key
 
 
 class RedisKeyRegistry:
@@ -46,7 +46,7 @@ class RedisKeyRegistry:
             while True:
                 try:
                     await pipe.watch(self._key)
-                    current = _of_id(await pipe.hgetall(self._key), key_id)
+                    current = _of_id(self._key, await pipe.hgetall(self._key), key_id)
                     changed = change(current)
                     pipe.multi()
                     pipe.hset(self._key, changed.sha256, _encode(changed))
@@ -57,16 +57,23 @@ class RedisKeyRegistry:
 
     async def records(self) -> list[KeyRecord]:
         raw = await self._link.client.hgetall(self._key)
-        return [KeyRecord(**json.loads(v)) for v in raw.values()]
+        return [_decode(self._key, v) for v in raw.values()]
 
 
 def _encode(record: KeyRecord) -> str:
     return json.dumps(asdict(record), sort_keys=True)
 
 
-def _of_id(raw: dict[bytes, bytes], key_id: str) -> KeyRecord:
+def _decode(key: str, body: bytes) -> KeyRecord:
+    try:
+        return KeyRecord(**json.loads(body))
+    except (ValueError, TypeError) as exc:  # not JSON, not UTF-8, or not a record's fields
+        raise KeyRegistryError(f"key registry {key} in Redis: a damaged record ({exc})") from exc
+
+
+def _of_id(key: str, raw: dict[bytes, bytes], key_id: str) -> KeyRecord:
     for body in raw.values():
-        record = KeyRecord(**json.loads(body))
+        record = _decode(key, body)
         if record.key_id == key_id:
             return record
     raise no_key(key_id)

@@ -73,6 +73,10 @@ class KeyNotFound(LookupError):
     pass
 
 
+class KeyNotLive(LookupError):
+    """Rotating a revoked or expired key would hand its tenant a fresh key under its name."""
+
+
 def no_key(key_id: str) -> KeyNotFound:
     return KeyNotFound(f"no key with id {key_id}")
 
@@ -103,6 +107,11 @@ async def rotate_key(
 ) -> tuple[str, KeyRecord, KeyRecord]:
     """A new key for the same tenant; the old one expires after the overlap (0: at once)."""
     old = await _find_id(admin, key_id)
+    if not old.valid_at(now):
+        raise KeyNotLive(
+            f"key {key_id} is {old.status(now)}: only a live key is rotated"
+            f" (`keys add --tenant {old.tenant}` issues a new one)"
+        )
     plain, new = await add_key(admin, old.tenant, now)
 
     def retire(current: KeyRecord) -> KeyRecord:

@@ -18,11 +18,14 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+from redis.exceptions import RedisError
+
 from routecache.cli_args import number_between
 from routecache.router.keyring import (
     FileKeyRegistry,
     KeyAdmin,
     KeyNotFound,
+    KeyNotLive,
     KeyRecord,
     KeyRegistryError,
     add_key,
@@ -133,11 +136,13 @@ async def run_keys(args: argparse.Namespace) -> int:
                 records = [r for r in await admin.records()
                            if args.tenant is None or r.tenant == args.tenant]  # fmt: skip
                 out = {"keys": [_show(r, now) for r in sorted(records, key=lambda r: r.created_at)]}
-        except KeyNotFound as error:
+        except (KeyNotFound, KeyNotLive) as error:
             print(f"routecache: {error.args[0]}", file=sys.stderr)
             return 1
         except KeyRegistryError as error:
             raise ConfigError(str(error)) from error
+        except RedisError as error:  # reached at start, failing since (or a key of another type)
+            raise ConfigError(f"key registry in Redis: {error}") from error
         except OSError as error:  # the file's folder, or its lock, cannot be written
             raise ConfigError(f"key registry: {error}") from error
     _print(args, out)

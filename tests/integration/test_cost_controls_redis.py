@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -37,6 +37,7 @@ from routecache.router.budget import (
     period_ids,
 )
 from routecache.router.cli import build_parser
+from routecache.router.cli import main as cli_main
 from routecache.router.keyring import KeyRecord, add_key, rotate_key
 from routecache.router.keys_cli import run_keys
 from routecache.router.quotas import Charge
@@ -327,6 +328,30 @@ async def test_keys_with_a_redis_config_go_where_its_replicas_read_them(
         assert await RedisKeyRegistry(link, KeySpace()).records() == []
     finally:
         await link.aclose()
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda r: r.set("rc:apikeys", "x"), "key registry in Redis: WRONGTYPE"),
+        (lambda r: r.hset("rc:apikeys", "d" * 64, "{not json"), "a damaged record"),
+        (lambda r: r.hset("rc:apikeys", "d" * 64, '{"tenant": "acme"}'), "a damaged record"),
+    ],
+    ids=["a key of another type", "a record not JSON", "a record missing fields"],
+)
+def test_a_redis_key_registry_that_fails_after_connecting_is_one_line_and_exit_2(
+    redis_server: RedisServer,
+    capsys: pytest.CaptureFixture[str],
+    damage: Callable[[redis.Redis], object],
+    message: str,
+) -> None:
+    # Reached at start, then an error from Redis or a record it holds: it was a traceback.
+    with redis.Redis.from_url(redis_server.url) as client:
+        damage(client)
+    for action in (["list"], ["rotate", "abc"], ["revoke", "abc"]):
+        assert cli_main(["keys", "--redis-url", redis_server.url, *action]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("routecache: ") and message in err and err.count("\n") == 1
 
 
 async def test_two_replicas_settling_together_see_a_soft_budget_crossing_once(

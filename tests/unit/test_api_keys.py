@@ -72,6 +72,28 @@ async def test_rotation_keeps_the_old_key_for_the_overlap_only(tmp_path: Path) -
     assert (await auth.resolve(newer_plain)).name == "globex"
 
 
+async def test_a_revoked_or_expired_key_is_not_rotated_into_a_new_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Rotating a dead key handed its tenant a fresh, valid key under a revoked key's name.
+    registry = ("--registry", str(tmp_path / "keys.json"), "--json")
+    assert await keys_cli(*registry, "add", "--tenant", "acme") == 0
+    revoked = json.loads(capsys.readouterr().out)["key_id"]
+    assert await keys_cli(*registry, "revoke", revoked) == 0
+    capsys.readouterr()
+    assert await keys_cli(*registry, "add", "--tenant", "acme") == 0
+    expired = json.loads(capsys.readouterr().out)["key_id"]
+    assert await keys_cli(*registry, "rotate", expired, "--overlap-seconds", "0") == 0
+    capsys.readouterr()
+    for key_id, state in ((revoked, "revoked"), (expired, "expired")):
+        assert await keys_cli(*registry, "rotate", key_id) == 1
+        assert capsys.readouterr().err == (
+            f"routecache: key {key_id} is {state}: only a live key is rotated"
+            " (`keys add --tenant acme` issues a new one)\n"
+        )
+    assert len(await FileKeyRegistry(tmp_path / "keys.json").records()) == 3
+
+
 async def test_a_key_revoked_while_it_is_rotated_stays_revoked(tmp_path: Path) -> None:
     path, clock = tmp_path / "keys.json", ManualClock()
     auth = authenticator(path, clock)
