@@ -128,6 +128,18 @@ async def test_refused_request_does_not_trip_the_breaker() -> None:
     assert r.ups["cheap"].calls == ["a", "b", "c"]
 
 
+async def test_a_request_every_provider_refuses_is_unavailable_naming_each_refusal() -> None:
+    # A 4xx is not retried, but the chain moves on: a larger model may take what the cheap one
+    # refused (docs/failure-semantics.md, step 4).
+    r = rig()
+    for up in r.ups.values():
+        up.fail_with = UpstreamError("HTTP 400 Bad Request", retryable=False)
+    with pytest.raises(Unavailable) as refused:
+        await r.ask("too long for everyone")
+    assert all(up.calls == ["too long for everyone"] for up in r.ups.values())
+    assert str(refused.value).count("HTTP 400 Bad Request") == len(r.ups)
+
+
 async def test_all_down_serves_a_stale_answer_of_the_same_scope_only() -> None:
     r = rig()
     first = await r.ask("what is the capital of France")
