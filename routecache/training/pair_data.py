@@ -47,6 +47,10 @@ def _parse(line: str, path: Path, number: int) -> LabelledPair:
         raise PairDataError(f"{path}:{number}: expected query, cached, duplicate ({exc})") from exc
     if not isinstance(query, str) or not isinstance(cached, str) or not isinstance(duplicate, bool):
         raise PairDataError(f"{path}:{number}: query/cached must be strings, duplicate a bool")
+    try:  # JSON may escape a lone UTF-16 surrogate, which no UTF-8 split hash can take
+        query.encode("utf-8"), cached.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PairDataError(f"{path}:{number}: not valid Unicode ({exc.reason})") from exc
     return LabelledPair(query, cached, duplicate)
 
 

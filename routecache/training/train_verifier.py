@@ -25,7 +25,7 @@ from routecache.cache.cross_encoder import GRAPH_FILE, POLICY_FILE, OnnxCrossEnc
 from routecache.cache.embedder import MINILM_DIMENSION, packaged_minilm_path
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.onnx_embedder import OnnxMiniLMEmbedder
-from routecache.cli_args import fraction, fractions
+from routecache.cli_args import fraction, fractions, positive_int
 from routecache.training.calibrate_verifier import (
     BUDGETS,
     ScoredPairs,
@@ -49,7 +49,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, help="reuse trained weights, skip training")
     parser.add_argument("--scores", type=Path,
                         help="an earlier calibration_scores.npz (and --out's graph)")  # fmt: skip
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=positive_int, default=2)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to train (auto: a GPU when torch sees one)")  # fmt: skip
     parser.add_argument("--learning-rate", type=float, default=TrainingPlan.learning_rate)

@@ -110,13 +110,21 @@ def test_a_confidence_outside_zero_to_one_is_refused(
 
 @pytest.mark.parametrize(
     ("flag", "value"),
-    [("--holdout", "0"), ("--holdout", "1"), ("--budgets", "0.01,1.5"), ("--budgets", "0.01,x")],
+    [
+        ("--holdout", "0"),
+        ("--holdout", "1"),
+        ("--budgets", "0.01,1.5"),
+        ("--budgets", "0.01,x"),
+        ("--epochs", "0"),
+        ("--epochs", "-2"),
+    ],
 )
-def test_a_holdout_or_budget_outside_zero_to_one_is_refused(
+def test_a_holdout_budget_or_epoch_count_out_of_range_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str
 ) -> None:
     # --holdout 0 left nothing to calibrate on: a ValueError traceback after the hour of
-    # training; --budgets 1.5 shipped a serve-everything threshold, "x" was a traceback.
+    # training; --budgets 1.5 shipped a serve-everything threshold, "x" was a traceback;
+    # --epochs 0 shipped the untrained weights.
     with pytest.raises(SystemExit) as exit_:
         main([*_saved_run(tmp_path), flag, value])
     assert exit_.value.code == 2

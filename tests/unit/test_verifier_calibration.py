@@ -343,8 +343,17 @@ def test_cache_mode_recall_is_at_the_threshold_kept_when_the_pairs_need_it_highe
         ('{"query": "a", "cached": 3, "duplicate": true}\n', "must be strings"),
         ('{"query": null, "cached": "b", "duplicate": false}\n', "must be strings"),
         ('{"query": "a", "cached": "b", "duplicate": 1}\n', "duplicate a bool"),
+        ('{"query": "a", "cached": "b\\ud800", "duplicate": true}\n', ":1: not valid Unicode"),
     ],
-    ids=["no pairs", "a list", "a string", "cached a number", "query null", "duplicate 1"],
+    ids=[
+        "no pairs",
+        "a list",
+        "a string",
+        "cached a number",
+        "query null",
+        "duplicate 1",
+        "a lone surrogate",
+    ],
 )
 def test_load_pairs_refuses_what_is_not_a_pair(tmp_path: Path, content: str, problem: str) -> None:
     path = tmp_path / "pairs.jsonl"
