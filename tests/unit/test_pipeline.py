@@ -66,6 +66,8 @@ async def test_miss_then_exact_then_semantic_hit(harness: Harness) -> None:
     assert 0.8 <= similar.cache.similarity < 1
     assert similar.cache.entry_id == first.cache.entry_id
     assert harness.cheap.calls == ["how do I reset my password today"]
+    stats = await pipeline.admin.stats(ACME)
+    assert (stats.misses, stats.exact_hits, stats.semantic_hits) == (1, 1, 1)
 
 
 async def test_other_tenant_never_hits(harness: Harness) -> None:
@@ -216,7 +218,8 @@ async def test_no_valid_answer_is_failed_validation_and_nothing_is_stored(harnes
     with pytest.raises(FailedValidation) as failure:
         await pipeline.complete(json_request("give JSON"), ACME)
     assert not failure.value.report.passed and failure.value.report.escalated
-    assert (await pipeline.admin.stats(ACME)).entries == 0
+    stats = await pipeline.admin.stats(ACME)
+    assert (stats.entries, stats.requests, stats.validation_failures) == (0, 1, 1)
 
 
 async def test_no_cache_and_no_store(harness: Harness) -> None:
@@ -319,6 +322,9 @@ async def test_upstream_failure_is_unavailable_with_models_named(harness: Harnes
     harness.strong.fail_with = UpstreamError("HTTP 500", retryable=True)
     with pytest.raises(Unavailable, match=r"cheap-model.*strong-model.*no cached answer"):
         await harness.service.pipeline.complete(ask("q"), ACME)
+    # Counted as a request, but the models' failure is no validation failure.
+    stats = await harness.service.pipeline.admin.stats(ACME)
+    assert (stats.requests, stats.misses, stats.validation_failures) == (1, 0, 0)
 
 
 async def test_identical_concurrent_requests_share_one_upstream_call(harness: Harness) -> None:
