@@ -17,6 +17,7 @@ from routecache.domain import (
     Feedback,
     GenerationParams,
     Message,
+    RequestValidator,
     ResponseFormat,
     ResponseFormatType,
     Role,
@@ -32,6 +33,7 @@ from routecache.errors import (
     UpstreamError,
 )
 from routecache.router.bootstrap import Overrides, Service, build_service
+from routecache.router.budget import Period
 from routecache.router.logs import REQUEST_ID
 from routecache.router.tenant_admin import InvalidateTarget
 from tests.fakes import FakeUpstream, json_answer, prose_answer
@@ -293,6 +295,15 @@ async def test_rate_limit_gives_retry_delay() -> None:
     await harness.service.aclose()
 
 
+async def test_a_bad_request_validator_is_refused_before_the_rate_limit_counts_it() -> None:
+    harness = make_harness(requests_per_second=1.0)
+    pipeline = harness.service.pipeline
+    with pytest.raises(InvalidArgument):
+        await pipeline.complete(ask("q", validators=(RequestValidator("regex"),)), ACME)
+    await pipeline.complete(ask("q"), ACME)  # the one request a second is still free
+    await harness.service.aclose()
+
+
 async def test_daily_budget_cap_refuses_once_spent() -> None:
     # A call first reserves its worst case (4096 answer tokens, cheap then escalated to
     # strong): a cap of exactly that admits the first call and, once it spent anything, no more.
@@ -417,6 +428,31 @@ async def test_stream_yields_chunks_then_the_final_completion(harness: Harness) 
     assert isinstance(final, Completion)
     assert "".join(e for e in events[:-1] if isinstance(e, str)) == final.text
     assert len(events) > 2
+
+
+async def test_a_cached_answer_streamed_is_counted_logged_and_saved_as_a_hit(
+    harness: Harness,
+) -> None:
+    pipeline = harness.service.pipeline
+    miss = await pipeline.complete(ask("stream me " * 20), ACME)
+    *chunks, final = [e async for e in pipeline.complete_stream(ask("stream me " * 20), ACME)]
+    assert isinstance(final, Completion) and final.cache.outcome is CacheOutcome.EXACT
+    assert "".join(str(c) for c in chunks) == miss.text and len(chunks) > 1
+    stats = await pipeline.admin.stats(ACME)
+    assert (stats.requests, stats.misses, stats.exact_hits) == (2, 1, 1)
+    saved = (await pipeline.costs.ledger.totals("acme"))[Period.DAY].saved_usd
+    assert saved == pytest.approx(miss.usage.cost_usd) and saved > 0
+    completions = [e for e in harness.events.events if e["kind"] == "completion"]
+    assert [e["cache_outcome"] for e in completions] == ["miss", "exact"]
+
+
+async def test_a_stream_no_model_answers_counts_as_a_failed_request(harness: Harness) -> None:
+    harness.cheap.fail_with = UpstreamError("HTTP 503", retryable=True)
+    harness.strong.fail_with = UpstreamError("HTTP 500", retryable=True)
+    with pytest.raises(Unavailable):
+        _ = [e async for e in harness.service.pipeline.complete_stream(ask("q"), ACME)]
+    stats = await harness.service.pipeline.admin.stats(ACME)
+    assert (stats.requests, stats.misses, stats.validation_failures) == (1, 0, 0)
 
 
 async def test_stats_count_paths(harness: Harness) -> None:
