@@ -428,6 +428,16 @@ async def test_stream_yields_chunks_then_the_final_completion(harness: Harness) 
     assert isinstance(final, Completion)
     assert "".join(e for e in events[:-1] if isinstance(e, str)) == final.text
     assert len(events) > 2
+    assert final.latency.upstream_ms > 0 and final.cache.entry_id
+    stats = await harness.service.pipeline.admin.stats(ACME)
+    assert (stats.entries, stats.requests, stats.misses, stats.cheap_calls) == (1, 1, 1, 1)
+
+
+async def test_a_streamed_no_store_answer_is_not_cached(harness: Harness) -> None:
+    secret = ask("secret question", cache=CacheControl(no_store=True))
+    *_, final = [e async for e in harness.service.pipeline.complete_stream(secret, ACME)]
+    assert isinstance(final, Completion) and final.cache.entry_id == ""
+    assert (await harness.service.pipeline.admin.stats(ACME)).entries == 0
 
 
 async def test_a_cached_answer_streamed_is_counted_logged_and_saved_as_a_hit(
