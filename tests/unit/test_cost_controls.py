@@ -393,6 +393,16 @@ async def spend_of(harness: Harness, tenant: str = "acme", user: str = "") -> fl
     return totals[Period.DAY].cost_usd
 
 
+async def served(harness: Harness, request: ChatRequest, *, streamed: bool) -> Completion:
+    """The answer to one request of acme's, asked whole or streamed."""
+    pipeline = harness.service.pipeline
+    if not streamed:
+        return await pipeline.complete(request, ACME)
+    *_, final = [e async for e in pipeline.complete_stream(request, ACME)]
+    assert isinstance(final, Completion)
+    return final
+
+
 async def one_request_usd(prompt: str) -> float:
     """What one strong request of `prompt` reserves, measured on a harness of its own."""
     probe = budget_harness()
@@ -470,13 +480,14 @@ async def test_the_downgrade_policy_refuses_a_tenant_without_the_cheap_tier() ->
     await harness.service.aclose()
 
 
-async def test_refusal_waits_until_the_day_ends_and_a_failed_call_releases() -> None:
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_refusal_waits_until_the_day_ends_and_a_failed_call_releases(streamed: bool) -> None:
     one = await one_request_usd("q0")
     harness = budget_harness(daily_usd=1.5 * one)
     complete = harness.service.pipeline.complete
     harness.strong.fail_with = UpstreamError("HTTP 400", retryable=False)
     with pytest.raises(Unavailable):
-        await complete(costly("q0"), ACME)
+        await served(harness, costly("q0"), streamed=streamed)
     harness.strong.fail_with = None
     await complete(costly("q1"), ACME)  # the failed call's reservation was released
     with pytest.raises(ResourceExhausted, match="daily spend cap") as refused:
@@ -582,12 +593,15 @@ async def test_a_request_sharing_a_call_refused_by_another_users_cap_makes_the_c
     await harness.service.aclose()
 
 
-async def test_answers_refused_by_validation_are_paid_for() -> None:
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_answers_refused_by_validation_are_paid_for(streamed: bool) -> None:
     validators = [{"kind": "regex", "must_match": ["^never$"], "on_fail": "block"}]
     harness = make_harness(validators=validators, budget={"daily_usd": 10.0})
-    with pytest.raises(FailedValidation):
-        await harness.service.pipeline.complete(ask("q", end_user_id="u1"), ACME)
-    assert await spend_of(harness) > 0
+    with pytest.raises(FailedValidation) as refused:
+        await served(harness, ask("q", end_user_id="u1"), streamed=streamed)
+    # At the price of the model that answered (a stream cut short pays the dearest one's).
+    assert refused.value.cost_usd > 0
+    assert await spend_of(harness) == pytest.approx(refused.value.cost_usd)
     assert await spend_of(harness, user="u1") == await spend_of(harness)
     await harness.service.aclose()
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from routecache.analysis.export import export_events, parse_since, read_events
-from routecache.router.events import JsonlEventLog
+from routecache.router.events import InMemoryEventLog, JsonlEventLog
 from routecache.router.logs import REQUEST_ID, JsonFormatter, RequestIdFilter, new_request_id
 from routecache.router.servicer import RouteCacheServicer
 from routecache.router.settings import ConfigError, load_settings
@@ -231,6 +231,13 @@ def test_export_orders_events_by_time(tmp_path: Path) -> None:
     )
     export_events(source, out)
     assert pd.read_parquet(out)["kind"].tolist() == ["a", "b", "c"]
+
+
+def test_the_in_memory_event_log_keeps_only_the_newest_events() -> None:
+    log = InMemoryEventLog(max_events=2)  # a long-running process must not grow without limit
+    for number in range(3):
+        log.emit("completion", {"n": number})
+    assert [e["n"] for e in log.events] == [1, 2]
 
 
 def test_the_first_event_after_a_crash_is_not_lost_in_the_torn_line(tmp_path: Path) -> None:

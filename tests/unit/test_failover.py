@@ -312,6 +312,9 @@ async def test_stream_with_all_providers_down_serves_stale() -> None:
     r.clock.advance(EXPIRED_IN_GRACE)
     *deltas, final = await collect(r, "q")
     assert "".join(deltas) == final.text and final.cache.stale  # type: ignore[attr-defined]
+    stats = await r.service.pipeline.admin.stats(ACME)
+    assert (stats.requests, stats.misses, stats.exact_hits) == (2, 1, 1)
+    assert r.events.events[-1]["kind"] == "completion" and r.events.events[-1]["stale"]
 
 
 def _stages_ms(latency: object) -> float:

@@ -105,6 +105,7 @@ async def test_an_escalated_answer_counts_the_tokens_calls_and_cost_of_both_call
     assert done.completion_tokens == first[1] + second[1]
     assert done.cost_usd == pytest.approx(CHEAP_PRICE.cost(*first) + STRONG_PRICE.cost(*second))
     assert done.report.escalated and done.report.passed
+    assert done.upstream_ms > 0 and done.validate_ms > 0  # the time of both calls and checks
     assert [(r.model, r.passed, r.action) for r in done.report.results] == [
         ("a-bad-answer-2024", False, "escalated"),
         ("a-good-answer-2024", True, ""),
@@ -177,6 +178,8 @@ async def test_cheap_only_does_not_fall_back_to_the_strong_provider() -> None:
     gen = generator([down("cheap-down")], strong)
     with pytest.raises(Unavailable):
         await gen.generate(REQUEST, Tier.CHEAP, cheap_only=True)
+    with pytest.raises(Unavailable):  # nor does a stream
+        _ = [event async for event in gen.stream(REQUEST, Tier.CHEAP, cheap_only=True)]
     assert strong.calls == []
 
 

@@ -39,6 +39,7 @@ def test_unset_params_stay_unset_and_zero_ones_are_kept() -> None:
     assert zero.cache.ttl_seconds == 60
     # An explicit 0 is kept, for validation to refuse, not taken for "unset".
     assert request_from_pb(chat_request("q", max_tokens=0)).params.max_tokens == 0
+    assert request_from_pb(chat_request("q", top_p=0.0)).params.top_p == 0.0
 
 
 def test_cache_flags_and_request_validators_are_carried_field_by_field() -> None:

@@ -17,6 +17,7 @@ from routecache.domain import (
     Feedback,
     GenerationParams,
     Message,
+    RequestValidator,
     ResponseFormat,
     ResponseFormatType,
     Role,
@@ -32,6 +33,7 @@ from routecache.errors import (
     UpstreamError,
 )
 from routecache.router.bootstrap import Overrides, Service, build_service
+from routecache.router.budget import Period
 from routecache.router.logs import REQUEST_ID
 from routecache.router.tenant_admin import InvalidateTarget
 from tests.fakes import FakeUpstream, json_answer, prose_answer
@@ -66,6 +68,8 @@ async def test_miss_then_exact_then_semantic_hit(harness: Harness) -> None:
     assert 0.8 <= similar.cache.similarity < 1
     assert similar.cache.entry_id == first.cache.entry_id
     assert harness.cheap.calls == ["how do I reset my password today"]
+    stats = await pipeline.admin.stats(ACME)
+    assert (stats.misses, stats.exact_hits, stats.semantic_hits) == (1, 1, 1)
 
 
 async def test_other_tenant_never_hits(harness: Harness) -> None:
@@ -216,7 +220,8 @@ async def test_no_valid_answer_is_failed_validation_and_nothing_is_stored(harnes
     with pytest.raises(FailedValidation) as failure:
         await pipeline.complete(json_request("give JSON"), ACME)
     assert not failure.value.report.passed and failure.value.report.escalated
-    assert (await pipeline.admin.stats(ACME)).entries == 0
+    stats = await pipeline.admin.stats(ACME)
+    assert (stats.entries, stats.requests, stats.validation_failures) == (0, 1, 1)
 
 
 async def test_no_cache_and_no_store(harness: Harness) -> None:
@@ -290,6 +295,15 @@ async def test_rate_limit_gives_retry_delay() -> None:
     await harness.service.aclose()
 
 
+async def test_a_bad_request_validator_is_refused_before_the_rate_limit_counts_it() -> None:
+    harness = make_harness(requests_per_second=1.0)
+    pipeline = harness.service.pipeline
+    with pytest.raises(InvalidArgument):
+        await pipeline.complete(ask("q", validators=(RequestValidator("regex"),)), ACME)
+    await pipeline.complete(ask("q"), ACME)  # the one request a second is still free
+    await harness.service.aclose()
+
+
 async def test_daily_budget_cap_refuses_once_spent() -> None:
     # A call first reserves its worst case (4096 answer tokens, cheap then escalated to
     # strong): a cap of exactly that admits the first call and, once it spent anything, no more.
@@ -319,6 +333,9 @@ async def test_upstream_failure_is_unavailable_with_models_named(harness: Harnes
     harness.strong.fail_with = UpstreamError("HTTP 500", retryable=True)
     with pytest.raises(Unavailable, match=r"cheap-model.*strong-model.*no cached answer"):
         await harness.service.pipeline.complete(ask("q"), ACME)
+    # Counted as a request, but the models' failure is no validation failure.
+    stats = await harness.service.pipeline.admin.stats(ACME)
+    assert (stats.requests, stats.misses, stats.validation_failures) == (1, 0, 0)
 
 
 async def test_identical_concurrent_requests_share_one_upstream_call(harness: Harness) -> None:
@@ -411,6 +428,41 @@ async def test_stream_yields_chunks_then_the_final_completion(harness: Harness) 
     assert isinstance(final, Completion)
     assert "".join(e for e in events[:-1] if isinstance(e, str)) == final.text
     assert len(events) > 2
+    assert final.latency.upstream_ms > 0 and final.cache.entry_id
+    stats = await harness.service.pipeline.admin.stats(ACME)
+    assert (stats.entries, stats.requests, stats.misses, stats.cheap_calls) == (1, 1, 1, 1)
+
+
+async def test_a_streamed_no_store_answer_is_not_cached(harness: Harness) -> None:
+    secret = ask("secret question", cache=CacheControl(no_store=True))
+    *_, final = [e async for e in harness.service.pipeline.complete_stream(secret, ACME)]
+    assert isinstance(final, Completion) and final.cache.entry_id == ""
+    assert (await harness.service.pipeline.admin.stats(ACME)).entries == 0
+
+
+async def test_a_cached_answer_streamed_is_counted_logged_and_saved_as_a_hit(
+    harness: Harness,
+) -> None:
+    pipeline = harness.service.pipeline
+    miss = await pipeline.complete(ask("stream me " * 20), ACME)
+    *chunks, final = [e async for e in pipeline.complete_stream(ask("stream me " * 20), ACME)]
+    assert isinstance(final, Completion) and final.cache.outcome is CacheOutcome.EXACT
+    assert "".join(str(c) for c in chunks) == miss.text and len(chunks) > 1
+    stats = await pipeline.admin.stats(ACME)
+    assert (stats.requests, stats.misses, stats.exact_hits) == (2, 1, 1)
+    saved = (await pipeline.costs.ledger.totals("acme"))[Period.DAY].saved_usd
+    assert saved == pytest.approx(miss.usage.cost_usd) and saved > 0
+    completions = [e for e in harness.events.events if e["kind"] == "completion"]
+    assert [e["cache_outcome"] for e in completions] == ["miss", "exact"]
+
+
+async def test_a_stream_no_model_answers_counts_as_a_failed_request(harness: Harness) -> None:
+    harness.cheap.fail_with = UpstreamError("HTTP 503", retryable=True)
+    harness.strong.fail_with = UpstreamError("HTTP 500", retryable=True)
+    with pytest.raises(Unavailable):
+        _ = [e async for e in harness.service.pipeline.complete_stream(ask("q"), ACME)]
+    stats = await harness.service.pipeline.admin.stats(ACME)
+    assert (stats.requests, stats.misses, stats.validation_failures) == (1, 0, 0)
 
 
 async def test_stats_count_paths(harness: Harness) -> None:

@@ -260,6 +260,7 @@ def test_a_tenants_responses_never_push_out_another_tenants() -> None:
     assert registry.find("B", "b-1") is not None
     assert registry.find("A", "b-1") is None and registry.find("B", "a-4") is None
     assert registry.find("A", "a-0") is None and registry.find("A", "a-4") is not None
+    assert registry.find("A", "a-3") is not None  # the bound's worth of newest is kept
 
 
 async def test_identical_requests_of_two_tenants_in_flight_are_never_coalesced() -> None:
