@@ -148,11 +148,6 @@ class Budget:
     user_monthly_usd: float | None = None
     policy: OverCapPolicy = OverCapPolicy.REFUSE
 
-    @property
-    def has_hard_cap(self) -> bool:
-        caps = (self.daily_usd, self.monthly_usd, self.user_daily_usd, self.user_monthly_usd)
-        return any(c is not None for c in caps)
-
 
 @dataclass(frozen=True)
 class Tenant:

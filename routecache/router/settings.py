@@ -360,9 +360,7 @@ class ValidatorSpec(_Section):
     on_fail: OnFailAction | None = Field(None, description="default: redact for pii, else escalate")
     must_match: list[str] = Field(default_factory=list, description="regex: each must match")
     must_not_match: list[str] = Field(default_factory=list, description="regex: none may match")
-    min_chars: int = Field(
-        1, ge=0, description="length: a shorter answer fails (one all blank counts as 0)"
-    )
+    min_chars: int = Field(1, ge=0, description="length: shorter fails (all blank: 0)")
     max_chars: int | None = Field(None, gt=0, description="length: default limits.max_answer_chars")
     pii: list[PiiKind] = Field(default_factory=_all_pii_kinds)
     import_path: str | None = Field(None, description="custom: 'package.module:Factory'")
