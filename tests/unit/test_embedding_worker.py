@@ -245,3 +245,20 @@ async def test_a_caller_that_gives_up_while_an_earlier_bucket_runs_is_not_encode
     await asyncio.sleep(0.05)
     worker.close()
     assert embedder.batches == [["keeps the encoder busy"], ["short one"]]
+
+
+async def test_closing_cancels_the_callers_whose_texts_were_already_taken_from_the_queue() -> None:
+    embedder = RecordingEmbedder()
+    worker, busy = await held_in_a_pass(embedder)
+    short = asyncio.ensure_future(worker.embed("short one"))
+    long = asyncio.ensure_future(worker.embed("a much longer question " * 10))
+    await asyncio.sleep(0.01)
+    embedder.gate.set()  # the busy pass ends; the next drain takes both, the short bucket first
+    embedder.gate.clear()
+    await asyncio.wait_for(busy, timeout=5)
+    await asyncio.sleep(0.05)  # the short bucket's pass is held; the long one waits its turn
+    worker.close()
+    embedder.gate.set()
+    for caller in (short, long):  # in no queue, but they must not wait forever
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(caller, timeout=5)
