@@ -89,6 +89,14 @@ def length_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) 
     return batches
 
 
+def learning_rate_factor(step: int, total_steps: int, warmup: int) -> float:
+    """The share of the learning rate at `step`: up over `warmup` steps, then down to 0."""
+    # A run that is all warm-up (one epoch of pairs that fit one batch) has no decay steps:
+    # dividing by their count raised ZeroDivisionError before the first step.
+    decay = max(1, total_steps - warmup)
+    return min((step + 1) / warmup, max(0.0, (total_steps - step) / decay))
+
+
 def train_cross_encoder(
     pairs: Sequence[LabelledPair], model_dir: Path, out_dir: Path, plan: TrainingPlan
 ) -> Path:
@@ -114,10 +122,7 @@ def train_cross_encoder(
     total_steps = steps_per_epoch * plan.epochs
     warmup = max(1, int(total_steps * plan.warmup_fraction))
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser,
-        lambda step: min(
-            (step + 1) / warmup, max(0.0, (total_steps - step) / (total_steps - warmup))
-        ),
+        optimiser, lambda step: learning_rate_factor(step, total_steps, warmup)
     )
     loss_fn = torch.nn.BCEWithLogitsLoss()
     started, step = time.perf_counter(), 0

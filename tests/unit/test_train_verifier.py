@@ -13,6 +13,7 @@ import pytest
 from routecache.cache.cross_encoder import GRAPH_FILE, POLICY_FILE
 from routecache.cache.hit_policy import PolicyCalibration
 from routecache.router.cli import main
+from routecache.training.cross_encoder import learning_rate_factor
 from routecache.training.pair_data import LabelledPair, split_pairs
 
 PAIRS = [
@@ -153,3 +154,19 @@ def test_without_cache_mode_saved_pair_scores_are_enough(tmp_path: Path) -> None
     np.savez(tmp_path / "scores.npz", **pair_only)
     assert main([*argv, "--budgets", "0.1"]) == 0
     assert _policy(tmp_path).thresholds[0].holdout_recall > 0.9
+
+
+@pytest.mark.parametrize(("total_steps", "warmup"), [(1, 1), (10, 10)])
+def test_a_run_that_is_all_warm_up_trains_at_the_full_rate_at_its_last_step(
+    total_steps: int, warmup: int
+) -> None:
+    # One epoch of pairs that fit one batch (or a warm-up fraction of 1) left no decay steps.
+    assert learning_rate_factor(total_steps - 1, total_steps, warmup) == 1.0
+    assert learning_rate_factor(total_steps, total_steps, warmup) == 0.0
+
+
+def test_the_learning_rate_rises_over_the_warm_up_then_falls_to_zero() -> None:
+    factors = [learning_rate_factor(step, 10, 2) for step in range(11)]
+    assert factors[:3] == [0.5, 1.0, 1.0]
+    assert factors[2:] == sorted(factors[2:], reverse=True)
+    assert factors[-1] == 0.0
