@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,7 +14,11 @@ import pytest
 from routecache.cache.cross_encoder import GRAPH_FILE, POLICY_FILE
 from routecache.cache.hit_policy import PolicyCalibration
 from routecache.router.cli import main
-from routecache.training.cross_encoder import learning_rate_factor
+from routecache.training.cross_encoder import (
+    learning_rate_factor,
+    length_batches,
+    training_device,
+)
 from routecache.training.pair_data import LabelledPair, split_pairs
 
 PAIRS = [
@@ -170,3 +175,20 @@ def test_the_learning_rate_rises_over_the_warm_up_then_falls_to_zero() -> None:
     assert factors[:3] == [0.5, 1.0, 1.0]
     assert factors[2:] == sorted(factors[2:], reverse=True)
     assert factors[-1] == 0.0
+
+
+def test_training_batches_hold_each_pair_once_with_pairs_of_similar_length() -> None:
+    lengths = list(range(101))
+    random.Random(1).shuffle(lengths)
+    batches = length_batches(lengths, 4, random.Random(13))
+    assert sorted(i for batch in batches for i in batch) == list(range(101))
+    assert sorted(len(b) for b in batches) == [1] + [4] * 25
+    spans = {max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches}
+    assert spans == {0, 3}  # neighbours in length
+    assert batches != sorted(batches, key=lambda b: lengths[b[0]])  # but in no length order
+
+
+@pytest.mark.parametrize("device", ["gpu", "CUDA", ""])
+def test_a_training_device_other_than_auto_cpu_or_cuda_is_refused(device: str) -> None:
+    with pytest.raises(ValueError, match="device must be auto, cpu or cuda"):
+        training_device(device)
