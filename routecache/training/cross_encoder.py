@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from routecache.cache.embedder import mean_pool
+from routecache.training.data_files import DataFileError
 from routecache.training.pair_data import LabelledPair
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,20 @@ def build_module(model_dir: Path, outputs: int = 1) -> Any:
     return CrossEncoder()
 
 
+def load_weights(path: Path) -> dict[str, Any]:
+    """A state dict saved by `train_cross_encoder`, read before the model is built: a wrong
+    --weights or --init-weights file is one line and exit 2, not a traceback after the load."""
+    import torch
+
+    try:
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise DataFileError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
+    except Exception as exc:  # torch's unpickler raises KeyError, EOFError... on other bytes
+        raise DataFileError(f"{path}: not weights saved by train-verifier") from exc
+    return state
+
+
 def length_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
     """Batches of similar length in random order: shuffle, sort within windows, cut, shuffle."""
     order = list(range(len(lengths)))
@@ -109,10 +124,11 @@ def train_cross_encoder(
     rng = random.Random(plan.seed)
     device = training_device(plan.device)
     log.info("training on %s", device)
+    init = None if plan.init_weights is None else load_weights(plan.init_weights)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     module = build_module(model_dir)
-    if plan.init_weights is not None:
-        module.load_state_dict(torch.load(plan.init_weights, map_location="cpu", weights_only=True))
+    if init is not None:
+        module.load_state_dict(init)
     module.to(device).train()
     optimiser = torch.optim.AdamW(
         module.parameters(), lr=plan.learning_rate, weight_decay=plan.weight_decay
