@@ -92,8 +92,15 @@ class EmbeddingWorker:
                 await asyncio.sleep(self._policy.max_wait_seconds)
             while self._queue:
                 pending = [p for p in self._drain() if not p.future.done()]
-                for bucket in length_buckets(pending, self._policy):
-                    await self._run(bucket)
+                try:
+                    for bucket in length_buckets(pending, self._policy):
+                        await self._run(bucket)
+                finally:
+                    # close() cancels this task mid-drain: the callers in the pass and in the
+                    # buckets still to run are in no queue close() sees, and would wait forever.
+                    for p in pending:
+                        if not p.future.done():
+                            p.future.cancel()
 
     def _drain(self) -> list[_Pending]:
         taken = list(self._queue)

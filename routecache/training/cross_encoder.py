@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from routecache.cache.embedder import mean_pool
+from routecache.training.data_files import DataFileError
 from routecache.training.pair_data import LabelledPair
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,20 @@ def build_module(model_dir: Path, outputs: int = 1) -> Any:
     return CrossEncoder()
 
 
+def load_weights(path: Path) -> dict[str, Any]:
+    """A state dict saved by `train_cross_encoder`, read before the model is built: a wrong
+    --weights or --init-weights file is one line and exit 2, not a traceback after the load."""
+    import torch
+
+    try:
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise DataFileError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
+    except Exception as exc:  # torch's unpickler raises KeyError, EOFError... on other bytes
+        raise DataFileError(f"{path}: not weights saved by train-verifier") from exc
+    return state
+
+
 def length_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
     """Batches of similar length in random order: shuffle, sort within windows, cut, shuffle."""
     order = list(range(len(lengths)))
@@ -87,6 +102,14 @@ def length_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) 
         batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
     rng.shuffle(batches)
     return batches
+
+
+def learning_rate_factor(step: int, total_steps: int, warmup: int) -> float:
+    """The share of the learning rate at `step`: up over `warmup` steps, then down to 0."""
+    # A run that is all warm-up (one epoch of pairs that fit one batch) has no decay steps:
+    # dividing by their count raised ZeroDivisionError before the first step.
+    decay = max(1, total_steps - warmup)
+    return min((step + 1) / warmup, max(0.0, (total_steps - step) / decay))
 
 
 def train_cross_encoder(
@@ -101,10 +124,11 @@ def train_cross_encoder(
     rng = random.Random(plan.seed)
     device = training_device(plan.device)
     log.info("training on %s", device)
+    init = None if plan.init_weights is None else load_weights(plan.init_weights)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     module = build_module(model_dir)
-    if plan.init_weights is not None:
-        module.load_state_dict(torch.load(plan.init_weights, map_location="cpu", weights_only=True))
+    if init is not None:
+        module.load_state_dict(init)
     module.to(device).train()
     optimiser = torch.optim.AdamW(
         module.parameters(), lr=plan.learning_rate, weight_decay=plan.weight_decay
@@ -114,10 +138,7 @@ def train_cross_encoder(
     total_steps = steps_per_epoch * plan.epochs
     warmup = max(1, int(total_steps * plan.warmup_fraction))
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser,
-        lambda step: min(
-            (step + 1) / warmup, max(0.0, (total_steps - step) / (total_steps - warmup))
-        ),
+        optimiser, lambda step: learning_rate_factor(step, total_steps, warmup)
     )
     loss_fn = torch.nn.BCEWithLogitsLoss()
     started, step = time.perf_counter(), 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from routecache.cache.cross_encoder import INPUTS, OUTPUT
 from routecache.cache.onnx_embedder import export_transformer
-from routecache.training.cross_encoder import build_module
+from routecache.training.cross_encoder import build_module, load_weights
 
 
 @contextlib.contextmanager
@@ -32,8 +32,9 @@ def export_cross_encoder(weights: Path, model_dir: Path, out_path: Path, int8: b
     import torch
     from transformers import AutoTokenizer
 
+    state = load_weights(weights)
     module = build_module(model_dir)
-    module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    module.load_state_dict(state)
     module.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     sample = tokenizer(

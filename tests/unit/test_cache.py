@@ -43,11 +43,18 @@ def cache(clock: ManualClock) -> SemanticCache:
     )
 
 
+def store_and_cache(
+    clock: ManualClock, max_entries: int = 10, grace: float = 0.0
+) -> tuple[InMemoryEntryStore, SemanticCache]:
+    """An embedded store and the cache over it, both with the same stale grace."""
+    store = InMemoryEntryStore(max_entries=max_entries, clock=clock, stale_grace_seconds=grace)
+    index = ScopedFaissIndex(EMBED.dimension)
+    return store, SemanticCache(store, index, clock, stale_grace_seconds=grace)
+
+
 def with_grace(clock: ManualClock) -> tuple[InMemoryEntryStore, SemanticCache]:
     """A store and cache that keep expired entries for a 60 s stale grace."""
-    store = InMemoryEntryStore(max_entries=10, clock=clock, stale_grace_seconds=60)
-    index = ScopedFaissIndex(EMBED.dimension)
-    return store, SemanticCache(store, index, clock, stale_grace_seconds=60)
+    return store_and_cache(clock, grace=60)
 
 
 async def test_exact_hit_after_store_and_miss_in_other_scope(cache: SemanticCache) -> None:
@@ -309,9 +316,7 @@ async def test_a_lookup_that_meets_an_entry_past_its_grace_drops_it_from_store_a
 async def test_a_removed_entry_leaves_its_tags() -> None:
     # Tags name documents; an entry evicted, replaced or removed must not stay listed under one
     # (a later invalidation of the tag would count it, and the tag map would grow for ever).
-    clock = ManualClock()
-    store = InMemoryEntryStore(max_entries=2, clock=clock)
-    cache = SemanticCache(store, ScopedFaissIndex(EMBED.dimension), clock)
+    store, cache = store_and_cache(ManualClock(), max_entries=2)
     removed = await cache.store(new_entry("removed", tags=("doc-1",)))
     replaced = await cache.store(new_entry("replaced", tags=("doc-1",)))
     assert removed is not None and replaced is not None
@@ -321,6 +326,30 @@ async def test_a_removed_entry_leaves_its_tags() -> None:
     assert again is not None and all(evicting)
     assert await store.ids_with_tag("acme", "doc-1") == []
     assert await cache.invalidate_tag("acme", "doc-1") == 0
+
+
+async def test_a_tenant_whose_entries_are_all_gone_leaves_nothing_in_the_store_maps(
+    clock: ManualClock,
+) -> None:
+    # A recency list or tag set left empty per tenant and tag would grow the maps for as long
+    # as the process runs, with tenants and documents that come and go.
+    store, cache = store_and_cache(clock)
+    for prompt in ("one", "two"):
+        await cache.store(new_entry(prompt, tags=("doc-1",)))
+    assert await cache.invalidate_tenant("acme") == 2
+    assert (store._by_tenant, store._by_tag, store._by_exact_key) == ({}, {}, {})
+
+
+async def test_an_entry_put_again_under_its_id_drops_its_old_exact_key(clock: ManualClock) -> None:
+    # A snapshot restore can put an id the store holds: the old version goes, keys and all,
+    # or its old exact key would keep serving the new answer.
+    store, cache = store_and_cache(clock)
+    old = await cache.store(new_entry("first wording"))
+    assert old is not None
+    new = replace(old, prompt="second wording", exact_key=exact_key(old.scope, "second wording"))
+    assert await store.put(new) == [old]
+    assert await store.get_exact(old.exact_key) is None
+    assert await store.get_exact(new.exact_key) == new
 
 
 async def test_a_neighbour_exactly_at_the_threshold_is_served(cache: SemanticCache) -> None:

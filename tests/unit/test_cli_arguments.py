@@ -70,6 +70,25 @@ def test_train_verifier_refuses_cuda_where_torch_sees_none(
     assert capsys.readouterr().err == "routecache: --device cuda: torch sees no CUDA device\n"
 
 
+@pytest.mark.parametrize("flag", ["--weights", "--init-weights"])
+@pytest.mark.parametrize(
+    "content", [None, b"not a torch file", b"junk\n"], ids=["missing", "corrupt", "junk"]
+)
+def test_train_verifier_reports_unreadable_weights_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, content: bytes | None
+) -> None:
+    # It was a FileNotFoundError or UnpicklingError traceback, after the model had loaded.
+    pytest.importorskip("torch")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"query": "a?", "cached": "b?", "duplicate": true}\n' * 8, encoding="utf-8")
+    weights = tmp_path / "ce.pt"
+    if content is not None:
+        weights.write_bytes(content)
+    args = ["train-verifier", "--data", str(pairs), "--out", str(tmp_path / "o")]
+    assert main([*args, "--device", "cpu", flag, str(weights)]) == 2
+    assert capsys.readouterr().err.startswith(f"routecache: {weights}: ")
+
+
 def test_at_least_takes_its_bound_and_refuses_below_it_or_a_non_integer() -> None:
     parse = at_least(1)
     assert parse("1") == 1

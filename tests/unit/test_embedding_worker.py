@@ -198,8 +198,11 @@ async def test_an_error_in_one_bucket_leaves_the_other_buckets_of_that_drain_ans
     worker.close()
 
 
-async def test_a_caller_that_gives_up_during_its_pass_leaves_the_others_their_rows() -> None:
-    embedder = RecordingEmbedder()
+async def one_leaving_a_pass_of_two(
+    embedder: RecordingEmbedder,
+) -> tuple[EmbeddingWorker, asyncio.Future[npt.NDArray[np.float32]]]:
+    """A worker whose pass of "question one" and "question two" ends after the first caller
+    gave up; returns the worker and the second caller, still waiting."""
     worker = EmbeddingWorker(embedder)
     embedder.gate.clear()
     leaving = asyncio.ensure_future(worker.embed("question one"))
@@ -207,8 +210,24 @@ async def test_a_caller_that_gives_up_during_its_pass_leaves_the_others_their_ro
     await asyncio.sleep(0.05)  # both are in the encoder's pass
     leaving.cancel()
     embedder.gate.set()
+    return worker, staying
+
+
+async def test_a_caller_that_gives_up_during_its_pass_leaves_the_others_their_rows() -> None:
+    worker, staying = await one_leaving_a_pass_of_two(RecordingEmbedder())
     expected = HashEmbedder(16).encode(["question two"])[0]
     assert np.allclose(await asyncio.wait_for(staying, timeout=5), expected)
+    assert (await asyncio.wait_for(worker.embed("afterwards"), timeout=5)).shape == (16,)
+    worker.close()
+
+
+async def test_a_caller_that_gives_up_during_a_failing_pass_leaves_the_others_the_error() -> None:
+    embedder = RecordingEmbedder()
+    embedder.error = RuntimeError("encoder broke")
+    worker, staying = await one_leaving_a_pass_of_two(embedder)
+    with pytest.raises(RuntimeError, match="encoder broke"):
+        await asyncio.wait_for(staying, timeout=5)
+    embedder.error = None
     assert (await asyncio.wait_for(worker.embed("afterwards"), timeout=5)).shape == (16,)
     worker.close()
 
@@ -245,3 +264,20 @@ async def test_a_caller_that_gives_up_while_an_earlier_bucket_runs_is_not_encode
     await asyncio.sleep(0.05)
     worker.close()
     assert embedder.batches == [["keeps the encoder busy"], ["short one"]]
+
+
+async def test_closing_cancels_the_callers_whose_texts_were_already_taken_from_the_queue() -> None:
+    embedder = RecordingEmbedder()
+    worker, busy = await held_in_a_pass(embedder)
+    short = asyncio.ensure_future(worker.embed("short one"))
+    long = asyncio.ensure_future(worker.embed("a much longer question " * 10))
+    await asyncio.sleep(0.01)
+    embedder.gate.set()  # the busy pass ends; the next drain takes both, the short bucket first
+    embedder.gate.clear()
+    await asyncio.wait_for(busy, timeout=5)
+    await asyncio.sleep(0.05)  # the short bucket's pass is held; the long one waits its turn
+    worker.close()
+    embedder.gate.set()
+    for caller in (short, long):  # in no queue, but they must not wait forever
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(caller, timeout=5)

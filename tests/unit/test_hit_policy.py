@@ -159,6 +159,14 @@ def test_the_question_word_is_the_first_one_asked() -> None:
     assert lexical_features("How do I find what my IP is", "How to see which IP I have")[3] == 0.0
 
 
+@pytest.mark.parametrize(
+    "query", ["whom did the letter name, and who sent it", "whose letter was it, and who sent it"]
+)
+def test_whom_and_whose_are_question_words_apart_from_who(query: str) -> None:
+    # Asked first, they are the question: not the "who" that follows.
+    assert lexical_features(query, "who sent the letter")[3] == 1.0
+
+
 def test_the_lexical_signals_read_either_side_as_the_query() -> None:
     # Symmetric calibrations score both orders: the same pair must give the same signals.
     a, b = "How long does it take to boil one egg?", "boil an egg"

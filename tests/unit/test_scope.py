@@ -104,6 +104,7 @@ def test_a_scope_with_non_ascii_text_keeps_its_digest() -> None:
         ("what is it ?", "what is it"),  # space before the end punctuation
         ("hello world!!", "hello world"),
         ("Hello world.  ", "hello world"),
+        ("\uff37\uff48\uff41\uff54 is 2\uff0b2\uff1f", "what is 2+2"),  # full-width forms (NFKC)
     ],
 )
 def test_prompts_that_differ_only_in_form_share_an_exact_key(variant: str, plain: str) -> None:

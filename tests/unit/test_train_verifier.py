@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,6 +14,11 @@ import pytest
 from routecache.cache.cross_encoder import GRAPH_FILE, POLICY_FILE
 from routecache.cache.hit_policy import PolicyCalibration
 from routecache.router.cli import main
+from routecache.training.cross_encoder import (
+    learning_rate_factor,
+    length_batches,
+    training_device,
+)
 from routecache.training.pair_data import LabelledPair, split_pairs
 
 PAIRS = [
@@ -161,3 +167,36 @@ def test_without_cache_mode_saved_pair_scores_are_enough(tmp_path: Path) -> None
     np.savez(tmp_path / "scores.npz", **pair_only)
     assert main([*argv, "--budgets", "0.1"]) == 0
     assert _policy(tmp_path).thresholds[0].holdout_recall > 0.9
+
+
+@pytest.mark.parametrize(("total_steps", "warmup"), [(1, 1), (10, 10)])
+def test_a_run_that_is_all_warm_up_trains_at_the_full_rate_at_its_last_step(
+    total_steps: int, warmup: int
+) -> None:
+    # One epoch of pairs that fit one batch (or a warm-up fraction of 1) left no decay steps.
+    assert learning_rate_factor(total_steps - 1, total_steps, warmup) == 1.0
+    assert learning_rate_factor(total_steps, total_steps, warmup) == 0.0
+
+
+def test_the_learning_rate_rises_over_the_warm_up_then_falls_to_zero() -> None:
+    factors = [learning_rate_factor(step, 10, 2) for step in range(11)]
+    assert factors[:3] == [0.5, 1.0, 1.0]
+    assert factors[2:] == sorted(factors[2:], reverse=True)
+    assert factors[-1] == 0.0
+
+
+def test_training_batches_hold_each_pair_once_with_pairs_of_similar_length() -> None:
+    lengths = list(range(101))
+    random.Random(1).shuffle(lengths)
+    batches = length_batches(lengths, 4, random.Random(13))
+    assert sorted(i for batch in batches for i in batch) == list(range(101))
+    assert sorted(len(b) for b in batches) == [1] + [4] * 25
+    spans = {max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches}
+    assert spans == {0, 3}  # neighbours in length
+    assert batches != sorted(batches, key=lambda b: lengths[b[0]])  # but in no length order
+
+
+@pytest.mark.parametrize("device", ["gpu", "CUDA", ""])
+def test_a_training_device_other_than_auto_cpu_or_cuda_is_refused(device: str) -> None:
+    with pytest.raises(ValueError, match="device must be auto, cpu or cuda"):
+        training_device(device)
