@@ -58,8 +58,6 @@ class EmbeddingWorker:
         self._wake: asyncio.Event | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._in_pass = 0
-        self.batches = 0
-        self.texts = 0
 
     @property
     def embedder(self) -> Embedder:
@@ -125,8 +123,6 @@ class EmbeddingWorker:
             return
         finally:
             self._in_pass = 0
-        self.batches += 1
-        self.texts += len(live)
         for p, row in zip(live, rows, strict=True):
             if not p.future.done():
                 p.future.set_result(row)

@@ -163,7 +163,3 @@ class OnnxMiniLMEmbedder:
         (vectors,) = self._session.run([_OUTPUT], feeds)
         result: npt.NDArray[np.float32] = np.asarray(vectors, dtype=np.float32)
         return result
-
-    def token_count(self, text: str) -> int:
-        """Word pieces in the text (capped), for grouping texts of similar length into batches."""
-        return min(len(self._tokenizer(text, truncation=False)["input_ids"]), MAX_TOKENS)

@@ -46,7 +46,3 @@ def normalise_prompt(text: str) -> str:
 def exact_key(scope: str, prompt: str) -> str:
     digest = hashlib.sha256(normalise_prompt(prompt).encode()).hexdigest()
     return f"{scope}:{digest}"
-
-
-def tenant_of_scope(scope: str) -> str:
-    return scope.split(":", 1)[0]
