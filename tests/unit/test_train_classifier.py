@@ -257,8 +257,13 @@ def test_retrain_reports_a_registry_that_is_a_file(
 
 @pytest.mark.parametrize(
     "flags",
-    [["--hash-dimension", "0"], ["--name", "../elsewhere"], ["--name", ".hidden"]],
-    ids=["hash dimension 0", "name with a path", "hidden name"],
+    [
+        ["--hash-dimension", "0"],
+        ["--name", "../elsewhere"],
+        ["--name", "sub\\name"],
+        ["--name", ".hidden"],
+    ],
+    ids=["hash dimension 0", "name with a path", "name with a Windows path", "hidden name"],
 )
 def test_train_classifier_refuses_a_zero_dimension_and_a_name_with_a_path(
     tmp_path: Path, flags: list[str]
@@ -502,6 +507,27 @@ def test_embedding_in_length_batches_keeps_each_texts_vector_in_its_row(
     np.testing.assert_array_equal(
         train_classifier.embed_texts(embedder, texts), embedder.encode(texts)
     )
+
+
+def _labelled_set(strong_fails: list[float]) -> LabelledSet:
+    """Every third prompt hard for the cheap model; the strong model's labels as given."""
+    n = len(strong_fails)
+    texts = [f"{'prove the theorem' if i % 3 == 0 else 'count apples'} {i}" for i in range(n)]
+    cheap_fails = np.array([float(i % 3 == 0) for i in range(n)])
+    return LabelledSet(texts, HashEmbedder(16).encode(texts), cheap_fails, np.array(strong_fails))
+
+
+def test_rows_without_a_strong_outcome_train_the_cheap_head_only() -> None:
+    # Labels from event logs often lack the strong model's outcome (NaN), not a strong failure.
+    strong_fails = [np.nan if i % 4 == 0 else float(i % 5 == 1) for i in range(40)]
+    model = train_classifier.fit_model(_labelled_set(strong_fails), c=1.0)
+    seen = {name: head.named_steps["scale"].n_samples_seen_ for name, head in model.heads.items()}
+    assert seen == {"cheap_fails": 40, "strong_fails": 30}
+
+
+def test_a_label_with_one_outcome_only_cannot_be_trained() -> None:
+    with pytest.raises(ValueError, match="each label needs both outcomes"):
+        train_classifier.fit_model(_labelled_set([0.0] * 30), c=1.0)
 
 
 def test_adding_labelled_sets_keeps_each_prompts_labels_with_it() -> None:
