@@ -350,7 +350,11 @@ def test_eval_router_reports_at_the_operating_point_asked_for_and_says_where_it_
     assert default["operating_point_from"] == "model default"
     assert default["threshold"] == load_artifact(trained_artifact).default_threshold
     # Zero is a target (all cheap), not "unset": it must not fall back to the model default.
-    for flag, field in (("--quality", "quality"), ("--strong-fraction", "strong_fraction")):
+    for flag, field in (
+        ("--quality", "quality"),
+        ("--strong-fraction", "strong_fraction"),
+        ("--max-cost-ratio", "cost_ratio"),
+    ):
         report = _eval([*argv, flag, "0"], capsys)
         assert report["operating_point_from"] == "command line"
         assert report["operating_point"][field] == 0.0
