@@ -96,6 +96,46 @@ def test_a_broken_event_line_is_reported(tmp_path: Path) -> None:
         read_events([path])
 
 
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        {"prompt": "p", "weak_correct": "false"},
+        {"prompt": "p", "weak_correct": True, "strong_correct": "no"},
+        {"prompt": None, "weak_correct": True},
+        {"response_id": "r1", "correct": "false"},
+        {"response_id": "r1", "correct": None},
+    ],
+    ids=[
+        "weak outcome as text",
+        "strong outcome as text",
+        "null prompt",
+        "grade as text",
+        "null grade",
+    ],
+)
+def test_an_outcome_event_with_a_mistyped_grade_or_prompt_is_refused_with_its_line(
+    tmp_path: Path, outcome: dict[str, object]
+) -> None:
+    # A grader's "false" was read by bool() as correct, a null prompt as the prompt "None":
+    # wrong labels, silently trained on.
+    path = tmp_path / "events.jsonl"
+    completion = {"kind": "completion", **_completion("r1", "cheap answer")}
+    path.write_text(json.dumps(completion) + "\n" + json.dumps({"kind": "outcome", **outcome}))
+    with pytest.raises(ValueError, match=r"events\.jsonl:2: .* must be"):
+        read_events([path])
+
+
+def test_an_outcome_event_may_grade_with_0_or_1_and_leave_the_strong_grade_null(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "events.jsonl"
+    outcome = {"kind": "outcome", "prompt": "p", "weak_correct": 0, "strong_correct": None}
+    path.write_text(json.dumps(outcome))
+    assert labels_from_events(read_events([path])) == [
+        EventLabel("p", weak_correct=False, strong_correct=None)
+    ]
+
+
 @pytest.fixture()
 def curve() -> OperatingCurve:
     rng = np.random.default_rng(0)
