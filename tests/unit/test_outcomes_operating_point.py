@@ -63,6 +63,16 @@ def test_a_graded_response_that_also_names_its_prompt_is_still_rated_once_last_w
     assert labels_from_events(events) == [EventLabel("what is 2 + 2", weak_correct=False)]
 
 
+def test_a_rating_of_an_escalated_answer_is_not_the_cheap_models_and_a_hit_is_no_label() -> None:
+    # The user rated what the strong model answered after the cheap answer failed validation.
+    events: list[dict[str, Any]] = [
+        {"kind": "completion", **_completion("r1", "escalated", escalated=True)},
+        {"kind": "feedback", "response_id": "r1", "thumbs_up": True},
+        {"kind": "completion", **_completion("r2", "hit", escalated=True, cache_outcome="exact")},
+    ]
+    assert labels_from_events(events) == [EventLabel("escalated", weak_correct=False)]
+
+
 def test_an_unstated_strong_grade_is_unknown_and_an_ungraded_outcome_no_label() -> None:
     events: list[dict[str, Any]] = [
         {"kind": "completion", **_completion("r1", "cheap answer")},
