@@ -106,6 +106,8 @@ def test_request_cost_uses_list_prices_and_recorded_responses() -> None:
     gsm = RoutingRow("x" * 40, "gsm8k", True, True, weak_response="w" * 8, strong_response="s" * 80)
     assert request_cost(gsm, strong=True) == pytest.approx((10 * 10 + 20 * 30) / 1e6)
     assert request_cost(gsm, strong=False) == pytest.approx((10 + 2) * 0.6 / 1e6)
+    silent = RoutingRow("x" * 40, "gsm8k", False, True, weak_response="")  # recorded: no output
+    assert request_cost(silent, strong=False) == pytest.approx(10 * 0.6 / 1e6)
 
 
 def test_holdout_is_a_deterministic_hash_of_the_prompt() -> None:
