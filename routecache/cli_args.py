@@ -37,6 +37,17 @@ def fraction(text: str) -> float:
     return value
 
 
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number above 0 (a regularisation strength)."""
+    try:
+        value = float(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not a number: {text}") from error
+    if not 0.0 < value < math.inf:  # False for NaN too
+        raise argparse.ArgumentTypeError(f"{text}: must be a finite number above 0")
+    return value
+
+
 def fractions(text: str) -> list[float]:
     """An argparse type: numbers strictly between 0 and 1, separated by commas."""
     try:

@@ -81,12 +81,15 @@ def fit_curve(
     for k in sorted({round(i * n / GRID_STEPS) for i in range(GRID_STEPS + 1)}):
         threshold = _threshold_sending(ranked, k)
         to_strong = s >= threshold
+        # Tied scores all lie on one side of a threshold, so it may send more than k. Those it
+        # sends are the top `sent` in score order: record what the threshold does, not k.
+        sent = int(to_strong.sum())
         points.append(
             CurvePoint(
                 threshold=threshold,
-                strong_fraction=float(fractions[k]),
-                pgr=float(pgr[k]),
-                accuracy=float(accuracy[k]),
+                strong_fraction=float(fractions[sent]),
+                pgr=float(pgr[sent]),
+                accuracy=float(accuracy[sent]),
                 cost_vs_all_strong=cost(to_strong) / all_strong if all_strong else 1.0,
             )
         )

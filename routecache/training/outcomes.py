@@ -16,7 +16,8 @@ A response_id graded as correct (1) or by feedback (2) that the strong model ans
 nothing about the cheap one and is skipped, as are cache hits. Where several events label the
 same response, the last one wins (a user may change their rating). strong_correct is None
 unless an outcome event states it: such rows train the failure model but are never used to
-measure a router, which needs both labels.
+measure a router, which needs both labels. A grade that is not true or false (1 or 0) is
+refused with its file and line.
 """
 
 from __future__ import annotations
@@ -45,9 +46,29 @@ def read_events(paths: Sequence[Path]) -> list[dict[str, Any]]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataFileError(f"{path}:{number}: not a JSON event ({exc})") from exc
-            if isinstance(record, dict):
-                events.append(record)
+            if not isinstance(record, dict):
+                continue
+            if record.get("kind") == "outcome":
+                try:
+                    _check_outcome(record)
+                except TypeError as exc:
+                    raise DataFileError(f"{path}:{number}: {exc}") from exc
+            events.append(record)
     return events
+
+
+def _check_outcome(event: dict[str, Any]) -> None:
+    """Raises TypeError unless the grades an outcome event gives are true or false (1 or 0;
+    strong_correct may be null: unknown) and a graded prompt is text. Graders write these by
+    hand: bool() read "false" as correct, null as wrong and a null prompt as the prompt "None",
+    labels trained on without a word."""
+    for key in ("weak_correct", "strong_correct", "correct"):
+        value = event.get(key)
+        unknown = value is None and (key == "strong_correct" or key not in event)
+        if not unknown and not (isinstance(value, int) and value in (0, 1)):  # a bool is an int
+            raise TypeError(f"{key} must be true or false, not {value!r}")
+    if _grades_a_prompt(event) and not isinstance(event["prompt"], str):
+        raise TypeError(f"prompt must be text, not {event['prompt']!r}")
 
 
 def labels_from_events(events: Iterable[dict[str, Any]]) -> list[EventLabel]:

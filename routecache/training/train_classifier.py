@@ -42,7 +42,7 @@ from routecache.classifier.model import (
 )
 from routecache.classifier.neighbours import NeighbourBank, label_matrix
 from routecache.classifier.operating_point import OperatingCurve, fit_curve
-from routecache.cli_args import fraction, positive_int
+from routecache.cli_args import fraction, positive_int, positive_number
 from routecache.domain import OperatingPoint
 from routecache.training.data_files import exits_2_on_data_error, writable_folder
 from routecache.training.embedding_cache import EmbeddingCache
@@ -341,7 +341,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="salts the holdout hash")
     parser.add_argument(
         "--c",
-        type=float,
+        # Refused here, not by sklearn after the minutes of embedding.
+        type=positive_number,
         default=DEFAULT_C,
         help="inverse L2 regularisation strength of the two logistic heads",
     )

@@ -130,6 +130,19 @@ def test_a_response_rated_twice_counts_once_with_its_latest_rating() -> None:
     assert len(ch.false_hit_review(frame)) == 0
 
 
+def test_the_latest_rating_is_the_latest_by_time_and_savings_accrue_in_time_order() -> None:
+    # Exports of several replicas concatenated (pd.concat) are not in time order.
+    earlier = {"kind": "feedback", "ts": T0 + 4.5, "response_id": "r2", "thumbs_up": True,
+               "correction": ""}  # fmt: skip
+    frame = events_frame([*EVENTS, earlier]).iloc[::-1]
+    hits = ch.hits_with_feedback(frame)
+    assert dict(zip(hits["response_id"], hits["feedback"], strict=True)) == {
+        "r2": "down",
+        "r3": "up",
+    }
+    assert ch.savings(frame)["spent_usd"].tolist() == pytest.approx([0.01, 0.01, 0.01, 0.21, 0.21])
+
+
 def test_each_path_counts_its_requests_once_and_a_pathless_error_counts_as_error() -> None:
     pathless = {"kind": "error", "ts": T0 + 8, "tenant": "acme", "prompt": "y"}  # no path field
     quality = ch.routing_vs_quality(events_frame([*EVENTS, pathless]))
@@ -168,6 +181,25 @@ def test_the_false_hit_review_lists_the_most_similar_first() -> None:
                    "correction": ""}  # fmt: skip
     review = ch.false_hit_review(events_frame([*EVENTS, closer, thumbs_down]))
     assert review["similarity"].tolist() == [0.95, 0.91]
+
+
+def test_the_false_hit_review_names_an_entrys_first_store_and_none_for_one_stored_elsewhere() -> (
+    None
+):
+    restored = completion(T0 + 7, "r5", "cheap", "France: capital?", "e1")  # e1 written again
+    # A hit on an entry another replica stored: its own prompt is not the cached question.
+    elsewhere = completion(T0 + 8, "r6", "semantic_hit", "Rome?", "e9", similarity=0.9)
+    thumbs_down = {"kind": "feedback", "ts": T0 + 9, "response_id": "r6", "thumbs_up": False,
+                   "correction": ""}  # fmt: skip
+    review = ch.false_hit_review(events_frame([*EVENTS, restored, elsewhere, thumbs_down]))
+    assert review["prompt"].tolist() == ["capital of Spain?", "Rome?"]
+    assert review["cached_question"].fillna("none").tolist() == ["capital of France?", "none"]
+
+
+def test_hit_rates_of_requests_all_in_one_instant_are_one_bucket() -> None:
+    events = [completion(T0, "a", "exact_hit", "q", "e1"), completion(T0, "b", "cheap", "q", "e2")]
+    rates = ch.hit_rate_over_time(events_frame(events))
+    assert rates[["requests", "exact_hit_rate"]].values.tolist() == [[2, 0.5]]
 
 
 def test_latency_percentiles_per_path() -> None:

@@ -227,6 +227,9 @@ def test_the_classifier_learns_hard_from_easy(trained: DifficultyModel) -> None:
     p_easy = classifier.assess(EMBEDDER.encode([easy])[0], easy)
     assert p_hard.failure_probability > 0.5 > p_easy.failure_probability
     assert p_hard.routing_score > p_easy.routing_score
+    # The routing score is the accuracy gained by going strong: P(cheap fails) - P(strong fails).
+    cheap, strong = trained.probabilities(trained.features(EMBEDDER.encode([hard])[0], hard))
+    assert (p_hard.failure_probability, p_hard.routing_score) == (cheap, cheap - strong)
     assert classifier.failure_probability(EMBEDDER.encode([hard])[0], hard) == (
         p_hard.failure_probability
     )
@@ -251,6 +254,7 @@ def test_scoring_refuses_an_embedding_of_the_wrong_size(trained: DifficultyModel
 def test_round_trip_gives_identical_scores(trained: DifficultyModel, tmp_path: Path) -> None:
     model_path, metadata_path = save_artifact(trained, _metadata(0.37), tmp_path, "rt")
     assert (model_path.name, metadata_path.name) == ("rt.skops", "rt.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rt.json", "rt.skops"]  # no .partial
     loaded = load_artifact(model_path)
     original = SklearnDifficultyClassifier(trained, "v", 0.5)
     assert loaded.version == "difficulty-test"
@@ -354,7 +358,8 @@ def test_a_routing_threshold_may_be_negative_but_not_outside_the_score_range(
     trained: DifficultyModel,
 ) -> None:
     # Routing scores are P(cheap fails) - P(strong fails), so they lie in [-1, 1].
-    assert SklearnDifficultyClassifier(trained, "v", -0.2).default_threshold == -0.2
+    for inside in (-1.0, -0.2, 1.0):
+        assert SklearnDifficultyClassifier(trained, "v", inside).default_threshold == inside
     for outside in (-1.01, 1.01):
         with pytest.raises(ValueError, match=r"\[-1, 1\]"):
             SklearnDifficultyClassifier(trained, "v", outside)

@@ -49,6 +49,17 @@ def test_training_verbs_refuse_a_fraction_outside_0_to_1(
     assert "strictly between 0 and 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("strength", ["0", "-1", "nan", "inf", "x"])
+def test_train_classifier_refuses_a_regularisation_strength_that_is_not_above_0(
+    capsys: pytest.CaptureFixture[str], strength: str
+) -> None:
+    # sklearn refused 0, -1 and nan, but only after the minutes of embedding every prompt.
+    with pytest.raises(SystemExit) as exit_:
+        main(["train-classifier", "--data", "x.jsonl", "--c", strength])
+    assert exit_.value.code == 2
+    assert "argument --c" in capsys.readouterr().err
+
+
 def test_train_verifier_reports_a_missing_pairs_file_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

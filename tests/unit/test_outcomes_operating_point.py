@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,16 @@ def test_a_graded_response_that_also_names_its_prompt_is_still_rated_once_last_w
     assert labels_from_events(events) == [EventLabel("what is 2 + 2", weak_correct=False)]
 
 
+def test_a_rating_of_an_escalated_answer_is_not_the_cheap_models_and_a_hit_is_no_label() -> None:
+    # The user rated what the strong model answered after the cheap answer failed validation.
+    events: list[dict[str, Any]] = [
+        {"kind": "completion", **_completion("r1", "escalated", escalated=True)},
+        {"kind": "feedback", "response_id": "r1", "thumbs_up": True},
+        {"kind": "completion", **_completion("r2", "hit", escalated=True, cache_outcome="exact")},
+    ]
+    assert labels_from_events(events) == [EventLabel("escalated", weak_correct=False)]
+
+
 def test_an_unstated_strong_grade_is_unknown_and_an_ungraded_outcome_no_label() -> None:
     events: list[dict[str, Any]] = [
         {"kind": "completion", **_completion("r1", "cheap answer")},
@@ -93,6 +104,46 @@ def test_a_broken_event_line_is_reported(tmp_path: Path) -> None:
     path.write_text(json.dumps({"kind": "feedback"}) + "\n{not json\n")
     with pytest.raises(ValueError, match=r"events\.jsonl:2"):
         read_events([path])
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        {"prompt": "p", "weak_correct": "false"},
+        {"prompt": "p", "weak_correct": True, "strong_correct": "no"},
+        {"prompt": None, "weak_correct": True},
+        {"response_id": "r1", "correct": "false"},
+        {"response_id": "r1", "correct": None},
+    ],
+    ids=[
+        "weak outcome as text",
+        "strong outcome as text",
+        "null prompt",
+        "grade as text",
+        "null grade",
+    ],
+)
+def test_an_outcome_event_with_a_mistyped_grade_or_prompt_is_refused_with_its_line(
+    tmp_path: Path, outcome: dict[str, object]
+) -> None:
+    # A grader's "false" was read by bool() as correct, a null prompt as the prompt "None":
+    # wrong labels, silently trained on.
+    path = tmp_path / "events.jsonl"
+    completion = {"kind": "completion", **_completion("r1", "cheap answer")}
+    path.write_text(json.dumps(completion) + "\n" + json.dumps({"kind": "outcome", **outcome}))
+    with pytest.raises(ValueError, match=r"events\.jsonl:2: .* must be"):
+        read_events([path])
+
+
+def test_an_outcome_event_may_grade_with_0_or_1_and_leave_the_strong_grade_null(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "events.jsonl"
+    outcome = {"kind": "outcome", "prompt": "p", "weak_correct": 0, "strong_correct": None}
+    path.write_text(json.dumps(outcome))
+    assert labels_from_events(read_events([path])) == [
+        EventLabel("p", weak_correct=False, strong_correct=None)
+    ]
 
 
 @pytest.fixture()
@@ -164,6 +215,23 @@ def test_a_quality_reached_up_to_rounding_picks_the_cheapest_point_like_cpt() ->
     assert (scores >= threshold).mean() == metrics.cpt(scores, weak, strong, 0.4) == 0.2
 
 
+def _assert_each_point_records_its_routing(
+    curve: OperatingCurve,
+    scores: np.ndarray,
+    weak: np.ndarray,
+    strong: np.ndarray,
+    cost: Callable[[np.ndarray], float],
+) -> None:
+    gap, all_strong = strong.mean() - weak.mean(), cost(np.ones(len(scores), dtype=bool))
+    for p in curve.points:
+        to_strong = scores >= p.threshold  # the service's rule
+        assert to_strong.mean() == pytest.approx(p.strong_fraction)
+        accuracy = metrics.routed_accuracy(to_strong, weak, strong)
+        assert p.accuracy == pytest.approx(accuracy)
+        assert p.pgr == pytest.approx((accuracy - weak.mean()) / gap)
+        assert p.cost_vs_all_strong == pytest.approx(cost(to_strong) / all_strong)
+
+
 def test_each_curve_point_records_what_routing_by_its_threshold_does() -> None:
     rng = np.random.default_rng(1)
     n = 200
@@ -177,14 +245,7 @@ def test_each_curve_point_records_what_routing_by_its_threshold_does() -> None:
         return float(10 * lengths[to_strong].sum() + lengths[~to_strong].sum())
 
     curve = fit_curve(scores, weak, strong, cost)
-    gap = strong.mean() - weak.mean()
-    for p in curve.points:
-        to_strong = scores >= p.threshold  # the service's rule
-        assert to_strong.mean() == pytest.approx(p.strong_fraction)
-        accuracy = metrics.routed_accuracy(to_strong, weak, strong)
-        assert p.accuracy == pytest.approx(accuracy)
-        assert p.pgr == pytest.approx((accuracy - weak.mean()) / gap)
-        assert p.cost_vs_all_strong == pytest.approx(cost(to_strong) / cost(np.ones(n, bool)))
+    _assert_each_point_records_its_routing(curve, scores, weak, strong, cost)
     # Share 0 and share 1 hold for any routing score, not only the held-out ones.
     assert curve.points[0].threshold > 1.0
     assert curve.points[-1].threshold == -1.0
@@ -200,3 +261,30 @@ def test_a_small_holdout_meets_each_whole_percent_share_to_within_half_a_prompt(
         threshold = curve.threshold_for(OperatingPoint(strong_fraction=percent / 100))
         sent = (scores >= threshold).mean()
         assert abs(sent - percent / 100) <= 1 / (2 * n) + 1e-12, percent
+
+
+def test_tied_scores_record_the_share_their_threshold_really_sends() -> None:
+    # Duplicate prompts score alike. A threshold between two tied scores is the tied score
+    # itself and sends all of them strong, yet the curve recorded the share (and PGR) of only
+    # the first k: asked for 30 % strong, the service sent 60 %.
+    scores = np.array([0.5] * 6 + [0.1] * 4)
+    weak = np.array([0, 1, 0, 1, 0, 1, 1, 1, 1, 1], dtype=bool)
+    strong = np.ones(10, dtype=bool)
+
+    def cost(to_strong: np.ndarray) -> float:
+        return float(to_strong.sum() + 1)
+
+    curve = fit_curve(scores, weak, strong, cost)
+    _assert_each_point_records_its_routing(curve, scores, weak, strong, cost)
+    threshold = curve.threshold_for(OperatingPoint(strong_fraction=0.3))
+    assert (scores >= threshold).mean() in (0.0, 0.6)  # the shares these scores allow
+
+
+def test_the_no_share_and_all_share_thresholds_hold_beyond_the_held_out_scores() -> None:
+    # Held-out scores well inside [-1, 1]: a later request may score anywhere in it, and
+    # share 0 must still send nothing strong, share 1 everything.
+    scores = np.linspace(0.4, -0.4, 20)
+    weak = np.arange(20) % 2 == 0
+    curve = fit_curve(scores, weak, np.ones(20, dtype=bool), lambda to_strong: 1.0)
+    assert curve.threshold_for(OperatingPoint(strong_fraction=0.0)) > 1.0
+    assert curve.threshold_for(OperatingPoint(strong_fraction=1.0)) == -1.0

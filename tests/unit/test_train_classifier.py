@@ -106,6 +106,8 @@ def test_request_cost_uses_list_prices_and_recorded_responses() -> None:
     gsm = RoutingRow("x" * 40, "gsm8k", True, True, weak_response="w" * 8, strong_response="s" * 80)
     assert request_cost(gsm, strong=True) == pytest.approx((10 * 10 + 20 * 30) / 1e6)
     assert request_cost(gsm, strong=False) == pytest.approx((10 + 2) * 0.6 / 1e6)
+    silent = RoutingRow("x" * 40, "gsm8k", False, True, weak_response="")  # recorded: no output
+    assert request_cost(silent, strong=False) == pytest.approx(10 * 0.6 / 1e6)
 
 
 def test_holdout_is_a_deterministic_hash_of_the_prompt() -> None:
@@ -257,8 +259,13 @@ def test_retrain_reports_a_registry_that_is_a_file(
 
 @pytest.mark.parametrize(
     "flags",
-    [["--hash-dimension", "0"], ["--name", "../elsewhere"], ["--name", ".hidden"]],
-    ids=["hash dimension 0", "name with a path", "hidden name"],
+    [
+        ["--hash-dimension", "0"],
+        ["--name", "../elsewhere"],
+        ["--name", "sub\\name"],
+        ["--name", ".hidden"],
+    ],
+    ids=["hash dimension 0", "name with a path", "name with a Windows path", "hidden name"],
 )
 def test_train_classifier_refuses_a_zero_dimension_and_a_name_with_a_path(
     tmp_path: Path, flags: list[str]
@@ -345,7 +352,11 @@ def test_eval_router_reports_at_the_operating_point_asked_for_and_says_where_it_
     assert default["operating_point_from"] == "model default"
     assert default["threshold"] == load_artifact(trained_artifact).default_threshold
     # Zero is a target (all cheap), not "unset": it must not fall back to the model default.
-    for flag, field in (("--quality", "quality"), ("--strong-fraction", "strong_fraction")):
+    for flag, field in (
+        ("--quality", "quality"),
+        ("--strong-fraction", "strong_fraction"),
+        ("--max-cost-ratio", "cost_ratio"),
+    ):
         report = _eval([*argv, flag, "0"], capsys)
         assert report["operating_point_from"] == "command line"
         assert report["operating_point"][field] == 0.0
@@ -502,6 +513,27 @@ def test_embedding_in_length_batches_keeps_each_texts_vector_in_its_row(
     np.testing.assert_array_equal(
         train_classifier.embed_texts(embedder, texts), embedder.encode(texts)
     )
+
+
+def _labelled_set(strong_fails: list[float]) -> LabelledSet:
+    """Every third prompt hard for the cheap model; the strong model's labels as given."""
+    n = len(strong_fails)
+    texts = [f"{'prove the theorem' if i % 3 == 0 else 'count apples'} {i}" for i in range(n)]
+    cheap_fails = np.array([float(i % 3 == 0) for i in range(n)])
+    return LabelledSet(texts, HashEmbedder(16).encode(texts), cheap_fails, np.array(strong_fails))
+
+
+def test_rows_without_a_strong_outcome_train_the_cheap_head_only() -> None:
+    # Labels from event logs often lack the strong model's outcome (NaN), not a strong failure.
+    strong_fails = [np.nan if i % 4 == 0 else float(i % 5 == 1) for i in range(40)]
+    model = train_classifier.fit_model(_labelled_set(strong_fails), c=1.0)
+    seen = {name: head.named_steps["scale"].n_samples_seen_ for name, head in model.heads.items()}
+    assert seen == {"cheap_fails": 40, "strong_fails": 30}
+
+
+def test_a_label_with_one_outcome_only_cannot_be_trained() -> None:
+    with pytest.raises(ValueError, match="each label needs both outcomes"):
+        train_classifier.fit_model(_labelled_set([0.0] * 30), c=1.0)
 
 
 def test_adding_labelled_sets_keeps_each_prompts_labels_with_it() -> None:
