@@ -39,7 +39,7 @@ from routecache.classifier.model import (
     save_artifact,
 )
 from routecache.classifier.registry import ModelRegistry
-from routecache.cli_args import fraction, positive_int
+from routecache.cli_args import fraction, number_between, positive_int, positive_number
 from routecache.training.data_files import exits_2_on_data_error, writable_folder
 from routecache.training.outcomes import EventLabel, labels_from_events, read_events
 from routecache.training.routing_data import (
@@ -166,10 +166,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registry", required=True, help="model registry folder")
     parser.add_argument("--holdout-fraction", type=fraction, default=0.2)
     parser.add_argument("--seed", type=int, default=0, help="salts the holdout hash")
-    parser.add_argument("--c", type=float, default=DEFAULT_C)
+    parser.add_argument("--c", type=positive_number, default=DEFAULT_C)
     parser.add_argument(
         "--tolerance",
-        type=float,
+        type=number_between(-1.0, 1.0),  # an APGR difference; NaN would block every promotion
         default=0.0,
         help="promote if candidate APGR >= incumbent APGR - tolerance",
     )

@@ -167,3 +167,19 @@ def test_rollback_of_a_registry_that_is_a_file_is_a_message(
     a_file.write_text("")
     assert cli_main(["rollback-classifier", "--registry", str(a_file)]) == 1
     assert "is this the registry folder?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--c", "0"), ("--c", "nan"), ("--tolerance", "nan"), ("--tolerance", "2")]
+)
+def test_a_bad_regularisation_or_tolerance_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str
+) -> None:
+    # --c 0 failed in sklearn after every prompt was embedded; --tolerance nan never promoted.
+    registry = tmp_path / "registry"
+    argv = ["--data", str(tmp_path / "missing.jsonl"), "--registry", str(registry), flag, value]
+    with pytest.raises(SystemExit) as exit_:
+        retrain.main(argv)
+    assert exit_.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err
+    assert not registry.exists()
