@@ -89,11 +89,15 @@ def _fold_linear(head: Any) -> tuple[Weights, float]:
     if len(steps) != 2 or not isinstance(steps[0], StandardScaler):
         raise ClassifierArtifactError(f"a head must be StandardScaler + LogisticRegression: {head}")
     scaler, regression = steps
-    if not isinstance(regression, LogisticRegression) or [int(c) for c in regression.classes_] != [
-        0,
-        1,
-    ]:
-        raise ClassifierArtifactError("a head must be a binary LogisticRegression on labels 0/1")
+    classes = getattr(regression, "classes_", None)  # None: a head saved before fitting
+    if (
+        not isinstance(regression, LogisticRegression)
+        or classes is None
+        or [int(c) for c in classes] != [0, 1]
+    ):
+        raise ClassifierArtifactError(
+            "a head must be a fitted binary LogisticRegression on labels 0/1"
+        )
     weights = regression.coef_[0].astype(np.float64)
     bias = float(regression.intercept_[0])
     if scaler.scale_ is not None:
@@ -136,9 +140,13 @@ class DifficultyModel:
 
     @classmethod
     def from_payload(cls, payload: Any) -> DifficultyModel:
-        if not isinstance(payload, dict) or set(payload) != {"bank", "heads"}:
+        if (
+            not isinstance(payload, dict)
+            or set(payload) != {"bank", "heads"}
+            or not isinstance(payload["heads"], dict)
+        ):
             raise ClassifierArtifactError("the artifact does not hold a bank and heads")
-        for name, head in dict(payload["heads"]).items():
+        for name, head in payload["heads"].items():
             steps = [step for _, step in getattr(head, "steps", [])]
             if not isinstance(head, Pipeline) or not all(
                 isinstance(s, _ALLOWED_STEPS) for s in steps
@@ -308,9 +316,11 @@ def _read_metadata(model_path: Path, metadata_path: Path) -> tuple[bytes, dict[s
             raise ClassifierArtifactError(f"classifier artifact file {path} is missing")
     data = model_path.read_bytes()
     try:
-        metadata = json.loads(metadata_path.read_text())
-    except json.JSONDecodeError as exc:
+        metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ClassifierArtifactError(f"{metadata_path} is not valid JSON: {exc}") from exc
+    if not isinstance(metadata, dict):
+        raise ClassifierArtifactError(f"{metadata_path} is not a JSON object")
     missing = [key for key in (*REQUIRED_METADATA, "artifact_sha256") if key not in metadata]
     if missing:
         raise ClassifierArtifactError(f"{metadata_path} lacks {missing}")

@@ -301,6 +301,8 @@ def test_steps_outside_the_allowlist_are_refused(trained: DifficultyModel, tmp_p
         load_artifact(_save_payload(payload, tmp_path, "odd"))
     with pytest.raises(ClassifierArtifactError, match="bank and heads"):
         load_artifact(_save_payload({"bank": payload["bank"]}, tmp_path, "half"))
+    with pytest.raises(ClassifierArtifactError, match="bank and heads"):  # was a TypeError
+        load_artifact(_save_payload({**payload, "heads": 3}, tmp_path, "numeric_heads"))
 
 
 def test_missing_or_mismatched_files_are_reported(trained: DifficultyModel, tmp_path: Path) -> None:
@@ -349,6 +351,9 @@ def test_a_model_needs_both_binary_heads_on_the_features_this_code_computes(
         DifficultyModel(trained.bank, {**heads, "strong_fails": _head_on(width + 1)})
     with pytest.raises(ClassifierArtifactError, match="binary"):
         DifficultyModel(trained.bank, {**heads, "strong_fails": _head_on(width, classes=3)})
+    unfitted = Pipeline([("scale", StandardScaler()), ("model", LogisticRegression())])
+    with pytest.raises(ClassifierArtifactError, match="fitted binary"):  # was an AttributeError
+        DifficultyModel(trained.bank, {**heads, "strong_fails": unfitted})
     scaler_only = Pipeline([("scale", StandardScaler().fit(np.zeros((2, width))))])
     with pytest.raises(ClassifierArtifactError, match="StandardScaler"):
         DifficultyModel(trained.bank, {**heads, "cheap_fails": scaler_only})
@@ -381,6 +386,10 @@ def test_an_artifact_of_another_format_dimension_or_without_its_checksum_is_refu
     metadata_path.write_text(json.dumps(record))
     with pytest.raises(ClassifierArtifactError, match=r"lacks.*artifact_sha256"):
         load_artifact(model_path)
+    for damaged, message in ((b"42\n", "not a JSON object"), (b"\xff\xfe", "not valid JSON")):
+        metadata_path.write_bytes(damaged)  # were a TypeError / UnicodeDecodeError traceback
+        with pytest.raises(ClassifierArtifactError, match=message):
+            load_artifact(model_path)
 
 
 def test_an_unusable_neighbour_bank_is_an_artifact_error(
