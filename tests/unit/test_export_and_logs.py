@@ -242,6 +242,16 @@ def test_export_to_an_unwritable_place_is_one_line_and_exit_2(
     assert capsys.readouterr().err.startswith("routecache: export-events: ")
 
 
+def test_export_of_a_missing_log_names_it_in_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from routecache.router.cli import main
+
+    missing = tmp_path / "events.jsonl"
+    assert main(["export-events", "--events", str(missing), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"routecache: event log not found: {missing}\n"
+
+
 def test_export_of_a_log_that_is_not_utf8_is_one_line_and_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
