@@ -37,7 +37,11 @@ def chat_request(
     end_user_id: str = "",
     validators: Sequence[pb.RequestValidator] = (),
 ) -> pb.CompleteRequest:
-    """Builds a request: optional system prompt, earlier (role, text) turns, then the prompt."""
+    """Builds a request: optional system prompt, earlier (role, text) turns, then the prompt.
+
+    Raises ValueError for a role it does not know, or a number out of its field's range."""
+    if unknown := {role for role, _ in history} - _ROLES.keys():
+        raise ValueError(f"unknown role {min(unknown)!r}: one of {', '.join(_ROLES)}")
     messages = [pb.ChatMessage(role=pb.ROLE_SYSTEM, content=system)] if system else []
     messages += [pb.ChatMessage(role=_ROLES[role], content=text) for role, text in history]
     messages.append(pb.ChatMessage(role=pb.ROLE_USER, content=prompt))

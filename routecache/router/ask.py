@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 
+from routecache.cli_args import at_least
 from routecache.client import ClientTls, RouteCacheClient, chat_request
 from routecache.router.settings import ConfigError
 from routecache.v1 import routecache_pb2 as pb
@@ -28,10 +29,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json-schema", help="JSON Schema text, or @FILE to read it from a file")
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-p", type=float, help="nucleus sampling, (0, 1]")
-    parser.add_argument("--max-tokens", type=int)
+    parser.add_argument("--max-tokens", type=at_least(1))
     parser.add_argument("--no-cache", action="store_true", help="do not read the cache")
     parser.add_argument("--no-store", action="store_true", help="do not store the answer")
-    parser.add_argument("--ttl", type=int, default=0, help="entry lifetime in seconds")
+    parser.add_argument("--ttl", type=at_least(0), default=0, help="entry lifetime in seconds")
     parser.add_argument("--tag", action="append", default=[], help="tag the entry (repeatable)")
     parser.add_argument("--tier", choices=["cheap", "strong"], help="force a tier")
     parser.add_argument("--user", default="", help="end-user id")
@@ -79,24 +80,34 @@ def _tls(args: argparse.Namespace) -> ClientTls | None:
         raise ConfigError(f"TLS: {error}") from error
 
 
+def _request(args: argparse.Namespace) -> pb.CompleteRequest:
+    """Raises ConfigError for a request the flags cannot make (an unknown --turn role, a
+    number too large for its uint32 field)."""
+    schema, validators = _schema(args.json_schema), _validators(args.validator)
+    try:
+        return chat_request(
+            args.prompt,
+            system=args.system,
+            history=[(role, text) for role, text in args.turn],
+            temperature=args.temperature,
+            max_tokens=args.max_tokens,
+            top_p=args.top_p,
+            json_object=args.json_object,
+            json_schema=schema,
+            no_cache=args.no_cache,
+            no_store=args.no_store,
+            ttl_seconds=args.ttl,
+            tags=args.tag,
+            force_tier=args.tier,
+            end_user_id=args.user,
+            validators=validators,
+        )
+    except ValueError as error:
+        raise ConfigError(f"cannot build the request: {error}") from error
+
+
 async def ask(args: argparse.Namespace) -> int:
-    request = chat_request(
-        args.prompt,
-        system=args.system,
-        history=[(role, text) for role, text in args.turn],
-        temperature=args.temperature,
-        max_tokens=args.max_tokens,
-        top_p=args.top_p,
-        json_object=args.json_object,
-        json_schema=_schema(args.json_schema),
-        no_cache=args.no_cache,
-        no_store=args.no_store,
-        ttl_seconds=args.ttl,
-        tags=args.tag,
-        force_tier=args.tier,
-        end_user_id=args.user,
-        validators=_validators(args.validator),
-    )
+    request = _request(args)
     tls = _tls(args)
     async with RouteCacheClient(
         args.target, args.api_key, timeout_seconds=args.timeout, tls=tls

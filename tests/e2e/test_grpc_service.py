@@ -81,6 +81,16 @@ async def test_wrong_key_is_unauthenticated(stack: Stack) -> None:
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+async def test_invalidate_without_a_target_is_refused_and_removes_nothing(stack: Stack) -> None:
+    async with stack.client("globex") as client:
+        await client.complete(chat_request("Is a walnut a nut?"))
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await client.invalidate()
+        hit = await client.complete(chat_request("Is a walnut a nut?"))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert hit.cache.outcome == pb.CACHE_OUTCOME_EXACT
+
+
 async def test_health_feedback_invalidate_and_stats(stack: Stack) -> None:
     async with stack.client("globex") as client:
         assert await client.health() == "SERVING"

@@ -22,13 +22,14 @@ async def test_every_dependency_reports_serving(stack: Stack) -> None:
 
 async def test_stats_top_entries_and_feedback_counts(stack: Stack) -> None:
     async with stack.client("globex") as client:
+        await client.complete(chat_request("How many eyes does a bee have?"))  # not in the top 1
         first = await client.complete(chat_request("How many legs does a spider have?"))
         for _ in range(2):
             hit = await client.complete(chat_request("How many legs does a spider have?"))
         await client.feedback(hit.response_id, thumbs_up=True)
         stats = await client.stats(top_n=1)
     assert stats.thumbs_up >= 1
-    top = stats.top_entries[0]
+    [top] = stats.top_entries
     assert top.entry_id == first.cache.entry_id and top.hits >= 2
     assert top.saved_usd == pytest.approx(top.hits * first.usage.cost_usd)
 

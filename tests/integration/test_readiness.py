@@ -21,6 +21,7 @@ from routecache.classifier.model import FixedScoreClassifier
 from routecache.client import RouteCacheClient, chat_request
 from routecache.domain import Tier
 from routecache.router.bootstrap import Overrides, start_service
+from routecache.router.events import JsonlEventLog
 from routecache.router.server import DEPENDENCIES, SERVICE_NAME, start_server
 from routecache.router.servicer import RouteCacheServicer
 from routecache.router.settings import Settings
@@ -140,3 +141,33 @@ async def test_a_second_server_on_the_same_port_fails_to_start() -> None:
             await start_server(RouteCacheServicer(None), taken)
     finally:
         await first.stop()
+
+
+async def test_closing_the_service_releases_its_ports_upstreams_and_event_log(
+    tmp_path: Path,
+) -> None:
+    closed: list[str] = []
+
+    class Closing(FakeUpstream):
+        async def aclose(self) -> None:
+            closed.append(self.model_id)
+
+    events_path = tmp_path / "events.jsonl"
+    settings = unit_settings(service={"server": {"port": 0}, "events": {"path": events_path}})
+    overrides = Overrides(
+        embedder=HashEmbedder(),
+        classifier=FixedScoreClassifier(0.2),
+        upstreams={Tier.CHEAP: Closing("cheap"), Tier.STRONG: Closing("strong")},
+    )
+    service = await start_service(settings, overrides)
+    assert service.server is not None and service.metrics_port is not None
+    ports = (service.server.port, service.metrics_port)
+    events = service.events
+    assert isinstance(events, JsonlEventLog)
+    await service.aclose()
+    assert sorted(closed) == ["cheap", "strong"]
+    with pytest.raises(ValueError, match="closed file"):
+        events.emit("completion", {})
+    for port in ports:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", port))

@@ -136,3 +136,34 @@ def test_number_between_takes_both_bounds() -> None:
 def test_a_fraction_that_is_not_a_number_is_named() -> None:
     with pytest.raises(argparse.ArgumentTypeError, match=r"^not a number: half$"):
         fraction("half")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--max-tokens", "-1"], "argument --max-tokens: -1: must be 1 or more"),
+     (["--max-tokens", "0"], "argument --max-tokens: 0: must be 1 or more"),
+     (["--ttl", "-1"], "argument --ttl: -1: must be 0 or more")],
+    ids=["negative max tokens", "no max tokens", "negative ttl"],
+)  # fmt: skip
+def test_ask_refuses_a_negative_token_count_or_ttl_as_a_usage_error(
+    capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    # They were a protobuf "Value out of range: -1" traceback: the fields are uint32.
+    with pytest.raises(SystemExit) as exit_:
+        main(["ask", "--api-key", "k", *flags, "hi"])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--turn", "bot", "hello"], "unknown role 'bot': one of system, user, assistant"),
+     (["--max-tokens", "4294967296"], "Value out of range: 4294967296")],
+    ids=["unknown role", "max tokens over uint32"],
+)  # fmt: skip
+def test_ask_reports_a_request_it_cannot_build_in_one_line(
+    capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    # An unknown --turn role was a KeyError traceback, before any connection was tried.
+    assert main(["ask", "--api-key", "k", *flags, "hi"]) == 2
+    assert capsys.readouterr().err == f"routecache: cannot build the request: {message}\n"

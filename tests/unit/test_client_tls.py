@@ -1,12 +1,14 @@
-"""ClientTls.from_files takes the paths as README shows them: plain strings or Paths."""
+"""ClientTls.from_files takes the paths as README shows them: plain strings or Paths; the
+client releases its channel."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
 import pytest
 
-from routecache.client import ClientTls
+from routecache.client import ClientTls, RouteCacheClient, chat_request
 
 
 def test_from_files_accepts_string_paths(tmp_path: Path) -> None:
@@ -25,3 +27,10 @@ def test_a_certificate_without_its_key_is_refused(tmp_path: Path) -> None:
     cert.write_bytes(b"x")
     with pytest.raises(ValueError, match="needs its key"):
         ClientTls.from_files(None, str(cert))
+
+
+async def test_leaving_the_client_closes_its_channel() -> None:
+    async with RouteCacheClient("127.0.0.1:1", "key") as client:
+        pass
+    with pytest.raises(grpc.aio.UsageError, match="Channel is closed"):
+        await client.complete(chat_request("q"))

@@ -5,15 +5,24 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 import pytest
 
 from routecache.analysis.export import events_frame, export_events, parse_since, read_events
 from routecache.router.events import InMemoryEventLog, JsonlEventLog
-from routecache.router.logs import REQUEST_ID, JsonFormatter, RequestIdFilter, new_request_id
+from routecache.router.logs import (
+    REQUEST_ID,
+    JsonFormatter,
+    RequestIdFilter,
+    configure_logging,
+    new_request_id,
+)
 from routecache.router.servicer import RouteCacheServicer
 from routecache.router.settings import ConfigError, load_settings
 from routecache.v1 import routecache_pb2 as pb
@@ -90,6 +99,65 @@ def test_json_log_lines_carry_the_request_id_and_extra_fields() -> None:
     assert line["request_id"] == "req-42" and line["tenant"] == "acme"
     assert line["message"] == "failed x" and line["level"] == "warning"
     assert new_request_id("  ") != "req-42" and len(REQUEST_ID.get()) == 32
+
+
+def test_a_callers_long_request_id_is_cut_to_128_characters() -> None:
+    assert new_request_id(" " + "r" * 300 + " ") == "r" * 128 == REQUEST_ID.get()
+
+
+@pytest.fixture
+def machine_in_new_york(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's local time zone is not UTC for the test."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("machine_in_new_york")
+def test_json_log_lines_carry_millisecond_utc_time_and_the_traceback() -> None:
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        record = logging.LogRecord("routecache.x", logging.ERROR, __file__, 1, "failed", None,
+                                   sys.exc_info())  # fmt: skip
+    record.created, record.msecs = 1_700_000_000.0, 7.0
+    line = json.loads(JsonFormatter().format(record))
+    assert line["ts"] == "2023-11-14T22:13:20.007Z"
+    assert "RuntimeError: boom" in line["exception"]
+
+
+@pytest.fixture
+def root_logging() -> Iterator[logging.Logger]:
+    """The root logger as configure_logging leaves it, restored afterwards for pytest."""
+    root, chatty = logging.getLogger(), logging.getLogger("httpx")
+    handlers, level, chatty_level = root.handlers[:], root.level, chatty.level
+    yield root
+    root.handlers[:], root.level = handlers, level
+    chatty.setLevel(chatty_level)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "formatter"), [("json", JsonFormatter), ("text", logging.Formatter)]
+)
+def test_configure_logging_replaces_the_root_handlers_with_one_of_the_format(
+    root_logging: logging.Logger, fmt: Literal["text", "json"], formatter: type
+) -> None:
+    configure_logging(fmt, "warning", quiet_libraries=True)
+    [handler] = root_logging.handlers
+    assert type(handler.formatter) is formatter
+    assert any(isinstance(f, RequestIdFilter) for f in handler.filters)
+    assert root_logging.level == logging.WARNING
+    assert logging.getLogger("httpx").level == logging.WARNING
+
+
+def test_configure_logging_lets_library_lines_through_when_not_quiet(
+    root_logging: logging.Logger,
+) -> None:
+    configure_logging("text", "debug", quiet_libraries=False)
+    assert root_logging.level == logging.DEBUG
+    assert logging.getLogger("httpx").level == logging.NOTSET  # the root's level: debug
 
 
 class Aborted(Exception):
@@ -174,6 +242,16 @@ def test_export_to_an_unwritable_place_is_one_line_and_exit_2(
     assert capsys.readouterr().err.startswith("routecache: export-events: ")
 
 
+def test_export_of_a_missing_log_names_it_in_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from routecache.router.cli import main
+
+    missing = tmp_path / "events.jsonl"
+    assert main(["export-events", "--events", str(missing), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"routecache: event log not found: {missing}\n"
+
+
 def test_export_of_a_log_that_is_not_utf8_is_one_line_and_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -207,16 +285,9 @@ def test_since_durations_in_every_unit(text: str, seconds: float) -> None:
     assert parse_since(text, now=NOW) == pytest.approx(NOW - seconds)
 
 
-def test_since_a_date_without_a_zone_is_utc_whatever_the_machines_zone(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("TZ", "America/New_York")
-    time.tzset()
-    try:
-        assert parse_since("2023-11-14T22:13:20", now=NOW) == pytest.approx(NOW)
-    finally:
-        monkeypatch.undo()
-        time.tzset()
+@pytest.mark.usefixtures("machine_in_new_york")
+def test_since_a_date_without_a_zone_is_utc_whatever_the_machines_zone() -> None:
+    assert parse_since("2023-11-14T22:13:20", now=NOW) == pytest.approx(NOW)
 
 
 def test_since_keeps_an_event_logged_at_that_very_second(tmp_path: Path) -> None:

@@ -23,6 +23,8 @@ from routecache.cache.memory_store import InMemoryEntryStore
 from routecache.cache.pair_features import FEATURE_NAMES, lexical_features
 from routecache.cache.semantic_cache import NewEntry, SemanticCache
 from routecache.domain import CacheOutcome, Tier
+from routecache.router.bootstrap import build_hit_policy
+from routecache.router.settings import load_settings
 from tests.fakes import ManualClock
 
 
@@ -250,3 +252,15 @@ async def test_a_lookup_verifies_only_its_nearest_candidate() -> None:
     assert len(neighbours) == 2 and all(n.similarity >= 0.1 for n in neighbours)
     assert await cache.lookup_semantic("acme:s", query, vector, HitRequirement(0.9)) is None
     assert len(scorer.calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("verifier", "embedder", "verified"),
+    [("off", "all-MiniLM-L6-v2", False), ("auto", "hash", False),
+     ("auto", "all-MiniLM-L6-v2", True), ("cross-encoder", "hash", True)],
+)  # fmt: skip
+def test_the_configured_verifier_applies_to_minilm_unless_turned_off(
+    verifier: str, embedder: str, verified: bool
+) -> None:
+    policy = build_hit_policy(load_settings(cache={"verifier": verifier}), embedder)
+    assert isinstance(policy, VerifiedPolicy) is verified

@@ -174,3 +174,23 @@ def test_no_cache_tags_and_the_end_user_are_carried() -> None:
     request = request_from_pb(message)
     assert request.cache.no_cache and not request.cache.no_store
     assert request.cache.tags == ("faq", "billing") and request.end_user_id == "user-9"
+
+
+def test_chat_request_sends_the_system_prompt_then_the_turns_then_the_prompt() -> None:
+    message = chat_request("q", system="be brief", history=[("user", "hi"), ("assistant", "yo")])
+    assert [(m.role, m.content) for m in message.messages] == [
+        (pb.ROLE_SYSTEM, "be brief"), (pb.ROLE_USER, "hi"), (pb.ROLE_ASSISTANT, "yo"),
+        (pb.ROLE_USER, "q"),
+    ]  # fmt: skip
+
+
+def test_chat_request_asks_for_a_json_object_unless_a_schema_is_given() -> None:
+    json_object = request_from_pb(chat_request("q", json_object=True)).params.response_format
+    assert json_object == ResponseFormat(ResponseFormatType.JSON_OBJECT)
+    both = request_from_pb(chat_request("q", json_object=True, json_schema="{}")).params
+    assert both.response_format == ResponseFormat(ResponseFormatType.JSON_SCHEMA, "{}")
+
+
+def test_chat_request_refuses_a_role_it_does_not_know_by_name() -> None:
+    with pytest.raises(ValueError, match=r"^unknown role 'bot': one of system, user, assistant$"):
+        chat_request("q", history=[("user", "hi"), ("bot", "yo")])
