@@ -114,12 +114,7 @@ async def ask(args: argparse.Namespace) -> int:
     ) as client:
         try:
             if args.stream:
-                async for event in client.complete_stream(request):
-                    if event.HasField("final"):
-                        response = event.final
-                    else:
-                        print(event.delta, end="", file=sys.stderr, flush=True)
-                print(file=sys.stderr)
+                response = await _streamed(client, request)
             else:
                 response = await client.complete(request)
         except grpc.aio.AioRpcError as error:
@@ -127,5 +122,23 @@ async def ask(args: argparse.Namespace) -> int:
             failure = {"code": error.code().name, "details": error.details(), "trailers": trailers}
             print(json.dumps({"error": failure}, indent=2))
             return 1
+    if response is None:
+        # The server closed the stream OK but never sent its answer: a server-side failure.
+        print("routecache: the stream ended without a final response", file=sys.stderr)
+        return 1
     print(json.dumps(MessageToDict(response, always_print_fields_with_no_presence=True), indent=2))
     return 0
+
+
+async def _streamed(
+    client: RouteCacheClient, request: pb.CompleteRequest
+) -> pb.CompleteResponse | None:
+    """Echoes the deltas to stderr as they come; the final message, None if none came."""
+    response = None
+    async for event in client.complete_stream(request):
+        if event.HasField("final"):
+            response = event.final
+        else:
+            print(event.delta, end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return response
