@@ -22,7 +22,7 @@ from routecache.replay.config import ReplayConfig
 from routecache.replay.server import start_replay_server
 from routecache.router.auth import hash_api_key
 from routecache.router.bootstrap import start_service
-from routecache.router.demo_report import DemoResult, DemoTally, summarise, tally
+from routecache.router.demo_report import DemoResult, DemoTally, prompt_chars, summarise, tally
 from routecache.router.settings import Settings, load_settings
 from routecache.v1 import routecache_pb2 as pb
 
@@ -83,7 +83,9 @@ async def _send(clients: dict[str, RouteCacheClient], call: Call,
         except grpc.aio.AioRpcError as error:
             response, code = None, error.code().name
         elapsed_ms = (time.perf_counter() - started) * 1000
-    return DemoResult(call.tenant, call.kind, code, elapsed_ms, response)
+    return DemoResult(
+        call.tenant, call.kind, code, elapsed_ms, response, prompt_chars(call.request)
+    )
 
 
 def demo_settings(base_url: str, keys: dict[str, str], events_path: Path | None = None,

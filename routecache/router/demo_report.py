@@ -23,6 +23,12 @@ class DemoResult:
     code: str
     latency_ms: float
     response: pb.CompleteResponse | None
+    prompt_chars: int  # the request's message text: a hit reports 0 prompt tokens
+
+
+def prompt_chars(request: pb.CompleteRequest) -> int:
+    """Characters of every message the strong model would have been sent."""
+    return sum(len(message.content) for message in request.messages)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -47,7 +53,8 @@ def _all_strong_cost(result: DemoResult, in_price: float, out_price: float) -> f
     """What the request would have cost sent to the strong model (tokens ≈ characters / 4)."""
     assert result.response is not None
     usage = result.response.usage
-    prompt_tokens = usage.prompt_tokens or math.ceil(len(result.response.text) / 4)
+    # A hit reports 0 tokens: estimate from what would have been sent, not from the answer.
+    prompt_tokens = usage.prompt_tokens or math.ceil(result.prompt_chars / 4)
     completion_tokens = usage.completion_tokens or math.ceil(len(result.response.text) / 4)
     return (prompt_tokens * in_price + completion_tokens * out_price) / 1e6
 
