@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -48,6 +49,7 @@ from routecache.router.metrics import MetricsServer, PrometheusTelemetry
 from routecache.router.pipeline import Pipeline, PipelineParts
 from routecache.router.ports import ChatUpstream, EventSink, Pricing, SpendLedger
 from routecache.router.quotas import InMemoryQuotaLimiter, QuotaLimiter
+from routecache.router.releasing import Acquired, ReleaseStep, release_all
 from routecache.router.server import DEPENDENCIES, ListenError, RunningServer, start_server
 from routecache.router.servicer import RouteCacheServicer
 from routecache.router.settings import (
@@ -110,21 +112,33 @@ class Service:
             await self.storage.start(cache_health)
 
     async def aclose(self) -> None:
-        """Drain in-flight calls (within server.grace_seconds), then release everything."""
+        """Drain in-flight calls (within server.grace_seconds), then release everything.
+
+        Every step runs even when one fails; the first failure is raised after the last step.
+        """
+        await release_all(self._release_steps())
+
+    def _release_steps(self) -> list[ReleaseStep]:
+        steps: list[ReleaseStep] = [("background tasks", self._stop_background)]
+        if self.server is not None:
+            steps.append(("the gRPC server", self.server.stop))
+        if self.costs is not None:
+            steps.append(("cost control", self.costs.aclose))  # webhook deliveries under way
+        steps += [
+            ("storage", self.storage.aclose),
+            ("upstream clients", self.generator.aclose),
+            ("the embedding worker", self.embeddings.close),
+        ]
+        if isinstance(self.events, JsonlEventLog):
+            steps.append(("the event log", self.events.close))
+        if self.metrics is not None:
+            steps.append(("the metrics server", self.metrics.close))
+        return steps
+
+    async def _stop_background(self) -> None:
         for task in self.background:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
-        if self.server is not None:
-            await self.server.stop()
-        if self.costs is not None:
-            await self.costs.aclose()  # webhook deliveries under way
-        await self.storage.aclose()
-        await self.generator.aclose()
-        self.embeddings.close()
-        if isinstance(self.events, JsonlEventLog):
-            self.events.close()
-        if self.metrics is not None:
-            self.metrics.close()
 
     @property
     def metrics_port(self) -> int | None:
@@ -379,19 +393,29 @@ def build_redis_storage(
     )  # fmt: skip
 
 
-def build_service(settings: Settings, overrides: Overrides | None = None) -> Service:
+def build_service(
+    settings: Settings, overrides: Overrides | None = None, acquired: Acquired | None = None
+) -> Service:
+    """`acquired` collects how to release each part as it is built, so that a caller can
+    release them when a later part fails (a bad classifier, verifier or key registry)."""
     parts = overrides or Overrides()
+    acquired = acquired if acquired is not None else Acquired()
     telemetry = parts.telemetry or build_telemetry(settings)
     generator = build_generator(settings, parts, telemetry)
+    acquired.add("upstream clients", generator.aclose)
     embedder = parts.embedder or build_embedder(settings)
     embeddings = build_embedding_worker(settings, embedder)
+    acquired.add("the embedding worker", embeddings.close)
     telemetry.watch_queue("embedding", lambda: embeddings.pending)
     clock = parts.clock
     classifier = parts.classifier or build_classifier(settings, embedder)
     index = build_vector_index(settings, embedder.dimension)
-    storage = build_storage(settings, index, clock, parts.events, telemetry)
+    storage = build_storage(settings, index, clock, open_events(settings, parts, acquired),
+                            telemetry)  # fmt: skip
+    acquired.add("storage", storage.storage.aclose)
     events = storage.events
     costs = build_cost_control(settings, storage, generator, clock, telemetry)
+    acquired.add("cost control", costs.aclose)
     cache = SemanticCache(
         storage.store,
         index,
@@ -424,6 +448,16 @@ def build_service(settings: Settings, overrides: Overrides | None = None) -> Ser
     )  # fmt: skip
 
 
+def open_events(settings: Settings, parts: Overrides, acquired: Acquired) -> EventSink | None:
+    """The sink given in code, else events.path's JSONL file (opened here, so that a later
+    failure of the build closes it), else None: build_storage picks the backend's own."""
+    if parts.events is not None or settings.events.path is None:
+        return parts.events
+    event_log = JsonlEventLog(settings.events.path)
+    acquired.add("the event log", event_log.close)
+    return event_log
+
+
 def build_cost_control(
     settings: Settings,
     storage: StorageParts,
@@ -452,10 +486,11 @@ async def start_service(settings: Settings, overrides: Overrides | None = None) 
     server = await start_server(
         servicer, settings.server, DEPENDENCIES, max_request_bytes=settings.limits.max_request_bytes
     )
+    acquired = Acquired()
     service: Service | None = None
     try:
         # Loading the models takes seconds: off the loop, so health checks answer meanwhile.
-        service = await asyncio.to_thread(build_service, settings, overrides)
+        service = await asyncio.to_thread(build_service, settings, overrides, acquired)
         service.server = server
         # The first forward pass is several times slower than the rest; pay it before SERVING.
         await service.embeddings.embed("warm up")
@@ -469,7 +504,7 @@ async def start_service(settings: Settings, overrides: Overrides | None = None) 
         # NOT_SERVING until the index holds what the store holds (a Redis rebuild takes a while).
         await service.start_storage(server.set_cache_serving)
     except BaseException as error:
-        await (service.aclose() if service is not None else server.stop())
+        await release_failed_start(service, server, acquired)
         if isinstance(error, OSError | SnapshotError) and not isinstance(error, ListenError):
             # A file the settings name (event log, verifier, snapshot) is missing or unusable:
             # not a port problem, and worth one line rather than a traceback.
@@ -483,3 +518,17 @@ async def start_service(settings: Settings, overrides: Overrides | None = None) 
         interval = settings.classifier.reload_interval_seconds
         service.background.append(asyncio.create_task(service.classifier.watch(interval)))
     return service
+
+
+async def release_failed_start(
+    service: Service | None, server: RunningServer, acquired: Acquired
+) -> None:
+    """The whole service if it was built, else the port and what the build acquired.
+
+    The start's own error is the one worth reporting: a release failing too was logged.
+    """
+    with contextlib.suppress(Exception):
+        if service is not None:
+            await service.aclose()
+        else:
+            await release_all([("the gRPC server", server.stop), ("the build", acquired.release)])

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 
 from routecache.domain import ChatRequest, Tier, ValidationReport, ValidatorResult
 from routecache.errors import FailedValidation
+from routecache.router.releasing import release_all
 from routecache.router.settings import LimitSettings
 from routecache.router.upstream.failover import Answered, Failover, Provider
 from routecache.router.upstream.openai_client import estimate_tokens
@@ -237,8 +238,8 @@ class Generator:
         )  # fmt: skip
 
     async def aclose(self) -> None:
-        for provider in self._failover.providers():
-            await provider.upstream.aclose()
+        """Closes every provider's client, even after one fails to close."""
+        await release_all((p.name, p.upstream.aclose) for p in self._failover.providers())
 
 
 def _decide(failing: Sequence[Configured], retried: bool, tier: Tier) -> OnFail | None:

@@ -4,9 +4,12 @@ UNAVAILABLE) while the models load, then SERVING for the service and each depend
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -24,7 +27,7 @@ from routecache.router.bootstrap import Overrides, start_service
 from routecache.router.events import JsonlEventLog
 from routecache.router.server import DEPENDENCIES, SERVICE_NAME, start_server
 from routecache.router.servicer import RouteCacheServicer
-from routecache.router.settings import Settings
+from routecache.router.settings import ConfigError, Settings
 from tests.fakes import FakeUpstream
 from tests.unit.conftest import KEYS, unit_settings
 
@@ -143,23 +146,46 @@ async def test_a_second_server_on_the_same_port_fails_to_start() -> None:
         await first.stop()
 
 
+@dataclass
+class ClosingUpstream(FakeUpstream):
+    """Records its close in `closed` (share one list); `close_error` makes the close fail."""
+
+    closed: list[str] = field(default_factory=list)
+    close_error: Exception | None = None
+
+    async def aclose(self) -> None:
+        self.closed.append(self.model_id)
+        if self.close_error is not None:
+            raise self.close_error
+
+
+def closing_overrides(closed: list[str], cheap_error: Exception | None = None) -> Overrides:
+    return Overrides(
+        embedder=HashEmbedder(),
+        classifier=FixedScoreClassifier(0.2),
+        upstreams={
+            Tier.CHEAP: ClosingUpstream("cheap", closed=closed, close_error=cheap_error),
+            Tier.STRONG: ClosingUpstream("strong", closed=closed),
+        },
+    )
+
+
+def open_files() -> set[str]:
+    """What this process holds open (Linux's /proc)."""
+    held = set()
+    for descriptor in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed since the listing
+            held.add(os.readlink(descriptor))
+    return held
+
+
 async def test_closing_the_service_releases_its_ports_upstreams_and_event_log(
     tmp_path: Path,
 ) -> None:
     closed: list[str] = []
-
-    class Closing(FakeUpstream):
-        async def aclose(self) -> None:
-            closed.append(self.model_id)
-
     events_path = tmp_path / "events.jsonl"
     settings = unit_settings(service={"server": {"port": 0}, "events": {"path": events_path}})
-    overrides = Overrides(
-        embedder=HashEmbedder(),
-        classifier=FixedScoreClassifier(0.2),
-        upstreams={Tier.CHEAP: Closing("cheap"), Tier.STRONG: Closing("strong")},
-    )
-    service = await start_service(settings, overrides)
+    service = await start_service(settings, closing_overrides(closed))
     assert service.server is not None and service.metrics_port is not None
     ports = (service.server.port, service.metrics_port)
     events = service.events
@@ -171,3 +197,45 @@ async def test_closing_the_service_releases_its_ports_upstreams_and_event_log(
     for port in ports:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", port))
+
+
+async def test_a_release_step_that_fails_does_not_stop_the_later_ones(tmp_path: Path) -> None:
+    # Before: the first failure ended aclose: the strong client, the embedding threads, the
+    # event log's file and the metrics port stayed held by a process that went on running.
+    closed: list[str] = []
+    settings = unit_settings(
+        service={"server": {"port": 0}, "events": {"path": tmp_path / "events.jsonl"}}
+    )
+    failing = RuntimeError("cheap client would not close")
+    service = await start_service(settings, closing_overrides(closed, cheap_error=failing))
+    assert service.server is not None and service.metrics_port is not None
+    ports = (service.server.port, service.metrics_port)
+    events = service.events
+    assert isinstance(events, JsonlEventLog)
+    with pytest.raises(RuntimeError, match="cheap client would not close"):
+        await service.aclose()
+    assert sorted(closed) == ["cheap", "strong"]
+    with pytest.raises(ValueError, match="closed file"):
+        events.emit("completion", {})
+    for port in ports:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", port))
+
+
+async def test_a_build_that_fails_partway_releases_what_it_had_built(tmp_path: Path) -> None:
+    # A damaged key registry fails the build after the upstream clients, the embedding worker
+    # and the event log exist. Before: only the gRPC port was released, the rest leaked.
+    keys = tmp_path / "keys.json"
+    keys.write_text("not JSON")
+    events_path = tmp_path / "events.jsonl"
+    settings = unit_settings(service={
+        "server": {"port": free_port()}, "events": {"path": events_path},
+        "keys": {"source": "file", "registry_path": keys},
+    })  # fmt: skip
+    closed: list[str] = []
+    with pytest.raises(ConfigError, match=r"keys\.registry_path"):
+        await start_service(settings, closing_overrides(closed))
+    assert sorted(closed) == ["cheap", "strong"]
+    assert str(events_path) not in open_files()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", settings.server.port))

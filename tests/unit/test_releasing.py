@@ -1,0 +1,44 @@
+"""release_all: every release step runs, the failures are logged, the first is raised."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import pytest
+
+from routecache.router.releasing import Acquired, release_all
+
+
+async def test_every_step_runs_after_failures_and_the_first_failure_is_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ran: list[str] = []
+
+    def port() -> None:
+        ran.append("port")
+        raise OSError("port would not close")
+
+    async def clients() -> None:
+        ran.append("clients")
+        raise RuntimeError("clients would not close")
+
+    with pytest.raises(OSError, match="port would not close"):
+        await release_all(
+            [("the port", port), ("the clients", clients), ("the file", lambda: ran.append("file"))]
+        )
+    assert ran == ["port", "clients", "file"]
+    failed = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert failed == [
+        "releasing the port failed: port would not close",
+        "releasing the clients failed: clients would not close",
+    ]
+
+
+async def test_acquired_parts_are_released_newest_first() -> None:
+    ran: list[str] = []
+    acquired = Acquired()
+    for name in ("clients", "worker", "event log"):
+        acquired.add(name, functools.partial(ran.append, name))
+    await acquired.release()
+    assert ran == ["event log", "worker", "clients"]
