@@ -23,7 +23,7 @@ from routecache.cache.snapshot import read_live_entries, save_snapshot
 from routecache.classifier.model import FixedScoreClassifier
 from routecache.client import RouteCacheClient, chat_request
 from routecache.domain import Tier
-from routecache.router.bootstrap import Overrides, start_service
+from routecache.router.bootstrap import Overrides, Service, start_service
 from routecache.router.events import JsonlEventLog
 from routecache.router.server import DEPENDENCIES, SERVICE_NAME, start_server
 from routecache.router.servicer import RouteCacheServicer
@@ -186,12 +186,20 @@ async def test_closing_the_service_releases_its_ports_upstreams_and_event_log(
     events_path = tmp_path / "events.jsonl"
     settings = unit_settings(service={"server": {"port": 0}, "events": {"path": events_path}})
     service = await start_service(settings, closing_overrides(closed))
-    assert service.server is not None and service.metrics_port is not None
-    ports = (service.server.port, service.metrics_port)
-    events = service.events
-    assert isinstance(events, JsonlEventLog)
+    events, ports = held_by(service)
     await service.aclose()
     assert sorted(closed) == ["cheap", "strong"]
+    assert_released(events, ports)
+
+
+def held_by(service: Service) -> tuple[JsonlEventLog, tuple[int, int]]:
+    """The event log and the (gRPC, metrics) ports a started service holds."""
+    assert service.server is not None and service.metrics_port is not None
+    assert isinstance(service.events, JsonlEventLog)
+    return service.events, (service.server.port, service.metrics_port)
+
+
+def assert_released(events: JsonlEventLog, ports: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match="closed file"):
         events.emit("completion", {})
     for port in ports:
@@ -208,18 +216,11 @@ async def test_a_release_step_that_fails_does_not_stop_the_later_ones(tmp_path: 
     )
     failing = RuntimeError("cheap client would not close")
     service = await start_service(settings, closing_overrides(closed, cheap_error=failing))
-    assert service.server is not None and service.metrics_port is not None
-    ports = (service.server.port, service.metrics_port)
-    events = service.events
-    assert isinstance(events, JsonlEventLog)
+    events, ports = held_by(service)
     with pytest.raises(RuntimeError, match="cheap client would not close"):
         await service.aclose()
     assert sorted(closed) == ["cheap", "strong"]
-    with pytest.raises(ValueError, match="closed file"):
-        events.emit("completion", {})
-    for port in ports:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", port))
+    assert_released(events, ports)
 
 
 async def test_a_build_that_fails_partway_releases_what_it_had_built(tmp_path: Path) -> None:
