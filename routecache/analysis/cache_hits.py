@@ -104,7 +104,7 @@ def savings(events: pd.DataFrame) -> pd.DataFrame:
 
 
 def routing_vs_quality(events: pd.DataFrame) -> pd.DataFrame:
-    """Per path: requests, escalations, validation failures and the feedback received."""
+    """Per path: requests, escalations, cost, the feedback received and its approval rate."""
     rows = requests(events).drop(columns=["thumbs_up"], errors="ignore")
     feedback = feedback_events(events)[["response_id", "thumbs_up"]]
     rows = rows.merge(feedback, on="response_id", how="left")

@@ -72,7 +72,8 @@ def _check_outcome(event: dict[str, Any]) -> None:
 
 
 def labels_from_events(events: Iterable[dict[str, Any]]) -> list[EventLabel]:
-    """Cheap-model labels by the rules of this module's docstring, in first-seen order."""
+    """Cheap-model labels by the rules of this module's docstring: graded prompts first, in
+    the order seen, then labels of responses in the order each response was first labelled."""
     completions: dict[str, dict[str, Any]] = {}
     by_response: dict[str, EventLabel] = {}
     direct: list[EventLabel] = []
