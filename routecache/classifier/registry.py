@@ -96,12 +96,14 @@ class ModelRegistry:
         return target
 
     def promote(self, version: str) -> None:
-        self._point_to(version, "promote")
+        with self._locked():
+            self._point_to(version, "promote")
 
     def rollback(self, to: str | None = None) -> str:
         """Point CURRENT at `to`, or at the version in service before the current one."""
-        target = to if to is not None else self._previous_promotion()
-        self._point_to(target, "rollback")
+        with self._locked():  # the target is chosen under the lock: no promotion slips between
+            target = to if to is not None else self._previous_promotion()
+            self._point_to(target, "rollback")
         return target
 
     def history(self) -> list[PointerChange]:
@@ -110,6 +112,10 @@ class ModelRegistry:
             return []
         text = path.read_text(encoding="utf-8")
         lines = text.splitlines()
+        if not text.endswith("\n"):
+            # A record and its newline are one write: a last line without it is the torn tail
+            # of an append that crashed, and that change never took effect.
+            lines = lines[:-1]
         changes = []
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -117,10 +123,6 @@ class ModelRegistry:
             try:
                 changes.append(_change_from(line))
             except (ValueError, TypeError) as error:
-                # A crash in the middle of an append leaves a last line without its newline; that
-                # change never took effect (CURRENT moves after the record is written).
-                if number == len(lines) and not text.endswith("\n"):
-                    break
                 raise RegistryError(f"{path}:{number}: damaged history line ({error})") from None
         return changes
 
@@ -150,25 +152,33 @@ class ModelRegistry:
         promote v3, roll back: v1, not v2).
         """
         stack: list[str] = []
-        for change in self.history():
+        for change in self._applied():
             if change.action == "rollback" and change.version in stack:
                 del stack[len(stack) - stack[::-1].index(change.version) :]
             else:
                 stack.append(change.version)
         return stack
 
+    def _applied(self) -> list[PointerChange]:
+        """The history less changes logged whose pointer move never happened (a crash between
+        the two steps): the next change starts from another version, or, for the last one,
+        CURRENT names another."""
+        changes = self.history()
+        current = self.current_version()
+        following = [c.previous for c in changes[1:]] + [current]
+        return [c for c, after in zip(changes, following, strict=True) if after == c.version]
+
     def _point_to(self, version: str, action: str) -> None:
+        """Log the change, then move CURRENT; the caller holds the lock."""
         if not self.artifact_path(version).is_file():
             raise RegistryError(f"no version {version!r} in {self.root}")
-        with self._locked():
-            change = PointerChange(action, version, self.current_version(), time.time())
-            self._append_history(change)
-            partial = self.root / f"{POINTER}.partial"  # one writer at a time: under the lock
-            with partial.open("w", encoding="utf-8") as pointer:
-                pointer.write(version + "\n")
-                pointer.flush()
-                os.fsync(pointer.fileno())  # the rename must never publish an empty pointer
-            os.replace(partial, self.root / POINTER)
+        self._append_history(PointerChange(action, version, self.current_version(), time.time()))
+        partial = self.root / f"{POINTER}.partial"  # one writer at a time: under the lock
+        with partial.open("w", encoding="utf-8") as pointer:
+            pointer.write(version + "\n")
+            pointer.flush()
+            os.fsync(pointer.fileno())  # the rename must never publish an empty pointer
+        os.replace(partial, self.root / POINTER)
 
     def _append_history(self, change: PointerChange) -> None:
         path = self.root / HISTORY
@@ -180,10 +190,14 @@ class ModelRegistry:
                 log.truncate(data.rfind(b"\n") + 1)
         with path.open("a", encoding="utf-8") as log:
             log.write(json.dumps(vars(change)) + "\n")
+            log.flush()
+            os.fsync(log.fileno())  # on disk before CURRENT moves, power loss included
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         """Serialise pointer changes across processes (and threads: each open is its own lock)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise RegistryError(f"{self.root} is a file: is this the registry folder?")
         self.root.mkdir(parents=True, exist_ok=True)
         with (self.root / LOCK).open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)

@@ -577,3 +577,40 @@ def test_concurrent_promotions_all_land_in_the_history_in_pointer_order(tmp_path
     # Each record names the version it replaced: the log is one consistent sequence.
     assert all(a.version == b.previous for a, b in itertools.pairwise(changes))
     assert registry.current_version() == changes[-1].version
+
+
+def _log_without_moving(registry: ModelRegistry, action: str, version: str) -> None:
+    """A change logged whose CURRENT move never happened: a crash between the two steps."""
+    record = {"action": action, "version": version, "previous": registry.current_version(),
+              "ts": 0.0}  # fmt: skip
+    with (registry.root / "history.jsonl").open("a") as log:
+        log.write(json.dumps(record) + "\n")
+
+
+def test_a_rollback_that_crashed_before_moving_the_pointer_leaves_rollback_working(
+    tmp_path: Path,
+) -> None:
+    registry = _registry_with(tmp_path, "v1", "v2")
+    registry.promote("v1")
+    registry.promote("v2")
+    _log_without_moving(registry, "rollback", "v1")
+    assert registry.current_version() == "v2"
+    assert registry.rollback() == "v1"  # was: "version in service 'v2' was never promoted"
+
+
+def test_a_promotion_that_crashed_before_moving_the_pointer_is_never_rolled_back_to(
+    tmp_path: Path,
+) -> None:
+    registry = _registry_with(tmp_path, "v1", "v2", "v3", "v4")
+    registry.promote("v1")
+    registry.promote("v2")
+    _log_without_moving(registry, "promote", "v3")
+    registry.promote("v4")
+    assert registry.rollback() == "v2"  # was v3, a version that never served
+    assert registry.rollback() == "v1"
+
+
+def test_promoting_into_a_registry_that_is_a_file_says_so(tmp_path: Path) -> None:
+    (tmp_path / "registry").write_text("")
+    with pytest.raises(RegistryError, match="is a file: is this the registry folder"):
+        ModelRegistry(tmp_path / "registry").promote("v1")
