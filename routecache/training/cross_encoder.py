@@ -91,6 +91,17 @@ def load_weights(path: Path) -> dict[str, Any]:
     return state
 
 
+def restore_weights(module: Any, state: dict[str, Any], path: Path) -> None:
+    """Load `state` into `module`; weights of another model are one line, not a traceback."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:  # missing, unexpected or differently shaped tensors
+        # torch's message opens with a header line; the next names the first mismatch.
+        lines = [line.strip() for line in str(exc).strip().splitlines()]
+        detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__)[:160]
+        raise DataFileError(f"{path}: not weights of this cross-encoder ({detail})") from exc
+
+
 def length_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
     """Batches of similar length in random order: shuffle, sort within windows, cut, shuffle."""
     order = list(range(len(lengths)))
@@ -124,11 +135,12 @@ def train_cross_encoder(
     rng = random.Random(plan.seed)
     device = training_device(plan.device)
     log.info("training on %s", device)
-    init = None if plan.init_weights is None else load_weights(plan.init_weights)
+    start = plan.init_weights
+    init = None if start is None else (start, load_weights(start))  # read before the model
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     module = build_module(model_dir)
     if init is not None:
-        module.load_state_dict(init)
+        restore_weights(module, init[1], init[0])
     module.to(device).train()
     optimiser = torch.optim.AdamW(
         module.parameters(), lr=plan.learning_rate, weight_decay=plan.weight_decay

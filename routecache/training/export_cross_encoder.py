@@ -16,7 +16,7 @@ from pathlib import Path
 
 from routecache.cache.cross_encoder import INPUTS, OUTPUT
 from routecache.cache.onnx_embedder import export_transformer
-from routecache.training.cross_encoder import build_module, load_weights
+from routecache.training.cross_encoder import build_module, load_weights, restore_weights
 
 
 @contextlib.contextmanager
@@ -34,7 +34,7 @@ def export_cross_encoder(weights: Path, model_dir: Path, out_path: Path, int8: b
 
     state = load_weights(weights)
     module = build_module(model_dir)
-    module.load_state_dict(state)
+    restore_weights(module, state, weights)
     module.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     sample = tokenizer(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -83,21 +84,28 @@ def test_train_verifier_refuses_cuda_where_torch_sees_none(
 
 @pytest.mark.parametrize("flag", ["--weights", "--init-weights"])
 @pytest.mark.parametrize(
-    "content", [None, b"not a torch file", b"junk\n"], ids=["missing", "corrupt", "junk"]
+    "content",
+    [None, b"not a torch file", b"junk\n", "another model"],
+    ids=["missing", "corrupt", "junk", "another model"],
 )
 def test_train_verifier_reports_unreadable_weights_in_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, content: bytes | None
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, content: bytes | str | None
 ) -> None:
-    # It was a FileNotFoundError or UnpicklingError traceback, after the model had loaded.
-    pytest.importorskip("torch")
+    # It was a FileNotFoundError, UnpicklingError or (weights of another model) load_state_dict
+    # RuntimeError traceback, after the model had loaded.
+    torch = pytest.importorskip("torch")
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"query": "a?", "cached": "b?", "duplicate": true}\n' * 8, encoding="utf-8")
     weights = tmp_path / "ce.pt"
-    if content is not None:
+    if isinstance(content, bytes):
         weights.write_bytes(content)
+    elif content is not None:
+        torch.save({"head.weight": torch.zeros(3, 3)}, weights)
     args = ["train-verifier", "--data", str(pairs), "--out", str(tmp_path / "o")]
     assert main([*args, "--device", "cpu", flag, str(weights)]) == 2
-    assert capsys.readouterr().err.startswith(f"routecache: {weights}: ")
+    err = capsys.readouterr().err
+    last = re.split(r"[\r\n]", err.rstrip("\n"))[-1]  # after the model loader's progress bar
+    assert last.startswith(f"routecache: {weights}: ") and "Traceback" not in err
 
 
 def test_at_least_takes_its_bound_and_refuses_below_it_or_a_non_integer() -> None:
