@@ -32,7 +32,7 @@ class RedisKeyRegistry:
         if raw is None:
             self._last_known.pop(sha256, None)
             return None
-        record = KeyRecord(**json.loads(raw))
+        record = _decode(self._key, raw)
         self._last_known[sha256] = record
         return record
 

@@ -38,7 +38,7 @@ from routecache.router.budget import (
 )
 from routecache.router.cli import build_parser
 from routecache.router.cli import main as cli_main
-from routecache.router.keyring import KeyRecord, add_key, rotate_key
+from routecache.router.keyring import KeyRecord, KeyRegistryError, add_key, rotate_key
 from routecache.router.keys_cli import run_keys
 from routecache.router.quotas import Charge
 from tests.fakes import ManualClock, RevokedAfterFirstRead
@@ -352,6 +352,18 @@ def test_a_redis_key_registry_that_fails_after_connecting_is_one_line_and_exit_2
         assert cli_main(["keys", "--redis-url", redis_server.url, *action]) == 2
         err = capsys.readouterr().err
         assert err.startswith("routecache: ") and message in err and err.count("\n") == 1
+
+
+async def test_a_damaged_key_record_is_a_key_registry_error_at_lookup(
+    redis_server: RedisServer,
+) -> None:
+    # The service's per-request lookup decodes records as the admin commands do: one error
+    # naming the registry, not a TypeError from the middle of KeyRecord(**...).
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.hset("rc:apikeys", "d" * 64, '{"tenant": "acme"}')
+    async with connected_link(redis_server) as (link, _):
+        with pytest.raises(KeyRegistryError, match="rc:apikeys in Redis: a damaged record"):
+            await RedisKeyRegistry(link, KeySpace()).find("d" * 64)
 
 
 async def test_two_replicas_settling_together_see_a_soft_budget_crossing_once(
