@@ -274,11 +274,6 @@ def build_telemetry(settings: Settings) -> Telemetry:
     return PrometheusTelemetry() if settings.metrics.enabled else NullTelemetry()
 
 
-def build_events(settings: Settings) -> EventSink:
-    path = settings.events.path
-    return JsonlEventLog(path) if path is not None else InMemoryEventLog()
-
-
 def build_key_registry(settings: Settings, link: RedisLink | None) -> KeyRegistry | None:
     """keys.source: redis (the Redis backend's link), file (keys.registry_path) or none."""
     source, path = settings.keys.source, settings.keys.registry_path
@@ -327,12 +322,10 @@ def build_storage(
     events: EventSink | None,
     telemetry: Telemetry | None = None,
 ) -> StorageParts:
-    """`events`: a sink that wins over the configured ones (tests). Otherwise events.path's
-    JSONL file when set, else the Redis stream on the Redis backend, else memory."""
+    """`events`: the sink `open_events` chose (one given in code, or events.path's JSONL file);
+    None: the backend's own, the Redis stream on the Redis backend, else memory."""
     store_settings = settings.store
     grace = settings.upstream.stale_grace_seconds
-    if events is None and settings.events.path is not None:
-        events = build_events(settings)
     if store_settings.backend == "memory":
         store = InMemoryEntryStore(settings.cache.max_entries, clock, grace)
         return StorageParts(
