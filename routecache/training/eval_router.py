@@ -90,6 +90,19 @@ def operating_point(args: argparse.Namespace) -> tuple[OperatingPoint | None, st
     return configured, "settings" if configured is not None else "model default"
 
 
+def _stored_operating_point(metadata: dict[str, Any]) -> OperatingPoint | None:
+    """The operating point the artifact's default threshold was set for, as reported."""
+    stored = metadata.get("default_operating_point")
+    if stored is None:
+        return None
+    try:
+        return OperatingPoint(**stored)
+    except (TypeError, ValueError) as error:  # a hand-edited metadata file
+        raise DataFileError(
+            f"--artifact: default_operating_point {stored!r} is not an operating point ({error})"
+        ) from error
+
+
 @exits_2_on_data_error
 def run(args: argparse.Namespace) -> int:
     rows = read_routing_rows([Path(p) for p in args.data])
@@ -98,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         classifier = load_classifier(Path(args.artifact) if args.artifact else None)
     except ClassifierArtifactError as error:
         raise DataFileError(f"--artifact: {error}") from error
+    stored_point = _stored_operating_point(classifier.metadata)  # checked before the scoring
     kind, dimension = _embedder_for(classifier)
     embedder = make_embedder(kind, dimension)
     if embedder.name != classifier.metadata.get("embedder"):
@@ -114,8 +128,7 @@ def run(args: argparse.Namespace) -> int:
         threshold = classifier.threshold_for(point)
     else:
         threshold = classifier.default_threshold
-        stored = classifier.metadata.get("default_operating_point")
-        point = OperatingPoint(**stored) if isinstance(stored, dict) else None
+        point = stored_point
     report: dict[str, Any] = {
         "version": classifier.version,
         "operating_point": None if point is None else vars(point),

@@ -439,6 +439,19 @@ def test_eval_router_refuses_an_artifact_trained_on_another_embedder(
     assert "trained with embedder 'hash-64-v0'" in err and "'hash-64'" in err
 
 
+@pytest.mark.parametrize("stored", [{"bogus": 1}, {}, [0.8]], ids=["unknown key", "none", "a list"])
+def test_eval_router_refuses_a_damaged_stored_operating_point_before_scoring(
+    trained_artifact: Path, capsys: pytest.CaptureFixture[str], stored: object
+) -> None:
+    # A hand-edited default_operating_point was a TypeError traceback after the scoring.
+    metadata_file = trained_artifact.with_suffix(".json")
+    metadata = json.loads(metadata_file.read_text())
+    metadata_file.write_text(json.dumps({**metadata, "default_operating_point": stored}))
+    data = trained_artifact.parent.parent / "routing.jsonl"
+    assert eval_router.main(["--data", str(data), "--artifact", str(trained_artifact)]) == 2
+    assert "is not an operating point" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("fraction", ["0.16", "0.95"], ids=["one held out", "one to train on"])
 def test_training_needs_two_rows_on_each_side_of_the_holdout(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], fraction: str
