@@ -126,7 +126,7 @@ class Service:
             steps.append(("cost control", self.costs.aclose))  # webhook deliveries under way
         steps += [
             ("storage", self.storage.aclose),
-            ("upstream clients", self.generator.aclose),
+            *self.generator.release_steps(),
             ("the embedding worker", self.embeddings.close),
         ]
         if isinstance(self.events, JsonlEventLog):
@@ -395,7 +395,8 @@ def build_service(
     acquired = acquired if acquired is not None else Acquired()
     telemetry = parts.telemetry or build_telemetry(settings)
     generator = build_generator(settings, parts, telemetry)
-    acquired.add("upstream clients", generator.aclose)
+    for name, release in generator.release_steps():
+        acquired.add(name, release)
     embedder = parts.embedder or build_embedder(settings)
     embeddings = build_embedding_worker(settings, embedder)
     acquired.add("the embedding worker", embeddings.close)
@@ -524,4 +525,4 @@ async def release_failed_start(
         if service is not None:
             await service.aclose()
         else:
-            await release_all([("the gRPC server", server.stop), ("the build", acquired.release)])
+            await release_all([("the gRPC server", server.stop), *acquired.steps()])

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 
 from routecache.domain import ChatRequest, Tier, ValidationReport, ValidatorResult
 from routecache.errors import FailedValidation
-from routecache.router.releasing import release_all
+from routecache.router.releasing import ReleaseStep, release_all
 from routecache.router.settings import LimitSettings
 from routecache.router.upstream.failover import Answered, Failover, Provider
 from routecache.router.upstream.openai_client import estimate_tokens
@@ -237,9 +237,14 @@ class Generator:
             tally.calls, answered.provider.name, tuple(tally.failures),
         )  # fmt: skip
 
+    def release_steps(self) -> list[ReleaseStep]:
+        """One step per provider's client, for a caller that releases a whole service in one
+        flat list (a nested release_all would log each failure twice)."""
+        return [(f"upstream {p.name}", p.upstream.aclose) for p in self._failover.providers()]
+
     async def aclose(self) -> None:
         """Closes every provider's client, even after one fails to close."""
-        await release_all((p.name, p.upstream.aclose) for p in self._failover.providers())
+        await release_all(self.release_steps())
 
 
 def _decide(failing: Sequence[Configured], retried: bool, tier: Tier) -> OnFail | None:

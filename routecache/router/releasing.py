@@ -40,6 +40,6 @@ class Acquired:
     def add(self, name: str, release: Callable[[], Awaitable[None] | None]) -> None:
         self._steps.append((name, release))
 
-    async def release(self) -> None:
+    def steps(self) -> list[ReleaseStep]:
         """Newest first: later parts may use earlier ones."""
-        await release_all(reversed(self._steps))
+        return self._steps[::-1]

@@ -207,7 +207,9 @@ def assert_released(events: JsonlEventLog, ports: tuple[int, ...]) -> None:
             probe.bind(("127.0.0.1", port))
 
 
-async def test_a_release_step_that_fails_does_not_stop_the_later_ones(tmp_path: Path) -> None:
+async def test_a_release_step_that_fails_does_not_stop_the_later_ones(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # Before: the first failure ended aclose: the strong client, the embedding threads, the
     # event log's file and the metrics port stayed held by a process that went on running.
     closed: list[str] = []
@@ -221,6 +223,9 @@ async def test_a_release_step_that_fails_does_not_stop_the_later_ones(tmp_path: 
         await service.aclose()
     assert sorted(closed) == ["cheap", "strong"]
     assert_released(events, ports)
+    logged = [r for r in caplog.records if "cheap client would not close" in r.getMessage()]
+    assert len(logged) == 1  # once, naming the provider: not again for the whole generator
+    assert "upstream cheap" in logged[0].getMessage()
 
 
 async def test_a_build_that_fails_partway_releases_what_it_had_built(tmp_path: Path) -> None:

@@ -40,5 +40,5 @@ async def test_acquired_parts_are_released_newest_first() -> None:
     acquired = Acquired()
     for name in ("clients", "worker", "event log"):
         acquired.add(name, functools.partial(ran.append, name))
-    await acquired.release()
+    await release_all(acquired.steps())
     assert ran == ["event log", "worker", "clients"]
