@@ -103,6 +103,7 @@ class Service:
     classifier: DifficultyClassifier | None = None
     background: list[asyncio.Task[None]] = field(default_factory=list)
     costs: CostControl | None = None
+    owned: Acquired = field(default_factory=Acquired)  # what build_service opened, to release
 
     async def start_storage(self, cache_health: CacheHealth | None = None) -> None:
         """Loads the cache index from the store (rebuild from Redis, or the snapshot)."""
@@ -122,15 +123,9 @@ class Service:
         steps: list[ReleaseStep] = [("background tasks", self._stop_background)]
         if self.server is not None:
             steps.append(("the gRPC server", self.server.stop))
-        if self.costs is not None:
-            steps.append(("cost control", self.costs.aclose))  # webhook deliveries under way
-        steps += [
-            ("storage", self.storage.aclose),
-            *self.generator.release_steps(),
-            ("the embedding worker", self.embeddings.close),
-        ]
-        if isinstance(self.events, JsonlEventLog):
-            steps.append(("the event log", self.events.close))
+        # Newest first: cost control (webhook deliveries under way), storage, the event log,
+        # the embedding worker, the upstream clients.
+        steps += self.owned.steps()
         if self.metrics is not None:
             steps.append(("the metrics server", self.metrics.close))
         return steps
@@ -438,7 +433,7 @@ def build_service(
     )
     return Service(
         settings, pipeline, embeddings, generator, events, telemetry, storage.storage,
-        classifier=classifier, costs=costs,
+        classifier=classifier, costs=costs, owned=acquired,
     )  # fmt: skip
 
 
