@@ -18,17 +18,16 @@ leaves a version in service that the history knows, which can still be rolled ba
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from routecache.classifier.model import DEFAULT_ARTIFACT_NAME
+from routecache.file_lock import exclusive
 
 POINTER = "CURRENT"
 HISTORY = "history.jsonl"
@@ -193,18 +192,11 @@ class ModelRegistry:
             log.flush()
             os.fsync(log.fileno())  # on disk before CURRENT moves, power loss included
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Serialise pointer changes across processes (and threads: each open is its own lock)."""
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        """Serialises pointer changes across processes and threads."""
         if self.root.exists() and not self.root.is_dir():
             raise RegistryError(f"{self.root} is a file: is this the registry folder?")
-        self.root.mkdir(parents=True, exist_ok=True)
-        with (self.root / LOCK).open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        return exclusive(self.root / LOCK)
 
 
 def _change_from(line: str) -> PointerChange:
