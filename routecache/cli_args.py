@@ -25,13 +25,17 @@ def at_least(low: int) -> Callable[[str], int]:
 positive_int = at_least(1)
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not a number: {text}") from error
+
+
 def fraction(text: str) -> float:
     """An argparse type: a number strictly between 0 and 1 (a hold-out share, where both sides
     need rows; a confidence; a rate)."""
-    try:
-        value = float(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"not a number: {text}") from error
+    value = _number(text)
     if not 0.0 < value < 1.0:  # False for NaN too
         raise argparse.ArgumentTypeError(f"{text}: must lie strictly between 0 and 1")
     return value
@@ -39,10 +43,7 @@ def fraction(text: str) -> float:
 
 def positive_number(text: str) -> float:
     """An argparse type: a finite number above 0 (a regularisation strength)."""
-    try:
-        value = float(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"not a number: {text}") from error
+    value = _number(text)
     if not 0.0 < value < math.inf:  # False for NaN too
         raise argparse.ArgumentTypeError(f"{text}: must be a finite number above 0")
     return value
@@ -63,10 +64,7 @@ def number_between(low: float, high: float) -> Callable[[str], float]:
     """An argparse type: a finite number from low to high (NaN and infinities refused)."""
 
     def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(f"not a number: {text}") from error
+        value = _number(text)
         if not math.isfinite(value) or not low <= value <= high:
             if math.isinf(low) and math.isinf(high):
                 bounds = "finite"
