@@ -97,8 +97,8 @@ def restore_weights(module: Any, state: dict[str, Any], path: Path) -> None:
         module.load_state_dict(state)
     except RuntimeError as exc:  # missing, unexpected or differently shaped tensors
         # torch's message opens with a header line; the next names the first mismatch.
-        lines = [line.strip() for line in str(exc).strip().splitlines()]
-        detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__)[:160]
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = (lines[1:] or lines or [type(exc).__name__])[0][:160]
         raise DataFileError(f"{path}: not weights of this cross-encoder ({detail})") from exc
 
 
