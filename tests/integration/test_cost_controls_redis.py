@@ -553,6 +553,20 @@ def storage_over(own: LedgerOnOwnRedis, close_timeout_seconds: float) -> RedisSt
     )
 
 
+async def flush_sending_as_redis_returns(
+    own: LedgerOnOwnRedis, monkeypatch: pytest.MonkeyPatch, seconds: float
+) -> None:
+    """Spend of u1 and u2 settled while Redis was down; Redis back, and the health listener's
+    flush (each script delayed `seconds`) is sending u1's spend when this returns."""
+    own.server.kill()
+    for user, cost in (("u1", 0.3), ("u2", 0.4)):
+        await own.ledger.settle(None, SpendRecord("acme", user, cost_usd=cost, calls=1))
+    sending = slow_settles(own.ledger, monkeypatch, seconds)
+    own.server.start()
+    await own.link.wait_up()
+    await sending.wait()
+
+
 async def test_a_flush_whose_answer_is_lost_after_redis_applied_it_counts_once(
     ledger_on_own_redis: LedgerOnOwnRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -702,14 +716,8 @@ async def test_the_stop_ends_the_background_flush_before_it_reports_unflushed_sp
 ) -> None:
     # The health listener's flush, left running past the stop, went on adding spend the stop
     # had just logged as never reaching Redis (to be added by hand: twice, then).
-    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
-    redis.server.kill()
-    for user, cost in (("u1", 0.3), ("u2", 0.4)):
-        await ledger.settle(None, SpendRecord("acme", user, cost_usd=cost, calls=1))
-    sending = slow_settles(ledger, monkeypatch, seconds=0.6)
-    redis.server.start()
-    await redis.link.wait_up()
-    await sending.wait()  # the health listener's flush is sending u1's spend
+    redis = ledger_on_own_redis
+    await flush_sending_as_redis_returns(redis, monkeypatch, seconds=0.6)
     caplog.clear()
     await storage_over(redis, close_timeout_seconds=0.3).aclose()
     await asyncio.sleep(2.0)  # a flush still running would add u1's and u2's spend by now
@@ -1138,13 +1146,7 @@ async def test_the_stop_flushes_the_spend_still_pending_when_redis_answers(
     # As above, but with time enough to close: what the cancelled background flush was
     # sending, and what it never reached, both go to Redis at the stop, once.
     own, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
-    own.server.kill()
-    for user, cost in (("u1", 0.3), ("u2", 0.4)):
-        await ledger.settle(None, SpendRecord("acme", user, cost_usd=cost, calls=1))
-    sending = slow_settles(ledger, monkeypatch, seconds=0.3)
-    own.server.start()
-    await own.link.wait_up()
-    await sending.wait()
+    await flush_sending_as_redis_returns(own, monkeypatch, seconds=0.3)
     caplog.clear()
     await storage_over(own, close_timeout_seconds=5.0).aclose()
     assert ledger.report_unflushed() == 0.0 and "redis was down" not in caplog.text
