@@ -178,12 +178,17 @@ class ReplicaSync:
             {k.decode(): v.decode() for k, v in fields.items()}
             for _, fields in messages
         ]  # fmt: skip
-        theirs = [op for op in ops if op.get("o") != self._origin]
-        await self._load([op["id"] for op in theirs if op["op"] == "add"])
-        for op in theirs:
-            if op["op"] == "del":
+        # Each id ends as its last operation left it: a `del` then an `add` (a PUT of an id
+        # Redis holds unlinks it first) leaves the entry in, an `add` then a `del` leaves it
+        # out. An id whose last operation is this replica's own is as its cache left it.
+        last = {op["id"]: op for op in ops}
+        theirs = {i: op for i, op in last.items() if op.get("o") != self._origin}
+        for op in ops:
+            # Before a re-add too: the index keeps one row per id and would keep the old one.
+            if op["op"] == "del" and op["id"] in theirs:
                 self._on_removed(op["scope"], op["id"])
-        return len(theirs)
+        await self._load([i for i, op in theirs.items() if op["op"] == "add"])
+        return sum(op.get("o") != self._origin for op in ops)
 
     async def _check_gaps(self) -> None:
         """After an outage: rebuild a tenant whose stream no longer reaches back to our id."""

@@ -7,7 +7,7 @@ import contextlib
 import math
 import shutil
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -253,3 +253,31 @@ async def test_a_poll_before_any_rebuild_applies_nothing(rig: Rig) -> None:
     a = rig.replica_a()
     assert await a.sync.poll() == 0
     assert a.ids() == set()
+
+
+async def test_an_entry_stored_again_under_its_id_stays_in_the_replicas_index(rig: Rig) -> None:
+    # Storing an id again unlinks the old entry first: its `del` and the new `add` reach the
+    # replica in one batch, and must be applied in that order, not adds first.
+    a = rig.replica_a()
+    (entry,) = await rig.write()
+    await a.sync.rebuild()
+    b = RedisEntryStore(rig.link, KeySpace(), RedisStoreOptions(10_000), rig.clock, "b")
+    await b.put(replace(entry, answer="a better answer", embedding=vector(5)))
+    assert await a.sync.poll() == 2
+    assert a.ids() == {entry.entry_id}
+    # The row is the new one: the old vector went with the `del`.
+    (nearest,) = a.index.search(SCOPE, vector(5), 1)
+    assert nearest.similarity == pytest.approx(1.0)
+
+
+async def test_an_entry_removed_then_stored_again_by_this_replica_is_kept(rig: Rig) -> None:
+    # Another replica's `del`, then this replica's own `add` of the id, in one batch: the
+    # last operation is this replica's, whose cache already added the row.
+    a = rig.replica_a()
+    (entry,) = await rig.write()
+    await a.sync.rebuild()
+    await rig.writer.invalidate_ids("acme", [entry.entry_id])
+    await a.store.put(entry)
+    a.index.add(SCOPE, entry.entry_id, entry.embedding)  # what A's cache did as it stored it
+    assert await a.sync.poll() == 1
+    assert a.ids() == {entry.entry_id}
