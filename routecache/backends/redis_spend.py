@@ -8,8 +8,9 @@ each end user, and `<base>resv` (reservation id → amount, user, expiry).
 While Redis is down a replica reserves against Redis' last answer plus its own reservations
 and spend, and keeps what it spent as pending: it is added to Redis when Redis is back, so no
 recorded cost is lost. Each pending record goes to Redis under an id of its own, kept until
-Redis confirms it, so a try whose answer was lost is not added twice. Its own reservations,
-never in Redis, lower the caps Redis checks until their calls end.
+Redis confirms it, so a try whose answer was lost is not added twice; so does each request's
+settle, which is sent again by the flush if its answer was lost. Its own reservations, never in
+Redis, lower the caps Redis checks until their calls end.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ def spend_suffix(period: Period, period_id: str, user: str = "") -> str:
 class Retention:
     day_seconds: int = 40 * 86400
     month_seconds: int = 400 * 86400
+    # How long a request's settle id is kept (`settled:<id>`): one key per request, so far
+    # shorter than a flush's (kept as long as a day's spend). A settle whose answer was lost
+    # is sent again under its id as soon as the link is back, seconds later as a rule.
+    request_settle_seconds: int = 3600
 
     def of(self, period: Period) -> int:
         return self.day_seconds if period is Period.DAY else self.month_seconds
@@ -160,18 +165,32 @@ class RedisSpendLedger:
         if reservation is not None and reservation.local:
             await self._local.release(reservation)
             reservation = None
+        # A reservation held in Redis expires there after reservation_ttl_seconds.
         try:
-            return await guarded(self._link, lambda: self._apply(reservation, record, ids))
-        except RedisDown:
-            # A reservation held in Redis expires there after reservation_ttl_seconds.
+            self._link.check()
+        except RedisDown:  # nothing sent: pending, summed with the rest
             self._add_pending(record, ids)
-            moved = await self._local.settle(None, record)
-            # The local ledger holds only what this replica spent since Redis went away: soft
-            # budgets compare that on top of the spend Redis last reported.
-            last = {period: self._last_totals.get((record.tenant, "", pid), Totals()).cost_usd
-                    for period, pid in ids.items()}  # fmt: skip
-            return {period: (before + last[period], after + last[period])
-                    for period, (before, after) in moved.items()}  # fmt: skip
+            return await self._settle_locally(record, ids)
+        # Sent under an id of its own: if Redis ran it but its answer was lost, the flush
+        # sends it again under that id and Redis adds it once.
+        settle_id, lifetime = new_reservation_id(), self._retention.request_settle_seconds
+        try:
+            return await guarded(
+                self._link, lambda: self._apply(reservation, record, ids, settle_id, lifetime)
+            )
+        except RedisDown:
+            self._in_doubt[settle_id] = (_slot(record, ids), record)
+            return await self._settle_locally(record, ids)
+
+    async def _settle_locally(self, record: SpendRecord, ids: dict[Period, str]) -> Movement:
+        """Counts a record Redis has not confirmed in the local ledger."""
+        moved = await self._local.settle(None, record)
+        # The local ledger holds only what this replica spent since Redis went away: soft
+        # budgets compare that on top of the spend Redis last reported.
+        last = {period: self._last_totals.get((record.tenant, "", pid), Totals()).cost_usd
+                for period, pid in ids.items()}  # fmt: skip
+        return {period: (before + last[period], after + last[period])
+                for period, (before, after) in moved.items()}  # fmt: skip
 
     async def _apply(
         self,
@@ -179,12 +198,15 @@ class RedisSpendLedger:
         record: SpendRecord,
         ids: dict[Period, str],
         settle_id: str = "",
+        settle_id_seconds: int | None = None,
     ) -> Movement:
+        if settle_id_seconds is None:  # a flush's: kept as long as the day's spend it adds to
+            settle_id_seconds = self._retention.of(Period.DAY)
         args: list[str] = [
             self._base(record.tenant), "" if reservation is None else reservation.reservation_id,
             repr(record.cost_usd), str(record.prompt_tokens), str(record.completion_tokens),
             repr(record.saved_usd), str(record.calls), repr(record.routing_saved_usd),
-            settle_id, str(self._retention.of(Period.DAY)),
+            settle_id, str(settle_id_seconds),
         ]  # fmt: skip
         slots = [(period, pid, who) for period, pid in ids.items()
                  for who in dict.fromkeys(("", record.user))]  # fmt: skip
@@ -233,7 +255,7 @@ class RedisSpendLedger:
         await self.settle(None, SpendRecord(tenant, cost_usd=cost_usd))
 
     def _add_pending(self, record: SpendRecord, ids: dict[Period, str]) -> None:
-        slot = (record.tenant, record.user, ids[Period.DAY], ids[Period.MONTH])
+        slot = _slot(record, ids)
         self._pending[slot] = _sum(self._pending.get(slot), record)
 
     async def flush(self) -> None:
@@ -307,6 +329,10 @@ class RedisSpendLedger:
             return
         if self._flush_task is None or self._flush_task.done():
             self._flush_task = asyncio.create_task(self.flush(), name="spend-flush")
+
+
+def _slot(record: SpendRecord, ids: dict[Period, str]) -> _Slot:
+    return record.tenant, record.user, ids[Period.DAY], ids[Period.MONTH]
 
 
 def _sum(total: SpendRecord | None, record: SpendRecord) -> SpendRecord:

@@ -516,8 +516,8 @@ async def test_a_flush_cut_short_by_redis_counts_the_flushed_spend_once(
 def lose_settle_answers(
     ledger: RedisSpendLedger, monkeypatch: pytest.MonkeyPatch, lost: list[bool] | None = None
 ) -> None:
-    """Redis runs each flush's script but its answer never comes back (a client timeout); with
-    `lost`, only the calls whose popped flag is True lose it."""
+    """Redis runs each settle's script but its answer never comes back (a client timeout);
+    with `lost`, only the calls whose popped flag is True lose it."""
     settle = ledger._settle
 
     async def applied_then_timed_out(**kwargs: Any) -> Any:
@@ -584,6 +584,25 @@ async def test_a_flush_whose_answer_is_lost_after_redis_applied_it_counts_once(
     totals = await redis.another_ledger().totals("acme", "u1")
     assert (totals[Period.DAY].cost_usd, totals[Period.DAY].calls) == (0.3, 1)
     assert (await ledger.totals("acme"))[Period.DAY].cost_usd == pytest.approx(0.3)
+
+
+async def test_a_settle_whose_answer_is_lost_after_redis_applied_it_counts_once(
+    ledger_on_own_redis: LedgerOnOwnRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    held = await ledger.reserve("acme", "u1", 0.3, [Cap(Period.DAY, 1.0)])
+    assert isinstance(held, Reservation)
+    lose_settle_answers(ledger, monkeypatch, [False, True])  # the first answer only is lost
+    await ledger.settle(held, SpendRecord("acme", "u1", cost_usd=0.3, calls=1))
+    await redis.link.wait_up()
+    await ledger.flush()  # sent again under the id of the first try: Redis adds nothing
+    totals = await redis.another_ledger().totals("acme", "u1")
+    assert (totals[Period.DAY].cost_usd, totals[Period.DAY].calls) == (0.3, 1)
+    assert (await ledger.totals("acme"))[Period.DAY].cost_usd == pytest.approx(0.3)
+    assert ledger.report_unflushed() == 0.0
+    (settled,) = await redis.link.client.keys("rc:{acme}:settled:*")
+    # One key a request: kept an hour (Retention.request_settle_seconds), not 40 days.
+    assert 0 < await redis.link.client.ttl(settled) <= 3600
 
 
 async def test_a_cancelled_flush_keeps_the_spend_it_was_moving(
@@ -658,6 +677,7 @@ async def test_spend_that_never_reached_redis_is_reported_at_stop(
 ) -> None:
     redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
     redis.server.kill()
+    await ledger.totals("acme")  # the replica knows: no settle is sent (and left in doubt)
     for user in ("u1", "u1", "u2"):
         await ledger.settle(None, SpendRecord("acme", user, cost_usd=0.25, calls=1))
     assert ledger.report_unflushed() == pytest.approx(0.75)
