@@ -18,9 +18,11 @@ leaves a version in service that the history knows, which can still be rolled ba
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,15 +85,25 @@ class ModelRegistry:
         target = self.artifact_path(version)
         if target.exists():
             raise RegistryError(f"version {version} is already in {self.root}")
-        staging = target.parent.with_name(target.parent.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        for suffix in (".skops", ".json"):
-            shutil.copyfile(
-                base.with_name(base.name + suffix), staging / f"{DEFAULT_ARTIFACT_NAME}{suffix}"
-            )
-        # A version folder appears whole or not at all.
-        os.replace(staging, target.parent)
+        target.parent.parent.mkdir(parents=True, exist_ok=True)
+        # A staging folder of this call's own (two adds of one version must not copy into one
+        # folder), hidden in the root: on the same file system, so the rename is atomic.
+        staging = Path(tempfile.mkdtemp(prefix=f".adding-{version}-", dir=self.root))
+        try:
+            for suffix in (".skops", ".json"):
+                shutil.copyfile(
+                    base.with_name(base.name + suffix),
+                    staging / f"{DEFAULT_ARTIFACT_NAME}{suffix}",
+                )
+            # A version folder appears whole or not at all; a rename onto a folder with files
+            # fails, so of two concurrent adds exactly one lands.
+            os.rename(staging, target.parent)
+        except OSError as error:
+            if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            raise RegistryError(f"version {version} is already in {self.root}") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return target
 
     def promote(self, version: str) -> None:

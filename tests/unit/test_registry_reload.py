@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -105,13 +106,54 @@ def test_add_takes_the_pair_by_either_file_or_its_stem(tmp_path: Path) -> None:
 
 def test_an_add_interrupted_earlier_does_not_block_adding_the_version(tmp_path: Path) -> None:
     registry = _registry_with(tmp_path, "v1")
-    # What a crash during the copy leaves: the staging folder with part of the pair.
-    staging = registry.root / "versions" / "v2.partial"
+    # What a crash during the copy leaves: a staging folder with part of the pair.
+    staging = registry.root / ".adding-v2-k3j9x"
     staging.mkdir()
     (staging / "difficulty.skops").write_text("half")
     registry.add(_artifact(tmp_path / "src-v2", 0.2), "v2")
     assert json.loads(registry.artifact_path("v2").read_text()) == {"score": 0.2}
     assert (registry.artifact_path("v2").parent / "difficulty.json").is_file()
+    assert registry.versions() == ["v1", "v2"]
+
+
+def test_two_concurrent_adds_of_one_version_add_it_once_and_the_other_says_it_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = ModelRegistry(tmp_path / "registry")
+    sources = [_artifact(tmp_path / f"src-{i}", i / 10) for i in range(2)]
+    both_copying = threading.Barrier(2, timeout=10)
+    copy = shutil.copyfile
+    copying: set[int] = set()
+
+    def copy_together(source: Path, target: Path) -> Path:
+        if threading.get_ident() not in copying:  # each add's first file: wait for the other
+            copying.add(threading.get_ident())
+            both_copying.wait()
+        return copy(source, target)
+
+    monkeypatch.setattr(shutil, "copyfile", copy_together)
+    outcomes: list[BaseException | None] = []
+
+    def add(source: Path) -> None:
+        try:
+            registry.add(source, "v1")
+            outcomes.append(None)
+        except BaseException as error:  # reported by the assertions below
+            outcomes.append(error)
+
+    threads = [threading.Thread(target=add, args=(source,)) for source in sources]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    errors = [e for e in outcomes if e is not None]
+    assert len(errors) == 1 and isinstance(errors[0], RegistryError), outcomes
+    assert "already" in str(errors[0])
+    added = registry.artifact_path("v1")
+    assert added.read_text() in {s.read_text() for s in sources}  # one whole pair, not a mix
+    assert (added.parent / "difficulty.json").is_file()
+    assert registry.versions() == ["v1"]
+    assert [p.name for p in registry.root.iterdir()] == ["versions"]  # no staging left behind
 
 
 async def test_reload_swaps_to_the_promoted_version(tmp_path: Path) -> None:
