@@ -251,6 +251,18 @@ async def test_a_store_at_its_bound_drops_expired_entries_before_live_ones(setup
     assert sorted(await small.store.ids_of_tenant("acme")) == sorted(live + newest)
 
 
+async def test_a_store_at_its_bound_evicts_the_least_recently_used_entry(setup: Setup) -> None:
+    small = small_store(setup, max_entries_per_tenant=3)
+    ids = []
+    for i in range(3):
+        ids += await fill(small, 1, first=i)
+        setup.clock.advance(1)
+    await small.store.record_hit(ids[0], setup.clock())  # the oldest, now the latest used
+    setup.clock.advance(1)
+    newest = await fill(small, 1, first=3)
+    assert sorted(await small.store.ids_of_tenant("acme")) == sorted([ids[0], ids[2], *newest])
+
+
 async def test_a_purge_says_how_many_it_removed(setup: Setup) -> None:
     await fill(setup, 2, ttl=10)
     await fill(setup, 1, first=2)
