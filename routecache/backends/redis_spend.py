@@ -8,9 +8,9 @@ each end user, and `<base>resv` (reservation id → amount, user, expiry).
 While Redis is down a replica reserves against Redis' last answer plus its own reservations
 and spend, and keeps what it spent as pending: it is added to Redis when Redis is back, so no
 recorded cost is lost. Each pending record goes to Redis under an id of its own, kept until
-Redis confirms it, so a try whose answer was lost is not added twice; so does each request's
-settle, which is sent again by the flush if its answer was lost. Its own reservations, never in
-Redis, lower the caps Redis checks until their calls end.
+Redis confirms it, so a try whose answer was lost is not added twice; so does each model
+call's settle, which is sent again by the flush if its answer was lost. Its own reservations,
+never in Redis, lower the caps Redis checks until their calls end.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def spend_suffix(period: Period, period_id: str, user: str = "") -> str:
 class Retention:
     day_seconds: int = 40 * 86400
     month_seconds: int = 400 * 86400
-    # How long a request's settle id is kept (`settled:<id>`): one key per request, so far
+    # How long a request's settle id is kept (`settled:<id>`): one key per model call, so far
     # shorter than a flush's (kept as long as a day's spend). A settle whose answer was lost
     # is sent again under its id as soon as the link is back, seconds later as a rule.
     request_settle_seconds: int = 3600
@@ -171,15 +171,21 @@ class RedisSpendLedger:
         except RedisDown:  # nothing sent: pending, summed with the rest
             self._add_pending(record, ids)
             return await self._settle_locally(record, ids)
-        # Sent under an id of its own: if Redis ran it but its answer was lost, the flush
-        # sends it again under that id and Redis adds it once.
-        settle_id, lifetime = new_reservation_id(), self._retention.request_settle_seconds
+        # A cost is sent under an id of its own: if Redis ran it but its answer was lost, the
+        # flush sends it again under that id and Redis adds it once. A cache hit's saving
+        # (no cost) goes without one: an id key per hit would cost Redis more memory than a
+        # saving counted twice after a lost answer is worth, and no cap reads savings.
+        settle_id = new_reservation_id() if record.cost_usd > 0 else ""
+        lifetime = self._retention.request_settle_seconds
         try:
             return await guarded(
                 self._link, lambda: self._apply(reservation, record, ids, settle_id, lifetime)
             )
         except RedisDown:
-            self._in_doubt[settle_id] = (_slot(record, ids), record)
+            if settle_id:
+                self._in_doubt[settle_id] = (_slot(record, ids), record)
+            else:
+                self._add_pending(record, ids)
             return await self._settle_locally(record, ids)
 
     async def _settle_locally(self, record: SpendRecord, ids: dict[Period, str]) -> Movement:

@@ -605,6 +605,17 @@ async def test_a_settle_whose_answer_is_lost_after_redis_applied_it_counts_once(
     assert 0 < await redis.link.client.ttl(settled) <= 3600
 
 
+async def test_a_cache_hits_saving_leaves_no_settle_id_in_redis(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    await ledger.settle(None, SpendRecord("acme", "u1", saved_usd=0.2))
+    # One id key a hit would cost Redis ~100 B per hit for an hour: only costs carry one.
+    assert await redis.link.client.keys("rc:{acme}:settled:*") == []
+    totals = await redis.another_ledger().totals("acme", "u1")
+    assert totals[Period.DAY].saved_usd == pytest.approx(0.2)
+
+
 async def test_a_cancelled_flush_keeps_the_spend_it_was_moving(
     ledger_on_own_redis: LedgerOnOwnRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
