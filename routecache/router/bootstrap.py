@@ -477,9 +477,13 @@ async def start_service(settings: Settings, overrides: Overrides | None = None) 
     )
     acquired = Acquired()
     service: Service | None = None
+    # Loading the models takes seconds: off the loop, so health checks answer meanwhile.
+    building = asyncio.ensure_future(
+        asyncio.to_thread(build_service, settings, overrides, acquired)
+    )
     try:
-        # Loading the models takes seconds: off the loop, so health checks answer meanwhile.
-        service = await asyncio.to_thread(build_service, settings, overrides, acquired)
+        # Shielded: a cancel cannot stop the thread, so the build is waited out and released.
+        service = await asyncio.shield(building)
         service.server = server
         # The first forward pass is several times slower than the rest; pay it before SERVING.
         await service.embeddings.embed("warm up")
@@ -493,7 +497,7 @@ async def start_service(settings: Settings, overrides: Overrides | None = None) 
         # NOT_SERVING until the index holds what the store holds (a Redis rebuild takes a while).
         await service.start_storage(server.set_cache_serving)
     except BaseException as error:
-        await release_failed_start(service, server, acquired)
+        await release_failed_start(service, server, acquired, building)
         if isinstance(error, OSError | SnapshotError) and not isinstance(error, ListenError):
             # A file the settings name (event log, verifier, snapshot) is missing or unusable:
             # not a port problem, and worth one line rather than a traceback.
@@ -510,7 +514,10 @@ async def start_service(settings: Settings, overrides: Overrides | None = None) 
 
 
 async def release_failed_start(
-    service: Service | None, server: RunningServer, acquired: Acquired
+    service: Service | None,
+    server: RunningServer,
+    acquired: Acquired,
+    building: asyncio.Future[Service],
 ) -> None:
     """The whole service if it was built, else the port and what the build acquired.
 
@@ -520,4 +527,8 @@ async def release_failed_start(
         if service is not None:
             await service.aclose()
         else:
+            # A start cancelled mid-build: its thread goes on acquiring parts, so wait for it
+            # to end (built or failed) before releasing what it acquired.
+            with contextlib.suppress(Exception):
+                await building
             await release_all([("the gRPC server", server.stop), *acquired.steps()])

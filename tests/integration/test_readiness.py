@@ -8,8 +8,8 @@ import contextlib
 import os
 import socket
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -28,7 +28,7 @@ from routecache.router.events import JsonlEventLog
 from routecache.router.server import DEPENDENCIES, SERVICE_NAME, start_server
 from routecache.router.servicer import RouteCacheServicer
 from routecache.router.settings import ConfigError, Settings
-from tests.fakes import FakeUpstream
+from tests.fakes import FakeUpstream, RecordingTelemetry
 from tests.unit.conftest import KEYS, unit_settings
 
 pytestmark = pytest.mark.integration
@@ -44,6 +44,22 @@ class GatedEmbedder(HashEmbedder):
     def encode(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         self._gate.wait(timeout=30)
         return super().encode(texts)
+
+
+class GatedTelemetry(RecordingTelemetry):
+    """Its first breaker watch, before the build has acquired any part, waits for `gate`;
+    `asked` is set when the build gets there: a build still running when the start is
+    cancelled, which then acquires the upstream clients and the rest."""
+
+    def __init__(self, gate: threading.Event) -> None:
+        super().__init__()
+        self._gate = gate
+        self.asked = threading.Event()
+
+    def watch_breaker(self, provider: str, state: Callable[[], float]) -> None:
+        self.asked.set()
+        self._gate.wait(timeout=30)
+        super().watch_breaker(provider, state)
 
 
 SNAPSHOT_ENTRY = CacheEntry(
@@ -241,6 +257,35 @@ async def test_a_build_that_fails_partway_releases_what_it_had_built(tmp_path: P
     closed: list[str] = []
     with pytest.raises(ConfigError, match=r"keys\.registry_path"):
         await start_service(settings, closing_overrides(closed))
+    assert sorted(closed) == ["cheap", "strong"]
+    assert str(events_path) not in open_files()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", settings.server.port))
+
+
+async def test_a_start_cancelled_mid_build_releases_what_the_build_acquires_afterwards(
+    tmp_path: Path,
+) -> None:
+    # A cancel does not stop the build's thread. Before: the start released what the build had
+    # acquired by then (here nothing) and returned, and the upstream clients, embedding worker,
+    # event log, storage and cost control the build went on to acquire were never released.
+    gate = threading.Event()
+    events_path = tmp_path / "events.jsonl"
+    settings = unit_settings(
+        service={"server": {"port": free_port()}, "events": {"path": events_path}}
+    )
+    closed: list[str] = []
+    telemetry = GatedTelemetry(gate)
+    starting = asyncio.create_task(
+        start_service(settings, replace(closing_overrides(closed), telemetry=telemetry))
+    )
+    assert await asyncio.to_thread(telemetry.asked.wait, 30)
+    starting.cancel()
+    await asyncio.sleep(0)  # the start takes the cancel (asyncio runs its wake-up first)
+    gate.set()  # only now does the build go on, to acquire its parts
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    await asyncio.get_running_loop().shutdown_default_executor()  # the build's thread is done
     assert sorted(closed) == ["cheap", "strong"]
     assert str(events_path) not in open_files()
     with socket.socket() as probe:
