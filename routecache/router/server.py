@@ -77,15 +77,18 @@ def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | Non
     key = _read_pem(settings.tls_key_file, "server.tls_key_file")
     client_ca = settings.tls_client_ca_file
     roots = None if client_ca is None else _read_pem(client_ca, "server.tls_client_ca_file")
-    _check_pems(settings)
+    _check_pems(settings, roots)
     return grpc.ssl_server_credentials(
         [(key, chain)], root_certificates=roots, require_client_auth=roots is not None
     )
 
 
-def _check_pems(settings: ServerSettings) -> None:
+def _check_pems(settings: ServerSettings, roots: bytes | None) -> None:
     """gRPC takes any bytes here and only fails at the bind, as 'could not bind host:port':
-    check with OpenSSL that they are PEM, and that the key is the certificate's."""
+    check with OpenSSL that they are PEM, and that the key is the certificate's.
+
+    The client CA is checked from the bytes gRPC gets (`roots`); the certificate and key are
+    read again from their files, as the ssl module loads a chain and its key from files only."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         context.load_cert_chain(str(settings.tls_cert_file), str(settings.tls_key_file))
@@ -95,13 +98,15 @@ def _check_pems(settings: ServerSettings) -> None:
             f"{settings.tls_key_file} are not a PEM certificate chain and its private key "
             f"({exc.reason or exc})"
         ) from exc
-    if settings.tls_client_ca_file is not None:
+    if roots is not None:
         try:
-            context.load_verify_locations(cafile=str(settings.tls_client_ca_file))
-        except ssl.SSLError as exc:
+            # cadata: a str is read as PEM (bytes would be read as DER).
+            context.load_verify_locations(cadata=roots.decode("ascii"))
+        except (ssl.SSLError, UnicodeDecodeError) as exc:
+            reason = exc.reason if isinstance(exc, ssl.SSLError) else "not ASCII"
             raise ConfigError(
                 f"server.tls_client_ca_file {settings.tls_client_ca_file} is not a PEM CA "
-                f"bundle ({exc.reason or exc})"
+                f"bundle ({reason or exc})"
             ) from exc
 
 
@@ -147,10 +152,8 @@ async def start_server(
             port = server.add_insecure_port(address)
         else:  # health and reflection share the port, so they are behind TLS too
             port = server.add_secure_port(address, credentials)
-    except RuntimeError as error:  # what grpcio raises when the bind fails
+    except RuntimeError as error:  # grpcio raises where the bind fails (it never returns 0)
         raise ListenError(f"could not bind {settings.host}:{settings.port}: {error}") from error
-    if port == 0:
-        raise ListenError(f"could not bind {settings.host}:{settings.port}")
     await server.start()
     running = RunningServer(server, health_servicer, port, settings.grace_seconds)
     await running.set_serving(False)

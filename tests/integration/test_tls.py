@@ -185,9 +185,12 @@ async def test_a_key_of_another_certificate_stops_the_start(pki: Pki) -> None:
         await serve({"tls_cert_file": pki.server_cert, "tls_key_file": pki.client_key})
 
 
-async def test_a_client_ca_file_that_is_not_pem_stops_the_start(tmp_path: Path, pki: Pki) -> None:
+@pytest.mark.parametrize("content", [b"not a CA\n", b"\xff\xfe not ASCII either\n"])
+async def test_a_client_ca_file_that_is_not_pem_stops_the_start(
+    tmp_path: Path, pki: Pki, content: bytes
+) -> None:
     garbage = tmp_path / "ca.pem"
-    garbage.write_text("not a CA\n")
+    garbage.write_bytes(content)
     with pytest.raises(ConfigError, match=r"server\.tls_client_ca_file .*ca\.pem"):
         await serve(
             {"tls_cert_file": pki.server_cert, "tls_key_file": pki.server_key,
