@@ -157,7 +157,6 @@ class Tenant:
     default_ttl_seconds: int
     max_false_hit_rate: float = 0.01  # with the verifier on: wrong cached answers per lookup
     requests_per_second: float | None = None
-    daily_budget_usd: float | None = None  # kept for old configs; budget.daily_usd wins
     # Used when routing_threshold is None; None too: the classifier's default threshold.
     operating_point: OperatingPoint | None = None
     rate: RateLimits = field(default_factory=RateLimits)

@@ -49,11 +49,14 @@ def prompt_tokens_estimate(request: ChatRequest) -> int:
     return estimate_tokens("\n".join(m.content for m in request.messages))
 
 
-def caps_of(budget: Budget, legacy_daily: float | None = None, user: str = "") -> list[Cap]:
+def caps_of(budget: Budget, user: str = "") -> list[Cap]:
     """The caps a request of `user` reserves under. Per-user caps only bind a named end user:
-    the ledgers keep no per-user spend for '' and would measure it against the tenant's."""
+    the ledgers keep no per-user spend for '' and would measure it against the tenant's.
+
+    `budget.daily_usd` already holds the older `daily_budget_usd` where the tenant set only
+    that (tenant_from_settings)."""
     limits = [
-        (Period.DAY, budget.daily_usd if budget.daily_usd is not None else legacy_daily, False),
+        (Period.DAY, budget.daily_usd, False),
         (Period.MONTH, budget.monthly_usd, False),
         (Period.DAY, budget.user_daily_usd, True),
         (Period.MONTH, budget.user_monthly_usd, True),
@@ -109,7 +112,7 @@ class CostControl:
         # A tenant whose models_allowed leaves out the strong model never reaches it.
         cheap_only = Tier.STRONG not in tenant.allowed_tiers
         user = user_slot(request.end_user_id)
-        caps = caps_of(tenant.budget, tenant.daily_budget_usd, user)
+        caps = caps_of(tenant.budget, user)
         if not caps:
             return Booking(tier, request, cheap_only=cheap_only)
         bounded = self._bounded(request)

@@ -41,11 +41,11 @@ def tenant_from_settings(t: TenantSettings, settings: Settings) -> Tenant:
         similarity_threshold=t.similarity_threshold or settings.cache.similarity_threshold,
         default_ttl_seconds=t.default_ttl_seconds or settings.cache.default_ttl_seconds,
         requests_per_second=t.requests_per_second,
-        daily_budget_usd=t.daily_budget_usd,
         operating_point=point,
         rate=RateLimits(rate.window_seconds, rate.requests, rate.tokens,
                         rate.user_requests, rate.user_tokens),
         budget=Budget(
+            # The older daily_budget_usd applies only where budget.daily_usd is not set.
             daily_usd=budget.daily_usd if budget.daily_usd is not None else t.daily_budget_usd,
             monthly_usd=budget.monthly_usd, soft_daily_usd=budget.soft_daily_usd,
             soft_monthly_usd=budget.soft_monthly_usd, user_daily_usd=budget.user_daily_usd,

@@ -7,6 +7,8 @@ from routecache.domain import OperatingPoint
 from routecache.router import bootstrap
 from routecache.router.auth import ApiKeyAuthenticator, hash_api_key
 from routecache.router.bootstrap import build_tenants
+from routecache.router.budget import Cap, Period
+from routecache.router.costs import caps_of
 from routecache.router.settings import ConfigError, load_settings
 from tests.fakes import FakeUpstream
 
@@ -291,6 +293,21 @@ def test_a_tenants_own_cache_thresholds_beat_the_defaults() -> None:
     a, b = auth.authenticate("ka"), auth.authenticate("kb")
     assert (a.similarity_threshold, a.max_false_hit_rate) == (0.8, 0.05)
     assert (b.similarity_threshold, b.max_false_hit_rate) == (0.95, 0.01)
+
+
+def test_a_tenants_daily_cap_is_budget_daily_usd_else_the_older_daily_budget_usd() -> None:
+    settings = load_settings(
+        tenants=[
+            {"name": "both", "api_key_sha256": [hash_api_key("kb")], "daily_budget_usd": 5.0,
+             "budget": {"daily_usd": 2.0}},
+            {"name": "older", "api_key_sha256": [hash_api_key("ko")], "daily_budget_usd": 5.0},
+            {"name": "none", "api_key_sha256": [hash_api_key("kn")]},
+        ],
+    )  # fmt: skip
+    auth = build_tenants(settings)
+    assert caps_of(auth.authenticate("kb").budget) == [Cap(Period.DAY, 2.0)]
+    assert caps_of(auth.authenticate("ko").budget) == [Cap(Period.DAY, 5.0)]
+    assert caps_of(auth.authenticate("kn").budget) == []
 
 
 def test_models_allowed_must_name_a_configured_model() -> None:
