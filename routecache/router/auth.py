@@ -46,9 +46,6 @@ class ApiKeyAuthenticator:
         self._registry = registry
         self._clock = clock
 
-    def tenant(self, name: str) -> Tenant | None:
-        return self._tenants.get(name)
-
     def authenticate(self, api_key: str | None) -> Tenant:
         """The static keys only (no registry); see resolve."""
         tenant = self._by_digest.get(hash_api_key(_present(api_key)))
