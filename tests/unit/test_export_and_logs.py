@@ -160,6 +160,38 @@ def test_configure_logging_lets_library_lines_through_when_not_quiet(
     assert logging.getLogger("httpx").level == logging.NOTSET  # the root's level: debug
 
 
+def serve_without_tenants(tmp_path: Path, *flags: str) -> int:
+    """`routecache [flags] serve` on a config that sets the log level but names no tenant."""
+    from routecache.router.cli import main
+
+    config = tmp_path / "no-tenants.toml"
+    config.write_text('[logging]\nlevel = "warning"\n')
+    return main([*flags, "serve", "--config", str(config)])
+
+
+def test_serve_without_tenants_stops_in_one_line_and_exit_2(
+    root_logging: logging.Logger, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert serve_without_tenants(tmp_path) == 2
+    assert capsys.readouterr().err.startswith("routecache: no tenants configured: ")
+
+
+@pytest.mark.parametrize(
+    ("flags", "level", "library_level"),
+    [((), logging.WARNING, logging.WARNING), (("-v",), logging.DEBUG, logging.NOTSET)],
+)
+def test_serve_logs_at_the_configured_level_and_v_turns_on_debug_and_library_lines(
+    root_logging: logging.Logger,
+    tmp_path: Path,
+    flags: tuple[str, ...],
+    level: int,
+    library_level: int,
+) -> None:
+    serve_without_tenants(tmp_path, *flags)  # configures logging, then stops: no tenants
+    assert root_logging.level == level
+    assert logging.getLogger("httpx").level == library_level
+
+
 class Aborted(Exception):
     pass
 
