@@ -64,6 +64,10 @@ class EmbeddingWorker:
         return self._embedder
 
     @property
+    def policy(self) -> BatchPolicy:
+        return self._policy
+
+    @property
     def pending(self) -> int:
         """Texts waiting for or in the model: the queue depth operators watch."""
         return len(self._queue) + self._in_pass

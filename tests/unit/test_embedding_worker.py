@@ -12,6 +12,8 @@ import pytest
 
 from routecache.cache.embedder import HashEmbedder
 from routecache.cache.embedding_worker import BatchPolicy, EmbeddingWorker, _Pending, length_buckets
+from routecache.router.bootstrap import build_embedding_worker
+from routecache.router.settings import load_settings
 
 
 class RecordingEmbedder(HashEmbedder):
@@ -281,3 +283,22 @@ async def test_closing_cancels_the_callers_whose_texts_were_already_taken_from_t
     for caller in (short, long):  # in no queue, but they must not wait forever
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(caller, timeout=5)
+
+
+def test_the_worker_built_from_settings_takes_embed_max_wait_ms_in_seconds() -> None:
+    settings = load_settings(cache={"embed_max_batch": 7, "embed_max_wait_ms": 50})
+    worker = build_embedding_worker(settings, HashEmbedder())
+    try:
+        assert worker.policy == BatchPolicy(max_batch=7, max_wait_seconds=0.05)
+    finally:
+        worker.close()
+
+
+async def test_closing_ends_the_encoder_thread() -> None:
+    before = set(threading.enumerate())
+    worker = EmbeddingWorker(HashEmbedder())
+    await worker.embed("starts the thread")
+    [thread] = [t for t in threading.enumerate() if t not in before and t.name.startswith("embed")]
+    worker.close()
+    thread.join(timeout=5)  # an idle pool thread left running would wait here for good
+    assert not thread.is_alive()
