@@ -196,6 +196,14 @@ def test_training_batches_hold_each_pair_once_with_pairs_of_similar_length() -> 
     assert batches != sorted(batches, key=lambda b: lengths[b[0]])  # but in no length order
 
 
+def test_each_epoch_groups_pairs_of_one_length_differently() -> None:
+    # The shuffle before the sort: without it, equal lengths keep their order and every epoch
+    # sees the same batches (only in another order).
+    rng = random.Random(5)
+    first, second = ({frozenset(b) for b in length_batches([7] * 40, 4, rng)} for _ in range(2))
+    assert first != second
+
+
 @pytest.mark.parametrize("device", ["gpu", "CUDA", ""])
 def test_a_training_device_other_than_auto_cpu_or_cuda_is_refused(device: str) -> None:
     with pytest.raises(ValueError, match="device must be auto, cpu or cuda"):
