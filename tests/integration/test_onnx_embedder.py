@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from routecache.cache.embedder import MiniLMEmbedder
+from routecache.cache.embedder import MiniLMEmbedder, checked_minilm_dir, packaged_minilm_path
 from routecache.cache.onnx_embedder import OnnxMiniLMEmbedder
 
 pytestmark = pytest.mark.integration
@@ -34,3 +35,10 @@ def test_exported_graph_matches_torch_and_is_reused(tmp_path: Path) -> None:
     stamp = onnx.path.stat().st_mtime_ns
     again = OnnxMiniLMEmbedder(onnx_dir=tmp_path)
     assert again.path == onnx.path and again.path.stat().st_mtime_ns == stamp
+
+
+def test_a_model_folder_without_its_config_is_refused_naming_it(tmp_path: Path) -> None:
+    assert (packaged_minilm_path() / "config.json").is_file()
+    (tmp_path / "model.safetensors").write_bytes(b"")  # weights, but no config.json
+    with pytest.raises(FileNotFoundError, match=f"no model files in {re.escape(str(tmp_path))}"):
+        checked_minilm_dir(tmp_path)
