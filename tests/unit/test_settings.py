@@ -310,6 +310,18 @@ def test_a_tenants_daily_cap_is_budget_daily_usd_else_the_older_daily_budget_usd
     assert caps_of(auth.authenticate("kn").budget) == []
 
 
+def test_the_vector_index_runs_faiss_on_the_configured_threads() -> None:
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    try:
+        for threads in (1, 2):
+            bootstrap.build_vector_index(load_settings(cache={"faiss_threads": threads}), 8)
+            assert faiss.omp_get_max_threads() == threads
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def test_models_allowed_must_name_a_configured_model() -> None:
     settings = load_settings(
         tenants=[{"name": "a", "api_key_sha256": [hash_api_key("ka")],
