@@ -301,12 +301,15 @@ def test_a_tenants_daily_cap_is_budget_daily_usd_else_the_older_daily_budget_usd
             {"name": "both", "api_key_sha256": [hash_api_key("kb")], "daily_budget_usd": 5.0,
              "budget": {"daily_usd": 2.0}},
             {"name": "older", "api_key_sha256": [hash_api_key("ko")], "daily_budget_usd": 5.0},
+            {"name": "zero", "api_key_sha256": [hash_api_key("kz")], "daily_budget_usd": 5.0,
+             "budget": {"daily_usd": 0.0}},
             {"name": "none", "api_key_sha256": [hash_api_key("kn")]},
         ],
     )  # fmt: skip
     auth = build_tenants(settings)
     assert caps_of(auth.authenticate("kb").budget) == [Cap(Period.DAY, 2.0)]
     assert caps_of(auth.authenticate("ko").budget) == [Cap(Period.DAY, 5.0)]
+    assert caps_of(auth.authenticate("kz").budget) == [Cap(Period.DAY, 0.0)]  # set, if 0
     assert caps_of(auth.authenticate("kn").budget) == []
 
 
