@@ -527,8 +527,15 @@ async def release_failed_start(
         if service is not None:
             await service.aclose()
         else:
-            # A start cancelled mid-build: its thread goes on acquiring parts, so wait for it
-            # to end (built or failed) before releasing what it acquired.
-            with contextlib.suppress(Exception):
-                await building
-            await release_all([("the gRPC server", server.stop), *acquired.steps()])
+            # Shielded: a second cancel (a second Ctrl-C) ends the wait, not the release.
+            await asyncio.shield(release_after_build(building, server, acquired))
+
+
+async def release_after_build(
+    building: asyncio.Future[Service], server: RunningServer, acquired: Acquired
+) -> None:
+    # A start cancelled mid-build: its thread goes on acquiring parts, so wait for it to end
+    # (built or failed) before releasing what it acquired.
+    with contextlib.suppress(Exception):
+        await building
+    await release_all([("the gRPC server", server.stop), *acquired.steps()])
