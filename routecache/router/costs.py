@@ -8,6 +8,7 @@ fallback, no escalation) while the cheap worst case still fits.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -209,6 +210,14 @@ class CostControl:
         self, tenant: Tenant, request: ChatRequest, reservation: Reservation | None,
         record: SpendRecord,
     ) -> None:  # fmt: skip
+        # Shielded: the call was paid for, so a caller gone meanwhile (deadline, disconnect)
+        # ends its wait, not the write: the spend still counts and the reservation goes.
+        await asyncio.shield(self._write(tenant, request, reservation, record))
+
+    async def _write(
+        self, tenant: Tenant, request: ChatRequest, reservation: Reservation | None,
+        record: SpendRecord,
+    ) -> None:  # fmt: skip
         moved = await self.ledger.settle(reservation, record)
         self.alerts.check(tenant.name, tenant.budget, moved)
         tokens = record.completion_tokens
@@ -223,7 +232,8 @@ class CostControl:
     async def record_saving(self, tenant: Tenant, request: ChatRequest, saved_usd: float) -> None:
         """A cache hit: what the cached answer cost once and did not cost again."""
         user = user_slot(request.end_user_id)
-        await self.ledger.settle(None, SpendRecord(tenant.name, user, saved_usd=saved_usd))
+        record = SpendRecord(tenant.name, user, saved_usd=saved_usd)
+        await asyncio.shield(self.ledger.settle(None, record))  # as _settle's
 
     def _routing_saving(self, generated: Generated) -> float:
         if generated.tier is not Tier.CHEAP:

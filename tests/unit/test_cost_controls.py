@@ -560,17 +560,24 @@ async def test_a_request_that_takes_over_a_cancelled_call_reserves_for_it() -> N
 
 
 class SlowLedger:
-    """A spend ledger whose reservations wait for `gate`: holds a booking in progress."""
+    """A spend ledger whose `held` method (a reservation by default) waits for `gate`: holds
+    a booking, or a settle, in progress; `waiting` is set once one waits."""
 
-    def __init__(self, ledger: SpendLedger, gate: asyncio.Event) -> None:
-        self._ledger, self._gate = ledger, gate
-
-    async def reserve(self, *args: Any) -> Reservation | CapReached:
-        await self._gate.wait()
-        return await self._ledger.reserve(*args)
+    def __init__(self, ledger: SpendLedger, gate: asyncio.Event, held: str = "reserve") -> None:
+        self._ledger, self._gate, self._held = ledger, gate, held
+        self.waiting = asyncio.Event()
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._ledger, name)
+        method = getattr(self._ledger, name)
+        if name != self._held:
+            return method
+
+        async def after_the_gate(*args: Any) -> Any:
+            self.waiting.set()
+            await self._gate.wait()
+            return await method(*args)
+
+        return after_the_gate
 
 
 async def test_a_request_sharing_a_call_refused_by_another_users_cap_makes_the_call() -> None:
@@ -590,6 +597,30 @@ async def test_a_request_sharing_a_call_refused_by_another_users_cap_makes_the_c
         await u1
     done = await u2
     assert done.usage.cost_usd > 0 and harness.strong.calls == ["before", "same"]
+    await harness.service.aclose()
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_request_cancelled_while_its_spend_is_settled_still_counts_it(
+    streamed: bool,
+) -> None:
+    # The answer was paid for: a caller gone (deadline, disconnect) while its cost is written
+    # must not take the write with it. Before: the spend was lost and the reservation held.
+    harness = budget_harness(daily_usd=10.0)
+    costs = harness.service.pipeline.costs
+    costs.ledger = held = SlowLedger(costs.ledger, gate := asyncio.Event(), "settle")  # type: ignore[assignment]
+    request = asyncio.create_task(served(harness, costly("q"), streamed=streamed))
+    await held.waiting.wait()
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    gate.set()
+    for _ in range(200):
+        if await spend_of(harness) > 0:
+            break
+        await asyncio.sleep(0.005)
+    assert await spend_of(harness) > 0
+    assert costs.ledger.held_usd("acme", "", False) == 0
     await harness.service.aclose()
 
 
