@@ -34,13 +34,18 @@ def _digits(text: str) -> str:
     return "".join(c for c in text if c.isdigit())
 
 
+# One run of digits, groups of four with a shorter last one, or Amex's 4-6-5.
+_CARD_LAYOUT = re.compile(r"\d+|\d{4}(?:[ -]\d{4})*(?:[ -]\d{1,4})?|\d{4}[ -]\d{6}[ -]\d{4,5}")
+
+
 @dataclass(frozen=True)
 class _Detector:
     kind: str
     pattern: re.Pattern[str]
     confirm: Callable[[str], bool]
     # A greedy match can swallow what follows the number ("... 0130 00 BIC ...", "... 1111 12/25")
-    # and so fail its checksum: `retry_shorter` says which prefixes, cut at a space, to try.
+    # or what comes before it ("order 987 4111 ...") and so fail its checksum: `retry_shorter`
+    # says which parts of it, cut at spaces, to try.
     retry_shorter: Callable[[str], bool] | None = None
 
 
@@ -49,14 +54,17 @@ _DETECTORS = {
         "card",
         re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])"),
         lambda s: luhn_valid(_digits(s)),
-        # Only in groups of 3+ digits, as cards are written: a list of small numbers
-        # ("1 2 3 ... 14") would otherwise get several chances to pass the Luhn check.
-        lambda s: all(len(group) >= 3 for group in re.split(r"[ -]", s)),
+        # Only laid out as cards are written: a list or table of numbers ("1 2 3 ... 14",
+        # "12345 678 9012 ...") would otherwise get a Luhn check for each part of it.
+        lambda s: _CARD_LAYOUT.fullmatch(s) is not None,
     ),
     "iban": _Detector(
         "iban",
-        re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b"),
-        iban_valid,
+        # Either case: people type IBANs in lowercase too (the check digits use capitals).
+        re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b", re.IGNORECASE),
+        # Every country's IBAN has more digits than letters; prose with a number in it
+        # ("ab12 that was from") does not, and might pass mod-97 once in 97 tries.
+        lambda s: iban_valid(s) and sum(c.isdigit() for c in s) > sum(c.isalpha() for c in s),
         lambda s: True,
     ),
     "ssn": _Detector(
@@ -107,21 +115,39 @@ def find_pii(text: str, kinds: Iterable[str] = PII_KINDS) -> list[Finding]:
 
 
 def _confirmed_span(detector: _Detector, text: str, match: re.Match[str]) -> tuple[int, int] | None:
-    """The match's span if it passes its check, else its longest passing prefix cut at a space."""
-    start, end = match.span()
+    """The match's span if it passes its check, else the longest passing part of it cut at
+    spaces: first from its start, then from each later word (a card number right after an
+    order number, "order 987 4111 1111 1111 1111", is matched from the order number on)."""
     if detector.confirm(match.group()):
-        return start, end
-    if detector.retry_shorter is None:
+        return match.span()
+    if (shorter_ok := detector.retry_shorter) is None:
         return None
+    start, end = match.span()
+    while True:
+        if span := _passing_prefix(detector, shorter_ok, text, start, end):
+            return span
+        if (space := text.find(" ", start, end)) < 0:
+            return None
+        # Matched again from the next word: the number there may run on past this match.
+        if not (later := detector.pattern.match(text, space + 1)):
+            return None
+        start, end = later.span()
+
+
+def _passing_prefix(
+    detector: _Detector, shorter_ok: Callable[[str], bool], text: str, start: int, end: int
+) -> tuple[int, int] | None:
+    """The longest text[start:cut], cut at a space (or at `end`), that passes the check."""
     cut = end
-    while (cut := text.rfind(" ", start, cut)) > start:
+    while cut > start:
         candidate = text[start:cut]
         if (
             detector.pattern.fullmatch(text, start, cut)
-            and detector.retry_shorter(candidate)
+            and shorter_ok(candidate)
             and detector.confirm(candidate)
         ):
             return start, cut
+        cut = text.rfind(" ", start, cut)
     return None
 
 

@@ -19,6 +19,7 @@ def found(text: str, kinds: tuple[str, ...] | None = None) -> list[tuple[str, st
         ("card 4111 1111 1111 1111 12/25", "card", "4111 1111 1111 1111"),
         ("card 4111111111111111 123 is the CVV", "card", "4111111111111111"),
         ("amex 3782 8224 6310 005 12/25", "card", "3782 8224 6310 005"),
+        ("amex 3782 822463 10005 12/25", "card", "3782 822463 10005"),  # as Amex prints it
     ],
 )
 def test_a_number_followed_by_more_words_or_digits_is_still_found(
@@ -100,3 +101,55 @@ def test_redact_takes_findings_in_any_order() -> None:
 def test_a_number_cut_shorter_must_still_be_card_length() -> None:
     # "4000 0000 0002" passes the Luhn check but has 12 digits: no card is that short.
     assert found("ref 4000 0000 0002 1234 567 ok", ("card",)) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("pay to de89 3704 0044 0532 0130 00 today", "de89 3704 0044 0532 0130 00"),
+        ("iban: gb82west12345698765432.", "gb82west12345698765432"),
+        ("IBAN DE89 3704 0044 0532 0130 00 is the account", "DE89 3704 0044 0532 0130 00"),
+    ],
+    ids=["lowercase spaced", "lowercase compact", "uppercase before words"],
+)
+def test_an_iban_in_lowercase_is_found_too(text: str, value: str) -> None:
+    # Before: only capitals were matched, so an IBAN typed in lowercase went out in clear.
+    assert found(text) == [("iban", value)]
+
+
+def test_a_wrong_check_digit_in_lowercase_is_not_an_iban() -> None:
+    assert found("gb82 west 1234 5698 7654 33", ("iban",)) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("order 987 4111 1111 1111 1111 shipped", "4111 1111 1111 1111"),
+        ("order 12345 4111 1111 1111 1111 shipped", "4111 1111 1111 1111"),
+        ("ref 2024 5500 0000 0000 0004 12/25", "5500 0000 0000 0004"),
+    ],
+    ids=["fits in one match", "runs past the first match", "and an expiry after it"],
+)
+def test_a_card_right_after_another_group_of_digits_is_found(text: str, value: str) -> None:
+    # Before: the match began at the order number, failed the Luhn check with it, and only
+    # shorter prefixes were tried, never the number without its first group.
+    assert found(text) == [("card", value)]
+    assert PiiValidator().redact(text) == text.replace(value, "[REDACTED CARD]")
+
+
+def test_an_iban_after_a_code_shaped_like_one_is_found() -> None:
+    # The code's match runs on into the IBAN; the IBAN is tried from its own first word.
+    text = "ref ab12 de89 3704 0044 0532 0130 00"
+    assert found(text) == [("iban", "de89 3704 0044 0532 0130 00")]
+
+
+@pytest.mark.parametrize("text", ["values 62889 57670 750 6434", "values 2828 29640 2441 52176"])
+def test_a_row_of_numbers_not_laid_out_like_a_card_is_not_cut_down_to_one(text: str) -> None:
+    # Before: "62889 57670 750" passed the Luhn check as a shorter part of the row. Parts are
+    # only tried where grouped as cards are written (fours, or Amex's 4-6-5).
+    assert found(text, ("card",)) == []
+
+
+def test_words_after_a_code_that_pass_mod_97_are_not_an_iban() -> None:
+    # "ab12 his this he that" passes mod-97, but no IBAN has more letters than digits.
+    assert found("see ab12 his this he that", ("iban",)) == []
