@@ -50,7 +50,8 @@ def positive_number(text: str) -> float:
 
 
 def fractions(text: str) -> list[float]:
-    """An argparse type: numbers strictly between 0 and 1, separated by commas."""
+    """An argparse type: numbers strictly between 0 and 1, separated by commas (budgets: 0 or 1
+    would ask for no wrong answer at all, or allow every one; see `numbers_between` else)."""
     try:
         values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError as error:
@@ -74,5 +75,18 @@ def number_between(low: float, high: float) -> Callable[[str], float]:
                 bounds = f"from {low:g} to {high:g}"
             raise argparse.ArgumentTypeError(f"{text}: must be {bounds}")
         return value
+
+    return parse
+
+
+def numbers_between(low: float, high: float) -> Callable[[str], list[float]]:
+    """An argparse type: finite numbers from low to high, both included, separated by commas."""
+    one = number_between(low, high)
+
+    def parse(text: str) -> list[float]:
+        values = [one(part) for part in text.split(",") if part.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected numbers separated by commas: {text!r}")
+        return values
 
     return parse

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from routecache.cli_args import at_least, fraction, number_between
+from routecache.cli_args import at_least, fraction, number_between, numbers_between
 from routecache.router.cli import main
 
 
@@ -139,6 +139,15 @@ def test_number_between_takes_both_bounds() -> None:
     assert number_between(0, 1.5)("0") == 0.0
     assert number_between(0, 1.5)("1.5") == 1.5
     assert number_between(-math.inf, math.inf)("-1e300") == -1e300
+
+
+def test_numbers_between_takes_both_bounds_in_a_list_and_names_a_bad_one() -> None:
+    parse = numbers_between(0, 1)
+    assert parse("0, 0.5,1") == [0.0, 0.5, 1.0]
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^1\.5: must be from 0 to 1$"):
+        parse("0.5,1.5")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^expected numbers separated by commas"):
+        parse(" , ")
 
 
 def test_a_fraction_that_is_not_a_number_is_named() -> None:
