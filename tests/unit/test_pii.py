@@ -153,3 +153,23 @@ def test_a_row_of_numbers_not_laid_out_like_a_card_is_not_cut_down_to_one(text: 
 def test_words_after_a_code_that_pass_mod_97_are_not_an_iban() -> None:
     # "ab12 his this he that" passes mod-97, but no IBAN has more letters than digits.
     assert found("see ab12 his this he that", ("iban",)) == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["tx 123454111111111111111 ok", "tx 622202000000000000012345 ok", "ref 123-45-6789-01"],
+    ids=["card at the end of a longer number", "card at its start", "ssn in a longer code"],
+)
+def test_part_of_a_longer_number_is_not_a_card_or_an_ssn(text: str) -> None:
+    # A hash or reference number holds every digit string: only a whole number is checked.
+    assert found(text, ("card", "ssn")) == []
+
+
+def test_an_email_whose_local_part_is_a_phone_number_is_one_email() -> None:
+    # Emails are looked for before phone numbers, or "@example.com" would be left in clear.
+    text = "write to 555-123-4567@example.com"
+    assert PiiValidator().redact(text) == "write to [REDACTED EMAIL]"
+
+
+def test_digits_joined_to_a_word_are_not_a_phone_number() -> None:
+    assert found("ref X415 555 0132 ok", ("phone",)) == []

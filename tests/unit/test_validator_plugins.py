@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from routecache.domain import ChatRequest, Message, RequestValidator, Role
@@ -88,6 +90,12 @@ def test_regex_must_and_must_not() -> None:
     assert "matches" in validator.check("42 lorem", REQUEST).message
 
 
+def test_regex_patterns_take_python_syntax_only() -> None:
+    # The `regex` module that runs them would take \p{L}; docs/validators.md promises Python's.
+    with pytest.raises(re.error, match=r"bad escape \\p"):
+        RegexValidator([r"\p{L}"], [])
+
+
 @pytest.mark.parametrize(
     ("text", "passed"),
     [
@@ -151,6 +159,14 @@ def test_custom_validator_by_import_path() -> None:
                 "on_fail": "redact",
             },
             "no redact",
+        ),
+        (
+            {
+                "kind": "custom",
+                "import_path": "routecache.router.pii:PiiValidator",
+                "options": {"kinds": ["passport"]},
+            },
+            "unknown PII kind",
         ),
     ],
 )
@@ -231,6 +247,26 @@ def test_request_validators_keep_their_names_bounds_patterns_and_kinds() -> None
     assert pii.validator.check("call +44 20 7946 0958 now", REQUEST).passed  # not asked for
 
 
+def test_a_request_validator_keeps_its_on_fail() -> None:
+    (flagged,) = build_one(RequestValidator("pii", on_fail="flag"))
+    assert flagged.on_fail is OnFail.FLAG
+
+
+def test_tenant_validators_keep_the_names_they_are_given() -> None:
+    # Two regex validators under their own names are two validators, not one name repeated.
+    built = build_validators(
+        [ValidatorSpec(kind="regex", name="no_urls", must_not_match=["https?://"]),
+         ValidatorSpec(kind="regex", name="no_ids", must_not_match=[r"id\d+"]),
+         ValidatorSpec(kind="pii", name="no_mail", pii=["email"]),
+         ValidatorSpec(kind="refusal", name="answers")],
+        LIMITS,
+    )  # fmt: skip
+    names = ["no_urls", "no_ids", "no_mail", "answers"]
+    assert [c.name for c in built] == names
+    texts = ["see http://x", "see id42", "mail a@b.io", "I cannot help with that."]
+    assert [c.validator.check(t, REQUEST).name for c, t in zip(built, texts, strict=True)] == names
+
+
 def test_a_tenant_length_validator_keeps_its_own_maximum() -> None:
     configured = build_validator(ValidatorSpec(kind="length", max_chars=5), LIMITS)
     assert "more than 5" in configured.validator.check("abcdef", REQUEST).message
@@ -250,6 +286,9 @@ def test_a_request_validator_may_not_take_the_name_of_one_of_the_tenants() -> No
         (RequestValidator("custom"), "configured per tenant"),
         (RequestValidator("regex", must_match=("(?:a{1000}){1000}",)), "repeats too large"),
         (RequestValidator("regex", must_match=("a{4294967296}",)), "too large"),
+        (RequestValidator("regex", must_match=("(",)), "missing ), unterminated subpattern"),
+        # `regex` would take \p{L}; the documented syntax is Python's, which has no \p.
+        (RequestValidator("regex", must_not_match=(r"\p{L}",)), "bad escape \\p"),
     ],
 )
 def test_a_bad_request_validator_is_named_by_its_place_and_its_field(

@@ -106,6 +106,14 @@ def test_schema_patterns_apply_to_strings_only() -> None:
     assert not validator.check('{"n": "b"}', request(ResponseFormatType.JSON_SCHEMA, schema)).passed
 
 
+def test_pattern_properties_apply_to_objects_only() -> None:
+    # A keyword applies to the values of its type only: a list is no object with keys to match.
+    schema = json.dumps({"patternProperties": {"^x": {"type": "string"}}})
+    validator = JsonSchemaValidator()
+    assert validator.check("[1, 2]", request(ResponseFormatType.JSON_SCHEMA, schema)).passed
+    assert not validator.check('{"x": 1}', request(ResponseFormatType.JSON_SCHEMA, schema)).passed
+
+
 CATASTROPHIC = r"(a|aa)+$"  # backtracks for minutes on the text below
 NASTY = "a" * 34 + "b"
 
