@@ -60,8 +60,9 @@ _DETECTORS = {
     ),
     "iban": _Detector(
         "iban",
-        # Either case: people type IBANs in lowercase too (the check digits use capitals).
-        re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b", re.IGNORECASE),
+        # Either case: people type IBANs in lowercase too. Not re.IGNORECASE: it lets in
+        # letters that only fold to ASCII (the Kelvin sign), which mod-97 cannot read.
+        re.compile(r"\b[A-Za-z]{2}\d{2}(?: ?[A-Za-z0-9]){11,30}\b"),
         # Every country's IBAN has more digits than letters; prose with a number in it
         # ("ab12 that was from") does not, and might pass mod-97 once in 97 tries.
         lambda s: iban_valid(s) and sum(c.isdigit() for c in s) > sum(c.isalpha() for c in s),

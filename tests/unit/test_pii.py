@@ -173,3 +173,9 @@ def test_an_email_whose_local_part_is_a_phone_number_is_one_email() -> None:
 
 def test_digits_joined_to_a_word_are_not_a_phone_number() -> None:
     assert found("ref X415 555 0132 ok", ("phone",)) == []
+
+
+def test_a_letter_that_only_folds_to_ascii_does_not_break_the_iban_check() -> None:
+    # The Kelvin sign folds to "k": matched case-insensitively, it reached int(c, 36), and the
+    # ValueError failed the whole answer's validation.
+    assert found("pay \u212ae89 3704 0044 0532 0130 00", ("iban",)) == []
