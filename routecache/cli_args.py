@@ -50,8 +50,8 @@ def positive_number(text: str) -> float:
 
 
 def fractions(text: str) -> list[float]:
-    """An argparse type: numbers strictly between 0 and 1, separated by commas (budgets: 0 or 1
-    would ask for no wrong answer at all, or allow every one; see `numbers_between` else)."""
+    """An argparse type: numbers strictly between 0 and 1, separated by commas (false-hit
+    budgets, where 0 and 1 are no budget; `numbers_between` takes its bounds)."""
     try:
         values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError as error:
