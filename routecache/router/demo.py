@@ -22,7 +22,7 @@ from routecache.replay.config import ReplayConfig
 from routecache.replay.server import start_replay_server
 from routecache.router.auth import hash_api_key
 from routecache.router.bootstrap import start_service
-from routecache.router.demo_report import DemoResult, DemoTally, prompt_chars, summarise, tally
+from routecache.router.demo_report import DemoResult, DemoTally, prompt_tokens, summarise, tally
 from routecache.router.settings import Settings, load_settings
 from routecache.v1 import routecache_pb2 as pb
 
@@ -84,7 +84,7 @@ async def _send(clients: dict[str, RouteCacheClient], call: Call,
             response, code = None, error.code().name
         elapsed_ms = (time.perf_counter() - started) * 1000
     return DemoResult(
-        call.tenant, call.kind, code, elapsed_ms, response, prompt_chars(call.request)
+        call.tenant, call.kind, code, elapsed_ms, response, prompt_tokens(call.request)
     )
 
 

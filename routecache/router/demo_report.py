@@ -7,6 +7,9 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from routecache.router.costs import prompt_tokens_estimate
+from routecache.router.messages import request_from_pb
+from routecache.router.upstream.openai_client import estimate_tokens
 from routecache.v1 import routecache_pb2 as pb
 
 _OUTCOME = {
@@ -23,12 +26,13 @@ class DemoResult:
     code: str
     latency_ms: float
     response: pb.CompleteResponse | None
-    prompt_chars: int  # the request's message text: a hit reports 0 prompt tokens
+    prompt_tokens: int  # the request's prompt as the service estimates it: a hit reports 0
 
 
-def prompt_chars(request: pb.CompleteRequest) -> int:
-    """Characters of every message the strong model would have been sent."""
-    return sum(len(message.content) for message in request.messages)
+def prompt_tokens(request: pb.CompleteRequest) -> int:
+    """The prompt tokens the strong model would have been sent, counted by the service's own
+    estimate (what its cost controls and the replay upstream count)."""
+    return prompt_tokens_estimate(request_from_pb(request))
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -49,14 +53,25 @@ def _path(result: DemoResult) -> str:
     return "miss → strong" if result.response.tier == pb.TIER_STRONG else "miss → cheap"
 
 
+def _one_call(response: pb.CompleteResponse) -> bool:
+    """Whether the reported usage is one upstream call's: an escalation or a retry adds up
+    the tokens of every call the request made."""
+    validation = response.validation
+    return not validation.escalated and all(r.action != "retried" for r in validation.results)
+
+
 def _all_strong_cost(result: DemoResult, in_price: float, out_price: float) -> float:
-    """What the request would have cost sent to the strong model (tokens ≈ characters / 4)."""
-    assert result.response is not None
-    usage = result.response.usage
-    # A hit reports 0 tokens: estimate from what would have been sent, not from the answer.
-    prompt_tokens = usage.prompt_tokens or math.ceil(result.prompt_chars / 4)
-    completion_tokens = usage.completion_tokens or math.ceil(len(result.response.text) / 4)
-    return (prompt_tokens * in_price + completion_tokens * out_price) / 1e6
+    """What the request would have cost sent to the strong model: one call, with the tokens it
+    reported, else (a hit reports 0; several calls report their sum) estimated from the prompt
+    and the served answer."""
+    response = result.response
+    assert response is not None
+    usage = response.usage
+    if _one_call(response) and usage.prompt_tokens:
+        prompt, completion = usage.prompt_tokens, usage.completion_tokens
+    else:
+        prompt, completion = result.prompt_tokens, estimate_tokens(response.text)
+    return (prompt * in_price + completion * out_price) / 1e6
 
 
 def _hits_of_kind(results: Sequence[DemoResult], kind: str) -> int:

@@ -1,39 +1,76 @@
-"""The demo's summary: its all-strong baseline for answers that cost nothing (cache hits)."""
+"""The demo's summary: its all-strong baseline for answers whose usage is not one strong call
+(cache hits report none, escalations add up every call)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 
 from routecache.client import chat_request
-from routecache.router.demo_report import DemoResult, prompt_chars, summarise
+from routecache.router.costs import prompt_tokens_estimate
+from routecache.router.demo_report import DemoResult, prompt_tokens, summarise
+from routecache.router.messages import request_from_pb
 from routecache.v1 import routecache_pb2 as pb
 
 STRONG_IN, STRONG_OUT = 10.0, 30.0  # USD per million tokens, the demo's strong model
 
 
-def _exact_hit(prompt: str, answer: str) -> DemoResult:
+def _result(request: pb.CompleteRequest, response: pb.CompleteResponse) -> DemoResult:
+    return DemoResult("acme", "exact-repeat", "OK", 1.0, response, prompt_tokens(request))
+
+
+def _exact_hit(request: pb.CompleteRequest, answer: str) -> DemoResult:
     response = pb.CompleteResponse(
         text=answer,
         cache=pb.CacheInfo(outcome=pb.CACHE_OUTCOME_EXACT),
         usage=pb.Usage(),  # a hit reports 0 tokens and 0 USD
     )
-    return DemoResult(
-        "acme", "exact-repeat", "OK", 1.0, response, prompt_chars(chat_request(prompt))
-    )
+    return _result(request, response)
 
 
-def test_prompt_chars_counts_every_message_sent() -> None:
+def _baseline_tokens(result: DemoResult) -> str:
+    """The summary's all-strong figure at 1000 USD per million tokens: tokens / 1000."""
+    return summarise([result], 1.0, 1000.0, 1000.0).split(" vs ")[1].split(" USD")[0]
+
+
+def test_prompt_tokens_counts_every_message_sent() -> None:
     request = chat_request("four", system="sys", history=[("user", "ab"), ("assistant", "c")])
 
-    assert prompt_chars(request) == len("four") + len("sys") + len("ab") + len("c")
+    assert prompt_tokens(request) == math.ceil(len("sys\nab\nc\nfour") / 4)
 
 
 def test_all_strong_baseline_of_a_hit_estimates_prompt_tokens_from_the_prompt() -> None:
     # A long question with a short answer: the answer's length says nothing about the prompt.
-    result = _exact_hit("q" * 400, "a" * 8)
+    result = _exact_hit(chat_request("q" * 400), "a" * 8)
 
     text = summarise([result], 1.0, STRONG_IN, STRONG_OUT)
 
     baseline = (100 * STRONG_IN + 2 * STRONG_OUT) / 1e6  # 400 / 4 prompt, 8 / 4 completion
     assert f"vs {baseline:.4f} USD all-strong" in text
     assert baseline == pytest.approx(0.00106)
+
+
+def test_all_strong_baseline_of_a_hit_counts_its_prompt_as_the_service_estimates_it() -> None:
+    # The service (and the upstream it calls) count the messages joined by newlines: two
+    # 4-character messages are 9 characters, 3 tokens, not 2.
+    request = chat_request("b" * 4, system="a" * 4)
+    sent = prompt_tokens_estimate(request_from_pb(request))
+
+    assert sent == 3
+    assert _baseline_tokens(_exact_hit(request, "c" * 4)) == f"{(sent + 1) / 1000:.4f}"
+
+
+def test_all_strong_baseline_of_an_escalated_answer_counts_one_strong_call() -> None:
+    # The reported usage adds up the cheap call that failed validation and the strong call
+    # that answered; sent to the strong model at once, the request makes the second call only.
+    request = chat_request("q" * 40, json_schema='{"type": "object"}')
+    response = pb.CompleteResponse(
+        text="a" * 20,
+        tier=pb.TIER_STRONG,
+        cache=pb.CacheInfo(outcome=pb.CACHE_OUTCOME_MISS),
+        usage=pb.Usage(prompt_tokens=10 + 10, completion_tokens=3 + 5),
+        validation=pb.ValidationReport(escalated=True),
+    )
+
+    assert _baseline_tokens(_result(request, response)) == f"{(10 + 5) / 1000:.4f}"
