@@ -6,12 +6,12 @@ integration tests and demo exercise a real HTTP provider without network access 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import hmac
 import json
 import signal
+import sys
 import time
 import uuid
 from collections import Counter
@@ -28,8 +28,6 @@ from routecache.replay.config import (
     FaultKind,
     FaultSchedule,
     ReplayConfig,
-    add_cli_arguments,
-    config_from_args,
     header_latency_ms,
 )
 from routecache.replay.recordings import Recordings
@@ -310,14 +308,8 @@ async def serve_forever(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m routecache.replay`: the same as `routecache replay-upstream`."""
-    parser = argparse.ArgumentParser(description="OpenAI-compatible replay upstream")
-    add_cli_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_forever(config, args.host, args.port))
-    return 0
+    """`python -m routecache.replay`: the same as `routecache replay-upstream`, run by the
+    same code, so a bad recordings file or port is one line and exit 2 here too."""
+    from routecache.router.cli import main as routecache_main  # the CLI imports this module
+
+    return routecache_main(["replay-upstream", *(sys.argv[1:] if argv is None else argv)])

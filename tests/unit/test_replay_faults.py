@@ -1,5 +1,6 @@
 import argparse
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -50,38 +51,56 @@ def test_timings_must_be_finite_and_not_negative(flag: str, value: str) -> None:
         parse(flag, value)
 
 
+def routecache_replay_upstream(*argv: str) -> int:
+    from routecache.router.cli import main
+
+    return main(["replay-upstream", *argv])
+
+
+def python_m_routecache_replay(*argv: str) -> int:
+    from routecache.replay.server import main
+
+    return main(argv)
+
+
+# The two ways to start the replay upstream; both must refuse a bad start in one line.
+entry_points = pytest.mark.parametrize(
+    "run", [routecache_replay_upstream, python_m_routecache_replay],
+    ids=["routecache replay-upstream", "python -m routecache.replay"],
+)  # fmt: skip
+
+
+@entry_points
 @pytest.mark.parametrize(
     ("content", "message"),
     [(None, "No such file"), ('{"prompt": "p"}\n', "recording 1: needs"), ("", "no recordings")],
     ids=["missing", "not recordings", "empty"],
 )
 def test_replay_upstream_reports_a_bad_recordings_file_in_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, message: str
-) -> None:
-    from routecache.router.cli import main
-
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, message: str,
+    run: Callable[..., int],
+) -> None:  # fmt: skip
     recordings = tmp_path / "rec.jsonl"
     if content is not None:
         recordings.write_text(content)
-    assert main(["replay-upstream", "--port", "0", "--recordings", str(recordings)]) == 2
+    assert run("--port", "0", "--recordings", str(recordings)) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"routecache: --recordings {recordings}: ") and message in err
 
 
+@entry_points
 def test_replay_upstream_reports_a_taken_or_impossible_port_in_one_line(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], run: Callable[..., int]
 ) -> None:
     import socket
 
-    from routecache.router.cli import main
-
-    assert main(["replay-upstream", "--port", "70000"]) == 2
+    assert run("--port", "70000") == 2
     assert "--port 70000: must be 0 to 65535" in capsys.readouterr().err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        assert main(["replay-upstream", "--port", str(port)]) == 2
+        assert run("--port", str(port)) == 2
     assert f"routecache: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
