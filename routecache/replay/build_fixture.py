@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -23,7 +24,12 @@ def recorded_rows(routing_dir: Path) -> Iterator[dict[str, str]]:
     for split in SPLITS:
         with (routing_dir / split).open(encoding="utf-8") as lines:
             for number, line in enumerate(lines, start=1):
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{split}:{number}: not JSON ({exc.msg})") from exc
+                if not isinstance(row, dict):
+                    raise ValueError(f"{split}:{number}: expected a JSON object")
                 if row.get("source") != "gsm8k":
                     continue
                 missing = [name for name in KEPT_FIELDS if not isinstance(row.get(name), str)]
@@ -33,12 +39,19 @@ def recorded_rows(routing_dir: Path) -> Iterator[dict[str, str]]:
 
 
 def write_rows(rows: Iterator[dict[str, str]], out: Path) -> int:
+    """Write the rows to `out` only once all were read: a bad routing file raises with `out`
+    (by default the packaged recordings) untouched, not emptied."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
     count = 0
-    with out.open("w", encoding="utf-8") as sink:
-        for row in rows:
-            sink.write(json.dumps(row, ensure_ascii=False) + "\n")
-            count += 1
+    try:
+        with partial.open("w", encoding="utf-8") as sink:
+            for row in rows:
+                sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+                count += 1
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
     return count
 
 
@@ -54,7 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSONL file to write")
     args = parser.parse_args(argv)
-    count = write_rows(recorded_rows(args.routing_dir), args.out)
+    try:
+        count = write_rows(recorded_rows(args.routing_dir), args.out)
+    except (OSError, ValueError) as error:  # UnicodeDecodeError is a ValueError
+        print(f"build_fixture: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {count} recordings to {args.out}")
     return 0
 

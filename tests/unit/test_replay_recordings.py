@@ -83,3 +83,47 @@ def test_whether_the_weak_model_breaks_json_ignores_surrounding_whitespace() -> 
     assert {weak_breaks_json(p) for p in prompts} == {True, False}  # about half each
     for prompt in prompts:
         assert weak_breaks_json(f"  {prompt}\n") == weak_breaks_json(prompt)
+
+
+def build(routing_dir: Path, out: Path) -> int:
+    from routecache.replay.build_fixture import main
+
+    return main(["--routing-dir", str(routing_dir), "--out", str(out)])
+
+
+def routing_split(routing_dir: Path, *lines: str) -> None:
+    """Write routing_train.jsonl (and an empty dev split) the way the RouteLLM data has them."""
+    routing_dir.mkdir()
+    (routing_dir / "routing_train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (routing_dir / "routing_dev.jsonl").write_text("", encoding="utf-8")
+
+
+def test_building_the_recordings_keeps_only_the_gsm8k_rows(tmp_path: Path) -> None:
+    gsm8k = {"source": "gsm8k", "prompt": "p", "weak_response": "w", "strong_response": "s"}
+    routing_split(tmp_path / "routing", json.dumps(gsm8k), json.dumps(gsm8k | {"source": "mmlu"}))
+    out = tmp_path / "recorded.jsonl"
+
+    assert build(tmp_path / "routing", out) == 0
+
+    assert Recordings.load(out).answer("strong", "p") == "s" and len(Recordings.load(out)) == 1
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [(None, "No such file"), ("{not json", "routing_train.jsonl:1: not JSON"),
+     ("[1]", "routing_train.jsonl:1: expected a JSON object"),
+     ('{"source": "gsm8k", "prompt": "p"}', "routing_train.jsonl:1: GSM8K row lacks")],
+    ids=["missing", "not JSON", "not an object", "no answers"],
+)  # fmt: skip
+def test_building_from_bad_routing_data_is_one_line_and_keeps_the_old_recordings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], line: str | None, message: str
+) -> None:
+    if line is not None:
+        routing_split(tmp_path / "routing", line)
+    out = write(tmp_path, row("kept"))
+
+    assert build(tmp_path / "routing", out) == 2
+
+    err = capsys.readouterr().err
+    assert err.startswith("build_fixture: ") and message in err and err.count("\n") == 1
+    assert Recordings.load(out).answer("strong", "kept") == "strong says"
