@@ -41,10 +41,17 @@ def parse_since(text: str, now: float | None = None) -> float:
 def read_events(path: Path, since: float | None = None) -> Iterator[dict[str, Any]]:
     """The events of a JSONL log at or after `since`.
 
-    Skipped: a torn last line (a crash) and a hand-edited line whose `ts` is not a number.
+    Skipped: a torn line (a crash), even one cut inside a character, and a hand-edited line
+    whose `ts` is not a number. Raises UnicodeDecodeError for any other line not UTF-8.
     """
-    with path.open(encoding="utf-8") as lines:
-        for line in lines:
+    with path.open("rb") as lines:
+        for raw in lines:
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                if _cut_inside_a_character(raw):
+                    continue
+                raise
             try:
                 event = json.loads(line)
             except json.JSONDecodeError:
@@ -53,6 +60,15 @@ def read_events(path: Path, since: float | None = None) -> Iterator[dict[str, An
                 continue
             if since is None or ts >= since:
                 yield event
+
+
+def _cut_inside_a_character(raw: bytes) -> bool:
+    """Whether the line is valid UTF-8 but for a character it ends in the middle of."""
+    try:
+        raw.rstrip(b"\r\n").decode("utf-8")
+    except UnicodeDecodeError as error:
+        return error.reason == "unexpected end of data"
+    return False
 
 
 def _timestamp(event: dict[str, Any]) -> float | None:

@@ -369,3 +369,18 @@ def test_the_first_event_after_a_crash_is_not_lost_in_the_torn_line(tmp_path: Pa
     restarted.close()
     events = list(read_events(source))
     assert [e.get("response_id") for e in events] == ["r1", "r1", "after-restart"]
+
+
+def test_a_line_torn_inside_a_character_is_skipped_like_any_torn_line(tmp_path: Path) -> None:
+    # Events are written as UTF-8 (prompts in any language): a crash can cut a line inside a
+    # character, which made the whole log "not UTF-8" and the export refuse every event.
+    source, out = tmp_path / "events.jsonl", tmp_path / "events.parquet"
+    write_log(source)
+    with source.open("ab") as torn:
+        torn.write('{"kind": "completion", "prompt": "5 €'.encode()[:-1])
+    restarted = JsonlEventLog(source)
+    restarted.emit("completion", {"response_id": "after-restart"})
+    restarted.close()
+
+    assert [e.get("response_id") for e in read_events(source)] == ["r1", "r1", "after-restart"]
+    assert export_events(source, out) == 3
