@@ -26,9 +26,12 @@ def parse_since(text: str, now: float | None = None) -> float:
         amount, unit = match.groups()
         return (time.time() if now is None else now) - float(amount) * _UNIT_SECONDS[unit]
     try:
-        return float(text)
+        epoch = float(text)
     except ValueError:
         pass
+    else:
+        if math.isfinite(epoch):  # float() also reads nan and inf: no instant to cut at
+            return epoch
     try:
         moment = datetime.fromisoformat(text)
     except ValueError as error:

@@ -46,9 +46,12 @@ def test_since_accepts_durations_dates_and_epochs(text: str, expected: float) ->
     assert parse_since(text, now=NOW) == pytest.approx(expected)
 
 
-def test_since_rejects_nonsense_with_the_accepted_forms() -> None:
+@pytest.mark.parametrize("text", ["last tuesday", "nan", "inf", "-Infinity"])
+def test_since_rejects_nonsense_with_the_accepted_forms(text: str) -> None:
+    # float() reads "nan" and "inf": no event is at or after NaN or inf, so the export was
+    # silently empty (and "-inf" kept everything).
     with pytest.raises(ValueError, match="duration"):
-        parse_since("last tuesday", now=NOW)
+        parse_since(text, now=NOW)
 
 
 def write_log(path: Path) -> None:
