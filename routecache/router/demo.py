@@ -4,6 +4,7 @@ real gRPC by mixed traffic, then a summary of hits, routing, cost and latency.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import secrets
@@ -149,14 +150,20 @@ async def run_demo(n_recorded: int = 45, concurrency: int = 4, seed: int = 7,
                    events_out: Path | None = None,
                    similarity_threshold: float | None = None) -> DemoReport:  # fmt: skip
     """Runs the whole demo: traffic, then feedback on the hits; returns the summary."""
-    replay = await start_replay_server(ReplayConfig(latency_ms=upstream_latency_ms))
-    keys = {"acme": secrets.token_urlsafe(16), "globex": secrets.token_urlsafe(16)}
-    settings = demo_settings(replay.base_url, keys, events_out, similarity_threshold)
-    service = await start_service(settings)
-    assert service.server is not None and service.metrics_port is not None
-    target = f"127.0.0.1:{service.server.port}"
-    clients = {name: RouteCacheClient(target, key) for name, key in keys.items()}
-    try:
+    # Whatever fails, what was started is closed (last first): a failed start of the service
+    # left the replay upstream listening.
+    async with contextlib.AsyncExitStack() as opened:
+        replay = await start_replay_server(ReplayConfig(latency_ms=upstream_latency_ms))
+        opened.push_async_callback(replay.close)
+        keys = {"acme": secrets.token_urlsafe(16), "globex": secrets.token_urlsafe(16)}
+        settings = demo_settings(replay.base_url, keys, events_out, similarity_threshold)
+        service = await start_service(settings)
+        opened.push_async_callback(service.aclose)
+        assert service.server is not None and service.metrics_port is not None
+        target = f"127.0.0.1:{service.server.port}"
+        clients = {name: RouteCacheClient(target, key) for name, key in keys.items()}
+        for client in clients.values():
+            opened.push_async_callback(client.close)
         recorded = list(replay.recordings.prompts())
         phases = build_traffic(recorded, _questions(), seed, n_recorded)
         gate = asyncio.Semaphore(concurrency)
@@ -171,8 +178,3 @@ async def run_demo(n_recorded: int = 45, concurrency: int = 4, seed: int = 7,
         text += f"\n  feedback sent      {feedback[0]} up, {feedback[1]} down (on the hits)"
         metrics_text = await scrape_metrics(service.metrics_port)
         return DemoReport(text, tally(results), metrics_text, feedback)
-    finally:
-        for client in clients.values():
-            await client.close()
-        await service.aclose()
-        await replay.close()

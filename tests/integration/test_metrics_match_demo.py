@@ -1,15 +1,20 @@
 """A demo run's /metrics (scraped over HTTP at its end) agree with the demo's own summary,
-which is counted on the client side from the responses."""
+which is counted on the client side from the responses; a demo that cannot start leaves
+nothing listening."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from routecache.replay import ReplayConfig, RunningReplayServer, start_replay_server
+from routecache.router import demo
 from routecache.router.demo import run_demo
+from routecache.router.settings import ConfigError, Settings
 
 pytestmark = pytest.mark.integration
 
@@ -54,3 +59,25 @@ async def test_scraped_metrics_match_the_demo_summary(tmp_path: Path) -> None:
     kinds = [json.loads(line)["kind"] for line in events.read_text().splitlines()]
     assert kinds.count("completion") + kinds.count("error") == tally.requests
     assert kinds.count("feedback") == sum(report.feedback)
+
+
+async def test_a_demo_whose_service_fails_to_start_closes_the_replay_upstream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    started: list[RunningReplayServer] = []
+
+    async def replay(config: ReplayConfig) -> RunningReplayServer:
+        started.append(await start_replay_server(config))
+        return started[-1]
+
+    async def service_that_fails(settings: Settings) -> None:
+        raise ConfigError("the service cannot start")
+
+    monkeypatch.setattr(demo, "start_replay_server", replay)
+    monkeypatch.setattr(demo, "start_service", service_that_fails)
+
+    with pytest.raises(ConfigError):
+        await run_demo()
+
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection("127.0.0.1", started[0].port)
