@@ -154,9 +154,12 @@ def test_usage_counts_the_text_of_every_message() -> None:
         ({"stream": 1}, "stream"),
         ({"response_format": {"type": "xml"}}, "response_format"),
         ({"response_format": "json_object"}, "response_format"),
+        ({"messages": []}, "messages"),
+        ({"messages": {"role": "user", "content": "hi"}}, "messages"),
     ],
-    ids=["empty-model", "string-stream", "number-stream", "unknown-format", "format-not-object"],
-)
+    ids=["empty-model", "string-stream", "number-stream", "unknown-format", "format-not-object",
+         "no-messages", "messages-not-array"],
+)  # fmt: skip
 def test_a_malformed_field_is_refused_naming_it(fields: dict[str, Any], param: str) -> None:
     with pytest.raises(RequestError) as caught:
         parse_chat_call(body(**fields))
