@@ -130,6 +130,8 @@ def test_an_unknown_role_or_malformed_message_is_refused(message: object, names:
 def test_the_prompt_is_the_last_user_message_else_the_last_message() -> None:
     later = {"role": "assistant", "content": "an answer"}
     assert parse_chat_call(chat(USER, later)).prompt == "hi"
+    follow_up = {"role": "user", "content": "and then?"}
+    assert parse_chat_call(chat(USER, later, follow_up)).prompt == "and then?"
     system = {"role": "system", "content": "Be brief."}
     assert parse_chat_call(chat(system, later)).prompt == "an answer"
 
