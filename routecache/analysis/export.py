@@ -94,8 +94,9 @@ def events_frame(events: list[dict[str, Any]]) -> pd.DataFrame:
     for column in frame.columns:
         if frame[column].map(lambda v: isinstance(v, list)).any():
             frame[column] = frame[column].map(lambda v: json.dumps(v) if isinstance(v, list) else v)
-    if "ts" not in frame:  # no event had one: each counts as 0, as in read_events
-        frame["ts"] = 0.0
+    # An event without `ts` (or with null) counts as 0, as in read_events: NaN would make its
+    # time NaT and sort it last.
+    frame["ts"] = frame["ts"].fillna(0.0) if "ts" in frame else 0.0
     frame["time"] = pd.to_datetime(frame["ts"], unit="s", utc=True)
     return frame.sort_values("ts", kind="stable").reset_index(drop=True)
 

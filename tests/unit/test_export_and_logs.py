@@ -298,13 +298,25 @@ def test_export_of_a_log_that_is_not_utf8_is_one_line_and_exit_2(
     assert capsys.readouterr().err.startswith(f"routecache: event log {log} is not UTF-8")
 
 
-def test_events_without_a_ts_are_exported_at_time_zero(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [(['{"kind": "a"}'], [("a", 0.0)]),
+     (['{"kind": "a", "ts": 5.0}', '{"kind": "b"}', '{"kind": "c", "ts": null}'],
+      [("b", 0.0), ("c", 0.0), ("a", 5.0)])],
+    ids=["none has one", "some have one"],
+)  # fmt: skip
+def test_events_without_a_ts_are_exported_at_time_zero(
+    tmp_path: Path, lines: list[str], expected: list[tuple[str, float]]
+) -> None:
     # A log none of whose events had `ts` raised KeyError('ts'); read_events counts them as 0.
+    # Next to events with one they were NaN, a time of NaT, and sorted last.
     log = tmp_path / "events.jsonl"
-    log.write_text('{"kind": "feedback"}\n')
+    log.write_text("".join(f"{line}\n" for line in lines))
     out = tmp_path / "e.parquet"
-    assert export_events(log, out) == 1
-    assert pd.read_parquet(out)["ts"].tolist() == [0.0]
+    assert export_events(log, out) == len(lines)
+    frame = pd.read_parquet(out)
+    assert list(zip(frame["kind"], frame["ts"], strict=True)) == expected
+    assert frame["time"].notna().all()
 
 
 def test_events_of_one_instant_keep_their_log_order(tmp_path: Path) -> None:
