@@ -212,3 +212,14 @@ def test_stream_events_carry_one_id_and_the_usage_chunk_has_no_choices() -> None
     assert decoded(events.delta({}, "stop"))["choices"][0]["finish_reason"] == "stop"
     last = decoded(events.usage("y" * 9))
     assert last["choices"] == [] and last["usage"] == usage(call, "y" * 9)
+
+
+@pytest.mark.parametrize(
+    ("response_format", "wants_json"),
+    [(None, False), ({"type": "text"}, False), ({"type": "json_object"}, True),
+     ({"type": "json_schema", "json_schema": {"name": "a", "schema": {}}}, True)],
+)  # fmt: skip
+def test_json_mode_is_asked_for_by_either_json_format(
+    response_format: dict[str, Any] | None, wants_json: bool
+) -> None:
+    assert parse_chat_call(body(response_format=response_format)).wants_json is wants_json
