@@ -9,7 +9,7 @@ import pytest
 
 from routecache.client import chat_request
 from routecache.router.costs import prompt_tokens_estimate
-from routecache.router.demo_report import DemoResult, prompt_tokens, summarise
+from routecache.router.demo_report import DemoResult, percentile, prompt_tokens, summarise
 from routecache.router.messages import request_from_pb
 from routecache.v1 import routecache_pb2 as pb
 
@@ -74,3 +74,10 @@ def test_all_strong_baseline_of_an_escalated_answer_counts_one_strong_call() -> 
     )
 
     assert _baseline_tokens(_result(request, response)) == f"{(10 + 5) / 1000:.4f}"
+
+
+def test_latency_percentiles_are_nearest_rank_and_nan_for_no_values() -> None:
+    values = [40.0, 10.0, 30.0, 20.0]
+
+    assert [percentile(values, q) for q in (0, 30, 50, 99, 100)] == [10.0, 20.0, 20.0, 40.0, 40.0]
+    assert math.isnan(percentile([], 50))
