@@ -61,16 +61,24 @@ def test_all_strong_baseline_of_a_hit_counts_its_prompt_as_the_service_estimates
     assert _baseline_tokens(_exact_hit(request, "c" * 4)) == f"{(sent + 1) / 1000:.4f}"
 
 
-def test_all_strong_baseline_of_an_escalated_answer_counts_one_strong_call() -> None:
-    # The reported usage adds up the cheap call that failed validation and the strong call
-    # that answered; sent to the strong model at once, the request makes the second call only.
+@pytest.mark.parametrize(
+    "validation",
+    [pb.ValidationReport(escalated=True),
+     pb.ValidationReport(results=[pb.ValidatorResult(passed=False, action="retried")])],
+    ids=["escalated", "retried"],
+)  # fmt: skip
+def test_all_strong_baseline_of_an_escalated_answer_counts_one_strong_call(
+    validation: pb.ValidationReport,
+) -> None:
+    # The reported usage adds up the call that failed validation and the strong call that
+    # answered; sent to the strong model at once, the request makes the second call only.
     request = chat_request("q" * 40, json_schema='{"type": "object"}')
     response = pb.CompleteResponse(
         text="a" * 20,
         tier=pb.TIER_STRONG,
         cache=pb.CacheInfo(outcome=pb.CACHE_OUTCOME_MISS),
         usage=pb.Usage(prompt_tokens=10 + 10, completion_tokens=3 + 5),
-        validation=pb.ValidationReport(escalated=True),
+        validation=validation,
     )
 
     assert _baseline_tokens(_result(request, response)) == f"{(10 + 5) / 1000:.4f}"
@@ -81,3 +89,31 @@ def test_latency_percentiles_are_nearest_rank_and_nan_for_no_values() -> None:
 
     assert [percentile(values, q) for q in (0, 30, 50, 99, 100)] == [10.0, 20.0, 20.0, 40.0, 40.0]
     assert math.isnan(percentile([], 50))
+
+
+def test_the_summary_counts_each_path_errors_escalations_and_hits_that_should_not_be() -> None:
+    def miss(tier: int, escalated: bool = False) -> pb.CompleteResponse:
+        return pb.CompleteResponse(
+            tier=tier, cache=pb.CacheInfo(outcome=pb.CACHE_OUTCOME_MISS),
+            validation=pb.ValidationReport(escalated=escalated),
+        )  # fmt: skip
+
+    hit = pb.CompleteResponse(cache=pb.CacheInfo(outcome=pb.CACHE_OUTCOME_SEMANTIC))
+    results = [
+        DemoResult("acme", "first-ask", "OK", 1.0, miss(pb.TIER_CHEAP), 1),
+        DemoResult("acme", "json", "OK", 1.0, miss(pb.TIER_STRONG, escalated=True), 1),
+        DemoResult("acme", "first-ask", "UNAVAILABLE", 1.0, None, 1),
+        DemoResult("globex", "other-tenant", "OK", 1.0, hit, 1),
+        DemoResult("acme", "different-question", "OK", 1.0, hit, 1),
+        DemoResult("acme", "other-tenant", "OK", 1.0, miss(pb.TIER_CHEAP), 1),
+    ]
+
+    lines = summarise(results, 1.0, STRONG_IN, STRONG_OUT).splitlines()
+
+    assert lines[3:8] == [
+        "  misses → cheap         2",
+        "  misses → strong        1   (1 escalated by validators)",
+        "  errors                 1",
+        "  cross-tenant hits      1   (must be 0)",
+        "  hits on reworded questions that ask something else: 1",
+    ]
