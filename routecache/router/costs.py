@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
+from typing import Any
 
 from routecache.domain import Budget, ChatRequest, OverCapPolicy, Tenant, Tier
 from routecache.errors import FailedValidation, ResourceExhausted
@@ -94,6 +95,7 @@ class CostControl:
         self._max_output_tokens = max_output_tokens
         self._clock = clock
         self._telemetry = telemetry
+        self._writes: set[asyncio.Task[object]] = set()
 
     async def admit(self, tenant: Tenant, request: ChatRequest) -> None:
         """Take the request and its prompt's tokens from the tenant's and the user's buckets."""
@@ -210,9 +212,7 @@ class CostControl:
         self, tenant: Tenant, request: ChatRequest, reservation: Reservation | None,
         record: SpendRecord,
     ) -> None:  # fmt: skip
-        # Shielded: the call was paid for, so a caller gone meanwhile (deadline, disconnect)
-        # ends its wait, not the write: the spend still counts and the reservation goes.
-        await asyncio.shield(self._write(tenant, request, reservation, record))
+        await self._outliving_caller(self._write(tenant, request, reservation, record))
 
     async def _write(
         self, tenant: Tenant, request: ChatRequest, reservation: Reservation | None,
@@ -233,7 +233,7 @@ class CostControl:
         """A cache hit: what the cached answer cost once and did not cost again."""
         user = user_slot(request.end_user_id)
         record = SpendRecord(tenant.name, user, saved_usd=saved_usd)
-        await asyncio.shield(self.ledger.settle(None, record))  # as _settle's
+        await self._outliving_caller(self.ledger.settle(None, record))
 
     def _routing_saving(self, generated: Generated) -> float:
         if generated.tier is not Tier.CHEAP:
@@ -242,5 +242,25 @@ class CostControl:
         full = strong.pricing.cost(generated.prompt_tokens, generated.completion_tokens)
         return max(0.0, full - generated.cost_usd)
 
+    async def _outliving_caller(self, write: Coroutine[Any, Any, object]) -> None:
+        """Runs a spend write to its end. The call was paid for, so a caller gone meanwhile
+        (deadline, disconnect) ends its wait, not the write: the spend still counts and the
+        reservation goes. `aclose` waits for the writes still running."""
+        task = asyncio.create_task(write)
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_log_lost_write)  # no caller is left to see how it ends
+            raise
+
     async def aclose(self) -> None:
+        # Before the ledger closes (it was acquired first): the writes of callers gone.
+        await asyncio.gather(*self._writes, return_exceptions=True)
         await self.alerts.aclose()
+
+
+def _log_lost_write(write: asyncio.Task[object]) -> None:
+    if not write.cancelled() and (error := write.exception()) is not None:
+        log.error("the spend of a request whose caller left was not written: %r", error)

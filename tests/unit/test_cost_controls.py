@@ -40,6 +40,7 @@ from routecache.router.budget import (
     Cap,
     CapReached,
     InMemorySpendLedger,
+    Movement,
     Period,
     Reservation,
     SpendLedger,
@@ -606,22 +607,47 @@ async def test_a_request_cancelled_while_its_spend_is_settled_still_counts_it(
 ) -> None:
     # The answer was paid for: a caller gone (deadline, disconnect) while its cost is written
     # must not take the write with it. Before: the spend was lost and the reservation held.
+    harness, gate = await cancelled_while_settling(streamed)
+    closing = asyncio.create_task(harness.service.pipeline.costs.aclose())
+    await asyncio.sleep(0.01)
+    assert not closing.done()  # the stop waits for the write of the caller gone
+    gate.set()
+    await closing
+    assert await spend_of(harness) > 0
+    assert harness.service.pipeline.costs.ledger.held_usd("acme", "", False) == 0
+    await harness.service.aclose()
+
+
+async def test_a_spend_write_failing_after_its_caller_left_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    harness, gate = await cancelled_while_settling(streamed=False, failing=True)
+    gate.set()
+    await harness.service.pipeline.costs.aclose()
+    assert "the spend of a request whose caller left was not written" in caplog.text
+    await harness.service.aclose()
+
+
+async def cancelled_while_settling(
+    streamed: bool, failing: bool = False
+) -> tuple[Harness, asyncio.Event]:
+    """A request of acme's cancelled while its spend is being written, which waits for the
+    gate returned (and then fails, if `failing`)."""
     harness = budget_harness(daily_usd=10.0)
     costs = harness.service.pipeline.costs
+    if failing:
+
+        async def unreachable(*args: object) -> Movement:
+            raise ConnectionError("the ledger went away")
+
+        costs.ledger.settle = unreachable  # type: ignore[method-assign]
     costs.ledger = held = SlowLedger(costs.ledger, gate := asyncio.Event(), "settle")  # type: ignore[assignment]
     request = asyncio.create_task(served(harness, costly("q"), streamed=streamed))
     await held.waiting.wait()
     request.cancel()
     with pytest.raises(asyncio.CancelledError):
         await request
-    gate.set()
-    for _ in range(200):
-        if await spend_of(harness) > 0:
-            break
-        await asyncio.sleep(0.005)
-    assert await spend_of(harness) > 0
-    assert costs.ledger.held_usd("acme", "", False) == 0
-    await harness.service.aclose()
+    return harness, gate
 
 
 @pytest.mark.parametrize("streamed", [False, True])
