@@ -20,6 +20,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from routecache.backends import scripts
 from routecache.backends.keys import KeySpace
@@ -85,8 +86,9 @@ class RedisSpendLedger:
         self._last_committed: dict[tuple[str, str, str], float] = {}
         # Spend made while Redis was down, summed per tenant, user, day and month.
         self._pending: dict[_Slot, SpendRecord] = {}
-        # Pending records a flush sent without hearing back, by settle id: perhaps in Redis.
-        self._in_doubt: dict[str, tuple[_Slot, SpendRecord]] = {}
+        # Records sent without hearing back (a settle's or a flush's), by settle id: perhaps
+        # in Redis. A settle's keeps its reservation, which Redis must drop when it adds it.
+        self._in_doubt: dict[str, _InDoubt] = {}
         self._flush_task: asyncio.Task[None] | None = None
         self._stopping = False  # at stop: no background flush starts any more
         # Per (tenant, user or '', period id): the totals Redis last reported (a read, or a
@@ -171,11 +173,11 @@ class RedisSpendLedger:
         except RedisDown:  # nothing sent: pending, summed with the rest
             self._add_pending(record, ids)
             return await self._settle_locally(record, ids)
-        # A cost is sent under an id of its own: if Redis ran it but its answer was lost, the
-        # flush sends it again under that id and Redis adds it once. A cache hit's saving
-        # (no cost) goes without one: an id key per hit would cost Redis more memory than a
-        # saving counted twice after a lost answer is worth, and no cap reads savings.
-        settle_id = new_reservation_id() if record.cost_usd > 0 else ""
+        # A model call's settle is sent under an id of its own: if Redis ran it but its answer
+        # was lost, the flush sends it again under that id and Redis adds it once. A cache
+        # hit's saving (no call) goes without one: an id key per hit would cost Redis more
+        # memory than a saving counted twice after a lost answer is worth; no cap reads it.
+        settle_id = new_reservation_id() if record.calls or record.cost_usd > 0 else ""
         lifetime = self._retention.request_settle_seconds
         try:
             return await guarded(
@@ -183,7 +185,7 @@ class RedisSpendLedger:
             )
         except RedisDown:
             if settle_id:
-                self._in_doubt[settle_id] = (_slot(record, ids), record)
+                self._in_doubt[settle_id] = _InDoubt(_slot(record, ids), record, reservation)
             else:
                 self._add_pending(record, ids)
             return await self._settle_locally(record, ids)
@@ -276,7 +278,7 @@ class RedisSpendLedger:
             while self._pending:
                 slot = next(iter(self._pending))
                 settle_id = new_reservation_id()
-                self._in_doubt[settle_id] = (slot, self._pending.pop(slot))
+                self._in_doubt[settle_id] = _InDoubt(slot, self._pending.pop(slot))
                 if not await self._flush_one(settle_id):
                     return
             # The local ledger is kept, not replaced: the reservations it holds are of calls
@@ -285,10 +287,10 @@ class RedisSpendLedger:
     async def _flush_one(self, settle_id: str) -> bool:
         """Sends one pending record; it stays in doubt until Redis confirms it, whether the
         call fails, times out after Redis ran it, or is cancelled."""
-        (_, _, day, month), record = self._in_doubt[settle_id]
+        (_, _, day, month), record, reservation = self._in_doubt[settle_id]
         ids = {Period.DAY: day, Period.MONTH: month}
         try:
-            await guarded(self._link, lambda: self._apply(None, record, ids, settle_id))
+            await guarded(self._link, lambda: self._apply(reservation, record, ids, settle_id))
         except RedisDown:
             return False
         del self._in_doubt[settle_id]
@@ -309,10 +311,10 @@ class RedisSpendLedger:
                 "%.6g USD, %d calls",
                 record.tenant, record.user, record.cost_usd, record.calls,
             )  # fmt: skip
-        for settle_id, (_, record) in self._in_doubt.items():
+        for settle_id, (_, record, _) in self._in_doubt.items():
             left += record.cost_usd
             log.warning(
-                "spend recorded while redis was down was sent without an answer: tenant %s "
+                "spend redis has not confirmed was sent without an answer: tenant %s "
                 "user %r %.6g USD, %d calls; in redis already if key %s exists",
                 record.tenant, record.user, record.cost_usd, record.calls,
                 f"{self._base(record.tenant)}settled:{settle_id}",
@@ -335,6 +337,12 @@ class RedisSpendLedger:
             return
         if self._flush_task is None or self._flush_task.done():
             self._flush_task = asyncio.create_task(self.flush(), name="spend-flush")
+
+
+class _InDoubt(NamedTuple):
+    slot: _Slot
+    record: SpendRecord
+    reservation: Reservation | None = None  # held in Redis; a flush's records hold none
 
 
 def _slot(record: SpendRecord, ids: dict[Period, str]) -> _Slot:

@@ -514,19 +514,26 @@ async def test_a_flush_cut_short_by_redis_counts_the_flushed_spend_once(
 
 
 def lose_settle_answers(
-    ledger: RedisSpendLedger, monkeypatch: pytest.MonkeyPatch, lost: list[bool] | None = None
+    ledger: RedisSpendLedger,
+    monkeypatch: pytest.MonkeyPatch,
+    lost: list[bool] | None = None,
+    reaching_redis: bool = True,
 ) -> None:
     """Redis runs each settle's script but its answer never comes back (a client timeout);
-    with `lost`, only the calls whose popped flag is True lose it."""
+    with `lost`, only the calls whose popped flag is True lose it. Not `reaching_redis`: the
+    calls that time out are lost on the way there instead, and Redis runs nothing."""
     settle = ledger._settle
 
-    async def applied_then_timed_out(**kwargs: Any) -> Any:
+    async def timed_out(**kwargs: Any) -> Any:
+        timing_out = lost is None or lost.pop()
+        if timing_out and not reaching_redis:
+            raise RedisTimeoutError("Timeout writing to socket")
         answer = await settle(**kwargs)
-        if lost is None or lost.pop():
+        if timing_out:
             raise RedisTimeoutError("Timeout reading from socket")
         return answer
 
-    monkeypatch.setattr(ledger, "_settle", applied_then_timed_out)
+    monkeypatch.setattr(ledger, "_settle", timed_out)
 
 
 def slow_settles(
@@ -603,6 +610,38 @@ async def test_a_settle_whose_answer_is_lost_after_redis_applied_it_counts_once(
     (settled,) = await redis.link.client.keys("rc:{acme}:settled:*")
     # One key a request: kept an hour (Retention.request_settle_seconds), not 40 days.
     assert 0 < await redis.link.client.ttl(settled) <= 3600
+
+
+async def test_a_settle_lost_on_its_way_to_redis_drops_its_reservation_when_sent_again(
+    ledger_on_own_redis: LedgerOnOwnRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the settle was sent again without its reservation, which went on holding the
+    # cap beside the spent cost until reservation_ttl_seconds.
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    caps = [Cap(Period.DAY, 1.0)]
+    held = await ledger.reserve("acme", "u1", 0.6, caps)
+    assert isinstance(held, Reservation)
+    lose_settle_answers(ledger, monkeypatch, [False, True], reaching_redis=False)
+    await ledger.settle(held, SpendRecord("acme", "u1", cost_usd=0.3, calls=1))
+    await redis.link.wait_up()
+    await ledger.flush()
+    assert await redis.link.client.hlen("rc:{acme}:resv") == 0
+    totals = await redis.another_ledger().totals("acme", "u1")
+    assert (totals[Period.DAY].cost_usd, totals[Period.DAY].calls) == (0.3, 1)
+    assert isinstance(await redis.another_ledger().reserve("acme", "u2", 0.7, caps), Reservation)
+
+
+async def test_a_free_model_calls_settle_carries_an_id_too(
+    ledger_on_own_redis: LedgerOnOwnRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A call priced at 0 (a self-hosted model) still counts calls and tokens: not twice.
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    lose_settle_answers(ledger, monkeypatch, [False, True])
+    await ledger.settle(None, SpendRecord("acme", "u1", 0.0, 10, 20, calls=1))
+    await redis.link.wait_up()
+    await ledger.flush()
+    totals = await redis.another_ledger().totals("acme", "u1")
+    assert (totals[Period.DAY].calls, totals[Period.DAY].completion_tokens) == (1, 20)
 
 
 async def test_a_cache_hits_saving_leaves_no_settle_id_in_redis(
