@@ -18,11 +18,9 @@ leaves a version in service that the history knows, which can still be rolled ba
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,27 +81,26 @@ class ModelRegistry:
         source = Path(artifact)
         base = source.with_suffix("") if source.suffix in (".skops", ".json") else source
         target = self.artifact_path(version)
-        if target.exists():
-            raise RegistryError(f"version {version} is already in {self.root}")
         target.parent.parent.mkdir(parents=True, exist_ok=True)
-        # A staging folder of this call's own (two adds of one version must not copy into one
-        # folder), hidden in the root: on the same file system, so the rename is atomic.
-        staging = Path(tempfile.mkdtemp(prefix=f".adding-{version}-", dir=self.root))
-        try:
-            for suffix in (".skops", ".json"):
-                shutil.copyfile(
-                    base.with_name(base.name + suffix),
-                    staging / f"{DEFAULT_ARTIFACT_NAME}{suffix}",
-                )
-            # A version folder appears whole or not at all; a rename onto a folder with files
-            # fails, so of two concurrent adds exactly one lands.
-            os.rename(staging, target.parent)
-        except OSError as error:
-            if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise
-            raise RegistryError(f"version {version} is already in {self.root}") from None
-        finally:
+        # One add at a time, so a version's staging folder is one add's alone, and one that a
+        # crashed add left behind can be cleared.
+        with self._locked():
+            if target.exists():
+                raise RegistryError(f"version {version} is already in {self.root}")
+            # Hidden in the root: on the same file system, so the rename is atomic and a
+            # version folder appears whole or not at all.
+            staging = self.root / f".adding-{version}"
             shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            try:
+                for suffix in (".skops", ".json"):
+                    shutil.copyfile(
+                        base.with_name(base.name + suffix),
+                        staging / f"{DEFAULT_ARTIFACT_NAME}{suffix}",
+                    )
+                os.rename(staging, target.parent)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         return target
 
     def promote(self, version: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -107,13 +108,28 @@ def test_add_takes_the_pair_by_either_file_or_its_stem(tmp_path: Path) -> None:
 def test_an_add_interrupted_earlier_does_not_block_adding_the_version(tmp_path: Path) -> None:
     registry = _registry_with(tmp_path, "v1")
     # What a crash during the copy leaves: a staging folder with part of the pair.
-    staging = registry.root / ".adding-v2-k3j9x"
+    staging = registry.root / ".adding-v2"
     staging.mkdir()
     (staging / "difficulty.skops").write_text("half")
+    (staging / "stale.txt").write_text("from the crashed add")
     registry.add(_artifact(tmp_path / "src-v2", 0.2), "v2")
     assert json.loads(registry.artifact_path("v2").read_text()) == {"score": 0.2}
-    assert (registry.artifact_path("v2").parent / "difficulty.json").is_file()
+    assert sorted(p.name for p in registry.artifact_path("v2").parent.iterdir()) == [
+        "difficulty.json", "difficulty.skops"
+    ]  # fmt: skip
     assert registry.versions() == ["v1", "v2"]
+    assert not staging.exists()
+
+
+def test_an_added_version_is_readable_as_the_umask_allows(tmp_path: Path) -> None:
+    # A service running as another user than the training job must read new versions: a
+    # private temporary folder (mode 0700) renamed into place did not allow it.
+    previous = os.umask(0o022)
+    try:
+        registry = _registry_with(tmp_path, "v1")
+    finally:
+        os.umask(previous)
+    assert registry.artifact_path("v1").parent.stat().st_mode & 0o777 == 0o755
 
 
 def test_two_concurrent_adds_of_one_version_add_it_once_and_the_other_says_it_exists(
@@ -121,17 +137,17 @@ def test_two_concurrent_adds_of_one_version_add_it_once_and_the_other_says_it_ex
 ) -> None:
     registry = ModelRegistry(tmp_path / "registry")
     sources = [_artifact(tmp_path / f"src-{i}", i / 10) for i in range(2)]
-    both_copying = threading.Barrier(2, timeout=10)
+    first_copying, go_on = threading.Event(), threading.Event()
     copy = shutil.copyfile
-    copying: set[int] = set()
+    copying: list[int] = []
 
-    def copy_together(source: Path, target: Path) -> Path:
-        if threading.get_ident() not in copying:  # each add's first file: wait for the other
-            copying.add(threading.get_ident())
-            both_copying.wait()
+    def copy_held(source: Path, target: Path) -> Path:
+        copying.append(threading.get_ident())
+        first_copying.set()
+        go_on.wait(10)
         return copy(source, target)
 
-    monkeypatch.setattr(shutil, "copyfile", copy_together)
+    monkeypatch.setattr(shutil, "copyfile", copy_held)
     outcomes: list[BaseException | None] = []
 
     def add(source: Path) -> None:
@@ -142,8 +158,12 @@ def test_two_concurrent_adds_of_one_version_add_it_once_and_the_other_says_it_ex
             outcomes.append(error)
 
     threads = [threading.Thread(target=add, args=(source,)) for source in sources]
-    for thread in threads:
-        thread.start()
+    threads[0].start()
+    assert first_copying.wait(10)
+    threads[1].start()
+    threads[1].join(0.2)  # the second add waits for the first, copying nothing meanwhile
+    assert set(copying) == {threads[0].ident}
+    go_on.set()
     for thread in threads:
         thread.join()
     errors = [e for e in outcomes if e is not None]
@@ -153,7 +173,7 @@ def test_two_concurrent_adds_of_one_version_add_it_once_and_the_other_says_it_ex
     assert added.read_text() in {s.read_text() for s in sources}  # one whole pair, not a mix
     assert (added.parent / "difficulty.json").is_file()
     assert registry.versions() == ["v1"]
-    assert [p.name for p in registry.root.iterdir()] == ["versions"]  # no staging left behind
+    assert sorted(p.name for p in registry.root.iterdir()) == [".lock", "versions"]  # no staging
 
 
 async def test_reload_swaps_to_the_promoted_version(tmp_path: Path) -> None:
