@@ -281,7 +281,7 @@ async def test_a_start_cancelled_mid_build_releases_what_the_build_acquires_afte
         start_service(settings, replace(closing_overrides(closed), telemetry=telemetry))
     )
     assert await asyncio.to_thread(telemetry.asked.wait, 30)
-    for _ in range(cancels):  # a second cancel (a second Ctrl-C) lands while it waits
+    for _ in range(cancels):  # a second cancel by the caller lands while it waits
         starting.cancel()
         await asyncio.sleep(0)  # the start takes the cancel (asyncio runs its wake-up first)
     gate.set()  # only now does the build go on, to acquire its parts
