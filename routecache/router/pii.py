@@ -127,10 +127,12 @@ def _confirmed_span(detector: _Detector, text: str, match: re.Match[str]) -> tup
     while True:
         if span := _passing_prefix(detector, shorter_ok, text, start, end):
             return span
-        if (space := text.find(" ", start, end)) < 0:
-            return None
-        # Matched again from the next word: the number there may run on past this match.
-        if not (later := detector.pattern.match(text, space + 1)):
+        # Matched again from the first later word where the pattern starts (prose before an
+        # IBAN, "room ab12 or de89 ...", has words it cannot start at): the number there may
+        # run on past this match.
+        words = (m.end() for m in re.finditer(" ", text[start:end]))
+        later = next(filter(None, (detector.pattern.match(text, start + w) for w in words)), None)
+        if later is None:
             return None
         start, end = later.span()
 

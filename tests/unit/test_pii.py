@@ -137,9 +137,11 @@ def test_a_card_right_after_another_group_of_digits_is_found(text: str, value: s
     assert PiiValidator().redact(text) == text.replace(value, "[REDACTED CARD]")
 
 
-def test_an_iban_after_a_code_shaped_like_one_is_found() -> None:
-    # The code's match runs on into the IBAN; the IBAN is tried from its own first word.
-    text = "ref ab12 de89 3704 0044 0532 0130 00"
+@pytest.mark.parametrize("before", ["ref ab12", "room ab12 or", "ab12 is in"])
+def test_an_iban_after_a_code_shaped_like_one_is_found(before: str) -> None:
+    # The code's match runs on into the IBAN, over words no IBAN starts at ("or", "is in");
+    # the IBAN is tried from its own first word.
+    text = f"{before} de89 3704 0044 0532 0130 00"
     assert found(text) == [("iban", "de89 3704 0044 0532 0130 00")]
 
 
