@@ -100,13 +100,14 @@ def _check_pems(settings: ServerSettings, roots: bytes | None) -> None:
         ) from exc
     if roots is not None:
         try:
-            # cadata: a str is read as PEM (bytes would be read as DER).
-            context.load_verify_locations(cadata=roots.decode("ascii"))
-        except (ssl.SSLError, UnicodeDecodeError) as exc:
-            reason = exc.reason if isinstance(exc, ssl.SSLError) else "not ASCII"
+            # cadata: a str is read as PEM (bytes would be read as DER). Only the comments
+            # between certificates can be other than ASCII (bundles name issuers there, as in
+            # "# Issuer: ... Főtanúsítvány"), and gRPC reads them past those as OpenSSL does.
+            context.load_verify_locations(cadata=roots.decode("ascii", errors="ignore"))
+        except ssl.SSLError as exc:
             raise ConfigError(
                 f"server.tls_client_ca_file {settings.tls_client_ca_file} is not a PEM CA "
-                f"bundle ({reason or exc})"
+                f"bundle ({exc.reason or exc})"
             ) from exc
 
 

@@ -196,3 +196,24 @@ async def test_a_client_ca_file_that_is_not_pem_stops_the_start(
             {"tls_cert_file": pki.server_cert, "tls_key_file": pki.server_key,
              "tls_client_ca_file": garbage}
         )  # fmt: skip
+
+
+async def test_a_client_ca_bundle_with_comments_not_in_ascii_is_taken(
+    tmp_path: Path, pki: Pki
+) -> None:
+    # Bundles name each issuer in a comment ("# Issuer: ..."); before, the start refused one
+    # whose comment was not ASCII, though gRPC reads it.
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes("# Issuer: CN=Főtanúsítvány\n".encode() + pki.ca_file.read_bytes())
+    service = await serve(
+        {"tls_cert_file": pki.server_cert, "tls_key_file": pki.server_key,
+         "tls_client_ca_file": bundle}
+    )  # fmt: skip
+    assert service.server is not None
+    signed = ClientTls.from_files(pki.ca_file, pki.client_cert, pki.client_key)
+    target = f"127.0.0.1:{service.server.port}"
+    try:
+        async with RouteCacheClient(target, KEY, tls=signed, timeout_seconds=10) as client:
+            assert (await client.complete(chat_request("hello bundle"))).text
+    finally:
+        await service.aclose()
