@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -160,7 +160,7 @@ class Pipeline:
 
     async def complete_stream(
         self, request: ChatRequest, api_key: str | None, seconds_left: float | None = None
-    ) -> AsyncIterator[str | Completion]:
+    ) -> AsyncGenerator[str | Completion, None]:
         """Text deltas as the model sends them, then the Completion; a cached (or stale) answer
         is sent in chunks. Whole-text validators run at the end (see Generator.stream)."""
         started = time.perf_counter()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from routecache.domain import ChatRequest, Tier
@@ -122,7 +122,7 @@ class Failover:
             return OpenedStream(provider, provider_tier, first, deltas, tuple(failures))
         raise AllProvidersFailed(tier, failures)
 
-    async def deltas(self, opened: OpenedStream, deadline: float) -> AsyncIterator[str]:
+    async def deltas(self, opened: OpenedStream, deadline: float) -> AsyncGenerator[str, None]:
         """The opened stream's deltas; a break ends it with Unavailable (sent text stands)."""
         provider, sent, settled = opened.provider, 0, False
         try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from routecache.domain import GenerationParams, Message
 from routecache.errors import UpstreamError
@@ -43,7 +43,7 @@ class MeteredUpstream:
 
     async def stream(
         self, messages: Sequence[Message], params: GenerationParams
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         started = time.perf_counter()
         try:
             async for delta in self._inner.stream(messages, params):
