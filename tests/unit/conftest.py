@@ -25,6 +25,7 @@ def unit_settings(
 ) -> Settings:
     """`service`: more top-level sections (keys, budgets, ...); the rest: each tenant's."""
     return load_settings(
+        None,
         cache={"embedder": "hash", "similarity_threshold": 0.8, "max_entries": 100},
         store=store or {},
         metrics={"port": 0},
@@ -60,7 +61,7 @@ def make_harness(
     clock = ManualClock()
     classifier = FixedScoreClassifier(score, version="fixed-v1", default_threshold=0.5)
     recording = RecordingTelemetry()
-    service = build_service(
+    built = build_service(
         unit_settings(store, service, **tenant_options),
         Overrides(
             embedder=HashEmbedder(),
@@ -71,7 +72,7 @@ def make_harness(
             telemetry=telemetry or recording,
         ),
     )
-    return Harness(service, cheap, strong, events, clock, classifier, recording)
+    return Harness(built, cheap, strong, events, clock, classifier, recording)
 
 
 @pytest.fixture

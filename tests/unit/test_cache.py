@@ -1,6 +1,7 @@
 from dataclasses import replace
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from routecache.cache.embedder import HashEmbedder
@@ -17,8 +18,9 @@ from tests.fakes import ManualClock
 EMBED = HashEmbedder()
 
 
-def vec(text: str) -> np.ndarray:
-    return EMBED.encode([text])[0]
+def vec(text: str) -> npt.NDArray[np.float32]:
+    row: npt.NDArray[np.float32] = EMBED.encode([text])[0]
+    return row
 
 
 def new_entry(
@@ -137,6 +139,7 @@ async def test_invalidation_by_id_tag_and_tenant_never_crosses_tenants(
     a = await cache.store(new_entry("alpha", tags=("docs",)))
     await cache.store(new_entry("beta", tags=("docs",)))
     b = await cache.store(new_entry("gamma", scope="globex:s1", tags=("docs",)))
+    assert a is not None and b is not None
     assert await cache.invalidate_ids("globex", [a.entry_id]) == 0
     assert await cache.invalidate_tag("acme", "docs") == 2
     assert await cache.lookup_exact("acme:s1", "alpha") is None
@@ -148,6 +151,7 @@ async def test_invalidation_by_id_tag_and_tenant_never_crosses_tenants(
 async def test_restoring_the_same_prompt_replaces_the_old_entry(cache: SemanticCache) -> None:
     old = await cache.store(new_entry("same"))
     new = await cache.store(new_entry("same"))
+    assert old is not None and new is not None
     assert await cache.entry_count("acme") == 1
     hit = await cache.lookup_semantic("acme:s1", "", vec("same"), HitRequirement(0.9))
     assert hit is not None and hit.entry.entry_id == new.entry_id != old.entry_id

@@ -92,7 +92,7 @@ def test_latency_percentiles_are_nearest_rank_and_nan_for_no_values() -> None:
 
 
 def test_the_summary_counts_each_path_errors_escalations_and_hits_that_should_not_be() -> None:
-    def miss(tier: int, escalated: bool = False) -> pb.CompleteResponse:
+    def miss(tier: pb.Tier, escalated: bool = False) -> pb.CompleteResponse:
         return pb.CompleteResponse(
             tier=tier, cache=pb.CacheInfo(outcome=pb.CACHE_OUTCOME_MISS),
             validation=pb.ValidationReport(escalated=escalated),

@@ -14,7 +14,9 @@ from routecache.domain import (
     CacheControl,
     CacheOutcome,
     ChatRequest,
+    Completion,
     GenerationParams,
+    LatencyBreakdown,
     Message,
     RequestValidator,
     Role,
@@ -51,21 +53,29 @@ class Rig:
     events: InMemoryEventLog
     clock: ManualClock
 
-    async def ask(self, prompt: str, key: str = ACME, **options: object) -> object:
+    async def ask(self, prompt: str, key: str = ACME, **options: object) -> Completion:
         request = ChatRequest(messages=(Message(Role.USER, prompt),), **options)  # type: ignore[arg-type]
         return await self.service.pipeline.complete(request, key)
+
+
+def state_of(breaker: CircuitBreaker) -> BreakerState:
+    return breaker.state
 
 
 def rig(answers: dict[str, str] | None = None, validators: list[dict[str, object]] | None = None,
         monotonic: Callable[[], float] | None = None, breaking: bool = False) -> Rig:  # fmt: skip
     answers = answers or {}
+
+    def answer_of(n: str) -> Callable[[str, GenerationParams], str]:
+        return lambda p, _: answers.get(n, f"{n} says {p}")
+
     ups = {
         name: (BreakingUpstream if breaking and name == "cheap" else FakeUpstream)(
-            f"{name}-model", lambda p, _, n=name: answers.get(n, f"{n} says {p}")
+            f"{name}-model", answer_of(name)
         )
         for name in ("cheap", "backup", "strong")
     }
-    settings = unit_settings(**({"validators": validators} if validators else {}))
+    settings = unit_settings(None, None, **({"validators": validators} if validators else {}))
     settings = settings.model_copy(
         update={
             "upstream": settings.upstream.model_validate(
@@ -97,8 +107,8 @@ async def test_fallback_provider_answers_when_the_first_fails() -> None:
     r = rig()
     r.ups["cheap"].fail_with = DOWN
     done = await r.ask("q")
-    assert done.model == "backup-model" and done.tier is Tier.CHEAP  # type: ignore[attr-defined]
-    assert done.provider == "backup"  # type: ignore[attr-defined]
+    assert done.model == "backup-model" and done.tier is Tier.CHEAP
+    assert done.provider == "backup"
     assert r.ups["strong"].calls == []
     event = r.events.events[-1]
     assert event["provider"] == "backup" and "HTTP 503" in event["upstream_failures"][0]
@@ -113,11 +123,11 @@ async def test_open_breaker_sheds_without_calling_the_provider() -> None:
     assert breaker.state is BreakerState.OPEN
     done = await r.ask("three")
     assert r.ups["cheap"].calls == ["one", "two"]  # "three" was shed
-    assert any("circuit open" in f for f in done.upstream_failures)  # type: ignore[attr-defined]
+    assert any("circuit open" in f for f in done.upstream_failures)
     r.clock.advance(30)  # half-open: one probe goes out, succeeds, closes the breaker
     r.ups["cheap"].fail_with = None
-    assert (await r.ask("four")).provider == "cheap"  # type: ignore[attr-defined]
-    assert breaker.state is BreakerState.CLOSED
+    assert (await r.ask("four")).provider == "cheap"
+    assert state_of(breaker) is BreakerState.CLOSED  # read anew: mypy keeps the OPEN above
 
 
 async def test_refused_request_does_not_trip_the_breaker() -> None:
@@ -147,8 +157,8 @@ async def test_all_down_serves_a_stale_answer_of_the_same_scope_only() -> None:
     for up in r.ups.values():
         up.fail_with = DOWN
     stale = await r.ask("what is the capital of France")
-    assert stale.cache.stale and stale.text == first.text  # type: ignore[attr-defined]
-    assert stale.cache.outcome is CacheOutcome.EXACT  # type: ignore[attr-defined]
+    assert stale.cache.stale and stale.text == first.text
+    assert stale.cache.outcome is CacheOutcome.EXACT
     with pytest.raises(Unavailable, match="no cached answer"):
         await r.ask("what is the capital of France", key=GLOBEX)
     with pytest.raises(Unavailable, match="no_cache"):
@@ -164,7 +174,7 @@ async def test_expired_entries_are_not_served_while_providers_answer() -> None:
     await r.ask("q")
     r.clock.advance(EXPIRED_IN_GRACE)
     again = await r.ask("q")
-    assert again.cache.outcome is CacheOutcome.MISS and not again.cache.stale  # type: ignore[attr-defined]
+    assert again.cache.outcome is CacheOutcome.MISS and not again.cache.stale
 
 
 async def test_deadline_stops_the_chain() -> None:
@@ -214,7 +224,7 @@ async def test_a_shared_call_that_failed_in_time_fails_for_all_who_shared_it() -
     assert r.ups["cheap"].calls == ["down"]  # one call, its error shared
 
 
-PII_AND_REFUSAL = [
+PII_AND_REFUSAL: list[dict[str, object]] = [
     {"kind": "pii"},
     {"kind": "refusal", "on_fail": "retry"},
     {"kind": "regex", "must_not_match": ["(?i)forbidden"], "on_fail": "block"},
@@ -225,17 +235,17 @@ PII_AND_REFUSAL = [
 async def test_redacted_answer_is_served_and_cached_redacted() -> None:
     r = rig({"cheap": "mail me at a@b.io"}, PII_AND_REFUSAL)
     done = await r.ask("contact?")
-    assert done.text == "mail me at [REDACTED EMAIL]" and done.validation.passed  # type: ignore[attr-defined]
-    assert [x.action for x in done.validation.results if not x.passed] == ["redacted"]  # type: ignore[attr-defined]
-    assert (await r.ask("contact?")).cache.outcome is CacheOutcome.EXACT  # type: ignore[attr-defined]
+    assert done.text == "mail me at [REDACTED EMAIL]" and done.validation.passed
+    assert [x.action for x in done.validation.results if not x.passed] == ["redacted"]
+    assert (await r.ask("contact?")).cache.outcome is CacheOutcome.EXACT
 
 
 async def test_flagged_answer_is_served_but_never_cached() -> None:
     r = rig({"cheap": "maybe 4"}, PII_AND_REFUSAL)
     done = await r.ask("2+2?")
-    assert done.text == "maybe 4" and not done.validation.passed  # type: ignore[attr-defined]
-    assert done.cache.entry_id == ""  # type: ignore[attr-defined]
-    assert (await r.ask("2+2?")).cache.outcome is CacheOutcome.MISS  # type: ignore[attr-defined]
+    assert done.text == "maybe 4" and not done.validation.passed
+    assert done.cache.entry_id == ""
+    assert (await r.ask("2+2?")).cache.outcome is CacheOutcome.MISS
     assert r.events.events[-1]["validation"]["results"][-1]["action"] == "flagged"
 
 
@@ -243,8 +253,8 @@ async def test_refusal_retries_once_then_escalates() -> None:
     r = rig({"cheap": "I'm sorry, but I can't help with that."}, PII_AND_REFUSAL)
     done = await r.ask("q")
     assert r.ups["cheap"].calls == ["q", "q"] and r.ups["strong"].calls == ["q"]
-    assert done.model == "strong-model" and done.validation.escalated  # type: ignore[attr-defined]
-    actions = [x.action for x in done.validation.results if not x.passed]  # type: ignore[attr-defined]
+    assert done.model == "strong-model" and done.validation.escalated
+    actions = [x.action for x in done.validation.results if not x.passed]
     assert actions == ["retried", "escalated"]
 
 
@@ -259,33 +269,36 @@ async def test_block_fails_at_once_and_nothing_is_stored() -> None:
 
 async def test_a_flagged_streamed_answer_is_served_but_never_cached() -> None:
     r = rig({"cheap": "maybe 4"}, PII_AND_REFUSAL)
-    *deltas, final = await collect(r, "2+2?")
-    assert "".join(deltas) == "maybe 4 " and not final.validation.passed  # type: ignore[attr-defined]
-    assert final.cache.entry_id == ""  # type: ignore[attr-defined]
-    again = await collect(r, "2+2?")
-    assert again[-1].cache.outcome is CacheOutcome.MISS  # type: ignore[attr-defined]
+    deltas, final = await collect(r, "2+2?")
+    assert "".join(deltas) == "maybe 4 " and not final.validation.passed
+    assert final.cache.entry_id == ""
+    _, again = await collect(r, "2+2?")
+    assert again.cache.outcome is CacheOutcome.MISS
     assert r.ups["cheap"].calls == ["2+2?", "2+2?"]
 
 
 async def test_tenant_validators_replace_the_default_set() -> None:
     r = rig({"cheap": "mail me at a@b.io"})  # default set: length + json_schema
-    assert (await r.ask("contact?")).text == "mail me at a@b.io"  # type: ignore[attr-defined]
+    assert (await r.ask("contact?")).text == "mail me at a@b.io"
 
 
-async def collect(r: Rig, prompt: str) -> list[object]:
+async def collect(r: Rig, prompt: str) -> tuple[list[str], Completion]:
+    """The streamed text deltas, then the Completion that ends the stream."""
     request = ChatRequest(messages=(Message(Role.USER, prompt),))
-    return [e async for e in r.service.pipeline.complete_stream(request, ACME)]
+    *events, final = [e async for e in r.service.pipeline.complete_stream(request, ACME)]
+    deltas = [e for e in events if isinstance(e, str)]
+    assert deltas == events and isinstance(final, Completion)
+    return deltas, final
 
 
 async def test_stream_falls_back_before_the_first_delta_and_caches_the_answer() -> None:
     r = rig()
     r.ups["cheap"].fail_with = DOWN
-    events = await collect(r, "tell me")
-    *deltas, final = events
-    assert "".join(deltas) == "backup says tell me " and final.provider == "backup"  # type: ignore[attr-defined]
-    assert final.cache.entry_id  # type: ignore[attr-defined]
-    cached = await collect(r, "tell me")
-    assert cached[-1].cache.outcome is CacheOutcome.EXACT  # type: ignore[attr-defined]
+    deltas, final = await collect(r, "tell me")
+    assert "".join(deltas) == "backup says tell me " and final.provider == "backup"
+    assert final.cache.entry_id
+    _, cached = await collect(r, "tell me")
+    assert cached.cache.outcome is CacheOutcome.EXACT
 
 
 async def test_stream_broken_midway_ends_unavailable_and_stores_nothing() -> None:
@@ -310,30 +323,31 @@ async def test_stream_with_all_providers_down_serves_stale() -> None:
     for up in r.ups.values():
         up.fail_with = DOWN
     r.clock.advance(EXPIRED_IN_GRACE)
-    *deltas, final = await collect(r, "q")
-    assert "".join(deltas) == final.text and final.cache.stale  # type: ignore[attr-defined]
+    deltas, final = await collect(r, "q")
+    assert "".join(deltas) == final.text and final.cache.stale
     stats = await r.service.pipeline.admin.stats(ACME)
     assert (stats.requests, stats.misses, stats.exact_hits) == (2, 1, 1)
     assert r.events.events[-1]["kind"] == "completion" and r.events.events[-1]["stale"]
 
 
-def _stages_ms(latency: object) -> float:
-    return sum(v for k, v in vars(latency).items() if k != "total_ms")
+def _stages_ms(latency: LatencyBreakdown) -> float:
+    stages: float = sum(v for k, v in vars(latency).items() if k != "total_ms")
+    return stages
 
 
 async def test_a_streamed_answer_counts_the_whole_request_in_its_total_latency() -> None:
     # Before: a stale streamed answer said total_ms 0, and a model's streamed answer left the
     # exact lookup, the embedding and the search out of its total (less than its own stages).
     r = rig()
-    *_, missed = await collect(r, "q")
-    assert missed.latency.embed_ms > 0  # type: ignore[attr-defined]
-    assert missed.latency.total_ms >= _stages_ms(missed.latency)  # type: ignore[attr-defined]
+    _, missed = await collect(r, "q")
+    assert missed.latency.embed_ms > 0
+    assert missed.latency.total_ms >= _stages_ms(missed.latency)
     for up in r.ups.values():
         up.fail_with = DOWN
     r.clock.advance(EXPIRED_IN_GRACE)
-    *_, stale = await collect(r, "q")
-    assert stale.cache.stale  # type: ignore[attr-defined]
-    assert stale.latency.total_ms >= _stages_ms(stale.latency) > 0  # type: ignore[attr-defined]
+    _, stale = await collect(r, "q")
+    assert stale.cache.stale
+    assert stale.latency.total_ms >= _stages_ms(stale.latency) > 0
 
 
 async def test_stream_validation_failure_ends_failed_precondition() -> None:
@@ -347,14 +361,14 @@ async def test_request_validators_add_to_the_tenants() -> None:
     r = rig({"cheap": "mail me at a@b.io"})
     pii = (RequestValidator("pii"),)
     done = await r.ask("contact?", validators=pii)
-    assert done.text == "mail me at [REDACTED EMAIL]"  # type: ignore[attr-defined]
-    names = {x.name for x in done.validation.results}  # type: ignore[attr-defined]
+    assert done.text == "mail me at [REDACTED EMAIL]"
+    names = {x.name for x in done.validation.results}
     assert names == {"length", "pii"}
     # Cached per set of request validators: a plain request does not get the redacted answer.
     plain = await r.ask("contact?")
-    assert plain.cache.outcome is CacheOutcome.MISS and plain.text == "mail me at a@b.io"  # type: ignore[attr-defined]
+    assert plain.cache.outcome is CacheOutcome.MISS and plain.text == "mail me at a@b.io"
     again = await r.ask("contact?", validators=pii)
-    assert again.cache.outcome is CacheOutcome.EXACT  # type: ignore[attr-defined]
+    assert again.cache.outcome is CacheOutcome.EXACT
 
 
 @pytest.mark.parametrize(

@@ -6,15 +6,17 @@ import threading
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from routecache.cache import faiss_index
 from routecache.cache.faiss_index import IndexPolicy, ScopedFaissIndex
 
 
-def unit_rows(count: int, dimension: int = 32, seed: int = 0) -> np.ndarray:
+def unit_rows(count: int, dimension: int = 32, seed: int = 0) -> npt.NDArray[np.float32]:
     rows = np.random.default_rng(seed).normal(size=(count, dimension)).astype(np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    unit: npt.NDArray[np.float32] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    return unit
 
 
 def test_a_scope_turns_ivf_past_the_threshold_and_still_finds_each_entry() -> None:

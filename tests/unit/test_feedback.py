@@ -34,6 +34,7 @@ async def put(cache: SemanticCache, prompt: str, vector: Vector) -> str:
         NewEntry("acme", SCOPE, prompt, f"answer to {prompt}", "m", Tier.CHEAP, vector,
                  0.01, 10, 10, 3600)
     )  # fmt: skip
+    assert entry is not None
     return entry.entry_id
 
 

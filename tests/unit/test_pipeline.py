@@ -135,7 +135,7 @@ def _service_with(
     classifier: DifficultyClassifier, cheap: FakeUpstream, **tenant: object
 ) -> Service:
     return build_service(
-        unit_settings(**tenant),
+        unit_settings(None, None, **tenant),
         Overrides(
             embedder=HashEmbedder(),
             classifier=classifier,

@@ -532,7 +532,7 @@ def test_values_past_their_bounds_are_refused_naming_the_field(
     overrides: dict[str, object], field: str
 ) -> None:
     with pytest.raises(ConfigError, match=re.escape(f"{field}: ")):
-        load_settings(**overrides)
+        load_settings(None, **overrides)
 
 
 def test_values_at_their_bounds_are_accepted() -> None:

@@ -326,7 +326,9 @@ def test_scoring_latency_is_the_median_call_in_microseconds(
     rows = [RoutingRow(f"p{i}", "mmlu", True, True) for i in range(3)]
     # Three calls of 1, 3 and 100 microseconds: the median is 3, the mean would be 34.7.
     stamps = iter([0, 1_000, 10_000, 13_000, 20_000, 120_000])
-    monkeypatch.setattr(eval_router.time, "perf_counter_ns", lambda: next(stamps))
+    monkeypatch.setattr(
+        "routecache.training.eval_router.time.perf_counter_ns", lambda: next(stamps)
+    )
     classifier = FixedScoreClassifier(0.3, by_text={"p1": 0.9})
     scores, p50_us = eval_router.timed_scores(
         classifier,  # type: ignore[arg-type]
