@@ -140,5 +140,11 @@ class RevokedAfterFirstRead:
             await revoke_key(self._other, key_id, now)
         return found
 
+    async def put(self, record: KeyRecord) -> None:
+        await self._admin.put(record)
+
+    async def update(self, key_id: str, change: Callable[[KeyRecord], KeyRecord]) -> KeyRecord:
+        return await self._admin.update(key_id, change)
+
     def __getattr__(self, name: str) -> object:
         return getattr(self._admin, name)

@@ -873,7 +873,7 @@ async def test_while_redis_is_down_totals_read_before_the_outage_still_count(
     assert (await ledger.totals("acme"))[Period.DAY].cost_usd == pytest.approx(0.4)
     redis.server.kill()
     day = (await ledger.totals("acme"))[Period.DAY]
-    assert (day.cost_usd, day.calls) == (pytest.approx(0.4), 2)
+    assert (day.cost_usd, day.calls) == pytest.approx((0.4, 2))
     assert isinstance(await ledger.reserve("acme", "", 0.7, [Cap(Period.DAY, 1.0)]), CapReached)
 
 
@@ -960,7 +960,7 @@ async def test_pending_spend_keeps_every_total_of_the_calls_it_sums(
         assert (day.cost_usd, day.prompt_tokens, day.completion_tokens, day.calls) == (
             0.5, 200, 40, 2,
         )  # fmt: skip
-        assert (day.saved_usd, day.routing_saved_usd) == (pytest.approx(0.2), pytest.approx(0.1))
+        assert (day.saved_usd, day.routing_saved_usd) == pytest.approx((0.2, 0.1))
 
 
 async def test_after_the_stop_redis_coming_back_starts_no_flush(
@@ -1151,7 +1151,7 @@ async def test_redis_buckets_name_the_one_that_refused_and_keep_their_state(
         tenant, user = Charge("req", 1.0, 10.0, 1.0), Charge("ureq:u", 0.1, 1.0, 1.0)
         assert (await limiter.take("acme", [tenant, user])).allowed
         refused = await limiter.take("acme", [tenant, user])
-        assert (refused.bucket, refused.wait_seconds) == ("ureq:u", pytest.approx(10.0))
+        assert (refused.bucket, refused.wait_seconds) == pytest.approx(("ureq:u", 10.0))
         # Kept until the bucket would be full again (10 s), not a fixed second.
         assert await link.client.pttl(f"{KeySpace().of('acme').rate}:q:ureq:u") > 5000
         clock.advance(1000.0)  # idle: full again, and no fuller

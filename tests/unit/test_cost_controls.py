@@ -122,7 +122,7 @@ async def test_a_request_takes_all_its_buckets_or_none() -> None:
     user = Charge("ureq:u", 0.1, 1.0, 1.0)
     assert (await limiter.take("t", [tenant, user])).allowed
     refused = await limiter.take("t", [tenant, user])
-    assert (refused.bucket, refused.wait_seconds) == ("ureq:u", pytest.approx(10.0))
+    assert (refused.bucket, refused.wait_seconds) == pytest.approx(("ureq:u", 10.0))
     for _ in range(9):  # the tenant bucket still holds the 9 left
         assert (await limiter.take("t", [tenant])).allowed
     assert not (await limiter.take("t", [tenant])).allowed
@@ -138,7 +138,7 @@ async def test_a_refusal_waits_for_the_slowest_bucket_it_needs() -> None:
     fast = Charge("ureq:u", 1.0, 1.0, 1.0)  # in 1 s
     assert (await limiter.take("t", [slow, fast])).allowed
     refused = await limiter.take("t", [slow, fast])
-    assert (refused.bucket, refused.wait_seconds) == ("req", pytest.approx(10.0))
+    assert (refused.bucket, refused.wait_seconds) == pytest.approx(("req", 10.0))
 
 
 async def test_a_wall_clock_stepping_back_refills_no_bucket_twice() -> None:
@@ -394,6 +394,13 @@ async def spend_of(harness: Harness, tenant: str = "acme", user: str = "") -> fl
     return totals[Period.DAY].cost_usd
 
 
+def held_usd(harness: Harness) -> float:
+    """What the harness's in-process ledger holds reserved for acme as a whole."""
+    ledger = harness.service.pipeline.costs.ledger
+    assert isinstance(ledger, InMemorySpendLedger)
+    return ledger.held_usd("acme", "", False)
+
+
 async def served(harness: Harness, request: ChatRequest, *, streamed: bool) -> Completion:
     """The answer to one request of acme's, asked whole or streamed."""
     pipeline = harness.service.pipeline
@@ -565,11 +572,11 @@ class SlowLedger:
     a booking, or a settle, in progress; `waiting` is set once one waits."""
 
     def __init__(self, ledger: SpendLedger, gate: asyncio.Event, held: str = "reserve") -> None:
-        self._ledger, self._gate, self._held = ledger, gate, held
+        self.ledger, self._gate, self._held = ledger, gate, held
         self.waiting = asyncio.Event()
 
     def __getattr__(self, name: str) -> Any:
-        method = getattr(self._ledger, name)
+        method = getattr(self.ledger, name)
         if name != self._held:
             return method
 
@@ -588,7 +595,7 @@ async def test_a_request_sharing_a_call_refused_by_another_users_cap_makes_the_c
     harness = budget_harness(user_daily_usd=1.5 * one)
     complete, costs = harness.service.pipeline.complete, harness.service.pipeline.costs
     await complete(costly("before", user="u1"), ACME)
-    costs.ledger = SlowLedger(costs.ledger, gate := asyncio.Event())  # type: ignore[assignment]
+    costs.ledger = SlowLedger(costs.ledger, gate := asyncio.Event())
     u1 = asyncio.create_task(complete(costly("same", user="u1"), ACME))
     await asyncio.sleep(0.01)
     u2 = asyncio.create_task(complete(costly("same", user="u2"), ACME))
@@ -607,21 +614,22 @@ async def test_a_request_cancelled_while_its_spend_is_settled_still_counts_it(
 ) -> None:
     # The answer was paid for: a caller gone (deadline, disconnect) while its cost is written
     # must not take the write with it. Before: the spend was lost and the reservation held.
-    harness, gate = await cancelled_while_settling(streamed)
+    harness, held, gate = await cancelled_while_settling(streamed)
     closing = asyncio.create_task(harness.service.pipeline.costs.aclose())
     await asyncio.sleep(0.01)
     assert not closing.done()  # the stop waits for the write of the caller gone
     gate.set()
     await closing
     assert await spend_of(harness) > 0
-    assert harness.service.pipeline.costs.ledger.held_usd("acme", "", False) == 0
+    harness.service.pipeline.costs.ledger = held.ledger
+    assert held_usd(harness) == 0
     await harness.service.aclose()
 
 
 async def test_a_spend_write_failing_after_its_caller_left_is_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    harness, gate = await cancelled_while_settling(streamed=False, failing=True)
+    harness, _, gate = await cancelled_while_settling(streamed=False, failing=True)
     gate.set()
     await harness.service.pipeline.costs.aclose()
     assert "the spend of a request whose caller left was not written" in caplog.text
@@ -630,9 +638,9 @@ async def test_a_spend_write_failing_after_its_caller_left_is_logged(
 
 async def cancelled_while_settling(
     streamed: bool, failing: bool = False
-) -> tuple[Harness, asyncio.Event]:
-    """A request of acme's cancelled while its spend is being written, which waits for the
-    gate returned (and then fails, if `failing`)."""
+) -> tuple[Harness, SlowLedger, asyncio.Event]:
+    """A request of acme's cancelled while its spend is being written by the ledger returned,
+    which waits for the gate returned (and then fails, if `failing`)."""
     harness = budget_harness(daily_usd=10.0)
     costs = harness.service.pipeline.costs
     if failing:
@@ -641,13 +649,13 @@ async def cancelled_while_settling(
             raise ConnectionError("the ledger went away")
 
         costs.ledger.settle = unreachable  # type: ignore[method-assign]
-    costs.ledger = held = SlowLedger(costs.ledger, gate := asyncio.Event(), "settle")  # type: ignore[assignment]
+    costs.ledger = held = SlowLedger(costs.ledger, gate := asyncio.Event(), "settle")
     request = asyncio.create_task(served(harness, costly("q"), streamed=streamed))
     await held.waiting.wait()
     request.cancel()
     with pytest.raises(asyncio.CancelledError):
         await request
-    return harness, gate
+    return harness, held, gate
 
 
 @pytest.mark.parametrize("streamed", [False, True])
@@ -797,7 +805,12 @@ async def test_a_capped_request_without_max_tokens_is_called_with_the_services_b
     # Its worst case was reserved for limits.max_output_tokens: the call must be held to it.
     harness = budget_harness(daily_usd=10.0)
     asked: list[int | None] = []
-    harness.cheap.answer = lambda prompt, params: asked.append(params.max_tokens) or "fine"
+
+    def answer(prompt: str, params: GenerationParams) -> str:
+        asked.append(params.max_tokens)
+        return "fine"
+
+    harness.cheap.answer = answer
     await harness.service.pipeline.complete(ask("no bound given"), ACME)
     assert asked == [4096]
     await harness.service.aclose()
@@ -870,7 +883,7 @@ async def test_a_settled_request_stops_holding_its_reservation() -> None:
     complete = harness.service.pipeline.complete
     await complete(costly("q0"), ACME)
     await complete(costly("q1"), ACME)  # fits beside the first's spend, not its reservation
-    assert harness.service.pipeline.costs.ledger.held_usd("acme", "", False) == 0
+    assert held_usd(harness) == 0
     await harness.service.aclose()
 
 
@@ -918,14 +931,14 @@ async def test_a_stream_cancelled_before_its_first_word_pays_nothing() -> None:
     harness = budget_harness(daily_usd=10.0)
     harness.strong.gate = asyncio.Event()  # the call never answers
     stream = harness.service.pipeline.complete_stream(costly("q"), ACME)
-    waiting = asyncio.create_task(anext(stream))  # type: ignore[arg-type]
+    waiting = asyncio.create_task(anext(stream))
     while not harness.strong.calls:  # noqa: ASYNC110
         await asyncio.sleep(0.001)
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert await spend_of(harness) == 0
-    assert harness.service.pipeline.costs.ledger.held_usd("acme", "", False) == 0
+    assert held_usd(harness) == 0
     await harness.service.aclose()
 
 

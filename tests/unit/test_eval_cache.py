@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from routecache.cache.embedder import HashEmbedder
@@ -48,7 +50,7 @@ PAIRS = [
 class _NoScorer:
     """A cross-encoder stand-in whose logit is always 0: the probability follows the cosine."""
 
-    def logits(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+    def logits(self, pairs: Sequence[tuple[str, str]]) -> npt.NDArray[np.float32]:
         return np.zeros(len(pairs), dtype=np.float32)
 
 

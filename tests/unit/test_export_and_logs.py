@@ -7,10 +7,12 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, Never, TypeAlias
 
+import grpc
+import grpc.aio
 import pandas as pd
 import pytest
 
@@ -27,6 +29,11 @@ from routecache.router.servicer import RouteCacheServicer
 from routecache.router.settings import ConfigError, load_settings
 from routecache.v1 import routecache_pb2 as pb
 from tests.unit.conftest import KEYS, make_harness
+
+if TYPE_CHECKING:
+    from grpc import Status
+
+    MetadataType: TypeAlias = grpc.aio.Metadata | Sequence[tuple[str, str | bytes]]
 
 NOW = 1_700_000_000.0
 
@@ -199,27 +206,67 @@ class Aborted(Exception):
     pass
 
 
-class FakeContext:
-    """The servicer context as the RPC handlers use it: metadata, deadline, abort."""
+class FakeContext(grpc.aio.ServicerContext[Any, Any]):
+    """The servicer context as the RPC handlers use it: metadata, deadline, abort. The rest
+    of grpc's abstract context is never called by them."""
 
     def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
         self._metadata = metadata
 
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        return self._metadata
+    def invocation_metadata(self) -> grpc.aio.Metadata:
+        return grpc.aio.Metadata(*self._metadata)
 
     def time_remaining(self) -> float:
         return 30.0
 
-    def set_trailing_metadata(self, metadata: object) -> None:
+    def set_trailing_metadata(self, trailing_metadata: MetadataType) -> None:
         pass
 
-    async def abort(self, code: object, details: str) -> None:
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: MetadataType = ()
+    ) -> Never:
         raise Aborted(details)
 
+    async def abort_with_status(self, status: Status) -> Never:
+        raise NotImplementedError
 
+    async def read(self) -> Any:
+        raise NotImplementedError
+
+    async def write(self, message: Any) -> None:
+        raise NotImplementedError
+
+    async def send_initial_metadata(self, initial_metadata: MetadataType) -> None:
+        raise NotImplementedError
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        raise NotImplementedError
+
+    def set_details(self, details: str) -> None:
+        raise NotImplementedError
+
+    def set_compression(self, compression: grpc.Compression) -> None:
+        raise NotImplementedError
+
+    def disable_next_message_compression(self) -> None:
+        raise NotImplementedError
+
+    def peer(self) -> str:
+        raise NotImplementedError
+
+    def peer_identities(self) -> Iterable[bytes] | None:
+        raise NotImplementedError
+
+    def peer_identity_key(self) -> str | None:
+        raise NotImplementedError
+
+    def auth_context(self) -> Mapping[str, Iterable[bytes]]:
+        raise NotImplementedError
+
+
+COMPLETE = pb.CompleteRequest(messages=[pb.ChatMessage(role=pb.ROLE_USER, content="q")])
 RPCS = {
-    "Complete": pb.CompleteRequest(messages=[pb.ChatMessage(role=pb.ROLE_USER, content="q")]),
+    "Complete": COMPLETE,
     "Feedback": pb.FeedbackRequest(response_id="unknown"),
     "Invalidate": pb.InvalidateRequest(all=True),
     "GetStats": pb.GetStatsRequest(top_n=3),
@@ -246,7 +293,7 @@ async def test_a_stream_adopts_the_callers_request_id() -> None:
     REQUEST_ID.set("-")
     context = FakeContext((("authorization", f"Bearer {KEYS['acme']}"),
                            ("x-request-id", "req-stream")))  # fmt: skip
-    replies = [reply async for reply in servicer.CompleteStream(RPCS["Complete"], context)]
+    replies = [reply async for reply in servicer.CompleteStream(COMPLETE, context)]
     assert replies[-1].HasField("final")
     assert REQUEST_ID.get() == "req-stream"
     assert harness.events.events  # the completion event, logged under the caller's id

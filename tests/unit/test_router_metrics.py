@@ -125,7 +125,7 @@ def test_summary_cpt50_and_cpt80_are_the_fractions_reaching_half_and_most_of_the
     assert summary["cpt50"] == pytest.approx(0.5)
     assert summary["cpt80"] == pytest.approx(0.8)
     report = metrics.threshold_report(-np.arange(10.0), weak, strong, threshold=-3.0)
-    assert (report["cpt50"], report["cpt80"]) == (pytest.approx(0.5), pytest.approx(0.8))
+    assert (report["cpt50"], report["cpt80"]) == pytest.approx((0.5, 0.8))
 
 
 def test_threshold_report_gives_each_models_own_accuracy() -> None:

@@ -30,7 +30,8 @@ async def test_a_failed_call_nobody_shared_leaves_no_unretrieved_exception(
 
 async def test_callers_left_by_a_cancelled_maker_share_one_new_call() -> None:
     flight: SingleFlight[str] = SingleFlight()
-    gate, calls = asyncio.Event(), []
+    gate = asyncio.Event()
+    calls: list[int] = []
 
     async def work() -> str:
         calls.append(len(calls))
@@ -52,7 +53,8 @@ async def test_callers_left_by_a_cancelled_maker_share_one_new_call() -> None:
 
 async def test_by_default_a_shared_calls_failure_is_every_sharers_failure() -> None:
     flight: SingleFlight[str] = SingleFlight()
-    gate, calls = asyncio.Event(), []
+    gate = asyncio.Event()
+    calls: list[int] = []
 
     async def fails() -> str:
         calls.append(1)

@@ -122,12 +122,13 @@ async def test_prometheus_series_follow_the_requests() -> None:
 
 def test_watched_gauges_are_read_at_scrape_time() -> None:
     prometheus = PrometheusTelemetry()
-    state = {"breaker": 0.0, "redis": True}
-    prometheus.watch_breaker("gpt-4", lambda: state["breaker"])
-    prometheus.watch_dependency("redis", lambda: state["redis"])
+    breaker = {"gpt-4": 0.0}
+    up = {"redis": True}
+    prometheus.watch_breaker("gpt-4", lambda: breaker["gpt-4"])
+    prometheus.watch_dependency("redis", lambda: up["redis"])
     registry = prometheus.registry
     assert sample(registry, "routecache_breaker_state", provider="gpt-4") == 0
-    state.update(breaker=BREAKER_OPEN, redis=False)
+    breaker["gpt-4"], up["redis"] = BREAKER_OPEN, False
     assert sample(registry, "routecache_breaker_state", provider="gpt-4") == BREAKER_OPEN
     assert registry.get_sample_value("routecache_dependency_up", {"dependency": "redis"}) == 0
 

@@ -330,7 +330,7 @@ def test_cache_mode_recall_is_at_the_threshold_kept_when_the_pairs_need_it_highe
     in_cache = (lookups.cosine >= rule.cosine_floor) & (
         rule.probabilities(lookups.rows) >= threshold
     )
-    recall = rule.metadata["cache_mode_recall"]["0.01"]  # type: ignore[index]
+    recall = rule.metadata["cache_mode_recall"]["0.01"]
     assert recall == pytest.approx(in_cache[lookups.labels].mean()) and recall < 0.95
 
 
