@@ -52,7 +52,7 @@ async def test_stop_tells_health_watchers_not_serving_before_draining(
     # stopped says NOT_SERVING while it drains, so no new calls are sent its way.
     await running.set_serving(True)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        watch = health_pb2_grpc.HealthStub(channel).Watch(
+        watch = health_pb2_grpc.HealthStub(channel).Watch(  # type: ignore[attr-defined]  # types-grpcio-health-checking's HealthStub lists no methods
             health_pb2.HealthCheckRequest(service=SERVICE_NAME)
         )
         assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING

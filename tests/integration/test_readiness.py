@@ -64,7 +64,7 @@ class GatedTelemetry(RecordingTelemetry):
 
 SNAPSHOT_ENTRY = CacheEntry(
     entry_id="acme:kept", tenant="acme", scope="acme:s", exact_key="acme:s:kept", prompt="q",
-    answer="a", model="m", tier=Tier.CHEAP, embedding=np.ones(4, dtype=np.float32) / 2,
+    answer="a", model="m", tier=Tier.CHEAP, embedding=np.full(4, 0.5, dtype=np.float32),
     created_at=0.0, expires_at=1e12, cost_usd=0.0,
 )  # fmt: skip
 

@@ -50,7 +50,7 @@ async def health_of(replica: Replica, name: str) -> int:
     assert replica.service.server is not None
     async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.service.server.port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        reply = await stub.Check(health_pb2.HealthCheckRequest(service=name))
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=name))  # type: ignore[attr-defined]  # types-grpcio-health-checking's HealthStub lists no methods
         status: int = reply.status
         return status
 
@@ -64,7 +64,7 @@ def redis_up_metric(replica: Replica) -> float | None:
 def stream_events(server: RedisServer) -> list[dict[str, object]]:
     client = redis.Redis(host="127.0.0.1", port=server.port)
     try:
-        return [json.loads(f[b"data"]) for _, f in client.xrange("rc:{acme}:events")]
+        return [json.loads(f[b"data"]) for _, f in client.xrange("rc:{acme}:events")]  # type: ignore[union-attr]  # redis-py types a sync client's reply Awaitable | Any
     finally:
         client.close()
 
@@ -129,7 +129,7 @@ def _redis_cost(server: RedisServer, key: str) -> float:
     """The `cost` field of a spend hash (docs/redis-keys.md)."""
     client = redis.Redis(host="127.0.0.1", port=server.port)
     try:
-        return float(client.hget(key, "cost") or 0.0)
+        return float(client.hget(key, "cost") or 0.0)  # type: ignore[arg-type]  # redis-py types a sync client's reply Awaitable | Any
     finally:
         client.close()
 
@@ -190,7 +190,7 @@ async def test_health_is_not_serving_until_the_index_is_rebuilt(
         stub = health_pb2_grpc.HealthStub(channel)
         while not starting.done():
             try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)  # type: ignore[attr-defined]  # types-grpcio-health-checking's HealthStub lists no methods
                 seen.append(reply.status)
             except grpc.aio.AioRpcError:
                 pass  # not listening yet, or no status set yet
@@ -198,7 +198,7 @@ async def test_health_is_not_serving_until_the_index_is_rebuilt(
         replica = await starting
         try:
             assert NOT_SERVING in seen
-            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""))
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""))  # type: ignore[attr-defined]  # types-grpcio-health-checking's HealthStub lists no methods
             assert reply.status == SERVING
         finally:
             await replica.service.aclose()

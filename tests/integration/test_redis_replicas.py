@@ -125,8 +125,11 @@ async def test_ttl_expiry_on_both_replicas(pair: tuple[Replica, Replica], clock:
     clock.advance(a.service.settings.upstream.stale_grace_seconds)
     # The sweep unlinks it in Redis and tells every replica's index, the sweeper's own too.
     for replica in (a, b):
-        await eventually(lambda r=replica: stored.cache.entry_id not in ids_near(r, "acme", prompt),
-                         "expired entry left the index")  # fmt: skip
+
+        def left_the_index(r: Replica = replica) -> bool:
+            return stored.cache.entry_id not in ids_near(r, "acme", prompt)
+
+        await eventually(left_the_index, "expired entry left the index")
     assert redis_server_keys(redis_server, "*:e:*") == []
 
 
@@ -255,6 +258,6 @@ def new_entry(prompt: str, vector: Vector) -> NewEntry:
 def redis_server_keys(server: RedisServer, pattern: str) -> list[bytes]:
     client = redis.Redis(host="127.0.0.1", port=server.port)
     try:
-        return sorted(client.keys(pattern))
+        return sorted(client.keys(pattern))  # type: ignore[arg-type]  # redis-py types a sync client's reply Awaitable | Any
     finally:
         client.close()

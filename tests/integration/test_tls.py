@@ -102,9 +102,9 @@ async def test_tls_answers_health_and_reflection_on_the_same_port(
         assert done.text == "answer to hello over tls"
         assert await client.health() == "SERVING"
     async with grpc.aio.secure_channel(tls_service, tls.credentials()) as channel:
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)  # type: ignore[arg-type]  # the reflection stubs type only a sync channel
         request = reflection_pb2.ServerReflectionRequest(list_services="")
-        replies = [r async for r in stub.ServerReflectionInfo(iter([request]))]
+        replies = [r async for r in stub.ServerReflectionInfo(iter([request]))]  # type: ignore[operator]  # the reflection stubs leave the method untyped
     names = {s.name for s in replies[0].list_services_response.service}
     assert SERVICE_NAME in names and "grpc.health.v1.Health" in names
 

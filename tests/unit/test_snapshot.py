@@ -9,6 +9,7 @@ from pathlib import Path
 from threading import Event
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from routecache.backends.storage import EmbeddedStorage
@@ -117,11 +118,13 @@ class _SlowFirstSnapshotStore(InMemoryEntryStore):
         return _GatedList(entries, self.entered, self.release)
 
 
-def _entry(name: str, embedding: np.ndarray | None = None, expires_at: float = 1e12) -> CacheEntry:
+def _entry(
+    name: str, embedding: npt.NDArray[np.float32] | None = None, expires_at: float = 1e12
+) -> CacheEntry:
     return CacheEntry(
         entry_id=f"acme:{name}", tenant="acme", scope="acme:s", exact_key=f"acme:s:{name}",
         prompt=name, answer=name, model="m", tier=Tier.CHEAP,
-        embedding=np.ones(4, dtype=np.float32) / 2 if embedding is None else embedding,
+        embedding=np.full(4, 0.5, dtype=np.float32) if embedding is None else embedding,
         created_at=0.0, expires_at=expires_at, cost_usd=0.0,
     )  # fmt: skip
 
