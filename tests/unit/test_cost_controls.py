@@ -645,10 +645,10 @@ async def cancelled_while_settling(
     costs = harness.service.pipeline.costs
     if failing:
 
-        async def unreachable(*args: object) -> Movement:
+        async def unreachable(reservation: Reservation | None, record: SpendRecord) -> Movement:
             raise ConnectionError("the ledger went away")
 
-        costs.ledger.settle = unreachable  # type: ignore[method-assign]
+        setattr(costs.ledger, "settle", unreachable)  # noqa: B010  # a method, replaced
     costs.ledger = held = SlowLedger(costs.ledger, gate := asyncio.Event(), "settle")
     request = asyncio.create_task(served(harness, costly("q"), streamed=streamed))
     await held.waiting.wait()
