@@ -49,28 +49,19 @@ def positive_number(text: str) -> float:
     return value
 
 
-def fractions(text: str) -> list[float]:
-    """An argparse type: numbers strictly between 0 and 1, separated by commas (false-hit
-    budgets, where 0 and 1 are no budget; `numbers_between` takes its bounds)."""
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas: {text}") from error
-    if not values or any(not 0 < v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"each value must be between 0 and 1: {text}")
-    return values
-
-
-def number_between(low: float, high: float) -> Callable[[str], float]:
-    """An argparse type: a finite number from low to high (NaN and infinities refused)."""
+def number_between(low: float, high: float, *, above_low: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number from low (or, `above_low`, above it) to high."""
 
     def parse(text: str) -> float:
         value = _number(text)
-        if not math.isfinite(value) or not low <= value <= high:
+        fits = low < value if above_low else low <= value
+        if not math.isfinite(value) or not fits or value > high:
             if math.isinf(low) and math.isinf(high):
                 bounds = "finite"
             elif math.isinf(high):
                 bounds = f"{low:g} or more (finite)"
+            elif above_low:
+                bounds = f"above {low:g} and at most {high:g}"
             else:
                 bounds = f"from {low:g} to {high:g}"
             raise argparse.ArgumentTypeError(f"{text}: must be {bounds}")
@@ -79,9 +70,8 @@ def number_between(low: float, high: float) -> Callable[[str], float]:
     return parse
 
 
-def numbers_between(low: float, high: float) -> Callable[[str], list[float]]:
-    """An argparse type: finite numbers from low to high, both included, separated by commas."""
-    one = number_between(low, high)
+def listed(one: Callable[[str], float]) -> Callable[[str], list[float]]:
+    """An argparse type: one or more values of `one`, separated by commas."""
 
     def parse(text: str) -> list[float]:
         values = [one(part) for part in text.split(",") if part.strip()]
@@ -90,3 +80,7 @@ def numbers_between(low: float, high: float) -> Callable[[str], list[float]]:
         return values
 
     return parse
+
+
+# False-hit budgets: 0 and 1 are no budget at all (nothing served, anything served).
+fractions = listed(fraction)

@@ -29,7 +29,7 @@ import numpy.typing as npt
 
 from routecache.cache.hit_policy import CosinePolicy, HitPolicy, HitRequirement, HitVerdict
 from routecache.cache.ports import Embedder, VectorIndex
-from routecache.cli_args import fractions, numbers_between, positive_int
+from routecache.cli_args import fractions, listed, number_between, positive_int
 from routecache.training.data_files import exits_2_on_data_error
 from routecache.training.pair_data import (
     LabelledPair,
@@ -240,8 +240,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=["pairwise", "cache"], default="pairwise")
     parser.add_argument("--policy", choices=["verified", "cosine"], default=None,
                         help="default: as configured (cache.verifier)")  # fmt: skip
-    # 0 and 1 are thresholds too (every non-negative cosine; identical embeddings only).
-    parser.add_argument("--cosine-threshold", type=numbers_between(0, 1), default=None,
+    # As cache.similarity_threshold takes them: 1 (identical embeddings only) is one, 0 not.
+    thresholds = listed(number_between(0, 1, above_low=True))
+    parser.add_argument("--cosine-threshold", type=thresholds, default=None,
                         help="cosine threshold(s): default cache.similarity_threshold")  # fmt: skip
     parser.add_argument("--limit", type=positive_int, default=None, help="only the first N pairs")
     parser.add_argument("--latency", action="store_true", help="also time the verifier per pair")

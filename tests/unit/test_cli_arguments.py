@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from routecache.cli_args import at_least, fraction, number_between, numbers_between
+from routecache.cli_args import at_least, fraction, fractions, listed, number_between
 from routecache.router.cli import main
 
 
@@ -141,13 +141,26 @@ def test_number_between_takes_both_bounds() -> None:
     assert number_between(-math.inf, math.inf)("-1e300") == -1e300
 
 
-def test_numbers_between_takes_both_bounds_in_a_list_and_names_a_bad_one() -> None:
-    parse = numbers_between(0, 1)
+def test_a_listed_number_type_takes_a_list_and_names_a_bad_one() -> None:
+    parse = listed(number_between(0, 1))
     assert parse("0, 0.5,1") == [0.0, 0.5, 1.0]
     with pytest.raises(argparse.ArgumentTypeError, match=r"^1\.5: must be from 0 to 1$"):
         parse("0.5,1.5")
     with pytest.raises(argparse.ArgumentTypeError, match=r"^expected numbers separated by commas"):
         parse(" , ")
+
+
+def test_number_between_above_low_refuses_low_and_says_so() -> None:
+    parse = number_between(0, 1, above_low=True)
+    assert parse("1") == 1.0 and parse("1e-9") == 1e-9
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^0: must be above 0 and at most 1$"):
+        parse("0")
+
+
+@pytest.mark.parametrize("text", ["0", "1", "0.5,1", "nan"])
+def test_fractions_refuse_0_and_1(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="strictly between 0 and 1"):
+        fractions(text)
 
 
 def test_a_fraction_that_is_not_a_number_is_named() -> None:

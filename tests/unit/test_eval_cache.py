@@ -305,19 +305,20 @@ def test_cli_refuses_a_budget_outside_zero_to_one(
     assert "--max-false-hit-rate" in capsys.readouterr().err
 
 
-def test_cli_takes_cosine_thresholds_of_0_and_1(
+def test_cli_takes_a_cosine_threshold_of_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # Both are thresholds: 1 serves only identical embeddings, 0 every non-negative cosine.
-    # They were refused as if they were budgets, which must lie strictly between 0 and 1.
+    # 1 serves only identical embeddings: a threshold cache.similarity_threshold takes too.
+    # It was refused as if it were a budget, which must lie strictly between 0 and 1.
     argv = ["eval-cache", "--pairs", str(_pairs_file(tmp_path))]
-    argv += ["--config", str(_hash_config(tmp_path)), "--json", "--cosine-threshold", "0,1"]
+    argv += ["--config", str(_hash_config(tmp_path)), "--json", "--cosine-threshold", "0.5,1"]
     assert main(argv) == 0
     reports = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["cosine_threshold"] for r in reports] == [0.0, 1.0]
+    assert [r["cosine_threshold"] for r in reports] == [0.5, 1.0]
 
 
-@pytest.mark.parametrize("threshold", ["-0.1", "1.01", "0.5,nan", "high", ""])
+# 0: the service's settings refuse it (similarity_threshold must be above 0).
+@pytest.mark.parametrize("threshold", ["-0.1", "0", "1.01", "0.5,nan", "high", ""])
 def test_cli_refuses_a_cosine_threshold_outside_0_to_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], threshold: str
 ) -> None:
