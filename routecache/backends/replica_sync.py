@@ -72,7 +72,7 @@ class ReplicaSync:
         self._last: dict[str, str] = {}  # sync stream key → last applied id
         # Until a rebuild finished (e.g. Redis was down at start) the run loop owes one.
         self._resync = True
-        self.applied = 0
+        self.applied = 0  # other replicas' operations taken in, as poll() counts them
         self._on_removed: RemovalListener = index.remove
         link.subscribe(self._on_health)
 
@@ -162,7 +162,8 @@ class ReplicaSync:
                 await self._link.mark_down(exc)
 
     async def poll(self) -> int:
-        """Reads and applies one batch of sync operations; returns how many were applied."""
+        """Reads and applies one batch of sync operations; returns how many of them were other
+        replicas' (each counted, though only an id's last one in the batch decides its state)."""
         if not self._last:
             return 0
         answer = await self._link.blocking.xread(self._last, count=1000, block=self._link.block_ms)
