@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from routecache.replay.recordings import ModelRole, weak_breaks_json
+from routecache.router.tokens import estimate_tokens, prompt_tokens_estimate
 
 JSON_FORMATS = frozenset({"json_object", "json_schema"})
 _FORMATS = JSON_FORMATS | {"text"}
@@ -32,15 +32,11 @@ class ChatCall:
 
     model: str
     prompt: str  # the last user message: what recordings are keyed on
-    prompt_chars: int  # all message text, for the usage estimate
+    prompt_tokens: int  # the router's estimate of what was sent: messages and JSON schema
     stream: bool = False
     max_tokens: int | None = None
     wants_json: bool = False
     include_usage: bool = False
-
-
-def estimate_tokens(chars: int) -> int:
-    return math.ceil(chars / 4)
 
 
 def parse_chat_call(body: object) -> ChatCall:
@@ -56,13 +52,16 @@ def parse_chat_call(body: object) -> ChatCall:
         raise RequestError("'stream' must be a boolean", "stream")
     max_tokens = _max_tokens(body)
     options = body.get("stream_options") or {}
+    response_format = body.get("response_format")
     return ChatCall(
         model=model,
         prompt=_prompt(contents),
-        prompt_chars=len("\n".join(text for _, text in contents)),
+        prompt_tokens=prompt_tokens_estimate(
+            (text for _, text in contents), _schema(response_format)
+        ),
         stream=stream,
         max_tokens=max_tokens,
-        wants_json=_format_type(body.get("response_format")) in JSON_FORMATS,
+        wants_json=_format_type(response_format) in JSON_FORMATS,
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
     )
 
@@ -147,6 +146,15 @@ def _format_type(response_format: object) -> str:
     return str(kind)
 
 
+def _schema(response_format: object) -> object | None:
+    """The JSON Schema of a json_schema response_format (`json_schema.schema`), if it has one:
+    it is sent to the model, so a provider counts it as prompt tokens."""
+    if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
+        return None
+    json_schema = response_format.get("json_schema")
+    return json_schema.get("schema") if isinstance(json_schema, dict) else None
+
+
 def shape_answer(text: str, role: ModelRole, call: ChatCall) -> tuple[str, str]:
     """Apply JSON mode and max_tokens to a recorded answer; returns (text, finish_reason).
 
@@ -161,8 +169,8 @@ def shape_answer(text: str, role: ModelRole, call: ChatCall) -> tuple[str, str]:
 
 
 def usage(call: ChatCall, answer: str) -> dict[str, int]:
-    prompt_tokens = estimate_tokens(call.prompt_chars)
-    completion_tokens = estimate_tokens(len(answer))
+    prompt_tokens = call.prompt_tokens
+    completion_tokens = estimate_tokens(answer)
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,

@@ -34,7 +34,7 @@ from routecache.router.quotas import (
     user_slot,
 )
 from routecache.router.telemetry import Telemetry
-from routecache.router.upstream.openai_client import estimate_tokens
+from routecache.router.tokens import estimate_tokens, request_prompt_tokens
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,6 @@ _BUCKET_NAMES = {
     "ureq": "requests of this end user",
     "utok": "tokens of this end user",
 }
-
-
-def prompt_tokens_estimate(request: ChatRequest) -> int:
-    return estimate_tokens("\n".join(m.content for m in request.messages))
 
 
 def caps_of(budget: Budget, user: str = "") -> list[Cap]:
@@ -99,7 +95,7 @@ class CostControl:
 
     async def admit(self, tenant: Tenant, request: ChatRequest) -> None:
         """Take the request and its prompt's tokens from the tenant's and the user's buckets."""
-        charges = admission_charges(tenant, request.end_user_id, prompt_tokens_estimate(request))
+        charges = admission_charges(tenant, request.end_user_id, request_prompt_tokens(request))
         verdict = await self.quotas.take(tenant.name, charges)
         if not verdict.allowed:
             self._telemetry.cost_control(tenant.name, "rate_limited")
@@ -159,7 +155,7 @@ class CostControl:
         self, tenant: Tenant, request: ChatRequest, tier: Tier, *, cheap_only: bool,
         streaming: bool = False,
     ) -> float:  # fmt: skip
-        prompt = prompt_tokens_estimate(request)
+        prompt = request_prompt_tokens(request)
         output = request.params.max_tokens or self._max_output_tokens
         calls = self._generator.worst_case_calls(
             request, tier, tenant=tenant.name, cheap_only=cheap_only, streaming=streaming
@@ -201,7 +197,7 @@ class CostControl:
         if not sent:
             await self.release(booking)
             return
-        prompt, completion = prompt_tokens_estimate(request), estimate_tokens(sent)
+        prompt, completion = request_prompt_tokens(request), estimate_tokens(sent)
         chain = self._generator.failover.chain(booking.tier, not booking.cheap_only)
         cost = max(p.pricing.cost(prompt, completion) for _, p in chain)
         record = SpendRecord(tenant.name, user_slot(request.end_user_id), cost, prompt,

@@ -7,9 +7,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from routecache.router.costs import prompt_tokens_estimate
 from routecache.router.messages import request_from_pb
-from routecache.router.upstream.openai_client import estimate_tokens
+from routecache.router.tokens import estimate_tokens, request_prompt_tokens
 from routecache.v1 import routecache_pb2 as pb
 
 _OUTCOME = {
@@ -32,7 +31,7 @@ class DemoResult:
 def prompt_tokens(request: pb.CompleteRequest) -> int:
     """The prompt tokens the strong model would have been sent, counted by the service's own
     estimate (what its cost controls and the replay upstream count)."""
-    return prompt_tokens_estimate(request_from_pb(request))
+    return request_prompt_tokens(request_from_pb(request))
 
 
 def percentile(values: Sequence[float], q: float) -> float:

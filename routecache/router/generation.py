@@ -11,8 +11,8 @@ from routecache.domain import ChatRequest, Tier, ValidationReport, ValidatorResu
 from routecache.errors import FailedValidation
 from routecache.router.releasing import ReleaseStep, release_all
 from routecache.router.settings import LimitSettings
+from routecache.router.tokens import estimate_tokens, request_prompt_tokens
 from routecache.router.upstream.failover import Answered, Failover, Provider
-from routecache.router.upstream.openai_client import estimate_tokens
 from routecache.router.validation import (
     ACTION_DONE,
     Configured,
@@ -193,7 +193,7 @@ class Generator:
         validate_ms = (time.perf_counter() - started) * 1000
         failing = {v.name: v.on_fail for v, r in zip(validators, results, strict=True)
                    if not r.passed}  # fmt: skip
-        prompt_tokens = estimate_tokens("\n".join(m.content for m in request.messages))
+        prompt_tokens = request_prompt_tokens(request)
         completion_tokens = estimate_tokens(text)
         cost = opened.provider.pricing.cost(prompt_tokens, completion_tokens)
         if _decide([v for v in validators if v.name in failing], True, Tier.STRONG):

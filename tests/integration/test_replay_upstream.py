@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from routecache.domain import (
+    ChatRequest,
     GenerationParams,
     Message,
     ResponseFormat,
@@ -27,6 +28,7 @@ from routecache.errors import UpstreamError
 from routecache.replay import FaultKind, Recordings, ReplayConfig, start_replay_server
 from routecache.replay.build_fixture import main as build_fixture
 from routecache.replay.server import RunningReplayServer
+from routecache.router.tokens import request_prompt_tokens
 from routecache.router.upstream import OpenAIChatClient
 
 pytestmark = pytest.mark.integration
@@ -100,6 +102,22 @@ async def streamed(client: OpenAIChatClient, messages: list[Message], into: list
 
 
 # --- answers -------------------------------------------------------------------------------
+
+
+async def test_the_reported_prompt_tokens_are_the_services_estimate_schema_included(
+    client_for: ClientFactory,
+) -> None:
+    # The service reserves and rate-limits on its own estimate: the replay upstream reports
+    # the same count, the JSON schema sent included, however the caller spaced the schema.
+    schema = '{ "type": "object",  "required": ["answer"] }'
+    params = GenerationParams(
+        response_format=ResponseFormat(ResponseFormatType.JSON_SCHEMA, schema)
+    )
+    messages = [Message(Role.SYSTEM, "Be brief."), *ask(UNKNOWN_PROMPT)]
+    reply = await client_for().complete(messages, params)
+    assert reply.prompt_tokens == request_prompt_tokens(ChatRequest(tuple(messages), params))
+    plain = await client_for().complete(messages, GenerationParams())
+    assert reply.prompt_tokens > plain.prompt_tokens
 
 
 @pytest.mark.parametrize(("model", "field"), [(WEAK, "weak_response"), (STRONG, "strong_response")])

@@ -7,6 +7,7 @@ import datetime as dt
 import math
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -49,12 +50,11 @@ from routecache.router.budget import (
     period_ids,
     seconds_to_period_end,
 )
-from routecache.router.costs import prompt_tokens_estimate
 from routecache.router.error_mapping import RETRY_AFTER_KEY, status_of, trailing_metadata_of
 from routecache.router.events import InMemoryEventLog
 from routecache.router.quotas import Charge, InMemoryQuotaLimiter, user_slot
+from routecache.router.tokens import estimate_tokens, request_prompt_tokens
 from routecache.router.upstream.failover import AllProvidersFailed
-from routecache.router.upstream.openai_client import estimate_tokens
 from tests.fakes import ManualClock, RecordingTelemetry
 from tests.unit.conftest import KEYS, Harness, make_harness
 from tests.unit.test_pipeline import ask
@@ -858,9 +858,26 @@ async def test_the_worst_case_adds_up_every_call_and_the_prompt() -> None:
     streamed = costs.worst_case_usd(tenant, request, Tier.CHEAP, cheap_only=False, streaming=True)
     assert streamed == pytest.approx(strong)  # a stream makes one call
     long = costly("q" * 400)
-    more = prompt_tokens_estimate(long) - prompt_tokens_estimate(request)
+    more = request_prompt_tokens(long) - request_prompt_tokens(request)
     longer = costs.worst_case_usd(tenant, long, Tier.STRONG, cheap_only=False)
     assert more > 0 and longer == pytest.approx(strong + more * 10.0 / 1e6)  # 10 USD/Mtok
+    await harness.service.aclose()
+
+
+async def test_the_worst_case_counts_a_json_schema_as_prompt_tokens() -> None:
+    # The schema goes to the model with the messages and is billed as prompt tokens.
+    harness = make_harness(validators=[])
+    costs = harness.service.pipeline.costs
+    tenant = harness.service.pipeline._p.authenticator.authenticate(ACME)
+    plain = costly("q")
+    schema = '{"type":"object","properties":{"answer":{"type":"string"}}}'
+    form = ResponseFormat(ResponseFormatType.JSON_SCHEMA, schema)
+    schemed = replace(plain, params=replace(plain.params, response_format=form))
+    more = request_prompt_tokens(schemed) - request_prompt_tokens(plain)
+    assert more == estimate_tokens("q\n" + schema) - estimate_tokens("q") > 10
+    worst = costs.worst_case_usd(tenant, schemed, Tier.STRONG, cheap_only=False)
+    base = costs.worst_case_usd(tenant, plain, Tier.STRONG, cheap_only=False)
+    assert worst == pytest.approx(base + more * 10.0 / 1e6)  # 10 USD/Mtok
     await harness.service.aclose()
 
 
@@ -921,7 +938,7 @@ async def test_a_stream_cut_short_pays_one_call_at_the_tiers_price() -> None:
         if await spend_of(harness) > 0:
             break
         await asyncio.sleep(0.005)
-    tokens = prompt_tokens_estimate(request) + estimate_tokens(first)
+    tokens = request_prompt_tokens(request) + estimate_tokens(first)
     day = (await harness.service.pipeline.costs.ledger.totals("acme", "u1"))[Period.DAY]
     assert day.cost_usd == pytest.approx(tokens * 0.6 / 1e6) and day.calls == 1
     await harness.service.aclose()

@@ -8,9 +8,9 @@ import math
 import pytest
 
 from routecache.client import chat_request
-from routecache.router.costs import prompt_tokens_estimate
 from routecache.router.demo_report import DemoResult, percentile, prompt_tokens, summarise
 from routecache.router.messages import request_from_pb
+from routecache.router.tokens import request_prompt_tokens
 from routecache.v1 import routecache_pb2 as pb
 
 STRONG_IN, STRONG_OUT = 10.0, 30.0  # USD per million tokens, the demo's strong model
@@ -40,6 +40,12 @@ def test_prompt_tokens_counts_every_message_sent() -> None:
     assert prompt_tokens(request) == math.ceil(len("sys\nab\nc\nfour") / 4)
 
 
+def test_prompt_tokens_count_the_json_schema_sent_as_compact_json() -> None:
+    request = chat_request("four", json_schema='{"type": "object"}')
+
+    assert prompt_tokens(request) == math.ceil(len('four\n{"type":"object"}') / 4) == 6
+
+
 def test_all_strong_baseline_of_a_hit_estimates_prompt_tokens_from_the_prompt() -> None:
     # A long question with a short answer: the answer's length says nothing about the prompt.
     result = _exact_hit(chat_request("q" * 400), "a" * 8)
@@ -55,7 +61,7 @@ def test_all_strong_baseline_of_a_hit_counts_its_prompt_as_the_service_estimates
     # The service (and the upstream it calls) count the messages joined by newlines: two
     # 4-character messages are 9 characters, 3 tokens, not 2.
     request = chat_request("b" * 4, system="a" * 4)
-    sent = prompt_tokens_estimate(request_from_pb(request))
+    sent = request_prompt_tokens(request_from_pb(request))
 
     assert sent == 3
     assert _baseline_tokens(_exact_hit(request, "c" * 4)) == f"{(sent + 1) / 1000:.4f}"
@@ -72,16 +78,16 @@ def test_all_strong_baseline_of_an_escalated_answer_counts_one_strong_call(
 ) -> None:
     # The reported usage adds up the call that failed validation and the strong call that
     # answered; sent to the strong model at once, the request makes the second call only.
-    request = chat_request("q" * 40, json_schema='{"type": "object"}')
+    request = chat_request("q" * 40, json_schema='{"type": "object"}')  # 15 tokens with the schema
     response = pb.CompleteResponse(
         text="a" * 20,
         tier=pb.TIER_STRONG,
         cache=pb.CacheInfo(outcome=pb.CACHE_OUTCOME_MISS),
-        usage=pb.Usage(prompt_tokens=10 + 10, completion_tokens=3 + 5),
+        usage=pb.Usage(prompt_tokens=15 + 15, completion_tokens=3 + 5),
         validation=validation,
     )
 
-    assert _baseline_tokens(_result(request, response)) == f"{(10 + 5) / 1000:.4f}"
+    assert _baseline_tokens(_result(request, response)) == f"{(15 + 5) / 1000:.4f}"
 
 
 def test_latency_percentiles_are_nearest_rank_and_nan_for_no_values() -> None:

@@ -9,13 +9,22 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from routecache.domain import ChatRequest, GenerationParams, Message, Role, Tier, ValidatorResult
+from routecache.domain import (
+    ChatRequest,
+    GenerationParams,
+    Message,
+    ResponseFormat,
+    ResponseFormatType,
+    Role,
+    Tier,
+    ValidatorResult,
+)
 from routecache.errors import FailedValidation, Unavailable, UpstreamError
 from routecache.router.generation import Generated, Generator
 from routecache.router.ports import Pricing, UpstreamReply
+from routecache.router.tokens import estimate_tokens
 from routecache.router.upstream.breaker import CircuitBreaker
 from routecache.router.upstream.failover import Failover, Provider
-from routecache.router.upstream.openai_client import estimate_tokens
 from routecache.router.validation import Configured, OnFail
 from tests.fakes import FakeUpstream
 
@@ -237,8 +246,8 @@ async def test_only_a_redact_check_rewrites_the_answer(
 # --- streaming -----------------------------------------------------------------------------
 
 
-async def streamed(gen: Generator, sent: list[str]) -> Generated:
-    async for event in gen.stream(REQUEST, Tier.CHEAP):
+async def streamed(gen: Generator, sent: list[str], request: ChatRequest = REQUEST) -> Generated:
+    async for event in gen.stream(request, Tier.CHEAP):
         if isinstance(event, Generated):
             return event
         sent.append(event)
@@ -281,6 +290,14 @@ async def test_a_streamed_answer_is_costed_on_the_whole_prompt_and_text() -> Non
     assert (done.prompt_tokens, done.completion_tokens) == (prompt_tokens, completion_tokens)
     assert done.cost_usd == pytest.approx(CHEAP_PRICE.cost(prompt_tokens, completion_tokens))
     assert done.calls == 1
+
+
+async def test_a_streamed_answer_counts_its_json_schema_as_prompt_tokens() -> None:
+    schema = '{"type":"object","required":["answer"]}'
+    form = ResponseFormat(ResponseFormatType.JSON_SCHEMA, schema)
+    request = replace(REQUEST, params=GenerationParams(response_format=form))
+    done = await streamed(generator([says("{}")], says("strong")), [], request)
+    assert done.prompt_tokens == estimate_tokens("Be brief.\nq\n" + schema)
 
 
 async def test_a_stream_names_the_providers_that_failed_before_it_opened() -> None:

@@ -277,6 +277,15 @@ async def test_missing_usage_is_estimated_at_four_chars_a_token(make_client: Any
     assert reply.completion_tokens == math.ceil(len(answer) / 4) == 5
 
 
+async def test_missing_usage_counts_a_json_schema_sent_as_prompt_tokens(make_client: Any) -> None:
+    form = ResponseFormat(ResponseFormatType.JSON_SCHEMA, '{"type": "object"}')
+    reply = await make_client(Recorder(completion("{}"))).complete(
+        MESSAGES, GenerationParams(response_format=form)
+    )
+    sent = 'Answer briefly.\nWhat is 2 + 2?\n{"type":"object"}'
+    assert reply.prompt_tokens == math.ceil(len(sent) / 4)
+
+
 async def test_partial_usage_estimates_only_the_missing_count(make_client: Any) -> None:
     recorder = Recorder(completion("abcdefghi", usage={"prompt_tokens": 11}))
     reply = await make_client(recorder).complete(MESSAGES, GenerationParams())

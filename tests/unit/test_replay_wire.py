@@ -143,9 +143,23 @@ def test_text_parts_are_joined_into_one_prompt() -> None:
 
 def test_usage_counts_the_text_of_every_message() -> None:
     call = parse_chat_call(chat({"role": "system", "content": "x" * 40}, USER))
-    assert call.prompt_chars == 40 + 1 + len("hi")
-    counted = usage(call, "y" * 9)
+    counted = usage(call, "y" * 9)  # 40 + 1 + 2 prompt characters, 9 answer characters
     assert counted == {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
+
+
+@pytest.mark.parametrize(
+    ("response_format", "prompt_tokens"),
+    [({"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}, 5),
+     ({"type": "json_schema", "json_schema": {"name": "a"}}, 1),
+     ({"type": "json_object"}, 1), ({"type": "text"}, 1)],
+    ids=["schema", "no-schema", "json_object", "text"],
+)  # fmt: skip
+def test_usage_counts_the_json_schema_sent_as_prompt_tokens(
+    response_format: dict[str, Any], prompt_tokens: int
+) -> None:
+    # 'hi\n{"type":"object"}', 20 characters: the schema as compact JSON, as httpx sends it.
+    call = parse_chat_call(body(response_format=response_format))
+    assert usage(call, "")["prompt_tokens"] == prompt_tokens
 
 
 @pytest.mark.parametrize(

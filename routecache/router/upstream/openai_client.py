@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +24,7 @@ from routecache.domain import GenerationParams, Message, ResponseFormat, Respons
 from routecache.errors import UpstreamError
 from routecache.router.ports import UpstreamReply
 from routecache.router.settings import ProviderSettings, RetrySettings
+from routecache.router.tokens import estimate_tokens, prompt_tokens_estimate, sent_schema
 
 CHAT_PATH = "chat/completions"
 USER_AGENT = "routecache/0.1"
@@ -32,10 +32,6 @@ USER_AGENT = "routecache/0.1"
 # estimated instead; the bound also keeps the tokens of every call one request makes within
 # the uint32 fields of its reply.
 MAX_REPORTED_TOKENS = 2**28
-
-
-def estimate_tokens(text: str) -> int:
-    return math.ceil(len(text) / 4)
 
 
 def _is_retryable(exc: BaseException) -> bool:
@@ -48,7 +44,7 @@ def response_format_body(response_format: ResponseFormat) -> dict[str, Any] | No
         return {"type": "json_object"}
     if response_format.type is ResponseFormatType.JSON_SCHEMA:
         try:
-            schema = json.loads(response_format.json_schema or '{"type": "object"}')
+            schema = sent_schema(response_format)
         except json.JSONDecodeError as exc:
             raise UpstreamError(
                 f"response_format.json_schema is not valid JSON: {exc.msg}", retryable=False
@@ -176,12 +172,14 @@ class OpenAIChatClient:
         self, messages: Sequence[Message], params: GenerationParams
     ) -> UpstreamReply:
         body = request_body(self._model, messages, params, stream=False)
-        reply: UpstreamReply = await self._retrying()(self._complete_once, body, messages)
+        # What a provider that reports no usage is taken to have counted.
+        prompt_tokens = prompt_tokens_estimate(
+            (m.content for m in messages), sent_schema(params.response_format)
+        )
+        reply: UpstreamReply = await self._retrying()(self._complete_once, body, prompt_tokens)
         return reply
 
-    async def _complete_once(
-        self, body: dict[str, Any], messages: Sequence[Message]
-    ) -> UpstreamReply:
+    async def _complete_once(self, body: dict[str, Any], prompt_tokens: int) -> UpstreamReply:
         try:
             # httpx times each read; this bounds the whole call, so a trickling body
             # cannot hold it past the timeout either.
@@ -190,7 +188,7 @@ class OpenAIChatClient:
         except TimeoutError:
             raise self._error(f"no answer within {self._timeout:g}s", retryable=True) from None
         await self._check_status(response)
-        return self._parse_completion(response, messages)
+        return self._parse_completion(response, prompt_tokens)
 
     async def _send(self, body: dict[str, Any], *, stream: bool) -> httpx.Response:
         request = self._http.build_request("POST", CHAT_PATH, json=body)
@@ -222,9 +220,7 @@ class OpenAIChatClient:
             what += f" (retry after {retry_after}s)"
         raise self._error(f"{what}: {detail}" if detail else what, retryable=retryable)
 
-    def _parse_completion(
-        self, response: httpx.Response, messages: Sequence[Message]
-    ) -> UpstreamReply:
+    def _parse_completion(self, response: httpx.Response, prompt_tokens: int) -> UpstreamReply:
         try:
             payload = response.json()
             choice = payload["choices"][0]
@@ -242,8 +238,8 @@ class OpenAIChatClient:
         return UpstreamReply(
             text=content,
             model=model if isinstance(model, str) and model else self._model,
-            prompt_tokens=_count(usage, "prompt_tokens", _prompt_text(messages)),
-            completion_tokens=_count(usage, "completion_tokens", content),
+            prompt_tokens=_count(usage, "prompt_tokens", prompt_tokens),
+            completion_tokens=_count(usage, "completion_tokens", estimate_tokens(content)),
         )
 
     async def stream(
@@ -312,16 +308,12 @@ class OpenAIChatClient:
         return content, finish_reason if isinstance(finish_reason, str) else None
 
 
-def _prompt_text(messages: Sequence[Message]) -> str:
-    return "\n".join(m.content for m in messages)
-
-
-def _count(usage: Mapping[str, Any], name: str, text: str) -> int:
+def _count(usage: Mapping[str, Any], name: str, estimated: int) -> int:
     """The provider's count, or the estimate when it reports none or one that cannot be."""
     value = usage.get(name)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_REPORTED_TOKENS:
         return value
-    return estimate_tokens(text)
+    return estimated
 
 
 def _error_text(payload: Any) -> str:
