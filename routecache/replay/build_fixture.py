@@ -14,13 +14,19 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from routecache.replay.recordings import prompt_key
+
 SPLITS = ("routing_train.jsonl", "routing_dev.jsonl")
 KEPT_FIELDS = ("prompt", "weak_response", "strong_response")
 DEFAULT_OUT = Path(__file__).parent / "data" / "gsm8k_recorded.jsonl"
 
 
 def recorded_rows(routing_dir: Path) -> Iterator[dict[str, str]]:
-    """Every GSM8K row of the train and dev splits, reduced to the prompt and both answers."""
+    """Every GSM8K row of the train and dev splits, reduced to the prompt and both answers.
+
+    A prompt recorded twice (equal once trimmed) is refused, as Recordings refuses it: written
+    out, it would make recordings that do not load."""
+    first_at: dict[str, str] = {}
     for split in SPLITS:
         with (routing_dir / split).open(encoding="utf-8") as lines:
             for number, line in enumerate(lines, start=1):
@@ -35,6 +41,9 @@ def recorded_rows(routing_dir: Path) -> Iterator[dict[str, str]]:
                 missing = [name for name in KEPT_FIELDS if not isinstance(row.get(name), str)]
                 if missing:
                     raise ValueError(f"{split}:{number}: GSM8K row lacks {', '.join(missing)}")
+                key, where = prompt_key(row["prompt"]), f"{split}:{number}"
+                if (earlier := first_at.setdefault(key, where)) != where:
+                    raise ValueError(f"{where}: the prompt {key!r} again (first at {earlier})")
                 yield {name: row[name] for name in KEPT_FIELDS}
 
 

@@ -70,7 +70,10 @@ class Recordings:
 
     @classmethod
     def from_rows(cls, rows: Iterable[Mapping[str, object]]) -> Recordings:
+        """Raises ValueError naming the row for a row that is not a recording, and for a second
+        recording of a prompt (equal once trimmed): it would silently replace the first."""
         answers: dict[str, dict[ModelRole, str]] = {}
+        first_row: dict[str, int] = {}
         for number, row in enumerate(rows, start=1):
             prompt, weak, strong = (
                 row.get(name) for name in ("prompt", "weak_response", "strong_response")
@@ -79,7 +82,13 @@ class Recordings:
                 raise ValueError(
                     f"recording {number}: needs string prompt, weak_response and strong_response"
                 )
-            answers[prompt] = {"weak": weak, "strong": strong}
+            key = prompt_key(prompt)
+            if (earlier := first_row.setdefault(key, number)) != number:
+                raise ValueError(
+                    f"recording {number} records the prompt {key!r} again (first in recording "
+                    f"{earlier}; prompts are compared without surrounding whitespace)"
+                )
+            answers[key] = {"weak": weak, "strong": strong}
         return cls(answers)
 
     @classmethod

@@ -54,6 +54,15 @@ def test_a_bad_line_is_refused_naming_its_number(tmp_path: Path, second: str, me
         Recordings.load(write(tmp_path, row("first"), second))
 
 
+def test_two_recordings_of_one_prompt_once_trimmed_are_refused_naming_both(
+    tmp_path: Path,
+) -> None:
+    # Looked up by the trimmed prompt, the later recording would silently replace the earlier.
+    with pytest.raises(ValueError, match=r"recording 3 .*'What is 2 \+ 2\?'.* recording 1"):
+        Recordings.load(write(tmp_path, row("What is 2 + 2?"), row("other"),
+                              row(" What is 2 + 2?\n")))  # fmt: skip
+
+
 def test_prompts_are_matched_without_their_surrounding_whitespace() -> None:
     recordings = Recordings({"  What is 2 + 2?\n": {"weak": "4", "strong": "four"}})
     for asked in ("What is 2 + 2?", " What is 2 + 2? "):
@@ -98,8 +107,11 @@ def routing_split(routing_dir: Path, *lines: str) -> None:
     (routing_dir / "routing_dev.jsonl").write_text("", encoding="utf-8")
 
 
+GSM8K_ROW = '{"source": "gsm8k", "prompt": "p", "weak_response": "w", "strong_response": "s"}'
+
+
 def test_building_the_recordings_keeps_only_the_gsm8k_rows(tmp_path: Path) -> None:
-    gsm8k = {"source": "gsm8k", "prompt": "p", "weak_response": "w", "strong_response": "s"}
+    gsm8k = json.loads(GSM8K_ROW)
     routing_split(tmp_path / "routing", json.dumps(gsm8k), json.dumps(gsm8k | {"source": "mmlu"}))
     out = tmp_path / "recorded.jsonl"
 
@@ -112,8 +124,10 @@ def test_building_the_recordings_keeps_only_the_gsm8k_rows(tmp_path: Path) -> No
     ("line", "message"),
     [(None, "No such file"), ("{not json", "routing_train.jsonl:1: not JSON"),
      ("[1]", "routing_train.jsonl:1: expected a JSON object"),
-     ('{"source": "gsm8k", "prompt": "p"}', "routing_train.jsonl:1: GSM8K row lacks")],
-    ids=["missing", "not JSON", "not an object", "no answers"],
+     ('{"source": "gsm8k", "prompt": "p"}', "routing_train.jsonl:1: GSM8K row lacks"),
+     (GSM8K_ROW + "\n" + GSM8K_ROW.replace('"p"', '" p "'),
+      "routing_train.jsonl:2: the prompt 'p' again (first at routing_train.jsonl:1")],
+    ids=["missing", "not JSON", "not an object", "no answers", "prompt twice"],
 )  # fmt: skip
 def test_building_from_bad_routing_data_is_one_line_and_keeps_the_old_recordings(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], line: str | None, message: str
