@@ -114,6 +114,13 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         latency_ms = _latency_ms(request, state)
         # Last, once all else is valid: a refused request must not use up a scripted fault.
         fault = state.faults.next_fault(request.headers.get(FAULT_HEADER))
+    except web.HTTPRequestEntityTooLarge:
+        # aiohttp's own 413 is plain text; a client reads the error from an OpenAI JSON body.
+        return _error(
+            413,
+            f"the request body is too large: over {request.client_max_size} bytes",
+            "invalid_request_error",
+        )
     except UnicodeDecodeError as exc:
         return _error(400, f"the request body is not UTF-8: {exc}", "invalid_request_error")
     except json.JSONDecodeError as exc:

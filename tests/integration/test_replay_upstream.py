@@ -482,6 +482,17 @@ async def test_both_token_limits_are_a_400_with_openai_code(replay: RunningRepla
     assert (error["param"], error["code"]) == ("max_tokens", "invalid_parameter_combination")
 
 
+async def test_a_body_over_the_size_limit_is_a_413_with_an_openai_error(
+    replay: RunningReplayServer,
+) -> None:
+    # aiohttp's own refusal is a text/plain 413 that an OpenAI client cannot read.
+    big = HI | {"messages": [{"role": "user", "content": "x" * (2 * 1024**2)}]}
+    response = await post_chat(replay, big)
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and "too large" in error["message"]
+
+
 async def test_models_and_health(replay: RunningReplayServer, recordings: Recordings) -> None:
     async with httpx.AsyncClient() as http:
         models = (await http.get(f"{replay.base_url}/models")).json()
