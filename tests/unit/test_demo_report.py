@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
@@ -40,10 +41,19 @@ def test_prompt_tokens_counts_every_message_sent() -> None:
     assert prompt_tokens(request) == math.ceil(len("sys\nab\nc\nfour") / 4)
 
 
-def test_prompt_tokens_count_the_json_schema_sent_as_compact_json() -> None:
-    request = chat_request("four", json_schema='{"type": "object"}')
+@pytest.mark.parametrize(
+    ("format_args", "sent"),
+    [({"json_schema": '{"type": "object"}'}, 'four\n{"type":"object"}'),
+     ({"json_object": True}, "four"), ({}, "four")],
+    ids=["json_schema", "json_object", "text"],
+)  # fmt: skip
+def test_prompt_tokens_count_a_json_schema_sent_as_compact_json(
+    format_args: dict[str, Any], sent: str
+) -> None:
+    # Only json_schema sends the model a schema; it goes as compact JSON, as httpx sends it.
+    request = chat_request("four", **format_args)
 
-    assert prompt_tokens(request) == math.ceil(len('four\n{"type":"object"}') / 4) == 6
+    assert prompt_tokens(request) == math.ceil(len(sent) / 4)
 
 
 def test_all_strong_baseline_of_a_hit_estimates_prompt_tokens_from_the_prompt() -> None:
