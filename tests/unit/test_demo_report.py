@@ -44,13 +44,15 @@ def test_prompt_tokens_counts_every_message_sent() -> None:
 @pytest.mark.parametrize(
     ("format_args", "sent"),
     [({"json_schema": '{"type": "object"}'}, 'four\n{"type":"object"}'),
+     ({"json_schema": "{not json"}, "four\n{not json"),
      ({"json_object": True}, "four"), ({}, "four")],
-    ids=["json_schema", "json_object", "text"],
+    ids=["json_schema", "schema not JSON", "json_object", "text"],
 )  # fmt: skip
 def test_prompt_tokens_count_a_json_schema_sent_as_compact_json(
     format_args: dict[str, Any], sent: str
 ) -> None:
     # Only json_schema sends the model a schema; it goes as compact JSON, as httpx sends it.
+    # The service refuses a schema that is not JSON, but the demo counts every request's prompt.
     request = chat_request("four", **format_args)
 
     assert prompt_tokens(request) == math.ceil(len(sent) / 4)

@@ -277,11 +277,12 @@ async def test_missing_usage_is_estimated_at_four_chars_a_token(make_client: Any
     assert reply.completion_tokens == math.ceil(len(answer) / 4) == 5
 
 
-async def test_missing_usage_counts_a_json_schema_sent_as_prompt_tokens(make_client: Any) -> None:
-    form = ResponseFormat(ResponseFormatType.JSON_SCHEMA, '{"type": "object"}')
-    reply = await make_client(Recorder(completion("{}"))).complete(
-        MESSAGES, GenerationParams(response_format=form)
-    )
+async def test_missing_usage_counts_the_json_schema_sent_as_prompt_tokens(make_client: Any) -> None:
+    # A json_schema request with no schema text sends {"type": "object"}: the model reads that.
+    recorder = Recorder(completion("{}"))
+    params = GenerationParams(response_format=ResponseFormat(ResponseFormatType.JSON_SCHEMA))
+    reply = await make_client(recorder).complete(MESSAGES, params)
+    assert recorder.body()["response_format"]["json_schema"]["schema"] == {"type": "object"}
     sent = 'Answer briefly.\nWhat is 2 + 2?\n{"type":"object"}'
     assert reply.prompt_tokens == math.ceil(len(sent) / 4)
 

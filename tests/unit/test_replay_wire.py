@@ -150,14 +150,17 @@ def test_usage_counts_the_text_of_every_message() -> None:
 @pytest.mark.parametrize(
     ("response_format", "prompt_tokens"),
     [({"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}, 5),
+     ({"type": "json_schema", "json_schema": {"schema": {"title": "Größe"}}}, 5),
      ({"type": "json_schema", "json_schema": {"name": "a"}}, 1),
+     ({"type": "json_object", "json_schema": {"schema": {"type": "object"}}}, 1),
      ({"type": "json_object"}, 1), ({"type": "text"}, 1)],
-    ids=["schema", "no-schema", "json_object", "text"],
+    ids=["schema", "non-ascii", "no-schema", "json_object-with-schema", "json_object", "text"],
 )  # fmt: skip
 def test_usage_counts_the_json_schema_sent_as_prompt_tokens(
     response_format: dict[str, Any], prompt_tokens: int
 ) -> None:
-    # 'hi\n{"type":"object"}', 20 characters: the schema as compact JSON, as httpx sends it.
+    # 'hi\n{"type":"object"}', 20 characters: the schema as compact JSON, as httpx sends it
+    # (UTF-8, not \u escapes); json_object sends the model no schema.
     call = parse_chat_call(body(response_format=response_format))
     assert usage(call, "")["prompt_tokens"] == prompt_tokens
 
