@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from routecache.replay.config import (
     DEFAULT_PORT,
@@ -65,7 +66,7 @@ STATE = web.AppKey("replay_state", ReplayState)
 
 
 def create_app(state: ReplayState) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[_openai_errors])
     app[STATE] = state
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_get("/v1/models", _models)
@@ -75,6 +76,21 @@ def create_app(state: ReplayState) -> web.Application:
 
 def _error(status: int, message: str, kind: str, **extra: str | None) -> web.Response:
     return web.json_response(error_body(message, kind, **extra), status=status)
+
+
+@web.middleware
+async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own refusals (404, 405, a body over its 1 MiB limit: 413) are text/plain; an
+    OpenAI client reads an error from a JSON body, as every other error here has one."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = _error(exc.status, exc.text or exc.reason, "invalid_request_error")
+        if "Allow" in exc.headers:  # a 405 names the methods the path takes
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
 
 
 def _unauthorised(request: web.Request, state: ReplayState) -> web.Response | None:
@@ -114,13 +130,6 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         latency_ms = _latency_ms(request, state)
         # Last, once all else is valid: a refused request must not use up a scripted fault.
         fault = state.faults.next_fault(request.headers.get(FAULT_HEADER))
-    except web.HTTPRequestEntityTooLarge:
-        # aiohttp's own 413 is plain text; a client reads the error from an OpenAI JSON body.
-        return _error(
-            413,
-            f"the request body is too large: over {request.client_max_size} bytes",
-            "invalid_request_error",
-        )
     except UnicodeDecodeError as exc:
         return _error(400, f"the request body is not UTF-8: {exc}", "invalid_request_error")
     except json.JSONDecodeError as exc:

@@ -490,7 +490,21 @@ async def test_a_body_over_the_size_limit_is_a_413_with_an_openai_error(
     response = await post_chat(replay, big)
     assert response.status_code == 413
     error = response.json()["error"]
-    assert error["type"] == "invalid_request_error" and "too large" in error["message"]
+    assert error["type"] == "invalid_request_error" and "1048576" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("GET", "/v1/chat/completions", 405), ("POST", "/v1/completions", 404)],
+)
+async def test_a_wrong_method_or_path_is_an_openai_error(
+    replay: RunningReplayServer, method: str, path: str, status: int
+) -> None:
+    async with httpx.AsyncClient() as http:
+        response = await http.request(method, f"http://127.0.0.1:{replay.port}{path}", json=HI)
+    assert response.status_code == status
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert response.headers.get("allow") == ("POST" if status == 405 else None)
 
 
 async def test_models_and_health(replay: RunningReplayServer, recordings: Recordings) -> None:
