@@ -39,6 +39,11 @@ def test_scripted_faults_can_be_queued_and_cleared() -> None:
     assert schedule.next_fault(None) is None
 
 
+def test_no_fault_kinds_at_fault_rate_zero_draws_no_fault() -> None:
+    schedule = FaultSchedule(parse("--fault-kinds", ""))
+    assert [schedule.next_fault(None) for _ in range(3)] == [None, None, None]
+
+
 def test_bad_fault_script_is_refused() -> None:
     with pytest.raises(ValueError, match="--fault-script"):
         parse("--fault-script", "http_418")
