@@ -57,7 +57,7 @@ from routecache.router.tokens import estimate_tokens, request_prompt_tokens
 from routecache.router.upstream.failover import AllProvidersFailed
 from tests.fakes import ManualClock, RecordingTelemetry
 from tests.unit.conftest import KEYS, Harness, make_harness
-from tests.unit.test_pipeline import ask
+from tests.unit.test_pipeline import ask, json_request
 
 ACME = KEYS["acme"]
 MAX_TOKENS = 100
@@ -689,6 +689,14 @@ async def test_spend_and_savings_per_tenant_and_user_per_day_and_month(harness: 
     assert (await ledger.totals("globex"))[Period.DAY].cost_usd == 0
 
 
+async def test_an_escalated_answer_saves_nothing_by_routing(harness: Harness) -> None:
+    # It made the cheap call and then the strong one: more than the strong call alone.
+    done = await harness.service.pipeline.complete(json_request("q"), ACME)
+    assert done.tier is Tier.STRONG and done.validation.escalated
+    day = (await harness.service.pipeline.costs.ledger.totals("acme"))[Period.DAY]
+    assert day.calls == 2 and day.routing_saved_usd == 0
+
+
 async def test_models_allowed_keeps_a_tenant_off_a_tier() -> None:
     harness = make_harness(score=0.9, models_allowed=["mixtral-8x7b-instruct"])
     complete = harness.service.pipeline.complete
@@ -924,12 +932,10 @@ async def test_a_request_sharing_a_call_is_booked_as_saved_in_its_users_slot() -
     await harness.service.aclose()
 
 
-async def test_a_stream_cut_short_pays_one_call_at_the_tiers_price() -> None:
-    # A tenant kept to the cheap tier: the strong providers were out of its reach.
-    harness = make_harness(validators=[], budget={"daily_usd": 10.0},
-                           models_allowed=["mixtral-8x7b-instruct"])  # fmt: skip
+async def cut_short(harness: Harness, request: ChatRequest) -> tuple[str, Totals]:
+    """Stream the request on the cheap tier, close it after its first piece, and return that
+    piece and the end user u1's spend of the day once the stream has settled."""
     harness.cheap.answer = lambda prompt, params: " ".join(["word"] * 40)
-    request = costly("cut short", user="u1", tier=None)
     stream = harness.service.pipeline.complete_stream(request, ACME)
     first = await anext(stream)
     assert isinstance(first, str)
@@ -938,9 +944,30 @@ async def test_a_stream_cut_short_pays_one_call_at_the_tiers_price() -> None:
         if await spend_of(harness) > 0:
             break
         await asyncio.sleep(0.005)
-    tokens = request_prompt_tokens(request) + estimate_tokens(first)
     day = (await harness.service.pipeline.costs.ledger.totals("acme", "u1"))[Period.DAY]
+    return first, day
+
+
+async def test_a_stream_cut_short_pays_one_call_at_the_tiers_price() -> None:
+    # A tenant kept to the cheap tier: the strong providers were out of its reach.
+    harness = make_harness(validators=[], budget={"daily_usd": 10.0},
+                           models_allowed=["mixtral-8x7b-instruct"])  # fmt: skip
+    request = costly("cut short", user="u1", tier=None)
+    first, day = await cut_short(harness, request)
+    tokens = request_prompt_tokens(request) + estimate_tokens(first)
     assert day.cost_usd == pytest.approx(tokens * 0.6 / 1e6) and day.calls == 1
+    await harness.service.aclose()
+
+
+async def test_a_stream_cut_short_pays_the_dearest_price_it_could_have_reached() -> None:
+    # On the cheap tier with the strong fallback in reach: which provider sent the text is not
+    # known, so it is paid at the strong price (10 USD/Mtok in, 30 out).
+    harness = make_harness(validators=[], budget={"daily_usd": 10.0})
+    request = costly("cut short", user="u1", tier=Tier.CHEAP)
+    first, day = await cut_short(harness, request)
+    prompt, completion = request_prompt_tokens(request), estimate_tokens(first)
+    assert day.cost_usd == pytest.approx((prompt * 10.0 + completion * 30.0) / 1e6)
+    assert day.calls == 1
     await harness.service.aclose()
 
 
