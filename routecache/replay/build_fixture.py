@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from routecache.replay.recordings import prompt_key
+from routecache.replay.recordings import numbered_json_rows, prompt_key
 
 SPLITS = ("routing_train.jsonl", "routing_dev.jsonl")
 KEPT_FIELDS = ("prompt", "weak_response", "strong_response")
@@ -28,23 +28,18 @@ def recorded_rows(routing_dir: Path) -> Iterator[dict[str, str]]:
     out, it would make recordings that do not load."""
     first_at: dict[str, str] = {}
     for split in SPLITS:
-        with (routing_dir / split).open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{split}:{number}: not JSON ({exc.msg})") from exc
-                if not isinstance(row, dict):
-                    raise ValueError(f"{split}:{number}: expected a JSON object")
-                if row.get("source") != "gsm8k":
-                    continue
-                missing = [name for name in KEPT_FIELDS if not isinstance(row.get(name), str)]
-                if missing:
-                    raise ValueError(f"{split}:{number}: GSM8K row lacks {', '.join(missing)}")
-                key, where = prompt_key(row["prompt"]), f"{split}:{number}"
-                if (earlier := first_at.setdefault(key, where)) != where:
-                    raise ValueError(f"{where}: the prompt {key!r} again (first at {earlier})")
-                yield {name: row[name] for name in KEPT_FIELDS}
+        text = (routing_dir / split).read_text(encoding="utf-8")
+        for number, row in numbered_json_rows(text, source=split):
+            if row.get("source") != "gsm8k":
+                continue
+            kept = {name: row.get(name) for name in KEPT_FIELDS}
+            missing = [name for name, value in kept.items() if not isinstance(value, str)]
+            if missing:
+                raise ValueError(f"{split}:{number}: GSM8K row lacks {', '.join(missing)}")
+            key, where = prompt_key(str(kept["prompt"])), f"{split}:{number}"
+            if (earlier := first_at.setdefault(key, where)) != where:
+                raise ValueError(f"{where}: the prompt {key!r} again (first at {earlier})")
+            yield {name: str(value) for name, value in kept.items()}
 
 
 def write_rows(rows: Iterator[dict[str, str]], out: Path) -> int:

@@ -102,7 +102,8 @@ class Recordings:
             )
         else:
             text = path.read_text(encoding="utf-8")
-        return cls.from_rows(_parse_jsonl(text, source=str(path or PACKAGED_RECORDINGS)))
+        rows = numbered_json_rows(text, source=str(path or PACKAGED_RECORDINGS))
+        return cls.from_rows(row for _, row in rows)
 
     def __len__(self) -> int:
         return len(self._answers)
@@ -123,7 +124,9 @@ class Recordings:
         return synthetic_answer(role, prompt) if recorded is None else recorded
 
 
-def _parse_jsonl(text: str, *, source: str) -> Iterator[Mapping[str, object]]:
+def numbered_json_rows(text: str, *, source: str) -> Iterator[tuple[int, dict[str, object]]]:
+    """Each JSON object of a JSONL text with its line number; a line that is not one raises
+    ValueError naming `source` and the line. Blank lines are skipped."""
     # Only "\n" ends a line: splitlines() also splits at U+2028, NEL and the like, which
     # JSON written with ensure_ascii=False keeps raw inside an answer's string.
     for number, line in enumerate(text.split("\n"), start=1):
@@ -135,4 +138,4 @@ def _parse_jsonl(text: str, *, source: str) -> Iterator[Mapping[str, object]]:
             raise ValueError(f"{source}:{number}: not JSON ({exc.msg})") from exc
         if not isinstance(row, dict):
             raise ValueError(f"{source}:{number}: expected a JSON object")
-        yield row
+        yield number, row
