@@ -107,24 +107,32 @@ def find_pii(text: str, kinds: Iterable[str] = PII_KINDS) -> list[Finding]:
         if kind not in wanted:
             continue
         detector = _DETECTORS[kind]
+        tried: set[int] = set()
         for match in detector.pattern.finditer(text):
-            span = _confirmed_span(detector, text, match)
+            span = _confirmed_span(detector, text, match, tried)
             if span and not any(span[0] < end and start < span[1] for start, end in taken):
                 findings.append(Finding(kind, *span))
                 taken.append(span)
     return sorted(findings, key=lambda f: f.start)
 
 
-def _confirmed_span(detector: _Detector, text: str, match: re.Match[str]) -> tuple[int, int] | None:
+def _confirmed_span(
+    detector: _Detector, text: str, match: re.Match[str], tried: set[int]
+) -> tuple[int, int] | None:
     """The match's span if it passes its check, else the longest passing part of it cut at
     spaces: first from its start, then from each later word (a card number right after an
-    order number, "order 987 4111 1111 1111 1111", is matched from the order number on)."""
+    order number, "order 987 4111 1111 1111 1111", is matched from the order number on).
+
+    `tried`: the starts earlier matches of this text already went on from. The walk from a
+    start always ends the same way, and was either found or failed; walking it again for each
+    match of a long run of numbers took time quadratic in the answer's length."""
     if detector.confirm(match.group()):
         return match.span()
     if (shorter_ok := detector.retry_shorter) is None:
         return None
     start, end = match.span()
-    while True:
+    while start not in tried:
+        tried.add(start)
         if span := _passing_prefix(detector, shorter_ok, text, start, end):
             return span
         # Matched again from the first later word where the pattern starts (prose before an
@@ -135,6 +143,7 @@ def _confirmed_span(detector: _Detector, text: str, match: re.Match[str]) -> tup
         if later is None:
             return None
         start, end = later.span()
+    return None
 
 
 def _passing_prefix(

@@ -1,7 +1,10 @@
 """PII detection edges: every length a format allows, checksums, whole-span redaction."""
 
+from typing import Any
+
 import pytest
 
+from routecache.router import pii
 from routecache.router.pii import PiiValidator, find_pii, redact
 
 
@@ -181,3 +184,23 @@ def test_a_letter_that_only_folds_to_ascii_does_not_break_the_iban_check() -> No
     # The Kelvin sign folds to "k": matched case-insensitively, it reached int(c, 36), and the
     # ValueError failed the whole answer's validation.
     assert found("pay \u212ae89 3704 0044 0532 0130 00", ("iban",)) == []
+
+
+@pytest.mark.parametrize(("kind", "word"), [("card", "1 "), ("iban", "ab12 cd34 ef ")])
+def test_a_long_run_of_number_like_words_is_checked_once_per_word(
+    monkeypatch: pytest.MonkeyPatch, kind: str, word: str
+) -> None:
+    # Validators run on the event loop: each match of the run walked the rest of it again,
+    # so a 16 kB answer took seconds (quadratic in its length), stalling every tenant.
+    checked = 0
+    check = pii._passing_prefix
+
+    def counted(*args: Any) -> tuple[int, int] | None:
+        nonlocal checked
+        checked += 1
+        return check(*args)
+
+    monkeypatch.setattr(pii, "_passing_prefix", counted)
+    text = word * 600
+    assert find_pii(text, (kind,)) == []
+    assert checked <= len(text.split())
