@@ -252,11 +252,18 @@ class CostControl:
             raise
 
     async def aclose(self) -> None:
-        # Before the ledger closes (it was acquired first): the writes of callers gone.
-        await asyncio.gather(*self._writes, return_exceptions=True)
+        # Before the ledger closes (it was acquired first): the writes of callers gone. wait(),
+        # not gather(): a cancelled stop must not cancel the writes the shield protects.
+        if self._writes:
+            await asyncio.wait(set(self._writes))
         await self.alerts.aclose()
 
 
 def _log_lost_write(write: asyncio.Task[object]) -> None:
-    if not write.cancelled() and (error := write.exception()) is not None:
-        log.error("the spend of a request whose caller left was not written: %r", error)
+    if write.cancelled():
+        why = "cancelled"
+    elif (error := write.exception()) is not None:
+        why = repr(error)
+    else:
+        return
+    log.error("the spend write of a request whose caller left failed: %s", why)

@@ -626,13 +626,32 @@ async def test_a_request_cancelled_while_its_spend_is_settled_still_counts_it(
     await harness.service.aclose()
 
 
+async def test_a_stop_cancelled_while_it_waits_leaves_the_spend_writes_running(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    harness, _, gate = await cancelled_while_settling(streamed=False)
+    closing = asyncio.create_task(harness.service.pipeline.costs.aclose())
+    await asyncio.sleep(0.01)
+    closing.cancel()  # e.g. a stop that gave up waiting
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    gate.set()
+    for _ in range(200):
+        if await spend_of(harness) > 0:
+            break
+        await asyncio.sleep(0.005)
+    assert await spend_of(harness) > 0
+    assert "spend write" not in caplog.text  # written: nothing to report
+    await harness.service.aclose()
+
+
 async def test_a_spend_write_failing_after_its_caller_left_is_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     harness, _, gate = await cancelled_while_settling(streamed=False, failing=True)
     gate.set()
     await harness.service.pipeline.costs.aclose()
-    assert "the spend of a request whose caller left was not written" in caplog.text
+    assert "the spend write of a request whose caller left failed" in caplog.text
     await harness.service.aclose()
 
 
