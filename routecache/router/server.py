@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import ssl
 from pathlib import Path
 
@@ -100,15 +101,22 @@ def _check_pems(settings: ServerSettings, roots: bytes | None) -> None:
         ) from exc
     if roots is not None:
         try:
-            # cadata: a str is read as PEM (bytes would be read as DER). Only the comments
-            # between certificates can be other than ASCII (bundles name issuers there, as in
-            # "# Issuer: ... Főtanúsítvány"), and gRPC reads them past those as OpenSSL does.
-            context.load_verify_locations(cadata=roots.decode("ascii", errors="ignore"))
-        except ssl.SSLError as exc:
+            # The certificates only: bundles put comments between them, in any encoding
+            # ("# Issuer: ... Főtanúsítvány"), which gRPC reads past as OpenSSL does. cadata:
+            # a str is read as PEM (bytes would be read as DER).
+            pems = b"\n".join(_PEM_CERTIFICATE.findall(roots)).decode("ascii")
+            if not pems:
+                raise ValueError("no PEM certificate in it")
+            context.load_verify_locations(cadata=pems)
+        except (ssl.SSLError, ValueError) as exc:  # ValueError: none, or not ASCII
+            reason = exc.reason if isinstance(exc, ssl.SSLError) else exc
             raise ConfigError(
                 f"server.tls_client_ca_file {settings.tls_client_ca_file} is not a PEM CA "
-                f"bundle ({exc.reason or exc})"
+                f"bundle ({reason or exc})"
             ) from exc
+
+
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", re.S)
 
 
 def _read_pem(path: Path, key: str) -> bytes:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,12 +185,22 @@ async def test_a_key_of_another_certificate_stops_the_start(pki: Pki) -> None:
         await serve({"tls_cert_file": pki.server_cert, "tls_key_file": pki.client_key})
 
 
-@pytest.mark.parametrize("content", [b"not a CA\n", b"\xff\xfe not ASCII either\n"])
+def _with_a_byte_not_ascii_inside(pem: bytes) -> bytes:
+    middle = pem.index(b"\n", len(pem) // 2)
+    return pem[:middle] + "é".encode() + pem[middle:]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [lambda ca: b"not a CA\n", lambda ca: b"\xff\xfe not ASCII either\n", lambda ca: b"",
+     _with_a_byte_not_ascii_inside],
+    ids=["text", "not ASCII", "empty", "not ASCII inside a certificate"],
+)  # fmt: skip
 async def test_a_client_ca_file_that_is_not_pem_stops_the_start(
-    tmp_path: Path, pki: Pki, content: bytes
+    tmp_path: Path, pki: Pki, content: Callable[[bytes], bytes]
 ) -> None:
     garbage = tmp_path / "ca.pem"
-    garbage.write_bytes(content)
+    garbage.write_bytes(content(pki.ca_file.read_bytes()))
     with pytest.raises(ConfigError, match=r"server\.tls_client_ca_file .*ca\.pem"):
         await serve(
             {"tls_cert_file": pki.server_cert, "tls_key_file": pki.server_key,
