@@ -18,6 +18,7 @@ leaves a version in service that the history knows, which can still be rolled ba
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -99,6 +100,11 @@ class ModelRegistry:
                         staging / f"{DEFAULT_ARTIFACT_NAME}{suffix}",
                     )
                 os.rename(staging, target.parent)
+            except OSError as error:
+                if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                # A folder of that name without the artifact (put there by hand, or a copy).
+                raise RegistryError(f"{target.parent} exists: remove it to add {version}") from None
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         return target
@@ -202,7 +208,7 @@ class ModelRegistry:
             os.fsync(log.fileno())  # on disk before CURRENT moves, power loss included
 
     def _locked(self) -> contextlib.AbstractContextManager[None]:
-        """Serialises pointer changes across processes and threads."""
+        """Serialises adds and pointer changes across processes and threads."""
         if self.root.exists() and not self.root.is_dir():
             raise RegistryError(f"{self.root} is a file: is this the registry folder?")
         return exclusive(self.root / LOCK)

@@ -676,3 +676,13 @@ def test_promoting_into_a_registry_that_is_a_file_says_so(tmp_path: Path) -> Non
     (tmp_path / "registry").write_text("")
     with pytest.raises(RegistryError, match="is a file: is this the registry folder"):
         ModelRegistry(tmp_path / "registry").promote("v1")
+
+
+def test_adding_over_a_version_folder_without_its_artifact_says_so(tmp_path: Path) -> None:
+    registry = _registry_with(tmp_path, "v1")
+    stray = registry.root / "versions" / "v2"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("put here by hand")
+    with pytest.raises(RegistryError, match=r"v2 exists: remove it to add v2"):
+        registry.add(_artifact(tmp_path / "src-v2", 0.2), "v2")
+    assert registry.versions() == ["v1"]
