@@ -35,8 +35,9 @@ def sent_schema(response_format: ResponseFormat) -> object | None:
 def prompt_tokens_estimate(contents: Iterable[str], schema: object | None = None) -> int:
     """The prompt tokens of a chat call: its messages' text, joined by newlines, and the JSON
     Schema of a json_schema response_format, which a provider sends the model and bills as
-    prompt tokens. The schema is counted as compact JSON, as httpx sends it, so the router's
-    estimate and the replay upstream's usage count the same text whatever its spacing."""
+    prompt tokens. The schema is counted as compact UTF-8 JSON whatever its spacing on the wire
+    (httpx's differs between versions), so the router's estimate and the replay upstream's
+    usage count the same text."""
     text = "\n".join(contents)
     if schema is not None:
         text += "\n" + json.dumps(schema, ensure_ascii=False, separators=(",", ":"))

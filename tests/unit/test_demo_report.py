@@ -51,7 +51,7 @@ def test_prompt_tokens_counts_every_message_sent() -> None:
 def test_prompt_tokens_count_a_json_schema_sent_as_compact_json(
     format_args: dict[str, Any], sent: str
 ) -> None:
-    # Only json_schema sends the model a schema; it goes as compact JSON, as httpx sends it.
+    # Only json_schema sends the model a schema; it counts as compact JSON.
     # The service refuses a schema that is not JSON, but the demo counts every request's prompt.
     request = chat_request("four", **format_args)
 

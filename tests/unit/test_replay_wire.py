@@ -159,7 +159,7 @@ def test_usage_counts_the_text_of_every_message() -> None:
 def test_usage_counts_the_json_schema_sent_as_prompt_tokens(
     response_format: dict[str, Any], prompt_tokens: int
 ) -> None:
-    # 'hi\n{"type":"object"}', 20 characters: the schema as compact JSON, as httpx sends it
+    # 'hi\n{"type":"object"}', 20 characters: the schema counted as compact JSON
     # (UTF-8, not \u escapes); json_object sends the model no schema.
     call = parse_chat_call(body(response_format=response_format))
     assert usage(call, "")["prompt_tokens"] == prompt_tokens
