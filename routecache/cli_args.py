@@ -59,7 +59,7 @@ def number_between(low: float, high: float, *, above_low: bool = False) -> Calla
             if math.isinf(low) and math.isinf(high):
                 bounds = "finite"
             elif math.isinf(high):
-                bounds = f"{low:g} or more (finite)"
+                bounds = f"above {low:g} (finite)" if above_low else f"{low:g} or more (finite)"
             elif above_low:
                 bounds = f"above {low:g} and at most {high:g}"
             else:

@@ -155,6 +155,9 @@ def test_number_between_above_low_refuses_low_and_says_so() -> None:
     assert parse("1") == 1.0 and parse("1e-9") == 1e-9
     with pytest.raises(argparse.ArgumentTypeError, match=r"^0: must be above 0 and at most 1$"):
         parse("0")
+    unbounded = number_between(0, math.inf, above_low=True)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^0: must be above 0 \(finite\)$"):
+        unbounded("0")
 
 
 @pytest.mark.parametrize("text", ["0", "1", "0.5,1", "nan"])
