@@ -41,14 +41,6 @@ def fraction(text: str) -> float:
     return value
 
 
-def positive_number(text: str) -> float:
-    """An argparse type: a finite number above 0 (a regularisation strength)."""
-    value = _number(text)
-    if not 0.0 < value < math.inf:  # False for NaN too
-        raise argparse.ArgumentTypeError(f"{text}: must be a finite number above 0")
-    return value
-
-
 def number_between(low: float, high: float, *, above_low: bool = False) -> Callable[[str], float]:
     """An argparse type: a finite number from low (or, `above_low`, above it) to high."""
 
@@ -68,6 +60,10 @@ def number_between(low: float, high: float, *, above_low: bool = False) -> Calla
         return value
 
     return parse
+
+
+# A regularisation strength.
+positive_number = number_between(0, math.inf, above_low=True)
 
 
 def listed(one: Callable[[str], float]) -> Callable[[str], list[float]]:
