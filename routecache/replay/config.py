@@ -122,8 +122,7 @@ class FaultSchedule:
         Raises ValueError for a header naming no known fault.
         """
         if requested is not None:
-            requested = requested.strip().lower()
-            return None if requested == NO_FAULT else FaultKind(requested)
+            return fault_named(requested)
         if self._script:
             return self._script.popleft()
         # Draw both numbers every time so one request's outcome never shifts the next one's.
@@ -165,6 +164,14 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hang-seconds", type=float, default=30.0, help="how long 'timeout' hangs")
 
 
+def fault_named(name: str) -> FaultKind | None:
+    """A fault by name, as the header and the flags give it (any case; "none": no fault).
+
+    Raises ValueError for a name of no known fault."""
+    name = name.strip().lower()
+    return None if name == NO_FAULT else FaultKind(name)
+
+
 def config_from_args(args: argparse.Namespace) -> ReplayConfig:
     """Raises ValueError with a readable message for a bad flag value."""
     models = dict(_default_models())
@@ -174,15 +181,13 @@ def config_from_args(args: argparse.Namespace) -> ReplayConfig:
             raise ValueError(f"--model expects ID=weak or ID=strong, got {item!r}")
         models[model_id] = role
     try:
-        kinds = tuple(FaultKind(k.strip()) for k in args.fault_kinds.split(",") if k.strip())
+        kinds = tuple(
+            FaultKind(k.strip().lower()) for k in args.fault_kinds.split(",") if k.strip()
+        )
     except ValueError as exc:
         raise ValueError(f"--fault-kinds: {exc}") from exc
     try:
-        script = tuple(
-            None if k.strip() == NO_FAULT else FaultKind(k.strip())
-            for k in args.fault_script.split(",")
-            if k.strip()
-        )
+        script = tuple(fault_named(k) for k in args.fault_script.split(",") if k.strip())
     except ValueError as exc:
         raise ValueError(f"--fault-script: {exc}") from exc
     return ReplayConfig(

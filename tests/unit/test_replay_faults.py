@@ -22,9 +22,11 @@ def parse(*argv: str) -> ReplayConfig:
 
 
 def test_fault_script_comes_before_the_random_draw() -> None:
-    config = parse("--fault-script", "http_503,none,timeout", "--fault-rate", "1",
-                   "--fault-kinds", "empty_answer")  # fmt: skip
+    # Any case, as the x-replay-fault header takes them.
+    config = parse("--fault-script", "http_503,None,TIMEOUT", "--fault-rate", "1",
+                   "--fault-kinds", "Empty_Answer")  # fmt: skip
     assert config.fault_script == (FaultKind.HTTP_503, None, FaultKind.TIMEOUT)
+    assert config.fault_kinds == (FaultKind.EMPTY_ANSWER,)
     schedule = FaultSchedule(config)
     drawn = [schedule.next_fault(None) for _ in range(4)]
     assert drawn == [FaultKind.HTTP_503, None, FaultKind.TIMEOUT, FaultKind.EMPTY_ANSWER]
