@@ -153,6 +153,10 @@ class TrackedStream(httpx.AsyncByteStream):
         self.closed = True
 
 
+# JSON nested deeper than the parser recurses: json raises RecursionError, not ValueError.
+TOO_DEEP = "[" * 100_000
+
+
 def sse_line(event: object) -> bytes:
     return f"data: {json.dumps(event)}\n\n".encode()
 
@@ -442,8 +446,9 @@ async def test_whole_call_is_bounded_by_the_timeout(make_client: Any) -> None:
         httpx.Response(200, text="<html>gateway</html>"),
         httpx.Response(200, json={"id": "x", "choices": []}),
         httpx.Response(200, json={"choices": [{"message": {"content": 42}}]}),
+        httpx.Response(200, text=TOO_DEEP),
     ],
-    ids=["not-json", "no-choices", "content-not-text"],
+    ids=["not-json", "no-choices", "content-not-text", "nested-too-deep"],
 )
 async def test_malformed_body_is_retryable(make_client: Any, response: httpx.Response) -> None:
     recorder = Recorder(response)
@@ -548,8 +553,10 @@ async def test_stream_failing_before_any_text_is_retried(make_client: Any) -> No
         (httpx.Response(400, json={"error": {"message": "bad"}}), False, 1),
         (sse('{"choices": [{"delta": {"content": "unterminated'), True, 2),
         (sse({"error": {"message": "overloaded"}}), True, 2),
+        (sse(TOO_DEEP), True, 2),
+        (httpx.Response(503, text=TOO_DEEP), True, 2),
     ],
-    ids=["429", "400", "malformed-chunk", "error-event"],
+    ids=["429", "400", "malformed-chunk", "error-event", "chunk-too-deep", "error-too-deep"],
 )
 async def test_stream_failures_map_like_complete(
     make_client: Any, response: httpx.Response, retryable: bool, calls: int

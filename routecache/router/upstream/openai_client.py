@@ -32,6 +32,10 @@ USER_AGENT = "routecache/0.1"
 # estimated instead; the bound also keeps the tokens of every call one request makes within
 # the uint32 fields of its reply.
 MAX_REPORTED_TOKENS = 2**28
+# What parsing a provider's body raises when it is not the shape expected. RecursionError:
+# JSON nested deeper than the parser recurses; raw, it would end the call INTERNAL without
+# trying the next provider.
+_MALFORMED = (ValueError, LookupError, TypeError, AttributeError, RecursionError)
 
 
 def _is_retryable(exc: BaseException) -> bool:
@@ -225,7 +229,7 @@ class OpenAIChatClient:
             payload = response.json()
             choice = payload["choices"][0]
             content = choice["message"].get("content")
-        except (ValueError, LookupError, TypeError, AttributeError) as exc:
+        except _MALFORMED as exc:
             raise self._error(
                 f"malformed response body ({type(exc).__name__}: {exc})", retryable=True
             ) from exc
@@ -299,7 +303,7 @@ class OpenAIChatClient:
                 return "", None
             content = choices[0].get("delta", {}).get("content") or ""
             finish_reason = choices[0].get("finish_reason")
-        except (ValueError, LookupError, TypeError, AttributeError) as exc:
+        except _MALFORMED as exc:
             raise self._error(
                 f"malformed stream chunk ({type(exc).__name__}: {exc})", retryable=True
             ) from exc
@@ -326,5 +330,5 @@ def _error_text(payload: Any) -> str:
 def _provider_message(response: httpx.Response) -> str:
     try:
         return _error_text(response.json())
-    except ValueError:
+    except (ValueError, RecursionError):
         return response.text.strip()[:200]
