@@ -79,6 +79,11 @@ class ScopedFaissIndex:
 
     def add_many(self, scope: str, entry_ids: list[str], vectors: np.ndarray) -> None:
         """Bulk insert (index rebuilds at start): one FAISS call instead of one per entry."""
+        if vectors.ndim != 2 or vectors.shape[1] != self._dimension:
+            # FAISS only fails a bare assertion, once the scope has been made.
+            raise ValueError(
+                f"vectors of dimension {vectors.shape[-1]}, the index takes {self._dimension}"
+            )
         with self._lock:
             index = self._scopes.get(scope) or _ScopeIndex(self._dimension)
             # One row per new id, the last of a repeated one: a second row of the same id would

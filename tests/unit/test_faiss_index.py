@@ -85,7 +85,8 @@ def test_an_id_twice_in_one_batch_is_indexed_once_and_removed_for_good() -> None
     rows = unit_rows(2)
     index.add_many("a", ["e", "e"], rows)
     assert len(index) == 1
-    assert index.search("a", rows[1], 1)[0].entry_id == "e"  # the later vector is kept
+    [kept] = index.search("a", rows[1], 1)
+    assert kept.entry_id == "e" and kept.similarity == pytest.approx(1.0)  # the later vector
     index.add("a", "f", rows[0])
     index.remove("a", "e")
     assert [n.entry_id for n in index.search("a", rows[0], 5)] == ["f"]
@@ -241,3 +242,20 @@ def test_a_scope_that_doubles_twice_during_a_rebuild_gets_one_more_rebuild_not_t
     index.wait_for_rebuilds()
     assert index.rebuilt_sizes == [100, 400]
     assert index.search("a", rows[350], 1)[0].entry_id == "e350"
+
+
+def test_a_vector_of_another_dimension_is_refused_and_leaves_no_empty_scope() -> None:
+    # FAISS failed a bare assertion, after the scope had been made: that empty scope then
+    # broke every later search of it.
+    index = ScopedFaissIndex(32)
+    with pytest.raises(ValueError, match="dimension 16, the index takes 32"):
+        index.add("a", "e", unit_rows(1, dimension=16)[0])
+    assert index.kind("a") == "none" and len(index) == 0
+    assert index.search("a", unit_rows(1)[0], 5) == []
+
+
+def test_an_ivf_index_has_no_cell_for_fewer_than_39_training_vectors() -> None:
+    # FAISS warns, and fits poor cells, with under 39 training points a cell.
+    rows = unit_rows(400, seed=13)
+    built = faiss_index.build_ivf(rows, np.arange(400, dtype=np.int64), IndexPolicy())
+    assert built.nlist == 400 // 39
