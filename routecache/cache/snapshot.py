@@ -42,11 +42,21 @@ class SnapshotError(ValueError):
     """The file is no snapshot, or one of its entries is damaged: refused, never overwritten."""
 
 
+# Read back as they are, a text or missing number failed later, outside the line's check: the
+# expiry check at restore, or every hit on the entry.
+_NUMBERS = ("created_at", "expires_at", "cost_usd", "prompt_tokens", "completion_tokens",
+            "hit_count", "last_hit_at")  # fmt: skip
+
+
 def _decode(line: bytes) -> CacheEntry:
     record = json.loads(line)
     record["tier"] = Tier(record["tier"])
     record["tags"] = tuple(record["tags"])
     record["embedding"] = np.frombuffer(base64.b64decode(record["embedding"]), dtype=np.float32)
+    for name in _NUMBERS:
+        value = record.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{name} is {value!r}, not a number")
     return CacheEntry(**record)
 
 
@@ -107,7 +117,10 @@ async def restore_snapshot(
     for entry in entries:
         for gone in await store.put(entry):
             index.remove(gone.scope, gone.entry_id)
-        index.add(entry.scope, entry.entry_id, entry.embedding)
+        try:
+            index.add(entry.scope, entry.entry_id, entry.embedding)
+        except ValueError as exc:  # a snapshot made with another embedding model
+            raise SnapshotError(f"{path}: entry {entry.entry_id}: {exc}") from exc
         loaded += 1
     log.info("restored %d cache entries from %s", loaded, path)
     return loaded

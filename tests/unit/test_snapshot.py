@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from threading import Event
@@ -19,6 +20,7 @@ from routecache.cache.memory_store import InMemoryEntryStore
 from routecache.cache.ports import CacheEntry
 from routecache.cache.snapshot import (
     SnapshotError,
+    _encode,
     read_live_entries,
     read_snapshot,
     restore_snapshot,
@@ -183,12 +185,23 @@ def test_a_file_that_is_not_a_version_1_snapshot_is_refused(tmp_path: Path, cont
         read_live_entries(path, now=0.0)
 
 
+def _with_field(name: str, value: object) -> str:
+    """A saved entry's line with one field set to `value`."""
+    record = json.loads(_encode(_entry("x")))
+    record[name] = value
+    return json.dumps(record)
+
+
 @pytest.mark.parametrize(
     "line",
-    ["not json", '{"entry_id": "acme:x"}', "[]"],
-    ids=["not json", "fields missing", "not an object"],
-)
+    ["not json", '{"entry_id": "acme:x"}', "[]", _with_field("expires_at", "soon"),
+     _with_field("created_at", None), _with_field("hit_count", "3")],
+    ids=["not json", "fields missing", "not an object", "text expiry", "no creation time",
+         "text hit count"],
+)  # fmt: skip
 def test_a_damaged_entry_is_refused_with_its_file_and_line(tmp_path: Path, line: str) -> None:
+    # A field of the wrong type was read in as it was: a text expiry failed the expiry check
+    # with a TypeError traceback, a missing creation time every hit on the entry.
     path = tmp_path / "snapshot.jsonl"
     save_snapshot(_distinct_entries("a", "b"), path)
     path.write_text(path.read_text() + line + "\n")
@@ -218,6 +231,25 @@ async def _saved_after_a_hit_on_a(path: Path) -> list[CacheEntry]:
     await store.record_hit(entries[0].entry_id, now=1.0)
     save_snapshot(store.entries(), path)
     return entries
+
+
+async def test_a_snapshot_of_another_embedding_dimension_is_refused_naming_the_file(
+    tmp_path: Path,
+) -> None:
+    # A snapshot made before the embedding model changed: FAISS failed a bare assertion, and
+    # the start ended in a traceback instead of one line naming the snapshot.
+    path = tmp_path / "snapshot.jsonl"
+    save_snapshot(_distinct_entries("a"), path)
+    store = InMemoryEntryStore(max_entries=10, clock=lambda: 0.0)
+    with pytest.raises(SnapshotError, match=f"{path}: entry acme:a: .*dimension 4.* 8"):
+        await restore_snapshot(store, ScopedFaissIndex(8), path, lambda: 0.0)
+
+
+def test_a_folder_at_the_snapshot_path_is_refused_not_taken_for_no_snapshot(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(IsADirectoryError):
+        read_live_entries(tmp_path, now=0.0)
 
 
 async def test_a_restore_keeps_the_least_recently_used_order(tmp_path: Path) -> None:
