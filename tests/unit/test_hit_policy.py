@@ -107,6 +107,28 @@ def test_pairs_under_the_floor_are_not_scored_and_never_hit() -> None:
     assert verdicts[1].verifier_score is None
 
 
+def test_a_batch_entirely_under_the_floor_never_reaches_the_cross_encoder() -> None:
+    # An empty batch of feature rows cannot go through the logistic model: nothing is scored.
+    scorer = KeywordScorer()
+    scores = VerifiedPolicy(calibration(floor=0.5), scorer).scores(
+        [("a", "b"), ("c", "d")], [0.1, 0.2]
+    )
+    assert scorer.calls == [] and np.isnan(scores).all()
+
+
+def test_the_calibrated_bias_shifts_the_probability() -> None:
+    policy = VerifiedPolicy(replace(calibration(), bias=-6.0), KeywordScorer())
+    (score,) = policy.scores([("a", "a")], [0.9])  # logit 6, bias -6: even odds
+    assert score == pytest.approx(0.5)
+
+
+def test_the_cosine_similarity_is_one_of_the_verifiers_features() -> None:
+    weights = tuple(1.0 if name == "cosine" else 0.0 for name in FEATURE_NAMES)
+    policy = VerifiedPolicy(replace(calibration(), weights=weights), KeywordScorer())
+    (score,) = policy.scores([("a", "a")], [0.9])
+    assert score == pytest.approx(1.0 / (1.0 + math.exp(-0.9)))
+
+
 def test_the_verifier_refuses_a_close_neighbour_that_asks_something_else() -> None:
     policy = VerifiedPolicy(calibration(), KeywordScorer())
     scores = policy.scores([("weather in paris", "weather in london")], [0.95])
