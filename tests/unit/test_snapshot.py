@@ -195,9 +195,10 @@ def _with_field(name: str, value: object) -> str:
 @pytest.mark.parametrize(
     "line",
     ["not json", '{"entry_id": "acme:x"}', "[]", _with_field("expires_at", "soon"),
-     _with_field("created_at", None), _with_field("hit_count", "3")],
+     _with_field("created_at", None), _with_field("hit_count", "3"),
+     _with_field("cost_usd", True)],
     ids=["not json", "fields missing", "not an object", "text expiry", "no creation time",
-         "text hit count"],
+         "text hit count", "boolean cost"],
 )  # fmt: skip
 def test_a_damaged_entry_is_refused_with_its_file_and_line(tmp_path: Path, line: str) -> None:
     # A field of the wrong type was read in as it was: a text expiry failed the expiry check
