@@ -159,7 +159,13 @@ def build_hit_policy(settings: Settings, embedder_name: str | None = None) -> Hi
     if mode == "off" or (mode == "auto" and not name.lower().startswith(("all-minilm", "minilm"))):
         return CosinePolicy()
     directory = settings.cache.verifier_dir or packaged_verifier_dir()
-    calibration = PolicyCalibration.load(directory / POLICY_FILE)
+    try:
+        calibration = PolicyCalibration.load(directory / POLICY_FILE)
+    except (ValueError, KeyError, TypeError) as error:  # JSON, but not a calibration
+        raise ConfigError(
+            f"cache.verifier_dir: {directory / POLICY_FILE} is not a verifier calibration "
+            f"({type(error).__name__}: {error})"
+        ) from error
     scorer = OnnxCrossEncoder(directory / GRAPH_FILE, symmetric=calibration.symmetric)
     return VerifiedPolicy(calibration, scorer)
 

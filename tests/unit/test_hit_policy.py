@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
+from routecache.cache.cross_encoder import POLICY_FILE
 from routecache.cache.embedder import HashEmbedder
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.hit_policy import (
@@ -24,7 +26,7 @@ from routecache.cache.pair_features import FEATURE_NAMES, lexical_features
 from routecache.cache.semantic_cache import NewEntry, SemanticCache
 from routecache.domain import CacheOutcome, Tier
 from routecache.router.bootstrap import build_hit_policy
-from routecache.router.settings import load_settings
+from routecache.router.settings import ConfigError, load_settings
 from tests.fakes import ManualClock
 
 
@@ -286,3 +288,17 @@ def test_the_configured_verifier_applies_to_minilm_unless_turned_off(
 ) -> None:
     policy = build_hit_policy(load_settings(cache={"verifier": verifier}), embedder)
     assert isinstance(policy, VerifiedPolicy) is verified
+
+
+@pytest.mark.parametrize(
+    "content", ["not json", "[]", '{"features": []}', '{"cosine_floor": 0.5}'],
+    ids=["not JSON", "not an object", "other features", "keys missing"],
+)  # fmt: skip
+def test_a_damaged_verifier_calibration_is_one_config_error_naming_it(
+    tmp_path: Path, content: str
+) -> None:
+    # Before: a JSONDecodeError, TypeError or KeyError traceback at the start.
+    (tmp_path / POLICY_FILE).write_text(content)
+    settings = load_settings(cache={"verifier": "cross-encoder", "verifier_dir": tmp_path})
+    with pytest.raises(ConfigError, match=f"{POLICY_FILE} is not a verifier calibration"):
+        build_hit_policy(settings, "all-MiniLM-L6-v2")
