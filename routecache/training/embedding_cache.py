@@ -55,12 +55,15 @@ class EmbeddingCache:
         try:
             with np.load(self._path) as stored:
                 keys, vectors = stored["keys"], stored["vectors"]
+            # One key per row of a table, as _save writes them; else the zip below would raise.
+            if keys.ndim != 1 or vectors.ndim != 2 or len(keys) != len(vectors):
+                raise ValueError(f"{keys.shape} keys for {vectors.shape} vectors")
         except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
             # Another file given by mistake: say so, and never write over it.
             raise DataFileError(
                 f"{self._path}: not an embedding cache (.npz of keys and vectors): {exc}"
             ) from exc
-        if vectors.ndim != 2 or vectors.shape[1] != dimension:
+        if vectors.shape[1] != dimension:
             return {}  # another embedder's vectors: start over rather than mix them
         return {str(k): v for k, v in zip(keys, vectors, strict=True)}
 

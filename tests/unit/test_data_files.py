@@ -126,12 +126,28 @@ def test_another_embedders_vectors_are_dropped_not_mixed(tmp_path: Path) -> None
         assert stored["vectors"].shape == (2, 4)  # the narrower vectors are gone
 
 
-@pytest.mark.parametrize("kind", ["npz without keys", "npy", "text", "torn npz"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "npz without keys",
+        "more keys than vectors",
+        "vectors not a table",
+        "npy",
+        "text",
+        "torn npz",
+    ],
+)
 def test_a_file_that_is_no_embedding_cache_is_reported_and_kept(tmp_path: Path, kind: str) -> None:
     path = tmp_path / "cache.npz"
     if kind == "npz without keys":
         with path.open("wb") as out:
             np.savez(out, vectors=np.zeros((1, 3)))
+    elif kind == "more keys than vectors":  # was a ValueError traceback from the strict zip
+        with path.open("wb") as out:
+            np.savez(out, keys=np.array(["k1", "k2"]), vectors=np.zeros((1, 3)))
+    elif kind == "vectors not a table":  # was taken for another embedder's and written over
+        with path.open("wb") as out:
+            np.savez(out, keys=np.array(["k1", "k2", "k3"]), vectors=np.zeros(3))
     elif kind == "npy":
         with path.open("wb") as out:
             np.save(out, np.zeros((1, 3)))
