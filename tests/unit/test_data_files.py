@@ -75,6 +75,17 @@ def test_writable_folder_refuses_a_folder_it_may_not_write_in(
         writable_folder(tmp_path, "--out")
 
 
+def test_writable_folder_refuses_a_folder_it_may_write_but_not_enter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    # Mode 0o666 on a folder: writing a file in it needs the search (x) bit too.
+    monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.X_OK)
+    with pytest.raises(DataFileError, match="the folder is not writable"):
+        writable_folder(tmp_path, "--out")
+
+
 class CountingEmbedder:
     """Vectors from the text's length and first letter; remembers what it was asked to embed."""
 
@@ -104,6 +115,17 @@ def test_only_prompts_never_seen_are_embedded_and_each_once(tmp_path: Path) -> N
         assert sorted(stored["keys"]) == sorted(prompt_key(p) for p in ("ab", "c", "dddd"))
         assert stored["vectors"].dtype == np.float32
     assert not list(path.parent.glob("*.partial*"))
+
+
+def test_a_prompt_is_stored_under_its_sha256_not_its_text(tmp_path: Path) -> None:
+    # Files written by earlier runs are keyed so; and the cache holds no prompt text.
+    import hashlib
+
+    assert prompt_key("caf\u00e9") == hashlib.sha256("caf\u00e9".encode()).hexdigest()
+    path = tmp_path / "cache.npz"
+    EmbeddingCache(path).embed(["a secret prompt"], CountingEmbedder(), 3)
+    with np.load(path) as stored:
+        assert list(stored["keys"]) == [hashlib.sha256(b"a secret prompt").hexdigest()]
 
 
 def test_nothing_new_leaves_the_file_as_it_was(tmp_path: Path) -> None:
