@@ -111,6 +111,12 @@ def test_text_features_of_an_empty_prompt_are_zero_and_two_options_are_no_quiz()
     assert two_options[TEXT_FEATURE_NAMES.index("multiple_choice")] == 0.0
 
 
+def test_ratios_of_a_one_character_prompt_are_over_that_one_character() -> None:
+    names = list(TEXT_FEATURE_NAMES)
+    assert text_features("7")[names.index("digit_ratio")] == 1.0
+    assert text_features("=")[names.index("math_symbol_ratio")] == 1.0
+
+
 def test_a_quiz_needs_all_four_options_each_opening_a_line_before_a_space() -> None:
     def quiz(text: str) -> float:
         return float(text_features(text)[TEXT_FEATURE_NAMES.index("multiple_choice")])
@@ -118,6 +124,7 @@ def test_a_quiz_needs_all_four_options_each_opening_a_line_before_a_space() -> N
     assert quiz("Pick one:\nA. x\nB. y\nC. z") == 0.0  # three options
     assert quiz("Pick one:\nA.x\nB.y\nC.z\nD.w") == 0.0  # no space: abbreviations, not options
     assert quiz("Pick one:\nA. x\nB) y\nC. z\nD) w") == 1.0
+    assert quiz("Plan A. go, plan B. wait, plan C. run or plan D. hide") == 0.0  # mid-line
 
 
 def test_a_word_is_any_run_of_non_space_characters() -> None:
