@@ -40,6 +40,15 @@ def label_matrix(cheap_fails: npt.ArrayLike, strong_fails: npt.ArrayLike) -> Flo
     return np.column_stack([cheap, strong, cheap - strong])
 
 
+def _project(
+    embeddings: npt.NDArray[np.floating], mean: Float32Array, components: Float32Array
+) -> Float32Array:
+    z = (np.asarray(embeddings, dtype=np.float32) - mean) @ components.T
+    norms = np.linalg.norm(z, axis=-1, keepdims=True)
+    projected: Float32Array = z / np.maximum(norms, 1e-12)
+    return projected
+
+
 class NeighbourBank:
     def __init__(
         self,
@@ -48,8 +57,21 @@ class NeighbourBank:
         vectors: Float32Array,
         labels: FloatArray,
     ) -> None:
-        if vectors.shape[0] != labels.shape[0] or labels.shape[1] != len(LABEL_NAMES):
+        # A bank read from an artifact is checked whole here: a mismatch found at the first
+        # request would fail every request instead of refusing the artifact.
+        if (
+            components.ndim != 2
+            or mean.shape != (components.shape[1],)
+            or vectors.ndim != 2
+            or vectors.shape[1] != components.shape[0]
+        ):
+            raise ValueError(
+                f"projection {mean.shape} / {components.shape} does not match bank {vectors.shape}"
+            )
+        if labels.shape != (vectors.shape[0], len(LABEL_NAMES)):
             raise ValueError(f"bank of {vectors.shape} does not match labels {labels.shape}")
+        if vectors.shape[0] == 0:
+            raise ValueError("the bank holds no labelled prompts")
         self._mean = mean.astype(np.float32)
         self._components = np.ascontiguousarray(components.astype(np.float32))
         self._vectors = np.ascontiguousarray(vectors.astype(np.float32))
@@ -59,9 +81,8 @@ class NeighbourBank:
     def fit(cls, embeddings: Float32Array, labels: FloatArray, seed: int = 0) -> NeighbourBank:
         dimension = min(PROJECTED_DIMENSION, embeddings.shape[0], embeddings.shape[1])
         pca = PCA(dimension, random_state=seed).fit(embeddings)
-        empty = np.zeros((0, dimension), dtype=np.float32)
-        bank = cls(pca.mean_, pca.components_, empty, np.zeros((0, len(LABEL_NAMES))))
-        return cls(pca.mean_, pca.components_, bank.project(embeddings), labels)
+        mean, components = pca.mean_.astype(np.float32), pca.components_.astype(np.float32)
+        return cls(mean, components, _project(embeddings, mean, components), labels)
 
     @property
     def input_dimension(self) -> int:
@@ -73,10 +94,7 @@ class NeighbourBank:
 
     def project(self, embeddings: npt.NDArray[np.floating]) -> Float32Array:
         """PCA projection, unit-normalised so a dot product is a cosine similarity."""
-        z = (np.asarray(embeddings, dtype=np.float32) - self._mean) @ self._components.T
-        norms = np.linalg.norm(z, axis=-1, keepdims=True)
-        projected: Float32Array = z / np.maximum(norms, 1e-12)
-        return projected
+        return _project(embeddings, self._mean, self._components)
 
     def features(self, embedding: npt.NDArray[np.floating]) -> FloatArray:
         """Neighbour features of one request (the service's per-request path)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -399,14 +400,26 @@ def test_an_artifact_of_another_format_dimension_or_without_its_checksum_is_refu
             load_artifact(model_path)
 
 
+_BROKEN_BANKS: dict[str, Callable[[dict[str, np.ndarray]], object]] = {
+    "no labels": lambda bank: bank.pop("labels"),
+    # These loaded, then failed every request (or, 1-D labels, raised IndexError on load).
+    "one label column": lambda bank: bank.update(labels=bank["labels"][:, 0]),
+    "vectors of another width": lambda bank: bank.update(vectors=bank["vectors"][:, :-1]),
+    "mean of another length": lambda bank: bank.update(pca_mean=bank["pca_mean"][:-1]),
+    "no prompts": lambda bank: bank.update(vectors=bank["vectors"][:0], labels=bank["labels"][:0]),
+}
+
+
+@pytest.mark.parametrize("breakage", list(_BROKEN_BANKS))
 def test_an_unusable_neighbour_bank_is_an_artifact_error(
-    trained: DifficultyModel, tmp_path: Path
+    trained: DifficultyModel, tmp_path: Path, breakage: str
 ) -> None:
     # Callers (retrain, hot reload) treat ClassifierArtifactError as "this version is broken".
     payload = trained.to_payload()
-    payload["bank"] = {k: v for k, v in payload["bank"].items() if k != "labels"}
+    payload["bank"] = dict(payload["bank"])
+    _BROKEN_BANKS[breakage](payload["bank"])
     with pytest.raises(ClassifierArtifactError, match="neighbour bank is unusable"):
-        load_artifact(_save_payload(payload, tmp_path, "no_labels"))
+        load_artifact(_save_payload(payload, tmp_path, "broken"))
 
 
 def test_an_artifact_name_with_a_dot_keeps_its_whole_name(
