@@ -211,6 +211,9 @@ def test_label_matrix_gain_is_cheap_failures_the_strong_model_fixes() -> None:
     # No strong outcome known at all: an even chance, not a success.
     unknown = label_matrix([1, 0], [np.nan, np.nan])
     np.testing.assert_array_equal(unknown[:, 1], [0.5, 0.5])
+    strong = np.array([np.nan, 1.0])
+    label_matrix([1, 0], strong)
+    assert np.isnan(strong[0])  # the caller's outcomes are left as they were
 
 
 def test_neighbour_rates_are_the_labels_of_the_nearest_prompts() -> None:
