@@ -265,6 +265,19 @@ def test_cli_reports_each_threshold_and_budget_on_the_first_pairs(
     assert [r["hits"] for r in reports] == [2, 2, 0, 0]
 
 
+def test_cli_latency_flag_adds_the_same_verifier_timing_to_each_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["eval-cache", "--pairs", str(_pairs_file(tmp_path))]
+    argv += ["--config", str(_hash_config(tmp_path)), "--json", "--latency"]
+    assert main([*argv, "--cosine-threshold", "0.5,0.99"]) == 0
+    reports = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(reports) == 2
+    latency = reports[0]["verifier_latency"]  # timed once, at the first requirement
+    assert reports[1]["verifier_latency"] == latency
+    assert set(latency) == {"p50_ms", "p99_ms", "samples"} and latency["samples"] <= len(PAIRS)
+
+
 @pytest.mark.parametrize(
     ("flag", "verifier", "policy"),
     [("verified", "cross-encoder", "verified"), ("cosine", "off", "cosine")],
