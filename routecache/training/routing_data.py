@@ -49,7 +49,7 @@ def read_routing_rows(paths: Sequence[Path]) -> list[RoutingRow]:
                         strong_response=_text(record, "strong_response"),
                     )
                 )
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeEncodeError) as exc:
                 raise DataFileError(f"{path}:{number}: not a routing row ({exc})") from exc
     if not rows:
         raise DataFileError(f"no routing rows in {[str(p) for p in paths]}")
@@ -67,9 +67,12 @@ def _outcome(record: dict[str, object], key: str) -> bool:
 def _prompt(record: dict[str, object]) -> str:
     """The prompt, as text: str() made a null prompt the prompt "None"."""
     value = record["prompt"]
-    if isinstance(value, str):
-        return value
-    raise TypeError(f"prompt must be text, not {value!r}")
+    if not isinstance(value, str):
+        raise TypeError(f"prompt must be text, not {value!r}")
+    # JSON may escape a lone UTF-16 surrogate, which the hash split and the embedding cache
+    # cannot encode: refused here with the file and line, not as a traceback later.
+    value.encode("utf-8")
+    return value
 
 
 def _text(record: dict[str, object], key: str) -> str | None:

@@ -576,6 +576,10 @@ def test_adding_labelled_sets_keeps_each_prompts_labels_with_it() -> None:
             '{"prompt": "p", "weak_correct": true, "strong_correct": true, "weak_response": 7}',
             "weak_response must be text",
         ),
+        (
+            '{"prompt": "half \\ud800 a pair", "weak_correct": 1, "strong_correct": 1}',
+            "surrogates not allowed",
+        ),
     ],
     ids=[
         "missing weak_correct",
@@ -585,6 +589,7 @@ def test_adding_labelled_sets_keeps_each_prompts_labels_with_it() -> None:
         "outcome not 0 or 1",
         "null prompt",
         "response not text",
+        "lone surrogate",
     ],
 )
 def test_a_row_with_a_missing_or_mistyped_field_is_refused_with_its_file_and_line(
