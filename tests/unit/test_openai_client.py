@@ -568,6 +568,25 @@ async def test_stream_failures_map_like_complete(
     assert recorder.calls == calls
 
 
+@pytest.mark.parametrize("content", [0, False, [], {}], ids=["zero", "false", "list", "object"])
+async def test_a_stream_delta_whose_content_is_not_text_is_a_malformed_chunk(
+    make_client: Any, content: object
+) -> None:
+    # Falsy non-text content once passed as an empty delta; only null or absent means no text.
+    bad = {"choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]}
+    recorder = Recorder(sse(bad, chunk(finish_reason="stop")))
+    with pytest.raises(UpstreamError, match="malformed stream chunk") as caught:
+        await collect(make_client(recorder).stream(MESSAGES, GenerationParams()))
+    assert caught.value.retryable is True
+    assert recorder.calls == 2
+
+
+async def test_a_stream_delta_with_null_content_carries_no_text(make_client: Any) -> None:
+    empty = {"choices": [{"index": 0, "delta": {"content": None}, "finish_reason": None}]}
+    recorder = Recorder(sse(empty, chunk("ok"), chunk(finish_reason="stop")))
+    assert await collect(make_client(recorder).stream(MESSAGES, GenerationParams())) == ["ok"]
+
+
 async def test_data_lines_without_a_space_after_the_colon_are_read(make_client: Any) -> None:
     body = 'data:{"choices": [{"delta": {"content": "ok"}, "finish_reason": "stop"}]}\n\n'
     recorder = Recorder(httpx.Response(200, content=body.encode()))

@@ -301,13 +301,15 @@ class OpenAIChatClient:
             choices = chunk["choices"]
             if not choices:  # the usage-only chunk of stream_options.include_usage
                 return "", None
-            content = choices[0].get("delta", {}).get("content") or ""
+            content = choices[0].get("delta", {}).get("content")
             finish_reason = choices[0].get("finish_reason")
         except _MALFORMED as exc:
             raise self._error(
                 f"malformed stream chunk ({type(exc).__name__}: {exc})", retryable=True
             ) from exc
-        if not isinstance(content, str):
+        if content is None:  # a role-only or finish chunk carries no text
+            content = ""
+        if not isinstance(content, str):  # 0, false or a list is no text, nor "no text"
             raise self._error("malformed stream chunk (content is not a string)", retryable=True)
         return content, finish_reason if isinstance(finish_reason, str) else None
 
