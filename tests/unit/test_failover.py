@@ -429,14 +429,25 @@ async def test_a_probe_stream_the_caller_stops_reading_frees_its_probe_slot() ->
     assert breaker.allow()  # else the provider would be shed until the process restarts
 
 
-async def test_no_provider_is_tried_without_the_reserve_left_before_the_deadline() -> None:
+async def call_failover(failover: Failover, call: str, deadline: float) -> None:
+    """Asks for an answer (`complete`) or opens a stream (`open_stream`) on the cheap tier."""
+    if call == "complete":
+        await failover.complete(REQUEST, Tier.CHEAP, deadline)
+    else:
+        await failover.open_stream(REQUEST, Tier.CHEAP, deadline)
+
+
+@pytest.mark.parametrize("call", ["complete", "open_stream"])
+async def test_no_provider_is_tried_without_the_reserve_left_before_the_deadline(
+    call: str,
+) -> None:
     clock = ManualClock()
     failover, cheap, strong, _ = chains(clock)
-    request = ChatRequest(messages=(Message(Role.USER, "late"),))
     deadline = clock() + 0.4  # less than the 0.5 s kept back for the stale lookup and reply
     with pytest.raises(AllProvidersFailed, match="not tried, the deadline") as failed:
-        await failover.complete(request, Tier.CHEAP, deadline)
+        await call_failover(failover, call, deadline)
     assert cheap.calls == [] and strong.calls == []
+    # A single-flight waiter with a later deadline reads out_of_time to make the call itself.
     assert failed.value.out_of_time == deadline
 
 
@@ -575,6 +586,16 @@ async def test_the_deadline_exactly_at_the_reserve_tries_no_provider() -> None:
         await failover.complete(REQUEST, Tier.CHEAP, deadline)
     assert cheap.calls == [] and strong.calls == [] and breaker.state is BreakerState.CLOSED
     assert failed.value.out_of_time == deadline
+
+
+@pytest.mark.parametrize("call", ["complete", "open_stream"])
+async def test_a_chain_that_failed_with_time_to_spare_names_no_deadline(call: str) -> None:
+    clock = ManualClock()
+    failover, cheap, strong, _ = chains(clock)
+    cheap.fail_with = strong.fail_with = UpstreamError("down", retryable=True)
+    with pytest.raises(AllProvidersFailed) as failed:
+        await call_failover(failover, call, clock() + 10)
+    assert failed.value.out_of_time is None
 
 
 def test_a_failover_needs_a_provider_for_every_tier() -> None:

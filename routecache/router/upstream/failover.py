@@ -120,7 +120,7 @@ class Failover:
                 failures.append(_failed(provider, exc, budget))
                 continue
             return OpenedStream(provider, provider_tier, first, deltas, tuple(failures))
-        raise AllProvidersFailed(tier, failures)
+        raise AllProvidersFailed(tier, failures, self._ran_out(deadline))
 
     async def deltas(self, opened: OpenedStream, deadline: float) -> AsyncGenerator[str, None]:
         """The opened stream's deltas; a break ends it with Unavailable (sent text stands)."""
