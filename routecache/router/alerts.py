@@ -42,6 +42,7 @@ class BudgetAlerts:
         self._timeout = webhook_timeout_seconds
         self._client: httpx.AsyncClient | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
+        self._closed = False
         self.delivered = 0
         self.failed_deliveries = 0
 
@@ -60,7 +61,13 @@ class BudgetAlerts:
         )  # fmt: skip
         self._events.emit("budget_alert", alert)
         self._telemetry.budget_alert(tenant, period.value)
-        if self._url is not None:
+        if self._url is not None and self._closed:
+            # A settle finishing during shutdown: posting would open a client nobody closes,
+            # or use the closed one (a RuntimeError no one awaits). Log the loss instead.
+            self.failed_deliveries += 1
+            log.error("budget alert webhook not sent, the alerts were closed",
+                      extra={"tenant": tenant})  # fmt: skip
+        elif self._url is not None:
             # The request that crossed the budget does not wait for the webhook.
             task = asyncio.create_task(self._post(alert))
             self._deliveries.add(task)
@@ -85,6 +92,7 @@ class BudgetAlerts:
             await asyncio.gather(*self._deliveries, return_exceptions=True)
 
     async def aclose(self) -> None:
+        self._closed = True  # before draining: an alert raised meanwhile cannot be missed
         await self.drain()
         if self._client is not None:
             await self._client.aclose()

@@ -1054,3 +1054,25 @@ async def test_a_webhook_that_fails_or_hangs_is_counted_and_logged_as_failed(
         await alerts.aclose()
     assert (alerts.delivered, alerts.failed_deliveries) == (1, 2)
     assert alerts._client is not None and alerts._client.is_closed
+
+
+@pytest.mark.parametrize("posted_before", [True, False], ids=["client-open", "no-client-yet"])
+async def test_an_alert_raised_after_aclose_is_logged_as_not_delivered(
+    webhook: tuple[str, Hook], caplog: pytest.LogCaptureFixture, posted_before: bool
+) -> None:
+    # A settle finishing during shutdown once posted on the closed client: the RuntimeError
+    # ended as "Task exception was never retrieved" (or a new client was left open).
+    url, hook = webhook
+    alerts, events = alerts_to(url)
+    budget = Budget(soft_daily_usd=1.0)
+    if posted_before:
+        alerts.check("t", budget, {Period.DAY: (0.0, 1.0)})
+    await alerts.aclose()
+    delivered = alerts.delivered
+    alerts.check("late", budget, {Period.DAY: (0.0, 1.0)})
+    await alerts.drain()
+    assert (alerts.delivered, alerts.failed_deliveries) == (delivered, 1)
+    assert len(hook.bodies) == delivered  # nothing posted after aclose
+    assert events.events[-1]["tenant"] == "late"  # the log line and event still go out
+    assert "budget alert webhook not sent, the alerts were closed" in caplog.text
+    assert alerts._client is None or alerts._client.is_closed
