@@ -51,7 +51,11 @@ _NUMBERS = ("created_at", "expires_at", "cost_usd", "prompt_tokens", "completion
 def _decode(line: bytes) -> CacheEntry:
     record = json.loads(line)
     record["tier"] = Tier(record["tier"])
-    record["tags"] = tuple(record["tags"])
+    tags = record["tags"]
+    # tuple() would take the text "abc" for the tags a, b and c.
+    if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+        raise TypeError(f"tags is {tags!r}, not a list of texts")
+    record["tags"] = tuple(tags)
     record["embedding"] = np.frombuffer(base64.b64decode(record["embedding"]), dtype=np.float32)
     for name in _NUMBERS:
         value = record.get(name, 0)
