@@ -78,6 +78,12 @@ def save_snapshot(entries: Sequence[CacheEntry], path: Path) -> int:
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
+    # The rename is an entry of the folder: synced, the new snapshot survives a power loss.
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
     return len(entries)
 
 

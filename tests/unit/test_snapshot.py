@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from threading import Event
@@ -291,6 +293,24 @@ def test_a_save_that_fails_midway_leaves_the_previous_snapshot_whole(tmp_path: P
     with pytest.raises(OSError):
         save_snapshot(_DiskFullAfterOne(_distinct_entries("c", "d")), path)
     assert [e.entry_id for e in read_live_entries(path, now=0.0)] == ["acme:a", "acme:b"]
+
+
+def test_a_save_syncs_the_folder_after_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The rename lives in the folder: unsynced, a power loss may bring back the old snapshot
+    # (or none) though the save returned.
+    path = tmp_path / "snapshot.jsonl"
+    synced: list[tuple[bool, bool]] = []  # (a folder, the snapshot in place) at each fsync
+    real_fsync = os.fsync
+
+    def fsync(descriptor: int) -> None:
+        synced.append((stat.S_ISDIR(os.fstat(descriptor).st_mode), path.exists()))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    save_snapshot(_distinct_entries("a"), path)
+    assert synced == [(False, False), (True, True)]
 
 
 def test_a_longer_temp_file_left_by_a_crash_adds_nothing_to_the_next_snapshot(
