@@ -30,11 +30,17 @@ import numpy.typing as npt
 
 from routecache.cache.hit_policy import BudgetThreshold, PolicyCalibration
 from routecache.cache.pair_features import FEATURE_NAMES, pair_features
+from routecache.training.data_files import DataFileError
 from routecache.training.pair_data import LabelledPair
 
 BUDGETS = (0.0025, 0.005, 0.01, 0.02, 0.05, 0.1)
 
 Floats = npt.NDArray[np.float64]
+
+
+class CalibrationError(DataFileError):
+    """Held-out pairs too few, or of one kind, to fit the rule on; train-verifier says so in
+    one line (it was an IndexError or one of sklearn's ValueErrors)."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,7 @@ def score_pairs(
             for (q, c), logit, cos in zip(texts, logits, cosines, strict=True)
         ],
         dtype=np.float64,
-    )
+    ).reshape(len(pairs), len(FEATURE_NAMES))  # no pairs: still rows of features, none of them
     ids: dict[str, int] = {}
     groups = np.array([ids.setdefault(p.cached, len(ids)) for p in pairs], dtype=np.int64)
     return ScoredPairs(rows, np.array([p.duplicate for p in pairs]), groups)
@@ -81,11 +87,35 @@ def _fit_logistic(rows: Floats, labels: npt.NDArray[np.bool_]) -> tuple[Floats, 
 def out_of_fold(scored: ScoredPairs, folds: int = 5) -> Floats:
     from sklearn.model_selection import GroupKFold
 
+    _check_calibratable(scored, folds)
     out = np.zeros(len(scored.labels))
     for fit, held in GroupKFold(n_splits=folds).split(scored.rows, groups=scored.groups):
+        if scored.labels[fit].all() or not scored.labels[fit].any():
+            kind = "duplicates" if scored.labels[fit].all() else "non-duplicates"
+            raise CalibrationError(
+                f"a fold's pairs are all {kind}: the {len(scored.labels)} held-out pairs "
+                f"need more of each kind{_MORE}"
+            )
         weights, bias = _fit_logistic(scored.rows[fit], scored.labels[fit])
         out[held] = _probabilities(scored.rows[held], weights, bias)
     return out
+
+
+_MORE = " (more pairs in --data, or a larger --holdout)"
+
+
+def _check_calibratable(scored: ScoredPairs, folds: int) -> None:
+    """Refuses pairs the folds cannot be made of, or a logistic model fitted on."""
+    pairs, questions = len(scored.labels), len(np.unique(scored.groups))
+    if questions < folds:
+        raise CalibrationError(
+            f"{pairs} held-out pairs on {questions} cached questions: calibration needs "
+            f"{folds} or more{_MORE}"
+        )
+    if scored.labels.all():
+        raise CalibrationError(f"all {pairs} held-out pairs are duplicates{_MORE}")
+    if not scored.labels.any():
+        raise CalibrationError(f"none of the {pairs} held-out pairs is a duplicate{_MORE}")
 
 
 def _probabilities(rows: Floats, weights: Floats, bias: float) -> Floats:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from routecache.cache.cross_encoder import GRAPH_FILE
 from routecache.cli_args import at_least, fraction, fractions, listed, number_between
 from routecache.router.cli import main
+from routecache.training.pair_data import load_pairs, split_pairs
 
 
 @pytest.mark.parametrize(
@@ -80,6 +84,27 @@ def test_train_verifier_refuses_cuda_where_torch_sees_none(
     args = ["train-verifier", "--data", str(pairs), "--out", str(tmp_path / "o")]
     assert main([*args, "--device", "cuda"]) == 2
     assert capsys.readouterr().err == "routecache: --device cuda: torch sees no CUDA device\n"
+
+
+def test_train_verifier_reports_a_holdout_too_small_to_calibrate_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Four cached questions cannot make five folds: it was sklearn's ValueError traceback
+    # (an IndexError with no held-out pair), after the cross-encoder's training.
+    pairs = tmp_path / "pairs.jsonl"
+    lines = [{"query": f"a{i}?", "cached": f"b{i}?", "duplicate": i % 2 == 0} for i in range(4)]
+    pairs.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    held = len(split_pairs(load_pairs(pairs), 0.5)[1])
+    scores = tmp_path / "scores.npz"
+    np.savez(scores, cosines=np.full(held, 0.5), forward=np.zeros(held), backward=np.zeros(held))
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / GRAPH_FILE).write_bytes(b"graph")
+    args = ["train-verifier", "--data", str(pairs), "--out", str(out), "--holdout", "0.5"]
+    assert main([*args, "--scores", str(scores)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"routecache: {held} held-out pairs on {held} cached questions")
+    assert err.count("\n") == 1
 
 
 @pytest.mark.parametrize("flag", ["--weights", "--init-weights"])

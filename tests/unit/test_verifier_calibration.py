@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from routecache.cache.hit_policy import PolicyCalibration, VerifiedPolicy
 from routecache.cache.pair_features import FEATURE_NAMES
 from routecache.training.calibrate_verifier import (
+    CalibrationError,
     ScoredPairs,
     calibrate,
     cosine_floor,
@@ -376,3 +378,34 @@ def test_split_holds_out_about_the_fraction_asked_for() -> None:
     _, holdout = split_pairs(pairs, 0.15)
     assert 0.12 < len(holdout) / 2000 < 0.18
     assert split_pairs(pairs, 0.15)[1] == holdout
+
+
+def _too_few(n: int, questions: int, duplicates: int) -> ScoredPairs:
+    """`n` synthetic pairs on `questions` cached questions, the first `duplicates` duplicates."""
+    scored = synthetic(n, seed=3)
+    labels = np.arange(n) < duplicates
+    return ScoredPairs(scored.rows, labels, np.arange(n, dtype=np.int64) % questions)
+
+
+@pytest.mark.parametrize(
+    ("scored", "problem"),
+    [
+        (score_pairs([], [], []), "0 held-out pairs on 0 cached questions"),
+        (_too_few(40, 4, 20), "40 held-out pairs on 4 cached questions"),
+        (_too_few(40, 40, 40), "all 40 held-out pairs are duplicates"),
+        (_too_few(40, 40, 0), "none of the 40 held-out pairs is a duplicate"),
+        (_too_few(40, 40, 1), "a fold's pairs are all non-duplicates"),
+    ],
+    ids=["no pairs", "four questions", "all duplicates", "no duplicate", "one duplicate"],
+)
+def test_pairs_too_few_to_calibrate_on_are_refused_naming_the_problem(
+    scored: ScoredPairs, problem: str
+) -> None:
+    # They failed with an IndexError (no pairs) or one of sklearn's ValueErrors: train-verifier
+    # printed a traceback instead of its one-line error.
+    with pytest.raises(CalibrationError, match=re.escape(problem)):
+        calibrate(scored)
+
+
+def test_score_pairs_of_no_pairs_has_a_row_width() -> None:
+    assert score_pairs([], [], []).rows.shape == (0, len(FEATURE_NAMES))
