@@ -390,3 +390,20 @@ def test_same_question_false_hits_count_only_the_candidates_served() -> None:
     none = [HitVerdict(False, 0.9)] * 4
     result = summarise("cache", "cosine", candidates, 1, none, HitRequirement(0.5), False)
     assert (result.precision, result.recall, result.false_hits_same_question) == (1.0, 0.0, 0)
+
+
+def test_cli_latency_in_cache_mode_times_the_cache_mode_lookups(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It timed each pair's own cached question: in cache mode the lookups that reach the
+    # verifier are those whose nearest entry clears the floor, here a query stored verbatim
+    # for another pair (its own cached question is unrelated).
+    verbatim = LabelledPair(PAIRS[0].cached, "why do cats purr at night", False)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(asdict(p)) + "\n" for p in [*PAIRS, verbatim]))
+    argv = ["eval-cache", "--pairs", str(pairs), "--config", str(_hash_config(tmp_path))]
+    argv += ["--json", "--latency", "--mode", "cache", "--policy", "cosine"]
+    assert main([*argv, "--cosine-threshold", "0.99"]) == 0
+    (report,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    # Under the cosine policy the floor is the threshold: each lookup reaching it is a hit.
+    assert report["hits"] >= 1 and report["verifier_latency"]["samples"] == report["hits"]
