@@ -598,6 +598,16 @@ async def test_a_chain_that_failed_with_time_to_spare_names_no_deadline(call: st
     assert failed.value.out_of_time is None
 
 
+def test_providers_of_one_model_at_two_endpoints_are_each_listed_once() -> None:
+    # The list is what shutdown closes: keyed by model, the second endpoint's client leaked.
+    price, breaker = Pricing(1.0, 1.0), CircuitBreaker()
+    first, second = FakeUpstream("same-model"), FakeUpstream("same-model")
+    primary = Provider("primary", first, price, breaker)
+    backup = Provider("backup", second, price, breaker)
+    failover = Failover({Tier.CHEAP: [primary, backup], Tier.STRONG: [backup]})
+    assert [p.name for p in failover.providers()] == ["primary", "backup"]
+
+
 def test_a_failover_needs_a_provider_for_every_tier() -> None:
     cheap = Provider("cheap", FakeUpstream("cheap-model"), Pricing(1.0, 1.0), CircuitBreaker())
     with pytest.raises(ValueError, match=r"no provider for tier.*strong"):
