@@ -5,6 +5,8 @@ import os
 import stat
 from pathlib import Path
 
+import pytest
+
 from routecache.cache.snapshot import save_snapshot
 from routecache.router.events import JsonlEventLog
 
@@ -20,6 +22,16 @@ def test_a_snapshot_is_private_even_over_a_stale_world_readable_temp_file(
     leftover = path.with_name(path.name + ".tmp")
     leftover.write_text("")
     os.chmod(leftover, 0o644)
+    save_snapshot([], path)
+    assert _others_bits(path) == 0
+
+
+def test_a_new_snapshot_file_is_created_private_not_made_so_afterwards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Created readable by others, prompts would be open to them until the mode was fixed.
+    monkeypatch.setattr(os, "fchmod", lambda descriptor, mode: None)
+    path = tmp_path / "cache.jsonl"
     save_snapshot([], path)
     assert _others_bits(path) == 0
 

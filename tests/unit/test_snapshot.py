@@ -10,6 +10,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 from threading import Event
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -302,15 +303,24 @@ def test_a_save_syncs_the_folder_after_the_rename(
     # (or none) though the save returned.
     path = tmp_path / "snapshot.jsonl"
     synced: list[tuple[bool, bool]] = []  # (a folder, the snapshot in place) at each fsync
-    real_fsync = os.fsync
+    opened: list[int] = []
+    real_fsync, real_open = os.fsync, os.open
 
     def fsync(descriptor: int) -> None:
         synced.append((stat.S_ISDIR(os.fstat(descriptor).st_mode), path.exists()))
         real_fsync(descriptor)
 
+    def open_(*args: Any, **kwargs: Any) -> int:
+        opened.append(real_open(*args, **kwargs))
+        return opened[-1]
+
     monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "open", open_)
     save_snapshot(_distinct_entries("a"), path)
     assert synced == [(False, False), (True, True)]
+    for descriptor in opened:  # the file's and the folder's: none left open
+        with pytest.raises(OSError):
+            os.fstat(descriptor)
 
 
 def test_a_longer_temp_file_left_by_a_crash_adds_nothing_to_the_next_snapshot(
