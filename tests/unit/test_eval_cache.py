@@ -407,3 +407,12 @@ def test_cli_latency_in_cache_mode_times_the_cache_mode_lookups(
     (report,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     # Under the cosine policy the floor is the threshold: each lookup reaching it is a hit.
     assert report["hits"] >= 1 and report["verifier_latency"]["samples"] == report["hits"]
+
+
+def test_cli_without_json_prints_one_aligned_line_per_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["eval-cache", "--pairs", str(_pairs_file(tmp_path))]
+    assert main([*argv, "--config", str(_hash_config(tmp_path))]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"{'pairs':>20}: 3" in lines and f"{'policy':>20}: cosine" in lines
