@@ -127,9 +127,11 @@ async def test_feedback_lands_in_events_stats_and_telemetry(harness: Harness) ->
 
 async def test_stats_list_the_most_served_entries_first(harness: Harness) -> None:
     pipeline = harness.service.pipeline
-    cost = {}
+    cost, model, entry = {}, {}, {}
     for prompt, repeats in (("alpha question", 1), ("beta question", 3), ("gamma question", 0)):
-        cost[prompt] = (await pipeline.complete(ask(prompt), ACME)).usage.cost_usd
+        first = await pipeline.complete(ask(prompt), ACME)
+        cost[prompt], model[prompt] = first.usage.cost_usd, first.model
+        entry[prompt] = first.cache.entry_id
         for _ in range(repeats):
             await pipeline.complete(ask(prompt), ACME)
     stats = await pipeline.admin.stats(ACME, top_n=2)
@@ -137,6 +139,10 @@ async def test_stats_list_the_most_served_entries_first(harness: Harness) -> Non
         ("beta question", 3), ("alpha question", 1),
     ]  # fmt: skip
     assert stats.top_entries[0].saved_usd == pytest.approx(3 * cost["beta question"])
+    # the entry (to invalidate it) and the model that wrote it (which tier the savings came from)
+    assert [(e.entry_id, e.model) for e in stats.top_entries] == [
+        (entry[p], model[p]) for p in ("beta question", "alpha question")
+    ]
     assert (await pipeline.admin.stats(KEYS["globex"])).top_entries == ()
 
 
@@ -164,6 +170,7 @@ async def test_feedback_events_carry_request_and_entry_and_a_repeat_removes_noth
     # request across services (docs/operations.md).
     for event in feedback:
         assert (event["request_id"], event["entry_id"]) == ("req-feedback", hit.cache.entry_id)
+        assert event["response_id"] == hit.response_id
         assert event["cache_outcome"] == CacheOutcome.SEMANTIC.value
     assert feedback[0]["comment"] == "spot on"
     stats = await pipeline.admin.stats(ACME)
