@@ -460,6 +460,28 @@ async def test_watch_keeps_polling_after_the_pointer_cannot_be_read(
     assert not failures and classifier.version == "v2"
 
 
+async def test_watch_waits_the_interval_before_each_poll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The interval is classifier.reload_interval_seconds: polling faster reads the pointer on a
+    # shared mount many times a second, slower leaves replicas on an old model for longer.
+    registry = _registry_with(tmp_path, "v1", "v2")
+    registry.promote("v1")
+    classifier = ReloadingClassifier.from_registry(registry, fake_load, tmp_path / "none")
+    registry.promote("v2")
+    waits: list[tuple[float, str]] = []
+
+    async def record_sleep(seconds: float) -> None:
+        waits.append((seconds, classifier.version))
+        if len(waits) == 2:
+            raise asyncio.CancelledError
+
+    monkeypatch.setattr(asyncio, "sleep", record_sleep)
+    with pytest.raises(asyncio.CancelledError):
+        await classifier.watch(7.5)
+    assert waits == [(7.5, "v1"), (7.5, "v2")]  # the first poll comes after one interval
+
+
 async def test_a_version_that_names_no_embedder_is_checked_by_its_size_alone(
     tmp_path: Path,
 ) -> None:
