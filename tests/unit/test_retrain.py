@@ -183,3 +183,28 @@ def test_a_bad_regularisation_or_tolerance_is_refused_before_any_work(
     assert exit_.value.code == 2
     assert f"argument {flag}" in capsys.readouterr().err
     assert not registry.exists()
+
+
+def test_data_with_one_outcome_only_is_a_message_and_registers_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The cheap model answered every prompt right: there is nothing to tell apart.
+    data = tmp_path / "routing.jsonl"
+    rows = ({"prompt": f"count apples {i}", "source": "mmlu", "subject": "synthetic",
+             "weak_correct": True, "strong_correct": True} for i in range(60))  # fmt: skip
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    registry_dir = tmp_path / "registry"
+    assert _retrain(data, registry_dir) == 2
+    assert capsys.readouterr().err.startswith("cannot train: ")
+    assert ModelRegistry(registry_dir).versions() == []
+    assert ModelRegistry(registry_dir).current_version() is None
+
+
+def test_a_registry_that_is_a_file_is_refused_before_any_embedding(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = tmp_path / "registry"
+    a_file.write_text("")
+    assert _retrain(data, a_file) == 2
+    assert capsys.readouterr().err.startswith(f"routecache: --registry {a_file}: not a folder")
+    assert a_file.read_text() == ""
