@@ -63,7 +63,8 @@ def test_saved_scores_calibrate_both_orders_without_training(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = _saved_run(tmp_path)
-    assert main([*argv, "--budgets", "0.1,0.05", "--confidence", "0.9"]) == 0
+    settings = ["--epochs", "3", "--learning-rate", "1e-5"]
+    assert main([*argv, "--budgets", "0.1,0.05", "--confidence", "0.9", *settings]) == 0
     rule = _policy(tmp_path)
     assert rule.symmetric is True
     assert [t.max_false_hit_rate for t in rule.thresholds] == [0.05, 0.1]
@@ -76,6 +77,10 @@ def test_saved_scores_calibrate_both_orders_without_training(
     assert rule.metadata["confidence"] == 0.9
     assert rule.metadata["calibration_pairs"] == len(split_pairs(PAIRS, 0.5)[1])
     assert "cache_mode_lookups" not in rule.metadata
+    # provenance: what the policy was calibrated from, and with which training settings
+    assert rule.metadata["training_data"] == str(data)
+    assert (rule.metadata["epochs"], rule.metadata["learning_rate"]) == (3, 1e-5)
+    assert rule.metadata["weights"] is None and rule.metadata["init_weights"] is None
     summary = json.loads(capsys.readouterr().out)
     assert summary["symmetric"] is True and summary["confidence"] == 0.9
     assert set(summary["holdout_recall"]) == {"0.05", "0.1"}
@@ -88,6 +93,32 @@ def test_one_order_scores_the_forward_logit_only(tmp_path: Path) -> None:
     assert rule.symmetric is False
     # the forward logit is noise: without the backward order little is told apart
     assert rule.thresholds[0].holdout_recall < 0.6
+
+
+def test_one_order_scores_cache_lookups_by_the_forward_logit_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [*_saved_run(tmp_path), "--budgets", "0.1", "--cache-mode", "--one-order"]
+    assert main(argv) == 0
+    # the service scores cache lookups in one order too: their forward logit is noise here
+    assert json.loads(capsys.readouterr().out)["cache_mode_recall"]["0.1"] < 0.6
+
+
+def test_both_orders_are_averaged_on_the_scale_of_one(tmp_path: Path) -> None:
+    # The service averages the two logits: weights fitted on their sum would weigh the
+    # average it feeds them at half its worth. Equal orders: averaged or not, the same rule.
+    argv = _saved_run(tmp_path)
+    with np.load(tmp_path / "scores.npz") as saved:
+        scores = {name: saved[name] for name in saved.files}
+    scores["forward"] = scores["backward"]
+    np.savez(tmp_path / "scores.npz", **scores)
+    rules = []
+    for order in ([], ["--one-order"]):
+        assert main([*argv, "--budgets", "0.1", *order]) == 0
+        rules.append(_policy(tmp_path))
+    both, one = rules
+    assert both.weights == pytest.approx(one.weights) and both.bias == pytest.approx(one.bias)
+    assert both.thresholds[0].threshold == pytest.approx(one.thresholds[0].threshold)
 
 
 def test_cache_mode_calibrates_on_the_saved_cache_lookups_too(
@@ -143,6 +174,15 @@ def test_saved_scores_that_cannot_be_read_are_one_line_and_exit_2(
     # A missing file was a FileNotFoundError traceback.
     argv = _saved_run(tmp_path)
     (tmp_path / "scores.npz").unlink()
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"routecache: --scores {tmp_path / 'scores.npz'}")
+
+
+def test_saved_scores_that_are_not_an_npz_are_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = _saved_run(tmp_path)
+    (tmp_path / "scores.npz").write_bytes(b"PK\x03\x04 not really a zip")
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith(f"routecache: --scores {tmp_path / 'scores.npz'}")
 
