@@ -187,6 +187,10 @@ def run(args: argparse.Namespace) -> int:
             training_device(args.device)
         except ValueError as exc:
             raise DataFileError(f"--{exc}") from exc
+    if args.scores is not None and not (args.out / GRAPH_FILE).is_file():
+        # Saved scores describe --out's graph, which the policy names by hash: without it
+        # the run was a FileNotFoundError traceback once every score had been read.
+        raise DataFileError(f"--scores needs --out's graph: {args.out / GRAPH_FILE} is missing")
     pairs = load_pairs(args.data)
     fit, holdout = split_pairs(pairs, args.holdout)
     log.info("%d pairs: %d to train the cross-encoder, %d to calibrate", len(pairs), len(fit),

@@ -187,6 +187,19 @@ def test_saved_scores_that_are_not_an_npz_are_one_line_and_exit_2(
     assert capsys.readouterr().err.startswith(f"routecache: --scores {tmp_path / 'scores.npz'}")
 
 
+def test_saved_scores_without_the_graph_they_came_from_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The policy names the graph it describes by hash: a missing graph was a
+    # FileNotFoundError traceback, after every score was read.
+    argv = _saved_run(tmp_path)
+    graph = tmp_path / "out" / GRAPH_FILE
+    graph.unlink()
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"routecache: --scores needs --out's graph: {graph}")
+    assert not (tmp_path / "out" / POLICY_FILE).exists()
+
+
 def test_saved_scores_of_another_holdout_are_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
