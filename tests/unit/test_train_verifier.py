@@ -63,7 +63,9 @@ def test_saved_scores_calibrate_both_orders_without_training(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = _saved_run(tmp_path)
+    weights = [str(tmp_path / "trained.safetensors"), str(tmp_path / "start.safetensors")]
     settings = ["--epochs", "3", "--learning-rate", "1e-5"]
+    settings += ["--weights", weights[0], "--init-weights", weights[1]]  # recorded, unused
     assert main([*argv, "--budgets", "0.1,0.05", "--confidence", "0.9", *settings]) == 0
     rule = _policy(tmp_path)
     assert rule.symmetric is True
@@ -80,7 +82,7 @@ def test_saved_scores_calibrate_both_orders_without_training(
     # provenance: what the policy was calibrated from, and with which training settings
     assert rule.metadata["training_data"] == str(data)
     assert (rule.metadata["epochs"], rule.metadata["learning_rate"]) == (3, 1e-5)
-    assert rule.metadata["weights"] is None and rule.metadata["init_weights"] is None
+    assert [rule.metadata["weights"], rule.metadata["init_weights"]] == weights
     summary = json.loads(capsys.readouterr().out)
     assert summary["symmetric"] is True and summary["confidence"] == 0.9
     assert set(summary["holdout_recall"]) == {"0.05", "0.1"}
