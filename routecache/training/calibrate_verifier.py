@@ -87,7 +87,7 @@ def _fit_logistic(rows: Floats, labels: npt.NDArray[np.bool_]) -> tuple[Floats, 
 def out_of_fold(scored: ScoredPairs, folds: int = 5) -> Floats:
     from sklearn.model_selection import GroupKFold
 
-    _check_calibratable(scored, folds)
+    _check_calibratable(scored.labels, scored.groups, folds)
     out = np.zeros(len(scored.labels))
     for fit, held in GroupKFold(n_splits=folds).split(scored.rows, groups=scored.groups):
         if scored.labels[fit].all() or not scored.labels[fit].any():
@@ -104,17 +104,27 @@ def out_of_fold(scored: ScoredPairs, folds: int = 5) -> Floats:
 _MORE = " (more pairs in --data, or a larger --holdout)"
 
 
-def _check_calibratable(scored: ScoredPairs, folds: int) -> None:
+def check_holdout(holdout: Sequence[LabelledPair], folds: int = 5) -> None:
+    """Refuses held-out pairs the rule cannot be fitted on, before the hour of training that
+    would end in the same refusal."""
+    ids: dict[str, int] = {}
+    groups = np.array([ids.setdefault(p.cached, len(ids)) for p in holdout], dtype=np.int64)
+    _check_calibratable(np.array([p.duplicate for p in holdout], dtype=bool), groups, folds)
+
+
+def _check_calibratable(
+    labels: npt.NDArray[np.bool_], groups: npt.NDArray[np.int64], folds: int
+) -> None:
     """Refuses pairs the folds cannot be made of, or a logistic model fitted on."""
-    pairs, questions = len(scored.labels), len(np.unique(scored.groups))
+    pairs, questions = len(labels), len(np.unique(groups))
     if questions < folds:
         raise CalibrationError(
             f"{pairs} held-out pairs on {questions} cached questions: calibration needs "
             f"{folds} or more{_MORE}"
         )
-    if scored.labels.all():
+    if labels.all():
         raise CalibrationError(f"all {pairs} held-out pairs are duplicates{_MORE}")
-    if not scored.labels.any():
+    if not labels.any():
         raise CalibrationError(f"none of the {pairs} held-out pairs is a duplicate{_MORE}")
 
 

@@ -30,6 +30,7 @@ from routecache.training.calibrate_verifier import (
     BUDGETS,
     ScoredPairs,
     calibrate,
+    check_holdout,
     file_sha256,
     score_pairs,
 )
@@ -193,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
         raise DataFileError(f"--scores needs --out's graph: {args.out / GRAPH_FILE} is missing")
     pairs = load_pairs(args.data)
     fit, holdout = split_pairs(pairs, args.holdout)
+    check_holdout(holdout)
     log.info("%d pairs: %d to train the cross-encoder, %d to calibrate", len(pairs), len(fit),
              len(holdout))  # fmt: skip
     scores = _holdout_scores(args, fit, holdout)

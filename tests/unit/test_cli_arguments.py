@@ -14,6 +14,7 @@ import pytest
 from routecache.cache.cross_encoder import GRAPH_FILE
 from routecache.cli_args import at_least, fraction, fractions, listed, number_between
 from routecache.router.cli import main
+from routecache.training import train_verifier
 from routecache.training.pair_data import load_pairs, split_pairs
 
 
@@ -86,14 +87,20 @@ def test_train_verifier_refuses_cuda_where_torch_sees_none(
     assert capsys.readouterr().err == "routecache: --device cuda: torch sees no CUDA device\n"
 
 
+def pairs_file(tmp_path: Path, count: int) -> Path:
+    """`count` labelled pairs, each on a cached question of its own, every other a duplicate."""
+    pairs = tmp_path / "pairs.jsonl"
+    lines = [{"query": f"a{i}?", "cached": f"b{i}?", "duplicate": i % 2 == 0} for i in range(count)]
+    pairs.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    return pairs
+
+
 def test_train_verifier_reports_a_holdout_too_small_to_calibrate_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Four cached questions cannot make five folds: it was sklearn's ValueError traceback
     # (an IndexError with no held-out pair), after the cross-encoder's training.
-    pairs = tmp_path / "pairs.jsonl"
-    lines = [{"query": f"a{i}?", "cached": f"b{i}?", "duplicate": i % 2 == 0} for i in range(4)]
-    pairs.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    pairs = pairs_file(tmp_path, 4)
     held = len(split_pairs(load_pairs(pairs), 0.5)[1])
     scores = tmp_path / "scores.npz"
     np.savez(scores, cosines=np.full(held, 0.5), forward=np.zeros(held), backward=np.zeros(held))
@@ -105,6 +112,20 @@ def test_train_verifier_reports_a_holdout_too_small_to_calibrate_in_one_line(
     err = capsys.readouterr().err
     assert err.startswith(f"routecache: {held} held-out pairs on {held} cached questions")
     assert err.count("\n") == 1
+
+
+def test_train_verifier_refuses_a_holdout_too_small_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same refusal came only after the cross-encoder's training: an hour on this machine.
+    def no_training(*args: object) -> None:
+        raise AssertionError("trained on data it cannot calibrate on")
+
+    monkeypatch.setattr(train_verifier, "_holdout_scores", no_training)
+    pairs = pairs_file(tmp_path, 4)
+    args = ["train-verifier", "--data", str(pairs), "--out", str(tmp_path / "o")]
+    assert main([*args, "--holdout", "0.5", "--device", "cpu"]) == 2
+    assert "cached questions: calibration needs 5 or more" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag", ["--weights", "--init-weights"])
@@ -119,15 +140,14 @@ def test_train_verifier_reports_unreadable_weights_in_one_line(
     # It was a FileNotFoundError, UnpicklingError or (weights of another model) load_state_dict
     # RuntimeError traceback, after the model had loaded.
     torch = pytest.importorskip("torch")
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text('{"query": "a?", "cached": "b?", "duplicate": true}\n' * 8, encoding="utf-8")
+    pairs = pairs_file(tmp_path, 40)  # a holdout it could calibrate on
     weights = tmp_path / "ce.pt"
     if isinstance(content, bytes):
         weights.write_bytes(content)
     elif content is not None:
         torch.save({"head.weight": torch.zeros(3, 3)}, weights)
     args = ["train-verifier", "--data", str(pairs), "--out", str(tmp_path / "o")]
-    assert main([*args, "--device", "cpu", flag, str(weights)]) == 2
+    assert main([*args, "--holdout", "0.5", "--device", "cpu", flag, str(weights)]) == 2
     err = capsys.readouterr().err
     last = re.split(r"[\r\n]", err.rstrip("\n"))[-1]  # after the model loader's progress bar
     assert last.startswith(f"routecache: {weights}: ") and "Traceback" not in err
