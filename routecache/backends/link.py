@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -52,16 +52,18 @@ class _PatientSetup:
 # Any: redis-py types its commands as "sync or awaitable" for both clients; callers await them.
 def _redis_client(url: str, call_timeout: float, connect_timeout: float, size: int) -> Any:
     # No retries inside redis-py: a slow or dead Redis must cost one timeout, not several.
-    client = Redis.from_url(
+    # A call finding every connection in use waits for one (up to the connect allowance): the
+    # plain pool raised "Too many connections" at once, and a burst of requests marked Redis
+    # down for every part.
+    pool = BlockingConnectionPool.from_url(
         url, socket_timeout=call_timeout, socket_connect_timeout=connect_timeout,
-        max_connections=size, retry=Retry(NoBackoff(), 0),
+        max_connections=size, timeout=connect_timeout, retry=Retry(NoBackoff(), 0),
     )  # fmt: skip
-    pool = client.connection_pool
     # Subclass whatever the URL chose (TCP, TLS or a Unix socket).
     pool.connection_class = type(
         f"Patient{pool.connection_class.__name__}", (_PatientSetup, pool.connection_class), {}
     )
-    return client
+    return Redis.from_pool(pool)  # closing the client closes its pool
 
 
 class RedisLink:

@@ -230,3 +230,22 @@ async def test_closing_the_link_closes_the_connections_of_both_pools(
                 break
             await asyncio.sleep(0.05)
         assert len(raw.client_list()) == 1  # only this one is left
+
+
+async def test_a_call_with_every_connection_in_use_waits_for_one_instead_of_marking_redis_down(
+    redis_server: RedisServer,
+) -> None:
+    # More calls at once than store.max_connections (a burst of requests): the pool raised
+    # "Too many connections", a RedisError, and the whole service took its degraded path.
+    link = link_to(redis_server.url)  # two connections
+    pool = link.client.connection_pool
+    try:
+        assert await link.connect()
+        in_flight = [await pool.get_connection(), await pool.get_connection()]
+        ping = asyncio.ensure_future(guarded(link, link.client.ping))
+        await asyncio.sleep(0.05)  # the ping finds no free connection
+        await pool.release(in_flight.pop())  # one of the calls in flight answers
+        assert await ping and link.up and link.failures == 0
+        await pool.release(in_flight.pop())
+    finally:
+        await link.aclose()
