@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import redis
 
-from routecache.backends.keys import KeySpace
+from routecache.backends.keys import KeySpace, TenantKeys
 from routecache.backends.link import RedisLink
 from routecache.backends.redis_store import RedisEntryStore, RedisStoreOptions
 from routecache.cache.faiss_index import ScopedFaissIndex
@@ -143,6 +143,7 @@ async def test_a_new_answer_to_the_same_prompt_replaces_the_old_entry(setup: Set
     assert first != second
     assert await setup.store.get(first[0]) is None
     assert await setup.cache.entry_count("acme") == 1
+    assert len(setup.cache.index) == 1
 
 
 async def test_removed_entries_leave_no_keys_behind(setup: Setup) -> None:
@@ -261,6 +262,7 @@ async def test_a_store_at_its_bound_evicts_the_least_recently_used_entry(setup: 
     setup.clock.advance(1)
     newest = await fill(small, 1, first=3)
     assert sorted(await small.store.ids_of_tenant("acme")) == sorted([ids[0], ids[2], *newest])
+    assert len(small.cache.index) == 3  # the store named what it evicted: the index forgot it
 
 
 async def test_a_purge_says_how_many_it_removed(setup: Setup) -> None:
@@ -285,3 +287,23 @@ async def test_the_sync_stream_is_trimmed_as_entries_are_stored(setup: Setup) ->
     await fill(small, 300)
     # Trimmed about (whole stream nodes of up to 100 items), not exactly.
     assert await setup.link.client.xlen(KeySpace().of("acme").sync) < 250
+
+
+class RemovedBetweenReads(RedisEntryStore):
+    """Another replica removes the first of the top entries after their hit counts were read,
+    before their prompts are."""
+
+    async def _fields(
+        self, keys: TenantKeys, ids: Sequence[str], names: Sequence[str]
+    ) -> list[list[bytes | None]]:
+        if tuple(names) == ("prompt", "model") and ids:
+            await self.delete([ids[0]])
+        return await super()._fields(keys, ids, names)
+
+
+async def test_top_entries_skip_an_entry_removed_between_their_two_reads(setup: Setup) -> None:
+    gone, kept = await fill(setup, 2)
+    await setup.store.record_hit(gone, setup.clock())  # the most served: read first
+    store = RemovedBetweenReads(setup.link, KeySpace(), RedisStoreOptions(10_000), setup.clock,
+                                "test")  # fmt: skip
+    assert [s.entry_id for s in await store.most_served("acme", 10)] == [kept]
