@@ -136,12 +136,13 @@ class RedisStorage:
             await _cancel(task)
         if (flushing := self._spend.stop_flushing()) is not None:
             await _cancel(flushing)  # else it may add spend the report below calls lost
-        # Last chance for buffered events and pending spend; a dead Redis must not hang stop.
+        # Last chance for pending spend and buffered events; a dead Redis must not hang stop.
+        # Spend first: the caps are held to it, and a slow event flush must not use up the time.
         with contextlib.suppress(StoreUnavailable, TimeoutError):
             async with asyncio.timeout(self._close_timeout):
+                await self._spend.flush()
                 if self.events is not None and self.link.up:
                     await self.events.flush()
-                await self._spend.flush()
         self._spend.report_unflushed()
         await self.link.aclose()
 

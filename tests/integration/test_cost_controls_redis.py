@@ -18,6 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from routecache.backends.keys import KeySpace
 from routecache.backends.link import RedisLink
+from routecache.backends.redis_events import RedisStreamEventSink
 from routecache.backends.redis_keys import RedisKeyRegistry
 from routecache.backends.redis_limits import RedisQuotaLimiter
 from routecache.backends.redis_spend import RedisSpendLedger, Retention
@@ -551,12 +552,16 @@ def slow_settles(
     return sending
 
 
-def storage_over(own: LedgerOnOwnRedis, close_timeout_seconds: float) -> RedisStorage:
+def storage_over(
+    own: LedgerOnOwnRedis,
+    close_timeout_seconds: float,
+    events: RedisStreamEventSink | None = None,
+) -> RedisStorage:
     """The Redis storage of one replica around the test's own ledger, for its stop."""
     store = RedisEntryStore(own.link, KeySpace(), RedisStoreOptions(100), own.clock, "r1")
     sync = ReplicaSync(own.link, KeySpace(), ["acme"], ScopedFaissIndex(8), store, "r1", own.clock)
     return RedisStorage(
-        own.link, sync, None, own.ledger, close_timeout_seconds=close_timeout_seconds
+        own.link, sync, events, own.ledger, close_timeout_seconds=close_timeout_seconds
     )
 
 
@@ -1206,6 +1211,23 @@ async def test_while_redis_is_down_the_replicas_own_buckets_take_and_debit(
         assert limiter.fallbacks == 4  # every take; a debit is no admission
     finally:
         await link.aclose()
+
+
+async def test_the_stop_flushes_pending_spend_before_buffered_events(
+    ledger_on_own_redis: LedgerOnOwnRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One close timeout for both: events went first, and an event flush that used it up left
+    # the spend (what caps are held to) reported as lost, never written.
+    own, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    await flush_sending_as_redis_returns(own, monkeypatch, seconds=0.05)
+    events = RedisStreamEventSink(own.link, KeySpace())
+
+    async def slow_flush() -> None:
+        await asyncio.sleep(10)
+
+    monkeypatch.setattr(events, "flush", slow_flush)
+    await storage_over(own, close_timeout_seconds=1.0, events=events).aclose()
+    assert ledger.report_unflushed() == 0.0
 
 
 async def test_the_stop_flushes_the_spend_still_pending_when_redis_answers(
