@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from routecache.replay.recordings import ModelRole, weak_breaks_json
-from routecache.router.tokens import estimate_tokens, prompt_tokens_estimate
+from routecache.router.tokens import body_schema, estimate_tokens, prompt_tokens_estimate
 
 JSON_FORMATS = frozenset({"json_object", "json_schema"})
 _FORMATS = JSON_FORMATS | {"text"}
@@ -57,7 +57,7 @@ def parse_chat_call(body: object) -> ChatCall:
         model=model,
         prompt=_prompt(contents),
         prompt_tokens=prompt_tokens_estimate(
-            (text for _, text in contents), _schema(response_format)
+            (text for _, text in contents), body_schema(response_format)
         ),
         stream=stream,
         max_tokens=max_tokens,
@@ -144,15 +144,6 @@ def _format_type(response_format: object) -> str:
             "response_format",
         )
     return str(kind)
-
-
-def _schema(response_format: object) -> object | None:
-    """The JSON Schema of a json_schema response_format (`json_schema.schema`), if it has one:
-    it is sent to the model, so a provider counts it as prompt tokens."""
-    if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
-        return None
-    json_schema = response_format.get("json_schema")
-    return json_schema.get("schema") if isinstance(json_schema, dict) else None
 
 
 def shape_answer(text: str, role: ModelRole, call: ChatCall) -> tuple[str, str]:

@@ -32,6 +32,15 @@ def sent_schema(response_format: ResponseFormat) -> object | None:
     return parsed
 
 
+def body_schema(response_format: object) -> object | None:
+    """The JSON Schema an OpenAI request body's `response_format` sends the model
+    (`json_schema.schema` of a json_schema format), if it has one."""
+    if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
+        return None
+    json_schema = response_format.get("json_schema")
+    return json_schema.get("schema") if isinstance(json_schema, dict) else None
+
+
 def prompt_tokens_estimate(contents: Iterable[str], schema: object | None = None) -> int:
     """The prompt tokens of a chat call: its messages' text, joined by newlines, and the JSON
     Schema of a json_schema response_format, which a provider sends the model and bills as

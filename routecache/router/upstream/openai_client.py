@@ -24,7 +24,12 @@ from routecache.domain import GenerationParams, Message, ResponseFormat, Respons
 from routecache.errors import UpstreamError
 from routecache.router.ports import UpstreamReply
 from routecache.router.settings import ProviderSettings, RetrySettings
-from routecache.router.tokens import estimate_tokens, prompt_tokens_estimate, sent_schema
+from routecache.router.tokens import (
+    body_schema,
+    estimate_tokens,
+    prompt_tokens_estimate,
+    sent_schema,
+)
 
 CHAT_PATH = "chat/completions"
 USER_AGENT = "routecache/0.1"
@@ -176,9 +181,10 @@ class OpenAIChatClient:
         self, messages: Sequence[Message], params: GenerationParams
     ) -> UpstreamReply:
         body = request_body(self._model, messages, params, stream=False)
-        # What a provider that reports no usage is taken to have counted.
+        # What a provider that reports no usage is taken to have counted: the body's schema,
+        # already parsed, counted as the replay upstream counts it.
         prompt_tokens = prompt_tokens_estimate(
-            (m.content for m in messages), sent_schema(params.response_format)
+            (m.content for m in messages), body_schema(body.get("response_format"))
         )
         reply: UpstreamReply = await self._retrying()(self._complete_once, body, prompt_tokens)
         return reply
