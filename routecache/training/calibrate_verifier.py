@@ -68,9 +68,16 @@ def score_pairs(
         ],
         dtype=np.float64,
     ).reshape(len(pairs), len(FEATURE_NAMES))  # no pairs: still rows of features, none of them
+    return ScoredPairs(rows, *_labels_and_groups(pairs))
+
+
+def _labels_and_groups(
+    pairs: Sequence[LabelledPair],
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int64]]:
+    """Whether each pair is a duplicate, and its cached question's id (folds never split one)."""
     ids: dict[str, int] = {}
     groups = np.array([ids.setdefault(p.cached, len(ids)) for p in pairs], dtype=np.int64)
-    return ScoredPairs(rows, np.array([p.duplicate for p in pairs]), groups)
+    return np.array([p.duplicate for p in pairs], dtype=bool), groups
 
 
 def _fit_logistic(rows: Floats, labels: npt.NDArray[np.bool_]) -> tuple[Floats, float]:
@@ -107,9 +114,7 @@ _MORE = " (more pairs in --data, or a larger --holdout)"
 def check_holdout(holdout: Sequence[LabelledPair], folds: int = 5) -> None:
     """Refuses held-out pairs the rule cannot be fitted on, before the hour of training that
     would end in the same refusal."""
-    ids: dict[str, int] = {}
-    groups = np.array([ids.setdefault(p.cached, len(ids)) for p in holdout], dtype=np.int64)
-    _check_calibratable(np.array([p.duplicate for p in holdout], dtype=bool), groups, folds)
+    _check_calibratable(*_labels_and_groups(holdout), folds)
 
 
 def _check_calibratable(
