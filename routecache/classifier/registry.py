@@ -82,10 +82,10 @@ class ModelRegistry:
         source = Path(artifact)
         base = source.with_suffix("") if source.suffix in (".skops", ".json") else source
         target = self.artifact_path(version)
-        target.parent.parent.mkdir(parents=True, exist_ok=True)
         # One add at a time, so a version's staging folder is one add's alone, and one that a
         # crashed add left behind can be cleared.
         with self._locked():
+            target.parent.parent.mkdir(exist_ok=True)  # the lock made the root
             if target.exists():
                 raise RegistryError(f"version {version} is already in {self.root}")
             # Hidden in the root: on the same file system, so the rename is atomic and a

@@ -694,10 +694,16 @@ def test_a_promotion_that_crashed_before_moving_the_pointer_is_never_rolled_back
     assert registry.rollback() == "v1"
 
 
-def test_promoting_into_a_registry_that_is_a_file_says_so(tmp_path: Path) -> None:
+@pytest.mark.parametrize("change", ["promote", "add"])
+def test_changing_a_registry_that_is_a_file_says_so(tmp_path: Path, change: str) -> None:
+    # add made its folders first: a raw NotADirectoryError before the lock's clear refusal.
     (tmp_path / "registry").write_text("")
+    registry = ModelRegistry(tmp_path / "registry")
     with pytest.raises(RegistryError, match="is a file: is this the registry folder"):
-        ModelRegistry(tmp_path / "registry").promote("v1")
+        if change == "promote":
+            registry.promote("v1")
+        else:
+            registry.add(_artifact(tmp_path / "src", 0.1), "v1")
 
 
 def test_adding_over_a_version_folder_without_its_artifact_says_so(tmp_path: Path) -> None:
