@@ -636,17 +636,28 @@ async def test_a_settle_lost_on_its_way_to_redis_drops_its_reservation_when_sent
     assert isinstance(await redis.another_ledger().reserve("acme", "u2", 0.7, caps), Reservation)
 
 
+@pytest.mark.parametrize(
+    "record",
+    [
+        # A call priced at 0 (a self-hosted model) still counts calls and tokens: not twice.
+        SpendRecord("acme", "u1", 0.0, 10, 20, calls=1),
+        # A cost with no call count (SpendLedger.record) is not added twice either.
+        SpendRecord("acme", "u1", cost_usd=0.3),
+    ],
+    ids=["free-call", "cost-without-calls"],
+)
 async def test_a_free_model_calls_settle_carries_an_id_too(
-    ledger_on_own_redis: LedgerOnOwnRedis, monkeypatch: pytest.MonkeyPatch
+    ledger_on_own_redis: LedgerOnOwnRedis, monkeypatch: pytest.MonkeyPatch, record: SpendRecord
 ) -> None:
-    # A call priced at 0 (a self-hosted model) still counts calls and tokens: not twice.
     redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
     lose_settle_answers(ledger, monkeypatch, [False, True])
-    await ledger.settle(None, SpendRecord("acme", "u1", 0.0, 10, 20, calls=1))
+    await ledger.settle(None, record)
     await redis.link.wait_up()
     await ledger.flush()
-    totals = await redis.another_ledger().totals("acme", "u1")
-    assert (totals[Period.DAY].calls, totals[Period.DAY].completion_tokens) == (1, 20)
+    day = (await redis.another_ledger().totals("acme", "u1"))[Period.DAY]
+    assert (day.cost_usd, day.calls, day.completion_tokens) == (
+        record.cost_usd, record.calls, record.completion_tokens,
+    )  # fmt: skip
 
 
 async def test_a_cache_hits_saving_leaves_no_settle_id_in_redis(
@@ -953,6 +964,8 @@ async def test_pending_spend_keeps_every_total_of_the_calls_it_sums(
 ) -> None:
     redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
     redis.server.kill()
+    # The replica knows: both settles are pending and summed, neither is sent (in doubt).
+    await ledger.totals("acme")
     record = SpendRecord("acme", "u1", cost_usd=0.25, prompt_tokens=100, completion_tokens=20,
                          saved_usd=0.1, calls=1, routing_saved_usd=0.05)  # fmt: skip
     for _ in range(2):

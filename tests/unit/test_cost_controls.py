@@ -686,6 +686,8 @@ async def test_answers_refused_by_validation_are_paid_for(streamed: bool) -> Non
     # At the price of the model that answered (a stream cut short pays the dearest one's).
     assert refused.value.cost_usd > 0
     assert await spend_of(harness) == pytest.approx(refused.value.cost_usd)
+    day = (await harness.service.pipeline.costs.ledger.totals("acme"))[Period.DAY]
+    assert day.calls == refused.value.calls >= 1
     assert await spend_of(harness, user="u1") == await spend_of(harness)
     await harness.service.aclose()
 
@@ -714,6 +716,18 @@ async def test_an_escalated_answer_saves_nothing_by_routing(harness: Harness) ->
     assert done.tier is Tier.STRONG and done.validation.escalated
     day = (await harness.service.pipeline.costs.ledger.totals("acme"))[Period.DAY]
     assert day.calls == 2 and day.routing_saved_usd == 0
+
+
+async def test_a_cheap_answer_dearer_than_the_strong_model_saves_nothing_by_routing() -> None:
+    # A cheap tier priced over the strong one (a misconfiguration, or a dear fallback):
+    # routing cost money, and a negative saving would lower the figure routing is credited.
+    dear = {"model": "cheap-model", "input_usd_per_mtok": 50.0, "output_usd_per_mtok": 50.0}
+    harness = make_harness(service={"upstream": {"cheap": dear}})
+    done = await harness.service.pipeline.complete(ask("q"), ACME)
+    assert done.tier is Tier.CHEAP and done.usage.cost_usd > 0
+    day = (await harness.service.pipeline.costs.ledger.totals("acme"))[Period.DAY]
+    assert day.cost_usd == done.usage.cost_usd and day.routing_saved_usd == 0
+    await harness.service.aclose()
 
 
 async def test_models_allowed_keeps_a_tenant_off_a_tier() -> None:
