@@ -167,11 +167,16 @@ class RedisSpendLedger:
         if reservation is not None and reservation.local:
             await self._local.release(reservation)
             reservation = None
-        # A reservation held in Redis expires there after reservation_ttl_seconds.
+        # A reservation held in Redis goes with the record that settles it: now or at a flush.
         try:
             self._link.check()
-        except RedisDown:  # nothing sent: pending, summed with the rest
-            self._add_pending(record, ids)
+        except RedisDown:  # nothing sent
+            if reservation is None:  # pending, summed with the rest
+                self._add_pending(record, ids)
+            else:  # on its own: the flush drops the reservation, or it holds the cap in Redis
+                # beside the flushed cost until it expires
+                unsent = _InDoubt(_slot(record, ids), record, reservation, sent=False)
+                self._in_doubt[new_reservation_id()] = unsent
             return await self._settle_locally(record, ids)
         # A model call's settle is sent under an id of its own: if Redis ran it but its answer
         # was lost, the flush sends it again under that id and Redis adds it once. A cache
@@ -287,7 +292,9 @@ class RedisSpendLedger:
     async def _flush_one(self, settle_id: str) -> bool:
         """Sends one pending record; it stays in doubt until Redis confirms it, whether the
         call fails, times out after Redis ran it, or is cancelled."""
-        (_, _, day, month), record, reservation = self._in_doubt[settle_id]
+        # Perhaps in Redis from now on, whatever the answer.
+        entry = self._in_doubt[settle_id] = self._in_doubt[settle_id]._replace(sent=True)
+        (_, _, day, month), record, reservation, _ = entry
         ids = {Period.DAY: day, Period.MONTH: month}
         try:
             await guarded(self._link, lambda: self._apply(reservation, record, ids, settle_id))
@@ -304,14 +311,17 @@ class RedisSpendLedger:
         operator can add it by hand; returns it in USD. A record sent without an answer may be
         in Redis already: its line names the settle key whose presence says it is."""
         left = 0.0
-        for record in self._pending.values():
+        unsent = [entry.record for entry in self._in_doubt.values() if not entry.sent]
+        for record in [*self._pending.values(), *unsent]:
             left += record.cost_usd
             log.warning(
                 "spend recorded while redis was down never reached it: tenant %s user %r "
                 "%.6g USD, %d calls",
                 record.tenant, record.user, record.cost_usd, record.calls,
             )  # fmt: skip
-        for settle_id, (_, record, _) in self._in_doubt.items():
+        for settle_id, (_, record, _, sent) in self._in_doubt.items():
+            if not sent:
+                continue
             left += record.cost_usd
             log.warning(
                 "spend redis has not confirmed was sent without an answer: tenant %s "
@@ -343,6 +353,7 @@ class _InDoubt(NamedTuple):
     slot: _Slot
     record: SpendRecord
     reservation: Reservation | None = None  # held in Redis; a flush's records hold none
+    sent: bool = True  # False: never sent yet, so not in Redis (reported as such at stop)
 
 
 def _slot(record: SpendRecord, ids: dict[Period, str]) -> _Slot:

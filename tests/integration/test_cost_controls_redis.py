@@ -636,6 +636,29 @@ async def test_a_settle_lost_on_its_way_to_redis_drops_its_reservation_when_sent
     assert isinstance(await redis.another_ledger().reserve("acme", "u2", 0.7, caps), Reservation)
 
 
+async def test_a_settle_made_while_redis_is_known_down_drops_its_reservation_at_the_flush(
+    ledger_on_own_redis: LedgerOnOwnRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: the settle went pending without its reservation, which went on holding the cap
+    # in Redis beside the flushed cost until reservation_ttl_seconds.
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    caps = [Cap(Period.DAY, 1.0)]
+    held = await ledger.reserve("acme", "u1", 0.6, caps)
+    assert isinstance(held, Reservation)
+    redis.server.kill()
+    await ledger.totals("acme")  # the replica knows: the settle is not sent
+    await ledger.settle(held, SpendRecord("acme", "u1", cost_usd=0.3, calls=1))
+    assert ledger.report_unflushed() == pytest.approx(0.3)  # never sent: no settle key named
+    assert "never reached it" in caplog.text and "without an answer" not in caplog.text
+    redis.server.start()
+    await redis.link.wait_up()
+    await ledger.flush()
+    assert await redis.link.client.hlen("rc:{acme}:resv") == 0
+    totals = await redis.another_ledger().totals("acme", "u1")
+    assert (totals[Period.DAY].cost_usd, totals[Period.DAY].calls) == (0.3, 1)
+    assert isinstance(await redis.another_ledger().reserve("acme", "u2", 0.7, caps), Reservation)
+
+
 @pytest.mark.parametrize(
     "record",
     [
