@@ -152,13 +152,26 @@ class ReloadingClassifier:
         return loaded
 
     async def watch(self, interval_seconds: float) -> None:
-        """Poll the pointer until cancelled."""
+        """Poll the pointer until cancelled.
+
+        A registry that cannot be read is logged once per outage, and again when it can: a
+        replica silently left on its model is the failure to see, one line per poll is noise.
+        """
+        unreadable = False
         while True:
             await asyncio.sleep(interval_seconds)
             try:
                 await self.refresh()
-            except OSError:  # a registry on a flaky mount: try next tick
-                pass
-            except Exception:  # e.g. a CURRENT edited by hand into another encoding
+            except Exception as error:  # a flaky mount, a CURRENT saved in another encoding
                 # A watcher that died here would leave this replica on its model for good.
-                log.exception("classifier registry could not be read; trying again next tick")
+                if not unreadable:
+                    log.warning(
+                        "classifier registry could not be read (%s); trying again every poll",
+                        error,
+                        exc_info=not isinstance(error, OSError),
+                    )
+                unreadable = True
+            else:
+                if unreadable:
+                    log.info("classifier registry readable again")
+                unreadable = False

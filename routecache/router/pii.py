@@ -81,8 +81,12 @@ _DETECTORS = {
     "phone": _Detector(
         "phone",
         # Needs a separator or a + so that a bare run of digits (a sum, an id) is not a phone.
-        re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}[ .-]\d{2,4}"
-                   r"(?:[ .-]\d{2,4}){0,2}(?![\w-])"),
+        # Tried first: France's five pairs (0X or +33 X, then four pairs; five pairs not
+        # starting with 0 are a list of numbers) and a + followed by digits alone.
+        re.compile(r"(?<![\w+])(?:(?:\+\d{1,3}[ .-]?\d|0\d)(?:[ .-]\d{2}){4}"
+                   r"|\+\d{1,3}[ .-]?\d{6,12}"
+                   r"|(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}[ .-]\d{2,4}"
+                   r"(?:[ .-]\d{2,4}){0,2})(?![\w-])"),
         lambda s: 9 <= len(_digits(s)) <= 15 and ("+" in s or "(" in s or len(_digits(s)) >= 10),
     ),
 }  # fmt: skip

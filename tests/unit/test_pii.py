@@ -204,3 +204,24 @@ def test_a_long_run_of_number_like_words_is_checked_once_per_word(
     text = word * 600
     assert find_pii(text, (kind,)) == []
     assert checked <= len(text.split())
+
+
+@pytest.mark.parametrize(
+    "phone",
+    ["01 23 45 67 89", "01.23.45.67.89", "06-12-34-56-78", "+33 1 23 45 67 89", "+33 612345678"],
+)
+def test_a_french_phone_number_is_found(phone: str) -> None:
+    # Five pairs of digits, or +33 and one digit before them: the pattern took at most four
+    # groups after a first of two or more digits, so these went out in clear.
+    assert found(f"appelez le {phone} demain") == [("phone", phone)]
+
+
+@pytest.mark.parametrize("numbers", ["10 20 30 40 50", "12 34 56 78 90", "1 234 567 890"])
+def test_a_list_of_numbers_is_not_a_phone_number(numbers: str) -> None:
+    # Only a national French number starts with 0: five pairs of digits are otherwise a list.
+    assert found(f"the answer is {numbers} in order", ("phone",)) == []
+
+
+def test_a_phone_number_written_as_a_plus_and_digits_alone_is_found() -> None:
+    # E.164 as systems print it: the pattern needed a separator after the country code.
+    assert found("call +14155550132 today") == [("phone", "+14155550132")]

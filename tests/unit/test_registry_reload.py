@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import os
 import shutil
 import threading
@@ -714,3 +715,37 @@ def test_adding_over_a_version_folder_without_its_artifact_says_so(tmp_path: Pat
     with pytest.raises(RegistryError, match=r"v2 exists: remove it to add v2"):
         registry.add(_artifact(tmp_path / "src-v2", 0.2), "v2")
     assert registry.versions() == ["v1"]
+
+
+async def test_watch_logs_an_unreadable_registry_once_and_its_recovery(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A registry that stays unreadable (permissions, a lost mount) must show in the logs, or the
+    # replica stays on its model unnoticed; once per outage, not once per poll.
+    registry = _registry_with(tmp_path, "v1")
+    registry.promote("v1")
+    classifier = ReloadingClassifier.from_registry(registry, fake_load, tmp_path / "none")
+    reads = [OSError(13, "Permission denied")] * 3 + [None, OSError(13, "Permission denied")]
+
+    def pointer() -> str | None:
+        failure = reads.pop(0) if reads else None
+        if failure is not None:
+            raise failure
+        return "v1"
+
+    async def stop_when_read_out(seconds: float) -> None:
+        if not reads:
+            raise asyncio.CancelledError
+
+    monkeypatch.setattr(registry, "current_version", pointer)
+    monkeypatch.setattr(asyncio, "sleep", stop_when_read_out)
+    with caplog.at_level(logging.INFO), pytest.raises(asyncio.CancelledError):
+        await classifier.watch(1)
+    messages = [r.getMessage() for r in caplog.records if "registry" in r.getMessage()]
+    assert messages == [
+        "classifier registry could not be read ([Errno 13] Permission denied); "
+        "trying again every poll",
+        "classifier registry readable again",
+        "classifier registry could not be read ([Errno 13] Permission denied); "
+        "trying again every poll",
+    ]
