@@ -108,6 +108,8 @@ class JsonSchemaValidator:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
             return ValidatorResult(self.name, False, f"not JSON: {exc.msg} at position {exc.pos}")
+        except ValueError as exc:  # an integer past Python's 4,300-digit limit: fails, no crash
+            return ValidatorResult(self.name, False, f"not JSON: {exc}")
         response_format = request.params.response_format
         if response_format.type is ResponseFormatType.JSON_OBJECT:
             ok = isinstance(value, dict)

@@ -52,6 +52,16 @@ def test_json_object() -> None:
     assert not bad.passed and bad.message.startswith("not JSON")
 
 
+@pytest.mark.parametrize("kind", [ResponseFormatType.JSON_OBJECT, ResponseFormatType.JSON_SCHEMA])
+def test_an_answer_with_a_number_too_long_for_python_fails_as_not_json(
+    kind: ResponseFormatType,
+) -> None:
+    # Before: json.loads raised ValueError (over 4,300 digits), not JSONDecodeError, and the
+    # validator's exception escaped instead of failing the answer.
+    result = JsonSchemaValidator().check('{"answer": ' + "9" * 5000 + "}", request(kind, SCHEMA))
+    assert not result.passed and result.message.startswith("not JSON")
+
+
 def test_json_schema_reports_where_it_fails() -> None:
     validator = JsonSchemaValidator()
     req = request(ResponseFormatType.JSON_SCHEMA, SCHEMA)
@@ -89,6 +99,8 @@ def test_compiled_schemas_are_bounded() -> None:
         ("(?:a?){10001}", False),
         ("(?:a*){20000}", False),
         ("x{0,200000}", True),  # no minimum: nothing to unroll
+        ("a{10001}?", False),  # lazy and possessive repeats unroll the same
+        ("a{10001}+", False),
     ],
 )
 def test_pattern_size_counts_what_compiling_unrolls(pattern: str, allowed: bool) -> None:
