@@ -277,9 +277,12 @@ def test_a_redis_url_without_a_scheme_is_a_usage_error(
 
 @pytest.mark.parametrize(
     "content",
-    [b"not json", b"[1, 2]", b"", b"\xff\xfe{}", b'{"keys": [1]}', b'{"keys": [{"key_id": "k"}]}'],
-    ids=["not JSON", "not an object", "empty", "not UTF-8", "no records", "records lack fields"],
-)
+    [b"not json", b"[1, 2]", b"", b"\xff\xfe{}", b'{"keys": [1]}', b'{"keys": [{"key_id": "k"}]}',
+     b'{"keys": [{"key_id": "k", "sha256": "d", "tenant": "acme", "created_at": 0,'
+     b' "revoked_at": "2026-01-01"}]}'],
+    ids=["not JSON", "not an object", "empty", "not UTF-8", "no records", "records lack fields",
+         "a date as text"],
+)  # fmt: skip
 def test_a_damaged_registry_file_is_one_line_and_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes
 ) -> None:
