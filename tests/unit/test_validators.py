@@ -52,6 +52,25 @@ def test_json_object() -> None:
     assert not bad.passed and bad.message.startswith("not JSON")
 
 
+RECURSIVE = json.dumps({"type": "array", "items": {"$ref": "#"}})
+
+
+@pytest.mark.parametrize(
+    ("kind", "schema", "depth"),
+    [
+        (ResponseFormatType.JSON_OBJECT, "", 100_000),  # past json.loads
+        (ResponseFormatType.JSON_SCHEMA, SCHEMA, 100_000),
+        (ResponseFormatType.JSON_SCHEMA, RECURSIVE, 900),  # parses; the schema recurses
+    ],
+)
+def test_an_answer_nested_too_deeply_for_python_fails_instead_of_raising(
+    kind: ResponseFormatType, schema: str, depth: int
+) -> None:
+    # Before: RecursionError escaped the validator, from json.loads or from the schema check.
+    result = JsonSchemaValidator().check("[" * depth + "]" * depth, request(kind, schema))
+    assert not result.passed and "nested too deeply" in result.message
+
+
 @pytest.mark.parametrize("kind", [ResponseFormatType.JSON_OBJECT, ResponseFormatType.JSON_SCHEMA])
 def test_an_answer_with_a_number_too_long_for_python_fails_as_not_json(
     kind: ResponseFormatType,
