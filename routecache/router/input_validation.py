@@ -104,6 +104,8 @@ def _check_schema(schema_text: str) -> None:
         Draft202012Validator.check_schema(schema)
     except json.JSONDecodeError as exc:
         raise InvalidArgument(field, f"not valid JSON: {exc.msg} at position {exc.pos}") from exc
+    except ValueError as exc:  # json.loads: an integer past Python's 4,300-digit limit
+        raise InvalidArgument(field, f"not valid JSON: {exc}") from exc
     except SchemaError as exc:
         raise InvalidArgument(field, f"not a valid JSON Schema: {exc.message}") from exc
     except OverflowError as exc:  # `re`, checking a pattern's repeat count (a{4294967296})

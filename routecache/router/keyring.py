@@ -196,11 +196,31 @@ def _read(path: Path) -> list[KeyRecord]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise KeyRegistryError(f"key registry {path}: cannot read it ({exc})") from exc
     try:
-        return [KeyRecord(**item) for item in raw.get("keys", [])]
+        records = [KeyRecord(**item) for item in raw.get("keys", [])]
     except (AttributeError, TypeError) as exc:
         raise KeyRegistryError(
             f'key registry {path}: not a registry (a JSON object {{"keys": [...]}})'
         ) from exc
+    for record in records:
+        # A hand-edited field of the wrong type ("revoked_at": "2026-01-01") would otherwise
+        # fail every lookup and listing later with a TypeError, far from its cause.
+        if problem := _wrong_field(record):
+            raise KeyRegistryError(f"key registry {path}: key {record.key_id!r}: {problem}")
+    return records
+
+
+def _wrong_field(record: KeyRecord) -> str | None:
+    for name in ("key_id", "sha256", "tenant"):
+        if not isinstance(getattr(record, name), str):
+            return f"{name} must be text"
+    for name in ("created_at", "expires_at", "revoked_at"):
+        value = getattr(record, name)
+        if (value is None and name != "created_at") or (
+            isinstance(value, int | float) and not isinstance(value, bool)
+        ):
+            continue
+        return f"{name} must be a unix time in seconds"
+    return None
 
 
 def _write(path: Path, records: list[KeyRecord]) -> None:

@@ -108,6 +108,10 @@ class JsonSchemaValidator:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
             return ValidatorResult(self.name, False, f"not JSON: {exc.msg} at position {exc.pos}")
+        except ValueError as exc:  # an integer past Python's 4,300-digit limit: fails, no crash
+            return ValidatorResult(self.name, False, f"not JSON: {exc}")
+        except RecursionError:
+            return ValidatorResult(self.name, False, "not JSON Python can read: nested too deeply")
         response_format = request.params.response_format
         if response_format.type is ResponseFormatType.JSON_OBJECT:
             ok = isinstance(value, dict)
@@ -117,6 +121,8 @@ class JsonSchemaValidator:
             error = next(iter(validator.iter_errors(value)), None)
         except Unresolvable as exc:  # a local $ref to nowhere; remote ones are never fetched
             return ValidatorResult(self.name, False, f"schema reference unresolvable: {exc}")
+        except RecursionError:  # a recursive schema ({"$ref": "#"}) down a deep answer
+            return ValidatorResult(self.name, False, "answer nested too deeply to check")
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "(root)"
             return ValidatorResult(

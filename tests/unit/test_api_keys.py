@@ -277,9 +277,12 @@ def test_a_redis_url_without_a_scheme_is_a_usage_error(
 
 @pytest.mark.parametrize(
     "content",
-    [b"not json", b"[1, 2]", b"", b"\xff\xfe{}"],
-    ids=["not JSON", "not an object", "empty", "not UTF-8"],
-)
+    [b"not json", b"[1, 2]", b"", b"\xff\xfe{}", b'{"keys": [1]}', b'{"keys": [{"key_id": "k"}]}',
+     b'{"keys": [{"key_id": "k", "sha256": "d", "tenant": "acme", "created_at": 0,'
+     b' "revoked_at": "2026-01-01"}]}'],
+    ids=["not JSON", "not an object", "empty", "not UTF-8", "no records", "records lack fields",
+         "a date as text"],
+)  # fmt: skip
 def test_a_damaged_registry_file_is_one_line_and_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes
 ) -> None:
@@ -441,11 +444,12 @@ def test_a_static_key_check_refuses_an_unknown_key() -> None:
         auth.authenticate("wrong")
 
 
+@pytest.mark.parametrize("tenant", ["a b", "acme\n"])  # `$` alone would let the newline in
 def test_the_cli_refuses_a_tenant_name_no_config_could_hold(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tenant: str
 ) -> None:
     registry = tmp_path / "keys.json"
-    assert main(["keys", "--registry", str(registry), "add", "--tenant", "a b"]) == 2
+    assert main(["keys", "--registry", str(registry), "add", "--tenant", tenant]) == 2
     assert "names are 1-64 of" in capsys.readouterr().err and not registry.exists()
 
 
@@ -469,6 +473,17 @@ async def test_list_shows_the_keys_of_the_tenant_asked_for_only(
     capsys.readouterr()
     assert await keys_cli(*registry, "list", "--tenant", "acme") == 0
     assert [k["tenant"] for k in json.loads(capsys.readouterr().out)["keys"]] == ["acme", "acme"]
+
+
+async def test_list_shows_no_expiry_for_a_key_that_never_expires(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry = ("--registry", str(tmp_path / "keys.json"))
+    assert await keys_cli(*registry, "add", "--tenant", "acme") == 0
+    capsys.readouterr()
+    assert await keys_cli(*registry, "list") == 0
+    row = capsys.readouterr().out
+    assert " active " in row and row.rstrip().endswith("expires -")
 
 
 def test_an_unreachable_redis_registry_is_one_line_and_exit_2(

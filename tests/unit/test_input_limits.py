@@ -214,9 +214,11 @@ def test_an_empty_json_schema_is_reported_as_missing() -> None:
 def test_admin_fields_pass_at_their_own_limits() -> None:
     # A comment may be as long as feedback allows, not only as long as an id; a tag to
     # invalidate is bounded like an id, so one stored before max_tag_chars was lowered can go.
-    validate_feedback(Feedback("r", True, comment="c" * LIMITS.max_feedback_chars), LIMITS)
+    longest = "c" * LIMITS.max_feedback_chars
+    validate_feedback(Feedback("r", True, correction=longest, comment=longest), LIMITS)
     validate_invalidation("", "t" * LIMITS.max_id_chars, LIMITS)
     validate_top_n(LIMITS.max_top_n, LIMITS)
+    validate_top_n(0, LIMITS)  # GetStats' "0 means 10"
 
 
 def test_request_size_limit_defaults_to_one_mebibyte_and_has_a_floor() -> None:
@@ -256,6 +258,15 @@ def test_a_deeply_nested_schema_is_invalid_not_a_crash(schema_text: str) -> None
     with pytest.raises(InvalidArgument) as error:
         validate_request(schema_request(schema_text), LimitSettings(max_schema_chars=100_000))
     assert error.value.field == "params.response_format.json_schema"
+
+
+def test_a_schema_number_too_long_for_python_is_invalid_not_a_crash() -> None:
+    # Before: json.loads raised ValueError (over 4,300 digits), not JSONDecodeError: INTERNAL.
+    schema_text = '{"maxLength": ' + "9" * 5000 + "}"
+    with pytest.raises(InvalidArgument) as error:
+        validate_request(schema_request(schema_text), LimitSettings())
+    assert error.value.field == "params.response_format.json_schema"
+    assert "not valid JSON" in str(error.value)
 
 
 class _CountingHandler(http.server.BaseHTTPRequestHandler):

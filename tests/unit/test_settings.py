@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from routecache.domain import OperatingPoint
+from routecache.domain import Budget, OperatingPoint, OverCapPolicy
 from routecache.router import bootstrap
 from routecache.router.auth import ApiKeyAuthenticator, hash_api_key
 from routecache.router.bootstrap import build_tenants
@@ -311,6 +311,17 @@ def test_a_tenants_daily_cap_is_budget_daily_usd_else_the_older_daily_budget_usd
     assert caps_of(auth.authenticate("ko").budget) == [Cap(Period.DAY, 5.0)]
     assert caps_of(auth.authenticate("kz").budget) == [Cap(Period.DAY, 0.0)]  # set, if 0
     assert caps_of(auth.authenticate("kn").budget) == []
+
+
+def test_every_budget_setting_reaches_the_tenant() -> None:
+    budget = {"daily_usd": 1.0, "monthly_usd": 2.0, "soft_daily_usd": 0.5,
+              "soft_monthly_usd": 1.5, "user_daily_usd": 0.1, "user_monthly_usd": 0.2,
+              "policy": "downgrade"}  # fmt: skip
+    settings = load_settings(
+        tenants=[{"name": "a", "api_key_sha256": [hash_api_key("ka")], "budget": budget}]
+    )
+    tenant = build_tenants(settings).authenticate("ka")
+    assert tenant.budget == Budget(1.0, 2.0, 0.5, 1.5, 0.1, 0.2, OverCapPolicy.DOWNGRADE)
 
 
 def test_the_vector_index_runs_faiss_on_the_configured_threads() -> None:

@@ -52,6 +52,35 @@ def test_json_object() -> None:
     assert not bad.passed and bad.message.startswith("not JSON")
 
 
+RECURSIVE = json.dumps({"type": "array", "items": {"$ref": "#"}})
+
+
+@pytest.mark.parametrize(
+    ("kind", "schema", "depth"),
+    [
+        (ResponseFormatType.JSON_OBJECT, "", 100_000),  # past json.loads
+        (ResponseFormatType.JSON_SCHEMA, SCHEMA, 100_000),
+        (ResponseFormatType.JSON_SCHEMA, RECURSIVE, 900),  # parses; the schema recurses
+    ],
+)
+def test_an_answer_nested_too_deeply_for_python_fails_instead_of_raising(
+    kind: ResponseFormatType, schema: str, depth: int
+) -> None:
+    # Before: RecursionError escaped the validator, from json.loads or from the schema check.
+    result = JsonSchemaValidator().check("[" * depth + "]" * depth, request(kind, schema))
+    assert not result.passed and "nested too deeply" in result.message
+
+
+@pytest.mark.parametrize("kind", [ResponseFormatType.JSON_OBJECT, ResponseFormatType.JSON_SCHEMA])
+def test_an_answer_with_a_number_too_long_for_python_fails_as_not_json(
+    kind: ResponseFormatType,
+) -> None:
+    # Before: json.loads raised ValueError (over 4,300 digits), not JSONDecodeError, and the
+    # validator's exception escaped instead of failing the answer.
+    result = JsonSchemaValidator().check('{"answer": ' + "9" * 5000 + "}", request(kind, SCHEMA))
+    assert not result.passed and result.message.startswith("not JSON")
+
+
 def test_json_schema_reports_where_it_fails() -> None:
     validator = JsonSchemaValidator()
     req = request(ResponseFormatType.JSON_SCHEMA, SCHEMA)
@@ -89,6 +118,8 @@ def test_compiled_schemas_are_bounded() -> None:
         ("(?:a?){10001}", False),
         ("(?:a*){20000}", False),
         ("x{0,200000}", True),  # no minimum: nothing to unroll
+        ("a{10001}?", False),  # lazy and possessive repeats unroll the same
+        ("a{10001}+", False),
     ],
 )
 def test_pattern_size_counts_what_compiling_unrolls(pattern: str, allowed: bool) -> None:
