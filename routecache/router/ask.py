@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 
-from routecache.cli_args import at_least
+from routecache.cli_args import at_least, positive_number
 from routecache.client import ClientTls, RouteCacheClient, chat_request
 from routecache.router.settings import ConfigError
 from routecache.v1 import routecache_pb2 as pb
@@ -37,7 +37,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tier", choices=["cheap", "strong"], help="force a tier")
     parser.add_argument("--user", default="", help="end-user id")
     parser.add_argument("--stream", action="store_true", help="use CompleteStream")
-    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--timeout", type=positive_number, default=60.0, help="seconds")
     parser.add_argument("--tls", action="store_true", help="TLS with the system's CA roots")
     parser.add_argument("--ca-file", type=Path, help="TLS: PEM CA that signed the server cert")
     parser.add_argument("--client-cert", type=Path, help="mTLS: this client's PEM certificate")
@@ -63,10 +63,17 @@ def _schema(value: str | None) -> str | None:
 
 def _validators(values: list[str]) -> list[pb.RequestValidator]:
     """Raises ConfigError for a flag that is not a RequestValidator in JSON."""
-    try:
-        return [ParseDict(json.loads(value), pb.RequestValidator()) for value in values]
-    except (ValueError, ParseError) as error:
-        raise ConfigError(f"--validator: {error}") from error
+    parsed = []
+    for value in values:
+        try:
+            fields = json.loads(value)
+            # ParseDict wants a dict: a number or null was a TypeError, a list a ParseError.
+            if not isinstance(fields, dict):
+                raise ConfigError(f"--validator {value}: not a JSON object")
+            parsed.append(ParseDict(fields, pb.RequestValidator()))
+        except (ValueError, ParseError) as error:
+            raise ConfigError(f"--validator: {error}") from error
+    return parsed
 
 
 def _tls(args: argparse.Namespace) -> ClientTls | None:

@@ -220,13 +220,18 @@ def test_a_fraction_that_is_not_a_number_is_named() -> None:
     ("flags", "message"),
     [(["--max-tokens", "-1"], "argument --max-tokens: -1: must be 1 or more"),
      (["--max-tokens", "0"], "argument --max-tokens: 0: must be 1 or more"),
-     (["--ttl", "-1"], "argument --ttl: -1: must be 0 or more")],
-    ids=["negative max tokens", "no max tokens", "negative ttl"],
+     (["--ttl", "-1"], "argument --ttl: -1: must be 0 or more"),
+     (["--timeout", "0"], "argument --timeout: 0: must be above 0 (finite)"),
+     (["--timeout", "inf"], "argument --timeout: inf: must be above 0 (finite)"),
+     (["--timeout", "nan"], "argument --timeout: nan: must be above 0 (finite)")],
+    ids=["negative max tokens", "no max tokens", "negative ttl", "no time", "infinite time",
+         "nan time"],
 )  # fmt: skip
-def test_ask_refuses_a_negative_token_count_or_ttl_as_a_usage_error(
+def test_ask_refuses_a_negative_token_count_ttl_or_timeout_as_a_usage_error(
     capsys: pytest.CaptureFixture[str], flags: list[str], message: str
 ) -> None:
-    # They were a protobuf "Value out of range: -1" traceback: the fields are uint32.
+    # They were a protobuf "Value out of range: -1" traceback: the fields are uint32. A timeout
+    # of 0, inf or nan was sent as a deadline already past: "Deadline Exceeded", exit 1.
     with pytest.raises(SystemExit) as exit_:
         main(["ask", "--api-key", "k", *flags, "hi"])
     assert exit_.value.code == 2

@@ -159,6 +159,7 @@ async def test_all_down_serves_a_stale_answer_of_the_same_scope_only() -> None:
     stale = await r.ask("what is the capital of France")
     assert stale.cache.stale and stale.text == first.text
     assert stale.cache.outcome is CacheOutcome.EXACT
+    assert stale.upstream_failures and "cheap-model" in stale.upstream_failures[0]
     with pytest.raises(Unavailable, match="no cached answer"):
         await r.ask("what is the capital of France", key=GLOBEX)
     with pytest.raises(Unavailable, match="no_cache"):

@@ -1,5 +1,6 @@
 import asyncio
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,20 @@ async def test_no_valid_answer_is_failed_validation_and_nothing_is_stored(harnes
     assert not failure.value.report.passed and failure.value.report.escalated
     stats = await pipeline.admin.stats(ACME)
     assert (stats.entries, stats.requests, stats.validation_failures) == (0, 1, 1)
+
+
+async def test_the_services_own_failures_are_warnings_and_a_callers_are_routine(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    harness.strong.answer = harness.cheap.answer
+    pipeline = harness.service.pipeline
+    caplog.set_level(logging.INFO, logger="routecache.router.pipeline")
+    with pytest.raises(FailedValidation):
+        await pipeline.complete(json_request("give JSON"), ACME)
+    with pytest.raises(Unauthenticated):
+        await pipeline.complete(ask("hello"), "not-a-key")
+    failed = [r for r in caplog.records if r.getMessage().startswith("request failed")]
+    assert [r.levelno for r in failed] == [logging.WARNING, logging.INFO]
 
 
 async def test_no_cache_and_no_store(harness: Harness) -> None:

@@ -193,6 +193,15 @@ def test_ask_cli_parses_request_validators() -> None:
         _validators(['{"kind": "pii", "colour": "red"}'])
 
 
+@pytest.mark.parametrize("flag", ["1", "null", "true", "[]"])
+def test_ask_cli_refuses_a_validator_that_is_not_a_json_object(flag: str) -> None:
+    # A number or null was a TypeError traceback from ParseDict ("'int' object is not iterable").
+    from routecache.router.ask import _validators
+
+    with pytest.raises(ConfigError, match=f"--validator {re.escape(flag)}: not a JSON object"):
+        _validators([flag])
+
+
 def test_request_validators_are_each_named_once() -> None:
     validators = RequestValidators(LIMITS)
     twice = ChatRequest((Message(Role.USER, "q"),), validators=(RequestValidator("pii"),) * 2)
