@@ -15,7 +15,7 @@ from redis.exceptions import WatchError
 
 from routecache.backends.keys import KeySpace
 from routecache.backends.link import RedisDown, RedisLink, guarded
-from routecache.router.keyring import KeyRecord, KeyRegistryError, no_key
+from routecache.router.keyring import KeyRecord, KeyRegistryError, no_key, wrong_field
 
 
 class RedisKeyRegistry:
@@ -66,9 +66,14 @@ def _encode(record: KeyRecord) -> str:
 
 def _decode(key: str, body: bytes) -> KeyRecord:
     try:
-        return KeyRecord(**json.loads(body))
+        record = KeyRecord(**json.loads(body))
     except (ValueError, TypeError) as exc:  # not JSON, not UTF-8, or not a record's fields
         raise KeyRegistryError(f"key registry {key} in Redis: a damaged record ({exc})") from exc
+    # A field of the wrong type (a revocation date as text) would fail later, comparing it
+    # with the clock, as a TypeError far from its cause.
+    if problem := wrong_field(record):
+        raise KeyRegistryError(f"key registry {key} in Redis: key {record.key_id!r}: {problem}")
+    return record
 
 
 def _of_id(key: str, raw: dict[bytes, bytes], key_id: str) -> KeyRecord:

@@ -204,12 +204,13 @@ def _read(path: Path) -> list[KeyRecord]:
     for record in records:
         # A hand-edited field of the wrong type ("revoked_at": "2026-01-01") would otherwise
         # fail every lookup and listing later with a TypeError, far from its cause.
-        if problem := _wrong_field(record):
+        if problem := wrong_field(record):
             raise KeyRegistryError(f"key registry {path}: key {record.key_id!r}: {problem}")
     return records
 
 
-def _wrong_field(record: KeyRecord) -> str | None:
+def wrong_field(record: KeyRecord) -> str | None:
+    """What is wrong with a record read back from storage (a field of another type), if any."""
     for name in ("key_id", "sha256", "tenant"):
         if not isinstance(getattr(record, name), str):
             return f"{name} must be text"

@@ -331,14 +331,22 @@ async def test_keys_with_a_redis_config_go_where_its_replicas_read_them(
         await link.aclose()
 
 
+# A hand-written record whose revocation date is text, not a unix time.
+_REVOKED_AS_TEXT = json.dumps(
+    {"key_id": "k", "sha256": "d" * 64, "tenant": "acme", "created_at": 1.0,
+     "revoked_at": "2026-01-01"}
+)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
         (lambda r: r.set("rc:apikeys", "x"), "key registry in Redis: WRONGTYPE"),
         (lambda r: r.hset("rc:apikeys", "d" * 64, "{not json"), "a damaged record"),
         (lambda r: r.hset("rc:apikeys", "d" * 64, '{"tenant": "acme"}'), "a damaged record"),
+        (lambda r: r.hset("rc:apikeys", "d" * 64, _REVOKED_AS_TEXT), "revoked_at must be a unix"),
     ],
-    ids=["a key of another type", "a record not JSON", "a record missing fields"],
+    ids=["a key of another type", "a record not JSON", "a record missing fields", "a date as text"],
 )
 def test_a_redis_key_registry_that_fails_after_connecting_is_one_line_and_exit_2(
     redis_server: RedisServer,
@@ -355,15 +363,21 @@ def test_a_redis_key_registry_that_fails_after_connecting_is_one_line_and_exit_2
         assert err.startswith("routecache: ") and message in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [('{"tenant": "acme"}', "a damaged record"), (_REVOKED_AS_TEXT, "revoked_at must be")],
+    ids=["missing fields", "a date as text"],
+)
 async def test_a_damaged_key_record_is_a_key_registry_error_at_lookup(
-    redis_server: RedisServer,
+    redis_server: RedisServer, record: str, message: str
 ) -> None:
     # The service's per-request lookup decodes records as the admin commands do: one error
-    # naming the registry, not a TypeError from the middle of KeyRecord(**...).
+    # naming the registry, not a TypeError from the middle of KeyRecord(**...) or, for a field
+    # of the wrong type, from comparing it with the clock in every later lookup.
     with redis.Redis.from_url(redis_server.url) as client:
-        client.hset("rc:apikeys", "d" * 64, '{"tenant": "acme"}')
+        client.hset("rc:apikeys", "d" * 64, record)
     async with connected_link(redis_server) as (link, _):
-        with pytest.raises(KeyRegistryError, match="rc:apikeys in Redis: a damaged record"):
+        with pytest.raises(KeyRegistryError, match=f"rc:apikeys in Redis: .*{message}"):
             await RedisKeyRegistry(link, KeySpace()).find("d" * 64)
 
 
