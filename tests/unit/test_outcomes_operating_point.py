@@ -203,6 +203,29 @@ def test_the_curve_survives_json_and_operating_points_need_one_target(
         OperatingPoint(strong_fraction=0.3, quality=0.5)
 
 
+def test_a_curve_read_with_its_points_out_of_order_picks_the_same_thresholds(
+    curve: OperatingCurve,
+) -> None:
+    # The metadata file may be rewritten by hand or by a tool that reorders the list: the
+    # cheapest point meeting a target must still be the one of lowest strong share.
+    shuffled = OperatingCurve.from_json(curve.to_json()[::-1])
+    for point in (
+        OperatingPoint(quality=0.5),
+        OperatingPoint(cost_ratio=0.3),
+        OperatingPoint(strong_fraction=0.25),
+    ):
+        assert shuffled.threshold_for(point) == curve.threshold_for(point)
+
+
+def test_a_holdout_that_costs_nothing_routes_all_cheap_under_any_cost_ceiling() -> None:
+    # 0 / 0 spend: each point costs what sending everything strong does, so a ceiling below
+    # that is met only by the all-cheap point, not by whatever point came last.
+    scores = np.linspace(1.0, 0.0, 10)
+    curve = fit_curve(scores, np.arange(10) >= 5, np.ones(10, dtype=bool), lambda _: 0.0)
+    assert {p.cost_vs_all_strong for p in curve.points} == {1.0}
+    assert curve.threshold_for(OperatingPoint(cost_ratio=0.5)) == curve.points[0].threshold
+
+
 def test_a_quality_reached_up_to_rounding_picks_the_cheapest_point_like_cpt() -> None:
     # Five cheap failures among ten prompts, each fixed by the strong model: in exact arithmetic
     # PGR at 2 strong calls is 2/5 = 0.4, in floating point 0.3999999999999999. The threshold
