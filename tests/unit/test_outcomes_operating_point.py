@@ -63,6 +63,22 @@ def test_a_graded_response_that_also_names_its_prompt_is_still_rated_once_last_w
     assert labels_from_events(events) == [EventLabel("what is 2 + 2", weak_correct=False)]
 
 
+def test_graded_prompts_come_first_then_rated_responses_in_first_rated_order() -> None:
+    events: list[dict[str, Any]] = [
+        {"kind": "completion", **_completion("r1", "first rated")},
+        {"kind": "completion", **_completion("r2", "second rated")},
+        {"kind": "feedback", "response_id": "r1", "thumbs_up": True},
+        {"kind": "feedback", "response_id": "r2", "thumbs_up": True},
+        {"kind": "outcome", "prompt": "graded", "weak_correct": True},
+        {"kind": "feedback", "response_id": "r1", "thumbs_up": False},  # re-rated, same place
+    ]
+    assert labels_from_events(events) == [
+        EventLabel("graded", weak_correct=True),
+        EventLabel("first rated", weak_correct=False),
+        EventLabel("second rated", weak_correct=True),
+    ]
+
+
 def test_a_rating_of_an_escalated_answer_is_not_the_cheap_models_and_a_hit_is_no_label() -> None:
     # The user rated what the strong model answered after the cheap answer failed validation.
     events: list[dict[str, Any]] = [
@@ -78,6 +94,8 @@ def test_an_unstated_strong_grade_is_unknown_and_an_ungraded_outcome_no_label() 
         {"kind": "completion", **_completion("r1", "cheap answer")},
         {"kind": "outcome", "prompt": "graded cheap only", "weak_correct": True},
         {"kind": "outcome", "response_id": "r1", "comment": "no grade given"},
+        # A prompt's grade without the prompt: not a grade of the response either.
+        {"kind": "outcome", "response_id": "r1", "weak_correct": False},
         {"kind": "outcome", "response_id": "never logged", "correct": False},
     ]
     # None, not False: a row without a strong outcome must not count as a strong failure.
