@@ -354,13 +354,18 @@ def load_artifact(path: Path) -> SklearnDifficultyClassifier:
     if refused:
         raise ClassifierArtifactError(f"{model_path} contains untrusted types {refused}")
     model = DifficultyModel.from_payload(skops.io.loads(data, trusted=list(untrusted)))
-    _check_metadata(metadata, model, model_path)
-    return SklearnDifficultyClassifier(
-        model,
-        version=str(metadata["version"]),
-        default_threshold=float(metadata["default_threshold"]),
-        metadata=metadata,
-    )
+    # The checksum covers the .skops file only: a hand-edited NAME.json may hold values of the
+    # wrong type or range, which callers must see as a broken artifact, not as a traceback.
+    try:
+        _check_metadata(metadata, model, model_path)
+        return SklearnDifficultyClassifier(
+            model,
+            version=str(metadata["version"]),
+            default_threshold=float(metadata["default_threshold"]),
+            metadata=metadata,
+        )
+    except (TypeError, ValueError) as exc:
+        raise ClassifierArtifactError(f"{metadata_path} holds an unusable value: {exc}") from exc
 
 
 def load_classifier(path: Path | None = None) -> SklearnDifficultyClassifier:

@@ -403,6 +403,31 @@ def test_an_artifact_of_another_format_dimension_or_without_its_checksum_is_refu
             load_artifact(model_path)
 
 
+# Values a hand edit (or a bad merge) may leave in NAME.json, which its checksum does not cover.
+_DAMAGED_METADATA: dict[str, dict[str, Any]] = {
+    "a threshold that is not a number": {"default_threshold": "high"},
+    "a null threshold": {"default_threshold": None},
+    "a threshold outside the score range": {"default_threshold": 2.0},
+    "a dimension that is not a number": {"embedding_dimension": "wide"},
+    "feature names that are not a list": {"feature_names": 3},
+    "a curve point without its measures": {"operating_curve": [{"threshold": 0.1}]},
+    "a curve that is not a list of points": {"operating_curve": "steep"},
+}
+
+
+@pytest.mark.parametrize("damage", list(_DAMAGED_METADATA))
+def test_damaged_metadata_values_are_an_artifact_error_naming_the_file(
+    trained: DifficultyModel, tmp_path: Path, damage: str
+) -> None:
+    # Were a bare TypeError/ValueError/AttributeError: eval-router and retrain printed a
+    # traceback, where a ClassifierArtifactError is reported as a broken version.
+    model_path, metadata_path = save_artifact(trained, _metadata(), tmp_path, "m")
+    record = json.loads(metadata_path.read_text())
+    metadata_path.write_text(json.dumps({**record, **_DAMAGED_METADATA[damage]}))
+    with pytest.raises(ClassifierArtifactError, match=r"m\.json"):
+        load_artifact(model_path)
+
+
 _BROKEN_BANKS: dict[str, Callable[[dict[str, np.ndarray]], object]] = {
     "no labels": lambda bank: bank.pop("labels"),
     # These loaded, then failed every request (or, 1-D labels, raised IndexError on load).

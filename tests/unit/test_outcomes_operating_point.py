@@ -63,6 +63,22 @@ def test_a_graded_response_that_also_names_its_prompt_is_still_rated_once_last_w
     assert labels_from_events(events) == [EventLabel("what is 2 + 2", weak_correct=False)]
 
 
+def test_graded_prompts_come_first_then_rated_responses_in_first_rated_order() -> None:
+    events: list[dict[str, Any]] = [
+        {"kind": "completion", **_completion("r1", "first rated")},
+        {"kind": "completion", **_completion("r2", "second rated")},
+        {"kind": "feedback", "response_id": "r1", "thumbs_up": True},
+        {"kind": "feedback", "response_id": "r2", "thumbs_up": True},
+        {"kind": "outcome", "prompt": "graded", "weak_correct": True},
+        {"kind": "feedback", "response_id": "r1", "thumbs_up": False},  # re-rated, same place
+    ]
+    assert labels_from_events(events) == [
+        EventLabel("graded", weak_correct=True),
+        EventLabel("first rated", weak_correct=False),
+        EventLabel("second rated", weak_correct=True),
+    ]
+
+
 def test_a_rating_of_an_escalated_answer_is_not_the_cheap_models_and_a_hit_is_no_label() -> None:
     # The user rated what the strong model answered after the cheap answer failed validation.
     events: list[dict[str, Any]] = [
@@ -78,6 +94,8 @@ def test_an_unstated_strong_grade_is_unknown_and_an_ungraded_outcome_no_label() 
         {"kind": "completion", **_completion("r1", "cheap answer")},
         {"kind": "outcome", "prompt": "graded cheap only", "weak_correct": True},
         {"kind": "outcome", "response_id": "r1", "comment": "no grade given"},
+        # A prompt's grade without the prompt: not a grade of the response either.
+        {"kind": "outcome", "response_id": "r1", "weak_correct": False},
         {"kind": "outcome", "response_id": "never logged", "correct": False},
     ]
     # None, not False: a row without a strong outcome must not count as a strong failure.
@@ -201,6 +219,29 @@ def test_the_curve_survives_json_and_operating_points_need_one_target(
         OperatingPoint()
     with pytest.raises(ValueError, match="exactly one"):
         OperatingPoint(strong_fraction=0.3, quality=0.5)
+
+
+def test_a_curve_read_with_its_points_out_of_order_picks_the_same_thresholds(
+    curve: OperatingCurve,
+) -> None:
+    # The metadata file may be rewritten by hand or by a tool that reorders the list: the
+    # cheapest point meeting a target must still be the one of lowest strong share.
+    shuffled = OperatingCurve.from_json(curve.to_json()[::-1])
+    for point in (
+        OperatingPoint(quality=0.5),
+        OperatingPoint(cost_ratio=0.3),
+        OperatingPoint(strong_fraction=0.25),
+    ):
+        assert shuffled.threshold_for(point) == curve.threshold_for(point)
+
+
+def test_a_holdout_that_costs_nothing_routes_all_cheap_under_any_cost_ceiling() -> None:
+    # 0 / 0 spend: each point costs what sending everything strong does, so a ceiling below
+    # that is met only by the all-cheap point, not by whatever point came last.
+    scores = np.linspace(1.0, 0.0, 10)
+    curve = fit_curve(scores, np.arange(10) >= 5, np.ones(10, dtype=bool), lambda _: 0.0)
+    assert {p.cost_vs_all_strong for p in curve.points} == {1.0}
+    assert curve.threshold_for(OperatingPoint(cost_ratio=0.5)) == curve.points[0].threshold
 
 
 def test_a_quality_reached_up_to_rounding_picks_the_cheapest_point_like_cpt() -> None:

@@ -122,6 +122,18 @@ def test_an_add_interrupted_earlier_does_not_block_adding_the_version(tmp_path: 
     assert not staging.exists()
 
 
+def test_adding_half_a_pair_reports_the_missing_file_and_adds_nothing(tmp_path: Path) -> None:
+    registry = _registry_with(tmp_path, "v1")
+    source = _artifact(tmp_path / "src-v2", 0.2)
+    source.with_suffix(".json").unlink()
+    # The missing file itself, not "the version folder exists": only a rename that finds the
+    # folder taken means that.
+    with pytest.raises(FileNotFoundError, match=r"model\.json"):
+        registry.add(source, "v2")
+    assert registry.versions() == ["v1"]
+    assert not (registry.root / ".adding-v2").exists()
+
+
 def test_an_added_version_is_readable_as_the_umask_allows(tmp_path: Path) -> None:
     # A service running as another user than the training job must read new versions: a
     # private temporary folder (mode 0700) renamed into place did not allow it.

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from routecache.cache.embedder import HashEmbedder
-from routecache.classifier.model import FixedScoreClassifier, load_artifact
+from routecache.classifier.model import FixedScoreClassifier, load_artifact, load_classifier
 from routecache.classifier.operating_point import OperatingCurve
 from routecache.training import eval_router, retrain, train_classifier
 from routecache.training.data_files import DataFileError
@@ -603,3 +603,12 @@ def test_a_row_with_a_missing_or_mistyped_field_is_refused_with_its_file_and_lin
         read_routing_rows([data])
     data.write_text(f"{good}\n")
     assert read_routing_rows([data]) == [RoutingRow("q", "", True, False)]
+
+
+def test_eval_router_embeds_with_the_embedder_family_the_artifact_was_trained_on(
+    trained_artifact: Path,
+) -> None:
+    # A hash-trained artifact is scored on hash vectors of its size, the packaged one on MiniLM;
+    # a hash embedder for both would make eval-router refuse MiniLM artifacts as mismatched.
+    assert eval_router._embedder_for(load_artifact(trained_artifact)) == ("hash", 64)
+    assert eval_router._embedder_for(load_classifier()) == ("minilm", 0)
