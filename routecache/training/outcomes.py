@@ -16,8 +16,8 @@ A response_id graded as correct (1) or by feedback (2) that the strong model ans
 nothing about the cheap one and is skipped, as are cache hits. Where several events label the
 same response, the last one wins (a user may change their rating). strong_correct is None
 unless an outcome event states it: such rows train the failure model but are never used to
-measure a router, which needs both labels. A grade that is not true or false (1 or 0) is
-refused with its file and line.
+measure a router, which needs both labels. A grade that is not true or false (1 or 0), or a
+feedback rating that is not true or false, is refused with its file and line.
 """
 
 from __future__ import annotations
@@ -48,20 +48,26 @@ def read_events(paths: Sequence[Path]) -> list[dict[str, Any]]:
                 raise DataFileError(f"{path}:{number}: not a JSON event ({exc})") from exc
             if not isinstance(record, dict):
                 continue
-            if record.get("kind") == "outcome":
-                try:
-                    _check_outcome(record)
-                except TypeError as exc:
-                    raise DataFileError(f"{path}:{number}: {exc}") from exc
+            try:
+                _check_grades(record)
+            except TypeError as exc:
+                raise DataFileError(f"{path}:{number}: {exc}") from exc
             events.append(record)
     return events
 
 
-def _check_outcome(event: dict[str, Any]) -> None:
+def _check_grades(event: dict[str, Any]) -> None:
     """Raises TypeError unless the grades an outcome event gives are true or false (1 or 0;
-    strong_correct may be null: unknown) and a graded prompt is text. Graders write these by
-    hand: bool() read "false" as correct, null as wrong and a null prompt as the prompt "None",
-    labels trained on without a word."""
+    strong_correct may be null: unknown) and a graded prompt is text, and unless a feedback
+    event's thumbs_up is true or false. Graders write these by hand: bool() read "false" as
+    correct, null as wrong and a null prompt as the prompt "None", labels trained on without
+    a word; a feedback event without its rating read as a thumbs-down."""
+    if event.get("kind") == "feedback":
+        if not isinstance(event.get("thumbs_up"), bool):
+            raise TypeError(f"thumbs_up must be true or false, not {event.get('thumbs_up')!r}")
+        return
+    if event.get("kind") != "outcome":
+        return
     for key in ("weak_correct", "strong_correct", "correct"):
         value = event.get(key)
         unknown = value is None and (key == "strong_correct" or key not in event)
@@ -85,7 +91,9 @@ def labels_from_events(events: Iterable[dict[str, Any]]) -> list[EventLabel]:
             if event.get("escalated") and event.get("cache_outcome") == "miss":
                 by_response[response_id] = EventLabel(str(event["prompt"]), weak_correct=False)
         elif kind == "feedback" and response_id in completions:
-            label = _cheap_label(completions[response_id], bool(event.get("thumbs_up")))
+            if not isinstance(thumbs_up := event.get("thumbs_up"), bool):
+                continue  # no rating (read_events refuses it): silence is not a label
+            label = _cheap_label(completions[response_id], thumbs_up)
             if label is not None:
                 by_response[response_id] = label
         elif kind == "outcome":

@@ -119,7 +119,7 @@ def test_event_logs_are_read_in_order_across_files_and_non_object_lines_are_skip
 
 def test_a_broken_event_line_is_reported(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
-    path.write_text(json.dumps({"kind": "feedback"}) + "\n{not json\n")
+    path.write_text(json.dumps({"kind": "feedback", "thumbs_up": True}) + "\n{not json\n")
     with pytest.raises(ValueError, match=r"events\.jsonl:2"):
         read_events([path])
 
@@ -150,6 +150,22 @@ def test_an_outcome_event_with_a_mistyped_grade_or_prompt_is_refused_with_its_li
     completion = {"kind": "completion", **_completion("r1", "cheap answer")}
     path.write_text(json.dumps(completion) + "\n" + json.dumps({"kind": "outcome", **outcome}))
     with pytest.raises(ValueError, match=r"events\.jsonl:2: .* must be"):
+        read_events([path])
+
+
+@pytest.mark.parametrize("thumbs", [None, "false", 0], ids=["no rating", "text", "a number"])
+def test_a_feedback_event_whose_rating_is_not_true_or_false_is_refused_with_its_line(
+    tmp_path: Path, thumbs: object
+) -> None:
+    # bool() read a missing thumbs_up as a thumbs-down and "false" as a thumbs-up: a label
+    # the cheap model never earned, trained on without a word.
+    path = tmp_path / "events.jsonl"
+    completion = {"kind": "completion", **_completion("r1", "cheap answer")}
+    feedback: dict[str, object] = {"kind": "feedback", "response_id": "r1"}
+    if thumbs is not None:
+        feedback["thumbs_up"] = thumbs
+    path.write_text(json.dumps(completion) + "\n" + json.dumps(feedback))
+    with pytest.raises(ValueError, match=r"events\.jsonl:2: thumbs_up must be true or false"):
         read_events([path])
 
 
