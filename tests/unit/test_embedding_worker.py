@@ -302,3 +302,27 @@ async def test_closing_ends_the_encoder_thread() -> None:
     worker.close()
     thread.join(timeout=5)  # an idle pool thread left running would wait here for good
     assert not thread.is_alive()
+
+
+async def test_pending_counts_every_text_of_a_pass_of_several() -> None:
+    embedder = SteppedEmbedder()
+    worker = EmbeddingWorker(embedder)
+    busy = asyncio.ensure_future(worker.embed("keeps the encoder busy"))
+    await asyncio.to_thread(embedder.started.acquire, timeout=5)
+    pair = [asyncio.ensure_future(worker.embed(f"queued question {i}")) for i in range(2)]
+    await asyncio.sleep(0.01)
+    embedder.steps.release()  # the busy pass ends; the two queued texts go in together
+    await asyncio.to_thread(embedder.started.acquire, timeout=5)
+    assert worker.pending == 2
+    embedder.steps.release()
+    await asyncio.wait_for(asyncio.gather(busy, *pair), timeout=5)
+    worker.close()
+
+
+async def test_a_text_sent_after_closing_fails_at_once_instead_of_waiting_for_good() -> None:
+    worker = EmbeddingWorker(HashEmbedder())
+    await worker.embed("starts the dispatcher")
+    worker.close()
+    await asyncio.sleep(0)  # the cancelled dispatcher finishes
+    with pytest.raises(RuntimeError, match="shutdown"):
+        await asyncio.wait_for(worker.embed("too late"), timeout=5)

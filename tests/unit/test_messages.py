@@ -194,3 +194,8 @@ def test_chat_request_asks_for_a_json_object_unless_a_schema_is_given() -> None:
 def test_chat_request_refuses_a_role_it_does_not_know_by_name() -> None:
     with pytest.raises(ValueError, match=r"^unknown role 'bot': one of system, user, assistant$"):
         chat_request("q", history=[("user", "hi"), ("bot", "yo")])
+
+
+def test_chat_request_refuses_a_tier_it_does_not_know_by_name() -> None:
+    with pytest.raises(ValueError, match=r"^unknown tier 'medium': one of cheap, strong$"):
+        chat_request("q", force_tier="medium")
