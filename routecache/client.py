@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -127,10 +127,15 @@ class RouteCacheClient:
 
     async def complete_stream(
         self, request: pb.CompleteRequest
-    ) -> AsyncIterator[pb.CompleteStreamResponse]:
+    ) -> AsyncGenerator[pb.CompleteStreamResponse, None]:
         call = self._stub.CompleteStream(request, metadata=self._metadata, timeout=self._timeout)
-        async for message in call:
-            yield message
+        try:
+            async for message in call:
+                yield message
+        finally:
+            # A caller that stops reading (break, an error, aclose) ends the call now: left to
+            # garbage collection, the server goes on generating, and paying for, the answer.
+            call.cancel()
 
     async def feedback(
         self, response_id: str, *, thumbs_up: bool, correction: str = ""

@@ -1,14 +1,18 @@
 """ClientTls.from_files takes the paths as README shows them: plain strings or Paths; the
-client releases its channel."""
+client releases its channel and the streams its caller stops reading."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
 
 from routecache.client import ClientTls, RouteCacheClient, chat_request
+from routecache.v1 import routecache_pb2 as pb
 
 
 def test_from_files_accepts_string_paths(tmp_path: Path) -> None:
@@ -37,3 +41,33 @@ async def test_leaving_the_client_closes_its_channel() -> None:
         pass
     with pytest.raises(grpc.aio.UsageError, match="Channel is closed"):
         await client.complete(chat_request("q"))
+
+
+class _StreamCall:
+    """A server stream of two messages that records being cancelled, as grpc.aio's call does."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def __aiter__(self) -> AsyncIterator[pb.CompleteStreamResponse]:
+        return self._messages()
+
+    async def _messages(self) -> AsyncIterator[pb.CompleteStreamResponse]:
+        for _ in range(2):
+            yield pb.CompleteStreamResponse()
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
+async def test_a_stream_the_caller_stops_reading_is_cancelled_at_once() -> None:
+    # Left running, the server goes on paying for the rest of the answer it streams; before,
+    # nothing cancelled the call until garbage collection got to it.
+    call = _StreamCall()
+    async with RouteCacheClient("127.0.0.1:1", "key") as client:
+        client._stub = SimpleNamespace(CompleteStream=lambda *args, **kwargs: call)
+        async with contextlib.aclosing(client.complete_stream(chat_request("q"))) as stream:
+            async for _ in stream:
+                break
+        assert call.cancelled
