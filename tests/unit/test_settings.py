@@ -182,6 +182,24 @@ def test_provider_keys_come_from_env_or_secret_file(
     assert backup.model_copy(update={"api_key_file": secret}).resolve_api_key() == "sk-file"
 
 
+def test_a_key_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    # A key saved in another encoding was a UnicodeDecodeError traceback from `serve`.
+    secret = tmp_path / "key"
+    secret.write_bytes(b"sk-caf\xe9\n")
+    backup = load_settings(FAILOVER_EXAMPLE).upstream.providers["strong-backup"]
+    with pytest.raises(ConfigError, match=rf"cannot read api_key_file {secret}: not UTF-8"):
+        backup.model_copy(update={"api_key_file": secret}).resolve_api_key()
+
+
+def test_an_empty_key_file_counts_as_no_key(tmp_path: Path) -> None:
+    # As with an empty key variable: the key would be sent as "Bearer " and fail every call.
+    secret = tmp_path / "key"
+    secret.write_text("\n")
+    backup = load_settings(FAILOVER_EXAMPLE).upstream.providers["strong-backup"]
+    with pytest.raises(ConfigError, match=rf"api_key_file {secret} is empty"):
+        backup.model_copy(update={"api_key_file": secret}).resolve_api_key()
+
+
 def test_fallback_to_an_undefined_provider_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"unknown provider.*nowhere"):
         load_settings(upstream={"cheap_fallbacks": ["nowhere"]})
@@ -537,7 +555,7 @@ def test_a_section_variable_that_is_not_json_says_why(monkeypatch: pytest.Monkey
      ({"cache": {"embed_max_wait_ms": 51}}, "cache.embed_max_wait_ms"),
      ({"store": {"key_prefix": "rc:{x}"}}, "store.key_prefix"),
      ({"budgets": {"alert_webhook_url": "ftp://hooks.example/b"}}, "budgets.alert_webhook_url"),
-     ({"limits": {"max_request_bytes": 4095}}, "limits.max_request_bytes")],
+     ({"limits": {"max_request_bytes": 4095}}, "limits.max_request_bytes"),],
 )  # fmt: skip
 def test_values_past_their_bounds_are_refused_naming_the_field(
     overrides: dict[str, object], field: str
