@@ -555,7 +555,10 @@ def test_a_section_variable_that_is_not_json_says_why(monkeypatch: pytest.Monkey
      ({"cache": {"embed_max_wait_ms": 51}}, "cache.embed_max_wait_ms"),
      ({"store": {"key_prefix": "rc:{x}"}}, "store.key_prefix"),
      ({"budgets": {"alert_webhook_url": "ftp://hooks.example/b"}}, "budgets.alert_webhook_url"),
-     ({"limits": {"max_request_bytes": 4095}}, "limits.max_request_bytes"),],
+     ({"limits": {"max_request_bytes": 4095}}, "limits.max_request_bytes"),
+     ({"budgets": {"month_retention_days": 30}}, "budgets.month_retention_days"),
+     ({"cache": {"max_false_hit_rate": 1}}, "cache.max_false_hit_rate"),
+     ({"tenants": [{"name": "a", "max_false_hit_rate": 0}]}, "tenants.0.max_false_hit_rate")],
 )  # fmt: skip
 def test_values_past_their_bounds_are_refused_naming_the_field(
     overrides: dict[str, object], field: str
