@@ -446,3 +446,36 @@ def test_a_line_torn_inside_a_character_is_skipped_like_any_torn_line(tmp_path: 
 
     assert [e.get("response_id") for e in read_events(source)] == ["r1", "r1", "after-restart"]
     assert export_events(source, out) == 3
+
+
+def test_each_event_is_in_the_file_as_soon_as_it_is_emitted(tmp_path: Path) -> None:
+    # Offline jobs (export-events, a tailing collector) read the log while the service runs:
+    # events held in the write buffer would be lost on a crash and missing from their reads.
+    source = tmp_path / "events.jsonl"
+    log = JsonlEventLog(source)
+    try:
+        log.emit("completion", {"response_id": "r1"})
+        assert [e["response_id"] for e in read_events(source)] == ["r1"]
+    finally:
+        log.close()
+
+
+def _descriptors_open_on(path: Path) -> int:
+    return sum(1 for fd in Path("/proc/self/fd").iterdir() if _links_to(fd, path))
+
+
+def _links_to(fd: Path, path: Path) -> bool:
+    try:
+        return fd.readlink() == path
+    except OSError:  # closed between the listing and the read (the listing's own descriptor)
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc (Linux)")
+def test_closing_the_event_log_releases_its_file(tmp_path: Path) -> None:
+    # Service.aclose closes it: a leaked descriptor per start keeps a rotated log on disk.
+    source = tmp_path / "events.jsonl"
+    log = JsonlEventLog(source)
+    assert _descriptors_open_on(source) == 1
+    log.close()
+    assert _descriptors_open_on(source) == 0
