@@ -111,6 +111,20 @@ def test_json_log_lines_carry_the_request_id_and_extra_fields() -> None:
     assert new_request_id("  ") != "req-42" and len(REQUEST_ID.get()) == 32
 
 
+def test_json_log_lines_write_extra_values_json_cannot_hold_as_text() -> None:
+    # A Path (or any object) in `extra` must not turn the line into a logging error.
+    record = logging.LogRecord("routecache.x", logging.INFO, __file__, 1, "saved", None, None)
+    record.path = Path("/var/lib/routecache/snapshot")
+    assert json.loads(JsonFormatter().format(record))["path"] == "/var/lib/routecache/snapshot"
+
+
+def test_a_json_line_formatted_without_the_filter_still_names_its_request() -> None:
+    # A handler someone adds without RequestIdFilter: the id comes from the request context.
+    new_request_id("req-7")
+    record = logging.LogRecord("routecache.x", logging.INFO, __file__, 1, "hello", None, None)
+    assert json.loads(JsonFormatter().format(record))["request_id"] == "req-7"
+
+
 def test_a_callers_long_request_id_is_cut_to_128_characters() -> None:
     assert new_request_id(" " + "r" * 300 + " ") == "r" * 128 == REQUEST_ID.get()
 
