@@ -3,14 +3,14 @@ from pathlib import Path
 
 import pytest
 
-from routecache.domain import Budget, OperatingPoint, OverCapPolicy
+from routecache.domain import Budget, OperatingPoint, OverCapPolicy, Tier
 from routecache.router import bootstrap
 from routecache.router.auth import ApiKeyAuthenticator, hash_api_key
 from routecache.router.bootstrap import build_tenants
 from routecache.router.budget import Cap, Period
 from routecache.router.costs import caps_of
 from routecache.router.settings import ConfigError, load_settings
-from tests.fakes import FakeUpstream
+from tests.fakes import FakeUpstream, RecordingTelemetry
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples/dev.toml"
 
@@ -163,6 +163,23 @@ def test_failover_example_builds_chains_and_tenant_validators(tmp_path: Path) ->
         ("refusal", "retry"),
         ("regex", "block"),
     ]
+
+
+def test_a_provider_in_both_fallback_lists_is_one_client_and_one_breaker() -> None:
+    # Two would leak the client providers() does not list, and a provider failing for one
+    # tier would still be called, breaker closed, by the other.
+    backup = {"model": "m", "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 1.0}
+    settings = load_settings(upstream={"providers": {"backup": backup},
+                                       "cheap_fallbacks": ["backup"],
+                                       "strong_fallbacks": ["backup"]})  # fmt: skip
+    clients = {name: FakeUpstream(name) for name in ("cheap", "strong", "backup")}
+    failover = bootstrap.build_failover(
+        settings, bootstrap.Overrides(providers=clients), RecordingTelemetry()
+    )
+    cheap_backup = failover.chain(Tier.CHEAP, strong_fallback=False)[-1][1]
+    strong_backup = failover.chain(Tier.STRONG)[-1][1]
+    assert cheap_backup is strong_backup
+    assert [p.name for p in failover.providers()] == ["cheap", "backup", "strong"]
 
 
 def test_provider_keys_come_from_env_or_secret_file(
