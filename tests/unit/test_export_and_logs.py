@@ -338,6 +338,19 @@ def test_export_to_an_unwritable_place_is_one_line_and_exit_2(
     assert capsys.readouterr().err.startswith("routecache: export-events: ")
 
 
+def test_export_events_reads_the_configs_event_log_and_keeps_events_since(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from routecache.router.cli import main
+
+    log, out, config = tmp_path / "events.jsonl", tmp_path / "e.parquet", tmp_path / "rc.toml"
+    log.write_text('{"kind": "old", "ts": 1.0}\n{"kind": "new", "ts": 100.0}\n')
+    config.write_text(f'[events]\npath = "{log}"\n')
+    assert main(["export-events", "--config", str(config), "--since", "50", "--out", str(out)]) == 0
+    assert pd.read_parquet(out)["kind"].tolist() == ["new"]
+    assert capsys.readouterr().out == f"1 events written to {out}\n"
+
+
 def test_export_of_a_missing_log_names_it_in_one_line_and_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
