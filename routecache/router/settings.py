@@ -89,12 +89,22 @@ class ProviderSettings(_Section):
             return value
         if self.api_key_file is not None:
             try:
-                return self.api_key_file.read_text(encoding="utf-8").strip()
+                key = self.api_key_file.read_text(encoding="utf-8").strip()
             except OSError as exc:
                 raise ConfigError(
                     f"provider {self.model}: cannot read api_key_file {self.api_key_file}: "
                     f"{exc.strerror}"
                 ) from exc
+            except UnicodeDecodeError as exc:
+                raise ConfigError(
+                    f"provider {self.model}: cannot read api_key_file {self.api_key_file}: "
+                    f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+                ) from exc
+            if not key:  # like an empty api_key_env: "Bearer " would fail every call
+                raise ConfigError(
+                    f"provider {self.model}: api_key_file {self.api_key_file} is empty"
+                )
+            return key
         return None
 
 

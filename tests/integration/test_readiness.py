@@ -25,7 +25,7 @@ from routecache.client import RouteCacheClient, chat_request
 from routecache.domain import Tier
 from routecache.router.bootstrap import Overrides, Service, start_service
 from routecache.router.events import JsonlEventLog
-from routecache.router.server import DEPENDENCIES, SERVICE_NAME, start_server
+from routecache.router.server import DEPENDENCIES, SERVICE_NAME, ListenError, start_server
 from routecache.router.servicer import RouteCacheServicer
 from routecache.router.settings import ConfigError, Settings
 from tests.fakes import FakeUpstream, RecordingTelemetry
@@ -156,7 +156,8 @@ async def test_a_second_server_on_the_same_port_fails_to_start() -> None:
         update={"port": 0}))  # fmt: skip
     try:
         taken = unit_settings().server.model_copy(update={"port": first.port})
-        with pytest.raises(OSError, match="could not bind"):
+        # ListenError: `serve` says "cannot listen", naming the ports, not "cannot start".
+        with pytest.raises(ListenError, match="could not bind"):
             await start_server(RouteCacheServicer(None), taken)
     finally:
         await first.stop()

@@ -210,6 +210,23 @@ def test_a_registry_source_without_its_store_fails_fast() -> None:
         build_key_registry(load_settings(keys={"source": "file"}), None)
 
 
+async def test_the_auto_registry_source_is_redis_on_the_redis_backend_else_the_file(
+    tmp_path: Path,
+) -> None:
+    from routecache.backends.redis_keys import RedisKeyRegistry
+    from routecache.router.bootstrap import build_key_registry, build_redis_link
+
+    path = tmp_path / "keys.json"
+    settings = load_settings(store={"backend": "redis"}, keys={"registry_path": path})
+    link = build_redis_link(settings.store)  # connects at its first call: none is made
+    try:
+        assert isinstance(build_key_registry(settings, link), RedisKeyRegistry)
+    finally:
+        await link.aclose()
+    assert isinstance(build_key_registry(settings, None), FileKeyRegistry)
+    assert build_key_registry(load_settings(), None) is None
+
+
 async def test_rotating_a_rotating_key_never_extends_its_overlap(tmp_path: Path) -> None:
     path, clock = tmp_path / "keys.json", ManualClock()
     admin = FileKeyRegistry(path)

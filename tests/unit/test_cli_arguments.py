@@ -250,3 +250,11 @@ def test_ask_reports_a_request_it_cannot_build_in_one_line(
     # An unknown --turn role was a KeyError traceback, before any connection was tried.
     assert main(["ask", "--api-key", "k", *flags, "hi"]) == 2
     assert capsys.readouterr().err == f"routecache: cannot build the request: {message}\n"
+
+
+@pytest.mark.parametrize("port", ["65536", "-1"])
+def test_replay_upstream_refuses_a_port_past_65535_in_one_line(
+    capsys: pytest.CaptureFixture[str], port: str
+) -> None:
+    assert main(["replay-upstream", "--port", port]) == 2
+    assert capsys.readouterr().err == f"routecache: --port {port}: must be 0 to 65535\n"

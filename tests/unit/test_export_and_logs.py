@@ -111,6 +111,20 @@ def test_json_log_lines_carry_the_request_id_and_extra_fields() -> None:
     assert new_request_id("  ") != "req-42" and len(REQUEST_ID.get()) == 32
 
 
+def test_json_log_lines_write_extra_values_json_cannot_hold_as_text() -> None:
+    # A Path (or any object) in `extra` must not turn the line into a logging error.
+    record = logging.LogRecord("routecache.x", logging.INFO, __file__, 1, "saved", None, None)
+    record.path = Path("/var/lib/routecache/snapshot")
+    assert json.loads(JsonFormatter().format(record))["path"] == "/var/lib/routecache/snapshot"
+
+
+def test_a_json_line_formatted_without_the_filter_still_names_its_request() -> None:
+    # A handler someone adds without RequestIdFilter: the id comes from the request context.
+    new_request_id("req-7")
+    record = logging.LogRecord("routecache.x", logging.INFO, __file__, 1, "hello", None, None)
+    assert json.loads(JsonFormatter().format(record))["request_id"] == "req-7"
+
+
 def test_a_callers_long_request_id_is_cut_to_128_characters() -> None:
     assert new_request_id(" " + "r" * 300 + " ") == "r" * 128 == REQUEST_ID.get()
 
@@ -324,6 +338,19 @@ def test_export_to_an_unwritable_place_is_one_line_and_exit_2(
     assert capsys.readouterr().err.startswith("routecache: export-events: ")
 
 
+def test_export_events_reads_the_configs_event_log_and_keeps_events_since(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from routecache.router.cli import main
+
+    log, out, config = tmp_path / "events.jsonl", tmp_path / "e.parquet", tmp_path / "rc.toml"
+    log.write_text('{"kind": "old", "ts": 1.0}\n{"kind": "new", "ts": 100.0}\n')
+    config.write_text(f'[events]\npath = "{log}"\n')
+    assert main(["export-events", "--config", str(config), "--since", "50", "--out", str(out)]) == 0
+    assert pd.read_parquet(out)["kind"].tolist() == ["new"]
+    assert capsys.readouterr().out == f"1 events written to {out}\n"
+
+
 def test_export_of_a_missing_log_names_it_in_one_line_and_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -446,3 +473,36 @@ def test_a_line_torn_inside_a_character_is_skipped_like_any_torn_line(tmp_path: 
 
     assert [e.get("response_id") for e in read_events(source)] == ["r1", "r1", "after-restart"]
     assert export_events(source, out) == 3
+
+
+def test_each_event_is_in_the_file_as_soon_as_it_is_emitted(tmp_path: Path) -> None:
+    # Offline jobs (export-events, a tailing collector) read the log while the service runs:
+    # events held in the write buffer would be lost on a crash and missing from their reads.
+    source = tmp_path / "events.jsonl"
+    log = JsonlEventLog(source)
+    try:
+        log.emit("completion", {"response_id": "r1"})
+        assert [e["response_id"] for e in read_events(source)] == ["r1"]
+    finally:
+        log.close()
+
+
+def _descriptors_open_on(path: Path) -> int:
+    return sum(1 for fd in Path("/proc/self/fd").iterdir() if _links_to(fd, path))
+
+
+def _links_to(fd: Path, path: Path) -> bool:
+    try:
+        return fd.readlink() == path
+    except OSError:  # closed between the listing and the read (the listing's own descriptor)
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc (Linux)")
+def test_closing_the_event_log_releases_its_file(tmp_path: Path) -> None:
+    # Service.aclose closes it: a leaked descriptor per start keeps a rotated log on disk.
+    source = tmp_path / "events.jsonl"
+    log = JsonlEventLog(source)
+    assert _descriptors_open_on(source) == 1
+    log.close()
+    assert _descriptors_open_on(source) == 0

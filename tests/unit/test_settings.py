@@ -3,14 +3,14 @@ from pathlib import Path
 
 import pytest
 
-from routecache.domain import Budget, OperatingPoint, OverCapPolicy
+from routecache.domain import Budget, OperatingPoint, OverCapPolicy, Tier
 from routecache.router import bootstrap
 from routecache.router.auth import ApiKeyAuthenticator, hash_api_key
 from routecache.router.bootstrap import build_tenants
 from routecache.router.budget import Cap, Period
 from routecache.router.costs import caps_of
 from routecache.router.settings import ConfigError, load_settings
-from tests.fakes import FakeUpstream
+from tests.fakes import FakeUpstream, RecordingTelemetry
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples/dev.toml"
 
@@ -165,6 +165,23 @@ def test_failover_example_builds_chains_and_tenant_validators(tmp_path: Path) ->
     ]
 
 
+def test_a_provider_in_both_fallback_lists_is_one_client_and_one_breaker() -> None:
+    # Two would leak the client providers() does not list, and a provider failing for one
+    # tier would still be called, breaker closed, by the other.
+    backup = {"model": "m", "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 1.0}
+    settings = load_settings(upstream={"providers": {"backup": backup},
+                                       "cheap_fallbacks": ["backup"],
+                                       "strong_fallbacks": ["backup"]})  # fmt: skip
+    clients = {name: FakeUpstream(name) for name in ("cheap", "strong", "backup")}
+    failover = bootstrap.build_failover(
+        settings, bootstrap.Overrides(providers=clients), RecordingTelemetry()
+    )
+    cheap_backup = failover.chain(Tier.CHEAP, strong_fallback=False)[-1][1]
+    strong_backup = failover.chain(Tier.STRONG)[-1][1]
+    assert cheap_backup is strong_backup
+    assert [p.name for p in failover.providers()] == ["cheap", "backup", "strong"]
+
+
 def test_provider_keys_come_from_env_or_secret_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -180,6 +197,24 @@ def test_provider_keys_come_from_env_or_secret_file(
     secret = tmp_path / "key"
     secret.write_text("sk-file\n")
     assert backup.model_copy(update={"api_key_file": secret}).resolve_api_key() == "sk-file"
+
+
+def test_a_key_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    # A key saved in another encoding was a UnicodeDecodeError traceback from `serve`.
+    secret = tmp_path / "key"
+    secret.write_bytes(b"sk-caf\xe9\n")
+    backup = load_settings(FAILOVER_EXAMPLE).upstream.providers["strong-backup"]
+    with pytest.raises(ConfigError, match=rf"cannot read api_key_file {secret}: not UTF-8"):
+        backup.model_copy(update={"api_key_file": secret}).resolve_api_key()
+
+
+def test_an_empty_key_file_counts_as_no_key(tmp_path: Path) -> None:
+    # As with an empty key variable: the key would be sent as "Bearer " and fail every call.
+    secret = tmp_path / "key"
+    secret.write_text("\n")
+    backup = load_settings(FAILOVER_EXAMPLE).upstream.providers["strong-backup"]
+    with pytest.raises(ConfigError, match=rf"api_key_file {secret} is empty"):
+        backup.model_copy(update={"api_key_file": secret}).resolve_api_key()
 
 
 def test_fallback_to_an_undefined_provider_is_refused() -> None:
@@ -537,7 +572,10 @@ def test_a_section_variable_that_is_not_json_says_why(monkeypatch: pytest.Monkey
      ({"cache": {"embed_max_wait_ms": 51}}, "cache.embed_max_wait_ms"),
      ({"store": {"key_prefix": "rc:{x}"}}, "store.key_prefix"),
      ({"budgets": {"alert_webhook_url": "ftp://hooks.example/b"}}, "budgets.alert_webhook_url"),
-     ({"limits": {"max_request_bytes": 4095}}, "limits.max_request_bytes")],
+     ({"limits": {"max_request_bytes": 4095}}, "limits.max_request_bytes"),
+     ({"budgets": {"month_retention_days": 30}}, "budgets.month_retention_days"),
+     ({"cache": {"max_false_hit_rate": 1}}, "cache.max_false_hit_rate"),
+     ({"tenants": [{"name": "a", "max_false_hit_rate": 0}]}, "tenants.0.max_false_hit_rate")],
 )  # fmt: skip
 def test_values_past_their_bounds_are_refused_naming_the_field(
     overrides: dict[str, object], field: str

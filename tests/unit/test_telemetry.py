@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field, replace
 
 import pytest
@@ -19,7 +22,7 @@ from routecache.domain import (
     Tier,
 )
 from routecache.errors import FailedValidation, Unauthenticated, Unavailable, UpstreamError
-from routecache.router.metrics import PrometheusTelemetry
+from routecache.router.metrics import MetricsServer, PrometheusTelemetry
 from routecache.router.telemetry import (
     BREAKER_CLOSED,
     BREAKER_HALF_OPEN,
@@ -126,9 +129,12 @@ def test_watched_gauges_are_read_at_scrape_time() -> None:
     up = {"redis": True}
     prometheus.watch_breaker("gpt-4", lambda: breaker["gpt-4"])
     prometheus.watch_dependency("redis", lambda: up["redis"])
+    queue = {"embedding": 0.0}
+    prometheus.watch_queue("embedding", lambda: queue["embedding"])
     registry = prometheus.registry
     assert sample(registry, "routecache_breaker_state", provider="gpt-4") == 0
-    breaker["gpt-4"], up["redis"] = BREAKER_OPEN, False
+    breaker["gpt-4"], up["redis"], queue["embedding"] = BREAKER_OPEN, False, 7
+    assert sample(registry, "routecache_queue_depth", queue="embedding") == 7
     assert sample(registry, "routecache_breaker_state", provider="gpt-4") == BREAKER_OPEN
     assert registry.get_sample_value("routecache_dependency_up", {"dependency": "redis"}) == 0
 
@@ -271,6 +277,7 @@ def test_prometheus_counts_failures_feedback_and_cost_controls_under_their_label
     prometheus.upstream_call("gpt-4", 0.3, "timeout")
     prometheus.feedback("acme", thumbs_up=False, invalidated=True)
     prometheus.feedback("acme", thumbs_up=False, invalidated=False)
+    prometheus.feedback("acme", thumbs_up=True, invalidated=False)
     prometheus.budget_alert("acme", "day")
     prometheus.cost_control("acme", "downgraded")
     assert sample(registry, "routecache_errors_total", tenant="acme", reason="unavailable") == 1
@@ -282,7 +289,28 @@ def test_prometheus_counts_failures_feedback_and_cost_controls_under_their_label
     )
     assert sample(registry, "routecache_upstream_latency_seconds_count", model="gpt-4") == 2
     assert sample(registry, "routecache_feedback_total", tenant="acme", rating="down") == 2
+    assert sample(registry, "routecache_feedback_total", tenant="acme", rating="up") == 1
     assert sample(registry, "routecache_feedback_invalidations_total", tenant="acme") == 1
     assert sample(registry, "routecache_budget_alerts_total", tenant="acme", period="day") == 1
     assert sample(registry, "routecache_cost_control_total", tenant="acme",
                   outcome="downgraded") == 1  # fmt: skip
+
+
+def test_the_metrics_server_serves_on_the_port_it_bound_and_close_stops_it() -> None:
+    # Port 0 picks a free one: `serve` prints .port, which must be the bound one.
+    prometheus = PrometheusTelemetry()
+    prometheus.budget_alert("acme", "day")
+    before = set(threading.enumerate())
+    server = MetricsServer(prometheus.registry, "127.0.0.1", 0)
+    serving = set(threading.enumerate()) - before
+    url = f"http://127.0.0.1:{server.port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            assert b'routecache_budget_alerts_total{period="day",tenant="acme"} 1.0' in (
+                response.read()
+            )
+    finally:
+        server.close()
+    assert serving and not any(thread.is_alive() for thread in serving)
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(url, timeout=5)
