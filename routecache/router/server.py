@@ -84,6 +84,14 @@ def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | Non
     )
 
 
+class _EncryptedKey(Exception):
+    """The key asked for a passphrase."""
+
+
+def _no_passphrase() -> bytes:
+    raise _EncryptedKey
+
+
 def _check_pems(settings: ServerSettings, roots: bytes | None) -> None:
     """gRPC takes any bytes here and only fails at the bind, as 'could not bind host:port':
     check with OpenSSL that they are PEM, and that the key is the certificate's.
@@ -92,7 +100,16 @@ def _check_pems(settings: ServerSettings, roots: bytes | None) -> None:
     read again from their files, as the ssl module loads a chain and its key from files only."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(str(settings.tls_cert_file), str(settings.tls_key_file))
+        # A password callback, or OpenSSL asks for an encrypted key's passphrase on the
+        # terminal and the start waits at the prompt; gRPC cannot use such a key anyway.
+        context.load_cert_chain(
+            str(settings.tls_cert_file), str(settings.tls_key_file), password=_no_passphrase
+        )
+    except _EncryptedKey as exc:
+        raise ConfigError(
+            f"server.tls_key_file {settings.tls_key_file} is encrypted: gRPC needs the key "
+            "without a passphrase"
+        ) from exc
     except ssl.SSLError as exc:
         raise ConfigError(
             f"server.tls_cert_file {settings.tls_cert_file} and server.tls_key_file "

@@ -14,6 +14,7 @@ import grpc
 import pytest
 import pytest_asyncio
 import trustme
+from cryptography.hazmat.primitives import serialization
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from routecache.cache.embedder import HashEmbedder
@@ -183,6 +184,22 @@ async def test_a_certificate_file_that_is_not_pem_stops_the_start_naming_it(
 async def test_a_key_of_another_certificate_stops_the_start(pki: Pki) -> None:
     with pytest.raises(ConfigError, match=r"server\.tls_key_file .*not a PEM certificate chain"):
         await serve({"tls_cert_file": pki.server_cert, "tls_key_file": pki.client_key})
+
+
+async def test_a_key_under_a_passphrase_stops_the_start_saying_so(tmp_path: Path, pki: Pki) -> None:
+    # gRPC cannot use an encrypted key. OpenSSL asked for the passphrase on the terminal, so
+    # `serve` started by hand sat waiting at a prompt; without one, the message said "not PEM".
+    key = serialization.load_pem_private_key(pki.server_key.read_bytes(), password=None)
+    locked = tmp_path / "locked.pem"
+    locked.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    with pytest.raises(ConfigError, match=r"server\.tls_key_file .*locked\.pem.* passphrase"):
+        await serve({"tls_cert_file": pki.server_cert, "tls_key_file": locked})
 
 
 def _with_a_byte_not_ascii_inside(pem: bytes) -> bytes:
