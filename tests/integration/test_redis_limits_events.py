@@ -209,3 +209,31 @@ async def test_events_emitted_during_a_failed_write_keep_the_buffer_bounded(
         assert [e["n"] for e in await read_events(link, KeySpace(), "acme")][-3:] == [3, 4, 5]
     finally:
         await link.aclose()
+
+
+async def test_a_flush_cancelled_mid_write_leaves_its_batch_to_the_final_flush(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    link = link_to(redis_server)
+    assert await link.connect()
+    sink = RedisStreamEventSink(link, KeySpace(), batch=2)
+    write, started = sink._write, asyncio.Event()
+
+    async def never_answers(batch: object) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(sink, "_write", never_answers)
+    loop = asyncio.create_task(sink.run())
+    try:
+        for n in range(3):
+            sink.emit("completion", {"tenant": "cancelled", "n": n})
+        await started.wait()
+        loop.cancel()  # the service's stop ends the flush loop while it writes a batch
+        with pytest.raises(asyncio.CancelledError):
+            await loop
+        monkeypatch.setattr(sink, "_write", write)
+        await sink.flush()  # the stop's final flush
+        assert [e["n"] for e in await read_events(link, KeySpace(), "cancelled")] == [0, 1, 2]
+    finally:
+        await link.aclose()
