@@ -106,8 +106,10 @@ async def test_events_of_no_tenant_stay_out_of_every_tenants_stream(
     try:
         # A refused key's request: its prompt must not reach a tenant that happens to be "_".
         sink.emit("error", {"tenant": "", "prompt": "not yours", "reason": "unauthenticated"})
+        sink.emit("error", {"prompt": "nor yours", "reason": "unauthenticated"})  # no tenant key
         await sink.flush()
         assert await read_events(link, KeySpace(), "_") == []
+        assert await read_events(link, KeySpace(), "None") == []
     finally:
         await link.aclose()
 
@@ -127,6 +129,7 @@ async def test_the_event_buffer_is_bounded_while_redis_is_down(
         await link.wait_up()
         await sink.flush()
         assert [e["n"] for e in await read_events(link, KeySpace(), "acme")] == [2, 3, 4]
+        assert [e["n"] for e in await read_events(link, KeySpace(), "acme", count=2)] == [2, 3]
     finally:
         await link.aclose()
 
@@ -235,5 +238,6 @@ async def test_a_flush_cancelled_mid_write_leaves_its_batch_to_the_final_flush(
         monkeypatch.setattr(sink, "_write", write)
         await sink.flush()  # the stop's final flush
         assert [e["n"] for e in await read_events(link, KeySpace(), "cancelled")] == [0, 1, 2]
+        assert sink.written == 3  # the cancelled batch counted once, as it was written
     finally:
         await link.aclose()
