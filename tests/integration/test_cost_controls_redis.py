@@ -899,8 +899,8 @@ async def test_a_settle_id_seen_before_moves_no_spend_the_second_time(
         record, ids = SpendRecord("acme", cost_usd=0.3, calls=1), period_ids(clock())
         first = await ledger._apply(None, record, ids, "once", 3600)
         again = await ledger._apply(None, record, ids, "once", 3600)
-        assert first[Period.DAY] == (0.0, pytest.approx(0.3))
-        assert again[Period.DAY] == (pytest.approx(0.3), pytest.approx(0.3))
+        assert first[Period.DAY] == pytest.approx((0.0, 0.3))
+        assert again[Period.DAY] == pytest.approx((0.3, 0.3))
 
 
 async def test_spend_keys_expire_after_their_retention(redis_server: RedisServer) -> None:
