@@ -75,7 +75,10 @@ class RedisStreamEventSink:
                 batch = [self._queue.popleft() for _ in range(min(self._batch, len(self._queue)))]
                 try:
                     await guarded(self._link, lambda b=batch: self._write(b))  # type: ignore[misc]
-                except RedisDown:
+                # A cancel (the service's stop ending the loop mid-write) keeps the batch too,
+                # for the stop's final flush. Either way Redis may have taken it already: an
+                # event written twice is better than a batch lost.
+                except (RedisDown, asyncio.CancelledError):
                     self._requeue(batch)
                     raise
                 self.written += len(batch)

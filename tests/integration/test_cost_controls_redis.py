@@ -876,6 +876,33 @@ async def test_redis_reservations_end_exactly_at_their_ttl_and_per_user_caps_cou
         assert isinstance(await ledger.reserve("acme", "u1", 0.8, per_user), Reservation)
 
 
+async def test_expired_redis_reservations_leave_the_hash_at_the_next_reservation(
+    redis_server: RedisServer,
+) -> None:
+    # Each reservation renews the hash's expiry: under steady traffic only this drop keeps
+    # it (and the scan every reservation makes of it) from growing without bound.
+    async with connected_link(redis_server) as (link, clock):
+        ledger = RedisSpendLedger(link, KeySpace(), clock, reservation_ttl_seconds=60)
+        for _ in range(3):
+            assert isinstance(await ledger.reserve("acme", "u1", 0.1, []), Reservation)
+        clock.advance(60)
+        assert isinstance(await ledger.reserve("acme", "u1", 0.1, []), Reservation)
+        assert await link.client.hlen(KeySpace().of("acme").base + "resv") == 1
+
+
+async def test_a_settle_id_seen_before_moves_no_spend_the_second_time(
+    redis_server: RedisServer,
+) -> None:
+    # A settle sent again after a lost answer: a move from 0 would cross soft budgets again.
+    async with connected_link(redis_server) as (link, clock):
+        ledger = RedisSpendLedger(link, KeySpace(), clock)
+        record, ids = SpendRecord("acme", cost_usd=0.3, calls=1), period_ids(clock())
+        first = await ledger._apply(None, record, ids, "once", 3600)
+        again = await ledger._apply(None, record, ids, "once", 3600)
+        assert first[Period.DAY] == pytest.approx((0.0, 0.3))
+        assert again[Period.DAY] == pytest.approx((0.3, 0.3))
+
+
 async def test_spend_keys_expire_after_their_retention(redis_server: RedisServer) -> None:
     link, clock = link_to(redis_server), ManualClock(1_700_000_000.0)
     assert await link.connect()

@@ -106,8 +106,10 @@ async def test_events_of_no_tenant_stay_out_of_every_tenants_stream(
     try:
         # A refused key's request: its prompt must not reach a tenant that happens to be "_".
         sink.emit("error", {"tenant": "", "prompt": "not yours", "reason": "unauthenticated"})
+        sink.emit("error", {"prompt": "nor yours", "reason": "unauthenticated"})  # no tenant key
         await sink.flush()
         assert await read_events(link, KeySpace(), "_") == []
+        assert await read_events(link, KeySpace(), "None") == []
     finally:
         await link.aclose()
 
@@ -127,6 +129,7 @@ async def test_the_event_buffer_is_bounded_while_redis_is_down(
         await link.wait_up()
         await sink.flush()
         assert [e["n"] for e in await read_events(link, KeySpace(), "acme")] == [2, 3, 4]
+        assert [e["n"] for e in await read_events(link, KeySpace(), "acme", count=2)] == [2, 3]
     finally:
         await link.aclose()
 
@@ -207,5 +210,34 @@ async def test_events_emitted_during_a_failed_write_keep_the_buffer_bounded(
         await sink.flush()
         # (The stalled write itself lands once Redis wakes: a timeout does not undo a command.)
         assert [e["n"] for e in await read_events(link, KeySpace(), "acme")][-3:] == [3, 4, 5]
+    finally:
+        await link.aclose()
+
+
+async def test_a_flush_cancelled_mid_write_leaves_its_batch_to_the_final_flush(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    link = link_to(redis_server)
+    assert await link.connect()
+    sink = RedisStreamEventSink(link, KeySpace(), batch=2)
+    write, started = sink._write, asyncio.Event()
+
+    async def never_answers(batch: object) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(sink, "_write", never_answers)
+    loop = asyncio.create_task(sink.run())
+    try:
+        for n in range(3):
+            sink.emit("completion", {"tenant": "cancelled", "n": n})
+        await started.wait()
+        loop.cancel()  # the service's stop ends the flush loop while it writes a batch
+        with pytest.raises(asyncio.CancelledError):
+            await loop
+        monkeypatch.setattr(sink, "_write", write)
+        await sink.flush()  # the stop's final flush
+        assert [e["n"] for e in await read_events(link, KeySpace(), "cancelled")] == [0, 1, 2]
+        assert sink.written == 3  # the cancelled batch counted once, as it was written
     finally:
         await link.aclose()

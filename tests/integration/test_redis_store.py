@@ -265,6 +265,22 @@ async def test_a_store_at_its_bound_evicts_the_least_recently_used_entry(setup: 
     assert len(small.cache.index) == 3  # the store named what it evicted: the index forgot it
 
 
+async def test_a_store_at_its_bound_keeps_the_entries_stored_last(setup: Setup) -> None:
+    small = small_store(setup, max_entries_per_tenant=2)
+    ids = []
+    for i in range(6):  # never hit: each is as recent as when it was stored
+        ids += await fill(small, 1, first=i)
+        setup.clock.advance(1)
+    assert sorted(await small.store.ids_of_tenant("acme")) == sorted(ids[-2:])
+
+
+async def test_a_purge_removes_at_most_its_batch_and_the_next_one_the_rest(setup: Setup) -> None:
+    small = small_store(setup, max_entries_per_tenant=10, purge_batch=2)
+    await fill(small, 3, ttl=10)
+    setup.clock.advance(10)
+    assert [await small.store.purge_expired("acme") for _ in range(3)] == [2, 1, 0]
+
+
 async def test_a_purge_says_how_many_it_removed(setup: Setup) -> None:
     await fill(setup, 2, ttl=10)
     await fill(setup, 1, first=2)

@@ -209,6 +209,39 @@ async def test_after_an_outage_redis_restored_from_an_older_backup_rebuilds_the_
         await eventually(lambda: restored.entry_id in a.ids(), "A's index rebuilt", within=3)
 
 
+async def test_after_an_outage_a_stream_that_reaches_back_to_the_replica_is_tailed_not_rebuilt(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await rig.write()
+    a = rig.replica_a()
+    await a.sync.rebuild()
+    rebuilt: list[str] = []
+    rebuild_tenant = a.sync._rebuild_tenant
+
+    async def counted(tenant: str, started: float) -> int:
+        rebuilt.append(tenant)
+        return await rebuild_tenant(tenant, started)
+
+    monkeypatch.setattr(a.sync, "_rebuild_tenant", counted)
+    await rig.link.mark_down(OUTAGE)  # nothing written meanwhile: the stream ends at A's id
+    with running(a.sync):
+        await eventually(lambda: not a.sync._resync, "A checked the stream for gaps")
+        (later,) = await rig.write()
+        await eventually(lambda: later.entry_id in a.ids(), "B's later entry", within=3)
+    assert rebuilt == []
+
+
+async def test_a_replica_that_started_with_redis_down_tails_a_tenant_with_no_stream_yet(
+    rig: Rig,
+) -> None:
+    a = rig.replica_a()  # its start-up rebuild never ran
+    await rig.link.mark_down(OUTAGE)
+    with running(a.sync):
+        await eventually(lambda: not a.sync._resync, "A caught up once Redis answered")
+        (first,) = await rig.write()  # the tenant's first write creates its sync stream
+        await eventually(lambda: first.entry_id in a.ids(), "B's first entry", within=3)
+
+
 @pytest.mark.parametrize(
     "failure", [RedisDown("redis is down"), OUTAGE], ids=["redis down", "socket error"]
 )

@@ -17,8 +17,11 @@ from routecache.router.cli import main
 from routecache.training.cross_encoder import (
     learning_rate_factor,
     length_batches,
+    load_weights,
+    restore_weights,
     training_device,
 )
+from routecache.training.data_files import DataFileError
 from routecache.training.pair_data import LabelledPair, split_pairs
 
 PAIRS = [
@@ -263,3 +266,23 @@ def test_each_epoch_groups_pairs_of_one_length_differently() -> None:
 def test_a_training_device_other_than_auto_cpu_or_cuda_is_refused(device: str) -> None:
     with pytest.raises(ValueError, match="device must be auto, cpu or cuda"):
         training_device(device)
+
+
+def test_weights_that_cannot_be_read_or_are_no_weights_say_which_in_one_line(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("torch")
+    weights = tmp_path / "ce.pt"
+    with pytest.raises(DataFileError, match=r"ce\.pt: cannot read it \(No such file"):
+        load_weights(weights)
+    weights.write_bytes(b"not a torch file")
+    with pytest.raises(DataFileError, match=r"ce\.pt: not weights saved by train-verifier"):
+        load_weights(weights)
+
+
+def test_weights_of_another_model_name_the_first_mismatch(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    weights = tmp_path / "ce.pt"
+    torch.save({"head.weight": torch.zeros(3, 3)}, weights)
+    with pytest.raises(DataFileError, match=r"not weights of this cross-encoder \(Missing key"):
+        restore_weights(torch.nn.Linear(2, 1), load_weights(weights), weights)

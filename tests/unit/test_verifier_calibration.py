@@ -24,7 +24,13 @@ from routecache.training.calibrate_verifier import (
     score_pairs,
     threshold_for_budget,
 )
-from routecache.training.pair_data import LabelledPair, PairDataError, load_pairs, split_pairs
+from routecache.training.pair_data import (
+    LabelledPair,
+    PairDataError,
+    duplicate_share,
+    load_pairs,
+    split_pairs,
+)
 
 
 def synthetic(n: int, seed: int) -> ScoredPairs:
@@ -346,6 +352,7 @@ def test_cache_mode_recall_is_at_the_threshold_kept_when_the_pairs_need_it_highe
         ('{"query": null, "cached": "b", "duplicate": false}\n', "must be strings"),
         ('{"query": "a", "cached": "b", "duplicate": 1}\n', "duplicate a bool"),
         ('{"query": "a", "cached": "b\\ud800", "duplicate": true}\n', ":1: not valid Unicode"),
+        ('{"query": "a\\udfff", "cached": "b", "duplicate": true}\n', ":1: not valid Unicode"),
     ],
     ids=[
         "no pairs",
@@ -355,6 +362,7 @@ def test_cache_mode_recall_is_at_the_threshold_kept_when_the_pairs_need_it_highe
         "query null",
         "duplicate 1",
         "a lone surrogate",
+        "a lone surrogate in the query",
     ],
 )
 def test_load_pairs_refuses_what_is_not_a_pair(tmp_path: Path, content: str, problem: str) -> None:
@@ -409,3 +417,9 @@ def test_pairs_too_few_to_calibrate_on_are_refused_naming_the_problem(
 
 def test_score_pairs_of_no_pairs_has_a_row_width() -> None:
     assert score_pairs([], [], []).rows.shape == (0, len(FEATURE_NAMES))
+
+
+def test_the_duplicate_share_is_of_the_pairs_given_and_none_of_no_pairs() -> None:
+    pairs = [LabelledPair("q", "c", duplicate) for duplicate in (True, False, False, True)]
+    assert duplicate_share(pairs) == 0.5
+    assert duplicate_share([]) == 0.0
