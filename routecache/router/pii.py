@@ -6,6 +6,7 @@ do not pass for card numbers; redaction replaces each finding by a typed placeho
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -81,12 +82,13 @@ _DETECTORS = {
     "phone": _Detector(
         "phone",
         # Needs a separator or a + so that a bare run of digits (a sum, an id) is not a phone.
-        # Tried first: France's five pairs (0X or +33 X, then four pairs; five pairs not
-        # starting with 0 are a list of numbers) and a + followed by digits alone.
-        re.compile(r"(?<![\w+])(?:(?:\+\d{1,3}[ .-]?\d|0\d)(?:[ .-]\d{2}){4}"
-                   r"|\+\d{1,3}[ .-]?\d{6,12}"
+        # Tried first: France's five pairs (0X or +33 X, then four pairs, one separator
+        # throughout; five pairs from 00, or mixed, are a list or a dump) and a + with digits
+        # alone (10 or more, or a signed number would be one). Never followed by ".5".
+        re.compile(r"(?<![\w+])(?:(?:\+\d{1,3}[ .-]?\d|0[1-9])([ .-])\d{2}(?:\1\d{2}){3}"
+                   r"|\+\d{1,3}[ .-]\d{6,12}|\+\d{10,15}"
                    r"|(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}[ .-]\d{2,4}"
-                   r"(?:[ .-]\d{2,4}){0,2})(?![\w-])"),
+                   r"(?:[ .-]\d{2,4}){0,2})(?![\w-]|\.\d)"),
         lambda s: 9 <= len(_digits(s)) <= 15 and ("+" in s or "(" in s or len(_digits(s)) >= 10),
     ),
 }  # fmt: skip
@@ -106,7 +108,7 @@ class Finding:
 def find_pii(text: str, kinds: Iterable[str] = PII_KINDS) -> list[Finding]:
     wanted = set(kinds)
     findings: list[Finding] = []
-    taken: list[tuple[int, int]] = []
+    taken: list[tuple[int, int]] = []  # sorted, never overlapping
     for kind in PII_KINDS:
         if kind not in wanted:
             continue
@@ -114,10 +116,17 @@ def find_pii(text: str, kinds: Iterable[str] = PII_KINDS) -> list[Finding]:
         tried: set[int] = set()
         for match in detector.pattern.finditer(text):
             span = _confirmed_span(detector, text, match, tried)
-            if span and not any(span[0] < end and start < span[1] for start, end in taken):
+            if span and not _overlaps(taken, span):
                 findings.append(Finding(kind, *span))
-                taken.append(span)
+                bisect.insort(taken, span)
     return sorted(findings, key=lambda f: f.start)
+
+
+def _overlaps(taken: list[tuple[int, int]], span: tuple[int, int]) -> bool:
+    """Whether `span` overlaps one of `taken` (sorted, disjoint): only its neighbours can.
+    Comparing with every earlier finding took time quadratic in their number."""
+    at = bisect.bisect_left(taken, span)
+    return (at > 0 and taken[at - 1][1] > span[0]) or (at < len(taken) and taken[at][0] < span[1])
 
 
 def _confirmed_span(
