@@ -364,7 +364,7 @@ def load_artifact(path: Path) -> SklearnDifficultyClassifier:
             default_threshold=float(metadata["default_threshold"]),
             metadata=metadata,
         )
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # int(Infinity), float(10**400)
         raise ClassifierArtifactError(f"{metadata_path} holds an unusable value: {exc}") from exc
 
 

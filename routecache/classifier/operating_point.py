@@ -59,7 +59,8 @@ class OperatingCurve:
 
     @classmethod
     def from_json(cls, records: Sequence[Mapping[str, Any]]) -> OperatingCurve:
-        """Raises ValueError or TypeError for records that are not a list of curve points."""
+        """Raises ValueError, TypeError or OverflowError for records that are not a list of
+        curve points."""
         if isinstance(records, str | bytes) or not all(isinstance(r, Mapping) for r in records):
             raise ValueError(f"an operating curve is a list of points, not {records!r:.80}")
         return cls([CurvePoint(**{k: float(v) for k, v in r.items()}) for r in records])

@@ -412,6 +412,10 @@ _DAMAGED_METADATA: dict[str, dict[str, Any]] = {
     "feature names that are not a list": {"feature_names": 3},
     "a curve point without its measures": {"operating_curve": [{"threshold": 0.1}]},
     "a curve that is not a list of points": {"operating_curve": "steep"},
+    # OverflowError, neither a TypeError nor a ValueError:
+    "an infinite dimension": {"embedding_dimension": float("inf")},
+    "a threshold too large for a float": {"default_threshold": 10**400},
+    "a curve point too large for a float": {"operating_curve": [{"threshold": 10**400}]},
 }
 
 
