@@ -11,7 +11,7 @@ from typing import Any
 from routecache.domain import ChatRequest, Feedback, ResponseFormatType, Role
 from routecache.errors import InvalidArgument
 from routecache.router.settings import LimitSettings
-from routecache.router.validators import check_pattern_size
+from routecache.router.validators import TOO_MANY_DIGITS, check_pattern_size
 
 
 def validate_request(request: ChatRequest, limits: LimitSettings) -> None:
@@ -101,11 +101,14 @@ def _check_schema(schema_text: str) -> None:
         raise InvalidArgument(field, "required with RESPONSE_FORMAT_TYPE_JSON_SCHEMA")
     try:
         schema = json.loads(schema_text)
-        Draft202012Validator.check_schema(schema)
     except json.JSONDecodeError as exc:
         raise InvalidArgument(field, f"not valid JSON: {exc.msg} at position {exc.pos}") from exc
-    except ValueError as exc:  # json.loads: an integer past Python's 4,300-digit limit
-        raise InvalidArgument(field, f"not valid JSON: {exc}") from exc
+    except ValueError as exc:  # Python's own limit; its message suggests a call to make
+        raise InvalidArgument(field, f"not valid JSON: {TOO_MANY_DIGITS}") from exc
+    except RecursionError as exc:
+        raise InvalidArgument(field, "nested too deeply") from exc
+    try:
+        Draft202012Validator.check_schema(schema)
     except SchemaError as exc:
         raise InvalidArgument(field, f"not a valid JSON Schema: {exc.message}") from exc
     except OverflowError as exc:  # `re`, checking a pattern's repeat count (a{4294967296})

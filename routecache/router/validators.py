@@ -16,6 +16,10 @@ from referencing.exceptions import Unresolvable
 
 from routecache.domain import ChatRequest, ResponseFormatType, ValidatorResult
 
+# json.loads refuses longer integers (CPython's guard on int parsing); its own message tells a
+# Python programmer which call lifts the limit, which means nothing to an API caller.
+TOO_MANY_DIGITS = "a number longer than 4,300 digits"
+
 # jsonschema's default registry fetches unknown $ref URLs: a caller's schema could make the
 # service call any address (SSRF). An empty referencing Registry resolves nothing outside the
 # schema itself.
@@ -108,8 +112,8 @@ class JsonSchemaValidator:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
             return ValidatorResult(self.name, False, f"not JSON: {exc.msg} at position {exc.pos}")
-        except ValueError as exc:  # an integer past Python's 4,300-digit limit: fails, no crash
-            return ValidatorResult(self.name, False, f"not JSON: {exc}")
+        except ValueError:  # Python's limit on integers: fails, no crash
+            return ValidatorResult(self.name, False, f"not JSON Python can read: {TOO_MANY_DIGITS}")
         except RecursionError:
             return ValidatorResult(self.name, False, "not JSON Python can read: nested too deeply")
         response_format = request.params.response_format

@@ -79,6 +79,7 @@ def test_an_answer_with_a_number_too_long_for_python_fails_as_not_json(
     # validator's exception escaped instead of failing the answer.
     result = JsonSchemaValidator().check('{"answer": ' + "9" * 5000 + "}", request(kind, SCHEMA))
     assert not result.passed and result.message.startswith("not JSON")
+    assert "4,300 digits" in result.message and "set_int_max_str_digits" not in result.message
 
 
 def test_json_schema_reports_where_it_fails() -> None:
