@@ -9,8 +9,9 @@ While Redis is down a replica reserves against Redis' last answer plus its own r
 and spend, and keeps what it spent as pending: it is added to Redis when Redis is back, so no
 recorded cost is lost. Each pending record goes to Redis under an id of its own, kept until
 Redis confirms it, so a try whose answer was lost is not added twice; so does each model
-call's settle, which is sent again by the flush if its answer was lost. Its own reservations,
-never in Redis, lower the caps Redis checks until their calls end.
+call's settle, which is sent again by the flush if its answer was lost. A call that reserved
+in Redis and settled while Redis was down has its reservation dropped there after the flush.
+Its own reservations, never in Redis, lower the caps Redis checks until their calls end.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
@@ -89,6 +91,11 @@ class RedisSpendLedger:
         # Records sent without hearing back (a settle's or a flush's), by settle id: perhaps
         # in Redis. A settle's keeps its reservation, which Redis must drop when it adds it.
         self._in_doubt: dict[str, _InDoubt] = {}
+        # Per tenant: the Redis reservations of calls settled while Redis was down (their
+        # spend is in `_pending`), with when each expires there anyway, oldest first. The
+        # flush drops them once that spend is in Redis, else each would hold the cap beside
+        # it until it expires; expired ones are forgotten, so one TTL's calls at most.
+        self._to_drop: dict[str, deque[tuple[float, str]]] = {}
         self._flush_task: asyncio.Task[None] | None = None
         self._stopping = False  # at stop: no background flush starts any more
         # Per (tenant, user or '', period id): the totals Redis last reported (a read, or a
@@ -170,13 +177,10 @@ class RedisSpendLedger:
         # A reservation held in Redis goes with the record that settles it: now or at a flush.
         try:
             self._link.check()
-        except RedisDown:  # nothing sent
-            if reservation is None:  # pending, summed with the rest
-                self._add_pending(record, ids)
-            else:  # on its own: the flush drops the reservation, or it holds the cap in Redis
-                # beside the flushed cost until it expires
-                unsent = _InDoubt(_slot(record, ids), record, reservation, sent=False)
-                self._in_doubt[new_reservation_id()] = unsent
+        except RedisDown:  # nothing sent: pending, summed with the rest
+            self._add_pending(record, ids)
+            if reservation is not None:
+                self._drop_later(reservation)
             return await self._settle_locally(record, ids)
         # A model call's settle is sent under an id of its own: if Redis ran it but its answer
         # was lost, the flush sends it again under that id and Redis adds it once. A cache
@@ -271,6 +275,23 @@ class RedisSpendLedger:
         slot = _slot(record, ids)
         self._pending[slot] = _sum(self._pending.get(slot), record)
 
+    def _drop_later(self, reservation: Reservation) -> None:
+        """Remembers a Redis reservation for the flush to drop; it expires there by now + TTL
+        at the latest (it was made before)."""
+        now = self._clock()
+        waiting = self._live_to_drop(reservation.tenant, now)
+        waiting.append((now + self._ttl, reservation.reservation_id))
+        self._to_drop[reservation.tenant] = waiting
+
+    def _live_to_drop(self, tenant: str, now: float) -> deque[tuple[float, str]]:
+        """The tenant's reservations to drop, less those Redis has expired by now."""
+        waiting = self._to_drop.pop(tenant, deque())
+        while waiting and waiting[0][0] <= now:
+            waiting.popleft()
+        if waiting:
+            self._to_drop[tenant] = waiting
+        return waiting
+
     async def flush(self) -> None:
         """Moves spend recorded while Redis was down into Redis; what fails stays pending.
 
@@ -286,15 +307,18 @@ class RedisSpendLedger:
                 self._in_doubt[settle_id] = _InDoubt(slot, self._pending.pop(slot))
                 if not await self._flush_one(settle_id):
                     return
+            # Only now: dropped before the spend of their calls is in Redis, they would leave
+            # the caps Redis checks short of both.
+            for tenant in list(self._to_drop):
+                if not await self._drop_reservations(tenant):
+                    return
             # The local ledger is kept, not replaced: the reservations it holds are of calls
             # that may still be running, and count against the caps until they end.
 
     async def _flush_one(self, settle_id: str) -> bool:
         """Sends one pending record; it stays in doubt until Redis confirms it, whether the
         call fails, times out after Redis ran it, or is cancelled."""
-        # Perhaps in Redis from now on, whatever the answer.
-        entry = self._in_doubt[settle_id] = self._in_doubt[settle_id]._replace(sent=True)
-        (_, _, day, month), record, reservation, _ = entry
+        (_, _, day, month), record, reservation = self._in_doubt[settle_id]
         ids = {Period.DAY: day, Period.MONTH: month}
         try:
             await guarded(self._link, lambda: self._apply(reservation, record, ids, settle_id))
@@ -306,22 +330,36 @@ class RedisSpendLedger:
         self._local.take_back(record, ids)
         return True
 
+    async def _drop_reservations(self, tenant: str) -> bool:
+        """Drops the tenant's remembered Redis reservations still live, in one call; on
+        failure they are kept for the next flush."""
+        rids = [rid for _, rid in self._live_to_drop(tenant, self._clock())]
+        if not rids:
+            return True
+        key = self._base(tenant) + "resv"
+        try:
+            await guarded(self._link, lambda: self._link.client.hdel(key, *rids))
+        except RedisDown:
+            return False
+        dropped = set(rids)  # settles made meanwhile may have added more
+        left = deque(e for e in self._to_drop.pop(tenant, ()) if e[1] not in dropped)
+        if left:
+            self._to_drop[tenant] = left
+        return True
+
     def report_unflushed(self) -> float:
         """At stop: logs the spend Redis has not confirmed (it ends with this process), so an
         operator can add it by hand; returns it in USD. A record sent without an answer may be
         in Redis already: its line names the settle key whose presence says it is."""
         left = 0.0
-        unsent = [entry.record for entry in self._in_doubt.values() if not entry.sent]
-        for record in [*self._pending.values(), *unsent]:
+        for record in self._pending.values():
             left += record.cost_usd
             log.warning(
                 "spend recorded while redis was down never reached it: tenant %s user %r "
                 "%.6g USD, %d calls",
                 record.tenant, record.user, record.cost_usd, record.calls,
             )  # fmt: skip
-        for settle_id, (_, record, _, sent) in self._in_doubt.items():
-            if not sent:
-                continue
+        for settle_id, (_, record, _) in self._in_doubt.items():
             left += record.cost_usd
             log.warning(
                 "spend redis has not confirmed was sent without an answer: tenant %s "
@@ -342,7 +380,7 @@ class RedisSpendLedger:
 
     async def _on_health(self, up: bool) -> None:
         # In the background: the link's other listeners (cache health) must not wait on it.
-        waiting = self._pending or self._in_doubt
+        waiting = self._pending or self._in_doubt or self._to_drop
         if self._stopping or not (up and waiting):
             return
         if self._flush_task is None or self._flush_task.done():
@@ -353,7 +391,6 @@ class _InDoubt(NamedTuple):
     slot: _Slot
     record: SpendRecord
     reservation: Reservation | None = None  # held in Redis; a flush's records hold none
-    sent: bool = True  # False: never sent yet, so not in Redis (reported as such at stop)
 
 
 def _slot(record: SpendRecord, ids: dict[Period, str]) -> _Slot:

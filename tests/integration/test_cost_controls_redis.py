@@ -673,6 +673,86 @@ async def test_a_settle_made_while_redis_is_known_down_drops_its_reservation_at_
     assert isinstance(await redis.another_ledger().reserve("acme", "u2", 0.7, caps), Reservation)
 
 
+async def test_settles_made_while_redis_is_known_down_are_summed_and_drop_every_reservation(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+) -> None:
+    # Before: each such settle was kept on its own, with a day-long settle key and a round
+    # trip of its own at the flush: a long outage under load grew them without bound.
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    caps = [Cap(Period.DAY, 1.0)]
+    held = [await ledger.reserve("acme", "u1", 1 / 16, caps) for _ in range(16)]  # the cap
+    assert all(isinstance(r, Reservation) for r in held)
+    redis.server.kill()
+    await ledger.totals("acme")  # the replica knows: no settle is sent
+    for reservation in held:
+        assert isinstance(reservation, Reservation)
+        await ledger.settle(reservation, SpendRecord("acme", "u1", cost_usd=1 / 32, calls=1))
+    assert len(ledger._pending) == 1 and not ledger._in_doubt
+    redis.server.start()
+    await redis.link.wait_up()
+    await ledger.flush()
+    assert await redis.link.client.hlen("rc:{acme}:resv") == 0
+    assert len(await redis.link.client.keys("rc:{acme}:settled:*")) == 1
+    other = redis.another_ledger()
+    totals = await other.totals("acme", "u1")
+    assert (totals[Period.DAY].cost_usd, totals[Period.DAY].calls) == (0.5, 16)
+    assert isinstance(await other.reserve("acme", "u2", 0.5, caps), Reservation)
+    assert isinstance(await other.reserve("acme", "u2", 1 / 64, caps), CapReached)
+
+
+async def test_reservations_to_drop_are_forgotten_once_expired_in_redis(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+) -> None:
+    # Over an outage longer than reservation_ttl_seconds, only one TTL's worth is kept.
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    caps = [Cap(Period.DAY, 1.0)]
+    held = [await ledger.reserve("acme", "u1", 0.1, caps) for _ in range(6)]
+    redis.server.kill()
+    await ledger.totals("acme")
+    for reservation in held:
+        assert isinstance(reservation, Reservation)
+        await ledger.settle(reservation, SpendRecord("acme", "u1", cost_usd=0.01, calls=1))
+        redis.clock.advance(250.0)  # past the 600 s TTL after three
+    assert len(ledger._to_drop["acme"]) == 3
+    redis.clock.advance(600.0)
+    redis.server.start()
+    await redis.link.wait_up()
+    await ledger.flush()
+    assert not ledger._to_drop
+
+
+async def test_reservations_redis_failed_to_drop_are_dropped_at_the_next_flush(
+    ledger_on_own_redis: LedgerOnOwnRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    ledger.stop_flushing()  # this test flushes by hand
+    caps = [Cap(Period.DAY, 1.0)]
+    held = await ledger.reserve("acme", "u1", 0.6, caps)
+    assert isinstance(held, Reservation)
+    redis.server.kill()
+    await ledger.totals("acme")
+    await ledger.settle(held, SpendRecord("acme", "u1", cost_usd=0.3, calls=1))
+    apply = ledger._apply
+
+    async def apply_then_redis_dies(*args: Any) -> Movement:
+        moved = await apply(*args)
+        redis.server.kill()  # after the spend reached Redis, before the reservation is dropped
+        return moved
+
+    monkeypatch.setattr(ledger, "_apply", apply_then_redis_dies)
+    redis.server.start()
+    await redis.link.wait_up()
+    await ledger.flush()
+    assert not ledger._pending and ledger._to_drop
+    monkeypatch.setattr(ledger, "_apply", apply)
+    redis.server.start()
+    await redis.link.wait_up()
+    assert await redis.link.client.hlen("rc:{acme}:resv") == 1
+    await ledger.flush()
+    assert await redis.link.client.hlen("rc:{acme}:resv") == 0
+    assert isinstance(await redis.another_ledger().reserve("acme", "u2", 0.7, caps), Reservation)
+
+
 @pytest.mark.parametrize(
     "record",
     [
