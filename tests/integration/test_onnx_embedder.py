@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from routecache.cache import onnx_embedder
 from routecache.cache.embedder import MiniLMEmbedder, checked_minilm_dir, packaged_minilm_path
 from routecache.cache.onnx_embedder import OnnxMiniLMEmbedder, onnx_path_for
 
@@ -53,7 +54,7 @@ def graph_for(folder: Path, weights: str, data: bytes) -> Path:
 
 
 def test_the_graph_file_changes_with_the_weights_and_only_with_them(tmp_path: Path) -> None:
-    # A new wheel version must export again rather than reuse a graph of other weights, and
+    # New weights must be exported again rather than run through a graph of other weights, and
     # retrained weights of one architecture have the same size: the graph was named by file
     # sizes, so new weights of the old size ran through the old graph.
     original = graph_for(tmp_path / "a", "model.safetensors", b"12")
@@ -64,3 +65,12 @@ def test_the_graph_file_changes_with_the_weights_and_only_with_them(tmp_path: Pa
     torch_only = graph_for(tmp_path / "f", "pytorch_model.bin", b"12")
     assert original.parent == tmp_path / "onnx" and original == same
     assert len({original, retrained, resized, renamed, torch_only}) == 5
+
+
+def test_the_graph_file_changes_with_the_export_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Unchanged weights exported by code that computes something else need a new graph.
+    before = graph_for(tmp_path / "a", "model.safetensors", b"12")
+    monkeypatch.setattr(onnx_embedder, "EXPORT_FORMAT", "a later format")
+    assert graph_for(tmp_path / "b", "model.safetensors", b"12") != before

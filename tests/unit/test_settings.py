@@ -208,7 +208,7 @@ def test_a_key_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
         backup.model_copy(update={"api_key_file": secret}).resolve_api_key()
 
 
-def test_an_empty_key_file_counts_as_no_key(tmp_path: Path) -> None:
+def test_an_empty_key_file_is_a_config_error(tmp_path: Path) -> None:
     # As with an empty key variable: the key would be sent as "Bearer " and fail every call.
     secret = tmp_path / "key"
     secret.write_text("\n")
