@@ -58,6 +58,7 @@ class EmbeddingWorker:
         self._wake: asyncio.Event | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._in_pass = 0
+        self._closed = False
 
     @property
     def embedder(self) -> Embedder:
@@ -73,6 +74,10 @@ class EmbeddingWorker:
         return len(self._queue) + self._in_pass
 
     async def embed(self, text: str) -> Vector:
+        if self._closed:
+            # Queued now, a text would wait for good: close() has cancelled the dispatcher (it
+            # may not have stopped yet, in this same tick) and drained the queue already.
+            raise RuntimeError("embedding worker is closed")
         future: asyncio.Future[Vector] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(text, future))
         self._ensure_dispatcher().set()
@@ -132,6 +137,8 @@ class EmbeddingWorker:
                 p.future.set_result(row)
 
     def close(self) -> None:
+        """Cancels the callers still queued or in a pass; any later embed() fails at once."""
+        self._closed = True
         if self._dispatcher is not None:
             self._dispatcher.cancel()
         for p in self._drain():

@@ -7,7 +7,8 @@ routing step ran, so no request sees half a swap. A version that fails to load i
 skipped; the model in service stays, and a later pointer change is tried again. So is a version
 trained on another embedder than the service's: swapped in, it would fail every routed request
 (another size) or route on vectors it never learned from (the same size). A read that fails with
-an I/O error is retried on the next poll.
+an I/O error (of the pointer or of the artifact) is raised by `refresh()` and retried on the
+next poll; `watch()` logs it once per outage, and once when the registry reads again.
 """
 
 from __future__ import annotations
@@ -122,18 +123,23 @@ class ReloadingClassifier:
         return self._active.assess(embedding, text)
 
     async def refresh(self) -> bool:
-        """Swap in the registry's current version if it changed; True if a swap happened."""
+        """Swap in the registry's current version if it changed; True if a swap happened.
+
+        Raises what a failed read of the pointer or of a new version's artifact raised (an
+        OSError; a pointer not UTF-8): nothing is recorded, the next call reads both again.
+        """
         wanted = self._registry.current_version()
         if wanted is None or wanted == self._entry or wanted == self._failed_version:
             return False
         path = self._registry.artifact_path(wanted)
         try:
             loaded = await asyncio.to_thread(self._load_checked, path)
-        except OSError as error:
-            # A read that failed (a flaky registry mount) says nothing about the artifact:
-            # tried again next tick, or this replica would stay on the old model for good.
-            log.warning("classifier %s could not be read (%s); retrying", wanted, error)
-            return False
+        except OSError:
+            # A read that failed (a flaky registry mount) says nothing about the artifact: not
+            # recorded as failed, so tried again at the next call, or this replica would stay on
+            # the old model for good. Raised as a failed pointer read is: watch() logs it once
+            # per outage, and the recovery only once a read succeeds.
+            raise
         except Exception:  # any broken artifact: keep serving with the model we have
             log.exception("classifier %s could not be loaded; keeping %s", wanted, self.version)
             self._failed_version = wanted

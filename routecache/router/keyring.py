@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import secrets
 import tempfile
@@ -22,6 +23,8 @@ from typing import Protocol
 
 from routecache.file_lock import exclusive
 from routecache.router.auth import hash_api_key
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "rck_"
 _RACY_NS = 2_000_000_000
@@ -137,17 +140,25 @@ class FileKeyRegistry:
         self._path = path
         self._seen: tuple[int, int, int] | None = None
         self._by_digest: dict[str, KeyRecord] = {}
+        self._bad: dict[str, str] = {}  # digest of a damaged record → what is wrong with it
+        self._warned: set[str] = set()  # damaged records already logged: once each, not per call
 
     @property
     def path(self) -> Path:
         return self._path
 
     def check(self) -> None:
-        """KeyRegistryError if the file is there but is no registry (a missing one is empty)."""
+        """KeyRegistryError if the file is there but is no registry, or holds a damaged record
+        (a missing one is empty)."""
+        _read(self._path)
         self._refresh()
 
     async def find(self, sha256: str) -> KeyRecord | None:
+        """The record of a digest. A damaged record fails the lookup of its own digest only (as
+        in the Redis registry); the other keys are still served, and it is logged once."""
         self._refresh()
+        if (problem := self._bad.get(sha256)) is not None:
+            raise KeyRegistryError(problem)
         return self._by_digest.get(sha256)
 
     async def records(self) -> list[KeyRecord]:
@@ -173,11 +184,19 @@ class FileKeyRegistry:
         try:
             st = self._path.stat()
         except FileNotFoundError:
-            self._seen, self._by_digest = None, {}
+            self._seen, self._by_digest, self._bad = None, {}, {}
             return
         signature = (st.st_ino, st.st_mtime_ns, st.st_size)
         if signature != self._seen:
-            self._by_digest = {r.sha256: r for r in _read(self._path)}
+            records, bad = _read_each(self._path)
+            self._by_digest = {r.sha256: r for r in records}
+            self._bad = {}
+            for digest, error in bad:
+                if str(error) not in self._warned:
+                    self._warned.add(str(error))
+                    log.warning("%s; its key is refused, the other keys are served", error)
+                if digest is not None:
+                    self._bad[digest] = str(error)
             # As git does with its index: a file changed within the timestamp granularity of
             # this read may change again with the same signature, so it is read again next time.
             racy = st.st_mtime_ns >= time.time_ns() - _RACY_NS
@@ -189,24 +208,50 @@ class KeyRegistryError(ValueError):
 
 
 def _read(path: Path) -> list[KeyRecord]:
+    """All the records, or KeyRegistryError if any one is damaged: for the check at start and
+    the admin commands, which must not drop or rewrite a record they cannot read."""
+    records, bad = _read_each(path)
+    if bad:
+        raise bad[0][1]
+    return records
+
+
+def _read_each(path: Path) -> tuple[list[KeyRecord], list[tuple[str | None, KeyRegistryError]]]:
+    """The sound records, and each damaged one as (its digest if it has one as text, its
+    error). KeyRegistryError if the file cannot be read or is no registry at all."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return []
+        return [], []
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise KeyRegistryError(f"key registry {path}: cannot read it ({exc})") from exc
-    try:
-        records = [KeyRecord(**item) for item in raw.get("keys", [])]
-    except (AttributeError, TypeError) as exc:
+    items = raw.get("keys", []) if isinstance(raw, dict) else None
+    if not isinstance(items, list):
         raise KeyRegistryError(
             f'key registry {path}: not a registry (a JSON object {{"keys": [...]}})'
-        ) from exc
-    for record in records:
+        )
+    records: list[KeyRecord] = []
+    bad: list[tuple[str | None, KeyRegistryError]] = []
+    for item in items:
+        digest = item.get("sha256") if isinstance(item, dict) else None
+        digest = digest if isinstance(digest, str) else None
+        try:
+            record = KeyRecord(**item)
+        except TypeError as exc:  # not an object, or not a record's fields
+            key_id = item.get("key_id") if isinstance(item, dict) else None
+            bad.append((digest, KeyRegistryError(
+                f"key registry {path}: key {key_id!r}: not a key record ({exc})"
+            )))  # fmt: skip
+            continue
         # A hand-edited field of the wrong type ("revoked_at": "2026-01-01") would otherwise
         # fail every lookup and listing later with a TypeError, far from its cause.
         if problem := wrong_field(record):
-            raise KeyRegistryError(f"key registry {path}: key {record.key_id!r}: {problem}")
-    return records
+            bad.append((digest, KeyRegistryError(
+                f"key registry {path}: key {record.key_id!r}: {problem}"
+            )))  # fmt: skip
+            continue
+        records.append(record)
+    return records, bad
 
 
 def wrong_field(record: KeyRecord) -> str | None:

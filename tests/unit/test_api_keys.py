@@ -20,6 +20,7 @@ from routecache.router.cli import build_parser, main
 from routecache.router.keyring import (
     FileKeyRegistry,
     KeyRecord,
+    KeyRegistryError,
     add_key,
     new_api_key,
     revoke_key,
@@ -310,6 +311,46 @@ def test_a_damaged_registry_file_is_one_line_and_exit_2(
         err = capsys.readouterr().err
         assert err.startswith(f"routecache: key registry {registry}: ")
     assert registry.read_bytes() == content
+
+
+async def test_a_damaged_record_fails_its_own_lookup_only_and_is_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One hand-edited record refused every lookup of every key (the whole file was refused);
+    # as in the Redis registry, it now fails its own key's lookup only. The start-up check and
+    # the admin commands stay strict.
+    path, clock = tmp_path / "keys.json", ManualClock()
+    plain, _ = await add_key(FileKeyRegistry(path), "acme", clock())
+    body = json.loads(path.read_text())
+    body["keys"] += [
+        {"key_id": "bad", "sha256": "d" * 64, "tenant": "acme", "created_at": 0,
+         "revoked_at": "2026-01-01"},
+        {"key_id": "short", "sha256": "e" * 64},
+    ]  # fmt: skip
+    path.write_text(json.dumps(body))
+    auth, registry = authenticator(path, clock), FileKeyRegistry(path)
+    caplog.set_level(logging.WARNING, logger="routecache.router.keyring")
+    for _ in range(3):
+        assert (await auth.resolve(plain)).name == "acme"
+        with pytest.raises(KeyRegistryError, match=r"key 'bad': revoked_at must be"):
+            await registry.find("d" * 64)
+        with pytest.raises(KeyRegistryError, match=r"key 'short': not a key record"):
+            await registry.find("e" * 64)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum(f"{path}: key 'bad'" in m for m in warnings) == 2  # one per registry instance
+    assert sum(f"{path}: key 'short'" in m for m in warnings) == 2
+    assert len(warnings) == 4
+    with pytest.raises(KeyRegistryError, match="key 'bad'"):
+        FileKeyRegistry(path).check()
+    with pytest.raises(KeyRegistryError, match="key 'bad'"):
+        await registry.records()
+
+
+async def test_a_registry_file_that_is_not_json_fails_every_lookup(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text("not json")
+    with pytest.raises(KeyRegistryError, match="cannot read it"):
+        await FileKeyRegistry(path).find("d" * 64)
 
 
 def test_a_registry_in_an_unwritable_place_is_one_line_and_exit_2(

@@ -319,10 +319,30 @@ async def test_pending_counts_every_text_of_a_pass_of_several() -> None:
     worker.close()
 
 
-async def test_a_text_sent_after_closing_fails_at_once_instead_of_waiting_for_good() -> None:
+@pytest.mark.parametrize("loop_runs_between", [True, False], ids=["a tick later", "same tick"])
+async def test_a_text_sent_after_closing_fails_at_once_instead_of_waiting_for_good(
+    loop_runs_between: bool,
+) -> None:
+    # Sent in the tick of close(), a text was queued for the cancelled dispatcher that had not
+    # stopped yet: it woke nothing, and its caller waited for good.
     worker = EmbeddingWorker(HashEmbedder())
     await worker.embed("starts the dispatcher")
     worker.close()
-    await asyncio.sleep(0)  # the cancelled dispatcher finishes
-    with pytest.raises(RuntimeError, match="shutdown"):
+    if loop_runs_between:
+        await asyncio.sleep(0)  # the cancelled dispatcher finishes
+    # asyncio.timeout, not wait_for: wait_for runs the call in a task of its own, a tick later.
+    with pytest.raises(RuntimeError, match="embedding worker is closed"):
+        async with asyncio.timeout(5):  # a regression fails here instead of hanging
+            await worker.embed("too late")
+    assert worker.pending == 0
+
+
+async def test_closing_before_the_dispatcher_ever_ran_cancels_the_texts_queued() -> None:
+    worker = EmbeddingWorker(HashEmbedder())
+    queued = [asyncio.ensure_future(worker.embed(f"question {i}")) for i in range(2)]
+    await asyncio.sleep(0)  # queued; the dispatcher is made but has not run yet
+    worker.close()
+    results = await asyncio.wait_for(asyncio.gather(*queued, return_exceptions=True), 5)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)
+    with pytest.raises(RuntimeError, match="closed"):
         await asyncio.wait_for(worker.embed("too late"), timeout=5)

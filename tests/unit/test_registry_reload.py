@@ -339,7 +339,8 @@ async def test_a_version_unreadable_for_a_moment_is_loaded_on_a_later_tick(
     registry.promote("v1")
     classifier = ReloadingClassifier.from_registry(registry, flaky_load, tmp_path / "none")
     registry.promote("v2")
-    assert await classifier.refresh() is False
+    with pytest.raises(OSError, match="Input/output error"):  # for watch() to log once
+        await classifier.refresh()
     assert classifier.version == "v1"
     assert await classifier.refresh() is True
     assert classifier.version == "v2"
@@ -761,3 +762,53 @@ async def test_watch_logs_an_unreadable_registry_once_and_its_recovery(
         "classifier registry could not be read ([Errno 13] Permission denied); "
         "trying again every poll",
     ]
+
+
+@pytest.mark.parametrize("pointer_fails_first", [False, True], ids=["artifact", "pointer"])
+async def test_watch_logs_an_unreadable_artifact_once_and_recovers_only_when_it_reads(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    pointer_fails_first: bool,
+) -> None:
+    # A new version's artifact that cannot be read was logged inside refresh() at every poll,
+    # and after a failed pointer read watch() logged "readable again" though the artifact
+    # still could not be read. One warning per outage, whichever read fails.
+    registry = _registry_with(tmp_path, "v1", "v2")
+    registry.promote("v1")
+    failures = [OSError(5, "Input/output error")] * 3
+
+    def flaky_load(path: Path) -> DifficultyClassifier:
+        if path.parent.name == "v2" and failures:
+            raise failures.pop()
+        return fake_load(path)
+
+    classifier = ReloadingClassifier.from_registry(registry, flaky_load, tmp_path / "none")
+    registry.promote("v2")
+    read_pointer = registry.current_version
+    pointer_failures = [OSError(13, "Permission denied")] if pointer_fails_first else []
+
+    def pointer() -> str | None:
+        if pointer_failures:
+            raise pointer_failures.pop()
+        return read_pointer()
+
+    polls = 0
+
+    async def stop_after_six_polls(seconds: float) -> None:
+        nonlocal polls
+        polls += 1
+        if polls > 6:
+            raise asyncio.CancelledError
+
+    monkeypatch.setattr(registry, "current_version", pointer)
+    monkeypatch.setattr(asyncio, "sleep", stop_after_six_polls)
+    with caplog.at_level(logging.INFO), pytest.raises(asyncio.CancelledError):
+        await classifier.watch(1)
+    first = "[Errno 13] Permission denied" if pointer_fails_first else "[Errno 5] Input/output"
+    logger = "routecache.classifier.reloading"
+    messages = [r.getMessage() for r in caplog.records if r.name == logger]
+    assert len(messages) == 3, messages
+    assert messages[0].startswith(f"classifier registry could not be read ({first}")
+    assert messages[1:] == ["classifier swapped: v1 -> v2", "classifier registry readable again"]
+    assert not failures and classifier.version == "v2"
