@@ -631,6 +631,19 @@ async def test_a_settle_whose_answer_is_lost_after_redis_applied_it_counts_once(
     assert 0 < await redis.link.client.ttl(settled) <= 3600
 
 
+async def _flush_expecting_the_call_once_and_no_reservation(
+    redis: LedgerOnOwnRedis, ledger: RedisSpendLedger, caps: list[Cap]
+) -> None:
+    """After the flush: u1's 0.3 USD call counted once, and its 0.6 USD reservation gone from
+    the cap (another user may take the 0.7 left)."""
+    await redis.link.wait_up()
+    await ledger.flush()
+    assert await redis.link.client.hlen("rc:{acme}:resv") == 0
+    totals = await redis.another_ledger().totals("acme", "u1")
+    assert (totals[Period.DAY].cost_usd, totals[Period.DAY].calls) == (0.3, 1)
+    assert isinstance(await redis.another_ledger().reserve("acme", "u2", 0.7, caps), Reservation)
+
+
 async def test_a_settle_lost_on_its_way_to_redis_drops_its_reservation_when_sent_again(
     ledger_on_own_redis: LedgerOnOwnRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -642,12 +655,7 @@ async def test_a_settle_lost_on_its_way_to_redis_drops_its_reservation_when_sent
     assert isinstance(held, Reservation)
     lose_settle_answers(ledger, monkeypatch, [False, True], reaching_redis=False)
     await ledger.settle(held, SpendRecord("acme", "u1", cost_usd=0.3, calls=1))
-    await redis.link.wait_up()
-    await ledger.flush()
-    assert await redis.link.client.hlen("rc:{acme}:resv") == 0
-    totals = await redis.another_ledger().totals("acme", "u1")
-    assert (totals[Period.DAY].cost_usd, totals[Period.DAY].calls) == (0.3, 1)
-    assert isinstance(await redis.another_ledger().reserve("acme", "u2", 0.7, caps), Reservation)
+    await _flush_expecting_the_call_once_and_no_reservation(redis, ledger, caps)
 
 
 async def test_a_settle_made_while_redis_is_known_down_drops_its_reservation_at_the_flush(
@@ -665,12 +673,7 @@ async def test_a_settle_made_while_redis_is_known_down_drops_its_reservation_at_
     assert ledger.report_unflushed() == pytest.approx(0.3)  # never sent: no settle key named
     assert "never reached it" in caplog.text and "without an answer" not in caplog.text
     redis.server.start()
-    await redis.link.wait_up()
-    await ledger.flush()
-    assert await redis.link.client.hlen("rc:{acme}:resv") == 0
-    totals = await redis.another_ledger().totals("acme", "u1")
-    assert (totals[Period.DAY].cost_usd, totals[Period.DAY].calls) == (0.3, 1)
-    assert isinstance(await redis.another_ledger().reserve("acme", "u2", 0.7, caps), Reservation)
+    await _flush_expecting_the_call_once_and_no_reservation(redis, ledger, caps)
 
 
 async def test_settles_made_while_redis_is_known_down_are_summed_and_drop_every_reservation(
