@@ -65,6 +65,11 @@ class Retention:
         return self.day_seconds if period is Period.DAY else self.month_seconds
 
 
+# Reservation ids an HDEL drops at once: one TTL's calls of a long outage in one command took
+# ~0.2 s to build on the event loop and more than the call timeout to run (300,000 ids).
+_DROP_BATCH = 1000
+
+
 class RedisSpendLedger:
     def __init__(
         self,
@@ -297,23 +302,35 @@ class RedisSpendLedger:
 
         The health listener and the service's stop may flush at once: one at a time."""
         async with self._flushing:
-            # Sent before without an answer: again under the same id, which Redis adds once.
-            for settle_id in list(self._in_doubt):
-                if not await self._flush_one(settle_id):
-                    return
-            while self._pending:
-                slot = next(iter(self._pending))
-                settle_id = new_reservation_id()
-                self._in_doubt[settle_id] = _InDoubt(slot, self._pending.pop(slot))
-                if not await self._flush_one(settle_id):
-                    return
-            # Only now: dropped before the spend of their calls is in Redis, they would leave
-            # the caps Redis checks short of both.
-            for tenant in list(self._to_drop):
-                if not await self._drop_reservations(tenant):
+            # Rounds, until a round finds nothing new: a settle made while this one ran (Redis
+            # away and back meanwhile) leaves spend and a reservation that it did not see.
+            while self._pending or self._in_doubt or self._to_drop:
+                if not await self._flush_round():
                     return
             # The local ledger is kept, not replaced: the reservations it holds are of calls
             # that may still be running, and count against the caps until they end.
+
+    async def _flush_round(self) -> bool:
+        # The reservations whose calls' spend is pending now, and only those: the pending
+        # loop below sends that spend first. Dropped before it is in Redis, a reservation
+        # would leave the caps Redis checks short of both.
+        now = self._clock()
+        to_drop = {tenant: [rid for _, rid in self._live_to_drop(tenant, now)]
+                   for tenant in list(self._to_drop)}  # fmt: skip
+        # Sent before without an answer: again under the same id, which Redis adds once.
+        for settle_id in list(self._in_doubt):
+            if not await self._flush_one(settle_id):
+                return False
+        while self._pending:
+            slot = next(iter(self._pending))
+            settle_id = new_reservation_id()
+            self._in_doubt[settle_id] = _InDoubt(slot, self._pending.pop(slot))
+            if not await self._flush_one(settle_id):
+                return False
+        for tenant, rids in to_drop.items():
+            if not await self._drop_reservations(tenant, rids):
+                return False
+        return True
 
     async def _flush_one(self, settle_id: str) -> bool:
         """Sends one pending record; it stays in doubt until Redis confirms it, whether the
@@ -330,21 +347,22 @@ class RedisSpendLedger:
         self._local.take_back(record, ids)
         return True
 
-    async def _drop_reservations(self, tenant: str) -> bool:
-        """Drops the tenant's remembered Redis reservations still live, in one call; on
-        failure they are kept for the next flush."""
-        rids = [rid for _, rid in self._live_to_drop(tenant, self._clock())]
-        if not rids:
-            return True
+    async def _drop_reservations(self, tenant: str, rids: list[str]) -> bool:
+        """Drops these remembered Redis reservations of the tenant (the oldest it remembers),
+        a batch a call; on failure the rest are kept for the next flush."""
         key = self._base(tenant) + "resv"
-        try:
-            await guarded(self._link, lambda: self._link.client.hdel(key, *rids))
-        except RedisDown:
-            return False
-        dropped = set(rids)  # settles made meanwhile may have added more
-        left = deque(e for e in self._to_drop.pop(tenant, ()) if e[1] not in dropped)
-        if left:
-            self._to_drop[tenant] = left
+        for start in range(0, len(rids), _DROP_BATCH):
+            batch = rids[start : start + _DROP_BATCH]
+            try:
+                await guarded(self._link, lambda b=batch: self._link.client.hdel(key, *b))  # type: ignore[misc]
+            except RedisDown:
+                return False
+            # Oldest first, and only expired ones went meanwhile (from the left too).
+            dropped, waiting = set(batch), self._to_drop.get(tenant, deque())
+            while waiting and waiting[0][1] in dropped:
+                waiting.popleft()
+            if not waiting:
+                self._to_drop.pop(tenant, None)
         return True
 
     def report_unflushed(self) -> float:

@@ -756,6 +756,63 @@ async def test_reservations_redis_failed_to_drop_are_dropped_at_the_next_flush(
     assert isinstance(await redis.another_ledger().reserve("acme", "u2", 0.7, caps), Reservation)
 
 
+async def test_a_settle_made_while_a_flush_runs_keeps_its_reservation_until_its_spend_is_in(
+    ledger_on_own_redis: LedgerOnOwnRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the flush dropped, per tenant, every reservation remembered when it got there,
+    # also one whose call settled (Redis away and back meanwhile) after the flush had sent
+    # the pending spend; that spend then waited for Redis to go away and come back again.
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    ledger.stop_flushing()  # this test flushes by hand
+    caps = [Cap(Period.DAY, 1.0)]
+    acme, beta, late = [await ledger.reserve(t, "u1", 0.2, caps) for t in ("acme", "beta", "acme")]
+    redis.server.kill()
+    await ledger.totals("acme")
+    for held in (acme, beta):
+        assert isinstance(held, Reservation)
+        await ledger.settle(held, SpendRecord(held.tenant, "u1", cost_usd=0.1, calls=1))
+    hdel, settling = redis.link.client.hdel, [late]
+
+    async def hdel_while_a_late_call_settles(*args: Any) -> int:
+        while settling:  # at the first drop, the call settles as Redis is away for a moment
+            held = settling.pop()
+            assert isinstance(held, Reservation)
+            ledger._add_pending(SpendRecord("acme", "u1", cost_usd=0.1, calls=1),
+                                period_ids(redis.clock()))  # fmt: skip
+            ledger._drop_later(held)
+        return int(await hdel(*args))
+
+    monkeypatch.setattr(redis.link.client, "hdel", hdel_while_a_late_call_settles)
+    redis.server.start()
+    await redis.link.wait_up()
+    await ledger.flush()
+    assert not settling and not ledger._pending and not ledger._to_drop
+    assert await redis.link.client.hlen("rc:{acme}:resv") == 0
+    totals = await redis.another_ledger().totals("acme", "u1")
+    assert (totals[Period.DAY].cost_usd, totals[Period.DAY].calls) == pytest.approx((0.2, 2))
+
+
+async def test_many_reservations_are_dropped_a_batch_a_call(
+    ledger_on_own_redis: LedgerOnOwnRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One HDEL of one TTL's calls (300,000 ids) took longer to build and run than the call
+    # timeout; it failed, and every flush sent it again.
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    ledger.stop_flushing()
+    for n in range(2500):
+        ledger._drop_later(Reservation(f"r{n}", "acme", "u1", 0.001))
+    sent: list[int] = []
+    hdel = redis.link.client.hdel
+
+    async def counted_hdel(key: str, *fields: str) -> int:
+        sent.append(len(fields))
+        return int(await hdel(key, *fields))
+
+    monkeypatch.setattr(redis.link.client, "hdel", counted_hdel)
+    await ledger.flush()
+    assert sent == [1000, 1000, 500] and not ledger._to_drop
+
+
 @pytest.mark.parametrize(
     "record",
     [
