@@ -67,7 +67,8 @@ def _encode(record: KeyRecord) -> str:
 def _decode(key: str, body: bytes) -> KeyRecord:
     try:
         record = KeyRecord(**json.loads(body))
-    except (ValueError, TypeError) as exc:  # not JSON, not UTF-8, or not a record's fields
+    except (ValueError, TypeError, RecursionError) as exc:  # not JSON, not UTF-8, not a
+        # record's fields, or nested too deeply
         raise KeyRegistryError(f"key registry {key} in Redis: a damaged record ({exc})") from exc
     # A field of the wrong type (a revocation date as text) would fail later, comparing it
     # with the clock, as a TypeError far from its cause.

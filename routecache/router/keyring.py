@@ -193,10 +193,11 @@ class FileKeyRegistry:
             self._bad = {}
             for digest, error in bad:
                 if str(error) not in self._warned:
-                    self._warned.add(str(error))
                     log.warning("%s; its key is refused, the other keys are served", error)
                 if digest is not None:
                     self._bad[digest] = str(error)
+            # Once per damage: a record mended and damaged again is logged again.
+            self._warned = {str(error) for _, error in bad}
             # As git does with its index: a file changed within the timestamp granularity of
             # this read may change again with the same signature, so it is read again next time.
             racy = st.st_mtime_ns >= time.time_ns() - _RACY_NS
@@ -223,7 +224,8 @@ def _read_each(path: Path) -> tuple[list[KeyRecord], list[tuple[str | None, KeyR
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return [], []
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: also not UTF-8, not
+        # JSON, or a number past Python's 4,300 digits; RecursionError: nested too deeply
         raise KeyRegistryError(f"key registry {path}: cannot read it ({exc})") from exc
     items = raw.get("keys", []) if isinstance(raw, dict) else None
     if not isinstance(items, list):
@@ -261,8 +263,9 @@ def wrong_field(record: KeyRecord) -> str | None:
             return f"{name} must be text"
     for name in ("created_at", "expires_at", "revoked_at"):
         value = getattr(record, name)
+        # NaN compares false with every time: a revoked key whose revoked_at is NaN is valid.
         if (value is None and name != "created_at") or (
-            isinstance(value, int | float) and not isinstance(value, bool)
+            isinstance(value, int | float) and not isinstance(value, bool) and value == value
         ):
             continue
         return f"{name} must be a unix time in seconds"

@@ -365,8 +365,13 @@ def test_a_redis_key_registry_that_fails_after_connecting_is_one_line_and_exit_2
 
 @pytest.mark.parametrize(
     ("record", "message"),
-    [('{"tenant": "acme"}', "a damaged record"), (_REVOKED_AS_TEXT, "revoked_at must be")],
-    ids=["missing fields", "a date as text"],
+    [
+        ('{"tenant": "acme"}', "a damaged record"),
+        (_REVOKED_AS_TEXT, "revoked_at must be"),
+        (_REVOKED_AS_TEXT.replace('"2026-01-01"', "NaN"), "revoked_at must be"),
+        ("[" * 100_000, "a damaged record"),
+    ],
+    ids=["missing fields", "a date as text", "a revocation at NaN", "nested too deeply"],
 )
 async def test_a_damaged_key_record_is_a_key_registry_error_at_lookup(
     redis_server: RedisServer, record: str, message: str

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -297,9 +298,12 @@ def test_a_redis_url_without_a_scheme_is_a_usage_error(
     "content",
     [b"not json", b"[1, 2]", b"", b"\xff\xfe{}", b'{"keys": [1]}', b'{"keys": [{"key_id": "k"}]}',
      b'{"keys": [{"key_id": "k", "sha256": "d", "tenant": "acme", "created_at": 0,'
-     b' "revoked_at": "2026-01-01"}]}'],
+     b' "revoked_at": "2026-01-01"}]}',
+     b'{"keys": [{"key_id": "k", "sha256": "d", "tenant": "acme", "created_at": 0,'
+     b' "revoked_at": NaN}]}',
+     b'{"keys": [{"created_at": ' + b"9" * 5000 + b"}]}", b'{"keys": ' + b"[" * 100_000],
     ids=["not JSON", "not an object", "empty", "not UTF-8", "no records", "records lack fields",
-         "a date as text"],
+         "a date as text", "a revocation at NaN", "a number too long", "nested too deeply"],
 )  # fmt: skip
 def test_a_damaged_registry_file_is_one_line_and_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes
@@ -344,6 +348,21 @@ async def test_a_damaged_record_fails_its_own_lookup_only_and_is_logged_once(
         FileKeyRegistry(path).check()
     with pytest.raises(KeyRegistryError, match="key 'bad'"):
         await registry.records()
+
+
+async def test_a_record_damaged_again_after_it_was_mended_is_logged_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each damage is one warning; remembered for good, the second went unlogged.
+    path = tmp_path / "keys.json"
+    record = {"key_id": "k", "sha256": "d" * 64, "tenant": "acme", "created_at": 0}
+    registry = FileKeyRegistry(path)
+    caplog.set_level(logging.WARNING, logger="routecache.router.keyring")
+    for revoked_at in ("2026-01-01", None, "2026-01-01"):
+        path.write_text(json.dumps({"keys": [{**record, "revoked_at": revoked_at}]}))
+        with contextlib.suppress(KeyRegistryError):
+            await registry.find("d" * 64)
+    assert sum("key 'k'" in r.getMessage() for r in caplog.records) == 2
 
 
 async def test_a_registry_file_that_is_not_json_fails_every_lookup(tmp_path: Path) -> None:
