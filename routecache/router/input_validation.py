@@ -104,7 +104,7 @@ def _check_schema(schema_text: str) -> None:
     except json.JSONDecodeError as exc:
         raise InvalidArgument(field, f"not valid JSON: {exc.msg} at position {exc.pos}") from exc
     except ValueError as exc:  # Python's own limit; its message suggests a call to make
-        raise InvalidArgument(field, f"not valid JSON: {TOO_MANY_DIGITS}") from exc
+        raise InvalidArgument(field, f"not JSON the service can read: {TOO_MANY_DIGITS}") from exc
     except RecursionError as exc:
         raise InvalidArgument(field, "nested too deeply") from exc
     try:

@@ -84,7 +84,8 @@ _DETECTORS = {
         # Needs a separator or a + so that a bare run of digits (a sum, an id) is not a phone.
         # Tried first: France's five pairs (0X or +33 X, then four pairs, one separator
         # throughout; five pairs from 00, or mixed, are a list or a dump) and a + with digits
-        # alone (10 or more, or a signed number would be one). Never followed by ".5".
+        # alone (10 or more, or a signed number would be one: a 9-digit number written
+        # compactly, +468123456, is missed). Never followed by ".5" (nor "...2671.2 miles").
         re.compile(r"(?<![\w+])(?:(?:\+\d{1,3}[ .-]?\d|0[1-9])([ .-])\d{2}(?:\1\d{2}){3}"
                    r"|\+\d{1,3}[ .-]\d{6,12}|\+\d{10,15}"
                    r"|(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}[ .-]\d{2,4}"

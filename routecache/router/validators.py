@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from re import _parser  # type: ignore[attr-defined]  # the stdlib's parser of `re` syntax
@@ -16,9 +17,10 @@ from referencing.exceptions import Unresolvable
 
 from routecache.domain import ChatRequest, ResponseFormatType, ValidatorResult
 
-# json.loads refuses longer integers (CPython's guard on int parsing); its own message tells a
-# Python programmer which call lifts the limit, which means nothing to an API caller.
-TOO_MANY_DIGITS = "a number longer than 4,300 digits"
+# json.loads refuses longer integers (CPython's guard on int parsing, 4,300 digits unless
+# PYTHONINTMAXSTRDIGITS says otherwise); its own message tells a Python programmer which call
+# lifts the limit, which means nothing to an API caller.
+TOO_MANY_DIGITS = f"a number longer than {sys.get_int_max_str_digits():,} digits"
 
 # jsonschema's default registry fetches unknown $ref URLs: a caller's schema could make the
 # service call any address (SSRF). An empty referencing Registry resolves nothing outside the

@@ -266,7 +266,7 @@ def test_a_schema_number_too_long_for_python_is_invalid_not_a_crash() -> None:
     with pytest.raises(InvalidArgument) as error:
         validate_request(schema_request(schema_text), LimitSettings())
     assert error.value.field == "params.response_format.json_schema"
-    assert "not valid JSON: a number longer than 4,300 digits" in str(error.value)
+    assert "not JSON the service can read: a number longer than 4,300 digits" in str(error.value)
 
 
 class _CountingHandler(http.server.BaseHTTPRequestHandler):
