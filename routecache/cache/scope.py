@@ -39,7 +39,9 @@ def scope_key(tenant: str, request: ChatRequest) -> str:
 
 def normalise_prompt(text: str) -> str:
     """Fold differences that never change meaning: Unicode form, case, spacing, end punctuation."""
-    folded = unicodedata.normalize("NFKC", text).casefold()
+    # Normalised again after folding: case folding can leave a form NFKC would compose (it
+    # folds "ΐ" to iota + two combining marks), so equal text in other forms would keep two keys.
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
     return _TRAILING_PUNCT.sub("", _SPACE.sub(" ", folded).strip())
 
 

@@ -21,11 +21,13 @@ from routecache.training.cross_encoder import build_module, load_weights, restor
 
 @contextlib.contextmanager
 def _quiet_logging() -> Iterator[None]:
-    logging.disable(logging.WARNING)
+    # Restores the level it found: a caller that had silenced more stays silenced after it.
+    previous = logging.root.manager.disable
+    logging.disable(max(previous, logging.WARNING))
     try:
         yield
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(previous)
 
 
 def export_cross_encoder(weights: Path, model_dir: Path, out_path: Path, int8: bool = True) -> Path:

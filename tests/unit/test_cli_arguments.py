@@ -66,6 +66,24 @@ def test_train_classifier_refuses_a_regularisation_strength_that_is_not_above_0(
     assert "argument --c" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "args",
+    [["train-verifier", "--data", "p.tsv", "--out", "o", "--epochs", "0"],
+     ["train-classifier", "--data", "x.jsonl", "--hash-dimension", "0"],
+     ["retrain", "--data", "x.jsonl", "--registry", "r", "--hash-dimension", "0"],
+     ["eval-cache", "--pairs", "p.tsv", "--limit", "0"]],
+    ids=["no epochs", "no hash dimension", "no retrain hash dimension", "no pairs"],
+)  # fmt: skip
+def test_training_verbs_refuse_a_count_of_0_as_a_usage_error(
+    capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    # Zero epochs or dimensions trains nothing; --limit 0 evaluates no pair at all.
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    assert f"argument {args[-2]}: 0: must be 1 or more" in capsys.readouterr().err
+
+
 def test_train_verifier_reports_a_missing_pairs_file_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -167,7 +167,7 @@ def test_lexical_features_see_numbers_negation_and_question_words() -> None:
     assert same[:4] == (1.0, 0.0, 0.0, 0.0)
 
 
-@pytest.mark.parametrize("negated", ["never", "no", "without", "nobody", "nothing"])
+@pytest.mark.parametrize("negated", ["never", "no", "without", "nobody", "nothing", "none"])
 def test_a_negation_word_on_one_side_only_differs(negated: str) -> None:
     assert lexical_features(f"do cats {negated} purr", "do cats purr")[2] == 1.0
     assert lexical_features(f"do cats {negated} purr", f"do dogs {negated} purr")[2] == 0.0
@@ -222,6 +222,41 @@ def test_a_negation_typed_with_a_typographic_apostrophe_still_differs() -> None:
         typed = f"Why don{mark}t cats purr?"
         assert lexical_features(typed, "Why do cats purr?")[2] == 1.0
         assert lexical_features(typed, "Why don't cats purr?") == (1.0, 0.0, 0.0, 0.0, 0.0)
+
+
+# The shipped verifier was calibrated on these exact values: the tests below pin what each
+# signal computes, so a change to any of them shows up here before it skews the calibration.
+
+
+def test_a_decimal_comma_number_is_one_number_too() -> None:
+    loan = "a loan at 2,5 % over 5 years", "a loan at 5,2 % over 2 years"
+    assert lexical_features(*loan)[1] == 1.0
+
+
+def test_a_number_repeated_on_one_side_only_does_not_differ() -> None:
+    assert lexical_features("does 2 times 2 make 4", "does 2 squared make 4")[1] == 0.0
+
+
+def test_words_compare_under_full_case_folding() -> None:
+    assert lexical_features("Why is the Straße closed", "why is the STRASSE closed") == (
+        1.0, 0.0, 0.0, 0.0, 0.0,
+    )  # fmt: skip
+
+
+def test_a_contraction_is_one_word() -> None:
+    assert lexical_features("we're here", "we here")[4] == 0.0
+
+
+@pytest.mark.parametrize(
+    "word", ["what", "how", "why", "when", "where", "which", "who", "whom", "whose"]
+)
+def test_each_question_word_asked_on_one_side_only_differs(word: str) -> None:
+    assert lexical_features(f"{word} is it", "is it")[3] == 1.0
+
+
+def test_the_length_signal_counts_repeated_words() -> None:
+    # Distinct words are the same two, but four words against two is log(5 / 3).
+    assert lexical_features("very very very big", "very big")[4] == pytest.approx(math.log(5 / 3))
 
 
 def _entry(text: str, vector: npt.NDArray[np.float32]) -> NewEntry:

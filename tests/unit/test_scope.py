@@ -109,3 +109,16 @@ def test_a_scope_with_non_ascii_text_keeps_its_digest() -> None:
 )
 def test_prompts_that_differ_only_in_form_share_an_exact_key(variant: str, plain: str) -> None:
     assert exact_key("s", variant) == exact_key("s", plain)
+
+
+def test_an_exact_key_is_the_scope_then_the_digest_of_the_normalised_prompt() -> None:
+    # Exact keys are stored in Redis and snapshots: a change would orphan every exact entry.
+    digest = "e49cf1b969ff3ad08ed5de877f7af707391eeb5fb1245f09b52fc3075a9c962b"  # "what is 2+2"
+    assert exact_key("acme:s", "What is 2+2?") == f"acme:s:{digest}"
+
+
+def test_canonically_equal_prompts_share_an_exact_key_after_case_folding() -> None:
+    # Case folding can undo the normal form: "ΐ" folds to iota + two combining marks, while "Ϊ́"
+    # (capital Ϊ, then an acute) folds to ϊ + acute. Both are the same text in lower case.
+    assert normalise_prompt("\u0390") == normalise_prompt("\u03aa\u0301")
+    assert exact_key("s", "\u03c4\u0390") == exact_key("s", "\u03a4\u03aa\u0301")

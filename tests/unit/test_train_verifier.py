@@ -286,3 +286,69 @@ def test_weights_of_another_model_name_the_first_mismatch(tmp_path: Path) -> Non
     torch.save({"head.weight": torch.zeros(3, 3)}, weights)
     with pytest.raises(DataFileError, match=r"not weights of this cross-encoder \(Missing key"):
         restore_weights(torch.nn.Linear(2, 1), load_weights(weights), weights)
+
+
+class _Module:
+    def __init__(self) -> None:
+        self.training = True
+
+    def eval(self) -> None:
+        self.training = False
+
+
+def _fake_export(monkeypatch: pytest.MonkeyPatch, module: _Module) -> None:
+    """export_cross_encoder with no model: the exporter writes the graph's training mode."""
+    import transformers
+
+    from routecache.training import export_cross_encoder as export
+
+    def tokenizer(*_: object, **__: object) -> dict[str, list[list[int]]]:
+        return {
+            name: [[1, 2], [3, 4]] for name in ("input_ids", "attention_mask", "token_type_ids")
+        }
+
+    def exporter(traced: _Module, _args: object, path: Path, _output: str) -> None:
+        path.write_text(f"fp32 training={traced.training}")
+
+    monkeypatch.setattr(export, "load_weights", lambda _: {})
+    monkeypatch.setattr(export, "build_module", lambda _: module)
+    monkeypatch.setattr(export, "restore_weights", lambda *_: None)
+    monkeypatch.setattr(export, "export_transformer", exporter)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *_, **__: tokenizer)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_the_export_traces_the_module_in_eval_mode_and_leaves_only_the_graph(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, int8: bool
+) -> None:
+    from onnxruntime import quantization
+
+    from routecache.training.export_cross_encoder import export_cross_encoder
+
+    def quantise(fp32: str, int8_path: str, **_: object) -> None:
+        Path(int8_path).write_text(f"int8 of {Path(fp32).read_text()}")
+
+    _fake_export(monkeypatch, _Module())
+    monkeypatch.setattr(quantization, "quantize_dynamic", quantise)
+    out = tmp_path / "new" / "ce.onnx"
+    assert export_cross_encoder(tmp_path / "w.pt", tmp_path, out, int8=int8) == out
+    graph = "fp32 training=False"  # dropout off, as the service runs it
+    assert out.read_text() == (f"int8 of {graph}" if int8 else graph)
+    assert list(out.parent.iterdir()) == [out]  # the scratch folder is gone, fp32 and all
+
+
+def test_the_export_gives_back_the_logging_level_it_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It reset logging.disable to NOTSET: a caller's own silencing was switched off by an export.
+    import logging
+
+    from routecache.training.export_cross_encoder import export_cross_encoder
+
+    _fake_export(monkeypatch, _Module())
+    logging.disable(logging.CRITICAL)
+    try:
+        export_cross_encoder(tmp_path / "w.pt", tmp_path, tmp_path / "ce.onnx", int8=False)
+        assert logging.root.manager.disable == logging.CRITICAL
+    finally:
+        logging.disable(logging.NOTSET)
