@@ -62,7 +62,7 @@ def number_between(low: float, high: float, *, above_low: bool = False) -> Calla
     return parse
 
 
-# A regularisation strength.
+# Above 0 and finite: a regularisation strength, a timeout in seconds.
 positive_number = number_between(0, math.inf, above_low=True)
 
 
