@@ -2,6 +2,7 @@ import asyncio
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -353,11 +354,25 @@ async def test_upstream_failure_is_unavailable_with_models_named(harness: Harnes
     assert (stats.requests, stats.misses, stats.validation_failures) == (1, 0, 0)
 
 
-async def test_identical_concurrent_requests_share_one_upstream_call(harness: Harness) -> None:
+async def test_identical_concurrent_requests_share_one_upstream_call(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
     harness.cheap.gate = asyncio.Event()
     pipeline = harness.service.pipeline
+    joined, all_joined = [], asyncio.Event()
+    run = pipeline._single_flight.run
+
+    def counted_run(*args: Any, **kwargs: Any) -> Any:
+        joined.append(args)
+        if len(joined) == 3:
+            all_joined.set()
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline._single_flight, "run", counted_run)
     tasks = [asyncio.create_task(pipeline.complete(ask("same question"), ACME)) for _ in range(3)]
-    await asyncio.sleep(0.05)
+    # The call is held until all three have joined it: a fixed sleep let a caller slowed down
+    # on a busy machine arrive after the call had ended and make its own (a flaky failure).
+    await asyncio.wait_for(all_joined.wait(), 10)
     harness.cheap.gate.set()
     results = await asyncio.gather(*tasks)
     assert harness.cheap.calls == ["same question"]
