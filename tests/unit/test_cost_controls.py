@@ -730,6 +730,17 @@ async def test_a_cheap_answer_dearer_than_the_strong_model_saves_nothing_by_rout
     await harness.service.aclose()
 
 
+async def test_a_tenant_kept_off_the_strong_tier_saves_nothing_by_routing() -> None:
+    # Its requests go cheap whatever the router says: counting the strong model's price as
+    # saved credited routing with money no decision of it saved.
+    harness = make_harness(models_allowed=["mixtral-8x7b-instruct"])
+    done = await harness.service.pipeline.complete(ask("q"), ACME)
+    assert done.tier is Tier.CHEAP and done.usage.cost_usd > 0
+    day = (await harness.service.pipeline.costs.ledger.totals("acme"))[Period.DAY]
+    assert day.calls == 1 and day.routing_saved_usd == 0
+    await harness.service.aclose()
+
+
 async def test_models_allowed_keeps_a_tenant_off_a_tier() -> None:
     harness = make_harness(score=0.9, models_allowed=["mixtral-8x7b-instruct"])
     complete = harness.service.pipeline.complete
