@@ -605,6 +605,10 @@ def load_settings(config_file: Path | None = None, **overrides: object) -> Setti
         raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from exc
     except UnicodeDecodeError as exc:  # tomllib reads UTF-8 only (environment values are text)
         raise ConfigError(f"config file {config_file} is not UTF-8 text ({exc})") from exc
+    except OSError as exc:  # permission denied, an I/O error
+        if config_file is None:  # no file was read: not one to name
+            raise
+        raise ConfigError(f"cannot read config file {config_file}: {exc.strerror or exc}") from exc
     except SettingsError as exc:  # a section's variable that is not JSON (ROUTECACHE_SERVER=x)
         cause = f" ({exc.__cause__})" if exc.__cause__ else ""
         raise ConfigError(f"invalid configuration: {exc}{cause}") from exc

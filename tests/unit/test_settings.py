@@ -559,6 +559,16 @@ def test_a_config_path_that_is_a_folder_is_not_found(tmp_path: Path) -> None:
         load_settings(tmp_path)
 
 
+_UNREADABLE = Path("/proc/self/mem")  # a file, and reading it from its start fails (EIO)
+
+
+@pytest.mark.skipif(not _UNREADABLE.is_file(), reason="needs Linux's /proc")
+def test_a_config_file_that_cannot_be_read_is_one_line() -> None:
+    # Permission denied, an I/O error: it escaped as a traceback from pydantic-settings.
+    with pytest.raises(ConfigError, match=f"cannot read config file {_UNREADABLE}: "):
+        load_settings(_UNREADABLE)
+
+
 def test_a_section_variable_that_is_not_json_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ROUTECACHE_SERVER", "{port: 1}")
     with pytest.raises(ConfigError, match=r'"server".*\(Expecting property name'):
