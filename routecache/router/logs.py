@@ -44,7 +44,9 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", REQUEST_ID.get()),
         }
-        line.update({k: v for k, v in vars(record).items() if k not in _RESERVED})
+        # Never over the standard fields: log pipelines filter on level and logger.
+        taken = _RESERVED | line.keys()
+        line.update({k: v for k, v in vars(record).items() if k not in taken})
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str, ensure_ascii=False)

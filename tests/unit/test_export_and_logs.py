@@ -118,6 +118,16 @@ def test_json_log_lines_write_extra_values_json_cannot_hold_as_text() -> None:
     assert json.loads(JsonFormatter().format(record))["path"] == "/var/lib/routecache/snapshot"
 
 
+def test_an_extra_field_named_like_a_standard_one_does_not_replace_it() -> None:
+    # `extra={"level": ...}` replaced the record's own level: a log pipeline filtering on it
+    # would have dropped or raised the line.
+    record = logging.LogRecord("routecache.x", logging.ERROR, __file__, 1, "boom", None, None)
+    record.level, record.logger, record.ts = "low", "other", "yesterday"
+    line = json.loads(JsonFormatter().format(record))
+    assert (line["level"], line["logger"]) == ("error", "routecache.x")
+    assert line["ts"].endswith("Z")
+
+
 def test_a_json_line_formatted_without_the_filter_still_names_its_request() -> None:
     # A handler someone adds without RequestIdFilter: the id comes from the request context.
     new_request_id("req-7")
