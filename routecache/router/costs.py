@@ -175,7 +175,7 @@ class CostControl:
         record = SpendRecord(
             tenant.name, user, generated.cost_usd, generated.prompt_tokens,
             generated.completion_tokens, calls=generated.calls,
-            routing_saved_usd=0.0 if booking.cheap_only else self._routing_saving(generated),
+            routing_saved_usd=self._routing_saving(generated, booking),
         )  # fmt: skip
         await self._settle(tenant, request, booking.reservation, record)
 
@@ -231,10 +231,10 @@ class CostControl:
         record = SpendRecord(tenant.name, user, saved_usd=saved_usd)
         await self._outliving_caller(self.ledger.settle(None, record))
 
-    def _routing_saving(self, generated: Generated) -> float:
-        """What a cheap answer saved against the strong model; booked cheap-only (a tenant
-        kept off the strong tier) no routing decision saved anything, and settle passes 0."""
-        if generated.tier is not Tier.CHEAP:
+    def _routing_saving(self, generated: Generated, booking: Booking) -> float:
+        """What a cheap answer saved against the strong model. Booked cheap-only (a tenant
+        kept off the strong tier), no routing decision saved anything."""
+        if generated.tier is not Tier.CHEAP or booking.cheap_only:
             return 0.0
         _, strong = self._generator.failover.chain(Tier.STRONG)[0]
         full = strong.pricing.cost(generated.prompt_tokens, generated.completion_tokens)
