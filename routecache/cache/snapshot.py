@@ -1,8 +1,8 @@
 """Snapshots of the embedded store: a single-process deployment keeps its cache over restarts.
 
 One JSON object per entry (embedding in base64 float32), least recently used first, written
-to a temporary file and renamed over the old snapshot, so a crash mid-write never leaves a
-torn file. No pickle: loading a snapshot cannot run code.
+to a temporary file and renamed over the old snapshot (routecache.atomic_file), so a crash
+mid-write never leaves a torn file. No pickle: loading a snapshot cannot run code.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import base64
 import dataclasses
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from routecache.atomic_file import replacing
 from routecache.cache.memory_store import InMemoryEntryStore
 from routecache.cache.ports import CacheEntry, VectorIndex
 from routecache.domain import Tier
@@ -67,23 +67,11 @@ def _decode(line: bytes) -> CacheEntry:
 def save_snapshot(entries: Sequence[CacheEntry], path: Path) -> int:
     """Writes the entries (take them with store.entries() on the loop); returns how many."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     # Prompts and answers at rest: readable by the service's user only.
-    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(descriptor, 0o600)  # a .tmp left by a crash keeps its old mode otherwise
-    with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+    with replacing(path, mode=0o600) as out:
         out.write(json.dumps({"routecache_snapshot": FORMAT_VERSION}) + "\n")
         for entry in entries:
             out.write(_encode(entry) + "\n")
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    # The rename is an entry of the folder: synced, the new snapshot survives a power loss.
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
     return len(entries)
 
 

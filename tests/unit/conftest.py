@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +19,19 @@ from routecache.router.telemetry import Telemetry
 from tests.fakes import FakeUpstream, ManualClock, RecordingTelemetry, json_answer, prose_answer
 
 KEYS = {"acme": "key-acme", "globex": "key-globex"}
+
+
+def record_fsyncs(monkeypatch: pytest.MonkeyPatch, path: Path) -> list[tuple[bool, bool]]:
+    """Each os.fsync from now on, as (of a folder, `path` in place at the time)."""
+    synced: list[tuple[bool, bool]] = []
+    real_fsync = os.fsync
+
+    def fsync(descriptor: int) -> None:
+        synced.append((stat.S_ISDIR(os.fstat(descriptor).st_mode), path.exists()))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
 
 
 def unit_settings(

@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 from threading import Event
@@ -30,7 +29,7 @@ from routecache.cache.snapshot import (
     save_snapshot,
 )
 from routecache.domain import CacheControl, CacheOutcome, ChatRequest, Message, Role, Tier
-from tests.unit.conftest import KEYS, make_harness
+from tests.unit.conftest import KEYS, make_harness, record_fsyncs
 
 ACME = KEYS["acme"]
 
@@ -302,19 +301,14 @@ def test_a_save_syncs_the_folder_after_the_rename(
     # The rename lives in the folder: unsynced, a power loss may bring back the old snapshot
     # (or none) though the save returned.
     path = tmp_path / "snapshot.jsonl"
-    synced: list[tuple[bool, bool]] = []  # (a folder, the snapshot in place) at each fsync
+    synced = record_fsyncs(monkeypatch, path)
     opened: list[int] = []
-    real_fsync, real_open = os.fsync, os.open
-
-    def fsync(descriptor: int) -> None:
-        synced.append((stat.S_ISDIR(os.fstat(descriptor).st_mode), path.exists()))
-        real_fsync(descriptor)
+    real_open = os.open
 
     def open_(*args: Any, **kwargs: Any) -> int:
         opened.append(real_open(*args, **kwargs))
         return opened[-1]
 
-    monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "open", open_)
     save_snapshot(_distinct_entries("a"), path)
     assert synced == [(False, False), (True, True)]

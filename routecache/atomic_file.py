@@ -1,0 +1,56 @@
+"""Replacing a file so that readers, crashes and power losses see the old file or the new one,
+never a torn or empty one: the cache snapshot, the key registry, the classifier's CURRENT.
+
+The text goes to PATH.tmp in the same folder (so the rename stays on one file system), is
+synced, renamed over PATH, and the folder is synced: the rename is an entry of the folder, and
+until that is on disk a power loss may bring the old file back though the write returned (a
+revoked API key valid again, a promoted model out of service).
+
+Writers of one path must be serialised by the caller (a lock): they share PATH.tmp.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+
+@contextlib.contextmanager
+def replacing(path: Path, mode: int | None = None) -> Iterator[TextIO]:
+    """A text file (UTF-8) that takes PATH's place when the block ends, or is removed and
+    leaves PATH alone when the block raises.
+
+    `mode`: the new file's permission bits, exactly; None for a new file's default (0o666
+    less the umask). The folder must exist.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    # A temp file left by a crash is removed, not reused: reused, it would keep its old mode
+    # (perhaps readable by all) and, before the first write, its old content.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    # Created with the mode, not changed to it afterwards: never readable by others meanwhile.
+    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+            if mode is not None:
+                os.fchmod(out.fileno(), mode)  # the umask may have taken bits the caller wants
+            yield out
+            out.flush()
+            os.fsync(out.fileno())  # the rename must never publish a file still in the cache
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -1,0 +1,77 @@
+"""Replacing a file whole: the old file or the new one, never a torn one, and no temp left."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from routecache.atomic_file import replacing
+from tests.unit.conftest import record_fsyncs
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_the_new_text_replaces_the_file_and_no_temp_file_is_left(tmp_path: Path) -> None:
+    path = tmp_path / "file.json"
+    path.write_text("old")
+    with replacing(path) as out:
+        out.write("new, ")
+        assert path.read_text() == "old"  # readers see the old file until the block ends
+        out.write("whole")
+    assert path.read_text() == "new, whole"
+    assert os.listdir(tmp_path) == ["file.json"]
+
+
+def test_a_write_that_fails_midway_keeps_the_old_file_and_removes_the_temp_file(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "file.json"
+    path.write_text("old")
+    with pytest.raises(OSError, match="disk full"), replacing(path) as out:
+        out.write("half of the new")
+        raise OSError("disk full")
+    assert path.read_text() == "old"
+    assert os.listdir(tmp_path) == ["file.json"]
+
+
+def test_the_file_is_synced_then_renamed_then_its_folder_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "file.json"
+    synced = record_fsyncs(monkeypatch, path)
+    with replacing(path) as out:
+        out.write("new")
+    assert synced == [(False, False), (True, True)]
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640])
+def test_a_mode_is_set_exactly_even_over_a_stale_temp_file_and_past_the_umask(
+    tmp_path: Path, mode: int
+) -> None:
+    path = tmp_path / "file.json"
+    stale = tmp_path / "file.json.tmp"  # left by a crash, readable by all, longer
+    stale.write_text("stale text longer than the new")
+    os.chmod(stale, 0o644)
+    previous = os.umask(0o077)  # takes the group bits of 0o640 at creation
+    try:
+        with replacing(path, mode=mode) as out:
+            out.write("new")
+    finally:
+        os.umask(previous)
+    assert (_mode(path), path.read_text()) == (mode, "new")
+
+
+def test_without_a_mode_the_file_is_as_the_umask_allows(tmp_path: Path) -> None:
+    path = tmp_path / "file.json"
+    previous = os.umask(0o027)
+    try:
+        with replacing(path) as out:
+            out.write("new")
+    finally:
+        os.umask(previous)
+    assert _mode(path) == 0o640
