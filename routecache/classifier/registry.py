@@ -6,9 +6,10 @@ Layout of the registry folder (settings: classifier.registry_dir):
     CURRENT                                               one line: the version in service
     history.jsonl                                         one JSON object per pointer change
 
-CURRENT is replaced atomically (write + rename), so a service watching it reads either the old
-or the new version, never half a name. Rolling back moves CURRENT to the version promoted before
-the current one; it copies nothing, so it takes milliseconds.
+CURRENT is replaced atomically (write + rename, then the folder synced: routecache.atomic_file),
+so a service watching it reads either the old or the new version, never half a name, and a
+promotion that returned survives a power loss. Rolling back moves CURRENT to the version
+promoted before the current one; it copies nothing, so it takes milliseconds.
 
 A pointer change is logged to the history before CURRENT moves, under a lock file, so
 concurrent promotions apply in the order they are logged, and a crash between the two steps
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from routecache.atomic_file import replacing
 from routecache.classifier.model import DEFAULT_ARTIFACT_NAME
 from routecache.file_lock import exclusive
 
@@ -187,12 +189,10 @@ class ModelRegistry:
         if not self.artifact_path(version).is_file():
             raise RegistryError(f"no version {version!r} in {self.root}")
         self._append_history(PointerChange(action, version, self.current_version(), time.time()))
-        partial = self.root / f"{POINTER}.partial"  # one writer at a time: under the lock
-        with partial.open("w", encoding="utf-8") as pointer:
+        # One writer at a time (under the lock). The umask's mode, not a private one: the
+        # service reading CURRENT may run as another user than the job that promotes.
+        with replacing(self.root / POINTER) as pointer:
             pointer.write(version + "\n")
-            pointer.flush()
-            os.fsync(pointer.fileno())  # the rename must never publish an empty pointer
-        os.replace(partial, self.root / POINTER)
 
     def _append_history(self, change: PointerChange) -> None:
         path = self.root / HISTORY

@@ -12,15 +12,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import secrets
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
+from routecache.atomic_file import replacing
 from routecache.file_lock import exclusive
 from routecache.router.auth import hash_api_key
 
@@ -275,18 +274,9 @@ def wrong_field(record: KeyRecord) -> str | None:
 def _write(path: Path, records: list[KeyRecord]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     body = json.dumps({"keys": [asdict(r) for r in records]}, indent=1, sort_keys=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(body)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o600)  # digests only, but nobody else needs to read them
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    # Digests only, but nobody else needs to read them. Writers hold the file's lock.
+    with replacing(path, mode=0o600) as out:
+        out.write(body)
 
 
 def _locked(path: Path) -> contextlib.AbstractContextManager[None]:

@@ -31,7 +31,7 @@ from routecache.router.keys_cli import run_keys
 from routecache.router.settings import ConfigError, load_settings
 from tests.fakes import ManualClock, RevokedAfterFirstRead
 from tests.redis_fixture import free_port
-from tests.unit.conftest import make_harness
+from tests.unit.conftest import make_harness, record_fsyncs
 from tests.unit.test_pipeline import ask
 
 
@@ -162,6 +162,17 @@ async def test_keys_are_stored_hashed_and_never_logged(
     with pytest.raises(Unauthenticated):
         await authenticator(path, ManualClock()).resolve(plain + "x")
     assert plain not in caplog.text
+
+
+async def test_a_key_change_syncs_the_folder_after_replacing_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The rename lives in the folder: unsynced, a power loss may bring a revoked key back (or
+    # drop a new one) though the command returned.
+    path = tmp_path / "keys.json"
+    synced = record_fsyncs(monkeypatch, path)
+    await add_key(FileKeyRegistry(path), "acme", now=0.0)
+    assert synced[-1] == (True, True)
 
 
 async def test_the_cli_revokes_a_key_the_running_service_then_refuses(

@@ -21,6 +21,7 @@ from routecache.classifier.ports import Assessment, DifficultyClassifier
 from routecache.classifier.registry import ModelRegistry, RegistryError
 from routecache.classifier.reloading import ReloadingClassifier
 from routecache.domain import OperatingPoint
+from tests.unit.conftest import record_fsyncs
 
 VECTOR = np.zeros(4, dtype=np.float32)
 
@@ -143,6 +144,28 @@ def test_an_added_version_is_readable_as_the_umask_allows(tmp_path: Path) -> Non
     finally:
         os.umask(previous)
     assert registry.artifact_path("v1").parent.stat().st_mode & 0o777 == 0o755
+
+
+def test_the_pointer_is_readable_as_the_umask_allows(tmp_path: Path) -> None:
+    # The service reading CURRENT may run as another user than the job that promotes.
+    registry = _registry_with(tmp_path, "v1")
+    previous = os.umask(0o022)
+    try:
+        registry.promote("v1")
+    finally:
+        os.umask(previous)
+    assert (registry.root / "CURRENT").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_promotion_syncs_the_folder_after_moving_the_pointer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The rename lives in the folder: unsynced, a power loss may put the old version back in
+    # service (or none) though the promotion returned.
+    registry = _registry_with(tmp_path, "v1")
+    synced = record_fsyncs(monkeypatch, registry.root / "CURRENT")
+    registry.promote("v1")
+    assert synced[-1] == (True, True)
 
 
 def test_two_concurrent_adds_of_one_version_add_it_once_and_the_other_says_it_exists(
