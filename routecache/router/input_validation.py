@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterator
@@ -11,7 +10,7 @@ from typing import Any
 from routecache.domain import ChatRequest, Feedback, ResponseFormatType, Role
 from routecache.errors import InvalidArgument
 from routecache.router.settings import LimitSettings
-from routecache.router.validators import TOO_MANY_DIGITS, check_pattern_size
+from routecache.router.validators import NotJsonError, check_pattern_size, parse_json
 
 
 def validate_request(request: ChatRequest, limits: LimitSettings) -> None:
@@ -100,13 +99,9 @@ def _check_schema(schema_text: str) -> None:
     if not schema_text.strip():
         raise InvalidArgument(field, "required with RESPONSE_FORMAT_TYPE_JSON_SCHEMA")
     try:
-        schema = json.loads(schema_text)
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument(field, f"not valid JSON: {exc.msg} at position {exc.pos}") from exc
-    except ValueError as exc:  # Python's own limit; its message suggests a call to make
-        raise InvalidArgument(field, f"not JSON the service can read: {TOO_MANY_DIGITS}") from exc
-    except RecursionError as exc:
-        raise InvalidArgument(field, "nested too deeply") from exc
+        schema = parse_json(schema_text)
+    except NotJsonError as exc:
+        raise InvalidArgument(field, str(exc)) from exc
     try:
         Draft202012Validator.check_schema(schema)
     except SchemaError as exc:

@@ -22,6 +22,24 @@ from routecache.domain import ChatRequest, ResponseFormatType, ValidatorResult
 # lifts the limit, which means nothing to an API caller.
 TOO_MANY_DIGITS = f"a number longer than {sys.get_int_max_str_digits():,} digits"
 
+
+class NotJsonError(ValueError):
+    """Text that is not JSON, or JSON Python cannot hold; the message is for an API caller."""
+
+
+def parse_json(text: str) -> Any:
+    """A caller's JSON text (a request's schema, an answer) as a value, or NotJsonError saying
+    why not, in the same words wherever the text came from."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise NotJsonError(f"not JSON: {exc.msg} at position {exc.pos}") from exc
+    except ValueError as exc:  # Python's limit on integers; its message suggests a call to make
+        raise NotJsonError(f"not JSON the service can read: {TOO_MANY_DIGITS}") from exc
+    except RecursionError as exc:
+        raise NotJsonError("not JSON the service can read: nested too deeply") from exc
+
+
 # jsonschema's default registry fetches unknown $ref URLs: a caller's schema could make the
 # service call any address (SSRF). An empty referencing Registry resolves nothing outside the
 # schema itself.
@@ -111,13 +129,9 @@ class JsonSchemaValidator:
 
     def check(self, text: str, request: ChatRequest) -> ValidatorResult:
         try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            return ValidatorResult(self.name, False, f"not JSON: {exc.msg} at position {exc.pos}")
-        except ValueError:  # Python's limit on integers: fails, no crash
-            return ValidatorResult(self.name, False, f"not JSON Python can read: {TOO_MANY_DIGITS}")
-        except RecursionError:
-            return ValidatorResult(self.name, False, "not JSON Python can read: nested too deeply")
+            value = parse_json(text)
+        except NotJsonError as exc:  # fails the answer, never raises
+            return ValidatorResult(self.name, False, str(exc))
         response_format = request.params.response_format
         if response_format.type is ResponseFormatType.JSON_OBJECT:
             ok = isinstance(value, dict)

@@ -269,6 +269,26 @@ def test_a_schema_number_too_long_for_python_is_invalid_not_a_crash() -> None:
     assert "not JSON the service can read: a number longer than 4,300 digits" in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("{", "not JSON: Expecting property name enclosed in double quotes at position 1"),
+        ('{"maxLength": ' + "9" * 5000 + "}", "not JSON the service can read: a number longer"
+         " than 4,300 digits"),
+        ("[" * 5000 + "]" * 5000, "not JSON the service can read: nested too deeply"),
+    ],
+    ids=["not JSON", "a number too long", "nested too deeply"],
+)  # fmt: skip
+def test_a_schema_and_an_answer_that_cannot_be_read_as_json_are_reported_in_the_same_words(
+    text: str, problem: str
+) -> None:
+    with pytest.raises(InvalidArgument) as error:
+        validate_request(schema_request(text), LimitSettings(max_schema_chars=100_000))
+    assert str(error.value) == f"params.response_format.json_schema: {problem}"
+    answer = JsonSchemaValidator().check(text, schema_request({"type": "object"}))
+    assert (answer.passed, answer.message) == (False, problem)
+
+
 class _CountingHandler(http.server.BaseHTTPRequestHandler):
     fetched: ClassVar[list[str]] = []
 
