@@ -39,17 +39,24 @@ class RedisKeyRegistry:
     async def put(self, record: KeyRecord) -> None:
         await self._link.client.hset(self._key, record.sha256, _encode(record))
 
-    async def update(self, key_id: str, change: Callable[[KeyRecord], KeyRecord]) -> KeyRecord:
+    async def update(
+        self,
+        key_id: str,
+        change: Callable[[KeyRecord], KeyRecord],
+        *,
+        also_put: KeyRecord | None = None,
+    ) -> KeyRecord:
         # WATCH: if another admin writes the registry between this read and this write, the
-        # write is dropped and made again on top of theirs.
+        # write is dropped and made again on top of theirs. MULTI: both records or neither.
         async with self._link.client.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     await pipe.watch(self._key)
                     current = _of_id(self._key, await pipe.hgetall(self._key), key_id)
                     changed = change(current)
+                    written = [changed] if also_put is None else [changed, also_put]
                     pipe.multi()
-                    pipe.hset(self._key, changed.sha256, _encode(changed))
+                    pipe.hset(self._key, mapping={r.sha256: _encode(r) for r in written})
                     await pipe.execute()
                     return changed
                 except WatchError:

@@ -63,10 +63,17 @@ class KeyAdmin(Protocol):
 
     async def put(self, record: KeyRecord) -> None: ...
 
-    async def update(self, key_id: str, change: Callable[[KeyRecord], KeyRecord]) -> KeyRecord:
-        """Writes `change` of the record of `key_id` as it is now, with no other admin's write
-        in between (two admins rotating and revoking a key at once must not undo each other);
-        returns what was written. KeyNotFound if there is no such key."""
+    async def update(
+        self,
+        key_id: str,
+        change: Callable[[KeyRecord], KeyRecord],
+        *,
+        also_put: KeyRecord | None = None,
+    ) -> KeyRecord:
+        """Writes `change` of the record of `key_id` as it is now, and `also_put` if given, in
+        one step with no other admin's write in between (two admins rotating and revoking a
+        key at once must not undo each other); returns the changed record. KeyNotFound, and
+        nothing written, if there is no such key."""
         ...
 
     async def records(self) -> list[KeyRecord]: ...
@@ -88,12 +95,16 @@ def new_api_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
+def _new_key(tenant: str, now: float, api_key: str | None = None) -> tuple[str, KeyRecord]:
+    plain = api_key or new_api_key()
+    return plain, KeyRecord(secrets.token_hex(6), hash_api_key(plain), tenant, now)
+
+
 async def add_key(
     admin: KeyAdmin, tenant: str, now: float, api_key: str | None = None
 ) -> tuple[str, KeyRecord]:
     """A new key for `tenant`: (the plain key, shown once; its record)."""
-    plain = api_key or new_api_key()
-    record = KeyRecord(secrets.token_hex(6), hash_api_key(plain), tenant, now)
+    plain, record = _new_key(tenant, now, api_key)
     await admin.put(record)
     return plain, record
 
@@ -115,7 +126,7 @@ async def rotate_key(
             f"key {key_id} is {old.status(now)}: only a live key is rotated"
             f" (`keys add --tenant {old.tenant}` issues a new one)"
         )
-    plain, new = await add_key(admin, old.tenant, now)
+    plain, new = _new_key(old.tenant, now)
 
     def retire(current: KeyRecord) -> KeyRecord:
         expires = now + overlap_seconds
@@ -124,7 +135,9 @@ async def rotate_key(
         return replace(current, expires_at=expires)
 
     # Of the record as it is when written, not as read above: a revocation made meanwhile stays.
-    retired = await admin.update(key_id, retire)
+    # The new key is written in the same step: if the old one was deleted meanwhile, nothing is
+    # (written first, it stayed valid and was never shown).
+    retired = await admin.update(key_id, retire, also_put=new)
     return plain, new, retired
 
 
@@ -170,13 +183,21 @@ class FileKeyRegistry:
             records[record.key_id] = record
             _write(self._path, list(records.values()))
 
-    async def update(self, key_id: str, change: Callable[[KeyRecord], KeyRecord]) -> KeyRecord:
+    async def update(
+        self,
+        key_id: str,
+        change: Callable[[KeyRecord], KeyRecord],
+        *,
+        also_put: KeyRecord | None = None,
+    ) -> KeyRecord:
         # Read and written under the writers' lock: no other admin writes in between.
         with _locked(self._path):
             records = {r.key_id: r for r in _read(self._path)}
             if key_id not in records:
                 raise no_key(key_id)
             records[key_id] = changed = change(records[key_id])
+            if also_put is not None:
+                records[also_put.key_id] = also_put
             _write(self._path, list(records.values()))
         return changed
 

@@ -20,6 +20,7 @@ from routecache.router.bootstrap import build_tenants
 from routecache.router.cli import build_parser, main
 from routecache.router.keyring import (
     FileKeyRegistry,
+    KeyNotFound,
     KeyRecord,
     KeyRegistryError,
     add_key,
@@ -29,7 +30,7 @@ from routecache.router.keyring import (
 )
 from routecache.router.keys_cli import run_keys
 from routecache.router.settings import ConfigError, load_settings
-from tests.fakes import ManualClock, RevokedAfterFirstRead
+from tests.fakes import ManualClock, RacedAfterFirstRead
 from tests.redis_fixture import free_port
 from tests.unit.conftest import make_harness
 from tests.unit.test_pipeline import ask
@@ -100,14 +101,36 @@ async def test_a_key_revoked_while_it_is_rotated_stays_revoked(tmp_path: Path) -
     path, clock = tmp_path / "keys.json", ManualClock()
     auth = authenticator(path, clock)
     old_plain, old = await add_key(FileKeyRegistry(path), "acme", clock())
-    rotating = RevokedAfterFirstRead(
-        FileKeyRegistry(path), FileKeyRegistry(path), old.key_id, clock()
+    rotating = RacedAfterFirstRead(
+        FileKeyRegistry(path), lambda: revoke_key(FileKeyRegistry(path), old.key_id, clock())
     )
     new_plain, _, retired = await rotate_key(rotating, old.key_id, clock(), overlap_seconds=60)
     assert retired.revoked_at == clock()
     with pytest.raises(Unauthenticated):
         await auth.resolve(old_plain)
     assert (await auth.resolve(new_plain)).name == "acme"
+
+
+def _delete_by_hand(path: Path, key_id: str) -> None:
+    body = json.loads(path.read_text())
+    body["keys"] = [k for k in body["keys"] if k["key_id"] != key_id]
+    path.write_text(json.dumps(body))
+
+
+async def test_a_key_deleted_while_it_is_rotated_fails_the_rotation_and_leaves_no_new_key(
+    tmp_path: Path,
+) -> None:
+    # Before: the new key was written first, then retiring the old one failed; the new key
+    # stayed valid and was never shown to anyone.
+    path, clock = tmp_path / "keys.json", ManualClock()
+    _, old = await add_key(FileKeyRegistry(path), "acme", clock())
+    _, kept = await add_key(FileKeyRegistry(path), "acme", clock())
+    rotating = RacedAfterFirstRead(
+        FileKeyRegistry(path), lambda: asyncio.to_thread(_delete_by_hand, path, old.key_id)
+    )
+    with pytest.raises(KeyNotFound, match=f"no key with id {old.key_id}"):
+        await rotate_key(rotating, old.key_id, clock(), overlap_seconds=60)
+    assert await FileKeyRegistry(path).records() == [kept]
 
 
 async def test_a_key_of_an_unconfigured_tenant_is_refused(tmp_path: Path) -> None:
