@@ -15,7 +15,7 @@ from redis.exceptions import WatchError
 
 from routecache.backends.keys import KeySpace
 from routecache.backends.link import RedisDown, RedisLink, guarded
-from routecache.router.keyring import KeyRecord, KeyRegistryError, no_key, wrong_field
+from routecache.router.keyring import KeyRecord, KeyRegistryError, no_key
 
 
 class RedisKeyRegistry:
@@ -73,15 +73,13 @@ def _encode(record: KeyRecord) -> str:
 
 def _decode(key: str, body: bytes) -> KeyRecord:
     try:
-        record = KeyRecord(**json.loads(body))
-    except (ValueError, TypeError, RecursionError) as exc:  # not JSON, not UTF-8, not a
-        # record's fields, or nested too deeply
+        fields = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, or nested too deeply
         raise KeyRegistryError(f"key registry {key} in Redis: a damaged record ({exc})") from exc
-    # A field of the wrong type (a revocation date as text) would fail later, comparing it
-    # with the clock, as a TypeError far from its cause.
-    if problem := wrong_field(record):
-        raise KeyRegistryError(f"key registry {key} in Redis: key {record.key_id!r}: {problem}")
-    return record
+    try:
+        return KeyRecord.from_fields(fields)  # the file registry's check
+    except KeyRegistryError as exc:
+        raise KeyRegistryError(f"key registry {key} in Redis: {exc}") from exc
 
 
 def _of_id(key: str, raw: dict[bytes, bytes], key_id: str) -> KeyRecord:

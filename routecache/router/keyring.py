@@ -39,6 +39,38 @@ class KeyRecord:
     expires_at: float | None = None  # set by a rotation with overlap
     revoked_at: float | None = None
 
+    @classmethod
+    def from_fields(cls, fields: object) -> KeyRecord:
+        """The record of fields read back from storage (a JSON object), for both registries.
+        KeyRegistryError naming the key and what is wrong if they are no record: not an object,
+        fields missing or unknown, or a field of another type (a hand-edited "revoked_at":
+        "2026-01-01" would otherwise fail every later lookup with a TypeError, far from its
+        cause, comparing it with the clock)."""
+        if not isinstance(fields, dict):
+            raise KeyRegistryError("key None: not a key record (not a JSON object)")
+        key_id = fields.get("key_id")
+        try:
+            record = cls(**fields)
+        except TypeError as exc:  # fields missing or unknown
+            raise KeyRegistryError(f"key {key_id!r}: not a key record ({exc})") from exc
+        if problem := record._wrong_field():
+            raise KeyRegistryError(f"key {key_id!r}: {problem}")
+        return record
+
+    def _wrong_field(self) -> str | None:
+        for name in ("key_id", "sha256", "tenant"):
+            if not isinstance(getattr(self, name), str):
+                return f"{name} must be text"
+        for name in ("created_at", "expires_at", "revoked_at"):
+            value = getattr(self, name)
+            # NaN compares false with every time: a revoked key whose revoked_at is NaN is valid.
+            if (value is None and name != "created_at") or (
+                isinstance(value, int | float) and not isinstance(value, bool) and value == value
+            ):
+                continue
+            return f"{name} must be a unix time in seconds"
+        return None
+
     def valid_at(self, now: float) -> bool:
         if self.revoked_at is not None and self.revoked_at <= now:
             return False
@@ -259,38 +291,10 @@ def _read_each(path: Path) -> tuple[list[KeyRecord], list[tuple[str | None, KeyR
         digest = item.get("sha256") if isinstance(item, dict) else None
         digest = digest if isinstance(digest, str) else None
         try:
-            record = KeyRecord(**item)
-        except TypeError as exc:  # not an object, or not a record's fields
-            key_id = item.get("key_id") if isinstance(item, dict) else None
-            bad.append((digest, KeyRegistryError(
-                f"key registry {path}: key {key_id!r}: not a key record ({exc})"
-            )))  # fmt: skip
-            continue
-        # A hand-edited field of the wrong type ("revoked_at": "2026-01-01") would otherwise
-        # fail every lookup and listing later with a TypeError, far from its cause.
-        if problem := wrong_field(record):
-            bad.append((digest, KeyRegistryError(
-                f"key registry {path}: key {record.key_id!r}: {problem}"
-            )))  # fmt: skip
-            continue
-        records.append(record)
+            records.append(KeyRecord.from_fields(item))
+        except KeyRegistryError as exc:
+            bad.append((digest, KeyRegistryError(f"key registry {path}: {exc}")))
     return records, bad
-
-
-def wrong_field(record: KeyRecord) -> str | None:
-    """What is wrong with a record read back from storage (a field of another type), if any."""
-    for name in ("key_id", "sha256", "tenant"):
-        if not isinstance(getattr(record, name), str):
-            return f"{name} must be text"
-    for name in ("created_at", "expires_at", "revoked_at"):
-        value = getattr(record, name)
-        # NaN compares false with every time: a revoked key whose revoked_at is NaN is valid.
-        if (value is None and name != "created_at") or (
-            isinstance(value, int | float) and not isinstance(value, bool) and value == value
-        ):
-            continue
-        return f"{name} must be a unix time in seconds"
-    return None
 
 
 def _write(path: Path, records: list[KeyRecord]) -> None:

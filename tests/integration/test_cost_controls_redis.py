@@ -368,7 +368,7 @@ _REVOKED_AS_TEXT = json.dumps(
     [
         (lambda r: r.set("rc:apikeys", "x"), "key registry in Redis: WRONGTYPE"),
         (lambda r: r.hset("rc:apikeys", "d" * 64, "{not json"), "a damaged record"),
-        (lambda r: r.hset("rc:apikeys", "d" * 64, '{"tenant": "acme"}'), "a damaged record"),
+        (lambda r: r.hset("rc:apikeys", "d" * 64, '{"tenant": "acme"}'), "not a key record"),
         (lambda r: r.hset("rc:apikeys", "d" * 64, _REVOKED_AS_TEXT), "revoked_at must be a unix"),
     ],
     ids=["a key of another type", "a record not JSON", "a record missing fields", "a date as text"],
@@ -391,7 +391,7 @@ def test_a_redis_key_registry_that_fails_after_connecting_is_one_line_and_exit_2
 @pytest.mark.parametrize(
     ("record", "message"),
     [
-        ('{"tenant": "acme"}', "a damaged record"),
+        ('{"key_id": "k", "tenant": "acme"}', "key 'k': not a key record"),
         (_REVOKED_AS_TEXT, "revoked_at must be"),
         (_REVOKED_AS_TEXT.replace('"2026-01-01"', "NaN"), "revoked_at must be"),
         ("[" * 100_000, "a damaged record"),

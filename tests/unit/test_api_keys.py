@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import threading
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -265,6 +265,34 @@ def test_a_revocation_dated_later_takes_effect_then_for_both_validity_and_status
     record = KeyRecord("k", hash_api_key("x"), "acme", created_at=0.0, revoked_at=100.0)
     assert record.valid_at(99.0) and record.status(99.0) == "active"
     assert not record.valid_at(100.0) and record.status(100.0) == "revoked"
+
+
+_SOUND_FIELDS = {"key_id": "k", "sha256": "d" * 64, "tenant": "acme", "created_at": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ([1], r"key None: not a key record \(not a JSON object\)"),
+        ({"key_id": "k", "tenant": "acme"}, r"key 'k': not a key record \(.*sha256"),
+        ({**_SOUND_FIELDS, "owner": "x"}, r"key 'k': not a key record \(.*owner"),
+        ({**_SOUND_FIELDS, "tenant": 7}, "key 'k': tenant must be text"),
+        ({**_SOUND_FIELDS, "created_at": None}, "key 'k': created_at must be a unix time"),
+        ({**_SOUND_FIELDS, "expires_at": True}, "key 'k': expires_at must be a unix time"),
+        ({**_SOUND_FIELDS, "revoked_at": float("nan")}, "key 'k': revoked_at must be a unix"),
+    ],
+    ids=["not an object", "a field missing", "an unknown field", "a tenant not text",
+         "no creation time", "a flag for a time", "a revocation at NaN"],
+)  # fmt: skip
+def test_a_record_read_back_names_its_key_and_its_wrong_field(fields: object, message: str) -> None:
+    # One check for the file and the Redis registries, which each had their own.
+    with pytest.raises(KeyRegistryError, match=f"^{message}"):
+        KeyRecord.from_fields(fields)
+
+
+def test_a_sound_record_read_back_is_the_record_written() -> None:
+    record = KeyRecord("k", "d" * 64, "acme", 1.0, expires_at=2, revoked_at=None)
+    assert KeyRecord.from_fields(json.loads(json.dumps(asdict(record)))) == record
 
 
 async def test_a_deleted_registry_file_drops_every_key(tmp_path: Path) -> None:
