@@ -260,8 +260,8 @@ async def test_a_key_revoked_in_redis_while_it_is_rotated_stays_revoked(
         rotating = RacedAfterFirstRead(
             registry, lambda: revoke_key(other_admin, old.key_id, clock())
         )
-        _, _, retired = await rotate_key(rotating, old.key_id, clock(), overlap_seconds=60)
-        assert retired.revoked_at == clock()
+        _, new, retired = await rotate_key(rotating, old.key_id, clock(), overlap_seconds=60)
+        assert retired.revoked_at == clock() and await registry.find(new.sha256) == new
         found = await registry.find(old.sha256)
         assert found is not None and not found.valid_at(clock())
     finally:
