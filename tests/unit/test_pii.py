@@ -275,12 +275,14 @@ def test_overlap_with_neighbours_agrees_with_comparing_every_finding() -> None:
 @pytest.mark.parametrize(
     "text",
     [
-        "the gateway is 192.168.100.200 now", "connect to 10.100.200.250:8080",
+        "the gateway is 192.168.100.200 now", "the gateway is 172.16.254.10 now",
+        "connect to 10.100.200.250:8080",
         "logged at 2026-11-27 14:46:05 UTC", "logged at 2026-11-27T14:46:05Z",
         "am 27.11.2026 14:46 Uhr", "version 1.2.3.4", "build 10.0.19041.1234",
         "sum 123 456 789 012", "that is 1 234 567 890 123 in all", "Summe 123.456.789.012",
     ],
-    ids=["an IPv4 address", "an IPv4 address and port", "a timestamp", "an ISO timestamp",
+    ids=["an IPv4 address", "an IPv4 address with two-digit parts", "an IPv4 address and port",
+         "a timestamp", "an ISO timestamp",
          "a date and time", "a version", "a build number", "thousands grouped by spaces",
          "a number past a trillion", "thousands grouped by dots"],
 )  # fmt: skip
