@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from routecache.domain import Completion, GenerationParams, Message
 from routecache.errors import UpstreamError
-from routecache.router.keyring import KeyAdmin, KeyRecord, revoke_key
+from routecache.router.keyring import KeyAdmin, KeyRecord
 from routecache.router.ports import UpstreamReply
 from routecache.router.telemetry import path_of
 
@@ -124,27 +124,33 @@ class RecordingTelemetry:
         self.cost_controls.append((tenant, outcome))
 
 
-class RevokedAfterFirstRead:
+class RacedAfterFirstRead:
     """A key admin that another admin races: right after this one first reads the records,
-    the other revokes `key_id`. Everything else goes to `admin`."""
+    `race` runs (another admin revokes a key, say, or deletes it by hand). Everything else
+    goes to `admin`."""
 
-    def __init__(self, admin: KeyAdmin, other: KeyAdmin, key_id: str, now: float) -> None:
-        self._admin, self._other = admin, other
-        self._revocation: tuple[str, float] | None = (key_id, now)
+    def __init__(self, admin: KeyAdmin, race: Callable[[], Awaitable[object]]) -> None:
+        self._admin = admin
+        self._race: Callable[[], Awaitable[object]] | None = race
 
     async def records(self) -> list[KeyRecord]:
         found = await self._admin.records()
-        if self._revocation is not None:
-            key_id, now = self._revocation
-            self._revocation = None
-            await revoke_key(self._other, key_id, now)
+        if self._race is not None:
+            race, self._race = self._race, None
+            await race()
         return found
 
     async def put(self, record: KeyRecord) -> None:
         await self._admin.put(record)
 
-    async def update(self, key_id: str, change: Callable[[KeyRecord], KeyRecord]) -> KeyRecord:
-        return await self._admin.update(key_id, change)
+    async def update(
+        self,
+        key_id: str,
+        change: Callable[[KeyRecord], KeyRecord],
+        *,
+        also_put: KeyRecord | None = None,
+    ) -> KeyRecord:
+        return await self._admin.update(key_id, change, also_put=also_put)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._admin, name)

@@ -15,7 +15,7 @@ from redis.exceptions import WatchError
 
 from routecache.backends.keys import KeySpace
 from routecache.backends.link import RedisDown, RedisLink, guarded
-from routecache.router.keyring import KeyRecord, KeyRegistryError, no_key, wrong_field
+from routecache.router.keyring import KeyRecord, KeyRegistryError, no_key
 
 
 class RedisKeyRegistry:
@@ -39,17 +39,24 @@ class RedisKeyRegistry:
     async def put(self, record: KeyRecord) -> None:
         await self._link.client.hset(self._key, record.sha256, _encode(record))
 
-    async def update(self, key_id: str, change: Callable[[KeyRecord], KeyRecord]) -> KeyRecord:
+    async def update(
+        self,
+        key_id: str,
+        change: Callable[[KeyRecord], KeyRecord],
+        *,
+        also_put: KeyRecord | None = None,
+    ) -> KeyRecord:
         # WATCH: if another admin writes the registry between this read and this write, the
-        # write is dropped and made again on top of theirs.
+        # write is dropped and made again on top of theirs. MULTI: both records or neither.
         async with self._link.client.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     await pipe.watch(self._key)
                     current = _of_id(self._key, await pipe.hgetall(self._key), key_id)
                     changed = change(current)
+                    written = [changed] if also_put is None else [changed, also_put]
                     pipe.multi()
-                    pipe.hset(self._key, changed.sha256, _encode(changed))
+                    pipe.hset(self._key, mapping={r.sha256: _encode(r) for r in written})
                     await pipe.execute()
                     return changed
                 except WatchError:
@@ -66,15 +73,13 @@ def _encode(record: KeyRecord) -> str:
 
 def _decode(key: str, body: bytes) -> KeyRecord:
     try:
-        record = KeyRecord(**json.loads(body))
-    except (ValueError, TypeError, RecursionError) as exc:  # not JSON, not UTF-8, not a
-        # record's fields, or nested too deeply
+        fields = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, or nested too deeply
         raise KeyRegistryError(f"key registry {key} in Redis: a damaged record ({exc})") from exc
-    # A field of the wrong type (a revocation date as text) would fail later, comparing it
-    # with the clock, as a TypeError far from its cause.
-    if problem := wrong_field(record):
-        raise KeyRegistryError(f"key registry {key} in Redis: key {record.key_id!r}: {problem}")
-    return record
+    try:
+        return KeyRecord.from_fields(fields)  # the file registry's check
+    except KeyRegistryError as exc:
+        raise KeyRegistryError(f"key registry {key} in Redis: {exc}") from exc
 
 
 def _of_id(key: str, raw: dict[bytes, bytes], key_id: str) -> KeyRecord:

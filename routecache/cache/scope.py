@@ -11,6 +11,11 @@ from routecache.domain import ChatRequest
 
 _SPACE = re.compile(r"\s+")
 _TRAILING_PUNCT = re.compile(r"[\s?.!]+$")
+# Format characters (Unicode Cf) that show nothing, left in by pasting from a web page or a word
+# processor: soft hyphen, zero-width space and (non-)joiners, direction marks and embeddings,
+# word joiner and invisible operators, byte-order mark. The other Cf characters change what is
+# shown (tag characters make England's flag, not Scotland's; Arabic number signs) and stay.
+_INVISIBLE = re.compile("[\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff]")
 
 
 def scope_key(tenant: str, request: ChatRequest) -> str:
@@ -38,7 +43,12 @@ def scope_key(tenant: str, request: ChatRequest) -> str:
 
 
 def normalise_prompt(text: str) -> str:
-    """Fold differences that never change meaning: Unicode form, case, spacing, end punctuation."""
+    """Fold differences that never change meaning: invisible characters, Unicode form, case,
+    spacing, end punctuation. Only exact keys use it (what is embedded and cached is the prompt
+    as sent); a key changes only for a prompt that held an invisible character, and an entry
+    stored under such a key is no longer found by it (never another prompt's answer)."""
+    # Removed first: a combining mark after one ("e", U+200B, U+0301) then composes ("é").
+    text = _INVISIBLE.sub("", text)
     # Normalised again after folding: case folding can leave a form NFKC would compose (it
     # folds "ΐ" to iota + two combining marks), so equal text in other forms would keep two keys.
     folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())

@@ -38,6 +38,38 @@ class KeyRecord:
     expires_at: float | None = None  # set by a rotation with overlap
     revoked_at: float | None = None
 
+    @classmethod
+    def from_fields(cls, fields: object) -> KeyRecord:
+        """The record of fields read back from storage (a JSON object), for both registries.
+        KeyRegistryError naming the key and what is wrong if they are no record: not an object,
+        fields missing or unknown, or a field of another type (a hand-edited "revoked_at":
+        "2026-01-01" would otherwise fail every later lookup with a TypeError, far from its
+        cause, comparing it with the clock)."""
+        if not isinstance(fields, dict):
+            raise KeyRegistryError("key None: not a key record (not a JSON object)")
+        key_id = fields.get("key_id")
+        try:
+            record = cls(**fields)
+        except TypeError as exc:  # fields missing or unknown
+            raise KeyRegistryError(f"key {key_id!r}: not a key record ({exc})") from exc
+        if problem := record._wrong_field():
+            raise KeyRegistryError(f"key {key_id!r}: {problem}")
+        return record
+
+    def _wrong_field(self) -> str | None:
+        for name in ("key_id", "sha256", "tenant"):
+            if not isinstance(getattr(self, name), str):
+                return f"{name} must be text"
+        for name in ("created_at", "expires_at", "revoked_at"):
+            value = getattr(self, name)
+            # NaN compares false with every time: a revoked key whose revoked_at is NaN is valid.
+            if (value is None and name != "created_at") or (
+                isinstance(value, int | float) and not isinstance(value, bool) and value == value
+            ):
+                continue
+            return f"{name} must be a unix time in seconds"
+        return None
+
     def valid_at(self, now: float) -> bool:
         if self.revoked_at is not None and self.revoked_at <= now:
             return False
@@ -62,10 +94,17 @@ class KeyAdmin(Protocol):
 
     async def put(self, record: KeyRecord) -> None: ...
 
-    async def update(self, key_id: str, change: Callable[[KeyRecord], KeyRecord]) -> KeyRecord:
-        """Writes `change` of the record of `key_id` as it is now, with no other admin's write
-        in between (two admins rotating and revoking a key at once must not undo each other);
-        returns what was written. KeyNotFound if there is no such key."""
+    async def update(
+        self,
+        key_id: str,
+        change: Callable[[KeyRecord], KeyRecord],
+        *,
+        also_put: KeyRecord | None = None,
+    ) -> KeyRecord:
+        """Writes `change` of the record of `key_id` as it is now, and `also_put` if given, in
+        one step with no other admin's write in between (two admins rotating and revoking a
+        key at once must not undo each other); returns the changed record. KeyNotFound, and
+        nothing written, if there is no such key."""
         ...
 
     async def records(self) -> list[KeyRecord]: ...
@@ -87,12 +126,16 @@ def new_api_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
+def _new_key(tenant: str, now: float, api_key: str | None = None) -> tuple[str, KeyRecord]:
+    plain = api_key or new_api_key()
+    return plain, KeyRecord(secrets.token_hex(6), hash_api_key(plain), tenant, now)
+
+
 async def add_key(
     admin: KeyAdmin, tenant: str, now: float, api_key: str | None = None
 ) -> tuple[str, KeyRecord]:
     """A new key for `tenant`: (the plain key, shown once; its record)."""
-    plain = api_key or new_api_key()
-    record = KeyRecord(secrets.token_hex(6), hash_api_key(plain), tenant, now)
+    plain, record = _new_key(tenant, now, api_key)
     await admin.put(record)
     return plain, record
 
@@ -114,7 +157,7 @@ async def rotate_key(
             f"key {key_id} is {old.status(now)}: only a live key is rotated"
             f" (`keys add --tenant {old.tenant}` issues a new one)"
         )
-    plain, new = await add_key(admin, old.tenant, now)
+    plain, new = _new_key(old.tenant, now)
 
     def retire(current: KeyRecord) -> KeyRecord:
         expires = now + overlap_seconds
@@ -123,7 +166,9 @@ async def rotate_key(
         return replace(current, expires_at=expires)
 
     # Of the record as it is when written, not as read above: a revocation made meanwhile stays.
-    retired = await admin.update(key_id, retire)
+    # The new key is written in the same step: if the old one was deleted meanwhile, nothing is
+    # (written first, it stayed valid and was never shown).
+    retired = await admin.update(key_id, retire, also_put=new)
     return plain, new, retired
 
 
@@ -169,13 +214,21 @@ class FileKeyRegistry:
             records[record.key_id] = record
             _write(self._path, list(records.values()))
 
-    async def update(self, key_id: str, change: Callable[[KeyRecord], KeyRecord]) -> KeyRecord:
+    async def update(
+        self,
+        key_id: str,
+        change: Callable[[KeyRecord], KeyRecord],
+        *,
+        also_put: KeyRecord | None = None,
+    ) -> KeyRecord:
         # Read and written under the writers' lock: no other admin writes in between.
         with _locked(self._path):
             records = {r.key_id: r for r in _read(self._path)}
             if key_id not in records:
                 raise no_key(key_id)
             records[key_id] = changed = change(records[key_id])
+            if also_put is not None:
+                records[also_put.key_id] = also_put
             _write(self._path, list(records.values()))
         return changed
 
@@ -237,38 +290,10 @@ def _read_each(path: Path) -> tuple[list[KeyRecord], list[tuple[str | None, KeyR
         digest = item.get("sha256") if isinstance(item, dict) else None
         digest = digest if isinstance(digest, str) else None
         try:
-            record = KeyRecord(**item)
-        except TypeError as exc:  # not an object, or not a record's fields
-            key_id = item.get("key_id") if isinstance(item, dict) else None
-            bad.append((digest, KeyRegistryError(
-                f"key registry {path}: key {key_id!r}: not a key record ({exc})"
-            )))  # fmt: skip
-            continue
-        # A hand-edited field of the wrong type ("revoked_at": "2026-01-01") would otherwise
-        # fail every lookup and listing later with a TypeError, far from its cause.
-        if problem := wrong_field(record):
-            bad.append((digest, KeyRegistryError(
-                f"key registry {path}: key {record.key_id!r}: {problem}"
-            )))  # fmt: skip
-            continue
-        records.append(record)
+            records.append(KeyRecord.from_fields(item))
+        except KeyRegistryError as exc:
+            bad.append((digest, KeyRegistryError(f"key registry {path}: {exc}")))
     return records, bad
-
-
-def wrong_field(record: KeyRecord) -> str | None:
-    """What is wrong with a record read back from storage (a field of another type), if any."""
-    for name in ("key_id", "sha256", "tenant"):
-        if not isinstance(getattr(record, name), str):
-            return f"{name} must be text"
-    for name in ("created_at", "expires_at", "revoked_at"):
-        value = getattr(record, name)
-        # NaN compares false with every time: a revoked key whose revoked_at is NaN is valid.
-        if (value is None and name != "created_at") or (
-            isinstance(value, int | float) and not isinstance(value, bool) and value == value
-        ):
-            continue
-        return f"{name} must be a unix time in seconds"
-    return None
 
 
 def _write(path: Path, records: list[KeyRecord]) -> None:

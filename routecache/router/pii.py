@@ -35,6 +35,20 @@ def _digits(text: str) -> str:
     return "".join(c for c in text if c.isdigit())
 
 
+# Laid out as other numbers are written, with no + or ( to make them a phone number: an IPv4
+# address (four dotted parts of 0-255, no leading zeros) or a number with its thousands grouped
+# by spaces or dots ("123 456 789 012"; a leading 0, a trunk prefix, makes it a phone number).
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_NOT_A_PHONE = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}|[1-9]\d{{0,2}}([ .])\d{{3}}(?:\1\d{{3}})+")
+
+
+def _phone_valid(text: str) -> bool:
+    digits = len(_digits(text))
+    if not 9 <= digits <= 15 or ("+" not in text and "(" not in text and digits < 10):
+        return False
+    return _NOT_A_PHONE.fullmatch(text) is None
+
+
 # One run of digits, groups of four with a shorter last one, or Amex's 4-6-5.
 _CARD_LAYOUT = re.compile(r"\d+|\d{4}(?:[ -]\d{4})*(?:[ -]\d{1,4})?|\d{4}[ -]\d{6}[ -]\d{4,5}")
 
@@ -85,12 +99,13 @@ _DETECTORS = {
         # Tried first: France's five pairs (0X or +33 X, then four pairs, one separator
         # throughout; five pairs from 00, or mixed, are a list or a dump) and a + with digits
         # alone (10 or more, or a signed number would be one: a 9-digit number written
-        # compactly, +468123456, is missed). Never followed by ".5" (nor "...2671.2 miles").
+        # compactly, +468123456, is missed). Never followed by ".5" (nor "...2671.2 miles"),
+        # nor by ":46" (the date and hour of a timestamp, "2026-11-27 14:46:05").
         re.compile(r"(?<![\w+])(?:(?:\+\d{1,3}[ .-]?\d|0[1-9])([ .-])\d{2}(?:\1\d{2}){3}"
                    r"|\+\d{1,3}[ .-]\d{6,12}|\+\d{10,15}"
                    r"|(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}[ .-]\d{2,4}"
-                   r"(?:[ .-]\d{2,4}){0,2})(?![\w-]|\.\d)"),
-        lambda s: 9 <= len(_digits(s)) <= 15 and ("+" in s or "(" in s or len(_digits(s)) >= 10),
+                   r"(?:[ .-]\d{2,4}){0,2})(?![\w-]|[.:]\d)"),
+        _phone_valid,
     ),
 }  # fmt: skip
 

@@ -39,10 +39,17 @@ from routecache.router.budget import (
 )
 from routecache.router.cli import build_parser
 from routecache.router.cli import main as cli_main
-from routecache.router.keyring import KeyRecord, KeyRegistryError, add_key, rotate_key
+from routecache.router.keyring import (
+    KeyNotFound,
+    KeyRecord,
+    KeyRegistryError,
+    add_key,
+    revoke_key,
+    rotate_key,
+)
 from routecache.router.keys_cli import run_keys
 from routecache.router.quotas import Charge
-from tests.fakes import ManualClock, RevokedAfterFirstRead
+from tests.fakes import ManualClock, RacedAfterFirstRead
 from tests.integration.replicas import (
     ACME,
     Replica,
@@ -249,15 +256,33 @@ async def test_a_key_revoked_in_redis_while_it_is_rotated_stays_revoked(
     try:
         registry = RedisKeyRegistry(link, KeySpace())
         _, old = await add_key(registry, "acme", clock())
-        rotating = RevokedAfterFirstRead(
-            registry, RedisKeyRegistry(link, KeySpace()), old.key_id, clock()
+        other_admin = RedisKeyRegistry(link, KeySpace())
+        rotating = RacedAfterFirstRead(
+            registry, lambda: revoke_key(other_admin, old.key_id, clock())
         )
-        _, _, retired = await rotate_key(rotating, old.key_id, clock(), overlap_seconds=60)
-        assert retired.revoked_at == clock()
+        _, new, retired = await rotate_key(rotating, old.key_id, clock(), overlap_seconds=60)
+        assert retired.revoked_at == clock() and await registry.find(new.sha256) == new
         found = await registry.find(old.sha256)
         assert found is not None and not found.valid_at(clock())
     finally:
         await link.aclose()
+
+
+async def test_a_key_deleted_from_redis_while_it_is_rotated_fails_and_leaves_no_new_key(
+    redis_server: RedisServer,
+) -> None:
+    # Before: the new key was written first, then retiring the old one failed; the new key
+    # stayed valid and was never shown to anyone.
+    async with connected_link(redis_server) as (link, clock):
+        registry = RedisKeyRegistry(link, KeySpace())
+        _, old = await add_key(registry, "acme", clock())
+        _, kept = await add_key(registry, "acme", clock())
+        rotating = RacedAfterFirstRead(
+            registry, lambda: link.client.hdel(KeySpace().api_keys, old.sha256)
+        )
+        with pytest.raises(KeyNotFound, match=f"no key with id {old.key_id}"):
+            await rotate_key(rotating, old.key_id, clock(), overlap_seconds=60)
+        assert await registry.records() == [kept]
 
 
 async def test_a_key_change_made_over_another_admins_write_is_made_again_on_top_of_it(
@@ -343,7 +368,7 @@ _REVOKED_AS_TEXT = json.dumps(
     [
         (lambda r: r.set("rc:apikeys", "x"), "key registry in Redis: WRONGTYPE"),
         (lambda r: r.hset("rc:apikeys", "d" * 64, "{not json"), "a damaged record"),
-        (lambda r: r.hset("rc:apikeys", "d" * 64, '{"tenant": "acme"}'), "a damaged record"),
+        (lambda r: r.hset("rc:apikeys", "d" * 64, '{"tenant": "acme"}'), "not a key record"),
         (lambda r: r.hset("rc:apikeys", "d" * 64, _REVOKED_AS_TEXT), "revoked_at must be a unix"),
     ],
     ids=["a key of another type", "a record not JSON", "a record missing fields", "a date as text"],
@@ -366,7 +391,7 @@ def test_a_redis_key_registry_that_fails_after_connecting_is_one_line_and_exit_2
 @pytest.mark.parametrize(
     ("record", "message"),
     [
-        ('{"tenant": "acme"}', "a damaged record"),
+        ('{"key_id": "k", "tenant": "acme"}', "key 'k': not a key record"),
         (_REVOKED_AS_TEXT, "revoked_at must be"),
         (_REVOKED_AS_TEXT.replace('"2026-01-01"', "NaN"), "revoked_at must be"),
         ("[" * 100_000, "a damaged record"),

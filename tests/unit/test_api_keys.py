@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import threading
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,7 @@ from routecache.router.bootstrap import build_tenants
 from routecache.router.cli import build_parser, main
 from routecache.router.keyring import (
     FileKeyRegistry,
+    KeyNotFound,
     KeyRecord,
     KeyRegistryError,
     add_key,
@@ -29,7 +30,7 @@ from routecache.router.keyring import (
 )
 from routecache.router.keys_cli import run_keys
 from routecache.router.settings import ConfigError, load_settings
-from tests.fakes import ManualClock, RevokedAfterFirstRead
+from tests.fakes import ManualClock, RacedAfterFirstRead
 from tests.redis_fixture import free_port
 from tests.unit.conftest import make_harness, record_fsyncs
 from tests.unit.test_pipeline import ask
@@ -100,14 +101,36 @@ async def test_a_key_revoked_while_it_is_rotated_stays_revoked(tmp_path: Path) -
     path, clock = tmp_path / "keys.json", ManualClock()
     auth = authenticator(path, clock)
     old_plain, old = await add_key(FileKeyRegistry(path), "acme", clock())
-    rotating = RevokedAfterFirstRead(
-        FileKeyRegistry(path), FileKeyRegistry(path), old.key_id, clock()
+    rotating = RacedAfterFirstRead(
+        FileKeyRegistry(path), lambda: revoke_key(FileKeyRegistry(path), old.key_id, clock())
     )
     new_plain, _, retired = await rotate_key(rotating, old.key_id, clock(), overlap_seconds=60)
     assert retired.revoked_at == clock()
     with pytest.raises(Unauthenticated):
         await auth.resolve(old_plain)
     assert (await auth.resolve(new_plain)).name == "acme"
+
+
+def _delete_by_hand(path: Path, key_id: str) -> None:
+    body = json.loads(path.read_text())
+    body["keys"] = [k for k in body["keys"] if k["key_id"] != key_id]
+    path.write_text(json.dumps(body))
+
+
+async def test_a_key_deleted_while_it_is_rotated_fails_the_rotation_and_leaves_no_new_key(
+    tmp_path: Path,
+) -> None:
+    # Before: the new key was written first, then retiring the old one failed; the new key
+    # stayed valid and was never shown to anyone.
+    path, clock = tmp_path / "keys.json", ManualClock()
+    _, old = await add_key(FileKeyRegistry(path), "acme", clock())
+    _, kept = await add_key(FileKeyRegistry(path), "acme", clock())
+    rotating = RacedAfterFirstRead(
+        FileKeyRegistry(path), lambda: asyncio.to_thread(_delete_by_hand, path, old.key_id)
+    )
+    with pytest.raises(KeyNotFound, match=f"no key with id {old.key_id}"):
+        await rotate_key(rotating, old.key_id, clock(), overlap_seconds=60)
+    assert await FileKeyRegistry(path).records() == [kept]
 
 
 async def test_a_key_of_an_unconfigured_tenant_is_refused(tmp_path: Path) -> None:
@@ -253,6 +276,34 @@ def test_a_revocation_dated_later_takes_effect_then_for_both_validity_and_status
     record = KeyRecord("k", hash_api_key("x"), "acme", created_at=0.0, revoked_at=100.0)
     assert record.valid_at(99.0) and record.status(99.0) == "active"
     assert not record.valid_at(100.0) and record.status(100.0) == "revoked"
+
+
+_SOUND_FIELDS = {"key_id": "k", "sha256": "d" * 64, "tenant": "acme", "created_at": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ([1], r"key None: not a key record \(not a JSON object\)"),
+        ({"key_id": "k", "tenant": "acme"}, r"key 'k': not a key record \(.*sha256"),
+        ({**_SOUND_FIELDS, "owner": "x"}, r"key 'k': not a key record \(.*owner"),
+        ({**_SOUND_FIELDS, "tenant": 7}, "key 'k': tenant must be text"),
+        ({**_SOUND_FIELDS, "created_at": None}, "key 'k': created_at must be a unix time"),
+        ({**_SOUND_FIELDS, "expires_at": True}, "key 'k': expires_at must be a unix time"),
+        ({**_SOUND_FIELDS, "revoked_at": float("nan")}, "key 'k': revoked_at must be a unix"),
+    ],
+    ids=["not an object", "a field missing", "an unknown field", "a tenant not text",
+         "no creation time", "a flag for a time", "a revocation at NaN"],
+)  # fmt: skip
+def test_a_record_read_back_names_its_key_and_its_wrong_field(fields: object, message: str) -> None:
+    # One check for the file and the Redis registries, which each had their own.
+    with pytest.raises(KeyRegistryError, match=f"^{message}"):
+        KeyRecord.from_fields(fields)
+
+
+def test_a_sound_record_read_back_is_the_record_written() -> None:
+    record = KeyRecord("k", "d" * 64, "acme", 1.0, expires_at=2, revoked_at=None)
+    assert KeyRecord.from_fields(json.loads(json.dumps(asdict(record)))) == record
 
 
 async def test_a_deleted_registry_file_drops_every_key(tmp_path: Path) -> None:

@@ -270,3 +270,34 @@ def test_overlap_with_neighbours_agrees_with_comparing_every_finding() -> None:
             span = (start, start + length)
             every = any(span[0] < end and begin < span[1] for begin, end in taken)
             assert pii._overlaps(taken, span) is every, span
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "the gateway is 192.168.100.200 now", "the gateway is 172.16.254.10 now",
+        "connect to 10.100.200.250:8080",
+        "logged at 2026-11-27 14:46:05 UTC", "logged at 2026-11-27T14:46:05Z",
+        "am 27.11.2026 14:46 Uhr", "version 1.2.3.4", "build 10.0.19041.1234",
+        "sum 123 456 789 012", "that is 1 234 567 890 123 in all", "Summe 123.456.789.012",
+    ],
+    ids=["an IPv4 address", "an IPv4 address with two-digit parts", "an IPv4 address and port",
+         "a timestamp", "an ISO timestamp",
+         "a date and time", "a version", "a build number", "thousands grouped by spaces",
+         "a number past a trillion", "thousands grouped by dots"],
+)  # fmt: skip
+def test_addresses_timestamps_versions_and_grouped_numbers_are_not_phone_numbers(
+    text: str,
+) -> None:
+    # Before: an address, a timestamp's date and hour ("2026-11-27 14") and a number with
+    # its thousands grouped were redacted as phone numbers, damaging the answer.
+    assert found(text) == []
+
+
+@pytest.mark.parametrize(
+    "phone",
+    ["012 345 678 901", "+34 912 345 678", "+1 415.555.0132", "415.555.0132", "020 7946 0958"],
+)
+def test_phone_numbers_grouped_like_numbers_or_addresses_are_still_found(phone: str) -> None:
+    # A leading 0 (a trunk prefix) or a + makes groups of three a phone number, not thousands.
+    assert found(f"call {phone} today") == [("phone", phone)]

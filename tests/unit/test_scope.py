@@ -122,3 +122,27 @@ def test_canonically_equal_prompts_share_an_exact_key_after_case_folding() -> No
     # (capital Ϊ, then an acute) folds to ϊ + acute. Both are the same text in lower case.
     assert normalise_prompt("\u0390") == normalise_prompt("\u03aa\u0301")
     assert exact_key("s", "\u03c4\u0390") == exact_key("s", "\u03a4\u03aa\u0301")
+
+
+@pytest.mark.parametrize(
+    "invisible",
+    ["\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad", "\u200e", "\u202a\u202c"],
+    ids=["zero-width space", "ZWNJ", "ZWJ", "word joiner", "BOM", "soft hyphen",
+         "direction mark", "embedding"],
+)  # fmt: skip
+def test_invisible_format_characters_do_not_change_the_exact_key(invisible: str) -> None:
+    # Before: text pasted from a web page or a word processor, "Par\u200bis", kept its
+    # invisible characters in the key and never matched the same question typed plainly.
+    assert exact_key("s", f"What is Par{invisible}is?") == exact_key("s", "what is paris")
+
+
+def test_a_mark_split_from_its_letter_by_an_invisible_character_still_composes() -> None:
+    # Removed before normalising: "e", a zero-width space, then an acute is "é".
+    assert normalise_prompt("caf\u0065\u200b\u0301") == normalise_prompt("caf\u00e9")
+
+
+def test_tag_characters_that_name_a_flag_keep_flags_apart() -> None:
+    # Format characters that change what is shown stay: England's flag is not Scotland's.
+    england = "\U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f"
+    scotland = "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f"
+    assert exact_key("s", f"capital of {england}") != exact_key("s", f"capital of {scotland}")
