@@ -103,6 +103,10 @@ class RedisLink:
         self._refusals_logged: dict[str, float] = {}  # message -> when last logged
 
     @property
+    def probe_interval_seconds(self) -> float:
+        return self._probe_interval
+
+    @property
     def up(self) -> bool:
         return self._up.is_set()
 

@@ -167,6 +167,33 @@ async def test_the_flush_loop_writes_events_and_keeps_them_in_order_through_an_o
         await link.aclose()
 
 
+async def test_the_flush_loop_pauses_after_a_write_redis_refuses(
+    redis_server: RedisServer,
+) -> None:
+    # Refused (out of memory) the link stays up: the loop retried at once, over and over.
+    link = RedisLink(redis_server.url, timeout_seconds=0.5, max_connections=4,
+                     probe_interval_seconds=2.0)  # fmt: skip
+    assert await link.connect()
+    sink = RedisStreamEventSink(link, KeySpace())
+    loop = asyncio.create_task(sink.run())
+    try:
+        with redis_server.out_of_memory():
+            sink.emit("completion", {"tenant": "acme", "n": 0})
+            await eventually(lambda: link.refusals > 0, "the write is refused")
+            await asyncio.sleep(0.2)  # a loop retrying at once wrote hundreds of times here
+            assert link.refusals == 1 and sink.buffered == 1 and link.up
+
+        async def written() -> bool:
+            return [e["n"] for e in await read_events(link, KeySpace(), "acme")] == [0]
+
+        await eventually(written, "the refused event is written once Redis takes writes")
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+        await link.aclose()
+
+
 async def test_a_tenant_stream_is_trimmed_to_about_its_max_length(
     redis_server: RedisServer,
 ) -> None:
