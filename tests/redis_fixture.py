@@ -103,6 +103,20 @@ class RedisServer:
         finally:
             client.close()
 
+    @contextlib.contextmanager
+    def out_of_memory(self) -> Iterator[None]:
+        """Redis refuses every write (OOM under `noeviction`) but answers reads and pings."""
+        client = redis.Redis(host="127.0.0.1", port=self.port)
+        try:
+            client.config_set("maxmemory-policy", "noeviction")  # the default: said, not assumed
+            client.config_set("maxmemory", 1)
+            try:
+                yield
+            finally:
+                client.config_set("maxmemory", 0)
+        finally:
+            client.close()
+
     def debug_sleep(self, seconds: float) -> None:
         """Keep the server busy (it answers nobody) for `seconds`; blocks the caller as long."""
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=seconds + 5)

@@ -2,7 +2,8 @@
 
 Every Redis-backed part goes through one link, so the first failure anywhere switches all of
 them to their degraded paths at once (no part waits out its own timeout), and one probe brings
-them all back without a restart.
+them all back without a restart. An error Redis answers with (out of memory, a script error)
+fails only the call it answers: Redis is up, and a probe's PING would find it so at once.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from routecache.cache.ports import StoreUnavailable
 
@@ -28,6 +30,15 @@ HealthListener = Callable[[bool], Awaitable[None]]
 
 class RedisDown(StoreUnavailable):
     """Redis is unreachable or too slow; callers take their degraded path."""
+
+
+class RedisRefused(RedisDown):
+    """Redis answered this call with an error (OOM under `noeviction`, MISCONF, a script
+    error): the caller takes its degraded path for this call alone; the link stays up."""
+
+
+# A refusal's message is logged again only after this long: one line, not one per call.
+_REFUSAL_LOG_SECONDS = 60.0
 
 
 class _PatientSetup:
@@ -87,7 +98,13 @@ class RedisLink:
         self._listeners: list[HealthListener] = []
         self._probe: asyncio.Task[None] | None = None
         self._reported: bool | None = None
-        self.failures = 0
+        self.failures = 0  # calls (and pings) that marked the link down
+        self.refusals = 0  # calls Redis answered with an error: the link stayed up
+        self._refusals_logged: dict[str, float] = {}  # message -> when last logged
+
+    @property
+    def probe_interval_seconds(self) -> float:
+        return self._probe_interval
 
     @property
     def up(self) -> bool:
@@ -121,6 +138,23 @@ class RedisLink:
         if self._probe is None or self._probe.done():
             self._probe = asyncio.create_task(self._probe_until_up(), name="redis-probe")
 
+    def refused(self, exc: ResponseError) -> None:
+        """Counts a call Redis refused; logs each distinct error once per quiet minute."""
+        self.refusals += 1
+        message, now = str(exc), time.monotonic()
+        if now - self._refusals_logged.get(message, -_REFUSAL_LOG_SECONDS) < _REFUSAL_LOG_SECONDS:
+            return
+        # Only messages logged within the minute are kept: bounded by the lines logged.
+        self._refusals_logged = {
+            m: at for m, at in self._refusals_logged.items() if now - at < _REFUSAL_LOG_SECONDS
+        }
+        self._refusals_logged[message] = now
+        log.warning(
+            "redis refused a call (%s: %s): that call took its degraded path, redis stays in "
+            "use (%d refused so far; this error is logged again after %.0f s)",
+            type(exc).__name__, exc, self.refusals, _REFUSAL_LOG_SECONDS,
+        )  # fmt: skip
+
     async def _probe_until_up(self) -> None:
         while True:
             await asyncio.sleep(self._probe_interval)
@@ -153,10 +187,16 @@ class RedisLink:
 
 
 async def guarded(link: RedisLink, call: Callable[[], Awaitable[T]]) -> T:
-    """Run one Redis call; any Redis or socket failure marks the link down and raises RedisDown."""
+    """Run one Redis call. An error Redis answers with raises RedisRefused (a RedisDown) for this
+    call alone; any other Redis or socket failure marks the link down and raises RedisDown."""
     link.check()
     try:
         return await call()
+    except ResponseError as exc:
+        # Redis is up and answered: marked down, the probe's PING brought it straight back and
+        # the next write took it down again, every part on its fallback in between.
+        link.refused(exc)
+        raise RedisRefused(str(exc)) from exc
     except (RedisError, OSError) as exc:
         await link.mark_down(exc)
         raise RedisDown(str(exc)) from exc

@@ -8,7 +8,6 @@ counted, only when it is full) and they are flushed once Redis answers again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -17,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from routecache.backends.keys import KeySpace
-from routecache.backends.link import RedisDown, RedisLink, guarded
+from routecache.backends.link import RedisDown, RedisLink, RedisRefused, guarded
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +62,14 @@ class RedisStreamEventSink:
             await self._wake.wait()
             self._wake.clear()
             await self._link.wait_up()
-            with contextlib.suppress(RedisDown):
+            try:
                 await self.flush()
+            except RedisRefused:
+                # Up but refusing the write (out of memory): no "down" to wait out, so a pause,
+                # else the loop tried again at once, hundreds of times a second.
+                await asyncio.sleep(self._link.probe_interval_seconds)
+            except RedisDown:
+                pass  # the next round waits for the link to be up
             if self._queue:
                 self._wake.set()
 

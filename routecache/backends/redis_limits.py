@@ -51,6 +51,8 @@ class RedisQuotaLimiter:
         try:
             await self._run(tenant, charges, "debit")
         except RedisDown:
+            # Counted too: the answer's tokens went to this replica's buckets, not the shared.
+            self.fallbacks += 1
             await self._fallback.debit(tenant, charges)
 
     async def _run(self, tenant: str, charges: Sequence[Charge], mode: str) -> list[Any]:

@@ -140,6 +140,7 @@ class RedisSpendLedger:
             who = user if cap.per_user else ""
             # This call's own amount too: if Redis goes away while it runs, it still holds.
             self._last_committed[(tenant, who, ids[cap.period])] = float(value) + amount_usd
+        self._flush_in_background()
         return Reservation(rid, tenant, user, amount_usd)
 
     def _forget_past(self, ids: dict[Period, str]) -> None:
@@ -194,15 +195,17 @@ class RedisSpendLedger:
         settle_id = new_reservation_id() if record.calls or record.cost_usd > 0 else ""
         lifetime = self._retention.request_settle_seconds
         try:
-            return await guarded(
+            moved = await guarded(
                 self._link, lambda: self._apply(reservation, record, ids, settle_id, lifetime)
             )
-        except RedisDown:
+        except RedisDown:  # down, or up and refusing the write (RedisRefused)
             if settle_id:
                 self._in_doubt[settle_id] = _InDoubt(_slot(record, ids), record, reservation)
             else:
                 self._add_pending(record, ids)
             return await self._settle_locally(record, ids)
+        self._flush_in_background()
+        return moved
 
     async def _settle_locally(self, record: SpendRecord, ids: dict[Period, str]) -> Movement:
         """Counts a record Redis has not confirmed in the local ledger."""
@@ -397,9 +400,16 @@ class RedisSpendLedger:
         return None if task is None or task.done() else task
 
     async def _on_health(self, up: bool) -> None:
-        # In the background: the link's other listeners (cache health) must not wait on it.
+        if up:
+            self._flush_in_background()
+
+    def _flush_in_background(self) -> None:
+        """Starts a flush of what waits, unless one runs: when the link comes back up, and
+        after each write Redis takes (one it refused, out of memory, left the link up, and
+        its spend must reach the caps the other replicas check without waiting for an
+        outage). In the background: the link's other listeners must not wait on it."""
         waiting = self._pending or self._in_doubt or self._to_drop
-        if self._stopping or not (up and waiting):
+        if self._stopping or not waiting:
             return
         if self._flush_task is None or self._flush_task.done():
             self._flush_task = asyncio.create_task(self.flush(), name="spend-flush")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -14,6 +15,7 @@ from routecache.backends.redis_events import RedisStreamEventSink, read_events
 from routecache.backends.redis_spend import RedisSpendLedger
 from routecache.domain import Tier
 from routecache.errors import ResourceExhausted
+from routecache.router.budget import Cap, Period, Reservation
 from tests.fakes import ManualClock
 from tests.integration.replicas import (
     ACME,
@@ -53,6 +55,43 @@ async def test_spend_falls_back_to_the_replica_when_redis_is_down(
             return await other.spent_today("acme") == pytest.approx(0.75)
 
         await eventually(flushed, "the spend recorded while Redis was down reaches Redis")
+    finally:
+        await link.aclose()
+
+
+async def record_an_eighth(spend: RedisSpendLedger) -> float:
+    await spend.record("acme", 0.125)
+    return 0.125
+
+
+async def reserve_an_eighth(spend: RedisSpendLedger) -> float:
+    held = await spend.reserve("acme", "", 0.125, [Cap(Period.DAY, 10.0)])
+    assert isinstance(held, Reservation) and not held.local
+    return 0.0  # held, not spent
+
+
+@pytest.mark.parametrize("write", [record_an_eighth, reserve_an_eighth])
+async def test_spend_redis_refused_reaches_it_once_it_takes_writes_again(
+    redis_server: RedisServer, write: Callable[[RedisSpendLedger], Awaitable[float]]
+) -> None:
+    # Refused (out of memory) the link stays up, so no "up" notice starts the flush: the spend
+    # stayed on this replica, out of the caps every other replica checks in Redis.
+    clock = ManualClock()
+    link = link_to(redis_server)
+    spend = RedisSpendLedger(link, KeySpace(), clock)
+    assert await link.connect()
+    try:
+        await spend.record("acme", 0.25)
+        with redis_server.out_of_memory():
+            await spend.record("acme", 0.5)  # refused: kept here, counted against the cap
+            assert link.up and await spend.spent_today("acme") == pytest.approx(0.75)
+        spent = 0.75 + await write(spend)  # taken: what Redis refused follows it
+        other = RedisSpendLedger(link, KeySpace(), clock)  # as another replica sees it
+
+        async def flushed() -> bool:
+            return await other.spent_today("acme") == pytest.approx(spent)
+
+        await eventually(flushed, "the spend Redis refused reaches Redis")
     finally:
         await link.aclose()
 
@@ -160,6 +199,33 @@ async def test_the_flush_loop_writes_events_and_keeps_them_in_order_through_an_o
         events = await read_events(link, KeySpace(), "acme")
         assert [e["n"] for e in events] == [0, 1, 2, 3] and sink.dropped == 0
         assert all(e["kind"] == "completion" and before <= e["ts"] <= time.time() for e in events)
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+        await link.aclose()
+
+
+async def test_the_flush_loop_pauses_after_a_write_redis_refuses(
+    redis_server: RedisServer,
+) -> None:
+    # Refused (out of memory) the link stays up: the loop retried at once, over and over.
+    link = RedisLink(redis_server.url, timeout_seconds=0.5, max_connections=4,
+                     probe_interval_seconds=2.0)  # fmt: skip
+    assert await link.connect()
+    sink = RedisStreamEventSink(link, KeySpace())
+    loop = asyncio.create_task(sink.run())
+    try:
+        with redis_server.out_of_memory():
+            sink.emit("completion", {"tenant": "acme", "n": 0})
+            await eventually(lambda: link.refusals > 0, "the write is refused")
+            await asyncio.sleep(0.2)  # a loop retrying at once wrote hundreds of times here
+            assert link.refusals == 1 and sink.buffered == 1 and link.up
+
+        async def written() -> bool:
+            return [e["n"] for e in await read_events(link, KeySpace(), "acme")] == [0]
+
+        await eventually(written, "the refused event is written once Redis takes writes")
     finally:
         loop.cancel()
         with contextlib.suppress(asyncio.CancelledError):

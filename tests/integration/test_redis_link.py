@@ -249,3 +249,52 @@ async def test_a_call_with_every_connection_in_use_waits_for_one_instead_of_mark
         await pool.release(in_flight.pop())
     finally:
         await link.aclose()
+
+
+def refusal_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("redis refused")]
+
+
+async def test_a_write_redis_refuses_fails_that_call_alone_and_leaves_the_link_up(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Out of memory under `noeviction`: Redis answers, and refuses writes. Marked down, the link
+    # flapped (the ping probe brought it back, the next write took it down again), sending every
+    # part to its fallback in between and logging each cycle.
+    link = link_to(redis_server.url)
+    heard: list[bool] = []
+
+    async def listener(up: bool) -> None:
+        heard.append(up)
+
+    link.subscribe(listener)
+    try:
+        assert await link.connect()
+        with redis_server.out_of_memory():
+            for _ in range(3):
+                with pytest.raises(RedisDown):  # what every part takes its fallback on
+                    await guarded(link, lambda: link.client.set("k", "v"))
+            assert await guarded(link, lambda: link.client.get("k")) is None  # reads answered
+            assert link.up and heard == [True] and probes_running() == 0
+            assert link.failures == 0 and link.refusals == 3
+        assert await guarded(link, lambda: link.client.set("k", "v"))  # no reconnect cycle
+        assert heard == [True] and len(refusal_lines(caplog)) == 1
+    finally:
+        await link.aclose()
+
+
+async def test_refusals_are_logged_once_per_distinct_error_not_once_per_call(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    link = link_to(redis_server.url)
+    try:
+        assert await link.connect()
+        for error in ("script failed: boom", "script failed: boom", "script failed: bang"):
+            with pytest.raises(RedisDown):
+                await guarded(link, lambda e=error: link.client.eval(  # type: ignore[misc]
+                    "return redis.error_reply(ARGV[1])", 0, e))  # fmt: skip
+        lines = refusal_lines(caplog)
+        assert len(lines) == 2 and "boom" in lines[0] and "bang" in lines[1]
+        assert link.up and link.refusals == 3 and link.failures == 0
+    finally:
+        await link.aclose()
