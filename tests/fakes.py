@@ -4,14 +4,57 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from routecache.domain import Completion, GenerationParams, Message
 from routecache.errors import UpstreamError
 from routecache.router.keyring import KeyAdmin, KeyRecord
+from routecache.router.pipeline import Pipeline
 from routecache.router.ports import UpstreamReply
+from routecache.router.single_flight import SingleFlight
 from routecache.router.telemetry import path_of
+
+
+async def eventually(
+    check: Callable[[], bool | Awaitable[bool]], what: str, within: float = 10.0
+) -> None:
+    """Waits for a condition a background task or thread brings about; fails after `within`
+    seconds. Returns as soon as it holds, so a generous `within` costs nothing when all is well
+    and only a loaded host's slow task is waited for, instead of a fixed sleep racing it."""
+    deadline = time.monotonic() + within
+    while True:
+        outcome = check()
+        if not isinstance(outcome, bool):
+            outcome = await outcome
+        if outcome:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within} s: {what}")
+        await asyncio.sleep(0.005)
+
+
+class CountingSingleFlight(SingleFlight[Any]):
+    """A SingleFlight that records the key of each caller as it arrives. A caller that arrives
+    while an earlier caller's call is held (its upstream gated) waits to share that call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived: list[str] = []
+
+    async def run(self, key: str, *args: Any, **kwargs: Any) -> tuple[Any, bool]:
+        self.arrived.append(key)
+        return await super().run(key, *args, **kwargs)
+
+
+def count_shared_calls(pipeline: Pipeline) -> CountingSingleFlight:
+    """Puts a CountingSingleFlight in the pipeline, so a test can wait for a request to reach
+    the shared call instead of sleeping while it is embedded on a worker thread."""
+    flight = CountingSingleFlight()
+    pipeline._single_flight = flight
+    return flight
 
 
 class ManualClock:

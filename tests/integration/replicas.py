@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from routecache.cache.embedder import HashEmbedder
@@ -16,6 +14,7 @@ from routecache.router.auth import hash_api_key
 from routecache.router.bootstrap import Overrides, Service, build_service, start_service
 from routecache.router.settings import Settings, load_settings
 from tests.fakes import FakeUpstream, ManualClock, json_answer, prose_answer
+from tests.fakes import eventually as eventually  # the integration tests import it from here
 
 KEYS = {"acme": "key-acme", "globex": "key-globex"}
 ACME, GLOBEX = KEYS["acme"], KEYS["globex"]
@@ -86,22 +85,6 @@ def ask(
 def real_clock() -> ManualClock:
     """Starts at the real time, since Redis' own expiry backstop runs on it."""
     return ManualClock(time.time())
-
-
-async def eventually(
-    check: Callable[[], bool | Awaitable[bool]], what: str, within: float = 10.0
-) -> None:
-    """Waits for a condition another replica brings about; fails after `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        outcome = check()
-        if not isinstance(outcome, bool):
-            outcome = await outcome
-        if outcome:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within} s: {what}")
-        await asyncio.sleep(0.01)
 
 
 def ids_near(replica: Replica, tenant: str, prompt: str) -> list[str]:
