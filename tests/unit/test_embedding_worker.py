@@ -14,6 +14,7 @@ from routecache.cache.embedder import HashEmbedder
 from routecache.cache.embedding_worker import BatchPolicy, EmbeddingWorker, _Pending, length_buckets
 from routecache.router.bootstrap import build_embedding_worker
 from routecache.router.settings import load_settings
+from tests.fakes import eventually
 
 
 class RecordingEmbedder(HashEmbedder):
@@ -26,8 +27,10 @@ class RecordingEmbedder(HashEmbedder):
         self.gate.set()
         self.error: Exception | None = None  # raised by every pass while set
         self.fail_on = "\0"  # a pass with a text containing this fails with RuntimeError
+        self.entered = 0  # passes that have reached the encoder (held there while the gate is shut)
 
     def encode(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        self.entered += 1
         self.gate.wait(5)
         self.batches.append(list(texts))
         if self.error is not None:
@@ -44,7 +47,7 @@ async def held_in_a_pass(
     worker = EmbeddingWorker(embedder)
     embedder.gate.clear()
     busy = asyncio.ensure_future(worker.embed("keeps the encoder busy"))
-    await asyncio.sleep(0.05)
+    await eventually(lambda: embedder.entered == 1, "the first pass is inside the encoder")
     return worker, busy
 
 
@@ -53,9 +56,9 @@ async def test_requests_waiting_behind_a_pass_go_into_the_next_pass_together() -
     worker = EmbeddingWorker(embedder, BatchPolicy(max_batch=32))
     embedder.gate.clear()
     first = asyncio.ensure_future(worker.embed("the first question"))
-    await asyncio.sleep(0.05)  # the first pass is now blocked inside the encoder
+    await eventually(lambda: embedder.entered == 1, "the first pass is inside the encoder")
     rest = [asyncio.ensure_future(worker.embed(f"question number {i:02d}")) for i in range(10)]
-    await asyncio.sleep(0.01)
+    await eventually(lambda: worker.pending == 11, "the ten queued behind the first pass")
     embedder.gate.set()
     vectors = await asyncio.gather(first, *rest)
     worker.close()
@@ -118,13 +121,14 @@ async def test_a_caller_that_gave_up_is_not_encoded() -> None:
     embedder = RecordingEmbedder()
     worker, busy = await held_in_a_pass(embedder)
     abandoned = asyncio.ensure_future(worker.embed("nobody waits for me"))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: worker.pending == 2, "the abandoned text is queued")
     abandoned.cancel()
     embedder.gate.set()
     await busy
-    await asyncio.sleep(0.05)
+    # Passes run in order: once a later text is answered, a pass of the abandoned one is past.
+    await asyncio.wait_for(worker.embed("a later question"), timeout=5)
     worker.close()
-    assert embedder.batches == [["keeps the encoder busy"]]
+    assert embedder.batches == [["keeps the encoder busy"], ["a later question"]]
 
 
 class ShortEmbedder(RecordingEmbedder):
@@ -163,8 +167,7 @@ async def test_pending_counts_the_texts_in_the_encoder_and_those_queued_behind_i
     embedder = RecordingEmbedder()
     worker, busy = await held_in_a_pass(embedder)
     queued = [asyncio.ensure_future(worker.embed(f"queued question {i}")) for i in range(2)]
-    await asyncio.sleep(0.01)
-    assert worker.pending == 3
+    await eventually(lambda: worker.pending == 3, "pending counts the pass and the two queued")
     embedder.gate.set()
     await asyncio.wait_for(asyncio.gather(busy, *queued), timeout=5)
     assert worker.pending == 0
@@ -175,7 +178,7 @@ async def test_closing_cancels_the_callers_still_queued() -> None:
     embedder = RecordingEmbedder()
     worker, busy = await held_in_a_pass(embedder)
     queued = asyncio.ensure_future(worker.embed("still waiting"))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: worker.pending == 2, "the second text is queued")
     worker.close()
     try:
         with pytest.raises(asyncio.CancelledError):
@@ -191,7 +194,7 @@ async def test_an_error_in_one_bucket_leaves_the_other_buckets_of_that_drain_ans
     worker, busy = await held_in_a_pass(embedder)
     failing = asyncio.ensure_future(worker.embed("boom"))
     long = asyncio.ensure_future(worker.embed("a much longer question " * 10))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: worker.pending == 3, "both texts are queued")
     embedder.gate.set()
     with pytest.raises(RuntimeError, match="encoder broke"):
         await asyncio.wait_for(failing, timeout=5)
@@ -209,7 +212,7 @@ async def one_leaving_a_pass_of_two(
     embedder.gate.clear()
     leaving = asyncio.ensure_future(worker.embed("question one"))
     staying = asyncio.ensure_future(worker.embed("question two"))
-    await asyncio.sleep(0.05)  # both are in the encoder's pass
+    await eventually(lambda: embedder.entered == 1, "both are in the encoder's pass")
     leaving.cancel()
     embedder.gate.set()
     return worker, staying
@@ -255,17 +258,18 @@ async def test_a_caller_that_gives_up_while_an_earlier_bucket_runs_is_not_encode
     await asyncio.to_thread(embedder.started.acquire, timeout=5)
     short = asyncio.ensure_future(worker.embed("short one"))
     abandoned = asyncio.ensure_future(worker.embed("a much longer question " * 10))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: worker.pending == 3, "both texts are queued")
     embedder.steps.release()  # the busy pass ends; the short bucket goes in, the long one waits
     await asyncio.to_thread(embedder.started.acquire, timeout=5)
     abandoned.cancel()
     embedder.steps.release()
     await asyncio.wait_for(asyncio.gather(busy, short), timeout=5)
-    await asyncio.sleep(0.05)
     embedder.steps.release()  # would let a pass of the abandoned text through
-    await asyncio.sleep(0.05)
+    embedder.steps.release()  # the later text's pass
+    # Passes run in order: once a later text is answered, a pass of the abandoned one is past.
+    await asyncio.wait_for(worker.embed("a later question"), timeout=5)
     worker.close()
-    assert embedder.batches == [["keeps the encoder busy"], ["short one"]]
+    assert embedder.batches == [["keeps the encoder busy"], ["short one"], ["a later question"]]
 
 
 async def test_closing_cancels_the_callers_whose_texts_were_already_taken_from_the_queue() -> None:
@@ -273,11 +277,11 @@ async def test_closing_cancels_the_callers_whose_texts_were_already_taken_from_t
     worker, busy = await held_in_a_pass(embedder)
     short = asyncio.ensure_future(worker.embed("short one"))
     long = asyncio.ensure_future(worker.embed("a much longer question " * 10))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: worker.pending == 3, "both texts are queued")
     embedder.gate.set()  # the busy pass ends; the next drain takes both, the short bucket first
     embedder.gate.clear()
     await asyncio.wait_for(busy, timeout=5)
-    await asyncio.sleep(0.05)  # the short bucket's pass is held; the long one waits its turn
+    await eventually(lambda: embedder.entered == 2, "the short bucket's pass is held")  # long waits
     worker.close()
     embedder.gate.set()
     for caller in (short, long):  # in no queue, but they must not wait forever
@@ -310,7 +314,7 @@ async def test_pending_counts_every_text_of_a_pass_of_several() -> None:
     busy = asyncio.ensure_future(worker.embed("keeps the encoder busy"))
     await asyncio.to_thread(embedder.started.acquire, timeout=5)
     pair = [asyncio.ensure_future(worker.embed(f"queued question {i}")) for i in range(2)]
-    await asyncio.sleep(0.01)
+    await eventually(lambda: worker.pending == 3, "both texts are queued")
     embedder.steps.release()  # the busy pass ends; the two queued texts go in together
     await asyncio.to_thread(embedder.started.acquire, timeout=5)
     assert worker.pending == 2
