@@ -55,7 +55,7 @@ from routecache.router.events import InMemoryEventLog
 from routecache.router.quotas import Charge, InMemoryQuotaLimiter, user_slot
 from routecache.router.tokens import estimate_tokens, request_prompt_tokens
 from routecache.router.upstream.failover import AllProvidersFailed
-from tests.fakes import ManualClock, RecordingTelemetry
+from tests.fakes import ManualClock, RecordingTelemetry, count_shared_calls, eventually
 from tests.unit.conftest import KEYS, Harness, make_harness
 from tests.unit.test_pipeline import ask, json_request
 
@@ -394,6 +394,11 @@ async def spend_of(harness: Harness, tenant: str = "acme", user: str = "") -> fl
     return totals[Period.DAY].cost_usd
 
 
+async def has_spent(harness: Harness, user: str = "") -> bool:
+    """For eventually(): a spend written by a task or finaliser the test does not await."""
+    return await spend_of(harness, user=user) > 0
+
+
 def held_usd(harness: Harness) -> float:
     """What the harness's in-process ledger holds reserved for acme as a whole."""
     ledger = harness.service.pipeline.costs.ledger
@@ -435,8 +440,7 @@ async def concurrent_wave(harness: Harness, wave: int, n: int = 50) -> tuple[int
         calls = len(harness.strong.calls) + len(harness.cheap.calls) - calls_before
         return calls + sum(t.done() for t in tasks)
 
-    while waiting() < n:  # noqa: ASYNC110
-        await asyncio.sleep(0.001)
+    await eventually(lambda: waiting() >= n, f"all {n} requests refused or in their call")
     gate.set()
     results = await asyncio.gather(*tasks, return_exceptions=True)
     refused = sum(isinstance(r, ResourceExhausted) for r in results)
@@ -531,10 +535,11 @@ async def two_identical_in_flight(
     """Two identical requests, the second sharing the first's call, held until `gate` opens."""
     harness.strong.gate = gate = asyncio.Event()
     complete = harness.service.pipeline.complete
+    flight = count_shared_calls(harness.service.pipeline)
     first = asyncio.create_task(complete(costly("same"), ACME))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: harness.strong.calls == ["same"], "the first request's call")
     second = asyncio.create_task(complete(costly("same"), ACME))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: len(flight.arrived) == 2, "the second request joins the call")
     return first, second, gate
 
 
@@ -558,7 +563,7 @@ async def test_a_request_that_takes_over_a_cancelled_call_reserves_for_it() -> N
     first, second, gate = await two_identical_in_flight(harness)
     complete = harness.service.pipeline.complete
     first.cancel()  # its reservation goes; the second request makes the call and reserves
-    await asyncio.sleep(0.01)
+    await eventually(lambda: harness.strong.calls == ["same"] * 2, "the second request's call")
     with pytest.raises(ResourceExhausted):  # no room left beside the second's reservation
         await complete(costly("other"), ACME)
     gate.set()
@@ -595,11 +600,12 @@ async def test_a_request_sharing_a_call_refused_by_another_users_cap_makes_the_c
     harness = budget_harness(user_daily_usd=1.5 * one)
     complete, costs = harness.service.pipeline.complete, harness.service.pipeline.costs
     await complete(costly("before", user="u1"), ACME)
-    costs.ledger = SlowLedger(costs.ledger, gate := asyncio.Event())
+    costs.ledger = held = SlowLedger(costs.ledger, gate := asyncio.Event())
+    flight = count_shared_calls(harness.service.pipeline)
     u1 = asyncio.create_task(complete(costly("same", user="u1"), ACME))
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(held.waiting.wait(), timeout=10)  # u1's reservation is held
     u2 = asyncio.create_task(complete(costly("same", user="u2"), ACME))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: len(flight.arrived) == 2, "u2 joins u1's call")
     gate.set()
     with pytest.raises(ResourceExhausted, match="per-user"):
         await u1
@@ -636,11 +642,7 @@ async def test_a_stop_cancelled_while_it_waits_leaves_the_spend_writes_running(
     with pytest.raises(asyncio.CancelledError):
         await closing
     gate.set()
-    for _ in range(200):
-        if await spend_of(harness) > 0:
-            break
-        await asyncio.sleep(0.005)
-    assert await spend_of(harness) > 0
+    await eventually(lambda: has_spent(harness), "the spend write ran on after the stop")
     assert "spend write" not in caplog.text  # written: nothing to report
     await harness.service.aclose()
 
@@ -836,10 +838,8 @@ async def test_streams_are_paid_for_whole_or_cut_short() -> None:
     stream = pipeline.complete_stream(costly("cut short", user="u2"), ACME)
     assert isinstance(await anext(stream), str)
     await stream.aclose()
-    for _ in range(200):  # the inner generators are closed by the loop's finaliser
-        if await spend_of(harness, user="u2") > 0:
-            break
-        await asyncio.sleep(0.005)
+    # The inner generators are closed by the loop's finaliser.
+    await eventually(lambda: has_spent(harness, user="u2"), "the cut stream's spend")
     assert 0 < await spend_of(harness, user="u2") < whole.usage.cost_usd
     await harness.service.aclose()
 
@@ -960,11 +960,12 @@ async def test_a_request_sharing_a_call_is_booked_as_saved_in_its_users_slot() -
     harness = budget_harness(daily_usd=10.0)
     harness.strong.gate = gate = asyncio.Event()
     complete = harness.service.pipeline.complete
+    flight = count_shared_calls(harness.service.pipeline)
     long_id = "v" * 100  # hashed into its slot
     first = asyncio.create_task(complete(costly("same", user="u1"), ACME))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: harness.strong.calls == ["same"], "the first request's call")
     second = asyncio.create_task(complete(costly("same", user=long_id), ACME))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: len(flight.arrived) == 2, "the second request joins the call")
     gate.set()
     made, _ = await asyncio.gather(first, second)
     ledger = harness.service.pipeline.costs.ledger
@@ -984,10 +985,8 @@ async def cut_short(harness: Harness, request: ChatRequest) -> tuple[str, Totals
     first = await anext(stream)
     assert isinstance(first, str)
     await stream.aclose()
-    for _ in range(200):  # the inner generators are closed by the loop's finaliser
-        if await spend_of(harness) > 0:
-            break
-        await asyncio.sleep(0.005)
+    # The inner generators are closed by the loop's finaliser.
+    await eventually(lambda: has_spent(harness), "the cut stream's spend")
     day = (await harness.service.pipeline.costs.ledger.totals("acme", "u1"))[Period.DAY]
     return first, day
 
@@ -1020,8 +1019,7 @@ async def test_a_stream_cancelled_before_its_first_word_pays_nothing() -> None:
     harness.strong.gate = asyncio.Event()  # the call never answers
     stream = harness.service.pipeline.complete_stream(costly("q"), ACME)
     waiting = asyncio.create_task(anext(stream))
-    while not harness.strong.calls:  # noqa: ASYNC110
-        await asyncio.sleep(0.001)
+    await eventually(lambda: bool(harness.strong.calls), "the stream's upstream call")
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting

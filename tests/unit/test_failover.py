@@ -29,7 +29,7 @@ from routecache.router.events import InMemoryEventLog
 from routecache.router.ports import Pricing
 from routecache.router.upstream.breaker import BreakerState, CircuitBreaker
 from routecache.router.upstream.failover import AllProvidersFailed, Failover, OpenedStream, Provider
-from tests.fakes import FakeUpstream, ManualClock
+from tests.fakes import FakeUpstream, ManualClock, count_shared_calls, eventually
 from tests.unit.conftest import KEYS, unit_settings
 
 ACME, GLOBEX = KEYS["acme"], KEYS["globex"]
@@ -196,10 +196,11 @@ async def test_a_shared_call_cut_short_by_its_callers_deadline_is_retried_by_a_l
     for up in r.ups.values():
         up.gate = gate  # hangs until set
     request = ChatRequest(messages=(Message(Role.USER, "slow"),))
-    complete = r.service.pipeline.complete
+    complete, flight = r.service.pipeline.complete, count_shared_calls(r.service.pipeline)
     hurried = asyncio.create_task(complete(request, ACME, 0.3))
-    await asyncio.sleep(0.05)
+    await eventually(lambda: r.ups["cheap"].calls == ["slow"], "the hurried request's call")
     patient = asyncio.create_task(complete(request, ACME, 5.0))
+    await eventually(lambda: len(flight.arrived) == 2, "the patient request joined the call")
     with pytest.raises(Unavailable, match="deadline"):
         await asyncio.wait_for(hurried, 5)
     gate.set()
@@ -214,11 +215,11 @@ async def test_a_shared_call_that_failed_in_time_fails_for_all_who_shared_it() -
     for up in r.ups.values():
         up.gate, up.fail_with = gate, DOWN
     request = ChatRequest(messages=(Message(Role.USER, "down"),))
-    complete = r.service.pipeline.complete
+    complete, flight = r.service.pipeline.complete, count_shared_calls(r.service.pipeline)
     first = asyncio.create_task(complete(request, ACME, 1.0))
-    await asyncio.sleep(0.05)
+    await eventually(lambda: r.ups["cheap"].calls == ["down"], "the first request's call")
     second = asyncio.create_task(complete(request, ACME, 5.0))
-    await asyncio.sleep(0.05)
+    await eventually(lambda: len(flight.arrived) == 2, "the second request joined the call")
     gate.set()
     results = await asyncio.gather(first, second, return_exceptions=True)
     assert all(isinstance(e, Unavailable) for e in results)
@@ -512,8 +513,8 @@ async def test_a_probe_whose_caller_is_cancelled_frees_its_slot() -> None:
     clock.advance(30)
     cheap.gate = asyncio.Event()
     call = asyncio.create_task(failover.complete(REQUEST, Tier.CHEAP, clock() + 10))
-    await asyncio.sleep(0.01)
-    assert cheap.calls and not breaker.allow()  # the probe is out
+    await eventually(lambda: bool(cheap.calls), "the probe's call")
+    assert not breaker.allow()  # the probe is out
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
@@ -566,12 +567,14 @@ async def test_a_probe_stream_cancelled_midway_frees_its_own_slot_only() -> None
     first = await failover.open_stream(REQUEST, Tier.CHEAP, clock() + 10)
     await failover.open_stream(REQUEST, Tier.CHEAP, clock() + 10)  # the other probe, still out
 
+    received: list[str] = []
+
     async def read(opened: OpenedStream) -> None:
-        async for _ in failover.deltas(opened, clock() + 10):
-            pass
+        async for delta in failover.deltas(opened, clock() + 10):
+            received.append(delta)
 
     reading = asyncio.create_task(read(first))
-    await asyncio.sleep(0.01)  # waiting on the stalled stream
+    await eventually(lambda: received == ["first "], "waiting on the stalled stream")
     reading.cancel()
     with pytest.raises(asyncio.CancelledError):
         await reading

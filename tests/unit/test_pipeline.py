@@ -2,7 +2,6 @@ import asyncio
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -38,7 +37,7 @@ from routecache.router.bootstrap import Overrides, Service, build_service
 from routecache.router.budget import Period
 from routecache.router.logs import REQUEST_ID
 from routecache.router.tenant_admin import InvalidateTarget
-from tests.fakes import FakeUpstream, json_answer, prose_answer
+from tests.fakes import FakeUpstream, count_shared_calls, eventually, json_answer, prose_answer
 from tests.unit.conftest import KEYS, Harness, make_harness, unit_settings
 from tests.unit.test_registry_reload import _registry_with, fake_load
 
@@ -188,9 +187,7 @@ async def test_a_model_swap_mid_request_reports_the_version_that_routed_it(
     # Until it is routed and waiting on the cheap model. The prompt is embedded on a worker
     # thread first: a bounded number of loop turns can run out before it is done on a busy
     # machine, and the swap then lands before routing (the request reports v2).
-    async with asyncio.timeout(30):
-        while not cheap.calls:  # noqa: ASYNC110
-            await asyncio.sleep(0.001)
+    await eventually(lambda: bool(cheap.calls), "routed and waiting on the cheap model", 30)
     registry.promote("v2")
     assert await classifier.refresh() is True
     assert cheap.gate is not None
@@ -354,25 +351,14 @@ async def test_upstream_failure_is_unavailable_with_models_named(harness: Harnes
     assert (stats.requests, stats.misses, stats.validation_failures) == (1, 0, 0)
 
 
-async def test_identical_concurrent_requests_share_one_upstream_call(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_identical_concurrent_requests_share_one_upstream_call(harness: Harness) -> None:
     harness.cheap.gate = asyncio.Event()
     pipeline = harness.service.pipeline
-    joined, all_joined = [], asyncio.Event()
-    run = pipeline._single_flight.run
-
-    def counted_run(*args: Any, **kwargs: Any) -> Any:
-        joined.append(args)
-        if len(joined) == 3:
-            all_joined.set()
-        return run(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline._single_flight, "run", counted_run)
+    flight = count_shared_calls(pipeline)
     tasks = [asyncio.create_task(pipeline.complete(ask("same question"), ACME)) for _ in range(3)]
     # The call is held until all three have joined it: a fixed sleep let a caller slowed down
     # on a busy machine arrive after the call had ended and make its own (a flaky failure).
-    await asyncio.wait_for(all_joined.wait(), 10)
+    await eventually(lambda: len(flight.arrived) == 3, "all three requests joined the call")
     harness.cheap.gate.set()
     results = await asyncio.gather(*tasks)
     assert harness.cheap.calls == ["same question"]
@@ -393,12 +379,13 @@ async def test_a_forced_tier_does_not_share_a_call_routed_to_another_tier(
     # The same prompt in the same scope, routed cheap and forced strong: one call per tier.
     gate = harness.cheap.gate = harness.strong.gate = asyncio.Event()
     pipeline = harness.service.pipeline
+    flight = count_shared_calls(pipeline)
     routed = asyncio.create_task(pipeline.complete(ask("same question"), ACME))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: harness.cheap.calls == ["same question"], "the routed call")
     forced = asyncio.create_task(
         pipeline.complete(ask("same question", force_tier=Tier.STRONG), ACME)
     )
-    await asyncio.sleep(0.01)
+    await eventually(lambda: len(flight.arrived) == 2, "the forced request reached its call")
     gate.set()
     cheap, strong = await asyncio.gather(routed, forced)
     assert (cheap.tier, strong.tier) == (Tier.CHEAP, Tier.STRONG)
@@ -413,12 +400,13 @@ async def test_a_cancelled_caller_does_not_cancel_those_sharing_its_call(
     # request that joined it must still get an answer, not the first caller's cancellation.
     harness.cheap.gate = asyncio.Event()
     pipeline = harness.service.pipeline
+    flight = count_shared_calls(pipeline)
     first = asyncio.create_task(pipeline.complete(ask("shared question"), ACME))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: harness.cheap.calls == ["shared question"], "the first call")
     second = asyncio.create_task(pipeline.complete(ask("shared question"), ACME))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: len(flight.arrived) == 2, "the second request joined the call")
     first.cancel()
-    await asyncio.sleep(0.01)
+    await eventually(lambda: len(harness.cheap.calls) == 2, "the second makes its own call")
     harness.cheap.gate.set()
     done = await second
     assert first.cancelled()

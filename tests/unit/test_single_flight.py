@@ -9,6 +9,7 @@ import logging
 import pytest
 
 from routecache.router.single_flight import SingleFlight
+from tests.fakes import eventually
 
 
 async def test_a_failed_call_nobody_shared_leaves_no_unretrieved_exception(
@@ -43,7 +44,7 @@ async def test_callers_left_by_a_cancelled_maker_share_one_new_call() -> None:
     waiting = [asyncio.create_task(flight.run("k", work)) for _ in range(3)]
     await asyncio.sleep(0)
     maker.cancel()
-    await asyncio.sleep(0.01)
+    await eventually(lambda: len(calls) == 2, "one of the callers left makes a new call")
     gate.set()
     results = await asyncio.gather(*waiting)
     assert calls == [0, 1]  # the maker's, then one more for the three it left
