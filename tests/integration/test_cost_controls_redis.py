@@ -208,8 +208,8 @@ async def test_fifty_concurrent_requests_on_two_replicas_overrun_the_cap_by_one_
         def waiting() -> int:
             return sum(len(r.strong.calls) for r in replicas) + sum(t.done() for t in tasks)
 
-        while waiting() < CALLERS:  # noqa: ASYNC110 (the fakes signal no call start)
-            await asyncio.sleep(0.005)
+        # The fakes signal no call start: poll until each caller is refused or in its call.
+        await eventually(lambda: waiting() >= CALLERS, "every caller refused or in its call")
         gate.set()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         refused = [r for r in results if isinstance(r, ResourceExhausted)]
@@ -1500,12 +1500,17 @@ async def test_the_stop_flushes_the_spend_still_pending_when_redis_answers(
 
 class BrokenSync:
     """A replica sync whose index rebuild fails, and whose loop swallows the first cancel
-    (as a cancel that lands as a socket timeout does on Python 3.11)."""
+    (as a cancel that lands as a socket timeout does on Python 3.11). `running` is set once
+    the loop runs: a cancel before that never reaches the suppress."""
+
+    def __init__(self) -> None:
+        self.running = asyncio.Event()
 
     async def rebuild(self) -> None:
         raise RuntimeError("a corrupt row")
 
     async def run(self) -> None:
+        self.running.set()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.Event().wait()
         await asyncio.Event().wait()
@@ -1516,7 +1521,8 @@ async def test_a_failed_rebuild_marks_redis_down_and_the_stop_ends_every_task_an
 ) -> None:
     link, clock = link_to(redis_server), ManualClock()
     ledger = RedisSpendLedger(link, KeySpace(), clock)
-    storage = RedisStorage(link, BrokenSync(), None, ledger)  # type: ignore[arg-type]
+    sync = BrokenSync()
+    storage = RedisStorage(link, sync, None, ledger)  # type: ignore[arg-type]
     health: list[bool] = []
 
     async def cache_health(up: bool) -> None:
@@ -1524,7 +1530,7 @@ async def test_a_failed_rebuild_marks_redis_down_and_the_stop_ends_every_task_an
 
     await storage.start(cache_health)
     assert health[:2] == [True, False]  # the cache is bypassed, not served half rebuilt
-    await asyncio.sleep(0.1)  # the sync loop is under way
+    await asyncio.wait_for(sync.running.wait(), 10)  # the sync loop is under way
     async with asyncio.timeout(5):
         await storage.aclose()
     assert all(task.done() for task in storage._tasks)

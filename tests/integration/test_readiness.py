@@ -28,7 +28,7 @@ from routecache.router.events import JsonlEventLog
 from routecache.router.server import DEPENDENCIES, SERVICE_NAME, ListenError, start_server
 from routecache.router.servicer import RouteCacheServicer
 from routecache.router.settings import ConfigError, Settings
-from tests.fakes import FakeUpstream, RecordingTelemetry
+from tests.fakes import FakeUpstream, RecordingTelemetry, eventually
 from tests.unit.conftest import KEYS, unit_settings
 
 pytestmark = pytest.mark.integration
@@ -289,10 +289,8 @@ async def test_a_start_cancelled_mid_build_releases_what_the_build_acquires_afte
     with pytest.raises(asyncio.CancelledError):
         await starting
     await asyncio.get_running_loop().shutdown_default_executor()  # the build's thread is done
-    for _ in range(100):  # after a second cancel the release goes on without the start
-        if len(closed) == 2:
-            break
-        await asyncio.sleep(0.01)
+    # After a second cancel the release goes on without the start.
+    await eventually(lambda: len(closed) == 2, "both upstream clients released")
     assert sorted(closed) == ["cheap", "strong"]
     assert str(events_path) not in open_files()
     with socket.socket() as probe:

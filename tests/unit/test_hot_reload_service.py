@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from routecache.domain import ChatRequest, Message, Role, Tier
 from routecache.router.bootstrap import Overrides, build_classifier, start_service
 from routecache.router.settings import ConfigError
 from routecache.training import train_classifier
-from tests.fakes import FakeUpstream, json_answer, prose_answer
+from tests.fakes import FakeUpstream, eventually, json_answer, prose_answer
 from tests.unit.conftest import KEYS, unit_settings
 from tests.unit.test_train_classifier import _write_routing_file
 
@@ -55,17 +54,18 @@ async def test_the_service_follows_the_registry_without_failing_requests(
         ),
     )
     assert isinstance(service.classifier, ReloadingClassifier)
-    pipeline = service.pipeline
+    classifier, pipeline = service.classifier, service.pipeline
     key = KEYS["acme"]
     try:
         versions = []
         for i, promote in enumerate(["v2", None, "v1", None, None]):
             if promote:
                 registry.promote(promote)
-                for _ in range(500):  # the watcher checks every 10 ms
-                    if service.classifier.version == models[promote]:
-                        break
-                    await asyncio.sleep(0.01)
+                wanted = models[promote]
+                await eventually(  # the watcher checks every 10 ms; awaited within this turn
+                    lambda: classifier.version == wanted,  # noqa: B023
+                    "the watcher's swap",
+                )
             request = ChatRequest(messages=(Message(Role.USER, f"count apples {i}"),))
             versions.append((await pipeline.complete(request, key)).classifier_version)
         v1, v2 = models["v1"], models["v2"]

@@ -437,7 +437,7 @@ async def test_whole_call_is_bounded_by_the_timeout(make_client: Any) -> None:
         await make_client(stalls, timeout_seconds=0.05).complete(MESSAGES, GenerationParams())
     assert caught.value.retryable is True
     assert calls == 2
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 4.0  # each try stalls 5 s unless the timeout ends it
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,7 @@ from routecache.router.settings import ConfigError, LimitSettings, load_settings
 from routecache.router.stats import ResponseRegistry, ServedResponse
 from routecache.router.tenant_admin import InvalidateTarget
 from routecache.router.validation import RequestValidators
-from tests.fakes import FakeUpstream, ManualClock, json_answer, prose_answer
+from tests.fakes import FakeUpstream, ManualClock, eventually, json_answer, prose_answer
 
 KEYS = {"A": "key-tenant-a", "B": "key-tenant-b"}
 PROMPTS = [
@@ -270,10 +270,7 @@ async def test_identical_requests_of_two_tenants_in_flight_are_never_coalesced()
     try:
         calls = [service.pipeline.complete(ask("same words"), KEYS[t]) for t in "AABB"]
         pending = asyncio.gather(*calls)
-        for _ in range(500):  # until both tenants' leaders wait on the model
-            if len(cheap.calls) >= 2:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: len(cheap.calls) >= 2, "both tenants' leaders wait on the model")
         gate.set()
         done = await pending
     finally:
