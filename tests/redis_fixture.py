@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 
 def find_redis_server() -> str | None:
@@ -114,6 +116,26 @@ class RedisServer:
                 yield
             finally:
                 client.config_set("maxmemory", 0)
+        finally:
+            client.close()
+
+    def wait_stalled(self, within: float = 10.0) -> None:
+        """Returns once the server answers nobody, i.e. a debug_sleep() begun on another thread
+        has reached it: a fixed pause instead let a test on a loaded host go on before the stall.
+        A PING that times out is the sign (it is answered, unread, once the stall ends)."""
+        deadline = time.monotonic() + within
+        # No retries: redis-py retries a timed-out call by default, past the stall's end.
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.1,
+                             retry=Retry(NoBackoff(), 0))  # fmt: skip
+        try:
+            while True:
+                try:
+                    client.ping()
+                except redis.exceptions.TimeoutError:
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"redis-server on port {self.port} never stalled")
+                time.sleep(0.005)
         finally:
             client.close()
 

@@ -141,7 +141,7 @@ async def test_slow_redis_is_bypassed_then_used_again(
     first = await pipeline.complete(ask("a question before the stall"), ACME)
 
     stalling = asyncio.create_task(asyncio.to_thread(own_redis_server.debug_sleep, 1.0))
-    await asyncio.sleep(0.1)
+    await asyncio.to_thread(own_redis_server.wait_stalled)
     during = await pipeline.complete(ask("a question during the stall"), ACME)
     assert during.text and pipeline.cache.bypassed > 0
     await stalling
@@ -183,7 +183,7 @@ async def test_health_is_not_serving_until_the_index_is_rebuilt(
     settings.server.port = port
     # Redis stalls for 3 s (within the timeout): the rebuild waits, the server is already up.
     stall = asyncio.create_task(asyncio.to_thread(own_redis_server.debug_sleep, 3.0))
-    await asyncio.sleep(0.2)
+    await asyncio.to_thread(own_redis_server.wait_stalled)
     starting = asyncio.create_task(start_grpc_replica(settings, clock))
     seen: list[int] = []
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

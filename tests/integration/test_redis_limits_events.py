@@ -262,7 +262,7 @@ async def test_events_emitted_during_a_failed_write_keep_the_buffer_bounded(
         for n in range(3):
             sink.emit("completion", {"tenant": "acme", "n": n})
         stalling = asyncio.create_task(asyncio.to_thread(own_redis_server.debug_sleep, 1.0))
-        await asyncio.sleep(0.1)  # the stall has begun
+        await asyncio.to_thread(own_redis_server.wait_stalled)  # the stall has begun
         flushing = asyncio.create_task(sink.flush())
         await eventually(lambda: sink.buffered == 0, "the write of the batch has started")
         for n in range(3, 6):  # the service goes on while the write waits

@@ -30,6 +30,7 @@ from routecache.replay.build_fixture import main as build_fixture
 from routecache.replay.server import RunningReplayServer
 from routecache.router.tokens import request_prompt_tokens
 from routecache.router.upstream import OpenAIChatClient
+from tests.fakes import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -669,8 +670,7 @@ async def test_a_truncated_fault_on_a_whole_answer_cuts_the_body_short(
 async def test_closing_the_server_wakes_a_hung_request_at_once(recordings: Recordings) -> None:
     server = await start_replay_server(ReplayConfig(hang_seconds=30.0), recordings=recordings)
     hung = asyncio.ensure_future(post_chat(server, HI, {FAULT: "timeout"}))
-    await asyncio.sleep(0.3)
-    assert server.chat_requests == 1  # hanging now
+    await eventually(lambda: server.chat_requests == 1, "the request reached the server")
     await server.close()
     # Left hanging, the runner's 1 s shutdown timeout would cut it off with no answer at all.
     assert (await hung).status_code == 200
