@@ -41,11 +41,13 @@ async def stall_redis(server: RedisServer) -> None:
 
     def sleep_in_redis() -> None:
         started.set()
-        server.debug_sleep(STALL_SECONDS)
+        # Longer by the ~0.1 s wait_stalled() takes to see it: what is left is STALL_SECONDS.
+        server.debug_sleep(STALL_SECONDS + 0.1)
 
     threading.Thread(target=sleep_in_redis, daemon=True).start()
     started.wait()
-    await asyncio.sleep(0.05)  # let DEBUG SLEEP reach the server before we connect
+    # DEBUG SLEEP must reach the server before we connect: late, the test saw no stall at all.
+    await asyncio.to_thread(server.wait_stalled)
 
 
 def settings_for(server: RedisServer, **overrides: float) -> StoreSettings:
