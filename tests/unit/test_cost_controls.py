@@ -364,6 +364,18 @@ async def test_taking_back_a_flushed_record_leaves_the_rest_of_the_periods_books
         assert vars(totals) == pytest.approx(vars(expected))
 
 
+async def test_taking_back_every_record_leaves_no_books_behind_despite_float_residue() -> None:
+    # The fallback holds only what has not reached Redis yet; books taken back to nothing
+    # (float sums leave ~1e-17) must go, or every tenant and user ever seen stays in memory.
+    ledger = InMemorySpendLedger(ManualClock())
+    records = [SpendRecord("t", "u", cost_usd=0.1), SpendRecord("t", "u", cost_usd=0.2)]
+    for record in records:
+        await ledger.settle(None, record)
+    for record in records:
+        ledger.take_back(record, period_ids(ledger.clock()))
+    assert ledger._totals == {}
+
+
 def test_merged_totals_add_up_every_field() -> None:
     # The Redis ledger reports Redis' totals merged with those held here while it was down.
     totals = Totals(1.0, 2, 3, 4.0, 5, 6.0)

@@ -9,7 +9,14 @@ from typing import Any
 import pytest
 
 from routecache.client import chat_request
-from routecache.router.demo_report import DemoResult, percentile, prompt_tokens, summarise
+from routecache.router.demo_report import (
+    DemoResult,
+    DemoTally,
+    percentile,
+    prompt_tokens,
+    summarise,
+    tally,
+)
 from routecache.router.messages import request_from_pb
 from routecache.router.tokens import request_prompt_tokens
 from routecache.v1 import routecache_pb2 as pb
@@ -135,3 +142,35 @@ def test_the_summary_counts_each_path_errors_escalations_and_hits_that_should_no
         "  cross-tenant hits      1   (must be 0)",
         "  hits on reworded questions that ask something else: 1",
     ]
+
+
+def test_the_tally_adds_up_errors_and_usage_and_an_exact_cross_tenant_hit_is_one_too() -> None:
+    # The tally is what /metrics must agree with after the run; an exact hit on another
+    # tenant's prompt is as much a leak as a semantic one.
+    usage = pb.Usage(cost_usd=0.5, saved_usd=0.25, prompt_tokens=3, completion_tokens=4)
+    answered = pb.CompleteResponse(
+        tier=pb.TIER_CHEAP, cache=pb.CacheInfo(outcome=pb.CACHE_OUTCOME_MISS), usage=usage
+    )
+    exact = pb.CompleteResponse(cache=pb.CacheInfo(outcome=pb.CACHE_OUTCOME_EXACT))
+    results = [
+        DemoResult("acme", "first-ask", "OK", 1.0, answered, 3),
+        DemoResult("acme", "first-ask", "OK", 1.0, answered, 3),
+        DemoResult("acme", "first-ask", "DEADLINE_EXCEEDED", 1.0, None, 3),
+        DemoResult("globex", "other-tenant", "OK", 1.0, exact, 3),
+    ]
+
+    assert tally(results) == DemoTally(
+        requests=4,
+        exact_hits=1,
+        semantic_hits=0,
+        cheap=2,
+        strong=0,
+        errors=1,
+        escalated=0,
+        cost_usd=1.0,
+        saved_usd=0.5,
+        prompt_tokens=6,
+        completion_tokens=8,
+    )
+    lines = summarise(results, 1.0, STRONG_IN, STRONG_OUT).splitlines()
+    assert lines[6] == "  cross-tenant hits      1   (must be 0)"

@@ -36,6 +36,7 @@ from routecache.errors import (
 from routecache.router.bootstrap import Overrides, Service, build_service
 from routecache.router.budget import Period
 from routecache.router.logs import REQUEST_ID
+from routecache.router.stats import TenantStatsBook
 from routecache.router.tenant_admin import InvalidateTarget
 from tests.fakes import FakeUpstream, count_shared_calls, eventually, json_answer, prose_answer
 from tests.unit.conftest import KEYS, Harness, make_harness, unit_settings
@@ -492,6 +493,28 @@ async def test_stats_count_paths(harness: Harness) -> None:
     assert stats.saved_usd == pytest.approx(stats.cost_usd)
     assert stats.classifier_version == "fixed-v1"
     assert (await pipeline.admin.stats(GLOBEX)).requests == 0
+
+
+async def test_invalidate_by_id_removes_that_entry_so_its_prompt_misses_again(
+    harness: Harness,
+) -> None:
+    pipeline = harness.service.pipeline
+    stored = await pipeline.complete(ask("a question to forget"), ACME)
+    target = InvalidateTarget(entry_id=stored.cache.entry_id)
+    assert await pipeline.admin.invalidate(target, ACME) == 1
+    again = await pipeline.complete(ask("a question to forget"), ACME)
+    assert again.cache.outcome is CacheOutcome.MISS
+
+
+def test_a_stats_snapshot_does_not_move_with_requests_recorded_after_it() -> None:
+    # GetStats awaits the cache between taking the counters and answering: the counters it
+    # answers with must be those of one moment, not grow with requests finishing meanwhile.
+    book = TenantStatsBook()
+    book.record_failure("acme", validation=True)
+    taken = book.snapshot("acme")
+    book.record_failure("acme", validation=True)
+    assert (taken.requests, taken.validation_failures) == (1, 1)
+    assert book.snapshot("acme").requests == 2
 
 
 async def test_invalidate_events_say_what_was_asked_and_how_many_went(harness: Harness) -> None:

@@ -67,3 +67,29 @@ async def test_by_default_a_shared_calls_failure_is_every_sharers_failure() -> N
     gate.set()
     results = await asyncio.gather(*callers, return_exceptions=True)
     assert calls == [1] and all(isinstance(r, RuntimeError) for r in results)
+
+
+async def test_a_sharer_makes_its_own_call_when_the_failure_was_the_makers_alone() -> None:
+    # not_mine: e.g. the maker's own deadline or caps; another caller still wants an answer.
+    flight: SingleFlight[str] = SingleFlight()
+    gate = asyncio.Event()
+    calls: list[int] = []
+
+    async def work() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            await gate.wait()
+            raise TimeoutError("the maker's deadline")
+        return "answer"
+
+    def not_mine(error: BaseException) -> bool:
+        return isinstance(error, TimeoutError)
+
+    maker = asyncio.create_task(flight.run("k", work, not_mine))
+    await asyncio.sleep(0)
+    sharer = asyncio.create_task(flight.run("k", work, not_mine))
+    await asyncio.sleep(0)
+    gate.set()
+    with pytest.raises(TimeoutError):
+        await maker
+    assert await sharer == ("answer", False) and calls == [1, 1]
