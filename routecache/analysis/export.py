@@ -7,6 +7,7 @@ import math
 import re
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -41,25 +42,50 @@ def parse_since(text: str, now: float | None = None) -> float:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
-def read_events(path: Path, since: float | None = None) -> Iterator[dict[str, Any]]:
+@dataclass
+class SkippedLines:
+    """Lines read_events passed over, so a caller can say so: an export that dropped lines
+    without a word looked complete."""
+
+    torn: int = 0  # not JSON (a crash mid-write), or not a JSON object
+    no_time: int = 0  # a `ts` that is not a number, or no instant (NaN, 1e20)
+
+    @property
+    def total(self) -> int:
+        return self.torn + self.no_time
+
+
+def read_events(
+    path: Path, since: float | None = None, skipped: SkippedLines | None = None
+) -> Iterator[dict[str, Any]]:
     """The events of a JSONL log at or after `since`.
 
-    Skipped: a torn line (a crash), even one cut inside a character, and a hand-edited line
-    whose `ts` is not a number. Raises UnicodeDecodeError for any other line not UTF-8.
+    Skipped, and counted in `skipped` when given: a torn line (a crash), even one cut inside a
+    character, and a hand-edited line whose `ts` is not a number. Raises UnicodeDecodeError for
+    any other line not UTF-8.
     """
+    skipped = skipped if skipped is not None else SkippedLines()
     with path.open("rb") as lines:
         for raw in lines:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
                 if _cut_inside_a_character(raw):
+                    skipped.torn += 1
                     continue
                 raise
+            if not line.strip():
+                continue  # a blank line holds no event to lose
             try:
                 event = json.loads(line)
             except json.JSONDecodeError:
+                skipped.torn += 1
                 continue
-            if not isinstance(event, dict) or (ts := _timestamp(event)) is None:
+            if not isinstance(event, dict):
+                skipped.torn += 1
+                continue
+            if (ts := _timestamp(event)) is None:
+                skipped.no_time += 1
                 continue
             if since is None or ts >= since:
                 yield event
@@ -101,9 +127,12 @@ def events_frame(events: list[dict[str, Any]]) -> pd.DataFrame:
     return frame.sort_values("ts", kind="stable").reset_index(drop=True)
 
 
-def export_events(source: Path, out: Path, since: float | None = None) -> int:
-    """Write the events of `source` (at or after `since`) to `out` as parquet; returns the count."""
-    frame = events_frame(list(read_events(source, since)))
+def export_events(
+    source: Path, out: Path, since: float | None = None, skipped: SkippedLines | None = None
+) -> int:
+    """Write the events of `source` (at or after `since`) to `out` as parquet; returns the count.
+    Lines passed over are counted in `skipped`."""
+    frame = events_frame(list(read_events(source, since, skipped)))
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(out, index=False)
     return len(frame)

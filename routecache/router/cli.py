@@ -73,7 +73,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _export_events(args: argparse.Namespace) -> int:
     try:
-        from routecache.analysis.export import export_events, parse_since
+        from routecache.analysis.export import SkippedLines, export_events, parse_since
     except ImportError as error:
         raise ConfigError(
             f"export-events needs the analysis extra ({error.name} is missing): "
@@ -88,13 +88,20 @@ def _export_events(args: argparse.Namespace) -> int:
         since = parse_since(args.since) if args.since else None
     except ValueError as error:
         raise ConfigError(str(error)) from error
+    skipped = SkippedLines()
     try:
-        count = export_events(source, args.out, since)
+        count = export_events(source, args.out, since, skipped)
     except UnicodeDecodeError as error:
         raise ConfigError(f"event log {source} is not UTF-8 text ({error})") from error
     except OSError as error:  # --out cannot be written (a folder, no such place)
         raise ConfigError(f"export-events: {error}") from error
     print(f"{count} events written to {args.out}")
+    if skipped.total:
+        print(
+            f"{skipped.total} lines of {source} skipped: {skipped.torn} not a JSON object (torn by"
+            f" a crash?), {skipped.no_time} with a ts that is no time",
+            file=sys.stderr,
+        )
     return 0
 
 

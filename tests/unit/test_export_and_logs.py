@@ -16,7 +16,13 @@ import grpc.aio
 import pandas as pd
 import pytest
 
-from routecache.analysis.export import events_frame, export_events, parse_since, read_events
+from routecache.analysis.export import (
+    SkippedLines,
+    events_frame,
+    export_events,
+    parse_since,
+    read_events,
+)
 from routecache.router.events import InMemoryEventLog, JsonlEventLog
 from routecache.router.logs import (
     REQUEST_ID,
@@ -437,6 +443,45 @@ def test_a_line_that_is_not_an_object_is_skipped(tmp_path: Path) -> None:
     log = tmp_path / "events.jsonl"
     log.write_text('[1, 2]\n"text"\n7\nnull\n{"kind": "a", "ts": 1.0}\n')
     assert [e["kind"] for e in read_events(log)] == ["a"]
+
+
+def test_export_events_says_how_many_lines_it_skipped_and_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from routecache.router.cli import main
+
+    # Before: the torn and timeless lines were dropped without a word; the export looked whole.
+    log, out = tmp_path / "events.jsonl", tmp_path / "e.parquet"
+    log.write_text(
+        '{"kind": "a", "ts": 1.0}\n{"kind": "b", "ts": \n[1]\n\n'
+        '{"kind": "c", "ts": "noon"}\n{"kind": "d", "ts": NaN}\n{"kind": "e"}\n'
+    )
+    assert main(["export-events", "--events", str(log), "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert printed.out == f"2 events written to {out}\n"
+    assert printed.err == (
+        f"4 lines of {log} skipped: 2 not a JSON object (torn by a crash?), 2 with a ts that"
+        " is no time\n"
+    )
+
+
+def test_an_export_that_skipped_nothing_prints_no_skip_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from routecache.router.cli import main
+
+    log, out = tmp_path / "events.jsonl", tmp_path / "e.parquet"
+    log.write_text('{"kind": "a", "ts": 1.0}\n\n')
+    assert main(["export-events", "--events", str(log), "--out", str(out)]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_reading_counts_a_line_torn_inside_a_character(tmp_path: Path) -> None:
+    log = tmp_path / "events.jsonl"
+    log.write_bytes('{"kind": "a", "ts": 1.0}\n{"p": "5 €'.encode()[:-1] + b"\n")
+    skipped = SkippedLines()
+    assert [e["kind"] for e in read_events(log, skipped=skipped)] == ["a"]
+    assert (skipped.torn, skipped.no_time) == (1, 0)
 
 
 def test_export_orders_events_by_time(tmp_path: Path) -> None:
