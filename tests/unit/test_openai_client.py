@@ -375,10 +375,16 @@ async def test_client_error_status_is_raised_at_once(make_client: Any, status: i
     assert recorder.calls == 1
 
 
-async def test_429_names_retry_after(make_client: Any) -> None:
-    recorder = Recorder(httpx.Response(429, headers={"retry-after": "7"}))
-    with pytest.raises(UpstreamError, match="retry after 7s"):
+@pytest.mark.parametrize(
+    ("retry_after", "named"),
+    [("7", "(retry after 7s)"), ("Wed, 21 Oct 2026 07:28:00 GMT", "07:28:00 GMT)")],
+    ids=["seconds", "http-date"],
+)
+async def test_429_names_retry_after(make_client: Any, retry_after: str, named: str) -> None:
+    recorder = Recorder(httpx.Response(429, headers={"retry-after": retry_after}))
+    with pytest.raises(UpstreamError) as caught:
         await make_client(recorder).complete(MESSAGES, GenerationParams())
+    assert named in str(caught.value)
 
 
 @pytest.mark.parametrize(
@@ -397,6 +403,26 @@ async def test_provider_error_of_another_shape_is_still_named(
         await make_client(recorder).complete(MESSAGES, GenerationParams())
     assert detail in str(caught.value)
     assert caught.value.retryable is True
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        httpx.Response(400, json={"error": {"message": "echoed prompt " * 10_000}}),
+        httpx.Response(429, headers={"retry-after": "9" * 20_000}),
+        sse(chunk("The answer"), {"error": {"message": "echoed prompt " * 10_000}}),
+    ],
+    ids=["error-message", "retry-after", "stream-error-event"],
+)
+async def test_a_huge_provider_error_is_cut_short_in_the_message(
+    make_client: Any, response: httpx.Response
+) -> None:
+    # Before: the provider's text went whole into the message, and on into the gRPC status
+    # details, where over 16 KiB turns an UNAVAILABLE into the client's RESOURCE_EXHAUSTED.
+    client = make_client(Recorder(response), max_attempts=1)
+    with pytest.raises(UpstreamError) as caught:
+        await collect(client.stream(MESSAGES, GenerationParams()))
+    assert len(str(caught.value)) < 500
 
 
 async def test_a_redirect_is_not_followed_but_raised_with_its_status(make_client: Any) -> None:
