@@ -167,9 +167,25 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def fault_named(name: str) -> FaultKind | None:
     """A fault by name, as the header and the flags give it (any case; "none": no fault).
 
-    Raises ValueError for a name of no known fault."""
+    Raises ValueError, listing the names it takes, for a name of no known fault."""
     name = name.strip().lower()
-    return None if name == NO_FAULT else FaultKind(name)
+    if name == NO_FAULT:
+        return None
+    try:
+        return FaultKind(name)
+    except ValueError:
+        known = ", ".join([*FaultKind, NO_FAULT])
+        raise ValueError(f"no fault is named {name!r} (known: {known})") from None
+
+
+def _faults_named(flag: str, names: str) -> tuple[FaultKind | None, ...]:
+    """A flag's comma-separated fault names (empty ones skipped), each read by fault_named.
+
+    Raises ValueError naming the flag for a name of no known fault."""
+    try:
+        return tuple(fault_named(name) for name in names.split(",") if name.strip())
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from exc
 
 
 def config_from_args(args: argparse.Namespace) -> ReplayConfig:
@@ -180,16 +196,13 @@ def config_from_args(args: argparse.Namespace) -> ReplayConfig:
         if not sep or not model_id or role not in MODEL_ROLES:
             raise ValueError(f"--model expects ID=weak or ID=strong, got {item!r}")
         models[model_id] = role
-    try:
-        kinds = tuple(
-            FaultKind(k.strip().lower()) for k in args.fault_kinds.split(",") if k.strip()
+    named_kinds = _faults_named("--fault-kinds", args.fault_kinds)
+    kinds = tuple(kind for kind in named_kinds if kind is not None)
+    if len(kinds) < len(named_kinds):  # "none" is a script step, not a kind to draw
+        raise ValueError(
+            f"--fault-kinds: {NO_FAULT!r} is no fault kind (--fault-rate 0 injects none)"
         )
-    except ValueError as exc:
-        raise ValueError(f"--fault-kinds: {exc}") from exc
-    try:
-        script = tuple(fault_named(k) for k in args.fault_script.split(",") if k.strip())
-    except ValueError as exc:
-        raise ValueError(f"--fault-script: {exc}") from exc
+    script = _faults_named("--fault-script", args.fault_script)
     return ReplayConfig(
         fault_script=script,
         models=MappingProxyType(models),

@@ -136,6 +136,8 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         return _error(
             400, f"the request body is not valid JSON: {exc.msg}", "invalid_request_error"
         )
+    except RecursionError:  # JSON nested deeper than the parser recurses: no ValueError
+        return _error(400, "the request body is nested too deeply", "invalid_request_error")
     except RequestError as exc:
         return _error(400, str(exc), "invalid_request_error", param=exc.param, code=exc.code)
     except ValueError as exc:  # a bad x-replay-* header

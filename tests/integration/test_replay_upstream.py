@@ -397,6 +397,7 @@ async def test_wrong_key_is_refused_and_not_retried(
     ("content", "headers", "param"),
     [
         (b"{not json", {}, None),
+        (b"[" * 100_000, {}, None),  # deeper than json recurses: RecursionError, not ValueError
         (b'{"model": "m", "messages": []}', {}, "messages"),
         (b'{"model": "m"}', {}, "messages"),
         (b'{"model": "m", "messages": [{"content": "no role"}]}', {}, "messages[0]"),
@@ -407,6 +408,7 @@ async def test_wrong_key_is_refused_and_not_retried(
     ],
     ids=[
         "bad-json",
+        "json-nested-too-deep",
         "empty-messages",
         "no-messages",
         "no-role",

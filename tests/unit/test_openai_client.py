@@ -137,9 +137,10 @@ def corrupt_gzip(request: httpx.Request | None = None) -> httpx.Response:
 
 
 class TrackedStream(httpx.AsyncByteStream):
-    """A response body sent in parts (an exception part is raised there) that notes its close."""
+    """A response body sent in parts (an exception part is raised there, an event part is
+    waited for) that notes its close."""
 
-    def __init__(self, *parts: bytes | Exception) -> None:
+    def __init__(self, *parts: bytes | Exception | asyncio.Event) -> None:
         self._parts = parts
         self.closed = False
 
@@ -147,6 +148,9 @@ class TrackedStream(httpx.AsyncByteStream):
         for part in self._parts:
             if isinstance(part, Exception):
                 raise part
+            if isinstance(part, asyncio.Event):
+                await part.wait()
+                continue
             yield part
 
     async def aclose(self) -> None:
@@ -314,8 +318,13 @@ async def test_null_content_is_an_empty_answer(make_client: Any) -> None:
     assert reply.text == ""
 
 
-async def test_an_empty_reported_model_names_the_configured_one(make_client: Any) -> None:
-    reply = await make_client(Recorder(completion(model=""))).complete(MESSAGES, GenerationParams())
+@pytest.mark.parametrize("model", ["", 7, None], ids=["empty", "number", "null"])
+async def test_a_reported_model_that_is_no_name_names_the_configured_one(
+    make_client: Any, model: object
+) -> None:
+    reply = await make_client(Recorder(completion(model=model))).complete(
+        MESSAGES, GenerationParams()
+    )
     assert reply.model == MODEL
 
 
@@ -375,10 +384,16 @@ async def test_client_error_status_is_raised_at_once(make_client: Any, status: i
     assert recorder.calls == 1
 
 
-async def test_429_names_retry_after(make_client: Any) -> None:
-    recorder = Recorder(httpx.Response(429, headers={"retry-after": "7"}))
-    with pytest.raises(UpstreamError, match="retry after 7s"):
+@pytest.mark.parametrize(
+    ("retry_after", "named"),
+    [("7", "(retry after 7s)"), ("Wed, 21 Oct 2026 07:28:00 GMT", "07:28:00 GMT)")],
+    ids=["seconds", "http-date"],
+)
+async def test_429_names_retry_after(make_client: Any, retry_after: str, named: str) -> None:
+    recorder = Recorder(httpx.Response(429, headers={"retry-after": retry_after}))
+    with pytest.raises(UpstreamError) as caught:
         await make_client(recorder).complete(MESSAGES, GenerationParams())
+    assert named in str(caught.value)
 
 
 @pytest.mark.parametrize(
@@ -397,6 +412,26 @@ async def test_provider_error_of_another_shape_is_still_named(
         await make_client(recorder).complete(MESSAGES, GenerationParams())
     assert detail in str(caught.value)
     assert caught.value.retryable is True
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        httpx.Response(400, json={"error": {"message": "echoed prompt " * 10_000}}),
+        httpx.Response(429, headers={"retry-after": "9" * 20_000}),
+        sse(chunk("The answer"), {"error": {"message": "echoed prompt " * 10_000}}),
+    ],
+    ids=["error-message", "retry-after", "stream-error-event"],
+)
+async def test_a_huge_provider_error_is_cut_short_in_the_message(
+    make_client: Any, response: httpx.Response
+) -> None:
+    # Before: the provider's text went whole into the message, and on into the gRPC status
+    # details, where over 16 KiB turns an UNAVAILABLE into the client's RESOURCE_EXHAUSTED.
+    client = make_client(Recorder(response), max_attempts=1)
+    with pytest.raises(UpstreamError) as caught:
+        await collect(client.stream(MESSAGES, GenerationParams()))
+    assert len(str(caught.value)) < 500
 
 
 async def test_a_redirect_is_not_followed_but_raised_with_its_status(make_client: Any) -> None:
@@ -446,9 +481,20 @@ async def test_whole_call_is_bounded_by_the_timeout(make_client: Any) -> None:
         httpx.Response(200, text="<html>gateway</html>"),
         httpx.Response(200, json={"id": "x", "choices": []}),
         httpx.Response(200, json={"choices": [{"message": {"content": 42}}]}),
+        completion(0),
+        httpx.Response(200, json={"choices": [{"message": "4"}]}),
+        httpx.Response(200, json=[{"choices": []}]),
         httpx.Response(200, text=TOO_DEEP),
     ],
-    ids=["not-json", "no-choices", "content-not-text", "nested-too-deep"],
+    ids=[
+        "not-json",
+        "no-choices",
+        "content-not-text",
+        "content-zero",
+        "message-not-object",
+        "body-an-array",
+        "nested-too-deep",
+    ],
 )
 async def test_malformed_body_is_retryable(make_client: Any, response: httpx.Response) -> None:
     recorder = Recorder(response)
@@ -649,6 +695,18 @@ async def test_a_stream_failing_before_its_first_delta_releases_the_connection(
     recorder = Recorder(httpx.Response(status, stream=body))
     with pytest.raises(UpstreamError):
         await collect(make_client(recorder, max_attempts=1).stream(MESSAGES, GenerationParams()))
+    assert body.closed
+
+
+async def test_a_stream_cancelled_before_its_first_delta_releases_the_connection(
+    make_client: Any,
+) -> None:
+    # The caller's deadline runs out while the provider has sent only its role chunk.
+    body = TrackedStream(sse_line(chunk("")), asyncio.Event())
+    client = make_client(Recorder(httpx.Response(200, stream=body)))
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await collect(client.stream(MESSAGES, GenerationParams()))
     assert body.closed
 
 

@@ -46,9 +46,18 @@ def test_no_fault_kinds_at_fault_rate_zero_draws_no_fault() -> None:
     assert [schedule.next_fault(None) for _ in range(3)] == [None, None, None]
 
 
-def test_bad_fault_script_is_refused() -> None:
-    with pytest.raises(ValueError, match="--fault-script"):
-        parse("--fault-script", "http_418")
+@pytest.mark.parametrize("flag", ["--fault-script", "--fault-kinds"])
+def test_an_unknown_fault_name_is_refused_naming_the_flag_and_the_known_faults(
+    flag: str,
+) -> None:
+    with pytest.raises(ValueError, match=rf"{flag}: no fault is named 'http_418' \(known: .*"):
+        parse(flag, "timeout,HTTP_418")
+
+
+def test_none_is_a_fault_script_step_but_no_fault_kind() -> None:
+    assert parse("--fault-script", "none").fault_script == (None,)
+    with pytest.raises(ValueError, match="--fault-kinds: 'none' is no fault kind"):
+        parse("--fault-kinds", "timeout, None")
 
 
 @pytest.mark.parametrize("flag", ["--latency-ms", "--hang-seconds"])

@@ -105,6 +105,10 @@ def test_every_openai_role_is_accepted(message: dict[str, Any]) -> None:
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
             "'messages[1].content' must be a string or an array of text parts",
         ),
+        (
+            {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url"}]},
+            "'messages[1].content' must be a string or an array of text parts",
+        ),
     ],
     ids=[
         "unknown",
@@ -119,6 +123,7 @@ def test_every_openai_role_is_accepted(message: dict[str, Any]) -> None:
         "function-no-name",
         "number-content",
         "image-part",
+        "text-then-image-part",
     ],
 )
 def test_an_unknown_role_or_malformed_message_is_refused(message: object, names: str) -> None:

@@ -41,6 +41,10 @@ MAX_REPORTED_TOKENS = 2**28
 # JSON nested deeper than the parser recurses; raw, it would end the call INTERNAL without
 # trying the next provider.
 _MALFORMED = (ValueError, LookupError, TypeError, AttributeError, RecursionError)
+# The most of a provider's own text (error message, Retry-After) an error message keeps:
+# whole, it goes on into the gRPC status details, and past 16 KiB there the client gets
+# RESOURCE_EXHAUSTED (as if over its quota) instead of UNAVAILABLE.
+MAX_DETAIL_CHARS = 200
 
 
 def _is_retryable(exc: BaseException) -> bool:
@@ -227,7 +231,9 @@ class OpenAIChatClient:
             detail = _provider_message(response)
         what = f"HTTP {status} {response.reason_phrase}".rstrip()
         if status == 429 and (retry_after := response.headers.get("retry-after")):
-            what += f" (retry after {retry_after}s)"
+            # Seconds, or an HTTP date (which takes no unit).
+            unit = "s" if retry_after.isdigit() else ""
+            what += f" (retry after {retry_after[:MAX_DETAIL_CHARS]}{unit})"
         raise self._error(f"{what}: {detail}" if detail else what, retryable=retryable)
 
     def _parse_completion(self, response: httpx.Response, prompt_tokens: int) -> UpstreamReply:
@@ -331,12 +337,12 @@ def _count(usage: Mapping[str, Any], name: str, estimated: int) -> int:
 def _error_text(payload: Any) -> str:
     error = payload.get("error") if isinstance(payload, dict) else None
     if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return str(error["message"])
-    return "" if error is None else str(error)[:200]
+        return str(error["message"])[:MAX_DETAIL_CHARS]
+    return "" if error is None else str(error)[:MAX_DETAIL_CHARS]
 
 
 def _provider_message(response: httpx.Response) -> str:
     try:
         return _error_text(response.json())
     except (ValueError, RecursionError):
-        return response.text.strip()[:200]
+        return response.text.strip()[:MAX_DETAIL_CHARS]
