@@ -30,6 +30,13 @@ _CODES: list[tuple[type[RouteCacheError], grpc.StatusCode]] = [
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
 ]
 
+# gRPC sends the status message in a trailer, percent-encoding every byte outside printable
+# ASCII (%XX: three characters); a client refuses a trailer past 16 KiB, and the call then ends
+# RESOURCE_EXHAUSTED with gRPC's own text, as if over a quota. Messages that quote a caller's
+# input (a schema error quotes the schema) are cut to half of that.
+MAX_STATUS_MESSAGE_CHARS = 8192
+_CUT = " … (cut)"
+
 RETRY_AFTER_KEY = "retry-after-ms"
 FIELD_KEY = "field"
 
@@ -43,6 +50,23 @@ def status_of(error: RouteCacheError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def fit_status_message(text: str, limit: int = MAX_STATUS_MESSAGE_CHARS) -> str:
+    """`text`, cut so that gRPC's percent-encoding of it stays within `limit` characters."""
+    if _encoded_size(text) <= limit:
+        return text
+    room, used = limit - _encoded_size(_CUT), 0
+    for index, char in enumerate(text):
+        used += _encoded_size(char)
+        if used > room:
+            return text[:index] + _CUT
+    return text  # not reached: the whole text was over the limit
+
+
+def _encoded_size(text: str) -> int:
+    ascii_printable = sum(1 for c in text if " " <= c <= "~" and c != "%")
+    return ascii_printable + 3 * (len(text.encode("utf-8", "replace")) - ascii_printable)
+
+
 def trailing_metadata_of(error: RouteCacheError) -> tuple[tuple[str, str], ...]:
     if isinstance(error, ResourceExhausted):
         return ((RETRY_AFTER_KEY, str(math.ceil(error.retry_after_seconds * 1000))),)
@@ -54,7 +78,7 @@ def trailing_metadata_of(error: RouteCacheError) -> tuple[tuple[str, str], ...]:
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> None:
     if isinstance(error, RouteCacheError):
         context.set_trailing_metadata(trailing_metadata_of(error))
-        await context.abort(status_of(error), str(error))
+        await context.abort(status_of(error), fit_status_message(str(error)))
     log.exception("unexpected error while serving a call")
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
 

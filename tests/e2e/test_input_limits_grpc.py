@@ -58,3 +58,19 @@ async def test_each_field_over_its_limit_is_named(
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert ("field", field) in tuple(error.value.trailing_metadata() or ())
     assert field in (error.value.details() or "")
+
+
+async def test_a_refusal_quoting_a_long_non_ascii_schema_keeps_its_status_code(
+    stack: Stack,
+) -> None:
+    # The schema error quotes the schema; gRPC percent-encodes a status message's non-ASCII
+    # bytes, and past ~16 KiB of header the caller got RESOURCE_EXHAUSTED (as if over its
+    # quota), with gRPC's own text instead of the service's.
+    schema = '{"type": "' + "語" * 2_000 + '"}'
+    async with stack.client() as client:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await client.complete(chat_request("hi", json_schema=schema))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = error.value.details() or ""
+    assert details.startswith("params.response_format.json_schema: ")
+    assert details.endswith("(cut)")

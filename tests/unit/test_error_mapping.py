@@ -89,3 +89,18 @@ async def test_an_invalid_argument_names_its_field_in_details_and_trailers() -> 
     assert context.code is grpc.StatusCode.INVALID_ARGUMENT
     assert context.trailers == (("field", "params.top_p"),)
     assert context.details == "params.top_p: must be in (0, 1]"
+
+
+@pytest.mark.parametrize("char", ["a", "é", "語", "%", "😀"])
+def test_a_status_message_is_cut_to_fit_grpcs_encoded_trailer(char: str) -> None:
+    text = "field: " + char * 20_000
+    cut = error_mapping.fit_status_message(text, limit=1_000)
+    assert cut.startswith("field: " + char) and cut.endswith("(cut)")
+    encoded = sum(1 if " " <= c <= "~" and c != "%" else 3 * len(c.encode()) for c in cut)
+    assert 1_000 - 12 <= encoded <= 1_000  # within one character of the limit
+
+
+def test_a_status_message_within_the_limit_is_kept_whole() -> None:
+    text = "語" * 10
+    assert error_mapping.fit_status_message(text, limit=90) == text
+    assert error_mapping.fit_status_message(text, limit=89).endswith("(cut)")
