@@ -160,6 +160,9 @@ class RecordingTelemetry:
     def watch_dependency(self, name: str, up: Callable[[], bool]) -> None:
         self.gauges[f"dependency:{name}"] = lambda: float(up())
 
+    def watch_count(self, name: str, count: Callable[[], float]) -> None:
+        self.gauges[f"count:{name}"] = count
+
     def budget_alert(self, tenant: str, period: str) -> None:
         self.budget_alerts.append((tenant, period))
 

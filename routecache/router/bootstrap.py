@@ -361,6 +361,9 @@ def build_redis_storage(
     grace = settings.upstream.stale_grace_seconds
     link = build_redis_link(store_settings)
     telemetry.watch_dependency("redis", lambda: link.up)
+    # Degraded paths that keep health SERVING: without these only a log line shows them.
+    telemetry.watch_count("redis_failures", lambda: link.failures)
+    telemetry.watch_count("redis_refusals", lambda: link.refusals)
     keyspace = KeySpace(store_settings.key_prefix)
     origin = uuid.uuid4().hex  # this replica, so it can skip its own sync messages
     redis_store = RedisEntryStore(
@@ -377,13 +380,17 @@ def build_redis_storage(
         link, keyspace, store_settings.event_buffer_max, store_settings.event_stream_max_len
     )
     sink: EventSink = events if events is not None else stream_events
+    if events is None:
+        telemetry.watch_count("events_dropped", lambda: stream_events.dropped)
     budgets = settings.budgets
     retention = Retention(budgets.day_retention_days * 86400, budgets.month_retention_days * 86400)
     spend = RedisSpendLedger(link, keyspace, clock, budgets.reservation_ttl_seconds, retention)
+    quotas = RedisQuotaLimiter(link, keyspace, clock)
+    telemetry.watch_count("rate_limit_fallbacks", lambda: quotas.fallbacks)
     return StorageParts(
         redis_store, spend, sink,
         RedisStorage(link, sync, stream_events if events is None else None, spend),
-        RedisQuotaLimiter(link, keyspace, clock), link,
+        quotas, link,
     )  # fmt: skip
 
 
@@ -419,6 +426,7 @@ def build_service(
         stale_grace_seconds=settings.upstream.stale_grace_seconds,
         policy=parts.hit_policy or build_hit_policy(settings, embedder.name),
     )
+    telemetry.watch_count("cache_bypassed", lambda: cache.bypassed)
     if isinstance(storage.storage, RedisStorage):
         # Entries other replicas (or the sweep) remove take their penalties along.
         storage.storage.sync.on_removed(cache.forget_removed)

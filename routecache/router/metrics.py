@@ -3,18 +3,42 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from routecache.domain import Completion
-from routecache.router.telemetry import RequestPath, path_of
+from routecache.router.telemetry import WATCHED_COUNTS, RequestPath, path_of
 
 # Exact hits take well under a millisecond, strong-model calls seconds: buckets span both.
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
+
+
+class _WatchedCounts(Collector):
+    """Totals a part keeps itself (RedisLink.refusals, ...), read at scrape time, so no call
+    site on a degraded path has to report to telemetry as well."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, Callable[[], float]] = {}
+
+    def watch(self, name: str, count: Callable[[], float]) -> None:
+        if name not in WATCHED_COUNTS:
+            raise ValueError(f"unknown count {name!r}: add it to telemetry.WATCHED_COUNTS")
+        self._counts[name] = count
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        # Every family, sampled once watched: like a labelled metric with no series yet, an
+        # unwatched one (no Redis on the memory backend) is named with no sample.
+        for name, help_text in WATCHED_COUNTS.items():
+            family = CounterMetricFamily(f"routecache_{name}", help_text)
+            if name in self._counts:
+                family.add_metric([], self._counts[name]())
+            yield family
 
 
 class PrometheusTelemetry:
@@ -78,6 +102,8 @@ class PrometheusTelemetry:
             "routecache_dependency_up", "1 if the dependency is reachable", ["dependency"],
             registry=r,
         )  # fmt: skip
+        self._counts = _WatchedCounts()
+        r.register(self._counts)
 
     def request_started(self) -> None:
         self._in_flight.inc()
@@ -129,6 +155,9 @@ class PrometheusTelemetry:
 
     def watch_dependency(self, name: str, up: Callable[[], bool]) -> None:
         self._dependency.labels(name).set_function(lambda: float(up()))
+
+    def watch_count(self, name: str, count: Callable[[], float]) -> None:
+        self._counts.watch(name, count)
 
     def budget_alert(self, tenant: str, period: str) -> None:
         self._budget_alerts.labels(tenant, period).inc()

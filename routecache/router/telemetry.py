@@ -48,6 +48,19 @@ def failed_validator_labels(report: ValidationReport, request: ChatRequest) -> t
 BREAKER_CLOSED, BREAKER_HALF_OPEN, BREAKER_OPEN = 0.0, 1.0, 2.0
 
 
+# Totals the degraded paths keep, by name: what each counts. Only these are watched, so the
+# metric names stay a fixed list.
+WATCHED_COUNTS = {
+    "redis_failures": "Redis calls (and start-up pings) that failed and marked Redis down",
+    "redis_refusals": "Redis calls answered with an error (e.g. out of memory): each took its "
+    "degraded path while Redis stayed up",
+    "rate_limit_fallbacks": "Rate-limit decisions taken on this replica's own buckets because "
+    "Redis was down or refused",
+    "cache_bypassed": "Cache lookups and stores skipped because the entry store was unavailable",
+    "events_dropped": "Events dropped from the full buffer while the event stream was unwritable",
+}
+
+
 class Telemetry(Protocol):
     def request_started(self) -> None: ...
 
@@ -80,6 +93,11 @@ class Telemetry(Protocol):
 
     def watch_dependency(self, name: str, up: Callable[[], bool]) -> None:
         """Report whether a dependency (Redis, a model provider) is reachable."""
+        ...
+
+    def watch_count(self, name: str, count: Callable[[], float]) -> None:
+        """Report a running total a part keeps itself (read on every scrape), e.g. the calls
+        Redis refused. `name` is one of WATCHED_COUNTS."""
         ...
 
     def budget_alert(self, tenant: str, period: str) -> None:
@@ -121,6 +139,9 @@ class NullTelemetry:
         pass
 
     def watch_dependency(self, name: str, up: Callable[[], bool]) -> None:
+        pass
+
+    def watch_count(self, name: str, count: Callable[[], float]) -> None:
         pass
 
     def budget_alert(self, tenant: str, period: str) -> None:

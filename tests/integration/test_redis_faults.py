@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import urllib.request
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from routecache.domain import CacheOutcome, Completion
 from routecache.router.metrics import PrometheusTelemetry
@@ -203,3 +205,35 @@ async def test_health_is_not_serving_until_the_index_is_rebuilt(
         finally:
             await replica.service.aclose()
     await stall
+
+
+def scraped(replica: Replica) -> dict[str, float]:
+    """The replica's /metrics over HTTP, as an operator's scrape sees it: unlabelled samples."""
+    port = replica.service.metrics_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not sample.labels
+    }
+
+
+async def test_writes_redis_refuses_show_in_the_metrics_while_health_stays_serving(
+    replica: Replica, own_redis_server: RedisServer
+) -> None:
+    # Out of memory under `noeviction`: the link stays up and health SERVING, so before these
+    # counters only a WARNING line a minute showed that every write took its degraded path.
+    before = await asyncio.to_thread(scraped, replica)
+    assert before["routecache_redis_refusals_total"] == 0
+    with own_redis_server.out_of_memory():
+        answer = await replica.service.pipeline.complete(ask("asked while redis is full"), ACME)
+        assert answer.text and await health_of(replica, CACHE_HEALTH_NAME) == SERVING
+        after = await asyncio.to_thread(scraped, replica)
+    # Refused at least: the rate-limit take and the spend (the events' write may follow).
+    assert after["routecache_redis_refusals_total"] >= 2
+    assert after["routecache_rate_limit_fallbacks_total"] == 1
+    assert after["routecache_redis_failures_total"] == 0
+    assert after["routecache_events_dropped_total"] == 0  # kept in the buffer, not lost
+    assert redis_up_metric(replica) == 1.0

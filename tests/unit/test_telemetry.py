@@ -10,7 +10,9 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 from prometheus_client import CollectorRegistry
+from redis.exceptions import ResponseError
 
+from routecache.backends.storage import RedisStorage
 from routecache.domain import (
     ChatRequest,
     GenerationParams,
@@ -137,6 +139,42 @@ def test_watched_gauges_are_read_at_scrape_time() -> None:
     assert sample(registry, "routecache_queue_depth", queue="embedding") == 7
     assert sample(registry, "routecache_breaker_state", provider="gpt-4") == BREAKER_OPEN
     assert registry.get_sample_value("routecache_dependency_up", {"dependency": "redis"}) == 0
+
+
+def test_watched_counts_are_read_at_scrape_time_and_only_known_ones_are_taken() -> None:
+    prometheus = PrometheusTelemetry()
+    refusals = {"now": 0}
+    prometheus.watch_count("redis_refusals", lambda: refusals["now"])
+    assert sample(prometheus.registry, "routecache_redis_refusals_total") == 0
+    refusals["now"] = 3
+    assert sample(prometheus.registry, "routecache_redis_refusals_total") == 3
+    # Named (so dashboards and alerts may use it) but without a sample until watched.
+    assert prometheus.registry.get_sample_value("routecache_redis_failures_total") is None
+    with pytest.raises(ValueError, match="unknown count"):
+        prometheus.watch_count("redis_hiccups", lambda: 1)
+
+
+async def test_redis_degraded_paths_are_counted_in_the_metrics() -> None:
+    # Nothing listens on port 1: the service is built, never started; the link is marked down
+    # and a refusal reported by hand, as a failed call and an out-of-memory answer would.
+    prometheus = PrometheusTelemetry()
+    harness = make_harness(
+        telemetry=prometheus, store={"backend": "redis", "redis_url": "redis://127.0.0.1:1/0"},
+        requests_per_second=100,
+    )  # fmt: skip
+    storage, registry = harness.service.storage, prometheus.registry
+    assert isinstance(storage, RedisStorage)
+    try:
+        storage.link.refused(ResponseError("OOM command not allowed"))
+        await storage.link.mark_down(ConnectionError("connection refused"))
+        await harness.service.pipeline.complete(ask("asked while redis is down"), ACME)
+        assert sample(registry, "routecache_redis_refusals_total") == 1
+        assert sample(registry, "routecache_redis_failures_total") == 1
+        assert sample(registry, "routecache_dependency_up", dependency="redis") == 0
+        assert sample(registry, "routecache_rate_limit_fallbacks_total") == 1  # the one take
+        assert sample(registry, "routecache_cache_bypassed_total") >= 1  # lookup and store
+    finally:
+        await harness.service.aclose()
 
 
 def test_each_service_has_its_own_registry() -> None:
