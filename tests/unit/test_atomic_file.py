@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from routecache.atomic_file import replacing
+from routecache.atomic_file import replacing, replacing_bytes
 from tests.unit.conftest import record_fsyncs
 
 
@@ -75,3 +75,21 @@ def test_without_a_mode_the_file_is_as_the_umask_allows(tmp_path: Path) -> None:
     finally:
         os.umask(previous)
     assert _mode(path) == 0o640
+
+
+def test_bytes_replace_a_file_as_text_does_synced_and_a_failed_write_leaves_no_temp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "file.npz"
+    path.write_bytes(b"old")
+    with pytest.raises(OSError, match="disk full"), replacing_bytes(path) as out:
+        out.write(b"half")
+        raise OSError("disk full")
+    assert (path.read_bytes(), os.listdir(tmp_path)) == (b"old", ["file.npz"])
+    synced = record_fsyncs(monkeypatch, path)
+    with replacing_bytes(path, mode=0o600) as out:
+        out.write(b"\x00new")
+    assert (path.read_bytes(), _mode(path), os.listdir(tmp_path)) == (
+        b"\x00new", 0o600, ["file.npz"]
+    )  # fmt: skip
+    assert synced == [(False, True), (True, True)]
