@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from routecache.atomic_file import replacing, replacing_bytes
-from tests.unit.conftest import record_fsyncs
+from tests.unit.conftest import record_fsyncs, record_synced
 
 
 def _mode(path: Path) -> int:
@@ -93,3 +93,20 @@ def test_bytes_replace_a_file_as_text_does_synced_and_a_failed_write_leaves_no_t
         b"\x00new", 0o600, ["file.npz"]
     )  # fmt: skip
     assert synced == [(False, True), (True, True)]
+
+
+@pytest.mark.parametrize("text", [True, False])
+def test_the_file_is_synced_with_all_it_was_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: bool
+) -> None:
+    # Synced before the writes buffered in Python reached it, the file could be published
+    # with only part of them on disk.
+    path = tmp_path / "file"
+    synced = record_synced(monkeypatch)
+    if text:
+        with replacing(path) as out:
+            out.write("new \u00e9")
+    else:
+        with replacing_bytes(path) as binary:
+            binary.write(b"new \xc3\xa9")
+    assert synced[0].st_size == len(b"new \xc3\xa9") == path.stat().st_size
