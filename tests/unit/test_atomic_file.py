@@ -27,14 +27,16 @@ def test_the_new_text_replaces_the_file_and_no_temp_file_is_left(tmp_path: Path)
     assert os.listdir(tmp_path) == ["file.json"]
 
 
+# Ctrl-C too: build_fixture reads the routing data inside the block, for minutes.
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt("disk full")])
 def test_a_write_that_fails_midway_keeps_the_old_file_and_removes_the_temp_file(
-    tmp_path: Path,
+    tmp_path: Path, error: BaseException
 ) -> None:
     path = tmp_path / "file.json"
     path.write_text("old")
-    with pytest.raises(OSError, match="disk full"), replacing(path) as out:
+    with pytest.raises(type(error), match="disk full"), replacing(path) as out:
         out.write("half of the new")
-        raise OSError("disk full")
+        raise error
     assert path.read_text() == "old"
     assert os.listdir(tmp_path) == ["file.json"]
 
