@@ -1,7 +1,9 @@
 """Replacing a file so that readers, crashes and power losses see the old file or the new one,
-never a torn or empty one: the cache snapshot, the key registry, the classifier's CURRENT.
+never a torn or empty one: the cache snapshot, the key registry, the classifier's CURRENT
+and artifacts, the embedding cache, the replay recordings. And publishing a folder whole: a
+classifier version, which CURRENT may name only once all its files are on disk.
 
-The text goes to PATH.tmp in the same folder (so the rename stays on one file system), is
+The text (or bytes) goes to PATH.tmp in the same folder (so the rename stays on one file system), is
 synced, renamed over PATH, and the folder is synced: the rename is an entry of the folder, and
 until that is on disk a power loss may bring the old file back though the write returned (a
 revoked API key valid again, a promoted model out of service).
@@ -15,7 +17,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import IO, Any, BinaryIO, TextIO, cast
 
 
 @contextlib.contextmanager
@@ -26,6 +28,35 @@ def replacing(path: Path, mode: int | None = None) -> Iterator[TextIO]:
     `mode`: the new file's permission bits, exactly; None for a new file's default (0o666
     less the umask). The folder must exist.
     """
+    with _replacing(path, mode, binary=False) as out:
+        yield cast(TextIO, out)
+
+
+@contextlib.contextmanager
+def replacing_bytes(path: Path, mode: int | None = None) -> Iterator[BinaryIO]:
+    """`replacing` for bytes: a classifier artifact, an .npz written by numpy."""
+    with _replacing(path, mode, binary=True) as out:
+        yield cast(BinaryIO, out)
+
+
+def publish_folder(staging: Path, target: Path) -> None:
+    """Rename a filled STAGING folder to TARGET so that, power losses included, TARGET is
+    absent or holds every file whole: a version folder the classifier's CURRENT may then name.
+
+    Each file in STAGING is synced, then STAGING itself (the files' names are its entries),
+    and TARGET's folder after the rename (the rename is its entry). Renames within one file
+    system only, like os.rename; its errors (TARGET taken: EEXIST or ENOTEMPTY) are raised.
+    """
+    for entry in staging.iterdir():
+        if entry.is_file():
+            _sync(entry)
+    _sync(staging)
+    os.rename(staging, target)
+    _sync(target.parent)
+
+
+@contextlib.contextmanager
+def _replacing(path: Path, mode: int | None, *, binary: bool) -> Iterator[IO[Any]]:
     tmp = path.with_name(path.name + ".tmp")
     # A temp file left by a crash is removed, not reused: reused, it would keep its old mode
     # (perhaps readable by all) and, before the first write, its old content.
@@ -34,7 +65,9 @@ def replacing(path: Path, mode: int | None = None) -> Iterator[TextIO]:
     # Created with the mode, not changed to it afterwards: never readable by others meanwhile.
     descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+        with (
+            os.fdopen(descriptor, "wb") if binary else os.fdopen(descriptor, "w", encoding="utf-8")
+        ) as out:
             if mode is not None:
                 os.fchmod(out.fileno(), mode)  # the umask may have taken bits the caller wants
             yield out
@@ -45,11 +78,12 @@ def replacing(path: Path, mode: int | None = None) -> Iterator[TextIO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _sync_folder(path.parent)
+    _sync(path.parent)
 
 
-def _sync_folder(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
+def _sync(path: Path) -> None:
+    """Sync a file or a folder (Linux syncs a file opened for reading too)."""
+    descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:

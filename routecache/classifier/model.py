@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Mapping
 from importlib.resources import files
 from pathlib import Path
@@ -31,6 +30,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from routecache.atomic_file import replacing_bytes
 from routecache.classifier.features import TEXT_FEATURE_NAMES, text_features
 from routecache.classifier.neighbours import NeighbourBank, neighbour_feature_names
 from routecache.classifier.operating_point import OperatingCurve
@@ -298,11 +298,11 @@ def save_artifact(
         "artifact_file": model_path.name,
         "artifact_sha256": hashlib.sha256(data).hexdigest(),
     }
-    # Write then rename, so a service starting meanwhile never reads half a file.
+    # Each file replaced whole and synced: a service starting meanwhile never reads half a
+    # file, nor one that a power loss after the return left empty.
     for path, content in ((model_path, data), (metadata_path, _json_bytes(record))):
-        partial = path.with_name(path.name + ".partial")
-        partial.write_bytes(content)
-        os.replace(partial, path)
+        with replacing_bytes(path) as out:
+            out.write(content)
     return model_path, metadata_path
 
 

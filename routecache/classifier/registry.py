@@ -8,8 +8,10 @@ Layout of the registry folder (settings: classifier.registry_dir):
 
 CURRENT is replaced atomically (write + rename, then the folder synced: routecache.atomic_file),
 so a service watching it reads either the old or the new version, never half a name, and a
-promotion that returned survives a power loss. Rolling back moves CURRENT to the version
-promoted before the current one; it copies nothing, so it takes milliseconds.
+promotion that returned survives a power loss. A version is copied into a hidden staging
+folder, its files and that folder synced, and renamed into versions/ (synced too): it appears
+whole or not at all, and is on disk before CURRENT can name it. Rolling back moves CURRENT to
+the version promoted before the current one; it copies nothing, so it takes milliseconds.
 
 A pointer change is logged to the history before CURRENT moves, under a lock file, so
 concurrent promotions apply in the order they are logged, and a crash between the two steps
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from routecache.atomic_file import replacing
+from routecache.atomic_file import publish_folder, replacing
 from routecache.classifier.model import DEFAULT_ARTIFACT_NAME
 from routecache.file_lock import exclusive
 
@@ -101,7 +103,10 @@ class ModelRegistry:
                         base.with_name(base.name + suffix),
                         staging / f"{DEFAULT_ARTIFACT_NAME}{suffix}",
                     )
-                os.rename(staging, target.parent)
+                # Synced, so that CURRENT, synced too, can never name a version that a power
+                # loss left empty or without its folder. (A versions folder made just now is
+                # an entry of the root, synced with CURRENT's rename by the promotion.)
+                publish_folder(staging, target.parent)
             except OSError as error:
                 if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                     raise

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from routecache.atomic_file import replacing
 from routecache.replay.recordings import numbered_json_rows, prompt_key
 
 SPLITS = ("routing_train.jsonl", "routing_dev.jsonl")
@@ -44,18 +45,14 @@ def recorded_rows(routing_dir: Path) -> Iterator[dict[str, str]]:
 
 def write_rows(rows: Iterator[dict[str, str]], out: Path) -> int:
     """Write the rows to `out` only once all were read: a bad routing file raises with `out`
-    (by default the packaged recordings) untouched, not emptied."""
+    (by default the packaged recordings) untouched, not emptied. Synced: nor does a power loss
+    leave it empty."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
     count = 0
-    try:
-        with partial.open("w", encoding="utf-8") as sink:
-            for row in rows:
-                sink.write(json.dumps(row, ensure_ascii=False) + "\n")
-                count += 1
-        partial.replace(out)
-    finally:
-        partial.unlink(missing_ok=True)
+    with replacing(out) as sink:
+        for row in rows:
+            sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
     return count
 
 

@@ -9,7 +9,6 @@ prompts are embedded.
 from __future__ import annotations
 
 import hashlib
-import os
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from routecache.atomic_file import replacing_bytes
 from routecache.training.data_files import DataFileError
 
 Embed = Callable[[Sequence[str]], npt.NDArray[np.float32]]
@@ -68,11 +68,12 @@ class EmbeddingCache:
         return {str(k): v for k, v in zip(keys, vectors, strict=True)}
 
     def _save(self, known: dict[str, npt.NDArray[np.float32]]) -> None:
-        partial = self._path.with_name(self._path.name + ".partial.npz")
+        # Replaced whole and synced (one sync per training run): _load refuses a torn file
+        # rather than write over what may be another file, so a power loss must never leave
+        # one, or every later run would stop until it is removed by hand.
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(partial, keys=np.array(list(known)), vectors=np.stack(list(known.values())))
-            os.replace(partial, self._path)
+            with replacing_bytes(self._path) as out:
+                np.savez(out, keys=np.array(list(known)), vectors=np.stack(list(known.values())))
         except OSError as exc:
-            partial.unlink(missing_ok=True)
             raise DataFileError(f"{self._path}: cannot write the embedding cache ({exc})") from exc

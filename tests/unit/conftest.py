@@ -34,6 +34,20 @@ def record_fsyncs(monkeypatch: pytest.MonkeyPatch, path: Path) -> list[tuple[boo
     return synced
 
 
+def record_synced(monkeypatch: pytest.MonkeyPatch) -> list[os.stat_result]:
+    """What each os.fsync from now on synced, as it stood then: which file or folder (st_ino),
+    and how much of a file was written (st_size)."""
+    synced: list[os.stat_result] = []
+    real_fsync = os.fsync
+
+    def fsync(descriptor: int) -> None:
+        synced.append(os.fstat(descriptor))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
 def unit_settings(
     store: dict[str, object] | None = None,
     service: dict[str, object] | None = None,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from routecache.atomic_file import replacing
-from tests.unit.conftest import record_fsyncs
+from routecache.atomic_file import replacing, replacing_bytes
+from tests.unit.conftest import record_fsyncs, record_synced
 
 
 def _mode(path: Path) -> int:
@@ -27,14 +27,16 @@ def test_the_new_text_replaces_the_file_and_no_temp_file_is_left(tmp_path: Path)
     assert os.listdir(tmp_path) == ["file.json"]
 
 
+# Ctrl-C too: build_fixture reads the routing data inside the block, for minutes.
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt("disk full")])
 def test_a_write_that_fails_midway_keeps_the_old_file_and_removes_the_temp_file(
-    tmp_path: Path,
+    tmp_path: Path, error: BaseException
 ) -> None:
     path = tmp_path / "file.json"
     path.write_text("old")
-    with pytest.raises(OSError, match="disk full"), replacing(path) as out:
+    with pytest.raises(type(error), match="disk full"), replacing(path) as out:
         out.write("half of the new")
-        raise OSError("disk full")
+        raise error
     assert path.read_text() == "old"
     assert os.listdir(tmp_path) == ["file.json"]
 
@@ -75,3 +77,38 @@ def test_without_a_mode_the_file_is_as_the_umask_allows(tmp_path: Path) -> None:
     finally:
         os.umask(previous)
     assert _mode(path) == 0o640
+
+
+def test_bytes_replace_a_file_as_text_does_synced_and_a_failed_write_leaves_no_temp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "file.npz"
+    path.write_bytes(b"old")
+    with pytest.raises(OSError, match="disk full"), replacing_bytes(path) as out:
+        out.write(b"half")
+        raise OSError("disk full")
+    assert (path.read_bytes(), os.listdir(tmp_path)) == (b"old", ["file.npz"])
+    synced = record_fsyncs(monkeypatch, path)
+    with replacing_bytes(path, mode=0o600) as out:
+        out.write(b"\x00new")
+    assert (path.read_bytes(), _mode(path), os.listdir(tmp_path)) == (
+        b"\x00new", 0o600, ["file.npz"]
+    )  # fmt: skip
+    assert synced == [(False, True), (True, True)]
+
+
+@pytest.mark.parametrize("text", [True, False])
+def test_the_file_is_synced_with_all_it_was_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: bool
+) -> None:
+    # Synced before the writes buffered in Python reached it, the file could be published
+    # with only part of them on disk.
+    path = tmp_path / "file"
+    synced = record_synced(monkeypatch)
+    if text:
+        with replacing(path) as out:
+            out.write("new \u00e9")
+    else:
+        with replacing_bytes(path) as binary:
+            binary.write(b"new \xc3\xa9")
+    assert synced[0].st_size == len(b"new \xc3\xa9") == path.stat().st_size

@@ -42,6 +42,7 @@ from routecache.classifier.neighbours import (
 from routecache.classifier.ports import DifficultyClassifier
 from routecache.domain import OperatingPoint
 from routecache.training.train_classifier import LabelledSet, fit_model
+from tests.unit.conftest import record_fsyncs
 
 MMLU_PROMPT = "What is 2 + 2?\nA. 3\nB. 4\nC. 5\nD. 22\nAnswer:"
 GSM_PROMPT = "Tom has 3 apples and buys 12 more at $2 each. How many apples does he have?"
@@ -265,7 +266,7 @@ def test_scoring_refuses_an_embedding_of_the_wrong_size(trained: DifficultyModel
 def test_round_trip_gives_identical_scores(trained: DifficultyModel, tmp_path: Path) -> None:
     model_path, metadata_path = save_artifact(trained, _metadata(0.37), tmp_path, "rt")
     assert (model_path.name, metadata_path.name) == ("rt.skops", "rt.json")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rt.json", "rt.skops"]  # no .partial
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rt.json", "rt.skops"]  # no temp file
     loaded = load_artifact(model_path)
     original = SklearnDifficultyClassifier(trained, "v", 0.5)
     assert loaded.version == "difficulty-test"
@@ -494,3 +495,14 @@ def test_packaged_artifact_scores_a_real_request_quickly() -> None:
         timings.append(time.perf_counter() - started)
     # Measured ~0.5 ms p50 on a busy 2-core host; a generous bound keeps the test from flaking.
     assert statistics.median(timings) < 20e-3
+
+
+def test_an_artifact_is_synced_file_by_file_before_each_rename_and_its_folder_after(
+    trained: DifficultyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Unsynced, a power loss after save returned could leave an empty .skops or .json (or the
+    # old one) where the registry or --out expects the new artifact.
+    synced = record_fsyncs(monkeypatch, tmp_path / "a.json")
+    save_artifact(trained, _metadata(), tmp_path, "a")
+    # The .skops, its folder, the .json (in place only then), its folder.
+    assert synced == [(False, False), (True, False), (False, False), (True, True)]

@@ -17,6 +17,7 @@ from routecache.training.data_files import (
     writable_folder,
 )
 from routecache.training.embedding_cache import EmbeddingCache, prompt_key
+from tests.unit.conftest import record_fsyncs
 
 
 def test_numbered_lines_skip_blank_ones_but_keep_the_file_numbering(tmp_path: Path) -> None:
@@ -114,7 +115,19 @@ def test_only_prompts_never_seen_are_embedded_and_each_once(tmp_path: Path) -> N
     with np.load(path) as stored:
         assert sorted(stored["keys"]) == sorted(prompt_key(p) for p in ("ab", "c", "dddd"))
         assert stored["vectors"].dtype == np.float32
-    assert not list(path.parent.glob("*.partial*"))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["cache.npz"]  # no temp file
+
+
+def test_a_saved_cache_is_synced_before_and_after_its_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Kept over minutes of embedding, and a torn file is refused (see below) rather than taken
+    # for another file and written over: unsynced, a power loss would leave an empty or torn
+    # cache that stops every later training run until removed by hand. One sync per run.
+    path = tmp_path / "cache.npz"
+    synced = record_fsyncs(monkeypatch, path)
+    EmbeddingCache(path).embed(["ab"], CountingEmbedder(), 3)
+    assert synced == [(False, False), (True, True)]
 
 
 def test_a_prompt_is_stored_under_its_sha256_not_its_text(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from routecache.classifier.ports import Assessment, DifficultyClassifier
 from routecache.classifier.registry import ModelRegistry, RegistryError
 from routecache.classifier.reloading import ReloadingClassifier
 from routecache.domain import OperatingPoint
-from tests.unit.conftest import record_fsyncs
+from tests.unit.conftest import record_fsyncs, record_synced
 
 VECTOR = np.zeros(4, dtype=np.float32)
 
@@ -835,3 +835,23 @@ async def test_watch_logs_an_unreadable_artifact_once_and_recovers_only_when_it_
     assert messages[0].startswith(f"classifier registry could not be read ({first}")
     assert messages[1:] == ["classifier swapped: v1 -> v2", "classifier registry readable again"]
     assert not failures and classifier.version == "v2"
+
+
+def test_an_added_version_is_on_disk_whole_before_it_can_be_promoted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A synced CURRENT naming a version whose files or folder entry were still in the page
+    # cache: after a power loss the service would find the version in service empty or gone.
+    registry = _registry_with(tmp_path, "v1")
+    source = _artifact(tmp_path / "src-v2", 0.2)
+    folder = registry.artifact_path("v2").parent
+    in_place = record_fsyncs(monkeypatch, folder)
+    synced = record_synced(monkeypatch)
+    registry.add(source, "v2")
+    # Both files, then the staging folder (their names), then, once renamed into place, the
+    # versions folder (its entry).
+    assert [s.st_ino for s in synced] == [
+        (folder / name).stat().st_ino
+        for name in ("difficulty.skops", "difficulty.json", ".", "..")
+    ]  # fmt: skip
+    assert in_place == [(False, False), (False, False), (True, False), (True, True)]

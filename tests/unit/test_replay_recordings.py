@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from routecache.replay.recordings import Recordings, synthetic_answer, weak_breaks_json
+from tests.unit.conftest import record_fsyncs
 
 
 def row(prompt: str, weak: str = "weak says", strong: str = "strong says") -> str:
@@ -110,14 +111,33 @@ def routing_split(routing_dir: Path, *lines: str) -> None:
 GSM8K_ROW = '{"source": "gsm8k", "prompt": "p", "weak_response": "w", "strong_response": "s"}'
 
 
-def test_building_the_recordings_keeps_only_the_gsm8k_rows(tmp_path: Path) -> None:
+def test_building_the_recordings_keeps_only_the_gsm8k_rows_and_counts_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     gsm8k = json.loads(GSM8K_ROW)
     routing_split(tmp_path / "routing", json.dumps(gsm8k), json.dumps(gsm8k | {"source": "mmlu"}))
-    out = tmp_path / "recorded.jsonl"
+    out = tmp_path / "new" / "recorded.jsonl"  # its folder is made
 
     assert build(tmp_path / "routing", out) == 0
 
     assert Recordings.load(out).answer("strong", "p") == "s" and len(Recordings.load(out)) == 1
+    assert capsys.readouterr().out == f"wrote 1 recordings to {out}\n"
+
+
+def test_built_recordings_are_synced_before_and_after_replacing_the_old_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # By default they replace the packaged recordings: unsynced, a power loss could leave an
+    # empty file there, and a replay upstream that answers nothing.
+    routing_split(tmp_path / "routing", GSM8K_ROW)
+    out = write(tmp_path, row("old"))
+    synced = record_fsyncs(monkeypatch, out)
+
+    assert build(tmp_path / "routing", out) == 0
+
+    assert synced == [(False, True), (True, True)]
+    assert Recordings.load(out).answer("strong", "p") == "s"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["recorded.jsonl", "routing"]
 
 
 @pytest.mark.parametrize(
