@@ -49,6 +49,11 @@ local purge_at = ARGV[9]
 local scope = ARGV[10]
 local ntags = tonumber(ARGV[11])
 local removed = {}
+-- Redis checks memory only at a script's first write, and only if that command may grow it;
+-- unlink's ZREM and DEL may not, and a script that has written goes on. This SETRANGE of
+-- nothing to a key that does not exist changes nothing, but is checked: out of memory under
+-- `noeviction`, the PUT is refused here, before it stored a new entry past `maxmemory`.
+redis.call('SETRANGE', base .. 'oom-check', 0, '')
 unlink(eid, removed)
 local old = redis.call('GET', xr)
 if old then unlink(old, removed) end

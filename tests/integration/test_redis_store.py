@@ -323,3 +323,16 @@ async def test_top_entries_skip_an_entry_removed_between_their_two_reads(setup: 
     store = RemovedBetweenReads(setup.link, KeySpace(), RedisStoreOptions(10_000), setup.clock,
                                 "test")  # fmt: skip
     assert [s.entry_id for s in await store.most_served("acme", 10)] == [kept]
+
+
+async def test_a_redis_out_of_memory_stores_no_new_entry_and_stays_in_use(setup: Setup) -> None:
+    # Before: Redis checks memory at a script's first write only if that command may grow it,
+    # and PUT began with ZREM/DEL (unlinking an entry it replaces): every new entry was stored
+    # past `maxmemory` under `noeviction`.
+    with setup.server.out_of_memory():
+        new = NewEntry("acme", SCOPE, "asked while full", "an answer", "m", Tier.CHEAP,
+                       vector(1), 0.01, 10, 10, 3600, ())  # fmt: skip
+        assert await setup.cache.store(new) is None
+        assert (setup.link.up, setup.link.refusals) == (True, 1)
+    assert await setup.cache.entry_count("acme") == 0
+    assert len(await fill(setup, 1)) == 1  # with memory again, the next answer is stored
