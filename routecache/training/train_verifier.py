@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from routecache.atomic_file import replacing
 from routecache.cache.cross_encoder import GRAPH_FILE, POLICY_FILE, OnnxCrossEncoder
 from routecache.cache.embedder import MINILM_DIMENSION, packaged_minilm_path
 from routecache.cache.faiss_index import ScopedFaissIndex
@@ -217,7 +218,9 @@ def run(args: argparse.Namespace) -> int:
             "graph_sha256": file_sha256(args.out / GRAPH_FILE),
         },
     )
-    (args.out / POLICY_FILE).write_text(calibration.to_json() + "\n", encoding="utf-8")
+    # Replaced whole: a policy torn by a crash beside its graph stops the service's start.
+    with replacing(args.out / POLICY_FILE) as policy:
+        policy.write(calibration.to_json() + "\n")
     summary = {
         "cosine_floor": calibration.cosine_floor,
         "symmetric": symmetric,

@@ -23,6 +23,7 @@ from routecache.training.cross_encoder import (
 )
 from routecache.training.data_files import DataFileError
 from routecache.training.pair_data import LabelledPair, split_pairs
+from tests.unit.conftest import record_fsyncs
 
 PAIRS = [
     LabelledPair(f"how do i solve puzzle number {i}", f"what is puzzle {i} about", i % 3 == 0)
@@ -352,3 +353,19 @@ def test_the_export_gives_back_the_logging_level_it_found(
         assert logging.root.manager.disable == logging.CRITICAL
     finally:
         logging.disable(logging.NOTSET)
+
+
+def test_the_policy_replaces_the_old_one_whole_and_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: written in place, so a crash mid-write left a torn hit_policy.json beside the
+    # graph, which the service then refused to start with.
+    argv = _saved_run(tmp_path)
+    policy = tmp_path / "out" / POLICY_FILE
+    policy.write_text("the old policy", encoding="utf-8")
+    old_inode = policy.stat().st_ino
+    synced = record_fsyncs(monkeypatch, policy)
+    assert main(argv) == 0
+    assert policy.stat().st_ino != old_inode  # a new file renamed over the old one
+    assert synced[-2:] == [(False, True), (True, True)]  # the new file, then its folder
+    assert _policy(tmp_path).thresholds
