@@ -472,6 +472,7 @@ def build_cost_control(
     alerts = BudgetAlerts(
         storage.events, telemetry, budgets.alert_webhook_url, budgets.webhook_timeout_seconds
     )
+    telemetry.watch_count("budget_webhook_failures", lambda: alerts.failed_deliveries)
     return CostControl(
         storage.quotas, storage.spend, alerts, generator, settings.limits.max_output_tokens,
         clock, telemetry,

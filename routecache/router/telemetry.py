@@ -58,6 +58,8 @@ WATCHED_COUNTS = {
     "Redis was down or refused",
     "cache_bypassed": "Cache lookups and stores skipped because the entry store was unavailable",
     "events_dropped": "Events dropped from the full buffer while the event stream was unwritable",
+    "budget_webhook_failures": "Budget alerts the webhook did not take (an error status, a "
+    "timeout, no answer); each is in the event log",
 }
 
 

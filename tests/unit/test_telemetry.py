@@ -352,3 +352,14 @@ def test_the_metrics_server_serves_on_the_port_it_bound_and_close_stops_it() -> 
     assert serving and not any(thread.is_alive() for thread in serving)
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(url, timeout=5)
+
+
+def test_budget_alerts_the_webhook_did_not_take_are_in_the_metrics() -> None:
+    # Before: only the log said so; an operator's alert on lost budget alerts had nothing to read.
+    prometheus = PrometheusTelemetry()
+    harness = make_harness(telemetry=prometheus)
+    costs = harness.service.costs
+    assert costs is not None
+    assert sample(prometheus.registry, "routecache_budget_webhook_failures_total") == 0
+    costs.alerts.failed_deliveries += 2
+    assert sample(prometheus.registry, "routecache_budget_webhook_failures_total") == 2
