@@ -123,8 +123,8 @@ class RedisStorage:
         if await self.link.connect():
             try:
                 await self.sync.rebuild()
-            except StoreUnavailable:
-                log.warning("redis went away during the index rebuild: finishing it later")
+            except StoreUnavailable as exc:  # down, or refused a call: the sync loop redoes it
+                log.warning("index rebuild from redis failed (%s): finishing it later", exc)
             except Exception as exc:  # a failed rebuild degrades the cache, not the service
                 await self.link.mark_down(exc)
         self._tasks.append(asyncio.create_task(self.sync.run(), name="replica-sync"))
