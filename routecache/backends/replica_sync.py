@@ -129,7 +129,11 @@ class ReplicaSync:
         for entry_id in ids:
             by_tenant[tenant_of_id(entry_id)].append(entry_id)
         now = self._clock()
-        by_scope: defaultdict[str, tuple[list[str], list[bytes]]] = defaultdict(lambda: ([], []))
+        # Grouped by vector size too: rows of two sizes joined into one matrix were cut into
+        # rows of neither (or a size the index takes, and added garbled).
+        by_scope: defaultdict[tuple[str, int], tuple[list[str], list[bytes]]] = defaultdict(
+            lambda: ([], [])
+        )
         for tenant, members in by_tenant.items():
             rows = partial(self._rows, args=[self._keys.of(tenant).base, *members])
             flat = await guarded(self._link, rows)
@@ -137,13 +141,22 @@ class ReplicaSync:
                 scope, emb, expires = flat[3 * n : 3 * n + 3]
                 if scope is None or float(expires) + self._grace <= now:
                     continue
-                scope_ids, vectors = by_scope[scope.decode()]
+                scope_ids, vectors = by_scope[scope.decode(), len(emb)]
                 scope_ids.append(entry_id)
                 vectors.append(emb)
-        for scope, (scope_ids, vectors) in by_scope.items():
-            matrix = np.frombuffer(b"".join(vectors), dtype=np.float32)
-            self._index.add_many(scope, scope_ids, matrix.reshape(len(scope_ids), -1))
-        return sum(len(m) for m, _ in by_scope.values())
+        added = 0
+        for (scope, _), (scope_ids, vectors) in by_scope.items():
+            try:
+                matrix = np.frombuffer(b"".join(vectors), dtype=np.float32)
+                self._index.add_many(scope, scope_ids, matrix.reshape(len(scope_ids), -1))
+            except ValueError as exc:
+                # E.g. stored by a replica with another embedder: this index cannot hold them,
+                # and retrying would stop the tail at them for good. Skipped, they cost misses.
+                log.warning("%d entries not indexed (%s): first %s", len(scope_ids), exc,
+                            scope_ids[0])  # fmt: skip
+                continue
+            added += len(scope_ids)
+        return added
 
     async def run(self) -> None:
         """The tail loop; runs until cancelled, waits out Redis outages and pauses after a
@@ -171,6 +184,11 @@ class ReplicaSync:
             pass  # the link is down: the next round waits until it is up
         except (RedisError, OSError) as exc:  # a call that did not go through the link
             await self._link.mark_down(exc)
+        except Exception:
+            # Anything else (a bug, an entry the index rejects) must not end the loop unseen:
+            # the task is awaited only at stop, and the index would fall behind for good.
+            log.exception("replica sync round failed: trying again after a pause")
+            await asyncio.sleep(self._link.probe_interval_seconds)
 
     async def _tail(self) -> None:
         if self._resync:

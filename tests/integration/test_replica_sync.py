@@ -354,6 +354,49 @@ async def test_a_rebuild_redis_refuses_leaves_the_link_up_and_is_done_again(rig:
     assert rig.link.failures == 0
 
 
+async def test_an_entry_whose_vector_the_index_cannot_hold_is_skipped_and_the_rest_applied(
+    rig: Rig,
+) -> None:
+    # E.g. written by a replica with another embedder: 8 numbers where this index takes 4.
+    a = rig.replica_a()
+    await a.sync.rebuild()
+    kept, odd = await rig.write(2)
+    with rig.raw() as raw:
+        raw.hset(f"rc:{{acme}}:e:{odd.entry_id}", "emb", np.ones(8, np.float32).tobytes())
+    assert await a.sync.poll() == 2
+    assert a.ids() == {kept.entry_id}
+    (later,) = await rig.write()
+    assert await a.sync.poll() == 1
+    assert a.ids() == {kept.entry_id, later.entry_id}
+
+
+async def test_a_tail_round_that_fails_unexpectedly_is_logged_and_the_tail_goes_on(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = rig.replica_a()
+    await a.sync.rebuild()
+    add_many = a.index.add_many
+    failures: list[str] = []
+
+    def broken(scope: str, entry_ids: list[str], vectors: np.ndarray) -> None:
+        if failures[-1:] != ["mended"]:
+            failures.append(scope)
+            raise RuntimeError("index broken")
+        add_many(scope, entry_ids, vectors)
+
+    monkeypatch.setattr(a.index, "add_many", broken)
+    with running(a.sync):
+        (entry,) = await rig.write()
+        await eventually(lambda: len(failures) >= 2, "the round failed, then again")
+        before = len(failures)
+        await asyncio.sleep(0.5)
+        # A pause of a probe interval (0.05 s) after each: not hundreds of tries a second.
+        assert len(failures) - before <= 20
+        failures.append("mended")
+        await eventually(lambda: entry.entry_id in a.ids(), "the entry, once the index takes it")
+    assert "index broken" in caplog.text
+
+
 def test_stream_ids_compare_by_time_then_sequence() -> None:
     # Two operations in one millisecond differ in their sequence only.
     assert parse_id("1700000000000-7") == (1700000000000, 7)
