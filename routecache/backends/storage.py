@@ -153,5 +153,7 @@ async def _cancel(task: asyncio.Task[None]) -> None:
     while not task.done():
         task.cancel()
         await asyncio.wait([task], timeout=0.5)
-    with contextlib.suppress(asyncio.CancelledError):
-        task.result()
+    if not task.cancelled() and (error := task.exception()) is not None:
+        # Logged, not raised: raised, it ended the stop before the last spend and event
+        # flush and before the connections were closed.
+        log.error("background task %s had stopped on an error", task.get_name(), exc_info=error)
