@@ -119,6 +119,22 @@ class RedisServer:
         finally:
             client.close()
 
+    @contextlib.contextmanager
+    def denied(self, *commands: str) -> Iterator[None]:
+        """Redis refuses these commands (NOPERM) but answers every other one, pings too."""
+        client = redis.Redis(host="127.0.0.1", port=self.port)
+        # Rules added to the default user's, whose other rules stay (acl_setuser would turn it off).
+        rules = [f"-{c}" for c in commands]
+        try:
+            client.execute_command("ACL", "SETUSER", "default", *rules)  # type: ignore[no-untyped-call]
+            try:
+                yield
+            finally:
+                allowed = [f"+{c}" for c in commands]
+                client.execute_command("ACL", "SETUSER", "default", *allowed)  # type: ignore[no-untyped-call]
+        finally:
+            client.close()
+
     def wait_stalled(self, within: float = 10.0) -> None:
         """Returns once the server answers nobody, i.e. a debug_sleep() begun on another thread
         has reached it: a fixed pause instead let a test on a loaded host go on before the stall.

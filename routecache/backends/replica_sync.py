@@ -14,10 +14,12 @@ the entry's feedback penalty leaves this replica's memory with its index row.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -25,7 +27,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from routecache.backends import scripts
 from routecache.backends.keys import KeySpace, tenant_of_id
-from routecache.backends.link import RedisDown, RedisLink
+from routecache.backends.link import RedisDown, RedisLink, RedisRefused, guarded
 from routecache.backends.redis_store import RedisEntryStore
 from routecache.cache.ports import VectorIndex
 
@@ -100,14 +102,15 @@ class ReplicaSync:
     async def _rebuild_tenant(self, tenant: str, started: float) -> int:
         keys = self._keys.of(tenant)
         client = self._link.client
-        newest = await client.xrevrange(keys.sync, count=1)
+        newest = await guarded(self._link, lambda: client.xrevrange(keys.sync, count=1))
         # Noted before the scan, kept only once it finished: a torn rebuild is redone.
         self._last.pop(keys.sync, None)
         resume_from = newest[0][0].decode() if newest else "0-0"
-        size = await client.zcard(keys.lru)
+        size = await guarded(self._link, lambda: client.zcard(keys.lru))
         loaded, seen, cursor, logged = 0, 0, 0, 0.0
         while True:
-            cursor, members = await client.zscan(keys.lru, cursor, count=self._batch)
+            scan = partial(client.zscan, keys.lru, cursor, count=self._batch)
+            cursor, members = await guarded(self._link, scan)
             ids = [m.decode() for m, _ in members]
             loaded += await self._load(ids)
             seen += len(ids)
@@ -126,47 +129,84 @@ class ReplicaSync:
         for entry_id in ids:
             by_tenant[tenant_of_id(entry_id)].append(entry_id)
         now = self._clock()
-        by_scope: defaultdict[str, tuple[list[str], list[bytes]]] = defaultdict(lambda: ([], []))
+        # Grouped by vector size too: rows of two sizes joined into one matrix were cut into
+        # rows of neither (or a size the index takes, and added garbled).
+        by_scope: defaultdict[tuple[str, int], tuple[list[str], list[bytes]]] = defaultdict(
+            lambda: ([], [])
+        )
         for tenant, members in by_tenant.items():
-            flat = await self._rows(args=[self._keys.of(tenant).base, *members])
+            rows = partial(self._rows, args=[self._keys.of(tenant).base, *members])
+            flat = await guarded(self._link, rows)
             for n, entry_id in enumerate(members):
                 scope, emb, expires = flat[3 * n : 3 * n + 3]
                 if scope is None or float(expires) + self._grace <= now:
                     continue
-                scope_ids, vectors = by_scope[scope.decode()]
+                scope_ids, vectors = by_scope[scope.decode(), len(emb)]
                 scope_ids.append(entry_id)
                 vectors.append(emb)
-        for scope, (scope_ids, vectors) in by_scope.items():
-            matrix = np.frombuffer(b"".join(vectors), dtype=np.float32)
-            self._index.add_many(scope, scope_ids, matrix.reshape(len(scope_ids), -1))
-        return sum(len(m) for m, _ in by_scope.values())
+        added = 0
+        for (scope, _), (scope_ids, vectors) in by_scope.items():
+            try:
+                matrix = np.frombuffer(b"".join(vectors), dtype=np.float32)
+                self._index.add_many(scope, scope_ids, matrix.reshape(len(scope_ids), -1))
+            except ValueError as exc:
+                # E.g. stored by a replica with another embedder: this index cannot hold them,
+                # and retrying would stop the tail at them for good. Skipped, they cost misses.
+                log.warning("%d entries not indexed (%s): first %s", len(scope_ids), exc,
+                            scope_ids[0])  # fmt: skip
+                continue
+            added += len(scope_ids)
+        return added
 
     async def run(self) -> None:
-        """The tail loop; runs until cancelled, waits out Redis outages."""
+        """The tail loop; runs until cancelled, waits out Redis outages and pauses after a
+        call Redis refused. The purge has its own schedule: a tail that fails does not hold
+        it up, and a purge that fails waits for the next interval."""
         if not self._tenants:
             return
         next_purge = time.monotonic() + self._purge_interval
         while True:
             await self._link.wait_up()
-            try:
-                if self._resync:
-                    await self._check_gaps()
-                await self.poll()
-                if time.monotonic() >= next_purge:
-                    for tenant in self._tenants:
-                        await self._store.purge_expired(tenant)
-                    next_purge = time.monotonic() + self._purge_interval
-            except RedisDown:
-                continue
-            except (RedisError, OSError) as exc:
-                await self._link.mark_down(exc)
+            await self._round(self._tail)
+            if time.monotonic() >= next_purge:
+                await self._round(self._purge)
+                next_purge = time.monotonic() + self._purge_interval
+
+    async def _round(self, step: Callable[[], Awaitable[object]]) -> None:
+        """One step of the loop; what fails it ends this round alone."""
+        try:
+            await step()
+        except RedisRefused:
+            # Redis is up and answered with an error (no permission, a script error): there is
+            # no outage to wait out, so a pause, else the loop tried again at once, and on.
+            await asyncio.sleep(self._link.probe_interval_seconds)
+        except RedisDown:
+            pass  # the link is down: the next round waits until it is up
+        except (RedisError, OSError) as exc:  # a call that did not go through the link
+            await self._link.mark_down(exc)
+        except Exception:
+            # Anything else (a bug, an entry the index rejects) must not end the loop unseen:
+            # the task is awaited only at stop, and the index would fall behind for good.
+            log.exception("replica sync round failed: trying again after a pause")
+            await asyncio.sleep(self._link.probe_interval_seconds)
+
+    async def _tail(self) -> None:
+        if self._resync:
+            await self._check_gaps()
+        await self.poll()
+
+    async def _purge(self) -> None:
+        for tenant in self._tenants:
+            await self._store.purge_expired(tenant)
 
     async def poll(self) -> int:
         """Reads and applies one batch of sync operations; returns how many of them were other
         replicas' (each counted, though only an id's last one in the batch decides its state)."""
         if not self._last:
             return 0
-        answer = await self._link.blocking.xread(self._last, count=1000, block=self._link.block_ms)
+        read = partial(self._link.blocking.xread, self._last, count=1000,
+                       block=self._link.block_ms)  # fmt: skip
+        answer = await guarded(self._link, read)
         count = 0
         for stream, messages in answer:
             count += await self._apply(messages)
@@ -210,10 +250,16 @@ class ReplicaSync:
         self._resync = False
 
     async def _stream_info(self, stream: str) -> dict[str, Any]:
+        info: dict[str, Any] = await guarded(self._link, partial(self._xinfo, stream))
+        return info
+
+    async def _xinfo(self, stream: str) -> dict[str, Any]:
         try:
             info: dict[str, Any] = await self._link.client.xinfo_stream(stream)
-        except ResponseError:  # no such key: Redis holds nothing of this tenant
-            return {}
+        except ResponseError as exc:
+            if "no such key" not in str(exc):
+                raise  # refused (no permission, not a stream): `guarded` tells it apart
+            return {}  # Redis holds nothing of this tenant
         return info
 
 

@@ -123,8 +123,8 @@ class RedisStorage:
         if await self.link.connect():
             try:
                 await self.sync.rebuild()
-            except StoreUnavailable:
-                log.warning("redis went away during the index rebuild: finishing it later")
+            except StoreUnavailable as exc:  # down, or refused a call: the sync loop redoes it
+                log.warning("index rebuild from redis failed (%s): finishing it later", exc)
             except Exception as exc:  # a failed rebuild degrades the cache, not the service
                 await self.link.mark_down(exc)
         self._tasks.append(asyncio.create_task(self.sync.run(), name="replica-sync"))
@@ -153,5 +153,7 @@ async def _cancel(task: asyncio.Task[None]) -> None:
     while not task.done():
         task.cancel()
         await asyncio.wait([task], timeout=0.5)
-    with contextlib.suppress(asyncio.CancelledError):
-        task.result()
+    if not task.cancelled() and (error := task.exception()) is not None:
+        # Logged, not raised: raised, it ended the stop before the last spend and event
+        # flush and before the connections were closed.
+        log.error("background task %s had stopped on an error", task.get_name(), exc_info=error)

@@ -1534,8 +1534,45 @@ async def test_a_failed_rebuild_marks_redis_down_and_the_stop_ends_every_task_an
     async with asyncio.timeout(5):
         await storage.aclose()
     assert all(task.done() for task in storage._tasks)
-    checker = redis.Redis(host="127.0.0.1", port=redis_server.port)
+    await only_this_connection_left(redis_server)
+
+
+async def only_this_connection_left(server: RedisServer) -> None:
+    """Waits until every other connection to the server closed."""
+    checker = redis.Redis(host="127.0.0.1", port=server.port)
     try:
         await eventually(lambda: len(checker.client_list()) == 1, "the link's connections close")  # type: ignore[arg-type]  # redis-py types a sync client's reply Awaitable | Any
     finally:
         checker.close()
+
+
+class DeadSync:
+    """A replica sync whose loop ended with an error before the stop."""
+
+    async def rebuild(self) -> None:
+        return None
+
+    async def run(self) -> None:
+        raise RuntimeError("a bug in the loop")
+
+
+async def test_a_background_loop_that_died_does_not_keep_the_stop_from_its_last_flush(
+    redis_server: RedisServer,
+) -> None:
+    link, clock = link_to(redis_server), ManualClock()
+    ledger = RedisSpendLedger(link, KeySpace(), clock)
+    storage = RedisStorage(link, DeadSync(), None, ledger)  # type: ignore[arg-type]
+    await storage.start()
+    await asyncio.wait(storage._tasks)
+    flushed: list[bool] = []
+    flush = ledger.flush
+
+    async def noted() -> None:
+        flushed.append(True)
+        await flush()
+
+    ledger.flush = noted  # type: ignore[method-assign]
+    async with asyncio.timeout(5):
+        await storage.aclose()  # the loop's error is logged, not raised out of the stop
+    assert flushed == [True]
+    await only_this_connection_left(redis_server)

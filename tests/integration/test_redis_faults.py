@@ -4,6 +4,7 @@ health says so, and everything comes back, with nothing acknowledged lost, witho
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import urllib.request
@@ -27,6 +28,7 @@ from tests.integration.replicas import (
     real_clock,
     replica_settings,
     start_grpc_replica,
+    start_replica,
 )
 from tests.redis_fixture import RedisServer, free_port
 
@@ -175,6 +177,29 @@ async def test_a_replica_started_while_redis_is_down_serves_and_catches_up(
         assert await health_of(late, CACHE_HEALTH_NAME) == SERVING
     finally:
         await late.service.aclose()
+
+
+async def test_a_replica_whose_index_rebuild_redis_refuses_keeps_using_redis_and_rebuilds_later(
+    redis_server: RedisServer, clock: ManualClock
+) -> None:
+    settings = replica_settings(redis_server.url)
+    writer = await start_replica(settings, clock)
+    stored = await writer.service.pipeline.complete(ask("written before the start"), ACME)
+    await writer.service.aclose()
+    with contextlib.ExitStack() as refusing:
+        refusing.enter_context(redis_server.denied("xrevrange"))  # the rebuild's first read
+        late = await start_replica(settings, clock)
+        try:
+            link = late.service.storage.link  # type: ignore[attr-defined]
+            assert link.up and link.failures == 0  # refused, not down: the cache stays in use
+            exact = await late.service.pipeline.complete(ask("written before the start"), ACME)
+            assert exact.cache.entry_id == stored.cache.entry_id
+            assert len(late.index) == 0
+            refusing.close()  # Redis allows it again
+            await eventually(lambda: len(late.index) == 1, "index rebuilt once redis allows it")
+            assert link.failures == 0
+        finally:
+            await late.service.aclose()
 
 
 async def test_health_is_not_serving_until_the_index_is_rebuilt(

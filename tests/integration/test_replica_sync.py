@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from routecache.backends.keys import KeySpace
-from routecache.backends.link import RedisDown, RedisLink
+from routecache.backends.link import RedisDown, RedisLink, RedisRefused
 from routecache.backends.redis_store import RedisEntryStore, RedisStoreOptions
 from routecache.backends.replica_sync import ReplicaSync, parse_id
 from routecache.cache.faiss_index import ScopedFaissIndex
@@ -209,26 +209,47 @@ async def test_after_an_outage_redis_restored_from_an_older_backup_rebuilds_the_
         await eventually(lambda: restored.entry_id in a.ids(), "A's index rebuilt", within=3)
 
 
+def rebuilds_of(monkeypatch: pytest.MonkeyPatch, sync: ReplicaSync) -> list[str]:
+    """The tenants the sync rebuilds from now on, in order."""
+    rebuilt: list[str] = []
+    rebuild_tenant = sync._rebuild_tenant
+
+    async def counted(tenant: str, started: float) -> int:
+        rebuilt.append(tenant)
+        return await rebuild_tenant(tenant, started)
+
+    monkeypatch.setattr(sync, "_rebuild_tenant", counted)
+    return rebuilt
+
+
 async def test_after_an_outage_a_stream_that_reaches_back_to_the_replica_is_tailed_not_rebuilt(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await rig.write()
     a = rig.replica_a()
     await a.sync.rebuild()
-    rebuilt: list[str] = []
-    rebuild_tenant = a.sync._rebuild_tenant
-
-    async def counted(tenant: str, started: float) -> int:
-        rebuilt.append(tenant)
-        return await rebuild_tenant(tenant, started)
-
-    monkeypatch.setattr(a.sync, "_rebuild_tenant", counted)
+    rebuilt = rebuilds_of(monkeypatch, a.sync)
     await rig.link.mark_down(OUTAGE)  # nothing written meanwhile: the stream ends at A's id
     with running(a.sync):
         await eventually(lambda: not a.sync._resync, "A checked the stream for gaps")
         (later,) = await rig.write()
         await eventually(lambda: later.entry_id in a.ids(), "B's later entry", within=3)
     assert rebuilt == []
+
+
+async def test_after_an_outage_a_stream_redis_no_longer_holds_rebuilds_the_tenant(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await rig.write()
+    a = rig.replica_a()
+    await a.sync.rebuild()
+    rebuilt = rebuilds_of(monkeypatch, a.sync)
+    await rig.link.mark_down(OUTAGE)
+    rig.server.flushall()  # Redis came back empty: XINFO STREAM answers "no such key"
+    with running(a.sync):
+        await eventually(lambda: not a.sync._resync, "A checked the stream for gaps")
+    assert rebuilt == ["acme"]
+    assert rig.link.refusals == 0  # a missing stream is no refusal
 
 
 async def test_a_replica_that_started_with_redis_down_tails_a_tenant_with_no_stream_yet(
@@ -264,6 +285,116 @@ async def test_a_purge_that_finds_redis_down_does_not_end_the_tail(
         await eventually(lambda: purges >= 1, "the first purge")
         (later,) = await rig.write()
         await eventually(lambda: later.entry_id in a.ids(), "B's later entry", within=3)
+
+
+def polls_of(monkeypatch: pytest.MonkeyPatch, sync: ReplicaSync) -> list[int]:
+    """What each poll of the tail loop returned, as it returns."""
+    polls: list[int] = []
+    poll = sync.poll
+
+    async def noted() -> int:
+        polls.append(await poll())
+        return polls[-1]
+
+    monkeypatch.setattr(sync, "poll", noted)
+    return polls
+
+
+async def test_a_purge_redis_refuses_waits_for_the_next_purge_interval(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = rig.replica_a(purge_interval_seconds=0.0)  # the first round purges
+    await a.sync.rebuild()
+    purges: list[str] = []
+    purge = a.store.purge_expired
+
+    async def first_of_the_hour(tenant: str) -> int:
+        purges.append(tenant)
+        a.sync._purge_interval = 3600.0  # the next purge is due an hour after this one
+        return await purge(tenant)
+
+    monkeypatch.setattr(a.store, "purge_expired", first_of_the_hour)
+    polls = polls_of(monkeypatch, a.sync)
+    with rig.server.denied("evalsha", "eval"), running(a.sync):  # the purge is a script
+        await eventually(lambda: rig.link.refusals >= 1, "the first purge refused")
+        after = len(polls)
+        await eventually(lambda: len(polls) >= after + 5, "five more rounds of the tail")
+    assert purges == ["acme"]  # not tried again on each round
+    assert rig.link.up and rig.link.failures == 0
+
+
+async def test_a_sync_stream_read_redis_refuses_fails_the_round_not_the_link(rig: Rig) -> None:
+    a = rig.replica_a()
+    await rig.write()
+    await a.sync.rebuild()
+    with running(a.sync):
+        with rig.server.denied("xread"):
+            await eventually(lambda: rig.link.refusals >= 2, "the tail read refused, then again")
+            assert rig.link.up and rig.link.failures == 0
+            before = rig.link.refusals
+            await asyncio.sleep(0.5)
+            # A pause of a probe interval (0.05 s) after each: not hundreds of tries a second.
+            assert rig.link.refusals - before <= 20
+        (later,) = await rig.write()
+        await eventually(lambda: later.entry_id in a.ids(), "B's later entry", within=3)
+    assert rig.link.failures == 0
+
+
+async def test_a_rebuild_redis_refuses_leaves_the_link_up_and_is_done_again(rig: Rig) -> None:
+    (entry,) = await rig.write()
+    a = rig.replica_a()
+    with rig.server.denied("xrevrange"):
+        with pytest.raises(RedisRefused):
+            await a.sync.rebuild()
+        assert rig.link.up and rig.link.failures == 0 and rig.link.refusals == 1
+        with running(a.sync):
+            await eventually(lambda: rig.link.refusals >= 2, "the rebuild tried again")
+    with running(a.sync):
+        await eventually(lambda: a.ids() == {entry.entry_id}, "the rebuild done", within=3)
+    assert rig.link.failures == 0
+
+
+async def test_an_entry_whose_vector_the_index_cannot_hold_is_skipped_and_the_rest_applied(
+    rig: Rig,
+) -> None:
+    # E.g. written by a replica with another embedder: 8 numbers where this index takes 4.
+    a = rig.replica_a()
+    await a.sync.rebuild()
+    kept, odd = await rig.write(2)
+    with rig.raw() as raw:
+        raw.hset(f"rc:{{acme}}:e:{odd.entry_id}", "emb", np.ones(8, np.float32).tobytes())
+    assert await a.sync.poll() == 2
+    assert a.ids() == {kept.entry_id}
+    (later,) = await rig.write()
+    assert await a.sync.poll() == 1
+    assert a.ids() == {kept.entry_id, later.entry_id}
+
+
+async def test_a_tail_round_that_fails_unexpectedly_is_logged_and_the_tail_goes_on(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = rig.replica_a()
+    await a.sync.rebuild()
+    add_many = a.index.add_many
+    failures: list[str] = []
+
+    def broken(scope: str, entry_ids: list[str], vectors: np.ndarray) -> None:
+        if failures[-1:] != ["mended"]:
+            failures.append(scope)
+            raise RuntimeError("index broken")
+        add_many(scope, entry_ids, vectors)
+
+    monkeypatch.setattr(a.index, "add_many", broken)
+    with running(a.sync):
+        (entry,) = await rig.write()
+        await eventually(lambda: len(failures) >= 2, "the round failed, then again")
+        before = len(failures)
+        await asyncio.sleep(0.5)
+        # A pause of a probe interval (0.05 s) after each: not hundreds of tries a second.
+        assert len(failures) - before <= 20
+        failures.append("mended")
+        await eventually(lambda: entry.entry_id in a.ids(), "the entry, once the index takes it")
+    assert "index broken" in caplog.text
 
 
 def test_stream_ids_compare_by_time_then_sequence() -> None:
