@@ -23,6 +23,7 @@ from routecache.domain import (
 from routecache.errors import UpstreamError
 from routecache.router.settings import ProviderSettings, RetrySettings
 from routecache.router.upstream import OpenAIChatClient
+from routecache.router.upstream.openai_client import MAX_DETAIL_CHARS
 
 BASE_URL = "https://provider.test/v1"
 MODEL = "cheap-model"
@@ -372,7 +373,8 @@ async def test_retryable_status_is_tried_twice_then_raised(make_client: Any, sta
     assert caught.value.retryable is True
     assert recorder.calls == 2
     message = str(caught.value)
-    assert MODEL in message and f"HTTP {status}" in message and "provider says no" in message
+    assert MODEL in message and f"HTTP {status}" in message
+    assert message.endswith(": provider says no")  # the error's message, not its JSON
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
@@ -401,8 +403,17 @@ async def test_429_names_retry_after(make_client: Any, retry_after: str, named: 
     [
         ({"error": {"code": "quota_exceeded"}}, "quota_exceeded"),
         ({"error": "overloaded"}, "overloaded"),
+        ({"detail": "Model mixtral is loading"}, "Model mixtral is loading"),
+        ({"message": "capacity exhausted"}, "capacity exhausted"),
+        ({"detail": [{"msg": "worker pool drained"}]}, "worker pool drained"),
     ],
-    ids=["error-without-message", "error-as-text"],
+    ids=[
+        "error-without-message",
+        "error-as-text",
+        "fastapi-detail",
+        "message",
+        "detail-not-text",
+    ],
 )
 async def test_provider_error_of_another_shape_is_still_named(
     make_client: Any, body: dict[str, Any], detail: str
@@ -432,6 +443,16 @@ async def test_a_huge_provider_error_is_cut_short_in_the_message(
     with pytest.raises(UpstreamError) as caught:
         await collect(client.stream(MESSAGES, GenerationParams()))
     assert len(str(caught.value)) < 500
+
+
+async def test_a_long_error_text_of_another_shape_is_cut_to_the_detail_bound(
+    make_client: Any,
+) -> None:
+    recorder = Recorder(httpx.Response(503, json={"detail": "d" * 5_000}))
+    with pytest.raises(UpstreamError) as caught:
+        await make_client(recorder, max_attempts=1).complete(MESSAGES, GenerationParams())
+    assert "d" * MAX_DETAIL_CHARS in str(caught.value)
+    assert "d" * (MAX_DETAIL_CHARS + 1) not in str(caught.value)
 
 
 async def test_a_redirect_is_not_followed_but_raised_with_its_status(make_client: Any) -> None:

@@ -342,7 +342,15 @@ def _error_text(payload: Any) -> str:
 
 
 def _provider_message(response: httpx.Response) -> str:
+    """What a provider's error body says, cut short: OpenAI's error object, else another
+    server's own text ({"detail": ...} of FastAPI, {"message": ...}), else the body itself."""
     try:
-        return _error_text(response.json())
+        payload = response.json()
     except (ValueError, RecursionError):
         return response.text.strip()[:MAX_DETAIL_CHARS]
+    if isinstance(payload, dict) and "error" in payload:
+        return _error_text(payload)
+    for key in ("detail", "message"):
+        if isinstance(payload, dict) and isinstance(payload.get(key), str):
+            return str(payload[key]).strip()[:MAX_DETAIL_CHARS]
+    return response.text.strip()[:MAX_DETAIL_CHARS]
