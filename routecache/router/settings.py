@@ -77,6 +77,13 @@ class ProviderSettings(_Section):
     read_timeout_seconds: float = Field(
         20.0, gt=0, description="longest wait for the next bytes (a stalled stream)"
     )
+    # 4 MiB: far above limits.max_answer_chars (20 000) characters JSON-escaped at their worst
+    # (under 240 KiB), low enough that a runaway or hostile provider cannot exhaust memory.
+    max_response_bytes: int = Field(
+        4 << 20,
+        ge=64 << 10,
+        description="longest response body, and stream line, read; past it the attempt fails",
+    )
 
     def resolve_api_key(self) -> str | None:
         """The key from api_key, then api_key_env, then api_key_file; raises ConfigError."""

@@ -567,6 +567,53 @@ async def test_max_attempts_one_means_no_retry(make_client: Any) -> None:
     assert recorder.calls == 1
 
 
+BOUND = 1_000
+
+
+async def test_a_body_past_the_bound_is_not_read_on_and_fails_the_attempt(
+    make_client: Any,
+) -> None:
+    # Before: the whole body was buffered (here it would read on into the ReadError); a
+    # runaway provider could exhaust memory.
+    bodies: list[TrackedStream] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        parts = (b'{"choices": [' + b" " * 600, b" " * 600, httpx.ReadError("read too far"))
+        bodies.append(TrackedStream(*parts))
+        return httpx.Response(200, stream=bodies[-1])
+
+    client = make_client(answer, max_response_bytes=BOUND)
+    with pytest.raises(UpstreamError, match=f"response body over {BOUND} bytes") as caught:
+        await client.complete(MESSAGES, GenerationParams())
+    assert caught.value.retryable is True  # like any malformed answer
+    assert len(bodies) == 2 and all(body.closed for body in bodies)
+
+
+async def test_a_body_of_exactly_the_bound_is_read(make_client: Any) -> None:
+    response = completion("4")
+    size = len(response.content)
+    reply = await make_client(Recorder(response), max_response_bytes=size).complete(
+        MESSAGES, GenerationParams()
+    )
+    assert reply.text == "4"
+    with pytest.raises(UpstreamError, match="over"):
+        await make_client(Recorder(response), max_response_bytes=size - 1).complete(
+            MESSAGES, GenerationParams()
+        )
+
+
+async def test_an_error_body_past_the_bound_is_not_read_on(make_client: Any) -> None:
+    # Before: aread() waited for the rest of the body (here: for ever, until the timeout).
+    body = TrackedStream(b"x" * 600, b"x" * 600, asyncio.Event())
+    client = make_client(
+        Recorder(httpx.Response(503, stream=body)), max_response_bytes=BOUND, max_attempts=1
+    )
+    with pytest.raises(UpstreamError, match="HTTP 503") as caught:
+        await client.complete(MESSAGES, GenerationParams())
+    assert "no answer within" not in str(caught.value)
+    assert body.closed
+
+
 # --- streaming -----------------------------------------------------------------------------
 
 
@@ -758,6 +805,41 @@ async def test_an_error_event_in_a_stream_carries_the_providers_message(
         await collect(make_client(recorder).stream(MESSAGES, GenerationParams()))
 
 
+async def test_a_stream_line_past_the_bound_is_not_read_on(make_client: Any) -> None:
+    # Before: aiter_lines buffered a line without end whole.
+    bodies: list[TrackedStream] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        parts = (b"data: " + b"x" * 600, b"x" * 600, httpx.ReadError("read too far"))
+        bodies.append(TrackedStream(*parts))
+        return httpx.Response(200, stream=bodies[-1])
+
+    client = make_client(answer, max_response_bytes=BOUND)
+    with pytest.raises(UpstreamError, match=f"stream line over {BOUND} bytes") as caught:
+        await collect(client.stream(MESSAGES, GenerationParams()))
+    assert caught.value.retryable is True
+    assert len(bodies) == 2 and all(body.closed for body in bodies)
+
+
+async def test_a_stream_longer_than_the_bound_in_lines_within_it_is_read(
+    make_client: Any,
+) -> None:
+    # The bound is on one line, not on the stream; lines end at \n, \r\n or \r.
+    line = sse_line(chunk("x" * 100))
+    events = [line, line.replace(b"\n", b"\r\n"), line.replace(b"\n", b"\r")] * 5
+    body = TrackedStream(*events, sse_line(chunk(finish_reason="stop")))
+    client = make_client(Recorder(httpx.Response(200, stream=body)), max_response_bytes=len(line))
+    assert "".join(await collect(client.stream(MESSAGES, GenerationParams()))) == "x" * 1_500
+
+
+async def test_a_complete_stream_line_past_the_bound_fails(make_client: Any) -> None:
+    line = sse_line(chunk("x" * 100))
+    body = sse(chunk("x" * 100), chunk(finish_reason="stop"))
+    client = make_client(Recorder(body), max_response_bytes=len(line.rstrip()) - 1)
+    with pytest.raises(UpstreamError, match="stream line over"):
+        await collect(client.stream(MESSAGES, GenerationParams()))
+
+
 async def test_empty_stream_yields_nothing(make_client: Any) -> None:
     recorder = Recorder(sse(chunk(""), chunk(finish_reason="stop"), "[DONE]"))
     assert await collect(make_client(recorder).stream(MESSAGES, GenerationParams())) == []
@@ -799,6 +881,23 @@ async def test_from_settings_connect_and_read_timeouts_are_bounded_by_the_whole_
     timeout = recorder.requests[0].extensions["timeout"]
     assert (timeout["connect"], timeout["read"]) == expected
     assert timeout["write"] == 3.0
+
+
+async def test_from_settings_takes_the_response_bound() -> None:
+    settings = ProviderSettings(
+        base_url=BASE_URL,
+        model=MODEL,
+        input_usd_per_mtok=1.0,
+        output_usd_per_mtok=2.0,
+        max_response_bytes=64 << 10,
+    )
+    recorder = Recorder(completion("x" * (64 << 10)))
+    client = OpenAIChatClient.from_settings(settings, transport=httpx.MockTransport(recorder))
+    try:
+        with pytest.raises(UpstreamError, match=f"over {64 << 10} bytes"):
+            await client.complete(MESSAGES, GenerationParams())
+    finally:
+        await client.aclose()
 
 
 async def test_from_settings_takes_attempts_and_backoff_from_the_retry_settings(

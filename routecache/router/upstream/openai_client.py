@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,13 @@ _MALFORMED = (ValueError, LookupError, TypeError, AttributeError, RecursionError
 # whole, it goes on into the gRPC status details, and past 16 KiB there the client gets
 # RESOURCE_EXHAUSTED (as if over its quota) instead of UNAVAILABLE.
 MAX_DETAIL_CHARS = 200
+# The default bound on a response body (and on one line of a stream) read from a provider:
+# limits.max_answer_chars (20 000) characters JSON-escaped at their worst (12 bytes for an
+# astral character as a surrogate pair) are under 240 KiB; past 4 MiB no real answer is left.
+DEFAULT_MAX_RESPONSE_BYTES = 4 << 20
+# Line breaks of server-sent events. A \r\n cut between two reads counts as two breaks: the
+# blank line between them is skipped like any other.
+_SSE_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
 
 def _is_retryable(exc: BaseException) -> bool:
@@ -116,9 +124,12 @@ class OpenAIChatClient:
         backoff_seconds: tuple[float, float] = (0.05, 0.2),
         connect_timeout_seconds: float | None = None,
         read_timeout_seconds: float | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if max_response_bytes < 1:
+            raise ValueError("max_response_bytes must be at least 1")
         all_headers = {"user-agent": USER_AGENT, **(headers or {})}
         if api_key:
             all_headers["authorization"] = f"Bearer {api_key}"
@@ -127,6 +138,7 @@ class OpenAIChatClient:
         self._timeout = timeout_seconds
         self._max_attempts = max_attempts
         self._backoff = backoff_seconds
+        self._max_bytes = max_response_bytes
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/") + "/",
             headers=all_headers,
@@ -158,6 +170,7 @@ class OpenAIChatClient:
             backoff_seconds=(retry.backoff_initial_seconds, retry.backoff_max_seconds),
             connect_timeout_seconds=settings.connect_timeout_seconds,
             read_timeout_seconds=settings.read_timeout_seconds,
+            max_response_bytes=settings.max_response_bytes,
         )
 
     @property
@@ -198,11 +211,16 @@ class OpenAIChatClient:
             # httpx times each read; this bounds the whole call, so a trickling body
             # cannot hold it past the timeout either.
             async with asyncio.timeout(self._timeout):
-                response = await self._send(body, stream=False)
+                # Streamed, so that a body past the bound is never read whole.
+                response = await self._send(body, stream=True)
+                try:
+                    await self._check_status(response)
+                    content = await self._read_body(response)
+                finally:
+                    await response.aclose()
         except TimeoutError:
             raise self._error(f"no answer within {self._timeout:g}s", retryable=True) from None
-        await self._check_status(response)
-        return self._parse_completion(response, prompt_tokens)
+        return self._parse_completion(content, prompt_tokens)
 
     async def _send(self, body: dict[str, Any], *, stream: bool) -> httpx.Response:
         request = self._http.build_request("POST", CHAT_PATH, json=body)
@@ -217,18 +235,45 @@ class OpenAIChatClient:
                 f"connection failed ({type(exc).__name__}: {exc})", retryable=True
             ) from exc
 
+    async def _read_body(self, response: httpx.Response) -> bytes:
+        """The whole body of a streamed response, read up to the bound and no further."""
+        parts: list[bytes] = []
+        size = 0
+        try:
+            async for part in response.aiter_bytes():
+                size += len(part)
+                if size > self._max_bytes:
+                    raise self._too_large("response body")
+                parts.append(part)
+        except httpx.TimeoutException as exc:
+            raise self._error(
+                f"timed out after {self._timeout:g}s ({type(exc).__name__})", retryable=True
+            ) from exc
+        except httpx.RequestError as exc:  # transport errors, and a body that does not decode
+            raise self._error(
+                f"connection failed ({type(exc).__name__}: {exc})", retryable=True
+            ) from exc
+        return b"".join(parts)
+
+    def _too_large(self, what: str) -> UpstreamError:
+        # Retryable like any malformed answer (a runaway generation need not recur), and so
+        # counted against the provider's breaker: the fault is the provider's, not the request's.
+        return self._error(
+            f"malformed response: {what} over {self._max_bytes} bytes (upstream "
+            "max_response_bytes), not read further",
+            retryable=True,
+        )
+
     async def _check_status(self, response: httpx.Response) -> None:
         if response.is_success:
             return
         status = response.status_code
         retryable = status == 429 or status >= 500
         try:
-            # A stream's body is read here, after _send and outside its error mapping.
-            await response.aread()
-        except httpx.RequestError:  # a broken error body: the status still says what failed
+            # The body is read here, after _send and outside its error mapping.
+            detail = _provider_message(await self._read_body(response))
+        except UpstreamError:  # a broken or huge error body: the status still says what failed
             detail = ""
-        else:
-            detail = _provider_message(response)
         what = f"HTTP {status} {response.reason_phrase}".rstrip()
         if status == 429 and (retry_after := response.headers.get("retry-after")):
             # Seconds, or an HTTP date (which takes no unit).
@@ -236,9 +281,9 @@ class OpenAIChatClient:
             what += f" (retry after {retry_after[:MAX_DETAIL_CHARS]}{unit})"
         raise self._error(f"{what}: {detail}" if detail else what, retryable=retryable)
 
-    def _parse_completion(self, response: httpx.Response, prompt_tokens: int) -> UpstreamReply:
+    def _parse_completion(self, content_bytes: bytes, prompt_tokens: int) -> UpstreamReply:
         try:
-            payload = response.json()
+            payload = json.loads(content_bytes)
             choice = payload["choices"][0]
             content = choice["message"].get("content")
         except _MALFORMED as exc:
@@ -286,7 +331,7 @@ class OpenAIChatClient:
         """Parse server-sent events into non-empty text deltas."""
         finished = False
         try:
-            async for line in response.aiter_lines():
+            async for line in self._sse_lines(response):
                 if not line.startswith("data:"):
                     continue  # blank separators, comments, `event:` lines
                 data = line[len("data:") :].strip()
@@ -304,6 +349,26 @@ class OpenAIChatClient:
             ) from exc
         if not finished:
             raise self._error("stream ended without finish_reason or [DONE]", retryable=True)
+
+    async def _sse_lines(self, response: httpx.Response) -> AsyncIterator[str]:
+        """The lines of an event stream, none longer than the bound (httpx's aiter_lines
+        would buffer a line without end whole). Event streams are UTF-8 by definition."""
+        pending = bytearray()  # the line being read
+        async for part in response.aiter_bytes():
+            first, *rest = _SSE_LINE_BREAK.split(part)
+            pending += first
+            for line in rest:  # each break ends the pending line and starts the next
+                yield self._sse_line(pending)
+                pending = bytearray(line)
+            if len(pending) > self._max_bytes:  # an unended line past the bound: read no more
+                raise self._too_large("stream line")
+        if pending:
+            yield self._sse_line(pending)
+
+    def _sse_line(self, line: bytearray) -> str:
+        if len(line) > self._max_bytes:
+            raise self._too_large("stream line")
+        return line.decode("utf-8", errors="replace")
 
     def _parse_chunk(self, data: str) -> tuple[str, str | None]:
         try:
@@ -341,16 +406,17 @@ def _error_text(payload: Any) -> str:
     return "" if error is None else str(error)[:MAX_DETAIL_CHARS]
 
 
-def _provider_message(response: httpx.Response) -> str:
+def _provider_message(body: bytes) -> str:
     """What a provider's error body says, cut short: OpenAI's error object, else another
     server's own text ({"detail": ...} of FastAPI, {"message": ...}), else the body itself."""
+    text = body.decode("utf-8", errors="replace")
     try:
-        payload = response.json()
+        payload = json.loads(text)
     except (ValueError, RecursionError):
-        return response.text.strip()[:MAX_DETAIL_CHARS]
+        return text.strip()[:MAX_DETAIL_CHARS]
     if isinstance(payload, dict) and "error" in payload:
         return _error_text(payload)
     for key in ("detail", "message"):
         if isinstance(payload, dict) and isinstance(payload.get(key), str):
             return str(payload[key]).strip()[:MAX_DETAIL_CHARS]
-    return response.text.strip()[:MAX_DETAIL_CHARS]
+    return text.strip()[:MAX_DETAIL_CHARS]
