@@ -131,6 +131,12 @@ class RetrySettings(_Section):
     max_attempts: int = Field(2, ge=1, description="tries per provider, first one included")
     backoff_initial_seconds: float = Field(0.05, ge=0)
     backoff_max_seconds: float = Field(0.5, ge=0)
+    max_retry_after_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="longest Retry-After (429/5xx) waited out before the retry; a longer one, "
+        "or one past the deadline, moves on to the next provider at once",
+    )
 
 
 class BreakerSettings(_Section):

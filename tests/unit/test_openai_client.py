@@ -7,6 +7,7 @@ import json
 import math
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -23,7 +24,8 @@ from routecache.domain import (
 from routecache.errors import UpstreamError
 from routecache.router.settings import ProviderSettings, RetrySettings
 from routecache.router.upstream import OpenAIChatClient
-from routecache.router.upstream.openai_client import MAX_DETAIL_CHARS
+from routecache.router.upstream.deadline import provider_deadline
+from routecache.router.upstream.openai_client import MAX_DETAIL_CHARS, retry_after_seconds
 
 BASE_URL = "https://provider.test/v1"
 MODEL = "cheap-model"
@@ -121,6 +123,20 @@ async def make_client() -> AsyncIterator[Callable[..., OpenAIChatClient]]:
     yield make
     for client in clients:
         await client.aclose()
+
+
+@pytest.fixture
+def pauses(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The pauses tenacity asks for, recorded instead of slept."""
+    recorded: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def record(seconds: float, *args: Any) -> None:
+        recorded.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", record)
+    return recorded
 
 
 async def collect(deltas: AsyncIterator[str], into: list[str] | None = None) -> list[str]:
@@ -560,6 +576,72 @@ async def test_default_backoff_pauses_between_attempts(make_client: Any) -> None
     assert 0.045 <= pause < 0.5
 
 
+@pytest.mark.parametrize("status", [429, 503])
+async def test_a_retry_waits_the_pause_the_provider_asked_for(
+    make_client: Any, pauses: list[float], status: int
+) -> None:
+    # Before: the usual backoff (0.05-0.2 s), hammering a provider that asked for 2 s.
+    recorder = Recorder(httpx.Response(status, headers={"retry-after": "2"}), completion())
+    client = make_client(recorder, max_retry_after_seconds=2.0)  # a pause at the bound is waited
+    reply = await client.complete(MESSAGES, GenerationParams())
+    assert reply.text == "4"
+    assert pauses == [2.0]
+
+
+async def test_a_pause_past_the_bound_is_not_waited_and_not_retried(
+    make_client: Any, pauses: list[float]
+) -> None:
+    # A provider saying 3600 must not park the request: the chain moves on at once.
+    recorder = Recorder(httpx.Response(429, headers={"retry-after": "3600"}), completion())
+    client = make_client(recorder, max_retry_after_seconds=5.0)
+    with pytest.raises(UpstreamError, match="retry after 3600s") as caught:
+        await client.complete(MESSAGES, GenerationParams())
+    assert caught.value.retryable is True  # the next provider is tried
+    assert recorder.calls == 1
+    assert pauses == []
+
+
+async def test_a_pause_past_the_call_deadline_fails_over_at_once(make_client: Any) -> None:
+    # Sleeping 1 s in a call with 0.5 s left would end it TimeoutError, and leave the next
+    # provider no time either: it fails now, as the provider's 429, for the chain to move on.
+    responses = [httpx.Response(429, headers={"retry-after": "1"}), completion()]
+    recorder = Recorder(*responses)
+    client = make_client(recorder, max_retry_after_seconds=5.0)
+    with pytest.raises(UpstreamError, match="HTTP 429"):
+        async with provider_deadline(0.5):
+            await collect(client.stream(MESSAGES, GenerationParams()))
+    assert recorder.calls == 1
+
+
+async def test_a_pause_within_the_call_deadline_is_waited(
+    make_client: Any, pauses: list[float]
+) -> None:
+    recorder = Recorder(httpx.Response(429, headers={"retry-after": "1"}), completion())
+    async with provider_deadline(30.0):
+        reply = await make_client(recorder).complete(MESSAGES, GenerationParams())
+    assert reply.text == "4"
+    assert pauses == [1.0]
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("2", 2.0),
+        (" 0 ", 0.0),
+        ("Fri, 27 Nov 2026 12:00:30 GMT", 30.0),
+        ("Fri, 27 Nov 2026 12:00:30 -0000", 30.0),  # no zone given: GMT
+        ("Fri, 27 Nov 2026 11:59:00 GMT", 0.0),  # already past
+        ("9" * 5_000, math.inf),
+        ("1.5", None),
+        ("soon", None),
+        ("\u00b2", None),  # a digit to str.isdigit, no number to float
+    ],
+)
+def test_retry_after_is_read_as_seconds_or_an_http_date(header: str, seconds: float | None) -> None:
+    now = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
+    assert retry_after_seconds(header, now) == seconds
+
+
 async def test_max_attempts_one_means_no_retry(make_client: Any) -> None:
     recorder = Recorder(httpx.Response(500))
     with pytest.raises(UpstreamError):
@@ -883,7 +965,9 @@ async def test_from_settings_connect_and_read_timeouts_are_bounded_by_the_whole_
     assert timeout["write"] == 3.0
 
 
-async def test_from_settings_takes_the_response_bound() -> None:
+async def test_from_settings_takes_the_response_bound_and_the_longest_pause(
+    pauses: list[float],
+) -> None:
     settings = ProviderSettings(
         base_url=BASE_URL,
         model=MODEL,
@@ -891,27 +975,25 @@ async def test_from_settings_takes_the_response_bound() -> None:
         output_usd_per_mtok=2.0,
         max_response_bytes=64 << 10,
     )
-    recorder = Recorder(completion("x" * (64 << 10)))
-    client = OpenAIChatClient.from_settings(settings, transport=httpx.MockTransport(recorder))
+    retry = RetrySettings(max_retry_after_seconds=30.0)
+    recorder = Recorder(
+        httpx.Response(429, headers={"retry-after": "20"}),
+        completion("x" * (64 << 10)),
+    )
+    client = OpenAIChatClient.from_settings(
+        settings, retry=retry, transport=httpx.MockTransport(recorder)
+    )
     try:
         with pytest.raises(UpstreamError, match=f"over {64 << 10} bytes"):
             await client.complete(MESSAGES, GenerationParams())
     finally:
         await client.aclose()
+    assert pauses == [20.0]  # within the 30 s bound (the default, 5 s, would not retry)
 
 
 async def test_from_settings_takes_attempts_and_backoff_from_the_retry_settings(
-    monkeypatch: pytest.MonkeyPatch,
+    pauses: list[float],
 ) -> None:
-    # The pauses tenacity asks for are recorded instead of slept.
-    pauses: list[float] = []
-    real_sleep = asyncio.sleep
-
-    async def record(seconds: float, *args: Any) -> None:
-        pauses.append(seconds)
-        await real_sleep(0)
-
-    monkeypatch.setattr(asyncio, "sleep", record)
     settings = ProviderSettings(
         base_url=BASE_URL, model=MODEL, input_usd_per_mtok=1.0, output_usd_per_mtok=2.0
     )

@@ -11,13 +11,15 @@ import json
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception,
-    stop_after_attempt,
     wait_exponential_jitter,
 )
 
@@ -31,6 +33,7 @@ from routecache.router.tokens import (
     prompt_tokens_estimate,
     sent_schema,
 )
+from routecache.router.upstream.deadline import seconds_left
 
 CHAT_PATH = "chat/completions"
 USER_AGENT = "routecache/0.1"
@@ -50,13 +53,44 @@ MAX_DETAIL_CHARS = 200
 # limits.max_answer_chars (20 000) characters JSON-escaped at their worst (12 bytes for an
 # astral character as a surrogate pair) are under 240 KiB; past 4 MiB no real answer is left.
 DEFAULT_MAX_RESPONSE_BYTES = 4 << 20
+# The longest Retry-After the retry waits out by default; a longer one fails over at once.
+DEFAULT_MAX_RETRY_AFTER_SECONDS = 5.0
 # Line breaks of server-sent events. A \r\n cut between two reads counts as two breaks: the
 # blank line between them is skipped like any other.
 _SSE_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
 
+class ProviderAskedToWait(UpstreamError):
+    """A retryable HTTP status whose Retry-After says how long until the provider serves again."""
+
+    def __init__(self, message: str, *, retryable: bool, retry_after: float) -> None:
+        super().__init__(message, retryable=retryable)
+        self.retry_after = retry_after
+
+
 def _is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, UpstreamError) and exc.retryable
+
+
+def _asked_wait(state: RetryCallState) -> float | None:
+    """The Retry-After of the attempt that just failed, in seconds; None when it gave none."""
+    exc = state.outcome.exception() if state.outcome is not None else None
+    return exc.retry_after if isinstance(exc, ProviderAskedToWait) else None
+
+
+def retry_after_seconds(value: str, now: datetime | None = None) -> float | None:
+    """A Retry-After header (delay-seconds or an HTTP-date) as seconds from `now`; None when
+    it is neither."""
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)  # float, not int: a run of 5 000 digits is inf, not a ValueError
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000" or no zone: HTTP dates are GMT
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 def response_format_body(response_format: ResponseFormat) -> dict[str, Any] | None:
@@ -125,6 +159,7 @@ class OpenAIChatClient:
         connect_timeout_seconds: float | None = None,
         read_timeout_seconds: float | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_retry_after_seconds: float = DEFAULT_MAX_RETRY_AFTER_SECONDS,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -139,6 +174,7 @@ class OpenAIChatClient:
         self._max_attempts = max_attempts
         self._backoff = backoff_seconds
         self._max_bytes = max_response_bytes
+        self._max_retry_after = max_retry_after_seconds
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/") + "/",
             headers=all_headers,
@@ -171,6 +207,7 @@ class OpenAIChatClient:
             connect_timeout_seconds=settings.connect_timeout_seconds,
             read_timeout_seconds=settings.read_timeout_seconds,
             max_response_bytes=settings.max_response_bytes,
+            max_retry_after_seconds=retry.max_retry_after_seconds,
         )
 
     @property
@@ -181,15 +218,33 @@ class OpenAIChatClient:
         await self._http.aclose()
 
     def _retrying(self) -> AsyncRetrying:
+        # Jitter on an exponential base: retries of many callers do not line up.
+        backoff = wait_exponential_jitter(
+            multiplier=self._backoff[0], max=self._backoff[1], jitter=self._backoff[0]
+        )
+
+        def wait(state: RetryCallState) -> float:
+            # A provider that asked for a pause gets it (stop saw that it fits).
+            return max(backoff(state), _asked_wait(state) or 0.0)
+
+        def stop(state: RetryCallState) -> bool:
+            return state.attempt_number >= self._max_attempts or self._asked_too_long(state)
+
         return AsyncRetrying(
-            stop=stop_after_attempt(self._max_attempts),
-            # Jitter on an exponential base: retries of many callers do not line up.
-            wait=wait_exponential_jitter(
-                multiplier=self._backoff[0], max=self._backoff[1], jitter=self._backoff[0]
-            ),
+            stop=stop,
+            wait=wait,
             retry=retry_if_exception(_is_retryable),
             reraise=True,
         )
+
+    def _asked_too_long(self, state: RetryCallState) -> bool:
+        """No retry when the provider asked for a pause past the bound or the call's deadline:
+        sleeping into the deadline would leave no time for the next provider either."""
+        asked = _asked_wait(state)
+        if asked is None:
+            return False
+        left = seconds_left()
+        return asked > self._max_retry_after or (left is not None and asked >= left)
 
     def _error(self, what: str, *, retryable: bool) -> UpstreamError:
         return UpstreamError(f"{self._where}: {what}", retryable=retryable)
@@ -275,11 +330,15 @@ class OpenAIChatClient:
         except UpstreamError:  # a broken or huge error body: the status still says what failed
             detail = ""
         what = f"HTTP {status} {response.reason_phrase}".rstrip()
-        if status == 429 and (retry_after := response.headers.get("retry-after")):
+        retry_after = response.headers.get("retry-after") if retryable else None
+        if retry_after:
             # Seconds, or an HTTP date (which takes no unit).
             unit = "s" if retry_after.isdigit() else ""
             what += f" (retry after {retry_after[:MAX_DETAIL_CHARS]}{unit})"
-        raise self._error(f"{what}: {detail}" if detail else what, retryable=retryable)
+        message = f"{self._where}: {what}: {detail}" if detail else f"{self._where}: {what}"
+        if retry_after and (seconds := retry_after_seconds(retry_after)) is not None:
+            raise ProviderAskedToWait(message, retryable=retryable, retry_after=seconds)
+        raise UpstreamError(message, retryable=retryable)
 
     def _parse_completion(self, content_bytes: bytes, prompt_tokens: int) -> UpstreamReply:
         try:
