@@ -51,7 +51,7 @@ def parse_chat_call(body: object) -> ChatCall:
     if not isinstance(stream, bool):
         raise RequestError("'stream' must be a boolean", "stream")
     max_tokens = _max_tokens(body)
-    options = body.get("stream_options") or {}
+    options = _stream_options(body)
     response_format = body.get("response_format")
     return ChatCall(
         model=model,
@@ -62,8 +62,19 @@ def parse_chat_call(body: object) -> ChatCall:
         stream=stream,
         max_tokens=max_tokens,
         wants_json=_format_type(response_format) in JSON_FORMATS,
-        include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+        include_usage=options.get("include_usage") is True,
     )
+
+
+def _stream_options(body: Mapping[str, Any]) -> Mapping[str, Any]:
+    """stream_options, {} when absent or null; like OpenAI, a 400 when it is no object (a
+    client that sent ["include_usage"] would otherwise get no usage chunk and no word why)."""
+    options = body.get("stream_options")
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise RequestError("'stream_options' must be an object", "stream_options", "invalid_type")
+    return options
 
 
 def _max_tokens(body: Mapping[str, Any]) -> int | None:

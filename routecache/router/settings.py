@@ -77,6 +77,13 @@ class ProviderSettings(_Section):
     read_timeout_seconds: float = Field(
         20.0, gt=0, description="longest wait for the next bytes (a stalled stream)"
     )
+    # 4 MiB: far above limits.max_answer_chars (20 000) characters JSON-escaped at their worst
+    # (under 240 KiB), low enough that a runaway or hostile provider cannot exhaust memory.
+    max_response_bytes: int = Field(
+        4 << 20,
+        ge=64 << 10,
+        description="longest response body, and stream line, read; past it the attempt fails",
+    )
 
     def resolve_api_key(self) -> str | None:
         """The key from api_key, then api_key_env, then api_key_file; raises ConfigError."""
@@ -124,6 +131,12 @@ class RetrySettings(_Section):
     max_attempts: int = Field(2, ge=1, description="tries per provider, first one included")
     backoff_initial_seconds: float = Field(0.05, ge=0)
     backoff_max_seconds: float = Field(0.5, ge=0)
+    max_retry_after_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="longest Retry-After (429/5xx) waited out before the retry; a longer one, "
+        "or one past the deadline, moves on to the next provider at once",
+    )
 
 
 class BreakerSettings(_Section):

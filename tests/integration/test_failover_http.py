@@ -7,6 +7,7 @@ The outcomes are the table of docs/failure-semantics.md.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -69,9 +70,11 @@ def recordings() -> Recordings:
 
 
 @pytest.fixture
-async def rig(recordings: Recordings) -> AsyncIterator[Rig]:
+async def rig(recordings: Recordings, request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
+    """Indirectly parametrized: a dict of ReplayConfig fields for the primary server."""
     config = ReplayConfig(hang_seconds=10.0)
-    primary = await start_replay_server(config, recordings=recordings)
+    primary_config = dataclasses.replace(config, **getattr(request, "param", {}))
+    primary = await start_replay_server(primary_config, recordings=recordings)
     backup = await start_replay_server(config, recordings=recordings)
     provider = {"timeout_seconds": 1.0, "read_timeout_seconds": 1.0, **PRICES}
     settings = load_settings(
@@ -140,6 +143,18 @@ async def test_a_persistent_fault_falls_back_to_the_next_provider(
     assert len(done.upstream_failures) == 1
     assert done.upstream_failures[0].startswith(f"cheap ({WEAK}): upstream model")
     assert await rig.entries() == 1
+
+
+@pytest.mark.parametrize("rig", [{"retry_after_seconds": 5}], indirect=True)
+async def test_a_429_asking_a_pause_past_the_deadline_falls_back_at_once(
+    rig: Rig, recordings: Recordings
+) -> None:
+    # Before: the client retried after its short backoff, ignoring the Retry-After. Sleeping
+    # the 5 s would have run past the 4 s deadline, leaving the backup "not tried".
+    rig.primary.script_faults(FaultKind.HTTP_429, FaultKind.HTTP_429)
+    done = await rig.ask(prompt_of(recordings, 7))
+    assert done.provider == "backup" and rig.primary.chat_requests == 1
+    assert "(retry after 5s)" in done.upstream_failures[0]
 
 
 async def test_an_empty_answer_escalates_to_the_strong_model(

@@ -405,6 +405,12 @@ async def test_wrong_key_is_refused_and_not_retried(
         (b'{"model": "m", "messages": [{"role": "user"}]}', {}, "messages[0]"),
         (b'{"messages": [{"role": "user", "content": "x"}]}', {}, "model"),
         (b'{"model": "m", "messages": [{"role": "user", "content": ""}]}', {FAULT: "?"}, None),
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": true, '
+            b'"stream_options": ["include_usage"]}',
+            {},
+            "stream_options",
+        ),
     ],
     ids=[
         "bad-json",
@@ -416,6 +422,7 @@ async def test_wrong_key_is_refused_and_not_retried(
         "no-content",
         "no-model",
         "unknown-fault",
+        "stream-options-not-object",
     ],
 )
 async def test_malformed_request_is_a_400_with_an_openai_error(

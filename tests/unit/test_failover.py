@@ -26,8 +26,9 @@ from routecache.errors import FailedValidation, InvalidArgument, Unavailable, Up
 from routecache.router.bootstrap import Overrides, Service, build_service
 from routecache.router.budget import Period
 from routecache.router.events import InMemoryEventLog
-from routecache.router.ports import Pricing
+from routecache.router.ports import Pricing, UpstreamReply
 from routecache.router.upstream.breaker import BreakerState, CircuitBreaker
+from routecache.router.upstream.deadline import seconds_left
 from routecache.router.upstream.failover import AllProvidersFailed, Failover, OpenedStream, Provider
 from tests.fakes import FakeUpstream, ManualClock, count_shared_calls, eventually
 from tests.unit.conftest import KEYS, unit_settings
@@ -600,6 +601,41 @@ async def test_a_chain_that_failed_with_time_to_spare_names_no_deadline(call: st
     with pytest.raises(AllProvidersFailed) as failed:
         await call_failover(failover, call, clock() + 10)
     assert failed.value.out_of_time is None
+
+
+class TimeLeftRecorder(FakeUpstream):
+    """Records the time its calls are told they have (what a client plans a Retry-After by)."""
+
+    def __init__(self, model_id: str) -> None:
+        super().__init__(model_id)
+        self.told: list[float | None] = []
+
+    async def complete(
+        self, messages: Sequence[Message], params: GenerationParams
+    ) -> UpstreamReply:
+        self.told.append(seconds_left())
+        return await super().complete(messages, params)
+
+
+@pytest.mark.parametrize("call", ["complete", "open_stream"])
+async def test_a_provider_call_can_read_the_time_its_budget_leaves(call: str) -> None:
+    # Without it, a client waiting out a Retry-After would sleep into the timeout, and the
+    # next provider would be "not tried, the deadline was reached".
+    clock = ManualClock()
+    cheap = TimeLeftRecorder("cheap-model")
+    price = Pricing(1.0, 1.0)
+    failover = Failover(
+        {
+            Tier.CHEAP: [Provider("cheap", cheap, price, CircuitBreaker(clock=clock))],
+            Tier.STRONG: [Provider("strong", FakeUpstream("s"), price, CircuitBreaker())],
+        },
+        clock=clock,
+        reserve_seconds=0.5,
+    )
+    await call_failover(failover, call, clock() + 10)
+    (told,) = cheap.told
+    assert told is not None and 9.0 < told <= 9.5  # the deadline less the reserve
+    assert seconds_left() is None  # only within the call
 
 
 def test_providers_of_one_model_at_two_endpoints_are_each_listed_once() -> None:

@@ -7,6 +7,7 @@ import json
 import math
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -23,6 +24,8 @@ from routecache.domain import (
 from routecache.errors import UpstreamError
 from routecache.router.settings import ProviderSettings, RetrySettings
 from routecache.router.upstream import OpenAIChatClient
+from routecache.router.upstream.deadline import provider_deadline
+from routecache.router.upstream.openai_client import MAX_DETAIL_CHARS, retry_after_seconds
 
 BASE_URL = "https://provider.test/v1"
 MODEL = "cheap-model"
@@ -120,6 +123,20 @@ async def make_client() -> AsyncIterator[Callable[..., OpenAIChatClient]]:
     yield make
     for client in clients:
         await client.aclose()
+
+
+@pytest.fixture
+def pauses(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The pauses tenacity asks for, recorded instead of slept."""
+    recorded: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def record(seconds: float, *args: Any) -> None:
+        recorded.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", record)
+    return recorded
 
 
 async def collect(deltas: AsyncIterator[str], into: list[str] | None = None) -> list[str]:
@@ -372,7 +389,8 @@ async def test_retryable_status_is_tried_twice_then_raised(make_client: Any, sta
     assert caught.value.retryable is True
     assert recorder.calls == 2
     message = str(caught.value)
-    assert MODEL in message and f"HTTP {status}" in message and "provider says no" in message
+    assert MODEL in message and f"HTTP {status}" in message
+    assert message.endswith(": provider says no")  # the error's message, not its JSON
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
@@ -401,8 +419,17 @@ async def test_429_names_retry_after(make_client: Any, retry_after: str, named: 
     [
         ({"error": {"code": "quota_exceeded"}}, "quota_exceeded"),
         ({"error": "overloaded"}, "overloaded"),
+        ({"detail": "Model mixtral is loading"}, "Model mixtral is loading"),
+        ({"message": "capacity exhausted"}, "capacity exhausted"),
+        ({"detail": [{"msg": "worker pool drained"}]}, "worker pool drained"),
     ],
-    ids=["error-without-message", "error-as-text"],
+    ids=[
+        "error-without-message",
+        "error-as-text",
+        "fastapi-detail",
+        "message",
+        "detail-not-text",
+    ],
 )
 async def test_provider_error_of_another_shape_is_still_named(
     make_client: Any, body: dict[str, Any], detail: str
@@ -432,6 +459,16 @@ async def test_a_huge_provider_error_is_cut_short_in_the_message(
     with pytest.raises(UpstreamError) as caught:
         await collect(client.stream(MESSAGES, GenerationParams()))
     assert len(str(caught.value)) < 500
+
+
+async def test_a_long_error_text_of_another_shape_is_cut_to_the_detail_bound(
+    make_client: Any,
+) -> None:
+    recorder = Recorder(httpx.Response(503, json={"detail": "d" * 5_000}))
+    with pytest.raises(UpstreamError) as caught:
+        await make_client(recorder, max_attempts=1).complete(MESSAGES, GenerationParams())
+    assert "d" * MAX_DETAIL_CHARS in str(caught.value)
+    assert "d" * (MAX_DETAIL_CHARS + 1) not in str(caught.value)
 
 
 async def test_a_redirect_is_not_followed_but_raised_with_its_status(make_client: Any) -> None:
@@ -539,11 +576,124 @@ async def test_default_backoff_pauses_between_attempts(make_client: Any) -> None
     assert 0.045 <= pause < 0.5
 
 
+@pytest.mark.parametrize("status", [429, 503])
+async def test_a_retry_waits_the_pause_the_provider_asked_for(
+    make_client: Any, pauses: list[float], status: int
+) -> None:
+    # Before: the usual backoff (0.05-0.2 s), hammering a provider that asked for 2 s.
+    recorder = Recorder(httpx.Response(status, headers={"retry-after": "2"}), completion())
+    client = make_client(recorder, max_retry_after_seconds=2.0)  # a pause at the bound is waited
+    reply = await client.complete(MESSAGES, GenerationParams())
+    assert reply.text == "4"
+    assert pauses == [2.0]
+
+
+async def test_a_pause_past_the_bound_is_not_waited_and_not_retried(
+    make_client: Any, pauses: list[float]
+) -> None:
+    # A provider saying 3600 must not park the request: the chain moves on at once.
+    recorder = Recorder(httpx.Response(429, headers={"retry-after": "3600"}), completion())
+    client = make_client(recorder, max_retry_after_seconds=5.0)
+    with pytest.raises(UpstreamError, match="retry after 3600s") as caught:
+        await client.complete(MESSAGES, GenerationParams())
+    assert caught.value.retryable is True  # the next provider is tried
+    assert recorder.calls == 1
+    assert pauses == []
+
+
+async def test_a_pause_past_the_call_deadline_fails_over_at_once(make_client: Any) -> None:
+    # Sleeping 1 s in a call with 0.5 s left would end it TimeoutError, and leave the next
+    # provider no time either: it fails now, as the provider's 429, for the chain to move on.
+    responses = [httpx.Response(429, headers={"retry-after": "1"}), completion()]
+    recorder = Recorder(*responses)
+    client = make_client(recorder, max_retry_after_seconds=5.0)
+    with pytest.raises(UpstreamError, match="HTTP 429"):
+        async with provider_deadline(0.5):
+            await collect(client.stream(MESSAGES, GenerationParams()))
+    assert recorder.calls == 1
+
+
+async def test_a_pause_within_the_call_deadline_is_waited(
+    make_client: Any, pauses: list[float]
+) -> None:
+    recorder = Recorder(httpx.Response(429, headers={"retry-after": "1"}), completion())
+    async with provider_deadline(30.0):
+        reply = await make_client(recorder).complete(MESSAGES, GenerationParams())
+    assert reply.text == "4"
+    assert pauses == [1.0]
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("2", 2.0),
+        (" 0 ", 0.0),
+        ("Fri, 27 Nov 2026 12:00:30 GMT", 30.0),
+        ("Fri, 27 Nov 2026 12:00:30 -0000", 30.0),  # no zone given: GMT
+        ("Fri, 27 Nov 2026 11:59:00 GMT", 0.0),  # already past
+        ("9" * 5_000, math.inf),
+        ("1.5", None),
+        ("soon", None),
+        ("\u00b2", None),  # a digit to str.isdigit, no number to float
+    ],
+)
+def test_retry_after_is_read_as_seconds_or_an_http_date(header: str, seconds: float | None) -> None:
+    now = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
+    assert retry_after_seconds(header, now) == seconds
+
+
 async def test_max_attempts_one_means_no_retry(make_client: Any) -> None:
     recorder = Recorder(httpx.Response(500))
     with pytest.raises(UpstreamError):
         await make_client(recorder, max_attempts=1).complete(MESSAGES, GenerationParams())
     assert recorder.calls == 1
+
+
+BOUND = 1_000
+
+
+async def test_a_body_past_the_bound_is_not_read_on_and_fails_the_attempt(
+    make_client: Any,
+) -> None:
+    # Before: the whole body was buffered (here it would read on into the ReadError); a
+    # runaway provider could exhaust memory.
+    bodies: list[TrackedStream] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        parts = (b'{"choices": [' + b" " * 600, b" " * 600, httpx.ReadError("read too far"))
+        bodies.append(TrackedStream(*parts))
+        return httpx.Response(200, stream=bodies[-1])
+
+    client = make_client(answer, max_response_bytes=BOUND)
+    with pytest.raises(UpstreamError, match=f"response body over {BOUND} bytes") as caught:
+        await client.complete(MESSAGES, GenerationParams())
+    assert caught.value.retryable is True  # like any malformed answer
+    assert len(bodies) == 2 and all(body.closed for body in bodies)
+
+
+async def test_a_body_of_exactly_the_bound_is_read(make_client: Any) -> None:
+    response = completion("4")
+    size = len(response.content)
+    reply = await make_client(Recorder(response), max_response_bytes=size).complete(
+        MESSAGES, GenerationParams()
+    )
+    assert reply.text == "4"
+    with pytest.raises(UpstreamError, match="over"):
+        await make_client(Recorder(response), max_response_bytes=size - 1).complete(
+            MESSAGES, GenerationParams()
+        )
+
+
+async def test_an_error_body_past_the_bound_is_not_read_on(make_client: Any) -> None:
+    # Before: aread() waited for the rest of the body (here: for ever, until the timeout).
+    body = TrackedStream(b"x" * 600, b"x" * 600, asyncio.Event())
+    client = make_client(
+        Recorder(httpx.Response(503, stream=body)), max_response_bytes=BOUND, max_attempts=1
+    )
+    with pytest.raises(UpstreamError, match="HTTP 503") as caught:
+        await client.complete(MESSAGES, GenerationParams())
+    assert "no answer within" not in str(caught.value)
+    assert body.closed
 
 
 # --- streaming -----------------------------------------------------------------------------
@@ -737,6 +887,41 @@ async def test_an_error_event_in_a_stream_carries_the_providers_message(
         await collect(make_client(recorder).stream(MESSAGES, GenerationParams()))
 
 
+async def test_a_stream_line_past_the_bound_is_not_read_on(make_client: Any) -> None:
+    # Before: aiter_lines buffered a line without end whole.
+    bodies: list[TrackedStream] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        parts = (b"data: " + b"x" * 600, b"x" * 600, httpx.ReadError("read too far"))
+        bodies.append(TrackedStream(*parts))
+        return httpx.Response(200, stream=bodies[-1])
+
+    client = make_client(answer, max_response_bytes=BOUND)
+    with pytest.raises(UpstreamError, match=f"stream line over {BOUND} bytes") as caught:
+        await collect(client.stream(MESSAGES, GenerationParams()))
+    assert caught.value.retryable is True
+    assert len(bodies) == 2 and all(body.closed for body in bodies)
+
+
+async def test_a_stream_longer_than_the_bound_in_lines_within_it_is_read(
+    make_client: Any,
+) -> None:
+    # The bound is on one line, not on the stream; lines end at \n, \r\n or \r.
+    line = sse_line(chunk("x" * 100))
+    events = [line, line.replace(b"\n", b"\r\n"), line.replace(b"\n", b"\r")] * 5
+    body = TrackedStream(*events, sse_line(chunk(finish_reason="stop")))
+    client = make_client(Recorder(httpx.Response(200, stream=body)), max_response_bytes=len(line))
+    assert "".join(await collect(client.stream(MESSAGES, GenerationParams()))) == "x" * 1_500
+
+
+async def test_a_complete_stream_line_past_the_bound_fails(make_client: Any) -> None:
+    line = sse_line(chunk("x" * 100))
+    body = sse(chunk("x" * 100), chunk(finish_reason="stop"))
+    client = make_client(Recorder(body), max_response_bytes=len(line.rstrip()) - 1)
+    with pytest.raises(UpstreamError, match="stream line over"):
+        await collect(client.stream(MESSAGES, GenerationParams()))
+
+
 async def test_empty_stream_yields_nothing(make_client: Any) -> None:
     recorder = Recorder(sse(chunk(""), chunk(finish_reason="stop"), "[DONE]"))
     assert await collect(make_client(recorder).stream(MESSAGES, GenerationParams())) == []
@@ -780,18 +965,35 @@ async def test_from_settings_connect_and_read_timeouts_are_bounded_by_the_whole_
     assert timeout["write"] == 3.0
 
 
-async def test_from_settings_takes_attempts_and_backoff_from_the_retry_settings(
-    monkeypatch: pytest.MonkeyPatch,
+async def test_from_settings_takes_the_response_bound_and_the_longest_pause(
+    pauses: list[float],
 ) -> None:
-    # The pauses tenacity asks for are recorded instead of slept.
-    pauses: list[float] = []
-    real_sleep = asyncio.sleep
+    settings = ProviderSettings(
+        base_url=BASE_URL,
+        model=MODEL,
+        input_usd_per_mtok=1.0,
+        output_usd_per_mtok=2.0,
+        max_response_bytes=64 << 10,
+    )
+    retry = RetrySettings(max_retry_after_seconds=30.0)
+    recorder = Recorder(
+        httpx.Response(429, headers={"retry-after": "20"}),
+        completion("x" * (64 << 10)),
+    )
+    client = OpenAIChatClient.from_settings(
+        settings, retry=retry, transport=httpx.MockTransport(recorder)
+    )
+    try:
+        with pytest.raises(UpstreamError, match=f"over {64 << 10} bytes"):
+            await client.complete(MESSAGES, GenerationParams())
+    finally:
+        await client.aclose()
+    assert pauses == [20.0]  # within the 30 s bound (the default, 5 s, would not retry)
 
-    async def record(seconds: float, *args: Any) -> None:
-        pauses.append(seconds)
-        await real_sleep(0)
 
-    monkeypatch.setattr(asyncio, "sleep", record)
+async def test_from_settings_takes_attempts_and_backoff_from_the_retry_settings(
+    pauses: list[float],
+) -> None:
     settings = ProviderSettings(
         base_url=BASE_URL, model=MODEL, input_usd_per_mtok=1.0, output_usd_per_mtok=2.0
     )

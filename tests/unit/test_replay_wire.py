@@ -180,9 +180,13 @@ def test_usage_counts_the_json_schema_sent_as_prompt_tokens(
         ({"response_format": "json_object"}, "response_format"),
         ({"messages": []}, "messages"),
         ({"messages": {"role": "user", "content": "hi"}}, "messages"),
+        ({"stream": True, "stream_options": "include_usage"}, "stream_options"),
+        ({"stream": True, "stream_options": []}, "stream_options"),
+        ({"stream": True, "stream_options": False}, "stream_options"),
     ],
     ids=["empty-model", "string-stream", "number-stream", "unknown-format", "format-not-object",
-         "no-messages", "messages-not-array"],
+         "no-messages", "messages-not-array", "stream-options-text", "stream-options-empty-array",
+         "stream-options-false"],
 )  # fmt: skip
 def test_a_malformed_field_is_refused_naming_it(fields: dict[str, Any], param: str) -> None:
     with pytest.raises(RequestError) as caught:

@@ -16,6 +16,7 @@ from routecache.domain import ChatRequest, Tier
 from routecache.errors import Unavailable, UpstreamError
 from routecache.router.ports import ChatUpstream, Pricing, UpstreamReply
 from routecache.router.upstream.breaker import CircuitBreaker
+from routecache.router.upstream.deadline import provider_deadline
 
 # Time kept back from the deadline for what follows a failed chain (stale lookup, reply).
 DEFAULT_RESERVE_SECONDS = 0.1
@@ -93,7 +94,7 @@ class Failover:
             if budget is None:
                 continue
             try:
-                async with asyncio.timeout(budget):
+                async with provider_deadline(budget):  # the client reads it (Retry-After)
                     reply = await provider.upstream.complete(request.messages, request.params)
             except BaseException as exc:
                 failures.append(_failed(provider, exc, budget))
@@ -113,7 +114,7 @@ class Failover:
                 continue
             deltas = provider.upstream.stream(request.messages, request.params)
             try:
-                async with asyncio.timeout(budget):
+                async with provider_deadline(budget):
                     first = await anext(deltas, None)
             except BaseException as exc:
                 await _close(deltas)

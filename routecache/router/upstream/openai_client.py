@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception,
-    stop_after_attempt,
     wait_exponential_jitter,
 )
 
@@ -30,6 +33,7 @@ from routecache.router.tokens import (
     prompt_tokens_estimate,
     sent_schema,
 )
+from routecache.router.upstream.deadline import seconds_left
 
 CHAT_PATH = "chat/completions"
 USER_AGENT = "routecache/0.1"
@@ -45,10 +49,48 @@ _MALFORMED = (ValueError, LookupError, TypeError, AttributeError, RecursionError
 # whole, it goes on into the gRPC status details, and past 16 KiB there the client gets
 # RESOURCE_EXHAUSTED (as if over its quota) instead of UNAVAILABLE.
 MAX_DETAIL_CHARS = 200
+# The default bound on a response body (and on one line of a stream) read from a provider:
+# limits.max_answer_chars (20 000) characters JSON-escaped at their worst (12 bytes for an
+# astral character as a surrogate pair) are under 240 KiB; past 4 MiB no real answer is left.
+DEFAULT_MAX_RESPONSE_BYTES = 4 << 20
+# The longest Retry-After the retry waits out by default; a longer one fails over at once.
+DEFAULT_MAX_RETRY_AFTER_SECONDS = 5.0
+# Line breaks of server-sent events. A \r\n cut between two reads counts as two breaks: the
+# blank line between them is skipped like any other.
+_SSE_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+
+
+class ProviderAskedToWait(UpstreamError):
+    """A retryable HTTP status whose Retry-After says how long until the provider serves again."""
+
+    def __init__(self, message: str, *, retryable: bool, retry_after: float) -> None:
+        super().__init__(message, retryable=retryable)
+        self.retry_after = retry_after
 
 
 def _is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, UpstreamError) and exc.retryable
+
+
+def _asked_wait(state: RetryCallState) -> float | None:
+    """The Retry-After of the attempt that just failed, in seconds; None when it gave none."""
+    exc = state.outcome.exception() if state.outcome is not None else None
+    return exc.retry_after if isinstance(exc, ProviderAskedToWait) else None
+
+
+def retry_after_seconds(value: str, now: datetime | None = None) -> float | None:
+    """A Retry-After header (delay-seconds or an HTTP-date) as seconds from `now`; None when
+    it is neither."""
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)  # float, not int: a run of 5 000 digits is inf, not a ValueError
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000" or no zone: HTTP dates are GMT
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 def response_format_body(response_format: ResponseFormat) -> dict[str, Any] | None:
@@ -116,9 +158,13 @@ class OpenAIChatClient:
         backoff_seconds: tuple[float, float] = (0.05, 0.2),
         connect_timeout_seconds: float | None = None,
         read_timeout_seconds: float | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_retry_after_seconds: float = DEFAULT_MAX_RETRY_AFTER_SECONDS,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if max_response_bytes < 1:
+            raise ValueError("max_response_bytes must be at least 1")
         all_headers = {"user-agent": USER_AGENT, **(headers or {})}
         if api_key:
             all_headers["authorization"] = f"Bearer {api_key}"
@@ -127,6 +173,8 @@ class OpenAIChatClient:
         self._timeout = timeout_seconds
         self._max_attempts = max_attempts
         self._backoff = backoff_seconds
+        self._max_bytes = max_response_bytes
+        self._max_retry_after = max_retry_after_seconds
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/") + "/",
             headers=all_headers,
@@ -158,6 +206,8 @@ class OpenAIChatClient:
             backoff_seconds=(retry.backoff_initial_seconds, retry.backoff_max_seconds),
             connect_timeout_seconds=settings.connect_timeout_seconds,
             read_timeout_seconds=settings.read_timeout_seconds,
+            max_response_bytes=settings.max_response_bytes,
+            max_retry_after_seconds=retry.max_retry_after_seconds,
         )
 
     @property
@@ -168,15 +218,33 @@ class OpenAIChatClient:
         await self._http.aclose()
 
     def _retrying(self) -> AsyncRetrying:
+        # Jitter on an exponential base: retries of many callers do not line up.
+        backoff = wait_exponential_jitter(
+            multiplier=self._backoff[0], max=self._backoff[1], jitter=self._backoff[0]
+        )
+
+        def wait(state: RetryCallState) -> float:
+            # A provider that asked for a pause gets it (stop saw that it fits).
+            return max(backoff(state), _asked_wait(state) or 0.0)
+
+        def stop(state: RetryCallState) -> bool:
+            return state.attempt_number >= self._max_attempts or self._asked_too_long(state)
+
         return AsyncRetrying(
-            stop=stop_after_attempt(self._max_attempts),
-            # Jitter on an exponential base: retries of many callers do not line up.
-            wait=wait_exponential_jitter(
-                multiplier=self._backoff[0], max=self._backoff[1], jitter=self._backoff[0]
-            ),
+            stop=stop,
+            wait=wait,
             retry=retry_if_exception(_is_retryable),
             reraise=True,
         )
+
+    def _asked_too_long(self, state: RetryCallState) -> bool:
+        """No retry when the provider asked for a pause past the bound or the call's deadline:
+        sleeping into the deadline would leave no time for the next provider either."""
+        asked = _asked_wait(state)
+        if asked is None:
+            return False
+        left = seconds_left()
+        return asked > self._max_retry_after or (left is not None and asked >= left)
 
     def _error(self, what: str, *, retryable: bool) -> UpstreamError:
         return UpstreamError(f"{self._where}: {what}", retryable=retryable)
@@ -198,11 +266,16 @@ class OpenAIChatClient:
             # httpx times each read; this bounds the whole call, so a trickling body
             # cannot hold it past the timeout either.
             async with asyncio.timeout(self._timeout):
-                response = await self._send(body, stream=False)
+                # Streamed, so that a body past the bound is never read whole.
+                response = await self._send(body, stream=True)
+                try:
+                    await self._check_status(response)
+                    content = await self._read_body(response)
+                finally:
+                    await response.aclose()
         except TimeoutError:
             raise self._error(f"no answer within {self._timeout:g}s", retryable=True) from None
-        await self._check_status(response)
-        return self._parse_completion(response, prompt_tokens)
+        return self._parse_completion(content, prompt_tokens)
 
     async def _send(self, body: dict[str, Any], *, stream: bool) -> httpx.Response:
         request = self._http.build_request("POST", CHAT_PATH, json=body)
@@ -217,28 +290,59 @@ class OpenAIChatClient:
                 f"connection failed ({type(exc).__name__}: {exc})", retryable=True
             ) from exc
 
+    async def _read_body(self, response: httpx.Response) -> bytes:
+        """The whole body of a streamed response, read up to the bound and no further."""
+        parts: list[bytes] = []
+        size = 0
+        try:
+            async for part in response.aiter_bytes():
+                size += len(part)
+                if size > self._max_bytes:
+                    raise self._too_large("response body")
+                parts.append(part)
+        except httpx.TimeoutException as exc:
+            raise self._error(
+                f"timed out after {self._timeout:g}s ({type(exc).__name__})", retryable=True
+            ) from exc
+        except httpx.RequestError as exc:  # transport errors, and a body that does not decode
+            raise self._error(
+                f"connection failed ({type(exc).__name__}: {exc})", retryable=True
+            ) from exc
+        return b"".join(parts)
+
+    def _too_large(self, what: str) -> UpstreamError:
+        # Retryable like any malformed answer (a runaway generation need not recur), and so
+        # counted against the provider's breaker: the fault is the provider's, not the request's.
+        return self._error(
+            f"malformed response: {what} over {self._max_bytes} bytes (upstream "
+            "max_response_bytes), not read further",
+            retryable=True,
+        )
+
     async def _check_status(self, response: httpx.Response) -> None:
         if response.is_success:
             return
         status = response.status_code
         retryable = status == 429 or status >= 500
         try:
-            # A stream's body is read here, after _send and outside its error mapping.
-            await response.aread()
-        except httpx.RequestError:  # a broken error body: the status still says what failed
+            # The body is read here, after _send and outside its error mapping.
+            detail = _provider_message(await self._read_body(response))
+        except UpstreamError:  # a broken or huge error body: the status still says what failed
             detail = ""
-        else:
-            detail = _provider_message(response)
         what = f"HTTP {status} {response.reason_phrase}".rstrip()
-        if status == 429 and (retry_after := response.headers.get("retry-after")):
+        retry_after = response.headers.get("retry-after") if retryable else None
+        if retry_after:
             # Seconds, or an HTTP date (which takes no unit).
             unit = "s" if retry_after.isdigit() else ""
             what += f" (retry after {retry_after[:MAX_DETAIL_CHARS]}{unit})"
-        raise self._error(f"{what}: {detail}" if detail else what, retryable=retryable)
+        message = f"{self._where}: {what}: {detail}" if detail else f"{self._where}: {what}"
+        if retry_after and (seconds := retry_after_seconds(retry_after)) is not None:
+            raise ProviderAskedToWait(message, retryable=retryable, retry_after=seconds)
+        raise UpstreamError(message, retryable=retryable)
 
-    def _parse_completion(self, response: httpx.Response, prompt_tokens: int) -> UpstreamReply:
+    def _parse_completion(self, content_bytes: bytes, prompt_tokens: int) -> UpstreamReply:
         try:
-            payload = response.json()
+            payload = json.loads(content_bytes)
             choice = payload["choices"][0]
             content = choice["message"].get("content")
         except _MALFORMED as exc:
@@ -286,7 +390,7 @@ class OpenAIChatClient:
         """Parse server-sent events into non-empty text deltas."""
         finished = False
         try:
-            async for line in response.aiter_lines():
+            async for line in self._sse_lines(response):
                 if not line.startswith("data:"):
                     continue  # blank separators, comments, `event:` lines
                 data = line[len("data:") :].strip()
@@ -304,6 +408,26 @@ class OpenAIChatClient:
             ) from exc
         if not finished:
             raise self._error("stream ended without finish_reason or [DONE]", retryable=True)
+
+    async def _sse_lines(self, response: httpx.Response) -> AsyncIterator[str]:
+        """The lines of an event stream, none longer than the bound (httpx's aiter_lines
+        would buffer a line without end whole). Event streams are UTF-8 by definition."""
+        pending = bytearray()  # the line being read
+        async for part in response.aiter_bytes():
+            first, *rest = _SSE_LINE_BREAK.split(part)
+            pending += first
+            for line in rest:  # each break ends the pending line and starts the next
+                yield self._sse_line(pending)
+                pending = bytearray(line)
+            if len(pending) > self._max_bytes:  # an unended line past the bound: read no more
+                raise self._too_large("stream line")
+        if pending:
+            yield self._sse_line(pending)
+
+    def _sse_line(self, line: bytearray) -> str:
+        if len(line) > self._max_bytes:
+            raise self._too_large("stream line")
+        return line.decode("utf-8", errors="replace")
 
     def _parse_chunk(self, data: str) -> tuple[str, str | None]:
         try:
@@ -341,8 +465,17 @@ def _error_text(payload: Any) -> str:
     return "" if error is None else str(error)[:MAX_DETAIL_CHARS]
 
 
-def _provider_message(response: httpx.Response) -> str:
+def _provider_message(body: bytes) -> str:
+    """What a provider's error body says, cut short: OpenAI's error object, else another
+    server's own text ({"detail": ...} of FastAPI, {"message": ...}), else the body itself."""
+    text = body.decode("utf-8", errors="replace")
     try:
-        return _error_text(response.json())
+        payload = json.loads(text)
     except (ValueError, RecursionError):
-        return response.text.strip()[:MAX_DETAIL_CHARS]
+        return text.strip()[:MAX_DETAIL_CHARS]
+    if isinstance(payload, dict) and "error" in payload:
+        return _error_text(payload)
+    for key in ("detail", "message"):
+        if isinstance(payload, dict) and isinstance(payload.get(key), str):
+            return str(payload[key]).strip()[:MAX_DETAIL_CHARS]
+    return text.strip()[:MAX_DETAIL_CHARS]
