@@ -96,6 +96,7 @@ async def run(args: argparse.Namespace) -> int:
     provider = {"base_url": replay.base_url, "timeout_seconds": 1.0, "read_timeout_seconds": 1.0}
     settings = load_settings(
         server={"port": 0},
+        metrics={"port": 0},  # a free port: a running service may hold the default
         tenants=[{"name": "load", "api_key_sha256": [hash_api_key(key)]}],
         upstream={
             "cheap": {**provider, "model": "mixtral-8x7b-instruct",
