@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from routecache.cache.embedder import packaged_minilm_path
-from routecache.cache.onnx_embedder import cpu_session
+from routecache.cache.onnx_embedder import cpu_session, unloadable_graph_errors
 
 GRAPH_FILE = "cross_encoder.int8.onnx"
 POLICY_FILE = "hit_policy.json"
@@ -46,7 +46,14 @@ class OnnxCrossEncoder:
 
         if not graph.is_file():
             raise FileNotFoundError(f"cross-encoder graph not found: {graph}")
-        self._session = cpu_session(graph, threads)
+        try:
+            self._session = cpu_session(graph, threads)
+        except unloadable_graph_errors() as error:
+            # Unlike the embedder's graph it cannot be exported again here: no weights ship.
+            raise ValueError(
+                f"cross-encoder graph {graph} is not a graph ONNX Runtime can load "
+                f"(empty, torn or another format): {error}"
+            ) from error
         self._tokenizer = AutoTokenizer.from_pretrained(
             str(packaged_minilm_path()), local_files_only=True
         )

@@ -136,12 +136,8 @@ def cpu_session(path: Path, threads: int | None) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _session_of_export(model_dir: Path, path: Path, threads: int | None) -> Any:
-    """A session of the graph at PATH, exported once more if ONNX Runtime cannot load it.
-
-    Its name comes from the weights, so a graph torn by a power loss or a full disk (older
-    releases renamed it into place unsynced), or truncated by hand, would fail every start.
-    """
+def unloadable_graph_errors() -> tuple[type[Exception], ...]:
+    """What ONNX Runtime raises for a file that is not a whole graph (empty, torn, garbage)."""
     from onnxruntime.capi.onnxruntime_pybind11_state import (
         Fail,
         InvalidArgument,
@@ -149,9 +145,18 @@ def _session_of_export(model_dir: Path, path: Path, threads: int | None) -> Any:
         InvalidProtobuf,
     )
 
+    return (InvalidProtobuf, InvalidGraph, InvalidArgument, Fail)
+
+
+def _session_of_export(model_dir: Path, path: Path, threads: int | None) -> Any:
+    """A session of the graph at PATH, exported once more if ONNX Runtime cannot load it.
+
+    Its name comes from the weights, so a graph torn by a power loss or a full disk (older
+    releases renamed it into place unsynced), or truncated by hand, would fail every start.
+    """
     try:
         return cpu_session(path, threads)
-    except (InvalidProtobuf, InvalidGraph, InvalidArgument, Fail) as error:
+    except unloadable_graph_errors() as error:
         log.warning("the ONNX graph %s cannot be loaded, exporting it again: %s", path, error)
     export_minilm_onnx(model_dir, path)
     return cpu_session(path, threads)  # a graph still torn is an error: no export loop

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -47,6 +49,14 @@ def test_symmetric_scoring_averages_both_orders(one_order: OnnxCrossEncoder) -> 
 def test_a_missing_graph_is_a_clear_error() -> None:
     with pytest.raises(FileNotFoundError, match="cross-encoder graph not found"):
         OnnxCrossEncoder(packaged_verifier_dir() / "missing.onnx")
+
+
+def test_a_torn_graph_is_a_clear_error_naming_it(tmp_path: Path) -> None:
+    # Before: ONNX Runtime's INVALID_PROTOBUF, which says nothing of a cross-encoder.
+    graph = tmp_path / "torn.onnx"
+    graph.write_bytes((packaged_verifier_dir() / GRAPH_FILE).read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"cross-encoder graph {graph} is not a graph"):
+        OnnxCrossEncoder(graph)
 
 
 def test_a_pair_longer_than_the_model_takes_is_scored_truncated(
