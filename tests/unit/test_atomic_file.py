@@ -125,8 +125,10 @@ def test_a_file_written_elsewhere_is_synced_then_renamed_over_the_path_then_its_
     written.write_bytes(b"new")
     new_file = written.stat().st_ino
     synced = record_synced(monkeypatch)
+    before_rename = record_fsyncs(monkeypatch, written)
     publish_file(written, path)
     assert path.read_bytes() == b"new" and not written.exists()
-    # The new file whole, then the folder that holds its new name (not the scratch folder).
+    # The new file whole before it takes the name, then the folder that holds its new name
+    # (not the scratch folder).
     assert [s.st_ino for s in synced] == [new_file, tmp_path.stat().st_ino]
-    assert synced[0].st_size == 3
+    assert synced[0].st_size == 3 and before_rename == [(False, True), (True, False)]
