@@ -54,6 +54,16 @@ class OnnxCrossEncoder:
                 f"cross-encoder graph {graph} is not a graph ONNX Runtime can load "
                 f"(empty, torn or another format): {error}"
             ) from error
+        # A graph of another model (the embedder's, say) loads as well, and would then fail
+        # every lookup it had to verify: refused here, where a start can name it.
+        inputs = [node.name for node in self._session.get_inputs()]
+        outputs = [node.name for node in self._session.get_outputs()]
+        if sorted(inputs) != sorted(INPUTS) or OUTPUT not in outputs:
+            raise ValueError(
+                f"cross-encoder graph {graph} is not a cross-encoder: its outputs are "
+                f"{', '.join(outputs)} and inputs {', '.join(inputs)}, not {OUTPUT} "
+                f"of {', '.join(INPUTS)}"
+            )
         self._tokenizer = AutoTokenizer.from_pretrained(
             str(packaged_minilm_path()), local_files_only=True
         )
