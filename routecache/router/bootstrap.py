@@ -168,7 +168,7 @@ def build_hit_policy(settings: Settings, embedder_name: str | None = None) -> Hi
         ) from error
     try:
         scorer = OnnxCrossEncoder(directory / GRAPH_FILE, symmetric=calibration.symmetric)
-    except ValueError as error:  # torn or not ONNX (a missing one is an OSError: "cannot start")
+    except ValueError as error:  # torn, or another model (missing: an OSError, "cannot start")
         raise ConfigError(f"cache.verifier_dir: {error}") from error
     return VerifiedPolicy(calibration, scorer)
 
