@@ -1,7 +1,8 @@
 """Replacing a file so that readers, crashes and power losses see the old file or the new one,
 never a torn or empty one: the cache snapshot, the key registry, the classifier's CURRENT
 and artifacts, the embedding cache, the replay recordings. And publishing a folder whole: a
-classifier version, which CURRENT may name only once all its files are on disk.
+classifier version, which CURRENT may name only once all its files are on disk. And publishing
+a file that code taking a path wrote: the ONNX graphs.
 
 The text (or bytes) goes to PATH.tmp in the same folder (so the rename stays on one file system), is
 synced, renamed over PATH, and the folder is synced: the rename is an entry of the folder, and
@@ -52,6 +53,18 @@ def publish_folder(staging: Path, target: Path) -> None:
             _sync(entry)
     _sync(staging)
     os.rename(staging, target)
+    _sync(target.parent)
+
+
+def publish_file(written: Path, target: Path) -> None:
+    """Rename WRITTEN over TARGET so that, power losses included, TARGET is the old file or the
+    new one whole: for files that code taking a path writes (an ONNX exporter), not a stream.
+
+    WRITTEN is synced, renamed, and TARGET's folder synced (the rename is its entry). WRITTEN
+    must be on TARGET's file system: in a scratch folder beside it, say.
+    """
+    _sync(written)
+    os.replace(written, target)
     _sync(target.parent)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from routecache.cache.embedder import packaged_minilm_path
-from routecache.cache.onnx_embedder import cpu_session
+from routecache.cache.onnx_embedder import cpu_session, unloadable_graph_errors
 
 GRAPH_FILE = "cross_encoder.int8.onnx"
 POLICY_FILE = "hit_policy.json"
@@ -46,7 +46,24 @@ class OnnxCrossEncoder:
 
         if not graph.is_file():
             raise FileNotFoundError(f"cross-encoder graph not found: {graph}")
-        self._session = cpu_session(graph, threads)
+        try:
+            self._session = cpu_session(graph, threads)
+        except unloadable_graph_errors() as error:
+            # Unlike the embedder's graph it cannot be exported again here: no weights ship.
+            raise ValueError(
+                f"cross-encoder graph {graph} is not a graph ONNX Runtime can load "
+                f"(empty, torn or another format): {error}"
+            ) from error
+        # A graph of another model (the embedder's, say) loads as well, and would then fail
+        # every lookup it had to verify: refused here, where a start can name it.
+        inputs = [node.name for node in self._session.get_inputs()]
+        outputs = [node.name for node in self._session.get_outputs()]
+        if sorted(inputs) != sorted(INPUTS) or OUTPUT not in outputs:
+            raise ValueError(
+                f"cross-encoder graph {graph} is not a cross-encoder: its outputs are "
+                f"{', '.join(outputs)} and inputs {', '.join(inputs)}, not {OUTPUT} "
+                f"of {', '.join(INPUTS)}"
+            )
         self._tokenizer = AutoTokenizer.from_pretrained(
             str(packaged_minilm_path()), local_files_only=True
         )

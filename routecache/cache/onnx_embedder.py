@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from routecache.atomic_file import publish_file
 from routecache.cache.embedder import MAX_TOKENS, MINILM_DIMENSION, mean_pool, packaged_minilm_path
 
 log = logging.getLogger(__name__)
@@ -80,15 +81,15 @@ def export_minilm_onnx(model_dir: Path, out_path: Path) -> Path:
     sample = tokenizer(["a short one", "and a somewhat longer sample"], padding=True)
     args = tuple(torch.tensor(sample[name]) for name in _INPUTS)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    # Export to a temporary name and rename: a crash mid-export never leaves a broken graph
-    # that the next start would load.
+    # Export to a temporary name, then sync and rename: neither a crash mid-export nor a power
+    # loss after it leaves a torn graph under the name the next start loads.
     with tempfile.TemporaryDirectory(dir=out_path.parent) as scratch:
         partial = Path(scratch) / out_path.name
         with warnings.catch_warnings():
             # The exporter's deprecation and axis-renaming notes say nothing about the result.
             warnings.simplefilter("ignore")
             export_transformer(PooledMiniLM(), args, partial, _OUTPUT)
-        partial.replace(out_path)
+        publish_file(partial, out_path)
     return out_path
 
 
@@ -135,6 +136,32 @@ def cpu_session(path: Path, threads: int | None) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def unloadable_graph_errors() -> tuple[type[Exception], ...]:
+    """What ONNX Runtime raises for a file that is not a whole graph (empty, torn, garbage)."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import (
+        Fail,
+        InvalidArgument,
+        InvalidGraph,
+        InvalidProtobuf,
+    )
+
+    return (InvalidProtobuf, InvalidGraph, InvalidArgument, Fail)
+
+
+def _session_of_export(model_dir: Path, path: Path, threads: int | None) -> Any:
+    """A session of the graph at PATH, exported once more if ONNX Runtime cannot load it.
+
+    Its name comes from the weights, so a graph torn by a power loss or a full disk (older
+    releases renamed it into place unsynced), or truncated by hand, would fail every start.
+    """
+    try:
+        return cpu_session(path, threads)
+    except unloadable_graph_errors() as error:
+        log.warning("the ONNX graph %s cannot be loaded, exporting it again: %s", path, error)
+    export_minilm_onnx(model_dir, path)
+    return cpu_session(path, threads)  # a graph still torn is an error: no export loop
+
+
 class OnnxMiniLMEmbedder:
     """The packaged MiniLM run by ONNX Runtime; exports the graph on first use if needed."""
 
@@ -149,7 +176,7 @@ class OnnxMiniLMEmbedder:
 
         directory = model_dir or packaged_minilm_path()
         path = ensure_onnx_export(directory, onnx_dir)
-        self._session = cpu_session(path, threads)
+        self._session = _session_of_export(directory, path, threads)
         self._tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         self._name = f"all-MiniLM-L6-v2@{directory.name}"
         self.path = path

@@ -166,7 +166,10 @@ def build_hit_policy(settings: Settings, embedder_name: str | None = None) -> Hi
             f"cache.verifier_dir: {directory / POLICY_FILE} is not a verifier calibration "
             f"({type(error).__name__}: {error})"
         ) from error
-    scorer = OnnxCrossEncoder(directory / GRAPH_FILE, symmetric=calibration.symmetric)
+    try:
+        scorer = OnnxCrossEncoder(directory / GRAPH_FILE, symmetric=calibration.symmetric)
+    except ValueError as error:  # torn, or another model (missing: an OSError, "cannot start")
+        raise ConfigError(f"cache.verifier_dir: {error}") from error
     return VerifiedPolicy(calibration, scorer)
 
 

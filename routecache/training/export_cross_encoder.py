@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from routecache.atomic_file import publish_file
 from routecache.cache.cross_encoder import INPUTS, OUTPUT
 from routecache.cache.onnx_embedder import export_transformer
 from routecache.training.cross_encoder import build_module, load_weights, restore_weights
@@ -44,6 +45,8 @@ def export_cross_encoder(weights: Path, model_dir: Path, out_path: Path, int8: b
     )
     args = tuple(torch.tensor(sample[name]) for name in INPUTS)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    # Exported beside OUT_PATH, then synced and renamed: a power loss after the export never
+    # leaves a torn graph (the shipped verifier) under its name.
     with tempfile.TemporaryDirectory(dir=out_path.parent) as scratch:
         fp32 = Path(scratch) / "cross_encoder.fp32.onnx"
         # The exporter and quantiser log a line per graph pass and per tensor left in float.
@@ -56,7 +59,7 @@ def export_cross_encoder(weights: Path, model_dir: Path, out_path: Path, int8: b
             quantised = Path(scratch) / "cross_encoder.int8.onnx"
             with _quiet_logging():
                 quantize_dynamic(str(fp32), str(quantised), weight_type=QuantType.QInt8)
-            quantised.replace(out_path)
+            publish_file(quantised, out_path)
         else:
-            fp32.replace(out_path)
+            publish_file(fp32, out_path)
     return out_path

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from routecache.cache.cross_encoder import GRAPH_FILE, OnnxCrossEncoder, packaged_verifier_dir
+from routecache.cache.cross_encoder import (
+    GRAPH_FILE,
+    OUTPUT,
+    OnnxCrossEncoder,
+    packaged_verifier_dir,
+)
+from routecache.cache.onnx_embedder import ensure_onnx_export
 
 PARAPHRASE = ("How are hydrogen bombs made?", "How do they make a hydrogen bomb?")
 OTHER = ("What is the capital of France?", "What is the capital of Germany?")
@@ -47,6 +55,41 @@ def test_symmetric_scoring_averages_both_orders(one_order: OnnxCrossEncoder) -> 
 def test_a_missing_graph_is_a_clear_error() -> None:
     with pytest.raises(FileNotFoundError, match="cross-encoder graph not found"):
         OnnxCrossEncoder(packaged_verifier_dir() / "missing.onnx")
+
+
+def test_a_torn_graph_is_a_clear_error_naming_it(tmp_path: Path) -> None:
+    # Before: ONNX Runtime's INVALID_PROTOBUF, which says nothing of a cross-encoder.
+    graph = tmp_path / "torn.onnx"
+    graph.write_bytes((packaged_verifier_dir() / GRAPH_FILE).read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"cross-encoder graph {graph} is not a graph"):
+        OnnxCrossEncoder(graph)
+
+
+def _one_input_graph(path: Path) -> Path:
+    """A graph with the verifier's output but only one of its three inputs."""
+    from onnx import TensorProto, helper, save
+
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, [None, None])
+    logit = helper.make_tensor_value_info(OUTPUT, TensorProto.INT64, [None, None])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input_ids"], [OUTPUT])], "g", [ids], [logit]
+    )
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("model", "named"),
+    [("embedder", "outputs are sentence_vector"), ("one input", "inputs input_ids,")],
+)
+def test_a_graph_of_another_model_is_refused_at_load(
+    tmp_path: Path, model: str, named: str
+) -> None:
+    # Before: the embedder's graph loaded as a verifier, and every lookup it had to verify
+    # then failed with INVALID_ARGUMENT "Invalid output name: duplicate_logit".
+    graph = ensure_onnx_export() if model == "embedder" else _one_input_graph(tmp_path / "g.onnx")
+    with pytest.raises(ValueError, match=f"{graph} is not a cross-encoder: .*{named}"):
+        OnnxCrossEncoder(graph)
 
 
 def test_a_pair_longer_than_the_model_takes_is_scored_truncated(

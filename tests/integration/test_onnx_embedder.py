@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,13 @@ import pytest
 
 from routecache.cache import onnx_embedder
 from routecache.cache.embedder import MiniLMEmbedder, checked_minilm_dir, packaged_minilm_path
-from routecache.cache.onnx_embedder import OnnxMiniLMEmbedder, onnx_path_for
+from routecache.cache.onnx_embedder import (
+    OnnxMiniLMEmbedder,
+    ensure_onnx_export,
+    export_minilm_onnx,
+    onnx_path_for,
+)
+from tests.unit.conftest import record_fsyncs
 
 pytestmark = pytest.mark.integration
 
@@ -74,3 +82,77 @@ def test_the_graph_file_changes_with_the_export_code(
     before = graph_for(tmp_path / "a", "model.safetensors", b"12")
     monkeypatch.setattr(onnx_embedder, "EXPORT_FORMAT", "a later format")
     assert graph_for(tmp_path / "b", "model.safetensors", b"12") != before
+
+
+def _torn_graph_and_exports(
+    onnx_dir: Path, torn: bytes, monkeypatch: pytest.MonkeyPatch, export: bytes | None = None
+) -> tuple[Path, list[Path]]:
+    """TORN at the exact path the embedder loads its graph from, and the exports it asks for
+    from then on: each writes EXPORT, or a copy of the graph exported at session start."""
+    path = onnx_path_for(packaged_minilm_path(), onnx_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(torn)
+    exported: list[Path] = []
+
+    def export_again(_model_dir: Path, out_path: Path) -> Path:
+        exported.append(out_path)
+        if export is None:
+            shutil.copyfile(ensure_onnx_export(), out_path)
+        else:
+            out_path.write_bytes(export)
+        return out_path
+
+    monkeypatch.setattr(onnx_embedder, "export_minilm_onnx", export_again)
+    return path, exported
+
+
+def _half_a_graph() -> bytes:
+    whole = ensure_onnx_export().read_bytes()
+    return whole[: len(whole) // 2]
+
+
+@pytest.mark.parametrize("torn", [b"", b"not a graph", None], ids=["empty", "garbage", "half"])
+def test_a_torn_graph_is_exported_again_with_a_warning_naming_it(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    torn: bytes | None,
+) -> None:
+    # Before: a graph torn by a power loss or a full disk keeps the name of its weights, so
+    # every start loaded it and failed with ONNX Runtime's INVALID_PROTOBUF.
+    path, exported = _torn_graph_and_exports(
+        tmp_path, _half_a_graph() if torn is None else torn, monkeypatch
+    )
+    with caplog.at_level(logging.WARNING, logger=onnx_embedder.__name__):
+        embedder = OnnxMiniLMEmbedder(onnx_dir=tmp_path)
+    assert exported == [path] and embedder.path == path
+    assert embedder.encode(["a"]).shape == (1, 384)
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert str(path) in caplog.text
+
+
+def test_a_graph_still_torn_after_exporting_again_fails_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Exported again once, not in a loop: an exporter that keeps writing garbage is an error.
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidProtobuf
+
+    _, exported = _torn_graph_and_exports(tmp_path, b"torn", monkeypatch, export=b"torn again")
+    with pytest.raises(InvalidProtobuf):
+        OnnxMiniLMEmbedder(onnx_dir=tmp_path)
+    assert len(exported) == 1
+
+
+def test_the_export_is_synced_then_renamed_then_its_folder_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: renamed into place unsynced, so a power loss could leave a torn graph there.
+    def exporter(_module: object, _args: object, path: Path, _output: str) -> None:
+        path.write_bytes(b"graph")
+
+    monkeypatch.setattr(onnx_embedder, "export_transformer", exporter)
+    out = tmp_path / "onnx" / "graph.onnx"
+    synced = record_fsyncs(monkeypatch, out)
+    assert export_minilm_onnx(packaged_minilm_path(), out) == out
+    assert out.read_bytes() == b"graph" and list(out.parent.iterdir()) == [out]
+    assert synced == [(False, False), (True, True)]  # the graph, then its folder

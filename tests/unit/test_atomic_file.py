@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from routecache.atomic_file import replacing, replacing_bytes
+from routecache.atomic_file import publish_file, replacing, replacing_bytes
 from tests.unit.conftest import record_fsyncs, record_synced
 
 
@@ -112,3 +112,23 @@ def test_the_file_is_synced_with_all_it_was_given(
         with replacing_bytes(path) as binary:
             binary.write(b"new \xc3\xa9")
     assert synced[0].st_size == len(b"new \xc3\xa9") == path.stat().st_size
+
+
+def test_a_file_written_elsewhere_is_synced_then_renamed_over_the_path_then_its_folder_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # For writers that take a path, not a file (ONNX exporters): written in a scratch folder.
+    path = tmp_path / "graph.onnx"
+    path.write_bytes(b"old")
+    (tmp_path / "scratch").mkdir()
+    written = tmp_path / "scratch" / "graph.onnx"
+    written.write_bytes(b"new")
+    new_file = written.stat().st_ino
+    synced = record_synced(monkeypatch)
+    before_rename = record_fsyncs(monkeypatch, written)
+    publish_file(written, path)
+    assert path.read_bytes() == b"new" and not written.exists()
+    # The new file whole before it takes the name, then the folder that holds its new name
+    # (not the scratch folder).
+    assert [s.st_ino for s in synced] == [new_file, tmp_path.stat().st_ino]
+    assert synced[0].st_size == 3 and before_rename == [(False, True), (True, False)]

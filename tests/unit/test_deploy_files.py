@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from routecache.router.metrics import PrometheusTelemetry
 from routecache.router.settings import load_settings
+from routecache.router.telemetry import WATCHED_COUNTS
 
 ROOT = Path(__file__).resolve().parents[2]
 SERIES = re.compile(r"routecache_[a-z_]+")
@@ -71,3 +73,32 @@ def test_compose_replicas_share_the_redis_store(monkeypatch: pytest.MonkeyPatch)
     assert settings.store.backend == "redis"
     assert settings.store.redis_url.get_secret_value() == "redis://redis:6379/0"
     assert "redis" in compose["services"]
+
+
+def _dashboard_queries() -> list[str]:
+    dashboard = json.loads((ROOT / "deploy/grafana/routecache.json").read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def _alert_rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yaml").read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def test_the_dashboard_shows_every_degraded_mode_count() -> None:
+    # Before: the six counts of Redis, rate-limit, cache, event and webhook fallbacks were
+    # exported but on no panel, so a replica running degraded looked healthy on the dashboard.
+    queries = "\n".join(_dashboard_queries())
+    missing = [n for n in WATCHED_COUNTS if f"increase(routecache_{n}_total[" not in queries]
+    assert missing == []
+
+
+def test_failed_budget_webhooks_raise_a_warning() -> None:
+    # A webhook that stopped taking alerts silences the budget alerts sent through it.
+    rules = [r for r in _alert_rules() if "routecache_budget_webhook_failures_total" in r["expr"]]
+    assert [rule["labels"]["severity"] for rule in rules] == ["warning"]
+
+
+def test_every_alert_rule_has_a_row_in_the_operations_page() -> None:
+    operations = (ROOT / "docs/operations.md").read_text()
+    assert [r["alert"] for r in _alert_rules() if f"| {r['alert']} |" not in operations] == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from routecache.cache.cross_encoder import POLICY_FILE
+from routecache.cache.cross_encoder import GRAPH_FILE, POLICY_FILE, packaged_verifier_dir
 from routecache.cache.embedder import HashEmbedder
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.hit_policy import (
@@ -336,4 +337,15 @@ def test_a_damaged_verifier_calibration_is_one_config_error_naming_it(
     (tmp_path / POLICY_FILE).write_text(content)
     settings = load_settings(cache={"verifier": "cross-encoder", "verifier_dir": tmp_path})
     with pytest.raises(ConfigError, match=f"{POLICY_FILE} is not a verifier calibration"):
+        build_hit_policy(settings, "all-MiniLM-L6-v2")
+
+
+@pytest.mark.parametrize("graph", [b"", b"not a graph"], ids=["empty", "garbage"])
+def test_a_torn_verifier_graph_is_one_config_error_naming_it(tmp_path: Path, graph: bytes) -> None:
+    # Before: ONNX Runtime's INVALID_PROTOBUF traceback at the start (a missing graph already
+    # stopped it in one line, as an OSError).
+    shutil.copyfile(packaged_verifier_dir() / POLICY_FILE, tmp_path / POLICY_FILE)
+    (tmp_path / GRAPH_FILE).write_bytes(graph)
+    settings = load_settings(cache={"verifier": "cross-encoder", "verifier_dir": tmp_path})
+    with pytest.raises(ConfigError, match=f"cache.verifier_dir: .*{GRAPH_FILE}"):
         build_hit_policy(settings, "all-MiniLM-L6-v2")

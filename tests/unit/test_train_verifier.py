@@ -318,24 +318,45 @@ def _fake_export(monkeypatch: pytest.MonkeyPatch, module: _Module) -> None:
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *_, **__: tokenizer)
 
 
-@pytest.mark.parametrize("int8", [False, True])
-def test_the_export_traces_the_module_in_eval_mode_and_leaves_only_the_graph(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, int8: bool
-) -> None:
+def _fake_quantiser(monkeypatch: pytest.MonkeyPatch) -> None:
+    """quantize_dynamic writes "int8 of" the fp32 graph's text."""
     from onnxruntime import quantization
-
-    from routecache.training.export_cross_encoder import export_cross_encoder
 
     def quantise(fp32: str, int8_path: str, **_: object) -> None:
         Path(int8_path).write_text(f"int8 of {Path(fp32).read_text()}")
 
-    _fake_export(monkeypatch, _Module())
     monkeypatch.setattr(quantization, "quantize_dynamic", quantise)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_the_export_traces_the_module_in_eval_mode_and_leaves_only_the_graph(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, int8: bool
+) -> None:
+    from routecache.training.export_cross_encoder import export_cross_encoder
+
+    _fake_export(monkeypatch, _Module())
+    _fake_quantiser(monkeypatch)
     out = tmp_path / "new" / "ce.onnx"
     assert export_cross_encoder(tmp_path / "w.pt", tmp_path, out, int8=int8) == out
     graph = "fp32 training=False"  # dropout off, as the service runs it
     assert out.read_text() == (f"int8 of {graph}" if int8 else graph)
     assert list(out.parent.iterdir()) == [out]  # the scratch folder is gone, fp32 and all
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_the_exported_graph_is_synced_then_renamed_then_its_folder_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, int8: bool
+) -> None:
+    # Before: renamed into place unsynced, so a power loss could leave the shipped verifier
+    # graph torn, and the service then failed to load it.
+    from routecache.training.export_cross_encoder import export_cross_encoder
+
+    _fake_export(monkeypatch, _Module())
+    _fake_quantiser(monkeypatch)
+    out = tmp_path / "ce.onnx"
+    synced = record_fsyncs(monkeypatch, out)
+    export_cross_encoder(tmp_path / "w.pt", tmp_path, out, int8=int8)
+    assert synced == [(False, False), (True, True)]  # the graph, then its folder
 
 
 def test_the_export_gives_back_the_logging_level_it_found(
