@@ -49,10 +49,15 @@ class Rig:
     writer: SemanticCache
     written: int = 0
 
-    def replica_a(self, batch: int = 2000, purge_interval_seconds: float = 5.0) -> ReplicaA:
+    def replica_a(
+        self,
+        batch: int = 2000,
+        purge_interval_seconds: float = 5.0,
+        tenants: tuple[str, ...] = ("acme",),
+    ) -> ReplicaA:
         store = RedisEntryStore(self.link, KeySpace(), RedisStoreOptions(10_000), self.clock, "a")
         index = ScopedFaissIndex(4)
-        sync = ReplicaSync(self.link, KeySpace(), ["acme"], index, store, "a", self.clock,
+        sync = ReplicaSync(self.link, KeySpace(), tenants, index, store, "a", self.clock,
                            purge_interval_seconds, batch, GRACE)  # fmt: skip
         return ReplicaA(sync, index, store)
 
@@ -395,6 +400,91 @@ async def test_a_tail_round_that_fails_unexpectedly_is_logged_and_the_tail_goes_
         failures.append("mended")
         await eventually(lambda: entry.entry_id in a.ids(), "the entry, once the index takes it")
     assert "index broken" in caplog.text
+
+
+ACME_SYNC = "rc:{acme}:sync"
+GOOD_EMB = vector(0).tobytes()
+
+
+@pytest.mark.parametrize(
+    ("message", "entry"),
+    [
+        ({"op": "add", "scope": SCOPE, "o": "b"}, None),
+        ({"op": "del", "id": "acme:gone", "o": "b"}, None),
+        ({"op": "move", "id": "acme:odd", "scope": SCOPE, "o": "b"}, None),
+        ({"op": b"\xff\xfe", "id": "acme:odd", "scope": SCOPE, "o": "b"}, None),
+        ({"op": "add", "id": "globex:theirs", "scope": SCOPE, "o": "b"}, None),
+        (
+            {"op": "add", "id": "acme:odd", "scope": SCOPE, "o": "b"},
+            {"scope": SCOPE, "emb": GOOD_EMB, "expires": "soon"},
+        ),
+        (
+            {"op": "add", "id": "acme:odd", "scope": SCOPE, "o": "b"},
+            {"scope": SCOPE, "expires": "9999999999"},
+        ),
+        (
+            {"op": "add", "id": "acme:odd", "scope": SCOPE, "o": "b"},
+            {"scope": b"\xff", "emb": GOOD_EMB, "expires": "9999999999"},
+        ),
+    ],
+    ids=[
+        "no id",
+        "del without scope",
+        "unknown op",
+        "not utf-8",
+        "another tenant's id",
+        "expires not a number",
+        "no vector",
+        "scope not utf-8",
+    ],
+)
+async def test_a_sync_message_or_entry_that_cannot_be_read_is_skipped_and_the_rest_applied(
+    rig: Rig,
+    caplog: pytest.LogCaptureFixture,
+    message: dict[str, str | bytes],
+    entry: dict[str, str | bytes] | None,
+) -> None:
+    a = rig.replica_a()
+    await a.sync.rebuild()
+    with rig.raw() as raw:
+        if entry is not None:
+            raw.hset("rc:{acme}:e:acme:odd", mapping=entry)
+        raw.xadd(ACME_SYNC, message)
+    (later,) = await rig.write()
+    await a.sync.poll()  # the malformed message and B's add, in one batch
+    assert a.ids() == {later.entry_id}
+    assert a.sync.skipped == 1
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "acme" in r.getMessage()]
+    assert len(warned) == 1
+    (after,) = await rig.write()
+    assert await a.sync.poll() == 1  # the stream position went past it: not read again
+    assert a.ids() == {later.entry_id, after.entry_id}
+
+
+async def test_a_purge_one_tenant_refuses_does_not_hold_up_the_other_tenants(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = rig.replica_a(purge_interval_seconds=0.0, tenants=("jammed", "acme"))
+    await a.sync.rebuild()
+    (expired,) = await rig.write(ttl=60)
+    with rig.raw() as raw:
+        raw.set("rc:{jammed}:exp", "not a sorted set")  # its purge script fails: WRONGTYPE
+    rig.clock.advance(120)
+    purges: list[str] = []
+    purge = a.store.purge_expired
+
+    async def noted(tenant: str) -> int:
+        purges.append(tenant)
+        return await purge(tenant)
+
+    monkeypatch.setattr(a.store, "purge_expired", noted)
+    with running(a.sync), rig.raw() as raw:
+        entry_key = f"rc:{{acme}}:e:{expired.entry_id}"
+        await eventually(lambda: not raw.exists(entry_key), "acme's expired entry purged")
+        await eventually(lambda: purges.count("jammed") >= 3, "jammed's purge tried again")
+    warned = [r for r in caplog.records if "jammed" in r.getMessage()]
+    assert len(warned) == 1  # once for the episode, not once per purge
+    assert rig.link.up and rig.link.failures == 0
 
 
 def test_stream_ids_compare_by_time_then_sequence() -> None:
