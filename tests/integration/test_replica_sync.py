@@ -359,6 +359,27 @@ async def test_a_rebuild_redis_refuses_leaves_the_link_up_and_is_done_again(rig:
     assert rig.link.failures == 0
 
 
+async def test_a_rebuild_that_failed_on_a_bug_is_done_again_by_the_tail_loop(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What RedisStorage.start relies on: it logs such a failure and leaves the rest to the loop.
+    (entry,) = await rig.write()
+    a = rig.replica_a()
+    add_many, calls = a.index.add_many, []
+
+    def broken_once(scope: str, entry_ids: list[str], vectors: np.ndarray) -> None:
+        calls.append(scope)
+        if len(calls) == 1:
+            raise RuntimeError("index broken")
+        add_many(scope, entry_ids, vectors)
+
+    monkeypatch.setattr(a.index, "add_many", broken_once)
+    with pytest.raises(RuntimeError):
+        await a.sync.rebuild()
+    with running(a.sync):
+        await eventually(lambda: a.ids() == {entry.entry_id}, "the rebuild done again", within=3)
+
+
 async def test_an_entry_whose_vector_the_index_cannot_hold_is_skipped_and_the_rest_applied(
     rig: Rig,
 ) -> None:
