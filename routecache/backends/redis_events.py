@@ -16,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from routecache.backends.keys import KeySpace
-from routecache.backends.link import RedisDown, RedisLink, RedisRefused, guarded
+from routecache.backends.link import RedisDown, RedisLink, guarded
+from routecache.backends.rounds import Rounds
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class RedisStreamEventSink:
         self._batch = batch
         self._wake = asyncio.Event()
         self._flushing = asyncio.Lock()
+        self._rounds = Rounds(link, "event flush")
         self.dropped = 0
         self.written = 0
 
@@ -57,19 +59,14 @@ class RedisStreamEventSink:
         self._wake.set()
 
     async def run(self) -> None:
-        """The flush loop; runs until cancelled."""
+        """The flush loop; runs until cancelled. A refused write (out of memory) is tried again
+        after a pause, an outage once Redis is up, and anything else is logged and the loop goes
+        on after a pause: ended, it left the events to pile up and be dropped unseen."""
         while True:
             await self._wake.wait()
             self._wake.clear()
             await self._link.wait_up()
-            try:
-                await self.flush()
-            except RedisRefused:
-                # Up but refusing the write (out of memory): no "down" to wait out, so a pause,
-                # else the loop tried again at once, hundreds of times a second.
-                await asyncio.sleep(self._link.probe_interval_seconds)
-            except RedisDown:
-                pass  # the next round waits for the link to be up
+            await self._rounds.run(self.flush)
             if self._queue:
                 self._wake.set()
 
@@ -86,6 +83,11 @@ class RedisStreamEventSink:
                 except (RedisDown, asyncio.CancelledError):
                     self._requeue(batch)
                     raise
+                except Exception:
+                    # Not Redis (a bug): the batch would fail again, and held in front it stopped
+                    # every later event. Dropped and counted; the flush loop logs the error.
+                    self.dropped += len(batch)
+                    raise
                 self.written += len(batch)
 
     def _requeue(self, batch: list[dict[str, Any]]) -> None:
@@ -99,7 +101,10 @@ class RedisStreamEventSink:
         pipe = self._link.client.pipeline(transaction=False)
         for event in batch:
             stream = self._keys.of(str(event.get("tenant") or _NO_TENANT)).events
-            fields = {"kind": event["kind"], "data": json.dumps(event, ensure_ascii=False)}
+            # A value JSON has no form for (a datetime, an enum) goes as its text: raised, it failed
+            # the whole batch.
+            data = json.dumps(event, ensure_ascii=False, default=str)
+            fields = {"kind": event["kind"], "data": data}
             pipe.xadd(stream, fields, maxlen=self._stream_max_len, approximate=True)
         await pipe.execute()
 
@@ -107,6 +112,8 @@ class RedisStreamEventSink:
 async def read_events(
     link: RedisLink, keyspace: KeySpace, tenant: str, count: int = 1000
 ) -> list[dict[str, Any]]:
-    """The tenant's oldest `count` events (what feedback, analysis and retraining read)."""
-    rows = await link.client.xrange(keyspace.of(tenant).events, count=count)
+    """The tenant's oldest `count` events (what feedback, analysis and retraining read).
+    Raises RedisDown (RedisRefused when Redis answered with an error), as every call does."""
+    key = keyspace.of(tenant).events
+    rows = await guarded(link, lambda: link.client.xrange(key, count=count))
     return [json.loads(fields[b"data"]) for _, fields in rows]

@@ -14,11 +14,10 @@ the entry's feedback penalty leaves this replica's memory with its index row.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -29,14 +28,21 @@ from routecache.backends import scripts
 from routecache.backends.keys import KeySpace, tenant_of_id
 from routecache.backends.link import RedisDown, RedisLink, RedisRefused, guarded
 from routecache.backends.redis_store import RedisEntryStore
+from routecache.backends.rounds import Rounds
 from routecache.cache.ports import VectorIndex
 
 log = logging.getLogger(__name__)
 
 StreamId = tuple[int, int]
+Message = tuple[bytes, dict[bytes, bytes]]
 # (scope, entry id) of an entry another replica or the sweep removed.
 RemovalListener = Callable[[str, str], None]
 _PROGRESS_EVERY_SECONDS = 2.0
+_OPS = ("add", "del")
+
+
+class _Malformed(ValueError):
+    """A sync message or entry row this replica cannot read: skipped, else it stopped the tail."""
 
 
 def parse_id(raw: str) -> StreamId:
@@ -75,6 +81,13 @@ class ReplicaSync:
         # Until a rebuild finished (e.g. Redis was down at start) the run loop owes one.
         self._resync = True
         self.applied = 0  # other replicas' operations taken in, as poll() counts them
+        self.skipped = 0  # sync messages and entry rows that could not be read
+        self._tail_rounds = Rounds(link, "replica sync tail")
+        self._purge_rounds = Rounds(link, "replica sync purge")
+        self._purge_failing: set[str] = set()  # tenants whose last purge failed
+        # Per stream, the newest message skipped: a batch read again (its round failed after)
+        # logs and counts it once.
+        self._skipped_upto: dict[str, StreamId] = {}
         self._on_removed: RemovalListener = index.remove
         link.subscribe(self._on_health)
 
@@ -139,9 +152,18 @@ class ReplicaSync:
             flat = await guarded(self._link, rows)
             for n, entry_id in enumerate(members):
                 scope, emb, expires = flat[3 * n : 3 * n + 3]
-                if scope is None or float(expires) + self._grace <= now:
+                if scope is None:
+                    continue  # removed since
+                try:
+                    scope_text, live_until = _row(scope, emb, expires)
+                except _Malformed as exc:
+                    # Retried, it failed the rebuild, or stopped the tail at it, every round.
+                    self.skipped += 1
+                    log.warning("entry %s of tenant %s not indexed: %s", entry_id, tenant, exc)
                     continue
-                scope_ids, vectors = by_scope[scope.decode(), len(emb)]
+                if live_until + self._grace <= now:
+                    continue
+                scope_ids, vectors = by_scope[scope_text, len(emb)]
                 scope_ids.append(entry_id)
                 vectors.append(emb)
         added = 0
@@ -167,28 +189,10 @@ class ReplicaSync:
         next_purge = time.monotonic() + self._purge_interval
         while True:
             await self._link.wait_up()
-            await self._round(self._tail)
+            await self._tail_rounds.run(self._tail)
             if time.monotonic() >= next_purge:
-                await self._round(self._purge)
+                await self._purge_rounds.run(self._purge)
                 next_purge = time.monotonic() + self._purge_interval
-
-    async def _round(self, step: Callable[[], Awaitable[object]]) -> None:
-        """One step of the loop; what fails it ends this round alone."""
-        try:
-            await step()
-        except RedisRefused:
-            # Redis is up and answered with an error (no permission, a script error): there is
-            # no outage to wait out, so a pause, else the loop tried again at once, and on.
-            await asyncio.sleep(self._link.probe_interval_seconds)
-        except RedisDown:
-            pass  # the link is down: the next round waits until it is up
-        except (RedisError, OSError) as exc:  # a call that did not go through the link
-            await self._link.mark_down(exc)
-        except Exception:
-            # Anything else (a bug, an entry the index rejects) must not end the loop unseen:
-            # the task is awaited only at stop, and the index would fall behind for good.
-            log.exception("replica sync round failed: trying again after a pause")
-            await asyncio.sleep(self._link.probe_interval_seconds)
 
     async def _tail(self) -> None:
         if self._resync:
@@ -196,8 +200,30 @@ class ReplicaSync:
         await self.poll()
 
     async def _purge(self) -> None:
+        """Each tenant's purge; one that fails (refused, say a key of the wrong type) leaves
+        the others to go on. Redis down ends the round: every call after it would fail too."""
         for tenant in self._tenants:
-            await self._store.purge_expired(tenant)
+            try:
+                await self._store.purge_expired(tenant)
+            except RedisRefused as exc:
+                self._purge_failed(tenant, exc)  # the link logged the error itself
+            except (RedisDown, RedisError, OSError):
+                raise  # Redis down (or a call beside the link, which the round marks down)
+            except Exception as exc:
+                self._purge_failed(tenant, exc, trace=True)
+            else:
+                if tenant in self._purge_failing:
+                    self._purge_failing.discard(tenant)
+                    log.info("purge of expired entries of tenant %s works again", tenant)
+
+    def _purge_failed(self, tenant: str, exc: Exception, trace: bool = False) -> None:
+        """Logged once an episode; tried again at the next purge interval."""
+        if tenant in self._purge_failing:
+            return
+        self._purge_failing.add(tenant)
+        log.warning("purge of expired entries of tenant %s failed (%s): trying again every "
+                    "%.1f s, the other tenants are purged meanwhile", tenant, exc,
+                    self._purge_interval, exc_info=exc if trace else None)  # fmt: skip
 
     async def poll(self) -> int:
         """Reads and applies one batch of sync operations; returns how many of them were other
@@ -209,16 +235,26 @@ class ReplicaSync:
         answer = await guarded(self._link, read)
         count = 0
         for stream, messages in answer:
-            count += await self._apply(messages)
+            count += await self._apply(stream.decode(), messages)
             self._last[stream.decode()] = messages[-1][0].decode()
         self.applied += count
         return count
 
-    async def _apply(self, messages: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
-        ops = [
-            {k.decode(): v.decode() for k, v in fields.items()}
-            for _, fields in messages
-        ]  # fmt: skip
+    async def _apply(self, stream: str, messages: list[Message]) -> int:
+        tenant = self._tenant_of_stream(stream)
+        ops = []
+        for message in messages:
+            try:
+                ops.append(_operation(message, tenant))
+            except _Malformed as exc:
+                # Retried, it stopped the tail here for good: no later add or delete applied.
+                at = parse_id(message[0].decode())
+                if at <= self._skipped_upto.get(stream, (-1, -1)):
+                    continue
+                self._skipped_upto[stream] = at
+                self.skipped += 1
+                log.warning("sync message %s of %s (tenant %s) skipped: %s",
+                            message[0].decode(), stream, tenant, exc)  # fmt: skip
         # Each id ends as its last operation left it: a `del` then an `add` (a PUT of an id
         # Redis holds unlinks it first) leaves the entry in, an `add` then a `del` leaves it
         # out. An id whose last operation is this replica's own is as its cache left it.
@@ -230,6 +266,9 @@ class ReplicaSync:
                 self._on_removed(op["scope"], op["id"])
         await self._load([i for i, op in theirs.items() if op["op"] == "add"])
         return sum(op.get("o") != self._origin for op in ops)
+
+    def _tenant_of_stream(self, stream: str) -> str:
+        return next((t for t in self._tenants if self._keys.of(t).sync == stream), stream)
 
     async def _check_gaps(self) -> None:
         """After an outage: rebuild a tenant whose stream no longer reaches back to our id."""
@@ -261,6 +300,32 @@ class ReplicaSync:
                 raise  # refused (no permission, not a stream): `guarded` tells it apart
             return {}  # Redis holds nothing of this tenant
         return info
+
+
+def _operation(message: Message, tenant: str) -> dict[str, str]:
+    """A sync message's fields (written by scripts.py: op, id, scope, o); raises _Malformed."""
+    try:
+        op = {k.decode(): v.decode() for k, v in message[1].items()}
+    except UnicodeDecodeError as exc:
+        raise _Malformed(f"not UTF-8 ({exc})") from exc
+    missing = [f for f in ("op", "id", "scope") if f not in op]
+    if missing:
+        raise _Malformed(f"no {', '.join(missing)}")
+    if op["op"] not in _OPS:
+        raise _Malformed(f"unknown op {op['op']!r}")
+    if tenant_of_id(op["id"]) != tenant:
+        raise _Malformed(f"id {op['id']!r} is not of this tenant")
+    return op
+
+
+def _row(scope: bytes, emb: bytes | None, expires: bytes | None) -> tuple[str, float]:
+    """An entry row's scope and expiry (scripts.INDEX_ROWS); raises _Malformed."""
+    if emb is None or expires is None:
+        raise _Malformed("no vector" if emb is None else "no expiry")
+    try:
+        return scope.decode(), float(expires)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _Malformed(str(exc)) from exc
 
 
 def _text(value: bytes | str) -> str:

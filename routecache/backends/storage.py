@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
+from redis.exceptions import RedisError
+
 from routecache.backends.link import RedisLink
 from routecache.backends.redis_events import RedisStreamEventSink
 from routecache.backends.redis_spend import RedisSpendLedger
@@ -125,8 +127,14 @@ class RedisStorage:
                 await self.sync.rebuild()
             except StoreUnavailable as exc:  # down, or refused a call: the sync loop redoes it
                 log.warning("index rebuild from redis failed (%s): finishing it later", exc)
-            except Exception as exc:  # a failed rebuild degrades the cache, not the service
+            except (RedisError, OSError) as exc:  # a call beside the link: Redis is down
                 await self.link.mark_down(exc)
+            except Exception:
+                # A bug (or data this replica cannot take) is no outage: marked down, it sent
+                # every part (rate limits, spend, events) to its fallback. The cache serves what
+                # was loaded, and the sync loop does the rest of the rebuild again, as after a
+                # refusal, logging a failure again with its traceback.
+                log.exception("index rebuild from redis failed: the replica sync tries it again")
         self._tasks.append(asyncio.create_task(self.sync.run(), name="replica-sync"))
         if self.events is not None:
             self._tasks.append(asyncio.create_task(self.events.run(), name="event-flush"))

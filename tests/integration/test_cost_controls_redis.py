@@ -1499,15 +1499,16 @@ async def test_the_stop_flushes_the_spend_still_pending_when_redis_answers(
 
 
 class BrokenSync:
-    """A replica sync whose index rebuild fails, and whose loop swallows the first cancel
-    (as a cancel that lands as a socket timeout does on Python 3.11). `running` is set once
-    the loop runs: a cancel before that never reaches the suppress."""
+    """A replica sync whose index rebuild fails with `error`, and whose loop swallows the first
+    cancel (as a cancel that lands as a socket timeout does on Python 3.11). `running` is set
+    once the loop runs: a cancel before that never reaches the suppress."""
 
-    def __init__(self) -> None:
+    def __init__(self, error: Exception) -> None:
         self.running = asyncio.Event()
+        self._error = error
 
     async def rebuild(self) -> None:
-        raise RuntimeError("a corrupt row")
+        raise self._error
 
     async def run(self) -> None:
         self.running.set()
@@ -1516,12 +1517,27 @@ class BrokenSync:
         await asyncio.Event().wait()
 
 
-async def test_a_failed_rebuild_marks_redis_down_and_the_stop_ends_every_task_and_connection(
+@pytest.mark.parametrize(
+    ("error", "health_at_start", "logged"),
+    [
+        # A socket error beside the link is Redis down: the cache is bypassed until it answers.
+        (OSError("connection reset by peer"), [True, False], "WARNING"),
+        # A bug is no outage: marked down, it sent every part (rate limits, spend, events) to its
+        # fallback. Logged with its traceback; the sync loop does the rebuild again.
+        (RuntimeError("a bug in the rebuild"), [True], "ERROR"),
+    ],
+    ids=["socket error", "bug"],
+)
+async def test_a_failed_rebuild_is_told_apart_and_the_stop_ends_every_task_and_connection(
     redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+    error: Exception,
+    health_at_start: list[bool],
+    logged: str,
 ) -> None:
     link, clock = link_to(redis_server), ManualClock()
     ledger = RedisSpendLedger(link, KeySpace(), clock)
-    sync = BrokenSync()
+    sync = BrokenSync(error)
     storage = RedisStorage(link, sync, None, ledger)  # type: ignore[arg-type]
     health: list[bool] = []
 
@@ -1529,11 +1545,13 @@ async def test_a_failed_rebuild_marks_redis_down_and_the_stop_ends_every_task_an
         health.append(up)
 
     await storage.start(cache_health)
-    assert health[:2] == [True, False]  # the cache is bypassed, not served half rebuilt
     await asyncio.wait_for(sync.running.wait(), 10)  # the sync loop is under way
     async with asyncio.timeout(5):
         await storage.aclose()
     assert all(task.done() for task in storage._tasks)
+    assert health[:2] == health_at_start  # a socket error: then up again, once a ping answers
+    (told,) = [r for r in caplog.records if str(error) in r.getMessage() or r.exc_info]
+    assert told.levelname == logged and (told.exc_info is not None) == (logged == "ERROR")
     await only_this_connection_left(redis_server)
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
 from routecache.backends.keys import KeySpace
-from routecache.backends.link import RedisDown, RedisLink
+from routecache.backends.link import RedisDown, RedisLink, RedisRefused
 from routecache.backends.redis_events import RedisStreamEventSink, read_events
 from routecache.backends.redis_spend import RedisSpendLedger
 from routecache.domain import Tier
@@ -33,6 +34,18 @@ pytestmark = pytest.mark.integration
 def link_to(server: RedisServer) -> RedisLink:
     return RedisLink(server.url, timeout_seconds=0.5, max_connections=4,
                      probe_interval_seconds=0.05)  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def flushing(sink: RedisStreamEventSink) -> AsyncIterator[asyncio.Task[None]]:
+    """The sink's flush loop, running in the background; ended (cancelled) at the end."""
+    loop = asyncio.create_task(sink.run())
+    try:
+        yield loop
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
 
 
 async def test_spend_falls_back_to_the_replica_when_redis_is_down(
@@ -180,29 +193,29 @@ async def test_the_flush_loop_writes_events_and_keeps_them_in_order_through_an_o
     assert await link.connect()
     # Batches of 2: the failed write is a part of what is buffered, and must go back in front.
     sink = RedisStreamEventSink(link, KeySpace(), max_buffered=3, batch=2)
-    loop = asyncio.create_task(sink.run())
     try:
+        async with flushing(sink):
 
-        async def written(count: int) -> bool:
-            return len(await read_events(link, KeySpace(), "acme")) == count
+            async def written(count: int) -> bool:
+                return len(await read_events(link, KeySpace(), "acme")) == count
 
-        before = time.time()
-        sink.emit("completion", {"tenant": "acme", "n": 0})
-        await eventually(lambda: written(1), "an emitted event is written without a flush call")
-        # Redis dies unnoticed: the loop's next write fails, and the link is marked down.
-        own_redis_server.kill()
-        for n in (1, 2, 3):
-            sink.emit("completion", {"tenant": "acme", "n": n})
-        await eventually(lambda: not link.up, "the failed write marks the link down")
-        own_redis_server.start()
-        await eventually(lambda: written(4), "the events kept while Redis was down are written")
-        events = await read_events(link, KeySpace(), "acme")
-        assert [e["n"] for e in events] == [0, 1, 2, 3] and sink.dropped == 0
-        assert all(e["kind"] == "completion" and before <= e["ts"] <= time.time() for e in events)
+            before = time.time()
+            sink.emit("completion", {"tenant": "acme", "n": 0})
+            await eventually(lambda: written(1), "an emitted event is written without a flush call")
+            # Redis dies unnoticed: the loop's next write fails, and the link is marked down.
+            own_redis_server.kill()
+            for n in (1, 2, 3):
+                sink.emit("completion", {"tenant": "acme", "n": n})
+            await eventually(lambda: not link.up, "the failed write marks the link down")
+            own_redis_server.start()
+            await eventually(lambda: link.up, "redis answers again")  # reads fail until then
+            await eventually(lambda: written(4), "the events kept while Redis was down are written")
+            events = await read_events(link, KeySpace(), "acme")
+            assert [e["n"] for e in events] == [0, 1, 2, 3] and sink.dropped == 0
+            assert all(
+                e["kind"] == "completion" and before <= e["ts"] <= time.time() for e in events
+            )
     finally:
-        loop.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await loop
         await link.aclose()
 
 
@@ -214,22 +227,19 @@ async def test_the_flush_loop_pauses_after_a_write_redis_refuses(
                      probe_interval_seconds=2.0)  # fmt: skip
     assert await link.connect()
     sink = RedisStreamEventSink(link, KeySpace())
-    loop = asyncio.create_task(sink.run())
     try:
-        with redis_server.out_of_memory():
-            sink.emit("completion", {"tenant": "acme", "n": 0})
-            await eventually(lambda: link.refusals > 0, "the write is refused")
-            await asyncio.sleep(0.2)  # a loop retrying at once wrote hundreds of times here
-            assert link.refusals == 1 and sink.buffered == 1 and link.up
+        async with flushing(sink):
+            with redis_server.out_of_memory():
+                sink.emit("completion", {"tenant": "acme", "n": 0})
+                await eventually(lambda: link.refusals > 0, "the write is refused")
+                await asyncio.sleep(0.2)  # a loop retrying at once wrote hundreds of times here
+                assert link.refusals == 1 and sink.buffered == 1 and link.up
 
-        async def written() -> bool:
-            return [e["n"] for e in await read_events(link, KeySpace(), "acme")] == [0]
+            async def written() -> bool:
+                return [e["n"] for e in await read_events(link, KeySpace(), "acme")] == [0]
 
-        await eventually(written, "the refused event is written once Redis takes writes")
+            await eventually(written, "the refused event is written once Redis takes writes")
     finally:
-        loop.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await loop
         await link.aclose()
 
 
@@ -305,5 +315,65 @@ async def test_a_flush_cancelled_mid_write_leaves_its_batch_to_the_final_flush(
         await sink.flush()  # the stop's final flush
         assert [e["n"] for e in await read_events(link, KeySpace(), "cancelled")] == [0, 1, 2]
         assert sink.written == 3  # the cancelled batch counted once, as it was written
+    finally:
+        await link.aclose()
+
+
+async def test_a_flush_that_fails_unexpectedly_is_logged_and_the_loop_goes_on(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    link = link_to(redis_server)
+    assert await link.connect()
+    sink = RedisStreamEventSink(link, KeySpace(), batch=1)
+    write, failed = sink._write, asyncio.Event()
+
+    async def broken_once(batch: list[dict[str, object]]) -> None:
+        if not failed.is_set():
+            failed.set()
+            raise RuntimeError("a bug in the write")
+        await write(batch)
+
+    monkeypatch.setattr(sink, "_write", broken_once)
+    try:
+        async with flushing(sink) as loop:
+            sink.emit("completion", {"tenant": "acme", "n": 0})
+            await asyncio.wait_for(failed.wait(), 10)
+            sink.emit("completion", {"tenant": "acme", "n": 1})
+
+            async def written() -> bool:
+                return [e["n"] for e in await read_events(link, KeySpace(), "acme")] == [1]
+
+            await eventually(written, "the later event written: the loop went on")
+            assert not loop.done()
+        assert sink.dropped == 1  # the batch the bug failed: counted, not tried again for ever
+        assert "a bug in the write" in caplog.text and link.up
+    finally:
+        await link.aclose()
+
+
+async def test_an_event_with_a_value_json_cannot_encode_is_written_as_text(
+    redis_server: RedisServer,
+) -> None:
+    link = link_to(redis_server)
+    assert await link.connect()
+    sink = RedisStreamEventSink(link, KeySpace())
+    when = datetime.datetime(2026, 1, 2, tzinfo=datetime.UTC)
+    try:
+        sink.emit("completion", {"tenant": "acme", "when": when})
+        await sink.flush()
+        assert [e["when"] for e in await read_events(link, KeySpace(), "acme")] == [str(when)]
+    finally:
+        await link.aclose()
+
+
+async def test_reading_events_redis_refuses_raises_refused_and_leaves_the_link_up(
+    redis_server: RedisServer,
+) -> None:
+    link = link_to(redis_server)
+    assert await link.connect()
+    try:
+        with redis_server.denied("xrange"), pytest.raises(RedisRefused):
+            await read_events(link, KeySpace(), "acme")
+        assert link.up and link.refusals == 1
     finally:
         await link.aclose()

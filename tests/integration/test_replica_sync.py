@@ -49,10 +49,15 @@ class Rig:
     writer: SemanticCache
     written: int = 0
 
-    def replica_a(self, batch: int = 2000, purge_interval_seconds: float = 5.0) -> ReplicaA:
+    def replica_a(
+        self,
+        batch: int = 2000,
+        purge_interval_seconds: float = 5.0,
+        tenants: tuple[str, ...] = ("acme",),
+    ) -> ReplicaA:
         store = RedisEntryStore(self.link, KeySpace(), RedisStoreOptions(10_000), self.clock, "a")
         index = ScopedFaissIndex(4)
-        sync = ReplicaSync(self.link, KeySpace(), ["acme"], index, store, "a", self.clock,
+        sync = ReplicaSync(self.link, KeySpace(), tenants, index, store, "a", self.clock,
                            purge_interval_seconds, batch, GRACE)  # fmt: skip
         return ReplicaA(sync, index, store)
 
@@ -354,6 +359,27 @@ async def test_a_rebuild_redis_refuses_leaves_the_link_up_and_is_done_again(rig:
     assert rig.link.failures == 0
 
 
+async def test_a_rebuild_that_failed_on_a_bug_is_done_again_by_the_tail_loop(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What RedisStorage.start relies on: it logs such a failure and leaves the rest to the loop.
+    (entry,) = await rig.write()
+    a = rig.replica_a()
+    add_many, calls = a.index.add_many, []
+
+    def broken_once(scope: str, entry_ids: list[str], vectors: np.ndarray) -> None:
+        calls.append(scope)
+        if len(calls) == 1:
+            raise RuntimeError("index broken")
+        add_many(scope, entry_ids, vectors)
+
+    monkeypatch.setattr(a.index, "add_many", broken_once)
+    with pytest.raises(RuntimeError):
+        await a.sync.rebuild()
+    with running(a.sync):
+        await eventually(lambda: a.ids() == {entry.entry_id}, "the rebuild done again", within=3)
+
+
 async def test_an_entry_whose_vector_the_index_cannot_hold_is_skipped_and_the_rest_applied(
     rig: Rig,
 ) -> None:
@@ -394,7 +420,109 @@ async def test_a_tail_round_that_fails_unexpectedly_is_logged_and_the_tail_goes_
         assert len(failures) - before <= 20
         failures.append("mended")
         await eventually(lambda: entry.entry_id in a.ids(), "the entry, once the index takes it")
-    assert "index broken" in caplog.text
+    # Its traceback once for the episode, not once per round.
+    assert caplog.text.count("RuntimeError: index broken") == 1
+
+
+ACME_SYNC = "rc:{acme}:sync"
+GOOD_EMB = vector(0).tobytes()
+
+
+@pytest.mark.parametrize(
+    ("message", "entry"),
+    [
+        ({"op": "add", "scope": SCOPE, "o": "b"}, None),
+        ({"op": "del", "id": "acme:gone", "o": "b"}, None),
+        ({"op": "move", "id": "acme:odd", "scope": SCOPE, "o": "b"}, None),
+        ({"op": b"\xff\xfe", "id": "acme:odd", "scope": SCOPE, "o": "b"}, None),
+        ({"op": "add", "id": "globex:theirs", "scope": SCOPE, "o": "b"}, None),
+        (
+            {"op": "add", "id": "acme:odd", "scope": SCOPE, "o": "b"},
+            {"scope": SCOPE, "emb": GOOD_EMB, "expires": "soon"},
+        ),
+        (
+            {"op": "add", "id": "acme:odd", "scope": SCOPE, "o": "b"},
+            {"scope": SCOPE, "expires": "9999999999"},
+        ),
+        (
+            {"op": "add", "id": "acme:odd", "scope": SCOPE, "o": "b"},
+            {"scope": b"\xff", "emb": GOOD_EMB, "expires": "9999999999"},
+        ),
+    ],
+    ids=[
+        "no id",
+        "del without scope",
+        "unknown op",
+        "not utf-8",
+        "another tenant's id",
+        "expires not a number",
+        "no vector",
+        "scope not utf-8",
+    ],
+)
+async def test_a_sync_message_or_entry_that_cannot_be_read_is_skipped_and_the_rest_applied(
+    rig: Rig,
+    caplog: pytest.LogCaptureFixture,
+    message: dict[str, str | bytes],
+    entry: dict[str, str | bytes] | None,
+) -> None:
+    a = rig.replica_a()
+    await a.sync.rebuild()
+    with rig.raw() as raw:
+        if entry is not None:
+            raw.hset("rc:{acme}:e:acme:odd", mapping=entry)
+        raw.xadd(ACME_SYNC, message)
+    (later,) = await rig.write()
+    await a.sync.poll()  # the malformed message and B's add, in one batch
+    assert a.ids() == {later.entry_id}
+    assert a.sync.skipped == 1
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "acme" in r.getMessage()]
+    assert len(warned) == 1
+    (after,) = await rig.write()
+    assert await a.sync.poll() == 1  # the stream position went past it: not read again
+    assert a.ids() == {later.entry_id, after.entry_id}
+
+
+async def test_a_skipped_sync_message_read_again_after_a_failed_round_is_told_once(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = rig.replica_a()
+    await a.sync.rebuild()
+    with rig.raw() as raw:
+        raw.xadd(ACME_SYNC, {"op": "move", "id": "acme:odd", "scope": SCOPE, "o": "b"})
+    (later,) = await rig.write()
+    with rig.server.denied("evalsha", "eval"), pytest.raises(RedisRefused):
+        await a.sync.poll()  # B's add cannot be loaded: the round fails, the batch is read again
+    await a.sync.poll()
+    assert a.ids() == {later.entry_id}
+    assert a.sync.skipped == 1
+    assert len([r for r in caplog.records if "skipped" in r.getMessage()]) == 1
+
+
+async def test_a_purge_one_tenant_refuses_does_not_hold_up_the_other_tenants(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = rig.replica_a(purge_interval_seconds=0.0, tenants=("jammed", "acme"))
+    await a.sync.rebuild()
+    (expired,) = await rig.write(ttl=60)
+    with rig.raw() as raw:
+        raw.set("rc:{jammed}:exp", "not a sorted set")  # its purge script fails: WRONGTYPE
+    rig.clock.advance(120)
+    purges: list[str] = []
+    purge = a.store.purge_expired
+
+    async def noted(tenant: str) -> int:
+        purges.append(tenant)
+        return await purge(tenant)
+
+    monkeypatch.setattr(a.store, "purge_expired", noted)
+    with running(a.sync), rig.raw() as raw:
+        entry_key = f"rc:{{acme}}:e:{expired.entry_id}"
+        await eventually(lambda: not raw.exists(entry_key), "acme's expired entry purged")
+        await eventually(lambda: purges.count("jammed") >= 3, "jammed's purge tried again")
+    warned = [r for r in caplog.records if "jammed" in r.getMessage()]
+    assert len(warned) == 1  # once for the episode, not once per purge
+    assert rig.link.up and rig.link.failures == 0
 
 
 def test_stream_ids_compare_by_time_then_sequence() -> None:

@@ -1,0 +1,56 @@
+"""One round of a Redis-backed background loop (the replica sync, the event flush), guarded so
+that whatever fails it ends that round alone and never the loop: such a task is awaited only at
+stop, and a loop that ended unseen left the index behind, or the events piling up, for good."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from redis.exceptions import RedisError
+
+from routecache.backends.link import RedisDown, RedisLink, RedisRefused
+
+log = logging.getLogger(__name__)
+
+
+class Rounds:
+    """Runs the rounds of the loop `name` on `link`; the loop waits for the link to be up."""
+
+    def __init__(self, link: RedisLink, name: str) -> None:
+        self._link = link
+        self._name = name
+        # The unexpected error of the last round, if it failed so: logged with its traceback
+        # when an episode begins, not once per probe interval while it lasts.
+        self._failing: str | None = None
+
+    async def run(self, step: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await step()
+        except RedisRefused:
+            # Redis is up and answered with an error (no permission, out of memory, a script
+            # error; the link logged it): no outage to wait out, so a pause, else the loop
+            # tried again at once, hundreds of times a second.
+            await self._pause()
+            return
+        except RedisDown:
+            return  # the link is down: the next round waits until it is up
+        except (RedisError, OSError) as exc:  # a call that did not go through the link
+            await self._link.mark_down(exc)
+            return
+        except Exception as exc:
+            # A bug, or data this replica cannot take: logged, then tried again after a pause.
+            error = f"{type(exc).__name__}: {exc}"
+            if error != self._failing:
+                log.exception("%s round failed: trying again every %.2f s", self._name,
+                              self._link.probe_interval_seconds)  # fmt: skip
+            self._failing = error
+            await self._pause()
+            return
+        if self._failing is not None:
+            log.info("%s round works again", self._name)
+            self._failing = None
+
+    async def _pause(self) -> None:
+        await asyncio.sleep(self._link.probe_interval_seconds)
