@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from routecache.cli_args import at_least
+from routecache.cli_args import at_least, number_between
 from routecache.router.settings import ConfigError, load_settings
 
 
@@ -66,7 +66,10 @@ def _demo(args: argparse.Namespace) -> int:
     if args.events_out:
         print(f"events written to {args.events_out}")
     if args.metrics_out:
-        args.metrics_out.write_text(report.metrics_text, encoding="utf-8")
+        try:
+            args.metrics_out.write_text(report.metrics_text, encoding="utf-8")
+        except OSError as error:  # a folder, no such place: the report above is printed
+            raise ConfigError(f"--metrics-out {args.metrics_out}: {error}") from error
         print(f"/metrics at the end of the run written to {args.metrics_out}")
     return 0
 
@@ -196,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--concurrency", type=at_least(1), default=4)
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--upstream-latency-ms", type=at_least(0), default=0)
-    demo.add_argument("--similarity-threshold", type=float, default=None,
+    demo.add_argument("--similarity-threshold", type=number_between(0, 1, above_low=True),
+                      default=None,
                       help="serve by this cosine threshold instead of the hit verifier "
                       "(lower: more false hits)")  # fmt: skip
     demo.add_argument("--events-out", type=Path, help="also append the run's events to this JSONL")

@@ -468,7 +468,9 @@ class TenantSettings(_OperatingTargets):
         description="hex SHA-256 of each static API key (the key registry holds the others)",
     )
     models_allowed: list[str] | None = Field(
-        None, description="models this tenant may use; a tier whose model is not listed is off"
+        None,
+        min_length=1,  # [] would turn every tier off: refused here rather than at the build
+        description="models this tenant may use; a tier whose model is not listed is off",
     )
     rate: TenantRateSettings = Field(default_factory=TenantRateSettings)
     budget: TenantBudgetSettings = Field(default_factory=TenantBudgetSettings)
@@ -522,6 +524,20 @@ class Settings(BaseSettings):
             if tenant.name in seen:
                 raise ValueError(f"tenant {tenant.name} is configured twice")
             seen.add(tenant.name)
+        # A key authenticates as one tenant: refused here, not by the authenticator once the
+        # port is open and the models are loaded (a traceback from serve).
+        owner: dict[str, str] = {}
+        for tenant in tenants:
+            for digest in tenant.api_key_sha256:
+                if digest in owner:
+                    where = (
+                        f"tenant {tenant.name} lists an API key digest twice"
+                        if owner[digest] == tenant.name
+                        else f"an API key digest is configured for tenants {owner[digest]} and "
+                        f"{tenant.name}"
+                    )
+                    raise ValueError(f"{where}: {digest}")
+                owner[digest] = tenant.name
         return tenants
 
     @model_validator(mode="after")

@@ -49,6 +49,9 @@ async def test_scraped_metrics_match_the_demo_summary(tmp_path: Path) -> None:
     assert total(m, "routecache_escalations_total") == tally.escalated
     assert total(m, "routecache_cost_usd_total") == pytest.approx(tally.cost_usd)
     assert total(m, "routecache_saved_usd_total") == pytest.approx(tally.saved_usd)
+    # The printed figures are the tallied ones.
+    assert f"  cost               {tally.cost_usd:.4f} USD vs " in report.text
+    assert f"hits saved {tally.saved_usd:.4f} USD" in report.text
     assert total(m, "routecache_tokens_total", kind="prompt") == tally.prompt_tokens
     assert total(m, "routecache_tokens_total", kind="completion") == tally.completion_tokens
     assert total(m, "routecache_feedback_total", rating="up") == report.feedback[0]

@@ -632,3 +632,10 @@ def test_an_unreachable_redis_registry_is_one_line_and_exit_2(
     assert main(["keys", "--redis-url", f"redis://:s3cret@127.0.0.1:{port}/0", "list"]) == 2
     err = capsys.readouterr().err
     assert err == f"routecache: cannot reach Redis at 127.0.0.1:{port}/0\n"  # no password
+
+
+def test_revoking_an_unknown_key_exits_1_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["keys", "--registry", str(tmp_path / "keys.json"), "revoke", "nope"]) == 1
+    assert capsys.readouterr().err == "routecache: no key with id nope\n"

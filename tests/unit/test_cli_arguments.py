@@ -13,6 +13,7 @@ import pytest
 
 from routecache.cache.cross_encoder import GRAPH_FILE
 from routecache.cli_args import at_least, fraction, fractions, listed, number_between
+from routecache.router.auth import hash_api_key
 from routecache.router.cli import main
 from routecache.training import train_verifier
 from routecache.training.pair_data import load_pairs, split_pairs
@@ -276,3 +277,71 @@ def test_replay_upstream_refuses_a_port_past_65535_in_one_line(
 ) -> None:
     assert main(["replay-upstream", "--port", port]) == 2
     assert capsys.readouterr().err == f"routecache: --port {port}: must be 0 to 65535\n"
+
+
+def fake_demo(monkeypatch: pytest.MonkeyPatch, interrupt: bool = False) -> None:
+    """`routecache demo` without its 80 s run: a report at once, or Ctrl-C during the run."""
+    from routecache.router import demo
+    from routecache.router.demo_report import tally
+
+    async def run_demo(**options: object) -> demo.DemoReport:
+        if interrupt:
+            raise KeyboardInterrupt
+        return demo.DemoReport("the summary", tally([]), "routecache_requests_total 0\n", (0, 0))
+
+    monkeypatch.setattr(demo, "run_demo", run_demo)
+
+
+def test_demo_reports_a_metrics_out_it_cannot_write_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It was a FileNotFoundError traceback, at the end of the whole run.
+    fake_demo(monkeypatch)
+    metrics = tmp_path / "missing" / "metrics.txt"
+    assert main(["demo", "--metrics-out", str(metrics)]) == 2
+    out, err = capsys.readouterr()
+    assert "the summary" in out  # the run's report is printed all the same
+    assert err.startswith(f"routecache: --metrics-out {metrics}: ") and err.count("\n") == 1
+
+
+def test_demo_writes_the_metrics_scraped_at_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_demo(monkeypatch)
+    metrics = tmp_path / "metrics.txt"
+    assert main(["demo", "--metrics-out", str(metrics)]) == 0
+    assert metrics.read_text(encoding="utf-8") == "routecache_requests_total 0\n"
+
+
+def test_ctrl_c_exits_130_without_a_traceback(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_demo(monkeypatch, interrupt=True)
+    assert main(["demo"]) == 130
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("threshold", ["0", "1.5", "nan", "x"])
+def test_demo_refuses_a_similarity_threshold_outside_0_to_1_as_a_usage_error(
+    capsys: pytest.CaptureFixture[str], threshold: str
+) -> None:
+    # It started the replay upstream, then failed on cache.similarity_threshold, a setting the
+    # command line never named.
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--similarity-threshold", threshold])
+    assert exit_.value.code == 2
+    assert "argument --similarity-threshold" in capsys.readouterr().err
+
+
+def test_hash_key_prints_the_digest_a_config_lists(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["hash-key", "dev-key-acme"]) == 0
+    assert capsys.readouterr().out == f"{hash_api_key('dev-key-acme')}\n"
+
+
+def test_replay_upstream_reports_a_bad_model_flag_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["replay-upstream", "--model", "gpt-4"]) == 2
+    assert capsys.readouterr().err == (
+        "routecache: --model expects ID=weak or ID=strong, got 'gpt-4'\n"
+    )

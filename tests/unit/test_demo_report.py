@@ -1,14 +1,16 @@
-"""The demo's summary: its all-strong baseline for answers whose usage is not one strong call
-(cache hits report none, escalations add up every call)."""
+"""The demo's traffic, its feedback on the hits and its summary: the all-strong baseline for
+answers whose usage is not one strong call (cache hits report none, escalations add up every
+call)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
-from routecache.client import chat_request
+from routecache.client import RouteCacheClient, chat_request
+from routecache.router.demo import _send_feedback, build_traffic
 from routecache.router.demo_report import (
     DemoResult,
     DemoTally,
@@ -174,3 +176,69 @@ def test_the_tally_adds_up_errors_and_usage_and_an_exact_cross_tenant_hit_is_one
     )
     lines = summarise(results, 1.0, STRONG_IN, STRONG_OUT).splitlines()
     assert lines[6] == "  cross-tenant hits      1   (must be 0)"
+
+
+def _asked(calls: list[Any], kind: str, tenant: str = "acme") -> list[str]:
+    return sorted(c.request.messages[-1].content for c in calls
+                  if c.kind == kind and c.tenant == tenant)  # fmt: skip
+
+
+def test_the_traffic_asks_first_then_repeats_and_the_other_tenant_repeats_its_own_asks() -> None:
+    recorded = [f"recorded {i}" for i in range(9)]
+    questions = [{"question": f"q{i}", "paraphrase": f"p{i}", "same_meaning": i % 2 == 0}
+                 for i in range(10)]  # fmt: skip
+
+    first, second, third = build_traffic(recorded, questions, seed=1, n_recorded=6)
+
+    asked = [p for p in _asked(first, "first-ask") if p.startswith("recorded")]
+    assert len(asked) == 6 and set(asked) <= set(recorded)
+    assert [p for p in _asked(first, "first-ask") if p not in asked] == [
+        q["question"] for q in questions
+    ]
+    assert _asked(first, "json") == sorted(f"q{i}" for i in range(8))
+    assert len(_asked(second, "exact-repeat")) == 3  # every other recorded prompt, reformatted
+    assert {" ".join(p.split()) for p in _asked(second, "exact-repeat")} <= {
+        p.upper() for p in asked
+    }
+    assert _asked(second, "paraphrase") == ["p0", "p2", "p4", "p6", "p8"]
+    assert _asked(second, "different-question") == ["p1", "p3", "p5", "p7", "p9"]
+    # The second tenant asks a third of acme's prompts (no hit: its own cache is empty), then
+    # the same again (exact hits on its own entries).
+    shared = _asked(second, "other-tenant", "globex")
+    assert len(shared) == 2 and set(shared) <= set(asked)
+    assert _asked(third, "exact-repeat", "globex") == shared
+    assert len(third) == len(shared)
+
+
+class FeedbackRecorder:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bool]] = []
+
+    async def feedback(self, response_id: str, *, thumbs_up: bool) -> None:
+        self.sent.append((response_id, thumbs_up))
+
+
+async def test_feedback_is_thumbs_up_on_the_same_words_a_repeat_or_a_paraphrase_only() -> None:
+    def served(kind: str, outcome: pb.CacheOutcome, similarity: float = 0.0) -> DemoResult:
+        response = pb.CompleteResponse(
+            response_id=kind, cache=pb.CacheInfo(outcome=outcome, similarity=similarity)
+        )
+        return DemoResult("acme", kind, "OK", 1.0, response, 1)
+
+    results = [
+        served("first-ask", pb.CACHE_OUTCOME_MISS),  # no hit: no feedback
+        DemoResult("acme", "first-ask", "UNAVAILABLE", 1.0, None, 1),
+        served("exact hit", pb.CACHE_OUTCOME_EXACT),
+        served("same words", pb.CACHE_OUTCOME_SEMANTIC, 0.99995),
+        served("paraphrase", pb.CACHE_OUTCOME_SEMANTIC, 0.93),
+        served("exact-repeat", pb.CACHE_OUTCOME_SEMANTIC, 0.97),
+        served("different-question", pb.CACHE_OUTCOME_SEMANTIC, 0.93),
+        served("other-tenant", pb.CACHE_OUTCOME_SEMANTIC, 0.95),
+    ]
+    client = FeedbackRecorder()
+    clients = cast(dict[str, RouteCacheClient], {"acme": client})
+
+    assert await _send_feedback(clients, results) == (4, 2)
+    assert client.sent == [("exact hit", True), ("same words", True), ("paraphrase", True),
+                           ("exact-repeat", True), ("different-question", False),
+                           ("other-tenant", False)]  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 
@@ -42,3 +43,17 @@ async def test_acquired_parts_are_released_newest_first() -> None:
         acquired.add(name, functools.partial(ran.append, name))
     await release_all(acquired.steps())
     assert ran == ["event log", "worker", "clients"]
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, asyncio.CancelledError])
+async def test_an_interrupt_stops_the_release_at_once(interrupt: type[BaseException]) -> None:
+    # Ctrl-C or a cancel is not a step failing: it is not logged and waited out, it stops.
+    ran: list[str] = []
+
+    def interrupted() -> None:
+        ran.append("interrupted")
+        raise interrupt
+
+    with pytest.raises(interrupt):
+        await release_all([("the port", interrupted), ("the file", lambda: ran.append("file"))])
+    assert ran == ["interrupted"]

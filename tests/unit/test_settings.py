@@ -113,16 +113,22 @@ def test_a_tenant_named_twice_is_refused() -> None:
                                {"name": "acme", "budget": {"daily_usd": 100.0}}])  # fmt: skip
 
 
-def test_a_key_for_two_tenants_is_refused() -> None:
-    digest = hash_api_key("shared")
-    settings = load_settings(
-        tenants=[
-            {"name": "a", "api_key_sha256": [digest]},
-            {"name": "b", "api_key_sha256": [digest]},
-        ]
-    )
-    with pytest.raises(ValueError, match="two tenants"):
-        build_tenants(settings)
+@pytest.mark.parametrize(
+    ("tenants", "message"),
+    [([{"name": "a", "api_key_sha256": [hash_api_key("shared")]},
+       {"name": "b", "api_key_sha256": [hash_api_key("shared")]}],
+      "an API key digest is configured for tenants a and b"),
+     ([{"name": "a", "api_key_sha256": [hash_api_key("shared")] * 2}],
+      "tenant a lists an API key digest twice")],
+    ids=["two tenants", "one tenant twice"],
+)  # fmt: skip
+def test_a_key_configured_twice_is_refused_when_the_settings_load(
+    tenants: list[dict[str, object]], message: str
+) -> None:
+    # It was a ValueError traceback from serve, raised only after the port had opened and the
+    # models had loaded; a key listed twice for one tenant was said to be for two tenants.
+    with pytest.raises(ConfigError, match=f"{message}: {hash_api_key('shared')}"):
+        load_settings(tenants=tenants)
 
 
 def test_the_store_defaults_to_the_embedded_one_and_redis_is_chosen_by_settings(
@@ -321,13 +327,14 @@ def test_a_tenants_own_cache_thresholds_beat_the_defaults() -> None:
         tenants=[
             {"name": "a", "api_key_sha256": [hash_api_key("ka")]},
             {"name": "b", "api_key_sha256": [hash_api_key("kb")],
-             "similarity_threshold": 0.95, "max_false_hit_rate": 0.01},
+             "similarity_threshold": 0.95, "max_false_hit_rate": 0.01, "default_ttl_seconds": 60},
         ],
     )  # fmt: skip
     auth = build_tenants(settings)
     a, b = auth.authenticate("ka"), auth.authenticate("kb")
     assert (a.similarity_threshold, a.max_false_hit_rate) == (0.8, 0.05)
     assert (b.similarity_threshold, b.max_false_hit_rate) == (0.95, 0.01)
+    assert (a.default_ttl_seconds, b.default_ttl_seconds) == (7 * 24 * 3600, 60)
 
 
 def test_a_tenants_daily_cap_is_budget_daily_usd_else_the_older_daily_budget_usd() -> None:
@@ -585,7 +592,9 @@ def test_a_section_variable_that_is_not_json_says_why(monkeypatch: pytest.Monkey
      ({"limits": {"max_request_bytes": 4095}}, "limits.max_request_bytes"),
      ({"budgets": {"month_retention_days": 30}}, "budgets.month_retention_days"),
      ({"cache": {"max_false_hit_rate": 1}}, "cache.max_false_hit_rate"),
-     ({"tenants": [{"name": "a", "max_false_hit_rate": 0}]}, "tenants.0.max_false_hit_rate")],
+     ({"tenants": [{"name": "a", "max_false_hit_rate": 0}]}, "tenants.0.max_false_hit_rate"),
+     ({"tenants": [{"name": "a", "models_allowed": []}]}, "tenants.0.models_allowed"),
+     ({"tenants": [{"name": "a", "budget": {"daily_usd": -1}}]}, "tenants.0.budget.daily_usd")],
 )  # fmt: skip
 def test_values_past_their_bounds_are_refused_naming_the_field(
     overrides: dict[str, object], field: str
