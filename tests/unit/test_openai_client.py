@@ -613,6 +613,15 @@ async def test_a_pause_past_the_call_deadline_fails_over_at_once(make_client: An
     assert recorder.calls == 1
 
 
+async def test_a_pause_past_half_the_time_left_fails_over_at_once(make_client: Any) -> None:
+    # Waking with 0.1 s left, the retry would time out: the next provider gets the time.
+    recorder = Recorder(httpx.Response(429, headers={"retry-after": "1"}), completion())
+    with pytest.raises(UpstreamError, match="HTTP 429"):
+        async with provider_deadline(1.1):
+            await make_client(recorder).complete(MESSAGES, GenerationParams())
+    assert recorder.calls == 1
+
+
 async def test_a_pause_within_the_call_deadline_is_waited(
     make_client: Any, pauses: list[float]
 ) -> None:
@@ -635,6 +644,7 @@ async def test_a_pause_within_the_call_deadline_is_waited(
         ("1.5", None),
         ("soon", None),
         ("\u00b2", None),  # a digit to str.isdigit, no number to float
+        ("Wed, 21 Oct 99999999999999999999 07:28:00 GMT", None),  # was an OverflowError
     ],
 )
 def test_retry_after_is_read_as_seconds_or_an_http_date(header: str, seconds: float | None) -> None:

@@ -86,7 +86,7 @@ def retry_after_seconds(value: str, now: datetime | None = None) -> float | None
         return float(value)  # float, not int: a run of 5 000 digits is inf, not a ValueError
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):  # Overflow: a year of 20 digits
         return None
     if when.tzinfo is None:  # "-0000" or no zone: HTTP dates are GMT
         when = when.replace(tzinfo=UTC)
@@ -238,13 +238,14 @@ class OpenAIChatClient:
         )
 
     def _asked_too_long(self, state: RetryCallState) -> bool:
-        """No retry when the provider asked for a pause past the bound or the call's deadline:
-        sleeping into the deadline would leave no time for the next provider either."""
+        """No retry when the provider asked for a pause past the bound or past half the time
+        the call has left: a retry that wakes just before the deadline times out, and leaves
+        the next provider no time either."""
         asked = _asked_wait(state)
         if asked is None:
             return False
         left = seconds_left()
-        return asked > self._max_retry_after or (left is not None and asked >= left)
+        return asked > self._max_retry_after or (left is not None and asked >= left / 2)
 
     def _error(self, what: str, *, retryable: bool) -> UpstreamError:
         return UpstreamError(f"{self._where}: {what}", retryable=retryable)
