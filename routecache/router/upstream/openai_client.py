@@ -282,14 +282,8 @@ class OpenAIChatClient:
         request = self._http.build_request("POST", CHAT_PATH, json=body)
         try:
             return await self._http.send(request, stream=stream)
-        except httpx.TimeoutException as exc:
-            raise self._error(
-                f"timed out after {self._timeout:g}s ({type(exc).__name__})", retryable=True
-            ) from exc
         except httpx.RequestError as exc:  # transport errors, and a body that does not decode
-            raise self._error(
-                f"connection failed ({type(exc).__name__}: {exc})", retryable=True
-            ) from exc
+            raise self._transport_error(exc) from exc
 
     async def _read_body(self, response: httpx.Response) -> bytes:
         """The whole body of a streamed response, read up to the bound and no further."""
@@ -301,15 +295,17 @@ class OpenAIChatClient:
                 if size > self._max_bytes:
                     raise self._too_large("response body")
                 parts.append(part)
-        except httpx.TimeoutException as exc:
-            raise self._error(
-                f"timed out after {self._timeout:g}s ({type(exc).__name__})", retryable=True
-            ) from exc
         except httpx.RequestError as exc:  # transport errors, and a body that does not decode
-            raise self._error(
-                f"connection failed ({type(exc).__name__}: {exc})", retryable=True
-            ) from exc
+            raise self._transport_error(exc) from exc
         return b"".join(parts)
+
+    def _transport_error(self, exc: httpx.RequestError) -> UpstreamError:
+        """A request or a body read that failed in transport: retryable, whatever the cause."""
+        if isinstance(exc, httpx.TimeoutException):
+            return self._error(
+                f"timed out after {self._timeout:g}s ({type(exc).__name__})", retryable=True
+            )
+        return self._error(f"connection failed ({type(exc).__name__}: {exc})", retryable=True)
 
     def _too_large(self, what: str) -> UpstreamError:
         # Retryable like any malformed answer (a runaway generation need not recur), and so
