@@ -78,7 +78,7 @@ def read_events(
                 continue  # a blank line holds no event to lose
             try:
                 event = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not JSON, past the digit limit, too deep
                 skipped.torn += 1
                 continue
             if not isinstance(event, dict):

@@ -476,6 +476,16 @@ def test_an_export_that_skipped_nothing_prints_no_skip_line(
     assert capsys.readouterr().err == ""
 
 
+def test_a_line_python_cannot_read_as_json_is_counted_not_a_traceback(tmp_path: Path) -> None:
+    # A number past Python's 4,300 digits, and nesting past its recursion, raised out of the
+    # export as a traceback.
+    log = tmp_path / "events.jsonl"
+    log.write_text('{"n": ' + "9" * 5_000 + "}\n" + "[" * 100_000 + "\n" + '{"kind": "a"}\n')
+    skipped = SkippedLines()
+    assert [e["kind"] for e in read_events(log, skipped=skipped)] == ["a"]
+    assert skipped.torn == 2
+
+
 def test_reading_counts_a_line_torn_inside_a_character(tmp_path: Path) -> None:
     log = tmp_path / "events.jsonl"
     log.write_bytes('{"kind": "a", "ts": 1.0}\n{"p": "5 €'.encode()[:-1] + b"\n")
