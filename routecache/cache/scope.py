@@ -11,10 +11,12 @@ from routecache.domain import ChatRequest
 
 _SPACE = re.compile(r"\s+")
 _TRAILING_PUNCT = re.compile(r"[\s?.!]+$")
-# Format characters (Unicode Cf) that show nothing, left in by pasting from a web page or a word
-# processor: soft hyphen, zero-width space and (non-)joiners, direction marks and embeddings,
-# word joiner and invisible operators, byte-order mark. The other Cf characters change what is
-# shown (tag characters make England's flag, not Scotland's; Arabic number signs) and stay.
+# Format characters (Unicode Cf) that show nothing by themselves, left in by pasting from a web
+# page or a word processor: soft hyphen, zero-width space and (non-)joiners, direction marks and
+# embeddings, word joiner and invisible operators, byte-order mark. The (non-)joiners may change
+# how an emoji sequence or an Indic or Persian word is drawn, yet a prompt differing only by them
+# asks the same. The other Cf characters change what is said (tag characters make England's
+# flag, not Scotland's; Arabic number signs) and stay.
 _INVISIBLE = re.compile("[\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff]")
 
 

@@ -54,8 +54,8 @@ WATCHED_COUNTS = {
     "redis_failures": "Redis calls (and start-up pings) that failed and marked Redis down",
     "redis_refusals": "Redis calls answered with an error (e.g. out of memory): each took its "
     "degraded path while Redis stayed up",
-    "rate_limit_fallbacks": "Rate-limit decisions taken on this replica's own buckets because "
-    "Redis was down or refused",
+    "rate_limit_fallbacks": "Rate-limit takes and debits served by this replica's own buckets "
+    "because Redis was down or refused",
     "cache_bypassed": "Cache lookups and stores skipped because the entry store was unavailable",
     "events_dropped": "Events dropped from the full buffer while the event stream was unwritable",
     "budget_webhook_failures": "Budget alerts the webhook did not take (an error status, a "
