@@ -554,6 +554,20 @@ class Settings(BaseSettings):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _allowed_models_served(self) -> Self:
+        # Refused when the settings load, not when the service is built (the port open, the
+        # models loaded): a tenant allowed neither tier could be answered by nothing.
+        served = {self.upstream.cheap.model, self.upstream.strong.model}
+        for tenant in self.tenants:
+            if tenant.models_allowed is not None and served.isdisjoint(tenant.models_allowed):
+                raise ValueError(
+                    f"tenant {tenant.name}: models_allowed {tenant.models_allowed} names neither "
+                    f"the cheap ({self.upstream.cheap.model}) nor the strong "
+                    f"({self.upstream.strong.model}) model"
+                )
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
