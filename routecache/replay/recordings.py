@@ -136,6 +136,8 @@ def numbered_json_rows(text: str, *, source: str) -> Iterator[tuple[int, dict[st
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{source}:{number}: not JSON ({exc.msg})") from exc
+        except (ValueError, RecursionError) as exc:  # past Python's digits or nesting
+            raise ValueError(f"{source}:{number}: not JSON Python can read ({exc})") from exc
         if not isinstance(row, dict):
             raise ValueError(f"{source}:{number}: expected a JSON object")
         yield number, row

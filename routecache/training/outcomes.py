@@ -44,7 +44,7 @@ def read_events(paths: Sequence[Path]) -> list[dict[str, Any]]:
         for number, line in numbered_lines(path):
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as exc:
+            except (ValueError, RecursionError) as exc:  # also past Python's digits or nesting
                 raise DataFileError(f"{path}:{number}: not a JSON event ({exc})") from exc
             if not isinstance(record, dict):
                 continue

@@ -43,7 +43,7 @@ def _parse(line: str, path: Path, number: int) -> LabelledPair:
     try:
         row = json.loads(line)
         query, cached, duplicate = row["query"], row["cached"], row["duplicate"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (ValueError, RecursionError, KeyError, TypeError) as exc:  # ValueError: JSON, digits
         raise PairDataError(f"{path}:{number}: expected query, cached, duplicate ({exc})") from exc
     if not isinstance(query, str) or not isinstance(cached, str) or not isinstance(duplicate, bool):
         raise PairDataError(f"{path}:{number}: query/cached must be strings, duplicate a bool")

@@ -49,7 +49,8 @@ def read_routing_rows(paths: Sequence[Path]) -> list[RoutingRow]:
                         strong_response=_text(record, "strong_response"),
                     )
                 )
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeEncodeError) as exc:
+            # ValueError: not JSON, past Python's digits, or a lone surrogate (UnicodeEncodeError)
+            except (ValueError, RecursionError, KeyError, TypeError) as exc:
                 raise DataFileError(f"{path}:{number}: not a routing row ({exc})") from exc
     if not rows:
         raise DataFileError(f"no routing rows in {[str(p) for p in paths]}")

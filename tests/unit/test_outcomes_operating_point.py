@@ -14,6 +14,7 @@ from routecache.classifier import metrics
 from routecache.classifier.operating_point import CurvePoint, OperatingCurve, fit_curve
 from routecache.domain import OperatingPoint
 from routecache.router.events import JsonlEventLog
+from routecache.training.data_files import DataFileError
 from routecache.training.outcomes import EventLabel, labels_from_events, read_events
 
 
@@ -117,10 +118,16 @@ def test_event_logs_are_read_in_order_across_files_and_non_object_lines_are_skip
     assert labels_from_events(events) == [EventLabel("split across logs", weak_correct=False)]
 
 
-def test_a_broken_event_line_is_reported(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "broken",
+    ["{not json", "[" * 100_000, '{"n": ' + "9" * 5_000 + "}"],
+    ids=["not JSON", "too deep", "too many digits"],
+)
+def test_a_broken_event_line_is_reported(tmp_path: Path, broken: str) -> None:
+    # The last two escaped as a bare RecursionError / ValueError: retrain ended in a traceback.
     path = tmp_path / "events.jsonl"
-    path.write_text(json.dumps({"kind": "feedback", "thumbs_up": True}) + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"events\.jsonl:2"):
+    path.write_text(json.dumps({"kind": "feedback", "thumbs_up": True}) + f"\n{broken}\n")
+    with pytest.raises(DataFileError, match=r"events\.jsonl:2: not a JSON event"):
         read_events([path])
 
 

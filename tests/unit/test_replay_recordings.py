@@ -45,10 +45,12 @@ def test_an_answer_holding_a_unicode_line_separator_is_one_recording(tmp_path: P
     [
         ("[1, 2]", "recorded.jsonl:2: expected a JSON object"),
         ("{not json", "recorded.jsonl:2: not JSON"),
+        ("[" * 100_000, "recorded.jsonl:2: not JSON Python can read"),
+        ('{"n": ' + "9" * 5_000 + "}", "recorded.jsonl:2: not JSON Python can read"),
         ('{"prompt": "p", "weak_response": "w"}', "recording 2: needs string prompt"),
         ('{"prompt": "p", "weak_response": 1, "strong_response": "s"}', "recording 2: needs"),
     ],
-    ids=["array", "not-json", "no-strong", "number-weak"],
+    ids=["array", "not-json", "too-deep", "too-many-digits", "no-strong", "number-weak"],
 )
 def test_a_bad_line_is_refused_naming_its_number(tmp_path: Path, second: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -580,6 +580,8 @@ def test_adding_labelled_sets_keeps_each_prompts_labels_with_it() -> None:
             '{"prompt": "half \\ud800 a pair", "weak_correct": 1, "strong_correct": 1}',
             "surrogates not allowed",
         ),
+        ("[" * 100_000, "recursion"),
+        ('{"prompt": ' + "9" * 5_000 + "}", "digits"),
     ],
     ids=[
         "missing weak_correct",
@@ -590,6 +592,8 @@ def test_adding_labelled_sets_keeps_each_prompts_labels_with_it() -> None:
         "null prompt",
         "response not text",
         "lone surrogate",
+        "nested too deeply",
+        "too many digits",
     ],
 )
 def test_a_row_with_a_missing_or_mistyped_field_is_refused_with_its_file_and_line(

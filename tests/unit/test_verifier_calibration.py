@@ -292,6 +292,10 @@ def test_load_pairs_names_the_bad_line(tmp_path: Path) -> None:
     path.write_text(json.dumps({**good, "duplicate": "yes"}) + "\n")
     with pytest.raises(PairDataError, match="bool"):
         load_pairs(path)
+    for unreadable in ("[" * 100_000, '{"query": ' + "9" * 5_000 + "}"):  # were tracebacks
+        path.write_text(json.dumps(good) + "\n" + unreadable + "\n")
+        with pytest.raises(PairDataError, match=r"pairs.jsonl:2"):
+            load_pairs(path)
     path.write_text(json.dumps(good) + "\n\n" + json.dumps(good) + "\n")
     assert len(load_pairs(path)) == 2 and len(load_pairs(path, limit=1)) == 1
 
