@@ -135,7 +135,7 @@ class RetrySettings(_Section):
         5.0,
         ge=0,
         description="longest Retry-After (429/5xx) waited out before the retry; a longer one, "
-        "or one past the deadline, moves on to the next provider at once",
+        "or one past half the time the provider has left, moves on to the next provider at once",
     )
 
 

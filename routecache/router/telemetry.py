@@ -57,7 +57,8 @@ WATCHED_COUNTS = {
     "rate_limit_fallbacks": "Rate-limit takes and debits served by this replica's own buckets "
     "because Redis was down or refused",
     "cache_bypassed": "Cache lookups and stores skipped because the entry store was unavailable",
-    "events_dropped": "Events dropped from the full buffer while the event stream was unwritable",
+    "events_dropped": "Events dropped from the full buffer while the event stream was unwritable, "
+    "and those of a batch that failed on something other than Redis",
     "budget_webhook_failures": "Budget alerts the webhook did not take (an error status, a "
     "timeout, no answer); each is in the event log",
 }

@@ -1594,3 +1594,28 @@ async def test_a_background_loop_that_died_does_not_keep_the_stop_from_its_last_
         await storage.aclose()  # the loop's error is logged, not raised out of the stop
     assert flushed == [True]
     await only_this_connection_left(redis_server)
+
+
+class BuggyEvents:
+    """An event sink whose flush fails on a bug (not on Redis), as at the stop's last flush."""
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()
+
+    async def flush(self) -> None:
+        raise TypeError("a bug in the flush")
+
+
+async def test_a_last_event_flush_that_fails_on_a_bug_does_not_keep_the_stop_from_closing(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: the error escaped the stop, which then neither reported unflushed spend nor
+    # closed the connections.
+    link = link_to(redis_server)
+    ledger = RedisSpendLedger(link, KeySpace(), ManualClock())
+    storage = RedisStorage(link, DeadSync(), BuggyEvents(), ledger)  # type: ignore[arg-type]
+    await storage.start()
+    async with asyncio.timeout(5):
+        await storage.aclose()
+    assert "the last event flush failed" in caplog.text
+    await only_this_connection_left(redis_server)
