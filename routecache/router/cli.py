@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -53,9 +54,22 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _writable_file(path: Path, flag: str) -> None:
+    """ConfigError unless `path` can be made a file: checked before a run that ends by writing
+    it, not found out once the run is over."""
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a folder")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{flag} {path}: no folder {path.parent}")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: the folder {path.parent} is not writable")
+
+
 def _demo(args: argparse.Namespace) -> int:
     from routecache.router.demo import run_demo
 
+    if args.metrics_out:
+        _writable_file(args.metrics_out, "--metrics-out")
     print("starting the replay upstream and routecache (loading the embedding model)...")
     report = asyncio.run(
         run_demo(n_recorded=args.recorded, concurrency=args.concurrency, seed=args.seed,

@@ -292,16 +292,22 @@ def fake_demo(monkeypatch: pytest.MonkeyPatch, interrupt: bool = False) -> None:
     monkeypatch.setattr(demo, "run_demo", run_demo)
 
 
-def test_demo_reports_a_metrics_out_it_cannot_write_in_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # It was a FileNotFoundError traceback, at the end of the whole run.
+@pytest.mark.parametrize(
+    ("where", "problem"), [("missing/metrics.txt", "no folder"), (".", "is a folder")]
+)
+def test_demo_refuses_a_metrics_out_it_cannot_write_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    where: str, problem: str,
+) -> None:  # fmt: skip
+    # It was a FileNotFoundError traceback, then one line, both at the end of the whole run.
     fake_demo(monkeypatch)
-    metrics = tmp_path / "missing" / "metrics.txt"
+    metrics = tmp_path / where
     assert main(["demo", "--metrics-out", str(metrics)]) == 2
     out, err = capsys.readouterr()
-    assert "the summary" in out  # the run's report is printed all the same
-    assert err.startswith(f"routecache: --metrics-out {metrics}: ") and err.count("\n") == 1
+    assert "the summary" not in out  # refused before the run
+    assert err == f"routecache: --metrics-out {metrics}: {problem}" + (
+        f" {metrics.parent}\n" if problem == "no folder" else "\n"
+    )
 
 
 def test_demo_writes_the_metrics_scraped_at_the_end(
