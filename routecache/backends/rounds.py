@@ -41,7 +41,7 @@ class Rounds:
             return
         except Exception as exc:
             # A bug, or data this replica cannot take: logged, then tried again after a pause.
-            error = f"{type(exc).__name__}: {exc}"
+            error = _raised_where(exc)
             if error != self._failing:
                 log.exception("%s round failed: trying again every %.2f s", self._name,
                               self._link.probe_interval_seconds)  # fmt: skip
@@ -54,3 +54,13 @@ class Rounds:
 
     async def _pause(self) -> None:
         await asyncio.sleep(self._link.probe_interval_seconds)
+
+
+def _raised_where(exc: BaseException) -> str:
+    """The error's type and the line that raised it: the same bug failing again with another
+    id or size in its message is the same episode, not a traceback every round."""
+    frame = exc.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    where = f"{frame.tb_frame.f_code.co_filename}:{frame.tb_lineno}" if frame else "?"
+    return f"{type(exc).__name__} at {where}"
