@@ -495,6 +495,21 @@ async def test_transport_failures_are_retryable(make_client: Any, failure: Excep
     assert MODEL in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("failure", "limit"),
+    [(httpx.ReadTimeout("slow"), "20s"), (httpx.ConnectTimeout("slow"), "2s")],
+    ids=["read", "connect"],
+)
+async def test_a_timeout_names_the_limit_of_the_phase_that_ran_out(
+    make_client: Any, failure: Exception, limit: str
+) -> None:
+    # Before: every phase said "timed out after 30s", the whole attempt's limit.
+    client = make_client(Recorder(failure), timeout_seconds=30.0, connect_timeout_seconds=2.0,
+                         read_timeout_seconds=20.0)  # fmt: skip
+    with pytest.raises(UpstreamError, match=f"timed out after {limit} "):
+        await client.complete(MESSAGES, GenerationParams())
+
+
 async def test_whole_call_is_bounded_by_the_timeout(make_client: Any) -> None:
     calls = 0
 

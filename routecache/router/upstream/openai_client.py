@@ -303,9 +303,20 @@ class OpenAIChatClient:
         """A request or a body read that failed in transport: retryable, whatever the cause."""
         if isinstance(exc, httpx.TimeoutException):
             return self._error(
-                f"timed out after {self._timeout:g}s ({type(exc).__name__})", retryable=True
+                f"timed out after {self._limit_of(exc):g}s ({type(exc).__name__})", retryable=True
             )
         return self._error(f"connection failed ({type(exc).__name__}: {exc})", retryable=True)
+
+    def _limit_of(self, exc: httpx.TimeoutException) -> float:
+        """The limit the phase that timed out had (connect, read...), not the whole attempt's."""
+        limits = self._http.timeout
+        phase = {
+            httpx.ConnectTimeout: limits.connect,
+            httpx.ReadTimeout: limits.read,
+            httpx.WriteTimeout: limits.write,
+            httpx.PoolTimeout: limits.pool,
+        }.get(type(exc))
+        return self._timeout if phase is None else phase
 
     def _too_large(self, what: str) -> UpstreamError:
         # Retryable like any malformed answer (a runaway generation need not recur), and so
@@ -398,7 +409,9 @@ class OpenAIChatClient:
                 if delta:
                     yield delta
         except httpx.TimeoutException as exc:
-            raise self._error(f"stream stalled for {self._timeout:g}s", retryable=True) from exc
+            raise self._error(
+                f"stream stalled for {self._limit_of(exc):g}s", retryable=True
+            ) from exc
         except httpx.RequestError as exc:  # transport errors, and a body that does not decode
             raise self._error(
                 f"stream broke ({type(exc).__name__}: {exc})", retryable=True
