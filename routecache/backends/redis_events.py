@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 # (settings.TENANT_NAME_PATTERN), so no tenant's stream receives them.
 _NO_TENANT = "!none"
 
+# An encoded event: its stream and the entry's fields.
+_Row = tuple[str, dict[str, str]]
+
 
 class RedisStreamEventSink:
     def __init__(
@@ -75,8 +78,11 @@ class RedisStreamEventSink:
         async with self._flushing:  # the background loop and a final flush never interleave
             while self._queue:
                 batch = [self._queue.popleft() for _ in range(min(self._batch, len(self._queue)))]
+                batch, rows = self._encode(batch)
+                if not rows:
+                    continue
                 try:
-                    await guarded(self._link, lambda b=batch: self._write(b))  # type: ignore[misc]
+                    await guarded(self._link, lambda r=rows: self._write(r))  # type: ignore[misc]
                 # A cancel (the service's stop ending the loop mid-write) keeps the batch too,
                 # for the stop's final flush. Either way Redis may have taken it already: an
                 # event written twice is better than a batch lost.
@@ -86,9 +92,32 @@ class RedisStreamEventSink:
                 except Exception:
                     # Not Redis (a bug): the batch would fail again, and held in front it stopped
                     # every later event. Dropped and counted; the flush loop logs the error.
-                    self.dropped += len(batch)
+                    self.dropped += len(rows)
                     raise
-                self.written += len(batch)
+                self.written += len(rows)
+
+    def _encode(self, batch: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[_Row]]:
+        """The events that encode, and their stream entries. One JSON has no form for even with
+        `default=str` (a dict with a tuple key, a circular reference) is dropped and counted
+        alone: raised while writing, it failed the whole batch, up to `batch` good events."""
+        kept: list[dict[str, Any]] = []
+        rows: list[_Row] = []
+        failed: list[str] = []
+        for event in batch:
+            try:
+                # A value JSON has no form for (a datetime, an enum) goes as its text.
+                data = json.dumps(event, ensure_ascii=False, default=str)
+            except (TypeError, ValueError, RecursionError) as exc:
+                failed.append(f"{event.get('kind')}: {exc}")
+                continue
+            stream = self._keys.of(str(event.get("tenant") or _NO_TENANT)).events
+            kept.append(event)
+            rows.append((stream, {"kind": event["kind"], "data": data}))
+        if failed:
+            self.dropped += len(failed)
+            log.error("%d events could not be encoded as JSON and were dropped (first %s)",
+                      len(failed), failed[0])  # fmt: skip
+        return kept, rows
 
     def _requeue(self, batch: list[dict[str, Any]]) -> None:
         """Puts an unwritten batch back in front; the oldest go if the bound is exceeded."""
@@ -97,14 +126,9 @@ class RedisStreamEventSink:
             self._queue.popleft()
             self.dropped += 1
 
-    async def _write(self, batch: Sequence[dict[str, Any]]) -> None:
+    async def _write(self, rows: Sequence[_Row]) -> None:
         pipe = self._link.client.pipeline(transaction=False)
-        for event in batch:
-            stream = self._keys.of(str(event.get("tenant") or _NO_TENANT)).events
-            # A value JSON has no form for (a datetime, an enum) goes as its text: raised, it failed
-            # the whole batch.
-            data = json.dumps(event, ensure_ascii=False, default=str)
-            fields = {"kind": event["kind"], "data": data}
+        for stream, fields in rows:
             pipe.xadd(stream, fields, maxlen=self._stream_max_len, approximate=True)
         await pipe.execute()
 

@@ -327,7 +327,7 @@ async def test_a_flush_that_fails_unexpectedly_is_logged_and_the_loop_goes_on(
     sink = RedisStreamEventSink(link, KeySpace(), batch=1)
     write, failed = sink._write, asyncio.Event()
 
-    async def broken_once(batch: list[dict[str, object]]) -> None:
+    async def broken_once(batch: list[tuple[str, dict[str, str]]]) -> None:
         if not failed.is_set():
             failed.set()
             raise RuntimeError("a bug in the write")
@@ -362,6 +362,28 @@ async def test_an_event_with_a_value_json_cannot_encode_is_written_as_text(
         sink.emit("completion", {"tenant": "acme", "when": when})
         await sink.flush()
         assert [e["when"] for e in await read_events(link, KeySpace(), "acme")] == [str(when)]
+    finally:
+        await link.aclose()
+
+
+async def test_an_event_json_cannot_encode_at_all_is_dropped_alone_and_the_batch_written(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    link = link_to(redis_server)
+    assert await link.connect()
+    sink = RedisStreamEventSink(link, KeySpace())
+    circular: dict[str, object] = {}
+    circular["self"] = circular
+    try:
+        sink.emit("completion", {"tenant": "acme", "n": 0})
+        sink.emit("completion", {"tenant": "acme", "scores": {("a", "b"): 1}})  # a tuple key
+        sink.emit("completion", {"tenant": "acme", "loop": circular})
+        sink.emit("completion", {"tenant": "acme", "n": 3})
+        await sink.flush()
+        assert [e["n"] for e in await read_events(link, KeySpace(), "acme")] == [0, 3]
+        assert (sink.written, sink.dropped) == (2, 2)
+        dropped = [r for r in caplog.records if "could not be encoded" in r.getMessage()]
+        assert len(dropped) == 1 and "2 events" in dropped[0].getMessage()  # once per batch
     finally:
         await link.aclose()
 
