@@ -136,8 +136,27 @@ class RedisStreamEventSink:
 async def read_events(
     link: RedisLink, keyspace: KeySpace, tenant: str, count: int = 1000
 ) -> list[dict[str, Any]]:
-    """The tenant's oldest `count` events (what feedback, analysis and retraining read).
-    Raises RedisDown (RedisRefused when Redis answered with an error), as every call does."""
+    """The tenant's oldest `count` events. Only the tests read the stream back: analysis and
+    retraining read the JSONL log (`events.path`), not this stream. An entry that is not an
+    event (no `data` field, or not a JSON object there: written by something else) is
+    skipped, and logged once per read with the count, rather than failing the read of every
+    event around it. Raises RedisDown (RedisRefused when Redis answered with an error), as
+    every call does."""
     key = keyspace.of(tenant).events
     rows = await guarded(link, lambda: link.client.xrange(key, count=count))
-    return [json.loads(fields[b"data"]) for _, fields in rows]
+    events: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for entry_id, fields in rows:
+        try:
+            event = json.loads(fields[b"data"])
+        except (KeyError, ValueError) as exc:  # UnicodeDecodeError is a ValueError too
+            skipped.append(f"{entry_id.decode()}: {exc!r}")
+            continue
+        if not isinstance(event, dict):
+            skipped.append(f"{entry_id.decode()}: not a JSON object")
+            continue
+        events.append(event)
+    if skipped:
+        log.warning("%d entries of %s could not be read as events and were skipped (first %s)",
+                    len(skipped), key, skipped[0])  # fmt: skip
+    return events

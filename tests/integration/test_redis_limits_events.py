@@ -388,6 +388,29 @@ async def test_an_event_json_cannot_encode_at_all_is_dropped_alone_and_the_batch
         await link.aclose()
 
 
+async def test_reading_events_skips_a_stream_entry_without_data_or_with_bad_json(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    link = link_to(redis_server)
+    assert await link.connect()
+    sink = RedisStreamEventSink(link, KeySpace())
+    stream = KeySpace().of("acme").events
+    try:
+        sink.emit("completion", {"tenant": "acme", "n": 0})
+        await sink.flush()
+        await link.client.xadd(stream, {"kind": "completion"})  # written by another tool
+        await link.client.xadd(stream, {"kind": "completion", "data": "{not json"})
+        await link.client.xadd(stream, {"kind": "completion", "data": b"\xff\xfe"})
+        await link.client.xadd(stream, {"kind": "completion", "data": "[3]"})  # not an object
+        sink.emit("completion", {"tenant": "acme", "n": 4})
+        await sink.flush()
+        assert [e["n"] for e in await read_events(link, KeySpace(), "acme")] == [0, 4]
+        skipped = [r for r in caplog.records if "could not be read" in r.getMessage()]
+        assert len(skipped) == 1 and "4 entries" in skipped[0].getMessage()  # once per read
+    finally:
+        await link.aclose()
+
+
 async def test_reading_events_redis_refuses_raises_refused_and_leaves_the_link_up(
     redis_server: RedisServer,
 ) -> None:
