@@ -80,6 +80,10 @@ class ReplicaSync:
         self._last: dict[str, str] = {}  # sync stream key → last applied id
         # Until a rebuild finished (e.g. Redis was down at start) the run loop owes one.
         self._resync = True
+        # Tenants whose last gap check or rebuild failed (they stay owed), and when the next
+        # check is due: a probe interval after a round that left one owed.
+        self._rebuild_failing: set[str] = set()
+        self._resync_at = 0.0
         self.applied = 0  # other replicas' operations taken in, as poll() counts them
         self.skipped = 0  # sync messages and entry rows that could not be read
         self._tail_rounds = Rounds(link, "replica sync tail")
@@ -195,7 +199,7 @@ class ReplicaSync:
                 next_purge = time.monotonic() + self._purge_interval
 
     async def _tail(self) -> None:
-        if self._resync:
+        if self._resync and time.monotonic() >= self._resync_at:
             await self._check_gaps()
         await self.poll()
 
@@ -271,22 +275,50 @@ class ReplicaSync:
         return next((t for t in self._tenants if self._keys.of(t).sync == stream), stream)
 
     async def _check_gaps(self) -> None:
-        """After an outage: rebuild a tenant whose stream no longer reaches back to our id."""
+        """After an outage: rebuild a tenant whose stream no longer reaches back to our id.
+        A tenant whose check or rebuild fails (refused, or a bug: `_load` lets out what is not
+        a ValueError, such as a faiss RuntimeError) stays owed and is checked again a probe
+        interval later; raised, it failed every tail round, so no tenant was tailed and the
+        others' checks never ran. Redis down ends the round: every call after it would fail."""
         started = time.perf_counter()
         for tenant in self._tenants:
-            stream = self._keys.of(tenant).sync
-            if stream not in self._last:
-                await self._rebuild_tenant(tenant, started)
-                continue
-            last = parse_id(self._last.get(stream, "0-0"))
-            info = await self._stream_info(stream)
-            first = info.get("first-entry")
-            newest = parse_id(_text(info.get("last-generated-id", "0-0")))
-            trimmed = first is not None and parse_id(_text(first[0])) > last
-            if trimmed or newest < last:
-                log.warning("sync stream of %s has a gap: rebuilding its entries", tenant)
-                await self._rebuild_tenant(tenant, started)
-        self._resync = False
+            try:
+                await self._check_gap(tenant, started)
+            except RedisRefused as exc:
+                self._rebuild_failed(tenant, exc)  # the link logged the error itself
+            except (RedisDown, RedisError, OSError):
+                raise  # Redis down (or a call beside the link, which the round marks down)
+            except Exception as exc:
+                self._rebuild_failed(tenant, exc, trace=True)
+            else:
+                if tenant in self._rebuild_failing:
+                    self._rebuild_failing.discard(tenant)
+                    log.info("index of tenant %s is in step with redis again", tenant)
+        self._resync = bool(self._rebuild_failing)
+        self._resync_at = time.monotonic() + self._link.probe_interval_seconds
+
+    async def _check_gap(self, tenant: str, started: float) -> None:
+        stream = self._keys.of(tenant).sync
+        if stream not in self._last:
+            await self._rebuild_tenant(tenant, started)
+            return
+        last = parse_id(self._last.get(stream, "0-0"))
+        info = await self._stream_info(stream)
+        first = info.get("first-entry")
+        newest = parse_id(_text(info.get("last-generated-id", "0-0")))
+        trimmed = first is not None and parse_id(_text(first[0])) > last
+        if trimmed or newest < last:
+            log.warning("sync stream of %s has a gap: rebuilding its entries", tenant)
+            await self._rebuild_tenant(tenant, started)
+
+    def _rebuild_failed(self, tenant: str, exc: Exception, trace: bool = False) -> None:
+        """Logged once an episode; the tenant is checked again a probe interval later."""
+        if tenant in self._rebuild_failing:
+            return
+        self._rebuild_failing.add(tenant)
+        log.warning("index rebuild of tenant %s failed (%s): trying again every %.2f s, the "
+                    "other tenants are checked and tailed meanwhile", tenant, exc,
+                    self._link.probe_interval_seconds, exc_info=exc if trace else None)  # fmt: skip
 
     async def _stream_info(self, stream: str) -> dict[str, Any]:
         info: dict[str, Any] = await guarded(self._link, partial(self._xinfo, stream))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import shutil
 from collections.abc import AsyncIterator, Iterator
@@ -522,6 +523,34 @@ async def test_a_purge_one_tenant_refuses_does_not_hold_up_the_other_tenants(
         await eventually(lambda: purges.count("jammed") >= 3, "jammed's purge tried again")
     warned = [r for r in caplog.records if "jammed" in r.getMessage()]
     assert len(warned) == 1  # once for the episode, not once per purge
+    assert rig.link.up and rig.link.failures == 0
+
+
+async def test_a_tenant_whose_rebuild_fails_on_a_bug_does_not_hold_up_the_other_tenants(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    (first,) = await rig.write()
+    a = rig.replica_a(tenants=("jammed", "acme"))  # its start-up rebuild never ran
+    rebuild_tenant, jammed = a.sync._rebuild_tenant, [True]
+
+    async def broken_for_jammed(tenant: str, started: float) -> int:
+        if tenant == "jammed" and jammed:
+            raise RuntimeError("faiss: index broken")  # not a ValueError: _load lets it out
+        return await rebuild_tenant(tenant, started)
+
+    monkeypatch.setattr(a.sync, "_rebuild_tenant", broken_for_jammed)
+    rebuilt = rebuilds_of(monkeypatch, a.sync)
+    with running(a.sync):
+        await eventually(lambda: first.entry_id in a.ids(), "acme rebuilt past jammed")
+        (later,) = await rig.write()
+        await eventually(lambda: later.entry_id in a.ids(), "acme tailed", within=3)
+        await eventually(lambda: rebuilt.count("jammed") >= 3, "jammed's rebuild tried again")
+        assert a.sync._resync  # jammed still owes its rebuild
+        jammed.clear()
+        await eventually(lambda: not a.sync._resync, "jammed rebuilt once mended")
+    warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "jammed" in warned[0].getMessage()  # once for the episode
+    assert rebuilt.count("acme") == 1  # checked again, not rebuilt again
     assert rig.link.up and rig.link.failures == 0
 
 
