@@ -554,6 +554,25 @@ async def test_a_tenant_whose_rebuild_fails_on_a_bug_does_not_hold_up_the_other_
     assert rig.link.up and rig.link.failures == 0
 
 
+@pytest.mark.parametrize(
+    "failure", [RedisDown("redis is down"), OUTAGE], ids=["redis down", "socket error"]
+)
+async def test_a_gap_check_that_finds_redis_down_ends_the_round(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, failure: Exception
+) -> None:
+    a = rig.replica_a(tenants=("jammed", "acme"))  # its start-up rebuild never ran
+
+    async def down(tenant: str, started: float) -> int:
+        raise failure
+
+    monkeypatch.setattr(a.sync, "_rebuild_tenant", down)
+    rebuilt = rebuilds_of(monkeypatch, a.sync)
+    with pytest.raises(type(failure)):
+        await a.sync._check_gaps()
+    assert rebuilt == ["jammed"]  # every call after it would fail too: acme waits for Redis
+    assert a.sync._resync and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def test_stream_ids_compare_by_time_then_sequence() -> None:
     # Two operations in one millisecond differ in their sequence only.
     assert parse_id("1700000000000-7") == (1700000000000, 7)
