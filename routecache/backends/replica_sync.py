@@ -22,13 +22,13 @@ from functools import partial
 from typing import Any
 
 import numpy as np
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from routecache.backends import scripts
 from routecache.backends.keys import KeySpace, tenant_of_id
-from routecache.backends.link import RedisDown, RedisLink, RedisRefused, guarded
+from routecache.backends.link import RedisLink, guarded
 from routecache.backends.redis_store import RedisEntryStore
-from routecache.backends.rounds import Rounds
+from routecache.backends.rounds import EachTenant, Rounds
 from routecache.cache.ports import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -82,13 +82,23 @@ class ReplicaSync:
         self._resync = True
         # Tenants whose last gap check or rebuild failed (they stay owed), and when the next
         # check is due: a probe interval after a round that left one owed.
-        self._rebuild_failing: set[str] = set()
+        self._rebuilds = EachTenant(
+            "index rebuild of tenant %s failed (%s): trying again every %.2f s, the other "
+            "tenants are checked and tailed meanwhile",
+            "index of tenant %s is in step with redis again",
+            link.probe_interval_seconds,
+        )
         self._resync_at = 0.0
         self.applied = 0  # other replicas' operations taken in, as poll() counts them
         self.skipped = 0  # sync messages and entry rows that could not be read
         self._tail_rounds = Rounds(link, "replica sync tail")
         self._purge_rounds = Rounds(link, "replica sync purge")
-        self._purge_failing: set[str] = set()  # tenants whose last purge failed
+        self._purges = EachTenant(
+            "purge of expired entries of tenant %s failed (%s): trying again every %.1f s, the "
+            "other tenants are purged meanwhile",
+            "purge of expired entries of tenant %s works again",
+            purge_interval_seconds,
+        )
         # Per stream, the newest message skipped: a batch read again (its round failed after)
         # logs and counts it once.
         self._skipped_upto: dict[str, StreamId] = {}
@@ -206,28 +216,7 @@ class ReplicaSync:
     async def _purge(self) -> None:
         """Each tenant's purge; one that fails (refused, say a key of the wrong type) leaves
         the others to go on. Redis down ends the round: every call after it would fail too."""
-        for tenant in self._tenants:
-            try:
-                await self._store.purge_expired(tenant)
-            except RedisRefused as exc:
-                self._purge_failed(tenant, exc)  # the link logged the error itself
-            except (RedisDown, RedisError, OSError):
-                raise  # Redis down (or a call beside the link, which the round marks down)
-            except Exception as exc:
-                self._purge_failed(tenant, exc, trace=True)
-            else:
-                if tenant in self._purge_failing:
-                    self._purge_failing.discard(tenant)
-                    log.info("purge of expired entries of tenant %s works again", tenant)
-
-    def _purge_failed(self, tenant: str, exc: Exception, trace: bool = False) -> None:
-        """Logged once an episode; tried again at the next purge interval."""
-        if tenant in self._purge_failing:
-            return
-        self._purge_failing.add(tenant)
-        log.warning("purge of expired entries of tenant %s failed (%s): trying again every "
-                    "%.1f s, the other tenants are purged meanwhile", tenant, exc,
-                    self._purge_interval, exc_info=exc if trace else None)  # fmt: skip
+        await self._purges.run(self._tenants, self._store.purge_expired)
 
     async def poll(self) -> int:
         """Reads and applies one batch of sync operations; returns how many of them were other
@@ -281,20 +270,8 @@ class ReplicaSync:
         interval later; raised, it failed every tail round, so no tenant was tailed and the
         others' checks never ran. Redis down ends the round: every call after it would fail."""
         started = time.perf_counter()
-        for tenant in self._tenants:
-            try:
-                await self._check_gap(tenant, started)
-            except RedisRefused as exc:
-                self._rebuild_failed(tenant, exc)  # the link logged the error itself
-            except (RedisDown, RedisError, OSError):
-                raise  # Redis down (or a call beside the link, which the round marks down)
-            except Exception as exc:
-                self._rebuild_failed(tenant, exc, trace=True)
-            else:
-                if tenant in self._rebuild_failing:
-                    self._rebuild_failing.discard(tenant)
-                    log.info("index of tenant %s is in step with redis again", tenant)
-        self._resync = bool(self._rebuild_failing)
+        await self._rebuilds.run(self._tenants, partial(self._check_gap, started=started))
+        self._resync = bool(self._rebuilds.failing)
         self._resync_at = time.monotonic() + self._link.probe_interval_seconds
 
     async def _check_gap(self, tenant: str, started: float) -> None:
@@ -310,15 +287,6 @@ class ReplicaSync:
         if trimmed or newest < last:
             log.warning("sync stream of %s has a gap: rebuilding its entries", tenant)
             await self._rebuild_tenant(tenant, started)
-
-    def _rebuild_failed(self, tenant: str, exc: Exception, trace: bool = False) -> None:
-        """Logged once an episode; the tenant is checked again a probe interval later."""
-        if tenant in self._rebuild_failing:
-            return
-        self._rebuild_failing.add(tenant)
-        log.warning("index rebuild of tenant %s failed (%s): trying again every %.2f s, the "
-                    "other tenants are checked and tailed meanwhile", tenant, exc,
-                    self._link.probe_interval_seconds, exc_info=exc if trace else None)  # fmt: skip
 
     async def _stream_info(self, stream: str) -> dict[str, Any]:
         info: dict[str, Any] = await guarded(self._link, partial(self._xinfo, stream))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from redis.exceptions import RedisError
 
@@ -64,3 +64,38 @@ def _raised_where(exc: BaseException) -> str:
         frame = frame.tb_next
     where = f"{frame.tb_frame.f_code.co_filename}:{frame.tb_lineno}" if frame else "?"
     return f"{type(exc).__name__} at {where}"
+
+
+class EachTenant:
+    """One step of a round for each tenant: one tenant's failure (refused, or a bug) is logged
+    once an episode and leaves the others to go on; Redis down ends the round, since every
+    call after it would fail too. `failing` holds the tenants whose last step failed."""
+
+    def __init__(self, failed: str, works_again: str, retry_seconds: float) -> None:
+        # failed: a %-format of (tenant, error, retry_seconds); works_again: of (tenant,).
+        self._failed = failed
+        self._works_again = works_again
+        self._retry_seconds = retry_seconds
+        self.failing: set[str] = set()
+
+    async def run(self, tenants: Iterable[str], step: Callable[[str], Awaitable[object]]) -> None:
+        for tenant in tenants:
+            try:
+                await step(tenant)
+            except RedisRefused as exc:
+                self._failed_once(tenant, exc)  # the link logged the error itself
+            except (RedisDown, RedisError, OSError):
+                raise  # Redis down (or a call beside the link, which the round marks down)
+            except Exception as exc:
+                self._failed_once(tenant, exc, trace=True)
+            else:
+                if tenant in self.failing:
+                    self.failing.discard(tenant)
+                    log.info(self._works_again, tenant)
+
+    def _failed_once(self, tenant: str, exc: Exception, trace: bool = False) -> None:
+        if tenant in self.failing:
+            return
+        self.failing.add(tenant)
+        log.warning(self._failed, tenant, exc, self._retry_seconds,
+                    exc_info=exc if trace else None)  # fmt: skip
