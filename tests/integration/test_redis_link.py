@@ -118,14 +118,20 @@ def link_to(url: str, block_ms: int = 1000) -> RedisLink:
                      probe_interval_seconds=0.05, block_ms=block_ms)  # fmt: skip
 
 
-async def test_a_redis_down_at_start_is_reported_and_its_calls_are_refused_untried() -> None:
-    link = link_to(f"redis://127.0.0.1:{free_port()}/0")
+def changes_heard(link: RedisLink) -> list[bool]:
+    """Each up/down change the link tells its listeners, in order."""
     heard: list[bool] = []
 
     async def listener(up: bool) -> None:
         heard.append(up)
 
     link.subscribe(listener)
+    return heard
+
+
+async def test_a_redis_down_at_start_is_reported_and_its_calls_are_refused_untried() -> None:
+    link = link_to(f"redis://127.0.0.1:{free_port()}/0")
+    heard = changes_heard(link)
     tried: list[str] = []
 
     async def call() -> str:
@@ -150,12 +156,7 @@ async def test_listeners_hear_each_change_once_and_the_probe_brings_the_link_bac
     own_redis_server: RedisServer,
 ) -> None:
     link = link_to(own_redis_server.url)
-    heard: list[bool] = []
-
-    async def listener(up: bool) -> None:
-        heard.append(up)
-
-    link.subscribe(listener)
+    heard = changes_heard(link)
     try:
         assert await link.connect()
         own_redis_server.kill()
@@ -264,12 +265,7 @@ async def test_a_write_redis_refuses_fails_that_call_alone_and_leaves_the_link_u
     # flapped (the ping probe brought it back, the next write took it down again), sending every
     # part to its fallback in between and logging each cycle.
     link = link_to(redis_server.url)
-    heard: list[bool] = []
-
-    async def listener(up: bool) -> None:
-        heard.append(up)
-
-    link.subscribe(listener)
+    heard = changes_heard(link)
     try:
         assert await link.connect()
         with redis_server.out_of_memory():

@@ -178,6 +178,18 @@ class TrackedStream(httpx.AsyncByteStream):
 TOO_DEEP = "[" * 100_000
 
 
+def answers_streamed(status: int, *parts: bytes | Exception) -> tuple[Handler, list[TrackedStream]]:
+    """A handler answering each request with `status` and a body sent in `parts`, and the
+    bodies it sent (to check each was closed)."""
+    bodies: list[TrackedStream] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        bodies.append(TrackedStream(*parts))
+        return httpx.Response(status, stream=bodies[-1])
+
+    return answer, bodies
+
+
 def sse_line(event: object) -> bytes:
     return f"data: {json.dumps(event)}\n\n".encode()
 
@@ -682,12 +694,9 @@ async def test_a_body_past_the_bound_is_not_read_on_and_fails_the_attempt(
 ) -> None:
     # Before: the whole body was buffered (here it would read on into the ReadError); a
     # runaway provider could exhaust memory.
-    bodies: list[TrackedStream] = []
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        parts = (b'{"choices": [' + b" " * 600, b" " * 600, httpx.ReadError("read too far"))
-        bodies.append(TrackedStream(*parts))
-        return httpx.Response(200, stream=bodies[-1])
+    answer, bodies = answers_streamed(
+        200, b'{"choices": [' + b" " * 600, b" " * 600, httpx.ReadError("read too far")
+    )
 
     client = make_client(answer, max_response_bytes=BOUND)
     with pytest.raises(UpstreamError, match=f"response body over {BOUND} bytes") as caught:
@@ -891,11 +900,7 @@ async def test_a_stream_whose_error_body_breaks_is_still_an_upstream_error(
     # Before: a stream's error body is read after the send, outside its error mapping; a
     # connection reset there left the client as httpx.ReadError, which the failover chain
     # re-raises, so the request ended INTERNAL without trying the next provider.
-    bodies: list[TrackedStream] = []
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        bodies.append(TrackedStream(b'{"error": ', httpx.ReadError("connection reset")))
-        return httpx.Response(503, stream=bodies[-1])
+    answer, bodies = answers_streamed(503, b'{"error": ', httpx.ReadError("connection reset"))
 
     with pytest.raises(UpstreamError, match="HTTP 503") as caught:
         await collect(make_client(answer).stream(MESSAGES, GenerationParams()))
@@ -914,12 +919,9 @@ async def test_an_error_event_in_a_stream_carries_the_providers_message(
 
 async def test_a_stream_line_past_the_bound_is_not_read_on(make_client: Any) -> None:
     # Before: aiter_lines buffered a line without end whole.
-    bodies: list[TrackedStream] = []
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        parts = (b"data: " + b"x" * 600, b"x" * 600, httpx.ReadError("read too far"))
-        bodies.append(TrackedStream(*parts))
-        return httpx.Response(200, stream=bodies[-1])
+    answer, bodies = answers_streamed(
+        200, b"data: " + b"x" * 600, b"x" * 600, httpx.ReadError("read too far")
+    )
 
     client = make_client(answer, max_response_bytes=BOUND)
     with pytest.raises(UpstreamError, match=f"stream line over {BOUND} bytes") as caught:
