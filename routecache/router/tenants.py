@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from routecache.domain import Budget, OperatingPoint, OverCapPolicy, RateLimits, Tenant, Tier
-from routecache.router.settings import ConfigError, Settings, TenantSettings
+from routecache.router.settings import Settings, TenantSettings
 
 
 def routing_target(
@@ -16,20 +16,15 @@ def routing_target(
 
 
 def allowed_tiers(tenant: TenantSettings, settings: Settings) -> frozenset[Tier]:
-    """The tiers whose first provider's model the tenant may use (all without models_allowed)."""
+    """The tiers whose first provider's model the tenant may use (all without models_allowed);
+    never none: the settings refuse a models_allowed naming neither model when they load."""
     if tenant.models_allowed is None:
         return frozenset(Tier)
     models = {
         Tier.CHEAP: settings.upstream.cheap.model,
         Tier.STRONG: settings.upstream.strong.model,
     }
-    tiers = frozenset(t for t, model in models.items() if model in tenant.models_allowed)
-    if not tiers:
-        raise ConfigError(
-            f"tenant {tenant.name}: models_allowed {tenant.models_allowed} names neither the "
-            f"cheap ({models[Tier.CHEAP]}) nor the strong ({models[Tier.STRONG]}) model"
-        )
-    return tiers
+    return frozenset(t for t, model in models.items() if model in tenant.models_allowed)
 
 
 def tenant_from_settings(t: TenantSettings, settings: Settings) -> Tenant:
