@@ -5,12 +5,28 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 import unicodedata
 
 from routecache.domain import ChatRequest
 
 _SPACE = re.compile(r"\s+")
-_TRAILING_PUNCT = re.compile(r"[\s?.!]+$")
+_END_PUNCTUATION = "?.! \n"
+# What a factorial's "!" follows: a digit, a closing bracket, or a letter standing alone.
+_FACTORIAL_OPERAND = re.compile(r"(?:[\d)\]]|(?<!\w)[^\W\d_])\Z")
+# Compatibility decompositions that change what a character says (unicodedata tags).
+_MEANINGFUL_FORMS = ("<super>", "<sub>", "<fraction>", "<circle>")
+# The characters with such a decomposition, as a splitting pattern (a scan of every code point,
+# once at import: under a fifth of a second, never on a request).
+_KEPT_FORMS = re.compile(
+    "(["
+    + "".join(
+        re.escape(chr(c))
+        for c in range(sys.maxunicode + 1)
+        if unicodedata.decomposition(chr(c)).startswith(_MEANINGFUL_FORMS)
+    )
+    + "])"
+)
 # Format characters (Unicode Cf) that show nothing by themselves, left in by pasting from a web
 # page or a word processor: soft hyphen, zero-width space and (non-)joiners, direction marks and
 # embeddings, word joiner and invisible operators, byte-order mark. The (non-)joiners may change
@@ -46,15 +62,63 @@ def scope_key(tenant: str, request: ChatRequest) -> str:
 
 def normalise_prompt(text: str) -> str:
     """Fold differences that never change meaning: invisible characters, Unicode form, case,
-    spacing, end punctuation. Only exact keys use it (what is embedded and cached is the prompt
-    as sent); a key changes only for a prompt that held an invisible character, and an entry
-    stored under such a key is no longer found by it (never another prompt's answer)."""
+    spacing within a line, common indentation, end punctuation. Only exact keys use it (what is
+    embedded and cached is the prompt as sent); a prompt whose key changes (an invisible
+    character, a line break, a superscript) misses its old entry once, never another prompt's
+    answer.
+
+    Linear in the length of the text: no regex here may backtrack over a run of characters
+    (a 32,000-character prompt is keyed on the event loop, three times a request)."""
     # Removed first: a combining mark after one ("e", U+200B, U+0301) then composes ("é").
     text = _INVISIBLE.sub("", text)
     # Normalised again after folding: case folding can leave a form NFKC would compose (it
     # folds "ΐ" to iota + two combining marks), so equal text in other forms would keep two keys.
-    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
-    return _TRAILING_PUNCT.sub("", _SPACE.sub(" ", folded).strip())
+    folded = _fold_forms(_fold_forms(text).casefold())
+    return _strip_end_punctuation(_fold_layout(folded))
+
+
+def _fold_forms(text: str) -> str:
+    """NFKC, except for the characters whose compatibility form says something else: "2³" is
+    not "23", "H₂O" not "H2O", "½" not "1" + fraction slash + "2", "①" not "1". Full-width
+    letters, ligatures and no-break spaces still fold."""
+    if text.isascii():
+        return text  # nothing to fold, and the common case
+    pieces = _KEPT_FORMS.split(text)  # the kept characters at the odd indices
+    pieces[::2] = [unicodedata.normalize("NFKC", piece) for piece in pieces[::2]]
+    # NFC composes across the seams (a mark after a kept character) without folding them.
+    return unicodedata.normalize("NFC", "".join(pieces))
+
+
+def _fold_layout(text: str) -> str:
+    """Line breaks and indentation stay (they are syntax in code, YAML and lists: two snippets
+    differing only in indentation ask different things). Within a line, runs of white space
+    become one space; trailing white space, blank lines at either end, runs of blank lines and
+    the indentation all lines share go."""
+    lines = [line.rstrip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+    indents = [line[: len(line) - len(line.lstrip())] for line in lines if line]
+    # The common prefix of all is that of the least and the greatest.
+    low, high = (min(indents), max(indents)) if indents else ("", "")
+    common = next((i for i, (a, b) in enumerate(zip(low, high, strict=False)) if a != b), len(low))
+    kept: list[str] = []
+    for line in lines:
+        if not line and (not kept or not kept[-1]):
+            continue  # a blank line at the start or after another
+        body = line[common:]
+        indent = body[: len(body) - len(body.lstrip())]
+        kept.append(indent + _SPACE.sub(" ", body.lstrip()))
+    return "\n".join(kept).rstrip()
+
+
+def _strip_end_punctuation(text: str) -> str:
+    """Drop end punctuation ("?", ".", "!") and the spaces among it, with rstrip: linear,
+    where an anchored regex over a long run of it inside the prompt is quadratic. A "!" right
+    after a number, a single letter or a closing bracket is a factorial ("5!", "n!", "(n+1)!")
+    and stays."""
+    stripped = text.rstrip(_END_PUNCTUATION)
+    bangs = len(text) - len(stripped) - len(text[len(stripped) :].lstrip("!"))
+    if bangs and _FACTORIAL_OPERAND.search(stripped[-2:]):  # the last two: the letter alone?
+        return text[: len(stripped) + bangs]
+    return stripped
 
 
 def exact_key(scope: str, prompt: str) -> str:

@@ -146,3 +146,61 @@ def test_tag_characters_that_name_a_flag_keep_flags_apart() -> None:
     england = "\U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f"
     scotland = "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f"
     assert exact_key("s", f"capital of {england}") != exact_key("s", f"capital of {scotland}")
+
+
+@pytest.mark.parametrize("mark", ["?", ".", "!", " ", "? "])
+def test_a_long_run_of_end_punctuation_inside_the_prompt_is_kept_and_keys_in_linear_time(
+    mark: str,
+) -> None:
+    # Before: a regex anchored at the end backtracked over every start in the run, quadratic
+    # in its length: "Q" + "?" * 31990 + "x" (within max_message_chars) stalled the event loop
+    # for seconds, three times a request. A million characters would take hours that way (the
+    # suite's timeout fails it); stripping from the end only is linear.
+    run = mark * (1_000_000 // len(mark))
+    assert normalise_prompt(f"Why{run}x") == f"why{' ' if mark == ' ' else run}x"
+    assert normalise_prompt(f"Why{run}") == "why"
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        ("What is 2³?", "What is 23?"),  # superscript: a power, not a digit
+        ("Simplify x² + x²", "Simplify x2 + x2"),
+        ("What is 10⁻³?", "What is 10\u22123?"),  # NFKC: superscript minus, minus sign
+        ("What is H₂O?", "What is H2O?"),  # subscript
+        ("What is ½ of 10?", "What is 1\u20442 of 10?"),  # NFKC: "1", fraction slash, "2"
+        ("Which is ① in the list?", "Which is 1 in the list?"),  # circled: a label
+        ("Compute 5!", "Compute 5"),  # factorial
+        ("What is 10!", "What is 10?"),
+        ("Compute n!", "Compute n"),
+        ("Compute (n+1)!", "Compute (n+1)"),
+        (  # indentation is syntax
+            "Does this print 1?\nfor i in range(3):\n    pass\nprint(1)",
+            "Does this print 1?\nfor i in range(3):\n    pass\n    print(1)",
+        ),
+        ("Is this valid YAML?\na:\n  b: 1", "Is this valid YAML?\na:\nb: 1"),
+        ("List:\nfirst\nsecond", "List: first second"),  # line breaks separate items
+        ("Indent with\n\tx", "Indent with\n    x"),  # a tab is not four spaces
+    ],
+)
+def test_prompts_that_differ_in_meaning_have_their_own_exact_keys(one: str, other: str) -> None:
+    # Before: NFKC folded "2³" to "23", every run of white space (line breaks and indentation
+    # too) became one space and a factorial's "!" was dropped as end punctuation: the other
+    # prompt's answer was served as an exact hit, and two different calls shared one flight.
+    assert exact_key("s", one) != exact_key("s", other)
+
+
+@pytest.mark.parametrize(
+    ("variant", "plain"),
+    [
+        ("print(1)\r\n  x = 2\r\n", "print(1)\n  x = 2"),  # Windows line ends
+        ("    a = 1\n      b\n    c", "a = 1\n  b\nc"),  # common indentation only
+        ("a  =\t1   \nb    2", "a = 1\nb 2"),  # spaces within a line, trailing ones
+        ("\n\nfirst\n\n\n\nsecond\n\n", "first\n\nsecond"),  # blank lines at the ends, runs
+        ("Hello world!", "hello world"),  # an exclamation, not a factorial
+        ("Compute 5!?", "compute 5!"),
+        ("\u00a0what is\u3000it", "what is it"),  # no-break and ideographic spaces
+    ],
+)
+def test_layout_that_never_changes_meaning_is_folded(variant: str, plain: str) -> None:
+    assert normalise_prompt(variant) == normalise_prompt(plain)
