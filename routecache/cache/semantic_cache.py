@@ -20,6 +20,10 @@ from routecache.cache.scope import exact_key
 from routecache.domain import CacheOutcome, Tier
 from routecache.errors import Unavailable
 
+# The most neighbours one lookup reads when the nearest ones cannot serve it (each costs a store
+# read): entries expired within the stale grace can crowd a popular question's neighbourhood.
+_MOST_NEIGHBOURS = 64
+
 
 @dataclass(frozen=True)
 class CacheHit:
@@ -165,27 +169,39 @@ class SemanticCache:
         penalised: bool,
     ) -> CacheHit | None:
         floor = self._policy.floor(requirement)
-        # The store is the truth: an entry the index still holds but the store no longer
-        # has (deleted on another replica, expired) is dropped here, never served.
-        for neighbour in self._index.search(scope, vector, self._candidates):
-            if neighbour.similarity < floor:
-                return None  # neighbours come best first
-            if penalised and neighbour.similarity < floor + self.penalty_of(neighbour.entry_id):
-                continue
-            entry = await self._store.get(neighbour.entry_id)
-            if entry is None:
-                self.forget_removed(scope, neighbour.entry_id)
-                continue
-            if not _answers(entry, scope, forced) or not await usable(entry):
-                continue
-            verdict = await self._policy.judge(
-                prompt, entry.prompt, neighbour.similarity, requirement
-            )
-            if not verdict.accept:
-                return None  # only the nearest usable candidate is verified: one pass a lookup
-            hit = await self._hit(entry, CacheOutcome.SEMANTIC, neighbour.similarity)
-            return replace(hit, verifier_score=verdict.verifier_score)
-        return None
+        # Entries that cannot serve this lookup (penalised, gone, another tier, expired) are
+        # passed over, so they must not use up the search: while all of the k nearest were
+        # passed over, it looks again 4 times as wide, up to a bound on the store reads.
+        seen: set[str] = set()
+        k = self._candidates
+        while True:
+            neighbours = self._index.search(scope, vector, k)
+            for neighbour in neighbours:
+                if neighbour.entry_id in seen:
+                    continue
+                seen.add(neighbour.entry_id)
+                if neighbour.similarity < floor:
+                    return None  # neighbours come best first
+                if penalised and neighbour.similarity < floor + self.penalty_of(neighbour.entry_id):
+                    continue
+                # The store is the truth: an entry the index still holds but the store no
+                # longer has (deleted on another replica, expired) is dropped here, never served.
+                entry = await self._store.get(neighbour.entry_id)
+                if entry is None:
+                    self.forget_removed(scope, neighbour.entry_id)
+                    continue
+                if not _answers(entry, scope, forced) or not await usable(entry):
+                    continue
+                verdict = await self._policy.judge(
+                    prompt, entry.prompt, neighbour.similarity, requirement
+                )
+                if not verdict.accept:
+                    return None  # only the nearest usable candidate is verified: one pass a lookup
+                hit = await self._hit(entry, CacheOutcome.SEMANTIC, neighbour.similarity)
+                return replace(hit, verifier_score=verdict.verifier_score)
+            if len(neighbours) < k or k >= max(self._candidates, _MOST_NEIGHBOURS):
+                return None  # the scope has no more, or the bound is reached
+            k = min(k * 4, max(self._candidates, _MOST_NEIGHBOURS))
 
     async def store(self, new: NewEntry) -> CacheEntry | None:
         """Stores the entry; None when the store is unavailable (the answer is still served)."""

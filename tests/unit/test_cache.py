@@ -443,3 +443,34 @@ async def test_a_hit_reports_its_age_since_stored_and_a_stale_exact_hit_is_exact
     stale = await cache.lookup_stale("acme:s1", "how old is this", None, HitRequirement(0.5))
     assert stale is not None and stale.outcome is CacheOutcome.EXACT and stale.similarity == 1.0
     assert stale.age_seconds == 30.0
+
+
+def near(offset: float) -> npt.NDArray[np.float32]:
+    """A unit vector `offset` away from the first axis: its similarity to `near(0)` falls as
+    the offset grows."""
+    row = np.zeros(EMBED.dimension, np.float32)
+    row[0], row[1] = 1.0, offset
+    unit: npt.NDArray[np.float32] = row / np.linalg.norm(row)
+    return unit
+
+
+@pytest.mark.parametrize("skipped", ["expired", "penalised", "cheap"])
+async def test_many_nearer_entries_that_cannot_serve_do_not_hide_a_live_match(
+    clock: ManualClock, skipped: str
+) -> None:
+    # Before: only the 4 nearest neighbours were read, and entries that cannot serve this
+    # lookup (expired within the stale grace, penalised by a thumbs-down, the cheap model's
+    # for a caller forcing strong) each took a slot: a live match behind them was a miss.
+    _store, cache = with_grace(clock)
+    for i in range(8):
+        await cache.store(replace(new_entry(f"blocker {i}", ttl=10), embedding=near(0.001 * i)))
+    if skipped == "expired":
+        clock.advance(20)
+    if skipped == "penalised":  # a thumbs-down among them: each now needs 0.05 more
+        wrong = await cache.store(replace(new_entry("wrong"), embedding=near(0.0)))
+        assert wrong is not None and await cache.distrust("acme", wrong.entry_id) == 1
+    live = replace(new_entry("the live one"), embedding=near(0.1), tier=Tier.STRONG)
+    kept = await cache.store(live)  # similarity 0.995: served at 0.96, not at 0.96 + 0.05
+    forced = Tier.STRONG if skipped == "cheap" else None
+    hit = await cache.lookup_semantic("acme:s1", "", near(0.0), HitRequirement(0.96), forced)
+    assert kept is not None and hit is not None and hit.entry.entry_id == kept.entry_id
