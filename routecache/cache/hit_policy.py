@@ -24,6 +24,18 @@ import numpy.typing as npt
 
 from routecache.cache.pair_features import FEATURE_NAMES, pair_features
 
+# How far under a threshold a similarity may fall and still clear it: a float32 unit vector
+# dotted with itself is often 0.99999994, not 1, so at threshold 1 ("identical embeddings
+# only", which the settings allow) an identical embedding would miss. Far below any
+# difference between two texts that embed differently.
+SIMILARITY_TOLERANCE = 1e-6
+
+
+def clears(similarity: float, threshold: float) -> bool:
+    """The similarity is at least the threshold, up to float32 rounding: every comparison of a
+    similarity with a threshold, floor or penalised floor goes through here."""
+    return similarity >= threshold - SIMILARITY_TOLERANCE
+
 
 @dataclass(frozen=True, slots=True)
 class HitRequirement:
@@ -82,7 +94,7 @@ class CosinePolicy:
         similarities: Sequence[float],
         requirement: HitRequirement,
     ) -> list[HitVerdict]:
-        return [HitVerdict(s >= requirement.cosine_threshold, s) for s in similarities]
+        return [HitVerdict(clears(s, requirement.cosine_threshold), s) for s in similarities]
 
     async def judge(
         self, query: str, cached: str, similarity: float, requirement: HitRequirement
@@ -205,7 +217,7 @@ class VerifiedPolicy:
     ) -> npt.NDArray[np.float64]:
         """Probability that each pair asks the same question; NaN under the floor (not scored)."""
         out = np.full(len(pairs), np.nan)
-        above = [i for i, s in enumerate(similarities) if s >= self.calibration.cosine_floor]
+        above = [i for i, s in enumerate(similarities) if clears(s, self.calibration.cosine_floor)]
         if not above:
             return out
         logits = self._scorer.logits([pairs[i] for i in above])

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
-from routecache.cache.hit_policy import CosinePolicy, HitPolicy, HitRequirement
+from routecache.cache.hit_policy import CosinePolicy, HitPolicy, HitRequirement, clears
 from routecache.cache.ports import (
     CacheEntry,
     EntryStore,
@@ -180,9 +180,10 @@ class SemanticCache:
                 if neighbour.entry_id in seen:
                     continue
                 seen.add(neighbour.entry_id)
-                if neighbour.similarity < floor:
+                if not clears(neighbour.similarity, floor):
                     return None  # neighbours come best first
-                if penalised and neighbour.similarity < floor + self.penalty_of(neighbour.entry_id):
+                penalty = self.penalty_of(neighbour.entry_id) if penalised else 0.0
+                if not clears(neighbour.similarity, floor + penalty):
                     continue
                 # The store is the truth: an entry the index still holds but the store no
                 # longer has (deleted on another replica, expired) is dropped here, never served.

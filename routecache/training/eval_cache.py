@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from routecache.cache.hit_policy import CosinePolicy, HitPolicy, HitRequirement, HitVerdict
+from routecache.cache.hit_policy import CosinePolicy, HitPolicy, HitRequirement, HitVerdict, clears
 from routecache.cache.ports import Embedder, VectorIndex
 from routecache.cli_args import fractions, listed, number_between, positive_int
 from routecache.training.data_files import exits_2_on_data_error
@@ -228,7 +228,9 @@ def verifier_latency_ms(
     """p50/p99 of one verifier pass per lookup that reaches it (what a lookup adds)."""
     floor = policy.floor(requirement)
     floor_pairs = [
-        (t, s) for t, s in zip(candidates.texts, candidates.similarities, strict=True) if s >= floor
+        (t, s)
+        for t, s in zip(candidates.texts, candidates.similarities, strict=True)
+        if clears(s, floor)
     ][:samples]
     timings = []
     for texts, sim in floor_pairs:

@@ -474,3 +474,14 @@ async def test_many_nearer_entries_that_cannot_serve_do_not_hide_a_live_match(
     forced = Tier.STRONG if skipped == "cheap" else None
     hit = await cache.lookup_semantic("acme:s1", "", near(0.0), HitRequirement(0.96), forced)
     assert kept is not None and hit is not None and hit.entry.entry_id == kept.entry_id
+
+
+async def test_threshold_one_serves_an_identical_embedding(cache: SemanticCache) -> None:
+    # similarity_threshold = 1 means "identical embeddings only". A float32 unit vector dotted
+    # with itself is often 0.99999994, not 1: before, such an entry was never served at 1.
+    kept = await cache.store(new_entry("what is the capital of France"))
+    vector = vec("what is the capital of France")
+    (itself,) = cache.index.search("acme:s1", vector, 1)
+    assert itself.similarity < 1.0  # the rounding this is about
+    hit = await cache.lookup_semantic("acme:s1", "", vector, HitRequirement(1.0))
+    assert kept is not None and hit is not None and hit.entry.entry_id == kept.entry_id

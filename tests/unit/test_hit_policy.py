@@ -158,6 +158,17 @@ async def test_each_rule_serves_at_its_threshold_exactly() -> None:
     assert verdict.accept and verdict.verifier_score == 0.9
 
 
+async def test_a_similarity_short_of_the_threshold_by_float32_rounding_only_clears_it() -> None:
+    # A float32 unit vector dotted with itself is often 0.99999994: at threshold (or floor) 1,
+    # "identical embeddings only", it must count as 1. A real shortfall still does not clear.
+    rounded = float(np.float32(1.0) - np.finfo(np.float32).eps / 2)  # 0.99999994
+    assert (await CosinePolicy().judge("a", "a", rounded, HitRequirement(1.0))).accept
+    assert not (await CosinePolicy().judge("a", "b", 0.9999, HitRequirement(1.0))).accept
+    policy = VerifiedPolicy(calibration(floor=1.0), KeywordScorer())
+    assert not math.isnan(policy.scores([("a", "a")], [rounded])[0])
+    assert math.isnan(policy.scores([("a", "b")], [0.9999])[0])
+
+
 def test_lexical_features_see_numbers_negation_and_question_words() -> None:
     jaccard, numbers, negation, question, _ = lexical_features(
         "Why is 2016 a leap year?", "How is 2017 not a leap year?"
