@@ -124,10 +124,10 @@ class RedisEntryStore:
         raw = await guarded(self._link, lambda: self._get_exact(args=args))
         return decode_entry(raw) if raw else None
 
-    async def record_hit(self, entry_id: str, now: float) -> None:
+    async def record_hit(self, entry_id: str, now: float) -> bool:
         keys = self._keys.of(tenant_of_id(entry_id))
         args = [keys.base, entry_id, repr(now)]
-        await guarded(self._link, lambda: self._record_hit(args=args))
+        return bool(await guarded(self._link, lambda: self._record_hit(args=args)))  # 0: gone
 
     async def delete(self, entry_ids: Sequence[str]) -> list[CacheEntry]:
         by_tenant: defaultdict[str, list[str]] = defaultdict(list)

@@ -109,7 +109,8 @@ if not eid then return false end
 return redis.call('HGETALL', ARGV[1] .. 'e:' .. eid)
 """
 
-# ARGV: base, id, now. Recency feeds eviction; hit counts feed the policy's statistics.
+# ARGV: base, id, now → 1, or 0 when the entry is gone (the hit must not be served). Recency
+# feeds eviction; hit counts feed the policy's statistics.
 RECORD_HIT = """
 local ekey = ARGV[1] .. 'e:' .. ARGV[2]
 if redis.call('EXISTS', ekey) == 0 then return 0 end

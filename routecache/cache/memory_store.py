@@ -59,12 +59,14 @@ class InMemoryEntryStore:
         entry_id = self._by_exact_key.get(exact_key)
         return None if entry_id is None else self._entries.get(entry_id)
 
-    async def record_hit(self, entry_id: str, now: float) -> None:
+    async def record_hit(self, entry_id: str, now: float) -> bool:
         entry = self._entries.get(entry_id)
-        if entry is not None:
-            entry.hit_count += 1
-            entry.last_hit_at = now
-            self._by_tenant[entry.tenant].move_to_end(entry_id)
+        if entry is None:
+            return False
+        entry.hit_count += 1
+        entry.last_hit_at = now
+        self._by_tenant[entry.tenant].move_to_end(entry_id)
+        return True
 
     async def delete(self, entry_ids: Sequence[str]) -> list[CacheEntry]:
         return [e for e in (self._unlink(i) for i in entry_ids) if e is not None]

@@ -81,7 +81,10 @@ class EntryStore(Protocol):
 
     async def get_exact(self, exact_key: str) -> CacheEntry | None: ...
 
-    async def record_hit(self, entry_id: str, now: float) -> None: ...
+    async def record_hit(self, entry_id: str, now: float) -> bool:
+        """Count a hit on the entry; False when it is gone (removed since it was read: the
+        hit must not be served)."""
+        ...
 
     async def delete(self, entry_ids: Sequence[str]) -> list[CacheEntry]:
         """Remove entries; returns the ones that existed."""

@@ -199,7 +199,7 @@ class SemanticCache:
                 if not verdict.accept:
                     return None  # only the nearest usable candidate is verified: one pass a lookup
                 hit = await self._hit(entry, CacheOutcome.SEMANTIC, neighbour.similarity)
-                return replace(hit, verifier_score=verdict.verifier_score)
+                return None if hit is None else replace(hit, verifier_score=verdict.verifier_score)
             if len(neighbours) < k or k >= max(self._candidates, _MOST_NEIGHBOURS):
                 return None  # the scope has no more, or the bound is reached
             k = min(k * 4, max(self._candidates, _MOST_NEIGHBOURS))
@@ -309,9 +309,16 @@ class SemanticCache:
         await self._invalidate(entry.tenant, [entry.entry_id])
         return False
 
-    async def _hit(self, entry: CacheEntry, outcome: CacheOutcome, similarity: float) -> CacheHit:
+    async def _hit(
+        self, entry: CacheEntry, outcome: CacheOutcome, similarity: float
+    ) -> CacheHit | None:
+        """The hit, counted on its entry; None (a miss) when the entry was removed since it
+        was read: an Invalidate or a thumbs-down while the verifier judged it, another
+        replica's delete."""
         now = self._clock()
-        await self._store.record_hit(entry.entry_id, now)
+        if not await self._store.record_hit(entry.entry_id, now):
+            self.forget_removed(entry.scope, entry.entry_id)
+            return None
         return CacheHit(entry, outcome, similarity, max(0.0, now - entry.created_at))
 
     def _forget(self, entries: Sequence[CacheEntry]) -> None:

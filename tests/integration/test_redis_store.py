@@ -290,11 +290,12 @@ async def test_a_purge_says_how_many_it_removed(setup: Setup) -> None:
 
 async def test_a_hit_is_recorded_on_its_entry_and_on_no_removed_one(setup: Setup) -> None:
     kept, gone = await fill(setup, 2)
-    await setup.store.record_hit(kept, 1234.5)
+    assert await setup.store.record_hit(kept, 1234.5) is True
     entry = await setup.store.get(kept)
     assert entry is not None and (entry.hit_count, entry.last_hit_at) == (1, 1234.5)
     await setup.store.delete([gone])
-    await setup.store.record_hit(gone, 1234.5)  # removed meanwhile: no key comes back
+    # Removed meanwhile: no key comes back, and the cache is told (it must not serve it).
+    assert await setup.store.record_hit(gone, 1234.5) is False
     assert await setup.link.client.exists(KeySpace().of("acme").entry(gone)) == 0
 
 

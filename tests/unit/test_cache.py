@@ -1,3 +1,5 @@
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import numpy as np
@@ -6,7 +8,7 @@ import pytest
 
 from routecache.cache.embedder import HashEmbedder
 from routecache.cache.faiss_index import ScopedFaissIndex
-from routecache.cache.hit_policy import HitRequirement
+from routecache.cache.hit_policy import CosinePolicy, HitRequirement, HitVerdict
 from routecache.cache.memory_store import InMemoryEntryStore
 from routecache.cache.ports import StoreUnavailable
 from routecache.cache.scope import exact_key
@@ -485,3 +487,45 @@ async def test_threshold_one_serves_an_identical_embedding(cache: SemanticCache)
     assert itself.similarity < 1.0  # the rounding this is about
     hit = await cache.lookup_semantic("acme:s1", "", vector, HitRequirement(1.0))
     assert kept is not None and hit is not None and hit.entry.entry_id == kept.entry_id
+
+
+class _RemovedWhileJudged(CosinePolicy):
+    """A verifier pass during which the entry it judges is removed: an Invalidate or a
+    thumbs-down that arrives while the cross-encoder runs in its thread."""
+
+    def __init__(self) -> None:
+        self.meanwhile: Callable[[], Awaitable[object]] = lambda: asyncio.sleep(0)
+
+    async def judge(
+        self, query: str, cached: str, similarity: float, requirement: HitRequirement
+    ) -> HitVerdict:
+        await self.meanwhile()
+        return await super().judge(query, cached, similarity, requirement)
+
+
+@pytest.mark.parametrize("removal", ["invalidate", "thumbs-down"])
+async def test_an_entry_removed_while_the_verifier_judges_it_is_not_served(
+    clock: ManualClock, removal: str
+) -> None:
+    # Before: the lookup went on to serve the answer the caller had just removed.
+    policy = _RemovedWhileJudged()
+    cache = SemanticCache(
+        InMemoryEntryStore(10, clock), ScopedFaissIndex(EMBED.dimension), clock, policy=policy
+    )
+    removed = await cache.store(new_entry("how do I reset my password"))
+    assert removed is not None
+    if removal == "invalidate":
+        policy.meanwhile = lambda: cache.invalidate_ids("acme", [removed.entry_id])
+    else:
+        policy.meanwhile = lambda: cache.distrust("acme", removed.entry_id)
+    query = vec("how do I reset my password")
+    assert await cache.lookup_semantic("acme:s1", "", query, HitRequirement(0.5)) is None
+    assert await cache.get("acme", removed.entry_id) is None
+
+
+async def test_the_embedded_store_says_whether_a_hit_found_its_entry(clock: ManualClock) -> None:
+    store, cache = store_and_cache(clock)
+    kept = await cache.store(new_entry("counted"))
+    assert kept is not None
+    assert await store.record_hit(kept.entry_id, clock.now) is True
+    assert await store.record_hit("acme:removed-meanwhile", clock.now) is False
