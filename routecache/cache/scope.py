@@ -12,8 +12,8 @@ from routecache.domain import ChatRequest
 
 _SPACE = re.compile(r"\s+")
 _END_PUNCTUATION = "?.! \n"
-# What a factorial's "!" follows: a digit, a closing bracket, or a letter standing alone.
-_FACTORIAL_OPERAND = re.compile(r"(?:[\d)\]]|(?<!\w)[^\W\d_])\Z")
+# What a factorial's "!" follows: a digit, a closing parenthesis, or a letter standing alone.
+_FACTORIAL_OPERAND = re.compile(r"(?:[\d)]|(?<!\w)[^\W\d_])\Z")
 # Compatibility decompositions that change what a character says (unicodedata tags).
 _MEANINGFUL_FORMS = ("<super>", "<sub>", "<fraction>", "<circle>")
 # The characters with such a decomposition, as a splitting pattern (a scan of every code point,
@@ -85,8 +85,8 @@ def _fold_forms(text: str) -> str:
         return text  # nothing to fold, and the common case
     pieces = _KEPT_FORMS.split(text)  # the kept characters at the odd indices
     pieces[::2] = [unicodedata.normalize("NFKC", piece) for piece in pieces[::2]]
-    # NFC composes across the seams (a mark after a kept character) without folding them.
-    return unicodedata.normalize("NFC", "".join(pieces))
+    # Already NFC as a whole: a kept character is a starter that composes with no mark.
+    return "".join(pieces)
 
 
 def _fold_layout(text: str) -> str:
@@ -112,7 +112,7 @@ def _fold_layout(text: str) -> str:
 def _strip_end_punctuation(text: str) -> str:
     """Drop end punctuation ("?", ".", "!") and the spaces among it, with rstrip: linear,
     where an anchored regex over a long run of it inside the prompt is quadratic. A "!" right
-    after a number, a single letter or a closing bracket is a factorial ("5!", "n!", "(n+1)!")
+    after a number, a single letter or a closing parenthesis is a factorial ("5!", "n!", "(n+1)!")
     and stays."""
     stripped = text.rstrip(_END_PUNCTUATION)
     bangs = len(text) - len(stripped) - len(text[len(stripped) :].lstrip("!"))

@@ -503,24 +503,26 @@ class _RemovedWhileJudged(CosinePolicy):
         return await super().judge(query, cached, similarity, requirement)
 
 
-@pytest.mark.parametrize("removal", ["invalidate", "thumbs-down"])
+@pytest.mark.parametrize("removal", ["invalidate", "thumbs-down", "another replica"])
 async def test_an_entry_removed_while_the_verifier_judges_it_is_not_served(
     clock: ManualClock, removal: str
 ) -> None:
-    # Before: the lookup went on to serve the answer the caller had just removed.
+    # Before: the lookup went on to serve the answer just removed. Removed behind the cache's
+    # back (another replica's delete), it leaves the index too.
     policy = _RemovedWhileJudged()
-    cache = SemanticCache(
-        InMemoryEntryStore(10, clock), ScopedFaissIndex(EMBED.dimension), clock, policy=policy
-    )
+    store = InMemoryEntryStore(10, clock)
+    cache = SemanticCache(store, ScopedFaissIndex(EMBED.dimension), clock, policy=policy)
     removed = await cache.store(new_entry("how do I reset my password"))
     assert removed is not None
-    if removal == "invalidate":
-        policy.meanwhile = lambda: cache.invalidate_ids("acme", [removed.entry_id])
-    else:
-        policy.meanwhile = lambda: cache.distrust("acme", removed.entry_id)
+    policy.meanwhile = {
+        "invalidate": lambda: cache.invalidate_ids("acme", [removed.entry_id]),
+        "thumbs-down": lambda: cache.distrust("acme", removed.entry_id),
+        "another replica": lambda: store.delete([removed.entry_id]),
+    }[removal]
     query = vec("how do I reset my password")
     assert await cache.lookup_semantic("acme:s1", "", query, HitRequirement(0.5)) is None
     assert await cache.get("acme", removed.entry_id) is None
+    assert cache.index.search("acme:s1", query, 1) == []
 
 
 async def test_the_embedded_store_says_whether_a_hit_found_its_entry(clock: ManualClock) -> None:

@@ -194,6 +194,8 @@ def test_prompts_that_differ_in_meaning_have_their_own_exact_keys(one: str, othe
     ("variant", "plain"),
     [
         ("print(1)\r\n  x = 2\r\n", "print(1)\n  x = 2"),  # Windows line ends
+        ("print(1)\r  x = 2", "print(1)\n  x = 2"),  # classic Mac OS line ends
+        ("What is it?\n?\n", "what is it"),  # end punctuation over line breaks
         ("    a = 1\n      b\n    c", "a = 1\n  b\nc"),  # common indentation only
         ("a  =\t1   \nb    2", "a = 1\nb 2"),  # spaces within a line, trailing ones
         ("\n\nfirst\n\n\n\nsecond\n\n", "first\n\nsecond"),  # blank lines at the ends, runs
