@@ -659,6 +659,31 @@ async def test_a_pause_within_the_call_deadline_is_waited(
     assert pauses == [1.0]
 
 
+async def test_a_backoff_past_half_the_time_left_fails_over_at_once(
+    make_client: Any, pauses: list[float]
+) -> None:
+    # Before: the 0.3 s backoff was slept with 0.2 s left after it, the retry then timed out,
+    # and the next provider was left no time either.
+    recorder = Recorder(httpx.Response(500), completion())
+    client = make_client(recorder, backoff_seconds=(0.3, 0.3))
+    with pytest.raises(UpstreamError, match="HTTP 500") as caught:
+        async with provider_deadline(0.5):
+            await client.complete(MESSAGES, GenerationParams())
+    assert caught.value.retryable is True  # the next provider is tried
+    assert recorder.calls == 1
+    assert pauses == []
+
+
+async def test_a_backoff_within_half_the_time_left_is_slept(
+    make_client: Any, pauses: list[float]
+) -> None:
+    recorder = Recorder(httpx.Response(500), sse(chunk("4", finish_reason="stop")))
+    client = make_client(recorder, backoff_seconds=(0.3, 0.3))
+    async with provider_deadline(30.0):
+        assert await collect(client.stream(MESSAGES, GenerationParams())) == ["4"]
+    assert pauses == [0.3]
+
+
 @pytest.mark.parametrize(
     ("header", "seconds"),
     [

@@ -78,6 +78,14 @@ def _asked_wait(state: RetryCallState) -> float | None:
     return exc.retry_after if isinstance(exc, ProviderAskedToWait) else None
 
 
+def _past_half_the_time_left(pause: float) -> bool:
+    """No retry after a pause (a Retry-After or the backoff) of half the time the provider
+    call has left or more: a retry that wakes just before the deadline times out, and leaves
+    the next provider no time either."""
+    left = seconds_left()
+    return left is not None and pause >= left / 2
+
+
 def retry_after_seconds(value: str, now: datetime | None = None) -> float | None:
     """A Retry-After header (delay-seconds or an HTTP-date) as seconds from `now`; None when
     it is neither."""
@@ -228,7 +236,12 @@ class OpenAIChatClient:
             return max(backoff(state), _asked_wait(state) or 0.0)
 
         def stop(state: RetryCallState) -> bool:
-            return state.attempt_number >= self._max_attempts or self._asked_too_long(state)
+            # tenacity has already planned the pause (upcoming_sleep) when it asks stop.
+            return (
+                state.attempt_number >= self._max_attempts
+                or self._asked_too_long(state)
+                or _past_half_the_time_left(state.upcoming_sleep)
+            )
 
         return AsyncRetrying(
             stop=stop,
@@ -238,14 +251,9 @@ class OpenAIChatClient:
         )
 
     def _asked_too_long(self, state: RetryCallState) -> bool:
-        """No retry when the provider asked for a pause past the bound or past half the time
-        the call has left: a retry that wakes just before the deadline times out, and leaves
-        the next provider no time either."""
+        """No retry when the provider asked for a pause past the bound."""
         asked = _asked_wait(state)
-        if asked is None:
-            return False
-        left = seconds_left()
-        return asked > self._max_retry_after or (left is not None and asked >= left / 2)
+        return asked is not None and asked > self._max_retry_after
 
     def _error(self, what: str, *, retryable: bool) -> UpstreamError:
         return UpstreamError(f"{self._where}: {what}", retryable=retryable)
