@@ -134,8 +134,9 @@ class RetrySettings(_Section):
     max_retry_after_seconds: float = Field(
         5.0,
         ge=0,
-        description="longest Retry-After (429/5xx) waited out before the retry; a longer one, "
-        "or one past half the time the provider has left, moves on to the next provider at once",
+        description="longest Retry-After (408/409/429/5xx) waited out before the retry; a longer "
+        "one, or one past half the time the provider has left, moves on to the next provider at "
+        "once",
     )
 
 

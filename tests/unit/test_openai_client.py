@@ -393,7 +393,9 @@ async def test_prompt_estimate_counts_the_line_between_messages(make_client: Any
 # --- failures and retries ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
+# 408 and 409 as OpenAI's own SDK has them: a request the server gave up waiting for, or one
+# that lost a race (a lock held a moment), says nothing against the request itself.
+@pytest.mark.parametrize("status", [408, 409, 429, 500, 502, 503, 504])
 async def test_retryable_status_is_tried_twice_then_raised(make_client: Any, status: int) -> None:
     recorder = Recorder(httpx.Response(status, json={"error": {"message": "provider says no"}}))
     with pytest.raises(UpstreamError) as caught:
@@ -603,7 +605,7 @@ async def test_default_backoff_pauses_between_attempts(make_client: Any) -> None
     assert 0.045 <= pause < 0.5
 
 
-@pytest.mark.parametrize("status", [429, 503])
+@pytest.mark.parametrize("status", [408, 409, 429, 503])
 async def test_a_retry_waits_the_pause_the_provider_asked_for(
     make_client: Any, pauses: list[float], status: int
 ) -> None:

@@ -173,7 +173,8 @@ def _failed(provider: Provider, exc: BaseException, budget: float) -> str:
         provider.breaker.record_failure()
         return f"{provider.name} ({provider.model}): no answer within {budget:.2f}s (deadline)"
     if isinstance(exc, UpstreamError):
-        # A request the provider refuses (4xx) says nothing about the provider's health.
+        # A request the provider refuses (a 4xx other than 408/409/429) says nothing about the
+        # provider's health.
         if exc.retryable:
             provider.breaker.record_failure()
         else:

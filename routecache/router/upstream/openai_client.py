@@ -339,7 +339,9 @@ class OpenAIChatClient:
         if response.is_success:
             return
         status = response.status_code
-        retryable = status == 429 or status >= 500
+        # As OpenAI's own SDK retries: 408 (the server gave up waiting for the request) and
+        # 409 (a conflict of the moment, such as a lock) are no fault of the request's.
+        retryable = status in (408, 409, 429) or status >= 500
         try:
             # The body is read here, after _send and outside its error mapping.
             detail = _provider_message(await self._read_body(response))
