@@ -960,12 +960,39 @@ async def test_a_stream_line_past_the_bound_is_not_read_on(make_client: Any) -> 
 async def test_a_stream_longer_than_the_bound_in_lines_within_it_is_read(
     make_client: Any,
 ) -> None:
-    # The bound is on one line, not on the stream; lines end at \n, \r\n or \r.
+    # The bound is on one line, and four times it on the stream; lines end at \n, \r\n or \r.
     line = sse_line(chunk("x" * 100))
-    events = [line, line.replace(b"\n", b"\r\n"), line.replace(b"\n", b"\r")] * 5
+    events = [line, line.replace(b"\n", b"\r\n"), line.replace(b"\n", b"\r")]
     body = TrackedStream(*events, sse_line(chunk(finish_reason="stop")))
     client = make_client(Recorder(httpx.Response(200, stream=body)), max_response_bytes=len(line))
-    assert "".join(await collect(client.stream(MESSAGES, GenerationParams()))) == "x" * 1_500
+    assert "".join(await collect(client.stream(MESSAGES, GenerationParams()))) == "x" * 300
+
+
+async def test_a_stream_past_four_times_the_bound_is_not_read_on(make_client: Any) -> None:
+    # Before: only each line was bounded, and a provider streaming without end was read on
+    # until the deadline (here: into the ReadError).
+    line = sse_line(chunk("x" * 100))
+    answer, bodies = answers_streamed(200, *[line] * 9, httpx.ReadError("read too far"))
+    client = make_client(answer, max_response_bytes=2 * len(line))
+    received: list[str] = []
+    with pytest.raises(UpstreamError, match=f"stream over {8 * len(line)} bytes") as caught:
+        await collect(client.stream(MESSAGES, GenerationParams()), received)
+    assert caught.value.retryable is True  # like any malformed answer
+    assert received == ["x" * 100] * 8  # what came within the bound was passed on
+    assert len(bodies) == 1 and bodies[0].closed
+
+
+async def test_a_stream_of_exactly_four_times_the_bound_is_read(make_client: Any) -> None:
+    line = sse_line(chunk("x" * 100, finish_reason="stop"))
+
+    def stream_bounded_by(bound: int) -> AsyncIterator[str]:
+        recorder = Recorder(httpx.Response(200, content=line * 4))
+        client: OpenAIChatClient = make_client(recorder, max_response_bytes=bound)
+        return client.stream(MESSAGES, GenerationParams())
+
+    assert "".join(await collect(stream_bounded_by(len(line)))) == "x" * 400
+    with pytest.raises(UpstreamError, match="stream over"):
+        await collect(stream_bounded_by(len(line) - 1))
 
 
 async def test_a_complete_stream_line_past_the_bound_fails(make_client: Any) -> None:
