@@ -60,8 +60,6 @@ class TenantStatsBook:
         """Counts each response once, with its latest rating (as the notebook's analysis does,
         routecache/analysis/cache_hits.py): `previous` is the response's earlier rating, if it
         had one, which a changed mind takes back."""
-        if previous == thumbs_up:
-            return
         counters = self._counters(tenant)
         if previous is not None:
             counters.thumbs_up -= int(previous)

@@ -177,6 +177,7 @@ class _DownStore(InMemoryEntryStore):
     def __init__(self, clock: ManualClock) -> None:
         super().__init__(max_entries=10, clock=clock)
         self.down = False
+        self.refusing_deletes = False  # as Redis out of memory: reads answered, writes refused
 
     async def put(self, entry):  # type: ignore[no-untyped-def]
         self._fail()
@@ -197,6 +198,11 @@ class _DownStore(InMemoryEntryStore):
     async def most_served(self, tenant, n):  # type: ignore[no-untyped-def]
         self._fail()
         return await super().most_served(tenant, n)
+
+    async def delete(self, entry_ids):  # type: ignore[no-untyped-def]
+        if self.down or self.refusing_deletes:
+            raise StoreUnavailable("refused")
+        return await super().delete(entry_ids)
 
     def _fail(self) -> None:
         if self.down:
@@ -274,6 +280,22 @@ async def test_a_thumbs_down_while_the_store_is_down_removes_the_entry_once_it_i
     assert await cache.lookup_exact("acme:s1", prompt) is None
     assert await cache.lookup_semantic("acme:s1", "", vec(prompt), HitRequirement(0.5)) is None
     assert await cache.get("acme", bad) is None and len(cache.index) == 0
+
+
+async def test_an_owed_removal_the_store_still_refuses_is_not_served_meanwhile(
+    clock: ManualClock,
+) -> None:
+    prompt = "how do I reset my password today"
+    store, cache, [bad] = await _down_cache_of(clock, prompt)
+    with pytest.raises(Unavailable):
+        await cache.distrust("acme", bad)
+    store.down, store.refusing_deletes = False, True
+    assert await cache.lookup_exact("acme:s1", prompt) is None
+    assert await cache.lookup_semantic("acme:s1", "", vec(prompt), HitRequirement(0.5)) is None
+    assert await cache.lookup_stale("acme:s1", prompt, vec(prompt), HitRequirement(0.5)) is None
+    store.refusing_deletes = False
+    assert await cache.lookup_exact("acme:s1", prompt) is None
+    assert await cache.get("acme", bad) is None
 
 
 async def test_removals_owed_while_the_store_is_down_are_bounded_oldest_dropped_first(
