@@ -31,6 +31,7 @@ from pydantic_settings import (
 )
 
 from routecache.domain import OperatingPoint
+from routecache.router.auth import reused_digest
 
 CONFIG_ENV_VAR = "ROUTECACHE_CONFIG"
 
@@ -532,13 +533,7 @@ class Settings(BaseSettings):
         for tenant in tenants:
             for digest in tenant.api_key_sha256:
                 if digest in owner:
-                    where = (
-                        f"tenant {tenant.name} lists an API key digest twice"
-                        if owner[digest] == tenant.name
-                        else f"an API key digest is configured for tenants {owner[digest]} and "
-                        f"{tenant.name}"
-                    )
-                    raise ValueError(f"{where}: {digest}")
+                    raise ValueError(reused_digest(owner[digest], tenant.name, digest))
                 owner[digest] = tenant.name
         return tenants
 

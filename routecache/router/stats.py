@@ -56,8 +56,14 @@ class TenantStatsBook:
         counters.requests += 1
         counters.validation_failures += int(validation)
 
-    def record_feedback(self, tenant: str, thumbs_up: bool) -> None:
+    def record_feedback(self, tenant: str, thumbs_up: bool, previous: bool | None = None) -> None:
+        """Counts each response once, with its latest rating (as the notebook's analysis does,
+        routecache/analysis/cache_hits.py): `previous` is the response's earlier rating, if it
+        had one, which a changed mind takes back."""
         counters = self._counters(tenant)
+        if previous is not None:
+            counters.thumbs_up -= int(previous)
+            counters.thumbs_down -= int(not previous)
         counters.thumbs_up += int(thumbs_up)
         counters.thumbs_down += int(not thumbs_up)
 
@@ -71,6 +77,7 @@ class ServedResponse:
     entry_id: str  # the cache entry that served or was written by this response; "" if none
     cache_outcome: CacheOutcome
     similarity: float = 0.0
+    rating: bool | None = None  # the latest feedback: True thumbs-up, None not rated yet
 
 
 class ResponseRegistry:
@@ -95,3 +102,13 @@ class ResponseRegistry:
     def find(self, tenant: str, response_id: str) -> ServedResponse | None:
         responses = self._by_tenant.get(tenant)
         return None if responses is None else responses.get(response_id)
+
+    def rate(self, tenant: str, response_id: str, thumbs_up: bool) -> bool | None:
+        """Notes the response's latest rating (kept with it, so within the same bound); returns
+        the one before, None if none or if the response is no longer remembered."""
+        responses = self._by_tenant.get(tenant)
+        served = None if responses is None else responses.get(response_id)
+        if responses is None or served is None:
+            return None
+        responses[response_id] = replace(served, rating=thumbs_up)  # keeps its age in the order
+        return served.rating

@@ -4,6 +4,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from routecache.cache import semantic_cache
 from routecache.cache.embedder import HashEmbedder
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.hit_policy import HitRequirement
@@ -176,6 +177,7 @@ class _DownStore(InMemoryEntryStore):
     def __init__(self, clock: ManualClock) -> None:
         super().__init__(max_entries=10, clock=clock)
         self.down = False
+        self.refusing_deletes = False  # as Redis out of memory: reads answered, writes refused
 
     async def put(self, entry):  # type: ignore[no-untyped-def]
         self._fail()
@@ -196,6 +198,11 @@ class _DownStore(InMemoryEntryStore):
     async def most_served(self, tenant, n):  # type: ignore[no-untyped-def]
         self._fail()
         return await super().most_served(tenant, n)
+
+    async def delete(self, entry_ids):  # type: ignore[no-untyped-def]
+        if self.down or self.refusing_deletes:
+            raise StoreUnavailable("refused")
+        return await super().delete(entry_ids)
 
     def _fail(self) -> None:
         if self.down:
@@ -238,13 +245,72 @@ async def test_stale_lookups_bypass_an_unavailable_store_and_feedback_and_stats_
     prompt = "how do I reset my password today"
     assert await cache.lookup_stale("acme:s1", prompt, vec(prompt), HitRequirement(0.5)) is None
     assert cache.bypassed == 1
-    with pytest.raises(Unavailable, match="record feedback"):
-        await cache.distrust("acme", kept.entry_id)
     with pytest.raises(Unavailable, match="read stats"):
         await cache.top_entries("acme", 3)
     store.down = False
     stale = await cache.lookup_stale("acme:s1", prompt, vec(prompt), HitRequirement(0.5))
     assert stale is not None and stale.entry.entry_id == kept.entry_id
+
+
+async def _down_cache_of(
+    clock: ManualClock, *prompts: str
+) -> tuple[_DownStore, SemanticCache, list[str]]:
+    """A cache over a store holding an entry of each prompt (ids returned), the store down."""
+    store = _DownStore(clock)
+    cache = SemanticCache(store, ScopedFaissIndex(EMBED.dimension), clock)
+    ids = []
+    for prompt in prompts:
+        entry = await cache.store(new_entry(prompt))
+        assert entry is not None
+        ids.append(entry.entry_id)
+    store.down = True
+    return store, cache, ids
+
+
+async def test_a_thumbs_down_while_the_store_is_down_removes_the_entry_once_it_is_back(
+    clock: ManualClock,
+) -> None:
+    # Before: the feedback failed UNAVAILABLE and the removal was lost: once the store was
+    # back the answer the user had rated bad was served again.
+    prompt = "how do I reset my password today"
+    store, cache, [bad] = await _down_cache_of(clock, prompt)
+    with pytest.raises(Unavailable, match=r"record feedback.*removed once the cache store"):
+        await cache.distrust("acme", bad)
+    store.down = False
+    assert await cache.lookup_exact("acme:s1", prompt) is None
+    assert await cache.lookup_semantic("acme:s1", "", vec(prompt), HitRequirement(0.5)) is None
+    assert await cache.get("acme", bad) is None and len(cache.index) == 0
+
+
+async def test_an_owed_removal_the_store_still_refuses_is_not_served_meanwhile(
+    clock: ManualClock,
+) -> None:
+    prompt = "how do I reset my password today"
+    store, cache, [bad] = await _down_cache_of(clock, prompt)
+    with pytest.raises(Unavailable):
+        await cache.distrust("acme", bad)
+    store.down, store.refusing_deletes = False, True
+    assert await cache.lookup_exact("acme:s1", prompt) is None
+    assert await cache.lookup_semantic("acme:s1", "", vec(prompt), HitRequirement(0.5)) is None
+    assert await cache.lookup_stale("acme:s1", prompt, vec(prompt), HitRequirement(0.5)) is None
+    store.refusing_deletes = False
+    assert await cache.lookup_exact("acme:s1", prompt) is None
+    assert await cache.get("acme", bad) is None
+
+
+async def test_removals_owed_while_the_store_is_down_are_bounded_oldest_dropped_first(
+    clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(semantic_cache, "MAX_OWED_REMOVALS", 2)
+    prompts = ("first question asked", "second question asked", "third question asked")
+    store, cache, [first, second, third] = await _down_cache_of(clock, *prompts)
+    for entry_id in (first, second, third):
+        with pytest.raises(Unavailable):
+            await cache.distrust("acme", entry_id)
+    store.down = False
+    hit = await cache.lookup_exact("acme:s1", prompts[0])  # settles the two owed removals
+    assert hit is not None and hit.entry.entry_id == first
+    assert await cache.get("acme", second) is None and await cache.get("acme", third) is None
 
 
 async def test_stats_leave_out_entries_past_expiry_and_grace_as_redis_does(

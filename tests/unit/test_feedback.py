@@ -120,7 +120,7 @@ async def test_feedback_lands_in_events_stats_and_telemetry(harness: Harness) ->
     assert feedback[1]["similarity"] == pytest.approx(hit.cache.similarity)
     assert harness.telemetry.feedback_seen == [("acme", True, False), ("acme", False, True)]
     stats = await pipeline.admin.stats(ACME)
-    assert (stats.thumbs_up, stats.thumbs_down) == (1, 1)
+    assert (stats.thumbs_up, stats.thumbs_down) == (0, 1)  # the latest rating of the response
     with pytest.raises(InvalidArgument):
         await pipeline.admin.feedback(Feedback("", thumbs_up=True), ACME)
 
@@ -174,7 +174,24 @@ async def test_feedback_events_carry_request_and_entry_and_a_repeat_removes_noth
         assert event["cache_outcome"] == CacheOutcome.SEMANTIC.value
     assert feedback[0]["comment"] == "spot on"
     stats = await pipeline.admin.stats(ACME)
-    assert (stats.thumbs_up, stats.thumbs_down) == (1, 2)
+    assert (stats.thumbs_up, stats.thumbs_down) == (0, 1)
+
+
+async def test_stats_count_each_response_once_with_its_latest_rating_as_the_notebook_does(
+    harness: Harness,
+) -> None:
+    # GetStats counted every rating: a response rated down, then up (a changed mind) was one
+    # thumbs-down and one thumbs-up, where the notebook (routecache/analysis) counts one up.
+    pipeline = harness.service.pipeline
+    first = await pipeline.complete(ask("how tall is the eiffel tower"), ACME)
+    second = await pipeline.complete(ask("what is the capital of peru"), ACME)
+    for response, thumbs_up in ((first, False), (first, True), (second, True), (second, True)):
+        await pipeline.admin.feedback(Feedback(response.response_id, thumbs_up), ACME)
+    stats = await pipeline.admin.stats(ACME)
+    assert (stats.thumbs_up, stats.thumbs_down) == (2, 0)
+    await pipeline.admin.feedback(Feedback(second.response_id, thumbs_up=False), ACME)
+    stats = await pipeline.admin.stats(ACME)
+    assert (stats.thumbs_up, stats.thumbs_down) == (1, 1)
 
 
 async def test_a_penalised_neighbour_is_served_at_threshold_plus_penalty_exactly() -> None:
