@@ -65,8 +65,9 @@ def test_a_torn_graph_is_a_clear_error_naming_it(tmp_path: Path) -> None:
         OnnxCrossEncoder(graph)
 
 
-def _one_input_graph(path: Path) -> Path:
-    """A graph with the verifier's output but only one of its three inputs."""
+def _one_input_graph(path: Path, ir_version: int | None = None) -> Path:
+    """A graph with the verifier's output but only one of its three inputs; stamped with
+    IR_VERSION where given."""
     from onnx import TensorProto, helper, save
 
     ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, [None, None])
@@ -74,7 +75,10 @@ def _one_input_graph(path: Path) -> Path:
     graph = helper.make_graph(
         [helper.make_node("Identity", ["input_ids"], [OUTPUT])], "g", [ids], [logit]
     )
-    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if ir_version is not None:
+        model.ir_version = ir_version
+    save(model, str(path))
     return path
 
 
@@ -98,3 +102,11 @@ def test_a_pair_longer_than_the_model_takes_is_scored_truncated(
     pasted = "a question pasted with its whole log " * 120  # past the model's 512 positions
     [logit] = one_order.logits([(pasted, PARAPHRASE[0])])
     assert np.isfinite(logit)
+
+
+def test_a_whole_graph_onnx_runtime_refuses_is_not_called_torn(tmp_path: Path) -> None:
+    # Before: a graph of an IR version this ONNX Runtime cannot read was "empty, torn or
+    # another format", sending the operator after a file that is whole.
+    graph = _one_input_graph(tmp_path / "new.onnx", ir_version=99)
+    with pytest.raises(ValueError, match=f"{graph} is a whole ONNX model .*IR version: 99"):
+        OnnxCrossEncoder(graph)
