@@ -14,6 +14,7 @@ from routecache.cache.cross_encoder import (
     packaged_verifier_dir,
 )
 from routecache.cache.onnx_embedder import ensure_onnx_export
+from tests.onnx_graphs import identity_model
 
 PARAPHRASE = ("How are hydrogen bombs made?", "How do they make a hydrogen bomb?")
 OTHER = ("What is the capital of France?", "What is the capital of Germany?")
@@ -66,19 +67,8 @@ def test_a_torn_graph_is_a_clear_error_naming_it(tmp_path: Path) -> None:
 
 
 def _one_input_graph(path: Path, ir_version: int | None = None) -> Path:
-    """A graph with the verifier's output but only one of its three inputs; stamped with
-    IR_VERSION where given."""
-    from onnx import TensorProto, helper, save
-
-    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, [None, None])
-    logit = helper.make_tensor_value_info(OUTPUT, TensorProto.INT64, [None, None])
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["input_ids"], [OUTPUT])], "g", [ids], [logit]
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    if ir_version is not None:
-        model.ir_version = ir_version
-    save(model, str(path))
+    """A graph with the verifier's output but only one of its three inputs."""
+    path.write_bytes(identity_model("input_ids", OUTPUT, ir_version=ir_version))
     return path
 
 

@@ -24,6 +24,7 @@ from routecache.cache.onnx_embedder import (
 from routecache.router.bootstrap import build_embedder
 from routecache.router.cli import main
 from routecache.router.settings import ConfigError, load_settings
+from tests.onnx_graphs import identity_model
 from tests.unit.conftest import record_fsyncs
 
 pytestmark = pytest.mark.integration
@@ -212,25 +213,13 @@ def test_a_start_removes_killed_exports_scratch_unless_an_export_holds_the_folde
     assert not killed.exists()
 
 
-def _graph_of_ir_version(version: int) -> bytes:
-    """A whole, valid ONNX model stamped with an IR version ONNX Runtime may not read."""
-    from onnx import TensorProto, helper
-
-    ids = helper.make_tensor_value_info("x", TensorProto.INT64, [None])
-    out = helper.make_tensor_value_info("y", TensorProto.INT64, [None])
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [ids], [out])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = version
-    return bytes(model.SerializeToString())
-
-
 @pytest.mark.parametrize("where", ["cached", "exported"])
 def test_a_whole_graph_onnx_runtime_refuses_is_one_error_not_an_export_every_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
     # Before: ONNX Runtime's FAIL for an IR version it cannot read was taken for a torn graph,
     # so every start exported again (~30 s) and then failed with the same FAIL traceback.
-    too_new = _graph_of_ir_version(99)
+    too_new = identity_model("x", "y", ir_version=99)
     cached, export = (too_new, None) if where == "cached" else (b"torn", too_new)
     path, exported = _torn_graph_and_exports(tmp_path, cached, monkeypatch, export=export)
     with pytest.raises(ValueError) as refused:
@@ -244,7 +233,7 @@ def test_a_whole_graph_onnx_runtime_refuses_is_one_error_not_an_export_every_sta
 def test_a_refused_whole_graph_stops_the_start_naming_the_setting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _torn_graph_and_exports(tmp_path, _graph_of_ir_version(99), monkeypatch)
+    _torn_graph_and_exports(tmp_path, identity_model("x", "y", ir_version=99), monkeypatch)
     settings = load_settings(cache={"embedder": "minilm-onnx", "onnx_dir": tmp_path})
     with pytest.raises(ConfigError, match=f"cache.onnx_dir: .*{re.escape(str(tmp_path))}"):
         build_embedder(settings)
