@@ -29,7 +29,7 @@ from routecache.cache.embedding_worker import BatchPolicy, EmbeddingWorker
 from routecache.cache.faiss_index import IndexPolicy, ScopedFaissIndex
 from routecache.cache.hit_policy import CosinePolicy, HitPolicy, PolicyCalibration, VerifiedPolicy
 from routecache.cache.memory_store import InMemoryEntryStore
-from routecache.cache.onnx_embedder import OnnxMiniLMEmbedder
+from routecache.cache.onnx_embedder import OnnxCacheError, OnnxMiniLMEmbedder
 from routecache.cache.ports import Embedder, EntryStore, VectorIndex
 from routecache.cache.semantic_cache import Distrust, SemanticCache
 from routecache.cache.snapshot import SnapshotError
@@ -145,7 +145,10 @@ def build_embedder(settings: Settings) -> Embedder:
         return HashEmbedder()
     if settings.cache.embedder == "minilm":
         return MiniLMEmbedder()
-    return OnnxMiniLMEmbedder(onnx_dir=settings.cache.onnx_dir)
+    try:
+        return OnnxMiniLMEmbedder(onnx_dir=settings.cache.onnx_dir)
+    except OnnxCacheError as error:  # a read-only folder, a graph this runtime cannot read
+        raise ConfigError(f"cache.onnx_dir: {error}") from error
 
 
 def build_hit_policy(settings: Settings, embedder_name: str | None = None) -> HitPolicy:
