@@ -231,7 +231,8 @@ class ReplicaSync:
     async def poll(self) -> int:
         """Reads and applies one batch of sync operations; returns how many of them were other
         replicas' (each counted, though only an id's last one in the batch decides its state).
-        Raises RedisRefused when no tenant's stream could be read, so the round pauses."""
+        Raises RedisRefused, so the round pauses, when no stream could be read, or each only
+        alone (the one XREAD of them all refused again and again)."""
         if not self._last:
             return 0
         count = 0
