@@ -261,7 +261,8 @@ class ReplicaSync:
         return count + await self._apply_all(answer)
 
     async def _read_each(self, tenants: Sequence[str]) -> int:
-        """Reads each tenant's stream alone (not blocking); one Redis refuses joins `refused`."""
+        """Reads each tenant's stream alone (not blocking); a tenant whose read fails is left
+        out of the XREAD of them all until it reads again."""
         count = 0
 
         async def read_one(tenant: str) -> None:
