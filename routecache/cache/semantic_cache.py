@@ -140,9 +140,7 @@ class SemanticCache:
         """The nearest live entry of this scope, if the hit policy accepts it for the prompt."""
         await self._settle_owed()
         try:
-            return await self._nearest(
-                scope, prompt, vector, requirement, forced, self._is_live, True
-            )
+            return await self._nearest(scope, prompt, vector, requirement, forced, self._is_live)
         except StoreUnavailable:
             self.bypassed += 1
             return None
@@ -161,8 +159,9 @@ class SemanticCache:
                 return await self._hit(entry, CacheOutcome.EXACT, 1.0)
             if vector is None:
                 return None
+            # Penalised as a normal lookup: the grace relaxes freshness, not the distrust.
             return await self._nearest(
-                scope, prompt, vector, requirement, forced, self._is_servable, False
+                scope, prompt, vector, requirement, forced, self._is_servable
             )
         except StoreUnavailable:
             self.bypassed += 1
@@ -176,7 +175,6 @@ class SemanticCache:
         requirement: HitRequirement,
         forced: Tier | None,
         usable: Callable[[CacheEntry], Awaitable[bool]],
-        penalised: bool,
     ) -> CacheHit | None:
         floor = self._policy.floor(requirement)
         # The store is the truth: an entry the index still holds but the store no longer
@@ -184,7 +182,7 @@ class SemanticCache:
         for neighbour in self._index.search(scope, vector, self._candidates):
             if neighbour.similarity < floor:
                 return None  # neighbours come best first
-            if penalised and neighbour.similarity < floor + self.penalty_of(neighbour.entry_id):
+            if neighbour.similarity < floor + self.penalty_of(neighbour.entry_id):
                 continue
             entry = await self._store.get(neighbour.entry_id)
             if entry is None:

@@ -407,7 +407,7 @@ async def test_a_tenant_whose_entries_are_all_gone_leaves_nothing_in_the_store_m
     for prompt in ("one", "two"):
         await cache.store(new_entry(prompt, tags=("doc-1",)))
     assert await cache.invalidate_tenant("acme") == 2
-    assert (store._by_tenant, store._by_tag, store._by_exact_key) == ({}, {}, {})
+    assert (store._by_tenant, store._by_tag, store._by_exact_key, store._by_end) == ({}, {}, {}, {})
 
 
 async def test_an_entry_put_again_under_its_id_drops_its_old_exact_key(clock: ManualClock) -> None:
@@ -509,3 +509,21 @@ async def test_a_hit_reports_its_age_since_stored_and_a_stale_exact_hit_is_exact
     stale = await cache.lookup_stale("acme:s1", "how old is this", None, HitRequirement(0.5))
     assert stale is not None and stale.outcome is CacheOutcome.EXACT and stale.similarity == 1.0
     assert stale.age_seconds == 30.0
+
+
+async def test_the_bound_drops_entries_past_their_grace_before_evicting_a_live_one(
+    clock: ManualClock,
+) -> None:
+    # As Redis's PUT does (it purges expired entries first): the dead entries are not counted,
+    # so evicting a live one for them would shrink the cache below its bound.
+    store, cache = store_and_cache(clock, max_entries=2)
+    live = await cache.store(new_entry("live", ttl=1000))
+    dead = await cache.store(new_entry("dead", ttl=5))
+    assert live is not None and dead is not None
+    assert await cache.lookup_exact("acme:s1", "dead") is not None  # the most recently used
+    clock.advance(10)
+    assert await cache.store(new_entry("new")) is not None
+    assert await store.get(live.entry_id) is not None
+    assert await store.get(dead.entry_id) is None
+    assert dead.entry_id not in [n.entry_id for n in cache.index.search("acme:s1", vec("dead"), 4)]
+    assert await cache.entry_count("acme") == 2

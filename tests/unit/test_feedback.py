@@ -210,18 +210,21 @@ async def test_a_penalised_neighbour_is_served_at_threshold_plus_penalty_exactly
     assert hit is not None and hit.entry.entry_id == neighbour
 
 
-async def test_a_stale_answer_for_an_outage_ignores_distrust_penalties(
+async def test_a_stale_answer_for_an_outage_keeps_the_distrust_penalties(
     cache: SemanticCache,
 ) -> None:
-    # With no provider answering, a neighbour of a thumbed-down answer that still clears the
-    # plain threshold is better than an error: the penalty gates fresh hits only.
+    # The grace relaxes freshness, not the evidence that the neighbours of a thumbed-down
+    # answer may answer another question: a stale lookup served what a normal one refused,
+    # flagged stale only, as if merely old.
     bad = await put(cache, "capital of France", at_angle(0.0))
     neighbour_angle = math.acos(0.95)
     neighbour = await put(cache, "capital of Spain", at_angle(neighbour_angle))
     await cache.distrust("acme", bad)
     query = at_angle(neighbour_angle + math.acos(0.92))
     assert await cache.lookup_semantic(SCOPE, "", query, HitRequirement(0.9)) is None
-    stale = await cache.lookup_stale(SCOPE, "", query, HitRequirement(0.9))
+    assert await cache.lookup_stale(SCOPE, "", query, HitRequirement(0.9)) is None
+    clearing = at_angle(neighbour_angle + math.acos(0.96))  # clears threshold + penalty
+    stale = await cache.lookup_stale(SCOPE, "", clearing, HitRequirement(0.9))
     assert stale is not None and stale.entry.entry_id == neighbour
 
 
