@@ -42,7 +42,7 @@ from routecache.router.logs import REQUEST_ID
 from routecache.router.ports import EventSink, SpendLedger
 from routecache.router.quotas import InMemoryQuotaLimiter
 from routecache.router.settings import LimitSettings
-from routecache.router.single_flight import SingleFlight
+from routecache.router.single_flight import SingleFlight, WaitedTooLong
 from routecache.router.stats import ResponseRegistry, ServedResponse, TenantStatsBook
 from routecache.router.telemetry import (
     NullTelemetry,
@@ -318,9 +318,15 @@ class Pipeline:
                 flight_key,
                 lambda: self._book_and_generate(tenant, request, tier, deadline),
                 lambda error: _not_mine(error, deadline),
+                # A caller joining a call made under a later deadline waits no longer than
+                # it would for its own call, so that its stale answer still comes in time.
+                patience=self._p.generator.failover.seconds_for_calls(deadline),
             )
         except Unavailable as error:  # the caller that booked the call released it
             return await self._stale(tenant, request, scope, vector, latency, error), 0
+        except WaitedTooLong as waited:  # the shared call goes on for its maker
+            late = Unavailable(f"an identical request's call did not answer in time: {waited}")
+            return await self._stale(tenant, request, scope, vector, latency, late), 0
         latency.upstream_ms, latency.validate_ms = generated.upstream_ms, generated.validate_ms
         await self._costs.settle(tenant, request, None if shared else booking, generated)
         entry_id = ""
