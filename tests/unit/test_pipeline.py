@@ -214,6 +214,17 @@ async def test_failing_cheap_answer_escalates_and_only_the_valid_answer_is_store
     assert (stats.cheap_calls, stats.strong_calls, stats.escalations) == (1, 1, 1)
 
 
+async def test_stats_count_each_call_a_request_made_a_retry_included() -> None:
+    # retry: cheap, cheap again, then strong; the request counts three calls, two of them cheap.
+    harness = make_harness(validators=[{"kind": "json_schema", "on_fail": "retry"}])
+    pipeline = harness.service.pipeline
+    done = await pipeline.complete(json_request("list three colours"), ACME)
+    assert done.validation.escalated and len(harness.cheap.calls) == 2
+    stats = await pipeline.admin.stats(ACME)
+    assert (stats.cheap_calls, stats.strong_calls, stats.escalations) == (2, 1, 1)
+    await harness.service.aclose()
+
+
 async def test_no_valid_answer_is_failed_validation_and_nothing_is_stored(harness: Harness) -> None:
     harness.strong.answer = harness.cheap.answer
     pipeline = harness.service.pipeline
