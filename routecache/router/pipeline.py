@@ -234,8 +234,7 @@ class Pipeline:
                     sent.append(event)
                     yield event
         except FailedValidation as error:
-            await self._costs.settle_refused(tenant, request, booking, error)
-            self._stats.record_refused_calls(tenant.name, error)
+            await self._refused(tenant, request, booking, error)
             raise
         except AllProvidersFailed as error:  # nothing was sent yet: a stale answer may do
             await self._costs.release(booking)
@@ -351,14 +350,22 @@ class Pipeline:
                 booking.request, booking.tier, tenant=tenant.name, deadline=deadline,
                 cheap_only=booking.cheap_only,
             )  # fmt: skip
-        except FailedValidation as error:  # paid for, though nothing is served
-            await self._costs.settle_refused(tenant, request, booking, error)
-            self._stats.record_refused_calls(tenant.name, error)
+        except FailedValidation as error:
+            await self._refused(tenant, request, booking, error)
             raise
         except BaseException:
             await self._costs.release(booking)
             raise
         return generated, booking
+
+    async def _refused(
+        self, tenant: Tenant, request: ChatRequest, booking: Booking, error: FailedValidation
+    ) -> None:
+        """Answers refused by validation were paid for, though nothing is served: the spend,
+        GetStats and metrics count them, here in the request that made the calls only."""
+        await self._costs.settle_refused(tenant, request, booking, error)
+        self._stats.record_refused_calls(tenant.name, error)
+        self._p.telemetry.refused_spend(tenant.name, error)
 
     async def _stale(
         self,
