@@ -40,6 +40,7 @@ class Generated:
     calls: int
     provider: str = ""
     upstream_failures: tuple[str, ...] = ()  # providers that failed before one answered
+    strong_calls: int = 0  # of `calls`, those a strong-tier provider answered (the rest cheap)
 
 
 @dataclass
@@ -50,6 +51,7 @@ class _Tally:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     calls: int = 0
+    strong_calls: int = 0
     results: list[ValidatorResult] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
@@ -60,6 +62,7 @@ class _Tally:
         self.completion_tokens += reply.completion_tokens
         self.upstream_ms += elapsed_ms
         self.calls += 1
+        self.strong_calls += int(answered.tier is Tier.STRONG)
         self.failures += answered.failures
 
 
@@ -157,7 +160,7 @@ class Generator:
                 raise FailedValidation(
                     f"no answer passed validation ({failed})", report, cost_usd=tally.cost,
                     prompt_tokens=tally.prompt_tokens, calls=tally.calls,
-                    completion_tokens=tally.completion_tokens,
+                    completion_tokens=tally.completion_tokens, strong_calls=tally.strong_calls,
                 )  # fmt: skip
             retried = retried or decision is OnFail.RETRY
             if decision is OnFail.ESCALATE:
@@ -203,12 +206,13 @@ class Generator:
             raise FailedValidation(
                 f"the streamed answer failed validation ({failed})", report, cost_usd=cost,
                 prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, calls=1,
+                strong_calls=int(opened.tier is Tier.STRONG),
             )  # fmt: skip
         labelled = [r if r.passed else replace(r, action="flagged") for r in results]
         yield Generated(
             text, model, opened.tier, prompt_tokens, completion_tokens, cost,
             ValidationReport(tuple(labelled), passed=not failing), upstream_ms, validate_ms, 1,
-            opened.provider.name, opened.failures,
+            opened.provider.name, opened.failures, int(opened.tier is Tier.STRONG),
         )  # fmt: skip
 
     @staticmethod
@@ -234,7 +238,7 @@ class Generator:
         return Generated(
             text, answered.reply.model, answered.tier, tally.prompt_tokens,
             tally.completion_tokens, tally.cost, report, tally.upstream_ms, tally.validate_ms,
-            tally.calls, answered.provider.name, tuple(tally.failures),
+            tally.calls, answered.provider.name, tuple(tally.failures), tally.strong_calls,
         )  # fmt: skip
 
     def release_steps(self) -> list[ReleaseStep]:

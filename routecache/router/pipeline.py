@@ -42,7 +42,7 @@ from routecache.router.logs import REQUEST_ID
 from routecache.router.ports import EventSink, SpendLedger
 from routecache.router.quotas import InMemoryQuotaLimiter
 from routecache.router.settings import LimitSettings
-from routecache.router.single_flight import SingleFlight
+from routecache.router.single_flight import SingleFlight, WaitedTooLong
 from routecache.router.stats import ResponseRegistry, ServedResponse, TenantStatsBook
 from routecache.router.telemetry import (
     NullTelemetry,
@@ -127,12 +127,13 @@ class Pipeline:
         await self._admit(tenant, request)
         latency = LatencyBreakdown()
         try:
-            completion, calls = await self._answer(tenant, request, latency, deadline)
+            completion, generated = await self._answer(tenant, request, latency, deadline)
         except (FailedValidation, Unavailable) as error:
             self._fail(tenant, error)
             raise
         latency.total_ms = (time.perf_counter() - started) * 1000
-        self._stats.record_completion(tenant.name, completion, calls)
+        calls = (0, 0) if generated is None else (generated.calls, generated.strong_calls)
+        self._stats.record_completion(tenant.name, completion, *calls)
         self._emit_completion(tenant, request, completion)
         return completion
 
@@ -204,7 +205,7 @@ class Pipeline:
         for chunk in _chunks(hit.text):
             yield chunk
         latency.total_ms = (time.perf_counter() - started) * 1000
-        self._stats.record_completion(tenant.name, hit, 0)
+        self._stats.record_completion(tenant.name, hit)
         self._emit_completion(tenant, request, hit)
         yield hit
 
@@ -233,7 +234,7 @@ class Pipeline:
                     sent.append(event)
                     yield event
         except FailedValidation as error:
-            await self._costs.settle_refused(tenant, request, booking, error)
+            await self._refused(tenant, request, booking, error)
             raise
         except AllProvidersFailed as error:  # nothing was sent yet: a stale answer may do
             await self._costs.release(booking)
@@ -241,7 +242,7 @@ class Pipeline:
             for chunk in _chunks(stale.text):
                 yield chunk
             latency.total_ms = (time.perf_counter() - started) * 1000
-            self._stats.record_completion(tenant.name, stale, 0)
+            self._stats.record_completion(tenant.name, stale)
             self._emit_completion(tenant, request, stale)
             yield stale
             return
@@ -258,7 +259,7 @@ class Pipeline:
                 entry_id = await self._store(tenant, scope, request, vector, generated)
         done = self._from_models(tenant, generated, False, entry_id, (difficulty, version), latency)
         latency.total_ms = (time.perf_counter() - started) * 1000
-        self._stats.record_completion(tenant.name, done, generated.calls)
+        self._stats.record_completion(tenant.name, done, generated.calls, generated.strong_calls)
         self._emit_completion(tenant, request, done)
         yield done
 
@@ -302,11 +303,12 @@ class Pipeline:
         request: ChatRequest,
         latency: LatencyBreakdown,
         deadline: float,
-    ) -> tuple[Completion, int]:
+    ) -> tuple[Completion, Generated | None]:
+        """The answer, and what this request's own calls generated (None: it made none)."""
         scope, hit, vector = await self._lookup(tenant, request, latency)
         if hit is not None:
             await self._costs.record_saving(tenant, request, hit.usage.saved_usd)
-            return hit, 0
+            return hit, None
         assert vector is not None  # a miss always embeds
         with _stage(latency, "classify_ms"):
             tier, difficulty, version = self._route(tenant, request, vector)
@@ -318,9 +320,15 @@ class Pipeline:
                 flight_key,
                 lambda: self._book_and_generate(tenant, request, tier, deadline),
                 lambda error: _not_mine(error, deadline),
+                # A caller joining a call made under a later deadline waits no longer than
+                # it would for its own call, so that its stale answer still comes in time.
+                patience=self._p.generator.failover.seconds_for_calls(deadline),
             )
         except Unavailable as error:  # the caller that booked the call released it
-            return await self._stale(tenant, request, scope, vector, latency, error), 0
+            return await self._stale(tenant, request, scope, vector, latency, error), None
+        except WaitedTooLong as waited:  # the shared call goes on for its maker
+            late = Unavailable(f"an identical request's call did not answer in time: {waited}")
+            return await self._stale(tenant, request, scope, vector, latency, late), None
         latency.upstream_ms, latency.validate_ms = generated.upstream_ms, generated.validate_ms
         await self._costs.settle(tenant, request, None if shared else booking, generated)
         entry_id = ""
@@ -329,7 +337,7 @@ class Pipeline:
                 entry_id = await self._store(tenant, scope, request, vector, generated)
         scored = (difficulty, version)
         done = self._from_models(tenant, generated, shared, entry_id, scored, latency)
-        return done, (0 if shared else generated.calls)
+        return done, (None if shared else generated)
 
     async def _book_and_generate(
         self, tenant: Tenant, request: ChatRequest, tier: Tier, deadline: float
@@ -342,13 +350,22 @@ class Pipeline:
                 booking.request, booking.tier, tenant=tenant.name, deadline=deadline,
                 cheap_only=booking.cheap_only,
             )  # fmt: skip
-        except FailedValidation as error:  # paid for, though nothing is served
-            await self._costs.settle_refused(tenant, request, booking, error)
+        except FailedValidation as error:
+            await self._refused(tenant, request, booking, error)
             raise
         except BaseException:
             await self._costs.release(booking)
             raise
         return generated, booking
+
+    async def _refused(
+        self, tenant: Tenant, request: ChatRequest, booking: Booking, error: FailedValidation
+    ) -> None:
+        """Answers refused by validation were paid for, though nothing is served: the spend,
+        GetStats and metrics count them, here in the request that made the calls only."""
+        await self._costs.settle_refused(tenant, request, booking, error)
+        self._stats.record_refused_calls(tenant.name, error)
+        self._p.telemetry.refused_spend(tenant.name, error)
 
     async def _stale(
         self,

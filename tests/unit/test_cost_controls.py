@@ -706,6 +706,23 @@ async def test_answers_refused_by_validation_are_paid_for(streamed: bool) -> Non
     await harness.service.aclose()
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_stats_count_the_calls_and_cost_of_answers_refused_by_validation(
+    streamed: bool,
+) -> None:
+    # GetStats must agree with the spend ledger: the refused answers were paid for.
+    harness = make_harness(validators=[{"kind": "json_schema", "on_fail": "escalate"}])
+    harness.strong.answer = harness.cheap.answer  # neither model follows JSON mode
+    with pytest.raises(FailedValidation) as refused:
+        await served(harness, json_request("give JSON"), streamed=streamed)
+    stats = await harness.service.pipeline.admin.stats(ACME)
+    # Whole: cheap, then strong (escalated); streamed: one call, checked at the end.
+    assert (stats.cheap_calls, stats.strong_calls) == ((1, 0) if streamed else (1, 1))
+    assert stats.cost_usd == pytest.approx(refused.value.cost_usd) and stats.cost_usd > 0
+    assert stats.cost_usd == pytest.approx(await spend_of(harness))
+    await harness.service.aclose()
+
+
 async def test_spend_and_savings_per_tenant_and_user_per_day_and_month(harness: Harness) -> None:
     complete, ledger = harness.service.pipeline.complete, harness.service.pipeline.costs.ledger
     miss = await complete(ask("what is the boiling point of water", end_user_id="u1"), ACME)

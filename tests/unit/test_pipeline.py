@@ -214,6 +214,36 @@ async def test_failing_cheap_answer_escalates_and_only_the_valid_answer_is_store
     assert (stats.cheap_calls, stats.strong_calls, stats.escalations) == (1, 1, 1)
 
 
+async def test_stats_count_each_call_a_request_made_a_retry_included() -> None:
+    # retry: cheap, cheap again, then strong; the request counts three calls, two of them cheap.
+    harness = make_harness(validators=[{"kind": "json_schema", "on_fail": "retry"}])
+    pipeline = harness.service.pipeline
+    done = await pipeline.complete(json_request("list three colours"), ACME)
+    assert done.validation.escalated and len(harness.cheap.calls) == 2
+    stats = await pipeline.admin.stats(ACME)
+    assert (stats.cheap_calls, stats.strong_calls, stats.escalations) == (2, 1, 1)
+    await harness.service.aclose()
+
+
+async def test_a_refused_call_shared_by_identical_requests_counts_its_calls_and_cost_once(
+    harness: Harness,
+) -> None:
+    harness.strong.answer = harness.cheap.answer  # neither model follows JSON mode
+    harness.cheap.gate = asyncio.Event()
+    pipeline = harness.service.pipeline
+    flight = count_shared_calls(pipeline)
+    tasks = [asyncio.create_task(pipeline.complete(json_request("give JSON"), ACME)) for _ in "ab"]
+    await eventually(lambda: len(flight.arrived) == 2, "both requests joined the call")
+    harness.cheap.gate.set()
+    refused = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, FailedValidation) for r in refused)
+    stats = await pipeline.admin.stats(ACME)
+    assert (stats.requests, stats.validation_failures) == (2, 2)
+    assert (stats.cheap_calls, stats.strong_calls) == (1, 1)  # the maker's, once
+    spent = (await pipeline.costs.ledger.totals("acme"))[Period.DAY].cost_usd
+    assert stats.cost_usd == pytest.approx(spent) and spent > 0
+
+
 async def test_no_valid_answer_is_failed_validation_and_nothing_is_stored(harness: Harness) -> None:
     harness.strong.answer = harness.cheap.answer
     pipeline = harness.service.pipeline
