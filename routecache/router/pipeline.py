@@ -148,11 +148,17 @@ class Pipeline:
         # The service's own trouble is a warning; a caller's mistake or limit is routine.
         level = logging.WARNING if reason in _SERVER_SIDE else logging.INFO
         log.log(level, "request failed: %s: %s", reason, error, extra={"tenant": tenant})
+        # The event is written before (or despite) the size checks: an unknown caller's text is
+        # never kept, a tenant's at most what a valid request may hold, so no caller can fill
+        # the event log (a Redis stream) with up to 1 MiB a request. The sizes stay, to debug.
+        prompt = request.prompt if request.messages else ""
+        kept = self._p.limits.max_message_chars if tenant else 0
+        user = request.end_user_id[: self._p.limits.max_end_user_id_chars] if tenant else ""
         self._p.events.emit(
             "error",
             {"request_id": REQUEST_ID.get(), "tenant": tenant, "reason": reason,
-             "end_user_id": request.end_user_id,
-             "prompt": request.prompt if request.messages else "", "path": "error",
+             "end_user_id": user, "prompt": prompt[:kept], "prompt_chars": len(prompt),
+             "prompt_cut": len(prompt) > kept, "path": "error",
              "error": type(error).__name__, "message": str(error),
              "latency_ms": seconds * 1000, "failed_validators": list(failed),
              "validation": None if report is None else _report_payload(report)},

@@ -296,6 +296,42 @@ async def test_unknown_or_missing_key(harness: Harness) -> None:
         await harness.service.pipeline.complete(ask("q"), None)
 
 
+def error_events(harness: Harness) -> list[dict[str, object]]:
+    return [e for e in harness.events.events if e["kind"] == "error"]
+
+
+@pytest.mark.parametrize("api_key", [None, "wrong"])
+async def test_a_refused_keys_error_event_keeps_no_prompt_and_no_end_user(
+    harness: Harness, api_key: str | None
+) -> None:
+    # Before: the whole prompt (up to the 1 MiB gRPC limit) and end_user_id were written to
+    # the event log for anyone, no key needed.
+    with pytest.raises(Unauthenticated):
+        await harness.service.pipeline.complete(
+            ask("p" * 100_000, end_user_id="u" * 5_000), api_key
+        )
+    [event] = error_events(harness)
+    assert (event["tenant"], event["reason"]) == ("", "unauthenticated")
+    assert (event["prompt"], event["end_user_id"]) == ("", "")
+    assert (event["prompt_chars"], event["prompt_cut"]) == (100_000, True)
+
+
+async def test_an_invalid_requests_error_event_keeps_its_prompt_and_end_user_within_limits(
+    harness: Harness,
+) -> None:
+    limits = harness.service.settings.limits
+    over = ask("p" * (limits.max_message_chars + 10), end_user_id="u" * 5_000)
+    with pytest.raises(InvalidArgument):
+        await harness.service.pipeline.complete(over, ACME)
+    with pytest.raises(InvalidArgument):
+        await harness.service.pipeline.complete(ask("fine", end_user_id="u" * 5_000), ACME)
+    cut, whole = error_events(harness)
+    assert cut["prompt"] == "p" * limits.max_message_chars and cut["prompt_cut"] is True
+    assert cut["prompt_chars"] == limits.max_message_chars + 10
+    assert (whole["prompt"], whole["prompt_cut"], whole["prompt_chars"]) == ("fine", False, 4)
+    assert whole["end_user_id"] == "u" * limits.max_end_user_id_chars
+
+
 async def test_rate_limit_gives_retry_delay() -> None:
     harness = make_harness(requests_per_second=1.0)
     pipeline = harness.service.pipeline
