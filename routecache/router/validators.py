@@ -35,7 +35,8 @@ def _refuse_constant(name: str) -> Any:
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):  # 1e999: Python reads it as inf, which no JSON number is
-        raise NotJsonError(f"not JSON the service can read: {text} is not a finite number")
+        # Not quoted: the digits may run to the answer's whole length.
+        raise NotJsonError("not JSON the service can read: a number too large to be finite")
     return value
 
 
@@ -161,7 +162,7 @@ class JsonSchemaValidator:
             return ValidatorResult(self.name, False, f"schema reference unresolvable: {exc}")
         except RecursionError:  # a recursive schema ({"$ref": "#"}) down a deep answer
             return ValidatorResult(self.name, False, "answer nested too deeply to check")
-        except OverflowError:  # multipleOf: a huge number over a small one is inf, int() fails
+        except OverflowError:  # multipleOf: an integer past a double's range over a float
             return ValidatorResult(
                 self.name, False, "a number too large to check against the schema"
             )
