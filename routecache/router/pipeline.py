@@ -36,7 +36,7 @@ from routecache.errors import (
 from routecache.router.alerts import BudgetAlerts
 from routecache.router.auth import ApiKeyAuthenticator
 from routecache.router.costs import Booking, CostControl
-from routecache.router.generation import Generated, Generator
+from routecache.router.generation import Generated, Generator, Tally
 from routecache.router.input_validation import validate_request
 from routecache.router.logs import REQUEST_ID
 from routecache.router.ports import EventSink, SpendLedger
@@ -57,7 +57,7 @@ from routecache.router.upstream.failover import AllProvidersFailed
 log = logging.getLogger(__name__)
 
 _STREAM_CHUNK_CHARS = 48
-_SERVER_SIDE = frozenset({"unavailable", "failed_validation"})
+_SERVER_SIDE = frozenset({"unavailable", "failed_validation", "internal"})
 
 
 @dataclass
@@ -110,7 +110,7 @@ class Pipeline:
             tenant = await self._p.authenticator.resolve(api_key)
             tenant_name = tenant.name
             completion = await self._complete(tenant, request, started, deadline)
-        except RouteCacheError as error:
+        except Exception as error:  # a bug included: it fails the call INTERNAL, recorded too
             self._record_failure(tenant_name, request, error, started)
             raise
         finally:
@@ -138,10 +138,10 @@ class Pipeline:
         return completion
 
     def _record_failure(
-        self, tenant: str, request: ChatRequest, error: RouteCacheError, started: float
+        self, tenant: str, request: ChatRequest, error: Exception, started: float
     ) -> None:
         seconds = time.perf_counter() - started
-        reason = error_reason(error)
+        reason = error_reason(error) if isinstance(error, RouteCacheError) else "internal"
         report = error.report if isinstance(error, FailedValidation) else None
         failed = () if report is None else tuple(r.name for r in report.results if not r.passed)
         labels = () if report is None else failed_validator_labels(report, request)
@@ -149,11 +149,17 @@ class Pipeline:
         # The service's own trouble is a warning; a caller's mistake or limit is routine.
         level = logging.WARNING if reason in _SERVER_SIDE else logging.INFO
         log.log(level, "request failed: %s: %s", reason, error, extra={"tenant": tenant})
+        # The event is written before (or despite) the size checks: an unknown caller's text is
+        # never kept, a tenant's at most what a valid request may hold, so no caller can fill
+        # the event log (a Redis stream) with up to 1 MiB a request. The sizes stay, to debug.
+        prompt = request.prompt if request.messages else ""
+        kept = self._p.limits.max_message_chars if tenant else 0
+        user = request.end_user_id[: self._p.limits.max_end_user_id_chars] if tenant else ""
         self._p.events.emit(
             "error",
             {"request_id": REQUEST_ID.get(), "tenant": tenant, "reason": reason,
-             "end_user_id": request.end_user_id,
-             "prompt": request.prompt if request.messages else "", "path": "error",
+             "end_user_id": user, "prompt": prompt[:kept], "prompt_chars": len(prompt),
+             "prompt_cut": len(prompt) > kept, "path": "error",
              "error": type(error).__name__, "message": str(error),
              "latency_ms": seconds * 1000, "failed_validators": list(failed),
              "validation": None if report is None else _report_payload(report)},
@@ -178,7 +184,7 @@ class Pipeline:
                     failed = failed_validator_labels(event.validation, request)
                     telemetry.request_completed(tenant.name, event, seconds, failed)
                 yield event
-        except RouteCacheError as error:
+        except Exception as error:  # a bug included: it fails the call INTERNAL, recorded too
             self._record_failure(tenant_name, request, error, started)
             raise
         finally:
@@ -344,17 +350,17 @@ class Pipeline:
     ) -> tuple[Generated, Booking]:
         """The call one of the identical requests in flight makes for all of them, booked
         under its caller's caps; its reservation is settled or released here on failure."""
-        booking = await self._costs.book(tenant, request, tier)
+        booking, spent = await self._costs.book(tenant, request, tier), Tally()
         try:
             generated = await self._p.generator.generate(
                 booking.request, booking.tier, tenant=tenant.name, deadline=deadline,
-                cheap_only=booking.cheap_only,
+                cheap_only=booking.cheap_only, tally=spent,
             )  # fmt: skip
         except FailedValidation as error:
             await self._refused(tenant, request, booking, error)
             raise
-        except BaseException:
-            await self._costs.release(booking)
+        except BaseException:  # the calls that answered before it failed were paid for
+            await self._costs.settle_spent(tenant, request, booking, spent)
             raise
         return generated, booking
 
