@@ -553,11 +553,11 @@ def test_a_save_that_dies_midway_leaves_a_pair_that_loads(
 ) -> None:
     # The .skops was replaced, then the .json: a crash (or a service starting) between the two
     # saw the new model beside the old metadata, "SHA-256 differs", and no model would load.
-    import routecache.classifier.model as model_module
+    from routecache import atomic_file
 
     save_artifact(trained, _metadata(), tmp_path, "a")
     other = fit_model(_labelled(40), c=0.5, seed=1)
-    real = model_module.replacing_bytes
+    real = atomic_file.replacing_bytes
     calls = iter(range(1, 100))
 
     @contextlib.contextmanager
@@ -567,7 +567,7 @@ def test_a_save_that_dies_midway_leaves_a_pair_that_loads(
         with real(path, mode) as out:
             yield out
 
-    monkeypatch.setattr(model_module, "replacing_bytes", dying)
+    monkeypatch.setattr("routecache.classifier.model.replacing_bytes", dying)
     with pytest.raises(OSError, match="disk full"):
         save_artifact(other, {**_metadata(), "version": "new"}, tmp_path, "a")
     assert load_artifact(tmp_path / "a.skops").version in ("difficulty-test", "new")
@@ -575,3 +575,24 @@ def test_a_save_that_dies_midway_leaves_a_pair_that_loads(
     save_artifact(other, {**_metadata(), "version": "newer"}, tmp_path, "a")
     assert load_artifact(tmp_path / "a.skops").version == "newer"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.skops"]  # strays removed
+
+
+def test_a_load_that_a_save_overtakes_between_its_two_reads_loads_the_new_pair(
+    trained: DifficultyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A service starting while train-classifier writes to its folder: the old .json read,
+    # then the new .skops. Read once, that pair was "SHA-256 differs" and the start failed.
+    model_path, metadata_path = save_artifact(trained, _metadata(), tmp_path, "a")
+    other = fit_model(_labelled(40), c=0.5, seed=1)
+    real_read_text = Path.read_text
+    saves = []
+
+    def read_then_save(path: Path, *args: Any, **kwargs: Any) -> str:
+        text = real_read_text(path, *args, **kwargs)
+        if path == metadata_path and not saves:
+            saves.append(save_artifact(other, {**_metadata(), "version": "new"}, tmp_path, "a"))
+        return text
+
+    monkeypatch.setattr(Path, "read_text", read_then_save)
+    assert load_artifact(model_path).version == "new"
+    assert saves
