@@ -15,6 +15,7 @@ at start, not silently in service.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -317,15 +318,17 @@ def save_artifact(
     return model_path, metadata_path
 
 
-def _staged_copies(model_path: Path) -> list[Path]:
+def _is_staged_copy(model_path: Path, name: object) -> bool:
+    """Whether `name` is that of a staged copy of NAME.skops: .NAME.SHA-256.skops."""
     prefix, suffix = f".{model_path.stem}.", ".skops"
-    return [
-        p
-        for p in model_path.parent.iterdir()
-        if p.name.startswith(prefix)
-        and p.name.endswith(suffix)
-        and len(p.name) == len(prefix) + 64 + len(suffix)  # a SHA-256 in hex between them
-    ]
+    if not isinstance(name, str) or not name.startswith(prefix) or not name.endswith(suffix):
+        return False
+    digest = name[len(prefix) : -len(suffix)]
+    return len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
+
+
+def _staged_copies(model_path: Path) -> list[Path]:
+    return [p for p in model_path.parent.iterdir() if _is_staged_copy(model_path, p.name)]
 
 
 def _json_bytes(record: Mapping[str, Any]) -> bytes:
@@ -367,12 +370,9 @@ def _read_pair(model_path: Path, metadata_path: Path) -> tuple[bytes, dict[str, 
             f"{metadata_path} has format {metadata.get('format')}, expected {ARTIFACT_FORMAT}"
         )
     named = metadata.get("artifact_file")
-    for staged in _staged_copies(model_path):
-        if staged.name == named:
-            try:
-                return staged.read_bytes(), metadata
-            except FileNotFoundError:  # the save finished meanwhile: NAME.skops is new now
-                break
+    if _is_staged_copy(model_path, named):  # a name of that form only: never a path
+        with contextlib.suppress(FileNotFoundError):  # the save finished: NAME.skops is new
+            return model_path.with_name(str(named)).read_bytes(), metadata
     return model_path.read_bytes(), metadata
 
 
