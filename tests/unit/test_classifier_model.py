@@ -585,7 +585,7 @@ def test_a_load_that_a_save_overtakes_between_its_two_reads_loads_the_new_pair(
     model_path, metadata_path = save_artifact(trained, _metadata(), tmp_path, "a")
     other = fit_model(_labelled(40), c=0.5, seed=1)
     real_read_text = Path.read_text
-    saves = []
+    saves: list[tuple[Path, Path]] = []
 
     def read_then_save(path: Path, *args: Any, **kwargs: Any) -> str:
         text = real_read_text(path, *args, **kwargs)
