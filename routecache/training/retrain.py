@@ -33,7 +33,6 @@ import numpy as np
 from routecache.classifier import metrics
 from routecache.classifier.model import (
     ClassifierArtifactError,
-    SklearnDifficultyClassifier,
     load_artifact,
     packaged_artifact_path,
     save_artifact,
@@ -73,16 +72,9 @@ def event_set(labels: Sequence[EventLabel], embeddings: np.ndarray[Any, Any]) ->
     )  # fmt: skip
 
 
-def load_incumbent(registry: ModelRegistry) -> SklearnDifficultyClassifier | None:
-    """The model in service (CURRENT, else the packaged one); None if it cannot be loaded."""
-    path = registry.current_artifact() or packaged_artifact_path()
-    try:
-        return load_artifact(path)
-    except ClassifierArtifactError as error:
-        print(
-            f"the model in service cannot be loaded ({error}); comparing with none", file=sys.stderr
-        )
-        return None
+def incumbent_path(registry: ModelRegistry) -> Path:
+    """The artifact of the model in service: CURRENT's, else the packaged one."""
+    return registry.current_artifact() or packaged_artifact_path()
 
 
 def check_same_embedder(registry: ModelRegistry, embedder_name: str) -> None:
@@ -90,8 +82,9 @@ def check_same_embedder(registry: ModelRegistry, embedder_name: str) -> None:
     will: the services embed with the incumbent's, and every replica would refuse the
     candidate (classifier/reloading.py), or cannot start on it. --allow-embedder-change skips
     this, for a planned switch of the services' cache.embedder."""
-    incumbent = load_incumbent(registry)
-    if incumbent is None:  # a broken incumbent must not block its own replacement
+    try:
+        incumbent = load_artifact(incumbent_path(registry))
+    except ClassifierArtifactError:  # reported when compared; it must not block its replacement
         return
     theirs = incumbent.metadata.get("embedder")
     if theirs != embedder_name:
@@ -110,8 +103,12 @@ def incumbent_apgr(
     embedder_name: str,
 ) -> tuple[str | None, float | None]:
     """(version, holdout APGR) of the model in service; None where none is comparable."""
-    incumbent = load_incumbent(registry)
-    if incumbent is None:
+    try:
+        incumbent = load_artifact(incumbent_path(registry))
+    except ClassifierArtifactError as error:
+        print(
+            f"the model in service cannot be loaded ({error}); comparing with none", file=sys.stderr
+        )
         return None, None
     if incumbent.metadata.get("embedder") != embedder_name:
         return incumbent.version, None  # another embedder: its scores mean nothing here
