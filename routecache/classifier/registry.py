@@ -193,6 +193,8 @@ class ModelRegistry:
         the two steps): the next change starts from another version, or, for the last one,
         CURRENT names another."""
         changes = self.history()
+        if not changes:  # else zip below pairs no change with CURRENT: a ValueError
+            return []
         current = self.current_version()
         following = [c.previous for c in changes[1:]] + [current]
         return [c for c, after in zip(changes, following, strict=True) if after == c.version]

@@ -398,6 +398,14 @@ def test_a_pointer_set_outside_the_registry_cannot_be_rolled_back(tmp_path: Path
         registry.rollback()
 
 
+def test_a_pointer_without_any_history_cannot_be_rolled_back(tmp_path: Path) -> None:
+    # history.jsonl lost (or never written): a ValueError from zip(strict=True), a traceback.
+    registry = _registry_with(tmp_path, "v1")
+    (registry.root / "CURRENT").write_text("v1\n")
+    with pytest.raises(RegistryError, match="'v1' was never promoted here"):
+        registry.rollback()
+
+
 def test_an_empty_pointer_means_no_version_in_service(tmp_path: Path) -> None:
     registry = _registry_with(tmp_path, "v1")
     registry.root.mkdir(exist_ok=True)
