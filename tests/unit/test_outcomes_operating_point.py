@@ -280,14 +280,16 @@ def test_a_prompt_graded_twice_keeps_its_latest_grade_in_its_first_place() -> No
 
 
 def test_an_event_file_given_twice_is_read_once(tmp_path: Path) -> None:
-    # `--events log.jsonl --events ./log.jsonl` read every event twice.
+    # `--events log.jsonl --events ./log.jsonl` (or a link to it) read every event twice.
     path = _write_events(
         tmp_path / "events.jsonl",
         {"kind": "outcome", "prompt": "graded", "weak_correct": False},
         {"kind": "completion", **_completion("r1", "escalated", escalated=True)},
     )
-    twice = read_events([path, tmp_path / "." / "events.jsonl"])
-    assert twice == read_events([path])
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "latest.jsonl").symlink_to(path)
+    again = [path, tmp_path / "sub" / ".." / "events.jsonl", tmp_path / "latest.jsonl"]
+    assert read_events(again) == read_events([path])
 
 
 @pytest.fixture()

@@ -172,7 +172,13 @@ def test_rollback_of_a_registry_that_is_a_file_is_a_message(
 
 @pytest.mark.parametrize(
     "damage",
-    ["a history line not UTF-8", "CURRENT not UTF-8", "under a file", "mistyped"],
+    [
+        "a history line not UTF-8",
+        "CURRENT not UTF-8",
+        "CURRENT a folder",
+        "under a file",
+        "mistyped",
+    ],
 )
 def test_rollback_of_an_unreadable_or_missing_registry_is_a_one_line_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str
@@ -188,6 +194,9 @@ def test_rollback_of_an_unreadable_or_missing_registry_is_a_one_line_message(
             history.write(b"\xff\n")
     elif damage == "CURRENT not UTF-8":
         (registry.root / "CURRENT").write_bytes(b"\xff\n")
+    elif damage == "CURRENT a folder":  # any file it cannot read: an OSError
+        (registry.root / "CURRENT").unlink()
+        (registry.root / "CURRENT").mkdir()
     elif damage == "under a file":
         target = registry.root / "CURRENT" / "registry"
     else:
