@@ -120,9 +120,9 @@ def labels_from_events(events: Iterable[dict[str, Any]]) -> list[EventLabel]:
     # All completions first: a rating or grade may come before the completion it rates (a
     # grades file given before the log it grades), and still counts.
     completions = {
-        str(event["response_id"]): event
+        response_id: event
         for event in events
-        if event.get("kind") == "completion" and event.get("response_id")
+        if event.get("kind") == "completion" and (response_id := str(event.get("response_id", "")))
     }
     by_response: dict[str, EventLabel] = {}
     by_prompt: dict[str, EventLabel] = {}
