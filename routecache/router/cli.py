@@ -182,7 +182,7 @@ def _rollback_classifier(args: argparse.Namespace) -> int:
     try:
         previous = registry.current_version()
         version = registry.rollback(args.to)
-    except RegistryError as error:
+    except (RegistryError, OSError) as error:  # OSError: a file it cannot read, say why
         print(f"routecache: {error}", file=sys.stderr)
         return 1
     print(

@@ -15,6 +15,7 @@ from routecache.router.events import JsonlEventLog
 from routecache.training import retrain
 from routecache.training.outcomes import EventLabel
 from routecache.training.routing_data import holdout_mask, read_routing_rows
+from tests.unit.test_registry_reload import _registry_with
 from tests.unit.test_train_classifier import _write_routing_file
 
 
@@ -170,6 +171,43 @@ def test_rollback_of_a_registry_that_is_a_file_is_a_message(
     a_file.write_text("")
     assert cli_main(["rollback-classifier", "--registry", str(a_file)]) == 1
     assert "is this the registry folder?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "a history line not UTF-8",
+        "CURRENT not UTF-8",
+        "CURRENT a folder",
+        "under a file",
+        "mistyped",
+    ],
+)
+def test_rollback_of_an_unreadable_or_missing_registry_is_a_one_line_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
+    # Each ended in a traceback (UnicodeDecodeError, NotADirectoryError); a mistyped
+    # --registry was made on disk with a .lock in it.
+    registry = _registry_with(tmp_path, "v1", "v2")
+    registry.promote("v1")
+    registry.promote("v2")
+    target = registry.root
+    if damage == "a history line not UTF-8":
+        with (registry.root / "history.jsonl").open("ab") as history:
+            history.write(b"\xff\n")
+    elif damage == "CURRENT not UTF-8":
+        (registry.root / "CURRENT").write_bytes(b"\xff\n")
+    elif damage == "CURRENT a folder":  # any file it cannot read: an OSError
+        (registry.root / "CURRENT").unlink()
+        (registry.root / "CURRENT").mkdir()
+    elif damage == "under a file":
+        target = registry.root / "CURRENT" / "registry"
+    else:
+        target = tmp_path / "registyr"
+    assert cli_main(["rollback-classifier", "--registry", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("routecache: ") and err.count("\n") == 1
+    assert not (tmp_path / "registyr").exists()
 
 
 @pytest.mark.parametrize(
