@@ -83,6 +83,9 @@ class ChatRequest:
     force_tier: Tier | None = None
     end_user_id: str = ""
     validators: tuple[RequestValidator, ...] = ()
+    # (field, problem): what the wire request held that these types cannot (an unknown enum
+    # number), refused on admission, after the API key, like any invalid field.
+    problems: tuple[tuple[str, str], ...] = ()
 
     @property
     def system_prompt(self) -> str:

@@ -34,7 +34,7 @@ class FailedValidation(RouteCacheError):
 
     def __init__(
         self, message: str, report: ValidationReport, *, cost_usd: float = 0.0,
-        prompt_tokens: int = 0, completion_tokens: int = 0, calls: int = 0,
+        prompt_tokens: int = 0, completion_tokens: int = 0, calls: int = 0, strong_calls: int = 0,
     ) -> None:  # fmt: skip
         super().__init__(message)
         self.report = report
@@ -43,6 +43,7 @@ class FailedValidation(RouteCacheError):
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
         self.calls = calls
+        self.strong_calls = strong_calls  # of `calls`, those a strong-tier provider answered
 
 
 class UpstreamError(RouteCacheError):

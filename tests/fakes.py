@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from routecache.domain import Completion, GenerationParams, Message
-from routecache.errors import UpstreamError
+from routecache.errors import FailedValidation, UpstreamError
 from routecache.router.keyring import KeyAdmin, KeyRecord
 from routecache.router.pipeline import Pipeline
 from routecache.router.ports import UpstreamReply
@@ -130,6 +130,7 @@ class RecordingTelemetry:
     gauges: dict[str, Callable[[], float]] = field(default_factory=dict)
     budget_alerts: list[tuple[str, str]] = field(default_factory=list)  # (tenant, period)
     cost_controls: list[tuple[str, str]] = field(default_factory=list)  # (tenant, outcome)
+    refused: list[tuple[str, float]] = field(default_factory=list)  # (tenant, cost) refused
 
     def request_started(self) -> None:
         self.started += 1
@@ -168,6 +169,9 @@ class RecordingTelemetry:
 
     def cost_control(self, tenant: str, outcome: str) -> None:
         self.cost_controls.append((tenant, outcome))
+
+    def refused_spend(self, tenant: str, refused: FailedValidation) -> None:
+        self.refused.append((tenant, refused.cost_usd))
 
 
 class RacedAfterFirstRead:

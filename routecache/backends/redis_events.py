@@ -15,6 +15,8 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from redis.exceptions import DataError
+
 from routecache.backends.keys import KeySpace
 from routecache.backends.link import RedisDown, RedisLink, guarded
 from routecache.backends.rounds import Rounds
@@ -89,6 +91,18 @@ class RedisStreamEventSink:
                 except (RedisDown, asyncio.CancelledError):
                     self._requeue(batch)
                     raise
+                except _Unencodable as exc:
+                    # A value redis-py takes no form of (a bug of ours, every value should be
+                    # text): those events are dropped alone, the rest go back in front.
+                    encodes = [self._encodes(row) for row in rows]
+                    if all(encodes):  # not an event's value: the batch is the bug
+                        self.dropped += len(rows)
+                        raise
+                    self.dropped += encodes.count(False)
+                    log.error("%d events redis-py could not encode were dropped (%s)",
+                              encodes.count(False), exc)  # fmt: skip
+                    self._requeue([event for event, ok in zip(batch, encodes, strict=True) if ok])
+                    continue
                 except Exception:
                     # Not Redis (a bug): the batch would fail again, and held in front it stopped
                     # every later event. Dropped and counted; the flush loop logs the error.
@@ -112,7 +126,7 @@ class RedisStreamEventSink:
                 continue
             stream = self._keys.of(str(event.get("tenant") or _NO_TENANT)).events
             kept.append(event)
-            rows.append((stream, {"kind": event["kind"], "data": data}))
+            rows.append((stream, {"kind": _text(event["kind"]), "data": data}))
         if failed:
             self.dropped += len(failed)
             log.error("%d events could not be encoded as JSON and were dropped (first %s)",
@@ -128,9 +142,36 @@ class RedisStreamEventSink:
 
     async def _write(self, rows: Sequence[_Row]) -> None:
         pipe = self._link.client.pipeline(transaction=False)
-        for stream, fields in rows:
-            pipe.xadd(stream, fields, maxlen=self._stream_max_len, approximate=True)
-        await pipe.execute()
+        try:
+            for stream, fields in rows:
+                pipe.xadd(stream, fields, maxlen=self._stream_max_len, approximate=True)
+            await pipe.execute()
+        except DataError as exc:
+            # redis-py refused to build or encode the batch (before sending any of it): not
+            # Redis down, which `guarded` made of this RedisError, flapping every part onto its
+            # fallback.
+            raise _Unencodable(str(exc)) from exc
+
+    def _encodes(self, row: _Row) -> bool:
+        """Whether redis-py can encode each of this row's values."""
+        encoder = self._link.client.get_encoder()
+        stream, fields = row
+        try:
+            for value in (stream, *fields.keys(), *fields.values()):
+                encoder.encode(value)
+        except DataError:
+            return False
+        return True
+
+
+class _Unencodable(Exception):
+    """redis-py could not encode a batch: a bug of ours, not Redis failing."""
+
+
+def _text(value: object) -> str:
+    """A field value as text, so redis-py never meets one it cannot encode (None, a bool):
+    text as it is, anything else as the JSON `data` holds it."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
 
 
 async def read_events(

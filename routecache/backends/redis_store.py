@@ -174,16 +174,20 @@ class RedisEntryStore:
     async def most_served(self, tenant: str, n: int) -> list[EntrySummary]:
         """Scans the tenant's entry list a batch a round trip, reading only hit counts and
         costs and keeping the best `n`; then the prompts and models of those `n`. Purges
-        first, as `count` does, so neither names an entry past expiry and grace."""
+        first, as `count` does, and skips entries past expiry and grace that one purge batch
+        left, so neither names one."""
         await self.purge_expired(tenant)
+        now = self._clock()
         keys = self._keys.of(tenant)
         best: dict[str, tuple[int, float]] = {}
         cursor = 0
         while True:
             cursor, ids = await self._scan_ids(keys, cursor)
-            rows = await self._fields(keys, ids, ("hits", "cost"))
-            for entry_id, (hits, cost) in zip(ids, rows, strict=True):
-                if hits is not None and cost is not None:  # gone since the scan
+            rows = await self._fields(keys, ids, ("hits", "cost", "expires"))
+            for entry_id, (hits, cost, expires) in zip(ids, rows, strict=True):
+                if hits is None or cost is None or expires is None:  # gone since the scan
+                    continue
+                if float(expires) + self._options.stale_grace_seconds > now:
                     best[entry_id] = (int(hits), float(cost))
             best = dict(heapq.nlargest(n, best.items(), key=lambda item: item[1]))
             if cursor == 0:
@@ -217,7 +221,12 @@ class RedisEntryStore:
         return rows
 
     async def count(self, tenant: str) -> int:
+        """The tenant's entries not past expiry and grace: a purge unlinks at most one batch,
+        so the rest are left out by their end in the expiry set (the purge's own order)."""
         await self.purge_expired(tenant)
-        key = self._keys.of(tenant).lru
-        total: int = await guarded(self._link, lambda: self._link.client.zcard(key))
+        key = self._keys.of(tenant).expiry
+        after_now = f"({self._clock()!r}"
+        total: int = await guarded(
+            self._link, lambda: self._link.client.zcount(key, after_now, "+inf")
+        )
         return total

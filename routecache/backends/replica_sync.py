@@ -26,7 +26,7 @@ from redis.exceptions import ResponseError
 
 from routecache.backends import scripts
 from routecache.backends.keys import KeySpace, tenant_of_id
-from routecache.backends.link import RedisLink, guarded
+from routecache.backends.link import RedisLink, RedisRefused, guarded
 from routecache.backends.redis_store import RedisEntryStore
 from routecache.backends.rounds import EachTenant, Rounds
 from routecache.cache.ports import VectorIndex
@@ -89,6 +89,16 @@ class ReplicaSync:
             link.probe_interval_seconds,
         )
         self._resync_at = 0.0
+        # Tenants whose sync stream Redis refused to read (a key of the wrong type, say): one
+        # such key refused the XREAD of every stream, so they are left out of it and read
+        # alone, without blocking, once a probe interval (when the next try is due).
+        self._reads = EachTenant(
+            "sync stream of tenant %s cannot be read (%s): read alone again every %.2f s (or at "
+            "the next round after), the other tenants are tailed meanwhile",
+            "sync stream of tenant %s is read again",
+            link.probe_interval_seconds,
+        )
+        self._reads_retry_at = 0.0
         self.applied = 0  # other replicas' operations taken in, as poll() counts them
         self.skipped = 0  # sync messages and entry rows that could not be read
         self._tail_rounds = Rounds(link, "replica sync tail")
@@ -220,12 +230,54 @@ class ReplicaSync:
 
     async def poll(self) -> int:
         """Reads and applies one batch of sync operations; returns how many of them were other
-        replicas' (each counted, though only an id's last one in the batch decides its state)."""
+        replicas' (each counted, though only an id's last one in the batch decides its state).
+        Raises RedisRefused, so the round pauses, when no stream could be read, or each only
+        alone (the one XREAD of them all refused again and again)."""
         if not self._last:
             return 0
-        read = partial(self._link.blocking.xread, self._last, count=1000,
+        count = 0
+        refused = self._reads.failing
+        if refused and time.monotonic() >= self._reads_retry_at:
+            count += await self._read_each(sorted(refused))
+        streams = {
+            s: at for s, at in self._last.items() if self._tenant_of_stream(s) not in refused
+        }
+        if not streams:
+            raise RedisRefused("the sync stream of every tenant was refused")
+        read = partial(self._link.blocking.xread, streams, count=1000,
                        block=self._link.block_ms)  # fmt: skip
-        answer = await guarded(self._link, read)
+        try:
+            answer = await guarded(self._link, read)
+        except RedisRefused:
+            # One stream (a key of the wrong type, say) fails the read of them all: read alone,
+            # it holds up its own tenant, and every other is read this round still.
+            count += await self._read_each([self._tenant_of_stream(s) for s in streams])
+            left = streams.keys() - {self._keys.of(t).sync for t in refused}
+            # None left (every stream refused alone too), or none set aside (only the read of
+            # them all is refused): the next read would be refused again, so the round pauses.
+            if len(left) in (0, len(streams)):
+                raise
+            return count
+        return count + await self._apply_all(answer)
+
+    async def _read_each(self, tenants: Sequence[str]) -> int:
+        """Reads each tenant's stream alone (not blocking); a tenant whose read fails is left
+        out of the XREAD of them all until it reads again."""
+        count = 0
+
+        async def read_one(tenant: str) -> None:
+            nonlocal count
+            stream = self._keys.of(tenant).sync
+            if stream in self._last:  # else its rebuild is owed: the gap check does it
+                read = partial(self._link.client.xread, {stream: self._last[stream]}, count=1000)
+                count += await self._apply_all(await guarded(self._link, read))
+
+        await self._reads.run(tenants, read_one)
+        self._reads_retry_at = time.monotonic() + self._link.probe_interval_seconds
+        return count
+
+    async def _apply_all(self, answer: list[tuple[bytes, list[Message]]]) -> int:
+        """Applies what XREAD answered and moves each stream's position past it."""
         count = 0
         for stream, messages in answer:
             count += await self._apply(stream.decode(), messages)

@@ -14,7 +14,11 @@ import numpy as np
 import numpy.typing as npt
 
 from routecache.cache.embedder import packaged_minilm_path
-from routecache.cache.onnx_embedder import cpu_session, unloadable_graph_errors
+from routecache.cache.onnx_embedder import (
+    cpu_session,
+    unloadable_graph_errors,
+    whole_onnx_model,
+)
 
 GRAPH_FILE = "cross_encoder.int8.onnx"
 POLICY_FILE = "hit_policy.json"
@@ -49,6 +53,13 @@ class OnnxCrossEncoder:
         try:
             self._session = cpu_session(graph, threads)
         except unloadable_graph_errors() as error:
+            whole = whole_onnx_model(graph)
+            if whole is not None:  # FAIL for a newer IR or opset than this runtime reads
+                raise ValueError(
+                    f"cross-encoder graph {graph} is {whole}, but ONNX Runtime cannot load it: "
+                    f"{str(error).strip()}. Install an onnxruntime that reads it, or export "
+                    "the verifier again with an onnx no newer than the installed onnxruntime reads"
+                ) from error
             # Unlike the embedder's graph it cannot be exported again here: no weights ship.
             raise ValueError(
                 f"cross-encoder graph {graph} is not a graph ONNX Runtime can load "

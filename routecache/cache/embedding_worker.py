@@ -57,7 +57,9 @@ class EmbeddingWorker:
         self._queue: deque[_Pending] = deque()
         self._wake: asyncio.Event | None = None
         self._dispatcher: asyncio.Task[None] | None = None
-        self._in_pass = 0
+        # Texts of the current drain, taken off the queue: in the pass or waiting in a later
+        # length bucket. Those whose caller is still waiting count as pending.
+        self._taken: list[_Pending] = []
         self._closed = False
 
     @property
@@ -71,7 +73,7 @@ class EmbeddingWorker:
     @property
     def pending(self) -> int:
         """Texts waiting for or in the model: the queue depth operators watch."""
-        return len(self._queue) + self._in_pass
+        return len(self._queue) + sum(not p.future.done() for p in self._taken)
 
     async def embed(self, text: str) -> Vector:
         if self._closed:
@@ -99,6 +101,7 @@ class EmbeddingWorker:
                 await asyncio.sleep(self._policy.max_wait_seconds)
             while self._queue:
                 pending = [p for p in self._drain() if not p.future.done()]
+                self._taken = pending
                 try:
                     for bucket in length_buckets(pending, self._policy):
                         await self._run(bucket)
@@ -108,6 +111,7 @@ class EmbeddingWorker:
                     for p in pending:
                         if not p.future.done():
                             p.future.cancel()
+                    self._taken = []
 
     def _drain(self) -> list[_Pending]:
         taken = list(self._queue)
@@ -120,7 +124,6 @@ class EmbeddingWorker:
             return
         loop = asyncio.get_running_loop()
         texts = [p.text for p in live]
-        self._in_pass = len(live)
         try:
             rows = await loop.run_in_executor(self._executor, self._embedder.encode, texts)
             if len(rows) != len(live):  # a plug-in embedder's bug must not kill the dispatcher
@@ -130,8 +133,6 @@ class EmbeddingWorker:
                 if not p.future.done():
                     p.future.set_exception(error)
             return
-        finally:
-            self._in_pass = 0
         for p, row in zip(live, rows, strict=True):
             if not p.future.done():
                 p.future.set_result(row)

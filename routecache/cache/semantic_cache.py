@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -19,6 +20,12 @@ from routecache.cache.ports import (
 from routecache.cache.scope import exact_key
 from routecache.domain import CacheOutcome, Tier
 from routecache.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+# Thumbs-down removals a store that was down still owes (see SemanticCache.distrust): at most
+# this many are remembered, the oldest forgotten first, so an outage cannot grow memory.
+MAX_OWED_REMOVALS = 10_000
 
 # The most neighbours one lookup reads when the nearest ones cannot serve it (each costs a store
 # read): entries expired within the stale grace can crowd a popular question's neighbourhood.
@@ -105,6 +112,10 @@ class SemanticCache:
         # provider can answer.
         self._grace = stale_grace_seconds
         self.bypassed = 0
+        # (tenant, entry id) of thumbs-downs the store was down for, oldest first: not served
+        # by this cache, and removed at its first lookup once the store answers again.
+        self._owed: dict[tuple[str, str], None] = {}
+        self._settling = False
 
     @property
     def index(self) -> VectorIndex:
@@ -114,9 +125,10 @@ class SemanticCache:
         self, scope: str, prompt: str, forced: Tier | None = None
     ) -> CacheHit | None:
         """`forced`: the tier the caller forced; only its own or a stronger tier's answers do."""
+        await self._settle_owed()
         try:
             entry = await self._store.get_exact(exact_key(scope, prompt))
-            if entry is None or not _answers(entry, scope, forced):
+            if entry is None or self._owes(entry) or not _answers(entry, scope, forced):
                 return None
             if not await self._is_live(entry):
                 return None
@@ -130,10 +142,9 @@ class SemanticCache:
         forced: Tier | None = None,
     ) -> CacheHit | None:  # fmt: skip
         """The nearest live entry of this scope, if the hit policy accepts it for the prompt."""
+        await self._settle_owed()
         try:
-            return await self._nearest(
-                scope, prompt, vector, requirement, forced, self._is_live, True
-            )
+            return await self._nearest(scope, prompt, vector, requirement, forced, self._is_live)
         except StoreUnavailable:
             self.bypassed += 1
             return None
@@ -144,15 +155,17 @@ class SemanticCache:
     ) -> CacheHit | None:  # fmt: skip
         """An entry of this scope, live or expired within the grace period, for the prompt or
         one meaning the same; for when no provider answers. Never crosses scopes."""
+        await self._settle_owed()
         try:
             entry = await self._store.get_exact(exact_key(scope, prompt))
-            if (entry is not None and _answers(entry, scope, forced)
+            if (entry is not None and not self._owes(entry) and _answers(entry, scope, forced)
                     and await self._is_servable(entry)):  # fmt: skip
                 return await self._hit(entry, CacheOutcome.EXACT, 1.0)
             if vector is None:
                 return None
+            # Penalised as a normal lookup: the grace relaxes freshness, not the distrust.
             return await self._nearest(
-                scope, prompt, vector, requirement, forced, self._is_servable, False
+                scope, prompt, vector, requirement, forced, self._is_servable
             )
         except StoreUnavailable:
             self.bypassed += 1
@@ -166,7 +179,6 @@ class SemanticCache:
         requirement: HitRequirement,
         forced: Tier | None,
         usable: Callable[[CacheEntry], Awaitable[bool]],
-        penalised: bool,
     ) -> CacheHit | None:
         floor = self._policy.floor(requirement)
         # Entries that cannot serve this lookup (penalised, gone, another tier, expired) are
@@ -182,8 +194,7 @@ class SemanticCache:
                 seen.add(neighbour.entry_id)
                 if not clears(neighbour.similarity, floor):
                     return None  # neighbours come best first
-                penalty = self.penalty_of(neighbour.entry_id) if penalised else 0.0
-                if not clears(neighbour.similarity, floor + penalty):
+                if not clears(neighbour.similarity, floor + self.penalty_of(neighbour.entry_id)):
                     continue
                 # The store is the truth: an entry the index still holds but the store no
                 # longer has (deleted on another replica, expired) is dropped here, never served.
@@ -191,7 +202,8 @@ class SemanticCache:
                 if entry is None:
                     self.forget_removed(scope, neighbour.entry_id)
                     continue
-                if not _answers(entry, scope, forced) or not await usable(entry):
+                if (self._owes(entry) or not _answers(entry, scope, forced)
+                        or not await usable(entry)):  # fmt: skip
                     continue
                 verdict = await self._policy.judge(
                     prompt, entry.prompt, neighbour.similarity, requirement
@@ -244,9 +256,46 @@ class SemanticCache:
 
     async def distrust(self, tenant: str, entry_id: str) -> int:
         """A thumbs-down: remove the entry, raise the similarity its neighbours need (returns
-        the number of entries removed, 0 or 1)."""
-        async with _store_required("record feedback"):
+        the number of entries removed, 0 or 1). With the store down it raises Unavailable, but
+        the removal is owed, not lost: the entry is not served by this cache meanwhile, and
+        is removed at the first lookup the store answers (else the answer a user rated bad
+        came back with the store, unless the caller retried the feedback)."""
+        try:
             return await self._distrust_entry(tenant, entry_id)
+        except StoreUnavailable as exc:
+            self._owe(tenant, entry_id)
+            raise Unavailable(
+                "cache store unavailable, could not record feedback; retry later (the entry is"
+                " removed once the cache store answers again)"
+            ) from exc
+
+    def _owe(self, tenant: str, entry_id: str) -> None:
+        self._owed.pop((tenant, entry_id), None)  # to the end: the newest is kept longest
+        self._owed[(tenant, entry_id)] = None
+        if len(self._owed) > MAX_OWED_REMOVALS:
+            dropped = next(iter(self._owed))
+            del self._owed[dropped]
+            log.warning("more than %d thumbs-down removals owed while the cache store is down:"
+                        " entry %s may be served again", MAX_OWED_REMOVALS, dropped[1])  # fmt: skip
+
+    def _owes(self, entry: CacheEntry) -> bool:
+        return bool(self._owed) and (entry.tenant, entry.entry_id) in self._owed
+
+    async def _settle_owed(self) -> None:
+        """Makes the owed removals, oldest first, until the store fails one (they stay owed).
+        One caller at a time: two lookups at once must not raise the neighbours' penalties
+        twice for one thumbs-down."""
+        if not self._owed or self._settling:
+            return
+        self._settling = True
+        try:
+            for owed in list(self._owed):
+                await self._distrust_entry(*owed)
+                self._owed.pop(owed, None)
+        except StoreUnavailable:
+            pass  # still down (or refusing): the lookup takes its own path, the rest stays owed
+        finally:
+            self._settling = False
 
     async def _distrust_entry(self, tenant: str, entry_id: str) -> int:
         entry = await self.get(tenant, entry_id)

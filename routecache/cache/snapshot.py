@@ -46,6 +46,9 @@ class SnapshotError(ValueError):
 # expiry check at restore, or every hit on the entry.
 _NUMBERS = ("created_at", "expires_at", "cost_usd", "prompt_tokens", "completion_tokens",
             "hit_count", "last_hit_at")  # fmt: skip
+# Likewise a number or null answer, model or prompt was served as it was: every hit on it
+# raised a TypeError building the reply (INTERNAL).
+_TEXTS = ("entry_id", "tenant", "scope", "exact_key", "prompt", "answer", "model")
 
 
 def _decode(line: bytes) -> CacheEntry:
@@ -61,6 +64,9 @@ def _decode(line: bytes) -> CacheEntry:
         value = record.get(name, 0)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise TypeError(f"{name} is {value!r}, not a number")
+    for name in _TEXTS:
+        if not isinstance(record[name], str):
+            raise TypeError(f"{name} is {record[name]!r}, not a text")
     return CacheEntry(**record)
 
 

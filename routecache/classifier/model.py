@@ -15,6 +15,7 @@ at start, not silently in service.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -285,25 +286,49 @@ def _artifact_paths(path: Path) -> tuple[Path, Path]:
 def save_artifact(
     model: DifficultyModel, metadata: Mapping[str, Any], directory: Path, name: str
 ) -> tuple[Path, Path]:
-    """Write NAME.skops and NAME.json (with the .skops SHA-256); returns both paths."""
+    """Write NAME.skops and NAME.json (with the .skops SHA-256); returns both paths.
+
+    Two files cannot be replaced together, and a reader seeing the new .skops beside the old
+    .json (a crash between the two, a service starting meanwhile) could load neither. So the
+    .json is the commit point: the new model first goes to a file of its own, .NAME.SHA.skops,
+    which a new .json names; only then is NAME.skops replaced, and a last .json names it again.
+    Each file is replaced whole and synced, so at every step the .json names a whole file with
+    its checksum: the old pair or the new one loads, even after a power loss.
+    """
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
     if missing:
         raise ValueError(f"metadata lacks {missing}")
     directory.mkdir(parents=True, exist_ok=True)
     model_path, metadata_path = _artifact_paths(directory / name)
     data = skops.io.dumps(model.to_payload())
-    record = {
-        **metadata,
-        "format": ARTIFACT_FORMAT,
-        "artifact_file": model_path.name,
-        "artifact_sha256": hashlib.sha256(data).hexdigest(),
-    }
-    # Each file replaced whole and synced: a service starting meanwhile never reads half a
-    # file, nor one that a power loss after the return left empty.
-    for path, content in ((model_path, data), (metadata_path, _json_bytes(record))):
+    digest = hashlib.sha256(data).hexdigest()
+    staged = model_path.with_name(f".{model_path.stem}.{digest}.skops")
+    record = {**metadata, "format": ARTIFACT_FORMAT, "artifact_sha256": digest}
+    for path, content in (
+        (staged, data),
+        (metadata_path, _json_bytes({**record, "artifact_file": staged.name})),
+        (model_path, data),
+        (metadata_path, _json_bytes({**record, "artifact_file": model_path.name})),
+    ):
         with replacing_bytes(path) as out:
             out.write(content)
+    # This save's staged copy, and any a crashed save left (no .json names them now).
+    for stray in _staged_copies(model_path):
+        stray.unlink(missing_ok=True)
     return model_path, metadata_path
+
+
+def _is_staged_copy(model_path: Path, name: object) -> bool:
+    """Whether `name` is that of a staged copy of NAME.skops: .NAME.SHA-256.skops."""
+    prefix, suffix = f".{model_path.stem}.", ".skops"
+    if not isinstance(name, str) or not name.startswith(prefix) or not name.endswith(suffix):
+        return False
+    digest = name[len(prefix) : -len(suffix)]
+    return len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
+
+
+def _staged_copies(model_path: Path) -> list[Path]:
+    return [p for p in model_path.parent.iterdir() if _is_staged_copy(model_path, p.name)]
 
 
 def _json_bytes(record: Mapping[str, Any]) -> bytes:
@@ -311,10 +336,26 @@ def _json_bytes(record: Mapping[str, Any]) -> bytes:
 
 
 def _read_metadata(model_path: Path, metadata_path: Path) -> tuple[bytes, dict[str, Any]]:
+    # Read a second time when the checksum differs: a save may have moved on between reading
+    # the .json and the .skops (save_artifact keeps each of its steps a matching pair).
+    data, metadata = _read_pair(model_path, metadata_path)
+    if hashlib.sha256(data).hexdigest() != metadata["artifact_sha256"]:
+        data, metadata = _read_pair(model_path, metadata_path)
+    if hashlib.sha256(data).hexdigest() != metadata["artifact_sha256"]:
+        raise ClassifierArtifactError(
+            f"{model_path} does not match {metadata_path} (SHA-256 differs): "
+            "the two files come from different training runs"
+        )
+    return data, metadata
+
+
+def _read_pair(model_path: Path, metadata_path: Path) -> tuple[bytes, dict[str, Any]]:
+    """The .json, then the model file it names: NAME.skops, or the staged copy of a save that
+    stopped before replacing NAME.skops (a copy or a registry version may name a file that is
+    not beside it, from where it was saved: then NAME.skops)."""
     for path in (model_path, metadata_path):
         if not path.is_file():
             raise ClassifierArtifactError(f"classifier artifact file {path} is missing")
-    data = model_path.read_bytes()
     try:
         metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -328,12 +369,11 @@ def _read_metadata(model_path: Path, metadata_path: Path) -> tuple[bytes, dict[s
         raise ClassifierArtifactError(
             f"{metadata_path} has format {metadata.get('format')}, expected {ARTIFACT_FORMAT}"
         )
-    if hashlib.sha256(data).hexdigest() != metadata["artifact_sha256"]:
-        raise ClassifierArtifactError(
-            f"{model_path} does not match {metadata_path} (SHA-256 differs): "
-            "the two files come from different training runs"
-        )
-    return data, metadata
+    named = metadata.get("artifact_file")
+    if _is_staged_copy(model_path, named):  # a name of that form only: never a path
+        with contextlib.suppress(FileNotFoundError):  # the save finished: NAME.skops is new
+            return model_path.with_name(str(named)).read_bytes(), metadata
+    return model_path.read_bytes(), metadata
 
 
 def _check_metadata(metadata: Mapping[str, Any], model: DifficultyModel, path: Path) -> None:

@@ -9,6 +9,7 @@ operating point to its own threshold, and what the operator sets is what held-ou
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -20,6 +21,9 @@ from routecache.classifier import metrics
 from routecache.domain import OperatingPoint
 
 GRID_STEPS = 100
+# Thresholds a curve may hold: routing scores lie in [-1, 1]; the point that sends nothing
+# strong lies just above 1 (_threshold_sending).
+THRESHOLD_RANGE = (-1.0, float(np.nextafter(1.0, np.inf)))
 
 
 @dataclass(frozen=True)
@@ -60,10 +64,22 @@ class OperatingCurve:
     @classmethod
     def from_json(cls, records: Sequence[Mapping[str, Any]]) -> OperatingCurve:
         """Raises ValueError, TypeError or OverflowError for records that are not a list of
-        curve points."""
+        curve points, or whose values are not finite or whose threshold no score can meet."""
         if isinstance(records, str | bytes) or not all(isinstance(r, Mapping) for r in records):
             raise ValueError(f"an operating curve is a list of points, not {records!r:.80}")
-        return cls([CurvePoint(**{k: float(v) for k, v in r.items()}) for r in records])
+        points = [CurvePoint(**{k: float(v) for k, v in r.items()}) for r in records]
+        # A hand-edited NaN would be picked by threshold_for and compare false with every
+        # score: a tenant's traffic silently all cheap. Refused at load instead.
+        for index, point in enumerate(points):
+            for name, value in asdict(point).items():
+                if not math.isfinite(value):
+                    raise ValueError(f"operating_curve[{index}].{name} is {value}, not finite")
+            if not THRESHOLD_RANGE[0] <= point.threshold <= THRESHOLD_RANGE[1]:
+                raise ValueError(
+                    f"operating_curve[{index}].threshold {point.threshold} lies outside the "
+                    f"routing scores' range [-1, 1]"
+                )
+        return cls(points)
 
 
 def fit_curve(

@@ -68,10 +68,15 @@ class ModelRegistry:
         )
 
     def current_version(self) -> str | None:
+        """The version in service; RegistryError if CURRENT is not UTF-8 text (saved by hand
+        in another encoding), OSError if it cannot be read."""
+        path = self.root / POINTER
         try:
-            name = (self.root / POINTER).read_text(encoding="utf-8").strip()
+            name = path.read_text(encoding="utf-8").strip()
         except (FileNotFoundError, NotADirectoryError):  # no registry (or a file) at root
             return None
+        except UnicodeDecodeError as error:
+            raise RegistryError(f"{path}: not UTF-8 text ({error})") from None
         return name or None
 
     def current_artifact(self) -> Path | None:
@@ -88,7 +93,7 @@ class ModelRegistry:
         target = self.artifact_path(version)
         # One add at a time, so a version's staging folder is one add's alone, and one that a
         # crashed add left behind can be cleared.
-        with self._locked():
+        with self._locked(create=True):
             target.parent.parent.mkdir(exist_ok=True)  # the lock made the root
             if target.exists():
                 raise RegistryError(f"version {version} is already in {self.root}")
@@ -131,19 +136,22 @@ class ModelRegistry:
         path = self.root / HISTORY
         if not path.is_file():
             return []
-        text = path.read_text(encoding="utf-8")
-        lines = text.splitlines()
-        if not text.endswith("\n"):
-            # A record and its newline are one write: a last line without it is the torn tail
-            # of an append that crashed, and that change never took effect.
-            lines = lines[:-1]
+        # Bytes, decoded a line at a time: a line not UTF-8 is reported with its number.
+        data = path.read_bytes()
+        lines = data.split(b"\n")
+        # A record and its newline are one write: a last line without it is the torn tail of
+        # an append that crashed, and that change never took effect. (With it, the last
+        # element is the empty rest after the final newline.)
+        lines = lines[:-1]
         changes = []
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
-                changes.append(_change_from(line))
-            except (ValueError, TypeError) as error:
+                changes.append(_change_from(line.decode("utf-8")))
+            # UnicodeDecodeError is a ValueError; RecursionError: a line nested past Python's
+            # limit (a hand edit gone wrong), a traceback otherwise.
+            except (ValueError, TypeError, RecursionError) as error:
                 raise RegistryError(f"{path}:{number}: damaged history line ({error})") from None
         return changes
 
@@ -185,6 +193,8 @@ class ModelRegistry:
         the two steps): the next change starts from another version, or, for the last one,
         CURRENT names another."""
         changes = self.history()
+        if not changes:  # else zip below pairs no change with CURRENT: a ValueError
+            return []
         current = self.current_version()
         following = [c.previous for c in changes[1:]] + [current]
         return [c for c, after in zip(changes, following, strict=True) if after == c.version]
@@ -212,10 +222,20 @@ class ModelRegistry:
             log.flush()
             os.fsync(log.fileno())  # on disk before CURRENT moves, power loss included
 
-    def _locked(self) -> contextlib.AbstractContextManager[None]:
-        """Serialises adds and pointer changes across processes and threads."""
+    def _locked(self, create: bool = False) -> contextlib.AbstractContextManager[None]:
+        """Serialises adds and pointer changes across processes and threads. Only an add may
+        make the registry folder: a promotion or rollback needs versions already in it, and
+        the lock file would make a mistyped --registry path on disk."""
         if self.root.exists() and not self.root.is_dir():
             raise RegistryError(f"{self.root} is a file: is this the registry folder?")
+        if not create and not self.root.is_dir():
+            raise RegistryError(f"{self.root}: no such folder: is this the registry folder?")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a file above it: NotADirectoryError or FileExistsError
+            raise RegistryError(
+                f"{self.root}: cannot make the registry folder ({error.strerror})"
+            ) from None
         return exclusive(self.root / LOCK)
 
 

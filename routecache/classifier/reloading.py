@@ -126,7 +126,8 @@ class ReloadingClassifier:
         """Swap in the registry's current version if it changed; True if a swap happened.
 
         Raises what a failed read of the pointer or of a new version's artifact raised (an
-        OSError; a pointer not UTF-8): nothing is recorded, the next call reads both again.
+        OSError; a RegistryError for a pointer not UTF-8): nothing is recorded, the next call
+        reads both again.
         """
         wanted = self._registry.current_version()
         if wanted is None or wanted == self._entry or wanted == self._failed_version:

@@ -27,6 +27,18 @@ def hash_api_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
 
 
+def reused_digest(first_owner: str, tenant: str, digest: str) -> str:
+    """Why a static key digest is refused: listed again by `tenant`, after `first_owner`. The
+    settings refuse it as they load and the authenticator as it is built (not only from
+    settings); one wording for both, which tells a tenant's own repeat from a shared key."""
+    where = (
+        f"tenant {tenant} lists an API key digest twice"
+        if first_owner == tenant
+        else f"an API key digest is configured for tenants {first_owner} and {tenant}"
+    )
+    return f"{where}: {digest}"
+
+
 class ApiKeyAuthenticator:
     def __init__(
         self,
@@ -40,8 +52,8 @@ class ApiKeyAuthenticator:
         for tenant, digests in tenants:
             self._tenants[tenant.name] = tenant
             for digest in digests:
-                if digest in self._by_digest:
-                    raise ValueError(f"an API key digest is configured for two tenants: {digest}")
+                if (owner := self._by_digest.get(digest)) is not None:
+                    raise ValueError(reused_digest(owner.name, tenant.name, digest))
                 self._by_digest[digest] = tenant
         self._registry = registry
         self._clock = clock

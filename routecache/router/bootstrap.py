@@ -29,11 +29,15 @@ from routecache.cache.embedding_worker import BatchPolicy, EmbeddingWorker
 from routecache.cache.faiss_index import IndexPolicy, ScopedFaissIndex
 from routecache.cache.hit_policy import CosinePolicy, HitPolicy, PolicyCalibration, VerifiedPolicy
 from routecache.cache.memory_store import InMemoryEntryStore
-from routecache.cache.onnx_embedder import OnnxMiniLMEmbedder
+from routecache.cache.onnx_embedder import OnnxCacheError, OnnxMiniLMEmbedder
 from routecache.cache.ports import Embedder, EntryStore, VectorIndex
 from routecache.cache.semantic_cache import Distrust, SemanticCache
 from routecache.cache.snapshot import SnapshotError
-from routecache.classifier.model import load_artifact, packaged_artifact_path
+from routecache.classifier.model import (
+    ClassifierArtifactError,
+    load_artifact,
+    packaged_artifact_path,
+)
 from routecache.classifier.ports import DifficultyClassifier
 from routecache.classifier.registry import ModelRegistry
 from routecache.classifier.reloading import ClassifierMismatch, ReloadingClassifier, check_fits
@@ -145,7 +149,10 @@ def build_embedder(settings: Settings) -> Embedder:
         return HashEmbedder()
     if settings.cache.embedder == "minilm":
         return MiniLMEmbedder()
-    return OnnxMiniLMEmbedder(onnx_dir=settings.cache.onnx_dir)
+    try:
+        return OnnxMiniLMEmbedder(onnx_dir=settings.cache.onnx_dir)
+    except OnnxCacheError as error:  # a read-only folder, a graph this runtime cannot read
+        raise ConfigError(f"cache.onnx_dir: {error}") from error
 
 
 def build_hit_policy(settings: Settings, embedder_name: str | None = None) -> HitPolicy:
@@ -211,6 +218,11 @@ def build_classifier(settings: Settings, embedder: Embedder | None = None) -> Di
             f"{error}: point classifier.artifact or classifier.registry_dir at a model "
             f"trained on this embedder (routecache train-classifier --embedder ...)"
         ) from error
+    except (ClassifierArtifactError, UnicodeDecodeError) as error:
+        # A file the settings name that cannot be used: one line and exit 2, not a traceback.
+        # (A CURRENT saved in another encoding is a UnicodeDecodeError.)
+        setting = "artifact" if settings.classifier.registry_dir is None else "registry_dir"
+        raise ConfigError(f"cannot start: classifier.{setting}: {error}") from error
     return classifier
 
 

@@ -123,9 +123,12 @@ def _export_events(args: argparse.Namespace) -> int:
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
-    from routecache.cache.onnx_embedder import ensure_onnx_export
+    from routecache.cache.onnx_embedder import OnnxCacheError, ensure_onnx_export
 
-    print(ensure_onnx_export(onnx_dir=args.onnx_dir))
+    try:
+        print(ensure_onnx_export(onnx_dir=args.onnx_dir))
+    except OnnxCacheError as error:  # a read-only folder: one line, not a traceback
+        raise ConfigError(f"--onnx-dir: {error}") from error
     return 0
 
 
@@ -179,7 +182,7 @@ def _rollback_classifier(args: argparse.Namespace) -> int:
     try:
         previous = registry.current_version()
         version = registry.rollback(args.to)
-    except RegistryError as error:
+    except (RegistryError, OSError) as error:  # OSError: a file it cannot read, say why
         print(f"routecache: {error}", file=sys.stderr)
         return 1
     print(

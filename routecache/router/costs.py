@@ -26,7 +26,7 @@ from routecache.router.budget import (
     SpendRecord,
     seconds_to_period_end,
 )
-from routecache.router.generation import Generated, Generator
+from routecache.router.generation import Generated, Generator, Tally
 from routecache.router.quotas import (
     QuotaLimiter,
     admission_charges,
@@ -186,6 +186,20 @@ class CostControl:
         record = SpendRecord(
             tenant.name, user_slot(request.end_user_id), error.cost_usd, error.prompt_tokens,
             error.completion_tokens, calls=error.calls,
+        )  # fmt: skip
+        await self._settle(tenant, request, booking.reservation, record)
+
+    async def settle_spent(
+        self, tenant: Tenant, request: ChatRequest, booking: Booking, tally: Tally
+    ) -> None:
+        """Generation failed some other way after `tally`'s calls: those were paid for (an
+        escalation's first call, an answer a plugin broke on); no call answered, none paid."""
+        if not tally.calls:
+            await self.release(booking)
+            return
+        record = SpendRecord(
+            tenant.name, user_slot(request.end_user_id), tally.cost, tally.prompt_tokens,
+            tally.completion_tokens, calls=tally.calls,
         )  # fmt: skip
         await self._settle(tenant, request, booking.reservation, record)
 

@@ -3,6 +3,7 @@ tenant's validators, and act on failures (escalate cheap → strong, retry, reda
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -21,7 +22,9 @@ from routecache.router.validation import (
     RequestValidators,
 )
 
-__all__ = ["Generated", "Generator", "Provider"]
+__all__ = ["Generated", "Generator", "Provider", "Tally"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,16 +43,20 @@ class Generated:
     calls: int
     provider: str = ""
     upstream_failures: tuple[str, ...] = ()  # providers that failed before one answered
+    strong_calls: int = 0  # of `calls`, those a strong-tier provider answered (the rest cheap)
 
 
 @dataclass
-class _Tally:
+class Tally:
+    """What a request's calls have cost so far, added to as each one answers."""
+
     cost: float = 0.0
     upstream_ms: float = 0.0
     validate_ms: float = 0.0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     calls: int = 0
+    strong_calls: int = 0
     results: list[ValidatorResult] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
@@ -60,6 +67,7 @@ class _Tally:
         self.completion_tokens += reply.completion_tokens
         self.upstream_ms += elapsed_ms
         self.calls += 1
+        self.strong_calls += int(answered.tier is Tier.STRONG)
         self.failures += answered.failures
 
 
@@ -123,16 +131,19 @@ class Generator:
 
     async def generate(
         self, request: ChatRequest, tier: Tier, *, tenant: str = "", deadline: float | None = None,
-        cheap_only: bool = False,
+        cheap_only: bool = False, tally: Tally | None = None,
     ) -> Generated:  # fmt: skip
         """Raises FailedValidation when no answer may be served, Unavailable when none came.
 
         `cheap_only`: the cheap providers only, and an answer that would be escalated is
-        refused instead (a tenant downgraded at its spend cap).
+        refused instead (a tenant downgraded at its spend cap). `tally`: the caller's, to know
+        what the calls made cost when something fails after one was paid for (an escalation's
+        call, a plugin's bug, the caller gone).
         """
         deadline = self.deadline(None) if deadline is None else deadline
         validators = self._applicable(tenant, request)
-        tally, current, retried, escalated = _Tally(), tier, False, False
+        tally = Tally() if tally is None else tally
+        current, retried, escalated = tier, False, False
         while True:
             started = time.perf_counter()
             answered = await self._failover.complete(
@@ -157,7 +168,7 @@ class Generator:
                 raise FailedValidation(
                     f"no answer passed validation ({failed})", report, cost_usd=tally.cost,
                     prompt_tokens=tally.prompt_tokens, calls=tally.calls,
-                    completion_tokens=tally.completion_tokens,
+                    completion_tokens=tally.completion_tokens, strong_calls=tally.strong_calls,
                 )  # fmt: skip
             retried = retried or decision is OnFail.RETRY
             if decision is OnFail.ESCALATE:
@@ -189,7 +200,7 @@ class Generator:
         upstream_ms = (time.perf_counter() - started) * 1000
         text, model = "".join(pieces), opened.provider.model
         started = time.perf_counter()
-        results = [replace(v.validator.check(text, request), model=model) for v in validators]
+        results = [replace(_check(v, text, request), model=model) for v in validators]
         validate_ms = (time.perf_counter() - started) * 1000
         failing = {v.name: v.on_fail for v, r in zip(validators, results, strict=True)
                    if not r.passed}  # fmt: skip
@@ -203,12 +214,13 @@ class Generator:
             raise FailedValidation(
                 f"the streamed answer failed validation ({failed})", report, cost_usd=cost,
                 prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, calls=1,
+                strong_calls=int(opened.tier is Tier.STRONG),
             )  # fmt: skip
         labelled = [r if r.passed else replace(r, action="flagged") for r in results]
         yield Generated(
             text, model, opened.tier, prompt_tokens, completion_tokens, cost,
             ValidationReport(tuple(labelled), passed=not failing), upstream_ms, validate_ms, 1,
-            opened.provider.name, opened.failures,
+            opened.provider.name, opened.failures, int(opened.tier is Tier.STRONG),
         )  # fmt: skip
 
     @staticmethod
@@ -216,14 +228,14 @@ class Generator:
         answered: Answered, request: ChatRequest, validators: Sequence[Configured]
     ) -> tuple[list[Configured], list[ValidatorResult]]:
         model = answered.reply.model
-        results = [replace(v.validator.check(answered.reply.text, request), model=model)
+        results = [replace(_check(v, answered.reply.text, request), model=model)
                    for v in validators]  # fmt: skip
         failing = [v for v, r in zip(validators, results, strict=True) if not r.passed]
         return failing, results
 
     @staticmethod
     def _served(
-        answered: Answered, failing: Sequence[Configured], tally: _Tally, escalated: bool
+        answered: Answered, failing: Sequence[Configured], tally: Tally, escalated: bool
     ) -> Generated:
         text = answered.reply.text
         for configured in failing:
@@ -234,7 +246,7 @@ class Generator:
         return Generated(
             text, answered.reply.model, answered.tier, tally.prompt_tokens,
             tally.completion_tokens, tally.cost, report, tally.upstream_ms, tally.validate_ms,
-            tally.calls, answered.provider.name, tuple(tally.failures),
+            tally.calls, answered.provider.name, tuple(tally.failures), tally.strong_calls,
         )  # fmt: skip
 
     def release_steps(self) -> list[ReleaseStep]:
@@ -245,6 +257,17 @@ class Generator:
     async def aclose(self) -> None:
         """Closes every provider's client, even after one fails to close."""
         await release_all(self.release_steps())
+
+
+def _check(configured: Configured, text: str, request: ChatRequest) -> ValidatorResult:
+    """A validator's verdict; one that raises (a bug, a plugin's or a library's: jsonschema's
+    multipleOf overflowing) fails the answer, whose call was paid for, instead of the request."""
+    try:
+        return configured.validator.check(text, request)
+    except Exception as exc:
+        log.exception("validator %s raised on an answer; the answer fails it", configured.name)
+        message = f"the check raised {type(exc).__name__}; see the server log"
+        return ValidatorResult(configured.name, False, message)
 
 
 def _decide(failing: Sequence[Configured], retried: bool, tier: Tier) -> OnFail | None:

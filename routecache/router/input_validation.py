@@ -14,6 +14,9 @@ from routecache.router.validators import NotJsonError, check_pattern_size, parse
 
 
 def validate_request(request: ChatRequest, limits: LimitSettings) -> None:
+    if request.problems:  # found while translating; refused here, after the API key
+        field, problem = request.problems[0]
+        raise InvalidArgument(field, problem)
     _check_messages(request, limits)
     _check_params(request, limits)
     _check_cache_control(request, limits)

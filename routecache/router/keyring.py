@@ -104,7 +104,7 @@ class KeyAdmin(Protocol):
         """Writes `change` of the record of `key_id` as it is now, and `also_put` if given, in
         one step with no other admin's write in between (two admins rotating and revoking a
         key at once must not undo each other); returns the changed record. KeyNotFound, and
-        nothing written, if there is no such key."""
+        nothing written, if there is no such key, or whatever `change` raises."""
         ...
 
     async def records(self) -> list[KeyRecord]: ...
@@ -160,14 +160,23 @@ async def rotate_key(
     plain, new = _new_key(old.tenant, now)
 
     def retire(current: KeyRecord) -> KeyRecord:
+        # Revoked by another admin since the read above (at any time: its clock may be ahead
+        # of ours): raised here, in the registry's write step, so that neither record is
+        # written and the tenant of a revoked key (a leaked one, say) gets no fresh key.
+        if current.revoked_at is not None:
+            raise KeyNotLive(
+                f"key {key_id} was revoked during the rotation: no new key was issued"
+                f" (`keys add --tenant {current.tenant}` issues a new one)"
+            )
         expires = now + overlap_seconds
         if current.expires_at is not None:
             expires = min(expires, current.expires_at)
         return replace(current, expires_at=expires)
 
-    # Of the record as it is when written, not as read above: a revocation made meanwhile stays.
-    # The new key is written in the same step: if the old one was deleted meanwhile, nothing is
-    # (written first, it stayed valid and was never shown).
+    # Of the record as it is when written, not as read above: a revocation made meanwhile stays
+    # and fails the rotation. The new key is written in the same step: if the old one was
+    # deleted or revoked meanwhile, nothing is (written first, it stayed valid, and was never
+    # shown or was handed out for a revoked key).
     retired = await admin.update(key_id, retire, also_put=new)
     return plain, new, retired
 

@@ -39,25 +39,29 @@ _OUTCOMES = {
 
 
 def request_from_pb(message: pb.CompleteRequest) -> ChatRequest:
-    messages = []
+    """An unknown enum number is not refused here, ahead of the API key and of the pipeline's
+    error event and metrics: it goes in `problems`, and a stand-in value in its place."""
+    messages, problems = [], []
     for position, item in enumerate(message.messages):
         role = _ROLES.get(item.role)
         if role is None:
-            raise InvalidArgument(f"messages[{position}].role", "must be SYSTEM, USER or ASSISTANT")
-        messages.append(Message(role, item.content))
+            problems.append((f"messages[{position}].role", "must be SYSTEM, USER or ASSISTANT"))
+        messages.append(Message(role or Role.USER, item.content))
     params = message.params
     response_format = _FORMATS.get(params.response_format.type)
     if response_format is None:
-        raise InvalidArgument("params.response_format.type", "unknown response format")
+        problems.append(("params.response_format.type", "unknown response format"))
     force_tier = message.routing.force_tier
     if force_tier != pb.TIER_UNSPECIFIED and force_tier not in _TIERS:
-        raise InvalidArgument("routing.force_tier", "must be CHEAP, STRONG or unspecified")
+        problems.append(("routing.force_tier", "must be CHEAP, STRONG or unspecified"))
     return ChatRequest(
         messages=tuple(messages),
         params=GenerationParams(
             temperature=params.temperature if params.HasField("temperature") else None,
             max_tokens=params.max_tokens if params.HasField("max_tokens") else None,
-            response_format=ResponseFormat(response_format, params.response_format.json_schema),
+            response_format=ResponseFormat(
+                response_format or ResponseFormatType.TEXT, params.response_format.json_schema
+            ),
             top_p=params.top_p if params.HasField("top_p") else None,
         ),
         cache=CacheControl(
@@ -81,6 +85,7 @@ def request_from_pb(message: pb.CompleteRequest) -> ChatRequest:
             )
             for v in message.validators
         ),
+        problems=tuple(problems),
     )
 
 

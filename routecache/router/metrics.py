@@ -10,7 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from routecache.domain import Completion
+from routecache.domain import Completion, Tier
+from routecache.errors import FailedValidation
 from routecache.router.telemetry import WATCHED_COUNTS, RequestPath, path_of
 
 # Exact hits take well under a millisecond, strong-model calls seconds: buckets span both.
@@ -116,18 +117,29 @@ class PrometheusTelemetry:
         path = path_of(completion)
         self._latency.labels(path.value).observe(seconds)
         self._requests.labels(tenant, path.value).inc()
-        usage, tier = completion.usage, completion.tier.value
-        if usage.prompt_tokens or usage.completion_tokens:
-            self._tokens.labels(tenant, tier, "prompt").inc(usage.prompt_tokens)
-            self._tokens.labels(tenant, tier, "completion").inc(usage.completion_tokens)
-        if usage.cost_usd:
-            self._cost.labels(tenant, tier).inc(usage.cost_usd)
+        usage = completion.usage
+        self._paid(tenant, completion.tier, usage.prompt_tokens, usage.completion_tokens,
+                   usage.cost_usd)  # fmt: skip
         if usage.saved_usd:
             self._saved.labels(tenant).inc(usage.saved_usd)
         if completion.validation.escalated:
             self._escalations.labels(tenant).inc()
         for name in failed_validators:
             self._validator_failures.labels(name).inc()
+
+    def refused_spend(self, tenant: str, refused: FailedValidation) -> None:
+        # Under the tier of the last answer, as an escalated answer's whole cost is.
+        tier = Tier.STRONG if refused.strong_calls else Tier.CHEAP
+        self._paid(tenant, tier, refused.prompt_tokens, refused.completion_tokens,
+                   refused.cost_usd)  # fmt: skip
+
+    def _paid(self, tenant: str, tier: Tier, prompt_tokens: int, completion_tokens: int,
+              cost_usd: float) -> None:  # fmt: skip
+        if prompt_tokens or completion_tokens:
+            self._tokens.labels(tenant, tier.value, "prompt").inc(prompt_tokens)
+            self._tokens.labels(tenant, tier.value, "completion").inc(completion_tokens)
+        if cost_usd:
+            self._cost.labels(tenant, tier.value).inc(cost_usd)
 
     def request_failed(self, tenant: str, reason: str, seconds: float,
                        failed_validators: tuple[str, ...] = ()) -> None:  # fmt: skip

@@ -36,13 +36,13 @@ from routecache.errors import (
 from routecache.router.alerts import BudgetAlerts
 from routecache.router.auth import ApiKeyAuthenticator
 from routecache.router.costs import Booking, CostControl
-from routecache.router.generation import Generated, Generator
+from routecache.router.generation import Generated, Generator, Tally
 from routecache.router.input_validation import validate_request
 from routecache.router.logs import REQUEST_ID
 from routecache.router.ports import EventSink, SpendLedger
 from routecache.router.quotas import InMemoryQuotaLimiter
 from routecache.router.settings import LimitSettings
-from routecache.router.single_flight import SingleFlight
+from routecache.router.single_flight import SingleFlight, WaitedTooLong
 from routecache.router.stats import ResponseRegistry, ServedResponse, TenantStatsBook
 from routecache.router.telemetry import (
     NullTelemetry,
@@ -57,7 +57,7 @@ from routecache.router.upstream.failover import AllProvidersFailed
 log = logging.getLogger(__name__)
 
 _STREAM_CHUNK_CHARS = 48
-_SERVER_SIDE = frozenset({"unavailable", "failed_validation"})
+_SERVER_SIDE = frozenset({"unavailable", "failed_validation", "internal"})
 
 
 @dataclass
@@ -110,7 +110,7 @@ class Pipeline:
             tenant = await self._p.authenticator.resolve(api_key)
             tenant_name = tenant.name
             completion = await self._complete(tenant, request, started, deadline)
-        except RouteCacheError as error:
+        except Exception as error:  # a bug included: it fails the call INTERNAL, recorded too
             self._record_failure(tenant_name, request, error, started)
             raise
         finally:
@@ -127,20 +127,21 @@ class Pipeline:
         await self._admit(tenant, request)
         latency = LatencyBreakdown()
         try:
-            completion, calls = await self._answer(tenant, request, latency, deadline)
+            completion, generated = await self._answer(tenant, request, latency, deadline)
         except (FailedValidation, Unavailable) as error:
             self._fail(tenant, error)
             raise
         latency.total_ms = (time.perf_counter() - started) * 1000
-        self._stats.record_completion(tenant.name, completion, calls)
+        calls = (0, 0) if generated is None else (generated.calls, generated.strong_calls)
+        self._stats.record_completion(tenant.name, completion, *calls)
         self._emit_completion(tenant, request, completion)
         return completion
 
     def _record_failure(
-        self, tenant: str, request: ChatRequest, error: RouteCacheError, started: float
+        self, tenant: str, request: ChatRequest, error: Exception, started: float
     ) -> None:
         seconds = time.perf_counter() - started
-        reason = error_reason(error)
+        reason = error_reason(error) if isinstance(error, RouteCacheError) else "internal"
         report = error.report if isinstance(error, FailedValidation) else None
         failed = () if report is None else tuple(r.name for r in report.results if not r.passed)
         labels = () if report is None else failed_validator_labels(report, request)
@@ -148,11 +149,17 @@ class Pipeline:
         # The service's own trouble is a warning; a caller's mistake or limit is routine.
         level = logging.WARNING if reason in _SERVER_SIDE else logging.INFO
         log.log(level, "request failed: %s: %s", reason, error, extra={"tenant": tenant})
+        # The event is written before (or despite) the size checks: an unknown caller's text is
+        # never kept, a tenant's at most what a valid request may hold, so no caller can fill
+        # the event log (a Redis stream) with up to 1 MiB a request. The sizes stay, to debug.
+        prompt = request.prompt if request.messages else ""
+        kept = self._p.limits.max_message_chars if tenant else 0
+        user = request.end_user_id[: self._p.limits.max_end_user_id_chars] if tenant else ""
         self._p.events.emit(
             "error",
             {"request_id": REQUEST_ID.get(), "tenant": tenant, "reason": reason,
-             "end_user_id": request.end_user_id,
-             "prompt": request.prompt if request.messages else "", "path": "error",
+             "end_user_id": user, "prompt": prompt[:kept], "prompt_chars": len(prompt),
+             "prompt_cut": len(prompt) > kept, "path": "error",
              "error": type(error).__name__, "message": str(error),
              "latency_ms": seconds * 1000, "failed_validators": list(failed),
              "validation": None if report is None else _report_payload(report)},
@@ -177,7 +184,7 @@ class Pipeline:
                     failed = failed_validator_labels(event.validation, request)
                     telemetry.request_completed(tenant.name, event, seconds, failed)
                 yield event
-        except RouteCacheError as error:
+        except Exception as error:  # a bug included: it fails the call INTERNAL, recorded too
             self._record_failure(tenant_name, request, error, started)
             raise
         finally:
@@ -204,7 +211,7 @@ class Pipeline:
         for chunk in _chunks(hit.text):
             yield chunk
         latency.total_ms = (time.perf_counter() - started) * 1000
-        self._stats.record_completion(tenant.name, hit, 0)
+        self._stats.record_completion(tenant.name, hit)
         self._emit_completion(tenant, request, hit)
         yield hit
 
@@ -233,7 +240,7 @@ class Pipeline:
                     sent.append(event)
                     yield event
         except FailedValidation as error:
-            await self._costs.settle_refused(tenant, request, booking, error)
+            await self._refused(tenant, request, booking, error)
             raise
         except AllProvidersFailed as error:  # nothing was sent yet: a stale answer may do
             await self._costs.release(booking)
@@ -241,7 +248,7 @@ class Pipeline:
             for chunk in _chunks(stale.text):
                 yield chunk
             latency.total_ms = (time.perf_counter() - started) * 1000
-            self._stats.record_completion(tenant.name, stale, 0)
+            self._stats.record_completion(tenant.name, stale)
             self._emit_completion(tenant, request, stale)
             yield stale
             return
@@ -258,7 +265,7 @@ class Pipeline:
                 entry_id = await self._store(tenant, scope, request, vector, generated)
         done = self._from_models(tenant, generated, False, entry_id, (difficulty, version), latency)
         latency.total_ms = (time.perf_counter() - started) * 1000
-        self._stats.record_completion(tenant.name, done, generated.calls)
+        self._stats.record_completion(tenant.name, done, generated.calls, generated.strong_calls)
         self._emit_completion(tenant, request, done)
         yield done
 
@@ -302,11 +309,12 @@ class Pipeline:
         request: ChatRequest,
         latency: LatencyBreakdown,
         deadline: float,
-    ) -> tuple[Completion, int]:
+    ) -> tuple[Completion, Generated | None]:
+        """The answer, and what this request's own calls generated (None: it made none)."""
         scope, hit, vector = await self._lookup(tenant, request, latency)
         if hit is not None:
             await self._costs.record_saving(tenant, request, hit.usage.saved_usd)
-            return hit, 0
+            return hit, None
         assert vector is not None  # a miss always embeds
         with _stage(latency, "classify_ms"):
             tier, difficulty, version = self._route(tenant, request, vector)
@@ -318,9 +326,15 @@ class Pipeline:
                 flight_key,
                 lambda: self._book_and_generate(tenant, request, tier, deadline),
                 lambda error: _not_mine(error, deadline),
+                # A caller joining a call made under a later deadline waits no longer than
+                # it would for its own call, so that its stale answer still comes in time.
+                patience=self._p.generator.failover.seconds_for_calls(deadline),
             )
         except Unavailable as error:  # the caller that booked the call released it
-            return await self._stale(tenant, request, scope, vector, latency, error), 0
+            return await self._stale(tenant, request, scope, vector, latency, error), None
+        except WaitedTooLong as waited:  # the shared call goes on for its maker
+            late = Unavailable(f"an identical request's call did not answer in time: {waited}")
+            return await self._stale(tenant, request, scope, vector, latency, late), None
         latency.upstream_ms, latency.validate_ms = generated.upstream_ms, generated.validate_ms
         await self._costs.settle(tenant, request, None if shared else booking, generated)
         entry_id = ""
@@ -329,26 +343,35 @@ class Pipeline:
                 entry_id = await self._store(tenant, scope, request, vector, generated)
         scored = (difficulty, version)
         done = self._from_models(tenant, generated, shared, entry_id, scored, latency)
-        return done, (0 if shared else generated.calls)
+        return done, (None if shared else generated)
 
     async def _book_and_generate(
         self, tenant: Tenant, request: ChatRequest, tier: Tier, deadline: float
     ) -> tuple[Generated, Booking]:
         """The call one of the identical requests in flight makes for all of them, booked
         under its caller's caps; its reservation is settled or released here on failure."""
-        booking = await self._costs.book(tenant, request, tier)
+        booking, spent = await self._costs.book(tenant, request, tier), Tally()
         try:
             generated = await self._p.generator.generate(
                 booking.request, booking.tier, tenant=tenant.name, deadline=deadline,
-                cheap_only=booking.cheap_only,
+                cheap_only=booking.cheap_only, tally=spent,
             )  # fmt: skip
-        except FailedValidation as error:  # paid for, though nothing is served
-            await self._costs.settle_refused(tenant, request, booking, error)
+        except FailedValidation as error:
+            await self._refused(tenant, request, booking, error)
             raise
-        except BaseException:
-            await self._costs.release(booking)
+        except BaseException:  # the calls that answered before it failed were paid for
+            await self._costs.settle_spent(tenant, request, booking, spent)
             raise
         return generated, booking
+
+    async def _refused(
+        self, tenant: Tenant, request: ChatRequest, booking: Booking, error: FailedValidation
+    ) -> None:
+        """Answers refused by validation were paid for, though nothing is served: the spend,
+        GetStats and metrics count them, here in the request that made the calls only."""
+        await self._costs.settle_refused(tenant, request, booking, error)
+        self._stats.record_refused_calls(tenant.name, error)
+        self._p.telemetry.refused_spend(tenant.name, error)
 
     async def _stale(
         self,

@@ -5,16 +5,20 @@ from __future__ import annotations
 import logging
 import re
 import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from routecache.router.servicer import RouteCacheServicer
+from routecache.errors import InvalidArgument
+from routecache.router import error_mapping
+from routecache.router.servicer import Context, RouteCacheServicer
 from routecache.router.settings import ConfigError, ServerSettings
 from routecache.v1 import routecache_pb2 as pb
-from routecache.v1 import routecache_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +29,65 @@ DEPENDENCIES = ("routecache.embedder", "routecache.classifier", "routecache.inde
 # The cache's store as its own health entry: Redis down marks only this NOT_SERVING, since
 # the service keeps answering without its cache.
 CACHE_HEALTH_NAME = "routecache.v1.RouteCache.cache"
+
+
+def add_routecache_servicer(servicer: RouteCacheServicer, server: grpc.aio.Server) -> None:
+    """What routecache_pb2_grpc.add_RouteCacheServicer_to_server does, except that each handler
+    is given the request's bytes and parses them itself: a request deserializer that raises
+    (a corrupt message, a string field that is not UTF-8) makes gRPC end the call UNKNOWN with
+    Python's exception text, where a malformed request is the caller's INVALID_ARGUMENT."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in pb.DESCRIPTOR.services_by_name["RouteCache"].methods:
+        request_type: type[Message] = getattr(pb, method.input_type.name)
+        response_type: type[Message] = getattr(pb, method.output_type.name)
+        behaviour = getattr(servicer, method.name)
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _parsing_stream(behaviour, request_type),
+                response_serializer=response_type.SerializeToString,
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _parsing_unary(behaviour, request_type),
+                response_serializer=response_type.SerializeToString,
+            )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+async def _parsed(raw: bytes, request_type: type[Message], context: Context) -> Message:
+    """The request, or the call ends INVALID_ARGUMENT (field `request`)."""
+
+    async def parse() -> Message:
+        try:
+            return request_type.FromString(raw)
+        except DecodeError as exc:
+            raise InvalidArgument(
+                "request",
+                f"not a valid {request_type.DESCRIPTOR.full_name} (corrupt protobuf, or a "
+                "string field that is not UTF-8)",
+            ) from exc
+
+    return await error_mapping.unary(context, parse)
+
+
+def _parsing_unary(
+    behaviour: Callable[[Message, Context], Awaitable[Message]], request_type: type[Message]
+) -> Callable[[bytes, Context], Awaitable[Message]]:
+    async def handler(raw: bytes, context: Context) -> Message:
+        return await behaviour(await _parsed(raw, request_type, context), context)
+
+    return handler
+
+
+def _parsing_stream(
+    behaviour: Callable[[Message, Context], AsyncIterator[Message]], request_type: type[Message]
+) -> Callable[[bytes, Context], AsyncIterator[Message]]:
+    async def handler(raw: bytes, context: Context) -> AsyncIterator[Message]:
+        async for message in behaviour(await _parsed(raw, request_type, context), context):
+            yield message
+
+    return handler
 
 
 class ListenError(OSError):
@@ -166,7 +229,7 @@ async def start_server(
             ("grpc.so_reuseport", 0),
         ]
     )
-    pb_grpc.add_RouteCacheServicer_to_server(servicer, server)
+    add_routecache_servicer(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

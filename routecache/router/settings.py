@@ -31,6 +31,7 @@ from pydantic_settings import (
 )
 
 from routecache.domain import OperatingPoint
+from routecache.router.auth import reused_digest
 
 CONFIG_ENV_VAR = "ROUTECACHE_CONFIG"
 
@@ -82,7 +83,8 @@ class ProviderSettings(_Section):
     max_response_bytes: int = Field(
         4 << 20,
         ge=64 << 10,
-        description="longest response body, and stream line, read; past it the attempt fails",
+        description="longest response body, and stream line, read (a whole stream: four times "
+        "it); past it the attempt fails",
     )
 
     def resolve_api_key(self) -> str | None:
@@ -134,8 +136,9 @@ class RetrySettings(_Section):
     max_retry_after_seconds: float = Field(
         5.0,
         ge=0,
-        description="longest Retry-After (429/5xx) waited out before the retry; a longer one, "
-        "or one past half the time the provider has left, moves on to the next provider at once",
+        description="longest Retry-After (408/409/429/5xx) waited out before the retry; a longer "
+        "one, or one past half the time the provider has left, moves on to the next provider at "
+        "once",
     )
 
 
@@ -530,13 +533,7 @@ class Settings(BaseSettings):
         for tenant in tenants:
             for digest in tenant.api_key_sha256:
                 if digest in owner:
-                    where = (
-                        f"tenant {tenant.name} lists an API key digest twice"
-                        if owner[digest] == tenant.name
-                        else f"an API key digest is configured for tenants {owner[digest]} and "
-                        f"{tenant.name}"
-                    )
-                    raise ValueError(f"{where}: {digest}")
+                    raise ValueError(reused_digest(owner[digest], tenant.name, digest))
                 owner[digest] = tenant.name
         return tenants
 

@@ -13,6 +13,10 @@ def _never(error: BaseException) -> bool:
     return False
 
 
+class WaitedTooLong(Exception):
+    """A caller stopped waiting for another caller's call (which goes on for the others)."""
+
+
 class SingleFlight(Generic[T]):
     def __init__(self) -> None:
         self._in_flight: dict[str, asyncio.Future[T]] = {}
@@ -22,16 +26,25 @@ class SingleFlight(Generic[T]):
         key: str,
         work: Callable[[], Awaitable[T]],
         not_mine: Callable[[BaseException], bool] = _never,
+        patience: float | None = None,
     ) -> tuple[T, bool]:
         """Returns the result and whether this caller shared another caller's call.
 
         `not_mine(error)`: the shared call failed for a reason of the caller that made it
         alone (its deadline, say), so this caller makes the call itself instead of failing.
+        `patience`: the most seconds this caller waits for another caller's call (its own
+        deadline may be shorter than the maker's); past it, WaitedTooLong is raised and the
+        call goes on for its maker and the others sharing it.
         """
+        loop = asyncio.get_running_loop()
+        give_up_at = None if patience is None else loop.time() + patience
         while (pending := self._in_flight.get(key)) is not None:
             # asyncio.wait never cancels what it waits on and raises CancelledError only when
             # this caller itself is cancelled, so a leader's cancellation can be told apart.
-            await asyncio.wait((pending,))
+            timeout = None if give_up_at is None else max(give_up_at - loop.time(), 0.0)
+            await asyncio.wait((pending,), timeout=timeout)
+            if not pending.done():
+                raise WaitedTooLong(f"no answer within {max(patience or 0.0, 0.0):.2f}s")
             if pending.cancelled():
                 # The caller that made the call went away and its call with it: this request
                 # is still wanted, so it makes the call itself (or joins whoever did so first).
@@ -39,7 +52,7 @@ class SingleFlight(Generic[T]):
             error = pending.exception()
             if error is None or not not_mine(error):
                 return pending.result(), True
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[T] = loop.create_future()
         self._in_flight[key] = future
         try:
             result = await work()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, replace
 
-from routecache.domain import CacheOutcome, Completion, Tier
+from routecache.domain import CacheOutcome, Completion
+from routecache.errors import FailedValidation
 
 
 @dataclass
@@ -31,7 +32,11 @@ class TenantStatsBook:
     def _counters(self, tenant: str) -> _Counters:
         return self._by_tenant.setdefault(tenant, _Counters())
 
-    def record_completion(self, tenant: str, completion: Completion, upstream_calls: int) -> None:
+    def record_completion(
+        self, tenant: str, completion: Completion, upstream_calls: int = 0, strong_calls: int = 0
+    ) -> None:
+        """`upstream_calls`: the calls this request made itself (none for a hit or a shared
+        call), `strong_calls` of them answered by a strong-tier provider."""
         counters = self._counters(tenant)
         counters.requests += 1
         outcome = completion.cache.outcome
@@ -43,11 +48,9 @@ class TenantStatsBook:
             counters.misses += 1
         if upstream_calls:
             counters.escalations += int(completion.validation.escalated)
-            counters.cheap_calls += int(completion.validation.escalated)
-            if completion.tier is Tier.CHEAP:
-                counters.cheap_calls += 1
-            else:
-                counters.strong_calls += 1
+        # Every call counts (a retry too), by the tier of the provider that answered it.
+        counters.cheap_calls += upstream_calls - strong_calls
+        counters.strong_calls += strong_calls
         counters.cost_usd += completion.usage.cost_usd
         counters.saved_usd += completion.usage.saved_usd
 
@@ -56,8 +59,22 @@ class TenantStatsBook:
         counters.requests += 1
         counters.validation_failures += int(validation)
 
-    def record_feedback(self, tenant: str, thumbs_up: bool) -> None:
+    def record_refused_calls(self, tenant: str, refused: FailedValidation) -> None:
+        """The calls of a request whose every answer failed validation: paid for (the spend
+        ledger has them) though nothing was served. Its maker's only: sharers paid nothing."""
         counters = self._counters(tenant)
+        counters.cheap_calls += refused.calls - refused.strong_calls
+        counters.strong_calls += refused.strong_calls
+        counters.cost_usd += refused.cost_usd
+
+    def record_feedback(self, tenant: str, thumbs_up: bool, previous: bool | None = None) -> None:
+        """Counts each response once, with its latest rating (as the notebook's analysis does,
+        routecache/analysis/cache_hits.py): `previous` is the response's earlier rating, if it
+        had one, which a changed mind takes back."""
+        counters = self._counters(tenant)
+        if previous is not None:
+            counters.thumbs_up -= int(previous)
+            counters.thumbs_down -= int(not previous)
         counters.thumbs_up += int(thumbs_up)
         counters.thumbs_down += int(not thumbs_up)
 
@@ -71,6 +88,7 @@ class ServedResponse:
     entry_id: str  # the cache entry that served or was written by this response; "" if none
     cache_outcome: CacheOutcome
     similarity: float = 0.0
+    rating: bool | None = None  # the latest feedback: True thumbs-up, None not rated yet
 
 
 class ResponseRegistry:
@@ -95,3 +113,13 @@ class ResponseRegistry:
     def find(self, tenant: str, response_id: str) -> ServedResponse | None:
         responses = self._by_tenant.get(tenant)
         return None if responses is None else responses.get(response_id)
+
+    def rate(self, tenant: str, response_id: str, thumbs_up: bool) -> bool | None:
+        """Notes the response's latest rating (kept with it, so within the same bound); returns
+        the one before, None if none or if the response is no longer remembered."""
+        responses = self._by_tenant.get(tenant)
+        served = None if responses is None else responses.get(response_id)
+        if responses is None or served is None:
+            return None
+        responses[response_id] = replace(served, rating=thumbs_up)  # keeps its age in the order
+        return served.rating

@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from routecache.domain import CacheOutcome, ChatRequest, Completion, Tier, ValidationReport
+from routecache.errors import FailedValidation
 
 
 class RequestPath(StrEnum):
@@ -111,6 +112,11 @@ class Telemetry(Protocol):
         """A request was rate_limited, cap_refused or downgraded by the cost controls."""
         ...
 
+    def refused_spend(self, tenant: str, refused: FailedValidation) -> None:
+        """Answers that all failed validation were paid for: their tokens and cost count, as
+        a served answer's do (once, for the request that made the calls)."""
+        ...
+
 
 class NullTelemetry:
     """Records nothing: metrics are off."""
@@ -151,6 +157,9 @@ class NullTelemetry:
         pass
 
     def cost_control(self, tenant: str, outcome: str) -> None:
+        pass
+
+    def refused_spend(self, tenant: str, refused: FailedValidation) -> None:
         pass
 
 

@@ -48,7 +48,10 @@ class TenantAdmin:
         if not feedback.thumbs_up and served.entry_id:
             removed = served.entry_id if await self._parts.cache.distrust(
                 tenant.name, served.entry_id) else ""  # fmt: skip
-        self._stats.record_feedback(tenant.name, feedback.thumbs_up)
+        # Read here, after the removal's await: two ratings of one response sent at once
+        # each see the other's.
+        previous = self._responses.rate(tenant.name, feedback.response_id, feedback.thumbs_up)
+        self._stats.record_feedback(tenant.name, feedback.thumbs_up, previous)
         self._parts.telemetry.feedback(tenant.name, feedback.thumbs_up, bool(removed))
         self._parts.events.emit(
             "feedback",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import time
@@ -27,11 +28,29 @@ class NotJsonError(ValueError):
     """Text that is not JSON, or JSON Python cannot hold; the message is for an API caller."""
 
 
+def _refuse_constant(name: str) -> Any:
+    raise NotJsonError(f"not JSON: {name} is not a number JSON allows (only finite ones)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: Python reads it as inf, which no JSON number is
+        # Not quoted: the digits may run to the answer's whole length.
+        raise NotJsonError("not JSON the service can read: a number too large to be finite")
+    return value
+
+
 def parse_json(text: str) -> Any:
     """A caller's JSON text (a request's schema, an answer) as a value, or NotJsonError saying
-    why not, in the same words wherever the text came from."""
+    why not, in the same words wherever the text came from.
+
+    Strict as RFC 8259: json.loads takes NaN and Infinity and reads 1e999 as inf, which a
+    strict parser refuses (an answer served as JSON) and which make a schema's bounds pass
+    everything ({"maximum": NaN})."""
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except NotJsonError:
+        raise
     except json.JSONDecodeError as exc:
         raise NotJsonError(f"not JSON: {exc.msg} at position {exc.pos}") from exc
     except ValueError as exc:  # Python's limit on integers; its message suggests a call to make
@@ -143,6 +162,10 @@ class JsonSchemaValidator:
             return ValidatorResult(self.name, False, f"schema reference unresolvable: {exc}")
         except RecursionError:  # a recursive schema ({"$ref": "#"}) down a deep answer
             return ValidatorResult(self.name, False, "answer nested too deeply to check")
+        except OverflowError:  # multipleOf: an integer past a double's range over a float
+            return ValidatorResult(
+                self.name, False, "a number too large to check against the schema"
+            )
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "(root)"
             return ValidatorResult(
@@ -155,7 +178,7 @@ class JsonSchemaValidator:
         if compiled is None:
             if len(self._compiled) >= self._max_compiled:
                 self._compiled.clear()
-            schema: Any = json.loads(schema_text)
+            schema: Any = parse_json(schema_text)  # checked on admission: it parses
             compiled = self._compiled[schema_text] = _BoundedValidator(
                 schema, registry=_NO_RETRIEVAL
             )

@@ -30,7 +30,7 @@ import numpy.typing as npt
 from routecache.cache.hit_policy import CosinePolicy, HitPolicy, HitRequirement, HitVerdict, clears
 from routecache.cache.ports import Embedder, VectorIndex
 from routecache.cli_args import fractions, listed, number_between, positive_int
-from routecache.training.data_files import exits_2_on_data_error
+from routecache.training.data_files import DataFileError, exits_2_on_data_error
 from routecache.training.pair_data import (
     LabelledPair,
     duplicate_clusters,
@@ -277,7 +277,10 @@ def run(args: argparse.Namespace) -> int:
         settings = settings.model_copy(
             update={"cache": settings.cache.model_copy(update={"verifier": verifier})}
         )
-    policy = build_hit_policy(settings)
+    try:
+        policy = build_hit_policy(settings)
+    except OSError as error:  # a verifier_dir without its files: as `serve` reports it
+        raise DataFileError(f"--config: cache.verifier_dir: {error}") from error
     name = "cosine" if isinstance(policy, CosinePolicy) else "verified"
     requirements = [
         HitRequirement(threshold, budget)

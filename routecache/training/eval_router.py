@@ -73,21 +73,25 @@ def _embedder_for(classifier: SklearnDifficultyClassifier) -> tuple[str, int]:
     return ("hash", classifier.embedding_dimension) if name.startswith("hash-") else ("minilm", 0)
 
 
-def operating_point(args: argparse.Namespace) -> tuple[OperatingPoint | None, str]:
-    """The operating point to report at, and where it came from."""
+def operating_point(args: argparse.Namespace) -> tuple[OperatingPoint | None, float | None, str]:
+    """The operating point to report at, or the threshold itself where one is set, and where
+    it came from."""
     if args.threshold is not None:  # the threshold itself is given: no target chose it
-        return None, "command line threshold"
+        return None, args.threshold, "command line threshold"
     if args.quality is not None:
-        return OperatingPoint(quality=args.quality), "command line"
+        return OperatingPoint(quality=args.quality), None, "command line"
     if args.strong_fraction is not None:
-        return OperatingPoint(strong_fraction=args.strong_fraction), "command line"
+        return OperatingPoint(strong_fraction=args.strong_fraction), None, "command line"
     if args.max_cost_ratio is not None:
-        return OperatingPoint(cost_ratio=args.max_cost_ratio), "command line"
+        return OperatingPoint(cost_ratio=args.max_cost_ratio), None, "command line"
     try:
-        configured = load_settings(args.config).classifier.operating_point()
+        classifier = load_settings(args.config).classifier
     except ConfigError as error:
         raise DataFileError(f"--config: {error}") from error
-    return configured, "settings" if configured is not None else "model default"
+    if classifier.routing_threshold is not None:  # the service routes at it, target or not
+        return None, classifier.routing_threshold, "settings threshold"
+    configured = classifier.operating_point()
+    return configured, None, "settings" if configured is not None else "model default"
 
 
 def _stored_operating_point(metadata: dict[str, Any]) -> OperatingPoint | None:
@@ -106,7 +110,8 @@ def _stored_operating_point(metadata: dict[str, Any]) -> OperatingPoint | None:
 @exits_2_on_data_error
 def run(args: argparse.Namespace) -> int:
     rows = read_routing_rows([Path(p) for p in args.data])
-    point, source = operating_point(args)  # a bad --config is reported before minutes of scoring
+    # A bad --config is reported before minutes of scoring.
+    point, given_threshold, source = operating_point(args)
     try:
         classifier = load_classifier(Path(args.artifact) if args.artifact else None)
     except ClassifierArtifactError as error:
@@ -122,8 +127,8 @@ def run(args: argparse.Namespace) -> int:
     cache = Path(args.embedding_cache) if args.embedding_cache else None
     embeddings = embed_prompts(embedder, [r.prompt for r in rows], cache)
     scores, p50_us = timed_scores(classifier, embeddings, rows)
-    if args.threshold is not None:
-        threshold = args.threshold
+    if given_threshold is not None:
+        threshold = given_threshold
     elif point is not None:
         threshold = classifier.threshold_for(point)
     else:

@@ -14,10 +14,13 @@ in three ways, and only these (silence is not a label):
 
 A response_id graded as correct (1) or by feedback (2) that the strong model answered says
 nothing about the cheap one and is skipped, as are cache hits. Where several events label the
-same response, the last one wins (a user may change their rating). strong_correct is None
+same response, or grade the same prompt, the last one wins (a user may change their rating, a
+grader their grade). A rating or grade may come before its completion, or in another file:
+the files are one log, and the same file given twice is read once. strong_correct is None
 unless an outcome event states it: such rows train the failure model but are never used to
-measure a router, which needs both labels. A grade that is not true or false (1 or 0), or a
-feedback rating that is not true or false, is refused with its file and line.
+measure a router, which needs both labels. A grade that is not true or false (1 or 0), an
+outcome event that carries a grade in neither shape of (1), a feedback rating that is not true
+or false, or a completion whose prompt is not text is refused with its file and line.
 """
 
 from __future__ import annotations
@@ -40,7 +43,12 @@ class EventLabel:
 
 def read_events(paths: Sequence[Path]) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
+    read: set[Path] = set()
     for path in paths:
+        # `--events log.jsonl --events ./log.jsonl` would count every event twice.
+        if (resolved := path.resolve()) in read:
+            continue
+        read.add(resolved)
         for number, line in numbered_lines(path):
             try:
                 record = json.loads(line)
@@ -50,7 +58,7 @@ def read_events(paths: Sequence[Path]) -> list[dict[str, Any]]:
                 continue
             try:
                 _check_grades(record)
-            except TypeError as exc:
+            except (TypeError, ValueError) as exc:
                 raise DataFileError(f"{path}:{number}: {exc}") from exc
             events.append(record)
     return events
@@ -58,16 +66,26 @@ def read_events(paths: Sequence[Path]) -> list[dict[str, Any]]:
 
 def _check_grades(event: dict[str, Any]) -> None:
     """Raises TypeError unless the grades an outcome event gives are true or false (1 or 0;
-    strong_correct may be null: unknown) and a graded prompt is text, and unless a feedback
-    event's thumbs_up is true or false. Graders write these by hand: bool() read "false" as
-    correct, null as wrong and a null prompt as the prompt "None", labels trained on without
-    a word; a feedback event without its rating read as a thumbs-down."""
-    if event.get("kind") == "feedback":
+    strong_correct may be null: unknown) and a graded prompt is text, unless a feedback
+    event's thumbs_up is true or false, and unless a completion's prompt is text; ValueError
+    if an outcome event carries a grade in neither documented shape. Graders write these by
+    hand: bool() read "false" as correct, null as wrong and a null prompt as the prompt
+    "None", labels trained on without a word; a feedback event without its rating read as a
+    thumbs-down; a grade in another shape was dropped without a word."""
+    kind = event.get("kind")
+    if kind == "feedback":
         if not isinstance(event.get("thumbs_up"), bool):
             raise TypeError(f"thumbs_up must be true or false, not {event.get('thumbs_up')!r}")
         return
-    if event.get("kind") != "outcome":
+    if kind == "completion":
+        # The label of a rated completion is its prompt: missing, it ended retrain in a
+        # KeyError; null, it trained on the prompt "None".
+        if not isinstance(event.get("prompt"), str):
+            raise TypeError(f"prompt must be text, not {event.get('prompt', 'missing')!r}")
         return
+    if kind != "outcome":
+        return
+    _check_outcome_shape(event)
     for key in ("weak_correct", "strong_correct", "correct"):
         value = event.get(key)
         unknown = value is None and (key == "strong_correct" or key not in event)
@@ -77,17 +95,41 @@ def _check_grades(event: dict[str, Any]) -> None:
         raise TypeError(f"prompt must be text, not {event['prompt']!r}")
 
 
+def _check_outcome_shape(event: dict[str, Any]) -> None:
+    """ValueError unless an outcome event that grades anything grades a prompt (prompt +
+    weak_correct, strong_correct optional) or a logged response (response_id + correct). One
+    without any grade is no label (silence); a grade in another shape is a grader's mistake."""
+    grades = [key for key in ("weak_correct", "strong_correct", "correct") if key in event]
+    if not grades:
+        return
+    prompt_shape = "prompt" in event and "weak_correct" in event and "correct" not in event
+    response_shape = "response_id" in event and grades == ["correct"]
+    if not (prompt_shape or response_shape):
+        given = ", ".join(key for key in ("prompt", "response_id", *grades) if key in event)
+        raise ValueError(
+            "an outcome grades a prompt (prompt + weak_correct, strong_correct optional) or a"
+            f" logged response (response_id + correct), not {given}"
+        )
+
+
 def labels_from_events(events: Iterable[dict[str, Any]]) -> list[EventLabel]:
     """Cheap-model labels by the rules of this module's docstring: graded prompts first, in
-    the order seen, then labels of responses in the order each response was first labelled."""
-    completions: dict[str, dict[str, Any]] = {}
+    the order each was first graded, then labels of responses in the order each response was
+    first labelled."""
+    events = list(events)
+    # All completions first: a rating or grade may come before the completion it rates (a
+    # grades file given before the log it grades), and still counts.
+    completions = {
+        response_id: event
+        for event in events
+        if event.get("kind") == "completion" and (response_id := str(event.get("response_id", "")))
+    }
     by_response: dict[str, EventLabel] = {}
-    direct: list[EventLabel] = []
+    by_prompt: dict[str, EventLabel] = {}
     for event in events:
         kind = event.get("kind")
         response_id = str(event.get("response_id", ""))
         if kind == "completion" and response_id:
-            completions[response_id] = event
             if event.get("escalated") and event.get("cache_outcome") == "miss":
                 by_response[response_id] = EventLabel(str(event["prompt"]), weak_correct=False)
         elif kind == "feedback" and response_id in completions:
@@ -101,10 +143,10 @@ def labels_from_events(events: Iterable[dict[str, Any]]) -> list[EventLabel]:
             # A graded prompt stands alone; a graded response (even one that also names its
             # prompt) is one more rating of that response, so the last rating still wins.
             if label is not None and _grades_a_prompt(event):
-                direct.append(label)
+                by_prompt[label.prompt] = label  # re-graded: the latest grade wins
             elif label is not None:
                 by_response[response_id] = label
-    return direct + list(by_response.values())
+    return list(by_prompt.values()) + list(by_response.values())
 
 
 def _cheap_label(completion: dict[str, Any], correct: bool) -> EventLabel | None:

@@ -33,20 +33,20 @@ import numpy as np
 from routecache.classifier import metrics
 from routecache.classifier.model import (
     ClassifierArtifactError,
-    SklearnDifficultyClassifier,
     load_artifact,
     packaged_artifact_path,
     save_artifact,
 )
 from routecache.classifier.registry import ModelRegistry
 from routecache.cli_args import fraction, number_between, positive_int, positive_number
-from routecache.training.data_files import exits_2_on_data_error, writable_folder
+from routecache.training.data_files import DataFileError, exits_2_on_data_error, writable_folder
 from routecache.training.outcomes import EventLabel, labels_from_events, read_events
 from routecache.training.routing_data import (
     RoutingRow,
     holdout_mask,
     outcomes,
     read_routing_rows,
+    require_both_sides,
 )
 from routecache.training.train_classifier import (
     DEFAULT_C,
@@ -72,6 +72,30 @@ def event_set(labels: Sequence[EventLabel], embeddings: np.ndarray[Any, Any]) ->
     )  # fmt: skip
 
 
+def incumbent_path(registry: ModelRegistry) -> Path:
+    """The artifact of the model in service: CURRENT's, else the packaged one."""
+    return registry.current_artifact() or packaged_artifact_path()
+
+
+def check_same_embedder(registry: ModelRegistry, embedder_name: str) -> None:
+    """DataFileError if the model in service learned from another embedder than the candidate
+    will: the services embed with the incumbent's, and every replica would refuse the
+    candidate (classifier/reloading.py), or cannot start on it. --allow-embedder-change skips
+    this, for a planned switch of the services' cache.embedder."""
+    try:
+        incumbent = load_artifact(incumbent_path(registry))
+    except ClassifierArtifactError:  # reported when compared; it must not block its replacement
+        return
+    theirs = incumbent.metadata.get("embedder")
+    if theirs != embedder_name:
+        raise DataFileError(
+            f"the model in service ({incumbent.version}) was trained on embedder {theirs!r}, "
+            f"this run embeds with {embedder_name!r}: services embedding with {theirs!r} "
+            "would refuse the candidate. Retrain with the services' --embedder, or pass "
+            "--allow-embedder-change when switching the services' cache.embedder too"
+        )
+
+
 def incumbent_apgr(
     registry: ModelRegistry,
     rows: Sequence[RoutingRow],
@@ -79,9 +103,8 @@ def incumbent_apgr(
     embedder_name: str,
 ) -> tuple[str | None, float | None]:
     """(version, holdout APGR) of the model in service; None where none is comparable."""
-    path = registry.current_artifact() or packaged_artifact_path()
     try:
-        incumbent: SklearnDifficultyClassifier = load_artifact(path)
+        incumbent = load_artifact(incumbent_path(registry))
     except ClassifierArtifactError as error:
         print(
             f"the model in service cannot be loaded ({error}); comparing with none", file=sys.stderr
@@ -109,8 +132,11 @@ def run(args: argparse.Namespace) -> int:
     labels = [
         e for e in labels_from_events(read_events(event_paths)) if e.prompt not in held_prompts
     ]
-
+    # Both checked before the minutes of embedding, and before anything is registered.
+    require_both_sides(len(train_rows) + len(labels), len(held_rows))
     embedder = make_embedder(args.embedder, args.hash_dimension)
+    if not args.allow_embedder_change:
+        check_same_embedder(registry, embedder.name)
     cache = registry.root / "embeddings" / f"{embedder.name.replace('/', '_')}.npz"
     texts = [r.prompt for r in rows] + [e.prompt for e in labels]
     embeddings = embed_prompts(embedder, texts, cache)
@@ -175,6 +201,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--embedder", choices=["minilm", "hash"], default="minilm")
     parser.add_argument("--hash-dimension", type=positive_int, default=64)
+    parser.add_argument(
+        "--allow-embedder-change",
+        action="store_true",
+        help="train on another embedder than the model in service's (the services' "
+        "cache.embedder must change with it, or they refuse the new model)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,6 +111,16 @@ def holdout_mask(prompts: Sequence[str], fraction: float, seed: int) -> npt.NDAr
     )
 
 
+def require_both_sides(n_train: int, n_held: int) -> None:
+    """DataFileError unless a split leaves rows to fit on and to score: fewer failed later,
+    after the embedding, with an error from deep in the fit or the metrics."""
+    if n_train < 2 or n_held < 2:
+        raise DataFileError(
+            f"need at least 2 training and 2 held-out rows, got {n_train} and {n_held} "
+            "(more data, or another --holdout-fraction)"
+        )
+
+
 # (input, output) USD per million tokens.
 CHEAP_PRICE = (0.60, 0.60)
 STRONG_PRICE = (10.0, 30.0)

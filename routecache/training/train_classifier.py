@@ -53,6 +53,7 @@ from routecache.training.routing_data import (
     outcomes,
     read_routing_rows,
     request_cost,
+    require_both_sides,
 )
 
 # The cheapest point that recovers 80% of the strong model's accuracy gap on held-out data.
@@ -248,9 +249,7 @@ def run(args: argparse.Namespace) -> int:
     held = holdout_mask([r.prompt for r in rows], args.holdout_fraction, args.seed)
     train_rows = [r for r, h in zip(rows, held, strict=True) if not h]
     test_rows = [r for r, h in zip(rows, held, strict=True) if h]
-    if len(test_rows) < 2 or len(train_rows) < 2:
-        print("need at least 2 training and 2 held-out rows", file=sys.stderr)
-        return 2
+    require_both_sides(len(train_rows), len(test_rows))
 
     started = time.perf_counter()
     embedder = make_embedder(args.embedder, args.hash_dimension)

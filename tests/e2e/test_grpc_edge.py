@@ -75,3 +75,36 @@ async def test_a_streams_deadline_bounds_a_hanging_provider(stack: Stack) -> Non
         stack.replay.clear_scripted_faults()
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "deadline" in (caught.value.details() or "")
+
+
+def _as_is(raw: bytes) -> bytes:
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [
+        ("Complete", b"\xff\xff\xff"),  # not a protobuf at all
+        ("CompleteStream", b"\xff\xff\xff"),
+        # messages[0].content "hel\xffo": a string field that is not UTF-8
+        ("Complete", b"\x0a\x09\x08\x02\x12\x05hel\xffo"),
+        ("GetStats", b"\x08"),  # a field cut short
+    ],
+)
+async def test_a_request_that_does_not_parse_is_invalid_argument_not_unknown(
+    stack: Stack, method: str, body: bytes
+) -> None:
+    # grpc's own deserializer would end the call UNKNOWN with Python's exception text.
+    metadata = [("authorization", f"Bearer {KEYS['acme']}")]
+    path = f"/routecache.v1.RouteCache/{method}"
+    async with grpc.aio.insecure_channel(stack.target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            if method == "CompleteStream":
+                stream = channel.unary_stream(path, _as_is, _as_is)
+                _ = [message async for message in stream(body, metadata=metadata, timeout=30)]
+            else:
+                await channel.unary_unary(path, _as_is, _as_is)(body, metadata=metadata, timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = refused.value.details() or ""
+    assert details.startswith("request: not a valid routecache.v1.") and "Error" not in details
+    assert ("field", "request") in tuple(refused.value.trailing_metadata() or ())

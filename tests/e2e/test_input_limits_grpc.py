@@ -1,6 +1,8 @@
 """Input limits over real gRPC: an oversized message is refused by gRPC itself from its length
 prefix (the service never parses it); a field over its limit is INVALID_ARGUMENT naming it."""
 
+from collections.abc import Callable
+
 import grpc
 import pytest
 
@@ -74,3 +76,24 @@ async def test_a_refusal_quoting_a_long_non_ascii_schema_keeps_its_status_code(
     details = error.value.details() or ""
     assert details.startswith("params.response_format.json_schema: ")
     assert details.endswith("(cut)")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: setattr(m.messages[0], "role", 7),
+        lambda m: setattr(m.routing, "force_tier", 7),
+        lambda m: setattr(m.params.response_format, "type", 9),
+    ],
+)
+async def test_an_unknown_enum_from_a_caller_without_a_valid_key_is_unauthenticated(
+    stack: Stack, change: Callable[[pb.CompleteRequest], None]
+) -> None:
+    # Before: an unknown role, tier or response format was refused INVALID_ARGUMENT while
+    # translating, ahead of the key check (and with no error event).
+    request = chat_request("hi")
+    change(request)
+    async with stack.client(api_key="not-a-key") as client:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await client.complete(request)
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -14,6 +14,7 @@ from routecache.cache.cross_encoder import (
     packaged_verifier_dir,
 )
 from routecache.cache.onnx_embedder import ensure_onnx_export
+from tests.onnx_graphs import identity_model
 
 PARAPHRASE = ("How are hydrogen bombs made?", "How do they make a hydrogen bomb?")
 OTHER = ("What is the capital of France?", "What is the capital of Germany?")
@@ -65,16 +66,9 @@ def test_a_torn_graph_is_a_clear_error_naming_it(tmp_path: Path) -> None:
         OnnxCrossEncoder(graph)
 
 
-def _one_input_graph(path: Path) -> Path:
+def _one_input_graph(path: Path, ir_version: int | None = None) -> Path:
     """A graph with the verifier's output but only one of its three inputs."""
-    from onnx import TensorProto, helper, save
-
-    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, [None, None])
-    logit = helper.make_tensor_value_info(OUTPUT, TensorProto.INT64, [None, None])
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["input_ids"], [OUTPUT])], "g", [ids], [logit]
-    )
-    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    path.write_bytes(identity_model("input_ids", OUTPUT, ir_version=ir_version))
     return path
 
 
@@ -98,3 +92,11 @@ def test_a_pair_longer_than_the_model_takes_is_scored_truncated(
     pasted = "a question pasted with its whole log " * 120  # past the model's 512 positions
     [logit] = one_order.logits([(pasted, PARAPHRASE[0])])
     assert np.isfinite(logit)
+
+
+def test_a_whole_graph_onnx_runtime_refuses_is_not_called_torn(tmp_path: Path) -> None:
+    # Before: a graph of an IR version this ONNX Runtime cannot read was "empty, torn or
+    # another format", sending the operator after a file that is whole.
+    graph = _one_input_graph(tmp_path / "new.onnx", ir_version=99)
+    with pytest.raises(ValueError, match=f"{graph} is a whole ONNX model .*IR version: 99"):
+        OnnxCrossEncoder(graph)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,10 @@ from routecache.cache.onnx_embedder import (
     export_minilm_onnx,
     onnx_path_for,
 )
+from routecache.router.bootstrap import build_embedder
+from routecache.router.cli import main
+from routecache.router.settings import ConfigError, load_settings
+from tests.onnx_graphs import identity_model
 from tests.unit.conftest import record_fsyncs
 
 pytestmark = pytest.mark.integration
@@ -143,16 +150,128 @@ def test_a_graph_still_torn_after_exporting_again_fails_the_start(
     assert len(exported) == 1
 
 
+def _fake_exporter(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Exports that write a few bytes instead of tracing the model; the paths they wrote."""
+    written: list[Path] = []
+
+    def exporter(_module: object, _args: object, path: Path, _output: str) -> None:
+        written.append(path)
+        path.write_bytes(b"graph")
+
+    monkeypatch.setattr(onnx_embedder, "export_transformer", exporter)
+    return written
+
+
 def test_the_export_is_synced_then_renamed_then_its_folder_synced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Before: renamed into place unsynced, so a power loss could leave a torn graph there.
-    def exporter(_module: object, _args: object, path: Path, _output: str) -> None:
-        path.write_bytes(b"graph")
-
-    monkeypatch.setattr(onnx_embedder, "export_transformer", exporter)
+    _fake_exporter(monkeypatch)
     out = tmp_path / "onnx" / "graph.onnx"
     synced = record_fsyncs(monkeypatch, out)
     assert export_minilm_onnx(packaged_minilm_path(), out) == out
-    assert out.read_bytes() == b"graph" and list(out.parent.iterdir()) == [out]
+    assert out.read_bytes() == b"graph"
+    assert sorted(p.name for p in out.parent.iterdir()) == [onnx_embedder.LOCK_FILE, out.name]
     assert synced == [(False, False), (True, True)]  # the graph, then its folder
+
+
+def _scratch_of_a_killed_export(onnx_dir: Path) -> Path:
+    scratch = onnx_dir / f"{onnx_embedder.SCRATCH_PREFIX}killed"
+    scratch.mkdir(parents=True)
+    (scratch / "all-minilm-l6-v2-0.onnx").write_bytes(b"half a graph")
+    return scratch
+
+
+def test_an_export_removes_the_scratch_folders_of_killed_exports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: an export killed midway left its ~90 MB tmp* scratch folder there for good.
+    written = _fake_exporter(monkeypatch)
+    killed = _scratch_of_a_killed_export(tmp_path)
+    out = export_minilm_onnx(packaged_minilm_path(), tmp_path / "graph.onnx")
+    assert [path.parent.name.startswith(onnx_embedder.SCRATCH_PREFIX) for path in written] == [True]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [onnx_embedder.LOCK_FILE, out.name]
+    assert not killed.exists()
+
+
+def test_a_start_removes_killed_exports_scratch_unless_an_export_holds_the_folder(
+    tmp_path: Path,
+) -> None:
+    # The graph is there (another process exported it), so this start exports nothing; the
+    # scratch folder of a killed export is removed all the same, but not while an export
+    # (another process's, which holds the folder's lock) may still be writing into it.
+    onnx_path_for(packaged_minilm_path(), tmp_path).write_bytes(b"graph")
+    killed = _scratch_of_a_killed_export(tmp_path)
+    lock = os.open(tmp_path / onnx_embedder.LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ensure_onnx_export(onnx_dir=tmp_path)
+        assert killed.exists()
+    finally:
+        os.close(lock)
+    ensure_onnx_export(onnx_dir=tmp_path)
+    assert not killed.exists()
+
+
+@pytest.mark.parametrize("where", ["cached", "exported"])
+def test_a_whole_graph_onnx_runtime_refuses_is_one_error_not_an_export_every_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    # Before: ONNX Runtime's FAIL for an IR version it cannot read was taken for a torn graph,
+    # so every start exported again (~30 s) and then failed with the same FAIL traceback.
+    too_new = identity_model("x", "y", ir_version=99)
+    cached, export = (too_new, None) if where == "cached" else (b"torn", too_new)
+    path, exported = _torn_graph_and_exports(tmp_path, cached, monkeypatch, export=export)
+    with pytest.raises(ValueError) as refused:
+        OnnxMiniLMEmbedder(onnx_dir=tmp_path)
+    message = str(refused.value)
+    assert str(path) in message and "Unsupported model IR version: 99" in message
+    assert "whole" in message and "onnxruntime" in message
+    assert len(exported) == (0 if where == "cached" else 1)
+
+
+def test_a_refused_whole_graph_stops_the_start_naming_the_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _torn_graph_and_exports(tmp_path, identity_model("x", "y", ir_version=99), monkeypatch)
+    settings = load_settings(cache={"embedder": "minilm-onnx", "onnx_dir": tmp_path})
+    with pytest.raises(ConfigError, match=f"cache.onnx_dir: .*{re.escape(str(tmp_path))}"):
+        build_embedder(settings)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path) -> Iterator[Path]:
+    """A folder holding a torn graph, read-only to this process: skips where it is not (root,
+    with CAP_DAC_OVERRIDE, writes into it all the same)."""
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    onnx_path_for(packaged_minilm_path(), folder).write_bytes(b"torn")
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("this process writes into read-only folders (root)")
+        yield folder
+    finally:
+        folder.chmod(0o755)
+
+
+def test_a_read_only_onnx_folder_is_one_error_naming_it_and_the_setting(
+    read_only_folder: Path,
+) -> None:
+    # Before: the export that mends a torn graph failed with the file system's raw
+    # PermissionError (the Docker image's folder is the root user's, the service's is not).
+    settings = load_settings(cache={"embedder": "minilm-onnx", "onnx_dir": read_only_folder})
+    with pytest.raises(ConfigError) as refused:
+        build_embedder(settings)
+    message = str(refused.value)
+    assert message.startswith("cache.onnx_dir: ")
+    assert f"{read_only_folder} is not writable" in message
+
+
+def test_export_onnx_into_a_read_only_folder_is_one_line_naming_the_flag(
+    read_only_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["export-onnx", "--onnx-dir", str(read_only_folder / "sub")]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"routecache: --onnx-dir: the ONNX cache folder {read_only_folder / 'sub'} is not writable"
+    )

@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -384,6 +385,73 @@ async def test_an_event_json_cannot_encode_at_all_is_dropped_alone_and_the_batch
         assert (sink.written, sink.dropped) == (2, 2)
         dropped = [r for r in caplog.records if "could not be encoded" in r.getMessage()]
         assert len(dropped) == 1 and "2 events" in dropped[0].getMessage()  # once per batch
+    finally:
+        await link.aclose()
+
+
+@pytest.mark.parametrize(("kind", "field"), [(None, b"null"), (True, b"true"), (3, b"3")])
+async def test_an_event_whose_kind_is_not_text_is_written_as_json_and_the_link_stays_up(
+    redis_server: RedisServer, kind: object, field: bytes
+) -> None:
+    link = link_to(redis_server)
+    assert await link.connect()
+    sink = RedisStreamEventSink(link, KeySpace())
+    try:
+        # The payload's `kind` takes the event's place: redis-py takes no None or bool.
+        sink.emit("completion", {"tenant": "acme", "kind": kind})
+        await sink.flush()
+        ((_, fields),) = await link.client.xrange(KeySpace().of("acme").events)
+        assert fields[b"kind"] == field
+        assert [e["kind"] for e in await read_events(link, KeySpace(), "acme")] == [kind]
+        assert link.up and link.failures == 0
+    finally:
+        await link.aclose()
+
+
+async def test_an_event_redis_py_cannot_encode_is_dropped_alone_and_the_link_stays_up(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    link = link_to(redis_server)
+    assert await link.connect()
+    sink = RedisStreamEventSink(link, KeySpace())
+    encode = sink._encode
+
+    def one_unencodable(
+        batch: list[dict[str, Any]],
+    ) -> tuple[list[dict[str, Any]], list[tuple[str, dict[str, Any]]]]:
+        kept, rows = encode(batch)
+        for event, (_, fields) in zip(kept, rows, strict=True):
+            if event["n"] == 1:
+                # What a bug in our encoding would hand redis-py:
+                fields["data"] = object()  # type: ignore[assignment]
+        return kept, rows
+
+    monkeypatch.setattr(sink, "_encode", one_unencodable)
+    try:
+        for n in range(3):
+            sink.emit("completion", {"tenant": "acme", "n": n})
+        await sink.flush()
+        assert [e["n"] for e in await read_events(link, KeySpace(), "acme")] == [0, 2]
+        assert (sink.written, sink.dropped) == (2, 1)
+        assert "could not encode" in caplog.text
+        assert link.up and link.failures == 0 and link.refusals == 0
+    finally:
+        await link.aclose()
+
+
+async def test_a_batch_redis_py_refuses_whole_is_dropped_as_a_bug_and_the_link_stays_up(
+    redis_server: RedisServer,
+) -> None:
+    link = link_to(redis_server)
+    assert await link.connect()
+    sink = RedisStreamEventSink(link, KeySpace(), stream_max_len=-1)  # no event's fault
+    try:
+        sink.emit("completion", {"tenant": "acme", "n": 0})
+        sink.emit("completion", {"tenant": "acme", "n": 1})
+        with pytest.raises(Exception, match="maxlen"):  # the flush loop logs it
+            await sink.flush()
+        assert (sink.buffered, sink.dropped) == (0, 2)  # not tried again for ever
+        assert link.up and link.failures == 0
     finally:
         await link.aclose()
 

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import redis
 
+from routecache.backends.storage import RedisStorage
 from routecache.cache.embedder import HashEmbedder
 from routecache.cache.ports import Vector
 from routecache.cache.semantic_cache import NewEntry
-from routecache.domain import CacheOutcome, Tier
+from routecache.domain import CacheOutcome, Feedback, Tier
 from routecache.errors import Unavailable, UpstreamError
 from routecache.router.tenant_admin import InvalidateTarget
 from tests.fakes import ManualClock
@@ -261,3 +262,29 @@ def redis_server_keys(server: RedisServer, pattern: str) -> list[bytes]:
         return sorted(client.keys(pattern))  # type: ignore[arg-type]  # redis-py types a sync client's reply Awaitable | Any
     finally:
         client.close()
+
+
+async def test_a_thumbs_down_while_redis_is_down_removes_the_answer_once_redis_is_back(
+    own_redis_server: RedisServer, clock: ManualClock
+) -> None:
+    # Before: the feedback failed UNAVAILABLE and its removal was lost: once Redis was back the
+    # answer the user had rated bad was served again.
+    replica = await start_replica(replica_settings(own_redis_server.url), clock)
+    pipeline = replica.service.pipeline
+    try:
+        prompt = "how do I reset my password today"
+        stored = await pipeline.complete(ask(prompt), ACME)
+        served = await pipeline.complete(ask(prompt), ACME)
+        assert served.cache.outcome is CacheOutcome.EXACT
+        own_redis_server.stop()
+        with pytest.raises(Unavailable, match="removed once the cache store answers again"):
+            await pipeline.admin.feedback(Feedback(served.response_id, thumbs_up=False), ACME)
+        own_redis_server.start()
+        storage = replica.service.storage
+        assert isinstance(storage, RedisStorage)
+        await storage.link.wait_up()
+        again = await pipeline.complete(ask(prompt, no_store=True), ACME)
+        assert again.cache.outcome is CacheOutcome.MISS
+        assert await pipeline.cache.get("acme", stored.cache.entry_id) is None
+    finally:
+        await replica.service.aclose()

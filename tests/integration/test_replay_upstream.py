@@ -321,6 +321,21 @@ async def test_truncated_stream_raises_after_a_prefix(
     assert len(text) < len(rows[0]["strong_response"])
 
 
+async def test_a_stream_past_four_times_the_response_bound_is_cut_off(
+    replay: RunningReplayServer, client_for: ClientFactory, rows: list[dict[str, str]]
+) -> None:
+    # Before: only each line was bounded, so a stream of many lines within it was read whole.
+    prompt = rows[0]["prompt"]
+    body = {"model": STRONG, "messages": [{"role": "user", "content": prompt}], "stream": True}
+    raw = (await post_chat(replay, body)).content
+    bound = max(max(len(line) for line in raw.split(b"\n")), len(raw) // 8)
+    assert 4 * bound < len(raw)  # every line within the bound, the stream past four times it
+    client = client_for(STRONG, max_response_bytes=bound)
+    with pytest.raises(UpstreamError, match=f"stream over {4 * bound} bytes") as caught:
+        await streamed(client, ask(prompt), [])
+    assert caught.value.retryable is True
+
+
 async def test_empty_answer_is_an_empty_string(client_for: ClientFactory) -> None:
     client = faulty(client_for, FaultKind.EMPTY_ANSWER)
     reply = await client.complete(ask(UNKNOWN_PROMPT), GenerationParams())

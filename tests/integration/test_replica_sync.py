@@ -526,6 +526,51 @@ async def test_a_purge_one_tenant_refuses_does_not_hold_up_the_other_tenants(
     assert rig.link.up and rig.link.failures == 0
 
 
+async def test_a_tenant_whose_sync_stream_cannot_be_read_does_not_hold_up_the_other_tenants(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = rig.replica_a(tenants=("jammed", "acme"))
+    await a.sync.rebuild()
+    with rig.raw() as raw:
+        raw.set("rc:{jammed}:sync", "not a stream")  # its XREAD fails: WRONGTYPE
+    (first,) = await rig.write()
+    assert await a.sync.poll() == 1  # one XREAD of both streams is refused: acme's read alone
+    (later,) = await rig.write()
+    assert await a.sync.poll() == 1
+    assert a.ids() == {first.entry_id, later.entry_id}
+    assert rig.link.up and rig.link.failures == 0
+    with running(a.sync):
+        await eventually(lambda: rig.link.refusals >= 4, "jammed's read tried again")
+        with rig.raw() as raw:
+            raw.delete("rc:{jammed}:sync")  # mended: jammed's read works again
+        await eventually(lambda: not a.sync._reads.failing, "jammed tailed again")
+        (after,) = await rig.write()
+        await eventually(lambda: after.entry_id in a.ids(), "acme tailed with jammed", within=3)
+    warned = [
+        r for r in caplog.records if r.levelno >= logging.WARNING and "jammed" in r.getMessage()
+    ]
+    assert len(warned) == 1  # once for the episode, not once per round
+    assert rig.link.up and rig.link.failures == 0
+
+
+async def test_a_read_refused_only_across_streams_applies_each_stream_and_pauses_the_round(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # E.g. a proxy in front of a cluster: CROSSSLOT for one XREAD of two tenants' streams.
+    a = rig.replica_a(tenants=("globex", "acme"))
+    await a.sync.rebuild()
+
+    async def cross_slot(*args: object, **kwargs: object) -> None:
+        raise redis.ResponseError("CROSSSLOT Keys in request don't hash to the same slot")
+
+    monkeypatch.setattr(rig.link.blocking, "xread", cross_slot)
+    (entry,) = await rig.write()
+    # Raised, the round pauses: read each alone at once, it went on without a pause for ever.
+    with pytest.raises(RedisRefused):
+        await a.sync.poll()
+    assert a.ids() == {entry.entry_id} and not a.sync._reads.failing
+
+
 async def test_a_tenant_whose_rebuild_fails_on_a_bug_does_not_hold_up_the_other_tenants(
     rig: Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

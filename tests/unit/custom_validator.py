@@ -17,3 +17,22 @@ class Banned:
 
     def redact(self, text: str) -> str:
         return text.replace(self._word, "***")
+
+
+class Broken:
+    """A plugin with a bug: `fails_in` ("check" or "redact") raises; its check fails otherwise."""
+
+    def __init__(self, fails_in: str = "check") -> None:
+        self.name = "broken"
+        self._fails_in = fails_in
+
+    def applies_to(self, request: ChatRequest) -> bool:
+        return True
+
+    def check(self, text: str, request: ChatRequest) -> ValidatorResult:
+        if self._fails_in == "check":
+            raise OverflowError("int too large to convert to float")
+        return ValidatorResult(self.name, False, "always fails")
+
+    def redact(self, text: str) -> str:
+        raise RuntimeError("the redactor broke")

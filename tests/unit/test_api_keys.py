@@ -21,6 +21,7 @@ from routecache.router.cli import build_parser, main
 from routecache.router.keyring import (
     FileKeyRegistry,
     KeyNotFound,
+    KeyNotLive,
     KeyRecord,
     KeyRegistryError,
     add_key,
@@ -97,18 +98,44 @@ async def test_a_revoked_or_expired_key_is_not_rotated_into_a_new_one(
     assert len(await FileKeyRegistry(tmp_path / "keys.json").records()) == 3
 
 
-async def test_a_key_revoked_while_it_is_rotated_stays_revoked(tmp_path: Path) -> None:
+async def test_a_key_revoked_while_it_is_rotated_fails_the_rotation_and_leaves_no_new_key(
+    tmp_path: Path,
+) -> None:
+    # Before: the rotation kept the revocation but still wrote a new, valid key for the tenant
+    # of a key an admin had just revoked (as a leaked one, say).
     path, clock = tmp_path / "keys.json", ManualClock()
     auth = authenticator(path, clock)
     old_plain, old = await add_key(FileKeyRegistry(path), "acme", clock())
     rotating = RacedAfterFirstRead(
         FileKeyRegistry(path), lambda: revoke_key(FileKeyRegistry(path), old.key_id, clock())
     )
-    new_plain, _, retired = await rotate_key(rotating, old.key_id, clock(), overlap_seconds=60)
-    assert retired.revoked_at == clock()
+    with pytest.raises(KeyNotLive, match=f"key {old.key_id} was revoked during the rotation"):
+        await rotate_key(rotating, old.key_id, clock(), overlap_seconds=60)
+    [kept] = await FileKeyRegistry(path).records()
+    assert kept.key_id == old.key_id and kept.revoked_at == clock()
     with pytest.raises(Unauthenticated):
         await auth.resolve(old_plain)
-    assert (await auth.resolve(new_plain)).name == "acme"
+
+
+async def test_a_key_revoked_during_a_cli_rotation_is_exit_1_with_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "keys.json"
+    _, old = await add_key(FileKeyRegistry(path), "acme", now=0.0)
+    revoke_first = FileKeyRegistry.records
+
+    async def revoked_after_read(self: FileKeyRegistry) -> list[KeyRecord]:
+        found = await revoke_first(self)
+        await revoke_key(FileKeyRegistry(path), old.key_id, now=0.0)
+        return found
+
+    monkeypatch.setattr(FileKeyRegistry, "records", revoked_after_read)
+    assert await keys_cli("--registry", str(path), "rotate", old.key_id) == 1
+    assert capsys.readouterr().err == (
+        f"routecache: key {old.key_id} was revoked during the rotation: no new key was issued"
+        " (`keys add --tenant acme` issues a new one)\n"
+    )
+    assert len(await revoke_first(FileKeyRegistry(path))) == 1
 
 
 def _delete_by_hand(path: Path, key_id: str) -> None:
@@ -572,8 +599,20 @@ def test_an_admin_write_waits_for_another_admins_change_and_keeps_it(tmp_path: P
 
 def test_one_api_key_digest_for_two_tenants_is_refused() -> None:
     acme, globex = Tenant("acme", None, 0.9, 3600), Tenant("globex", None, 0.9, 3600)
-    with pytest.raises(ValueError, match="two tenants"):
-        ApiKeyAuthenticator([(acme, [hash_api_key("k")]), (globex, [hash_api_key("k")])])
+    digest = hash_api_key("k")
+    with pytest.raises(ValueError) as refused:
+        ApiKeyAuthenticator([(acme, [digest]), (globex, [digest])])
+    assert str(refused.value) == (
+        f"an API key digest is configured for tenants acme and globex: {digest}"
+    )
+
+
+def test_one_api_key_digest_listed_twice_by_one_tenant_is_refused_as_such() -> None:
+    # The message said "configured for two tenants" of a digest only one tenant lists.
+    acme, digest = Tenant("acme", None, 0.9, 3600), hash_api_key("k")
+    with pytest.raises(ValueError) as refused:
+        ApiKeyAuthenticator([(acme, [digest, digest])])
+    assert str(refused.value) == f"tenant acme lists an API key digest twice: {digest}"
 
 
 def test_a_static_key_check_refuses_an_unknown_key() -> None:

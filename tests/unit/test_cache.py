@@ -6,6 +6,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from routecache.cache import semantic_cache
 from routecache.cache.embedder import HashEmbedder
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.hit_policy import CosinePolicy, HitRequirement, HitVerdict
@@ -178,6 +179,7 @@ class _DownStore(InMemoryEntryStore):
     def __init__(self, clock: ManualClock) -> None:
         super().__init__(max_entries=10, clock=clock)
         self.down = False
+        self.refusing_deletes = False  # as Redis out of memory: reads answered, writes refused
 
     async def put(self, entry):  # type: ignore[no-untyped-def]
         self._fail()
@@ -198,6 +200,11 @@ class _DownStore(InMemoryEntryStore):
     async def most_served(self, tenant, n):  # type: ignore[no-untyped-def]
         self._fail()
         return await super().most_served(tenant, n)
+
+    async def delete(self, entry_ids):  # type: ignore[no-untyped-def]
+        if self.down or self.refusing_deletes:
+            raise StoreUnavailable("refused")
+        return await super().delete(entry_ids)
 
     def _fail(self) -> None:
         if self.down:
@@ -240,13 +247,72 @@ async def test_stale_lookups_bypass_an_unavailable_store_and_feedback_and_stats_
     prompt = "how do I reset my password today"
     assert await cache.lookup_stale("acme:s1", prompt, vec(prompt), HitRequirement(0.5)) is None
     assert cache.bypassed == 1
-    with pytest.raises(Unavailable, match="record feedback"):
-        await cache.distrust("acme", kept.entry_id)
     with pytest.raises(Unavailable, match="read stats"):
         await cache.top_entries("acme", 3)
     store.down = False
     stale = await cache.lookup_stale("acme:s1", prompt, vec(prompt), HitRequirement(0.5))
     assert stale is not None and stale.entry.entry_id == kept.entry_id
+
+
+async def _down_cache_of(
+    clock: ManualClock, *prompts: str
+) -> tuple[_DownStore, SemanticCache, list[str]]:
+    """A cache over a store holding an entry of each prompt (ids returned), the store down."""
+    store = _DownStore(clock)
+    cache = SemanticCache(store, ScopedFaissIndex(EMBED.dimension), clock)
+    ids = []
+    for prompt in prompts:
+        entry = await cache.store(new_entry(prompt))
+        assert entry is not None
+        ids.append(entry.entry_id)
+    store.down = True
+    return store, cache, ids
+
+
+async def test_a_thumbs_down_while_the_store_is_down_removes_the_entry_once_it_is_back(
+    clock: ManualClock,
+) -> None:
+    # Before: the feedback failed UNAVAILABLE and the removal was lost: once the store was
+    # back the answer the user had rated bad was served again.
+    prompt = "how do I reset my password today"
+    store, cache, [bad] = await _down_cache_of(clock, prompt)
+    with pytest.raises(Unavailable, match=r"record feedback.*removed once the cache store"):
+        await cache.distrust("acme", bad)
+    store.down = False
+    assert await cache.lookup_exact("acme:s1", prompt) is None
+    assert await cache.lookup_semantic("acme:s1", "", vec(prompt), HitRequirement(0.5)) is None
+    assert await cache.get("acme", bad) is None and len(cache.index) == 0
+
+
+async def test_an_owed_removal_the_store_still_refuses_is_not_served_meanwhile(
+    clock: ManualClock,
+) -> None:
+    prompt = "how do I reset my password today"
+    store, cache, [bad] = await _down_cache_of(clock, prompt)
+    with pytest.raises(Unavailable):
+        await cache.distrust("acme", bad)
+    store.down, store.refusing_deletes = False, True
+    assert await cache.lookup_exact("acme:s1", prompt) is None
+    assert await cache.lookup_semantic("acme:s1", "", vec(prompt), HitRequirement(0.5)) is None
+    assert await cache.lookup_stale("acme:s1", prompt, vec(prompt), HitRequirement(0.5)) is None
+    store.refusing_deletes = False
+    assert await cache.lookup_exact("acme:s1", prompt) is None
+    assert await cache.get("acme", bad) is None
+
+
+async def test_removals_owed_while_the_store_is_down_are_bounded_oldest_dropped_first(
+    clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(semantic_cache, "MAX_OWED_REMOVALS", 2)
+    prompts = ("first question asked", "second question asked", "third question asked")
+    store, cache, [first, second, third] = await _down_cache_of(clock, *prompts)
+    for entry_id in (first, second, third):
+        with pytest.raises(Unavailable):
+            await cache.distrust("acme", entry_id)
+    store.down = False
+    hit = await cache.lookup_exact("acme:s1", prompts[0])  # settles the two owed removals
+    assert hit is not None and hit.entry.entry_id == first
+    assert await cache.get("acme", second) is None and await cache.get("acme", third) is None
 
 
 async def test_stats_leave_out_entries_past_expiry_and_grace_as_redis_does(
@@ -343,7 +409,7 @@ async def test_a_tenant_whose_entries_are_all_gone_leaves_nothing_in_the_store_m
     for prompt in ("one", "two"):
         await cache.store(new_entry(prompt, tags=("doc-1",)))
     assert await cache.invalidate_tenant("acme") == 2
-    assert (store._by_tenant, store._by_tag, store._by_exact_key) == ({}, {}, {})
+    assert (store._by_tenant, store._by_tag, store._by_exact_key, store._by_end) == ({}, {}, {}, {})
 
 
 async def test_an_entry_put_again_under_its_id_drops_its_old_exact_key(clock: ManualClock) -> None:
@@ -531,3 +597,21 @@ async def test_the_embedded_store_says_whether_a_hit_found_its_entry(clock: Manu
     assert kept is not None
     assert await store.record_hit(kept.entry_id, clock.now) is True
     assert await store.record_hit("acme:removed-meanwhile", clock.now) is False
+
+
+async def test_the_bound_drops_entries_past_their_grace_before_evicting_a_live_one(
+    clock: ManualClock,
+) -> None:
+    # As Redis's PUT does (it purges expired entries first): the dead entries are not counted,
+    # so evicting a live one for them would shrink the cache below its bound.
+    store, cache = store_and_cache(clock, max_entries=2)
+    live = await cache.store(new_entry("live", ttl=1000))
+    dead = await cache.store(new_entry("dead", ttl=5))
+    assert live is not None and dead is not None
+    assert await cache.lookup_exact("acme:s1", "dead") is not None  # the most recently used
+    clock.advance(10)
+    assert await cache.store(new_entry("new")) is not None
+    assert await store.get(live.entry_id) is not None
+    assert await store.get(dead.entry_id) is None
+    assert dead.entry_id not in [n.entry_id for n in cache.index.search("acme:s1", vec("dead"), 4)]
+    assert await cache.entry_count("acme") == 2

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pytest
@@ -504,5 +506,93 @@ def test_an_artifact_is_synced_file_by_file_before_each_rename_and_its_folder_af
     # old one) where the registry or --out expects the new artifact.
     synced = record_fsyncs(monkeypatch, tmp_path / "a.json")
     save_artifact(trained, _metadata(), tmp_path, "a")
-    # The .skops, its folder, the .json (in place only then), its folder.
-    assert synced == [(False, False), (True, False), (False, False), (True, True)]
+    # The staged .skops, its folder, the .json naming it (in place only then), its folder,
+    # then NAME.skops and the .json naming it, each with its folder.
+    in_place = [(False, True), (True, True)]
+    assert synced == [(False, False), (True, False), (False, False), (True, True), *in_place * 2]
+
+
+_CURVE_POINT = {
+    "threshold": 0.2,
+    "strong_fraction": 0.5,
+    "pgr": 0.8,
+    "accuracy": 0.7,
+    "cost_vs_all_strong": 0.5,
+}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("threshold", math.nan),
+        ("threshold", 1.5),
+        ("threshold", -1.01),
+        ("pgr", math.inf),
+        ("strong_fraction", math.nan),
+        ("cost_vs_all_strong", -math.inf),
+    ],
+)
+def test_a_curve_point_not_finite_or_with_a_threshold_outside_the_score_range_is_refused(
+    trained: DifficultyModel, tmp_path: Path, field: str, value: float
+) -> None:
+    # A hand-edited NaN threshold loaded: threshold_for(quality=0.8) gave nan, and a tenant
+    # with that target silently went all cheap (every comparison with nan is false).
+    model_path, metadata_path = save_artifact(trained, _metadata(), tmp_path, "m")
+    record = json.loads(metadata_path.read_text())
+    metadata_path.write_text(json.dumps({**record, "operating_curve": [_CURVE_POINT]}))
+    assert load_artifact(model_path).threshold_for(OperatingPoint(quality=0.8)) == 0.2
+    damaged = [_CURVE_POINT, {**_CURVE_POINT, field: value}]
+    metadata_path.write_text(json.dumps({**record, "operating_curve": damaged}))
+    with pytest.raises(ClassifierArtifactError, match=rf"m\.json.*operating_curve\[1\].*{field}"):
+        load_artifact(model_path)
+
+
+@pytest.mark.parametrize("failing_write", [1, 2, 3, 4])
+def test_a_save_that_dies_midway_leaves_a_pair_that_loads(
+    trained: DifficultyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing_write: int
+) -> None:
+    # The .skops was replaced, then the .json: a crash (or a service starting) between the two
+    # saw the new model beside the old metadata, "SHA-256 differs", and no model would load.
+    from routecache import atomic_file
+
+    save_artifact(trained, _metadata(), tmp_path, "a")
+    other = fit_model(_labelled(40), c=0.5, seed=1)
+    real = atomic_file.replacing_bytes
+    calls = iter(range(1, 100))
+
+    @contextlib.contextmanager
+    def dying(path: Path, mode: int | None = None) -> Iterator[BinaryIO]:
+        if next(calls) == failing_write:
+            raise OSError("disk full")
+        with real(path, mode) as out:
+            yield out
+
+    monkeypatch.setattr("routecache.classifier.model.replacing_bytes", dying)
+    with pytest.raises(OSError, match="disk full"):
+        save_artifact(other, {**_metadata(), "version": "new"}, tmp_path, "a")
+    assert load_artifact(tmp_path / "a.skops").version in ("difficulty-test", "new")
+    monkeypatch.undo()
+    save_artifact(other, {**_metadata(), "version": "newer"}, tmp_path, "a")
+    assert load_artifact(tmp_path / "a.skops").version == "newer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.skops"]  # strays removed
+
+
+def test_a_load_that_a_save_overtakes_between_its_two_reads_loads_the_new_pair(
+    trained: DifficultyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A service starting while train-classifier writes to its folder: the old .json read,
+    # then the new .skops. Read once, that pair was "SHA-256 differs" and the start failed.
+    model_path, metadata_path = save_artifact(trained, _metadata(), tmp_path, "a")
+    other = fit_model(_labelled(40), c=0.5, seed=1)
+    real_read_text = Path.read_text
+    saves: list[tuple[Path, Path]] = []
+
+    def read_then_save(path: Path, *args: Any, **kwargs: Any) -> str:
+        text = real_read_text(path, *args, **kwargs)
+        if path == metadata_path and not saves:
+            saves.append(save_artifact(other, {**_metadata(), "version": "new"}, tmp_path, "a"))
+        return text
+
+    monkeypatch.setattr(Path, "read_text", read_then_save)
+    assert load_artifact(model_path).version == "new"
+    assert saves

@@ -706,6 +706,75 @@ async def test_answers_refused_by_validation_are_paid_for(streamed: bool) -> Non
     await harness.service.aclose()
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_stats_count_the_calls_and_cost_of_answers_refused_by_validation(
+    streamed: bool,
+) -> None:
+    # GetStats must agree with the spend ledger: the refused answers were paid for.
+    harness = make_harness(validators=[{"kind": "json_schema", "on_fail": "escalate"}])
+    harness.strong.answer = harness.cheap.answer  # neither model follows JSON mode
+    with pytest.raises(FailedValidation) as refused:
+        await served(harness, json_request("give JSON"), streamed=streamed)
+    stats = await harness.service.pipeline.admin.stats(ACME)
+    # Whole: cheap, then strong (escalated); streamed: one call, checked at the end.
+    assert (stats.cheap_calls, stats.strong_calls) == ((1, 0) if streamed else (1, 1))
+    assert stats.cost_usd == pytest.approx(refused.value.cost_usd) and stats.cost_usd > 0
+    assert stats.cost_usd == pytest.approx(await spend_of(harness))
+    await harness.service.aclose()
+
+
+def broken_plugin(fails_in: str, on_fail: str) -> dict[str, object]:
+    return {"kind": "custom", "import_path": "tests.unit.custom_validator:Broken",
+            "options": {"fails_in": fails_in}, "on_fail": on_fail}  # fmt: skip
+
+
+def error_events(harness: Harness) -> list[dict[str, Any]]:
+    return [e for e in harness.events.events if e["kind"] == "error"]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_validator_that_raises_fails_the_answer_and_the_call_is_paid_for(
+    streamed: bool,
+) -> None:
+    # Before: the validator's OverflowError ended the call INTERNAL, the reservation was
+    # released instead of settled (the model's answer never charged) and no event was written.
+    validators = [broken_plugin("check", "escalate")]
+    harness = make_harness(validators=validators, budget={"daily_usd": 10.0})
+    with pytest.raises(FailedValidation) as refused:
+        await served(harness, ask("q"), streamed=streamed)
+    assert "OverflowError" in str(refused.value)
+    assert refused.value.cost_usd > 0
+    assert await spend_of(harness) == pytest.approx(refused.value.cost_usd)
+    assert held_usd(harness) == 0
+    assert [e["reason"] for e in error_events(harness)] == ["failed_validation"]
+    await harness.service.aclose()
+
+
+async def test_a_call_paid_for_before_a_later_call_fails_is_charged() -> None:
+    # The cheap answer fails JSON mode; the escalation's strong call fails: the cheap call
+    # was paid for all the same (before, the whole reservation was released).
+    harness = make_harness(validators=[{"kind": "json_schema"}], budget={"daily_usd": 10.0})
+    harness.strong.fail_with = UpstreamError("HTTP 400", retryable=False)
+    with pytest.raises(Unavailable):
+        await harness.service.pipeline.complete(json_request("q"), ACME)
+    day = (await harness.service.pipeline.costs.ledger.totals("acme"))[Period.DAY]
+    assert day.calls == 1 and day.cost_usd > 0
+    assert held_usd(harness) == 0
+    await harness.service.aclose()
+
+
+async def test_an_unexpected_error_after_a_paid_call_is_charged_and_recorded_as_internal() -> None:
+    harness = make_harness(
+        validators=[broken_plugin("redact", "redact")], budget={"daily_usd": 10.0}
+    )
+    with pytest.raises(RuntimeError):
+        await harness.service.pipeline.complete(ask("q"), ACME)
+    assert await spend_of(harness) > 0 and held_usd(harness) == 0
+    assert [e["reason"] for e in error_events(harness)] == ["internal"]
+    assert harness.telemetry.failed == [("acme", "internal", ())]
+    await harness.service.aclose()
+
+
 async def test_spend_and_savings_per_tenant_and_user_per_day_and_month(harness: Harness) -> None:
     complete, ledger = harness.service.pipeline.complete, harness.service.pipeline.costs.ledger
     miss = await complete(ask("what is the boiling point of water", end_user_id="u1"), ACME)

@@ -323,6 +323,28 @@ async def test_pending_counts_every_text_of_a_pass_of_several() -> None:
     worker.close()
 
 
+async def test_pending_counts_the_texts_taken_from_the_queue_that_wait_in_a_later_bucket() -> None:
+    # A drain empties the queue; a long text waits for its own bucket's pass after the short
+    # one's, and was counted nowhere meanwhile: the gauge read low under mixed lengths.
+    embedder = SteppedEmbedder()
+    worker = EmbeddingWorker(embedder)
+    busy = asyncio.ensure_future(worker.embed("keeps the encoder busy"))
+    await asyncio.to_thread(embedder.started.acquire, timeout=5)
+    texts = ["short one", "a much longer question " * 10]
+    callers = [asyncio.ensure_future(worker.embed(text)) for text in texts]
+    await eventually(lambda: worker.pending == 3, "both texts are queued")
+    embedder.steps.release()  # the busy pass ends; the short bucket goes in, the long one waits
+    await asyncio.to_thread(embedder.started.acquire, timeout=5)
+    assert worker.pending == 2
+    embedder.steps.release()
+    await asyncio.to_thread(embedder.started.acquire, timeout=5)
+    assert worker.pending == 1
+    embedder.steps.release()
+    await asyncio.wait_for(asyncio.gather(busy, *callers), timeout=5)
+    assert worker.pending == 0
+    worker.close()
+
+
 @pytest.mark.parametrize("loop_runs_between", [True, False], ids=["a tick later", "same tick"])
 async def test_a_text_sent_after_closing_fails_at_once_instead_of_waiting_for_good(
     loop_runs_between: bool,

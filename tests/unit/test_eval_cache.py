@@ -416,3 +416,17 @@ def test_cli_without_json_prints_one_aligned_line_per_field(
     assert main([*argv, "--config", str(_hash_config(tmp_path))]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert f"{'pairs':>20}: 3" in lines and f"{'policy':>20}: cosine" in lines
+
+
+def test_cli_reports_a_verifier_dir_without_its_files_in_one_line_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The service stops with "routecache: cannot start: ..." (exit 2); eval-cache raised a
+    # FileNotFoundError traceback (exit 1).
+    empty = tmp_path / "verifier"
+    empty.mkdir()
+    config = tmp_path / "verified.toml"
+    config.write_text(f'[cache]\nverifier = "cross-encoder"\nverifier_dir = "{empty}"\n')
+    assert main(["eval-cache", "--pairs", str(_pairs_file(tmp_path)), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("routecache: ") and str(empty) in err and "Traceback" not in err

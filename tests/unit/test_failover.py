@@ -227,6 +227,31 @@ async def test_a_shared_call_that_failed_in_time_fails_for_all_who_shared_it() -
     assert r.ups["cheap"].calls == ["down"]  # one call, its error shared
 
 
+async def test_a_request_sharing_a_call_with_a_later_deadline_gets_a_stale_answer_in_time() -> None:
+    # The maker allows 30 s, the identical request that joins it less than the time kept back
+    # for a stale answer: it must not wait for the maker's call (gRPC would end it
+    # DEADLINE_EXCEEDED) but answer stale at once, as it would have alone.
+    r = rig()
+    first = await r.ask("what is the capital of France")
+    r.clock.advance(EXPIRED_IN_GRACE)
+    gate = asyncio.Event()
+    for up in r.ups.values():
+        up.gate = gate  # hangs until set
+    request = ChatRequest(messages=(Message(Role.USER, "what is the capital of France"),))
+    complete, flight = r.service.pipeline.complete, count_shared_calls(r.service.pipeline)
+    maker = asyncio.create_task(complete(request, ACME, 30.0))
+    await eventually(lambda: len(r.ups["cheap"].calls) == 2, "the maker's call")
+    hurried = asyncio.create_task(complete(request, ACME, 0.05))
+    await eventually(lambda: len(flight.arrived) == 2, "the hurried request joined the call")
+    stale = await asyncio.wait_for(hurried, 5)
+    assert stale.cache.stale and stale.text == first.text
+    assert "did not answer in time" in stale.upstream_failures[0]
+    gate.set()  # its giving up cancelled nothing: the maker gets the fresh answer
+    done = await asyncio.wait_for(maker, 5)
+    assert not done.cache.stale and done.usage.cost_usd > 0
+    assert len(r.ups["cheap"].calls) == 2
+
+
 PII_AND_REFUSAL: list[dict[str, object]] = [
     {"kind": "pii"},
     {"kind": "refusal", "on_fail": "retry"},

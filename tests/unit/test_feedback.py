@@ -120,7 +120,7 @@ async def test_feedback_lands_in_events_stats_and_telemetry(harness: Harness) ->
     assert feedback[1]["similarity"] == pytest.approx(hit.cache.similarity)
     assert harness.telemetry.feedback_seen == [("acme", True, False), ("acme", False, True)]
     stats = await pipeline.admin.stats(ACME)
-    assert (stats.thumbs_up, stats.thumbs_down) == (1, 1)
+    assert (stats.thumbs_up, stats.thumbs_down) == (0, 1)  # the latest rating of the response
     with pytest.raises(InvalidArgument):
         await pipeline.admin.feedback(Feedback("", thumbs_up=True), ACME)
 
@@ -174,7 +174,24 @@ async def test_feedback_events_carry_request_and_entry_and_a_repeat_removes_noth
         assert event["cache_outcome"] == CacheOutcome.SEMANTIC.value
     assert feedback[0]["comment"] == "spot on"
     stats = await pipeline.admin.stats(ACME)
-    assert (stats.thumbs_up, stats.thumbs_down) == (1, 2)
+    assert (stats.thumbs_up, stats.thumbs_down) == (0, 1)
+
+
+async def test_stats_count_each_response_once_with_its_latest_rating_as_the_notebook_does(
+    harness: Harness,
+) -> None:
+    # GetStats counted every rating: a response rated down, then up (a changed mind) was one
+    # thumbs-down and one thumbs-up, where the notebook (routecache/analysis) counts one up.
+    pipeline = harness.service.pipeline
+    first = await pipeline.complete(ask("how tall is the eiffel tower"), ACME)
+    second = await pipeline.complete(ask("what is the capital of peru"), ACME)
+    for response, thumbs_up in ((first, False), (first, True), (second, True), (second, True)):
+        await pipeline.admin.feedback(Feedback(response.response_id, thumbs_up), ACME)
+    stats = await pipeline.admin.stats(ACME)
+    assert (stats.thumbs_up, stats.thumbs_down) == (2, 0)
+    await pipeline.admin.feedback(Feedback(second.response_id, thumbs_up=False), ACME)
+    stats = await pipeline.admin.stats(ACME)
+    assert (stats.thumbs_up, stats.thumbs_down) == (1, 1)
 
 
 async def test_a_penalised_neighbour_is_served_at_threshold_plus_penalty_exactly() -> None:
@@ -193,18 +210,21 @@ async def test_a_penalised_neighbour_is_served_at_threshold_plus_penalty_exactly
     assert hit is not None and hit.entry.entry_id == neighbour
 
 
-async def test_a_stale_answer_for_an_outage_ignores_distrust_penalties(
+async def test_a_stale_answer_for_an_outage_keeps_the_distrust_penalties(
     cache: SemanticCache,
 ) -> None:
-    # With no provider answering, a neighbour of a thumbed-down answer that still clears the
-    # plain threshold is better than an error: the penalty gates fresh hits only.
+    # The grace relaxes freshness, not the evidence that the neighbours of a thumbed-down
+    # answer may answer another question: a stale lookup served what a normal one refused,
+    # flagged stale only, as if merely old.
     bad = await put(cache, "capital of France", at_angle(0.0))
     neighbour_angle = math.acos(0.95)
     neighbour = await put(cache, "capital of Spain", at_angle(neighbour_angle))
     await cache.distrust("acme", bad)
     query = at_angle(neighbour_angle + math.acos(0.92))
     assert await cache.lookup_semantic(SCOPE, "", query, HitRequirement(0.9)) is None
-    stale = await cache.lookup_stale(SCOPE, "", query, HitRequirement(0.9))
+    assert await cache.lookup_stale(SCOPE, "", query, HitRequirement(0.9)) is None
+    clearing = at_angle(neighbour_angle + math.acos(0.96))  # clears threshold + penalty
+    stale = await cache.lookup_stale(SCOPE, "", clearing, HitRequirement(0.9))
     assert stale is not None and stale.entry.entry_id == neighbour
 
 

@@ -20,7 +20,7 @@ from routecache.domain import (
     ValidatorResult,
 )
 from routecache.errors import FailedValidation, Unavailable, UpstreamError
-from routecache.router.generation import Generated, Generator
+from routecache.router.generation import Generated, Generator, Tally
 from routecache.router.ports import Pricing, UpstreamReply
 from routecache.router.tokens import estimate_tokens
 from routecache.router.upstream.breaker import CircuitBreaker
@@ -54,6 +54,19 @@ class Masks(Forbids):
 
     def redact(self, text: str) -> str:
         return text.replace(self.word, "***")
+
+
+@dataclass(frozen=True)
+class Broken:
+    """A validator with a bug: its check raises (jsonschema's multipleOf on a huge number did)."""
+
+    name: str = "broken"
+
+    def applies_to(self, request: ChatRequest) -> bool:
+        return True
+
+    def check(self, text: str, request: ChatRequest) -> ValidatorResult:
+        raise OverflowError("int too large to convert to float")
 
 
 @dataclass
@@ -153,6 +166,40 @@ async def test_a_refusal_after_escalation_reports_every_call_and_only_the_failed
     assert refused.cost_usd == pytest.approx(CHEAP_PRICE.cost(*first) + STRONG_PRICE.cost(*second))
     assert refused.report.escalated and not refused.report.passed
     assert "no-bad" in str(refused) and "no-zzz" not in str(refused)
+
+
+async def test_a_validator_that_raises_fails_the_answer_and_its_on_fail_applies() -> None:
+    # Before: the exception escaped generate() after the call was paid for (INTERNAL).
+    gen = generator([says("cheap")], says("strong"), Configured(Broken(), OnFail.ESCALATE))
+    with pytest.raises(FailedValidation) as caught:
+        await gen.generate(REQUEST, Tier.CHEAP)
+    refused = caught.value
+    assert refused.calls == 2 and refused.cost_usd > 0  # escalated, then refused
+    assert [(r.passed, r.action) for r in refused.report.results] == [
+        (False, "escalated"),
+        (False, "blocked"),
+    ]
+    assert "OverflowError" in refused.report.results[0].message
+
+
+async def test_a_streamed_answer_whose_validator_raises_fails_that_check() -> None:
+    gen = generator([says("cheap")], says("strong"), Configured(Broken(), OnFail.FLAG))
+    done = await streamed(gen, [])
+    assert not done.report.passed and "OverflowError" in done.report.results[0].message
+
+
+async def test_what_the_calls_cost_is_told_as_they_are_paid_before_a_later_one_fails() -> None:
+    # The escalation's call fails after the cheap one was paid: the caller settles the tally.
+    cheap = says("a bad answer")
+    gen = generator(
+        [cheap], down("strong-down"), Configured(Forbids("no-bad", "bad"), OnFail.ESCALATE)
+    )
+    tally = Tally()
+    with pytest.raises(Unavailable):
+        await gen.generate(REQUEST, Tier.CHEAP, tally=tally)
+    first = reply_tokens("q", "a bad answer")
+    assert (tally.calls, tally.prompt_tokens, tally.completion_tokens) == (1, *first)
+    assert tally.cost == pytest.approx(CHEAP_PRICE.cost(*first))
 
 
 # --- where the next call goes --------------------------------------------------------------

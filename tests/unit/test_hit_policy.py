@@ -325,6 +325,18 @@ async def test_a_lookup_verifies_only_its_nearest_candidate() -> None:
     assert len(scorer.calls) == 1
 
 
+async def test_a_budget_below_every_calibrated_one_never_pays_for_a_verifier_pass() -> None:
+    # Its threshold is infinite: no score could clear it, so the cross-encoder ran for nothing
+    # on every lookup with a neighbour above the floor.
+    cache, embedder, scorer = _verified_cache(floor=0.1)
+    stored = "what is the weather in london this week"
+    await cache.store(_entry(stored, embedder.encode([stored])[0]))
+    vector = embedder.encode([stored + " please"])[0]
+    assert await cache.lookup_semantic("acme:s", stored, vector, HitRequirement(0.9, 0.005)) is None
+    assert scorer.calls == []
+    assert await cache.lookup_semantic("acme:s", stored, vector, HitRequirement(0.9, 0.01))
+
+
 @pytest.mark.parametrize(
     ("verifier", "embedder", "verified"),
     [("off", "all-MiniLM-L6-v2", False), ("auto", "hash", False),

@@ -102,3 +102,33 @@ def test_a_registry_whose_current_version_learned_from_another_embedder_does_not
     with pytest.raises(ConfigError, match=r"'hash-64'; this service embeds with 'hash-32'"):
         build_classifier(settings, HashEmbedder(32))
     assert isinstance(build_classifier(settings, HashEmbedder()), ReloadingClassifier)
+
+
+def test_a_classifier_artifact_that_cannot_be_loaded_is_a_config_error_naming_the_setting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A ClassifierArtifactError escaped build_classifier: `serve` printed a traceback, exit 1.
+    settings = unit_settings()
+    settings.classifier.artifact = tmp_path / "missing.skops"
+    with pytest.raises(ConfigError, match=r"cannot start: classifier\.artifact: .*missing\.skops"):
+        build_classifier(settings, HashEmbedder())
+    artifact = _train(tmp_path, "v1", 0, capsys)
+    artifact.with_suffix(".json").write_text("{")
+    settings.classifier.artifact = artifact
+    with pytest.raises(ConfigError, match=r"classifier\.artifact: .*not valid JSON"):
+        build_classifier(settings, HashEmbedder())
+
+
+@pytest.mark.parametrize("current", [b"v9\n", b"v1\n", b"\xff\xfev\x001\x00"])
+def test_a_registry_current_that_names_no_usable_version_is_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], current: bytes
+) -> None:
+    # A version that is not there, one whose files are broken, a CURRENT saved as UTF-16.
+    registry = ModelRegistry(tmp_path / "registry")
+    artifact = registry.add(_train(tmp_path, "v1", 0, capsys), "v1")
+    artifact.with_suffix(".json").write_text("{")
+    (registry.root / "CURRENT").write_bytes(current)
+    settings = unit_settings()
+    settings.classifier.registry_dir = registry.root
+    with pytest.raises(ConfigError, match=r"cannot start: classifier\.registry_dir: "):
+        build_classifier(settings, HashEmbedder())

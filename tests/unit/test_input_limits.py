@@ -77,6 +77,10 @@ VIOLATIONS = [
         "params.response_format.json_schema",
     ),
     (schema_request({"type": "nope"}), "params.response_format.json_schema"),
+    # Non-finite numbers: {"maximum": NaN} passed check_schema and then every answer passed.
+    (schema_request('{"maximum": NaN}'), "params.response_format.json_schema"),
+    (schema_request('{"minimum": -Infinity}'), "params.response_format.json_schema"),
+    (schema_request('{"maximum": 1e999}'), "params.response_format.json_schema"),
     (schema_request({"description": "x" * 200}), "params.response_format.json_schema"),
     (schema_request("[" * 5000 + "]" * 5000), "params.response_format.json_schema"),
     (schema_request({"pattern": "a{4294967296}"}), "params.response_format.json_schema"),

@@ -20,12 +20,14 @@ from routecache.domain import (
     ValidatorResult,
 )
 from routecache.errors import InvalidArgument
+from routecache.router.input_validation import validate_request
 from routecache.router.messages import (
     completion_to_pb,
     feedback_from_pb,
     invalidate_target_from_pb,
     request_from_pb,
 )
+from routecache.router.settings import LimitSettings
 from routecache.router.tenant_admin import InvalidateTarget
 from routecache.v1 import routecache_pb2 as pb
 
@@ -64,13 +66,16 @@ def test_cache_flags_and_request_validators_are_carried_field_by_field() -> None
         (lambda m: setattr(m.routing, "force_tier", 9), "routing.force_tier"),
     ],
 )
-def test_unknown_enum_values_are_invalid_arguments(
+def test_unknown_enum_values_are_invalid_arguments_on_admission(
     change: Callable[[pb.CompleteRequest], None], field: str
 ) -> None:
+    # Carried, not raised: translation runs before the API key is checked, and a refusal
+    # there had no error event and no errors_total (the pipeline records both).
     message = chat_request("q")
     change(message)
+    request = request_from_pb(message)
     with pytest.raises(InvalidArgument) as error:
-        request_from_pb(message)
+        validate_request(request, LimitSettings())
     assert error.value.field == field
 
 

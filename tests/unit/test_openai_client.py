@@ -393,7 +393,9 @@ async def test_prompt_estimate_counts_the_line_between_messages(make_client: Any
 # --- failures and retries ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
+# 408 and 409 as OpenAI's own SDK has them: a request the server gave up waiting for, or one
+# that lost a race (a lock held a moment), says nothing against the request itself.
+@pytest.mark.parametrize("status", [408, 409, 429, 500, 502, 503, 504])
 async def test_retryable_status_is_tried_twice_then_raised(make_client: Any, status: int) -> None:
     recorder = Recorder(httpx.Response(status, json={"error": {"message": "provider says no"}}))
     with pytest.raises(UpstreamError) as caught:
@@ -603,7 +605,7 @@ async def test_default_backoff_pauses_between_attempts(make_client: Any) -> None
     assert 0.045 <= pause < 0.5
 
 
-@pytest.mark.parametrize("status", [429, 503])
+@pytest.mark.parametrize("status", [408, 409, 429, 503])
 async def test_a_retry_waits_the_pause_the_provider_asked_for(
     make_client: Any, pauses: list[float], status: int
 ) -> None:
@@ -657,6 +659,31 @@ async def test_a_pause_within_the_call_deadline_is_waited(
         reply = await make_client(recorder).complete(MESSAGES, GenerationParams())
     assert reply.text == "4"
     assert pauses == [1.0]
+
+
+async def test_a_backoff_past_half_the_time_left_fails_over_at_once(
+    make_client: Any, pauses: list[float]
+) -> None:
+    # Before: the 0.3 s backoff was slept with 0.2 s left after it, the retry then timed out,
+    # and the next provider was left no time either.
+    recorder = Recorder(httpx.Response(500), completion())
+    client = make_client(recorder, backoff_seconds=(0.3, 0.3))
+    with pytest.raises(UpstreamError, match="HTTP 500") as caught:
+        async with provider_deadline(0.5):
+            await client.complete(MESSAGES, GenerationParams())
+    assert caught.value.retryable is True  # the next provider is tried
+    assert recorder.calls == 1
+    assert pauses == []
+
+
+async def test_a_backoff_within_half_the_time_left_is_slept(
+    make_client: Any, pauses: list[float]
+) -> None:
+    recorder = Recorder(httpx.Response(500), sse(chunk("4", finish_reason="stop")))
+    client = make_client(recorder, backoff_seconds=(0.3, 0.3))
+    async with provider_deadline(30.0):
+        assert await collect(client.stream(MESSAGES, GenerationParams())) == ["4"]
+    assert pauses == [0.3]
 
 
 @pytest.mark.parametrize(
@@ -933,12 +960,39 @@ async def test_a_stream_line_past_the_bound_is_not_read_on(make_client: Any) -> 
 async def test_a_stream_longer_than_the_bound_in_lines_within_it_is_read(
     make_client: Any,
 ) -> None:
-    # The bound is on one line, not on the stream; lines end at \n, \r\n or \r.
+    # The bound is on one line, and four times it on the stream; lines end at \n, \r\n or \r.
     line = sse_line(chunk("x" * 100))
-    events = [line, line.replace(b"\n", b"\r\n"), line.replace(b"\n", b"\r")] * 5
+    events = [line, line.replace(b"\n", b"\r\n"), line.replace(b"\n", b"\r")]
     body = TrackedStream(*events, sse_line(chunk(finish_reason="stop")))
     client = make_client(Recorder(httpx.Response(200, stream=body)), max_response_bytes=len(line))
-    assert "".join(await collect(client.stream(MESSAGES, GenerationParams()))) == "x" * 1_500
+    assert "".join(await collect(client.stream(MESSAGES, GenerationParams()))) == "x" * 300
+
+
+async def test_a_stream_past_four_times_the_bound_is_not_read_on(make_client: Any) -> None:
+    # Before: only each line was bounded, and a provider streaming without end was read on
+    # until the deadline (here: into the ReadError).
+    line = sse_line(chunk("x" * 100))
+    answer, bodies = answers_streamed(200, *[line] * 9, httpx.ReadError("read too far"))
+    client = make_client(answer, max_response_bytes=2 * len(line))
+    received: list[str] = []
+    with pytest.raises(UpstreamError, match=f"stream over {8 * len(line)} bytes") as caught:
+        await collect(client.stream(MESSAGES, GenerationParams()), received)
+    assert caught.value.retryable is True  # like any malformed answer
+    assert received == ["x" * 100] * 8  # what came within the bound was passed on
+    assert len(bodies) == 1 and bodies[0].closed
+
+
+async def test_a_stream_of_exactly_four_times_the_bound_is_read(make_client: Any) -> None:
+    line = sse_line(chunk("x" * 100, finish_reason="stop"))
+
+    def stream_bounded_by(bound: int) -> AsyncIterator[str]:
+        recorder = Recorder(httpx.Response(200, content=line * 4))
+        client: OpenAIChatClient = make_client(recorder, max_response_bytes=bound)
+        return client.stream(MESSAGES, GenerationParams())
+
+    assert "".join(await collect(stream_bounded_by(len(line)))) == "x" * 400
+    with pytest.raises(UpstreamError, match="stream over"):
+        await collect(stream_bounded_by(len(line) - 1))
 
 
 async def test_a_complete_stream_line_past_the_bound_fails(make_client: Any) -> None:

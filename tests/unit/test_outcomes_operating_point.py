@@ -95,8 +95,6 @@ def test_an_unstated_strong_grade_is_unknown_and_an_ungraded_outcome_no_label() 
         {"kind": "completion", **_completion("r1", "cheap answer")},
         {"kind": "outcome", "prompt": "graded cheap only", "weak_correct": True},
         {"kind": "outcome", "response_id": "r1", "comment": "no grade given"},
-        # A prompt's grade without the prompt: not a grade of the response either.
-        {"kind": "outcome", "response_id": "r1", "weak_correct": False},
         {"kind": "outcome", "response_id": "never logged", "correct": False},
     ]
     # None, not False: a row without a strong outcome must not count as a strong failure.
@@ -185,6 +183,113 @@ def test_an_outcome_event_may_grade_with_0_or_1_and_leave_the_strong_grade_null(
     assert labels_from_events(read_events([path])) == [
         EventLabel("p", weak_correct=False, strong_correct=None)
     ]
+
+
+def _write_events(path: Path, *events: dict[str, Any]) -> Path:
+    path.write_text("".join(json.dumps(event) + "\n" for event in events))
+    return path
+
+
+@pytest.mark.parametrize("grades_first", [True, False], ids=["grades first", "log first"])
+def test_labels_do_not_depend_on_the_order_of_the_event_files(
+    tmp_path: Path, grades_first: bool
+) -> None:
+    # A rating or grade counted only if its completion had been read before it: `--events
+    # grades.jsonl --events log.jsonl` gave no label, the other order three.
+    grades = _write_events(
+        tmp_path / "grades.jsonl",
+        {"kind": "outcome", "response_id": "r1", "correct": True},
+        {"kind": "feedback", "response_id": "r2", "thumbs_up": False},
+        {"kind": "outcome", "response_id": "r2", "correct": True},  # re-graded: this one wins
+        {"kind": "feedback", "response_id": "r3", "thumbs_up": False},
+    )
+    log = _write_events(
+        tmp_path / "log.jsonl",
+        *({"kind": "completion", **_completion(f"r{i}", f"P{i}")} for i in (1, 2, 3)),
+    )
+    paths = [grades, log] if grades_first else [log, grades]
+    assert sorted(labels_from_events(read_events(paths)), key=lambda label: label.prompt) == [
+        EventLabel("P1", weak_correct=True),
+        EventLabel("P2", weak_correct=True),
+        EventLabel("P3", weak_correct=False),
+    ]
+
+
+@pytest.mark.parametrize("prompt", [None, 7, "missing"], ids=["null", "a number", "missing"])
+def test_a_completion_whose_prompt_is_not_text_is_refused_with_its_line(
+    tmp_path: Path, prompt: object
+) -> None:
+    # A completion without its prompt ended retrain in a KeyError; a null one trained on the
+    # prompt "None".
+    completion: dict[str, Any] = {"kind": "completion", **_completion("r1", "cheap answer")}
+    if prompt == "missing":
+        del completion["prompt"]
+    else:
+        completion["prompt"] = prompt
+    path = _write_events(
+        tmp_path / "events.jsonl",
+        {"kind": "completion", **_completion("r0", "a good one")},
+        completion,
+        {"kind": "feedback", "response_id": "r1", "thumbs_up": False},
+    )
+    with pytest.raises(DataFileError, match=r"events\.jsonl:2: prompt must be text"):
+        read_events([path])
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        {"prompt": "p", "correct": False},
+        {"response_id": "r1", "weak_correct": False},
+        {"response_id": "r1", "strong_correct": True},
+        {"prompt": "p", "strong_correct": True},
+        {"prompt": "p", "response_id": "r1", "weak_correct": True, "correct": False},
+    ],
+    ids=[
+        "a prompt graded with correct",
+        "a response graded with weak_correct",
+        "a response graded with strong_correct",
+        "a prompt with only its strong grade",
+        "both shapes at once",
+    ],
+)
+def test_an_outcome_event_in_neither_documented_shape_is_refused_with_its_line(
+    tmp_path: Path, outcome: dict[str, object]
+) -> None:
+    # Each was dropped without a word: the grader's labels never trained anything.
+    path = _write_events(
+        tmp_path / "events.jsonl",
+        {"kind": "completion", **_completion("r1", "cheap answer")},
+        {"kind": "outcome", **outcome},
+    )
+    with pytest.raises(DataFileError, match=r"events\.jsonl:2: an outcome grades"):
+        read_events([path])
+
+
+def test_a_prompt_graded_twice_keeps_its_latest_grade_in_its_first_place() -> None:
+    # Both grades were kept: the same prompt labelled failed and not failed.
+    events: list[dict[str, Any]] = [
+        {"kind": "outcome", "prompt": "regraded", "weak_correct": True, "strong_correct": True},
+        {"kind": "outcome", "prompt": "graded once", "weak_correct": False},
+        {"kind": "outcome", "prompt": "regraded", "weak_correct": False},
+    ]
+    assert labels_from_events(events) == [
+        EventLabel("regraded", weak_correct=False),
+        EventLabel("graded once", weak_correct=False),
+    ]
+
+
+def test_an_event_file_given_twice_is_read_once(tmp_path: Path) -> None:
+    # `--events log.jsonl --events ./log.jsonl` (or a link to it) read every event twice.
+    path = _write_events(
+        tmp_path / "events.jsonl",
+        {"kind": "outcome", "prompt": "graded", "weak_correct": False},
+        {"kind": "completion", **_completion("r1", "escalated", escalated=True)},
+    )
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "latest.jsonl").symlink_to(path)
+    again = [path, tmp_path / "sub" / ".." / "events.jsonl", tmp_path / "latest.jsonl"]
+    assert read_events(again) == read_events([path])
 
 
 @pytest.fixture()

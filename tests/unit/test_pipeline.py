@@ -36,8 +36,10 @@ from routecache.errors import (
 from routecache.router.bootstrap import Overrides, Service, build_service
 from routecache.router.budget import Period
 from routecache.router.logs import REQUEST_ID
+from routecache.router.messages import request_from_pb
 from routecache.router.stats import TenantStatsBook
 from routecache.router.tenant_admin import InvalidateTarget
+from routecache.v1 import routecache_pb2 as pb
 from tests.fakes import FakeUpstream, count_shared_calls, eventually, json_answer, prose_answer
 from tests.unit.conftest import KEYS, Harness, make_harness, unit_settings
 from tests.unit.test_registry_reload import _registry_with, fake_load
@@ -214,6 +216,36 @@ async def test_failing_cheap_answer_escalates_and_only_the_valid_answer_is_store
     assert (stats.cheap_calls, stats.strong_calls, stats.escalations) == (1, 1, 1)
 
 
+async def test_stats_count_each_call_a_request_made_a_retry_included() -> None:
+    # retry: cheap, cheap again, then strong; the request counts three calls, two of them cheap.
+    harness = make_harness(validators=[{"kind": "json_schema", "on_fail": "retry"}])
+    pipeline = harness.service.pipeline
+    done = await pipeline.complete(json_request("list three colours"), ACME)
+    assert done.validation.escalated and len(harness.cheap.calls) == 2
+    stats = await pipeline.admin.stats(ACME)
+    assert (stats.cheap_calls, stats.strong_calls, stats.escalations) == (2, 1, 1)
+    await harness.service.aclose()
+
+
+async def test_a_refused_call_shared_by_identical_requests_counts_its_calls_and_cost_once(
+    harness: Harness,
+) -> None:
+    harness.strong.answer = harness.cheap.answer  # neither model follows JSON mode
+    harness.cheap.gate = asyncio.Event()
+    pipeline = harness.service.pipeline
+    flight = count_shared_calls(pipeline)
+    tasks = [asyncio.create_task(pipeline.complete(json_request("give JSON"), ACME)) for _ in "ab"]
+    await eventually(lambda: len(flight.arrived) == 2, "both requests joined the call")
+    harness.cheap.gate.set()
+    refused = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, FailedValidation) for r in refused)
+    stats = await pipeline.admin.stats(ACME)
+    assert (stats.requests, stats.validation_failures) == (2, 2)
+    assert (stats.cheap_calls, stats.strong_calls) == (1, 1)  # the maker's, once
+    spent = (await pipeline.costs.ledger.totals("acme"))[Period.DAY].cost_usd
+    assert stats.cost_usd == pytest.approx(spent) and spent > 0
+
+
 async def test_no_valid_answer_is_failed_validation_and_nothing_is_stored(harness: Harness) -> None:
     harness.strong.answer = harness.cheap.answer
     pipeline = harness.service.pipeline
@@ -294,6 +326,64 @@ async def test_unknown_or_missing_key(harness: Harness) -> None:
         await harness.service.pipeline.complete(ask("q"), "wrong")
     with pytest.raises(Unauthenticated):
         await harness.service.pipeline.complete(ask("q"), None)
+
+
+def error_events(harness: Harness) -> list[dict[str, object]]:
+    return [e for e in harness.events.events if e["kind"] == "error"]
+
+
+@pytest.mark.parametrize("api_key", [None, "wrong"])
+async def test_a_refused_keys_error_event_keeps_no_prompt_and_no_end_user(
+    harness: Harness, api_key: str | None
+) -> None:
+    # Before: the whole prompt (up to the 1 MiB gRPC limit) and end_user_id were written to
+    # the event log for anyone, no key needed.
+    with pytest.raises(Unauthenticated):
+        await harness.service.pipeline.complete(
+            ask("p" * 100_000, end_user_id="u" * 5_000), api_key
+        )
+    [event] = error_events(harness)
+    assert (event["tenant"], event["reason"]) == ("", "unauthenticated")
+    assert (event["prompt"], event["end_user_id"]) == ("", "")
+    assert (event["prompt_chars"], event["prompt_cut"]) == (100_000, True)
+
+
+async def test_an_invalid_requests_error_event_keeps_its_prompt_and_end_user_within_limits(
+    harness: Harness,
+) -> None:
+    limits = harness.service.settings.limits
+    over = ask("p" * (limits.max_message_chars + 10), end_user_id="u" * 5_000)
+    with pytest.raises(InvalidArgument):
+        await harness.service.pipeline.complete(over, ACME)
+    longest = "q" * limits.max_message_chars  # as long as a prompt may be: kept whole
+    with pytest.raises(InvalidArgument):
+        await harness.service.pipeline.complete(ask(longest, end_user_id="u" * 5_000), ACME)
+    cut, whole = error_events(harness)
+    assert cut["prompt"] == "p" * limits.max_message_chars and cut["prompt_cut"] is True
+    assert cut["prompt_chars"] == limits.max_message_chars + 10
+    assert (whole["prompt"], whole["prompt_cut"]) == (longest, False)
+    assert whole["end_user_id"] == "u" * limits.max_end_user_id_chars
+
+
+async def test_an_unknown_enum_on_the_wire_is_refused_after_the_key_and_recorded(
+    harness: Harness,
+) -> None:
+    # Before: refused while translating, ahead of the pipeline: INVALID_ARGUMENT to a caller
+    # with no key, and no error event or errors_total for anyone.
+    wire = pb.CompleteRequest(messages=[pb.ChatMessage(role=pb.ROLE_UNSPECIFIED, content="hi")])
+    wire.routing.force_tier = 7  # type: ignore[assignment]
+    request = request_from_pb(wire)
+    with pytest.raises(Unauthenticated):
+        await harness.service.pipeline.complete(request, None)
+    with pytest.raises(InvalidArgument) as error:
+        await harness.service.pipeline.complete(request, ACME)
+    assert error.value.field == "messages[0].role"  # the first of its problems
+    assert [(e["tenant"], e["reason"]) for e in error_events(harness)] == [
+        ("", "unauthenticated"),
+        ("acme", "invalid_argument"),
+    ]
+    assert harness.telemetry.failed[-1] == ("acme", "invalid_argument", ())
+    assert harness.cheap.calls == [] and harness.strong.calls == []
 
 
 async def test_rate_limit_gives_retry_delay() -> None:

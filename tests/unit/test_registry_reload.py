@@ -65,10 +65,8 @@ def test_promote_and_roll_back_walk_the_promotion_history(tmp_path: Path) -> Non
 
 
 def test_rollback_without_a_version_in_service_says_so(tmp_path: Path) -> None:
-    # It said "version in service None was never promoted here", for a typo in the folder too.
+    # It said "version in service None was never promoted here".
     with pytest.raises(RegistryError, match=r"no version in service \(no .*CURRENT\)"):
-        ModelRegistry(tmp_path / "absent").rollback()
-    with pytest.raises(RegistryError, match="no version in service"):
         ModelRegistry(tmp_path).rollback()
 
 
@@ -400,6 +398,14 @@ def test_a_pointer_set_outside_the_registry_cannot_be_rolled_back(tmp_path: Path
         registry.rollback()
 
 
+def test_a_pointer_without_any_history_cannot_be_rolled_back(tmp_path: Path) -> None:
+    # history.jsonl lost (or never written): a ValueError from zip(strict=True), a traceback.
+    registry = _registry_with(tmp_path, "v1")
+    (registry.root / "CURRENT").write_text("v1\n")
+    with pytest.raises(RegistryError, match="'v1' was never promoted here"):
+        registry.rollback()
+
+
 def test_an_empty_pointer_means_no_version_in_service(tmp_path: Path) -> None:
     registry = _registry_with(tmp_path, "v1")
     registry.root.mkdir(exist_ok=True)
@@ -638,6 +644,57 @@ def test_a_damaged_history_line_is_a_registry_error_naming_the_line(tmp_path: Pa
         with pytest.raises(RegistryError, match=r"history.jsonl:1: damaged history line"):
             registry.rollback()
     assert registry.current_version() == "v2"
+
+
+@pytest.mark.parametrize(
+    "damage", [b"\xff\xfe not UTF-8", b"[" * 100_000], ids=["not UTF-8", "too deep"]
+)
+def test_an_unreadable_history_line_is_a_registry_error_naming_the_line(
+    tmp_path: Path, damage: bytes
+) -> None:
+    # A UnicodeDecodeError / RecursionError escaped: rollback-classifier ended in a traceback.
+    registry = _registry_with(tmp_path, "v1", "v2")
+    registry.promote("v1")
+    registry.promote("v2")
+    history = registry.root / "history.jsonl"
+    history.write_bytes(history.read_bytes() + damage + b"\n")
+    with pytest.raises(RegistryError, match=r"history.jsonl:3: damaged history line"):
+        registry.rollback()
+    assert registry.current_version() == "v2"
+
+
+def test_a_pointer_that_is_not_utf8_is_a_registry_error_naming_it(tmp_path: Path) -> None:
+    registry = _registry_with(tmp_path, "v1")
+    (registry.root / "CURRENT").write_bytes(b"v\xff1\n")
+    with pytest.raises(RegistryError, match=r"CURRENT: not UTF-8 text"):
+        registry.current_version()
+
+
+@pytest.mark.parametrize("where", ["missing", "under a file"])
+def test_changing_a_registry_folder_that_is_not_there_says_so_and_makes_nothing(
+    tmp_path: Path, where: str
+) -> None:
+    # A mistyped --registry was made on disk, .lock and all, before "nothing to roll back";
+    # one under a file raised NotADirectoryError.
+    if where == "under a file":
+        (tmp_path / "a-file").write_text("")
+        root = tmp_path / "a-file" / "registry"
+    else:
+        root = tmp_path / "registyr"
+    registry = ModelRegistry(root)
+    for change in (registry.rollback, lambda: registry.promote("v1")):
+        with pytest.raises(RegistryError, match="no such folder: is this the registry folder"):
+            change()
+    assert not root.exists() and sorted(p.name for p in tmp_path.iterdir()) == (
+        ["a-file"] if where == "under a file" else []
+    )
+
+
+def test_adding_to_a_registry_under_a_file_says_so(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    registry = ModelRegistry(tmp_path / "a-file" / "registry")
+    with pytest.raises(RegistryError, match="cannot make the registry folder"):
+        registry.add(_artifact(tmp_path / "src", 0.1), "v1")
 
 
 def test_a_torn_last_history_line_is_dropped_and_the_next_change_logs_cleanly(

@@ -432,6 +432,22 @@ async def test_a_snapshot_path_that_cannot_be_restored_stops_the_start_in_one_li
     assert path.is_dir() if kind == "a folder" else path.read_text() == "my notes\n"
 
 
+async def test_a_classifier_artifact_that_cannot_be_loaded_stops_the_start_in_one_line(
+    tmp_path: Path,
+) -> None:
+    import dataclasses
+
+    from tests.unit.conftest import unit_settings
+
+    # It was a ClassifierArtifactError traceback from `serve` (exit 1), not exit 2.
+    missing = tmp_path / "difficulty.skops"
+    settings = unit_settings(service={"server": {"port": 0}})
+    settings.classifier.artifact = missing
+    parts = dataclasses.replace(_fake_parts(), classifier=None)  # the configured one is built
+    with pytest.raises(ConfigError, match=rf"cannot start: classifier\.artifact: .*{missing}"):
+        await bootstrap.start_service(settings, parts)
+
+
 async def test_a_taken_metrics_port_is_a_listen_error_naming_it() -> None:
     import socket
 

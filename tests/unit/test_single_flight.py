@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from routecache.router.single_flight import SingleFlight
+from routecache.router.single_flight import SingleFlight, WaitedTooLong
 from tests.fakes import eventually
 
 
@@ -93,3 +93,24 @@ async def test_a_sharer_makes_its_own_call_when_the_failure_was_the_makers_alone
     with pytest.raises(TimeoutError):
         await maker
     assert await sharer == ("answer", False) and calls == [1, 1]
+
+
+async def test_a_sharer_out_of_patience_gives_up_and_the_call_goes_on_for_its_maker() -> None:
+    # A sharer with a shorter deadline than the maker's must not wait past it; its giving up
+    # must neither cancel the call nor take the answer from the maker.
+    flight: SingleFlight[str] = SingleFlight()
+    gate = asyncio.Event()
+    calls: list[int] = []
+
+    async def work() -> str:
+        calls.append(1)
+        await gate.wait()
+        return "answer"
+
+    maker = asyncio.create_task(flight.run("k", work))
+    await asyncio.sleep(0)
+    with pytest.raises(WaitedTooLong):
+        await flight.run("k", work, patience=0.0)
+    assert not maker.done()
+    gate.set()
+    assert await maker == ("answer", False) and calls == [1]

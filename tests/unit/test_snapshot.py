@@ -199,14 +199,16 @@ def _with_field(name: str, value: object) -> str:
     ["not json", '{"entry_id": "acme:x"}', "[]", _with_field("expires_at", "soon"),
      _with_field("created_at", None), _with_field("hit_count", "3"),
      _with_field("cost_usd", True), _with_field("tags", "abc"),
-     _with_field("tags", {"a": 1}), _with_field("tags", ["a", 2])],
+     _with_field("tags", {"a": 1}), _with_field("tags", ["a", 2]), _with_field("answer", 5),
+     _with_field("model", None), _with_field("prompt", ["hi"]), _with_field("entry_id", 7)],
     ids=["not json", "fields missing", "not an object", "text expiry", "no creation time",
-         "text hit count", "boolean cost", "tags as text", "tags as object", "tag not text"],
+         "text hit count", "boolean cost", "tags as text", "tags as object", "tag not text",
+         "number answer", "no model", "prompt as list", "number id"],
 )  # fmt: skip
 def test_a_damaged_entry_is_refused_with_its_file_and_line(tmp_path: Path, line: str) -> None:
     # A field of the wrong type was read in as it was: a text expiry failed the expiry check
-    # with a TypeError traceback, a missing creation time every hit on the entry, tags "abc"
-    # became the tags a, b and c.
+    # with a TypeError traceback, a missing creation time or a number answer every hit on the
+    # entry (INTERNAL), tags "abc" became the tags a, b and c.
     path = tmp_path / "snapshot.jsonl"
     save_snapshot(_distinct_entries("a", "b"), path)
     path.write_text(path.read_text() + line + "\n")

@@ -125,6 +125,25 @@ async def test_prometheus_series_follow_the_requests() -> None:
     await harness.service.aclose()
 
 
+async def test_prometheus_spend_counts_answers_refused_by_validation() -> None:
+    # routecache_cost_usd_total carries the spend ledger's figure: refused answers were paid.
+    prometheus = PrometheusTelemetry()
+    harness = make_harness(score=0.9, telemetry=prometheus)  # strong first: no escalation
+    harness.strong.answer = lambda prompt, params: "not json"
+    with pytest.raises(FailedValidation) as refused:
+        await harness.service.pipeline.complete(ask("give me json", json_mode=True), ACME)
+    registry, error = prometheus.registry, refused.value
+    cost = sample(registry, "routecache_cost_usd_total", tenant="acme", tier="strong")
+    assert cost == pytest.approx(error.cost_usd) and cost > 0
+    assert cost == pytest.approx((await harness.service.pipeline.admin.stats(ACME)).cost_usd)
+    for kind in ("prompt", "completion"):
+        tokens = sample(
+            registry, "routecache_tokens_total", tenant="acme", tier="strong", kind=kind
+        )
+        assert tokens == getattr(error, f"{kind}_tokens") > 0
+    await harness.service.aclose()
+
+
 def test_watched_gauges_are_read_at_scrape_time() -> None:
     prometheus = PrometheusTelemetry()
     breaker = {"gpt-4": 0.0}

@@ -374,6 +374,22 @@ def test_eval_router_reports_at_the_operating_point_asked_for_and_says_where_it_
     assert configured["strong_fraction"] == 1.0
 
 
+def test_eval_router_reports_at_the_settings_routing_threshold_which_overrides_their_target(
+    trained_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The service routes at classifier.routing_threshold whatever the operating point says;
+    # eval-router ignored it and reported the target's (or the model's default) threshold.
+    data = trained_artifact.parent.parent / "routing.jsonl"
+    config = tmp_path / "settings.toml"
+    config.write_text("[classifier]\nrouting_threshold = 0.9\ntarget_strong_fraction = 1.0\n")
+    argv = ["--data", str(data), "--artifact", str(trained_artifact), "--config", str(config)]
+    report = _eval(argv, capsys)
+    assert (report["threshold"], report["operating_point"]) == (0.9, None)
+    assert report["operating_point_from"] == "settings threshold"
+    # A threshold on the command line still wins over the settings.
+    assert _eval([*argv, "--threshold", "0.2"], capsys)["threshold"] == 0.2
+
+
 def test_eval_router_reports_a_bad_config_before_scoring_and_a_given_threshold_as_no_target(
     trained_artifact: Path,
     tmp_path: Path,

@@ -82,6 +82,27 @@ def test_an_answer_with_a_number_too_long_for_python_fails_as_not_json(
     assert "4,300 digits" in result.message and "set_int_max_str_digits" not in result.message
 
 
+@pytest.mark.parametrize("kind", [ResponseFormatType.JSON_OBJECT, ResponseFormatType.JSON_SCHEMA])
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999", "-1e999"])
+def test_an_answer_with_a_non_finite_number_fails_as_not_json(
+    kind: ResponseFormatType, number: str
+) -> None:
+    # RFC 8259 has no NaN or Infinity; Python's json.loads took them (and 1e999 as inf), so an
+    # answer a strict parser refuses was served and cached as valid JSON.
+    result = JsonSchemaValidator().check('{"answer": ' + number + "}", request(kind, SCHEMA))
+    assert not result.passed and result.message.startswith("not JSON")
+    assert "finite" in result.message
+
+
+def test_a_number_too_large_for_the_schemas_check_fails_the_answer_instead_of_raising() -> None:
+    # Before: jsonschema's multipleOf divided a 401-digit integer by 0.1, and the float
+    # division raised OverflowError out of the validator (an INTERNAL error, the call unpaid).
+    req = request(ResponseFormatType.JSON_SCHEMA, json.dumps({"multipleOf": 0.1}))
+    result = JsonSchemaValidator().check("1" + "0" * 400, req)
+    assert not result.passed and "too large" in result.message
+    assert JsonSchemaValidator().check("0.5", req).passed
+
+
 def test_json_schema_reports_where_it_fails() -> None:
     validator = JsonSchemaValidator()
     req = request(ResponseFormatType.JSON_SCHEMA, SCHEMA)

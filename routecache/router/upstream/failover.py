@@ -150,13 +150,18 @@ class Failover:
                 provider.breaker.release()
             await _close(opened.rest)
 
+    def seconds_for_calls(self, deadline: float) -> float:
+        """The time left before `deadline` for provider calls: the reserve is kept back for
+        what follows a failed chain (stale lookup, reply). Negative when none is left."""
+        return deadline - self._clock() - self._reserve
+
     def _ran_out(self, deadline: float) -> float | None:
         """The deadline when it leaves no time for another attempt, else None."""
-        return deadline if deadline - self._clock() - self._reserve <= 0 else None
+        return deadline if self.seconds_for_calls(deadline) <= 0 else None
 
     def _budget(self, provider: Provider, deadline: float, failures: list[str]) -> float | None:
         """Seconds this provider may take, or None (the reason appended to failures)."""
-        budget = deadline - self._clock() - self._reserve
+        budget = self.seconds_for_calls(deadline)
         if budget <= 0:
             failures.append(f"{provider.name}: not tried, the deadline was reached")
             return None
@@ -173,7 +178,8 @@ def _failed(provider: Provider, exc: BaseException, budget: float) -> str:
         provider.breaker.record_failure()
         return f"{provider.name} ({provider.model}): no answer within {budget:.2f}s (deadline)"
     if isinstance(exc, UpstreamError):
-        # A request the provider refuses (4xx) says nothing about the provider's health.
+        # A request the provider refuses (a 4xx other than 408/409/429) says nothing about the
+        # provider's health.
         if exc.retryable:
             provider.breaker.record_failure()
         else:

@@ -53,6 +53,10 @@ MAX_DETAIL_CHARS = 200
 # limits.max_answer_chars (20 000) characters JSON-escaped at their worst (12 bytes for an
 # astral character as a surrogate pair) are under 240 KiB; past 4 MiB no real answer is left.
 DEFAULT_MAX_RESPONSE_BYTES = 4 << 20
+# A whole stream is bounded by this many times the response bound: a stream repeats its chunk's
+# envelope (id, model, created, fingerprint: some 200 bytes) for each token, so an answer at
+# limits.max_answer_chars, streamed a character a chunk, takes about 5 MB as events.
+STREAM_BOUND_MULTIPLE = 4
 # The longest Retry-After the retry waits out by default; a longer one fails over at once.
 DEFAULT_MAX_RETRY_AFTER_SECONDS = 5.0
 # Line breaks of server-sent events. A \r\n cut between two reads counts as two breaks: the
@@ -76,6 +80,14 @@ def _asked_wait(state: RetryCallState) -> float | None:
     """The Retry-After of the attempt that just failed, in seconds; None when it gave none."""
     exc = state.outcome.exception() if state.outcome is not None else None
     return exc.retry_after if isinstance(exc, ProviderAskedToWait) else None
+
+
+def _past_half_the_time_left(pause: float) -> bool:
+    """No retry after a pause (a Retry-After or the backoff) of half the time the provider
+    call has left or more: a retry that wakes just before the deadline times out, and leaves
+    the next provider no time either."""
+    left = seconds_left()
+    return left is not None and pause >= left / 2
 
 
 def retry_after_seconds(value: str, now: datetime | None = None) -> float | None:
@@ -174,6 +186,7 @@ class OpenAIChatClient:
         self._max_attempts = max_attempts
         self._backoff = backoff_seconds
         self._max_bytes = max_response_bytes
+        self._max_stream_bytes = STREAM_BOUND_MULTIPLE * max_response_bytes
         self._max_retry_after = max_retry_after_seconds
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/") + "/",
@@ -228,7 +241,12 @@ class OpenAIChatClient:
             return max(backoff(state), _asked_wait(state) or 0.0)
 
         def stop(state: RetryCallState) -> bool:
-            return state.attempt_number >= self._max_attempts or self._asked_too_long(state)
+            # tenacity has already planned the pause (upcoming_sleep) when it asks stop.
+            return (
+                state.attempt_number >= self._max_attempts
+                or self._asked_too_long(state)
+                or _past_half_the_time_left(state.upcoming_sleep)
+            )
 
         return AsyncRetrying(
             stop=stop,
@@ -238,14 +256,9 @@ class OpenAIChatClient:
         )
 
     def _asked_too_long(self, state: RetryCallState) -> bool:
-        """No retry when the provider asked for a pause past the bound or past half the time
-        the call has left: a retry that wakes just before the deadline times out, and leaves
-        the next provider no time either."""
+        """No retry when the provider asked for a pause past the bound."""
         asked = _asked_wait(state)
-        if asked is None:
-            return False
-        left = seconds_left()
-        return asked > self._max_retry_after or (left is not None and asked >= left / 2)
+        return asked is not None and asked > self._max_retry_after
 
     def _error(self, what: str, *, retryable: bool) -> UpstreamError:
         return UpstreamError(f"{self._where}: {what}", retryable=retryable)
@@ -318,12 +331,14 @@ class OpenAIChatClient:
         }.get(type(exc))
         return self._timeout if phase is None else phase
 
-    def _too_large(self, what: str) -> UpstreamError:
+    def _too_large(self, what: str, *, stream: bool = False) -> UpstreamError:
         # Retryable like any malformed answer (a runaway generation need not recur), and so
         # counted against the provider's breaker: the fault is the provider's, not the request's.
+        limit, setting = self._max_bytes, "upstream max_response_bytes"
+        if stream:
+            limit, setting = self._max_stream_bytes, f"{STREAM_BOUND_MULTIPLE} times {setting}"
         return self._error(
-            f"malformed response: {what} over {self._max_bytes} bytes (upstream "
-            "max_response_bytes), not read further",
+            f"malformed response: {what} over {limit} bytes ({setting}), not read further",
             retryable=True,
         )
 
@@ -331,7 +346,9 @@ class OpenAIChatClient:
         if response.is_success:
             return
         status = response.status_code
-        retryable = status == 429 or status >= 500
+        # As OpenAI's own SDK retries: 408 (the server gave up waiting for the request) and
+        # 409 (a conflict of the moment, such as a lock) are no fault of the request's.
+        retryable = status in (408, 409, 429) or status >= 500
         try:
             # The body is read here, after _send and outside its error mapping.
             detail = _provider_message(await self._read_body(response))
@@ -421,9 +438,15 @@ class OpenAIChatClient:
 
     async def _sse_lines(self, response: httpx.Response) -> AsyncIterator[str]:
         """The lines of an event stream, none longer than the bound (httpx's aiter_lines
-        would buffer a line without end whole). Event streams are UTF-8 by definition."""
+        would buffer a line without end whole), and all of them within the stream's bound (a
+        provider streaming without end would be read on until the deadline). Event streams are
+        UTF-8 by definition."""
         pending = bytearray()  # the line being read
+        size = 0
         async for part in response.aiter_bytes():
+            size += len(part)
+            if size > self._max_stream_bytes:
+                raise self._too_large("stream", stream=True)
             first, *rest = _SSE_LINE_BREAK.split(part)
             pending += first
             for line in rest:  # each break ends the pending line and starts the next
