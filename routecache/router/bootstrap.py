@@ -39,7 +39,7 @@ from routecache.classifier.model import (
     packaged_artifact_path,
 )
 from routecache.classifier.ports import DifficultyClassifier
-from routecache.classifier.registry import ModelRegistry
+from routecache.classifier.registry import ModelRegistry, RegistryError
 from routecache.classifier.reloading import ClassifierMismatch, ReloadingClassifier, check_fits
 from routecache.domain import Tier
 from routecache.router.alerts import BudgetAlerts
@@ -218,9 +218,9 @@ def build_classifier(settings: Settings, embedder: Embedder | None = None) -> Di
             f"{error}: point classifier.artifact or classifier.registry_dir at a model "
             f"trained on this embedder (routecache train-classifier --embedder ...)"
         ) from error
-    except (ClassifierArtifactError, UnicodeDecodeError) as error:
+    except (ClassifierArtifactError, RegistryError) as error:
         # A file the settings name that cannot be used: one line and exit 2, not a traceback.
-        # (A CURRENT saved in another encoding is a UnicodeDecodeError.)
+        # (A CURRENT saved in another encoding is a RegistryError.)
         setting = "artifact" if settings.classifier.registry_dir is None else "registry_dir"
         raise ConfigError(f"cannot start: classifier.{setting}: {error}") from error
     return classifier

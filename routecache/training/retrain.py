@@ -37,7 +37,7 @@ from routecache.classifier.model import (
     packaged_artifact_path,
     save_artifact,
 )
-from routecache.classifier.registry import ModelRegistry
+from routecache.classifier.registry import ModelRegistry, RegistryError
 from routecache.cli_args import fraction, number_between, positive_int, positive_number
 from routecache.training.data_files import DataFileError, exits_2_on_data_error, writable_folder
 from routecache.training.outcomes import EventLabel, labels_from_events, read_events
@@ -70,6 +70,15 @@ def event_set(labels: Sequence[EventLabel], embeddings: np.ndarray[Any, Any]) ->
             dtype=np.float64,
         ),
     )  # fmt: skip
+
+
+def check_readable(registry: ModelRegistry) -> None:
+    """Reads CURRENT before the minutes of embedding: a damaged one (another encoding) is one
+    line and exit 2, not a traceback after the candidate was registered."""
+    try:
+        registry.current_version()
+    except RegistryError as error:
+        raise DataFileError(f"--registry {registry.root}: {error}") from error
 
 
 def incumbent_path(registry: ModelRegistry) -> Path:
@@ -125,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     event_paths = [Path(p) for p in args.events or []]
     rows = read_routing_rows(data_paths)
     writable_folder(registry.root, "--registry")
+    check_readable(registry)
     held = holdout_mask([r.prompt for r in rows], args.holdout_fraction, args.seed)
     held_rows = [r for r, h in zip(rows, held, strict=True) if h]
     train_rows = [r for r, h in zip(rows, held, strict=True) if not h]

@@ -284,3 +284,14 @@ def test_retraining_needs_two_rows_on_each_side_of_the_holdout_as_training_does(
     assert retrain.main([*argv, "--holdout-fraction", fraction]) == 2
     assert "need at least 2 training and 2 held-out rows" in capsys.readouterr().err
     assert ModelRegistry(registry_dir).versions() == []
+
+
+def test_a_registry_whose_current_is_not_utf8_is_a_one_line_message(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    (registry / "CURRENT").write_bytes(b"\xff\xfev\x001\x00")  # saved as UTF-16
+    assert _retrain(data, registry) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("routecache: ") and "CURRENT" in error and "\n" not in error
