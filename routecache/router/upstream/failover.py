@@ -94,10 +94,11 @@ class Failover:
             if budget is None:
                 continue
             try:
-                async with provider_deadline(budget):  # the client reads it (Retry-After)
+                # The client reads it (Retry-After) and notes the tries that failed in it.
+                async with provider_deadline(budget) as call:
                     reply = await provider.upstream.complete(request.messages, request.params)
             except BaseException as exc:
-                failures.append(_failed(provider, exc, budget))
+                failures.append(_failed(provider, exc, budget, call.failed_tries))
                 continue
             provider.breaker.record_success()
             return Answered(reply, provider, provider_tier, tuple(failures))
@@ -114,11 +115,11 @@ class Failover:
                 continue
             deltas = provider.upstream.stream(request.messages, request.params)
             try:
-                async with provider_deadline(budget):
+                async with provider_deadline(budget) as call:
                     first = await anext(deltas, None)
             except BaseException as exc:
                 await _close(deltas)
-                failures.append(_failed(provider, exc, budget))
+                failures.append(_failed(provider, exc, budget, call.failed_tries))
                 continue
             return OpenedStream(provider, provider_tier, first, deltas, tuple(failures))
         raise AllProvidersFailed(tier, failures, self._ran_out(deadline))
@@ -172,11 +173,20 @@ class Failover:
         return budget
 
 
-def _failed(provider: Provider, exc: BaseException, budget: float) -> str:
-    """Records the failure on the provider's breaker and says what happened."""
+def _failed(provider: Provider, exc: BaseException, budget: float, failed_tries: int = 0) -> str:
+    """Records the failure on the provider's breaker and says what happened; `failed_tries`:
+    the tries of this call the client saw fail before it ended."""
     if isinstance(exc, TimeoutError):
+        what = f"{provider.name} ({provider.model}): no answer within {budget:.2f}s (deadline)"
+        # The request's deadline (a client's own attempt timeout is an UpstreamError): the
+        # caller's to set, no verdict on the provider. Counted, one client with short
+        # deadlines would open a healthy provider's breaker for every tenant. A try that
+        # failed before it is the provider's failure, though.
+        if not failed_tries:
+            provider.breaker.release()
+            return what
         provider.breaker.record_failure()
-        return f"{provider.name} ({provider.model}): no answer within {budget:.2f}s (deadline)"
+        return f"{what}, after {failed_tries} failed {'try' if failed_tries == 1 else 'tries'}"
     if isinstance(exc, UpstreamError):
         # A request the provider refuses (a 4xx other than 408/409/429) says nothing about the
         # provider's health.
