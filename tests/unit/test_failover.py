@@ -557,6 +557,20 @@ async def test_a_call_cut_short_by_the_request_deadline_is_no_failure_of_the_pro
     assert breaker.allow()  # a probe's slot is free again
 
 
+async def test_a_call_sent_before_the_breaker_opened_does_not_close_it_by_answering_late() -> None:
+    # Before: its success closed the breaker another call's failure had just opened (and a
+    # late failure opened a half-open one again: test_breaker.py).
+    clock = ManualClock()
+    failover, cheap, _, breaker = chains(clock)
+    cheap.gate = asyncio.Event()
+    late = asyncio.create_task(failover.complete(REQUEST, Tier.CHEAP, clock() + 60))
+    await eventually(lambda: bool(cheap.calls), "the call went out")
+    breaker.record_failure()  # another call's failure opens the breaker meanwhile
+    cheap.gate.set()
+    assert (await late).provider.name == "cheap"
+    assert breaker.state is BreakerState.OPEN
+
+
 async def test_a_probe_refused_as_a_bad_request_frees_its_slot() -> None:
     clock = ManualClock()
     failover, cheap, _, breaker = chains(clock)
