@@ -1171,6 +1171,16 @@ async def test_a_soft_budget_is_crossed_by_the_settle_that_reaches_it_not_the_ne
     assert events.events[-1]["spent_usd"] == 2.5  # what was spent, not the budget
 
 
+async def test_a_soft_budget_of_zero_is_crossed_by_the_first_spend() -> None:
+    # Before: it never alerted (no spend is below 0 before it).
+    alerts, events = alerts_to()
+    budget = Budget(soft_daily_usd=0.0)
+    alerts.check("t", budget, {Period.DAY: (0.0, 0.0)})  # a cache hit: nothing spent
+    alerts.check("t", budget, {Period.DAY: (0.0, 0.25)})
+    alerts.check("t", budget, {Period.DAY: (0.25, 0.5)})  # was past it already
+    assert [(e["soft_budget_usd"], e["spent_usd"]) for e in events.events] == [(0.0, 0.25)]
+
+
 async def test_a_webhook_that_fails_or_hangs_is_counted_and_logged_as_failed(
     webhook: tuple[str, Hook], caplog: pytest.LogCaptureFixture
 ) -> None:
