@@ -1143,6 +1143,18 @@ async def test_while_redis_is_down_a_local_reservation_ends_with_its_call(
     assert isinstance(await ledger.reserve("acme", "", left - 0.05, caps), Reservation)
 
 
+async def test_a_reserve_made_while_redis_is_known_down_leaves_nothing_to_drop_there(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+) -> None:
+    # Never sent: not remembered for the flush (a long outage's reserves would all be).
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    redis.server.kill()
+    await ledger.totals("acme")  # the replica knows: the reserve is not sent
+    held = await ledger.reserve("acme", "", 0.5, [Cap(Period.DAY, 1.0)])
+    assert isinstance(held, Reservation) and held.local
+    assert not ledger._to_drop
+
+
 async def _flush_expecting_no_reservation(
     redis: LedgerOnOwnRedis, ledger: RedisSpendLedger, caps: list[Cap]
 ) -> None:
