@@ -10,14 +10,15 @@ and spend, and keeps what it spent as pending: it is added to Redis when Redis i
 recorded cost is lost. Each pending record goes to Redis under an id of its own, kept until
 Redis confirms it, so a try whose answer was lost is not added twice; so does each model
 call's settle, which is sent again by the flush if its answer was lost. A call that reserved
-in Redis and settled while Redis was down has its reservation dropped there after the flush.
+in Redis and settled while Redis was down has its reservation dropped there after the flush;
+so has one released while Redis was down, and a reservation Redis may have made without its
+answer coming back (a timeout, or the caller cancelled): dropping an id Redis lacks is harmless.
 Its own reservations, never in Redis, lower the caps Redis checks until their calls end.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ from typing import NamedTuple
 
 from routecache.backends import scripts
 from routecache.backends.keys import KeySpace
-from routecache.backends.link import RedisDown, RedisLink, guarded
+from routecache.backends.link import RedisDown, RedisLink, RedisRefused, guarded
 from routecache.router.budget import (
     Cap,
     CapReached,
@@ -128,9 +129,22 @@ class RedisSpendLedger:
             suffix = spend_suffix(cap.period, ids[cap.period], user if cap.per_user else "")
             args += [suffix, "1" if cap.per_user else "0", repr(cap.limit_usd - own)]
         try:
-            result = await guarded(self._link, lambda: self._reserve(keys=[], args=args))
-        except RedisDown:
+            self._link.check()
+        except RedisDown:  # known down: nothing sent
             return await self._reserve_locally(tenant, user, amount_usd, caps)
+        try:
+            result = await guarded(self._link, lambda: self._reserve(keys=[], args=args))
+        except RedisRefused:  # Redis answered with an error: it reserved nothing
+            return await self._reserve_locally(tenant, user, amount_usd, caps)
+        except RedisDown:
+            # Redis may have run it and lost the answer (a timeout): its reservation would
+            # hold the cap on every replica until it expires. Dropping an absent id is harmless.
+            self._drop_later(tenant, rid)
+            return await self._reserve_locally(tenant, user, amount_usd, caps)
+        except asyncio.CancelledError:  # the caller gave up: the same, with no call to make
+            self._drop_later(tenant, rid)
+            self._flush_in_background()
+            raise
         ok, refused, *committed = result
         if not int(ok):
             index = int(refused) - 1
@@ -186,7 +200,7 @@ class RedisSpendLedger:
         except RedisDown:  # nothing sent: pending, summed with the rest
             self._add_pending(record, ids)
             if reservation is not None:
-                self._drop_later(reservation)
+                self._drop_later(reservation.tenant, reservation.reservation_id)
             return await self._settle_locally(record, ids)
         # A model call's settle is sent under an id of its own: if Redis ran it but its answer
         # was lost, the flush sends it again under that id and Redis adds it once. A cache
@@ -253,9 +267,11 @@ class RedisSpendLedger:
             await self._local.release(reservation)
             return
         key, rid = self._base(reservation.tenant) + "resv", reservation.reservation_id
-        # While Redis is down it expires there after reservation_ttl_seconds.
-        with contextlib.suppress(RedisDown):
+        try:
             await guarded(self._link, lambda: self._link.client.hdel(key, rid))
+        except RedisDown:
+            # Left there, it would hold the cap on every replica until it expires.
+            self._drop_later(reservation.tenant, rid)
 
     async def totals(self, tenant: str, user: str = "") -> dict[Period, Totals]:
         ids = period_ids(self._clock())
@@ -283,13 +299,13 @@ class RedisSpendLedger:
         slot = _slot(record, ids)
         self._pending[slot] = _sum(self._pending.get(slot), record)
 
-    def _drop_later(self, reservation: Reservation) -> None:
+    def _drop_later(self, tenant: str, reservation_id: str) -> None:
         """Remembers a Redis reservation for the flush to drop; it expires there by now + TTL
         at the latest (it was made before)."""
         now = self._clock()
-        waiting = self._live_to_drop(reservation.tenant, now)
-        waiting.append((now + self._ttl, reservation.reservation_id))
-        self._to_drop[reservation.tenant] = waiting
+        waiting = self._live_to_drop(tenant, now)
+        waiting.append((now + self._ttl, reservation_id))
+        self._to_drop[tenant] = waiting
 
     def _live_to_drop(self, tenant: str, now: float) -> deque[tuple[float, str]]:
         """The tenant's reservations to drop, less those Redis has expired by now."""

@@ -28,6 +28,15 @@ def soft_budget(budget: Budget, period: Period) -> float | None:
     return budget.soft_daily_usd if period is Period.DAY else budget.soft_monthly_usd
 
 
+def _crossed(soft: float, before: float, after: float) -> bool:
+    """Whether spend moving from `before` to `after` crosses the soft budget: the settle that
+    reaches it. Every period starts at 0, so a soft budget of 0 is crossed by its first
+    spend (reached by none, it would never alert)."""
+    if soft == 0:
+        return before <= 0 < after
+    return before < soft <= after
+
+
 class BudgetAlerts:
     def __init__(
         self,
@@ -49,7 +58,7 @@ class BudgetAlerts:
     def check(self, tenant: str, budget: Budget, moved: Movement) -> None:
         for period, (before, after) in moved.items():
             soft = soft_budget(budget, period)
-            if soft is not None and before < soft <= after:
+            if soft is not None and _crossed(soft, before, after):
                 self._raise(tenant, period, soft, after)
 
     def _raise(self, tenant: str, period: Period, soft: float, spent: float) -> None:

@@ -76,6 +76,10 @@ def admission_charges(tenant: Tenant, end_user_id: str, prompt_tokens: int) -> l
         charges.append(_bucket("req", rate.requests, window, 1.0))
     if rate.tokens is not None:
         charges.append(_bucket("tok", rate.tokens, window, prompt_tokens))
+    # Per-user buckets bind a named end user only (as per-user budgets, costs.caps_of): one
+    # bucket for '' would cap every request without an end user at one user's allowance.
+    if not end_user_id:
+        return charges
     user = user_slot(end_user_id)
     if rate.user_requests is not None:
         charges.append(_bucket(f"ureq:{user}", rate.user_requests, window, 1.0))
@@ -89,7 +93,7 @@ def completion_charges(tenant: Tenant, end_user_id: str, tokens: int) -> list[Ch
     rate, window, charges = tenant.rate, tenant.rate.window_seconds, []
     if rate.tokens is not None and tokens:
         charges.append(_bucket("tok", rate.tokens, window, tokens))
-    if rate.user_tokens is not None and tokens:
+    if rate.user_tokens is not None and tokens and end_user_id:
         user = user_slot(end_user_id)
         charges.append(_bucket(f"utok:{user}", rate.user_tokens, window, tokens))
     return charges

@@ -37,8 +37,10 @@ CONFIG_ENV_VAR = "ROUTECACHE_CONFIG"
 
 
 class _Section(BaseModel):
-    # A misspelt key must fail at start, not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid")
+    # A misspelt key must fail at start, not silently fall back to a default. No setting
+    # means anything at inf or nan (valid TOML): `tenants.rate.tokens = inf` loaded, and Redis
+    # refused every take (its PEXPIRE), each replica falling back to its own buckets.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ServerSettings(_Section):

@@ -808,7 +808,7 @@ async def test_a_settle_made_while_a_flush_runs_keeps_its_reservation_until_its_
             assert isinstance(held, Reservation)
             ledger._add_pending(SpendRecord("acme", "u1", cost_usd=0.1, calls=1),
                                 period_ids(redis.clock()))  # fmt: skip
-            ledger._drop_later(held)
+            ledger._drop_later(held.tenant, held.reservation_id)
         return int(await hdel(*args))
 
     monkeypatch.setattr(redis.link.client, "hdel", hdel_while_a_late_call_settles)
@@ -829,7 +829,7 @@ async def test_many_reservations_are_dropped_a_batch_a_call(
     redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
     ledger.stop_flushing()
     for n in range(2500):
-        ledger._drop_later(Reservation(f"r{n}", "acme", "u1", 0.001))
+        ledger._drop_later("acme", f"r{n}")
     sent: list[int] = []
     hdel = redis.link.client.hdel
 
@@ -1143,14 +1143,72 @@ async def test_while_redis_is_down_a_local_reservation_ends_with_its_call(
     assert isinstance(await ledger.reserve("acme", "", left - 0.05, caps), Reservation)
 
 
-async def test_releasing_a_redis_reservation_while_redis_is_down_does_not_fail(
+async def test_a_reserve_made_while_redis_is_known_down_leaves_nothing_to_drop_there(
     ledger_on_own_redis: LedgerOnOwnRedis,
 ) -> None:
+    # Never sent: not remembered for the flush (a long outage's reserves would all be).
     redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    redis.server.kill()
+    await ledger.totals("acme")  # the replica knows: the reserve is not sent
     held = await ledger.reserve("acme", "", 0.5, [Cap(Period.DAY, 1.0)])
+    assert isinstance(held, Reservation) and held.local
+    assert not ledger._to_drop
+
+
+async def _flush_expecting_no_reservation(
+    redis: LedgerOnOwnRedis, ledger: RedisSpendLedger, caps: list[Cap]
+) -> None:
+    """After Redis is back and the flush: no reservation left in Redis; another replica may
+    take the whole cap."""
+    await redis.link.wait_up()
+    await ledger.flush()
+    assert await redis.link.client.hlen("rc:{acme}:resv") == 0
+    assert isinstance(await redis.another_ledger().reserve("acme", "u2", 1.0, caps), Reservation)
+
+
+async def test_a_redis_reservation_released_while_redis_is_down_is_dropped_at_the_flush(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+) -> None:
+    # Before: the release failed quietly and the reservation held the cap on every replica
+    # until reservation_ttl_seconds (10 minutes).
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    caps = [Cap(Period.DAY, 1.0)]
+    held = await ledger.reserve("acme", "", 0.5, caps)
     assert isinstance(held, Reservation) and not held.local
     redis.server.kill()
-    await ledger.release(held)  # it expires in Redis after reservation_ttl_seconds
+    await ledger.release(held)  # does not fail
+    redis.server.start()
+    await _flush_expecting_no_reservation(redis, ledger, caps)
+
+
+@pytest.mark.parametrize("lost", ["timeout", "cancelled"])
+async def test_a_reserve_redis_ran_without_its_answer_coming_back_is_dropped_at_the_flush(
+    ledger_on_own_redis: LedgerOnOwnRedis, monkeypatch: pytest.MonkeyPatch, lost: str
+) -> None:
+    # Before: its id was forgotten, and the reservation Redis had made held the cap on every
+    # replica until reservation_ttl_seconds.
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    caps = [Cap(Period.DAY, 1.0)]
+    reserve = ledger._reserve
+
+    async def answer_lost(**kwargs: Any) -> Any:
+        await reserve(**kwargs)
+        if lost == "timeout":
+            raise RedisTimeoutError("Timeout reading from socket")
+        await asyncio.Event().wait()  # the caller gives up (its deadline)
+
+    monkeypatch.setattr(ledger, "_reserve", answer_lost)
+    if lost == "timeout":
+        held = await ledger.reserve("acme", "u1", 0.5, caps)
+        assert isinstance(held, Reservation) and held.local  # reserved here instead
+        await ledger.release(held)
+    else:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await ledger.reserve("acme", "u1", 0.5, caps)
+    assert await redis.link.client.hlen("rc:{acme}:resv") == 1  # made in Redis all the same
+    monkeypatch.setattr(ledger, "_reserve", reserve)
+    await _flush_expecting_no_reservation(redis, ledger, caps)
 
 
 async def test_spend_pending_over_midnight_is_flushed_to_the_day_it_was_made(

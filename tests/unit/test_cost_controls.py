@@ -21,8 +21,10 @@ from routecache.domain import (
     ChatRequest,
     Completion,
     GenerationParams,
+    RateLimits,
     ResponseFormat,
     ResponseFormatType,
+    Tenant,
     Tier,
     ValidationReport,
 )
@@ -52,7 +54,13 @@ from routecache.router.budget import (
 )
 from routecache.router.error_mapping import RETRY_AFTER_KEY, status_of, trailing_metadata_of
 from routecache.router.events import InMemoryEventLog
-from routecache.router.quotas import Charge, InMemoryQuotaLimiter, user_slot
+from routecache.router.quotas import (
+    Charge,
+    InMemoryQuotaLimiter,
+    admission_charges,
+    completion_charges,
+    user_slot,
+)
 from routecache.router.tokens import estimate_tokens, request_prompt_tokens
 from routecache.router.upstream.failover import AllProvidersFailed
 from tests.fakes import ManualClock, RecordingTelemetry, count_shared_calls, eventually
@@ -98,6 +106,31 @@ async def test_user_and_tenant_request_buckets() -> None:
     await complete(ask("f", end_user_id="u1"), ACME)
     assert harness.telemetry.cost_controls.count(("acme", "rate_limited")) == 2
     await harness.service.aclose()
+
+
+async def test_requests_without_an_end_user_take_only_the_tenants_buckets() -> None:
+    # Before: they all shared one end user's buckets (user ''), so every caller that names
+    # no end user together got one user's allowance. Per-user budgets skip them too (caps_of).
+    harness = make_harness(rate={"requests": 4, "user_requests": 1, "user_tokens": 1,
+                                 "window_seconds": 60})  # fmt: skip
+    complete = harness.service.pipeline.complete
+    for prompt in ("a", "b", "c", "d"):
+        await complete(ask(prompt), ACME)
+    with pytest.raises(ResourceExhausted, match=r"\(requests\)"):
+        await complete(ask("e"), ACME)
+    await harness.service.aclose()
+
+
+@pytest.mark.parametrize("user", ["", "u1"])
+def test_only_a_named_end_user_has_buckets_of_their_own(user: str) -> None:
+    rate = RateLimits(60.0, requests=4, tokens=100, user_requests=1, user_tokens=10)
+    tenant = Tenant("acme", None, 0.9, 3600, rate=rate)
+    taken = [c.bucket for c in admission_charges(tenant, user, 5)]
+    debited = [c.bucket for c in completion_charges(tenant, user, 5)]
+    if user:
+        assert (taken, debited) == (["req", "tok", "ureq:u1", "utok:u1"], ["tok", "utok:u1"])
+    else:
+        assert (taken, debited) == (["req", "tok"], ["tok"])
 
 
 async def test_token_buckets_take_the_prompt_then_debit_the_answer() -> None:
@@ -1136,6 +1169,16 @@ async def test_a_soft_budget_is_crossed_by_the_settle_that_reaches_it_not_the_ne
     assert [(e["period"], e["spent_usd"]) for e in events.events] == [("day", 1.0)]
     alerts.check("u", budget, {Period.DAY: (0.25, 2.5)})
     assert events.events[-1]["spent_usd"] == 2.5  # what was spent, not the budget
+
+
+async def test_a_soft_budget_of_zero_is_crossed_by_the_first_spend() -> None:
+    # Before: it never alerted (no spend is below 0 before it).
+    alerts, events = alerts_to()
+    budget = Budget(soft_daily_usd=0.0)
+    alerts.check("t", budget, {Period.DAY: (0.0, 0.0)})  # a cache hit: nothing spent
+    alerts.check("t", budget, {Period.DAY: (0.0, 0.25)})
+    alerts.check("t", budget, {Period.DAY: (0.25, 0.5)})  # was past it already
+    assert [(e["soft_budget_usd"], e["spent_usd"]) for e in events.events] == [(0.0, 0.25)]
 
 
 async def test_a_webhook_that_fails_or_hangs_is_counted_and_logged_as_failed(

@@ -28,7 +28,7 @@ from routecache.router.budget import Period
 from routecache.router.events import InMemoryEventLog
 from routecache.router.ports import Pricing, UpstreamReply
 from routecache.router.upstream.breaker import BreakerState, CircuitBreaker
-from routecache.router.upstream.deadline import seconds_left
+from routecache.router.upstream.deadline import note_failed_try, seconds_left
 from routecache.router.upstream.failover import AllProvidersFailed, Failover, OpenedStream, Provider
 from tests.fakes import FakeUpstream, ManualClock, count_shared_calls, eventually
 from tests.unit.conftest import KEYS, unit_settings
@@ -511,14 +511,64 @@ def stalling_failover(clock: ManualClock, upstream: FakeUpstream, probes: int = 
 REQUEST = ChatRequest(messages=(Message(Role.USER, "two words"),))
 
 
-async def test_a_provider_that_hangs_past_its_budget_counts_against_its_breaker() -> None:
+class RetryingUpstream(FakeUpstream):
+    """A client whose first try failed (it notes it, as OpenAIChatClient does) and whose
+    retry answers only when the gate opens."""
+
+    async def complete(
+        self, messages: Sequence[Message], params: GenerationParams
+    ) -> UpstreamReply:
+        note_failed_try()
+        return await super().complete(messages, params)
+
+
+async def test_a_call_the_deadline_cut_short_after_a_failed_try_counts_against_the_breaker() -> (
+    None
+):
+    # A hung provider behind the default deadline (60 s: two tries of 30 s) must open it.
     clock = ManualClock()
-    failover, cheap, _, breaker = chains(clock)
-    cheap.gate = asyncio.Event()  # never answers
+    retrying = RetryingUpstream("cheap-model")
+    retrying.gate = asyncio.Event()
+    failover = stalling_failover(clock, retrying)
+    breaker = failover.chain(Tier.CHEAP)[0][1].breaker
     done = await asyncio.wait_for(failover.complete(REQUEST, Tier.CHEAP, clock() + 0.6), 5)
     assert done.provider.name == "strong"
-    assert "no answer within 0.10s" in done.failures[0]
-    assert breaker.state is BreakerState.OPEN  # a hang is a failure, like a 503
+    assert "within 0.10s (deadline), after 1 failed try" in done.failures[0]
+    assert breaker.state is BreakerState.OPEN  # the probe failed
+
+
+@pytest.mark.parametrize("probing", [False, True])
+async def test_a_call_cut_short_by_the_request_deadline_is_no_failure_of_the_provider(
+    probing: bool,
+) -> None:
+    # Before: it counted against the breaker, so one client with short deadlines opened a
+    # healthy provider's breaker for every tenant. A hang past the client's own attempt
+    # timeout is an UpstreamError, and counts (test_openai_client.py).
+    clock = ManualClock()
+    failover, cheap, _, breaker = chains(clock)
+    if probing:
+        breaker.record_failure()
+        clock.advance(30)
+    cheap.gate = asyncio.Event()  # no answer within the caller's deadline
+    done = await asyncio.wait_for(failover.complete(REQUEST, Tier.CHEAP, clock() + 0.6), 5)
+    assert done.provider.name == "strong"
+    assert "no answer within 0.10s (deadline)" in done.failures[0]
+    assert breaker.state is (BreakerState.HALF_OPEN if probing else BreakerState.CLOSED)
+    assert breaker.allow()  # a probe's slot is free again
+
+
+async def test_a_call_sent_before_the_breaker_opened_does_not_close_it_by_answering_late() -> None:
+    # Before: its success closed the breaker another call's failure had just opened (and a
+    # late failure opened a half-open one again: test_breaker.py).
+    clock = ManualClock()
+    failover, cheap, _, breaker = chains(clock)
+    cheap.gate = asyncio.Event()
+    late = asyncio.create_task(failover.complete(REQUEST, Tier.CHEAP, clock() + 60))
+    await eventually(lambda: bool(cheap.calls), "the call went out")
+    breaker.record_failure()  # another call's failure opens the breaker meanwhile
+    cheap.gate.set()
+    assert (await late).provider.name == "cheap"
+    assert breaker.state is BreakerState.OPEN
 
 
 async def test_a_probe_refused_as_a_bad_request_frees_its_slot() -> None:
@@ -571,7 +621,8 @@ async def test_a_stream_that_stalls_midway_ends_unavailable_at_the_deadline() ->
             async for delta in failover.deltas(opened, deadline):
                 received.append(delta)
     assert received == ["first ", "second "] and stalling.closed
-    assert breaker.state is BreakerState.OPEN  # the stalled probe failed
+    # The caller's deadline ended it: no verdict on the provider, the probe's slot is free.
+    assert breaker.state is BreakerState.HALF_OPEN and breaker.allow()
 
 
 async def test_a_stream_the_caller_stops_reading_is_closed_upstream() -> None:

@@ -541,6 +541,37 @@ async def test_whole_call_is_bounded_by_the_timeout(make_client: Any) -> None:
     assert time.monotonic() - started < 4.0  # each try stalls 5 s unless the timeout ends it
 
 
+def stalling_after(*failures: httpx.Response) -> Callable[[httpx.Request], Any]:
+    """A transport handler: `failures` at the first tries, then no answer for 5 s."""
+    left = list(failures)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if left:
+            return left.pop(0)
+        await asyncio.sleep(5)
+        return completion()
+
+    return handler
+
+
+@pytest.mark.parametrize("call", ["complete", "stream"])
+@pytest.mark.parametrize("failures", [0, 1])
+async def test_the_tries_that_failed_before_the_call_deadline_are_noted_for_the_breaker(
+    make_client: Any, call: str, failures: int
+) -> None:
+    # The deadline ending a call is no verdict on the provider, but a try that failed before
+    # it is: a hung provider behind the default deadline (60 s: two tries of 30 s) must still
+    # open its breaker (failover.py reads the note).
+    client = make_client(stalling_after(*[httpx.Response(503)] * failures))
+    with pytest.raises(TimeoutError):
+        async with provider_deadline(0.3) as within:
+            if call == "complete":
+                await client.complete(MESSAGES, GenerationParams())
+            else:
+                await collect(client.stream(MESSAGES, GenerationParams()))
+    assert within.failed_tries == failures
+
+
 @pytest.mark.parametrize(
     "response",
     [

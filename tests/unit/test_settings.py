@@ -1,3 +1,4 @@
+import math
 import re
 from pathlib import Path
 
@@ -615,6 +616,23 @@ def test_a_section_variable_that_is_not_json_says_why(monkeypatch: pytest.Monkey
 def test_values_past_their_bounds_are_refused_naming_the_field(
     overrides: dict[str, object], field: str
 ) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"{field}: ")):
+        load_settings(None, **overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [({"tenants": [{"name": "a", "rate": {"tokens": math.inf}}]}, "tenants.0.rate.tokens"),
+     ({"tenants": [{"name": "a", "budget": {"daily_usd": math.inf}}]},
+      "tenants.0.budget.daily_usd"),
+     ({"upstream": {"request_timeout_seconds": math.inf}}, "upstream.request_timeout_seconds"),
+     ({"budgets": {"reservation_ttl_seconds": math.nan}}, "budgets.reservation_ttl_seconds")],
+)  # fmt: skip
+def test_infinite_or_nan_numbers_are_refused_naming_the_field(
+    overrides: dict[str, object], field: str
+) -> None:
+    # Before: `tenants.rate.tokens = inf` (valid TOML) loaded; Redis then refused each take
+    # (its PEXPIRE of an infinite window) and every replica fell back to its own buckets.
     with pytest.raises(ConfigError, match=re.escape(f"{field}: ")):
         load_settings(None, **overrides)
 

@@ -4,12 +4,17 @@ CLOSED lets every call through and counts consecutive failures; at the threshold
 sheds calls (a clock read and a comparison: microseconds) for `open_seconds`; then it
 is HALF_OPEN and lets `half_open_probes` calls through: a success closes it, a failure opens it
 again for another full period.
+
+Each call let through holds a ticket of the breaker's generation, which moves on whenever it
+opens or closes: the outcome of a call sent before (an attempt may outlast `open_seconds`)
+says nothing of the provider now and moves nothing, nor frees a probe's slot.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -17,6 +22,13 @@ class BreakerState(StrEnum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerTicket:
+    """A call let through, for its outcome: the breaker's generation when it went out."""
+
+    generation: int
 
 
 class CircuitBreaker:
@@ -36,6 +48,7 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at: float | None = None
         self._probes_in_flight = 0
+        self._generation = 0  # moves on at each open and close
 
     @property
     def state(self) -> BreakerState:
@@ -50,31 +63,48 @@ class CircuitBreaker:
             return 0.0
         return max(0.0, self._open_seconds - (self._clock() - self._opened_at))
 
-    def allow(self) -> bool:
-        """Whether a call may go out now; a True in HALF_OPEN takes one probe slot."""
+    def allow(self) -> BreakerTicket | None:
+        """A ticket when a call may go out now (in HALF_OPEN it takes one probe slot), for
+        the call's outcome; None when it is shed."""
         state = self.state
-        if state is BreakerState.CLOSED:
-            return True
-        if state is BreakerState.OPEN or self._probes_in_flight >= self._probes:
-            return False
-        self._probes_in_flight += 1
-        return True
+        if state is BreakerState.OPEN:
+            return None
+        if state is BreakerState.HALF_OPEN:
+            if self._probes_in_flight >= self._probes:
+                return None
+            self._probes_in_flight += 1
+        return BreakerTicket(self._generation)
 
-    def record_success(self) -> None:
+    def _stale(self, ticket: BreakerTicket | None) -> bool:
+        """Whether the call went out before the breaker last opened or closed (its slot, if it
+        was a probe, went with that change). No ticket: a call of the current generation."""
+        return ticket is not None and ticket.generation != self._generation
+
+    def record_success(self, ticket: BreakerTicket | None = None) -> None:
+        if self._stale(ticket):
+            return
+        if self._opened_at is not None:
+            self._generation += 1
         self._failures = 0
         self._opened_at = None
         self._probes_in_flight = 0
 
-    def record_failure(self) -> None:
+    def record_failure(self, ticket: BreakerTicket | None = None) -> None:
+        if self._stale(ticket):
+            return
         if self._opened_at is not None:  # a failed probe: shed for another full period
-            self._opened_at = self._clock()
-            self._probes_in_flight = 0
+            self._open()
             return
         self._failures += 1
         if self._failures >= self._threshold:
-            self._opened_at = self._clock()
+            self._open()
 
-    def release(self) -> None:
+    def _open(self) -> None:
+        self._opened_at = self._clock()
+        self._probes_in_flight = 0
+        self._generation += 1
+
+    def release(self, ticket: BreakerTicket | None = None) -> None:
         """A call that neither succeeded nor failed the provider (cancelled): free its slot."""
-        if self._probes_in_flight:
+        if not self._stale(ticket) and self._probes_in_flight:
             self._probes_in_flight -= 1

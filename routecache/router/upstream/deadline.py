@@ -2,7 +2,8 @@
 
 The failover chain bounds each provider call with a timeout; a client that plans a pause (a
 provider's Retry-After) must know how much of that time is left, or it sleeps into the
-timeout and leaves none for the next provider.
+timeout and leaves none for the next provider. The client also notes each try that failed:
+a call the deadline ends after a failed try is the provider's failure, not the deadline's.
 """
 
 from __future__ import annotations
@@ -11,23 +12,38 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
-# When the current provider call must end, on the event loop's clock; None: no bound.
-_END: ContextVar[float | None] = ContextVar("routecache_provider_call_end", default=None)
+
+@dataclass
+class ProviderCall:
+    end: float  # when the call must end, on the event loop's clock
+    failed_tries: int = 0  # tries the client saw fail (and retried) within it
+
+
+_CALL: ContextVar[ProviderCall | None] = ContextVar("routecache_provider_call", default=None)
 
 
 @asynccontextmanager
-async def provider_deadline(seconds: float) -> AsyncIterator[None]:
+async def provider_deadline(seconds: float) -> AsyncIterator[ProviderCall]:
     """asyncio.timeout(seconds), with the time left readable by seconds_left() inside it."""
-    token = _END.set(asyncio.get_running_loop().time() + seconds)
+    call = ProviderCall(asyncio.get_running_loop().time() + seconds)
+    token = _CALL.set(call)
     try:
         async with asyncio.timeout(seconds):
-            yield
+            yield call
     finally:
-        _END.reset(token)
+        _CALL.reset(token)
 
 
 def seconds_left() -> float | None:
     """Seconds until the enclosing provider_deadline ends the call; None outside one."""
-    end = _END.get()
-    return None if end is None else end - asyncio.get_running_loop().time()
+    call = _CALL.get()
+    return None if call is None else call.end - asyncio.get_running_loop().time()
+
+
+def note_failed_try() -> None:
+    """A try of the enclosing provider call failed (nothing outside one)."""
+    call = _CALL.get()
+    if call is not None:
+        call.failed_tries += 1

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from routecache.domain import ChatRequest, Tier
 from routecache.errors import Unavailable, UpstreamError
 from routecache.router.ports import ChatUpstream, Pricing, UpstreamReply
-from routecache.router.upstream.breaker import CircuitBreaker
+from routecache.router.upstream.breaker import BreakerTicket, CircuitBreaker
 from routecache.router.upstream.deadline import provider_deadline
 
 # Time kept back from the deadline for what follows a failed chain (stale lookup, reply).
@@ -49,6 +49,7 @@ class OpenedStream:
     first: str | None
     rest: AsyncIterator[str]
     failures: tuple[str, ...]
+    ticket: BreakerTicket  # the provider's breaker let it through: for the stream's outcome
 
 
 class AllProvidersFailed(Unavailable):
@@ -90,16 +91,18 @@ class Failover:
     ) -> Answered:
         failures: list[str] = []
         for provider_tier, provider in self.chain(tier, strong_fallback):
-            budget = self._budget(provider, deadline, failures)
-            if budget is None:
+            allowed = self._budget(provider, deadline, failures)
+            if allowed is None:
                 continue
+            budget, ticket = allowed
             try:
-                async with provider_deadline(budget):  # the client reads it (Retry-After)
+                # The client reads it (Retry-After) and notes the tries that failed in it.
+                async with provider_deadline(budget) as call:
                     reply = await provider.upstream.complete(request.messages, request.params)
             except BaseException as exc:
-                failures.append(_failed(provider, exc, budget))
+                failures.append(_failed(provider, ticket, exc, budget, call.failed_tries))
                 continue
-            provider.breaker.record_success()
+            provider.breaker.record_success(ticket)
             return Answered(reply, provider, provider_tier, tuple(failures))
         raise AllProvidersFailed(tier, failures, self._ran_out(deadline))
 
@@ -109,23 +112,24 @@ class Failover:
         """The first provider whose stream opens and yields its first delta (or ends cleanly)."""
         failures: list[str] = []
         for provider_tier, provider in self.chain(tier, strong_fallback):
-            budget = self._budget(provider, deadline, failures)
-            if budget is None:
+            allowed = self._budget(provider, deadline, failures)
+            if allowed is None:
                 continue
+            budget, ticket = allowed
             deltas = provider.upstream.stream(request.messages, request.params)
             try:
-                async with provider_deadline(budget):
+                async with provider_deadline(budget) as call:
                     first = await anext(deltas, None)
             except BaseException as exc:
                 await _close(deltas)
-                failures.append(_failed(provider, exc, budget))
+                failures.append(_failed(provider, ticket, exc, budget, call.failed_tries))
                 continue
-            return OpenedStream(provider, provider_tier, first, deltas, tuple(failures))
+            return OpenedStream(provider, provider_tier, first, deltas, tuple(failures), ticket)
         raise AllProvidersFailed(tier, failures, self._ran_out(deadline))
 
     async def deltas(self, opened: OpenedStream, deadline: float) -> AsyncGenerator[str, None]:
         """The opened stream's deltas; a break ends it with Unavailable (sent text stands)."""
-        provider, sent, settled = opened.provider, 0, False
+        provider, ticket, sent, settled = opened.provider, opened.ticket, 0, False
         try:
             if opened.first is not None:
                 sent += len(opened.first)
@@ -137,17 +141,17 @@ class Failover:
                         delta = await anext(opened.rest, None)
                 except BaseException as exc:
                     settled = True
-                    what = _failed(provider, exc, budget)
+                    what = _failed(provider, ticket, exc, budget)
                     raise Unavailable(f"the stream broke after {sent} characters: {what}") from exc
                 if delta is None:
                     break
                 sent += len(delta)
                 yield delta
             settled = True
-            provider.breaker.record_success()
+            provider.breaker.record_success(ticket)
         finally:
             if not settled:  # the caller stopped reading: no verdict on the provider
-                provider.breaker.release()
+                provider.breaker.release(ticket)
             await _close(opened.rest)
 
     def seconds_for_calls(self, deadline: float) -> float:
@@ -159,33 +163,52 @@ class Failover:
         """The deadline when it leaves no time for another attempt, else None."""
         return deadline if self.seconds_for_calls(deadline) <= 0 else None
 
-    def _budget(self, provider: Provider, deadline: float, failures: list[str]) -> float | None:
-        """Seconds this provider may take, or None (the reason appended to failures)."""
+    def _budget(
+        self, provider: Provider, deadline: float, failures: list[str]
+    ) -> tuple[float, BreakerTicket] | None:
+        """Seconds this provider may take and its breaker's ticket, or None (the reason
+        appended to failures)."""
         budget = self.seconds_for_calls(deadline)
         if budget <= 0:
             failures.append(f"{provider.name}: not tried, the deadline was reached")
             return None
-        if not provider.breaker.allow():
+        ticket = provider.breaker.allow()
+        if ticket is None:
             wait = provider.breaker.seconds_until_probe()
             failures.append(f"{provider.name}: circuit open, shed (next probe in {wait:.1f}s)")
             return None
-        return budget
+        return budget, ticket
 
 
-def _failed(provider: Provider, exc: BaseException, budget: float) -> str:
-    """Records the failure on the provider's breaker and says what happened."""
+def _failed(
+    provider: Provider,
+    ticket: BreakerTicket,
+    exc: BaseException,
+    budget: float,
+    failed_tries: int = 0,
+) -> str:
+    """Records the failure of the call `ticket` let through on the provider's breaker and says
+    what happened; `failed_tries`: the tries of this call the client saw fail before it ended."""
     if isinstance(exc, TimeoutError):
-        provider.breaker.record_failure()
-        return f"{provider.name} ({provider.model}): no answer within {budget:.2f}s (deadline)"
+        what = f"{provider.name} ({provider.model}): no answer within {budget:.2f}s (deadline)"
+        # The request's deadline (a client's own attempt timeout is an UpstreamError): the
+        # caller's to set, no verdict on the provider. Counted, one client with short
+        # deadlines would open a healthy provider's breaker for every tenant. A try that
+        # failed before it is the provider's failure, though.
+        if not failed_tries:
+            provider.breaker.release(ticket)
+            return what
+        provider.breaker.record_failure(ticket)
+        return f"{what}, after {failed_tries} failed {'try' if failed_tries == 1 else 'tries'}"
     if isinstance(exc, UpstreamError):
         # A request the provider refuses (a 4xx other than 408/409/429) says nothing about the
         # provider's health.
         if exc.retryable:
-            provider.breaker.record_failure()
+            provider.breaker.record_failure(ticket)
         else:
-            provider.breaker.release()
+            provider.breaker.release(ticket)
         return f"{provider.name} ({provider.model}): {exc}"
-    provider.breaker.release()
+    provider.breaker.release(ticket)
     raise exc
 
 

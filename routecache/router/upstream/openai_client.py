@@ -33,7 +33,7 @@ from routecache.router.tokens import (
     prompt_tokens_estimate,
     sent_schema,
 )
-from routecache.router.upstream.deadline import seconds_left
+from routecache.router.upstream.deadline import note_failed_try, seconds_left
 
 CHAT_PATH = "chat/completions"
 USER_AGENT = "routecache/0.1"
@@ -74,6 +74,12 @@ class ProviderAskedToWait(UpstreamError):
 
 def _is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, UpstreamError) and exc.retryable
+
+
+def _note_failed(state: RetryCallState) -> None:
+    """Before a retry: if the call deadline cuts it short, the failover still counts the try
+    that failed against the provider's breaker."""
+    note_failed_try()
 
 
 def _asked_wait(state: RetryCallState) -> float | None:
@@ -252,6 +258,7 @@ class OpenAIChatClient:
             stop=stop,
             wait=wait,
             retry=retry_if_exception(_is_retryable),
+            before_sleep=_note_failed,
             reraise=True,
         )
 
