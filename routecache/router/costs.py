@@ -20,6 +20,7 @@ from routecache.router.alerts import BudgetAlerts
 from routecache.router.budget import (
     Cap,
     CapReached,
+    Movement,
     Period,
     Reservation,
     SpendLedger,
@@ -92,6 +93,9 @@ class CostControl:
         self._clock = clock
         self._telemetry = telemetry
         self._writes: set[asyncio.Task[object]] = set()
+        # Each tenant's budget as of its latest spend: the soft budgets that spend settled
+        # while the ledger could not judge them (Redis down) is judged against at the flush.
+        self._budgets: dict[str, Budget] = {}
 
     async def admit(self, tenant: Tenant, request: ChatRequest) -> None:
         """Take the request and its prompt's tokens from the tenant's and the user's buckets."""
@@ -228,12 +232,19 @@ class CostControl:
         self, tenant: Tenant, request: ChatRequest, reservation: Reservation | None,
         record: SpendRecord,
     ) -> None:  # fmt: skip
+        self._budgets[tenant.name] = tenant.budget
         moved = await self.ledger.settle(reservation, record)
         self.alerts.check(tenant.name, tenant.budget, moved)
         tokens = record.completion_tokens
         if tokens:
             charges = completion_charges(tenant, request.end_user_id, tokens)
             await self.quotas.debit(tenant.name, charges)
+
+    def spend_flushed(self, tenant: str, moved: Movement) -> None:
+        """Spend settled while Redis was down reached it (RedisSpendLedger.on_flushed)."""
+        budget = self._budgets.get(tenant)
+        if budget is not None:
+            self.alerts.check(tenant, budget, moved)
 
     async def release(self, booking: Booking) -> None:
         if booking.reservation is not None:
