@@ -93,8 +93,8 @@ class CostControl:
         self._clock = clock
         self._telemetry = telemetry
         self._writes: set[asyncio.Task[object]] = set()
-        # Each tenant's budget as of its latest spend: the soft budgets that spend settled
-        # while the ledger could not judge them (Redis down) is judged against at the flush.
+        # Each tenant's budget as of its latest spend: spend settled while Redis was down is
+        # judged against these soft budgets when the flush adds it there (spend_flushed).
         self._budgets: dict[str, Budget] = {}
 
     async def admit(self, tenant: Tenant, request: ChatRequest) -> None:
