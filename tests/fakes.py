@@ -131,6 +131,7 @@ class RecordingTelemetry:
     budget_alerts: list[tuple[str, str]] = field(default_factory=list)  # (tenant, period)
     cost_controls: list[tuple[str, str]] = field(default_factory=list)  # (tenant, outcome)
     refused: list[tuple[str, float]] = field(default_factory=list)  # (tenant, cost) refused
+    spending: list[tuple[str, str, float]] = field(default_factory=list)  # (tenant, tier, USD)
 
     def request_started(self) -> None:
         self.started += 1
@@ -172,6 +173,9 @@ class RecordingTelemetry:
 
     def refused_spend(self, tenant: str, refused: FailedValidation) -> None:
         self.refused.append((tenant, refused.cost_usd))
+
+    def spent(self, tenant: str, tier: str, cost_usd: float) -> None:
+        self.spending.append((tenant, tier, cost_usd))
 
 
 class RacedAfterFirstRead:

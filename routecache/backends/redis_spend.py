@@ -14,6 +14,11 @@ in Redis and settled while Redis was down has its reservation dropped there afte
 so has one released while Redis was down, and a reservation Redis may have made without its
 answer coming back (a timeout, or the caller cancelled): dropping an id Redis lacks is harmless.
 Its own reservations, never in Redis, lower the caps Redis checks until their calls end.
+
+Soft budgets are judged on Redis' movements alone: a settle made while Redis is down moves
+nothing a soft budget sees (each replica knows only its own share: judged there, a crossing
+was missed, or raised on every replica), and the flush tells its listeners (`on_flushed`)
+what each record it adds moved in Redis, atomically, so one replica sees a crossing once.
 """
 
 from __future__ import annotations
@@ -109,7 +114,13 @@ class RedisSpendLedger:
         self._last_totals: dict[tuple[str, str, str], Totals] = {}
         self._periods: dict[Period, str] = {}  # the period ids those two are kept for
         self._flushing = asyncio.Lock()
+        self._flushed: list[Callable[[str, Movement], None]] = []
         link.subscribe(self._on_health)
+
+    def on_flushed(self, listener: Callable[[str, Movement], None]) -> None:
+        """Calls `listener(tenant, movement)` for each record a flush adds to Redis: the
+        tenant's spend there before and after it, for soft budgets."""
+        self._flushed.append(listener)
 
     def _base(self, tenant: str) -> str:
         return self._keys.of(tenant).base
@@ -201,7 +212,7 @@ class RedisSpendLedger:
             self._add_pending(record, ids)
             if reservation is not None:
                 self._drop_later(reservation.tenant, reservation.reservation_id)
-            return await self._settle_locally(record, ids)
+            return await self._settle_locally(record)
         # A model call's settle is sent under an id of its own: if Redis ran it but its answer
         # was lost, the flush sends it again under that id and Redis adds it once. A cache
         # hit's saving (no call) goes without one: an id key per hit would cost Redis more
@@ -217,19 +228,15 @@ class RedisSpendLedger:
                 self._in_doubt[settle_id] = _InDoubt(_slot(record, ids), record, reservation)
             else:
                 self._add_pending(record, ids)
-            return await self._settle_locally(record, ids)
+            return await self._settle_locally(record)
         self._flush_in_background()
         return moved
 
-    async def _settle_locally(self, record: SpendRecord, ids: dict[Period, str]) -> Movement:
-        """Counts a record Redis has not confirmed in the local ledger."""
-        moved = await self._local.settle(None, record)
-        # The local ledger holds only what this replica spent since Redis went away: soft
-        # budgets compare that on top of the spend Redis last reported.
-        last = {period: self._last_totals.get((record.tenant, "", pid), Totals()).cost_usd
-                for period, pid in ids.items()}  # fmt: skip
-        return {period: (before + last[period], after + last[period])
-                for period, (before, after) in moved.items()}  # fmt: skip
+    async def _settle_locally(self, record: SpendRecord) -> Movement:
+        """Counts a record Redis has not confirmed in the local ledger. It moves nothing for
+        soft budgets yet: the flush reports its movement in Redis (module docstring)."""
+        await self._local.settle(None, record)
+        return {}
 
     async def _apply(
         self,
@@ -357,13 +364,17 @@ class RedisSpendLedger:
         (_, _, day, month), record, reservation = self._in_doubt[settle_id]
         ids = {Period.DAY: day, Period.MONTH: month}
         try:
-            await guarded(self._link, lambda: self._apply(reservation, record, ids, settle_id))
+            moved = await guarded(
+                self._link, lambda: self._apply(reservation, record, ids, settle_id)
+            )
         except RedisDown:
             return False
         del self._in_doubt[settle_id]
         # In Redis now, so in what Redis reports: no longer this replica's own spend.
         # One record at a time, as a flush cut short leaves the rest to count here.
         self._local.take_back(record, ids)
+        for listener in self._flushed:
+            listener(record.tenant, moved)
         return True
 
     async def _drop_reservations(self, tenant: str, rids: list[str]) -> bool:

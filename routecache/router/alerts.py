@@ -2,7 +2,9 @@
 structured log line, one event, one metric increment and (when configured) one webhook POST.
 
 The ledger reports each settle's spend before and after, atomically, so exactly one request
-(on one replica) sees a given crossing and the alert is raised once per period.
+(on one replica) sees a given crossing and the alert is raised once per period. Spend settled
+while Redis was down moves nothing here until the flush adds it to Redis: that move is checked
+then (CostControl.spend_flushed), as each replica alone knows only its own share.
 """
 
 from __future__ import annotations

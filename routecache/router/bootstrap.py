@@ -488,10 +488,14 @@ def build_cost_control(
         storage.events, telemetry, budgets.alert_webhook_url, budgets.webhook_timeout_seconds
     )
     telemetry.watch_count("budget_webhook_failures", lambda: alerts.failed_deliveries)
-    return CostControl(
+    costs = CostControl(
         storage.quotas, storage.spend, alerts, generator, settings.limits.max_output_tokens,
         clock, telemetry,
     )  # fmt: skip
+    if isinstance(storage.spend, RedisSpendLedger):
+        # Spend settled while Redis was down is judged against soft budgets when it lands.
+        storage.spend.on_flushed(costs.spend_flushed)
+    return costs
 
 
 async def start_service(settings: Settings, overrides: Overrides | None = None) -> Service:

@@ -20,6 +20,7 @@ from routecache.router.alerts import BudgetAlerts
 from routecache.router.budget import (
     Cap,
     CapReached,
+    Movement,
     Period,
     Reservation,
     SpendLedger,
@@ -92,6 +93,9 @@ class CostControl:
         self._clock = clock
         self._telemetry = telemetry
         self._writes: set[asyncio.Task[object]] = set()
+        # Each tenant's budget as of its latest spend: spend settled while Redis was down is
+        # judged against these soft budgets when the flush adds it there (spend_flushed).
+        self._budgets: dict[str, Budget] = {}
 
     async def admit(self, tenant: Tenant, request: ChatRequest) -> None:
         """Take the request and its prompt's tokens from the tenant's and the user's buckets."""
@@ -170,14 +174,14 @@ class CostControl:
         user = user_slot(request.end_user_id)
         if booking is None:
             record = SpendRecord(tenant.name, user, saved_usd=generated.cost_usd)
-            await self._settle(tenant, request, None, record)
+            await self._settle(tenant, request, None, record, generated.tier)
             return
         record = SpendRecord(
             tenant.name, user, generated.cost_usd, generated.prompt_tokens,
             generated.completion_tokens, calls=generated.calls,
             routing_saved_usd=self._routing_saving(generated, booking),
         )  # fmt: skip
-        await self._settle(tenant, request, booking.reservation, record)
+        await self._settle(tenant, request, booking.reservation, record, generated.tier)
 
     async def settle_refused(
         self, tenant: Tenant, request: ChatRequest, booking: Booking, error: FailedValidation
@@ -187,7 +191,7 @@ class CostControl:
             tenant.name, user_slot(request.end_user_id), error.cost_usd, error.prompt_tokens,
             error.completion_tokens, calls=error.calls,
         )  # fmt: skip
-        await self._settle(tenant, request, booking.reservation, record)
+        await self._settle(tenant, request, booking.reservation, record, _last_tier(error))
 
     async def settle_spent(
         self, tenant: Tenant, request: ChatRequest, booking: Booking, tally: Tally
@@ -201,7 +205,7 @@ class CostControl:
             tenant.name, user_slot(request.end_user_id), tally.cost, tally.prompt_tokens,
             tally.completion_tokens, calls=tally.calls,
         )  # fmt: skip
-        await self._settle(tenant, request, booking.reservation, record)
+        await self._settle(tenant, request, booking.reservation, record, _last_tier(tally))
 
     async def settle_partial(
         self, tenant: Tenant, request: ChatRequest, booking: Booking, sent: str
@@ -216,24 +220,35 @@ class CostControl:
         cost = max(p.pricing.cost(prompt, completion) for _, p in chain)
         record = SpendRecord(tenant.name, user_slot(request.end_user_id), cost, prompt,
                              completion, calls=1)  # fmt: skip
-        await self._settle(tenant, request, booking.reservation, record)
+        await self._settle(tenant, request, booking.reservation, record, booking.tier)
 
     async def _settle(
         self, tenant: Tenant, request: ChatRequest, reservation: Reservation | None,
-        record: SpendRecord,
+        record: SpendRecord, tier: Tier,
     ) -> None:  # fmt: skip
-        await self._outliving_caller(self._write(tenant, request, reservation, record))
+        await self._outliving_caller(self._write(tenant, request, reservation, record, tier))
 
     async def _write(
         self, tenant: Tenant, request: ChatRequest, reservation: Reservation | None,
-        record: SpendRecord,
+        record: SpendRecord, tier: Tier,
     ) -> None:  # fmt: skip
+        """Every spend record goes through here, so the cost metric counts what the ledger
+        does: refused answers and cut-short streams too, not only answers served."""
+        self._budgets[tenant.name] = tenant.budget
         moved = await self.ledger.settle(reservation, record)
+        if record.cost_usd:
+            self._telemetry.spent(tenant.name, tier.value, record.cost_usd)
         self.alerts.check(tenant.name, tenant.budget, moved)
         tokens = record.completion_tokens
         if tokens:
             charges = completion_charges(tenant, request.end_user_id, tokens)
             await self.quotas.debit(tenant.name, charges)
+
+    def spend_flushed(self, tenant: str, moved: Movement) -> None:
+        """Spend settled while Redis was down reached it (RedisSpendLedger.on_flushed)."""
+        budget = self._budgets.get(tenant)
+        if budget is not None:
+            self.alerts.check(tenant, budget, moved)
 
     async def release(self, booking: Booking) -> None:
         if booking.reservation is not None:
@@ -273,6 +288,12 @@ class CostControl:
         if self._writes:
             await asyncio.wait(set(self._writes))
         await self.alerts.aclose()
+
+
+def _last_tier(calls: FailedValidation | Tally) -> Tier:
+    """The tier spend with no answer served is metered under: that of its last call, as an
+    escalated answer's whole cost is (PrometheusTelemetry.refused_spend labels its tokens so)."""
+    return Tier.STRONG if calls.strong_calls else Tier.CHEAP
 
 
 def _log_lost_write(write: asyncio.Task[object]) -> None:

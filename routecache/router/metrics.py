@@ -118,8 +118,7 @@ class PrometheusTelemetry:
         self._latency.labels(path.value).observe(seconds)
         self._requests.labels(tenant, path.value).inc()
         usage = completion.usage
-        self._paid(tenant, completion.tier, usage.prompt_tokens, usage.completion_tokens,
-                   usage.cost_usd)  # fmt: skip
+        self._paid(tenant, completion.tier, usage.prompt_tokens, usage.completion_tokens)
         if usage.saved_usd:
             self._saved.labels(tenant).inc(usage.saved_usd)
         if completion.validation.escalated:
@@ -130,16 +129,13 @@ class PrometheusTelemetry:
     def refused_spend(self, tenant: str, refused: FailedValidation) -> None:
         # Under the tier of the last answer, as an escalated answer's whole cost is.
         tier = Tier.STRONG if refused.strong_calls else Tier.CHEAP
-        self._paid(tenant, tier, refused.prompt_tokens, refused.completion_tokens,
-                   refused.cost_usd)  # fmt: skip
+        self._paid(tenant, tier, refused.prompt_tokens, refused.completion_tokens)
 
-    def _paid(self, tenant: str, tier: Tier, prompt_tokens: int, completion_tokens: int,
-              cost_usd: float) -> None:  # fmt: skip
+    def _paid(self, tenant: str, tier: Tier, prompt_tokens: int, completion_tokens: int) -> None:
+        # Tokens only: the cost is counted by `spent`, at every spend write.
         if prompt_tokens or completion_tokens:
             self._tokens.labels(tenant, tier.value, "prompt").inc(prompt_tokens)
             self._tokens.labels(tenant, tier.value, "completion").inc(completion_tokens)
-        if cost_usd:
-            self._cost.labels(tenant, tier.value).inc(cost_usd)
 
     def request_failed(self, tenant: str, reason: str, seconds: float,
                        failed_validators: tuple[str, ...] = ()) -> None:  # fmt: skip
@@ -173,6 +169,11 @@ class PrometheusTelemetry:
 
     def budget_alert(self, tenant: str, period: str) -> None:
         self._budget_alerts.labels(tenant, period).inc()
+
+    def spent(self, tenant: str, tier: str, cost_usd: float) -> None:
+        # From the cost control's every spend write, not from completed requests: refused
+        # answers and cut-short streams were paid for too, and the ledger counts them.
+        self._cost.labels(tenant, tier).inc(cost_usd)
 
     def cost_control(self, tenant: str, outcome: str) -> None:
         self._cost_control.labels(tenant, outcome).inc()

@@ -113,8 +113,12 @@ class Telemetry(Protocol):
         ...
 
     def refused_spend(self, tenant: str, refused: FailedValidation) -> None:
-        """Answers that all failed validation were paid for: their tokens and cost count, as
-        a served answer's do (once, for the request that made the calls)."""
+        """Answers that all failed validation were paid for: their tokens count, as a served
+        answer's do (once, for the request that made the calls); their cost comes by `spent`."""
+        ...
+
+    def spent(self, tenant: str, tier: str, cost_usd: float) -> None:
+        """Spend the ledger recorded: an answer's, a refused answer's, a cut stream's."""
         ...
 
 
@@ -160,6 +164,9 @@ class NullTelemetry:
         pass
 
     def refused_spend(self, tenant: str, refused: FailedValidation) -> None:
+        pass
+
+    def spent(self, tenant: str, tier: str, cost_usd: float) -> None:
         pass
 
 

@@ -169,15 +169,16 @@ def costly(prompt: str) -> ChatRequest:
 
 
 async def start_capped(
-    redis_server: RedisServer, clock: ManualClock, cap: float | None, count: int = 2
-) -> list[Replica]:
+    redis_server: RedisServer, clock: ManualClock, cap: float | None, count: int = 2,
+    soft: float | None = None,
+) -> list[Replica]:  # fmt: skip
     # These tests are about the cap, not about outages: a burst of fifty new connections on a
     # busy 2-core CI box once took longer than the default 0.25 s to connect, the link called
     # Redis down, and each replica fell back to its own in-process ledger (30 refusals, not 40).
     settings = replica_settings(redis_server.url, timeout_seconds=2.0)
     tenant = settings.tenants[0]
     tenant.validators = []
-    tenant.budget.daily_usd = cap
+    tenant.budget.daily_usd, tenant.budget.soft_daily_usd = cap, soft
     replicas = [await start_replica(settings, clock) for _ in range(count)]
     for replica in replicas:
         replica.strong.answer = sized_answer
@@ -221,6 +222,41 @@ async def test_fifty_concurrent_requests_on_two_replicas_overrun_the_cap_by_one_
             spent = totals[Period.DAY].cost_usd
             assert 10.5 * one - one <= spent <= 10.5 * one + one
             assert totals[Period.MONTH].calls == 10
+    finally:
+        await asyncio.gather(*(r.service.aclose() for r in replicas))
+
+
+@pytest.mark.parametrize(
+    ("soft_in_requests", "locally"),
+    [(2.5, "crossed by each replica's own view"), (3.5, "crossed only by both together")],
+)
+async def test_a_soft_budget_crossed_while_redis_is_down_alerts_once_when_the_spend_reaches_it(
+    own_redis_server: RedisServer, caplog: pytest.LogCaptureFixture, soft_in_requests: float,
+    locally: str,
+) -> None:  # fmt: skip
+    # Redis holds 2 requests' spend and each replica spends one more while it is down: each
+    # sees 2 -> 3 on its own. Judged there, a soft budget of 2.5 alerted on both replicas and
+    # one of 3.5 never (Redis went 2 -> 3 -> 4 at the flush, which checked nothing).
+    clock = real_clock()
+    one = await one_request_usd(own_redis_server, clock)
+    replicas = await start_capped(own_redis_server, clock, None, soft=soft_in_requests * one)
+    try:
+        for prompt in ("q 00", "q 01"):
+            await replicas[0].service.pipeline.complete(costly(prompt), ACME)
+        ledgers = [r.service.pipeline.costs.ledger for r in replicas]
+        await ledgers[1].totals("acme")  # the second replica knows Redis' 2 too
+        own_redis_server.kill()
+        for i, replica in enumerate(replicas):
+            await replica.service.pipeline.complete(costly(f"down {i}"), ACME)
+        own_redis_server.start()
+        for ledger in ledgers:
+            assert isinstance(ledger, RedisSpendLedger)
+            await ledger._link.wait_up()
+            await ledger.flush()
+        spent = (await ledgers[0].totals("acme"))[Period.DAY].cost_usd
+        assert spent == pytest.approx(4 * one, rel=0.01)
+        alerts = [r for r in caplog.records if "crossed its daily soft budget" in r.message]
+        assert len(alerts) == 1, locally
     finally:
         await asyncio.gather(*(r.service.aclose() for r in replicas))
 
@@ -1325,20 +1361,26 @@ async def test_while_redis_is_down_a_call_reserved_in_redis_before_still_counts(
     assert isinstance(await ledger.reserve("acme", "u1", 0.3, caps), Reservation)
 
 
-async def test_while_redis_is_down_a_settle_moves_the_spend_redis_last_reported(
+async def test_while_redis_is_down_a_settle_moves_nothing_and_the_flush_reports_its_move(
     ledger_on_own_redis: LedgerOnOwnRedis,
 ) -> None:
-    # Soft budgets compare a settle's before and after: while Redis is down they are what
-    # Redis last reported plus this replica's spend since, not this replica's spend alone
-    # (which would miss a crossing, or raise one again that was long crossed).
+    # Soft budgets compare a move's before and after. While Redis is down a replica knows
+    # only its own share of the spend since: a move judged there would miss a crossing the
+    # replicas make together, or raise one on each. The move Redis makes at the flush counts.
     redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    flushed: list[tuple[str, Movement]] = []
+    ledger.on_flushed(lambda tenant, moved: flushed.append((tenant, moved)))
     await ledger.settle(None, SpendRecord("acme", cost_usd=0.24))
     redis.server.kill()
-    moved = await ledger.settle(None, SpendRecord("acme", "u1", cost_usd=0.02))
-    assert moved[Period.DAY] == pytest.approx((0.24, 0.26))
-    assert moved[Period.MONTH] == pytest.approx((0.24, 0.26))
-    again = await ledger.settle(None, SpendRecord("acme", cost_usd=0.3))
-    assert again[Period.DAY] == pytest.approx((0.26, 0.56))
+    assert await ledger.settle(None, SpendRecord("acme", "u1", cost_usd=0.02)) == {}
+    assert await ledger.settle(None, SpendRecord("acme", cost_usd=0.3)) == {}
+    redis.server.start()
+    await redis.link.wait_up()
+    await ledger.flush()
+    # One record per end user, in the order spent, each with the tenant's move in Redis.
+    for (tenant, moved), expected in zip(flushed, [(0.24, 0.26), (0.26, 0.56)], strict=True):
+        assert tenant == "acme"
+        assert moved[Period.DAY] == moved[Period.MONTH] == pytest.approx(expected)
 
 
 async def test_redis_caps_count_every_users_spend_and_name_the_cap_that_refused(

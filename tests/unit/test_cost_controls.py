@@ -54,6 +54,7 @@ from routecache.router.budget import (
 )
 from routecache.router.error_mapping import RETRY_AFTER_KEY, status_of, trailing_metadata_of
 from routecache.router.events import InMemoryEventLog
+from routecache.router.metrics import PrometheusTelemetry
 from routecache.router.quotas import (
     Charge,
     InMemoryQuotaLimiter,
@@ -63,7 +64,13 @@ from routecache.router.quotas import (
 )
 from routecache.router.tokens import estimate_tokens, request_prompt_tokens
 from routecache.router.upstream.failover import AllProvidersFailed
-from tests.fakes import ManualClock, RecordingTelemetry, count_shared_calls, eventually
+from tests.fakes import (
+    ManualClock,
+    RecordingTelemetry,
+    count_shared_calls,
+    eventually,
+    prose_answer,
+)
 from tests.unit.conftest import KEYS, Harness, make_harness
 from tests.unit.test_pipeline import ask, json_request
 
@@ -451,6 +458,13 @@ def held_usd(harness: Harness) -> float:
     return ledger.held_usd("acme", "", False)
 
 
+def metered_cost(prometheus: PrometheusTelemetry, tenant: str = "acme") -> float:
+    """routecache_cost_usd_total of the tenant, both tiers together."""
+    return sum(prometheus.registry.get_sample_value(
+        "routecache_cost_usd_total", {"tenant": tenant, "tier": tier.value}) or 0.0
+        for tier in Tier)  # fmt: skip
+
+
 async def served(harness: Harness, request: ChatRequest, *, streamed: bool) -> Completion:
     """The answer to one request of acme's, asked whole or streamed."""
     pipeline = harness.service.pipeline
@@ -727,12 +741,15 @@ async def cancelled_while_settling(
 @pytest.mark.parametrize("streamed", [False, True])
 async def test_answers_refused_by_validation_are_paid_for(streamed: bool) -> None:
     validators = [{"kind": "regex", "must_match": ["^never$"], "on_fail": "block"}]
-    harness = make_harness(validators=validators, budget={"daily_usd": 10.0})
+    prometheus = PrometheusTelemetry()
+    harness = make_harness(validators=validators, budget={"daily_usd": 10.0},
+                           telemetry=prometheus)  # fmt: skip
     with pytest.raises(FailedValidation) as refused:
         await served(harness, ask("q", end_user_id="u1"), streamed=streamed)
     # At the price of the model that answered (a stream cut short pays the dearest one's).
     assert refused.value.cost_usd > 0
     assert await spend_of(harness) == pytest.approx(refused.value.cost_usd)
+    assert metered_cost(prometheus) == pytest.approx(refused.value.cost_usd)  # as the ledger
     day = (await harness.service.pipeline.costs.ledger.totals("acme"))[Period.DAY]
     assert day.calls == refused.value.calls >= 1
     assert await spend_of(harness, user="u1") == await spend_of(harness)
@@ -793,6 +810,7 @@ async def test_a_call_paid_for_before_a_later_call_fails_is_charged() -> None:
     day = (await harness.service.pipeline.costs.ledger.totals("acme"))[Period.DAY]
     assert day.calls == 1 and day.cost_usd > 0
     assert held_usd(harness) == 0
+    assert harness.telemetry.spending == [("acme", "cheap", day.cost_usd)]  # metered too
     await harness.service.aclose()
 
 
@@ -806,6 +824,17 @@ async def test_an_unexpected_error_after_a_paid_call_is_charged_and_recorded_as_
     assert [e["reason"] for e in error_events(harness)] == ["internal"]
     assert harness.telemetry.failed == [("acme", "internal", ())]
     await harness.service.aclose()
+
+
+async def test_an_answer_refused_after_escalating_is_metered_under_the_strong_tier(
+    harness: Harness,
+) -> None:
+    harness.strong.answer = prose_answer  # no JSON from either model
+    with pytest.raises(FailedValidation) as refused:
+        await harness.service.pipeline.complete(json_request("q"), ACME)
+    assert refused.value.report.escalated
+    ((tenant, tier, cost),) = harness.telemetry.spending
+    assert (tenant, tier) == ("acme", "strong") and cost == pytest.approx(refused.value.cost_usd)
 
 
 async def test_spend_and_savings_per_tenant_and_user_per_day_and_month(harness: Harness) -> None:
@@ -1107,12 +1136,14 @@ async def cut_short(harness: Harness, request: ChatRequest) -> tuple[str, Totals
 
 async def test_a_stream_cut_short_pays_one_call_at_the_tiers_price() -> None:
     # A tenant kept to the cheap tier: the strong providers were out of its reach.
-    harness = make_harness(validators=[], budget={"daily_usd": 10.0},
+    prometheus = PrometheusTelemetry()
+    harness = make_harness(validators=[], budget={"daily_usd": 10.0}, telemetry=prometheus,
                            models_allowed=["mixtral-8x7b-instruct"])  # fmt: skip
     request = costly("cut short", user="u1", tier=None)
     first, day = await cut_short(harness, request)
     tokens = request_prompt_tokens(request) + estimate_tokens(first)
     assert day.cost_usd == pytest.approx(tokens * 0.6 / 1e6) and day.calls == 1
+    assert metered_cost(prometheus) == pytest.approx(day.cost_usd)  # the metric as the ledger
     await harness.service.aclose()
 
 
