@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from routecache.domain import Completion, GenerationParams, Message
-from routecache.errors import FailedValidation, UpstreamError
+from routecache.errors import UpstreamError
+from routecache.router.budget import SpendRecord
 from routecache.router.keyring import KeyAdmin, KeyRecord
 from routecache.router.pipeline import Pipeline
 from routecache.router.ports import UpstreamReply
@@ -130,7 +131,6 @@ class RecordingTelemetry:
     gauges: dict[str, Callable[[], float]] = field(default_factory=dict)
     budget_alerts: list[tuple[str, str]] = field(default_factory=list)  # (tenant, period)
     cost_controls: list[tuple[str, str]] = field(default_factory=list)  # (tenant, outcome)
-    refused: list[tuple[str, float]] = field(default_factory=list)  # (tenant, cost) refused
     spending: list[tuple[str, str, float]] = field(default_factory=list)  # (tenant, tier, USD)
 
     def request_started(self) -> None:
@@ -171,11 +171,8 @@ class RecordingTelemetry:
     def cost_control(self, tenant: str, outcome: str) -> None:
         self.cost_controls.append((tenant, outcome))
 
-    def refused_spend(self, tenant: str, refused: FailedValidation) -> None:
-        self.refused.append((tenant, refused.cost_usd))
-
-    def spent(self, tenant: str, tier: str, cost_usd: float) -> None:
-        self.spending.append((tenant, tier, cost_usd))
+    def spent(self, tenant: str, tier: str, record: SpendRecord) -> None:
+        self.spending.append((tenant, tier, record.cost_usd))
 
 
 class RacedAfterFirstRead:

@@ -236,8 +236,8 @@ class CostControl:
         does: refused answers and cut-short streams too, not only answers served."""
         self._budgets[tenant.name] = tenant.budget
         moved = await self.ledger.settle(reservation, record)
-        if record.cost_usd:
-            self._telemetry.spent(tenant.name, tier.value, record.cost_usd)
+        if record.cost_usd or record.prompt_tokens or record.completion_tokens:
+            self._telemetry.spent(tenant.name, tier.value, record)
         self.alerts.check(tenant.name, tenant.budget, moved)
         tokens = record.completion_tokens
         if tokens:
@@ -292,7 +292,7 @@ class CostControl:
 
 def _last_tier(calls: FailedValidation | Tally) -> Tier:
     """The tier spend with no answer served is metered under: that of its last call, as an
-    escalated answer's whole cost is (PrometheusTelemetry.refused_spend labels its tokens so)."""
+    escalated answer's whole cost and tokens are."""
     return Tier.STRONG if calls.strong_calls else Tier.CHEAP
 
 

@@ -10,8 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from routecache.domain import Completion, Tier
-from routecache.errors import FailedValidation
+from routecache.domain import Completion
+from routecache.router.budget import SpendRecord
 from routecache.router.telemetry import WATCHED_COUNTS, RequestPath, path_of
 
 # Exact hits take well under a millisecond, strong-model calls seconds: buckets span both.
@@ -117,25 +117,12 @@ class PrometheusTelemetry:
         path = path_of(completion)
         self._latency.labels(path.value).observe(seconds)
         self._requests.labels(tenant, path.value).inc()
-        usage = completion.usage
-        self._paid(tenant, completion.tier, usage.prompt_tokens, usage.completion_tokens)
-        if usage.saved_usd:
-            self._saved.labels(tenant).inc(usage.saved_usd)
+        if completion.usage.saved_usd:
+            self._saved.labels(tenant).inc(completion.usage.saved_usd)
         if completion.validation.escalated:
             self._escalations.labels(tenant).inc()
         for name in failed_validators:
             self._validator_failures.labels(name).inc()
-
-    def refused_spend(self, tenant: str, refused: FailedValidation) -> None:
-        # Under the tier of the last answer, as an escalated answer's whole cost is.
-        tier = Tier.STRONG if refused.strong_calls else Tier.CHEAP
-        self._paid(tenant, tier, refused.prompt_tokens, refused.completion_tokens)
-
-    def _paid(self, tenant: str, tier: Tier, prompt_tokens: int, completion_tokens: int) -> None:
-        # Tokens only: the cost is counted by `spent`, at every spend write.
-        if prompt_tokens or completion_tokens:
-            self._tokens.labels(tenant, tier.value, "prompt").inc(prompt_tokens)
-            self._tokens.labels(tenant, tier.value, "completion").inc(completion_tokens)
 
     def request_failed(self, tenant: str, reason: str, seconds: float,
                        failed_validators: tuple[str, ...] = ()) -> None:  # fmt: skip
@@ -170,10 +157,15 @@ class PrometheusTelemetry:
     def budget_alert(self, tenant: str, period: str) -> None:
         self._budget_alerts.labels(tenant, period).inc()
 
-    def spent(self, tenant: str, tier: str, cost_usd: float) -> None:
+    def spent(self, tenant: str, tier: str, record: SpendRecord) -> None:
         # From the cost control's every spend write, not from completed requests: refused
-        # answers and cut-short streams were paid for too, and the ledger counts them.
-        self._cost.labels(tenant, tier).inc(cost_usd)
+        # answers, cut-short streams and calls before a later failure were paid for too, and
+        # the ledger counts them.
+        if record.cost_usd:
+            self._cost.labels(tenant, tier).inc(record.cost_usd)
+        if record.prompt_tokens or record.completion_tokens:
+            self._tokens.labels(tenant, tier, "prompt").inc(record.prompt_tokens)
+            self._tokens.labels(tenant, tier, "completion").inc(record.completion_tokens)
 
     def cost_control(self, tenant: str, outcome: str) -> None:
         self._cost_control.labels(tenant, outcome).inc()

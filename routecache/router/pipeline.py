@@ -371,7 +371,6 @@ class Pipeline:
         GetStats and metrics count them, here in the request that made the calls only."""
         await self._costs.settle_refused(tenant, request, booking, error)
         self._stats.record_refused_calls(tenant.name, error)
-        self._p.telemetry.refused_spend(tenant.name, error)
 
     async def _stale(
         self,

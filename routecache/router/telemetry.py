@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from routecache.domain import CacheOutcome, ChatRequest, Completion, Tier, ValidationReport
-from routecache.errors import FailedValidation
+from routecache.router.budget import SpendRecord
 
 
 class RequestPath(StrEnum):
@@ -112,13 +112,9 @@ class Telemetry(Protocol):
         """A request was rate_limited, cap_refused or downgraded by the cost controls."""
         ...
 
-    def refused_spend(self, tenant: str, refused: FailedValidation) -> None:
-        """Answers that all failed validation were paid for: their tokens count, as a served
-        answer's do (once, for the request that made the calls); their cost comes by `spent`."""
-        ...
-
-    def spent(self, tenant: str, tier: str, cost_usd: float) -> None:
-        """Spend the ledger recorded: an answer's, a refused answer's, a cut stream's."""
+    def spent(self, tenant: str, tier: str, record: SpendRecord) -> None:
+        """Spend the ledger recorded, its cost and tokens: an answer's, a refused answer's, a
+        cut stream's, the calls paid before a later one failed."""
         ...
 
 
@@ -163,10 +159,7 @@ class NullTelemetry:
     def cost_control(self, tenant: str, outcome: str) -> None:
         pass
 
-    def refused_spend(self, tenant: str, refused: FailedValidation) -> None:
-        pass
-
-    def spent(self, tenant: str, tier: str, cost_usd: float) -> None:
+    def spent(self, tenant: str, tier: str, record: SpendRecord) -> None:
         pass
 
 

@@ -465,6 +465,17 @@ def metered_cost(prometheus: PrometheusTelemetry, tenant: str = "acme") -> float
         for tier in Tier)  # fmt: skip
 
 
+def metered_tokens(prometheus: PrometheusTelemetry, tenant: str = "acme") -> tuple[float, float]:
+    """routecache_tokens_total of the tenant, both tiers together: (prompt, completion)."""
+
+    def of(kind: str) -> float:
+        return sum(prometheus.registry.get_sample_value("routecache_tokens_total",
+                   {"tenant": tenant, "tier": tier.value, "kind": kind}) or 0.0
+                   for tier in Tier)  # fmt: skip
+
+    return of("prompt"), of("completion")
+
+
 async def served(harness: Harness, request: ChatRequest, *, streamed: bool) -> Completion:
     """The answer to one request of acme's, asked whole or streamed."""
     pipeline = harness.service.pipeline
@@ -814,6 +825,19 @@ async def test_a_call_paid_for_before_a_later_call_fails_is_charged() -> None:
     await harness.service.aclose()
 
 
+async def test_the_tokens_of_a_call_paid_before_a_later_call_failed_are_metered() -> None:
+    # routecache_tokens_total counted served and refused answers only, not the ledger's all.
+    prometheus = PrometheusTelemetry()
+    harness = make_harness(validators=[{"kind": "json_schema"}], budget={"daily_usd": 10.0},
+                           telemetry=prometheus)  # fmt: skip
+    harness.strong.fail_with = UpstreamError("HTTP 400", retryable=False)
+    with pytest.raises(Unavailable):
+        await harness.service.pipeline.complete(json_request("q"), ACME)
+    day = (await harness.service.pipeline.costs.ledger.totals("acme"))[Period.DAY]
+    assert metered_tokens(prometheus) == (day.prompt_tokens, day.completion_tokens) != (0, 0)
+    await harness.service.aclose()
+
+
 async def test_an_unexpected_error_after_a_paid_call_is_charged_and_recorded_as_internal() -> None:
     harness = make_harness(
         validators=[broken_plugin("redact", "redact")], budget={"daily_usd": 10.0}
@@ -1144,6 +1168,7 @@ async def test_a_stream_cut_short_pays_one_call_at_the_tiers_price() -> None:
     tokens = request_prompt_tokens(request) + estimate_tokens(first)
     assert day.cost_usd == pytest.approx(tokens * 0.6 / 1e6) and day.calls == 1
     assert metered_cost(prometheus) == pytest.approx(day.cost_usd)  # the metric as the ledger
+    assert metered_tokens(prometheus) == (day.prompt_tokens, day.completion_tokens) != (0, 0)
     await harness.service.aclose()
 
 
