@@ -170,6 +170,13 @@ class UpstreamSettings(_Section):
     @model_validator(mode="after")
     def _known_fallbacks(self) -> UpstreamSettings:
         for tier in ("cheap", "strong"):
+            # A provider's name keys its client and breaker, and a tier's first provider goes
+            # by the tier's name: one defined under that name would never be called.
+            if tier in self.providers:
+                raise ValueError(
+                    f"upstream.providers: '{tier}' is a tier's name (upstream.{tier}); "
+                    "give the fallback provider another name"
+                )
             unknown = [n for n in getattr(self, f"{tier}_fallbacks") if n not in self.providers]
             if unknown:
                 raise ValueError(

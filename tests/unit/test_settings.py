@@ -228,6 +228,15 @@ def test_fallback_to_an_undefined_provider_is_refused() -> None:
         load_settings(upstream={"cheap_fallbacks": ["nowhere"]})
 
 
+@pytest.mark.parametrize("tier", ["cheap", "strong"])
+def test_a_fallback_provider_named_like_a_tier_is_refused(tier: str) -> None:
+    # A provider's name keys its client and breaker: one named like a tier would be replaced by
+    # that tier's first provider, so a fallback list naming it would never call it.
+    backup = {"model": "m-backup", "input_usd_per_mtok": 5, "output_usd_per_mtok": 5}
+    with pytest.raises(ConfigError, match=rf"upstream.providers: '{tier}' is a tier's name"):
+        load_settings(upstream={"providers": {tier: backup}, f"{tier}_fallbacks": [tier]})
+
+
 def test_an_environment_variable_naming_no_section_is_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
