@@ -643,8 +643,34 @@ def load_settings(config_file: Path | None = None, **overrides: object) -> Setti
             raise ConfigError(f"config file not found: {config_file}")
         config = SettingsConfigDict(**{**Settings.model_config, "toml_file": config_file})
         settings_cls = type("FileSettings", (Settings,), {"model_config": config})
+    settings = _validated(settings_cls, config_file, overrides)
+    _refuse_single_underscore_sections(settings)
+    return settings
+
+
+class _EmbeddedSettings(Settings):
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+def embedded_settings(**overrides: object) -> Settings:
+    """The embedded default with `overrides` only: no ROUTECACHE_* variable, no config file
+    (the demo's settings, whatever the shell running it exports)."""
+    return _validated(_EmbeddedSettings, None, overrides)
+
+
+def _validated(settings_cls: type[Settings], config_file: Path | None,
+               overrides: dict[str, object]) -> Settings:  # fmt: skip
     try:
-        settings = settings_cls(**overrides)  # type: ignore[arg-type]
+        return settings_cls(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = "; ".join(_problem(err) for err in exc.errors())
         raise ConfigError(f"invalid configuration: {problems}") from exc
@@ -659,5 +685,3 @@ def load_settings(config_file: Path | None = None, **overrides: object) -> Setti
     except SettingsError as exc:  # a section's variable that is not JSON (ROUTECACHE_SERVER=x)
         cause = f" ({exc.__cause__})" if exc.__cause__ else ""
         raise ConfigError(f"invalid configuration: {exc}{cause}") from exc
-    _refuse_single_underscore_sections(settings)
-    return settings
