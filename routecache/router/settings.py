@@ -29,6 +29,7 @@ from pydantic_settings import (
     SettingsError,
     TomlConfigSettingsSource,
 )
+from redis.connection import parse_url
 
 from routecache.domain import OperatingPoint
 from routecache.router.auth import reused_digest
@@ -249,6 +250,10 @@ def check_redis_url(url: str) -> str:
     """redis-py refuses any other URL only when the first connection is made (a traceback)."""
     if not url.startswith(REDIS_URL_SCHEMES):
         raise ValueError(f"a Redis URL starts with {', '.join(REDIS_URL_SCHEMES)}")
+    try:  # a bad port, an unclosed IPv6 bracket, a bad query value: the same, parsed now
+        parse_url(url)
+    except ValueError as exc:  # its messages name the part, never the password
+        raise ValueError(f"not a valid Redis URL: {exc}") from exc
     return url
 
 

@@ -374,13 +374,20 @@ async def test_an_empty_api_key_is_reported_missing(tmp_path: Path) -> None:
             await auth.resolve(absent)
 
 
-def test_a_redis_url_without_a_scheme_is_a_usage_error(
-    capsys: pytest.CaptureFixture[str],
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("localhost:6379", "a Redis URL starts with redis://"),
+        ("redis://127.0.0.1:notaport/0", "not a valid Redis URL: Port could not be cast"),
+    ],
+)
+def test_a_redis_url_redis_cannot_use_is_a_usage_error(
+    url: str, problem: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exit_:
-        main(["keys", "--redis-url", "localhost:6379", "list"])
+        main(["keys", "--redis-url", url, "list"])
     assert exit_.value.code == 2
-    assert "--redis-url: a Redis URL starts with redis://" in capsys.readouterr().err
+    assert f"--redis-url: {problem}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

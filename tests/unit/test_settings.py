@@ -474,6 +474,21 @@ async def test_a_taken_metrics_port_is_a_listen_error_naming_it() -> None:
             await bootstrap.start_service(settings, _fake_parts())
 
 
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://127.0.0.1:notaport/0", "Port could not be cast to integer"),
+        ("redis://127.0.0.1:99999/0", "Port out of range"),
+        ("redis://[::1/0", "Invalid IPv6 URL"),
+        ("redis://127.0.0.1:6379/0?socket_timeout=soon", "Invalid value for 'socket_timeout'"),
+    ],
+)
+def test_a_redis_url_redis_cannot_parse_is_refused_at_load(url: str, problem: str) -> None:
+    # Refused before serve opens its port, not by a ValueError traceback at the first connection.
+    with pytest.raises(ConfigError, match=rf"store\.redis_url: .*not a valid Redis URL.*{problem}"):
+        load_settings(store={"backend": "redis", "redis_url": url})
+
+
 def test_a_redis_url_without_a_redis_scheme_is_refused_at_load() -> None:
     # redis-py refused it only when the store first connected: a traceback from `serve`.
     with pytest.raises(ConfigError, match=r"store\.redis_url: .*redis://, rediss://, unix://"):
