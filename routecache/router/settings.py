@@ -251,7 +251,7 @@ def check_redis_url(url: str) -> str:
     if not url.startswith(REDIS_URL_SCHEMES):
         raise ValueError(f"a Redis URL starts with {', '.join(REDIS_URL_SCHEMES)}")
     try:  # a bad port, an unclosed IPv6 bracket, a bad query value: the same, parsed now
-        parse_url(url)
+        parse_url(url)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
     except ValueError as exc:  # its messages name the part, never the password
         raise ValueError(f"not a valid Redis URL: {exc}") from exc
     return url
