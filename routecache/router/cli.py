@@ -90,7 +90,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _export_events(args: argparse.Namespace) -> int:
     try:
-        from routecache.analysis.export import SkippedLines, export_events, parse_since
+        from routecache.analysis.export import (
+            MixedColumnError,
+            SkippedLines,
+            export_events,
+            parse_since,
+        )
     except ImportError as error:
         raise ConfigError(
             f"export-events needs the analysis extra ({error.name} is missing): "
@@ -110,6 +115,8 @@ def _export_events(args: argparse.Namespace) -> int:
         count = export_events(source, args.out, since, skipped)
     except UnicodeDecodeError as error:
         raise ConfigError(f"event log {source} is not UTF-8 text ({error})") from error
+    except MixedColumnError as error:
+        raise ConfigError(str(error)) from error
     except OSError as error:  # --out cannot be written (a folder, no such place)
         raise ConfigError(f"export-events: {error}") from error
     print(f"{count} events written to {args.out}")
