@@ -47,8 +47,21 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"routecache serving on {settings.server.host}:{service.server.port}{metrics}",
               flush=True)  # fmt: skip
         await stop.wait()
-        logging.getLogger(__name__).info("SIGTERM/SIGINT: draining and stopping")
+        log = logging.getLogger(__name__)
+        log.info("SIGTERM/SIGINT: draining and stopping")
+        # A second signal stops at once, as most servers do: the calls still in flight are
+        # cancelled, not waited for (server.grace_seconds may be long); the rest still closes.
+        server = service.server
+        cutting: list[asyncio.Task[None]] = []
+
+        def stop_now() -> None:
+            log.warning("second SIGTERM/SIGINT: stopping without waiting for calls in flight")
+            cutting.append(loop.create_task(server.stop_now()))
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop_now)
         await service.aclose()
+        await asyncio.gather(*cutting)
 
     asyncio.run(run())
     return 0

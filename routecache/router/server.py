@@ -121,6 +121,11 @@ class RunningServer:
         await self.server.stop(self._grace_seconds)
         log.info("routecache stopped")
 
+    async def stop_now(self) -> None:
+        """Cancel the calls still in flight: a drain that stop() is waiting out ends at once."""
+        log.warning("cancelling the calls still in flight")
+        await self.server.stop(None)
+
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
 

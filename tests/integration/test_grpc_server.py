@@ -66,6 +66,26 @@ async def test_stop_tells_health_watchers_not_serving_before_draining(
     assert update.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+async def test_stop_now_ends_a_drain_that_waits_for_a_call_in_flight(
+    running: RunningServer,
+) -> None:
+    # What a second SIGTERM/SIGINT does to `serve`: the grace period (30 s here) is not waited out.
+    await running.set_serving(True)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(  # type: ignore[attr-defined]  # as above: the stub lists no methods
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        )
+        await watch.read()
+        stopping = asyncio.create_task(running.stop())
+        await watch.read()  # NOT_SERVING: the drain has begun, the watch is still in flight
+        await running.stop_now()
+        await asyncio.wait_for(stopping, 10)
+        with pytest.raises(grpc.aio.AioRpcError) as cut:
+            await watch.read()
+    # gRPC ends a cancelled call UNAVAILABLE: retryable, on another replica.
+    assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
 def _has_ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as probe:
