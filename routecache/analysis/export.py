@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 
 # The epoch seconds a time column can hold (pandas' nanosecond range, years 1677 to 2262).
 _TS_RANGE = (math.ceil(pd.Timestamp.min.timestamp()), math.floor(pd.Timestamp.max.timestamp()))
@@ -127,6 +128,11 @@ def events_frame(events: list[dict[str, Any]]) -> pd.DataFrame:
     return frame.sort_values("ts", kind="stable").reset_index(drop=True)
 
 
+class MixedColumnError(ValueError):
+    """A field of the log whose values parquet cannot put in one column (1 in one line, "a" in
+    another)."""
+
+
 def export_events(
     source: Path, out: Path, since: float | None = None, skipped: SkippedLines | None = None
 ) -> int:
@@ -134,5 +140,23 @@ def export_events(
     Lines passed over are counted in `skipped`."""
     frame = events_frame(list(read_events(source, since, skipped)))
     out.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(out, index=False)
+    try:
+        frame.to_parquet(out, index=False)
+    except pa.ArrowException as error:  # the whole table is converted before the file is opened
+        column = _column_parquet_refuses(frame)
+        if column is None:
+            raise
+        raise MixedColumnError(
+            f"event log {source}: field {column!r} holds values of different types (a "
+            "hand-edited line?); a parquet column holds one"
+        ) from error
     return len(frame)
+
+
+def _column_parquet_refuses(frame: pd.DataFrame) -> str | None:
+    for column in frame.columns:
+        try:
+            pa.Array.from_pandas(frame[column])
+        except pa.ArrowException:
+            return str(column)
+    return None

@@ -149,7 +149,8 @@ def _format_type(response_format: object) -> str:
     if response_format is None:
         return "text"
     kind = response_format.get("type") if isinstance(response_format, dict) else None
-    if kind not in _FORMATS:
+    # Not a string (a list, an object) is refused too: unhashable, `in` raised a TypeError (a 500).
+    if not isinstance(kind, str) or kind not in _FORMATS:
         raise RequestError(
             f"'response_format.type' must be one of {', '.join(sorted(_FORMATS))}",
             "response_format",

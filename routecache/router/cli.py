@@ -47,8 +47,21 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"routecache serving on {settings.server.host}:{service.server.port}{metrics}",
               flush=True)  # fmt: skip
         await stop.wait()
-        logging.getLogger(__name__).info("SIGTERM/SIGINT: draining and stopping")
+        log = logging.getLogger(__name__)
+        log.info("SIGTERM/SIGINT: draining and stopping")
+        # A second signal stops at once, as most servers do: the calls still in flight are
+        # cancelled, not waited for (server.grace_seconds may be long); the rest still closes.
+        server = service.server
+        cutting: list[asyncio.Task[None]] = []
+
+        def stop_now() -> None:
+            log.warning("second SIGTERM/SIGINT: stopping without waiting for calls in flight")
+            cutting.append(loop.create_task(server.stop_now()))
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop_now)
         await service.aclose()
+        await asyncio.gather(*cutting)
 
     asyncio.run(run())
     return 0
@@ -90,7 +103,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _export_events(args: argparse.Namespace) -> int:
     try:
-        from routecache.analysis.export import SkippedLines, export_events, parse_since
+        from routecache.analysis.export import (
+            MixedColumnError,
+            SkippedLines,
+            export_events,
+            parse_since,
+        )
     except ImportError as error:
         raise ConfigError(
             f"export-events needs the analysis extra ({error.name} is missing): "
@@ -110,6 +128,8 @@ def _export_events(args: argparse.Namespace) -> int:
         count = export_events(source, args.out, since, skipped)
     except UnicodeDecodeError as error:
         raise ConfigError(f"event log {source} is not UTF-8 text ({error})") from error
+    except MixedColumnError as error:
+        raise ConfigError(str(error)) from error
     except OSError as error:  # --out cannot be written (a folder, no such place)
         raise ConfigError(f"export-events: {error}") from error
     print(f"{count} events written to {args.out}")

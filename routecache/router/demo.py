@@ -24,7 +24,7 @@ from routecache.replay.server import start_replay_server
 from routecache.router.auth import hash_api_key
 from routecache.router.bootstrap import start_service
 from routecache.router.demo_report import DemoResult, DemoTally, prompt_tokens, summarise, tally
-from routecache.router.settings import Settings, load_settings
+from routecache.router.settings import Settings, embedded_settings
 from routecache.v1 import routecache_pb2 as pb
 
 ANSWER_SCHEMA = json.dumps(
@@ -93,7 +93,9 @@ def demo_settings(base_url: str, keys: dict[str, str], events_path: Path | None 
                   similarity_threshold: float | None = None) -> Settings:  # fmt: skip
     # A threshold given means the plain cosine cache, to compare against the hit verifier.
     cosine_only = {"similarity_threshold": similarity_threshold, "verifier": "off"}
-    return load_settings(
+    # The embedded default, not load_settings: ROUTECACHE_* variables or ROUTECACHE_CONFIG
+    # meant for a deployment would point the demo at its Redis or turn off the metrics it reads.
+    return embedded_settings(
         server={"host": "127.0.0.1", "port": 0},
         cache=cosine_only if similarity_threshold is not None else {},
         metrics={"host": "127.0.0.1", "port": 0},

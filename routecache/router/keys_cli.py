@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -33,6 +34,7 @@ from routecache.router.keyring import (
     rotate_key,
 )
 from routecache.router.settings import (
+    CONFIG_ENV_VAR,
     TENANT_NAME_PATTERN,
     ConfigError,
     Settings,
@@ -115,7 +117,12 @@ def _show(record: KeyRecord, now: float) -> dict[str, object]:
 
 
 async def run_keys(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config) if args.config is not None else Settings()
+    # As serve does: the config ROUTECACHE_CONFIG names stands for --config (its registry).
+    named = os.environ.get(CONFIG_ENV_VAR)
+    if named and args.config is None and args.registry is None and args.redis_url is None:
+        args.config = Path(named)
+    # load_settings on every path: ROUTECACHE_* variables apply, and a bad one is one line.
+    settings = load_settings(args.config)
     now = time.time()
     out: dict[str, object]
     async with open_admin(args, settings) as admin:

@@ -121,6 +121,11 @@ class RunningServer:
         await self.server.stop(self._grace_seconds)
         log.info("routecache stopped")
 
+    async def stop_now(self) -> None:
+        """Cancel the calls still in flight: a drain that stop() is waiting out ends at once."""
+        log.warning("cancelling the calls still in flight")
+        await self.server.stop(None)
+
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
 
@@ -235,14 +240,16 @@ async def start_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    address = f"{settings.host}:{settings.port}"
+    # An IPv6 host ("::1", "::") in brackets: gRPC reads "::1:0" as host "::1:0" with no port.
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    address = f"{host}:{settings.port}"
     try:
         if credentials is None:
             port = server.add_insecure_port(address)
         else:  # health and reflection share the port, so they are behind TLS too
             port = server.add_secure_port(address, credentials)
     except RuntimeError as error:  # grpcio raises where the bind fails (it never returns 0)
-        raise ListenError(f"could not bind {settings.host}:{settings.port}: {error}") from error
+        raise ListenError(f"could not bind {address}: {error}") from error
     await server.start()
     running = RunningServer(server, health_servicer, port, settings.grace_seconds)
     await running.set_serving(False)
@@ -251,5 +258,5 @@ async def start_server(
     scheme = "plaintext" if credentials is None else "TLS"
     if settings.tls_client_ca_file is not None:
         scheme = "mTLS"
-    log.info("routecache listening on %s:%d (%s)", settings.host, port, scheme)
+    log.info("routecache listening on %s:%d (%s)", host, port, scheme)
     return running

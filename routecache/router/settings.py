@@ -29,6 +29,7 @@ from pydantic_settings import (
     SettingsError,
     TomlConfigSettingsSource,
 )
+from redis.connection import parse_url
 
 from routecache.domain import OperatingPoint
 from routecache.router.auth import reused_digest
@@ -172,6 +173,13 @@ class UpstreamSettings(_Section):
     @model_validator(mode="after")
     def _known_fallbacks(self) -> UpstreamSettings:
         for tier in ("cheap", "strong"):
+            # A provider's name keys its client and breaker, and a tier's first provider goes
+            # by the tier's name: one defined under that name would never be called.
+            if tier in self.providers:
+                raise ValueError(
+                    f"upstream.providers: '{tier}' is a tier's name (upstream.{tier}); "
+                    "give the fallback provider another name"
+                )
             unknown = [n for n in getattr(self, f"{tier}_fallbacks") if n not in self.providers]
             if unknown:
                 raise ValueError(
@@ -244,6 +252,10 @@ def check_redis_url(url: str) -> str:
     """redis-py refuses any other URL only when the first connection is made (a traceback)."""
     if not url.startswith(REDIS_URL_SCHEMES):
         raise ValueError(f"a Redis URL starts with {', '.join(REDIS_URL_SCHEMES)}")
+    try:  # a bad port, an unclosed IPv6 bracket, a bad query value: the same, parsed now
+        parse_url(url)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+    except ValueError as exc:  # its messages name the part, never the password
+        raise ValueError(f"not a valid Redis URL: {exc}") from exc
     return url
 
 
@@ -638,8 +650,34 @@ def load_settings(config_file: Path | None = None, **overrides: object) -> Setti
             raise ConfigError(f"config file not found: {config_file}")
         config = SettingsConfigDict(**{**Settings.model_config, "toml_file": config_file})
         settings_cls = type("FileSettings", (Settings,), {"model_config": config})
+    settings = _validated(settings_cls, config_file, overrides)
+    _refuse_single_underscore_sections(settings)
+    return settings
+
+
+class _EmbeddedSettings(Settings):
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+def embedded_settings(**overrides: object) -> Settings:
+    """The embedded default with `overrides` only: no ROUTECACHE_* variable, no config file
+    (the demo's settings, whatever the shell running it exports)."""
+    return _validated(_EmbeddedSettings, None, overrides)
+
+
+def _validated(settings_cls: type[Settings], config_file: Path | None,
+               overrides: dict[str, object]) -> Settings:  # fmt: skip
     try:
-        settings = settings_cls(**overrides)  # type: ignore[arg-type]
+        return settings_cls(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = "; ".join(_problem(err) for err in exc.errors())
         raise ConfigError(f"invalid configuration: {problems}") from exc
@@ -654,5 +692,3 @@ def load_settings(config_file: Path | None = None, **overrides: object) -> Setti
     except SettingsError as exc:  # a section's variable that is not JSON (ROUTECACHE_SERVER=x)
         cause = f" ({exc.__cause__})" if exc.__cause__ else ""
         raise ConfigError(f"invalid configuration: {exc}{cause}") from exc
-    _refuse_single_underscore_sections(settings)
-    return settings

@@ -4,6 +4,7 @@ caller, seen over a real channel."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 
 import grpc
@@ -63,3 +64,49 @@ async def test_stop_tells_health_watchers_not_serving_before_draining(
             watch.cancel()  # the watch is an in-flight call the drain would wait for
             await stopping
     assert update.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_stop_now_ends_a_drain_that_waits_for_a_call_in_flight(
+    running: RunningServer,
+) -> None:
+    # What a second SIGTERM/SIGINT does to `serve`: the grace period (30 s here) is not waited out.
+    await running.set_serving(True)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(  # type: ignore[attr-defined]  # as above: the stub lists no methods
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        )
+        await watch.read()
+        stopping = asyncio.create_task(running.stop())
+        await watch.read()  # NOT_SERVING: the drain has begun, the watch is still in flight
+        await running.stop_now()
+        await asyncio.wait_for(stopping, 10)
+        with pytest.raises(grpc.aio.AioRpcError) as cut:
+            await watch.read()
+    # gRPC ends a cancelled call UNAVAILABLE: retryable, on another replica.
+    assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback on this machine")
+@pytest.mark.parametrize("host", ["::1", "::"])
+async def test_the_server_binds_an_ipv6_host_written_without_brackets(host: str) -> None:
+    # gRPC reads "::1:0" as a host name with no port: the address needs the brackets.
+    settings = unit_settings().server.model_copy(update={"host": host, "port": 0})
+    server = await start_server(RouteCacheServicer(None), settings)
+    try:
+        async with grpc.aio.insecure_channel(f"[::1]:{server.port}") as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]  # as above: the stub lists no methods
+                health_pb2.HealthCheckRequest(), timeout=10
+            )
+        # Reached: NOT_SERVING until the pipeline is attached.
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        await server.stop()

@@ -264,6 +264,29 @@ def test_the_cli_checks_the_tenant_against_the_config(tmp_path: Path) -> None:
     assert "acme" in (tmp_path / "k.json").read_text()
 
 
+def test_the_cli_reads_the_config_named_by_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As serve does: ROUTECACHE_CONFIG stands for --config (its registry and its tenants).
+    config = tmp_path / "rc.toml"
+    config.write_text(f'[keys]\nregistry_path = "{tmp_path / "k.json"}"\n'
+                      '[[tenants]]\nname = "acme"\n')  # fmt: skip
+    monkeypatch.setenv("ROUTECACHE_CONFIG", str(config))
+    assert main(["keys", "add", "--tenant", "globex"]) == 2
+    assert main(["keys", "add", "--tenant", "acme"]) == 0
+    assert "acme" in (tmp_path / "k.json").read_text()
+
+
+def test_a_bad_settings_variable_is_one_line_and_exit_2_without_a_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ROUTECACHE_KEYS__ROTATION_OVERLAP_SECONDS", "a day")
+    assert main(["keys", "--registry", str(tmp_path / "k.json"), "add", "--tenant", "a"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("routecache: invalid configuration: keys.rotation_overlap_seconds")
+    assert err.count("\n") == 1 and not (tmp_path / "k.json").exists()
+
+
 def test_a_registry_source_without_its_store_fails_fast() -> None:
     from routecache.router.bootstrap import build_key_registry
 
@@ -374,13 +397,20 @@ async def test_an_empty_api_key_is_reported_missing(tmp_path: Path) -> None:
             await auth.resolve(absent)
 
 
-def test_a_redis_url_without_a_scheme_is_a_usage_error(
-    capsys: pytest.CaptureFixture[str],
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("localhost:6379", "a Redis URL starts with redis://"),
+        ("redis://127.0.0.1:notaport/0", "not a valid Redis URL: Port could not be cast"),
+    ],
+)
+def test_a_redis_url_redis_cannot_use_is_a_usage_error(
+    url: str, problem: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exit_:
-        main(["keys", "--redis-url", "localhost:6379", "list"])
+        main(["keys", "--redis-url", url, "list"])
     assert exit_.value.code == 2
-    assert "--redis-url: a Redis URL starts with redis://" in capsys.readouterr().err
+    assert f"--redis-url: {problem}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from typing import Any, cast
 import pytest
 
 from routecache.client import RouteCacheClient, chat_request
-from routecache.router.demo import _send_feedback, build_traffic
+from routecache.router.demo import _send_feedback, build_traffic, demo_settings
 from routecache.router.demo_report import (
     DemoResult,
     DemoTally,
@@ -242,3 +242,18 @@ async def test_feedback_is_thumbs_up_on_the_same_words_a_repeat_or_a_paraphrase_
     assert client.sent == [("exact hit", True), ("same words", True), ("paraphrase", True),
                            ("exact-repeat", True), ("different-question", False),
                            ("other-tenant", False)]  # fmt: skip
+
+
+def test_the_demo_runs_on_the_embedded_default_whatever_the_environment_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A shell set up for a real deployment: the demo must neither write into its Redis nor
+    # lose the metrics it reports, nor read its config file.
+    monkeypatch.setenv("ROUTECACHE_CONFIG", "/nonexistent/routecache.toml")
+    monkeypatch.setenv("ROUTECACHE_METRICS__ENABLED", "false")
+    monkeypatch.setenv("ROUTECACHE_STORE__BACKEND", "redis")
+    monkeypatch.setenv("ROUTECACHE_CACHE__EMBEDDER", "hash")
+    settings = demo_settings("http://127.0.0.1:1/v1", {"acme": "ka"})
+    assert settings.metrics.enabled and settings.store.backend == "memory"
+    assert settings.cache.embedder == "minilm-onnx"
+    assert [t.name for t in settings.tenants] == ["acme"]

@@ -354,6 +354,21 @@ def test_export_to_an_unwritable_place_is_one_line_and_exit_2(
     assert capsys.readouterr().err.startswith("routecache: export-events: ")
 
 
+def test_export_of_a_field_with_values_of_two_types_names_it_in_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from routecache.router.cli import main
+
+    log, out = tmp_path / "events.jsonl", tmp_path / "e.parquet"
+    # A hand-edited line: parquet holds one type per column (pyarrow's ArrowInvalid traceback).
+    log.write_text('{"kind": "completion", "ts": 1, "x": 1}\n'
+                   '{"kind": "completion", "ts": 2, "x": "a"}\n')  # fmt: skip
+    assert main(["export-events", "--events", str(log), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"routecache: event log {log}: field 'x' holds values of different")
+    assert err.count("\n") == 1 and not out.exists()
+
+
 def test_export_events_reads_the_configs_event_log_and_keeps_events_since(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -178,6 +178,8 @@ def test_usage_counts_the_json_schema_sent_as_prompt_tokens(
         ({"stream": 1}, "stream"),
         ({"response_format": {"type": "xml"}}, "response_format"),
         ({"response_format": "json_object"}, "response_format"),
+        ({"response_format": {"type": ["text"]}}, "response_format"),
+        ({"response_format": {"type": {"a": 1}}}, "response_format"),
         ({"messages": []}, "messages"),
         ({"messages": {"role": "user", "content": "hi"}}, "messages"),
         ({"stream": True, "stream_options": "include_usage"}, "stream_options"),
@@ -185,8 +187,8 @@ def test_usage_counts_the_json_schema_sent_as_prompt_tokens(
         ({"stream": True, "stream_options": False}, "stream_options"),
     ],
     ids=["empty-model", "string-stream", "number-stream", "unknown-format", "format-not-object",
-         "no-messages", "messages-not-array", "stream-options-text", "stream-options-empty-array",
-         "stream-options-false"],
+         "format-type-array", "format-type-object", "no-messages", "messages-not-array",
+         "stream-options-text", "stream-options-empty-array", "stream-options-false"],
 )  # fmt: skip
 def test_a_malformed_field_is_refused_naming_it(fields: dict[str, Any], param: str) -> None:
     with pytest.raises(RequestError) as caught:

@@ -229,6 +229,15 @@ def test_fallback_to_an_undefined_provider_is_refused() -> None:
         load_settings(upstream={"cheap_fallbacks": ["nowhere"]})
 
 
+@pytest.mark.parametrize("tier", ["cheap", "strong"])
+def test_a_fallback_provider_named_like_a_tier_is_refused(tier: str) -> None:
+    # A provider's name keys its client and breaker: one named like a tier would be replaced by
+    # that tier's first provider, so a fallback list naming it would never call it.
+    backup = {"model": "m-backup", "input_usd_per_mtok": 5, "output_usd_per_mtok": 5}
+    with pytest.raises(ConfigError, match=rf"upstream.providers: '{tier}' is a tier's name"):
+        load_settings(upstream={"providers": {tier: backup}, f"{tier}_fallbacks": [tier]})
+
+
 def test_an_environment_variable_naming_no_section_is_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -464,6 +473,21 @@ async def test_a_taken_metrics_port_is_a_listen_error_naming_it() -> None:
         settings = base.model_copy(update={"metrics": metrics})
         with pytest.raises(ListenError, match=rf"metrics on 127\.0\.0\.1:{port}"):
             await bootstrap.start_service(settings, _fake_parts())
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://127.0.0.1:notaport/0", "Port could not be cast to integer"),
+        ("redis://127.0.0.1:99999/0", "Port out of range"),
+        ("redis://[::1/0", "Invalid IPv6 URL"),
+        ("redis://127.0.0.1:6379/0?socket_timeout=soon", "Invalid value for 'socket_timeout'"),
+    ],
+)
+def test_a_redis_url_redis_cannot_parse_is_refused_at_load(url: str, problem: str) -> None:
+    # Refused before serve opens its port, not by a ValueError traceback at the first connection.
+    with pytest.raises(ConfigError, match=rf"store\.redis_url: .*not a valid Redis URL.*{problem}"):
+        load_settings(store={"backend": "redis", "redis_url": url})
 
 
 def test_a_redis_url_without_a_redis_scheme_is_refused_at_load() -> None:
