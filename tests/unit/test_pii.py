@@ -301,3 +301,12 @@ def test_addresses_timestamps_versions_and_grouped_numbers_are_not_phone_numbers
 def test_phone_numbers_grouped_like_numbers_or_addresses_are_still_found(phone: str) -> None:
     # A leading 0 (a trunk prefix) or a + makes groups of three a phone number, not thousands.
     assert found(f"call {phone} today") == [("phone", phone)]
+
+
+def test_an_email_after_a_long_run_of_word_characters_is_found_whole() -> None:
+    # The local part was `[...]+` tried from every character of a run: a 40 kB word took
+    # seconds per answer on the event loop. It starts only where a run does now.
+    run = "a" * 40_000
+    assert found(run) == []
+    assert found(f"{run} mail {'b' * 64}@example.com") == [("email", f"{'b' * 64}@example.com")]
+    assert pii._DETECTORS["email"].pattern.match("john@example.com", 1) is None
