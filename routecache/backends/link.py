@@ -164,7 +164,10 @@ class RedisLink:
                 continue
             log.info("redis answers again: cache back in use")
             await self._set(True)
-            return
+            if self._up.is_set():
+                return
+            # A call failed while the listeners were told (one yielded): its mark_down found
+            # this probe still running and started none, so this one goes on probing.
 
     async def _set(self, up: bool) -> None:
         if up == self._reported:

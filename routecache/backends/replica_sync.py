@@ -14,6 +14,7 @@ the entry's feedback penalty leaves this replica's memory with its index row.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import defaultdict
@@ -221,6 +222,12 @@ class ReplicaSync:
     async def _tail(self) -> None:
         if self._resync and time.monotonic() >= self._resync_at:
             await self._check_gaps()
+        if not self._last:
+            # No tenant rebuilt (each rebuild refused, or failed on a bug): nothing to read
+            # until the next check, a probe interval on. Returned at once, the loop awaited
+            # nothing (the link up) and held the event loop, every request stalled, till then.
+            await asyncio.sleep(self._link.probe_interval_seconds)
+            return
         await self.poll()
 
     async def _purge(self) -> None:

@@ -1,7 +1,8 @@
 """PII in answers: emails, phone numbers, card numbers (Luhn-checked), IBANs (mod-97), US SSNs.
 
-Detection is pattern-based with checksums where the format has one, so long arithmetic results
-do not pass for card numbers; redaction replaces each finding by a typed placeholder.
+Detection is pattern-based with checksums where the format has one; a card number must also
+start as issuers' do (2-6), yet about one long number in 18 (a sum, an id) still passes for one.
+Redaction replaces each finding by a typed placeholder.
 """
 
 from __future__ import annotations
@@ -67,8 +68,12 @@ class _Detector:
 _DETECTORS = {
     "card": _Detector(
         "card",
-        re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])"),
-        lambda s: luhn_valid(_digits(s)),
+        # Not inside a word ("0x4111...", "abc4111...def") nor after a +: "+4915112345678" is
+        # a phone number, though its digits pass the Luhn check.
+        re.compile(r"(?<![\w+-])\d(?:[ -]?\d){12,18}(?![\w-])"),
+        # Issuers' ranges start with 2-6 (Mastercard, Amex, Diners, JCB, Visa, Discover,
+        # UnionPay): a Luhn check alone let one number in ten pass, any first digit.
+        lambda s: 2 <= int(s[0]) <= 6 and luhn_valid(_digits(s)),
         # Only laid out as cards are written: a list or table of numbers ("1 2 3 ... 14",
         # "12345 678 9012 ...") would otherwise get a Luhn check for each part of it.
         lambda s: _CARD_LAYOUT.fullmatch(s) is not None,
@@ -90,7 +95,12 @@ _DETECTORS = {
     ),
     "email": _Detector(
         "email",
-        re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"),
+        # Started only where a run of local-part characters starts: tried from each character
+        # of a long word, the match scanned the rest of it every time (quadratic; a 40 kB word
+        # took seconds, on the event loop). Now each character is scanned from one start.
+        # Letters beyond ASCII too ("jöhn@", "@münchen.de"): ASCII alone cut such an address
+        # short, or missed it.
+        re.compile(r"(?<![\w.%+-])[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}"),
         lambda s: True,
     ),
     "phone": _Detector(
@@ -100,10 +110,11 @@ _DETECTORS = {
         # throughout; five pairs from 00, or mixed, are a list or a dump) and a + with digits
         # alone (10 or more, or a signed number would be one: a 9-digit number written
         # compactly, +468123456, is missed). Never followed by ".5" (nor "...2671.2 miles"),
-        # nor by ":46" (the date and hour of a timestamp, "2026-11-27 14:46:05").
+        # nor by ":46" (the date and hour of a timestamp, "2026-11-27 14:46:05"). A North
+        # American number may lead with its country code and no + ("1-800-555-0199").
         re.compile(r"(?<![\w+])(?:(?:\+\d{1,3}[ .-]?\d|0[1-9])([ .-])\d{2}(?:\1\d{2}){3}"
                    r"|\+\d{1,3}[ .-]\d{6,12}|\+\d{10,15}"
-                   r"|(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}[ .-]\d{2,4}"
+                   r"|(?:\+\d{1,3}[ .-]?|1[ .-])?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}[ .-]\d{2,4}"
                    r"(?:[ .-]\d{2,4}){0,2})(?![\w-]|[.:]\d)"),
         _phone_valid,
     ),

@@ -220,6 +220,32 @@ async def test_a_bare_socket_error_marks_the_link_down_and_the_probe_rides_it_ou
         await link.aclose()
 
 
+async def test_a_call_failing_while_listeners_hear_redis_is_up_is_probed_again() -> None:
+    # A listener that yields (a contended condition, say) let a call fail meanwhile: it found
+    # the probe still running and started none, the probe ended, and the link stayed down.
+    link = link_to(f"redis://127.0.0.1:{free_port()}/0")
+    real, link.client = link.client, ResetPings(fails=0)
+    told_up, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_when_up(up: bool) -> None:
+        if up:
+            told_up.set()
+            await release.wait()
+
+    try:
+        assert await link.connect()
+        link.subscribe(slow_when_up)
+        await link.mark_down(OSError("blip"))
+        await asyncio.wait_for(told_up.wait(), timeout=3)  # the probe is telling listeners
+        await link.mark_down(OSError("a call failed meanwhile"))
+        release.set()
+        await asyncio.wait_for(link.wait_up(), timeout=3)
+        assert probes_running() == 0
+    finally:
+        link.client = real
+        await link.aclose()
+
+
 async def test_closing_the_link_closes_the_connections_of_both_pools(
     redis_server: RedisServer,
 ) -> None:

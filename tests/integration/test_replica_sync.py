@@ -269,6 +269,37 @@ async def test_a_replica_that_started_with_redis_down_tails_a_tenant_with_no_str
         await eventually(lambda: first.entry_id in a.ids(), "B's first entry", within=3)
 
 
+@pytest.mark.timeout(60)  # before the fix: a tail loop that never yields, a probe interval long
+async def test_a_tail_with_every_rebuild_refused_leaves_the_event_loop_to_others(rig: Rig) -> None:
+    # Nothing to tail until the rebuild is tried again: the loop went round without awaiting
+    # anything, so for a probe interval at a time no request (no other task) got a turn.
+    slow = RedisLink(rig.server.url, timeout_seconds=2.0, max_connections=8,
+                     probe_interval_seconds=10.0, block_ms=100)  # fmt: skip
+    store = RedisEntryStore(slow, KeySpace(), RedisStoreOptions(10_000), rig.clock, "a")
+    sync = ReplicaSync(slow, KeySpace(), ["acme"], ScopedFaissIndex(4), store, "a", rig.clock)
+    with rig.raw() as raw:
+        raw.set("rc:{acme}:lru", "not a zset")  # the rebuild's ZCARD is refused: WRONGTYPE
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    assert await slow.connect()
+    ticking = asyncio.create_task(ticker())
+    try:
+        with running(sync):
+            await eventually(lambda: sync._rebuilds.failing == {"acme"}, "the rebuild refused")
+            counted = ticks
+            await eventually(lambda: ticks >= counted + 20, "other tasks had turns", within=5)
+    finally:
+        ticking.cancel()
+        await slow.aclose()
+    assert sync._resync and slow.up and slow.failures == 0
+
+
 @pytest.mark.parametrize(
     "failure", [RedisDown("redis is down"), OUTAGE], ids=["redis down", "socket error"]
 )

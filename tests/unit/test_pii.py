@@ -301,3 +301,50 @@ def test_addresses_timestamps_versions_and_grouped_numbers_are_not_phone_numbers
 def test_phone_numbers_grouped_like_numbers_or_addresses_are_still_found(phone: str) -> None:
     # A leading 0 (a trunk prefix) or a + makes groups of three a phone number, not thousands.
     assert found(f"call {phone} today") == [("phone", phone)]
+
+
+def test_an_email_after_a_long_run_of_word_characters_is_found_whole() -> None:
+    # The local part was `[...]+` tried from every character of a run: a 40 kB word took
+    # seconds per answer on the event loop. It starts only where a run does now.
+    run = "a" * 40_000
+    assert found(run) == []
+    assert found(f"{run} mail {'b' * 64}@example.com") == [("email", f"{'b' * 64}@example.com")]
+    assert pii._DETECTORS["email"].pattern.match("john@example.com", 1) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "value"),
+    [
+        ("call +4915112345678 now", "phone", "+4915112345678"),  # its digits pass Luhn
+        ("call 1-800-555-0199 now", "phone", "1-800-555-0199"),
+        ("call 1 415 555 0132 now", "phone", "1 415 555 0132"),
+        ("mail jöhn@example.com now", "email", "jöhn@example.com"),
+        ("mail user@münchen.de now", "email", "user@münchen.de"),
+        ("mail почта@пример.рф now", "email", "почта@пример.рф"),
+    ],
+    ids=["an E.164 number, not a card", "a US number with its country code",
+         "and spaced", "an email with an accent", "an email with an IDN domain",
+         "an email in Cyrillic"],
+)  # fmt: skip
+def test_the_whole_finding_is_redacted_with_its_country_code_or_letters_beyond_ascii(
+    text: str, kind: str, value: str
+) -> None:
+    # Before: "+[REDACTED CARD]", "1-[REDACTED PHONE]", "jö[REDACTED EMAIL]", or nothing.
+    assert found(text) == [(kind, value)]
+    assert PiiValidator().redact(text) == text.replace(value, f"[REDACTED {kind.upper()}]")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "ref abc4111111111111111def", "hex 0x4111111111111111", "key_4111111111111111 ok",
+        "id 7000000000000005", "id 9000000000000001",
+        "id 1000000000000008", "id 0000000000000000",
+    ],
+    ids=["inside a word", "a hex number", "after an underscore", "no issuer starts with 7",
+         "nor 9", "nor 1", "nor 0"],
+)  # fmt: skip
+def test_digits_in_a_word_or_with_no_card_issuers_first_digit_are_not_a_card(text: str) -> None:
+    # Every card number starts with 2-6 (its issuer's range); a Luhn-valid id or sum does
+    # not have to, and one in ten of them passed for a card.
+    assert found(text, ("card",)) == []
