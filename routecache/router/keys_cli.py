@@ -39,7 +39,7 @@ from routecache.router.settings import (
     ConfigError,
     Settings,
     check_redis_url,
-    load_settings,
+    read_settings,
 )
 
 
@@ -117,12 +117,13 @@ def _show(record: KeyRecord, now: float) -> dict[str, object]:
 
 
 async def run_keys(args: argparse.Namespace) -> int:
-    # As serve does: the config ROUTECACHE_CONFIG names stands for --config (its registry).
+    # As serve does: the config ROUTECACHE_CONFIG names stands for --config (its registry),
+    # unless --registry or --redis-url says where the keys are (then it is not read at all).
+    # read_settings on every path: ROUTECACHE_* variables apply, and a bad one is one line.
     named = os.environ.get(CONFIG_ENV_VAR)
     if named and args.config is None and args.registry is None and args.redis_url is None:
         args.config = Path(named)
-    # load_settings on every path: ROUTECACHE_* variables apply, and a bad one is one line.
-    settings = load_settings(args.config)
+    settings = read_settings(args.config)
     now = time.time()
     out: dict[str, object]
     async with open_admin(args, settings) as admin:

@@ -241,7 +241,8 @@ async def start_server(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     # An IPv6 host ("::1", "::") in brackets: gRPC reads "::1:0" as host "::1:0" with no port.
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    bare_ipv6 = ":" in settings.host and not settings.host.startswith("[")
+    host = f"[{settings.host}]" if bare_ipv6 else settings.host
     address = f"{host}:{settings.port}"
     try:
         if credentials is None:

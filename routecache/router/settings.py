@@ -640,10 +640,16 @@ def _problem(error: ErrorDetails) -> str:
 
 
 def load_settings(config_file: Path | None = None, **overrides: object) -> Settings:
-    """Read settings, failing fast with one readable message per problem."""
-    _refuse_unknown_env_sections()
+    """Read settings, failing fast with one readable message per problem; without
+    `config_file`, from the file ROUTECACHE_CONFIG names, if it names one."""
     if config_file is None and (named := os.environ.get(CONFIG_ENV_VAR)):
         config_file = Path(named)
+    return read_settings(config_file, **overrides)
+
+
+def read_settings(config_file: Path | None, **overrides: object) -> Settings:
+    """As load_settings, from `config_file` alone: ROUTECACHE_CONFIG is not read."""
+    _refuse_unknown_env_sections()
     settings_cls: type[Settings] = Settings
     if config_file is not None:
         if not config_file.is_file():

@@ -277,6 +277,14 @@ def test_the_cli_reads_the_config_named_by_the_environment(
     assert "acme" in (tmp_path / "k.json").read_text()
 
 
+def test_the_cli_given_a_registry_ignores_the_config_the_environment_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --registry says where the keys are: a ROUTECACHE_CONFIG naming a missing file is not read.
+    monkeypatch.setenv("ROUTECACHE_CONFIG", str(tmp_path / "missing.toml"))
+    assert main(["keys", "--registry", str(tmp_path / "k.json"), "add", "--tenant", "a"]) == 0
+
+
 def test_a_bad_settings_variable_is_one_line_and_exit_2_without_a_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
