@@ -87,7 +87,7 @@ class Pipeline:
         # GetStats' calls and cost: from the spend records, as the ledger has them.
         self._costs.on_spent(self._stats.record_spent)
         self._responses = ResponseRegistry()
-        self._single_flight: SingleFlight[tuple[Generated, Booking]] = SingleFlight()
+        self._single_flight: SingleFlight[tuple[Generated, Booking, str]] = SingleFlight()
         # Feedback, invalidation and stats: what a tenant does with the answers it was given.
         self.admin = TenantAdmin(parts, self._stats, self._responses)
 
@@ -326,9 +326,11 @@ class Pipeline:
         # books it (a downgrade at the cap included), those sharing it pay nothing.
         flight_key = f"{exact_key(scope, request.prompt)}:{tier.value}"
         try:
-            (generated, booking), shared = await self._single_flight.run(
+            (generated, booking, entry_id), shared = await self._single_flight.run(
                 flight_key,
-                lambda: self._book_and_generate(tenant, request, tier, deadline),
+                lambda: self._book_and_generate(
+                    tenant, request, tier, deadline, (scope, vector, latency)
+                ),
                 lambda error: _not_mine(error, deadline),
                 # A caller joining a call made under a later deadline waits no longer than
                 # it would for its own call, so that its stale answer still comes in time.
@@ -341,24 +343,28 @@ class Pipeline:
             return await self._stale(tenant, request, scope, vector, latency, late)
         latency.upstream_ms, latency.validate_ms = generated.upstream_ms, generated.validate_ms
         await self._costs.settle(tenant, request, None if shared else booking, generated)
-        entry_id = ""
-        if not shared and not request.cache.no_store and generated.report.passed:
-            with _stage(latency, "store_ms"):
-                entry_id = await self._store(tenant, scope, request, vector, generated)
+        # A caller that shared the call serves the maker's entry: feedback on it removes that.
         scored = (difficulty, version)
         return self._from_models(tenant, generated, shared, entry_id, scored, latency)
 
     async def _book_and_generate(
-        self, tenant: Tenant, request: ChatRequest, tier: Tier, deadline: float
-    ) -> tuple[Generated, Booking]:
+        self, tenant: Tenant, request: ChatRequest, tier: Tier, deadline: float,
+        where: tuple[str, Vector, LatencyBreakdown],
+    ) -> tuple[Generated, Booking, str]:  # fmt: skip
         """The call one of the identical requests in flight makes for all of them, booked
-        under its caller's caps; its reservation is settled or released here on failure."""
+        under its caller's caps, and the id of the cache entry it stored ("" if none): stored
+        here, so those sharing the answer get the id too. `where`: the scope, the prompt's
+        vector and the caller's latency. The reservation is settled or released on failure."""
+        (scope, vector, latency), entry_id = where, ""
         booking, spent = await self._costs.book(tenant, request, tier), Tally()
         try:
             generated = await self._p.generator.generate(
                 booking.request, booking.tier, tenant=tenant.name, deadline=deadline,
                 cheap_only=booking.cheap_only, tally=spent,
             )  # fmt: skip
+            if not request.cache.no_store and generated.report.passed:
+                with _stage(latency, "store_ms"):
+                    entry_id = await self._store(tenant, scope, request, vector, generated)
         except FailedValidation as error:
             await self._refused(tenant, request, booking, error)
             raise
@@ -369,7 +375,7 @@ class Pipeline:
             if spent.escalated:  # counted when it happens: the strong call may fail after
                 self._p.telemetry.escalated(tenant.name)
                 self._stats.record_escalation(tenant.name)
-        return generated, booking
+        return generated, booking, entry_id
 
     async def _refused(
         self, tenant: Tenant, request: ChatRequest, booking: Booking, error: FailedValidation
