@@ -1316,6 +1316,19 @@ async def test_a_webhook_that_fails_or_hangs_is_counted_and_logged_as_failed(
     assert alerts._client is not None and alerts._client.is_closed
 
 
+async def test_a_webhook_post_that_raises_something_unforeseen_is_counted_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # httpx raises OverflowError (no HTTPError) for a port past 65535: the delivery task
+    # ended in an exception no one retrieved, neither counted nor logged as failed.
+    alerts, _ = alerts_to("http://127.0.0.1:99999/b")
+    alerts.check("t", Budget(soft_daily_usd=1.0), {Period.DAY: (0.0, 1.0)})
+    await alerts.drain()
+    assert (alerts.delivered, alerts.failed_deliveries) == (0, 1)
+    assert "budget alert webhook failed" in caplog.text
+    await alerts.aclose()
+
+
 @pytest.mark.parametrize("posted_before", [True, False], ids=["client-open", "no-client-yet"])
 async def test_an_alert_raised_after_aclose_is_logged_as_not_delivered(
     webhook: tuple[str, Hook], caplog: pytest.LogCaptureFixture, posted_before: bool
