@@ -132,6 +132,7 @@ class RecordingTelemetry:
     budget_alerts: list[tuple[str, str]] = field(default_factory=list)  # (tenant, period)
     cost_controls: list[tuple[str, str]] = field(default_factory=list)  # (tenant, outcome)
     spending: list[tuple[str, str, float]] = field(default_factory=list)  # (tenant, tier, USD)
+    escalations: list[str] = field(default_factory=list)  # tenants
 
     def request_started(self) -> None:
         self.started += 1
@@ -142,6 +143,9 @@ class RecordingTelemetry:
     def request_completed(self, tenant: str, completion: Completion, seconds: float,
                           failed_validators: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.completed.append((tenant, path_of(completion).value))
+
+    def escalated(self, tenant: str) -> None:
+        self.escalations.append(tenant)
 
     def request_failed(self, tenant: str, reason: str, seconds: float,
                        failed_validators: tuple[str, ...] = ()) -> None:  # fmt: skip

@@ -91,9 +91,13 @@ class BudgetAlerts:
         try:
             response = await self._client.post(self._url, json=alert)
             response.raise_for_status()
-        except httpx.HTTPError as error:
+        except Exception as error:  # an HTTPError, or httpx raising on a URL it cannot use
+            # No one awaits this task: whatever went wrong is counted and logged here.
             self.failed_deliveries += 1
-            log.error("budget alert webhook failed: %s", error, extra={"tenant": alert["tenant"]})
+            log.error(
+                "budget alert webhook failed: %s: %s", type(error).__name__, error,
+                extra={"tenant": alert["tenant"]},
+            )  # fmt: skip
             return
         self.delivered += 1
 

@@ -96,6 +96,12 @@ class CostControl:
         # Each tenant's budget as of its latest spend: spend settled while Redis was down is
         # judged against these soft budgets when the flush adds it there (spend_flushed).
         self._budgets: dict[str, Budget] = {}
+        self._spent_listeners: list[Callable[[str, SpendRecord, int], None]] = []
+
+    def on_spent(self, listener: Callable[[str, SpendRecord, int], None]) -> None:
+        """`listener(tenant, record, strong_calls)` after each spend record is written: GetStats
+        counts calls and cost from the records the ledger has, so it agrees with it."""
+        self._spent_listeners.append(listener)
 
     async def admit(self, tenant: Tenant, request: ChatRequest) -> None:
         """Take the request and its prompt's tokens from the tenant's and the user's buckets."""
@@ -174,14 +180,16 @@ class CostControl:
         user = user_slot(request.end_user_id)
         if booking is None:
             record = SpendRecord(tenant.name, user, saved_usd=generated.cost_usd)
-            await self._settle(tenant, request, None, record, generated.tier)
+            await self._settle(tenant, request, None, record, generated.tier, 0)
             return
         record = SpendRecord(
             tenant.name, user, generated.cost_usd, generated.prompt_tokens,
             generated.completion_tokens, calls=generated.calls,
             routing_saved_usd=self._routing_saving(generated, booking),
         )  # fmt: skip
-        await self._settle(tenant, request, booking.reservation, record, generated.tier)
+        await self._settle(
+            tenant, request, booking.reservation, record, generated.tier, generated.strong_calls
+        )
 
     async def settle_refused(
         self, tenant: Tenant, request: ChatRequest, booking: Booking, error: FailedValidation
@@ -191,7 +199,8 @@ class CostControl:
             tenant.name, user_slot(request.end_user_id), error.cost_usd, error.prompt_tokens,
             error.completion_tokens, calls=error.calls,
         )  # fmt: skip
-        await self._settle(tenant, request, booking.reservation, record, _last_tier(error))
+        tier = _last_tier(error)
+        await self._settle(tenant, request, booking.reservation, record, tier, error.strong_calls)
 
     async def settle_spent(
         self, tenant: Tenant, request: ChatRequest, booking: Booking, tally: Tally
@@ -205,7 +214,8 @@ class CostControl:
             tenant.name, user_slot(request.end_user_id), tally.cost, tally.prompt_tokens,
             tally.completion_tokens, calls=tally.calls,
         )  # fmt: skip
-        await self._settle(tenant, request, booking.reservation, record, _last_tier(tally))
+        tier = _last_tier(tally)
+        await self._settle(tenant, request, booking.reservation, record, tier, tally.strong_calls)
 
     async def settle_partial(
         self, tenant: Tenant, request: ChatRequest, booking: Booking, sent: str
@@ -220,24 +230,30 @@ class CostControl:
         cost = max(p.pricing.cost(prompt, completion) for _, p in chain)
         record = SpendRecord(tenant.name, user_slot(request.end_user_id), cost, prompt,
                              completion, calls=1)  # fmt: skip
-        await self._settle(tenant, request, booking.reservation, record, booking.tier)
+        # Counted under the tier it was routed to, as the cost metric meters it.
+        strong = int(booking.tier is Tier.STRONG)
+        await self._settle(tenant, request, booking.reservation, record, booking.tier, strong)
 
     async def _settle(
         self, tenant: Tenant, request: ChatRequest, reservation: Reservation | None,
-        record: SpendRecord, tier: Tier,
+        record: SpendRecord, tier: Tier, strong_calls: int,
     ) -> None:  # fmt: skip
-        await self._outliving_caller(self._write(tenant, request, reservation, record, tier))
+        """`strong_calls`: of the record's calls, those a strong-tier provider answered."""
+        write = self._write(tenant, request, reservation, record, tier, strong_calls)
+        await self._outliving_caller(write)
 
     async def _write(
         self, tenant: Tenant, request: ChatRequest, reservation: Reservation | None,
-        record: SpendRecord, tier: Tier,
+        record: SpendRecord, tier: Tier, strong_calls: int,
     ) -> None:  # fmt: skip
-        """Every spend record goes through here, so the cost metric counts what the ledger
-        does: refused answers and cut-short streams too, not only answers served."""
+        """Every spend record goes through here, so the cost metric and GetStats count what
+        the ledger does: refused answers and cut-short streams too, not only answers served."""
         self._budgets[tenant.name] = tenant.budget
         moved = await self.ledger.settle(reservation, record)
         if record.cost_usd or record.prompt_tokens or record.completion_tokens:
             self._telemetry.spent(tenant.name, tier.value, record)
+        for listener in self._spent_listeners:
+            listener(tenant.name, record, strong_calls)
         self.alerts.check(tenant.name, tenant.budget, moved)
         tokens = record.completion_tokens
         if tokens:

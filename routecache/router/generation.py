@@ -57,6 +57,7 @@ class Tally:
     completion_tokens: int = 0
     calls: int = 0
     strong_calls: int = 0
+    escalated: bool = False  # a cheap answer failed a validator and went to the strong model
     results: list[ValidatorResult] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
@@ -173,6 +174,7 @@ class Generator:
             retried = retried or decision is OnFail.RETRY
             if decision is OnFail.ESCALATE:
                 current, escalated = Tier.STRONG, True
+                tally.escalated = True
             else:
                 current = answered.tier
 

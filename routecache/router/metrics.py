@@ -119,10 +119,11 @@ class PrometheusTelemetry:
         self._requests.labels(tenant, path.value).inc()
         if completion.usage.saved_usd:
             self._saved.labels(tenant).inc(completion.usage.saved_usd)
-        if completion.validation.escalated:
-            self._escalations.labels(tenant).inc()
         for name in failed_validators:
             self._validator_failures.labels(name).inc()
+
+    def escalated(self, tenant: str) -> None:
+        self._escalations.labels(tenant).inc()
 
     def request_failed(self, tenant: str, reason: str, seconds: float,
                        failed_validators: tuple[str, ...] = ()) -> None:  # fmt: skip

@@ -84,8 +84,10 @@ class Pipeline:
             parts.limits.max_output_tokens, parts.clock, parts.telemetry,
         )  # fmt: skip
         self._stats = TenantStatsBook()
+        # GetStats' calls and cost: from the spend records, as the ledger has them.
+        self._costs.on_spent(self._stats.record_spent)
         self._responses = ResponseRegistry()
-        self._single_flight: SingleFlight[tuple[Generated, Booking]] = SingleFlight()
+        self._single_flight: SingleFlight[tuple[Generated, Booking, str]] = SingleFlight()
         # Feedback, invalidation and stats: what a tenant does with the answers it was given.
         self.admin = TenantAdmin(parts, self._stats, self._responses)
 
@@ -127,13 +129,14 @@ class Pipeline:
         await self._admit(tenant, request)
         latency = LatencyBreakdown()
         try:
-            completion, generated = await self._answer(tenant, request, latency, deadline)
-        except (FailedValidation, Unavailable) as error:
+            completion = await self._answer(tenant, request, latency, deadline)
+        except ResourceExhausted:  # a spend cap refused it: not admitted (operations.md)
+            raise
+        except Exception as error:  # an INTERNAL one too: it was admitted
             self._fail(tenant, error)
             raise
         latency.total_ms = (time.perf_counter() - started) * 1000
-        calls = (0, 0) if generated is None else (generated.calls, generated.strong_calls)
-        self._stats.record_completion(tenant.name, completion, *calls)
+        self._stats.record_completion(tenant.name, completion)
         self._emit_completion(tenant, request, completion)
         return completion
 
@@ -204,7 +207,9 @@ class Pipeline:
                 ):
                     yield event
                 return
-        except (FailedValidation, Unavailable) as error:
+        except ResourceExhausted:  # a spend cap refused it: not admitted (operations.md)
+            raise
+        except Exception as error:  # an INTERNAL one too: it was admitted
             self._fail(tenant, error)
             raise
         await self._costs.record_saving(tenant, request, hit.usage.saved_usd)
@@ -265,7 +270,7 @@ class Pipeline:
                 entry_id = await self._store(tenant, scope, request, vector, generated)
         done = self._from_models(tenant, generated, False, entry_id, (difficulty, version), latency)
         latency.total_ms = (time.perf_counter() - started) * 1000
-        self._stats.record_completion(tenant.name, done, generated.calls, generated.strong_calls)
+        self._stats.record_completion(tenant.name, done)
         self._emit_completion(tenant, request, done)
         yield done
 
@@ -309,12 +314,11 @@ class Pipeline:
         request: ChatRequest,
         latency: LatencyBreakdown,
         deadline: float,
-    ) -> tuple[Completion, Generated | None]:
-        """The answer, and what this request's own calls generated (None: it made none)."""
+    ) -> Completion:
         scope, hit, vector = await self._lookup(tenant, request, latency)
         if hit is not None:
             await self._costs.record_saving(tenant, request, hit.usage.saved_usd)
-            return hit, None
+            return hit
         assert vector is not None  # a miss always embeds
         with _stage(latency, "classify_ms"):
             tier, difficulty, version = self._route(tenant, request, vector)
@@ -322,47 +326,56 @@ class Pipeline:
         # books it (a downgrade at the cap included), those sharing it pay nothing.
         flight_key = f"{exact_key(scope, request.prompt)}:{tier.value}"
         try:
-            (generated, booking), shared = await self._single_flight.run(
+            (generated, booking, entry_id), shared = await self._single_flight.run(
                 flight_key,
-                lambda: self._book_and_generate(tenant, request, tier, deadline),
+                lambda: self._book_and_generate(
+                    tenant, request, tier, deadline, (scope, vector, latency)
+                ),
                 lambda error: _not_mine(error, deadline),
                 # A caller joining a call made under a later deadline waits no longer than
                 # it would for its own call, so that its stale answer still comes in time.
                 patience=self._p.generator.failover.seconds_for_calls(deadline),
             )
         except Unavailable as error:  # the caller that booked the call released it
-            return await self._stale(tenant, request, scope, vector, latency, error), None
+            return await self._stale(tenant, request, scope, vector, latency, error)
         except WaitedTooLong as waited:  # the shared call goes on for its maker
             late = Unavailable(f"an identical request's call did not answer in time: {waited}")
-            return await self._stale(tenant, request, scope, vector, latency, late), None
+            return await self._stale(tenant, request, scope, vector, latency, late)
         latency.upstream_ms, latency.validate_ms = generated.upstream_ms, generated.validate_ms
         await self._costs.settle(tenant, request, None if shared else booking, generated)
-        entry_id = ""
-        if not shared and not request.cache.no_store and generated.report.passed:
-            with _stage(latency, "store_ms"):
-                entry_id = await self._store(tenant, scope, request, vector, generated)
+        # A caller that shared the call serves the maker's entry: feedback on it removes that.
         scored = (difficulty, version)
-        done = self._from_models(tenant, generated, shared, entry_id, scored, latency)
-        return done, (None if shared else generated)
+        return self._from_models(tenant, generated, shared, entry_id, scored, latency)
 
     async def _book_and_generate(
-        self, tenant: Tenant, request: ChatRequest, tier: Tier, deadline: float
-    ) -> tuple[Generated, Booking]:
+        self, tenant: Tenant, request: ChatRequest, tier: Tier, deadline: float,
+        where: tuple[str, Vector, LatencyBreakdown],
+    ) -> tuple[Generated, Booking, str]:  # fmt: skip
         """The call one of the identical requests in flight makes for all of them, booked
-        under its caller's caps; its reservation is settled or released here on failure."""
+        under its caller's caps, and the id of the cache entry it stored ("" if none): stored
+        here, so those sharing the answer get the id too. `where`: the scope, the prompt's
+        vector and the caller's latency. The reservation is settled or released on failure."""
+        (scope, vector, latency), entry_id = where, ""
         booking, spent = await self._costs.book(tenant, request, tier), Tally()
         try:
             generated = await self._p.generator.generate(
                 booking.request, booking.tier, tenant=tenant.name, deadline=deadline,
                 cheap_only=booking.cheap_only, tally=spent,
             )  # fmt: skip
+            if not request.cache.no_store and generated.report.passed:
+                with _stage(latency, "store_ms"):
+                    entry_id = await self._store(tenant, scope, request, vector, generated)
         except FailedValidation as error:
             await self._refused(tenant, request, booking, error)
             raise
         except BaseException:  # the calls that answered before it failed were paid for
             await self._costs.settle_spent(tenant, request, booking, spent)
             raise
-        return generated, booking
+        finally:
+            if spent.escalated:  # counted when it happens: the strong call may fail after
+                self._p.telemetry.escalated(tenant.name)
+                self._stats.record_escalation(tenant.name)
+        return generated, booking, entry_id
 
     async def _refused(
         self, tenant: Tenant, request: ChatRequest, booking: Booking, error: FailedValidation
@@ -370,7 +383,6 @@ class Pipeline:
         """Answers refused by validation were paid for, though nothing is served: the spend,
         GetStats and metrics count them, here in the request that made the calls only."""
         await self._costs.settle_refused(tenant, request, booking, error)
-        self._stats.record_refused_calls(tenant.name, error)
 
     async def _stale(
         self,

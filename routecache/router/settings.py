@@ -11,6 +11,7 @@ import tomllib
 from collections.abc import Collection
 from pathlib import Path
 from typing import Literal, Self
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -476,6 +477,22 @@ class BudgetSettings(_Section):
     # Each settle renews a key's expiry: a monthly key kept for less than the longest month
     # would vanish in a quiet spell mid-month, and with it the spend its hard cap counts.
     month_retention_days: int = Field(400, ge=31, description="how long monthly ones are kept")
+
+    @field_validator("alert_webhook_url")
+    @classmethod
+    def _webhook_url(cls, url: str | None) -> str | None:
+        # Checked now, not at the first alert: httpx raises on a port past 65535 or a missing
+        # host inside the delivery task, where the alert is lost long after the start.
+        if url is None:
+            return url
+        parts = urlsplit(url)
+        try:
+            _ = parts.port  # reading it raises ValueError past 65535
+        except ValueError:
+            raise ValueError(f"the port of {url!r} is not one of 0-65535") from None
+        if not parts.hostname or any(c.isspace() for c in url):
+            raise ValueError(f"{url!r} names no host, or holds a space")
+        return url
 
 
 class TenantSettings(_OperatingTargets):

@@ -6,7 +6,7 @@ from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, replace
 
 from routecache.domain import CacheOutcome, Completion
-from routecache.errors import FailedValidation
+from routecache.router.budget import SpendRecord
 
 
 @dataclass
@@ -32,11 +32,9 @@ class TenantStatsBook:
     def _counters(self, tenant: str) -> _Counters:
         return self._by_tenant.setdefault(tenant, _Counters())
 
-    def record_completion(
-        self, tenant: str, completion: Completion, upstream_calls: int = 0, strong_calls: int = 0
-    ) -> None:
-        """`upstream_calls`: the calls this request made itself (none for a hit or a shared
-        call), `strong_calls` of them answered by a strong-tier provider."""
+    def record_completion(self, tenant: str, completion: Completion) -> None:
+        """A request answered. Its calls and cost come from the spend records (record_spent),
+        its escalations as they happen (record_escalation): a failed request paid too."""
         counters = self._counters(tenant)
         counters.requests += 1
         outcome = completion.cache.outcome
@@ -46,12 +44,6 @@ class TenantStatsBook:
             counters.semantic_hits += 1
         else:
             counters.misses += 1
-        if upstream_calls:
-            counters.escalations += int(completion.validation.escalated)
-        # Every call counts (a retry too), by the tier of the provider that answered it.
-        counters.cheap_calls += upstream_calls - strong_calls
-        counters.strong_calls += strong_calls
-        counters.cost_usd += completion.usage.cost_usd
         counters.saved_usd += completion.usage.saved_usd
 
     def record_failure(self, tenant: str, *, validation: bool) -> None:
@@ -59,13 +51,19 @@ class TenantStatsBook:
         counters.requests += 1
         counters.validation_failures += int(validation)
 
-    def record_refused_calls(self, tenant: str, refused: FailedValidation) -> None:
-        """The calls of a request whose every answer failed validation: paid for (the spend
-        ledger has them) though nothing was served. Its maker's only: sharers paid nothing."""
+    def record_spent(self, tenant: str, record: SpendRecord, strong_calls: int) -> None:
+        """One spend record of the cost control, as the ledger has it: the calls a request
+        made itself (every one, a retry too, `strong_calls` of them answered by a strong-tier
+        provider) and their cost, whether its answer was served, refused by validation, cut
+        short or followed by a failure. A request sharing another's call records none."""
         counters = self._counters(tenant)
-        counters.cheap_calls += refused.calls - refused.strong_calls
-        counters.strong_calls += refused.strong_calls
-        counters.cost_usd += refused.cost_usd
+        counters.cheap_calls += record.calls - strong_calls
+        counters.strong_calls += strong_calls
+        counters.cost_usd += record.cost_usd
+
+    def record_escalation(self, tenant: str) -> None:
+        """A cheap answer failed a validator and went to the strong model, whatever came next."""
+        self._counters(tenant).escalations += 1
 
     def record_feedback(self, tenant: str, thumbs_up: bool, previous: bool | None = None) -> None:
         """Counts each response once, with its latest rating (as the notebook's analysis does,

@@ -78,6 +78,11 @@ class Telemetry(Protocol):
         `failed_validators` (labels from failed_validator_labels) the checks it failed."""
         ...
 
+    def escalated(self, tenant: str) -> None:
+        """A cheap answer failed a validator and went to the strong model, whether or not the
+        strong model then answered (counted by the request that made the calls)."""
+        ...
+
     def request_failed(self, tenant: str, reason: str, seconds: float,
                        failed_validators: tuple[str, ...] = ()) -> None:  # fmt: skip
         """`reason`: the error's kind (snake case of the exception class)."""
@@ -129,6 +134,9 @@ class NullTelemetry:
 
     def request_completed(self, tenant: str, completion: Completion, seconds: float,
                           failed_validators: tuple[str, ...] = ()) -> None:  # fmt: skip
+        pass
+
+    def escalated(self, tenant: str) -> None:
         pass
 
     def request_failed(self, tenant: str, reason: str, seconds: float,

@@ -850,6 +850,63 @@ async def test_an_unexpected_error_after_a_paid_call_is_charged_and_recorded_as_
     await harness.service.aclose()
 
 
+async def failed_after_paying(harness: Harness, case: str) -> None:
+    """One request of acme's that fails after a call was paid for, in the way `case` says."""
+    if case == "escalation's strong call fails":  # the cheap answer fails JSON mode
+        harness.strong.fail_with = UpstreamError("HTTP 400", retryable=False)
+        with pytest.raises(Unavailable):
+            await harness.service.pipeline.complete(json_request("q"), ACME)
+    elif case == "stream cut short":
+
+        async def cut_short(messages: object, params: GenerationParams) -> AsyncIterator[str]:
+            yield "half an answer "
+            raise UpstreamError("connection reset", retryable=True)
+
+        harness.cheap.stream = cut_short  # type: ignore[method-assign]
+        with pytest.raises(Unavailable):
+            await served(harness, ask("tell me a story"), streamed=True)
+    else:  # a plugin's bug after the answer came: INTERNAL
+        with pytest.raises(RuntimeError):
+            await harness.service.pipeline.complete(ask("q"), ACME)
+
+
+@pytest.mark.parametrize(
+    ("case", "validators"),
+    [
+        ("escalation's strong call fails", [{"kind": "json_schema"}]),
+        ("stream cut short", None),
+        ("internal", [broken_plugin("redact", "redact")]),
+    ],
+)
+async def test_stats_count_the_request_calls_and_cost_of_a_request_that_failed_after_paying(
+    case: str, validators: list[dict[str, object]] | None
+) -> None:
+    # GetStats agrees with the spend ledger (docs/operations.md): before, a failure counted
+    # the request only (an INTERNAL one not even that) and left out the calls it had paid for.
+    harness = make_harness() if validators is None else make_harness(validators=validators)
+    await failed_after_paying(harness, case)
+    day = (await harness.service.pipeline.costs.ledger.totals("acme"))[Period.DAY]
+    stats = await harness.service.pipeline.admin.stats(ACME)
+    assert stats.requests == 1
+    assert (stats.cheap_calls, stats.strong_calls) == (day.calls, 0) == (1, 0)
+    assert stats.cost_usd == pytest.approx(day.cost_usd) and day.cost_usd > 0
+    await harness.service.aclose()
+
+
+async def test_an_escalation_whose_strong_call_fails_is_counted_as_an_escalation() -> None:
+    # The cheap answer failed a validator and went to the strong model (operations.md): an
+    # escalation, whether or not the strong model then answers.
+    prometheus = PrometheusTelemetry()
+    harness = make_harness(validators=[{"kind": "json_schema"}], telemetry=prometheus)
+    await failed_after_paying(harness, "escalation's strong call fails")
+    assert (await harness.service.pipeline.admin.stats(ACME)).escalations == 1
+    escalations = prometheus.registry.get_sample_value(
+        "routecache_escalations_total", {"tenant": "acme"}
+    )
+    assert escalations == 1
+    await harness.service.aclose()
+
+
 async def test_an_answer_refused_after_escalating_is_metered_under_the_strong_tier(
     harness: Harness,
 ) -> None:
@@ -1257,6 +1314,19 @@ async def test_a_webhook_that_fails_or_hangs_is_counted_and_logged_as_failed(
         await alerts.aclose()
     assert (alerts.delivered, alerts.failed_deliveries) == (1, 2)
     assert alerts._client is not None and alerts._client.is_closed
+
+
+async def test_a_webhook_post_that_raises_something_unforeseen_is_counted_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # httpx raises OverflowError (no HTTPError) for a port past 65535: the delivery task
+    # ended in an exception no one retrieved, neither counted nor logged as failed.
+    alerts, _ = alerts_to("http://127.0.0.1:99999/b")
+    alerts.check("t", Budget(soft_daily_usd=1.0), {Period.DAY: (0.0, 1.0)})
+    await alerts.drain()
+    assert (alerts.delivered, alerts.failed_deliveries) == (0, 1)
+    assert "budget alert webhook failed" in caplog.text
+    await alerts.aclose()
 
 
 @pytest.mark.parametrize("posted_before", [True, False], ids=["client-open", "no-client-yet"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import numpy as np
@@ -15,7 +16,7 @@ from routecache.cache.semantic_cache import Distrust, NewEntry, SemanticCache
 from routecache.domain import CacheOutcome, ChatRequest, Feedback, Message, Role, Tier
 from routecache.errors import InvalidArgument
 from routecache.router.logs import REQUEST_ID
-from tests.fakes import ManualClock
+from tests.fakes import ManualClock, count_shared_calls, eventually
 from tests.unit.conftest import KEYS, Harness
 
 ACME = KEYS["acme"]
@@ -123,6 +124,27 @@ async def test_feedback_lands_in_events_stats_and_telemetry(harness: Harness) ->
     assert (stats.thumbs_up, stats.thumbs_down) == (0, 1)  # the latest rating of the response
     with pytest.raises(InvalidArgument):
         await pipeline.admin.feedback(Feedback("", thumbs_up=True), ACME)
+
+
+async def test_a_thumbs_down_on_an_answer_shared_with_an_identical_request_removes_it(
+    harness: Harness,
+) -> None:
+    # The second request shared the first's call (single flight): before, its response had
+    # no entry behind it, so a thumbs-down on it removed nothing and the answer stayed served.
+    pipeline = harness.service.pipeline
+    harness.cheap.gate = asyncio.Event()
+    flight = count_shared_calls(pipeline)
+    question = ask("what is the tallest mountain")
+    tasks = [asyncio.create_task(pipeline.complete(question, ACME)) for _ in "ab"]
+    await eventually(lambda: len(flight.arrived) == 2, "both requests joined the call")
+    harness.cheap.gate.set()
+    made, shared = await asyncio.gather(*tasks)
+    assert len(harness.cheap.calls) == 1 and shared.usage.cost_usd == 0  # it did share
+    assert shared.cache.entry_id == made.cache.entry_id != ""
+    removed = await pipeline.admin.feedback(Feedback(shared.response_id, False), ACME)
+    assert removed == made.cache.entry_id
+    again = await pipeline.complete(question, ACME)
+    assert again.cache.outcome is CacheOutcome.MISS
 
 
 async def test_stats_list_the_most_served_entries_first(harness: Harness) -> None:
