@@ -44,7 +44,7 @@ from routecache.replay.wire import (
 )
 
 _HTTP_FAULTS = {
-    FaultKind.HTTP_429: (429, "rate_limit_exceeded", "Rate limit reached (injected by replay)"),
+    FaultKind.HTTP_429: (429, "requests", "Rate limit reached (injected by replay)"),
     FaultKind.HTTP_500: (500, "server_error", "The server had an error (injected by replay)"),
     FaultKind.HTTP_503: (503, "server_error", "The engine is overloaded (injected by replay)"),
 }
@@ -164,7 +164,9 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         state.injected[fault] += 1
     if fault in _HTTP_FAULTS:
         status, kind, message = _HTTP_FAULTS[fault]
-        response = _error(status, message, kind)
+        # As OpenAI's: a rate limit's type is what ran out (requests), its code says which error.
+        code = "rate_limit_exceeded" if status == 429 else None
+        response = _error(status, message, kind, code=code)
         if status == 429:
             response.headers["retry-after"] = str(state.config.retry_after_seconds)
         return response

@@ -274,7 +274,8 @@ async def test_429_carries_retry_after(replay: RunningReplayServer) -> None:
         )
     assert response.status_code == 429
     assert response.headers["retry-after"] == "1"
-    assert response.json()["error"]["type"] == "rate_limit_exceeded"
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")  # as OpenAI
 
 
 @pytest.mark.parametrize("mode", ["complete", "stream"])
