@@ -44,7 +44,7 @@ from routecache.replay.wire import (
 )
 
 _HTTP_FAULTS = {
-    FaultKind.HTTP_429: (429, "rate_limit_exceeded", "Rate limit reached (injected by replay)"),
+    FaultKind.HTTP_429: (429, "requests", "Rate limit reached (injected by replay)"),
     FaultKind.HTTP_500: (500, "server_error", "The server had an error (injected by replay)"),
     FaultKind.HTTP_503: (503, "server_error", "The engine is overloaded (injected by replay)"),
 }
@@ -97,12 +97,27 @@ def _unauthorised(request: web.Request, state: ReplayState) -> web.Response | No
     expected = state.config.api_key
     if expected is None:
         return None
-    given = request.headers.get("Authorization", "")
-    if hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
+    # aiohttp decodes a header's non-UTF-8 bytes as surrogate escapes: encode them back (a
+    # plain encode() raised on them, a 500) so such a header is just a wrong key.
+    given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+    if hmac.compare_digest(given, f"Bearer {expected}".encode()):
         return None
     return _error(
         401, "Incorrect API key provided", "invalid_request_error", code="invalid_api_key"
     )
+
+
+def _no_lone_surrogates(body: object) -> object:
+    """The decoded body, or RequestError: json reads a "\\ud800" escape with no pair as a lone
+    surrogate, which no UTF-8 can hold (the recordings' digest of the prompt failed on it)."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(
+            f"the request body has a string that is not valid Unicode: {exc.reason} "
+            f"({exc.object[exc.start : exc.end]!r})"
+        ) from exc
+    return body
 
 
 def _latency_ms(request: web.Request, state: ReplayState) -> float:
@@ -126,7 +141,9 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         # UTF-8 whatever the charset says (as OpenAI reads it): request.text() would take a
         # bad body for a bad header (UnicodeDecodeError is a ValueError) or fail on a charset.
-        call = parse_chat_call(json.loads((await request.read()).decode("utf-8")))
+        call = parse_chat_call(
+            _no_lone_surrogates(json.loads((await request.read()).decode("utf-8")))
+        )
         latency_ms = _latency_ms(request, state)
         # Last, once all else is valid: a refused request must not use up a scripted fault.
         fault = state.faults.next_fault(request.headers.get(FAULT_HEADER))
@@ -147,7 +164,9 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         state.injected[fault] += 1
     if fault in _HTTP_FAULTS:
         status, kind, message = _HTTP_FAULTS[fault]
-        response = _error(status, message, kind)
+        # As OpenAI's: a rate limit's type is what ran out (requests), its code says which error.
+        code = "rate_limit_exceeded" if status == 429 else None
+        response = _error(status, message, kind, code=code)
         if status == 429:
             response.headers["retry-after"] = str(state.config.retry_after_seconds)
         return response

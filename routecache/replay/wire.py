@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +52,10 @@ def parse_chat_call(body: object) -> ChatCall:
     if not isinstance(stream, bool):
         raise RequestError("'stream' must be a boolean", "stream")
     max_tokens = _max_tokens(body)
-    options = _stream_options(body)
+    options = _stream_options(body, stream)
+    _one_choice(body.get("n"))
+    _number_in(body, "temperature", 2)
+    _number_in(body, "top_p", 1)
     response_format = body.get("response_format")
     return ChatCall(
         model=model,
@@ -66,15 +70,60 @@ def parse_chat_call(body: object) -> ChatCall:
     )
 
 
-def _stream_options(body: Mapping[str, Any]) -> Mapping[str, Any]:
+def _stream_options(body: Mapping[str, Any], stream: bool) -> Mapping[str, Any]:
     """stream_options, {} when absent or null; like OpenAI, a 400 when it is no object (a
-    client that sent ["include_usage"] would otherwise get no usage chunk and no word why)."""
+    client that sent ["include_usage"] would otherwise get no usage chunk and no word why) or
+    comes without stream: true (the usage it asks for would never be sent)."""
     options = body.get("stream_options")
     if options is None:
         return {}
     if not isinstance(options, dict):
         raise RequestError("'stream_options' must be an object", "stream_options", "invalid_type")
+    if not stream:
+        raise RequestError(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            "stream_options",
+            "invalid_value",
+        )
     return options
+
+
+def _is_number(value: object) -> bool:
+    """A finite JSON number: json reads NaN and Infinity, which no range check would refuse."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _one_choice(n: object) -> None:
+    """n, null or 1: the replay upstream answers one choice, so it refuses more rather than
+    send one where the caller reads several; below 1 OpenAI refuses too."""
+    if n is None:
+        return
+    if not isinstance(n, int) or isinstance(n, bool):
+        raise RequestError("'n' must be an integer", "n", "invalid_type")
+    if n < 1:
+        raise RequestError(f"'n' must be at least 1, got {n}", "n", "integer_below_min_value")
+    if n != 1:
+        raise RequestError(
+            f"'n' must be 1: the replay upstream answers one choice, got {n}",
+            "n",
+            "unsupported_value",
+        )
+
+
+def _number_in(body: Mapping[str, Any], name: str, maximum: float) -> None:
+    """A sampling parameter in [0, maximum] as OpenAI takes it (temperature 2, top_p 1); null
+    means not given."""
+    value = body.get(name)
+    if value is None:
+        return
+    if not _is_number(value):
+        raise RequestError(f"'{name}' must be a number", name, "invalid_type")
+    if value < 0:
+        raise RequestError(f"'{name}' must be at least 0, got {value}", name,
+                           "decimal_below_min_value")  # fmt: skip
+    if value > maximum:
+        raise RequestError(f"'{name}' must be at most {maximum}, got {value}", name,
+                           "decimal_above_max_value")  # fmt: skip
 
 
 def _max_tokens(body: Mapping[str, Any]) -> int | None:
@@ -155,7 +204,20 @@ def _format_type(response_format: object) -> str:
             f"'response_format.type' must be one of {', '.join(sorted(_FORMATS))}",
             "response_format",
         )
+    if kind == "json_schema" and isinstance(response_format, dict):  # a dict: kind is set
+        _json_schema_object(response_format)
     return str(kind)
+
+
+def _json_schema_object(response_format: Mapping[str, Any]) -> None:
+    """A json_schema format must carry its json_schema object, as OpenAI requires."""
+    param = "response_format.json_schema"
+    schema = response_format.get("json_schema")
+    if schema is None:
+        raise RequestError(f"Missing required parameter: '{param}'.", param,
+                           "missing_required_parameter")  # fmt: skip
+    if not isinstance(schema, dict):
+        raise RequestError(f"'{param}' must be an object", param, "invalid_type")
 
 
 def shape_answer(text: str, role: ModelRole, call: ChatCall) -> tuple[str, str]:

@@ -116,9 +116,11 @@ def _request(args: argparse.Namespace) -> pb.CompleteRequest:
 async def ask(args: argparse.Namespace) -> int:
     request = _request(args)
     tls = _tls(args)
-    async with RouteCacheClient(
-        args.target, args.api_key, timeout_seconds=args.timeout, tls=tls
-    ) as client:
+    try:
+        opened = RouteCacheClient(args.target, args.api_key, timeout_seconds=args.timeout, tls=tls)
+    except ValueError as error:  # a key pasted with a trailing CR, say
+        raise ConfigError(f"--api-key: {error}") from error
+    async with opened as client:
         try:
             if args.stream:
                 response = await _streamed(client, request)

@@ -23,7 +23,15 @@ from routecache.replay.config import ReplayConfig
 from routecache.replay.server import start_replay_server
 from routecache.router.auth import hash_api_key
 from routecache.router.bootstrap import start_service
-from routecache.router.demo_report import DemoResult, DemoTally, prompt_tokens, summarise, tally
+from routecache.router.demo_report import (
+    DemoResult,
+    DemoTally,
+    own_entries,
+    prompt_tokens,
+    summarise,
+    tally,
+    wrong_hit,
+)
 from routecache.router.settings import Settings, embedded_settings
 from routecache.v1 import routecache_pb2 as pb
 
@@ -37,6 +45,7 @@ class Call:
     tenant: str
     kind: str  # what the call is meant to show; the summary checks the outcome against it
     request: pb.CompleteRequest
+    original: str = ""  # a repeat's or a paraphrase's question: its answer is the right hit
 
 
 def _questions() -> list[dict[str, Any]]:
@@ -61,14 +70,15 @@ def build_traffic(recorded: Sequence[str], questions: Sequence[dict[str, Any]], 
         for q in questions[:8]
     ]
     shared = prompts[: len(prompts) // 3]
-    second = [Call("acme", "exact-repeat", chat_request(_reformat(p))) for p in prompts[::2]]
+    second = [Call("acme", "exact-repeat", chat_request(_reformat(p)), p) for p in prompts[::2]]
     second += [
-        Call("acme", "paraphrase" if q["same_meaning"] else "different-question",
-             chat_request(q["paraphrase"]))
+        Call("acme", "paraphrase", chat_request(q["paraphrase"]), q["question"])
+        if q["same_meaning"]
+        else Call("acme", "different-question", chat_request(q["paraphrase"]))
         for q in questions
-    ]  # fmt: skip
+    ]
     second += [Call("globex", "other-tenant", chat_request(p)) for p in shared]
-    third = [Call("globex", "exact-repeat", chat_request(p)) for p in shared]
+    third = [Call("globex", "exact-repeat", chat_request(p), p) for p in shared]
     for phase in (first, second, third):
         rng.shuffle(phase)
     return [first, second, third]
@@ -84,9 +94,9 @@ async def _send(clients: dict[str, RouteCacheClient], call: Call,
         except grpc.aio.AioRpcError as error:
             response, code = None, error.code().name
         elapsed_ms = (time.perf_counter() - started) * 1000
-    return DemoResult(
-        call.tenant, call.kind, code, elapsed_ms, response, prompt_tokens(call.request)
-    )
+    asked = call.request.messages[-1].content
+    return DemoResult(call.tenant, call.kind, code, elapsed_ms, response,
+                      prompt_tokens(call.request), asked, call.original)  # fmt: skip
 
 
 def demo_settings(base_url: str, keys: dict[str, str], events_path: Path | None = None,
@@ -121,19 +131,15 @@ class DemoReport:
 
 async def _send_feedback(clients: dict[str, RouteCacheClient],
                          results: Sequence[DemoResult]) -> tuple[int, int]:  # fmt: skip
-    """What a user would say about the cached answers: an exact hit, a hit at similarity ~1
-    (the same words; two identical first asks in flight together meet in the semantic tier) or a
-    hit on a repeat or a paraphrase is right (thumbs up); any other semantic hit answered a
-    different question (thumbs down, which also removes the entry)."""
+    """What a user would say about the cached answers: thumbs down on a wrong hit (which also
+    removes the entry), the summary's count of them; thumbs up on any other hit."""
     up = down = 0
+    entries = own_entries(results)
     for result in results:
         response = result.response
         if response is None or response.cache.outcome == pb.CACHE_OUTCOME_MISS:
             continue
-        same_words = response.cache.outcome == pb.CACHE_OUTCOME_EXACT or (
-            response.cache.similarity >= 0.9999
-        )
-        good = same_words or result.kind in ("exact-repeat", "paraphrase")
+        good = not wrong_hit(result, entries)
         await clients[result.tenant].feedback(response.response_id, thumbs_up=good)
         up, down = up + int(good), down + int(not good)
     return up, down

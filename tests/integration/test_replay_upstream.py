@@ -274,7 +274,8 @@ async def test_429_carries_retry_after(replay: RunningReplayServer) -> None:
         )
     assert response.status_code == 429
     assert response.headers["retry-after"] == "1"
-    assert response.json()["error"]["type"] == "rate_limit_exceeded"
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")  # as OpenAI
 
 
 @pytest.mark.parametrize("mode", ["complete", "stream"])
@@ -408,6 +409,19 @@ async def test_wrong_key_is_refused_and_not_retried(
     assert reply.text
 
 
+@pytest.mark.parametrize("config", [ReplayConfig(api_key="sk-replay")])
+@pytest.mark.parametrize("given", [b"Bearer \xff\xfe", "Bearer sk-r\u00e9play".encode()])
+async def test_an_authorization_header_that_is_not_ascii_is_a_401_not_a_500(
+    replay: RunningReplayServer, config: ReplayConfig, given: bytes
+) -> None:
+    async with httpx.AsyncClient() as http:
+        response = await http.post(
+            f"{replay.base_url}/chat/completions", json=HI, headers={b"authorization": given}
+        )
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+
+
 @pytest.mark.parametrize(
     ("content", "headers", "param"),
     [
@@ -426,6 +440,12 @@ async def test_wrong_key_is_refused_and_not_retried(
             {},
             "stream_options",
         ),
+        # json reads the escape as a lone surrogate, which no UTF-8 can hold: was a 500
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": "hi \\ud800 there"}]}',
+            {},
+            None,
+        ),
     ],
     ids=[
         "bad-json",
@@ -438,6 +458,7 @@ async def test_wrong_key_is_refused_and_not_retried(
         "no-model",
         "unknown-fault",
         "stream-options-not-object",
+        "lone-surrogate-escape",
     ],
 )
 async def test_malformed_request_is_a_400_with_an_openai_error(

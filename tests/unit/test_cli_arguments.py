@@ -271,6 +271,19 @@ def test_ask_reports_a_request_it_cannot_build_in_one_line(
     assert capsys.readouterr().err == f"routecache: cannot build the request: {message}\n"
 
 
+def test_ask_refuses_an_api_key_with_a_control_character_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A key pasted with a trailing CR was a grpc ExecuteBatchError traceback.
+    assert main(["ask", "--api-key", "sk-secret\r", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == "routecache: --api-key: the API key has '\\r' at position 9: only printable "
+        "ASCII can be sent\n"
+    )
+    assert "secret" not in err
+
+
 @pytest.mark.parametrize("port", ["65536", "-1"])
 def test_replay_upstream_refuses_a_port_past_65535_in_one_line(
     capsys: pytest.CaptureFixture[str], port: str

@@ -36,6 +36,22 @@ def test_a_certificate_without_its_key_or_a_key_without_its_certificate_is_refus
         ClientTls.from_files(None, **{given: str(pem)})
 
 
+@pytest.mark.parametrize(
+    ("key", "where"),
+    [("sk-secret\r", "'\\r' at position 9"), ("sk-sécret", "'é' at position 4"),
+     ("sk-\x00secret", "'\\x00' at position 3")],
+    ids=["trailing CR", "non-ASCII", "NUL"],
+)  # fmt: skip
+def test_an_api_key_that_is_not_printable_ascii_is_refused_without_echoing_it(
+    key: str, where: str
+) -> None:
+    # gRPC refuses such metadata only when a call is made, with a raw ExecuteBatchError.
+    with pytest.raises(ValueError) as refused:
+        RouteCacheClient("127.0.0.1:1", key)
+    assert where in str(refused.value)
+    assert "secret" not in str(refused.value) and "sécret" not in str(refused.value)
+
+
 async def test_leaving_the_client_closes_its_channel() -> None:
     async with RouteCacheClient("127.0.0.1:1", "key") as client:
         pass

@@ -118,20 +118,43 @@ def test_latency_percentiles_are_nearest_rank_and_nan_for_no_values() -> None:
     assert math.isnan(percentile([], 50))
 
 
+def _hit(tenant: str, kind: str, entry_id: str, similarity: float = 0.93,
+         outcome: pb.CacheOutcome = pb.CACHE_OUTCOME_SEMANTIC, asked: str = "",
+         original: str = "", response_id: str = "") -> DemoResult:  # fmt: skip
+    """A cache hit that served entry_id (`<owner tenant>:<uuid hex>`); its response id the
+    kind unless given."""
+    cache = pb.CacheInfo(outcome=outcome, similarity=similarity, entry_id=entry_id)
+    response = pb.CompleteResponse(response_id=response_id or kind, cache=cache)
+    return DemoResult(tenant, kind, "OK", 1.0, response, 1, asked, original)
+
+
+def _stored(tenant: str, kind: str, asked: str, entry_id: str) -> DemoResult:
+    """A miss whose answer was stored as entry_id."""
+    cache = pb.CacheInfo(outcome=pb.CACHE_OUTCOME_MISS, entry_id=entry_id)
+    response = pb.CompleteResponse(tier=pb.TIER_CHEAP, cache=cache)
+    return DemoResult(tenant, kind, "OK", 1.0, response, 1, asked)
+
+
+def _summary_line(results: list[DemoResult], label: str) -> str:
+    lines = summarise(results, 1.0, STRONG_IN, STRONG_OUT).splitlines()
+    return next(line for line in lines if line.startswith(f"  {label}"))
+
+
 def test_the_summary_counts_each_path_errors_escalations_and_hits_that_should_not_be() -> None:
+    # Changed from counting hits by the call's kind: a cross-tenant hit is one that served
+    # another tenant's entry, and every hit judged wrong (thumbs down) counts as one.
     def miss(tier: pb.Tier, escalated: bool = False) -> pb.CompleteResponse:
         return pb.CompleteResponse(
             tier=tier, cache=pb.CacheInfo(outcome=pb.CACHE_OUTCOME_MISS),
             validation=pb.ValidationReport(escalated=escalated),
         )  # fmt: skip
 
-    hit = pb.CompleteResponse(cache=pb.CacheInfo(outcome=pb.CACHE_OUTCOME_SEMANTIC))
     results = [
         DemoResult("acme", "first-ask", "OK", 1.0, miss(pb.TIER_CHEAP), 1),
         DemoResult("acme", "json", "OK", 1.0, miss(pb.TIER_STRONG, escalated=True), 1),
         DemoResult("acme", "first-ask", "UNAVAILABLE", 1.0, None, 1),
-        DemoResult("globex", "other-tenant", "OK", 1.0, hit, 1),
-        DemoResult("acme", "different-question", "OK", 1.0, hit, 1),
+        _hit("globex", "other-tenant", "acme:1"),
+        _hit("acme", "different-question", "acme:2"),
         DemoResult("acme", "other-tenant", "OK", 1.0, miss(pb.TIER_CHEAP), 1),
     ]
 
@@ -142,8 +165,36 @@ def test_the_summary_counts_each_path_errors_escalations_and_hits_that_should_no
         "  misses → strong        1   (1 escalated by validators)",
         "  errors                 1",
         "  cross-tenant hits      1   (must be 0)",
-        "  hits on reworded questions that ask something else: 1",
+        "  wrong hits             2   (another question's answer: thumbs down)",
     ]
+
+
+def test_a_cross_tenant_hit_is_one_that_served_another_tenants_entry_whatever_the_kind() -> None:
+    # globex asking acme's prompts hits its own entry on a false match at a low threshold:
+    # wrong, but no leak; an exact repeat served acme's entry would be one.
+    own = _hit("globex", "other-tenant", "globex:1", 0.7)
+    leaked = _hit("globex", "exact-repeat", "acme:1", 1.0, pb.CACHE_OUTCOME_EXACT)
+
+    assert _summary_line([own], "cross-tenant hits") == "  cross-tenant hits      0   (must be 0)"
+    assert _summary_line([own], "wrong hits").startswith("  wrong hits             1")
+    assert _summary_line([own, leaked], "cross-tenant hits").startswith(
+        "  cross-tenant hits      1"
+    )
+
+
+def test_a_paraphrase_or_repeat_hit_is_right_only_on_the_entry_its_original_stored() -> None:
+    results = [
+        _stored("acme", "first-ask", "q0", "acme:q0"),
+        _stored("acme", "first-ask", "q1", "acme:q1"),
+        _stored("globex", "other-tenant", "r0", "globex:r0"),
+        _hit("acme", "paraphrase", "acme:q0", asked="p0", original="q0"),
+        _hit("acme", "paraphrase", "acme:q1", asked="p0", original="q0"),
+        _hit("acme", "exact-repeat", "acme:q0", 0.97, asked="Q1", original="q1"),
+        _hit("globex", "exact-repeat", "globex:r0", 0.97, asked="R0", original="r0"),
+        _hit("acme", "paraphrase", "acme:q1", asked="p2", original="q2"),
+    ]
+
+    assert _summary_line(results, "wrong hits").startswith("  wrong hits             3")
 
 
 def test_the_tally_adds_up_errors_and_usage_and_an_exact_cross_tenant_hit_is_one_too() -> None:
@@ -160,6 +211,8 @@ def test_the_tally_adds_up_errors_and_usage_and_an_exact_cross_tenant_hit_is_one
         DemoResult("acme", "first-ask", "DEADLINE_EXCEEDED", 1.0, None, 3),
         DemoResult("globex", "other-tenant", "OK", 1.0, exact, 3),
     ]
+    # Served from acme's entry:
+    exact.cache.entry_id = "acme:1"
 
     assert tally(results) == DemoTally(
         requests=4,
@@ -202,6 +255,13 @@ def test_the_traffic_asks_first_then_repeats_and_the_other_tenant_repeats_its_ow
     }
     assert _asked(second, "paraphrase") == ["p0", "p2", "p4", "p6", "p8"]
     assert _asked(second, "different-question") == ["p1", "p3", "p5", "p7", "p9"]
+    # A repeat or a paraphrase names the question whose stored answer it should hit.
+    originals = {c.request.messages[-1].content: c.original for c in second if c.original}
+    assert {p: o for p, o in originals.items() if p.startswith("p")} == {
+        f"p{i}": f"q{i}" for i in range(0, 10, 2)
+    }
+    assert {o for p, o in originals.items() if not p.startswith("p")} <= set(asked)
+    assert all(c.original == c.request.messages[-1].content for c in third)
     # The second tenant asks a third of acme's prompts (no hit: its own cache is empty), then
     # the same again (exact hits on its own entries).
     shared = _asked(second, "other-tenant", "globex")
@@ -218,30 +278,36 @@ class FeedbackRecorder:
         self.sent.append((response_id, thumbs_up))
 
 
-async def test_feedback_is_thumbs_up_on_the_same_words_a_repeat_or_a_paraphrase_only() -> None:
-    def served(kind: str, outcome: pb.CacheOutcome, similarity: float = 0.0) -> DemoResult:
-        response = pb.CompleteResponse(
-            response_id=kind, cache=pb.CacheInfo(outcome=outcome, similarity=similarity)
-        )
-        return DemoResult("acme", kind, "OK", 1.0, response, 1)
-
+async def test_feedback_is_thumbs_up_on_the_same_words_or_the_originals_own_entry_only() -> None:
+    # Changed: a paraphrase or a repeat is right on its original's own entry only, not by its
+    # kind alone; the thumbs-down are the summary's wrong hits.
     results = [
-        served("first-ask", pb.CACHE_OUTCOME_MISS),  # no hit: no feedback
+        _stored("acme", "first-ask", "q0", "acme:q0"),  # no hit: no feedback
         DemoResult("acme", "first-ask", "UNAVAILABLE", 1.0, None, 1),
-        served("exact hit", pb.CACHE_OUTCOME_EXACT),
-        served("same words", pb.CACHE_OUTCOME_SEMANTIC, 0.99995),
-        served("paraphrase", pb.CACHE_OUTCOME_SEMANTIC, 0.93),
-        served("exact-repeat", pb.CACHE_OUTCOME_SEMANTIC, 0.97),
-        served("different-question", pb.CACHE_OUTCOME_SEMANTIC, 0.93),
-        served("other-tenant", pb.CACHE_OUTCOME_SEMANTIC, 0.95),
+        _hit("acme", "exact hit", "acme:q1", 1.0, pb.CACHE_OUTCOME_EXACT),
+        _hit("acme", "same words", "acme:q1", 0.99995),
+        _hit("acme", "paraphrase", "acme:q0", 0.93, asked="p0", original="q0"),
+        _hit("acme", "exact-repeat", "acme:q0", 0.97, asked="Q0", original="q0"),
+        _hit(
+            "acme",
+            "paraphrase",
+            "acme:q1",
+            0.93,
+            asked="p0",
+            original="q0",
+            response_id="paraphrase on another",
+        ),
+        _hit("acme", "different-question", "acme:q0", 0.93),
+        _hit("acme", "other-tenant", "globex:q0", 0.95),
     ]
     client = FeedbackRecorder()
     clients = cast(dict[str, RouteCacheClient], {"acme": client})
 
-    assert await _send_feedback(clients, results) == (4, 2)
+    assert await _send_feedback(clients, results) == (4, 3)
     assert client.sent == [("exact hit", True), ("same words", True), ("paraphrase", True),
-                           ("exact-repeat", True), ("different-question", False),
-                           ("other-tenant", False)]  # fmt: skip
+                           ("exact-repeat", True), ("paraphrase on another", False),
+                           ("different-question", False), ("other-tenant", False)]  # fmt: skip
+    assert _summary_line(results, "wrong hits").startswith("  wrong hits             3")
 
 
 def test_the_demo_runs_on_the_embedded_default_whatever_the_environment_says(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -194,6 +195,53 @@ def test_a_malformed_field_is_refused_naming_it(fields: dict[str, Any], param: s
     with pytest.raises(RequestError) as caught:
         parse_chat_call(body(**fields))
     assert caught.value.param == param
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "code"),
+    [
+        ({"n": 2}, "n", "unsupported_value"),
+        ({"n": 0}, "n", "integer_below_min_value"),
+        ({"n": 1.0}, "n", "invalid_type"),
+        ({"n": True}, "n", "invalid_type"),
+        ({"temperature": 2.5}, "temperature", "decimal_above_max_value"),
+        ({"temperature": -0.1}, "temperature", "decimal_below_min_value"),
+        ({"temperature": "hot"}, "temperature", "invalid_type"),
+        ({"temperature": math.nan}, "temperature", "invalid_type"),
+        ({"top_p": 1.5}, "top_p", "decimal_above_max_value"),
+        ({"top_p": -1}, "top_p", "decimal_below_min_value"),
+        ({"top_p": False}, "top_p", "invalid_type"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema",
+         "missing_required_parameter"),
+        ({"response_format": {"type": "json_schema", "json_schema": "{}"}},
+         "response_format.json_schema", "invalid_type"),
+        ({"stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
+        ({"stream": False, "stream_options": {}}, "stream_options", "invalid_value"),
+    ],
+    ids=["n-2", "n-0", "n-float", "n-bool", "temperature-over-2", "temperature-negative",
+         "temperature-text", "temperature-nan", "top-p-over-1", "top-p-negative", "top-p-bool",
+         "json-schema-missing", "json-schema-not-object", "stream-options-no-stream",
+         "stream-options-stream-false"],
+)  # fmt: skip
+def test_what_openai_refuses_is_refused_with_its_param_and_code(
+    fields: dict[str, Any], param: str, code: str
+) -> None:
+    with pytest.raises(RequestError) as caught:
+        parse_chat_call(body(**fields))
+    assert (caught.value.param, caught.value.code) == (param, code)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"n": 1}, {"n": None}, {"temperature": 0}, {"temperature": 2}, {"temperature": None},
+     {"top_p": 0}, {"top_p": 1.0}, {"top_p": None},
+     {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {}}}},
+     {"stream": True, "stream_options": {"include_usage": True}}, {"stream_options": None}],
+    ids=["n-1", "n-null", "temperature-0", "temperature-2", "temperature-null", "top-p-0",
+         "top-p-1", "top-p-null", "json-schema", "stream-options-streamed", "stream-options-null"],
+)  # fmt: skip
+def test_the_bounds_openai_accepts_are_accepted(fields: dict[str, Any]) -> None:
+    parse_chat_call(body(**fields))
 
 
 @pytest.mark.parametrize("role", ["user", "system", "tool"])
