@@ -31,10 +31,12 @@ _CODES: list[tuple[type[RouteCacheError], grpc.StatusCode]] = [
 ]
 
 # gRPC sends the status message in a trailer, percent-encoding every byte outside printable
-# ASCII (%XX: three characters); a client refuses a trailer past 16 KiB, and the call then ends
-# RESOURCE_EXHAUSTED with gRPC's own text, as if over a quota. Messages that quote a caller's
-# input (a schema error quotes the schema) are cut to half of that.
-MAX_STATUS_MESSAGE_CHARS = 8192
+# ASCII (%XX: three characters); a client refuses a trailer past its soft limit of 8 KiB at
+# random (and every one past 16 KiB), and the call then ends RESOURCE_EXHAUSTED with gRPC's own
+# text, as if over a quota. Messages that quote a caller's input (a schema error quotes the
+# schema) are cut to half the soft limit, leaving room for the trailer's other entries (a cut
+# to 8 KiB made a trailer of 8,448 bytes, refused now and then).
+MAX_STATUS_MESSAGE_CHARS = 4096
 _CUT = " … (cut)"
 
 RETRY_AFTER_KEY = "retry-after-ms"
