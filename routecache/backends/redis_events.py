@@ -1,8 +1,9 @@
 """The event log on Redis Streams (one stream per tenant, `XADD ... MAXLEN ~`).
 
-`emit` never waits on Redis: events go into a bounded local queue that a background task
-flushes in batches. While Redis is down the queue holds them (the oldest are dropped, and
-counted, only when it is full) and they are flushed once Redis answers again.
+`emit` never waits on Redis: events go into a bounded local queue per tenant that a background
+task flushes in batches. While Redis is down the queues hold them (a tenant's oldest are
+dropped, and counted, only when its queue is full: one tenant's volume never drops another's)
+and they are flushed once Redis answers again.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class RedisStreamEventSink:
     ) -> None:
         self._link = link
         self._keys = keyspace
-        self._queue: deque[dict[str, Any]] = deque()
+        # tenant → its events, oldest first; only tenants with events buffered.
+        self._queues: dict[str, deque[dict[str, Any]]] = {}
         self._max_buffered = max_buffered
         self._stream_max_len = stream_max_len
         self._batch = batch
@@ -54,13 +56,15 @@ class RedisStreamEventSink:
 
     @property
     def buffered(self) -> int:
-        return len(self._queue)
+        return sum(len(queue) for queue in self._queues.values())
 
     def emit(self, kind: str, payload: Mapping[str, Any]) -> None:
-        if len(self._queue) >= self._max_buffered:
-            self._queue.popleft()
+        event = {"kind": kind, "ts": time.time(), **payload}
+        queue = self._queues.setdefault(_tenant_of(event), deque())
+        if len(queue) >= self._max_buffered:
+            queue.popleft()
             self.dropped += 1
-        self._queue.append({"kind": kind, "ts": time.time(), **payload})
+        queue.append(event)
         self._wake.set()
 
     async def run(self) -> None:
@@ -72,15 +76,14 @@ class RedisStreamEventSink:
             self._wake.clear()
             await self._link.wait_up()
             await self._rounds.run(self.flush)
-            if self._queue:
+            if self._queues:
                 self._wake.set()
 
     async def flush(self) -> None:
         """Writes everything buffered; raises RedisDown (keeping the rest) if Redis fails."""
         async with self._flushing:  # the background loop and a final flush never interleave
-            while self._queue:
-                batch = [self._queue.popleft() for _ in range(min(self._batch, len(self._queue)))]
-                batch, rows = self._encode(batch)
+            while self._queues:
+                batch, rows = self._encode(self._take(self._batch))
                 if not rows:
                     continue
                 try:
@@ -124,7 +127,7 @@ class RedisStreamEventSink:
             except (TypeError, ValueError, RecursionError) as exc:
                 failed.append(f"{event.get('kind')}: {exc}")
                 continue
-            stream = self._keys.of(str(event.get("tenant") or _NO_TENANT)).events
+            stream = self._keys.of(_tenant_of(event)).events
             kept.append(event)
             rows.append((stream, {"kind": _text(event["kind"]), "data": data}))
         if failed:
@@ -133,12 +136,26 @@ class RedisStreamEventSink:
                       len(failed), failed[0])  # fmt: skip
         return kept, rows
 
+    def _take(self, count: int) -> list[dict[str, Any]]:
+        """Up to `count` of the oldest events, a tenant at a time, the tenants in turn."""
+        batch: list[dict[str, Any]] = []
+        while self._queues and len(batch) < count:
+            tenant = next(iter(self._queues))
+            queue = self._queues.pop(tenant)
+            batch += [queue.popleft() for _ in range(min(count - len(batch), len(queue)))]
+            if queue:
+                self._queues[tenant] = queue  # to the end: the next batch starts elsewhere
+        return batch
+
     def _requeue(self, batch: list[dict[str, Any]]) -> None:
-        """Puts an unwritten batch back in front; the oldest go if the bound is exceeded."""
-        self._queue.extendleft(reversed(batch))
-        while len(self._queue) > self._max_buffered:
-            self._queue.popleft()
-            self.dropped += 1
+        """Puts an unwritten batch back in front of each tenant's queue; a tenant's oldest go
+        if its bound is exceeded."""
+        for event in reversed(batch):
+            queue = self._queues.setdefault(_tenant_of(event), deque())
+            queue.appendleft(event)
+            if len(queue) > self._max_buffered:
+                queue.popleft()
+                self.dropped += 1
 
     async def _write(self, rows: Sequence[_Row]) -> None:
         pipe = self._link.client.pipeline(transaction=False)
@@ -166,6 +183,10 @@ class RedisStreamEventSink:
 
 class _Unencodable(Exception):
     """redis-py could not encode a batch: a bug of ours, not Redis failing."""
+
+
+def _tenant_of(event: Mapping[str, Any]) -> str:
+    return str(event.get("tenant") or _NO_TENANT)
 
 
 def _text(value: object) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -24,8 +26,12 @@ from routecache.errors import Unavailable
 log = logging.getLogger(__name__)
 
 # Thumbs-down removals a store that was down still owes (see SemanticCache.distrust): at most
-# this many are remembered, the oldest forgotten first, so an outage cannot grow memory.
+# this many are remembered per tenant, the tenant's oldest forgotten first, so an outage cannot
+# grow memory and one tenant's thumbs-downs cannot push out another's.
 MAX_OWED_REMOVALS = 10_000
+
+# Owed removals made at once once the store answers again (off the request path).
+_SETTLE_CONCURRENCY = 8
 
 # The most neighbours one lookup reads when the nearest ones cannot serve it (each costs a store
 # read): entries expired within the stale grace can crowd a popular question's neighbourhood.
@@ -112,10 +118,11 @@ class SemanticCache:
         # provider can answer.
         self._grace = stale_grace_seconds
         self.bypassed = 0
-        # (tenant, entry id) of thumbs-downs the store was down for, oldest first: not served
-        # by this cache, and removed at its first lookup once the store answers again.
-        self._owed: dict[tuple[str, str], None] = {}
-        self._settling = False
+        # tenant → entry ids of thumbs-downs the store was down for, oldest first: not served
+        # by this cache, and removed by a background task a lookup starts once the store
+        # answers again (a lookup never waits for them, least of all another tenant's).
+        self._owed: dict[str, dict[str, None]] = {}
+        self._settler: asyncio.Task[None] | None = None
 
     @property
     def index(self) -> VectorIndex:
@@ -125,7 +132,7 @@ class SemanticCache:
         self, scope: str, prompt: str, forced: Tier | None = None
     ) -> CacheHit | None:
         """`forced`: the tier the caller forced; only its own or a stronger tier's answers do."""
-        await self._settle_owed()
+        self._start_settling()
         try:
             entry = await self._store.get_exact(exact_key(scope, prompt))
             if entry is None or self._owes(entry) or not _answers(entry, scope, forced):
@@ -142,7 +149,7 @@ class SemanticCache:
         forced: Tier | None = None,
     ) -> CacheHit | None:  # fmt: skip
         """The nearest live entry of this scope, if the hit policy accepts it for the prompt."""
-        await self._settle_owed()
+        self._start_settling()
         try:
             return await self._nearest(scope, prompt, vector, requirement, forced, self._is_live)
         except StoreUnavailable:
@@ -155,7 +162,7 @@ class SemanticCache:
     ) -> CacheHit | None:  # fmt: skip
         """An entry of this scope, live or expired within the grace period, for the prompt or
         one meaning the same; for when no provider answers. Never crosses scopes."""
-        await self._settle_owed()
+        self._start_settling()
         try:
             entry = await self._store.get_exact(exact_key(scope, prompt))
             if (entry is not None and not self._owes(entry) and _answers(entry, scope, forced)
@@ -258,8 +265,8 @@ class SemanticCache:
         """A thumbs-down: remove the entry, raise the similarity its neighbours need (returns
         the number of entries removed, 0 or 1). With the store down it raises Unavailable, but
         the removal is owed, not lost: the entry is not served by this cache meanwhile, and
-        is removed at the first lookup the store answers (else the answer a user rated bad
-        came back with the store, unless the caller retried the feedback)."""
+        is removed in the background once a lookup finds the store answering (else the answer
+        a user rated bad came back with the store, unless the caller retried the feedback)."""
         try:
             return await self._distrust_entry(tenant, entry_id)
         except StoreUnavailable as exc:
@@ -270,32 +277,65 @@ class SemanticCache:
             ) from exc
 
     def _owe(self, tenant: str, entry_id: str) -> None:
-        self._owed.pop((tenant, entry_id), None)  # to the end: the newest is kept longest
-        self._owed[(tenant, entry_id)] = None
-        if len(self._owed) > MAX_OWED_REMOVALS:
-            dropped = next(iter(self._owed))
-            del self._owed[dropped]
-            log.warning("more than %d thumbs-down removals owed while the cache store is down:"
-                        " entry %s may be served again", MAX_OWED_REMOVALS, dropped[1])  # fmt: skip
+        owed = self._owed.setdefault(tenant, {})
+        owed.pop(entry_id, None)  # to the end: the newest is kept longest
+        owed[entry_id] = None
+        if len(owed) > MAX_OWED_REMOVALS:
+            dropped = next(iter(owed))
+            del owed[dropped]
+            log.warning("more than %d thumbs-down removals owed to tenant %s while the cache store"
+                        " is down: entry %s may be served again", MAX_OWED_REMOVALS, tenant,
+                        dropped)  # fmt: skip
 
     def _owes(self, entry: CacheEntry) -> bool:
-        return bool(self._owed) and (entry.tenant, entry.entry_id) in self._owed
+        owed = self._owed.get(entry.tenant)
+        return owed is not None and entry.entry_id in owed
+
+    def _start_settling(self) -> None:
+        """Starts the owed removals in the background unless they are already being made:
+        one settler at a time, so two lookups at once do not raise the neighbours' penalties
+        twice for one thumbs-down."""
+        if self._owed and (self._settler is None or self._settler.done()):
+            self._settler = asyncio.create_task(self._settle_owed())
+
+    async def settle_owed(self) -> None:
+        """Makes the owed removals now, or waits for the background task making them."""
+        self._start_settling()
+        if self._settler is not None:
+            await asyncio.shield(self._settler)
+
+    async def aclose(self) -> None:
+        """Stops making owed removals (they are in memory: a restart drops them anyway)."""
+        if self._settler is not None:
+            self._settler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._settler
 
     async def _settle_owed(self) -> None:
-        """Makes the owed removals, oldest first, until the store fails one (they stay owed).
-        One caller at a time: two lookups at once must not raise the neighbours' penalties
-        twice for one thumbs-down."""
-        if not self._owed or self._settling:
-            return
-        self._settling = True
-        try:
-            for owed in list(self._owed):
-                await self._distrust_entry(*owed)
-                self._owed.pop(owed, None)
-        except StoreUnavailable:
-            pass  # still down (or refusing): the lookup takes its own path, the rest stays owed
-        finally:
-            self._settling = False
+        """Makes the owed removals, a few at once, oldest first per tenant, until the store
+        fails one (it and the rest stay owed, for the next lookup's settler)."""
+        size = 1  # one first: while the store is still down, a lookup costs one failed call
+        while self._owed:
+            owed_now = ((tenant, owed_id) for tenant, ids in self._owed.items() for owed_id in ids)
+            batch = list(itertools.islice(owed_now, size))
+            results = await asyncio.gather(
+                *(self._distrust_entry(*owed) for owed in batch), return_exceptions=True
+            )
+            failed: BaseException | None = None
+            for (tenant, entry_id), result in zip(batch, results, strict=True):
+                if isinstance(result, BaseException):
+                    failed = failed or result
+                    continue
+                owed = self._owed.get(tenant, {})
+                owed.pop(entry_id, None)
+                if not owed:
+                    self._owed.pop(tenant, None)
+            if isinstance(failed, StoreUnavailable):
+                return  # still down (or refusing): the rest stays owed
+            if failed is not None:
+                log.error("could not make an owed thumbs-down removal", exc_info=failed)
+                return
+            size = _SETTLE_CONCURRENCY
 
     async def _distrust_entry(self, tenant: str, entry_id: str) -> int:
         entry = await self.get(tenant, entry_id)

@@ -127,8 +127,8 @@ class Service:
         steps: list[ReleaseStep] = [("background tasks", self._stop_background)]
         if self.server is not None:
             steps.append(("the gRPC server", self.server.stop))
-        # Newest first: cost control (webhook deliveries under way), storage, the event log,
-        # the embedding worker, the upstream clients.
+        # Newest first: the cache's owed removals, cost control (webhook deliveries under
+        # way), storage, the event log, the embedding worker, the upstream clients.
         steps += self.owned.steps()
         if self.metrics is not None:
             steps.append(("the metrics server", self.metrics.close))
@@ -441,6 +441,7 @@ def build_service(
         stale_grace_seconds=settings.upstream.stale_grace_seconds,
         policy=parts.hit_policy or build_hit_policy(settings, embedder.name),
     )
+    acquired.add("the cache's owed removals", cache.aclose)
     telemetry.watch_count("cache_bypassed", lambda: cache.bypassed)
     if isinstance(storage.storage, RedisStorage):
         # Entries other replicas (or the sweep) remove take their penalties along.

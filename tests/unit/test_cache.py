@@ -180,6 +180,7 @@ class _DownStore(InMemoryEntryStore):
         super().__init__(max_entries=10, clock=clock)
         self.down = False
         self.refusing_deletes = False  # as Redis out of memory: reads answered, writes refused
+        self.calls = 0  # store calls made (answered or not)
 
     async def put(self, entry):  # type: ignore[no-untyped-def]
         self._fail()
@@ -202,11 +203,13 @@ class _DownStore(InMemoryEntryStore):
         return await super().most_served(tenant, n)
 
     async def delete(self, entry_ids):  # type: ignore[no-untyped-def]
+        self.calls += 1
         if self.down or self.refusing_deletes:
             raise StoreUnavailable("refused")
         return await super().delete(entry_ids)
 
     def _fail(self) -> None:
+        self.calls += 1
         if self.down:
             raise StoreUnavailable("down")
 
@@ -281,6 +284,7 @@ async def test_a_thumbs_down_while_the_store_is_down_removes_the_entry_once_it_i
     store.down = False
     assert await cache.lookup_exact("acme:s1", prompt) is None
     assert await cache.lookup_semantic("acme:s1", "", vec(prompt), HitRequirement(0.5)) is None
+    await cache.settle_owed()
     assert await cache.get("acme", bad) is None and len(cache.index) == 0
 
 
@@ -297,6 +301,7 @@ async def test_an_owed_removal_the_store_still_refuses_is_not_served_meanwhile(
     assert await cache.lookup_stale("acme:s1", prompt, vec(prompt), HitRequirement(0.5)) is None
     store.refusing_deletes = False
     assert await cache.lookup_exact("acme:s1", prompt) is None
+    await cache.settle_owed()
     assert await cache.get("acme", bad) is None
 
 
@@ -310,9 +315,60 @@ async def test_removals_owed_while_the_store_is_down_are_bounded_oldest_dropped_
         with pytest.raises(Unavailable):
             await cache.distrust("acme", entry_id)
     store.down = False
-    hit = await cache.lookup_exact("acme:s1", prompts[0])  # settles the two owed removals
+    hit = await cache.lookup_exact("acme:s1", prompts[0])
     assert hit is not None and hit.entry.entry_id == first
+    await cache.settle_owed()
     assert await cache.get("acme", second) is None and await cache.get("acme", third) is None
+
+
+async def test_one_tenants_owed_removals_do_not_push_out_another_tenants(
+    clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the bound was shared, so globex's thumbs-downs pushed acme's out and acme's bad
+    # answer was served again once the store was back.
+    monkeypatch.setattr(semantic_cache, "MAX_OWED_REMOVALS", 2)
+    store, cache, [bad] = await _down_cache_of(clock, "how do I reset my password today")
+    with pytest.raises(Unavailable):
+        await cache.distrust("acme", bad)
+    for n in range(3):
+        with pytest.raises(Unavailable):
+            await cache.distrust("globex", f"globex:{n}")
+    store.down = False
+    assert await cache.lookup_exact("acme:s1", "how do I reset my password today") is None
+    await cache.settle_owed()
+    assert await cache.get("acme", bad) is None
+
+
+async def test_a_lookup_does_not_wait_for_the_owed_removals_once_the_store_is_back(
+    clock: ManualClock,
+) -> None:
+    # Before: the first lookup after an outage made every removal owed, of every tenant, before
+    # it answered (a tenant with 5 000 owed made another's one lookup 15 000 store calls).
+    prompt = "how do I reset my password today"
+    store, cache, [kept] = await _down_cache_of(clock, prompt)
+    for n in range(50):
+        with pytest.raises(Unavailable):
+            await cache.distrust("globex", f"globex:{n}")
+    store.down, store.calls = False, 0
+    hit = await cache.lookup_exact("acme:s1", prompt)
+    assert hit is not None and hit.entry.entry_id == kept
+    assert store.calls == 1  # its own exact read; the hit is counted by record_hit
+    await cache.settle_owed()
+    assert store.calls > 50  # settled off the request path
+
+
+async def test_while_the_store_is_still_down_a_lookup_tries_one_owed_removal_not_all(
+    clock: ManualClock,
+) -> None:
+    store, cache, _ = await _down_cache_of(clock)
+    for n in range(20):
+        with pytest.raises(Unavailable):
+            await cache.distrust("globex", f"globex:{n}")
+    store.calls = 0
+    assert await cache.lookup_exact("acme:s1", "how do I reset my password today") is None
+    await cache.settle_owed()
+    assert store.calls == 2  # the lookup's read and the first owed removal's, both refused
+    await cache.aclose()
 
 
 async def test_stats_leave_out_entries_past_expiry_and_grace_as_redis_does(
