@@ -342,11 +342,18 @@ class SemanticCache:
         if entry is None:
             return 0
         rule = self._distrust
-        for neighbour in self._index.search(entry.scope, entry.embedding, rule.neighbours):
-            if neighbour.entry_id != entry_id and neighbour.similarity >= rule.radius:
-                raised = self.penalty_of(neighbour.entry_id) + rule.penalty
-                self._penalties[neighbour.entry_id] = min(rule.max_penalty, raised)
-        return await self._invalidate(tenant, [entry_id])
+        neighbours = [
+            n.entry_id
+            for n in self._index.search(entry.scope, entry.embedding, rule.neighbours)
+            if n.entry_id != entry_id and n.similarity >= rule.radius
+        ]
+        removed = await self._invalidate(tenant, [entry_id])
+        # Only once the removal is made: a refused delete leaves it owed and tried again, and
+        # each try would have raised the penalties once more for the one thumbs-down.
+        for neighbour_id in neighbours:
+            raised = self.penalty_of(neighbour_id) + rule.penalty
+            self._penalties[neighbour_id] = min(rule.max_penalty, raised)
+        return removed
 
     def penalty_of(self, entry_id: str) -> float:
         return self._penalties.get(entry_id, 0.0)

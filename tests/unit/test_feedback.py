@@ -11,10 +11,10 @@ import pytest
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.hit_policy import HitRequirement
 from routecache.cache.memory_store import InMemoryEntryStore
-from routecache.cache.ports import Vector
+from routecache.cache.ports import StoreUnavailable, Vector
 from routecache.cache.semantic_cache import Distrust, NewEntry, SemanticCache
 from routecache.domain import CacheOutcome, ChatRequest, Feedback, Message, Role, Tier
-from routecache.errors import InvalidArgument
+from routecache.errors import InvalidArgument, Unavailable
 from routecache.router.logs import REQUEST_ID
 from tests.fakes import ManualClock, count_shared_calls, eventually
 from tests.unit.conftest import KEYS, Harness
@@ -272,3 +272,34 @@ async def test_penalties_cap_at_the_documented_0_2_by_default() -> None:
     for i in range(8):
         await cache.distrust("acme", await put(cache, f"bad {i}", at_angle(0.1 + i * 0.01)))
     assert cache.penalty_of(neighbour) == pytest.approx(0.2)
+
+
+class _RefusingDeletes(InMemoryEntryStore):
+    """Answers reads, refuses deletes (Redis out of memory) while `refusing` is set."""
+
+    refusing = False
+
+    async def delete(self, entry_ids):  # type: ignore[no-untyped-def]
+        if self.refusing:
+            raise StoreUnavailable("refused")
+        return await super().delete(entry_ids)
+
+
+async def test_a_thumbs_down_owed_over_several_tries_raises_the_neighbours_penalty_once() -> None:
+    # Before: each try read the entry and raised its neighbours' penalties, then the delete
+    # was refused and the removal stayed owed: three tries, three penalties for one thumbs-down.
+    clock = ManualClock()
+    store = _RefusingDeletes(100, clock)
+    cache = SemanticCache(store, ScopedFaissIndex(4), clock,
+                          distrust=Distrust(radius=0.8, penalty=0.05, max_penalty=0.2))  # fmt: skip
+    bad = await put(cache, "capital of France", at_angle(0.0))
+    neighbour = await put(cache, "capital of Spain", at_angle(math.acos(0.95)))
+    store.refusing = True
+    with pytest.raises(Unavailable):
+        await cache.distrust("acme", bad)
+    for _ in range(3):
+        await cache.settle_owed()
+    store.refusing = False
+    await cache.settle_owed()
+    assert await cache.get("acme", bad) is None
+    assert cache.penalty_of(neighbour) == pytest.approx(0.05)
