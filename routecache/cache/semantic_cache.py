@@ -229,7 +229,8 @@ class SemanticCache:
             k = min(k * 4, max(self._candidates, _MOST_NEIGHBOURS))
 
     async def _sees_whole(self, prompt: str) -> bool:
-        # Off the event loop, as the verifier: a long prompt takes milliseconds to tokenize.
+        # Off the event loop, as the verifier: a prompt of thousands of characters takes
+        # milliseconds to tokenize.
         return self._seen_whole is None or await asyncio.to_thread(self._seen_whole, prompt)
 
     async def store(self, new: NewEntry) -> CacheEntry | None:
