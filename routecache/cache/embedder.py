@@ -39,6 +39,36 @@ def mean_pool(hidden: Any, attention_mask: Any) -> Any:
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
 
+class WholeTextCheck:
+    """Whether all-MiniLM-L6-v2 sees all of a text: no piece its vocabulary lacks ([UNK]: an
+    emoji, a script it was not trained on, a "word" over 100 characters) and nothing cut at
+    MAX_TOKENS. Texts differing only elsewhere get the same vector (cosine 1.0).
+
+    A tokenizer of its own, untruncated: the encoder's runs on the embedding thread, and a fast
+    tokenizer whose truncation is changed while it encodes fails ('Already borrowed').
+    """
+
+    def __init__(self, model_dir: Path) -> None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        self._unknown = tokenizer.unk_token_id
+        longest = max(len(piece.removeprefix("##")) for piece in tokenizer.get_vocab())
+        # Seen whole, a text is at most MAX_TOKENS - 2 pieces ([CLS] and [SEP] aside) of at
+        # most `longest` characters: one with more (spaces aside) is cut or holds an [UNK].
+        # Told without tokenizing it: a 32k-character prompt takes ~20 ms to tokenize.
+        self._most_chars = (MAX_TOKENS - 2) * longest
+        self._tokenizer = tokenizer.backend_tokenizer
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
+
+    def __call__(self, text: str) -> bool:
+        if sum(map(len, text.split())) > self._most_chars:
+            return False
+        ids = self._tokenizer.encode(text).ids  # with [CLS] and [SEP], as MAX_TOKENS counts
+        return len(ids) <= MAX_TOKENS and self._unknown not in ids
+
+
 class MiniLMEmbedder:
     """Mean-pooled, normalised sentence embeddings straight from the transformer in torch.
 
@@ -58,6 +88,7 @@ class MiniLMEmbedder:
         self._tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         self._model = AutoModel.from_pretrained(str(directory), local_files_only=True).eval()
         self._name = f"all-MiniLM-L6-v2@{directory.name}"
+        self.sees_whole = WholeTextCheck(directory)
 
     @property
     def dimension(self) -> int:

@@ -25,7 +25,13 @@ import numpy as np
 import numpy.typing as npt
 
 from routecache.atomic_file import publish_file
-from routecache.cache.embedder import MAX_TOKENS, MINILM_DIMENSION, mean_pool, packaged_minilm_path
+from routecache.cache.embedder import (
+    MAX_TOKENS,
+    MINILM_DIMENSION,
+    WholeTextCheck,
+    mean_pool,
+    packaged_minilm_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +323,7 @@ class OnnxMiniLMEmbedder:
         self._tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         self._name = f"all-MiniLM-L6-v2@{directory.name}"
         self.path = path
+        self.sees_whole = WholeTextCheck(directory)
 
     @property
     def dimension(self) -> int:

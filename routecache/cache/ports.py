@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +26,18 @@ class Embedder(Protocol):
     def encode(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """Blocking: one row per text. The pipeline calls it off the event loop."""
         ...
+
+
+@runtime_checkable
+class SeesWhole(Protocol):
+    """An embedder that can tell whether its model sees all of a text.
+
+    Two texts that differ only where the model cannot see (pieces its vocabulary lacks, read
+    as [UNK]; a tail cut at its token limit) get the same vector, and the verifier reads the
+    same: the cache matches such a text by the exact tier only.
+    """
+
+    def sees_whole(self, text: str) -> bool: ...
 
 
 @dataclass

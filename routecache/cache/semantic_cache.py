@@ -105,8 +105,13 @@ class SemanticCache:
         distrust: Distrust | None = None,
         stale_grace_seconds: float = 0.0,
         policy: HitPolicy | None = None,
+        seen_whole: Callable[[str], bool] | None = None,
     ) -> None:
         self._store = store
+        # Whether the embedder's model sees all of a prompt (see `ports.SeesWhole`): two
+        # prompts that differ only where it cannot see get the same vector, so a prompt or an
+        # entry not seen whole is matched by the exact tier only. None: every prompt is.
+        self._seen_whole = seen_whole
         self._policy: HitPolicy = policy or CosinePolicy()
         self._index = index
         self._clock = clock
@@ -192,6 +197,7 @@ class SemanticCache:
         # passed over, so they must not use up the search: while all of the k nearest were
         # passed over, it looks again 4 times as wide, up to a bound on the store reads.
         seen: set[str] = set()
+        prompt_checked = False  # checked at the first candidate: most misses have none
         k = self._candidates
         while True:
             neighbours = self._index.search(scope, vector, k)
@@ -203,6 +209,10 @@ class SemanticCache:
                     return None  # neighbours come best first
                 if not clears(neighbour.similarity, floor + self.penalty_of(neighbour.entry_id)):
                     continue
+                if not prompt_checked:
+                    if not await self._sees_whole(prompt):
+                        return None
+                    prompt_checked = True
                 # The store is the truth: an entry the index still holds but the store no
                 # longer has (deleted on another replica, expired) is dropped here, never served.
                 entry = await self._store.get(neighbour.entry_id)
@@ -210,7 +220,8 @@ class SemanticCache:
                     self.forget_removed(scope, neighbour.entry_id)
                     continue
                 if (self._owes(entry) or not _answers(entry, scope, forced)
-                        or not await usable(entry)):  # fmt: skip
+                        or not await usable(entry)
+                        or not await self._sees_whole(entry.prompt)):  # fmt: skip
                     continue
                 verdict = await self._policy.judge(
                     prompt, entry.prompt, neighbour.similarity, requirement
@@ -222,6 +233,11 @@ class SemanticCache:
             if len(neighbours) < k or k >= max(self._candidates, _MOST_NEIGHBOURS):
                 return None  # the scope has no more, or the bound is reached
             k = min(k * 4, max(self._candidates, _MOST_NEIGHBOURS))
+
+    async def _sees_whole(self, prompt: str) -> bool:
+        # Off the event loop, as the verifier: a prompt of thousands of characters takes
+        # milliseconds to tokenize.
+        return self._seen_whole is None or await asyncio.to_thread(self._seen_whole, prompt)
 
     async def store(self, new: NewEntry) -> CacheEntry | None:
         """Stores the entry; None when the store is unavailable (the answer is still served)."""

@@ -30,7 +30,7 @@ from routecache.cache.faiss_index import IndexPolicy, ScopedFaissIndex
 from routecache.cache.hit_policy import CosinePolicy, HitPolicy, PolicyCalibration, VerifiedPolicy
 from routecache.cache.memory_store import InMemoryEntryStore
 from routecache.cache.onnx_embedder import OnnxCacheError, OnnxMiniLMEmbedder
-from routecache.cache.ports import Embedder, EntryStore, VectorIndex
+from routecache.cache.ports import Embedder, EntryStore, SeesWhole, VectorIndex
 from routecache.cache.semantic_cache import Distrust, SemanticCache
 from routecache.cache.snapshot import SnapshotError
 from routecache.classifier.model import (
@@ -440,6 +440,7 @@ def build_service(
         distrust=Distrust(settings.cache.feedback_radius, settings.cache.feedback_penalty),
         stale_grace_seconds=settings.upstream.stale_grace_seconds,
         policy=parts.hit_policy or build_hit_policy(settings, embedder.name),
+        seen_whole=embedder.sees_whole if isinstance(embedder, SeesWhole) else None,
     )
     acquired.add("the cache's owed removals", cache.aclose)
     telemetry.watch_count("cache_bypassed", lambda: cache.bypassed)

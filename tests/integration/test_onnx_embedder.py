@@ -11,19 +11,38 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from routecache.cache import onnx_embedder
+from routecache.cache.cross_encoder import (
+    GRAPH_FILE,
+    POLICY_FILE,
+    OnnxCrossEncoder,
+    packaged_verifier_dir,
+)
 from routecache.cache.embedder import MiniLMEmbedder, checked_minilm_dir, packaged_minilm_path
+from routecache.cache.faiss_index import ScopedFaissIndex
+from routecache.cache.hit_policy import (
+    CosinePolicy,
+    HitRequirement,
+    PolicyCalibration,
+    VerifiedPolicy,
+)
+from routecache.cache.memory_store import InMemoryEntryStore
 from routecache.cache.onnx_embedder import (
     OnnxMiniLMEmbedder,
     ensure_onnx_export,
     export_minilm_onnx,
     onnx_path_for,
 )
+from routecache.cache.ports import SeesWhole
+from routecache.cache.semantic_cache import NewEntry, SemanticCache
+from routecache.domain import Tier
 from routecache.router.bootstrap import build_embedder
 from routecache.router.cli import main
 from routecache.router.settings import ConfigError, load_settings
+from tests.fakes import ManualClock
 from tests.onnx_graphs import identity_model
 from tests.unit.conftest import record_fsyncs
 
@@ -275,3 +294,77 @@ def test_export_onnx_into_a_read_only_folder_is_one_line_naming_the_flag(
     assert capsys.readouterr().err.startswith(
         f"routecache: --onnx-dir: the ONNX cache folder {read_only_folder / 'sub'} is not writable"
     )
+
+
+@pytest.fixture(scope="module")
+def onnx_minilm() -> OnnxMiniLMEmbedder:
+    return OnnxMiniLMEmbedder()
+
+
+_REPORT = (
+    "The quarterly report describes revenue growth in Europe, two new factories in Poland and "
+    "Spain, a new chief financial officer and a lawsuit filed by a former supplier. "
+) * 10
+# Pairs the model cannot tell apart: it sees both texts of each the same (cosine 1.0).
+UNSEEN_PAIRS = {
+    "emoji it lacks ([UNK])": ("What does the 😀 emoji mean?", "What does the 😡 emoji mean?"),
+    "a word over 100 characters ([UNK])": (
+        "Why does my API key " + "k3" * 55 + " get rejected?",
+        "Why does my API key " + "x9" * 55 + " get rejected?",
+    ),
+    "past 256 tokens (cut)": (
+        _REPORT + "Question: who is the new chief financial officer?",
+        _REPORT + "Question: translate the whole report into French.",
+    ),
+}
+PARAPHRASE = ("How are hydrogen bombs made?", "How do they make a hydrogen bomb?")
+
+
+def test_the_embedders_say_which_texts_their_model_sees_whole(
+    onnx_minilm: OnnxMiniLMEmbedder,
+) -> None:
+    assert isinstance(onnx_minilm, SeesWhole)  # what bootstrap gives the cache
+    for first, second in UNSEEN_PAIRS.values():
+        assert float(np.dot(*onnx_minilm.encode([first, second]))) == pytest.approx(1.0, abs=1e-5)
+        assert not onnx_minilm.sees_whole(first) and not onnx_minilm.sees_whole(second)
+    assert all(onnx_minilm.sees_whole(text) for text in [*PARAPHRASE, *TEXTS[:3]])
+    assert not MiniLMEmbedder().sees_whole(UNSEEN_PAIRS["emoji it lacks ([UNK])"][0])
+    # 254 pieces and [CLS] and [SEP] are all the model takes; one more is cut.
+    assert onnx_minilm.sees_whole("a " * 254) and not onnx_minilm.sees_whole("a " * 255)
+    # As many characters as whole pieces can hold: told by tokenizing, not by length alone.
+    assert onnx_minilm.sees_whole("telecommunications " * 254)
+
+
+@pytest.mark.parametrize("verified", [True, False], ids=["verifier", "cosine only"])
+async def test_prompts_differing_only_where_the_model_cannot_see_are_no_semantic_hit(
+    onnx_minilm: OnnxMiniLMEmbedder, verified: bool
+) -> None:
+    calibration = PolicyCalibration.load(packaged_verifier_dir() / POLICY_FILE)
+    scorer = OnnxCrossEncoder(packaged_verifier_dir() / GRAPH_FILE, calibration.symmetric)
+    policy = VerifiedPolicy(calibration, scorer) if verified else CosinePolicy()
+    clock = ManualClock()
+    cache = SemanticCache(
+        InMemoryEntryStore(max_entries=10, clock=clock),
+        ScopedFaissIndex(onnx_minilm.dimension),
+        clock,
+        policy=policy,
+        seen_whole=onnx_minilm.sees_whole,
+    )
+    # A budget at which the verifier alone let most of these through.
+    requirement = HitRequirement(cosine_threshold=0.9, max_false_hit_rate=0.05)
+    hits = {}
+    for scope, (stored, asked) in [*UNSEEN_PAIRS.items(), ("paraphrase", PARAPHRASE)]:
+        vectors = onnx_minilm.encode([stored, asked])
+        await cache.store(_entry(scope, stored, vectors[0]))
+        hits[scope] = await cache.lookup_semantic(f"t:{scope}", asked, vectors[1], requirement)
+    assert {scope: hit is not None for scope, hit in hits.items()} == {
+        **dict.fromkeys(UNSEEN_PAIRS, False),
+        "paraphrase": True,
+    }
+
+
+def _entry(scope: str, prompt: str, vector: npt.NDArray[np.float32]) -> NewEntry:
+    return NewEntry(
+        tenant="t", scope=f"t:{scope}", prompt=prompt, answer="a", model="m", tier=Tier.CHEAP,
+        embedding=vector, cost_usd=0.0, prompt_tokens=1, completion_tokens=1, ttl_seconds=60,
+    )  # fmt: skip

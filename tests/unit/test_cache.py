@@ -16,7 +16,7 @@ from routecache.cache.scope import exact_key
 from routecache.cache.semantic_cache import NewEntry, SemanticCache
 from routecache.domain import CacheOutcome, Tier
 from routecache.errors import Unavailable
-from tests.fakes import ManualClock
+from tests.fakes import ManualClock, PartlySeenEmbedder
 
 EMBED = HashEmbedder()
 
@@ -671,3 +671,42 @@ async def test_the_bound_drops_entries_past_their_grace_before_evicting_a_live_o
     assert await store.get(dead.entry_id) is None
     assert dead.entry_id not in [n.entry_id for n in cache.index.search("acme:s1", vec("dead"), 4)]
     assert await cache.entry_count("acme") == 2
+
+
+def cache_seeing(clock: ManualClock, grace: float = 0.0) -> SemanticCache:
+    """A cache whose model cannot see the emoji of `PartlySeenEmbedder.UNSEEN`."""
+    store = InMemoryEntryStore(max_entries=10, clock=clock, stale_grace_seconds=grace)
+    index = ScopedFaissIndex(EMBED.dimension)
+    seen_whole = PartlySeenEmbedder().sees_whole
+    return SemanticCache(store, index, clock, stale_grace_seconds=grace, seen_whole=seen_whole)
+
+
+async def test_a_prompt_the_model_cannot_see_whole_is_matched_by_the_exact_tier_only(
+    clock: ManualClock,
+) -> None:
+    cache = cache_seeing(clock, grace=60)
+    await cache.store(new_entry("What does the emoji mean?"))
+    await cache.store(new_entry("What does the 😀 emoji mean?"))
+    prompt = "What does the 😡 emoji mean?"
+    assert float(vec(prompt) @ vec("What does the emoji mean?")) == pytest.approx(1.0)
+    assert await cache.lookup_semantic("acme:s1", prompt, vec(prompt), HitRequirement(0.5)) is None
+    assert await cache.lookup_stale("acme:s1", prompt, vec(prompt), HitRequirement(0.5)) is None
+    exact = await cache.lookup_exact("acme:s1", "What does the 😀 emoji mean?")
+    assert exact is not None and exact.outcome is CacheOutcome.EXACT
+
+
+async def test_an_entry_the_model_could_not_see_whole_is_not_served_to_a_similar_prompt(
+    clock: ManualClock,
+) -> None:
+    # Its prompt's unseen part may be what its answer is about: only the nearest entry seen
+    # whole may serve, here one a little further off.
+    cache = cache_seeing(clock, grace=60)
+    unseen = await cache.store(new_entry("What does the 😀 emoji mean?"))
+    seen = await cache.store(new_entry("What does the emoji mean, please?"))
+    assert unseen is not None and seen is not None
+    prompt = "What does the emoji mean?"
+    for lookup in (cache.lookup_semantic, cache.lookup_stale):
+        hit = await lookup("acme:s1", prompt, vec(prompt), HitRequirement(0.5))
+        assert hit is not None and hit.entry.entry_id == seen.entry_id
+    await cache.invalidate_ids("acme", [seen.entry_id])
+    assert await cache.lookup_semantic("acme:s1", prompt, vec(prompt), HitRequirement(0.5)) is None

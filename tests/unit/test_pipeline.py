@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from routecache.cache.embedder import HashEmbedder
+from routecache.cache.ports import Embedder
 from routecache.classifier.model import FixedScoreClassifier
 from routecache.classifier.operating_point import CurvePoint, OperatingCurve
 from routecache.classifier.ports import DifficultyClassifier
@@ -40,7 +41,14 @@ from routecache.router.messages import request_from_pb
 from routecache.router.stats import TenantStatsBook
 from routecache.router.tenant_admin import InvalidateTarget
 from routecache.v1 import routecache_pb2 as pb
-from tests.fakes import FakeUpstream, count_shared_calls, eventually, json_answer, prose_answer
+from tests.fakes import (
+    FakeUpstream,
+    PartlySeenEmbedder,
+    count_shared_calls,
+    eventually,
+    json_answer,
+    prose_answer,
+)
 from tests.unit.conftest import KEYS, Harness, make_harness, unit_settings
 from tests.unit.test_registry_reload import _registry_with, fake_load
 
@@ -136,12 +144,15 @@ async def test_a_forced_strong_request_is_never_answered_by_a_cheap_models_cache
 
 
 def _service_with(
-    classifier: DifficultyClassifier, cheap: FakeUpstream, **tenant: object
+    classifier: DifficultyClassifier,
+    cheap: FakeUpstream,
+    embedder: Embedder | None = None,
+    **tenant: object,
 ) -> Service:
     return build_service(
         unit_settings(None, None, **tenant),
         Overrides(
-            embedder=HashEmbedder(),
+            embedder=embedder or HashEmbedder(),
             classifier=classifier,
             upstreams={Tier.CHEAP: cheap, Tier.STRONG: FakeUpstream("strong-model", json_answer)},
         ),
@@ -155,6 +166,20 @@ def _scoring_0_6_with_30_percent_strong_at_0_5() -> FixedScoreClassifier:
          CurvePoint(0.1, 1.0, 1.0, 0.8, 1.0)]
     )  # fmt: skip
     return FixedScoreClassifier(0.6, default_threshold=0.9, curve=curve)
+
+
+async def test_a_prompt_the_embedder_cannot_see_whole_is_matched_exactly_only() -> None:
+    # The two prompts get the same vector (the embedder cannot see the emoji), yet ask
+    # different things: the second is answered by a model, the first again from the cache.
+    cheap = FakeUpstream("cheap-model", prose_answer)
+    classifier = FixedScoreClassifier(0.2, default_threshold=0.5)
+    service = _service_with(classifier, cheap, embedder=PartlySeenEmbedder())
+    prompts = ["What does the 😀 emoji mean?", "What does the 😡 emoji mean?"]
+    outcomes = [(await service.pipeline.complete(ask(p), ACME)).cache.outcome for p in prompts]
+    again = await service.pipeline.complete(ask(prompts[0]), ACME)
+    assert outcomes == [CacheOutcome.MISS, CacheOutcome.MISS] and cheap.calls == prompts
+    assert again.cache.outcome is CacheOutcome.EXACT
+    await service.aclose()
 
 
 async def test_a_tenant_operating_point_is_resolved_by_the_model_in_service() -> None:
