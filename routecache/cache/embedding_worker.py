@@ -15,6 +15,8 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
+
 from routecache.cache.ports import Embedder, Vector
 
 log = logging.getLogger(__name__)
@@ -135,7 +137,9 @@ class EmbeddingWorker:
             return
         for p, row in zip(live, rows, strict=True):
             if not p.future.done():
-                p.future.set_result(row)
+                # A copy, not a view: the cache keeps each vector, and a row view would keep
+                # the whole batch's array alive with it (up to max_batch rows an entry).
+                p.future.set_result(np.array(row, copy=True))
 
     def close(self) -> None:
         """Cancels the callers still queued or in a pass; any later embed() fails at once."""

@@ -76,6 +76,20 @@ async def test_each_caller_gets_its_own_row() -> None:
         assert np.allclose(vector, HashEmbedder(16).encode([text])[0])
 
 
+async def test_each_caller_owns_its_row_instead_of_keeping_the_whole_batch_alive() -> None:
+    # A row view of the batch array kept the whole batch alive in the cache's CacheEntry:
+    # up to 32 rows a cached entry instead of its own one.
+    embedder = RecordingEmbedder()
+    worker, busy = await held_in_a_pass(embedder)
+    queued = [asyncio.ensure_future(worker.embed(f"queued question {i}")) for i in range(3)]
+    await eventually(lambda: worker.pending == 4, "three texts queued behind the pass")
+    embedder.gate.set()
+    vectors = await asyncio.wait_for(asyncio.gather(busy, *queued), timeout=5)
+    worker.close()
+    assert [len(b) for b in embedder.batches] == [1, 3]
+    assert all(v.base is None and v.flags.owndata for v in vectors)
+
+
 def bucket_lengths(lengths: Sequence[int], policy: BatchPolicy) -> list[list[int]]:
     """The text lengths of each bucket length_buckets cuts from texts of these lengths."""
     loop = asyncio.new_event_loop()
