@@ -3,6 +3,7 @@ single-flight → classifier → models and validators → store → event → a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -110,7 +111,9 @@ class Pipeline:
             tenant = await self._p.authenticator.resolve(api_key)
             tenant_name = tenant.name
             completion = await self._complete(tenant, request, started, deadline)
-        except Exception as error:  # a bug included: it fails the call INTERNAL, recorded too
+        # CancelledError is no Exception: a caller gone or a deadline passed is recorded too
+        # (as "cancelled"), or the latency histogram would leave out the slowest requests.
+        except (Exception, asyncio.CancelledError) as error:  # a bug: INTERNAL, recorded too
             self._record_failure(tenant_name, request, error, started)
             raise
         finally:
@@ -138,10 +141,15 @@ class Pipeline:
         return completion
 
     def _record_failure(
-        self, tenant: str, request: ChatRequest, error: Exception, started: float
+        self, tenant: str, request: ChatRequest, error: BaseException, started: float
     ) -> None:
         seconds = time.perf_counter() - started
-        reason = error_reason(error) if isinstance(error, RouteCacheError) else "internal"
+        if isinstance(error, asyncio.CancelledError):
+            reason = "cancelled"  # the caller left or its deadline passed: routine
+        elif isinstance(error, RouteCacheError):
+            reason = error_reason(error)
+        else:
+            reason = "internal"
         report = error.report if isinstance(error, FailedValidation) else None
         failed = () if report is None else tuple(r.name for r in report.results if not r.passed)
         labels = () if report is None else failed_validator_labels(report, request)
@@ -184,7 +192,9 @@ class Pipeline:
                     failed = failed_validator_labels(event.validation, request)
                     telemetry.request_completed(tenant.name, event, seconds, failed)
                 yield event
-        except Exception as error:  # a bug included: it fails the call INTERNAL, recorded too
+        # CancelledError is no Exception: a caller gone or a deadline passed is recorded too
+        # (as "cancelled"), or the latency histogram would leave out the slowest requests.
+        except (Exception, asyncio.CancelledError) as error:  # a bug: INTERNAL, recorded too
             self._record_failure(tenant_name, request, error, started)
             raise
         finally:

@@ -37,6 +37,7 @@ from routecache.router.bootstrap import Overrides, Service, build_service
 from routecache.router.budget import Period
 from routecache.router.logs import REQUEST_ID
 from routecache.router.messages import request_from_pb
+from routecache.router.pipeline import Pipeline
 from routecache.router.stats import TenantStatsBook
 from routecache.router.tenant_admin import InvalidateTarget
 from routecache.v1 import routecache_pb2 as pb
@@ -527,6 +528,31 @@ async def test_invalidate_by_tag_and_all_is_tenant_scoped(harness: Harness) -> N
     assert await pipeline.admin.invalidate(InvalidateTarget(all_entries=True), GLOBEX) == 1
     with pytest.raises(InvalidArgument):
         await pipeline.admin.invalidate(InvalidateTarget(), ACME)
+
+
+async def drain_stream(pipeline: Pipeline, request: ChatRequest) -> None:
+    _ = [e async for e in pipeline.complete_stream(request, ACME)]
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["unary", "stream"])
+async def test_a_cancelled_request_is_recorded_as_a_cancelled_failure(
+    harness: Harness, streamed: bool
+) -> None:
+    # CancelledError is no Exception: a caller gone or a deadline passed was in no request
+    # metric at all (request latency and errors_total), so p99 read too low under timeouts.
+    harness.cheap.gate = asyncio.Event()
+    pipeline = harness.service.pipeline
+    request = ask("slow one")
+    call = drain_stream(pipeline, request) if streamed else pipeline.complete(request, ACME)
+    task = asyncio.ensure_future(call)
+    await eventually(lambda: harness.cheap.calls == ["slow one"], "the model call is held")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    telemetry = harness.telemetry
+    assert (telemetry.started, telemetry.ended) == (1, 1)
+    assert telemetry.failed == [("acme", "cancelled", ())]
+    assert not telemetry.completed
 
 
 async def test_stream_yields_chunks_then_the_final_completion(harness: Harness) -> None:
