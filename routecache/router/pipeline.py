@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -16,7 +17,7 @@ from routecache.cache.hit_policy import HitRequirement
 from routecache.cache.ports import Vector
 from routecache.cache.scope import exact_key, scope_key
 from routecache.cache.semantic_cache import CacheHit, NewEntry, SemanticCache
-from routecache.classifier.ports import DifficultyClassifier
+from routecache.classifier.ports import Assessment, DifficultyClassifier
 from routecache.domain import (
     CacheInfo,
     ChatRequest,
@@ -89,6 +90,7 @@ class Pipeline:
         self._single_flight: SingleFlight[tuple[Generated, Booking]] = SingleFlight()
         # Feedback, invalidation and stats: what a tenant does with the answers it was given.
         self.admin = TenantAdmin(parts, self._stats, self._responses)
+        self._unscored_logged = False  # a classifier's non-finite score is logged once
 
     @property
     def cache(self) -> SemanticCache:
@@ -415,6 +417,22 @@ class Pipeline:
         """
         classifier = self._p.classifier
         assessment = classifier.assess(vector, request.prompt)
+        if not (
+            math.isfinite(assessment.failure_probability)
+            and math.isfinite(assessment.routing_score)
+        ):
+            # NaN >= threshold is False: a request the model cannot score (a NaN embedding)
+            # went to the cheap model, silently. The safe side is to treat it as hard; and a
+            # NaN difficulty in the event log is no JSON.
+            if not self._unscored_logged:
+                self._unscored_logged = True
+                log.warning(
+                    "classifier %s gave a score that is not a finite number (%s); routing such "
+                    "requests to the strong model (logged once)",
+                    classifier.version,
+                    assessment,
+                )
+            assessment = Assessment(failure_probability=1.0, routing_score=math.inf)
         difficulty = assessment.failure_probability
         version = classifier.version
         if request.force_tier is not None:  # one the tenant may use: checked on admission

@@ -1,14 +1,17 @@
 import asyncio
 import json
 import logging
+import math
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 import pytest
 
 from routecache.cache.embedder import HashEmbedder
 from routecache.classifier.model import FixedScoreClassifier
 from routecache.classifier.operating_point import CurvePoint, OperatingCurve
-from routecache.classifier.ports import DifficultyClassifier
+from routecache.classifier.ports import Assessment, DifficultyClassifier
 from routecache.classifier.reloading import ReloadingClassifier
 from routecache.domain import (
     CacheControl,
@@ -147,6 +150,29 @@ def _service_with(
             upstreams={Tier.CHEAP: cheap, Tier.STRONG: FakeUpstream("strong-model", json_answer)},
         ),
     )
+
+
+class _ScoringNaN(FixedScoreClassifier):
+    """A classifier given an embedding it cannot score (a NaN row): every score is NaN."""
+
+    def assess(self, embedding: npt.NDArray[np.float32], text: str) -> Assessment:
+        return Assessment(failure_probability=math.nan, routing_score=math.nan)
+
+
+async def test_a_score_that_is_not_a_number_routes_strong_and_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # NaN >= threshold is False: an unscorable request went to the cheap model, silently.
+    cheap = FakeUpstream("cheap-model", prose_answer)
+    service = _service_with(_ScoringNaN(0.1), cheap)
+    caplog.set_level(logging.WARNING, logger="routecache.router.pipeline")
+    for prompt in ("first question", "second question"):
+        done = await service.pipeline.complete(ask(prompt), ACME)
+        assert (done.tier, done.difficulty) == (Tier.STRONG, 1.0)
+    assert cheap.calls == []
+    unscored = [r for r in caplog.records if "not a finite number" in r.getMessage()]
+    assert len(unscored) == 1
+    await service.aclose()
 
 
 def _scoring_0_6_with_30_percent_strong_at_0_5() -> FixedScoreClassifier:
