@@ -130,7 +130,12 @@ class ReloadingClassifier:
         reads both again.
         """
         wanted = self._registry.current_version()
-        if wanted is None or wanted == self._entry or wanted == self._failed_version:
+        if wanted == self._entry:
+            # Back to the model in service (a roll back after a failed promotion): the failure
+            # on record is history, and promoting that version again is a new change to try.
+            self._failed_version = None
+            return False
+        if wanted is None or wanted == self._failed_version:
             return False
         path = self._registry.artifact_path(wanted)
         try:

@@ -3,7 +3,9 @@ single-flight → classifier → models and validators → store → event → a
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -15,7 +17,7 @@ from routecache.cache.hit_policy import HitRequirement
 from routecache.cache.ports import Vector
 from routecache.cache.scope import exact_key, scope_key
 from routecache.cache.semantic_cache import CacheHit, NewEntry, SemanticCache
-from routecache.classifier.ports import DifficultyClassifier
+from routecache.classifier.ports import Assessment, DifficultyClassifier
 from routecache.domain import (
     CacheInfo,
     ChatRequest,
@@ -90,6 +92,7 @@ class Pipeline:
         self._single_flight: SingleFlight[tuple[Generated, Booking, str]] = SingleFlight()
         # Feedback, invalidation and stats: what a tenant does with the answers it was given.
         self.admin = TenantAdmin(parts, self._stats, self._responses)
+        self._unscored_logged = False  # a classifier's non-finite score is logged once
 
     @property
     def cache(self) -> SemanticCache:
@@ -112,7 +115,9 @@ class Pipeline:
             tenant = await self._p.authenticator.resolve(api_key)
             tenant_name = tenant.name
             completion = await self._complete(tenant, request, started, deadline)
-        except Exception as error:  # a bug included: it fails the call INTERNAL, recorded too
+        # CancelledError is no Exception: a caller gone or a deadline passed is recorded too
+        # (as "cancelled"), or the latency histogram would leave out the slowest requests.
+        except (Exception, asyncio.CancelledError) as error:  # a bug: INTERNAL, recorded too
             self._record_failure(tenant_name, request, error, started)
             raise
         finally:
@@ -141,10 +146,15 @@ class Pipeline:
         return completion
 
     def _record_failure(
-        self, tenant: str, request: ChatRequest, error: Exception, started: float
+        self, tenant: str, request: ChatRequest, error: BaseException, started: float
     ) -> None:
         seconds = time.perf_counter() - started
-        reason = error_reason(error) if isinstance(error, RouteCacheError) else "internal"
+        if isinstance(error, asyncio.CancelledError):
+            reason = "cancelled"  # the caller left or its deadline passed: routine
+        elif isinstance(error, RouteCacheError):
+            reason = error_reason(error)
+        else:
+            reason = "internal"
         report = error.report if isinstance(error, FailedValidation) else None
         failed = () if report is None else tuple(r.name for r in report.results if not r.passed)
         labels = () if report is None else failed_validator_labels(report, request)
@@ -187,7 +197,9 @@ class Pipeline:
                     failed = failed_validator_labels(event.validation, request)
                     telemetry.request_completed(tenant.name, event, seconds, failed)
                 yield event
-        except Exception as error:  # a bug included: it fails the call INTERNAL, recorded too
+        # CancelledError is no Exception: a caller gone or a deadline passed is recorded too
+        # (as "cancelled"), or the latency histogram would leave out the slowest requests.
+        except (Exception, asyncio.CancelledError) as error:  # a bug: INTERNAL, recorded too
             self._record_failure(tenant_name, request, error, started)
             raise
         finally:
@@ -417,6 +429,22 @@ class Pipeline:
         """
         classifier = self._p.classifier
         assessment = classifier.assess(vector, request.prompt)
+        if not (
+            math.isfinite(assessment.failure_probability)
+            and math.isfinite(assessment.routing_score)
+        ):
+            # NaN >= threshold is False: a request the model cannot score (a NaN embedding)
+            # went to the cheap model, silently. The safe side is to treat it as hard; and a
+            # NaN difficulty in the event log is no JSON.
+            if not self._unscored_logged:
+                self._unscored_logged = True
+                log.warning(
+                    "classifier %s gave a score that is not a finite number (%s); routing such "
+                    "requests to the strong model (logged once)",
+                    classifier.version,
+                    assessment,
+                )
+            assessment = Assessment(failure_probability=1.0, routing_score=math.inf)
         difficulty = assessment.failure_probability
         version = classifier.version
         if request.force_tier is not None:  # one the tenant may use: checked on admission

@@ -76,6 +76,20 @@ async def test_each_caller_gets_its_own_row() -> None:
         assert np.allclose(vector, HashEmbedder(16).encode([text])[0])
 
 
+async def test_each_caller_owns_its_row_instead_of_keeping_the_whole_batch_alive() -> None:
+    # A row view of the batch array kept the whole batch alive in the cache's CacheEntry:
+    # up to 32 rows a cached entry instead of its own one.
+    embedder = RecordingEmbedder()
+    worker, busy = await held_in_a_pass(embedder)
+    queued = [asyncio.ensure_future(worker.embed(f"queued question {i}")) for i in range(3)]
+    await eventually(lambda: worker.pending == 4, "three texts queued behind the pass")
+    embedder.gate.set()
+    vectors = await asyncio.wait_for(asyncio.gather(busy, *queued), timeout=5)
+    worker.close()
+    assert [len(b) for b in embedder.batches] == [1, 3]
+    assert all(v.base is None and v.flags.owndata for v in vectors)
+
+
 def bucket_lengths(lengths: Sequence[int], policy: BatchPolicy) -> list[list[int]]:
     """The text lengths of each bucket length_buckets cuts from texts of these lengths."""
     loop = asyncio.new_event_loop()
@@ -270,6 +284,75 @@ async def test_a_caller_that_gives_up_while_an_earlier_bucket_runs_is_not_encode
     await asyncio.wait_for(worker.embed("a later question"), timeout=5)
     worker.close()
     assert embedder.batches == [["keeps the encoder busy"], ["short one"], ["a later question"]]
+
+
+async def test_pending_stops_counting_callers_that_gave_up_while_queued() -> None:
+    # The gauge counted a caller cancelled in the queue until the pass ahead of it ended.
+    embedder = RecordingEmbedder()
+    worker, busy = await held_in_a_pass(embedder)
+    queued = [asyncio.ensure_future(worker.embed(f"queued question {i}")) for i in range(3)]
+    await eventually(lambda: worker.pending == 4, "three texts queued behind the pass")
+    for caller in queued:
+        caller.cancel()
+    await eventually(lambda: worker.pending == 1, "only the text in the encoder is counted")
+    embedder.gate.set()
+    await asyncio.wait_for(busy, timeout=5)
+    assert worker.pending == 0
+    worker.close()
+
+
+def lengths_of(batches: list[list[str]]) -> list[list[int]]:
+    return [[len(t) for t in batch] for batch in batches]
+
+
+async def test_a_short_text_arriving_mid_drain_waits_one_pass_not_the_whole_drain() -> None:
+    # A drain ran all its length buckets before looking at the queue again: a short question
+    # arriving meanwhile waited behind every longer bucket of a drain it was no part of.
+    embedder = SteppedEmbedder()
+    worker = EmbeddingWorker(embedder)
+    busy = asyncio.ensure_future(worker.embed("keeps the encoder busy"))
+    await asyncio.to_thread(embedder.started.acquire, timeout=5)
+    drained = [asyncio.ensure_future(worker.embed("y" * n)) for n in (30, 60, 120)]
+    await eventually(lambda: worker.pending == 4, "three texts of three buckets queued")
+    embedder.steps.release()  # the busy pass ends; the drain's shortest bucket goes in
+    await asyncio.to_thread(embedder.started.acquire, timeout=5)
+    late = asyncio.ensure_future(worker.embed("a late question"))
+    await eventually(lambda: worker.pending == 4, "the late text is queued")
+    for _ in range(4):
+        embedder.steps.release()
+    await asyncio.wait_for(asyncio.gather(busy, late, *drained), timeout=5)
+    worker.close()
+    assert lengths_of(embedder.batches) == [[22], [30], [15], [60], [120]]
+
+
+async def test_a_long_text_is_overtaken_by_later_shorter_texts_at_most_max_overtaken_times() -> (
+    None
+):
+    embedder = SteppedEmbedder()
+    worker = EmbeddingWorker(embedder, BatchPolicy(max_overtaken=2))
+    busy = asyncio.ensure_future(worker.embed("keeps the encoder busy"))
+    await asyncio.to_thread(embedder.started.acquire, timeout=5)
+    long = asyncio.ensure_future(worker.embed("z" * 200))
+    callers = [busy, long]
+    for n in range(4):  # a short text arrives during every pass
+        await eventually(lambda: worker.pending == 2, "the long text waits")
+        callers.append(asyncio.ensure_future(worker.embed(f"short {n}")))
+        await eventually(lambda: worker.pending == 3, "a short text is queued")
+        embedder.steps.release()
+        await asyncio.to_thread(embedder.started.acquire, timeout=5)
+    embedder.steps.release()
+    embedder.steps.release()
+    await asyncio.wait_for(asyncio.gather(*callers), timeout=5)
+    worker.close()
+    # short 0 came with the long text; shorts 1 and 2 overtake it; short 3 waits its turn.
+    assert lengths_of(embedder.batches) == [[22], [7], [7], [7], [200], [7]]
+
+
+def test_lengths_past_the_encoders_window_share_a_bucket() -> None:
+    # The encoder cuts every text at its window: a 3,000- and a 30,000-character text run as
+    # the same number of tokens and need not run as two passes.
+    policy = BatchPolicy(max_batch=32, max_length_ratio=1.5, max_text_chars=2048)
+    assert bucket_lengths((2100, 3000, 30000), policy) == [[2100, 3000, 30000]]
 
 
 async def test_closing_cancels_the_callers_whose_texts_were_already_taken_from_the_queue() -> None:

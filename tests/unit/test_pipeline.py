@@ -1,15 +1,18 @@
 import asyncio
 import json
 import logging
+import math
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 import pytest
 
 from routecache.cache.embedder import HashEmbedder
 from routecache.cache.ports import Embedder
 from routecache.classifier.model import FixedScoreClassifier
 from routecache.classifier.operating_point import CurvePoint, OperatingCurve
-from routecache.classifier.ports import DifficultyClassifier
+from routecache.classifier.ports import Assessment, DifficultyClassifier
 from routecache.classifier.reloading import ReloadingClassifier
 from routecache.domain import (
     CacheControl,
@@ -38,6 +41,7 @@ from routecache.router.bootstrap import Overrides, Service, build_service
 from routecache.router.budget import Period
 from routecache.router.logs import REQUEST_ID
 from routecache.router.messages import request_from_pb
+from routecache.router.pipeline import Pipeline
 from routecache.router.stats import TenantStatsBook
 from routecache.router.tenant_admin import InvalidateTarget
 from routecache.v1 import routecache_pb2 as pb
@@ -157,6 +161,29 @@ def _service_with(
             upstreams={Tier.CHEAP: cheap, Tier.STRONG: FakeUpstream("strong-model", json_answer)},
         ),
     )
+
+
+class _ScoringNaN(FixedScoreClassifier):
+    """A classifier given an embedding it cannot score (a NaN row): every score is NaN."""
+
+    def assess(self, embedding: npt.NDArray[np.float32], text: str) -> Assessment:
+        return Assessment(failure_probability=math.nan, routing_score=math.nan)
+
+
+async def test_a_score_that_is_not_a_number_routes_strong_and_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # NaN >= threshold is False: an unscorable request went to the cheap model, silently.
+    cheap = FakeUpstream("cheap-model", prose_answer)
+    service = _service_with(_ScoringNaN(0.1), cheap)
+    caplog.set_level(logging.WARNING, logger="routecache.router.pipeline")
+    for prompt in ("first question", "second question"):
+        done = await service.pipeline.complete(ask(prompt), ACME)
+        assert (done.tier, done.difficulty) == (Tier.STRONG, 1.0)
+    assert cheap.calls == []
+    unscored = [r for r in caplog.records if "not a finite number" in r.getMessage()]
+    assert len(unscored) == 1
+    await service.aclose()
 
 
 def _scoring_0_6_with_30_percent_strong_at_0_5() -> FixedScoreClassifier:
@@ -553,6 +580,31 @@ async def test_invalidate_by_tag_and_all_is_tenant_scoped(harness: Harness) -> N
     assert await pipeline.admin.invalidate(InvalidateTarget(all_entries=True), GLOBEX) == 1
     with pytest.raises(InvalidArgument):
         await pipeline.admin.invalidate(InvalidateTarget(), ACME)
+
+
+async def drain_stream(pipeline: Pipeline, request: ChatRequest) -> None:
+    _ = [e async for e in pipeline.complete_stream(request, ACME)]
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["unary", "stream"])
+async def test_a_cancelled_request_is_recorded_as_a_cancelled_failure(
+    harness: Harness, streamed: bool
+) -> None:
+    # CancelledError is no Exception: a caller gone or a deadline passed was in no request
+    # metric at all (request latency and errors_total), so p99 read too low under timeouts.
+    harness.cheap.gate = asyncio.Event()
+    pipeline = harness.service.pipeline
+    request = ask("slow one")
+    call = drain_stream(pipeline, request) if streamed else pipeline.complete(request, ACME)
+    task = asyncio.ensure_future(call)
+    await eventually(lambda: harness.cheap.calls == ["slow one"], "the model call is held")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    telemetry = harness.telemetry
+    assert (telemetry.started, telemetry.ended) == (1, 1)
+    assert telemetry.failed == [("acme", "cancelled", ())]
+    assert not telemetry.completed
 
 
 async def test_stream_yields_chunks_then_the_final_completion(harness: Harness) -> None:

@@ -543,10 +543,8 @@ async def test_a_version_that_names_no_embedder_is_checked_by_its_size_alone(
     assert classifier.version == "v2"
 
 
-async def test_a_version_that_failed_is_tried_again_when_promoted_again_later(
-    tmp_path: Path,
-) -> None:
-    # v2 failed once (not a read error); after v3 served, promoting v2 again is a new change.
+def _serving_v1_with_v2_failing_once(tmp_path: Path) -> tuple[ModelRegistry, ReloadingClassifier]:
+    """v1 in service; v2's first load fails (not a read error), a later one loads."""
     registry = _registry_with(tmp_path, "v1", "v2", "v3")
     failures = [ValueError("truncated artifact")]
 
@@ -557,9 +555,32 @@ async def test_a_version_that_failed_is_tried_again_when_promoted_again_later(
 
     registry.promote("v1")
     classifier = ReloadingClassifier.from_registry(registry, load_failing_once, tmp_path / "none")
+    return registry, classifier
+
+
+async def test_a_version_that_failed_is_tried_again_when_promoted_again_later(
+    tmp_path: Path,
+) -> None:
+    # v2 failed once; after v3 served, promoting v2 again is a new change.
+    registry, classifier = _serving_v1_with_v2_failing_once(tmp_path)
     for version, swapped in (("v2", False), ("v3", True), ("v2", True)):
         registry.promote(version)
         assert await classifier.refresh() is swapped
+    assert classifier.version == "v2"
+
+
+async def test_a_version_that_failed_is_tried_again_when_promoted_again_after_a_roll_back(
+    tmp_path: Path,
+) -> None:
+    # Rolled back to the model in service, then v2 promoted again: that is a later pointer
+    # change too, but the failure on record was never cleared and v2 was never loaded again.
+    registry, classifier = _serving_v1_with_v2_failing_once(tmp_path)
+    registry.promote("v2")
+    assert await classifier.refresh() is False
+    registry.rollback()
+    assert await classifier.refresh() is False and classifier.version == "v1"
+    registry.promote("v2")
+    assert await classifier.refresh() is True
     assert classifier.version == "v2"
 
 
