@@ -37,8 +37,10 @@ from routecache.training.eval_cache import (
     candidates_for,
     embed_texts,
     score_candidates,
+    seen_whole_of,
     summarise,
     verifier_latency_ms,
+    without_unseen,
 )
 from routecache.training.pair_data import LabelledPair, load_pairs
 
@@ -114,17 +116,18 @@ def row(result: CacheEvaluation, setting: str) -> dict[str, Any]:
 def policy_rows(
     mode: Mode,
     candidates: Candidates,
+    ours: Candidates,  # `candidates` as routecache's cache finds them (without_unseen)
     duplicates: int,
     verified: HitPolicy,
     budgets: Sequence[float],
     thresholds: Sequence[float],
 ) -> list[dict[str, Any]]:
     rows = []
-    scores = score_candidates(verified, candidates)
+    scores = score_candidates(verified, ours)
     for budget in budgets:
         requirement = HitRequirement(0.9, budget)
-        verdicts = verified.decide(scores, candidates.similarities, requirement)
-        result = summarise(mode, "verified", candidates, duplicates, verdicts, requirement, True)
+        verdicts = verified.decide(scores, ours.similarities, requirement)
+        result = summarise(mode, "verified", ours, duplicates, verdicts, requirement, True)
         rows.append(row(result, f"budget {budget}") | {"verified_share": result.verified_share})
     cosine = CosinePolicy()
     nan = np.full(len(candidates.texts), np.nan)
@@ -158,6 +161,7 @@ def main() -> None:
 
     settings = load_settings(None)
     embedder = build_embedder(settings)
+    seen_whole = seen_whole_of(embedder)  # ours only: a plain cosine cache has no such rule
     verified = build_hit_policy(settings, embedder.name)
     pairs = load_pairs(args.pairs, limit=args.limit)
     duplicates = sum(p.duplicate for p in pairs)
@@ -174,6 +178,7 @@ def main() -> None:
         rows += policy_rows(
             mode,
             candidates,
+            without_unseen(candidates, seen_whole) if seen_whole else candidates,
             duplicates,
             verified,
             [float(b) for b in args.budgets.split(",")],

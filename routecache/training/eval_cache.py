@@ -17,9 +17,10 @@ pairs answered by their partner / all duplicate pairs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from routecache.cache.hit_policy import CosinePolicy, HitPolicy, HitRequirement, HitVerdict, clears
-from routecache.cache.ports import Embedder, VectorIndex
+from routecache.cache.ports import Embedder, SeesWhole, VectorIndex
 from routecache.cli_args import fractions, listed, number_between, positive_int
 from routecache.training.data_files import DataFileError, exits_2_on_data_error
 from routecache.training.pair_data import (
@@ -127,12 +128,32 @@ def candidates_for(
     vectors: dict[str, np.ndarray],
     mode: Mode,
     index: VectorIndex | None = None,
+    seen_whole: Callable[[str], bool] | None = None,
 ) -> Candidates:
+    """Each pair's candidate; with `seen_whole` (the embedder's), as the service's cache
+    finds them: a pair whose query or candidate the model does not see whole is no semantic
+    candidate (its cosine says nothing of the text it could not see)."""
     if mode == "pairwise":
-        return pairwise_candidates(pairs, vectors)
-    if index is None:
+        candidates = pairwise_candidates(pairs, vectors)
+    elif index is None:
         raise ValueError("cache mode needs a vector index")
-    return cache_candidates(pairs, vectors, index)
+    else:
+        candidates = cache_candidates(pairs, vectors, index)
+    return candidates if seen_whole is None else without_unseen(candidates, seen_whole)
+
+
+def without_unseen(candidates: Candidates, seen_whole: Callable[[str], bool]) -> Candidates:
+    """`candidates`, a miss at once (cosine -1) where the model did not see both texts whole.
+    In cache mode the service would go on to the next nearest entry; this counts a miss."""
+    sims = [
+        s if seen_whole(query) and seen_whole(cached) else -1.0
+        for (query, cached), s in zip(candidates.texts, candidates.similarities, strict=True)
+    ]
+    return dataclasses.replace(candidates, similarities=sims)
+
+
+def seen_whole_of(embedder: Embedder) -> Callable[[str], bool] | None:
+    return embedder.sees_whole if isinstance(embedder, SeesWhole) else None
 
 
 def score_candidates(
@@ -192,7 +213,7 @@ def evaluate(
     """One evaluation per requirement; embeddings and verifier scores are computed once."""
     if vectors is None:
         vectors = embed_texts(embedder, [t for p in pairs for t in (p.query, p.cached)])
-    candidates = candidates_for(pairs, vectors, mode, index)
+    candidates = candidates_for(pairs, vectors, mode, index, seen_whole_of(embedder))
     return evaluate_candidates(pairs, candidates, policy, policy_name, requirements, mode)
 
 
@@ -292,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
     index = build_vector_index(settings, embedder.dimension) if args.mode == "cache" else None
     started = time.perf_counter()
     vectors = embed_texts(embedder, [t for p in pairs for t in (p.query, p.cached)])
-    candidates = candidates_for(pairs, vectors, args.mode, index)
+    candidates = candidates_for(pairs, vectors, args.mode, index, seen_whole_of(embedder))
     results = evaluate_candidates(pairs, candidates, policy, name, requirements, args.mode)
     seconds = round(time.perf_counter() - started, 1)
     latency = None

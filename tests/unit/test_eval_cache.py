@@ -37,6 +37,7 @@ from routecache.training.eval_cache import (
     verifier_latency_ms,
 )
 from routecache.training.pair_data import LabelledPair, duplicate_clusters
+from tests.fakes import PartlySeenEmbedder
 
 PAIRS = [
     LabelledPair("how do i learn python fast", "how do i learn python quickly", True),
@@ -430,3 +431,21 @@ def test_cli_reports_a_verifier_dir_without_its_files_in_one_line_and_exits_2(
     assert main(["eval-cache", "--pairs", str(_pairs_file(tmp_path)), "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("routecache: ") and str(empty) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "cache"])
+def test_a_pair_the_model_cannot_see_whole_is_no_hit_as_in_the_service(mode: str) -> None:
+    # eval-cache runs the service's matching: the cache matches a text the model does not see
+    # whole (an emoji read as [UNK]) by the exact tier only, so such a pair is no semantic hit.
+    pairs = [LabelledPair("what does the 😀 emoji mean", "what does the 😡 emoji mean", False)]
+    embedder = PartlySeenEmbedder()
+    (plain,) = evaluate(
+        pairs, HashEmbedder(), CosinePolicy(), "cosine", [HitRequirement(0.5)], mode,  # type: ignore[arg-type]
+        ScopedFaissIndex(embedder.dimension),
+    )  # fmt: skip
+    (seen,) = evaluate(
+        pairs, embedder, CosinePolicy(), "cosine", [HitRequirement(0.5)], mode,  # type: ignore[arg-type]
+        ScopedFaissIndex(embedder.dimension),
+    )  # fmt: skip
+    assert (plain.hits, plain.false_hits) == (1, 1)  # the same vector, cosine 1
+    assert (seen.hits, seen.false_hits) == (0, 0)
