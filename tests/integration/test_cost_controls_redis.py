@@ -369,6 +369,31 @@ async def test_while_redis_is_down_a_key_last_seen_valid_stays_valid_and_no_othe
         await link.aclose()
 
 
+async def test_while_redis_is_down_a_key_not_read_shortly_before_the_outage_is_refused(
+    own_redis_server: RedisServer,
+) -> None:
+    # Before: a replica kept its copy of a record for good. A key it had last looked up weeks
+    # ago, revoked since while Redis was up, was accepted again during any later outage.
+    link, clock = link_to(own_redis_server), ManualClock()
+    assert await link.connect()
+    try:
+        registry = RedisKeyRegistry(link, KeySpace(), last_known_seconds=600, clock=clock)
+        admin = RedisKeyRegistry(link, KeySpace())
+        _, revoked = await add_key(admin, "acme", clock())
+        _, used = await add_key(admin, "acme", clock())
+        assert await registry.find(revoked.sha256) == revoked
+        await revoke_key(admin, revoked.key_id, clock())  # no lookup of it here since
+        clock.advance(601)
+        assert await registry.find(used.sha256) == used
+        own_redis_server.kill()
+        assert await registry.find(used.sha256) == used  # read just before the outage
+        assert await registry.find(revoked.sha256) is None
+        clock.advance(3600)  # the outage lasts: what was known when it began still holds
+        assert await registry.find(used.sha256) == used
+    finally:
+        await link.aclose()
+
+
 async def test_keys_with_a_redis_config_go_where_its_replicas_read_them(
     redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
