@@ -35,7 +35,12 @@ class KeyRecord:
     sha256: str
     tenant: str
     created_at: float
-    expires_at: float | None = None  # set by a rotation with overlap
+    # The end of a rotation's overlap, by the clock of the machine that rotated: compared with
+    # the serving replica's clock, so the overlap is as exact as the clocks agree (NTP).
+    expires_at: float | None = None
+    # When it was revoked, or retired by a rotation with no overlap, by that machine's clock:
+    # for the record only. It holds at once whatever the date, as a revocation must not wait
+    # for a replica's clock to catch up with an admin's that is ahead.
     revoked_at: float | None = None
 
     @classmethod
@@ -71,13 +76,15 @@ class KeyRecord:
         return None
 
     def valid_at(self, now: float) -> bool:
-        if self.revoked_at is not None and self.revoked_at <= now:
+        if self.revoked_at is not None:
             return False
         return self.expires_at is None or now < self.expires_at
 
     def status(self, now: float) -> str:
-        if self.revoked_at is not None and self.revoked_at <= now:
-            return "revoked"
+        if self.revoked_at is not None:
+            # A rotation with no overlap ends the key at once too, as of its expiry.
+            retired = self.expires_at is not None and self.expires_at <= self.revoked_at
+            return "expired" if retired else "revoked"
         if self.expires_at is not None:
             return "expired" if now >= self.expires_at else "rotating"
         return "active"
@@ -171,6 +178,8 @@ async def rotate_key(
         expires = now + overlap_seconds
         if current.expires_at is not None:
             expires = min(expires, current.expires_at)
+        if overlap_seconds <= 0:  # at once, not when the serving replica's clock says `now`
+            return replace(current, expires_at=expires, revoked_at=expires)
         return replace(current, expires_at=expires)
 
     # Of the record as it is when written, not as read above: a revocation made meanwhile stays
@@ -182,7 +191,14 @@ async def rotate_key(
 
 
 async def revoke_key(admin: KeyAdmin, key_id: str, now: float) -> KeyRecord:
-    return await admin.update(key_id, lambda current: replace(current, revoked_at=now))
+    """Revoked at once. Revoking a revoked key again keeps its first date (a machine whose
+    clock is behind the first one's may move it earlier, never later)."""
+
+    def revoke(current: KeyRecord) -> KeyRecord:
+        first = current.revoked_at
+        return replace(current, revoked_at=now if first is None else min(first, now))
+
+    return await admin.update(key_id, revoke)
 
 
 class FileKeyRegistry:

@@ -348,6 +348,21 @@ async def test_a_key_change_made_over_another_admins_write_is_made_again_on_top_
         await link.aclose()
 
 
+async def test_a_key_revoked_in_redis_from_a_clock_ahead_is_refused_at_once_and_stays_so(
+    redis_server: RedisServer,
+) -> None:
+    # Before: revoked from a machine 30 s ahead, the key stayed valid 30 s more; revoked again
+    # from one an hour ahead, a revoked key became valid again for that hour.
+    async with connected_link(redis_server) as (link, clock):
+        registry = RedisKeyRegistry(link, KeySpace())
+        _, record = await add_key(registry, "acme", clock())
+        await revoke_key(registry, record.key_id, clock() + 30)
+        await revoke_key(registry, record.key_id, clock() + 3600)
+        found = await registry.find(record.sha256)
+        assert found is not None and found.revoked_at == clock() + 30
+        assert not found.valid_at(clock())
+
+
 async def test_while_redis_is_down_a_key_last_seen_valid_stays_valid_and_no_other_does(
     own_redis_server: RedisServer,
 ) -> None:
