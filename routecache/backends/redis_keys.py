@@ -11,6 +11,7 @@ not looked up here since, must not come back with an outage.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -20,6 +21,8 @@ from redis.exceptions import WatchError
 from routecache.backends.keys import KeySpace
 from routecache.backends.link import RedisDown, RedisLink, guarded
 from routecache.router.keyring import KeyRecord, KeyRegistryError, no_key
+
+log = logging.getLogger(__name__)
 
 LAST_KNOWN_SECONDS = 600.0
 
@@ -40,6 +43,7 @@ class RedisKeyRegistry:
         # Found ones only (no growth by guessing), with when they were read.
         self._last_known: dict[str, tuple[KeyRecord, float]] = {}
         self._down_since: float | None = None if link.up else clock()
+        self._warned: set[str] = set()  # damaged records already logged
         link.subscribe(self._health_changed)
 
     async def _health_changed(self, up: bool) -> None:
@@ -53,7 +57,16 @@ class RedisKeyRegistry:
         if raw is None:
             self._last_known.pop(sha256, None)
             return None
-        record = _decode(self._key, raw)
+        try:
+            record = _decode(self._key, raw)
+        except KeyRegistryError as exc:
+            self._last_known.pop(sha256, None)
+            # Once per damage, as the file registry does: only a registered key's caller gets
+            # here, so the damages seen are bounded by the registry's size.
+            if str(exc) not in self._warned:
+                self._warned.add(str(exc))
+                log.warning("%s; its key is refused, the other keys are served", exc)
+            raise
         self._last_known[sha256] = (record, self._clock())
         return record
 

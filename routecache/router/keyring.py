@@ -21,7 +21,8 @@ from typing import Protocol
 
 from routecache.atomic_file import replacing
 from routecache.file_lock import exclusive
-from routecache.router.auth import hash_api_key
+from routecache.router.auth import KeyRegistryError as KeyRegistryError
+from routecache.router.auth import KeyRegistryUnreadable, hash_api_key
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,8 @@ class KeyRecord:
 
 
 class KeyRegistry(Protocol):
-    """What authentication reads: the record of a digest, or None."""
+    """What authentication reads: the record of a digest, or None. KeyRegistryError if that
+    digest's record is damaged; KeyRegistryUnreadable if the registry as a whole is."""
 
     async def find(self, sha256: str) -> KeyRecord | None: ...
 
@@ -281,10 +283,6 @@ class FileKeyRegistry:
             self._seen = None if racy else signature
 
 
-class KeyRegistryError(ValueError):
-    """The registry file cannot be read, or is not a registry (JSON {"keys": [records]})."""
-
-
 def _read(path: Path) -> list[KeyRecord]:
     """All the records, or KeyRegistryError if any one is damaged: for the check at start and
     the admin commands, which must not drop or rewrite a record they cannot read."""
@@ -303,10 +301,10 @@ def _read_each(path: Path) -> tuple[list[KeyRecord], list[tuple[str | None, KeyR
         return [], []
     except (OSError, ValueError, RecursionError) as exc:  # ValueError: also not UTF-8, not
         # JSON, or a number past Python's 4,300 digits; RecursionError: nested too deeply
-        raise KeyRegistryError(f"key registry {path}: cannot read it ({exc})") from exc
+        raise KeyRegistryUnreadable(f"key registry {path}: cannot read it ({exc})") from exc
     items = raw.get("keys", []) if isinstance(raw, dict) else None
     if not isinstance(items, list):
-        raise KeyRegistryError(
+        raise KeyRegistryUnreadable(
             f'key registry {path}: not a registry (a JSON object {{"keys": [...]}})'
         )
     records: list[KeyRecord] = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, replace
@@ -28,6 +29,8 @@ from routecache.backends.storage import RedisStorage
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.domain import CacheControl, ChatRequest, GenerationParams, Message, Role, Tier
 from routecache.errors import ResourceExhausted, Unauthenticated
+from routecache.router.auth import hash_api_key
+from routecache.router.bootstrap import build_tenants
 from routecache.router.budget import (
     Cap,
     CapReached,
@@ -50,6 +53,7 @@ from routecache.router.keyring import (
 )
 from routecache.router.keys_cli import run_keys
 from routecache.router.quotas import Charge
+from routecache.router.settings import Settings, TenantSettings
 from tests.fakes import ManualClock, RacedAfterFirstRead
 from tests.integration.replicas import (
     ACME,
@@ -484,6 +488,24 @@ async def test_a_damaged_key_record_is_a_key_registry_error_at_lookup(
     async with connected_link(redis_server) as (link, _):
         with pytest.raises(KeyRegistryError, match=f"rc:apikeys in Redis: .*{message}"):
             await RedisKeyRegistry(link, KeySpace()).find("d" * 64)
+
+
+async def test_a_damaged_key_record_in_redis_refuses_its_key_and_is_logged_once(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: INTERNAL and an ERROR traceback on every call made with that key; the file
+    # registry logged its damaged records once, Redis's not at all.
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.hset("rc:apikeys", hash_api_key("damaged"), _REVOKED_AS_TEXT)
+    caplog.set_level(logging.WARNING)
+    async with connected_link(redis_server) as (link, clock):
+        settings = Settings(tenants=[TenantSettings(name="acme")])
+        auth = build_tenants(settings, RedisKeyRegistry(link, KeySpace()), clock)
+        for _ in range(3):
+            with pytest.raises(Unauthenticated, match="record is damaged"):
+                await auth.resolve("damaged")
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "revoked_at must be a unix time" in caplog.records[0].getMessage()
 
 
 async def test_two_replicas_settling_together_see_a_soft_budget_crossing_once(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from routecache.domain import Tenant
-from routecache.errors import Unauthenticated
+from routecache.errors import Unauthenticated, Unavailable
 from routecache.router.auth import ApiKeyAuthenticator, hash_api_key
 from routecache.router.bootstrap import build_tenants
 from routecache.router.cli import build_parser, main
@@ -531,6 +531,49 @@ async def test_a_record_damaged_again_after_it_was_mended_is_logged_again(
         with contextlib.suppress(KeyRegistryError):
             await registry.find("d" * 64)
     assert sum("key 'k'" in r.getMessage() for r in caplog.records) == 2
+
+
+async def test_a_damaged_record_refuses_its_key_as_unauthenticated_and_is_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: the KeyRegistryError went through authentication: INTERNAL, with an ERROR
+    # traceback on every call made with that key.
+    path, clock = tmp_path / "keys.json", ManualClock()
+    record = {"key_id": "k", "sha256": hash_api_key("damaged"), "tenant": "acme",
+              "created_at": 0, "revoked_at": "2026-01-01"}  # fmt: skip
+    path.write_text(json.dumps({"keys": [record]}))
+    auth = authenticator(path, clock)
+    caplog.set_level(logging.WARNING)
+    for _ in range(3):
+        with pytest.raises(Unauthenticated, match="record is damaged"):
+            await auth.resolve("damaged")
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "key 'k': revoked_at must be" in caplog.records[0].getMessage()
+
+
+async def test_a_registry_file_that_cannot_be_read_is_unavailable_and_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: every call with a key not in the config was INTERNAL with an ERROR traceback,
+    # whoever sent it (keys guessed at random too): the log flooded while an operator's edit
+    # was half written.
+    path, clock = tmp_path / "keys.json", ManualClock()
+    plain, _ = await add_key(FileKeyRegistry(path), "acme", clock())
+    auth = authenticator(path, clock)
+    path.write_text('{"keys": [')
+    caplog.set_level(logging.WARNING)
+    for key in (plain, "guess-1", "guess-2"):
+        with pytest.raises(Unavailable, match="the API key registry cannot be read"):
+            await auth.resolve(key)
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert f"key registry {path}: cannot read it" in caplog.records[0].getMessage()
+    path.write_text('{"keys": []}')  # mended; broken again later: logged again
+    with pytest.raises(Unauthenticated):
+        await auth.resolve("guess-3")
+    path.write_text('{"keys": [')
+    with pytest.raises(Unavailable):
+        await auth.resolve("guess-4")
+    assert len(caplog.records) == 2
 
 
 async def test_a_registry_file_that_is_not_json_fails_every_lookup(tmp_path: Path) -> None:
