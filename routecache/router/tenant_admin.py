@@ -5,6 +5,7 @@ These share the pipeline's parts and its per-tenant books, but not the request f
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -28,7 +29,7 @@ T = TypeVar("T")
 _ENTRY_ID_TAIL = re.compile(r"[0-9a-f]{32}")  # semantic_cache.new_entry_id: a uuid4's hex
 # Records a failed call (its `error` event and routecache_errors_total sample): the tenant, if
 # the key was valid, the request (none here), the error and when the call started.
-RecordFailure = Callable[[str, ChatRequest, Exception, float], None]
+RecordFailure = Callable[[str, ChatRequest, BaseException, float], None]
 _NO_REQUEST = ChatRequest(messages=())
 
 
@@ -60,7 +61,7 @@ class TenantAdmin:
             tenant = await self._parts.authenticator.resolve(api_key)
             tenant_name = tenant.name
             return await work(tenant)
-        except Exception as error:
+        except (Exception, asyncio.CancelledError) as error:  # cancelled: as Complete's too
             self._record_failure(tenant_name, _NO_REQUEST, error, started)
             raise
 
