@@ -237,6 +237,9 @@ class Feedback:
     thumbs_up: bool
     correction: str = ""
     comment: str = ""
+    # (field, problem): what the wire request held that these types cannot (no rating), refused
+    # after the API key, as ChatRequest.problems are.
+    problems: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,18 @@
 """The API key registry in Redis: one hash, digest → record, read on every lookup so that a
 key revoked by any admin is refused by every replica from its next call.
 
-While Redis is down a replica answers from the records it last read (a key seen valid stays
-valid, within its own expiry); a revocation made meanwhile applies once Redis is back.
+While Redis is down a replica answers from the records it read in the last
+LAST_KNOWN_SECONDS before the outage began (a key seen valid then stays valid, within its own
+expiry, for the whole outage); a revocation made meanwhile, or in that window before it,
+applies once Redis is back. Older copies are not used: a key revoked while Redis was up, and
+not looked up here since, must not come back with an outage.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -17,24 +22,62 @@ from routecache.backends.keys import KeySpace
 from routecache.backends.link import RedisDown, RedisLink, guarded
 from routecache.router.keyring import KeyRecord, KeyRegistryError, no_key
 
+log = logging.getLogger(__name__)
+
+LAST_KNOWN_SECONDS = 600.0
+
 
 class RedisKeyRegistry:
-    def __init__(self, link: RedisLink, keyspace: KeySpace) -> None:
+    def __init__(
+        self,
+        link: RedisLink,
+        keyspace: KeySpace,
+        *,
+        last_known_seconds: float = LAST_KNOWN_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._link = link
         self._key = keyspace.api_keys
-        self._last_known: dict[str, KeyRecord] = {}  # found ones only: no growth by guessing
+        self._window = last_known_seconds
+        self._clock = clock
+        # Found ones only (no growth by guessing), with when they were read.
+        self._last_known: dict[str, tuple[KeyRecord, float]] = {}
+        self._down_since: float | None = None if link.up else clock()
+        self._warned: set[str] = set()  # damaged records already logged
+        link.subscribe(self._health_changed)
+
+    async def _health_changed(self, up: bool) -> None:
+        self._down_since = None if up else self._clock()
 
     async def find(self, sha256: str) -> KeyRecord | None:
         try:
             raw = await guarded(self._link, lambda: self._link.client.hget(self._key, sha256))
         except RedisDown:
-            return self._last_known.get(sha256)
+            return self._known_before_outage(sha256)
         if raw is None:
             self._last_known.pop(sha256, None)
             return None
-        record = _decode(self._key, raw)
-        self._last_known[sha256] = record
+        try:
+            record = _decode(self._key, raw)
+        except KeyRegistryError as exc:
+            self._last_known.pop(sha256, None)
+            # Once per damage, as the file registry does: only a registered key's caller gets
+            # here, so the damages seen are bounded by the registry's size.
+            if str(exc) not in self._warned:
+                self._warned.add(str(exc))
+                log.warning("%s; its key is refused, the other keys are served", exc)
+            raise
+        self._last_known[sha256] = (record, self._clock())
         return record
+
+    def _known_before_outage(self, sha256: str) -> KeyRecord | None:
+        if (known := self._last_known.get(sha256)) is None:
+            return None
+        record, read_at = known
+        # From when the outage began (now, for a call Redis refused while up): a copy read
+        # long before may miss a revocation made while Redis was up.
+        began = self._clock() if self._down_since is None else self._down_since
+        return record if read_at >= began - self._window else None
 
     async def put(self, record: KeyRecord) -> None:
         await self._link.client.hset(self._key, record.sha256, _encode(record))

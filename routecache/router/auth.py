@@ -15,16 +15,25 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from routecache.domain import Tenant
-from routecache.errors import Unauthenticated
+from routecache.errors import Unauthenticated, Unavailable
 
 if TYPE_CHECKING:
-    from routecache.router.keyring import KeyRegistry
+    from routecache.router.keyring import KeyRecord, KeyRegistry
 
 log = logging.getLogger(__name__)
 
 
 def hash_api_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+class KeyRegistryError(ValueError):
+    """The registry file cannot be read, or is not a registry (JSON {"keys": [records]}), or
+    one record of it (file or Redis) is damaged (routecache/router/keyring.py)."""
+
+
+class KeyRegistryUnreadable(KeyRegistryError):
+    """The registry as a whole cannot be read: every registered key's lookup fails alike."""
 
 
 def reused_digest(first_owner: str, tenant: str, digest: str) -> str:
@@ -57,6 +66,7 @@ class ApiKeyAuthenticator:
                 self._by_digest[digest] = tenant
         self._registry = registry
         self._clock = clock
+        self._unreadable_logged: str | None = None  # until a lookup reads the registry again
 
     def authenticate(self, api_key: str | None) -> Tenant:
         """The static keys only (no registry); see resolve."""
@@ -71,7 +81,7 @@ class ApiKeyAuthenticator:
         tenant = self._by_digest.get(digest)
         if tenant is not None:
             return tenant
-        record = None if self._registry is None else await self._registry.find(digest)
+        record = None if self._registry is None else await self._find(self._registry, digest)
         if record is None or not record.valid_at(self._clock()):
             raise Unauthenticated("unknown, revoked or expired API key")
         tenant = self._tenants.get(record.tenant)
@@ -80,6 +90,22 @@ class ApiKeyAuthenticator:
                         record.key_id, record.tenant)  # fmt: skip
             raise Unauthenticated("the API key's tenant is not configured")
         return tenant
+
+    async def _find(self, registry: KeyRegistry, digest: str) -> KeyRecord | None:
+        try:
+            record = await registry.find(digest)
+        except KeyRegistryUnreadable as exc:
+            # Not the caller's fault, and over once the file is mended: retry later. Logged
+            # once, not per call: any caller, with any key, gets here.
+            if str(exc) != self._unreadable_logged:
+                log.warning("%s; calls with registered keys fail until it is mended", exc)
+                self._unreadable_logged = str(exc)
+            raise Unavailable("the API key registry cannot be read; try again later") from exc
+        except KeyRegistryError as exc:
+            # This key's own record: the registry logs it once (and serves the other keys).
+            raise Unauthenticated("the API key's record is damaged in the key registry") from exc
+        self._unreadable_logged = None
+        return record
 
 
 def _present(api_key: str | None) -> str:

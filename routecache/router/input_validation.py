@@ -25,6 +25,9 @@ def validate_request(request: ChatRequest, limits: LimitSettings) -> None:
 
 
 def validate_feedback(feedback: Feedback, limits: LimitSettings) -> None:
+    if feedback.problems:  # found while translating; refused here, after the API key
+        field, problem = feedback.problems[0]
+        raise InvalidArgument(field, problem)
     if not feedback.response_id:
         raise InvalidArgument("response_id", "required")
     _check_text("response_id", feedback.response_id, limits.max_id_chars)

@@ -21,7 +21,8 @@ from typing import Protocol
 
 from routecache.atomic_file import replacing
 from routecache.file_lock import exclusive
-from routecache.router.auth import hash_api_key
+from routecache.router.auth import KeyRegistryError as KeyRegistryError
+from routecache.router.auth import KeyRegistryUnreadable, hash_api_key
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,12 @@ class KeyRecord:
     sha256: str
     tenant: str
     created_at: float
-    expires_at: float | None = None  # set by a rotation with overlap
+    # The end of a rotation's overlap, by the clock of the machine that rotated: compared with
+    # the serving replica's clock, so the overlap is as exact as the clocks agree (NTP).
+    expires_at: float | None = None
+    # When it was revoked, or retired by a rotation with no overlap, by that machine's clock:
+    # for the record only. It holds at once whatever the date, as a revocation must not wait
+    # for a replica's clock to catch up with an admin's that is ahead.
     revoked_at: float | None = None
 
     @classmethod
@@ -71,20 +77,23 @@ class KeyRecord:
         return None
 
     def valid_at(self, now: float) -> bool:
-        if self.revoked_at is not None and self.revoked_at <= now:
+        if self.revoked_at is not None:
             return False
         return self.expires_at is None or now < self.expires_at
 
     def status(self, now: float) -> str:
-        if self.revoked_at is not None and self.revoked_at <= now:
-            return "revoked"
+        if self.revoked_at is not None:
+            # A rotation with no overlap ends the key at once too, as of its expiry.
+            retired = self.expires_at is not None and self.expires_at <= self.revoked_at
+            return "expired" if retired else "revoked"
         if self.expires_at is not None:
             return "expired" if now >= self.expires_at else "rotating"
         return "active"
 
 
 class KeyRegistry(Protocol):
-    """What authentication reads: the record of a digest, or None."""
+    """What authentication reads: the record of a digest, or None. KeyRegistryError if that
+    digest's record is damaged; KeyRegistryUnreadable if the registry as a whole is."""
 
     async def find(self, sha256: str) -> KeyRecord | None: ...
 
@@ -171,6 +180,8 @@ async def rotate_key(
         expires = now + overlap_seconds
         if current.expires_at is not None:
             expires = min(expires, current.expires_at)
+        if overlap_seconds <= 0:  # at once, not when the serving replica's clock says `now`
+            return replace(current, expires_at=expires, revoked_at=expires)
         return replace(current, expires_at=expires)
 
     # Of the record as it is when written, not as read above: a revocation made meanwhile stays
@@ -182,7 +193,14 @@ async def rotate_key(
 
 
 async def revoke_key(admin: KeyAdmin, key_id: str, now: float) -> KeyRecord:
-    return await admin.update(key_id, lambda current: replace(current, revoked_at=now))
+    """Revoked at once. Revoking a revoked key again keeps its first date (a machine whose
+    clock is behind the first one's may move it earlier, never later)."""
+
+    def revoke(current: KeyRecord) -> KeyRecord:
+        first = current.revoked_at
+        return replace(current, revoked_at=now if first is None else min(first, now))
+
+    return await admin.update(key_id, revoke)
 
 
 class FileKeyRegistry:
@@ -265,10 +283,6 @@ class FileKeyRegistry:
             self._seen = None if racy else signature
 
 
-class KeyRegistryError(ValueError):
-    """The registry file cannot be read, or is not a registry (JSON {"keys": [records]})."""
-
-
 def _read(path: Path) -> list[KeyRecord]:
     """All the records, or KeyRegistryError if any one is damaged: for the check at start and
     the admin commands, which must not drop or rewrite a record they cannot read."""
@@ -287,10 +301,10 @@ def _read_each(path: Path) -> tuple[list[KeyRecord], list[tuple[str | None, KeyR
         return [], []
     except (OSError, ValueError, RecursionError) as exc:  # ValueError: also not UTF-8, not
         # JSON, or a number past Python's 4,300 digits; RecursionError: nested too deeply
-        raise KeyRegistryError(f"key registry {path}: cannot read it ({exc})") from exc
+        raise KeyRegistryUnreadable(f"key registry {path}: cannot read it ({exc})") from exc
     items = raw.get("keys", []) if isinstance(raw, dict) else None
     if not isinstance(items, list):
-        raise KeyRegistryError(
+        raise KeyRegistryUnreadable(
             f'key registry {path}: not a registry (a JSON object {{"keys": [...]}})'
         )
     records: list[KeyRecord] = []

@@ -18,7 +18,6 @@ from routecache.domain import (
     Tier,
     ValidationReport,
 )
-from routecache.errors import InvalidArgument
 from routecache.router.tenant_admin import InvalidateTarget
 from routecache.v1 import routecache_pb2 as pb
 
@@ -132,25 +131,25 @@ def report_to_pb(report: ValidationReport) -> pb.ValidationReport:
 
 
 def feedback_from_pb(message: pb.FeedbackRequest) -> Feedback:
-    if message.rating not in (pb.RATING_UP, pb.RATING_DOWN):
-        raise InvalidArgument("rating", "must be RATING_UP or RATING_DOWN")
+    """A rating that is neither up nor down is refused after the API key (Feedback.problems)."""
+    rated = message.rating in (pb.RATING_UP, pb.RATING_DOWN)
     return Feedback(
         response_id=message.response_id,
         thumbs_up=message.rating == pb.RATING_UP,
         correction=message.correction,
         comment=message.comment,
+        problems=() if rated else (("rating", "must be RATING_UP or RATING_DOWN"),),
     )
 
 
 def invalidate_target_from_pb(message: pb.InvalidateRequest) -> InvalidateTarget:
+    """No target (or all=false) is an empty target, refused after the API key."""
     which = message.WhichOneof("target")
     if which == "entry_id":
         return InvalidateTarget(entry_id=message.entry_id)
     if which == "tag":
         return InvalidateTarget(tag=message.tag)
-    if which == "all" and message.all:
-        return InvalidateTarget(all_entries=True)
-    raise InvalidArgument("target", "set one of entry_id, tag or all=true")
+    return InvalidateTarget(all_entries=which == "all" and message.all)
 
 
 def stats_to_pb(stats: TenantStats) -> pb.GetStatsResponse:

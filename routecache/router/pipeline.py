@@ -91,7 +91,7 @@ class Pipeline:
         self._responses = ResponseRegistry()
         self._single_flight: SingleFlight[tuple[Generated, Booking, str]] = SingleFlight()
         # Feedback, invalidation and stats: what a tenant does with the answers it was given.
-        self.admin = TenantAdmin(parts, self._stats, self._responses)
+        self.admin = TenantAdmin(parts, self._stats, self._responses, self._record_failure)
         self._unscored_logged = False  # a classifier's non-finite score is logged once
 
     @property

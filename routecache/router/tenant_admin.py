@@ -5,10 +5,14 @@ These share the pipeline's parts and its per-tenant books, but not the request f
 
 from __future__ import annotations
 
+import asyncio
+import re
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
-from routecache.domain import Feedback, TenantStats, TopEntry
+from routecache.domain import ChatRequest, Feedback, Tenant, TenantStats, TopEntry
 from routecache.errors import InvalidArgument, NotFound
 from routecache.router.input_validation import (
     validate_feedback,
@@ -21,6 +25,13 @@ from routecache.router.stats import ResponseRegistry, TenantStatsBook
 if TYPE_CHECKING:
     from routecache.router.pipeline import PipelineParts
 
+T = TypeVar("T")
+_ENTRY_ID_TAIL = re.compile(r"[0-9a-f]{32}")  # semantic_cache.new_entry_id: a uuid4's hex
+# Records a failed call (its `error` event and routecache_errors_total sample): the tenant, if
+# the key was valid, the request (none here), the error and when the call started.
+RecordFailure = Callable[[str, ChatRequest, BaseException, float], None]
+_NO_REQUEST = ChatRequest(messages=())
+
 
 @dataclass(frozen=True)
 class InvalidateTarget:
@@ -31,15 +42,40 @@ class InvalidateTarget:
 
 class TenantAdmin:
     def __init__(
-        self, parts: PipelineParts, stats: TenantStatsBook, responses: ResponseRegistry
+        self,
+        parts: PipelineParts,
+        stats: TenantStatsBook,
+        responses: ResponseRegistry,
+        record_failure: RecordFailure,
     ) -> None:
         self._parts = parts
         self._stats = stats
         self._responses = responses
+        self._record_failure = record_failure
+
+    async def _as_tenant(self, api_key: str | None, work: Callable[[Tenant], Awaitable[T]]) -> T:
+        """`work` for the key's tenant: the key is checked before anything of the request, and
+        a failure, the key's included, is recorded as a Complete's is."""
+        started, tenant_name = time.perf_counter(), ""
+        try:
+            tenant = await self._parts.authenticator.resolve(api_key)
+            tenant_name = tenant.name
+            return await work(tenant)
+        except (Exception, asyncio.CancelledError) as error:  # cancelled: as Complete's too
+            self._record_failure(tenant_name, _NO_REQUEST, error, started)
+            raise
 
     async def feedback(self, feedback: Feedback, api_key: str | None) -> str:
         """Records feedback; a thumbs-down on a cached answer removes the entry (returned)."""
-        tenant = await self._parts.authenticator.resolve(api_key)
+        return await self._as_tenant(api_key, lambda tenant: self._feedback(tenant, feedback))
+
+    async def invalidate(self, target: InvalidateTarget, api_key: str | None) -> int:
+        return await self._as_tenant(api_key, lambda tenant: self._invalidate(tenant, target))
+
+    async def stats(self, api_key: str | None, top_n: int = 10) -> TenantStats:
+        return await self._as_tenant(api_key, lambda tenant: self._tenant_stats(tenant, top_n))
+
+    async def _feedback(self, tenant: Tenant, feedback: Feedback) -> str:
         validate_feedback(feedback, self._parts.limits)
         served = self._responses.find(tenant.name, feedback.response_id)
         if served is None:
@@ -70,18 +106,21 @@ class TenantAdmin:
         )
         return removed
 
-    async def invalidate(self, target: InvalidateTarget, api_key: str | None) -> int:
-        tenant = await self._parts.authenticator.resolve(api_key)
+    async def _invalidate(self, tenant: Tenant, target: InvalidateTarget) -> int:
         validate_invalidation(target.entry_id, target.tag, self._parts.limits)
         cache = self._parts.cache
         if target.entry_id:
-            removed = await cache.invalidate_ids(tenant.name, [target.entry_id])
+            # Only an id this tenant's entries can have reaches the store, where it becomes a
+            # key: a crafted one could name another key of the tenant's (a rate bucket, say).
+            # Any other is not one of its entries, as another tenant's id is not: none removed.
+            mine = _is_entry_id_of(tenant.name, target.entry_id)
+            removed = await cache.invalidate_ids(tenant.name, [target.entry_id]) if mine else 0
         elif target.tag:
             removed = await cache.invalidate_tag(tenant.name, target.tag)
         elif target.all_entries:
             removed = await cache.invalidate_tenant(tenant.name)
         else:
-            raise InvalidArgument("target", "set one of entry_id, tag or all")
+            raise InvalidArgument("target", "set one of entry_id, tag or all=true")
         self._parts.events.emit(
             "invalidate",
             {"request_id": REQUEST_ID.get(), "tenant": tenant.name,
@@ -90,8 +129,7 @@ class TenantAdmin:
         )  # fmt: skip
         return removed
 
-    async def stats(self, api_key: str | None, top_n: int = 10) -> TenantStats:
-        tenant = await self._parts.authenticator.resolve(api_key)
+    async def _tenant_stats(self, tenant: Tenant, top_n: int) -> TenantStats:
         validate_top_n(top_n, self._parts.limits)
         counters = self._stats.snapshot(tenant.name)
         top = await self._parts.cache.top_entries(tenant.name, top_n)
@@ -105,3 +143,9 @@ class TenantAdmin:
             ),
             **vars(counters),
         )
+
+
+def _is_entry_id_of(tenant: str, entry_id: str) -> bool:
+    """Whether `entry_id` is `<tenant>:<32 hex digits>`, the form of the tenant's entry ids."""
+    owner, _, tail = entry_id.rpartition(":")
+    return owner == tenant and _ENTRY_ID_TAIL.fullmatch(tail) is not None

@@ -11,6 +11,7 @@ import pytest_asyncio
 
 from routecache.client import RouteCacheClient, chat_request
 from routecache.replay import FaultKind
+from routecache.router.demo import scrape_metrics
 from routecache.v1 import routecache_pb2 as pb
 from routecache.v1 import routecache_pb2_grpc as pb_grpc
 from tests.e2e.conftest import KEYS, Stack
@@ -108,3 +109,46 @@ async def test_a_request_that_does_not_parse_is_invalid_argument_not_unknown(
     details = refused.value.details() or ""
     assert details.startswith("request: not a valid routecache.v1.") and "Error" not in details
     assert ("field", "request") in tuple(refused.value.trailing_metadata() or ())
+
+
+def errors_total(metrics: str, tenant: str, reason: str) -> float:
+    """The routecache_errors_total sample of `tenant` and `reason` in a /metrics text (0: none)."""
+    for line in metrics.splitlines():
+        if (
+            line.startswith("routecache_errors_total{")
+            and f'tenant="{tenant}"' in line
+            and (f'reason="{reason}"' in line)
+        ):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.parametrize(
+    ("method", "request_"),
+    [("Feedback", pb.FeedbackRequest(response_id="x")),  # no rating
+     ("Invalidate", pb.InvalidateRequest()),  # no target
+     ("GetStats", pb.GetStatsRequest(top_n=1_000_000))],
+    ids=["Feedback", "Invalidate", "GetStats"],
+)  # fmt: skip
+@pytest.mark.parametrize(
+    ("api_key", "code", "tenant"),
+    [("not-a-key", grpc.StatusCode.UNAUTHENTICATED, ""),
+     (KEYS["globex"], grpc.StatusCode.INVALID_ARGUMENT, "globex")],
+    ids=["no valid key", "a valid key"],
+)  # fmt: skip
+async def test_an_invalid_admin_call_checks_the_key_first_and_is_counted(
+    stack: Stack, stub: pb_grpc.RouteCacheStub, method: str, request_: object,
+    api_key: str, code: grpc.StatusCode, tenant: str,
+) -> None:  # fmt: skip
+    # Before: Feedback and Invalidate checked the request first (no key and no rating was
+    # INVALID_ARGUMENT), and no failed admin call counted in routecache_errors_total.
+    assert stack.service.metrics_port is not None
+    reason = code.name.lower()
+    before = errors_total(await scrape_metrics(stack.service.metrics_port), tenant, reason)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await getattr(stub, method)(
+            request_, metadata=[("authorization", f"Bearer {api_key}")], timeout=30
+        )
+    assert refused.value.code() == code
+    after = errors_total(await scrape_metrics(stack.service.metrics_port), tenant, reason)
+    assert after == before + 1

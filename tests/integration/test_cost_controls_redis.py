@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, replace
@@ -28,6 +29,8 @@ from routecache.backends.storage import RedisStorage
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.domain import CacheControl, ChatRequest, GenerationParams, Message, Role, Tier
 from routecache.errors import ResourceExhausted, Unauthenticated
+from routecache.router.auth import hash_api_key
+from routecache.router.bootstrap import build_tenants
 from routecache.router.budget import (
     Cap,
     CapReached,
@@ -50,6 +53,7 @@ from routecache.router.keyring import (
 )
 from routecache.router.keys_cli import run_keys
 from routecache.router.quotas import Charge
+from routecache.router.settings import Settings, TenantSettings
 from tests.fakes import ManualClock, RacedAfterFirstRead
 from tests.integration.replicas import (
     ACME,
@@ -348,6 +352,21 @@ async def test_a_key_change_made_over_another_admins_write_is_made_again_on_top_
         await link.aclose()
 
 
+async def test_a_key_revoked_in_redis_from_a_clock_ahead_is_refused_at_once_and_stays_so(
+    redis_server: RedisServer,
+) -> None:
+    # Before: revoked from a machine 30 s ahead, the key stayed valid 30 s more; revoked again
+    # from one an hour ahead, a revoked key became valid again for that hour.
+    async with connected_link(redis_server) as (link, clock):
+        registry = RedisKeyRegistry(link, KeySpace())
+        _, record = await add_key(registry, "acme", clock())
+        await revoke_key(registry, record.key_id, clock() + 30)
+        await revoke_key(registry, record.key_id, clock() + 3600)
+        found = await registry.find(record.sha256)
+        assert found is not None and found.revoked_at == clock() + 30
+        assert not found.valid_at(clock())
+
+
 async def test_while_redis_is_down_a_key_last_seen_valid_stays_valid_and_no_other_does(
     own_redis_server: RedisServer,
 ) -> None:
@@ -365,6 +384,31 @@ async def test_while_redis_is_down_a_key_last_seen_valid_stays_valid_and_no_othe
         assert await registry.find(kept.sha256) == kept
         assert await registry.find(dropped.sha256) is None  # its absence was seen last
         assert await registry.find("0" * 64) is None
+    finally:
+        await link.aclose()
+
+
+async def test_while_redis_is_down_a_key_not_read_shortly_before_the_outage_is_refused(
+    own_redis_server: RedisServer,
+) -> None:
+    # Before: a replica kept its copy of a record for good. A key it had last looked up weeks
+    # ago, revoked since while Redis was up, was accepted again during any later outage.
+    link, clock = link_to(own_redis_server), ManualClock()
+    assert await link.connect()
+    try:
+        registry = RedisKeyRegistry(link, KeySpace(), last_known_seconds=600, clock=clock)
+        admin = RedisKeyRegistry(link, KeySpace())
+        _, revoked = await add_key(admin, "acme", clock())
+        _, used = await add_key(admin, "acme", clock())
+        assert await registry.find(revoked.sha256) == revoked
+        await revoke_key(admin, revoked.key_id, clock())  # no lookup of it here since
+        clock.advance(601)
+        assert await registry.find(used.sha256) == used
+        own_redis_server.kill()
+        assert await registry.find(used.sha256) == used  # read just before the outage
+        assert await registry.find(revoked.sha256) is None
+        clock.advance(3600)  # the outage lasts: what was known when it began still holds
+        assert await registry.find(used.sha256) == used
     finally:
         await link.aclose()
 
@@ -444,6 +488,24 @@ async def test_a_damaged_key_record_is_a_key_registry_error_at_lookup(
     async with connected_link(redis_server) as (link, _):
         with pytest.raises(KeyRegistryError, match=f"rc:apikeys in Redis: .*{message}"):
             await RedisKeyRegistry(link, KeySpace()).find("d" * 64)
+
+
+async def test_a_damaged_key_record_in_redis_refuses_its_key_and_is_logged_once(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: INTERNAL and an ERROR traceback on every call made with that key; the file
+    # registry logged its damaged records once, Redis's not at all.
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.hset("rc:apikeys", hash_api_key("damaged"), _REVOKED_AS_TEXT)
+    caplog.set_level(logging.WARNING)
+    async with connected_link(redis_server) as (link, clock):
+        settings = Settings(tenants=[TenantSettings(name="acme")])
+        auth = build_tenants(settings, RedisKeyRegistry(link, KeySpace()), clock)
+        for _ in range(3):
+            with pytest.raises(Unauthenticated, match="record is damaged"):
+                await auth.resolve("damaged")
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "revoked_at must be a unix time" in caplog.records[0].getMessage()
 
 
 async def test_two_replicas_settling_together_see_a_soft_budget_crossing_once(

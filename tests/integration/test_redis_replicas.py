@@ -289,3 +289,20 @@ async def test_a_thumbs_down_while_redis_is_down_removes_the_answer_once_redis_i
         assert await pipeline.cache.get("acme", stored.cache.entry_id) is None
     finally:
         await replica.service.aclose()
+
+
+@pytest.mark.parametrize(
+    "entry_id",
+    ["acme}:rate:q:ureq:x:s", "acme:" + "0" * 31, "acme:" + "A" * 32, "globex:" + "0" * 32],
+    ids=["one reaching another key", "too short", "not lowercase hex", "another tenant's"],
+)
+async def test_invalidating_an_id_that_is_not_one_of_the_callers_entries_removes_nothing(
+    pair: tuple[Replica, Replica], redis_server: RedisServer, entry_id: str
+) -> None:
+    # Before: the id became a Redis key unchecked; one crafted to reach the tenant's own rate
+    # bucket (a hash without an entry's fields) failed INTERNAL with a KeyError.
+    user = "x}:e:acme}:rate:q:ureq:x:s"
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.hset(f"rc:{{acme}}:rate:q:ureq:{user}", mapping={"t": "1", "u": "1"})
+    target = InvalidateTarget(entry_id=entry_id)
+    assert await pair[0].service.pipeline.admin.invalidate(target, ACME) == 0

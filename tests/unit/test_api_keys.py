@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from routecache.domain import Tenant
-from routecache.errors import Unauthenticated
+from routecache.errors import Unauthenticated, Unavailable
 from routecache.router.auth import ApiKeyAuthenticator, hash_api_key
 from routecache.router.bootstrap import build_tenants
 from routecache.router.cli import build_parser, main
@@ -330,10 +330,51 @@ async def test_rotating_a_rotating_key_never_extends_its_overlap(tmp_path: Path)
     assert retired.expires_at == clock() + 60
 
 
-def test_a_revocation_dated_later_takes_effect_then_for_both_validity_and_status() -> None:
+def test_a_revocation_dated_later_holds_at_once_for_both_validity_and_status() -> None:
+    # The date is the revoking machine's clock, which may be ahead of this one's.
     record = KeyRecord("k", hash_api_key("x"), "acme", created_at=0.0, revoked_at=100.0)
-    assert record.valid_at(99.0) and record.status(99.0) == "active"
+    assert not record.valid_at(99.0) and record.status(99.0) == "revoked"
     assert not record.valid_at(100.0) and record.status(100.0) == "revoked"
+
+
+async def test_a_key_revoked_from_a_clock_ahead_of_the_servers_fails_on_the_next_call(
+    tmp_path: Path,
+) -> None:
+    # Before: revoked_at was compared with the server's clock; revoked from a machine 30 s
+    # ahead, a leaked key stayed valid 30 s more.
+    path, clock = tmp_path / "keys.json", ManualClock()
+    auth, admin = authenticator(path, clock), FileKeyRegistry(path)
+    plain, record = await add_key(admin, "acme", clock())
+    await revoke_key(admin, record.key_id, clock() + 30)
+    with pytest.raises(Unauthenticated):
+        await auth.resolve(plain)
+
+
+async def test_revoking_a_revoked_key_again_keeps_its_first_revocation(tmp_path: Path) -> None:
+    # Before: a second revoke from a clock an hour ahead moved revoked_at an hour later, and
+    # the revoked key was valid again until then.
+    path, clock = tmp_path / "keys.json", ManualClock()
+    auth, admin = authenticator(path, clock), FileKeyRegistry(path)
+    plain, record = await add_key(admin, "acme", clock())
+    await revoke_key(admin, record.key_id, clock() - 10)
+    again = await revoke_key(admin, record.key_id, clock() + 3600)
+    assert again.revoked_at == clock() - 10
+    with pytest.raises(Unauthenticated):
+        await auth.resolve(plain)
+
+
+async def test_a_rotation_with_no_overlap_ends_the_old_key_at_once_whatever_the_clocks(
+    tmp_path: Path,
+) -> None:
+    # Before: the old key expired at the rotating machine's "now"; from a clock 30 s ahead of
+    # the server's it stayed valid 30 s more.
+    path, clock = tmp_path / "keys.json", ManualClock()
+    auth, admin = authenticator(path, clock), FileKeyRegistry(path)
+    old_plain, old = await add_key(admin, "acme", clock())
+    _, _, retired = await rotate_key(admin, old.key_id, clock() + 30, overlap_seconds=0)
+    with pytest.raises(Unauthenticated):
+        await auth.resolve(old_plain)
+    assert retired.status(clock()) == "expired"
 
 
 _SOUND_FIELDS = {"key_id": "k", "sha256": "d" * 64, "tenant": "acme", "created_at": 0.0}
@@ -490,6 +531,49 @@ async def test_a_record_damaged_again_after_it_was_mended_is_logged_again(
         with contextlib.suppress(KeyRegistryError):
             await registry.find("d" * 64)
     assert sum("key 'k'" in r.getMessage() for r in caplog.records) == 2
+
+
+async def test_a_damaged_record_refuses_its_key_as_unauthenticated_and_is_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: the KeyRegistryError went through authentication: INTERNAL, with an ERROR
+    # traceback on every call made with that key.
+    path, clock = tmp_path / "keys.json", ManualClock()
+    record = {"key_id": "k", "sha256": hash_api_key("damaged"), "tenant": "acme",
+              "created_at": 0, "revoked_at": "2026-01-01"}  # fmt: skip
+    path.write_text(json.dumps({"keys": [record]}))
+    auth = authenticator(path, clock)
+    caplog.set_level(logging.WARNING)
+    for _ in range(3):
+        with pytest.raises(Unauthenticated, match="record is damaged"):
+            await auth.resolve("damaged")
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "key 'k': revoked_at must be" in caplog.records[0].getMessage()
+
+
+async def test_a_registry_file_that_cannot_be_read_is_unavailable_and_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: every call with a key not in the config was INTERNAL with an ERROR traceback,
+    # whoever sent it (keys guessed at random too): the log flooded while an operator's edit
+    # was half written.
+    path, clock = tmp_path / "keys.json", ManualClock()
+    plain, _ = await add_key(FileKeyRegistry(path), "acme", clock())
+    auth = authenticator(path, clock)
+    path.write_text('{"keys": [')
+    caplog.set_level(logging.WARNING)
+    for key in (plain, "guess-1", "guess-2"):
+        with pytest.raises(Unavailable, match="the API key registry cannot be read"):
+            await auth.resolve(key)
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert f"key registry {path}: cannot read it" in caplog.records[0].getMessage()
+    path.write_text('{"keys": []}')  # mended; broken again later: logged again
+    with pytest.raises(Unauthenticated):
+        await auth.resolve("guess-3")
+    path.write_text('{"keys": [')
+    with pytest.raises(Unavailable):
+        await auth.resolve("guess-4")
+    assert len(caplog.records) == 2
 
 
 async def test_a_registry_file_that_is_not_json_fails_every_lookup(tmp_path: Path) -> None:

@@ -14,8 +14,9 @@ from routecache.cache.memory_store import InMemoryEntryStore
 from routecache.cache.ports import StoreUnavailable, Vector
 from routecache.cache.semantic_cache import Distrust, NewEntry, SemanticCache
 from routecache.domain import CacheOutcome, ChatRequest, Feedback, Message, Role, Tier
-from routecache.errors import InvalidArgument, Unavailable
+from routecache.errors import InvalidArgument, Unauthenticated, Unavailable
 from routecache.router.logs import REQUEST_ID
+from routecache.router.tenant_admin import InvalidateTarget
 from tests.fakes import ManualClock, count_shared_calls, eventually
 from tests.unit.conftest import KEYS, Harness
 
@@ -303,3 +304,21 @@ async def test_a_thumbs_down_owed_over_several_tries_raises_the_neighbours_penal
     await cache.settle_owed()
     assert await cache.get("acme", bad) is None
     assert cache.penalty_of(neighbour) == pytest.approx(0.05)
+
+
+async def test_failed_feedback_invalidate_and_stats_calls_each_write_an_error_event(
+    harness: Harness,
+) -> None:
+    # Before: a refused Feedback, Invalidate or GetStats left no error event and no
+    # routecache_errors_total sample (docs/security.md, 5).
+    admin = harness.service.pipeline.admin
+    with pytest.raises(Unauthenticated):
+        await admin.feedback(Feedback("r", thumbs_up=True, problems=(("rating", "x"),)), None)
+    with pytest.raises(InvalidArgument):
+        await admin.invalidate(InvalidateTarget(), ACME)
+    with pytest.raises(InvalidArgument):
+        await admin.stats(ACME, top_n=-1)
+    errors = [(e["tenant"], e["reason"]) for e in harness.events.events if e["kind"] == "error"]
+    expected = [("", "unauthenticated"), ("acme", "invalid_argument"), ("acme", "invalid_argument")]
+    assert errors == expected
+    assert [(t, reason) for t, reason, _ in harness.telemetry.failed] == expected

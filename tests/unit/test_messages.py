@@ -20,7 +20,7 @@ from routecache.domain import (
     ValidatorResult,
 )
 from routecache.errors import InvalidArgument
-from routecache.router.input_validation import validate_request
+from routecache.router.input_validation import validate_feedback, validate_request
 from routecache.router.messages import (
     completion_to_pb,
     feedback_from_pb,
@@ -83,8 +83,10 @@ def test_feedback_needs_a_rating() -> None:
     assert not feedback_from_pb(
         pb.FeedbackRequest(response_id="r", rating=pb.RATING_DOWN)
     ).thumbs_up
+    unrated = feedback_from_pb(pb.FeedbackRequest(response_id="r"))
+    # Refused on validation, after the API key, not while translating.
     with pytest.raises(InvalidArgument) as error:
-        feedback_from_pb(pb.FeedbackRequest(response_id="r"))
+        validate_feedback(unrated, LimitSettings())
     assert error.value.field == "rating"
 
 
@@ -92,9 +94,9 @@ def test_invalidate_all_must_be_true() -> None:
     assert invalidate_target_from_pb(pb.InvalidateRequest(all=True)) == InvalidateTarget(
         all_entries=True
     )
-    with pytest.raises(InvalidArgument) as error:
-        invalidate_target_from_pb(pb.InvalidateRequest(all=False))
-    assert error.value.field == "target"
+    # No target: refused by the invalidation itself, after the API key.
+    assert invalidate_target_from_pb(pb.InvalidateRequest(all=False)) == InvalidateTarget()
+    assert invalidate_target_from_pb(pb.InvalidateRequest()) == InvalidateTarget()
 
 
 def test_completion_carries_staleness_actions_and_a_zero_difficulty() -> None:
