@@ -318,6 +318,15 @@ def save_artifact(
     return model_path, metadata_path
 
 
+def artifact_pair(path: Path, name: str) -> tuple[bytes, bytes]:
+    """The pair at `path` as it loads, to publish elsewhere as NAME.skops and NAME.json: the
+    model bytes its .json names (NAME.skops, or the staged copy of a save that stopped before
+    replacing it), checked against the .json's SHA-256, and that .json naming NAME.skops.
+    ClassifierArtifactError for a pair that would not load so (missing, mismatched)."""
+    data, metadata = _read_metadata(*_artifact_paths(Path(path)))
+    return data, _json_bytes({**metadata, "artifact_file": f"{name}.skops"})
+
+
 def _is_staged_copy(model_path: Path, name: object) -> bool:
     """Whether `name` is that of a staged copy of NAME.skops: .NAME.SHA-256.skops."""
     prefix, suffix = f".{model_path.stem}.", ".skops"
