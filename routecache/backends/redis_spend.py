@@ -277,6 +277,9 @@ class RedisSpendLedger:
         key, rid = self._base(reservation.tenant) + "resv", reservation.reservation_id
         try:
             await guarded(self._link, lambda: self._link.client.hdel(key, rid))
+        except RedisRefused:  # the link stays up: no health change would start the flush
+            self._drop_later(reservation.tenant, rid)
+            self._flush_in_background()
         except RedisDown:
             # Left there, it would hold the cap on every replica until it expires.
             self._drop_later(reservation.tenant, rid)

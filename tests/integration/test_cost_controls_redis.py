@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import redis
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from routecache.backends.keys import KeySpace
@@ -1235,6 +1236,32 @@ async def test_a_redis_reservation_released_while_redis_is_down_is_dropped_at_th
     await ledger.release(held)  # does not fail
     redis.server.start()
     await _flush_expecting_no_reservation(redis, ledger, caps)
+
+
+async def test_a_release_redis_refused_is_dropped_by_a_flush_started_at_once(
+    ledger_on_own_redis: LedgerOnOwnRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A refusal leaves the link up: no health change starts a flush, and the reservation
+    # held the cap on every replica until the next write this replica made, or its expiry.
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    caps = [Cap(Period.DAY, 1.0)]
+    held = await ledger.reserve("acme", "", 0.5, caps)
+    assert isinstance(held, Reservation) and not held.local
+    hdel, refusals = redis.link.client.hdel, [ResponseError("MISCONF")]
+
+    async def refused_once(*args: Any) -> Any:
+        if refusals:
+            raise refusals.pop()
+        return await hdel(*args)
+
+    monkeypatch.setattr(redis.link.client, "hdel", refused_once)
+    await ledger.release(held)  # does not fail
+    assert not refusals and redis.link.up
+
+    async def dropped() -> bool:
+        return await redis.link.client.hlen("rc:{acme}:resv") == 0
+
+    await eventually(dropped, "the refused release's reservation is dropped")
 
 
 @pytest.mark.parametrize("lost", ["timeout", "cancelled"])
