@@ -1259,7 +1259,8 @@ async def test_a_release_redis_refused_is_dropped_by_a_flush_started_at_once(
     assert not refusals and redis.link.up
 
     async def dropped() -> bool:
-        return await redis.link.client.hlen("rc:{acme}:resv") == 0
+        left: int = await redis.link.client.hlen("rc:{acme}:resv")
+        return left == 0
 
     await eventually(dropped, "the refused release's reservation is dropped")
 

@@ -15,11 +15,11 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from routecache.classifier import registry as registry_module
 from routecache.classifier.model import (
     ARTIFACT_FORMAT,
     REQUIRED_METADATA,
     FixedScoreClassifier,
+    artifact_pair,
 )
 from routecache.classifier.operating_point import CurvePoint, OperatingCurve
 from routecache.classifier.ports import Assessment, DifficultyClassifier
@@ -221,7 +221,7 @@ def test_two_concurrent_adds_of_one_version_add_it_once_and_the_other_says_it_ex
     registry = ModelRegistry(tmp_path / "registry")
     sources = [_artifact(tmp_path / f"src-{i}", i / 10) for i in range(2)]
     first_copying, go_on = threading.Event(), threading.Event()
-    copy = registry_module.artifact_pair
+    copy = artifact_pair
     copying: list[int] = []
 
     def copy_held(source: Path, name: str) -> tuple[bytes, bytes]:
@@ -230,7 +230,7 @@ def test_two_concurrent_adds_of_one_version_add_it_once_and_the_other_says_it_ex
         go_on.wait(10)
         return copy(source, name)
 
-    monkeypatch.setattr(registry_module, "artifact_pair", copy_held)
+    monkeypatch.setattr("routecache.classifier.registry.artifact_pair", copy_held)
     outcomes: list[BaseException | None] = []
 
     def add(source: Path) -> None:
