@@ -262,11 +262,12 @@ class RedisSpendLedger:
         self._forget_past(period_ids(self._clock()))  # not `ids`: a flush may be of a past day
         moved: Movement = {}
         for i, (period, pid, who) in enumerate(slots):
-            before, after = float(out[_SETTLED * i]), _settled_totals(out, i)
+            before, after = float(out[_SETTLED * i]), float(out[_SETTLED * i + 1])
             # The user's too: while Redis is down, per-user caps and totals start from these.
-            self._last_totals[(record.tenant, who, pid)] = after
+            self._last_totals[(record.tenant, who, pid)] = _settled_totals(out, i)
             if not who:
-                moved[period] = (before, after.cost_usd)
+                # This settle's own move, the first try's for one sent again (scripts.SETTLE).
+                moved[period] = (before, after)
         return moved
 
     async def release(self, reservation: Reservation) -> None:
@@ -276,6 +277,9 @@ class RedisSpendLedger:
         key, rid = self._base(reservation.tenant) + "resv", reservation.reservation_id
         try:
             await guarded(self._link, lambda: self._link.client.hdel(key, rid))
+        except RedisRefused:  # the link stays up: no health change would start the flush
+            self._drop_later(reservation.tenant, rid)
+            self._flush_in_background()
         except RedisDown:
             # Left there, it would hold the cap on every replica until it expires.
             self._drop_later(reservation.tenant, rid)
@@ -463,12 +467,12 @@ def _sum(total: SpendRecord | None, record: SpendRecord) -> SpendRecord:
     )  # fmt: skip
 
 
-_SETTLED = 7  # SETTLE's answer per key: cost before, then the six totals after
+_SETTLED = 8  # SETTLE's answer per key: cost before and after the settle, then six totals now
 
 
 def _settled_totals(out: Sequence[bytes], index: int) -> Totals:
     fields = ("cost", "prompt_tokens", "completion_tokens", "saved", "calls", "routing_saved")
-    start = _SETTLED * index + 1
+    start = _SETTLED * index + 2
     return _totals(dict(zip((f.encode() for f in fields), out[start : start + 6], strict=True)))
 
 

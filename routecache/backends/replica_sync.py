@@ -269,18 +269,22 @@ class ReplicaSync:
 
     async def _read_each(self, tenants: Sequence[str]) -> int:
         """Reads each tenant's stream alone (not blocking); a tenant whose read fails is left
-        out of the XREAD of them all until it reads again."""
-        count = 0
+        out of the XREAD of them all until it reads again. What was read is applied after
+        the reads: an error applying it (a faiss RuntimeError, say) is no failed read, and
+        fails the round, whose loop logs it once an episode and tries again."""
+        answers: list[list[tuple[bytes, list[Message]]]] = []
 
         async def read_one(tenant: str) -> None:
-            nonlocal count
             stream = self._keys.of(tenant).sync
             if stream in self._last:  # else its rebuild is owed: the gap check does it
                 read = partial(self._link.client.xread, {stream: self._last[stream]}, count=1000)
-                count += await self._apply_all(await guarded(self._link, read))
+                answers.append(await guarded(self._link, read))
 
         await self._reads.run(tenants, read_one)
         self._reads_retry_at = time.monotonic() + self._link.probe_interval_seconds
+        count = 0
+        for answer in answers:
+            count += await self._apply_all(answer)
         return count
 
     async def _apply_all(self, answer: list[tuple[bytes, list[Message]]]) -> int:

@@ -208,38 +208,56 @@ return {1, 0, unpack(committed)}
 # ARGV: tenant key base, reservation id ('' for none), cost, prompt tokens, completion tokens,
 # saved, calls, routing saved, settle id ('' for none), that id's lifetime in seconds, then per
 # spend key: its suffix, its lifetime in seconds. Adds the usage to every key and returns, per
-# key in the keys' order, its cost before, then its cost, prompt tokens, completion tokens,
-# saved, calls and routing saved after. A settle id already seen adds nothing: the try whose
-# answer was lost had added it.
+# key in the keys' order, its cost before and after this settle, then its cost, prompt tokens,
+# completion tokens, saved, calls and routing saved now. A settle id already seen adds nothing:
+# the try whose answer was lost had added it. That try's costs before are kept in `settled:<id>`
+# (space-separated) and returned again with before + cost: the caller never heard that move,
+# and a soft budget the try crossed is crossed for it now, once. An id kept as '1' (before this
+# was kept) answers the current costs as both.
 SETTLE = """
 local base = ARGV[1]
 local out = {}
 local FIELDS = {'cost', 'prompt_tokens', 'completion_tokens', 'saved', 'calls', 'routing_saved'}
-local function report(key, before)
+local function report(key, before, after)
   out[#out + 1] = before
+  out[#out + 1] = after
   local now = redis.call('HMGET', key, unpack(FIELDS))
   for j = 1, #FIELDS do out[#out + 1] = now[j] or '0' end
 end
 local settled = base .. 'settled:' .. ARGV[9]
-if ARGV[9] ~= '' and not redis.call('SET', settled, '1', 'NX', 'EX', ARGV[10]) then
+local seen = ARGV[9] ~= '' and redis.call('GET', settled)
+if seen then
+  local befores = {}
+  for cost in string.gmatch(seen, '%S+') do befores[#befores + 1] = cost end
   for i = 11, #ARGV, 2 do
     local key = base .. ARGV[i]
-    report(key, redis.call('HGET', key, 'cost') or '0')
+    local before = befores[(i - 9) / 2]
+    if seen ~= '1' and before then
+      report(key, before, string.format('%.17g', tonumber(before) + tonumber(ARGV[3])))
+    else
+      local cost = redis.call('HGET', key, 'cost') or '0'
+      report(key, cost, cost)
+    end
   end
   return out
 end
-if ARGV[2] ~= '' then redis.call('HDEL', base .. 'resv', ARGV[2]) end
+local befores = {}
 for i = 11, #ARGV, 2 do
   local key = base .. ARGV[i]
   local before = redis.call('HGET', key, 'cost') or '0'
-  redis.call('HINCRBYFLOAT', key, 'cost', ARGV[3])
+  local after = redis.call('HINCRBYFLOAT', key, 'cost', ARGV[3])
   redis.call('HINCRBY', key, 'prompt_tokens', ARGV[4])
   redis.call('HINCRBY', key, 'completion_tokens', ARGV[5])
   redis.call('HINCRBYFLOAT', key, 'saved', ARGV[6])
   redis.call('HINCRBY', key, 'calls', ARGV[7])
   redis.call('HINCRBYFLOAT', key, 'routing_saved', ARGV[8])
   redis.call('EXPIRE', key, ARGV[i + 1])
-  report(key, before)
+  befores[#befores + 1] = before
+  report(key, before, after)
 end
+-- After the adds: Redis checks memory at a script's first write only if it may grow memory,
+-- which HINCRBYFLOAT may and HDEL may not (out of memory, the settle is refused whole).
+if ARGV[2] ~= '' then redis.call('HDEL', base .. 'resv', ARGV[2]) end
+if ARGV[9] ~= '' then redis.call('SET', settled, table.concat(befores, ' '), 'EX', ARGV[10]) end
 return out
 """

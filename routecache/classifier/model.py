@@ -312,10 +312,33 @@ def save_artifact(
     ):
         with replacing_bytes(path) as out:
             out.write(content)
-    # This save's staged copy, and any a crashed save left (no .json names them now).
+    # This save's staged copy, and any a crashed save left: every one the .json does not name
+    # now. A concurrent save of this NAME may have staged its own and named it since (its
+    # commit point): removed, that pair would load no model until that save went on.
+    named = _named_file(metadata_path)
     for stray in _staged_copies(model_path):
-        stray.unlink(missing_ok=True)
+        if stray.name != named:
+            stray.unlink(missing_ok=True)
     return model_path, metadata_path
+
+
+def _named_file(metadata_path: Path) -> object:
+    """The `artifact_file` the .json at `metadata_path` names now, or None if it names none
+    that can be read."""
+    try:
+        record = json.loads(metadata_path.read_bytes())
+    except (OSError, ValueError):  # gone, or damaged (a JSONDecodeError is a ValueError)
+        return None
+    return record.get("artifact_file") if isinstance(record, dict) else None
+
+
+def artifact_pair(path: Path, name: str) -> tuple[bytes, bytes]:
+    """The pair at `path` as it loads, to publish elsewhere as NAME.skops and NAME.json: the
+    model bytes its .json names (NAME.skops, or the staged copy of a save that stopped before
+    replacing it), checked against the .json's SHA-256, and that .json naming NAME.skops.
+    ClassifierArtifactError for a pair that would not load so (missing, mismatched)."""
+    data, metadata = _read_metadata(*_artifact_paths(Path(path)))
+    return data, _json_bytes({**metadata, "artifact_file": f"{name}.skops"})
 
 
 def _is_staged_copy(model_path: Path, name: object) -> bool:

@@ -31,7 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from routecache.atomic_file import publish_folder, replacing
-from routecache.classifier.model import DEFAULT_ARTIFACT_NAME
+from routecache.classifier.model import (
+    DEFAULT_ARTIFACT_NAME,
+    ClassifierArtifactError,
+    artifact_pair,
+)
 from routecache.file_lock import exclusive
 
 POINTER = "CURRENT"
@@ -84,12 +88,12 @@ class ModelRegistry:
         return None if version is None else self.artifact_path(version)
 
     def add(self, artifact: Path, version: str) -> Path:
-        """Copy an artifact pair (NAME.skops + NAME.json) in as `version`; returns its .skops."""
+        """Copy an artifact pair (NAME.skops + NAME.json) in as `version`, as it loads (checked
+        against the .json's SHA-256); returns its .skops."""
         # CURRENT is read back stripped, so a name with whitespace around it could never serve.
         if not version or "/" in version or version.startswith(".") or version != version.strip():
             raise RegistryError(f"not a usable version name: {version!r}")
         source = Path(artifact)
-        base = source.with_suffix("") if source.suffix in (".skops", ".json") else source
         target = self.artifact_path(version)
         # One add at a time, so a version's staging folder is one add's alone, and one that a
         # crashed add left behind can be cleared.
@@ -103,11 +107,11 @@ class ModelRegistry:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
             try:
-                for suffix in (".skops", ".json"):
-                    shutil.copyfile(
-                        base.with_name(base.name + suffix),
-                        staging / f"{DEFAULT_ARTIFACT_NAME}{suffix}",
-                    )
+                # What loads from the pair, not its two files as they lie: after a save that
+                # stopped before replacing NAME.skops, the .json names a staged copy instead.
+                data, record = _pair(source, f"add {version}")
+                (staging / f"{DEFAULT_ARTIFACT_NAME}.skops").write_bytes(data)
+                (staging / f"{DEFAULT_ARTIFACT_NAME}.json").write_bytes(record)
                 # Synced, so that CURRENT, synced too, can never name a version that a power
                 # loss left empty or without its folder. (A versions folder made just now is
                 # an entry of the root, synced with CURRENT's rename by the promotion.)
@@ -203,6 +207,9 @@ class ModelRegistry:
         """Log the change, then move CURRENT; the caller holds the lock."""
         if not self.artifact_path(version).is_file():
             raise RegistryError(f"no version {version!r} in {self.root}")
+        # A version that cannot load (its model not its .json's, as an add before adds checked
+        # could leave) would fail every service that follows CURRENT: refused here instead.
+        _pair(self.artifact_path(version), f"{action} {version}")
         self._append_history(PointerChange(action, version, self.current_version(), time.time()))
         # One writer at a time (under the lock). The umask's mode, not a private one: the
         # service reading CURRENT may run as another user than the job that promotes.
@@ -237,6 +244,15 @@ class ModelRegistry:
                 f"{self.root}: cannot make the registry folder ({error.strerror})"
             ) from None
         return exclusive(self.root / LOCK)
+
+
+def _pair(artifact: Path, doing: str) -> tuple[bytes, bytes]:
+    """The pair at `artifact` as it loads, named as a version's files (model.artifact_pair);
+    RegistryError saying what could not be done if it would not load."""
+    try:
+        return artifact_pair(artifact, DEFAULT_ARTIFACT_NAME)
+    except ClassifierArtifactError as error:
+        raise RegistryError(f"cannot {doing}: {error}") from None
 
 
 def _change_from(line: str) -> PointerChange:

@@ -127,8 +127,9 @@ class Service:
         steps: list[ReleaseStep] = [("background tasks", self._stop_background)]
         if self.server is not None:
             steps.append(("the gRPC server", self.server.stop))
-        # Newest first: the cache's owed removals, cost control (webhook deliveries under
-        # way), storage, the event log, the embedding worker, the upstream clients.
+        # Newest first: the cache's owed removals, cost control (spend writes of callers
+        # gone), storage (its last spend flush), the budget alerts (webhook deliveries under
+        # way), the event log, the embedding worker, the upstream clients.
         steps += self.owned.steps()
         if self.metrics is not None:
             steps.append(("the metrics server", self.metrics.close))
@@ -429,10 +430,15 @@ def build_service(
     index = build_vector_index(settings, embedder.dimension)
     storage = build_storage(settings, index, clock, open_events(settings, parts, acquired),
                             telemetry)  # fmt: skip
+    alerts = build_budget_alerts(settings, storage.events, telemetry)
+    # Closed after the storage: a Redis storage's stop flushes the spend settled while Redis
+    # was down, and a soft budget that flush crosses is posted to the webhook too.
+    acquired.add("budget alerts", alerts.aclose)
     acquired.add("storage", storage.storage.aclose)
     events = storage.events
-    costs = build_cost_control(settings, storage, generator, clock, telemetry)
-    acquired.add("cost control", costs.aclose)
+    costs = build_cost_control(settings, storage, alerts, generator, clock, telemetry)
+    # Before the storage: the spend writes of callers gone reach the ledger's last flush.
+    acquired.add("cost control", costs.finish_writes)
     cache = SemanticCache(
         storage.store,
         index,
@@ -478,18 +484,25 @@ def open_events(settings: Settings, parts: Overrides, acquired: Acquired) -> Eve
     return event_log
 
 
+def build_budget_alerts(
+    settings: Settings, events: EventSink, telemetry: Telemetry
+) -> BudgetAlerts:
+    budgets = settings.budgets
+    alerts = BudgetAlerts(
+        events, telemetry, budgets.alert_webhook_url, budgets.webhook_timeout_seconds
+    )
+    telemetry.watch_count("budget_webhook_failures", lambda: alerts.failed_deliveries)
+    return alerts
+
+
 def build_cost_control(
     settings: Settings,
     storage: StorageParts,
+    alerts: BudgetAlerts,
     generator: Generator,
     clock: Callable[[], float],
     telemetry: Telemetry,
 ) -> CostControl:
-    budgets = settings.budgets
-    alerts = BudgetAlerts(
-        storage.events, telemetry, budgets.alert_webhook_url, budgets.webhook_timeout_seconds
-    )
-    telemetry.watch_count("budget_webhook_failures", lambda: alerts.failed_deliveries)
     costs = CostControl(
         storage.quotas, storage.spend, alerts, generator, settings.limits.max_output_tokens,
         clock, telemetry,

@@ -298,11 +298,17 @@ class CostControl:
             task.add_done_callback(_log_lost_write)  # no caller is left to see how it ends
             raise
 
-    async def aclose(self) -> None:
-        # Before the ledger closes (it was acquired first): the writes of callers gone. wait(),
-        # not gather(): a cancelled stop must not cancel the writes the shield protects.
+    async def finish_writes(self) -> None:
+        """Waits for the spend writes of callers gone: before the ledger closes (its last
+        flush must see them). wait(), not gather(): a cancelled stop must not cancel the
+        writes the shield protects."""
         if self._writes:
             await asyncio.wait(set(self._writes))
+
+    async def aclose(self) -> None:
+        """The writes, then the alerts. The service closes the two apart, around its storage:
+        a Redis ledger's last flush may cross a soft budget (spend_flushed)."""
+        await self.finish_writes()
         await self.alerts.aclose()
 
 

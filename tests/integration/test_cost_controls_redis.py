@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import redis
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from routecache.backends.keys import KeySpace
@@ -758,6 +759,24 @@ async def test_a_settle_whose_answer_is_lost_after_redis_applied_it_counts_once(
     assert 0 < await redis.link.client.ttl(settled) <= 3600
 
 
+async def test_a_soft_budget_crossed_by_a_settle_whose_answer_was_lost_is_reported_once(
+    ledger_on_own_redis: LedgerOnOwnRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Redis applied the settle but its answer was lost: the settle moved nothing, and the
+    # flush's try under the same id must report the move Redis made then, or no replica
+    # ever sees the crossing.
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    flushed: list[tuple[str, Movement]] = []
+    ledger.on_flushed(lambda tenant, moved: flushed.append((tenant, moved)))
+    lose_settle_answers(ledger, monkeypatch, [False, True])  # the first answer only is lost
+    assert await ledger.settle(None, SpendRecord("acme", "u1", cost_usd=0.3, calls=1)) == {}
+    await redis.link.wait_up()
+    await ledger.flush()
+    ((tenant, moved),) = flushed
+    assert tenant == "acme"
+    assert moved[Period.DAY] == moved[Period.MONTH] == pytest.approx((0.0, 0.3))
+
+
 async def _flush_expecting_the_call_once_and_no_reservation(
     redis: LedgerOnOwnRedis, ledger: RedisSpendLedger, caps: list[Cap]
 ) -> None:
@@ -1157,17 +1176,19 @@ async def test_expired_redis_reservations_leave_the_hash_at_the_next_reservation
         assert await link.client.hlen(KeySpace().of("acme").base + "resv") == 1
 
 
-async def test_a_settle_id_seen_before_moves_no_spend_the_second_time(
+async def test_a_settle_id_seen_before_adds_nothing_and_answers_the_first_tries_move(
     redis_server: RedisServer,
 ) -> None:
-    # A settle sent again after a lost answer: a move from 0 would cross soft budgets again.
+    # A settle is sent again only after its answer was lost: the move it made then was never
+    # heard, and is answered now, once; the totals are those of now.
     async with connected_link(redis_server) as (link, clock):
         ledger = RedisSpendLedger(link, KeySpace(), clock)
         record, ids = SpendRecord("acme", cost_usd=0.3, calls=1), period_ids(clock())
         first = await ledger._apply(None, record, ids, "once", 3600)
+        await ledger._apply(None, replace(record, cost_usd=0.2), ids, "", 3600)
         again = await ledger._apply(None, record, ids, "once", 3600)
-        assert first[Period.DAY] == pytest.approx((0.0, 0.3))
-        assert again[Period.DAY] == pytest.approx((0.3, 0.3))
+        assert first[Period.DAY] == again[Period.DAY] == pytest.approx((0.0, 0.3))
+        assert (await ledger.totals("acme"))[Period.DAY].cost_usd == pytest.approx(0.5)
 
 
 async def test_spend_keys_expire_after_their_retention(redis_server: RedisServer) -> None:
@@ -1277,6 +1298,33 @@ async def test_a_redis_reservation_released_while_redis_is_down_is_dropped_at_th
     await ledger.release(held)  # does not fail
     redis.server.start()
     await _flush_expecting_no_reservation(redis, ledger, caps)
+
+
+async def test_a_release_redis_refused_is_dropped_by_a_flush_started_at_once(
+    ledger_on_own_redis: LedgerOnOwnRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A refusal leaves the link up: no health change starts a flush, and the reservation
+    # held the cap on every replica until the next write this replica made, or its expiry.
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    caps = [Cap(Period.DAY, 1.0)]
+    held = await ledger.reserve("acme", "", 0.5, caps)
+    assert isinstance(held, Reservation) and not held.local
+    hdel, refusals = redis.link.client.hdel, [ResponseError("MISCONF")]
+
+    async def refused_once(*args: Any) -> Any:
+        if refusals:
+            raise refusals.pop()
+        return await hdel(*args)
+
+    monkeypatch.setattr(redis.link.client, "hdel", refused_once)
+    await ledger.release(held)  # does not fail
+    assert not refusals and redis.link.up
+
+    async def dropped() -> bool:
+        left: int = await redis.link.client.hlen("rc:{acme}:resv")
+        return left == 0
+
+    await eventually(dropped, "the refused release's reservation is dropped")
 
 
 @pytest.mark.parametrize("lost", ["timeout", "cancelled"])

@@ -602,6 +602,30 @@ async def test_a_read_refused_only_across_streams_applies_each_stream_and_pauses
     assert a.ids() == {entry.entry_id} and not a.sync._reads.failing
 
 
+async def test_a_bug_applying_a_stream_read_alone_fails_the_round_not_the_tenants_read(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A faiss error applying what acme's read alone returned: its read worked, so acme is not
+    # set aside as "cannot be read" (tailed once a probe interval); the round's bug handling
+    # logs it once an episode, and the next round tries again.
+    a = rig.replica_a(tenants=("globex", "acme"))
+    await a.sync.rebuild()
+
+    async def cross_slot(*args: object, **kwargs: object) -> None:
+        raise redis.ResponseError("CROSSSLOT Keys in request don't hash to the same slot")
+
+    def broken(scope: str, entry_ids: list[str], vectors: np.ndarray) -> None:
+        raise RuntimeError("faiss: index broken")
+
+    monkeypatch.setattr(rig.link.blocking, "xread", cross_slot)
+    monkeypatch.setattr(a.index, "add_many", broken)
+    await rig.write()
+    with pytest.raises(RuntimeError, match="index broken"):
+        await a.sync.poll()
+    assert not a.sync._reads.failing
+    assert rig.link.up and rig.link.failures == 0
+
+
 async def test_a_tenant_whose_rebuild_fails_on_a_bug_does_not_hold_up_the_other_tenants(
     rig: Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -577,6 +577,35 @@ def test_a_save_that_dies_midway_leaves_a_pair_that_loads(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.skops"]  # strays removed
 
 
+def test_a_save_keeps_the_staged_copy_that_a_concurrent_save_of_the_name_committed(
+    trained: DifficultyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Save B of the same name runs between save A's last write and A's clean-up, and stops
+    # after its .json names its staged copy: A removed every staged copy, B's included, and
+    # the pair (B's .json, A's .skops) loaded no model.
+    from routecache import atomic_file
+
+    other = fit_model(_labelled(40), c=0.5, seed=1)
+    real = atomic_file.replacing_bytes
+    calls = iter(range(1, 100))
+
+    @contextlib.contextmanager
+    def interleaved(path: Path, mode: int | None = None) -> Iterator[BinaryIO]:
+        call = next(calls)
+        if call == 7:  # B's third write: B stops with its .json naming its staged copy
+            raise OSError("killed")
+        with real(path, mode) as out:
+            yield out
+        if call == 4:  # A's last write done, its clean-up still to come
+            with contextlib.suppress(OSError):
+                save_artifact(other, {**_metadata(), "version": "b"}, tmp_path, "a")
+
+    monkeypatch.setattr("routecache.classifier.model.replacing_bytes", interleaved)
+    save_artifact(trained, {**_metadata(), "version": "a"}, tmp_path, "a")
+    assert load_artifact(tmp_path / "a.skops").version == "b"
+    assert len(list(tmp_path.glob(".a.*.skops"))) == 1  # B's; A's own staged copy is gone
+
+
 def test_a_load_that_a_save_overtakes_between_its_two_reads_loads_the_new_pair(
     trained: DifficultyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from aiohttp import web
 
+from routecache.backends.storage import EmbeddedStorage
 from routecache.domain import (
     Budget,
     CacheControl,
@@ -1264,6 +1265,26 @@ async def test_the_service_stop_delivers_the_budget_alert_webhooks_under_way(
     await harness.service.pipeline.complete(ask("over at once"), ACME)
     await harness.service.aclose()
     assert len(hook.bodies) == 1
+
+
+async def test_a_soft_budget_crossed_by_the_storages_last_spend_flush_is_posted_at_stop(
+    webhook: tuple[str, Hook], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Redis storage's stop flushes the spend settled while Redis was down, and its listener
+    # judges soft budgets (CostControl.spend_flushed). The alerts were closed before it: the
+    # crossing it found posted nothing, counted as a failed delivery.
+    url, hook = webhook
+
+    async def last_flush_crossing(storage: EmbeddedStorage) -> None:
+        harness.service.pipeline.costs.spend_flushed("acme", {Period.DAY: (0.0, 1.0)})
+
+    monkeypatch.setattr(EmbeddedStorage, "aclose", last_flush_crossing)
+    harness = make_harness(service={"budgets": {"alert_webhook_url": url}},
+                           budget={"soft_daily_usd": 0.5})  # fmt: skip
+    await harness.service.pipeline.complete(ask("a question"), ACME)  # well under 0.5 USD
+    await harness.service.aclose()
+    assert harness.service.pipeline.costs.alerts.failed_deliveries == 0
+    assert [(b["tenant"], b["period"]) for b in hook.bodies] == [("acme", "day")]
 
 
 def alerts_to(

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import logging
 import os
-import shutil
 import threading
 from pathlib import Path
 
@@ -15,7 +15,12 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from routecache.classifier.model import FixedScoreClassifier
+from routecache.classifier.model import (
+    ARTIFACT_FORMAT,
+    REQUIRED_METADATA,
+    FixedScoreClassifier,
+    artifact_pair,
+)
 from routecache.classifier.operating_point import CurvePoint, OperatingCurve
 from routecache.classifier.ports import Assessment, DifficultyClassifier
 from routecache.classifier.registry import ModelRegistry, RegistryError
@@ -26,12 +31,24 @@ from tests.unit.conftest import record_fsyncs, record_synced
 VECTOR = np.zeros(4, dtype=np.float32)
 
 
-def _artifact(folder: Path, score: float) -> Path:
-    """A stand-in artifact pair: the fake loader reads the score from the .skops bytes."""
+def _artifact(folder: Path, score: float, artifact_file: str = "model.skops") -> Path:
+    """A stand-in artifact pair: the fake loader reads the score from the .skops bytes, and
+    the .json holds its checksum, as a saved pair's does. With `artifact_file`, the model is
+    written there instead, and the .json names it (a save that stopped before model.skops)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model.skops").write_text(json.dumps({"score": score}))
-    (folder / "model.json").write_text("{}")
+    data = json.dumps({"score": score}).encode()
+    (folder / artifact_file).write_bytes(data)
+    (folder / "model.json").write_text(json.dumps(_metadata_of(data, artifact_file)))
     return folder / "model.skops"
+
+
+def _metadata_of(data: bytes, artifact_file: str) -> dict[str, object]:
+    return {
+        **dict.fromkeys(REQUIRED_METADATA, "-"),
+        "format": ARTIFACT_FORMAT,
+        "artifact_sha256": hashlib.sha256(data).hexdigest(),
+        "artifact_file": artifact_file,
+    }
 
 
 def fake_load(path: Path) -> DifficultyClassifier:
@@ -102,7 +119,39 @@ def test_add_takes_the_pair_by_either_file_or_its_stem(tmp_path: Path) -> None:
     for version in ("by-json", "by-stem"):
         folder = registry.artifact_path(version).parent
         assert (folder / "difficulty.skops").read_text() == source.read_text()
-        assert (folder / "difficulty.json").read_text() == "{}"
+        metadata = json.loads((folder / "difficulty.json").read_text())
+        assert metadata == _metadata_of(source.read_bytes(), "difficulty.skops")
+
+
+def test_add_takes_the_model_the_json_names_where_a_save_stopped_before_replacing_it(
+    tmp_path: Path,
+) -> None:
+    # The .json names the staged copy, NAME.skops is still the previous model: copied as it
+    # was, the version could never load (its .json's checksum is the staged copy's).
+    source = _artifact(tmp_path / "src", 0.7, artifact_file=f".model.{'a' * 64}.skops")
+    source.write_text(json.dumps({"score": 0.1}))  # the previous save's
+    registry = ModelRegistry(tmp_path / "registry")
+    added = registry.add(source, "v1")
+    assert fake_load(added).failure_probability(VECTOR, "") == 0.7
+    metadata = json.loads((added.parent / "difficulty.json").read_text())
+    assert metadata == _metadata_of(added.read_bytes(), "difficulty.skops")
+    registry.promote("v1")
+    assert registry.current_version() == "v1"
+
+
+def test_a_version_whose_model_does_not_match_its_json_is_neither_added_nor_promoted(
+    tmp_path: Path,
+) -> None:
+    registry = _registry_with(tmp_path, "v1")
+    registry.artifact_path("v1").write_text(json.dumps({"score": 0.9}))  # not its .json's
+    with pytest.raises(RegistryError, match=r"promote v1: .*SHA-256 differs"):
+        registry.promote("v1")
+    assert registry.current_version() is None
+    source = _artifact(tmp_path / "src-v2", 0.2)
+    source.write_text(json.dumps({"score": 0.3}))
+    with pytest.raises(RegistryError, match=r"cannot add v2: .*SHA-256 differs"):
+        registry.add(source, "v2")
+    assert registry.versions() == ["v1"]
 
 
 def test_an_add_interrupted_earlier_does_not_block_adding_the_version(tmp_path: Path) -> None:
@@ -127,7 +176,7 @@ def test_adding_half_a_pair_reports_the_missing_file_and_adds_nothing(tmp_path: 
     source.with_suffix(".json").unlink()
     # The missing file itself, not "the version folder exists": only a rename that finds the
     # folder taken means that.
-    with pytest.raises(FileNotFoundError, match=r"model\.json"):
+    with pytest.raises(RegistryError, match=r"cannot add v2: .*model\.json is missing"):
         registry.add(source, "v2")
     assert registry.versions() == ["v1"]
     assert not (registry.root / ".adding-v2").exists()
@@ -172,16 +221,16 @@ def test_two_concurrent_adds_of_one_version_add_it_once_and_the_other_says_it_ex
     registry = ModelRegistry(tmp_path / "registry")
     sources = [_artifact(tmp_path / f"src-{i}", i / 10) for i in range(2)]
     first_copying, go_on = threading.Event(), threading.Event()
-    copy = shutil.copyfile
+    copy = artifact_pair
     copying: list[int] = []
 
-    def copy_held(source: Path, target: Path) -> Path:
+    def copy_held(source: Path, name: str) -> tuple[bytes, bytes]:
         copying.append(threading.get_ident())
         first_copying.set()
         go_on.wait(10)
-        return copy(source, target)
+        return copy(source, name)
 
-    monkeypatch.setattr(shutil, "copyfile", copy_held)
+    monkeypatch.setattr("routecache.classifier.registry.artifact_pair", copy_held)
     outcomes: list[BaseException | None] = []
 
     def add(source: Path) -> None:
