@@ -137,7 +137,9 @@ class Pipeline:
             completion = await self._answer(tenant, request, latency, deadline)
         except ResourceExhausted:  # a spend cap refused it: not admitted (operations.md)
             raise
-        except Exception as error:  # an INTERNAL one too: it was admitted
+        # An INTERNAL one too, and a cancelled one: it was admitted, and the calls it made are
+        # in GetStats (from the spend records), so the request must be as well.
+        except (Exception, asyncio.CancelledError) as error:
             self._fail(tenant, error)
             raise
         latency.total_ms = (time.perf_counter() - started) * 1000
@@ -149,7 +151,7 @@ class Pipeline:
         self, tenant: str, request: ChatRequest, error: BaseException, started: float
     ) -> None:
         seconds = time.perf_counter() - started
-        if isinstance(error, asyncio.CancelledError):
+        if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
             reason = "cancelled"  # the caller left or its deadline passed: routine
         elif isinstance(error, RouteCacheError):
             reason = error_reason(error)
@@ -187,16 +189,24 @@ class Pipeline:
         deadline = self._p.generator.deadline(seconds_left)
         telemetry = self._p.telemetry
         telemetry.request_started()
-        tenant_name = ""
+        tenant_name, finished = "", False
         try:
             tenant = await self._p.authenticator.resolve(api_key)
             tenant_name = tenant.name
             async for event in self._complete_stream(tenant, request, started, deadline):
                 if isinstance(event, Completion):
+                    finished = True
                     seconds = event.latency.total_ms / 1000
                     failed = failed_validator_labels(event.validation, request)
                     telemetry.request_completed(tenant.name, event, seconds, failed)
                 yield event
+        # Closed part-way (aclose(): GeneratorExit, at a yield, so it was admitted): the caller
+        # left, as a cancelled one did; closed after its Completion, it was served.
+        except GeneratorExit as error:
+            if not finished:
+                self._fail(tenant, error)
+                self._record_failure(tenant_name, request, error, started)
+            raise
         # CancelledError is no Exception: a caller gone or a deadline passed is recorded too
         # (as "cancelled"), or the latency histogram would leave out the slowest requests.
         except (Exception, asyncio.CancelledError) as error:  # a bug: INTERNAL, recorded too
@@ -221,7 +231,9 @@ class Pipeline:
                 return
         except ResourceExhausted:  # a spend cap refused it: not admitted (operations.md)
             raise
-        except Exception as error:  # an INTERNAL one too: it was admitted
+        # An INTERNAL one too, and a cancelled one: it was admitted, and the calls it made are
+        # in GetStats (from the spend records), so the request must be as well.
+        except (Exception, asyncio.CancelledError) as error:
             self._fail(tenant, error)
             raise
         await self._costs.record_saving(tenant, request, hit.usage.saved_usd)
@@ -569,7 +581,7 @@ class Pipeline:
             },
         )
 
-    def _fail(self, tenant: Tenant, error: Exception) -> None:
+    def _fail(self, tenant: Tenant, error: BaseException) -> None:
         # The error event itself is emitted once, by _record_failure, for every failure.
         self._stats.record_failure(tenant.name, validation=isinstance(error, FailedValidation))
 
