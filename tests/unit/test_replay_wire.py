@@ -222,8 +222,8 @@ def test_a_malformed_field_is_refused_naming_it(fields: dict[str, Any], param: s
         ({"stream": False, "stream_options": {}}, "stream_options", "invalid_value"),
     ],
     ids=["n-2", "n-0", "n-float", "n-bool", "temperature-over-2", "temperature-negative",
-         "temperature-text", "temperature-nan", "top-p-over-1", "top-p-negative", "temperature-huge-int",
-         "top-p-huge-negative-int", "top-p-bool",
+         "temperature-text", "temperature-nan", "top-p-over-1", "top-p-negative",
+         "temperature-huge-int", "top-p-huge-negative-int", "top-p-bool",
          "json-schema-missing", "json-schema-not-object", "stream-options-no-stream",
          "stream-options-stream-false"],
 )  # fmt: skip
