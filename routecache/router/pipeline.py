@@ -4,11 +4,12 @@ single-flight → classifier → models and validators → store → event → a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -193,13 +194,17 @@ class Pipeline:
         try:
             tenant = await self._p.authenticator.resolve(api_key)
             tenant_name = tenant.name
-            async for event in self._complete_stream(tenant, request, started, deadline):
-                if isinstance(event, Completion):
-                    finished = True
-                    seconds = event.latency.total_ms / 1000
-                    failed = failed_validator_labels(event.validation, request)
-                    telemetry.request_completed(tenant.name, event, seconds, failed)
-                yield event
+            # aclosing: a stream closed part-way closes the generators inside it now, so that
+            # what it was sent is paid for (settle_partial) before aclose() returns.
+            inner = self._complete_stream(tenant, request, started, deadline)
+            async with contextlib.aclosing(inner) as events:
+                async for event in events:
+                    if isinstance(event, Completion):
+                        finished = True
+                        seconds = event.latency.total_ms / 1000
+                        failed = failed_validator_labels(event.validation, request)
+                        telemetry.request_completed(tenant.name, event, seconds, failed)
+                    yield event
         # Closed part-way (aclose(): GeneratorExit, at a yield, so it was admitted): the caller
         # left, as a cancelled one did; closed after its Completion, it was served.
         except GeneratorExit as error:
@@ -217,17 +222,19 @@ class Pipeline:
 
     async def _complete_stream(
         self, tenant: Tenant, request: ChatRequest, started: float, deadline: float
-    ) -> AsyncIterator[str | Completion]:
+    ) -> AsyncGenerator[str | Completion, None]:
         await self._admit(tenant, request)
         latency = LatencyBreakdown()
         try:
             scope, hit, vector = await self._lookup(tenant, request, latency)
             if hit is None:
                 assert vector is not None  # a miss always embeds
-                async for event in self._stream_models(
+                models = self._stream_models(
                     tenant, request, (scope, vector), latency, (started, deadline)
-                ):
-                    yield event
+                )
+                async with contextlib.aclosing(models) as events:  # see complete_stream
+                    async for event in events:
+                        yield event
                 return
         except ResourceExhausted:  # a spend cap refused it: not admitted (operations.md)
             raise
@@ -251,7 +258,7 @@ class Pipeline:
         where: tuple[str, Vector],
         latency: LatencyBreakdown,
         times: tuple[float, float],
-    ) -> AsyncIterator[str | Completion]:
+    ) -> AsyncGenerator[str | Completion, None]:
         """`times`: when the request started (perf_counter), for its total; its deadline."""
         (scope, vector), (started, deadline), generator = where, times, self._p.generator
         with _stage(latency, "classify_ms"):
