@@ -89,8 +89,11 @@ def _stream_options(body: Mapping[str, Any], stream: bool) -> Mapping[str, Any]:
 
 
 def _is_number(value: object) -> bool:
-    """A finite JSON number: json reads NaN and Infinity, which no range check would refuse."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite JSON number: json reads NaN and Infinity, which no range check would refuse.
+    An int is finite however large; math.isfinite raises OverflowError past a float's range."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _one_choice(n: object) -> None:

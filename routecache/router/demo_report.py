@@ -61,6 +61,16 @@ def _one_call(response: pb.CompleteResponse) -> bool:
     return not validation.escalated and all(r.action != "retried" for r in validation.results)
 
 
+def _shared(response: pb.CompleteResponse) -> bool:
+    """Whether a miss was answered by an identical request's call in flight: it carries that
+    call's report but paid nothing and saved its cost (the one that made the call paid, saved
+    nothing). /metrics counts the call's escalation once, for its maker. (Models priced at 0
+    would make the two look alike.)"""
+    usage = response.usage
+    miss = response.cache.outcome == pb.CACHE_OUTCOME_MISS
+    return miss and usage.cost_usd == 0 and usage.saved_usd > 0
+
+
 def _all_strong_cost(result: DemoResult, in_price: float, out_price: float) -> float:
     """What the request would have cost sent to the strong model: one call, with the tokens it
     reported, else (a hit reports 0; several calls report their sum) estimated from the prompt
@@ -151,7 +161,7 @@ def tally(results: Sequence[DemoResult]) -> DemoTally:
         cheap=paths["miss → cheap"],
         strong=paths["miss → strong"],
         errors=len(results) - len(answered),
-        escalated=sum(1 for r in answered if r.validation.escalated),
+        escalated=sum(1 for r in answered if r.validation.escalated and not _shared(r)),
         cost_usd=sum(r.usage.cost_usd for r in answered),
         saved_usd=sum(r.usage.saved_usd for r in answered),
         prompt_tokens=sum(r.usage.prompt_tokens for r in answered),

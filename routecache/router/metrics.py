@@ -47,7 +47,8 @@ class PrometheusTelemetry:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self._latency = Histogram(
-            "routecache_request_latency_seconds", "Complete latency by path",
+            "routecache_request_latency_seconds",
+            "Complete latency by path (error: a failed call of any method)",
             ["path"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self._requests = Counter(

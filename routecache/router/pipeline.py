@@ -4,11 +4,12 @@ single-flight → classifier → models and validators → store → event → a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -137,7 +138,9 @@ class Pipeline:
             completion = await self._answer(tenant, request, latency, deadline)
         except ResourceExhausted:  # a spend cap refused it: not admitted (operations.md)
             raise
-        except Exception as error:  # an INTERNAL one too: it was admitted
+        # An INTERNAL one too, and a cancelled one: it was admitted, and the calls it made are
+        # in GetStats (from the spend records), so the request must be as well.
+        except (Exception, asyncio.CancelledError) as error:
             self._fail(tenant, error)
             raise
         latency.total_ms = (time.perf_counter() - started) * 1000
@@ -149,7 +152,7 @@ class Pipeline:
         self, tenant: str, request: ChatRequest, error: BaseException, started: float
     ) -> None:
         seconds = time.perf_counter() - started
-        if isinstance(error, asyncio.CancelledError):
+        if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
             reason = "cancelled"  # the caller left or its deadline passed: routine
         elif isinstance(error, RouteCacheError):
             reason = error_reason(error)
@@ -187,16 +190,28 @@ class Pipeline:
         deadline = self._p.generator.deadline(seconds_left)
         telemetry = self._p.telemetry
         telemetry.request_started()
-        tenant_name = ""
+        tenant_name, finished = "", False
         try:
             tenant = await self._p.authenticator.resolve(api_key)
             tenant_name = tenant.name
-            async for event in self._complete_stream(tenant, request, started, deadline):
-                if isinstance(event, Completion):
-                    seconds = event.latency.total_ms / 1000
-                    failed = failed_validator_labels(event.validation, request)
-                    telemetry.request_completed(tenant.name, event, seconds, failed)
-                yield event
+            # aclosing: a stream closed part-way closes the generators inside it now, so that
+            # what it was sent is paid for (settle_partial) before aclose() returns.
+            inner = self._complete_stream(tenant, request, started, deadline)
+            async with contextlib.aclosing(inner) as events:
+                async for event in events:
+                    if isinstance(event, Completion):
+                        finished = True
+                        seconds = event.latency.total_ms / 1000
+                        failed = failed_validator_labels(event.validation, request)
+                        telemetry.request_completed(tenant.name, event, seconds, failed)
+                    yield event
+        # Closed part-way (aclose(): GeneratorExit, at a yield, so it was admitted): the caller
+        # left, as a cancelled one did; closed after its Completion, it was served.
+        except GeneratorExit as error:
+            if not finished:
+                self._fail(tenant, error)
+                self._record_failure(tenant_name, request, error, started)
+            raise
         # CancelledError is no Exception: a caller gone or a deadline passed is recorded too
         # (as "cancelled"), or the latency histogram would leave out the slowest requests.
         except (Exception, asyncio.CancelledError) as error:  # a bug: INTERNAL, recorded too
@@ -207,21 +222,25 @@ class Pipeline:
 
     async def _complete_stream(
         self, tenant: Tenant, request: ChatRequest, started: float, deadline: float
-    ) -> AsyncIterator[str | Completion]:
+    ) -> AsyncGenerator[str | Completion, None]:
         await self._admit(tenant, request)
         latency = LatencyBreakdown()
         try:
             scope, hit, vector = await self._lookup(tenant, request, latency)
             if hit is None:
                 assert vector is not None  # a miss always embeds
-                async for event in self._stream_models(
+                models = self._stream_models(
                     tenant, request, (scope, vector), latency, (started, deadline)
-                ):
-                    yield event
+                )
+                async with contextlib.aclosing(models) as events:  # see complete_stream
+                    async for event in events:
+                        yield event
                 return
         except ResourceExhausted:  # a spend cap refused it: not admitted (operations.md)
             raise
-        except Exception as error:  # an INTERNAL one too: it was admitted
+        # An INTERNAL one too, and a cancelled one: it was admitted, and the calls it made are
+        # in GetStats (from the spend records), so the request must be as well.
+        except (Exception, asyncio.CancelledError) as error:
             self._fail(tenant, error)
             raise
         await self._costs.record_saving(tenant, request, hit.usage.saved_usd)
@@ -239,7 +258,7 @@ class Pipeline:
         where: tuple[str, Vector],
         latency: LatencyBreakdown,
         times: tuple[float, float],
-    ) -> AsyncIterator[str | Completion]:
+    ) -> AsyncGenerator[str | Completion, None]:
         """`times`: when the request started (perf_counter), for its total; its deadline."""
         (scope, vector), (started, deadline), generator = where, times, self._p.generator
         with _stage(latency, "classify_ms"):
@@ -569,7 +588,7 @@ class Pipeline:
             },
         )
 
-    def _fail(self, tenant: Tenant, error: Exception) -> None:
+    def _fail(self, tenant: Tenant, error: BaseException) -> None:
         # The error event itself is emitted once, by _record_failure, for every failure.
         self._stats.record_failure(tenant.name, validation=isinstance(error, FailedValidation))
 

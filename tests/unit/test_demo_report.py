@@ -169,6 +169,23 @@ def test_the_summary_counts_each_path_errors_escalations_and_hits_that_should_no
     ]
 
 
+def test_an_escalated_call_identical_requests_shared_is_one_escalation_in_the_tally() -> None:
+    # /metrics counts an escalation once for a shared call; those that shared it carry the
+    # maker's report (escalated) but paid nothing and saved its cost.
+    def escalated(cost_usd: float, saved_usd: float) -> DemoResult:
+        response = pb.CompleteResponse(
+            tier=pb.TIER_STRONG, cache=pb.CacheInfo(outcome=pb.CACHE_OUTCOME_MISS),
+            validation=pb.ValidationReport(escalated=True),
+            usage=pb.Usage(cost_usd=cost_usd, saved_usd=saved_usd),
+        )  # fmt: skip
+        return DemoResult("acme", "json", "OK", 1.0, response, 1)
+
+    made, shared = escalated(0.5, 0.0), escalated(0.0, 0.5)
+
+    assert tally([made, shared, shared]).escalated == 1
+    assert tally([made, made]).escalated == 2
+
+
 def test_a_cross_tenant_hit_is_one_that_served_another_tenants_entry_whatever_the_kind() -> None:
     # globex asking acme's prompts hits its own entry on a false match at a low threshold:
     # wrong, but no leak; an exact repeat served acme's entry would be one.

@@ -605,6 +605,43 @@ async def test_a_cancelled_request_is_recorded_as_a_cancelled_failure(
     assert (telemetry.started, telemetry.ended) == (1, 1)
     assert telemetry.failed == [("acme", "cancelled", ())]
     assert not telemetry.completed
+    # GetStats counts its calls (from the spend records): the request itself counts too.
+    assert (await pipeline.admin.stats(ACME)).requests == 1
+
+
+async def test_a_stream_closed_part_way_is_recorded_as_a_cancelled_request(
+    harness: Harness,
+) -> None:
+    # aclose() throws GeneratorExit, no Exception and no CancelledError: such a stream was in
+    # no request metric, no error event and no GetStats request.
+    pipeline = harness.service.pipeline
+    stream = pipeline.complete_stream(ask("stream me " * 200), ACME)
+    assert isinstance(await anext(stream), str)
+    await stream.aclose()
+    telemetry = harness.telemetry
+    assert (telemetry.started, telemetry.ended) == (1, 1)
+    assert telemetry.failed == [("acme", "cancelled", ())] and not telemetry.completed
+    errors = [e for e in harness.events.events if e["kind"] == "error"]
+    assert [e["reason"] for e in errors] == ["cancelled"]
+    # Paid for what it was sent, by the time aclose() returns (not when the loop finalises
+    # the generators inside it).
+    stats = await pipeline.admin.stats(ACME)
+    assert (stats.requests, stats.cheap_calls) == (1, 1) and stats.cost_usd > 0
+
+
+async def test_a_stream_closed_after_its_final_completion_is_a_completed_request(
+    harness: Harness,
+) -> None:
+    pipeline = harness.service.pipeline
+    stream = pipeline.complete_stream(ask("stream me"), ACME)
+    async for event in stream:
+        if isinstance(event, Completion):
+            break
+    await stream.aclose()
+    telemetry = harness.telemetry
+    assert len(telemetry.completed) == 1 and not telemetry.failed
+    assert not [e for e in harness.events.events if e["kind"] == "error"]
+    assert (await pipeline.admin.stats(ACME)).requests == 1
 
 
 async def test_stream_yields_chunks_then_the_final_completion(harness: Harness) -> None:

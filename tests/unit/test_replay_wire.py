@@ -210,6 +210,9 @@ def test_a_malformed_field_is_refused_naming_it(fields: dict[str, Any], param: s
         ({"temperature": math.nan}, "temperature", "invalid_type"),
         ({"top_p": 1.5}, "top_p", "decimal_above_max_value"),
         ({"top_p": -1}, "top_p", "decimal_below_min_value"),
+        # Past a float's range: math.isfinite raised OverflowError, a text/plain 500.
+        ({"temperature": 10**400}, "temperature", "decimal_above_max_value"),
+        ({"top_p": -(10**400)}, "top_p", "decimal_below_min_value"),
         ({"top_p": False}, "top_p", "invalid_type"),
         ({"response_format": {"type": "json_schema"}}, "response_format.json_schema",
          "missing_required_parameter"),
@@ -219,7 +222,8 @@ def test_a_malformed_field_is_refused_naming_it(fields: dict[str, Any], param: s
         ({"stream": False, "stream_options": {}}, "stream_options", "invalid_value"),
     ],
     ids=["n-2", "n-0", "n-float", "n-bool", "temperature-over-2", "temperature-negative",
-         "temperature-text", "temperature-nan", "top-p-over-1", "top-p-negative", "top-p-bool",
+         "temperature-text", "temperature-nan", "top-p-over-1", "top-p-negative",
+         "temperature-huge-int", "top-p-huge-negative-int", "top-p-bool",
          "json-schema-missing", "json-schema-not-object", "stream-options-no-stream",
          "stream-options-stream-false"],
 )  # fmt: skip
