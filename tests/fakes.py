@@ -162,6 +162,9 @@ class RecordingTelemetry:
                        failed_validators: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.failed.append((tenant, reason, failed_validators))
 
+    def admin_call_failed(self, tenant: str, reason: str) -> None:
+        self.failed.append((tenant, reason, ()))
+
     def upstream_call(self, model: str, seconds: float, error: str | None) -> None:
         self.upstream.append((model, error))
 

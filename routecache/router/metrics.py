@@ -48,14 +48,14 @@ class PrometheusTelemetry:
         r = self.registry
         self._latency = Histogram(
             "routecache_request_latency_seconds",
-            "Complete latency by path (error: a failed call of any method)",
+            "Complete latency by path (error: a failed Complete)",
             ["path"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self._requests = Counter(
             "routecache_requests", "Requests by tenant and path", ["tenant", "path"], registry=r
         )
         self._errors = Counter(
-            "routecache_errors", "Failed requests by reason", ["tenant", "reason"], registry=r
+            "routecache_errors", "Failed calls by reason", ["tenant", "reason"], registry=r
         )
         self._in_flight = Gauge("routecache_in_flight_requests", "Requests being handled",
                                 registry=r)  # fmt: skip
@@ -133,6 +133,9 @@ class PrometheusTelemetry:
         self._errors.labels(tenant, reason).inc()
         for name in failed_validators:
             self._validator_failures.labels(name).inc()
+
+    def admin_call_failed(self, tenant: str, reason: str) -> None:
+        self._errors.labels(tenant, reason).inc()
 
     def upstream_call(self, model: str, seconds: float, error: str | None) -> None:
         self._upstream_latency.labels(model).observe(seconds)

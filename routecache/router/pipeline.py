@@ -149,8 +149,10 @@ class Pipeline:
         return completion
 
     def _record_failure(
-        self, tenant: str, request: ChatRequest, error: BaseException, started: float
-    ) -> None:
+        self, tenant: str, request: ChatRequest, error: BaseException, started: float,
+        admin: bool = False,
+    ) -> None:  # fmt: skip
+        """`admin`: a Feedback, Invalidate or GetStats call's, an error but no request."""
         seconds = time.perf_counter() - started
         if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
             reason = "cancelled"  # the caller left or its deadline passed: routine
@@ -161,7 +163,10 @@ class Pipeline:
         report = error.report if isinstance(error, FailedValidation) else None
         failed = () if report is None else tuple(r.name for r in report.results if not r.passed)
         labels = () if report is None else failed_validator_labels(report, request)
-        self._p.telemetry.request_failed(tenant, reason, seconds, labels)
+        if admin:
+            self._p.telemetry.admin_call_failed(tenant, reason)
+        else:
+            self._p.telemetry.request_failed(tenant, reason, seconds, labels)
         # The service's own trouble is a warning; a caller's mistake or limit is routine.
         level = logging.WARNING if reason in _SERVER_SIDE else logging.INFO
         log.log(level, "request failed: %s: %s", reason, error, extra={"tenant": tenant})

@@ -88,6 +88,11 @@ class Telemetry(Protocol):
         """`reason`: the error's kind (snake case of the exception class)."""
         ...
 
+    def admin_call_failed(self, tenant: str, reason: str) -> None:
+        """A failed Feedback, Invalidate or GetStats call: an error, not a request (the
+        request series are Complete's, and the hit-rate ratios divide by them)."""
+        ...
+
     def upstream_call(self, model: str, seconds: float, error: str | None) -> None: ...
 
     def feedback(self, tenant: str, thumbs_up: bool, invalidated: bool) -> None: ...
@@ -141,6 +146,9 @@ class NullTelemetry:
 
     def request_failed(self, tenant: str, reason: str, seconds: float,
                        failed_validators: tuple[str, ...] = ()) -> None:  # fmt: skip
+        pass
+
+    def admin_call_failed(self, tenant: str, reason: str) -> None:
         pass
 
     def upstream_call(self, model: str, seconds: float, error: str | None) -> None:

@@ -10,7 +10,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from routecache.domain import ChatRequest, Feedback, Tenant, TenantStats, TopEntry
 from routecache.errors import InvalidArgument, NotFound
@@ -27,9 +27,17 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 _ENTRY_ID_TAIL = re.compile(r"[0-9a-f]{32}")  # semantic_cache.new_entry_id: a uuid4's hex
-# Records a failed call (its `error` event and routecache_errors_total sample): the tenant, if
-# the key was valid, the request (none here), the error and when the call started.
-RecordFailure = Callable[[str, ChatRequest, BaseException, float], None]
+
+
+class RecordFailure(Protocol):
+    """Records a failed call (its `error` event and routecache_errors_total sample): the
+    tenant, if the key was valid, the request (none here), the error, when the call started,
+    and whether it was an admin call (an error, not a request)."""
+
+    def __call__(self, tenant: str, request: ChatRequest, error: BaseException, started: float,
+                 admin: bool = False) -> None: ...  # fmt: skip
+
+
 _NO_REQUEST = ChatRequest(messages=())
 
 
@@ -62,7 +70,7 @@ class TenantAdmin:
             tenant_name = tenant.name
             return await work(tenant)
         except (Exception, asyncio.CancelledError) as error:  # cancelled: as Complete's too
-            self._record_failure(tenant_name, _NO_REQUEST, error, started)
+            self._record_failure(tenant_name, _NO_REQUEST, error, started, admin=True)
             raise
 
     async def feedback(self, feedback: Feedback, api_key: str | None) -> str:

@@ -14,11 +14,12 @@ from routecache.cache.memory_store import InMemoryEntryStore
 from routecache.cache.ports import StoreUnavailable, Vector
 from routecache.cache.semantic_cache import Distrust, NewEntry, SemanticCache
 from routecache.domain import CacheOutcome, ChatRequest, Feedback, Message, Role, Tier
-from routecache.errors import InvalidArgument, Unauthenticated, Unavailable
+from routecache.errors import InvalidArgument, NotFound, Unauthenticated, Unavailable
 from routecache.router.logs import REQUEST_ID
+from routecache.router.metrics import PrometheusTelemetry
 from routecache.router.tenant_admin import InvalidateTarget
 from tests.fakes import ManualClock, count_shared_calls, eventually
-from tests.unit.conftest import KEYS, Harness
+from tests.unit.conftest import KEYS, Harness, make_harness
 
 ACME = KEYS["acme"]
 SCOPE = "scope-1"
@@ -322,3 +323,17 @@ async def test_failed_feedback_invalidate_and_stats_calls_each_write_an_error_ev
     expected = [("", "unauthenticated"), ("acme", "invalid_argument"), ("acme", "invalid_argument")]
     assert errors == expected
     assert [(t, reason) for t, reason, _ in harness.telemetry.failed] == expected
+
+
+async def test_a_failed_feedback_call_is_an_error_but_no_request_in_the_metrics() -> None:
+    # Failed Feedback/Invalidate/GetStats calls count in routecache_errors_total; counted in
+    # routecache_requests_total too (path error), they lowered Complete's hit-rate ratios,
+    # whose denominator holds no successful admin call.
+    prometheus = PrometheusTelemetry()
+    harness = make_harness(telemetry=prometheus)
+    with pytest.raises(NotFound):
+        await harness.service.pipeline.admin.feedback(Feedback("no-such-response", True), ACME)
+    sample = prometheus.registry.get_sample_value
+    assert sample("routecache_errors_total", {"tenant": "acme", "reason": "not_found"}) == 1
+    assert sample("routecache_requests_total", {"tenant": "acme", "path": "error"}) is None
+    await harness.service.aclose()
