@@ -370,8 +370,12 @@ class SemanticCache:
         ]
         removed = await self._invalidate(tenant, [entry_id])
         # Only once the removal is made: a refused delete leaves it owed and tried again, and
-        # each try would have raised the penalties once more for the one thumbs-down.
+        # each try would have raised the penalties once more for the one thumbs-down. Only on
+        # neighbours still indexed: another removal made meanwhile (thumbs-downs at once) has
+        # forgotten its entry, and a penalty set now would stay for the process's life.
         for neighbour_id in neighbours:
+            if not self._index.contains(entry.scope, neighbour_id):
+                continue
             raised = self.penalty_of(neighbour_id) + rule.penalty
             self._penalties[neighbour_id] = min(rule.max_penalty, raised)
         return removed
