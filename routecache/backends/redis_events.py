@@ -1,9 +1,10 @@
 """The event log on Redis Streams (one stream per tenant, `XADD ... MAXLEN ~`).
 
 `emit` never waits on Redis: events go into a bounded local queue per tenant that a background
-task flushes in batches. While Redis is down the queues hold them (a tenant's oldest are
-dropped, and counted, only when its queue is full: one tenant's volume never drops another's)
-and they are flushed once Redis answers again.
+task flushes in batches. While Redis is down the queues hold them, up to `max_buffered` in all;
+past it the oldest event of the tenant with the most buffered is dropped, and counted (one
+tenant's volume never drops a quieter tenant's events), and they are flushed once Redis answers
+again.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class RedisStreamEventSink:
         self._keys = keyspace
         # tenant → its events, oldest first; only tenants with events buffered.
         self._queues: dict[str, deque[dict[str, Any]]] = {}
+        self._held = 0  # events in all the queues
+        # In all, not per tenant: events carry whole prompts, and a bound per tenant held it
+        # times the tenants through a long outage.
         self._max_buffered = max_buffered
         self._stream_max_len = stream_max_len
         self._batch = batch
@@ -56,16 +60,24 @@ class RedisStreamEventSink:
 
     @property
     def buffered(self) -> int:
-        return sum(len(queue) for queue in self._queues.values())
+        return self._held
 
     def emit(self, kind: str, payload: Mapping[str, Any]) -> None:
         event = {"kind": kind, "ts": time.time(), **payload}
-        queue = self._queues.setdefault(_tenant_of(event), deque())
-        if len(queue) >= self._max_buffered:
-            queue.popleft()
-            self.dropped += 1
-        queue.append(event)
+        self._queues.setdefault(_tenant_of(event), deque()).append(event)
+        self._held += 1
+        self._bound()
         self._wake.set()
+
+    def _bound(self) -> None:
+        """Past the bound, drops the oldest events of the tenant with the most buffered."""
+        while self._held > self._max_buffered:
+            tenant, queue = max(self._queues.items(), key=lambda item: len(item[1]))
+            queue.popleft()
+            if not queue:
+                del self._queues[tenant]
+            self._held -= 1
+            self.dropped += 1
 
     async def run(self) -> None:
         """The flush loop; runs until cancelled. A refused write (out of memory) is tried again
@@ -145,17 +157,16 @@ class RedisStreamEventSink:
             batch += [queue.popleft() for _ in range(min(count - len(batch), len(queue)))]
             if queue:
                 self._queues[tenant] = queue  # to the end: the next batch starts elsewhere
+        self._held -= len(batch)
         return batch
 
     def _requeue(self, batch: list[dict[str, Any]]) -> None:
-        """Puts an unwritten batch back in front of each tenant's queue; a tenant's oldest go
-        if its bound is exceeded."""
+        """Puts an unwritten batch back in front of each tenant's queue; past the bound the
+        oldest of the tenant with the most buffered go."""
         for event in reversed(batch):
-            queue = self._queues.setdefault(_tenant_of(event), deque())
-            queue.appendleft(event)
-            if len(queue) > self._max_buffered:
-                queue.popleft()
-                self.dropped += 1
+            self._queues.setdefault(_tenant_of(event), deque()).appendleft(event)
+        self._held += len(batch)
+        self._bound()
 
     async def _write(self, rows: Sequence[_Row]) -> None:
         pipe = self._link.client.pipeline(transaction=False)

@@ -175,6 +175,11 @@ class ScopedFaissIndex:
                 if label >= 0
             ]
 
+    def contains(self, scope: str, entry_id: str) -> bool:
+        with self._lock:
+            index = self._scopes.get(scope)
+            return index is not None and entry_id in index.label_of_id
+
     def kind(self, scope: str) -> str:
         """ "flat", "ivf" or "none": which index serves a scope (for stats and tests)."""
         with self._lock:

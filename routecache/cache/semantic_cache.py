@@ -329,7 +329,9 @@ class SemanticCache:
 
     async def _settle_owed(self) -> None:
         """Makes the owed removals, a few at once, oldest first per tenant, until the store
-        fails one (it and the rest stay owed, for the next lookup's settler)."""
+        fails one (it and the rest stay owed, for the next lookup's settler). A removal that
+        fails on a bug (a damaged entry, say) is dropped and logged: kept owed, it would fail
+        first on every try and hold up every other tenant's removals for good."""
         size = 1  # one first: while the store is still down, a lookup costs one failed call
         while self._owed:
             owed_now = ((tenant, owed_id) for tenant, ids in self._owed.items() for owed_id in ids)
@@ -337,19 +339,22 @@ class SemanticCache:
             results = await asyncio.gather(
                 *(self._distrust_entry(*owed) for owed in batch), return_exceptions=True
             )
-            failed: BaseException | None = None
+            still_down = False
             for (tenant, entry_id), result in zip(batch, results, strict=True):
-                if isinstance(result, BaseException):
-                    failed = failed or result
+                if isinstance(result, StoreUnavailable):
+                    still_down = True  # still down (or refusing): it stays owed
                     continue
+                if isinstance(result, Exception):
+                    log.error("could not make the thumbs-down removal owed to tenant %s of entry"
+                              " %s; dropped, it may be served again", tenant, entry_id,
+                              exc_info=result)  # fmt: skip
+                elif isinstance(result, BaseException):
+                    raise result  # cancelled: stop settling, the rest stays owed
                 owed = self._owed.get(tenant, {})
                 owed.pop(entry_id, None)
                 if not owed:
                     self._owed.pop(tenant, None)
-            if isinstance(failed, StoreUnavailable):
-                return  # still down (or refusing): the rest stays owed
-            if failed is not None:
-                log.error("could not make an owed thumbs-down removal", exc_info=failed)
+            if still_down:
                 return
             size = _SETTLE_CONCURRENCY
 
@@ -365,8 +370,12 @@ class SemanticCache:
         ]
         removed = await self._invalidate(tenant, [entry_id])
         # Only once the removal is made: a refused delete leaves it owed and tried again, and
-        # each try would have raised the penalties once more for the one thumbs-down.
+        # each try would have raised the penalties once more for the one thumbs-down. Only on
+        # neighbours still indexed: another removal made meanwhile (thumbs-downs at once) has
+        # forgotten its entry, and a penalty set now would stay for the process's life.
         for neighbour_id in neighbours:
+            if not self._index.contains(entry.scope, neighbour_id):
+                continue
             raised = self.penalty_of(neighbour_id) + rule.penalty
             self._penalties[neighbour_id] = min(rule.max_penalty, raised)
         return removed

@@ -4,9 +4,10 @@
 loaded in a worker thread, off the event loop, and then swapped in by one reference
 assignment on the loop. A request scores with whichever model was active when its (synchronous)
 routing step ran, so no request sees half a swap. A version that fails to load is logged and
-skipped; the model in service stays, and a later pointer change is tried again. So is a version
-trained on another embedder than the service's: swapped in, it would fail every routed request
-(another size) or route on vectors it never learned from (the same size). A read that fails with
+skipped; the model in service stays, and a later write of the pointer is tried again, even one
+naming that version again. So is a version trained on another embedder than the service's:
+swapped in, it would fail every routed request (another size) or route on vectors it never
+learned from (the same size). A read that fails with
 an I/O error (of the pointer or of the artifact) is raised by `refresh()` and retried on the
 next poll; `watch()` logs it once per outage, and once when the registry reads again.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,12 +24,29 @@ import numpy as np
 import numpy.typing as npt
 
 from routecache.classifier.ports import Assessment, DifficultyClassifier
-from routecache.classifier.registry import ModelRegistry
+from routecache.classifier.registry import HISTORY, POINTER, ModelRegistry
 from routecache.domain import OperatingPoint
 
 log = logging.getLogger(__name__)
 
 Loader = Callable[[Path], DifficultyClassifier]
+
+# Which write of the pointer a poll read: CURRENT's identity (replaced by a rename each time,
+# or saved by hand) and the size of the append-only history (grows with each change, so a
+# reused inode number within one timestamp tick still tells two writes apart).
+_PointerStamp = tuple[tuple[int, int, int] | None, int | None]
+
+
+def _pointer_stamp(registry: ModelRegistry) -> _PointerStamp:
+    def stat(name: str) -> os.stat_result | None:
+        try:
+            return (registry.root / name).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    pointer, history = stat(POINTER), stat(HISTORY)
+    identity = None if pointer is None else (pointer.st_dev, pointer.st_ino, pointer.st_mtime_ns)
+    return identity, None if history is None else history.st_size
 
 
 class ClassifierMismatch(ValueError):
@@ -74,7 +93,10 @@ class ReloadingClassifier:
         self._active = initial
         # The registry entry in service: a registry name need not equal the model's own version.
         self._entry = initial_entry
-        self._failed_version: str | None = None
+        # A version that failed to load, and the pointer write that named it: a later write
+        # naming it again (a roll back and a new promotion, even both between two polls) is a
+        # new change to try.
+        self._failed: tuple[str, _PointerStamp] | None = None
         self.swaps = 0
 
     @classmethod
@@ -129,13 +151,9 @@ class ReloadingClassifier:
         OSError; a RegistryError for a pointer not UTF-8): nothing is recorded, the next call
         reads both again.
         """
+        stamp = _pointer_stamp(self._registry)  # before the read: a later write is retried
         wanted = self._registry.current_version()
-        if wanted == self._entry:
-            # Back to the model in service (a roll back after a failed promotion): the failure
-            # on record is history, and promoting that version again is a new change to try.
-            self._failed_version = None
-            return False
-        if wanted is None or wanted == self._failed_version:
+        if wanted is None or wanted == self._entry or self._failed == (wanted, stamp):
             return False
         path = self._registry.artifact_path(wanted)
         try:
@@ -148,10 +166,10 @@ class ReloadingClassifier:
             raise
         except Exception:  # any broken artifact: keep serving with the model we have
             log.exception("classifier %s could not be loaded; keeping %s", wanted, self.version)
-            self._failed_version = wanted
+            self._failed = (wanted, stamp)
             return False
         previous, self._active, self._entry = self._active.version, loaded, wanted
-        self._failed_version = None
+        self._failed = None
         self.swaps += 1
         log.info("classifier swapped: %s -> %s", previous, loaded.version)
         return True

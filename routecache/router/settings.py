@@ -287,7 +287,7 @@ class StoreSettings(_Section):
     sync_stream_max_len: int = Field(100_000, gt=0)
     event_stream_max_len: int = Field(1_000_000, gt=0)
     event_buffer_max: int = Field(
-        10_000, gt=0, description="events held in memory per tenant while Redis is down"
+        10_000, gt=0, description="events held in memory, all tenants together, while Redis is down"
     )
 
     @field_validator("redis_url")

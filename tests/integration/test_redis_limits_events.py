@@ -187,24 +187,27 @@ async def test_the_event_buffer_is_bounded_while_redis_is_down(
         await link.aclose()
 
 
-async def test_one_tenants_events_do_not_push_out_anothers_while_redis_is_down(
+async def test_the_buffer_is_bounded_in_total_and_only_the_largest_queue_loses_events(
     own_redis_server: RedisServer,
 ) -> None:
-    # Before: the buffer was shared, so acme's volume dropped globex's one event.
+    # Before: the buffer was shared, so acme's volume dropped globex's one event; then each
+    # tenant had the whole bound, so a long outage held the bound times the tenants.
     link = link_to(own_redis_server)
-    sink = RedisStreamEventSink(link, KeySpace(), max_buffered=3)
+    sink = RedisStreamEventSink(link, KeySpace(), max_buffered=4)
     own_redis_server.kill()
     assert not await link.connect()
     try:
         sink.emit("completion", {"tenant": "globex", "n": 0})
+        sink.emit("completion", {"tenant": "initech", "n": 0})
         for n in range(5):
             sink.emit("completion", {"tenant": "acme", "n": n})
-        assert sink.buffered == 4 and sink.dropped == 2
+        assert sink.buffered == 4 and sink.dropped == 3
         own_redis_server.start()
         await link.wait_up()
         await sink.flush()
         assert [e["n"] for e in await read_events(link, KeySpace(), "globex")] == [0]
-        assert [e["n"] for e in await read_events(link, KeySpace(), "acme")] == [2, 3, 4]
+        assert [e["n"] for e in await read_events(link, KeySpace(), "initech")] == [0]
+        assert [e["n"] for e in await read_events(link, KeySpace(), "acme")] == [3, 4]
     finally:
         await link.aclose()
 

@@ -180,6 +180,7 @@ class _DownStore(InMemoryEntryStore):
         super().__init__(max_entries=10, clock=clock)
         self.down = False
         self.refusing_deletes = False  # as Redis out of memory: reads answered, writes refused
+        self.broken: set[str] = set()  # ids whose delete fails on a bug, not an outage
         self.calls = 0  # store calls made (answered or not)
 
     async def put(self, entry):  # type: ignore[no-untyped-def]
@@ -206,6 +207,8 @@ class _DownStore(InMemoryEntryStore):
         self.calls += 1
         if self.down or self.refusing_deletes:
             raise StoreUnavailable("refused")
+        if self.broken & set(entry_ids):
+            raise KeyError("damaged entry hash")
         return await super().delete(entry_ids)
 
     def _fail(self) -> None:
@@ -355,6 +358,25 @@ async def test_a_lookup_does_not_wait_for_the_owed_removals_once_the_store_is_ba
     assert store.calls == 1  # its own exact read; the hit is counted by record_hit
     await cache.settle_owed()
     assert store.calls > 50  # settled off the request path
+
+
+async def test_an_owed_removal_failing_on_a_bug_is_dropped_and_logged_once_the_rest_are_made(
+    clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: the first such failure stopped the settler, every later one stopped at it again,
+    # so no owed removal of any tenant was made again and each lookup logged a traceback.
+    prompts = ("first question asked", "second question asked", "third question asked")
+    store, cache, [damaged, *others] = await _down_cache_of(clock, *prompts)
+    for entry_id in (damaged, *others):
+        with pytest.raises(Unavailable):
+            await cache.distrust("acme", entry_id)
+    store.down, store.broken = False, {damaged}
+    for _ in range(2):
+        await cache.lookup_exact("acme:s1", "asked by someone else")
+        await cache.settle_owed()
+    assert [await cache.get("acme", entry_id) for entry_id in others] == [None, None]
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and damaged in errors[0].getMessage()
 
 
 async def test_while_the_store_is_still_down_a_lookup_tries_one_owed_removal_not_all(

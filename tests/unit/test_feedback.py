@@ -307,6 +307,28 @@ async def test_a_thumbs_down_owed_over_several_tries_raises_the_neighbours_penal
     assert cache.penalty_of(neighbour) == pytest.approx(0.05)
 
 
+class _YieldingDeletes(InMemoryEntryStore):
+    """Lets other tasks run during a delete, as a Redis round trip does."""
+
+    async def delete(self, entry_ids):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0)
+        return await super().delete(entry_ids)
+
+
+async def test_thumbs_downs_at_once_leave_no_penalty_on_an_entry_one_of_them_removed() -> None:
+    # Before: each removal found the others' entries among its neighbours before the deletes
+    # and raised their penalties after them, on entries already gone: kept for the process's life.
+    clock = ManualClock()
+    cache = SemanticCache(_YieldingDeletes(100, clock), ScopedFaissIndex(4), clock,
+                          distrust=Distrust(radius=0.8, penalty=0.05, max_penalty=0.2))  # fmt: skip
+    bad = [await put(cache, f"bad {n}", at_angle(n * 0.05)) for n in range(3)]
+    kept = await put(cache, "kept", at_angle(0.12))
+    await asyncio.gather(*(cache.distrust("acme", entry_id) for entry_id in bad))
+    assert [await cache.get("acme", entry_id) for entry_id in bad] == [None, None, None]
+    assert [cache.penalty_of(entry_id) for entry_id in bad] == [0.0, 0.0, 0.0]
+    assert cache.penalty_of(kept) == pytest.approx(0.15)
+
+
 async def test_failed_feedback_invalidate_and_stats_calls_each_write_an_error_event(
     harness: Harness,
 ) -> None:

@@ -633,6 +633,21 @@ async def test_a_version_that_failed_is_tried_again_when_promoted_again_after_a_
     assert classifier.version == "v2"
 
 
+async def test_a_failed_version_rolled_back_and_promoted_again_between_polls_is_tried_again(
+    tmp_path: Path,
+) -> None:
+    # Before: the failure on record was cleared only by a poll that saw the roll back; both
+    # within one reload interval, the poll saw v2 again and never loaded it.
+    registry, classifier = _serving_v1_with_v2_failing_once(tmp_path)
+    registry.promote("v2")
+    assert await classifier.refresh() is False
+    assert await classifier.refresh() is False  # the same pointer: not loaded again
+    registry.rollback()
+    registry.promote("v2")
+    assert await classifier.refresh() is True
+    assert classifier.version == "v2"
+
+
 async def test_the_routing_thresholds_follow_the_model_in_service(tmp_path: Path) -> None:
     # A threshold belongs to the scores of the model that set it: after a swap, the old
     # model's threshold would route the new model's scores.
