@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -95,12 +96,13 @@ async def unary(context: grpc.aio.ServicerContext[Any, Any], call: Callable[[], 
 
 
 async def streaming(
-    context: grpc.aio.ServicerContext[Any, Any], stream: AsyncIterator[T]
-) -> AsyncIterator[T]:
-    """The same mapping for a server-streaming handler."""
+    context: grpc.aio.ServicerContext[Any, Any], stream: AsyncGenerator[T, None]
+) -> AsyncGenerator[T, None]:
+    """The same mapping for a server-streaming handler; closing it closes `stream`."""
     try:
-        async for item in stream:
-            yield item
+        async with contextlib.aclosing(stream) as items:
+            async for item in items:
+                yield item
     except Exception as error:
         await _abort(context, error)
         raise

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import grpc
@@ -60,21 +61,25 @@ class RouteCacheServicer(pb_grpc.RouteCacheServicer):  # type: ignore[misc]  # u
 
     async def CompleteStream(
         self, request: pb.CompleteRequest, context: Context
-    ) -> AsyncIterator[pb.CompleteStreamResponse]:
-        async def events() -> AsyncIterator[pb.CompleteStreamResponse]:
+    ) -> AsyncGenerator[pb.CompleteStreamResponse, None]:
+        async def events() -> AsyncGenerator[pb.CompleteStreamResponse, None]:
             request_id_of(context)
             chat = messages.request_from_pb(request)
             stream = self._pipeline.complete_stream(
                 chat, api_key_of(context), context.time_remaining()
             )
-            async for event in stream:
-                if isinstance(event, Completion):
-                    yield pb.CompleteStreamResponse(final=messages.completion_to_pb(event))
-                else:
-                    yield pb.CompleteStreamResponse(delta=event)
+            # Closed with this handler (the caller left): the pipeline settles what was sent
+            # then, not when the loop finalises an abandoned generator.
+            async with contextlib.aclosing(stream) as events:
+                async for event in events:
+                    if isinstance(event, Completion):
+                        yield pb.CompleteStreamResponse(final=messages.completion_to_pb(event))
+                    else:
+                        yield pb.CompleteStreamResponse(delta=event)
 
-        async for message in error_mapping.streaming(context, events()):
-            yield message
+        async with contextlib.aclosing(error_mapping.streaming(context, events())) as replies:
+            async for message in replies:
+                yield message
 
     async def Feedback(self, request: pb.FeedbackRequest, context: Context) -> pb.FeedbackResponse:
         async def call() -> pb.FeedbackResponse:

@@ -4,7 +4,7 @@ names, in a unary call and in a stream, and the trailers a known error carries."
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import grpc
@@ -52,7 +52,7 @@ async def test_an_unforeseen_error_is_internal_logged_and_its_text_kept_from_the
 
 
 async def test_a_stream_that_fails_unforeseen_after_some_deltas_ends_internal() -> None:
-    async def deltas() -> AsyncIterator[str]:
+    async def deltas() -> AsyncGenerator[str, None]:
         yield "partial "
         raise ValueError("a bug after the first delta")
 
@@ -66,7 +66,7 @@ async def test_a_stream_that_fails_unforeseen_after_some_deltas_ends_internal() 
 
 
 async def test_a_known_error_in_a_stream_carries_its_code_and_trailers() -> None:
-    async def deltas() -> AsyncIterator[str]:
+    async def deltas() -> AsyncGenerator[str, None]:
         raise ResourceExhausted("spend cap reached", 2.0001)
         yield ""  # an async generator
 

@@ -331,6 +331,24 @@ async def test_a_stream_adopts_the_callers_request_id() -> None:
     await harness.service.aclose()
 
 
+async def test_a_grpc_stream_closed_part_way_is_paid_for_when_its_handler_is_closed() -> None:
+    # The pipeline's stream settled at once when closed, but the servicer's and
+    # error_mapping's generators around it did not close it: the spend and the request were
+    # counted only when the event loop finalised the abandoned generators, some time later.
+    harness = make_harness()
+    servicer = RouteCacheServicer(harness.service.pipeline)
+    context = FakeContext((("authorization", f"Bearer {KEYS['acme']}"),))
+    request = pb.CompleteRequest(
+        messages=[pb.ChatMessage(role=pb.ROLE_USER, content="stream " * 200)]
+    )
+    handler = servicer.CompleteStream(request, context)
+    assert (await anext(handler)).HasField("delta")
+    await handler.aclose()
+    stats = await harness.service.pipeline.admin.stats(KEYS["acme"])
+    assert (stats.requests, stats.cheap_calls) == (1, 1) and stats.cost_usd > 0
+    await harness.service.aclose()
+
+
 def test_operations_settings_fail_with_the_key_named() -> None:
     with pytest.raises(ConfigError, match=r"logging\.format"):
         load_settings(logging={"format": "yaml"})
