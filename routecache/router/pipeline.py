@@ -241,6 +241,9 @@ class Pipeline:
                     async for event in events:
                         yield event
                 return
+            await self._costs.record_saving(tenant, request, hit.usage.saved_usd)
+            for chunk in _chunks(hit.text):
+                yield chunk
         except ResourceExhausted:  # a spend cap refused it: not admitted (operations.md)
             raise
         # An INTERNAL one too, and a cancelled one: it was admitted, and the calls it made are
@@ -248,9 +251,6 @@ class Pipeline:
         except (Exception, asyncio.CancelledError) as error:
             self._fail(tenant, error)
             raise
-        await self._costs.record_saving(tenant, request, hit.usage.saved_usd)
-        for chunk in _chunks(hit.text):
-            yield chunk
         latency.total_ms = (time.perf_counter() - started) * 1000
         self._stats.record_completion(tenant.name, hit)
         self._emit_completion(tenant, request, hit)

@@ -738,3 +738,25 @@ async def test_invalidate_events_say_what_was_asked_and_how_many_went(harness: H
     events = [e for e in harness.events.events if e["kind"] == "invalidate"]
     assert [(e["tag"], e["all"], e["removed"]) for e in events] == [("v1", False, 2), ("", True, 1)]
     assert {e["request_id"] for e in events} == {"req-invalidate"}
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_hit_failing_after_admission_is_a_request_in_getstats(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, streamed: bool
+) -> None:
+    # A streamed hit's saving was recorded outside the stream's failure handling: a failure
+    # there (the ledger, a bug) left the request out of GetStats, unlike a unary one's.
+    pipeline = harness.service.pipeline
+    await pipeline.complete(ask("what is the capital of france"), ACME)
+
+    async def broken_ledger(*args: object) -> None:
+        raise RuntimeError("ledger bug")
+
+    monkeypatch.setattr(pipeline.costs, "record_saving", broken_ledger)
+    with pytest.raises(RuntimeError):
+        if streamed:
+            async for _ in pipeline.complete_stream(ask("what is the capital of france"), ACME):
+                pass
+        else:
+            await pipeline.complete(ask("what is the capital of france"), ACME)
+    assert (await pipeline.admin.stats(ACME)).requests == 2
