@@ -195,12 +195,7 @@ class CostControl:
         self, tenant: Tenant, request: ChatRequest, booking: Booking, error: FailedValidation
     ) -> None:
         """Answers that failed validation were paid for all the same."""
-        record = SpendRecord(
-            tenant.name, user_slot(request.end_user_id), error.cost_usd, error.prompt_tokens,
-            error.completion_tokens, calls=error.calls,
-        )  # fmt: skip
-        tier = _last_tier(error)
-        await self._settle(tenant, request, booking.reservation, record, tier, error.strong_calls)
+        await self._settle_unserved(tenant, request, booking, error.cost_usd, error)
 
     async def settle_spent(
         self, tenant: Tenant, request: ChatRequest, booking: Booking, tally: Tally
@@ -210,12 +205,20 @@ class CostControl:
         if not tally.calls:
             await self.release(booking)
             return
+        await self._settle_unserved(tenant, request, booking, tally.cost, tally)
+
+    async def _settle_unserved(
+        self, tenant: Tenant, request: ChatRequest, booking: Booking, cost_usd: float,
+        paid: FailedValidation | Tally,
+    ) -> None:  # fmt: skip
+        """Calls paid for with no answer served, under the tier of the last one."""
         record = SpendRecord(
-            tenant.name, user_slot(request.end_user_id), tally.cost, tally.prompt_tokens,
-            tally.completion_tokens, calls=tally.calls,
+            tenant.name, user_slot(request.end_user_id), cost_usd, paid.prompt_tokens,
+            paid.completion_tokens, calls=paid.calls,
         )  # fmt: skip
-        tier = _last_tier(tally)
-        await self._settle(tenant, request, booking.reservation, record, tier, tally.strong_calls)
+        await self._settle(
+            tenant, request, booking.reservation, record, _last_tier(paid), paid.strong_calls
+        )
 
     async def settle_partial(
         self, tenant: Tenant, request: ChatRequest, booking: Booking, sent: str
