@@ -432,9 +432,11 @@ def build_service(
                             telemetry)  # fmt: skip
     alerts = build_budget_alerts(settings, storage.events, telemetry)
     # Closed after the storage: a Redis storage's stop flushes the spend settled while Redis
-    # was down, and a soft budget that flush crosses is posted to the webhook too.
+    # was down, and a soft budget that flush crosses is posted to the webhook too. Nothing
+    # that can fail runs between the storage's build and its release step.
     acquired.add("budget alerts", alerts.aclose)
     acquired.add("storage", storage.storage.aclose)
+    telemetry.watch_count("budget_webhook_failures", lambda: alerts.failed_deliveries)
     events = storage.events
     costs = build_cost_control(settings, storage, alerts, generator, clock, telemetry)
     # Before the storage: the spend writes of callers gone reach the ledger's last flush.
@@ -488,11 +490,9 @@ def build_budget_alerts(
     settings: Settings, events: EventSink, telemetry: Telemetry
 ) -> BudgetAlerts:
     budgets = settings.budgets
-    alerts = BudgetAlerts(
+    return BudgetAlerts(
         events, telemetry, budgets.alert_webhook_url, budgets.webhook_timeout_seconds
     )
-    telemetry.watch_count("budget_webhook_failures", lambda: alerts.failed_deliveries)
-    return alerts
 
 
 def build_cost_control(
