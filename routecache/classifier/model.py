@@ -361,15 +361,14 @@ def _json_bytes(record: Mapping[str, Any]) -> bytes:
 def _read_metadata(model_path: Path, metadata_path: Path) -> tuple[bytes, dict[str, Any]]:
     # Read a second time when the checksum differs: a save may have moved on between reading
     # the .json and the .skops (save_artifact keeps each of its steps a matching pair).
-    data, metadata = _read_pair(model_path, metadata_path)
-    if hashlib.sha256(data).hexdigest() != metadata["artifact_sha256"]:
+    for _ in range(2):  # each read hashed once: the model file is megabytes
         data, metadata = _read_pair(model_path, metadata_path)
-    if hashlib.sha256(data).hexdigest() != metadata["artifact_sha256"]:
-        raise ClassifierArtifactError(
-            f"{model_path} does not match {metadata_path} (SHA-256 differs): "
-            "the two files come from different training runs"
-        )
-    return data, metadata
+        if hashlib.sha256(data).hexdigest() == metadata["artifact_sha256"]:
+            return data, metadata
+    raise ClassifierArtifactError(
+        f"{model_path} does not match {metadata_path} (SHA-256 differs): "
+        "the two files come from different training runs"
+    )
 
 
 def _read_pair(model_path: Path, metadata_path: Path) -> tuple[bytes, dict[str, Any]]:
