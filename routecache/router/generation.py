@@ -144,7 +144,7 @@ class Generator:
         deadline = self.deadline(None) if deadline is None else deadline
         validators = self._applicable(tenant, request)
         tally = Tally() if tally is None else tally
-        current, retried, escalated = tier, False, False
+        current, retried = tier, False
         while True:
             started = time.perf_counter()
             answered = await self._failover.complete(
@@ -159,10 +159,10 @@ class Generator:
                 decision = OnFail.BLOCK
             if decision is None:  # passed, or only redact / flag failures: serve it
                 tally.results += _label_own(results, failing)
-                return self._served(answered, failing, tally, escalated)
+                return self._served(answered, failing, tally)
             tally.results += _label(results, decision)
             if decision is OnFail.BLOCK:
-                report = ValidationReport(tuple(tally.results), escalated, passed=False)
+                report = ValidationReport(tuple(tally.results), tally.escalated, passed=False)
                 failed = "; ".join(
                     f"{r.model}: {r.name}: {r.message}" for r in tally.results if not r.passed
                 )
@@ -173,8 +173,7 @@ class Generator:
                 )  # fmt: skip
             retried = retried or decision is OnFail.RETRY
             if decision is OnFail.ESCALATE:
-                current, escalated = Tier.STRONG, True
-                tally.escalated = True
+                current, tally.escalated = Tier.STRONG, True
             else:
                 current = answered.tier
 
@@ -236,15 +235,13 @@ class Generator:
         return failing, results
 
     @staticmethod
-    def _served(
-        answered: Answered, failing: Sequence[Configured], tally: Tally, escalated: bool
-    ) -> Generated:
+    def _served(answered: Answered, failing: Sequence[Configured], tally: Tally) -> Generated:
         text = answered.reply.text
         for configured in failing:
             if configured.on_fail is OnFail.REDACT and isinstance(configured.validator, Redactor):
                 text = configured.validator.redact(text)
         flagged = any(c.on_fail is OnFail.FLAG for c in failing)
-        report = ValidationReport(tuple(tally.results), escalated, passed=not flagged)
+        report = ValidationReport(tuple(tally.results), tally.escalated, passed=not flagged)
         return Generated(
             text, answered.reply.model, answered.tier, tally.prompt_tokens,
             tally.completion_tokens, tally.cost, report, tally.upstream_ms, tally.validate_ms,
