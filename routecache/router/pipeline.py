@@ -281,7 +281,7 @@ class Pipeline:
                     sent.append(event)
                     yield event
         except FailedValidation as error:
-            await self._refused(tenant, request, booking, error)
+            await self._costs.settle_refused(tenant, request, booking, error)
             raise
         except AllProvidersFailed as error:  # nothing was sent yet: a stale answer may do
             await self._costs.release(booking)
@@ -402,7 +402,7 @@ class Pipeline:
                 with _stage(latency, "store_ms"):
                     entry_id = await self._store(tenant, scope, request, vector, generated)
         except FailedValidation as error:
-            await self._refused(tenant, request, booking, error)
+            await self._costs.settle_refused(tenant, request, booking, error)
             raise
         except BaseException:  # the calls that answered before it failed were paid for
             await self._costs.settle_spent(tenant, request, booking, spent)
@@ -412,13 +412,6 @@ class Pipeline:
                 self._p.telemetry.escalated(tenant.name)
                 self._stats.record_escalation(tenant.name)
         return generated, booking, entry_id
-
-    async def _refused(
-        self, tenant: Tenant, request: ChatRequest, booking: Booking, error: FailedValidation
-    ) -> None:
-        """Answers refused by validation were paid for, though nothing is served: the spend,
-        GetStats and metrics count them, here in the request that made the calls only."""
-        await self._costs.settle_refused(tenant, request, booking, error)
 
     async def _stale(
         self,
