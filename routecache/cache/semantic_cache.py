@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -89,6 +90,15 @@ def _answers(entry: CacheEntry, scope: str, forced: Tier | None) -> bool:
 def new_entry_id(tenant: str) -> str:
     """`<tenant>:<uuid hex>`: a store can find an entry's tenant (and its keys) from the id."""
     return f"{tenant}:{uuid.uuid4().hex}"
+
+
+_ENTRY_ID_TAIL = re.compile(r"[0-9a-f]{32}")  # a uuid4's hex, as new_entry_id writes it
+
+
+def is_entry_id_of(tenant: str, entry_id: str) -> bool:
+    """Whether `entry_id` has the form of `tenant`'s entry ids (new_entry_id)."""
+    owner, _, tail = entry_id.rpartition(":")
+    return owner == tenant and _ENTRY_ID_TAIL.fullmatch(tail) is not None
 
 
 class SemanticCache:
@@ -273,9 +283,12 @@ class SemanticCache:
         return entry if entry is not None and entry.tenant == tenant else None
 
     async def invalidate_ids(self, tenant: str, entry_ids: Sequence[str]) -> int:
-        """Remove entries of this tenant; ids of other tenants are ignored, never removed."""
+        """Remove entries of this tenant; ids of other tenants are ignored, never removed. An id
+        not of the form of the tenant's entry ids never reaches the store: as a key it could
+        name another of the tenant's keys (a rate bucket), which would not decode."""
+        mine = [i for i in entry_ids if is_entry_id_of(tenant, i)]
         async with _store_required("invalidate"):
-            return await self._invalidate(tenant, entry_ids)
+            return await self._invalidate(tenant, mine)
 
     async def distrust(self, tenant: str, entry_id: str) -> int:
         """A thumbs-down: remove the entry, raise the similarity its neighbours need (returns

@@ -6,7 +6,6 @@ These share the pipeline's parts and its per-tenant books, but not the request f
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,7 +25,6 @@ if TYPE_CHECKING:
     from routecache.router.pipeline import PipelineParts
 
 T = TypeVar("T")
-_ENTRY_ID_TAIL = re.compile(r"[0-9a-f]{32}")  # semantic_cache.new_entry_id: a uuid4's hex
 
 
 class RecordFailure(Protocol):
@@ -121,8 +119,7 @@ class TenantAdmin:
             # Only an id this tenant's entries can have reaches the store, where it becomes a
             # key: a crafted one could name another key of the tenant's (a rate bucket, say).
             # Any other is not one of its entries, as another tenant's id is not: none removed.
-            mine = _is_entry_id_of(tenant.name, target.entry_id)
-            removed = await cache.invalidate_ids(tenant.name, [target.entry_id]) if mine else 0
+            removed = await cache.invalidate_ids(tenant.name, [target.entry_id])
         elif target.tag:
             removed = await cache.invalidate_tag(tenant.name, target.tag)
         elif target.all_entries:
@@ -151,9 +148,3 @@ class TenantAdmin:
             ),
             **vars(counters),
         )
-
-
-def _is_entry_id_of(tenant: str, entry_id: str) -> bool:
-    """Whether `entry_id` is `<tenant>:<32 hex digits>`, the form of the tenant's entry ids."""
-    owner, _, tail = entry_id.rpartition(":")
-    return owner == tenant and _ENTRY_ID_TAIL.fullmatch(tail) is not None
