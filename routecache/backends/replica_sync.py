@@ -259,7 +259,8 @@ class ReplicaSync:
             # One stream (a key of the wrong type, say) fails the read of them all: read alone,
             # it holds up its own tenant, and every other is read this round still.
             count += await self._read_each([self._tenant_of_stream(s) for s in streams])
-            left = streams.keys() - {self._keys.of(t).sync for t in refused}
+            # The tenants set aside now, _read_each's own reads included.
+            left = streams.keys() - {self._keys.of(t).sync for t in self._reads.failing}
             # None left (every stream refused alone too), or none set aside (only the read of
             # them all is refused): the next read would be refused again, so the round pauses.
             if len(left) in (0, len(streams)):
