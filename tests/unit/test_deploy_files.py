@@ -102,3 +102,38 @@ def test_failed_budget_webhooks_raise_a_warning() -> None:
 def test_every_alert_rule_has_a_row_in_the_operations_page() -> None:
     operations = (ROOT / "docs/operations.md").read_text()
     assert [r["alert"] for r in _alert_rules() if f"| {r['alert']} |" not in operations] == []
+
+
+def _k8s(name: str) -> list[dict[str, Any]]:
+    return list(yaml.safe_load_all((ROOT / "deploy/k8s" / name).read_text()))
+
+
+def test_kubernetes_replicas_share_the_redis_store(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Before: the ConfigMap had no [store] section, so each of the 2-10 pods kept its own spend,
+    # rate limits and cache (memory backend): N times the daily cap, Invalidate on one pod only.
+    [deployment] = _k8s("deployment.yaml")
+    hpa = next(d for d in _k8s("hpa.yaml") if d["kind"] == "HorizontalPodAutoscaler")
+    assert deployment["spec"]["replicas"] > 1 and hpa["spec"]["maxReplicas"] > 1
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    env = {item["name"]: item for item in container["env"]}
+    secret = env["ROUTECACHE_STORE__REDIS_URL"]["valueFrom"]["secretKeyRef"]
+    assert secret["name"] and secret["key"]  # the URL may carry a password: never in the file
+    monkeypatch.setenv("ROUTECACHE_STORE__REDIS_URL", "redis://routecache-redis:6379/0")
+    configmap = yaml.safe_load((ROOT / "deploy/k8s/configmap.yaml").read_text())
+    config = tmp_path / "config.toml"
+    config.write_text(configmap["data"]["config.toml"])
+    assert load_settings(config).store.backend == "redis"
+
+
+def test_kubernetes_example_ships_the_redis_it_points_at() -> None:
+    resources = yaml.safe_load((ROOT / "deploy/k8s/kustomization.yaml").read_text())["resources"]
+    documents = [d for name in resources for d in _k8s(name)]
+    services = {d["metadata"]["name"] for d in documents if d["kind"] == "Service"}
+    redis = [d for d in documents if d["kind"] == "Deployment" and "redis" in d["metadata"]["name"]]
+    assert "routecache-redis" in services and len(redis) == 1
+    assert redis[0]["spec"]["replicas"] == 1  # one node: the scripts need every key on it
+    # The documented Secret command names the Service the manifest ships.
+    kustomization = (ROOT / "deploy/k8s/kustomization.yaml").read_text()
+    assert "url=redis://routecache-redis:6379/0" in kustomization
