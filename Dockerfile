@@ -1,7 +1,13 @@
 # routecache: `serve` on port 50051 (gRPC) and 9464 (Prometheus /metrics).
 # Build: docker build -t routecache .
 # Run:   docker run -p 50051:50051 -p 9464:9464 -v $PWD/examples/dev.toml:/config.toml \
-#          -e ROUTECACHE_CONFIG=/config.toml routecache
+#          -e ROUTECACHE_CONFIG=/config.toml \
+#          -e ROUTECACHE_UPSTREAM__CHEAP__BASE_URL=http://host.docker.internal:8089/v1 \
+#          -e ROUTECACHE_UPSTREAM__STRONG__BASE_URL=http://host.docker.internal:8089/v1 \
+#          --add-host=host.docker.internal:host-gateway routecache
+#        dev.toml's upstreams are 127.0.0.1:8089, the container's own loopback where nothing
+#        listens: the overrides point at a replay upstream on the host (`routecache
+#        replay-upstream --host 0.0.0.0 --port 8089`). deploy/compose.yaml runs it all together.
 # See deploy/compose.yaml and deploy/k8s/ for full examples, docs/operations.md for operating it.
 
 FROM python:3.11-slim AS build
