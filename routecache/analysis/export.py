@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -85,11 +86,19 @@ def read_events(
             if not isinstance(event, dict):
                 skipped.torn += 1
                 continue
-            if (ts := _timestamp(event)) is None:
-                skipped.no_time += 1
-                continue
-            if since is None or ts >= since:
-                yield event
+            yield from events_since([event], since, skipped)
+
+
+def events_since(
+    events: Iterable[dict[str, Any]], since: float | None, skipped: SkippedLines
+) -> Iterator[dict[str, Any]]:
+    """The events at or after `since`; one whose `ts` is no time is counted in `skipped`. The
+    same pick for the JSONL log and the Redis stream."""
+    for event in events:
+        if (ts := _timestamp(event)) is None:
+            skipped.no_time += 1
+        elif since is None or ts >= since:
+            yield event
 
 
 def _cut_inside_a_character(raw: bytes) -> bool:
@@ -138,7 +147,26 @@ def export_events(
 ) -> int:
     """Write the events of `source` (at or after `since`) to `out` as parquet; returns the count.
     Lines passed over are counted in `skipped`."""
-    frame = events_frame(list(read_events(source, since, skipped)))
+    return write_parquet(list(read_events(source, since, skipped)), out, f"event log {source}")
+
+
+def write_jsonl(events: Iterable[dict[str, Any]], out: Path) -> int:
+    """The events as `events.path` holds them (one JSON object a line), for `retrain --events`;
+    returns the count. A new file is readable by its owner only: events hold prompts."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    descriptor = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as lines:
+        for event in events:
+            lines.write(json.dumps(event, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def write_parquet(events: list[dict[str, Any]], out: Path, origin: str) -> int:
+    """The events as one flat table in `out`; returns the count. `origin` names where they
+    came from in an error."""
+    frame = events_frame(events)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         frame.to_parquet(out, index=False)
@@ -147,7 +175,7 @@ def export_events(
         if column is None:
             raise
         raise MixedColumnError(
-            f"event log {source}: field {column!r} holds values of different types (a "
+            f"{origin}: field {column!r} holds values of different types (a "
             "hand-edited line?); a parquet column holds one"
         ) from error
     return len(frame)

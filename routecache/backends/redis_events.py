@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from redis.exceptions import DataError
@@ -209,14 +209,38 @@ def _text(value: object) -> str:
 async def read_events(
     link: RedisLink, keyspace: KeySpace, tenant: str, count: int = 1000
 ) -> list[dict[str, Any]]:
-    """The tenant's oldest `count` events. Only the tests read the stream back: analysis and
-    retraining read the JSONL log (`events.path`), not this stream. An entry that is not an
-    event (no `data` field, or not a JSON object there: written by something else) is
-    skipped, and logged once per read with the count, rather than failing the read of every
-    event around it. Raises RedisDown (RedisRefused when Redis answered with an error), as
-    every call does."""
+    """The tenant's oldest `count` events (see `_read_page` for what is skipped). Raises
+    RedisDown (RedisRefused when Redis answered with an error), as every call does."""
+    events, _ = await _read_page(link, keyspace.of(tenant).events, "-", count)
+    return events
+
+
+async def iter_events(
+    link: RedisLink, keyspace: KeySpace, tenant: str, page: int = 1000
+) -> AsyncIterator[dict[str, Any]]:
+    """Every event of the tenant's stream, oldest first, `page` entries a read: what
+    `routecache export-events` turns into the JSONL log retrain reads, or the notebook's table.
+    Read whole, the caller picking by `ts`: an entry id is Redis' clock at the flush, the `ts`
+    the replica's at the event, so starting at an id could miss events of a replica ahead."""
     key = keyspace.of(tenant).events
-    rows = await guarded(link, lambda: link.client.xrange(key, count=count))
+    start = "-"
+    while True:
+        events, last = await _read_page(link, key, start, page)
+        for event in events:
+            yield event
+        if last is None:
+            return
+        start = f"({last}"  # exclusive: the page after the last entry read
+
+
+async def _read_page(
+    link: RedisLink, key: str, start: str, count: int
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Up to `count` events from `start`, and the id of the last entry read (None: the stream
+    has no more). An entry that is not an event (no `data` field, or not a JSON object there:
+    written by something else) is skipped, and logged once per read with the count, rather
+    than failing the read of every event around it."""
+    rows = await guarded(link, lambda: link.client.xrange(key, min=start, count=count))
     events: list[dict[str, Any]] = []
     skipped: list[str] = []
     for entry_id, fields in rows:
@@ -232,4 +256,4 @@ async def read_events(
     if skipped:
         log.warning("%d entries of %s could not be read as events and were skipped (first %s)",
                     len(skipped), key, skipped[0])  # fmt: skip
-    return events
+    return events, rows[-1][0].decode() if len(rows) == count else None

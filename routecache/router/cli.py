@@ -101,47 +101,6 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_events(args: argparse.Namespace) -> int:
-    try:
-        from routecache.analysis.export import (
-            MixedColumnError,
-            SkippedLines,
-            export_events,
-            parse_since,
-        )
-    except ImportError as error:
-        raise ConfigError(
-            f"export-events needs the analysis extra ({error.name} is missing): "
-            "pip install 'routecache[analysis]'"
-        ) from error
-    source = args.events or load_settings(args.config).events.path
-    if source is None:
-        raise ConfigError("no event log: pass --events FILE or set events.path in the config")
-    if not source.is_file():
-        raise ConfigError(f"event log not found: {source}")
-    try:
-        since = parse_since(args.since) if args.since else None
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
-    skipped = SkippedLines()
-    try:
-        count = export_events(source, args.out, since, skipped)
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"event log {source} is not UTF-8 text ({error})") from error
-    except MixedColumnError as error:
-        raise ConfigError(str(error)) from error
-    except OSError as error:  # --out cannot be written (a folder, no such place)
-        raise ConfigError(f"export-events: {error}") from error
-    print(f"{count} events written to {args.out}")
-    if skipped.total:
-        print(
-            f"{skipped.total} lines of {source} skipped: {skipped.torn} not a JSON object (torn by"
-            f" a crash?), {skipped.no_time} with a ts that is no time",
-            file=sys.stderr,
-        )
-    return 0
-
-
 def _export_onnx(args: argparse.Namespace) -> int:
     from routecache.cache.onnx_embedder import OnnxCacheError, ensure_onnx_export
 
@@ -213,7 +172,7 @@ def _rollback_classifier(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from routecache.replay.config import add_cli_arguments as replay_arguments
-    from routecache.router import keys_cli
+    from routecache.router import export_cli, keys_cli
     from routecache.router.ask import add_cli_arguments as ask_arguments
     from routecache.training import (
         eval_cache,
@@ -244,12 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--metrics-out", type=Path, help="write /metrics as scraped at the end")
     demo.set_defaults(run=_demo)
 
-    export = verbs.add_parser("export-events", help="event log (JSONL) → parquet for analysis")
-    export.add_argument("--config", type=Path, help="TOML settings file: its events.path is read")
-    export.add_argument("--events", type=Path, help="the JSONL event log (default: events.path)")
-    export.add_argument("--since", help="only events since: 90m, 24h, 7d, an ISO date or epoch")
-    export.add_argument("--out", type=Path, required=True, help="the parquet file to write")
-    export.set_defaults(run=_export_events)
+    export_cli.add_arguments(
+        verbs.add_parser(
+            "export-events", help="event log (JSONL or Redis stream) → parquet or JSONL"
+        )
+    )
 
     ask = verbs.add_parser("ask", help="send one request to a running server, print JSON")
     ask_arguments(ask)
