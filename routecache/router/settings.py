@@ -133,6 +133,14 @@ def _default_strong() -> ProviderSettings:
     )
 
 
+def _onto_default(given: dict[str, object], default: ProviderSettings) -> dict[str, object]:
+    """`given` over the fields the default provider sets. The default prices are its model's:
+    a tier given another model keeps only the field defaults, and must bring its own prices."""
+    if given.get("model", default.model) != default.model:
+        return given
+    return {**default.model_dump(exclude_unset=True), **given}
+
+
 class RetrySettings(_Section):
     max_attempts: int = Field(2, ge=1, description="tries per provider, first one included")
     backoff_initial_seconds: float = Field(0.05, ge=0)
@@ -170,6 +178,21 @@ class UpstreamSettings(_Section):
     stale_grace_seconds: int = Field(
         24 * 3600, ge=0, description="how long an expired entry may still be served as stale"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tiers_on_their_defaults(cls, data: object) -> object:
+        # pydantic-settings hands a section over as one dict, which replaces the default_factory
+        # value whole: ROUTECACHE_UPSTREAM__CHEAP__API_KEY alone (deploy/k8s) left cheap without
+        # its model and prices, and the start was refused. Each field given overrides that field.
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for tier, default in (("cheap", _default_cheap), ("strong", _default_strong)):
+            given = merged.get(tier)
+            if isinstance(given, dict):
+                merged[tier] = _onto_default(given, default())
+        return merged
 
     @model_validator(mode="after")
     def _known_fallbacks(self) -> UpstreamSettings:

@@ -602,6 +602,51 @@ def test_env_toml_and_code_merge_field_by_field(
     assert (server.host, server.port, server.grace_seconds) == ("0.0.0.0", 6000, 1.0)
 
 
+def test_one_provider_key_by_environment_keeps_the_tiers_other_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # deploy/k8s sets ROUTECACHE_UPSTREAM__CHEAP__API_KEY alone: with no [upstream.cheap] in
+    # the file, that one variable must not drop the default model and prices.
+    config = tmp_path / "service.toml"
+    config.write_text('[[tenants]]\nname = "acme"\n')
+    monkeypatch.setenv("ROUTECACHE_UPSTREAM__CHEAP__API_KEY", "sk-cheap")
+    monkeypatch.setenv("ROUTECACHE_UPSTREAM__STRONG__BASE_URL", "http://replay:8089/v1")
+    upstream = load_settings(config).upstream
+    cheap, strong = upstream.cheap, upstream.strong
+    assert cheap.resolve_api_key() == "sk-cheap"
+    assert (cheap.model, cheap.input_usd_per_mtok, cheap.output_usd_per_mtok) == (
+        "mixtral-8x7b-instruct",
+        0.6,
+        0.6,
+    )
+    assert (strong.base_url, strong.model, strong.output_usd_per_mtok) == (
+        "http://replay:8089/v1",
+        "gpt-4-1106-preview",
+        30.0,
+    )
+    # The same from code; a field given overrides only that field.
+    cheap = load_settings(upstream={"cheap": {"input_usd_per_mtok": 0.5}}).upstream.cheap
+    assert (cheap.model, cheap.input_usd_per_mtok, cheap.output_usd_per_mtok) == (
+        "mixtral-8x7b-instruct",
+        0.5,
+        0.6,
+    )
+
+
+def test_another_model_for_a_tier_must_bring_its_own_prices() -> None:
+    # The default prices are Mixtral's / GPT-4's: another model inheriting them would be
+    # billed and routed on someone else's prices without a word.
+    with pytest.raises(ConfigError, match=r"upstream\.cheap\.input_usd_per_mtok: Field required"):
+        load_settings(upstream={"cheap": {"model": "llama-3-8b"}})
+    llama = {"model": "llama-3-8b", "input_usd_per_mtok": 0.1, "output_usd_per_mtok": 0.2}
+    cheap = load_settings(upstream={"cheap": llama}).upstream.cheap
+    assert (cheap.model, cheap.input_usd_per_mtok, cheap.output_usd_per_mtok) == (
+        "llama-3-8b",
+        0.1,
+        0.2,
+    )
+
+
 def test_a_config_path_that_is_a_folder_is_not_found(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=f"config file not found: {tmp_path}"):
         load_settings(tmp_path)
