@@ -1,0 +1,48 @@
+"""Every third-party module the package imports is a declared dependency: one that only comes
+in transitively (onnx through onnxscript, referencing through jsonschema) disappears the day
+its carrier drops or changes it, and the import fails in production only."""
+
+import ast
+import re
+import sys
+import tomllib
+from importlib.metadata import packages_distributions
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+# pydantic pins its own core to one exact version: declaring it would fight that pin.
+PINNED_BY_THEIR_PARENT = {"pydantic_core"}
+
+
+def _normalised(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _declared() -> set[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    # The service's own, and the `analysis` extra that export-events imports lazily.
+    specs = [*project["dependencies"], *project["optional-dependencies"]["analysis"]]
+    return {_normalised(re.split(r"[\[<>=!~ ;]", spec, maxsplit=1)[0]) for spec in specs}
+
+
+def _imported_top_levels() -> set[str]:
+    names: set[str] = set()
+    for path in (ROOT / "routecache").rglob("*.py"):
+        if path.relative_to(ROOT / "routecache").parts[0] == "v1":
+            continue  # generated stubs: grpc and protobuf, declared
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {"routecache"} - PINNED_BY_THEIR_PARENT
+
+
+def test_every_third_party_import_is_a_declared_dependency() -> None:
+    declared, owners = _declared(), packages_distributions()
+    undeclared = sorted(
+        module
+        for module in _imported_top_levels()
+        if not declared.intersection(_normalised(d) for d in owners.get(module, [module]))
+    )
+    assert undeclared == []
