@@ -17,8 +17,9 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-# PGR values are ratios of sums of 0/1 values; this absorbs their rounding error only.
-PGR_TOLERANCE = 1e-12
+# PGR values and cost ratios are ratios of floating-point sums; a target met up to their
+# rounding error (and no more) counts as met, wherever a curve value is compared with one.
+RATIO_TOLERANCE = 1e-12
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -77,7 +78,7 @@ def pgr_curve(
     fractions, accuracy = accuracy_curve(score, weak_correct, strong_correct)
     acc_weak, acc_strong = accuracy[0], accuracy[-1]
     gap = acc_strong - acc_weak
-    if abs(gap) < PGR_TOLERANCE:
+    if abs(gap) < RATIO_TOLERANCE:
         raise ValueError("the strong and weak models are equally accurate: PGR is undefined")
     return fractions, (accuracy - acc_weak) / gap
 
@@ -99,7 +100,7 @@ def cpt(
     Only tie-group edges count: a share inside a group is one no threshold produces (and the
     line across the group reaches p first at its far edge anyway, up to rounding)."""
     fractions, pgr = pgr_curve(score, weak_correct, strong_correct)
-    reached = np.nonzero((pgr >= p - PGR_TOLERANCE) & threshold_cuts(score))[0]
+    reached = np.nonzero((pgr >= p - RATIO_TOLERANCE) & threshold_cuts(score))[0]
     return float(fractions[reached[0]]) if len(reached) else math.nan
 
 
