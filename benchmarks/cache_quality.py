@@ -35,6 +35,7 @@ from routecache.training.eval_cache import (
     Candidates,
     Mode,
     candidates_for,
+    decide_as_served,
     embed_texts,
     score_candidates,
     seen_whole_of,
@@ -126,7 +127,7 @@ def policy_rows(
     scores = score_candidates(verified, ours)
     for budget in budgets:
         requirement = HitRequirement(0.9, budget)
-        verdicts = verified.decide(scores, ours.similarities, requirement)
+        verdicts = decide_as_served(verified, scores, ours.similarities, requirement)
         result = summarise(mode, "verified", ours, duplicates, verdicts, requirement, True)
         rows.append(row(result, f"budget {budget}") | {"verified_share": result.verified_share})
     cosine = CosinePolicy()

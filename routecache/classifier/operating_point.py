@@ -49,11 +49,13 @@ class OperatingCurve:
         if point.quality is not None:
             # PGR is a ratio of sums rounded in floating point; reaching the target up to that
             # rounding counts, as in metrics.cpt, or the next (dearer) point would be picked.
-            quality = point.quality - metrics.PGR_TOLERANCE
+            quality = point.quality - metrics.RATIO_TOLERANCE
             enough = [p for p in self.points if p.pgr >= quality]
             return (enough[0] if enough else self.points[-1]).threshold
         if point.cost_ratio is not None:
-            ceiling = point.cost_ratio
+            # The cost ratio is rounded too (0.1 * 3 is 0.30000000000000004): a point within
+            # the ceiling up to that rounding is affordable, or the next cheaper one is picked.
+            ceiling = point.cost_ratio + metrics.RATIO_TOLERANCE
             affordable = [p for p in self.points if p.cost_vs_all_strong <= ceiling]
             return (affordable[-1] if affordable else self.points[0]).threshold
         raise ValueError("the operating point sets no target")

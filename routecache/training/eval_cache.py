@@ -200,6 +200,23 @@ def summarise(
     )
 
 
+def decide_as_served(
+    policy: HitPolicy,
+    scores: npt.NDArray[np.float64],
+    similarities: Sequence[float],
+    requirement: HitRequirement,
+) -> list[HitVerdict]:
+    """The verdicts the service gives: `scores` were taken once for every requirement, but a
+    candidate under this requirement's floor is a miss before the verifier (an infinite floor
+    for a budget below every calibrated one), so it is neither served nor counted verified."""
+    floor = policy.floor(requirement)
+    verdicts = policy.decide(scores, similarities, requirement)
+    return [
+        verdict if clears(similarity, floor) else HitVerdict(False, similarity)
+        for verdict, similarity in zip(verdicts, similarities, strict=True)
+    ]
+
+
 def evaluate(
     pairs: Sequence[LabelledPair],
     embedder: Embedder,
@@ -235,7 +252,7 @@ def evaluate_candidates(
             policy_name,
             candidates,
             duplicates,
-            policy.decide(scores, candidates.similarities, requirement),
+            decide_as_served(policy, scores, candidates.similarities, requirement),
             requirement,
             verified,
         )

@@ -31,6 +31,7 @@ from routecache.training.eval_cache import (
     candidates_for,
     embed_texts,
     evaluate,
+    evaluate_candidates,
     pairwise_candidates,
     score_candidates,
     summarise,
@@ -167,6 +168,20 @@ def test_embedding_in_batches_gives_each_text_its_own_vector() -> None:
     assert set(vectors) == set(texts)
     for text in texts:
         np.testing.assert_allclose(vectors[text], embedder.encode([text])[0])
+
+
+def test_a_budget_below_every_calibrated_one_verifies_nothing_as_the_service() -> None:
+    # Calibrated for 0.01 only: a 0.001 budget has an infinite threshold, so the service's
+    # floor is infinite and no lookup reaches the cross-encoder, though both clear 0.5.
+    policy = _cosine_verified(floor=0.5)
+    requirement = HitRequirement(0.99, 0.001)
+    assert policy.floor(requirement) == float("inf")
+    candidates = Candidates([("a", "b"), ("c", "d")], [0.8, 0.7], np.array([True, False]))
+    pairs = [LabelledPair("a", "b", True), LabelledPair("c", "d", False)]
+    (result,) = evaluate_candidates(
+        pairs, candidates, policy, "verified", [requirement], "pairwise"
+    )
+    assert (result.hits, result.verified_share) == (0, 0.0)
 
 
 def test_scoring_in_batches_keeps_each_candidates_similarity() -> None:

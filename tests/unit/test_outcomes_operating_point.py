@@ -457,3 +457,13 @@ def test_the_no_share_and_all_share_thresholds_hold_beyond_the_held_out_scores()
     curve = fit_curve(scores, weak, np.ones(20, dtype=bool), lambda to_strong: 1.0)
     assert curve.threshold_for(OperatingPoint(strong_fraction=0.0)) > 1.0
     assert curve.threshold_for(OperatingPoint(strong_fraction=1.0)) == -1.0
+
+
+def test_a_cost_ceiling_met_up_to_rounding_keeps_that_point() -> None:
+    # Ten prompts at 0.1 each: three strong cost 0.30000000000000004 / 1.0 in floating point,
+    # which a ceiling of 0.3 must still admit (as a quality target allows for rounding).
+    scores = np.linspace(0.9, -0.9, 10)
+    curve = fit_curve(scores, np.zeros(10), np.ones(10), lambda m: sum(0.1 for x in m if x))
+    assert curve.points[3].cost_vs_all_strong != 0.3
+    threshold = curve.threshold_for(OperatingPoint(cost_ratio=0.3))
+    assert (scores >= threshold).mean() == pytest.approx(0.3)

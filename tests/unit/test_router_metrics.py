@@ -37,17 +37,14 @@ def test_reversed_router_wastes_the_strong_model_first() -> None:
     assert metrics.accuracy_at_fraction(reversed_score, WEAK, STRONG, 0.5) == pytest.approx(0.5)
 
 
-def test_ties_keep_input_order() -> None:
+def test_all_tied_scores_give_the_straight_line_in_any_row_order() -> None:
     tied = np.zeros(4)
-    np.testing.assert_allclose(
-        metrics.pgr_curve(tied, WEAK, STRONG)[1], metrics.pgr_curve(PERFECT, WEAK, STRONG)[1]
-    )
-    flipped = metrics.pgr_curve(tied, WEAK[::-1], STRONG[::-1])[1]
-    np.testing.assert_allclose(flipped, [0, 0, 0, 0.5, 1])
+    for weak, strong in ((WEAK, STRONG), (WEAK[::-1], STRONG[::-1])):
+        np.testing.assert_allclose(metrics.pgr_curve(tied, weak, strong)[1], np.linspace(0, 1, 5))
     # Long enough for numpy's default (unstable) sort to reorder ties.
     many_weak = np.arange(200) >= 100
     _, pgr = metrics.pgr_curve(np.zeros(200), many_weak, np.ones(200, dtype=bool))
-    np.testing.assert_allclose(pgr[:101], np.linspace(0, 1, 101))
+    np.testing.assert_allclose(pgr, np.linspace(0, 1, 201))
 
 
 def test_pgr_exceeds_one_when_the_strong_model_loses_some_prompts() -> None:
@@ -96,19 +93,43 @@ def test_bad_inputs_are_refused() -> None:
     assert np.isnan(metrics.cpt(PERFECT, WEAK, STRONG, 1.5))
 
 
-def test_ties_among_several_score_levels_keep_input_order() -> None:
-    # Two score levels, interleaved: numpy's default sort reorders such ties, a stable one not.
+def test_tied_scores_cross_the_cut_together_whatever_their_row_order() -> None:
+    # Two score levels, interleaved: no threshold splits a tie, so the measures must not
+    # depend on which tied row happens to come first in the file.
     score = np.tile([1.0, 0.0], 10)
     rng = np.random.default_rng(3)
     weak = rng.random(20) < 0.4
     strong = rng.random(20) < 0.9
-    # The same ranking spelled out: higher score first, then earlier position.
-    ranked = sorted(range(20), key=lambda i: (-score[i], i))
-    distinct = np.empty(20)
-    distinct[ranked] = -np.arange(20.0)
+    order = rng.permutation(20)
+    for measure in (metrics.apgr, metrics.router_summary):
+        assert measure(score, weak, strong) == pytest.approx(
+            measure(score[order], weak[order], strong[order])
+        )
     np.testing.assert_allclose(
-        metrics.pgr_curve(score, weak, strong)[1], metrics.pgr_curve(distinct, weak, strong)[1]
+        metrics.pgr_curve(score, weak, strong)[1],
+        metrics.pgr_curve(score[order], weak[order], strong[order])[1],
     )
+
+
+def test_a_constant_scorer_is_a_straight_line_from_all_cheap_to_all_strong() -> None:
+    # One tie group: the only cuts a threshold makes are all cheap and all strong, so PGR is
+    # the line between them (APGR 0.5) and CPT any p > 0 needs everything strong.
+    weak, strong = [0, 1, 1, 1], [1, 1, 1, 1]
+    for w, g in ((weak, strong), (weak[::-1], strong[::-1])):
+        fractions, pgr = metrics.pgr_curve([0.5] * 4, w, g)
+        np.testing.assert_allclose(pgr, fractions)
+        assert metrics.apgr([0.5] * 4, w, g) == pytest.approx(0.5)
+        assert metrics.cpt([0.5] * 4, w, g, 0.8) == 1.0
+
+
+def test_cpt_is_a_share_some_threshold_sends() -> None:
+    # Scores 2, 1, 1, 0: thresholds send 0, 1, 3 or 4 prompts strong, never 2. Sending the
+    # first tied row alone would recover the whole gap at 2/4; the tie recovers it at 3/4.
+    score = [2.0, 1.0, 1.0, 0.0]
+    weak, strong = [1, 0, 1, 1], [1, 1, 1, 1]
+    assert metrics.cpt(score, weak, strong, 1.0) == 0.75
+    _, pgr = metrics.pgr_curve(score, weak, strong)
+    np.testing.assert_allclose(pgr, [0, 0, 0.5, 1, 1])  # the middle of the tie: on average
 
 
 def test_cpt_counts_a_cut_point_whose_pgr_equals_p_despite_rounding() -> None:
