@@ -6,12 +6,16 @@ import asyncio
 import json
 import math
 import time
+import tomllib
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
 from pydantic import SecretStr
 
 from routecache.domain import (
@@ -27,6 +31,7 @@ from routecache.router.upstream import OpenAIChatClient
 from routecache.router.upstream.deadline import provider_deadline
 from routecache.router.upstream.openai_client import MAX_DETAIL_CHARS, retry_after_seconds
 
+ROOT = Path(__file__).resolve().parents[2]
 BASE_URL = "https://provider.test/v1"
 MODEL = "cheap-model"
 MESSAGES = (
@@ -1124,3 +1129,16 @@ async def test_from_settings_takes_attempts_and_backoff_from_the_retry_settings(
     assert len(pauses) == 2
     assert 0.1 <= pauses[0] <= 0.2
     assert 0.2 <= pauses[1] <= 0.25
+
+
+def test_the_declared_tenacity_floor_has_the_backoff_keyword_the_client_uses() -> None:
+    # wait_exponential_jitter(multiplier=...) first shipped in tenacity 9.2.1 (9.0.0-9.1.4
+    # raise TypeError on it, so every upstream call would fail): the floor must not allow them.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    (requirement,) = (
+        Requirement(spec)
+        for spec in project["project"]["dependencies"]
+        if Requirement(spec).name == "tenacity"
+    )
+    floors = [Version(s.version) for s in requirement.specifier if s.operator == ">="]
+    assert floors and min(floors) >= Version("9.2.1")
