@@ -77,7 +77,12 @@ class ProviderSettings(_Section):
     api_key_file: Path | None = Field(None, description="read the key from this secret file")
     input_usd_per_mtok: float = Field(ge=0)
     output_usd_per_mtok: float = Field(ge=0)
-    timeout_seconds: float = Field(30.0, gt=0, description="total time of one attempt")
+    timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="total time of one attempt: a whole completion, or a stream's opening up to "
+        "its first text delta (the rest of a stream is bounded by read_timeout_seconds)",
+    )
     connect_timeout_seconds: float = Field(2.0, gt=0)
     read_timeout_seconds: float = Field(
         20.0, gt=0, description="longest wait for the next bytes (a stalled stream)"

@@ -1142,3 +1142,52 @@ def test_the_declared_tenacity_floor_has_the_backoff_keyword_the_client_uses() -
     )
     floors = [Version(s.version) for s in requirement.specifier if s.operator == ">="]
     assert floors and min(floors) >= Version("9.2.1")
+
+
+class TricklingStream(httpx.AsyncByteStream):
+    """An event stream of keep-alive comments only, one every 10 ms for `seconds`."""
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        end = time.monotonic() + self._seconds
+        while time.monotonic() < end:
+            yield b": keep-alive\n\n"
+            await asyncio.sleep(0.01)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_a_stream_with_no_first_delta_within_the_timeout_is_retried_then_fails(
+    make_client: Any,
+) -> None:
+    # Each comment arrives within the read timeout: only the bound on the stream's opening
+    # ends a try, so the retry and the next provider still get their time.
+    bodies = [TricklingStream(3.0), TricklingStream(3.0)]
+    recorder = Recorder(*(httpx.Response(200, stream=body) for body in bodies))
+    client = make_client(recorder, timeout_seconds=0.1)
+    started = time.monotonic()
+    with pytest.raises(UpstreamError, match=r"no first delta within 0\.1s") as caught:
+        await collect(client.stream(MESSAGES, GenerationParams()))
+    assert caught.value.retryable is True
+    assert recorder.calls == 2
+    assert time.monotonic() - started < 2.0
+    assert all(body.closed for body in bodies)
+
+
+async def test_a_stream_past_the_timeout_after_its_first_delta_is_read_on(
+    make_client: Any,
+) -> None:
+    # The timeout bounds the opening; the rest of the stream is bounded per read.
+    late = asyncio.Event()
+    body = TrackedStream(sse_line(chunk("first")), late)
+    client = make_client(Recorder(httpx.Response(200, stream=body)), timeout_seconds=0.1)
+    deltas = client.stream(MESSAGES, GenerationParams())
+    assert await anext(deltas) == "first"
+    await asyncio.sleep(0.2)
+    late.set()
+    with pytest.raises(UpstreamError, match="without finish_reason"):
+        await anext(deltas)

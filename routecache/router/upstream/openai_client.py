@@ -408,6 +408,17 @@ class OpenAIChatClient:
             await opened.response.aclose()
 
     async def _open_stream(self, body: dict[str, Any]) -> _OpenStream:
+        """One try at a stream, up to its first text delta, within the timeout: httpx times
+        each read only, and a provider trickling keep-alive comments would otherwise hold the
+        call's whole deadline, with no retry, no next provider and no verdict for its breaker.
+        The rest of the stream is bounded per read (text handed on cannot be taken back)."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await self._open_stream_once(body)
+        except TimeoutError:
+            raise self._error(f"no first delta within {self._timeout:g}s", retryable=True) from None
+
+    async def _open_stream_once(self, body: dict[str, Any]) -> _OpenStream:
         response = await self._send(body, stream=True)
         try:
             await self._check_status(response)
