@@ -95,6 +95,12 @@ class ProviderSettings(_Section):
         description="longest response body, and stream line, read (a whole stream: four times "
         "it); past it the attempt fails",
     )
+    max_connections: int = Field(
+        100,
+        gt=0,
+        description="calls open to this provider at a time; more wait for a free connection "
+        "(up to timeout_seconds, not counted against the provider's breaker)",
+    )
 
     def resolve_api_key(self) -> str | None:
         """The key from api_key, then api_key_env, then api_key_file; raises ConfigError."""

@@ -7,7 +7,7 @@ import json
 import math
 import time
 import tomllib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -1191,3 +1191,31 @@ async def test_a_stream_past_the_timeout_after_its_first_delta_is_read_on(
     late.set()
     with pytest.raises(UpstreamError, match="without finish_reason"):
         await anext(deltas)
+
+
+async def test_from_settings_takes_max_connections() -> None:
+    # One call at a time: a second, while the first holds the only connection, gets none.
+    settings = ProviderSettings(
+        base_url=BASE_URL,
+        model=MODEL,
+        input_usd_per_mtok=1.0,
+        output_usd_per_mtok=2.0,
+        timeout_seconds=0.1,
+        max_connections=1,
+    )
+    held = asyncio.Event()
+    body = TrackedStream(sse_line(chunk("first")), held)
+    recorder = Recorder(httpx.Response(200, stream=body), completion())
+    client = OpenAIChatClient.from_settings(settings, transport=httpx.MockTransport(recorder))
+    deltas = client.stream(MESSAGES, GenerationParams())
+    assert isinstance(deltas, AsyncGenerator)  # closed early below
+    try:
+        assert await anext(deltas) == "first"
+        with pytest.raises(UpstreamError, match=r"no free connection within 0\.1s") as caught:
+            await client.complete(MESSAGES, GenerationParams())
+        assert caught.value.retryable is False
+        held.set()
+        await deltas.aclose()
+        assert (await client.complete(MESSAGES, GenerationParams())).text == "4"
+    finally:
+        await client.aclose()

@@ -59,9 +59,17 @@ DEFAULT_MAX_RESPONSE_BYTES = 4 << 20
 STREAM_BOUND_MULTIPLE = 4
 # The longest Retry-After the retry waits out by default; a longer one fails over at once.
 DEFAULT_MAX_RETRY_AFTER_SECONDS = 5.0
+# Calls one client has open to its provider at a time (httpx's own default pool size).
+DEFAULT_MAX_CONNECTIONS = 100
 # Line breaks of server-sent events. A \r\n cut between two reads counts as two breaks: the
 # blank line between them is skipped like any other.
 _SSE_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+
+
+class NoFreeConnection(UpstreamError):
+    """Every connection to the provider stayed busy with this service's other calls: a limit
+    of ours, no verdict on the provider (not retryable, so its breaker is not charged and the
+    chain moves on)."""
 
 
 class ProviderAskedToWait(UpstreamError):
@@ -148,7 +156,8 @@ def request_body(
 
 @dataclass
 class _OpenStream:
-    """A stream whose status was checked and whose first delta (if any) was already read."""
+    """A stream whose status was checked and whose first delta (if any) was already read; it
+    holds one of the client's connection slots until the response is closed."""
 
     response: httpx.Response
     first: str | None
@@ -178,9 +187,12 @@ class OpenAIChatClient:
         read_timeout_seconds: float | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         max_retry_after_seconds: float = DEFAULT_MAX_RETRY_AFTER_SECONDS,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
         if max_response_bytes < 1:
             raise ValueError("max_response_bytes must be at least 1")
         all_headers = {"user-agent": USER_AGENT, **(headers or {})}
@@ -194,6 +206,11 @@ class OpenAIChatClient:
         self._max_bytes = max_response_bytes
         self._max_stream_bytes = STREAM_BOUND_MULTIPLE * max_response_bytes
         self._max_retry_after = max_retry_after_seconds
+        self._max_connections = max_connections
+        # A call waits here for a connection before its attempt's timeout starts: waited for
+        # inside httpx's pool, the queue of a busy moment would time out as the provider's
+        # failure and open its breaker. The pool is as large, so httpx never waits itself.
+        self._connections = asyncio.Semaphore(max_connections)
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/") + "/",
             headers=all_headers,
@@ -201,6 +218,12 @@ class OpenAIChatClient:
                 timeout_seconds,
                 connect=min(connect_timeout_seconds or timeout_seconds, timeout_seconds),
                 read=min(read_timeout_seconds or timeout_seconds, timeout_seconds),
+            ),
+            # Idle connections kept as httpx keeps them (20): keeping all of a large pool idle
+            # made a burst of 150 calls on a loopback provider several times slower.
+            limits=httpx.Limits(
+                max_connections=max_connections,
+                max_keepalive_connections=min(20, max_connections),
             ),
             transport=transport,
         )
@@ -227,6 +250,7 @@ class OpenAIChatClient:
             read_timeout_seconds=settings.read_timeout_seconds,
             max_response_bytes=settings.max_response_bytes,
             max_retry_after_seconds=retry.max_retry_after_seconds,
+            max_connections=settings.max_connections,
         )
 
     @property
@@ -283,6 +307,7 @@ class OpenAIChatClient:
         return reply
 
     async def _complete_once(self, body: dict[str, Any], prompt_tokens: int) -> UpstreamReply:
+        await self._take_connection()
         try:
             # httpx times each read; this bounds the whole call, so a trickling body
             # cannot hold it past the timeout either.
@@ -296,7 +321,25 @@ class OpenAIChatClient:
                     await response.aclose()
         except TimeoutError:
             raise self._error(f"no answer within {self._timeout:g}s", retryable=True) from None
+        finally:
+            self._connections.release()
         return self._parse_completion(content, prompt_tokens)
+
+    async def _take_connection(self) -> None:
+        """Waits, up to the timeout, for one of max_connections; the caller releases it."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._connections.acquire()
+        except TimeoutError:
+            raise self._no_free_connection() from None
+
+    def _no_free_connection(self) -> NoFreeConnection:
+        return NoFreeConnection(
+            f"{self._where}: no free connection within {self._timeout:g}s (all of upstream "
+            f"max_connections {self._max_connections} busy with other calls of this service; "
+            "not counted against the provider)",
+            retryable=False,
+        )
 
     async def _send(self, body: dict[str, Any], *, stream: bool) -> httpx.Response:
         request = self._http.build_request("POST", CHAT_PATH, json=body)
@@ -320,7 +363,10 @@ class OpenAIChatClient:
         return b"".join(parts)
 
     def _transport_error(self, exc: httpx.RequestError) -> UpstreamError:
-        """A request or a body read that failed in transport: retryable, whatever the cause."""
+        """A request or a body read that failed in transport: retryable, whatever the cause,
+        but for a wait for httpx's pool (ours; the slots above should leave it none)."""
+        if isinstance(exc, httpx.PoolTimeout):
+            return self._no_free_connection()
         if isinstance(exc, httpx.TimeoutException):
             return self._error(
                 f"timed out after {self._limit_of(exc):g}s ({type(exc).__name__})", retryable=True
@@ -405,18 +451,28 @@ class OpenAIChatClient:
             async for delta in opened.rest:
                 yield delta
         finally:
-            await opened.response.aclose()
+            try:
+                await opened.response.aclose()
+            finally:
+                self._connections.release()
 
     async def _open_stream(self, body: dict[str, Any]) -> _OpenStream:
         """One try at a stream, up to its first text delta, within the timeout: httpx times
         each read only, and a provider trickling keep-alive comments would otherwise hold the
         call's whole deadline, with no retry, no next provider and no verdict for its breaker.
-        The rest of the stream is bounded per read (text handed on cannot be taken back)."""
+        The rest of the stream is bounded per read (text handed on cannot be taken back).
+        The stream opened holds a connection slot, which stream() releases."""
+        await self._take_connection()
         try:
             async with asyncio.timeout(self._timeout):
                 return await self._open_stream_once(body)
-        except TimeoutError:
-            raise self._error(f"no first delta within {self._timeout:g}s", retryable=True) from None
+        except BaseException as exc:
+            self._connections.release()
+            if isinstance(exc, TimeoutError):
+                raise self._error(
+                    f"no first delta within {self._timeout:g}s", retryable=True
+                ) from None
+            raise
 
     async def _open_stream_once(self, body: dict[str, Any]) -> _OpenStream:
         response = await self._send(body, stream=True)
