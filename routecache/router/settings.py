@@ -92,8 +92,8 @@ class ProviderSettings(_Section):
     max_response_bytes: int = Field(
         4 << 20,
         ge=64 << 10,
-        description="longest response body, and stream line, read (a whole stream: four times "
-        "it); past it the attempt fails",
+        description="longest response body, and stream line or event, read (a whole stream: "
+        "four times it); past it the attempt fails",
     )
     max_connections: int = Field(
         100,

@@ -1219,3 +1219,54 @@ async def test_from_settings_takes_max_connections() -> None:
         assert (await client.complete(MESSAGES, GenerationParams())).text == "4"
     finally:
         await client.aclose()
+
+
+async def test_the_data_lines_of_one_event_are_joined_with_a_newline(make_client: Any) -> None:
+    # The SSE spec, as OpenAI's SDK reads it: a chunk's JSON may span several data lines.
+    pretty = json.dumps(chunk("Hello"), indent=1).split("\n")
+    event = "".join(f"data: {line}\n" for line in pretty) + "\n"
+    body = event + f"data: {json.dumps(chunk(finish_reason='stop'))}\n\ndata: [DONE]\n\n"
+    recorder = Recorder(httpx.Response(200, content=body.encode()))
+    assert await collect(make_client(recorder).stream(MESSAGES, GenerationParams())) == ["Hello"]
+
+
+async def test_a_crlf_cut_between_two_reads_does_not_end_an_event(make_client: Any) -> None:
+    first, second = json.dumps(chunk("Hi", "stop"))[:10], json.dumps(chunk("Hi", "stop"))[10:]
+    body = TrackedStream(f"data: {first}\r".encode(), f"\ndata: {second}\r\n\r\n".encode())
+    recorder = Recorder(httpx.Response(200, stream=body))
+    assert await collect(make_client(recorder).stream(MESSAGES, GenerationParams())) == ["Hi"]
+
+
+async def test_a_byte_order_mark_before_the_first_event_is_skipped(make_client: Any) -> None:
+    body = b"\xef\xbb\xbf" + sse_line(chunk("First")) + sse_line(chunk(" second", "stop"))
+    recorder = Recorder(httpx.Response(200, content=body))
+    deltas = await collect(make_client(recorder).stream(MESSAGES, GenerationParams()))
+    assert deltas == ["First", " second"]
+
+
+async def test_a_null_error_in_a_chunk_is_no_error(make_client: Any) -> None:
+    recorder = Recorder(sse({**chunk("ok"), "error": None}, chunk(finish_reason="stop")))
+    assert await collect(make_client(recorder).stream(MESSAGES, GenerationParams())) == ["ok"]
+
+
+async def test_a_null_delta_carries_no_text(make_client: Any) -> None:
+    finish = {"choices": [{"index": 0, "delta": None, "finish_reason": "stop"}]}
+    recorder = Recorder(sse(chunk("ok"), finish))
+    assert await collect(make_client(recorder).stream(MESSAGES, GenerationParams())) == ["ok"]
+
+
+@pytest.mark.parametrize("event", [[1, 2], "text"])
+async def test_a_chunk_that_is_no_object_is_a_malformed_chunk(
+    make_client: Any, event: object
+) -> None:
+    recorder = Recorder(sse(chunk("ok"), event))
+    with pytest.raises(UpstreamError, match="malformed stream chunk"):
+        await collect(make_client(recorder, max_attempts=1).stream(MESSAGES, GenerationParams()))
+
+
+async def test_an_event_of_many_lines_past_the_bound_is_not_read_on(make_client: Any) -> None:
+    line = b"data: " + b"x" * (40 << 10) + b"\n"
+    recorder = Recorder(httpx.Response(200, content=line * 2 + b"\n"))
+    client = make_client(recorder, max_response_bytes=64 << 10, max_attempts=1)
+    with pytest.raises(UpstreamError, match="stream event over"):
+        await collect(client.stream(MESSAGES, GenerationParams()))

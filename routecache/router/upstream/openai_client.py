@@ -61,8 +61,7 @@ STREAM_BOUND_MULTIPLE = 4
 DEFAULT_MAX_RETRY_AFTER_SECONDS = 5.0
 # Calls one client has open to its provider at a time (httpx's own default pool size).
 DEFAULT_MAX_CONNECTIONS = 100
-# Line breaks of server-sent events. A \r\n cut between two reads counts as two breaks: the
-# blank line between them is skipped like any other.
+# Line breaks of server-sent events (a \r\n cut between two reads is still one: see _sse_lines).
 _SSE_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
 
@@ -489,10 +488,7 @@ class OpenAIChatClient:
         """Parse server-sent events into non-empty text deltas."""
         finished = False
         try:
-            async for line in self._sse_lines(response):
-                if not line.startswith("data:"):
-                    continue  # blank separators, comments, `event:` lines
-                data = line[len("data:") :].strip()
+            async for data in self._sse_data(response):
                 if data == "[DONE]":
                     return
                 delta, finish_reason = self._parse_chunk(data)
@@ -510,6 +506,28 @@ class OpenAIChatClient:
         if not finished:
             raise self._error("stream ended without finish_reason or [DONE]", retryable=True)
 
+    async def _sse_data(self, response: httpx.Response) -> AsyncIterator[str]:
+        """The data of each event: its `data:` lines joined with \n, as the SSE spec (and
+        OpenAI's SDK) reads them, so a chunk's JSON may span lines. Comments and the other
+        fields (`event:`, `id:`, `retry:`) are skipped, and so is one byte order mark before
+        the first line (the spec). An event's data is bounded as one line is."""
+        data: list[str] = []
+        size, first = 0, True
+        async for line in self._sse_lines(response):
+            if first:
+                line, first = line.removeprefix("\ufeff"), False
+            if not line:  # a blank line ends the event
+                if data:
+                    yield "\n".join(data).strip()
+                data, size = [], 0
+            elif line.startswith("data:"):
+                size += len(line)
+                if size > self._max_bytes:
+                    raise self._too_large("stream event")
+                data.append(line[len("data:") :])
+        if data:  # the last event, cut short of its blank line: read like the others
+            yield "\n".join(data).strip()
+
     async def _sse_lines(self, response: httpx.Response) -> AsyncIterator[str]:
         """The lines of an event stream, none longer than the bound (httpx's aiter_lines
         would buffer a line without end whole), and all of them within the stream's bound (a
@@ -517,10 +535,14 @@ class OpenAIChatClient:
         UTF-8 by definition."""
         pending = bytearray()  # the line being read
         size = 0
+        after_cr = False  # the last read ended with \r: a \n that starts the next ends no line
         async for part in response.aiter_bytes():
             size += len(part)
             if size > self._max_stream_bytes:
                 raise self._too_large("stream", stream=True)
+            if after_cr and part.startswith(b"\n"):
+                part = part[1:]
+            after_cr = part.endswith(b"\r")
             first, *rest = _SSE_LINE_BREAK.split(part)
             pending += first
             for line in rest:  # each break ends the pending line and starts the next
@@ -539,12 +561,13 @@ class OpenAIChatClient:
     def _parse_chunk(self, data: str) -> tuple[str, str | None]:
         try:
             chunk = json.loads(data)
-            if "error" in chunk:
+            # A chunk that is no object fails below; `"error": null` is no error.
+            if isinstance(chunk, dict) and chunk.get("error"):
                 raise self._error(f"error in stream: {_error_text(chunk)}", retryable=True)
             choices = chunk["choices"]
             if not choices:  # the usage-only chunk of stream_options.include_usage
                 return "", None
-            content = choices[0].get("delta", {}).get("content")
+            content = (choices[0].get("delta") or {}).get("content")  # null: a finish chunk
             finish_reason = choices[0].get("finish_reason")
         except _MALFORMED as exc:
             raise self._error(
