@@ -754,3 +754,17 @@ async def test_no_free_connection_within_the_timeout_is_not_the_providers_failur
     finally:
         await deltas.aclose()
     assert (await client.complete(ask(UNKNOWN_PROMPT), GenerationParams())).text
+
+
+async def test_a_number_past_the_digit_limit_is_a_400_naming_the_body(
+    replay: RunningReplayServer,
+) -> None:
+    # Python refuses to read an int of over 4300 digits with a plain ValueError, which was
+    # reported as a 'bad replay header'.
+    content = b'{"model": "m", "messages": [], "max_tokens": ' + b"1" * 5000 + b"}"
+    async with httpx.AsyncClient() as http:
+        refused = await http.post(f"{replay.base_url}/chat/completions", content=content)
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["message"].startswith("the request body is not valid JSON")

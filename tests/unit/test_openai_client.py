@@ -1270,3 +1270,20 @@ async def test_an_event_of_many_lines_past_the_bound_is_not_read_on(make_client:
     client = make_client(recorder, max_response_bytes=64 << 10, max_attempts=1)
     with pytest.raises(UpstreamError, match="stream event over"):
         await collect(client.stream(MESSAGES, GenerationParams()))
+
+
+async def test_an_error_object_in_a_200_body_carries_the_providers_message(
+    make_client: Any,
+) -> None:
+    # Retryable, as an error event in a stream is: the provider failed this answer.
+    error = httpx.Response(200, json={"error": {"message": "upstream overloaded", "code": 502}})
+    recorder = Recorder(error)
+    with pytest.raises(UpstreamError, match="error in response: upstream overloaded") as caught:
+        await make_client(recorder).complete(MESSAGES, GenerationParams())
+    assert caught.value.retryable is True
+    assert recorder.calls == 2
+
+
+async def test_a_null_error_in_a_200_body_is_no_error(make_client: Any) -> None:
+    recorder = Recorder(completion("4", error=None))
+    assert (await make_client(recorder).complete(MESSAGES, GenerationParams())).text == "4"

@@ -420,6 +420,10 @@ class OpenAIChatClient:
     def _parse_completion(self, content_bytes: bytes, prompt_tokens: int) -> UpstreamReply:
         try:
             payload = json.loads(content_bytes)
+            # Some providers (and proxies) answer 200 with an error object: its message says
+            # more than the missing choices would. Retryable, as an error event in a stream.
+            if isinstance(payload, dict) and payload.get("error"):
+                raise self._error(f"error in response: {_error_text(payload)}", retryable=True)
             choice = payload["choices"][0]
             content = choice["message"].get("content")
         except _MALFORMED as exc:
