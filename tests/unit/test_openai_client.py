@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import math
 import time
 import tomllib
+import tracemalloc
+import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -1287,3 +1290,67 @@ async def test_an_error_object_in_a_200_body_carries_the_providers_message(
 async def test_a_null_error_in_a_200_body_is_no_error(make_client: Any) -> None:
     recorder = Recorder(completion("4", error=None))
     assert (await make_client(recorder).complete(MESSAGES, GenerationParams())).text == "4"
+
+
+def gzipped(content: bytes, encoding: str = "gzip") -> httpx.Response:
+    headers = {"content-encoding": encoding, "content-type": "application/json"}
+    return httpx.Response(200, headers=headers, stream=httpx.ByteStream(gzip.compress(content)))
+
+
+async def test_requests_ask_for_a_body_that_is_not_encoded(make_client: Any) -> None:
+    recorder = Recorder(completion())
+    await make_client(recorder).complete(MESSAGES, GenerationParams())
+    assert recorder.requests[0].headers["accept-encoding"] == "identity"
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "x-gzip", "deflate"])
+async def test_an_encoded_body_sent_anyway_is_decoded(make_client: Any, encoding: str) -> None:
+    answer = json.dumps({"choices": [{"message": {"content": "4"}}]}).encode()
+    if encoding == "deflate":
+        response = httpx.Response(
+            200,
+            headers={"content-encoding": "deflate"},
+            stream=httpx.ByteStream(zlib.compress(answer)),
+        )
+    else:
+        response = gzipped(answer, encoding)
+    reply = await make_client(Recorder(response)).complete(MESSAGES, GenerationParams())
+    assert reply.text == "4"
+
+
+async def test_a_gzip_stream_sent_anyway_is_decoded(make_client: Any) -> None:
+    events = sse_line(chunk("Hello")) + sse_line(chunk(" there", "stop"))
+    response = gzipped(events)
+    response.headers["content-type"] = "text/event-stream"
+    deltas = await collect(make_client(Recorder(response)).stream(MESSAGES, GenerationParams()))
+    assert deltas == ["Hello", " there"]
+
+
+@pytest.mark.parametrize("call", ["complete", "stream"])
+async def test_a_gzip_bomb_is_not_inflated_past_the_bound(make_client: Any, call: str) -> None:
+    # 64 MiB of zeros in 64 KiB: inflated a network read at a time (as httpx decodes), the
+    # whole of it was in memory before the bound on the body applied.
+    bomb = gzipped(b"\0" * (64 << 20))
+    client = make_client(Recorder(bomb), max_response_bytes=64 << 10, max_attempts=1)
+    tracemalloc.start()
+    try:
+        with pytest.raises(UpstreamError, match="over"):
+            if call == "complete":
+                await client.complete(MESSAGES, GenerationParams())
+            else:
+                await collect(client.stream(MESSAGES, GenerationParams()))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
+
+
+async def test_a_body_in_an_encoding_not_understood_is_a_malformed_answer(
+    make_client: Any,
+) -> None:
+    body = httpx.ByteStream(b"\x0b\x01\x80")
+    response = httpx.Response(200, headers={"content-encoding": "br"}, stream=body)
+    recorder = Recorder(response)
+    with pytest.raises(UpstreamError, match="content-encoding 'br'") as caught:
+        await make_client(recorder).complete(MESSAGES, GenerationParams())
+    assert caught.value.retryable is True

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import zlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -61,6 +62,12 @@ STREAM_BOUND_MULTIPLE = 4
 DEFAULT_MAX_RETRY_AFTER_SECONDS = 5.0
 # Calls one client has open to its provider at a time (httpx's own default pool size).
 DEFAULT_MAX_CONNECTIONS = 100
+# The most a compressed body inflates to in one step: the bound on the body applies between
+# steps, so a small gzip body cannot inflate to hundreds of MiB first (as httpx decodes, a
+# network read at a time).
+INFLATE_STEP_BYTES = 64 << 10
+# zlib's window bits for a gzip or a zlib header, whichever the body has.
+_GZIP_OR_ZLIB = 32 + zlib.MAX_WBITS
 # Line breaks of server-sent events (a \r\n cut between two reads is still one: see _sse_lines).
 _SSE_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
@@ -194,7 +201,9 @@ class OpenAIChatClient:
             raise ValueError("max_connections must be at least 1")
         if max_response_bytes < 1:
             raise ValueError("max_response_bytes must be at least 1")
-        all_headers = {"user-agent": USER_AGENT, **(headers or {})}
+        # Answers are small: asked for unencoded, no provider need inflate a bomb (one that
+        # encodes anyway is inflated a bounded step at a time: see _body_parts).
+        all_headers = {"user-agent": USER_AGENT, "accept-encoding": "identity", **(headers or {})}
         if api_key:
             all_headers["authorization"] = f"Bearer {api_key}"
         self._model = model
@@ -352,7 +361,7 @@ class OpenAIChatClient:
         parts: list[bytes] = []
         size = 0
         try:
-            async for part in response.aiter_bytes():
+            async for part in self._body_parts(response):
                 size += len(part)
                 if size > self._max_bytes:
                     raise self._too_large("response body")
@@ -360,6 +369,35 @@ class OpenAIChatClient:
         except httpx.RequestError as exc:  # transport errors, and a body that does not decode
             raise self._transport_error(exc) from exc
         return b"".join(parts)
+
+    async def _body_parts(self, response: httpx.Response) -> AsyncIterator[bytes]:
+        """The body decoded, gzip or deflate a step of INFLATE_STEP_BYTES at a time, so the
+        reader's bound stops a bomb; httpx.DecodingError when it does not decode."""
+        if response.is_stream_consumed:  # built whole, as a mock transport's: httpx decoded it
+            yield response.content
+            return
+        encoding = response.headers.get("content-encoding", "").strip().lower()
+        if encoding in ("", "identity"):
+            async for part in response.aiter_raw():
+                yield part
+            return
+        if encoding not in ("gzip", "x-gzip", "deflate"):
+            raise self._error(
+                f"malformed response: content-encoding {encoding[:MAX_DETAIL_CHARS]!r} "
+                "not asked for",
+                retryable=True,
+            )
+        inflate = zlib.decompressobj(_GZIP_OR_ZLIB)
+        try:
+            async for data in response.aiter_raw():
+                while data and not inflate.eof:
+                    part = inflate.decompress(data, INFLATE_STEP_BYTES)
+                    data = inflate.unconsumed_tail
+                    yield part
+            while part := inflate.decompress(b"", INFLATE_STEP_BYTES):  # any output held back
+                yield part
+        except zlib.error as exc:
+            raise httpx.DecodingError(f"{encoding} body does not decode: {exc}") from exc
 
     def _transport_error(self, exc: httpx.RequestError) -> UpstreamError:
         """A request or a body read that failed in transport: retryable, whatever the cause,
@@ -540,7 +578,7 @@ class OpenAIChatClient:
         pending = bytearray()  # the line being read
         size = 0
         after_cr = False  # the last read ended with \r: a \n that starts the next ends no line
-        async for part in response.aiter_bytes():
+        async for part in self._body_parts(response):
             size += len(part)
             if size > self._max_stream_bytes:
                 raise self._too_large("stream", stream=True)
