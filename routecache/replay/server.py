@@ -139,14 +139,9 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     if (denied := _unauthorised(request, state)) is not None:
         return denied
     try:
-        # UTF-8 whatever the charset says (as OpenAI reads it): request.text() would take a
-        # bad body for a bad header (UnicodeDecodeError is a ValueError) or fail on a charset.
-        call = parse_chat_call(
-            _no_lone_surrogates(json.loads((await request.read()).decode("utf-8")))
-        )
-        latency_ms = _latency_ms(request, state)
-        # Last, once all else is valid: a refused request must not use up a scripted fault.
-        fault = state.faults.next_fault(request.headers.get(FAULT_HEADER))
+        # UTF-8 whatever the charset says (as OpenAI reads it): request.text() would fail on
+        # an unknown charset.
+        payload = json.loads((await request.read()).decode("utf-8"))
     except UnicodeDecodeError as exc:
         return _error(400, f"the request body is not UTF-8: {exc}", "invalid_request_error")
     except json.JSONDecodeError as exc:
@@ -155,6 +150,13 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         )
     except RecursionError:  # JSON nested deeper than the parser recurses: no ValueError
         return _error(400, "the request body is nested too deeply", "invalid_request_error")
+    except ValueError as exc:  # an int past Python's digit limit: the body's fault too
+        return _error(400, f"the request body is not valid JSON: {exc}", "invalid_request_error")
+    try:
+        call = parse_chat_call(_no_lone_surrogates(payload))
+        latency_ms = _latency_ms(request, state)
+        # Last, once all else is valid: a refused request must not use up a scripted fault.
+        fault = state.faults.next_fault(request.headers.get(FAULT_HEADER))
     except RequestError as exc:
         return _error(400, str(exc), "invalid_request_error", param=exc.param, code=exc.code)
     except ValueError as exc:  # a bad x-replay-* header

@@ -77,7 +77,12 @@ class ProviderSettings(_Section):
     api_key_file: Path | None = Field(None, description="read the key from this secret file")
     input_usd_per_mtok: float = Field(ge=0)
     output_usd_per_mtok: float = Field(ge=0)
-    timeout_seconds: float = Field(30.0, gt=0, description="total time of one attempt")
+    timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="total time of one attempt: a whole completion, or a stream's opening up to "
+        "its first text delta (the rest of a stream is bounded by read_timeout_seconds)",
+    )
     connect_timeout_seconds: float = Field(2.0, gt=0)
     read_timeout_seconds: float = Field(
         20.0, gt=0, description="longest wait for the next bytes (a stalled stream)"
@@ -87,8 +92,14 @@ class ProviderSettings(_Section):
     max_response_bytes: int = Field(
         4 << 20,
         ge=64 << 10,
-        description="longest response body, and stream line, read (a whole stream: four times "
-        "it); past it the attempt fails",
+        description="longest response body, and stream line or event, read (a whole stream: "
+        "four times it); past it the attempt fails",
+    )
+    max_connections: int = Field(
+        100,
+        gt=0,
+        description="calls open to this provider at a time; more wait for a free connection "
+        "(up to timeout_seconds, not counted against the provider's breaker)",
     )
 
     def resolve_api_key(self) -> str | None:

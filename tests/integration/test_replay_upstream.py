@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -719,3 +719,52 @@ async def test_closing_the_server_wakes_a_hung_request_at_once(recordings: Recor
     await server.close()
     # Left hanging, the runner's 1 s shutdown timeout would cut it off with no answer at all.
     assert (await hung).status_code == 200
+
+
+# --- connections ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [ReplayConfig(latency_ms=300)])
+async def test_calls_past_max_connections_wait_for_one_outside_their_attempt_time(
+    client_for: ClientFactory, config: ReplayConfig
+) -> None:
+    # Two calls at a time, each 0.3 s: the last two wait 0.3 s for a connection and then
+    # answer within their own 0.5 s; the wait is this service's, not the provider's slowness.
+    client = client_for(STRONG, timeout_seconds=0.5, max_attempts=1, max_connections=2)
+    replies = await asyncio.gather(
+        *(client.complete(ask(f"{UNKNOWN_PROMPT} {i}"), GenerationParams()) for i in range(4))
+    )
+    assert all(reply.text for reply in replies)
+
+
+async def test_no_free_connection_within_the_timeout_is_not_the_providers_failure(
+    client_for: ClientFactory, replay: RunningReplayServer
+) -> None:
+    # Not retryable: the failover chain moves on without a verdict on the provider's breaker.
+    client = client_for(STRONG, timeout_seconds=0.2, max_connections=1)
+    deltas = client.stream(ask(UNKNOWN_PROMPT), GenerationParams())
+    assert isinstance(deltas, AsyncGenerator)  # closed early below
+    assert await anext(deltas)  # the only connection, held by the open stream
+    try:
+        with pytest.raises(UpstreamError, match="no free connection") as caught:
+            await client.complete(ask(UNKNOWN_PROMPT), GenerationParams())
+        assert caught.value.retryable is False
+        assert "max_connections 1" in str(caught.value)
+        assert replay.chat_requests == 1
+    finally:
+        await deltas.aclose()
+    assert (await client.complete(ask(UNKNOWN_PROMPT), GenerationParams())).text
+
+
+async def test_a_number_past_the_digit_limit_is_a_400_naming_the_body(
+    replay: RunningReplayServer,
+) -> None:
+    # Python refuses to read an int of over 4300 digits with a plain ValueError, which was
+    # reported as a 'bad replay header'.
+    content = b'{"model": "m", "messages": [], "max_tokens": ' + b"1" * 5000 + b"}"
+    async with httpx.AsyncClient() as http:
+        refused = await http.post(f"{replay.base_url}/chat/completions", content=content)
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["message"].startswith("the request body is not valid JSON")

@@ -736,3 +736,25 @@ def test_a_provider_in_both_chains_is_listed_once() -> None:
     cheap = Provider("cheap", FakeUpstream("c"), Pricing(1.0, 1.0), CircuitBreaker())
     failover = Failover({Tier.CHEAP: [cheap, shared], Tier.STRONG: [shared]})
     assert [p.name for p in failover.providers()] == ["cheap", "shared"]
+
+
+@pytest.mark.parametrize("call", ["complete", "open_stream"])
+async def test_a_provider_in_both_chains_is_tried_once_per_request(call: str) -> None:
+    # Tried again in the STRONG chain, a provider down would get two failures from one
+    # request on its breaker (threshold 2: opened by a single request).
+    price = Pricing(1.0, 1.0)
+    shared_up, cheap_up, strong_up = (FakeUpstream(m, fail_with=DOWN) for m in "msc")
+    shared = Provider("shared", shared_up, price, CircuitBreaker(failure_threshold=2))
+    cheap = Provider("cheap", cheap_up, price, CircuitBreaker())
+    strong = Provider("strong", strong_up, price, CircuitBreaker())
+    failover = Failover({Tier.CHEAP: [cheap, shared], Tier.STRONG: [strong, shared]})
+    assert [(t, p.name) for t, p in failover.chain(Tier.CHEAP)] == [
+        (Tier.CHEAP, "cheap"),
+        (Tier.CHEAP, "shared"),
+        (Tier.STRONG, "strong"),
+    ]
+    with pytest.raises(AllProvidersFailed) as failed:
+        await call_failover(failover, call, time.monotonic() + 10)
+    assert len(shared_up.calls) == 1
+    assert len(failed.value.failures) == 3
+    assert shared.breaker.state is BreakerState.CLOSED

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+import tomllib
+import tracemalloc
+import zlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
 from pydantic import SecretStr
 
 from routecache.domain import (
@@ -27,6 +34,7 @@ from routecache.router.upstream import OpenAIChatClient
 from routecache.router.upstream.deadline import provider_deadline
 from routecache.router.upstream.openai_client import MAX_DETAIL_CHARS, retry_after_seconds
 
+ROOT = Path(__file__).resolve().parents[2]
 BASE_URL = "https://provider.test/v1"
 MODEL = "cheap-model"
 MESSAGES = (
@@ -1124,3 +1132,225 @@ async def test_from_settings_takes_attempts_and_backoff_from_the_retry_settings(
     assert len(pauses) == 2
     assert 0.1 <= pauses[0] <= 0.2
     assert 0.2 <= pauses[1] <= 0.25
+
+
+def test_the_declared_tenacity_floor_has_the_backoff_keyword_the_client_uses() -> None:
+    # wait_exponential_jitter(multiplier=...) first shipped in tenacity 9.2.1 (9.0.0-9.1.4
+    # raise TypeError on it, so every upstream call would fail): the floor must not allow them.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    (requirement,) = (
+        Requirement(spec)
+        for spec in project["project"]["dependencies"]
+        if Requirement(spec).name == "tenacity"
+    )
+    floors = [Version(s.version) for s in requirement.specifier if s.operator == ">="]
+    assert floors and min(floors) >= Version("9.2.1")
+
+
+class TricklingStream(httpx.AsyncByteStream):
+    """An event stream of keep-alive comments only, one every 10 ms for `seconds`."""
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        end = time.monotonic() + self._seconds
+        while time.monotonic() < end:
+            yield b": keep-alive\n\n"
+            await asyncio.sleep(0.01)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_a_stream_with_no_first_delta_within_the_timeout_is_retried_then_fails(
+    make_client: Any,
+) -> None:
+    # Each comment arrives within the read timeout: only the bound on the stream's opening
+    # ends a try, so the retry and the next provider still get their time.
+    bodies = [TricklingStream(3.0), TricklingStream(3.0)]
+    recorder = Recorder(*(httpx.Response(200, stream=body) for body in bodies))
+    client = make_client(recorder, timeout_seconds=0.1)
+    started = time.monotonic()
+    with pytest.raises(UpstreamError, match=r"no first delta within 0\.1s") as caught:
+        await collect(client.stream(MESSAGES, GenerationParams()))
+    assert caught.value.retryable is True
+    assert recorder.calls == 2
+    assert time.monotonic() - started < 2.0
+    assert all(body.closed for body in bodies)
+
+
+async def test_a_stream_past_the_timeout_after_its_first_delta_is_read_on(
+    make_client: Any,
+) -> None:
+    # The timeout bounds the opening; the rest of the stream is bounded per read.
+    late = asyncio.Event()
+    body = TrackedStream(sse_line(chunk("first")), late)
+    client = make_client(Recorder(httpx.Response(200, stream=body)), timeout_seconds=0.1)
+    deltas = client.stream(MESSAGES, GenerationParams())
+    assert await anext(deltas) == "first"
+    await asyncio.sleep(0.2)
+    late.set()
+    with pytest.raises(UpstreamError, match="without finish_reason"):
+        await anext(deltas)
+
+
+async def test_from_settings_takes_max_connections() -> None:
+    # One call at a time: a second, while the first holds the only connection, gets none.
+    settings = ProviderSettings(
+        base_url=BASE_URL,
+        model=MODEL,
+        input_usd_per_mtok=1.0,
+        output_usd_per_mtok=2.0,
+        timeout_seconds=0.1,
+        max_connections=1,
+    )
+    held = asyncio.Event()
+    body = TrackedStream(sse_line(chunk("first")), held)
+    recorder = Recorder(httpx.Response(200, stream=body), completion())
+    client = OpenAIChatClient.from_settings(settings, transport=httpx.MockTransport(recorder))
+    deltas = client.stream(MESSAGES, GenerationParams())
+    assert isinstance(deltas, AsyncGenerator)  # closed early below
+    try:
+        assert await anext(deltas) == "first"
+        with pytest.raises(UpstreamError, match=r"no free connection within 0\.1s") as caught:
+            await client.complete(MESSAGES, GenerationParams())
+        assert caught.value.retryable is False
+        held.set()
+        await deltas.aclose()
+        assert (await client.complete(MESSAGES, GenerationParams())).text == "4"
+    finally:
+        await client.aclose()
+
+
+async def test_the_data_lines_of_one_event_are_joined_with_a_newline(make_client: Any) -> None:
+    # The SSE spec, as OpenAI's SDK reads it: a chunk's JSON may span several data lines.
+    pretty = json.dumps(chunk("Hello"), indent=1).split("\n")
+    event = "".join(f"data: {line}\n" for line in pretty) + "\n"
+    body = event + f"data: {json.dumps(chunk(finish_reason='stop'))}\n\ndata: [DONE]\n\n"
+    recorder = Recorder(httpx.Response(200, content=body.encode()))
+    assert await collect(make_client(recorder).stream(MESSAGES, GenerationParams())) == ["Hello"]
+
+
+async def test_a_crlf_cut_between_two_reads_does_not_end_an_event(make_client: Any) -> None:
+    first, second = json.dumps(chunk("Hi", "stop"))[:10], json.dumps(chunk("Hi", "stop"))[10:]
+    body = TrackedStream(f"data: {first}\r".encode(), f"\ndata: {second}\r\n\r\n".encode())
+    recorder = Recorder(httpx.Response(200, stream=body))
+    assert await collect(make_client(recorder).stream(MESSAGES, GenerationParams())) == ["Hi"]
+
+
+async def test_a_byte_order_mark_before_the_first_event_is_skipped(make_client: Any) -> None:
+    body = b"\xef\xbb\xbf" + sse_line(chunk("First")) + sse_line(chunk(" second", "stop"))
+    recorder = Recorder(httpx.Response(200, content=body))
+    deltas = await collect(make_client(recorder).stream(MESSAGES, GenerationParams()))
+    assert deltas == ["First", " second"]
+
+
+async def test_a_null_error_in_a_chunk_is_no_error(make_client: Any) -> None:
+    recorder = Recorder(sse({**chunk("ok"), "error": None}, chunk(finish_reason="stop")))
+    assert await collect(make_client(recorder).stream(MESSAGES, GenerationParams())) == ["ok"]
+
+
+async def test_a_null_delta_carries_no_text(make_client: Any) -> None:
+    finish = {"choices": [{"index": 0, "delta": None, "finish_reason": "stop"}]}
+    recorder = Recorder(sse(chunk("ok"), finish))
+    assert await collect(make_client(recorder).stream(MESSAGES, GenerationParams())) == ["ok"]
+
+
+@pytest.mark.parametrize("event", [[1, 2], "text"])
+async def test_a_chunk_that_is_no_object_is_a_malformed_chunk(
+    make_client: Any, event: object
+) -> None:
+    recorder = Recorder(sse(chunk("ok"), event))
+    with pytest.raises(UpstreamError, match="malformed stream chunk"):
+        await collect(make_client(recorder, max_attempts=1).stream(MESSAGES, GenerationParams()))
+
+
+async def test_an_event_of_many_lines_past_the_bound_is_not_read_on(make_client: Any) -> None:
+    line = b"data: " + b"x" * (40 << 10) + b"\n"
+    recorder = Recorder(httpx.Response(200, content=line * 2 + b"\n"))
+    client = make_client(recorder, max_response_bytes=64 << 10, max_attempts=1)
+    with pytest.raises(UpstreamError, match="stream event over"):
+        await collect(client.stream(MESSAGES, GenerationParams()))
+
+
+async def test_an_error_object_in_a_200_body_carries_the_providers_message(
+    make_client: Any,
+) -> None:
+    # Retryable, as an error event in a stream is: the provider failed this answer.
+    error = httpx.Response(200, json={"error": {"message": "upstream overloaded", "code": 502}})
+    recorder = Recorder(error)
+    with pytest.raises(UpstreamError, match="error in response: upstream overloaded") as caught:
+        await make_client(recorder).complete(MESSAGES, GenerationParams())
+    assert caught.value.retryable is True
+    assert recorder.calls == 2
+
+
+async def test_a_null_error_in_a_200_body_is_no_error(make_client: Any) -> None:
+    recorder = Recorder(completion("4", error=None))
+    assert (await make_client(recorder).complete(MESSAGES, GenerationParams())).text == "4"
+
+
+def gzipped(content: bytes, encoding: str = "gzip") -> httpx.Response:
+    headers = {"content-encoding": encoding, "content-type": "application/json"}
+    return httpx.Response(200, headers=headers, stream=httpx.ByteStream(gzip.compress(content)))
+
+
+async def test_requests_ask_for_a_body_that_is_not_encoded(make_client: Any) -> None:
+    recorder = Recorder(completion())
+    await make_client(recorder).complete(MESSAGES, GenerationParams())
+    assert recorder.requests[0].headers["accept-encoding"] == "identity"
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "x-gzip", "deflate"])
+async def test_an_encoded_body_sent_anyway_is_decoded(make_client: Any, encoding: str) -> None:
+    answer = json.dumps({"choices": [{"message": {"content": "4"}}]}).encode()
+    if encoding == "deflate":
+        response = httpx.Response(
+            200,
+            headers={"content-encoding": "deflate"},
+            stream=httpx.ByteStream(zlib.compress(answer)),
+        )
+    else:
+        response = gzipped(answer, encoding)
+    reply = await make_client(Recorder(response)).complete(MESSAGES, GenerationParams())
+    assert reply.text == "4"
+
+
+async def test_a_gzip_stream_sent_anyway_is_decoded(make_client: Any) -> None:
+    events = sse_line(chunk("Hello")) + sse_line(chunk(" there", "stop"))
+    response = gzipped(events)
+    response.headers["content-type"] = "text/event-stream"
+    deltas = await collect(make_client(Recorder(response)).stream(MESSAGES, GenerationParams()))
+    assert deltas == ["Hello", " there"]
+
+
+@pytest.mark.parametrize("call", ["complete", "stream"])
+async def test_a_gzip_bomb_is_not_inflated_past_the_bound(make_client: Any, call: str) -> None:
+    # 64 MiB of zeros in 64 KiB: inflated a network read at a time (as httpx decodes), the
+    # whole of it was in memory before the bound on the body applied.
+    bomb = gzipped(b"\0" * (64 << 20))
+    client = make_client(Recorder(bomb), max_response_bytes=64 << 10, max_attempts=1)
+    tracemalloc.start()
+    try:
+        with pytest.raises(UpstreamError, match="over"):
+            if call == "complete":
+                await client.complete(MESSAGES, GenerationParams())
+            else:
+                await collect(client.stream(MESSAGES, GenerationParams()))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
+
+
+async def test_a_body_in_an_encoding_not_understood_is_a_malformed_answer(
+    make_client: Any,
+) -> None:
+    body = httpx.ByteStream(b"\x0b\x01\x80")
+    response = httpx.Response(200, headers={"content-encoding": "br"}, stream=body)
+    recorder = Recorder(response)
+    with pytest.raises(UpstreamError, match="content-encoding 'br'") as caught:
+        await make_client(recorder).complete(MESSAGES, GenerationParams())
+    assert caught.value.retryable is True

@@ -78,9 +78,14 @@ class Failover:
 
     def chain(self, tier: Tier, strong_fallback: bool = True) -> list[tuple[Tier, Provider]]:
         """`strong_fallback=False`: a CHEAP request stays on the cheap providers (a tenant
-        downgraded at its spend cap)."""
+        downgraded at its spend cap). A provider in several chains is listed once, at its
+        first place: tried again, one request would charge its breaker twice."""
         order = [tier, Tier.STRONG] if tier is Tier.CHEAP and strong_fallback else [tier]
-        return [(t, p) for t in order for p in self._chains[t]]
+        listed: dict[str, tuple[Tier, Provider]] = {}
+        for t in order:
+            for p in self._chains[t]:
+                listed.setdefault(p.name, (t, p))
+        return list(listed.values())
 
     def providers(self) -> list[Provider]:
         unique = {p.name: p for chain in self._chains.values() for p in chain}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import zlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -59,9 +60,22 @@ DEFAULT_MAX_RESPONSE_BYTES = 4 << 20
 STREAM_BOUND_MULTIPLE = 4
 # The longest Retry-After the retry waits out by default; a longer one fails over at once.
 DEFAULT_MAX_RETRY_AFTER_SECONDS = 5.0
-# Line breaks of server-sent events. A \r\n cut between two reads counts as two breaks: the
-# blank line between them is skipped like any other.
+# Calls one client has open to its provider at a time (httpx's own default pool size).
+DEFAULT_MAX_CONNECTIONS = 100
+# The most a compressed body inflates to in one step: the bound on the body applies between
+# steps, so a small gzip body cannot inflate to hundreds of MiB first (as httpx decodes, a
+# network read at a time).
+INFLATE_STEP_BYTES = 64 << 10
+# zlib's window bits for a gzip or a zlib header, whichever the body has.
+_GZIP_OR_ZLIB = 32 + zlib.MAX_WBITS
+# Line breaks of server-sent events (a \r\n cut between two reads is still one: see _sse_lines).
 _SSE_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+
+
+class NoFreeConnection(UpstreamError):
+    """Every connection to the provider stayed busy with this service's other calls: a limit
+    of ours, no verdict on the provider (not retryable, so its breaker is not charged and the
+    chain moves on)."""
 
 
 class ProviderAskedToWait(UpstreamError):
@@ -148,7 +162,8 @@ def request_body(
 
 @dataclass
 class _OpenStream:
-    """A stream whose status was checked and whose first delta (if any) was already read."""
+    """A stream whose status was checked and whose first delta (if any) was already read; it
+    holds one of the client's connection slots until the response is closed."""
 
     response: httpx.Response
     first: str | None
@@ -178,12 +193,17 @@ class OpenAIChatClient:
         read_timeout_seconds: float | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         max_retry_after_seconds: float = DEFAULT_MAX_RETRY_AFTER_SECONDS,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
         if max_response_bytes < 1:
             raise ValueError("max_response_bytes must be at least 1")
-        all_headers = {"user-agent": USER_AGENT, **(headers or {})}
+        # Answers are small: asked for unencoded, no provider need inflate a bomb (one that
+        # encodes anyway is inflated a bounded step at a time: see _body_parts).
+        all_headers = {"user-agent": USER_AGENT, "accept-encoding": "identity", **(headers or {})}
         if api_key:
             all_headers["authorization"] = f"Bearer {api_key}"
         self._model = model
@@ -194,6 +214,11 @@ class OpenAIChatClient:
         self._max_bytes = max_response_bytes
         self._max_stream_bytes = STREAM_BOUND_MULTIPLE * max_response_bytes
         self._max_retry_after = max_retry_after_seconds
+        self._max_connections = max_connections
+        # A call waits here for a connection before its attempt's timeout starts: waited for
+        # inside httpx's pool, the queue of a busy moment would time out as the provider's
+        # failure and open its breaker. The pool is as large, so httpx never waits itself.
+        self._connections = asyncio.Semaphore(max_connections)
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/") + "/",
             headers=all_headers,
@@ -201,6 +226,12 @@ class OpenAIChatClient:
                 timeout_seconds,
                 connect=min(connect_timeout_seconds or timeout_seconds, timeout_seconds),
                 read=min(read_timeout_seconds or timeout_seconds, timeout_seconds),
+            ),
+            # Idle connections kept as httpx keeps them (20): keeping all of a large pool idle
+            # made a burst of 150 calls on a loopback provider several times slower.
+            limits=httpx.Limits(
+                max_connections=max_connections,
+                max_keepalive_connections=min(20, max_connections),
             ),
             transport=transport,
         )
@@ -227,6 +258,7 @@ class OpenAIChatClient:
             read_timeout_seconds=settings.read_timeout_seconds,
             max_response_bytes=settings.max_response_bytes,
             max_retry_after_seconds=retry.max_retry_after_seconds,
+            max_connections=settings.max_connections,
         )
 
     @property
@@ -283,6 +315,7 @@ class OpenAIChatClient:
         return reply
 
     async def _complete_once(self, body: dict[str, Any], prompt_tokens: int) -> UpstreamReply:
+        await self._take_connection()
         try:
             # httpx times each read; this bounds the whole call, so a trickling body
             # cannot hold it past the timeout either.
@@ -296,7 +329,25 @@ class OpenAIChatClient:
                     await response.aclose()
         except TimeoutError:
             raise self._error(f"no answer within {self._timeout:g}s", retryable=True) from None
+        finally:
+            self._connections.release()
         return self._parse_completion(content, prompt_tokens)
+
+    async def _take_connection(self) -> None:
+        """Waits, up to the timeout, for one of max_connections; the caller releases it."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._connections.acquire()
+        except TimeoutError:
+            raise self._no_free_connection() from None
+
+    def _no_free_connection(self) -> NoFreeConnection:
+        return NoFreeConnection(
+            f"{self._where}: no free connection within {self._timeout:g}s (all of upstream "
+            f"max_connections {self._max_connections} busy with other calls of this service; "
+            "not counted against the provider)",
+            retryable=False,
+        )
 
     async def _send(self, body: dict[str, Any], *, stream: bool) -> httpx.Response:
         request = self._http.build_request("POST", CHAT_PATH, json=body)
@@ -310,7 +361,7 @@ class OpenAIChatClient:
         parts: list[bytes] = []
         size = 0
         try:
-            async for part in response.aiter_bytes():
+            async for part in self._body_parts(response):
                 size += len(part)
                 if size > self._max_bytes:
                     raise self._too_large("response body")
@@ -319,8 +370,40 @@ class OpenAIChatClient:
             raise self._transport_error(exc) from exc
         return b"".join(parts)
 
+    async def _body_parts(self, response: httpx.Response) -> AsyncIterator[bytes]:
+        """The body decoded, gzip or deflate a step of INFLATE_STEP_BYTES at a time, so the
+        reader's bound stops a bomb; httpx.DecodingError when it does not decode."""
+        if response.is_stream_consumed:  # built whole, as a mock transport's: httpx decoded it
+            yield response.content
+            return
+        encoding = response.headers.get("content-encoding", "").strip().lower()
+        if encoding in ("", "identity"):
+            async for part in response.aiter_raw():
+                yield part
+            return
+        if encoding not in ("gzip", "x-gzip", "deflate"):
+            raise self._error(
+                f"malformed response: content-encoding {encoding[:MAX_DETAIL_CHARS]!r} "
+                "not asked for",
+                retryable=True,
+            )
+        inflate = zlib.decompressobj(_GZIP_OR_ZLIB)
+        try:
+            async for data in response.aiter_raw():
+                while data and not inflate.eof:
+                    part = inflate.decompress(data, INFLATE_STEP_BYTES)
+                    data = inflate.unconsumed_tail
+                    yield part
+            while part := inflate.decompress(b"", INFLATE_STEP_BYTES):  # any output held back
+                yield part
+        except zlib.error as exc:
+            raise httpx.DecodingError(f"{encoding} body does not decode: {exc}") from exc
+
     def _transport_error(self, exc: httpx.RequestError) -> UpstreamError:
-        """A request or a body read that failed in transport: retryable, whatever the cause."""
+        """A request or a body read that failed in transport: retryable, whatever the cause,
+        but for a wait for httpx's pool (ours; the slots above should leave it none)."""
+        if isinstance(exc, httpx.PoolTimeout):
+            return self._no_free_connection()
         if isinstance(exc, httpx.TimeoutException):
             return self._error(
                 f"timed out after {self._limit_of(exc):g}s ({type(exc).__name__})", retryable=True
@@ -375,6 +458,10 @@ class OpenAIChatClient:
     def _parse_completion(self, content_bytes: bytes, prompt_tokens: int) -> UpstreamReply:
         try:
             payload = json.loads(content_bytes)
+            # Some providers (and proxies) answer 200 with an error object: its message says
+            # more than the missing choices would. Retryable, as an error event in a stream.
+            if isinstance(payload, dict) and payload.get("error"):
+                raise self._error(f"error in response: {_error_text(payload)}", retryable=True)
             choice = payload["choices"][0]
             content = choice["message"].get("content")
         except _MALFORMED as exc:
@@ -405,9 +492,30 @@ class OpenAIChatClient:
             async for delta in opened.rest:
                 yield delta
         finally:
-            await opened.response.aclose()
+            try:
+                await opened.response.aclose()
+            finally:
+                self._connections.release()
 
     async def _open_stream(self, body: dict[str, Any]) -> _OpenStream:
+        """One try at a stream, up to its first text delta, within the timeout: httpx times
+        each read only, and a provider trickling keep-alive comments would otherwise hold the
+        call's whole deadline, with no retry, no next provider and no verdict for its breaker.
+        The rest of the stream is bounded per read (text handed on cannot be taken back).
+        The stream opened holds a connection slot, which stream() releases."""
+        await self._take_connection()
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await self._open_stream_once(body)
+        except BaseException as exc:
+            self._connections.release()
+            if isinstance(exc, TimeoutError):
+                raise self._error(
+                    f"no first delta within {self._timeout:g}s", retryable=True
+                ) from None
+            raise
+
+    async def _open_stream_once(self, body: dict[str, Any]) -> _OpenStream:
         response = await self._send(body, stream=True)
         try:
             await self._check_status(response)
@@ -422,10 +530,7 @@ class OpenAIChatClient:
         """Parse server-sent events into non-empty text deltas."""
         finished = False
         try:
-            async for line in self._sse_lines(response):
-                if not line.startswith("data:"):
-                    continue  # blank separators, comments, `event:` lines
-                data = line[len("data:") :].strip()
+            async for data in self._sse_data(response):
                 if data == "[DONE]":
                     return
                 delta, finish_reason = self._parse_chunk(data)
@@ -443,6 +548,28 @@ class OpenAIChatClient:
         if not finished:
             raise self._error("stream ended without finish_reason or [DONE]", retryable=True)
 
+    async def _sse_data(self, response: httpx.Response) -> AsyncIterator[str]:
+        """The data of each event: its `data:` lines joined with \n, as the SSE spec (and
+        OpenAI's SDK) reads them, so a chunk's JSON may span lines. Comments and the other
+        fields (`event:`, `id:`, `retry:`) are skipped, and so is one byte order mark before
+        the first line (the spec). An event's data is bounded as one line is."""
+        data: list[str] = []
+        size, first = 0, True
+        async for line in self._sse_lines(response):
+            if first:
+                line, first = line.removeprefix("\ufeff"), False
+            if not line:  # a blank line ends the event
+                if data:
+                    yield "\n".join(data).strip()
+                data, size = [], 0
+            elif line.startswith("data:"):
+                size += len(line)
+                if size > self._max_bytes:
+                    raise self._too_large("stream event")
+                data.append(line[len("data:") :])
+        if data:  # the last event, cut short of its blank line: read like the others
+            yield "\n".join(data).strip()
+
     async def _sse_lines(self, response: httpx.Response) -> AsyncIterator[str]:
         """The lines of an event stream, none longer than the bound (httpx's aiter_lines
         would buffer a line without end whole), and all of them within the stream's bound (a
@@ -450,10 +577,14 @@ class OpenAIChatClient:
         UTF-8 by definition."""
         pending = bytearray()  # the line being read
         size = 0
-        async for part in response.aiter_bytes():
+        after_cr = False  # the last read ended with \r: a \n that starts the next ends no line
+        async for part in self._body_parts(response):
             size += len(part)
             if size > self._max_stream_bytes:
                 raise self._too_large("stream", stream=True)
+            if after_cr and part.startswith(b"\n"):
+                part = part[1:]
+            after_cr = part.endswith(b"\r")
             first, *rest = _SSE_LINE_BREAK.split(part)
             pending += first
             for line in rest:  # each break ends the pending line and starts the next
@@ -472,12 +603,13 @@ class OpenAIChatClient:
     def _parse_chunk(self, data: str) -> tuple[str, str | None]:
         try:
             chunk = json.loads(data)
-            if "error" in chunk:
+            # A chunk that is no object fails below; `"error": null` is no error.
+            if isinstance(chunk, dict) and chunk.get("error"):
                 raise self._error(f"error in stream: {_error_text(chunk)}", retryable=True)
             choices = chunk["choices"]
             if not choices:  # the usage-only chunk of stream_options.include_usage
                 return "", None
-            content = choices[0].get("delta", {}).get("content")
+            content = (choices[0].get("delta") or {}).get("content")  # null: a finish chunk
             finish_reason = choices[0].get("finish_reason")
         except _MALFORMED as exc:
             raise self._error(
