@@ -138,7 +138,7 @@ class Service:
         # The server's stop (or stop_now) returns once it has cancelled the calls still
         # running, not once they have cleaned up: what they write to is released next.
         steps.append(("the calls in flight", self._finish_calls))
-        # Newest first: the cache's owed removals, cost control (spend writes of callers
+        # Newest first: the cache's puts and owed removals, cost control (spend writes of callers
         # gone), storage (its last spend flush), the budget alerts (webhook deliveries under
         # way), the event log, the embedding worker, the upstream clients.
         steps += self.owned.steps()
@@ -467,7 +467,7 @@ def build_service(
         policy=parts.hit_policy or build_hit_policy(settings, embedder.name),
         seen_whole=embedder.sees_whole if isinstance(embedder, SeesWhole) else None,
     )
-    acquired.add("the cache's owed removals", cache.aclose)
+    acquired.add("the cache's puts and owed removals", cache.aclose)
     telemetry.watch_count("cache_bypassed", lambda: cache.bypassed)
     if isinstance(storage.storage, RedisStorage):
         # Entries other replicas (or the sweep) remove take their penalties along.
