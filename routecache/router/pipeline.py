@@ -281,12 +281,15 @@ class Pipeline:
         generated: Generated | None = None
         sent: list[str] = []
         try:
-            async for event in events:
-                if isinstance(event, Generated):
-                    generated = event
-                else:
-                    sent.append(event)
-                    yield event
+            # aclosing: see complete_stream; the provider's stream is closed before the spend
+            # of what it sent is settled below.
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    if isinstance(event, Generated):
+                        generated = event
+                    else:
+                        sent.append(event)
+                        yield event
         except FailedValidation as error:
             await self._costs.settle_refused(tenant, request, booking, error)
             raise
