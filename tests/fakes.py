@@ -117,6 +117,21 @@ class FakeUpstream:
         pass
 
 
+def cut_stream_after_two_deltas(upstream: FakeUpstream) -> None:
+    """`upstream` streams two deltas, then waits until cancelled (a shutdown cutting the
+    call); its close takes a few loop turns, as an HTTP response's does."""
+
+    async def stream(messages: Sequence[Message], params: GenerationParams) -> AsyncIterator[str]:
+        try:
+            yield "one "
+            yield "two "
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.sleep(0.05)
+
+    setattr(upstream, "stream", stream)  # noqa: B010  # a method, replaced
+
+
 def json_answer(prompt: str, params: GenerationParams) -> str:
     """A model that follows JSON mode when asked."""
     if params.response_format.wants_json:

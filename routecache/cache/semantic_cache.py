@@ -138,6 +138,7 @@ class SemanticCache:
         # answers again (a lookup never waits for them, least of all another tenant's).
         self._owed: dict[str, dict[str, None]] = {}
         self._settler: asyncio.Task[None] | None = None
+        self._puts: set[asyncio.Task[CacheEntry | None]] = set()  # see store()
 
     @property
     def index(self) -> VectorIndex:
@@ -269,6 +270,20 @@ class SemanticCache:
             completion_tokens=new.completion_tokens,
             tags=new.tags,
         )
+        # Once sent, the put lands in the store whatever the caller does: a caller gone
+        # meanwhile (deadline, disconnect) ends its wait, not the put and its index add, or the
+        # entry would be in the store but never in this replica's index (replica sync skips
+        # its own adds). `aclose` waits for the puts still running.
+        put = asyncio.create_task(self._put_and_index(entry))
+        self._puts.add(put)
+        put.add_done_callback(self._puts.discard)
+        try:
+            return await asyncio.shield(put)
+        except asyncio.CancelledError:
+            put.add_done_callback(_log_lost_put)  # no caller is left to see how it ends
+            raise
+
+    async def _put_and_index(self, entry: CacheEntry) -> CacheEntry | None:
         try:
             evicted = await self._store.put(entry)
         except StoreUnavailable:
@@ -334,7 +349,11 @@ class SemanticCache:
             await asyncio.shield(self._settler)
 
     async def aclose(self) -> None:
-        """Stops making owed removals (they are in memory: a restart drops them anyway)."""
+        """Waits for the puts of callers gone (before the store closes: they were sent), then
+        stops making owed removals (they are in memory: a restart drops them anyway). wait(),
+        not gather(): a cancelled stop must not cancel the puts the shield protects."""
+        if self._puts:
+            await asyncio.wait(set(self._puts))
         if self._settler is not None:
             self._settler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -459,6 +478,16 @@ class SemanticCache:
         """Drop evicted or replaced entries from the index (the store already dropped them)."""
         for entry in entries:
             self.forget_removed(entry.scope, entry.entry_id)
+
+
+def _log_lost_put(put: asyncio.Task[CacheEntry | None]) -> None:
+    if put.cancelled():
+        why = "cancelled"
+    elif (error := put.exception()) is not None:
+        why = repr(error)
+    else:
+        return
+    log.error("the cache put of a request whose caller left failed: %s", why)
 
 
 @contextlib.asynccontextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -77,6 +78,13 @@ from routecache.router.upstream.metered import MeteredUpstream
 from routecache.router.upstream.openai_client import OpenAIChatClient
 from routecache.router.validation import RequestValidators, build_validators
 
+log = logging.getLogger(__name__)
+
+# How long a shutdown waits for the calls gRPC cancelled (past server.grace_seconds) to run
+# their cleanup, before it closes what that cleanup writes to: a cut stream's spend and its
+# reservation's release, the error event. A few loop turns, or a Redis round trip or two.
+CALL_CLEANUP_SECONDS = 5.0
+
 
 @dataclass
 class Overrides:
@@ -127,13 +135,22 @@ class Service:
         steps: list[ReleaseStep] = [("background tasks", self._stop_background)]
         if self.server is not None:
             steps.append(("the gRPC server", self.server.stop))
-        # Newest first: the cache's owed removals, cost control (spend writes of callers
+        # The server's stop (or stop_now) returns once it has cancelled the calls still
+        # running, not once they have cleaned up: what they write to is released next.
+        steps.append(("the calls in flight", self._finish_calls))
+        # Newest first: the cache's puts and owed removals, cost control (spend writes of callers
         # gone), storage (its last spend flush), the budget alerts (webhook deliveries under
         # way), the event log, the embedding worker, the upstream clients.
         steps += self.owned.steps()
         if self.metrics is not None:
             steps.append(("the metrics server", self.metrics.close))
         return steps
+
+    async def _finish_calls(self) -> None:
+        calls = self.pipeline.in_flight
+        if not await calls.wait_idle(CALL_CLEANUP_SECONDS):
+            log.warning("%d calls still running after %.0f s; closing the service under them",
+                        calls.count, CALL_CLEANUP_SECONDS)  # fmt: skip
 
     async def _stop_background(self) -> None:
         for task in self.background:
@@ -450,7 +467,7 @@ def build_service(
         policy=parts.hit_policy or build_hit_policy(settings, embedder.name),
         seen_whole=embedder.sees_whole if isinstance(embedder, SeesWhole) else None,
     )
-    acquired.add("the cache's owed removals", cache.aclose)
+    acquired.add("the cache's puts and owed removals", cache.aclose)
     telemetry.watch_count("cache_bypassed", lambda: cache.bypassed)
     if isinstance(storage.storage, RedisStorage):
         # Entries other replicas (or the sweep) remove take their penalties along.

@@ -270,8 +270,11 @@ class CostControl:
             self.alerts.check(tenant, budget, moved)
 
     async def release(self, booking: Booking) -> None:
+        """Gives back a reservation no call used. Outliving the caller, as a spend write
+        does: a caller gone meanwhile would leave it holding the cap until its TTL, and
+        finish_writes must see it before the ledger closes."""
         if booking.reservation is not None:
-            await self.ledger.release(booking.reservation)
+            await self._outliving_caller(self.ledger.release(booking.reservation))
 
     async def record_saving(self, tenant: Tenant, request: ChatRequest, saved_usd: float) -> None:
         """A cache hit: what the cached answer cost once and did not cost again."""

@@ -3,9 +3,10 @@ tenant's validators, and act on failures (escalate cheap → strong, retry, reda
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from routecache.domain import ChatRequest, Tier, ValidationReport, ValidatorResult
@@ -180,7 +181,7 @@ class Generator:
     async def stream(
         self, request: ChatRequest, tier: Tier, *, tenant: str = "", deadline: float | None = None,
         cheap_only: bool = False,
-    ) -> AsyncIterator[str | Generated]:  # fmt: skip
+    ) -> AsyncGenerator[str | Generated, None]:  # fmt: skip
         """Deltas as the provider sends them, then the Generated of the whole text.
 
         Sent text cannot be taken back, so the whole-text validators run at the end and any
@@ -195,9 +196,12 @@ class Generator:
             request, tier, deadline, strong_fallback=not cheap_only
         )
         pieces: list[str] = []
-        async for delta in self._failover.deltas(opened, deadline):
-            pieces.append(delta)
-            yield delta
+        # aclosing: this stream closed part-way closes the provider's now (its HTTP response,
+        # its breaker ticket), not when the loop finalises the abandoned generator.
+        async with contextlib.aclosing(self._failover.deltas(opened, deadline)) as deltas:
+            async for delta in deltas:
+                pieces.append(delta)
+                yield delta
         upstream_ms = (time.perf_counter() - started) * 1000
         text, model = "".join(pieces), opened.provider.model
         started = time.perf_counter()

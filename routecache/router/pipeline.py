@@ -40,6 +40,7 @@ from routecache.router.alerts import BudgetAlerts
 from routecache.router.auth import ApiKeyAuthenticator
 from routecache.router.costs import Booking, CostControl
 from routecache.router.generation import Generated, Generator, Tally
+from routecache.router.in_flight import InFlight
 from routecache.router.input_validation import validate_request
 from routecache.router.logs import REQUEST_ID
 from routecache.router.ports import EventSink, SpendLedger
@@ -94,6 +95,8 @@ class Pipeline:
         # Feedback, invalidation and stats: what a tenant does with the answers it was given.
         self.admin = TenantAdmin(parts, self._stats, self._responses, self._record_failure)
         self._unscored_logged = False  # a classifier's non-finite score is logged once
+        # Complete and CompleteStream calls running: a shutdown waits for their cleanup.
+        self.in_flight = InFlight()
 
     @property
     def cache(self) -> SemanticCache:
@@ -111,6 +114,7 @@ class Pipeline:
         deadline = self._p.generator.deadline(seconds_left)  # from now, not after the cache
         telemetry = self._p.telemetry
         telemetry.request_started()
+        self.in_flight.enter()
         tenant_name = ""
         try:
             tenant = await self._p.authenticator.resolve(api_key)
@@ -123,6 +127,7 @@ class Pipeline:
             raise
         finally:
             telemetry.request_ended()
+            self.in_flight.leave()
         failed = failed_validator_labels(completion.validation, request)
         telemetry.request_completed(
             tenant.name, completion, completion.latency.total_ms / 1000, failed
@@ -195,6 +200,7 @@ class Pipeline:
         deadline = self._p.generator.deadline(seconds_left)
         telemetry = self._p.telemetry
         telemetry.request_started()
+        self.in_flight.enter()
         tenant_name, finished = "", False
         try:
             tenant = await self._p.authenticator.resolve(api_key)
@@ -224,6 +230,7 @@ class Pipeline:
             raise
         finally:
             telemetry.request_ended()
+            self.in_flight.leave()
 
     async def _complete_stream(
         self, tenant: Tenant, request: ChatRequest, started: float, deadline: float
@@ -274,12 +281,15 @@ class Pipeline:
         generated: Generated | None = None
         sent: list[str] = []
         try:
-            async for event in events:
-                if isinstance(event, Generated):
-                    generated = event
-                else:
-                    sent.append(event)
-                    yield event
+            # aclosing: see complete_stream; the provider's stream is closed before the spend
+            # of what it sent is settled below.
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    if isinstance(event, Generated):
+                        generated = event
+                    else:
+                        sent.append(event)
+                        yield event
         except FailedValidation as error:
             await self._costs.settle_refused(tenant, request, booking, error)
             raise

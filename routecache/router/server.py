@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +82,16 @@ def _parsing_unary(
 
 
 def _parsing_stream(
-    behaviour: Callable[[Message, Context], AsyncIterator[Message]], request_type: type[Message]
-) -> Callable[[bytes, Context], AsyncIterator[Message]]:
-    async def handler(raw: bytes, context: Context) -> AsyncIterator[Message]:
-        async for message in behaviour(await _parsed(raw, request_type, context), context):
-            yield message
+    behaviour: Callable[[Message, Context], AsyncGenerator[Message, None]],
+    request_type: type[Message],
+) -> Callable[[bytes, Context], AsyncGenerator[Message, None]]:
+    async def handler(raw: bytes, context: Context) -> AsyncGenerator[Message, None]:
+        replies = behaviour(await _parsed(raw, request_type, context), context)
+        # aclosing: this handler closed part-way closes the servicer's generator now, so that
+        # the pipeline settles what was sent then (see RouteCacheServicer.CompleteStream).
+        async with contextlib.aclosing(replies):
+            async for message in replies:
+                yield message
 
     return handler
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import redis
 from redis.exceptions import ResponseError
@@ -28,6 +29,7 @@ from routecache.backends.redis_store import RedisEntryStore, RedisStoreOptions
 from routecache.backends.replica_sync import ReplicaSync
 from routecache.backends.storage import RedisStorage
 from routecache.cache.faiss_index import ScopedFaissIndex
+from routecache.client import RouteCacheClient, chat_request
 from routecache.domain import CacheControl, ChatRequest, GenerationParams, Message, Role, Tier
 from routecache.errors import ResourceExhausted, Unauthenticated
 from routecache.router.auth import hash_api_key
@@ -55,13 +57,14 @@ from routecache.router.keyring import (
 from routecache.router.keys_cli import run_keys
 from routecache.router.quotas import Charge
 from routecache.router.settings import Settings, TenantSettings
-from tests.fakes import ManualClock, RacedAfterFirstRead
+from tests.fakes import ManualClock, RacedAfterFirstRead, cut_stream_after_two_deltas
 from tests.integration.replicas import (
     ACME,
     Replica,
     eventually,
     real_clock,
     replica_settings,
+    start_grpc_replica,
     start_replica,
 )
 from tests.redis_fixture import RedisServer
@@ -1828,3 +1831,41 @@ async def test_a_last_event_flush_that_fails_on_a_bug_does_not_keep_the_stop_fro
         await storage.aclose()
     assert "the last event flush failed" in caplog.text
     await only_this_connection_left(redis_server)
+
+
+async def test_a_stream_cut_by_the_shutdown_is_paid_for_and_releases_its_reservation(
+    redis_server: RedisServer,
+) -> None:
+    # gRPC's stop returns once it has cancelled the calls past the grace period (0 s here),
+    # before their cleanup ran. Before: the cut stream settled after the storage's last flush
+    # and closed link, so its spend was lost and its reservation held every replica's cap
+    # until its TTL.
+    settings = replica_settings(redis_server.url)
+    settings.tenants[0].budget.daily_usd = 10.0
+    clock = real_clock()
+    replica = await start_grpc_replica(settings, clock)
+    cut_stream_after_two_deltas(replica.cheap)
+    assert replica.service.server is not None
+    client = RouteCacheClient(f"127.0.0.1:{replica.service.server.port}", ACME)
+    sent: list[str] = []
+
+    async def consume() -> None:
+        with pytest.raises(grpc.aio.AioRpcError):
+            async for event in client.complete_stream(chat_request("stream me")):
+                sent.append(event.delta)
+
+    call = asyncio.create_task(consume())
+    try:
+        await eventually(lambda: len(sent) == 2, "the stream sent its two deltas")
+    finally:
+        await replica.service.aclose()
+        await call
+        await client.close()
+    link = link_to(redis_server)
+    day = period_ids(clock())[Period.DAY]
+    try:
+        cost = await link.client.hget(KeySpace().of("acme").spend(f"d:{day}"), "cost")
+        assert float(cost or 0) > 0
+        assert await link.client.hlen("rc:{acme}:resv") == 0
+    finally:
+        await link.aclose()

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import cast
 
 import grpc
 import pytest
 import pytest_asyncio
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from routecache.client import chat_request
-from routecache.router.server import SERVICE_NAME, RunningServer, start_server
-from routecache.router.servicer import RouteCacheServicer
+from routecache.router.server import SERVICE_NAME, RunningServer, _parsing_stream, start_server
+from routecache.router.servicer import Context, RouteCacheServicer
+from routecache.v1 import routecache_pb2 as pb
 from routecache.v1 import routecache_pb2_grpc as pb_grpc
 from tests.unit.conftest import unit_settings
 
@@ -84,6 +87,26 @@ async def test_stop_now_ends_a_drain_that_waits_for_a_call_in_flight(
             await watch.read()
     # gRPC ends a cancelled call UNAVAILABLE: retryable, on another replica.
     assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_stream_handler_closed_part_way_closes_the_servicers_generator_at_once() -> None:
+    # Before: the servicer's generator was left to the loop's finaliser, so the pipeline
+    # settled what the stream sent (and closed the provider's stream) turns later.
+    closed: list[str] = []
+
+    async def behaviour(request: Message, context: Context) -> AsyncGenerator[Message, None]:
+        try:
+            yield pb.CompleteStreamResponse(delta="one")
+            yield pb.CompleteStreamResponse(delta="two")
+        finally:
+            closed.append("the servicer's generator")
+
+    handler = _parsing_stream(behaviour, pb.CompleteRequest)
+    context = cast(Context, None)  # read only when the request does not parse
+    replies = handler(chat_request("q").SerializeToString(), context)
+    assert await anext(replies) == pb.CompleteStreamResponse(delta="one")
+    await replies.aclose()
+    assert closed == ["the servicer's generator"]
 
 
 def _has_ipv6_loopback() -> bool:

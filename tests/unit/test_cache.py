@@ -11,7 +11,7 @@ from routecache.cache.embedder import HashEmbedder
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.hit_policy import CosinePolicy, HitRequirement, HitVerdict
 from routecache.cache.memory_store import InMemoryEntryStore
-from routecache.cache.ports import StoreUnavailable
+from routecache.cache.ports import CacheEntry, StoreUnavailable
 from routecache.cache.scope import exact_key
 from routecache.cache.semantic_cache import NewEntry, SemanticCache
 from routecache.domain import CacheOutcome, Tier
@@ -160,6 +160,41 @@ async def test_restoring_the_same_prompt_replaces_the_old_entry(cache: SemanticC
     assert hit is not None and hit.entry.entry_id == new.entry_id != old.entry_id
     # The old answer leaves the index at once, not when some lookup meets it missing.
     assert [n.entry_id for n in cache.index.search("acme:s1", vec("same"), 4)] == [new.entry_id]
+
+
+class _SlowPutStore(InMemoryEntryStore):
+    """A store whose put is answered once `gate` is set (Redis busy for a moment)."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__(max_entries=10, clock=clock)
+        self.gate, self.putting = asyncio.Event(), asyncio.Event()
+
+    async def put(self, entry: CacheEntry) -> list[CacheEntry]:
+        self.putting.set()
+        await self.gate.wait()
+        return await super().put(entry)
+
+
+async def test_a_store_whose_caller_leaves_during_the_put_is_still_indexed(
+    clock: ManualClock,
+) -> None:
+    # The put reaches the store whatever the caller does; before, a caller cancelled during it
+    # left the entry in the store but never in this replica's index (replica sync skips its
+    # own adds), so it was never served semantically here until a restart.
+    store = _SlowPutStore(clock)
+    cache = SemanticCache(store, ScopedFaissIndex(EMBED.dimension), clock)
+    storing = asyncio.create_task(cache.store(new_entry("how do I reset my password")))
+    await store.putting.wait()
+    storing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await storing
+    closing = asyncio.create_task(cache.aclose())
+    await asyncio.sleep(0.01)
+    assert not closing.done()  # the stop waits for the put of the caller gone
+    store.gate.set()
+    await closing
+    near = vec("how do I reset my password")
+    assert await cache.lookup_semantic("acme:s1", "", near, HitRequirement(0.9)) is not None
 
 
 def test_faiss_index_search_add_remove() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import math
 import time
@@ -69,6 +70,7 @@ from tests.fakes import (
     ManualClock,
     RecordingTelemetry,
     count_shared_calls,
+    cut_stream_after_two_deltas,
     eventually,
     prose_answer,
 )
@@ -726,6 +728,52 @@ async def test_a_spend_write_failing_after_its_caller_left_is_logged(
     await harness.service.pipeline.costs.aclose()
     assert "the spend write of a request whose caller left failed" in caplog.text
     await harness.service.aclose()
+
+
+async def test_a_request_cancelled_while_its_reservation_is_released_still_releases_it() -> None:
+    # No provider answered, so the reservation is given back; the caller leaves meanwhile.
+    # Before: the release was cancelled with it, holding the cap until the reservation's TTL,
+    # and finish_writes did not wait for it.
+    harness = budget_harness(daily_usd=10.0)
+    harness.strong.fail_with = UpstreamError("HTTP 400", retryable=False)
+    costs = harness.service.pipeline.costs
+    costs.ledger = held = SlowLedger(costs.ledger, gate := asyncio.Event(), "release")
+    request = asyncio.create_task(served(harness, costly("q"), streamed=False))
+    await held.waiting.wait()
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    closing = asyncio.create_task(costs.finish_writes())
+    await asyncio.sleep(0.01)
+    assert not closing.done()  # the stop waits for the release of the caller gone
+    gate.set()
+    await closing
+    costs.ledger = held.ledger
+    assert held_usd(harness) == 0
+    await harness.service.aclose()
+
+
+async def test_a_stream_cut_by_the_shutdown_is_paid_for_before_the_service_closes() -> None:
+    # The server's stop cancels the calls still running past the grace period and returns
+    # before their handlers have run their cleanup. Before: the cut stream's spend was written
+    # after the ledger's last flush (Redis: lost, its reservation held until its TTL).
+    harness = budget_harness(daily_usd=10.0)
+    cut_stream_after_two_deltas(harness.strong)
+    sent: list[str | Completion] = []
+
+    async def consume() -> None:
+        stream = harness.service.pipeline.complete_stream(costly("q"), ACME)
+        async with contextlib.aclosing(stream) as events:
+            async for event in events:
+                sent.append(event)
+
+    call = asyncio.create_task(consume())
+    await eventually(lambda: len(sent) == 2, "the stream sent its two deltas")
+    call.cancel()  # what the gRPC server's stop does to a call past the grace period
+    await harness.service.aclose()
+    assert await spend_of(harness) > 0
+    assert held_usd(harness) == 0
+    assert call.done()
 
 
 async def cancelled_while_settling(

@@ -2,6 +2,7 @@ import asyncio
 import json
 import logging
 import math
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -627,6 +628,27 @@ async def test_a_stream_closed_part_way_is_recorded_as_a_cancelled_request(
     # the generators inside it).
     stats = await pipeline.admin.stats(ACME)
     assert (stats.requests, stats.cheap_calls) == (1, 1) and stats.cost_usd > 0
+
+
+async def test_a_stream_closed_part_way_closes_the_upstream_stream_before_aclose_returns(
+    harness: Harness,
+) -> None:
+    # Before: the generators between the pipeline and the provider's stream were left to the
+    # loop's finaliser, so the HTTP response (and its breaker ticket) was closed turns later.
+    closed: list[str] = []
+
+    async def stream(messages: Sequence[Message], params: GenerationParams) -> AsyncIterator[str]:
+        try:
+            for i in range(100):
+                yield f"w{i} "
+        finally:
+            closed.append("upstream stream")
+
+    setattr(harness.cheap, "stream", stream)  # noqa: B010  # a method, replaced
+    events = harness.service.pipeline.complete_stream(ask("stream me please"), ACME)
+    assert await anext(events) == "w0 "
+    await events.aclose()
+    assert closed == ["upstream stream"]
 
 
 async def test_a_stream_closed_after_its_final_completion_is_a_completed_request(
