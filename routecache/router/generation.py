@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from routecache.domain import ChatRequest, Tier, ValidationReport, ValidatorResult
@@ -112,20 +112,21 @@ class Generator:
 
     def worst_case_calls(
         self, request: ChatRequest, tier: Tier, *, tenant: str = "", cheap_only: bool = False,
-        streaming: bool = False,
+        streaming: bool = False, allowed: Collection[str] | None = None,
     ) -> list[list[Provider]]:  # fmt: skip
         """The providers each call of this request may reach, for the longest sequence of
         calls its validators can cause (retry once, escalate cheap → strong): what a spend
-        reservation must cover."""
+        reservation must cover. `allowed`: as for generate (a provider never tried is not
+        paid for)."""
         chain = self._failover.chain
-        first = [p for _, p in chain(tier, strong_fallback=not cheap_only)]
+        first = [p for _, p in chain(tier, strong_fallback=not cheap_only, allowed=allowed)]
         if streaming:  # one call: whole-text checks at the end cannot retry or escalate
             return [first]
         actions = {c.on_fail for c in self._applicable(tenant, request)}
         retry = OnFail.RETRY in actions
         calls = [first, first] if retry else [first]
         if tier is Tier.CHEAP and not cheap_only and actions & {OnFail.RETRY, OnFail.ESCALATE}:
-            strong = [p for _, p in chain(Tier.STRONG)]
+            strong = [p for _, p in chain(Tier.STRONG, allowed=allowed)]
             # cheap, cheap (retry), strong or cheap, strong, strong (retry): the first
             # chain reaches the strong providers too, so this covers both.
             calls = [first, first, strong] if retry else [first, strong]
@@ -134,11 +135,14 @@ class Generator:
     async def generate(
         self, request: ChatRequest, tier: Tier, *, tenant: str = "", deadline: float | None = None,
         cheap_only: bool = False, tally: Tally | None = None,
+        allowed: Collection[str] | None = None,
     ) -> Generated:  # fmt: skip
         """Raises FailedValidation when no answer may be served, Unavailable when none came.
 
         `cheap_only`: the cheap providers only, and an answer that would be escalated is
-        refused instead (a tenant downgraded at its spend cap). `tally`: the caller's, to know
+        refused instead (a tenant downgraded at its spend cap). `allowed`: the names of the
+        providers the tenant may use (its models_allowed; None: all): the others are skipped,
+        fallbacks included, on every call (retry, escalation). `tally`: the caller's, to know
         what the calls made cost when something fails after one was paid for (an escalation's
         call, a plugin's bug, the caller gone).
         """
@@ -149,7 +153,7 @@ class Generator:
         while True:
             started = time.perf_counter()
             answered = await self._failover.complete(
-                request, current, deadline, strong_fallback=not cheap_only
+                request, current, deadline, strong_fallback=not cheap_only, allowed=allowed
             )
             tally.add(answered, (time.perf_counter() - started) * 1000)
             started = time.perf_counter()
@@ -180,9 +184,10 @@ class Generator:
 
     async def stream(
         self, request: ChatRequest, tier: Tier, *, tenant: str = "", deadline: float | None = None,
-        cheap_only: bool = False,
+        cheap_only: bool = False, allowed: Collection[str] | None = None,
     ) -> AsyncGenerator[str | Generated, None]:  # fmt: skip
-        """Deltas as the provider sends them, then the Generated of the whole text.
+        """Deltas as the provider sends them, then the Generated of the whole text
+        (`cheap_only`, `allowed`: as for generate).
 
         Sent text cannot be taken back, so the whole-text validators run at the end and any
         failure either flags the answer (flag, redact) or ends the stream with
@@ -193,7 +198,7 @@ class Generator:
         validators = self._applicable(tenant, request)
         started = time.perf_counter()
         opened = await self._failover.open_stream(
-            request, tier, deadline, strong_fallback=not cheap_only
+            request, tier, deadline, strong_fallback=not cheap_only, allowed=allowed
         )
         pieces: list[str] = []
         # aclosing: this stream closed part-way closes the provider's now (its HTTP response,

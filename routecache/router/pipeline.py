@@ -277,7 +277,8 @@ class Pipeline:
             tier, difficulty, version = self._route(tenant, request, vector)
         booking = await self._costs.book(tenant, request, tier, streaming=True)
         events = generator.stream(booking.request, booking.tier, tenant=tenant.name,
-                                  deadline=deadline, cheap_only=booking.cheap_only)  # fmt: skip
+                                  deadline=deadline, cheap_only=booking.cheap_only,
+                                  allowed=tenant.providers_allowed)  # fmt: skip
         generated: Generated | None = None
         sent: list[str] = []
         try:
@@ -406,7 +407,7 @@ class Pipeline:
         try:
             generated = await self._p.generator.generate(
                 booking.request, booking.tier, tenant=tenant.name, deadline=deadline,
-                cheap_only=booking.cheap_only, tally=spent,
+                cheap_only=booking.cheap_only, tally=spent, allowed=tenant.providers_allowed,
             )  # fmt: skip
             if not request.cache.no_store and generated.report.passed:
                 with _stage(latency, "store_ms"):

@@ -239,6 +239,18 @@ async def test_cheap_only_does_not_fall_back_to_the_strong_provider() -> None:
     assert strong.calls == []
 
 
+async def test_a_provider_the_tenant_may_not_use_is_not_called() -> None:
+    # Its model is not in the tenant's models_allowed: the chain goes past it, for a stream too.
+    backup, strong = says("backup"), says("a good answer")
+    gen = generator([down("cheap-down"), backup], strong)
+    allowed = {"cheap-down@host", "a-good-answer@host"}
+    done = await gen.generate(REQUEST, Tier.CHEAP, allowed=allowed)
+    assert done.provider == "a-good-answer@host"
+    events = [event async for event in gen.stream(REQUEST, Tier.CHEAP, allowed=allowed)]
+    assert isinstance(events[-1], Generated) and events[-1].provider == "a-good-answer@host"
+    assert backup.calls == []
+
+
 # --- what a spend reservation must cover ---------------------------------------------------
 
 
@@ -264,6 +276,14 @@ def test_worst_case_calls_follow_what_the_validators_can_cause(
     gen = generator([says("cheap")], says("strong"), Configured(Forbids("no-bad", "bad"), on_fail))
     calls = gen.worst_case_calls(REQUEST, tier, cheap_only=cheap_only)
     assert names(calls) == expected
+
+
+def test_worst_case_calls_leave_out_the_providers_not_allowed() -> None:
+    retry = Configured(Forbids("no-bad", "bad"), OnFail.RETRY)
+    gen = generator([says("cheap"), says("backup")], says("strong"), retry)
+    allowed = {"cheap@host", "strong@host"}
+    calls = gen.worst_case_calls(REQUEST, Tier.CHEAP, allowed=allowed)
+    assert names(calls) == [["cheap", "strong"], ["cheap", "strong"], ["strong"]]
 
 
 def test_a_stream_is_one_call_whatever_its_validators() -> None:
