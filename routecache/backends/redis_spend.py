@@ -13,7 +13,8 @@ call's settle, which is sent again by the flush if its answer was lost. A call t
 in Redis and settled while Redis was down has its reservation dropped there after the flush;
 so has one released while Redis was down, and a reservation Redis may have made without its
 answer coming back (a timeout, or the caller cancelled): dropping an id Redis lacks is harmless.
-Its own reservations, never in Redis, lower the caps Redis checks until their calls end.
+Its own reservations, never in Redis, lower the caps Redis checks until their calls end; so
+does its spend Redis has not confirmed (pending or in doubt), until the flush adds it there.
 
 Soft budgets are judged on Redis' movements alone: a settle made while Redis is down moves
 nothing a soft budget sees (each replica knows only its own share: judged there, a crossing
@@ -131,14 +132,18 @@ class RedisSpendLedger:
         now = self._clock()
         ids = period_ids(now)
         rid = new_reservation_id()
-        # Reservations made here while Redis was down are not in Redis, and their calls may
-        # still run after it is back: they lower each cap Redis checks until they end.
-        held = [self._local.held_usd(tenant, user, cap.per_user) for cap in caps]
+        # What this replica committed that Redis has not confirmed lowers each cap Redis
+        # checks: reservations made while Redis was down (their calls may still run), and
+        # spend pending or in doubt until the flush adds it (many records take a while).
+        # The flush takes each record back from the local ledger once it is in Redis, so
+        # nothing counts twice but a record in doubt (perhaps in Redis already): the safe side.
+        own = [self._local.committed(tenant, user, ids[cap.period], cap.per_user)
+               for cap in caps]  # fmt: skip
         args: list[str] = [self._base(tenant), repr(now), rid, repr(amount_usd),
                            repr(self._ttl), user]  # fmt: skip
-        for cap, own in zip(caps, held, strict=True):
+        for cap, mine in zip(caps, own, strict=True):
             suffix = spend_suffix(cap.period, ids[cap.period], user if cap.per_user else "")
-            args += [suffix, "1" if cap.per_user else "0", repr(cap.limit_usd - own)]
+            args += [suffix, "1" if cap.per_user else "0", repr(cap.limit_usd - mine)]
         try:
             self._link.check()
         except RedisDown:  # known down: nothing sent
@@ -159,7 +164,7 @@ class RedisSpendLedger:
         ok, refused, *committed = result
         if not int(ok):
             index = int(refused) - 1
-            return CapReached(caps[index], float(committed[0]) + held[index])
+            return CapReached(caps[index], float(committed[0]) + own[index])
         self._forget_past(ids)
         for cap, value in zip(caps, committed, strict=True):
             who = user if cap.per_user else ""

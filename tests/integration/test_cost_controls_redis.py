@@ -1540,6 +1540,29 @@ async def test_a_redis_refusal_counts_the_reservations_made_here_while_redis_was
     assert isinstance(refused, CapReached) and refused.committed_usd == pytest.approx(0.5)
 
 
+async def test_spend_made_while_redis_was_down_counts_against_its_caps_until_it_is_flushed(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    caps = [Cap(Period.DAY, 1.0), Cap(Period.DAY, 0.5, per_user=True)]
+    redis.server.kill()
+    for user in ("u1", "u2"):  # 0.9 spent here, not in Redis yet
+        await ledger.settle(None, SpendRecord("acme", user, cost_usd=0.45, calls=1))
+    ledger.stop_flushing()  # Redis is back, the flush not yet through (many records)
+    redis.server.start()
+    await redis.link.wait_up()
+    tenant = await ledger.reserve("acme", "u3", 0.2, caps)
+    assert isinstance(tenant, CapReached) and tenant.cap == caps[0]
+    assert tenant.committed_usd == pytest.approx(0.9)
+    theirs = await ledger.reserve("acme", "u1", 0.1, caps)
+    assert isinstance(theirs, CapReached) and theirs.cap == caps[1]
+    assert theirs.committed_usd == pytest.approx(0.45)
+    await ledger.flush()
+    # In Redis now, and no longer counted here: the 0.1 left fits exactly, once.
+    assert isinstance(await ledger.reserve("acme", "u3", 0.1, caps), Reservation)
+    assert isinstance(await ledger.reserve("acme", "u3", 0.01, caps), CapReached)
+
+
 async def test_while_redis_is_down_another_replicas_reservation_still_counts(
     ledger_on_own_redis: LedgerOnOwnRedis,
 ) -> None:
