@@ -217,7 +217,7 @@ class RedisSpendLedger:
             self._add_pending(record, ids)
             if reservation is not None:
                 self._drop_later(reservation.tenant, reservation.reservation_id)
-            return await self._settle_locally(record)
+            return self._settle_locally(record, ids)
         # A model call's settle is sent under an id of its own: if Redis ran it but its answer
         # was lost, the flush sends it again under that id and Redis adds it once. A cache
         # hit's saving (no call) goes without one: an id key per hit would cost Redis more
@@ -233,14 +233,15 @@ class RedisSpendLedger:
                 self._in_doubt[settle_id] = _InDoubt(_slot(record, ids), record, reservation)
             else:
                 self._add_pending(record, ids)
-            return await self._settle_locally(record)
+            return self._settle_locally(record, ids)
         self._flush_in_background()
         return moved
 
-    async def _settle_locally(self, record: SpendRecord) -> Movement:
-        """Counts a record Redis has not confirmed in the local ledger. It moves nothing for
-        soft budgets yet: the flush reports its movement in Redis (module docstring)."""
-        await self._local.settle(None, record)
+    def _settle_locally(self, record: SpendRecord, ids: dict[Period, str]) -> Movement:
+        """Counts a record Redis has not confirmed in the local ledger, under the periods it
+        is kept pending or in doubt for (the flush takes it back from those). It moves nothing
+        for soft budgets yet: the flush reports its movement in Redis (module docstring)."""
+        self._local.add(record, ids)
         return {}
 
     async def _apply(

@@ -1381,6 +1381,31 @@ async def test_spend_pending_over_midnight_is_flushed_to_the_day_it_was_made(
     assert await client.hget(f"rc:{{acme}}:spend:d:{today[Period.DAY]}", "cost") is None
 
 
+async def test_a_settle_timing_out_across_midnight_leaves_no_spend_on_the_new_day(
+    ledger_on_own_redis: LedgerOnOwnRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    caps = [Cap(Period.DAY, 1.0)]
+    redis.clock.advance(86400 - redis.clock() % 86400 - 0.2)  # 23:59:59.8 UTC
+    held = await ledger.reserve("acme", "", 0.5, caps)
+    assert isinstance(held, Reservation)
+    settle = ledger._settle
+
+    async def answer_lost_past_midnight(**kwargs: Any) -> Any:
+        await settle(**kwargs)
+        redis.clock.advance(1.0)  # the call times out on the next day
+        raise RedisTimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(ledger, "_settle", answer_lost_past_midnight)
+    await ledger.settle(held, SpendRecord("acme", cost_usd=0.4, calls=1))
+    monkeypatch.setattr(ledger, "_settle", settle)
+    await redis.link.wait_up()
+    await ledger.flush()  # yesterday's 0.4, in Redis and taken back from the day it was made
+    redis.server.kill()
+    # Nothing is spent today: the whole cap is left, not 0.6 of it.
+    assert isinstance(await ledger.reserve("acme", "", 0.7, caps), Reservation)
+
+
 async def test_flushing_yesterdays_spend_keeps_what_redis_said_of_today(
     ledger_on_own_redis: LedgerOnOwnRedis,
 ) -> None:
