@@ -209,8 +209,14 @@ class InMemorySpendLedger:
     async def settle(self, reservation: Reservation | None, record: SpendRecord) -> Movement:
         if reservation is not None:
             self._held.pop(reservation.reservation_id, None)
+        return self.add(record, period_ids(self.clock()))
+
+    def add(self, record: SpendRecord, ids: dict[Period, str]) -> Movement:
+        """Adds a record's spend to the periods `ids` (the Redis ledger's fallback passes the
+        ones it keeps the record under, read before its Redis call: read after, a call timing
+        out across midnight would be counted on a day `take_back` never takes it from)."""
         moved: Movement = {}
-        for period, pid in period_ids(self.clock()).items():
+        for period, pid in ids.items():
             tenant_totals = self._totals[(record.tenant, "", pid)]
             before = tenant_totals.cost_usd
             tenant_totals.add(record)

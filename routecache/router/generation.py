@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -83,12 +84,16 @@ class Generator:
         default_timeout_seconds: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         request_validators: RequestValidators | None = None,
+        longest_call_seconds: float = math.inf,
     ) -> None:
         self._failover = failover
         self._validators = validators
         self._request_validators = request_validators or RequestValidators(LimitSettings())
         self._tenant_validators = tenant_validators or {}
         self._default_timeout = default_timeout_seconds
+        # The caller's deadline is clamped to this: a call must end while its spend
+        # reservation (budgets.reservation_ttl_seconds) still holds the caps.
+        self._longest = longest_call_seconds
         self._clock = clock
 
     @property
@@ -96,8 +101,10 @@ class Generator:
         return self._failover
 
     def deadline(self, seconds_left: float | None) -> float:
-        """The absolute deadline (on the generator's clock) of a call with this much time."""
-        return self._clock() + (self._default_timeout if seconds_left is None else seconds_left)
+        """The absolute deadline (on the generator's clock) of a call with this much time, and
+        no more than the longest a call may take."""
+        wanted = self._default_timeout if seconds_left is None else seconds_left
+        return self._clock() + min(wanted, self._longest)
 
     def validators_for(self, tenant: str, request: ChatRequest | None = None) -> list[Configured]:
         """The tenant's validators plus the request's own; raises InvalidArgument for a bad one."""

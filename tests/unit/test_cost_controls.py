@@ -64,6 +64,7 @@ from routecache.router.quotas import (
     completion_charges,
     user_slot,
 )
+from routecache.router.settings import SETTLE_MARGIN_SECONDS
 from routecache.router.tokens import estimate_tokens, request_prompt_tokens
 from routecache.router.upstream.failover import AllProvidersFailed
 from tests.fakes import (
@@ -750,6 +751,20 @@ async def test_a_request_cancelled_while_its_reservation_is_released_still_relea
     await closing
     costs.ledger = held.ledger
     assert held_usd(harness) == 0
+    await harness.service.aclose()
+
+
+async def test_a_callers_long_deadline_ends_the_call_while_its_reservation_still_holds() -> None:
+    # A reservation expires after budgets.reservation_ttl_seconds whether its call runs or
+    # not. Before: a stream with an hour's deadline ran on after it, out of every cap.
+    ttl = 120.0
+    harness = make_harness(service={"budgets": {"reservation_ttl_seconds": ttl}})
+    generator = harness.service.generator
+    long_call = generator.deadline(3600.0) - time.monotonic()  # read after: no later than
+    assert long_call <= ttl - SETTLE_MARGIN_SECONDS  # time to settle once the call ends
+    started = time.monotonic()
+    assert generator.deadline(5.0) - started == pytest.approx(5.0, abs=1.0)  # shorter: kept
+    assert generator.deadline(None) - started == pytest.approx(60.0, abs=1.0)  # the default
     await harness.service.aclose()
 
 
