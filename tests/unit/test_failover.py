@@ -854,3 +854,44 @@ async def test_a_provider_in_both_chains_is_tried_once_per_request(call: str) ->
     assert len(shared_up.calls) == 1
     assert len(failed.value.failures) == 3
     assert shared.breaker.state is BreakerState.CLOSED
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["unary", "streamed"])
+async def test_a_stale_answer_reports_the_classifier_that_routed_the_request(
+    streamed: bool,
+) -> None:
+    # It reported the version in service when the outage ended, read anew when served: a
+    # model swapped in (hot reload) while the providers were tried was named instead, and the
+    # difficulty the request was routed by was left out.
+    r = rig()
+    classifier = r.service.pipeline._p.classifier
+    assert isinstance(classifier, FixedScoreClassifier)
+    await r.ask("what is the capital of France")
+    r.clock.advance(EXPIRED_IN_GRACE)
+    cheap = r.ups["cheap"]
+    cheap.fail_with = r.ups["backup"].fail_with = r.ups["strong"].fail_with = DOWN
+    complete, stream = cheap.complete, cheap.stream
+
+    async def swapped_then_complete(
+        messages: Sequence[Message], params: GenerationParams
+    ) -> UpstreamReply:
+        classifier._version = "v-new"  # the watcher swaps while the providers are tried
+        return await complete(messages, params)
+
+    async def swapped_then_stream(
+        messages: Sequence[Message], params: GenerationParams
+    ) -> AsyncIterator[str]:
+        classifier._version = "v-new"
+        async for delta in stream(messages, params):
+            yield delta
+
+    cheap.complete = swapped_then_complete  # type: ignore[method-assign]
+    cheap.stream = swapped_then_stream  # type: ignore[method-assign]
+    if streamed:
+        _, stale = await collect(r, "what is the capital of France")
+    else:
+        stale = await r.ask("what is the capital of France")
+    assert stale.cache.stale and classifier.version == "v-new"
+    assert (stale.classifier_version, stale.difficulty) == ("v", 0.1)
+    event = r.events.events[-1]
+    assert (event["classifier_version"], event["difficulty"]) == ("v", 0.1)
