@@ -7,7 +7,8 @@ import contextlib
 import datetime as dt
 import math
 import time
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -265,6 +266,58 @@ async def test_only_idle_full_buckets_are_forgotten_past_the_bound(
     # would hand its user a fresh quota.
     assert len(limiter._buckets) == 2
     assert (await limiter.take("t", [slow])).wait_seconds == pytest.approx(99.0)
+
+
+class _CountingBuckets(OrderedDict[Any, Any]):
+    """The limiter's buckets, counting those a call walks over."""
+
+    visits = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for key in super().__iter__():
+            self.visits += 1
+            yield key
+
+    def items(self) -> Any:  # lazily, as the view is
+        return ((key, self[key]) for key in self)
+
+
+async def test_past_the_bound_a_take_visits_a_few_buckets_not_all_that_never_refill(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Daily per-user buckets of many distinct end users never refill within the run: a scan
+    # of all of them for full ones found none to drop, on every take of every tenant.
+    monkeypatch.setattr("routecache.router.quotas._MAX_BUCKETS", 1000)
+    clock = ManualClock()
+    limiter = InMemoryQuotaLimiter(clock)
+    for i in range(1500):
+        assert (await limiter.take("a", [Charge(f"ureq:u{i}", 1 / 86400, 100.0, 1.0)])).allowed
+        clock.advance(0.05)
+    counting = _CountingBuckets(limiter._buckets)
+    limiter._buckets = counting
+    for _ in range(5):
+        assert (await limiter.take("b", [Charge("req", 1.0, 1000.0, 1.0)])).allowed
+    assert counting.visits <= 5 * 8
+
+
+async def test_past_twice_the_bound_the_least_recently_used_buckets_are_forgotten(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("routecache.router.quotas._MAX_BUCKETS", 100)
+    clock = ManualClock()
+    limiter = InMemoryQuotaLimiter(clock)
+    tenant = Charge("req", 1 / 86400, 1000.0, 1.0)  # the tenant's own, taken by every request
+    first = Charge("ureq:first", 1 / 86400, 1.0, 1.0)
+    assert (await limiter.take("a", [tenant, first])).allowed
+    for i in range(500):  # a flood of distinct end users, none of whose buckets refill
+        user = Charge(f"ureq:u{i}", 1 / 86400, 1.0, 1.0)
+        assert (await limiter.take("a", [tenant, user])).allowed
+    assert len(limiter._buckets) <= 200
+    # The tenant's bucket, used all along, kept its count; the first user's, least recently
+    # used, was forgotten: a fresh one (the price of the bound, docs/operations.md).
+    assert (await limiter.take("a", [tenant])).allowed
+    assert limiter._buckets[("a", "req")][0].tokens == pytest.approx(1000 - 502, abs=0.1)
+    assert (await limiter.take("a", [first])).allowed
 
 
 def test_end_user_ids_up_to_64_characters_name_their_slot_as_they_are() -> None:
