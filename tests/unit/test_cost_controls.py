@@ -489,6 +489,44 @@ async def test_spent_today_is_what_record_spent_since_utc_midnight() -> None:
     assert (await ledger.totals("t"))[Period.MONTH].cost_usd == pytest.approx(0.75)
 
 
+async def test_totals_of_ended_days_and_months_are_dropped_not_kept_forever() -> None:
+    clock = ManualClock(dt.datetime(2026, 3, 31, 12, tzinfo=dt.UTC).timestamp())
+    ledger = InMemorySpendLedger(clock)
+    for i in range(10):
+        await ledger.settle(None, SpendRecord("t", f"u{i}", cost_usd=0.1, saved_usd=0.01))
+    clock.advance(86400)  # April the first: a new day and a new month
+    await ledger.settle(None, SpendRecord("t", "late", cost_usd=0.2))
+    assert sorted({key[2] for key in ledger._totals}) == ["2026-04", "2026-04-01"]
+    assert len(ledger._totals) == 4  # the tenant's and the late user's, day and month
+    clock.advance(86400)  # a new day, the same month: the month's totals stay
+    await ledger.settle(None, SpendRecord("t", cost_usd=0.3))
+    assert sorted({key[2] for key in ledger._totals}) == ["2026-04", "2026-04-02"]
+    assert (await ledger.totals("t", "late"))[Period.MONTH].cost_usd == pytest.approx(0.2)
+    clock.advance(-86400)  # a clock stepped back: the later day is not "ended", it stays
+    await ledger.settle(None, SpendRecord("t", cost_usd=0.1))
+    clock.advance(86400)
+    assert (await ledger.totals("t"))[Period.DAY].cost_usd == pytest.approx(0.3)
+
+
+async def test_free_hits_of_ever_new_end_users_past_the_bound_count_for_the_tenant_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A cache hit spends nothing: with a new end_user_id each, they would add two totals
+    # a hit for as long as the month lasts. Spend always has its user's (per-user caps).
+    monkeypatch.setattr("routecache.router.budget._MAX_TOTALS", 40, raising=False)
+    ledger = InMemorySpendLedger(ManualClock())
+    await ledger.settle(None, SpendRecord("t", "known", saved_usd=0.5))
+    for i in range(100):
+        await ledger.settle(None, SpendRecord("t", f"u{i}", saved_usd=0.01))
+    assert len(ledger._totals) <= 40
+    await ledger.settle(None, SpendRecord("t", "known", saved_usd=0.5))  # already held
+    await ledger.settle(None, SpendRecord("t", "payer", cost_usd=0.25))
+    tenant = await ledger.totals("t")
+    assert tenant[Period.DAY].saved_usd == pytest.approx(2.0)
+    assert (await ledger.totals("t", "known"))[Period.DAY].saved_usd == pytest.approx(1.0)
+    assert (await ledger.totals("t", "payer"))[Period.MONTH].cost_usd == pytest.approx(0.25)
+
+
 async def test_totals_read_are_not_changed_by_later_spend() -> None:
     ledger = InMemorySpendLedger(ManualClock())
     await ledger.record("t", 0.5)
