@@ -202,7 +202,10 @@ def test_saved_scores_without_the_graph_they_came_from_are_refused(
     graph = tmp_path / "out" / GRAPH_FILE
     graph.unlink()
     assert main(argv) == 2
-    assert capsys.readouterr().err.startswith(f"routecache: --scores needs --out's graph: {graph}")
+    beside = tmp_path / GRAPH_FILE  # beside the scores, where a run's work folder keeps it
+    assert capsys.readouterr().err.startswith(
+        f"routecache: --scores needs the graph it scored: neither {beside} nor {graph} is there"
+    )
     assert not (tmp_path / "out" / POLICY_FILE).exists()
 
 
@@ -390,3 +393,50 @@ def test_the_policy_replaces_the_old_one_whole_and_synced(
     assert policy.stat().st_ino != old_inode  # a new file renamed over the old one
     assert synced[-2:] == [(False, True), (True, True)]  # the new file, then its folder
     assert _policy(tmp_path).thresholds
+
+
+def _pairs_file(tmp_path: Path) -> Path:
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(asdict(p)) + "\n" for p in PAIRS), encoding="utf-8")
+    return data
+
+
+def test_a_run_that_fails_after_the_export_leaves_out_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the graph was exported straight into --out and the policy written only at the
+    # end, so a run that failed in between left a new graph beside the old graph's policy,
+    # and the service loaded the mismatched pair. Here scoring fails: the graph is fake.
+    _fake_export(monkeypatch, _Module())
+    _fake_quantiser(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / GRAPH_FILE).write_bytes(b"the old graph")
+    (out / POLICY_FILE).write_text("the old policy", encoding="utf-8")
+    argv = ["train-verifier", "--data", str(_pairs_file(tmp_path)), "--out", str(out),
+            "--weights", str(tmp_path / "w.pt"), "--holdout", "0.5"]  # fmt: skip
+    with pytest.raises(ValueError, match="not a graph ONNX Runtime can load"):
+        main(argv)
+    assert (out / GRAPH_FILE).read_bytes() == b"the old graph"
+    assert (out / POLICY_FILE).read_text("utf-8") == "the old policy"
+    # exported into the default work folder, outside --out (which ships in the package)
+    work = tmp_path / "runs" / "train-verifier"
+    assert (work / GRAPH_FILE).read_text() == "int8 of fp32 training=False"
+
+
+def test_a_calibrated_run_publishes_the_graph_it_scored_with_its_policy(tmp_path: Path) -> None:
+    # Saved scores beside the graph they came from (a run's work folder): --out gets that
+    # graph and a policy naming it, never the old graph under the new policy.
+    argv = _saved_run(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "scores.npz").rename(work / "calibration_scores.npz")
+    (work / GRAPH_FILE).write_bytes(b"the new graph")
+    argv[argv.index("--scores") + 1] = str(work / "calibration_scores.npz")
+    assert main([*argv, "--work-dir", str(work)]) == 0
+    published = tmp_path / "out" / GRAPH_FILE
+    assert published.read_bytes() == b"the new graph"
+    graph_sha = hashlib.sha256(b"the new graph").hexdigest()
+    assert _policy(tmp_path).metadata["graph_sha256"] == graph_sha
+    assert not (tmp_path / "out" / "calibration_scores.npz").exists()
