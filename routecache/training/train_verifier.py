@@ -38,7 +38,11 @@ from routecache.training.calibrate_verifier import (
     score_pairs,
 )
 from routecache.training.cross_encoder import TrainingPlan, train_cross_encoder, training_device
-from routecache.training.data_files import DataFileError, exits_2_on_data_error
+from routecache.training.data_files import (
+    DataFileError,
+    exits_2_on_data_error,
+    writable_folder,
+)
 from routecache.training.eval_cache import cache_candidates, embed_texts
 from routecache.training.export_cross_encoder import export_cross_encoder
 from routecache.training.pair_data import LabelledPair, load_pairs, split_pairs
@@ -105,7 +109,7 @@ def _holdout_scores(
         scores.update(_pair_scores(scorer, vectors, holdout))
     if any(name in _CACHE_SCORES for name in missing):
         scores.update(_cache_scores(scorer, vectors, holdout, fit))
-    with replacing_bytes(_work_dir(args) / SCORES_FILE) as saved:
+    with replacing_bytes(args.work_dir / SCORES_FILE) as saved:
         np.savez(saved, **scores)  # type: ignore[arg-type]
     return scores
 
@@ -129,12 +133,6 @@ def _saved_scores(path: Path, holdout: int) -> dict[str, np.ndarray]:
     return scores
 
 
-def _work_dir(args: argparse.Namespace) -> Path:
-    work: Path = args.work_dir
-    work.mkdir(parents=True, exist_ok=True)
-    return work
-
-
 def _scored_graph(args: argparse.Namespace) -> Path:
     """The graph that saved --scores describe: the one beside them (the work folder of the run
     that scored it, published or not), else --out's (scores saved before graphs were kept)."""
@@ -151,7 +149,7 @@ def _scored_graph(args: argparse.Namespace) -> Path:
 def _trained_graph(args: argparse.Namespace, fit: list[LabelledPair]) -> Path:
     """The trained (or --weights) cross-encoder, exported into the work folder: --out gets it
     only with its calibrated policy."""
-    work = _work_dir(args)
+    work: Path = args.work_dir
     model_dir = packaged_minilm_path()
     plan = TrainingPlan(
         epochs=args.epochs,
@@ -170,7 +168,6 @@ def _publish(out: Path, graph: Path, policy: str) -> None:
     service refuses to start with (build_hit_policy) rather than serve one model's scores
     against another's thresholds. Copied, not renamed: the work folder may be on another
     file system."""
-    out.mkdir(parents=True, exist_ok=True)
     target = out / GRAPH_FILE
     if graph.resolve() != target.resolve():
         with graph.open("rb") as source, replacing_bytes(target) as copy:
@@ -227,6 +224,9 @@ def _cache_lookups(
 @exits_2_on_data_error
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    # Up front: a folder that cannot be made was a traceback after an epoch of training.
+    writable_folder(args.out, "--out")
+    writable_folder(args.work_dir, "--work-dir")
     if args.weights is None and args.scores is None:
         try:
             training_device(args.device)

@@ -440,3 +440,19 @@ def test_a_calibrated_run_publishes_the_graph_it_scored_with_its_policy(tmp_path
     graph_sha = hashlib.sha256(b"the new graph").hexdigest()
     assert _policy(tmp_path).metadata["graph_sha256"] == graph_sha
     assert not (tmp_path / "out" / "calibration_scores.npz").exists()
+
+
+@pytest.mark.parametrize("flag", ["--out", "--work-dir"])
+def test_an_out_or_work_folder_that_cannot_be_made_is_refused_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    # Before: a NotADirectoryError traceback once a whole epoch had been trained.
+    taken = tmp_path / "a-file"
+    taken.write_text("", encoding="utf-8")
+    folders = {"--out": tmp_path / "out", "--work-dir": tmp_path / "work", flag: taken / "below"}
+    argv = ["train-verifier", "--data", str(_pairs_file(tmp_path)), "--holdout", "0.5",
+            "--weights", str(tmp_path / "missing.pt")]  # fmt: skip
+    argv += [part for name, folder in folders.items() for part in (name, str(folder))]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"routecache: {flag} {taken / 'below'}: cannot make the folder"), err
