@@ -28,7 +28,7 @@ from routecache.cache.cross_encoder import GRAPH_FILE, POLICY_FILE, OnnxCrossEnc
 from routecache.cache.embedder import MINILM_DIMENSION, packaged_minilm_path
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.onnx_embedder import OnnxMiniLMEmbedder
-from routecache.cli_args import fraction, fractions, positive_int
+from routecache.cli_args import fraction, fractions, positive_int, positive_number
 from routecache.training.calibrate_verifier import (
     BUDGETS,
     ScoredPairs,
@@ -66,7 +66,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=positive_int, default=2)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to train (auto: a GPU when torch sees one)")  # fmt: skip
-    parser.add_argument("--learning-rate", type=float, default=TrainingPlan.learning_rate)
+    # Finite and above 0: -1 or nan was a traceback at the first step, 0 or inf trained for nothing.
+    parser.add_argument("--learning-rate", type=positive_number, default=TrainingPlan.learning_rate)
     parser.add_argument("--init-weights", type=Path,
                         help="continue training from these weights")  # fmt: skip
     # Checked up front: --holdout 0 failed only at calibration, after the hour of training.

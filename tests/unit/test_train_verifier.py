@@ -160,6 +160,11 @@ def test_a_confidence_outside_zero_to_one_is_refused(
         ("--budgets", "0.01,x"),
         ("--epochs", "0"),
         ("--epochs", "-2"),
+        ("--learning-rate", "-1"),
+        ("--learning-rate", "0"),
+        ("--learning-rate", "nan"),
+        ("--learning-rate", "inf"),
+        ("--learning-rate", "fast"),
     ],
 )
 def test_a_holdout_budget_or_epoch_count_out_of_range_is_refused(
@@ -167,7 +172,8 @@ def test_a_holdout_budget_or_epoch_count_out_of_range_is_refused(
 ) -> None:
     # --holdout 0 left nothing to calibrate on: a ValueError traceback after the hour of
     # training; --budgets 1.5 shipped a serve-everything threshold, "x" was a traceback;
-    # --epochs 0 shipped the untrained weights.
+    # --epochs 0 shipped the untrained weights; --learning-rate -1 or nan was a traceback at
+    # the first step, 0 or inf trained an hour for nothing.
     with pytest.raises(SystemExit) as exit_:
         main([*_saved_run(tmp_path), flag, value])
     assert exit_.value.code == 2
