@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
+import stat
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -15,6 +15,8 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+
+from routecache.atomic_file import replacing, replacing_bytes
 
 # The epoch seconds a time column can hold (pandas' nanosecond range, years 1677 to 2262).
 _TS_RANGE = (math.ceil(pd.Timestamp.min.timestamp()), math.floor(pd.Timestamp.max.timestamp()))
@@ -152,11 +154,11 @@ def export_events(
 
 def write_jsonl(events: Iterable[dict[str, Any]], out: Path) -> int:
     """The events as `events.path` holds them (one JSON object a line), for `retrain --events`;
-    returns the count. A new file is readable by its owner only: events hold prompts."""
+    returns the count. A new file is readable by its owner only: events hold prompts.
+    `out` is replaced whole: a failure mid-write leaves the previous export as it was."""
     out.parent.mkdir(parents=True, exist_ok=True)
     count = 0
-    descriptor = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as lines:
+    with replacing(out, _kept_mode(out, 0o600)) as lines:
         for event in events:
             lines.write(json.dumps(event, ensure_ascii=False) + "\n")
             count += 1
@@ -169,7 +171,10 @@ def write_parquet(events: list[dict[str, Any]], out: Path, origin: str) -> int:
     frame = events_frame(events)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        frame.to_parquet(out, index=False)
+        # Replaced whole: written in place, a full disk mid-write left a torn --out and the
+        # previous export gone.
+        with replacing_bytes(out, _kept_mode(out, None)) as table:
+            frame.to_parquet(table, index=False)
     except pa.ArrowException as error:  # the whole table is converted before the file is opened
         column = _column_parquet_refuses(frame)
         if column is None:
@@ -179,6 +184,12 @@ def write_parquet(events: list[dict[str, Any]], out: Path, origin: str) -> int:
             "hand-edited line?); a parquet column holds one"
         ) from error
     return len(frame)
+
+
+def _kept_mode(out: Path, new: int | None) -> int | None:
+    """The permission bits `out` has, kept when it is replaced (writing in place kept them, the
+    operator's choice); `new` for a file not there yet."""
+    return stat.S_IMODE(out.stat().st_mode) if out.is_file() else new
 
 
 def _column_parquet_refuses(frame: pd.DataFrame) -> str | None:
