@@ -658,3 +658,40 @@ def test_a_new_jsonl_export_is_its_owners_only_and_an_old_one_keeps_its_mode(
         assert write_jsonl([{"kind": "completion", "ts": 1.0}], out) == 1
         assert json.loads(out.read_text("utf-8")) == {"kind": "completion", "ts": 1.0}
     assert (new.stat().st_mode & 0o777, old.stat().st_mode & 0o777) == (0o600, 0o640)
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (["--redis-url", "redis://localhost:1", "--tenant", "ac me"], "argument --tenant"),
+        (["--redis-url", "redis://localhost:1", "--tenant", "x" * 65], "argument --tenant"),
+        (["--events", "e.jsonl", "--redis-url", "redis://localhost:1"], "not allowed with"),
+    ],
+    ids=["a space", "too long", "events and redis"],
+)
+def test_export_refuses_a_tenant_no_stream_can_have_and_two_sources(
+    capsys: pytest.CaptureFixture[str], extra: list[str], said: str
+) -> None:
+    # Before: a name no tenant can have exported 0 events, exit 0; --events with --redis-url
+    # read the file and ignored the Redis flags without a word.
+    from routecache.router.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["export-events", *extra, "--out", "e.parquet"])
+    assert exit_.value.code == 2
+    assert said in capsys.readouterr().err
+
+
+def test_export_of_a_file_with_a_tenant_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: --tenant was ignored for a JSONL log, which holds every tenant's events.
+    from routecache.router.cli import main
+
+    log = tmp_path / "events.jsonl"
+    log.write_text('{"kind": "completion", "ts": 1.0}\n', encoding="utf-8")
+    argv = ["export-events", "--events", str(log), "--tenant", "acme"]
+    assert main([*argv, "--out", str(tmp_path / "e.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("routecache: --tenant ") and err.count("\n") == 1
+    assert not (tmp_path / "e.parquet").exists()
