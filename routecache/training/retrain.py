@@ -38,7 +38,13 @@ from routecache.classifier.model import (
     save_artifact,
 )
 from routecache.classifier.registry import ModelRegistry, RegistryError
-from routecache.cli_args import fraction, number_between, positive_int, positive_number
+from routecache.cli_args import (
+    fraction,
+    number_between,
+    positive_int,
+    positive_number,
+    random_seed,
+)
 from routecache.training.data_files import DataFileError, exits_2_on_data_error, writable_folder
 from routecache.training.outcomes import EventLabel, labels_from_events, read_events
 from routecache.training.routing_data import (
@@ -201,7 +207,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--registry", required=True, help="model registry folder")
     parser.add_argument("--holdout-fraction", type=fraction, default=0.2)
-    parser.add_argument("--seed", type=int, default=0, help="salts the holdout hash")
+    parser.add_argument("--seed", type=random_seed, default=0, help="salts the holdout hash")
     parser.add_argument("--c", type=positive_number, default=DEFAULT_C)
     parser.add_argument(
         "--tolerance",

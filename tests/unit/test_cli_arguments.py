@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from routecache.cache.cross_encoder import GRAPH_FILE
-from routecache.cli_args import at_least, fraction, fractions, listed, number_between
+from routecache.cli_args import at_least, fraction, fractions, listed, number_between, random_seed
 from routecache.router.auth import hash_api_key
 from routecache.router.cli import main
 from routecache.training import train_verifier
@@ -83,6 +83,26 @@ def test_training_verbs_refuse_a_count_of_0_as_a_usage_error(
         main(args)
     assert exit_.value.code == 2
     assert f"argument {args[-2]}: 0: must be 1 or more" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "verb", [["train-classifier"], ["retrain", "--registry", "r"]], ids=["train", "retrain"]
+)
+@pytest.mark.parametrize("seed", ["-5", str(2**32), "x"])
+def test_training_verbs_refuse_a_seed_sklearn_cannot_take(
+    capsys: pytest.CaptureFixture[str], verb: list[str], seed: str
+) -> None:
+    # sklearn takes 0 to 2**32 - 1, and refused -5 only after the minutes of embedding.
+    with pytest.raises(SystemExit) as exit_:
+        main([*verb, "--data", "x.jsonl", "--seed", seed])
+    assert exit_.value.code == 2
+    assert "argument --seed" in capsys.readouterr().err
+
+
+def test_a_seed_takes_0_to_2_to_the_32_less_1() -> None:
+    assert (random_seed("0"), random_seed(str(2**32 - 1))) == (0, 2**32 - 1)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^-1: must be from 0 to 4294967295$"):
+        random_seed("-1")
 
 
 def test_train_verifier_reports_a_missing_pairs_file_in_one_line(
