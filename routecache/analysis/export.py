@@ -8,7 +8,6 @@ import re
 import stat
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 
 from routecache.atomic_file import replacing, replacing_bytes
+from routecache.router.events import SkippedLines, event_lines
 
 # The epoch seconds a time column can hold (pandas' nanosecond range, years 1677 to 2262).
 _TS_RANGE = (math.ceil(pd.Timestamp.min.timestamp()), math.floor(pd.Timestamp.max.timestamp()))
@@ -46,49 +46,19 @@ def parse_since(text: str, now: float | None = None) -> float:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
-@dataclass
-class SkippedLines:
-    """Lines read_events passed over, so a caller can say so: an export that dropped lines
-    without a word looked complete."""
-
-    torn: int = 0  # not JSON (a crash mid-write), or not a JSON object
-    no_time: int = 0  # a `ts` that is not a number, or no instant (NaN, 1e20)
-
-    @property
-    def total(self) -> int:
-        return self.torn + self.no_time
-
-
 def read_events(
     path: Path, since: float | None = None, skipped: SkippedLines | None = None
 ) -> Iterator[dict[str, Any]]:
     """The events of a JSONL log at or after `since`.
 
     Skipped, and counted in `skipped` when given: a torn line (a crash), even one cut inside a
-    character, and a hand-edited line whose `ts` is not a number. Raises UnicodeDecodeError for
+    character, a line of JSON that is no object (router.events.event_lines, shared with
+    retrain), and a hand-edited line whose `ts` is not a number. Raises UnicodeDecodeError for
     any other line not UTF-8.
     """
     skipped = skipped if skipped is not None else SkippedLines()
-    with path.open("rb") as lines:
-        for raw in lines:
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                if _cut_inside_a_character(raw):
-                    skipped.torn += 1
-                    continue
-                raise
-            if not line.strip():
-                continue  # a blank line holds no event to lose
-            try:
-                event = json.loads(line)
-            except (ValueError, RecursionError):  # not JSON, past the digit limit, too deep
-                skipped.torn += 1
-                continue
-            if not isinstance(event, dict):
-                skipped.torn += 1
-                continue
-            yield from events_since([event], since, skipped)
+    for _, event in event_lines(path, skipped):
+        yield from events_since([event], since, skipped)
 
 
 def events_since(
@@ -101,15 +71,6 @@ def events_since(
             skipped.no_time += 1
         elif since is None or ts >= since:
             yield event
-
-
-def _cut_inside_a_character(raw: bytes) -> bool:
-    """Whether the line is valid UTF-8 but for a character it ends in the middle of."""
-    try:
-        raw.rstrip(b"\r\n").decode("utf-8")
-    except UnicodeDecodeError as error:
-        return error.reason == "unexpected end of data"
-    return False
 
 
 def _timestamp(event: dict[str, Any]) -> float | None:

@@ -10,8 +10,9 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from routecache.router.events import SkippedLines
 from routecache.router.settings import (
     TENANT_NAME_PATTERN,
     ConfigError,
@@ -20,8 +21,7 @@ from routecache.router.settings import (
     load_settings,
 )
 
-if TYPE_CHECKING:  # pandas and pyarrow (the analysis extra) are imported only when exporting
-    from routecache.analysis.export import SkippedLines
+# pandas and pyarrow (the analysis extra) are imported only when exporting.
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def _tenant_name(text: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     _check_analysis_extra()
-    from routecache.analysis.export import SkippedLines, parse_since
+    from routecache.analysis.export import parse_since
 
     source = _source(args)
     try:

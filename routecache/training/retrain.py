@@ -45,6 +45,7 @@ from routecache.cli_args import (
     positive_number,
     random_seed,
 )
+from routecache.router.events import SkippedLines
 from routecache.training.data_files import DataFileError, exits_2_on_data_error, writable_folder
 from routecache.training.outcomes import EventLabel, labels_from_events, read_events
 from routecache.training.routing_data import (
@@ -145,9 +146,15 @@ def run(args: argparse.Namespace) -> int:
     held_rows = [r for r, h in zip(rows, held, strict=True) if h]
     train_rows = [r for r, h in zip(rows, held, strict=True) if not h]
     held_prompts = {r.prompt for r in held_rows}
-    labels = [
-        e for e in labels_from_events(read_events(event_paths)) if e.prompt not in held_prompts
-    ]
+    skipped = SkippedLines()
+    events = read_events(event_paths, skipped)
+    if skipped.torn:  # said, as export-events says it: a log read short looked complete
+        print(
+            f"routecache: {skipped.torn} lines of {', '.join(map(str, event_paths))} skipped: "
+            "not a JSON object (torn by a crash?)",
+            file=sys.stderr,
+        )
+    labels = [e for e in labels_from_events(events) if e.prompt not in held_prompts]
     # Both checked before the minutes of embedding, and before anything is registered.
     require_both_sides(len(train_rows) + len(labels), len(held_rows))
     embedder = make_embedder(args.embedder, args.hash_dimension)

@@ -18,7 +18,6 @@ import pandas as pd
 import pytest
 
 from routecache.analysis.export import (
-    SkippedLines,
     events_frame,
     export_events,
     parse_since,
@@ -26,7 +25,7 @@ from routecache.analysis.export import (
     write_jsonl,
     write_parquet,
 )
-from routecache.router.events import InMemoryEventLog, JsonlEventLog
+from routecache.router.events import InMemoryEventLog, JsonlEventLog, SkippedLines
 from routecache.router.logs import (
     REQUEST_ID,
     JsonFormatter,

@@ -295,3 +295,18 @@ def test_a_registry_whose_current_is_not_utf8_is_a_one_line_message(
     assert _retrain(data, registry) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("routecache: ") and "CURRENT" in error and "\n" not in error
+
+
+def test_torn_event_lines_are_skipped_and_said_in_one_line(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: a line torn by a crash (left in place by the service's log) stopped retrain,
+    # exit 2, though export-events skips and counts it.
+    log = tmp_path / "events.jsonl"
+    outcome = json.dumps({"kind": "outcome", "prompt": "count pears", "weak_correct": False})
+    log.write_text(f'{outcome}\n{{"kind": "outco\n[1]\n', encoding="utf-8")
+    assert _retrain(data, tmp_path / "registry", "--events", str(log)) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["n_event_labels"] == 1
+    said = [line for line in captured.err.splitlines() if "skipped" in line]
+    assert said == [f"routecache: 2 lines of {log} skipped: not a JSON object (torn by a crash?)"]
