@@ -377,6 +377,28 @@ def test_hash_key_prints_the_digest_a_config_lists(capsys: pytest.CaptureFixture
     assert capsys.readouterr().out == f"{hash_api_key('dev-key-acme')}\n"
 
 
+@pytest.mark.parametrize(
+    ("key", "said"),
+    [("", "the API key is empty"),
+     (" dev-key", "the API key starts or ends with a space"),
+     ("dev-key ", "the API key starts or ends with a space"),
+     ("dev\tkey", "the API key has '\\t' at position 3"),
+     ("clé", "the API key has 'é' at position 2")],
+    ids=["empty", "leading space", "trailing space", "tab", "not ASCII"],
+)  # fmt: skip
+def test_hash_key_refuses_a_key_no_request_can_present(
+    capsys: pytest.CaptureFixture[str], key: str, said: str
+) -> None:
+    # Before: a digest printed, exit 0, that no request could match: the server strips the
+    # Bearer token and refuses an empty one as missing, and gRPC metadata is printable ASCII.
+    assert main(["hash-key", "--", key]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert (
+        captured.err.startswith(f"routecache: hash-key: {said}") and captured.err.count("\n") == 1
+    )
+
+
 def test_replay_upstream_reports_a_bad_model_flag_in_one_line(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
