@@ -105,12 +105,17 @@ def test_a_seed_takes_0_to_2_to_the_32_less_1() -> None:
         random_seed("-1")
 
 
+def _verifier_folders(tmp_path: Path) -> list[str]:
+    """--out and --work-dir under tmp_path: the default work folder is runs/ in the cwd."""
+    return ["--out", str(tmp_path / "o"), "--work-dir", str(tmp_path / "work")]
+
+
 def test_train_verifier_reports_a_missing_pairs_file_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # It was a DataFileError traceback: the one job whose run lacked the one-line wrapper.
     missing = tmp_path / "pairs.jsonl"
-    assert main(["train-verifier", "--data", str(missing), "--out", str(tmp_path / "o")]) == 2
+    assert main(["train-verifier", "--data", str(missing), *_verifier_folders(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith(f"routecache: {missing}: cannot read it")
 
 
@@ -121,7 +126,7 @@ def test_train_verifier_refuses_cuda_where_torch_sees_none(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"query": "a?", "cached": "b?", "duplicate": true}\n', encoding="utf-8")
-    args = ["train-verifier", "--data", str(pairs), "--out", str(tmp_path / "o")]
+    args = ["train-verifier", "--data", str(pairs), *_verifier_folders(tmp_path)]
     assert main([*args, "--device", "cuda"]) == 2
     assert capsys.readouterr().err == "routecache: --device cuda: torch sees no CUDA device\n"
 
@@ -146,7 +151,14 @@ def test_train_verifier_reports_a_holdout_too_small_to_calibrate_in_one_line(
     out = tmp_path / "o"
     out.mkdir()
     (out / GRAPH_FILE).write_bytes(b"graph")
-    args = ["train-verifier", "--data", str(pairs), "--out", str(out), "--holdout", "0.5"]
+    args = [
+        "train-verifier",
+        "--data",
+        str(pairs),
+        *_verifier_folders(tmp_path),
+        "--holdout",
+        "0.5",
+    ]
     assert main([*args, "--scores", str(scores)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"routecache: {held} held-out pairs on {held} cached questions")
@@ -162,7 +174,7 @@ def test_train_verifier_refuses_a_holdout_too_small_before_training(
 
     monkeypatch.setattr(train_verifier, "_holdout_scores", no_training)
     pairs = pairs_file(tmp_path, 4)
-    args = ["train-verifier", "--data", str(pairs), "--out", str(tmp_path / "o")]
+    args = ["train-verifier", "--data", str(pairs), *_verifier_folders(tmp_path)]
     assert main([*args, "--holdout", "0.5", "--device", "cpu"]) == 2
     assert "cached questions: calibration needs 5 or more" in capsys.readouterr().err
 
@@ -185,7 +197,7 @@ def test_train_verifier_reports_unreadable_weights_in_one_line(
         weights.write_bytes(content)
     elif content is not None:
         torch.save({"head.weight": torch.zeros(3, 3)}, weights)
-    args = ["train-verifier", "--data", str(pairs), "--out", str(tmp_path / "o")]
+    args = ["train-verifier", "--data", str(pairs), *_verifier_folders(tmp_path)]
     assert main([*args, "--holdout", "0.5", "--device", "cpu", flag, str(weights)]) == 2
     err = capsys.readouterr().err
     last = re.split(r"[\r\n]", err.rstrip("\n"))[-1]  # after the model loader's progress bar

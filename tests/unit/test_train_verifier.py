@@ -56,7 +56,8 @@ def _saved_run(tmp_path: Path, holdout: float = 0.5) -> list[str]:
     }
     np.savez(tmp_path / "scores.npz", allow_pickle=True, **scores)
     return ["train-verifier", "--data", str(data), "--out", str(out), "--holdout", str(holdout),
-            "--scores", str(tmp_path / "scores.npz")]  # fmt: skip
+            "--scores", str(tmp_path / "scores.npz"),
+            "--work-dir", str(tmp_path / "work")]  # fmt: skip
 
 
 def _policy(tmp_path: Path) -> PolicyCalibration:
