@@ -39,7 +39,14 @@ from routecache.classifier.model import (
     save_artifact,
 )
 from routecache.classifier.registry import CurrentMovedError, ModelRegistry, RegistryError
-from routecache.cli_args import fraction, number_between, positive_int, positive_number
+from routecache.cli_args import (
+    fraction,
+    number_between,
+    positive_int,
+    positive_number,
+    random_seed,
+)
+from routecache.router.events import SkippedLines
 from routecache.training.data_files import DataFileError, exits_2_on_data_error, writable_folder
 from routecache.training.outcomes import EventLabel, labels_from_events, read_events
 from routecache.training.routing_data import (
@@ -156,9 +163,15 @@ def run(args: argparse.Namespace) -> int:
     held_rows = [r for r, h in zip(rows, held, strict=True) if h]
     train_rows = [r for r, h in zip(rows, held, strict=True) if not h]
     held_prompts = {r.prompt for r in held_rows}
-    labels = [
-        e for e in labels_from_events(read_events(event_paths)) if e.prompt not in held_prompts
-    ]
+    skipped = SkippedLines()
+    events = read_events(event_paths, skipped)
+    if skipped.torn:  # said, as export-events says it: a log read short looked complete
+        print(
+            f"routecache: {skipped.torn} lines of {', '.join(map(str, event_paths))} skipped: "
+            "not a JSON object (torn by a crash?)",
+            file=sys.stderr,
+        )
+    labels = [e for e in labels_from_events(events) if e.prompt not in held_prompts]
     # Both checked before the minutes of embedding, and before anything is registered.
     require_both_sides(len(train_rows) + len(labels), len(held_rows))
     embedder = make_embedder(args.embedder, args.hash_dimension)
@@ -220,7 +233,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--registry", required=True, help="model registry folder")
     parser.add_argument("--holdout-fraction", type=fraction, default=0.2)
-    parser.add_argument("--seed", type=int, default=0, help="salts the holdout hash")
+    parser.add_argument("--seed", type=random_seed, default=0, help="salts the holdout hash")
     parser.add_argument("--c", type=positive_number, default=DEFAULT_C)
     parser.add_argument(
         "--tolerance",

@@ -324,3 +324,18 @@ def test_a_version_put_in_service_while_a_retrain_compares_is_not_overridden(
     assert registry.current_version() == first["candidate"] == third["current"]
     assert str(third["candidate"]) in registry.versions()  # kept, to promote by hand
     assert err.count("\n") == 1 and "not promoted" in err and "in service" in err
+
+
+def test_torn_event_lines_are_skipped_and_said_in_one_line(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: a line torn by a crash (left in place by the service's log) stopped retrain,
+    # exit 2, though export-events skips and counts it.
+    log = tmp_path / "events.jsonl"
+    outcome = json.dumps({"kind": "outcome", "prompt": "count pears", "weak_correct": False})
+    log.write_text(f'{outcome}\n{{"kind": "outco\n[1]\n', encoding="utf-8")
+    assert _retrain(data, tmp_path / "registry", "--events", str(log)) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["n_event_labels"] == 1
+    said = [line for line in captured.err.splitlines() if "skipped" in line]
+    assert said == [f"routecache: 2 lines of {log} skipped: not a JSON object (torn by a crash?)"]
