@@ -7,6 +7,7 @@ import math
 import re
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from re import _parser  # type: ignore[attr-defined]  # the stdlib's parser of `re` syntax
 from typing import Any
@@ -223,7 +224,7 @@ class RegexValidator:
     ) -> None:
         self.name = name
         for pattern in (*must_match, *must_not_match):
-            re.compile(pattern)  # Python's syntax and error messages, as documented
+            check_python_syntax(pattern)
         self._must = [regex.compile(p) for p in must_match]
         self._must_not = [regex.compile(p) for p in must_not_match]
         self._budget = budget_seconds
@@ -247,6 +248,35 @@ class RegexValidator:
                 self.name, False, f"patterns took longer than {self._budget:g} s on this answer"
             )
         return ValidatorResult(self.name, True)
+
+
+# What `regex` reads otherwise than Python's `re`, whose syntax is documented and checked: a
+# POSIX class ("[[:digit:]]": in `re` the characters "[:digt", then "]") and a fuzzy match
+# ("a{e<=1}": in `re` literal text). Found in the text, from an unescaped "[:" or "{" on (a
+# literal one can be escaped); a POSIX class outside a set is one in neither, but surely meant.
+_READ_OTHERWISE = (
+    ("a POSIX class", re.compile(r"(?<!\\)(?:\\\\)*(\[:[^\[\]]*:\])")),
+    (
+        "a fuzzy match",
+        re.compile(r"(?<!\\)(?:\\\\)*(\{[^{}]*?(?<![A-Za-z])[deis](?![A-Za-z])[^{}]*\})"),
+    ),
+)
+
+
+def check_python_syntax(pattern: str) -> None:
+    """Raises re.error for a pattern that is not Python's syntax, or that the `regex` module
+    matching it would read otherwise (the same pattern must mean one thing)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # "[[": refused below if it differs
+        re.compile(pattern)  # Python's syntax and error messages, as documented
+    for what, construct in _READ_OTHERWISE:
+        if found := construct.search(pattern):
+            raise re.error(
+                f"{what} ({found.group(1)}): the matching engine (the `regex` module) reads it "
+                "differently from Python's `re`; escape its [ or { for the literal text",
+                pattern,
+                found.start(1),
+            )
 
 
 def _search(pattern: regex.Pattern[str], text: str, deadline: float) -> regex.Match[str] | None:
