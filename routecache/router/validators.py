@@ -17,6 +17,7 @@ from jsonschema import Draft202012Validator, ValidationError, validators
 from referencing import Registry
 from referencing.exceptions import Unresolvable
 
+from routecache.cache.scope import without_invisible
 from routecache.domain import ChatRequest, ResponseFormatType, ValidatorResult
 
 # json.loads refuses longer integers (CPython's guard on int parsing, 4,300 digits unless
@@ -186,6 +187,12 @@ class JsonSchemaValidator:
         return compiled
 
 
+def _blank(text: str) -> bool:
+    """Nothing a reader would see: spaces, and the invisible characters the cache's keys drop
+    (zero-width space, BOM...), which str.strip keeps: an answer of them passed as text."""
+    return not without_invisible(text).strip()
+
+
 class LengthValidator:
     """Bounds on the answer's length; a blank answer has length 0 (an empty answer fails)."""
 
@@ -198,7 +205,7 @@ class LengthValidator:
         return True
 
     def check(self, text: str, request: ChatRequest) -> ValidatorResult:
-        size = len(text) if text.strip() else 0
+        size = 0 if _blank(text) else len(text)
         if size < self._min:
             what = "empty answer" if size == 0 else f"{size} characters, fewer than {self._min}"
             return ValidatorResult(self.name, False, what)
@@ -303,7 +310,7 @@ class RefusalValidator:
         return True
 
     def check(self, text: str, request: ChatRequest) -> ValidatorResult:
-        if not text.strip():
+        if _blank(text):
             return ValidatorResult(self.name, False, "empty answer")
         if _REFUSAL.search(text[:300].replace("\u2019", "'")):
             return ValidatorResult(self.name, False, "the model refused to answer")
