@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 
 from routecache.domain import ChatRequest, Tier, ValidationReport, ValidatorResult
 from routecache.errors import FailedValidation
+from routecache.router.redaction import redact_answer
 from routecache.router.releasing import ReleaseStep, release_all
 from routecache.router.settings import LimitSettings
 from routecache.router.tokens import estimate_tokens, request_prompt_tokens
@@ -164,14 +165,14 @@ class Generator:
             )
             tally.add(answered, (time.perf_counter() - started) * 1000)
             started = time.perf_counter()
-            failing, results = self._judge(answered, request, validators)
+            text, failing, results = _verdict(answered, request, validators, retried)
             tally.validate_ms += (time.perf_counter() - started) * 1000
             decision = _decide(failing, retried, answered.tier)
             if decision is OnFail.ESCALATE and cheap_only:
                 decision = OnFail.BLOCK
             if decision is None:  # passed, or only redact / flag failures: serve it
                 tally.results += _label_own(results, failing)
-                return self._served(answered, failing, tally)
+                return self._served(answered, text, failing, tally)
             tally.results += _label(results, decision)
             if decision is OnFail.BLOCK:
                 report = ValidationReport(tuple(tally.results), tally.escalated, passed=False)
@@ -241,21 +242,9 @@ class Generator:
         )  # fmt: skip
 
     @staticmethod
-    def _judge(
-        answered: Answered, request: ChatRequest, validators: Sequence[Configured]
-    ) -> tuple[list[Configured], list[ValidatorResult]]:
-        model = answered.reply.model
-        results = [replace(_check(v, answered.reply.text, request), model=model)
-                   for v in validators]  # fmt: skip
-        failing = [v for v, r in zip(validators, results, strict=True) if not r.passed]
-        return failing, results
-
-    @staticmethod
-    def _served(answered: Answered, failing: Sequence[Configured], tally: Tally) -> Generated:
-        text = answered.reply.text
-        for configured in failing:
-            if configured.on_fail is OnFail.REDACT and isinstance(configured.validator, Redactor):
-                text = configured.validator.redact(text)
+    def _served(
+        answered: Answered, text: str, failing: Sequence[Configured], tally: Tally
+    ) -> Generated:
         flagged = any(c.on_fail is OnFail.FLAG for c in failing)
         report = ValidationReport(tuple(tally.results), tally.escalated, passed=not flagged)
         return Generated(
@@ -272,6 +261,42 @@ class Generator:
     async def aclose(self) -> None:
         """Closes every provider's client, even after one fails to close."""
         await release_all(self.release_steps())
+
+
+def _judge(
+    text: str, model: str, request: ChatRequest, validators: Sequence[Configured]
+) -> tuple[list[Configured], list[ValidatorResult]]:
+    results = [replace(_check(v, text, request), model=model) for v in validators]
+    failing = [v for v, r in zip(validators, results, strict=True) if not r.passed]
+    return failing, results
+
+
+def _verdict(
+    answered: Answered, request: ChatRequest, validators: Sequence[Configured], retried: bool
+) -> tuple[str, list[Configured], list[ValidatorResult]]:
+    """The text to serve, the validators it fails and every result (one per validator).
+
+    An answer to be served with redact failures is redacted, then judged again by the other
+    validators: what is served (and cached) must be what they passed, and a redaction can
+    break what they checked (a schema's integer now a string, a required word, a length)."""
+    text, model = answered.reply.text, answered.reply.model
+    failing, results = _judge(text, model, request, validators)
+    redacting = [c for c in failing if c.on_fail is OnFail.REDACT]
+    redactors = [c.validator for c in redacting if isinstance(c.validator, Redactor)]
+    if not redactors or _decide(failing, retried, answered.tier) is not None:
+        return text, failing, results  # nothing to redact, or it will not be served
+    wants_json = request.params.response_format.wants_json
+    redacted = redact_answer(text, redactors, wants_json)
+    if redacted == text:
+        return text, failing, results
+    done = {id(c) for c in redacting}
+    others = [v for v in validators if id(v) not in done]
+    failing_again, judged_again = _judge(redacted, model, request, others)
+    again = iter(judged_again)  # in the validators' order, the redacting ones left out
+    results = [
+        r if id(v) in done else next(again) for v, r in zip(validators, results, strict=True)
+    ]
+    return redacted, [*redacting, *failing_again], results
 
 
 def _check(configured: Configured, text: str, request: ChatRequest) -> ValidatorResult:
