@@ -18,6 +18,7 @@ from routecache.router.validators import NotJsonError, check_pattern_size, parse
 # (100 typed properties: about 100 objects) is far below; at the limit the check takes < 1 s.
 MAX_SCHEMA_SUBSCHEMAS = 1000
 _SCHEMA_FIELD = "params.response_format.json_schema"
+DIALECT = "https://json-schema.org/draft/2020-12/schema"  # the only one request schemas use
 
 
 def validate_request(request: ChatRequest, limits: LimitSettings, tenant: str = "") -> None:
@@ -120,6 +121,8 @@ def _schema_problem(schema_text: str) -> str | None:
     # Counted before the meta-schema check, whose cost grows with it.
     if _subschemas(schema) > MAX_SCHEMA_SUBSCHEMAS:
         return f"more than {MAX_SCHEMA_SUBSCHEMAS} subschemas (objects and true/false)"
+    if other := next(foreign_dialects(schema), None):
+        return f"$schema may only name JSON Schema 2020-12 ({DIALECT!r}), not {other!r}"
     try:
         Draft202012Validator.check_schema(schema)
     except SchemaError as exc:
@@ -222,6 +225,17 @@ def non_local_refs(schema: object) -> Iterator[str]:
         for key in ("$ref", "$dynamicRef"):
             if isinstance(ref := node.get(key), str) and not ref.startswith("#"):
                 yield ref
+
+
+def foreign_dialects(schema: object) -> Iterator[str]:
+    """Every "$schema" in a JSON Schema that names a dialect other than 2020-12.
+
+    jsonschema checks a subschema that names another draft with that draft's validator: its
+    `pattern` is `re`, with no timeout, and the check has no budget. A "$schema" in data (a
+    `const` object) is refused too: what is schema and what is data is jsonschema's call."""
+    for node in _objects(schema):
+        if isinstance(dialect := node.get("$schema"), str) and dialect.rstrip("#") != DIALECT:
+            yield dialect
 
 
 def _objects(document: object) -> Iterator[dict[str, Any]]:

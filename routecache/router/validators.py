@@ -171,6 +171,20 @@ _BoundedValidator = validators.extend(  # type: ignore[no-untyped-call]
         }.items()
     },
 )
+_INIT_FIELDS = [(f.name, f.alias) for f in _BoundedValidator.__attrs_attrs__ if f.init]
+
+
+def _stay_bounded(self: Any, **changes: Any) -> Any:
+    """jsonschema's evolve (used for every subschema and $ref) without its switch to the class
+    a subschema's "$schema" names: another draft's validator has `re` patterns, no timeout and
+    no budget. Admission refuses any dialect but 2020-12; this holds even if one gets by."""
+    changes.setdefault("schema", self.schema)
+    for name, alias in _INIT_FIELDS:
+        changes.setdefault(alias, getattr(self, name))
+    return _BoundedValidator(**changes)
+
+
+_BoundedValidator.evolve = _stay_bounded
 
 
 class JsonSchemaValidator:

@@ -421,3 +421,37 @@ def test_a_schemas_check_is_cached_per_tenant(monkeypatch: pytest.MonkeyPatch) -
     assert len(checked) == 2  # one check each, then the cached verdict
     validate_request(schema_request(good), LimitSettings(), tenant="globex")
     assert len(checked) == 3
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        lambda dialect: {"$schema": dialect, "type": "string"},
+        lambda dialect: {"properties": {"x": {"$schema": dialect, "pattern": "^(a+)+$"}}},
+        lambda dialect: {"$defs": {"d": {"$schema": dialect}}, "$ref": "#/$defs/d"},
+    ],
+)
+@pytest.mark.parametrize(
+    "dialect",
+    ["http://json-schema.org/draft-07/schema#", "https://json-schema.org/draft/2019-09/schema",
+     "http://json-schema.org/draft-04/schema#", "https://example.com/my-dialect"],
+)  # fmt: skip
+def test_a_schema_may_not_switch_to_another_dialect(
+    where: Callable[[str], object], dialect: str
+) -> None:
+    # Before: a nested "$schema" made jsonschema check that part with another draft's
+    # validator, whose `pattern` is `re`, unbounded: ^(a+)+$ ran for minutes on the loop.
+    with pytest.raises(InvalidArgument, match="2020-12") as error:
+        validate_request(schema_request(where(dialect)), LimitSettings())
+    assert error.value.field == "params.response_format.json_schema"
+
+
+@pytest.mark.parametrize(
+    "dialect",
+    ["https://json-schema.org/draft/2020-12/schema", "https://json-schema.org/draft/2020-12/schema#"],
+)  # fmt: skip
+def test_a_schema_may_name_the_2020_12_dialect(dialect: str) -> None:
+    validate_request(
+        schema_request({"$schema": dialect, "properties": {"x": {"$schema": dialect}}}),
+        LimitSettings(),
+    )

@@ -247,3 +247,17 @@ async def test_a_schema_check_out_of_time_applies_its_on_fail_without_stalling_t
     done.set()
     await beating
     assert max(gaps) < SCHEMA_BUDGET_SECONDS + 0.3
+
+
+def test_a_nested_dialect_is_checked_with_the_bounded_validator() -> None:
+    # Admission refuses any other "$schema"; should one get through, a subschema naming
+    # draft-07 must still not switch to jsonschema's Draft7Validator (`re`, no timeout).
+    sub = {"$schema": "http://json-schema.org/draft-07/schema#", "pattern": "^(a+)+$"}
+    schema = json.dumps({"type": "object", "properties": {"x": sub}})
+    asked = request(ResponseFormatType.JSON_SCHEMA, schema)
+    result, took = elapsed(
+        lambda: JsonSchemaValidator().check(json.dumps({"x": "a" * 26 + "!"}), asked)
+    )
+    assert not result.passed  # `regex` answers at once; `re` backtracked for seconds
+    assert took < SCHEMA_BUDGET_SECONDS + 0.3
+    assert JsonSchemaValidator().check('{"x": "aaa"}', asked).passed
