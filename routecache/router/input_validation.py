@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,13 +13,21 @@ from routecache.errors import InvalidArgument
 from routecache.router.settings import LimitSettings
 from routecache.router.validators import NotJsonError, check_pattern_size, parse_json
 
+# jsonschema's meta-schema check costs about 0.7 ms a subschema, on the event loop and before
+# the rate limit: 10,000 of them (30 kB) held every tenant's calls for 4.5 s. A real schema
+# (100 typed properties: about 100 objects) is far below; at the limit the check takes < 1 s.
+MAX_SCHEMA_SUBSCHEMAS = 1000
+_SCHEMA_FIELD = "params.response_format.json_schema"
+DIALECT = "https://json-schema.org/draft/2020-12/schema"  # the only one request schemas use
 
-def validate_request(request: ChatRequest, limits: LimitSettings) -> None:
+
+def validate_request(request: ChatRequest, limits: LimitSettings, tenant: str = "") -> None:
+    """Raises InvalidArgument naming the field. `tenant` keys the cache of schema verdicts."""
     if request.problems:  # found while translating; refused here, after the API key
         field, problem = request.problems[0]
         raise InvalidArgument(field, problem)
     _check_messages(request, limits)
-    _check_params(request, limits)
+    _check_params(request, limits, tenant)
     _check_cache_control(request, limits)
     _check_text("end_user_id", request.end_user_id, limits.max_end_user_id_chars)
     _check_validators(request, limits)
@@ -72,7 +81,7 @@ def _check_messages(request: ChatRequest, limits: LimitSettings) -> None:
         )
 
 
-def _check_params(request: ChatRequest, limits: LimitSettings) -> None:
+def _check_params(request: ChatRequest, limits: LimitSettings, tenant: str) -> None:
     params = request.params
     hottest = limits.max_temperature
     if params.temperature is not None and not (
@@ -89,7 +98,8 @@ def _check_params(request: ChatRequest, limits: LimitSettings) -> None:
             "params.response_format.json_schema", response_format.json_schema,
             limits.max_schema_chars,
         )  # fmt: skip
-        _check_schema(response_format.json_schema)
+        if problem := _SCHEMA_VERDICTS.problem(tenant, response_format.json_schema):
+            raise InvalidArgument(_SCHEMA_FIELD, problem)
     elif response_format.json_schema:
         raise InvalidArgument(
             "params.response_format.json_schema",
@@ -97,35 +107,72 @@ def _check_params(request: ChatRequest, limits: LimitSettings) -> None:
         )
 
 
-def _check_schema(schema_text: str) -> None:
+def _schema_problem(schema_text: str) -> str | None:
+    """Why a request's JSON Schema is refused, or None if it is admitted."""
     from jsonschema import Draft202012Validator
     from jsonschema.exceptions import SchemaError
 
-    field = "params.response_format.json_schema"
     if not schema_text.strip():
-        raise InvalidArgument(field, "required with RESPONSE_FORMAT_TYPE_JSON_SCHEMA")
+        return "required with RESPONSE_FORMAT_TYPE_JSON_SCHEMA"
     try:
         schema = parse_json(schema_text)
     except NotJsonError as exc:
-        raise InvalidArgument(field, str(exc)) from exc
+        return str(exc)
+    # Counted before the meta-schema check, whose cost grows with it.
+    if _subschemas(schema) > MAX_SCHEMA_SUBSCHEMAS:
+        return f"more than {MAX_SCHEMA_SUBSCHEMAS} subschemas (objects and true/false)"
+    if other := next(foreign_dialects(schema), None):
+        return f"$schema may only name JSON Schema 2020-12 ({DIALECT!r}), not {other!r}"
     try:
         Draft202012Validator.check_schema(schema)
     except SchemaError as exc:
-        raise InvalidArgument(field, f"not a valid JSON Schema: {exc.message}") from exc
+        return f"not a valid JSON Schema: {exc.message}"
     except OverflowError as exc:  # `re`, checking a pattern's repeat count (a{4294967296})
-        raise InvalidArgument(field, f"not a valid JSON Schema: a pattern: {exc}") from exc
-    except RecursionError as exc:
-        raise InvalidArgument(field, "nested too deeply") from exc
+        return f"not a valid JSON Schema: a pattern: {exc}"
+    except RecursionError:
+        return "nested too deeply"
     if remote := next(non_local_refs(schema), None):
         # A caller's schema must never make the service fetch a URL (SSRF).
-        raise InvalidArgument(field, f"only local references ('#...') allowed, not {remote!r}")
+        return f"only local references ('#...') allowed, not {remote!r}"
     for pattern in schema_patterns(schema):
         try:
             check_pattern_size(pattern)
         except (re.error, OverflowError):
             continue  # a "pattern" in data (const, default): jsonschema never compiles it
         except ValueError as exc:
-            raise InvalidArgument(field, str(exc)) from exc
+            return str(exc)
+    return None
+
+
+def _subschemas(schema: object) -> int:
+    """Objects and booleans anywhere in a schema: an upper bound on its subschemas (those in
+    data, such as a `const`, count too)."""
+    return sum(isinstance(value, dict | bool) for value in _values(schema))
+
+
+class _SchemaVerdicts:
+    """The outcome of _schema_problem per (tenant, schema text), the latest `size` kept.
+
+    Tenants send the same few schemas again and again; the meta-schema check is the costly
+    part of admission. Per tenant, so how fast a schema is admitted says nothing about what
+    other tenants sent (docs/security.md, Timing)."""
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._verdicts: OrderedDict[tuple[str, str], str | None] = OrderedDict()
+
+    def problem(self, tenant: str, schema_text: str) -> str | None:
+        key = (tenant, schema_text)
+        if key in self._verdicts:
+            self._verdicts.move_to_end(key)
+            return self._verdicts[key]
+        verdict = self._verdicts[key] = _schema_problem(schema_text)
+        if len(self._verdicts) > self._size:
+            self._verdicts.popitem(last=False)
+        return verdict
+
+
+_SCHEMA_VERDICTS = _SchemaVerdicts()
 
 
 def _check_cache_control(request: ChatRequest, limits: LimitSettings) -> None:
@@ -180,13 +227,30 @@ def non_local_refs(schema: object) -> Iterator[str]:
                 yield ref
 
 
+def foreign_dialects(schema: object) -> Iterator[str]:
+    """Every "$schema" in a JSON Schema that names a dialect other than 2020-12.
+
+    jsonschema checks a subschema that names another draft with that draft's validator: its
+    `pattern` is `re`, with no timeout, and the check has no budget. A "$schema" in data (a
+    `const` object) is refused too: what is schema and what is data is jsonschema's call."""
+    for node in _objects(schema):
+        if isinstance(dialect := node.get("$schema"), str) and dialect.rstrip("#") != DIALECT:
+            yield dialect
+
+
 def _objects(document: object) -> Iterator[dict[str, Any]]:
     """Every JSON object in a parsed document, nested ones included."""
+    return (value for value in _values(document) if isinstance(value, dict))
+
+
+def _values(document: object) -> Iterator[Any]:
+    """Every value in a parsed document, itself and nested ones included (no recursion: a
+    document may nest deeper than Python's stack)."""
     pending = [document]
     while pending:
         node = pending.pop()
+        yield node
         if isinstance(node, dict):
-            yield node
             pending.extend(node.values())
         elif isinstance(node, list):
             pending.extend(node)

@@ -323,7 +323,7 @@ class Pipeline:
         yield done
 
     async def _admit(self, tenant: Tenant, request: ChatRequest) -> None:
-        validate_request(request, self._p.limits)
+        validate_request(request, self._p.limits, tenant.name)
         self._p.generator.validators_for(tenant.name, request)  # a bad one: INVALID_ARGUMENT now
         # Before any lookup: a tier the tenant may not use is refused whether or not cached.
         if request.force_tier is not None and request.force_tier not in tenant.allowed_tiers:

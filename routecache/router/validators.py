@@ -8,7 +8,8 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from re import _parser  # type: ignore[attr-defined]  # the stdlib's parser of `re` syntax
 from typing import Any
 
@@ -65,7 +66,13 @@ def parse_json(text: str) -> Any:
 # service call any address (SSRF). An empty referencing Registry resolves nothing outside the
 # schema itself.
 _NO_RETRIEVAL: Registry[Any] = Registry()
-_PATTERN_TIMEOUT_SECONDS = 0.05
+# One check of an answer against a caller's schema, patterns included: jsonschema's own work
+# can be exponential in the answer's nesting ({"anyOf": [two recursive branches]}: 50 s for 33
+# characters), and it runs on the loop that serves every tenant.
+SCHEMA_BUDGET_SECONDS = 0.2
+# When the running check must stop (time.monotonic()); set by JsonSchemaValidator.check, read
+# by every keyword of _BoundedValidator. Unset: no check is running, so no time at all.
+_SCHEMA_DEADLINE: ContextVar[float] = ContextVar("schema_deadline", default=-math.inf)
 # `regex` unrolls a counted repeat's minimum when it compiles, nested ones multiplied, before
 # any search timeout applies: (a{1000}){1000} takes 1.2 s and 275 MB on the event loop. 10,000
 # unrolled items compile in about 10 ms.
@@ -99,17 +106,48 @@ def _unrolled_item(op: Any, value: Any) -> int:
     return max(1, _unrolled(value))
 
 
+class _OutOfTime(Exception):
+    """The schema check's budget is spent; the message says so, for the answer's report."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__("the schema check took too long" + (f": {detail}" if detail else ""))
+
+
+def _time_left() -> float:
+    """Seconds left to the running schema check; _OutOfTime if none."""
+    left = _SCHEMA_DEADLINE.get() - time.monotonic()
+    if left <= 0:
+        raise _OutOfTime
+    return left
+
+
+def _on_the_clock(keyword: Callable[..., Any]) -> Callable[..., Iterator[Any]]:
+    """A jsonschema keyword function that first checks the running check's deadline: every
+    step of the walk (each subschema, each branch, each item) passes through one."""
+
+    def timed(validator: Any, value: Any, instance: Any, schema: Any) -> Iterator[Any]:
+        _time_left()
+        yield from keyword(validator, value, instance, schema) or ()
+
+    return timed
+
+
+def _schema_search(pattern: str, text: str, what: str) -> regex.Match[str] | None:
+    """A schema pattern's search, on the check's remaining time. A search out of time is
+    neither match nor mismatch (under `not` or `anyOf` a mismatch can pass the answer): it
+    ends the whole check."""
+    try:
+        return regex.search(pattern, text, timeout=_time_left())
+    except TimeoutError:
+        raise _OutOfTime(f"pattern {pattern!r} on {what}") from None
+
+
 def _bounded_pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[Any]:
     """JSON Schema `pattern` with the `regex` module and a timeout: a caller's schema runs on
     the loop that serves every tenant (jsonschema's own uses `re`, unbounded)."""
     if not validator.is_type(instance, "string"):
         return
-    try:
-        found = regex.search(pattern, instance, timeout=_PATTERN_TIMEOUT_SECONDS)
-    except TimeoutError:
-        yield ValidationError(f"pattern {pattern!r} took too long on this value")
-        return
-    if found is None:
+    if _schema_search(pattern, instance, "this value") is None:
         yield ValidationError(f"{instance!r} does not match {pattern!r}")
 
 
@@ -120,19 +158,35 @@ def _bounded_pattern_properties(
         return
     for pattern, subschema in patterns.items():
         for key, value in instance.items():
-            try:
-                found = regex.search(pattern, key, timeout=_PATTERN_TIMEOUT_SECONDS)
-            except TimeoutError:
-                yield ValidationError(f"pattern {pattern!r} took too long on key {key!r}")
-                continue
-            if found:
+            if _schema_search(pattern, key, f"key {key!r}"):
                 yield from validator.descend(value, subschema, path=key, schema_path=pattern)
 
 
 _BoundedValidator = validators.extend(  # type: ignore[no-untyped-call]
     Draft202012Validator,
-    {"pattern": _bounded_pattern, "patternProperties": _bounded_pattern_properties},
+    {
+        keyword: _on_the_clock(function)
+        for keyword, function in {
+            **Draft202012Validator.VALIDATORS,
+            "pattern": _bounded_pattern,
+            "patternProperties": _bounded_pattern_properties,
+        }.items()
+    },
 )
+_INIT_FIELDS = [(f.name, f.alias) for f in _BoundedValidator.__attrs_attrs__ if f.init]
+
+
+def _stay_bounded(self: Any, **changes: Any) -> Any:
+    """jsonschema's evolve (used for every subschema and $ref) without its switch to the class
+    a subschema's "$schema" names: another draft's validator has `re` patterns, no timeout and
+    no budget. Admission refuses any dialect but 2020-12; this holds even if one gets by."""
+    changes.setdefault("schema", self.schema)
+    for name, alias in _INIT_FIELDS:
+        changes.setdefault(alias, getattr(self, name))
+    return _BoundedValidator(**changes)
+
+
+_BoundedValidator.evolve = _stay_bounded
 
 
 class JsonSchemaValidator:
@@ -140,10 +194,13 @@ class JsonSchemaValidator:
 
     name = "json_schema"
 
-    def __init__(self, max_compiled: int = 256) -> None:
+    def __init__(
+        self, max_compiled: int = 256, budget_seconds: float = SCHEMA_BUDGET_SECONDS
+    ) -> None:
         # Tenants send the same few schemas again and again: compile each once.
         self._compiled: dict[str, Draft202012Validator] = {}
         self._max_compiled = max_compiled
+        self._budget = budget_seconds
 
     def applies_to(self, request: ChatRequest) -> bool:
         return request.params.response_format.wants_json
@@ -158,8 +215,11 @@ class JsonSchemaValidator:
             ok = isinstance(value, dict)
             return ValidatorResult(self.name, ok, "" if ok else "JSON, but not an object")
         validator = self._validator(response_format.json_schema)
+        deadline = _SCHEMA_DEADLINE.set(time.monotonic() + self._budget)
         try:
             error = next(iter(validator.iter_errors(value)), None)
+        except _OutOfTime as exc:  # fails the answer: its on_fail applies
+            return ValidatorResult(self.name, False, str(exc))
         except Unresolvable as exc:  # a local $ref to nowhere; remote ones are never fetched
             return ValidatorResult(self.name, False, f"schema reference unresolvable: {exc}")
         except RecursionError:  # a recursive schema ({"$ref": "#"}) down a deep answer
@@ -168,6 +228,8 @@ class JsonSchemaValidator:
             return ValidatorResult(
                 self.name, False, "a number too large to check against the schema"
             )
+        finally:
+            _SCHEMA_DEADLINE.reset(deadline)
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "(root)"
             return ValidatorResult(

@@ -3,8 +3,10 @@
 import http.server
 import json
 import threading
+import time
+import uuid
 from collections.abc import Awaitable, Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 
@@ -21,6 +23,7 @@ from routecache.domain import (
 )
 from routecache.errors import InvalidArgument
 from routecache.router.input_validation import (
+    MAX_SCHEMA_SUBSCHEMAS,
     validate_feedback,
     validate_invalidation,
     validate_request,
@@ -365,3 +368,90 @@ def test_a_pattern_in_schema_data_is_not_checked_as_a_regex() -> None:
         "properties": {"n": {"pattern": "^[0-9]{1,9}$"}},
     }
     validate_request(schema_request(schema), LimitSettings())
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"anyOf": [{}] * 9999 + [{"type": 5}]},  # refused at the end, after seconds
+        {"anyOf": [True] * MAX_SCHEMA_SUBSCHEMAS},  # booleans are subschemas too
+        {"$defs": {str(i): {} for i in range(MAX_SCHEMA_SUBSCHEMAS)}},
+    ],
+)
+def test_a_schema_with_too_many_subschemas_is_refused_before_the_meta_schema_check(
+    schema: dict[str, object],
+) -> None:
+    # Before: check_schema cost ~0.7 ms a subschema on the event loop, before the rate limit:
+    # a 30 kB schema held every tenant's calls for 4.5 s and was refused for free.
+    started = time.monotonic()
+    with pytest.raises(InvalidArgument) as error:
+        validate_request(schema_request(schema), LimitSettings(max_schema_chars=100_000))
+    assert time.monotonic() - started < 0.5
+    assert error.value.field == "params.response_format.json_schema"
+    assert f"more than {MAX_SCHEMA_SUBSCHEMAS} subschemas" in str(error.value)
+
+
+def test_a_schema_at_the_subschema_limit_is_admitted() -> None:
+    # The root object and its anyOf's booleans: exactly the limit.
+    validate_request(
+        schema_request({"anyOf": [True] * (MAX_SCHEMA_SUBSCHEMAS - 1)}), LimitSettings()
+    )
+
+
+def test_a_schemas_check_is_cached_per_tenant(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The meta-schema check is the costly part of admission; tenants send the same few
+    # schemas again and again. Per tenant: how fast a schema is admitted must not tell one
+    # tenant that another sent it.
+    from jsonschema import Draft202012Validator
+
+    checked: list[dict[str, Any]] = []
+    real = Draft202012Validator.check_schema
+
+    def counting(schema: dict[str, Any]) -> None:
+        checked.append(schema)
+        real(schema)
+
+    monkeypatch.setattr(Draft202012Validator, "check_schema", counting)
+    good = {"type": "object", "description": f"cache test {uuid.uuid4()}"}
+    bad = {"type": 5, "description": f"cache test {uuid.uuid4()}"}
+    for _ in range(3):
+        validate_request(schema_request(good), LimitSettings(), tenant="acme")
+        with pytest.raises(InvalidArgument, match="not a valid JSON Schema"):
+            validate_request(schema_request(bad), LimitSettings(), tenant="acme")
+    assert len(checked) == 2  # one check each, then the cached verdict
+    validate_request(schema_request(good), LimitSettings(), tenant="globex")
+    assert len(checked) == 3
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        lambda dialect: {"$schema": dialect, "type": "string"},
+        lambda dialect: {"properties": {"x": {"$schema": dialect, "pattern": "^(a+)+$"}}},
+        lambda dialect: {"$defs": {"d": {"$schema": dialect}}, "$ref": "#/$defs/d"},
+    ],
+)
+@pytest.mark.parametrize(
+    "dialect",
+    ["http://json-schema.org/draft-07/schema#", "https://json-schema.org/draft/2019-09/schema",
+     "http://json-schema.org/draft-04/schema#", "https://example.com/my-dialect"],
+)  # fmt: skip
+def test_a_schema_may_not_switch_to_another_dialect(
+    where: Callable[[str], object], dialect: str
+) -> None:
+    # Before: a nested "$schema" made jsonschema check that part with another draft's
+    # validator, whose `pattern` is `re`, unbounded: ^(a+)+$ ran for minutes on the loop.
+    with pytest.raises(InvalidArgument, match="2020-12") as error:
+        validate_request(schema_request(where(dialect)), LimitSettings())
+    assert error.value.field == "params.response_format.json_schema"
+
+
+@pytest.mark.parametrize(
+    "dialect",
+    ["https://json-schema.org/draft/2020-12/schema", "https://json-schema.org/draft/2020-12/schema#"],
+)  # fmt: skip
+def test_a_schema_may_name_the_2020_12_dialect(dialect: str) -> None:
+    validate_request(
+        schema_request({"$schema": dialect, "properties": {"x": {"$schema": dialect}}}),
+        LimitSettings(),
+    )

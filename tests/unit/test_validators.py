@@ -1,3 +1,4 @@
+import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -11,15 +12,21 @@ from routecache.domain import (
     ResponseFormat,
     ResponseFormatType,
     Role,
+    Tier,
     ValidatorResult,
 )
+from routecache.errors import FailedValidation
+from routecache.router.settings import LimitSettings, ValidatorSpec
+from routecache.router.validation import build_validators
 from routecache.router.validators import (
+    SCHEMA_BUDGET_SECONDS,
     JsonSchemaValidator,
     LengthValidator,
     RefusalValidator,
     RegexValidator,
     check_pattern_size,
 )
+from tests.unit.test_generation import generator, says
 
 SCHEMA = json.dumps(
     {"type": "object", "required": ["answer"], "properties": {"answer": {"type": "string"}}}
@@ -199,3 +206,88 @@ def test_the_pattern_budgets_bound_how_long_a_check_takes() -> None:
     asked = request(ResponseFormatType.JSON_SCHEMA, schema)
     result, took = elapsed(lambda: JsonSchemaValidator().check(json.dumps(NASTY), asked))
     assert "took too long" in result.message and took < 1.0
+
+
+# The schema check's budget, with room for a loaded machine (`regex` overshoots its timeout
+# when the CPU is shared); unbounded, these checks took from 4 to 50 s.
+IN_BUDGET = SCHEMA_BUDGET_SECONDS * 5
+
+# Two recursive branches: jsonschema's work doubles with each level of the answer's nesting.
+EXPONENTIAL = json.dumps(
+    {"anyOf": [{"type": "array", "items": {"$ref": "#"}},
+               {"type": "array", "items": {"$ref": "#"}}, {"type": "string"}]}
+)  # fmt: skip
+
+
+def test_a_schema_check_has_one_budget_for_the_whole_answer() -> None:
+    # Before: a 29-character answer held the event loop for seconds (50 s at 33 characters):
+    # nothing bounded jsonschema's own work, only each regex search.
+    asked = request(ResponseFormatType.JSON_SCHEMA, EXPONENTIAL)
+    result, took = elapsed(lambda: JsonSchemaValidator().check("[" * 14 + "1" + "]" * 14, asked))
+    assert not result.passed and result.message == "the schema check took too long"
+    assert took < IN_BUDGET
+    assert JsonSchemaValidator().check('[["a"], "b"]', asked).passed  # shallow: still checked
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "array", "contains": {"type": "string", "pattern": "^(a|aa)+$"}},
+        {"type": "array", "items": {"anyOf": [{"pattern": "^(a|aa)+$"}, {"type": "number"}]}},
+    ],
+)
+def test_the_pattern_timeout_is_spent_from_the_checks_budget(schema: dict[str, object]) -> None:
+    # Before: each search had its own 50 ms, so `contains` over 100 items took 11 s.
+    answer = json.dumps(["a" * 30 + "!"] * 100)
+    asked = request(ResponseFormatType.JSON_SCHEMA, json.dumps(schema))
+    result, took = elapsed(lambda: JsonSchemaValidator().check(answer, asked))
+    assert not result.passed and "took too long" in result.message
+    assert took < IN_BUDGET
+
+
+def test_a_timed_out_pattern_under_not_fails_the_answer() -> None:
+    # A search that ran out of time is no match and no mismatch: under `not` (or anyOf) an
+    # error meant "passes"; the whole check fails instead.
+    schema = json.dumps({"not": {"type": "string", "pattern": CATASTROPHIC}})
+    asked = request(ResponseFormatType.JSON_SCHEMA, schema)
+    result = JsonSchemaValidator().check(json.dumps(NASTY), asked)
+    assert not result.passed and "took too long" in result.message
+
+
+async def test_a_schema_check_out_of_time_applies_its_on_fail_without_stalling_the_loop() -> None:
+    # Through Generator.generate: the check runs on the event loop that serves every tenant.
+    answer = "[" * 14 + "1" + "]" * 14
+    gen = generator([says(answer)], says(answer), *build_validators(
+        [ValidatorSpec(kind="json_schema", on_fail="block")], LimitSettings()))  # fmt: skip
+    gaps: list[float] = []
+    done = asyncio.Event()
+
+    async def heartbeat() -> None:
+        last = time.monotonic()
+        while not done.is_set():
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    beating = asyncio.create_task(heartbeat())
+    await asyncio.sleep(0.03)
+    with pytest.raises(FailedValidation, match="took too long"):
+        await gen.generate(request(ResponseFormatType.JSON_SCHEMA, EXPONENTIAL), Tier.CHEAP)
+    done.set()
+    await beating
+    assert max(gaps) < IN_BUDGET
+
+
+def test_a_nested_dialect_is_checked_with_the_bounded_validator() -> None:
+    # Admission refuses any other "$schema"; should one get through, a subschema naming
+    # draft-07 must still not switch to jsonschema's Draft7Validator (`re`, no timeout).
+    sub = {"$schema": "http://json-schema.org/draft-07/schema#", "pattern": "^(a+)+$"}
+    schema = json.dumps({"type": "object", "properties": {"x": sub}})
+    asked = request(ResponseFormatType.JSON_SCHEMA, schema)
+    result, took = elapsed(
+        lambda: JsonSchemaValidator().check(json.dumps({"x": "a" * 26 + "!"}), asked)
+    )
+    assert not result.passed  # `regex` answers at once; `re` backtracked for seconds
+    assert took < IN_BUDGET
+    assert JsonSchemaValidator().check('{"x": "aaa"}', asked).passed
