@@ -301,6 +301,7 @@ def build_generator(settings: Settings, parts: Overrides, telemetry: Telemetry) 
         default_timeout_seconds=settings.upstream.request_timeout_seconds,
         clock=parts.monotonic,
         request_validators=RequestValidators(limits),
+        max_answer_chars=limits.max_answer_chars,
     )
 
 

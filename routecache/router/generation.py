@@ -22,10 +22,14 @@ from routecache.router.validation import (
     Redactor,
     RequestValidators,
 )
+from routecache.router.validators import LengthValidator
 
 __all__ = ["Generated", "Generator", "Provider", "Tally"]
 
 log = logging.getLogger(__name__)
+
+# The answer limit's name in validation reports.
+ANSWER_LIMIT = "answer_limit"
 
 
 @dataclass(frozen=True)
@@ -83,8 +87,17 @@ class Generator:
         default_timeout_seconds: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         request_validators: RequestValidators | None = None,
+        max_answer_chars: int | None = None,
     ) -> None:
         self._failover = failover
+        # limits.max_answer_chars holds for every answer, whatever the tenant's validators
+        # (which replace the service-wide ones, a length check included): an answer past it
+        # is blocked, so none too large for server.max_message_bytes is paid for, cached and
+        # then never deliverable. Settings check that the limit fits that message size.
+        self._max_answer_chars = max_answer_chars or LimitSettings().max_answer_chars
+        self._answer_limit = Configured(
+            LengthValidator(0, self._max_answer_chars, ANSWER_LIMIT), OnFail.BLOCK
+        )
         self._validators = validators
         self._request_validators = request_validators or RequestValidators(LimitSettings())
         self._tenant_validators = tenant_validators or {}
@@ -201,23 +214,27 @@ class Generator:
             request, tier, deadline, strong_fallback=not cheap_only, allowed=allowed
         )
         pieces: list[str] = []
+        size, over_limit = 0, False
         # aclosing: this stream closed part-way closes the provider's now (its HTTP response,
         # its breaker ticket), not when the loop finalises the abandoned generator.
         async with contextlib.aclosing(self._failover.deltas(opened, deadline)) as deltas:
             async for delta in deltas:
                 pieces.append(delta)
+                size += len(delta)
+                if over_limit := size > self._max_answer_chars:
+                    break  # what is past the answer limit is neither read on nor sent
                 yield delta
         upstream_ms = (time.perf_counter() - started) * 1000
         text, model = "".join(pieces), opened.provider.model
-        started = time.perf_counter()
-        results = [replace(_check(v, text, request), model=model) for v in validators]
-        validate_ms = (time.perf_counter() - started) * 1000
-        failing = {v.name: v.on_fail for v, r in zip(validators, results, strict=True)
-                   if not r.passed}  # fmt: skip
         prompt_tokens = request_prompt_tokens(request)
         completion_tokens = estimate_tokens(text)
         cost = opened.provider.pricing.cost(prompt_tokens, completion_tokens)
-        if _decide([v for v in validators if v.name in failing], True, Tier.STRONG):
+        started = time.perf_counter()
+        checked, results = self._stream_verdict(text, model, request, validators, over_limit)
+        validate_ms = (time.perf_counter() - started) * 1000
+        failing = {v.name: v.on_fail for v, r in zip(checked, results, strict=True)
+                   if not r.passed}  # fmt: skip
+        if _decide([v for v in checked if v.name in failing], True, Tier.STRONG):
             labelled = _label(results, OnFail.BLOCK)
             report = ValidationReport(tuple(labelled), passed=False)
             failed = "; ".join(f"{r.name}: {r.message}" for r in labelled if not r.passed)
@@ -233,11 +250,25 @@ class Generator:
             opened.provider.name, opened.failures, int(opened.tier is Tier.STRONG),
         )  # fmt: skip
 
-    @staticmethod
+    def _stream_verdict(
+        self, text: str, model: str, request: ChatRequest, validators: Sequence[Configured],
+        over_limit: bool,
+    ) -> tuple[Sequence[Configured], list[ValidatorResult]]:  # fmt: skip
+        """The checks a streamed answer was held to, and their results: the answer limit alone
+        when the stream was stopped at it (the validators would judge a cut text)."""
+        if over_limit:
+            message = f"more than {self._max_answer_chars} characters: the stream was stopped"
+            return [self._answer_limit], [ValidatorResult(ANSWER_LIMIT, False, message, model)]
+        return validators, [replace(_check(v, text, request), model=model) for v in validators]
+
     def _judge(
-        answered: Answered, request: ChatRequest, validators: Sequence[Configured]
+        self, answered: Answered, request: ChatRequest, validators: Sequence[Configured]
     ) -> tuple[list[Configured], list[ValidatorResult]]:
         model = answered.reply.model
+        limit = self._answer_limit
+        over = replace(_check(limit, answered.reply.text, request), model=model)
+        if not over.passed:  # blocked: the validators need not read an answer that long
+            return [limit], [over]
         results = [replace(_check(v, answered.reply.text, request), model=model)
                    for v in validators]  # fmt: skip
         failing = [v for v, r in zip(validators, results, strict=True) if not r.passed]

@@ -155,11 +155,13 @@ def _check_validators(request: ChatRequest, limits: LimitSettings) -> None:
                 raise InvalidArgument(
                     f"{field}.{name}", f"at most {limits.max_validator_patterns} entries"
                 )
-        # Unset, max_chars is the service's answer limit: a minimum above it fails every answer,
-        # after paying for the cheap and the strong model.
-        ceiling = validator.max_chars or limits.max_answer_chars
+        # The service's answer limit bounds every answer (and is max_chars when unset): a
+        # minimum above either fails every answer, after paying for the cheap and strong model.
+        answer_limit = limits.max_answer_chars
+        own = 0 < validator.max_chars <= answer_limit
+        ceiling = validator.max_chars if own else answer_limit
         if validator.min_chars > ceiling:
-            bound = "max_chars" if validator.max_chars else f"the answer limit ({ceiling})"
+            bound = "max_chars" if own else f"the answer limit ({ceiling})"
             raise InvalidArgument(f"{field}.min_chars", f"must not exceed {bound}")
 
 

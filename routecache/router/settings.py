@@ -377,13 +377,24 @@ class ClassifierSettings(_OperatingTargets):
     )
 
 
+# What an answer of limits.max_answer_chars takes in a response at worst: 4 UTF-8 bytes a
+# character, plus the rest of the message (ids, model, cache info, the validation report).
+UTF8_MAX_BYTES = 4
+RESPONSE_OVERHEAD_BYTES = 64 << 10
+
+
 class LimitSettings(_Section):
     max_messages: int = Field(64, gt=0)
     max_message_chars: int = Field(32_000, gt=0)
     max_total_chars: int = Field(128_000, gt=0)
     max_tags: int = Field(16, ge=0)
     max_output_tokens: int = Field(4096, gt=0)
-    max_answer_chars: int = Field(20_000, gt=0, description="the length validator's bound")
+    max_answer_chars: int = Field(
+        20_000,
+        gt=0,
+        description="every answer's bound, whatever the validators (past it: blocked), and "
+        "the length validator's default max_chars",
+    )
     max_request_bytes: int = Field(
         1 << 20,
         ge=4096,
@@ -603,13 +614,28 @@ class Settings(BaseSettings):
         return tenants
 
     @model_validator(mode="after")
+    def _answer_limit_fits_a_message(self) -> Self:
+        # The generator blocks answers past limits.max_answer_chars; one under it must still
+        # fit a response, or it is paid for (and cached) and every delivery fails.
+        limit = self.limits.max_answer_chars
+        worst = limit * UTF8_MAX_BYTES + RESPONSE_OVERHEAD_BYTES
+        if worst > self.server.max_message_bytes:
+            raise ValueError(
+                f"limits.max_answer_chars {limit} (up to {worst} bytes in a response: "
+                f"{UTF8_MAX_BYTES} a character, plus {RESPONSE_OVERHEAD_BYTES} for the rest) "
+                f"exceeds server.max_message_bytes ({self.server.max_message_bytes})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _length_bounds_reachable(self) -> Self:
-        # Without max_chars a length validator's bound is limits.max_answer_chars, another
-        # section: a minimum above it would fail every answer, after both models were paid.
+        # limits.max_answer_chars bounds every answer (and is a length validator's max_chars
+        # when unset), another section: a minimum above it would fail every answer, after
+        # both models were paid.
         answer_limit = self.limits.max_answer_chars
         specs = [*self.validators, *(v for t in self.tenants for v in t.validators or ())]
         for spec in specs:
-            if spec.max_chars is None and spec.min_chars > answer_limit:
+            if spec.min_chars > answer_limit:
                 raise ValueError(
                     f"validator {spec.name or spec.kind}: min_chars {spec.min_chars} exceeds "
                     f"limits.max_answer_chars ({answer_limit}); no answer could pass"

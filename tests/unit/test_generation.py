@@ -22,6 +22,7 @@ from routecache.domain import (
 from routecache.errors import FailedValidation, Unavailable, UpstreamError
 from routecache.router.generation import Generated, Generator, Tally
 from routecache.router.ports import Pricing, UpstreamReply
+from routecache.router.settings import LimitSettings
 from routecache.router.tokens import estimate_tokens
 from routecache.router.upstream.breaker import CircuitBreaker
 from routecache.router.upstream.failover import Failover, Provider
@@ -395,3 +396,38 @@ async def test_aclose_closes_every_provider_once() -> None:
     gen = generator([cheap], strong)
     await gen.aclose()
     assert (cheap.closed, strong.closed) == (1, 1)
+
+
+# --- the answer limit, whatever the validators ---------------------------------------------
+
+ANSWER_LIMIT = LimitSettings().max_answer_chars
+
+
+async def test_an_answer_over_the_answer_limit_is_refused_with_no_length_validator() -> None:
+    # Before: a tenant whose validators had no length check was served (and cached) an answer
+    # of any size; one over server.max_message_bytes was paid for and never deliverable.
+    over = "word " * (ANSWER_LIMIT // 5 + 1)
+    gen = generator([says(over)], says("strong"))
+    with pytest.raises(FailedValidation) as caught:
+        await gen.generate(REQUEST, Tier.CHEAP)
+    refused = caught.value
+    assert refused.calls == 1 and refused.cost_usd > 0  # paid for, as any refused answer
+    assert [(r.name, r.passed, r.action) for r in refused.report.results] == [
+        ("answer_limit", False, "blocked")
+    ]
+    assert f"more than {ANSWER_LIMIT}" in str(refused)
+    at_limit = "x" * ANSWER_LIMIT
+    assert (await generator([says(at_limit)], says("strong")).generate(REQUEST, Tier.CHEAP)).text
+
+
+async def test_a_stream_over_the_answer_limit_stops_there_and_is_refused() -> None:
+    over = "word " * (ANSWER_LIMIT // 5 * 50)  # 50 times the limit
+    sent: list[str] = []
+    with pytest.raises(FailedValidation) as caught:
+        await streamed(generator([says(over)], says("strong")), sent)
+    # The provider's stream is left at the limit, not read to its end; nothing past it is sent.
+    assert ANSWER_LIMIT - len("word ") < len("".join(sent)) <= ANSWER_LIMIT
+    assert [(r.name, r.action) for r in caught.value.report.results] == [
+        ("answer_limit", "blocked")
+    ]
+    assert caught.value.calls == 1 and caught.value.cost_usd > 0

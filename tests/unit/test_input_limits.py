@@ -110,6 +110,13 @@ VIOLATIONS = [
         ChatRequest((user(),), validators=(RequestValidator("length", min_chars=20_001),)),
         "validators[0].min_chars",
     ),
+    (  # a max_chars over limits.max_answer_chars: the answer limit still bounds every answer
+        ChatRequest(
+            (user(),),
+            validators=(RequestValidator("length", min_chars=20_001, max_chars=30_000),),
+        ),
+        "validators[0].min_chars",
+    ),
     (ChatRequest((user(),), validators=(RequestValidator("k" * 65),)), "validators[0].kind"),
     (
         ChatRequest((user(),), validators=(RequestValidator("pii", name="n" * 65),)),

@@ -715,3 +715,19 @@ def test_values_at_their_bounds_are_accepted() -> None:
                              budgets={"alert_webhook_url": "https://hooks.example/b"},
                              limits={"max_request_bytes": 4096})  # fmt: skip
     assert (settings.server.port, settings.cache.embed_max_wait_ms) == (65535, 50)
+
+
+def test_the_answer_limit_must_fit_the_servers_message_size() -> None:
+    # An answer the limit lets through (4 UTF-8 bytes a character at worst, and the rest of the
+    # response) must fit server.max_message_bytes, or it is paid for and never delivered.
+    with pytest.raises(ConfigError, match=r"limits\.max_answer_chars 300000 .*max_message_bytes"):
+        load_settings(limits={"max_answer_chars": 300_000})
+    with pytest.raises(ConfigError, match=r"max_message_bytes"):
+        load_settings(server={"max_message_bytes": 64 << 10})
+    assert load_settings(limits={"max_answer_chars": 200_000}).limits.max_answer_chars == 200_000
+
+
+def test_a_length_validator_minimum_over_the_answer_limit_is_refused_whatever_its_max() -> None:
+    # The answer limit holds over any validator's max_chars: such a minimum fails every answer.
+    with pytest.raises(ConfigError, match=r"min_chars 30000 exceeds limits\.max_answer_chars"):
+        load_settings(validators=[{"kind": "length", "min_chars": 30_000, "max_chars": 50_000}])
