@@ -321,6 +321,7 @@ def build_generator(settings: Settings, parts: Overrides, telemetry: Telemetry) 
         clock=parts.monotonic,
         request_validators=RequestValidators(limits),
         longest_call_seconds=settings.longest_call_seconds(),
+        deliverable_chars=settings.deliverable_answer_chars(),
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import time
 from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -24,10 +25,14 @@ from routecache.router.validation import (
     Redactor,
     RequestValidators,
 )
+from routecache.router.validators import LengthValidator
 
 __all__ = ["Generated", "Generator", "Provider", "Tally"]
 
 log = logging.getLogger(__name__)
+
+# The answer limit's name in validation reports.
+ANSWER_LIMIT = "answer_limit"
 
 
 @dataclass(frozen=True)
@@ -86,8 +91,17 @@ class Generator:
         clock: Callable[[], float] = time.monotonic,
         request_validators: RequestValidators | None = None,
         longest_call_seconds: float = math.inf,
+        deliverable_chars: int | None = None,
     ) -> None:
         self._failover = failover
+        # An answer past what one response can carry (server.max_message_bytes, at 4 bytes a
+        # character) is blocked whatever the tenant's validators (which replace the
+        # service-wide ones, a length check included): it would be paid for, cached, and then
+        # fail every delivery. None: no bound (a Generator built outside the service).
+        self._deliverable = deliverable_chars
+        self._answer_limit = Configured(
+            LengthValidator(0, deliverable_chars or sys.maxsize, ANSWER_LIMIT), OnFail.BLOCK
+        )
         self._validators = validators
         self._request_validators = request_validators or RequestValidators(LimitSettings())
         self._tenant_validators = tenant_validators or {}
@@ -165,7 +179,7 @@ class Generator:
             )
             tally.add(answered, (time.perf_counter() - started) * 1000)
             started = time.perf_counter()
-            text, failing, results = _verdict(answered, request, validators, retried)
+            text, failing, results = self._verdict(answered, request, validators, retried)
             tally.validate_ms += (time.perf_counter() - started) * 1000
             decision = _decide(failing, retried, answered.tier)
             if decision is OnFail.ESCALATE and cheap_only:
@@ -209,23 +223,27 @@ class Generator:
             request, tier, deadline, strong_fallback=not cheap_only, allowed=allowed
         )
         pieces: list[str] = []
+        size, over_limit = 0, False
         # aclosing: this stream closed part-way closes the provider's now (its HTTP response,
         # its breaker ticket), not when the loop finalises the abandoned generator.
         async with contextlib.aclosing(self._failover.deltas(opened, deadline)) as deltas:
             async for delta in deltas:
                 pieces.append(delta)
+                size += len(delta)
+                if over_limit := self._deliverable is not None and size > self._deliverable:
+                    break  # what is past the answer limit is neither read on nor sent
                 yield delta
         upstream_ms = (time.perf_counter() - started) * 1000
         text, model = "".join(pieces), opened.provider.model
-        started = time.perf_counter()
-        results = [replace(_check(v, text, request), model=model) for v in validators]
-        validate_ms = (time.perf_counter() - started) * 1000
-        failing = {v.name: v.on_fail for v, r in zip(validators, results, strict=True)
-                   if not r.passed}  # fmt: skip
         prompt_tokens = request_prompt_tokens(request)
         completion_tokens = estimate_tokens(text)
         cost = opened.provider.pricing.cost(prompt_tokens, completion_tokens)
-        if _decide([v for v in validators if v.name in failing], True, Tier.STRONG):
+        started = time.perf_counter()
+        checked, results = self._stream_verdict(text, model, request, validators, over_limit)
+        validate_ms = (time.perf_counter() - started) * 1000
+        failing = {v.name: v.on_fail for v, r in zip(checked, results, strict=True)
+                   if not r.passed}  # fmt: skip
+        if _decide([v for v in checked if v.name in failing], True, Tier.STRONG):
             labelled = _label(results, OnFail.BLOCK)
             report = ValidationReport(tuple(labelled), passed=False)
             failed = "; ".join(f"{r.name}: {r.message}" for r in labelled if not r.passed)
@@ -240,6 +258,28 @@ class Generator:
             ValidationReport(tuple(labelled), passed=not failing), upstream_ms, validate_ms, 1,
             opened.provider.name, opened.failures, int(opened.tier is Tier.STRONG),
         )  # fmt: skip
+
+    def _verdict(
+        self, answered: Answered, request: ChatRequest, validators: Sequence[Configured],
+        retried: bool,
+    ) -> tuple[str, list[Configured], list[ValidatorResult]]:  # fmt: skip
+        """As `_verdict`, the answer limit first: past it, blocked unread by the validators."""
+        limit = self._answer_limit
+        over = replace(_check(limit, answered.reply.text, request), model=answered.reply.model)
+        if not over.passed:
+            return answered.reply.text, [limit], [over]
+        return _verdict(answered, request, validators, retried)
+
+    def _stream_verdict(
+        self, text: str, model: str, request: ChatRequest, validators: Sequence[Configured],
+        over_limit: bool,
+    ) -> tuple[Sequence[Configured], list[ValidatorResult]]:  # fmt: skip
+        """The checks a streamed answer was held to, and their results: the answer limit alone
+        when the stream was stopped at it (the validators would judge a cut text)."""
+        if over_limit:
+            message = f"more than {self._deliverable} characters: the stream was stopped"
+            return [self._answer_limit], [ValidatorResult(ANSWER_LIMIT, False, message, model)]
+        return validators, [replace(_check(v, text, request), model=model) for v in validators]
 
     @staticmethod
     def _served(

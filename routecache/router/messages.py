@@ -152,7 +152,24 @@ def invalidate_target_from_pb(message: pb.InvalidateRequest) -> InvalidateTarget
     return InvalidateTarget(all_entries=which == "all" and message.all)
 
 
+# GetStats shows each top entry's prompt as a preview: whole prompts (up to
+# limits.max_message_chars, 4 UTF-8 bytes a character at worst) times top_n overran
+# server.max_message_bytes and the whole reply failed RESOURCE_EXHAUSTED.
+PROMPT_PREVIEW_CHARS = 200
+
+
 def stats_to_pb(stats: TenantStats) -> pb.GetStatsResponse:
     fields = {k: v for k, v in vars(stats).items() if k != "top_entries"}
-    top = [pb.TopEntry(**vars(entry)) for entry in stats.top_entries]
+    top = [
+        pb.TopEntry(**{**vars(entry), "prompt": prompt_preview(entry.prompt)})
+        for entry in stats.top_entries
+    ]
     return pb.GetStatsResponse(**fields, top_entries=top)
+
+
+def prompt_preview(prompt: str) -> str:
+    """The first PROMPT_PREVIEW_CHARS characters and "…" when cut (a str slice cuts between
+    code points, never inside a character's UTF-8 bytes)."""
+    if len(prompt) <= PROMPT_PREVIEW_CHARS:
+        return prompt
+    return prompt[:PROMPT_PREVIEW_CHARS] + "…"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -100,13 +101,22 @@ class ListenError(OSError):
     """A port could not be bound (taken, or an address this host does not have)."""
 
 
+# The end of a drain: how long gRPC's stop lets the last replies go out (those of calls the
+# pipeline no longer counts, Feedback, GetStats) before it cancels what is left, health Watch
+# streams included (they never end on their own). Taken out of server.grace_seconds.
+FINAL_GRACE_SECONDS = 1.0
+
+
 class RunningServer:
     def __init__(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer,
-                 port: int, grace_seconds: float) -> None:  # fmt: skip
+                 port: int, grace_seconds: float,
+                 servicer: RouteCacheServicer | None = None) -> None:  # fmt: skip
         self.server = server
         self.health = health_servicer
         self.port = port
         self._grace_seconds = grace_seconds
+        self._servicer = servicer or RouteCacheServicer(None)
+        self._cut = asyncio.Event()  # set by stop_now: a drain under way ends at once
 
     async def set_serving(self, serving: bool) -> None:
         status = _status(serving)
@@ -121,15 +131,34 @@ class RunningServer:
         await self.set_dependency(CACHE_HEALTH_NAME, serving=serving)
 
     async def stop(self) -> None:
-        """Stop taking calls, let in-flight ones finish within the grace period."""
+        """Stop taking calls, let in-flight ones finish within the grace period.
+
+        gRPC's own stop closes the listener at once: health checks would be refused for the
+        whole drain (the liveness entry routecache.embedder stays SERVING, so that a draining
+        pod is not killed), and an open health Watch would hold it to the full grace. So the
+        overall status turns NOT_SERVING and new calls are refused UNAVAILABLE while the
+        listener stays open, until the pipeline's calls end; then gRPC stops, briefly."""
         await self.set_serving(False)
+        self._servicer.drain()
         log.info("draining in-flight calls (up to %.1f s)", self._grace_seconds)
-        await self.server.stop(self._grace_seconds)
+        final = min(FINAL_GRACE_SECONDS, self._grace_seconds)
+        idle = await self._drained(self._grace_seconds - final)
+        await self.server.stop(final if idle else None)
         log.info("routecache stopped")
+
+    async def _drained(self, seconds: float) -> bool:
+        """Whether the calls in flight ended within `seconds` (False too after stop_now)."""
+        idle = asyncio.ensure_future(self._servicer.wait_idle(seconds))
+        cut = asyncio.ensure_future(self._cut.wait())
+        done, _ = await asyncio.wait((idle, cut), return_when=asyncio.FIRST_COMPLETED)
+        for task in (idle, cut):
+            task.cancel()
+        return idle in done and idle.result()
 
     async def stop_now(self) -> None:
         """Cancel the calls still in flight: a drain that stop() is waiting out ends at once."""
         log.warning("cancelling the calls still in flight")
+        self._cut.set()
         await self.server.stop(None)
 
     async def wait_for_termination(self) -> None:
@@ -258,7 +287,7 @@ async def start_server(
     except RuntimeError as error:  # grpcio raises where the bind fails (it never returns 0)
         raise ListenError(f"could not bind {address}: {error}") from error
     await server.start()
-    running = RunningServer(server, health_servicer, port, settings.grace_seconds)
+    running = RunningServer(server, health_servicer, port, settings.grace_seconds, servicer)
     await running.set_serving(False)
     for dependency in dependencies:
         await running.set_dependency(dependency, serving=False)

@@ -38,13 +38,25 @@ def request_id_of(context: Context) -> str:
 class RouteCacheServicer(pb_grpc.RouteCacheServicer):  # type: ignore[misc]  # untyped stub base
     def __init__(self, pipeline: Pipeline | None) -> None:
         self._ready: Pipeline | None = pipeline
+        self._draining = False
 
     def attach(self, pipeline: Pipeline) -> None:
         """The server listens (health NOT_SERVING) while models load; calls wait for this."""
         self._ready = pipeline
 
+    def drain(self) -> None:
+        """Refuse new calls (UNAVAILABLE, retryable elsewhere) while those in flight finish:
+        the listener stays open meanwhile, so health checks are still answered."""
+        self._draining = True
+
+    async def wait_idle(self, seconds: float) -> bool:
+        """Whether the pipeline's calls in flight all ended within `seconds`."""
+        return self._ready is None or await self._ready.in_flight.wait_idle(seconds)
+
     @property
     def _pipeline(self) -> Pipeline:
+        if self._draining:
+            raise Unavailable("routecache is draining: shutting down, try another replica")
         if self._ready is None:
             raise Unavailable("routecache is starting: models and index are loading")
         return self._ready

@@ -383,13 +383,23 @@ class ClassifierSettings(_OperatingTargets):
     )
 
 
+# What an answer of limits.max_answer_chars takes in a response at worst: 4 UTF-8 bytes a
+# character, plus the rest of the message (ids, model, cache info, the validation report).
+UTF8_MAX_BYTES = 4
+RESPONSE_OVERHEAD_BYTES = 64 << 10
+
+
 class LimitSettings(_Section):
     max_messages: int = Field(64, gt=0)
     max_message_chars: int = Field(32_000, gt=0)
     max_total_chars: int = Field(128_000, gt=0)
     max_tags: int = Field(16, ge=0)
     max_output_tokens: int = Field(4096, gt=0)
-    max_answer_chars: int = Field(20_000, gt=0, description="the length validator's bound")
+    max_answer_chars: int = Field(
+        20_000,
+        gt=0,
+        description="the length validator's bound (it must fit server.max_message_bytes)",
+    )
     max_request_bytes: int = Field(
         1 << 20,
         ge=4096,
@@ -607,6 +617,26 @@ class Settings(BaseSettings):
                     raise ValueError(reused_digest(owner[digest], tenant.name, digest))
                 owner[digest] = tenant.name
         return tenants
+
+    def deliverable_answer_chars(self) -> int:
+        """The longest answer one response carries at worst (4 UTF-8 bytes a character, plus
+        the rest of the message): the generator blocks any longer, whatever the validators."""
+        room = self.server.max_message_bytes - RESPONSE_OVERHEAD_BYTES
+        return max(room, 0) // UTF8_MAX_BYTES
+
+    @model_validator(mode="after")
+    def _answer_limit_fits_a_message(self) -> Self:
+        # An answer the length validator passes must fit a response (the generator blocks
+        # those that cannot: paid for, they would be cached and fail every delivery).
+        limit = self.limits.max_answer_chars
+        worst = limit * UTF8_MAX_BYTES + RESPONSE_OVERHEAD_BYTES
+        if limit > self.deliverable_answer_chars():
+            raise ValueError(
+                f"limits.max_answer_chars {limit} (up to {worst} bytes in a response: "
+                f"{UTF8_MAX_BYTES} a character, plus {RESPONSE_OVERHEAD_BYTES} for the rest) "
+                f"exceeds server.max_message_bytes ({self.server.max_message_bytes})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _length_bounds_reachable(self) -> Self:

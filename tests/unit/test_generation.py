@@ -23,12 +23,12 @@ from routecache.domain import (
 from routecache.errors import FailedValidation, Unavailable, UpstreamError
 from routecache.router.generation import Generated, Generator, Tally
 from routecache.router.ports import Pricing, UpstreamReply
-from routecache.router.settings import LimitSettings, ValidatorSpec
+from routecache.router.settings import LimitSettings, ValidatorSpec, load_settings
 from routecache.router.tokens import estimate_tokens
 from routecache.router.upstream.breaker import CircuitBreaker
 from routecache.router.upstream.failover import Failover, Provider
 from routecache.router.validation import Configured, OnFail, build_validators
-from routecache.router.validators import parse_json
+from routecache.router.validators import LengthValidator, parse_json
 from tests.fakes import FakeUpstream
 
 CHEAP_PRICE, STRONG_PRICE = Pricing(1.0, 2.0), Pricing(10.0, 30.0)
@@ -97,8 +97,9 @@ def down(name: str) -> FakeUpstream:
 
 
 def generator(
-    cheap: Sequence[FakeUpstream], strong: FakeUpstream, *validators: Configured
-) -> Generator:
+    cheap: Sequence[FakeUpstream], strong: FakeUpstream, *validators: Configured,
+    deliverable_chars: int | None = None,
+) -> Generator:  # fmt: skip
     def provider(upstream: FakeUpstream, price: Pricing) -> Provider:
         # Named apart from its model: what is reported as the model must be the model.
         return Provider(f"{upstream.model_id}@host", upstream, price, CircuitBreaker())
@@ -107,7 +108,7 @@ def generator(
         Tier.CHEAP: [provider(u, CHEAP_PRICE) for u in cheap],
         Tier.STRONG: [provider(strong, STRONG_PRICE)],
     }
-    return Generator(Failover(chains), validators)
+    return Generator(Failover(chains), validators, deliverable_chars=deliverable_chars)
 
 
 def reply_tokens(prompt: str, text: str) -> tuple[int, int]:
@@ -464,3 +465,52 @@ async def test_aclose_closes_every_provider_once() -> None:
     gen = generator([cheap], strong)
     await gen.aclose()
     assert (cheap.closed, strong.closed) == (1, 1)
+
+
+# --- the answer limit, whatever the validators ---------------------------------------------
+
+# What one response carries at worst with the default server.max_message_bytes.
+ANSWER_LIMIT = load_settings().deliverable_answer_chars()
+
+
+async def test_an_answer_past_what_a_response_carries_is_refused_with_no_length_validator() -> None:
+    # Before: a tenant whose validators had no length check was served (and cached) an answer
+    # of any size; one over server.max_message_bytes was paid for and never deliverable.
+    over = "word " * (ANSWER_LIMIT // 5 + 1)
+    gen = generator([says(over)], says("strong"), deliverable_chars=ANSWER_LIMIT)
+    with pytest.raises(FailedValidation) as caught:
+        await gen.generate(REQUEST, Tier.CHEAP)
+    refused = caught.value
+    assert refused.calls == 1 and refused.cost_usd > 0  # paid for, as any refused answer
+    assert [(r.name, r.passed, r.action) for r in refused.report.results] == [
+        ("answer_limit", False, "blocked")
+    ]
+    assert f"more than {ANSWER_LIMIT}" in str(refused)
+    at_limit = "x" * ANSWER_LIMIT
+    done = generator([says(at_limit)], says("strong"), deliverable_chars=ANSWER_LIMIT)
+    assert (await done.generate(REQUEST, Tier.CHEAP)).text
+
+
+async def test_a_length_validator_still_escalates_an_answer_a_response_can_carry() -> None:
+    # The answer limit is what a response can carry, not limits.max_answer_chars: a long
+    # cheap answer the length validator refuses is escalated as it was, not blocked.
+    longest = LimitSettings().max_answer_chars  # the default length validator's bound
+    length = Configured(LengthValidator(1, longest), OnFail.ESCALATE)
+    long = says("x" * (longest + 1))
+    gen = generator([long], says("short"), length, deliverable_chars=ANSWER_LIMIT)
+    done = await gen.generate(REQUEST, Tier.CHEAP)
+    assert done.text == "short" and done.report.escalated
+
+
+async def test_a_stream_past_what_a_response_carries_stops_there_and_is_refused() -> None:
+    over = "word " * (ANSWER_LIMIT // 5 * 50)  # 50 times the limit
+    sent: list[str] = []
+    with pytest.raises(FailedValidation) as caught:
+        gen = generator([says(over)], says("strong"), deliverable_chars=ANSWER_LIMIT)
+        await streamed(gen, sent)
+    # The provider's stream is left at the limit, not read to its end; nothing past it is sent.
+    assert ANSWER_LIMIT - len("word ") < len("".join(sent)) <= ANSWER_LIMIT
+    assert [(r.name, r.action) for r in caught.value.report.results] == [
+        ("answer_limit", "blocked")
+    ]
+    assert caught.value.calls == 1 and caught.value.cost_usd > 0

@@ -14,7 +14,9 @@ from routecache.domain import (
     RequestValidator,
     ResponseFormat,
     ResponseFormatType,
+    TenantStats,
     Tier,
+    TopEntry,
     Usage,
     ValidationReport,
     ValidatorResult,
@@ -22,12 +24,14 @@ from routecache.domain import (
 from routecache.errors import InvalidArgument
 from routecache.router.input_validation import validate_feedback, validate_request
 from routecache.router.messages import (
+    PROMPT_PREVIEW_CHARS,
     completion_to_pb,
     feedback_from_pb,
     invalidate_target_from_pb,
     request_from_pb,
+    stats_to_pb,
 )
-from routecache.router.settings import LimitSettings
+from routecache.router.settings import LimitSettings, ServerSettings
 from routecache.router.tenant_admin import InvalidateTarget
 from routecache.v1 import routecache_pb2 as pb
 
@@ -206,3 +210,24 @@ def test_chat_request_refuses_a_role_it_does_not_know_by_name() -> None:
 def test_chat_request_refuses_a_tier_it_does_not_know_by_name() -> None:
     with pytest.raises(ValueError, match=r"^unknown tier 'medium': one of cheap, strong$"):
         chat_request("q", force_tier="medium")
+
+
+def test_stats_top_entries_carry_a_prompt_preview_so_max_top_n_fits_the_send_limit() -> None:
+    # Before: each top entry carried its whole prompt; max_top_n entries of max_message_chars
+    # 4-byte characters were over server.max_message_bytes, so GetStats failed
+    # RESOURCE_EXHAUSTED ("Sent message larger than max") and its counters were lost with it.
+    limits, server = LimitSettings(), ServerSettings()
+    prompt = "🌀" * limits.max_message_chars
+    entries = tuple(
+        TopEntry(entry_id=f"e{i}", prompt=prompt, model="cheap-model", hits=i, saved_usd=0.1)
+        for i in range(limits.max_top_n)
+    )
+    reply = stats_to_pb(TenantStats(tenant="acme", requests=3, top_entries=entries))
+    assert reply.ByteSize() < server.max_message_bytes
+    assert reply.requests == 3 and len(reply.top_entries) == limits.max_top_n
+    preview = reply.top_entries[0].prompt
+    assert preview == "🌀" * PROMPT_PREVIEW_CHARS + "…"
+    short = stats_to_pb(TenantStats(tenant="acme", top_entries=(
+        TopEntry(entry_id="e", prompt="what is 2+2?", model="m", hits=1, saved_usd=0.0),
+    )))  # fmt: skip
+    assert short.top_entries[0].prompt == "what is 2+2?"  # a short prompt is whole, no "…"

@@ -731,3 +731,13 @@ def test_values_at_their_bounds_are_accepted() -> None:
                              budgets={"alert_webhook_url": "https://hooks.example/b"},
                              limits={"max_request_bytes": 4096})  # fmt: skip
     assert (settings.server.port, settings.cache.embed_max_wait_ms) == (65535, 50)
+
+
+def test_the_answer_limit_must_fit_the_servers_message_size() -> None:
+    # An answer the limit lets through (4 UTF-8 bytes a character at worst, and the rest of the
+    # response) must fit server.max_message_bytes, or it is paid for and never delivered.
+    with pytest.raises(ConfigError, match=r"limits\.max_answer_chars 300000 .*max_message_bytes"):
+        load_settings(limits={"max_answer_chars": 300_000})
+    with pytest.raises(ConfigError, match=r"max_message_bytes"):
+        load_settings(server={"max_message_bytes": 64 << 10})
+    assert load_settings(limits={"max_answer_chars": 200_000}).limits.max_answer_chars == 200_000
