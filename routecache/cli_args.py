@@ -9,20 +9,29 @@ from collections.abc import Callable
 
 def at_least(low: int) -> Callable[[str], int]:
     """An argparse type: an integer of `low` or more."""
+    return integer_between(low)
+
+
+def integer_between(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` to `high` (None: no upper bound)."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError as error:
             raise argparse.ArgumentTypeError(f"not an integer: {text}") from error
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{text}: must be {low} or more")
+        if value < low or (high is not None and value > high):
+            bounds = f"{low} or more" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"{text}: must be {bounds}")
         return value
 
     return parse
 
 
 positive_int = at_least(1)
+# What numpy's and sklearn's random_state take: another seed failed only after the minutes of
+# embedding every prompt.
+random_seed = integer_between(0, 2**32 - 1)
 
 
 def _number(text: str) -> float:

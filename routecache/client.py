@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from routecache.router.auth import check_sendable_key
 from routecache.v1 import routecache_pb2 as pb
 from routecache.v1 import routecache_pb2_grpc as pb_grpc
 
@@ -99,17 +100,6 @@ class ClientTls:
         )
 
 
-def _check_api_key(api_key: str) -> None:
-    """ValueError unless the key can be sent as gRPC metadata (printable ASCII): gRPC refuses
-    any other only when a call is made, with an ExecuteBatchError that does not say why. The
-    message names the character and its position, never the key."""
-    for position, char in enumerate(api_key):
-        if not " " <= char <= "~":
-            raise ValueError(
-                f"the API key has {char!r} at position {position}: only printable ASCII can be sent"
-            )
-
-
 class RouteCacheClient:
     """One channel, one API key. Use `async with RouteCacheClient(target, key) as client`;
     pass `tls` for a server with TLS (and mTLS). To stop reading a stream early, read it
@@ -124,7 +114,7 @@ class RouteCacheClient:
         timeout_seconds: float = 60.0,
         tls: ClientTls | None = None,
     ) -> None:
-        _check_api_key(api_key)  # before the channel opens: nothing to close if it is refused
+        check_sendable_key(api_key)  # before the channel opens: nothing to close if it is refused
         if tls is None:
             self._channel = grpc.aio.insecure_channel(target)
         else:

@@ -165,6 +165,9 @@ class Tenant:
     rate: RateLimits = field(default_factory=RateLimits)
     budget: Budget = field(default_factory=Budget)
     allowed_tiers: frozenset[Tier] = frozenset(Tier)  # from the tenant's models_allowed
+    # The names of the providers whose model models_allowed lists, fallbacks included (a
+    # tier's first provider goes by the tier's name); None: every provider.
+    providers_allowed: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)

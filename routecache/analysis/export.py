@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
+import stat
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+
+from routecache.atomic_file import replacing, replacing_bytes
+from routecache.router.events import SkippedLines, event_lines
 
 # The epoch seconds a time column can hold (pandas' nanosecond range, years 1677 to 2262).
 _TS_RANGE = (math.ceil(pd.Timestamp.min.timestamp()), math.floor(pd.Timestamp.max.timestamp()))
@@ -44,49 +46,19 @@ def parse_since(text: str, now: float | None = None) -> float:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
-@dataclass
-class SkippedLines:
-    """Lines read_events passed over, so a caller can say so: an export that dropped lines
-    without a word looked complete."""
-
-    torn: int = 0  # not JSON (a crash mid-write), or not a JSON object
-    no_time: int = 0  # a `ts` that is not a number, or no instant (NaN, 1e20)
-
-    @property
-    def total(self) -> int:
-        return self.torn + self.no_time
-
-
 def read_events(
     path: Path, since: float | None = None, skipped: SkippedLines | None = None
 ) -> Iterator[dict[str, Any]]:
     """The events of a JSONL log at or after `since`.
 
     Skipped, and counted in `skipped` when given: a torn line (a crash), even one cut inside a
-    character, and a hand-edited line whose `ts` is not a number. Raises UnicodeDecodeError for
+    character, a line of JSON that is no object (router.events.event_lines, shared with
+    retrain), and a hand-edited line whose `ts` is not a number. Raises UnicodeDecodeError for
     any other line not UTF-8.
     """
     skipped = skipped if skipped is not None else SkippedLines()
-    with path.open("rb") as lines:
-        for raw in lines:
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                if _cut_inside_a_character(raw):
-                    skipped.torn += 1
-                    continue
-                raise
-            if not line.strip():
-                continue  # a blank line holds no event to lose
-            try:
-                event = json.loads(line)
-            except (ValueError, RecursionError):  # not JSON, past the digit limit, too deep
-                skipped.torn += 1
-                continue
-            if not isinstance(event, dict):
-                skipped.torn += 1
-                continue
-            yield from events_since([event], since, skipped)
+    for _, event in event_lines(path, skipped):
+        yield from events_since([event], since, skipped)
 
 
 def events_since(
@@ -99,15 +71,6 @@ def events_since(
             skipped.no_time += 1
         elif since is None or ts >= since:
             yield event
-
-
-def _cut_inside_a_character(raw: bytes) -> bool:
-    """Whether the line is valid UTF-8 but for a character it ends in the middle of."""
-    try:
-        raw.rstrip(b"\r\n").decode("utf-8")
-    except UnicodeDecodeError as error:
-        return error.reason == "unexpected end of data"
-    return False
 
 
 def _timestamp(event: dict[str, Any]) -> float | None:
@@ -152,11 +115,11 @@ def export_events(
 
 def write_jsonl(events: Iterable[dict[str, Any]], out: Path) -> int:
     """The events as `events.path` holds them (one JSON object a line), for `retrain --events`;
-    returns the count. A new file is readable by its owner only: events hold prompts."""
+    returns the count. A new file is readable by its owner only: events hold prompts.
+    `out` is replaced whole: a failure mid-write leaves the previous export as it was."""
     out.parent.mkdir(parents=True, exist_ok=True)
     count = 0
-    descriptor = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as lines:
+    with replacing(out, _kept_mode(out, 0o600)) as lines:
         for event in events:
             lines.write(json.dumps(event, ensure_ascii=False) + "\n")
             count += 1
@@ -169,7 +132,10 @@ def write_parquet(events: list[dict[str, Any]], out: Path, origin: str) -> int:
     frame = events_frame(events)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        frame.to_parquet(out, index=False)
+        # Replaced whole: written in place, a full disk mid-write left a torn --out and the
+        # previous export gone.
+        with replacing_bytes(out, _kept_mode(out, None)) as table:
+            frame.to_parquet(table, index=False)
     except pa.ArrowException as error:  # the whole table is converted before the file is opened
         column = _column_parquet_refuses(frame)
         if column is None:
@@ -179,6 +145,12 @@ def write_parquet(events: list[dict[str, Any]], out: Path, origin: str) -> int:
             "hand-edited line?); a parquet column holds one"
         ) from error
     return len(frame)
+
+
+def _kept_mode(out: Path, new: int | None) -> int | None:
+    """The permission bits `out` has, kept when it is replaced (writing in place kept them, the
+    operator's choice); `new` for a file not there yet."""
+    return stat.S_IMODE(out.stat().st_mode) if out.is_file() else new
 
 
 def _column_parquet_refuses(frame: pd.DataFrame) -> str | None:

@@ -13,7 +13,8 @@ call's settle, which is sent again by the flush if its answer was lost. A call t
 in Redis and settled while Redis was down has its reservation dropped there after the flush;
 so has one released while Redis was down, and a reservation Redis may have made without its
 answer coming back (a timeout, or the caller cancelled): dropping an id Redis lacks is harmless.
-Its own reservations, never in Redis, lower the caps Redis checks until their calls end.
+Its own reservations, never in Redis, lower the caps Redis checks until their calls end; so
+does its spend Redis has not confirmed (pending or in doubt), until the flush adds it there.
 
 Soft budgets are judged on Redis' movements alone: a settle made while Redis is down moves
 nothing a soft budget sees (each replica knows only its own share: judged there, a crossing
@@ -131,14 +132,18 @@ class RedisSpendLedger:
         now = self._clock()
         ids = period_ids(now)
         rid = new_reservation_id()
-        # Reservations made here while Redis was down are not in Redis, and their calls may
-        # still run after it is back: they lower each cap Redis checks until they end.
-        held = [self._local.held_usd(tenant, user, cap.per_user) for cap in caps]
+        # What this replica committed that Redis has not confirmed lowers each cap Redis
+        # checks: reservations made while Redis was down (their calls may still run), and
+        # spend pending or in doubt until the flush adds it (many records take a while).
+        # The flush takes each record back from the local ledger once it is in Redis, so
+        # nothing counts twice but a record in doubt (perhaps in Redis already): the safe side.
+        own = [self._local.committed(tenant, user, ids[cap.period], cap.per_user)
+               for cap in caps]  # fmt: skip
         args: list[str] = [self._base(tenant), repr(now), rid, repr(amount_usd),
                            repr(self._ttl), user]  # fmt: skip
-        for cap, own in zip(caps, held, strict=True):
+        for cap, mine in zip(caps, own, strict=True):
             suffix = spend_suffix(cap.period, ids[cap.period], user if cap.per_user else "")
-            args += [suffix, "1" if cap.per_user else "0", repr(cap.limit_usd - own)]
+            args += [suffix, "1" if cap.per_user else "0", repr(cap.limit_usd - mine)]
         try:
             self._link.check()
         except RedisDown:  # known down: nothing sent
@@ -159,7 +164,7 @@ class RedisSpendLedger:
         ok, refused, *committed = result
         if not int(ok):
             index = int(refused) - 1
-            return CapReached(caps[index], float(committed[0]) + held[index])
+            return CapReached(caps[index], float(committed[0]) + own[index])
         self._forget_past(ids)
         for cap, value in zip(caps, committed, strict=True):
             who = user if cap.per_user else ""
@@ -212,7 +217,7 @@ class RedisSpendLedger:
             self._add_pending(record, ids)
             if reservation is not None:
                 self._drop_later(reservation.tenant, reservation.reservation_id)
-            return await self._settle_locally(record)
+            return self._settle_locally(record, ids)
         # A model call's settle is sent under an id of its own: if Redis ran it but its answer
         # was lost, the flush sends it again under that id and Redis adds it once. A cache
         # hit's saving (no call) goes without one: an id key per hit would cost Redis more
@@ -228,14 +233,15 @@ class RedisSpendLedger:
                 self._in_doubt[settle_id] = _InDoubt(_slot(record, ids), record, reservation)
             else:
                 self._add_pending(record, ids)
-            return await self._settle_locally(record)
+            return self._settle_locally(record, ids)
         self._flush_in_background()
         return moved
 
-    async def _settle_locally(self, record: SpendRecord) -> Movement:
-        """Counts a record Redis has not confirmed in the local ledger. It moves nothing for
-        soft budgets yet: the flush reports its movement in Redis (module docstring)."""
-        await self._local.settle(None, record)
+    def _settle_locally(self, record: SpendRecord, ids: dict[Period, str]) -> Movement:
+        """Counts a record Redis has not confirmed in the local ledger, under the periods it
+        is kept pending or in doubt for (the flush takes it back from those). It moves nothing
+        for soft budgets yet: the flush reports its movement in Redis (module docstring)."""
+        self._local.add(record, ids)
         return {}
 
     async def _apply(

@@ -6,6 +6,7 @@ and reuses that model's tokenizer, so nothing but the graph itself has to ship.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,12 @@ OUTPUT = "duplicate_logit"
 def packaged_verifier_dir() -> Path:
     """The verifier shipped in the package: the int8 graph and its calibrated hit policy."""
     return Path(__file__).resolve().parent / "verifier_artifacts"
+
+
+def graph_sha256(graph: Path) -> str:
+    """The graph file's sha256 (hex), as a calibrated policy names it (metadata.graph_sha256)."""
+    with graph.open("rb") as data:
+        return hashlib.file_digest(data, "sha256").hexdigest()
 
 
 class OnnxCrossEncoder:

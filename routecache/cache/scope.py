@@ -37,6 +37,12 @@ _KEPT_FORMS = re.compile(
 _INVISIBLE = re.compile("[\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff]")
 
 
+def without_invisible(text: str) -> str:
+    """`text` less the characters that show nothing (_INVISIBLE): what is left is what a reader
+    sees, so an answer of only these is as empty as a blank one."""
+    return _INVISIBLE.sub("", text)
+
+
 def scope_key(tenant: str, request: ChatRequest) -> str:
     """A digest of everything besides the prompt that changes the answer.
 
@@ -71,7 +77,7 @@ def normalise_prompt(text: str) -> str:
     Linear in the length of the text: no regex here may backtrack over a run of characters
     (a 32,000-character prompt is keyed on the event loop, once a request: CacheKeys)."""
     # Removed first: a combining mark after one ("e", U+200B, U+0301) then composes ("é").
-    text = _INVISIBLE.sub("", text)
+    text = without_invisible(text)
     # Normalised again after folding: case folding can leave a form NFKC would compose (it
     # folds "ΐ" to iota + two combining marks), so equal text in other forms would keep two keys.
     folded = _fold_forms(_fold_forms(text).casefold())

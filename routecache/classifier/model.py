@@ -380,7 +380,9 @@ def _read_pair(model_path: Path, metadata_path: Path) -> tuple[bytes, dict[str, 
             raise ClassifierArtifactError(f"classifier artifact file {path} is missing")
     try:
         metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    # ValueError: JSONDecodeError, UnicodeDecodeError, and a number of more than 4300 digits;
+    # RecursionError: arrays or objects nested too deep. All a damaged file, not a crash.
+    except (ValueError, RecursionError) as exc:
         raise ClassifierArtifactError(f"{metadata_path} is not valid JSON: {exc}") from exc
     if not isinstance(metadata, dict):
         raise ClassifierArtifactError(f"{metadata_path} is not a JSON object")

@@ -21,6 +21,7 @@ leaves a version in service that the history knows, which can still be rolled ba
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import json
 import os
@@ -46,6 +47,14 @@ VERSIONS = "versions"
 
 class RegistryError(Exception):
     """The registry has no such version, nothing to roll back to, or a damaged pointer."""
+
+
+class CurrentMovedError(RegistryError):
+    """CURRENT no longer names the version a promotion was decided against."""
+
+
+class _Unchecked(enum.Enum):
+    UNCHECKED = enum.auto()  # a sentinel: None already means "no version in service"
 
 
 @dataclass(frozen=True)
@@ -125,8 +134,16 @@ class ModelRegistry:
                 shutil.rmtree(staging, ignore_errors=True)
         return target
 
-    def promote(self, version: str) -> None:
+    def promote(
+        self, version: str, expected_current: str | _Unchecked | None = _Unchecked.UNCHECKED
+    ) -> None:
+        """Point CURRENT at `version`. With `expected_current` (None: no version in service),
+        only if CURRENT still names it, checked under the lock: a job that compared `version`
+        with the model in service must not override a promotion or rollback made since
+        (CurrentMovedError)."""
         with self._locked():
+            if expected_current is not _Unchecked.UNCHECKED:
+                self._require_current(expected_current)
             self._point_to(version, "promote")
 
     def rollback(self, to: str | None = None) -> str:
@@ -202,6 +219,14 @@ class ModelRegistry:
         current = self.current_version()
         following = [c.previous for c in changes[1:]] + [current]
         return [c for c, after in zip(changes, following, strict=True) if after == c.version]
+
+    def _require_current(self, expected: str | None) -> None:
+        current = self.current_version()
+        if current != expected:
+            raise CurrentMovedError(
+                f"{self.root / POINTER} names {current or 'no version'}, "
+                f"expected {expected or 'no version'}"
+            )
 
     def _point_to(self, version: str, action: str) -> None:
         """Log the change, then move CURRENT; the caller holds the lock."""

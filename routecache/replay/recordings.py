@@ -69,23 +69,27 @@ class Recordings:
         self._answers = {prompt_key(prompt): dict(by_role) for prompt, by_role in answers.items()}
 
     @classmethod
-    def from_rows(cls, rows: Iterable[Mapping[str, object]]) -> Recordings:
-        """Raises ValueError naming the row for a row that is not a recording, and for a second
-        recording of a prompt (equal once trimmed): it would silently replace the first."""
+    def from_rows(
+        cls, rows: Iterable[tuple[int, Mapping[str, object]]], *, source: str
+    ) -> Recordings:
+        """Rows with their line numbers in `source`. Raises ValueError naming SOURCE:LINE for a
+        row that is not a recording, and for a second recording of a prompt (equal once
+        trimmed): it would silently replace the first. Lines, not rows: blank lines are
+        skipped, and "recording 2" sent a reader to the wrong line."""
         answers: dict[str, dict[ModelRole, str]] = {}
-        first_row: dict[str, int] = {}
-        for number, row in enumerate(rows, start=1):
+        first_line: dict[str, int] = {}
+        for number, row in rows:
             prompt, weak, strong = (
                 row.get(name) for name in ("prompt", "weak_response", "strong_response")
             )
             if not (isinstance(prompt, str) and isinstance(weak, str) and isinstance(strong, str)):
                 raise ValueError(
-                    f"recording {number}: needs string prompt, weak_response and strong_response"
+                    f"{source}:{number}: needs string prompt, weak_response and strong_response"
                 )
             key = prompt_key(prompt)
-            if (earlier := first_row.setdefault(key, number)) != number:
+            if (earlier := first_line.setdefault(key, number)) != number:
                 raise ValueError(
-                    f"recording {number} records the prompt {key!r} again (first in recording "
+                    f"{source}:{number} records the prompt {key!r} again (first at line "
                     f"{earlier}; prompts are compared without surrounding whitespace)"
                 )
             answers[key] = {"weak": weak, "strong": strong}
@@ -102,8 +106,8 @@ class Recordings:
             )
         else:
             text = path.read_text(encoding="utf-8")
-        rows = numbered_json_rows(text, source=str(path or PACKAGED_RECORDINGS))
-        return cls.from_rows(row for _, row in rows)
+        source = str(path or PACKAGED_RECORDINGS)
+        return cls.from_rows(numbered_json_rows(text, source=source), source=source)
 
     def __len__(self) -> int:
         return len(self._answers)

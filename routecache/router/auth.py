@@ -36,6 +36,31 @@ class KeyRegistryUnreadable(KeyRegistryError):
     """The registry as a whole cannot be read: every registered key's lookup fails alike."""
 
 
+def check_sendable_key(api_key: str) -> None:
+    """ValueError unless the key can be sent as gRPC metadata (printable ASCII): gRPC refuses
+    any other only when a call is made, with an ExecuteBatchError that does not say why. The
+    message names the character and its position, never the key."""
+    for position, char in enumerate(api_key):
+        if not " " <= char <= "~":
+            raise ValueError(
+                f"the API key has {char!r} at position {position}: only printable ASCII can be sent"
+            )
+
+
+def check_presentable_key(api_key: str) -> None:
+    """ValueError unless some request can present the key, so that a digest of it (hash-key)
+    can ever match: not empty (refused as missing), printable ASCII (check_sendable_key), and
+    no space at either end (the server strips the Bearer token: servicer.api_key_of)."""
+    if not api_key:
+        raise ValueError("the API key is empty: a request without one is refused as missing")
+    check_sendable_key(api_key)
+    if api_key != api_key.strip():
+        raise ValueError(
+            "the API key starts or ends with a space: the server strips the token it is sent, "
+            "so no request can present it"
+        )
+
+
 def reused_digest(first_owner: str, tenant: str, digest: str) -> str:
     """Why a static key digest is refused: listed again by `tenant`, after `first_owner`. The
     settings refuse it as they load and the authenticator as it is built (not only from

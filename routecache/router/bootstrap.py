@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from routecache.backends.keys import KeySpace
 from routecache.backends.link import RedisLink
@@ -23,6 +24,7 @@ from routecache.cache.cross_encoder import (
     GRAPH_FILE,
     POLICY_FILE,
     OnnxCrossEncoder,
+    graph_sha256,
     packaged_verifier_dir,
 )
 from routecache.cache.embedder import HashEmbedder, MiniLMEmbedder
@@ -195,7 +197,24 @@ def build_hit_policy(settings: Settings, embedder_name: str | None = None) -> Hi
         scorer = OnnxCrossEncoder(directory / GRAPH_FILE, symmetric=calibration.symmetric)
     except ValueError as error:  # torn, or another model (missing: an OSError, "cannot start")
         raise ConfigError(f"cache.verifier_dir: {error}") from error
+    _check_calibrated_graph(calibration, directory / GRAPH_FILE)
     return VerifiedPolicy(calibration, scorer)
+
+
+def _check_calibrated_graph(calibration: PolicyCalibration, graph: Path) -> None:
+    """ConfigError unless `graph` is the one the calibration's thresholds were chosen on (its
+    graph_sha256): a train-verifier run cut off between publishing the two, or a graph copied
+    from another run, would serve one model's scores against another's thresholds. Hashed
+    once per start (23 MB: some tens of milliseconds)."""
+    named = calibration.metadata.get("graph_sha256")
+    actual = graph_sha256(graph)
+    if named != actual:
+        said = f"names {str(named)[:16]}…" if named else "names no graph_sha256"
+        raise ConfigError(
+            f"cache.verifier_dir: {graph} is not the graph {graph.parent / POLICY_FILE} was "
+            f"calibrated on (sha256 {actual[:16]}…, the policy {said}): run train-verifier "
+            "again, or restore the pair it published"
+        )
 
 
 def build_vector_index(settings: Settings, dimension: int) -> ScopedFaissIndex:
@@ -302,6 +321,7 @@ def build_generator(settings: Settings, parts: Overrides, telemetry: Telemetry) 
         default_timeout_seconds=settings.upstream.request_timeout_seconds,
         clock=parts.monotonic,
         request_validators=RequestValidators(limits),
+        longest_call_seconds=settings.longest_call_seconds(),
     )
 
 

@@ -21,6 +21,10 @@ from typing import Protocol
 
 _EPSILON = 1e-12  # float sums of many small costs must not refuse an exact fit
 _RESIDUE_USD = 1e-9  # below this, spend taken back out of a total is nothing left
+# In-process totals held past which a record that spent nothing (a cache hit's saving) of an
+# end user without totals this period counts for the tenant's alone: free hits, each with a
+# new end_user_id, would otherwise add two totals a hit for as long as the month lasts.
+_MAX_TOTALS = 100_000
 
 
 class Period(StrEnum):
@@ -83,6 +87,11 @@ class SpendRecord:
     saved_usd: float = 0.0  # cache hits and shared in-flight calls: the cost not paid again
     calls: int = 0
     routing_saved_usd: float = 0.0  # a cheap answer: the strong model's price minus its own
+
+    @property
+    def spent(self) -> bool:
+        """Whether it used anything (cost, tokens, calls), not only saved."""
+        return bool(self.cost_usd or self.prompt_tokens or self.completion_tokens or self.calls)
 
 
 @dataclass
@@ -175,6 +184,7 @@ class InMemorySpendLedger:
         default_factory=lambda: defaultdict(Totals)
     )
     _held: dict[str, _Held] = field(default_factory=dict)
+    _periods: dict[Period, str] = field(default_factory=dict)  # of the last settle
 
     def committed(self, tenant: str, user: str, period_id: str, per_user: bool) -> float:
         """Spent plus held reservations (of the user, for a per-user cap)."""
@@ -209,15 +219,38 @@ class InMemorySpendLedger:
     async def settle(self, reservation: Reservation | None, record: SpendRecord) -> Movement:
         if reservation is not None:
             self._held.pop(reservation.reservation_id, None)
+        return self.add(record, period_ids(self.clock()))
+
+    def add(self, record: SpendRecord, ids: dict[Period, str]) -> Movement:
+        """Adds a record's spend to the periods `ids` (the Redis ledger's fallback passes the
+        ones it keeps the record under, read before its Redis call: read after, a call timing
+        out across midnight would be counted on a day `take_back` never takes it from)."""
+        self._forget_ended(ids)
         moved: Movement = {}
-        for period, pid in period_ids(self.clock()).items():
+        for period, pid in ids.items():
             tenant_totals = self._totals[(record.tenant, "", pid)]
             before = tenant_totals.cost_usd
             tenant_totals.add(record)
             moved[period] = (before, tenant_totals.cost_usd)
-            if record.user:
+            if record.user and self._keeps_user(record, (record.tenant, record.user, pid)):
                 self._totals[(record.tenant, record.user, pid)].add(record)
         return moved
+
+    def _keeps_user(self, record: SpendRecord, key: tuple[str, str, str]) -> bool:
+        """Whether the record counts for its end user too. Spend always does (per-user caps
+        read it); a saving alone, past `_MAX_TOTALS`, only for a user already held."""
+        return record.spent or key in self._totals or len(self._totals) < _MAX_TOTALS
+
+    def _forget_ended(self, ids: dict[Period, str]) -> None:
+        """Drops the totals of days and months before `ids` (read by nothing: reads and
+        caps are of now's), once a period, as the Redis ledger's `_forget_past` does; Redis
+        keeps its own for the retention days. Only earlier ones: after a clock stepped back
+        the later day's spend must still count once the clock is there again."""
+        if ids == self._periods:
+            return
+        self._periods = dict(ids)
+        for key in [k for k in self._totals if _ended(k[2], ids)]:
+            del self._totals[key]
 
     async def release(self, reservation: Reservation) -> None:
         self._held.pop(reservation.reservation_id, None)
@@ -249,3 +282,10 @@ class InMemorySpendLedger:
     def _expire(self, now: float) -> None:
         for key in [k for k, h in self._held.items() if h.expires_at <= now]:
             del self._held[key]
+
+
+def _ended(period_id: str, ids: dict[Period, str]) -> bool:
+    """Whether a day's or month's id is before now's. Day ids are YYYY-MM-DD and months
+    YYYY-MM: the length tells which, and ids of one kind order as strings do."""
+    day, month = ids[Period.DAY], ids[Period.MONTH]
+    return period_id < (day if len(period_id) == len(day) else month)

@@ -142,8 +142,12 @@ def _replay_upstream(args: argparse.Namespace) -> int:
 
 
 def _hash_key(args: argparse.Namespace) -> int:
-    from routecache.router.auth import hash_api_key
+    from routecache.router.auth import check_presentable_key, hash_api_key
 
+    try:  # a digest no request can match configured a key that never authenticates
+        check_presentable_key(args.key)
+    except ValueError as error:
+        raise ConfigError(f"hash-key: {error}") from error
     print(hash_api_key(args.key))
     return 0
 

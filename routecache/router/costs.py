@@ -168,8 +168,9 @@ class CostControl:
         prompt = request_prompt_tokens(request)
         output = request.params.max_tokens or self._max_output_tokens
         calls = self._generator.worst_case_calls(
-            request, tier, tenant=tenant.name, cheap_only=cheap_only, streaming=streaming
-        )
+            request, tier, tenant=tenant.name, cheap_only=cheap_only, streaming=streaming,
+            allowed=tenant.providers_allowed,
+        )  # fmt: skip
         return sum(max(p.pricing.cost(prompt, output) for p in call) for call in calls)
 
     async def settle(
@@ -229,7 +230,9 @@ class CostControl:
             await self.release(booking)
             return
         prompt, completion = request_prompt_tokens(request), estimate_tokens(sent)
-        chain = self._generator.failover.chain(booking.tier, not booking.cheap_only)
+        chain = self._generator.failover.chain(
+            booking.tier, not booking.cheap_only, tenant.providers_allowed
+        )
         cost = max(p.pricing.cost(prompt, completion) for _, p in chain)
         record = SpendRecord(tenant.name, user_slot(request.end_user_id), cost, prompt,
                              completion, calls=1)  # fmt: skip

@@ -6,7 +6,8 @@ import json
 import os
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +56,56 @@ def _ends_mid_line(path: Path) -> bool:
             return log.read(1) != b"\n"
     except OSError:  # a log the service may append to but not read: nothing to repair
         return False
+
+
+@dataclass
+class SkippedLines:
+    """Lines a reader of the log passed over, so a caller can say so: an export or a retrain
+    that dropped lines without a word looked complete."""
+
+    torn: int = 0  # not JSON (a crash mid-write), or not a JSON object
+    no_time: int = 0  # a `ts` that is not a number, or no instant (NaN, 1e20): export only
+
+    @property
+    def total(self) -> int:
+        return self.torn + self.no_time
+
+
+def event_lines(path: Path, skipped: SkippedLines) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Each event of a JSONL log with its line number, for every reader of the log
+    (export-events, retrain --events): here, with no pandas, so retrain need not import it.
+
+    Skipped, and counted in `skipped.torn`: a line that is not JSON (a crash mid-write:
+    JsonlEventLog leaves it in place and starts the next event on a line of its own), even one
+    cut inside a character, and a line of JSON that is not an object. Blank lines hold no event.
+    Raises UnicodeDecodeError for any other line not UTF-8.
+    """
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                if _cut_inside_a_character(raw):
+                    skipped.torn += 1
+                    continue
+                raise
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except (ValueError, RecursionError):  # not JSON, past the digit limit, too deep
+                skipped.torn += 1
+                continue
+            if not isinstance(event, dict):
+                skipped.torn += 1
+                continue
+            yield number, event
+
+
+def _cut_inside_a_character(raw: bytes) -> bool:
+    """Whether the line is valid UTF-8 but for a character it ends in the middle of."""
+    try:
+        raw.rstrip(b"\r\n").decode("utf-8")
+    except UnicodeDecodeError as error:
+        return error.reason == "unexpected end of data"
+    return False

@@ -6,15 +6,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from routecache.router.settings import ConfigError, Settings, check_redis_url, load_settings
+from routecache.router.events import SkippedLines
+from routecache.router.settings import (
+    TENANT_NAME_PATTERN,
+    ConfigError,
+    Settings,
+    check_redis_url,
+    load_settings,
+)
 
-if TYPE_CHECKING:  # pandas and pyarrow (the analysis extra) are imported only when exporting
-    from routecache.analysis.export import SkippedLines
+# pandas and pyarrow (the analysis extra) are imported only when exporting.
 
 
 @dataclass(frozen=True)
@@ -32,12 +39,14 @@ class RedisStream:
 def add_arguments(export: argparse.ArgumentParser) -> None:
     config_help = "TOML settings file: its events.path, else its Redis store's streams, is read"
     export.add_argument("--config", type=Path, help=config_help)
-    export.add_argument("--events", type=Path, help="the JSONL event log (default: events.path)")
-    export.add_argument(
+    # One source: --events with --redis-url read the file and ignored the Redis flags.
+    source = export.add_mutually_exclusive_group()
+    source.add_argument("--events", type=Path, help="the JSONL event log (default: events.path)")
+    source.add_argument(
         "--redis-url", type=_redis_url, help="read the tenants' Redis event streams instead"
     )
     export.add_argument(
-        "--tenant", action="append", default=[], metavar="NAME",
+        "--tenant", action="append", default=[], metavar="NAME", type=_tenant_name,
         help="a tenant whose stream is read; repeat (default: the config's tenants)",
     )  # fmt: skip
     export.add_argument("--since", help="only events since: 90m, 24h, 7d, an ISO date or epoch")
@@ -56,9 +65,18 @@ def _redis_url(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from error
 
 
+def _tenant_name(text: str) -> str:
+    """A name a tenant can have: any other has no stream, and exported nothing, exit 0."""
+    if not re.fullmatch(TENANT_NAME_PATTERN, text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: not a tenant name (1 to 64 of A-Z a-z 0-9 _ . -)"
+        )
+    return text
+
+
 def run(args: argparse.Namespace) -> int:
     _check_analysis_extra()
-    from routecache.analysis.export import SkippedLines, parse_since
+    from routecache.analysis.export import parse_since
 
     source = _source(args)
     try:
@@ -91,18 +109,28 @@ def _check_analysis_extra() -> None:
 def _source(args: argparse.Namespace) -> Path | RedisStream:
     """--events, else --redis-url, else the config's events.path, else its Redis store."""
     if args.events is not None:
-        return _existing(args.events)
+        return _existing(_no_tenant(args.events, args.tenant))
     settings = load_settings(args.config)
     if args.redis_url is not None:
         return _stream(args.redis_url, settings, args.tenant)
     if settings.events.path is not None:
-        return _existing(settings.events.path)
+        return _existing(_no_tenant(settings.events.path, args.tenant))
     if settings.store.backend == "redis":
         return _stream(settings.store.redis_url.get_secret_value(), settings, args.tenant)
     raise ConfigError(
         "no event log: pass --events FILE or --redis-url URL, or set events.path (or "
         'store.backend = "redis") in the config'
     )
+
+
+def _no_tenant(path: Path, tenants: list[str]) -> Path:
+    """`path`, unless --tenant was given: it picks Redis streams, and was ignored for a file."""
+    if tenants:
+        raise ConfigError(
+            f"--tenant picks the Redis streams to read, but the events come from the file "
+            f"{path}, which holds every tenant's: drop --tenant, or read --redis-url URL"
+        )
+    return path
 
 
 def _existing(path: Path) -> Path:
@@ -146,7 +174,13 @@ async def _read_streams(source: RedisStream) -> list[dict[str, Any]]:
         if not await link.connect():
             raise ConfigError(f"cannot reach Redis at {source.url.rsplit('@', 1)[-1]}")
         keyspace = KeySpace(source.key_prefix)
-        return [e for tenant in source.tenants async for e in iter_events(link, keyspace, tenant)]
+        events: list[dict[str, Any]] = []
+        for tenant in source.tenants:
+            read = [event async for event in iter_events(link, keyspace, tenant)]
+            if not read:  # a typo in --tenant exported nothing without a word
+                print(f"routecache: no events for tenant {tenant}", file=sys.stderr)
+            events += read
+        return events
     except RedisDown as error:  # RedisRefused too: one line, not a traceback
         raise ConfigError(f"reading the {source}: {error}") from error
     finally:

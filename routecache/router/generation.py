@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from routecache.domain import ChatRequest, Tier, ValidationReport, ValidatorResult
 from routecache.errors import FailedValidation
+from routecache.router.redaction import redact_answer
 from routecache.router.releasing import ReleaseStep, release_all
 from routecache.router.settings import LimitSettings
 from routecache.router.tokens import estimate_tokens, request_prompt_tokens
@@ -83,12 +85,16 @@ class Generator:
         default_timeout_seconds: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         request_validators: RequestValidators | None = None,
+        longest_call_seconds: float = math.inf,
     ) -> None:
         self._failover = failover
         self._validators = validators
         self._request_validators = request_validators or RequestValidators(LimitSettings())
         self._tenant_validators = tenant_validators or {}
         self._default_timeout = default_timeout_seconds
+        # The caller's deadline is clamped to this: a call must end while its spend
+        # reservation (budgets.reservation_ttl_seconds) still holds the caps.
+        self._longest = longest_call_seconds
         self._clock = clock
 
     @property
@@ -96,8 +102,10 @@ class Generator:
         return self._failover
 
     def deadline(self, seconds_left: float | None) -> float:
-        """The absolute deadline (on the generator's clock) of a call with this much time."""
-        return self._clock() + (self._default_timeout if seconds_left is None else seconds_left)
+        """The absolute deadline (on the generator's clock) of a call with this much time, and
+        no more than the longest a call may take."""
+        wanted = self._default_timeout if seconds_left is None else seconds_left
+        return self._clock() + min(wanted, self._longest)
 
     def validators_for(self, tenant: str, request: ChatRequest | None = None) -> list[Configured]:
         """The tenant's validators plus the request's own; raises InvalidArgument for a bad one."""
@@ -112,20 +120,21 @@ class Generator:
 
     def worst_case_calls(
         self, request: ChatRequest, tier: Tier, *, tenant: str = "", cheap_only: bool = False,
-        streaming: bool = False,
+        streaming: bool = False, allowed: Collection[str] | None = None,
     ) -> list[list[Provider]]:  # fmt: skip
         """The providers each call of this request may reach, for the longest sequence of
         calls its validators can cause (retry once, escalate cheap → strong): what a spend
-        reservation must cover."""
+        reservation must cover. `allowed`: as for generate (a provider never tried is not
+        paid for)."""
         chain = self._failover.chain
-        first = [p for _, p in chain(tier, strong_fallback=not cheap_only)]
+        first = [p for _, p in chain(tier, strong_fallback=not cheap_only, allowed=allowed)]
         if streaming:  # one call: whole-text checks at the end cannot retry or escalate
             return [first]
         actions = {c.on_fail for c in self._applicable(tenant, request)}
         retry = OnFail.RETRY in actions
         calls = [first, first] if retry else [first]
         if tier is Tier.CHEAP and not cheap_only and actions & {OnFail.RETRY, OnFail.ESCALATE}:
-            strong = [p for _, p in chain(Tier.STRONG)]
+            strong = [p for _, p in chain(Tier.STRONG, allowed=allowed)]
             # cheap, cheap (retry), strong or cheap, strong, strong (retry): the first
             # chain reaches the strong providers too, so this covers both.
             calls = [first, first, strong] if retry else [first, strong]
@@ -134,11 +143,14 @@ class Generator:
     async def generate(
         self, request: ChatRequest, tier: Tier, *, tenant: str = "", deadline: float | None = None,
         cheap_only: bool = False, tally: Tally | None = None,
+        allowed: Collection[str] | None = None,
     ) -> Generated:  # fmt: skip
         """Raises FailedValidation when no answer may be served, Unavailable when none came.
 
         `cheap_only`: the cheap providers only, and an answer that would be escalated is
-        refused instead (a tenant downgraded at its spend cap). `tally`: the caller's, to know
+        refused instead (a tenant downgraded at its spend cap). `allowed`: the names of the
+        providers the tenant may use (its models_allowed; None: all): the others are skipped,
+        fallbacks included, on every call (retry, escalation). `tally`: the caller's, to know
         what the calls made cost when something fails after one was paid for (an escalation's
         call, a plugin's bug, the caller gone).
         """
@@ -149,18 +161,18 @@ class Generator:
         while True:
             started = time.perf_counter()
             answered = await self._failover.complete(
-                request, current, deadline, strong_fallback=not cheap_only
+                request, current, deadline, strong_fallback=not cheap_only, allowed=allowed
             )
             tally.add(answered, (time.perf_counter() - started) * 1000)
             started = time.perf_counter()
-            failing, results = self._judge(answered, request, validators)
+            text, failing, results = _verdict(answered, request, validators, retried)
             tally.validate_ms += (time.perf_counter() - started) * 1000
             decision = _decide(failing, retried, answered.tier)
             if decision is OnFail.ESCALATE and cheap_only:
                 decision = OnFail.BLOCK
             if decision is None:  # passed, or only redact / flag failures: serve it
                 tally.results += _label_own(results, failing)
-                return self._served(answered, failing, tally)
+                return self._served(answered, text, failing, tally)
             tally.results += _label(results, decision)
             if decision is OnFail.BLOCK:
                 report = ValidationReport(tuple(tally.results), tally.escalated, passed=False)
@@ -180,9 +192,10 @@ class Generator:
 
     async def stream(
         self, request: ChatRequest, tier: Tier, *, tenant: str = "", deadline: float | None = None,
-        cheap_only: bool = False,
+        cheap_only: bool = False, allowed: Collection[str] | None = None,
     ) -> AsyncGenerator[str | Generated, None]:  # fmt: skip
-        """Deltas as the provider sends them, then the Generated of the whole text.
+        """Deltas as the provider sends them, then the Generated of the whole text
+        (`cheap_only`, `allowed`: as for generate).
 
         Sent text cannot be taken back, so the whole-text validators run at the end and any
         failure either flags the answer (flag, redact) or ends the stream with
@@ -193,7 +206,7 @@ class Generator:
         validators = self._applicable(tenant, request)
         started = time.perf_counter()
         opened = await self._failover.open_stream(
-            request, tier, deadline, strong_fallback=not cheap_only
+            request, tier, deadline, strong_fallback=not cheap_only, allowed=allowed
         )
         pieces: list[str] = []
         # aclosing: this stream closed part-way closes the provider's now (its HTTP response,
@@ -229,21 +242,9 @@ class Generator:
         )  # fmt: skip
 
     @staticmethod
-    def _judge(
-        answered: Answered, request: ChatRequest, validators: Sequence[Configured]
-    ) -> tuple[list[Configured], list[ValidatorResult]]:
-        model = answered.reply.model
-        results = [replace(_check(v, answered.reply.text, request), model=model)
-                   for v in validators]  # fmt: skip
-        failing = [v for v, r in zip(validators, results, strict=True) if not r.passed]
-        return failing, results
-
-    @staticmethod
-    def _served(answered: Answered, failing: Sequence[Configured], tally: Tally) -> Generated:
-        text = answered.reply.text
-        for configured in failing:
-            if configured.on_fail is OnFail.REDACT and isinstance(configured.validator, Redactor):
-                text = configured.validator.redact(text)
+    def _served(
+        answered: Answered, text: str, failing: Sequence[Configured], tally: Tally
+    ) -> Generated:
         flagged = any(c.on_fail is OnFail.FLAG for c in failing)
         report = ValidationReport(tuple(tally.results), tally.escalated, passed=not flagged)
         return Generated(
@@ -260,6 +261,42 @@ class Generator:
     async def aclose(self) -> None:
         """Closes every provider's client, even after one fails to close."""
         await release_all(self.release_steps())
+
+
+def _judge(
+    text: str, model: str, request: ChatRequest, validators: Sequence[Configured]
+) -> tuple[list[Configured], list[ValidatorResult]]:
+    results = [replace(_check(v, text, request), model=model) for v in validators]
+    failing = [v for v, r in zip(validators, results, strict=True) if not r.passed]
+    return failing, results
+
+
+def _verdict(
+    answered: Answered, request: ChatRequest, validators: Sequence[Configured], retried: bool
+) -> tuple[str, list[Configured], list[ValidatorResult]]:
+    """The text to serve, the validators it fails and every result (one per validator).
+
+    An answer to be served with redact failures is redacted, then judged again by the other
+    validators: what is served (and cached) must be what they passed, and a redaction can
+    break what they checked (a schema's integer now a string, a required word, a length)."""
+    text, model = answered.reply.text, answered.reply.model
+    failing, results = _judge(text, model, request, validators)
+    redacting = [c for c in failing if c.on_fail is OnFail.REDACT]
+    redactors = [c.validator for c in redacting if isinstance(c.validator, Redactor)]
+    if not redactors or _decide(failing, retried, answered.tier) is not None:
+        return text, failing, results  # nothing to redact, or it will not be served
+    wants_json = request.params.response_format.wants_json
+    redacted = redact_answer(text, redactors, wants_json)
+    if redacted == text:
+        return text, failing, results
+    done = {id(c) for c in redacting}
+    others = [v for v in validators if id(v) not in done]
+    failing_again, judged_again = _judge(redacted, model, request, others)
+    again = iter(judged_again)  # in the validators' order, the redacting ones left out
+    results = [
+        r if id(v) in done else next(again) for v, r in zip(validators, results, strict=True)
+    ]
+    return redacted, [*redacting, *failing_again], results
 
 
 def _check(configured: Configured, text: str, request: ChatRequest) -> ValidatorResult:

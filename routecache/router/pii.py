@@ -12,6 +12,8 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import regex
+
 from routecache.domain import ChatRequest, ValidatorResult
 
 
@@ -52,6 +54,23 @@ def _phone_valid(text: str) -> bool:
 
 # One run of digits, groups of four with a shorter last one, or Amex's 4-6-5.
 _CARD_LAYOUT = re.compile(r"\d+|\d{4}(?:[ -]\d{4})*(?:[ -]\d{1,4})?|\d{4}[ -]\d{6}[ -]\d{4,5}")
+
+
+def _combining_marks() -> str:
+    """The combining marks (Unicode category M) as the inside of a `re` character class (`re`
+    has no \\p{M}; `regex` has, but backtracks through an address's domain labels in time
+    quadratic in their number). Marks are only below U+20000 and among the variation
+    selectors of U+E0100-E01EF: scanning those planes, not all 17, takes milliseconds."""
+    ranges: list[str] = []
+    for plane_start in (0x0, 0x10000, 0xE0000):
+        chars = "".join(map(chr, range(plane_start, plane_start + 0x10000)))
+        for run in regex.finditer(r"\p{M}+", chars):
+            first, last = chr(plane_start + run.start()), chr(plane_start + run.end() - 1)
+            ranges.append(f"{re.escape(first)}-{re.escape(last)}")
+    return "".join(ranges)
+
+
+_MARKS = _combining_marks()
 
 
 @dataclass(frozen=True)
@@ -99,8 +118,13 @@ _DETECTORS = {
         # of a long word, the match scanned the rest of it every time (quadratic; a 40 kB word
         # took seconds, on the event loop). Now each character is scanned from one start.
         # Letters beyond ASCII too ("jöhn@", "@münchen.de"): ASCII alone cut such an address
-        # short, or missed it.
-        re.compile(r"(?<![\w.%+-])[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}"),
+        # short, or missed it. With their combining marks: decomposed (NFD) text writes "ö" as
+        # "o" + U+0308, which is no \w, and the address stopped there. The lookbehind has the
+        # marks too, so a match still starts only where a run starts.
+        re.compile(
+            rf"(?<![\w{_MARKS}.%+-])[\w{_MARKS}.%+-]+@[\w{_MARKS}-]+(?:\.[\w{_MARKS}-]+)*"
+            rf"\.[^\W\d_](?:[^\W\d_]|[{_MARKS}])+"
+        ),
         lambda s: True,
     ),
     "phone": _Detector(

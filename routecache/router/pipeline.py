@@ -277,7 +277,8 @@ class Pipeline:
             tier, difficulty, version = self._route(tenant, request, vector)
         booking = await self._costs.book(tenant, request, tier, streaming=True)
         events = generator.stream(booking.request, booking.tier, tenant=tenant.name,
-                                  deadline=deadline, cheap_only=booking.cheap_only)  # fmt: skip
+                                  deadline=deadline, cheap_only=booking.cheap_only,
+                                  allowed=tenant.providers_allowed)  # fmt: skip
         generated: Generated | None = None
         sent: list[str] = []
         try:
@@ -295,7 +296,8 @@ class Pipeline:
             raise
         except AllProvidersFailed as error:  # nothing was sent yet: a stale answer may do
             await self._costs.release(booking)
-            stale = await self._stale(tenant, request, keys, vector, latency, error)
+            scored = (difficulty, version)
+            stale = await self._stale(tenant, request, keys, vector, latency, error, scored)
             for chunk in _chunks(stale.text):
                 yield chunk
             latency.total_ms = (time.perf_counter() - started) * 1000
@@ -370,6 +372,7 @@ class Pipeline:
         assert vector is not None  # a miss always embeds
         with _stage(latency, "classify_ms"):
             tier, difficulty, version = self._route(tenant, request, vector)
+        scored = (difficulty, version)
         # Keyed by the routed tier, not the booked one: only the caller that makes the call
         # books it (a downgrade at the cap included), those sharing it pay nothing.
         flight_key = f"{keys.exact}:{tier.value}"
@@ -385,14 +388,13 @@ class Pipeline:
                 patience=self._p.generator.failover.seconds_for_calls(deadline),
             )
         except Unavailable as error:  # the caller that booked the call released it
-            return await self._stale(tenant, request, keys, vector, latency, error)
+            return await self._stale(tenant, request, keys, vector, latency, error, scored)
         except WaitedTooLong as waited:  # the shared call goes on for its maker
             late = Unavailable(f"an identical request's call did not answer in time: {waited}")
-            return await self._stale(tenant, request, keys, vector, latency, late)
+            return await self._stale(tenant, request, keys, vector, latency, late, scored)
         latency.upstream_ms, latency.validate_ms = generated.upstream_ms, generated.validate_ms
         await self._costs.settle(tenant, request, None if shared else booking, generated)
         # A caller that shared the call serves the maker's entry: feedback on it removes that.
-        scored = (difficulty, version)
         return self._from_models(tenant, generated, shared, entry_id, scored, latency)
 
     async def _book_and_generate(
@@ -409,7 +411,7 @@ class Pipeline:
         try:
             generated = await self._p.generator.generate(
                 booking.request, booking.tier, tenant=tenant.name, deadline=deadline,
-                cheap_only=booking.cheap_only, tally=spent,
+                cheap_only=booking.cheap_only, tally=spent, allowed=tenant.providers_allowed,
             )  # fmt: skip
             if not request.cache.no_store and generated.report.passed:
                 with _stage(latency, "store_ms"):
@@ -434,8 +436,11 @@ class Pipeline:
         vector: Vector,
         latency: LatencyBreakdown,
         error: Unavailable,
+        scored: tuple[float, str],
     ) -> Completion:
-        """A cached answer of this scope, expired or not, flagged stale; else Unavailable."""
+        """A cached answer of this scope, expired or not, flagged stale; else Unavailable.
+        `scored`: (difficulty, classifier version) of the routing, reported as a model's
+        answer's is: a model swapped in during the failed calls did not route it."""
         if request.cache.no_cache:
             raise Unavailable(f"{error}; no_cache is set, so no cached answer was tried") from error
         with _stage(latency, "search_ms"):
@@ -446,8 +451,11 @@ class Pipeline:
         if hit is None:
             raise Unavailable(f"{error}; no cached answer to fall back on") from error
         served = self._from_cache(tenant, hit, latency)
-        stale = replace(served.cache, stale=True)
-        return replace(served, cache=stale, upstream_failures=(str(error),))
+        difficulty, version = scored
+        return replace(
+            served, cache=replace(served.cache, stale=True), upstream_failures=(str(error),),
+            classifier_version=version, difficulty=difficulty,
+        )  # fmt: skip
 
     def _route(
         self, tenant: Tenant, request: ChatRequest, vector: Vector

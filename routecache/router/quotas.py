@@ -9,13 +9,19 @@ call, which may leave a bucket below zero: the next requests then wait until it 
 from __future__ import annotations
 
 import hashlib
+import itertools
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from routecache.domain import RateLimits, Tenant
 
-_MAX_BUCKETS = 100_000  # in-process buckets kept before full (idle) ones are dropped
+# In-process buckets: past _MAX_BUCKETS full (idle) ones among the least recently used are
+# dropped, _SWEEP a call; past twice as many (about 0.5 KB each: ~100 MB) the least recently
+# used go, full or not (`InMemoryQuotaLimiter._evict`).
+_MAX_BUCKETS = 100_000
+_SWEEP = 8
 
 
 @dataclass(frozen=True)
@@ -110,17 +116,20 @@ class InMemoryQuotaLimiter:
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
-        self._buckets: dict[tuple[str, str], tuple[_State, Charge]] = {}
+        # Least recently used first: a bucket moves to the end whenever it is taken from.
+        self._buckets: OrderedDict[tuple[str, str], tuple[_State, Charge]] = OrderedDict()
 
     def _refilled(self, tenant: str, charge: Charge, now: float) -> _State:
-        found = self._buckets.get((tenant, charge.bucket))
+        key = (tenant, charge.bucket)
+        found = self._buckets.get(key)
         state = _State(charge.capacity, now) if found is None else found[0]
         elapsed = max(0.0, now - state.updated)
         state.tokens = min(charge.capacity, state.tokens + elapsed * charge.per_second)
         # Never back in time: after a wall-clock step back, the refill up to `updated` has
         # already been given and must not be given again.
         state.updated = max(state.updated, now)
-        self._buckets[(tenant, charge.bucket)] = (state, charge)
+        self._buckets[key] = (state, charge)
+        self._buckets.move_to_end(key)
         return state
 
     async def take(self, tenant: str, charges: Sequence[Charge]) -> Verdict:
@@ -135,21 +144,32 @@ class InMemoryQuotaLimiter:
         if verdict.allowed:
             for charge, state in zip(charges, states, strict=True):
                 state.tokens -= charge.amount
-        self._prune(now)
+        self._evict(now)
         return verdict
 
     async def debit(self, tenant: str, charges: Sequence[Charge]) -> None:
         now = self._clock()
         for charge in charges:
             self._refilled(tenant, charge, now).tokens -= charge.amount
+        self._evict(now)
 
-    def _prune(self, now: float) -> None:
+    def _evict(self, now: float) -> None:
+        """Past the bound, drops the full buckets among the few least recently used (no
+        loss: a new one starts full), and past twice the bound the least recently used,
+        full or not. O(_SWEEP) a call: scanning all buckets for full ones cost O(n) on every
+        take of every tenant once the bound was passed by buckets that never refill (one
+        per end user of a long window), and dropped none.
+
+        A bucket not yet full that is dropped is forgotten: its end user's next request
+        starts from a full one, more than was left. That is the price of bounded memory;
+        the least recently used bucket is the one most likely refilled, a tenant's own
+        buckets are used by all its requests, and only a flood of distinct end users
+        (abuse, or a `_MAX_BUCKETS` too low for the traffic) gets that far."""
         if len(self._buckets) <= _MAX_BUCKETS:
             return
-        full = [
-            key
-            for key, (state, charge) in self._buckets.items()
-            if state.tokens + (now - state.updated) * charge.per_second >= charge.capacity
-        ]
-        for key in full:
-            del self._buckets[key]
+        oldest = list(itertools.islice(self._buckets.items(), _SWEEP))
+        for key, (state, charge) in oldest:
+            if state.tokens + (now - state.updated) * charge.per_second >= charge.capacity:
+                del self._buckets[key]
+        while len(self._buckets) > 2 * _MAX_BUCKETS:
+            self._buckets.popitem(last=False)

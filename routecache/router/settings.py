@@ -37,6 +37,12 @@ from routecache.router.auth import reused_digest
 
 CONFIG_ENV_VAR = "ROUTECACHE_CONFIG"
 
+# A spend reservation expires budgets.reservation_ttl_seconds after it is made, whether its
+# call still runs or not: each call's deadline ends it this long before (Settings.
+# longest_call_seconds), time to validate the answer and settle the spend, a Redis timeout or
+# two included, while the reservation still holds the caps.
+SETTLE_MARGIN_SECONDS = 30.0
+
 
 class _Section(BaseModel):
     # A misspelt key must fail at start, not silently fall back to a default. No setting
@@ -629,6 +635,25 @@ class Settings(BaseSettings):
                     f"({self.upstream.strong.model}) model"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _reservations_outlast_calls(self) -> Self:
+        # Refused rather than a default deadline clamped without a word: a call whose caller
+        # set no deadline would end sooner than upstream.request_timeout_seconds says.
+        ttl, timeout = self.budgets.reservation_ttl_seconds, self.upstream.request_timeout_seconds
+        if ttl <= timeout + SETTLE_MARGIN_SECONDS:
+            raise ValueError(
+                f"budgets.reservation_ttl_seconds ({ttl:g}) must exceed "
+                f"upstream.request_timeout_seconds ({timeout:g}) by more than "
+                f"{SETTLE_MARGIN_SECONDS:g} s (the time to settle a call): a call's spend "
+                "reservation would expire while the call runs, and stop holding the caps"
+            )
+        return self
+
+    def longest_call_seconds(self) -> float:
+        """The most time a call may take, whatever its caller's deadline: it ends while its
+        spend reservation still holds, with time left to settle it."""
+        return self.budgets.reservation_ttl_seconds - SETTLE_MARGIN_SECONDS
 
     @classmethod
     def settings_customise_sources(

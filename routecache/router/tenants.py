@@ -27,6 +27,19 @@ def allowed_tiers(tenant: TenantSettings, settings: Settings) -> frozenset[Tier]
     return frozenset(t for t, model in models.items() if model in tenant.models_allowed)
 
 
+def allowed_providers(tenant: TenantSettings, settings: Settings) -> frozenset[str] | None:
+    """The names of the providers whose model the tenant may use (None without models_allowed):
+    a fallback serving another model is skipped as the tier's first provider would be."""
+    if tenant.models_allowed is None:
+        return None
+    return frozenset(
+        name
+        for tier in Tier
+        for name, provider in settings.upstream.chain(tier.value)
+        if provider.model in tenant.models_allowed
+    )
+
+
 def tenant_from_settings(t: TenantSettings, settings: Settings) -> Tenant:
     threshold, point = routing_target(t, settings)
     rate, budget = t.rate, t.budget
@@ -47,5 +60,6 @@ def tenant_from_settings(t: TenantSettings, settings: Settings) -> Tenant:
             user_monthly_usd=budget.user_monthly_usd, policy=OverCapPolicy(budget.policy),
         ),
         allowed_tiers=allowed_tiers(t, settings),
+        providers_allowed=allowed_providers(t, settings),
         max_false_hit_rate=t.max_false_hit_rate or settings.cache.max_false_hit_rate,
     )  # fmt: skip

@@ -7,6 +7,7 @@ import math
 import re
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from re import _parser  # type: ignore[attr-defined]  # the stdlib's parser of `re` syntax
 from typing import Any
@@ -16,6 +17,7 @@ from jsonschema import Draft202012Validator, ValidationError, validators
 from referencing import Registry
 from referencing.exceptions import Unresolvable
 
+from routecache.cache.scope import without_invisible
 from routecache.domain import ChatRequest, ResponseFormatType, ValidatorResult
 
 # json.loads refuses longer integers (CPython's guard on int parsing, 4,300 digits unless
@@ -185,6 +187,12 @@ class JsonSchemaValidator:
         return compiled
 
 
+def _blank(text: str) -> bool:
+    """Nothing a reader would see: spaces, and the invisible characters the cache's keys drop
+    (zero-width space, BOM...), which str.strip keeps: an answer of them passed as text."""
+    return not without_invisible(text).strip()
+
+
 class LengthValidator:
     """Bounds on the answer's length; a blank answer has length 0 (an empty answer fails)."""
 
@@ -197,7 +205,7 @@ class LengthValidator:
         return True
 
     def check(self, text: str, request: ChatRequest) -> ValidatorResult:
-        size = len(text) if text.strip() else 0
+        size = 0 if _blank(text) else len(text)
         if size < self._min:
             what = "empty answer" if size == 0 else f"{size} characters, fewer than {self._min}"
             return ValidatorResult(self.name, False, what)
@@ -223,7 +231,7 @@ class RegexValidator:
     ) -> None:
         self.name = name
         for pattern in (*must_match, *must_not_match):
-            re.compile(pattern)  # Python's syntax and error messages, as documented
+            check_python_syntax(pattern)
         self._must = [regex.compile(p) for p in must_match]
         self._must_not = [regex.compile(p) for p in must_not_match]
         self._budget = budget_seconds
@@ -247,6 +255,35 @@ class RegexValidator:
                 self.name, False, f"patterns took longer than {self._budget:g} s on this answer"
             )
         return ValidatorResult(self.name, True)
+
+
+# What `regex` reads otherwise than Python's `re`, whose syntax is documented and checked: a
+# POSIX class ("[[:digit:]]": in `re` the characters "[:digt", then "]") and a fuzzy match
+# ("a{e<=1}": in `re` literal text). Found in the text, from an unescaped "[:" or "{" on (a
+# literal one can be escaped); a POSIX class outside a set is one in neither, but surely meant.
+_READ_OTHERWISE = (
+    ("a POSIX class", re.compile(r"(?<!\\)(?:\\\\)*(\[:[^\[\]]*:\])")),
+    (
+        "a fuzzy match",
+        re.compile(r"(?<!\\)(?:\\\\)*(\{[^{}]*?(?<![A-Za-z])[deis](?![A-Za-z])[^{}]*\})"),
+    ),
+)
+
+
+def check_python_syntax(pattern: str) -> None:
+    """Raises re.error for a pattern that is not Python's syntax, or that the `regex` module
+    matching it would read otherwise (the same pattern must mean one thing)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # "[[": refused below if it differs
+        re.compile(pattern)  # Python's syntax and error messages, as documented
+    for what, construct in _READ_OTHERWISE:
+        if found := construct.search(pattern):
+            raise re.error(
+                f"{what} ({found.group(1)}): the matching engine (the `regex` module) reads it "
+                "differently from Python's `re`; escape its [ or { for the literal text",
+                pattern,
+                found.start(1),
+            )
 
 
 def _search(pattern: regex.Pattern[str], text: str, deadline: float) -> regex.Match[str] | None:
@@ -273,7 +310,7 @@ class RefusalValidator:
         return True
 
     def check(self, text: str, request: ChatRequest) -> ValidatorResult:
-        if not text.strip():
+        if _blank(text):
             return ValidatorResult(self.name, False, "empty answer")
         if _REFUSAL.search(text[:300].replace("\u2019", "'")):
             return ValidatorResult(self.name, False, "the model refused to answer")

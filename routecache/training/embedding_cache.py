@@ -3,7 +3,8 @@
 Embedding ~10k prompts with MiniLM on two shared cores takes minutes; fitting the classifier on
 them takes seconds. Retraining mostly sees the same prompts again plus a few new ones, so their
 vectors are kept in one .npz per embedder, keyed by the SHA-256 of the prompt, and only unseen
-prompts are embedded.
+prompts are embedded. Runs sharing the file (two retrains on one registry) save one at a time,
+under PATH.lock, each merging its new vectors into what is stored then.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from routecache.atomic_file import replacing_bytes
+from routecache.file_lock import exclusive
 from routecache.training.data_files import DataFileError
 
 Embed = Callable[[Sequence[str]], npt.NDArray[np.float32]]
@@ -38,10 +40,13 @@ class EmbeddingCache:
         keys = [prompt_key(p) for p in prompts]
         missing = sorted({k: i for i, k in enumerate(keys) if k not in known}.values())
         if missing:
-            fresh = embed([prompts[i] for i in missing])
-            for i, vector in zip(missing, fresh, strict=True):
-                known[keys[i]] = np.asarray(vector, dtype=np.float32)
-            self._save(known)
+            vectors = embed([prompts[i] for i in missing])
+            fresh = {
+                keys[i]: np.asarray(vector, dtype=np.float32)
+                for i, vector in zip(missing, vectors, strict=True)
+            }
+            known.update(fresh)
+            self._store(fresh, dimension)
         out = np.zeros((len(prompts), dimension), dtype=np.float32)
         for row, key in enumerate(keys):
             out[row] = known[key]
@@ -67,10 +72,21 @@ class EmbeddingCache:
             return {}  # another embedder's vectors: start over rather than mix them
         return {str(k): v for k, v in zip(keys, vectors, strict=True)}
 
+    def _store(self, fresh: dict[str, npt.NDArray[np.float32]], dimension: int) -> None:
+        """Adds `fresh` to the file as it is now. Under the lock: writers of one path share
+        PATH.tmp (atomic_file), and another run may have saved since this one loaded (minutes
+        of embedding ago), whose vectors a save of this run's alone would drop."""
+        try:
+            with exclusive(self._path.with_name(self._path.name + ".lock")):
+                self._save({**self._load(dimension), **fresh})
+        except OSError as exc:  # the lock's (_load and _save report their own)
+            raise DataFileError(f"{self._path}: cannot write the embedding cache ({exc})") from exc
+
     def _save(self, known: dict[str, npt.NDArray[np.float32]]) -> None:
         # Replaced whole and synced (one sync per training run): _load refuses a torn file
         # rather than write over what may be another file, so a power loss must never leave
-        # one, or every later run would stop until it is removed by hand.
+        # one, or every later run would stop until it is removed by hand. The caller holds
+        # the lock (_store).
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             with replacing_bytes(self._path) as out:

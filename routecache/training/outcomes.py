@@ -25,13 +25,13 @@ or false, or a completion whose prompt is not text is refused with its file and 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from routecache.training.data_files import DataFileError, numbered_lines
+from routecache.router.events import SkippedLines, event_lines
+from routecache.training.data_files import DataFileError
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,11 @@ class EventLabel:
     strong_correct: bool | None = None
 
 
-def read_events(paths: Sequence[Path]) -> list[dict[str, Any]]:
+def read_events(paths: Sequence[Path], skipped: SkippedLines | None = None) -> list[dict[str, Any]]:
+    """The events of the logs. A line torn by a crash (the service's log leaves it in place)
+    or of JSON that is no object is skipped and counted in `skipped`, as export-events does:
+    stopping there refused the whole log for a line that holds no event."""
+    skipped = skipped if skipped is not None else SkippedLines()
     events: list[dict[str, Any]] = []
     read: set[Path] = set()
     for path in paths:
@@ -49,18 +53,21 @@ def read_events(paths: Sequence[Path]) -> list[dict[str, Any]]:
         if (resolved := path.resolve()) in read:
             continue
         read.add(resolved)
-        for number, line in numbered_lines(path):
-            try:
-                record = json.loads(line)
-            except (ValueError, RecursionError) as exc:  # also past Python's digits or nesting
-                raise DataFileError(f"{path}:{number}: not a JSON event ({exc})") from exc
-            if not isinstance(record, dict):
-                continue
+        events += _checked_events(path, skipped)
+    return events
+
+
+def _checked_events(path: Path, skipped: SkippedLines) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    try:
+        for number, record in event_lines(path, skipped):
             try:
                 _check_grades(record)
             except (TypeError, ValueError) as exc:
                 raise DataFileError(f"{path}:{number}: {exc}") from exc
             events.append(record)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataFileError(f"{path}: cannot read it ({exc})") from exc
     return events
 
 

@@ -10,7 +10,8 @@
 3. Fits a candidate on the rest and scores the holdout with it and with the model in service
    (the registry's CURRENT version, else the packaged model), both through the service's code.
 4. Adds the candidate to the registry, and points CURRENT at it only if its holdout APGR is
-   not below the incumbent's (minus --tolerance). Earlier versions stay for rollback
+   not below the incumbent's (minus --tolerance), and CURRENT still names that incumbent:
+   a promotion or rollback made meanwhile is kept (exit 3). Earlier versions stay for rollback
    (`routecache rollback-classifier --registry DIR`). Services hot-reload CURRENT.
 
 An incumbent trained with this holdout in its training data looks better than it is here, which
@@ -37,8 +38,15 @@ from routecache.classifier.model import (
     packaged_artifact_path,
     save_artifact,
 )
-from routecache.classifier.registry import ModelRegistry, RegistryError
-from routecache.cli_args import fraction, number_between, positive_int, positive_number
+from routecache.classifier.registry import CurrentMovedError, ModelRegistry, RegistryError
+from routecache.cli_args import (
+    fraction,
+    number_between,
+    positive_int,
+    positive_number,
+    random_seed,
+)
+from routecache.router.events import SkippedLines
 from routecache.training.data_files import DataFileError, exits_2_on_data_error, writable_folder
 from routecache.training.outcomes import EventLabel, labels_from_events, read_events
 from routecache.training.routing_data import (
@@ -81,9 +89,9 @@ def check_readable(registry: ModelRegistry) -> None:
         raise DataFileError(f"--registry {registry.root}: {error}") from error
 
 
-def incumbent_path(registry: ModelRegistry) -> Path:
-    """The artifact of the model in service: CURRENT's, else the packaged one."""
-    return registry.current_artifact() or packaged_artifact_path()
+def incumbent_path(registry: ModelRegistry, in_service: str | None) -> Path:
+    """The artifact of the model in service: CURRENT's (`in_service`), else the packaged one."""
+    return packaged_artifact_path() if in_service is None else registry.artifact_path(in_service)
 
 
 def check_same_embedder(registry: ModelRegistry, embedder_name: str) -> None:
@@ -92,7 +100,7 @@ def check_same_embedder(registry: ModelRegistry, embedder_name: str) -> None:
     candidate (classifier/reloading.py), or cannot start on it. --allow-embedder-change skips
     this, for a planned switch of the services' cache.embedder."""
     try:
-        incumbent = load_artifact(incumbent_path(registry))
+        incumbent = load_artifact(incumbent_path(registry, registry.current_version()))
     except ClassifierArtifactError:  # reported when compared; it must not block its replacement
         return
     theirs = incumbent.metadata.get("embedder")
@@ -106,14 +114,15 @@ def check_same_embedder(registry: ModelRegistry, embedder_name: str) -> None:
 
 
 def incumbent_apgr(
-    registry: ModelRegistry,
+    artifact: Path,
     rows: Sequence[RoutingRow],
     embeddings: np.ndarray[Any, Any],
     embedder_name: str,
 ) -> tuple[str | None, float | None]:
-    """(version, holdout APGR) of the model in service; None where none is comparable."""
+    """(version, holdout APGR) of the model in service, at `artifact`; None where none is
+    comparable."""
     try:
-        incumbent = load_artifact(incumbent_path(registry))
+        incumbent = load_artifact(artifact)
     except ClassifierArtifactError as error:
         print(
             f"the model in service cannot be loaded ({error}); comparing with none", file=sys.stderr
@@ -124,6 +133,21 @@ def incumbent_apgr(
     scores, _ = score_rows(incumbent, embeddings, rows)
     weak, strong = outcomes(rows)
     return incumbent.version, metrics.apgr(scores, weak, strong)
+
+
+def promote_unless_moved(registry: ModelRegistry, version: str, in_service: str | None) -> bool:
+    """Promote `version` if CURRENT still names the model it was compared with: a promotion
+    or rollback since (another retrain, an operator) is not overridden unseen. False if not."""
+    try:
+        registry.promote(version, expected_current=in_service)
+    except CurrentMovedError as error:
+        print(
+            f"routecache: {version} not promoted: the version in service changed while it was "
+            f"compared ({error}); compare again, or promote it by hand",
+            file=sys.stderr,
+        )
+        return False
+    return True
 
 
 @exits_2_on_data_error
@@ -139,9 +163,15 @@ def run(args: argparse.Namespace) -> int:
     held_rows = [r for r, h in zip(rows, held, strict=True) if h]
     train_rows = [r for r, h in zip(rows, held, strict=True) if not h]
     held_prompts = {r.prompt for r in held_rows}
-    labels = [
-        e for e in labels_from_events(read_events(event_paths)) if e.prompt not in held_prompts
-    ]
+    skipped = SkippedLines()
+    events = read_events(event_paths, skipped)
+    if skipped.torn:  # said, as export-events says it: a log read short looked complete
+        print(
+            f"routecache: {skipped.torn} lines of {', '.join(map(str, event_paths))} skipped: "
+            "not a JSON object (torn by a crash?)",
+            file=sys.stderr,
+        )
+    labels = [e for e in labels_from_events(events) if e.prompt not in held_prompts]
     # Both checked before the minutes of embedding, and before anything is registered.
     require_both_sides(len(train_rows) + len(labels), len(held_rows))
     embedder = make_embedder(args.embedder, args.hash_dimension)
@@ -168,13 +198,15 @@ def run(args: argparse.Namespace) -> int:
         model_path, _ = save_artifact(candidate.model, metadata, Path(staging), "candidate")
         registry.add(model_path, version)
 
+    # CURRENT read once: the version scored is the one the promotion expects in service.
+    in_service = registry.current_version()
     current_version, current_apgr = incumbent_apgr(
-        registry, held_rows, labelled[held], embedder.name
+        incumbent_path(registry, in_service), held_rows, labelled[held], embedder.name
     )
     candidate_apgr = float(candidate.metadata["holdout"]["apgr"])  # type: ignore[index]
     promote = current_apgr is None or candidate_apgr >= current_apgr - args.tolerance
     if promote:
-        registry.promote(version)
+        promote = promote_unless_moved(registry, version, in_service)
     summary = {
         "candidate": version,
         "candidate_apgr": candidate_apgr,
@@ -201,7 +233,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--registry", required=True, help="model registry folder")
     parser.add_argument("--holdout-fraction", type=fraction, default=0.2)
-    parser.add_argument("--seed", type=int, default=0, help="salts the holdout hash")
+    parser.add_argument("--seed", type=random_seed, default=0, help="salts the holdout hash")
     parser.add_argument("--c", type=positive_number, default=DEFAULT_C)
     parser.add_argument(
         "--tolerance",

@@ -42,7 +42,7 @@ from routecache.classifier.model import (
 )
 from routecache.classifier.neighbours import NeighbourBank, label_matrix
 from routecache.classifier.operating_point import OperatingCurve, fit_curve
-from routecache.cli_args import fraction, positive_int, positive_number
+from routecache.cli_args import fraction, positive_int, positive_number, random_seed
 from routecache.domain import OperatingPoint
 from routecache.training.data_files import exits_2_on_data_error, writable_folder
 from routecache.training.embedding_cache import EmbeddingCache
@@ -337,7 +337,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.2,
         help="share of prompts held out for metrics and the threshold",
     )
-    parser.add_argument("--seed", type=int, default=0, help="salts the holdout hash")
+    parser.add_argument("--seed", type=random_seed, default=0, help="salts the holdout hash")
     parser.add_argument(
         "--c",
         # Refused here, not by sklearn after the minutes of embedding.

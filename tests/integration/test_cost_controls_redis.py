@@ -1381,6 +1381,31 @@ async def test_spend_pending_over_midnight_is_flushed_to_the_day_it_was_made(
     assert await client.hget(f"rc:{{acme}}:spend:d:{today[Period.DAY]}", "cost") is None
 
 
+async def test_a_settle_timing_out_across_midnight_leaves_no_spend_on_the_new_day(
+    ledger_on_own_redis: LedgerOnOwnRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    caps = [Cap(Period.DAY, 1.0)]
+    redis.clock.advance(86400 - redis.clock() % 86400 - 0.2)  # 23:59:59.8 UTC
+    held = await ledger.reserve("acme", "", 0.5, caps)
+    assert isinstance(held, Reservation)
+    settle = ledger._settle
+
+    async def answer_lost_past_midnight(**kwargs: Any) -> Any:
+        await settle(**kwargs)
+        redis.clock.advance(1.0)  # the call times out on the next day
+        raise RedisTimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(ledger, "_settle", answer_lost_past_midnight)
+    await ledger.settle(held, SpendRecord("acme", cost_usd=0.4, calls=1))
+    monkeypatch.setattr(ledger, "_settle", settle)
+    await redis.link.wait_up()
+    await ledger.flush()  # yesterday's 0.4, in Redis and taken back from the day it was made
+    redis.server.kill()
+    # Nothing is spent today: the whole cap is left, not 0.6 of it.
+    assert isinstance(await ledger.reserve("acme", "", 0.7, caps), Reservation)
+
+
 async def test_flushing_yesterdays_spend_keeps_what_redis_said_of_today(
     ledger_on_own_redis: LedgerOnOwnRedis,
 ) -> None:
@@ -1538,6 +1563,29 @@ async def test_a_redis_refusal_counts_the_reservations_made_here_while_redis_was
     await redis.link.wait_up()
     refused = await ledger.reserve("acme", "", 0.6, caps)
     assert isinstance(refused, CapReached) and refused.committed_usd == pytest.approx(0.5)
+
+
+async def test_spend_made_while_redis_was_down_counts_against_its_caps_until_it_is_flushed(
+    ledger_on_own_redis: LedgerOnOwnRedis,
+) -> None:
+    redis, ledger = ledger_on_own_redis, ledger_on_own_redis.ledger
+    caps = [Cap(Period.DAY, 1.0), Cap(Period.DAY, 0.5, per_user=True)]
+    redis.server.kill()
+    for user in ("u1", "u2"):  # 0.9 spent here, not in Redis yet
+        await ledger.settle(None, SpendRecord("acme", user, cost_usd=0.45, calls=1))
+    ledger.stop_flushing()  # Redis is back, the flush not yet through (many records)
+    redis.server.start()
+    await redis.link.wait_up()
+    tenant = await ledger.reserve("acme", "u3", 0.2, caps)
+    assert isinstance(tenant, CapReached) and tenant.cap == caps[0]
+    assert tenant.committed_usd == pytest.approx(0.9)
+    theirs = await ledger.reserve("acme", "u1", 0.1, caps)
+    assert isinstance(theirs, CapReached) and theirs.cap == caps[1]
+    assert theirs.committed_usd == pytest.approx(0.45)
+    await ledger.flush()
+    # In Redis now, and no longer counted here: the 0.1 left fits exactly, once.
+    assert isinstance(await ledger.reserve("acme", "u3", 0.1, caps), Reservation)
+    assert isinstance(await ledger.reserve("acme", "u3", 0.01, caps), CapReached)
 
 
 async def test_while_redis_is_down_another_replicas_reservation_still_counts(

@@ -100,3 +100,16 @@ def test_a_stream_export_names_no_tenant_in_one_line_and_exit_2(
     argv = ["export-events", "--redis-url", redis_server.url, "--out", str(tmp_path / "e.pq")]
     assert main(argv) == 2
     assert "--tenant" in capsys.readouterr().err
+
+
+def test_a_tenant_with_no_events_is_said_on_stderr(
+    redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: a typo in --tenant exported 0 events, exit 0, not a word.
+    write_events(redis_server.url, [{"kind": "completion", "tenant": "acme", "prompt": "hi"}])
+    out = tmp_path / "events.jsonl"
+    argv = ["export-events", "--redis-url", redis_server.url, "--tenant", "acme"]
+    assert main([*argv, "--tenant", "acmee", "--format", "jsonl", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"1 events written to {out}\n"
+    assert captured.err == "routecache: no events for tenant acmee\n"

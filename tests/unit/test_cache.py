@@ -10,7 +10,7 @@ from routecache.cache import semantic_cache
 from routecache.cache.embedder import HashEmbedder
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.hit_policy import CosinePolicy, HitRequirement, HitVerdict
-from routecache.cache.memory_store import InMemoryEntryStore
+from routecache.cache.memory_store import SCAN_SLICE, InMemoryEntryStore
 from routecache.cache.ports import CacheEntry, StoreUnavailable
 from routecache.cache.scope import exact_key
 from routecache.cache.semantic_cache import NewEntry, SemanticCache
@@ -767,3 +767,73 @@ async def test_an_entry_the_model_could_not_see_whole_is_not_served_to_a_similar
         assert hit is not None and hit.entry.entry_id == seen.entry_id
     await cache.invalidate_ids("acme", [seen.entry_id])
     assert await cache.lookup_semantic("acme:s1", prompt, vec(prompt), HitRequirement(0.5)) is None
+
+
+def raw_entry(i: int, ttl: float, hits: int, cost: float, now: float) -> CacheEntry:
+    """A store row put directly (no embedding work): the stats tests need thousands."""
+    return CacheEntry(
+        f"acme:{i:08x}", "acme", "acme:s", f"acme:s:{i}", f"prompt {i}", "answer", "m",
+        Tier.CHEAP, np.zeros(4, dtype=np.float32), now, now + ttl, cost, hit_count=hits,
+    )  # fmt: skip
+
+
+def reference_top(store: InMemoryEntryStore, now: float, n: int) -> list[tuple[str, int, float]]:
+    """What one sort of all the tenant's held entries gives (the order before)."""
+    held = [e for e in store.entries() if e.expires_at + store._grace > now]
+    ranked = sorted(held, key=lambda e: (-e.hit_count, -e.cost_usd))
+    return [(e.entry_id, e.hit_count, e.cost_usd) for e in ranked[:n]]
+
+
+async def test_most_served_of_a_large_tenant_gives_the_loop_turns_and_keeps_the_order(
+    clock: ManualClock,
+) -> None:
+    # One synchronous sort of a full tenant (100k entries) held every tenant's requests for
+    # most of a second; the walk now yields between slices, with the same answer.
+    store = InMemoryEntryStore(max_entries=10 * SCAN_SLICE, clock=clock, stale_grace_seconds=5)
+    for i in range(3 * SCAN_SLICE + 7):  # no ties in the order (their order is not promised)
+        await store.put(raw_entry(i, 10 if i % 5 else 1, i % 13, 0.001 * i, clock.now))
+    for i in range(0, 3 * SCAN_SLICE, 97):  # hits move entries in the recency order
+        assert await store.record_hit(f"acme:{i:08x}", clock.now)
+    clock.advance(6)  # every fifth entry past expiry and grace: left out, as before
+    task = asyncio.create_task(store.most_served("acme", 25))
+    turns = 0
+    while not task.done():
+        turns += 1
+        await asyncio.sleep(0)
+    top = task.result()
+    assert turns >= 3
+    assert [(s.entry_id, s.hit_count, s.cost_usd) for s in top] == reference_top(
+        store, clock.now, 25
+    )
+
+
+class _CountingEntries(dict[str, CacheEntry]):
+    visits = 0
+
+    def __getitem__(self, key: str) -> CacheEntry:
+        self.visits += 1
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: object = None) -> CacheEntry | None:  # type: ignore[override]
+        self.visits += 1
+        return super().get(key)
+
+
+async def test_count_visits_the_ended_entries_only_and_counts_as_before(
+    clock: ManualClock,
+) -> None:
+    store = InMemoryEntryStore(max_entries=10 * SCAN_SLICE, clock=clock, stale_grace_seconds=5)
+    for i in range(2 * SCAN_SLICE):
+        await store.put(raw_entry(i, 100, 0, 0.001, clock.now))
+    for i in range(2 * SCAN_SLICE, 2 * SCAN_SLICE + 6):
+        await store.put(raw_entry(i, 1, 0, 0.001, clock.now))
+    await store.put(raw_entry(2 * SCAN_SLICE, 1, 0, 0.001, clock.now))  # put again: 2 rows
+    await store.put(raw_entry(2 * SCAN_SLICE + 1, 500, 0, 0.001, clock.now))  # now lasts
+    await store.delete([f"acme:{2 * SCAN_SLICE + 2:08x}"])  # its row stays in the heap
+    clock.advance(6)
+    counting = _CountingEntries(store._entries)
+    store._entries = counting
+    assert await store.count("acme") == 2 * SCAN_SLICE + 1  # the long ones and the re-put one
+    assert counting.visits < 20
+    clock.advance(100)
+    assert await store.count("acme") == 1

@@ -668,3 +668,24 @@ def test_a_load_that_a_save_overtakes_between_its_two_reads_loads_the_new_pair(
     monkeypatch.setattr(Path, "read_text", read_then_save)
     assert load_artifact(model_path).version == "new"
     assert saves
+
+
+@pytest.mark.parametrize(
+    "tail",
+    ["9" * 5000, "[" * 100_000 + "]" * 100_000],
+    ids=["a number of too many digits", "nested too deep"],
+)
+def test_metadata_that_json_refuses_to_parse_is_an_artifact_error(
+    trained: DifficultyModel, tmp_path: Path, tail: str
+) -> None:
+    # json.loads raises a plain ValueError / RecursionError for these: it escaped as a
+    # traceback at start, from the registry's add and promote, and from a retrain.
+    from routecache.classifier.registry import ModelRegistry, RegistryError
+
+    model_path, metadata_path = save_artifact(trained, _metadata(), tmp_path, "m")
+    text = metadata_path.read_text().rstrip()
+    metadata_path.write_text(text[:-1] + ', "note": ' + tail + "}")
+    with pytest.raises(ClassifierArtifactError, match=r"m\.json is not valid JSON"):
+        load_artifact(model_path)
+    with pytest.raises(RegistryError, match=r"cannot add v1: .*not valid JSON"):
+        ModelRegistry(tmp_path / "registry").add(model_path, "v1")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from routecache.cache.cross_encoder import GRAPH_FILE
-from routecache.cli_args import at_least, fraction, fractions, listed, number_between
+from routecache.cli_args import at_least, fraction, fractions, listed, number_between, random_seed
 from routecache.router.auth import hash_api_key
 from routecache.router.cli import main
 from routecache.training import train_verifier
@@ -85,12 +85,37 @@ def test_training_verbs_refuse_a_count_of_0_as_a_usage_error(
     assert f"argument {args[-2]}: 0: must be 1 or more" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "verb", [["train-classifier"], ["retrain", "--registry", "r"]], ids=["train", "retrain"]
+)
+@pytest.mark.parametrize("seed", ["-5", str(2**32), "x"])
+def test_training_verbs_refuse_a_seed_sklearn_cannot_take(
+    capsys: pytest.CaptureFixture[str], verb: list[str], seed: str
+) -> None:
+    # sklearn takes 0 to 2**32 - 1, and refused -5 only after the minutes of embedding.
+    with pytest.raises(SystemExit) as exit_:
+        main([*verb, "--data", "x.jsonl", "--seed", seed])
+    assert exit_.value.code == 2
+    assert "argument --seed" in capsys.readouterr().err
+
+
+def test_a_seed_takes_0_to_2_to_the_32_less_1() -> None:
+    assert (random_seed("0"), random_seed(str(2**32 - 1))) == (0, 2**32 - 1)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^-1: must be from 0 to 4294967295$"):
+        random_seed("-1")
+
+
+def _verifier_folders(tmp_path: Path) -> list[str]:
+    """--out and --work-dir under tmp_path: the default work folder is runs/ in the cwd."""
+    return ["--out", str(tmp_path / "o"), "--work-dir", str(tmp_path / "work")]
+
+
 def test_train_verifier_reports_a_missing_pairs_file_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # It was a DataFileError traceback: the one job whose run lacked the one-line wrapper.
     missing = tmp_path / "pairs.jsonl"
-    assert main(["train-verifier", "--data", str(missing), "--out", str(tmp_path / "o")]) == 2
+    assert main(["train-verifier", "--data", str(missing), *_verifier_folders(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith(f"routecache: {missing}: cannot read it")
 
 
@@ -101,7 +126,7 @@ def test_train_verifier_refuses_cuda_where_torch_sees_none(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"query": "a?", "cached": "b?", "duplicate": true}\n', encoding="utf-8")
-    args = ["train-verifier", "--data", str(pairs), "--out", str(tmp_path / "o")]
+    args = ["train-verifier", "--data", str(pairs), *_verifier_folders(tmp_path)]
     assert main([*args, "--device", "cuda"]) == 2
     assert capsys.readouterr().err == "routecache: --device cuda: torch sees no CUDA device\n"
 
@@ -126,7 +151,14 @@ def test_train_verifier_reports_a_holdout_too_small_to_calibrate_in_one_line(
     out = tmp_path / "o"
     out.mkdir()
     (out / GRAPH_FILE).write_bytes(b"graph")
-    args = ["train-verifier", "--data", str(pairs), "--out", str(out), "--holdout", "0.5"]
+    args = [
+        "train-verifier",
+        "--data",
+        str(pairs),
+        *_verifier_folders(tmp_path),
+        "--holdout",
+        "0.5",
+    ]
     assert main([*args, "--scores", str(scores)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"routecache: {held} held-out pairs on {held} cached questions")
@@ -142,7 +174,7 @@ def test_train_verifier_refuses_a_holdout_too_small_before_training(
 
     monkeypatch.setattr(train_verifier, "_holdout_scores", no_training)
     pairs = pairs_file(tmp_path, 4)
-    args = ["train-verifier", "--data", str(pairs), "--out", str(tmp_path / "o")]
+    args = ["train-verifier", "--data", str(pairs), *_verifier_folders(tmp_path)]
     assert main([*args, "--holdout", "0.5", "--device", "cpu"]) == 2
     assert "cached questions: calibration needs 5 or more" in capsys.readouterr().err
 
@@ -165,7 +197,7 @@ def test_train_verifier_reports_unreadable_weights_in_one_line(
         weights.write_bytes(content)
     elif content is not None:
         torch.save({"head.weight": torch.zeros(3, 3)}, weights)
-    args = ["train-verifier", "--data", str(pairs), "--out", str(tmp_path / "o")]
+    args = ["train-verifier", "--data", str(pairs), *_verifier_folders(tmp_path)]
     assert main([*args, "--holdout", "0.5", "--device", "cpu", flag, str(weights)]) == 2
     err = capsys.readouterr().err
     last = re.split(r"[\r\n]", err.rstrip("\n"))[-1]  # after the model loader's progress bar
@@ -355,6 +387,28 @@ def test_demo_refuses_a_similarity_threshold_outside_0_to_1_as_a_usage_error(
 def test_hash_key_prints_the_digest_a_config_lists(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["hash-key", "dev-key-acme"]) == 0
     assert capsys.readouterr().out == f"{hash_api_key('dev-key-acme')}\n"
+
+
+@pytest.mark.parametrize(
+    ("key", "said"),
+    [("", "the API key is empty"),
+     (" dev-key", "the API key starts or ends with a space"),
+     ("dev-key ", "the API key starts or ends with a space"),
+     ("dev\tkey", "the API key has '\\t' at position 3"),
+     ("clé", "the API key has 'é' at position 2")],
+    ids=["empty", "leading space", "trailing space", "tab", "not ASCII"],
+)  # fmt: skip
+def test_hash_key_refuses_a_key_no_request_can_present(
+    capsys: pytest.CaptureFixture[str], key: str, said: str
+) -> None:
+    # Before: a digest printed, exit 0, that no request could match: the server strips the
+    # Bearer token and refuses an empty one as missing, and gRPC metadata is printable ASCII.
+    assert main(["hash-key", "--", key]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert (
+        captured.err.startswith(f"routecache: hash-key: {said}") and captured.err.count("\n") == 1
+    )
 
 
 def test_replay_upstream_reports_a_bad_model_flag_in_one_line(

@@ -7,7 +7,8 @@ import contextlib
 import datetime as dt
 import math
 import time
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -64,6 +65,7 @@ from routecache.router.quotas import (
     completion_charges,
     user_slot,
 )
+from routecache.router.settings import SETTLE_MARGIN_SECONDS
 from routecache.router.tokens import estimate_tokens, request_prompt_tokens
 from routecache.router.upstream.failover import AllProvidersFailed
 from tests.fakes import (
@@ -267,6 +269,58 @@ async def test_only_idle_full_buckets_are_forgotten_past_the_bound(
     assert (await limiter.take("t", [slow])).wait_seconds == pytest.approx(99.0)
 
 
+class _CountingBuckets(OrderedDict[Any, Any]):
+    """The limiter's buckets, counting those a call walks over."""
+
+    visits = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for key in super().__iter__():
+            self.visits += 1
+            yield key
+
+    def items(self) -> Any:  # lazily, as the view is
+        return ((key, self[key]) for key in self)
+
+
+async def test_past_the_bound_a_take_visits_a_few_buckets_not_all_that_never_refill(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Daily per-user buckets of many distinct end users never refill within the run: a scan
+    # of all of them for full ones found none to drop, on every take of every tenant.
+    monkeypatch.setattr("routecache.router.quotas._MAX_BUCKETS", 1000)
+    clock = ManualClock()
+    limiter = InMemoryQuotaLimiter(clock)
+    for i in range(1500):
+        assert (await limiter.take("a", [Charge(f"ureq:u{i}", 1 / 86400, 100.0, 1.0)])).allowed
+        clock.advance(0.05)
+    counting = _CountingBuckets(limiter._buckets)
+    limiter._buckets = counting
+    for _ in range(5):
+        assert (await limiter.take("b", [Charge("req", 1.0, 1000.0, 1.0)])).allowed
+    assert counting.visits <= 5 * 8
+
+
+async def test_past_twice_the_bound_the_least_recently_used_buckets_are_forgotten(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("routecache.router.quotas._MAX_BUCKETS", 100)
+    clock = ManualClock()
+    limiter = InMemoryQuotaLimiter(clock)
+    tenant = Charge("req", 1 / 86400, 1000.0, 1.0)  # the tenant's own, taken by every request
+    first = Charge("ureq:first", 1 / 86400, 1.0, 1.0)
+    assert (await limiter.take("a", [tenant, first])).allowed
+    for i in range(500):  # a flood of distinct end users, none of whose buckets refill
+        user = Charge(f"ureq:u{i}", 1 / 86400, 1.0, 1.0)
+        assert (await limiter.take("a", [tenant, user])).allowed
+    assert len(limiter._buckets) <= 200
+    # The tenant's bucket, used all along, kept its count; the first user's, least recently
+    # used, was forgotten: a fresh one (the price of the bound, docs/operations.md).
+    assert (await limiter.take("a", [tenant])).allowed
+    assert limiter._buckets[("a", "req")][0].tokens == pytest.approx(1000 - 502, abs=0.1)
+    assert (await limiter.take("a", [first])).allowed
+
+
 def test_end_user_ids_up_to_64_characters_name_their_slot_as_they_are() -> None:
     # docs/redis-keys.md: the ureq:/utok: buckets carry the id itself up to 64 characters.
     assert user_slot("u" * 64) == "u" * 64
@@ -434,6 +488,44 @@ async def test_spent_today_is_what_record_spent_since_utc_midnight() -> None:
     await ledger.record("t", 0.25)
     assert await ledger.spent_today("t") == pytest.approx(0.25)
     assert (await ledger.totals("t"))[Period.MONTH].cost_usd == pytest.approx(0.75)
+
+
+async def test_totals_of_ended_days_and_months_are_dropped_not_kept_forever() -> None:
+    clock = ManualClock(dt.datetime(2026, 3, 31, 12, tzinfo=dt.UTC).timestamp())
+    ledger = InMemorySpendLedger(clock)
+    for i in range(10):
+        await ledger.settle(None, SpendRecord("t", f"u{i}", cost_usd=0.1, saved_usd=0.01))
+    clock.advance(86400)  # April the first: a new day and a new month
+    await ledger.settle(None, SpendRecord("t", "late", cost_usd=0.2))
+    assert sorted({key[2] for key in ledger._totals}) == ["2026-04", "2026-04-01"]
+    assert len(ledger._totals) == 4  # the tenant's and the late user's, day and month
+    clock.advance(86400)  # a new day, the same month: the month's totals stay
+    await ledger.settle(None, SpendRecord("t", cost_usd=0.3))
+    assert sorted({key[2] for key in ledger._totals}) == ["2026-04", "2026-04-02"]
+    assert (await ledger.totals("t", "late"))[Period.MONTH].cost_usd == pytest.approx(0.2)
+    clock.advance(-86400)  # a clock stepped back: the later day is not "ended", it stays
+    await ledger.settle(None, SpendRecord("t", cost_usd=0.1))
+    clock.advance(86400)
+    assert (await ledger.totals("t"))[Period.DAY].cost_usd == pytest.approx(0.3)
+
+
+async def test_free_hits_of_ever_new_end_users_past_the_bound_count_for_the_tenant_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A cache hit spends nothing: with a new end_user_id each, they would add two totals
+    # a hit for as long as the month lasts. Spend always has its user's (per-user caps).
+    monkeypatch.setattr("routecache.router.budget._MAX_TOTALS", 40, raising=False)
+    ledger = InMemorySpendLedger(ManualClock())
+    await ledger.settle(None, SpendRecord("t", "known", saved_usd=0.5))
+    for i in range(100):
+        await ledger.settle(None, SpendRecord("t", f"u{i}", saved_usd=0.01))
+    assert len(ledger._totals) <= 40
+    await ledger.settle(None, SpendRecord("t", "known", saved_usd=0.5))  # already held
+    await ledger.settle(None, SpendRecord("t", "payer", cost_usd=0.25))
+    tenant = await ledger.totals("t")
+    assert tenant[Period.DAY].saved_usd == pytest.approx(2.0)
+    assert (await ledger.totals("t", "known"))[Period.DAY].saved_usd == pytest.approx(1.0)
+    assert (await ledger.totals("t", "payer"))[Period.MONTH].cost_usd == pytest.approx(0.25)
 
 
 async def test_totals_read_are_not_changed_by_later_spend() -> None:
@@ -750,6 +842,20 @@ async def test_a_request_cancelled_while_its_reservation_is_released_still_relea
     await closing
     costs.ledger = held.ledger
     assert held_usd(harness) == 0
+    await harness.service.aclose()
+
+
+async def test_a_callers_long_deadline_ends_the_call_while_its_reservation_still_holds() -> None:
+    # A reservation expires after budgets.reservation_ttl_seconds whether its call runs or
+    # not. Before: a stream with an hour's deadline ran on after it, out of every cap.
+    ttl = 120.0
+    harness = make_harness(service={"budgets": {"reservation_ttl_seconds": ttl}})
+    generator = harness.service.generator
+    long_call = generator.deadline(3600.0) - time.monotonic()  # read after: no later than
+    assert long_call <= ttl - SETTLE_MARGIN_SECONDS  # time to settle once the call ends
+    started = time.monotonic()
+    assert generator.deadline(5.0) - started == pytest.approx(5.0, abs=1.0)  # shorter: kept
+    assert generator.deadline(None) - started == pytest.approx(60.0, abs=1.0)  # the default
     await harness.service.aclose()
 
 

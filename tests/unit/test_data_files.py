@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -115,7 +116,8 @@ def test_only_prompts_never_seen_are_embedded_and_each_once(tmp_path: Path) -> N
     with np.load(path) as stored:
         assert sorted(stored["keys"]) == sorted(prompt_key(p) for p in ("ab", "c", "dddd"))
         assert stored["vectors"].dtype == np.float32
-    assert sorted(p.name for p in path.parent.iterdir()) == ["cache.npz"]  # no temp file
+    names = sorted(p.name for p in path.parent.iterdir())
+    assert names == ["cache.npz", "cache.npz.lock"]  # no temp file
 
 
 def test_a_saved_cache_is_synced_before_and_after_its_rename(
@@ -204,3 +206,52 @@ def test_many_prompts_each_keep_their_own_vector(tmp_path: Path) -> None:
     vectors = EmbeddingCache(tmp_path / "cache.npz").embed(prompts, embed, 3)
     np.testing.assert_array_equal(vectors, embed(prompts))
     assert len(embed.asked) == 2  # the second run embedded nothing but the check above
+
+
+def test_two_runs_saving_one_cache_at_once_both_succeed_and_keep_every_vector(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two retrains on one registry shared PATH.tmp: the second unlinked the first's, and the
+    # first's rename failed (exit 2 after all its embedding), or took the other's half-written
+    # file. And a run saved only what it had loaded: vectors saved meanwhile were dropped.
+    path = tmp_path / "cache.npz"
+    savez = np.savez
+    other: dict[str, object] = {}
+
+    def other_run() -> None:
+        try:
+            other["vectors"] = EmbeddingCache(path).embed(["from B"], CountingEmbedder(), 3)
+        except DataFileError as error:
+            other["error"] = error
+
+    thread = threading.Thread(target=other_run)
+
+    def savez_while_another_run_saves(*args: object, **kwargs: object) -> None:
+        if not thread.is_alive() and "started" not in other:
+            other["started"] = True
+            thread.start()  # B saves while A writes its temp file
+            thread.join(timeout=1.0)  # B waits for A's lock, or is done already
+        savez(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(np, "savez", savez_while_another_run_saves)
+    EmbeddingCache(path).embed(["from A"], CountingEmbedder(), 3)
+    thread.join()
+    assert "error" not in other
+    monkeypatch.setattr(np, "savez", savez)
+    with np.load(path) as stored:
+        assert sorted(stored["keys"]) == sorted(prompt_key(p) for p in ("from A", "from B"))
+
+
+def test_vectors_saved_by_another_run_while_this_one_embeds_are_kept(tmp_path: Path) -> None:
+    path = tmp_path / "cache.npz"
+    EmbeddingCache(path).embed(["old"], CountingEmbedder(), 3)
+
+    class EmbedsWhileAnotherRunSaves(CountingEmbedder):
+        def __call__(self, prompts: Sequence[str]) -> npt.NDArray[np.float32]:
+            EmbeddingCache(path).embed(["from B"], CountingEmbedder(), 3)
+            return super().__call__(prompts)
+
+    EmbeddingCache(path).embed(["from A"], EmbedsWhileAnotherRunSaves(), 3)
+    with np.load(path) as stored:
+        keys = sorted(stored["keys"])
+    assert keys == sorted(prompt_key(p) for p in ("old", "from A", "from B"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import sys
@@ -17,13 +18,14 @@ import pandas as pd
 import pytest
 
 from routecache.analysis.export import (
-    SkippedLines,
     events_frame,
     export_events,
     parse_since,
     read_events,
+    write_jsonl,
+    write_parquet,
 )
-from routecache.router.events import InMemoryEventLog, JsonlEventLog
+from routecache.router.events import InMemoryEventLog, JsonlEventLog, SkippedLines
 from routecache.router.logs import (
     REQUEST_ID,
     JsonFormatter,
@@ -604,3 +606,91 @@ def test_closing_the_event_log_releases_its_file(tmp_path: Path) -> None:
     assert _descriptors_open_on(source) == 1
     log.close()
     assert _descriptors_open_on(source) == 0
+
+
+def _full_disk() -> OSError:
+    return OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_parquet_export_that_fails_mid_write_leaves_the_previous_out_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: written in place, so a full disk mid-write left a torn --out and the previous
+    # export was gone.
+    out = tmp_path / "e.parquet"
+    out.write_bytes(b"the previous export")
+
+    def to_parquet(_frame: pd.DataFrame, path: Any, **_: object) -> None:
+        with contextlib.ExitStack() as stack:
+            sink = path if hasattr(path, "write") else stack.enter_context(open(path, "wb"))
+            sink.write(b"PAR1 half a table")
+        raise _full_disk()
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", to_parquet)
+    with pytest.raises(OSError, match="No space left"):
+        write_parquet([{"kind": "completion", "ts": 1.0}], out, "event log x")
+    assert out.read_bytes() == b"the previous export"
+    assert list(tmp_path.iterdir()) == [out]  # no temp file left beside it
+
+
+def test_a_jsonl_export_that_fails_mid_write_leaves_the_previous_out_whole(tmp_path: Path) -> None:
+    out = tmp_path / "e.jsonl"
+    out.write_text('{"kind": "previous"}\n', encoding="utf-8")
+
+    def events() -> Iterator[dict[str, Any]]:
+        yield {"kind": "completion", "ts": 1.0}
+        raise _full_disk()
+
+    with pytest.raises(OSError, match="No space left"):
+        write_jsonl(events(), out)
+    assert out.read_text("utf-8") == '{"kind": "previous"}\n'
+    assert list(tmp_path.iterdir()) == [out]
+
+
+def test_a_new_jsonl_export_is_its_owners_only_and_an_old_one_keeps_its_mode(
+    tmp_path: Path,
+) -> None:
+    new, old = tmp_path / "new.jsonl", tmp_path / "old.jsonl"
+    old.write_text("", encoding="utf-8")
+    old.chmod(0o640)  # the operator's choice, as O_TRUNC kept it
+    for out in (new, old):
+        assert write_jsonl([{"kind": "completion", "ts": 1.0}], out) == 1
+        assert json.loads(out.read_text("utf-8")) == {"kind": "completion", "ts": 1.0}
+    assert (new.stat().st_mode & 0o777, old.stat().st_mode & 0o777) == (0o600, 0o640)
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (["--redis-url", "redis://localhost:1", "--tenant", "ac me"], "argument --tenant"),
+        (["--redis-url", "redis://localhost:1", "--tenant", "x" * 65], "argument --tenant"),
+        (["--events", "e.jsonl", "--redis-url", "redis://localhost:1"], "not allowed with"),
+    ],
+    ids=["a space", "too long", "events and redis"],
+)
+def test_export_refuses_a_tenant_no_stream_can_have_and_two_sources(
+    capsys: pytest.CaptureFixture[str], extra: list[str], said: str
+) -> None:
+    # Before: a name no tenant can have exported 0 events, exit 0; --events with --redis-url
+    # read the file and ignored the Redis flags without a word.
+    from routecache.router.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["export-events", *extra, "--out", "e.parquet"])
+    assert exit_.value.code == 2
+    assert said in capsys.readouterr().err
+
+
+def test_export_of_a_file_with_a_tenant_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: --tenant was ignored for a JSONL log, which holds every tenant's events.
+    from routecache.router.cli import main
+
+    log = tmp_path / "events.jsonl"
+    log.write_text('{"kind": "completion", "ts": 1.0}\n', encoding="utf-8")
+    argv = ["export-events", "--events", str(log), "--tenant", "acme"]
+    assert main([*argv, "--out", str(tmp_path / "e.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("routecache: --tenant ") and err.count("\n") == 1
+    assert not (tmp_path / "e.parquet").exists()

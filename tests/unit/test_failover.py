@@ -27,6 +27,7 @@ from routecache.router.bootstrap import Overrides, Service, build_service
 from routecache.router.budget import Period
 from routecache.router.events import InMemoryEventLog
 from routecache.router.ports import Pricing, UpstreamReply
+from routecache.router.tokens import request_prompt_tokens
 from routecache.router.upstream.breaker import BreakerState, CircuitBreaker
 from routecache.router.upstream.deadline import note_failed_try, seconds_left
 from routecache.router.upstream.failover import AllProvidersFailed, Failover, OpenedStream, Provider
@@ -37,6 +38,8 @@ ACME, GLOBEX = KEYS["acme"], KEYS["globex"]
 PRICES = {"input_usd_per_mtok": 1.0, "output_usd_per_mtok": 1.0}
 EXPIRED_IN_GRACE = 7 * 24 * 3600 + 600  # past the 7-day TTL, within the grace hour
 DOWN = UpstreamError("HTTP 503 Service Unavailable", retryable=True)
+# The models of the settings' tiers (their defaults), as a tenant's models_allowed names them.
+CHEAP_MODEL, STRONG_MODEL = "mixtral-8x7b-instruct", "gpt-4-1106-preview"
 
 
 class BreakingUpstream(FakeUpstream):
@@ -64,7 +67,10 @@ def state_of(breaker: CircuitBreaker) -> BreakerState:
 
 
 def rig(answers: dict[str, str] | None = None, validators: list[dict[str, object]] | None = None,
-        monotonic: Callable[[], float] | None = None, breaking: bool = False) -> Rig:  # fmt: skip
+        monotonic: Callable[[], float] | None = None, breaking: bool = False,
+        reserve: bool = False, **tenant_options: object) -> Rig:  # fmt: skip
+    """Providers cheap then backup (`backup-model`) on the cheap tier, strong on the strong
+    one, then reserve (`reserve-model`) with `reserve`. `tenant_options`: each tenant's."""
     answers = answers or {}
 
     def answer_of(n: str) -> Callable[[str, GenerationParams], str]:
@@ -74,15 +80,20 @@ def rig(answers: dict[str, str] | None = None, validators: list[dict[str, object
         name: (BreakingUpstream if breaking and name == "cheap" else FakeUpstream)(
             f"{name}-model", answer_of(name)
         )
-        for name in ("cheap", "backup", "strong")
+        for name in ("cheap", "backup", "strong", *(["reserve"] if reserve else []))
     }
-    settings = unit_settings(None, None, **({"validators": validators} if validators else {}))
+    options = {**tenant_options, **({"validators": validators} if validators else {})}
+    settings = unit_settings(None, None, **options)
     settings = settings.model_copy(
         update={
             "upstream": settings.upstream.model_validate(
                 {
-                    "providers": {"backup": {"model": "backup-model", **PRICES}},
+                    "providers": {
+                        "backup": {"model": "backup-model", **PRICES},
+                        "reserve": {"model": "reserve-model", **PRICES},
+                    },
                     "cheap_fallbacks": ["backup"],
+                    "strong_fallbacks": ["reserve"] if reserve else [],
                     "breaker": {"failure_threshold": 2, "open_seconds": 30},
                     "stale_grace_seconds": 3600,
                 }
@@ -113,6 +124,53 @@ async def test_fallback_provider_answers_when_the_first_fails() -> None:
     assert r.ups["strong"].calls == []
     event = r.events.events[-1]
     assert event["provider"] == "backup" and "HTTP 503" in event["upstream_failures"][0]
+
+
+async def test_a_cheap_fallback_whose_model_the_tenant_may_not_use_is_skipped() -> None:
+    # models_allowed leaves out backup-model: the cheap tier's fallback is not tried, the
+    # strong tier (allowed) answers, for a stream too.
+    r = rig(models_allowed=[CHEAP_MODEL, STRONG_MODEL])
+    r.ups["cheap"].fail_with = DOWN
+    done = await r.ask("q", cache=CacheControl(no_store=True))
+    assert done.provider == "strong" and done.tier is Tier.STRONG
+    _, streamed = await collect(r, "tell me")
+    assert streamed.provider == "strong"
+    assert r.ups["backup"].calls == []
+
+
+async def test_a_tenant_kept_to_the_cheap_tier_gets_no_fallback_it_may_not_use() -> None:
+    r = rig(models_allowed=[CHEAP_MODEL])
+    r.ups["cheap"].fail_with = DOWN
+    with pytest.raises(Unavailable, match="no cached answer"):
+        await r.ask("q")
+    with pytest.raises(Unavailable, match="no cached answer"):
+        await collect(r, "tell me")
+    assert r.ups["backup"].calls == [] and r.ups["strong"].calls == []
+
+
+async def test_a_strong_fallback_whose_model_the_tenant_may_not_use_is_skipped() -> None:
+    allowed = rig(reserve=True)  # the rig's strong fallback answers a tenant that may use it
+    allowed.ups["strong"].fail_with = DOWN
+    assert (await allowed.ask("q", force_tier=Tier.STRONG)).provider == "reserve"
+    r = rig(reserve=True, models_allowed=[CHEAP_MODEL, STRONG_MODEL, "backup-model"])
+    r.ups["strong"].fail_with = DOWN
+    with pytest.raises(Unavailable, match="no cached answer"):
+        await r.ask("q", force_tier=Tier.STRONG)
+    assert r.ups["reserve"].calls == []
+
+
+async def test_a_reservation_leaves_out_fallbacks_the_tenant_may_not_use() -> None:
+    # backup (1 USD/Mtok) is dearer than the cheap provider (0.6): reserving its price for a
+    # tenant that never reaches it refused requests its cap could take.
+    r = rig(models_allowed=[CHEAP_MODEL])
+    tenant = r.service.pipeline._p.authenticator.authenticate(ACME)
+    request = ChatRequest(
+        messages=(Message(Role.USER, "q"),), params=GenerationParams(max_tokens=100)
+    )
+    usd = r.service.pipeline.costs.worst_case_usd(
+        tenant, request, Tier.CHEAP, cheap_only=True, streaming=True
+    )
+    assert usd == pytest.approx((request_prompt_tokens(request) + 100) * 0.6 / 1e6)
 
 
 async def test_open_breaker_sheds_without_calling_the_provider() -> None:
@@ -357,6 +415,15 @@ async def test_stream_broken_midway_ends_unavailable_and_stores_nothing() -> Non
     # dearest price of the chain it may have reached: the strong model's 10 and 30 USD/Mtok.
     spent = await r.service.pipeline.costs.ledger.totals("acme")
     assert spent[Period.DAY].cost_usd == pytest.approx((1 * 10 + 2 * 30) / 1e6)
+
+
+async def test_a_stream_broken_midway_pays_at_the_dearest_price_the_tenant_may_reach() -> None:
+    # Kept to the cheap model: neither backup nor strong could have sent the text.
+    r = rig(breaking=True, models_allowed=[CHEAP_MODEL])
+    with pytest.raises(Unavailable, match="broke after 8 characters"):
+        await collect(r, "q")
+    spent = await r.service.pipeline.costs.ledger.totals("acme")
+    assert spent[Period.DAY].cost_usd == pytest.approx((1 + 2) * 0.6 / 1e6)
 
 
 async def test_stream_with_all_providers_down_serves_stale() -> None:
@@ -744,6 +811,35 @@ def test_a_failover_needs_a_provider_for_every_tier() -> None:
         Failover({Tier.CHEAP: [cheap], Tier.STRONG: []})
 
 
+@pytest.mark.parametrize("call", ["complete", "open_stream"])
+async def test_a_chain_leaves_out_the_providers_not_allowed(call: str) -> None:
+    price = Pricing(1.0, 1.0)
+    cheap_up, backup_up, strong_up = (
+        FakeUpstream("c", fail_with=DOWN),
+        FakeUpstream("b"),
+        FakeUpstream("s"),
+    )
+    cheap, backup, strong = (
+        Provider(name, up, price, CircuitBreaker())
+        for name, up in (("cheap", cheap_up), ("backup", backup_up), ("strong", strong_up))
+    )
+    failover = Failover({Tier.CHEAP: [cheap, backup], Tier.STRONG: [strong, backup]})
+    allowed = {"cheap", "strong"}
+    assert [p.name for _, p in failover.chain(Tier.CHEAP, allowed=allowed)] == ["cheap", "strong"]
+    if call == "complete":
+        answered = await failover.complete(
+            REQUEST, Tier.CHEAP, time.monotonic() + 10, allowed=allowed
+        )
+        assert answered.provider is strong
+    else:
+        opened = await failover.open_stream(
+            REQUEST, Tier.CHEAP, time.monotonic() + 10, allowed=allowed
+        )
+        assert opened.provider is strong
+        await failover.deltas(opened, time.monotonic() + 10).aclose()
+    assert backup_up.calls == []
+
+
 def test_a_provider_in_both_chains_is_listed_once() -> None:
     # providers() is what is closed at stop and what the breaker gauges watch.
     shared = Provider("shared", FakeUpstream("m"), Pricing(1.0, 1.0), CircuitBreaker())
@@ -772,3 +868,44 @@ async def test_a_provider_in_both_chains_is_tried_once_per_request(call: str) ->
     assert len(shared_up.calls) == 1
     assert len(failed.value.failures) == 3
     assert shared.breaker.state is BreakerState.CLOSED
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["unary", "streamed"])
+async def test_a_stale_answer_reports_the_classifier_that_routed_the_request(
+    streamed: bool,
+) -> None:
+    # It reported the version in service when the outage ended, read anew when served: a
+    # model swapped in (hot reload) while the providers were tried was named instead, and the
+    # difficulty the request was routed by was left out.
+    r = rig()
+    classifier = r.service.pipeline._p.classifier
+    assert isinstance(classifier, FixedScoreClassifier)
+    await r.ask("what is the capital of France")
+    r.clock.advance(EXPIRED_IN_GRACE)
+    cheap = r.ups["cheap"]
+    cheap.fail_with = r.ups["backup"].fail_with = r.ups["strong"].fail_with = DOWN
+    complete, stream = cheap.complete, cheap.stream
+
+    async def swapped_then_complete(
+        messages: Sequence[Message], params: GenerationParams
+    ) -> UpstreamReply:
+        classifier._version = "v-new"  # the watcher swaps while the providers are tried
+        return await complete(messages, params)
+
+    async def swapped_then_stream(
+        messages: Sequence[Message], params: GenerationParams
+    ) -> AsyncIterator[str]:
+        classifier._version = "v-new"
+        async for delta in stream(messages, params):
+            yield delta
+
+    cheap.complete = swapped_then_complete  # type: ignore[method-assign]
+    cheap.stream = swapped_then_stream  # type: ignore[method-assign]
+    if streamed:
+        _, stale = await collect(r, "what is the capital of France")
+    else:
+        stale = await r.ask("what is the capital of France")
+    assert stale.cache.stale and classifier.version == "v-new"
+    assert (stale.classifier_version, stale.difficulty) == ("v", 0.1)
+    event = r.events.events[-1]
+    assert (event["classifier_version"], event["difficulty"]) == ("v", 0.1)

@@ -3,6 +3,7 @@ escalation goes, what a spend reservation must cover, and how a streamed answer 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -22,10 +23,12 @@ from routecache.domain import (
 from routecache.errors import FailedValidation, Unavailable, UpstreamError
 from routecache.router.generation import Generated, Generator, Tally
 from routecache.router.ports import Pricing, UpstreamReply
+from routecache.router.settings import LimitSettings, ValidatorSpec
 from routecache.router.tokens import estimate_tokens
 from routecache.router.upstream.breaker import CircuitBreaker
 from routecache.router.upstream.failover import Failover, Provider
-from routecache.router.validation import Configured, OnFail
+from routecache.router.validation import Configured, OnFail, build_validators
+from routecache.router.validators import parse_json
 from tests.fakes import FakeUpstream
 
 CHEAP_PRICE, STRONG_PRICE = Pricing(1.0, 2.0), Pricing(10.0, 30.0)
@@ -239,6 +242,18 @@ async def test_cheap_only_does_not_fall_back_to_the_strong_provider() -> None:
     assert strong.calls == []
 
 
+async def test_a_provider_the_tenant_may_not_use_is_not_called() -> None:
+    # Its model is not in the tenant's models_allowed: the chain goes past it, for a stream too.
+    backup, strong = says("backup"), says("a good answer")
+    gen = generator([down("cheap-down"), backup], strong)
+    allowed = {"cheap-down@host", "a-good-answer@host"}
+    done = await gen.generate(REQUEST, Tier.CHEAP, allowed=allowed)
+    assert done.provider == "a-good-answer@host"
+    events = [event async for event in gen.stream(REQUEST, Tier.CHEAP, allowed=allowed)]
+    assert isinstance(events[-1], Generated) and events[-1].provider == "a-good-answer@host"
+    assert backup.calls == []
+
+
 # --- what a spend reservation must cover ---------------------------------------------------
 
 
@@ -266,6 +281,14 @@ def test_worst_case_calls_follow_what_the_validators_can_cause(
     assert names(calls) == expected
 
 
+def test_worst_case_calls_leave_out_the_providers_not_allowed() -> None:
+    retry = Configured(Forbids("no-bad", "bad"), OnFail.RETRY)
+    gen = generator([says("cheap"), says("backup")], says("strong"), retry)
+    allowed = {"cheap@host", "strong@host"}
+    calls = gen.worst_case_calls(REQUEST, Tier.CHEAP, allowed=allowed)
+    assert names(calls) == [["cheap", "strong"], ["cheap", "strong"], ["strong"]]
+
+
 def test_a_stream_is_one_call_whatever_its_validators() -> None:
     gen = generator(
         [says("cheap")], says("strong"), Configured(Forbids("no-bad", "bad"), OnFail.RETRY)
@@ -288,6 +311,72 @@ async def test_only_a_redact_check_rewrites_the_answer(
     )
     done = await gen.generate(REQUEST, Tier.CHEAP)
     assert (done.text, done.report.passed, done.calls) == (text, passed, 1)
+
+
+JSON_REQUEST = replace(
+    REQUEST,
+    params=GenerationParams(response_format=ResponseFormat(ResponseFormatType.JSON_OBJECT)),
+)
+
+
+def json_and_pii(**pii: str) -> list[Configured]:
+    specs = [ValidatorSpec(kind="json_schema"), ValidatorSpec(kind="pii", **pii)]
+    return build_validators(specs, LimitSettings())
+
+
+@pytest.mark.parametrize(
+    ("answer", "served"),
+    [
+        ({"note": "write to:\njohn@example.com"}, {"note": "write to:\n[REDACTED EMAIL]"}),
+        ({"note": "caf\u00e9john@example.com"}, {"note": "[REDACTED EMAIL]"}),
+        ({"id": 4111111111111111}, {"id": "[REDACTED CARD]"}),
+        ({"john@example.com": [1, True, None]}, {"[REDACTED EMAIL]": [1, True, None]}),
+    ],
+    ids=["after an escape", "after a unicode escape", "a number", "a key"],
+)
+async def test_a_json_answer_is_redacted_inside_its_values_and_stays_json(
+    answer: dict[str, object], served: dict[str, object]
+) -> None:
+    # The answer was redacted as text after json_schema had passed it: "\\n" lost its n to the
+    # email ("\\[REDACTED EMAIL]"), a number became a bare word: served and cached as JSON
+    # that is not JSON, with passed=True.
+    gen = generator([says(json.dumps(answer))], says("strong"), *json_and_pii())
+    done = await gen.generate(JSON_REQUEST, Tier.CHEAP)
+    assert parse_json(done.text) == served
+    assert (done.report.passed, done.tier, done.calls) == (True, Tier.CHEAP, 1)
+
+
+async def test_a_json_answer_without_pii_is_served_as_it_came() -> None:
+    answer = '{ "a" :1.50 }'
+    gen = generator([says(answer)], says("strong"), *json_and_pii())
+    assert (await gen.generate(JSON_REQUEST, Tier.CHEAP)).text == answer
+
+
+async def test_a_redacted_json_answer_is_judged_again_by_the_schema() -> None:
+    # A card number redacted in an integer field makes it a string: the schema now fails it,
+    # and its on_fail (escalate) applies; what is served is always what was judged.
+    schema = json.dumps({"type": "object", "properties": {"id": {"type": "integer"}}})
+    request = replace(
+        REQUEST,
+        params=GenerationParams(
+            response_format=ResponseFormat(ResponseFormatType.JSON_SCHEMA, schema)
+        ),
+    )
+    gen = generator([says('{"id": 4111111111111111}')], says('{"id": 7}'), *json_and_pii())
+    done = await gen.generate(request, Tier.CHEAP)
+    assert (done.text, done.tier, done.calls) == ('{"id": 7}', Tier.STRONG, 2)
+    cheap = [(r.name, r.passed, r.action) for r in done.report.results if r.model != done.model]
+    assert cheap == [("json_schema", False, "escalated"), ("pii", False, "escalated")]
+
+
+async def test_a_redacted_text_answer_is_judged_again_by_the_other_validators() -> None:
+    gen = generator(
+        [says("a bad answer")], says("a good answer"),
+        Configured(Masks("pii", "bad"), OnFail.REDACT),
+        Configured(Forbids("no-stars", "***"), OnFail.ESCALATE),
+    )  # fmt: skip
+    done = await gen.generate(REQUEST, Tier.CHEAP)
+    assert (done.text, done.tier, done.report.passed) == ("a good answer", Tier.STRONG, True)
 
 
 # --- streaming -----------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import shutil
 from collections.abc import Sequence
@@ -372,3 +374,26 @@ def test_a_torn_verifier_graph_is_one_config_error_naming_it(tmp_path: Path, gra
     settings = load_settings(cache={"verifier": "cross-encoder", "verifier_dir": tmp_path})
     with pytest.raises(ConfigError, match=f"cache.verifier_dir: .*{GRAPH_FILE}"):
         build_hit_policy(settings, "all-MiniLM-L6-v2")
+
+
+@pytest.mark.parametrize("named", ["0" * 64, None], ids=["another graph", "no graph named"])
+def test_a_verifier_graph_other_than_its_policy_names_is_one_config_error(
+    tmp_path: Path, named: str | None
+) -> None:
+    # Before: a train-verifier run that failed after its export left a new graph beside the
+    # old graph's policy, and the service served hits with thresholds of another model.
+    shutil.copyfile(packaged_verifier_dir() / GRAPH_FILE, tmp_path / GRAPH_FILE)
+    policy = json.loads((packaged_verifier_dir() / POLICY_FILE).read_text("utf-8"))
+    policy["metadata"].pop("graph_sha256")
+    if named is not None:
+        policy["metadata"]["graph_sha256"] = named
+    (tmp_path / POLICY_FILE).write_text(json.dumps(policy), encoding="utf-8")
+    settings = load_settings(cache={"verifier": "cross-encoder", "verifier_dir": tmp_path})
+    with pytest.raises(ConfigError, match=f"cache.verifier_dir: .*{GRAPH_FILE} is not the graph"):
+        build_hit_policy(settings, "all-MiniLM-L6-v2")
+
+
+def test_the_packaged_verifier_graph_is_the_one_its_policy_names() -> None:
+    policy = json.loads((packaged_verifier_dir() / POLICY_FILE).read_text("utf-8"))
+    graph = (packaged_verifier_dir() / GRAPH_FILE).read_bytes()
+    assert policy["metadata"]["graph_sha256"] == hashlib.sha256(graph).hexdigest()

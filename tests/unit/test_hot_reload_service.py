@@ -132,3 +132,28 @@ def test_a_registry_current_that_names_no_usable_version_is_a_config_error(
     settings.classifier.registry_dir = registry.root
     with pytest.raises(ConfigError, match=r"cannot start: classifier\.registry_dir: "):
         build_classifier(settings, HashEmbedder())
+
+
+async def test_the_runbooks_classifier_rollback_with_a_registry_needs_no_restart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # docs/operations.md, Rollback step 2. It said to point classifier.artifact at the previous
+    # artifact and restart: with registry_dir set that is only the fallback, so nothing changed.
+    from routecache.router.cli import main as cli_main
+
+    registry = ModelRegistry(tmp_path / "registry")
+    models = {}
+    for entry, seed in (("good", 0), ("bad", 1)):
+        artifact = _train(tmp_path, entry, seed, capsys)
+        models[entry] = json.loads(artifact.with_suffix(".json").read_text())["version"]
+        registry.add(artifact, entry)
+        registry.promote(entry)
+    settings = unit_settings()
+    settings.classifier.registry_dir = registry.root
+    settings.classifier.artifact = tmp_path / "good" / "difficulty.skops"
+    restarted = build_classifier(settings, HashEmbedder())
+    assert restarted.version == models["bad"]  # the artifact changed nothing
+    assert cli_main(["rollback-classifier", "--registry", str(registry.root)]) == 0
+    assert isinstance(restarted, ReloadingClassifier)
+    assert await restarted.refresh()  # what the watcher does every reload_interval_seconds
+    assert restarted.version == models["good"]

@@ -13,7 +13,7 @@ import pytest
 from routecache.classifier import metrics
 from routecache.classifier.operating_point import CurvePoint, OperatingCurve, fit_curve
 from routecache.domain import OperatingPoint
-from routecache.router.events import JsonlEventLog
+from routecache.router.events import JsonlEventLog, SkippedLines
 from routecache.training.data_files import DataFileError
 from routecache.training.outcomes import EventLabel, labels_from_events, read_events
 
@@ -121,12 +121,21 @@ def test_event_logs_are_read_in_order_across_files_and_non_object_lines_are_skip
     ["{not json", "[" * 100_000, '{"n": ' + "9" * 5_000 + "}"],
     ids=["not JSON", "too deep", "too many digits"],
 )
-def test_a_broken_event_line_is_reported(tmp_path: Path, broken: str) -> None:
-    # The last two escaped as a bare RecursionError / ValueError: retrain ended in a traceback.
+def test_a_torn_or_non_object_event_line_is_skipped_and_counted(
+    tmp_path: Path, broken: str
+) -> None:
+    # Before: retrain stopped (exit 2) at a line a crash tore, which JsonlEventLog leaves in
+    # place and export-events skips and counts; a line of JSON that is no object was dropped
+    # without a word. (The last two were once a bare RecursionError / ValueError.)
     path = tmp_path / "events.jsonl"
-    path.write_text(json.dumps({"kind": "feedback", "thumbs_up": True}) + f"\n{broken}\n")
-    with pytest.raises(DataFileError, match=r"events\.jsonl:2: not a JSON event"):
-        read_events([path])
+    event = {"kind": "feedback", "thumbs_up": True}
+    cut = json.dumps({"kind": "feedback", "prompt": "é"}, ensure_ascii=False).encode()[:-3]
+    with path.open("wb") as log:
+        log.write(f'{json.dumps(event)}\n{broken}\n[1, 2]\n"text"\n'.encode())
+        log.write(cut + b"\n" + json.dumps(event).encode() + b"\n")
+    skipped = SkippedLines()
+    assert read_events([path], skipped) == [event, event]
+    assert skipped.torn == 4
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,7 @@
 """PII detection edges: every length a format allows, checksums, whole-span redaction."""
 
+import time
+import unicodedata
 from typing import Any
 
 import pytest
@@ -332,6 +334,27 @@ def test_the_whole_finding_is_redacted_with_its_country_code_or_letters_beyond_a
     # Before: "+[REDACTED CARD]", "1-[REDACTED PHONE]", "jö[REDACTED EMAIL]", or nothing.
     assert found(text) == [(kind, value)]
     assert PiiValidator().redact(text) == text.replace(value, f"[REDACTED {kind.upper()}]")
+
+
+@pytest.mark.parametrize(
+    "email", ["jöhn@münchen.de", "jöhn@example.com", "john@münchen.de", "josé@exämple.cafè"]
+)
+def test_an_email_in_decomposed_form_is_found_whole(email: str) -> None:
+    # NFD writes "ö" as "o" + U+0308, a combining mark, which \w is not: the pattern stopped
+    # at it, so "jöhn@münchen.de" went unredacted and "jöhn@example.com" kept "jö".
+    decomposed = unicodedata.normalize("NFD", email)
+    assert found(f"mail {decomposed} now") == [("email", decomposed)]
+    assert PiiValidator().redact(f"mail {decomposed} now") == "mail [REDACTED EMAIL] now"
+
+
+def test_a_long_word_of_letters_and_marks_is_scanned_once() -> None:
+    # Marks are part of a word now: a run of them must not become a place to start again
+    # (the quadratic scan the lookbehind prevents).
+    run = "e\u0301" * 40_000
+    started = time.perf_counter()
+    assert found(f"{run} mail {run}@example.com") == [("email", f"{run}@example.com")]
+    assert found(run + "\u0301" * 1000) == []
+    assert time.perf_counter() - started < 1.0
 
 
 @pytest.mark.parametrize(

@@ -997,3 +997,19 @@ def test_an_added_version_is_on_disk_whole_before_it_can_be_promoted(
         for name in ("difficulty.skops", "difficulty.json", ".", "..")
     ]  # fmt: skip
     assert in_place == [(False, False), (False, False), (True, False), (True, True)]
+
+
+def test_a_promotion_expecting_another_version_in_service_is_refused(tmp_path: Path) -> None:
+    # A retrain compares with the version in service, then promotes: a promotion or rollback
+    # in between was overridden by a candidate never compared with what then served.
+    registry = _registry_with(tmp_path, "v1", "v2", "v3")
+    with pytest.raises(RegistryError, match=r"CURRENT names no version, expected v0"):
+        registry.promote("v1", expected_current="v0")
+    registry.promote("v1", expected_current=None)
+    registry.promote("v2", expected_current="v1")
+    with pytest.raises(RegistryError, match=r"CURRENT names v2, expected v1"):
+        registry.promote("v3", expected_current="v1")
+    assert registry.current_version() == "v2"
+    assert [c.version for c in registry.history()] == ["v1", "v2"]  # the refusal logs nothing
+    registry.promote("v3")  # without an expectation, as the CLI promotes
+    assert registry.current_version() == "v3"

@@ -89,7 +89,7 @@ entry_points = pytest.mark.parametrize(
 @entry_points
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(None, "No such file"), ('{"prompt": "p"}\n', "recording 1: needs"), ("", "no recordings")],
+    [(None, "No such file"), ('{"prompt": "p"}\n', "rec.jsonl:1: needs"), ("", "no recordings")],
     ids=["missing", "not recordings", "empty"],
 )
 def test_replay_upstream_reports_a_bad_recordings_file_in_one_line(

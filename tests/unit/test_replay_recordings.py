@@ -47,8 +47,8 @@ def test_an_answer_holding_a_unicode_line_separator_is_one_recording(tmp_path: P
         ("{not json", "recorded.jsonl:2: not JSON"),
         ("[" * 100_000, "recorded.jsonl:2: not JSON Python can read"),
         ('{"n": ' + "9" * 5_000 + "}", "recorded.jsonl:2: not JSON Python can read"),
-        ('{"prompt": "p", "weak_response": "w"}', "recording 2: needs string prompt"),
-        ('{"prompt": "p", "weak_response": 1, "strong_response": "s"}', "recording 2: needs"),
+        ('{"prompt": "p", "weak_response": "w"}', "recorded.jsonl:2: needs string prompt"),
+        ('{"prompt": "p", "weak_response": 1, "strong_response": "s"}', "recorded.jsonl:2: needs"),
     ],
     ids=["array", "not-json", "too-deep", "too-many-digits", "no-strong", "number-weak"],
 )
@@ -61,9 +61,19 @@ def test_two_recordings_of_one_prompt_once_trimmed_are_refused_naming_both(
     tmp_path: Path,
 ) -> None:
     # Looked up by the trimmed prompt, the later recording would silently replace the earlier.
-    with pytest.raises(ValueError, match=r"recording 3 .*'What is 2 \+ 2\?'.* recording 1"):
+    with pytest.raises(ValueError, match=r"recorded\.jsonl:3 .*'What is 2 \+ 2\?'.* line 1\W"):
         Recordings.load(write(tmp_path, row("What is 2 + 2?"), row("other"),
                               row(" What is 2 + 2?\n")))  # fmt: skip
+
+
+def test_a_bad_recording_is_named_by_its_line_past_blank_lines(tmp_path: Path) -> None:
+    # Before: numbered among the recordings, so the fourth line was "recording 2".
+    bad = '{"prompt": "p", "weak_response": "w"}'
+    with pytest.raises(ValueError, match=r"/recorded\.jsonl:4: needs string prompt"):
+        Recordings.load(write(tmp_path, row("first"), "", "", bad))
+    with pytest.raises(ValueError, match=r"/recorded\.jsonl:5 records the prompt 'a' again "
+                       r"\(first at line 2;"):  # fmt: skip
+        Recordings.load(write(tmp_path, "", row("a"), "", "", row("a ")))
 
 
 def test_prompts_are_matched_without_their_surrounding_whitespace() -> None:

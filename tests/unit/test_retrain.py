@@ -295,3 +295,47 @@ def test_a_registry_whose_current_is_not_utf8_is_a_one_line_message(
     assert _retrain(data, registry) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("routecache: ") and "CURRENT" in error and "\n" not in error
+
+
+def test_a_version_put_in_service_while_a_retrain_compares_is_not_overridden(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The incumbent was read without the registry's lock and the promotion did not check it
+    # was still in service: an operator's rollback (or another retrain's promotion) in the
+    # meantime was overridden by a candidate compared with the model it replaced.
+    registry_dir = tmp_path / "registry"
+    assert _retrain(data, registry_dir) == 0
+    first = _summary(capsys)
+    assert _retrain(data, registry_dir, "--seed", "0") == 0  # same model, a new version
+    second = _summary(capsys)
+    registry = ModelRegistry(registry_dir)
+    compare = retrain.incumbent_apgr
+
+    def operator_rolls_back(*args: object, **kwargs: object) -> object:
+        result = compare(*args, **kwargs)  # type: ignore[arg-type]
+        registry.rollback()
+        return result
+
+    monkeypatch.setattr(retrain, "incumbent_apgr", operator_rolls_back)
+    assert _retrain(data, registry_dir, "--seed", "0") == 3
+    out, err = capsys.readouterr()
+    third = json.loads(out.strip().splitlines()[-1])
+    assert third["incumbent"] == second["candidate"] and third["promoted"] is False
+    assert registry.current_version() == first["candidate"] == third["current"]
+    assert str(third["candidate"]) in registry.versions()  # kept, to promote by hand
+    assert err.count("\n") == 1 and "not promoted" in err and "in service" in err
+
+
+def test_torn_event_lines_are_skipped_and_said_in_one_line(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: a line torn by a crash (left in place by the service's log) stopped retrain,
+    # exit 2, though export-events skips and counts it.
+    log = tmp_path / "events.jsonl"
+    outcome = json.dumps({"kind": "outcome", "prompt": "count pears", "weak_correct": False})
+    log.write_text(f'{outcome}\n{{"kind": "outco\n[1]\n', encoding="utf-8")
+    assert _retrain(data, tmp_path / "registry", "--events", str(log)) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["n_event_labels"] == 1
+    said = [line for line in captured.err.splitlines() if "skipped" in line]
+    assert said == [f"routecache: 2 lines of {log} skipped: not a JSON object (torn by a crash?)"]

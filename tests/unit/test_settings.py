@@ -757,6 +757,22 @@ def test_infinite_or_nan_numbers_are_refused_naming_the_field(
         load_settings(None, **overrides)
 
 
+@pytest.mark.parametrize("ttl", [60.0, 89.0])
+def test_a_reservation_ttl_a_call_could_outlast_is_refused(ttl: float) -> None:
+    # A call's reservation must hold until the call is settled: a TTL not above the
+    # request timeout (plus time to settle) would let a call run on out of every cap.
+    with pytest.raises(ConfigError) as refused:
+        load_settings(None, budgets={"reservation_ttl_seconds": ttl})
+    message = str(refused.value)
+    assert "budgets.reservation_ttl_seconds" in message
+    assert "upstream.request_timeout_seconds" in message
+
+
+def test_a_reservation_ttl_above_the_request_timeout_and_time_to_settle_loads() -> None:
+    settings = load_settings(None, budgets={"reservation_ttl_seconds": 91.0})
+    assert settings.budgets.reservation_ttl_seconds == 91.0
+
+
 def test_values_at_their_bounds_are_accepted() -> None:
     settings = load_settings(server={"port": 65535}, metrics={"port": 0},
                              cache={"embed_max_wait_ms": 50}, store={"key_prefix": "a.b-c_1"},

@@ -161,7 +161,8 @@ def test_a_bad_event_log_given_to_retrain_is_a_message_and_exit_2(
 ) -> None:
     data = _write_routing_file(tmp_path / "ok.jsonl", n=10)
     events = tmp_path / "events.jsonl"
-    events.write_text("{torn\n")
+    # A mistyped grade (a torn line is skipped and counted, as export-events does).
+    events.write_text('{"kind": "feedback", "response_id": "r1", "thumbs_up": "no"}\n')
     argv = ["--data", str(data), "--events", str(events), "--embedder", "hash"]
     assert retrain.main([*argv, "--registry", str(tmp_path / "registry")]) == 2
     assert "events.jsonl:1" in capsys.readouterr().err

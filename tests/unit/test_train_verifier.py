@@ -56,7 +56,8 @@ def _saved_run(tmp_path: Path, holdout: float = 0.5) -> list[str]:
     }
     np.savez(tmp_path / "scores.npz", allow_pickle=True, **scores)
     return ["train-verifier", "--data", str(data), "--out", str(out), "--holdout", str(holdout),
-            "--scores", str(tmp_path / "scores.npz")]  # fmt: skip
+            "--scores", str(tmp_path / "scores.npz"),
+            "--work-dir", str(tmp_path / "work")]  # fmt: skip
 
 
 def _policy(tmp_path: Path) -> PolicyCalibration:
@@ -160,6 +161,11 @@ def test_a_confidence_outside_zero_to_one_is_refused(
         ("--budgets", "0.01,x"),
         ("--epochs", "0"),
         ("--epochs", "-2"),
+        ("--learning-rate", "-1"),
+        ("--learning-rate", "0"),
+        ("--learning-rate", "nan"),
+        ("--learning-rate", "inf"),
+        ("--learning-rate", "fast"),
     ],
 )
 def test_a_holdout_budget_or_epoch_count_out_of_range_is_refused(
@@ -167,7 +173,8 @@ def test_a_holdout_budget_or_epoch_count_out_of_range_is_refused(
 ) -> None:
     # --holdout 0 left nothing to calibrate on: a ValueError traceback after the hour of
     # training; --budgets 1.5 shipped a serve-everything threshold, "x" was a traceback;
-    # --epochs 0 shipped the untrained weights.
+    # --epochs 0 shipped the untrained weights; --learning-rate -1 or nan was a traceback at
+    # the first step, 0 or inf trained an hour for nothing.
     with pytest.raises(SystemExit) as exit_:
         main([*_saved_run(tmp_path), flag, value])
     assert exit_.value.code == 2
@@ -202,7 +209,10 @@ def test_saved_scores_without_the_graph_they_came_from_are_refused(
     graph = tmp_path / "out" / GRAPH_FILE
     graph.unlink()
     assert main(argv) == 2
-    assert capsys.readouterr().err.startswith(f"routecache: --scores needs --out's graph: {graph}")
+    beside = tmp_path / GRAPH_FILE  # beside the scores, where a run's work folder keeps it
+    assert capsys.readouterr().err.startswith(
+        f"routecache: --scores needs the graph it scored: neither {beside} nor {graph} is there"
+    )
     assert not (tmp_path / "out" / POLICY_FILE).exists()
 
 
@@ -390,3 +400,66 @@ def test_the_policy_replaces_the_old_one_whole_and_synced(
     assert policy.stat().st_ino != old_inode  # a new file renamed over the old one
     assert synced[-2:] == [(False, True), (True, True)]  # the new file, then its folder
     assert _policy(tmp_path).thresholds
+
+
+def _pairs_file(tmp_path: Path) -> Path:
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(asdict(p)) + "\n" for p in PAIRS), encoding="utf-8")
+    return data
+
+
+def test_a_run_that_fails_after_the_export_leaves_out_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the graph was exported straight into --out and the policy written only at the
+    # end, so a run that failed in between left a new graph beside the old graph's policy,
+    # and the service loaded the mismatched pair. Here scoring fails: the graph is fake.
+    _fake_export(monkeypatch, _Module())
+    _fake_quantiser(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / GRAPH_FILE).write_bytes(b"the old graph")
+    (out / POLICY_FILE).write_text("the old policy", encoding="utf-8")
+    argv = ["train-verifier", "--data", str(_pairs_file(tmp_path)), "--out", str(out),
+            "--weights", str(tmp_path / "w.pt"), "--holdout", "0.5"]  # fmt: skip
+    with pytest.raises(ValueError, match="not a graph ONNX Runtime can load"):
+        main(argv)
+    assert (out / GRAPH_FILE).read_bytes() == b"the old graph"
+    assert (out / POLICY_FILE).read_text("utf-8") == "the old policy"
+    # exported into the default work folder, outside --out (which ships in the package)
+    work = tmp_path / "runs" / "train-verifier"
+    assert (work / GRAPH_FILE).read_text() == "int8 of fp32 training=False"
+
+
+def test_a_calibrated_run_publishes_the_graph_it_scored_with_its_policy(tmp_path: Path) -> None:
+    # Saved scores beside the graph they came from (a run's work folder): --out gets that
+    # graph and a policy naming it, never the old graph under the new policy.
+    argv = _saved_run(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "scores.npz").rename(work / "calibration_scores.npz")
+    (work / GRAPH_FILE).write_bytes(b"the new graph")
+    argv[argv.index("--scores") + 1] = str(work / "calibration_scores.npz")
+    assert main([*argv, "--work-dir", str(work)]) == 0
+    published = tmp_path / "out" / GRAPH_FILE
+    assert published.read_bytes() == b"the new graph"
+    graph_sha = hashlib.sha256(b"the new graph").hexdigest()
+    assert _policy(tmp_path).metadata["graph_sha256"] == graph_sha
+    assert not (tmp_path / "out" / "calibration_scores.npz").exists()
+
+
+@pytest.mark.parametrize("flag", ["--out", "--work-dir"])
+def test_an_out_or_work_folder_that_cannot_be_made_is_refused_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    # Before: a NotADirectoryError traceback once a whole epoch had been trained.
+    taken = tmp_path / "a-file"
+    taken.write_text("", encoding="utf-8")
+    folders = {"--out": tmp_path / "out", "--work-dir": tmp_path / "work", flag: taken / "below"}
+    argv = ["train-verifier", "--data", str(_pairs_file(tmp_path)), "--holdout", "0.5",
+            "--weights", str(tmp_path / "missing.pt")]  # fmt: skip
+    argv += [part for name, folder in folders.items() for part in (name, str(folder))]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"routecache: {flag} {taken / 'below'}: cannot make the folder"), err

@@ -97,6 +97,28 @@ def test_regex_patterns_take_python_syntax_only() -> None:
 
 
 @pytest.mark.parametrize(
+    "pattern",
+    [r"[[:digit:]]", r"[a[:^alpha:]]", r"[:digit:]", r"\\[[:digit:]]", r"a{e<=1}", r"(?:foo){e}",
+     r"x{1<=e<=2}", r"x{2i+2d+1s<=4}"],
+)  # fmt: skip
+def test_regex_patterns_the_matching_engine_reads_otherwise_are_refused(pattern: str) -> None:
+    # Checked as Python's `re` reads them ("[[:digit:]]": the characters "[:digt", then "]";
+    # "{e<=1}": literal text) but matched by `regex`, which reads a POSIX class and a fuzzy
+    # match: "[[:digit:]]" passed the check, then matched "5" in a must_not_match.
+    with pytest.raises(re.error, match=r"reads .* differently"):
+        RegexValidator([], [pattern])
+
+
+@pytest.mark.parametrize(
+    ("pattern", "text"),
+    [(r"\[:digit:]", "[:digit:]"), (r"x{name}", "x{name}"), (r"a\{e<=1\}", "a{e<=1}"),
+     (r"a{2,3}", "aa"), (r"[[]", "[")],
+)  # fmt: skip
+def test_regex_patterns_both_engines_read_alike_are_kept(pattern: str, text: str) -> None:
+    assert not RegexValidator([], [pattern]).check(f"say {text}", REQUEST).passed
+
+
+@pytest.mark.parametrize(
     ("text", "passed"),
     [
         ("", False),
@@ -298,6 +320,7 @@ def test_a_request_validator_may_not_take_the_name_of_one_of_the_tenants() -> No
         (RequestValidator("regex", must_match=("(",)), "missing ), unterminated subpattern"),
         # `regex` would take \p{L}; the documented syntax is Python's, which has no \p.
         (RequestValidator("regex", must_not_match=(r"\p{L}",)), "bad escape \\p"),
+        (RequestValidator("regex", must_match=("[[:digit:]]",)), "POSIX class"),
     ],
 )
 def test_a_bad_request_validator_is_named_by_its_place_and_its_field(

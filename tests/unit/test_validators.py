@@ -16,6 +16,7 @@ from routecache.domain import (
 from routecache.router.validators import (
     JsonSchemaValidator,
     LengthValidator,
+    RefusalValidator,
     RegexValidator,
     check_pattern_size,
 )
@@ -36,6 +37,15 @@ def test_max_length() -> None:
     result = validator.check("x" * 11, request())
     assert not result.passed and "11 characters" in result.message
     assert not validator.check("  ", request()).passed
+
+
+@pytest.mark.parametrize("text", ["\u200b\u200b", "\ufeff", " \u00ad\u2060\n"])
+def test_an_answer_of_invisible_characters_only_is_empty(text: str) -> None:
+    # str.strip keeps format characters (zero-width space, BOM): such an answer passed both
+    # "empty answer" checks and could be cached, though the cache's keys count it as nothing.
+    assert LengthValidator(1, 100).check(text, request()).message == "empty answer"
+    assert RefusalValidator().check(text, request()).message == "empty answer"
+    assert LengthValidator(1, 100).check("\u200bok", request()).passed
 
 
 def test_json_validator_applies_only_when_json_is_asked() -> None:

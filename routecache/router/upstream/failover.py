@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Collection,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 
 from routecache.domain import ChatRequest, Tier
@@ -76,15 +83,20 @@ class Failover:
         self._clock = clock
         self._reserve = reserve_seconds
 
-    def chain(self, tier: Tier, strong_fallback: bool = True) -> list[tuple[Tier, Provider]]:
+    def chain(
+        self, tier: Tier, strong_fallback: bool = True, allowed: Collection[str] | None = None
+    ) -> list[tuple[Tier, Provider]]:
         """`strong_fallback=False`: a CHEAP request stays on the cheap providers (a tenant
-        downgraded at its spend cap). A provider in several chains is listed once, at its
-        first place: tried again, one request would charge its breaker twice."""
+        downgraded at its spend cap, or kept off the strong tier). `allowed`: the names of the
+        providers the tenant may use (its models_allowed; None: all); the others are left
+        out, fallbacks included. A provider in several chains is listed once, at its first
+        place: tried again, one request would charge its breaker twice."""
         order = [tier, Tier.STRONG] if tier is Tier.CHEAP and strong_fallback else [tier]
         listed: dict[str, tuple[Tier, Provider]] = {}
         for t in order:
             for p in self._chains[t]:
-                listed.setdefault(p.name, (t, p))
+                if allowed is None or p.name in allowed:
+                    listed.setdefault(p.name, (t, p))
         return list(listed.values())
 
     def providers(self) -> list[Provider]:
@@ -92,14 +104,19 @@ class Failover:
         return list(unique.values())
 
     async def complete(
-        self, request: ChatRequest, tier: Tier, deadline: float, strong_fallback: bool = True
+        self,
+        request: ChatRequest,
+        tier: Tier,
+        deadline: float,
+        strong_fallback: bool = True,
+        allowed: Collection[str] | None = None,
     ) -> Answered:
         failures: list[str] = []
-        for provider_tier, provider in self.chain(tier, strong_fallback):
-            allowed = self._budget(provider, deadline, failures)
-            if allowed is None:
+        for provider_tier, provider in self.chain(tier, strong_fallback, allowed):
+            admitted = self._budget(provider, deadline, failures)
+            if admitted is None:
                 continue
-            budget, ticket = allowed
+            budget, ticket = admitted
             try:
                 # The client reads it (Retry-After) and notes the tries that failed in it.
                 async with provider_deadline(budget) as call:
@@ -112,15 +129,20 @@ class Failover:
         raise AllProvidersFailed(tier, failures, self._ran_out(deadline))
 
     async def open_stream(
-        self, request: ChatRequest, tier: Tier, deadline: float, strong_fallback: bool = True
+        self,
+        request: ChatRequest,
+        tier: Tier,
+        deadline: float,
+        strong_fallback: bool = True,
+        allowed: Collection[str] | None = None,
     ) -> OpenedStream:
         """The first provider whose stream opens and yields its first delta (or ends cleanly)."""
         failures: list[str] = []
-        for provider_tier, provider in self.chain(tier, strong_fallback):
-            allowed = self._budget(provider, deadline, failures)
-            if allowed is None:
+        for provider_tier, provider in self.chain(tier, strong_fallback, allowed):
+            admitted = self._budget(provider, deadline, failures)
+            if admitted is None:
                 continue
-            budget, ticket = allowed
+            budget, ticket = admitted
             deltas = provider.upstream.stream(request.messages, request.params)
             try:
                 async with provider_deadline(budget) as call:
