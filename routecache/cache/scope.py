@@ -7,6 +7,7 @@ import json
 import re
 import sys
 import unicodedata
+from typing import NamedTuple
 
 from routecache.domain import ChatRequest
 
@@ -74,7 +75,7 @@ def normalise_prompt(text: str) -> str:
     answer.
 
     Linear in the length of the text: no regex here may backtrack over a run of characters
-    (a 32,000-character prompt is keyed on the event loop, three times a request)."""
+    (a 32,000-character prompt is keyed on the event loop, once a request: CacheKeys)."""
     # Removed first: a combining mark after one ("e", U+200B, U+0301) then composes ("é").
     text = without_invisible(text)
     # Normalised again after folding: case folding can leave a form NFKC would compose (it
@@ -130,3 +131,17 @@ def _strip_end_punctuation(text: str) -> str:
 def exact_key(scope: str, prompt: str) -> str:
     digest = hashlib.sha256(normalise_prompt(prompt).encode()).hexdigest()
     return f"{scope}:{digest}"
+
+
+class CacheKeys(NamedTuple):
+    """A request's scope and its prompt's exact key, made once a request and passed on: the
+    exact lookup, the single-flight key, the stale lookup and the store all need the exact
+    key, and normalising a 32,000-character prompt takes milliseconds on the event loop."""
+
+    scope: str
+    exact: str
+
+    @classmethod
+    def of(cls, tenant: str, request: ChatRequest) -> CacheKeys:
+        scope = scope_key(tenant, request)
+        return cls(scope, exact_key(scope, request.prompt))

@@ -64,6 +64,8 @@ class NewEntry:
     completion_tokens: int
     ttl_seconds: int
     tags: tuple[str, ...] = ()
+    # The prompt's exact key when the caller made it already (CacheKeys); None: made here.
+    exact_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -145,12 +147,13 @@ class SemanticCache:
         return self._index
 
     async def lookup_exact(
-        self, scope: str, prompt: str, forced: Tier | None = None
+        self, scope: str, prompt: str, forced: Tier | None = None, *, key: str | None = None
     ) -> CacheHit | None:
-        """`forced`: the tier the caller forced; only its own or a stronger tier's answers do."""
+        """`forced`: the tier the caller forced; only its own or a stronger tier's answers do.
+        `key`: the prompt's exact key, when the caller has it (CacheKeys); else made here."""
         self._start_settling()
         try:
-            entry = await self._store.get_exact(exact_key(scope, prompt))
+            entry = await self._store.get_exact(key or exact_key(scope, prompt))
             if entry is None or self._owes(entry) or not _answers(entry, scope, forced):
                 return None
             if not await self._is_live(entry):
@@ -174,13 +177,14 @@ class SemanticCache:
 
     async def lookup_stale(
         self, scope: str, prompt: str, vector: Vector | None, requirement: HitRequirement,
-        forced: Tier | None = None,
+        forced: Tier | None = None, *, key: str | None = None,
     ) -> CacheHit | None:  # fmt: skip
         """An entry of this scope, live or expired within the grace period, for the prompt or
-        one meaning the same; for when no provider answers. Never crosses scopes."""
+        one meaning the same; for when no provider answers. Never crosses scopes. `key`: as
+        for lookup_exact."""
         self._start_settling()
         try:
-            entry = await self._store.get_exact(exact_key(scope, prompt))
+            entry = await self._store.get_exact(key or exact_key(scope, prompt))
             if (entry is not None and not self._owes(entry) and _answers(entry, scope, forced)
                     and await self._is_servable(entry)):  # fmt: skip
                 return await self._hit(entry, CacheOutcome.EXACT, 1.0)
@@ -257,7 +261,7 @@ class SemanticCache:
             entry_id=new_entry_id(new.tenant),
             tenant=new.tenant,
             scope=new.scope,
-            exact_key=exact_key(new.scope, new.prompt),
+            exact_key=new.exact_key or exact_key(new.scope, new.prompt),
             prompt=new.prompt,
             answer=new.answer,
             model=new.model,

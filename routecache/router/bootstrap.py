@@ -218,13 +218,14 @@ def _check_calibrated_graph(calibration: PolicyCalibration, graph: Path) -> None
 
 
 def build_vector_index(settings: Settings, dimension: int) -> ScopedFaissIndex:
-    import faiss
-
     # One lookup is one query vector: FAISS's OpenMP threads only add wake-up and contention
     # with the encoder (a 50k flat search took 4x longer with 2 threads than with 1 here).
-    faiss.omp_set_num_threads(settings.cache.faiss_threads)
+    # The index sets them on each thread that searches: this one (start_service's build
+    # thread) is not the loop's.
     policy = IndexPolicy(
-        ivf_threshold=settings.cache.ivf_threshold, nprobe=settings.cache.ivf_nprobe
+        ivf_threshold=settings.cache.ivf_threshold,
+        nprobe=settings.cache.ivf_nprobe,
+        threads=settings.cache.faiss_threads,
     )
     return ScopedFaissIndex(dimension, policy)
 

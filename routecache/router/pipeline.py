@@ -16,7 +16,7 @@ from typing import Any
 from routecache.cache.embedding_worker import EmbeddingWorker
 from routecache.cache.hit_policy import HitRequirement
 from routecache.cache.ports import Vector
-from routecache.cache.scope import exact_key, scope_key
+from routecache.cache.scope import CacheKeys
 from routecache.cache.semantic_cache import CacheHit, NewEntry, SemanticCache
 from routecache.classifier.ports import Assessment, DifficultyClassifier
 from routecache.domain import (
@@ -238,11 +238,11 @@ class Pipeline:
         await self._admit(tenant, request)
         latency = LatencyBreakdown()
         try:
-            scope, hit, vector = await self._lookup(tenant, request, latency)
+            keys, hit, vector = await self._lookup(tenant, request, latency)
             if hit is None:
                 assert vector is not None  # a miss always embeds
                 models = self._stream_models(
-                    tenant, request, (scope, vector), latency, (started, deadline)
+                    tenant, request, (keys, vector), latency, (started, deadline)
                 )
                 async with contextlib.aclosing(models) as events:  # see complete_stream
                     async for event in events:
@@ -267,12 +267,12 @@ class Pipeline:
         self,
         tenant: Tenant,
         request: ChatRequest,
-        where: tuple[str, Vector],
+        where: tuple[CacheKeys, Vector],
         latency: LatencyBreakdown,
         times: tuple[float, float],
     ) -> AsyncGenerator[str | Completion, None]:
         """`times`: when the request started (perf_counter), for its total; its deadline."""
-        (scope, vector), (started, deadline), generator = where, times, self._p.generator
+        (keys, vector), (started, deadline), generator = where, times, self._p.generator
         with _stage(latency, "classify_ms"):
             tier, difficulty, version = self._route(tenant, request, vector)
         booking = await self._costs.book(tenant, request, tier, streaming=True)
@@ -297,7 +297,7 @@ class Pipeline:
         except AllProvidersFailed as error:  # nothing was sent yet: a stale answer may do
             await self._costs.release(booking)
             scored = (difficulty, version)
-            stale = await self._stale(tenant, request, scope, vector, latency, error, scored)
+            stale = await self._stale(tenant, request, keys, vector, latency, error, scored)
             for chunk in _chunks(stale.text):
                 yield chunk
             latency.total_ms = (time.perf_counter() - started) * 1000
@@ -315,7 +315,7 @@ class Pipeline:
         entry_id = ""
         if not request.cache.no_store and generated.report.passed:
             with _stage(latency, "store_ms"):
-                entry_id = await self._store(tenant, scope, request, vector, generated)
+                entry_id = await self._store(tenant, keys, request, vector, generated)
         done = self._from_models(tenant, generated, False, entry_id, (difficulty, version), latency)
         latency.total_ms = (time.perf_counter() - started) * 1000
         self._stats.record_completion(tenant.name, done)
@@ -336,15 +336,17 @@ class Pipeline:
 
     async def _lookup(
         self, tenant: Tenant, request: ChatRequest, latency: LatencyBreakdown
-    ) -> tuple[str, Completion | None, Vector | None]:
-        """The scope, and a cached answer or (on a miss) the prompt's embedding."""
-        scope = scope_key(tenant.name, request)
-        read_cache = not request.cache.no_cache
+    ) -> tuple[CacheKeys, Completion | None, Vector | None]:
+        """The scope and exact key, and a cached answer or (on a miss) the prompt's embedding."""
+        keys = CacheKeys.of(tenant.name, request)  # once: the key's normalising takes ms
+        scope, read_cache = keys.scope, not request.cache.no_cache
         if read_cache:
             with _stage(latency, "exact_ms"):
-                hit = await self._p.cache.lookup_exact(scope, request.prompt, request.force_tier)
+                hit = await self._p.cache.lookup_exact(
+                    scope, request.prompt, request.force_tier, key=keys.exact
+                )
             if hit is not None:
-                return scope, self._from_cache(tenant, hit, latency), None
+                return keys, self._from_cache(tenant, hit, latency), None
         with _stage(latency, "embed_ms"):
             vector = await self._p.embeddings.embed(request.prompt)
         if read_cache:
@@ -353,8 +355,8 @@ class Pipeline:
                     scope, request.prompt, vector, _hit_requirement(tenant), request.force_tier
                 )
             if hit is not None:
-                return scope, self._from_cache(tenant, hit, latency), None
-        return scope, None, vector
+                return keys, self._from_cache(tenant, hit, latency), None
+        return keys, None, vector
 
     async def _answer(
         self,
@@ -363,7 +365,7 @@ class Pipeline:
         latency: LatencyBreakdown,
         deadline: float,
     ) -> Completion:
-        scope, hit, vector = await self._lookup(tenant, request, latency)
+        keys, hit, vector = await self._lookup(tenant, request, latency)
         if hit is not None:
             await self._costs.record_saving(tenant, request, hit.usage.saved_usd)
             return hit
@@ -373,12 +375,12 @@ class Pipeline:
         scored = (difficulty, version)
         # Keyed by the routed tier, not the booked one: only the caller that makes the call
         # books it (a downgrade at the cap included), those sharing it pay nothing.
-        flight_key = f"{exact_key(scope, request.prompt)}:{tier.value}"
+        flight_key = f"{keys.exact}:{tier.value}"
         try:
             (generated, booking, entry_id), shared = await self._single_flight.run(
                 flight_key,
                 lambda: self._book_and_generate(
-                    tenant, request, tier, deadline, (scope, vector, latency)
+                    tenant, request, tier, deadline, (keys, vector, latency)
                 ),
                 lambda error: _not_mine(error, deadline),
                 # A caller joining a call made under a later deadline waits no longer than
@@ -386,10 +388,10 @@ class Pipeline:
                 patience=self._p.generator.failover.seconds_for_calls(deadline),
             )
         except Unavailable as error:  # the caller that booked the call released it
-            return await self._stale(tenant, request, scope, vector, latency, error, scored)
+            return await self._stale(tenant, request, keys, vector, latency, error, scored)
         except WaitedTooLong as waited:  # the shared call goes on for its maker
             late = Unavailable(f"an identical request's call did not answer in time: {waited}")
-            return await self._stale(tenant, request, scope, vector, latency, late, scored)
+            return await self._stale(tenant, request, keys, vector, latency, late, scored)
         latency.upstream_ms, latency.validate_ms = generated.upstream_ms, generated.validate_ms
         await self._costs.settle(tenant, request, None if shared else booking, generated)
         # A caller that shared the call serves the maker's entry: feedback on it removes that.
@@ -397,13 +399,14 @@ class Pipeline:
 
     async def _book_and_generate(
         self, tenant: Tenant, request: ChatRequest, tier: Tier, deadline: float,
-        where: tuple[str, Vector, LatencyBreakdown],
+        where: tuple[CacheKeys, Vector, LatencyBreakdown],
     ) -> tuple[Generated, Booking, str]:  # fmt: skip
         """The call one of the identical requests in flight makes for all of them, booked
         under its caller's caps, and the id of the cache entry it stored ("" if none): stored
-        here, so those sharing the answer get the id too. `where`: the scope, the prompt's
-        vector and the caller's latency. The reservation is settled or released on failure."""
-        (scope, vector, latency), entry_id = where, ""
+        here, so those sharing the answer get the id too. `where`: the scope and exact key, the
+        prompt's vector and the caller's latency. The reservation is settled or released on
+        failure."""
+        (keys, vector, latency), entry_id = where, ""
         booking, spent = await self._costs.book(tenant, request, tier), Tally()
         try:
             generated = await self._p.generator.generate(
@@ -412,7 +415,7 @@ class Pipeline:
             )  # fmt: skip
             if not request.cache.no_store and generated.report.passed:
                 with _stage(latency, "store_ms"):
-                    entry_id = await self._store(tenant, scope, request, vector, generated)
+                    entry_id = await self._store(tenant, keys, request, vector, generated)
         except FailedValidation as error:
             await self._costs.settle_refused(tenant, request, booking, error)
             raise
@@ -429,7 +432,7 @@ class Pipeline:
         self,
         tenant: Tenant,
         request: ChatRequest,
-        scope: str,
+        keys: CacheKeys,
         vector: Vector,
         latency: LatencyBreakdown,
         error: Unavailable,
@@ -442,8 +445,9 @@ class Pipeline:
             raise Unavailable(f"{error}; no_cache is set, so no cached answer was tried") from error
         with _stage(latency, "search_ms"):
             hit = await self._p.cache.lookup_stale(
-                scope, request.prompt, vector, _hit_requirement(tenant), request.force_tier
-            )
+                keys.scope, request.prompt, vector, _hit_requirement(tenant), request.force_tier,
+                key=keys.exact,
+            )  # fmt: skip
         if hit is None:
             raise Unavailable(f"{error}; no cached answer to fall back on") from error
         served = self._from_cache(tenant, hit, latency)
@@ -495,12 +499,13 @@ class Pipeline:
         return tier, difficulty, version
 
     async def _store(
-        self, tenant: Tenant, scope: str, request: ChatRequest, vector: Vector, generated: Generated
-    ) -> str:
+        self, tenant: Tenant, keys: CacheKeys, request: ChatRequest, vector: Vector,
+        generated: Generated,
+    ) -> str:  # fmt: skip
         entry = await self._p.cache.store(
             NewEntry(
                 tenant=tenant.name,
-                scope=scope,
+                scope=keys.scope,
                 prompt=request.prompt,
                 answer=generated.text,
                 model=generated.model,
@@ -511,6 +516,7 @@ class Pipeline:
                 completion_tokens=generated.completion_tokens,
                 ttl_seconds=request.cache.ttl_seconds or tenant.default_ttl_seconds,
                 tags=request.cache.tags,
+                exact_key=keys.exact,
             )
         )
         return "" if entry is None else entry.entry_id

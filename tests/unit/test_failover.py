@@ -229,6 +229,20 @@ async def test_all_down_serves_a_stale_answer_of_the_same_scope_only() -> None:
     assert r.events.events[-1]["kind"] == "error"
 
 
+async def test_a_stale_answer_normalises_the_prompt_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.unit.test_pipeline import count_normalisations
+
+    r = rig()
+    await r.ask("what is the capital of France")
+    r.clock.advance(EXPIRED_IN_GRACE)
+    for up in r.ups.values():
+        up.fail_with = DOWN
+    seen = count_normalisations(monkeypatch)
+    stale = await r.ask("what is the capital of France")
+    assert stale.cache.stale
+    assert len(seen) == 1  # not again for the stale lookup's exact key
+
+
 async def test_expired_entries_are_not_served_while_providers_answer() -> None:
     r = rig()
     await r.ask("q")

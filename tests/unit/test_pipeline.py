@@ -89,6 +89,40 @@ async def test_miss_then_exact_then_semantic_hit(harness: Harness) -> None:
     assert (stats.misses, stats.exact_hits, stats.semantic_hits) == (1, 1, 1)
 
 
+def count_normalisations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Each prompt normalised for an exact key from now on."""
+    from routecache.cache import scope
+
+    seen: list[str] = []
+    normalise = scope.normalise_prompt
+
+    def counting(text: str) -> str:
+        seen.append(text)
+        return normalise(text)
+
+    monkeypatch.setattr(scope, "normalise_prompt", counting)
+    return seen
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_miss_normalises_its_prompt_once(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, streamed: bool
+) -> None:
+    # The exact key was computed for the exact lookup, the single-flight key and the store:
+    # three normalisations of up to 32,000 characters on the loop (~6 ms each, non-ASCII).
+    pipeline = harness.service.pipeline
+    seen = count_normalisations(monkeypatch)
+    request = ask("how do I reset my password today — café")
+    if streamed:
+        done = [e async for e in pipeline.complete_stream(request, ACME)][-1]
+    else:
+        done = await pipeline.complete(request, ACME)
+    assert isinstance(done, Completion) and done.cache.entry_id  # a miss, stored
+    assert len(seen) == 1
+    again = await pipeline.complete(ask("How do I reset my password today — CAFÉ?"), ACME)
+    assert again.cache.outcome is CacheOutcome.EXACT  # stored under the same key
+
+
 async def test_other_tenant_never_hits(harness: Harness) -> None:
     pipeline = harness.service.pipeline
     await pipeline.complete(ask("what is the capital of France"), ACME)

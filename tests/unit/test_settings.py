@@ -1,6 +1,7 @@
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -377,15 +378,62 @@ def test_every_budget_setting_reaches_the_tenant() -> None:
 
 
 def test_the_vector_index_runs_faiss_on_the_configured_threads() -> None:
+    import threading
+
+    import faiss
+    import numpy as np
+
+    from routecache.cache.faiss_index import ScopedFaissIndex
+
+    # On whichever thread calls it: OpenMP's count is per thread (rebuilds, to_thread work).
+    for threads in (1, 2):
+        index = bootstrap.build_vector_index(load_settings(cache={"faiss_threads": threads}), 8)
+        seen: list[int] = []
+
+        def search(index: ScopedFaissIndex = index, seen: list[int] = seen) -> None:
+            index.search("s", np.ones(8, dtype=np.float32), 1)
+            seen.append(faiss.omp_get_max_threads())
+
+        worker = threading.Thread(target=search)
+        worker.start()
+        worker.join()
+        assert seen == [threads]
+
+
+async def test_searches_on_the_loop_run_faiss_on_the_configured_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import faiss
 
+    from routecache.domain import ChatRequest, Message, Role
+    from tests.fakes import eventually
+    from tests.unit.conftest import KEYS, unit_settings
+
+    # OpenMP's thread count is per thread: set in build_service (a worker thread, by
+    # asyncio.to_thread), the loop thread that searches kept one thread per core.
     before = faiss.omp_get_max_threads()
+    wanted = before + 1  # unlike the loop thread's own count on any machine
+    seen: list[int] = []
+    search: Any = faiss.IndexIDMap2.search  # overloaded in the stubs
+
+    def spy(self: faiss.Index, *args: object, **kwargs: object) -> object:
+        seen.append(faiss.omp_get_max_threads())
+        return search(self, *args, **kwargs)
+
+    monkeypatch.setattr(faiss.IndexIDMap2, "search", spy)
+    settings = unit_settings(service={"server": {"port": 0}})
+    settings.cache.faiss_threads = wanted
+    service = await bootstrap.start_service(settings, _fake_parts())
     try:
-        for threads in (1, 2):
-            bootstrap.build_vector_index(load_settings(cache={"faiss_threads": threads}), 8)
-            assert faiss.omp_get_max_threads() == threads
+        # A miss that stores, then another prompt: a lookup that searches the scope made.
+        for prompt in ("count the apples", "count the pears"):
+            request = ChatRequest(messages=(Message(Role.USER, prompt),))
+            await service.pipeline.complete(request, KEYS["acme"])
+            await eventually(lambda: len(service.pipeline.cache.index) > 0, "the first put")
     finally:
+        await service.aclose()
         faiss.omp_set_num_threads(before)
+    assert seen and set(seen) == {wanted}
 
 
 def test_models_allowed_must_name_a_configured_model_when_the_settings_load() -> None:
