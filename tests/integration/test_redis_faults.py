@@ -144,7 +144,9 @@ async def test_slow_redis_is_bypassed_then_used_again(
     pipeline = replica.service.pipeline
     first = await pipeline.complete(ask("a question before the stall"), ACME)
 
-    stalling = asyncio.create_task(asyncio.to_thread(own_redis_server.debug_sleep, 1.0))
+    # 3 s: the request below must reach Redis while it stalls, after the reserve's timeout
+    # and the embedding; with 1 s a loaded host (load ~6) reached it after the stall ended.
+    stalling = asyncio.create_task(asyncio.to_thread(own_redis_server.debug_sleep, 3.0))
     await asyncio.to_thread(own_redis_server.wait_stalled)
     during = await pipeline.complete(ask("a question during the stall"), ACME)
     assert during.text and pipeline.cache.bypassed > 0
