@@ -82,7 +82,9 @@ _REPEATS = (_parser.MAX_REPEAT, _parser.MIN_REPEAT, _parser.POSSESSIVE_REPEAT)
 
 def check_pattern_size(pattern: str) -> None:
     """Raises ValueError for a caller's pattern too costly to compile (re.error if not a regex)."""
-    size = _unrolled(_parser.parse(pattern))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # "[[": check_python_syntax refuses it
+        size = _unrolled(_parser.parse(pattern))
     if size > MAX_PATTERN_SIZE:
         raise ValueError(
             f"pattern {pattern!r}: repeats too large ({size} items unrolled, at most "
