@@ -23,6 +23,7 @@ from routecache.cache.ports import (
 from routecache.cache.scope import exact_key
 from routecache.domain import CacheOutcome, Tier
 from routecache.errors import Unavailable
+from routecache.outliving import log_if_lost
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +285,8 @@ class SemanticCache:
         try:
             return await asyncio.shield(put)
         except asyncio.CancelledError:
-            put.add_done_callback(_log_lost_put)  # no caller is left to see how it ends
+            # No caller is left to see how it ends.
+            put.add_done_callback(log_if_lost(log, "the cache put"))
             raise
 
     async def _put_and_index(self, entry: CacheEntry) -> CacheEntry | None:
@@ -482,16 +484,6 @@ class SemanticCache:
         """Drop evicted or replaced entries from the index (the store already dropped them)."""
         for entry in entries:
             self.forget_removed(entry.scope, entry.entry_id)
-
-
-def _log_lost_put(put: asyncio.Task[CacheEntry | None]) -> None:
-    if put.cancelled():
-        why = "cancelled"
-    elif (error := put.exception()) is not None:
-        why = repr(error)
-    else:
-        return
-    log.error("the cache put of a request whose caller left failed: %s", why)
 
 
 @contextlib.asynccontextmanager

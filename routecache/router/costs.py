@@ -16,6 +16,7 @@ from typing import Any
 
 from routecache.domain import Budget, ChatRequest, OverCapPolicy, Tenant, Tier
 from routecache.errors import FailedValidation, ResourceExhausted
+from routecache.outliving import log_if_lost
 from routecache.router.alerts import BudgetAlerts
 from routecache.router.budget import (
     Cap,
@@ -304,7 +305,8 @@ class CostControl:
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
-            task.add_done_callback(_log_lost_write)  # no caller is left to see how it ends
+            # No caller is left to see how it ends.
+            task.add_done_callback(log_if_lost(log, "the spend write"))
             raise
 
     async def finish_writes(self) -> None:
@@ -325,13 +327,3 @@ def _last_tier(calls: FailedValidation | Tally) -> Tier:
     """The tier spend with no answer served is metered under: that of its last call, as an
     escalated answer's whole cost and tokens are."""
     return Tier.STRONG if calls.strong_calls else Tier.CHEAP
-
-
-def _log_lost_write(write: asyncio.Task[object]) -> None:
-    if write.cancelled():
-        why = "cancelled"
-    elif (error := write.exception()) is not None:
-        why = repr(error)
-    else:
-        return
-    log.error("the spend write of a request whose caller left failed: %s", why)
