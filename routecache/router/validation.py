@@ -72,13 +72,14 @@ def default_on_fail(spec: ValidatorSpec) -> OnFail:
 
 
 def build_validator(spec: ValidatorSpec, limits: LimitSettings) -> Configured:
-    """Raises ConfigError for a custom validator that cannot be loaded or cannot redact."""
+    """Raises ConfigError for a custom validator that cannot be loaded or cannot redact, or a
+    regex pattern that cannot be compiled or that the two engines read differently."""
     name = spec.name or spec.kind
     validator: Validator
     if spec.kind == "json_schema":
         validator = JsonSchemaValidator()
     elif spec.kind == "regex":
-        validator = RegexValidator(spec.must_match, spec.must_not_match, name)
+        validator = _regex_validator(spec, name)
     elif spec.kind == "length":
         validator = LengthValidator(spec.min_chars, spec.max_chars or limits.max_answer_chars, name)
     elif spec.kind == "pii":
@@ -91,6 +92,18 @@ def build_validator(spec: ValidatorSpec, limits: LimitSettings) -> Configured:
     if on_fail is OnFail.REDACT and not isinstance(validator, Redactor):
         raise ConfigError(f"validator {name}: on_fail=redact, but it has no redact(text)")
     return Configured(validator, on_fail)
+
+
+def _regex_validator(spec: ValidatorSpec, name: str) -> RegexValidator:
+    """Raises ConfigError for a pattern it cannot take: a configured one is then a one-line
+    refusal to start (exit 2), not a traceback."""
+    try:
+        return RegexValidator(spec.must_match, spec.must_not_match, name)
+    # OverflowError: what `re` raises for a repeat count past its limit (a{4294967296}).
+    except (re.error, regex.error, OverflowError) as exc:
+        pattern = getattr(exc, "pattern", None)
+        which = f" pattern {pattern!r}:" if isinstance(pattern, str) else ""
+        raise ConfigError(f"validator {name}:{which} {exc}") from exc
 
 
 def load_custom(import_path: str, options: Mapping[str, object]) -> Validator:

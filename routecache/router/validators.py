@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from re import _parser  # type: ignore[attr-defined]  # the stdlib's parser of `re` syntax
-from typing import Any
+from typing import Any, NoReturn
 
 import regex
 from jsonschema import Draft202012Validator, ValidationError, validators
@@ -323,15 +323,25 @@ class RegexValidator:
 
 # What `regex` reads otherwise than Python's `re`, whose syntax is documented and checked: a
 # POSIX class ("[[:digit:]]": in `re` the characters "[:digt", then "]") and a fuzzy match
-# ("a{e<=1}": in `re` literal text). Found in the text, from an unescaped "[:" or "{" on (a
-# literal one can be escaped); a POSIX class outside a set is one in neither, but surely meant.
-_READ_OTHERWISE = (
-    ("a POSIX class", re.compile(r"(?<!\\)(?:\\\\)*(\[:[^\[\]]*:\])")),
-    (
-        "a fuzzy match",
-        re.compile(r"(?<!\\)(?:\\\\)*(\{[^{}]*?(?<![A-Za-z])[deis](?![A-Za-z])[^{}]*\})"),
-    ),
+# ("a{e<=1}": in `re` literal text). A POSIX class is found from an unescaped "[:" on (a
+# literal one can be escaped); one outside a set is one in neither, but surely meant.
+_POSIX_CLASS = re.compile(r"(?<!\\)(?:\\\\)*(\[:[^\[\]]*:\])")
+
+# A "{" that is no count is one `regex` reads as a fuzzy constraint once its first item parses
+# (items: "e", "d<=2", "1<=s<3", "2i+d<4"; after them "}" or ":test}", anything else is its
+# error), unless an item after a "," does not parse: then it falls back to the literal "{". A
+# copy of its parser's grammar (regex/_regex_core.py, parse_fuzzy), atomic as that parser is;
+# a repeated letter ("{e,e}", literal there) is refused too, which escaping the "{" mends. A
+# bad cost before a "," that falls back ("{e<,x}") passes here: regex.compile refuses it.
+_FUZZY_ITEM = (
+    r"(?>[deis](?:<=?[0-9]*)?"  # "e", "d<=2": its letter, then an optional maximum
+    r"|[0-9]+<=?[deis]<=?[0-9]*"  # "1<=s<3"
+    r"|[0-9]*[dis](?:\+[0-9]*[dis])*<=?[0-9]*)"  # a cost equation: "2i+d<4"
 )
+_FUZZY_CONSTRAINT = re.compile(rf"\{{{_FUZZY_ITEM}(?:,{_FUZZY_ITEM})*+(?!,)")
+# (?x) anywhere: `regex` skips spaces and "#" comments in a constraint too ("{ e }").
+_VERBOSE_FLAG = re.compile(r"\(\?[a-zA-Z]*x")
+_SPACE_OR_COMMENT = re.compile(r"\s+|#[^\n]*")
 
 
 def check_python_syntax(pattern: str) -> None:
@@ -340,14 +350,63 @@ def check_python_syntax(pattern: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # "[[": refused below if it differs
         re.compile(pattern)  # Python's syntax and error messages, as documented
-    for what, construct in _READ_OTHERWISE:
-        if found := construct.search(pattern):
-            raise re.error(
-                f"{what} ({found.group(1)}): the matching engine (the `regex` module) reads it "
-                "differently from Python's `re`; escape its [ or { for the literal text",
-                pattern,
-                found.start(1),
-            )
+    if found := _POSIX_CLASS.search(pattern):
+        _refuse("a POSIX class", found.group(1), pattern, found.start(1))
+    if (at := _fuzzy_constraint_at(pattern)) is not None:
+        closing = pattern.find("}", at)
+        _refuse("a fuzzy match", pattern[at : closing + 1 if closing >= 0 else None], pattern, at)
+
+
+def _refuse(what: str, text: str, pattern: str, at: int) -> NoReturn:
+    raise re.error(
+        f"{what} ({text}): the matching engine (the `regex` module) reads it differently from "
+        "Python's `re`; escape its [ or { for the literal text",
+        pattern,
+        at,
+    )
+
+
+def _fuzzy_constraint_at(pattern: str) -> int | None:
+    """Where the first "{" that `regex` reads as a fuzzy constraint stands, if one does."""
+    verbose = _VERBOSE_FLAG.search(pattern) is not None
+    for at in _braces_outside_sets(pattern, verbose):
+        rest = _SPACE_OR_COMMENT.sub("", pattern[at:]) if verbose else pattern[at:]
+        if _FUZZY_CONSTRAINT.match(rest):
+            return at
+    return None
+
+
+def _braces_outside_sets(pattern: str, verbose: bool) -> Iterator[int]:
+    """The "{"s both engines parse as syntax: not escaped, in a set ("[{]") or in a comment."""
+    at = 0
+    while at < len(pattern):
+        if pattern[at] == "\\":
+            at = _after_escape(pattern, at)
+        elif pattern[at] == "[":
+            at = _after_set(pattern, at)
+        elif pattern.startswith("(?#", at) or (verbose and pattern[at] == "#"):
+            end = pattern.find(")" if pattern[at] == "(" else "\n", at)
+            at = len(pattern) if end < 0 else end + 1
+        else:
+            if pattern[at] == "{":
+                yield at
+            at += 1
+
+
+def _after_escape(pattern: str, at: int) -> int:
+    if pattern.startswith("N{", at + 1):  # a named character: "\N{digit one}"
+        return pattern.index("}", at) + 1  # re.compile has checked that it is closed
+    return at + 2
+
+
+def _after_set(pattern: str, at: int) -> int:
+    """Past the "]" that closes the set opened at `at` ("[]x]", "[^]x]": the first "]" is a
+    member). re.compile has checked that it is closed; a POSIX class in it is refused above."""
+    at += 2 if pattern.startswith("[^", at) else 1
+    at += pattern.startswith("]", at)
+    while pattern[at] != "]":
+        at += 2 if pattern[at] == "\\" else 1
+    return at + 1
 
 
 def _search(pattern: regex.Pattern[str], text: str, deadline: float) -> regex.Match[str] | None:

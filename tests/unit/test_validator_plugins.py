@@ -1,6 +1,7 @@
 import re
 
 import pytest
+import regex
 
 from routecache.domain import ChatRequest, Message, RequestValidator, Role
 from routecache.errors import InvalidArgument
@@ -13,7 +14,12 @@ from routecache.router.validation import (
     build_validator,
     build_validators,
 )
-from routecache.router.validators import LengthValidator, RefusalValidator, RegexValidator
+from routecache.router.validators import (
+    LengthValidator,
+    RefusalValidator,
+    RegexValidator,
+    check_python_syntax,
+)
 
 REQUEST = ChatRequest(messages=(Message(Role.USER, "q"),))
 LIMITS = LimitSettings()
@@ -111,11 +117,72 @@ def test_regex_patterns_the_matching_engine_reads_otherwise_are_refused(pattern:
 
 @pytest.mark.parametrize(
     ("pattern", "text"),
-    [(r"\[:digit:]", "[:digit:]"), (r"x{name}", "x{name}"), (r"a\{e<=1\}", "a{e<=1}"),
-     (r"a{2,3}", "aa"), (r"[[]", "[")],
+    [(r"\[:digit:]", "say [:digit:]"), (r"x{name}", "say x{name}"), (r"a\{e<=1\}", "say a{e<=1}"),
+     (r"a{2,3}", "say aa"), (r"[[]", "say ["),
+     # Braces that hold no fuzzy constraint, or stand in a set: literal text in both engines.
+     (r"^\s*{[\s\S]*}\s*$", ' {"a": 1} '), (r'{"d": 1}', 'say {"d": 1}'), (r"[{]i[}]", "say {i}")],
 )  # fmt: skip
 def test_regex_patterns_both_engines_read_alike_are_kept(pattern: str, text: str) -> None:
-    assert not RegexValidator([], [pattern]).check(f"say {text}", REQUEST).passed
+    assert not RegexValidator([], [pattern]).check(text, REQUEST).passed
+
+
+# (pattern, texts that tell the two engines' readings apart where they differ, refused?)
+_DIALECT_CASES = [
+    (r"a{e<=1}", ["a{e<=1}", "b"], True),
+    (r"(?:foo){e}", ["(?:foo){e}", "fo"], True),
+    (r"a{d}", ["a{d}", "", "a"], True),
+    (r"x{1<=e<=2}", ["x{1<=e<=2}", "y"], True),
+    (r"x{2i+2d+1s<=4}", ["x{2i+2d+1s<=4}", "y"], True),
+    (r"ab{e<=0}", ["ab{e<=0}", "ab"], True),  # not fuzzy after all, but the braces vanish
+    (r"a{e<=1:[a-z]}", ["a{e<=1:[a-z]}", "b"], True),
+    (r"x{data}", ["x{data}"], True),  # `regex` refuses it ("expected }")
+    (r"{e}", ["{e}"], True),  # `regex`: "nothing for fuzzy constraint"
+    (r"\\{i}", ["\\{i}", "\\"], True),  # an escaped backslash, then the brace
+    (r"(?x) a { e }", ["a{e}", "b"], True),  # verbose: the spaces are not read
+    (r"^\s*{[\s\S]*}\s*$", [' {"a": 1} ', "no", "{i}"], False),
+    (r'{"d": 1}', ['{"d": 1}', "d", ""], False),
+    (r"[{]i[}]", ["{i}", "i", ""], False),
+    (r"[{] s [}]", ["{ s }", "s", ""], False),
+    (r"{{ s }}", ["{{ s }}", "{s}", ""], False),  # not verbose: a space is no constraint
+    (r"x{ e }", ["x{ e }", "x"], False),
+    (r"x{name}", ["x{name}", "x"], False),
+    (r"(a)\{e\}", ["a{e}", "a"], False),
+    (r"a{2,3}", ["aa", "a"], False),
+    (r"[^}{]{e}x", ["{e}x", "ax", "x"], True),  # a set, then a fuzzy constraint on it
+    (r"(?#{e})a", ["a", ""], False),  # a comment
+    (r"\N{digit one}{2}", ["11", "1"], False),  # a named character, then a count
+]
+
+
+@pytest.mark.parametrize(("pattern", "texts", "refused"), _DIALECT_CASES)
+def test_regex_patterns_are_refused_exactly_where_the_engines_read_them_differently(
+    pattern: str, texts: list[str], refused: bool
+) -> None:
+    # Compared on the engines themselves: the check must neither let a pattern `regex` reads
+    # otherwise through nor refuse one both read alike (a config that worked would not start).
+    assert _engines_differ(pattern, texts) is refused
+    try:
+        check_python_syntax(pattern)
+    except re.error:
+        assert refused
+    else:
+        assert not refused
+
+
+def _engines_differ(pattern: str, texts: list[str]) -> bool:
+    python = re.compile(pattern)
+    try:
+        matching = regex.compile(pattern)
+    except (regex.error, ValueError):
+        return True
+    return any(bool(python.search(t)) != bool(matching.search(t)) for t in texts)
+
+
+def test_a_configured_pattern_the_engines_read_differently_is_a_config_error() -> None:
+    # It was an re.error traceback out of `routecache serve`, not its one-line exit 2.
+    spec = ValidatorSpec(kind="regex", name="fuzzy", must_not_match=[r"a{e<=1}"])
+    with pytest.raises(ConfigError, match=r"validator fuzzy: pattern 'a\{e<=1\}': a fuzzy"):
+        build_validators([spec], LIMITS)
 
 
 @pytest.mark.parametrize(
