@@ -31,10 +31,24 @@ def redact_answer(text: str, redactors: Sequence[Redactor], wants_json: bool) ->
         try:
             value = parse_json(text)
             cleaned = _redact_value(value, clean)
-            return text if cleaned == value else json.dumps(cleaned, ensure_ascii=False)
+            return text if cleaned == value else _as_json(cleaned)
         except (NotJsonError, RecursionError):
             pass
     return clean(text)
+
+
+def _as_json(value: Any) -> str:
+    """`value` written as JSON text that UTF-8 can hold, so it can be served and cached.
+
+    Other scripts are written as they are (an escape is 6 characters, against the answer's
+    length limits); but a string the answer escaped as a lone UTF-16 surrogate ("\\ud83d",
+    valid JSON) would be written raw, which no response can carry: then all in ASCII escapes."""
+    written = json.dumps(value, ensure_ascii=False)
+    try:
+        written.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value)
+    return written
 
 
 def _redact_value(value: Any, clean: Callable[[str], str]) -> Any:

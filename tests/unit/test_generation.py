@@ -353,6 +353,27 @@ async def test_a_json_answer_without_pii_is_served_as_it_came() -> None:
     assert (await gen.generate(JSON_REQUEST, Tier.CHEAP)).text == answer
 
 
+@pytest.mark.parametrize(
+    ("answer", "served"),
+    [
+        # A lone surrogate escape (valid JSON): written back raw, no UTF-8 (no response, no
+        # cache entry) could hold it; the whole answer is written back in ASCII escapes instead.
+        ('{"note": "mail john@example.com", "emoji": "\\ud83d"}',
+         '{"note": "mail [REDACTED EMAIL]", "emoji": "\\ud83d"}'),
+        # Otherwise other scripts stay as they are: 6 characters an escape would be longer.
+        ('{"note": "caf\u00e9 john@example.com"}', '{"note": "caf\u00e9 [REDACTED EMAIL]"}'),
+        # Nothing to redact: served as it came, the escape its 6 ASCII characters.
+        ('{"emoji": "\\ud83d"}', '{"emoji": "\\ud83d"}'),
+    ],
+    ids=["lone surrogate", "non-ASCII", "not redacted"],
+)  # fmt: skip
+async def test_a_redacted_json_answer_stays_sendable_as_utf_8(answer: str, served: str) -> None:
+    gen = generator([says(answer)], says("strong"), *json_and_pii())
+    done = await gen.generate(JSON_REQUEST, Tier.CHEAP)
+    assert (done.text, done.report.passed, done.calls) == (served, True, 1)
+    done.text.encode("utf-8")
+
+
 async def test_a_redacted_json_answer_is_judged_again_by_the_schema() -> None:
     # A card number redacted in an integer field makes it a string: the schema now fails it,
     # and its on_fail (escalate) applies; what is served is always what was judged.

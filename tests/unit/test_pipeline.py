@@ -41,7 +41,7 @@ from routecache.errors import (
 from routecache.router.bootstrap import Overrides, Service, build_service
 from routecache.router.budget import Period
 from routecache.router.logs import REQUEST_ID
-from routecache.router.messages import request_from_pb
+from routecache.router.messages import completion_to_pb, request_from_pb
 from routecache.router.pipeline import Pipeline
 from routecache.router.stats import TenantStatsBook
 from routecache.router.tenant_admin import InvalidateTarget
@@ -87,6 +87,27 @@ async def test_miss_then_exact_then_semantic_hit(harness: Harness) -> None:
     assert harness.cheap.calls == ["how do I reset my password today"]
     stats = await pipeline.admin.stats(ACME)
     assert (stats.misses, stats.exact_hits, stats.semantic_hits) == (1, 1, 1)
+
+
+async def test_a_redacted_lone_surrogate_escape_is_served_and_cached_sendably() -> None:
+    # Redacting the JSON answer wrote its "\\ud83d" back as a raw surrogate: it passed, was
+    # cached, and every response (later exact hits too) failed in completion_to_pb.
+    harness = make_harness(
+        validators=[{"kind": "json_schema"}, {"kind": "pii", "on_fail": "redact"}]
+    )
+    harness.cheap.answer = lambda prompt, params: (
+        '{"note": "mail john@example.com", "emoji": "\\ud83d"}'
+    )
+    pipeline = harness.service.pipeline
+    try:
+        first = await pipeline.complete(json_request("contact details please"), ACME)
+        again = await pipeline.complete(json_request("contact details please"), ACME)
+    finally:
+        await harness.service.aclose()
+    assert first.validation.passed and again.cache.outcome is CacheOutcome.EXACT
+    assert json.loads(again.text) == {"note": "mail [REDACTED EMAIL]", "emoji": "\ud83d"}
+    for done in (first, again):
+        completion_to_pb(done).SerializeToString()
 
 
 def count_normalisations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
