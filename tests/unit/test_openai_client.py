@@ -1354,3 +1354,22 @@ async def test_a_body_in_an_encoding_not_understood_is_a_malformed_answer(
     with pytest.raises(UpstreamError, match="content-encoding 'br'") as caught:
         await make_client(recorder).complete(MESSAGES, GenerationParams())
     assert caught.value.retryable is True
+
+
+async def test_a_lone_surrogate_escape_in_an_answer_is_replaced_so_it_can_be_sent(
+    make_client: Any,
+) -> None:
+    # Before: JSON's "\ud83d" decoded to a lone surrogate, which no UTF-8 response can carry:
+    # the answer was paid for and cached, and every delivery of it failed (UnicodeEncodeError).
+    body = b'{"choices": [{"message": {"content": "cut \\ud83d emoji, whole \\ud83d\\ude00"}}]}'
+    recorder = Recorder(httpx.Response(200, content=body))
+    reply = await make_client(recorder).complete(MESSAGES, GenerationParams())
+    assert reply.text == "cut \ufffd emoji, whole \U0001f600"
+    reply.text.encode("utf-8")
+
+
+async def test_a_lone_surrogate_escape_in_a_stream_delta_is_replaced(make_client: Any) -> None:
+    lone = b'data: {"choices": [{"index": 0, "delta": {"content": "a\\udc00b"}}]}\n\n'
+    recorder = Recorder(httpx.Response(200, content=lone + sse_line(chunk(" c", "stop"))))
+    deltas = await collect(make_client(recorder).stream(MESSAGES, GenerationParams()))
+    assert deltas == ["a\ufffdb", " c"]

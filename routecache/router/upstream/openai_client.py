@@ -472,6 +472,7 @@ class OpenAIChatClient:
             content = ""
         if not isinstance(content, str):
             raise self._error("malformed response body (content is not a string)", retryable=True)
+        content = _sendable(content)
         usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
         model = payload.get("model")
         return UpstreamReply(
@@ -619,7 +620,18 @@ class OpenAIChatClient:
             content = ""
         if not isinstance(content, str):  # 0, false or a list is no text, nor "no text"
             raise self._error("malformed stream chunk (content is not a string)", retryable=True)
-        return content, finish_reason if isinstance(finish_reason, str) else None
+        return _sendable(content), finish_reason if isinstance(finish_reason, str) else None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _sendable(text: str) -> str:
+    """`text` with each lone surrogate (JSON's "\\ud83d" half of a pair: Python's json decodes it
+    as is) replaced by U+FFFD: no UTF-8 response can carry one, so the answer, paid for and
+    cached, would fail every delivery."""
+    # Python's str holds a pair whole, so every surrogate code point left in one is lone.
+    return _SURROGATE.sub("\ufffd", text)
 
 
 def _count(usage: Mapping[str, Any], name: str, estimated: int) -> int:
