@@ -18,7 +18,7 @@ PATH_ORDER = ("exact_hit", "semantic_hit", "cheap", "strong", "error")
 # feedback alone) has none of them as columns; they are added empty so each table is empty too.
 EVENT_COLUMNS = ("kind", "ts", "time", "response_id", "tenant", "prompt", "path", "similarity",
                  "entry_id", "cost_usd", "saved_usd", "escalated", "latency_ms", "thumbs_up",
-                 "correction")  # fmt: skip
+                 "correction", "admin")  # fmt: skip
 
 
 def load_events(path: Path) -> pd.DataFrame:
@@ -42,9 +42,14 @@ def feedback_events(events: pd.DataFrame) -> pd.DataFrame:
 
 
 def requests(events: pd.DataFrame) -> pd.DataFrame:
-    """Answered and failed requests (completion and error events), each with its path."""
+    """Answered and failed requests (completion and error events), each with its path.
+
+    A failed Feedback, Invalidate or GetStats call (an error event with `admin` true) is no
+    request: counted, it lowered every hit rate. An error event of a log written before the
+    field existed has none, and counts as a request, as it did."""
     events = with_event_columns(events)
-    rows = events[events["kind"].isin(["completion", "error"])].copy()
+    request_kind = events["kind"].isin(["completion", "error"])
+    rows = events[request_kind & ~events["admin"].eq(True)].copy()
     rows["path"] = rows["path"].fillna("error")
     rows["hit"] = rows["path"].isin(HIT_PATHS)
     return rows

@@ -175,6 +175,8 @@ class Pipeline:
         # The service's own trouble is a warning; a caller's mistake or limit is routine.
         level = logging.WARNING if reason in _SERVER_SIDE else logging.INFO
         log.log(level, "request failed: %s: %s", reason, error, extra={"tenant": tenant})
+        # `admin`: a failed Feedback, Invalidate or GetStats call is an error but no request,
+        # so an analysis can leave it out of the hit rates, as routecache_requests_total does.
         # The event is written before (or despite) the size checks: an unknown caller's text is
         # never kept, a tenant's at most what a valid request may hold, so no caller can fill
         # the event log (a Redis stream) with up to 1 MiB a request. The sizes stay, to debug.
@@ -185,7 +187,7 @@ class Pipeline:
             "error",
             {"request_id": REQUEST_ID.get(), "tenant": tenant, "reason": reason,
              "end_user_id": user, "prompt": prompt[:kept], "prompt_chars": len(prompt),
-             "prompt_cut": len(prompt) > kept, "path": "error",
+             "prompt_cut": len(prompt) > kept, "path": "error", "admin": admin,
              "error": type(error).__name__, "message": str(error),
              "latency_ms": seconds * 1000, "failed_validators": list(failed),
              "validation": None if report is None else _report_payload(report)},

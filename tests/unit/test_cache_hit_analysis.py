@@ -219,3 +219,17 @@ def test_load_events_reads_the_log_or_its_parquet_export(tmp_path: Path, exporte
     frame = ch.load_events(path)
     assert frame["kind"].tolist() == [event["kind"] for event in EVENTS]
     assert ch.routing_vs_quality(frame).loc["strong", "cost_usd"] == pytest.approx(0.2)
+
+
+def test_a_failed_admin_call_is_no_request_and_an_error_of_an_older_log_is_one() -> None:
+    # A failed Feedback, Invalidate or GetStats call writes an error event too; counted as a
+    # request, it lowered every hit rate (routecache_requests_total leaves it out).
+    failed_feedback = {"kind": "error", "ts": T0 + 8, "tenant": "acme", "path": "error",
+                       "reason": "not_found", "admin": True}  # fmt: skip
+    failed_request = {"kind": "error", "ts": T0 + 9, "tenant": "acme", "path": "error",
+                      "reason": "unavailable", "admin": False}  # fmt: skip
+    # EVENTS' error has no "admin" field (a log written before it existed): a request.
+    frame = events_frame([*EVENTS, failed_feedback, failed_request])
+    assert ch.routing_vs_quality(frame).loc["error", "requests"] == 2
+    assert ch.hit_rate_over_time(frame)["requests"].sum() == 6
+    assert len(ch.latency_by_path(frame)) == 5 and len(ch.savings(frame)) == 6

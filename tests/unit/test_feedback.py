@@ -359,3 +359,17 @@ async def test_a_failed_feedback_call_is_an_error_but_no_request_in_the_metrics(
     assert sample("routecache_errors_total", {"tenant": "acme", "reason": "not_found"}) == 1
     assert sample("routecache_requests_total", {"tenant": "acme", "path": "error"}) is None
     await harness.service.aclose()
+
+
+async def test_a_failed_admin_calls_error_event_says_it_was_no_request(harness: Harness) -> None:
+    # Both wrote path "error" and nothing else to tell them apart: the notebook counted a failed
+    # Feedback as a request, lowering the hit rates that routecache_requests_total gives.
+    pipeline = harness.service.pipeline
+    with pytest.raises(NotFound):
+        await pipeline.admin.feedback(Feedback("no-such-response", True), ACME)
+    with pytest.raises(InvalidArgument):
+        await pipeline.complete(ChatRequest(messages=(Message(Role.USER, ""),)), ACME)
+    errors = [e for e in harness.events.events if e["kind"] == "error"]
+    assert [(e["reason"], e["admin"]) for e in errors] == [
+        ("not_found", True), ("invalid_argument", False),
+    ]  # fmt: skip
