@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -38,6 +38,22 @@ class Storage(Protocol):
     async def aclose(self) -> None: ...
 
 
+class PenaltyBook(Protocol):
+    """The cache's thumbs-down penalties (SemanticCache), kept in the snapshot with the entries."""
+
+    def penalties(self) -> dict[str, float]: ...
+
+    def seed_penalties(self, penalties: Mapping[str, float]) -> None: ...
+
+
+class _NoPenalties:
+    def penalties(self) -> dict[str, float]:
+        return {}
+
+    def seed_penalties(self, penalties: Mapping[str, float]) -> None:
+        return None
+
+
 class EmbeddedStorage:
     """The in-process store; with a snapshot path it is restored at start and saved
     periodically and at stop."""
@@ -65,10 +81,18 @@ class EmbeddedStorage:
         # Saved only once restored: before that the store is empty, or the file unreadable, and
         # a save would put that over the snapshot.
         self._restored = False
+        self._penalties: PenaltyBook = _NoPenalties()
+
+    def keep_penalties(self, book: PenaltyBook) -> None:
+        """Saves the book's penalties with the entries, and seeds it with them at start."""
+        self._penalties = book
 
     async def start(self, cache_health: CacheHealth = _ignore_health) -> None:
         if self._path is not None:
-            await restore_snapshot(self.store, self._index, self._path, self._clock, self._grace)
+            penalties: dict[str, float] = {}
+            await restore_snapshot(self.store, self._index, self._path, self._clock, self._grace,
+                                   penalties)  # fmt: skip
+            self._penalties.seed_penalties(penalties)
             self._restored = True
             self._task = asyncio.create_task(self._save_periodically(self._path))
         await cache_health(True)
@@ -79,18 +103,18 @@ class EmbeddedStorage:
             await self.save(path)
 
     async def save(self, path: Path) -> None:
-        # The list is taken here, on the loop; encoding and writing run on a thread.
-        entries = self.store.entries()
+        # The lists are taken here, on the loop; encoding and writing run on a thread.
+        entries, penalties = self.store.entries(), self._penalties.penalties()
         try:
-            count = await asyncio.to_thread(self._write, entries, path)
+            count = await asyncio.to_thread(self._write, entries, penalties, path)
         except OSError as exc:  # a full disk must not take the service down
             log.error("cache snapshot to %s failed: %s", path, exc)
             return
         log.info("saved %d cache entries to %s", count, path)
 
-    def _write(self, entries: list[CacheEntry], path: Path) -> int:
+    def _write(self, entries: list[CacheEntry], penalties: dict[str, float], path: Path) -> int:
         with self._writing:
-            return save_snapshot(entries, path)
+            return save_snapshot(entries, path, penalties)
 
     async def aclose(self) -> None:
         if self._task is not None:

@@ -8,7 +8,7 @@ import itertools
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from routecache.cache.hit_policy import CosinePolicy, HitPolicy, HitRequirement, clears
@@ -420,6 +420,15 @@ class SemanticCache:
 
     def penalty_of(self, entry_id: str) -> float:
         return self._penalties.get(entry_id, 0.0)
+
+    def penalties(self) -> dict[str, float]:
+        """A copy of every penalty (entry id → penalty), for a snapshot: taken on the loop."""
+        return dict(self._penalties)
+
+    def seed_penalties(self, penalties: Mapping[str, float]) -> None:
+        """The penalties a snapshot restored: without them, a restart served the neighbours of
+        an answer rated bad at the normal threshold again."""
+        self._penalties.update(penalties)
 
     def forget_removed(self, scope: str, entry_id: str) -> None:
         """An entry the store lost behind this cache's back (another replica's delete, the

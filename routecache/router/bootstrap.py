@@ -491,6 +491,8 @@ def build_service(
     )
     acquired.add("the cache's puts and owed removals", cache.aclose)
     telemetry.watch_count("cache_bypassed", lambda: cache.bypassed)
+    if isinstance(storage.storage, EmbeddedStorage):
+        storage.storage.keep_penalties(cache)  # in the snapshot, or a restart forgot them
     if isinstance(storage.storage, RedisStorage):
         # Entries other replicas (or the sweep) remove take their penalties along.
         storage.storage.sync.on_removed(cache.forget_removed)

@@ -16,10 +16,12 @@ import numpy.typing as npt
 import pytest
 
 from routecache.backends.storage import EmbeddedStorage
+from routecache.cache.embedder import HashEmbedder
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.hit_policy import HitRequirement
 from routecache.cache.memory_store import InMemoryEntryStore
 from routecache.cache.ports import CacheEntry
+from routecache.cache.semantic_cache import NewEntry
 from routecache.cache.snapshot import (
     SnapshotError,
     _encode,
@@ -29,13 +31,15 @@ from routecache.cache.snapshot import (
     save_snapshot,
 )
 from routecache.domain import CacheControl, CacheOutcome, ChatRequest, Message, Role, Tier
-from tests.unit.conftest import KEYS, make_harness, record_fsyncs
+from tests.unit.conftest import KEYS, Harness, make_harness, record_fsyncs
 
 ACME = KEYS["acme"]
 
 
-def ask(prompt: str, ttl: int | None = None) -> ChatRequest:
-    return ChatRequest(messages=(Message(Role.USER, prompt),), cache=CacheControl(ttl_seconds=ttl))
+def ask(prompt: str, ttl: int | None = None, tags: tuple[str, ...] = ()) -> ChatRequest:
+    return ChatRequest(
+        messages=(Message(Role.USER, prompt),), cache=CacheControl(ttl_seconds=ttl, tags=tags)
+    )
 
 
 async def test_a_restarted_process_keeps_its_cache(tmp_path: Path) -> None:
@@ -403,3 +407,71 @@ async def test_a_service_stopped_before_its_store_was_restored_keeps_the_snapsho
     harness = make_harness(store={"snapshot_path": path})
     await harness.service.aclose()  # start_service's clean-up when the start fails
     assert [e.entry_id for e in read_live_entries(path, now=0.0)] == ["acme:kept"]
+
+
+async def _saved_then_stored(path: Path) -> tuple[Harness, str, str]:
+    """A running service with a snapshot (saved every 300 s), two near entries of acme in
+    it, and that snapshot on disk: what a crash would restore."""
+    harness = make_harness(store={"snapshot_path": path})
+    await harness.service.start_storage()
+    cache = harness.service.pipeline.cache
+    stored = []
+    for prompt in ("how do I reset my password", "how do I reset my password today"):
+        vector = HashEmbedder().encode([prompt])[0]
+        new = NewEntry("acme", "acme:s", prompt, "answer", "m", Tier.CHEAP, vector, 0.0, 1, 1,
+                       3600, tags=("help",))  # fmt: skip
+        entry = await cache.store(new)
+        assert entry is not None
+        stored.append(entry.entry_id)
+    first, near = stored
+    await _storage(harness).save(path)  # a periodic save
+    return harness, first, near
+
+
+def _storage(harness: Harness) -> EmbeddedStorage:
+    storage = harness.service.storage
+    assert isinstance(storage, EmbeddedStorage)
+    return storage
+
+
+async def test_thumbs_down_penalties_survive_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "snapshot.jsonl"
+    harness, first, near = await _saved_then_stored(path)
+    cache = harness.service.pipeline.cache
+    await cache.distrust("acme", first)
+    penalty = cache.penalty_of(near)
+    assert penalty > 0
+    await harness.service.aclose()
+
+    second = make_harness(store={"snapshot_path": path})
+    second.clock.now = harness.clock.now
+    await second.service.start_storage()
+    try:
+        assert second.service.pipeline.cache.penalty_of(near) == pytest.approx(penalty)
+    finally:
+        await second.service.aclose()
+
+
+def test_a_penalty_is_an_optional_field_of_an_entry(tmp_path: Path) -> None:
+    path = tmp_path / "snapshot.jsonl"
+    a, b = _distinct_entries("a", "b")
+    save_snapshot([a, b], path, {b.entry_id: 0.1})
+    lines = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+    # Only where there is one: a snapshot without penalties is as before, and loads as before.
+    assert "penalty" not in lines[0] and lines[1]["penalty"] == pytest.approx(0.1)
+    assert [e.entry_id for e in read_snapshot(path)] == [a.entry_id, b.entry_id]
+
+
+async def test_a_snapshot_without_penalties_restores_none_and_a_damaged_one_is_refused(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "snapshot.jsonl"
+    save_snapshot(_distinct_entries("a"), path)
+    seeded: dict[str, float] = {}
+    store = InMemoryEntryStore(max_entries=10, clock=lambda: 0.0)
+    await restore_snapshot(store, ScopedFaissIndex(4), path, lambda: 0.0, penalties=seeded)
+    assert seeded == {}
+    header, line = path.read_text().splitlines()
+    path.write_text(header + "\n" + json.dumps({**json.loads(line), "penalty": "high"}) + "\n")
+    with pytest.raises(SnapshotError, match="line 2"):
+        read_live_entries(path, now=0.0)
