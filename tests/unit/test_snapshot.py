@@ -31,6 +31,7 @@ from routecache.cache.snapshot import (
     save_snapshot,
 )
 from routecache.domain import CacheControl, CacheOutcome, ChatRequest, Message, Role, Tier
+from routecache.errors import Unavailable
 from tests.unit.conftest import KEYS, Harness, make_harness, record_fsyncs
 
 ACME = KEYS["acme"]
@@ -432,6 +433,97 @@ def _storage(harness: Harness) -> EmbeddedStorage:
     storage = harness.service.storage
     assert isinstance(storage, EmbeddedStorage)
     return storage
+
+
+_STORAGE_SAVE = "routecache.backends.storage.save_snapshot"  # what EmbeddedStorage writes with
+
+
+def _saved_ids(path: Path) -> list[str]:
+    return [e.entry_id for e in read_live_entries(path, now=0.0)]
+
+
+@pytest.mark.parametrize("how", ["ids", "tag", "tenant"])
+async def test_an_acknowledged_invalidation_is_in_the_snapshot_when_it_returns(
+    tmp_path: Path, how: str
+) -> None:
+    # A crash right after the acknowledgement restores the snapshot: the entry must not be in it.
+    path = tmp_path / "snapshot.jsonl"
+    harness, first, near = await _saved_then_stored(path)
+    cache = harness.service.pipeline.cache
+    try:
+        assert sorted(_saved_ids(path)) == sorted([first, near])
+        if how == "ids":
+            assert await cache.invalidate_ids("acme", [first, near]) == 2
+        elif how == "tag":
+            assert await cache.invalidate_tag("acme", "help") == 2
+        else:
+            assert await cache.invalidate_tenant("acme") == 2
+        assert _saved_ids(path) == []
+    finally:
+        await harness.service.aclose()
+
+
+async def test_an_acknowledged_thumbs_down_is_in_the_snapshot_when_it_returns(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "snapshot.jsonl"
+    harness, first, near = await _saved_then_stored(path)
+    try:
+        assert await harness.service.pipeline.cache.distrust("acme", first) == 1
+        assert _saved_ids(path) == [near]
+    finally:
+        await harness.service.aclose()
+
+
+async def test_removals_at_once_share_one_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "snapshot.jsonl"
+    harness, first, near = await _saved_then_stored(path)
+    saves: list[int] = []
+    real_save = save_snapshot
+
+    def counted(entries: list[CacheEntry], *args: Any, **kwargs: Any) -> int:
+        saves.append(len(entries))
+        return real_save(entries, *args, **kwargs)
+
+    monkeypatch.setattr(_STORAGE_SAVE, counted)
+    cache = harness.service.pipeline.cache
+    try:
+        # The first removal starts a save at once; the others, made while it runs, share
+        # the next one.
+        counts = await asyncio.gather(
+            cache.invalidate_ids("acme", [first]),
+            cache.invalidate_ids("acme", [near]),
+            cache.invalidate_ids("acme", [first]),  # already gone: still waits for the save
+        )
+        assert sorted(counts) == [0, 1, 1]
+        assert _saved_ids(path) == [] and len(saves) <= 2
+    finally:
+        await harness.service.aclose()
+
+
+async def test_an_invalidation_whose_save_fails_is_unavailable_and_a_retry_waits_for_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "snapshot.jsonl"
+    harness, first, near = await _saved_then_stored(path)
+    real_save = save_snapshot
+
+    def disk_full(entries: list[CacheEntry], *args: Any, **kwargs: Any) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_STORAGE_SAVE, disk_full)
+    cache = harness.service.pipeline.cache
+    try:
+        with pytest.raises(Unavailable):
+            await cache.invalidate_ids("acme", [first])
+        monkeypatch.setattr(_STORAGE_SAVE, real_save)
+        # The retry finds nothing left to remove, and still returns only once it is saved.
+        assert await cache.invalidate_ids("acme", [first]) == 0
+        assert _saved_ids(path) == [near]
+    finally:
+        await harness.service.aclose()
 
 
 async def test_thumbs_down_penalties_survive_a_restart(tmp_path: Path) -> None:
