@@ -145,21 +145,37 @@ class ReplicaSync:
         self._last.pop(keys.sync, None)
         resume_from = newest[0][0].decode() if newest else "0-0"
         size = await guarded(self._link, lambda: client.zcard(keys.lru))
-        loaded, seen, cursor, logged = 0, 0, 0, 0.0
+        # The rows held before the scan: one whose entry the scan does not find is of an entry
+        # Redis lost (FLUSHALL, a restart with no persistence), which nothing else removes.
+        # Rows added during the scan are left alone: the scan may miss an entry put meanwhile.
+        held_before = self._index.rows_of_tenant(tenant)
+        seen: set[str] = set()
+        loaded, cursor, logged = 0, 0, 0.0
         while True:
             scan = partial(client.zscan, keys.lru, cursor, count=self._batch)
             cursor, members = await guarded(self._link, scan)
             ids = [m.decode() for m, _ in members]
             loaded += await self._load(ids)
-            seen += len(ids)
+            seen.update(ids)
             elapsed = time.perf_counter() - started
             if cursor == 0 or elapsed - logged >= _PROGRESS_EVERY_SECONDS:
                 logged = elapsed
-                log.info("rebuilding index: tenant %s %d/%d entries (%.1f s)", tenant, seen,
+                log.info("rebuilding index: tenant %s %d/%d entries (%.1f s)", tenant, len(seen),
                          size, elapsed)  # fmt: skip
             if cursor == 0:
+                self._drop_lost(tenant, held_before, seen)
                 self._last[keys.sync] = resume_from
                 return loaded
+
+    def _drop_lost(self, tenant: str, held: list[tuple[str, str]], seen: set[str]) -> None:
+        """Drops the rows (and, through the listener, the penalties) of entries a full scan
+        did not find: an entry Redis held throughout the scan is always in it (ZSCAN)."""
+        lost = [(scope, entry_id) for scope, entry_id in held if entry_id not in seen]
+        for scope, entry_id in lost:
+            self._on_removed(scope, entry_id)
+        if lost:
+            log.info("rebuilding index: tenant %s: %d rows of entries redis no longer holds "
+                     "dropped", tenant, len(lost))  # fmt: skip
 
     async def _load(self, ids: Sequence[str]) -> int:
         """Adds the live ones of these entries; returns how many were added."""
@@ -314,14 +330,18 @@ class ReplicaSync:
                             message[0].decode(), stream, tenant, exc)  # fmt: skip
         # Each id ends as its last operation left it: a `del` then an `add` (a PUT of an id
         # Redis holds unlinks it first) leaves the entry in, an `add` then a `del` leaves it
-        # out. An id whose last operation is this replica's own is as its cache left it.
+        # out. An id whose last operation is this replica's own is as its cache left it, but
+        # for an own `add` the index lacks: a PUT Redis ran whose reply was lost (a timeout),
+        # which the cache took for failed and never indexed. Only those are read from Redis:
+        # the rest cost one index lookup each.
         last = {op["id"]: op for op in ops}
         theirs = {i: op for i, op in last.items() if op.get("o") != self._origin}
         for op in ops:
             # Before a re-add too: the index keeps one row per id and would keep the old one.
             if op["op"] == "del" and op["id"] in theirs:
                 self._on_removed(op["scope"], op["id"])
-        await self._load([i for i, op in theirs.items() if op["op"] == "add"])
+        await self._load([i for i, op in last.items() if op["op"] == "add" and (
+            i in theirs or not self._index.contains(op["scope"], i))])  # fmt: skip
         return sum(op.get("o") != self._origin for op in ops)
 
     def _tenant_of_stream(self, stream: str) -> str:

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -38,9 +38,30 @@ class Storage(Protocol):
     async def aclose(self) -> None: ...
 
 
+class PenaltyBook(Protocol):
+    """The cache's thumbs-down penalties (SemanticCache), kept in the snapshot with the entries."""
+
+    def penalties(self) -> dict[str, float]: ...
+
+    def seed_penalties(self, penalties: Mapping[str, float]) -> None: ...
+
+
+class _NoPenalties:
+    def penalties(self) -> dict[str, float]:
+        return {}
+
+    def seed_penalties(self, penalties: Mapping[str, float]) -> None:
+        return None
+
+
+# The least time between two saves made for removals: removals made meanwhile share the next
+# save, so a stream of them costs at most one save (a whole-store write) a second.
+REMOVAL_SAVE_GAP_SECONDS = 1.0
+
+
 class EmbeddedStorage:
     """The in-process store; with a snapshot path it is restored at start and saved
-    periodically and at stop."""
+    periodically, at stop and soon after a removal (see `removals_saved`)."""
 
     def __init__(
         self,
@@ -50,6 +71,7 @@ class EmbeddedStorage:
         snapshot_path: Path | None,
         snapshot_interval_seconds: float,
         stale_grace_seconds: float = 0.0,
+        removal_save_gap_seconds: float = REMOVAL_SAVE_GAP_SECONDS,
     ) -> None:
         self.store = store
         self._index = index
@@ -65,32 +87,89 @@ class EmbeddedStorage:
         # Saved only once restored: before that the store is empty, or the file unreadable, and
         # a save would put that over the snapshot.
         self._restored = False
+        self._penalties: PenaltyBook = _NoPenalties()
+        # Removals are numbered as they are reported; a save covers those reported before it
+        # took the entries. Each caller waits for a save covering its number (True: written).
+        self._gap = removal_save_gap_seconds
+        self._reported = 0
+        self._saved_through = 0
+        self._waiting: list[tuple[int, asyncio.Future[bool]]] = []
+        self._wake = asyncio.Event()
+
+    def keep_penalties(self, book: PenaltyBook) -> None:
+        """Saves the book's penalties with the entries, and seeds it with them at start."""
+        self._penalties = book
 
     async def start(self, cache_health: CacheHealth = _ignore_health) -> None:
         if self._path is not None:
-            await restore_snapshot(self.store, self._index, self._path, self._clock, self._grace)
+            penalties: dict[str, float] = {}
+            await restore_snapshot(self.store, self._index, self._path, self._clock, self._grace,
+                                   penalties)  # fmt: skip
+            self._penalties.seed_penalties(penalties)
             self._restored = True
-            self._task = asyncio.create_task(self._save_periodically(self._path))
+            self._task = asyncio.create_task(self._keep_saved(self._path))
         await cache_health(True)
 
-    async def _save_periodically(self, path: Path) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            await self.save(path)
-
-    async def save(self, path: Path) -> None:
-        # The list is taken here, on the loop; encoding and writing run on a thread.
-        entries = self.store.entries()
-        try:
-            count = await asyncio.to_thread(self._write, entries, path)
-        except OSError as exc:  # a full disk must not take the service down
-            log.error("cache snapshot to %s failed: %s", path, exc)
+    async def removals_saved(self, removed: bool) -> None:
+        """Returns once the snapshot no longer holds what the caller removed (`removed`: it
+        removed something; else it waits only while an earlier removal is not yet saved, which
+        may be the one it meant, made by a call at once or one whose save failed). Else an
+        acknowledged Invalidate or thumbs-down came back with the next start after a crash.
+        Raises StoreUnavailable when that save fails (the caller is told to retry)."""
+        if self._task is None:
+            return  # no snapshot: nothing on disk to bring the entry back
+        if removed:
+            self._reported += 1
+        elif self._saved_through >= self._reported:
             return
-        log.info("saved %d cache entries to %s", count, path)
+        saved: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append((self._reported, saved))
+        self._wake.set()
+        if not await saved:
+            raise StoreUnavailable("the cache snapshot could not be written")
 
-    def _write(self, entries: list[CacheEntry], path: Path) -> int:
+    async def _keep_saved(self, path: Path) -> None:
+        """Saves every interval, and at once when a removal wakes it, but at most one save for
+        removals a gap: those reported meanwhile share the next."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await self._wake.wait()
+            woken = self._wake.is_set()
+            self._wake.clear()
+            await self.save(path)
+            if woken:
+                await asyncio.sleep(self._gap)
+
+    async def save(self, path: Path) -> bool:
+        """Whether it was written. A full disk must not take the service down: logged."""
+        # The lists are taken here, on the loop; encoding and writing run on a thread.
+        covered = self._reported
+        entries, penalties = self.store.entries(), self._penalties.penalties()
+        try:
+            count = await asyncio.to_thread(self._write, entries, penalties, path)
+        except OSError as exc:
+            log.error("cache snapshot to %s failed: %s", path, exc)
+            self._answer(covered, False)
+            return False
+        log.info("saved %d cache entries to %s", count, path)
+        self._saved_through = max(self._saved_through, covered)
+        self._answer(covered, True)
+        return True
+
+    def _answer(self, covered: int, written: bool) -> None:
+        """Tells the callers waiting for removals up to `covered` whether they are saved."""
+        still = []
+        for number, saved in self._waiting:
+            if number > covered:
+                still.append((number, saved))
+            elif not saved.done():  # else its caller is gone
+                saved.set_result(written)
+        self._waiting = still
+
+    def _write(self, entries: list[CacheEntry], penalties: dict[str, float], path: Path) -> int:
         with self._writing:
-            return save_snapshot(entries, path)
+            return save_snapshot(entries, path, penalties)
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -98,7 +177,7 @@ class EmbeddedStorage:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._path is not None and self._restored:
-            await self.save(self._path)
+            await self.save(self._path)  # answers the removals still waiting, too
 
 
 class RedisStorage:

@@ -194,6 +194,17 @@ class ScopedFaissIndex:
             index = self._scopes.get(scope)
             return index is not None and entry_id in index.label_of_id
 
+    def rows_of_tenant(self, tenant: str) -> list[tuple[str, str]]:
+        """(scope, entry id) of each row of the tenant's entries, by the id's tenant part
+        (`<tenant>:<uuid hex>`): a walk of every row, for a rebuild, not for a request."""
+        with self._lock:
+            return [
+                (scope, entry_id)
+                for scope, index in self._scopes.items()
+                for entry_id in index.label_of_id
+                if entry_id.rpartition(":")[0] == tenant
+            ]
+
     def kind(self, scope: str) -> str:
         """ "flat", "ivf" or "none": which index serves a scope (for stats and tests)."""
         with self._lock:

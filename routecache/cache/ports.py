@@ -132,6 +132,10 @@ class VectorIndex(Protocol):
 
     def contains(self, scope: str, entry_id: str) -> bool: ...
 
+    def rows_of_tenant(self, tenant: str) -> list[tuple[str, str]]:
+        """(scope, entry id) of each row of the tenant's entries (ids `<tenant>:<uuid hex>`)."""
+        ...
+
     def __len__(self) -> int: ...
 
 

@@ -8,7 +8,7 @@ import itertools
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from routecache.cache.hit_policy import CosinePolicy, HitPolicy, HitRequirement, clears
@@ -119,8 +119,14 @@ class SemanticCache:
         stale_grace_seconds: float = 0.0,
         policy: HitPolicy | None = None,
         seen_whole: Callable[[str], bool] | None = None,
+        removals_saved: Callable[[bool], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
+        # Awaited before an invalidation or thumbs-down is acknowledged, with whether it
+        # removed anything: where the store is saved to disk (the memory backend's snapshot),
+        # it returns once the removal is saved, or raises StoreUnavailable. None: the store
+        # keeps what it is told itself (Redis).
+        self._removals_saved = removals_saved or _kept_by_the_store
         # Whether the embedder's model sees all of a prompt (see `ports.SeesWhole`): two
         # prompts that differ only where it cannot see get the same vector, so a prompt or an
         # entry not seen whole is matched by the exact tier only. None: every prompt is.
@@ -309,7 +315,7 @@ class SemanticCache:
         name another of the tenant's keys (a rate bucket), which would not decode."""
         mine = [i for i in entry_ids if is_entry_id_of(tenant, i)]
         async with _store_required("invalidate"):
-            return await self._invalidate(tenant, mine)
+            return await self._saved(await self._invalidate(tenant, mine))
 
     async def distrust(self, tenant: str, entry_id: str) -> int:
         """A thumbs-down: remove the entry, raise the similarity its neighbours need (returns
@@ -318,13 +324,15 @@ class SemanticCache:
         is removed in the background once a lookup finds the store answering (else the answer
         a user rated bad came back with the store, unless the caller retried the feedback)."""
         try:
-            return await self._distrust_entry(tenant, entry_id)
+            removed = await self._distrust_entry(tenant, entry_id)
         except StoreUnavailable as exc:
             self._owe(tenant, entry_id)
             raise Unavailable(
                 "cache store unavailable, could not record feedback; retry later (the entry is"
                 " removed once the cache store answers again)"
             ) from exc
+        async with _store_required("record feedback"):  # removed, but not yet saved
+            return await self._saved(removed)
 
     def _owe(self, tenant: str, entry_id: str) -> None:
         owed = self._owed.setdefault(tenant, {})
@@ -421,6 +429,15 @@ class SemanticCache:
     def penalty_of(self, entry_id: str) -> float:
         return self._penalties.get(entry_id, 0.0)
 
+    def penalties(self) -> dict[str, float]:
+        """A copy of every penalty (entry id → penalty), for a snapshot: taken on the loop."""
+        return dict(self._penalties)
+
+    def seed_penalties(self, penalties: Mapping[str, float]) -> None:
+        """The penalties a snapshot restored: without them, a restart served the neighbours of
+        an answer rated bad at the normal threshold again."""
+        self._penalties.update(penalties)
+
     def forget_removed(self, scope: str, entry_id: str) -> None:
         """An entry the store lost behind this cache's back (another replica's delete, the
         expiry sweep, Redis' own expiry): out of the index, and its penalty with it, or
@@ -437,11 +454,18 @@ class SemanticCache:
     # read an entry) is needed before removing them.
     async def invalidate_tag(self, tenant: str, tag: str) -> int:
         async with _store_required("invalidate"):
-            return await self._remove(await self._store.ids_with_tag(tenant, tag))
+            return await self._saved(
+                await self._remove(await self._store.ids_with_tag(tenant, tag))
+            )
 
     async def invalidate_tenant(self, tenant: str) -> int:
         async with _store_required("invalidate"):
-            return await self._remove(await self._store.ids_of_tenant(tenant))
+            return await self._saved(await self._remove(await self._store.ids_of_tenant(tenant)))
+
+    async def _saved(self, removed: int) -> int:
+        """`removed`, once the store has saved it (see `removals_saved`)."""
+        await self._removals_saved(removed > 0)
+        return removed
 
     async def entry_count(self, tenant: str) -> int:
         async with _store_required("count entries"):
@@ -484,6 +508,10 @@ class SemanticCache:
         """Drop evicted or replaced entries from the index (the store already dropped them)."""
         for entry in entries:
             self.forget_removed(entry.scope, entry.entry_id)
+
+
+async def _kept_by_the_store(removed: bool) -> None:
+    return None
 
 
 @contextlib.asynccontextmanager

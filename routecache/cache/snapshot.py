@@ -1,6 +1,8 @@
 """Snapshots of the embedded store: a single-process deployment keeps its cache over restarts.
 
-One JSON object per entry (embedding in base64 float32), least recently used first, written
+One JSON object per entry (embedding in base64 float32, and `penalty`, the similarity a
+thumbs-down on a neighbour added to what it needs, only where there is one: a snapshot without
+it loads with none), least recently used first, written
 to a temporary file and renamed over the old snapshot (routecache.atomic_file), so a crash
 mid-write never leaves a torn file. No pickle: loading a snapshot cannot run code.
 """
@@ -12,7 +14,7 @@ import base64
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,10 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 
 
-def _encode(entry: CacheEntry) -> str:
+def _encode(entry: CacheEntry, penalty: float = 0.0) -> str:
     record: dict[str, Any] = dataclasses.asdict(entry)
+    if penalty:
+        record["penalty"] = penalty
     record["tier"] = entry.tier.value
     record["tags"] = list(entry.tags)
     record["embedding"] = base64.b64encode(
@@ -51,8 +55,12 @@ _NUMBERS = ("created_at", "expires_at", "cost_usd", "prompt_tokens", "completion
 _TEXTS = ("entry_id", "tenant", "scope", "exact_key", "prompt", "answer", "model")
 
 
-def _decode(line: bytes) -> CacheEntry:
+def _decode(line: bytes) -> tuple[CacheEntry, float]:
+    """The entry and its penalty (0 when the line has none)."""
     record = json.loads(line)
+    penalty = record.pop("penalty", 0.0)
+    if isinstance(penalty, bool) or not isinstance(penalty, int | float):
+        raise TypeError(f"penalty is {penalty!r}, not a number")
     record["tier"] = Tier(record["tier"])
     tags = record["tags"]
     # tuple() would take the text "abc" for the tags a, b and c.
@@ -67,21 +75,30 @@ def _decode(line: bytes) -> CacheEntry:
     for name in _TEXTS:
         if not isinstance(record[name], str):
             raise TypeError(f"{name} is {record[name]!r}, not a text")
-    return CacheEntry(**record)
+    return CacheEntry(**record), float(penalty)
 
 
-def save_snapshot(entries: Sequence[CacheEntry], path: Path) -> int:
-    """Writes the entries (take them with store.entries() on the loop); returns how many."""
+def save_snapshot(
+    entries: Sequence[CacheEntry], path: Path, penalties: Mapping[str, float] | None = None
+) -> int:
+    """Writes the entries (take them with store.entries() on the loop) and their penalties
+    (entry id → penalty, a copy taken on the loop too); returns how many entries."""
+    penalties = penalties or {}
     path.parent.mkdir(parents=True, exist_ok=True)
     # Prompts and answers at rest: readable by the service's user only.
     with replacing(path, mode=0o600) as out:
         out.write(json.dumps({"routecache_snapshot": FORMAT_VERSION}) + "\n")
         for entry in entries:
-            out.write(_encode(entry) + "\n")
+            out.write(_encode(entry, penalties.get(entry.entry_id, 0.0)) + "\n")
     return len(entries)
 
 
 def read_snapshot(path: Path) -> Iterator[CacheEntry]:
+    return (entry for entry, _ in _read_rows(path))
+
+
+def _read_rows(path: Path) -> Iterator[tuple[CacheEntry, float]]:
+    """Each entry with its penalty (0 where the line has none)."""
     # Bytes, decoded a line at a time: a byte that is not UTF-8 is reported with its line.
     with path.open("rb") as lines:
         try:
@@ -92,20 +109,25 @@ def read_snapshot(path: Path) -> Iterator[CacheEntry]:
             raise SnapshotError(f"{path} is not a routecache snapshot (version {FORMAT_VERSION})")
         for number, line in enumerate(lines, start=2):
             try:
-                entry = _decode(line)
+                row = _decode(line)
             except (ValueError, KeyError, TypeError) as exc:
                 problem = f"{path} line {number}: not a snapshot entry ({exc!r})"
                 raise SnapshotError(problem) from exc
-            yield entry
+            yield row
 
 
 def read_live_entries(path: Path, now: float, grace: float = 0.0) -> list[CacheEntry]:
     """The snapshot's entries that have not expired, or expired less than `grace` seconds ago
     (still servable stale); none when there is no snapshot."""
+    return [entry for entry, _ in _read_live_rows(path, now, grace)]
+
+
+def _read_live_rows(path: Path, now: float, grace: float) -> list[tuple[CacheEntry, float]]:
     if not path.exists():  # a folder is refused when read, not taken for no snapshot
         log.info("no cache snapshot at %s: starting empty", path)
         return []
-    return [entry for entry in read_snapshot(path) if entry.expires_at + grace > now]
+    return [(entry, penalty) for entry, penalty in _read_rows(path)
+            if entry.expires_at + grace > now]  # fmt: skip
 
 
 async def restore_snapshot(
@@ -114,17 +136,25 @@ async def restore_snapshot(
     path: Path,
     clock: Callable[[], float],
     stale_grace_seconds: float = 0.0,
+    penalties: MutableMapping[str, float] | None = None,
 ) -> int:
-    """Loads the live entries of a snapshot, if there is one; returns how many."""
-    entries = await asyncio.to_thread(read_live_entries, path, clock(), stale_grace_seconds)
+    """Loads the live entries of a snapshot, if there is one; returns how many. `penalties`
+    gets the penalty of each loaded entry that has one (for the cache to seed its own)."""
+    rows = await asyncio.to_thread(_read_live_rows, path, clock(), stale_grace_seconds)
+    kept: dict[str, float] = {}
     loaded = 0
-    for entry in entries:
+    for entry, penalty in rows:
         for gone in await store.put(entry):
             index.remove(gone.scope, gone.entry_id)
+            kept.pop(gone.entry_id, None)  # else its penalty outlived it
+        if penalty:
+            kept[entry.entry_id] = penalty
         try:
             index.add(entry.scope, entry.entry_id, entry.embedding)
         except ValueError as exc:  # a snapshot made with another embedding model
             raise SnapshotError(f"{path}: entry {entry.entry_id}: {exc}") from exc
         loaded += 1
+    if penalties is not None:
+        penalties.update(kept)
     log.info("restored %d cache entries from %s", loaded, path)
     return loaded

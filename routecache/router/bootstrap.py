@@ -480,6 +480,7 @@ def build_service(
     costs = build_cost_control(settings, storage, alerts, generator, clock, telemetry)
     # Before the storage: the spend writes of callers gone reach the ledger's last flush.
     acquired.add("cost control", costs.finish_writes)
+    embedded = storage.storage if isinstance(storage.storage, EmbeddedStorage) else None
     cache = SemanticCache(
         storage.store,
         index,
@@ -488,9 +489,13 @@ def build_service(
         stale_grace_seconds=settings.upstream.stale_grace_seconds,
         policy=parts.hit_policy or build_hit_policy(settings, embedder.name),
         seen_whole=embedder.sees_whole if isinstance(embedder, SeesWhole) else None,
+        # An acknowledged removal is in the snapshot: a crash cannot bring it back.
+        removals_saved=embedded.removals_saved if embedded is not None else None,
     )
     acquired.add("the cache's puts and owed removals", cache.aclose)
     telemetry.watch_count("cache_bypassed", lambda: cache.bypassed)
+    if embedded is not None:
+        embedded.keep_penalties(cache)  # in the snapshot, or a restart forgot them
     if isinstance(storage.storage, RedisStorage):
         # Entries other replicas (or the sweep) remove take their penalties along.
         storage.storage.sync.on_removed(cache.forget_removed)

@@ -721,3 +721,74 @@ async def test_an_entry_removed_then_stored_again_by_this_replica_is_kept(rig: R
     a.index.add(SCOPE, entry.entry_id, entry.embedding)  # what A's cache did as it stored it
     assert await a.sync.poll() == 1
     assert a.ids() == {entry.entry_id}
+
+
+async def test_an_own_entry_whose_put_reply_was_lost_is_indexed_from_the_stream(rig: Rig) -> None:
+    # Redis ran this replica's PUT but its reply timed out: the cache took the put for failed
+    # and never indexed the entry, which only a restart's rebuild would have found.
+    a = rig.replica_a()
+    await a.sync.rebuild()
+    (entry,) = await rig.write()
+    await a.sync.poll()
+    await a.store.delete([entry.entry_id])
+    a.index.remove(SCOPE, entry.entry_id)  # what A's cache did as it removed it
+    await a.store.put(entry)  # this replica's own add, never in its index
+    assert entry.entry_id not in a.ids()
+    assert await a.sync.poll() == 0  # still no other replica's operation
+    assert a.ids() == {entry.entry_id}
+
+
+async def test_an_own_entry_already_indexed_is_not_read_again(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = rig.replica_a()
+    await a.sync.rebuild()
+    (entry,) = await rig.write()
+    await a.sync.poll()
+    reads: list[list[str]] = []
+    real_load = a.sync._load
+
+    async def load(ids: list[str]) -> int:
+        reads.append(list(ids))
+        return await real_load(ids)
+
+    monkeypatch.setattr(a.sync, "_load", load)
+    own = replace(entry, entry_id=f"acme:{'1' * 32}", exact_key=f"{entry.exact_key}-other")
+    await a.store.put(own)
+    a.index.add(SCOPE, own.entry_id, own.embedding)  # as A's cache did once the put returned
+    assert await a.sync.poll() == 0
+    assert reads == [[]]  # the normal path: nothing read from Redis, nothing added twice
+    assert len(a.index) == 2
+
+
+async def test_a_rebuild_drops_the_rows_of_entries_redis_no_longer_holds(rig: Rig) -> None:
+    # Redis lost them (FLUSHALL, a restart with no persistence): serving stayed correct (the
+    # store is read before a hit), but the rows stayed in the index for the process's life.
+    a = rig.replica_a()
+    await a.sync.rebuild()
+    written = await rig.write(3)
+    await a.sync.poll()
+    assert a.ids() == {e.entry_id for e in written}
+    rig.raw().flushall()
+    (kept,) = await rig.write()
+    await a.sync.rebuild()
+    assert a.ids() == {kept.entry_id}
+
+
+async def test_a_rebuild_keeps_a_row_added_while_it_scanned(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A row this replica's cache adds during the scan (its own put landing after the cursor
+    # passed) may not be in the scan: only rows held before the scan are dropped.
+    a = rig.replica_a()
+    late = f"acme:{'2' * 32}"
+    real_load = a.sync._load
+
+    async def load(ids: list[str]) -> int:
+        a.index.add(SCOPE, late, vector(7))
+        return await real_load(ids)
+
+    monkeypatch.setattr(a.sync, "_load", load)
+    await rig.write(2)
+    await a.sync.rebuild()
+    assert late in a.ids() and len(a.ids()) == 3

@@ -16,10 +16,12 @@ import numpy.typing as npt
 import pytest
 
 from routecache.backends.storage import EmbeddedStorage
+from routecache.cache.embedder import HashEmbedder
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.hit_policy import HitRequirement
 from routecache.cache.memory_store import InMemoryEntryStore
 from routecache.cache.ports import CacheEntry
+from routecache.cache.semantic_cache import NewEntry
 from routecache.cache.snapshot import (
     SnapshotError,
     _encode,
@@ -29,13 +31,16 @@ from routecache.cache.snapshot import (
     save_snapshot,
 )
 from routecache.domain import CacheControl, CacheOutcome, ChatRequest, Message, Role, Tier
-from tests.unit.conftest import KEYS, make_harness, record_fsyncs
+from routecache.errors import Unavailable
+from tests.unit.conftest import KEYS, Harness, make_harness, record_fsyncs
 
 ACME = KEYS["acme"]
 
 
-def ask(prompt: str, ttl: int | None = None) -> ChatRequest:
-    return ChatRequest(messages=(Message(Role.USER, prompt),), cache=CacheControl(ttl_seconds=ttl))
+def ask(prompt: str, ttl: int | None = None, tags: tuple[str, ...] = ()) -> ChatRequest:
+    return ChatRequest(
+        messages=(Message(Role.USER, prompt),), cache=CacheControl(ttl_seconds=ttl, tags=tags)
+    )
 
 
 async def test_a_restarted_process_keeps_its_cache(tmp_path: Path) -> None:
@@ -403,3 +408,162 @@ async def test_a_service_stopped_before_its_store_was_restored_keeps_the_snapsho
     harness = make_harness(store={"snapshot_path": path})
     await harness.service.aclose()  # start_service's clean-up when the start fails
     assert [e.entry_id for e in read_live_entries(path, now=0.0)] == ["acme:kept"]
+
+
+async def _saved_then_stored(path: Path) -> tuple[Harness, str, str]:
+    """A running service with a snapshot (saved every 300 s), two near entries of acme in
+    it, and that snapshot on disk: what a crash would restore."""
+    harness = make_harness(store={"snapshot_path": path})
+    await harness.service.start_storage()
+    cache = harness.service.pipeline.cache
+    stored = []
+    for prompt in ("how do I reset my password", "how do I reset my password today"):
+        vector = HashEmbedder().encode([prompt])[0]
+        new = NewEntry("acme", "acme:s", prompt, "answer", "m", Tier.CHEAP, vector, 0.0, 1, 1,
+                       3600, tags=("help",))  # fmt: skip
+        entry = await cache.store(new)
+        assert entry is not None
+        stored.append(entry.entry_id)
+    first, near = stored
+    await _storage(harness).save(path)  # a periodic save
+    return harness, first, near
+
+
+def _storage(harness: Harness) -> EmbeddedStorage:
+    storage = harness.service.storage
+    assert isinstance(storage, EmbeddedStorage)
+    return storage
+
+
+_STORAGE_SAVE = "routecache.backends.storage.save_snapshot"  # what EmbeddedStorage writes with
+
+
+def _saved_ids(path: Path) -> list[str]:
+    return [e.entry_id for e in read_live_entries(path, now=0.0)]
+
+
+@pytest.mark.parametrize("how", ["ids", "tag", "tenant"])
+async def test_an_acknowledged_invalidation_is_in_the_snapshot_when_it_returns(
+    tmp_path: Path, how: str
+) -> None:
+    # A crash right after the acknowledgement restores the snapshot: the entry must not be in it.
+    path = tmp_path / "snapshot.jsonl"
+    harness, first, near = await _saved_then_stored(path)
+    cache = harness.service.pipeline.cache
+    try:
+        assert sorted(_saved_ids(path)) == sorted([first, near])
+        if how == "ids":
+            assert await cache.invalidate_ids("acme", [first, near]) == 2
+        elif how == "tag":
+            assert await cache.invalidate_tag("acme", "help") == 2
+        else:
+            assert await cache.invalidate_tenant("acme") == 2
+        assert _saved_ids(path) == []
+    finally:
+        await harness.service.aclose()
+
+
+async def test_an_acknowledged_thumbs_down_is_in_the_snapshot_when_it_returns(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "snapshot.jsonl"
+    harness, first, near = await _saved_then_stored(path)
+    try:
+        assert await harness.service.pipeline.cache.distrust("acme", first) == 1
+        assert _saved_ids(path) == [near]
+    finally:
+        await harness.service.aclose()
+
+
+async def test_removals_at_once_share_one_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "snapshot.jsonl"
+    harness, first, near = await _saved_then_stored(path)
+    saves: list[int] = []
+    real_save = save_snapshot
+
+    def counted(entries: list[CacheEntry], *args: Any, **kwargs: Any) -> int:
+        saves.append(len(entries))
+        return real_save(entries, *args, **kwargs)
+
+    monkeypatch.setattr(_STORAGE_SAVE, counted)
+    cache = harness.service.pipeline.cache
+    try:
+        # The first removal starts a save at once; the others, made while it runs, share
+        # the next one.
+        counts = await asyncio.gather(
+            cache.invalidate_ids("acme", [first]),
+            cache.invalidate_ids("acme", [near]),
+            cache.invalidate_ids("acme", [first]),  # already gone: still waits for the save
+        )
+        assert sorted(counts) == [0, 1, 1]
+        assert _saved_ids(path) == [] and len(saves) <= 2
+    finally:
+        await harness.service.aclose()
+
+
+async def test_an_invalidation_whose_save_fails_is_unavailable_and_a_retry_waits_for_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "snapshot.jsonl"
+    harness, first, near = await _saved_then_stored(path)
+    real_save = save_snapshot
+
+    def disk_full(entries: list[CacheEntry], *args: Any, **kwargs: Any) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_STORAGE_SAVE, disk_full)
+    cache = harness.service.pipeline.cache
+    try:
+        with pytest.raises(Unavailable):
+            await cache.invalidate_ids("acme", [first])
+        monkeypatch.setattr(_STORAGE_SAVE, real_save)
+        # The retry finds nothing left to remove, and still returns only once it is saved.
+        assert await cache.invalidate_ids("acme", [first]) == 0
+        assert _saved_ids(path) == [near]
+    finally:
+        await harness.service.aclose()
+
+
+async def test_thumbs_down_penalties_survive_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "snapshot.jsonl"
+    harness, first, near = await _saved_then_stored(path)
+    cache = harness.service.pipeline.cache
+    await cache.distrust("acme", first)
+    penalty = cache.penalty_of(near)
+    assert penalty > 0
+    await harness.service.aclose()
+
+    second = make_harness(store={"snapshot_path": path})
+    second.clock.now = harness.clock.now
+    await second.service.start_storage()
+    try:
+        assert second.service.pipeline.cache.penalty_of(near) == pytest.approx(penalty)
+    finally:
+        await second.service.aclose()
+
+
+def test_a_penalty_is_an_optional_field_of_an_entry(tmp_path: Path) -> None:
+    path = tmp_path / "snapshot.jsonl"
+    a, b = _distinct_entries("a", "b")
+    save_snapshot([a, b], path, {b.entry_id: 0.1})
+    lines = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+    # Only where there is one: a snapshot without penalties is as before, and loads as before.
+    assert "penalty" not in lines[0] and lines[1]["penalty"] == pytest.approx(0.1)
+    assert [e.entry_id for e in read_snapshot(path)] == [a.entry_id, b.entry_id]
+
+
+async def test_a_snapshot_without_penalties_restores_none_and_a_damaged_one_is_refused(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "snapshot.jsonl"
+    save_snapshot(_distinct_entries("a"), path)
+    seeded: dict[str, float] = {}
+    store = InMemoryEntryStore(max_entries=10, clock=lambda: 0.0)
+    await restore_snapshot(store, ScopedFaissIndex(4), path, lambda: 0.0, penalties=seeded)
+    assert seeded == {}
+    header, line = path.read_text().splitlines()
+    path.write_text(header + "\n" + json.dumps({**json.loads(line), "penalty": "high"}) + "\n")
+    with pytest.raises(SnapshotError, match="line 2"):
+        read_live_entries(path, now=0.0)
