@@ -68,8 +68,10 @@ def scope_key(tenant: str, request: ChatRequest) -> str:
 
 
 def normalise_prompt(text: str) -> str:
-    """Fold differences that never change meaning: invisible characters, Unicode form, case,
-    spacing within a line, common indentation, end punctuation. Only exact keys use it (what is
+    """Fold invisible characters, Unicode form, spacing within a line, common indentation and
+    end punctuation, which never change meaning, and case, which can ("ls -R" / "ls -r") but
+    which the uncased embedder and verifier cannot see either: the semantic tier would match
+    such a pair at cosine 1.0 (docs/cache-verifier.md). Only exact keys use it (what is
     embedded and cached is the prompt as sent); a prompt whose key changes (an invisible
     character, a line break, a superscript) misses its old entry once, never another prompt's
     answer.
