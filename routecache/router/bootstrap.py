@@ -533,8 +533,12 @@ def build_budget_alerts(
     settings: Settings, events: EventSink, telemetry: Telemetry
 ) -> BudgetAlerts:
     budgets = settings.budgets
+    url = budgets.alert_webhook_url
     return BudgetAlerts(
-        events, telemetry, budgets.alert_webhook_url, budgets.webhook_timeout_seconds
+        events,
+        telemetry,
+        url.get_secret_value() if url is not None else None,
+        budgets.webhook_timeout_seconds,
     )
 
 
