@@ -69,6 +69,20 @@ class RedisStreamEventSink:
         self._bound()
         self._wake.set()
 
+    def report_unflushed(self) -> int:
+        """At stop, after the last flush: the events still buffered (Redis was down) end with
+        this process. Counted in `dropped` and logged in one WARNING with each tenant's count,
+        so the loss is seen; returns how many."""
+        left = {tenant: len(queue) for tenant, queue in self._queues.items()}
+        lost = sum(left.values())
+        if lost:
+            self.dropped += lost
+            log.warning("%d events never reached redis and end with this process: %s", lost,
+                        ", ".join(f"{_shown(t)} {n}" for t, n in sorted(left.items())))  # fmt: skip
+        self._queues.clear()
+        self._held = 0
+        return lost
+
     def _bound(self) -> None:
         """Past the bound, drops the oldest events of the tenant with the most buffered."""
         while self._held > self._max_buffered:
@@ -198,6 +212,11 @@ class _Unencodable(Exception):
 
 def _tenant_of(event: Mapping[str, Any]) -> str:
     return str(event.get("tenant") or _NO_TENANT)
+
+
+def _shown(tenant: str) -> str:
+    """A tenant as a log line names it: events before a tenant was known have none."""
+    return "(no tenant)" if tenant == _NO_TENANT else tenant
 
 
 def _text(value: object) -> str:

@@ -231,6 +231,9 @@ class RedisStorage:
                 if self.events is not None and self.link.up:
                     await _last_event_flush(self.events)
         self._spend.report_unflushed()
+        if self.events is not None:
+            # Redis down (the last flush skipped, or failing): what it still holds is lost.
+            self.events.report_unflushed()
         await self.link.aclose()
 
 

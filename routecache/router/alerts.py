@@ -10,9 +10,11 @@ then (CostControl.spend_flushed), as each replica alone knows only its own share
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -39,6 +41,37 @@ def _crossed(soft: float, before: float, after: float) -> bool:
     return before < soft <= after
 
 
+# The webhook URLs in use: httpx's own INFO line for each request (shown with `routecache -v`)
+# quotes the whole URL, and the filter below shows theirs as scheme://host.
+_WEBHOOK_URLS: set[str] = set()
+
+
+class _HidesWebhookPaths(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(str(a) in _WEBHOOK_URLS for a in record.args):
+            record.args = tuple(
+                _origin(str(a)) if str(a) in _WEBHOOK_URLS else a for a in record.args
+            )
+        return True
+
+
+logging.getLogger("httpx").addFilter(_HidesWebhookPaths())
+
+
+def _origin(url: str) -> str:
+    """scheme://host[:port], without the credentials, path and query a secret may be in."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+
+
+def _described(error: Exception, url: str) -> str:
+    """What went wrong, without the URL's path or query: a webhook (Slack's, say) carries its
+    secret token there, and httpx's messages quote the whole URL."""
+    if isinstance(error, httpx.HTTPStatusError):
+        return f"HTTP {error.response.status_code}"
+    return f"{type(error).__name__} ({_origin(url)})"
+
+
 class BudgetAlerts:
     def __init__(
         self,
@@ -50,6 +83,11 @@ class BudgetAlerts:
         self._events = events
         self._telemetry = telemetry
         self._url = webhook_url
+        if webhook_url is not None:
+            # As given, and as httpx writes it (a lower-case host, escapes) in its line.
+            _WEBHOOK_URLS.add(webhook_url)
+            with contextlib.suppress(httpx.InvalidURL):
+                _WEBHOOK_URLS.add(str(httpx.URL(webhook_url)))
         self._timeout = webhook_timeout_seconds
         self._client: httpx.AsyncClient | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
@@ -94,10 +132,8 @@ class BudgetAlerts:
         except Exception as error:  # an HTTPError, or httpx raising on a URL it cannot use
             # No one awaits this task: whatever went wrong is counted and logged here.
             self.failed_deliveries += 1
-            log.error(
-                "budget alert webhook failed: %s: %s", type(error).__name__, error,
-                extra={"tenant": alert["tenant"]},
-            )  # fmt: skip
+            log.error("budget alert webhook failed: %s", _described(error, self._url),
+                      extra={"tenant": alert["tenant"]})  # fmt: skip
             return
         self.delivered += 1
 

@@ -467,8 +467,8 @@ def build_service(
     clock = parts.clock
     classifier = parts.classifier or build_classifier(settings, embedder)
     index = build_vector_index(settings, embedder.dimension)
-    storage = build_storage(settings, index, clock, open_events(settings, parts, acquired),
-                            telemetry)  # fmt: skip
+    events_sink = open_events(settings, parts, acquired, telemetry)
+    storage = build_storage(settings, index, clock, events_sink, telemetry)
     alerts = build_budget_alerts(settings, storage.events, telemetry)
     # Closed after the storage: a Redis storage's stop flushes the spend settled while Redis
     # was down, and a soft budget that flush crosses is posted to the webhook too. Nothing
@@ -520,13 +520,17 @@ def build_service(
     )  # fmt: skip
 
 
-def open_events(settings: Settings, parts: Overrides, acquired: Acquired) -> EventSink | None:
+def open_events(
+    settings: Settings, parts: Overrides, acquired: Acquired, telemetry: Telemetry
+) -> EventSink | None:
     """The sink given in code, else events.path's JSONL file (opened here, so that a later
     failure of the build closes it), else None: build_storage picks the backend's own."""
     if parts.events is not None or settings.events.path is None:
         return parts.events
     event_log = JsonlEventLog(settings.events.path)
     acquired.add("the event log", event_log.close)
+    # The events a full disk (or a read-only file system) dropped: without it only a log line.
+    telemetry.watch_count("events_dropped", lambda: event_log.dropped)
     return event_log
 
 
@@ -534,8 +538,12 @@ def build_budget_alerts(
     settings: Settings, events: EventSink, telemetry: Telemetry
 ) -> BudgetAlerts:
     budgets = settings.budgets
+    url = budgets.alert_webhook_url
     return BudgetAlerts(
-        events, telemetry, budgets.alert_webhook_url, budgets.webhook_timeout_seconds
+        events,
+        telemetry,
+        url.get_secret_value() if url is not None else None,
+        budgets.webhook_timeout_seconds,
     )
 
 

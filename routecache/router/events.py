@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections import deque
@@ -10,6 +11,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class InMemoryEventLog:
@@ -23,22 +26,63 @@ class InMemoryEventLog:
 
 
 class JsonlEventLog:
-    """Appends one JSON object a line; the file survives restarts and feeds offline jobs."""
+    """Appends one JSON object a line; the file survives restarts and feeds offline jobs.
+
+    An event that cannot be written (a full disk, a read-only file system, a quota) is dropped
+    and counted in `dropped` (the events_dropped metric), never raised: the request it tells of
+    was answered, paid for and cached, and a raise here turned it into an INTERNAL error."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._path = path
         # Events hold prompts: a new log is readable by the service's user only (an existing
         # one keeps the mode its operator gave it).
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._file = os.fdopen(descriptor, "a", encoding="utf-8")
-        if _ends_mid_line(path):  # a crash tore the last line: the next event starts its own
-            self._file.write("\n")
-            self._file.flush()
+        # Unbuffered: a failed write leaves nothing in a buffer to go out with a later event.
+        self._file = os.fdopen(descriptor, "ab", buffering=0)
+        self.dropped = 0
+        self._failing = False  # an outage is logged at its first failure and at its end
+        # A crash (or a write the disk cut short) tore the last line: the next event starts
+        # its own, else it was lost with the torn one.
+        self._torn = _ends_mid_line(path)
 
     def emit(self, kind: str, payload: Mapping[str, Any]) -> None:
         record = {"kind": kind, "ts": time.time(), **payload}
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
+        try:
+            # A value JSON has no form for (a datetime, an enum) goes as its text, as on the
+            # Redis stream.
+            line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
+        except (TypeError, ValueError, RecursionError) as exc:  # a tuple key, a cycle
+            self.dropped += 1
+            log.error("an event %r could not be encoded as JSON and was dropped: %s", kind, exc)
+            return
+        data = ("\n" + line if self._torn else line).encode("utf-8")
+        try:
+            self._write(data)
+        except OSError as exc:
+            self._torn = True  # part of the line may be in the file
+            self._dropped_one(exc)
+            return
+        self._torn = False
+        if self._failing:
+            self._failing = False
+            log.warning("event log %s written again (%d events dropped so far)",
+                        self._path, self.dropped)  # fmt: skip
+
+    def _write(self, data: bytes) -> None:
+        """All of `data`, however many writes it takes (one the disk cuts short returns
+        less, and the next raises)."""
+        view = memoryview(data)
+        while view:
+            view = view[self._file.write(view) :]
+
+    def _dropped_one(self, error: OSError) -> None:
+        self.dropped += 1
+        if not self._failing:
+            self._failing = True
+            log.error("event log %s cannot be written (%s): events are dropped and counted "
+                      "in routecache_events_dropped_total until a write works",
+                      self._path, error)  # fmt: skip
 
     def close(self) -> None:
         self._file.close()

@@ -54,9 +54,13 @@ class PrometheusTelemetry:
         self._requests = Counter(
             "routecache_requests", "Requests by tenant and path", ["tenant", "path"], registry=r
         )
+        # `call`: complete (Complete and its stream, the calls routecache_requests_total
+        # counts) or admin (Feedback, Invalidate, GetStats): an error ratio over requests
+        # takes call="complete" alone, else a failing admin call raised it.
         self._errors = Counter(
-            "routecache_errors", "Failed calls by reason", ["tenant", "reason"], registry=r
-        )
+            "routecache_errors", "Failed calls by reason", ["tenant", "reason", "call"],
+            registry=r,
+        )  # fmt: skip
         self._in_flight = Gauge("routecache_in_flight_requests", "Requests being handled",
                                 registry=r)  # fmt: skip
         self._escalations = Counter(
@@ -130,12 +134,12 @@ class PrometheusTelemetry:
                        failed_validators: tuple[str, ...] = ()) -> None:  # fmt: skip
         self._latency.labels(RequestPath.ERROR.value).observe(seconds)
         self._requests.labels(tenant, RequestPath.ERROR.value).inc()
-        self._errors.labels(tenant, reason).inc()
+        self._errors.labels(tenant, reason, "complete").inc()
         for name in failed_validators:
             self._validator_failures.labels(name).inc()
 
     def admin_call_failed(self, tenant: str, reason: str) -> None:
-        self._errors.labels(tenant, reason).inc()
+        self._errors.labels(tenant, reason, "admin").inc()
 
     def upstream_call(self, model: str, seconds: float, error: str | None) -> None:
         self._upstream_latency.labels(model).observe(seconds)

@@ -516,8 +516,9 @@ class KeySettings(_Section):
 
 
 class BudgetSettings(_Section):
-    alert_webhook_url: str | None = Field(
-        None, pattern=r"^https?://", description="POSTed a JSON body when a soft budget is crossed"
+    # A secret: a webhook (Slack's, say) carries its token in the URL.
+    alert_webhook_url: SecretStr | None = Field(
+        None, description="http(s) URL POSTed a JSON body when a soft budget is crossed"
     )
     webhook_timeout_seconds: float = Field(2.0, gt=0)
     reservation_ttl_seconds: float = Field(
@@ -530,19 +531,23 @@ class BudgetSettings(_Section):
 
     @field_validator("alert_webhook_url")
     @classmethod
-    def _webhook_url(cls, url: str | None) -> str | None:
+    def _webhook_url(cls, secret: SecretStr | None) -> SecretStr | None:
         # Checked now, not at the first alert: httpx raises on a port past 65535 or a missing
-        # host inside the delivery task, where the alert is lost long after the start.
-        if url is None:
-            return url
+        # host inside the delivery task, where the alert is lost long after the start. The
+        # messages never quote the URL: its path may hold the webhook's token.
+        if secret is None:
+            return secret
+        url = secret.get_secret_value()
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("the URL does not start with http:// or https://")
         parts = urlsplit(url)
         try:
             _ = parts.port  # reading it raises ValueError past 65535
         except ValueError:
-            raise ValueError(f"the port of {url!r} is not one of 0-65535") from None
+            raise ValueError("the URL's port is not one of 0-65535") from None
         if not parts.hostname or any(c.isspace() for c in url):
-            raise ValueError(f"{url!r} names no host, or holds a space")
-        return url
+            raise ValueError("the URL names no host, or holds a space")
+        return secret
 
 
 class TenantSettings(_OperatingTargets):

@@ -59,7 +59,8 @@ WATCHED_COUNTS = {
     "because Redis was down or refused",
     "cache_bypassed": "Cache lookups and stores skipped because the entry store was unavailable",
     "events_dropped": "Events dropped from the full buffer while the event stream was unwritable, "
-    "and those of a batch that failed on something other than Redis",
+    "those of a batch that failed on something other than Redis, and those the JSONL event log "
+    "could not write (a full disk)",
     "budget_webhook_failures": "Budget alerts the webhook did not take (an error status, a "
     "timeout, no answer); each is in the event log",
 }

@@ -112,12 +112,14 @@ async def test_a_request_that_does_not_parse_is_invalid_argument_not_unknown(
 
 
 def errors_total(metrics: str, tenant: str, reason: str) -> float:
-    """The routecache_errors_total sample of `tenant` and `reason` in a /metrics text (0: none)."""
+    """The routecache_errors_total sample of a failed admin call of `tenant` and `reason` in a
+    /metrics text (0: none)."""
     for line in metrics.splitlines():
         if (
             line.startswith("routecache_errors_total{")
             and f'tenant="{tenant}"' in line
             and (f'reason="{reason}"' in line)
+            and 'call="admin"' in line
         ):
             return float(line.rsplit(" ", 1)[1])
     return 0.0

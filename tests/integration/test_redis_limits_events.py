@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -515,3 +516,24 @@ async def test_reading_events_redis_refuses_raises_refused_and_leaves_the_link_u
         assert link.up and link.refusals == 1
     finally:
         await link.aclose()
+
+
+async def test_events_still_buffered_at_stop_are_counted_dropped_and_logged_per_tenant(
+    own_redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: with Redis down the stop skipped the last flush and the buffered events ended
+    # with the process, in no log line and no count.
+    replica = await start_replica(replica_settings(own_redis_server.url), real_clock())
+    events = replica.service.events
+    assert isinstance(events, RedisStreamEventSink)
+    await replica.service.pipeline.complete(ask("asked while redis is up"), ACME)
+    own_redis_server.kill()
+    for n in range(3):
+        await replica.service.pipeline.complete(ask(f"asked while redis is down {n}"), ACME)
+    held = events.buffered
+    assert held >= 3
+    with caplog.at_level(logging.WARNING, logger="routecache.backends"):
+        await replica.service.aclose()
+    assert (events.buffered, events.dropped) == (0, held)
+    lost = [r.getMessage() for r in caplog.records if "never reached redis" in r.getMessage()]
+    assert lost == [f"{held} events never reached redis and end with this process: acme {held}"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import math
 import time
 from collections import OrderedDict
@@ -1502,6 +1503,29 @@ async def test_a_webhook_post_that_raises_something_unforeseen_is_counted_and_lo
     assert (alerts.delivered, alerts.failed_deliveries) == (0, 1)
     assert "budget alert webhook failed" in caplog.text
     await alerts.aclose()
+
+
+async def test_a_failed_webhook_is_logged_without_its_secret_path(
+    webhook: tuple[str, Hook], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: the ERROR held str(HTTPStatusError), the whole URL with the token a Slack-style
+    # webhook carries in its path. Now the status for an answer, else the error's type and
+    # the URL's scheme and host.
+    url, hook = webhook
+    hook.status = 404
+    secret = "/services/T0SECRET/B0SECRET/xoxTOKENabc123"
+    caplog.set_level(logging.INFO, logger="httpx")  # its request line (routecache -v)
+    alerts, _ = alerts_to(url + secret, timeout=0.5)
+    alerts.check("t", Budget(soft_daily_usd=1.0), {Period.DAY: (0.0, 1.0)})
+    await alerts.drain()
+    assert "budget alert webhook failed: HTTP 404" in caplog.text
+    alerts._url = "http://127.0.0.1:1" + secret  # nothing listens on port 1: a ConnectError
+    alerts.check("t", Budget(soft_daily_usd=1.0), {Period.DAY: (0.0, 1.0)})
+    await alerts.aclose()
+    assert "ConnectError (http://127.0.0.1:1)" in caplog.text
+    assert alerts.failed_deliveries == 2
+    assert "HTTP Request: POST http://127.0.0.1:" in caplog.text  # kept, without its path
+    assert "SECRET" not in caplog.text and "TOKEN" not in caplog.text
 
 
 @pytest.mark.parametrize("posted_before", [True, False], ids=["client-open", "no-client-yet"])

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from routecache.router.metrics import PrometheusTelemetry
+from routecache.router.pipeline import _SERVER_SIDE
 from routecache.router.settings import load_settings
 from routecache.router.telemetry import WATCHED_COUNTS
 
@@ -97,6 +98,18 @@ def test_failed_budget_webhooks_raise_a_warning() -> None:
     # A webhook that stopped taking alerts silences the budget alerts sent through it.
     rules = [r for r in _alert_rules() if "routecache_budget_webhook_failures_total" in r["expr"]]
     assert [rule["labels"]["severity"] for rule in rules] == ["warning"]
+
+
+def test_the_error_rate_alert_counts_every_server_side_failure_of_complete_calls_only() -> None:
+    # Before: reason=~"unavailable|failed_validation" never fired when every request ended
+    # INTERNAL, and the numerator held failed admin calls the denominator (Complete's
+    # requests) leaves out.
+    rule = next(r for r in _alert_rules() if r["alert"] == "RouteCacheHighErrorRate")
+    found = re.search(r"routecache_errors_total\{([^}]*)\}", rule["expr"])
+    assert found is not None
+    matchers = dict(re.findall(r'(\w+)=~?"([^"]*)"', found.group(1)))
+    assert matchers.get("call") == "complete"
+    assert [r for r in sorted(_SERVER_SIDE) if not re.fullmatch(matchers["reason"], r)] == []
 
 
 def test_every_alert_rule_has_a_row_in_the_operations_page() -> None:

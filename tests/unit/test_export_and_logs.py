@@ -25,6 +25,7 @@ from routecache.analysis.export import (
     write_jsonl,
     write_parquet,
 )
+from routecache.router.bootstrap import Overrides, open_events
 from routecache.router.events import InMemoryEventLog, JsonlEventLog, SkippedLines
 from routecache.router.logs import (
     REQUEST_ID,
@@ -33,10 +34,13 @@ from routecache.router.logs import (
     configure_logging,
     new_request_id,
 )
+from routecache.router.metrics import PrometheusTelemetry
+from routecache.router.releasing import Acquired
 from routecache.router.servicer import RouteCacheServicer
 from routecache.router.settings import ConfigError, load_settings
 from routecache.v1 import routecache_pb2 as pb
-from tests.unit.conftest import KEYS, make_harness
+from tests.unit.conftest import KEYS, make_harness, unit_settings
+from tests.unit.test_telemetry import ask as _ask
 
 if TYPE_CHECKING:
     from grpc import Status
@@ -694,3 +698,100 @@ def test_export_of_a_file_with_a_tenant_is_one_line_and_exit_2(
     err = capsys.readouterr().err
     assert err.startswith("routecache: --tenant ") and err.count("\n") == 1
     assert not (tmp_path / "e.parquet").exists()
+
+
+def test_an_event_log_that_cannot_be_written_drops_and_counts_its_events_and_logs_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Before: emit raised the OSError of a full disk (/dev/full: every write fails with
+    # ENOSPC) into the pipeline, and every request, cache hits included, ended INTERNAL
+    # although answered, paid and cached.
+    log = JsonlEventLog(Path("/dev/full"))
+    try:
+        with caplog.at_level(logging.ERROR, logger="routecache.router.events"):
+            for _ in range(3):
+                log.emit("completion", {"response_id": "r1"})
+        assert log.dropped == 3
+        failures = [r for r in caplog.records if "cannot be written" in r.getMessage()]
+        assert len(failures) == 1  # once per outage, not per event
+    finally:
+        log.close()
+
+
+class _FailsOnce:
+    """A log file whose first write lands half its bytes and then fails with ENOSPC."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("ab", buffering=0)
+        self._failed = False
+
+    def write(self, data: bytes) -> int:
+        if not self._failed:
+            self._failed = True
+            self._file.write(data[: len(data) // 2])
+            raise _full_disk()
+        return self._file.write(data)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def test_the_event_after_a_failed_write_starts_its_own_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A write the disk cut short leaves half a line: the next event appended to it was lost
+    # with it. It is dropped and counted, the next event is read, and the recovery logged.
+    source = tmp_path / "events.jsonl"
+    log = JsonlEventLog(source)
+    log._file = _FailsOnce(source)  # type: ignore[assignment]
+    with caplog.at_level(logging.INFO, logger="routecache.router.events"):
+        log.emit("completion", {"response_id": "lost"})
+        log.emit("completion", {"response_id": "after"})
+    log.close()
+    assert log.dropped == 1
+    assert [e.get("response_id") for e in read_events(source)] == ["after"]
+    assert any("written again" in r.getMessage() for r in caplog.records)
+
+
+def test_an_event_json_cannot_encode_is_dropped_and_counted_not_raised(tmp_path: Path) -> None:
+    # Like the Redis stream's sink: a value JSON has no form for goes as its text, and one it
+    # cannot encode even so (a dict with a tuple key) is dropped and counted.
+    source = tmp_path / "events.jsonl"
+    log = JsonlEventLog(source)
+    log.emit("completion", {"when": time, "odd": {(1, 2): "tuple key"}})
+    log.emit("completion", {"response_id": "r1", "module": time})
+    log.close()
+    assert log.dropped == 1
+    assert [e.get("module") for e in read_events(source)] == [str(time)]
+
+
+async def test_requests_are_answered_while_the_event_log_cannot_be_written() -> None:
+    # The reviewer's repro: with the log on a full disk both requests (a miss, then an exact
+    # hit) ended INTERNAL; the metrics counted them as errors.
+    harness = make_harness()
+    pipeline = harness.service.pipeline
+    log = JsonlEventLog(Path("/dev/full"))
+    pipeline._p.events = log
+    try:
+        first = await pipeline.complete(_ask("what is a cache"), KEYS["acme"])
+        second = await pipeline.complete(_ask("what is a cache"), KEYS["acme"])
+    finally:
+        await harness.service.aclose()
+        log.close()
+    assert (first.cache.outcome, second.cache.outcome) == ("miss", "exact")
+    assert len(harness.cheap.calls) == 1
+    assert log.dropped >= 2
+
+
+def test_the_jsonl_event_logs_drops_are_a_metric(tmp_path: Path) -> None:
+    # events_dropped was watched only for the Redis stream: the JSONL log's drops showed in
+    # no metric.
+    settings = unit_settings(service={"events": {"path": "/dev/full"}})
+    telemetry = PrometheusTelemetry()
+    acquired = Acquired()
+    events = open_events(settings, Overrides(telemetry=telemetry), acquired, telemetry)
+    assert events is not None
+    events.emit("completion", {})
+    assert telemetry.registry.get_sample_value("routecache_events_dropped_total") == 1
+    assert isinstance(events, JsonlEventLog)
+    events.close()

@@ -350,13 +350,15 @@ async def test_failed_feedback_invalidate_and_stats_calls_each_write_an_error_ev
 async def test_a_failed_feedback_call_is_an_error_but_no_request_in_the_metrics() -> None:
     # Failed Feedback/Invalidate/GetStats calls count in routecache_errors_total; counted in
     # routecache_requests_total too (path error), they lowered Complete's hit-rate ratios,
-    # whose denominator holds no successful admin call.
+    # whose denominator holds no successful admin call. Labelled call="admin": the error-rate
+    # alert divides Complete's failures (call="complete") by Complete's requests.
     prometheus = PrometheusTelemetry()
     harness = make_harness(telemetry=prometheus)
     with pytest.raises(NotFound):
         await harness.service.pipeline.admin.feedback(Feedback("no-such-response", True), ACME)
     sample = prometheus.registry.get_sample_value
-    assert sample("routecache_errors_total", {"tenant": "acme", "reason": "not_found"}) == 1
+    admin = {"tenant": "acme", "reason": "not_found", "call": "admin"}
+    assert sample("routecache_errors_total", admin) == 1
     assert sample("routecache_requests_total", {"tenant": "acme", "path": "error"}) is None
     await harness.service.aclose()
 

@@ -781,6 +781,21 @@ def test_values_at_their_bounds_are_accepted() -> None:
     assert (settings.server.port, settings.cache.embed_max_wait_ms) == (65535, 50)
 
 
+def test_the_webhook_url_is_a_secret_kept_out_of_reprs_and_errors() -> None:
+    # A Slack-style webhook URL carries its token in the path: like the Redis URL it is a
+    # SecretStr, and a refused one is not echoed in the start-up error.
+    url = "https://hooks.example/services/T0/B0/xoxTOKEN"
+    settings = load_settings(None, budgets={"alert_webhook_url": url})
+    assert settings.budgets.alert_webhook_url is not None
+    assert settings.budgets.alert_webhook_url.get_secret_value() == url
+    assert "xoxTOKEN" not in repr(settings.budgets)
+    for bad in ("https://hooks.example:99999/xoxTOKEN", "https://hooks example/xoxTOKEN",
+                "ftp://hooks.example/xoxTOKEN"):  # fmt: skip
+        with pytest.raises(ConfigError, match=r"budgets\.alert_webhook_url") as refused:
+            load_settings(None, budgets={"alert_webhook_url": bad})
+        assert "xoxTOKEN" not in str(refused.value)
+
+
 def test_the_answer_limit_must_fit_the_servers_message_size() -> None:
     # An answer the limit lets through (4 UTF-8 bytes a character at worst, and the rest of the
     # response) must fit server.max_message_bytes, or it is paid for and never delivered.
