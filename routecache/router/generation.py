@@ -263,12 +263,18 @@ class Generator:
         self, answered: Answered, request: ChatRequest, validators: Sequence[Configured],
         retried: bool,
     ) -> tuple[str, list[Configured], list[ValidatorResult]]:  # fmt: skip
-        """As `_verdict`, the answer limit first: past it, blocked unread by the validators."""
-        limit = self._answer_limit
-        over = replace(_check(limit, answered.reply.text, request), model=answered.reply.model)
+        """As `_verdict`, the answer limit first: past it, blocked unread by the validators;
+        and a redacted text again (a placeholder, or JSON written out in escapes, is longer)."""
+        limit, model = self._answer_limit, answered.reply.model
+        over = replace(_check(limit, answered.reply.text, request), model=model)
         if not over.passed:
             return answered.reply.text, [limit], [over]
-        return _verdict(answered, request, validators, retried)
+        text, failing, results = _verdict(answered, request, validators, retried)
+        if text is not answered.reply.text:
+            grown = replace(_check(limit, text, request), model=model)
+            if not grown.passed:
+                return text, [*failing, limit], [*results, grown]
+        return text, failing, results
 
     def _stream_verdict(
         self, text: str, model: str, request: ChatRequest, validators: Sequence[Configured],

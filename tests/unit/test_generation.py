@@ -535,3 +535,19 @@ async def test_a_stream_past_what_a_response_carries_stops_there_and_is_refused(
         ("answer_limit", "blocked")
     ]
     assert caught.value.calls == 1 and caught.value.cost_usd > 0
+
+
+async def test_an_answer_that_redaction_grows_past_the_answer_limit_is_blocked() -> None:
+    # Before: the limit was checked on the answer as it came, and the redacted text (each
+    # 6-character address now a 16-character placeholder) was served and cached past it.
+    limit = 1000
+    answer = "a@b.cd " * (limit // 7)
+    assert len(answer) <= limit
+    [pii] = build_validators(
+        [ValidatorSpec(kind="pii", name="pii", on_fail="redact", pii=["email"])], LimitSettings()
+    )
+    gen = generator([says(answer)], says("strong"), pii, deliverable_chars=limit)
+    with pytest.raises(FailedValidation) as caught:
+        await gen.generate(REQUEST, Tier.CHEAP)
+    failed = [(r.name, r.action) for r in caught.value.report.results if not r.passed]
+    assert ("answer_limit", "blocked") in failed
