@@ -110,12 +110,12 @@ FINAL_GRACE_SECONDS = 1.0
 class RunningServer:
     def __init__(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer,
                  port: int, grace_seconds: float,
-                 servicer: RouteCacheServicer | None = None) -> None:  # fmt: skip
+                 servicer: RouteCacheServicer) -> None:  # fmt: skip
         self.server = server
         self.health = health_servicer
         self.port = port
         self._grace_seconds = grace_seconds
-        self._servicer = servicer or RouteCacheServicer(None)
+        self._servicer = servicer
         self._cut = asyncio.Event()  # set by stop_now: a drain under way ends at once
 
     async def set_serving(self, serving: bool) -> None:
@@ -142,18 +142,19 @@ class RunningServer:
         self._servicer.drain()
         log.info("draining in-flight calls (up to %.1f s)", self._grace_seconds)
         final = min(FINAL_GRACE_SECONDS, self._grace_seconds)
-        idle = await self._drained(self._grace_seconds - final)
-        await self.server.stop(final if idle else None)
+        await self._drained(self._grace_seconds - final)
+        # Calls still running have gRPC's last second too (grace_seconds in all); after
+        # stop_now, none.
+        await self.server.stop(None if self._cut.is_set() else final)
         log.info("routecache stopped")
 
-    async def _drained(self, seconds: float) -> bool:
-        """Whether the calls in flight ended within `seconds` (False too after stop_now)."""
+    async def _drained(self, seconds: float) -> None:
+        """Returns once the calls in flight ended, `seconds` passed, or stop_now was called."""
         idle = asyncio.ensure_future(self._servicer.wait_idle(seconds))
         cut = asyncio.ensure_future(self._cut.wait())
-        done, _ = await asyncio.wait((idle, cut), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((idle, cut), return_when=asyncio.FIRST_COMPLETED)
         for task in (idle, cut):
             task.cancel()
-        return idle in done and idle.result()
 
     async def stop_now(self) -> None:
         """Cancel the calls still in flight: a drain that stop() is waiting out ends at once."""

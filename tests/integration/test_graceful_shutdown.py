@@ -60,8 +60,10 @@ def test_sigterm_drains_accepted_requests_and_exits_zero() -> None:
 
 
 @contextlib.asynccontextmanager
-async def serving(cheap: FakeUpstream) -> AsyncIterator[tuple[Service, str]]:
-    settings = unit_settings(service={"server": {"port": 0, "grace_seconds": GRACE_SECONDS}})
+async def serving(
+    cheap: FakeUpstream, grace_seconds: float = GRACE_SECONDS
+) -> AsyncIterator[tuple[Service, str]]:
+    settings = unit_settings(service={"server": {"port": 0, "grace_seconds": grace_seconds}})
     service = await start_service(settings, Overrides(
         embedder=HashEmbedder(),
         classifier=FixedScoreClassifier(0.2, version="v", default_threshold=0.5),
@@ -109,6 +111,26 @@ async def test_health_is_answered_and_new_calls_refused_while_calls_in_flight_dr
     assert answered.text
     assert late.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "draining" in (late.value.details() or "")
+
+
+async def test_a_call_still_running_at_the_drains_end_gets_its_last_second() -> None:
+    # Before: a call still running when the drain (grace less the last second) ended was
+    # cancelled at once, so with grace_seconds = 1 every call in flight was cut at SIGTERM.
+    gate = asyncio.Event()
+    async with serving(FakeUpstream("cheap-model", gate=gate), grace_seconds=1.0) as (
+        service, target,
+    ):  # fmt: skip
+        assert service.server is not None
+        async with RouteCacheClient(target, KEYS["acme"], timeout_seconds=30) as client:
+            in_flight = asyncio.create_task(client.complete(chat_request("a slow one")))
+            while service.pipeline.in_flight.count == 0:  # noqa: ASYNC110  # no event to await
+                await asyncio.sleep(0.01)
+            stopping = asyncio.create_task(service.server.stop())
+            await asyncio.sleep(0.2)  # the drain window (0 s) is over: gRPC's last second runs
+            gate.set()
+            answered = await in_flight
+            await stopping
+    assert answered.text
 
 
 async def test_an_open_health_watch_does_not_hold_the_stop() -> None:
