@@ -9,7 +9,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -106,6 +106,18 @@ class Pipeline:
     def costs(self) -> CostControl:
         return self._costs
 
+    @contextlib.contextmanager
+    def _counted(self) -> Iterator[None]:
+        """A Complete or CompleteStream call: in the in-flight gauge, and in what a shutdown
+        waits for, until it ends."""
+        self._p.telemetry.request_started()
+        self.in_flight.enter()
+        try:
+            yield
+        finally:
+            self._p.telemetry.request_ended()
+            self.in_flight.leave()
+
     async def complete(
         self, request: ChatRequest, api_key: str | None, seconds_left: float | None = None
     ) -> Completion:
@@ -113,21 +125,17 @@ class Pipeline:
         started = time.perf_counter()
         deadline = self._p.generator.deadline(seconds_left)  # from now, not after the cache
         telemetry = self._p.telemetry
-        telemetry.request_started()
-        self.in_flight.enter()
         tenant_name = ""
-        try:
-            tenant = await self._p.authenticator.resolve(api_key)
-            tenant_name = tenant.name
-            completion = await self._complete(tenant, request, started, deadline)
-        # CancelledError is no Exception: a caller gone or a deadline passed is recorded too
-        # (as "cancelled"), or the latency histogram would leave out the slowest requests.
-        except (Exception, asyncio.CancelledError) as error:  # a bug: INTERNAL, recorded too
-            self._record_failure(tenant_name, request, error, started)
-            raise
-        finally:
-            telemetry.request_ended()
-            self.in_flight.leave()
+        with self._counted():
+            try:
+                tenant = await self._p.authenticator.resolve(api_key)
+                tenant_name = tenant.name
+                completion = await self._complete(tenant, request, started, deadline)
+            # CancelledError is no Exception: a caller gone or a deadline passed is recorded too
+            # (as "cancelled"), or the latency histogram would leave out the slowest requests.
+            except (Exception, asyncio.CancelledError) as error:  # a bug: INTERNAL, recorded too
+                self._record_failure(tenant_name, request, error, started)
+                raise
         failed = failed_validator_labels(completion.validation, request)
         telemetry.request_completed(
             tenant.name, completion, completion.latency.total_ms / 1000, failed
@@ -201,38 +209,34 @@ class Pipeline:
         started = time.perf_counter()
         deadline = self._p.generator.deadline(seconds_left)
         telemetry = self._p.telemetry
-        telemetry.request_started()
-        self.in_flight.enter()
         tenant_name, finished = "", False
-        try:
-            tenant = await self._p.authenticator.resolve(api_key)
-            tenant_name = tenant.name
-            # aclosing: a stream closed part-way closes the generators inside it now, so that
-            # what it was sent is paid for (settle_partial) before aclose() returns.
-            inner = self._complete_stream(tenant, request, started, deadline)
-            async with contextlib.aclosing(inner) as events:
-                async for event in events:
-                    if isinstance(event, Completion):
-                        finished = True
-                        seconds = event.latency.total_ms / 1000
-                        failed = failed_validator_labels(event.validation, request)
-                        telemetry.request_completed(tenant.name, event, seconds, failed)
-                    yield event
-        # Closed part-way (aclose(): GeneratorExit, at a yield, so it was admitted): the caller
-        # left, as a cancelled one did; closed after its Completion, it was served.
-        except GeneratorExit as error:
-            if not finished:
-                self._fail(tenant, error)
+        with self._counted():
+            try:
+                tenant = await self._p.authenticator.resolve(api_key)
+                tenant_name = tenant.name
+                # aclosing: a stream closed part-way closes the generators inside it now, so that
+                # what it was sent is paid for (settle_partial) before aclose() returns.
+                inner = self._complete_stream(tenant, request, started, deadline)
+                async with contextlib.aclosing(inner) as events:
+                    async for event in events:
+                        if isinstance(event, Completion):
+                            finished = True
+                            seconds = event.latency.total_ms / 1000
+                            failed = failed_validator_labels(event.validation, request)
+                            telemetry.request_completed(tenant.name, event, seconds, failed)
+                        yield event
+            # Closed part-way (aclose(): GeneratorExit, at a yield, so it was admitted): the caller
+            # left, as a cancelled one did; closed after its Completion, it was served.
+            except GeneratorExit as error:
+                if not finished:
+                    self._fail(tenant, error)
+                    self._record_failure(tenant_name, request, error, started)
+                raise
+            # CancelledError is no Exception: a caller gone or a deadline passed is recorded too
+            # (as "cancelled"), or the latency histogram would leave out the slowest requests.
+            except (Exception, asyncio.CancelledError) as error:  # a bug: INTERNAL, recorded too
                 self._record_failure(tenant_name, request, error, started)
-            raise
-        # CancelledError is no Exception: a caller gone or a deadline passed is recorded too
-        # (as "cancelled"), or the latency histogram would leave out the slowest requests.
-        except (Exception, asyncio.CancelledError) as error:  # a bug: INTERNAL, recorded too
-            self._record_failure(tenant_name, request, error, started)
-            raise
-        finally:
-            telemetry.request_ended()
-            self.in_flight.leave()
+                raise
 
     async def _complete_stream(
         self, tenant: Tenant, request: ChatRequest, started: float, deadline: float
