@@ -105,14 +105,6 @@ class MixedColumnError(ValueError):
     another)."""
 
 
-def export_events(
-    source: Path, out: Path, since: float | None = None, skipped: SkippedLines | None = None
-) -> int:
-    """Write the events of `source` (at or after `since`) to `out` as parquet; returns the count.
-    Lines passed over are counted in `skipped`."""
-    return write_parquet(list(read_events(source, since, skipped)), out, f"event log {source}")
-
-
 def write_jsonl(events: Iterable[dict[str, Any]], out: Path) -> int:
     """The events as `events.path` holds them (one JSON object a line), for `retrain --events`;
     returns the count. A new file is readable by its owner only: events hold prompts.

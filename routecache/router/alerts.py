@@ -41,21 +41,22 @@ def _crossed(soft: float, before: float, after: float) -> bool:
     return before < soft <= after
 
 
-# The webhook URLs in use: httpx's own INFO line for each request (shown with `routecache -v`)
-# quotes the whole URL, and the filter below shows theirs as scheme://host.
-_WEBHOOK_URLS: set[str] = set()
-
-
 class _HidesWebhookPaths(logging.Filter):
+    """httpx's own INFO line for each request (shown with `routecache -v`) quotes the whole
+    URL: this shows one webhook's URL as scheme://host. Each BudgetAlerts owns one, on
+    httpx's logger from __init__ to aclose, so no secret URL outlives its service."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        # As given, and as httpx writes it (a lower-case host, escapes) in its line.
+        self._urls = {url}
+        with contextlib.suppress(httpx.InvalidURL):
+            self._urls.add(str(httpx.URL(url)))
+
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple) and any(str(a) in _WEBHOOK_URLS for a in record.args):
-            record.args = tuple(
-                _origin(str(a)) if str(a) in _WEBHOOK_URLS else a for a in record.args
-            )
+        if isinstance(record.args, tuple) and any(str(a) in self._urls for a in record.args):
+            record.args = tuple(_origin(str(a)) if str(a) in self._urls else a for a in record.args)
         return True
-
-
-logging.getLogger("httpx").addFilter(_HidesWebhookPaths())
 
 
 def _origin(url: str) -> str:
@@ -83,11 +84,10 @@ class BudgetAlerts:
         self._events = events
         self._telemetry = telemetry
         self._url = webhook_url
+        self._hides_path: _HidesWebhookPaths | None = None
         if webhook_url is not None:
-            # As given, and as httpx writes it (a lower-case host, escapes) in its line.
-            _WEBHOOK_URLS.add(webhook_url)
-            with contextlib.suppress(httpx.InvalidURL):
-                _WEBHOOK_URLS.add(str(httpx.URL(webhook_url)))
+            self._hides_path = _HidesWebhookPaths(webhook_url)
+            logging.getLogger("httpx").addFilter(self._hides_path)
         self._timeout = webhook_timeout_seconds
         self._client: httpx.AsyncClient | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
@@ -147,3 +147,5 @@ class BudgetAlerts:
         await self.drain()
         if self._client is not None:
             await self._client.aclose()
+        if self._hides_path is not None:  # after the last post and its log line
+            logging.getLogger("httpx").removeFilter(self._hides_path)

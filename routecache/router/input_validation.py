@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import re
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 from routecache.domain import ChatRequest, Feedback, ResponseFormatType, Role
@@ -20,14 +21,20 @@ MAX_SCHEMA_SUBSCHEMAS = 1000
 _SCHEMA_FIELD = "params.response_format.json_schema"
 DIALECT = "https://json-schema.org/draft/2020-12/schema"  # the only one request schemas use
 
+# Why a response_format JSON Schema (its text) is refused, or None if it is admitted.
+SchemaCheck = Callable[[str], str | None]
 
-def validate_request(request: ChatRequest, limits: LimitSettings, tenant: str = "") -> None:
-    """Raises InvalidArgument naming the field. `tenant` keys the cache of schema verdicts."""
+
+def validate_request(
+    request: ChatRequest, limits: LimitSettings, schema_check: SchemaCheck | None = None
+) -> None:
+    """Raises InvalidArgument naming the field. `schema_check`: the caller's (cached) check of
+    a response_format JSON Schema, such as SchemaVerdicts.for_tenant; None checks it afresh."""
     if request.problems:  # found while translating; refused here, after the API key
         field, problem = request.problems[0]
         raise InvalidArgument(field, problem)
     _check_messages(request, limits)
-    _check_params(request, limits, tenant)
+    _check_params(request, limits, schema_check or _schema_problem)
     _check_cache_control(request, limits)
     _check_text("end_user_id", request.end_user_id, limits.max_end_user_id_chars)
     _check_validators(request, limits)
@@ -81,7 +88,7 @@ def _check_messages(request: ChatRequest, limits: LimitSettings) -> None:
         )
 
 
-def _check_params(request: ChatRequest, limits: LimitSettings, tenant: str) -> None:
+def _check_params(request: ChatRequest, limits: LimitSettings, schema_check: SchemaCheck) -> None:
     params = request.params
     hottest = limits.max_temperature
     if params.temperature is not None and not (
@@ -94,17 +101,11 @@ def _check_params(request: ChatRequest, limits: LimitSettings, tenant: str) -> N
         raise InvalidArgument("params.max_tokens", f"must be 1 to {limits.max_output_tokens}")
     response_format = params.response_format
     if response_format.type is ResponseFormatType.JSON_SCHEMA:
-        _check_text(
-            "params.response_format.json_schema", response_format.json_schema,
-            limits.max_schema_chars,
-        )  # fmt: skip
-        if problem := _SCHEMA_VERDICTS.problem(tenant, response_format.json_schema):
+        _check_text(_SCHEMA_FIELD, response_format.json_schema, limits.max_schema_chars)
+        if problem := schema_check(response_format.json_schema):
             raise InvalidArgument(_SCHEMA_FIELD, problem)
     elif response_format.json_schema:
-        raise InvalidArgument(
-            "params.response_format.json_schema",
-            "only allowed with RESPONSE_FORMAT_TYPE_JSON_SCHEMA",
-        )
+        raise InvalidArgument(_SCHEMA_FIELD, "only allowed with RESPONSE_FORMAT_TYPE_JSON_SCHEMA")
 
 
 def _schema_problem(schema_text: str) -> str | None:
@@ -150,12 +151,13 @@ def _subschemas(schema: object) -> int:
     return sum(isinstance(value, dict | bool) for value in _values(schema))
 
 
-class _SchemaVerdicts:
+class SchemaVerdicts:
     """The outcome of _schema_problem per (tenant, schema text), the latest `size` kept.
 
     Tenants send the same few schemas again and again; the meta-schema check is the costly
     part of admission. Per tenant, so how fast a schema is admitted says nothing about what
-    other tenants sent (docs/security.md, Timing)."""
+    other tenants sent (docs/security.md, Timing). Owned by a Pipeline, not the module: its
+    memory goes with the service, and services in one process share nothing."""
 
     def __init__(self, size: int = 256) -> None:
         self._size = size
@@ -171,8 +173,9 @@ class _SchemaVerdicts:
             self._verdicts.popitem(last=False)
         return verdict
 
-
-_SCHEMA_VERDICTS = _SchemaVerdicts()
+    def for_tenant(self, tenant: str) -> SchemaCheck:
+        """The check validate_request runs for `tenant`'s requests, cached under its name."""
+        return partial(self.problem, tenant)
 
 
 def _check_cache_control(request: ChatRequest, limits: LimitSettings) -> None:

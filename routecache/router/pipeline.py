@@ -41,7 +41,7 @@ from routecache.router.auth import ApiKeyAuthenticator
 from routecache.router.costs import Booking, CostControl
 from routecache.router.generation import Generated, Generator, Tally
 from routecache.router.in_flight import InFlight
-from routecache.router.input_validation import validate_request
+from routecache.router.input_validation import SchemaVerdicts, validate_request
 from routecache.router.logs import REQUEST_ID
 from routecache.router.ports import EventSink, SpendLedger
 from routecache.router.quotas import InMemoryQuotaLimiter
@@ -95,6 +95,7 @@ class Pipeline:
         # Feedback, invalidation and stats: what a tenant does with the answers it was given.
         self.admin = TenantAdmin(parts, self._stats, self._responses, self._record_failure)
         self._unscored_logged = False  # a classifier's non-finite score is logged once
+        self._schema_verdicts = SchemaVerdicts()  # admission's cached JSON Schema checks
         # Complete and CompleteStream calls running: a shutdown waits for their cleanup.
         self.in_flight = InFlight()
 
@@ -329,7 +330,7 @@ class Pipeline:
         yield done
 
     async def _admit(self, tenant: Tenant, request: ChatRequest) -> None:
-        validate_request(request, self._p.limits, tenant.name)
+        validate_request(request, self._p.limits, self._schema_verdicts.for_tenant(tenant.name))
         self._p.generator.validators_for(tenant.name, request)  # a bad one: INVALID_ARGUMENT now
         # Before any lookup: a tier the tenant may not use is refused whether or not cached.
         if request.force_tier is not None and request.force_tier not in tenant.allowed_tiers:

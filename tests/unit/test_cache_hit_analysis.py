@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from routecache.analysis import cache_hits as ch
-from routecache.analysis.export import events_frame, export_events
+from routecache.analysis.export import events_frame, read_events, write_parquet
 
 T0 = 1_700_000_000.0
 
@@ -215,7 +215,7 @@ def test_load_events_reads_the_log_or_its_parquet_export(tmp_path: Path, exporte
     log.write_text("".join(json.dumps(event) + "\n" for event in EVENTS))
     path = tmp_path / "events.parquet" if exported else log
     if exported:
-        export_events(log, path)
+        write_parquet(list(read_events(log)), path, str(log))  # export-events' parquet
     frame = ch.load_events(path)
     assert frame["kind"].tolist() == [event["kind"] for event in EVENTS]
     assert ch.routing_vs_quality(frame).loc["strong", "cost_usd"] == pytest.approx(0.2)

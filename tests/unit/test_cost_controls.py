@@ -1528,6 +1528,22 @@ async def test_a_failed_webhook_is_logged_without_its_secret_path(
     assert "SECRET" not in caplog.text and "TOKEN" not in caplog.text
 
 
+async def test_the_webhook_path_filter_lives_as_long_as_its_alerts() -> None:
+    # Before: a module-level filter on httpx's logger and a process-wide set of URLs that
+    # every BudgetAlerts added its secret URL to and nothing removed. Now each one's own
+    # filter, holding its URL, is on httpx's logger from __init__ until aclose.
+    httpx_log = logging.getLogger("httpx")
+    before = list(httpx_log.filters)
+    without_url, _ = alerts_to()
+    assert httpx_log.filters == before  # nothing to hide
+    alerts, _ = alerts_to("https://hooks.example/services/T0SECRET")
+    added = [f for f in httpx_log.filters if f not in before]
+    assert len(added) == 1
+    await alerts.aclose()
+    await without_url.aclose()
+    assert httpx_log.filters == before
+
+
 @pytest.mark.parametrize("posted_before", [True, False], ids=["client-open", "no-client-yet"])
 async def test_an_alert_raised_after_aclose_is_logged_as_not_delivered(
     webhook: tuple[str, Hook], caplog: pytest.LogCaptureFixture, posted_before: bool

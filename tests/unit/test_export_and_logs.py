@@ -19,7 +19,6 @@ import pytest
 
 from routecache.analysis.export import (
     events_frame,
-    export_events,
     parse_since,
     read_events,
     write_jsonl,
@@ -73,6 +72,12 @@ def test_since_rejects_nonsense_with_the_accepted_forms(text: str) -> None:
         parse_since(text, now=NOW)
 
 
+def export_log(source: Path, out: Path, since: float | None = None) -> int:
+    """What `routecache export-events --format parquet` does with a JSONL log: its events at or
+    after `since` as one parquet table in `out`; returns the count."""
+    return write_parquet(list(read_events(source, since)), out, f"event log {source}")
+
+
 def write_log(path: Path) -> None:
     log = JsonlEventLog(path)
     log.emit("completion", {"response_id": "r1", "path": "cheap", "latency": {"embed_ms": 3.0},
@@ -86,14 +91,14 @@ def test_export_writes_one_flat_row_per_event_and_filters_by_time(tmp_path: Path
     write_log(source)
     with source.open("a") as torn:
         torn.write('{"kind": "completion", "ts": ')  # a crash mid-line
-    assert export_events(source, out) == 2
+    assert export_log(source, out) == 2
     frame = pd.read_parquet(out)
     assert list(frame["kind"]) == ["completion", "feedback"]
     assert frame.loc[0, "latency_embed_ms"] == 3.0
     assert frame.loc[0, "failed_validators"] == "[]"
     assert str(frame["time"].dtype).startswith("datetime64")
     future = max(e["ts"] for e in read_events(source)) + 1
-    assert export_events(source, out, since=future) == 0
+    assert export_log(source, out, since=future) == 0
 
 
 @pytest.mark.parametrize("since", [None, 0.0])
@@ -108,7 +113,7 @@ def test_a_hand_edited_line_whose_ts_is_no_number_is_skipped(
     with source.open("a") as edited:
         edited.write(f'{{"kind": "feedback", "response_id": "r1", "ts": {ts}}}\n')
     assert [e["kind"] for e in read_events(source, since)] == ["completion", "feedback"]
-    assert export_events(source, out, since) == 2
+    assert export_log(source, out, since) == 2
 
 
 def test_json_log_lines_carry_the_request_id_and_extra_fields() -> None:
@@ -442,7 +447,7 @@ def test_events_without_a_ts_are_exported_at_time_zero(
     log = tmp_path / "events.jsonl"
     log.write_text("".join(f"{line}\n" for line in lines))
     out = tmp_path / "e.parquet"
-    assert export_events(log, out) == len(lines)
+    assert export_log(log, out) == len(lines)
     frame = pd.read_parquet(out)
     assert list(zip(frame["kind"], frame["ts"], strict=True)) == expected
     assert frame["time"].notna().all()
@@ -539,7 +544,7 @@ def test_export_orders_events_by_time(tmp_path: Path) -> None:
     source.write_text(
         '{"kind": "b", "ts": 2.0}\n{"kind": "a", "ts": 1.0}\n{"kind": "c", "ts": 3.0}\n'
     )
-    export_events(source, out)
+    export_log(source, out)
     assert pd.read_parquet(out)["kind"].tolist() == ["a", "b", "c"]
 
 
@@ -576,7 +581,7 @@ def test_a_line_torn_inside_a_character_is_skipped_like_any_torn_line(tmp_path: 
     restarted.close()
 
     assert [e.get("response_id") for e in read_events(source)] == ["r1", "r1", "after-restart"]
-    assert export_events(source, out) == 3
+    assert export_log(source, out) == 3
 
 
 def test_each_event_is_in_the_file_as_soon_as_it_is_emitted(tmp_path: Path) -> None:

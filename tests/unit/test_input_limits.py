@@ -24,6 +24,7 @@ from routecache.domain import (
 from routecache.errors import InvalidArgument
 from routecache.router.input_validation import (
     MAX_SCHEMA_SUBSCHEMAS,
+    SchemaVerdicts,
     validate_feedback,
     validate_invalidation,
     validate_request,
@@ -32,7 +33,7 @@ from routecache.router.input_validation import (
 from routecache.router.settings import ConfigError, LimitSettings, load_settings
 from routecache.router.tenant_admin import InvalidateTarget
 from routecache.router.validators import JsonSchemaValidator, RegexValidator
-from tests.unit.conftest import KEYS, Harness
+from tests.unit.conftest import KEYS, Harness, make_harness
 
 LIMITS = LimitSettings(
     max_messages=3,
@@ -398,10 +399,8 @@ def test_a_schema_at_the_subschema_limit_is_admitted() -> None:
     )
 
 
-def test_a_schemas_check_is_cached_per_tenant(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The meta-schema check is the costly part of admission; tenants send the same few
-    # schemas again and again. Per tenant: how fast a schema is admitted must not tell one
-    # tenant that another sent it.
+def count_schema_checks(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Every schema jsonschema's meta-schema check is run on, in order."""
     from jsonschema import Draft202012Validator
 
     checked: list[dict[str, Any]] = []
@@ -412,15 +411,42 @@ def test_a_schemas_check_is_cached_per_tenant(monkeypatch: pytest.MonkeyPatch) -
         real(schema)
 
     monkeypatch.setattr(Draft202012Validator, "check_schema", counting)
+    return checked
+
+
+def test_a_schemas_check_is_cached_per_tenant(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The meta-schema check is the costly part of admission; tenants send the same few
+    # schemas again and again. Per tenant: how fast a schema is admitted must not tell one
+    # tenant that another sent it.
+    checked = count_schema_checks(monkeypatch)
+    verdicts = SchemaVerdicts()
     good = {"type": "object", "description": f"cache test {uuid.uuid4()}"}
     bad = {"type": 5, "description": f"cache test {uuid.uuid4()}"}
     for _ in range(3):
-        validate_request(schema_request(good), LimitSettings(), tenant="acme")
+        validate_request(schema_request(good), LimitSettings(), verdicts.for_tenant("acme"))
         with pytest.raises(InvalidArgument, match="not a valid JSON Schema"):
-            validate_request(schema_request(bad), LimitSettings(), tenant="acme")
+            validate_request(schema_request(bad), LimitSettings(), verdicts.for_tenant("acme"))
     assert len(checked) == 2  # one check each, then the cached verdict
-    validate_request(schema_request(good), LimitSettings(), tenant="globex")
+    validate_request(schema_request(good), LimitSettings(), verdicts.for_tenant("globex"))
     assert len(checked) == 3
+
+
+async def test_each_pipeline_keeps_its_own_schema_verdicts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No process-wide cache: a pipeline's verdicts live and die with it, and what one
+    # pipeline was sent says nothing to another one in the same process.
+    checked = count_schema_checks(monkeypatch)
+    bad = schema_request({"type": 5, "description": f"pipelines {uuid.uuid4()}"})
+    for _ in range(2):
+        built = make_harness()
+        try:
+            for _ in range(2):
+                with pytest.raises(InvalidArgument, match="not a valid JSON Schema"):
+                    await built.service.pipeline.complete(bad, KEYS["acme"])
+        finally:
+            await built.service.aclose()
+    assert len(checked) == 2  # once per pipeline, then that pipeline's cached verdict
 
 
 @pytest.mark.parametrize(
