@@ -1867,6 +1867,9 @@ class BuggyEvents:
     async def flush(self) -> None:
         raise TypeError("a bug in the flush")
 
+    def report_unflushed(self) -> int:
+        return 0
+
 
 async def test_a_last_event_flush_that_fails_on_a_bug_does_not_keep_the_stop_from_closing(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
