@@ -8,6 +8,11 @@ from routecache.domain import ValidationReport
 class RouteCacheError(Exception):
     """Base of every error the service reports to a caller."""
 
+    # The checks the request's calls made before it failed this way: a cheap answer that failed
+    # a validator and was escalated before the strong call failed (None: no answer was checked).
+    # FailedValidation has its own `report`.
+    checks: ValidationReport | None = None
+
 
 class InvalidArgument(RouteCacheError):
     def __init__(self, field: str, problem: str) -> None:

@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Seque
 from dataclasses import dataclass, field, replace
 
 from routecache.domain import ChatRequest, Tier, ValidationReport, ValidatorResult
-from routecache.errors import FailedValidation
+from routecache.errors import FailedValidation, RouteCacheError
 from routecache.router.redaction import redact_answer
 from routecache.router.releasing import ReleaseStep, release_all
 from routecache.router.settings import LimitSettings
@@ -174,9 +174,14 @@ class Generator:
         current, retried = tier, False
         while True:
             started = time.perf_counter()
-            answered = await self._failover.complete(
-                request, current, deadline, strong_fallback=not cheap_only, allowed=allowed
-            )
+            try:
+                answered = await self._failover.complete(
+                    request, current, deadline, strong_fallback=not cheap_only, allowed=allowed
+                )
+            except RouteCacheError as error:  # the checks already made are the request's too
+                if tally.results:
+                    error.checks = ValidationReport(tuple(tally.results), tally.escalated, False)
+                raise
             tally.add(answered, (time.perf_counter() - started) * 1000)
             started = time.perf_counter()
             text, failing, results = self._verdict(answered, request, validators, retried)

@@ -174,7 +174,7 @@ class Pipeline:
             reason = error_reason(error)
         else:
             reason = "internal"
-        report = error.report if isinstance(error, FailedValidation) else None
+        report = _checks_of(error)
         failed = () if report is None else tuple(r.name for r in report.results if not r.passed)
         labels = () if report is None else failed_validator_labels(report, request)
         if admin:
@@ -449,19 +449,25 @@ class Pipeline:
         `scored`: (difficulty, classifier version) of the routing, reported as a model's
         answer's is: a model swapped in during the failed calls did not route it."""
         if request.cache.no_cache:
-            raise Unavailable(f"{error}; no_cache is set, so no cached answer was tried") from error
+            raise _with_checks(
+                Unavailable(f"{error}; no_cache is set, so no cached answer was tried"), error
+            ) from error
         with _stage(latency, "search_ms"):
             hit = await self._p.cache.lookup_stale(
                 keys.scope, request.prompt, vector, _hit_requirement(tenant), request.force_tier,
                 key=keys.exact,
             )  # fmt: skip
         if hit is None:
-            raise Unavailable(f"{error}; no cached answer to fall back on") from error
+            none = Unavailable(f"{error}; no cached answer to fall back on")
+            raise _with_checks(none, error) from error
         served = self._from_cache(tenant, hit, latency)
         difficulty, version = scored
+        # The failed calls' checks (a cheap answer escalated before the strong call failed) are
+        # this request's, reported with the stale answer, which passed its own when stored.
+        checks = served.validation if error.checks is None else replace(error.checks, passed=True)
         return replace(
             served, cache=replace(served.cache, stale=True), upstream_failures=(str(error),),
-            classifier_version=version, difficulty=difficulty,
+            classifier_version=version, difficulty=difficulty, validation=checks,
         )  # fmt: skip
 
     def _route(
@@ -620,6 +626,18 @@ class Pipeline:
     def _fail(self, tenant: Tenant, error: BaseException) -> None:
         # The error event itself is emitted once, by _record_failure, for every failure.
         self._stats.record_failure(tenant.name, validation=isinstance(error, FailedValidation))
+
+
+def _checks_of(error: BaseException) -> ValidationReport | None:
+    """The checks the request's calls made before `error` (None: no answer was checked)."""
+    if isinstance(error, FailedValidation):
+        return error.report
+    return error.checks if isinstance(error, RouteCacheError) else None
+
+
+def _with_checks(error: Unavailable, cause: Unavailable) -> Unavailable:
+    error.checks = cause.checks
+    return error
 
 
 def _report_payload(report: ValidationReport) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from redis.exceptions import ResponseError
 
 from routecache.backends.storage import RedisStorage
 from routecache.domain import (
+    CacheControl,
     ChatRequest,
     GenerationParams,
     Message,
@@ -383,3 +384,45 @@ def test_budget_alerts_the_webhook_did_not_take_are_in_the_metrics() -> None:
     assert sample(prometheus.registry, "routecache_budget_webhook_failures_total") == 0
     costs.alerts.failed_deliveries += 2
     assert sample(prometheus.registry, "routecache_budget_webhook_failures_total") == 2
+
+
+async def test_a_cheap_answers_failed_check_is_reported_when_its_escalation_fails() -> None:
+    # The check failed (and escalated) whether or not the strong call then answered: the metric
+    # counts it (operations.md: "escalated or final") and the error event names it.
+    prometheus = PrometheusTelemetry()
+    harness = make_harness(score=0.2, telemetry=prometheus)  # cheap first: prose, not json
+    harness.strong.fail_with = UpstreamError("strong down", retryable=False)
+    with pytest.raises(Unavailable):
+        await harness.service.pipeline.complete(ask("give me json", json_mode=True), ACME)
+    registry = prometheus.registry
+    assert sample(registry, "routecache_validator_failures_total", validator="json_schema") == 1
+    [event] = [e for e in harness.events.events if e["kind"] == "error"]
+    assert event["failed_validators"] == ["json_schema"]
+    assert event["validation"]["escalated"] is True
+    assert event["validation"]["passed"] is False
+    [result] = [r for r in event["validation"]["results"] if not r["passed"]]
+    assert (result["name"], result["action"], result["model"]) == (
+        "json_schema", "escalated", "cheap-model",
+    )  # fmt: skip
+    await harness.service.aclose()
+
+
+async def test_a_stale_answer_served_after_a_failed_escalation_carries_its_report() -> None:
+    prometheus = PrometheusTelemetry()
+    harness = make_harness(score=0.2, telemetry=prometheus)
+    pipeline, request = harness.service.pipeline, ask("give me json", json_mode=True)
+    request = replace(request, cache=CacheControl(ttl_seconds=5))
+    await pipeline.complete(request, ACME)  # escalated, answered by strong, stored
+    harness.clock.advance(6)  # expired: only a stale lookup finds it
+    harness.strong.fail_with = UpstreamError("strong down", retryable=False)
+    stale = await pipeline.complete(request, ACME)
+    assert stale.cache.stale
+    assert stale.validation.escalated and stale.validation.passed  # the cached answer passed
+    assert [(r.name, r.action) for r in stale.validation.results if not r.passed] == [
+        ("json_schema", "escalated")
+    ]
+    registry = prometheus.registry
+    assert sample(registry, "routecache_validator_failures_total", validator="json_schema") == 2
+    event = [e for e in harness.events.events if e["kind"] == "completion"][-1]
+    assert event["stale"] and event["escalated"] is True
+    await harness.service.aclose()
