@@ -23,6 +23,7 @@ from routecache.classifier.model import FixedScoreClassifier
 from routecache.client import RouteCacheClient, chat_request
 from routecache.domain import Tier
 from routecache.router.bootstrap import Overrides, Service, start_service
+from routecache.v1 import routecache_pb2 as pb
 from tests.fakes import FakeUpstream
 from tests.unit.conftest import KEYS, unit_settings
 
@@ -76,6 +77,16 @@ async def serving(
         await service.aclose()
 
 
+async def call_in_flight(
+    service: Service, client: RouteCacheClient
+) -> asyncio.Task[pb.CompleteResponse]:
+    """A Complete sent and inside the pipeline (held there by the upstream's gate)."""
+    in_flight = asyncio.create_task(client.complete(chat_request("a slow one")))
+    while service.pipeline.in_flight.count == 0:  # noqa: ASYNC110  # no event to await
+        await asyncio.sleep(0.01)
+    return in_flight
+
+
 async def health_of(target: str, name: str) -> str:
     """The status a new connection's health Check gets, or the error it ends with."""
     async with grpc.aio.insecure_channel(target) as channel:
@@ -95,9 +106,7 @@ async def test_health_is_answered_and_new_calls_refused_while_calls_in_flight_dr
     async with serving(FakeUpstream("cheap-model", gate=gate)) as (service, target):
         assert service.server is not None
         async with RouteCacheClient(target, KEYS["acme"], timeout_seconds=30) as client:
-            in_flight = asyncio.create_task(client.complete(chat_request("a slow one")))
-            while service.pipeline.in_flight.count == 0:  # noqa: ASYNC110  # no event to await
-                await asyncio.sleep(0.01)
+            in_flight = await call_in_flight(service, client)
             stopping = asyncio.create_task(service.server.stop())
             await asyncio.sleep(0.3)
             assert await health_of(target, "routecache.embedder") == "SERVING"
@@ -122,9 +131,7 @@ async def test_a_call_still_running_at_the_drains_end_gets_its_last_second() -> 
     ):  # fmt: skip
         assert service.server is not None
         async with RouteCacheClient(target, KEYS["acme"], timeout_seconds=30) as client:
-            in_flight = asyncio.create_task(client.complete(chat_request("a slow one")))
-            while service.pipeline.in_flight.count == 0:  # noqa: ASYNC110  # no event to await
-                await asyncio.sleep(0.01)
+            in_flight = await call_in_flight(service, client)
             stopping = asyncio.create_task(service.server.stop())
             await asyncio.sleep(0.2)  # the drain window (0 s) is over: gRPC's last second runs
             gate.set()
