@@ -23,7 +23,7 @@ from routecache.cache.ports import (
 from routecache.cache.scope import exact_key
 from routecache.domain import CacheOutcome, Tier
 from routecache.errors import Unavailable
-from routecache.outliving import log_if_lost
+from routecache.outliving import Outliving
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class SemanticCache:
         # answers again (a lookup never waits for them, least of all another tenant's).
         self._owed: dict[str, dict[str, None]] = {}
         self._settler: asyncio.Task[None] | None = None
-        self._puts: set[asyncio.Task[CacheEntry | None]] = set()  # see store()
+        self._puts = Outliving(log, "the cache put")  # see store()
 
     @property
     def index(self) -> VectorIndex:
@@ -285,15 +285,7 @@ class SemanticCache:
         # meanwhile (deadline, disconnect) ends its wait, not the put and its index add, or the
         # entry would be in the store but never in this replica's index (replica sync skips
         # its own adds). `aclose` waits for the puts still running.
-        put = asyncio.create_task(self._put_and_index(entry))
-        self._puts.add(put)
-        put.add_done_callback(self._puts.discard)
-        try:
-            return await asyncio.shield(put)
-        except asyncio.CancelledError:
-            # No caller is left to see how it ends.
-            put.add_done_callback(log_if_lost(log, "the cache put"))
-            raise
+        return await self._puts.run(self._put_and_index(entry))
 
     async def _put_and_index(self, entry: CacheEntry) -> CacheEntry | None:
         try:
@@ -364,10 +356,8 @@ class SemanticCache:
 
     async def aclose(self) -> None:
         """Waits for the puts of callers gone (before the store closes: they were sent), then
-        stops making owed removals (they are in memory: a restart drops them anyway). wait(),
-        not gather(): a cancelled stop must not cancel the puts the shield protects."""
-        if self._puts:
-            await asyncio.wait(set(self._puts))
+        stops making owed removals (they are in memory: a restart drops them anyway)."""
+        await self._puts.wait()
         if self._settler is not None:
             self._settler.cancel()
             with contextlib.suppress(asyncio.CancelledError):

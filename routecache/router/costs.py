@@ -8,15 +8,13 @@ fallback, no escalation) while the cheap worst case still fits.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
 
 from routecache.domain import Budget, ChatRequest, OverCapPolicy, Tenant, Tier
 from routecache.errors import FailedValidation, ResourceExhausted
-from routecache.outliving import log_if_lost
+from routecache.outliving import Outliving
 from routecache.router.alerts import BudgetAlerts
 from routecache.router.budget import (
     Cap,
@@ -93,7 +91,9 @@ class CostControl:
         self._max_output_tokens = max_output_tokens
         self._clock = clock
         self._telemetry = telemetry
-        self._writes: set[asyncio.Task[object]] = set()
+        # Spend writes run to their end: the call was paid for, so a caller gone meanwhile
+        # ends its wait, not the write (the spend still counts, the reservation goes).
+        self._writes = Outliving(log, "the spend write")
         # Each tenant's budget as of its latest spend: spend settled while Redis was down is
         # judged against these soft budgets when the flush adds it there (spend_flushed).
         self._budgets: dict[str, Budget] = {}
@@ -247,7 +247,7 @@ class CostControl:
     ) -> None:  # fmt: skip
         """`strong_calls`: of the record's calls, those a strong-tier provider answered."""
         write = self._write(tenant, request, reservation, record, tier, strong_calls)
-        await self._outliving_caller(write)
+        await self._writes.run(write)
 
     async def _write(
         self, tenant: Tenant, request: ChatRequest, reservation: Reservation | None,
@@ -278,13 +278,13 @@ class CostControl:
         does: a caller gone meanwhile would leave it holding the cap until its TTL, and
         finish_writes must see it before the ledger closes."""
         if booking.reservation is not None:
-            await self._outliving_caller(self.ledger.release(booking.reservation))
+            await self._writes.run(self.ledger.release(booking.reservation))
 
     async def record_saving(self, tenant: Tenant, request: ChatRequest, saved_usd: float) -> None:
         """A cache hit: what the cached answer cost once and did not cost again."""
         user = user_slot(request.end_user_id)
         record = SpendRecord(tenant.name, user, saved_usd=saved_usd)
-        await self._outliving_caller(self.ledger.settle(None, record))
+        await self._writes.run(self.ledger.settle(None, record))
 
     def _routing_saving(self, generated: Generated, booking: Booking) -> float:
         """What a cheap answer saved against the strong model. Booked cheap-only (a tenant
@@ -295,26 +295,10 @@ class CostControl:
         full = strong.pricing.cost(generated.prompt_tokens, generated.completion_tokens)
         return max(0.0, full - generated.cost_usd)
 
-    async def _outliving_caller(self, write: Coroutine[Any, Any, object]) -> None:
-        """Runs a spend write to its end. The call was paid for, so a caller gone meanwhile
-        (deadline, disconnect) ends its wait, not the write: the spend still counts and the
-        reservation goes. `aclose` waits for the writes still running."""
-        task = asyncio.create_task(write)
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            # No caller is left to see how it ends.
-            task.add_done_callback(log_if_lost(log, "the spend write"))
-            raise
-
     async def finish_writes(self) -> None:
         """Waits for the spend writes of callers gone: before the ledger closes (its last
-        flush must see them). wait(), not gather(): a cancelled stop must not cancel the
-        writes the shield protects."""
-        if self._writes:
-            await asyncio.wait(set(self._writes))
+        flush must see them)."""
+        await self._writes.wait()
 
     async def aclose(self) -> None:
         """The writes, then the alerts. The service closes the two apart, around its storage:
