@@ -22,6 +22,7 @@ from redis.exceptions import DataError
 from routecache.backends.keys import KeySpace
 from routecache.backends.link import RedisDown, RedisLink, guarded
 from routecache.backends.rounds import Rounds
+from routecache.router.events import NOT_ENCODABLE, event_json
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +149,8 @@ class RedisStreamEventSink:
         failed: list[str] = []
         for event in batch:
             try:
-                # A value JSON has no form for (a datetime, an enum) goes as its text.
-                data = json.dumps(event, ensure_ascii=False, default=str)
-            except (TypeError, ValueError, RecursionError) as exc:
+                data = event_json(event)
+            except NOT_ENCODABLE as exc:
                 failed.append(f"{event.get('kind')}: {exc}")
                 continue
             stream = self._keys.of(_tenant_of(event)).events

@@ -49,10 +49,8 @@ class JsonlEventLog:
     def emit(self, kind: str, payload: Mapping[str, Any]) -> None:
         record = {"kind": kind, "ts": time.time(), **payload}
         try:
-            # A value JSON has no form for (a datetime, an enum) goes as its text, as on the
-            # Redis stream.
-            line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
-        except (TypeError, ValueError, RecursionError) as exc:  # a tuple key, a cycle
+            line = event_json(record) + "\n"
+        except NOT_ENCODABLE as exc:
             self.dropped += 1
             log.error("an event %r could not be encoded as JSON and was dropped: %s", kind, exc)
             return
@@ -100,6 +98,16 @@ def _ends_mid_line(path: Path) -> bool:
             return log.read(1) != b"\n"
     except OSError:  # a log the service may append to but not read: nothing to repair
         return False
+
+
+# What event_json raises for an event JSON has no form for even so (a tuple key, a cycle).
+NOT_ENCODABLE = (TypeError, ValueError, RecursionError)
+
+
+def event_json(event: Mapping[str, Any]) -> str:
+    """An event as every sink writes it (the JSONL log's line, the Redis stream's `data`): a
+    value JSON has no form for (a datetime, an enum) goes as its text."""
+    return json.dumps(event, ensure_ascii=False, default=str)
 
 
 @dataclass
