@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -82,8 +83,7 @@ _REPEATS = (_parser.MAX_REPEAT, _parser.MIN_REPEAT, _parser.POSSESSIVE_REPEAT)
 
 def check_pattern_size(pattern: str) -> None:
     """Raises ValueError for a caller's pattern too costly to compile (re.error if not a regex)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # "[[": check_python_syntax refuses it
+    with _no_nested_set_warning():
         size = _unrolled(_parser.parse(pattern))
     if size > MAX_PATTERN_SIZE:
         raise ValueError(
@@ -347,14 +347,22 @@ _SPACE_OR_COMMENT = re.compile(r"\s+|#[^\n]*")
 def check_python_syntax(pattern: str) -> None:
     """Raises re.error for a pattern that is not Python's syntax, or that the `regex` module
     matching it would read otherwise (the same pattern must mean one thing)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # "[[": refused below if it differs
+    with _no_nested_set_warning():
         re.compile(pattern)  # Python's syntax and error messages, as documented
     if found := _POSIX_CLASS.search(pattern):
         _refuse("a POSIX class", found.group(1), pattern, found.start(1))
     if (at := _fuzzy_constraint_at(pattern)) is not None:
         closing = pattern.find("}", at)
         _refuse("a fuzzy match", pattern[at : closing + 1 if closing >= 0 else None], pattern, at)
+
+
+@contextlib.contextmanager
+def _no_nested_set_warning() -> Iterator[None]:
+    """Without Python's FutureWarning for "[[" (a possible nested set): check_python_syntax
+    refuses the POSIX class it is, so the warning would only reach the log."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
 
 
 def _refuse(what: str, text: str, pattern: str, at: int) -> NoReturn:
