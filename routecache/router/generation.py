@@ -244,11 +244,9 @@ class Generator:
         completion_tokens = estimate_tokens(text)
         cost = opened.provider.pricing.cost(prompt_tokens, completion_tokens)
         started = time.perf_counter()
-        checked, results = self._stream_verdict(text, model, request, validators, over_limit)
+        failing, results = self._stream_verdict(text, model, request, validators, over_limit)
         validate_ms = (time.perf_counter() - started) * 1000
-        failing = {v.name: v.on_fail for v, r in zip(checked, results, strict=True)
-                   if not r.passed}  # fmt: skip
-        if _decide([v for v in checked if v.name in failing], True, Tier.STRONG):
+        if _decide(failing, True, Tier.STRONG):
             labelled = _label(results, OnFail.BLOCK)
             report = ValidationReport(tuple(labelled), passed=False)
             failed = "; ".join(f"{r.name}: {r.message}" for r in labelled if not r.passed)
@@ -284,13 +282,13 @@ class Generator:
     def _stream_verdict(
         self, text: str, model: str, request: ChatRequest, validators: Sequence[Configured],
         over_limit: bool,
-    ) -> tuple[Sequence[Configured], list[ValidatorResult]]:  # fmt: skip
-        """The checks a streamed answer was held to, and their results: the answer limit alone
-        when the stream was stopped at it (the validators would judge a cut text)."""
+    ) -> tuple[list[Configured], list[ValidatorResult]]:  # fmt: skip
+        """The checks a streamed answer failed, and every result: the answer limit alone when
+        the stream was stopped at it (the validators would judge a cut text)."""
         if over_limit:
             message = f"more than {self._deliverable} characters: the stream was stopped"
             return [self._answer_limit], [ValidatorResult(ANSWER_LIMIT, False, message, model)]
-        return validators, [replace(_check(v, text, request), model=model) for v in validators]
+        return _judge(text, model, request, validators)
 
     @staticmethod
     def _served(
