@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 
 from routecache.domain import Budget, ChatRequest, OverCapPolicy, Tenant, Tier
@@ -71,6 +72,25 @@ class Booking:
     request: ChatRequest  # max_tokens bounded when a cap needs a worst case
     reservation: Reservation | None = None
     cheap_only: bool = False
+
+
+class RequestSpend:
+    """What one request's own upstream calls cost, served or not. A request that fails after
+    paying (an answer refused by validation, an escalation whose strong call failed, a stream
+    cut short) has no completion event: its error event reports this instead."""
+
+    __slots__ = ("cost_usd",)
+
+    def __init__(self) -> None:
+        self.cost_usd = 0.0
+
+
+# The request's own, per asyncio task (as logs.REQUEST_ID): the settles happen deep in the
+# generation path, and the error they precede cannot carry the amount, because SingleFlight
+# raises one error object to every caller sharing the call while only its maker paid.
+REQUEST_SPEND: ContextVar[RequestSpend | None] = ContextVar(
+    "routecache_request_spend", default=None
+)
 
 
 class CostControl:
@@ -246,6 +266,9 @@ class CostControl:
         record: SpendRecord, tier: Tier, strong_calls: int,
     ) -> None:  # fmt: skip
         """`strong_calls`: of the record's calls, those a strong-tier provider answered."""
+        spend = REQUEST_SPEND.get()
+        if spend is not None:  # now, not in the write: a caller cancelled meanwhile reports it
+            spend.cost_usd += record.cost_usd
         write = self._write(tenant, request, reservation, record, tier, strong_calls)
         await self._writes.run(write)
 

@@ -38,7 +38,7 @@ from routecache.errors import (
 )
 from routecache.router.alerts import BudgetAlerts
 from routecache.router.auth import ApiKeyAuthenticator
-from routecache.router.costs import Booking, CostControl
+from routecache.router.costs import REQUEST_SPEND, Booking, CostControl, RequestSpend
 from routecache.router.generation import Generated, Generator, Tally
 from routecache.router.in_flight import InFlight
 from routecache.router.input_validation import SchemaVerdicts, validate_request
@@ -126,7 +126,8 @@ class Pipeline:
         started = time.perf_counter()
         deadline = self._p.generator.deadline(seconds_left)  # from now, not after the cache
         telemetry = self._p.telemetry
-        tenant_name = ""
+        tenant_name, spend = "", RequestSpend()
+        REQUEST_SPEND.set(spend)
         with self._counted():
             try:
                 tenant = await self._p.authenticator.resolve(api_key)
@@ -135,7 +136,7 @@ class Pipeline:
             # CancelledError is no Exception: a caller gone or a deadline passed is recorded too
             # (as "cancelled"), or the latency histogram would leave out the slowest requests.
             except (Exception, asyncio.CancelledError) as error:  # a bug: INTERNAL, recorded too
-                self._record_failure(tenant_name, request, error, started)
+                self._record_failure(tenant_name, request, error, started, spend=spend)
                 raise
         failed = failed_validator_labels(completion.validation, request)
         telemetry.request_completed(
@@ -164,9 +165,11 @@ class Pipeline:
 
     def _record_failure(
         self, tenant: str, request: ChatRequest, error: BaseException, started: float,
-        admin: bool = False,
+        admin: bool = False, spend: RequestSpend | None = None,
     ) -> None:  # fmt: skip
-        """`admin`: a Feedback, Invalidate or GetStats call's, an error but no request."""
+        """`admin`: a Feedback, Invalidate or GetStats call's, an error but no request.
+        `spend`: what the request's own calls cost before it failed (refused answers, an
+        escalation's first call, a stream cut short), so the event log's spend adds up."""
         seconds = time.perf_counter() - started
         if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
             reason = "cancelled"  # the caller left or its deadline passed: routine
@@ -199,6 +202,7 @@ class Pipeline:
              "prompt_cut": len(prompt) > kept, "path": "error", "admin": admin,
              "error": type(error).__name__, "message": str(error),
              "latency_ms": seconds * 1000, "failed_validators": list(failed),
+             "cost_usd": 0.0 if spend is None else spend.cost_usd,
              "validation": None if report is None else _report_payload(report)},
         )  # fmt: skip
 
@@ -210,7 +214,8 @@ class Pipeline:
         started = time.perf_counter()
         deadline = self._p.generator.deadline(seconds_left)
         telemetry = self._p.telemetry
-        tenant_name, finished = "", False
+        tenant_name, finished, spend = "", False, RequestSpend()
+        REQUEST_SPEND.set(spend)  # in the task iterating the stream: its settles see it
         with self._counted():
             try:
                 tenant = await self._p.authenticator.resolve(api_key)
@@ -231,12 +236,12 @@ class Pipeline:
             except GeneratorExit as error:
                 if not finished:
                     self._fail(tenant, error)
-                    self._record_failure(tenant_name, request, error, started)
+                    self._record_failure(tenant_name, request, error, started, spend=spend)
                 raise
             # CancelledError is no Exception: a caller gone or a deadline passed is recorded too
             # (as "cancelled"), or the latency histogram would leave out the slowest requests.
             except (Exception, asyncio.CancelledError) as error:  # a bug: INTERNAL, recorded too
-                self._record_failure(tenant_name, request, error, started)
+                self._record_failure(tenant_name, request, error, started, spend=spend)
                 raise
 
     async def _complete_stream(

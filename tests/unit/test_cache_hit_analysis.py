@@ -97,6 +97,14 @@ def test_savings_and_hit_rate_over_time() -> None:
     assert hits.sum() == pytest.approx(2)
 
 
+def test_spend_includes_what_failed_requests_paid_and_old_error_events_count_nothing() -> None:
+    refused = {"kind": "error", "ts": T0 + 10, "tenant": "acme", "reason": "failed_validation",
+               "cost_usd": 0.03}  # fmt: skip
+    old = {"kind": "error", "ts": T0 + 11, "tenant": "acme", "reason": "unavailable"}
+    money = ch.savings(events_frame([*EVENTS, refused, old]))
+    assert money["spent_usd"].iloc[-1] == pytest.approx(0.24)
+
+
 @pytest.mark.parametrize(
     "events",
     [[], [EVENTS[-1]]],  # an empty log (or a --since past every event); feedback alone

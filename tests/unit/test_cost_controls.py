@@ -1049,6 +1049,68 @@ async def test_stats_count_the_request_calls_and_cost_of_a_request_that_failed_a
     await harness.service.aclose()
 
 
+@pytest.mark.parametrize(
+    ("case", "validators"),
+    [
+        ("escalation's strong call fails", [{"kind": "json_schema"}]),
+        ("stream cut short", None),
+        ("internal", [broken_plugin("redact", "redact")]),
+    ],
+)
+async def test_the_error_event_of_a_request_that_failed_after_paying_carries_its_cost(
+    case: str, validators: list[dict[str, object]] | None
+) -> None:
+    # Before: error events had no cost, so the event log (and the notebook's "spent", which
+    # sums cost_usd over completion and error events) left out what failed requests paid.
+    harness = make_harness() if validators is None else make_harness(validators=validators)
+    await failed_after_paying(harness, case)
+    [event] = error_events(harness)
+    assert event["cost_usd"] == pytest.approx(await spend_of(harness)) and event["cost_usd"] > 0
+    await harness.service.aclose()
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_the_error_event_of_an_answer_refused_by_validation_carries_its_cost(
+    streamed: bool,
+) -> None:
+    validators = [{"kind": "regex", "must_match": ["^never$"], "on_fail": "block"}]
+    harness = make_harness(validators=validators)
+    with pytest.raises(FailedValidation) as refused:
+        await served(harness, ask("q"), streamed=streamed)
+    [event] = error_events(harness)
+    assert event["cost_usd"] == pytest.approx(refused.value.cost_usd) and event["cost_usd"] > 0
+    await harness.service.aclose()
+
+
+async def test_only_the_maker_of_a_shared_call_reports_its_cost_when_it_is_refused() -> None:
+    # SingleFlight raises one error object to every caller sharing the call: the cost rides
+    # on the request, not the error, or the log would count it once per caller.
+    validators = [{"kind": "regex", "must_match": ["^never$"], "on_fail": "block"}]
+    harness = make_harness(validators=validators)
+    first, second, gate = await two_identical_in_flight(harness)
+    gate.set()
+    for task in (first, second):
+        with pytest.raises(FailedValidation):
+            await task
+    costs = sorted(event["cost_usd"] for event in error_events(harness))
+    assert costs[0] == 0 and costs[1] == pytest.approx(await spend_of(harness)) and costs[1] > 0
+    await harness.service.aclose()
+
+
+async def test_each_request_reports_only_its_own_cost() -> None:
+    # Two requests in one task (a client library's loop): the second, refused before any
+    # call, must not report what the first paid.
+    validators = [{"kind": "regex", "must_match": ["^never$"], "on_fail": "block"}]
+    harness = make_harness(validators=validators)
+    with pytest.raises(FailedValidation):
+        await harness.service.pipeline.complete(ask("q"), ACME)
+    with pytest.raises(Unauthenticated):
+        await harness.service.pipeline.complete(ask("q"), "wrong")
+    refused, unauthenticated = error_events(harness)
+    assert refused["cost_usd"] > 0 and unauthenticated["cost_usd"] == 0
+    await harness.service.aclose()
+
+
 async def test_an_escalation_whose_strong_call_fails_is_counted_as_an_escalation() -> None:
     # The cheap answer failed a validator and went to the strong model (operations.md): an
     # escalation, whether or not the strong model then answers.
