@@ -13,7 +13,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 
-from routecache.domain import Budget, ChatRequest, OverCapPolicy, Tenant, Tier
+from routecache.domain import Budget, ChatRequest, OverCapPolicy, Tenant, Tier, Usage
 from routecache.errors import FailedValidation, ResourceExhausted
 from routecache.outliving import Outliving
 from routecache.router.alerts import BudgetAlerts
@@ -79,10 +79,19 @@ class RequestSpend:
     paying (an answer refused by validation, an escalation whose strong call failed, a stream
     cut short) has no completion event: its error event reports this instead."""
 
-    __slots__ = ("cost_usd",)
+    __slots__ = ("completion_tokens", "cost_usd", "prompt_tokens")
 
     def __init__(self) -> None:
         self.cost_usd = 0.0
+        self.prompt_tokens = self.completion_tokens = 0
+
+    def add(self, record: SpendRecord) -> None:
+        self.cost_usd += record.cost_usd
+        self.prompt_tokens += record.prompt_tokens
+        self.completion_tokens += record.completion_tokens
+
+    def usage(self) -> Usage:
+        return Usage(self.prompt_tokens, self.completion_tokens, self.cost_usd)
 
 
 # The request's own, per asyncio task (as logs.REQUEST_ID): the settles happen deep in the
@@ -268,7 +277,7 @@ class CostControl:
         """`strong_calls`: of the record's calls, those a strong-tier provider answered."""
         spend = REQUEST_SPEND.get()
         if spend is not None:  # now, not in the write: a caller cancelled meanwhile reports it
-            spend.cost_usd += record.cost_usd
+            spend.add(record)
         write = self._write(tenant, request, reservation, record, tier, strong_calls)
         await self._writes.run(write)
 

@@ -470,9 +470,14 @@ class Pipeline:
         # The failed calls' checks (a cheap answer escalated before the strong call failed) are
         # this request's, reported with the stale answer, which passed its own when stored.
         checks = served.validation if error.checks is None else replace(error.checks, passed=True)
+        # Its usage is what the failed calls cost (an escalation's paid cheap call), not a
+        # hit's saving: no call was avoided, every provider was tried, and the spend ledger
+        # records no saving for it (GetStats, the metrics and the event log agree with it).
+        spend = REQUEST_SPEND.get()
+        usage = Usage() if spend is None else spend.usage()
         return replace(
             served, cache=replace(served.cache, stale=True), upstream_failures=(str(error),),
-            classifier_version=version, difficulty=difficulty, validation=checks,
+            classifier_version=version, difficulty=difficulty, validation=checks, usage=usage,
         )  # fmt: skip
 
     def _route(

@@ -437,6 +437,10 @@ async def test_stream_with_all_providers_down_serves_stale() -> None:
     stats = await r.service.pipeline.admin.stats(ACME)
     assert (stats.requests, stats.misses, stats.exact_hits) == (2, 1, 1)
     assert r.events.events[-1]["kind"] == "completion" and r.events.events[-1]["stale"]
+    # Nothing paid (no provider answered), nothing saved (every provider was tried), as the
+    # ledger records it; before, GetStats and the metrics counted a hit's saving.
+    assert (final.usage.cost_usd, final.usage.saved_usd) == (0, 0)
+    assert stats.saved_usd == 0
 
 
 def _stages_ms(latency: LatencyBreakdown) -> float:

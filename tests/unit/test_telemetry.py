@@ -25,6 +25,7 @@ from routecache.domain import (
     Tier,
 )
 from routecache.errors import FailedValidation, Unauthenticated, Unavailable, UpstreamError
+from routecache.router.budget import Period
 from routecache.router.metrics import MetricsServer, PrometheusTelemetry
 from routecache.router.telemetry import (
     BREAKER_CLOSED,
@@ -404,6 +405,26 @@ async def test_a_cheap_answers_failed_check_is_reported_when_its_escalation_fail
     assert (result["name"], result["action"], result["model"]) == (
         "json_schema", "escalated", "cheap-model",
     )  # fmt: skip
+    await harness.service.aclose()
+
+
+async def test_a_stale_answer_served_after_a_paid_escalation_reports_what_it_cost() -> None:
+    # Before: a stale answer reported cost 0 (a cache hit's usage) though the cheap call that
+    # failed validation before the strong call failed was paid for and in the spend ledger.
+    harness = make_harness(score=0.2)
+    pipeline, request = harness.service.pipeline, ask("give me json", json_mode=True)
+    request = replace(request, cache=CacheControl(ttl_seconds=5))
+    await pipeline.complete(request, ACME)
+    before = (await pipeline.costs.ledger.totals("acme"))[Period.DAY].cost_usd
+    harness.clock.advance(6)
+    harness.strong.fail_with = UpstreamError("strong down", retryable=False)
+    stale = await pipeline.complete(request, ACME)
+    paid = (await pipeline.costs.ledger.totals("acme"))[Period.DAY].cost_usd - before
+    assert stale.cache.stale and paid > 0
+    assert stale.usage.cost_usd == pytest.approx(paid) and stale.usage.saved_usd == 0
+    assert stale.usage.prompt_tokens > 0 and stale.usage.completion_tokens > 0
+    event = [e for e in harness.events.events if e["kind"] == "completion"][-1]
+    assert event["cost_usd"] == pytest.approx(paid)
     await harness.service.aclose()
 
 
