@@ -77,7 +77,7 @@ def build_validator(spec: ValidatorSpec, limits: LimitSettings) -> Configured:
     name = spec.name or spec.kind
     validator: Validator
     if spec.kind == "json_schema":
-        validator = JsonSchemaValidator()
+        validator = JsonSchemaValidator(name=name)
     elif spec.kind == "regex":
         validator = _regex_validator(spec, name)
     elif spec.kind == "length":
@@ -87,11 +87,23 @@ def build_validator(spec: ValidatorSpec, limits: LimitSettings) -> Configured:
     elif spec.kind == "refusal":
         validator = RefusalValidator(name)
     else:
-        validator = load_custom(spec.import_path or "", spec.options)
+        validator = _custom_validator(spec)
     on_fail = default_on_fail(spec)
     if on_fail is OnFail.REDACT and not isinstance(validator, Redactor):
         raise ConfigError(f"validator {name}: on_fail=redact, but it has no redact(text)")
     return Configured(validator, on_fail)
+
+
+def _custom_validator(spec: ValidatorSpec) -> Validator:
+    """A plugin names its own results, so a configured name it does not carry is refused: it
+    would be the metric label and the report name of nothing."""
+    validator = load_custom(spec.import_path or "", spec.options)
+    if spec.name is not None and spec.name != validator.name:
+        raise ConfigError(
+            f"validator {spec.name}: a custom validator is named by its plugin "
+            f"({validator.name!r}); leave out name or set it to that"
+        )
+    return validator
 
 
 def _regex_validator(spec: ValidatorSpec, name: str) -> RegexValidator:

@@ -194,11 +194,11 @@ _BoundedValidator.evolve = _stay_bounded
 class JsonSchemaValidator:
     """When the request asks for JSON: the answer must parse, and match the schema if given."""
 
-    name = "json_schema"
-
     def __init__(
-        self, max_compiled: int = 256, budget_seconds: float = SCHEMA_BUDGET_SECONDS
-    ) -> None:
+        self, max_compiled: int = 256, budget_seconds: float = SCHEMA_BUDGET_SECONDS,
+        name: str = "json_schema",
+    ) -> None:  # fmt: skip
+        self.name = name
         # Tenants send the same few schemas again and again: compile each once.
         self._compiled: dict[str, Draft202012Validator] = {}
         self._max_compiled = max_compiled

@@ -356,18 +356,36 @@ def test_tenant_validators_keep_the_names_they_are_given() -> None:
         [ValidatorSpec(kind="regex", name="no_urls", must_not_match=["https?://"]),
          ValidatorSpec(kind="regex", name="no_ids", must_not_match=[r"id\d+"]),
          ValidatorSpec(kind="pii", name="no_mail", pii=["email"]),
-         ValidatorSpec(kind="refusal", name="answers")],
+         ValidatorSpec(kind="refusal", name="answers"),
+         ValidatorSpec(kind="json_schema", name="strict_json")],
         LIMITS,
     )  # fmt: skip
-    names = ["no_urls", "no_ids", "no_mail", "answers"]
+    # Before: a json_schema validator was always named "json_schema", whatever it was given.
+    names = ["no_urls", "no_ids", "no_mail", "answers", "strict_json"]
     assert [c.name for c in built] == names
-    texts = ["see http://x", "see id42", "mail a@b.io", "I cannot help with that."]
+    texts = ["see http://x", "see id42", "mail a@b.io", "I cannot help with that.", "no json"]
     assert [c.validator.check(t, REQUEST).name for c, t in zip(built, texts, strict=True)] == names
 
 
 def test_a_tenant_length_validator_keeps_its_own_maximum() -> None:
     configured = build_validator(ValidatorSpec(kind="length", max_chars=5), LIMITS)
     assert "more than 5" in configured.validator.check("abcdef", REQUEST).message
+
+
+def test_a_custom_validator_named_other_than_its_plugin_is_refused_at_load() -> None:
+    # Before: the configured name was dropped silently; results and metrics used the plugin's.
+    plugin = {"kind": "custom", "import_path": "tests.unit.custom_validator:Banned",
+              "options": {"word": "x"}}  # fmt: skip
+    with pytest.raises(ConfigError, match="named by its plugin"):
+        build_validator(ValidatorSpec(**plugin, name="mine"), LIMITS)
+    named = build_validator(ValidatorSpec(**plugin, name="banned_word"), LIMITS)
+    assert named.name == "banned_word"
+
+
+def test_a_named_request_json_schema_validator_beside_the_tenants_own_is_accepted() -> None:
+    # Before: refused, "the name 'json_schema' is already in use", though named otherwise.
+    (strict,) = build_one(RequestValidator("json_schema", name="strict"), reserved=("json_schema",))
+    assert strict.name == "strict"
 
 
 def test_a_request_validator_may_not_take_the_name_of_one_of_the_tenants() -> None:
