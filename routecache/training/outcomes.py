@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from routecache.router.events import SkippedLines, event_lines
-from routecache.training.data_files import DataFileError
+from routecache.training.data_files import DataFileError, distinct_files
 
 
 @dataclass(frozen=True)
@@ -47,12 +47,7 @@ def read_events(paths: Sequence[Path], skipped: SkippedLines | None = None) -> l
     stopping there refused the whole log for a line that holds no event."""
     skipped = skipped if skipped is not None else SkippedLines()
     events: list[dict[str, Any]] = []
-    read: set[Path] = set()
-    for path in paths:
-        # `--events log.jsonl --events ./log.jsonl` would count every event twice.
-        if (resolved := path.resolve()) in read:
-            continue
-        read.add(resolved)
+    for path in distinct_files(paths):
         events += _checked_events(path, skipped)
     return events
 

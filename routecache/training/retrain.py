@@ -50,7 +50,12 @@ from routecache.cli_args import (
     random_seed,
 )
 from routecache.router.events import SkippedLines
-from routecache.training.data_files import DataFileError, exits_2_on_data_error, writable_folder
+from routecache.training.data_files import (
+    DataFileError,
+    distinct_files,
+    exits_2_on_data_error,
+    writable_folder,
+)
 from routecache.training.outcomes import EventLabel, labels_from_events, read_events
 from routecache.training.routing_data import (
     RoutingRow,
@@ -178,8 +183,8 @@ def promote_unless_moved(registry: ModelRegistry, version: str, in_service: str 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     registry = ModelRegistry(Path(args.registry))
-    data_paths = [Path(p) for p in args.data]
-    event_paths = [Path(p) for p in args.events or []]
+    data_paths = distinct_files([Path(p) for p in args.data])
+    event_paths = distinct_files([Path(p) for p in args.events or []])
     rows = read_routing_rows(data_paths)
     writable_folder(registry.root, "--registry")
     check_readable(registry)
