@@ -377,3 +377,14 @@ def test_torn_event_lines_are_skipped_and_said_in_one_line(
     assert json.loads(captured.out.strip().splitlines()[-1])["n_event_labels"] == 1
     said = [line for line in captured.err.splitlines() if "skipped" in line]
     assert said == [f"routecache: 2 lines of {log} skipped: not a JSON object (torn by a crash?)"]
+
+
+def test_an_event_prompt_with_a_lone_surrogate_is_a_one_line_message_and_exit_2(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: a UnicodeEncodeError traceback from the embedding cache, after the split.
+    grades = tmp_path / "grades.jsonl"
+    grades.write_text('{"kind": "outcome", "prompt": "caf\\ud800 q", "weak_correct": false}\n')
+    assert _retrain(data, tmp_path / "registry", "--events", str(grades)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"routecache: {grades}:1: prompt ") and err.count("\n") == 1
