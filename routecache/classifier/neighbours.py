@@ -9,7 +9,7 @@ product costs ~0.15 ms; the full 384 dimensions ~1 ms and ranked no better in cr
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,14 @@ def label_matrix(cheap_fails: npt.ArrayLike, strong_fails: npt.ArrayLike) -> Flo
     known = ~np.isnan(strong)
     strong[~known] = strong[known].mean() if known.any() else 0.5
     return np.column_stack([cheap, strong, cheap - strong])
+
+
+def _text_groups(texts: Sequence[str] | None) -> npt.NDArray[np.intp] | None:
+    """One id per distinct text (equal ids: exact twins), or None without texts."""
+    if texts is None:
+        return None
+    ids: dict[str, int] = {}
+    return np.array([ids.setdefault(text, len(ids)) for text in texts], dtype=np.intp)
 
 
 def _project(
@@ -108,21 +116,37 @@ class NeighbourBank:
         return rates
 
     def batch_features(
-        self, embeddings: npt.NDArray[np.floating], leave_one_out: bool = False
+        self,
+        embeddings: npt.NDArray[np.floating],
+        leave_one_out: bool = False,
+        texts: Sequence[str] | None = None,
     ) -> FloatArray:
-        """Features of many prompts; leave_one_out for the bank's own prompts (training)."""
+        """Features of many prompts; leave_one_out for the bank's own prompts (training), in
+        bank order. With `texts` (the bank's prompts), a row's exact-text twins are left out
+        with it: the same request listed twice, whose label is its own."""
         projected = self.project(embeddings)
+        if texts is not None and not len(texts) == len(projected) == self.size:
+            raise ValueError(f"{len(texts)} texts for {len(projected)} prompts, bank {self.size}")
+        twins = _text_groups(texts) if leave_one_out else None
         out = []
         for start in range(0, len(projected), _CHUNK):
             similarities = projected[start : start + _CHUNK] @ self._vectors.T
             if leave_one_out:
                 rows = np.arange(similarities.shape[0])
                 similarities[rows, rows + start] = -np.inf
-            out.append(self._rates(similarities))
+            if twins is not None:
+                chunk = twins[start : start + _CHUNK]
+                similarities[chunk[:, np.newaxis] == twins[np.newaxis, :]] = -np.inf
+            # The neighbours every row still has: a left-out one (-inf) must never rank in.
+            left_out = int(np.isinf(similarities).sum(axis=1).max()) if leave_one_out else 0
+            out.append(self._rates(similarities, left_out))
         return np.vstack(out) if out else np.zeros((0, len(neighbour_feature_names())))
 
-    def _rates(self, similarities: npt.NDArray[np.floating]) -> FloatArray:
-        available = self.size - int(np.isinf(similarities[0]).any())
+    def _rates(self, similarities: npt.NDArray[np.floating], left_out: int = 0) -> FloatArray:
+        """Rates among the nearest; `left_out`: the most neighbours any row leaves out."""
+        available = self.size - left_out
+        if available < 1:
+            raise ValueError("leave-one-out needs a labelled prompt of another text")
         kmax = max(1, min(max(KS), available))
         if kmax < similarities.shape[1]:
             top = np.argpartition(-similarities, kmax - 1, axis=1)[:, :kmax]

@@ -129,7 +129,8 @@ def event_lines(path: Path, skipped: SkippedLines) -> Iterator[tuple[int, dict[s
 
     Skipped, and counted in `skipped.torn`: a line that is not JSON (a crash mid-write:
     JsonlEventLog leaves it in place and starts the next event on a line of its own), even one
-    cut inside a character, and a line of JSON that is not an object. Blank lines hold no event.
+    cut inside a character, and a line of JSON that is not an object. Blank lines hold no event;
+    a byte-order mark opening the file is no part of its first.
     Raises UnicodeDecodeError for any other line not UTF-8.
     """
     with path.open("rb") as lines:
@@ -141,6 +142,8 @@ def event_lines(path: Path, skipped: SkippedLines) -> Iterator[tuple[int, dict[s
                     skipped.torn += 1
                     continue
                 raise
+            if number == 1:  # a file saved as "UTF-8 with BOM" (an editor's grades file)
+                line = line.removeprefix("\ufeff")
             if not line.strip():
                 continue
             try:

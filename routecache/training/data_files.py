@@ -6,7 +6,7 @@ import argparse
 import functools
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 
@@ -29,6 +29,19 @@ def exits_2_on_data_error(
             return 2
 
     return run
+
+
+def distinct_files(paths: Sequence[Path]) -> list[Path]:
+    """`paths` less each that names a file already listed (`--data f --data ./f`, a link):
+    read twice, every row or event would count twice, and each training row would have a twin
+    in the neighbour bank."""
+    seen: set[Path] = set()
+    kept: list[Path] = []
+    for path in paths:
+        if (resolved := path.resolve()) not in seen:
+            seen.add(resolved)
+            kept.append(path)
+    return kept
 
 
 def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from routecache.router.events import SkippedLines, event_lines
-from routecache.training.data_files import DataFileError
+from routecache.training.data_files import DataFileError, distinct_files
+from routecache.training.routing_data import check_encodable
 
 
 @dataclass(frozen=True)
@@ -47,12 +48,7 @@ def read_events(paths: Sequence[Path], skipped: SkippedLines | None = None) -> l
     stopping there refused the whole log for a line that holds no event."""
     skipped = skipped if skipped is not None else SkippedLines()
     events: list[dict[str, Any]] = []
-    read: set[Path] = set()
-    for path in paths:
-        # `--events log.jsonl --events ./log.jsonl` would count every event twice.
-        if (resolved := path.resolve()) in read:
-            continue
-        read.add(resolved)
+    for path in distinct_files(paths):
         events += _checked_events(path, skipped)
     return events
 
@@ -75,7 +71,8 @@ def _check_grades(event: dict[str, Any]) -> None:
     """Raises TypeError unless the grades an outcome event gives are true or false (1 or 0;
     strong_correct may be null: unknown) and a graded prompt is text, unless a feedback
     event's thumbs_up is true or false, and unless a completion's prompt is text; ValueError
-    if an outcome event carries a grade in neither documented shape. Graders write these by
+    if an outcome event carries a grade in neither documented shape, or a prompt holds a lone
+    surrogate (routing_data.check_encodable). Graders write these by
     hand: bool() read "false" as correct, null as wrong and a null prompt as the prompt
     "None", labels trained on without a word; a feedback event without its rating read as a
     thumbs-down; a grade in another shape was dropped without a word."""
@@ -89,6 +86,7 @@ def _check_grades(event: dict[str, Any]) -> None:
         # KeyError; null, it trained on the prompt "None".
         if not isinstance(event.get("prompt"), str):
             raise TypeError(f"prompt must be text, not {event.get('prompt', 'missing')!r}")
+        check_encodable(event["prompt"])
         return
     if kind != "outcome":
         return
@@ -98,8 +96,10 @@ def _check_grades(event: dict[str, Any]) -> None:
         unknown = value is None and (key == "strong_correct" or key not in event)
         if not unknown and not (isinstance(value, int) and value in (0, 1)):  # a bool is an int
             raise TypeError(f"{key} must be true or false, not {value!r}")
-    if _grades_a_prompt(event) and not isinstance(event["prompt"], str):
-        raise TypeError(f"prompt must be text, not {event['prompt']!r}")
+    if _grades_a_prompt(event):
+        if not isinstance(event["prompt"], str):
+            raise TypeError(f"prompt must be text, not {event['prompt']!r}")
+        check_encodable(event["prompt"])
 
 
 def _check_outcome_shape(event: dict[str, Any]) -> None:

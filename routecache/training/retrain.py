@@ -4,8 +4,9 @@
 
 1. Reads the labelled routing files and the service's event logs (labels from events:
    training/outcomes.py). A hash of the prompt holds out a slice of the labelled rows; event
-   labels never enter it, and an event whose prompt is held out is dropped, so the holdout stays
-   clean and is the same for every run with the same data and seed.
+   labels never enter it, and an event whose prompt is held out is dropped (also one differing
+   only in case, spacing or Unicode form: the embedder sees the same prompt), so the holdout
+   stays clean and is the same for every run with the same data and seed.
 2. Embeds every prompt, reusing DIR/embeddings/EMBEDDER.npz for prompts seen before.
 3. Fits a candidate on the rest and scores the holdout with it and with the model in service
    (the registry's CURRENT version, else the packaged model), both through the service's code.
@@ -25,12 +26,14 @@ import json
 import sys
 import tempfile
 import time
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from routecache.cache.scope import normalise_prompt
 from routecache.classifier import metrics
 from routecache.classifier.model import (
     ClassifierArtifactError,
@@ -47,7 +50,12 @@ from routecache.cli_args import (
     random_seed,
 )
 from routecache.router.events import SkippedLines
-from routecache.training.data_files import DataFileError, exits_2_on_data_error, writable_folder
+from routecache.training.data_files import (
+    DataFileError,
+    distinct_files,
+    exits_2_on_data_error,
+    writable_folder,
+)
 from routecache.training.outcomes import EventLabel, labels_from_events, read_events
 from routecache.training.routing_data import (
     RoutingRow,
@@ -78,6 +86,27 @@ def event_set(labels: Sequence[EventLabel], embeddings: np.ndarray[Any, Any]) ->
             dtype=np.float64,
         ),
     )  # fmt: skip
+
+
+def same_request_keys(prompt: str) -> set[tuple[str, str]]:
+    """Forms under which two prompts are one request to the model: the embedders give a
+    prompt differing only in Unicode form, case or white space the same vector, and the
+    service's exact cache key (scope.normalise_prompt) folds more. Only for dropping event
+    labels of held-out prompts: the holdout split hashes the prompt as written (the packaged
+    model's split depends on it)."""
+    embedded = " ".join(unicodedata.normalize("NFC", prompt).casefold().split())
+    return {("embedded", embedded), ("exact_key", normalise_prompt(prompt))}
+
+
+def outside_holdout(
+    labels: Sequence[EventLabel], held_rows: Sequence[RoutingRow]
+) -> list[EventLabel]:
+    """The labels whose prompt is no held-out prompt in any of its same_request_keys: one
+    that is would sit in the candidate's bank at similarity 1 and grade the holdout itself."""
+    held: set[tuple[str, str]] = set()
+    for row in held_rows:
+        held |= same_request_keys(row.prompt)
+    return [label for label in labels if held.isdisjoint(same_request_keys(label.prompt))]
 
 
 def check_readable(registry: ModelRegistry) -> None:
@@ -154,15 +183,14 @@ def promote_unless_moved(registry: ModelRegistry, version: str, in_service: str 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     registry = ModelRegistry(Path(args.registry))
-    data_paths = [Path(p) for p in args.data]
-    event_paths = [Path(p) for p in args.events or []]
+    data_paths = distinct_files([Path(p) for p in args.data])
+    event_paths = distinct_files([Path(p) for p in args.events or []])
     rows = read_routing_rows(data_paths)
     writable_folder(registry.root, "--registry")
     check_readable(registry)
     held = holdout_mask([r.prompt for r in rows], args.holdout_fraction, args.seed)
     held_rows = [r for r, h in zip(rows, held, strict=True) if h]
     train_rows = [r for r, h in zip(rows, held, strict=True) if not h]
-    held_prompts = {r.prompt for r in held_rows}
     skipped = SkippedLines()
     events = read_events(event_paths, skipped)
     if skipped.torn:  # said, as export-events says it: a log read short looked complete
@@ -171,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
             "not a JSON object (torn by a crash?)",
             file=sys.stderr,
         )
-    labels = [e for e in labels_from_events(events) if e.prompt not in held_prompts]
+    labels = outside_holdout(labels_from_events(events), held_rows)
     # Both checked before the minutes of embedding, and before anything is registered.
     require_both_sides(len(train_rows) + len(labels), len(held_rows))
     embedder = make_embedder(args.embedder, args.hash_dimension)

@@ -70,10 +70,18 @@ def _prompt(record: dict[str, object]) -> str:
     value = record["prompt"]
     if not isinstance(value, str):
         raise TypeError(f"prompt must be text, not {value!r}")
-    # JSON may escape a lone UTF-16 surrogate, which the hash split and the embedding cache
-    # cannot encode: refused here with the file and line, not as a traceback later.
-    value.encode("utf-8")
+    check_encodable(value)
     return value
+
+
+def check_encodable(prompt: str) -> None:
+    """ValueError if `prompt` holds a lone UTF-16 surrogate: JSON may escape one, and the hash
+    split and the embedding cache cannot encode it. Every reader of prompts (routing rows,
+    event logs) refuses it with the file and line, not as a traceback later."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"prompt holds a lone surrogate, not text ({exc})") from exc
 
 
 def _text(record: dict[str, object], key: str) -> str | None:

@@ -44,7 +44,11 @@ from routecache.classifier.neighbours import NeighbourBank, label_matrix
 from routecache.classifier.operating_point import OperatingCurve, fit_curve
 from routecache.cli_args import fraction, positive_int, positive_number, random_seed
 from routecache.domain import OperatingPoint
-from routecache.training.data_files import exits_2_on_data_error, writable_folder
+from routecache.training.data_files import (
+    distinct_files,
+    exits_2_on_data_error,
+    writable_folder,
+)
 from routecache.training.embedding_cache import EmbeddingCache
 from routecache.training.routing_data import (
     RoutingRow,
@@ -130,13 +134,18 @@ def fit_model(data: LabelledSet, c: float = DEFAULT_C, seed: int = 0) -> Difficu
     """The neighbour bank of every row, and two heads fitted on leave-one-out features.
 
     Leave-one-out makes a training row's neighbour features look like a new request's (whose
-    own label is not in the bank). Rows without a strong outcome train only the cheap head.
+    own label is not in the bank); a row's exact-text twins (a prompt repeated in the data, or
+    graded again in events) are the same request and are left out with it. Rows without a
+    strong outcome train only the cheap head.
     """
     bank = NeighbourBank.fit(
         data.embeddings, label_matrix(data.cheap_fails, data.strong_fails), seed
     )
     features = np.hstack(
-        [bank.batch_features(data.embeddings, leave_one_out=True), text_feature_matrix(data.texts)]
+        [
+            bank.batch_features(data.embeddings, leave_one_out=True, texts=data.texts),
+            text_feature_matrix(data.texts),
+        ]
     )
     known = ~np.isnan(data.strong_fails)
     heads = {
@@ -242,7 +251,7 @@ def train_candidate(
 
 @exits_2_on_data_error
 def run(args: argparse.Namespace) -> int:
-    paths = [Path(p) for p in args.data]
+    paths = distinct_files([Path(p) for p in args.data])
     rows = read_routing_rows(paths)
     # Checked before the minutes of embedding and fitting, not when the artifact is saved.
     writable_folder(Path(args.out), "--out")

@@ -25,7 +25,7 @@ from routecache.analysis.export import (
     write_parquet,
 )
 from routecache.router.bootstrap import Overrides, open_events
-from routecache.router.events import InMemoryEventLog, JsonlEventLog, SkippedLines
+from routecache.router.events import InMemoryEventLog, JsonlEventLog, SkippedLines, event_lines
 from routecache.router.logs import (
     REQUEST_ID,
     JsonFormatter,
@@ -536,6 +536,16 @@ def test_reading_counts_a_line_torn_inside_a_character(tmp_path: Path) -> None:
     skipped = SkippedLines()
     assert [e["kind"] for e in read_events(log, skipped=skipped)] == ["a"]
     assert (skipped.torn, skipped.no_time) == (1, 0)
+
+
+def test_a_log_saved_with_a_byte_order_mark_keeps_its_first_event(tmp_path: Path) -> None:
+    # An editor's "UTF-8 with BOM" (a grades file written by hand): the first line was not
+    # JSON, so its event was skipped as torn, by export-events and retrain alike.
+    log = tmp_path / "grades.jsonl"
+    log.write_text('{"kind": "a"}\n{"kind": "b"}\n', encoding="utf-8-sig")
+    skipped = SkippedLines()
+    assert [event["kind"] for _, event in event_lines(log, skipped)] == ["a", "b"]
+    assert skipped.torn == 0
 
 
 def test_export_orders_events_by_time(tmp_path: Path) -> None:

@@ -245,6 +245,17 @@ def test_a_completion_whose_prompt_is_not_text_is_refused_with_its_line(
         read_events([path])
 
 
+@pytest.mark.parametrize("kind", ["outcome", "completion"])
+def test_a_prompt_with_a_lone_surrogate_is_refused_with_its_line(tmp_path: Path, kind: str) -> None:
+    # JSON may escape half a UTF-16 pair: read as text, it ended retrain in a UnicodeEncodeError
+    # from the embedding cache, where a routing row with it is refused with its file and line.
+    event: dict[str, Any] = {"kind": kind, **_completion("r1", "cheap answer")}
+    event.update(prompt="caf\ud800 question", weak_correct=False)
+    path = _write_events(tmp_path / "events.jsonl", {"kind": "outcome", "prompt": "p"}, event)
+    with pytest.raises(DataFileError, match=r"events\.jsonl:2: prompt .*surrogate"):
+        read_events([path])
+
+
 @pytest.mark.parametrize(
     "outcome",
     [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,43 @@ def test_held_out_prompts_train_nothing_whether_in_the_data_or_in_events(
     # Nor do the held-out rows themselves train it: its neighbour bank holds only the rest.
     n_train = len(prompts) - len(held) + 10
     assert summary["n_train"] == candidate.model.bank.size == n_train
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        lambda p: p.upper(),
+        lambda p: "  " + p.replace(" ", " \t ") + " \n",
+        lambda p: p + "?",  # the exact cache key's normalisation drops end punctuation
+    ],
+    ids=["case", "spacing", "end punctuation"],
+)
+def test_event_prompts_held_out_but_for_case_or_spacing_train_nothing(
+    variant: Callable[[str], str],
+    data: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Before: only a prompt equal to a held-out one was dropped; the embedders give a case or
+    # spacing variant the same vector, so its grade sat in the bank at similarity 1 and
+    # inflated the candidate's holdout APGR.
+    prompts = [row.prompt for row in read_routing_rows([data])]
+    held = [p for p, h in zip(prompts, holdout_mask(prompts, 0.3, 0), strict=True) if h]
+    log = JsonlEventLog(tmp_path / "events.jsonl")
+    for prompt in [*held, "count apples new"]:
+        log.emit("outcome", {"prompt": variant(prompt), "weak_correct": False})
+    log.close()
+    assert _retrain(data, tmp_path / "registry", "--events", str(tmp_path / "events.jsonl")) == 0
+    assert _summary(capsys)["n_event_labels"] == 1
+
+
+def test_same_request_keys_fold_what_the_embedders_and_the_exact_key_cannot_see() -> None:
+    def same(a: str, b: str) -> bool:
+        return not retrain.same_request_keys(a).isdisjoint(retrain.same_request_keys(b))
+
+    assert same("Caf\u00e9  AU lait", "cafe\u0301 au\nlait")  # NFC, case, white space
+    assert same("What is 5 + 3?", "what is 5 + 3")  # the exact key's end punctuation
+    assert not same("count apples 1", "count apples 10")
 
 
 def test_a_candidate_worse_by_less_than_the_tolerance_is_promoted(
@@ -339,3 +377,14 @@ def test_torn_event_lines_are_skipped_and_said_in_one_line(
     assert json.loads(captured.out.strip().splitlines()[-1])["n_event_labels"] == 1
     said = [line for line in captured.err.splitlines() if "skipped" in line]
     assert said == [f"routecache: 2 lines of {log} skipped: not a JSON object (torn by a crash?)"]
+
+
+def test_an_event_prompt_with_a_lone_surrogate_is_a_one_line_message_and_exit_2(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: a UnicodeEncodeError traceback from the embedding cache, after the split.
+    grades = tmp_path / "grades.jsonl"
+    grades.write_text('{"kind": "outcome", "prompt": "caf\\ud800 q", "weak_correct": false}\n')
+    assert _retrain(data, tmp_path / "registry", "--events", str(grades)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"routecache: {grades}:1: prompt ") and err.count("\n") == 1

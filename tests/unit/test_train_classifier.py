@@ -308,6 +308,41 @@ def test_the_training_data_digest_covers_every_file_in_order(tmp_path: Path) -> 
     assert files_sha256([first, second]) == both != files_sha256([first])
 
 
+def test_a_data_file_given_twice_trains_as_if_given_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: every row had a twin, leave-one-out saw it at similarity 1, the scaled features
+    # saturated and the "trained" router was a constant (APGR 0.5), with exit 0.
+    data = _write_routing_file(tmp_path / "routing.jsonl")
+    monkeypatch.chdir(tmp_path)
+    summaries = []
+    for paths in (["routing.jsonl"], ["routing.jsonl", str(data), "./routing.jsonl"]):
+        argv = [arg for path in paths for arg in ("--data", path)]
+        argv += ["--out", "out", "--embedder", "hash", "--holdout-fraction", "0.3", "--c", "1.0"]
+        assert train_classifier.main(argv) == 0
+        summaries.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+        metadata = load_artifact(tmp_path / "out" / "difficulty.skops").metadata
+        assert metadata["training_files"] == ["routing.jsonl"]
+        assert metadata["training_data_sha256"] == files_sha256([data])
+    once, thrice = summaries
+    assert thrice["n_train"] == once["n_train"]
+    assert thrice["holdout"] == once["holdout"]
+
+
+def test_repeated_prompts_in_the_data_do_not_give_a_row_its_own_label(tmp_path: Path) -> None:
+    # Twins within the data (routing_train has 63 repeated prompts) or between data and events:
+    # each row's twin is left out with it, so the router still learns.
+    rows = read_routing_rows([_write_routing_file(tmp_path / "routing.jsonl")])
+    held = holdout_mask([r.prompt for r in rows], 0.3, 0)
+    train = [r for r, h in zip(rows, held, strict=True) if not h]
+    test = [r for r, h in zip(rows, held, strict=True) if h]
+    embedder = HashEmbedder(64)
+    twice = LabelledSet.from_rows(train + train, embedder.encode([r.prompt for r in train] * 2))
+    test_embeddings = embedder.encode([r.prompt for r in test])
+    candidate = train_classifier.train_candidate(twice, test, test_embeddings, 1.0, 0)
+    assert candidate.metadata["holdout"]["apgr"] > 0.8  # type: ignore[index]
+
+
 def test_router_report_costs_what_it_routes_with_a_tie_going_strong() -> None:
     # The cost must follow the same rule as strong_fraction: score >= threshold is strong.
     hard = RoutingRow("x" * 400, "mmlu", weak_correct=False, strong_correct=True)
