@@ -77,16 +77,21 @@ def onnx_path_for(model_dir: Path, onnx_dir: Path) -> Path:
     return onnx_dir / f"all-minilm-l6-v2-{digest.hexdigest()[:16]}.onnx"
 
 
-def export_minilm_onnx(model_dir: Path, out_path: Path) -> Path:
+def export_minilm_onnx(model_dir: Path, out_path: Path, *, unless_there: bool = False) -> Path:
     """Trace the transformer plus pooling to ONNX with torch's dynamo exporter.
 
     The older TorchScript exporter mis-traces the attention mask of current transformers
     (vectors off by up to 0.1); the dynamo exporter matches torch to ~1e-7.
+
+    `unless_there`: keep a graph already at OUT_PATH once the export lock is held (another
+    start published it while this one waited); else it is exported over (a torn graph).
     """
     # Export to a temporary name, then sync and rename: neither a crash mid-export nor a power
     # loss after it leaves a torn graph under the name the next start loads. The scratch folder
     # comes before the model: a folder that cannot be written fails before seconds of loading.
     with _scratch_folder(out_path.parent) as scratch:
+        if unless_there and out_path.is_file():
+            return out_path  # published under the lock (renamed whole): 10-30 s not spent again
         partial = scratch / out_path.name
         _trace_minilm(model_dir, partial)
         publish_file(partial, out_path)
@@ -218,7 +223,7 @@ def ensure_onnx_export(model_dir: Path | None = None, onnx_dir: Path | None = No
     path = onnx_path_for(directory, onnx_dir or default_onnx_dir())
     if not path.is_file():
         log.info("exporting all-MiniLM-L6-v2 to ONNX at %s (once)", path)
-        export_minilm_onnx(directory, path)
+        export_minilm_onnx(directory, path, unless_there=True)
     else:
         _remove_scratch_of_killed_exports(path.parent)
     return path

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from routecache.cache.embedder import differ_only_in_marks
 from routecache.cache.hit_policy import CosinePolicy, HitPolicy, HitRequirement, clears
 from routecache.cache.ports import (
     CacheEntry,
@@ -241,8 +242,12 @@ class SemanticCache:
                 if entry is None:
                     self.forget_removed(scope, neighbour.entry_id)
                     continue
+                # An entry whose prompt differs from this one only in marks the model cannot
+                # see (accents) has its vector and verifier input: a different question
+                # maybe ("avô", "avó"), which only the exact tier may answer.
                 if (self._owes(entry) or not _answers(entry, scope, forced)
                         or not await usable(entry)
+                        or differ_only_in_marks(prompt, entry.prompt)
                         or not await self._sees_whole(entry.prompt)):  # fmt: skip
                     continue
                 verdict = await self._policy.judge(

@@ -28,6 +28,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from routecache.cache.embedder import differ_only_in_marks
 from routecache.cache.hit_policy import CosinePolicy, HitPolicy, HitRequirement, HitVerdict, clears
 from routecache.cache.ports import Embedder, SeesWhole, VectorIndex
 from routecache.cli_args import fractions, listed, number_between, positive_int
@@ -143,10 +144,13 @@ def candidates_for(
 
 
 def without_unseen(candidates: Candidates, seen_whole: Callable[[str], bool]) -> Candidates:
-    """`candidates`, a miss at once (cosine -1) where the model did not see both texts whole.
-    In cache mode the service would go on to the next nearest entry; this counts a miss."""
+    """`candidates`, a miss at once (cosine -1) where the model did not see both texts whole,
+    or they differ only in marks it drops (accents). In cache mode the service would go on to
+    the next nearest entry; this counts a miss."""
     sims = [
-        s if seen_whole(query) and seen_whole(cached) else -1.0
+        s
+        if seen_whole(query) and seen_whole(cached) and not differ_only_in_marks(query, cached)
+        else -1.0
         for (query, cached), s in zip(candidates.texts, candidates.similarities, strict=True)
     ]
     return dataclasses.replace(candidates, similarities=sims)

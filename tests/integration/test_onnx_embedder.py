@@ -363,6 +363,44 @@ async def test_prompts_differing_only_where_the_model_cannot_see_are_no_semantic
     }
 
 
+# Pairs differing only in marks the uncased model drops (cosine 1.0), each asking another thing.
+MARKS_ONLY_PAIRS = {
+    "grandfather, grandmother": ("Como se diz avô em inglês?", "Como se diz avó em inglês?"),
+    "to count, to pay": ("Was bedeutet zählen auf Englisch?", "Was bedeutet zahlen auf Englisch?"),
+    "wrote, books (Arabic harakat)": ("ما معنى كَتَبَ", "ما معنى كُتُب"),
+}
+
+
+@pytest.mark.parametrize("verified", [True, False], ids=["verifier", "cosine only"])
+async def test_prompts_differing_only_in_marks_the_model_drops_are_no_semantic_hit(
+    onnx_minilm: OnnxMiniLMEmbedder, verified: bool
+) -> None:
+    # Before: each was served the other's answer at similarity 1.0, verifier or not.
+    calibration = PolicyCalibration.load(packaged_verifier_dir() / POLICY_FILE)
+    scorer = OnnxCrossEncoder(packaged_verifier_dir() / GRAPH_FILE, calibration.symmetric)
+    policy = VerifiedPolicy(calibration, scorer) if verified else CosinePolicy()
+    clock = ManualClock()
+    cache = SemanticCache(
+        InMemoryEntryStore(max_entries=10, clock=clock),
+        ScopedFaissIndex(onnx_minilm.dimension),
+        clock,
+        policy=policy,
+        seen_whole=onnx_minilm.sees_whole,
+    )
+    requirement = HitRequirement(cosine_threshold=0.9, max_false_hit_rate=0.05)
+    for scope, (stored, asked) in MARKS_ONLY_PAIRS.items():
+        vectors = onnx_minilm.encode([stored, asked])
+        assert float(np.dot(*vectors)) == pytest.approx(1.0, abs=1e-5)  # the model's blind spot
+        await cache.store(_entry(scope, stored, vectors[0]))
+        assert await cache.lookup_semantic(f"t:{scope}", asked, vectors[1], requirement) is None
+        if not verified:  # (the verifier doubts even a foreign prompt's own text)
+            # The same prompt in capitals is still a semantic hit: case is no such difference.
+            shouted = stored.upper()
+            vector = onnx_minilm.encode([shouted])[0]
+            hit = await cache.lookup_semantic(f"t:{scope}", shouted, vector, requirement)
+            assert hit is not None
+
+
 def _entry(scope: str, prompt: str, vector: npt.NDArray[np.float32]) -> NewEntry:
     return NewEntry(
         tenant="t", scope=f"t:{scope}", prompt=prompt, answer="a", model="m", tier=Tier.CHEAP,

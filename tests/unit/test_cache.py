@@ -1,4 +1,5 @@
 import asyncio
+import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
@@ -767,6 +768,37 @@ async def test_an_entry_the_model_could_not_see_whole_is_not_served_to_a_similar
         assert hit is not None and hit.entry.entry_id == seen.entry_id
     await cache.invalidate_ids("acme", [seen.entry_id])
     assert await cache.lookup_semantic("acme:s1", prompt, vec(prompt), HitRequirement(0.5)) is None
+
+
+def unaccented_vec(text: str) -> npt.NDArray[np.float32]:
+    """The vector of a model that cannot see accents, as the uncased MiniLM (its tokenizer
+    drops the nonspacing marks of the text's NFD form)."""
+    marks_dropped = "".join(
+        char for char in unicodedata.normalize("NFD", text) if unicodedata.category(char) != "Mn"
+    )
+    return vec(marks_dropped)
+
+
+async def test_prompts_differing_only_in_marks_the_model_cannot_see_are_no_semantic_hit(
+    cache: SemanticCache,
+) -> None:
+    # Before: "avó" (grandmother) was served the answer cached for "avô" (grandfather) at
+    # similarity 1.0, the exact tier keying them apart.
+    cached = "Como se diz avô em inglês?"
+    further = "Como se diz avó em inglês, por favor?"
+    for prompt in (cached, further):
+        await cache.store(replace(new_entry(prompt), embedding=unaccented_vec(prompt)))
+    asked = "Como se diz avó em inglês?"
+    assert float(unaccented_vec(asked) @ unaccented_vec(cached)) == pytest.approx(1.0)
+    for lookup in (cache.lookup_semantic, cache.lookup_stale):
+        hit = await lookup("acme:s1", asked, unaccented_vec(asked), HitRequirement(0.5))
+        assert hit is not None and hit.entry.prompt == further  # the nearest one may serve
+    # Case, spacing and how an accent is encoded (é or e + U+0301) are no such difference.
+    for same in ("COMO  se diz avô em inglês?", unicodedata.normalize("NFD", cached)):
+        hit = await cache.lookup_semantic(
+            "acme:s1", same, unaccented_vec(same), HitRequirement(0.99)
+        )
+        assert hit is not None and hit.entry.prompt == cached
 
 
 def raw_entry(i: int, ttl: float, hits: int, cost: float, now: float) -> CacheEntry:
