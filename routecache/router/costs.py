@@ -72,6 +72,9 @@ class Booking:
     request: ChatRequest  # max_tokens bounded when a cap needs a worst case
     reservation: Reservation | None = None
     cheap_only: bool = False
+    # Downgraded by the end user's own cap, not the tenant's: a call no other end user's
+    # identical request may share (it would be served this user's narrowing).
+    users_own: bool = False
 
 
 class RequestSpend:
@@ -168,7 +171,8 @@ class CostControl:
             downgraded = await self.ledger.reserve(tenant.name, user, cheap, caps)
             if isinstance(downgraded, Reservation):
                 self._telemetry.cost_control(tenant.name, "downgraded")
-                return Booking(Tier.CHEAP, bounded, downgraded, cheap_only=True)
+                per_user = outcome.cap.per_user  # the first cap reached: a tenant's binds all
+                return Booking(Tier.CHEAP, bounded, downgraded, cheap_only=True, users_own=per_user)
             outcome, amount = downgraded, cheap
         raise self._refusal(tenant, outcome, amount)
 

@@ -385,12 +385,9 @@ class Pipeline:
         with _stage(latency, "classify_ms"):
             tier, difficulty, version = self._route(tenant, request, vector)
         scored = (difficulty, version)
-        # Keyed by the routed tier, not the booked one: only the caller that makes the call
-        # books it (a downgrade at the cap included), those sharing it pay nothing.
-        flight_key = f"{keys.exact}:{tier.value}"
         try:
             (generated, booking, entry_id), shared = await self._single_flight.run(
-                flight_key,
+                _flight_key(keys, tier),
                 lambda: self._book_and_generate(
                     tenant, request, tier, deadline, (keys, vector, latency)
                 ),
@@ -420,6 +417,8 @@ class Pipeline:
         failure."""
         (keys, vector, latency), entry_id = where, ""
         booking, spent = await self._costs.book(tenant, request, tier), Tally()
+        if booking.users_own:  # narrowed by this end user's cap: not another user's answer
+            self._single_flight.go_alone(_flight_key(keys, tier))
         try:
             generated = await self._p.generator.generate(
                 booking.request, booking.tier, tenant=tenant.name, deadline=deadline,
@@ -675,6 +674,13 @@ class _stage:
     def __exit__(self, *exc: object) -> None:
         elapsed = (time.perf_counter() - self._started) * 1000
         setattr(self._latency, self._field, getattr(self._latency, self._field) + elapsed)
+
+
+def _flight_key(keys: CacheKeys, tier: Tier) -> str:
+    """Keyed by the routed tier, not the booked one: only the caller that makes the call books
+    it, those sharing it pay nothing. A downgrade at a tenant's cap would be theirs too; one at
+    an end user's cap is that user's alone, and its maker goes alone (_book_and_generate)."""
+    return f"{keys.exact}:{tier.value}"
 
 
 def _not_mine(error: BaseException, deadline: float) -> bool:
