@@ -82,11 +82,14 @@ class RequestSpend:
     paying (an answer refused by validation, an escalation whose strong call failed, a stream
     cut short) has no completion event: its error event reports this instead."""
 
-    __slots__ = ("completion_tokens", "cost_usd", "prompt_tokens")
+    __slots__ = ("completion_tokens", "cost_usd", "prompt_tokens", "shared")
 
     def __init__(self) -> None:
         self.cost_usd = 0.0
         self.prompt_tokens = self.completion_tokens = 0
+        # Given an identical request's call (SingleFlight), its answer or its error: that
+        # call's checks and escalation are the request that made it's, counted there once.
+        self.shared = False
 
     def add(self, record: SpendRecord) -> None:
         self.cost_usd += record.cost_usd
