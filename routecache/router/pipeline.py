@@ -652,6 +652,7 @@ class Pipeline:
                 "saved_usd": done.usage.saved_usd,
                 "validation_passed": done.validation.passed,
                 "escalated": done.validation.escalated,
+                "shared": done.shared,  # another request's call answered: labelled there
                 "validation": _report_payload(done.validation),
                 "stale": done.cache.stale,
                 "provider": done.provider,

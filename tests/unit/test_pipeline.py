@@ -46,6 +46,7 @@ from routecache.router.metrics import PrometheusTelemetry
 from routecache.router.pipeline import Pipeline
 from routecache.router.stats import TenantStatsBook
 from routecache.router.tenant_admin import InvalidateTarget
+from routecache.training.outcomes import EventLabel, labels_from_events
 from routecache.v1 import routecache_pb2 as pb
 from tests.fakes import (
     FakeUpstream,
@@ -596,6 +597,23 @@ async def test_a_failed_check_of_a_shared_call_is_counted_once(refused: bool) ->
     )
     assert failures == (2 if refused else 1)  # the cheap answer's check, and the strong one's
     await harness.service.aclose()
+
+
+async def test_requests_sharing_an_escalated_call_log_it_as_shared_and_label_it_once(
+    harness: Harness,
+) -> None:
+    harness.cheap.gate = asyncio.Event()
+    pipeline = harness.service.pipeline
+    flight = count_shared_calls(pipeline)
+    tasks = [asyncio.create_task(pipeline.complete(json_request("same q"), ACME)) for _ in range(3)]
+    await eventually(lambda: len(flight.arrived) == 3, "all three requests joined the call")
+    harness.cheap.gate.set()
+    await asyncio.gather(*tasks)
+    completions = [e for e in harness.events.events if e["kind"] == "completion"]
+    assert sorted(e["shared"] for e in completions) == [False, True, True]
+    assert all(e["escalated"] for e in completions)
+    # One failed cheap answer is one "cheap failed" training row, not one per caller.
+    assert labels_from_events(harness.events.events) == [EventLabel("same q", weak_correct=False)]
 
 
 async def test_a_forced_tier_does_not_share_a_call_routed_to_another_tier(
