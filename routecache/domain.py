@@ -232,6 +232,9 @@ class Completion:
     difficulty: float | None = None
     provider: str = ""  # the configured provider that answered; empty for a cache hit
     upstream_failures: tuple[str, ...] = ()  # what failed on the way (fallbacks, stale)
+    # Another identical request's call in flight answered it (SingleFlight), or its failure
+    # led to this stale answer: the checks and escalation are that request's, counted there.
+    shared: bool = False
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,9 @@ class Booking:
     request: ChatRequest  # max_tokens bounded when a cap needs a worst case
     reservation: Reservation | None = None
     cheap_only: bool = False
+    # Downgraded by the end user's own cap, not the tenant's: a call no other end user's
+    # identical request may share (it would be served this user's narrowing).
+    users_own: bool = False
 
 
 class RequestSpend:
@@ -79,11 +82,14 @@ class RequestSpend:
     paying (an answer refused by validation, an escalation whose strong call failed, a stream
     cut short) has no completion event: its error event reports this instead."""
 
-    __slots__ = ("completion_tokens", "cost_usd", "prompt_tokens")
+    __slots__ = ("completion_tokens", "cost_usd", "prompt_tokens", "shared")
 
     def __init__(self) -> None:
         self.cost_usd = 0.0
         self.prompt_tokens = self.completion_tokens = 0
+        # Given an identical request's call (SingleFlight), its answer or its error: that
+        # call's checks and escalation are the request that made it's, counted there once.
+        self.shared = False
 
     def add(self, record: SpendRecord) -> None:
         self.cost_usd += record.cost_usd
@@ -168,7 +174,8 @@ class CostControl:
             downgraded = await self.ledger.reserve(tenant.name, user, cheap, caps)
             if isinstance(downgraded, Reservation):
                 self._telemetry.cost_control(tenant.name, "downgraded")
-                return Booking(Tier.CHEAP, bounded, downgraded, cheap_only=True)
+                per_user = outcome.cap.per_user  # the first cap reached: a tenant's binds all
+                return Booking(Tier.CHEAP, bounded, downgraded, cheap_only=True, users_own=per_user)
             outcome, amount = downgraded, cheap
         raise self._refusal(tenant, outcome, amount)
 

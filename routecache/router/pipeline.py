@@ -9,7 +9,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -138,7 +138,10 @@ class Pipeline:
             except (Exception, asyncio.CancelledError) as error:  # a bug: INTERNAL, recorded too
                 self._record_failure(tenant_name, request, error, started, spend=spend)
                 raise
-        failed = failed_validator_labels(completion.validation, request)
+        # A failed check of a shared call is counted once, by the request that made the call.
+        failed = (
+            () if completion.shared else failed_validator_labels(completion.validation, request)
+        )
         telemetry.request_completed(
             tenant.name, completion, completion.latency.total_ms / 1000, failed
         )
@@ -179,7 +182,8 @@ class Pipeline:
             reason = "internal"
         report = _checks_of(error)
         failed = () if report is None else tuple(r.name for r in report.results if not r.passed)
-        labels = () if report is None else failed_validator_labels(report, request)
+        shared = spend is not None and spend.shared  # the maker counts its call's checks
+        labels = () if report is None or shared else failed_validator_labels(report, request)
         if admin:
             self._p.telemetry.admin_call_failed(tenant, reason)
         else:
@@ -385,19 +389,9 @@ class Pipeline:
         with _stage(latency, "classify_ms"):
             tier, difficulty, version = self._route(tenant, request, vector)
         scored = (difficulty, version)
-        # Keyed by the routed tier, not the booked one: only the caller that makes the call
-        # books it (a downgrade at the cap included), those sharing it pay nothing.
-        flight_key = f"{keys.exact}:{tier.value}"
         try:
-            (generated, booking, entry_id), shared = await self._single_flight.run(
-                flight_key,
-                lambda: self._book_and_generate(
-                    tenant, request, tier, deadline, (keys, vector, latency)
-                ),
-                lambda error: _not_mine(error, deadline),
-                # A caller joining a call made under a later deadline waits no longer than
-                # it would for its own call, so that its stale answer still comes in time.
-                patience=self._p.generator.failover.seconds_for_calls(deadline),
+            (generated, booking, entry_id), shared = await self._call_once(
+                tenant, request, tier, deadline, (keys, vector, latency)
             )
         except Unavailable as error:  # the caller that booked the call released it
             return await self._stale(tenant, request, keys, vector, latency, error, scored)
@@ -408,6 +402,36 @@ class Pipeline:
         await self._costs.settle(tenant, request, None if shared else booking, generated)
         # A caller that shared the call serves the maker's entry: feedback on it removes that.
         return self._from_models(tenant, generated, shared, entry_id, scored, latency)
+
+    async def _call_once(
+        self, tenant: Tenant, request: ChatRequest, tier: Tier, deadline: float,
+        where: tuple[CacheKeys, Vector, LatencyBreakdown],
+    ) -> tuple[tuple[Generated, Booking, str], bool]:  # fmt: skip
+        """The request's call, or an identical request's in flight, and whether it was shared:
+        a request given another's answer or error is marked so in its spend (RequestSpend)."""
+        made = False
+
+        def make() -> Awaitable[tuple[Generated, Booking, str]]:
+            nonlocal made
+            made = True
+            return self._book_and_generate(tenant, request, tier, deadline, where)
+
+        try:
+            outcome = await self._single_flight.run(
+                _flight_key(where[0], tier),
+                make,
+                lambda error: _not_mine(error, deadline),
+                # A caller joining a call made under a later deadline waits no longer than
+                # it would for its own call, so that its stale answer still comes in time.
+                patience=self._p.generator.failover.seconds_for_calls(deadline),
+            )
+        except WaitedTooLong:  # it stopped waiting: nothing of the call is this request's
+            raise
+        except BaseException:
+            _mark_shared(not made)
+            raise
+        _mark_shared(outcome[1])
+        return outcome
 
     async def _book_and_generate(
         self, tenant: Tenant, request: ChatRequest, tier: Tier, deadline: float,
@@ -420,6 +444,8 @@ class Pipeline:
         failure."""
         (keys, vector, latency), entry_id = where, ""
         booking, spent = await self._costs.book(tenant, request, tier), Tally()
+        if booking.users_own:  # narrowed by this end user's cap: not another user's answer
+            self._single_flight.go_alone(_flight_key(keys, tier))
         try:
             generated = await self._p.generator.generate(
                 booking.request, booking.tier, tenant=tenant.name, deadline=deadline,
@@ -478,6 +504,7 @@ class Pipeline:
         return replace(
             served, cache=replace(served.cache, stale=True), upstream_failures=(str(error),),
             classifier_version=version, difficulty=difficulty, validation=checks, usage=usage,
+            shared=spend is not None and spend.shared,  # the checks are the shared call's
         )  # fmt: skip
 
     def _route(
@@ -590,6 +617,7 @@ class Pipeline:
             difficulty=difficulty,
             provider=generated.provider,
             upstream_failures=generated.upstream_failures,
+            shared=shared,
         )
 
     def _new_response_id(self, tenant: Tenant, entry_id: str, hit: CacheHit | None) -> str:
@@ -624,6 +652,7 @@ class Pipeline:
                 "saved_usd": done.usage.saved_usd,
                 "validation_passed": done.validation.passed,
                 "escalated": done.validation.escalated,
+                "shared": done.shared,  # another request's call answered: labelled there
                 "validation": _report_payload(done.validation),
                 "stale": done.cache.stale,
                 "provider": done.provider,
@@ -675,6 +704,19 @@ class _stage:
     def __exit__(self, *exc: object) -> None:
         elapsed = (time.perf_counter() - self._started) * 1000
         setattr(self._latency, self._field, getattr(self._latency, self._field) + elapsed)
+
+
+def _mark_shared(shared: bool) -> None:
+    spend = REQUEST_SPEND.get()
+    if spend is not None and shared:
+        spend.shared = True
+
+
+def _flight_key(keys: CacheKeys, tier: Tier) -> str:
+    """Keyed by the routed tier, not the booked one: only the caller that makes the call books
+    it, those sharing it pay nothing. A downgrade at a tenant's cap would be theirs too; one at
+    an end user's cap is that user's alone, and its maker goes alone (_book_and_generate)."""
+    return f"{keys.exact}:{tier.value}"
 
 
 def _not_mine(error: BaseException, deadline: float) -> bool:

@@ -46,8 +46,9 @@ class SingleFlight(Generic[T]):
             if not pending.done():
                 raise WaitedTooLong(f"no answer within {max(patience or 0.0, 0.0):.2f}s")
             if pending.cancelled():
-                # The caller that made the call went away and its call with it: this request
-                # is still wanted, so it makes the call itself (or joins whoever did so first).
+                # The caller that made the call went away and its call with it, or kept the call
+                # to itself (go_alone): this request is still wanted, so it makes the call itself
+                # (or joins whoever did so first).
                 continue
             error = pending.exception()
             if error is None or not not_mine(error):
@@ -60,12 +61,25 @@ class SingleFlight(Generic[T]):
             future.cancel()  # followers try again rather than inherit this caller's cancellation
             raise
         except BaseException as exc:
-            future.set_exception(exc)
-            # Followers re-raise it; mark it retrieved so asyncio does not warn when none wait.
-            future.exception()
+            if not future.done():  # done: go_alone let the followers go
+                future.set_exception(exc)
+                # Followers re-raise it; mark it retrieved so asyncio does not warn when none wait.
+                future.exception()
             raise
         else:
-            future.set_result(result)
+            if not future.done():
+                future.set_result(result)
             return result, False
         finally:
-            del self._in_flight[key]
+            # After go_alone the key may be another caller's call by now: leave that one be.
+            if self._in_flight.get(key) is future:
+                del self._in_flight[key]
+
+    def go_alone(self, key: str) -> None:
+        """Called by the work of the caller making the call under `key`: the call turned out to
+        be that caller's alone (its end user's cap narrowed it), so the callers waiting for it
+        stop waiting and make (or share) a call of their own, as when the maker goes away, and
+        later callers do not join it. The work goes on, and its caller gets its result."""
+        future = self._in_flight.pop(key, None)
+        if future is not None:
+            future.cancel()

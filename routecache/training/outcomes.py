@@ -10,7 +10,12 @@ in three ways, and only these (silence is not a label):
    `feedback` event on its response_id rates: thumbs up = the cheap model was right, thumbs down
    = it failed.
 3. A `completion` with escalated = true: the cheap answer failed a validator, so the cheap model
-   failed on that prompt whatever the strong model then answered.
+   failed on that prompt whatever the strong model then answered. Not one with shared = true:
+   an identical request's call answered it and that request's completion holds the label.
+
+Requests that shared one call name its entry (entry_id): their ratings are that call's, one
+label. A completion without an entry (not stored, or from a log older than `shared`) is labelled
+on its own.
 
 A response_id graded as correct (1) or by feedback (2) that the strong model answered says
 nothing about the cheap one and is skipped, as are cache hits. Where several events label the
@@ -137,14 +142,16 @@ def labels_from_events(events: Iterable[dict[str, Any]]) -> list[EventLabel]:
         kind = event.get("kind")
         response_id = str(event.get("response_id", ""))
         if kind == "completion" and response_id:
-            if event.get("escalated") and event.get("cache_outcome") == "miss":
-                by_response[response_id] = EventLabel(str(event["prompt"]), weak_correct=False)
+            # A request that shared another's call copied its escalation: the maker's counts.
+            escalated = event.get("escalated") and not event.get("shared")
+            if escalated and event.get("cache_outcome") == "miss":
+                by_response[_call_of(event)] = EventLabel(str(event["prompt"]), weak_correct=False)
         elif kind == "feedback" and response_id in completions:
             if not isinstance(thumbs_up := event.get("thumbs_up"), bool):
                 continue  # no rating (read_events refuses it): silence is not a label
             label = _cheap_label(completions[response_id], thumbs_up)
             if label is not None:
-                by_response[response_id] = label
+                by_response[_call_of(completions[response_id])] = label
         elif kind == "outcome":
             label = _outcome_label(event, completions)
             # A graded prompt stands alone; a graded response (even one that also names its
@@ -152,8 +159,16 @@ def labels_from_events(events: Iterable[dict[str, Any]]) -> list[EventLabel]:
             if label is not None and _grades_a_prompt(event):
                 by_prompt[label.prompt] = label  # re-graded: the latest grade wins
             elif label is not None:
-                by_response[response_id] = label
+                by_response[_call_of(completions[response_id])] = label
     return list(by_prompt.values()) + list(by_response.values())
+
+
+def _call_of(completion: dict[str, Any]) -> str:
+    """The answered call a completion's labels belong to: requests sharing one call (SingleFlight)
+    name its maker's entry, so their ratings are one call's, the last winning. A completion
+    with no entry (not stored, or an older log's) is a call of its own."""
+    entry_id = completion.get("entry_id")
+    return f"entry:{entry_id}" if entry_id else f"response:{completion.get('response_id', '')}"
 
 
 def _cheap_label(completion: dict[str, Any], correct: bool) -> EventLabel | None:

@@ -780,6 +780,70 @@ async def test_a_request_sharing_a_call_refused_by_another_users_cap_makes_the_c
     await harness.service.aclose()
 
 
+@pytest.mark.parametrize("checked", [False, True])
+async def test_a_request_does_not_share_a_call_downgraded_by_another_users_cap(
+    checked: bool,
+) -> None:
+    # u1 is over its per-user cap (downgrade policy), so its call is cheap alone; u2, under
+    # its own cap, asks the same meanwhile. Before: u2 shared u1's narrowed call and got u1's
+    # cheap answer (routed strong), or u1's FAILED_PRECONDITION when the cheap answer failed
+    # a check it could not escalate (`checked`), where alone it would get a strong answer.
+    params = GenerationParams(max_tokens=MAX_TOKENS)
+    if checked:  # the fake cheap model's answer is no JSON
+        params = replace(params, response_format=ResponseFormat(ResponseFormatType.JSON_OBJECT))
+
+    def same(user: str) -> ChatRequest:
+        return ask("same", params=params, end_user_id=user, force_tier=Tier.STRONG)
+
+    probe = make_harness()
+    tenant = probe.service.pipeline._p.authenticator.authenticate(ACME)
+    worst = probe.service.pipeline.costs.worst_case_usd
+    full = worst(tenant, same("u1"), Tier.STRONG, cheap_only=False)
+    cheap = worst(tenant, same("u1"), Tier.CHEAP, cheap_only=True)
+    await probe.service.aclose()
+    harness = make_harness(budget={"user_daily_usd": full, "policy": "downgrade"})
+    pipeline = harness.service.pipeline
+    await pipeline.costs.ledger.settle(None, SpendRecord("acme", "u1", cost_usd=full - cheap))
+    harness.cheap.gate = harness.strong.gate = gate = asyncio.Event()
+    flight = count_shared_calls(pipeline)
+    u1 = asyncio.create_task(pipeline.complete(same("u1"), ACME))
+    await eventually(lambda: harness.cheap.calls == ["same"], "u1's downgraded call")
+    u2 = asyncio.create_task(pipeline.complete(same("u2"), ACME))
+    await eventually(lambda: len(flight.arrived) == 2, "u2 asks the same")
+    # u2 makes its own call at once, under its own caps, rather than wait for u1's.
+    await eventually(lambda: harness.strong.calls == ["same"], "u2's own call")
+    gate.set()
+    first, second = await asyncio.gather(u1, u2, return_exceptions=True)
+    assert harness.telemetry.cost_controls == [("acme", "downgraded")]
+    if checked:
+        assert isinstance(first, FailedValidation)
+    else:
+        assert isinstance(first, Completion) and first.tier is Tier.CHEAP
+    assert isinstance(second, Completion) and second.tier is Tier.STRONG
+    assert second.usage.cost_usd > 0
+    await harness.service.aclose()
+
+
+async def test_a_call_downgraded_by_the_tenants_cap_is_shared() -> None:
+    # The tenant's cap binds every end user: the downgrade would be u2's too, so u2 shares.
+    one = await one_request_usd("same")
+    harness = budget_harness(daily_usd=0.5 * one, policy="downgrade")
+    harness.cheap.gate = gate = asyncio.Event()
+    complete, flight = (
+        harness.service.pipeline.complete,
+        count_shared_calls(harness.service.pipeline),
+    )
+    u1 = asyncio.create_task(complete(costly("same", user="u1"), ACME))
+    await eventually(lambda: harness.cheap.calls == ["same"], "u1's downgraded call")
+    u2 = asyncio.create_task(complete(costly("same", user="u2"), ACME))
+    await eventually(lambda: len(flight.arrived) == 2, "u2 joins u1's call")
+    gate.set()
+    made, shared = await asyncio.gather(u1, u2)
+    assert harness.cheap.calls == ["same"] and harness.strong.calls == []
+    assert made.tier is shared.tier is Tier.CHEAP and shared.usage.cost_usd == 0
+    await harness.service.aclose()
+
+
 @pytest.mark.parametrize("streamed", [False, True])
 async def test_a_request_cancelled_while_its_spend_is_settled_still_counts_it(
     streamed: bool,

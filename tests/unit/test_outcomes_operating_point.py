@@ -487,3 +487,27 @@ def test_a_cost_ceiling_met_up_to_rounding_keeps_that_point() -> None:
     assert curve.points[3].cost_vs_all_strong != 0.3
     threshold = curve.threshold_for(OperatingPoint(cost_ratio=0.3))
     assert (scores >= threshold).mean() == pytest.approx(0.3)
+
+
+def test_one_shared_call_yields_one_label_and_older_logs_label_as_before() -> None:
+    # Three identical requests shared one call (SingleFlight): the followers' completions say
+    # "shared" and name the maker's entry. One failed cheap answer is one label, not three,
+    # and thumbs-down from each caller on one shared answer is one label too (the last wins).
+    shared = {"shared": True, "entry_id": "e1"}
+    events: list[dict[str, Any]] = [
+        {"kind": "completion", **_completion("r1", "escalated", escalated=True, entry_id="e1")},
+        {"kind": "completion", **_completion("r2", "escalated", escalated=True, **shared)},
+        {"kind": "completion", **_completion("r3", "rated", entry_id="e2")},
+        {"kind": "completion", **_completion("r4", "rated", shared=True, entry_id="e2")},
+        {"kind": "feedback", "response_id": "r4", "thumbs_up": False},
+        {"kind": "feedback", "response_id": "r3", "thumbs_up": True},
+        # Older logs (no "shared" field, no entry stored): one label per completion, as before.
+        {"kind": "completion", **_completion("r5", "old", escalated=True)},
+        {"kind": "completion", **_completion("r6", "old", escalated=True)},
+    ]
+    assert labels_from_events(events) == [
+        EventLabel("escalated", weak_correct=False),
+        EventLabel("rated", weak_correct=True),
+        EventLabel("old", weak_correct=False),
+        EventLabel("old", weak_correct=False),
+    ]

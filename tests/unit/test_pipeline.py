@@ -42,9 +42,11 @@ from routecache.router.bootstrap import Overrides, Service, build_service
 from routecache.router.budget import Period
 from routecache.router.logs import REQUEST_ID
 from routecache.router.messages import completion_to_pb, request_from_pb
+from routecache.router.metrics import PrometheusTelemetry
 from routecache.router.pipeline import Pipeline
 from routecache.router.stats import TenantStatsBook
 from routecache.router.tenant_admin import InvalidateTarget
+from routecache.training.outcomes import EventLabel, labels_from_events
 from routecache.v1 import routecache_pb2 as pb
 from tests.fakes import (
     FakeUpstream,
@@ -571,6 +573,47 @@ async def test_identical_concurrent_requests_share_one_upstream_call(harness: Ha
     assert await pipeline.cache.get("acme", stored.pop()) is not None
     stats = await pipeline.admin.stats(ACME)
     assert (stats.requests, stats.cheap_calls, stats.entries) == (3, 1, 1)
+
+
+@pytest.mark.parametrize("refused", [False, True])
+async def test_a_failed_check_of_a_shared_call_is_counted_once(refused: bool) -> None:
+    # Three identical requests share one call whose cheap answer fails its JSON check and
+    # escalates (`refused`: the strong answer fails too). The check failed once, as the one
+    # escalation counts once: before, routecache_validator_failures_total counted it per caller.
+    telemetry = PrometheusTelemetry()
+    harness = make_harness(telemetry=telemetry)
+    if refused:
+        harness.strong.answer = lambda prompt, params: "no JSON either"
+    harness.cheap.gate = asyncio.Event()
+    pipeline = harness.service.pipeline
+    flight = count_shared_calls(pipeline)
+    tasks = [asyncio.create_task(pipeline.complete(json_request("same q"), ACME)) for _ in range(3)]
+    await eventually(lambda: len(flight.arrived) == 3, "all three requests joined the call")
+    harness.cheap.gate.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert (len(harness.cheap.calls), len(harness.strong.calls)) == (1, 1)
+    failures = telemetry.registry.get_sample_value(
+        "routecache_validator_failures_total", {"validator": "json_schema"}
+    )
+    assert failures == (2 if refused else 1)  # the cheap answer's check, and the strong one's
+    await harness.service.aclose()
+
+
+async def test_requests_sharing_an_escalated_call_log_it_as_shared_and_label_it_once(
+    harness: Harness,
+) -> None:
+    harness.cheap.gate = asyncio.Event()
+    pipeline = harness.service.pipeline
+    flight = count_shared_calls(pipeline)
+    tasks = [asyncio.create_task(pipeline.complete(json_request("same q"), ACME)) for _ in range(3)]
+    await eventually(lambda: len(flight.arrived) == 3, "all three requests joined the call")
+    harness.cheap.gate.set()
+    await asyncio.gather(*tasks)
+    completions = [e for e in harness.events.events if e["kind"] == "completion"]
+    assert sorted(e["shared"] for e in completions) == [False, True, True]
+    assert all(e["escalated"] for e in completions)
+    # One failed cheap answer is one "cheap failed" training row, not one per caller.
+    assert labels_from_events(harness.events.events) == [EventLabel("same q", weak_correct=False)]
 
 
 async def test_a_forced_tier_does_not_share_a_call_routed_to_another_tier(

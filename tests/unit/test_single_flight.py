@@ -114,3 +114,32 @@ async def test_a_sharer_out_of_patience_gives_up_and_the_call_goes_on_for_its_ma
     assert not maker.done()
     gate.set()
     assert await maker == ("answer", False) and calls == [1]
+
+
+async def test_a_call_its_maker_keeps_to_itself_is_made_again_for_the_callers_waiting() -> None:
+    # The maker's call turned out to be its own alone (its end user's cap narrowed it): those
+    # waiting stop waiting and share one call of their own, while the maker's call goes on.
+    flight: SingleFlight[str] = SingleFlight()
+    gate, kept = asyncio.Event(), asyncio.Event()
+    calls: list[int] = []
+
+    async def work() -> str:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            await kept.wait()
+            flight.go_alone("k")
+        await gate.wait()
+        return f"answer {len(calls)}"
+
+    maker = asyncio.create_task(flight.run("k", work))
+    await asyncio.sleep(0)
+    waiting = [asyncio.create_task(flight.run("k", work)) for _ in range(3)]
+    await asyncio.sleep(0)
+    kept.set()
+    await eventually(lambda: len(calls) == 2, "one of the callers waiting makes a new call")
+    gate.set()
+    results = await asyncio.gather(*waiting)
+    assert calls == [0, 1]
+    assert sorted(shared for _, shared in results) == [False, True, True]
+    assert await maker == ("answer 2", False)  # its own call's answer, shared with nobody
+    assert await flight.run("k", work) == ("answer 3", False)  # nothing left in flight
