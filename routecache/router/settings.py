@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal, Self
 from urllib.parse import urlsplit
 
+import httpx
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -73,6 +74,32 @@ class ServerSettings(_Section):
         return self
 
 
+def check_http_url(url: str) -> str:
+    """An http(s) URL httpx can call, or ValueError. Checked when the settings load: httpx
+    raises on a port past 65535 (an OverflowError inside each call), an unclosed IPv6 bracket
+    (building the client) or no scheme (each call) only once the URL is used. The messages
+    never quote the URL: a webhook's may hold its token."""
+    if not url.lower().startswith(("http://", "https://")):
+        raise ValueError("the URL does not start with http:// or https://")
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed [ of an IPv6 address
+        raise ValueError("not a valid URL") from None
+    try:
+        port = parts.port  # reading it raises ValueError past 65535
+    except ValueError:
+        port = 0
+    if port == 0:  # no server listens on port 0: nothing could be called there
+        raise ValueError("the URL's port is not one of 1-65535")
+    if not parts.hostname or any(c.isspace() for c in url):
+        raise ValueError("the URL names no host, or holds a space")
+    try:
+        httpx.URL(url)
+    except httpx.InvalidURL:  # its message may quote the URL
+        raise ValueError("not a valid URL") from None
+    return url
+
+
 class ProviderSettings(_Section):
     """An OpenAI-compatible chat-completions endpoint serving one model."""
 
@@ -107,6 +134,13 @@ class ProviderSettings(_Section):
         description="calls open to this provider at a time; more wait for a free connection "
         "(up to timeout_seconds, not counted against the provider's breaker)",
     )
+
+    @field_validator("base_url")
+    @classmethod
+    def _callable_base_url(cls, url: str) -> str:
+        # A URL httpx cannot call failed each call of the tier INTERNAL (an error of no
+        # provider, so neither its fallbacks nor the strong chain were tried), or the build.
+        return check_http_url(url)
 
     def resolve_api_key(self) -> str | None:
         """The key from api_key, then api_key_env, then api_key_file; raises ConfigError."""
@@ -535,18 +569,8 @@ class BudgetSettings(_Section):
         # Checked now, not at the first alert: httpx raises on a port past 65535 or a missing
         # host inside the delivery task, where the alert is lost long after the start. The
         # messages never quote the URL: its path may hold the webhook's token.
-        if secret is None:
-            return secret
-        url = secret.get_secret_value()
-        if not url.startswith(("http://", "https://")):
-            raise ValueError("the URL does not start with http:// or https://")
-        parts = urlsplit(url)
-        try:
-            _ = parts.port  # reading it raises ValueError past 65535
-        except ValueError:
-            raise ValueError("the URL's port is not one of 0-65535") from None
-        if not parts.hostname or any(c.isspace() for c in url):
-            raise ValueError("the URL names no host, or holds a space")
+        if secret is not None:
+            check_http_url(secret.get_secret_value())
         return secret
 
 

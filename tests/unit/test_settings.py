@@ -804,3 +804,37 @@ def test_the_answer_limit_must_fit_the_servers_message_size() -> None:
     with pytest.raises(ConfigError, match=r"max_message_bytes"):
         load_settings(server={"max_message_bytes": 64 << 10})
     assert load_settings(limits={"max_answer_chars": 200_000}).limits.max_answer_chars == 200_000
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [("http://127.0.0.1:80890/v1", "port"),  # httpx failed every call (an OverflowError)
+     ("http://127.0.0.1:0/v1", "port"),
+     ("http://[::1/v1", "not a valid URL"),  # httpx.InvalidURL while building the service
+     ("127.0.0.1:8089/v1", "http:// or https://"),  # every call: UnsupportedProtocol
+     ("ftp://127.0.0.1:8089/v1", "http:// or https://"),
+     ("http:///v1", "no host"),
+     ("http://replay host:8089/v1", "no host, or holds a space")],
+)  # fmt: skip
+@pytest.mark.parametrize("where", ["cheap", "strong", "providers.backup"])
+def test_a_provider_base_url_no_call_could_use_is_refused_at_load(
+    url: str, problem: str, where: str
+) -> None:
+    # Loaded, such a URL failed each call of its tier INTERNAL (not an upstream failure, so
+    # neither the fallbacks nor the strong chain were tried), or the service's build.
+    provider = {"base_url": url}
+    upstream: dict[str, object] = {"cheap": provider} if where == "cheap" else {"strong": provider}
+    if where == "providers.backup":
+        upstream = {"providers": {"backup": {"model": "m", "input_usd_per_mtok": 1.0,
+                                             "output_usd_per_mtok": 1.0, **provider}}}  # fmt: skip
+    with pytest.raises(ConfigError, match=rf"upstream\.{where}\.base_url: .*{problem}"):
+        load_settings(None, upstream=upstream)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:8089/v1", "https://api.example/v1/", "http://[::1]:8089/v1",
+     "http://host.docker.internal:8089/v1", "HTTPS://api.example:443"],
+)  # fmt: skip
+def test_provider_base_urls_a_call_can_use_load(url: str) -> None:
+    assert load_settings(None, upstream={"cheap": {"base_url": url}}).upstream.cheap.base_url == url
