@@ -145,7 +145,13 @@ class ProviderSettings(_Section):
     def resolve_api_key(self) -> str | None:
         """The key from api_key, then api_key_env, then api_key_file; raises ConfigError."""
         if self.api_key is not None:
-            return self.api_key.get_secret_value()
+            key = self.api_key.get_secret_value()
+            if not key.strip():  # it would override the other sources and send no key: 401s
+                raise ConfigError(
+                    f"provider {self.model}: api_key is empty (leave it out for a provider "
+                    "that takes no key)"
+                )
+            return key
         if self.api_key_env:
             value = os.environ.get(self.api_key_env)
             if not value:

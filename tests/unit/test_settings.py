@@ -838,3 +838,20 @@ def test_a_provider_base_url_no_call_could_use_is_refused_at_load(
 )  # fmt: skip
 def test_provider_base_urls_a_call_can_use_load(url: str) -> None:
     assert load_settings(None, upstream={"cheap": {"base_url": url}}).upstream.cheap.base_url == url
+
+
+@pytest.mark.parametrize("key", ["", "  "])
+def test_an_empty_api_key_is_refused_at_start_not_sent_as_no_key(
+    key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It overrode api_key_env and api_key_file, and the client sent no Authorization header:
+    # 401 on every call. Compose's ${CHEAP_KEY} with CHEAP_KEY unset gives such a variable.
+    secret = tmp_path / "key"
+    secret.write_text("sk-file\n")
+    given = load_settings(None, upstream={"cheap": {"api_key": key, "api_key_file": str(secret)}})
+    with pytest.raises(ConfigError, match="api_key is empty"):
+        given.upstream.check_keys()
+    monkeypatch.setenv("ROUTECACHE_UPSTREAM__CHEAP__API_KEY", key)
+    by_env = load_settings(None, upstream={"cheap": {"api_key_file": str(secret)}})
+    with pytest.raises(ConfigError, match="api_key is empty"):
+        by_env.upstream.check_keys()
