@@ -10,7 +10,7 @@ import os
 import tomllib
 from collections.abc import Collection
 from pathlib import Path
-from typing import Literal, Self
+from typing import Literal, Self, get_origin
 from urllib.parse import urlsplit
 
 import httpx
@@ -142,38 +142,36 @@ class ProviderSettings(_Section):
         # provider, so neither its fallbacks nor the strong chain were tried), or the build.
         return check_http_url(url)
 
-    def resolve_api_key(self) -> str | None:
-        """The key from api_key, then api_key_env, then api_key_file; raises ConfigError."""
+    def resolve_api_key(self, where: str | None = None) -> str | None:
+        """The key from api_key, then api_key_env, then api_key_file; raises ConfigError,
+        naming `where` (the provider's setting, upstream.cheap say), else its model."""
+        where = where or f"provider {self.model}"
         if self.api_key is not None:
             key = self.api_key.get_secret_value()
             if not key.strip():  # it would override the other sources and send no key: 401s
                 raise ConfigError(
-                    f"provider {self.model}: api_key is empty (leave it out for a provider "
-                    "that takes no key)"
+                    f"{where}: api_key is empty (leave it out for a provider that takes no key)"
                 )
             return key
         if self.api_key_env:
             value = os.environ.get(self.api_key_env)
             if not value:
-                raise ConfigError(f"provider {self.model}: ${self.api_key_env} is not set")
+                raise ConfigError(f"{where}: ${self.api_key_env} is not set")
             return value
         if self.api_key_file is not None:
             try:
                 key = self.api_key_file.read_text(encoding="utf-8").strip()
             except OSError as exc:
                 raise ConfigError(
-                    f"provider {self.model}: cannot read api_key_file {self.api_key_file}: "
-                    f"{exc.strerror}"
+                    f"{where}: cannot read api_key_file {self.api_key_file}: {exc.strerror}"
                 ) from exc
             except UnicodeDecodeError as exc:
                 raise ConfigError(
-                    f"provider {self.model}: cannot read api_key_file {self.api_key_file}: "
+                    f"{where}: cannot read api_key_file {self.api_key_file}: "
                     f"not UTF-8 text ({exc.reason} at byte {exc.start})"
                 ) from exc
             if not key:  # like an empty api_key_env: "Bearer " would fail every call
-                raise ConfigError(
-                    f"provider {self.model}: api_key_file {self.api_key_file} is empty"
-                )
+                raise ConfigError(f"{where}: api_key_file {self.api_key_file} is empty")
             return key
         return None
 
@@ -275,13 +273,19 @@ class UpstreamSettings(_Section):
         for tier in ("cheap", "strong"):
             for name, provider in self.chain(tier):
                 if name not in given:
-                    provider.resolve_api_key()
+                    provider.resolve_api_key(provider_setting(name))
 
     def chain(self, tier: str) -> list[tuple[str, ProviderSettings]]:
         """The providers of a tier, in the order they are tried."""
         first: ProviderSettings = getattr(self, tier)
         names: list[str] = getattr(self, f"{tier}_fallbacks")
         return [(tier, first), *((name, self.providers[name]) for name in names)]
+
+
+def provider_setting(name: str) -> str:
+    """Where a provider of a chain is configured: a tier's first (named as the tier) or one of
+    upstream.providers."""
+    return f"upstream.{name}" if name in ("cheap", "strong") else f"upstream.providers.{name}"
 
 
 class CacheSettings(_Section):
@@ -753,6 +757,21 @@ def _refuse_unknown_env_sections() -> None:
                 )
 
 
+def _refuse_indexed_list_variables() -> None:
+    """ROUTECACHE_TENANTS__0__NAME: pydantic-settings reads a list section's nested variable as a
+    mapping, refused as "tenants: Input should be a valid list", naming no variable."""
+    prefix = "routecache_"
+    lists = {name for name, f in Settings.model_fields.items() if get_origin(f.annotation) is list}
+    for name in os.environ:
+        lowered = name.lower()
+        section, nested, _ = lowered[len(prefix) :].partition("__")
+        if lowered.startswith(prefix) and nested and section in lists:
+            raise ConfigError(
+                f"invalid configuration: environment variable {name}: {section} is a list, "
+                f"set whole: in the config file, or as JSON in ROUTECACHE_{section.upper()}"
+            )
+
+
 def _refuse_single_underscore_sections(settings: Settings) -> None:
     """ROUTECACHE_SERVER_PORT (one underscore) is ROUTECACHE_SERVER__PORT mistyped, and would
     be ignored without a word. A provider's api_key_env may be named so on purpose."""
@@ -791,6 +810,7 @@ def load_settings(config_file: Path | None = None, **overrides: object) -> Setti
 def read_settings(config_file: Path | None, **overrides: object) -> Settings:
     """As load_settings, from `config_file` alone: ROUTECACHE_CONFIG is not read."""
     _refuse_unknown_env_sections()
+    _refuse_indexed_list_variables()
     settings_cls: type[Settings] = Settings
     if config_file is not None:
         if not config_file.is_file():

@@ -855,3 +855,28 @@ def test_an_empty_api_key_is_refused_at_start_not_sent_as_no_key(
     by_env = load_settings(None, upstream={"cheap": {"api_key_file": str(secret)}})
     with pytest.raises(ConfigError, match="api_key is empty"):
         by_env.upstream.check_keys()
+
+
+def test_a_key_that_cannot_be_read_names_the_providers_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # It named the model ("provider gpt-4-1106-preview"), which two entries may share, not the
+    # setting to fix.
+    upstream = load_settings(FAILOVER_EXAMPLE).upstream
+    with pytest.raises(ConfigError, match=r"^upstream\.strong: \$ROUTECACHE_EXAMPLE_STRONG_KEY is"):
+        upstream.check_keys()
+    monkeypatch.setenv("ROUTECACHE_EXAMPLE_STRONG_KEY", "sk-env")
+    with pytest.raises(ConfigError, match=r"^upstream\.providers\.strong-backup: cannot read"):
+        upstream.check_keys()
+
+
+@pytest.mark.parametrize("name", ["ROUTECACHE_TENANTS__0__DAILY_BUDGET_USD",
+                                  "ROUTECACHE_VALIDATORS__0__KIND"])  # fmt: skip
+def test_a_variable_indexing_into_a_list_setting_is_refused_naming_it(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pydantic-settings reads it as a mapping: "tenants: Input should be a valid list", naming
+    # no variable. A list is set whole (JSON) or in the file.
+    monkeypatch.setenv(name, "5")
+    with pytest.raises(ConfigError, match=rf"environment variable {name}: .* as JSON"):
+        load_settings(EXAMPLE)
