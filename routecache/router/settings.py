@@ -344,6 +344,24 @@ def check_redis_url(url: str) -> str:
     return url
 
 
+def redis_url_for_display(url: str) -> str:
+    """`url` fit to print or log: its scheme, host and port or socket path, and database, never
+    its user, password (`user:pass@`, or `?password=` as redis-py's unix-socket form has it)
+    or any other query value."""
+    scheme = url.partition("://")[0]
+    try:
+        parts = parse_url(url)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+    except ValueError:  # refused when the settings load: shown by its scheme alone
+        return f"{scheme}://"
+    db = parts.get("db")  # the query's db, else the path's, as redis-py connects to
+    if scheme == "unix":
+        return f"unix://{parts.get('path', '')}" + ("" if db is None else f"?db={db}")
+    host = parts.get("host", "")
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address
+    port = f":{parts['port']}" if "port" in parts else ""
+    return f"{scheme}://{host}{port}" + ("" if db is None else f"/{db}")
+
+
 class StoreSettings(_Section):
     """Where cache entries, limits and events live: this process, or Redis shared by replicas."""
 

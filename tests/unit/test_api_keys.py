@@ -792,7 +792,17 @@ def test_an_unreachable_redis_registry_is_one_line_and_exit_2(
     port = free_port()  # nothing listens there
     assert main(["keys", "--redis-url", f"redis://:s3cret@127.0.0.1:{port}/0", "list"]) == 2
     err = capsys.readouterr().err
-    assert err == f"routecache: cannot reach Redis at 127.0.0.1:{port}/0\n"  # no password
+    assert err == f"routecache: cannot reach Redis at redis://127.0.0.1:{port}/0\n"  # no password
+
+
+def test_an_unreachable_redis_registry_never_shows_a_password_in_the_query(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # redis-py's documented unix-socket form carries the password in the query: it was shown.
+    url = f"unix://{tmp_path}/none.sock?db=2&password=s3cret"
+    assert main(["keys", "--redis-url", url, "list"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"routecache: cannot reach Redis at unix://{tmp_path}/none.sock?db=2\n"
 
 
 def test_revoking_an_unknown_key_exits_1_in_one_line(

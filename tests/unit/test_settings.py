@@ -880,3 +880,18 @@ def test_a_variable_indexing_into_a_list_setting_is_refused_naming_it(
     monkeypatch.setenv(name, "5")
     with pytest.raises(ConfigError, match=rf"environment variable {name}: .* as JSON"):
         load_settings(EXAMPLE)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [("redis://:s3cret@127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+     ("rediss://user:s3cret@redis.example:6380/2?password=s3cret", "rediss://redis.example:6380/2"),
+     ("redis://127.0.0.1/0?password=s3cret&db=1", "redis://127.0.0.1/1"),
+     ("redis://[::1]:6379", "redis://[::1]:6379"),
+     ("unix://:s3cret@/run/redis.sock?db=3&password=s3cret", "unix:///run/redis.sock?db=3"),
+     ("unix:///run/redis.sock", "unix:///run/redis.sock")],
+)  # fmt: skip
+def test_a_redis_url_is_shown_without_its_credentials(url: str, shown: str) -> None:
+    from routecache.router.settings import redis_url_for_display
+
+    assert redis_url_for_display(url) == shown
