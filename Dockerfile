@@ -29,6 +29,10 @@ RUN useradd --system --uid 10001 --home-dir /app routecache \
     && mkdir -p /var/lib/routecache && chown routecache /var/lib/routecache
 COPY --from=build /opt/routecache /opt/routecache
 # In a container, loopback-only listening is useless: listen on every interface by default.
+# These are environment variables, which rank above the config file: ROUTECACHE_SERVER__HOST,
+# ROUTECACHE_METRICS__HOST and ROUTECACHE_CACHE__ONNX_DIR win over server.host, metrics.host
+# and cache.onnx_dir in a mounted TOML. Change them by environment, not in the file:
+# `docker run -e ROUTECACHE_METRICS__HOST=127.0.0.1 ...` (Kubernetes: the container's env).
 # HF_HOME under /tmp: the root filesystem may be mounted read-only (deploy/k8s does).
 ENV PATH=/opt/routecache/bin:$PATH \
     HF_HUB_OFFLINE=1 \

@@ -16,20 +16,25 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, BinaryIO, TextIO, cast
 
 
 @contextlib.contextmanager
-def replacing(path: Path, mode: int | None = None) -> Iterator[TextIO]:
+def replacing(
+    path: Path, mode: int | None = None, *, like_existing: bool = False
+) -> Iterator[TextIO]:
     """A text file (UTF-8) that takes PATH's place when the block ends, or is removed and
     leaves PATH alone when the block raises.
 
     `mode`: the new file's permission bits, exactly; None for a new file's default (0o666
-    less the umask). The folder must exist.
+    less the umask). `like_existing`: where PATH exists, the new file takes its permission
+    bits instead, and its owner and group where this process may give a file away (root):
+    a file another user (a service) reads stays readable to it. The folder must exist.
     """
-    with _replacing(path, mode, binary=False) as out:
+    with _replacing(path, mode, binary=False, like_existing=like_existing) as out:
         yield cast(TextIO, out)
 
 
@@ -68,9 +73,28 @@ def publish_file(written: Path, target: Path) -> None:
     _sync(target.parent)
 
 
+def _existing(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _take_owner(descriptor: int, existing: os.stat_result) -> None:
+    """The existing file's owner and group, given to the new one where this process may
+    (root): `sudo routecache keys add` made the registry root's, unreadable to the service."""
+    if os.geteuid() == 0:
+        os.fchown(descriptor, existing.st_uid, existing.st_gid)
+
+
 @contextlib.contextmanager
-def _replacing(path: Path, mode: int | None, *, binary: bool) -> Iterator[IO[Any]]:
+def _replacing(
+    path: Path, mode: int | None, *, binary: bool, like_existing: bool = False
+) -> Iterator[IO[Any]]:
     tmp = path.with_name(path.name + ".tmp")
+    existing = _existing(path) if like_existing else None
+    if existing is not None:
+        mode = stat.S_IMODE(existing.st_mode)
     # A temp file left by a crash is removed, not reused: reused, it would keep its old mode
     # (perhaps readable by all) and, before the first write, its old content.
     with contextlib.suppress(FileNotFoundError):
@@ -81,6 +105,8 @@ def _replacing(path: Path, mode: int | None, *, binary: bool) -> Iterator[IO[Any
         with (
             os.fdopen(descriptor, "wb") if binary else os.fdopen(descriptor, "w", encoding="utf-8")
         ) as out:
+            if existing is not None:
+                _take_owner(out.fileno(), existing)  # before the mode: a chown clears set-id bits
             if mode is not None:
                 os.fchmod(out.fileno(), mode)  # the umask may have taken bits the caller wants
             yield out

@@ -19,6 +19,7 @@ from routecache.router.settings import (
     Settings,
     check_redis_url,
     load_settings,
+    redis_url_for_display,
 )
 
 # pandas and pyarrow (the analysis extra) are imported only when exporting.
@@ -172,7 +173,7 @@ async def _read_streams(source: RedisStream) -> list[dict[str, Any]]:
     link = RedisLink(source.url, 5.0, 2, 1.0)
     try:
         if not await link.connect():
-            raise ConfigError(f"cannot reach Redis at {source.url.rsplit('@', 1)[-1]}")
+            raise ConfigError(f"cannot reach Redis at {redis_url_for_display(source.url)}")
         keyspace = KeySpace(source.key_prefix)
         events: list[dict[str, Any]] = []
         for tenant in source.tenants:

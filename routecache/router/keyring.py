@@ -322,8 +322,10 @@ def _read_each(path: Path) -> tuple[list[KeyRecord], list[tuple[str | None, KeyR
 def _write(path: Path, records: list[KeyRecord]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     body = json.dumps({"keys": [asdict(r) for r in records]}, indent=1, sort_keys=True)
-    # Digests only, but nobody else needs to read them. Writers hold the file's lock.
-    with replacing(path, mode=0o600) as out:
+    # Digests only: a new registry is its owner's alone. One that exists keeps its mode and
+    # (run as root) its owner: the service may be another user the operator let read it.
+    # Writers hold the file's lock.
+    with replacing(path, mode=0o600, like_existing=True) as out:
         out.write(body)
 
 

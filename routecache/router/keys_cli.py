@@ -40,6 +40,7 @@ from routecache.router.settings import (
     Settings,
     check_redis_url,
     read_settings,
+    redis_url_for_display,
 )
 
 
@@ -94,7 +95,7 @@ async def open_admin(args: argparse.Namespace, settings: Settings) -> AsyncItera
         link = RedisLink(redis_url, 5.0, 2, 1.0)
         try:
             if not await link.connect():
-                raise ConfigError(f"cannot reach Redis at {redis_url.rsplit('@', 1)[-1]}")
+                raise ConfigError(f"cannot reach Redis at {redis_url_for_display(redis_url)}")
             yield RedisKeyRegistry(link, KeySpace(prefix))
         finally:
             await link.aclose()

@@ -10,9 +10,10 @@ import os
 import tomllib
 from collections.abc import Collection
 from pathlib import Path
-from typing import Literal, Self
+from typing import Literal, Self, get_origin
 from urllib.parse import urlsplit
 
+import httpx
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -73,6 +74,32 @@ class ServerSettings(_Section):
         return self
 
 
+def check_http_url(url: str) -> str:
+    """An http(s) URL httpx can call, or ValueError. Checked when the settings load: httpx
+    raises on a port past 65535 (an OverflowError inside each call), an unclosed IPv6 bracket
+    (building the client) or no scheme (each call) only once the URL is used. The messages
+    never quote the URL: a webhook's may hold its token."""
+    if not url.lower().startswith(("http://", "https://")):
+        raise ValueError("the URL does not start with http:// or https://")
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed [ of an IPv6 address
+        raise ValueError("not a valid URL") from None
+    try:
+        port = parts.port  # reading it raises ValueError past 65535
+    except ValueError:
+        port = 0
+    if port == 0:  # no server listens on port 0: nothing could be called there
+        raise ValueError("the URL's port is not one of 1-65535")
+    if not parts.hostname or any(c.isspace() for c in url):
+        raise ValueError("the URL names no host, or holds a space")
+    try:
+        httpx.URL(url)
+    except httpx.InvalidURL:  # its message may quote the URL
+        raise ValueError("not a valid URL") from None
+    return url
+
+
 class ProviderSettings(_Section):
     """An OpenAI-compatible chat-completions endpoint serving one model."""
 
@@ -108,32 +135,43 @@ class ProviderSettings(_Section):
         "(up to timeout_seconds, not counted against the provider's breaker)",
     )
 
-    def resolve_api_key(self) -> str | None:
-        """The key from api_key, then api_key_env, then api_key_file; raises ConfigError."""
+    @field_validator("base_url")
+    @classmethod
+    def _callable_base_url(cls, url: str) -> str:
+        # A URL httpx cannot call failed each call of the tier INTERNAL (an error of no
+        # provider, so neither its fallbacks nor the strong chain were tried), or the build.
+        return check_http_url(url)
+
+    def resolve_api_key(self, where: str | None = None) -> str | None:
+        """The key from api_key, then api_key_env, then api_key_file; raises ConfigError,
+        naming `where` (the provider's setting, upstream.cheap say), else its model."""
+        where = where or f"provider {self.model}"
         if self.api_key is not None:
-            return self.api_key.get_secret_value()
+            key = self.api_key.get_secret_value()
+            if not key.strip():  # it would override the other sources and send no key: 401s
+                raise ConfigError(
+                    f"{where}: api_key is empty (leave it out for a provider that takes no key)"
+                )
+            return key
         if self.api_key_env:
             value = os.environ.get(self.api_key_env)
             if not value:
-                raise ConfigError(f"provider {self.model}: ${self.api_key_env} is not set")
+                raise ConfigError(f"{where}: ${self.api_key_env} is not set")
             return value
         if self.api_key_file is not None:
             try:
                 key = self.api_key_file.read_text(encoding="utf-8").strip()
             except OSError as exc:
                 raise ConfigError(
-                    f"provider {self.model}: cannot read api_key_file {self.api_key_file}: "
-                    f"{exc.strerror}"
+                    f"{where}: cannot read api_key_file {self.api_key_file}: {exc.strerror}"
                 ) from exc
             except UnicodeDecodeError as exc:
                 raise ConfigError(
-                    f"provider {self.model}: cannot read api_key_file {self.api_key_file}: "
+                    f"{where}: cannot read api_key_file {self.api_key_file}: "
                     f"not UTF-8 text ({exc.reason} at byte {exc.start})"
                 ) from exc
             if not key:  # like an empty api_key_env: "Bearer " would fail every call
-                raise ConfigError(
-                    f"provider {self.model}: api_key_file {self.api_key_file} is empty"
-                )
+                raise ConfigError(f"{where}: api_key_file {self.api_key_file} is empty")
             return key
         return None
 
@@ -235,13 +273,19 @@ class UpstreamSettings(_Section):
         for tier in ("cheap", "strong"):
             for name, provider in self.chain(tier):
                 if name not in given:
-                    provider.resolve_api_key()
+                    provider.resolve_api_key(provider_setting(name))
 
     def chain(self, tier: str) -> list[tuple[str, ProviderSettings]]:
         """The providers of a tier, in the order they are tried."""
         first: ProviderSettings = getattr(self, tier)
         names: list[str] = getattr(self, f"{tier}_fallbacks")
         return [(tier, first), *((name, self.providers[name]) for name in names)]
+
+
+def provider_setting(name: str) -> str:
+    """Where a provider of a chain is configured: a tier's first (named as the tier) or one of
+    upstream.providers."""
+    return f"upstream.{name}" if name in ("cheap", "strong") else f"upstream.providers.{name}"
 
 
 class CacheSettings(_Section):
@@ -298,6 +342,24 @@ def check_redis_url(url: str) -> str:
     except ValueError as exc:  # its messages name the part, never the password
         raise ValueError(f"not a valid Redis URL: {exc}") from exc
     return url
+
+
+def redis_url_for_display(url: str) -> str:
+    """`url` fit to print or log: its scheme, host and port or socket path, and database, never
+    its user, password (`user:pass@`, or `?password=` as redis-py's unix-socket form has it)
+    or any other query value."""
+    scheme = url.partition("://")[0]
+    try:
+        parts = parse_url(url)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+    except ValueError:  # refused when the settings load: shown by its scheme alone
+        return f"{scheme}://"
+    db = parts.get("db")  # the query's db, else the path's, as redis-py connects to
+    if scheme == "unix":
+        return f"unix://{parts.get('path', '')}" + ("" if db is None else f"?db={db}")
+    host = parts.get("host", "")
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address
+    port = f":{parts['port']}" if "port" in parts else ""
+    return f"{scheme}://{host}{port}" + ("" if db is None else f"/{db}")
 
 
 class StoreSettings(_Section):
@@ -535,18 +597,8 @@ class BudgetSettings(_Section):
         # Checked now, not at the first alert: httpx raises on a port past 65535 or a missing
         # host inside the delivery task, where the alert is lost long after the start. The
         # messages never quote the URL: its path may hold the webhook's token.
-        if secret is None:
-            return secret
-        url = secret.get_secret_value()
-        if not url.startswith(("http://", "https://")):
-            raise ValueError("the URL does not start with http:// or https://")
-        parts = urlsplit(url)
-        try:
-            _ = parts.port  # reading it raises ValueError past 65535
-        except ValueError:
-            raise ValueError("the URL's port is not one of 0-65535") from None
-        if not parts.hostname or any(c.isspace() for c in url):
-            raise ValueError("the URL names no host, or holds a space")
+        if secret is not None:
+            check_http_url(secret.get_secret_value())
         return secret
 
 
@@ -723,6 +775,21 @@ def _refuse_unknown_env_sections() -> None:
                 )
 
 
+def _refuse_indexed_list_variables() -> None:
+    """ROUTECACHE_TENANTS__0__NAME: pydantic-settings reads a list section's nested variable as a
+    mapping, refused as "tenants: Input should be a valid list", naming no variable."""
+    prefix = "routecache_"
+    lists = {name for name, f in Settings.model_fields.items() if get_origin(f.annotation) is list}
+    for name in os.environ:
+        lowered = name.lower()
+        section, nested, _ = lowered[len(prefix) :].partition("__")
+        if lowered.startswith(prefix) and nested and section in lists:
+            raise ConfigError(
+                f"invalid configuration: environment variable {name}: {section} is a list, "
+                f"set whole: in the config file, or as JSON in ROUTECACHE_{section.upper()}"
+            )
+
+
 def _refuse_single_underscore_sections(settings: Settings) -> None:
     """ROUTECACHE_SERVER_PORT (one underscore) is ROUTECACHE_SERVER__PORT mistyped, and would
     be ignored without a word. A provider's api_key_env may be named so on purpose."""
@@ -761,6 +828,7 @@ def load_settings(config_file: Path | None = None, **overrides: object) -> Setti
 def read_settings(config_file: Path | None, **overrides: object) -> Settings:
     """As load_settings, from `config_file` alone: ROUTECACHE_CONFIG is not read."""
     _refuse_unknown_env_sections()
+    _refuse_indexed_list_variables()
     settings_cls: type[Settings] = Settings
     if config_file is not None:
         if not config_file.is_file():

@@ -214,6 +214,24 @@ async def test_keys_are_stored_hashed_and_never_logged(
     assert plain not in caplog.text
 
 
+async def test_a_registry_file_keeps_its_mode_and_owner_when_a_command_replaces_it(
+    tmp_path: Path,
+) -> None:
+    # `sudo routecache keys add` replaced a registry the service's user could read with a
+    # root-owned 0600 file: its lookups of registered keys failed until someone chowned it.
+    path = tmp_path / "keys.json"
+    path.write_text('{"keys": []}')
+    os.chmod(path, 0o640)
+    owner = (path.stat().st_uid, path.stat().st_gid)
+    if os.geteuid() == 0:  # only root may give a file away, and so keep another's owner
+        owner = (65534, 65534)
+        os.chown(path, *owner)
+    assert await keys_cli("--registry", str(path), "add", "--tenant", "acme") == 0
+    kept = path.stat()
+    assert (kept.st_mode & 0o777, kept.st_uid, kept.st_gid) == (0o640, *owner)
+    assert "acme" in path.read_text()
+
+
 async def test_a_key_change_syncs_the_folder_after_replacing_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -792,7 +810,17 @@ def test_an_unreachable_redis_registry_is_one_line_and_exit_2(
     port = free_port()  # nothing listens there
     assert main(["keys", "--redis-url", f"redis://:s3cret@127.0.0.1:{port}/0", "list"]) == 2
     err = capsys.readouterr().err
-    assert err == f"routecache: cannot reach Redis at 127.0.0.1:{port}/0\n"  # no password
+    assert err == f"routecache: cannot reach Redis at redis://127.0.0.1:{port}/0\n"  # no password
+
+
+def test_an_unreachable_redis_registry_never_shows_a_password_in_the_query(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # redis-py's documented unix-socket form carries the password in the query: it was shown.
+    url = f"unix://{tmp_path}/none.sock?db=2&password=s3cret"
+    assert main(["keys", "--redis-url", url, "list"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"routecache: cannot reach Redis at unix://{tmp_path}/none.sock?db=2\n"
 
 
 def test_revoking_an_unknown_key_exits_1_in_one_line(

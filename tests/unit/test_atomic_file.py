@@ -68,6 +68,25 @@ def test_a_mode_is_set_exactly_even_over_a_stale_temp_file_and_past_the_umask(
     assert (_mode(path), path.read_text()) == (mode, "new")
 
 
+def test_like_existing_keeps_the_files_mode_and_owner_and_a_new_file_takes_the_mode(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "file.json"
+    with replacing(path, mode=0o600, like_existing=True) as out:
+        out.write("first")
+    assert _mode(path) == 0o600
+    os.chmod(path, 0o644)
+    owner = (path.stat().st_uid, path.stat().st_gid)
+    if os.geteuid() == 0:  # only root may give a file away: the owner is kept only by root
+        owner = (65534, 65534)
+        os.chown(path, *owner)
+    with replacing(path, mode=0o600, like_existing=True) as out:
+        out.write("second")
+    replaced = path.stat()
+    assert (_mode(path), replaced.st_uid, replaced.st_gid) == (0o644, *owner)
+    assert path.read_text() == "second"
+
+
 def test_without_a_mode_the_file_is_as_the_umask_allows(tmp_path: Path) -> None:
     path = tmp_path / "file.json"
     previous = os.umask(0o027)

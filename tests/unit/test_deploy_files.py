@@ -150,3 +150,25 @@ def test_kubernetes_example_ships_the_redis_it_points_at() -> None:
     # The documented Secret command names the Service the manifest ships.
     kustomization = (ROOT / "deploy/k8s/kustomization.yaml").read_text()
     assert "url=redis://routecache-redis:6379/0" in kustomization
+
+
+def test_the_settings_the_image_sets_by_environment_are_said_to_override_the_config_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The image's ENV ranks above an operator's TOML: `[server] host = "127.0.0.1"` in the
+    # mounted file was silently ignored. Each such variable is named where operators look.
+    runtime = (ROOT / "Dockerfile").read_text().rsplit("\nFROM ", 1)[1]
+    code = "\n".join(line for line in runtime.splitlines() if not line.lstrip().startswith("#"))
+    notes = "\n".join(line for line in runtime.splitlines() if line.lstrip().startswith("#"))
+    baked = dict(re.findall(r"(ROUTECACHE_[A-Z_]+)=(\S+)", code))
+    assert baked
+    deployment = (ROOT / "docs/operations.md").read_text().split("## Deployment", 1)[1]
+    for name in baked:
+        assert name in notes and name in deployment, name
+    # What the notes say is so: the variable beats the file.
+    config = tmp_path / "config.toml"
+    config.write_text('[server]\nhost = "127.0.0.1"\n[metrics]\nhost = "127.0.0.1"\n')
+    for name, value in baked.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings(config)
+    assert (settings.server.host, settings.metrics.host) == ("0.0.0.0", "0.0.0.0")

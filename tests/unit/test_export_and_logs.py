@@ -810,3 +810,18 @@ def test_the_jsonl_event_logs_drops_are_a_metric(tmp_path: Path) -> None:
     assert telemetry.registry.get_sample_value("routecache_events_dropped_total") == 1
     assert isinstance(events, JsonlEventLog)
     events.close()
+
+
+def test_an_unreachable_redis_event_stream_never_shows_its_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from routecache.router.cli import main
+    from tests.redis_fixture import free_port
+
+    port = free_port()  # nothing listens there
+    for url in (f"redis://127.0.0.1:{port}/0?password=s3cret",
+                f"redis://user:s3cret@127.0.0.1:{port}/0"):  # fmt: skip
+        out = str(tmp_path / "e.parquet")
+        assert main(["export-events", "--redis-url", url, "--tenant", "acme", "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert err == f"routecache: cannot reach Redis at redis://127.0.0.1:{port}/0\n"

@@ -804,3 +804,94 @@ def test_the_answer_limit_must_fit_the_servers_message_size() -> None:
     with pytest.raises(ConfigError, match=r"max_message_bytes"):
         load_settings(server={"max_message_bytes": 64 << 10})
     assert load_settings(limits={"max_answer_chars": 200_000}).limits.max_answer_chars == 200_000
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [("http://127.0.0.1:80890/v1", "port"),  # httpx failed every call (an OverflowError)
+     ("http://127.0.0.1:0/v1", "port"),
+     ("http://[::1/v1", "not a valid URL"),  # httpx.InvalidURL while building the service
+     ("127.0.0.1:8089/v1", "http:// or https://"),  # every call: UnsupportedProtocol
+     ("ftp://127.0.0.1:8089/v1", "http:// or https://"),
+     ("http:///v1", "no host"),
+     ("http://replay host:8089/v1", "no host, or holds a space")],
+)  # fmt: skip
+@pytest.mark.parametrize("where", ["cheap", "strong", "providers.backup"])
+def test_a_provider_base_url_no_call_could_use_is_refused_at_load(
+    url: str, problem: str, where: str
+) -> None:
+    # Loaded, such a URL failed each call of its tier INTERNAL (not an upstream failure, so
+    # neither the fallbacks nor the strong chain were tried), or the service's build.
+    provider = {"base_url": url}
+    upstream: dict[str, object] = {"cheap": provider} if where == "cheap" else {"strong": provider}
+    if where == "providers.backup":
+        upstream = {"providers": {"backup": {"model": "m", "input_usd_per_mtok": 1.0,
+                                             "output_usd_per_mtok": 1.0, **provider}}}  # fmt: skip
+    with pytest.raises(ConfigError, match=rf"upstream\.{where}\.base_url: .*{problem}"):
+        load_settings(None, upstream=upstream)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:8089/v1", "https://api.example/v1/", "http://[::1]:8089/v1",
+     "http://host.docker.internal:8089/v1", "HTTPS://api.example:443"],
+)  # fmt: skip
+def test_provider_base_urls_a_call_can_use_load(url: str) -> None:
+    assert load_settings(None, upstream={"cheap": {"base_url": url}}).upstream.cheap.base_url == url
+
+
+@pytest.mark.parametrize("key", ["", "  "])
+def test_an_empty_api_key_is_refused_at_start_not_sent_as_no_key(
+    key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It overrode api_key_env and api_key_file, and the client sent no Authorization header:
+    # 401 on every call. Compose's ${CHEAP_KEY} with CHEAP_KEY unset gives such a variable.
+    secret = tmp_path / "key"
+    secret.write_text("sk-file\n")
+    given = load_settings(None, upstream={"cheap": {"api_key": key, "api_key_file": str(secret)}})
+    with pytest.raises(ConfigError, match="api_key is empty"):
+        given.upstream.check_keys()
+    monkeypatch.setenv("ROUTECACHE_UPSTREAM__CHEAP__API_KEY", key)
+    by_env = load_settings(None, upstream={"cheap": {"api_key_file": str(secret)}})
+    with pytest.raises(ConfigError, match="api_key is empty"):
+        by_env.upstream.check_keys()
+
+
+def test_a_key_that_cannot_be_read_names_the_providers_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # It named the model ("provider gpt-4-1106-preview"), which two entries may share, not the
+    # setting to fix.
+    upstream = load_settings(FAILOVER_EXAMPLE).upstream
+    with pytest.raises(ConfigError, match=r"^upstream\.strong: \$ROUTECACHE_EXAMPLE_STRONG_KEY is"):
+        upstream.check_keys()
+    monkeypatch.setenv("ROUTECACHE_EXAMPLE_STRONG_KEY", "sk-env")
+    with pytest.raises(ConfigError, match=r"^upstream\.providers\.strong-backup: cannot read"):
+        upstream.check_keys()
+
+
+@pytest.mark.parametrize("name", ["ROUTECACHE_TENANTS__0__DAILY_BUDGET_USD",
+                                  "ROUTECACHE_VALIDATORS__0__KIND"])  # fmt: skip
+def test_a_variable_indexing_into_a_list_setting_is_refused_naming_it(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pydantic-settings reads it as a mapping: "tenants: Input should be a valid list", naming
+    # no variable. A list is set whole (JSON) or in the file.
+    monkeypatch.setenv(name, "5")
+    with pytest.raises(ConfigError, match=rf"environment variable {name}: .* as JSON"):
+        load_settings(EXAMPLE)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [("redis://:s3cret@127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+     ("rediss://user:s3cret@redis.example:6380/2?password=s3cret", "rediss://redis.example:6380/2"),
+     ("redis://127.0.0.1/0?password=s3cret&db=1", "redis://127.0.0.1/1"),
+     ("redis://[::1]:6379", "redis://[::1]:6379"),
+     ("unix://:s3cret@/run/redis.sock?db=3&password=s3cret", "unix:///run/redis.sock?db=3"),
+     ("unix:///run/redis.sock", "unix:///run/redis.sock")],
+)  # fmt: skip
+def test_a_redis_url_is_shown_without_its_credentials(url: str, shown: str) -> None:
+    from routecache.router.settings import redis_url_for_display
+
+    assert redis_url_for_display(url) == shown
