@@ -365,10 +365,8 @@ class ReplicaSync:
             return
         last = parse_id(self._last.get(stream, "0-0"))
         info = await self._stream_info(stream)
-        first = info.get("first-entry")
         newest = parse_id(_text(info.get("last-generated-id", "0-0")))
-        trimmed = first is not None and parse_id(_text(first[0])) > last
-        if trimmed or newest < last:
+        if _trimmed_past(info, last) or newest < last:
             log.warning("sync stream of %s has a gap: rebuilding its entries", tenant)
             await self._rebuild_tenant(tenant, started)
 
@@ -410,6 +408,23 @@ def _row(scope: bytes, emb: bytes | None, expires: bytes | None) -> tuple[str, f
         return scope.decode(), float(expires)
     except (UnicodeDecodeError, ValueError) as exc:
         raise _Malformed(str(exc)) from exc
+
+
+def _trimmed_past(info: dict[str, Any], position: StreamId) -> bool:
+    """Whether the stream (its XINFO STREAM) lost messages newer than `position`: its oldest
+    kept message is newer, and trimming dropped some. A first message newer than the position
+    alone is no gap: a stream empty when the position was noted (0-0) and never trimmed starts
+    after it too. Trimming leaves max-deleted-entry-id alone, so entries-added tells instead
+    (Redis 7; an older one does not say, and any stream starting past the position counts)."""
+    if not info:
+        return False  # Redis holds no such stream: the caller tells that apart
+    added = info.get("entries-added")
+    if added is not None and int(added) <= int(info.get("length", 0)):
+        return False  # never trimmed
+    first = info.get("first-entry")
+    # Trimmed empty: whatever came after the position is gone.
+    oldest = info.get("last-generated-id", "0-0") if first is None else first[0]
+    return parse_id(_text(oldest)) > position
 
 
 def _text(value: bytes | str) -> str:

@@ -243,6 +243,23 @@ async def test_after_an_outage_a_stream_that_reaches_back_to_the_replica_is_tail
     assert rebuilt == []
 
 
+async def test_after_an_outage_a_stream_empty_at_the_rebuild_and_never_trimmed_is_tailed(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A's position is 0-0 (no stream at its rebuild) and it tailed nothing before the outage:
+    # the stream's first message is newer than 0-0, but nothing was trimmed, so no gap.
+    a = rig.replica_a()
+    await a.sync.rebuild()
+    rebuilt = rebuilds_of(monkeypatch, a.sync)
+    await rig.link.mark_down(OUTAGE)
+    written = await rig.write(3)
+    with running(a.sync):
+        await eventually(lambda: not a.sync._resync, "A checked the stream for gaps")
+        await eventually(lambda: len(a.ids()) == 3, "B's entries tailed", within=3)
+    assert a.ids() == {e.entry_id for e in written}
+    assert rebuilt == []
+
+
 async def test_after_an_outage_a_stream_redis_no_longer_holds_rebuilds_the_tenant(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
