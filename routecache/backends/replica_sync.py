@@ -376,15 +376,21 @@ class ReplicaSync:
         # Each id ends as its last operation left it: a `del` then an `add` (a PUT of an id
         # Redis holds unlinks it first) leaves the entry in, an `add` then a `del` leaves it
         # out. An id whose last operation is this replica's own is as its cache left it, but
-        # for an own `add` the index lacks: a PUT Redis ran whose reply was lost (a timeout),
-        # which the cache took for failed and never indexed. Only those are read from Redis:
-        # the rest cost one index lookup each.
+        # for a PUT or DELETE Redis ran whose reply was lost (a timeout), which the cache took
+        # for failed: an own `add` the index lacks (never indexed; only those are read from
+        # Redis) and an own `del` the index still holds (the row and its penalty kept). The
+        # rest cost one index lookup each.
         last = {op["id"]: op for op in ops}
         theirs = {i: op for i, op in last.items() if op.get("o") != self._origin}
         for op in ops:
             # Before a re-add too: the index keeps one row per id and would keep the old one.
             if op["op"] == "del" and op["id"] in theirs:
                 self._on_removed(op["scope"], op["id"])
+        for i, op in last.items():
+            # A batch ending between an own `del` and the re-`add` of its id drops the row the
+            # cache re-added: the next batch's own `add`, which the index then lacks, restores it.
+            if op["op"] == "del" and i not in theirs and self._index.contains(op["scope"], i):
+                self._on_removed(op["scope"], i)
         await self._load([i for i, op in last.items() if op["op"] == "add" and (
             i in theirs or not self._index.contains(op["scope"], i))])  # fmt: skip
         return sum(op.get("o") != self._origin for op in ops)

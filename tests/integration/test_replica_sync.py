@@ -817,6 +817,30 @@ async def test_an_own_entry_whose_put_reply_was_lost_is_indexed_from_the_stream(
     assert a.ids() == {entry.entry_id}
 
 
+async def test_an_own_delete_whose_reply_was_lost_drops_the_row_from_the_stream(
+    rig: Rig,
+) -> None:
+    # Redis ran this replica's DELETE (an invalidation, or a PUT's eviction) but its reply
+    # timed out: the cache kept the row and its penalty, which nothing else removed.
+    a = rig.replica_a()
+    removed: list[str] = []
+
+    def forget(scope: str, entry_id: str) -> None:  # as SemanticCache.forget_removed
+        removed.append(entry_id)
+        a.index.remove(scope, entry_id)
+
+    a.sync.on_removed(forget)
+    await a.sync.rebuild()
+    kept, lost, done = await rig.write(3)
+    await a.sync.poll()
+    await a.store.delete([lost.entry_id])  # the cache never heard back: its row stays
+    await a.store.delete([done.entry_id])
+    a.index.remove(SCOPE, done.entry_id)  # what A's cache did as the delete returned
+    assert await a.sync.poll() == 0  # still no other replica's operation
+    assert a.ids() == {kept.entry_id}
+    assert removed == [lost.entry_id]  # the delete the cache applied is not told again
+
+
 async def test_an_own_entry_already_indexed_is_not_read_again(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
