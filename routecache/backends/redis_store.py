@@ -98,6 +98,11 @@ class RedisEntryStore:
         self._get_exact = client.register_script(scripts.GET_EXACT)
         self._record_hit = client.register_script(scripts.RECORD_HIT)
 
+    @property
+    def sync_stream_max_len(self) -> int:
+        """How many messages each tenant's sync stream keeps at least (MAXLEN ~)."""
+        return self._options.sync_stream_max_len
+
     def _common(self, keys: TenantKeys) -> list[str | int]:
         return [keys.base, self._options.sync_stream_max_len, self._origin]
 

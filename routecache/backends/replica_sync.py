@@ -4,7 +4,10 @@ At start: a full rebuild from the tenants' entry hashes (ZSCAN + pipelined HMGET
 adds), with progress logged. Then: tail the tenants' sync streams (XREAD BLOCK) from the ids
 noted before the rebuild began, so nothing written meanwhile is missed, and apply the other
 replicas' adds and deletes. After an outage the tail resumes where it stopped; if the stream
-was trimmed past that point or Redis lost its data, the tenant is rebuilt instead.
+was trimmed past that point or Redis lost its data, the tenant is rebuilt instead. So it is
+when the stream was trimmed past where its rebuild began (more changes during the scan than
+the stream keeps) or past a tail that fell behind: XREAD would go on at the oldest message
+kept, and the adds trimmed before it would never be indexed.
 
 Entries the index still holds but Redis no longer has cost only memory: SemanticCache checks
 every candidate against the store and drops the missing ones. A delete read from the stream
@@ -29,7 +32,7 @@ from routecache.backends import scripts
 from routecache.backends.keys import KeySpace, tenant_of_id
 from routecache.backends.link import RedisLink, RedisRefused, guarded
 from routecache.backends.redis_store import RedisEntryStore
-from routecache.backends.rounds import EachTenant, Rounds
+from routecache.backends.rounds import EachTenant, Rounds, TryAgain
 from routecache.cache.ports import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -40,10 +43,20 @@ Message = tuple[bytes, dict[bytes, bytes]]
 RemovalListener = Callable[[str, str], None]
 _PROGRESS_EVERY_SECONDS = 2.0
 _OPS = ("add", "del")
+_READ_COUNT = 1000  # sync messages one XREAD returns at most, per stream
 
 
 class _Malformed(ValueError):
     """A sync message or entry row this replica cannot read: skipped, else it stopped the tail."""
+
+
+class _Trimmed(TryAgain):
+    """The sync stream no longer reaches back to where a rebuild began: the entries put behind
+    the scan's cursor meanwhile are in neither the scan nor the stream, so it is done again."""
+
+    def __init__(self) -> None:
+        super().__init__("its sync stream was trimmed past where the rebuild began (more "
+                         "changes while it ran than store.sync_stream_max_len)")  # fmt: skip
 
 
 def parse_id(raw: str) -> StreamId:
@@ -74,6 +87,10 @@ class ReplicaSync:
         self._clock = clock
         self._purge_interval = purge_interval_seconds
         self._batch = batch
+        # A batch this long may start past messages trimmed before the read (a stream keeps
+        # at least sync_stream_max_len; one trimmed past the position asked for holds only
+        # newer ones): checked against the stream. A shorter one cannot, and costs nothing.
+        self._suspect_batch = min(_READ_COUNT, store.sync_stream_max_len)
         # Expired entries within the grace stay searchable for stale answers (SemanticCache
         # keeps them out of normal lookups).
         self._grace = stale_grace_seconds
@@ -131,10 +148,13 @@ class ReplicaSync:
         started = time.perf_counter()
         total = 0
         for tenant in self._tenants:
-            total += await self._rebuild_tenant(tenant, started)
+            try:
+                total += await self._rebuild_tenant(tenant, started)
+            except _Trimmed as exc:  # the others go on; the tail loop rebuilds this one again
+                log.warning("index rebuild of tenant %s is done again: %s", tenant, exc)
         log.info("index rebuilt from redis: %d entries in %.1f s", total,
                  time.perf_counter() - started)  # fmt: skip
-        self._resync = False
+        self._resync = len(self._last) < len(self._tenants)
         return total
 
     async def _rebuild_tenant(self, tenant: str, started: float) -> int:
@@ -164,6 +184,8 @@ class ReplicaSync:
                          size, elapsed)  # fmt: skip
             if cursor == 0:
                 self._drop_lost(tenant, held_before, seen)
+                if await self._trimmed_since(keys.sync, resume_from):
+                    raise _Trimmed()  # the tenant stays out of `_last`: owed a rebuild
                 self._last[keys.sync] = resume_from
                 return loaded
 
@@ -267,7 +289,7 @@ class ReplicaSync:
         }
         if not streams:
             raise RedisRefused("the sync stream of every tenant was refused")
-        read = partial(self._link.blocking.xread, streams, count=1000,
+        read = partial(self._link.blocking.xread, streams, count=_READ_COUNT,
                        block=self._link.block_ms)  # fmt: skip
         try:
             answer = await guarded(self._link, read)
@@ -294,7 +316,8 @@ class ReplicaSync:
         async def read_one(tenant: str) -> None:
             stream = self._keys.of(tenant).sync
             if stream in self._last:  # else its rebuild is owed: the gap check does it
-                read = partial(self._link.client.xread, {stream: self._last[stream]}, count=1000)
+                at = {stream: self._last[stream]}
+                read = partial(self._link.client.xread, at, count=_READ_COUNT)
                 answers.append(await guarded(self._link, read))
 
         await self._reads.run(tenants, read_one)
@@ -305,13 +328,35 @@ class ReplicaSync:
         return count
 
     async def _apply_all(self, answer: list[tuple[bytes, list[Message]]]) -> int:
-        """Applies what XREAD answered and moves each stream's position past it."""
+        """Applies what XREAD answered and moves each stream's position past it, or, where the
+        stream was trimmed past the position read from, owes its tenant a rebuild."""
         count = 0
-        for stream, messages in answer:
-            count += await self._apply(stream.decode(), messages)
-            self._last[stream.decode()] = messages[-1][0].decode()
+        for raw_stream, messages in answer:
+            stream = raw_stream.decode()
+            asked = self._last.get(stream, "0-0")
+            count += await self._apply(stream, messages)
+            # Checked before the position moves: a failed check reads the batch again.
+            if len(messages) >= self._suspect_batch and await self._trimmed_since(stream, asked):
+                self._owe_rebuild(stream)
+            else:
+                self._last[stream] = messages[-1][0].decode()
         self.applied += count
         return count
+
+    def _owe_rebuild(self, stream: str) -> None:
+        """The tail lagged past what the stream keeps: XREAD went on at its oldest message
+        without a word, and the changes trimmed before it are lost to this replica. The next
+        tail round's gap check rebuilds the tenant (one not in `_last`)."""
+        log.warning("sync stream of %s was trimmed past this replica's position (it fell more "
+                    "than store.sync_stream_max_len changes behind): rebuilding its entries",
+                    self._tenant_of_stream(stream))  # fmt: skip
+        self._last.pop(stream, None)
+        self._resync, self._resync_at = True, 0.0
+
+    async def _trimmed_since(self, stream: str, position: str) -> bool:
+        """Whether the stream lost messages newer than `position` (see `_trimmed_past`). Asked
+        after a read, it may also see a trim since the read: a rebuild more, never a gap kept."""
+        return _trimmed_past(await self._stream_info(stream), parse_id(position))
 
     async def _apply(self, stream: str, messages: list[Message]) -> int:
         tenant = self._tenant_of_stream(stream)
@@ -331,15 +376,21 @@ class ReplicaSync:
         # Each id ends as its last operation left it: a `del` then an `add` (a PUT of an id
         # Redis holds unlinks it first) leaves the entry in, an `add` then a `del` leaves it
         # out. An id whose last operation is this replica's own is as its cache left it, but
-        # for an own `add` the index lacks: a PUT Redis ran whose reply was lost (a timeout),
-        # which the cache took for failed and never indexed. Only those are read from Redis:
-        # the rest cost one index lookup each.
+        # for a PUT or DELETE Redis ran whose reply was lost (a timeout), which the cache took
+        # for failed: an own `add` the index lacks (never indexed; only those are read from
+        # Redis) and an own `del` the index still holds (the row and its penalty kept). The
+        # rest cost one index lookup each.
         last = {op["id"]: op for op in ops}
         theirs = {i: op for i, op in last.items() if op.get("o") != self._origin}
         for op in ops:
             # Before a re-add too: the index keeps one row per id and would keep the old one.
             if op["op"] == "del" and op["id"] in theirs:
                 self._on_removed(op["scope"], op["id"])
+        for i, op in last.items():
+            # A batch ending between an own `del` and the re-`add` of its id drops the row the
+            # cache re-added: the next batch's own `add`, which the index then lacks, restores it.
+            if op["op"] == "del" and i not in theirs and self._index.contains(op["scope"], i):
+                self._on_removed(op["scope"], i)
         await self._load([i for i, op in last.items() if op["op"] == "add" and (
             i in theirs or not self._index.contains(op["scope"], i))])  # fmt: skip
         return sum(op.get("o") != self._origin for op in ops)
@@ -348,7 +399,8 @@ class ReplicaSync:
         return next((t for t in self._tenants if self._keys.of(t).sync == stream), stream)
 
     async def _check_gaps(self) -> None:
-        """After an outage: rebuild a tenant whose stream no longer reaches back to our id.
+        """After an outage, or a tail or rebuild that found its stream trimmed past it: rebuild
+        a tenant whose stream no longer reaches back to our id (or that has none: owed one).
         A tenant whose check or rebuild fails (refused, or a bug: `_load` lets out what is not
         a ValueError, such as a faiss RuntimeError) stays owed and is checked again a probe
         interval later; raised, it failed every tail round, so no tenant was tailed and the
@@ -363,12 +415,10 @@ class ReplicaSync:
         if stream not in self._last:
             await self._rebuild_tenant(tenant, started)
             return
-        last = parse_id(self._last.get(stream, "0-0"))
+        last = parse_id(self._last[stream])
         info = await self._stream_info(stream)
-        first = info.get("first-entry")
         newest = parse_id(_text(info.get("last-generated-id", "0-0")))
-        trimmed = first is not None and parse_id(_text(first[0])) > last
-        if trimmed or newest < last:
+        if _trimmed_past(info, last) or newest < last:
             log.warning("sync stream of %s has a gap: rebuilding its entries", tenant)
             await self._rebuild_tenant(tenant, started)
 
@@ -410,6 +460,23 @@ def _row(scope: bytes, emb: bytes | None, expires: bytes | None) -> tuple[str, f
         return scope.decode(), float(expires)
     except (UnicodeDecodeError, ValueError) as exc:
         raise _Malformed(str(exc)) from exc
+
+
+def _trimmed_past(info: dict[str, Any], position: StreamId) -> bool:
+    """Whether the stream (its XINFO STREAM) lost messages newer than `position`: its oldest
+    kept message is newer, and trimming dropped some. A first message newer than the position
+    alone is no gap: a stream empty when the position was noted (0-0) and never trimmed starts
+    after it too. Trimming leaves max-deleted-entry-id alone, so entries-added tells instead
+    (Redis 7; an older one does not say, and any stream starting past the position counts)."""
+    if not info:
+        return False  # Redis holds no such stream: the caller tells that apart
+    added = info.get("entries-added")
+    if added is not None and int(added) <= int(info.get("length", 0)):
+        return False  # never trimmed
+    first = info.get("first-entry")
+    # Trimmed empty: whatever came after the position is gone.
+    oldest = info.get("last-generated-id", "0-0") if first is None else first[0]
+    return parse_id(_text(oldest)) > position
 
 
 def _text(value: bytes | str) -> str:

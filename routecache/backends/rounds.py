@@ -66,6 +66,11 @@ def _raised_where(exc: BaseException) -> str:
     return f"{type(exc).__name__} at {where}"
 
 
+class TryAgain(Exception):
+    """A tenant's step that could not finish this time, for a reason its message tells (no
+    bug, no Redis error): logged without a traceback, and owed like any failed step."""
+
+
 class EachTenant:
     """One step of a round for each tenant: one tenant's failure (refused, or a bug) is logged
     once an episode and leaves the others to go on; Redis down ends the round, since every
@@ -82,8 +87,8 @@ class EachTenant:
         for tenant in tenants:
             try:
                 await step(tenant)
-            except RedisRefused as exc:
-                self._failed_once(tenant, exc)  # the link logged the error itself
+            except (RedisRefused, TryAgain) as exc:
+                self._failed_once(tenant, exc)  # the link (or the message) tells it all
             except (RedisDown, RedisError, OSError):
                 raise  # Redis down (or a call beside the link, which the round marks down)
             except Exception as exc:

@@ -55,8 +55,10 @@ class Rig:
         batch: int = 2000,
         purge_interval_seconds: float = 5.0,
         tenants: tuple[str, ...] = ("acme",),
+        sync_stream_max_len: int = 100_000,
     ) -> ReplicaA:
-        store = RedisEntryStore(self.link, KeySpace(), RedisStoreOptions(10_000), self.clock, "a")
+        options = RedisStoreOptions(10_000, sync_stream_max_len=sync_stream_max_len)
+        store = RedisEntryStore(self.link, KeySpace(), options, self.clock, "a")
         index = ScopedFaissIndex(4)
         sync = ReplicaSync(self.link, KeySpace(), tenants, index, store, "a", self.clock,
                            purge_interval_seconds, batch, GRACE)  # fmt: skip
@@ -241,6 +243,83 @@ async def test_after_an_outage_a_stream_that_reaches_back_to_the_replica_is_tail
         (later,) = await rig.write()
         await eventually(lambda: later.entry_id in a.ids(), "B's later entry", within=3)
     assert rebuilt == []
+
+
+async def test_after_an_outage_a_stream_empty_at_the_rebuild_and_never_trimmed_is_tailed(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A's position is 0-0 (no stream at its rebuild) and it tailed nothing before the outage:
+    # the stream's first message is newer than 0-0, but nothing was trimmed, so no gap.
+    a = rig.replica_a()
+    await a.sync.rebuild()
+    rebuilt = rebuilds_of(monkeypatch, a.sync)
+    await rig.link.mark_down(OUTAGE)
+    written = await rig.write(3)
+    with running(a.sync):
+        await eventually(lambda: not a.sync._resync, "A checked the stream for gaps")
+        await eventually(lambda: len(a.ids()) == 3, "B's entries tailed", within=3)
+    assert a.ids() == {e.entry_id for e in written}
+    assert rebuilt == []
+
+
+def trim_sync_stream(rig: Rig, keep: int) -> None:
+    """What B's writes past store.sync_stream_max_len do: the stream keeps the newest `keep`."""
+    with rig.raw() as raw:
+        raw.xtrim("rc:{acme}:sync", maxlen=keep, approximate=False)
+
+
+async def test_a_stream_trimmed_past_where_a_rebuild_began_rebuilds_the_tenant_again(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # More changes than the stream keeps while A's rebuild scanned (80 s at 1M entries): the
+    # entries put behind the scan's cursor are in neither the scan nor the stream A tails from
+    # the id noted before it, so the tail alone never indexed them.
+    before = await rig.write(2)
+    a = rig.replica_a()
+    rebuilt = rebuilds_of(monkeypatch, a.sync)
+    during: list[CacheEntry] = []
+    real_load = a.sync._load
+
+    async def load(ids: list[str]) -> int:
+        if not during:  # B writes on while A's first scan batch loads
+            during.extend(await rig.write(5))
+            trim_sync_stream(rig, keep=1)
+        return await real_load(ids)
+
+    monkeypatch.setattr(a.sync, "_load", load)
+    await a.sync.rebuild()
+    with running(a.sync):
+        await eventually(lambda: len(a.ids()) == 7, "every entry in A's index", within=3)
+    assert a.ids() == {e.entry_id for e in before + during}
+    assert rebuilt == ["acme", "acme"]
+
+
+async def test_a_tail_that_fell_behind_a_trimmed_stream_rebuilds_the_tenant(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No outage: A's tail lagged (a long rebuild of another tenant, a busy event loop) while
+    # the stream was trimmed past it. XREAD starts at the oldest message kept, silently.
+    a = rig.replica_a(sync_stream_max_len=2)
+    await a.sync.rebuild()
+    rebuilt = rebuilds_of(monkeypatch, a.sync)
+    written = await rig.write(5)
+    trim_sync_stream(rig, keep=2)
+    with running(a.sync):
+        await eventually(lambda: len(a.ids()) == 5, "every entry in A's index", within=3)
+    assert a.ids() == {e.entry_id for e in written}
+    assert rebuilt == ["acme"]
+
+
+async def test_a_tail_behind_a_stream_that_still_reaches_back_to_it_is_not_rebuilt(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = rig.replica_a(sync_stream_max_len=2)
+    await a.sync.rebuild()
+    rebuilt = rebuilds_of(monkeypatch, a.sync)
+    written = await rig.write(5)  # more than the stream keeps at once, but nothing trimmed
+    assert await a.sync.poll() == 5
+    assert a.ids() == {e.entry_id for e in written}
+    assert rebuilt == [] and not a.sync._resync
 
 
 async def test_after_an_outage_a_stream_redis_no_longer_holds_rebuilds_the_tenant(
@@ -736,6 +815,30 @@ async def test_an_own_entry_whose_put_reply_was_lost_is_indexed_from_the_stream(
     assert entry.entry_id not in a.ids()
     assert await a.sync.poll() == 0  # still no other replica's operation
     assert a.ids() == {entry.entry_id}
+
+
+async def test_an_own_delete_whose_reply_was_lost_drops_the_row_from_the_stream(
+    rig: Rig,
+) -> None:
+    # Redis ran this replica's DELETE (an invalidation, or a PUT's eviction) but its reply
+    # timed out: the cache kept the row and its penalty, which nothing else removed.
+    a = rig.replica_a()
+    removed: list[str] = []
+
+    def forget(scope: str, entry_id: str) -> None:  # as SemanticCache.forget_removed
+        removed.append(entry_id)
+        a.index.remove(scope, entry_id)
+
+    a.sync.on_removed(forget)
+    await a.sync.rebuild()
+    kept, lost, done = await rig.write(3)
+    await a.sync.poll()
+    await a.store.delete([lost.entry_id])  # the cache never heard back: its row stays
+    await a.store.delete([done.entry_id])
+    a.index.remove(SCOPE, done.entry_id)  # what A's cache did as the delete returned
+    assert await a.sync.poll() == 0  # still no other replica's operation
+    assert a.ids() == {kept.entry_id}
+    assert removed == [lost.entry_id]  # the delete the cache applied is not told again
 
 
 async def test_an_own_entry_already_indexed_is_not_read_again(

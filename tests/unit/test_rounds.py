@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from routecache.backends.rounds import Rounds
+from routecache.backends.rounds import EachTenant, Rounds, TryAgain
 
 
 class QuietLink:
@@ -56,3 +56,22 @@ async def test_another_bug_or_a_round_that_works_begins_a_new_episode(
         "KeyError", "TypeError", "TypeError",
     ]  # fmt: skip
     assert "tail round works again" in caplog.text
+
+
+async def test_a_tenant_step_to_try_again_is_owed_and_told_once_without_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # E.g. a rebuild whose sync stream was trimmed past where it began: no bug to trace.
+    each = EachTenant("step of %s failed (%s): again in %.1f s", "%s works again", 1.0)
+
+    async def again(tenant: str) -> None:
+        raise TryAgain("stream trimmed")
+
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            await each.run(["acme"], again)
+    assert each.failing == {"acme"}
+    assert [r.getMessage() for r in caplog.records] == [
+        "step of acme failed (stream trimmed): again in 1.0 s"
+    ]
+    assert not any(r.exc_info for r in caplog.records)
