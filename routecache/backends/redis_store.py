@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from redis.exceptions import ResponseError
 
 from routecache.backends import scripts
 from routecache.backends.keys import KeySpace, TenantKeys, tenant_of_exact_key, tenant_of_id
@@ -127,7 +128,11 @@ class RedisEntryStore:
     async def record_hit(self, entry_id: str, now: float) -> bool:
         keys = self._keys.of(tenant_of_id(entry_id))
         args = [keys.base, entry_id, repr(now)]
-        return bool(await guarded(self._link, lambda: self._record_hit(args=args)))  # 0: gone
+        answer = await guarded(self._link, lambda: self._record_hit(args=args))
+        if isinstance(answer, list):  # refused (out of memory): counted and logged as any
+            self._link.refused(ResponseError(answer[0].decode()))
+            return True  # still there: served, its hit not recorded
+        return bool(answer)  # 0: gone
 
     async def delete(self, entry_ids: Sequence[str]) -> list[CacheEntry]:
         by_tenant: defaultdict[str, list[str]] = defaultdict(list)

@@ -109,12 +109,17 @@ if not eid then return false end
 return redis.call('HGETALL', ARGV[1] .. 'e:' .. eid)
 """
 
-# ARGV: base, id, now → 1, or 0 when the entry is gone (the hit must not be served). Recency
-# feeds eviction; hit counts feed the policy's statistics.
+# ARGV: base, id, now → 1, or 0 when the entry is gone (the hit must not be served), or
+# {error} when the entry is there but Redis refused to record the hit. Recency feeds eviction;
+# hit counts feed the policy's statistics.
 RECORD_HIT = """
 local ekey = ARGV[1] .. 'e:' .. ARGV[2]
 if redis.call('EXISTS', ekey) == 0 then return 0 end
-redis.call('HINCRBY', ekey, 'hits', 1)
+-- Out of memory under `noeviction`, Redis refuses a script's first write. The entry was read
+-- and is still there: it is served, only its hit goes uncounted, so the refusal is answered
+-- (not raised, which would fail the lookup: a miss, and a paid model call, for every repeat).
+local counted = redis.pcall('HINCRBY', ekey, 'hits', 1)
+if type(counted) == 'table' and counted.err then return {counted.err} end
 redis.call('HSET', ekey, 'last_hit', ARGV[3])
 redis.call('ZADD', ARGV[1] .. 'lru', 'XX', ARGV[3], ARGV[2])
 return 1

@@ -16,6 +16,7 @@ from routecache.backends.keys import KeySpace, TenantKeys
 from routecache.backends.link import RedisLink
 from routecache.backends.redis_store import RedisEntryStore, RedisStoreOptions
 from routecache.cache.faiss_index import ScopedFaissIndex
+from routecache.cache.hit_policy import HitRequirement
 from routecache.cache.ports import CacheEntry
 from routecache.cache.semantic_cache import NewEntry, SemanticCache
 from routecache.domain import Tier
@@ -350,3 +351,32 @@ async def test_a_redis_out_of_memory_stores_no_new_entry_and_stays_in_use(setup:
         assert (setup.link.up, setup.link.refusals) == (True, 1)
     assert await setup.cache.entry_count("acme") == 0
     assert len(await fill(setup, 1)) == 1  # with memory again, the next answer is stored
+
+
+async def test_a_redis_out_of_memory_still_serves_the_entries_it_holds(setup: Setup) -> None:
+    # Before: RECORD_HIT began with HINCRBY, which Redis refuses out of memory, so every lookup
+    # (exact, semantic, stale) became a miss and every repeat went to the paid model.
+    (entry_id,) = await fill(setup, 1)
+    requirement = HitRequirement(0.9)
+    with setup.server.out_of_memory():
+        hits = [
+            await setup.cache.lookup_exact(SCOPE, "question 0"),
+            await setup.cache.lookup_semantic(SCOPE, "asked another way", vector(0), requirement),
+            await setup.cache.lookup_stale(SCOPE, "question 0", None, requirement),
+        ]
+        assert [hit.entry.entry_id if hit else None for hit in hits] == [entry_id] * 3
+        # Each hit it could not record is one refusal (counted and logged as every one is).
+        assert (setup.link.up, setup.link.refusals, setup.cache.bypassed) == (True, 3, 0)
+    entry = await setup.store.get(entry_id)
+    assert entry is not None and entry.hit_count == 0  # those hits were not counted
+
+
+async def test_a_redis_out_of_memory_serves_no_entry_removed_since_it_was_read(
+    setup: Setup,
+) -> None:
+    kept, gone = await fill(setup, 2)
+    await setup.store.delete([gone])
+    with setup.server.out_of_memory():
+        assert await setup.store.record_hit(gone, 1234.5) is False
+        assert await setup.store.record_hit(kept, 1234.5) is True
+        assert setup.link.refusals == 1  # the kept entry's hit, not recorded
