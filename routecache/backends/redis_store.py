@@ -39,6 +39,9 @@ class RedisStoreOptions:
     # Ids a DELETE script call unlinks: a script blocks Redis while it runs, so a tenant's
     # invalidation goes in calls of this size.
     unlink_batch: int = 500
+    # Entries over the bound a PUT evicts besides the one it displaces: a lowered bound is
+    # reached over the following puts and purges, never in one call that blocks Redis.
+    evict_batch: int = 64
 
 
 def encode_entry(entry: CacheEntry, keys: TenantKeys) -> list[str | bytes]:
@@ -106,7 +109,7 @@ class RedisEntryStore:
         keys = self._keys.of(entry.tenant)
         args = [
             *self._common(keys), repr(self._clock()), self._options.max_entries_per_tenant,
-            self._options.expiry_grace_seconds * 1000, entry.entry_id,
+            self._options.evict_batch, self._options.expiry_grace_seconds * 1000, entry.entry_id,
             keys.exact(entry.exact_key), repr(entry.expires_at + self._options.stale_grace_seconds),
             entry.scope, len(entry.tags),
             *entry.tags, *encode_entry(entry, keys),
@@ -157,12 +160,13 @@ class RedisEntryStore:
         return [decode_entry(raw) for raw in raws]
 
     async def purge_expired(self, tenant: str) -> int:
-        """Unlinks this tenant's entries past expiry and stale grace (and tells the replicas);
-        returns how many."""
+        """Unlinks this tenant's entries past expiry and stale grace, then the least recently
+        used over the bound, at most `purge_batch` in all (and tells the replicas); returns how
+        many."""
         keys = self._keys.of(tenant)
         # Not this replica's origin: every replica, the sweeper too, applies a sweep's deletes.
         args = [keys.base, self._options.sync_stream_max_len, SWEEP_ORIGIN, repr(self._clock()),
-                self._options.purge_batch]  # fmt: skip
+                self._options.purge_batch, self._options.max_entries_per_tenant]  # fmt: skip
         purged: int = await guarded(self._link, lambda: self._purge(args=args))
         return purged
 

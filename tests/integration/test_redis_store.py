@@ -380,3 +380,36 @@ async def test_a_redis_out_of_memory_serves_no_entry_removed_since_it_was_read(
         assert await setup.store.record_hit(gone, 1234.5) is False
         assert await setup.store.record_hit(kept, 1234.5) is True
         assert setup.link.refusals == 1  # the kept entry's hit, not recorded
+
+
+async def fill_in_order(setup: Setup, count: int) -> list[str]:
+    """`count` entries, each stored a second after the one before (least recently used first)."""
+    ids = []
+    for i in range(count):
+        ids += await fill(setup, 1, first=i)
+        setup.clock.advance(1)
+    return ids
+
+
+async def test_a_lowered_bound_is_reached_a_batch_a_put(setup: Setup) -> None:
+    # Before: the first put after cache.max_entries was lowered evicted everything over it in
+    # one script call (90k entries blocked Redis ~5 s: every replica marked it down, and the
+    # put was reported failed) and returned every one of them.
+    ids = await fill_in_order(setup, 100)
+    small = small_store(setup, max_entries_per_tenant=10)
+    small.cache = SemanticCache(small.store, setup.cache.index, setup.clock)  # holds all 100
+    (added,) = await fill(small, 1, first=100)
+    # The one the put added and a batch of 64 more, least recently used first; the index of
+    # the replica that put it forgot them.
+    assert await setup.store.ids_of_tenant("acme") == [*ids[65:], added]
+    assert len(setup.cache.index) == 36
+    setup.clock.advance(1)
+    (last,) = await fill(small, 1, first=101)
+    assert await setup.store.ids_of_tenant("acme") == [*ids[92:], added, last]
+
+
+async def test_a_purge_trims_a_lowered_bound_a_batch_a_call(setup: Setup) -> None:
+    ids = await fill_in_order(setup, 100)
+    small = small_store(setup, max_entries_per_tenant=10, purge_batch=50)
+    assert [await small.store.purge_expired("acme") for _ in range(3)] == [50, 40, 0]
+    assert sorted(await setup.store.ids_of_tenant("acme")) == sorted(ids[-10:])
