@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from redis.exceptions import ResponseError
 
 from routecache.backends import scripts
 from routecache.backends.keys import KeySpace, TenantKeys, tenant_of_exact_key, tenant_of_id
@@ -38,6 +39,9 @@ class RedisStoreOptions:
     # Ids a DELETE script call unlinks: a script blocks Redis while it runs, so a tenant's
     # invalidation goes in calls of this size.
     unlink_batch: int = 500
+    # Entries over the bound a PUT evicts besides the one it displaces: a lowered bound is
+    # reached over the following puts and purges, never in one call that blocks Redis.
+    evict_batch: int = 64
 
 
 def encode_entry(entry: CacheEntry, keys: TenantKeys) -> list[str | bytes]:
@@ -110,7 +114,7 @@ class RedisEntryStore:
         keys = self._keys.of(entry.tenant)
         args = [
             *self._common(keys), repr(self._clock()), self._options.max_entries_per_tenant,
-            self._options.expiry_grace_seconds * 1000, entry.entry_id,
+            self._options.evict_batch, self._options.expiry_grace_seconds * 1000, entry.entry_id,
             keys.exact(entry.exact_key), repr(entry.expires_at + self._options.stale_grace_seconds),
             entry.scope, len(entry.tags),
             *entry.tags, *encode_entry(entry, keys),
@@ -132,7 +136,11 @@ class RedisEntryStore:
     async def record_hit(self, entry_id: str, now: float) -> bool:
         keys = self._keys.of(tenant_of_id(entry_id))
         args = [keys.base, entry_id, repr(now)]
-        return bool(await guarded(self._link, lambda: self._record_hit(args=args)))  # 0: gone
+        answer = await guarded(self._link, lambda: self._record_hit(args=args))
+        if isinstance(answer, list):  # refused (out of memory): counted and logged as any
+            self._link.refused(ResponseError(answer[0].decode()))
+            return True  # still there: served, its hit not recorded
+        return bool(answer)  # 0: gone
 
     async def delete(self, entry_ids: Sequence[str]) -> list[CacheEntry]:
         by_tenant: defaultdict[str, list[str]] = defaultdict(list)
@@ -157,12 +165,13 @@ class RedisEntryStore:
         return [decode_entry(raw) for raw in raws]
 
     async def purge_expired(self, tenant: str) -> int:
-        """Unlinks this tenant's entries past expiry and stale grace (and tells the replicas);
-        returns how many."""
+        """Unlinks this tenant's entries past expiry and stale grace, then the least recently
+        used over the bound, at most `purge_batch` in all (and tells the replicas); returns how
+        many."""
         keys = self._keys.of(tenant)
         # Not this replica's origin: every replica, the sweeper too, applies a sweep's deletes.
         args = [keys.base, self._options.sync_stream_max_len, SWEEP_ORIGIN, repr(self._clock()),
-                self._options.purge_batch]  # fmt: skip
+                self._options.purge_batch, self._options.max_entries_per_tenant]  # fmt: skip
         purged: int = await guarded(self._link, lambda: self._purge(args=args))
         return purged
 

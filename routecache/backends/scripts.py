@@ -32,9 +32,21 @@ local function purge_expired(now, limit, removed)
   local ids = redis.call('ZRANGEBYSCORE', base .. 'exp', '-inf', now, 'LIMIT', 0, limit)
   for _, eid in ipairs(ids) do unlink(eid, removed) end
 end
+
+-- The least recently used entries while the tenant is over max_entries, at most `limit`: a
+-- bound lowered far below the entries held is reached a batch a call, since one call
+-- unlinking all of them blocked Redis for seconds (every replica marked it down).
+local function evict_over(max_entries, limit, removed)
+  local over = math.min(redis.call('ZCARD', base .. 'lru') - max_entries, limit)
+  if over <= 0 then return end
+  for _, eid in ipairs(redis.call('ZRANGE', base .. 'lru', 0, over - 1)) do
+    unlink(eid, removed)
+  end
+end
 """
 
-# ARGV[4..]: now, max_entries, grace_ms, id, exact redis key, purge_at (expires_at plus the
+# ARGV[4..]: now, max_entries, evict_batch (the most entries over the bound evicted besides
+# the one this entry displaces), grace_ms, id, exact redis key, purge_at (expires_at plus the
 # stale grace: until then the entry may still be served stale), scope, ntags,
 # tags..., then the entry's hash fields as name/value pairs.
 PUT = (
@@ -42,12 +54,13 @@ PUT = (
     + """
 local now = ARGV[4]
 local max_entries = tonumber(ARGV[5])
-local grace_ms = tonumber(ARGV[6])
-local eid = ARGV[7]
-local xr = ARGV[8]
-local purge_at = ARGV[9]
-local scope = ARGV[10]
-local ntags = tonumber(ARGV[11])
+local evict_batch = tonumber(ARGV[6])
+local grace_ms = tonumber(ARGV[7])
+local eid = ARGV[8]
+local xr = ARGV[9]
+local purge_at = ARGV[10]
+local scope = ARGV[11]
+local ntags = tonumber(ARGV[12])
 local removed = {}
 -- Redis checks memory only at a script's first write, and only if that command may grow it;
 -- unlink's ZREM and DEL may not, and a script that has written goes on. This SETRANGE of
@@ -60,12 +73,12 @@ if old then unlink(old, removed) end
 local ekey = base .. 'e:' .. eid
 -- Redis expiry is only a backstop: purge_expired unlinks on time and tells the replicas.
 local expire_ms = math.floor(tonumber(purge_at) * 1000) + grace_ms
-redis.call('HSET', ekey, unpack(ARGV, 12 + ntags))
+redis.call('HSET', ekey, unpack(ARGV, 13 + ntags))
 redis.call('PEXPIREAT', ekey, expire_ms)
 redis.call('SET', xr, eid, 'PXAT', expire_ms)
 local now_ms = math.floor(tonumber(now) * 1000)
 for i = 1, ntags do
-  local tk = base .. 'tag:' .. ARGV[11 + i]
+  local tk = base .. 'tag:' .. ARGV[12 + i]
   redis.call('SADD', tk, eid)
   local ttl = redis.call('PTTL', tk)
   if ttl < 0 or now_ms + ttl < expire_ms then redis.call('PEXPIREAT', tk, expire_ms) end
@@ -75,9 +88,7 @@ redis.call('ZADD', base .. 'exp', purge_at, eid)
 redis.call('XADD', base .. 'sync', 'MAXLEN', '~', sync_maxlen, '*',
            'op', 'add', 'id', eid, 'scope', scope, 'o', origin)
 purge_expired(now, 64, removed)
-while redis.call('ZCARD', base .. 'lru') > max_entries do
-  unlink(redis.call('ZRANGE', base .. 'lru', 0, 0)[1], removed)
-end
+evict_over(max_entries, evict_batch + 1, removed)
 return removed
 """
 )
@@ -92,12 +103,16 @@ return removed
 """
 )
 
-# ARGV[4], ARGV[5]: now, the most entries to unlink in this call.
+# ARGV[4], ARGV[5], ARGV[6]: now, the most entries to unlink in this call, max_entries. Expired
+# entries first, then the least recently used over the bound (one lowered since they were
+# stored, which puts alone would reach only as fast as new entries come).
 PURGE = (
     _UNLINK
     + """
 local removed = {}
-purge_expired(ARGV[4], tonumber(ARGV[5]), removed)
+local limit = tonumber(ARGV[5])
+purge_expired(ARGV[4], limit, removed)
+evict_over(tonumber(ARGV[6]), limit - #removed, removed)
 return #removed
 """
 )
@@ -109,12 +124,17 @@ if not eid then return false end
 return redis.call('HGETALL', ARGV[1] .. 'e:' .. eid)
 """
 
-# ARGV: base, id, now → 1, or 0 when the entry is gone (the hit must not be served). Recency
-# feeds eviction; hit counts feed the policy's statistics.
+# ARGV: base, id, now → 1, or 0 when the entry is gone (the hit must not be served), or
+# {error} when the entry is there but Redis refused to record the hit. Recency feeds eviction;
+# hit counts feed the policy's statistics.
 RECORD_HIT = """
 local ekey = ARGV[1] .. 'e:' .. ARGV[2]
 if redis.call('EXISTS', ekey) == 0 then return 0 end
-redis.call('HINCRBY', ekey, 'hits', 1)
+-- Out of memory under `noeviction`, Redis refuses a script's first write. The entry was read
+-- and is still there: it is served, only its hit goes uncounted, so the refusal is answered
+-- (not raised, which would fail the lookup: a miss, and a paid model call, for every repeat).
+local counted = redis.pcall('HINCRBY', ekey, 'hits', 1)
+if type(counted) == 'table' and counted.err then return {counted.err} end
 redis.call('HSET', ekey, 'last_hit', ARGV[3])
 redis.call('ZADD', ARGV[1] .. 'lru', 'XX', ARGV[3], ARGV[2])
 return 1

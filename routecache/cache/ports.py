@@ -95,7 +95,8 @@ class EntryStore(Protocol):
 
     async def record_hit(self, entry_id: str, now: float) -> bool:
         """Count a hit on the entry; False when it is gone (removed since it was read: the
-        hit must not be served)."""
+        hit must not be served). True when it is there even if the store could not count the
+        hit (Redis out of memory): a read the store answers is served."""
         ...
 
     async def delete(self, entry_ids: Sequence[str]) -> list[CacheEntry]:

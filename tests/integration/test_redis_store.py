@@ -16,6 +16,7 @@ from routecache.backends.keys import KeySpace, TenantKeys
 from routecache.backends.link import RedisLink
 from routecache.backends.redis_store import RedisEntryStore, RedisStoreOptions
 from routecache.cache.faiss_index import ScopedFaissIndex
+from routecache.cache.hit_policy import HitRequirement
 from routecache.cache.ports import CacheEntry
 from routecache.cache.semantic_cache import NewEntry, SemanticCache
 from routecache.domain import Tier
@@ -350,3 +351,65 @@ async def test_a_redis_out_of_memory_stores_no_new_entry_and_stays_in_use(setup:
         assert (setup.link.up, setup.link.refusals) == (True, 1)
     assert await setup.cache.entry_count("acme") == 0
     assert len(await fill(setup, 1)) == 1  # with memory again, the next answer is stored
+
+
+async def test_a_redis_out_of_memory_still_serves_the_entries_it_holds(setup: Setup) -> None:
+    # Before: RECORD_HIT began with HINCRBY, which Redis refuses out of memory, so every lookup
+    # (exact, semantic, stale) became a miss and every repeat went to the paid model.
+    (entry_id,) = await fill(setup, 1)
+    requirement = HitRequirement(0.9)
+    with setup.server.out_of_memory():
+        hits = [
+            await setup.cache.lookup_exact(SCOPE, "question 0"),
+            await setup.cache.lookup_semantic(SCOPE, "asked another way", vector(0), requirement),
+            await setup.cache.lookup_stale(SCOPE, "question 0", None, requirement),
+        ]
+        assert [hit.entry.entry_id if hit else None for hit in hits] == [entry_id] * 3
+        # Each hit it could not record is one refusal (counted and logged as every one is).
+        assert (setup.link.up, setup.link.refusals, setup.cache.bypassed) == (True, 3, 0)
+    entry = await setup.store.get(entry_id)
+    assert entry is not None and entry.hit_count == 0  # those hits were not counted
+
+
+async def test_a_redis_out_of_memory_serves_no_entry_removed_since_it_was_read(
+    setup: Setup,
+) -> None:
+    kept, gone = await fill(setup, 2)
+    await setup.store.delete([gone])
+    with setup.server.out_of_memory():
+        assert await setup.store.record_hit(gone, 1234.5) is False
+        assert await setup.store.record_hit(kept, 1234.5) is True
+        assert setup.link.refusals == 1  # the kept entry's hit, not recorded
+
+
+async def fill_in_order(setup: Setup, count: int) -> list[str]:
+    """`count` entries, each stored a second after the one before (least recently used first)."""
+    ids = []
+    for i in range(count):
+        ids += await fill(setup, 1, first=i)
+        setup.clock.advance(1)
+    return ids
+
+
+async def test_a_lowered_bound_is_reached_a_batch_a_put(setup: Setup) -> None:
+    # Before: the first put after cache.max_entries was lowered evicted everything over it in
+    # one script call (90k entries blocked Redis ~5 s: every replica marked it down, and the
+    # put was reported failed) and returned every one of them.
+    ids = await fill_in_order(setup, 100)
+    small = small_store(setup, max_entries_per_tenant=10)
+    small.cache = SemanticCache(small.store, setup.cache.index, setup.clock)  # holds all 100
+    (added,) = await fill(small, 1, first=100)
+    # The one the put added and a batch of 64 more, least recently used first; the index of
+    # the replica that put it forgot them.
+    assert await setup.store.ids_of_tenant("acme") == [*ids[65:], added]
+    assert len(setup.cache.index) == 36
+    setup.clock.advance(1)
+    (last,) = await fill(small, 1, first=101)
+    assert await setup.store.ids_of_tenant("acme") == [*ids[92:], added, last]
+
+
+async def test_a_purge_trims_a_lowered_bound_a_batch_a_call(setup: Setup) -> None:
+    ids = await fill_in_order(setup, 100)
+    small = small_store(setup, max_entries_per_tenant=10, purge_batch=50)
+    assert [await small.store.purge_expired("acme") for _ in range(3)] == [50, 40, 0]
+    assert sorted(await setup.store.ids_of_tenant("acme")) == sorted(ids[-10:])
