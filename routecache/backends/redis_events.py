@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 # (settings.TENANT_NAME_PATTERN), so no tenant's stream receives them.
 _NO_TENANT = "!none"
 
+# What redis-py's encoder raises for a value it cannot write: DataError for a type it takes
+# no form of, UnicodeEncodeError for text that is no UTF-8 (a lone surrogate).
+_REDIS_PY_CANNOT_ENCODE = (DataError, UnicodeEncodeError)
+
 # An encoded event: its stream and the entry's fields.
 _Row = tuple[str, dict[str, str]]
 
@@ -188,10 +192,10 @@ class RedisStreamEventSink:
             for stream, fields in rows:
                 pipe.xadd(stream, fields, maxlen=self._stream_max_len, approximate=True)
             await pipe.execute()
-        except DataError as exc:
+        except _REDIS_PY_CANNOT_ENCODE as exc:
             # redis-py refused to build or encode the batch (before sending any of it): not
             # Redis down, which `guarded` made of this RedisError, flapping every part onto its
-            # fallback.
+            # fallback; nor a bug failing the whole batch, every tenant's events with it.
             raise _Unencodable(str(exc)) from exc
 
     def _encodes(self, row: _Row) -> bool:
@@ -201,7 +205,7 @@ class RedisStreamEventSink:
         try:
             for value in (stream, *fields.keys(), *fields.values()):
                 encoder.encode(value)
-        except DataError:
+        except _REDIS_PY_CANNOT_ENCODE:
             return False
         return True
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -50,11 +51,12 @@ class JsonlEventLog:
         record = {"kind": kind, "ts": time.time(), **payload}
         try:
             line = event_json(record) + "\n"
+            # In the handling too: a line that could not be encoded was raised to the request.
+            data = ("\n" + line if self._torn else line).encode("utf-8")
         except NOT_ENCODABLE as exc:
             self.dropped += 1
             log.error("an event %r could not be encoded as JSON and was dropped: %s", kind, exc)
             return
-        data = ("\n" + line if self._torn else line).encode("utf-8")
         try:
             self._write(data)
         except OSError as exc:
@@ -104,10 +106,17 @@ def _ends_mid_line(path: Path) -> bool:
 NOT_ENCODABLE = (TypeError, ValueError, RecursionError)
 
 
+# A UTF-16 surrogate: in a Python str, one left alone (JSON's "\\ud83d" decodes to it).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def event_json(event: Mapping[str, Any]) -> str:
     """An event as every sink writes it (the JSONL log's line, the Redis stream's `data`): a
-    value JSON has no form for (a datetime, an enum) goes as its text."""
-    return json.dumps(event, ensure_ascii=False, default=str)
+    value JSON has no form for (a datetime, an enum) goes as its text, and a lone surrogate
+    (a provider's error text) as U+FFFD, so the text always encodes as UTF-8: one raised
+    from the write, failing the request it told of, or the Redis batch it was in."""
+    # A str holds a pair whole, so any surrogate left in the text is lone.
+    return _SURROGATE.sub("\ufffd", json.dumps(event, ensure_ascii=False, default=str))
 
 
 @dataclass

@@ -24,8 +24,15 @@ from routecache.analysis.export import (
     write_jsonl,
     write_parquet,
 )
+from routecache.errors import Unavailable, UpstreamError
 from routecache.router.bootstrap import Overrides, open_events
-from routecache.router.events import InMemoryEventLog, JsonlEventLog, SkippedLines, event_lines
+from routecache.router.events import (
+    InMemoryEventLog,
+    JsonlEventLog,
+    SkippedLines,
+    event_json,
+    event_lines,
+)
 from routecache.router.logs import (
     REQUEST_ID,
     JsonFormatter,
@@ -778,6 +785,50 @@ def test_an_event_json_cannot_encode_is_dropped_and_counted_not_raised(tmp_path:
     log.close()
     assert log.dropped == 1
     assert [e.get("module") for e in read_events(source)] == [str(time)]
+
+
+def test_an_event_holding_a_lone_surrogate_is_written_with_a_replacement_character(
+    tmp_path: Path,
+) -> None:
+    # Before: a provider's error text ("\\ud83d" in its JSON) reached an event's message as a
+    # lone surrogate; encoding the line raised UnicodeEncodeError outside the emit's handling.
+    source = tmp_path / "events.jsonl"
+    log = JsonlEventLog(source)
+    log.emit("error", {"message": "HTTP 503: overloaded \ud83d", "upstream_failures": ["\udc00"],
+                       "odd key \ud800": 1})  # fmt: skip
+    log.close()
+    assert log.dropped == 0
+    (event,) = read_events(source)
+    assert event["message"] == "HTTP 503: overloaded \ufffd"
+    assert event["upstream_failures"] == ["\ufffd"] and event["odd key \ufffd"] == 1
+    assert event_json({"whole pair": "\U0001f600"}) == '{"whole pair": "\U0001f600"}'
+
+
+@pytest.mark.parametrize("fallback_answers", [True, False], ids=["fallback", "all-failed"])
+async def test_a_provider_error_holding_a_lone_surrogate_is_logged_and_the_request_answered(
+    tmp_path: Path, fallback_answers: bool
+) -> None:
+    # The reviewer's repro: the cheap provider's error text held a lone surrogate; the strong
+    # answer was paid for and the caller got INTERNAL (or INTERNAL for UNAVAILABLE).
+    harness = make_harness()
+    log = JsonlEventLog(tmp_path / "events.jsonl")
+    harness.service.pipeline._p.events = log
+    harness.cheap.fail_with = UpstreamError("HTTP 503: overloaded \ud83d", retryable=True)
+    if not fallback_answers:
+        harness.strong.fail_with = UpstreamError("HTTP 503: down \udc00", retryable=True)
+    try:
+        if fallback_answers:
+            done = await harness.service.pipeline.complete(_ask("q"), KEYS["acme"])
+            assert done.model == "strong-model"
+        else:
+            with pytest.raises(Unavailable):
+                await harness.service.pipeline.complete(_ask("q"), KEYS["acme"])
+    finally:
+        await harness.service.aclose()
+        log.close()
+    assert log.dropped == 0
+    logged = json.dumps(list(read_events(tmp_path / "events.jsonl")), ensure_ascii=False)
+    assert "overloaded \ufffd" in logged
 
 
 async def test_requests_are_answered_while_the_event_log_cannot_be_written() -> None:
