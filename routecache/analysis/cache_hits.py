@@ -22,10 +22,19 @@ EVENT_COLUMNS = ("kind", "ts", "time", "response_id", "tenant", "prompt", "path"
 
 
 def load_events(path: Path) -> pd.DataFrame:
-    """A parquet export, or a JSONL event log read directly."""
+    """A parquet export, or a JSONL event log read directly; an event written twice (the same
+    `event_id`) once, as export-events reads it."""
     if path.suffix == ".parquet":
-        return pd.read_parquet(path)
+        return _first_of_each_id(pd.read_parquet(path))
     return events_frame(list(read_events(path)))
+
+
+def _first_of_each_id(events: pd.DataFrame) -> pd.DataFrame:
+    """Rows without an `event_id` (an older log's) kept, each id's first row only."""
+    if "event_id" not in events.columns:
+        return events
+    ids = events["event_id"]
+    return events[ids.isna() | ~ids.duplicated()].reset_index(drop=True)
 
 
 def with_event_columns(events: pd.DataFrame) -> pd.DataFrame:

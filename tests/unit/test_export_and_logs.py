@@ -17,6 +17,7 @@ import grpc.aio
 import pandas as pd
 import pytest
 
+from routecache.analysis.cache_hits import load_events
 from routecache.analysis.export import (
     events_frame,
     parse_since,
@@ -785,6 +786,36 @@ def test_an_event_json_cannot_encode_is_dropped_and_counted_not_raised(tmp_path:
     log.close()
     assert log.dropped == 1
     assert [e.get("module") for e in read_events(source)] == [str(time)]
+
+
+def test_every_sink_gives_each_event_its_own_event_id(tmp_path: Path) -> None:
+    # What lets a reader drop an event the Redis sink wrote twice (see read_events below).
+    memory, source = InMemoryEventLog(), tmp_path / "events.jsonl"
+    log = JsonlEventLog(source)
+    for sink in (memory, log):
+        sink.emit("completion", {"response_id": "r1"})
+        sink.emit("completion", {"response_id": "r1"})
+    log.close()
+    for events in (list(memory.events), list(read_events(source))):
+        ids = [e["event_id"] for e in events]
+        assert len(set(ids)) == 2 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_readers_drop_an_event_written_twice_and_keep_events_without_an_id(
+    tmp_path: Path,
+) -> None:
+    # Before: an event the Redis sink wrote twice (a timed-out write Redis had applied, then
+    # requeued) was exported, and counted in the notebook, twice: hits, savings, feedback.
+    once = {"kind": "completion", "ts": NOW, "event_id": "a" * 32, "path": "exact_hit",
+            "saved_usd": 0.01}  # fmt: skip
+    older = {"kind": "completion", "ts": NOW + 1, "path": "exact_hit", "saved_usd": 0.01}
+    source = tmp_path / "events.jsonl"
+    source.write_text("".join(json.dumps(e) + "\n" for e in (once, once, older, older)))
+    assert list(read_events(source)) == [once, older, older]  # an older log's events as they are
+    assert len(events_frame([once, once, older])) == 2
+    parquet = tmp_path / "events.parquet"
+    pd.DataFrame([{**once, "time": 0}] * 2 + [{**older, "time": 0}]).to_parquet(parquet)
+    assert len(load_events(parquet)) == 2
 
 
 def test_an_event_holding_a_lone_surrogate_is_written_with_a_replacement_character(
