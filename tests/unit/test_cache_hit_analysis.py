@@ -241,3 +241,22 @@ def test_a_failed_admin_call_is_no_request_and_an_error_of_an_older_log_is_one()
     assert ch.routing_vs_quality(frame).loc["error", "requests"] == 2
     assert ch.hit_rate_over_time(frame)["requests"].sum() == 6
     assert len(ch.latency_by_path(frame)) == 5 and len(ch.savings(frame)) == 6
+
+
+@pytest.mark.parametrize("exported", [False, True], ids=["jsonl", "parquet"])
+def test_an_escalation_whose_strong_call_failed_is_counted(tmp_path: Path, exported: bool) -> None:
+    # Before: routing_vs_quality read the top-level `escalated` alone, which an error event
+    # never carries (its validation.escalated does), so an escalated request whose strong call
+    # then failed was missed; GetStats and routecache_escalations_total count it.
+    failed = {"kind": "error", "ts": T0 + 8, "tenant": "acme", "path": "error", "admin": False,
+              "reason": "unavailable", "failed_validators": ["json_schema"],
+              "validation": {"passed": False, "escalated": True, "results": []}}  # fmt: skip
+    log = tmp_path / "events.jsonl"
+    log.write_text("".join(json.dumps(event) + "\n" for event in [*EVENTS, failed]))
+    path = tmp_path / "events.parquet" if exported else log
+    if exported:
+        write_parquet(list(read_events(log)), path, str(log))
+    quality = ch.routing_vs_quality(ch.load_events(path))
+    assert quality.loc["error", "escalated"] == 1
+    assert quality.loc["strong", "escalated"] == 1  # its own escalated and validation alike
+    assert quality["escalated"].sum() == 2
