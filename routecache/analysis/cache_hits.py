@@ -17,15 +17,24 @@ PATH_ORDER = ("exact_hit", "semantic_hit", "cheap", "strong", "error")
 # The event fields the tables read. A log with no request in it (empty, cut by --since, or
 # feedback alone) has none of them as columns; they are added empty so each table is empty too.
 EVENT_COLUMNS = ("kind", "ts", "time", "response_id", "tenant", "prompt", "path", "similarity",
-                 "entry_id", "cost_usd", "saved_usd", "escalated", "latency_ms", "thumbs_up",
-                 "correction", "admin")  # fmt: skip
+                 "entry_id", "cost_usd", "saved_usd", "escalated", "validation_escalated",
+                 "latency_ms", "thumbs_up", "correction", "admin")  # fmt: skip
 
 
 def load_events(path: Path) -> pd.DataFrame:
-    """A parquet export, or a JSONL event log read directly."""
+    """A parquet export, or a JSONL event log read directly; an event written twice (the same
+    `event_id`) once, as export-events reads it."""
     if path.suffix == ".parquet":
-        return pd.read_parquet(path)
+        return _first_of_each_id(pd.read_parquet(path))
     return events_frame(list(read_events(path)))
+
+
+def _first_of_each_id(events: pd.DataFrame) -> pd.DataFrame:
+    """Rows without an `event_id` (an older log's) kept, each id's first row only."""
+    if "event_id" not in events.columns:
+        return events
+    ids = events["event_id"]
+    return events[ids.isna() | ~ids.duplicated()].reset_index(drop=True)
 
 
 def with_event_columns(events: pd.DataFrame) -> pd.DataFrame:
@@ -109,13 +118,16 @@ def savings(events: pd.DataFrame) -> pd.DataFrame:
 
 
 def routing_vs_quality(events: pd.DataFrame) -> pd.DataFrame:
-    """Per path: requests, escalations, cost, the feedback received and its approval rate."""
+    """Per path: requests, escalations (an escalated request whose strong call then failed
+    too, under "error"), cost, the feedback received and its approval rate."""
     rows = requests(events).drop(columns=["thumbs_up"], errors="ignore")
     feedback = feedback_events(events)[["response_id", "thumbs_up"]]
     rows = rows.merge(feedback, on="response_id", how="left")
     rows["up"] = rows["thumbs_up"].eq(True)
     rows["down"] = rows["thumbs_up"].eq(False)
-    rows["escalated"] = rows["escalated"].eq(True)
+    # An error event carries no top-level `escalated`, only its validation's (flattened to
+    # validation_escalated): an escalation whose strong call failed counts, as in GetStats.
+    rows["escalated"] = rows["escalated"].eq(True) | rows["validation_escalated"].eq(True)
     rows["cost_usd"] = rows["cost_usd"].fillna(0.0)
     grouped = rows.groupby("path")
     table = pd.DataFrame(

@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 
 from routecache.atomic_file import replacing, replacing_bytes
-from routecache.router.events import SkippedLines, event_lines
+from routecache.router.events import SkippedLines, event_lines, unique_events
 
 # The epoch seconds a time column can hold (pandas' nanosecond range, years 1677 to 2262).
 _TS_RANGE = (math.ceil(pd.Timestamp.min.timestamp()), math.floor(pd.Timestamp.max.timestamp()))
@@ -53,12 +53,12 @@ def read_events(
 
     Skipped, and counted in `skipped` when given: a torn line (a crash), even one cut inside a
     character, a line of JSON that is no object (router.events.event_lines, shared with
-    retrain), and a hand-edited line whose `ts` is not a number. Raises UnicodeDecodeError for
-    any other line not UTF-8.
+    retrain), and a hand-edited line whose `ts` is not a number. An event written twice (the
+    same `event_id`) is read once. Raises UnicodeDecodeError for any other line not UTF-8.
     """
     skipped = skipped if skipped is not None else SkippedLines()
-    for _, event in event_lines(path, skipped):
-        yield from events_since([event], since, skipped)
+    lines = (event for _, event in event_lines(path, skipped))
+    yield from events_since(unique_events(lines), since, skipped)
 
 
 def events_since(
@@ -87,7 +87,9 @@ def _timestamp(event: dict[str, Any]) -> float | None:
 
 
 def events_frame(events: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per event; nested fields flattened (latency.embed_ms → latency_embed_ms)."""
+    """One row per event, an event written twice (the same `event_id`) once; nested fields
+    flattened (latency.embed_ms → latency_embed_ms)."""
+    events = list(unique_events(events))
     frame = pd.json_normalize(events, sep="_") if events else pd.DataFrame({"kind": [], "ts": []})
     # Lists (failed validators) do not fit a flat table; parquet keeps them as JSON text.
     for column in frame.columns:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -22,13 +21,17 @@ from redis.exceptions import DataError
 from routecache.backends.keys import KeySpace
 from routecache.backends.link import RedisDown, RedisLink, guarded
 from routecache.backends.rounds import Rounds
-from routecache.router.events import NOT_ENCODABLE, event_json
+from routecache.router.events import NOT_ENCODABLE, event_json, first_sight, new_event
 
 log = logging.getLogger(__name__)
 
 # Events before a tenant is known (a refused API key's request): a name no tenant can have
 # (settings.TENANT_NAME_PATTERN), so no tenant's stream receives them.
 _NO_TENANT = "!none"
+
+# What redis-py's encoder raises for a value it cannot write: DataError for a type it takes
+# no form of, UnicodeEncodeError for text that is no UTF-8 (a lone surrogate).
+_REDIS_PY_CANNOT_ENCODE = (DataError, UnicodeEncodeError)
 
 # An encoded event: its stream and the entry's fields.
 _Row = tuple[str, dict[str, str]]
@@ -64,7 +67,7 @@ class RedisStreamEventSink:
         return self._held
 
     def emit(self, kind: str, payload: Mapping[str, Any]) -> None:
-        event = {"kind": kind, "ts": time.time(), **payload}
+        event = new_event(kind, payload)  # its event_id kept if the event is written again
         self._queues.setdefault(_tenant_of(event), deque()).append(event)
         self._held += 1
         self._bound()
@@ -188,10 +191,10 @@ class RedisStreamEventSink:
             for stream, fields in rows:
                 pipe.xadd(stream, fields, maxlen=self._stream_max_len, approximate=True)
             await pipe.execute()
-        except DataError as exc:
+        except _REDIS_PY_CANNOT_ENCODE as exc:
             # redis-py refused to build or encode the batch (before sending any of it): not
             # Redis down, which `guarded` made of this RedisError, flapping every part onto its
-            # fallback.
+            # fallback; nor a bug failing the whole batch, every tenant's events with it.
             raise _Unencodable(str(exc)) from exc
 
     def _encodes(self, row: _Row) -> bool:
@@ -201,7 +204,7 @@ class RedisStreamEventSink:
         try:
             for value in (stream, *fields.keys(), *fields.values()):
                 encoder.encode(value)
-        except DataError:
+        except _REDIS_PY_CANNOT_ENCODE:
             return False
         return True
 
@@ -228,10 +231,12 @@ def _text(value: object) -> str:
 async def read_events(
     link: RedisLink, keyspace: KeySpace, tenant: str, count: int = 1000
 ) -> list[dict[str, Any]]:
-    """The tenant's oldest `count` events (see `_read_page` for what is skipped). Raises
-    RedisDown (RedisRefused when Redis answered with an error), as every call does."""
+    """The tenant's oldest `count` events (see `_read_page` for what is skipped), an event
+    written twice once. Raises RedisDown (RedisRefused when Redis answered with an error), as
+    every call does."""
     events, _ = await _read_page(link, keyspace.of(tenant).events, "-", count)
-    return events
+    seen: set[str] = set()
+    return [event for event in events if first_sight(event, seen)]
 
 
 async def iter_events(
@@ -240,13 +245,17 @@ async def iter_events(
     """Every event of the tenant's stream, oldest first, `page` entries a read: what
     `routecache export-events` turns into the JSONL log retrain reads, or the notebook's table.
     Read whole, the caller picking by `ts`: an entry id is Redis' clock at the flush, the `ts`
-    the replica's at the event, so starting at an id could miss events of a replica ahead."""
+    the replica's at the event, so starting at an id could miss events of a replica ahead.
+    An event the sink wrote twice (a write that timed out after Redis applied it is written
+    again) is yielded once: its copies share its `event_id`."""
     key = keyspace.of(tenant).events
     start = "-"
+    seen: set[str] = set()
     while True:
         events, last = await _read_page(link, key, start, page)
         for event in events:
-            yield event
+            if first_sight(event, seen):
+                yield event
         if last is None:
             return
         start = f"({last}"  # exclusive: the page after the last entry read

@@ -5,14 +5,43 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
+import uuid
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+def new_event(kind: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+    """An event as every sink records it when emitted: its kind, the time and an `event_id`
+    of its own, then the payload. The id is set once, here, so an event the Redis sink writes
+    again (a write that timed out after Redis had applied it) keeps it, and readers
+    (`unique_events`) drop the second copy, which the notebook and retrain counted twice."""
+    return {"kind": kind, "ts": time.time(), "event_id": uuid.uuid4().hex, **payload}
+
+
+def first_sight(event: Mapping[str, Any], seen: set[str]) -> bool:
+    """False for an event whose `event_id` is in `seen` (a copy written twice); else True, the
+    id noted. An event without one (a log older than the field, a grader's outcome line) is
+    always kept: nothing tells its copies from two events alike."""
+    event_id = event.get("event_id")
+    if not isinstance(event_id, str):
+        return True
+    if event_id in seen:
+        return False
+    seen.add(event_id)
+    return True
+
+
+def unique_events(events: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The events, each `event_id` the first time only (see `first_sight`), in their order."""
+    seen: set[str] = set()
+    return (event for event in events if first_sight(event, seen))
 
 
 class InMemoryEventLog:
@@ -22,7 +51,7 @@ class InMemoryEventLog:
         self.events: deque[dict[str, Any]] = deque(maxlen=max_events)
 
     def emit(self, kind: str, payload: Mapping[str, Any]) -> None:
-        self.events.append({"kind": kind, "ts": time.time(), **payload})
+        self.events.append(new_event(kind, payload))
 
 
 class JsonlEventLog:
@@ -47,14 +76,15 @@ class JsonlEventLog:
         self._torn = _ends_mid_line(path)
 
     def emit(self, kind: str, payload: Mapping[str, Any]) -> None:
-        record = {"kind": kind, "ts": time.time(), **payload}
+        record = new_event(kind, payload)
         try:
             line = event_json(record) + "\n"
+            # In the handling too: a line that could not be encoded was raised to the request.
+            data = ("\n" + line if self._torn else line).encode("utf-8")
         except NOT_ENCODABLE as exc:
             self.dropped += 1
             log.error("an event %r could not be encoded as JSON and was dropped: %s", kind, exc)
             return
-        data = ("\n" + line if self._torn else line).encode("utf-8")
         try:
             self._write(data)
         except OSError as exc:
@@ -104,10 +134,17 @@ def _ends_mid_line(path: Path) -> bool:
 NOT_ENCODABLE = (TypeError, ValueError, RecursionError)
 
 
+# A UTF-16 surrogate: in a Python str, one left alone (JSON's "\\ud83d" decodes to it).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def event_json(event: Mapping[str, Any]) -> str:
     """An event as every sink writes it (the JSONL log's line, the Redis stream's `data`): a
-    value JSON has no form for (a datetime, an enum) goes as its text."""
-    return json.dumps(event, ensure_ascii=False, default=str)
+    value JSON has no form for (a datetime, an enum) goes as its text, and a lone surrogate
+    (a provider's error text) as U+FFFD, so the text always encodes as UTF-8: one raised
+    from the write, failing the request it told of, or the Redis batch it was in."""
+    # A str holds a pair whole, so any surrogate left in the text is lone.
+    return _SURROGATE.sub("\ufffd", json.dumps(event, ensure_ascii=False, default=str))
 
 
 @dataclass

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from routecache.router.events import SkippedLines, event_lines
+from routecache.router.events import SkippedLines, event_lines, unique_events
 from routecache.training.data_files import DataFileError, distinct_files
 from routecache.training.routing_data import check_encodable
 
@@ -50,12 +50,14 @@ class EventLabel:
 def read_events(paths: Sequence[Path], skipped: SkippedLines | None = None) -> list[dict[str, Any]]:
     """The events of the logs. A line torn by a crash (the service's log leaves it in place)
     or of JSON that is no object is skipped and counted in `skipped`, as export-events does:
-    stopping there refused the whole log for a line that holds no event."""
+    stopping there refused the whole log for a line that holds no event. An event written
+    twice (the same `event_id`: the Redis sink's copy, or one in two files) is read once, so
+    it makes one label."""
     skipped = skipped if skipped is not None else SkippedLines()
     events: list[dict[str, Any]] = []
     for path in distinct_files(paths):
         events += _checked_events(path, skipped)
-    return events
+    return list(unique_events(events))
 
 
 def _checked_events(path: Path, skipped: SkippedLines) -> list[dict[str, Any]]:

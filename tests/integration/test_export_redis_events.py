@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from routecache.backends.keys import KeySpace
-from routecache.backends.link import RedisLink
+from routecache.backends.link import RedisDown, RedisLink
 from routecache.backends.redis_events import RedisStreamEventSink
 from routecache.router.cli import main
 from routecache.training.outcomes import read_events as read_for_retrain
@@ -113,3 +113,37 @@ def test_a_tenant_with_no_events_is_said_on_stderr(
     captured = capsys.readouterr()
     assert captured.out == f"1 events written to {out}\n"
     assert captured.err == "routecache: no events for tenant acmee\n"
+
+
+def test_an_event_the_sink_wrote_twice_is_exported_once(
+    own_redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # The reviewer's repro: a write that timed out but that Redis applied is requeued and
+    # written again; export-events (and the notebook's savings, retrain's labels) counted it
+    # twice.
+    async def write_twice() -> None:
+        link = RedisLink(own_redis_server.url, 0.3, 4, 0.05)
+        assert await link.connect()
+        sink = RedisStreamEventSink(link, KeySpace("rc"))
+        for n in range(3):
+            hit = {"response_id": f"r{n}", "prompt": "q", "path": "exact_hit", "saved_usd": 0.01}
+            sink.emit("completion", {"tenant": "acme", **hit})
+        stalling = asyncio.create_task(asyncio.to_thread(own_redis_server.debug_sleep, 1.0))
+        await asyncio.to_thread(own_redis_server.wait_stalled)
+        with pytest.raises(RedisDown):
+            await sink.flush()
+        await stalling
+        await link.wait_up()
+        await sink.flush()  # the requeued batch, which Redis had taken after all
+        assert await link.client.xlen(KeySpace("rc").of("acme").events) == 6
+        await link.aclose()
+
+    asyncio.run(write_twice())
+    argv = ["export-events", "--redis-url", own_redis_server.url, "--tenant", "acme"]
+    out = tmp_path / "events.jsonl"
+    assert main([*argv, "--format", "jsonl", "--out", str(out)]) == 0
+    assert [r["response_id"] for r in jsonl(out)] == ["r0", "r1", "r2"]
+    assert len(read_for_retrain([out])) == 3
+    table = tmp_path / "events.parquet"
+    assert main([*argv, "--out", str(table)]) == 0
+    assert pd.read_parquet(table)["saved_usd"].sum() == pytest.approx(0.03)

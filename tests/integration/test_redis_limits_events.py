@@ -465,6 +465,49 @@ async def test_an_event_redis_py_cannot_encode_is_dropped_alone_and_the_link_sta
         await link.aclose()
 
 
+async def test_an_event_holding_a_lone_surrogate_is_written_and_no_other_event_dropped(
+    redis_server: RedisServer,
+) -> None:
+    # The reviewer's repro: a provider's error text held a lone surrogate; redis-py's encoder
+    # raised UnicodeEncodeError (not DataError) and the flush dropped the whole batch, every
+    # tenant's events with it.
+    link = link_to(redis_server)
+    assert await link.connect()
+    sink = RedisStreamEventSink(link, KeySpace())
+    try:
+        for n in range(3):
+            sink.emit("completion", {"tenant": "globex", "n": n})
+        sink.emit("error", {"tenant": "acme", "message": "HTTP 503: overloaded \ud83d"})
+        await sink.flush()
+        assert [e["n"] for e in await read_events(link, KeySpace(), "globex")] == [0, 1, 2]
+        (error,) = await read_events(link, KeySpace(), "acme")
+        assert error["message"] == "HTTP 503: overloaded \ufffd"
+        assert (sink.written, sink.dropped) == (4, 0)
+    finally:
+        await link.aclose()
+
+
+async def test_an_event_whose_field_redis_py_cannot_encode_as_utf8_is_dropped_alone(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A `kind` holding a lone surrogate (the stream entry's own field, not the JSON `data`):
+    # UnicodeEncodeError from redis-py's encoder is a value it cannot encode, like DataError.
+    link = link_to(redis_server)
+    assert await link.connect()
+    sink = RedisStreamEventSink(link, KeySpace())
+    try:
+        sink.emit("completion", {"tenant": "globex", "n": 0})
+        sink.emit("odd \ud800", {"tenant": "acme", "n": 1})
+        sink.emit("completion", {"tenant": "globex", "n": 2})
+        await sink.flush()
+        assert [e["n"] for e in await read_events(link, KeySpace(), "globex")] == [0, 2]
+        assert (sink.written, sink.dropped) == (2, 1)
+        assert "could not encode" in caplog.text
+        assert link.up and link.failures == 0
+    finally:
+        await link.aclose()
+
+
 async def test_a_batch_redis_py_refuses_whole_is_dropped_as_a_bug_and_the_link_stays_up(
     redis_server: RedisServer,
 ) -> None:

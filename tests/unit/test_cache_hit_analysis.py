@@ -241,3 +241,58 @@ def test_a_failed_admin_call_is_no_request_and_an_error_of_an_older_log_is_one()
     assert ch.routing_vs_quality(frame).loc["error", "requests"] == 2
     assert ch.hit_rate_over_time(frame)["requests"].sum() == 6
     assert len(ch.latency_by_path(frame)) == 5 and len(ch.savings(frame)) == 6
+
+
+@pytest.mark.parametrize("exported", [False, True], ids=["jsonl", "parquet"])
+def test_an_escalation_whose_strong_call_failed_is_counted(tmp_path: Path, exported: bool) -> None:
+    # Before: routing_vs_quality read the top-level `escalated` alone, which an error event
+    # never carries (its validation.escalated does), so an escalated request whose strong call
+    # then failed was missed; GetStats and routecache_escalations_total count it.
+    failed = {"kind": "error", "ts": T0 + 8, "tenant": "acme", "path": "error", "admin": False,
+              "reason": "unavailable", "failed_validators": ["json_schema"],
+              "validation": {"passed": False, "escalated": True, "results": []}}  # fmt: skip
+    log = tmp_path / "events.jsonl"
+    log.write_text("".join(json.dumps(event) + "\n" for event in [*EVENTS, failed]))
+    path = tmp_path / "events.parquet" if exported else log
+    if exported:
+        write_parquet(list(read_events(log)), path, str(log))
+    quality = ch.routing_vs_quality(ch.load_events(path))
+    assert quality.loc["error", "escalated"] == 1
+    assert quality.loc["strong", "escalated"] == 1  # its own escalated and validation alike
+    assert quality["escalated"].sum() == 2
+
+
+def test_the_notebooks_threshold_variable_is_documented_and_names_the_plotted_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before: ROUTECACHE_SIMILARITY_THRESHOLD was read by the parameters cell alone, its default
+    # the demo's 0.65 (cache.similarity_threshold is 0.9), and the line it draws said only
+    # "threshold": a plot of a real log showed the demo's threshold as if it were the service's.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import nbformat
+
+    root = Path(__file__).resolve().parents[2]
+    notebook = nbformat.read(root / "notebooks" / "cache_hit_analysis.ipynb", as_version=4)  # type: ignore[no-untyped-call]  # nbformat is untyped
+    intro = notebook.cells[0].source
+    operations = (root / "docs" / "operations.md").read_text(encoding="utf-8")
+    for text in (intro, operations):
+        assert "ROUTECACHE_SIMILARITY_THRESHOLD" in text and "similarity_threshold" in text
+    monkeypatch.chdir(root / "notebooks")
+    monkeypatch.setenv("ROUTECACHE_NOTEBOOK_EVENTS", "../tests/fixtures/demo_events.jsonl")
+    monkeypatch.setenv("ROUTECACHE_SIMILARITY_THRESHOLD", "0.72")
+    monkeypatch.setattr(plt, "show", lambda *args, **kwargs: None)
+    plt.close("all")
+    namespace: dict[str, Any] = {}
+    try:
+        for cell in notebook.cells:
+            if cell.cell_type == "code":
+                exec(compile(cell.source, "notebook", "exec"), namespace)
+        lines = [line for number in plt.get_fignums() for axes in plt.figure(number).axes
+                 for line in axes.get_lines()]  # fmt: skip
+    finally:
+        plt.close("all")
+    labelled = {str(line.get_label()): list(line.get_xdata()) for line in lines}  # type: ignore[arg-type]
+    assert labelled["threshold 0.72 (ROUTECACHE_SIMILARITY_THRESHOLD)"][0] == pytest.approx(0.72)

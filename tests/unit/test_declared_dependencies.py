@@ -56,3 +56,28 @@ def test_sniffio_which_httpcore_imports_on_every_call_is_declared_and_installed(
     # on the event loop). Nothing else declared brings it (anyio 4 dropped it).
     assert "sniffio" in _declared()
     assert importlib.util.find_spec("sniffio") is not None
+
+
+# The distribution that gives each `jupyter SUBCOMMAND` a document may tell readers to run.
+JUPYTER_SUBCOMMANDS = {"execute": "nbclient", "nbconvert": "nbconvert", "lab": "jupyterlab",
+                       "notebook": "notebook", "run": "jupyter-client"}  # fmt: skip
+
+
+def _extras() -> set[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    specs = [spec for extra in project["optional-dependencies"].values() for spec in extra]
+    return {_normalised(re.split(r"[\[<>=!~ ;]", spec, maxsplit=1)[0]) for spec in specs}
+
+
+def test_the_notebooks_documented_run_command_is_one_the_extras_install() -> None:
+    # Before: the notebook said to run it with `jupyter nbconvert --execute`, and nbconvert is
+    # in no extra: the documented command failed on an install of the declared extras.
+    documents = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"),
+                 ROOT / "notebooks" / "cache_hit_analysis.ipynb"]  # fmt: skip
+    commands = {
+        match for path in documents
+        for match in re.findall(r"\bjupyter[ -](\w+)", path.read_text(encoding="utf-8"))
+    }  # fmt: skip
+    assert "execute" in commands  # the notebook says how to run it
+    extras = _extras()
+    assert {c for c in commands if JUPYTER_SUBCOMMANDS.get(c, c) not in extras} == set()

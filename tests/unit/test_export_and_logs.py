@@ -17,6 +17,7 @@ import grpc.aio
 import pandas as pd
 import pytest
 
+from routecache.analysis.cache_hits import load_events
 from routecache.analysis.export import (
     events_frame,
     parse_since,
@@ -24,8 +25,15 @@ from routecache.analysis.export import (
     write_jsonl,
     write_parquet,
 )
+from routecache.errors import Unavailable, UpstreamError
 from routecache.router.bootstrap import Overrides, open_events
-from routecache.router.events import InMemoryEventLog, JsonlEventLog, SkippedLines, event_lines
+from routecache.router.events import (
+    InMemoryEventLog,
+    JsonlEventLog,
+    SkippedLines,
+    event_json,
+    event_lines,
+)
 from routecache.router.logs import (
     REQUEST_ID,
     JsonFormatter,
@@ -778,6 +786,80 @@ def test_an_event_json_cannot_encode_is_dropped_and_counted_not_raised(tmp_path:
     log.close()
     assert log.dropped == 1
     assert [e.get("module") for e in read_events(source)] == [str(time)]
+
+
+def test_every_sink_gives_each_event_its_own_event_id(tmp_path: Path) -> None:
+    # What lets a reader drop an event the Redis sink wrote twice (see read_events below).
+    memory, source = InMemoryEventLog(), tmp_path / "events.jsonl"
+    log = JsonlEventLog(source)
+    for sink in (memory, log):
+        sink.emit("completion", {"response_id": "r1"})
+        sink.emit("completion", {"response_id": "r1"})
+    log.close()
+    for events in (list(memory.events), list(read_events(source))):
+        ids = [e["event_id"] for e in events]
+        assert len(set(ids)) == 2 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_readers_drop_an_event_written_twice_and_keep_events_without_an_id(
+    tmp_path: Path,
+) -> None:
+    # Before: an event the Redis sink wrote twice (a timed-out write Redis had applied, then
+    # requeued) was exported, and counted in the notebook, twice: hits, savings, feedback.
+    once = {"kind": "completion", "ts": NOW, "event_id": "a" * 32, "path": "exact_hit",
+            "saved_usd": 0.01}  # fmt: skip
+    older = {"kind": "completion", "ts": NOW + 1, "path": "exact_hit", "saved_usd": 0.01}
+    source = tmp_path / "events.jsonl"
+    source.write_text("".join(json.dumps(e) + "\n" for e in (once, once, older, older)))
+    assert list(read_events(source)) == [once, older, older]  # an older log's events as they are
+    assert len(events_frame([once, once, older])) == 2
+    parquet = tmp_path / "events.parquet"
+    pd.DataFrame([{**once, "time": 0}] * 2 + [{**older, "time": 0}]).to_parquet(parquet)
+    assert len(load_events(parquet)) == 2
+
+
+def test_an_event_holding_a_lone_surrogate_is_written_with_a_replacement_character(
+    tmp_path: Path,
+) -> None:
+    # Before: a provider's error text ("\\ud83d" in its JSON) reached an event's message as a
+    # lone surrogate; encoding the line raised UnicodeEncodeError outside the emit's handling.
+    source = tmp_path / "events.jsonl"
+    log = JsonlEventLog(source)
+    log.emit("error", {"message": "HTTP 503: overloaded \ud83d", "upstream_failures": ["\udc00"],
+                       "odd key \ud800": 1})  # fmt: skip
+    log.close()
+    assert log.dropped == 0
+    (event,) = read_events(source)
+    assert event["message"] == "HTTP 503: overloaded \ufffd"
+    assert event["upstream_failures"] == ["\ufffd"] and event["odd key \ufffd"] == 1
+    assert event_json({"whole pair": "\U0001f600"}) == '{"whole pair": "\U0001f600"}'
+
+
+@pytest.mark.parametrize("fallback_answers", [True, False], ids=["fallback", "all-failed"])
+async def test_a_provider_error_holding_a_lone_surrogate_is_logged_and_the_request_answered(
+    tmp_path: Path, fallback_answers: bool
+) -> None:
+    # The reviewer's repro: the cheap provider's error text held a lone surrogate; the strong
+    # answer was paid for and the caller got INTERNAL (or INTERNAL for UNAVAILABLE).
+    harness = make_harness()
+    log = JsonlEventLog(tmp_path / "events.jsonl")
+    harness.service.pipeline._p.events = log
+    harness.cheap.fail_with = UpstreamError("HTTP 503: overloaded \ud83d", retryable=True)
+    if not fallback_answers:
+        harness.strong.fail_with = UpstreamError("HTTP 503: down \udc00", retryable=True)
+    try:
+        if fallback_answers:
+            done = await harness.service.pipeline.complete(_ask("q"), KEYS["acme"])
+            assert done.model == "strong-model"
+        else:
+            with pytest.raises(Unavailable):
+                await harness.service.pipeline.complete(_ask("q"), KEYS["acme"])
+    finally:
+        await harness.service.aclose()
+        log.close()
+    assert log.dropped == 0
+    logged = json.dumps(list(read_events(tmp_path / "events.jsonl")), ensure_ascii=False)
+    assert "overloaded \ufffd" in logged
 
 
 async def test_requests_are_answered_while_the_event_log_cannot_be_written() -> None:

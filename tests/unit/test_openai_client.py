@@ -1373,3 +1373,26 @@ async def test_a_lone_surrogate_escape_in_a_stream_delta_is_replaced(make_client
     recorder = Recorder(httpx.Response(200, content=lone + sse_line(chunk(" c", "stop"))))
     deltas = await collect(make_client(recorder).stream(MESSAGES, GenerationParams()))
     assert deltas == ["a\ufffdb", " c"]
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        httpx.Response(503, content=b'{"error": {"message": "overloaded \\ud83d"}}'),
+        httpx.Response(503, content=b'{"detail": "overloaded \\ud83d"}'),
+        httpx.Response(503, content=b'{"error": "overloaded \\ud83d"}'),
+        sse(chunk("The answer"), '{"error": {"message": "overloaded \\ud83d"}}'),
+    ],
+    ids=["error-message", "detail", "error-text", "stream-error-event"],
+)
+async def test_a_lone_surrogate_escape_in_a_provider_error_is_replaced(
+    make_client: Any, response: httpx.Response
+) -> None:
+    # Before: the error text kept the lone surrogate JSON's "\ud83d" decodes to; it went on into
+    # the error event's message (and a later completion's upstream_failures), which no UTF-8
+    # event log can hold: the write raised, and an answered request ended INTERNAL.
+    client = make_client(Recorder(response), max_attempts=1)
+    with pytest.raises(UpstreamError) as caught:
+        await collect(client.stream(MESSAGES, GenerationParams()))
+    assert "overloaded \ufffd" in str(caught.value)
+    str(caught.value).encode("utf-8")

@@ -116,6 +116,17 @@ def test_event_logs_are_read_in_order_across_files_and_non_object_lines_are_skip
     assert labels_from_events(events) == [EventLabel("split across logs", weak_correct=False)]
 
 
+def test_an_event_logged_twice_is_read_once_across_files(tmp_path: Path) -> None:
+    # An event the Redis sink wrote twice (exported twice) made two training labels; one given
+    # in two files too. Events without an event_id (older logs) are read as they are.
+    older, newer = tmp_path / "events.1.jsonl", tmp_path / "events.jsonl"
+    rated = {"kind": "feedback", "response_id": "r1", "thumbs_up": False, "event_id": "e" * 32}
+    plain = {"kind": "feedback", "response_id": "r2", "thumbs_up": True}
+    older.write_text(json.dumps(rated) + "\n" + json.dumps(plain) + "\n")
+    newer.write_text(json.dumps(rated) + "\n" + json.dumps(plain) + "\n")
+    assert read_events([older, newer]) == [rated, plain, plain]
+
+
 @pytest.mark.parametrize(
     "broken",
     ["{not json", "[" * 100_000, '{"n": ' + "9" * 5_000 + "}"],

@@ -643,15 +643,20 @@ def _count(usage: Mapping[str, Any], name: str, estimated: int) -> int:
 
 
 def _error_text(payload: Any) -> str:
+    """The error object's message, cut short and sendable: it goes on into the error event's
+    `message`, a later completion's `upstream_failures` and the gRPC status details, none of
+    which a lone surrogate (JSON's "\\ud83d") can be written to."""
     error = payload.get("error") if isinstance(payload, dict) else None
     if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return str(error["message"])[:MAX_DETAIL_CHARS]
-    return "" if error is None else str(error)[:MAX_DETAIL_CHARS]
+        return _sendable(str(error["message"])[:MAX_DETAIL_CHARS])
+    return "" if error is None else _sendable(str(error)[:MAX_DETAIL_CHARS])
 
 
 def _provider_message(body: bytes) -> str:
     """What a provider's error body says, cut short: OpenAI's error object, else another
-    server's own text ({"detail": ...} of FastAPI, {"message": ...}), else the body itself."""
+    server's own text ({"detail": ...} of FastAPI, {"message": ...}), else the body itself.
+    Sendable (see `_error_text`): the body's bytes are decoded with replacement, but its JSON
+    may still escape a lone surrogate."""
     text = body.decode("utf-8", errors="replace")
     try:
         payload = json.loads(text)
@@ -661,5 +666,5 @@ def _provider_message(body: bytes) -> str:
         return _error_text(payload)
     for key in ("detail", "message"):
         if isinstance(payload, dict) and isinstance(payload.get(key), str):
-            return str(payload[key]).strip()[:MAX_DETAIL_CHARS]
+            return _sendable(str(payload[key]).strip()[:MAX_DETAIL_CHARS])
     return text.strip()[:MAX_DETAIL_CHARS]
