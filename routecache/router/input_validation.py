@@ -13,6 +13,7 @@ from routecache.domain import ChatRequest, Feedback, ResponseFormatType, Role
 from routecache.errors import InvalidArgument
 from routecache.router.settings import LimitSettings
 from routecache.router.validators import NotJsonError, check_pattern_size, parse_json
+from routecache.training.routing_data import check_encodable
 
 # jsonschema's meta-schema check costs about 0.7 ms a subschema, on the event loop and before
 # the rate limit: 10,000 of them (30 kB) held every tenant's calls for 4.5 s. A real schema
@@ -119,6 +120,8 @@ def _schema_problem(schema_text: str) -> str | None:
         schema = parse_json(schema_text)
     except NotJsonError as exc:
         return str(exc)
+    if not _encodable(schema):
+        return "not valid Unicode: a lone surrogate escape"
     # Counted before the meta-schema check, whose cost grows with it.
     if _subschemas(schema) > MAX_SCHEMA_SUBSCHEMAS:
         return f"more than {MAX_SCHEMA_SUBSCHEMAS} subschemas (objects and true/false)"
@@ -149,6 +152,22 @@ def _subschemas(schema: object) -> int:
     """Objects and booleans anywhere in a schema: an upper bound on its subschemas (those in
     data, such as a `const`, count too)."""
     return sum(isinstance(value, dict | bool) for value in _values(schema))
+
+
+def _encodable(schema: object) -> bool:
+    """Whether every string in a parsed schema, keys included, can be written as UTF-8.
+
+    JSON may escape half a surrogate pair ("\\ud800"); json reads it as a lone surrogate, which
+    no UTF-8 holds: the schema sent to the provider failed to encode, every call INTERNAL."""
+    for value in _values(schema):
+        texts = value if isinstance(value, dict) else (value,)  # a dict: its keys
+        for text in texts:
+            if isinstance(text, str):
+                try:
+                    check_encodable(text)
+                except ValueError:
+                    return False
+    return True
 
 
 class SchemaVerdicts:

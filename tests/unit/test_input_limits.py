@@ -481,3 +481,27 @@ def test_a_schema_may_name_the_2020_12_dialect(dialect: str) -> None:
         schema_request({"$schema": dialect, "properties": {"x": {"$schema": dialect}}}),
         LimitSettings(),
     )
+
+
+@pytest.mark.parametrize(
+    "schema_text",
+    [
+        '{"type": "object", "description": "\\ud800"}',
+        '{"type": "object", "properties": {"answer": {"const": "x\\udfff"}}}',
+        '{"type": "object", "\\ud800": 1}',
+    ],
+    ids=["description", "const", "key"],
+)
+def test_a_schema_with_a_lone_surrogate_escape_is_refused_at_admission(schema_text: str) -> None:
+    # Before: admitted (valid JSON), then every call failed INTERNAL when the schema was
+    # encoded as UTF-8 for the provider, counted as an internal error.
+    with pytest.raises(InvalidArgument) as error:
+        validate_request(schema_request(schema_text), LimitSettings())
+    assert str(error.value) == (
+        "params.response_format.json_schema: not valid Unicode: a lone surrogate escape"
+    )
+
+
+def test_a_schema_with_an_escaped_surrogate_pair_is_admitted() -> None:
+    # A pair escaped in JSON ("\ud83d\ude00") is one character: UTF-8 holds it.
+    validate_request(schema_request('{"description": "\\ud83d\\ude00"}'), LimitSettings())
