@@ -103,7 +103,10 @@ def _fold_layout(text: str) -> str:
     differing only in indentation ask different things). Within a line, runs of white space
     become one space; trailing white space, blank lines at either end, runs of blank lines and
     the indentation all lines share go."""
-    lines = [line.rstrip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+    # Every boundary str.splitlines knows is a line break (CR LF and CR as before; U+2028,
+    # U+2029, NEL, VT, FF, FS, GS, RS too): split on LF alone, the white-space fold took them,
+    # with the next line's indentation, for one space ("items:<LS>  - a" keyed as "items: - a").
+    lines = [line.rstrip() for line in text.splitlines()]
     indents = [line[: len(line) - len(line.lstrip())] for line in lines if line]
     # The common prefix of all is that of the least and the greatest.
     low, high = (min(indents), max(indents)) if indents else ("", "")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from routecache.replay.config import (
@@ -120,6 +121,21 @@ def _no_lone_surrogates(body: object) -> object:
     return body
 
 
+def _unreadable_body(request: web.Request, exc: web.RequestPayloadError) -> web.Response:
+    """The JSON 400 for a body aiohttp's parser cannot read (one that does not decode from its
+    Content-Encoding), where the error escaped as aiohttp's text/plain 500 and a traceback.
+
+    The connection closes after it: the rest of the body cannot be read. Ended here, so aiohttp
+    does not read on for it after the response, which raised again (logged as unhandled) and
+    dropped the connection under a client that kept it alive."""
+    cause = exc.__cause__  # the parser's error; its message without the status line
+    problem = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
+    response = _error(400, f"the request body cannot be read: {problem}", "invalid_request_error")
+    response.force_close()
+    request.content.feed_eof()
+    return response
+
+
 def _latency_ms(request: web.Request, state: ReplayState) -> float:
     """The header's latency, else the configured one; raises ValueError for a bad header."""
     header = request.headers.get(LATENCY_HEADER)
@@ -142,6 +158,8 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         # UTF-8 whatever the charset says (as OpenAI reads it): request.text() would fail on
         # an unknown charset.
         payload = json.loads((await request.read()).decode("utf-8"))
+    except web.RequestPayloadError as exc:  # a Content-Encoding the body does not decode from
+        return _unreadable_body(request, exc)
     except UnicodeDecodeError as exc:
         return _error(400, f"the request body is not UTF-8: {exc}", "invalid_request_error")
     except json.JSONDecodeError as exc:

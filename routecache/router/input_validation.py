@@ -9,15 +9,29 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
+import regex
+from jsonschema import Draft202012Validator, FormatChecker
+from jsonschema.exceptions import SchemaError
+
 from routecache.domain import ChatRequest, Feedback, ResponseFormatType, Role
 from routecache.errors import InvalidArgument
 from routecache.router.settings import LimitSettings
-from routecache.router.validators import NotJsonError, check_pattern_size, parse_json
+from routecache.router.validators import (
+    NotJsonError,
+    check_pattern_size,
+    check_schema_pattern,
+    parse_json,
+)
+from routecache.training.routing_data import check_encodable
 
 # jsonschema's meta-schema check costs about 0.7 ms a subschema, on the event loop and before
 # the rate limit: 10,000 of them (30 kB) held every tenant's calls for 4.5 s. A real schema
 # (100 typed properties: about 100 objects) is far below; at the limit the check takes < 1 s.
 MAX_SCHEMA_SUBSCHEMAS = 1000
+# Admission compiles every pattern of a schema with `regex` (below, _SCHEMA_FORMATS), at about
+# 0.5 us an unrolled item: 1,000 patterns of 10,000 items each held the loop for seconds. A real
+# schema's patterns ("^[A-Z]{3}$", a UUID's) unroll to tens of items each.
+MAX_SCHEMA_PATTERN_ITEMS = 100_000
 _SCHEMA_FIELD = "params.response_format.json_schema"
 DIALECT = "https://json-schema.org/draft/2020-12/schema"  # the only one request schemas use
 
@@ -110,45 +124,104 @@ def _check_params(request: ChatRequest, limits: LimitSettings, schema_check: Sch
 
 def _schema_problem(schema_text: str) -> str | None:
     """Why a request's JSON Schema is refused, or None if it is admitted."""
-    from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import SchemaError
-
     if not schema_text.strip():
         return "required with RESPONSE_FORMAT_TYPE_JSON_SCHEMA"
     try:
         schema = parse_json(schema_text)
     except NotJsonError as exc:
         return str(exc)
+    if not _encodable(schema):
+        return "not valid Unicode: a lone surrogate escape"
     # Counted before the meta-schema check, whose cost grows with it.
     if _subschemas(schema) > MAX_SCHEMA_SUBSCHEMAS:
         return f"more than {MAX_SCHEMA_SUBSCHEMAS} subschemas (objects and true/false)"
     if other := next(foreign_dialects(schema), None):
         return f"$schema may only name JSON Schema 2020-12 ({DIALECT!r}), not {other!r}"
+    # Sized before the meta-schema check, which compiles them.
+    if problem := _patterns_problem(schema):
+        return problem
     try:
-        Draft202012Validator.check_schema(schema)
+        Draft202012Validator.check_schema(schema, format_checker=_SCHEMA_FORMATS)
     except SchemaError as exc:
-        return f"not a valid JSON Schema: {exc.message}"
-    except OverflowError as exc:  # `re`, checking a pattern's repeat count (a{4294967296})
-        return f"not a valid JSON Schema: a pattern: {exc}"
+        return f"not a valid JSON Schema: {_schema_error(exc)}"
     except RecursionError:
         return "nested too deeply"
     if remote := next(non_local_refs(schema), None):
         # A caller's schema must never make the service fetch a URL (SSRF).
         return f"only local references ('#...') allowed, not {remote!r}"
+    return None
+
+
+def _patterns_problem(schema: object) -> str | None:
+    """Why a schema's patterns are too costly to compile, each or all together; None if not.
+    Those in data (a `const` holding {"pattern": ...}) count too: an upper bound."""
+    total = 0
     for pattern in schema_patterns(schema):
         try:
-            check_pattern_size(pattern)
+            total += check_pattern_size(pattern)
         except (re.error, OverflowError):
-            continue  # a "pattern" in data (const, default): jsonschema never compiles it
+            continue  # never compiled: the meta-schema check refuses it if it is a pattern
         except ValueError as exc:
             return str(exc)
+    if total > MAX_SCHEMA_PATTERN_ITEMS:
+        return (
+            f"patterns too large in all ({total} items once their repeats are unrolled, at "
+            f"most {MAX_SCHEMA_PATTERN_ITEMS})"
+        )
     return None
+
+
+def _admissible_pattern(pattern: object) -> bool:
+    if isinstance(pattern, str):
+        check_schema_pattern(pattern)
+    return True  # raises for a bad one: its message is the refusal's
+
+
+# The meta-schema check's own format checks, but "regex" (every `pattern` value and
+# `patternProperties` key, no pattern in data) gets check_schema_pattern: `re` alone admitted
+# patterns that the `regex` engine checking answers refuses ([[:foo:]]) or reads as a fuzzy
+# match ({e}), and every answer's check then raised, after paying for both calls.
+_SCHEMA_FORMATS = FormatChecker(Draft202012Validator.FORMAT_CHECKER.checkers)
+_SCHEMA_FORMATS.checks("regex", raises=(ValueError, OverflowError, re.error, regex.error))(
+    _admissible_pattern
+)
+
+
+def _schema_error(exc: SchemaError) -> str:
+    """What a meta-schema check error says; a refused pattern is named with where it is."""
+    if exc.validator == "format" and exc.cause is not None:
+        where = "".join(f"/{_pointer_part(part)}" for part in exc.absolute_path) or "/"
+        # check_pattern_size's message quotes the pattern too
+        detail = str(exc.cause).removeprefix(f"pattern {exc.instance!r}: ")
+        return f"the pattern {exc.instance!r} at {where}: {detail}"
+    return exc.message
+
+
+def _pointer_part(part: object) -> str:
+    """A path step as JSON Pointer writes it (RFC 6901): "~" and "/" escaped."""
+    return str(part).replace("~", "~0").replace("/", "~1")
 
 
 def _subschemas(schema: object) -> int:
     """Objects and booleans anywhere in a schema: an upper bound on its subschemas (those in
     data, such as a `const`, count too)."""
     return sum(isinstance(value, dict | bool) for value in _values(schema))
+
+
+def _encodable(schema: object) -> bool:
+    """Whether every string in a parsed schema, keys included, can be written as UTF-8.
+
+    JSON may escape half a surrogate pair ("\\ud800"); json reads it as a lone surrogate, which
+    no UTF-8 holds: the schema sent to the provider failed to encode, every call INTERNAL."""
+    for value in _values(schema):
+        texts = value if isinstance(value, dict) else (value,)  # a dict: its keys
+        for text in texts:
+            if isinstance(text, str):
+                try:
+                    check_encodable(text)
+                except ValueError:
+                    return False
+    return True
 
 
 class SchemaVerdicts:

@@ -81,8 +81,9 @@ MAX_PATTERN_SIZE = 10_000
 _REPEATS = (_parser.MAX_REPEAT, _parser.MIN_REPEAT, _parser.POSSESSIVE_REPEAT)
 
 
-def check_pattern_size(pattern: str) -> None:
-    """Raises ValueError for a caller's pattern too costly to compile (re.error if not a regex)."""
+def check_pattern_size(pattern: str) -> int:
+    """How many items a caller's pattern unrolls to (what compiling it costs); ValueError if
+    too many to compile, re.error (or OverflowError) if it is not a regex."""
     with _no_nested_set_warning():
         size = _unrolled(_parser.parse(pattern))
     if size > MAX_PATTERN_SIZE:
@@ -90,6 +91,7 @@ def check_pattern_size(pattern: str) -> None:
             f"pattern {pattern!r}: repeats too large ({size} items unrolled, at most "
             f"{MAX_PATTERN_SIZE})"
         )
+    return size
 
 
 def _unrolled(node: Any) -> int:
@@ -142,6 +144,16 @@ def _schema_search(pattern: str, text: str, what: str) -> regex.Match[str] | Non
         return regex.search(pattern, text, timeout=_time_left())
     except TimeoutError:
         raise _OutOfTime(f"pattern {pattern!r} on {what}") from None
+
+
+def check_schema_pattern(pattern: str) -> None:
+    """Raises ValueError, OverflowError, re.error or regex.error for a schema pattern that the
+    answer check (_schema_search) could not run, or would read otherwise than Python's `re`:
+    the checks a request validator's pattern gets, in the same order (its size first: `regex`
+    unrolls repeats as it compiles)."""
+    check_pattern_size(pattern)
+    check_python_syntax(pattern)
+    regex.compile(pattern)  # as _schema_search compiles it: no flags
 
 
 def _bounded_pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[Any]:

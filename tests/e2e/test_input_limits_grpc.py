@@ -97,3 +97,23 @@ async def test_an_unknown_enum_from_a_caller_without_a_valid_key_is_unauthentica
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await client.complete(request)
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize("method", ["Complete", "CompleteStream"])
+async def test_a_schema_with_a_lone_surrogate_escape_is_invalid_over_grpc(
+    stack: Stack, method: str
+) -> None:
+    # Before: admitted, then encoding it for the provider raised: INTERNAL on both methods,
+    # counted as an internal error.
+    request = chat_request("What is 2 + 2?", json_schema='{"type": "object", "\\ud800": 1}')
+    async with stack.client() as client:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            if method == "Complete":
+                await client.complete(request)
+            else:
+                async for _ in client.complete_stream(request):
+                    pass
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details() == (
+        "params.response_format.json_schema: not valid Unicode: a lone surrogate escape"
+    )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -446,6 +448,9 @@ async def test_an_authorization_header_that_is_not_ascii_is_a_401_not_a_500(
             {},
             None,
         ),
+        # A Content-Encoding the body does not decode from: was aiohttp's text/plain 500
+        (b'{"model": "m", "messages": []}', {"content-encoding": "gzip"}, None),
+        (b'{"model": "m", "messages": []}', {"content-encoding": "deflate"}, None),
     ],
     ids=[
         "bad-json",
@@ -459,6 +464,8 @@ async def test_an_authorization_header_that_is_not_ascii_is_a_401_not_a_500(
         "unknown-fault",
         "stream-options-not-object",
         "lone-surrogate-escape",
+        "not-gzip",
+        "not-deflate",
     ],
 )
 async def test_malformed_request_is_a_400_with_an_openai_error(
@@ -474,6 +481,29 @@ async def test_malformed_request_is_a_400_with_an_openai_error(
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"]
     assert error["param"] == param
+
+
+async def test_a_body_that_does_not_decode_closes_its_connection_and_logs_no_error(
+    replay: RunningReplayServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: aiohttp's text/plain 500 with a traceback. Answered 400 on a kept-alive
+    # connection, aiohttp read on for the broken body after it, logged that as an unhandled
+    # exception and dropped the connection under the client's next request.
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    url = f"{replay.base_url}/chat/completions"
+    async with httpx.AsyncClient() as http:
+        refused = await http.post(url, content=body, headers=headers)
+        answered = await http.post(url, content=gzip.compress(body), headers=headers)
+    assert refused.status_code == 400 and refused.headers["connection"] == "close"
+    assert refused.json()["error"] == {
+        "message": "the request body cannot be read: Can not decode content-encoding: gzip",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
+    assert answered.status_code == 200
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def post_chat(

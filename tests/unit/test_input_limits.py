@@ -23,6 +23,7 @@ from routecache.domain import (
 )
 from routecache.errors import InvalidArgument
 from routecache.router.input_validation import (
+    MAX_SCHEMA_PATTERN_ITEMS,
     MAX_SCHEMA_SUBSCHEMAS,
     SchemaVerdicts,
     validate_feedback,
@@ -406,9 +407,9 @@ def count_schema_checks(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]
     checked: list[dict[str, Any]] = []
     real = Draft202012Validator.check_schema
 
-    def counting(schema: dict[str, Any]) -> None:
+    def counting(schema: dict[str, Any], **options: Any) -> None:
         checked.append(schema)
-        real(schema)
+        real(schema, **options)
 
     monkeypatch.setattr(Draft202012Validator, "check_schema", counting)
     return checked
@@ -481,3 +482,92 @@ def test_a_schema_may_name_the_2020_12_dialect(dialect: str) -> None:
         schema_request({"$schema": dialect, "properties": {"x": {"$schema": dialect}}}),
         LimitSettings(),
     )
+
+
+@pytest.mark.parametrize(
+    "schema_text",
+    [
+        '{"type": "object", "description": "\\ud800"}',
+        '{"type": "object", "properties": {"answer": {"const": "x\\udfff"}}}',
+        '{"type": "object", "\\ud800": 1}',
+    ],
+    ids=["description", "const", "key"],
+)
+def test_a_schema_with_a_lone_surrogate_escape_is_refused_at_admission(schema_text: str) -> None:
+    # Before: admitted (valid JSON), then every call failed INTERNAL when the schema was
+    # encoded as UTF-8 for the provider, counted as an internal error.
+    with pytest.raises(InvalidArgument) as error:
+        validate_request(schema_request(schema_text), LimitSettings())
+    assert str(error.value) == (
+        "params.response_format.json_schema: not valid Unicode: a lone surrogate escape"
+    )
+
+
+def test_a_schema_with_an_escaped_surrogate_pair_is_admitted() -> None:
+    # A pair escaped in JSON ("\ud83d\ude00") is one character: UTF-8 holds it.
+    validate_request(schema_request('{"description": "\\ud83d\\ude00"}'), LimitSettings())
+
+
+@pytest.mark.parametrize(
+    ("schema", "where", "problem"),
+    [
+        (
+            {"properties": {"answer": {"type": "string", "pattern": "[[:foo:]]"}}},
+            "/properties/answer/pattern",
+            "a POSIX class ([:foo:])",
+        ),
+        ({"properties": {"a": {"pattern": "[[:alpha:]]"}}}, "/properties/a/pattern", "POSIX"),
+        ({"items": {"pattern": "{e}"}}, "/items/pattern", "a fuzzy match ({e})"),
+        ({"pattern": "a{e<=1}x"}, "/pattern", "a fuzzy match"),
+        ({"patternProperties": {"[[:foo:]]": {}}}, "/patternProperties", "POSIX"),
+        ({"propertyNames": {"pattern": "{e}"}}, "/propertyNames/pattern", "fuzzy"),
+        # Python's syntax, but `regex` refuses the fuzzy cost before the "," (validators.py).
+        ({"pattern": "a{e<,x}"}, "/pattern", "fuzzy"),
+    ],
+)
+def test_a_schema_pattern_the_matching_engine_reads_otherwise_is_refused_at_admission(
+    schema: dict[str, object], where: str, problem: str
+) -> None:
+    # Before: `re` parsed these, so they were admitted; the `regex` engine that checks the
+    # answer raised on each one (or read it as a fuzzy match): both calls paid, then
+    # FAILED_PRECONDITION, with a traceback logged every time.
+    with pytest.raises(InvalidArgument) as error:
+        validate_request(schema_request(schema), LimitSettings())
+    assert error.value.field == "params.response_format.json_schema"
+    assert f"at {where}" in str(error.value)
+    assert problem in str(error.value)
+
+
+def test_a_schema_pattern_too_large_to_compile_is_refused_before_it_is_compiled() -> None:
+    # `regex` unrolls counted repeats when it compiles: (a{1000}){1000} took 1.2 s and 275 MB.
+    started = time.monotonic()
+    with pytest.raises(InvalidArgument, match="repeats too large"):
+        validate_request(
+            schema_request({"properties": {"p": {"pattern": "(a{1000}){1000}"}}}), LimitSettings()
+        )
+    assert time.monotonic() - started < 0.5
+
+
+def test_a_schemas_patterns_too_large_in_all_are_refused_before_they_are_compiled() -> None:
+    # Admission compiles each pattern with `regex`: 1,000 patterns of 10,000 items each, every
+    # one under the per-pattern limit, held the event loop for seconds.
+    patterns = [f"a{{9990}}{i}" for i in range(MAX_SCHEMA_PATTERN_ITEMS // 10_000 + 1)]
+    schema = {"anyOf": [{"pattern": pattern} for pattern in patterns]}
+    started = time.monotonic()
+    with pytest.raises(InvalidArgument, match="patterns too large in all"):
+        validate_request(schema_request(schema), LimitSettings())
+    assert time.monotonic() - started < 0.1
+
+
+def test_a_schemas_patterns_at_the_limit_in_all_are_admitted() -> None:
+    patterns = [f"a{{9990}}{i}" for i in range(MAX_SCHEMA_PATTERN_ITEMS // 10_000)]
+    validate_request(schema_request({"anyOf": [{"pattern": p} for p in patterns]}), LimitSettings())
+
+
+async def test_a_schema_pattern_regex_cannot_compile_costs_no_call(harness: Harness) -> None:
+    # Before: the cheap answer failed its check (it raised), escalated, and the strong one
+    # failed too: FAILED_PRECONDITION after paying for both.
+    request = schema_request({"properties": {"answer": {"pattern": "[[:foo:]]"}}})
+    with pytest.raises(InvalidArgument):
+        await harness.service.pipeline.complete(request, KEYS["acme"])
+    assert (harness.cheap.calls, harness.strong.calls) == ([], [])

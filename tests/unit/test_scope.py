@@ -206,3 +206,16 @@ def test_prompts_that_differ_in_meaning_have_their_own_exact_keys(one: str, othe
 )
 def test_layout_that_never_changes_meaning_is_folded(variant: str, plain: str) -> None:
     assert normalise_prompt(variant) == normalise_prompt(plain)
+
+
+@pytest.mark.parametrize(
+    "separator",
+    ["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e"],
+    ids=["LS", "PS", "NEL", "VT", "FF", "FS", "GS", "RS"],
+)
+def test_every_line_boundary_keeps_its_lines_and_their_indentation(separator: str) -> None:
+    # Before: only "\n" and "\r" split lines; `\s+` folded these with the next line's
+    # indentation into one space, so a list written with them shared the one-liner's key.
+    text = f"items:{separator}  - a{separator}  - b"
+    assert normalise_prompt(text) == normalise_prompt("items:\n  - a\n  - b")
+    assert exact_key("s", text) != exact_key("s", "items: - a - b")
