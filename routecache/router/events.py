@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 import uuid
 from collections import deque
@@ -13,6 +12,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from routecache.unicode_text import replace_lone_surrogates
 
 log = logging.getLogger(__name__)
 
@@ -134,17 +135,12 @@ def _ends_mid_line(path: Path) -> bool:
 NOT_ENCODABLE = (TypeError, ValueError, RecursionError)
 
 
-# A UTF-16 surrogate: in a Python str, one left alone (JSON's "\\ud83d" decodes to it).
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def event_json(event: Mapping[str, Any]) -> str:
     """An event as every sink writes it (the JSONL log's line, the Redis stream's `data`): a
     value JSON has no form for (a datetime, an enum) goes as its text, and a lone surrogate
     (a provider's error text) as U+FFFD, so the text always encodes as UTF-8: one raised
     from the write, failing the request it told of, or the Redis batch it was in."""
-    # A str holds a pair whole, so any surrogate left in the text is lone.
-    return _SURROGATE.sub("\ufffd", json.dumps(event, ensure_ascii=False, default=str))
+    return replace_lone_surrogates(json.dumps(event, ensure_ascii=False, default=str))
 
 
 @dataclass

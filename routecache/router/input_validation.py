@@ -22,7 +22,7 @@ from routecache.router.validators import (
     check_schema_pattern,
     parse_json,
 )
-from routecache.training.routing_data import check_encodable
+from routecache.unicode_text import check_encodable
 
 # jsonschema's meta-schema check costs about 0.7 ms a subschema, on the event loop and before
 # the rate limit: 10,000 of them (30 kB) held every tenant's calls for 4.5 s. A real schema

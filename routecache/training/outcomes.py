@@ -37,7 +37,7 @@ from typing import Any
 
 from routecache.router.events import SkippedLines, event_lines, unique_events
 from routecache.training.data_files import DataFileError, distinct_files
-from routecache.training.routing_data import check_encodable
+from routecache.unicode_text import check_encodable
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def _check_grades(event: dict[str, Any]) -> None:
     strong_correct may be null: unknown) and a graded prompt is text, unless a feedback
     event's thumbs_up is true or false, and unless a completion's prompt is text; ValueError
     if an outcome event carries a grade in neither documented shape, or a prompt holds a lone
-    surrogate (routing_data.check_encodable). Graders write these by
+    surrogate (unicode_text.check_encodable). Graders write these by
     hand: bool() read "false" as correct, null as wrong and a null prompt as the prompt
     "None", labels trained on without a word; a feedback event without its rating read as a
     thumbs-down; a grade in another shape was dropped without a word."""

@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from routecache.training.data_files import DataFileError, numbered_lines
+from routecache.unicode_text import check_encodable
 
 
 @dataclass(frozen=True)
@@ -70,18 +71,8 @@ def _prompt(record: dict[str, object]) -> str:
     value = record["prompt"]
     if not isinstance(value, str):
         raise TypeError(f"prompt must be text, not {value!r}")
-    check_encodable(value)
+    check_encodable(value)  # the hash split and the embedding cache could not encode it
     return value
-
-
-def check_encodable(prompt: str) -> None:
-    """ValueError if `prompt` holds a lone UTF-16 surrogate: JSON may escape one, and the hash
-    split and the embedding cache cannot encode it. Every reader of prompts (routing rows,
-    event logs) refuses it with the file and line, not as a traceback later."""
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"prompt holds a lone surrogate, not text ({exc})") from exc
 
 
 def _text(record: dict[str, object], key: str) -> str | None:

@@ -35,6 +35,7 @@ from routecache.router.tokens import (
     sent_schema,
 )
 from routecache.router.upstream.deadline import note_failed_try, seconds_left
+from routecache.unicode_text import replace_lone_surrogates
 
 CHAT_PATH = "chat/completions"
 USER_AGENT = "routecache/0.1"
@@ -623,15 +624,10 @@ class OpenAIChatClient:
         return _sendable(content), finish_reason if isinstance(finish_reason, str) else None
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def _sendable(text: str) -> str:
-    """`text` with each lone surrogate (JSON's "\\ud83d" half of a pair: Python's json decodes it
-    as is) replaced by U+FFFD: no UTF-8 response can carry one, so the answer, paid for and
-    cached, would fail every delivery."""
-    # Python's str holds a pair whole, so every surrogate code point left in one is lone.
-    return _SURROGATE.sub("\ufffd", text)
+    """`text` with each lone surrogate replaced by U+FFFD: no UTF-8 response can carry one, so
+    the answer, paid for and cached, would fail every delivery."""
+    return replace_lone_surrogates(text)
 
 
 def _count(usage: Mapping[str, Any], name: str, estimated: int) -> int:
