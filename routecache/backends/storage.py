@@ -152,6 +152,13 @@ class EmbeddedStorage:
             log.error("cache snapshot to %s failed: %s", path, exc)
             self._answer(covered, False)
             return False
+        except Exception:
+            # Not only the disk: an entry that cannot be encoded (a lone surrogate, say) raised
+            # past this, ending the periodic saver and leaving the removals waiting for a save
+            # to their deadline. Logged with its traceback (a bug); the saver goes on.
+            log.exception("cache snapshot to %s failed", path)
+            self._answer(covered, False)
+            return False
         log.info("saved %d cache entries to %s", count, path)
         self._saved_through = max(self._saved_through, covered)
         self._answer(covered, True)

@@ -20,7 +20,7 @@ from routecache.cache.embedder import HashEmbedder
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.hit_policy import HitRequirement
 from routecache.cache.memory_store import InMemoryEntryStore
-from routecache.cache.ports import CacheEntry
+from routecache.cache.ports import CacheEntry, StoreUnavailable
 from routecache.cache.semantic_cache import NewEntry
 from routecache.cache.snapshot import (
     SnapshotError,
@@ -524,6 +524,32 @@ async def test_an_invalidation_whose_save_fails_is_unavailable_and_a_retry_waits
         assert _saved_ids(path) == [near]
     finally:
         await harness.service.aclose()
+
+
+async def test_a_save_failing_on_an_entry_answers_the_removals_and_the_saver_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: only OSError was caught. An entry that could not be encoded (a lone surrogate in
+    # a provider's model name: UnicodeEncodeError, a ValueError) ended the periodic saver, a
+    # removal waiting for its save hung to the caller's deadline, and the stop's save raised.
+    path = tmp_path / "snapshot.jsonl"
+    store = InMemoryEntryStore(max_entries=10, clock=lambda: 0.0)
+    storage = EmbeddedStorage(store, ScopedFaissIndex(4), lambda: 0.0, path, 0.02, 0.0, 0.0)
+    await storage.start()
+    await store.put(dataclasses.replace(_entry("bad"), model="m\ud800"))
+    try:
+        async with asyncio.timeout(5):
+            with pytest.raises(StoreUnavailable):
+                await storage.removals_saved(True)
+        await asyncio.sleep(0.1)  # a few periodic saves, all failing
+        assert storage._task is not None and not storage._task.done()
+        assert "cache snapshot to" in caplog.text and "UnicodeEncodeError" in caplog.text
+        assert [gone.entry_id for gone in await store.delete(["acme:bad"])] == ["acme:bad"]
+        async with asyncio.timeout(5):
+            await storage.removals_saved(True)  # the saver still runs: this one is written
+        assert _saved_ids(path) == []
+    finally:
+        await storage.aclose()
 
 
 async def test_thumbs_down_penalties_survive_a_restart(tmp_path: Path) -> None:
