@@ -19,7 +19,7 @@ from routecache.backends.redis_spend import RedisSpendLedger
 from routecache.backends.replica_sync import ReplicaSync
 from routecache.cache.memory_store import InMemoryEntryStore
 from routecache.cache.ports import CacheEntry, StoreUnavailable, VectorIndex
-from routecache.cache.snapshot import restore_snapshot, save_snapshot
+from routecache.cache.snapshot import check_snapshot_writable, restore_snapshot, save_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,9 @@ class EmbeddedStorage:
 
     async def start(self, cache_health: CacheHealth = _ignore_health) -> None:
         if self._path is not None:
+            # Before the restore (seconds on a large file): a path no save can write would
+            # serve, and make every removal UNAVAILABLE until the settings are fixed.
+            await asyncio.to_thread(check_snapshot_writable, self._path)
             penalties: dict[str, float] = {}
             await restore_snapshot(self.store, self._index, self._path, self._clock, self._grace,
                                    penalties)  # fmt: skip

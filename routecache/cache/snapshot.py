@@ -14,6 +14,8 @@ import base64
 import dataclasses
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,8 @@ def _encode(entry: CacheEntry, penalty: float = 0.0) -> str:
 
 
 class SnapshotError(ValueError):
-    """The file is no snapshot, or one of its entries is damaged: refused, never overwritten."""
+    """The file is no snapshot, or one of its entries is damaged: refused, never overwritten.
+    Or no save could write it (check_snapshot_writable)."""
 
 
 # Read back as they are, a text or missing number failed later, outside the line's check: the
@@ -91,6 +94,21 @@ def save_snapshot(
         for entry in entries:
             out.write(_encode(entry, penalties.get(entry.entry_id, 0.0)) + "\n")
     return len(entries)
+
+
+def check_snapshot_writable(path: Path) -> None:
+    """SnapshotError unless a save can write `path`: its folder is made (as a save makes it) and
+    a file is created and removed beside it (a save writes PATH.tmp there and renames it)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A name of its own, not PATH.tmp: another process's save may be writing that.
+        descriptor, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".check",
+                                             dir=path.parent)  # fmt: skip
+        os.close(descriptor)
+        os.unlink(probe)
+    except OSError as exc:
+        problem = f"store.snapshot_path {path}: cannot be written ({exc})"
+        raise SnapshotError(problem) from exc
 
 
 def read_snapshot(path: Path) -> Iterator[CacheEntry]:
