@@ -14,6 +14,8 @@ import base64
 import dataclasses
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,8 @@ def _encode(entry: CacheEntry, penalty: float = 0.0) -> str:
 
 
 class SnapshotError(ValueError):
-    """The file is no snapshot, or one of its entries is damaged: refused, never overwritten."""
+    """The file is no snapshot, or one of its entries is damaged: refused, never overwritten.
+    Or no save could write it (check_snapshot_writable)."""
 
 
 # Read back as they are, a text or missing number failed later, outside the line's check: the
@@ -93,6 +96,21 @@ def save_snapshot(
     return len(entries)
 
 
+def check_snapshot_writable(path: Path) -> None:
+    """SnapshotError unless a save can write `path`: its folder is made (as a save makes it) and
+    a file is created and removed beside it (a save writes PATH.tmp there and renames it)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A name of its own, not PATH.tmp: another process's save may be writing that.
+        descriptor, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".check",
+                                             dir=path.parent)  # fmt: skip
+        os.close(descriptor)
+        os.unlink(probe)
+    except OSError as exc:
+        problem = f"store.snapshot_path {path}: cannot be written ({exc})"
+        raise SnapshotError(problem) from exc
+
+
 def read_snapshot(path: Path) -> Iterator[CacheEntry]:
     return (entry for entry, _ in _read_rows(path))
 
@@ -130,6 +148,11 @@ def _read_live_rows(path: Path, now: float, grace: float) -> list[tuple[CacheEnt
             if entry.expires_at + grace > now]  # fmt: skip
 
 
+# Entries a restore puts between loop turns: some ten milliseconds' work, so health checks
+# (NOT_SERVING meanwhile) are answered; 100 000 in one go held the loop for seconds.
+RESTORE_SLICE = 2048
+
+
 async def restore_snapshot(
     store: InMemoryEntryStore,
     index: VectorIndex,
@@ -142,19 +165,41 @@ async def restore_snapshot(
     gets the penalty of each loaded entry that has one (for the cache to seed its own)."""
     rows = await asyncio.to_thread(_read_live_rows, path, clock(), stale_grace_seconds)
     kept: dict[str, float] = {}
-    loaded = 0
+    for start in range(0, len(rows), RESTORE_SLICE):
+        if start:
+            await asyncio.sleep(0)
+        await _restore_slice(store, index, path, rows[start : start + RESTORE_SLICE], kept)
+    if penalties is not None:
+        penalties.update(kept)
+    log.info("restored %d cache entries from %s", len(rows), path)
+    return len(rows)
+
+
+async def _restore_slice(
+    store: InMemoryEntryStore,
+    index: VectorIndex,
+    path: Path,
+    rows: Sequence[tuple[CacheEntry, float]],
+    kept: dict[str, float],
+) -> None:
+    """Puts the rows in file order (least recently used first, as saved), then indexes those
+    the store kept, a bulk add per scope: one FAISS call instead of one per entry."""
+    # Per (scope, dimension), in file order: the entries put and not yet indexed.
+    pending: dict[tuple[str, int], dict[str, CacheEntry]] = {}
     for entry, penalty in rows:
         for gone in await store.put(entry):
-            index.remove(gone.scope, gone.entry_id)
+            # Put in this slice: not indexed yet, so it is dropped from what will be.
+            if pending.get((gone.scope, len(gone.embedding)), {}).pop(gone.entry_id, None) is None:
+                index.remove(gone.scope, gone.entry_id)
             kept.pop(gone.entry_id, None)  # else its penalty outlived it
         if penalty:
             kept[entry.entry_id] = penalty
+        pending.setdefault((entry.scope, len(entry.embedding)), {})[entry.entry_id] = entry
+    for (scope, _), entries in pending.items():
+        if not entries:
+            continue
+        ids = list(entries)
         try:
-            index.add(entry.scope, entry.entry_id, entry.embedding)
+            index.add_many(scope, ids, np.stack([e.embedding for e in entries.values()]))
         except ValueError as exc:  # a snapshot made with another embedding model
-            raise SnapshotError(f"{path}: entry {entry.entry_id}: {exc}") from exc
-        loaded += 1
-    if penalties is not None:
-        penalties.update(kept)
-    log.info("restored %d cache entries from %s", loaded, path)
-    return loaded
+            raise SnapshotError(f"{path}: entry {ids[0]}: {exc}") from exc

@@ -8,11 +8,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 from routecache.cli_args import at_least, number_between
 from routecache.router.settings import ConfigError, load_settings
+
+T = TypeVar("T")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -32,22 +35,25 @@ def _serve(args: argparse.Namespace) -> int:
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        # Installed before loading: a SIGTERM during start-up still shuts down cleanly.
+        # Installed before loading: a SIGTERM during start-up cancels the start (below).
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         try:
-            service = await start_service(settings)
+            service = await _start_unless_stopped(start_service(settings), stop)
         except ListenError as error:
             raise ConfigError(
                 f"cannot listen (server.port {settings.server.port}, "
                 f"metrics.port {settings.metrics.port}): {error}"
             ) from error
+        log = logging.getLogger(__name__)
+        if service is None:
+            log.info("SIGTERM/SIGINT during the start: stopped before serving")
+            return
         assert service.server is not None
         metrics = f", metrics on :{service.metrics_port}" if service.metrics_port else ""
         print(f"routecache serving on {settings.server.host}:{service.server.port}{metrics}",
               flush=True)  # fmt: skip
         await stop.wait()
-        log = logging.getLogger(__name__)
         log.info("SIGTERM/SIGINT: draining and stopping")
         # A second signal stops at once, as most servers do: the calls still in flight are
         # cancelled, not waited for (server.grace_seconds may be long); the rest still closes.
@@ -65,6 +71,29 @@ def _serve(args: argparse.Namespace) -> int:
 
     asyncio.run(run())
     return 0
+
+
+async def _start_unless_stopped(start: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
+    """The start's result; None when `stop` is set first. The start (loading models, index and
+    snapshot: seconds to minutes) is then cancelled, which releases what it had taken: a
+    SIGTERM waited for the whole start, and the service went SERVING before it stopped."""
+    starting = asyncio.ensure_future(start)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if starting.done():  # also when both are: serve, then stop as after any signal
+        return starting.result()
+    starting.cancel()
+    try:
+        await starting
+    except asyncio.CancelledError:
+        # Ours, unless this task itself is being cancelled: then it goes on up.
+        if (task := asyncio.current_task()) is not None and task.cancelling():
+            raise
+        return None
+    return starting.result()  # it finished before the cancel landed: serve, then stop
 
 
 def _writable_file(path: Path, flag: str) -> None:

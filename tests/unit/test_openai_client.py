@@ -1368,6 +1368,18 @@ async def test_a_lone_surrogate_escape_in_an_answer_is_replaced_so_it_can_be_sen
     reply.text.encode("utf-8")
 
 
+async def test_a_lone_surrogate_escape_in_the_reported_model_is_replaced(
+    make_client: Any,
+) -> None:
+    # Before: the model name was kept as the provider sent it and cached with the answer: every
+    # reply carrying it (and every repeat, a hit) failed INTERNAL, and so did each snapshot save.
+    body = b'{"choices": [{"message": {"content": "fine"}}], "model": "m\\ud800"}'
+    recorder = Recorder(httpx.Response(200, content=body))
+    reply = await make_client(recorder).complete(MESSAGES, GenerationParams())
+    assert reply.model == "m\ufffd"
+    reply.model.encode("utf-8")
+
+
 async def test_a_lone_surrogate_escape_in_a_stream_delta_is_replaced(make_client: Any) -> None:
     lone = b'data: {"choices": [{"index": 0, "delta": {"content": "a\\udc00b"}}]}\n\n'
     recorder = Recorder(httpx.Response(200, content=lone + sse_line(chunk(" c", "stop"))))

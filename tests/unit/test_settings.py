@@ -490,6 +490,33 @@ async def test_a_snapshot_path_that_cannot_be_restored_stops_the_start_in_one_li
     assert path.is_dir() if kind == "a folder" else path.read_text() == "my notes\n"
 
 
+async def test_a_snapshot_path_that_cannot_be_written_stops_the_start_in_one_line(
+    tmp_path: Path,
+) -> None:
+    from tests.unit.conftest import unit_settings
+
+    # Before: the start only read (no snapshot yet: an empty start), went SERVING, and the first
+    # save failed; every Invalidate or thumbs-down that removed an entry was UNAVAILABLE forever.
+    (tmp_path / "a-file").write_text("x")
+    path = tmp_path / "a-file" / "cache.jsonl"  # its folder cannot be made
+    settings = unit_settings({"snapshot_path": str(path)}, {"server": {"port": 0}})
+    with pytest.raises(ConfigError, match=f"cannot start: store.snapshot_path {path}: "):
+        await bootstrap.start_service(settings, _fake_parts())
+    assert (tmp_path / "a-file").read_text() == "x"
+
+
+async def test_a_writable_snapshot_path_is_checked_without_leaving_a_file(tmp_path: Path) -> None:
+    from tests.unit.conftest import unit_settings
+
+    path = tmp_path / "new-folder" / "cache.jsonl"  # made at start, as the first save would
+    settings = unit_settings({"snapshot_path": str(path)}, {"server": {"port": 0}})
+    service = await bootstrap.start_service(settings, _fake_parts())
+    try:
+        assert list(path.parent.iterdir()) == []  # the check's file is gone, no snapshot yet
+    finally:
+        await service.aclose()
+
+
 async def test_a_classifier_artifact_that_cannot_be_loaded_stops_the_start_in_one_line(
     tmp_path: Path,
 ) -> None:

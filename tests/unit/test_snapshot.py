@@ -20,9 +20,10 @@ from routecache.cache.embedder import HashEmbedder
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.hit_policy import HitRequirement
 from routecache.cache.memory_store import InMemoryEntryStore
-from routecache.cache.ports import CacheEntry
+from routecache.cache.ports import CacheEntry, StoreUnavailable
 from routecache.cache.semantic_cache import NewEntry
 from routecache.cache.snapshot import (
+    RESTORE_SLICE,
     SnapshotError,
     _encode,
     read_live_entries,
@@ -286,6 +287,74 @@ async def test_a_restore_into_a_smaller_store_drops_the_least_recently_used_from
     assert index.search("acme:s", a.embedding, 1)[0].entry_id == "acme:a"
 
 
+class _CountingIndex(ScopedFaissIndex):
+    """Counts the FAISS adds: one per entry, or one per scope and slice."""
+
+    def __init__(self, dimension: int) -> None:
+        super().__init__(dimension)
+        self.single_adds = 0
+        self.bulk_adds = 0
+
+    def add(self, scope: str, entry_id: str, vector: Any) -> None:
+        self.single_adds += 1
+        super().add(scope, entry_id, vector)
+
+    def add_many(self, scope: str, entry_ids: list[str], vectors: Any) -> None:
+        self.bulk_adds += 1
+        super().add_many(scope, entry_ids, vectors)
+
+
+async def test_a_restore_gives_the_loop_turns_and_indexes_in_bulk(tmp_path: Path) -> None:
+    # Before: every entry was put and indexed without a loop turn: 100 000 held the loop for
+    # seconds, and the health checks (NOT_SERVING while it loads) timed out meanwhile.
+    path = tmp_path / "snapshot.jsonl"
+    count = 3 * RESTORE_SLICE + 5
+    vectors = np.random.default_rng(1).standard_normal((count, 4)).astype(np.float32)
+    save_snapshot([_entry(f"e{i}", embedding=vectors[i]) for i in range(count)], path)
+    turns = 0
+    seen: list[int] = []  # the loop turns counted at each put
+
+    class Store(InMemoryEntryStore):
+        async def put(self, entry: CacheEntry) -> list[CacheEntry]:
+            seen.append(turns)
+            return await super().put(entry)
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    ticker = asyncio.create_task(count_turns())
+    index = _CountingIndex(4)
+    try:
+        assert await restore_snapshot(Store(count, lambda: 0.0), index, path, lambda: 0.0) == count
+    finally:
+        ticker.cancel()
+    longest = max(seen.count(turn) for turn in set(seen))  # puts made without a loop turn
+    assert longest <= RESTORE_SLICE
+    assert index.single_adds == 0 and index.bulk_adds == 4 and len(index) == count
+
+
+@pytest.mark.parametrize("slice_size", [1, 2, 3, 2048])
+async def test_a_restore_by_slices_keeps_order_evictions_and_penalties(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slice_size: int
+) -> None:
+    monkeypatch.setattr("routecache.cache.snapshot.RESTORE_SLICE", slice_size)
+    path = tmp_path / "snapshot.jsonl"
+    entries = _distinct_entries("a", "b", "c", "d")
+    # "d2" answers d's exact key: it replaces d, as a put of a new answer does.
+    d2 = dataclasses.replace(entries[3], entry_id="acme:d2", prompt="d2")
+    save_snapshot([*entries, d2], path, {"acme:a": 0.1, "acme:c": 0.2, "acme:d": 0.3})
+    store = InMemoryEntryStore(max_entries=2, clock=lambda: 0.0)
+    index = ScopedFaissIndex(4)
+    penalties: dict[str, float] = {}
+    assert await restore_snapshot(store, index, path, lambda: 0.0, 0.0, penalties) == 5
+    assert [e.entry_id for e in store.entries()] == ["acme:c", "acme:d2"]
+    assert sorted(index.rows_of_tenant("acme")) == [("acme:s", "acme:c"), ("acme:s", "acme:d2")]
+    assert penalties == {"acme:c": 0.2}
+
+
 class _DiskFullAfterOne(list[CacheEntry]):
     """Entries whose writing fails after the first, as a full disk would make it."""
 
@@ -524,6 +593,32 @@ async def test_an_invalidation_whose_save_fails_is_unavailable_and_a_retry_waits
         assert _saved_ids(path) == [near]
     finally:
         await harness.service.aclose()
+
+
+async def test_a_save_failing_on_an_entry_answers_the_removals_and_the_saver_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: only OSError was caught. An entry that could not be encoded (a lone surrogate in
+    # a provider's model name: UnicodeEncodeError, a ValueError) ended the periodic saver, a
+    # removal waiting for its save hung to the caller's deadline, and the stop's save raised.
+    path = tmp_path / "snapshot.jsonl"
+    store = InMemoryEntryStore(max_entries=10, clock=lambda: 0.0)
+    storage = EmbeddedStorage(store, ScopedFaissIndex(4), lambda: 0.0, path, 0.02, 0.0, 0.0)
+    await storage.start()
+    await store.put(dataclasses.replace(_entry("bad"), model="m\ud800"))
+    try:
+        async with asyncio.timeout(5):
+            with pytest.raises(StoreUnavailable):
+                await storage.removals_saved(True)
+        await asyncio.sleep(0.1)  # a few periodic saves, all failing
+        assert storage._task is not None and not storage._task.done()
+        assert "cache snapshot to" in caplog.text and "UnicodeEncodeError" in caplog.text
+        assert [gone.entry_id for gone in await store.delete(["acme:bad"])] == ["acme:bad"]
+        async with asyncio.timeout(5):
+            await storage.removals_saved(True)  # the saver still runs: this one is written
+        assert _saved_ids(path) == []
+    finally:
+        await storage.aclose()
 
 
 async def test_thumbs_down_penalties_survive_a_restart(tmp_path: Path) -> None:

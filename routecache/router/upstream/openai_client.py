@@ -478,7 +478,8 @@ class OpenAIChatClient:
         model = payload.get("model")
         return UpstreamReply(
             text=content,
-            model=model if isinstance(model, str) and model else self._model,
+            # Sendable like the text: the model is cached and sent with every hit on the entry.
+            model=_sendable(model) if isinstance(model, str) and model else self._model,
             prompt_tokens=_count(usage, "prompt_tokens", prompt_tokens),
             completion_tokens=_count(usage, "completion_tokens", estimate_tokens(content)),
         )
