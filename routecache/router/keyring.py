@@ -208,7 +208,10 @@ class FileKeyRegistry:
     atomically; readers notice a new file by its (inode, mtime, size) and re-read it."""
 
     def __init__(self, path: Path) -> None:
-        self._path = path
+        # A relative path is the working directory's, as every path setting is: kept absolute
+        # so that messages and logs name the very file (an admin in another folder edits
+        # another one).
+        self._path = path.absolute()
         self._seen: tuple[int, int, int] | None = None
         self._by_digest: dict[str, KeyRecord] = {}
         self._bad: dict[str, str] = {}  # digest of a damaged record → what is wrong with it

@@ -92,7 +92,8 @@ async def test_a_revoked_or_expired_key_is_not_rotated_into_a_new_one(
     for key_id, state in ((revoked, "revoked"), (expired, "expired")):
         assert await keys_cli(*registry, "rotate", key_id) == 1
         assert capsys.readouterr().err == (
-            f"routecache: key {key_id} is {state}: only a live key is rotated"
+            f"routecache: key registry {tmp_path / 'keys.json'}: key {key_id} is {state}:"
+            " only a live key is rotated"
             " (`keys add --tenant acme` issues a new one)\n"
         )
     assert len(await FileKeyRegistry(tmp_path / "keys.json").records()) == 3
@@ -132,7 +133,8 @@ async def test_a_key_revoked_during_a_cli_rotation_is_exit_1_with_the_reason(
     monkeypatch.setattr(FileKeyRegistry, "records", revoked_after_read)
     assert await keys_cli("--registry", str(path), "rotate", old.key_id) == 1
     assert capsys.readouterr().err == (
-        f"routecache: key {old.key_id} was revoked during the rotation: no new key was issued"
+        f"routecache: key registry {path}: key {old.key_id} was revoked during the rotation:"
+        " no new key was issued"
         " (`keys add --tenant acme` issues a new one)\n"
     )
     assert len(await revoke_first(FileKeyRegistry(path))) == 1
@@ -180,7 +182,7 @@ async def test_rotate_says_until_when_the_old_key_stays_valid(
     second = out.split("key id ", 1)[1].split()[0]
     assert await keys_cli(*registry, "rotate", second, "--overlap-seconds", "0") == 0
     out = capsys.readouterr().out
-    assert f"old key {second}: expired at 20" in out and "until" not in out
+    assert f"old key {second}: expired at 20" in out and "valid until" not in out
 
 
 async def test_a_rotation_overlap_past_the_platforms_dates_still_shows_the_new_key(
@@ -607,7 +609,7 @@ def test_a_registry_in_an_unwritable_place_is_one_line_and_exit_2(
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     assert main(["keys", "--registry", str(blocker / "keys.json"), "add", "--tenant", "a"]) == 2
-    assert capsys.readouterr().err.startswith("routecache: key registry: ")
+    assert capsys.readouterr().err.startswith(f"routecache: key registry {blocker / 'keys.json'}: ")
 
 
 def test_a_negative_rotation_overlap_is_a_usage_error(tmp_path: Path) -> None:
@@ -826,5 +828,43 @@ def test_an_unreachable_redis_registry_never_shows_a_password_in_the_query(
 def test_revoking_an_unknown_key_exits_1_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["keys", "--registry", str(tmp_path / "keys.json"), "revoke", "nope"]) == 1
-    assert capsys.readouterr().err == "routecache: no key with id nope\n"
+    path = tmp_path / "keys.json"
+    assert main(["keys", "--registry", str(path), "revoke", "nope"]) == 1
+    assert capsys.readouterr().err == f"routecache: key registry {path}: no key with id nope\n"
+
+
+def test_every_keys_command_names_the_absolute_registry_it_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A relative keys.registry_path is relative to the working directory (as every path
+    # setting is): `keys --config` run from another folder edited another file and said
+    # nothing of which. Every command now names the file it used, output and errors alike.
+    config = tmp_path / "rc.toml"
+    config.write_text('[keys]\nregistry_path = "var/keys.json"\n[[tenants]]\nname = "acme"\n')
+    monkeypatch.chdir(tmp_path)
+    used = tmp_path / "var" / "keys.json"
+    cfg = ["keys", "--config", str(config)]
+    assert main([*cfg, "--json", "add", "--tenant", "acme"]) == 0
+    added = json.loads(capsys.readouterr().out)
+    assert added["registry"] == str(used)
+    assert main([*cfg, "add", "--tenant", "acme"]) == 0
+    assert f"key registry {used}" in capsys.readouterr().out
+    assert main([*cfg, "list"]) == 0
+    assert f"key registry {used}" in capsys.readouterr().out
+    assert main([*cfg, "revoke", "nope"]) == 1
+    assert capsys.readouterr().err == f"routecache: key registry {used}: no key with id nope\n"
+    assert main([*cfg, "add", "--tenant", "globex"]) == 2
+    assert str(used) in capsys.readouterr().err
+
+
+def test_the_service_logs_the_absolute_registry_path_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from routecache.router.bootstrap import build_key_registry
+
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.INFO, logger="routecache.router.bootstrap")
+    registry = build_key_registry(load_settings(keys={"registry_path": "var/keys.json"}), None)
+    assert isinstance(registry, FileKeyRegistry)
+    assert registry.path == tmp_path / "var" / "keys.json"
+    assert f"API key registry: file {tmp_path / 'var' / 'keys.json'}" in caplog.text
