@@ -333,4 +333,6 @@ def _write(path: Path, records: list[KeyRecord]) -> None:
 
 
 def _locked(path: Path) -> contextlib.AbstractContextManager[None]:
-    return exclusive(path.with_name(path.name + ".lock"))
+    # Owned like the registry: a lock left by `sudo routecache keys ...` must not stop the
+    # registry's own user (the service's) from revoking a key.
+    return exclusive(path.with_name(path.name + ".lock"), like=path)

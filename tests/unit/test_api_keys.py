@@ -7,6 +7,8 @@ import contextlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -868,3 +870,51 @@ def test_the_service_logs_the_absolute_registry_path_at_start(
     assert isinstance(registry, FileKeyRegistry)
     assert registry.path == tmp_path / "var" / "keys.json"
     assert f"API key registry: file {tmp_path / 'var' / 'keys.json'}" in caplog.text
+
+
+def _as_user(uid: int, argv: list[str]) -> int:
+    """`routecache ARGV` in a child that runs as `uid` (imports made here, as root: the
+    interpreter may be one only root can read); its exit status."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 70
+        try:
+            os.setegid(uid)
+            os.seteuid(uid)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            code = main(argv)
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to act as two users")
+def test_a_lock_made_by_root_still_lets_the_registrys_owner_write(tmp_path: Path) -> None:
+    # `sudo routecache keys add` left keys.json.lock root's 0644 (opened for append): every
+    # later write command of the service user, revoking a leaked key included, was exit 2.
+    folder = Path(tempfile.mkdtemp(prefix="rc-lock-"))  # tmp_path's parents are root's alone
+    try:
+        os.chmod(folder, 0o755)
+        os.chown(folder, 65534, 65534)
+        path = folder / "keys.json"
+        path.write_text('{"keys": []}')
+        os.chown(path, 65534, 65534)
+        os.chmod(path, 0o600)
+        registry = ["keys", "--registry", str(path)]
+        assert main([*registry, "add", "--tenant", "acme"]) == 0  # as root: makes the lock
+        lock = folder / "keys.json.lock"
+        made = lock.stat()
+        assert (made.st_uid, made.st_gid, made.st_mode & 0o777) == (65534, 65534, 0o600)
+        key_id = json.loads(path.read_text())["keys"][0]["key_id"]
+        assert _as_user(65534, [*registry, "revoke", key_id]) == 0
+        # A lock an older version left root's 0644: readable, so lockable, by the owner too.
+        os.chown(lock, 0, 0)
+        os.chmod(lock, 0o644)
+        assert _as_user(65534, [*registry, "add", "--tenant", "acme"]) == 0
+        assert main([*registry, "add", "--tenant", "acme"]) == 0
+        keys = json.loads(path.read_text())["keys"]
+        assert len(keys) == 3 and [k["key_id"] for k in keys if k["revoked_at"]] == [key_id]
+    finally:
+        shutil.rmtree(folder)
