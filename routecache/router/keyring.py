@@ -305,11 +305,7 @@ def _read_each(path: Path) -> tuple[list[KeyRecord], list[tuple[str | None, KeyR
     except (OSError, ValueError, RecursionError) as exc:  # ValueError: also not UTF-8, not
         # JSON, or a number past Python's 4,300 digits; RecursionError: nested too deeply
         raise KeyRegistryUnreadable(f"key registry {path}: cannot read it ({exc})") from exc
-    items = raw.get("keys", []) if isinstance(raw, dict) else None
-    if not isinstance(items, list):
-        raise KeyRegistryUnreadable(
-            f'key registry {path}: not a registry (a JSON object {{"keys": [...]}})'
-        )
+    items = _items(path, raw)
     records: list[KeyRecord] = []
     bad: list[tuple[str | None, KeyRegistryError]] = []
     for item in items:
@@ -320,6 +316,22 @@ def _read_each(path: Path) -> tuple[list[KeyRecord], list[tuple[str | None, KeyR
         except KeyRegistryError as exc:
             bad.append((digest, KeyRegistryError(f"key registry {path}: {exc}")))
     return records, bad
+
+
+def _items(path: Path, raw: object) -> list[object]:
+    """The records of a registry: {"keys": [...]}, or {} (none yet). KeyRegistryUnreadable for
+    any other JSON: a misspelled "kyes", or another program's file, read as an empty registry,
+    would be replaced whole by the next `keys add`."""
+    if raw == {}:
+        return []
+    if not isinstance(raw, dict) or set(raw) != {"keys"} or not isinstance(raw["keys"], list):
+        if isinstance(raw, dict) and (others := sorted(set(raw) - {"keys"})):
+            why = f'members other than "keys": {", ".join(map(repr, others))[:200]}'
+        else:
+            why = 'not a JSON object {"keys": [...]}'
+        raise KeyRegistryUnreadable(f"key registry {path}: not a registry ({why})")
+    items: list[object] = raw["keys"]
+    return items
 
 
 def _write(path: Path, records: list[KeyRecord]) -> None:

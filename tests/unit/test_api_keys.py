@@ -491,15 +491,21 @@ def test_a_redis_url_redis_cannot_use_is_a_usage_error(
      b' "revoked_at": "2026-01-01"}]}',
      b'{"keys": [{"key_id": "k", "sha256": "d", "tenant": "acme", "created_at": 0,'
      b' "revoked_at": NaN}]}',
-     b'{"keys": [{"created_at": ' + b"9" * 5000 + b"}]}", b'{"keys": ' + b"[" * 100_000],
+     b'{"keys": [{"created_at": ' + b"9" * 5000 + b"}]}", b'{"keys": ' + b"[" * 100_000,
+     # Read as an empty registry, then replaced whole by the next `keys add`.
+     b'{"kyes": [{"key_id": "a1", "tenant": "acme"}]}', b'{"name": "app", "version": "1.2.3"}',
+     b'{"keys": [], "owner": "ops"}', b'{"keys": {}}'],
     ids=["not JSON", "not an object", "empty", "not UTF-8", "no records", "records lack fields",
-         "a date as text", "a revocation at NaN", "a number too long", "nested too deeply"],
+         "a date as text", "a revocation at NaN", "a number too long", "nested too deeply",
+         "a misspelled member", "another JSON object", "another member", "keys not a list"],
 )  # fmt: skip
 def test_a_damaged_registry_file_is_one_line_and_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes
 ) -> None:
     registry = tmp_path / "keys.json"
     registry.write_bytes(content)
+    with pytest.raises(KeyRegistryError, match=f"key registry {registry}: "):
+        FileKeyRegistry(registry).check()  # the service's start check
     for action in (["list"], ["add", "--tenant", "acme"]):
         assert main(["keys", "--registry", str(registry), *action]) == 2
         err = capsys.readouterr().err
