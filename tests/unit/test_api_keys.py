@@ -172,6 +172,22 @@ async def test_a_key_of_an_unconfigured_tenant_is_refused(tmp_path: Path) -> Non
         await authenticator(path, clock).resolve(plain)
 
 
+async def test_a_key_of_an_unconfigured_tenant_is_logged_once_per_key(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One WARNING per call: whoever holds such a key could fill the log.
+    path, clock = tmp_path / "keys.json", ManualClock()
+    first, _ = await add_key(FileKeyRegistry(path), "initech", clock())
+    second, _ = await add_key(FileKeyRegistry(path), "initech", clock())
+    auth = authenticator(path, clock)
+    caplog.set_level(logging.WARNING, logger="routecache.router.auth")
+    for key in (first, second) * 5:
+        with pytest.raises(Unauthenticated, match="not configured"):
+            await auth.resolve(key)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and all("'initech', which is not configured" in w for w in warnings)
+
+
 async def test_rotate_says_until_when_the_old_key_stays_valid(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
