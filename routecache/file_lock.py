@@ -6,16 +6,55 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 
 @contextlib.contextmanager
-def exclusive(lock_path: Path) -> Iterator[None]:
+def exclusive(lock_path: Path, like: Path | None = None) -> Iterator[None]:
+    """Holds the lock of `lock_path`, made if missing. `like`: the file the lock guards; a new
+    lock takes its owner, group and mode, as a replaced registry keeps them (see
+    atomic_file.replacing's like_existing), so that `sudo routecache keys ...` leaves no lock
+    the file's own user cannot take."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("a", encoding="utf-8") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    descriptor = _open(lock_path, like)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+    finally:
+        os.close(descriptor)
+
+
+def _open(lock_path: Path, like: Path | None) -> int:
+    # Read-only: flock needs no write access, so anyone who may read the lock may take it (a
+    # lock root made 0644 with an older version included). Never written: its content is none.
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    try:
+        descriptor = os.open(lock_path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return os.open(lock_path, flags)
+    try:
+        _like(descriptor, like)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return descriptor
+
+
+def _like(descriptor: int, like: Path | None) -> None:
+    """A new lock's owner and mode: those of `like` where it exists (the owner only where this
+    process may give a file away: root), else its creator's alone (0600)."""
+    try:
+        guarded = os.stat(like) if like is not None else None
+    except FileNotFoundError:
+        guarded = None
+    if guarded is None:
+        return
+    if os.geteuid() == 0:
+        os.fchown(descriptor, guarded.st_uid, guarded.st_gid)  # before the mode: clears set-id
+    os.fchmod(descriptor, stat.S_IMODE(guarded.st_mode) & 0o666)

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_ORPHANS_LOGGED_MAX = 10_000
+
 
 def hash_api_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
@@ -92,6 +94,10 @@ class ApiKeyAuthenticator:
         self._registry = registry
         self._clock = clock
         self._unreadable_logged: str | None = None  # until a lookup reads the registry again
+        # Registered keys whose tenant is not configured, already logged: once per key, not
+        # per call (any caller holding one would fill the log). Only registered records get
+        # here, so the registry's size bounds it; the cap is for safety.
+        self._orphans_logged: set[str] = set()
 
     def authenticate(self, api_key: str | None) -> Tenant:
         """The static keys only (no registry); see resolve."""
@@ -111,10 +117,18 @@ class ApiKeyAuthenticator:
             raise Unauthenticated("unknown, revoked or expired API key")
         tenant = self._tenants.get(record.tenant)
         if tenant is None:
-            log.warning("API key %s names tenant %r, which is not configured",
-                        record.key_id, record.tenant)  # fmt: skip
+            self._log_orphan(record)
             raise Unauthenticated("the API key's tenant is not configured")
         return tenant
+
+    def _log_orphan(self, record: KeyRecord) -> None:
+        if record.key_id in self._orphans_logged:
+            return
+        if len(self._orphans_logged) >= _ORPHANS_LOGGED_MAX:
+            self._orphans_logged.clear()  # logged again, once each: still not per call
+        self._orphans_logged.add(record.key_id)
+        log.warning("API key %s names tenant %r, which is not configured (logged once per key)",
+                    record.key_id, record.tenant)  # fmt: skip
 
     async def _find(self, registry: KeyRegistry, digest: str) -> KeyRecord | None:
         try:

@@ -343,6 +343,9 @@ def build_key_registry(settings: Settings, link: RedisLink | None) -> KeyRegistr
         if path is None:
             raise ConfigError("keys.source = 'file' needs keys.registry_path")
         registry = FileKeyRegistry(path)
+        # Absolute: a relative keys.registry_path is this process's working directory's, and
+        # an admin running `keys --config` from elsewhere must see which file is served.
+        log.info("API key registry: file %s", registry.path)
         try:
             registry.check()  # a damaged file would fail every call of a registered key
         except KeyRegistryError as error:

@@ -208,11 +208,18 @@ class FileKeyRegistry:
     atomically; readers notice a new file by its (inode, mtime, size) and re-read it."""
 
     def __init__(self, path: Path) -> None:
-        self._path = path
+        # A relative path is the working directory's, as every path setting is: kept absolute
+        # so that messages and logs name the very file (an admin in another folder edits
+        # another one).
+        self._path = path.absolute()
         self._seen: tuple[int, int, int] | None = None
         self._by_digest: dict[str, KeyRecord] = {}
         self._bad: dict[str, str] = {}  # digest of a damaged record → what is wrong with it
         self._warned: set[str] = set()  # damaged records already logged: once each, not per call
+        # The bytes last parsed: a file changed too recently to trust its signature is read
+        # on every lookup, but parsed and checked again only if it differs (at 10,000 keys a
+        # parse is some 40 ms of the event loop; a compare of 2 MB, a fraction of one).
+        self._parsed: bytes | None = None
 
     @property
     def path(self) -> Path:
@@ -263,24 +270,35 @@ class FileKeyRegistry:
         try:
             st = self._path.stat()
         except FileNotFoundError:
-            self._seen, self._by_digest, self._bad = None, {}, {}
+            self._seen, self._by_digest, self._bad, self._parsed = None, {}, {}, None
             return
         signature = (st.st_ino, st.st_mtime_ns, st.st_size)
         if signature != self._seen:
-            records, bad = _read_each(self._path)
-            self._by_digest = {r.sha256: r for r in records}
-            self._bad = {}
-            for digest, error in bad:
-                if str(error) not in self._warned:
-                    log.warning("%s; its key is refused, the other keys are served", error)
-                if digest is not None:
-                    self._bad[digest] = str(error)
-            # Once per damage: a record mended and damaged again is logged again.
-            self._warned = {str(error) for _, error in bad}
+            data = _read_bytes(self._path)
+            if data is None:  # removed since the stat
+                self._seen, self._by_digest, self._bad, self._parsed = None, {}, {}, None
+                return
+            if data != self._parsed:
+                self._parsed = None  # until parsed whole: an unreadable file raises each time
+                self._load(*_parse(self._path, data))
+                self._parsed = data
             # As git does with its index: a file changed within the timestamp granularity of
             # this read may change again with the same signature, so it is read again next time.
             racy = st.st_mtime_ns >= time.time_ns() - _RACY_NS
             self._seen = None if racy else signature
+
+    def _load(
+        self, records: list[KeyRecord], bad: list[tuple[str | None, KeyRegistryError]]
+    ) -> None:
+        self._by_digest = {r.sha256: r for r in records}
+        self._bad = {}
+        for digest, error in bad:
+            if str(error) not in self._warned:
+                log.warning("%s; its key is refused, the other keys are served", error)
+            if digest is not None:
+                self._bad[digest] = str(error)
+        # Once per damage: a record mended and damaged again is logged again.
+        self._warned = {str(error) for _, error in bad}
 
 
 def _read(path: Path) -> list[KeyRecord]:
@@ -295,18 +313,30 @@ def _read(path: Path) -> list[KeyRecord]:
 def _read_each(path: Path) -> tuple[list[KeyRecord], list[tuple[str | None, KeyRegistryError]]]:
     """The sound records, and each damaged one as (its digest if it has one as text, its
     error). KeyRegistryError if the file cannot be read or is no registry at all."""
+    data = _read_bytes(path)
+    return ([], []) if data is None else _parse(path, data)
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    """The file's bytes; None if there is none. KeyRegistryUnreadable if it cannot be read."""
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        return path.read_bytes()
     except FileNotFoundError:
-        return [], []
-    except (OSError, ValueError, RecursionError) as exc:  # ValueError: also not UTF-8, not
-        # JSON, or a number past Python's 4,300 digits; RecursionError: nested too deeply
+        return None
+    except OSError as exc:
         raise KeyRegistryUnreadable(f"key registry {path}: cannot read it ({exc})") from exc
-    items = raw.get("keys", []) if isinstance(raw, dict) else None
-    if not isinstance(items, list):
-        raise KeyRegistryUnreadable(
-            f'key registry {path}: not a registry (a JSON object {{"keys": [...]}})'
-        )
+
+
+def _parse(
+    path: Path, data: bytes
+) -> tuple[list[KeyRecord], list[tuple[str | None, KeyRegistryError]]]:
+    """_read_each of the file's bytes."""
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # ValueError: also not UTF-8, not JSON, or a
+        # number past Python's 4,300 digits; RecursionError: nested too deeply
+        raise KeyRegistryUnreadable(f"key registry {path}: cannot read it ({exc})") from exc
+    items = _items(path, raw)
     records: list[KeyRecord] = []
     bad: list[tuple[str | None, KeyRegistryError]] = []
     for item in items:
@@ -317,6 +347,22 @@ def _read_each(path: Path) -> tuple[list[KeyRecord], list[tuple[str | None, KeyR
         except KeyRegistryError as exc:
             bad.append((digest, KeyRegistryError(f"key registry {path}: {exc}")))
     return records, bad
+
+
+def _items(path: Path, raw: object) -> list[object]:
+    """The records of a registry: {"keys": [...]}, or {} (none yet). KeyRegistryUnreadable for
+    any other JSON: a misspelled "kyes", or another program's file, read as an empty registry,
+    would be replaced whole by the next `keys add`."""
+    if raw == {}:
+        return []
+    if not isinstance(raw, dict) or set(raw) != {"keys"} or not isinstance(raw["keys"], list):
+        if isinstance(raw, dict) and (others := sorted(set(raw) - {"keys"})):
+            why = f'members other than "keys": {", ".join(map(repr, others))[:200]}'
+        else:
+            why = 'not a JSON object {"keys": [...]}'
+        raise KeyRegistryUnreadable(f"key registry {path}: not a registry ({why})")
+    items: list[object] = raw["keys"]
+    return items
 
 
 def _write(path: Path, records: list[KeyRecord]) -> None:
@@ -330,4 +376,6 @@ def _write(path: Path, records: list[KeyRecord]) -> None:
 
 
 def _locked(path: Path) -> contextlib.AbstractContextManager[None]:
-    return exclusive(path.with_name(path.name + ".lock"))
+    # Owned like the registry: a lock left by `sudo routecache keys ...` must not stop the
+    # registry's own user (the service's) from revoking a key.
+    return exclusive(path.with_name(path.name + ".lock"), like=path)

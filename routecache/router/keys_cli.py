@@ -75,7 +75,12 @@ def _redis_url(text: str) -> str:
 
 
 @asynccontextmanager
-async def open_admin(args: argparse.Namespace, settings: Settings) -> AsyncIterator[KeyAdmin]:
+async def open_admin(
+    args: argparse.Namespace, settings: Settings
+) -> AsyncIterator[tuple[KeyAdmin, str]]:
+    """The registry the arguments name, and where it is, for the output and every error: a
+    file's absolute path (a relative one is the working directory's, so an admin in another
+    folder than the service's edits another file) or the Redis hash and server."""
     redis_url, prefix, path = args.redis_url, args.key_prefix, args.registry
     if args.config is not None:
         source = settings.keys.source
@@ -93,16 +98,19 @@ async def open_admin(args: argparse.Namespace, settings: Settings) -> AsyncItera
         from routecache.backends.redis_keys import RedisKeyRegistry
 
         link = RedisLink(redis_url, 5.0, 2, 1.0)
+        keyspace = KeySpace(prefix)
         try:
             if not await link.connect():
                 raise ConfigError(f"cannot reach Redis at {redis_url_for_display(redis_url)}")
-            yield RedisKeyRegistry(link, KeySpace(prefix))
+            where = f"{keyspace.api_keys} in Redis at {redis_url_for_display(redis_url)}"
+            yield RedisKeyRegistry(link, keyspace), where
         finally:
             await link.aclose()
         return
     if path is None:
         raise ConfigError("name the registry: --config FILE, --registry FILE or --redis-url URL")
-    yield FileKeyRegistry(path)
+    registry = FileKeyRegistry(path)
+    yield registry, str(registry.path)
 
 
 def _check_tenant(settings: Settings, args: argparse.Namespace, tenant: str) -> None:
@@ -125,43 +133,47 @@ async def run_keys(args: argparse.Namespace) -> int:
     if named and args.config is None and args.registry is None and args.redis_url is None:
         args.config = Path(named)
     settings = read_settings(args.config)
-    now = time.time()
-    out: dict[str, object]
-    async with open_admin(args, settings) as admin:
+    async with open_admin(args, settings) as (admin, where):
         try:
-            if args.action == "add":
-                _check_tenant(settings, args, args.tenant)
-                plain, record = await add_key(admin, args.tenant, now)
-                out = {"api_key": plain, **_show(record, now)}
-            elif args.action == "rotate":
-                overlap = args.overlap_seconds
-                if overlap is None:
-                    overlap = settings.keys.rotation_overlap_seconds
-                plain, record, old = await rotate_key(admin, args.key_id, now, overlap)
-                out = {"api_key": plain, **_show(record, now), "old": _show(old, now)}
-            elif args.action == "revoke":
-                out = _show(await revoke_key(admin, args.key_id, now), now)
-            else:
-                records = [r for r in await admin.records()
-                           if args.tenant is None or r.tenant == args.tenant]  # fmt: skip
-                out = {"keys": [_show(r, now) for r in sorted(records, key=lambda r: r.created_at)]}
+            out = await _act(args, settings, admin)
         except (KeyNotFound, KeyNotLive) as error:
-            print(f"routecache: {error.args[0]}", file=sys.stderr)
+            print(f"routecache: key registry {where}: {error.args[0]}", file=sys.stderr)
             return 1
-        except KeyRegistryError as error:
+        except KeyRegistryError as error:  # its message names the registry
             raise ConfigError(str(error)) from error
+        except ConfigError as error:  # a tenant the config lacks
+            raise ConfigError(f"key registry {where}: {error}") from error
         except RedisError as error:  # reached at start, failing since (or a key of another type)
-            raise ConfigError(f"key registry in Redis: {error}") from error
+            raise ConfigError(f"key registry {where}: {error}") from error
         except OSError as error:  # the file's folder, or its lock, cannot be written
-            raise ConfigError(f"key registry: {error}") from error
-    _print(args, out)
+            raise ConfigError(f"key registry {where}: {error}") from error
+    _print(args, {"registry": where, **out})
     return 0
+
+
+async def _act(args: argparse.Namespace, settings: Settings, admin: KeyAdmin) -> dict[str, object]:
+    now = time.time()
+    if args.action == "add":
+        _check_tenant(settings, args, args.tenant)
+        plain, record = await add_key(admin, args.tenant, now)
+        return {"api_key": plain, **_show(record, now)}
+    if args.action == "rotate":
+        overlap = args.overlap_seconds
+        if overlap is None:
+            overlap = settings.keys.rotation_overlap_seconds
+        plain, record, old = await rotate_key(admin, args.key_id, now, overlap)
+        return {"api_key": plain, **_show(record, now), "old": _show(old, now)}
+    if args.action == "revoke":
+        return _show(await revoke_key(admin, args.key_id, now), now)
+    records = [r for r in await admin.records() if args.tenant is None or r.tenant == args.tenant]
+    return {"keys": [_show(r, now) for r in sorted(records, key=lambda r: r.created_at)]}
 
 
 def _print(args: argparse.Namespace, out: dict[str, object]) -> None:
     if args.json:
         print(json.dumps(out, indent=1))
         return
+    print(f"key registry {out['registry']}")
     if "keys" in out:
         for row in out["keys"]:  # type: ignore[attr-defined]
             created, expires = _when(row["created_at"]), _when(row["expires_at"])

@@ -283,6 +283,7 @@ async def test_a_key_revoked_in_redis_fails_on_every_replica_at_the_next_call(
             await run_keys(build_parser().parse_args([*registry, "add", "--tenant", "acme"])) == 0
         )
         added = json.loads(capsys.readouterr().out)
+        assert added["registry"].startswith("rc:apikeys in Redis at redis://")  # the one used
         assert (await a.service.pipeline.complete(costly("first"), added["api_key"])).text
         assert (await b.service.pipeline.complete(costly("second"), added["api_key"])).text
         revoke = build_parser().parse_args([*registry, "revoke", added["key_id"]])
@@ -451,7 +452,7 @@ _REVOKED_AS_TEXT = json.dumps(
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (lambda r: r.set("rc:apikeys", "x"), "key registry in Redis: WRONGTYPE"),
+        (lambda r: r.set("rc:apikeys", "x"), "key registry rc:apikeys in Redis at "),
         (lambda r: r.hset("rc:apikeys", "d" * 64, "{not json"), "a damaged record"),
         (lambda r: r.hset("rc:apikeys", "d" * 64, '{"tenant": "acme"}'), "not a key record"),
         (lambda r: r.hset("rc:apikeys", "d" * 64, _REVOKED_AS_TEXT), "revoked_at must be a unix"),

@@ -7,7 +7,10 @@ import contextlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -92,7 +95,8 @@ async def test_a_revoked_or_expired_key_is_not_rotated_into_a_new_one(
     for key_id, state in ((revoked, "revoked"), (expired, "expired")):
         assert await keys_cli(*registry, "rotate", key_id) == 1
         assert capsys.readouterr().err == (
-            f"routecache: key {key_id} is {state}: only a live key is rotated"
+            f"routecache: key registry {tmp_path / 'keys.json'}: key {key_id} is {state}:"
+            " only a live key is rotated"
             " (`keys add --tenant acme` issues a new one)\n"
         )
     assert len(await FileKeyRegistry(tmp_path / "keys.json").records()) == 3
@@ -132,7 +136,8 @@ async def test_a_key_revoked_during_a_cli_rotation_is_exit_1_with_the_reason(
     monkeypatch.setattr(FileKeyRegistry, "records", revoked_after_read)
     assert await keys_cli("--registry", str(path), "rotate", old.key_id) == 1
     assert capsys.readouterr().err == (
-        f"routecache: key {old.key_id} was revoked during the rotation: no new key was issued"
+        f"routecache: key registry {path}: key {old.key_id} was revoked during the rotation:"
+        " no new key was issued"
         " (`keys add --tenant acme` issues a new one)\n"
     )
     assert len(await revoke_first(FileKeyRegistry(path))) == 1
@@ -167,6 +172,22 @@ async def test_a_key_of_an_unconfigured_tenant_is_refused(tmp_path: Path) -> Non
         await authenticator(path, clock).resolve(plain)
 
 
+async def test_a_key_of_an_unconfigured_tenant_is_logged_once_per_key(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One WARNING per call: whoever holds such a key could fill the log.
+    path, clock = tmp_path / "keys.json", ManualClock()
+    first, _ = await add_key(FileKeyRegistry(path), "initech", clock())
+    second, _ = await add_key(FileKeyRegistry(path), "initech", clock())
+    auth = authenticator(path, clock)
+    caplog.set_level(logging.WARNING, logger="routecache.router.auth")
+    for key in (first, second) * 5:
+        with pytest.raises(Unauthenticated, match="not configured"):
+            await auth.resolve(key)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and all("'initech', which is not configured" in w for w in warnings)
+
+
 async def test_rotate_says_until_when_the_old_key_stays_valid(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -180,7 +201,7 @@ async def test_rotate_says_until_when_the_old_key_stays_valid(
     second = out.split("key id ", 1)[1].split()[0]
     assert await keys_cli(*registry, "rotate", second, "--overlap-seconds", "0") == 0
     out = capsys.readouterr().out
-    assert f"old key {second}: expired at 20" in out and "until" not in out
+    assert f"old key {second}: expired at 20" in out and "valid until" not in out
 
 
 async def test_a_rotation_overlap_past_the_platforms_dates_still_shows_the_new_key(
@@ -487,15 +508,21 @@ def test_a_redis_url_redis_cannot_use_is_a_usage_error(
      b' "revoked_at": "2026-01-01"}]}',
      b'{"keys": [{"key_id": "k", "sha256": "d", "tenant": "acme", "created_at": 0,'
      b' "revoked_at": NaN}]}',
-     b'{"keys": [{"created_at": ' + b"9" * 5000 + b"}]}", b'{"keys": ' + b"[" * 100_000],
+     b'{"keys": [{"created_at": ' + b"9" * 5000 + b"}]}", b'{"keys": ' + b"[" * 100_000,
+     # Read as an empty registry, then replaced whole by the next `keys add`.
+     b'{"kyes": [{"key_id": "a1", "tenant": "acme"}]}', b'{"name": "app", "version": "1.2.3"}',
+     b'{"keys": [], "owner": "ops"}', b'{"keys": {}}'],
     ids=["not JSON", "not an object", "empty", "not UTF-8", "no records", "records lack fields",
-         "a date as text", "a revocation at NaN", "a number too long", "nested too deeply"],
+         "a date as text", "a revocation at NaN", "a number too long", "nested too deeply",
+         "a misspelled member", "another JSON object", "another member", "keys not a list"],
 )  # fmt: skip
 def test_a_damaged_registry_file_is_one_line_and_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes
 ) -> None:
     registry = tmp_path / "keys.json"
     registry.write_bytes(content)
+    with pytest.raises(KeyRegistryError, match=f"key registry {registry}: "):
+        FileKeyRegistry(registry).check()  # the service's start check
     for action in (["list"], ["add", "--tenant", "acme"]):
         assert main(["keys", "--registry", str(registry), *action]) == 2
         err = capsys.readouterr().err
@@ -607,7 +634,7 @@ def test_a_registry_in_an_unwritable_place_is_one_line_and_exit_2(
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     assert main(["keys", "--registry", str(blocker / "keys.json"), "add", "--tenant", "a"]) == 2
-    assert capsys.readouterr().err.startswith("routecache: key registry: ")
+    assert capsys.readouterr().err.startswith(f"routecache: key registry {blocker / 'keys.json'}: ")
 
 
 def test_a_negative_rotation_overlap_is_a_usage_error(tmp_path: Path) -> None:
@@ -826,5 +853,119 @@ def test_an_unreachable_redis_registry_never_shows_a_password_in_the_query(
 def test_revoking_an_unknown_key_exits_1_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["keys", "--registry", str(tmp_path / "keys.json"), "revoke", "nope"]) == 1
-    assert capsys.readouterr().err == "routecache: no key with id nope\n"
+    path = tmp_path / "keys.json"
+    assert main(["keys", "--registry", str(path), "revoke", "nope"]) == 1
+    assert capsys.readouterr().err == f"routecache: key registry {path}: no key with id nope\n"
+
+
+def test_every_keys_command_names_the_absolute_registry_it_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A relative keys.registry_path is relative to the working directory (as every path
+    # setting is): `keys --config` run from another folder edited another file and said
+    # nothing of which. Every command now names the file it used, output and errors alike.
+    config = tmp_path / "rc.toml"
+    config.write_text('[keys]\nregistry_path = "var/keys.json"\n[[tenants]]\nname = "acme"\n')
+    monkeypatch.chdir(tmp_path)
+    used = tmp_path / "var" / "keys.json"
+    cfg = ["keys", "--config", str(config)]
+    assert main([*cfg, "--json", "add", "--tenant", "acme"]) == 0
+    added = json.loads(capsys.readouterr().out)
+    assert added["registry"] == str(used)
+    assert main([*cfg, "add", "--tenant", "acme"]) == 0
+    assert f"key registry {used}" in capsys.readouterr().out
+    assert main([*cfg, "list"]) == 0
+    assert f"key registry {used}" in capsys.readouterr().out
+    assert main([*cfg, "revoke", "nope"]) == 1
+    assert capsys.readouterr().err == f"routecache: key registry {used}: no key with id nope\n"
+    assert main([*cfg, "add", "--tenant", "globex"]) == 2
+    assert str(used) in capsys.readouterr().err
+
+
+def test_the_service_logs_the_absolute_registry_path_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from routecache.router.bootstrap import build_key_registry
+
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.INFO, logger="routecache.router.bootstrap")
+    registry = build_key_registry(load_settings(keys={"registry_path": "var/keys.json"}), None)
+    assert isinstance(registry, FileKeyRegistry)
+    assert registry.path == tmp_path / "var" / "keys.json"
+    assert f"API key registry: file {tmp_path / 'var' / 'keys.json'}" in caplog.text
+
+
+def _as_user(uid: int, argv: list[str]) -> int:
+    """`routecache ARGV` in a child that runs as `uid` (imports made here, as root: the
+    interpreter may be one only root can read); its exit status."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 70
+        try:
+            os.setegid(uid)
+            os.seteuid(uid)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            code = main(argv)
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to act as two users")
+def test_a_lock_made_by_root_still_lets_the_registrys_owner_write(tmp_path: Path) -> None:
+    # `sudo routecache keys add` left keys.json.lock root's 0644 (opened for append): every
+    # later write command of the service user, revoking a leaked key included, was exit 2.
+    folder = Path(tempfile.mkdtemp(prefix="rc-lock-"))  # tmp_path's parents are root's alone
+    try:
+        os.chmod(folder, 0o755)
+        os.chown(folder, 65534, 65534)
+        path = folder / "keys.json"
+        path.write_text('{"keys": []}')
+        os.chown(path, 65534, 65534)
+        os.chmod(path, 0o600)
+        registry = ["keys", "--registry", str(path)]
+        assert main([*registry, "add", "--tenant", "acme"]) == 0  # as root: makes the lock
+        lock = folder / "keys.json.lock"
+        made = lock.stat()
+        assert (made.st_uid, made.st_gid, made.st_mode & 0o777) == (65534, 65534, 0o600)
+        key_id = json.loads(path.read_text())["keys"][0]["key_id"]
+        assert _as_user(65534, [*registry, "revoke", key_id]) == 0
+        # A lock an older version left root's 0644: readable, so lockable, by the owner too.
+        os.chown(lock, 0, 0)
+        os.chmod(lock, 0o644)
+        assert _as_user(65534, [*registry, "add", "--tenant", "acme"]) == 0
+        assert main([*registry, "add", "--tenant", "acme"]) == 0
+        keys = json.loads(path.read_text())["keys"]
+        assert len(keys) == 3 and [k["key_id"] for k in keys if k["revoked_at"]] == [key_id]
+    finally:
+        shutil.rmtree(folder)
+
+
+async def test_a_registry_file_changed_just_now_is_parsed_again_only_when_its_bytes_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # For 2 s after each write (for good if its mtime is ahead of the clock) every lookup
+    # parsed and checked the whole file on the event loop: 40 ms a call at 10,000 keys.
+    path = tmp_path / "keys.json"
+    registry = FileKeyRegistry(path)
+    records = [(await add_key(registry, "acme", 0.0, api_key=f"k{i}"))[1] for i in range(3)]
+    ahead = time.time_ns() + 3600 * 10**9  # racy for the whole test, however slow
+    os.utime(path, ns=(ahead, ahead))
+    parsed: list[object] = []
+    checked = KeyRecord.from_fields.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[KeyRecord], fields: object) -> KeyRecord:
+        parsed.append(fields)
+        return checked(cls, fields)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(KeyRecord, "from_fields", classmethod(counted))
+    for _ in range(20):
+        assert await registry.find(records[0].sha256) == records[0]
+    assert len(parsed) == 3  # once, not once per lookup
+    await revoke_key(FileKeyRegistry(path), records[0].key_id, 1.0)
+    os.utime(path, ns=(ahead, ahead))
+    before = len(parsed)
+    found = await registry.find(records[0].sha256)
+    assert found is not None and found.revoked_at == 1.0 and len(parsed) == before + 3
