@@ -24,6 +24,7 @@ from routecache.domain import (
 from routecache.errors import InvalidArgument
 from routecache.router.input_validation import validate_feedback, validate_request
 from routecache.router.messages import (
+    MODEL_PREVIEW_CHARS,
     PROMPT_PREVIEW_CHARS,
     completion_to_pb,
     feedback_from_pb,
@@ -231,3 +232,12 @@ def test_stats_top_entries_carry_a_prompt_preview_so_max_top_n_fits_the_send_lim
         TopEntry(entry_id="e", prompt="what is 2+2?", model="m", hits=1, saved_usd=0.0),
     )))  # fmt: skip
     assert short.top_entries[0].prompt == "what is 2+2?"  # a short prompt is whole, no "…"
+
+
+def test_stats_top_entries_cut_a_model_name_past_its_bound() -> None:
+    # An entry cached before provider model names were bounded may carry a model of megabytes:
+    # sent whole in each top entry, GetStats failed RESOURCE_EXHAUSTED until the entry expired.
+    entry = TopEntry(entry_id="e", prompt="q", model="m" * 1_200_000, hits=1, saved_usd=0.0)
+    reply = stats_to_pb(TenantStats(tenant="acme", top_entries=(entry,)))
+    assert reply.top_entries[0].model == "m" * MODEL_PREVIEW_CHARS + "…"
+    assert reply.ByteSize() < ServerSettings().max_message_bytes

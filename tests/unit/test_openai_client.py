@@ -32,7 +32,11 @@ from routecache.errors import UpstreamError
 from routecache.router.settings import ProviderSettings, RetrySettings
 from routecache.router.upstream import OpenAIChatClient
 from routecache.router.upstream.deadline import provider_deadline
-from routecache.router.upstream.openai_client import MAX_DETAIL_CHARS, retry_after_seconds
+from routecache.router.upstream.openai_client import (
+    MAX_DETAIL_CHARS,
+    MAX_MODEL_NAME_CHARS,
+    retry_after_seconds,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE_URL = "https://provider.test/v1"
@@ -363,6 +367,24 @@ async def test_a_reported_model_that_is_no_name_names_the_configured_one(
         MESSAGES, GenerationParams()
     )
     assert reply.model == MODEL
+
+
+async def test_a_reported_model_past_the_name_bound_names_the_configured_one(
+    make_client: Any,
+) -> None:
+    # Before: a 1.2 MB model name was cached with the answer and sent in Completion.model and in
+    # every validator result: the reply, every hit on the entry and GetStats failed
+    # RESOURCE_EXHAUSTED until the entry's TTL ran out.
+    long_name = "m" * (MAX_MODEL_NAME_CHARS + 1)
+    reply = await make_client(Recorder(completion(model=long_name))).complete(
+        MESSAGES, GenerationParams()
+    )
+    assert reply.model == MODEL
+    at_bound = "m" * MAX_MODEL_NAME_CHARS
+    reply = await make_client(Recorder(completion(model=at_bound))).complete(
+        MESSAGES, GenerationParams()
+    )
+    assert reply.model == at_bound
 
 
 @pytest.mark.parametrize("usage", ["lots", [17, 3], None], ids=["text", "list", "null"])

@@ -42,6 +42,11 @@ USER_AGENT = "routecache/0.1"
 # estimated instead; the bound also keeps the tokens of every call one request makes within
 # the uint32 fields of its reply.
 MAX_REPORTED_TOKENS = 2**28
+# The longest model name a provider's reply is believed on (real ones are under 100 characters);
+# a longer one is replaced by the configured name. The name is cached with the answer and sent
+# in every reply and validator result that serves it: one of megabytes made the reply, each hit
+# on the entry and GetStats fail RESOURCE_EXHAUSTED until the entry expired.
+MAX_MODEL_NAME_CHARS = 256
 # What parsing a provider's body raises when it is not the shape expected. RecursionError:
 # JSON nested deeper than the parser recurses; raw, it would end the call INTERNAL without
 # trying the next provider.
@@ -474,14 +479,21 @@ class OpenAIChatClient:
             raise self._error("malformed response body (content is not a string)", retryable=True)
         content = _sendable(content)
         usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
-        model = payload.get("model")
         return UpstreamReply(
             text=content,
-            # Sendable like the text: the model is cached and sent with every hit on the entry.
-            model=_sendable(model) if isinstance(model, str) and model else self._model,
+            model=self._reported_model(payload.get("model")),
             prompt_tokens=_count(usage, "prompt_tokens", prompt_tokens),
             completion_tokens=_count(usage, "completion_tokens", estimate_tokens(content)),
         )
+
+    def _reported_model(self, model: object) -> str:
+        """The model the provider says answered, or the configured one when what it sent is
+        no name or too long to be one. Sendable like the text: the model is cached and sent
+        with every hit on the entry. (A stream's chunks are not read for it: a streamed
+        answer is named by the configured model.)"""
+        if isinstance(model, str) and 0 < len(model) <= MAX_MODEL_NAME_CHARS:
+            return _sendable(model)
+        return self._model
 
     async def stream(
         self, messages: Sequence[Message], params: GenerationParams
