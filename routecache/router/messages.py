@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from routecache.domain import (
+    MAX_MODEL_NAME_CHARS,
     CacheControl,
     CacheOutcome,
     ChatRequest,
@@ -157,9 +158,9 @@ def invalidate_target_from_pb(message: pb.InvalidateRequest) -> InvalidateTarget
 # server.max_message_bytes and the whole reply failed RESOURCE_EXHAUSTED.
 PROMPT_PREVIEW_CHARS = 200
 
-# And its model name, as the upstream client bounds it (openai_client.MAX_MODEL_NAME_CHARS): an
-# entry cached before that bound may carry a name of megabytes.
-MODEL_PREVIEW_CHARS = 256
+# And its model name, as the upstream client bounds it: an entry cached before that bound may
+# carry a name of megabytes.
+MODEL_PREVIEW_CHARS = MAX_MODEL_NAME_CHARS
 
 
 def stats_to_pb(stats: TenantStats) -> pb.GetStatsResponse:

@@ -6,6 +6,7 @@ import pytest
 
 from routecache.client import chat_request
 from routecache.domain import (
+    MAX_MODEL_NAME_CHARS,
     CacheInfo,
     CacheOutcome,
     Completion,
@@ -32,7 +33,7 @@ from routecache.router.messages import (
     request_from_pb,
     stats_to_pb,
 )
-from routecache.router.settings import LimitSettings, ServerSettings
+from routecache.router.settings import LimitSettings, ServerSettings, load_settings
 from routecache.router.tenant_admin import InvalidateTarget
 from routecache.v1 import routecache_pb2 as pb
 
@@ -241,3 +242,28 @@ def test_stats_top_entries_cut_a_model_name_past_its_bound() -> None:
     reply = stats_to_pb(TenantStats(tenant="acme", top_entries=(entry,)))
     assert reply.top_entries[0].model == "m" * MODEL_PREVIEW_CHARS + "…"
     assert reply.ByteSize() < ServerSettings().max_message_bytes
+
+
+def test_an_answer_at_the_limit_fits_a_response_with_the_worst_validation_report() -> None:
+    # Before: validator messages were unbounded and the answer limit's 64 KiB for "the rest"
+    # did not count the report: an escalated answer near the limit, served with the cheap
+    # answer's failed schema check quoting it, was twice what one message carries.
+    settings = load_settings()
+    wide = "\U0001f600"  # 4 UTF-8 bytes
+    per_call = len(settings.validators) + settings.limits.max_request_validators + 1
+    result = ValidatorResult(
+        wide * 64, False, wide * 1_000_000, wide * MAX_MODEL_NAME_CHARS, "escalated"
+    )
+    done = Completion(
+        response_id="r" * settings.limits.max_id_chars,
+        text=wide * settings.deliverable_answer_chars(),
+        model=wide * MAX_MODEL_NAME_CHARS,
+        tier=Tier.STRONG,
+        cache=CacheInfo(CacheOutcome.MISS, entry_id="e" * settings.limits.max_id_chars),
+        usage=Usage(),
+        validation=ValidationReport((result,) * (3 * per_call), escalated=True),
+        latency=LatencyBreakdown(),
+        classifier_version=wide * 256,
+        difficulty=0.5,
+    )
+    assert completion_to_pb(done).ByteSize() <= settings.server.max_message_bytes

@@ -23,6 +23,7 @@ from packaging.version import Version
 from pydantic import SecretStr
 
 from routecache.domain import (
+    MAX_MODEL_NAME_CHARS,
     GenerationParams,
     Message,
     ResponseFormat,
@@ -33,11 +34,7 @@ from routecache.errors import UpstreamError
 from routecache.router.settings import ProviderSettings, RetrySettings
 from routecache.router.upstream import OpenAIChatClient
 from routecache.router.upstream.deadline import provider_deadline
-from routecache.router.upstream.openai_client import (
-    MAX_DETAIL_CHARS,
-    MAX_MODEL_NAME_CHARS,
-    retry_after_seconds,
-)
+from routecache.router.upstream.openai_client import MAX_DETAIL_CHARS, retry_after_seconds
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE_URL = "https://provider.test/v1"

@@ -25,7 +25,13 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from routecache.domain import GenerationParams, Message, ResponseFormat, ResponseFormatType
+from routecache.domain import (
+    MAX_MODEL_NAME_CHARS,
+    GenerationParams,
+    Message,
+    ResponseFormat,
+    ResponseFormatType,
+)
 from routecache.errors import UpstreamError
 from routecache.router.ports import UpstreamReply
 from routecache.router.settings import ProviderSettings, RetrySettings
@@ -45,11 +51,6 @@ USER_AGENT = "routecache/0.1"
 # estimated instead; the bound also keeps the tokens of every call one request makes within
 # the uint32 fields of its reply.
 MAX_REPORTED_TOKENS = 2**28
-# The longest model name a provider's reply is believed on (real ones are under 100 characters);
-# a longer one is replaced by the configured name. The name is cached with the answer and sent
-# in every reply and validator result that serves it: one of megabytes made the reply, each hit
-# on the entry and GetStats fail RESOURCE_EXHAUSTED until the entry expired.
-MAX_MODEL_NAME_CHARS = 256
 # What parsing a provider's body raises when it is not the shape expected. RecursionError:
 # JSON nested deeper than the parser recurses; raw, it would end the call INTERNAL without
 # trying the next provider.
