@@ -188,6 +188,18 @@ class CacheInfo:
     verifier_score: float | None = None  # the hit verifier's probability; None: not verified
 
 
+# The longest model name a provider's reply is believed on (real ones are under 100
+# characters); a longer one is replaced by the configured name. The name is cached with the
+# answer and sent in every reply and validator result that serves it: one of megabytes made
+# the reply, each hit on the entry and GetStats fail RESOURCE_EXHAUSTED until the entry expired.
+MAX_MODEL_NAME_CHARS = 256
+# The longest validator message kept (cut in its middle): a check quoting the answer
+# (jsonschema's message holds the whole offending value) put up to the answer's size in each
+# result, and an escalated request serves the cheap answer's failed results too: the reply was
+# twice what one response carries. The settings count this bound in the answer limit.
+MAX_VALIDATOR_MESSAGE_CHARS = 500
+
+
 @dataclass(frozen=True)
 class ValidatorResult:
     name: str
@@ -195,6 +207,19 @@ class ValidatorResult:
     message: str = ""
     model: str = ""
     action: str = ""  # what a failure led to: escalated, retried, redacted, flagged, blocked
+
+    def __post_init__(self) -> None:
+        # Here, so that every check's message is bounded, a plugin's included.
+        object.__setattr__(self, "message", _cut_middle(self.message, MAX_VALIDATOR_MESSAGE_CHARS))
+
+
+def _cut_middle(text: str, limit: int) -> str:
+    """`text`, at most `limit` characters: its start and its end, joined by "…" when cut (a
+    check's message often says what is wrong after quoting the value, as jsonschema's does)."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) // 2
+    return text[:head] + "…" + text[len(text) - (limit - 1 - head) :]
 
 
 @dataclass(frozen=True)

@@ -265,16 +265,17 @@ async def _read_page(
     link: RedisLink, key: str, start: str, count: int
 ) -> tuple[list[dict[str, Any]], str | None]:
     """Up to `count` events from `start`, and the id of the last entry read (None: the stream
-    has no more). An entry that is not an event (no `data` field, or not a JSON object there:
-    written by something else) is skipped, and logged once per read with the count, rather
-    than failing the read of every event around it."""
+    has no more). An entry that is not an event (no `data` field, or not a JSON object there,
+    or one nested too deeply to parse: written by something else) is skipped, and logged once
+    per read with the count, rather than failing the read of every event around it."""
     rows = await guarded(link, lambda: link.client.xrange(key, min=start, count=count))
     events: list[dict[str, Any]] = []
     skipped: list[str] = []
     for entry_id, fields in rows:
         try:
             event = json.loads(fields[b"data"])
-        except (KeyError, ValueError) as exc:  # UnicodeDecodeError is a ValueError too
+        # UnicodeDecodeError is a ValueError too; RecursionError: JSON nested past the parser.
+        except (KeyError, ValueError, RecursionError) as exc:
             skipped.append(f"{entry_id.decode()}: {exc!r}")
             continue
         if not isinstance(event, dict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from routecache.domain import (
+    MAX_MODEL_NAME_CHARS,
     CacheControl,
     CacheOutcome,
     ChatRequest,
@@ -157,11 +158,21 @@ def invalidate_target_from_pb(message: pb.InvalidateRequest) -> InvalidateTarget
 # server.max_message_bytes and the whole reply failed RESOURCE_EXHAUSTED.
 PROMPT_PREVIEW_CHARS = 200
 
+# And its model name, as the upstream client bounds it: an entry cached before that bound may
+# carry a name of megabytes.
+MODEL_PREVIEW_CHARS = MAX_MODEL_NAME_CHARS
+
 
 def stats_to_pb(stats: TenantStats) -> pb.GetStatsResponse:
     fields = {k: v for k, v in vars(stats).items() if k != "top_entries"}
     top = [
-        pb.TopEntry(**{**vars(entry), "prompt": prompt_preview(entry.prompt)})
+        pb.TopEntry(
+            **{
+                **vars(entry),
+                "prompt": prompt_preview(entry.prompt),
+                "model": _cut(entry.model, MODEL_PREVIEW_CHARS),
+            }
+        )
         for entry in stats.top_entries
     ]
     return pb.GetStatsResponse(**fields, top_entries=top)
@@ -170,6 +181,9 @@ def stats_to_pb(stats: TenantStats) -> pb.GetStatsResponse:
 def prompt_preview(prompt: str) -> str:
     """The first PROMPT_PREVIEW_CHARS characters and "…" when cut (a str slice cuts between
     code points, never inside a character's UTF-8 bytes)."""
-    if len(prompt) <= PROMPT_PREVIEW_CHARS:
-        return prompt
-    return prompt[:PROMPT_PREVIEW_CHARS] + "…"
+    return _cut(prompt, PROMPT_PREVIEW_CHARS)
+
+
+def _cut(text: str, limit: int) -> str:
+    """The first `limit` characters of `text` and "…" when cut."""
+    return text if len(text) <= limit else text[:limit] + "…"

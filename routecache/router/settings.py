@@ -33,7 +33,11 @@ from pydantic_settings import (
 )
 from redis.connection import parse_url
 
-from routecache.domain import OperatingPoint
+from routecache.domain import (
+    MAX_MODEL_NAME_CHARS,
+    MAX_VALIDATOR_MESSAGE_CHARS,
+    OperatingPoint,
+)
 from routecache.router.auth import reused_digest
 
 CONFIG_ENV_VAR = "ROUTECACHE_CONFIG"
@@ -446,9 +450,22 @@ class ClassifierSettings(_OperatingTargets):
 
 
 # What an answer of limits.max_answer_chars takes in a response at worst: 4 UTF-8 bytes a
-# character, plus the rest of the message (ids, model, cache info, the validation report).
+# character, plus the rest of the message (ids, model, cache info), plus the validation report
+# (counted apart, by the validators configured: see Settings.report_bytes).
 UTF8_MAX_BYTES = 4
 RESPONSE_OVERHEAD_BYTES = 64 << 10
+# One validator result at worst: its message (cut at MAX_VALIDATOR_MESSAGE_CHARS), the model
+# (a provider's name is believed up to MAX_MODEL_NAME_CHARS), its name (a request's validator's
+# is at most 64 characters; an operator's own are taken to be no longer) and the action, at 4
+# bytes a character, plus protobuf's tags and lengths.
+VALIDATOR_NAME_CHARS = 64
+VALIDATOR_RESULT_BYTES = (
+    UTF8_MAX_BYTES * (MAX_VALIDATOR_MESSAGE_CHARS + MAX_MODEL_NAME_CHARS + VALIDATOR_NAME_CHARS)
+    + 64
+)
+# The calls one request's report covers at worst: cheap, cheap retried, strong (see
+# Generator.worst_case_calls); each adds a result per validator, and the answer limit's own.
+REPORTED_CALLS = 3
 
 
 class LimitSettings(_Section):
@@ -677,21 +694,32 @@ class Settings(BaseSettings):
 
     def deliverable_answer_chars(self) -> int:
         """The longest answer one response carries at worst (4 UTF-8 bytes a character, plus
-        the rest of the message): the generator blocks any longer, whatever the validators."""
-        room = self.server.max_message_bytes - RESPONSE_OVERHEAD_BYTES
+        the rest of the message and the validation report): the generator blocks any longer,
+        whatever the validators."""
+        room = self.server.max_message_bytes - RESPONSE_OVERHEAD_BYTES - self.report_bytes()
         return max(room, 0) // UTF8_MAX_BYTES
+
+    def report_bytes(self) -> int:
+        """The most a served answer's validation report takes: a result for each validator
+        (the longest list, a tenant's or the service's, plus a request's own) and the answer
+        limit, on each call a request can make. An escalated answer is served with the cheap
+        answer's failed results, so they count too."""
+        lists = [self.validators, *(t.validators for t in self.tenants if t.validators is not None)]
+        per_call = max(map(len, lists)) + self.limits.max_request_validators + 1
+        return REPORTED_CALLS * per_call * VALIDATOR_RESULT_BYTES
 
     @model_validator(mode="after")
     def _answer_limit_fits_a_message(self) -> Self:
         # An answer the length validator passes must fit a response (the generator blocks
         # those that cannot: paid for, they would be cached and fail every delivery).
-        limit = self.limits.max_answer_chars
-        worst = limit * UTF8_MAX_BYTES + RESPONSE_OVERHEAD_BYTES
+        limit, report = self.limits.max_answer_chars, self.report_bytes()
+        worst = limit * UTF8_MAX_BYTES + RESPONSE_OVERHEAD_BYTES + report
         if limit > self.deliverable_answer_chars():
             raise ValueError(
                 f"limits.max_answer_chars {limit} (up to {worst} bytes in a response: "
-                f"{UTF8_MAX_BYTES} a character, plus {RESPONSE_OVERHEAD_BYTES} for the rest) "
-                f"exceeds server.max_message_bytes ({self.server.max_message_bytes})"
+                f"{UTF8_MAX_BYTES} a character, plus {report} for the validation report and "
+                f"{RESPONSE_OVERHEAD_BYTES} for the rest) exceeds server.max_message_bytes "
+                f"({self.server.max_message_bytes})"
             )
         return self
 

@@ -548,6 +548,28 @@ async def test_reading_events_skips_a_stream_entry_without_data_or_with_bad_json
         await link.aclose()
 
 
+async def test_reading_events_skips_a_stream_entry_nested_past_the_parser(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: json.loads raised RecursionError on it, out of iter_events: export-events failed
+    # and every good event around the entry went unread.
+    link = link_to(redis_server)
+    assert await link.connect()
+    sink = RedisStreamEventSink(link, KeySpace())
+    stream = KeySpace().of("acme").events
+    try:
+        sink.emit("completion", {"tenant": "acme", "n": 0})
+        await sink.flush()
+        await link.client.xadd(stream, {"kind": "x", "data": "[" * 100_000 + "]" * 100_000})
+        sink.emit("completion", {"tenant": "acme", "n": 2})
+        await sink.flush()
+        assert [e["n"] for e in await read_events(link, KeySpace(), "acme")] == [0, 2]
+        skipped = [r for r in caplog.records if "could not be read" in r.getMessage()]
+        assert len(skipped) == 1 and "RecursionError" in skipped[0].getMessage()
+    finally:
+        await link.aclose()
+
+
 async def test_reading_events_redis_refuses_raises_refused_and_leaves_the_link_up(
     redis_server: RedisServer,
 ) -> None:

@@ -6,6 +6,7 @@ import pytest
 
 from routecache.client import chat_request
 from routecache.domain import (
+    MAX_MODEL_NAME_CHARS,
     CacheInfo,
     CacheOutcome,
     Completion,
@@ -24,6 +25,7 @@ from routecache.domain import (
 from routecache.errors import InvalidArgument
 from routecache.router.input_validation import validate_feedback, validate_request
 from routecache.router.messages import (
+    MODEL_PREVIEW_CHARS,
     PROMPT_PREVIEW_CHARS,
     completion_to_pb,
     feedback_from_pb,
@@ -31,7 +33,7 @@ from routecache.router.messages import (
     request_from_pb,
     stats_to_pb,
 )
-from routecache.router.settings import LimitSettings, ServerSettings
+from routecache.router.settings import LimitSettings, ServerSettings, load_settings
 from routecache.router.tenant_admin import InvalidateTarget
 from routecache.v1 import routecache_pb2 as pb
 
@@ -231,3 +233,37 @@ def test_stats_top_entries_carry_a_prompt_preview_so_max_top_n_fits_the_send_lim
         TopEntry(entry_id="e", prompt="what is 2+2?", model="m", hits=1, saved_usd=0.0),
     )))  # fmt: skip
     assert short.top_entries[0].prompt == "what is 2+2?"  # a short prompt is whole, no "…"
+
+
+def test_stats_top_entries_cut_a_model_name_past_its_bound() -> None:
+    # An entry cached before provider model names were bounded may carry a model of megabytes:
+    # sent whole in each top entry, GetStats failed RESOURCE_EXHAUSTED until the entry expired.
+    entry = TopEntry(entry_id="e", prompt="q", model="m" * 1_200_000, hits=1, saved_usd=0.0)
+    reply = stats_to_pb(TenantStats(tenant="acme", top_entries=(entry,)))
+    assert reply.top_entries[0].model == "m" * MODEL_PREVIEW_CHARS + "…"
+    assert reply.ByteSize() < ServerSettings().max_message_bytes
+
+
+def test_an_answer_at_the_limit_fits_a_response_with_the_worst_validation_report() -> None:
+    # Before: validator messages were unbounded and the answer limit's 64 KiB for "the rest"
+    # did not count the report: an escalated answer near the limit, served with the cheap
+    # answer's failed schema check quoting it, was twice what one message carries.
+    settings = load_settings()
+    wide = "\U0001f600"  # 4 UTF-8 bytes
+    per_call = len(settings.validators) + settings.limits.max_request_validators + 1
+    result = ValidatorResult(
+        wide * 64, False, wide * 1_000_000, wide * MAX_MODEL_NAME_CHARS, "escalated"
+    )
+    done = Completion(
+        response_id="r" * settings.limits.max_id_chars,
+        text=wide * settings.deliverable_answer_chars(),
+        model=wide * MAX_MODEL_NAME_CHARS,
+        tier=Tier.STRONG,
+        cache=CacheInfo(CacheOutcome.MISS, entry_id="e" * settings.limits.max_id_chars),
+        usage=Usage(),
+        validation=ValidationReport((result,) * (3 * per_call), escalated=True),
+        latency=LatencyBreakdown(),
+        classifier_version=wide * 256,
+        difficulty=0.5,
+    )
+    assert completion_to_pb(done).ByteSize() <= settings.server.max_message_bytes

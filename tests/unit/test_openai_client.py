@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import logging
 import math
 import time
 import tomllib
@@ -22,6 +23,7 @@ from packaging.version import Version
 from pydantic import SecretStr
 
 from routecache.domain import (
+    MAX_MODEL_NAME_CHARS,
     GenerationParams,
     Message,
     ResponseFormat,
@@ -365,6 +367,24 @@ async def test_a_reported_model_that_is_no_name_names_the_configured_one(
     assert reply.model == MODEL
 
 
+async def test_a_reported_model_past_the_name_bound_names_the_configured_one(
+    make_client: Any,
+) -> None:
+    # Before: a 1.2 MB model name was cached with the answer and sent in Completion.model and in
+    # every validator result: the reply, every hit on the entry and GetStats failed
+    # RESOURCE_EXHAUSTED until the entry's TTL ran out.
+    long_name = "m" * (MAX_MODEL_NAME_CHARS + 1)
+    reply = await make_client(Recorder(completion(model=long_name))).complete(
+        MESSAGES, GenerationParams()
+    )
+    assert reply.model == MODEL
+    at_bound = "m" * MAX_MODEL_NAME_CHARS
+    reply = await make_client(Recorder(completion(model=at_bound))).complete(
+        MESSAGES, GenerationParams()
+    )
+    assert reply.model == at_bound
+
+
 @pytest.mark.parametrize("usage", ["lots", [17, 3], None], ids=["text", "list", "null"])
 async def test_usage_that_is_not_an_object_is_estimated(make_client: Any, usage: object) -> None:
     reply = await make_client(Recorder(completion("abcdefghi", usage=usage))).complete(
@@ -390,6 +410,34 @@ async def test_reported_counts_at_the_bounds_are_taken(make_client: Any) -> None
         MESSAGES, GenerationParams()
     )
     assert (reply.prompt_tokens, reply.completion_tokens) == (0, 2**28)
+
+
+async def test_completion_tokens_over_the_max_tokens_sent_are_cut_to_it_and_logged_once(
+    make_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: 200M completion tokens reported for a request sent with max_tokens=16 were taken
+    # (under MAX_REPORTED_TOKENS): $200 charged against a $5 cap, the token bucket locked ~33 h.
+    usage = {"prompt_tokens": 5, "completion_tokens": 200_000_000}
+    client = make_client(Recorder(completion("Paris.", usage=usage)))
+    params = GenerationParams(max_tokens=16)
+    with caplog.at_level(logging.WARNING, logger="routecache.router.upstream.openai_client"):
+        first = await client.complete(MESSAGES, params)
+        second = await client.complete(MESSAGES, params)
+    assert (first.prompt_tokens, first.completion_tokens) == (5, 16)
+    assert second.completion_tokens == 16
+    warnings = [r for r in caplog.records if "max_tokens" in r.getMessage()]
+    assert len(warnings) == 1  # once per provider, not once per call
+    assert "200000000" in warnings[0].getMessage()
+
+
+async def test_completion_tokens_within_the_max_tokens_sent_or_with_none_sent_are_taken(
+    make_client: Any,
+) -> None:
+    usage = {"prompt_tokens": 5, "completion_tokens": 900}
+    client = make_client(Recorder(completion("Paris.", usage=usage)))
+    assert (await client.complete(MESSAGES, GenerationParams())).completion_tokens == 900
+    at_bound = await client.complete(MESSAGES, GenerationParams(max_tokens=900))
+    assert at_bound.completion_tokens == 900
 
 
 async def test_prompt_estimate_counts_the_line_between_messages(make_client: Any) -> None:

@@ -833,6 +833,16 @@ def test_the_answer_limit_must_fit_the_servers_message_size() -> None:
     assert load_settings(limits={"max_answer_chars": 200_000}).limits.max_answer_chars == 200_000
 
 
+def test_the_answer_limit_leaves_room_for_a_report_of_every_validator() -> None:
+    # An escalated answer is served with the cheap answer's failed results: each validator's
+    # result on each of three calls counts against what the answer may take.
+    many = [{"kind": "regex", "name": f"r{i}", "must_match": ["x"]} for i in range(50)]
+    with pytest.raises(ConfigError, match=r"max_answer_chars 200000 .* validation report"):
+        load_settings(limits={"max_answer_chars": 200_000}, validators=many)
+    fewer = load_settings(validators=many)
+    assert fewer.deliverable_answer_chars() < load_settings().deliverable_answer_chars()
+
+
 @pytest.mark.parametrize(
     ("url", "problem"),
     [("http://127.0.0.1:80890/v1", "port"),  # httpx failed every call (an OverflowError)

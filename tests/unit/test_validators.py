@@ -6,6 +6,7 @@ from collections.abc import Callable
 import pytest
 
 from routecache.domain import (
+    MAX_VALIDATOR_MESSAGE_CHARS,
     ChatRequest,
     GenerationParams,
     Message,
@@ -67,6 +68,25 @@ def test_json_object() -> None:
     assert not validator.check("[1, 2]", request(ResponseFormatType.JSON_OBJECT)).passed
     bad = validator.check("Sure! {", request(ResponseFormatType.JSON_OBJECT))
     assert not bad.passed and bad.message.startswith("not JSON")
+
+
+def test_a_schema_violation_quoting_a_huge_value_is_cut_and_keeps_what_is_wrong() -> None:
+    # Before: jsonschema's message quotes the whole value: 245 000 emoji (980 KB) went into the
+    # report, which an escalated request serves with the strong answer: the reply was twice
+    # what one message carries (RESOURCE_EXHAUSTED after two paid calls).
+    schema = json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}})
+    answer = json.dumps({"a": "\U0001f600" * 245_000}, ensure_ascii=False)
+    result = JsonSchemaValidator().check(answer, request(ResponseFormatType.JSON_SCHEMA, schema))
+    assert not result.passed
+    assert len(result.message) <= MAX_VALIDATOR_MESSAGE_CHARS
+    assert result.message.startswith("schema violation at a: '\U0001f600")
+    assert result.message.endswith("is not of type 'integer'")  # the end says what is wrong
+    assert "…" in result.message
+
+
+def test_a_validator_result_message_within_the_bound_is_kept_whole() -> None:
+    message = "x" * MAX_VALIDATOR_MESSAGE_CHARS
+    assert ValidatorResult("v", False, message).message == message
 
 
 RECURSIVE = json.dumps({"type": "array", "items": {"$ref": "#"}})

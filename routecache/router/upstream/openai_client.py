@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import zlib
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -24,7 +25,13 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from routecache.domain import GenerationParams, Message, ResponseFormat, ResponseFormatType
+from routecache.domain import (
+    MAX_MODEL_NAME_CHARS,
+    GenerationParams,
+    Message,
+    ResponseFormat,
+    ResponseFormatType,
+)
 from routecache.errors import UpstreamError
 from routecache.router.ports import UpstreamReply
 from routecache.router.settings import ProviderSettings, RetrySettings
@@ -36,6 +43,8 @@ from routecache.router.tokens import (
 )
 from routecache.router.upstream.deadline import note_failed_try, seconds_left
 from routecache.unicode_text import replace_lone_surrogates
+
+log = logging.getLogger(__name__)
 
 CHAT_PATH = "chat/completions"
 USER_AGENT = "routecache/0.1"
@@ -216,6 +225,9 @@ class OpenAIChatClient:
         self._max_stream_bytes = STREAM_BOUND_MULTIPLE * max_response_bytes
         self._max_retry_after = max_retry_after_seconds
         self._max_connections = max_connections
+        # Whether a completion-token count over the max_tokens sent was logged yet: once per
+        # provider, so that a provider miscounting every call does not flood the log.
+        self._overcount_logged = False
         # A call waits here for a connection before its attempt's timeout starts: waited for
         # inside httpx's pool, the queue of a busy moment would time out as the provider's
         # failure and open its breaker. The pool is as large, so httpx never waits itself.
@@ -332,7 +344,7 @@ class OpenAIChatClient:
             raise self._error(f"no answer within {self._timeout:g}s", retryable=True) from None
         finally:
             self._connections.release()
-        return self._parse_completion(content, prompt_tokens)
+        return self._parse_completion(content, prompt_tokens, body.get("max_tokens"))
 
     async def _take_connection(self) -> None:
         """Waits, up to the timeout, for one of max_connections; the caller releases it."""
@@ -456,7 +468,9 @@ class OpenAIChatClient:
             raise ProviderAskedToWait(message, retryable=retryable, retry_after=seconds)
         raise UpstreamError(message, retryable=retryable)
 
-    def _parse_completion(self, content_bytes: bytes, prompt_tokens: int) -> UpstreamReply:
+    def _parse_completion(
+        self, content_bytes: bytes, prompt_tokens: int, max_tokens: int | None = None
+    ) -> UpstreamReply:
         try:
             payload = json.loads(content_bytes)
             # Some providers (and proxies) answer 200 with an error object: its message says
@@ -475,14 +489,42 @@ class OpenAIChatClient:
             raise self._error("malformed response body (content is not a string)", retryable=True)
         content = _sendable(content)
         usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
-        model = payload.get("model")
         return UpstreamReply(
             text=content,
-            # Sendable like the text: the model is cached and sent with every hit on the entry.
-            model=_sendable(model) if isinstance(model, str) and model else self._model,
+            model=self._reported_model(payload.get("model")),
             prompt_tokens=_count(usage, "prompt_tokens", prompt_tokens),
-            completion_tokens=_count(usage, "completion_tokens", estimate_tokens(content)),
+            completion_tokens=self._completion_tokens(usage, content, max_tokens),
         )
+
+    def _completion_tokens(
+        self, usage: Mapping[str, Any], text: str, max_tokens: int | None
+    ) -> int:
+        """The provider's completion-token count, at most the max_tokens sent (which a correct
+        provider never passes), else the estimate of the text. Believed whole, one over-report
+        (200M for max_tokens=16) charged $200 against a $5 cap and locked the tenant's token
+        bucket for a day and more."""
+        counted = _reported(usage, "completion_tokens")
+        if counted is None:
+            return estimate_tokens(text)
+        if max_tokens is None or counted <= max_tokens:
+            return counted
+        if not self._overcount_logged:
+            self._overcount_logged = True
+            log.warning(
+                "%s reported %d completion tokens for a request sent with max_tokens=%d; "
+                "charged as %d (logged once per provider)",
+                self._where, counted, max_tokens, max_tokens,
+            )  # fmt: skip
+        return max_tokens
+
+    def _reported_model(self, model: object) -> str:
+        """The model the provider says answered, or the configured one when what it sent is
+        no name or too long to be one. Sendable like the text: the model is cached and sent
+        with every hit on the entry. (A stream's chunks are not read for it: a streamed
+        answer is named by the configured model.)"""
+        if isinstance(model, str) and 0 < len(model) <= MAX_MODEL_NAME_CHARS:
+            return _sendable(model)
+        return self._model
 
     async def stream(
         self, messages: Sequence[Message], params: GenerationParams
@@ -633,10 +675,16 @@ def _sendable(text: str) -> str:
 
 def _count(usage: Mapping[str, Any], name: str, estimated: int) -> int:
     """The provider's count, or the estimate when it reports none or one that cannot be."""
+    reported = _reported(usage, name)
+    return estimated if reported is None else reported
+
+
+def _reported(usage: Mapping[str, Any], name: str) -> int | None:
+    """The provider's count; None when it reports none or one that cannot be."""
     value = usage.get(name)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_REPORTED_TOKENS:
         return value
-    return estimated
+    return None
 
 
 def _error_text(payload: Any) -> str:
