@@ -25,6 +25,7 @@ from routecache.cache.embedder import MiniLMEmbedder, checked_minilm_dir, packag
 from routecache.cache.faiss_index import ScopedFaissIndex
 from routecache.cache.hit_policy import (
     CosinePolicy,
+    HitPolicy,
     HitRequirement,
     PolicyCalibration,
     VerifiedPolicy,
@@ -335,21 +336,24 @@ def test_the_embedders_say_which_texts_their_model_sees_whole(
     assert onnx_minilm.sees_whole("telecommunications " * 254)
 
 
+def _cache(onnx_minilm: OnnxMiniLMEmbedder, verified: bool) -> SemanticCache:
+    """A cache on the packaged MiniLM, with the packaged verifier or a plain cosine policy."""
+    policy: HitPolicy = CosinePolicy()
+    if verified:
+        calibration = PolicyCalibration.load(packaged_verifier_dir() / POLICY_FILE)
+        scorer = OnnxCrossEncoder(packaged_verifier_dir() / GRAPH_FILE, calibration.symmetric)
+        policy = VerifiedPolicy(calibration, scorer)
+    clock = ManualClock()
+    store = InMemoryEntryStore(max_entries=10, clock=clock)
+    index = ScopedFaissIndex(onnx_minilm.dimension)
+    return SemanticCache(store, index, clock, policy=policy, seen_whole=onnx_minilm.sees_whole)
+
+
 @pytest.mark.parametrize("verified", [True, False], ids=["verifier", "cosine only"])
 async def test_prompts_differing_only_where_the_model_cannot_see_are_no_semantic_hit(
     onnx_minilm: OnnxMiniLMEmbedder, verified: bool
 ) -> None:
-    calibration = PolicyCalibration.load(packaged_verifier_dir() / POLICY_FILE)
-    scorer = OnnxCrossEncoder(packaged_verifier_dir() / GRAPH_FILE, calibration.symmetric)
-    policy = VerifiedPolicy(calibration, scorer) if verified else CosinePolicy()
-    clock = ManualClock()
-    cache = SemanticCache(
-        InMemoryEntryStore(max_entries=10, clock=clock),
-        ScopedFaissIndex(onnx_minilm.dimension),
-        clock,
-        policy=policy,
-        seen_whole=onnx_minilm.sees_whole,
-    )
+    cache = _cache(onnx_minilm, verified)
     # A budget at which the verifier alone let most of these through.
     requirement = HitRequirement(cosine_threshold=0.9, max_false_hit_rate=0.05)
     hits = {}
@@ -376,17 +380,7 @@ async def test_prompts_differing_only_in_marks_the_model_drops_are_no_semantic_h
     onnx_minilm: OnnxMiniLMEmbedder, verified: bool
 ) -> None:
     # Before: each was served the other's answer at similarity 1.0, verifier or not.
-    calibration = PolicyCalibration.load(packaged_verifier_dir() / POLICY_FILE)
-    scorer = OnnxCrossEncoder(packaged_verifier_dir() / GRAPH_FILE, calibration.symmetric)
-    policy = VerifiedPolicy(calibration, scorer) if verified else CosinePolicy()
-    clock = ManualClock()
-    cache = SemanticCache(
-        InMemoryEntryStore(max_entries=10, clock=clock),
-        ScopedFaissIndex(onnx_minilm.dimension),
-        clock,
-        policy=policy,
-        seen_whole=onnx_minilm.sees_whole,
-    )
+    cache = _cache(onnx_minilm, verified)
     requirement = HitRequirement(cosine_threshold=0.9, max_false_hit_rate=0.05)
     for scope, (stored, asked) in MARKS_ONLY_PAIRS.items():
         vectors = onnx_minilm.encode([stored, asked])

@@ -38,6 +38,20 @@ def link_to(server: RedisServer) -> RedisLink:
                      probe_interval_seconds=0.05)  # fmt: skip
 
 
+Connected = tuple[RedisLink, RedisStreamEventSink]
+
+
+@pytest.fixture
+async def connected(redis_server: RedisServer) -> AsyncIterator[Connected]:
+    """A link to the test's Redis, connected, and an event sink on it; closed at the end."""
+    link = link_to(redis_server)
+    assert await link.connect()
+    try:
+        yield link, RedisStreamEventSink(link, KeySpace())
+    finally:
+        await link.aclose()
+
+
 @contextlib.asynccontextmanager
 async def flushing(sink: RedisStreamEventSink) -> AsyncIterator[asyncio.Task[None]]:
     """The sink's flush loop, running in the background; ended (cancelled) at the end."""
@@ -152,20 +166,15 @@ async def test_events_land_on_the_tenant_stream(redis_server: RedisServer) -> No
 
 
 async def test_events_of_no_tenant_stay_out_of_every_tenants_stream(
-    redis_server: RedisServer,
+    connected: Connected,
 ) -> None:
-    link = link_to(redis_server)
-    assert await link.connect()
-    sink = RedisStreamEventSink(link, KeySpace())
-    try:
-        # A refused key's request: its prompt must not reach a tenant that happens to be "_".
-        sink.emit("error", {"tenant": "", "prompt": "not yours", "reason": "unauthenticated"})
-        sink.emit("error", {"prompt": "nor yours", "reason": "unauthenticated"})  # no tenant key
-        await sink.flush()
-        assert await read_events(link, KeySpace(), "_") == []
-        assert await read_events(link, KeySpace(), "None") == []
-    finally:
-        await link.aclose()
+    link, sink = connected
+    # A refused key's request: its prompt must not reach a tenant that happens to be "_".
+    sink.emit("error", {"tenant": "", "prompt": "not yours", "reason": "unauthenticated"})
+    sink.emit("error", {"prompt": "nor yours", "reason": "unauthenticated"})  # no tenant key
+    await sink.flush()
+    assert await read_events(link, KeySpace(), "_") == []
+    assert await read_events(link, KeySpace(), "None") == []
 
 
 async def test_the_event_buffer_is_bounded_while_redis_is_down(
@@ -379,67 +388,50 @@ async def test_a_flush_that_fails_unexpectedly_is_logged_and_the_loop_goes_on(
 
 
 async def test_an_event_with_a_value_json_cannot_encode_is_written_as_text(
-    redis_server: RedisServer,
+    connected: Connected,
 ) -> None:
-    link = link_to(redis_server)
-    assert await link.connect()
-    sink = RedisStreamEventSink(link, KeySpace())
+    link, sink = connected
     when = datetime.datetime(2026, 1, 2, tzinfo=datetime.UTC)
-    try:
-        sink.emit("completion", {"tenant": "acme", "when": when})
-        await sink.flush()
-        assert [e["when"] for e in await read_events(link, KeySpace(), "acme")] == [str(when)]
-    finally:
-        await link.aclose()
+    sink.emit("completion", {"tenant": "acme", "when": when})
+    await sink.flush()
+    assert [e["when"] for e in await read_events(link, KeySpace(), "acme")] == [str(when)]
 
 
 async def test_an_event_json_cannot_encode_at_all_is_dropped_alone_and_the_batch_written(
-    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+    connected: Connected, caplog: pytest.LogCaptureFixture
 ) -> None:
-    link = link_to(redis_server)
-    assert await link.connect()
-    sink = RedisStreamEventSink(link, KeySpace())
+    link, sink = connected
     circular: dict[str, object] = {}
     circular["self"] = circular
-    try:
-        sink.emit("completion", {"tenant": "acme", "n": 0})
-        sink.emit("completion", {"tenant": "acme", "scores": {("a", "b"): 1}})  # a tuple key
-        sink.emit("completion", {"tenant": "acme", "loop": circular})
-        sink.emit("completion", {"tenant": "acme", "n": 3})
-        await sink.flush()
-        assert [e["n"] for e in await read_events(link, KeySpace(), "acme")] == [0, 3]
-        assert (sink.written, sink.dropped) == (2, 2)
-        dropped = [r for r in caplog.records if "could not be encoded" in r.getMessage()]
-        assert len(dropped) == 1 and "2 events" in dropped[0].getMessage()  # once per batch
-    finally:
-        await link.aclose()
+    sink.emit("completion", {"tenant": "acme", "n": 0})
+    sink.emit("completion", {"tenant": "acme", "scores": {("a", "b"): 1}})  # a tuple key
+    sink.emit("completion", {"tenant": "acme", "loop": circular})
+    sink.emit("completion", {"tenant": "acme", "n": 3})
+    await sink.flush()
+    assert [e["n"] for e in await read_events(link, KeySpace(), "acme")] == [0, 3]
+    assert (sink.written, sink.dropped) == (2, 2)
+    dropped = [r for r in caplog.records if "could not be encoded" in r.getMessage()]
+    assert len(dropped) == 1 and "2 events" in dropped[0].getMessage()  # once per batch
 
 
 @pytest.mark.parametrize(("kind", "field"), [(None, b"null"), (True, b"true"), (3, b"3")])
 async def test_an_event_whose_kind_is_not_text_is_written_as_json_and_the_link_stays_up(
-    redis_server: RedisServer, kind: object, field: bytes
+    connected: Connected, kind: object, field: bytes
 ) -> None:
-    link = link_to(redis_server)
-    assert await link.connect()
-    sink = RedisStreamEventSink(link, KeySpace())
-    try:
-        # The payload's `kind` takes the event's place: redis-py takes no None or bool.
-        sink.emit("completion", {"tenant": "acme", "kind": kind})
-        await sink.flush()
-        ((_, fields),) = await link.client.xrange(KeySpace().of("acme").events)
-        assert fields[b"kind"] == field
-        assert [e["kind"] for e in await read_events(link, KeySpace(), "acme")] == [kind]
-        assert link.up and link.failures == 0
-    finally:
-        await link.aclose()
+    link, sink = connected
+    # The payload's `kind` takes the event's place: redis-py takes no None or bool.
+    sink.emit("completion", {"tenant": "acme", "kind": kind})
+    await sink.flush()
+    ((_, fields),) = await link.client.xrange(KeySpace().of("acme").events)
+    assert fields[b"kind"] == field
+    assert [e["kind"] for e in await read_events(link, KeySpace(), "acme")] == [kind]
+    assert link.up and link.failures == 0
 
 
 async def test_an_event_redis_py_cannot_encode_is_dropped_alone_and_the_link_stays_up(
-    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    connected: Connected, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    link = link_to(redis_server)
-    assert await link.connect()
-    sink = RedisStreamEventSink(link, KeySpace())
+    link, sink = connected
     encode = sink._encode
 
     def one_unencodable(
@@ -453,59 +445,46 @@ async def test_an_event_redis_py_cannot_encode_is_dropped_alone_and_the_link_sta
         return kept, rows
 
     monkeypatch.setattr(sink, "_encode", one_unencodable)
-    try:
-        for n in range(3):
-            sink.emit("completion", {"tenant": "acme", "n": n})
-        await sink.flush()
-        assert [e["n"] for e in await read_events(link, KeySpace(), "acme")] == [0, 2]
-        assert (sink.written, sink.dropped) == (2, 1)
-        assert "could not encode" in caplog.text
-        assert link.up and link.failures == 0 and link.refusals == 0
-    finally:
-        await link.aclose()
+    for n in range(3):
+        sink.emit("completion", {"tenant": "acme", "n": n})
+    await sink.flush()
+    assert [e["n"] for e in await read_events(link, KeySpace(), "acme")] == [0, 2]
+    assert (sink.written, sink.dropped) == (2, 1)
+    assert "could not encode" in caplog.text
+    assert link.up and link.failures == 0 and link.refusals == 0
 
 
 async def test_an_event_holding_a_lone_surrogate_is_written_and_no_other_event_dropped(
-    redis_server: RedisServer,
+    connected: Connected,
 ) -> None:
     # The reviewer's repro: a provider's error text held a lone surrogate; redis-py's encoder
     # raised UnicodeEncodeError (not DataError) and the flush dropped the whole batch, every
     # tenant's events with it.
-    link = link_to(redis_server)
-    assert await link.connect()
-    sink = RedisStreamEventSink(link, KeySpace())
-    try:
-        for n in range(3):
-            sink.emit("completion", {"tenant": "globex", "n": n})
-        sink.emit("error", {"tenant": "acme", "message": "HTTP 503: overloaded \ud83d"})
-        await sink.flush()
-        assert [e["n"] for e in await read_events(link, KeySpace(), "globex")] == [0, 1, 2]
-        (error,) = await read_events(link, KeySpace(), "acme")
-        assert error["message"] == "HTTP 503: overloaded \ufffd"
-        assert (sink.written, sink.dropped) == (4, 0)
-    finally:
-        await link.aclose()
+    link, sink = connected
+    for n in range(3):
+        sink.emit("completion", {"tenant": "globex", "n": n})
+    sink.emit("error", {"tenant": "acme", "message": "HTTP 503: overloaded \ud83d"})
+    await sink.flush()
+    assert [e["n"] for e in await read_events(link, KeySpace(), "globex")] == [0, 1, 2]
+    (error,) = await read_events(link, KeySpace(), "acme")
+    assert error["message"] == "HTTP 503: overloaded \ufffd"
+    assert (sink.written, sink.dropped) == (4, 0)
 
 
 async def test_an_event_whose_field_redis_py_cannot_encode_as_utf8_is_dropped_alone(
-    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+    connected: Connected, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A `kind` holding a lone surrogate (the stream entry's own field, not the JSON `data`):
     # UnicodeEncodeError from redis-py's encoder is a value it cannot encode, like DataError.
-    link = link_to(redis_server)
-    assert await link.connect()
-    sink = RedisStreamEventSink(link, KeySpace())
-    try:
-        sink.emit("completion", {"tenant": "globex", "n": 0})
-        sink.emit("odd \ud800", {"tenant": "acme", "n": 1})
-        sink.emit("completion", {"tenant": "globex", "n": 2})
-        await sink.flush()
-        assert [e["n"] for e in await read_events(link, KeySpace(), "globex")] == [0, 2]
-        assert (sink.written, sink.dropped) == (2, 1)
-        assert "could not encode" in caplog.text
-        assert link.up and link.failures == 0
-    finally:
-        await link.aclose()
+    link, sink = connected
+    sink.emit("completion", {"tenant": "globex", "n": 0})
+    sink.emit("odd \ud800", {"tenant": "acme", "n": 1})
+    sink.emit("completion", {"tenant": "globex", "n": 2})
+    await sink.flush()
+    assert [e["n"] for e in await read_events(link, KeySpace(), "globex")] == [0, 2]
+    assert (sink.written, sink.dropped) == (2, 1)
+    assert "could not encode" in caplog.text
+    assert link.up and link.failures == 0
 
 
 async def test_a_batch_redis_py_refuses_whole_is_dropped_as_a_bug_and_the_link_stays_up(
@@ -526,48 +505,38 @@ async def test_a_batch_redis_py_refuses_whole_is_dropped_as_a_bug_and_the_link_s
 
 
 async def test_reading_events_skips_a_stream_entry_without_data_or_with_bad_json(
-    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+    connected: Connected, caplog: pytest.LogCaptureFixture
 ) -> None:
-    link = link_to(redis_server)
-    assert await link.connect()
-    sink = RedisStreamEventSink(link, KeySpace())
+    link, sink = connected
     stream = KeySpace().of("acme").events
-    try:
-        sink.emit("completion", {"tenant": "acme", "n": 0})
-        await sink.flush()
-        await link.client.xadd(stream, {"kind": "completion"})  # written by another tool
-        await link.client.xadd(stream, {"kind": "completion", "data": "{not json"})
-        await link.client.xadd(stream, {"kind": "completion", "data": b"\xff\xfe"})
-        await link.client.xadd(stream, {"kind": "completion", "data": "[3]"})  # not an object
-        sink.emit("completion", {"tenant": "acme", "n": 4})
-        await sink.flush()
-        assert [e["n"] for e in await read_events(link, KeySpace(), "acme")] == [0, 4]
-        skipped = [r for r in caplog.records if "could not be read" in r.getMessage()]
-        assert len(skipped) == 1 and "4 entries" in skipped[0].getMessage()  # once per read
-    finally:
-        await link.aclose()
+    sink.emit("completion", {"tenant": "acme", "n": 0})
+    await sink.flush()
+    await link.client.xadd(stream, {"kind": "completion"})  # written by another tool
+    await link.client.xadd(stream, {"kind": "completion", "data": "{not json"})
+    await link.client.xadd(stream, {"kind": "completion", "data": b"\xff\xfe"})
+    await link.client.xadd(stream, {"kind": "completion", "data": "[3]"})  # not an object
+    sink.emit("completion", {"tenant": "acme", "n": 4})
+    await sink.flush()
+    assert [e["n"] for e in await read_events(link, KeySpace(), "acme")] == [0, 4]
+    skipped = [r for r in caplog.records if "could not be read" in r.getMessage()]
+    assert len(skipped) == 1 and "4 entries" in skipped[0].getMessage()  # once per read
 
 
 async def test_reading_events_skips_a_stream_entry_nested_past_the_parser(
-    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+    connected: Connected, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Before: json.loads raised RecursionError on it, out of iter_events: export-events failed
     # and every good event around the entry went unread.
-    link = link_to(redis_server)
-    assert await link.connect()
-    sink = RedisStreamEventSink(link, KeySpace())
+    link, sink = connected
     stream = KeySpace().of("acme").events
-    try:
-        sink.emit("completion", {"tenant": "acme", "n": 0})
-        await sink.flush()
-        await link.client.xadd(stream, {"kind": "x", "data": "[" * 100_000 + "]" * 100_000})
-        sink.emit("completion", {"tenant": "acme", "n": 2})
-        await sink.flush()
-        assert [e["n"] for e in await read_events(link, KeySpace(), "acme")] == [0, 2]
-        skipped = [r for r in caplog.records if "could not be read" in r.getMessage()]
-        assert len(skipped) == 1 and "RecursionError" in skipped[0].getMessage()
-    finally:
-        await link.aclose()
+    sink.emit("completion", {"tenant": "acme", "n": 0})
+    await sink.flush()
+    await link.client.xadd(stream, {"kind": "x", "data": "[" * 100_000 + "]" * 100_000})
+    sink.emit("completion", {"tenant": "acme", "n": 2})
+    await sink.flush()
+    assert [e["n"] for e in await read_events(link, KeySpace(), "acme")] == [0, 2]
+    skipped = [r for r in caplog.records if "could not be read" in r.getMessage()]
+    assert len(skipped) == 1 and "RecursionError" in skipped[0].getMessage()
 
 
 async def test_reading_events_redis_refuses_raises_refused_and_leaves_the_link_up(
