@@ -100,6 +100,11 @@ class ClientTls:
         )
 
 
+# A day: gRPC adds a call's timeout to the clock in int64 nanoseconds, so a timeout past about
+# 7.4e9 s overflowed into a deadline already past (every call DEADLINE_EXCEEDED at once).
+MAX_TIMEOUT_SECONDS = 86_400.0
+
+
 class RouteCacheClient:
     """One channel, one API key. Use `async with RouteCacheClient(target, key) as client`;
     pass `tls` for a server with TLS (and mTLS). To stop reading a stream early, read it
@@ -115,6 +120,11 @@ class RouteCacheClient:
         tls: ClientTls | None = None,
     ) -> None:
         check_sendable_key(api_key)  # before the channel opens: nothing to close if it is refused
+        if not 0 < timeout_seconds <= MAX_TIMEOUT_SECONDS:
+            raise ValueError(
+                f"timeout_seconds must be above 0 and at most {MAX_TIMEOUT_SECONDS:g}, "
+                f"not {timeout_seconds!r}"
+            )
         if tls is None:
             self._channel = grpc.aio.insecure_channel(target)
         else:
@@ -143,10 +153,12 @@ class RouteCacheClient:
             call.cancel()
 
     async def feedback(
-        self, response_id: str, *, thumbs_up: bool, correction: str = ""
+        self, response_id: str, *, thumbs_up: bool, correction: str = "", comment: str = ""
     ) -> pb.FeedbackResponse:
         rating = pb.RATING_UP if thumbs_up else pb.RATING_DOWN
-        request = pb.FeedbackRequest(response_id=response_id, rating=rating, correction=correction)
+        request = pb.FeedbackRequest(
+            response_id=response_id, rating=rating, correction=correction, comment=comment
+        )
         response: pb.FeedbackResponse = await self._stub.Feedback(
             request, metadata=self._metadata, timeout=self._timeout
         )

@@ -10,8 +10,9 @@ from pathlib import Path
 import grpc
 from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 
-from routecache.cli_args import at_least, positive_number
-from routecache.client import ClientTls, RouteCacheClient, chat_request
+from routecache.cli_args import at_least, number_between
+from routecache.client import MAX_TIMEOUT_SECONDS, ClientTls, RouteCacheClient, chat_request
+from routecache.router.auth import check_sendable_key
 from routecache.router.settings import ConfigError
 from routecache.v1 import routecache_pb2 as pb
 
@@ -37,7 +38,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tier", choices=["cheap", "strong"], help="force a tier")
     parser.add_argument("--user", default="", help="end-user id")
     parser.add_argument("--stream", action="store_true", help="use CompleteStream")
-    parser.add_argument("--timeout", type=positive_number, default=60.0, help="seconds")
+    parser.add_argument(
+        "--timeout", type=number_between(0, MAX_TIMEOUT_SECONDS, above_low=True), default=60.0,
+        help=f"seconds (at most {MAX_TIMEOUT_SECONDS:g})",
+    )  # fmt: skip
     parser.add_argument("--tls", action="store_true", help="TLS with the system's CA roots")
     parser.add_argument("--ca-file", type=Path, help="TLS: PEM CA that signed the server cert")
     parser.add_argument("--client-cert", type=Path, help="mTLS: this client's PEM certificate")
@@ -71,7 +75,8 @@ def _validators(values: list[str]) -> list[pb.RequestValidator]:
             if not isinstance(fields, dict):
                 raise ConfigError(f"--validator {value}: not a JSON object")
             parsed.append(ParseDict(fields, pb.RequestValidator()))
-        except (ValueError, ParseError) as error:
+        # SystemError: protobuf's C parser on a key holding a lone surrogate ({"\ud800": 1}).
+        except (ValueError, ParseError, SystemError) as error:
             raise ConfigError(f"--validator: {error}") from error
     return parsed
 
@@ -117,9 +122,13 @@ async def ask(args: argparse.Namespace) -> int:
     request = _request(args)
     tls = _tls(args)
     try:
-        opened = RouteCacheClient(args.target, args.api_key, timeout_seconds=args.timeout, tls=tls)
+        check_sendable_key(args.api_key)
     except ValueError as error:  # a key pasted with a trailing CR, say
         raise ConfigError(f"--api-key: {error}") from error
+    try:
+        opened = RouteCacheClient(args.target, args.api_key, timeout_seconds=args.timeout, tls=tls)
+    except ValueError as error:  # grpc cannot encode the target (undecodable bytes in it)
+        raise ConfigError(f"--target: {error}") from error
     async with opened as client:
         try:
             if args.stream:

@@ -120,7 +120,7 @@ def _demo(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(report.text)
     if args.events_out:
-        print(f"events written to {args.events_out}")
+        print(f"events appended to {args.events_out}")
     if args.metrics_out:
         try:
             args.metrics_out.write_text(report.metrics_text, encoding="utf-8")

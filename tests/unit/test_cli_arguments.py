@@ -272,11 +272,13 @@ def test_a_fraction_that_is_not_a_number_is_named() -> None:
     [(["--max-tokens", "-1"], "argument --max-tokens: -1: must be 1 or more"),
      (["--max-tokens", "0"], "argument --max-tokens: 0: must be 1 or more"),
      (["--ttl", "-1"], "argument --ttl: -1: must be 0 or more"),
-     (["--timeout", "0"], "argument --timeout: 0: must be above 0 (finite)"),
-     (["--timeout", "inf"], "argument --timeout: inf: must be above 0 (finite)"),
-     (["--timeout", "nan"], "argument --timeout: nan: must be above 0 (finite)")],
+     (["--timeout", "0"], "argument --timeout: 0: must be above 0 and at most 86400"),
+     (["--timeout", "inf"], "argument --timeout: inf: must be above 0 and at most 86400"),
+     (["--timeout", "nan"], "argument --timeout: nan: must be above 0 and at most 86400"),
+     # Past ~7.4e9 s, gRPC's deadline overflowed into one already past: DEADLINE_EXCEEDED.
+     (["--timeout", "1e10"], "argument --timeout: 1e10: must be above 0 and at most 86400")],
     ids=["negative max tokens", "no max tokens", "negative ttl", "no time", "infinite time",
-         "nan time"],
+         "nan time", "huge time"],
 )  # fmt: skip
 def test_ask_refuses_a_negative_token_count_ttl_or_timeout_as_a_usage_error(
     capsys: pytest.CaptureFixture[str], flags: list[str], message: str
@@ -314,6 +316,22 @@ def test_ask_refuses_an_api_key_with_a_control_character_in_one_line(
         "ASCII can be sent\n"
     )
     assert "secret" not in err
+
+
+def test_ask_names_the_target_when_grpc_cannot_encode_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Before: "routecache: --api-key: 'utf-8' codec can't encode ...", blaming the key.
+    assert main(["ask", "--api-key", "k", "--target", "127.0.0.1:1\udcff", "hi"]) == 2
+    assert capsys.readouterr().err.startswith("routecache: --target: ")
+
+
+def test_ask_refuses_a_validator_with_a_lone_surrogate_key_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Before: protobuf's SystemError traceback.
+    assert main(["ask", "--api-key", "k", "--validator", '{"\\ud800": 1}', "hi"]) == 2
+    assert capsys.readouterr().err.startswith("routecache: --validator: ")
 
 
 @pytest.mark.parametrize("port", ["65536", "-1"])

@@ -4,6 +4,7 @@ client releases its channel and the streams its caller stops reading."""
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -87,3 +88,25 @@ async def test_a_stream_the_caller_stops_reading_is_cancelled_at_once() -> None:
             async for _ in stream:
                 break
         assert call.cancelled
+
+
+async def test_feedback_sends_its_comment() -> None:
+    # Before: the typed client had no way to fill FeedbackRequest.comment.
+    sent: list[pb.FeedbackRequest] = []
+
+    class Stub:
+        async def Feedback(self, request: pb.FeedbackRequest, **_: object) -> pb.FeedbackResponse:
+            sent.append(request)
+            return pb.FeedbackResponse()
+
+    async with RouteCacheClient("127.0.0.1:1", "k") as client:
+        client._stub = Stub()
+        await client.feedback("r1", thumbs_up=False, correction="Paris", comment="wrong city")
+    assert (sent[0].correction, sent[0].comment) == ("Paris", "wrong city")
+
+
+@pytest.mark.parametrize("seconds", [0.0, -1.0, math.inf, math.nan, 1e10])
+def test_a_timeout_no_grpc_deadline_can_hold_is_refused(seconds: float) -> None:
+    # Past ~7.4e9 s gRPC's deadline overflowed into one already past: every call failed at once.
+    with pytest.raises(ValueError, match="timeout_seconds"):
+        RouteCacheClient("127.0.0.1:1", "k", timeout_seconds=seconds)
