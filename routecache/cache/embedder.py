@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import unicodedata
 from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
@@ -13,7 +12,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import regex
+
+from routecache.unicode_text import uncased_form
 
 MINILM_DIMENSION = 384
 MAX_TOKENS = 256  # all-MiniLM-L6-v2 was trained on sequences up to 256 word pieces
@@ -71,27 +71,15 @@ class WholeTextCheck:
         return len(ids) <= MAX_TOKENS and self._unknown not in ids
 
 
-# Nonspacing marks (accents, Arabic harakat, Hindi vowel signs such as the u of कुल, kana
-# voicing marks once decomposed): the uncased MiniLM's tokenizer drops them from the text's NFD
-# form (BertNormalizer's strip_accents), so the model and the verifier never see them.
-_NONSPACING_MARKS = regex.compile(r"\p{Mn}+")
-
-
 def differ_only_in_marks(first: str, second: str) -> bool:
     """Whether two texts differ only in nonspacing marks, case and spacing aside: "avô" and
     "avó", "zählen" and "zahlen". The uncased MiniLM reads them as one text (cosine 1.0, one
     verifier input), so neither its cosine nor the verifier can tell them apart."""
     if first == second or (first.isascii() and second.isascii()):
         return False  # ASCII has no marks: most prompts stop here
-    kept = _marks_kept(first), _marks_kept(second)
-    if kept[0] == kept[1]:
+    if uncased_form(first, keep_marks=True) == uncased_form(second, keep_marks=True):
         return False  # the same text in another case, spacing or encoding of its accents
-    return _NONSPACING_MARKS.sub("", kept[0]) == _NONSPACING_MARKS.sub("", kept[1])
-
-
-def _marks_kept(text: str) -> str:
-    """The model's normal form of `text` (casefolded, NFD, spaces collapsed), marks kept."""
-    return " ".join(unicodedata.normalize("NFD", text.casefold()).split())
+    return uncased_form(first) == uncased_form(second)
 
 
 class MiniLMEmbedder:

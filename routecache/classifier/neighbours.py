@@ -16,6 +16,8 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.decomposition import PCA
 
+from routecache.unicode_text import uncased_form
+
 KS: tuple[int, ...] = (10, 25, 50, 100)
 # Per labelled prompt: did the cheap model fail, did the strong one fail, strong minus cheap.
 LABEL_NAMES: tuple[str, ...] = ("cheap_fails", "strong_fails", "gain")
@@ -41,11 +43,12 @@ def label_matrix(cheap_fails: npt.ArrayLike, strong_fails: npt.ArrayLike) -> Flo
 
 
 def _text_groups(texts: Sequence[str] | None) -> npt.NDArray[np.intp] | None:
-    """One id per distinct text (equal ids: exact twins), or None without texts."""
+    """One id per text as the uncased MiniLM sees it (equal ids: twins, which it embeds
+    identically whatever their case, spacing or accents), or None without texts."""
     if texts is None:
         return None
     ids: dict[str, int] = {}
-    return np.array([ids.setdefault(text, len(ids)) for text in texts], dtype=np.intp)
+    return np.array([ids.setdefault(uncased_form(t), len(ids)) for t in texts], dtype=np.intp)
 
 
 def _project(
@@ -122,8 +125,9 @@ class NeighbourBank:
         texts: Sequence[str] | None = None,
     ) -> FloatArray:
         """Features of many prompts; leave_one_out for the bank's own prompts (training), in
-        bank order. With `texts` (the bank's prompts), a row's exact-text twins are left out
-        with it: the same request listed twice, whose label is its own."""
+        bank order. With `texts` (the bank's prompts), a row's twins are left out with it: the
+        same request listed twice, or differing only in what the uncased MiniLM does not see
+        (case, spacing, accents), whose label is its own."""
         projected = self.project(embeddings)
         if texts is not None and not len(texts) == len(projected) == self.size:
             raise ValueError(f"{len(texts)} texts for {len(projected)} prompts, bank {self.size}")

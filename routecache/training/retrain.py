@@ -26,7 +26,6 @@ import json
 import sys
 import tempfile
 import time
-import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -73,6 +72,7 @@ from routecache.training.train_classifier import (
     score_rows,
     train_candidate,
 )
+from routecache.unicode_text import uncased_form
 
 
 def event_set(labels: Sequence[EventLabel], embeddings: np.ndarray[Any, Any]) -> LabelledSet:
@@ -89,13 +89,12 @@ def event_set(labels: Sequence[EventLabel], embeddings: np.ndarray[Any, Any]) ->
 
 
 def same_request_keys(prompt: str) -> set[tuple[str, str]]:
-    """Forms under which two prompts are one request to the model: the embedders give a
-    prompt differing only in Unicode form, case or white space the same vector, and the
-    service's exact cache key (scope.normalise_prompt) folds more. Only for dropping event
-    labels of held-out prompts: the holdout split hashes the prompt as written (the packaged
-    model's split depends on it)."""
-    embedded = " ".join(unicodedata.normalize("NFC", prompt).casefold().split())
-    return {("embedded", embedded), ("exact_key", normalise_prompt(prompt))}
+    """Forms under which two prompts are one request to the model: the uncased MiniLM gives
+    a prompt differing only in Unicode form, case, white space or accents (nonspacing marks)
+    the same vector, and the service's exact cache key (scope.normalise_prompt) folds more.
+    Only for dropping event labels of held-out prompts: the holdout split hashes the prompt
+    as written (the packaged model's split depends on it)."""
+    return {("embedded", uncased_form(prompt)), ("exact_key", normalise_prompt(prompt))}
 
 
 def outside_holdout(

@@ -134,8 +134,9 @@ def fit_model(data: LabelledSet, c: float = DEFAULT_C, seed: int = 0) -> Difficu
     """The neighbour bank of every row, and two heads fitted on leave-one-out features.
 
     Leave-one-out makes a training row's neighbour features look like a new request's (whose
-    own label is not in the bank); a row's exact-text twins (a prompt repeated in the data, or
-    graded again in events) are the same request and are left out with it. Rows without a
+    own label is not in the bank); a row's twins (a prompt repeated in the data, or graded
+    again in events, whatever its case, spacing or accents: the uncased MiniLM embeds them
+    identically) are the same request and are left out with it. Rows without a
     strong outcome train only the cheap head.
     """
     bank = NeighbourBank.fit(

@@ -34,7 +34,11 @@ from routecache.errors import UpstreamError
 from routecache.router.settings import ProviderSettings, RetrySettings
 from routecache.router.upstream import OpenAIChatClient
 from routecache.router.upstream.deadline import provider_deadline
-from routecache.router.upstream.openai_client import MAX_DETAIL_CHARS, retry_after_seconds
+from routecache.router.upstream.openai_client import (
+    MAX_DETAIL_CHARS,
+    PROMPT_TOKEN_MARGIN,
+    retry_after_seconds,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE_URL = "https://provider.test/v1"
@@ -438,6 +442,40 @@ async def test_completion_tokens_within_the_max_tokens_sent_or_with_none_sent_ar
     assert (await client.complete(MESSAGES, GenerationParams())).completion_tokens == 900
     at_bound = await client.complete(MESSAGES, GenerationParams(max_tokens=900))
     assert at_bound.completion_tokens == 900
+
+
+async def test_prompt_tokens_over_what_the_body_sent_could_hold_are_estimated_and_logged_once(
+    make_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: "hello" reported as 200M prompt tokens was charged whole (under
+    # MAX_REPORTED_TOKENS) against caps and quotas. A byte-level tokenizer gives each token a
+    # byte at least, so no correct count passes the body's bytes plus the template margin.
+    usage = {"prompt_tokens": 200_000_000, "completion_tokens": 2}
+    recorder = Recorder(completion("Paris.", usage=usage))
+    client = make_client(recorder)
+    with caplog.at_level(logging.WARNING, logger="routecache.router.upstream.openai_client"):
+        first = await client.complete(MESSAGES, GenerationParams())
+        second = await client.complete(MESSAGES, GenerationParams())
+    estimate = math.ceil(len("Answer briefly.\nWhat is 2 + 2?") / 4)
+    assert (first.prompt_tokens, first.completion_tokens) == (estimate, 2)
+    assert second.prompt_tokens == estimate
+    warnings = [r for r in caplog.records if "prompt tokens" in r.getMessage()]
+    assert len(warnings) == 1  # once per provider, not once per call
+    assert "200000000" in warnings[0].getMessage()
+
+
+async def test_prompt_tokens_up_to_the_body_bytes_plus_margin_are_taken(
+    make_client: Any,
+) -> None:
+    recorder = Recorder(completion())
+    client = make_client(recorder)
+    await client.complete(MESSAGES, GenerationParams())
+    bound = len(recorder.requests[0].content) + PROMPT_TOKEN_MARGIN  # the bytes sent
+    for reported, charged in ((bound, bound), (bound + 1, 8)):
+        usage = {"prompt_tokens": reported, "completion_tokens": 1}
+        client = make_client(Recorder(completion(usage=usage)))
+        reply = await client.complete(MESSAGES, GenerationParams())
+        assert reply.prompt_tokens == charged
 
 
 async def test_prompt_estimate_counts_the_line_between_messages(make_client: Any) -> None:

@@ -15,7 +15,7 @@ from routecache.router.cli import main as cli_main
 from routecache.router.events import JsonlEventLog
 from routecache.training import retrain
 from routecache.training.outcomes import EventLabel
-from routecache.training.routing_data import holdout_mask, read_routing_rows
+from routecache.training.routing_data import RoutingRow, holdout_mask, read_routing_rows
 from tests.unit.test_registry_reload import _registry_with
 from tests.unit.test_train_classifier import _write_routing_file
 
@@ -162,6 +162,19 @@ def test_same_request_keys_fold_what_the_embedders_and_the_exact_key_cannot_see(
     assert same("Caf\u00e9  AU lait", "cafe\u0301 au\nlait")  # NFC, case, white space
     assert same("What is 5 + 3?", "what is 5 + 3")  # the exact key's end punctuation
     assert not same("count apples 1", "count apples 10")
+
+
+def test_same_request_keys_fold_the_accents_the_uncased_model_drops() -> None:
+    # Before: "zählen" and "zahlen" (cosine 1.0 under the uncased MiniLM, which strips
+    # accents) were two requests, so an event label of the one graded a held-out other.
+    held = RoutingRow("Wie zählen wir das?", "x", True, True)
+    labels = [
+        EventLabel("Wie zahlen wir das?", weak_correct=False),
+        EventLabel("wie ZA\u0308HLEN  wir das?", weak_correct=False),
+        EventLabel("Wie zahlen wir es?", weak_correct=False),
+    ]
+    kept = retrain.outside_holdout(labels, [held])
+    assert [label.prompt for label in kept] == ["Wie zahlen wir es?"]
 
 
 def test_a_candidate_worse_by_less_than_the_tolerance_is_promoted(

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 from tenacity import (
@@ -52,6 +52,10 @@ USER_AGENT = "routecache/0.1"
 # estimated instead; the bound also keeps the tokens of every call one request makes within
 # the uint32 fields of its reply.
 MAX_REPORTED_TOKENS = 2**28
+# Tokens a provider may count beyond the bytes of the body sent: special tokens and the chat
+# template's own text. A byte-level tokenizer gives each token one byte at least, so the
+# body's UTF-8 bytes plus this bound any correct prompt count, whatever the tokenizer.
+PROMPT_TOKEN_MARGIN = 1024
 # What parsing a provider's body raises when it is not the shape expected. RecursionError:
 # JSON nested deeper than the parser recurses; raw, it would end the call INTERNAL without
 # trying the next provider.
@@ -170,6 +174,35 @@ def request_body(
     return body
 
 
+@dataclass(frozen=True)
+class _Sent:
+    """What a completion request sent that bounds the token counts its answer may report."""
+
+    prompt_estimate: int  # charged when the provider reports no prompt count, or one past...
+    prompt_bound: int  # ...this: the body's UTF-8 bytes plus PROMPT_TOKEN_MARGIN
+    max_tokens: int | None  # no correct completion count passes it
+
+    @classmethod
+    def of(cls, body: dict[str, Any], prompt_estimate: int) -> _Sent:
+        max_tokens = body.get("max_tokens")
+        return cls(prompt_estimate, _body_bytes(body) + PROMPT_TOKEN_MARGIN, max_tokens)
+
+
+class _Bound(NamedTuple):
+    """The most tokens a correct provider can report for one usage field of a request."""
+
+    most: int
+    why: str  # what the request sent that bounds the count, for the log
+    charged: int  # what a count past `most` is charged as
+
+
+def _body_bytes(body: dict[str, Any]) -> int:
+    """The UTF-8 bytes of `body` as httpx sends it (compact, not ASCII-escaped): at least the
+    bytes of every text in it. A lone surrogate counts its 3 bytes, not raises here."""
+    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 @dataclass
 class _OpenStream:
     """A stream whose status was checked and whose first delta (if any) was already read; it
@@ -225,9 +258,10 @@ class OpenAIChatClient:
         self._max_stream_bytes = STREAM_BOUND_MULTIPLE * max_response_bytes
         self._max_retry_after = max_retry_after_seconds
         self._max_connections = max_connections
-        # Whether a completion-token count over the max_tokens sent was logged yet: once per
-        # provider, so that a provider miscounting every call does not flood the log.
-        self._overcount_logged = False
+        # The usage fields ("prompt_tokens", "completion_tokens") whose count over what the
+        # request could have used was logged yet: once per provider and field, so that a
+        # provider miscounting every call does not flood the log.
+        self._overcounts_logged: set[str] = set()
         # A call waits here for a connection before its attempt's timeout starts: waited for
         # inside httpx's pool, the queue of a busy moment would time out as the provider's
         # failure and open its breaker. The pool is as large, so httpx never waits itself.
@@ -324,10 +358,11 @@ class OpenAIChatClient:
         prompt_tokens = prompt_tokens_estimate(
             (m.content for m in messages), body_schema(body.get("response_format"))
         )
-        reply: UpstreamReply = await self._retrying()(self._complete_once, body, prompt_tokens)
+        sent = _Sent.of(body, prompt_tokens)
+        reply: UpstreamReply = await self._retrying()(self._complete_once, body, sent)
         return reply
 
-    async def _complete_once(self, body: dict[str, Any], prompt_tokens: int) -> UpstreamReply:
+    async def _complete_once(self, body: dict[str, Any], sent: _Sent) -> UpstreamReply:
         await self._take_connection()
         try:
             # httpx times each read; this bounds the whole call, so a trickling body
@@ -344,7 +379,7 @@ class OpenAIChatClient:
             raise self._error(f"no answer within {self._timeout:g}s", retryable=True) from None
         finally:
             self._connections.release()
-        return self._parse_completion(content, prompt_tokens, body.get("max_tokens"))
+        return self._parse_completion(content, sent)
 
     async def _take_connection(self) -> None:
         """Waits, up to the timeout, for one of max_connections; the caller releases it."""
@@ -468,9 +503,7 @@ class OpenAIChatClient:
             raise ProviderAskedToWait(message, retryable=retryable, retry_after=seconds)
         raise UpstreamError(message, retryable=retryable)
 
-    def _parse_completion(
-        self, content_bytes: bytes, prompt_tokens: int, max_tokens: int | None = None
-    ) -> UpstreamReply:
+    def _parse_completion(self, content_bytes: bytes, sent: _Sent) -> UpstreamReply:
         try:
             payload = json.loads(content_bytes)
             # Some providers (and proxies) answer 200 with an error object: its message says
@@ -492,9 +525,17 @@ class OpenAIChatClient:
         return UpstreamReply(
             text=content,
             model=self._reported_model(payload.get("model")),
-            prompt_tokens=_count(usage, "prompt_tokens", prompt_tokens),
-            completion_tokens=self._completion_tokens(usage, content, max_tokens),
+            prompt_tokens=self._prompt_tokens(usage, sent),
+            completion_tokens=self._completion_tokens(usage, content, sent.max_tokens),
         )
+
+    def _prompt_tokens(self, usage: Mapping[str, Any], sent: _Sent) -> int:
+        """The provider's prompt-token count, unless it passes what the body sent could hold
+        (no correct tokenizer's count does): then, as when it reports none, the estimate.
+        Believed whole, "hello" reported as 200M tokens was charged against caps and quotas."""
+        why = f"whose body was {sent.prompt_bound - PROMPT_TOKEN_MARGIN} bytes"
+        bound = _Bound(sent.prompt_bound, why, charged=sent.prompt_estimate)
+        return self._bounded_count(usage, "prompt_tokens", sent.prompt_estimate, bound)
 
     def _completion_tokens(
         self, usage: Mapping[str, Any], text: str, max_tokens: int | None
@@ -503,19 +544,28 @@ class OpenAIChatClient:
         provider never passes), else the estimate of the text. Believed whole, one over-report
         (200M for max_tokens=16) charged $200 against a $5 cap and locked the tenant's token
         bucket for a day and more."""
-        counted = _reported(usage, "completion_tokens")
+        bound = None
+        if max_tokens is not None:
+            bound = _Bound(max_tokens, f"sent with max_tokens={max_tokens}", charged=max_tokens)
+        return self._bounded_count(usage, "completion_tokens", estimate_tokens(text), bound)
+
+    def _bounded_count(
+        self, usage: Mapping[str, Any], name: str, estimated: int, bound: _Bound | None
+    ) -> int:
+        """usage[name] when reported and within `bound`; `estimated` when not reported; else
+        bound.charged, with a WARNING once per provider and name."""
+        counted = _reported(usage, name)
         if counted is None:
-            return estimate_tokens(text)
-        if max_tokens is None or counted <= max_tokens:
+            return estimated
+        if bound is None or counted <= bound.most:
             return counted
-        if not self._overcount_logged:
-            self._overcount_logged = True
+        if name not in self._overcounts_logged:
+            self._overcounts_logged.add(name)
             log.warning(
-                "%s reported %d completion tokens for a request sent with max_tokens=%d; "
-                "charged as %d (logged once per provider)",
-                self._where, counted, max_tokens, max_tokens,
+                "%s reported %d %s for a request %s; charged as %d (logged once per provider)",
+                self._where, counted, name.replace("_", " "), bound.why, bound.charged,
             )  # fmt: skip
-        return max_tokens
+        return bound.charged
 
     def _reported_model(self, model: object) -> str:
         """The model the provider says answered, or the configured one when what it sent is
@@ -671,12 +721,6 @@ def _sendable(text: str) -> str:
     """`text` with each lone surrogate replaced by U+FFFD: no UTF-8 response can carry one, so
     the answer, paid for and cached, would fail every delivery."""
     return replace_lone_surrogates(text)
-
-
-def _count(usage: Mapping[str, Any], name: str, estimated: int) -> int:
-    """The provider's count, or the estimate when it reports none or one that cannot be."""
-    reported = _reported(usage, name)
-    return estimated if reported is None else reported
 
 
 def _reported(usage: Mapping[str, Any], name: str) -> int | None:
