@@ -215,6 +215,7 @@ class Pipeline:
              "error": type(error).__name__, "message": str(error),
              "latency_ms": seconds * 1000, "failed_validators": list(failed),
              "cost_usd": 0.0 if spend is None else spend.cost_usd,
+             "shared": shared,  # its checks are the shared call's, counted where it was made
              "validation": None if report is None else _report_payload(report)},
         )  # fmt: skip
 
