@@ -18,7 +18,7 @@ PATH_ORDER = ("exact_hit", "semantic_hit", "cheap", "strong", "error")
 # feedback alone) has none of them as columns; they are added empty so each table is empty too.
 EVENT_COLUMNS = ("kind", "ts", "time", "response_id", "tenant", "prompt", "path", "similarity",
                  "entry_id", "cost_usd", "saved_usd", "escalated", "validation_escalated",
-                 "latency_ms", "thumbs_up", "correction", "admin")  # fmt: skip
+                 "latency_ms", "thumbs_up", "correction", "admin", "shared")  # fmt: skip
 
 
 def load_events(path: Path) -> pd.DataFrame:
@@ -119,7 +119,8 @@ def savings(events: pd.DataFrame) -> pd.DataFrame:
 
 def routing_vs_quality(events: pd.DataFrame) -> pd.DataFrame:
     """Per path: requests, escalations (an escalated request whose strong call then failed
-    too, under "error"), cost, the feedback received and its approval rate."""
+    too, under "error"; a call shared by identical requests once), cost, the feedback received
+    and its approval rate."""
     rows = requests(events).drop(columns=["thumbs_up"], errors="ignore")
     feedback = feedback_events(events)[["response_id", "thumbs_up"]]
     rows = rows.merge(feedback, on="response_id", how="left")
@@ -127,7 +128,11 @@ def routing_vs_quality(events: pd.DataFrame) -> pd.DataFrame:
     rows["down"] = rows["thumbs_up"].eq(False)
     # An error event carries no top-level `escalated`, only its validation's (flattened to
     # validation_escalated): an escalation whose strong call failed counts, as in GetStats.
-    rows["escalated"] = rows["escalated"].eq(True) | rows["validation_escalated"].eq(True)
+    escalated = rows["escalated"].eq(True) | rows["validation_escalated"].eq(True)
+    # Each request sharing a call copies its escalation (`shared` true): the one that made the
+    # call counts it, as GetStats and routecache_escalations_total do. A log older than the
+    # field has none, and each escalation counts as before.
+    rows["escalated"] = escalated & ~rows["shared"].eq(True)
     rows["cost_usd"] = rows["cost_usd"].fillna(0.0)
     grouped = rows.groupby("path")
     table = pd.DataFrame(

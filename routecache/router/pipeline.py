@@ -44,7 +44,7 @@ from routecache.router.in_flight import InFlight
 from routecache.router.input_validation import SchemaVerdicts, validate_request
 from routecache.router.logs import REQUEST_ID
 from routecache.router.ports import EventSink, SpendLedger
-from routecache.router.quotas import InMemoryQuotaLimiter
+from routecache.router.quotas import InMemoryQuotaLimiter, user_slot
 from routecache.router.settings import LimitSettings
 from routecache.router.single_flight import SingleFlight, WaitedTooLong
 from routecache.router.stats import ResponseRegistry, ServedResponse, TenantStatsBook
@@ -59,6 +59,11 @@ from routecache.router.tenant_admin import TenantAdmin
 from routecache.router.upstream.failover import AllProvidersFailed
 
 log = logging.getLogger(__name__)
+
+# A call's answer, its booking and the cache entry it stored; and whether the caller got it
+# from another end user's call.
+_Made = tuple[Generated, Booking, str]
+_Shared = tuple[_Made, bool]
 
 _STREAM_CHUNK_CHARS = 48
 _SERVER_SIDE = frozenset({"unavailable", "failed_validation", "internal"})
@@ -91,7 +96,10 @@ class Pipeline:
         # GetStats' calls and cost: from the spend records, as the ledger has them.
         self._costs.on_spent(self._stats.record_spent)
         self._responses = ResponseRegistry()
-        self._single_flight: SingleFlight[tuple[Generated, Booking, str]] = SingleFlight()
+        # Identical requests in flight share one call: first those of one end user (every
+        # request passes here), then their leaders across end users (_call_once).
+        self._single_flight: SingleFlight[_Shared] = SingleFlight()
+        self._across_users: SingleFlight[_Made] = SingleFlight()
         # Feedback, invalidation and stats: what a tenant does with the answers it was given.
         self.admin = TenantAdmin(parts, self._stats, self._responses, self._record_failure)
         self._unscored_logged = False  # a classifier's non-finite score is logged once
@@ -207,6 +215,7 @@ class Pipeline:
              "error": type(error).__name__, "message": str(error),
              "latency_ms": seconds * 1000, "failed_validators": list(failed),
              "cost_usd": 0.0 if spend is None else spend.cost_usd,
+             "shared": shared,  # its checks are the shared call's, counted where it was made
              "validation": None if report is None else _report_payload(report)},
         )  # fmt: skip
 
@@ -406,32 +415,52 @@ class Pipeline:
     async def _call_once(
         self, tenant: Tenant, request: ChatRequest, tier: Tier, deadline: float,
         where: tuple[CacheKeys, Vector, LatencyBreakdown],
-    ) -> tuple[tuple[Generated, Booking, str], bool]:  # fmt: skip
+    ) -> tuple[_Made, bool]:  # fmt: skip
         """The request's call, or an identical request's in flight, and whether it was shared:
-        a request given another's answer or error is marked so in its spend (RequestSpend)."""
+        a request given another's answer or error is marked so in its spend (RequestSpend).
+
+        Two flights, nested: the identical requests of one end user share first, and only
+        their leader joins (or makes) the call shared across end users. A call narrowed by its
+        end user's own cap goes alone (_book_and_generate): the other users' leaders stop
+        waiting for it, while that user's own requests, bound by the same cap, still share it
+        through their flight."""
         made = False
 
-        def make() -> Awaitable[tuple[Generated, Booking, str]]:
+        def patience() -> float:
+            # A caller joining a call made under a later deadline waits no longer than it would
+            # for its own call, so that its stale answer still comes in time. Seconds from now:
+            # a leader may join the call across users a while after it joined its user's.
+            return self._p.generator.failover.seconds_for_calls(deadline)
+
+        def make() -> Awaitable[_Made]:
             nonlocal made
             made = True
             return self._book_and_generate(tenant, request, tier, deadline, where)
 
+        def across_users() -> Awaitable[_Shared]:
+            return self._across_users.run(
+                _flight_key(where[0], tier), make, lambda error: _not_mine(error, deadline),
+                patience=patience(),
+            )  # fmt: skip
+
+        def not_this_users(error: BaseException) -> bool:
+            # The leader stopped waiting for another user's call, on its own patience: this
+            # caller's may be longer, so it joins that call itself rather than give up with it.
+            return isinstance(error, WaitedTooLong) or _not_mine(error, deadline)
+
         try:
-            outcome = await self._single_flight.run(
-                _flight_key(where[0], tier),
-                make,
-                lambda error: _not_mine(error, deadline),
-                # A caller joining a call made under a later deadline waits no longer than
-                # it would for its own call, so that its stale answer still comes in time.
-                patience=self._p.generator.failover.seconds_for_calls(deadline),
-            )
+            (made_call, shared_across), shared_by_user = await self._single_flight.run(
+                _user_flight_key(where[0], tier, request.end_user_id), across_users,
+                not_this_users, patience=patience(),
+            )  # fmt: skip
         except WaitedTooLong:  # it stopped waiting: nothing of the call is this request's
             raise
         except BaseException:
             _mark_shared(not made)
             raise
-        _mark_shared(outcome[1])
-        return outcome
+        shared = shared_across or shared_by_user
+        _mark_shared(shared)
+        return made_call, shared
 
     async def _book_and_generate(
         self, tenant: Tenant, request: ChatRequest, tier: Tier, deadline: float,
@@ -445,7 +474,7 @@ class Pipeline:
         (keys, vector, latency), entry_id = where, ""
         booking, spent = await self._costs.book(tenant, request, tier), Tally()
         if booking.users_own:  # narrowed by this end user's cap: not another user's answer
-            self._single_flight.go_alone(_flight_key(keys, tier))
+            self._across_users.go_alone(_flight_key(keys, tier))
         try:
             generated = await self._p.generator.generate(
                 booking.request, booking.tier, tenant=tenant.name, deadline=deadline,
@@ -717,6 +746,12 @@ def _flight_key(keys: CacheKeys, tier: Tier) -> str:
     it, those sharing it pay nothing. A downgrade at a tenant's cap would be theirs too; one at
     an end user's cap is that user's alone, and its maker goes alone (_book_and_generate)."""
     return f"{keys.exact}:{tier.value}"
+
+
+def _user_flight_key(keys: CacheKeys, tier: Tier, end_user_id: str) -> str:
+    """One end user's identical requests: an end user's cap binds them all, so they share
+    even a call it narrowed. Requests without an end user share one key, as they share caps."""
+    return f"{_flight_key(keys, tier)}:u:{user_slot(end_user_id)}"
 
 
 def _not_mine(error: BaseException, deadline: float) -> bool:

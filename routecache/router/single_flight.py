@@ -79,7 +79,8 @@ class SingleFlight(Generic[T]):
         """Called by the work of the caller making the call under `key`: the call turned out to
         be that caller's alone (its end user's cap narrowed it), so the callers waiting for it
         stop waiting and make (or share) a call of their own, as when the maker goes away, and
-        later callers do not join it. The work goes on, and its caller gets its result."""
+        later callers do not join it. The work goes on, and its caller gets its result (and so
+        do the callers its caller leads in a flight of its own: the pipeline's per end user)."""
         future = self._in_flight.pop(key, None)
         if future is not None:
             future.cancel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,10 @@ import pytest
 
 from routecache.analysis import cache_hits as ch
 from routecache.analysis.export import events_frame, read_events, write_parquet
+from routecache.errors import Unavailable, UpstreamError
+from tests.fakes import count_shared_calls, eventually
+from tests.unit.conftest import make_harness
+from tests.unit.test_pipeline import ACME, json_request
 
 T0 = 1_700_000_000.0
 
@@ -260,6 +265,55 @@ def test_an_escalation_whose_strong_call_failed_is_counted(tmp_path: Path, expor
     assert quality.loc["error", "escalated"] == 1
     assert quality.loc["strong", "escalated"] == 1  # its own escalated and validation alike
     assert quality["escalated"].sum() == 2
+
+
+@pytest.mark.parametrize("exported", [False, True], ids=["jsonl", "parquet"])
+def test_a_shared_calls_escalation_is_counted_once(tmp_path: Path, exported: bool) -> None:
+    # Every request sharing a call copies its escalation into its event (`shared` true on all
+    # but the maker's); GetStats and routecache_escalations_total count it once. Before: once
+    # per request sharing it, answered or failed alike.
+    validation = {"passed": False, "escalated": True, "results": []}
+    shared = [completion(T0 + 8 + n, f"s{n}", "strong", "json?", "e9", escalated=True,
+                         shared=n > 0) for n in range(3)]  # fmt: skip
+    failed = [{"kind": "error", "ts": T0 + 11 + n, "tenant": "acme", "path": "error",
+               "admin": False, "reason": "unavailable", "shared": n > 0,
+               "validation": validation} for n in range(2)]  # fmt: skip
+    log = tmp_path / "events.jsonl"
+    log.write_text("".join(json.dumps(event) + "\n" for event in [*EVENTS, *shared, *failed]))
+    path = tmp_path / "events.parquet" if exported else log
+    if exported:
+        write_parquet(list(read_events(log)), path, str(log))
+    quality = ch.routing_vs_quality(ch.load_events(path))
+    assert quality.loc["strong", "escalated"] == 2  # EVENTS' own, and the shared call's
+    assert quality.loc["error", "escalated"] == 1
+    assert quality.loc["strong", "requests"] == 4 and quality.loc["error", "requests"] == 3
+
+
+@pytest.mark.parametrize("strong_fails", [False, True])
+async def test_the_notebook_counts_a_shared_calls_escalation_as_getstats_does(
+    strong_fails: bool,
+) -> None:
+    # Three identical requests share one call whose cheap answer is escalated (and whose strong
+    # call then fails, with `strong_fails`): GetStats counts one escalation, so must the table.
+    harness = make_harness()
+    pipeline = harness.service.pipeline
+    if strong_fails:
+        harness.strong.fail_with = UpstreamError("HTTP 400", retryable=False)
+    harness.cheap.gate = gate = asyncio.Event()
+    flight = count_shared_calls(pipeline)
+    request = json_request("give me json about cats")
+    tasks = [asyncio.create_task(pipeline.complete(request, ACME)) for _ in range(3)]
+    await eventually(lambda: len(flight.arrived) == 3, "all three share the call")
+    gate.set()
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    if strong_fails:
+        assert all(isinstance(result, Unavailable) for result in done)
+    escalations = pipeline._stats.snapshot("acme").escalations
+    assert escalations == 1 and harness.cheap.calls == ["give me json about cats"]
+    quality = ch.routing_vs_quality(events_frame(list(harness.events.events)))
+    assert quality["escalated"].sum() == escalations
+    assert quality["requests"].sum() == 3
+    await harness.service.aclose()
 
 
 def test_the_notebooks_threshold_variable_is_documented_and_names_the_plotted_line(

@@ -824,6 +824,47 @@ async def test_a_request_does_not_share_a_call_downgraded_by_another_users_cap(
     await harness.service.aclose()
 
 
+async def test_one_users_identical_requests_share_a_call_downgraded_by_its_own_cap() -> None:
+    # u1 is over its per-user cap (downgrade policy) and sends the same request three times;
+    # u2 asks the same meanwhile. The downgrade binds all of u1's requests, so they share one
+    # cheap call; u2 still makes its own. Before: the maker went alone, the next u1 request
+    # became maker, was downgraded and went alone too: three paid cheap calls for u1.
+    params = GenerationParams(max_tokens=MAX_TOKENS)
+
+    def same(user: str) -> ChatRequest:
+        return ask("same", params=params, end_user_id=user, force_tier=Tier.STRONG)
+
+    probe = make_harness()
+    tenant = probe.service.pipeline._p.authenticator.authenticate(ACME)
+    worst = probe.service.pipeline.costs.worst_case_usd
+    full = worst(tenant, same("u1"), Tier.STRONG, cheap_only=False)
+    cheap = worst(tenant, same("u1"), Tier.CHEAP, cheap_only=True)
+    await probe.service.aclose()
+    harness = make_harness(budget={"user_daily_usd": full * 10, "policy": "downgrade"})
+    pipeline = harness.service.pipeline
+    # Room left for five cheap calls of u1, none strong.
+    await pipeline.costs.ledger.settle(
+        None, SpendRecord("acme", "u1", cost_usd=full * 10 - cheap * 5)
+    )
+    harness.cheap.gate = harness.strong.gate = gate = asyncio.Event()
+    flight = count_shared_calls(pipeline)
+    u1 = [asyncio.create_task(pipeline.complete(same("u1"), ACME)) for _ in range(3)]
+    await eventually(lambda: len(flight.arrived) == 3, "u1's three requests")
+    u2 = asyncio.create_task(pipeline.complete(same("u2"), ACME))
+    await eventually(lambda: harness.strong.calls == ["same"], "u2's own call")
+    gate.set()
+    *mine, theirs = await asyncio.gather(*u1, u2)
+    assert harness.cheap.calls == ["same"] and harness.strong.calls == ["same"]
+    assert harness.telemetry.cost_controls == [("acme", "downgraded")]
+    assert all(done.tier is Tier.CHEAP for done in mine)
+    assert sorted(done.shared for done in mine) == [False, True, True]
+    assert sorted(done.usage.cost_usd > 0 for done in mine) == [False, False, True]
+    assert theirs.tier is Tier.STRONG and not theirs.shared and theirs.usage.cost_usd > 0
+    events = [e for e in harness.events.events if e["kind"] == "completion"]
+    assert sorted(e["shared"] for e in events) == [False, False, True, True]
+    await harness.service.aclose()
+
+
 async def test_a_call_downgraded_by_the_tenants_cap_is_shared() -> None:
     # The tenant's cap binds every end user: the downgrade would be u2's too, so u2 shares.
     one = await one_request_usd("same")

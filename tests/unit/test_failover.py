@@ -913,3 +913,36 @@ async def test_a_stale_answer_reports_the_classifier_that_routed_the_request(
     assert (stale.classifier_version, stale.difficulty) == ("v", 0.1)
     event = r.events.events[-1]
     assert (event["classifier_version"], event["difficulty"]) == ("v", 0.1)
+
+
+async def test_a_users_request_outwaiting_its_users_hurried_one_still_shares_the_call() -> None:
+    # u2's request makes the call; u1's hurried request joins it for all of u1's identical
+    # requests, and u1's patient one waits behind it. The hurried one gives up (stale): the
+    # patient one must go on waiting for u2's call, not give up with it nor call again.
+    r = rig()
+    first = await r.ask("what is the capital of France")
+    r.clock.advance(EXPIRED_IN_GRACE)
+    gate = asyncio.Event()
+    for up in r.ups.values():
+        up.gate = gate  # hangs until set
+
+    def asked(user: str) -> ChatRequest:
+        message = Message(Role.USER, "what is the capital of France")
+        return ChatRequest(messages=(message,), end_user_id=user)
+
+    complete, flight = r.service.pipeline.complete, count_shared_calls(r.service.pipeline)
+    maker = asyncio.create_task(complete(asked("u2"), ACME, 30.0))
+    await eventually(lambda: len(r.ups["cheap"].calls) == 2, "u2's call")
+    hurried = asyncio.create_task(complete(asked("u1"), ACME, 0.6))  # waits 0.5 s at most
+    await eventually(lambda: len(flight.arrived) == 2, "u1's hurried request joined the call")
+    patient = asyncio.create_task(complete(asked("u1"), ACME, 30.0))
+    await eventually(lambda: len(flight.arrived) == 3, "u1's patient request")
+    stale = await asyncio.wait_for(hurried, 5)
+    assert stale.cache.stale and stale.text == first.text
+    await asyncio.sleep(0.05)
+    assert not patient.done()
+    gate.set()
+    made, shared = await asyncio.wait_for(asyncio.gather(maker, patient), 5)
+    assert not made.cache.stale and made.usage.cost_usd > 0 and not made.shared
+    assert not shared.cache.stale and shared.shared and shared.usage.cost_usd == 0
+    assert len(r.ups["cheap"].calls) == 2
