@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from routecache.unicode_text import uncased_form
+from routecache.unicode_text import drop_nonspacing_marks, uncased_form
 
 MINILM_DIMENSION = 384
 MAX_TOKENS = 256  # all-MiniLM-L6-v2 was trained on sequences up to 256 word pieces
@@ -77,9 +77,10 @@ def differ_only_in_marks(first: str, second: str) -> bool:
     verifier input), so neither its cosine nor the verifier can tell them apart."""
     if first == second or (first.isascii() and second.isascii()):
         return False  # ASCII has no marks: most prompts stop here
-    if uncased_form(first, keep_marks=True) == uncased_form(second, keep_marks=True):
+    kept = uncased_form(first, keep_marks=True), uncased_form(second, keep_marks=True)
+    if kept[0] == kept[1]:
         return False  # the same text in another case, spacing or encoding of its accents
-    return uncased_form(first) == uncased_form(second)
+    return drop_nonspacing_marks(kept[0]) == drop_nonspacing_marks(kept[1])
 
 
 class MiniLMEmbedder:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import random
 import re
 import shutil
 from collections.abc import Iterator
@@ -43,6 +44,7 @@ from routecache.domain import Tier
 from routecache.router.bootstrap import build_embedder
 from routecache.router.cli import main
 from routecache.router.settings import ConfigError, load_settings
+from routecache.unicode_text import uncased_form
 from tests.fakes import ManualClock
 from tests.onnx_graphs import identity_model
 from tests.unit.conftest import record_fsyncs
@@ -400,3 +402,26 @@ def _entry(scope: str, prompt: str, vector: npt.NDArray[np.float32]) -> NewEntry
         tenant="t", scope=f"t:{scope}", prompt=prompt, answer="a", model="m", tier=Tier.CHEAP,
         embedding=vector, cost_usd=0.0, prompt_tokens=1, completion_tokens=1, ttl_seconds=60,
     )  # fmt: skip
+
+
+def test_uncased_form_is_what_the_packaged_tokenizer_makes_of_a_text() -> None:
+    # The twins of leave-one-out, retrain's holdout filter and the semantic tier's marks check
+    # all rest on it. Before, a casefold-and-split form merged texts the model reads apart
+    # ("Straße" / "STRASSE") and kept apart ones it reads alike ("2+2" / "2 + 2").
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm_path()), local_files_only=True)
+    backend = tokenizer.backend_tokenizer
+
+    def model_form(text: str) -> str:
+        normal = backend.normalizer.normalize_str(text)
+        return " ".join(word for word, _ in backend.pre_tokenizer.pre_tokenize_str(normal))
+
+    rng = random.Random(0)
+    letters = [chr(c) for c in range(32, 127)] + list(
+        "\u00df\u00e9\u0130\u03a3\u03c2\ufb01\u200b\u200d\u00ad\u0301\u4e2d\u3000\u00a0\x85"
+        "\u2028\ufffd\U0001f600\u0915\u0941\u0645\u064e\u1e9e\u212b\u2126\ue000\u0378\x00\t\n"
+    )
+    texts = ["".join(rng.choice(letters) for _ in range(rng.randint(0, 16))) for _ in range(3000)]
+    differing = [text for text in texts if uncased_form(text) != model_form(text)]
+    assert differing == []
