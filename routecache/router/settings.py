@@ -161,6 +161,8 @@ class ProviderSettings(_Section):
             value = os.environ.get(self.api_key_env)
             if not value:
                 raise ConfigError(f"{where}: ${self.api_key_env} is not set")
+            if not value.strip():  # sent as "Bearer   ", which httpx refuses: every call fails
+                raise ConfigError(f"{where}: ${self.api_key_env} is empty (white space only)")
             return value
         if self.api_key_file is not None:
             try:

@@ -894,6 +894,16 @@ def test_an_empty_api_key_is_refused_at_start_not_sent_as_no_key(
         by_env.upstream.check_keys()
 
 
+def test_a_key_variable_of_white_space_only_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before: accepted and sent as "Bearer   ", which httpx refuses: every call failed.
+    monkeypatch.setenv("RC_BLANK_KEY", "   ")
+    given = load_settings(None, upstream={"cheap": {"api_key_env": "RC_BLANK_KEY"}})
+    with pytest.raises(ConfigError, match=r"\$RC_BLANK_KEY is empty"):
+        given.upstream.check_keys()
+
+
 def test_a_key_that_cannot_be_read_names_the_providers_setting(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
