@@ -1131,21 +1131,29 @@ async def failed_after_paying(harness: Harness, case: str) -> None:
             await harness.service.pipeline.complete(ask("q"), ACME)
 
 
-@pytest.mark.parametrize(
-    ("case", "validators"),
-    [
-        ("escalation's strong call fails", [{"kind": "json_schema"}]),
-        ("stream cut short", None),
-        ("internal", [broken_plugin("redact", "redact")]),
-    ],
-)
+# Each way a request can fail after a call was paid for, with the validators it needs.
+FAILED_AFTER_PAYING = [
+    ("escalation's strong call fails", [{"kind": "json_schema"}]),
+    ("stream cut short", None),
+    ("internal", [broken_plugin("redact", "redact")]),
+]
+
+
+async def harness_failed_after_paying(
+    case: str, validators: list[dict[str, object]] | None
+) -> Harness:
+    harness = make_harness() if validators is None else make_harness(validators=validators)
+    await failed_after_paying(harness, case)
+    return harness
+
+
+@pytest.mark.parametrize(("case", "validators"), FAILED_AFTER_PAYING)
 async def test_stats_count_the_request_calls_and_cost_of_a_request_that_failed_after_paying(
     case: str, validators: list[dict[str, object]] | None
 ) -> None:
     # GetStats agrees with the spend ledger (docs/operations.md): before, a failure counted
     # the request only (an INTERNAL one not even that) and left out the calls it had paid for.
-    harness = make_harness() if validators is None else make_harness(validators=validators)
-    await failed_after_paying(harness, case)
+    harness = await harness_failed_after_paying(case, validators)
     day = (await harness.service.pipeline.costs.ledger.totals("acme"))[Period.DAY]
     stats = await harness.service.pipeline.admin.stats(ACME)
     assert stats.requests == 1
@@ -1154,21 +1162,13 @@ async def test_stats_count_the_request_calls_and_cost_of_a_request_that_failed_a
     await harness.service.aclose()
 
 
-@pytest.mark.parametrize(
-    ("case", "validators"),
-    [
-        ("escalation's strong call fails", [{"kind": "json_schema"}]),
-        ("stream cut short", None),
-        ("internal", [broken_plugin("redact", "redact")]),
-    ],
-)
+@pytest.mark.parametrize(("case", "validators"), FAILED_AFTER_PAYING)
 async def test_the_error_event_of_a_request_that_failed_after_paying_carries_its_cost(
     case: str, validators: list[dict[str, object]] | None
 ) -> None:
     # Before: error events had no cost, so the event log (and the notebook's "spent", which
     # sums cost_usd over completion and error events) left out what failed requests paid.
-    harness = make_harness() if validators is None else make_harness(validators=validators)
-    await failed_after_paying(harness, case)
+    harness = await harness_failed_after_paying(case, validators)
     [event] = error_events(harness)
     assert event["cost_usd"] == pytest.approx(await spend_of(harness)) and event["cost_usd"] > 0
     await harness.service.aclose()
