@@ -47,6 +47,7 @@ from routecache.unicode_text import replace_lone_surrogates
 log = logging.getLogger(__name__)
 
 CHAT_PATH = "chat/completions"
+_JSON = {"Content-Type": "application/json"}
 USER_AGENT = "routecache/0.1"
 # A reported token count above this is no model's (far beyond any context window) and is
 # estimated instead; the bound also keeps the tokens of every call one request makes within
@@ -183,9 +184,9 @@ class _Sent:
     max_tokens: int | None  # no correct completion count passes it
 
     @classmethod
-    def of(cls, body: dict[str, Any], prompt_estimate: int) -> _Sent:
+    def of(cls, body: dict[str, Any], encoded: bytes, prompt_estimate: int) -> _Sent:
         max_tokens = body.get("max_tokens")
-        return cls(prompt_estimate, _body_bytes(body) + PROMPT_TOKEN_MARGIN, max_tokens)
+        return cls(prompt_estimate, len(encoded) + PROMPT_TOKEN_MARGIN, max_tokens)
 
 
 class _Bound(NamedTuple):
@@ -196,11 +197,10 @@ class _Bound(NamedTuple):
     charged: int  # what a count past `most` is charged as
 
 
-def _body_bytes(body: dict[str, Any]) -> int:
-    """The UTF-8 bytes of `body` as httpx sends it (compact, not ASCII-escaped): at least the
-    bytes of every text in it. A lone surrogate counts its 3 bytes, not raises here."""
-    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return len(text.encode("utf-8", "surrogatepass"))
+def _encoded(body: dict[str, Any]) -> bytes:
+    """`body` as sent, once for every try (as httpx's json= writes it: compact, not ASCII-
+    escaped): its length bounds the prompt tokens a provider may report (_Sent)."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
 @dataclass
@@ -358,18 +358,19 @@ class OpenAIChatClient:
         prompt_tokens = prompt_tokens_estimate(
             (m.content for m in messages), body_schema(body.get("response_format"))
         )
-        sent = _Sent.of(body, prompt_tokens)
-        reply: UpstreamReply = await self._retrying()(self._complete_once, body, sent)
+        encoded = _encoded(body)
+        sent = _Sent.of(body, encoded, prompt_tokens)
+        reply: UpstreamReply = await self._retrying()(self._complete_once, encoded, sent)
         return reply
 
-    async def _complete_once(self, body: dict[str, Any], sent: _Sent) -> UpstreamReply:
+    async def _complete_once(self, encoded: bytes, sent: _Sent) -> UpstreamReply:
         await self._take_connection()
         try:
             # httpx times each read; this bounds the whole call, so a trickling body
             # cannot hold it past the timeout either.
             async with asyncio.timeout(self._timeout):
                 # Streamed, so that a body past the bound is never read whole.
-                response = await self._send(body, stream=True)
+                response = await self._send(encoded, stream=True)
                 try:
                     await self._check_status(response)
                     content = await self._read_body(response)
@@ -397,8 +398,8 @@ class OpenAIChatClient:
             retryable=False,
         )
 
-    async def _send(self, body: dict[str, Any], *, stream: bool) -> httpx.Response:
-        request = self._http.build_request("POST", CHAT_PATH, json=body)
+    async def _send(self, encoded: bytes, *, stream: bool) -> httpx.Response:
+        request = self._http.build_request("POST", CHAT_PATH, content=encoded, headers=_JSON)
         try:
             return await self._http.send(request, stream=stream)
         except httpx.RequestError as exc:  # transport errors, and a body that does not decode
@@ -520,7 +521,9 @@ class OpenAIChatClient:
             content = ""
         if not isinstance(content, str):
             raise self._error("malformed response body (content is not a string)", retryable=True)
-        content = _sendable(content)
+        # No UTF-8 response can carry a lone surrogate: the answer, paid for and cached, would
+        # fail every delivery.
+        content = replace_lone_surrogates(content)
         usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
         return UpstreamReply(
             text=content,
@@ -573,14 +576,14 @@ class OpenAIChatClient:
         with every hit on the entry. (A stream's chunks are not read for it: a streamed
         answer is named by the configured model.)"""
         if isinstance(model, str) and 0 < len(model) <= MAX_MODEL_NAME_CHARS:
-            return _sendable(model)
+            return replace_lone_surrogates(model)
         return self._model
 
     async def stream(
         self, messages: Sequence[Message], params: GenerationParams
     ) -> AsyncIterator[str]:
         body = request_body(self._model, messages, params, stream=True)
-        opened: _OpenStream = await self._retrying()(self._open_stream, body)
+        opened: _OpenStream = await self._retrying()(self._open_stream, _encoded(body))
         try:
             if opened.first is not None:
                 yield opened.first
@@ -592,7 +595,7 @@ class OpenAIChatClient:
             finally:
                 self._connections.release()
 
-    async def _open_stream(self, body: dict[str, Any]) -> _OpenStream:
+    async def _open_stream(self, encoded: bytes) -> _OpenStream:
         """One try at a stream, up to its first text delta, within the timeout: httpx times
         each read only, and a provider trickling keep-alive comments would otherwise hold the
         call's whole deadline, with no retry, no next provider and no verdict for its breaker.
@@ -601,7 +604,7 @@ class OpenAIChatClient:
         await self._take_connection()
         try:
             async with asyncio.timeout(self._timeout):
-                return await self._open_stream_once(body)
+                return await self._open_stream_once(encoded)
         except BaseException as exc:
             self._connections.release()
             if isinstance(exc, TimeoutError):
@@ -610,8 +613,8 @@ class OpenAIChatClient:
                 ) from None
             raise
 
-    async def _open_stream_once(self, body: dict[str, Any]) -> _OpenStream:
-        response = await self._send(body, stream=True)
+    async def _open_stream_once(self, encoded: bytes) -> _OpenStream:
+        response = await self._send(encoded, stream=True)
         try:
             await self._check_status(response)
             deltas = self._deltas(response)
@@ -714,13 +717,8 @@ class OpenAIChatClient:
             content = ""
         if not isinstance(content, str):  # 0, false or a list is no text, nor "no text"
             raise self._error("malformed stream chunk (content is not a string)", retryable=True)
-        return _sendable(content), finish_reason if isinstance(finish_reason, str) else None
-
-
-def _sendable(text: str) -> str:
-    """`text` with each lone surrogate replaced by U+FFFD: no UTF-8 response can carry one, so
-    the answer, paid for and cached, would fail every delivery."""
-    return replace_lone_surrogates(text)
+        finished = finish_reason if isinstance(finish_reason, str) else None
+        return replace_lone_surrogates(content), finished
 
 
 def _reported(usage: Mapping[str, Any], name: str) -> int | None:
@@ -737,8 +735,8 @@ def _error_text(payload: Any) -> str:
     which a lone surrogate (JSON's "\\ud83d") can be written to."""
     error = payload.get("error") if isinstance(payload, dict) else None
     if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return _sendable(str(error["message"])[:MAX_DETAIL_CHARS])
-    return "" if error is None else _sendable(str(error)[:MAX_DETAIL_CHARS])
+        return replace_lone_surrogates(str(error["message"])[:MAX_DETAIL_CHARS])
+    return "" if error is None else replace_lone_surrogates(str(error)[:MAX_DETAIL_CHARS])
 
 
 def _provider_message(body: bytes) -> str:
@@ -755,5 +753,5 @@ def _provider_message(body: bytes) -> str:
         return _error_text(payload)
     for key in ("detail", "message"):
         if isinstance(payload, dict) and isinstance(payload.get(key), str):
-            return _sendable(str(payload[key]).strip()[:MAX_DETAIL_CHARS])
+            return replace_lone_surrogates(str(payload[key]).strip()[:MAX_DETAIL_CHARS])
     return text.strip()[:MAX_DETAIL_CHARS]
