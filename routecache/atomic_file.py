@@ -73,16 +73,17 @@ def publish_file(written: Path, target: Path) -> None:
     _sync(target.parent)
 
 
-def _existing(path: Path) -> os.stat_result | None:
+def existing(path: Path) -> os.stat_result | None:
     try:
         return os.stat(path)
     except FileNotFoundError:
         return None
 
 
-def _take_owner(descriptor: int, existing: os.stat_result) -> None:
+def take_owner(descriptor: int, existing: os.stat_result) -> None:
     """The existing file's owner and group, given to the new one where this process may
-    (root): `sudo routecache keys add` made the registry root's, unreadable to the service."""
+    (root): `sudo routecache keys add` made the registry root's, unreadable to the service.
+    Before any chmod: a chown clears set-id bits."""
     if os.geteuid() == 0:
         os.fchown(descriptor, existing.st_uid, existing.st_gid)
 
@@ -92,9 +93,9 @@ def _replacing(
     path: Path, mode: int | None, *, binary: bool, like_existing: bool = False
 ) -> Iterator[IO[Any]]:
     tmp = path.with_name(path.name + ".tmp")
-    existing = _existing(path) if like_existing else None
-    if existing is not None:
-        mode = stat.S_IMODE(existing.st_mode)
+    old = existing(path) if like_existing else None
+    if old is not None:
+        mode = stat.S_IMODE(old.st_mode)
     # A temp file left by a crash is removed, not reused: reused, it would keep its old mode
     # (perhaps readable by all) and, before the first write, its old content.
     with contextlib.suppress(FileNotFoundError):
@@ -105,8 +106,8 @@ def _replacing(
         with (
             os.fdopen(descriptor, "wb") if binary else os.fdopen(descriptor, "w", encoding="utf-8")
         ) as out:
-            if existing is not None:
-                _take_owner(out.fileno(), existing)  # before the mode: a chown clears set-id bits
+            if old is not None:
+                take_owner(out.fileno(), old)
             if mode is not None:
                 os.fchmod(out.fileno(), mode)  # the umask may have taken bits the caller wants
             yield out

@@ -11,6 +11,8 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+from routecache.atomic_file import existing, take_owner
+
 
 @contextlib.contextmanager
 def exclusive(lock_path: Path, like: Path | None = None) -> Iterator[None]:
@@ -49,12 +51,7 @@ def _open(lock_path: Path, like: Path | None) -> int:
 def _like(descriptor: int, like: Path | None) -> None:
     """A new lock's owner and mode: those of `like` where it exists (the owner only where this
     process may give a file away: root), else its creator's alone (0600)."""
-    try:
-        guarded = os.stat(like) if like is not None else None
-    except FileNotFoundError:
-        guarded = None
-    if guarded is None:
-        return
-    if os.geteuid() == 0:
-        os.fchown(descriptor, guarded.st_uid, guarded.st_gid)  # before the mode: clears set-id
-    os.fchmod(descriptor, stat.S_IMODE(guarded.st_mode) & 0o666)
+    guarded = existing(like) if like is not None else None
+    if guarded is not None:
+        take_owner(descriptor, guarded)
+        os.fchmod(descriptor, stat.S_IMODE(guarded.st_mode) & 0o666)
