@@ -270,13 +270,13 @@ class FileKeyRegistry:
         try:
             st = self._path.stat()
         except FileNotFoundError:
-            self._seen, self._by_digest, self._bad, self._parsed = None, {}, {}, None
+            self._forget()
             return
         signature = (st.st_ino, st.st_mtime_ns, st.st_size)
         if signature != self._seen:
             data = _read_bytes(self._path)
             if data is None:  # removed since the stat
-                self._seen, self._by_digest, self._bad, self._parsed = None, {}, {}, None
+                self._forget()
                 return
             if data != self._parsed:
                 self._parsed = None  # until parsed whole: an unreadable file raises each time
@@ -286,6 +286,10 @@ class FileKeyRegistry:
             # this read may change again with the same signature, so it is read again next time.
             racy = st.st_mtime_ns >= time.time_ns() - _RACY_NS
             self._seen = None if racy else signature
+
+    def _forget(self) -> None:
+        """No file: no keys, and nothing read of one."""
+        self._seen, self._by_digest, self._bad, self._parsed = None, {}, {}, None
 
     def _load(
         self, records: list[KeyRecord], bad: list[tuple[str | None, KeyRegistryError]]
