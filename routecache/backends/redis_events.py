@@ -21,7 +21,13 @@ from redis.exceptions import DataError
 from routecache.backends.keys import KeySpace
 from routecache.backends.link import RedisDown, RedisLink, guarded
 from routecache.backends.rounds import Rounds
-from routecache.router.events import NOT_ENCODABLE, event_json, first_sight, new_event
+from routecache.router.events import (
+    NOT_ENCODABLE,
+    event_json,
+    first_sight,
+    new_event,
+    unique_events,
+)
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +241,7 @@ async def read_events(
     written twice once. Raises RedisDown (RedisRefused when Redis answered with an error), as
     every call does."""
     events, _ = await _read_page(link, keyspace.of(tenant).events, "-", count)
-    seen: set[str] = set()
-    return [event for event in events if first_sight(event, seen)]
+    return list(unique_events(events))
 
 
 async def iter_events(
