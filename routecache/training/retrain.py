@@ -4,8 +4,8 @@
 
 1. Reads the labelled routing files and the service's event logs (labels from events:
    training/outcomes.py). A hash of the prompt holds out a slice of the labelled rows; event
-   labels never enter it, and an event whose prompt is held out is dropped (also one differing
-   only in case, spacing or Unicode form: the embedder sees the same prompt), so the holdout
+   labels never enter it, and an event whose prompt is held out is dropped (also one the
+   embedder's tokenizer reads as it: see same_request_keys), so the holdout
    stays clean and is the same for every run with the same data and seed.
 2. Embeds every prompt, reusing DIR/embeddings/EMBEDDER.npz for prompts seen before.
 3. Fits a candidate on the rest and scores the holdout with it and with the model in service
@@ -90,8 +90,9 @@ def event_set(labels: Sequence[EventLabel], embeddings: np.ndarray[Any, Any]) ->
 
 def same_request_keys(prompt: str) -> set[tuple[str, str]]:
     """Forms under which two prompts are one request to the model: the uncased MiniLM gives
-    a prompt differing only in Unicode form, case, white space or accents (nonspacing marks)
-    the same vector, and the service's exact cache key (scope.normalise_prompt) folds more.
+    prompts its tokenizer reads alike (unicode_text.uncased_form: case, accents, white space,
+    around punctuation too) the same vector, and the service's exact cache key
+    (scope.normalise_prompt) folds end punctuation too.
     Only for dropping event labels of held-out prompts: the holdout split hashes the prompt
     as written (the packaged model's split depends on it)."""
     return {("embedded", uncased_form(prompt)), ("exact_key", normalise_prompt(prompt))}
