@@ -51,8 +51,11 @@ class _ScopeIndex:
 
     def vectors_and_labels(self, dimension: int) -> tuple[np.ndarray, np.ndarray]:
         labels = np.fromiter(self.id_of_label, dtype=np.int64, count=len(self.id_of_label))
+        return self.vectors_of(labels, dimension), labels
+
+    def vectors_of(self, labels: np.ndarray, dimension: int) -> np.ndarray:
         vectors: np.ndarray = self.index.reconstruct_batch(labels)  # one call, not one per row
-        return vectors.reshape(len(labels), dimension), labels
+        return vectors.reshape(len(labels), dimension)
 
 
 def build_ivf(vectors: np.ndarray, labels: np.ndarray, policy: IndexPolicy) -> faiss.IndexIVFFlat:
@@ -152,7 +155,7 @@ class ScopedFaissIndex:
                 ]
                 labels = np.array(present, dtype=np.int64)
                 if len(labels):
-                    parts.append(index.index.reconstruct_batch(labels).reshape(-1, self._dimension))
+                    parts.append(index.vectors_of(labels, self._dimension))
                     kept.append(labels)
             # Python's lock is not fair: re-taken at once, it starved the loop's add for the
             # whole copy. A sleep lets a waiting thread take it between slices.
