@@ -592,6 +592,18 @@ async def one_request_usd(prompt: str) -> float:
     return usd
 
 
+async def strong_and_cheap_usd(request: ChatRequest) -> tuple[float, float]:
+    """What `request` reserves routed strong, and downgraded to cheap-only, on a harness of its
+    own."""
+    probe = make_harness()
+    tenant = probe.service.pipeline._p.authenticator.authenticate(ACME)
+    worst = probe.service.pipeline.costs.worst_case_usd
+    full = worst(tenant, request, Tier.STRONG, cheap_only=False)
+    cheap = worst(tenant, request, Tier.CHEAP, cheap_only=True)
+    await probe.service.aclose()
+    return full, cheap
+
+
 async def concurrent_wave(harness: Harness, wave: int, n: int = 50) -> tuple[int, int]:
     """n requests in flight together: all reserve before any upstream call returns."""
     harness.strong.gate = gate = asyncio.Event()
@@ -795,12 +807,7 @@ async def test_a_request_does_not_share_a_call_downgraded_by_another_users_cap(
     def same(user: str) -> ChatRequest:
         return ask("same", params=params, end_user_id=user, force_tier=Tier.STRONG)
 
-    probe = make_harness()
-    tenant = probe.service.pipeline._p.authenticator.authenticate(ACME)
-    worst = probe.service.pipeline.costs.worst_case_usd
-    full = worst(tenant, same("u1"), Tier.STRONG, cheap_only=False)
-    cheap = worst(tenant, same("u1"), Tier.CHEAP, cheap_only=True)
-    await probe.service.aclose()
+    full, cheap = await strong_and_cheap_usd(same("u1"))
     harness = make_harness(budget={"user_daily_usd": full, "policy": "downgrade"})
     pipeline = harness.service.pipeline
     await pipeline.costs.ledger.settle(None, SpendRecord("acme", "u1", cost_usd=full - cheap))
@@ -834,12 +841,7 @@ async def test_one_users_identical_requests_share_a_call_downgraded_by_its_own_c
     def same(user: str) -> ChatRequest:
         return ask("same", params=params, end_user_id=user, force_tier=Tier.STRONG)
 
-    probe = make_harness()
-    tenant = probe.service.pipeline._p.authenticator.authenticate(ACME)
-    worst = probe.service.pipeline.costs.worst_case_usd
-    full = worst(tenant, same("u1"), Tier.STRONG, cheap_only=False)
-    cheap = worst(tenant, same("u1"), Tier.CHEAP, cheap_only=True)
-    await probe.service.aclose()
+    full, cheap = await strong_and_cheap_usd(same("u1"))
     harness = make_harness(budget={"user_daily_usd": full * 10, "policy": "downgrade"})
     pipeline = harness.service.pipeline
     # Room left for five cheap calls of u1, none strong.
